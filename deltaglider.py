@@ -1,0 +1,7740 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""deltaglider: store versioned binary artifacts in any S3 bucket as xdelta3 deltas.
+
+One file, Python standard library only; making or reading a delta needs the ``xdelta3``
+binary on PATH. A boto3-compatible client and an ``aws s3``-style CLI::
+
+    import deltaglider
+    s3 = deltaglider.create_client(endpoint_url="http://127.0.0.1:9000")
+    s3.upload_file("build-1.2.zip", "releases", "v1/build-1.2.zip")   # stored as a delta
+
+    $ python deltaglider.py cp build-1.3.zip s3://releases/v1/
+    $ python deltaglider.py --endpoint-url file:///tmp/store ls -r s3://releases
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import configparser
+import contextlib
+import datetime
+import email.utils
+import fnmatch
+import functools
+import hashlib
+import hmac
+import http.client
+import io
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+import xml.etree.ElementTree as ET
+
+try:  # POSIX only; on Windows the local store's bucket lock is a threading lock alone
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    Mapping,
+    NamedTuple,
+    Tuple,
+    Union,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BotoCoreError",
+    "ClientError",
+    "Config",
+    "ConnectTimeoutError",
+    "DeltaGliderError",
+    "EndpointConnectionError",
+    "IncompleteReadError",
+    "IntegrityError",
+    "NoCredentialsError",
+    "ParamValidationError",
+    "ReadTimeoutError",
+    "StreamingBody",
+    "XDelta3Error",
+    "__version__",
+    "create_client",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_SIGV4_TIMESTAMP = "%Y%m%dT%H%M%SZ"
+_SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+#: Headers never signed: hop-by-hop ones, and ones a proxy may rewrite (botocore auth.py).
+_UNSIGNED_HEADERS = frozenset(
+    {
+        "authorization",
+        "connection",
+        "expect",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "x-amzn-trace-id",
+    }
+)
+_PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+_IO_CHUNK = 1024 * 1024
+
+#: botocore standard retry mode: transient errors and throttling (retries/standard.py).
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 429})
+_RETRYABLE_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "EC2ThrottledException",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_DEFAULT_MAX_ATTEMPTS = 3
+_MAX_BACKOFF = 20.0
+
+#: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
+_MAX_KEY_BYTES = 1024
+_MAX_METADATA_BYTES = 2048
+_MIN_PART_SIZE = 5 * 1024 * 1024
+_MAX_PARTS = 10000
+_MAX_SINGLE_PUT = 5 * 1024**3
+_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_DEFAULT_PART_SIZE = 16 * 1024 * 1024
+_DELETE_BATCH = 1000
+
+_S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
+_BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
+_STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+
+#: Environment variables read by deltaglider itself (AWS_* ones are in the config section).
+_ENV_MAX_RATIO = "DG_MAX_RATIO"
+_ENV_CACHE_DIR = "DG_CACHE_DIR"
+_ENV_XDELTA3 = "DG_XDELTA3"
+_ENV_LOG_LEVEL = "DG_LOG_LEVEL"
+
+#: CLI exit codes (aws s3 conventions; see README).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class DeltaGliderError(Exception):
+    """Base class of every error deltaglider raises on purpose."""
+
+
+class BotoCoreError(DeltaGliderError):
+    """An error outside the S3 protocol, shaped like botocore's (a ``fmt`` filled by kwargs)."""
+
+    fmt = "An unspecified error occurred"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        super().__init__(self.fmt.format(**kwargs))
+
+
+class NoCredentialsError(BotoCoreError):
+    fmt = "Unable to locate credentials"
+
+
+class PartialCredentialsError(BotoCoreError):
+    fmt = "Partial credentials found in {provider}, missing: {cred_var}"
+
+
+class CredentialRetrievalError(BotoCoreError):
+    fmt = "Error when retrieving credentials from {provider}: {error_msg}"
+
+
+class ProfileNotFound(BotoCoreError):
+    fmt = "The config profile ({profile}) could not be found"
+
+
+class InvalidConfigError(BotoCoreError):
+    fmt = "{error_msg}"
+
+
+class ParamValidationError(BotoCoreError):
+    fmt = "Parameter validation failed:\n{report}"
+
+
+class EndpointConnectionError(BotoCoreError):
+    fmt = 'Could not connect to the endpoint URL: "{endpoint_url}"'
+
+
+class ConnectTimeoutError(EndpointConnectionError):
+    fmt = 'Connect timeout on endpoint URL: "{endpoint_url}"'
+
+
+class ConnectionClosedError(EndpointConnectionError):
+    fmt = (
+        "Connection was closed before we received a valid response "
+        'from endpoint URL: "{endpoint_url}".'
+    )
+
+
+class SSLError(EndpointConnectionError):
+    fmt = "SSL validation failed for {endpoint_url} {error}"
+
+
+class ProxyConnectionError(EndpointConnectionError):
+    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
+
+
+class ReadTimeoutError(BotoCoreError):
+    fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
+
+
+class IncompleteReadError(BotoCoreError):
+    fmt = "{actual_bytes} read, but total bytes expected is {expected_bytes}."
+
+
+class ResponseParserError(BotoCoreError):
+    fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class ClientError(DeltaGliderError):
+    """An error the S3 service answered with, exactly as botocore shapes it."""
+
+    MSG_TEMPLATE = (
+        "An error occurred ({error_code}) when calling the {operation_name} "
+        "operation{retry_info}: {error_message}"
+    )
+
+    def __init__(self, error_response: dict[str, Any], operation_name: str) -> None:
+        self.response = error_response
+        self.operation_name = operation_name
+        err = error_response.get("Error", {})
+        meta = error_response.get("ResponseMetadata", {})
+        retry_info = ""
+        if meta.get("MaxAttemptsReached"):
+            retry_info = " (reached max retries: %s)" % meta.get("RetryAttempts", "unknown")
+        super().__init__(
+            self.MSG_TEMPLATE.format(
+                error_code=err.get("Code", "Unknown"),
+                operation_name=operation_name,
+                retry_info=retry_info,
+                error_message=err.get("Message", "Unknown"),
+            )
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.response, self.operation_name))
+
+
+class NoSuchKey(ClientError):
+    pass
+
+
+class NoSuchBucket(ClientError):
+    pass
+
+
+class NoSuchUpload(ClientError):
+    pass
+
+
+class BucketAlreadyExists(ClientError):
+    pass
+
+
+class BucketAlreadyOwnedByYou(ClientError):
+    pass
+
+
+class AccessDenied(ClientError):
+    pass
+
+
+class InvalidObjectState(ClientError):
+    pass
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class TooManyParts(ClientError):
+    pass
+
+
+#: Error codes with a class of their own, as ``client.exceptions`` in boto3.
+_MODELED_ERRORS: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        NoSuchKey,
+        NoSuchBucket,
+        NoSuchUpload,
+        BucketAlreadyExists,
+        BucketAlreadyOwnedByYou,
+        AccessDenied,
+        InvalidObjectState,
+        InvalidRequest,
+        TooManyParts,
+    )
+}
+
+
+def _client_error(response: dict[str, Any], operation: str) -> ClientError:
+    """The ClientError subclass botocore would raise for this error response."""
+    code = response.get("Error", {}).get("Code", "")
+    cls = _MODELED_ERRORS.get(code, ClientError)
+    return cls(response, operation)  # type: ignore[no-any-return]
+
+
+class IntegrityError(DeltaGliderError):
+    """Bytes did not match the SHA-256 recorded when they were stored; nothing was written."""
+
+
+class XDelta3Error(DeltaGliderError):
+    """xdelta3 failed: carries the command, its exit code and (truncated) stderr."""
+
+    _CAP = 750
+
+    def __init__(self, cmd: list[str], returncode: int, stderr: str) -> None:
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stderr = stderr
+        shown = stderr.strip()
+        if len(shown) > self._CAP:
+            shown = shown[: self._CAP] + "... (%d more characters)" % (len(shown) - self._CAP)
+        super().__init__(
+            "xdelta3 failed (exit %d): %s\n%s" % (returncode, " ".join(cmd), shown or "(no stderr)")
+        )
+
+
+class XDelta3NotFoundError(DeltaGliderError):
+    """No xdelta3 binary: needed only when a delta is made or read."""
+
+    def __init__(self, name: str = "xdelta3") -> None:
+        super().__init__(
+            "xdelta3 not found on PATH (looked for %r): install it to make or read deltas "
+            "(Debian/Ubuntu: apt-get install xdelta3; Alpine: apk add xdelta3; "
+            "macOS: brew install xdelta)" % name
+        )
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _iso_utc(dt: datetime.datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ``, the timestamp format of FORMAT.md."""
+    return dt.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_timestamp(value: str) -> datetime.datetime:
+    """Parse ISO-8601 (with or without ``Z``/fraction, as older writers left them) or an
+    RFC 1123 HTTP date into an aware UTC datetime."""
+    text = value.strip()
+    if not text:
+        raise ValueError("empty timestamp")
+    if text[0].isdigit():
+        text = text.replace("Z", "+00:00").replace("z", "+00:00")
+        if " " in text and "T" not in text:
+            text = text.replace(" ", "T", 1)
+        # Python 3.8's fromisoformat takes only 0, 3 or 6 fraction digits.
+        m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", text)
+        if m and m.group(2):
+            frac = (m.group(2)[1:] + "000000")[:6]
+            text = m.group(1) + "." + frac + m.group(3)
+        dt = datetime.datetime.fromisoformat(text)
+    else:
+        dt = email.utils.parsedate_to_datetime(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.astimezone(datetime.timezone.utc)
+
+
+def _http_date(dt: datetime.datetime) -> str:
+    return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
+
+
+def _quote(text: str, safe: str = "-_.~") -> str:
+    """Percent-encode as SigV4 wants: everything but unreserved characters (RFC 3986)."""
+    return urllib.parse.quote(text, safe=safe)
+
+
+def _quote_key(key: str) -> str:
+    """An object key as a URL path segment: ``/`` kept, ``//`` kept, never normalised.
+
+    S3 paths are encoded once and not normalised (AWS SigV4 docs, "Do not normalize URI
+    paths for requests to Amazon S3"; botocore quotes keys with ``safe='/~'``)."""
+    return urllib.parse.quote(key, safe="/~")
+
+
+def _human_size(num: float) -> str:
+    """Base-2 sizes as ``aws s3 ls --human-readable`` prints them."""
+    if num == 1:
+        return "1 Byte"
+    if num < 1024:
+        return "%d Bytes" % num
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        num /= 1024.0
+        if num < 1024 or unit == "EiB":
+            return "%.1f %s" % (num, unit)
+    raise AssertionError("unreachable")
+
+
+def _xml_parse(data: bytes) -> ET.Element:
+    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs)."""
+    # S3 XML is UTF-8; a UTF-16/32 document would hide a DTD from the byte check below.
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
+        raise ValueError("XML that is not UTF-8 is refused")
+    lowered = data.lower()
+    if b"<!doctype" in lowered or b"<!entity" in lowered:
+        raise ValueError("XML with a DTD or entity declarations is refused")
+    root = ET.fromstring(data)
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag.startswith("{"):
+            el.tag = el.tag.split("}", 1)[1]
+    return root
+
+
+def _xml_text(el: ET.Element | None, name: str, default: str | None = None) -> str | None:
+    if el is None:
+        return default
+    child = el.find(name)
+    if child is None:
+        return default
+    return child.text or ""
+
+
+def _xml_escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("'", "&apos;")
+    )
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_IO_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _hash_stream(f: IO[bytes], *algorithms: str) -> tuple[list[str], int]:
+    """Hex digests of what is left in ``f`` (position restored if seekable), and its size."""
+    hashes = [hashlib.new(a) for a in algorithms]
+    start = f.tell() if f.seekable() else None
+    size = 0
+    while True:
+        chunk = f.read(_IO_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        for h in hashes:
+            h.update(chunk)
+    if start is not None:
+        f.seek(start)
+    return [h.hexdigest() for h in hashes], size
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window ``[offset, offset+length)`` of a file, rewindable for retries."""
+
+    def __init__(self, f: IO[bytes], offset: int, length: int) -> None:
+        super().__init__()
+        self._f = f
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence == 2:
+            pos += self._length
+        self._pos = max(0, min(pos, self._length))
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._pos
+        if size is None or size < 0 or size > left:
+            size = left
+        if size <= 0:
+            return b""
+        self._f.seek(self._offset + self._pos)
+        data = self._f.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def _body_length(body: Any) -> int | None:
+    """Length of what is left to read in a request body, or None when it cannot be known."""
+    if body is None:
+        return 0
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return len(body)
+    if hasattr(body, "__len__") and hasattr(body, "read"):
+        return int(len(body) - body.tell())  # _FileSlice, _CallbackReader: total length
+    try:
+        fileno = body.fileno()
+        st = os.fstat(fileno)
+        if stat.S_ISREG(st.st_mode):
+            return int(st.st_size - body.tell())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    if hasattr(body, "seekable") and body.seekable():
+        pos = body.tell()
+        end = body.seek(0, 2)
+        body.seek(pos)
+        return int(end - pos)
+    return None
+
+
+class _S3Url(NamedTuple):
+    bucket: str
+    key: str
+
+
+def _parse_s3_url(url: str) -> _S3Url:
+    """``s3://bucket/key`` → (bucket, key). The key keeps ``//`` and trailing slashes."""
+    if not url.startswith("s3://"):
+        raise ValueError("not an S3 URL (expected s3://bucket/key): %r" % url)
+    rest = url[5:]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError("S3 URL without a bucket name: %r" % url)
+    return _S3Url(bucket, key)
+
+
+def _validate_bucket_name(bucket: str) -> None:
+    if not _BUCKET_NAME_RE.match(bucket) or ".." in bucket:
+        raise ParamValidationError(
+            report='Invalid bucket name "%s": Bucket name must match the regex '
+            '"^[a-zA-Z0-9.\\-_]{1,255}$"' % bucket
+        )
+
+
+def _validate_key(key: str) -> None:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParamValidationError(report="Key %r is not valid UTF-8 text" % key) from None
+    if not key:
+        raise ParamValidationError(
+            report="Invalid length for parameter Key, value: 0, valid min length: 1"
+        )
+    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+        raise ParamValidationError(
+            report="Key is %d bytes long; S3 keys are at most %d bytes in UTF-8"
+            % (len(key.encode("utf-8")), _MAX_KEY_BYTES)
+        )
+
+
+###############################################################################
+# Configuration and credentials ###############################################
+###############################################################################
+
+# Resolution follows botocore 1.43 (credentials.py, configprovider.py, configloader.py) unless a
+# comment says otherwise. Secrets never reach a log line or an exception message: errors name the
+# source (env var, profile, host) and never echo file lines, process output or response bodies.
+
+_DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+_SIGNATURE_VERSIONS = ("s3v4", "unsigned")
+_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
+_SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
+# botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
+_ADVISORY_REFRESH = datetime.timedelta(minutes=15)
+_MANDATORY_REFRESH = datetime.timedelta(minutes=10)
+_CONTAINER_ENDPOINT = "http://169.254.170.2"  # ECS task role, for the RELATIVE_URI variable
+_CONTAINER_FULL_URI_HOSTS = frozenset(
+    {"169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost"}  # ECS, EKS Pod Identity
+)
+_CONTAINER_TIMEOUT = 2.0
+_CONTAINER_ATTEMPTS = 3
+_CONTAINER_RETRY_SLEEP = 1.0
+_IMDS_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
+_IMDS_TOKEN_PATH = "/latest/api/token"
+_IMDS_ROLE_PATH = "/latest/meta-data/iam/security-credentials/"
+_IMDS_TOKEN_TTL = "21600"  # seconds; the value botocore requests
+_IMDS_NO_TOKEN_STATUSES = (403, 404, 405)  # IMDSv1-only or token-less setups: fall back to v1
+_UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider does not
+    ("sso_session", "sso"),
+    ("sso_start_url", "sso"),
+    ("role_arn", "assume-role"),
+    ("web_identity_token_file", "assume-role-with-web-identity"),
+)
+
+_Profile = Dict[str, Union[str, Dict[str, str]]]
+# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
+_HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
+_Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _is_true(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == "true"  # botocore ensure_boolean
+
+
+def _profile_str(profile: _Profile, key: str) -> str | None:
+    value = profile.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) -> str | None:
+    """An environment variable beats the profile key; empty values count as unset."""
+    return environ.get(var) or _profile_str(profile, key)
+
+
+def _positive(value: str, name: str, kind: Callable[[str], float]) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise InvalidConfigError(error_msg=f"{name} must be a positive number, got {value!r}")
+    return number
+
+
+def _is_region(value: object) -> bool:
+    # The region becomes part of the host name and the SigV4 scope.
+    return isinstance(value, str) and bool(_REGION_RE.match(value))
+
+
+def _check_region(region: str) -> str:
+    if not _is_region(region):
+        raise InvalidConfigError(error_msg=f"Invalid region name: {region!r}")
+    return region
+
+
+def _check_endpoint(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidConfigError(
+            error_msg=f"Invalid endpoint URL {url!r}: expected http(s)://host[:port]"
+        )
+    return url
+
+
+def _nonempty(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# Config option -> (default, check, what the check expects).
+_CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
+    "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
+    "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
+    "max_pool_connections": (10, _is_count, "an integer >= 1"),
+    "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
+    "verify": (None, lambda v: v is None or isinstance(v, bool) or _nonempty(v), "a bool or path"),
+    "proxies": (
+        None,
+        lambda v: (
+            v is None
+            or (isinstance(v, dict) and all(_nonempty(k) and _nonempty(u) for k, u in v.items()))
+        ),
+        "a dict such as {'https': 'http://proxy:3128'}",
+    ),
+    "payload_signing": (True, lambda v: isinstance(v, bool), "True or False"),
+    "user_agent_extra": (
+        None,
+        lambda v: v is None or (isinstance(v, str) and not re.search(r"[\r\n]", v)),
+        "a string without line breaks",
+    ),
+    "signature_version": ("s3v4", lambda v: v in _SIGNATURE_VERSIONS, "s3v4 or unsigned"),
+}
+
+
+class Config:
+    """Client options: a small subset of botocore.config.Config.
+
+    None means "resolve it": region from AWS_REGION/AWS_DEFAULT_REGION/the profile, max_attempts
+    (total attempts) from AWS_MAX_ATTEMPTS/the profile/3, verify from AWS_CA_BUNDLE/the profile's
+    ca_bundle/True, proxies from HTTP(S)_PROXY/NO_PROXY, addressing_style from the profile's
+    `s3 = addressing_style = ...`/'auto'. signature_version='unsigned' sends anonymous requests.
+    """
+
+    def __init__(
+        self,
+        *,
+        region_name: str | None = None,
+        connect_timeout: float = 60.0,
+        read_timeout: float = 60.0,
+        max_attempts: int | None = None,
+        max_pool_connections: int = 10,
+        addressing_style: str | None = None,
+        verify: bool | str | None = None,
+        proxies: dict[str, str] | None = None,
+        payload_signing: bool = True,
+        user_agent_extra: str | None = None,
+        signature_version: str = "s3v4",
+    ) -> None:
+        self.region_name = region_name
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_attempts = max_attempts
+        self.max_pool_connections = max_pool_connections
+        self.addressing_style = addressing_style
+        self.verify = verify
+        self.proxies = proxies
+        self.payload_signing = payload_signing
+        self.user_agent_extra = user_agent_extra
+        self.signature_version = signature_version
+        for name, (_, valid, expected) in _CONFIG_OPTIONS.items():
+            if not valid(getattr(self, name)):
+                shown = "(not shown)" if name == "proxies" else repr(getattr(self, name))
+                raise InvalidConfigError(
+                    error_msg=f"Invalid Config {name}={shown}: expected {expected}"
+                )
+
+    def _options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _CONFIG_OPTIONS}
+
+    def merge(self, other: Config) -> Config:
+        """A new Config: this one with `other`'s options laid over it (like botocore).
+
+        botocore tracks which options were passed; here an option counts as set when it differs
+        from its default.
+        """
+        options = self._options()
+        for name, value in other._options().items():
+            if value != _CONFIG_OPTIONS[name][0]:
+                options[name] = value
+        return Config(**options)
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self._options().items() if v != _CONFIG_OPTIONS[k][0]}
+        if "proxies" in changed:
+            changed["proxies"] = "..."  # may hold user:password
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")"
+
+
+# -- shared config and credentials files --
+
+
+def _profile_name(explicit: str | None, environ: Mapping[str, str]) -> str:
+    if explicit:
+        return explicit
+    for var in _PROFILE_ENV_VARS:
+        if environ.get(var):
+            return environ[var]
+    return "default"
+
+
+def _expand_path(path: str, environ: Mapping[str, str]) -> str:
+    """expandvars + expanduser against the injected environment, not os.environ."""
+    path = re.sub(
+        r"\$(\w+)|\$\{([^}]*)\}",
+        lambda m: environ.get(m.group(1) or m.group(2), m.group(0)),
+        path,
+    )
+    if path == "~" or path.startswith(("~/", "~" + os.sep)):
+        home = environ.get("HOME") or environ.get("USERPROFILE")
+        return home + path[1:] if home else os.path.expanduser(path)
+    return path
+
+
+def _parse_nested(value: str, where: str) -> dict[str, str]:
+    # `s3 =\n  addressing_style = path`: a value starting with a newline is one nested level
+    # (botocore configloader.py L182-198).
+    nested: dict[str, str] = {}
+    for line in value.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        key, sep, item = line.partition("=")
+        if not sep:
+            raise InvalidConfigError(
+                error_msg=f"Invalid nested value for {where}: expected 'key = value' lines"
+            )
+        nested[key.strip()] = item.strip()
+    return nested
+
+
+def _read_ini(path: str) -> dict[str, _Profile]:
+    # RawConfigParser: no %-interpolation, so secrets containing '%' survive (as in botocore).
+    parser = configparser.RawConfigParser()
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        raise InvalidConfigError(
+            error_msg=f"Unable to read config file {path}: {exc.strerror}"
+        ) from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        # configparser's own messages quote the offending line, which may be a secret.
+        errors = getattr(exc, "errors", None)  # ParsingError: [(lineno, line), ...]
+        lineno = errors[0][0] if errors else getattr(exc, "lineno", None)
+        where = f" near line {lineno}" if lineno else ""
+        raise InvalidConfigError(error_msg=f"Unable to parse config file {path}{where}") from None
+    sections: dict[str, _Profile] = {}
+    for section in parser.sections():
+        values: _Profile = {}
+        for key, value in parser.items(section):
+            where = f"{key!r} in [{section}] of {path}"
+            values[key] = _parse_nested(value, where) if value.startswith("\n") else value
+        sections[section] = values
+    return sections
+
+
+def _load_profile(profile_name: str | None, *, environ: Mapping[str, str] = os.environ) -> _Profile:
+    """The named profile's settings from the config and credentials files, merged.
+
+    Config file sections are `[default]`, `[profile NAME]` and `[services NAME]`; credentials
+    file sections are bare profile names and their keys win. When the profile says
+    `services = NAME`, that section's `s3` block is stored under the key "services.s3".
+    """
+    name = _profile_name(profile_name, environ)
+    config_path = _expand_path(environ.get("AWS_CONFIG_FILE") or "~/.aws/config", environ)
+    creds_path = _expand_path(
+        environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials", environ
+    )
+    profile: _Profile | None = None
+    services: dict[str, _Profile] = {}
+    for section, values in _read_ini(config_path).items():
+        kind, _, rest = section.partition(" ")
+        rest = rest.strip().strip("\"'")
+        if kind == "services" and rest:
+            services[rest] = values
+        elif (section == "default" and name == "default") or (kind == "profile" and rest == name):
+            profile = {**(profile or {}), **values}
+    creds_section = _read_ini(creds_path).get(name)
+    if creds_section is not None:
+        profile = {**(profile or {}), **creds_section}
+    if profile is None:
+        if name == "default":  # botocore: a missing default profile is simply empty
+            return {}
+        raise ProfileNotFound(profile=name)
+    service_name = _profile_str(profile, "services")
+    s3_block = services.get(service_name or "", {}).get("s3")
+    if isinstance(s3_block, dict):
+        profile[_SERVICES_S3] = s3_block
+    return profile
+
+
+# -- region, endpoint and client settings --
+
+
+def _resolve_region(explicit: str | None, *, environ: Mapping[str, str], profile: _Profile) -> str:
+    # Deliberate deviation: botocore ignores AWS_REGION (boto3 #2574, #3620), but AWS CLI v2 and
+    # the JS, Go and Java SDKs honour it first, and users expect that.
+    for value in (
+        explicit,
+        environ.get("AWS_REGION"),
+        environ.get("AWS_DEFAULT_REGION"),
+        _profile_str(profile, "region"),
+    ):
+        if value:
+            return _check_region(value)
+    return _DEFAULT_REGION
+
+
+def _resolve_endpoint(
+    explicit: str | None, *, environ: Mapping[str, str], profile: _Profile
+) -> str | None:
+    # botocore configprovider.py L945-1081.
+    if explicit:
+        return _check_endpoint(explicit)
+    ignore = _setting(
+        environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", profile, "ignore_configured_endpoint_urls"
+    )
+    if _is_true(ignore):
+        return None
+    s3_block = profile.get(_SERVICES_S3)
+    for value in (
+        environ.get("AWS_ENDPOINT_URL_S3"),
+        environ.get("AWS_ENDPOINT_URL"),
+        s3_block.get("endpoint_url") if isinstance(s3_block, dict) else None,
+        _profile_str(profile, "endpoint_url"),
+    ):
+        if value:
+            return _check_endpoint(value)
+    return None
+
+
+class _ClientSettings(NamedTuple):
+    region: str
+    endpoint_url: str | None
+    addressing_style: str  # 'auto' | 'path' | 'virtual'
+    max_attempts: int  # total attempts
+    verify: bool | str  # False, True or a CA bundle path
+    connect_timeout: float
+    read_timeout: float
+    max_pool_connections: int
+    proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
+    payload_signing: bool
+    user_agent_extra: str | None
+    unsigned: bool
+    profile: _Profile
+    profile_name: str
+    profile_explicit: bool
+
+
+def _resolve_client_settings(
+    config: Config | None,
+    *,
+    region_name: str | None = None,
+    endpoint_url: str | None = None,
+    profile_name: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> _ClientSettings:
+    """Everything the client needs except credentials; arguments beat `config`, which beats
+    the environment, which beats the profile. Reads the shared files, nothing else."""
+    config = config or Config()
+    name = _profile_name(profile_name, environ)
+    profile = _load_profile(name, environ=environ)
+    s3_block = profile.get("s3")
+    style = (s3_block.get("addressing_style") if isinstance(s3_block, dict) else None) or "auto"
+    style = config.addressing_style or style
+    if style not in _ADDRESSING_STYLES:
+        raise InvalidConfigError(
+            error_msg=f"Invalid s3 addressing_style {style!r} in profile {name!r}: expected "
+            + ", ".join(_ADDRESSING_STYLES)
+        )
+    attempts = config.max_attempts
+    if attempts is None:
+        raw = _setting(environ, "AWS_MAX_ATTEMPTS", profile, "max_attempts")
+        attempts = int(_positive(raw, "max_attempts", int)) if raw else _DEFAULT_MAX_ATTEMPTS
+    verify = config.verify
+    if verify is None:
+        verify = _setting(environ, "AWS_CA_BUNDLE", profile, "ca_bundle") or True
+    return _ClientSettings(
+        region=_resolve_region(region_name or config.region_name, environ=environ, profile=profile),
+        endpoint_url=_resolve_endpoint(endpoint_url, environ=environ, profile=profile),
+        addressing_style=style,
+        max_attempts=attempts,
+        verify=verify,
+        connect_timeout=float(config.connect_timeout),
+        read_timeout=float(config.read_timeout),
+        max_pool_connections=config.max_pool_connections,
+        proxies=config.proxies,
+        payload_signing=config.payload_signing,
+        user_agent_extra=config.user_agent_extra,
+        unsigned=config.signature_version == "unsigned",
+        profile=profile,
+        profile_name=name,
+        profile_explicit=profile_name is not None,
+    )
+
+
+# -- proxies --
+
+
+def _env_proxy_var(environ: Mapping[str, str], name: str) -> str | None:
+    # Lowercase wins, as in urllib.request.getproxies_environment. Under CGI, HTTP_PROXY can be
+    # set by a request header ("httpoxy"), so it is ignored there.
+    if name == "http_proxy" and "REQUEST_METHOD" in environ:
+        return environ.get(name) or None
+    return environ.get(name) or environ.get(name.upper()) or None
+
+
+def _no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    for entry in re.split(r"[,\s]+", no_proxy.strip().lower()):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_host, entry_port = entry, ""
+        if entry.startswith("["):  # [v6] or [v6]:port
+            entry_host, _, rest = entry[1:].partition("]")
+            entry_port = rest[1:] if rest.startswith(":") else ""
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 literal has several colons)
+            entry_host, entry_port = entry.split(":")
+        if entry_port and entry_port != str(port):
+            continue
+        try:
+            network = ipaddress.ip_network(entry_host, strict=False)
+        except ValueError:
+            domain = entry_host.lstrip("*").lstrip(".")
+            if domain and (host == domain or host.endswith("." + domain)):
+                return True
+            continue
+        try:
+            if ipaddress.ip_address(host) in network:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def _proxy_for(
+    url: str, proxies: Mapping[str, str] | None, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """The proxy URL to use for `url`, or None to connect directly.
+
+    Explicit `proxies` ({'http': ..., 'https': ...}) are used as given, as botocore does;
+    otherwise <scheme>_proxy, then all_proxy, unless no_proxy matches (domains with or without a
+    leading dot, `*`, host:port, IP addresses and CIDR blocks).
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return None
+    if proxies is not None:
+        proxy = proxies.get(scheme) or None
+    else:
+        proxy = _env_proxy_var(environ, scheme + "_proxy") or _env_proxy_var(environ, "all_proxy")
+        host = (parts.hostname or "").lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        no_proxy = _env_proxy_var(environ, "no_proxy") or ""
+        if proxy and _no_proxy_matches(host, port, no_proxy):
+            return None
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy  # as curl and requests do
+    return proxy
+
+
+# -- credentials --
+
+
+class _Credentials(NamedTuple):
+    access_key: str
+    secret_key: str
+    token: str | None
+    expiry: datetime.datetime | None  # aware UTC; None for credentials that never expire
+
+    def __repr__(self) -> str:  # keep secrets out of tracebacks and debug output
+        return f"_Credentials(access_key={self.access_key[:4]}..., expiry={self.expiry})"
+
+
+class _CredentialProvider:
+    """Hands out credentials, refreshing expiring ones inside botocore's windows.
+
+    With less than 15 minutes left a refresh is tried and a failure only logged (the current
+    credentials still work); with less than 10 minutes left a failed refresh raises.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        credentials: _Credentials,
+        *,
+        refresh: Callable[[], _Credentials] | None = None,
+        now: Callable[[], datetime.datetime] = _utcnow,
+    ) -> None:
+        self.method = method  # e.g. 'env', for --debug
+        self._credentials = credentials
+        self._refresh = refresh
+        self._now = now
+        self._lock = threading.Lock()
+
+    def get(self) -> _Credentials:
+        if self._refresh is None:
+            return self._credentials
+        with self._lock:
+            current = self._credentials
+            if current.expiry is None:
+                return current
+            remaining = current.expiry - self._now()
+            if remaining >= _ADVISORY_REFRESH:
+                return current
+            try:
+                self._credentials = self._refresh()
+            except Exception as exc:
+                if remaining < _MANDATORY_REFRESH:
+                    raise
+                # Our refresh functions never put secrets in exception text.
+                logger.warning(
+                    "Refreshing %s credentials failed, using the current ones (they expire at "
+                    "%s): %s",
+                    self.method,
+                    current.expiry.isoformat(),
+                    exc,
+                )
+            else:
+                logger.debug("Refreshed %s credentials", self.method)
+            return self._credentials
+
+
+def _parse_expiry(value: object, provider: str) -> datetime.datetime:
+    text = value.strip() if isinstance(value, str) else ""
+    if text[-1:] in ("Z", "z"):  # fromisoformat accepts 'Z' only from Python 3.11
+        text = text[:-1] + "+00:00"
+    try:
+        expiry = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise CredentialRetrievalError(
+            provider=provider, error_msg=f"invalid Expiration {value!r}"
+        ) from None
+    if expiry.tzinfo is None:
+        expiry = expiry.replace(tzinfo=datetime.timezone.utc)
+    return expiry.astimezone(datetime.timezone.utc)
+
+
+def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Credentials:
+    """Parse the JSON of credential_process (token_key 'SessionToken') or of the container and
+    IMDS endpoints ('Token'). Error messages name fields, never values."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise CredentialRetrievalError(provider=provider, error_msg="response is not a JSON object")
+    if provider == "process" and data.get("Version") != 1:
+        raise CredentialRetrievalError(
+            provider=provider, error_msg="unsupported Version in output, expected 1"
+        )
+    missing = [k for k in ("AccessKeyId", "SecretAccessKey") if not _nonempty(data.get(k))]
+    if missing:
+        raise CredentialRetrievalError(
+            provider=provider, error_msg="response is missing " + " and ".join(missing)
+        )
+    token = data.get(token_key)
+    expiry = data.get("Expiration")
+    return _Credentials(
+        access_key=data["AccessKeyId"],
+        secret_key=data["SecretAccessKey"],
+        token=token if _nonempty(token) else None,
+        expiry=_parse_expiry(expiry, provider) if expiry else None,
+    )
+
+
+def _http_request(
+    method: str, url: str, headers: Mapping[str, str], timeout: float
+) -> tuple[int, bytes]:
+    """One request over http.client (no proxy, no redirects): the credential endpoints are
+    link-local or loopback, and must not be reached through a proxy."""
+    parts = urllib.parse.urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    conn = cls(parts.hostname or "", port, timeout=timeout)
+    try:
+        conn.request(
+            method,
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            headers=dict(headers),
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _fetch_process(command: str, profile_name: str, run: _Run) -> _Credentials:
+    """Run a profile's credential_process (no shell) and parse its JSON output.
+
+    stderr is not captured, so helpers can prompt (e.g. for MFA) and show their own errors;
+    stdout is never echoed because it holds the secret on success and may on failure.
+    """
+    where = f"credential_process of profile {profile_name!r}"
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        argv = []
+    if not argv:
+        raise CredentialRetrievalError(provider="process", error_msg=f"{where} cannot be parsed")
+    try:
+        result = run(argv, stdout=subprocess.PIPE, check=False)
+    except OSError as exc:
+        raise CredentialRetrievalError(
+            provider="process", error_msg=f"cannot run {where}: {exc.strerror}"
+        ) from None
+    if result.returncode != 0:
+        raise CredentialRetrievalError(
+            provider="process", error_msg=f"{where} exited with status {result.returncode}"
+        )
+    return _credentials_from_json(result.stdout, "process", "SessionToken")
+
+
+def _container_url(environ: Mapping[str, str]) -> str | None:
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if relative:
+        return _CONTAINER_ENDPOINT + relative
+    full = environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if not full:
+        return None
+    # Only https or a local host: the endpoint receives the authorization token (utils.py L3066+).
+    parts = urllib.parse.urlsplit(full)
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme == "https" or loopback or host in _CONTAINER_FULL_URI_HOSTS:
+        return full
+    raise CredentialRetrievalError(
+        provider="container-role",
+        error_msg=f"AWS_CONTAINER_CREDENTIALS_FULL_URI host {host!r} is not allowed: use https, "
+        "a loopback address or the ECS/EKS agent address",
+    )
+
+
+def _fetch_container(
+    url: str,
+    environ: Mapping[str, str],
+    http_request: _HttpRequest,
+    sleep: Callable[[float], None],
+) -> _Credentials:
+    headers: dict[str, str] = {"Accept": "application/json"}
+    token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+    token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+    if token_file:  # re-read each time: EKS Pod Identity rotates it
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise CredentialRetrievalError(
+                provider="container-role",
+                error_msg=f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {exc.strerror}",
+            ) from None
+    if token:
+        if "\r" in token or "\n" in token:
+            raise CredentialRetrievalError(
+                provider="container-role",
+                error_msg="the container authorization token contains a line break",
+            )
+        headers["Authorization"] = token
+    host = urllib.parse.urlsplit(url).netloc  # the path may be a credential id: not shown
+    problem = ""
+    for attempt in range(_CONTAINER_ATTEMPTS):
+        if attempt:
+            sleep(_CONTAINER_RETRY_SLEEP)
+        try:
+            status, body = http_request("GET", url, headers, _CONTAINER_TIMEOUT)
+        except (OSError, http.client.HTTPException) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            continue
+        if status == 200:
+            return _credentials_from_json(body, "container-role", "Token")
+        problem = f"HTTP {status}"
+    raise CredentialRetrievalError(
+        provider="container-role",
+        error_msg=f"{host} failed {_CONTAINER_ATTEMPTS} times, last: {problem}",
+    )
+
+
+def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Credentials | None:
+    """EC2 instance role credentials via IMDSv2, falling back to v1 like botocore (utils.py
+    IMDSFetcher L395+). None when there is no metadata service or no role."""
+    if _is_true(environ.get("AWS_EC2_METADATA_DISABLED")):
+        return None
+    mode = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE") or "ipv4").lower()
+    base = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or _IMDS_ENDPOINTS.get(
+        mode, _IMDS_ENDPOINTS["ipv4"]
+    )
+    base = base.rstrip("/")
+    raw = environ.get("AWS_METADATA_SERVICE_TIMEOUT")
+    timeout = _positive(raw, "AWS_METADATA_SERVICE_TIMEOUT", float) if raw else 1.0
+    raw = environ.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS")
+    attempts = int(_positive(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", int)) if raw else 1
+    v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
+
+    def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
+        for _ in range(attempts):
+            try:
+                return http_request(method, base + path, headers, timeout)
+            except (OSError, http.client.HTTPException) as exc:
+                logger.debug("IMDS %s %s failed: %s: %s", method, path, type(exc).__name__, exc)
+        return None
+
+    reply = call("PUT", _IMDS_TOKEN_PATH, {"x-aws-ec2-metadata-token-ttl-seconds": _IMDS_TOKEN_TTL})
+    headers: dict[str, str] = {}
+    if reply is not None and reply[0] == 200:
+        headers["x-aws-ec2-metadata-token"] = reply[1].decode("ascii", "replace").strip()
+    elif reply is not None and reply[0] not in _IMDS_NO_TOKEN_STATUSES:
+        logger.debug("IMDS token request returned HTTP %s", reply[0])
+        return None
+    elif v1_disabled:
+        logger.debug("IMDS gave no token and AWS_EC2_METADATA_V1_DISABLED is set")
+        return None
+    reply = call("GET", _IMDS_ROLE_PATH, headers)
+    if reply is None or reply[0] != 200 or not reply[1].strip():
+        logger.debug("IMDS has no instance role (%s)", reply and f"HTTP {reply[0]}")
+        return None
+    role = reply[1].decode("utf-8", "replace").strip().splitlines()[0]
+    reply = call("GET", _IMDS_ROLE_PATH + urllib.parse.quote(role), headers)
+    if reply is None or reply[0] != 200:
+        logger.debug("IMDS credentials for the instance role unavailable")
+        return None
+    return _credentials_from_json(reply[1], "iam-role", "Token")
+
+
+def _resolve_credentials(
+    *,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    session_token: str | None = None,
+    profile_name: str | None = None,
+    profile_explicit: bool = False,
+    profile: _Profile | None = None,
+    environ: Mapping[str, str] = os.environ,
+    now: Callable[[], datetime.datetime] = _utcnow,
+    run: _Run = subprocess.run,
+    http_request: _HttpRequest = _http_request,
+    sleep: Callable[[float], None] = time.sleep,
+    anonymous: bool = False,
+) -> _CredentialProvider | None:
+    """The first credential source that has something, in this order: explicit arguments,
+    environment (skipped when the profile was given explicitly, as in botocore), the profile's
+    keys, its credential_process, container credentials, EC2 instance metadata.
+
+    `profile` is the already loaded profile (from _resolve_client_settings), to avoid reading
+    the files twice. Returns None when nothing is found: the caller raises NoCredentialsError.
+    """
+    if anonymous:
+        return None
+
+    def found(
+        method: str, creds: _Credentials, refresh: Callable[[], _Credentials] | None = None
+    ) -> _CredentialProvider:
+        logger.debug("Found credentials: %s", method)
+        if creds.expiry is None:
+            refresh = None
+        return _CredentialProvider(method, creds, refresh=refresh, now=now)
+
+    if access_key is not None or secret_key is not None:
+        if not access_key:
+            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+        if not secret_key:
+            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+        return found("explicit", _Credentials(access_key, secret_key, session_token or None, None))
+
+    if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
+        secret = environ.get("AWS_SECRET_ACCESS_KEY")
+        if not secret:
+            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+        token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN") or None
+        return found("env", _Credentials(environ["AWS_ACCESS_KEY_ID"], secret, token, None))
+
+    name = _profile_name(profile_name, environ)
+    if profile is None:
+        profile = _load_profile(name, environ=environ)
+    key = _profile_str(profile, "aws_access_key_id")
+    if key:
+        secret = _profile_str(profile, "aws_secret_access_key")
+        if not secret:
+            raise PartialCredentialsError(
+                provider="shared-credentials-file", cred_var="aws_secret_access_key"
+            )
+        token = _profile_str(profile, "aws_session_token") or _profile_str(
+            profile, "aws_security_token"
+        )
+        return found("shared-credentials-file", _Credentials(key, secret, token, None))
+
+    command = _profile_str(profile, "credential_process")
+    if command:
+        fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
+        return found("process", fetch(), fetch)
+
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+    url = _container_url(environ)
+    if url:
+        fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
+        return found("container-role", fetch(), fetch)
+
+    def fetch_imds() -> _Credentials:
+        creds = _fetch_imds(environ, http_request)
+        if creds is None:
+            raise CredentialRetrievalError(
+                provider="iam-role", error_msg="the instance metadata service gave no credentials"
+            )
+        return creds
+
+    creds = _fetch_imds(environ, http_request)
+    return found("iam-role", creds, fetch_imds) if creds else None
+
+
+###############################################################################
+# SigV4 #######################################################################
+###############################################################################
+
+
+class _SigningKeyCache:
+    """SigV4 signing keys per (secret, date, region, service); they change once a day."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[tuple[str, str, str, str], bytes] = {}
+
+    def get(self, secret: str, date: str, region: str, service: str) -> bytes:
+        ident = (hashlib.sha256(secret.encode()).hexdigest(), date, region, service)
+        with self._lock:
+            key = self._keys.get(ident)
+        if key is None:
+            key = ("AWS4" + secret).encode("utf-8")
+            for part in (date, region, service, "aws4_request"):
+                key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+            with self._lock:
+                if len(self._keys) > 64:
+                    self._keys.clear()
+                self._keys[ident] = key
+        return key
+
+
+_SIGNING_KEYS = _SigningKeyCache()
+
+
+def _canonical_query(params: Iterable[tuple[str, str]]) -> str:
+    """Query pairs encoded with unreserved characters kept, sorted by (key, value) after
+    encoding (botocore auth.py; sorting ``k=v`` strings instead is a known bug)."""
+    pairs = sorted((_quote(k), _quote(v)) for k, v in params)
+    return "&".join("%s=%s" % kv for kv in pairs)
+
+
+def _canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
+    """(canonical headers block, signed headers list) over every signable header."""
+    folded: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        lname = name.lower().strip()
+        if lname in _UNSIGNED_HEADERS:
+            continue
+        folded.setdefault(lname, []).append(" ".join(str(value).split()))
+    names = sorted(folded)
+    block = "".join("%s:%s\n" % (n, ",".join(folded[n])) for n in names)
+    return block, ";".join(names)
+
+
+def _host_header(scheme: str, netloc: str) -> str:
+    """The Host value as signed: lower case, default port dropped (botocore _host_from_url)."""
+    parts = urllib.parse.urlsplit("%s://%s" % (scheme, netloc))
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = "[%s]" % host
+    port = parts.port
+    if port is not None and not (
+        (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
+    ):
+        host = "%s:%d" % (host, port)
+    return host
+
+
+class _SigV4:
+    """AWS Signature Version 4 for S3: header auth, presigned URLs and POST policies.
+
+    ``now`` is read once per signature, through a seam, so tests can pin the clock."""
+
+    def __init__(
+        self,
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        region: str,
+        service: str = "s3",
+    ) -> None:
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._token = token
+        self.region = region
+        self.service = service
+
+    def _scope(self, date: str) -> str:
+        return "%s/%s/%s/aws4_request" % (date, self.region, self.service)
+
+    def _signature(self, string_to_sign: str, date: str) -> str:
+        key = _SIGNING_KEYS.get(self._secret_key, date, self.region, self.service)
+        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def _string_to_sign(self, canonical_request: str, timestamp: str) -> str:
+        return "\n".join(
+            (
+                _SIGV4_ALGORITHM,
+                timestamp,
+                self._scope(timestamp[:8]),
+                hashlib.sha256(canonical_request.encode("utf-8")).hexdigest(),
+            )
+        )
+
+    def sign_headers(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        payload_hash: str,
+        now: datetime.datetime,
+    ) -> None:
+        """Add x-amz-date, x-amz-content-sha256, the token and Authorization to ``headers``.
+
+        ``path`` is the URL path exactly as sent (already percent-encoded, never
+        normalised); ``headers`` must hold ``host``. Old auth headers are replaced, so a
+        retry can re-sign the same dict (botocore _modify_request_before_signing)."""
+        for name in list(headers):
+            if name.lower() in ("authorization", "x-amz-date", "x-amz-security-token"):
+                del headers[name]
+        timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
+        headers["x-amz-date"] = timestamp
+        headers["x-amz-content-sha256"] = payload_hash
+        if self._token:
+            headers["x-amz-security-token"] = self._token
+        block, signed = _canonical_headers(headers)
+        canonical = "\n".join((method, path, _canonical_query(query), block, signed, payload_hash))
+        sts = self._string_to_sign(canonical, timestamp)
+        headers["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+            _SIGV4_ALGORITHM,
+            self._access_key,
+            self._scope(timestamp[:8]),
+            signed,
+            self._signature(sts, timestamp[:8]),
+        )
+        logger.debug("SigV4 canonical request:\n%s", canonical)
+
+    def presign_query(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        query: list[tuple[str, str]],
+        expires: int,
+        now: datetime.datetime,
+    ) -> str:
+        """The query string of a presigned URL (botocore SigV4QueryAuth order)."""
+        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+            raise ParamValidationError(
+                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+                % (_PRESIGN_MAX_EXPIRES, expires)
+            )
+        timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
+        auth: list[tuple[str, str]] = [
+            ("X-Amz-Algorithm", _SIGV4_ALGORITHM),
+            ("X-Amz-Credential", "%s/%s" % (self._access_key, self._scope(timestamp[:8]))),
+            ("X-Amz-Date", timestamp),
+            ("X-Amz-Expires", str(int(expires))),
+            ("X-Amz-SignedHeaders", "host"),
+        ]
+        if self._token:
+            auth.append(("X-Amz-Security-Token", self._token))
+        params = list(query) + auth  # botocore: the operation's parameters come first
+        canonical = "\n".join(
+            (method, path, _canonical_query(params), "host:%s\n" % host, "host", _UNSIGNED_PAYLOAD)
+        )
+        signature = self._signature(self._string_to_sign(canonical, timestamp), timestamp[:8])
+        encoded = "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in params)
+        return encoded + "&X-Amz-Signature=" + signature
+
+    def presign_post(
+        self,
+        fields: dict[str, str],
+        conditions: list[Any],
+        expires: int,
+        now: datetime.datetime,
+    ) -> dict[str, str]:
+        """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth)."""
+        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+            raise ParamValidationError(
+                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+                % (_PRESIGN_MAX_EXPIRES, expires)
+            )
+        now = now.astimezone(datetime.timezone.utc)
+        timestamp = now.strftime(_SIGV4_TIMESTAMP)
+        expiration = (now + datetime.timedelta(seconds=int(expires))).strftime("%Y-%m-%dT%H:%M:%SZ")
+        credential = "%s/%s" % (self._access_key, self._scope(timestamp[:8]))
+        fields = dict(fields)
+        conditions = list(conditions)
+        fields["x-amz-algorithm"] = _SIGV4_ALGORITHM
+        fields["x-amz-credential"] = credential
+        fields["x-amz-date"] = timestamp
+        conditions.append({"x-amz-algorithm": _SIGV4_ALGORITHM})
+        conditions.append({"x-amz-credential": credential})
+        conditions.append({"x-amz-date": timestamp})
+        if self._token:
+            fields["x-amz-security-token"] = self._token
+            conditions.append({"x-amz-security-token": self._token})
+        policy = {"expiration": expiration, "conditions": conditions}
+        fields["policy"] = base64.b64encode(json.dumps(policy).encode("utf-8")).decode("ascii")
+        fields["x-amz-signature"] = self._signature(fields["policy"], timestamp[:8])
+        return fields
+
+
+###############################################################################
+# HTTP transport and retries ##################################################
+###############################################################################
+
+
+class StreamingBody(io.IOBase):
+    """A response body read on demand, as botocore's: ``read(amt)``, ``iter_chunks``,
+    ``iter_lines``, ``close``, context manager. A body shorter than its Content-Length
+    raises :class:`IncompleteReadError`; it is never silently accepted."""
+
+    def __init__(
+        self,
+        raw: Any,
+        content_length: int | None,
+        *,
+        on_close: Callable[[bool], None] | None = None,
+        endpoint_url: str = "",
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._content_length = content_length
+        self._amount_read = 0
+        self._on_close = on_close
+        self._endpoint_url = endpoint_url
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._amount_read
+
+    def read(self, amt: int | None = None) -> bytes:
+        if self._eof:
+            return b""
+        try:
+            if amt is None or amt < 0:
+                chunks = []
+                while True:
+                    chunk = self._raw.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            else:
+                data = self._raw.read(amt)
+        except socket.timeout as e:
+            self._release(False)
+            raise ReadTimeoutError(endpoint_url=self._endpoint_url) from e
+        except (http.client.IncompleteRead, ConnectionError, OSError) as e:
+            self._release(False)
+            raise IncompleteReadError(
+                actual_bytes=self._amount_read, expected_bytes=self._content_length
+            ) from e
+        self._amount_read += len(data)
+        if amt is None or amt < 0 or (not data and amt != 0):
+            self._finish()
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def _finish(self) -> None:
+        self._eof = True
+        if self._content_length is not None and self._amount_read != self._content_length:
+            self._release(False)
+            raise IncompleteReadError(
+                actual_bytes=self._amount_read, expected_bytes=self._content_length
+            )
+        self._release(True)
+
+    def _release(self, reusable: bool) -> None:
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback(reusable)
+        elif not reusable:
+            try:
+                self._raw.close()
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self._release(self._eof)
+            try:
+                self._raw.close()
+            except Exception:  # pragma: no cover
+                pass
+        super().close()
+
+    def iter_chunks(self, chunk_size: int = 1024) -> Iterator[bytes]:
+        while True:
+            chunk = self.read(chunk_size)
+            if not chunk:
+                break
+            yield chunk
+
+    def iter_lines(self, chunk_size: int = 1024, keepends: bool = False) -> Iterator[bytes]:
+        pending = b""
+        for chunk in self.iter_chunks(chunk_size):
+            lines = (pending + chunk).splitlines(True)
+            for line in lines[:-1]:
+                yield line if keepends else line.splitlines()[0]
+            pending = lines[-1]
+        if pending:
+            yield pending if keepends else pending.splitlines()[0]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.iter_chunks(1024)
+
+    def __next__(self) -> bytes:
+        chunk = self.read(1024)
+        if not chunk:
+            raise StopIteration
+        return chunk
+
+    def __enter__(self) -> StreamingBody:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """Separate connect and read timeouts: connect with one, then switch the socket."""
+
+    read_timeout: float | None = None
+    dg_proxy_headers: dict[str, str] | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        if self.sock is not None:
+            self.sock.settimeout(self.read_timeout)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    read_timeout: float | None = None
+    dg_proxy_headers: dict[str, str] | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        if self.sock is not None:
+            self.sock.settimeout(self.read_timeout)
+
+
+_PoolKey = Tuple[str, str, int]
+
+
+class _ConnectionPool:
+    """Keep-alive ``http.client`` connections, reused across requests and threads.
+
+    A connection is handed to one thread at a time; it comes back only when its response
+    was read to the end, so no half-read response is ever reused."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        verify: bool | str,
+        max_idle: int,
+        proxy_for: Callable[[str], str | None],
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._verify = verify
+        self._max_idle = max(1, max_idle)
+        self._proxy_for = proxy_for
+        self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            if self._verify is False:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif isinstance(self._verify, str):
+                ctx = ssl.create_default_context(cafile=self._verify)
+            else:
+                ctx = ssl.create_default_context()
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def acquire(self, scheme: str, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to (scheme, host, port), and whether it talks through an HTTP proxy
+        that wants absolute URLs (plain http through a proxy)."""
+        key = (scheme, host, port)
+        with self._lock:
+            idle = self._idle.get(key)
+            conn = idle.pop() if idle else None
+        proxy = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        if conn is None:
+            conn = self._new(scheme, host, port, proxy)
+        return conn, bool(proxy) and scheme == "http"
+
+    def _new(
+        self, scheme: str, host: str, port: int, proxy: str | None
+    ) -> http.client.HTTPConnection:
+        conn: _HTTPConnection | _HTTPSConnection
+        tunnel_headers: dict[str, str] = {}
+        target_host, target_port = host, port
+        if proxy:
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if p.username is not None:
+                cred = "%s:%s" % (
+                    urllib.parse.unquote(p.username),
+                    urllib.parse.unquote(p.password or ""),
+                )
+                tunnel_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+                    cred.encode()
+                ).decode("ascii")
+            target_host, target_port = (
+                p.hostname or "",
+                p.port or (443 if p.scheme == "https" else 80),
+            )
+        if scheme == "https":
+            conn = _HTTPSConnection(
+                target_host,
+                target_port,
+                timeout=self._connect_timeout,
+                context=self._context(),
+                blocksize=_IO_CHUNK,
+            )
+            if proxy:
+                conn.set_tunnel(host, port, headers=tunnel_headers)
+        else:
+            conn = _HTTPConnection(
+                target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
+            )
+        conn.read_timeout = self._read_timeout
+        conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
+        return conn
+
+    def release(self, key: _PoolKey, conn: http.client.HTTPConnection, reusable: bool) -> None:
+        if reusable:
+            with self._lock:
+                idle = self._idle.setdefault(key, [])
+                if len(idle) < self._max_idle:
+                    idle.append(conn)
+                    return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+class _BodyReadError(Exception):
+    """Reading the request body from the caller's file failed (carries the OSError)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Response(NamedTuple):
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: Any  # bytes, or a StreamingBody when streamed
+    attempts: int
+
+
+def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in resp.getheaders():
+        lname = name.lower()
+        headers[lname] = headers[lname] + ", " + value if lname in headers else value
+    return headers
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
+
+
+###############################################################################
+# Storage: S3 over HTTP and a local directory #################################
+###############################################################################
+
+#: Response headers of GetObject/HeadObject and the boto3 keys they become.
+_OBJECT_RESPONSE_HEADERS: tuple[tuple[str, str, str], ...] = (
+    ("accept-ranges", "AcceptRanges", "str"),
+    ("last-modified", "LastModified", "date"),
+    ("content-length", "ContentLength", "int"),
+    ("etag", "ETag", "str"),
+    ("version-id", "VersionId", "str"),
+    ("cache-control", "CacheControl", "str"),
+    ("content-disposition", "ContentDisposition", "str"),
+    ("content-encoding", "ContentEncoding", "str"),
+    ("content-language", "ContentLanguage", "str"),
+    ("content-range", "ContentRange", "str"),
+    ("content-type", "ContentType", "str"),
+    ("expires", "Expires", "date"),
+    ("x-amz-version-id", "VersionId", "str"),
+    ("x-amz-server-side-encryption", "ServerSideEncryption", "str"),
+    ("x-amz-server-side-encryption-aws-kms-key-id", "SSEKMSKeyId", "str"),
+    ("x-amz-storage-class", "StorageClass", "str"),
+    ("x-amz-tagging-count", "TagCount", "int"),
+    ("x-amz-website-redirect-location", "WebsiteRedirectLocation", "str"),
+    ("x-amz-delete-marker", "DeleteMarker", "bool"),
+)
+
+#: boto3 PutObject/CopyObject/CreateMultipartUpload parameters sent as plain headers.
+_PUT_HEADER_PARAMS: tuple[tuple[str, str], ...] = (
+    ("ACL", "x-amz-acl"),
+    ("CacheControl", "Cache-Control"),
+    ("ContentDisposition", "Content-Disposition"),
+    ("ContentEncoding", "Content-Encoding"),
+    ("ContentLanguage", "Content-Language"),
+    ("ContentType", "Content-Type"),
+    ("Expires", "Expires"),
+    ("GrantFullControl", "x-amz-grant-full-control"),
+    ("GrantRead", "x-amz-grant-read"),
+    ("GrantReadACP", "x-amz-grant-read-acp"),
+    ("GrantWriteACP", "x-amz-grant-write-acp"),
+    ("ServerSideEncryption", "x-amz-server-side-encryption"),
+    ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
+    ("SSEKMSEncryptionContext", "x-amz-server-side-encryption-context"),
+    ("BucketKeyEnabled", "x-amz-server-side-encryption-bucket-key-enabled"),
+    ("StorageClass", "x-amz-storage-class"),
+    ("Tagging", "x-amz-tagging"),
+    ("WebsiteRedirectLocation", "x-amz-website-redirect-location"),
+)
+
+
+def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
+    """boto3's GetObject/HeadObject keys from response headers (Metadata included)."""
+    out: dict[str, Any] = {}
+    for header, key, kind in _OBJECT_RESPONSE_HEADERS:
+        value = headers.get(header)
+        if value is None:
+            continue
+        if kind == "int":
+            out[key] = int(value)
+        elif kind == "date":
+            try:
+                out[key] = _parse_timestamp(value)
+            except ValueError:
+                out[key] = value
+        elif kind == "bool":
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = value
+    out["Metadata"] = {
+        name[11:]: value for name, value in headers.items() if name.startswith("x-amz-meta-")
+    }
+    return out
+
+
+def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
+    headers: dict[str, str] = {}
+    for name, value in (metadata or {}).items():
+        value = str(value)
+        try:
+            (name + value).encode("ascii")
+        except UnicodeEncodeError:
+            raise ParamValidationError(
+                report="Non ascii characters found in S3 metadata for key %r, value: %r. "
+                "S3 metadata can only contain ASCII characters." % (name, value)
+            ) from None
+        if "\r" in value or "\n" in value:
+            raise ParamValidationError(report="metadata %r contains a line break" % name)
+        headers["x-amz-meta-" + name.lower()] = value
+    size = sum(len(k) - 11 + len(v) for k, v in headers.items())
+    if size > _MAX_METADATA_BYTES:
+        raise ParamValidationError(
+            report="user metadata is %d bytes; S3 allows at most %d" % (size, _MAX_METADATA_BYTES)
+        )
+    return headers
+
+
+def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
+    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
+
+    def dec(value: str | None) -> str | None:
+        if value is None or not encoded:
+            return value
+        return urllib.parse.unquote_plus(value)
+
+    contents = []
+    for c in root.findall("Contents"):
+        item: dict[str, Any] = {
+            "Key": dec(_xml_text(c, "Key", "")),
+            "LastModified": _parse_timestamp(
+                _xml_text(c, "LastModified", "") or "1970-01-01T00:00:00Z"
+            ),
+            "ETag": _xml_text(c, "ETag", ""),
+            "Size": int(_xml_text(c, "Size", "0") or 0),
+            "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
+        }
+        contents.append(item)
+    out: dict[str, Any] = {
+        "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
+        "Name": _xml_text(root, "Name", ""),
+        "Prefix": dec(_xml_text(root, "Prefix", "")),
+        "MaxKeys": int(_xml_text(root, "MaxKeys", "1000") or 1000),
+        "KeyCount": int(_xml_text(root, "KeyCount", str(len(contents))) or 0),
+    }
+    if contents:
+        out["Contents"] = contents
+    prefixes = [{"Prefix": dec(_xml_text(p, "Prefix", ""))} for p in root.findall("CommonPrefixes")]
+    if prefixes:
+        out["CommonPrefixes"] = prefixes
+    for tag in ("Delimiter", "StartAfter", "ContinuationToken", "NextContinuationToken"):
+        value = _xml_text(root, tag)
+        if value is not None:
+            out[tag] = dec(value) if tag in ("Delimiter", "StartAfter") else value
+    if encoded:
+        out["EncodingType"] = "url"
+    return out
+
+
+class _S3Storage:
+    """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
+
+    Every method returns boto3's response shape for that operation and raises
+    :class:`ClientError` (or a subclass) for service errors."""
+
+    is_local = False
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        credentials: Callable[[], Any],
+        addressing_style: str | None = None,
+        max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
+        connect_timeout: float = 60.0,
+        read_timeout: float = 60.0,
+        verify: bool | str = True,
+        max_pool_connections: int = 10,
+        proxy_for: Callable[[str], str | None] = lambda url: None,
+        payload_signing: bool = True,
+        now: Callable[[], datetime.datetime] = _utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.region = region
+        self._credentials = credentials
+        self._max_attempts = max(1, int(max_attempts))
+        self._payload_signing = payload_signing
+        self._now = now
+        self._sleep = sleep
+        self._rand = rand
+        self._bucket_regions: dict[str, str] = {}
+        if endpoint_url:
+            if "://" not in endpoint_url:
+                endpoint_url = "https://" + endpoint_url
+            parts = urllib.parse.urlsplit(endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidConfigError(error_msg="Invalid endpoint: %s" % endpoint_url)
+            self._custom_endpoint = True
+        else:
+            host = "s3.amazonaws.com" if region == "us-east-1" else "s3.%s.amazonaws.com" % region
+            parts = urllib.parse.urlsplit("https://" + host)
+            self._custom_endpoint = False
+        self._scheme = parts.scheme
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._base_path = parts.path.rstrip("/")
+        self.endpoint_url = "%s://%s" % (parts.scheme, parts.netloc)
+        self._addressing = addressing_style or "auto"
+        self._pool = _ConnectionPool(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            verify=verify,
+            max_idle=max_pool_connections,
+            proxy_for=proxy_for,
+        )
+        self._conditional_writes: bool | None = None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- request plumbing ---------------------------------------------------
+
+    def _virtual(self, bucket: str) -> bool:
+        if not bucket or self._addressing == "path":
+            return False
+        dns_ok = bool(_STRICT_BUCKET_RE.match(bucket)) and "." not in bucket
+        if self._addressing == "virtual":
+            return True
+        # botocore: path style whenever an endpoint is given, virtual on AWS when it can.
+        return dns_ok and not self._custom_endpoint
+
+    def _target(self, bucket: str, key: str | None) -> tuple[str, str, str]:
+        """(host, netloc for signing, encoded path) of a request."""
+        host = self._host
+        region = self._bucket_regions.get(bucket)
+        if region and not self._custom_endpoint:
+            host = "s3.amazonaws.com" if region == "us-east-1" else "s3.%s.amazonaws.com" % region
+        path = self._base_path
+        if bucket and self._virtual(bucket):
+            host = "%s.%s" % (bucket, host)
+        elif bucket:
+            path += "/" + _quote_key(bucket)
+        if key is not None:
+            path += "/" + _quote_key(key)
+        elif not path:
+            path = "/"
+        elif bucket and self._virtual(bucket):
+            path += "/"
+        default_port = 443 if self._scheme == "https" else 80
+        netloc = host if self._port == default_port else "%s:%d" % (host, self._port)
+        return host, netloc, path or "/"
+
+    def object_url(self, bucket: str, key: str) -> str:
+        _, netloc, path = self._target(bucket, key)
+        return "%s://%s%s" % (self._scheme, netloc, path)
+
+    def _signer(self, bucket: str) -> _SigV4 | None:
+        creds = self._credentials()
+        if creds is None:
+            return None
+        region = self._bucket_regions.get(bucket, self.region)
+        return _SigV4(creds.access_key, creds.secret_key, creds.token, region)
+
+    def _payload_hash(self, body: Any, given: str | None) -> str:
+        if given:
+            return given
+        if body is None or body == b"":
+            return _EMPTY_SHA256
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            return hashlib.sha256(body).hexdigest()
+        if not self._payload_signing and self._scheme == "https":
+            return _UNSIGNED_PAYLOAD
+        if hasattr(body, "seekable") and body.seekable():
+            return _hash_stream(body, "sha256")[0][0]
+        return _UNSIGNED_PAYLOAD
+
+    def request(
+        self,
+        operation: str,
+        method: str,
+        bucket: str = "",
+        key: str | None = None,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        content_sha256: str | None = None,
+        stream: bool = False,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> _Response:
+        """Send one S3 request with retries; raise ClientError for an error reply.
+
+        Each attempt re-signs (new timestamp) and rewinds the body. Retried: connection
+        errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
+        mode), with full-jitter exponential backoff capped at 20 s."""
+        query = list(query or [])
+        start = body.tell() if getattr(body, "seekable", lambda: False)() else None
+        seekable = (
+            start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
+        )
+        length = _body_length(body)
+        payload_hash = self._payload_hash(body, content_sha256)
+        redirected = False
+        attempt = 0
+        while True:
+            attempt += 1
+            if start is not None:
+                body.seek(start)
+            _, netloc, path = self._target(bucket, key)
+            send_headers = {"host": netloc}
+            send_headers.update(headers or {})
+            if length is not None and (body is not None or method in ("PUT", "POST")):
+                send_headers["Content-Length"] = str(length)
+            signer = self._signer(bucket)
+            if signer is not None:
+                signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
+            url = path
+            if query:
+                # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
+                url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
+            error: BaseException | None = None
+            resp: _Response | None = None
+            try:
+                resp = self._send_once(method, url, send_headers, body, length, stream, ok_statuses)
+            except (ReadTimeoutError, EndpointConnectionError) as e:
+                error = e
+            if resp is not None:
+                resp = resp._replace(attempts=attempt)
+                if resp.status < 300 or resp.status in ok_statuses:
+                    return resp
+                err = _parse_error(
+                    resp.status, resp.reason, resp.headers, resp.body, self.endpoint_url
+                )
+                err["ResponseMetadata"]["RetryAttempts"] = attempt - 1
+                code = err["Error"].get("Code", "")
+                new_region = self._redirect_region(resp, err)
+                if new_region and not redirected and bucket:
+                    redirected = True
+                    logger.debug("bucket %s is in %s; redirecting once", bucket, new_region)
+                    self._bucket_regions[bucket] = new_region
+                    attempt -= 1
+                    continue
+                retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+                if not retryable or attempt >= self._max_attempts or not seekable:
+                    if retryable and attempt >= self._max_attempts > 1:
+                        err["ResponseMetadata"]["MaxAttemptsReached"] = True
+                    raise _client_error(err, operation)
+                logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
+            else:
+                assert error is not None
+                if attempt >= self._max_attempts or not seekable:
+                    raise error
+                logger.debug("%s: %s, retrying", operation, error)
+            self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
+
+    def _redirect_region(self, resp: _Response, err: dict[str, Any]) -> str | None:
+        """The bucket's region when S3 says we asked the wrong one (botocore
+        S3RegionRedirector: 301 PermanentRedirect, 400 AuthorizationHeaderMalformed)."""
+        if self._custom_endpoint:
+            return None
+        code = err["Error"].get("Code", "")
+        if resp.status not in (301, 307, 400) or (
+            resp.status == 400
+            and code not in ("AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
+        ):
+            return None
+        region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
+        return region if region and region != self.region else None
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: Any,
+        length: int | None,
+        stream: bool,
+        ok_statuses: tuple[int, ...],
+    ) -> _Response:
+        key = (self._scheme, self._host, self._port)
+        conn, absolute = self._pool.acquire(*key)
+        target = url
+        if absolute:
+            target = "%s://%s%s" % (self._scheme, headers["host"], url)
+        try:
+            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            for name, value in getattr(conn, "dg_proxy_headers", {}).items():
+                conn.putheader(name, value)
+            if length is None and body is not None:
+                conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            if body is not None:
+                if isinstance(body, (bytes, bytearray, memoryview)):
+                    conn.send(bytes(body))
+                else:
+                    while True:
+                        try:
+                            chunk = body.read(_IO_CHUNK)
+                        except OSError as e:
+                            raise _BodyReadError(e) from e
+                        if not chunk:
+                            break
+                        if length is None:
+                            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            conn.send(chunk)
+                    if length is None:
+                        conn.send(b"0\r\n\r\n")
+            raw = conn.getresponse()
+        except _BodyReadError as e:
+            conn.close()
+            raise e.error from None  # a local read error: not retried as a network one
+        except socket.timeout as e:
+            connected = conn.sock is not None
+            conn.close()
+            if not connected:
+                raise ConnectTimeoutError(endpoint_url=self.endpoint_url) from e
+            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
+        except ssl.SSLError as e:
+            conn.close()
+            raise SSLError(endpoint_url=self.endpoint_url, error=e) from e
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if isinstance(
+                e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+            ):
+                raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
+            raise EndpointConnectionError(endpoint_url=self.endpoint_url, error=e) from e
+        resp_headers = _response_headers(raw)
+        status = raw.status
+        if method == "HEAD" or status in (204, 304):
+            raw.read()
+            self._pool.release(key, conn, not raw.will_close)
+            return _Response(status, raw.reason, resp_headers, b"", 1)
+        clen_text = resp_headers.get("content-length")
+        clen = int(clen_text) if clen_text and clen_text.isdigit() else None
+        if stream and (status < 300 or status in ok_statuses):
+
+            def on_close(reusable: bool) -> None:
+                self._pool.release(key, conn, reusable and not raw.will_close)
+
+            body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
+            return _Response(status, raw.reason, resp_headers, body_out, 1)
+        try:
+            data = raw.read()
+        except socket.timeout as e:
+            conn.close()
+            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
+        if clen is not None and len(data) != clen:
+            conn.close()
+            raise ConnectionClosedError(endpoint_url=self.endpoint_url)
+        self._pool.release(key, conn, not raw.will_close)
+        return _Response(status, raw.reason, resp_headers, data, 1)
+
+    def _xml(self, resp: _Response) -> ET.Element:
+        try:
+            return _xml_parse(resp.body)
+        except (ET.ParseError, ValueError) as e:
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=resp.status, reason=str(e)
+            ) from None
+
+    def presign_url(
+        self, method: str, bucket: str, key: str | None, query: list[tuple[str, str]], expires: int
+    ) -> str:
+        """A SigV4 query-signed URL (``UNSIGNED-PAYLOAD``; only ``host`` is signed)."""
+        _, netloc, path = self._target(bucket, key)
+        base = "%s://%s%s" % (self._scheme, netloc, path)
+        signer = self._signer(bucket)
+        if signer is None:  # anonymous: a plain URL
+            if not query:
+                return base
+            return base + "?" + "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in query)
+        return base + "?" + signer.presign_query(method, netloc, path, query, expires, self._now())
+
+    def presign_post(
+        self, bucket: str, fields: dict[str, str], conditions: list[Any], expires: int
+    ) -> dict[str, Any]:
+        _, netloc, path = self._target(bucket, None)
+        signer = self._signer(bucket)
+        if signer is None:
+            raise NoCredentialsError()
+        signed = signer.presign_post(fields, conditions, expires, self._now())
+        return {"url": "%s://%s%s" % (self._scheme, netloc, path), "fields": signed}
+
+    # -- buckets ------------------------------------------------------------
+
+    def list_buckets(self) -> dict[str, Any]:
+        resp = self.request("ListBuckets", "GET")
+        root = self._xml(resp)
+        buckets = []
+        for b in root.iter("Bucket"):
+            created = _xml_text(b, "CreationDate", "") or ""
+            buckets.append(
+                {
+                    "Name": _xml_text(b, "Name", ""),
+                    "CreationDate": _parse_timestamp(created) if created else None,
+                }
+            )
+        owner = root.find("Owner")
+        out: dict[str, Any] = {"Buckets": buckets}
+        if owner is not None:
+            out["Owner"] = {
+                "DisplayName": _xml_text(owner, "DisplayName", ""),
+                "ID": _xml_text(owner, "ID", ""),
+            }
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def create_bucket(
+        self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        _validate_bucket_name(bucket)
+        body = b""
+        if location and location != "us-east-1":
+            body = (
+                '<CreateBucketConfiguration xmlns="%s"><LocationConstraint>%s'
+                "</LocationConstraint></CreateBucketConfiguration>"
+                % (_S3_XMLNS, _xml_escape(location))
+            ).encode()
+        resp = self.request(
+            "CreateBucket", "PUT", bucket, headers=dict(headers or {}), body=body or None
+        )
+        out: dict[str, Any] = {"Location": resp.headers.get("location", "/" + bucket)}
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def delete_bucket(self, bucket: str) -> dict[str, Any]:
+        resp = self.request("DeleteBucket", "DELETE", bucket)
+        return {"ResponseMetadata": _response_metadata(resp)}
+
+    def head_bucket(self, bucket: str) -> dict[str, Any]:
+        resp = self.request("HeadBucket", "HEAD", bucket)
+        out: dict[str, Any] = {}
+        if "x-amz-bucket-region" in resp.headers:
+            out["BucketRegion"] = resp.headers["x-amz-bucket-region"]
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def get_bucket_location(self, bucket: str) -> dict[str, Any]:
+        resp = self.request("GetBucketLocation", "GET", bucket, query=[("location", "")])
+        root = self._xml(resp)
+        # us-east-1 is an empty LocationConstraint; boto3 returns None for it.
+        return {
+            "LocationConstraint": root.text or None,
+            "ResponseMetadata": _response_metadata(resp),
+        }
+
+    def get_bucket_acl(self, bucket: str) -> dict[str, Any]:
+        resp = self.request("GetBucketAcl", "GET", bucket, query=[("acl", "")])
+        root = self._xml(resp)
+        owner = root.find("Owner")
+        grants = []
+        for g in root.iter("Grant"):
+            grantee_el = g.find("Grantee")
+            grantee: dict[str, Any] = {}
+            if grantee_el is not None:
+                for child in grantee_el:
+                    grantee[child.tag] = child.text or ""
+                xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+                if xsi_type:
+                    grantee["Type"] = xsi_type[0]
+            grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+        return {
+            "Owner": {
+                "DisplayName": _xml_text(owner, "DisplayName", ""),
+                "ID": _xml_text(owner, "ID", ""),
+            },
+            "Grants": grants,
+            "ResponseMetadata": _response_metadata(resp),
+        }
+
+    def put_bucket_acl(
+        self, bucket: str, *, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> dict[str, Any]:
+        resp = self.request(
+            "PutBucketAcl",
+            "PUT",
+            bucket,
+            query=[("acl", "")],
+            headers=dict(headers or {}),
+            body=body,
+        )
+        return {"ResponseMetadata": _response_metadata(resp)}
+
+    # -- objects ------------------------------------------------------------
+
+    def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        content_sha256: str | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> dict[str, Any]:
+        """PUT an object from bytes or a file object (streamed, never read into memory).
+
+        ``if_none_match`` asks for ``If-None-Match: *`` (create only if absent; 412 if it
+        exists); ``if_match`` for ``If-Match: <etag>``. Whether the server honours them is
+        what :meth:`supports_conditional_writes` finds out."""
+        _validate_key(key)
+        send = dict(headers or {})
+        send.update(_metadata_headers(metadata))
+        if not any(name.lower() == "content-type" for name in send):
+            send["Content-Type"] = "binary/octet-stream"
+        if if_none_match:
+            send["If-None-Match"] = "*"
+        if if_match:
+            send["If-Match"] = if_match
+        resp = self.request(
+            "PutObject", "PUT", bucket, key, headers=send, body=body, content_sha256=content_sha256
+        )
+        out: dict[str, Any] = {"ETag": resp.headers.get("etag", "")}
+        for header, name in (
+            ("x-amz-server-side-encryption", "ServerSideEncryption"),
+            ("x-amz-version-id", "VersionId"),
+        ):
+            if header in resp.headers:
+                out[name] = resp.headers[header]
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def get_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        range: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """GET an object; ``Body`` is a :class:`StreamingBody` the caller must read or close."""
+        _validate_key(key)
+        send = dict(headers or {})
+        if range:
+            send["Range"] = range
+        resp = self.request("GetObject", "GET", bucket, key, headers=send, stream=True)
+        out = _object_response(resp.headers)
+        out["Body"] = resp.body
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def head_object(
+        self, bucket: str, key: str, *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        _validate_key(key)
+        resp = self.request("HeadObject", "HEAD", bucket, key, headers=dict(headers or {}))
+        out = _object_response(resp.headers)
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def delete_object(self, bucket: str, key: str) -> dict[str, Any]:
+        resp = self.request("DeleteObject", "DELETE", bucket, key)
+        out: dict[str, Any] = {}
+        if "x-amz-delete-marker" in resp.headers:
+            out["DeleteMarker"] = resp.headers["x-amz-delete-marker"] == "true"
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def delete_objects(
+        self, bucket: str, keys: list[str], *, quiet: bool = False
+    ) -> dict[str, Any]:
+        """DeleteObjects for up to 1000 keys (S3's limit per request)."""
+        if len(keys) > _DELETE_BATCH:
+            raise ParamValidationError(report="DeleteObjects takes at most 1000 keys")
+        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+        if quiet:
+            parts.append("<Quiet>true</Quiet>")
+        for k in keys:
+            parts.append("<Object><Key>%s</Key></Object>" % _xml_escape(k))
+        parts.append("</Delete>")
+        body = "".join(parts).encode("utf-8")
+        # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
+        resp = self.request(
+            "DeleteObjects",
+            "POST",
+            bucket,
+            query=[("delete", "")],
+            headers={"Content-MD5": md5, "Content-Type": "application/xml"},
+            body=body,
+        )
+        root = self._xml(resp)
+        out: dict[str, Any] = {}
+        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+        errors = [
+            {
+                "Key": _xml_text(e, "Key", ""),
+                "Code": _xml_text(e, "Code", ""),
+                "Message": _xml_text(e, "Message", ""),
+            }
+            for e in root.findall("Error")
+        ]
+        if deleted:
+            out["Deleted"] = deleted
+        if errors:
+            out["Errors"] = errors
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    def copy_object(
+        self,
+        bucket: str,
+        key: str,
+        source_bucket: str,
+        source_key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        metadata_directive: str = "COPY",
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        _validate_key(key)
+        send = dict(headers or {})
+        send["x-amz-copy-source"] = "/%s/%s" % (_quote_key(source_bucket), _quote_key(source_key))
+        send["x-amz-metadata-directive"] = metadata_directive
+        if metadata_directive == "REPLACE":
+            send.update(_metadata_headers(metadata))
+        resp = self.request("CopyObject", "PUT", bucket, key, headers=send)
+        root = self._xml(resp)
+        if root.tag == "Error":  # S3 may answer 200 and put the error in the body.
+            err = _parse_error(500, "Internal Error", resp.headers, resp.body, self.endpoint_url)
+            raise _client_error(err, "CopyObject")
+        result = {
+            "ETag": _xml_text(root, "ETag", ""),
+            "LastModified": _parse_timestamp(
+                _xml_text(root, "LastModified", "") or "1970-01-01T00:00:00Z"
+            ),
+        }
+        return {"CopyObjectResult": result, "ResponseMetadata": _response_metadata(resp)}
+
+    def list_objects_v2(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        max_keys: int = 1000,
+        continuation_token: str | None = None,
+        start_after: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of ListObjectsV2; keys always asked url-encoded so any byte survives
+        XML (botocore sends encoding-type=url and decodes)."""
+        query = [("list-type", "2"), ("encoding-type", "url"), ("max-keys", str(max_keys))]
+        if prefix:
+            query.append(("prefix", prefix))
+        if delimiter:
+            query.append(("delimiter", delimiter))
+        if continuation_token:
+            query.append(("continuation-token", continuation_token))
+        if start_after:
+            query.append(("start-after", start_after))
+        resp = self.request("ListObjectsV2", "GET", bucket, query=query)
+        root = self._xml(resp)
+        encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
+        out = _list_v2_response(root, encoded)
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
+
+    # -- multipart ------------------------------------------------------------
+
+    def create_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        _validate_key(key)
+        send = dict(headers or {})
+        send.update(_metadata_headers(metadata))
+        if not any(name.lower() == "content-type" for name in send):
+            send["Content-Type"] = "binary/octet-stream"
+        resp = self.request(
+            "CreateMultipartUpload", "POST", bucket, key, query=[("uploads", "")], headers=send
+        )
+        upload_id = _xml_text(self._xml(resp), "UploadId", "")
+        if not upload_id:
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=resp.status, reason="no UploadId"
+            )
+        return upload_id
+
+    def upload_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        body: Any,
+        *,
+        content_sha256: str | None = None,
+    ) -> str:
+        resp = self.request(
+            "UploadPart",
+            "PUT",
+            bucket,
+            key,
+            query=[("partNumber", str(part_number)), ("uploadId", upload_id)],
+            body=body,
+            content_sha256=content_sha256,
+        )
+        return resp.headers.get("etag", "")
+
+    def complete_multipart_upload(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> dict[str, Any]:
+        xml = ['<CompleteMultipartUpload xmlns="%s">' % _S3_XMLNS]
+        for number, etag in parts:
+            xml.append(
+                "<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>"
+                % (number, _xml_escape(etag))
+            )
+        xml.append("</CompleteMultipartUpload>")
+        resp = self.request(
+            "CompleteMultipartUpload",
+            "POST",
+            bucket,
+            key,
+            query=[("uploadId", upload_id)],
+            headers={"Content-Type": "application/xml"},
+            body="".join(xml).encode(),
+        )
+        root = self._xml(resp)
+        if root.tag == "Error":  # a 200 whose body is an error (AWS docs, CompleteMultipartUpload)
+            err = _parse_error(500, "Internal Error", resp.headers, resp.body, self.endpoint_url)
+            raise _client_error(err, "CompleteMultipartUpload")
+        return {
+            "Bucket": bucket,
+            "Key": key,
+            "ETag": _xml_text(root, "ETag", ""),
+            "Location": _xml_text(root, "Location", ""),
+            "ResponseMetadata": _response_metadata(resp),
+        }
+
+    def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        resp = self.request(
+            "AbortMultipartUpload", "DELETE", bucket, key, query=[("uploadId", upload_id)]
+        )
+        return {"ResponseMetadata": _response_metadata(resp)}
+
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        resp = self.request("ListParts", "GET", bucket, key, query=[("uploadId", upload_id)])
+        root = self._xml(resp)
+        parts = [
+            {
+                "PartNumber": int(_xml_text(p, "PartNumber", "0") or 0),
+                "ETag": _xml_text(p, "ETag", ""),
+                "Size": int(_xml_text(p, "Size", "0") or 0),
+            }
+            for p in root.findall("Part")
+        ]
+        return {
+            "Bucket": bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "Parts": parts,
+            "ResponseMetadata": _response_metadata(resp),
+        }
+
+    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+        query = [("uploads", "")]
+        if prefix:
+            query.append(("prefix", prefix))
+        resp = self.request("ListMultipartUploads", "GET", bucket, query=query)
+        root = self._xml(resp)
+        uploads = [
+            {"Key": _xml_text(u, "Key", ""), "UploadId": _xml_text(u, "UploadId", "")}
+            for u in root.findall("Upload")
+        ]
+        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": _response_metadata(resp)}
+
+    # -- capabilities -----------------------------------------------------------
+
+    def supports_conditional_writes(self, bucket: str) -> bool:
+        """Whether the server honours ``If-None-Match: *`` on PUT: write a probe object
+        twice; a server that ignores the header lets the second PUT through."""
+        if self._conditional_writes is None:
+            probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+            self.put_object(bucket, probe, b"1", if_none_match=True)
+            try:
+                self.put_object(bucket, probe, b"2", if_none_match=True)
+                self._conditional_writes = False
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                self._conditional_writes = status == 412
+            finally:
+                try:
+                    self.delete_object(bucket, probe)
+                except ClientError:
+                    pass
+            logger.debug("conditional writes honoured: %s", self._conditional_writes)
+        return self._conditional_writes
+
+
+def _local_root_from_url(url: str) -> str:
+    """The directory of a ``file:`` endpoint: ``file:///abs/path``, ``file://localhost/abs``
+    or ``file:/abs`` (RFC 8089), percent-decoded; ``file:///C:/dir`` on Windows.
+
+    Relative forms are refused: in ``file://store/x`` the ``store`` is a host name (RFC 8089),
+    and silently reading it as a folder would put artifacts somewhere unexpected."""
+    parts = urllib.parse.urlsplit(url)
+    hint = "use file:///absolute/path (percent-encode '?', '#' and '%' in it)"
+    if parts.scheme.lower() != "file":
+        raise InvalidConfigError(error_msg=f"Not a file: URL: {url} ({hint})")
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise InvalidConfigError(error_msg=f"Invalid local endpoint: {url} ({hint})")
+    path = urllib.parse.unquote(parts.path)
+    if re.match(r"^/[A-Za-z]:[/\\]", path) and os.name == "nt":
+        path = path[1:]
+    if not path or not os.path.isabs(path) or "\x00" in path:
+        raise InvalidConfigError(error_msg=f"Invalid local endpoint: {url} ({hint})")
+    return os.path.normpath(path)
+
+
+_LOCAL_ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+_LOCAL_AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
+_LOCAL_LOG_DELIVERY = "http://acs.amazonaws.com/groups/s3/LogDelivery"
+#: Canned ACL → extra (group URI, permission) grants besides the owner's FULL_CONTROL.
+_LOCAL_CANNED_ACLS: dict[str, tuple[tuple[str, str], ...]] = {
+    "private": (),
+    "public-read": ((_LOCAL_ALL_USERS, "READ"),),
+    "public-read-write": ((_LOCAL_ALL_USERS, "READ"), (_LOCAL_ALL_USERS, "WRITE")),
+    "aws-exec-read": (),
+    "authenticated-read": ((_LOCAL_AUTH_USERS, "READ"),),
+    "bucket-owner-read": (),
+    "bucket-owner-full-control": (),
+    "log-delivery-write": ((_LOCAL_LOG_DELIVERY, "WRITE"), (_LOCAL_LOG_DELIVERY, "READ_ACP")),
+}
+_LOCAL_OWNER = {"DisplayName": "local", "ID": "6c6f63616c" + "0" * 54}
+#: S3's messages, verbatim (AWS "Error responses" list).
+_LOCAL_MESSAGES = {
+    "NoSuchBucket": "The specified bucket does not exist",
+    "NoSuchKey": "The specified key does not exist.",
+    "NoSuchUpload": "The specified upload does not exist. The upload ID may be invalid, "
+    "or the upload may have been aborted or completed.",
+    "BucketAlreadyOwnedByYou": "Your previous request to create the named bucket "
+    "succeeded and you already own it.",
+    "BucketNotEmpty": "The bucket you tried to delete is not empty",
+    "InvalidBucketName": "The specified bucket is not valid.",
+    "PreconditionFailed": "At least one of the pre-conditions you specified did not hold",
+    "InvalidRange": "The requested range is not satisfiable",
+    "InvalidPart": "One or more of the specified parts could not be found.  The part may "
+    "not have been uploaded, or the specified entity tag may not match the part's "
+    "entity tag.",
+    "InvalidPartOrder": "The list of parts was not in ascending order. Parts must be "
+    "ordered by part number.",
+    "EntityTooSmall": "Your proposed upload is smaller than the minimum allowed object size.",
+    "EntityTooLarge": "Your proposed upload exceeds the maximum allowed size",
+    "MalformedXML": "The XML you provided was not well-formed or did not validate against "
+    "our published schema",
+    "BadDigest": "The Content-MD5 you specified did not match what we received.",
+    "InvalidDigest": "The Content-MD5 you specified was invalid.",
+    "XAmzContentSHA256Mismatch": "The provided 'x-amz-content-sha256' header does not "
+    "match what was computed.",
+    "InvalidStorageClass": "The storage class you specified is not valid",
+    "InvalidObjectState": "The operation is not valid for the object's storage class",
+    "SelfCopy": "This copy request is illegal because it is trying to copy an object to "
+    "itself without changing the object's metadata, storage class, website redirect "
+    "location or encryption attributes.",
+}
+
+
+#: S3's reason phrases (Python 3.13's http.client says "Range Not Satisfiable", RFC 9110).
+_LOCAL_REASONS = {416: "Requested Range Not Satisfiable"}
+#: One threading lock per bucket for this process; ``flock`` covers other processes.
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
+class _LocalStorage:
+    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
+    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
+    tests use.
+
+    Keys are arbitrary strings (``..``, ``//``, 1024 bytes), so they are never paths:
+    ``<root>/<bucket>/.dg-objects/<xx>/index.json`` maps each key whose SHA-256 starts with
+    ``xx`` to its record (size, ETag, headers, data file name), and each version's bytes sit
+    in an immutable data file beside it. A write streams to ``.dg-tmp/``, fsyncs, then under
+    the bucket lock (``flock`` on ``.dg-lock``; a threading lock where there is no fcntl)
+    renames the data in and atomically replaces the index: readers see the old object or
+    the new one, never a part. Multipart uploads live in ``.dg-uploads/<upload id>/``."""
+
+    is_local = True
+
+    _BUCKET_FILE = ".dg-bucket.json"
+    #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
+    _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+    _NEW_BUCKET_BAD = re.compile(
+        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+    )
+    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
+    _KEPT_HEADERS = frozenset(
+        {
+            "cache-control",
+            "content-disposition",
+            "content-encoding",
+            "content-language",
+            "content-type",
+            "expires",
+            "x-amz-server-side-encryption",
+            "x-amz-server-side-encryption-aws-kms-key-id",
+            "x-amz-server-side-encryption-bucket-key-enabled",
+            "x-amz-storage-class",
+            "x-amz-website-redirect-location",
+            "x-amz-tagging",
+            "x-amz-acl",
+            "x-amz-server-side-encryption-context",
+        }
+    )
+    _HIDDEN_HEADERS = frozenset(
+        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
+    )
+    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
+    _COPY_OWN_HEADERS = frozenset(
+        {
+            "x-amz-storage-class",
+            "x-amz-server-side-encryption",
+            "x-amz-server-side-encryption-aws-kms-key-id",
+            "x-amz-server-side-encryption-bucket-key-enabled",
+            "x-amz-website-redirect-location",
+            "x-amz-acl",
+        }
+    )
+    _STORAGE_CLASSES = frozenset(
+        {
+            "STANDARD",
+            "REDUCED_REDUNDANCY",
+            "STANDARD_IA",
+            "ONEZONE_IA",
+            "INTELLIGENT_TIERING",
+            "GLACIER",
+            "DEEP_ARCHIVE",
+            "OUTPOSTS",
+            "GLACIER_IR",
+            "SNOW",
+            "EXPRESS_ONEZONE",
+        }
+    )
+    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        region: str = "us-east-1",
+        now: Callable[[], datetime.datetime] = _utcnow,
+    ) -> None:
+        self._root = os.path.abspath(root)
+        self.region = region
+        self._now = now
+        path = self._root.replace(os.sep, "/")
+        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
+
+    def close(self) -> None:
+        pass  # nothing is held open between calls
+
+    def object_url(self, bucket: str, key: str) -> str:
+        """A logical URL: the bytes live in a content-addressed file, not at this path."""
+        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
+
+    def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        return {
+            "RequestId": uuid.uuid4().hex[:16].upper(),
+            "HostId": "",
+            "HTTPStatusCode": status,
+            "HTTPHeaders": dict(headers or {}),
+            "RetryAttempts": 0,
+        }
+
+    def _error(
+        self, operation: str, status: int, code: str, *, head: bool = False, **fields: str
+    ) -> ClientError:
+        """The ClientError :class:`_S3Storage` raises after parsing S3's reply. A HEAD reply
+        (and a 304) has no body: botocore then uses the status and reason phrase."""
+        if head or status == 304:
+            reason = _LOCAL_REASONS.get(status) or http.client.responses.get(status, "")
+            error = {"Code": str(status), "Message": reason}
+        else:
+            error = {"Code": code, "Message": _LOCAL_MESSAGES.get(code, fields.pop("Message", ""))}
+            error.update(fields)
+        return _client_error({"Error": error, "ResponseMetadata": self._meta(status)}, operation)
+
+    def _bucket(self, operation: str, bucket: str, *, head: bool = False) -> str:
+        """The folder of an existing bucket, or NoSuchBucket."""
+        _validate_bucket_name(bucket)
+        path = os.path.join(self._root, bucket)
+        # Only names CreateBucket accepts exist here, which also keeps "Foo" from finding
+        # "foo" on a case-insensitive file system.
+        if not self._NEW_BUCKET_RE.match(bucket) or not os.path.isfile(
+            os.path.join(path, self._BUCKET_FILE)
+        ):
+            raise self._error(operation, 404, "NoSuchBucket", head=head, BucketName=bucket)
+        return path
+
+    @contextlib.contextmanager
+    def _locked(self, operation: str, bucket: str, bdir: str) -> Iterator[None]:
+        """Hold the bucket's lock: a threading lock for this process, plus ``flock`` on
+        ``.dg-lock`` for other processes. Raises NoSuchBucket if it went away meanwhile."""
+        lock_path = os.path.join(bdir, ".dg-lock")
+        ident = os.path.normcase(lock_path)
+        with _LOCAL_LOCKS_GUARD:
+            tlock = _LOCAL_LOCKS.setdefault(ident, threading.Lock())
+        with tlock:
+            fd = -1
+            while fcntl is not None:
+                try:
+                    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                except FileNotFoundError:
+                    raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    # DeleteBucket renames the folder away under this lock: a waiter then
+                    # holds a lock on a file no longer at lock_path.
+                    if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+                fd = -1
+                if not os.path.isfile(os.path.join(bdir, self._BUCKET_FILE)):
+                    raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket)
+            try:
+                yield
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    @staticmethod
+    def _replace(src: str, dst: str) -> None:
+        """``os.replace``, retried briefly on Windows where a reader's open handle blocks it."""
+        for attempt in range(50):
+            try:
+                os.replace(src, dst)
+                return
+            except PermissionError:
+                if os.name != "nt" or attempt == 49:
+                    raise
+                time.sleep(0.01)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.remove(path)
+        except OSError:  # gone already, or held open on Windows: left for DeleteBucket
+            pass
+
+    def _mkstemp(self, operation: str, bucket: str, bdir: str, prefix: str) -> tuple[int, str]:
+        """A 0600 temp file in the bucket (same file system, so renames are atomic)."""
+        try:
+            return tempfile.mkstemp(dir=os.path.join(bdir, ".dg-tmp"), prefix=prefix)
+        except FileNotFoundError:
+            raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+
+    def _write_json(self, operation: str, bucket: str, bdir: str, path: str, obj: Any) -> None:
+        fd, tmp = self._mkstemp(operation, bucket, bdir, "j-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            self._replace(tmp, path)
+        except BaseException:
+            self._unlink(tmp)
+            raise
+
+    @staticmethod
+    def _read_json(path: str) -> Any:
+        try:
+            with open(path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def _spool(
+        self, operation: str, bucket: str, bdir: str, body: Any, sha256: bool = False
+    ) -> tuple[str, int, str, str]:
+        """Stream a body into a fsynced temp file: (path, size, MD5 hex, SHA-256 hex or '').
+        Whatever the body raises propagates, and the temp file is removed."""
+        fd, tmp = self._mkstemp(operation, bucket, bdir, "d-")
+        md5 = hashlib.md5()
+        sha = hashlib.sha256() if sha256 else None
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self._chunks(body):
+                    f.write(chunk)
+                    md5.update(chunk)
+                    if sha is not None:
+                        sha.update(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            self._unlink(tmp)
+            raise
+        return tmp, size, md5.hexdigest(), sha.hexdigest() if sha is not None else ""
+
+    @staticmethod
+    def _chunks(body: Any) -> Iterator[bytes]:
+        if body is None:
+            return
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            view = memoryview(body).cast("B")
+            for i in range(0, len(view), _IO_CHUNK):
+                yield bytes(view[i : i + _IO_CHUNK])
+            return
+        while True:
+            chunk = body.read(_IO_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+
+    @staticmethod
+    def _shard(bdir: str, key: str) -> tuple[str, str]:
+        """(shard folder, key hash): keys never become paths."""
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return os.path.join(bdir, ".dg-objects", digest[:2]), digest
+
+    def _index(self, shard: str) -> dict[str, dict[str, Any]]:
+        data = self._read_json(os.path.join(shard, "index.json"))
+        return dict(data["objects"]) if data else {}
+
+    def _record(self, bdir: str, key: str) -> dict[str, Any] | None:
+        return self._index(self._shard(bdir, key)[0]).get(key)
+
+    def _save_index(
+        self, operation: str, bucket: str, bdir: str, shard: str, objects: dict[str, Any]
+    ) -> None:
+        path = os.path.join(shard, "index.json")
+        if objects:
+            self._write_json(operation, bucket, bdir, path, {"version": 1, "objects": objects})
+        else:
+            self._unlink(path)
+
+    def _commit(
+        self,
+        operation: str,
+        bucket: str,
+        bdir: str,
+        key: str,
+        tmp: str | None,
+        record: dict[str, Any] | None,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """Under the bucket lock: check the preconditions, move ``tmp`` in as the data of
+        ``record`` (None: delete the key) and replace the shard index. The replaced data
+        file is removed last; an index always names files that exist."""
+        shard, digest = self._shard(bdir, key)
+        with self._locked(operation, bucket, bdir):
+            if check is not None:
+                check()
+            objects = self._index(shard)
+            old = objects.get(key)
+            self._check_write(operation, key, old, if_none_match, if_match)
+            if record is None:
+                if old is None:
+                    return
+                objects.pop(key)
+            else:
+                try:
+                    os.mkdir(shard, 0o700)
+                except FileExistsError:
+                    pass
+                record["data"] = f"{digest}-{uuid.uuid4().hex}"
+                if tmp is not None:
+                    self._replace(tmp, os.path.join(shard, record["data"]))
+                objects[key] = record
+            self._save_index(operation, bucket, bdir, shard, objects)
+        if old is not None:
+            self._unlink(os.path.join(shard, old["data"]))
+
+    def _check_write(
+        self,
+        operation: str,
+        key: str,
+        old: dict[str, Any] | None,
+        none_match: bool,
+        match: str | None,
+    ) -> None:
+        """If-None-Match: * and If-Match on a write (AWS "Conditional writes")."""
+        if none_match and old is not None:
+            raise self._error(operation, 412, "PreconditionFailed", Condition="If-None-Match")
+        if match is not None:
+            if old is None:
+                raise self._error(operation, 404, "NoSuchKey", Key=key)
+            if not self._etag_in(old["etag"], match):
+                raise self._error(operation, 412, "PreconditionFailed", Condition="If-Match")
+
+    @staticmethod
+    def _etag_in(etag: str, header: str) -> bool:
+        wanted = {v.strip().lstrip("W/").strip('"').lower() for v in header.split(",")}
+        return "*" in wanted or etag.strip('"').lower() in wanted
+
+    def _read_condition(
+        self, record: dict[str, Any], headers: Mapping[str, str], prefix: str = ""
+    ) -> tuple[int, str] | None:
+        """(status, condition) when a conditional GET/HEAD/copy source fails (RFC 7232
+        order, as S3 documents: If-Match beats If-Unmodified-Since, If-None-Match beats
+        If-Modified-Since); a copy answers 412 where a GET answers 304."""
+        modified = _parse_timestamp(record["modified"])
+
+        def since(name: str) -> datetime.datetime | None:
+            try:
+                return _parse_timestamp(headers[prefix + name])
+            except (KeyError, ValueError, TypeError):
+                return None
+
+        not_modified = 412 if prefix else 304
+        if prefix + "if-match" in headers:
+            if not self._etag_in(record["etag"], headers[prefix + "if-match"]):
+                return 412, "If-Match"
+        else:
+            limit = since("if-unmodified-since")
+            if limit is not None and modified > limit:
+                return 412, "If-Unmodified-Since"
+        if prefix + "if-none-match" in headers:
+            if self._etag_in(record["etag"], headers[prefix + "if-none-match"]):
+                return not_modified, "If-None-Match"
+        else:
+            limit = since("if-modified-since")
+            if limit is not None and modified <= limit:
+                return not_modified, "If-Modified-Since"
+        return None
+
+    def _kept_headers(
+        self, operation: str, headers: Mapping[str, str] | None, metadata: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The request headers stored with an object, lower-cased and validated."""
+        kept: dict[str, str] = {}
+        for name, value in (headers or {}).items():
+            lname = name.lower()
+            if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
+                kept[lname] = str(value)
+        kept.update(_metadata_headers(metadata))
+        storage_class = kept.pop("x-amz-storage-class", "STANDARD")
+        if storage_class not in self._STORAGE_CLASSES:
+            raise self._error(
+                operation, 400, "InvalidStorageClass", StorageClassRequested=storage_class
+            )
+        if storage_class != "STANDARD":
+            kept["x-amz-storage-class"] = storage_class
+        acl = kept.get("x-amz-acl")
+        if acl is not None and acl not in _LOCAL_CANNED_ACLS:
+            raise self._error(
+                operation, 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
+            )
+        if len(urllib.parse.parse_qsl(kept.get("x-amz-tagging", ""))) > 10:
+            raise self._error(
+                operation, 400, "BadRequest", Message="Object tags cannot be greater than 10"
+            )
+        return kept
+
+    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
+        # Whole seconds: LastModified must compare equal whether it came from a listing
+        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
+        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
+        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
+
+    def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
+        """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
+        out = {
+            "accept-ranges": "bytes",
+            "last-modified": _http_date(_parse_timestamp(record["modified"])),
+            "content-length": str(record["size"]),
+            "etag": record["etag"],
+        }
+        for name, value in record["headers"].items():
+            if name not in self._HIDDEN_HEADERS:
+                out[name] = value
+        tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
+        if tags:
+            out["x-amz-tagging-count"] = str(len(tags))
+        return out
+
+    @staticmethod
+    def _byte_range(spec: str, size: int) -> tuple[int, int] | None:
+        """(first, last) of ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``; None for a header
+        S3 ignores (malformed, several ranges); (-1, -1) when unsatisfiable (RFC 7233)."""
+        m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec)
+        if not m or not (m.group(1) or m.group(2)):
+            return None
+        if not m.group(1):
+            suffix = int(m.group(2))
+            return (max(0, size - suffix), size - 1) if suffix and size else (-1, -1)
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) else size - 1
+        if m.group(2) and last < first:
+            return None
+        return (first, min(last, size - 1)) if first < size else (-1, -1)
+
+    def _read(
+        self, operation: str, bucket: str, key: str, spec: str | None, headers: Mapping[str, str]
+    ) -> tuple[dict[str, Any], int, dict[str, str], IO[bytes] | None, int, int]:
+        """GET/HEAD: (record, status, response headers, open data file or None, first, length)."""
+        _validate_key(key)
+        head = operation == "HeadObject"
+        bdir = self._bucket(operation, bucket, head=head)
+        lower = {k.lower(): v for k, v in headers.items()}
+        spec = spec or lower.get("range")
+        for _ in range(20):  # a concurrent overwrite may remove the data file we looked up
+            record = self._record(bdir, key)
+            if record is None:
+                raise self._error(operation, 404, "NoSuchKey", head=head, Key=key)
+            storage_class = record["headers"].get("x-amz-storage-class", "")
+            if not head and storage_class in self._ARCHIVED:
+                raise self._error(operation, 403, "InvalidObjectState", StorageClass=storage_class)
+            failed = self._read_condition(record, lower)
+            if failed:
+                raise self._error(
+                    operation, failed[0], "PreconditionFailed", head=head, Condition=failed[1]
+                )
+            data_path = os.path.join(self._shard(bdir, key)[0], record["data"])
+            try:
+                f: IO[bytes] | None = None if head else open(data_path, "rb")
+            except FileNotFoundError:
+                continue
+            break
+        else:
+            raise self._error(operation, 404, "NoSuchKey", head=head, Key=key)
+        size = int(record["size"])
+        out = self._response_headers(record)
+        first, length, status = 0, size, 200
+        span = self._byte_range(spec, size) if spec else None
+        if span is not None:
+            if span[0] < 0:
+                if f is not None:
+                    f.close()
+                raise self._error(
+                    operation,
+                    416,
+                    "InvalidRange",
+                    head=head,
+                    RangeRequested=spec or "",
+                    ActualObjectSize=str(size),
+                )
+            first, length, status = span[0], span[1] - span[0] + 1, 206
+            out["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
+            out["content-length"] = str(length)
+        return record, status, out, f, first, length
+
+    # -- buckets ------------------------------------------------------------
+
+    def list_buckets(self) -> dict[str, Any]:
+        buckets = []
+        try:
+            names = sorted(os.listdir(self._root))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            info = self._read_json(os.path.join(self._root, name, self._BUCKET_FILE))
+            if info and self._NEW_BUCKET_RE.match(name):
+                buckets.append({"Name": name, "CreationDate": _parse_timestamp(info["created"])})
+        return {
+            "Buckets": buckets,
+            "Owner": dict(_LOCAL_OWNER),
+            "ResponseMetadata": self._meta(200),
+        }
+
+    def create_bucket(
+        self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        _validate_bucket_name(bucket)
+        if not self._NEW_BUCKET_RE.match(bucket) or self._NEW_BUCKET_BAD.search(bucket):
+            raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
+        acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
+        if acl not in _LOCAL_CANNED_ACLS:
+            raise self._error(
+                "CreateBucket", 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
+            )
+        target = os.path.join(self._root, bucket)
+        if not os.path.isdir(self._root):
+            os.makedirs(self._root, 0o700, exist_ok=True)
+            os.chmod(self._root, 0o700)
+        # Built aside, then renamed into place: a bucket folder is complete or absent, and
+        # of two racing creators exactly one rename succeeds (the target is never empty).
+        staging = tempfile.mkdtemp(dir=self._root, prefix=".dg-new-")
+        try:
+            for sub in (".dg-objects", ".dg-tmp", ".dg-uploads"):
+                os.mkdir(os.path.join(staging, sub), 0o700)
+            info = {
+                "created": _iso_utc(self._now()),
+                "location": location or self.region,
+                "acl": acl,
+            }
+            with open(os.path.join(staging, self._BUCKET_FILE), "w", encoding="utf-8") as f:
+                json.dump(info, f)
+            os.chmod(os.path.join(staging, self._BUCKET_FILE), 0o600)
+            if os.path.exists(target):
+                raise FileExistsError(target)
+            os.rename(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.exists(target):
+                raise self._error(
+                    "CreateBucket", 409, "BucketAlreadyOwnedByYou", BucketName=bucket
+                ) from None
+            raise
+        return {"Location": "/" + bucket, "ResponseMetadata": self._meta(200)}
+
+    def delete_bucket(self, bucket: str) -> dict[str, Any]:
+        bdir = self._bucket("DeleteBucket", bucket)
+        trash = os.path.join(self._root, ".dg-trash-" + uuid.uuid4().hex)
+        with self._locked("DeleteBucket", bucket, bdir):
+            objects = os.path.join(bdir, ".dg-objects")
+            for shard in os.listdir(objects):
+                if self._index(os.path.join(objects, shard)):
+                    raise self._error("DeleteBucket", 409, "BucketNotEmpty", BucketName=bucket)
+            # Renamed away under the lock, removed after: a writer waiting for the lock
+            # then finds no bucket instead of writing into a half-deleted folder.
+            os.rename(bdir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return {"ResponseMetadata": self._meta(204)}
+
+    def head_bucket(self, bucket: str) -> dict[str, Any]:
+        bdir = self._bucket("HeadBucket", bucket, head=True)
+        info = self._read_json(os.path.join(bdir, self._BUCKET_FILE)) or {}
+        region = info.get("location") or self.region
+        return {"BucketRegion": region, "ResponseMetadata": self._meta(200)}
+
+    def get_bucket_location(self, bucket: str) -> dict[str, Any]:
+        bdir = self._bucket("GetBucketLocation", bucket)
+        info = self._read_json(os.path.join(bdir, self._BUCKET_FILE)) or {}
+        location = info.get("location") or self.region
+        # us-east-1 is an empty LocationConstraint; boto3 returns None for it.
+        return {
+            "LocationConstraint": None if location == "us-east-1" else location,
+            "ResponseMetadata": self._meta(200),
+        }
+
+    def get_bucket_acl(self, bucket: str) -> dict[str, Any]:
+        bdir = self._bucket("GetBucketAcl", bucket)
+        info = self._read_json(os.path.join(bdir, self._BUCKET_FILE)) or {}
+        grants: list[dict[str, Any]] = [
+            {"Grantee": dict(_LOCAL_OWNER, Type="CanonicalUser"), "Permission": "FULL_CONTROL"}
+        ] + [
+            {"Grantee": {"URI": uri, "Type": "Group"}, "Permission": permission}
+            for uri, permission in _LOCAL_CANNED_ACLS.get(info.get("acl", "private"), ())
+        ]
+        return {"Owner": dict(_LOCAL_OWNER), "Grants": grants, "ResponseMetadata": self._meta(200)}
+
+    def put_bucket_acl(
+        self, bucket: str, *, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> dict[str, Any]:
+        """A canned ACL (``x-amz-acl``) or an AccessControlPolicy document; stored, not
+        enforced (a local folder has one user)."""
+        bdir = self._bucket("PutBucketAcl", bucket)
+        acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl")
+        if body:  # a grant list: kept as a private ACL, the local store has one user
+            acl = acl or "private"
+        elif acl is None:
+            raise self._error(
+                "PutBucketAcl",
+                400,
+                "MissingSecurityHeader",
+                Message=("Your request was missing a required header"),
+                MissingHeaderName="x-amz-acl",
+            )
+        elif acl not in _LOCAL_CANNED_ACLS:
+            raise self._error(
+                "PutBucketAcl", 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
+            )
+        with self._locked("PutBucketAcl", bucket, bdir):
+            path = os.path.join(bdir, self._BUCKET_FILE)
+            info = self._read_json(path) or {}
+            info["acl"] = acl or "private"
+            self._write_json("PutBucketAcl", bucket, bdir, path, info)
+        return {"ResponseMetadata": self._meta(200)}
+
+    # -- objects ------------------------------------------------------------
+
+    def _check_body(
+        self,
+        operation: str,
+        size: int,
+        md5_hex: str,
+        sha_hex: str,
+        content_md5: str | None,
+        content_sha256: str | None,
+    ) -> None:
+        """What S3 verifies of a received body: Content-MD5, x-amz-content-sha256, size."""
+        if content_md5 is not None:
+            try:
+                digest = base64.b64decode(content_md5, validate=True)
+            except (ValueError, TypeError):
+                digest = b""
+            if len(digest) != 16:
+                raise self._error(operation, 400, "InvalidDigest")
+            if digest.hex() != md5_hex:
+                raise self._error(operation, 400, "BadDigest")
+        if content_sha256 and sha_hex and content_sha256.lower() != sha_hex:
+            raise self._error(
+                operation,
+                400,
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=content_sha256,
+                S3ComputedContentSHA256=sha_hex,
+            )
+        if size > _MAX_SINGLE_PUT:
+            raise self._error(
+                operation,
+                400,
+                "EntityTooLarge",
+                ProposedSize=str(size),
+                MaxSizeAllowed=str(_MAX_SINGLE_PUT),
+            )
+
+    @staticmethod
+    def _wants_sha256(content_sha256: str | None) -> bool:
+        return bool(content_sha256 and re.match(r"^[0-9a-fA-F]{64}$", content_sha256))
+
+    def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        content_sha256: str | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> dict[str, Any]:
+        """PUT from bytes or a file object, streamed; atomic, and ``if_none_match`` /
+        ``if_match`` checked under the bucket lock, so exactly one racing writer wins."""
+        _validate_key(key)
+        kept = self._kept_headers("PutObject", headers, metadata)
+        kept.setdefault("content-type", "binary/octet-stream")
+        lower = {k.lower(): v for k, v in (headers or {}).items()}
+        if_none_match = if_none_match or lower.get("if-none-match", "").strip() == "*"
+        if_match = if_match or lower.get("if-match")
+        bdir = self._bucket("PutObject", bucket)
+        # Fail before streaming a large body for nothing; checked again under the lock.
+        self._check_write("PutObject", key, self._record(bdir, key), if_none_match, if_match)
+        want_sha = self._wants_sha256(content_sha256)
+        tmp, size, md5_hex, sha_hex = self._spool("PutObject", bucket, bdir, body, want_sha)
+        try:
+            self._check_body(
+                "PutObject", size, md5_hex, sha_hex, lower.get("content-md5"), content_sha256
+            )
+            record = self._new_record(kept, size, f'"{md5_hex}"')
+            self._commit(
+                "PutObject",
+                bucket,
+                bdir,
+                key,
+                tmp,
+                record,
+                if_none_match=if_none_match,
+                if_match=if_match,
+            )
+        finally:
+            self._unlink(tmp)  # gone once committed
+        out: dict[str, Any] = {"ETag": record["etag"]}
+        if "x-amz-server-side-encryption" in kept:
+            out["ServerSideEncryption"] = kept["x-amz-server-side-encryption"]
+        out["ResponseMetadata"] = self._meta(200, {"etag": record["etag"]})
+        return out
+
+    def get_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        range: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """GET an object; ``Body`` is a :class:`StreamingBody` over the open data file (a
+        later overwrite does not change what it reads)."""
+        _, status, response_headers, f, first, length = self._read(
+            "GetObject", bucket, key, range, headers or {}
+        )
+        assert f is not None
+        data = f
+        out = _object_response(response_headers)
+        out["Body"] = StreamingBody(
+            _FileSlice(data, first, length),
+            length,
+            on_close=lambda _reusable: data.close(),
+            endpoint_url=self.endpoint_url,
+        )
+        out["ResponseMetadata"] = self._meta(status, response_headers)
+        return out
+
+    def head_object(
+        self, bucket: str, key: str, *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        _, status, response_headers, _, _, _ = self._read(
+            "HeadObject", bucket, key, None, headers or {}
+        )
+        out = _object_response(response_headers)
+        out["ResponseMetadata"] = self._meta(status, response_headers)
+        return out
+
+    def delete_object(self, bucket: str, key: str) -> dict[str, Any]:
+        """Deleting a missing key succeeds (204), as on an unversioned S3 bucket."""
+        _validate_key(key)
+        bdir = self._bucket("DeleteObject", bucket)
+        self._commit("DeleteObject", bucket, bdir, key, None, None)
+        return {"ResponseMetadata": self._meta(204)}
+
+    def delete_objects(
+        self, bucket: str, keys: list[str], *, quiet: bool = False
+    ) -> dict[str, Any]:
+        """DeleteObjects for up to 1000 keys; missing keys are reported Deleted, as S3 does."""
+        if len(keys) > _DELETE_BATCH:
+            raise ParamValidationError(report="DeleteObjects takes at most 1000 keys")
+        for key in keys:
+            _validate_key(key)
+        bdir = self._bucket("DeleteObjects", bucket)
+        if not keys:
+            raise self._error("DeleteObjects", 400, "MalformedXML")
+        by_shard: dict[str, list[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self._shard(bdir, key)[0], []).append(key)
+        removed: list[str] = []
+        with self._locked("DeleteObjects", bucket, bdir):
+            for shard, shard_keys in by_shard.items():
+                objects = self._index(shard)
+                gone = [objects.pop(k) for k in shard_keys if k in objects]
+                if gone:
+                    self._save_index("DeleteObjects", bucket, bdir, shard, objects)
+                    removed.extend(os.path.join(shard, r["data"]) for r in gone)
+        for path in removed:
+            self._unlink(path)
+        out: dict[str, Any] = {}
+        if not quiet:
+            out["Deleted"] = [{"Key": k} for k in keys]
+        out["ResponseMetadata"] = self._meta(200)
+        return out
+
+    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
+        """A temp copy of a data file: a hard link (data files are never modified), else a
+        streamed copy. None if the source vanished (overwritten meanwhile)."""
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        try:
+            os.link(source, tmp)
+            return tmp
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(tmp)):
+                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+            return None
+        except OSError:  # no hard links here (FAT, some network file systems, other device)
+            pass
+        try:
+            src = open(source, "rb")
+        except FileNotFoundError:
+            return None
+        with src:
+            return self._spool(operation, bucket, bdir, src)[0]
+
+    def copy_object(
+        self,
+        bucket: str,
+        key: str,
+        source_bucket: str,
+        source_key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        metadata_directive: str = "COPY",
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        op = "CopyObject"
+        _validate_key(key)
+        _validate_key(source_key)
+        if metadata_directive not in ("COPY", "REPLACE"):
+            raise self._error(
+                op,
+                400,
+                "InvalidArgument",
+                Message="Unknown metadata directive.",
+                ArgumentName="x-amz-metadata-directive",
+                ArgumentValue=metadata_directive,
+            )
+        replace = metadata_directive == "REPLACE"
+        lower = {k.lower(): v for k, v in (headers or {}).items()}
+        requested = self._kept_headers(op, headers, metadata if replace else None)
+        dst_dir = self._bucket(op, bucket)
+        src_dir = self._bucket(op, source_bucket)
+        changes = {"x-amz-storage-class", "x-amz-website-redirect-location"}
+        if (
+            (bucket, key) == (source_bucket, source_key)
+            and not replace
+            and not any(k in lower for k in changes)
+            and not any(k.startswith("x-amz-server-side-encryption") for k in lower)
+        ):
+            raise self._error(op, 400, "InvalidRequest", Message=_LOCAL_MESSAGES["SelfCopy"])
+        for _ in range(20):  # the source may be overwritten between lookup and link
+            src = self._record(src_dir, source_key)
+            if src is None:
+                raise self._error(op, 404, "NoSuchKey", Key=source_key)
+            storage_class = src["headers"].get("x-amz-storage-class", "")
+            if storage_class in self._ARCHIVED:
+                raise self._error(op, 403, "InvalidObjectState", StorageClass=storage_class)
+            failed = self._read_condition(src, lower, "x-amz-copy-source-")
+            if failed:
+                condition = "x-amz-copy-source-" + failed[1]
+                raise self._error(op, 412, "PreconditionFailed", Condition=condition)
+            if src["size"] > _MAX_SINGLE_PUT:
+                raise self._error(
+                    op,
+                    400,
+                    "InvalidRequest",
+                    Message="The specified copy source is larger than the maximum allowable "
+                    f"size for a copy source: {_MAX_SINGLE_PUT}",
+                )
+            source_path = os.path.join(self._shard(src_dir, source_key)[0], src["data"])
+            tmp = self._clone(op, bucket, dst_dir, source_path)
+            if tmp is not None:
+                break
+        else:
+            raise self._error(op, 404, "NoSuchKey", Key=source_key)
+        try:
+            if replace:
+                kept = requested
+                kept.setdefault("content-type", "binary/octet-stream")
+            else:
+                # COPY keeps content headers and metadata; storage class, encryption and
+                # ACL come from the request, defaulting to STANDARD and none (CopyObject docs).
+                kept = {k: v for k, v in src["headers"].items() if k not in self._COPY_OWN_HEADERS}
+                kept.update({k: v for k, v in requested.items() if k in self._COPY_OWN_HEADERS})
+            tags = src["headers"].get("x-amz-tagging")
+            if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
+                tags = requested.get("x-amz-tagging")
+            kept.pop("x-amz-tagging", None)
+            if tags:
+                kept["x-amz-tagging"] = tags
+            etag = src["etag"]
+            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
+                with open(tmp, "rb") as f:
+                    md5 = hashlib.md5()
+                    for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
+                        md5.update(chunk)
+                etag = f'"{md5.hexdigest()}"'
+            record = self._new_record(kept, src["size"], etag)
+            self._commit(op, bucket, dst_dir, key, tmp, record)
+        finally:
+            self._unlink(tmp)
+        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
+        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+
+    @staticmethod
+    def _token(kind: str, value: str) -> str:
+        return base64.urlsafe_b64encode((kind + value).encode("utf-8")).decode("ascii")
+
+    def list_objects_v2(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        max_keys: int = 1000,
+        continuation_token: str | None = None,
+        start_after: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of ListObjectsV2, keys in UTF-8 byte order as S3 sorts them. The token
+        is the last key (or common prefix) returned, base64: stable under concurrent
+        writes, as S3's is."""
+        op = "ListObjectsV2"
+        bdir = self._bucket(op, bucket)
+        if max_keys < 0:
+            raise self._error(
+                op,
+                400,
+                "InvalidArgument",
+                Message="Argument maxKeys must be an integer between 0 and 2147483647",
+                ArgumentName="maxKeys",
+                ArgumentValue=str(max_keys),
+            )
+        marker: bytes | None = start_after.encode("utf-8") if start_after else None
+        last_prefix: str | None = None
+        if continuation_token:
+            try:
+                decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
+                kind, value = decoded[:1], decoded[1:].decode("utf-8")
+                if kind not in (b"K", b"P"):
+                    raise ValueError(kind)
+            except (ValueError, UnicodeError):
+                raise self._error(
+                    op,
+                    400,
+                    "InvalidArgument",
+                    Message="The continuation token provided is incorrect",
+                    ArgumentName="continuation-token",
+                ) from None
+            marker = value.encode("utf-8")
+            last_prefix = value if kind == b"P" else None
+        items: list[tuple[bytes, str, dict[str, Any]]] = []
+        objects_dir = os.path.join(bdir, ".dg-objects")
+        for shard in os.listdir(objects_dir):
+            for key, record in self._index(os.path.join(objects_dir, shard)).items():
+                if key.startswith(prefix):
+                    encoded = key.encode("utf-8")
+                    if marker is None or encoded > marker:
+                        items.append((encoded, key, record))
+        items.sort(key=lambda item: item[0])
+        page = min(max_keys, 1000)
+        contents: list[dict[str, Any]] = []
+        prefixes: list[dict[str, str]] = []
+        last = ""
+        truncated = False
+        for _, key, record in items:
+            common = None
+            if delimiter:
+                at = key.find(delimiter, len(prefix))
+                if at >= 0:
+                    common = key[: at + len(delimiter)]
+                    if common == last_prefix:
+                        continue
+            if len(contents) + len(prefixes) >= page:
+                truncated = page > 0
+                break
+            if common is not None:
+                prefixes.append({"Prefix": common})
+                last_prefix = common
+                last = self._token("P", common)
+            else:
+                contents.append(
+                    {
+                        "Key": key,
+                        "LastModified": _parse_timestamp(record["modified"]),
+                        "ETag": record["etag"],
+                        "Size": record["size"],
+                        "StorageClass": record["headers"].get("x-amz-storage-class", "STANDARD"),
+                    }
+                )
+                last = self._token("K", key)
+        out: dict[str, Any] = {
+            "IsTruncated": truncated,
+            "Name": bucket,
+            "Prefix": prefix,
+            "MaxKeys": max_keys,
+            "KeyCount": len(contents) + len(prefixes),
+        }
+        if contents:
+            out["Contents"] = contents
+        if prefixes:
+            out["CommonPrefixes"] = prefixes
+        if delimiter:
+            out["Delimiter"] = delimiter
+        if start_after:
+            out["StartAfter"] = start_after
+        if continuation_token:
+            out["ContinuationToken"] = continuation_token
+        if truncated:
+            out["NextContinuationToken"] = last
+        out["EncodingType"] = "url"  # _S3Storage always asks for it and S3 echoes it
+        out["ResponseMetadata"] = self._meta(200)
+        return out
+
+    # -- multipart ------------------------------------------------------------
+
+    def _upload(
+        self, operation: str, bucket: str, key: str, upload_id: str
+    ) -> tuple[str, str, dict[str, Any]]:
+        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
+        bdir = self._bucket(operation, bucket)
+        udir = os.path.join(bdir, ".dg-uploads", upload_id)
+        info = None
+        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+            info = self._read_json(os.path.join(udir, "upload.json"))
+        if info is None or info["key"] != key:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
+        return bdir, udir, info
+
+    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
+        """Move an upload folder out of sight (call under the lock); returns where it went."""
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        try:
+            os.rename(udir, trash)
+        except FileNotFoundError:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
+        return trash
+
+    def create_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        op = "CreateMultipartUpload"
+        _validate_key(key)
+        kept = self._kept_headers(op, headers, metadata)
+        kept.setdefault("content-type", "binary/octet-stream")
+        bdir = self._bucket(op, bucket)
+        upload_id = uuid.uuid4().hex
+        udir = os.path.join(bdir, ".dg-uploads", upload_id)
+        try:
+            os.mkdir(udir, 0o700)
+        except FileNotFoundError:
+            raise self._error(op, 404, "NoSuchBucket", BucketName=bucket) from None
+        info = {"key": key, "headers": kept, "initiated": _iso_utc(self._now())}
+        self._write_json(op, bucket, bdir, os.path.join(udir, "upload.json"), info)
+        return upload_id
+
+    def upload_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        body: Any,
+        *,
+        content_sha256: str | None = None,
+    ) -> str:
+        op = "UploadPart"
+        bdir, udir, _ = self._upload(op, bucket, key, upload_id)
+        if not 1 <= part_number <= _MAX_PARTS:
+            raise self._error(
+                op,
+                400,
+                "InvalidArgument",
+                Message=f"Part number must be an integer between 1 and {_MAX_PARTS}, inclusive",
+                ArgumentName="partNumber",
+                ArgumentValue=str(part_number),
+            )
+        want_sha = self._wants_sha256(content_sha256)
+        tmp, size, md5_hex, sha_hex = self._spool(op, bucket, bdir, body, want_sha)
+        try:
+            self._check_body(op, size, md5_hex, sha_hex, None, content_sha256)
+            part: dict[str, Any] = {"data": f"{part_number}-{uuid.uuid4().hex}.part"}
+            part["size"] = size
+            part["etag"] = f'"{md5_hex}"'
+            with self._locked(op, bucket, bdir):
+                self._upload(op, bucket, key, upload_id)  # not completed or aborted meanwhile
+                part_path = os.path.join(udir, f"{part_number}.json")
+                old = self._read_json(part_path)
+                self._replace(tmp, os.path.join(udir, part["data"]))
+                self._write_json(op, bucket, bdir, part_path, part)
+        finally:
+            self._unlink(tmp)
+        if old:
+            self._unlink(os.path.join(udir, old["data"]))
+        return str(part["etag"])
+
+    def complete_multipart_upload(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> dict[str, Any]:
+        """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
+        MD5s and ``-N``, as S3 computes it."""
+        op = "CompleteMultipartUpload"
+        bdir, udir, info = self._upload(op, bucket, key, upload_id)
+        if not parts:
+            raise self._error(op, 400, "MalformedXML")
+        numbers = [number for number, _ in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
+        chosen = []
+        for number, etag in parts:
+            part = None
+            if 1 <= number <= _MAX_PARTS:
+                part = self._read_json(os.path.join(udir, f"{number}.json"))
+            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
+                raise self._error(
+                    op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
+                )
+            chosen.append(part)
+        for (number, etag), part in zip(parts[:-1], chosen):
+            if part["size"] < _MIN_PART_SIZE:
+                raise self._error(
+                    op,
+                    400,
+                    "EntityTooSmall",
+                    ProposedSize=str(part["size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                    ETag=etag,
+                )
+        fd, tmp = self._mkstemp(op, bucket, bdir, "d-")
+        trash = ""
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for (number, etag), part in zip(parts, chosen):
+                    try:
+                        src = open(os.path.join(udir, part["data"]), "rb")
+                    except FileNotFoundError:  # re-uploaded meanwhile
+                        raise self._error(
+                            op,
+                            400,
+                            "InvalidPart",
+                            UploadId=upload_id,
+                            PartNumber=str(number),
+                            ETag=etag,
+                        ) from None
+                    with src:
+                        shutil.copyfileobj(src, out, _IO_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            md5s = b"".join(bytes.fromhex(p["etag"].strip('"')) for p in chosen)
+            etag = f'"{hashlib.md5(md5s).hexdigest()}-{len(chosen)}"'
+            record = self._new_record(info["headers"], sum(p["size"] for p in chosen), etag)
+
+            def take_upload() -> None:
+                nonlocal trash
+                trash = self._discard(op, bucket, bdir, udir, upload_id)
+
+            self._commit(op, bucket, bdir, key, tmp, record, check=take_upload)
+        finally:
+            self._unlink(tmp)
+        shutil.rmtree(trash, ignore_errors=True)
+        return {
+            "Bucket": bucket,
+            "Key": key,
+            "ETag": etag,
+            "Location": self.object_url(bucket, key),
+            "ResponseMetadata": self._meta(200),
+        }
+
+    def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        op = "AbortMultipartUpload"
+        bdir, udir, _ = self._upload(op, bucket, key, upload_id)
+        with self._locked(op, bucket, bdir):
+            trash = self._discard(op, bucket, bdir, udir, upload_id)
+        shutil.rmtree(trash, ignore_errors=True)
+        return {"ResponseMetadata": self._meta(204)}
+
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        _, udir, _ = self._upload("ListParts", bucket, key, upload_id)
+        numbers = sorted(
+            int(name[:-5]) for name in os.listdir(udir) if re.match(r"^\d+\.json$", name)
+        )
+        parts = []
+        for number in numbers:
+            part = self._read_json(os.path.join(udir, f"{number}.json"))
+            if part:
+                parts.append({"PartNumber": number, "ETag": part["etag"], "Size": part["size"]})
+        return {
+            "Bucket": bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "Parts": parts,
+            "ResponseMetadata": self._meta(200),
+        }
+
+    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+        bdir = self._bucket("ListMultipartUploads", bucket)
+        uploads_dir = os.path.join(bdir, ".dg-uploads")
+        found = []
+        for upload_id in os.listdir(uploads_dir):
+            info = self._read_json(os.path.join(uploads_dir, upload_id, "upload.json"))
+            if info and info["key"].startswith(prefix):
+                found.append((info["key"].encode("utf-8"), info["initiated"], upload_id, info))
+        found.sort(key=lambda item: (item[0], item[1]))
+        uploads = [{"Key": info["key"], "UploadId": upload_id} for _, _, upload_id, info in found]
+        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
+
+
+def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
+    """A part size (whole MiB) that fits ``size`` into 10,000 parts: 5 TiB fits."""
+    part = max(minimum, _MIN_PART_SIZE)
+    needed = -(-size // _MAX_PARTS)
+    if needed > part:
+        part = -(-needed // (1024 * 1024)) * 1024 * 1024
+    return part
+
+
+def _put_path(
+    storage: Any,
+    bucket: str,
+    key: str,
+    path: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    sha256: str | None = None,
+    if_none_match: bool = False,
+    threshold: int = _MULTIPART_THRESHOLD,
+    part_size: int = _DEFAULT_PART_SIZE,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
+    conditional create is asked for, since multipart cannot be conditional everywhere),
+    multipart above it. A failed multipart upload is aborted, so no parts linger."""
+    size = os.path.getsize(path)
+    limit = _MAX_SINGLE_PUT if if_none_match else threshold
+    if size <= limit:
+        with open(path, "rb") as f:
+            body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
+            return storage.put_object(  # type: ignore[no-any-return]
+                bucket,
+                key,
+                body,
+                metadata=metadata,
+                headers=headers,
+                content_sha256=sha256,
+                if_none_match=if_none_match,
+            )
+    part = _part_size(size, part_size)
+    upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
+    try:
+        parts = []
+        with open(path, "rb") as f:
+            for number, offset in enumerate(range(0, size, part), start=1):
+                piece = _FileSlice(f, offset, min(part, size - offset))
+                body = _CallbackReader(piece, on_bytes) if on_bytes else piece
+                parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
+        result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
+        return result
+    except BaseException:
+        try:
+            storage.abort_multipart_upload(bucket, key, upload_id)
+        except Exception as e:  # pragma: no cover - the original error matters more
+            logger.warning("could not abort multipart upload %s of %s: %s", upload_id, key, e)
+        raise
+
+
+class _CallbackReader(io.RawIOBase):
+    """Reports bytes read from a seekable body (progress), rewinding with it on retries."""
+
+    def __init__(self, f: Any, callback: Callable[[int], None] | None) -> None:
+        super().__init__()
+        self._f = f
+        self._callback = callback
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(self._f.seekable())
+
+    def tell(self) -> int:
+        return int(self._f.tell())
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        before = self._f.tell()
+        after = int(self._f.seek(pos, whence))
+        if self._callback and after < before:
+            self._callback(after - before)  # a retry rewound: progress goes back too
+        return after
+
+    def fileno(self) -> int:
+        return int(self._f.fileno())
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._f.read(size)
+        if data and self._callback:
+            self._callback(len(data))
+        return data
+
+    def __len__(self) -> int:
+        return int((_body_length(self._f) or 0) + self._f.tell())
+
+
+###############################################################################
+# xdelta3 and the delta engine ################################################
+###############################################################################
+
+#: Extensions the original tool stores as deltas (FORMAT.md), plus the proxy's and the
+#: archive and image types it misses.
+#: Not .gz/.tgz/.bz2/.xz (the original lists them): a compressed stream changes throughout
+#: when its content changes a little, so deltas save nothing, and xdelta3 without -D (what
+#: the original decodes with) decompresses such a reference, so it could not read them back.
+#: They are stored whole, as the proxy does.
+_DELTA_EXTENSIONS = (
+    ".zip .tar .7z .rar .dmg .iso .pkg .deb .rpm .apk .jar .war .ear "
+    ".sql .dump .bak .backup .whl .egg .nupkg .aar .vsix .xpi .ipa .msi .img .qcow2 .vmdk"
+).split()
+
+#: Whole-file compressed streams xdelta3 would decompress on its own (see above).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x1f\x9d", b"\x28\xb5\x2f\xfd")
+
+#: Magic numbers of archives and disk images, for names without a known extension:
+#: (offset, bytes).
+_DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
+    (0, b"PK\x03\x04"),  # zip, jar, wheel, apk, docx...
+    (0, b"PK\x05\x06"),  # empty zip
+    (0, b"7z\xbc\xaf\x27\x1c"),  # 7-Zip
+    (0, b"Rar!\x1a\x07"),  # RAR
+    (0, b"!<arch>\n"),  # ar (.deb)
+    (0, b"\xed\xab\xee\xdb"),  # RPM
+    (0, b"QFI\xfb"),  # qcow2
+    (0, b"KDMV"),  # VMDK sparse
+    (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"),  # OLE2 (.msi)
+    (0, b"SQLite format 3\x00"),
+    (257, b"ustar"),  # tar
+    (32769, b"CD001"),  # ISO 9660
+)
+
+_REFERENCE_NAME = "reference.bin"
+_DELTA_SUFFIX = ".delta"
+_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
+_ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
+_DEFAULT_MAX_RATIO = 0.5
+_DEFAULT_CACHE_MAX = 4 * 1024**3
+#: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
+#: smaller than the reference loses matches further apart than it (FORMAT.md).
+_MIN_SOURCE_WINDOW = 64 * 1024 * 1024
+_MAX_SOURCE_WINDOW = 2 * 1024**3
+#: Seconds a new reference must have existed before it is used, on servers that ignore
+#: If-None-Match (Last-Modified has a resolution of one second).
+_REFERENCE_SETTLE = 3.0
+#: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
+_MAX_METADATA_VALUE = 256
+
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return value
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as US-ASCII: non-ASCII text is percent-encoded UTF-8 (FORMAT.md)."""
+    try:
+        value.encode("ascii")
+        return value
+    except UnicodeEncodeError:
+        return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    if "%" not in value:
+        return value
+    try:
+        return urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
+    lower = name.lower()
+    extra = [
+        e.strip().lower() for e in environ.get(_ENV_DELTA_EXTENSIONS, "").split(",") if e.strip()
+    ]
+    return any(lower.endswith(ext) for ext in list(_DELTA_EXTENSIONS) + extra)
+
+
+def _is_compressed_stream(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _COMPRESSED_MAGIC)
+
+
+def _eligible_by_content(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32774)
+    except OSError:
+        return False
+    return any(head[off : off + len(magic)] == magic for off, magic in _DELTA_MAGIC)
+
+
+class _XDelta3:
+    """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
+    xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
+    (the original tool cannot return any .tar.gz it stored)."""
+
+    def __init__(
+        self,
+        binary: str | None = None,
+        *,
+        environ: Mapping[str, str] = os.environ,
+        run: Callable[..., Any] = subprocess.run,
+    ) -> None:
+        self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self._environ = environ
+        self._run = run
+        self._path: str | None = None
+
+    def path(self) -> str:
+        if self._path is None:
+            found = shutil.which(self._name, path=self._environ.get("PATH"))
+            if found is None:
+                raise XDelta3NotFoundError(self._name)
+            self._path = found
+        return self._path
+
+    def _call(self, args: list[str]) -> None:
+        cmd = [self.path(), *args]
+        try:
+            proc = self._run(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as e:
+            raise XDelta3Error(cmd, -1, str(e)) from e
+        if proc.returncode != 0:
+            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
+
+    @staticmethod
+    def window(source_size: int) -> int:
+        """-B: the reference size rounded up to a power of two, within 64 MiB..2 GiB."""
+        window = _MIN_SOURCE_WINDOW
+        while window < source_size and window < _MAX_SOURCE_WINDOW:
+            window *= 2
+        return window
+
+    def encode_args(self, source: str, target: str, out: str) -> list[str]:
+        size = os.path.getsize(source)
+        return [
+            "-e",
+            "-f",
+            "-D",
+            "-A",
+            "-9",
+            "-S",
+            "djw",
+            "-B",
+            str(self.window(size)),
+            "-s",
+            source,
+            target,
+            out,
+        ]
+
+    def encode(self, source: str, target: str, out: str) -> None:
+        self._call(self.encode_args(source, target, out))
+
+    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> None:
+        """Decode with -D (no external decompression) unless ``external``: deltas the
+        original tool made of compressed files were encoded without it."""
+        size = os.path.getsize(source)
+        flags = ["-d", "-f"] if external else ["-d", "-f", "-D"]
+        self._call([*flags, "-B", str(self.window(size)), "-s", source, delta, out])
+
+
+def _default_cache_dir(environ: Mapping[str, str]) -> str:
+    if environ.get(_ENV_CACHE_DIR):
+        return os.path.expanduser(environ[_ENV_CACHE_DIR])
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deltaglider")
+
+
+def _private_mkdir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)
+    except OSError:  # pragma: no cover - a folder we may not own; files stay 0600
+        pass
+
+
+_UMASK: list[int] = []
+
+
+def _new_file_mode(dest: str) -> int:
+    """The mode a downloaded file gets: the one it replaces, or 0666 less the umask
+    (temp files start private; the finished file is the user's)."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except OSError:
+        pass
+    if not _UMASK:
+        mask = os.umask(0o022)  # read it: os.umask can only be read by setting it
+        os.umask(mask)
+        _UMASK.append(mask)
+    return 0o666 & ~_UMASK[0]
+
+
+def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
+    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
+    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
+
+
+class _ReferenceCache:
+    """Reference files on disk, content-addressed by SHA-256, shared between runs and
+    processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
+    and renamed into place, so two processes filling the same entry at once is safe.
+    Each entry is re-hashed on its first use in a process and then trusted while its
+    size and mtime are unchanged. Least recently used entries go beyond ``max_size``."""
+
+    def __init__(self, folder: str, max_size: int = _DEFAULT_CACHE_MAX) -> None:
+        self.folder = folder
+        self.max_size = max_size
+        self._verified: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.fetches = 0  # how many references were downloaded (tests count them)
+
+    def _path(self, sha256: str) -> str:
+        if not re.match(r"^[0-9a-f]{64}$", sha256):
+            raise IntegrityError("not a SHA-256: %r" % sha256)
+        return os.path.join(self.folder, "refs", sha256[:2], sha256)
+
+    def lookup(self, sha256: str) -> str | None:
+        """The path of a verified entry, or None (a corrupt entry is removed)."""
+        path = self._path(sha256)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        ident = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            trusted = self._verified.get(sha256) == ident
+        if not trusted:
+            actual, _ = _sha256_file(path)
+            if actual != sha256:
+                logger.warning("cache entry %s is corrupt; removing it", path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                return None
+        try:
+            os.utime(path, None)  # recency for eviction
+            st = os.stat(path)
+        except OSError:
+            pass
+        with self._lock:
+            self._verified[sha256] = (st.st_size, st.st_mtime_ns)
+        return path
+
+    def fill(self, sha256: str, write: Callable[[IO[bytes]], None]) -> str:
+        """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
+        written do not hash to ``sha256`` (nothing is kept then)."""
+        path = self._path(sha256)
+        folder = os.path.dirname(path)
+        _private_mkdir(self.folder)
+        _private_mkdir(os.path.join(self.folder, "refs"))
+        _private_mkdir(folder)
+        fd, tmp = _private_tempfile(folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                hashing = _HashingWriter(f)
+                write(hashing)  # type: ignore[arg-type]
+            if hashing.sha256.hexdigest() != sha256:
+                raise IntegrityError(
+                    "reference bytes do not match dg-ref-sha256: expected %s, got %s"
+                    % (sha256, hashing.sha256.hexdigest())
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        st = os.stat(path)
+        with self._lock:
+            self._verified[sha256] = (st.st_size, st.st_mtime_ns)
+            self.fetches += 1
+        self._evict(keep=path)
+        return path
+
+    def add_file(self, sha256: str, source: str) -> str:
+        """Copy a local file (already hashed by the caller) into the cache."""
+        existing = self.lookup(sha256)
+        if existing:
+            return existing
+
+        def write(f: IO[bytes]) -> None:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, f, _IO_CHUNK)
+
+        path = self.fill(sha256, write)
+        with self._lock:
+            self.fetches -= 1  # not a download
+        return path
+
+    def _evict(self, keep: str) -> None:
+        root = os.path.join(self.folder, "refs")
+        entries = []
+        total = 0
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                if name.startswith(".dg-") and time.time() - st.st_mtime > 3600:
+                    entries.append((0.0, st.st_size, p))  # stale temp file of a dead process
+                elif not name.startswith(".dg-"):
+                    entries.append((st.st_mtime, st.st_size, p))
+                total += st.st_size
+        entries.sort()
+        for _, size, p in entries:
+            if total <= self.max_size:
+                break
+            if p == keep:
+                continue
+            try:
+                os.unlink(p)
+                total -= size
+            except OSError:
+                pass
+
+    def clear(self) -> None:
+        shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
+        with self._lock:
+            self._verified.clear()
+
+
+class _HashingWriter:
+    """A write-through file wrapper that hashes (SHA-256 and MD5) what passes."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+class _FileInfo(NamedTuple):
+    sha256: str
+    md5: str
+    size: int
+
+
+def _file_info(path: str) -> _FileInfo:
+    """SHA-256, MD5 and size of a file in one pass."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_IO_CHUNK)
+            if not chunk:
+                break
+            sha.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+class _Logical(NamedTuple):
+    """A logical object as a reader sees it, and how it is stored."""
+
+    bucket: str
+    key: str  # the logical name
+    stored_key: str  # ``key`` or ``key.delta``
+    kind: str
+    head: dict[str, Any]  # HeadObject of the stored object
+    metadata: dict[str, str]  # its raw user metadata
+
+    @property
+    def size(self) -> int:
+        if self.kind in (_Kind.DELTA, _Kind.DIRECT):
+            value = _meta_get(self.metadata, "file_size")
+            if value and value.isdigit():
+                return int(value)
+        return int(self.head.get("ContentLength", 0))
+
+    @property
+    def sha256(self) -> str | None:
+        if self.kind == _Kind.FOREIGN:
+            return None
+        return _meta_get(self.metadata, "file_sha256")
+
+    @property
+    def etag(self) -> str:
+        """The logical ETag: MD5 of the original bytes, as S3 reports for a single PUT."""
+        md5 = _meta_get(self.metadata, "md5")
+        if md5:
+            return '"%s"' % md5
+        if self.kind == _Kind.DELTA:
+            sha = self.sha256 or ""
+            return '"%s"' % sha[:32]  # older writers kept no MD5; stable, not an MD5
+        return str(self.head.get("ETag", ""))
+
+    @property
+    def content_type(self) -> str:
+        value = self.metadata.get(_CONTENT_TYPE_META)
+        if value:
+            return _meta_decode(value)
+        if self.kind == _Kind.DELTA:
+            return "binary/octet-stream"
+        return str(self.head.get("ContentType", "binary/octet-stream"))
+
+
+class _DeltaEngine:
+    """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
+    says, reads rebuild and verify, deletes keep references consistent."""
+
+    def __init__(
+        self,
+        storage: Any,
+        *,
+        cache: _ReferenceCache,
+        xdelta: _XDelta3,
+        max_ratio: float = _DEFAULT_MAX_RATIO,
+        environ: Mapping[str, str] = os.environ,
+        now: Callable[[], datetime.datetime] = _utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.storage = storage
+        self._sleep = sleep
+        self.cache = cache
+        self.xdelta = xdelta
+        self.max_ratio = max_ratio
+        self._environ = environ
+        self._now = now
+        self._tool = "deltaglider/" + __version__
+        self._space_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    # -- reading ------------------------------------------------------------------
+
+    def head(self, bucket: str, key: str, operation: str = "HeadObject") -> _Logical:
+        """Resolve a logical name to ``<key>`` or ``<key>.delta``. A miss raises what boto3
+        raises: a 404 ClientError for HeadObject, NoSuchKey for GetObject."""
+        _validate_key(key)
+        for stored in (key, key + _DELTA_SUFFIX):
+            try:
+                head = self.storage.head_object(bucket, stored)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue
+            metadata = head.get("Metadata", {})
+            kind = _classify(stored, metadata)
+            if stored == key and kind == _Kind.REFERENCE:
+                break  # reference.bin is never a user-visible object
+            return _Logical(bucket, key, stored, kind, head, metadata)
+        if operation == "HeadObject":
+            resp = {
+                "Error": {"Code": "404", "Message": "Not Found"},
+                "ResponseMetadata": {"HTTPStatusCode": 404, "RetryAttempts": 0},
+            }
+            raise ClientError(resp, operation)
+        resp = {
+            "Error": {
+                "Code": "NoSuchKey",
+                "Message": "The specified key does not exist.",
+                "Key": key,
+            },
+            "ResponseMetadata": {"HTTPStatusCode": 404, "RetryAttempts": 0},
+        }
+        raise NoSuchKey(resp, operation)
+
+    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once."""
+        path = self.cache.lookup(ref_sha256)
+        if path:
+            return path
+        resp = self.storage.get_object(bucket, ref_key)
+        body = resp["Body"]
+
+        def write(f: IO[bytes]) -> None:
+            try:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+            finally:
+                body.close()
+
+        try:
+            return self.cache.fill(ref_sha256, write)
+        except IntegrityError as e:
+            raise IntegrityError(
+                "reference s3://%s/%s does not match the SHA-256 its deltas were made "
+                "against (%s)" % (bucket, ref_key, e)
+            ) from None
+
+    def get_to_file(
+        self, bucket: str, key: str, dest: str, logical: _Logical | None = None
+    ) -> _Logical:
+        """Write a logical object to ``dest``: into a temp file beside it, verified, then
+        renamed. On any failure ``dest`` is neither created nor replaced."""
+        lg = logical or self.head(bucket, key, "GetObject")
+        folder = os.path.dirname(os.path.abspath(dest))
+        fd, tmp = _private_tempfile(folder)
+        os.close(fd)
+        try:
+            if lg.kind == _Kind.DELTA:
+                self._rebuild(lg, tmp)
+            else:
+                self._fetch_plain(lg, tmp)
+            os.chmod(tmp, _new_file_mode(dest))
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return lg
+
+    def _fetch_plain(self, lg: _Logical, out: str) -> None:
+        resp = self.storage.get_object(lg.bucket, lg.stored_key)
+        body = resp["Body"]
+        with open(out, "wb") as f:
+            writer = _HashingWriter(f)
+            try:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    writer.write(chunk)
+            finally:
+                body.close()
+        expected = lg.sha256
+        if expected and writer.sha256.hexdigest() != expected:
+            raise IntegrityError(
+                "s3://%s/%s: SHA-256 mismatch: expected %s, got %s"
+                % (lg.bucket, lg.stored_key, expected, writer.sha256.hexdigest())
+            )
+
+    def _rebuild(self, lg: _Logical, out: str) -> None:
+        ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+        ref_key = _resolve_ref_key(lg.stored_key, ref)
+        ref_sha = _meta_get(lg.metadata, "ref_sha256")
+        expected = lg.sha256
+        if not ref_sha or not expected:
+            raise IntegrityError(
+                "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
+                % (lg.bucket, lg.stored_key)
+            )
+        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+        tmp_dir = self._tmp_dir()
+        fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                body = self.storage.get_object(lg.bucket, lg.stored_key)["Body"]
+                try:
+                    for chunk in body.iter_chunks(_IO_CHUNK):
+                        f.write(chunk)
+                finally:
+                    body.close()
+            self.xdelta.decode(ref_path, delta_tmp, out)
+            actual = _sha256_file(out)[0]
+            if actual != expected and _is_compressed_stream(ref_path):
+                # Written by the original without -D: let xdelta3 recompress as it did.
+                self.xdelta.decode(ref_path, delta_tmp, out, external=True)
+                actual = _sha256_file(out)[0]
+        finally:
+            os.unlink(delta_tmp)
+        if actual != expected:
+            raise IntegrityError(
+                "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
+                % (lg.bucket, lg.key, expected, actual)
+            )
+
+    def _tmp_dir(self) -> str:
+        path = os.path.join(self.cache.folder, "tmp")
+        _private_mkdir(self.cache.folder)
+        _private_mkdir(path)
+        return path
+
+    # -- writing ------------------------------------------------------------------
+
+    def eligible(self, key: str, path: str, delta: bool | None) -> bool:
+        if delta is not None:
+            return delta
+        mode = self._environ.get(_ENV_DELTA_MODE, "auto").lower()
+        if mode in ("never", "off", "0", "false"):
+            return False
+        if mode in ("always", "on", "1", "true"):
+            return True
+        if _is_compressed_stream(path):
+            return False
+        name = key.rsplit("/", 1)[-1]
+        return _eligible_by_name(name, self._environ) or _eligible_by_content(path)
+
+    def _common_metadata(
+        self,
+        name: str,
+        info: _FileInfo,
+        user_metadata: Mapping[str, str] | None,
+        content_type: str | None,
+    ) -> dict[str, str]:
+        meta = {
+            "dg-tool": self._tool,
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+        }
+        for k, v in (user_metadata or {}).items():
+            meta[_USER_META_PREFIX + k.lower()] = _meta_encode(str(v))
+        if content_type:
+            meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
+        return meta
+
+    def put_file(
+        self,
+        path: str,
+        bucket: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        delta: bool | None = None,
+        max_ratio: float | None = None,
+        info: _FileInfo | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+        mtime: float | None = None,
+    ) -> dict[str, Any]:
+        """Store a local file under a logical key, as a delta when it is eligible and the
+        delta is small enough, else directly. Returns a summary (DeltaGliderInfo)."""
+        _validate_key(key)
+        name = key.rsplit("/", 1)[-1]
+        if name == _REFERENCE_NAME or not name:
+            raise ParamValidationError(
+                report="Invalid key %r: %r is reserved for deltaglider's reference files"
+                % (key, _REFERENCE_NAME)
+                if name
+                else "Invalid key %r: a key must name a file, not a folder" % key
+            )
+        info = info or _file_info(path)
+        headers = dict(headers or {})
+        content_type = headers.pop("Content-Type", None)
+        meta = self._common_metadata(name, info, metadata, content_type)
+        if mtime is not None:
+            meta["dg-mtime"] = "%.6f" % mtime  # the source's mtime, for sync (as rclone keeps)
+        ratio_limit = self.max_ratio if max_ratio is None else max_ratio
+        if info.size > 0 and self.eligible(key, path, delta):
+            summary = self._put_delta(path, bucket, key, name, info, meta, headers, ratio_limit)
+            if summary is not None:
+                self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX)
+                return summary
+        direct_meta = dict(meta)
+        direct_meta["dg-compression"] = "none"
+        direct_meta["dg-note"] = "passthrough"
+        direct_headers = dict(headers)
+        direct_headers["Content-Type"] = content_type or "binary/octet-stream"
+        resp = _put_path(
+            self.storage,
+            bucket,
+            key,
+            path,
+            metadata=direct_meta,
+            headers=direct_headers,
+            sha256=info.sha256,
+            on_bytes=on_bytes,
+        )
+        self._remove_other(bucket, key, keep=key)
+        return self._summary("upload_direct", key, info, info.size, None, resp)
+
+    def _summary(
+        self,
+        operation: str,
+        stored_key: str,
+        info: _FileInfo,
+        stored_size: int,
+        delta_size: int | None,
+        resp: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        mib = 1024.0 * 1024.0
+        saved = (info.size - stored_size) / info.size * 100.0 if info.size else 0.0
+        return {
+            "Operation": operation,
+            "StoredAs": stored_key,
+            "OriginalSizeMB": info.size / mib,
+            "StoredSizeMB": stored_size / mib,
+            "OriginalSize": info.size,
+            "StoredSize": stored_size,
+            "IsDelta": delta_size is not None,
+            "CompressionRatio": (stored_size / info.size) if info.size else 1.0,
+            "SavingsPercent": saved,
+            "ETag": '"%s"' % info.md5,
+            "Response": resp,
+        }
+
+    def _space_lock(self, bucket: str, space: str) -> threading.Lock:
+        """One reference decision at a time per deltaspace within this process; across
+        processes and machines the conditional create decides."""
+        with self._locks_lock:
+            return self._space_locks.setdefault((bucket, space), threading.Lock())
+
+    def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
+        """The SHA-256 of the deltaspace's reference, or None when there is none.
+
+        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT a
+        reference and the last one wins; so a reference younger than a few seconds (by
+        the server's own Date and Last-Modified) is waited on until the race is over."""
+        while True:
+            try:
+                head = self.storage.head_object(bucket, ref_key)
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            wait = self._settle_left(head) if settle else 0.0
+            if wait <= 0:
+                break
+            logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
+            self._sleep(wait)
+        sha = _meta_get(head.get("Metadata", {}), "file_sha256")
+        if not sha:
+            raise IntegrityError(
+                "s3://%s/%s has no dg-file-sha256: it was not written by deltaglider; "
+                "move it away to store deltas in this folder" % (bucket, ref_key)
+            )
+        return sha
+
+    @staticmethod
+    def _settle_left(head: Mapping[str, Any]) -> float:
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        modified = head.get("LastModified")
+        try:
+            server_now = _parse_timestamp(headers["date"])
+        except (KeyError, ValueError):
+            return 0.0
+        if not isinstance(modified, datetime.datetime):
+            return 0.0
+        age = (server_now - modified).total_seconds()
+        return max(0.0, _REFERENCE_SETTLE - age)
+
+    def _ensure_reference(
+        self, path: str, bucket: str, ref_key: str, name: str, info: _FileInfo
+    ) -> tuple[str, str, bool]:
+        """(reference sha256, local path, created by us) for a deltaspace."""
+        for _ in range(5):
+            conditional = self.storage.supports_conditional_writes(bucket)
+            sha = self._current_reference(bucket, ref_key, settle=not conditional)
+            if sha is not None:
+                try:
+                    return sha, self.reference_path(bucket, ref_key, sha), False
+                except IntegrityError:
+                    # Replaced between our HEAD and GET (a server without conditional
+                    # writes, racing writers): look again; a real corruption raises.
+                    if self._current_reference(bucket, ref_key) != sha:
+                        continue
+                    raise
+            meta = {
+                "dg-tool": self._tool,
+                "dg-source-name": _meta_encode(name),
+                "dg-original-name": _meta_encode(name),
+                "dg-file-sha256": info.sha256,
+                "dg-file-size": str(info.size),
+                "dg-md5": info.md5,
+                "dg-created-at": _iso_utc(self._now()),
+                "dg-note": "reference",
+            }
+            try:
+                _put_path(
+                    self.storage,
+                    bucket,
+                    ref_key,
+                    path,
+                    metadata=meta,
+                    sha256=info.sha256,
+                    if_none_match=conditional,
+                )
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status in (409, 412):  # another writer created it first: use theirs
+                    continue
+                raise
+            if not conditional:
+                # Verify after write: on a server that ignores If-None-Match the last
+                # writer wins; once the reference has settled, whoever lost uses the winner.
+                sha = self._current_reference(bucket, ref_key, settle=True)
+                if sha != info.sha256:
+                    continue
+            return info.sha256, self.cache.add_file(info.sha256, path), True
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+
+    def _put_delta(
+        self,
+        path: str,
+        bucket: str,
+        key: str,
+        name: str,
+        info: _FileInfo,
+        meta: dict[str, str],
+        headers: dict[str, str],
+        max_ratio: float,
+    ) -> dict[str, Any] | None:
+        space = _deltaspace(key)
+        ref_key = _reference_key(space)
+        delta_key = key + _DELTA_SUFFIX
+        tmp_dir = self._tmp_dir()
+        for _ in range(5):
+            with self._space_lock(bucket, space):
+                ref_sha, ref_path, created = self._ensure_reference(
+                    path, bucket, ref_key, name, info
+                )
+            if _is_compressed_stream(ref_path):
+                return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
+            fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+            os.close(fd)
+            try:
+                self.xdelta.encode(ref_path, path, delta_tmp)
+                delta_size = os.path.getsize(delta_tmp)
+                if not created and delta_size > max_ratio * info.size:
+                    logger.info(
+                        "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
+                        key,
+                        100.0 * delta_size / info.size,
+                        100.0 * max_ratio,
+                    )
+                    return None
+                self._check_round_trip(ref_path, delta_tmp, info, key)
+                delta_meta = dict(meta)
+                delta_meta.update(
+                    {
+                        "dg-ref-key": ref_key,
+                        "dg-ref-path": _REFERENCE_NAME,
+                        "dg-ref-sha256": ref_sha,
+                        "dg-delta-size": str(delta_size),
+                        "dg-delta-cmd": self._delta_cmd(name),
+                        "dg-note": "zero-diff (reference identical)"
+                        if ref_sha == info.sha256
+                        else "delta",
+                    }
+                )
+                send_headers = dict(headers)
+                send_headers["Content-Type"] = "binary/octet-stream"
+                resp = _put_path(
+                    self.storage,
+                    bucket,
+                    delta_key,
+                    delta_tmp,
+                    metadata=delta_meta,
+                    headers=send_headers,
+                )
+            except BaseException:
+                if created:  # nothing may depend on a reference whose first delta failed
+                    self._discard_reference(bucket, ref_key, ref_sha)
+                raise
+            finally:
+                os.unlink(delta_tmp)
+            # The reference may have been replaced or deleted while we encoded (a racing
+            # writer on a server without conditional writes, or the last delta deleted):
+            # then the delta we stored is encoded against the wrong bytes. Redo it.
+            if self._current_reference(bucket, ref_key) == ref_sha:
+                op = "create_reference" if created else "create_delta"
+                return self._summary(op, delta_key, info, delta_size, delta_size, resp)
+            logger.warning("reference of %s changed while storing a delta; retrying", key)
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+
+    def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
+        try:
+            if self._current_reference(bucket, ref_key) == sha256:
+                self._drop_unused_reference(bucket, _deltaspace(ref_key))
+        except (ClientError, DeltaGliderError, OSError) as e:
+            logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
+
+    @staticmethod
+    def _delta_cmd(name: str) -> str:
+        """Informational (FORMAT.md); shortened so it never hits a metadata value limit."""
+        safe = _meta_encode(name)
+        if len(safe) > 90:
+            safe = safe[:40] + "..." + safe[-40:]
+        return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
+
+    def _check_round_trip(self, ref_path: str, delta: str, info: _FileInfo, key: str) -> None:
+        """Decode the delta and compare with the input: a delta that does not give the
+        exact bytes back is never stored."""
+        fd, out = _private_tempfile(self._tmp_dir(), ".check")
+        os.close(fd)
+        try:
+            self.xdelta.decode(ref_path, delta, out)
+            actual, size = _sha256_file(out)
+        finally:
+            os.unlink(out)
+        if actual != info.sha256 or size != info.size:
+            raise IntegrityError(
+                "%s: the delta xdelta3 made does not decode to the input (expected %s, got %s); "
+                "nothing was stored" % (key, info.sha256, actual)
+            )
+
+    def _remove_other(self, bucket: str, key: str, keep: str) -> None:
+        """After storing ``keep``, remove the other representation of the same logical
+        name (a direct object replaced by a delta or the reverse)."""
+        other = key if keep != key else key + _DELTA_SUFFIX
+        try:
+            self.storage.head_object(bucket, other)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return
+            raise
+        self.storage.delete_object(bucket, other)
+        if other.endswith(_DELTA_SUFFIX):
+            self._drop_unused_reference(bucket, _deltaspace(key))
+
+    # -- deleting -----------------------------------------------------------------
+
+    def delete(self, bucket: str, key: str) -> dict[str, Any]:
+        """Delete a logical name; the last delta of a deltaspace takes its reference."""
+        try:
+            lg = self.head(bucket, key)
+        except ClientError:
+            return {"Deleted": False, "Type": "missing"}
+        self.storage.delete_object(bucket, lg.stored_key)
+        info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
+        if lg.kind == _Kind.DELTA:
+            ref = _resolve_ref_key(lg.stored_key, _meta_get(lg.metadata, "ref") or _REFERENCE_NAME)
+            info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref))
+        return info
+
+    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
+        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it."""
+        prefix = space + "/" if space else ""
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects_v2(
+                bucket, prefix=prefix, delimiter="/", continuation_token=token
+            )
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith(_DELTA_SUFFIX):
+                    return False
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        ref_key = _reference_key(space)
+        try:
+            self.storage.delete_object(bucket, ref_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey"):
+                raise
+            return False
+        return True
+
+    def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
+        """Recursive delete: deltas and direct objects first, then each reference whose
+        deltaspace has nothing left that needs it."""
+        keys: list[str] = []
+        refs: list[str] = []
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            for obj in page.get("Contents", []):
+                k = obj["Key"]
+                (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        deleted: list[str] = []
+        errors: list[dict[str, Any]] = []
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[i : i + _DELETE_BATCH]
+            resp = self.storage.delete_objects(bucket, batch)
+            deleted += [d["Key"] for d in resp.get("Deleted", [])]
+            errors += resp.get("Errors", [])
+        refs_deleted = 0
+        for ref in refs:
+            if self._drop_unused_reference(bucket, _deltaspace(ref)):
+                refs_deleted += 1
+        return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+
+###############################################################################
+# The boto3-compatible client #################################################
+###############################################################################
+
+#: put_object/upload_file parameters we honour, beyond Bucket/Key/Body.
+_PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
+    "Metadata",
+    "ContentMD5",
+    "ContentLength",
+}
+_BOTO_ERROR_TYPES = (ClientError, BotoCoreError)
+
+
+def _check_params(operation: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """A parameter we do not support is an error, never silently dropped."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ParamValidationError(
+            report="Unknown parameter%s in input to %s: %s. Supported: %s"
+            % (
+                "s" if len(unknown) > 1 else "",
+                operation,
+                ", ".join('"%s"' % u for u in unknown),
+                ", ".join(sorted(allowed)),
+            )
+        )
+
+
+def _put_headers(params: Mapping[str, Any]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, header in _PUT_HEADER_PARAMS:
+        if name in params and params[name] is not None:
+            value = params[name]
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            headers[header] = str(value)
+    return headers
+
+
+def _require(operation: str, params: Mapping[str, Any], *names: str) -> None:
+    missing = [n for n in names if params.get(n) in (None, "")]
+    if missing:
+        raise ParamValidationError(
+            report="\n".join('Missing required parameter in input: "%s"' % n for n in missing)
+            + " (%s)" % operation
+        )
+
+
+class _ClientExceptions:
+    """``client.exceptions.NoSuchKey`` and friends, as boto3 exposes them."""
+
+    ClientError = ClientError
+
+    def __init__(self) -> None:
+        for name, cls in _MODELED_ERRORS.items():
+            setattr(self, name, cls)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError("no modeled S3 exception %r" % name)
+
+
+class _Paginator:
+    """``get_paginator('list_objects_v2')``: one page per request, as boto3's."""
+
+    def __init__(self, client: DeltaGliderClient, operation: str) -> None:
+        if operation not in ("list_objects", "list_objects_v2"):
+            raise ValueError("deltaglider has paginators for list_objects and list_objects_v2 only")
+        self._client = client
+        self._operation = operation
+
+    def paginate(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        pagination = kwargs.pop("PaginationConfig", None) or {}
+        limit = pagination.get("MaxItems")
+        page_size = pagination.get("PageSize")
+        if page_size:
+            kwargs["MaxKeys"] = page_size
+        if pagination.get("StartingToken"):
+            key = "ContinuationToken" if self._operation == "list_objects_v2" else "Marker"
+            kwargs[key] = pagination["StartingToken"]
+        seen = 0
+        method = getattr(self._client, self._operation)
+        while True:
+            page = method(**kwargs)
+            seen += len(page.get("Contents", []))
+            yield page
+            if not page.get("IsTruncated") or (limit and seen >= limit):
+                return
+            if self._operation == "list_objects_v2":
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            else:
+                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
+
+
+class _TempBody(StreamingBody):
+    """A StreamingBody over a rebuilt temp file, removed when closed."""
+
+    def __init__(self, path: str, start: int, length: int) -> None:
+        f = open(path, "rb")
+        try:
+            os.unlink(path)  # POSIX: the open handle keeps the bytes until closed
+            self._path: str | None = None
+        except OSError:  # pragma: no cover - Windows: remove on close instead
+            self._path = path
+        f.seek(start)
+        super().__init__(_LimitedReader(f, length), length)
+        self._file = f
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()
+        if self._path:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+
+class _LimitedReader:
+    def __init__(self, f: IO[bytes], length: int) -> None:
+        self._f = f
+        self._left = length
+
+    def read(self, amt: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if amt is None or amt < 0 or amt > self._left:
+            amt = self._left
+        data = self._f.read(amt)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int]:
+    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → (start, end inclusive), as S3 reads it."""
+    m = re.match(r"^bytes=(\d*)-(\d*)$", value.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise ParamValidationError(report="Invalid Range %r: expected bytes=start-end" % value)
+    if not m.group(1):
+        n = int(m.group(2))
+        start, end = max(0, size - n), size - 1
+    else:
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) else size - 1
+        end = min(end, size - 1)
+    if start >= size or start > end:
+        resp = {
+            "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
+            "ResponseMetadata": {"HTTPStatusCode": 416, "RetryAttempts": 0},
+        }
+        raise ClientError(resp, "GetObject")
+    return start, end
+
+
+def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
+    """ResponseMetadata for answers that deltaglider put together itself."""
+    meta = dict(resp.get("ResponseMetadata") or {})
+    meta.setdefault("HTTPStatusCode", 200)
+    meta.setdefault("RetryAttempts", 0)
+    meta.setdefault("RequestId", "")
+    meta.setdefault("HostId", "")
+    meta.setdefault("HTTPHeaders", {})
+    return meta
+
+
+class DeltaGliderClient:
+    """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
+
+    Build it with :func:`create_client`. Methods take boto3's parameters and return
+    boto3's response shapes; delta-stored objects read back as the original bytes."""
+
+    def __init__(
+        self,
+        storage_factory: Callable[[], Any],
+        *,
+        cache_dir: str,
+        max_ratio: float,
+        xdelta: _XDelta3,
+        environ: Mapping[str, str],
+        now: Callable[[], datetime.datetime],
+        max_workers: int = 10,
+    ) -> None:
+        self._storage_factory = storage_factory
+        self._storage: Any = None
+        self._engine_obj: _DeltaEngine | None = None
+        self._lock = threading.Lock()
+        self._cache_dir = cache_dir
+        self._max_ratio = max_ratio
+        self._xdelta = xdelta
+        self._environ = environ
+        self._now = now
+        self._max_workers = max_workers
+        self.exceptions = _ClientExceptions()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def _engine(self) -> _DeltaEngine:
+        if self._engine_obj is None:
+            with self._lock:
+                if self._engine_obj is None:
+                    self._storage = self._storage_factory()
+                    cache_max = int(self._environ.get(_ENV_CACHE_MAX, _DEFAULT_CACHE_MAX))
+                    self._engine_obj = _DeltaEngine(
+                        self._storage,
+                        cache=_ReferenceCache(self._cache_dir, cache_max),
+                        xdelta=self._xdelta,
+                        max_ratio=self._max_ratio,
+                        environ=self._environ,
+                        now=self._now,
+                    )
+        return self._engine_obj
+
+    @property
+    def storage(self) -> Any:
+        """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
+        return self._engine.storage
+
+    def close(self) -> None:
+        if self._storage is not None:
+            self._storage.close()
+
+    def __enter__(self) -> DeltaGliderClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def get_paginator(self, operation_name: str) -> _Paginator:
+        return _Paginator(self, operation_name)
+
+    def can_paginate(self, operation_name: str) -> bool:
+        return operation_name in ("list_objects", "list_objects_v2")
+
+    def _spool(self, body: Any) -> str:
+        """Write a request body (bytes, str or any file object) to a private temp file."""
+        fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(body, str):
+                    f.write(body.encode("utf-8"))
+                elif isinstance(body, (bytes, bytearray, memoryview)):
+                    f.write(body)
+                elif hasattr(body, "read"):
+                    while True:
+                        chunk = body.read(_IO_CHUNK)
+                        if not chunk:
+                            break
+                        f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+                else:
+                    raise ParamValidationError(
+                        report="Invalid type for parameter Body, value: %r, type: %s, valid "
+                        "types: bytes, bytearray, file-like object" % (body, type(body).__name__)
+                    )
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path
+
+    # -- objects ------------------------------------------------------------------
+
+    def put_object(self, **kwargs: Any) -> dict[str, Any]:
+        """PutObject. ``Body`` may be bytes, str or a file object of any size."""
+        _check_params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS)
+        _require("PutObject", kwargs, "Bucket", "Key")
+        body = kwargs.get("Body", b"")
+        path = self._spool(body if body is not None else b"")
+        try:
+            info = _file_info(path)
+            if kwargs.get("ContentMD5"):
+                given = base64.b64decode(kwargs["ContentMD5"]).hex()
+                if given != info.md5:
+                    raise _client_error(
+                        {
+                            "Error": {
+                                "Code": "BadDigest",
+                                "Message": "The Content-MD5 you specified did not match "
+                                "what we received.",
+                            },
+                            "ResponseMetadata": {"HTTPStatusCode": 400, "RetryAttempts": 0},
+                        },
+                        "PutObject",
+                    )
+            return self._put_path(path, kwargs, info)
+        finally:
+            os.unlink(path)
+
+    def _put_path(
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        info: _FileInfo | None = None,
+        delta: bool | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        summary = self._engine.put_file(
+            path,
+            params["Bucket"],
+            params["Key"],
+            metadata=params.get("Metadata"),
+            headers=_put_headers(params),
+            delta=delta,
+            info=info,
+            on_bytes=on_bytes,
+        )
+        resp = summary.pop("Response")
+        out: dict[str, Any] = {"ETag": summary["ETag"]}
+        for name in ("ServerSideEncryption", "VersionId"):
+            if name in resp:
+                out[name] = resp[name]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        if summary["IsDelta"]:
+            out["DeltaGliderInfo"] = {
+                k: summary[k]
+                for k in (
+                    "OriginalSizeMB",
+                    "StoredSizeMB",
+                    "IsDelta",
+                    "CompressionRatio",
+                    "SavingsPercent",
+                    "StoredAs",
+                    "Operation",
+                )
+            }
+        return out
+
+    def _logical_response(self, lg: _Logical) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        head = lg.head
+        for key in (
+            "AcceptRanges",
+            "LastModified",
+            "CacheControl",
+            "ContentDisposition",
+            "ContentEncoding",
+            "ContentLanguage",
+            "Expires",
+            "ServerSideEncryption",
+            "SSEKMSKeyId",
+            "StorageClass",
+            "TagCount",
+            "VersionId",
+        ):
+            if key in head:
+                out[key] = head[key]
+        out.setdefault("AcceptRanges", "bytes")
+        out["ContentLength"] = lg.size
+        out["ETag"] = lg.etag
+        out["ContentType"] = lg.content_type
+        out["Metadata"] = _user_metadata(lg.metadata)
+        return out
+
+    def head_object(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("HeadObject", kwargs, {"Bucket", "Key"})
+        _require("HeadObject", kwargs, "Bucket", "Key")
+        lg = self._engine.head(kwargs["Bucket"], kwargs["Key"], "HeadObject")
+        out = self._logical_response(lg)
+        out["ResponseMetadata"] = _local_metadata(lg.head)
+        return out
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        """GetObject: the original bytes of a delta-stored key, rebuilt and verified first.
+        ``Range`` works on every kind of object."""
+        _check_params("GetObject", kwargs, {"Bucket", "Key", "Range"})
+        _require("GetObject", kwargs, "Bucket", "Key")
+        bucket, key = kwargs["Bucket"], kwargs["Key"]
+        engine = self._engine
+        lg = engine.head(bucket, key, "GetObject")
+        out = self._logical_response(lg)
+        size = lg.size
+        status = 200
+        if lg.kind == _Kind.DELTA:
+            fd, tmp = _private_tempfile(engine._tmp_dir(), ".get")
+            os.close(fd)
+            try:
+                engine._rebuild(lg, tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            start, end = 0, size - 1
+            if kwargs.get("Range"):
+                start, end = _parse_range(kwargs["Range"], size)
+                out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
+                status = 206
+            out["Body"] = _TempBody(tmp, start, end - start + 1)
+            out["ContentLength"] = end - start + 1
+        else:
+            resp = engine.storage.get_object(bucket, lg.stored_key, range=kwargs.get("Range"))
+            status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
+            out["ContentLength"] = resp.get("ContentLength", size)
+            if "ContentRange" in resp:
+                out["ContentRange"] = resp["ContentRange"]
+            body = resp["Body"]
+            if not kwargs.get("Range") and lg.sha256:
+                body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
+            out["Body"] = body
+        meta = _local_metadata(lg.head)
+        meta["HTTPStatusCode"] = status
+        out["ResponseMetadata"] = meta
+        return out
+
+    def delete_object(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("DeleteObject", kwargs, {"Bucket", "Key"})
+        _require("DeleteObject", kwargs, "Bucket", "Key")
+        info = self._engine.delete(kwargs["Bucket"], kwargs["Key"])
+        out: dict[str, Any] = {
+            "ResponseMetadata": {
+                "HTTPStatusCode": 204,
+                "RetryAttempts": 0,
+                "RequestId": "",
+                "HostId": "",
+                "HTTPHeaders": {},
+            }
+        }
+        if info.get("Type") not in ("missing", _Kind.DIRECT, _Kind.FOREIGN):
+            out["DeltaGliderInfo"] = info
+        return out
+
+    def delete_objects(self, **kwargs: Any) -> dict[str, Any]:
+        """DeleteObjects: each logical key goes (``<key>`` and ``<key>.delta``), then the
+        references no delta needs any more."""
+        _check_params("DeleteObjects", kwargs, {"Bucket", "Delete"})
+        _require("DeleteObjects", kwargs, "Bucket", "Delete")
+        bucket = kwargs["Bucket"]
+        spec = kwargs["Delete"]
+        objects = spec.get("Objects") or []
+        if len(objects) > _DELETE_BATCH:
+            raise ParamValidationError(report="Delete.Objects takes at most 1000 keys")
+        keys = [o["Key"] for o in objects]
+        for k in keys:
+            _validate_key(k)
+        stored = []
+        for k in keys:
+            if k.rsplit("/", 1)[-1] != _REFERENCE_NAME:
+                stored.append(k)
+            stored.append(k + _DELTA_SUFFIX)
+        storage = self._engine.storage
+        deleted_stored: set[str] = set()
+        errors: list[dict[str, Any]] = []
+        for i in range(0, len(stored), _DELETE_BATCH):
+            resp = storage.delete_objects(bucket, stored[i : i + _DELETE_BATCH])
+            deleted_stored.update(d["Key"] for d in resp.get("Deleted", []))
+            errors += resp.get("Errors", [])
+        spaces = {_deltaspace(k) for k in keys}
+        for space in sorted(spaces):
+            self._engine._drop_unused_reference(bucket, space)
+        failed = {e["Key"] for e in errors}
+        out: dict[str, Any] = {}
+        done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
+        if done and not spec.get("Quiet"):
+            out["Deleted"] = done
+        logical_errors = [
+            dict(e, Key=e["Key"][: -len(_DELTA_SUFFIX)] if e["Key"] not in keys else e["Key"])
+            for e in errors
+        ]
+        if logical_errors:
+            out["Errors"] = logical_errors
+        out["ResponseMetadata"] = {
+            "HTTPStatusCode": 200,
+            "RetryAttempts": 0,
+            "RequestId": "",
+            "HostId": "",
+            "HTTPHeaders": {},
+        }
+        return out
+
+    def copy_object(self, **kwargs: Any) -> dict[str, Any]:
+        """CopyObject of a logical object: a delta-stored source is rebuilt and stored
+        again at the destination (in the destination's deltaspace)."""
+        allowed = {"Bucket", "Key", "CopySource", "MetadataDirective"} | _PUT_PARAMS
+        _check_params("CopyObject", kwargs, allowed)
+        _require("CopyObject", kwargs, "Bucket", "Key", "CopySource")
+        src = kwargs["CopySource"]
+        if isinstance(src, str):
+            text = urllib.parse.unquote(src.lstrip("/"))
+            src_bucket, _, src_key = text.partition("/")
+            if "?versionId=" in src_key:
+                raise ParamValidationError(report="CopySource versionId is not supported")
+        else:
+            src_bucket, src_key = src["Bucket"], src["Key"]
+        engine = self._engine
+        lg = engine.head(src_bucket, src_key, "HeadObject")
+        directive = kwargs.get("MetadataDirective", "COPY")
+        params = dict(kwargs)
+        if directive == "COPY":
+            params["Metadata"] = _user_metadata(lg.metadata)
+            params.setdefault("ContentType", lg.content_type)
+            for name in (
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+            ):
+                if name in lg.head:
+                    params.setdefault(name, lg.head[name])
+        fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
+        os.close(fd)
+        try:
+            engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
+            result = self._put_path(tmp, params)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        out: dict[str, Any] = {
+            "CopyObjectResult": {
+                "ETag": result["ETag"],
+                "LastModified": self._now().replace(microsecond=0),
+            },
+            "ResponseMetadata": result["ResponseMetadata"],
+        }
+        if "DeltaGliderInfo" in result:
+            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+        return out
+
+    # -- listing ------------------------------------------------------------------
+
+    def _logical_page(
+        self, bucket: str, page: dict[str, Any], after: str | None, fetch: bool
+    ) -> list[dict[str, Any]]:
+        """Hide references, show logical names; with ``fetch`` add the logical size and
+        the compression details (HEADs run in parallel)."""
+        contents = []
+        for obj in page.get("Contents", []):
+            stored = obj["Key"]
+            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                continue
+            logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+            if after is not None and logical <= after:
+                continue
+            item = dict(obj)
+            item["Key"] = logical
+            if fetch:
+                item["_stored"] = stored
+            contents.append(item)
+        if fetch and contents:
+            self._fetch_details(bucket, contents)
+        return contents
+
+    def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
+        storage = self._engine.storage
+
+        def one(item: dict[str, Any]) -> None:
+            stored = item.pop("_stored")
+            is_delta = stored.endswith(_DELTA_SUFFIX)
+            meta: dict[str, str] = {}
+            if is_delta:
+                try:
+                    meta = storage.head_object(bucket, stored).get("Metadata", {})
+                except ClientError:
+                    meta = {}
+            original = _meta_get(meta, "file_size") if is_delta else None
+            size = int(original) if original and original.isdigit() else item["Size"]
+            stored_size = item["Size"]
+            item["Size"] = size
+            details = {
+                "deltaglider-is-delta": "true" if is_delta else "false",
+                "deltaglider-original-size": str(size),
+                "deltaglider-stored-size": str(stored_size),
+                "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
+            }
+            if is_delta:
+                ref = _meta_get(meta, "ref") or _REFERENCE_NAME
+                details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
+            item["Metadata"] = details
+
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(self._max_workers, len(contents))
+        ) as pool:
+            list(pool.map(one, contents))
+
+    def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
+        """ListObjectsV2 of logical keys. ``Size`` is what is stored unless
+        ``FetchMetadata=True`` (then the logical size and compression details)."""
+        allowed = {
+            "Bucket",
+            "Prefix",
+            "Delimiter",
+            "MaxKeys",
+            "ContinuationToken",
+            "StartAfter",
+            "EncodingType",
+            "FetchOwner",
+            "FetchMetadata",
+        }
+        _check_params("ListObjectsV2", kwargs, allowed)
+        _require("ListObjectsV2", kwargs, "Bucket")
+        bucket = kwargs["Bucket"]
+        after = kwargs.get("StartAfter")
+        page = self._engine.storage.list_objects_v2(
+            bucket,
+            prefix=kwargs.get("Prefix", ""),
+            delimiter=kwargs.get("Delimiter", ""),
+            max_keys=int(kwargs.get("MaxKeys", 1000)),
+            continuation_token=kwargs.get("ContinuationToken"),
+            start_after=after,
+        )
+        contents = self._logical_page(bucket, page, after, bool(kwargs.get("FetchMetadata")))
+        out: dict[str, Any] = {"IsTruncated": page.get("IsTruncated", False)}
+        if contents:
+            out["Contents"] = contents
+        out["Name"] = bucket
+        out["Prefix"] = kwargs.get("Prefix", "")
+        if kwargs.get("Delimiter"):
+            out["Delimiter"] = kwargs["Delimiter"]
+        out["MaxKeys"] = page.get("MaxKeys", int(kwargs.get("MaxKeys", 1000)))
+        if page.get("CommonPrefixes"):
+            out["CommonPrefixes"] = page["CommonPrefixes"]
+        if kwargs.get("EncodingType"):
+            out["EncodingType"] = kwargs["EncodingType"]
+        out["KeyCount"] = len(contents) + len(page.get("CommonPrefixes", []))
+        for name in ("ContinuationToken", "NextContinuationToken", "StartAfter"):
+            if kwargs.get(name) and name != "NextContinuationToken":
+                out[name] = kwargs[name]
+            elif name == "NextContinuationToken" and page.get(name):
+                out[name] = page[name]
+        out["ResponseMetadata"] = _local_metadata(page)
+        return out
+
+    def list_objects(self, **kwargs: Any) -> dict[str, Any]:
+        """ListObjects (v1) of logical keys, with ``Marker``/``NextMarker`` paging."""
+        allowed = {
+            "Bucket",
+            "Prefix",
+            "Delimiter",
+            "MaxKeys",
+            "Marker",
+            "EncodingType",
+            "FetchMetadata",
+        }
+        _check_params("ListObjects", kwargs, allowed)
+        _require("ListObjects", kwargs, "Bucket")
+        bucket = kwargs["Bucket"]
+        marker = kwargs.get("Marker") or None
+        page = self._engine.storage.list_objects_v2(
+            bucket,
+            prefix=kwargs.get("Prefix", ""),
+            delimiter=kwargs.get("Delimiter", ""),
+            max_keys=int(kwargs.get("MaxKeys", 1000)),
+            start_after=marker,
+        )
+        contents = self._logical_page(bucket, page, marker, bool(kwargs.get("FetchMetadata")))
+        out: dict[str, Any] = {
+            "IsTruncated": page.get("IsTruncated", False),
+            "Marker": kwargs.get("Marker", ""),
+        }
+        if contents:
+            out["Contents"] = contents
+        if out["IsTruncated"]:
+            # The last stored key of the page: logical names sort before their .delta.
+            last = [c["Key"] for c in page.get("Contents", [])]
+            last += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            out["NextMarker"] = max(last) if last else marker or ""
+        out["Name"] = bucket
+        out["Prefix"] = kwargs.get("Prefix", "")
+        if kwargs.get("Delimiter"):
+            out["Delimiter"] = kwargs["Delimiter"]
+        out["MaxKeys"] = page.get("MaxKeys", int(kwargs.get("MaxKeys", 1000)))
+        if page.get("CommonPrefixes"):
+            out["CommonPrefixes"] = page["CommonPrefixes"]
+        if kwargs.get("EncodingType"):
+            out["EncodingType"] = kwargs["EncodingType"]
+        out["ResponseMetadata"] = _local_metadata(page)
+        return out
+
+    # -- files --------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        Filename: str,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None = None,
+        Callback: Callable[[int], None] | None = None,
+        Config: Any = None,
+    ) -> None:
+        """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
+        extra = dict(ExtraArgs or {})
+        _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
+        params = dict(extra, Bucket=Bucket, Key=Key)
+        info = _file_info(Filename)
+        sent = [0]
+
+        def on_bytes(n: int) -> None:
+            sent[0] += n
+            if Callback:
+                Callback(n)
+
+        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        if Callback and sent[0] < info.size:
+            Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
+
+    def download_file(
+        self,
+        Bucket: str,
+        Key: str,
+        Filename: str,
+        ExtraArgs: dict[str, Any] | None = None,
+        Callback: Callable[[int], None] | None = None,
+        Config: Any = None,
+    ) -> None:
+        """download_file as boto3's: written beside ``Filename`` and renamed once verified."""
+        _check_params("download_file ExtraArgs", dict(ExtraArgs or {}), set())
+        lg = self._engine.get_to_file(Bucket, Key, Filename)
+        if Callback:
+            Callback(lg.size)
+
+    def upload_fileobj(
+        self,
+        Fileobj: Any,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None = None,
+        Callback: Callable[[int], None] | None = None,
+        Config: Any = None,
+    ) -> None:
+        path = self._spool(Fileobj)
+        try:
+            self.upload_file(path, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback)
+        finally:
+            os.unlink(path)
+
+    def download_fileobj(
+        self,
+        Bucket: str,
+        Key: str,
+        Fileobj: Any,
+        ExtraArgs: dict[str, Any] | None = None,
+        Callback: Callable[[int], None] | None = None,
+        Config: Any = None,
+    ) -> None:
+        _check_params("download_fileobj ExtraArgs", dict(ExtraArgs or {}), set())
+        resp = self.get_object(Bucket=Bucket, Key=Key)
+        with resp["Body"] as body:
+            for chunk in body.iter_chunks(_IO_CHUNK):
+                Fileobj.write(chunk)
+                if Callback:
+                    Callback(len(chunk))
+
+    # -- buckets ------------------------------------------------------------------
+
+    def create_bucket(self, **kwargs: Any) -> dict[str, Any]:
+        allowed = {
+            "Bucket",
+            "CreateBucketConfiguration",
+            "ACL",
+            "GrantFullControl",
+            "GrantRead",
+            "GrantReadACP",
+            "GrantWrite",
+            "GrantWriteACP",
+            "ObjectLockEnabledForBucket",
+            "ObjectOwnership",
+        }
+        _check_params("CreateBucket", kwargs, allowed)
+        _require("CreateBucket", kwargs, "Bucket")
+        location = (kwargs.get("CreateBucketConfiguration") or {}).get("LocationConstraint")
+        headers = _acl_headers(kwargs)
+        if kwargs.get("ObjectLockEnabledForBucket"):
+            headers["x-amz-bucket-object-lock-enabled"] = "true"
+        if kwargs.get("ObjectOwnership"):
+            headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
+        return self._engine.storage.create_bucket(  # type: ignore[no-any-return]
+            kwargs["Bucket"], location=location, headers=headers
+        )
+
+    def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("DeleteBucket", kwargs, {"Bucket"})
+        _require("DeleteBucket", kwargs, "Bucket")
+        return self._engine.storage.delete_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+
+    def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("ListBuckets", kwargs, set())
+        return self._engine.storage.list_buckets()  # type: ignore[no-any-return]
+
+    def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("HeadBucket", kwargs, {"Bucket"})
+        _require("HeadBucket", kwargs, "Bucket")
+        return self._engine.storage.head_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+
+    def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("GetBucketLocation", kwargs, {"Bucket"})
+        _require("GetBucketLocation", kwargs, "Bucket")
+        return self._engine.storage.get_bucket_location(kwargs["Bucket"])  # type: ignore[no-any-return]
+
+    def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
+        _check_params("GetBucketAcl", kwargs, {"Bucket"})
+        _require("GetBucketAcl", kwargs, "Bucket")
+        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])  # type: ignore[no-any-return]
+
+    def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
+        allowed = {
+            "Bucket",
+            "ACL",
+            "AccessControlPolicy",
+            "GrantFullControl",
+            "GrantRead",
+            "GrantReadACP",
+            "GrantWrite",
+            "GrantWriteACP",
+        }
+        _check_params("PutBucketAcl", kwargs, allowed)
+        _require("PutBucketAcl", kwargs, "Bucket")
+        body = (
+            _acl_xml(kwargs["AccessControlPolicy"]) if kwargs.get("AccessControlPolicy") else None
+        )
+        headers = _acl_headers(kwargs)
+        if body:
+            headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return self._engine.storage.put_bucket_acl(  # type: ignore[no-any-return]
+            kwargs["Bucket"], headers=headers, body=body
+        )
+
+    # -- presigning ---------------------------------------------------------------
+
+    def generate_presigned_url(
+        self,
+        ClientMethod: str,
+        Params: dict[str, Any] | None = None,
+        ExpiresIn: int = 3600,
+        HttpMethod: str | None = None,
+    ) -> str:
+        """A SigV4 presigned URL. For ``get_object`` of a delta-stored key the URL serves
+        a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
+        removes it), so whoever follows the link gets the original bytes."""
+        params = dict(Params or {})
+        methods = {
+            "get_object": (
+                "GET",
+                {
+                    "Bucket",
+                    "Key",
+                    "ResponseContentType",
+                    "ResponseContentDisposition",
+                    "ResponseCacheControl",
+                    "ResponseContentEncoding",
+                    "ResponseContentLanguage",
+                    "ResponseExpires",
+                },
+            ),
+            "head_object": ("HEAD", {"Bucket", "Key"}),
+            "put_object": ("PUT", {"Bucket", "Key"}),
+            "delete_object": ("DELETE", {"Bucket", "Key"}),
+            "list_objects_v2": (
+                "GET",
+                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
+            ),
+        }
+        if ClientMethod not in methods:
+            raise ParamValidationError(
+                report="deltaglider presigns %s; not %r"
+                % (", ".join(sorted(methods)), ClientMethod)
+            )
+        method, allowed = methods[ClientMethod]
+        _check_params(ClientMethod, params, allowed)
+        _require(ClientMethod, params, "Bucket")
+        storage = self._engine.storage
+        if getattr(storage, "is_local", False):
+            raise ParamValidationError(
+                report="presigned URLs need an S3 endpoint, not a local store"
+            )
+        bucket, key = params.pop("Bucket"), params.pop("Key", None)
+        query: list[tuple[str, str]] = []
+        if ClientMethod == "get_object" and key is not None:
+            lg = self._engine.head(bucket, key, "GetObject")
+            if lg.kind == _Kind.DELTA:
+                key = self._rehydrate(lg, int(ExpiresIn))
+            for name, value in sorted(params.items()):
+                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+                query.append(("response-" + snake, str(value)))
+        elif ClientMethod == "list_objects_v2":
+            query.append(("list-type", "2"))
+            for name, value in params.items():
+                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+        return storage.presign_url(HttpMethod or method, bucket, key, query, int(ExpiresIn))  # type: ignore[no-any-return]
+
+    def _rehydrate(self, lg: _Logical, expires: int) -> str:
+        """Store a rebuilt copy of a delta-stored object for a presigned URL to serve."""
+        name = lg.key.rsplit("/", 1)[-1]
+        tmp_key = ".deltaglider/tmp/%s_%s" % (uuid.uuid4().hex, name)
+        engine = self._engine
+        fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
+        os.close(fd)
+        try:
+            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+            meta = {
+                "dg-expires-at": _iso_utc(self._now() + datetime.timedelta(seconds=expires)),
+                "dg-original-key": _meta_encode(lg.key),
+                "dg-rehydrated": "true",
+                "dg-created-at": _iso_utc(self._now()),
+            }
+            headers = {"Content-Type": lg.content_type}
+            _put_path(engine.storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        return tmp_key
+
+    def generate_presigned_post(
+        self,
+        Bucket: str,
+        Key: str,
+        Fields: dict[str, str] | None = None,
+        Conditions: list[Any] | None = None,
+        ExpiresIn: int = 3600,
+    ) -> dict[str, Any]:
+        """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
+        storage = self._engine.storage
+        if getattr(storage, "is_local", False):
+            raise ParamValidationError(
+                report="presigned POSTs need an S3 endpoint, not a local store"
+            )
+        fields = dict(Fields or {})
+        conditions = list(Conditions or [])
+        conditions.append({"bucket": Bucket})
+        if Key.endswith("${filename}"):
+            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
+        else:
+            conditions.append({"key": Key})
+        fields["key"] = Key
+        return storage.presign_post(Bucket, fields, conditions, int(ExpiresIn))  # type: ignore[no-any-return]
+
+    # -- deltaglider extensions ---------------------------------------------------
+
+    def upload(
+        self,
+        file_path: str,
+        s3_url: str,
+        *,
+        max_ratio: float | None = None,
+        delta: bool | None = None,
+    ) -> UploadSummary:
+        """Upload a file to ``s3://bucket/key`` (a trailing ``/`` means "into this folder",
+        as aws s3 cp); returns what was stored and what it saved."""
+        bucket, key = _parse_s3_url(s3_url)
+        if not key or key.endswith("/"):
+            key += os.path.basename(file_path)
+        summary = self._engine.put_file(file_path, bucket, key, delta=delta, max_ratio=max_ratio)
+        return UploadSummary(
+            operation=summary["Operation"],
+            bucket=bucket,
+            key=key,
+            stored_key=summary["StoredAs"],
+            original_size=summary["OriginalSize"],
+            stored_size=summary["StoredSize"],
+            is_delta=summary["IsDelta"],
+        )
+
+    def download(self, s3_url: str, output_path: str) -> str:
+        """Download a logical object; returns the path written (verified, then renamed)."""
+        bucket, key = _parse_s3_url(s3_url)
+        if os.path.isdir(output_path):
+            output_path = os.path.join(output_path, key.rsplit("/", 1)[-1])
+        self._engine.get_to_file(bucket, key, output_path)
+        return output_path
+
+    def verify(self, s3_url: str) -> dict[str, Any]:
+        """Rebuild a logical object and check it against its recorded SHA-256.
+
+        Returns ``{'valid', 'kind', 'expected_sha256', 'actual_sha256', 'message'}``."""
+        bucket, key = _parse_s3_url(s3_url)
+        engine = self._engine
+        lg = engine.head(bucket, key, "GetObject")
+        fd, path = _private_tempfile(engine._tmp_dir(), ".verify")
+        os.close(fd)
+        try:
+            try:
+                if lg.kind == _Kind.DELTA:
+                    engine._rebuild(lg, path)
+                else:
+                    engine._fetch_plain(lg, path)
+                valid, message = True, "Integrity verified"
+            except IntegrityError as e:
+                valid, message = False, str(e)
+            actual = _sha256_file(path)[0] if os.path.getsize(path) or valid else ""
+        finally:
+            os.unlink(path)
+        if lg.kind == _Kind.FOREIGN:
+            message = "no SHA-256 recorded (not written by deltaglider); read back completely"
+        return {
+            "valid": valid,
+            "kind": lg.kind,
+            "expected_sha256": lg.sha256,
+            "actual_sha256": actual,
+            "message": message,
+        }
+
+    def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
+        """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
+        storage = self._engine.storage
+        now = self._now()
+        deleted = expired = errors = freed = 0
+        token: str | None = None
+        while True:
+            page = storage.list_objects_v2(
+                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
+            )
+            for obj in page.get("Contents", []):
+                try:
+                    meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
+                    when = meta.get("dg-expires-at")
+                    if when and _parse_timestamp(when) <= now:
+                        expired += 1
+                        storage.delete_object(Bucket, obj["Key"])
+                        deleted += 1
+                        freed += obj["Size"]
+                except (ClientError, ValueError) as e:
+                    logger.warning("purge: %s: %s", obj["Key"], e)
+                    errors += 1
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return {
+            "bucket": Bucket,
+            "deleted_count": deleted,
+            "expired_count": expired,
+            "error_count": errors,
+            "total_size_freed": freed,
+        }
+
+
+class UploadSummary(NamedTuple):
+    """What :meth:`DeltaGliderClient.upload` stored."""
+
+    operation: str
+    bucket: str
+    key: str
+    stored_key: str
+    original_size: int
+    stored_size: int
+    is_delta: bool
+
+    @property
+    def original_size_mb(self) -> float:
+        return self.original_size / 1048576.0
+
+    @property
+    def stored_size_mb(self) -> float:
+        return self.stored_size / 1048576.0
+
+    @property
+    def savings_percent(self) -> float:
+        if not self.original_size:
+            return 0.0
+        return (self.original_size - self.stored_size) / self.original_size * 100.0
+
+    @property
+    def delta_ratio(self) -> float:
+        return self.stored_size / self.original_size if self.original_size else 1.0
+
+
+class _VerifyingBody(StreamingBody):
+    """A direct object's body that checks its SHA-256 when read to the end."""
+
+    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        super().__init__(inner, None)
+        self._inner = inner
+        self._expected = sha256
+        self._label = label
+        self._hash = hashlib.sha256()
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = super().read(amt)
+        self._hash.update(data)
+        if self._eof and self._hash.hexdigest() != self._expected:
+            raise IntegrityError(
+                "%s: SHA-256 mismatch: expected %s, got %s"
+                % (self._label, self._expected, self._hash.hexdigest())
+            )
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+_CANNED_ACL_PARAMS = (
+    ("ACL", "x-amz-acl"),
+    ("GrantFullControl", "x-amz-grant-full-control"),
+    ("GrantRead", "x-amz-grant-read"),
+    ("GrantReadACP", "x-amz-grant-read-acp"),
+    ("GrantWrite", "x-amz-grant-write"),
+    ("GrantWriteACP", "x-amz-grant-write-acp"),
+)
+
+
+def _acl_headers(params: Mapping[str, Any]) -> dict[str, str]:
+    return {header: str(params[name]) for name, header in _CANNED_ACL_PARAMS if params.get(name)}
+
+
+def _acl_xml(policy: Mapping[str, Any]) -> bytes:
+    """An AccessControlPolicy dict (boto3's shape) as S3's XML."""
+    xsi = "http://www.w3.org/2001/XMLSchema-instance"
+    parts = ['<AccessControlPolicy xmlns="%s">' % _S3_XMLNS]
+    owner = policy.get("Owner") or {}
+    if owner:
+        parts.append("<Owner>")
+        for tag in ("ID", "DisplayName"):
+            if owner.get(tag):
+                parts.append("<%s>%s</%s>" % (tag, _xml_escape(owner[tag]), tag))
+        parts.append("</Owner>")
+    parts.append("<AccessControlList>")
+    for grant in policy.get("Grants", []):
+        grantee = grant.get("Grantee", {})
+        parts.append(
+            '<Grant><Grantee xmlns:xsi="%s" xsi:type="%s">'
+            % (xsi, grantee.get("Type", "CanonicalUser"))
+        )
+        for tag in ("ID", "DisplayName", "EmailAddress", "URI"):
+            if grantee.get(tag):
+                parts.append("<%s>%s</%s>" % (tag, _xml_escape(grantee[tag]), tag))
+        parts.append(
+            "</Grantee><Permission>%s</Permission></Grant>"
+            % _xml_escape(grant.get("Permission", ""))
+        )
+    parts.append("</AccessControlList></AccessControlPolicy>")
+    return "".join(parts).encode("utf-8")
+
+
+def create_client(
+    endpoint_url: str | None = None,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    aws_session_token: str | None = None,
+    region_name: str | None = None,
+    profile_name: str | None = None,
+    *,
+    config: Config | None = None,
+    cache_dir: str | None = None,
+    max_ratio: float | None = None,
+    log_level: str | None = None,
+    anonymous: bool = False,
+    xdelta3_path: str | None = None,
+    max_workers: int = 10,
+    environ: Mapping[str, str] | None = None,
+    now: Callable[[], datetime.datetime] = _utcnow,
+) -> DeltaGliderClient:
+    """A boto3-compatible S3 client that stores versioned artifacts as deltas.
+
+    ``endpoint_url`` may be ``file:///path`` for a local directory store. Credentials,
+    region and endpoint follow botocore's order (see README); they are resolved on first
+    use. ``max_ratio`` (``DG_MAX_RATIO``, default 0.5) is the largest delta, as a fraction
+    of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    level = log_level or env.get(_ENV_LOG_LEVEL)
+    if level:
+        logger.setLevel(level.upper())
+    if max_ratio is None:
+        try:
+            max_ratio = float(env.get(_ENV_MAX_RATIO, _DEFAULT_MAX_RATIO))
+        except ValueError:
+            raise InvalidConfigError(error_msg="%s must be a number" % _ENV_MAX_RATIO) from None
+    if not 0.0 <= max_ratio <= 1.0:
+        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
+    endpoint = endpoint_url
+    if endpoint is None and not profile_name:
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+
+    def storage_factory() -> Any:
+        if endpoint and endpoint.startswith("file:"):
+            return _LocalStorage(_local_root_from_url(endpoint), now=now)
+        settings = _resolve_client_settings(
+            config,
+            region_name=region_name,
+            endpoint_url=endpoint_url,
+            profile_name=profile_name,
+            environ=env,
+        )
+        if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
+            return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
+        provider_box: list[_CredentialProvider | None] = []
+
+        def credentials() -> _Credentials | None:
+            if anonymous or settings.unsigned:
+                return None
+            if not provider_box:
+                provider = _resolve_credentials(
+                    access_key=aws_access_key_id,
+                    secret_key=aws_secret_access_key,
+                    session_token=aws_session_token,
+                    profile_name=settings.profile_name,
+                    profile_explicit=settings.profile_explicit,
+                    profile=settings.profile,
+                    environ=env,
+                    now=now,
+                )
+                if provider is None:
+                    raise NoCredentialsError()
+                provider_box.append(provider)
+            prov = provider_box[0]
+            assert prov is not None
+            return prov.get()
+
+        return _S3Storage(
+            endpoint_url=settings.endpoint_url,
+            region=settings.region,
+            credentials=credentials,
+            addressing_style=settings.addressing_style,
+            max_attempts=settings.max_attempts,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            verify=settings.verify,
+            max_pool_connections=settings.max_pool_connections,
+            proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
+            payload_signing=settings.payload_signing,
+            now=now,
+        )
+
+    return DeltaGliderClient(
+        storage_factory,
+        cache_dir=cache_dir or _default_cache_dir(env),
+        max_ratio=max_ratio,
+        xdelta=_XDelta3(xdelta3_path, environ=env),
+        environ=env,
+        now=now,
+        max_workers=max_workers,
+    )
+
+
+###############################################################################
+# Transfers: parallel work, progress, cancellation ############################
+###############################################################################
+
+
+class _Cancelled(DeltaGliderError):
+    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
+
+
+class _Progress:
+    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
+
+    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._files = files
+        self._total = total
+        self._done = 0
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.cancel = threading.Event()
+
+    def add(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled("cancelled")
+        with self._lock:
+            self._done += n
+            self._draw()
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._files -= 1
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-6)
+        line = "Completed %s/%s (%s/s) with %d file(s) remaining" % (
+            _human_size(self._done),
+            _human_size(self._total),
+            _human_size(rate),
+            max(self._files, 0),
+        )
+        self._stream.write("\r" + line.ljust(79) + "\r")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._enabled:
+            self._stream.write("\r" + " " * 79 + "\r")
+            self._stream.flush()
+
+
+def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
+    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        for f in futures:
+            while True:
+                try:
+                    f.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+    except BaseException:
+        progress.cancel.set()
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures, timeout=1.0)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown(wait=True)
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def _safe_relative(rel: str) -> str | None:
+    """A key's path below a download folder, or None when it could escape it (``..``,
+    absolute paths, backslashes, NUL and control characters, empty segments)."""
+    if not rel or _UNSAFE_KEY_CHARS.search(rel) or rel.startswith("/"):
+        return None
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in ("", ".", ".."):
+        return None
+    if re.match(r"^[A-Za-z]:", rel):
+        return None
+    return os.path.join(*parts)
+
+
+def _display_path(path: str) -> str:
+    """Local paths as aws s3 prints them: relative to the working directory."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    if not os.path.dirname(rel) and not rel.startswith("."):
+        return "./" + rel
+    return rel
+
+
+class _Filters:
+    """--exclude/--include in the order given, last match wins (aws s3 filters.py)."""
+
+    def __init__(self, rules: list[tuple[str, str]]) -> None:
+        self._rules = rules
+
+    def included(self, rel: str) -> bool:
+        keep = True
+        for kind, pattern in self._rules:
+            if fnmatch.fnmatchcase(rel, pattern):
+                keep = kind == "include"
+        return keep
+
+
+class _FilterAction(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        rules = list(getattr(namespace, "filters", None) or [])
+        rules.append((self.dest, values))
+        namespace.filters = rules
+
+
+class _Cli:
+    """One CLI run: parsed arguments, the client, the output streams and the tallies."""
+
+    def __init__(
+        self, args: argparse.Namespace, out: IO[str], err: IO[str], environ: Mapping[str, str]
+    ) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.environ = environ
+        self.failed = 0
+        self.warned = 0
+        self._print_lock = threading.Lock()
+        self._client: DeltaGliderClient | None = None
+        quiet = getattr(args, "quiet", False)
+        self.quiet = quiet
+        self.errors_only = getattr(args, "only_show_errors", False)
+        show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
+        self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
+        self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+
+    @property
+    def client(self) -> DeltaGliderClient:
+        if self._client is None:
+            verify: bool | str | None = None
+            if self.args.no_verify_ssl:
+                verify = False
+            elif self.args.ca_bundle:
+                verify = self.args.ca_bundle
+            cfg = Config(
+                verify=verify,
+                max_attempts=self.args.max_attempts,
+                connect_timeout=self.args.cli_connect_timeout,
+                read_timeout=self.args.cli_read_timeout,
+                max_pool_connections=max(10, self.workers),
+            )
+            max_ratio = getattr(self.args, "max_ratio", None)
+            self._client = create_client(
+                endpoint_url=self.args.endpoint_url,
+                region_name=self.args.region,
+                profile_name=self.args.profile,
+                config=cfg,
+                anonymous=self.args.no_sign_request,
+                max_ratio=max_ratio,
+                max_workers=self.workers,
+                environ=self.environ,
+            )
+        return self._client
+
+    # -- output -------------------------------------------------------------------
+
+    def line(self, text: str) -> None:
+        if self.quiet or self.errors_only:
+            return
+        with self._print_lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def error(self, text: str) -> None:
+        if self.quiet:
+            return
+        with self._print_lock:
+            self.err.write(text + "\n")
+            self.err.flush()
+
+    def fail(self, text: str) -> None:
+        self.failed += 1
+        self.error(text)
+
+    def warn(self, text: str) -> None:
+        self.warned += 1
+        self.error("warning: " + text)
+
+    def dry(self) -> str:
+        return "(dryrun) " if getattr(self.args, "dryrun", False) else ""
+
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_FAILED
+        if self.warned:
+            return EXIT_USAGE
+        return EXIT_OK
+
+    # -- helpers ------------------------------------------------------------------
+
+    def filters(self) -> _Filters:
+        return _Filters(list(getattr(self.args, "filters", None) or []))
+
+    def list_logical(
+        self, bucket: str, prefix: str, fetch: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Every logical object under a prefix (paging past 1000 keys)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if fetch:
+            kwargs["FetchMetadata"] = True
+        for page in paginator.paginate(**kwargs):
+            yield from page.get("Contents", [])
+
+    def run_tasks(self, tasks: list[Callable[[], None]], total_bytes: int) -> None:
+        progress = _Progress(self.err, self.progress_enabled, len(tasks), total_bytes)
+        self._progress = progress
+        try:
+            _run_parallel(tasks, self.workers, progress)
+        finally:
+            progress.clear()
+
+    def on_bytes(self, n: int) -> None:
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.add(n)
+
+    def file_done(self) -> None:
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.file_done()
+
+    def describe_error(self, e: BaseException) -> str:
+        if isinstance(e, (DeltaGliderError, OSError)):
+            text = str(e)
+            if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+                text += ": %s" % e.filename
+            return text.splitlines()[0] if isinstance(e, XDelta3Error) is False else text
+        return "%s: %s" % (type(e).__name__, e)
+
+    def _saved_note(self, summary: Mapping[str, Any]) -> str:
+        op = summary.get("Operation")
+        if op == "create_delta":
+            return " (delta, %.1f%% saved)" % summary["SavingsPercent"]
+        if op == "create_reference":
+            return " (reference)"
+        return ""
+
+    # -- cp / mv ------------------------------------------------------------------
+
+    def upload_one(self, path: str, bucket: str, key: str, verb: str = "upload") -> None:
+        dest = "s3://%s/%s" % (bucket, key)
+        shown = _display_path(path)
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, shown, dest))
+            return
+        try:
+            extra = self.put_args()
+            mtime = os.stat(path).st_mtime
+            params = dict(extra, Bucket=bucket, Key=key)
+            metadata = dict(params.get("Metadata") or {})
+            params["Metadata"] = metadata
+            engine = self.client._engine
+            delta = False if getattr(self.args, "no_delta", False) else None
+            summary = engine.put_file(
+                path,
+                bucket,
+                key,
+                metadata=metadata,
+                headers=_put_headers(params),
+                delta=delta,
+                on_bytes=self.on_bytes,
+                mtime=mtime,
+            )
+            if verb == "move":
+                os.unlink(path)
+            self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, shown, dest, self.describe_error(e)))
+        finally:
+            self.file_done()
+
+    def put_args(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if getattr(self.args, "content_type", None):
+            extra["ContentType"] = self.args.content_type
+        if getattr(self.args, "storage_class", None):
+            extra["StorageClass"] = self.args.storage_class
+        if getattr(self.args, "metadata", None):
+            extra["Metadata"] = dict(self.args.metadata)
+        if getattr(self.args, "cache_control", None):
+            extra["CacheControl"] = self.args.cache_control
+        if getattr(self.args, "content_disposition", None):
+            extra["ContentDisposition"] = self.args.content_disposition
+        if getattr(self.args, "acl", None):
+            extra["ACL"] = self.args.acl
+        return extra
+
+    def download_one(
+        self, bucket: str, key: str, path: str, verb: str = "download", mtime: Any = None
+    ) -> None:
+        src = "s3://%s/%s" % (bucket, key)
+        shown = _display_path(path)
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
+            return
+        try:
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            lg = self.client._engine.get_to_file(bucket, key, path)
+            self.on_bytes(lg.size)
+            stamp = _logical_mtime(lg)
+            if stamp is not None:
+                os.utime(path, (stamp, stamp))
+            if verb == "move":
+                self.client._engine.delete(bucket, key)
+            self.line("%s: %s to %s" % (verb, src, shown))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, shown, self.describe_error(e)))
+        finally:
+            self.file_done()
+
+    def copy_one(self, sb: str, sk: str, db: str, dk: str, verb: str = "copy") -> None:
+        src, dst = "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk)
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
+            return
+        try:
+            engine = self.client._engine
+            lg = engine.head(sb, sk, "HeadObject")
+            fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
+            os.close(fd)
+            try:
+                engine.get_to_file(sb, sk, tmp, logical=lg)
+                params = dict(self.put_args())
+                params.setdefault("Metadata", _user_metadata(lg.metadata))
+                params.setdefault("ContentType", lg.content_type)
+                delta = False if getattr(self.args, "no_delta", False) else None
+                summary = engine.put_file(
+                    tmp,
+                    db,
+                    dk,
+                    metadata=params["Metadata"],
+                    headers=_put_headers(params),
+                    delta=delta,
+                )
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            if verb == "move":
+                engine.delete(sb, sk)
+            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+        finally:
+            self.file_done()
+
+    def local_files(self, root: str) -> Iterator[tuple[str, str]]:
+        """(path, relative path with '/') of regular files under ``root``, sorted;
+        special files are skipped with a warning, as aws s3 does."""
+        follow = not getattr(self.args, "no_follow_symlinks", False)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                try:
+                    st = os.stat(path) if follow else os.lstat(path)
+                except OSError as e:
+                    self.warn("Skipping file %s. %s" % (path, e.strerror))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    if stat.S_ISLNK(st.st_mode):
+                        continue
+                    self.warn(
+                        "Skipping file %s. File is character special device, block special "
+                        "device, FIFO, or socket." % path
+                    )
+                    continue
+                if not os.access(path, os.R_OK):
+                    self.warn("Skipping file %s. File/Directory is not readable." % path)
+                    continue
+                yield path, rel
+
+    def cmd_cp(self, move: bool = False) -> int:
+        src, dst = self.args.source, self.args.dest
+        src_s3, dst_s3 = src.startswith("s3://"), dst.startswith("s3://")
+        if not src_s3 and not dst_s3:
+            raise _UsageError(
+                "Error: Invalid argument type (at least one of the paths must be s3://)"
+            )
+        if src == "-" or dst == "-":
+            return self.cp_stream(src, dst)
+        recursive = getattr(self.args, "recursive", False)
+        if src_s3 and dst_s3:
+            sb, sk = _parse_s3_url(src)
+            db, dk = _parse_s3_url(dst)
+            if not recursive:
+                if not dk or dk.endswith("/"):
+                    dk += sk.rsplit("/", 1)[-1]
+                self.copy_one(sb, sk, db, dk, "move" if move else "copy")
+                return self.exit_code()
+            prefix = sk if not sk or sk.endswith("/") else sk + "/"
+            dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+            filters = self.filters()
+            tasks: list[Callable[[], None]] = []
+            for obj in self.list_logical(sb, prefix):
+                rel = obj["Key"][len(prefix) :]
+                if filters.included(rel):
+                    tasks.append(
+                        functools.partial(
+                            self.copy_one,
+                            sb,
+                            obj["Key"],
+                            db,
+                            dprefix + rel,
+                            "move" if move else "copy",
+                        )
+                    )
+            self.run_tasks(tasks, 0)
+            return self.exit_code()
+        if dst_s3:
+            bucket, key = _parse_s3_url(dst)
+            if os.path.isdir(src):
+                if not recursive:
+                    raise _FatalError(
+                        "upload failed: %s to %s Need to use --recursive to upload a directory"
+                        % (_display_path(src), dst)
+                    )
+                prefix = key if not key or key.endswith("/") else key + "/"
+                filters = self.filters()
+                tasks = []
+                total = 0
+                for path, rel in self.local_files(src):
+                    if filters.included(rel):
+                        total += os.path.getsize(path)
+                        tasks.append(
+                            functools.partial(
+                                self.upload_one,
+                                path,
+                                bucket,
+                                prefix + rel,
+                                "move" if move else "upload",
+                            )
+                        )
+                self.run_tasks(tasks, total)
+                return self.exit_code()
+            if not os.path.exists(src):
+                raise _FatalError("The user-provided path %s does not exist." % src)
+            if not key or key.endswith("/"):
+                key += os.path.basename(src)
+            self.run_tasks(
+                [
+                    functools.partial(
+                        self.upload_one, src, bucket, key, "move" if move else "upload"
+                    )
+                ],
+                os.path.getsize(src),
+            )
+            return self.exit_code()
+        bucket, key = _parse_s3_url(src)
+        if not recursive:
+            if not key or key.endswith("/"):
+                raise _FatalError(
+                    "download failed: %s to %s An S3 key is needed (use --recursive for a prefix)"
+                    % (src, dst)
+                )
+            path = dst
+            if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
+                path = os.path.join(dst, key.rsplit("/", 1)[-1])
+            self.run_tasks(
+                [
+                    functools.partial(
+                        self.download_one, bucket, key, path, "move" if move else "download"
+                    )
+                ],
+                0,
+            )
+            return self.exit_code()
+        prefix = key if not key or key.endswith("/") else key + "/"
+        filters = self.filters()
+        tasks = []
+        for obj in self.list_logical(bucket, prefix):
+            rel = obj["Key"][len(prefix) :]
+            safe = _safe_relative(rel)
+            if safe is None:
+                self.warn(
+                    "Skipping s3://%s/%s: the key would write outside %s"
+                    % (bucket, obj["Key"], dst)
+                )
+                continue
+            if filters.included(rel):
+                tasks.append(
+                    functools.partial(
+                        self.download_one,
+                        bucket,
+                        obj["Key"],
+                        os.path.join(dst, safe),
+                        "move" if move else "download",
+                    )
+                )
+        self.run_tasks(tasks, 0)
+        return self.exit_code()
+
+    def cp_stream(self, src: str, dst: str) -> int:
+        """``-`` as source (stdin) or destination (stdout); only errors are printed."""
+        engine = self.client._engine
+        if src == "-":
+            bucket, key = _parse_s3_url(dst)
+            if not key or key.endswith("/"):
+                raise _FatalError(
+                    "upload failed: - to %s a key is needed when uploading from stdin" % dst
+                )
+            stdin = getattr(sys.stdin, "buffer", sys.stdin)
+            path = self.client._spool(stdin)
+            try:
+                delta = False if getattr(self.args, "no_delta", False) else None
+                params = self.put_args()
+                engine.put_file(
+                    path,
+                    bucket,
+                    key,
+                    metadata=params.get("Metadata"),
+                    headers=_put_headers(params),
+                    delta=delta,
+                )
+            finally:
+                os.unlink(path)
+            return EXIT_OK
+        bucket, key = _parse_s3_url(src)
+        resp = self.client.get_object(Bucket=bucket, Key=key)
+        stdout = getattr(self.out, "buffer", None) or sys.stdout.buffer
+        with resp["Body"] as body:
+            for chunk in body.iter_chunks(_IO_CHUNK):
+                stdout.write(chunk)
+        stdout.flush()
+        return EXIT_OK
+
+    # -- ls -----------------------------------------------------------------------
+
+    def cmd_ls(self) -> int:
+        path = self.args.path
+        human = self.args.human_readable
+        fmt_size = _human_size if human else str
+        if not path or path == "s3://":
+            for b in self.client.list_buckets().get("Buckets", []):
+                created = b.get("CreationDate")
+                stamp = created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else " " * 19
+                self.out.write("%s %s\n" % (stamp, b["Name"]))
+            return EXIT_OK
+        bucket, key = _parse_s3_url(path)
+        count = total = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "FetchMetadata": True}
+        if not self.args.recursive:
+            kwargs["Delimiter"] = "/"
+        base = key.rpartition("/")[0] + "/" if "/" in key else ""
+        for page in paginator.paginate(**kwargs):
+            for p in page.get("CommonPrefixes", []):
+                self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
+                count += 0
+            for obj in page.get("Contents", []):
+                if obj["Key"].startswith(".deltaglider/"):
+                    continue
+                count += 1
+                total += obj["Size"]
+                stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
+                self.out.write("%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), name))
+            if not page.get("Contents") and not page.get("CommonPrefixes") and key:
+                pass
+        if self.args.summarize:
+            self.out.write(
+                "\n%s %d\n%s %s\n"
+                % ("Total Objects:".rjust(15), count, "Total Size:".rjust(15), fmt_size(total))
+            )
+        self.out.flush()
+        if count == 0 and key and not self._had_prefixes(bucket, key):
+            return EXIT_FAILED
+        return EXIT_OK
+
+    def _had_prefixes(self, bucket: str, key: str) -> bool:
+        page = self.client.list_objects_v2(Bucket=bucket, Prefix=key, Delimiter="/", MaxKeys=1)
+        return bool(page.get("CommonPrefixes"))
+
+    # -- rm -----------------------------------------------------------------------
+
+    def cmd_rm(self) -> int:
+        bucket, key = _parse_s3_url(self.args.path)
+        engine = self.client._engine
+        dry = self.dry()
+        if not self.args.recursive:
+            if not key:
+                raise _FatalError(
+                    "delete failed: %s: a key is needed (or --recursive)" % self.args.path
+                )
+            if dry:
+                self.line("%sdelete: s3://%s/%s" % (dry, bucket, key))
+                return EXIT_OK
+            try:
+                info = engine.delete(bucket, key)
+            except (DeltaGliderError, OSError) as e:
+                self.fail("delete failed: s3://%s/%s %s" % (bucket, key, self.describe_error(e)))
+                return self.exit_code()
+            if info.get("Type") == "missing":
+                # S3 deletes of missing keys succeed; aws s3 rm prints the line anyway.
+                pass
+            self.line("delete: s3://%s/%s" % (bucket, key))
+            return self.exit_code()
+        prefix = key if not key or key.endswith("/") else key + "/"
+        filters = self.filters()
+        keys = [
+            o["Key"]
+            for o in self.list_logical(bucket, prefix)
+            if filters.included(o["Key"][len(prefix) :])
+        ]
+        self.delete_keys(bucket, keys)
+        return self.exit_code()
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        dry = self.dry()
+        if dry:
+            for k in keys:
+                self.line("%sdelete: s3://%s/%s" % (dry, bucket, k))
+            return
+        for i in range(0, len(keys), 500):
+            batch = keys[i : i + 500]
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch]}
+                )
+            except (DeltaGliderError, OSError) as e:
+                for k in batch:
+                    self.fail("delete failed: s3://%s/%s %s" % (bucket, k, self.describe_error(e)))
+                continue
+            for d in resp.get("Deleted", []):
+                self.line("delete: s3://%s/%s" % (bucket, d["Key"]))
+            for failure in resp.get("Errors", []):
+                self.fail(
+                    "delete failed: s3://%s/%s %s"
+                    % (bucket, failure["Key"], failure.get("Message", failure.get("Code")))
+                )
+
+    # -- sync -----------------------------------------------------------------------
+
+    def cmd_sync(self) -> int:
+        src, dst = self.args.source, self.args.dest
+        if src.startswith("s3://") and not dst.startswith("s3://"):
+            return self.sync_down(src, dst)
+        if dst.startswith("s3://") and not src.startswith("s3://"):
+            return self.sync_up(src, dst)
+        raise _UsageError("sync needs one local folder and one s3:// URL")
+
+    def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
+        index: dict[str, dict[str, Any]] = {}
+        for obj in self.list_logical(bucket, prefix, fetch=True):
+            rel = obj["Key"][len(prefix) :]
+            index[rel] = obj
+        return index
+
+    def sync_up(self, src: str, dst: str) -> int:
+        if not os.path.isdir(src):
+            raise _FatalError("The user-provided path %s does not exist." % src)
+        bucket, key = _parse_s3_url(dst)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        filters = self.filters()
+        remote = self.remote_index(bucket, prefix)
+        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        tasks: list[Callable[[], None]] = []
+        total = 0
+        seen = set()
+        for path, rel in self.local_files(src):
+            if not filters.included(rel):
+                continue
+            seen.add(rel)
+            st = os.stat(path)
+            obj = remote.get(rel)
+            if obj is not None and not self.should_transfer(
+                st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
+            ):
+                continue
+            total += st.st_size
+            tasks.append(functools.partial(self.upload_one, path, bucket, prefix + rel))
+        self.run_tasks(tasks, total)
+        if self.args.delete:
+            gone = [
+                prefix + rel for rel in sorted(remote) if rel not in seen and filters.included(rel)
+            ]
+            self.delete_keys(bucket, gone)
+        return self.exit_code()
+
+    def remote_mtimes(
+        self, bucket: str, prefix: str, remote: dict[str, dict[str, Any]]
+    ) -> dict[str, float]:
+        """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
+        LastModified where none was recorded. HEADs run on the pool."""
+        out: dict[str, float] = {}
+        storage = self.client._engine.storage
+        lock = threading.Lock()
+
+        def one(rel: str) -> None:
+            obj = remote[rel]
+            stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
+            stamp = obj["LastModified"].timestamp()
+            try:
+                head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
+                value = head.get("Metadata", {}).get("dg-mtime")
+                if value:
+                    stamp = float(value)
+            except (ClientError, ValueError):
+                pass
+            with lock:
+                out[rel] = stamp
+
+        if remote:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
+                list(pool.map(one, list(remote)))
+        return out
+
+    def should_transfer(
+        self, src_size: int, src_mtime: float, dst_size: int, dst_mtime: float, upload: bool
+    ) -> bool:
+        """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
+        looks at sizes; --exact-timestamps (downloads) wants equal times."""
+        if src_size != dst_size:
+            return True
+        if getattr(self.args, "size_only", False):
+            return False
+        if not upload and getattr(self.args, "exact_timestamps", False):
+            return int(src_mtime) != int(dst_mtime)
+        return int(src_mtime) > int(dst_mtime)
+
+    def sync_down(self, src: str, dst: str) -> int:
+        bucket, key = _parse_s3_url(src)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        filters = self.filters()
+        remote = self.remote_index(bucket, prefix)
+        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        tasks: list[Callable[[], None]] = []
+        wanted = set()
+        for rel in sorted(remote):
+            if not filters.included(rel):
+                continue
+            safe = _safe_relative(rel)
+            if safe is None:
+                self.warn(
+                    "Skipping s3://%s/%s%s: the key would write outside %s"
+                    % (bucket, prefix, rel, dst)
+                )
+                continue
+            path = os.path.join(dst, safe)
+            wanted.add(os.path.normpath(path))
+            try:
+                st = os.stat(path)
+                if not self.should_transfer(
+                    remote[rel]["Size"], mtimes[rel], st.st_size, st.st_mtime, upload=False
+                ):
+                    continue
+            except OSError:
+                pass
+            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path))
+        self.run_tasks(tasks, sum(remote[r]["Size"] for r in remote if r in remote))
+        if self.args.delete and os.path.isdir(dst):
+            for path, rel in list(self.local_files(dst)):
+                if os.path.normpath(path) not in wanted and filters.included(rel):
+                    if self.dry():
+                        self.line("(dryrun) delete: %s" % _display_path(path))
+                    else:
+                        os.unlink(path)
+                        self.line("delete: %s" % _display_path(path))
+        return self.exit_code()
+
+    # -- buckets and the rest ----------------------------------------------------
+
+    def cmd_mb(self) -> int:
+        bucket, _ = _parse_s3_url(self.args.path)
+        try:
+            cfg = {}
+            region = self.args.region
+            if region and region != "us-east-1":
+                cfg = {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            self.client.create_bucket(Bucket=bucket, **cfg)
+        except (DeltaGliderError, OSError) as e:
+            self.fail("make_bucket failed: s3://%s %s" % (bucket, self.describe_error(e)))
+            return self.exit_code()
+        self.line("make_bucket: %s" % bucket)
+        return EXIT_OK
+
+    def cmd_rb(self) -> int:
+        bucket, _ = _parse_s3_url(self.args.path)
+        if self.args.force:
+            keys = [o["Key"] for o in self.list_logical(bucket, "")]
+            self.delete_keys(bucket, keys)
+            # anything left (other tools' objects, temp copies, stray references)
+            self.client._engine.delete_prefix(bucket, "")
+        try:
+            self.client.delete_bucket(Bucket=bucket)
+        except (DeltaGliderError, OSError) as e:
+            self.fail("remove_bucket failed: s3://%s %s" % (bucket, self.describe_error(e)))
+            return self.exit_code()
+        self.line("remove_bucket: %s" % bucket)
+        return self.exit_code()
+
+    def cmd_verify(self) -> int:
+        result = self.client.verify(self.args.path)
+        self.out.write(json.dumps(result, indent=2) + "\n")
+        return EXIT_OK if result["valid"] else EXIT_FAILED
+
+    def cmd_presign(self) -> int:
+        bucket, key = _parse_s3_url(self.args.path)
+        url = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.args.expires_in
+        )
+        self.out.write(url + "\n")
+        return EXIT_OK
+
+    def cmd_purge(self) -> int:
+        bucket, _ = _parse_s3_url(
+            self.args.path if self.args.path.startswith("s3://") else "s3://" + self.args.path
+        )
+        result = self.client.purge_temp_files(bucket)
+        self.out.write(json.dumps(result, indent=2) + "\n")
+        return EXIT_OK if not result["error_count"] else EXIT_FAILED
+
+    def cmd_get_bucket_acl(self) -> int:
+        bucket = self.args.bucket.replace("s3://", "").strip("/")
+        resp = self.client.get_bucket_acl(Bucket=bucket)
+        resp.pop("ResponseMetadata", None)
+        self.out.write(json.dumps(resp, indent=2) + "\n")
+        return EXIT_OK
+
+    def cmd_put_bucket_acl(self) -> int:
+        bucket = self.args.bucket.replace("s3://", "").strip("/")
+        params: dict[str, Any] = {"Bucket": bucket}
+        for name in (
+            "acl",
+            "grant_full_control",
+            "grant_read",
+            "grant_read_acp",
+            "grant_write",
+            "grant_write_acp",
+        ):
+            value = getattr(self.args, name, None)
+            if value:
+                boto = {
+                    "acl": "ACL",
+                    "grant_read_acp": "GrantReadACP",
+                    "grant_write_acp": "GrantWriteACP",
+                }.get(name, "".join(p.capitalize() for p in name.split("_")))
+                params[boto] = value
+        if self.args.access_control_policy:
+            params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
+        self.client.put_bucket_acl(**params)
+        self.line("ACL updated for bucket: %s" % bucket)
+        return EXIT_OK
+
+
+class _UsageError(DeltaGliderError):
+    """Bad command-line usage: exit 2."""
+
+
+class _FatalError(DeltaGliderError):
+    """A run that cannot start (missing file, bad URL): one line, exit 1."""
+
+
+def _logical_mtime(lg: _Logical) -> float | None:
+    value = lg.metadata.get("dg-mtime")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    modified = lg.head.get("LastModified")
+    return modified.timestamp() if isinstance(modified, datetime.datetime) else None
+
+
+def _metadata_arg(text: str) -> dict[str, str]:
+    """``--metadata k=v,k2=v2`` or a JSON object, as aws s3 takes it."""
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("--metadata JSON must be an object")
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError("--metadata takes key=value pairs: %r" % part)
+        k, v = part.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() returns the exit code."""
+
+    def error(self, message: str) -> Any:
+        raise _UsageError("%s: error: %s" % (self.prog, message))
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        if message:
+            raise _UsageError(message.strip())
+        raise _ExitNow(status)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # --help and --version go to the stream main() was given, not sys.stdout.
+        if message:
+            (getattr(self, "dg_out", None) or sys.stdout).write(message)
+
+
+class _ExitNow(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    d = argparse.SUPPRESS if suppress else None
+    g = p.add_argument_group("global options")
+    g.add_argument(
+        "--endpoint-url", default=d, help="S3 endpoint, or file:///path for a local directory store"
+    )
+    g.add_argument("--profile", default=d, help="profile from the shared AWS config files")
+    g.add_argument("--region", default=d, help="AWS region")
+    g.add_argument(
+        "--no-verify-ssl",
+        action="store_true",
+        default=d if suppress else False,
+        help="do not verify TLS certificates",
+    )
+    g.add_argument("--ca-bundle", default=d, help="CA bundle for TLS verification")
+    g.add_argument(
+        "--no-sign-request",
+        action="store_true",
+        default=d if suppress else False,
+        help="anonymous requests (public buckets)",
+    )
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=d if suppress else False,
+        help="log requests (secrets redacted)",
+    )
+    g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
+    g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
+    g.add_argument(
+        "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+    )
+    g.add_argument(
+        "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
+        if name == "ls":
+            p.add_argument("--help", action="help", help="show this help message and exit")
+        _add_global_options(p, suppress=True)
+        return p
+
+    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+        if recursive:
+            p.add_argument(
+                "-r",
+                "--recursive",
+                action="store_true",
+                help="all keys under a prefix / files under a folder",
+            )
+        p.add_argument(
+            "--exclude",
+            action=_FilterAction,
+            dest="exclude",
+            metavar="PATTERN",
+            help="skip matching paths (repeatable)",
+        )
+        p.add_argument(
+            "--include",
+            action=_FilterAction,
+            dest="include",
+            metavar="PATTERN",
+            help="keep matching paths (repeatable; last match wins)",
+        )
+        p.add_argument("--dryrun", action="store_true", help="show what would happen")
+        p.add_argument("--quiet", action="store_true", help="print nothing")
+        p.add_argument(
+            "--only-show-errors", action="store_true", help="print errors and warnings only"
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress line")
+        p.add_argument("--content-type", help="Content-Type for uploads")
+        p.add_argument("--cache-control", help="Cache-Control for uploads")
+        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+        p.add_argument("--acl", help="canned ACL for uploads")
+        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+        p.add_argument("--storage-class", help="S3 storage class for uploads")
+        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+        p.add_argument(
+            "--max-ratio",
+            type=float,
+            help="largest delta worth storing, as a fraction of the file (default 0.5)",
+        )
+        p.add_argument(
+            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+        )
+
+    p = command("cp", "copy files to, from or between S3 locations")
+    p.add_argument("source")
+    p.add_argument("dest")
+    transfer_flags(p)
+    p = command("mv", "move files to, from or between S3 locations")
+    p.add_argument("source")
+    p.add_argument("dest")
+    transfer_flags(p)
+    p = command("sync", "make a destination folder or prefix match the source")
+    p.add_argument("source")
+    p.add_argument("dest")
+    transfer_flags(p, recursive=False)
+    p.add_argument(
+        "--delete", action="store_true", help="delete destination files missing from the source"
+    )
+    p.add_argument("--size-only", action="store_true", help="compare sizes only")
+    p.add_argument(
+        "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
+    )
+    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+    p.add_argument("path", nargs="?", default="")
+    p.add_argument("-r", "--recursive", action="store_true")
+    p.add_argument("-h", "--human-readable", action="store_true")
+    p.add_argument("--summarize", action="store_true")
+    p = command("rm", "delete objects (references are removed with their last delta)")
+    p.add_argument("path")
+    p.add_argument("-r", "--recursive", action="store_true")
+    p.add_argument("--exclude", action=_FilterAction, dest="exclude", metavar="PATTERN")
+    p.add_argument("--include", action=_FilterAction, dest="include", metavar="PATTERN")
+    p.add_argument("--dryrun", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--only-show-errors", action="store_true")
+    p = command("mb", "make a bucket")
+    p.add_argument("path")
+    p = command("rb", "remove a bucket")
+    p.add_argument("path")
+    p.add_argument("--force", action="store_true", help="delete every object first")
+    p = command("verify", "rebuild an object and check its SHA-256")
+    p.add_argument("path")
+    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+    p.add_argument("path")
+    p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
+    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+    p.add_argument("path", metavar="BUCKET")
+    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+    p.add_argument("bucket")
+    p = command("put-bucket-acl", "set a bucket's ACL")
+    p.add_argument("bucket")
+    p.add_argument("--acl")
+    p.add_argument("--grant-full-control")
+    p.add_argument("--grant-read")
+    p.add_argument("--grant-read-acp")
+    p.add_argument("--grant-write")
+    p.add_argument("--grant-write-acp")
+    p.add_argument("--access-control-policy", help="JSON AccessControlPolicy")
+    return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.extend(action.choices.values())
+    return found
+
+
+class _RedactingFilter(logging.Filter):
+    """--debug logs requests; signatures, tokens and secrets never reach the log."""
+
+    _PATTERNS = (
+        (re.compile(r"(Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
+        (re.compile(r"(X-Amz-Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
+        (re.compile(r"(x-amz-security-token[:=]\s*)\S+", re.I), r"\1<redacted>"),
+        (re.compile(r"(X-Amz-Security-Token=)[^&\s]+", re.I), r"\1<redacted>"),
+    )
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        for pattern, repl in self._PATTERNS:
+            text = pattern.sub(repl, text)
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        record.msg, record.args = text, None
+        return True
+
+
+_COMMANDS: dict[str, Callable[[_Cli], int]] = {
+    "cp": lambda cli: cli.cmd_cp(),
+    "mv": lambda cli: cli.cmd_cp(move=True),
+    "sync": lambda cli: cli.cmd_sync(),
+    "ls": lambda cli: cli.cmd_ls(),
+    "rm": lambda cli: cli.cmd_rm(),
+    "mb": lambda cli: cli.cmd_mb(),
+    "rb": lambda cli: cli.cmd_rb(),
+    "verify": lambda cli: cli.cmd_verify(),
+    "presign": lambda cli: cli.cmd_presign(),
+    "purge": lambda cli: cli.cmd_purge(),
+    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
+    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
+}
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """The command line: parses ``argv``, prints to the given streams, returns the exit
+    code (0 ok, 1 a transfer or command failed, 2 usage or skipped files, 130 Ctrl-C)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    env = os.environ if environ is None else environ
+    parser = _build_parser()
+    for p in [parser, *_subparsers(parser)]:
+        p.dg_out = out  # type: ignore[attr-defined]
+    try:
+        args = parser.parse_args(argv)
+    except _ExitNow as e:
+        return e.status
+    except _UsageError as e:
+        err.write(parser.format_usage())
+        err.write(str(e) + "\n")
+        return EXIT_USAGE
+    if not args.command:
+        err.write(parser.format_usage())
+        err.write("deltaglider: error: a command is needed (cp, ls, rm, sync, ...)\n")
+        return EXIT_USAGE
+    handler: logging.Handler | None = None
+    if args.debug:
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        secrets = [env.get("AWS_SECRET_ACCESS_KEY", ""), env.get("AWS_SESSION_TOKEN", "")]
+        handler.addFilter(_RedactingFilter(secrets))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    cli = _Cli(args, out, err, env)
+    try:
+        return int(_COMMANDS[args.command](cli))
+    except KeyboardInterrupt:
+        err.write("cancelled: ctrl-c received\n")
+        return EXIT_INTERRUPTED
+    except _Cancelled:
+        err.write("cancelled: ctrl-c received\n")
+        return EXIT_INTERRUPTED
+    except _UsageError as e:
+        err.write(str(e) + "\n")
+        return EXIT_USAGE
+    except (DeltaGliderError, OSError, ValueError) as e:
+        if args.debug:
+            logger.exception("fatal error")
+        message = str(e).splitlines()[0] if not isinstance(e, XDelta3Error) else str(e)
+        if isinstance(e, NoCredentialsError):
+            message += (
+                ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use --profile, "
+                "or --no-sign-request for public buckets."
+            )
+        if isinstance(e, ClientError) and e.response["Error"].get("Code") == "RequestTimeTooSkewed":
+            message += " (check this machine's clock: it differs too much from the server's)"
+        if isinstance(e, _FatalError):
+            err.write(message + "\n")
+        else:
+            err.write("fatal error: %s\n" % message)
+        return EXIT_FAILED
+    finally:
+        if cli._client is not None:
+            cli._client.close()
+        if handler is not None:
+            logger.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
