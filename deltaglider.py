@@ -500,6 +500,19 @@ def _hash_stream(f: IO[bytes], *algorithms: str) -> tuple[list[str], int]:
     return [h.hexdigest() for h in hashes], size
 
 
+def _spool(body: Any) -> IO[bytes]:
+    """Copy a non-seekable stream into an anonymous temporary file (private, removed on
+    close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
+    spooled: IO[bytes] = tempfile.TemporaryFile()
+    while True:
+        chunk = body.read(_IO_CHUNK)
+        if not chunk:
+            break
+        spooled.write(chunk)
+    spooled.seek(0)
+    return spooled
+
+
 class _FileSlice(io.RawIOBase):
     """A read-only window ``[offset, offset+length)`` of a file, rewindable for retries."""
 
@@ -2251,6 +2264,9 @@ class _S3Storage:
         errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
         mode), with full-jitter exponential backoff capped at 20 s."""
         query = list(query or [])
+        if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
+            if not getattr(body, "seekable", lambda: False)():
+                body = _spool(body)  # SigV4 needs the payload's hash, S3 a length, retries a rewind
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
         seekable = (
             start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
@@ -6782,7 +6798,8 @@ class _Cli:
     def _saved_note(self, summary: Mapping[str, Any]) -> str:
         op = summary.get("Operation")
         if op == "create_delta":
-            return " (delta, %.1f%% saved)" % summary["SavingsPercent"]
+            # Rounded down: a 99.96% saving is not "100.0%".
+            return " (delta, %.1f%% saved)" % (int(summary["SavingsPercent"] * 10) / 10.0)
         if op == "create_reference":
             return " (reference)"
         return ""
@@ -7118,8 +7135,8 @@ class _Cli:
                 pass
         if self.args.summarize:
             self.out.write(
-                "\n%s %d\n%s %s\n"
-                % ("Total Objects:".rjust(15), count, "Total Size:".rjust(15), fmt_size(total))
+                "\n%s%d\n%s%s\n"
+                % ("Total Objects: ".rjust(15), count, "Total Size: ".rjust(15), fmt_size(total))
             )
         self.out.flush()
         if count == 0 and key and not self._had_prefixes(bucket, key):

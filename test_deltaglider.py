@@ -1476,9 +1476,9 @@ def test_streaming_body_iter_lines_and_chunks(fake_s3: Callable[..., _FakeHTTPSe
     assert srv.connections == 1
 
 
-def test_pipe_body_is_streamed_chunked(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
-    """BUG: request() calls body.tell() on anything with seek/tell; a pipe (stdin, `cp -`)
-    has both but raises OSError(ESPIPE), so a non-seekable upload never starts."""
+def test_pipe_body_is_spooled_and_signed(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
+    """A pipe (stdin, `cp -`) cannot be hashed in place or rewound: it is spooled, so the
+    payload is signed with its real SHA-256 and sent with a Content-Length."""
 
     def script(h: _FakeHandler, n: int) -> None:
         h.take()
@@ -1491,7 +1491,10 @@ def test_pipe_body_is_streamed_chunked(fake_s3: Callable[..., _FakeHTTPServer]) 
     with os.fdopen(r, "rb") as f:
         _fake_storage(srv.url).put_object("bucket", "k", f)
     assert srv.requests[0].body == b"piped data"
-    assert srv.requests[0].headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert (
+        srv.requests[0].headers["x-amz-content-sha256"] == hashlib.sha256(b"piped data").hexdigest()
+    )
+    assert srv.requests[0].headers["content-length"] == "10"
 
 
 def test_delete_objects_refuses_more_than_1000_keys_client_side(
@@ -1507,10 +1510,9 @@ def test_delete_objects_refuses_more_than_1000_keys_client_side(
 
 
 def test_http_proxy_forwards_requests_to_real_server(
-    s3server: S3TestServer, http_proxy: _ForwardProxy
+    s3server_swift: S3TestServer, http_proxy: _ForwardProxy
 ) -> None:
-    if s3server.name != "swift":
-        pytest.skip("one real server is enough for the proxy path")
+    s3server = s3server_swift  # one real server is enough for the proxy path
     asked: list[str] = []
 
     def proxy_for(url: str) -> str | None:
@@ -4638,6 +4640,40 @@ def run_cli(
     return code, out.getvalue(), err.getvalue()
 
 
+def test_two_processes_filling_one_cache_entry(tmp_path: Any) -> None:
+    """Two processes fill the same entry at once: both succeed, the entry is whole."""
+    data = os.urandom(3 * 1024 * 1024)
+    h = sha(data)
+    (tmp_path / "src").write_bytes(data)
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import deltaglider as dg, time\n"
+        "c = dg._ReferenceCache(%r)\n"
+        "def write(f):\n"
+        "    with open(%r, 'rb') as s:\n"
+        "        while True:\n"
+        "            b = s.read(65536)\n"
+        "            if not b: break\n"
+        "            f.write(b); time.sleep(0.001)\n"
+        "print(c.fill(%r, write))\n"
+    ) % (
+        os.path.dirname(os.path.abspath(dg.__file__)),
+        str(tmp_path / "cache"),
+        str(tmp_path / "src"),
+        h,
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)
+    ]
+    outs = [p.communicate()[0].decode().strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]
+    with open(outs[0], "rb") as f:
+        assert f.read() == data
+    leftovers = [n for n in os.listdir(os.path.dirname(outs[0])) if n.startswith(".dg-")]
+    assert leftovers == []
+
+
 ENDPOINT = os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000")
 ACCESS_KEY = os.environ.get("DG_TEST_SWIFT_ACCESS_KEY", "test:tester")
 SECRET_KEY = os.environ.get("DG_TEST_SWIFT_SECRET_KEY", "testing")
@@ -5282,3 +5318,314 @@ def test_original_cannot_return_its_own_tar_gz(
     with pytest.raises((dg.IntegrityError, dg.XDelta3Error)):
         iclient.download_file(ibucket, "t/bundle.tar.gz", str(tmp_path / "ours.tar.gz"))
     assert not (tmp_path / "ours.tar.gz").exists()
+
+
+###############################################################################
+# Packaging: the one file, vendored, installed #################################
+###############################################################################
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "deltaglider.py")
+
+
+def test_version_three_ways(tmp_path: Any) -> None:
+    """``python deltaglider.py``, ``python -m deltaglider`` and the console script."""
+    want = "deltaglider %s" % dg.__version__
+    run = [sys.executable, SOURCE, "--version"]
+    assert subprocess.run(run, capture_output=True, text=True, check=True).stdout.strip() == want
+    as_module = subprocess.run(
+        [sys.executable, "-m", "deltaglider", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE,
+    )
+    assert as_module.stdout.strip() == want
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            HERE,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    script = target / "bin" / "deltaglider"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == want, out.stderr
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == [
+        "__pycache__",
+        "bin",
+        "deltaglider.py",
+    ] or sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == [
+        "bin",
+        "deltaglider.py",
+    ]
+
+
+def test_file_works_copied_alone_and_vendored(tmp_path: Any) -> None:
+    vendor = tmp_path / "app" / "vendor"
+    vendor.mkdir(parents=True)
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(SOURCE, str(vendor / "deltaglider.py"))
+    code = (
+        "import vendor.deltaglider as d, logging\n"
+        "c = d.create_client(endpoint_url='file://%s/store')\n"
+        "c.create_bucket(Bucket='bkt')\n"
+        "c.put_object(Bucket='bkt', Key='k.txt', Body=b'hi')\n"
+        "assert c.get_object(Bucket='bkt', Key='k.txt')['Body'].read() == b'hi'\n"
+        "assert logging.getLogger('vendor.deltaglider') is d.logger\n"
+        "print(d.__version__)\n" % tmp_path
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(tmp_path / "app"),
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == dg.__version__
+
+
+def test_import_does_nothing(tmp_path: Any) -> None:
+    """No network, no ~/.aws, no subprocess at import: importing under an environment
+    that would break all three still works."""
+    env = {"PATH": "/nonexistent", "HOME": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent/x"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import deltaglider" % HERE],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+def cli_bucket(backend: Backend, tmp_path: Any) -> str:
+    name = "dg-test-" + uuid.uuid4().hex[:12]
+    code, out, err = run_cli(backend, tmp_path, ["mb", "s3://" + name])
+    assert code == 0, err
+    assert out == "make_bucket: %s\n" % name
+    return name
+
+
+@pytest.fixture
+def cli_env(backend: Backend, tmp_path: Any) -> Iterator[tuple[Backend, str]]:
+    name = cli_bucket(backend, tmp_path)
+    yield backend, name
+    run_cli(backend, tmp_path, ["rb", "--force", "s3://" + name])
+
+
+@needs_xdelta3
+def test_cli_cp_destinations_and_output_lines(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    backend, bucket = cli_env
+    monkeypatch.chdir(tmp_path)
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    code, out, err = run_cli(backend, tmp_path, ["cp", "a.zip", "s3://%s/dir/" % bucket])
+    assert (code, out) == (0, "upload: ./a.zip to s3://%s/dir/a.zip (reference)\n" % bucket), err
+    code, out, err = run_cli(backend, tmp_path, ["cp", "b.zip", "s3://%s/dir/new.zip" % bucket])
+    assert code == 0, err
+    assert re.match(
+        r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
+    )
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    sizes = [int(line.split()[2]) for line in out.splitlines()]
+    assert code == 0 and sizes == [
+        (tmp_path / "a.zip").stat().st_size,
+        (tmp_path / "b.zip").stat().st_size,
+    ]
+    assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/new.zip" % bucket, "got.zip"])
+    assert (code, out) == (0, "download: s3://%s/dir/new.zip to ./got.zip\n" % bucket), err
+    assert (tmp_path / "got.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    (tmp_path / "into").mkdir()
+    code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/a.zip" % bucket, "into/"])
+    assert (
+        code == 0
+        and (tmp_path / "into" / "a.zip").read_bytes() == (tmp_path / "a.zip").read_bytes()
+    )
+
+
+def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    (tmp_path / "t.txt").write_bytes(b"x" * 2048)
+    assert (
+        run_cli(backend, tmp_path, ["cp", str(tmp_path / "t.txt"), "s3://%s/p/t.txt" % bucket])[0]
+        == 0
+    )
+    code, out, _ = run_cli(backend, tmp_path, ["ls", "s3://%s/nothing-here" % bucket])
+    assert (code, out) == (1, "")
+    code, out, _ = run_cli(backend, tmp_path, ["ls", "-r", "-h", "--summarize", "s3://" + bucket])
+    assert code == 0
+    assert out.endswith("\nTotal Objects: 1\n   Total Size: 2.0 KiB\n")
+    assert " 2.0 KiB p/t.txt\n" in out
+    code, out, _ = run_cli(backend, tmp_path, ["ls", "s3://" + bucket])
+    assert out == "%s p/\n" % "PRE".rjust(30)
+
+
+@needs_xdelta3
+def test_cli_recursive_upload_odd_names_and_download(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    names = ["a b.zip", "unicodé/ü.txt", "+=%~&;:@$,'()!#[].bin", "deep/er/x.zip", "skip.log"]
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".zip"):
+            make_zip(src / name, i)
+        else:
+            (src / name).write_bytes(b"%d" % i * 100)
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "-r", str(src), "s3://%s/t/" % bucket, "--exclude", "*.log"]
+    )
+    assert code == 0, err
+    assert len(out.splitlines()) == 4
+    dst = tmp_path / "dst"
+    code, out, err = run_cli(backend, tmp_path, ["cp", "-r", "s3://%s/t/" % bucket, str(dst)])
+    assert code == 0, err
+    for name in names[:-1]:
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    assert not (dst / "skip.log").exists()
+
+
+def test_cli_sync_twice_transfers_nothing_and_delete(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    (src / "d").mkdir(parents=True)
+    for i in range(3):
+        (src / "d" / ("f%d.txt" % i)).write_text("v%d" % i)
+    url = "s3://%s/sync/" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 3, err
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert (code, out) == (0, ""), err
+    (src / "d" / "f0.txt").unlink()
+    (src / "d" / "f1.txt").write_text("changed, and longer")
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url, "--delete"])
+    assert code == 0, err
+    assert sorted(line.split(":")[0] for line in out.splitlines()) == ["delete", "upload"]
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[1] == ""
+    assert (down / "d" / "f1.txt").read_text() == "changed, and longer"
+
+
+def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    c = make_client(backend, tmp_path)
+    for key in ["u/../escape.txt", "u/ok.txt", "u//abs.txt", "u/./dot.txt", "u/back\\\\slash.txt"]:
+        try:
+            c.storage.put_object(bucket, key, b"x")
+        except dg.ClientError:
+            pass  # SeaweedFS refuses some of these itself: nothing to escape with then
+    dst = tmp_path / "inner" / "dst"
+    code, _out, err = run_cli(backend, tmp_path, ["cp", "-r", "s3://%s/u/" % bucket, str(dst)])
+    assert (dst / "ok.txt").read_bytes() == b"x"
+    outside = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+        and dst not in p.parents
+        and not {"store", "cli-cache"} & set(p.parts)
+        and not any(part.startswith("cache-") for part in p.parts)
+    ]
+    assert outside == []
+    assert not list(tmp_path.rglob("escape.txt"))
+    if "warning:" in err:
+        assert code == 2 and "would write outside" in err
+
+
+@pytest.mark.parametrize(
+    "argv,code,message",
+    [
+        (["cp", "nope.txt", "s3://bkt/x"], 1, "The user-provided path nope.txt does not exist."),
+        (["cp", "a", "b"], 2, "at least one of the paths must be s3://"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["cp", "--bogus", "a", "s3://b/c"], 2, "unrecognized arguments: --bogus"),
+        (["ls", "s3://"], 0, ""),
+    ],
+)
+def test_cli_bad_input_one_line_and_exit_code(
+    tmp_path: Any, monkeypatch: Any, argv: list[str], code: int, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    got, out, err = run_cli(backend, tmp_path, argv)
+    assert got == code, (out, err)
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
+    backend = Backend("swift", "http://127.0.0.1:9", None, None)
+    env = {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
+    code, _out, err = run_cli(backend, tmp_path, ["ls", "s3://bkt"], **env)
+    assert code == 1
+    assert err.startswith("fatal error: Unable to locate credentials. Set AWS_ACCESS_KEY_ID")
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_wrong_secret_is_signature_error(s3server_swift: Any, tmp_path: Any) -> None:
+    backend = Backend("swift", s3server_swift.endpoint, s3server_swift.access_key, "wrong-secret")
+    code, _out, err = run_cli(backend, tmp_path, ["ls"])
+    assert code == 1 and "SignatureDoesNotMatch" in err and len(err.splitlines()) == 1
+    assert "wrong-secret" not in err
+
+
+@needs_xdelta3
+def test_cli_debug_redacts_secrets(s3server_swift: Any, tmp_path: Any) -> None:
+    backend = Backend(
+        "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
+    )
+    bucket = cli_bucket(backend, tmp_path)
+    make_zip(tmp_path / "a.zip", 0, members=2, size=1000)
+    code, out, err = run_cli(
+        backend, tmp_path, ["--debug", "cp", str(tmp_path / "a.zip"), "s3://%s/a.zip" % bucket]
+    )
+    run_cli(backend, tmp_path, ["rb", "--force", "s3://" + bucket])
+    assert code == 0
+    assert "Signature=<redacted>" in err or "canonical request" in err
+    assert s3server_swift.secret_key not in err + out
+    assert not re.search(r"Signature=[0-9a-f]{64}", err)
+
+
+@needs_xdelta3
+def test_cli_verify_and_rm_keep_references_consistent(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    for v in range(2):
+        make_zip(tmp_path / ("v%d.zip" % v), v)
+        assert (
+            run_cli(
+                backend, tmp_path, ["cp", str(tmp_path / ("v%d.zip" % v)), "s3://%s/r/" % bucket]
+            )[0]
+            == 0
+        )
+    code, out, _ = run_cli(backend, tmp_path, ["verify", "s3://%s/r/v1.zip" % bucket])
+    assert code == 0 and json.loads(out)["valid"] is True
+    assert (
+        run_cli(backend, tmp_path, ["rm", "s3://%s/r/v0.zip" % bucket])[1]
+        == "delete: s3://%s/r/v0.zip\n" % bucket
+    )
+    assert (
+        run_cli(backend, tmp_path, ["cp", "s3://%s/r/v1.zip" % bucket, str(tmp_path / "o.zip")])[0]
+        == 0
+    )
+    assert run_cli(backend, tmp_path, ["rm", "s3://%s/r/v1.zip" % bucket])[0] == 0
+    c = make_client(backend, tmp_path)
+    assert stored_keys(c, bucket) == []

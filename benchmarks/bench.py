@@ -1,0 +1,886 @@
+#!/usr/bin/env python3
+"""deltaglider benchmark: ours vs deltaglider==6.2.0 vs `aws s3` on a real S3 server.
+
+Stdlib only (Python 3.8+). See benchmarks/README section in the top-level README and
+`python3 benchmarks/bench.py --help`. Writes benchmarks/RESULTS.md and benchmarks/results.json.
+
+Exit status: non-zero only if OUR tool crashed or returned wrong bytes (or the harness itself
+could not run). Slow figures and missed targets are reported, never fatal.
+"""
+import argparse
+import datetime
+import gzip
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OURS = os.path.join(REPO, "deltaglider.py")
+MiB = 1024 * 1024
+
+AK, SK, REGION = "test:tester", "testing", "us-east-1"
+
+
+def log(msg):
+    sys.stderr.write("[bench %s] %s\n" % (time.strftime("%H:%M:%S"), msg))
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- raw S3 (SigV4)
+class RawS3:
+    """Just enough S3 to create buckets, list raw keys with sizes, and delete; independent
+    of every tool under test."""
+
+    def __init__(self, endpoint):
+        u = urllib.parse.urlsplit(endpoint)
+        self.host, self.port = u.hostname, u.port or 80
+        self.netloc = u.netloc
+
+    def request(self, method, path, query=(), body=b""):
+        t = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        payload = hashlib.sha256(body).hexdigest()
+        h = {"host": self.netloc, "x-amz-content-sha256": payload, "x-amz-date": t}
+        q = "&".join(
+            "%s=%s" % (urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~"))
+            for k, v in sorted(query)
+        )
+        cpath = urllib.parse.quote(path, safe="/-_.~")
+        names = sorted(h)
+        creq = "\n".join([method, cpath, q, "".join("%s:%s\n" % (k, h[k]) for k in names),
+                          ";".join(names), payload])
+        scope = "%s/%s/s3/aws4_request" % (t[:8], REGION)
+        sts = "\n".join(["AWS4-HMAC-SHA256", t, scope, hashlib.sha256(creq.encode()).hexdigest()])
+        k = ("AWS4" + SK).encode()
+        for part in (t[:8], REGION, "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        sig = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
+        h["authorization"] = "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+            AK, scope, ";".join(names), sig)
+        c = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            c.request(method, cpath + ("?" + q if q else ""), body=body, headers=h)
+            r = c.getresponse()
+            data = r.read()
+            return r.status, data
+        finally:
+            c.close()
+
+    def make_bucket(self, bucket):
+        st, data = self.request("PUT", "/" + bucket)
+        if st not in (200, 409):
+            raise RuntimeError("create bucket %s: %s %s" % (bucket, st, data[:300]))
+
+    def list(self, bucket, prefix=""):
+        out, token = [], None
+        while True:
+            q = [("list-type", "2"), ("prefix", prefix)]
+            if token:
+                q.append(("continuation-token", token))
+            st, data = self.request("GET", "/" + bucket, q)
+            if st != 200:
+                raise RuntimeError("list %s: %s %s" % (bucket, st, data[:300]))
+            root = ET.fromstring(data)
+            ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+            for c in root.findall(ns + "Contents"):
+                out.append((c.find(ns + "Key").text, int(c.find(ns + "Size").text)))
+            if (root.findtext(ns + "IsTruncated") or "false") != "true":
+                return out
+            token = root.findtext(ns + "NextContinuationToken")
+
+    def delete_prefix(self, bucket, prefix):
+        for key, _ in self.list(bucket, prefix):
+            self.request("DELETE", "/%s/%s" % (bucket, key))
+
+
+# --------------------------------------------------------------------------- process runner
+def _vmhwm(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Result:
+    def __init__(self, rc, secs, py_rss, tree_rss, out, err):
+        self.rc, self.secs, self.py_rss, self.tree_rss, self.out, self.err = rc, secs, py_rss, tree_rss, out, err
+
+
+def run(cmd, env, cwd=None, timeout=3600):
+    """Run one command; return wall seconds, the process's own peak RSS (VmHWM polled from
+    /proc, children such as xdelta3 excluded) and the tree's (wait4 ru_maxrss)."""
+    fo, fe = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+    peak = [0]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _vmhwm(p.pid))
+            done.wait(0.01)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    deadline = time.time() + timeout
+    while True:
+        # peek without reaping so the final VmHWM can still be read from the zombie-to-be
+        try:
+            info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:
+            info = None
+        if info is not None and info.si_pid:
+            break
+        if time.time() > deadline:
+            p.kill()
+        time.sleep(0.002)
+    secs = time.perf_counter() - t0
+    done.set()
+    th.join()
+    peak[0] = max(peak[0], _vmhwm(p.pid))
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
+        -(status & 0x7F) if status & 0x7F else status >> 8)
+    fo.seek(0), fe.seek(0)
+    out, err = fo.read().decode("utf-8", "replace"), fe.read().decode("utf-8", "replace")
+    fo.close(), fe.close()
+    return Result(p.returncode, secs, peak[0], ru.ru_maxrss * 1024, out, err)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(4 * MiB), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- corpus
+def _fetch_pypi(project, version, kind, dest_dir, seed_dirs):
+    """One file of project==version: 'wheel' or 'sdist'. Reused from the cache or a seed
+    folder when present, else `pip download --no-deps` (falls back to PyPI's JSON API)."""
+    os.makedirs(dest_dir, exist_ok=True)
+    suffix = "-py3-none-any.whl" if kind == "wheel" else ".tar.gz"
+    name = "%s-%s%s" % (project, version, suffix)
+    dest = os.path.join(dest_dir, name)
+    if os.path.exists(dest):
+        return dest
+    for sd in seed_dirs:
+        for root, _, files in os.walk(sd):
+            if name in files:
+                shutil.copyfile(os.path.join(root, name), dest + ".part")
+                os.replace(dest + ".part", dest)
+                return dest
+    with tempfile.TemporaryDirectory(dir=dest_dir) as td:
+        flag = ["--only-binary", ":all:"] if kind == "wheel" else ["--no-binary", ":all:"]
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *flag,
+                            "-d", td, "%s==%s" % (project, version)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        got = [f for f in os.listdir(td) if f.endswith(suffix)]
+        if r.returncode == 0 and got:
+            os.replace(os.path.join(td, got[0]), dest)
+            return dest
+        log("pip download %s==%s failed (%s); trying PyPI JSON" % (project, version,
+                                                                   r.stdout.decode()[-200:]))
+        meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/%s/%s/json" % (project, version)))
+        for u in meta["urls"]:
+            if u["filename"] == name:
+                urllib.request.urlretrieve(u["url"], dest + ".part")
+                os.replace(dest + ".part", dest)
+                return dest
+    raise RuntimeError("could not fetch %s" % name)
+
+
+def _gunzip(src, dest):
+    if not os.path.exists(dest):
+        with gzip.open(src, "rb") as fi, open(dest + ".part", "wb") as fo:
+            shutil.copyfileobj(fi, fo, 4 * MiB)
+        os.replace(dest + ".part", dest)
+    return dest
+
+
+def _synthetic_big(folder, size, rnd_seed=7):
+    """v1: pseudo-random bytes; v2: v1 with scattered 4 KiB overwrites, some small inserts and
+    deletes (so offsets shift), and 1 MiB appended."""
+    os.makedirs(folder, exist_ok=True)
+    tag = "%dM" % (size // MiB)
+    v1 = os.path.join(folder, "big-%s-v1.img" % tag)
+    v2 = os.path.join(folder, "big-%s-v2.img" % tag)
+    if os.path.exists(v1) and os.path.exists(v2):
+        return [v1, v2]
+    rng = random.Random(rnd_seed)
+    chunk = 16 * MiB
+    with open(v1 + ".part", "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+    os.replace(v1 + ".part", v1)
+    edits = sorted(rng.randrange(0, size - 8192) for _ in range(max(8, size // (32 * MiB))))
+    with open(v1, "rb") as fi, open(v2 + ".part", "wb") as fo:
+        pos = 0
+        for i, off in enumerate(edits):
+            if off < pos:
+                continue
+            while pos < off:
+                n = min(chunk, off - pos)
+                fo.write(fi.read(n))
+                pos += n
+            kind = i % 3
+            if kind == 0:      # overwrite 4 KiB
+                fo.write(os.urandom(4096)); fi.seek(4096, 1); pos += 4096
+            elif kind == 1:    # insert 100 bytes
+                fo.write(os.urandom(100))
+            else:              # delete 100 bytes
+                fi.seek(100, 1); pos += 100
+        shutil.copyfileobj(fi, fo, chunk)
+        fo.write(os.urandom(MiB))
+    os.replace(v2 + ".part", v2)
+    return [v1, v2]
+
+
+def _small_files(folder, count):
+    if os.path.isdir(folder) and sum(len(f) for _, _, f in os.walk(folder)) == count:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(11)
+    words = [("w%d" % i).encode() for i in range(500)]
+    for i in range(count):
+        sub = os.path.join(folder, "d%d" % (i % 5))
+        os.makedirs(sub, exist_ok=True)
+        size = rng.choice([200, 1000, 4000, 16000, 60000])
+        ext = [".txt", ".json", ".py", ".md"][i % 4]
+        with open(os.path.join(sub, "f%03d%s" % (i, ext)), "wb") as f:
+            f.write(b" ".join(rng.choice(words) for _ in range(size // 4))[:size])
+    return folder
+
+
+def _synthetic_zips(folder, n, size):
+    """n consecutive 'releases': zips of the same text/binary members with small changes."""
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    rng = random.Random(3)
+    members = [(("pkg/m%03d.py" % i), os.urandom(size // 80) if i % 4 == 0 else
+                b"\n".join(b"def f%d_%d(): return %d" % (i, j, rng.randrange(10**6))
+                           for j in range(size // 80 // 30))) for i in range(40)]
+    for v in range(n):
+        path = os.path.join(folder, "app-1.0.%d.zip" % v)
+        out.append(path)
+        if os.path.exists(path):
+            continue
+        rng2 = random.Random(100 + v)
+        with zipfile.ZipFile(path + ".part", "w", zipfile.ZIP_DEFLATED) as z:
+            for i, (name, data) in enumerate(members):
+                if v and rng2.random() < 0.15:
+                    data = data + b"\n# changed in v%d\n" % v
+                    members[i] = (name, data)
+                z.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
+            z.writestr(zipfile.ZipInfo("VERSION", (2024, 1, 1, 0, 0, 0)), b"1.0.%d\n" % v)
+        os.replace(path + ".part", path)
+    return out
+
+
+def build_corpus(args):
+    base = os.path.join(args.cache, "corpus-small" if args.small else "corpus")
+    seeds = [s for s in (args.seed_corpus or []) if os.path.isdir(s)]
+    series = {}
+    if args.small:
+        zips = _synthetic_zips(os.path.join(base, "zip"), 3, 2 * MiB)
+        series["zip"] = zips
+        tdir = os.path.join(base, "tar")
+        os.makedirs(tdir, exist_ok=True)
+        tars = []
+        for z in zips:  # tar of the zip's members, uncompressed
+            t = os.path.join(tdir, os.path.basename(z)[:-4] + ".tar")
+            if not os.path.exists(t):
+                import tarfile
+                with zipfile.ZipFile(z) as zf, tarfile.open(t + ".part", "w", format=tarfile.GNU_FORMAT) as tf:
+                    for zi in zf.infolist():
+                        ti = tarfile.TarInfo(zi.filename)
+                        data = zf.read(zi)
+                        ti.size, ti.mtime = len(data), 1704067200
+                        import io as _io
+                        tf.addfile(ti, _io.BytesIO(data))
+                os.replace(t + ".part", t)
+            tars.append(t)
+        series["tar"] = tars
+    else:
+        vers = ["%s%d" % (args.botocore_prefix, i) for i in range(args.versions)]
+        log("corpus: botocore %s .. %s (wheels + sdists)" % (vers[0], vers[-1]))
+        whls = [_fetch_pypi("botocore", v, "wheel", os.path.join(base, "whl"), seeds) for v in vers]
+        sdists = [_fetch_pypi("botocore", v, "sdist", os.path.join(base, "tgz"), seeds) for v in vers]
+        zdir = os.path.join(base, "zip")
+        os.makedirs(zdir, exist_ok=True)
+        zips = []
+        for w, v in zip(whls, vers):
+            z = os.path.join(zdir, "botocore-%s.zip" % v)
+            if not os.path.exists(z):
+                shutil.copyfile(w, z)
+            zips.append(z)
+        tdir = os.path.join(base, "tar")
+        os.makedirs(tdir, exist_ok=True)
+        tars = [_gunzip(s, os.path.join(tdir, os.path.basename(s)[:-3])) for s in sdists]
+        series.update({"whl": whls, "zip": zips, "tgz": sdists, "tar": tars})
+    series["big"] = _synthetic_big(os.path.join(base, "big"), args.big_mib * MiB)
+    small = _small_files(os.path.join(base, "small"), args.small_files)
+    many = _small_files(os.path.join(base, "many"), args.list_objects)
+    return series, small, many
+
+
+# --------------------------------------------------------------------------- tools
+class Tool:
+    def __init__(self, name, argv, env, label, cp_extra=()):
+        self.name, self.argv, self.env, self.label = name, argv, env, label
+        self.cp = ["cp", *cp_extra]
+
+    def up(self, path, bucket, prefix):
+        return self.argv + self.cp + [path, "s3://%s/%s%s" % (bucket, prefix, os.path.basename(path))]
+
+    def down(self, bucket, prefix, name, dest):
+        return self.argv + self.cp + ["s3://%s/%s%s" % (bucket, prefix, name), dest]
+
+    def up_r(self, folder, bucket, prefix):
+        return self.argv + ["cp", "--recursive", folder, "s3://%s/%s" % (bucket, prefix)]
+
+    def ls_r(self, bucket, prefix):
+        return self.argv + ["ls", "--recursive", "s3://%s/%s" % (bucket, prefix)]
+
+    def version(self):
+        return self.argv + ["--version"]
+
+
+def make_tools(args, endpoint, tmp):
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DG_", "PYTHON"))}
+    base_env.update({"AWS_ACCESS_KEY_ID": AK, "AWS_SECRET_ACCESS_KEY": SK, "AWS_DEFAULT_REGION": REGION,
+                     "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+                     "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
+    tools, notes = [], []
+    env = dict(base_env, DG_CACHE_DIR=os.path.join(tmp, "dg-cache-ours"))
+    py = ours_python(args)
+    tools.append(Tool("ours", [py, OURS, "--endpoint-url", endpoint], env,
+                      "deltaglider.py (this repo)", ["--no-progress"]))
+    if "original" not in args.skip:
+        venv = args.original_venv or os.path.join(args.cache, "venv-dg620")
+        exe = os.path.join(venv, "bin", "deltaglider")
+        if not os.path.exists(exe):
+            exe = _install_venv(venv, "deltaglider==6.2.0", "deltaglider", notes)
+        if exe:
+            env = dict(base_env, DG_SUPPRESS_DEPRECATION="1", DG_DISABLE_EC2_DETECTION="1",
+                       DG_LOG_LEVEL="WARNING", DG_METRICS="noop")
+            tools.append(Tool("original", [exe], env, "deltaglider 6.2.0"))
+    if "awscli" not in args.skip:
+        venv = args.awscli_venv or os.path.join(args.cache, "venv-awscli")
+        exe = os.path.join(venv, "bin", "aws")
+        if not os.path.exists(exe):
+            exe = _install_venv(venv, "awscli", "aws", notes)
+        if exe:
+            env = dict(base_env, AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+                       AWS_RESPONSE_CHECKSUM_VALIDATION="when_required")
+            tools.append(Tool("awscli", [exe, "s3", "--endpoint-url", endpoint], env,
+                              "aws s3 (awscli, plain storage)", ["--no-progress"]))
+            tools[-1].version = lambda exe=exe: [exe, "--version"]
+            tools[-1].up_r = lambda folder, b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "cp",
+                                                           "--recursive", "--only-show-errors", folder,
+                                                           "s3://%s/%s" % (b, p)]
+            tools[-1].ls_r = lambda b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "ls",
+                                                   "--recursive", "s3://%s/%s" % (b, p)]
+    for t in tools:
+        if t.name == "ours":
+            t.up_r = (lambda folder, b, p, t=t: t.argv + ["cp", "-r", "--only-show-errors", folder,
+                                                        "s3://%s/%s" % (b, p)])
+            t.ls_r = lambda b, p, t=t: t.argv + ["ls", "-r", "s3://%s/%s" % (b, p)]
+            t.version = lambda t=t: [t.argv[0], OURS, "--version"]
+        if t.name == "original":
+            t.up_r = lambda folder, b, p, t=t: t.argv + ["cp", "-r", "-q", folder.rstrip("/") + "/",
+                                                        "s3://%s/%s" % (b, p)]
+    return tools, notes
+
+
+def ours_python(args):
+    """A bare venv (no packages, no site-packages .pth hooks) of this interpreter: what a user
+    running `python3 deltaglider.py` has, without the host's site customisations."""
+    venv = os.path.join(args.cache, "venv-ours")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode != 0:
+            return sys.executable
+    return py
+
+
+def _install_venv(venv, spec, exe_name, notes):
+    exe = os.path.join(venv, "bin", exe_name)
+    log("installing %s into %s" % (spec, venv))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q", spec],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
+    except (subprocess.SubprocessError, OSError) as e:
+        notes.append("could not install %s (%s): its columns are missing" % (spec, str(e)[:200]))
+        log(notes[-1])
+        return None
+    return exe if os.path.exists(exe) else None
+
+
+# --------------------------------------------------------------------------- workloads
+class Bench:
+    def __init__(self, args, endpoint):
+        self.args, self.endpoint = args, endpoint
+        self.s3 = RawS3(endpoint)
+        self.errors = []        # problems with OUR tool -> non-zero exit
+        self.notes = []         # problems with the others
+        self.data = {"series": {}, "version": {}, "ls": {}, "small": {}, "floor": {}, "baseline_rss": 0}
+
+    def fail(self, tool, msg):
+        (self.errors if tool.name == "ours" else self.notes).append("%s: %s" % (tool.name, msg))
+        log("%s: %s" % (tool.name, msg))
+
+    def series(self, tools, name, files, reps, tmp):
+        hashes = [sha256(f) for f in files]
+        res = self.data["series"].setdefault(name, {
+            "files": [os.path.basename(f) for f in files], "sizes": [os.path.getsize(f) for f in files]})
+        for tool in tools:
+            tr = res.setdefault(tool.name, {"up": [[] for _ in files], "down": [[] for _ in files],
+                                            "up_rss": 0, "down_rss": 0, "up_tree_rss": 0,
+                                            "down_tree_rss": 0, "stored": None, "ok": True})
+            for rep in range(reps):
+                bucket = "bench-" + tool.name
+                prefix = "%s/r%d/" % (name, rep)
+                self.s3.make_bucket(bucket)
+                self.s3.delete_prefix(bucket, prefix)
+                if tool.name == "ours":
+                    shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
+                for i, f in enumerate(files):
+                    r = run(tool.up(f, bucket, prefix), tool.env)
+                    if r.rc != 0:
+                        self.fail(tool, "upload %s failed rc=%d: %s" % (f, r.rc, (r.err or r.out)[-400:]))
+                        tr["ok"] = False
+                    tr["up"][i].append(r.secs)
+                    tr["up_rss"] = max(tr["up_rss"], r.py_rss)
+                    tr["up_tree_rss"] = max(tr["up_tree_rss"], r.tree_rss)
+                    log("%-8s %-4s up   %-40s %7.2fs rss %4dM" % (tool.name, name, os.path.basename(f),
+                                                                r.secs, r.py_rss // MiB))
+                stored = sum(s for _, s in self.s3.list(bucket, prefix))
+                tr["stored"] = stored
+                if tool.name == "ours":  # downloads start from an empty reference cache
+                    shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
+                outdir = tempfile.mkdtemp(dir=tmp, prefix="dl-")
+                for i, f in enumerate(files):
+                    dest = os.path.join(outdir, os.path.basename(f))
+                    r = run(tool.down(bucket, prefix, os.path.basename(f), dest), tool.env)
+                    tr["down"][i].append(r.secs)
+                    tr["down_rss"] = max(tr["down_rss"], r.py_rss)
+                    tr["down_tree_rss"] = max(tr["down_tree_rss"], r.tree_rss)
+                    good = r.rc == 0 and os.path.exists(dest) and sha256(dest) == hashes[i]
+                    if not good:
+                        tr["ok"] = False
+                        self.fail(tool, "download %s: %s (rc=%d) %s" % (
+                            os.path.basename(f), "WRONG BYTES" if r.rc == 0 and os.path.exists(dest)
+                            else "failed", r.rc, (r.err or r.out)[-300:]))
+                    log("%-8s %-4s down %-40s %7.2fs rss %4dM %s" % (tool.name, name, os.path.basename(f),
+                                                                   r.secs, r.py_rss // MiB,
+                                                                   "ok" if good else "BAD"))
+                    if os.path.exists(dest):
+                        os.remove(dest)
+                shutil.rmtree(outdir, ignore_errors=True)
+                if not self.args.keep_objects:
+                    self.s3.delete_prefix(bucket, prefix)
+
+    def floor(self, name, files, reps, tmp):
+        """xdelta3 alone (our flags) + sha256sum alone, on the same files: encode v_i against
+        v_0 and hash v_i (upload floor); decode and hash (download floor)."""
+        xd = shutil.which("xdelta3")
+        if not xd:
+            self.notes.append("xdelta3 not found: no raw floor")
+            return
+        sys.path.insert(0, REPO)
+        try:
+            import deltaglider as dg  # only for the exact encode/decode flags
+            x = dg._XDelta3(xd)
+            enc = lambda s, t, o: x.encode_args(s, t, o)
+            dec = lambda s, d, o: ["-d", "-f", "-D", "-B", str(x.window(os.path.getsize(s))), "-s", s, d, o]
+        except Exception:
+            enc = lambda s, t, o: ["-e", "-f", "-D", "-9", "-s", s, t, o]
+            dec = lambda s, d, o: ["-d", "-f", "-D", "-s", s, d, o]
+        env = dict(os.environ)
+        fl = self.data["floor"].setdefault(name, {"up": [[] for _ in files], "down": [[] for _ in files]})
+        ref = files[0]
+        for rep in range(reps):
+            for i, f in enumerate(files):
+                delta = os.path.join(tmp, "floor.delta")
+                out = os.path.join(tmp, "floor.out")
+                sh = run(["sha256sum", f], env).secs
+                if i == 0:
+                    fl["up"][i].append(sh)
+                    fl["down"][i].append(sh)
+                    continue
+                e = run([xd, *enc(ref, f, delta)], env)
+                d = run([xd, *dec(ref, delta, out)], env)
+                sh2 = run(["sha256sum", out], env).secs
+                fl["up"][i].append(e.secs + sh)
+                fl["down"][i].append(d.secs + sh2)
+                for p in (delta, out):
+                    if os.path.exists(p):
+                        os.remove(p)
+
+    def version(self, tools, reps):
+        for tool in tools:
+            times = []
+            for _ in range(reps):
+                r = run(tool.version(), tool.env)
+                if r.rc != 0:
+                    self.fail(tool, "--version rc=%d %s" % (r.rc, r.err[-200:]))
+                times.append(r.secs)
+            self.data["version"][tool.name] = times
+            log("%-8s --version median %.3fs" % (tool.name, statistics.median(times)))
+            if tool.name == "ours":  # same, but bytecode-cached (`python -m` / installed entry point)
+                times = [run([tool.argv[0], "-m", "deltaglider", "--version"], tool.env, cwd=REPO).secs
+                         for _ in range(reps)]
+                self.data["version"]["ours -m"] = times
+                log("ours -m  --version median %.3fs" % statistics.median(times))
+
+    def ls(self, tools, many, reps):
+        bucket, prefix = "bench-list", "many/"
+        n = sum(len(f) for _, _, f in os.walk(many))
+        if len(self.s3.list(bucket, prefix) if self._bucket_exists(bucket) else []) != n:
+            self.s3.make_bucket(bucket)
+            ours = tools[0]
+            log("populating %d objects for ls with ours cp -r" % n)
+            r = run(ours.up_r(many, bucket, prefix), ours.env)
+            if r.rc != 0:
+                self.fail(ours, "cp -r of %d files failed: %s" % (n, r.err[-300:]))
+        for tool in tools:
+            times, lines = [], 0
+            for _ in range(reps):
+                r = run(tool.ls_r(bucket, prefix), tool.env)
+                if r.rc != 0:
+                    self.fail(tool, "ls -r rc=%d %s" % (r.rc, r.err[-200:]))
+                times.append(r.secs)
+                lines = len([ln for ln in r.out.splitlines() if ln.strip()])
+            self.data["ls"][tool.name] = {"times": times, "lines": lines, "objects": n}
+            if lines < n:
+                (self.errors if tool.name == "ours" else self.notes).append(
+                    "%s: ls -r listed %d of %d objects" % (tool.name, lines, n))
+            log("%-8s ls -r median %.3fs (%d lines)" % (tool.name, statistics.median(times), lines))
+
+    def _bucket_exists(self, bucket):
+        st, _ = self.s3.request("HEAD", "/" + bucket)
+        return st == 200
+
+    def small(self, tools, folder, reps):
+        n = sum(len(f) for _, _, f in os.walk(folder))
+        for tool in tools:
+            times = []
+            for rep in range(reps):
+                bucket, prefix = "bench-" + tool.name, "small/r%d/" % rep
+                self.s3.make_bucket(bucket)
+                self.s3.delete_prefix(bucket, prefix)
+                r = run(tool.up_r(folder, bucket, prefix), tool.env)
+                got = len(self.s3.list(bucket, prefix))
+                if r.rc != 0 or got < n:
+                    self.fail(tool, "cp -r small: rc=%d, %d/%d objects %s" % (r.rc, got, n, r.err[-300:]))
+                times.append(r.secs)
+                self.s3.delete_prefix(bucket, prefix)
+            self.data["small"][tool.name] = times
+            log("%-8s cp -r %d small files median %.2fs" % (tool.name, n, statistics.median(times)))
+
+
+# --------------------------------------------------------------------------- report
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt_s(x):
+    return "—" if x is None else ("%.3f" % x if x < 10 else "%.1f" % x)
+
+
+def fmt_b(n):
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+def summarize(data):
+    """Per series and tool: median first-upload, median later-upload (median over reps of
+    each file, then median over files), same for downloads; stored, savings."""
+    out = {}
+    for name, s in data["series"].items():
+        total = sum(s["sizes"])
+        for tool, tr in s.items():
+            if not isinstance(tr, dict) or "up" not in tr:
+                continue
+            ups = [med(x) for x in tr["up"]]
+            downs = [med(x) for x in tr["down"]]
+            out[(name, tool)] = {
+                "first_up": ups[0], "later_up": med(ups[1:]) if len(ups) > 1 else ups[0],
+                "all_down": med(downs), "later_down": med(downs[1:]) if len(downs) > 1 else downs[0],
+                "stored": tr["stored"], "total": total,
+                "savings": None if tr["stored"] is None else 100.0 * (1 - tr["stored"] / total),
+                "up_rss": tr["up_rss"], "down_rss": tr["down_rss"], "up_tree_rss": tr["up_tree_rss"],
+                "down_tree_rss": tr["down_tree_rss"], "ok": tr["ok"]}
+        if name in data["floor"]:
+            fl = data["floor"][name]
+            ups = [med(x) for x in fl["up"]]
+            downs = [med(x) for x in fl["down"]]
+            out[(name, "floor")] = {"later_up": med(ups[1:]), "later_down": med(downs[1:]),
+                                    "first_up": ups[0], "all_down": med(downs)}
+    return out
+
+
+def targets(data, summ, args):
+    rows = []
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    def add(target, value, ok, how):
+        rows.append({"target": target, "measured": value, "pass": ok, "how": how})
+
+    base = data["baseline_rss"]
+    for name in ("zip", "tar"):
+        o, g = summ.get((name, "ours")), summ.get((name, "original"))
+        if o and g:
+            r = ratio(o["stored"], g["stored"])
+            add("stored bytes, %s series ≤ 1.01 × original" % name, "%.4f×" % r, r <= 1.01,
+                "%s vs %s" % (fmt_b(o["stored"]), fmt_b(g["stored"])))
+    o, g = summ.get(("whl", "ours")), summ.get(("whl", "original"))
+    if o and g:
+        r = ratio(o["stored"], g["stored"])
+        add("stored bytes, whl series far below original (≤ 0.5×)", "%.3f×" % r, r <= 0.5,
+            "%s vs %s" % (fmt_b(o["stored"]), fmt_b(g["stored"])))
+    for name in ("zip", "tar"):
+        o, g = summ.get((name, "ours")), summ.get((name, "original"))
+        if o and g:
+            r = ratio(g["later_up"], o["later_up"])
+            add("upload of later versions, %s: ≥ 3× original's speed" % name, "%.2f×" % r, r >= 3,
+                "median %ss vs %ss" % (fmt_s(o["later_up"]), fmt_s(g["later_up"])))
+    for name in ("zip", "tar"):
+        o, g = summ.get((name, "ours")), summ.get((name, "original"))
+        if o and g:
+            r = ratio(g["all_down"], o["all_down"])
+            add("download, %s: ≥ 2× original's speed" % name, "%.2f×" % r, r >= 2,
+                "median %ss vs %ss" % (fmt_s(o["all_down"]), fmt_s(g["all_down"])))
+    v = data["version"]
+    if "ours" in v and "original" in v:
+        r = ratio(med(v["ours"]), med(v["original"]))
+        add("CLI start-up (`--version`) ≤ 1/5 of original's", "%.3f" % r, r <= 0.2,
+            "`python deltaglider.py`: %ss vs %ss" % (fmt_s(med(v["ours"])), fmt_s(med(v["original"]))))
+        if "ours -m" in v:
+            r = ratio(med(v["ours -m"]), med(v["original"]))
+            add("(info) start-up as `python -m deltaglider` ≤ 1/5", "%.3f" % r, r <= 0.2,
+                "%ss vs %ss" % (fmt_s(med(v["ours -m"])), fmt_s(med(v["original"]))))
+    ls = data["ls"]
+    if "ours" in ls and "original" in ls:
+        r = ratio(med(ls["ours"]["times"]), med(ls["original"]["times"]))
+        add("`ls -r` over %d objects ≤ 1/3 of original's" % ls["ours"]["objects"], "%.3f" % r, r <= 1 / 3.0,
+            "%ss vs %ss (original printed %d lines)" % (fmt_s(med(ls["ours"]["times"])),
+                                                       fmt_s(med(ls["original"]["times"])),
+                                                       ls["original"]["lines"]))
+    sm = data["small"]
+    if "ours" in sm and "awscli" in sm:
+        r = ratio(med(sm["ours"]), med(sm["awscli"]))
+        add("recursive upload of %d small files ≤ `aws s3 cp --recursive`" % args.small_files, "%.2f×" % r,
+            r <= 1.0, "%ss vs %ss" % (fmt_s(med(sm["ours"])), fmt_s(med(sm["awscli"]))))
+    for name in ("whl", "tar") if not args.small else ("zip", "tar"):
+        o, f = summ.get((name, "ours")), summ.get((name, "floor"))
+        if o and f:
+            for phase, key in (("upload (later versions)", "later_up"), ("download (later versions)", "later_down")):
+                r = ratio(o[key], f[key]) - 1
+                add("time above xdelta3+sha256 floor, %s %s ≤ 15%%" % (name, phase), "%+.1f%%" % (100 * r),
+                    r <= 0.15, "%ss vs floor %ss" % (fmt_s(o[key]), fmt_s(f[key])))
+    o = summ.get(("big", "ours"))
+    if o:
+        for phase, key in (("upload", "up_rss"), ("download", "down_rss")):
+            extra = o[key] - base
+            add("peak RSS, %d MiB %s ≤ baseline + 100 MB" % (args.big_mib, phase), "+%.1f MB" % (extra / 1e6),
+                extra <= 100e6, "python VmHWM %s, interpreter baseline %s (xdelta3 child excluded)"
+                % (fmt_b(o[key]), fmt_b(base)))
+    return rows
+
+
+def write_report(args, data, tools, notes, errors, started, path_md, path_json):
+    summ = summarize(data)
+    trows = targets(data, summ, args)
+    L = []
+    L.append("# deltaglider benchmark results\n")
+    L.append("Generated by `benchmarks/run.sh%s` on %s (%s, Python %s, %d CPUs), %s. Server: OpenStack "
+             "Swift + s3api on 127.0.0.1. Repetitions: %d (big file: 1). Tools: %s.\n" % (
+                 " --small" if args.small else "", started, platform.platform(), platform.python_version(),
+                 os.cpu_count() or 0, "small mode" if args.small else "full mode", args.repeat,
+                 ", ".join("**%s** = %s" % (t.name, t.label) for t in tools)))
+    L.append("Times are wall seconds of one CLI invocation per file (median over repetitions, then over "
+             "files); *first* = the first version of a series (stored whole by the delta tools), *later* = "
+             "every other version. Downloads start with an empty local cache and are checked by SHA-256. "
+             "*Stored* = raw bytes under the prefix after uploading the series (listed directly from S3). "
+             "*Peak RSS* = the CLI's Python process alone (VmHWM); *tree* includes xdelta3 children. "
+             "*floor* = `xdelta3` (our flags, encode v_i against v_1 / decode) + `sha256sum`, no S3.\n")
+    L.append("## Targets\n")
+    L.append("| target | measured | pass | detail |\n|---|---|---|---|")
+    for r in trows:
+        L.append("| %s | %s | %s | %s |" % (r["target"], r["measured"], "✅ pass" if r["pass"] else "❌ FAIL",
+                                           r["how"]))
+    L.append("")
+    L.append("## Series (upload each version in order into one prefix, download all back)\n")
+    L.append("| series | files | tool | first up s | later up s | download s | stored | savings | peak RSS up / down (tree) | bytes ok |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in data["series"].items():
+        desc = "%d × %s" % (len(s["files"]), fmt_b(sum(s["sizes"]) / len(s["files"])))
+        for tool in [t.name for t in tools] + ["floor"]:
+            x = summ.get((name, tool))
+            if not x:
+                continue
+            if tool == "floor":
+                L.append("| %s | %s | floor | %s | %s | %s | | | | |" % (
+                    name, desc, fmt_s(x["first_up"]), fmt_s(x["later_up"]), fmt_s(x["all_down"])))
+                continue
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s / %s (%s / %s) | %s |" % (
+                name, desc, tool, fmt_s(x["first_up"]), fmt_s(x["later_up"]), fmt_s(x["all_down"]),
+                fmt_b(x["stored"]), "%.1f%%" % x["savings"], fmt_b(x["up_rss"]), fmt_b(x["down_rss"]),
+                fmt_b(x["up_tree_rss"]), fmt_b(x["down_tree_rss"]), "yes" if x["ok"] else "**NO**"))
+    L.append("")
+    L.append("## Other workloads\n")
+    L.append("| workload | %s |" % " | ".join(t.name for t in tools))
+    L.append("|---|%s" % ("---|" * len(tools)))
+    L.append("| `--version` (median s) | %s |" % " | ".join(fmt_s(med(data["version"].get(t.name, []))) for t in tools))
+    L.append("| `--version` as `python -m deltaglider` (bytecode cached) | %s |" % " | ".join(
+        fmt_s(med(data["version"].get("ours -m", []))) if t.name == "ours" else "" for t in tools))
+    ls = data["ls"]
+    L.append("| `ls -r` over %s objects (median s) | %s |" % (
+        next(iter(ls.values()))["objects"] if ls else "?",
+        " | ".join("%s (%d lines)" % (fmt_s(med(ls[t.name]["times"])), ls[t.name]["lines"]) if t.name in ls
+                   else "—" for t in tools)))
+    L.append("| `cp -r` of %d small files (median s) | %s |" % (
+        args.small_files, " | ".join(fmt_s(med(data["small"].get(t.name, []))) for t in tools)))
+    L.append("| interpreter baseline RSS (`python3 -c pass`) | %s |" % fmt_b(data["baseline_rss"]))
+    L.append("")
+    if notes or errors:
+        L.append("## Notes\n")
+        for n in errors:
+            L.append("- **ours**: %s" % n)
+        for n in notes:
+            L.append("- %s" % n)
+        L.append("")
+    with open(path_md, "w") as f:
+        f.write("\n".join(L))
+    with open(path_json, "w") as f:
+        json.dump({"args": vars(args), "started": started, "data": data, "targets": trows,
+                   "notes": notes, "errors": errors}, f, indent=1, default=str)
+    return trows
+
+
+# --------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="CI mode: tiny synthetic corpus, 1 repetition")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions (default 3; --small: 1)")
+    ap.add_argument("--versions", type=int, default=4, help="botocore versions per series (default 4)")
+    ap.add_argument("--botocore-prefix", default="1.35.", help="versions are PREFIX0..PREFIX{n-1}")
+    ap.add_argument("--big-mib", type=int, default=None, help="synthetic big file size (default 2048; --small: 64)")
+    ap.add_argument("--small-files", type=int, default=None, help="default 200 (--small: 20)")
+    ap.add_argument("--list-objects", type=int, default=2000, help="objects for ls -r (--small: 200)")
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "deltaglider-bench"))
+    ap.add_argument("--seed-corpus", action="append", help="folder searched for already-downloaded files")
+    ap.add_argument("--endpoint", help="use this S3 endpoint (keys test:tester/testing) instead of starting one")
+    ap.add_argument("--port", type=int, default=19200)
+    ap.add_argument("--original-venv", help="venv holding deltaglider==6.2.0 (default: CACHE/venv-dg620)")
+    ap.add_argument("--awscli-venv", help="venv holding awscli (default: CACHE/venv-awscli)")
+    ap.add_argument("--skip", action="append", default=[], choices=["original", "awscli"])
+    ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small)")
+    ap.add_argument("--big-tools", default="ours,original,awscli", help="tools run on the big file")
+    ap.add_argument("--keep-objects", action="store_true")
+    ap.add_argument("--out", default=HERE)
+    args = ap.parse_args()
+    if args.repeat is None:
+        args.repeat = 1 if args.small else 3
+    if args.big_mib is None:
+        args.big_mib = 64 if args.small else 2048
+    if args.small_files is None:
+        args.small_files = 20 if args.small else 200
+    if args.small:
+        args.list_objects = min(args.list_objects, 200)
+    os.makedirs(args.cache, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t_start = time.time()
+
+    series, small, many = build_corpus(args)
+    log("corpus ready: %s" % ", ".join("%s=%d files" % (k, len(v)) for k, v in series.items()))
+
+    server_started = False
+    endpoint = args.endpoint
+    if not endpoint:
+        script = os.path.join(REPO, ".ci", "start-s3-server.sh")
+        r = subprocess.run(["bash", script, "start", str(args.port), AK, SK], stdout=subprocess.PIPE,
+                           env=dict(os.environ))
+        if r.returncode != 0:
+            log("could not start the S3 server")
+            return 3
+        server_started = True
+        endpoint = "http://127.0.0.1:%d" % args.port
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="dg-bench-")
+    try:
+        tools, notes = make_tools(args, endpoint, tmp)
+        b = Bench(args, endpoint)
+        b.notes.extend(notes)
+        b.data["baseline_rss"] = run([tools[0].argv[0], "-c", "pass"], dict(os.environ)).py_rss
+        want = lambda w: not args.only or w in args.only
+        if want("version"):
+            b.version(tools, 10 if not args.small else 3)
+        if want("ls"):
+            b.ls(tools, many, max(3, args.repeat) if not args.small else 1)
+        if want("small"):
+            b.small(tools, small, args.repeat)
+        for name, files in series.items():
+            if not want(name):
+                continue
+            if name == "big":
+                bt = [t for t in tools if t.name in args.big_tools.split(",")]
+                b.series(bt, name, files, 1, tmp)
+                b.floor(name, files, 1, tmp)
+            else:
+                b.series(tools, name, files, args.repeat, tmp)
+                b.floor(name, files, args.repeat, tmp)
+            write_report(args, b.data, tools, b.notes, b.errors, started,
+                         os.path.join(args.out, "RESULTS.md"), os.path.join(args.out, "results.json"))
+        trows = write_report(args, b.data, tools, b.notes, b.errors, started,
+                             os.path.join(args.out, "RESULTS.md"), os.path.join(args.out, "results.json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if server_started:
+            subprocess.run(["bash", os.path.join(REPO, ".ci", "start-s3-server.sh"), "stop", str(args.port)],
+                           env=dict(os.environ),
+                           stdout=subprocess.DEVNULL)
+    log("done in %.0fs; %d/%d targets pass; see %s" % (time.time() - t_start, sum(r["pass"] for r in trows),
+                                                       len(trows), os.path.join(args.out, "RESULTS.md")))
+    for e in b.errors:
+        log("OUR TOOL FAILED: " + e)
+    return 1 if b.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
