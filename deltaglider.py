@@ -154,6 +154,7 @@ _DEFAULT_PART_SIZE = 16 * 1024 * 1024
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 
@@ -312,6 +313,26 @@ class TooManyParts(ClientError):
     pass
 
 
+class EncryptionTypeMismatch(ClientError):
+    pass
+
+
+class IdempotencyParameterMismatch(ClientError):
+    pass
+
+
+class InvalidWriteOffset(ClientError):
+    pass
+
+
+class ObjectAlreadyInActiveTierError(ClientError):
+    pass
+
+
+class ObjectNotInActiveTierError(ClientError):
+    pass
+
+
 #: Error codes with a class of their own, as ``client.exceptions`` in boto3.
 _MODELED_ERRORS: dict[str, type] = {
     cls.__name__: cls
@@ -325,6 +346,11 @@ _MODELED_ERRORS: dict[str, type] = {
         InvalidObjectState,
         InvalidRequest,
         TooManyParts,
+        EncryptionTypeMismatch,
+        IdempotencyParameterMismatch,
+        InvalidWriteOffset,
+        ObjectAlreadyInActiveTierError,
+        ObjectNotInActiveTierError,
     )
 }
 
@@ -433,6 +459,17 @@ def _human_size(num: float) -> str:
         if num < 1024 or unit == "EiB":
             return "%.1f %s" % (num, unit)
     raise AssertionError("unreachable")
+
+
+def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
+    """ResponseMetadata for answers that deltaglider put together itself."""
+    meta = dict(resp.get("ResponseMetadata") or {})
+    meta.setdefault("HTTPStatusCode", 200)
+    meta.setdefault("RetryAttempts", 0)
+    meta.setdefault("RequestId", "")
+    meta.setdefault("HostId", "")
+    meta.setdefault("HTTPHeaders", {})
+    return meta
 
 
 def _xml_parse(data: bytes) -> ET.Element:
@@ -2055,6 +2092,8 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
             out[key] = value.lower() == "true"
         else:
             out[key] = value
+    if "expires" in headers:
+        out["ExpiresString"] = headers["expires"]  # boto3 >= 1.37 gives the raw header too
     out["Metadata"] = {
         name[11:]: value for name, value in headers.items() if name.startswith("x-amz-meta-")
     }
@@ -2103,6 +2142,12 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
             "Size": int(_xml_text(c, "Size", "0") or 0),
             "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
         }
+        owner = c.find("Owner")
+        if owner is not None:
+            item["Owner"] = {
+                "DisplayName": _xml_text(owner, "DisplayName", ""),
+                "ID": _xml_text(owner, "ID", ""),
+            }
         contents.append(item)
     out: dict[str, Any] = {
         "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
@@ -2644,6 +2689,29 @@ class _S3Storage:
         """DeleteObjects for up to 1000 keys (S3's limit per request)."""
         if len(keys) > _DELETE_BATCH:
             raise ParamValidationError(report="DeleteObjects takes at most 1000 keys")
+        # XML 1.0 cannot carry most control characters, even escaped: such keys would make
+        # the whole batch MalformedXML, so they are deleted one by one.
+        odd = [k for k in keys if _XML_INVALID.search(k)]
+        if odd:
+            keys = [k for k in keys if not _XML_INVALID.search(k)]
+            single: dict[str, Any] = {"Deleted": [], "Errors": []}
+            for k in odd:
+                try:
+                    self.delete_object(bucket, k)
+                    single["Deleted"].append({"Key": k})
+                except ClientError as e:
+                    err = e.response["Error"]
+                    single["Errors"].append(
+                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                    )
+            if keys:
+                rest = self.delete_objects(bucket, keys, quiet=quiet)
+                single["Deleted"] += rest.get("Deleted", [])
+                single["Errors"] += rest.get("Errors", [])
+                single["ResponseMetadata"] = rest["ResponseMetadata"]
+            else:
+                single["ResponseMetadata"] = _local_metadata({})
+            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
         parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
         if quiet:
             parts.append("<Quiet>true</Quiet>")
@@ -2718,6 +2786,7 @@ class _S3Storage:
         max_keys: int = 1000,
         continuation_token: str | None = None,
         start_after: str | None = None,
+        fetch_owner: bool = False,
     ) -> dict[str, Any]:
         """One page of ListObjectsV2; keys always asked url-encoded so any byte survives
         XML (botocore sends encoding-type=url and decodes)."""
@@ -2730,6 +2799,8 @@ class _S3Storage:
             query.append(("continuation-token", continuation_token))
         if start_after:
             query.append(("start-after", start_after))
+        if fetch_owner:
+            query.append(("fetch-owner", "true"))
         resp = self.request("ListObjectsV2", "GET", bucket, query=query)
         root = self._xml(resp)
         encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
@@ -2846,7 +2917,13 @@ class _S3Storage:
         resp = self.request("ListMultipartUploads", "GET", bucket, query=query)
         root = self._xml(resp)
         uploads = [
-            {"Key": _xml_text(u, "Key", ""), "UploadId": _xml_text(u, "UploadId", "")}
+            {
+                "Key": _xml_text(u, "Key", ""),
+                "UploadId": _xml_text(u, "UploadId", ""),
+                "Initiated": _parse_timestamp(
+                    _xml_text(u, "Initiated", "") or "1970-01-01T00:00:00Z"
+                ),
+            }
             for u in root.findall("Upload")
         ]
         return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": _response_metadata(resp)}
@@ -3845,6 +3922,7 @@ class _LocalStorage:
         max_keys: int = 1000,
         continuation_token: str | None = None,
         start_after: str | None = None,
+        fetch_owner: bool = False,
     ) -> dict[str, Any]:
         """One page of ListObjectsV2, keys in UTF-8 byte order as S3 sorts them. The token
         is the last key (or common prefix) returned, base64: stable under concurrent
@@ -4136,7 +4214,14 @@ class _LocalStorage:
             if info and info["key"].startswith(prefix):
                 found.append((info["key"].encode("utf-8"), info["initiated"], upload_id, info))
         found.sort(key=lambda item: (item[0], item[1]))
-        uploads = [{"Key": info["key"], "UploadId": upload_id} for _, _, upload_id, info in found]
+        uploads = [
+            {
+                "Key": info["key"],
+                "UploadId": upload_id,
+                "Initiated": _parse_timestamp(info["initiated"]),
+            }
+            for _, _, upload_id, info in found
+        ]
         return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
 
 
@@ -4181,6 +4266,7 @@ def _put_path(
                 if_none_match=if_none_match,
             )
     part = _part_size(size, part_size)
+    started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
     try:
         parts = []
@@ -4190,13 +4276,31 @@ def _put_path(
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
                 parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
         result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
+        _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
         try:
             storage.abort_multipart_upload(bucket, key, upload_id)
         except Exception as e:  # pragma: no cover - the original error matters more
             logger.warning("could not abort multipart upload %s of %s: %s", upload_id, key, e)
+        _abort_strays(storage, bucket, key, upload_id, started)
         raise
+
+
+def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetime.datetime) -> None:
+    """Abort uploads of this key that a retried CreateMultipartUpload may have started
+    (the first reply was lost, so its UploadId never reached us)."""
+    try:
+        uploads = storage.list_multipart_uploads(bucket, prefix=key)["Uploads"]
+        for up in uploads:
+            initiated = up.get("Initiated")
+            if up["Key"] != key or up["UploadId"] == ours:
+                continue
+            if isinstance(initiated, datetime.datetime) and initiated < since:
+                continue  # older than us: someone else's
+            storage.abort_multipart_upload(bucket, key, up["UploadId"])
+    except Exception as e:
+        logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
 
 
 class _CallbackReader(io.RawIOBase):
@@ -4272,6 +4376,9 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
 )
 
 _REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
@@ -4284,7 +4391,7 @@ _MIN_SOURCE_WINDOW = 64 * 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
-_REFERENCE_SETTLE = 3.0
+_REFERENCE_SETTLE = 2.0
 #: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
 _MAX_METADATA_VALUE = 256
 
@@ -4443,6 +4550,8 @@ class _XDelta3:
         self._environ = environ
         self._run = run
         self._path: str | None = None
+        # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
+        self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def path(self) -> str:
         if self._path is None:
@@ -4455,9 +4564,10 @@ class _XDelta3:
     def _call(self, args: list[str]) -> None:
         cmd = [self.path(), *args]
         try:
-            proc = self._run(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+            with self._slots:
+                proc = self._run(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
         except OSError as e:
             raise XDelta3Error(cmd, -1, str(e)) from e
         if proc.returncode != 0:
@@ -4491,6 +4601,45 @@ class _XDelta3:
 
     def encode(self, source: str, target: str, out: str) -> None:
         self._call(self.encode_args(source, target, out))
+
+    def decode_sha256(self, source: str, delta: str) -> tuple[str, int]:
+        """Decode to stdout and hash it on the fly: checks a delta without writing the
+        rebuilt file to disk and reading it back."""
+        size = os.path.getsize(source)
+        cmd = [
+            self.path(),
+            "-d",
+            "-f",
+            "-D",
+            "-c",
+            "-B",
+            str(self.window(size)),
+            "-s",
+            source,
+            delta,
+        ]
+        h = hashlib.sha256()
+        total = 0
+        with tempfile.TemporaryFile() as errors, self._slots:
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
+                )
+            except OSError as e:
+                raise XDelta3Error(cmd, -1, str(e)) from e
+            assert proc.stdout is not None
+            with proc.stdout:
+                while True:
+                    chunk = proc.stdout.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    total += len(chunk)
+            code = proc.wait()
+            if code != 0:
+                errors.seek(0)
+                raise XDelta3Error(cmd, code, errors.read().decode("utf-8", "replace"))
+        return h.hexdigest(), total
 
     def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> None:
         """Decode with -D (no external decompression) unless ``external``: deltas the
@@ -4556,8 +4705,12 @@ class _ReferenceCache:
             raise IntegrityError("not a SHA-256: %r" % sha256)
         return os.path.join(self.folder, "refs", sha256[:2], sha256)
 
-    def lookup(self, sha256: str) -> str | None:
-        """The path of a verified entry, or None (a corrupt entry is removed)."""
+    def lookup(self, sha256: str, strict: bool = False) -> str | None:
+        """The path of a verified entry, or None (a corrupt entry is removed).
+
+        An entry is hashed on its first use in a process; other processes' stamps are
+        trusted for reads (whose output is checked anyway) but not when ``strict`` (a
+        delta made against a silently corrupted reference would be unreadable)."""
         path = self._path(sha256)
         try:
             st = os.stat(path)
@@ -4566,6 +4719,8 @@ class _ReferenceCache:
         ident = (st.st_size, st.st_mtime_ns)
         with self._lock:
             trusted = self._verified.get(sha256) == ident
+        if not trusted and not strict:
+            trusted = self._read_stamp(path) == _stamp_of(st)
         if not trusted:
             actual, _ = _sha256_file(path)
             if actual != sha256:
@@ -4578,11 +4733,30 @@ class _ReferenceCache:
         try:
             os.utime(path, None)  # recency for eviction
             st = os.stat(path)
+            self._write_stamp(path, st)
         except OSError:
             pass
         with self._lock:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
         return path
+
+    @staticmethod
+    def _read_stamp(path: str) -> str | None:
+        try:
+            with open(path + ".ok") as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    @staticmethod
+    def _write_stamp(path: str, st: os.stat_result) -> None:
+        """Remember that this file (size, mtime, inode) was hashed and matched, so other
+        processes need not hash it again; any change to the file invalidates it."""
+        tmp = "%s.ok.%d.tmp" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_stamp_of(st))
+        os.replace(tmp, path + ".ok")
 
     def fill(self, sha256: str, write: Callable[[IO[bytes]], None]) -> str:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
@@ -4610,6 +4784,7 @@ class _ReferenceCache:
                 pass
             raise
         st = os.stat(path)
+        self._write_stamp(path, st)
         with self._lock:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
             self.fetches += 1
@@ -4642,6 +4817,8 @@ class _ReferenceCache:
                     st = os.stat(p)
                 except OSError:
                     continue
+                if name.endswith((".ok", ".ok.tmp")) or ".ok." in name:
+                    continue  # stamps go with their entry
                 if name.startswith(".dg-") and time.time() - st.st_mtime > 3600:
                     entries.append((0.0, st.st_size, p))  # stale temp file of a dead process
                 elif not name.startswith(".dg-"):
@@ -4658,11 +4835,19 @@ class _ReferenceCache:
                 total -= size
             except OSError:
                 pass
+            try:
+                os.unlink(p + ".ok")
+            except OSError:
+                pass
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
         with self._lock:
             self._verified.clear()
+
+
+def _stamp_of(st: os.stat_result) -> str:
+    return "%d %d %d" % (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class _HashingWriter:
@@ -4797,22 +4982,27 @@ class _DeltaEngine:
         if operation == "HeadObject":
             resp = {
                 "Error": {"Code": "404", "Message": "Not Found"},
-                "ResponseMetadata": {"HTTPStatusCode": 404, "RetryAttempts": 0},
+                "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 404}}),
             }
             raise ClientError(resp, operation)
+        # A HEAD cannot tell a missing key from a missing bucket: a GET can.
+        got = self.storage.get_object(bucket, key)
+        got["Body"].close()
         resp = {
             "Error": {
                 "Code": "NoSuchKey",
                 "Message": "The specified key does not exist.",
                 "Key": key,
             },
-            "ResponseMetadata": {"HTTPStatusCode": 404, "RetryAttempts": 0},
+            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 404}}),
         }
         raise NoSuchKey(resp, operation)
 
-    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
+    def reference_path(
+        self, bucket: str, ref_key: str, ref_sha256: str, strict: bool = False
+    ) -> str:
         """A verified local copy of a reference: from the cache, or fetched once."""
-        path = self.cache.lookup(ref_sha256)
+        path = self.cache.lookup(ref_sha256, strict=strict)
         if path:
             return path
         resp = self.storage.get_object(bucket, ref_key)
@@ -5040,9 +5230,11 @@ class _DeltaEngine:
     def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
         """The SHA-256 of the deltaspace's reference, or None when there is none.
 
-        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT a
-        reference and the last one wins; so a reference younger than a few seconds (by
-        the server's own Date and Last-Modified) is waited on until the race is over."""
+        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
+        a reference and the last one stays; so there a reference younger than a few
+        seconds (by the server's own Date and Last-Modified) is waited on until that race
+        is over. Where the create is conditional, losers learn it from the 412 (or, on a
+        server that checks it loosely, from the check after their delta is stored)."""
         while True:
             try:
                 head = self.storage.head_object(bucket, ref_key)
@@ -5051,7 +5243,9 @@ class _DeltaEngine:
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
-            if wait <= 0:
+            # Only a young reference on a server that ignores If-None-Match is waited on;
+            # the probe that tells (a few requests, once per bucket) runs only then.
+            if wait <= 0 or self.storage.supports_conditional_writes(bucket):
                 break
             logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
             self._sleep(wait)
@@ -5081,17 +5275,17 @@ class _DeltaEngine:
     ) -> tuple[str, str, bool]:
         """(reference sha256, local path, created by us) for a deltaspace."""
         for _ in range(5):
-            conditional = self.storage.supports_conditional_writes(bucket)
-            sha = self._current_reference(bucket, ref_key, settle=not conditional)
+            sha = self._current_reference(bucket, ref_key, settle=True)
             if sha is not None:
                 try:
-                    return sha, self.reference_path(bucket, ref_key, sha), False
+                    return sha, self.reference_path(bucket, ref_key, sha, strict=True), False
                 except IntegrityError:
                     # Replaced between our HEAD and GET (a server without conditional
                     # writes, racing writers): look again; a real corruption raises.
                     if self._current_reference(bucket, ref_key) != sha:
                         continue
                     raise
+            conditional = self.storage.supports_conditional_writes(bucket)
             meta = {
                 "dg-tool": self._tool,
                 "dg-source-name": _meta_encode(name),
@@ -5117,13 +5311,17 @@ class _DeltaEngine:
                 if status in (409, 412):  # another writer created it first: use theirs
                     continue
                 raise
-            if not conditional:
-                # Verify after write: on a server that ignores If-None-Match the last
-                # writer wins; once the reference has settled, whoever lost uses the winner.
-                sha = self._current_reference(bucket, ref_key, settle=True)
+            try:
+                # Verify after write, once the reference has settled: on a server that
+                # ignores If-None-Match, or (Swift) checks it without a lock, racing
+                # creators all "win" and the last PUT stays; the others use that one.
+                sha = self._current_reference(bucket, ref_key, settle=not conditional)
                 if sha != info.sha256:
                     continue
-            return info.sha256, self.cache.add_file(info.sha256, path), True
+                return info.sha256, self.cache.add_file(info.sha256, path), True
+            except BaseException:  # e.g. Ctrl-C: no reference without its first delta
+                self._discard_reference(bucket, ref_key, info.sha256)
+                raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
     def _put_delta(
@@ -5195,8 +5393,12 @@ class _DeltaEngine:
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
             if self._current_reference(bucket, ref_key) == ref_sha:
-                op = "create_reference" if created else "create_delta"
-                return self._summary(op, delta_key, info, delta_size, delta_size, resp)
+                if created:  # the whole file went up, as reference.bin
+                    # Stored as a zero-diff delta; the whole file went up as reference.bin.
+                    return self._summary(
+                        "create_reference", delta_key, info, info.size, delta_size, resp
+                    )
+                return self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
@@ -5218,13 +5420,7 @@ class _DeltaEngine:
     def _check_round_trip(self, ref_path: str, delta: str, info: _FileInfo, key: str) -> None:
         """Decode the delta and compare with the input: a delta that does not give the
         exact bytes back is never stored."""
-        fd, out = _private_tempfile(self._tmp_dir(), ".check")
-        os.close(fd)
-        try:
-            self.xdelta.decode(ref_path, delta, out)
-            actual, size = _sha256_file(out)
-        finally:
-            os.unlink(out)
+        actual, size = self.xdelta.decode_sha256(ref_path, delta)
         if actual != info.sha256 or size != info.size:
             raise IntegrityError(
                 "%s: the delta xdelta3 made does not decode to the input (expected %s, got %s); "
@@ -5251,7 +5447,12 @@ class _DeltaEngine:
         """Delete a logical name; the last delta of a deltaspace takes its reference."""
         try:
             lg = self.head(bucket, key)
-        except ClientError:
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            # Deleting a missing key succeeds on S3; a missing bucket must still say so,
+            # and a HEAD cannot tell the two apart.
+            self.storage.delete_object(bucket, key)
             return {"Deleted": False, "Type": "missing"}
         self.storage.delete_object(bucket, lg.stored_key)
         info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
@@ -5370,6 +5571,10 @@ class _ClientExceptions:
         for name, cls in _MODELED_ERRORS.items():
             setattr(self, name, cls)
 
+    def from_code(self, code: str) -> type:
+        """The class botocore raises for an error code (ClientError when not modeled)."""
+        return _MODELED_ERRORS.get(code, ClientError)
+
     def __getattr__(self, name: str) -> Any:
         raise AttributeError("no modeled S3 exception %r" % name)
 
@@ -5404,6 +5609,10 @@ class _Paginator:
                 kwargs["ContinuationToken"] = page["NextContinuationToken"]
             else:
                 kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
+
+
+def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in page.get("CommonPrefixes", []) if p.get("Prefix") != _INTERNAL_PREFIX]
 
 
 class _TempBody(StreamingBody):
@@ -5463,21 +5672,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int]:
     if start >= size or start > end:
         resp = {
             "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
-            "ResponseMetadata": {"HTTPStatusCode": 416, "RetryAttempts": 0},
+            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}}),
         }
         raise ClientError(resp, "GetObject")
     return start, end
-
-
-def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
-    """ResponseMetadata for answers that deltaglider put together itself."""
-    meta = dict(resp.get("ResponseMetadata") or {})
-    meta.setdefault("HTTPStatusCode", 200)
-    meta.setdefault("RetryAttempts", 0)
-    meta.setdefault("RequestId", "")
-    meta.setdefault("HostId", "")
-    meta.setdefault("HTTPHeaders", {})
-    return meta
 
 
 class DeltaGliderClient:
@@ -5594,7 +5792,9 @@ class DeltaGliderClient:
                                 "Message": "The Content-MD5 you specified did not match "
                                 "what we received.",
                             },
-                            "ResponseMetadata": {"HTTPStatusCode": 400, "RetryAttempts": 0},
+                            "ResponseMetadata": _local_metadata(
+                                {"ResponseMetadata": {"HTTPStatusCode": 400}}
+                            ),
                         },
                         "PutObject",
                     )
@@ -5626,7 +5826,7 @@ class DeltaGliderClient:
             if name in resp:
                 out[name] = resp[name]
         out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["IsDelta"]:
+        if summary["Operation"] in ("create_delta", "create_reference"):
             out["DeltaGliderInfo"] = {
                 k: summary[k]
                 for k in (
@@ -5652,6 +5852,7 @@ class DeltaGliderClient:
             "ContentEncoding",
             "ContentLanguage",
             "Expires",
+            "ExpiresString",
             "ServerSideEncryption",
             "SSEKMSKeyId",
             "StorageClass",
@@ -5840,7 +6041,7 @@ class DeltaGliderClient:
         contents = []
         for obj in page.get("Contents", []):
             stored = obj["Key"]
-            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
                 continue
             logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
             if after is not None and logical <= after:
@@ -5911,6 +6112,7 @@ class DeltaGliderClient:
             max_keys=int(kwargs.get("MaxKeys", 1000)),
             continuation_token=kwargs.get("ContinuationToken"),
             start_after=after,
+            fetch_owner=bool(kwargs.get("FetchOwner")),
         )
         contents = self._logical_page(bucket, page, after, bool(kwargs.get("FetchMetadata")))
         out: dict[str, Any] = {"IsTruncated": page.get("IsTruncated", False)}
@@ -5921,11 +6123,11 @@ class DeltaGliderClient:
         if kwargs.get("Delimiter"):
             out["Delimiter"] = kwargs["Delimiter"]
         out["MaxKeys"] = page.get("MaxKeys", int(kwargs.get("MaxKeys", 1000)))
-        if page.get("CommonPrefixes"):
-            out["CommonPrefixes"] = page["CommonPrefixes"]
-        if kwargs.get("EncodingType"):
-            out["EncodingType"] = kwargs["EncodingType"]
-        out["KeyCount"] = len(contents) + len(page.get("CommonPrefixes", []))
+        prefixes = _visible_prefixes(page)
+        if prefixes:
+            out["CommonPrefixes"] = prefixes
+        out["EncodingType"] = "url"  # asked for and decoded, as botocore does
+        out["KeyCount"] = len(contents) + len(prefixes)
         for name in ("ContinuationToken", "NextContinuationToken", "StartAfter"):
             if kwargs.get(name) and name != "NextContinuationToken":
                 out[name] = kwargs[name]
@@ -5955,6 +6157,7 @@ class DeltaGliderClient:
             delimiter=kwargs.get("Delimiter", ""),
             max_keys=int(kwargs.get("MaxKeys", 1000)),
             start_after=marker,
+            fetch_owner=True,  # ListObjects (v1) always lists owners
         )
         contents = self._logical_page(bucket, page, marker, bool(kwargs.get("FetchMetadata")))
         out: dict[str, Any] = {
@@ -5973,10 +6176,10 @@ class DeltaGliderClient:
         if kwargs.get("Delimiter"):
             out["Delimiter"] = kwargs["Delimiter"]
         out["MaxKeys"] = page.get("MaxKeys", int(kwargs.get("MaxKeys", 1000)))
-        if page.get("CommonPrefixes"):
-            out["CommonPrefixes"] = page["CommonPrefixes"]
-        if kwargs.get("EncodingType"):
-            out["EncodingType"] = kwargs["EncodingType"]
+        prefixes = _visible_prefixes(page)
+        if prefixes:
+            out["CommonPrefixes"] = prefixes
+        out["EncodingType"] = "url"  # asked for and decoded, as botocore does
         out["ResponseMetadata"] = _local_metadata(page)
         return out
 
@@ -6171,6 +6374,11 @@ class DeltaGliderClient:
         method, allowed = methods[ClientMethod]
         _check_params(ClientMethod, params, allowed)
         _require(ClientMethod, params, "Bucket")
+        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
+            raise ParamValidationError(
+                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
+            )
         storage = self._engine.storage
         if getattr(storage, "is_local", False):
             raise ParamValidationError(
@@ -6179,8 +6387,13 @@ class DeltaGliderClient:
         bucket, key = params.pop("Bucket"), params.pop("Key", None)
         query: list[tuple[str, str]] = []
         if ClientMethod == "get_object" and key is not None:
-            lg = self._engine.head(bucket, key, "GetObject")
-            if lg.kind == _Kind.DELTA:
+            try:
+                lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                lg = None  # a URL that answers 404, as boto3's would
+            if lg is not None and lg.kind == _Kind.DELTA:
                 key = self._rehydrate(lg, int(ExpiresIn))
             for name, value in sorted(params.items()):
                 snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
@@ -6301,6 +6514,128 @@ class DeltaGliderClient:
             "actual_sha256": actual,
             "message": message,
         }
+
+    def get_bucket_stats(
+        self,
+        bucket: str,
+        mode: str = "quick",
+        *,
+        use_cache: bool = True,
+        refresh_cache: bool = False,
+    ) -> dict[str, Any]:
+        """What a bucket holds and what deltas save.
+
+        ``quick`` lists only: a delta's original size is taken to be its reference's (the
+        versions of one artifact are about the same size); ``sampled`` reads one delta per
+        deltaspace and scales; ``detailed`` reads every delta (in parallel). The result is
+        cached in ``.deltaglider/stats_<mode>.json``, valid while the bucket's object count
+        and stored size are unchanged."""
+        if mode not in ("quick", "sampled", "detailed"):
+            raise ParamValidationError(report="mode must be quick, sampled or detailed")
+        storage = self._engine.storage
+        objects: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            page = storage.list_objects_v2(bucket, continuation_token=token)
+            objects += [
+                o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
+            ]
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        stored_total = sum(o["Size"] for o in objects)
+        validation = {"object_count": len(objects), "compressed_size": stored_total}
+        cache_key = ".deltaglider/stats_%s.json" % mode
+        if use_cache and not refresh_cache:
+            try:
+                body = storage.get_object(bucket, cache_key)["Body"].read()
+                cached = json.loads(body.decode("utf-8"))
+                if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
+                    stats: dict[str, Any] = cached["stats"]
+                    stats["cached"] = True
+                    return stats
+            except (ClientError, ValueError, UnicodeDecodeError):
+                pass
+        ref_sizes = {
+            _deltaspace(o["Key"]): o["Size"]
+            for o in objects
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        }
+        deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
+        direct = [
+            o
+            for o in objects
+            if not o["Key"].endswith(_DELTA_SUFFIX)
+            and o["Key"].rsplit("/", 1)[-1] != _REFERENCE_NAME
+        ]
+        original: dict[str, int] = {}
+        if mode != "quick" and deltas:
+            if mode == "sampled":
+                sample: dict[str, dict[str, Any]] = {}
+                for o in deltas:
+                    sample.setdefault(_deltaspace(o["Key"]), o)
+                targets = list(sample.values())
+            else:
+                targets = deltas
+
+            def size_of(o: dict[str, Any]) -> tuple[str, int | None]:
+                try:
+                    meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
+                except ClientError:
+                    return o["Key"], None
+                value = _meta_get(meta, "file_size")
+                return o["Key"], int(value) if value and value.isdigit() else None
+
+            workers = max(1, min(self._max_workers, len(targets)))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                for key, size in pool.map(size_of, targets):
+                    if size is not None:
+                        original[key] = size
+            if mode == "sampled":
+                per_space = {_deltaspace(k): v for k, v in original.items()}
+                original = {
+                    o["Key"]: per_space[_deltaspace(o["Key"])]
+                    for o in deltas
+                    if _deltaspace(o["Key"]) in per_space
+                }
+        logical_total = sum(o["Size"] for o in direct)
+        for o in deltas:
+            guess = original.get(o["Key"], ref_sizes.get(_deltaspace(o["Key"]), o["Size"]))
+            logical_total += guess
+        saved = logical_total - stored_total
+        stats = {
+            "bucket": bucket,
+            "mode": mode,
+            "object_count": len(deltas) + len(direct),
+            "total_size": logical_total,
+            "compressed_size": stored_total,
+            "space_saved": saved,
+            "average_compression_ratio": (stored_total / logical_total) if logical_total else 1.0,
+            "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
+            "delta_objects": len(deltas),
+            "direct_objects": len(direct),
+            "reference_objects": len(ref_sizes),
+            "estimated": mode != "detailed",
+            "cached": False,
+        }
+        if use_cache:
+            doc = {
+                "version": "1.0",
+                "mode": mode,
+                "computed_at": _iso_utc(self._now()),
+                "validation": validation,
+                "stats": stats,
+            }
+            try:
+                storage.put_object(
+                    bucket,
+                    cache_key,
+                    json.dumps(doc).encode("utf-8"),
+                    headers={"Content-Type": "application/json"},
+                )
+            except ClientError as e:  # read-only credentials: the stats still stand
+                logger.info("could not cache bucket stats: %s", e)
+        return stats
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
@@ -6788,12 +7123,7 @@ class _Cli:
             progress.file_done()
 
     def describe_error(self, e: BaseException) -> str:
-        if isinstance(e, (DeltaGliderError, OSError)):
-            text = str(e)
-            if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-                text += ": %s" % e.filename
-            return text.splitlines()[0] if isinstance(e, XDelta3Error) is False else text
-        return "%s: %s" % (type(e).__name__, e)
+        return _one_line(e)
 
     def _saved_note(self, summary: Mapping[str, Any]) -> str:
         op = summary.get("Operation")
@@ -7011,6 +7341,12 @@ class _Cli:
                 return self.exit_code()
             if not os.path.exists(src):
                 raise _FatalError("The user-provided path %s does not exist." % src)
+            if not stat.S_ISREG(os.stat(src).st_mode):
+                self.warn(
+                    "Skipping file %s. File is character special device, block special "
+                    "device, FIFO, or socket." % src
+                )
+                return self.exit_code()
             if not key or key.endswith("/"):
                 key += os.path.basename(src)
             self.run_tasks(
@@ -7387,6 +7723,153 @@ class _Cli:
         self.out.write(json.dumps(result, indent=2) + "\n")
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
 
+    def cmd_stats(self) -> int:
+        name = self.args.bucket
+        bucket = _parse_s3_url(name).bucket if name.startswith("s3://") else name.strip("/")
+        mode = "detailed" if self.args.detailed else "sampled" if self.args.sampled else "quick"
+        stats = self.client.get_bucket_stats(
+            bucket, mode, use_cache=not self.args.no_cache, refresh_cache=self.args.refresh
+        )
+        if self.args.json:
+            self.out.write(json.dumps(stats, indent=2) + "\n")
+            return EXIT_OK
+        approx = "~" if stats["estimated"] else ""
+        rows = [
+            ("Total Objects:", str(stats["object_count"])),
+            ("  Delta Objects:", str(stats["delta_objects"])),
+            ("  Direct Objects:", str(stats["direct_objects"])),
+            (
+                "Original Size:",
+                "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
+            ),
+            (
+                "Stored Size:",
+                "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
+            ),
+            (
+                "Space Saved:",
+                "%s%s (%.1f%%)"
+                % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
+            ),
+        ]
+        self.out.write(
+            "Bucket Statistics: %s (%s%s)\n%s\n"
+            % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
+        )
+        for label, value in rows:
+            self.out.write("%-22s%s\n" % (label, value))
+        if stats["estimated"]:
+            self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+        return EXIT_OK
+
+    def cmd_migrate(self) -> int:
+        """Copy a bucket or prefix (any S3, any tool's layout) into the delta layout.
+        Resumable: keys already at the destination with the same size are skipped."""
+        src, dst = self.args.source, self.args.dest
+        if not (src.startswith("s3://") and dst.startswith("s3://")):
+            raise _UsageError(
+                "migrate needs two s3:// URLs: migrate s3://from/prefix/ s3://to/prefix/"
+            )
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        sprefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        source = self.client
+        if self.args.source_endpoint_url or self.args.source_profile:
+            source = create_client(
+                endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
+                profile_name=self.args.source_profile or self.args.profile,
+                region_name=self.args.region,
+                environ=self.environ,
+            )
+        filters = self.filters()
+        todo = []
+        for obj in source.get_paginator("list_objects_v2").paginate(
+            Bucket=sb, Prefix=sprefix, FetchMetadata=True
+        ):
+            for item in obj.get("Contents", []):
+                rel = item["Key"][len(sprefix) :]
+                if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
+                    continue
+                todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+        present: dict[str, int] = {}
+        if not self.dry():
+            for item in self.list_logical(db, dprefix, fetch=True):
+                present[item["Key"]] = int(item["Size"])
+        skipped = [t for t in todo if present.get(t[1]) == t[2]]
+        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        total = sum(t[2] for t in todo)
+        stored = [0]
+        lock = threading.Lock()
+        if self.dry():
+            eligible = sum(
+                1 for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
+            )
+            spaces = {
+                _deltaspace(t[1])
+                for t in todo
+                if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
+            }
+            for s_key, d_key, _ in todo:
+                self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
+            self.line(
+                "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
+                "all but the first in each folder are stored as deltas"
+                % (len(todo), _human_size(total), eligible, len(spaces))
+            )
+            return EXIT_OK
+
+        def one(s_key: str, d_key: str, size: int) -> None:
+            src_url, dst_url = "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key)
+            try:
+                engine = source._engine
+                lg = engine.head(sb, s_key, "HeadObject")
+                fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), ".migrate")
+                os.close(fd)
+                try:
+                    engine.get_to_file(sb, s_key, tmp, logical=lg)
+                    delta = False if self.args.no_delta else None
+                    params: dict[str, Any] = {"ContentType": lg.content_type}
+                    summary = self.client._engine.put_file(
+                        tmp,
+                        db,
+                        d_key,
+                        metadata=_user_metadata(lg.metadata),
+                        headers=_put_headers(params),
+                        delta=delta,
+                        mtime=_logical_mtime(lg),
+                    )
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                with lock:
+                    stored[0] += summary["StoredSize"]
+                self.on_bytes(size)
+                self.line("migrate: %s to %s%s" % (src_url, dst_url, self._saved_note(summary)))
+            except _Cancelled:
+                raise
+            except (DeltaGliderError, OSError) as e:
+                self.fail(
+                    "migrate failed: %s to %s %s" % (src_url, dst_url, self.describe_error(e))
+                )
+            finally:
+                self.file_done()
+
+        self.run_tasks([functools.partial(one, *t) for t in todo], total)
+        saved = (1 - stored[0] / total) * 100 if total else 0.0
+        self.line(
+            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
+            % (
+                len(todo) - self.failed,
+                _human_size(total),
+                _human_size(stored[0]),
+                saved,
+                len(skipped),
+                self.failed,
+            )
+        )
+        return self.exit_code()
+
     def cmd_get_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         resp = self.client.get_bucket_acl(Bucket=bucket)
@@ -7426,6 +7909,19 @@ class _UsageError(DeltaGliderError):
 
 class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line for the CLI: every line of its text, whitespace folded
+    (a ParamValidationError's reason is on its second line)."""
+    if isinstance(e, (DeltaGliderError, OSError, ValueError)):
+        text = str(e)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text += ": %s" % e.filename
+    else:
+        text = "%s: %s" % (type(e).__name__, e)
+    text = " ".join(text.split())
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 def _logical_mtime(lg: _Logical) -> float | None:
@@ -7621,6 +8117,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET")
+    p = command("stats", "what a bucket holds and what deltas save")
+    p.add_argument("bucket")
+    p.add_argument("--sampled", action="store_true", help="read one delta per folder")
+    p.add_argument("--detailed", action="store_true", help="read every delta's size")
+    p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+    p.add_argument("source")
+    p.add_argument("dest")
+    transfer_flags(p, recursive=False)
+    p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
+    p.add_argument("--source-profile", help="profile for the source")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
     p.add_argument("bucket")
     p = command("put-bucket-acl", "set a bucket's ACL")
@@ -7678,6 +8187,8 @@ _COMMANDS: dict[str, Callable[[_Cli], int]] = {
     "verify": lambda cli: cli.cmd_verify(),
     "presign": lambda cli: cli.cmd_presign(),
     "purge": lambda cli: cli.cmd_purge(),
+    "stats": lambda cli: cli.cmd_stats(),
+    "migrate": lambda cli: cli.cmd_migrate(),
     "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
     "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
 }
@@ -7733,7 +8244,7 @@ def main(
     except (DeltaGliderError, OSError, ValueError) as e:
         if args.debug:
             logger.exception("fatal error")
-        message = str(e).splitlines()[0] if not isinstance(e, XDelta3Error) else str(e)
+        message = _one_line(e)
         if isinstance(e, NoCredentialsError):
             message += (
                 ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use --profile, "

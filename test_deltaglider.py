@@ -29,12 +29,15 @@ import pathlib
 import random
 import random as _random_mod
 import re
+import resource
 import select
 import shutil
+import signal
 import socket
 import ssl
 import stat
 import stat as _stat_mod
+import struct
 import subprocess
 import sys
 import tarfile
@@ -44,7 +47,9 @@ import threading
 import time
 import tracemalloc
 import types
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 import zipfile
 import zipfile as _zipfile_mod
@@ -759,9 +764,23 @@ _sigv4_times = st.datetimes(
 def _botocore_pinned_clock(naive_utc: datetime.datetime) -> Iterator[None]:
     """botocore reads the clock through ``get_current_datetime`` (naive UTC), imported by
     name into auth.py and signers.py: pin both."""
-    with mock.patch("botocore.auth.get_current_datetime", return_value=naive_utc):
-        with mock.patch("botocore.signers.get_current_datetime", return_value=naive_utc):
-            yield
+    if hasattr(botocore_auth, "get_current_datetime"):
+        with mock.patch("botocore.auth.get_current_datetime", return_value=naive_utc):
+            with mock.patch("botocore.signers.get_current_datetime", return_value=naive_utc):
+                yield
+        return
+
+    # Older botocore (what Python 3.8 gets) calls datetime.datetime.utcnow() directly.
+    class _PinnedDatetime(datetime.datetime):
+        @classmethod
+        def utcnow(cls) -> datetime.datetime:  # type: ignore[override]
+            return naive_utc
+
+    fake = mock.Mock(wraps=datetime)
+    fake.datetime = _PinnedDatetime
+    fake.timedelta = datetime.timedelta
+    with mock.patch("botocore.auth.datetime", fake), mock.patch("botocore.signers.datetime", fake):
+        yield
 
 
 @given(
@@ -789,6 +808,12 @@ def test_sign_headers_matches_botocore(
     region: str,
     when: datetime.datetime,
 ) -> None:
+    # Older botocore (what Python 3.8 gets) still signs hop-by-hop headers such as
+    # Connection; ours follows current botocore. Compare only where the two agree.
+    old_botocore = set(dg._UNSIGNED_HEADERS) - set(botocore_auth.SIGNED_HEADERS_BLACKLIST)
+    headers = {
+        k: v for k, v in headers.items() if k.lower() not in old_botocore - {"authorization"}
+    }
     scheme, netloc = target
     path = ("/" + dg._quote_key(bucket) if bucket else "") + (
         "/" + dg._quote_key(key) if key is not None else ""
@@ -1866,7 +1891,10 @@ def test_multipart_upload(storage: dg._S3Storage, bucket: str) -> None:
         bucket, "mp/obj", metadata={"m": "1"}, headers={"Content-Type": "application/x-mp"}
     )
     assert upload_id
-    uploads = storage.list_multipart_uploads(bucket)["Uploads"]
+    uploads = [
+        {"Key": u["Key"], "UploadId": u["UploadId"]}
+        for u in storage.list_multipart_uploads(bucket)["Uploads"]
+    ]
     assert {"Key": "mp/obj", "UploadId": upload_id} in uploads
     e1 = storage.upload_part(bucket, "mp/obj", upload_id, 1, part1)
     e2 = storage.upload_part(bucket, "mp/obj", upload_id, 2, io.BytesIO(part2))
@@ -3784,7 +3812,9 @@ def test_local_multipart_upload(store: Any) -> None:
         "bkt", "big", metadata={"m": "1"}, headers={"Content-Type": "application/x-tar"}
     )
     assert isinstance(upload_id, str)
-    assert store.list_multipart_uploads("bkt")["Uploads"] == [{"Key": "big", "UploadId": upload_id}]
+    uploads = store.list_multipart_uploads("bkt")["Uploads"]
+    assert [(u["Key"], u["UploadId"]) for u in uploads] == [("big", upload_id)]
+    assert isinstance(uploads[0]["Initiated"], datetime.datetime)
     assert store.list_multipart_uploads("bkt", prefix="x")["Uploads"] == []
     p1, p2, p3 = os.urandom(5 * MiB), os.urandom(5 * MiB), b"tail"
     e1 = store.upload_part("bkt", "big", upload_id, 1, p1)
@@ -5535,7 +5565,7 @@ def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: An
         except dg.ClientError:
             pass  # SeaweedFS refuses some of these itself: nothing to escape with then
     dst = tmp_path / "inner" / "dst"
-    code, _out, err = run_cli(backend, tmp_path, ["cp", "-r", "s3://%s/u/" % bucket, str(dst)])
+    code, out, err = run_cli(backend, tmp_path, ["cp", "-r", "s3://%s/u/" % bucket, str(dst)])
     assert (dst / "ok.txt").read_bytes() == b"x"
     outside = [
         p
@@ -5575,7 +5605,7 @@ def test_cli_bad_input_one_line_and_exit_code(
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
     backend = Backend("swift", "http://127.0.0.1:9", None, None)
     env = {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
-    code, _out, err = run_cli(backend, tmp_path, ["ls", "s3://bkt"], **env)
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://bkt"], **env)
     assert code == 1
     assert err.startswith("fatal error: Unable to locate credentials. Set AWS_ACCESS_KEY_ID")
     assert len(err.splitlines()) == 1
@@ -5583,7 +5613,7 @@ def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
 
 def test_cli_wrong_secret_is_signature_error(s3server_swift: Any, tmp_path: Any) -> None:
     backend = Backend("swift", s3server_swift.endpoint, s3server_swift.access_key, "wrong-secret")
-    code, _out, err = run_cli(backend, tmp_path, ["ls"])
+    code, out, err = run_cli(backend, tmp_path, ["ls"])
     assert code == 1 and "SignatureDoesNotMatch" in err and len(err.splitlines()) == 1
     assert "wrong-secret" not in err
 
@@ -5629,3 +5659,2923 @@ def test_cli_verify_and_rm_keep_references_consistent(cli_env: Any, tmp_path: An
     assert run_cli(backend, tmp_path, ["rm", "s3://%s/r/v1.zip" % bucket])[0] == 0
     c = make_client(backend, tmp_path)
     assert stored_keys(c, bucket) == []
+
+
+PARITY_SERVERS = {
+    "swift": (
+        os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000"),
+        os.environ.get("DG_TEST_SWIFT_ACCESS_KEY", "test:tester"),
+        os.environ.get("DG_TEST_SWIFT_SECRET_KEY", "testing"),
+    ),
+    "seaweedfs": (
+        os.environ.get("DG_TEST_SEAWEEDFS_ENDPOINT", "http://127.0.0.1:19100"),
+        os.environ.get("DG_TEST_SEAWEEDFS_ACCESS_KEY", "AKIAIOSFODNN7EXAMPLE"),
+        os.environ.get("DG_TEST_SEAWEEDFS_SECRET_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ),
+}
+
+###############################################################################
+# Fixtures and helpers #########################################################
+###############################################################################
+
+
+def _parity_unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class ParityEnv:
+    """Both clients against one server, and a factory of fresh buckets cleaned at teardown."""
+
+    def __init__(self, name: str, endpoint: str, access: str, secret: str, tmp: str) -> None:
+        import boto3
+        import botocore.config
+
+        self.name, self.endpoint, self.access, self.secret = name, endpoint, access, secret
+        self.tmp = tmp
+        self.boto = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            config=botocore.config.Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self.dg = dg.create_client(
+            endpoint_url=endpoint,
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            cache_dir=os.path.join(tmp, "dg-cache"),
+        )
+        self.buckets: list[str] = []
+
+    def bucket(self, create: bool = True) -> str:
+        name = "dg-test-" + uuid.uuid4().hex[:16]
+        self.buckets.append(name)
+        if create:
+            self.boto.create_bucket(Bucket=name)
+        return name
+
+    def pair(self) -> tuple[str, str]:
+        """(a bucket for boto3, a bucket for deltaglider)."""
+        return self.bucket(), self.bucket()
+
+    def cleanup(self) -> None:
+        for name in self.buckets:
+            with contextlib.suppress(Exception):
+                for page in self.boto.get_paginator("list_objects_v2").paginate(Bucket=name):
+                    keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                    if keys:
+                        self.boto.delete_objects(Bucket=name, Delete={"Objects": keys})
+            with contextlib.suppress(Exception):
+                self.boto.delete_bucket(Bucket=name)
+        self.dg.close()
+
+
+@pytest.fixture(params=sorted(PARITY_SERVERS))
+def parity_env(request: Any, tmp_path: Any) -> Iterator[ParityEnv]:
+    pytest.importorskip("boto3")
+    endpoint, access, secret = PARITY_SERVERS[request.param]
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
+    except OSError as e:
+        _parity_unavailable("%s not reachable at %s: %s" % (request.param, endpoint, e))
+    env = ParityEnv(request.param, endpoint, access, secret, str(tmp_path))
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture
+def parity_swift(tmp_path: Any) -> Iterator[ParityEnv]:
+    pytest.importorskip("boto3")
+    endpoint, access, secret = PARITY_SERVERS["swift"]
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
+    except OSError as e:
+        _parity_unavailable("swift not reachable at %s: %s" % (endpoint, e))
+    env = ParityEnv("swift", endpoint, access, secret, str(tmp_path))
+    yield env
+    env.cleanup()
+
+
+def parity_zip(version: int, seed: int = 7, files: int = 6, size: int = 24_000) -> bytes:
+    """A real zip whose entries are deterministic random bytes; version N changes a few
+    bytes in one entry and adds a small VERSION entry, as consecutive builds do."""
+    rnd = random.Random(seed)
+    bio = io.BytesIO()
+    with zipfile.ZipFile(bio, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(files):
+            data = bytearray(rnd.getrandbits(8) for _ in range(size))
+            if i == version % files:
+                data[100:110] = b"v%09d" % version
+            z.writestr(zipfile.ZipInfo("lib/part%d.bin" % i, (2024, 1, 1, 0, 0, 0)), bytes(data))
+        z.writestr(zipfile.ZipInfo("VERSION", (2024, 1, 1, 0, 0, 0)), "1.%d\n" % version)
+    return bio.getvalue()
+
+
+def _md5_etag(data: bytes) -> str:
+    return '"%s"' % hashlib.md5(data).hexdigest()
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, datetime.datetime):
+        assert value.tzinfo is not None and value.utcoffset() is not None, value
+        return "datetime"
+    if value is None:
+        return "None"
+    if hasattr(value, "read"):
+        return "stream"
+    return type(value).__name__
+
+
+def _shape_diff(theirs: Any, ours: Any, path: str = "") -> list[str]:
+    """Differences of key sets and value types (lists: every element against the first
+    of boto3's); ResponseMetadata values and our documented extras are not compared."""
+    out: list[str] = []
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        # NextMarker: S3 sends it only with a Delimiter (Swift likewise, SeaweedFS always);
+        # ours always does, which is allowed (boto3's paginator prefers it to the last Key).
+        extra_ok = {"DeltaGliderInfo", "NextMarker"} if not path else set()
+        for key in sorted(set(theirs) | set(ours)):
+            where = path + "." + key if path else key
+            if key not in ours:
+                out.append("missing %s (boto3: %r)" % (where, theirs[key]))
+            elif key not in theirs:
+                if key not in extra_ok:
+                    out.append("extra %s (ours: %r)" % (where, ours[key]))
+            elif key == "ResponseMetadata":
+                if set(theirs[key]) - {"MaxAttemptsReached"} != set(ours[key]):
+                    out.append(
+                        "%s keys: boto3 %s, ours %s"
+                        % (where, sorted(theirs[key]), sorted(ours[key]))
+                    )
+            elif key == "Body":
+                continue
+            else:
+                out += _shape_diff(theirs[key], ours[key], where)
+        return out
+    if isinstance(theirs, list) and isinstance(ours, list):
+        if theirs and ours:
+            for i, item in enumerate(ours):
+                out += _shape_diff(theirs[0], item, "%s[%d]" % (path, i))
+        return out
+    if _kind(theirs) != _kind(ours):
+        out.append("%s: boto3 %s %r, ours %s %r" % (path, _kind(theirs), theirs, _kind(ours), ours))
+    return out
+
+
+def assert_same_shape(theirs: Any, ours: Any, what: str) -> None:
+    diff = _shape_diff(theirs, ours)
+    assert not diff, "%s differs from boto3:\n  %s" % (what, "\n  ".join(diff))
+
+
+def _error_of(call: Callable[[], Any]) -> Any:
+    try:
+        call()
+    except Exception as e:
+        return e
+    raise AssertionError("no error raised")
+
+
+def _assert_same_error(theirs: Any, ours: Any, what: str, server_message: bool = False) -> None:
+    """Same class name, code, status, operation and message (unless the message is the
+    server's own wording, for errors that deltaglider answers itself on delta-stored keys);
+    the Error children Code/Message (and Key, for NoSuchKey)."""
+    assert type(ours).__name__ == type(theirs).__name__, what
+    assert isinstance(ours, dg.ClientError), what
+    if not server_message:
+        # case-folded: Swift words it "Content-Md5" where AWS (and we) say "Content-MD5"
+        assert str(ours).lower() == str(theirs).lower(), what
+    assert ours.operation_name == theirs.operation_name, what
+    assert ours.response["Error"]["Code"] == theirs.response["Error"]["Code"], what
+    wanted = (
+        ("Code", "Message", "Key")
+        if theirs.response["Error"]["Code"] == "NoSuchKey"
+        else ("Code", "Message")
+    )
+    te = {k: v for k, v in theirs.response["Error"].items() if k in wanted}
+    oe = {k: v for k, v in ours.response["Error"].items() if k in wanted}
+    assert sorted(oe) == sorted(te), what
+    assert (
+        ours.response["ResponseMetadata"]["HTTPStatusCode"]
+        == theirs.response["ResponseMetadata"]["HTTPStatusCode"]
+    ), what
+    assert_same_shape(
+        {"ResponseMetadata": theirs.response["ResponseMetadata"]},
+        {"ResponseMetadata": ours.response["ResponseMetadata"]},
+        what + " error ResponseMetadata",
+    )
+
+
+def _without(resp: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in resp.items() if k not in names}
+
+
+###############################################################################
+# 1. Parity on direct objects ##################################################
+###############################################################################
+
+
+def test_parity_bucket_operations(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.bucket(create=False), env.bucket(create=False)
+    calls: list[tuple[str, Callable[[Any, str], Any]]] = [
+        ("create_bucket", lambda c, b: c.create_bucket(Bucket=b)),
+        ("head_bucket", lambda c, b: c.head_bucket(Bucket=b)),
+        ("get_bucket_location", lambda c, b: c.get_bucket_location(Bucket=b)),
+        ("put_bucket_acl", lambda c, b: c.put_bucket_acl(Bucket=b, ACL="private")),
+        ("get_bucket_acl", lambda c, b: c.get_bucket_acl(Bucket=b)),
+        ("list_buckets", lambda c, b: c.list_buckets()),
+    ]
+    for name, call in calls:
+        theirs, ours = call(env.boto, b_boto), call(env.dg, b_dg)
+        assert_same_shape(theirs, ours, name)
+        assert (
+            ours["ResponseMetadata"]["HTTPStatusCode"]
+            == theirs["ResponseMetadata"]["HTTPStatusCode"]
+        ), name
+    assert (
+        env.dg.get_bucket_location(Bucket=b_dg)["LocationConstraint"]
+        == env.boto.get_bucket_location(Bucket=b_boto)["LocationConstraint"]
+    )
+    names = [b["Name"] for b in env.dg.list_buckets()["Buckets"]]
+    assert b_boto in names and b_dg in names
+    # Errors: HEAD of a missing bucket is a bare 404, deleting it NoSuchBucket.
+    gone = "dg-test-" + uuid.uuid4().hex[:16]
+    _assert_same_error(
+        _error_of(lambda: env.boto.head_bucket(Bucket=gone)),
+        _error_of(lambda: env.dg.head_bucket(Bucket=gone)),
+        "head_bucket missing",
+    )
+    _assert_same_error(
+        _error_of(lambda: env.boto.delete_bucket(Bucket=gone)),
+        _error_of(lambda: env.dg.delete_bucket(Bucket=gone)),
+        "delete_bucket missing",
+    )
+    theirs, ours = env.boto.delete_bucket(Bucket=b_boto), env.dg.delete_bucket(Bucket=b_dg)
+    assert_same_shape(theirs, ours, "delete_bucket")
+    assert ours["ResponseMetadata"]["HTTPStatusCode"] == 204
+
+
+def _put_params(env: ParityEnv) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "ContentType": "application/json",
+        "CacheControl": "max-age=60",
+        "ContentDisposition": 'attachment; filename="a.json"',
+        "ContentEncoding": "identity",
+        "ContentLanguage": "en",
+        "Expires": datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc),
+        "StorageClass": "STANDARD",
+        "ACL": "private",
+        "Metadata": {"build": "42", "Mixed-Case": "Value"},
+    }
+    if env.name == "seaweedfs":  # Swift's s3api answers NotImplemented to object tagging
+        params["Tagging"] = "team=core&tier=1"
+    return params
+
+
+def test_parity_put_head_get_direct(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    body = b'{"hello": "world", "n": 1}\n' * 40
+    params = _put_params(env)
+    theirs = env.boto.put_object(Bucket=b_boto, Key="cfg/a.json", Body=body, **params)
+    ours = env.dg.put_object(Bucket=b_dg, Key="cfg/a.json", Body=body, **params)
+    assert_same_shape(theirs, ours, "put_object")
+    assert "DeltaGliderInfo" not in ours
+    assert ours["ETag"] == theirs["ETag"] == _md5_etag(body)
+
+    theirs = env.boto.head_object(Bucket=b_boto, Key="cfg/a.json")
+    ours = env.dg.head_object(Bucket=b_dg, Key="cfg/a.json")
+    assert_same_shape(theirs, ours, "head_object")
+    for key in set(theirs) - {"ResponseMetadata", "LastModified"}:
+        assert ours[key] == theirs[key], key
+
+    theirs = env.boto.get_object(Bucket=b_boto, Key="cfg/a.json")
+    ours = env.dg.get_object(Bucket=b_dg, Key="cfg/a.json")
+    assert_same_shape(theirs, ours, "get_object")
+    assert ours["Body"].read() == theirs["Body"].read() == body
+    for key in set(theirs) - {"ResponseMetadata", "LastModified", "Body"}:
+        assert ours[key] == theirs[key], key
+
+    for rng in ("bytes=0-9", "bytes=100-199", "bytes=-100", "bytes=10-"):
+        theirs = env.boto.get_object(Bucket=b_boto, Key="cfg/a.json", Range=rng)
+        ours = env.dg.get_object(Bucket=b_dg, Key="cfg/a.json", Range=rng)
+        assert_same_shape(theirs, ours, "get_object Range=" + rng)
+        assert ours["Body"].read() == theirs["Body"].read()
+        assert ours["ContentRange"] == theirs["ContentRange"]
+        assert ours["ContentLength"] == theirs["ContentLength"]
+        assert ours["ResponseMetadata"]["HTTPStatusCode"] == 206
+
+    # str bodies and file objects are what boto3 takes too.
+    theirs = env.boto.put_object(Bucket=b_boto, Key="s.txt", Body="héllo wörld")
+    ours = env.dg.put_object(Bucket=b_dg, Key="s.txt", Body="héllo wörld")
+    assert_same_shape(theirs, ours, "put_object str Body")
+    assert ours["ETag"] == theirs["ETag"]
+    theirs = env.boto.put_object(Bucket=b_boto, Key="f.txt", Body=io.BytesIO(body))
+    ours = env.dg.put_object(Bucket=b_dg, Key="f.txt", Body=io.BytesIO(body))
+    assert ours["ETag"] == theirs["ETag"]
+
+
+def test_parity_copy_and_delete_direct(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    for c, b in ((env.boto, b_boto), (env.dg, b_dg)):
+        c.put_object(
+            Bucket=b, Key="a.txt", Body=b"alpha", ContentType="text/plain", Metadata={"m": "1"}
+        )
+        c.put_object(Bucket=b, Key="b.json", Body=b"{}")
+    theirs = env.boto.copy_object(
+        Bucket=b_boto, Key="c/a.txt", CopySource={"Bucket": b_boto, "Key": "a.txt"}
+    )
+    ours = env.dg.copy_object(
+        Bucket=b_dg, Key="c/a.txt", CopySource={"Bucket": b_dg, "Key": "a.txt"}
+    )
+    assert_same_shape(theirs, ours, "copy_object")
+    assert ours["CopyObjectResult"]["ETag"] == _md5_etag(b"alpha")
+    # The string form of CopySource, and a metadata REPLACE.
+    theirs = env.boto.copy_object(
+        Bucket=b_boto,
+        Key="c/a2.txt",
+        CopySource=b_boto + "/a.txt",
+        MetadataDirective="REPLACE",
+        Metadata={"n": "2"},
+        ContentType="text/x-new",
+    )
+    ours = env.dg.copy_object(
+        Bucket=b_dg,
+        Key="c/a2.txt",
+        CopySource=b_dg + "/a.txt",
+        MetadataDirective="REPLACE",
+        Metadata={"n": "2"},
+        ContentType="text/x-new",
+    )
+    assert_same_shape(theirs, ours, "copy_object REPLACE")
+    for key in ("c/a.txt", "c/a2.txt"):
+        th = env.boto.head_object(Bucket=b_boto, Key=key)
+        oh = env.dg.head_object(Bucket=b_dg, Key=key)
+        assert (oh["Metadata"], oh["ContentType"], oh["ETag"]) == (
+            th["Metadata"],
+            th["ContentType"],
+            th["ETag"],
+        ), key
+
+    theirs = env.boto.delete_object(Bucket=b_boto, Key="c/a.txt")
+    ours = env.dg.delete_object(Bucket=b_dg, Key="c/a.txt")
+    assert_same_shape(theirs, ours, "delete_object")
+    assert ours["ResponseMetadata"]["HTTPStatusCode"] == 204
+    # Deleting a missing key is a success in S3.
+    theirs = env.boto.delete_object(Bucket=b_boto, Key="never.txt")
+    ours = env.dg.delete_object(Bucket=b_dg, Key="never.txt")
+    assert_same_shape(theirs, ours, "delete_object missing")
+
+    spec = {"Objects": [{"Key": "a.txt"}, {"Key": "b.json"}, {"Key": "never.txt"}]}
+    theirs = env.boto.delete_objects(Bucket=b_boto, Delete=spec)
+    ours = env.dg.delete_objects(Bucket=b_dg, Delete=spec)
+    assert_same_shape(theirs, ours, "delete_objects")
+    assert sorted(d["Key"] for d in ours["Deleted"]) == sorted(d["Key"] for d in theirs["Deleted"])
+    theirs = env.boto.delete_objects(Bucket=b_boto, Delete=dict(spec, Quiet=True))
+    ours = env.dg.delete_objects(Bucket=b_dg, Delete=dict(spec, Quiet=True))
+    assert_same_shape(theirs, ours, "delete_objects Quiet")
+    left = env.dg.list_objects_v2(Bucket=b_dg)
+    assert [o["Key"] for o in left.get("Contents", [])] == ["c/a2.txt"]
+
+
+DIRECT_KEYS = ["a.json", "b/1.txt", "b/2.txt", "b/c/3.json", "d.txt", "e%20 x.txt", "z.json"]
+
+
+def test_parity_list_and_paginate_direct(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    for key in DIRECT_KEYS:
+        env.boto.put_object(Bucket=b_boto, Key=key, Body=key.encode())
+        env.dg.put_object(Bucket=b_dg, Key=key, Body=key.encode())
+    variants: list[dict[str, Any]] = [
+        {},
+        {"MaxKeys": 2},
+        {"Prefix": "b/"},
+        {"Delimiter": "/"},
+        {"Prefix": "b/", "Delimiter": "/"},
+        {"MaxKeys": 1, "Delimiter": "/"},
+    ]
+    for op in ("list_objects", "list_objects_v2"):
+        for kw in variants + (
+            [{"StartAfter": "b/2.txt"}] if op == "list_objects_v2" else [{"Marker": "b/2.txt"}]
+        ):
+            theirs = getattr(env.boto, op)(Bucket=b_boto, **kw)
+            ours = getattr(env.dg, op)(Bucket=b_dg, **kw)
+            what = "%s(%s)" % (op, kw)
+            assert_same_shape(_without(theirs, "Name"), _without(ours, "Name"), what)
+            assert ours["Name"] == b_dg
+            for name in (
+                "IsTruncated",
+                "Prefix",
+                "MaxKeys",
+                "KeyCount",
+                "CommonPrefixes",
+                "Delimiter",
+                "StartAfter",
+                "Marker",
+            ):
+                assert ours.get(name) == theirs.get(name), (what, name)
+            assert [(o["Key"], o["Size"], o["ETag"]) for o in ours.get("Contents", [])] == [
+                (o["Key"], o["Size"], o["ETag"]) for o in theirs.get("Contents", [])
+            ], what
+        # Paginators: same pages, same keys.
+        for config in ({}, {"PageSize": 2}, {"PageSize": 3, "MaxItems": 4}):
+            theirs_pages = list(
+                env.boto.get_paginator(op).paginate(Bucket=b_boto, PaginationConfig=config)
+            )
+            ours_pages = list(
+                env.dg.get_paginator(op).paginate(Bucket=b_dg, PaginationConfig=config)
+            )
+            what = "%s paginator %s" % (op, config)
+            for tp, op_ in zip(theirs_pages, ours_pages):
+                assert_same_shape(_without(tp, "Name"), _without(op_, "Name"), what)
+            tk = [o["Key"] for p in theirs_pages for o in p.get("Contents", [])]
+            ok = [o["Key"] for p in ours_pages for o in p.get("Contents", [])]
+            if "MaxItems" not in config:
+                assert ok == sorted(DIRECT_KEYS), what
+            # boto3's list_objects paginator against SeaweedFS repeats "e%20 x.txt" (the
+            # server's NextMarker is URL-decoded twice); compare pages only where boto3 is right.
+            if tk == sorted(DIRECT_KEYS) or "MaxItems" in config:
+                assert len(ours_pages) == len(theirs_pages), what
+    assert env.dg.can_paginate("list_objects_v2") and env.boto.can_paginate("list_objects_v2")
+
+
+def test_parity_file_transfers_direct(parity_env: ParityEnv, tmp_path: Any) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    src = tmp_path / "notes.txt"
+    data = ("line %d\n" % i for i in range(5000))
+    src.write_bytes("".join(data).encode())
+    extra = {
+        "ContentType": "text/x-notes",
+        "Metadata": {"origin": "parity"},
+        "CacheControl": "no-cache",
+    }
+    got: dict[str, list[int]] = {"boto": [], "dg": []}
+    for who, c, b in (("boto", env.boto, b_boto), ("dg", env.dg, b_dg)):
+        assert (
+            c.upload_file(str(src), b, "up/notes.txt", ExtraArgs=extra, Callback=got[who].append)
+            is None
+        )
+        with open(src, "rb") as f:
+            assert c.upload_fileobj(f, b, "up/notes2.txt", ExtraArgs=extra) is None
+    assert sum(got["dg"]) == sum(got["boto"]) == src.stat().st_size
+    for key in ("up/notes.txt", "up/notes2.txt"):
+        th = env.boto.head_object(Bucket=b_boto, Key=key)
+        oh = env.dg.head_object(Bucket=b_dg, Key=key)
+        assert_same_shape(th, oh, "head after upload " + key)
+        for name in ("ContentType", "Metadata", "CacheControl", "ETag", "ContentLength"):
+            assert oh[name] == th[name], (key, name)
+    down: dict[str, list[int]] = {"boto": [], "dg": []}
+    for who, c, b in (("boto", env.boto, b_boto), ("dg", env.dg, b_dg)):
+        out = tmp_path / ("down-" + who)
+        assert c.download_file(b, "up/notes.txt", str(out), Callback=down[who].append) is None
+        assert out.read_bytes() == src.read_bytes()
+        bio = io.BytesIO()
+        assert c.download_fileobj(b, "up/notes2.txt", bio, Callback=down[who].append) is None
+        assert bio.getvalue() == src.read_bytes()
+    assert sum(down["dg"]) == sum(down["boto"]) == 2 * src.stat().st_size
+    # Unknown ExtraArgs: boto3 raises ValueError; ours must refuse too, never drop it.
+    with pytest.raises(ValueError):
+        env.boto.upload_file(str(src), b_boto, "x.txt", ExtraArgs={"Bogus": 1})
+    with pytest.raises((ValueError, dg.ParamValidationError)):
+        env.dg.upload_file(str(src), b_dg, "x.txt", ExtraArgs={"Bogus": 1})
+
+
+def test_parity_presign_direct(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    env.boto.put_object(Bucket=b_boto, Key="p/a.txt", Body=b"presigned!")
+    env.dg.put_object(Bucket=b_dg, Key="p/a.txt", Body=b"presigned!")
+    theirs = env.boto.generate_presigned_url(
+        "get_object", Params={"Bucket": b_boto, "Key": "p/a.txt"}, ExpiresIn=300
+    )
+    ours = env.dg.generate_presigned_url(
+        "get_object", Params={"Bucket": b_dg, "Key": "p/a.txt"}, ExpiresIn=300
+    )
+    assert isinstance(ours, str)
+    assert urllib.parse.urlsplit(ours).path == "/%s/p/a.txt" % b_dg  # a normal presigned URL
+    for url in (theirs, ours):
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.read() == b"presigned!"
+    # boto3 presigns without a request, so a key that does not exist yet gets a URL too
+    # (a 404 when followed), as for a key about to be uploaded.
+    for c, b in ((env.boto, b_boto), (env.dg, b_dg)):
+        url = c.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "later.zip"})
+        assert isinstance(url, str)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=30)
+        assert info.value.code == 404
+    theirs_post = env.boto.generate_presigned_post(b_boto, "p/up.txt", ExpiresIn=300)
+    ours_post = env.dg.generate_presigned_post(b_dg, "p/up.txt", ExpiresIn=300)
+    assert_same_shape(theirs_post, ours_post, "generate_presigned_post")
+    assert ours_post["fields"]["key"] == "p/up.txt"
+
+
+def test_parity_errors_and_exceptions(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    _assert_same_error(
+        _error_of(lambda: env.boto.get_object(Bucket=b_boto, Key="missing.txt")),
+        _error_of(lambda: env.dg.get_object(Bucket=b_dg, Key="missing.txt")),
+        "get_object missing",
+    )
+    err = _error_of(lambda: env.dg.get_object(Bucket=b_dg, Key="missing.zip"))
+    assert isinstance(err, env.dg.exceptions.NoSuchKey)
+    assert err.response["Error"]["Key"] == "missing.zip"
+    _assert_same_error(
+        _error_of(lambda: env.boto.head_object(Bucket=b_boto, Key="missing.txt")),
+        _error_of(lambda: env.dg.head_object(Bucket=b_dg, Key="missing.txt")),
+        "head_object missing",
+    )
+    err = _error_of(lambda: env.dg.head_object(Bucket=b_dg, Key="missing.zip"))
+    assert type(err) is dg.ClientError and err.response["Error"]["Code"] == "404"
+    gone = "dg-test-" + uuid.uuid4().hex[:16]
+    _assert_same_error(
+        _error_of(lambda: env.boto.list_objects_v2(Bucket=gone)),
+        _error_of(lambda: env.dg.list_objects_v2(Bucket=gone)),
+        "list_objects_v2 missing bucket",
+    )
+    env.boto.put_object(Bucket=b_boto, Key="r.txt", Body=b"0123456789")
+    env.dg.put_object(Bucket=b_dg, Key="r.txt", Body=b"0123456789")
+    _assert_same_error(
+        _error_of(lambda: env.boto.get_object(Bucket=b_boto, Key="r.txt", Range="bytes=50-")),
+        _error_of(lambda: env.dg.get_object(Bucket=b_dg, Key="r.txt", Range="bytes=50-")),
+        "get_object unsatisfiable Range",
+    )
+    # Creating a bucket twice; a wrong Content-MD5.
+    _assert_same_error(
+        _error_of(lambda: env.boto.create_bucket(Bucket=b_boto)),
+        _error_of(lambda: env.dg.create_bucket(Bucket=b_dg)),
+        "create_bucket existing",
+    )
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    _assert_same_error(
+        _error_of(
+            lambda: env.boto.put_object(
+                Bucket=b_boto, Key="m.txt", Body=b"abc", ContentMD5=wrong_md5
+            )
+        ),
+        _error_of(
+            lambda: env.dg.put_object(Bucket=b_dg, Key="m.txt", Body=b"abc", ContentMD5=wrong_md5)
+        ),
+        "put_object bad Content-MD5",
+    )
+    # client.exceptions: the modeled S3 errors (those every botocore since 1.37 models).
+    for name in (
+        "AccessDenied",
+        "BucketAlreadyExists",
+        "BucketAlreadyOwnedByYou",
+        "EncryptionTypeMismatch",
+        "InvalidObjectState",
+        "InvalidRequest",
+        "InvalidWriteOffset",
+        "NoSuchBucket",
+        "NoSuchKey",
+        "NoSuchUpload",
+        "ObjectAlreadyInActiveTierError",
+        "ObjectNotInActiveTierError",
+        "TooManyParts",
+        "ClientError",
+    ):
+        assert hasattr(env.boto.exceptions, name)
+        cls = getattr(env.dg.exceptions, name, None)
+        assert cls is not None, "client.exceptions.%s missing" % name
+        assert issubclass(cls, dg.ClientError), name
+    assert env.dg.exceptions.from_code("NoSuchKey") is env.dg.exceptions.NoSuchKey
+    assert env.dg.exceptions.from_code("Whatever") is dg.ClientError
+
+
+###############################################################################
+# 2. Delta-stored objects ######################################################
+###############################################################################
+
+DELTA_EXTRA = {"ContentType": "application/zip", "Metadata": {"release": "1.x", "Owner": "ci"}}
+
+
+def _upload_versions(
+    env: ParityEnv, b_boto: str, b_dg: str, prefix: str, versions: range
+) -> dict[str, bytes]:
+    """Each version through both clients: plain in boto3's bucket, delta-stored in ours."""
+    out = {}
+    for v in versions:
+        key, data = "%sapp-1.%d.zip" % (prefix, v), parity_zip(v)
+        theirs = env.boto.put_object(Bucket=b_boto, Key=key, Body=data, **DELTA_EXTRA)
+        ours = env.dg.put_object(Bucket=b_dg, Key=key, Body=data, **DELTA_EXTRA)
+        assert_same_shape(theirs, ours, "put_object " + key)
+        assert ours["ETag"] == theirs["ETag"] == _md5_etag(data)
+        info = ours["DeltaGliderInfo"]
+        assert set(info) == {
+            "OriginalSizeMB",
+            "StoredSizeMB",
+            "IsDelta",
+            "CompressionRatio",
+            "SavingsPercent",
+            "StoredAs",
+            "Operation",
+        }
+        assert info["IsDelta"] is True and info["StoredAs"] == key + ".delta"
+        assert isinstance(info["SavingsPercent"], float)
+        if info["Operation"] == "create_reference":  # the first version is stored whole
+            assert info["SavingsPercent"] == 0.0
+        else:
+            assert info["Operation"] == "create_delta" and info["SavingsPercent"] > 50
+        out[key] = data
+    return out
+
+
+def test_delta_reads_equal_plain_boto3_upload(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    files = _upload_versions(env, b_boto, b_dg, "rel/", range(1, 4))
+    raw = env.boto.list_objects_v2(Bucket=b_dg, Prefix="rel/")
+    assert "rel/reference.bin" in [o["Key"] for o in raw["Contents"]]  # really delta-stored
+    for key, data in files.items():
+        # What a boto3 user reads through our client: exactly a plain upload's answers.
+        for op in ("head_object", "get_object"):
+            theirs = getattr(env.boto, op)(Bucket=b_boto, Key=key)
+            ours = getattr(env.dg, op)(Bucket=b_dg, Key=key)
+            assert_same_shape(theirs, ours, "%s %s" % (op, key))
+            for name in ("ContentLength", "ContentType", "Metadata", "ETag", "AcceptRanges"):
+                assert ours[name] == theirs[name], (op, key, name)
+            assert ours["ETag"] == _md5_etag(data)
+            if op == "get_object":
+                assert ours["Body"].read() == theirs["Body"].read() == data
+        # boto3 itself, reading our bucket, sees the stored delta under the .delta name.
+        with pytest.raises(env.boto.exceptions.NoSuchKey):
+            env.boto.get_object(Bucket=b_dg, Key=key)
+
+
+def test_delta_range_reads(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    files = _upload_versions(env, b_boto, b_dg, "", range(1, 3))
+    key = "app-1.2.zip"
+    size = len(files[key])
+    for rng in (
+        "bytes=0-99",
+        "bytes=1000-1999",
+        "bytes=%d-%d" % (size // 2, size // 2 + 4095),
+        "bytes=-100",
+        "bytes=10-",
+        "bytes=0-",
+        "bytes=%d-%d" % (size - 5, size + 100),
+    ):
+        theirs = env.boto.get_object(Bucket=b_boto, Key=key, Range=rng)
+        ours = env.dg.get_object(Bucket=b_dg, Key=key, Range=rng)
+        assert_same_shape(theirs, ours, "Range " + rng)
+        expect = theirs["Body"].read()
+        assert ours["Body"].read() == expect, rng
+        for name in ("ContentRange", "ContentLength", "ETag", "ContentType", "Metadata"):
+            assert ours[name] == theirs[name], (rng, name)
+        assert ours["ResponseMetadata"]["HTTPStatusCode"] == 206
+    _assert_same_error(
+        _error_of(lambda: env.boto.get_object(Bucket=b_boto, Key=key, Range="bytes=%d-" % size)),
+        _error_of(lambda: env.dg.get_object(Bucket=b_dg, Key=key, Range="bytes=%d-" % size)),
+        "unsatisfiable Range on a delta-stored key",
+        server_message=True,
+    )
+
+
+def test_delta_copy_object_anywhere(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    files = _upload_versions(env, b_boto, b_dg, "src/", range(1, 4))
+    other = env.bucket()
+    key = "src/app-1.2.zip"
+    data = files[key]
+    targets = [
+        (b_dg, "dst/app-1.2.zip"),
+        (b_dg, "app-1.2.zip"),
+        (other, "x/y/app-1.2.zip"),
+        (b_dg, "src/renamed.zip"),
+    ]
+    for bucket, dest in targets:
+        theirs = env.boto.copy_object(
+            Bucket=b_boto,
+            Key="copy-" + dest.replace("/", "-"),
+            CopySource={"Bucket": b_boto, "Key": key},
+        )
+        ours = env.dg.copy_object(Bucket=bucket, Key=dest, CopySource={"Bucket": b_dg, "Key": key})
+        assert_same_shape(theirs, ours, "copy_object delta -> %s/%s" % (bucket, dest))
+        assert ours["CopyObjectResult"]["ETag"] == _md5_etag(data)
+        got = env.dg.get_object(Bucket=bucket, Key=dest)
+        assert got["Body"].read() == data
+        assert got["ContentType"] == "application/zip"
+        assert got["Metadata"] == env.boto.head_object(Bucket=b_boto, Key=key)["Metadata"]
+        assert got["ETag"] == _md5_etag(data)
+    # MetadataDirective=REPLACE, as boto3 on a plain copy.
+    env.boto.copy_object(
+        Bucket=b_boto,
+        Key="rep.zip",
+        CopySource={"Bucket": b_boto, "Key": key},
+        MetadataDirective="REPLACE",
+        Metadata={"new": "1"},
+        ContentType="application/x-zip",
+    )
+    env.dg.copy_object(
+        Bucket=b_dg,
+        Key="rep.zip",
+        CopySource={"Bucket": b_dg, "Key": key},
+        MetadataDirective="REPLACE",
+        Metadata={"new": "1"},
+        ContentType="application/x-zip",
+    )
+    th, oh = (
+        env.boto.head_object(Bucket=b_boto, Key="rep.zip"),
+        env.dg.head_object(Bucket=b_dg, Key="rep.zip"),
+    )
+    assert (oh["Metadata"], oh["ContentType"], oh["ETag"]) == (
+        th["Metadata"],
+        th["ContentType"],
+        th["ETag"],
+    )
+    # The source is untouched, every other version still reads back.
+    for k, d in files.items():
+        assert env.dg.get_object(Bucket=b_dg, Key=k)["Body"].read() == d
+    # A direct (non-delta) source copied to a delta-eligible name in another deltaspace.
+    # delete_objects of delta-stored keys answers logical keys; the rest still reads.
+    theirs = env.boto.delete_objects(
+        Bucket=b_boto, Delete={"Objects": [{"Key": "src/app-1.1.zip"}]}
+    )
+    ours = env.dg.delete_objects(Bucket=b_dg, Delete={"Objects": [{"Key": "src/app-1.1.zip"}]})
+    assert_same_shape(theirs, ours, "delete_objects of a delta-stored key")
+    assert ours["Deleted"] == [{"Key": "src/app-1.1.zip"}]
+    assert (
+        env.dg.get_object(Bucket=b_dg, Key="src/app-1.3.zip")["Body"].read()
+        == files["src/app-1.3.zip"]
+    )
+    env.dg.put_object(Bucket=b_dg, Key="plain.json", Body=b'{"a": 1}')
+    env.dg.copy_object(Bucket=other, Key="j/plain.json", CopySource=b_dg + "/plain.json")
+    assert env.dg.get_object(Bucket=other, Key="j/plain.json")["Body"].read() == b'{"a": 1}'
+
+
+def test_delta_presigned_url_downloads_original(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    files = _upload_versions(env, b_boto, b_dg, "v/", range(1, 3))
+    for key, data in files.items():
+        url = env.dg.generate_presigned_url(
+            "get_object", Params={"Bucket": b_dg, "Key": key}, ExpiresIn=600
+        )
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.read() == data, key
+            assert r.headers["Content-Type"] == "application/zip"
+    env.dg.put_object(Bucket=b_dg, Key="v/readme.txt", Body=b"plain")
+    url = env.dg.generate_presigned_url(
+        "get_object", Params={"Bucket": b_dg, "Key": "v/readme.txt"}
+    )
+    assert urllib.parse.urlsplit(url).path == "/%s/v/readme.txt" % b_dg
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.read() == b"plain"
+
+
+def _mixed_bucket(env: ParityEnv) -> tuple[str, list[str]]:
+    b = env.bucket()
+    keys = []
+    for prefix in ("a/", "b/"):
+        for v in range(1, 4):
+            key = "%sapp-1.%d.zip" % (prefix, v)
+            env.dg.put_object(Bucket=b, Key=key, Body=parity_zip(v))
+            keys.append(key)
+        for name in ("CHANGES.txt", "app.json", "zz.txt"):
+            env.dg.put_object(Bucket=b, Key=prefix + name, Body=name.encode())
+            keys.append(prefix + name)
+    env.dg.put_object(Bucket=b, Key="top.txt", Body=b"top")
+    keys.append("top.txt")
+    stored = [o["Key"] for o in env.boto.list_objects_v2(Bucket=b)["Contents"]]
+    assert "a/reference.bin" in stored and "a/app-1.2.zip.delta" in stored
+    return b, sorted(keys)
+
+
+def test_delta_list_pagination_never_repeats_or_skips(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b, keys = _mixed_bucket(env)
+    # list_objects_v2: MaxKeys=2 and ContinuationToken by hand.
+    seen: list[str] = []
+    kw: dict[str, Any] = {"Bucket": b, "MaxKeys": 2}
+    for _ in range(100):
+        page = env.dg.list_objects_v2(**kw)
+        assert page["KeyCount"] == len(page.get("Contents", []))
+        assert page["KeyCount"] <= 2
+        seen += [o["Key"] for o in page.get("Contents", [])]
+        if not page["IsTruncated"]:
+            break
+        kw["ContinuationToken"] = page["NextContinuationToken"]
+    assert seen == keys
+    # StartAfter every key (and a logical name that is stored as .delta).
+    for i, after in enumerate(keys):
+        got = [
+            o["Key"] for o in env.dg.list_objects_v2(Bucket=b, StartAfter=after).get("Contents", [])
+        ]
+        assert got == keys[i + 1 :], after
+    # list_objects: Marker from NextMarker, or the last key as boto3's paginator does.
+    for max_keys in (1, 2, 3):
+        seen, marker = [], ""
+        for _ in range(100):
+            page = env.dg.list_objects(Bucket=b, MaxKeys=max_keys, Marker=marker)
+            seen += [o["Key"] for o in page.get("Contents", [])]
+            if not page["IsTruncated"]:
+                break
+            marker = page.get("NextMarker") or page["Contents"][-1]["Key"]
+        assert seen == keys, max_keys
+        for config in ({"PageSize": max_keys},):
+            for op in ("list_objects", "list_objects_v2"):
+                pages = env.dg.get_paginator(op).paginate(Bucket=b, PaginationConfig=config)
+                assert [o["Key"] for p in pages for o in p.get("Contents", [])] == keys
+    # Delimiter: folders once each, no reference.bin anywhere.
+    page = env.dg.list_objects_v2(Bucket=b, Delimiter="/")
+    assert page["CommonPrefixes"] == [{"Prefix": "a/"}, {"Prefix": "b/"}]
+    assert [o["Key"] for o in page["Contents"]] == ["top.txt"]
+    for op in ("list_objects", "list_objects_v2"):
+        for prefix in ("a/", "b/"):
+            got = [o["Key"] for o in getattr(env.dg, op)(Bucket=b, Prefix=prefix)["Contents"]]
+            assert got == [k for k in keys if k.startswith(prefix)]
+
+
+def test_delta_listings_hide_deltaglider_internals(parity_env: ParityEnv) -> None:
+    """Rebuilt copies for presigned URLs (``.deltaglider/tmp/``) and probes are internal:
+    a listing through the client shows only logical keys, as reference.bin is hidden."""
+    env = parity_env
+    b, keys = _mixed_bucket(env)
+    url = env.dg.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "a/app-1.2.zip"})
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.read() == parity_zip(2)
+    for op in ("list_objects", "list_objects_v2"):
+        listed = getattr(env.dg, op)(Bucket=b)
+        assert [o["Key"] for o in listed["Contents"]] == keys, op
+        top = getattr(env.dg, op)(Bucket=b, Delimiter="/")
+        assert top.get("CommonPrefixes") == [{"Prefix": "a/"}, {"Prefix": "b/"}], op
+        pages = env.dg.get_paginator(op).paginate(Bucket=b, PaginationConfig={"PageSize": 2})
+        assert [o["Key"] for p in pages for o in p.get("Contents", [])] == keys, op
+
+
+def test_delta_list_fetch_metadata_sizes(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b, keys = _mixed_bucket(env)
+    fast = {o["Key"]: o for o in env.dg.list_objects_v2(Bucket=b)["Contents"]}
+    full = {o["Key"]: o for o in env.dg.list_objects_v2(Bucket=b, FetchMetadata=True)["Contents"]}
+    v1 = {o["Key"]: o for o in env.dg.list_objects(Bucket=b, FetchMetadata=True)["Contents"]}
+    assert sorted(fast) == sorted(full) == sorted(v1) == keys
+    for key in keys:
+        logical = env.dg.head_object(Bucket=b, Key=key)["ContentLength"]
+        assert full[key]["Size"] == v1[key]["Size"] == logical, key
+        if key.endswith(".zip"):
+            assert fast[key]["Size"] < logical, key  # the default answers what is stored
+            details = full[key]["Metadata"]
+            assert details["deltaglider-is-delta"] == "true"
+            assert int(details["deltaglider-original-size"]) == logical
+            assert int(details["deltaglider-stored-size"]) == fast[key]["Size"]
+            assert float(details["deltaglider-compression-ratio"]) < 0.5
+        else:
+            assert fast[key]["Size"] == logical, key
+            assert full[key]["Metadata"]["deltaglider-is-delta"] == "false"
+        assert isinstance(full[key]["LastModified"], datetime.datetime)
+        assert full[key]["LastModified"].tzinfo is not None
+
+
+def test_delta_unsupported_parameters_are_refused(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b = env.bucket()
+    env.dg.put_object(Bucket=b, Key="k.txt", Body=b"x")
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("put_object", {"Key": "k.zip", "Body": b"x", "SSECustomerKey": "k" * 32}),
+        ("put_object", {"Key": "k.zip", "Body": b"x", "ChecksumAlgorithm": "CRC32"}),
+        ("put_object", {"Key": "k.zip", "Body": b"x", "Bogus": 1}),
+        ("get_object", {"Key": "k.txt", "IfMatch": '"abc"'}),
+        ("get_object", {"Key": "k.txt", "VersionId": "v1"}),
+        ("head_object", {"Key": "k.txt", "PartNumber": 1}),
+        ("list_objects_v2", {"RequestPayer": "requester"}),
+        ("copy_object", {"Key": "c.txt", "CopySource": b + "/k.txt", "TaggingDirective": "COPY"}),
+        ("delete_object", {"Key": "k.txt", "MFA": "x"}),
+    ]
+    for op, kw in refused:
+        with pytest.raises(dg.ParamValidationError) as info:
+            getattr(env.dg, op)(Bucket=b, **kw)
+        assert isinstance(info.value, dg.BotoCoreError)
+        assert [n for n in kw if n in str(info.value)], (op, str(info.value))
+    with pytest.raises(dg.ParamValidationError):
+        env.dg.put_object(Bucket=b, Key="k.txt", Body=12345)
+    with pytest.raises(dg.ParamValidationError):
+        env.dg.get_object(Bucket=b)
+    # Nothing was stored or removed by a refused call.
+    assert [o["Key"] for o in env.dg.list_objects_v2(Bucket=b)["Contents"]] == ["k.txt"]
+
+
+def test_delta_transfer_callbacks_total_the_file_size(parity_env: ParityEnv, tmp_path: Any) -> None:
+    env = parity_env
+    b = env.bucket()
+    sizes = {}
+    for v in (1, 2):
+        path = tmp_path / ("app-1.%d.zip" % v)
+        path.write_bytes(parity_zip(v))
+        sizes[v] = path.stat().st_size
+        up: list[int] = []
+        env.dg.upload_file(
+            str(path), b, "cb/" + path.name, ExtraArgs=DELTA_EXTRA, Callback=up.append
+        )
+        assert sum(up) == sizes[v] and all(n >= 0 for n in up)
+    assert env.dg.head_object(Bucket=b, Key="cb/app-1.2.zip")["Metadata"] == {
+        k.lower(): v for k, v in DELTA_EXTRA["Metadata"].items()
+    }
+    down: list[int] = []
+    env.dg.download_file(b, "cb/app-1.2.zip", str(tmp_path / "out.zip"), Callback=down.append)
+    assert sum(down) == sizes[2]
+    assert (tmp_path / "out.zip").read_bytes() == parity_zip(2)
+    down = []
+    bio = io.BytesIO()
+    env.dg.download_fileobj(b, "cb/app-1.2.zip", bio, Callback=down.append)
+    assert sum(down) == sizes[2] and bio.getvalue() == parity_zip(2)
+    up = []
+    with open(tmp_path / "app-1.2.zip", "rb") as f:
+        env.dg.upload_fileobj(f, b, "cb/app-1.3.zip", Callback=up.append)
+    assert sum(up) == sizes[2]
+
+
+def test_delta_upload_fileobj_from_nonseekable_pipe(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b = env.bucket()
+    env.dg.put_object(Bucket=b, Key="pipe/app-1.1.zip", Body=parity_zip(1))
+    data = parity_zip(2)
+    for method in ("upload_fileobj", "put_object"):
+        r, w = os.pipe()
+
+        def feed(fd: int = w) -> None:
+            with os.fdopen(fd, "wb") as out:
+                for i in range(0, len(data), 7_000):
+                    out.write(data[i : i + 7_000])
+
+        writer = threading.Thread(target=feed)
+        writer.start()
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            assert not pipe.seekable()
+            key = "pipe/app-1.2-%s.zip" % method
+            if method == "upload_fileobj":
+                assert env.dg.upload_fileobj(pipe, b, key, ExtraArgs=DELTA_EXTRA) is None
+            else:
+                resp = env.dg.put_object(Bucket=b, Key=key, Body=pipe, **DELTA_EXTRA)
+                assert resp["DeltaGliderInfo"]["IsDelta"] is True
+        writer.join()
+        got = env.dg.get_object(Bucket=b, Key=key)
+        assert got["Body"].read() == data
+        assert got["ContentLength"] == len(data) and got["ETag"] == _md5_etag(data)
+        assert got["ContentType"] == "application/zip"
+
+
+def test_delta_put_object_str_body(parity_env: ParityEnv) -> None:
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    text = "naïve — ünïcode\n" * 100
+    for key in ("s/str.txt", "s/str.json", "s/str.sql"):  # .sql is delta-eligible
+        theirs = env.boto.put_object(Bucket=b_boto, Key=key, Body=text)
+        ours = env.dg.put_object(Bucket=b_dg, Key=key, Body=text)
+        assert ours["ETag"] == theirs["ETag"] == _md5_etag(text.encode("utf-8"))
+        th = env.boto.get_object(Bucket=b_boto, Key=key)
+        oh = env.dg.get_object(Bucket=b_dg, Key=key)
+        assert oh["Body"].read() == th["Body"].read() == text.encode("utf-8")
+        assert (oh["ContentLength"], oh["ETag"]) == (th["ContentLength"], th["ETag"])
+        # No ContentType given: boto3 sends none and SeaweedFS sniffs one
+        # ('text/plain; charset=utf-8'); ours sends S3's default (urllib would otherwise add
+        # application/x-www-form-urlencoded). Swift answers the same to both.
+        assert oh["ContentType"] in (th["ContentType"], "binary/octet-stream")
+
+
+def test_delta_put_object_keeps_headers(parity_env: ParityEnv) -> None:
+    """The issue's list (CacheControl ... StorageClass, ACL) on a delta-stored key reads
+    back as a plain boto3 upload with the same parameters does."""
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    params = _put_params(env)
+    params["ContentType"] = "application/zip"
+    for v in (1, 2):
+        key, data = "h/app-1.%d.zip" % v, parity_zip(v)
+        env.boto.put_object(Bucket=b_boto, Key=key, Body=data, **params)
+        ours = env.dg.put_object(Bucket=b_dg, Key=key, Body=data, **params)
+        assert ours["DeltaGliderInfo"]["IsDelta"] is True
+        th = env.boto.head_object(Bucket=b_boto, Key=key)
+        oh = env.dg.head_object(Bucket=b_dg, Key=key)
+        assert_same_shape(th, oh, "head_object of delta-stored " + key)
+        for name in set(th) - {"ResponseMetadata", "LastModified"}:
+            assert oh[name] == th[name], (key, name)
+
+
+###############################################################################
+# 3. README examples ###########################################################
+###############################################################################
+
+
+def _readme_path() -> str:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    if not os.path.exists(path):  # before the merge into test_deltaglider.py
+        path = os.path.join(os.path.dirname(os.path.abspath(dg.__file__)), "README.md")
+    return path
+
+
+def test_readme_python_examples(
+    parity_swift: ParityEnv, tmp_path: Any, monkeypatch: Any, capsys: Any
+) -> None:
+    """Every ```python block of README.md, run as written against Swift. Substitutions,
+    kept generic: the endpoint URL in the text becomes Swift's; credentials come from
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_DEFAULT_REGION as a user would set them;
+    each bucket name in a ``Bucket="..."`` or ``upload_file(..., "bucket", ...)`` literal
+    gets a unique ``dg-test-<hex>-`` prefix and is created first; files the example opens
+    (``*.zip`` names) are made in a temporary working directory as consecutive builds."""
+    env = parity_swift
+    with open(_readme_path(), encoding="utf-8") as f:
+        readme = f.read()
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M)
+    assert blocks, "README.md has no ```python block"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", env.access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", env.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("DG_CACHE_DIR", str(tmp_path / "cache"))
+    for var in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    prefix = "dg-test-" + uuid.uuid4().hex[:8] + "-"
+    for n, code in enumerate(blocks):
+        code = re.sub(r"https?://(127\.0\.0\.1|localhost):\d+", env.endpoint, code)
+        buckets = set(re.findall(r'Bucket="([a-z0-9.-]+)"', code))
+        buckets |= set(re.findall(r'upload_file\([^,]+,\s*"([a-z0-9.-]+)"', code))
+        buckets |= set(re.findall(r'download_file\(\s*"([a-z0-9.-]+)"', code))
+        for name in sorted(buckets):
+            code = code.replace('"%s"' % name, '"%s%s"' % (prefix, name))
+            env.buckets.append(prefix + name)
+            with contextlib.suppress(Exception):
+                env.boto.create_bucket(Bucket=prefix + name)
+        zips = sorted(set(re.findall(r'"([\w.-]+\.zip)"', code)))
+        for v, name in enumerate(zips, start=1):
+            if "/" not in name and not os.path.exists(name):
+                with open(name, "wb") as out:
+                    out.write(parity_zip(v))
+        namespace: dict[str, Any] = {"__name__": "__readme_%d__" % n}
+        try:
+            exec(compile(code, "README.md python block %d" % (n + 1), "exec"), namespace)
+        except Exception as e:  # pragma: no cover - the message is the report
+            pytest.fail("README python block %d failed: %r\n%s" % (n + 1, e, code))
+    printed = capsys.readouterr().out
+    assert printed.strip(), "the README example printed nothing"
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+FAULT_SWIFT = os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000")
+FAULT_SWIFT_KEY = os.environ.get("DG_TEST_SWIFT_ACCESS_KEY", "test:tester")
+FAULT_SWIFT_SECRET = os.environ.get("DG_TEST_SWIFT_SECRET_KEY", "testing")
+FAULT_SRC = os.path.dirname(os.path.abspath(dg.__file__))
+FAULT_SCRIPT = os.path.join(FAULT_SRC, "deltaglider.py")
+
+#: Tallies printed at the end of the run (pytest -s) and read by the report.
+FAULT_STATS = {"faults": 0, "kills": 0, "inputs": 0, "bytes_lost": 0}
+
+
+def fault_swift_up() -> None:
+    parts = urllib.parse.urlsplit(FAULT_SWIFT)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
+    except OSError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("Swift not reachable at %s: %s" % (FAULT_SWIFT, e))
+        pytest.skip("Swift not reachable at %s: %s" % (FAULT_SWIFT, e))
+
+
+def fault_client(tmp_path: Any, endpoint: str = FAULT_SWIFT, **cfg: Any) -> dg.DeltaGliderClient:
+    config = dg.Config(**cfg) if cfg else None
+    c = dg.create_client(
+        endpoint_url=endpoint,
+        aws_access_key_id=FAULT_SWIFT_KEY,
+        aws_secret_access_key=FAULT_SWIFT_SECRET,
+        region_name="us-east-1",
+        config=config,
+        cache_dir=str(tmp_path / ("cache-" + uuid.uuid4().hex[:6])),
+        environ={"PATH": os.environ.get("PATH", "")},
+    )
+    # the backoff's seam (_S3Storage(sleep=...)): retries wait 10 ms, so the run stays short
+    c.storage._sleep = lambda seconds: time.sleep(min(seconds, 0.01))
+    return c
+
+
+def fault_empty_and_delete(storage: Any, name: str) -> None:
+    try:
+        for up in storage.list_multipart_uploads(name)["Uploads"]:
+            storage.abort_multipart_upload(name, up["Key"], up["UploadId"])
+        while True:
+            keys = [c["Key"] for c in storage.list_objects_v2(name).get("Contents", [])]
+            if not keys:
+                break
+            try:
+                storage.delete_objects(name, keys, quiet=True)
+            except dg.ClientError:
+                for k in keys:
+                    storage.delete_object(name, k)
+        storage.delete_bucket(name)
+    except dg.NoSuchBucket:
+        pass
+
+
+@pytest.fixture
+def fault_swift(tmp_path: Any) -> Iterator[tuple[dg.DeltaGliderClient, str]]:
+    """(a direct client to Swift, a fresh dg-test-<hex> bucket), cleaned up."""
+    fault_swift_up()
+    c = fault_client(tmp_path)
+    name = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=name)
+    yield c, name
+    fault_empty_and_delete(c.storage, name)
+    c.close()
+
+
+def fault_make_zip(path: Any, version: int, members: int = 8, size: int = 20000) -> bytes:
+    """A deterministic zip; each version changes one member a little (delta-friendly)."""
+    rng = random.Random(42)
+    blobs = [bytes(rng.getrandbits(8) for _ in range(size)) for _ in range(members)]
+    with zipfile.ZipFile(str(path), "w", zipfile.ZIP_STORED) as z:
+        for i, blob in enumerate(blobs):
+            if i == version % members:
+                blob = blob[:100] + b"v%d" % version + blob[103:]
+            z.writestr(zipfile.ZipInfo("m%02d.bin" % i, date_time=(2026, 1, 1, 0, 0, 0)), blob)
+        z.writestr(zipfile.ZipInfo("VERSION", date_time=(2026, 1, 1, 0, 0, 0)), str(version))
+    with open(str(path), "rb") as f:
+        return f.read()
+
+
+_FAULT_ZIP_CACHE: dict[tuple[int, int, int], bytes] = {}
+
+
+def fault_zip_bytes(version: int, members: int = 8, size: int = 20000) -> bytes:
+    k = (version, members, size)
+    if k not in _FAULT_ZIP_CACHE:
+        buf = io.BytesIO()
+        blobs = [
+            random.Random(1000 + i).getrandbits(8 * size).to_bytes(size, "little")
+            for i in range(members)
+        ]
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for i, blob in enumerate(blobs):
+                if i == version % members:
+                    blob = blob[:100] + b"v%d" % version + blob[103:]
+                z.writestr(zipfile.ZipInfo("m%02d.bin" % i, date_time=(2026, 1, 1, 0, 0, 0)), blob)
+            z.writestr(zipfile.ZipInfo("VERSION", date_time=(2026, 1, 1, 0, 0, 0)), str(version))
+        _FAULT_ZIP_CACHE[k] = buf.getvalue()
+    return _FAULT_ZIP_CACHE[k]
+
+
+def fault_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fault_stored(storage: Any, bucket: str, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    token = None
+    while True:
+        page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        keys += [c["Key"] for c in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return sorted(keys)
+        token = page["NextContinuationToken"]
+
+
+def fault_invariants(storage: Any, bucket: str, *, orphans_ok: bool = False) -> list[str]:
+    """FORMAT.md invariants of a bucket, as a list of problems (empty: all good)."""
+    problems = []
+    keys = [k for k in fault_stored(storage, bucket) if not k.startswith(".deltaglider/")]
+    keyset = set(keys)
+    spaces_with_deltas = set()
+    for k in keys:
+        if k.endswith(".delta"):
+            spaces_with_deltas.add(dg._deltaspace(k))
+            meta = storage.head_object(bucket, k)["Metadata"]
+            ref_key = dg._resolve_ref_key(k, dg._meta_get(meta, "ref") or "reference.bin")
+            if ref_key not in keyset:
+                problems.append("delta without its reference: %s" % k)
+                continue
+            ref_meta = storage.head_object(bucket, ref_key)["Metadata"]
+            if dg._meta_get(ref_meta, "file_sha256") != dg._meta_get(meta, "ref_sha256"):
+                problems.append("delta %s made against another reference" % k)
+    for k in keys:
+        if k.rsplit("/", 1)[-1] == "reference.bin" and dg._deltaspace(k) not in spaces_with_deltas:
+            if not orphans_ok:
+                problems.append("orphaned reference: %s" % k)
+    uploads = storage.list_multipart_uploads(bucket)["Uploads"]
+    if uploads:
+        problems.append("open multipart uploads: %s" % [u["Key"] for u in uploads])
+    return problems
+
+
+def fault_logical(client: dg.DeltaGliderClient, bucket: str, prefix: str = "") -> list[str]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [c["Key"] for c in page.get("Contents", [])]
+    return sorted(out)
+
+
+def fault_read(client: dg.DeltaGliderClient, bucket: str, key: str) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+
+
+def fault_check_reads(
+    client: dg.DeltaGliderClient, bucket: str, allowed: dict[str, set[bytes]]
+) -> None:
+    """Every logical key reads back byte-exact as one of its allowed versions."""
+    for key in fault_logical(client, bucket):
+        data = fault_read(client, bucket, key)
+        if key in allowed:
+            if data not in allowed[key]:
+                FAULT_STATS["bytes_lost"] += len(data)
+            assert data in allowed[key], "%s reads back as none of its versions" % key
+
+
+def fault_leftovers(folder: Any) -> list[str]:
+    return sorted(p for p in os.listdir(str(folder)) if p.startswith(".dg-"))
+
+
+def fault_run_cli(
+    endpoint: str, tmp_path: Any, argv: list[str], **env_extra: str
+) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DG_CACHE_DIR": str(tmp_path / "cli-cache"),
+        "HOME": str(tmp_path),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ACCESS_KEY_ID": FAULT_SWIFT_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAULT_SWIFT_SECRET,
+    }
+    env.update(env_extra)
+    env = {k: v for k, v in env.items() if v is not None}
+    code = dg.main(["--endpoint-url", endpoint, *argv], stdout=out, stderr=err, environ=env)
+    return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def fault_chdir(path: Any) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(str(path))
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+###############################################################################
+# The fault-injecting proxy ###################################################
+###############################################################################
+
+FAULT_KINDS = ["reset", "500", "503", "truncate", "wrong_length", "slow"]
+#: Pairs of kinds, one picked at random per fault: every kind is exercised, in fewer runs.
+FAULT_GROUPS = [("reset", "truncate"), ("500", "503"), ("wrong_length", "slow")]
+_FAULT_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+
+def _fault_rst(sock: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0): the peer sees 'connection reset'."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class _FaultHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FaultProxy
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except Exception:
+            self.close_connection = True
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+                if size == 0:
+                    return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _dispatch(self) -> None:
+        srv = self.server
+        fault = srv.decide(self.command, self.path)
+        if (
+            fault == "reset"
+            and self.command == "PUT"
+            and int(self.headers.get("Content-Length") or 0)
+        ):
+            # reset while the request body is still arriving
+            self.rfile.read(min(4096, int(self.headers["Content-Length"]) // 2))
+            self.close_connection = True
+            _fault_rst(self.connection)
+            return
+        body = self._body()
+        if fault in ("500", "503"):
+            code, text = (
+                ("InternalError", "We encountered an internal error.")
+                if fault == "500"
+                else ("SlowDown", "Please reduce your request rate.")
+            )
+            payload = (
+                '<?xml version="1.0" encoding="UTF-8"?><Error><Code>%s</Code><Message>%s'
+                "</Message><RequestId>fault</RequestId></Error>" % (code, text)
+            ).encode()
+            self.send_response(int(fault))
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _FAULT_HOP}
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or body:
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["Content-Length"] = str(len(body))
+        up = http.client.HTTPConnection(srv.upstream_host, srv.upstream_port, timeout=30)
+        try:
+            up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in headers.items():
+                up.putheader(k, v)
+            up.endheaders(body if body else None)
+            resp = up.getresponse()
+            data = resp.read()
+            status, reason, rheaders = resp.status, resp.reason, resp.getheaders()
+        finally:
+            up.close()
+        if fault == "slow":
+            srv.stop.wait(srv.slow)  # the request landed; the reply comes after the timeout
+        self.send_response(status, reason)
+        for k, v in rheaders:
+            if k.lower() not in _FAULT_HOP and k.lower() != "content-length":
+                self.send_header(k, v)
+        head = self.command == "HEAD"
+        if head:
+            clen = dict((k.lower(), v) for k, v in rheaders).get("content-length", "0")
+            self.send_header("Content-Length", clen)
+        elif fault == "wrong_length" and data:
+            self.send_header("Content-Length", str(len(data) + 17))  # promises more than it sends
+        else:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if head:
+            if fault in ("reset", "truncate", "wrong_length"):
+                self.close_connection = True
+                _fault_rst(self.connection)
+            return
+        if fault in ("reset", "truncate") and data:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            if fault == "reset":
+                _fault_rst(self.connection)
+            else:
+                self.connection.shutdown(socket.SHUT_WR)
+            return
+        self.wfile.write(data)
+        self.wfile.flush()
+        if fault == "wrong_length":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_WR)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _dispatch
+
+
+class FaultProxy(http.server.ThreadingHTTPServer):
+    """Forwards to the upstream S3 server; injects ``kind`` faults at ``rate`` (seeded),
+    in bursts of ``burst`` consecutive requests, on requests ``match`` accepts."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        upstream: str,
+        kind: str | None = None,
+        rate: float = 0.0,
+        seed: int = 0,
+        burst: int = 1,
+        slow: float = 1.0,
+        match: Callable[[str, str], bool] = lambda method, path: True,
+    ) -> None:
+        super().__init__(("127.0.0.1", 0), _FaultHandler)
+        parts = urllib.parse.urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parts.hostname or "", parts.port or 80
+        self.kind, self.rate, self.burst, self.slow, self.match = kind, rate, burst, slow, match
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.left_in_burst = 0
+        self.injected = 0
+        self.requests = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def decide(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if self.kind is None or not self.match(method, path):
+                return None
+            if self.left_in_burst > 0:
+                self.left_in_burst -= 1
+            elif self.rng.random() < self.rate:
+                self.left_in_burst = self.burst - 1
+            else:
+                return None
+            self.injected += 1
+            FAULT_STATS["faults"] += 1
+            if isinstance(self.kind, (tuple, list)):
+                return self.rng.choice(list(self.kind))
+            return self.kind
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    started: list[FaultProxy] = []
+
+    def start(kind: str | None = None, **kwargs: Any) -> FaultProxy:
+        fault_swift_up()
+        p = FaultProxy(FAULT_SWIFT, kind, **kwargs)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+def test_fault_proxy_without_faults_is_transparent(
+    fault_swift: Any, fault_proxy: Any, tmp_path: Any
+) -> None:
+    direct, bucket = fault_swift
+    proxy = fault_proxy()
+    c = fault_client(tmp_path, proxy.url)
+    (tmp_path / "a.zip").write_bytes(fault_zip_bytes(0))
+    c.upload_file(str(tmp_path / "a.zip"), bucket, "p/a.zip")
+    assert fault_read(c, bucket, "p/a.zip") == fault_zip_bytes(0)
+    assert proxy.requests > 3
+
+
+###############################################################################
+# Faults: every operation succeeds after retries or fails clearly, nothing half-done
+###############################################################################
+
+#: A clear error: one of these, with a one-line message naming the problem.
+FAULT_CLEAR = (dg.ClientError, dg.BotoCoreError, dg.IntegrityError, dg.XDelta3Error)
+
+
+def _fault_clear(e: BaseException) -> None:
+    assert isinstance(e, FAULT_CLEAR), "unclear error %r" % (e,)
+    text = str(e)
+    assert text and "Traceback" not in text, text
+
+
+def _fault_cfg(kind: str) -> dict[str, Any]:
+    return {"read_timeout": 0.5, "max_attempts": 4, "connect_timeout": 2}
+
+
+def _fault_run(fn: Callable[[], Any]) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as e:
+        _fault_clear(e)
+        return e
+    return None
+
+
+@pytest.mark.parametrize("kind", FAULT_GROUPS, ids="+".join)
+def test_faults_upload_direct_and_delta(
+    fault_swift: Any, fault_proxy: Any, tmp_path: Any, kind: str
+) -> None:
+    direct, bucket = fault_swift
+    rate = 0.2 if "slow" in kind else 0.3  # each slow reply costs a 0.5 s timeout
+    proxy = fault_proxy(
+        kind, rate=rate, seed=len(kind[0]), burst=2 if "500" in kind else 1, slow=0.8
+    )
+    c = fault_client(tmp_path, proxy.url, **_fault_cfg(kind))
+    versions = {}
+    outcomes = []
+    for v in range(4):
+        path = tmp_path / ("app-%d.zip" % v)
+        path.write_bytes(fault_zip_bytes(v))
+        versions[v] = fault_zip_bytes(v)
+        outcomes.append(_fault_run(lambda: c.upload_file(str(path), bucket, "r/app-%d.zip" % v)))
+    txt = tmp_path / "n.txt"
+    txt.write_bytes(b"plain text " * 500)
+    outcomes.append(_fault_run(lambda: c.upload_file(str(txt), bucket, "r/n.txt")))
+    assert proxy.injected > 0
+    problems = fault_invariants(direct.storage, bucket)
+    allowed = {"r/app-%d.zip" % v: {versions[v]} for v in versions}
+    allowed["r/n.txt"] = {b"plain text " * 500}
+    present = set(fault_logical(direct, bucket))
+    for v, out in enumerate(outcomes[:4]):
+        if out is None:
+            assert "r/app-%d.zip" % v in present
+    if outcomes[4] is None:
+        assert "r/n.txt" in present
+    fault_check_reads(direct, bucket, allowed)
+    assert problems == [], (problems, outcomes)
+
+
+@pytest.mark.parametrize("kind", FAULT_GROUPS, ids="+".join)
+def test_faults_download(fault_swift: Any, fault_proxy: Any, tmp_path: Any, kind: str) -> None:
+    direct, bucket = fault_swift
+    for v in range(3):
+        (tmp_path / ("s%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+        direct.upload_file(str(tmp_path / ("s%d.zip" % v)), bucket, "d/app-%d.zip" % v)
+    direct.put_object(Bucket=bucket, Key="d/n.txt", Body=b"direct " * 3000)
+    proxy = fault_proxy(
+        kind,
+        rate=0.35,
+        seed=7,
+        burst=2 if "500" in kind else 1,
+        slow=0.8,
+        match=lambda m, p: m == "GET",
+    )
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    expect = {"app-%d.zip" % v: fault_zip_bytes(v) for v in range(3)}
+    expect["n.txt"] = b"direct " * 3000
+    for round_ in range(2):
+        c = fault_client(tmp_path, proxy.url, **_fault_cfg(kind))  # a cold cache each round
+        for name, data in sorted(expect.items()):
+            out = dest / name
+            old = out.read_bytes() if out.exists() else None
+            e = _fault_run(lambda: c.download_file(bucket, "d/" + name, str(out)))
+            if e is None:
+                assert out.read_bytes() == data
+            else:
+                assert (out.read_bytes() if out.exists() else None) == old
+        c.close()
+    assert fault_leftovers(dest) == []
+    assert proxy.injected > 0
+
+
+@pytest.mark.parametrize("kind", FAULT_GROUPS, ids="+".join)
+def test_faults_delete(fault_swift: Any, fault_proxy: Any, tmp_path: Any, kind: str) -> None:
+    direct, bucket = fault_swift
+    for v in range(3):
+        (tmp_path / ("s%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+        direct.upload_file(str(tmp_path / ("s%d.zip" % v)), bucket, "x/app-%d.zip" % v)
+    direct.put_object(Bucket=bucket, Key="x/n.txt", Body=b"direct")
+    proxy = fault_proxy(kind, rate=0.35, seed=11, burst=2 if "500" in kind else 1, slow=0.8)
+    c = fault_client(tmp_path, proxy.url, **_fault_cfg(kind))
+    for key in ["x/app-0.zip", "x/n.txt", "x/app-2.zip", "x/app-1.zip"]:
+        e = _fault_run(lambda: c.delete_object(Bucket=bucket, Key=key))
+        if e is None:
+            # BUG: _DeltaEngine.delete catches every ClientError of its HEAD as "missing", so
+            # a HEAD that failed with 500/503 after all retries makes delete_object (and
+            # `rm`) report success while the object stays. Only 404 means missing.
+            assert key not in fault_logical(direct, bucket)
+    assert proxy.injected > 0
+    assert fault_invariants(direct.storage, bucket) == []
+    allowed = {"x/app-%d.zip" % v: {fault_zip_bytes(v)} for v in range(3)}
+    allowed["x/n.txt"] = {b"direct"}
+    fault_check_reads(direct, bucket, allowed)
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_faults_multipart(fault_swift: Any, fault_proxy: Any, tmp_path: Any, kind: str) -> None:
+    direct, bucket = fault_swift
+    data = random.Random(5).getrandbits(8 * 11 * 1024 * 1024).to_bytes(11 * 1024 * 1024, "little")
+    (tmp_path / "big.bin").write_bytes(data)
+    proxy = fault_proxy(kind, rate=0.3, seed=3, burst=2 if kind in ("500", "503") else 1, slow=0.8)
+    c = fault_client(tmp_path, proxy.url, **_fault_cfg(kind))
+    for attempt in range(2):
+        e = _fault_run(
+            lambda: dg._put_path(
+                c.storage,
+                bucket,
+                "m/big.bin",
+                str(tmp_path / "big.bin"),
+                threshold=5 * 1024 * 1024,
+                part_size=5 * 1024 * 1024,
+            )
+        )
+        keys = fault_stored(direct.storage, bucket, "m/")
+        if e is None:
+            assert keys == ["m/big.bin"]
+        if "m/big.bin" in keys:  # never a partial object
+            got = direct.storage.get_object(bucket, "m/big.bin")["Body"].read()
+            assert got == data, "partial multipart object (%d of %d bytes)" % (len(got), len(data))
+        # BUG: a CreateMultipartUpload whose reply is lost (reset, truncated, slow) is retried
+        # and starts a second upload; the first is never aborted (_put_path).
+        assert direct.storage.list_multipart_uploads(bucket)["Uploads"] == [], (kind, e)
+    assert proxy.injected > 0
+
+
+def test_faults_cli_sync(fault_swift: Any, fault_proxy: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    files = {
+        "a/app-0.zip": fault_zip_bytes(0),
+        "a/app-1.zip": fault_zip_bytes(1),
+        "a/n.txt": b"text " * 100,
+        "top.bin": b"\x00\x01" * 999,
+    }
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    proxy = fault_proxy(tuple(FAULT_KINDS), rate=0.15, seed=13, slow=0.8)
+    url = "s3://%s/s/" % bucket
+    args = ["--cli-read-timeout", "0.5", "--max-attempts", "4", "--max-concurrency", "2"]
+    code, _out, err = fault_run_cli(proxy.url, tmp_path, [*args, "sync", str(src), url])
+    assert code in (0, 1), err
+    if code == 1:
+        assert err and "Traceback" not in err
+        for line in err.splitlines():
+            assert line.startswith(("upload failed:", "fatal error:", "warning:")), line
+    assert fault_invariants(direct.storage, bucket) == []
+    fault_check_reads(direct, bucket, {"s/" + k: {v} for k, v in files.items()})
+    logical = fault_logical(direct, bucket)
+    if code == 0:
+        assert [k for k in logical if k.startswith("s/")] == sorted("s/" + k for k in files)
+    # BUG: the conditional-write probe (_S3Storage.supports_conditional_writes) stays behind
+    # when its DELETE fails, and client.list_objects_v2 shows it as a user object.
+    assert [k for k in logical if not k.startswith("s/")] == []
+    down = tmp_path / "down"
+    code2, _o, err2 = fault_run_cli(proxy.url, tmp_path, [*args, "sync", url, str(down)])
+    assert code2 in (0, 1), err2
+    for rel, data in files.items():
+        p = down / rel
+        if p.exists():
+            assert p.read_bytes() == data, rel
+    for folder in [down, down / "a"]:
+        if folder.exists():
+            assert fault_leftovers(folder) == []
+    assert proxy.injected > 0
+
+
+###############################################################################
+# Crashes: SIGKILL the CLI at random points ###################################
+###############################################################################
+
+FAULT_KILL_POINTS = 12
+
+
+def fault_cli_env(tmp_path: Any, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "proc-cache"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ACCESS_KEY_ID": FAULT_SWIFT_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAULT_SWIFT_SECRET,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def fault_cli_proc(tmp_path: Any, argv: list[str], endpoint: str = FAULT_SWIFT) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, FAULT_SCRIPT, "--endpoint-url", endpoint, *argv],
+        env=fault_cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def fault_kill_loop(
+    tmp_path: Any,
+    argv_for: Callable[[int], list[str]],
+    check: Callable[[int], None],
+    seed: int,
+    before: Callable[[int], None] = lambda i: None,
+) -> list[float]:
+    """Time one whole run, then SIGKILL FAULT_KILL_POINTS runs at delays spread over it."""
+    before(-1)
+    t0 = time.monotonic()
+    p = fault_cli_proc(tmp_path, argv_for(-1))
+    out, err = p.communicate(timeout=60)
+    full = time.monotonic() - t0
+    assert p.returncode == 0, err.decode()
+    check(-1)
+    rng = random.Random(seed)
+    delays = sorted(rng.uniform(0.0, full) for _ in range(FAULT_KILL_POINTS))
+    for i, delay in enumerate(delays):
+        before(i)
+        p = fault_cli_proc(tmp_path, argv_for(i))
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        FAULT_STATS["kills"] += 1
+        check(i)
+    return delays
+
+
+def fault_bucket_readable(
+    c: dg.DeltaGliderClient, bucket: str, allowed: dict[str, set[bytes]]
+) -> None:
+    """After a crash: every key reads back byte-exact, or fails verification loudly."""
+    problems = [
+        p
+        for p in fault_invariants(c.storage, bucket, orphans_ok=True)
+        if not p.startswith("open multipart")
+    ]
+    assert problems == []
+    for key in fault_logical(c, bucket):
+        if key.startswith(".deltaglider/"):
+            continue
+        try:
+            data = fault_read(c, bucket, key)
+        except dg.IntegrityError:
+            continue  # loud
+        assert data in allowed.get(key, {data}), key
+
+
+def test_crash_upload(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    allowed: dict[str, set[bytes]] = {"k/app.zip": set(), "k/n.txt": set()}
+    for i in range(-1, FAULT_KILL_POINTS):
+        (tmp_path / ("v%d.zip" % i)).write_bytes(fault_zip_bytes(i + 1))
+        allowed["k/app.zip"].add(fault_zip_bytes(i + 1))
+
+    def check(i: int) -> None:
+        c = fault_client(tmp_path)  # a cold cache: nothing read from a half-filled one
+        fault_bucket_readable(c, bucket, allowed)
+        c.close()
+
+    fault_kill_loop(
+        tmp_path,
+        lambda i: ["cp", str(tmp_path / ("v%d.zip" % i)), "s3://%s/k/app.zip" % bucket],
+        check,
+        seed=1,
+    )
+    # a later upload still works and the key reads back as the last one written
+    assert (
+        fault_run_cli(
+            FAULT_SWIFT, tmp_path, ["cp", str(tmp_path / "v0.zip"), "s3://%s/k/app.zip" % bucket]
+        )[0]
+        == 0
+    )
+    assert fault_read(direct, bucket, "k/app.zip") == fault_zip_bytes(1)
+
+
+def test_crash_download(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    new = {"app.zip": fault_zip_bytes(3), "n.bin": os.urandom(3 * 1024 * 1024)}
+    (tmp_path / "a.zip").write_bytes(fault_zip_bytes(0))
+    direct.upload_file(str(tmp_path / "a.zip"), bucket, "k/base.zip")
+    (tmp_path / "b.zip").write_bytes(new["app.zip"])
+    direct.upload_file(str(tmp_path / "b.zip"), bucket, "k/app.zip")
+    direct.put_object(Bucket=bucket, Key="k/n.bin", Body=new["n.bin"])
+    dest = tmp_path / "dest"
+    old = {"app.zip": b"old app", "n.bin": b"old n"}
+    leftovers = []
+
+    def before(i: int) -> None:
+        shutil.rmtree(str(tmp_path / "proc-cache"), ignore_errors=True)  # cold: fetch the reference
+        dest.mkdir(exist_ok=True)
+        for name, data in old.items():
+            if i % 3 != 2:  # some rounds start without a destination file
+                (dest / name).write_bytes(data)
+            elif (dest / name).exists():
+                (dest / name).unlink()
+
+    def check(i: int) -> None:
+        for name in new:
+            p = dest / name
+            if p.exists():
+                got = p.read_bytes()
+                if got not in (old[name], new[name]):
+                    FAULT_STATS["bytes_lost"] += len(new[name])
+                assert got in (old[name], new[name]), "%s is half-written (%d bytes)" % (
+                    name,
+                    len(got),
+                )
+        leftovers.extend(fault_leftovers(dest))
+        for t in fault_leftovers(dest):
+            os.unlink(str(dest / t))
+
+    fault_kill_loop(
+        tmp_path,
+        lambda i: ["cp", "-r", "s3://%s/k/" % bucket, str(dest) + "/", "--exclude", "base.zip"],
+        check,
+        seed=2,
+        before=before,
+    )
+    FAULT_STATS.setdefault("killed_download_leftovers", 0)
+    FAULT_STATS["killed_download_leftovers"] += len(leftovers)  # hidden .dg-*.tmp files: reported
+
+
+def test_crash_sync(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    versions: dict[str, set[bytes]] = {}
+    names = ["sub/a.zip", "sub/b.zip", "c.txt", "sub/d.bin"]
+
+    def before(i: int) -> None:
+        for j, name in enumerate(names):
+            data = (
+                fault_zip_bytes(i + 2 + j) if name.endswith(".zip") else (b"%d-%d " % (i, j)) * 5000
+            )
+            if i < 0 or (i + j) % 2 == 0:
+                (src / name).write_bytes(data)
+                t = time.time() + i + 2  # newer than what was synced: sync must send it
+                os.utime(str(src / name), (t, t))
+            versions.setdefault("s/" + name, set()).add((src / name).read_bytes())
+
+    down = tmp_path / "down"
+
+    def check(i: int) -> None:
+        c = fault_client(tmp_path)
+        fault_bucket_readable(c, bucket, versions)
+        c.close()
+        if i % 3:
+            return
+        # and a killed sync down leaves every file absent, old or new
+        before_files = {
+            p: p.read_bytes()
+            for p in down.rglob("*")
+            if p.is_file() and not p.name.startswith(".dg-")
+        }
+        p = fault_cli_proc(tmp_path, ["sync", "s3://%s/s/" % bucket, str(down)])
+        time.sleep(random.Random(i).uniform(0.05, 0.6))
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        FAULT_STATS["kills"] += 1
+        for f in down.rglob("*"):
+            if f.is_file() and not f.name.startswith(".dg-"):
+                rel = "s/" + f.relative_to(down).as_posix()
+                got = f.read_bytes()
+                assert got in versions.get(rel, set()) | {before_files.get(f)}, rel
+
+    fault_kill_loop(
+        tmp_path, lambda i: ["sync", str(src), "s3://%s/s/" % bucket], check, seed=3, before=before
+    )
+    code, _o, err = fault_run_cli(FAULT_SWIFT, tmp_path, ["sync", str(src), "s3://%s/s/" % bucket])
+    assert code == 0, err
+    for name in names:
+        assert fault_read(direct, bucket, "s/" + name) == (src / name).read_bytes()
+
+
+###############################################################################
+# Concurrency #################################################################
+###############################################################################
+
+
+def test_concurrent_16_writers_one_deltaspace_with_readers(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    for v in range(16):
+        (tmp_path / ("v%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+    errors: list[BaseException] = []
+    reader_errors: list[BaseException] = []
+    wrong: list[str] = []
+    done = threading.Event()
+
+    def writer(v: int) -> None:
+        c = fault_client(tmp_path)  # its own cache, as another process would have
+        try:
+            c.upload_file(str(tmp_path / ("v%d.zip" % v)), bucket, "cc/app-%d.zip" % v)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            c.close()
+
+    def reader() -> None:
+        c = fault_client(tmp_path)
+        while not done.is_set():
+            try:
+                for key in fault_logical(c, bucket, "cc/"):
+                    v = int(key.rsplit("-", 1)[1].split(".")[0])
+                    try:
+                        if fault_read(c, bucket, key) != fault_zip_bytes(v):
+                            wrong.append(key)
+                    except dg.NoSuchKey:
+                        pass
+            except BaseException as e:
+                reader_errors.append(e)
+        c.close()
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(v,)) for v in range(16)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join(120)
+    done.set()
+    for t in readers:
+        t.join(60)
+    assert errors == [] and wrong == []
+    assert fault_invariants(direct.storage, bucket) == []
+    assert fault_logical(direct, bucket, "cc/") == sorted("cc/app-%d.zip" % v for v in range(16))
+    fresh = fault_client(tmp_path)
+    fault_check_reads(fresh, bucket, {"cc/app-%d.zip" % v: {fault_zip_bytes(v)} for v in range(16)})
+    refs = [k for k in fault_stored(direct.storage, bucket) if k.endswith("reference.bin")]
+    assert refs == ["cc/reference.bin"]
+    # Known window (kept visible, not hidden): Swift checks If-None-Match without a lock, so
+    # racing first writers may each PUT reference.bin; a losing writer's delta is listed
+    # until _put_delta's check after the PUT notices and redoes it. A reader in that window
+    # gets a loud IntegrityError, never wrong bytes (`wrong == []` above), and everything
+    # reads back afterwards (fault_check_reads). Waiting for every new reference to settle
+    # would close it at 2 s per new folder on every server.
+    assert all(isinstance(e, dg.IntegrityError) for e in reader_errors), reader_errors[:2]
+
+
+def test_concurrent_deletes_racing_uploads(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    for v in range(8):
+        (tmp_path / ("v%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def uploader() -> None:
+        c = fault_client(tmp_path)
+        try:
+            for rnd in range(2):
+                for v in range(8):
+                    try:
+                        c.upload_file(str(tmp_path / ("v%d.zip" % v)), bucket, "dr/app-%d.zip" % v)
+                    except dg.DeltaGliderError as e:  # a clear give-up under a delete storm
+                        assert "keeps changing" in str(e)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            stop.set()
+            c.close()
+
+    def deleter() -> None:
+        c = fault_client(tmp_path)
+        while not stop.is_set():
+            try:
+                for key in fault_logical(c, bucket, "dr/"):
+                    c.delete_object(Bucket=bucket, Key=key)
+            except BaseException as e:
+                errors.append(e)
+        c.close()
+
+    threads = [threading.Thread(target=uploader), threading.Thread(target=deleter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    problems = fault_invariants(direct.storage, bucket, orphans_ok=True)
+    # BUG: _DeltaEngine._drop_unused_reference lists the deltaspace, finds no delta, and
+    # deletes reference.bin; a writer's _put_delta stored its delta and re-checked the
+    # reference in between, so its delta is left without a reference (unreadable).
+    assert [
+        p for p in problems if "without its reference" in p or "another reference" in p
+    ] == [], problems
+    fault_check_reads(
+        fault_client(tmp_path),
+        bucket,
+        {"dr/app-%d.zip" % v: {fault_zip_bytes(v)} for v in range(8)},
+    )
+    assert errors == [], errors
+
+
+def test_concurrent_two_syncs_of_one_tree(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    src = tmp_path / "src"
+    (src / "r").mkdir(parents=True)
+    files = {"r/app-%d.zip" % v: fault_zip_bytes(v) for v in range(4)}
+    files.update({"t%d.txt" % i: b"t%d " % i * 400 for i in range(3)})
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    results: list[tuple[int, str, str]] = []
+
+    def sync(n: int) -> None:
+        results.append(
+            fault_run_cli(
+                FAULT_SWIFT, tmp_path / ("h%d" % n), ["sync", str(src), "s3://%s/y/" % bucket]
+            )
+        )
+
+    for n in range(2):
+        (tmp_path / ("h%d" % n)).mkdir()
+    threads = [threading.Thread(target=sync, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r[0] for r in results] == [0, 0], results
+    assert fault_invariants(direct.storage, bucket) == []
+    fault_check_reads(fault_client(tmp_path), bucket, {"y/" + k: {v} for k, v in files.items()})
+    assert fault_logical(direct, bucket, "y/") == sorted("y/" + k for k in files)
+
+
+###############################################################################
+# Corruption ##################################################################
+###############################################################################
+
+
+def _fault_corrupt_setup(direct: Any, bucket: str, tmp_path: Any) -> None:
+    for v, key in [(0, "k/a.zip"), (1, "k/b.zip"), (5, "o/other.zip")]:
+        (tmp_path / ("c%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+        direct.upload_file(str(tmp_path / ("c%d.zip" % v)), bucket, key)
+    direct.put_object(Bucket=bucket, Key="k/n.txt", Body=b"direct text")
+
+
+def _fault_rewrite(st_: Any, bucket: str, key: str, data: bytes | None = None, **meta: str) -> None:
+    head = st_.head_object(bucket, key)
+    body = st_.get_object(bucket, key)["Body"].read() if data is None else data
+    st_.put_object(bucket, key, body, metadata=dict(head["Metadata"], **meta))
+
+
+@pytest.mark.parametrize(
+    "case", ["delta-sha", "direct-sha", "ref-bytes-swapped", "ref-object-swapped"]
+)
+def test_corruption_is_an_integrity_error_and_no_output(
+    fault_swift: Any, tmp_path: Any, case: str
+) -> None:
+    direct, bucket = fault_swift
+    _fault_corrupt_setup(direct, bucket, tmp_path)
+    st_ = direct.storage
+    key = "k/n.txt" if case == "direct-sha" else "k/b.zip"
+    if case == "delta-sha":
+        _fault_rewrite(st_, bucket, "k/b.zip.delta", **{"dg-file-sha256": "0" * 64})
+    elif case == "direct-sha":
+        _fault_rewrite(st_, bucket, "k/n.txt", **{"dg-file-sha256": "1" * 64})
+    elif case == "ref-bytes-swapped":  # another file's bytes under the same metadata
+        _fault_rewrite(st_, bucket, "k/reference.bin", data=fault_zip_bytes(5))
+    else:  # another deltaspace's whole reference, metadata and all
+        other = st_.get_object(bucket, "o/reference.bin")
+        st_.put_object(bucket, "k/reference.bin", other["Body"].read(), metadata=other["Metadata"])
+    for dest_exists in (False, True):
+        home = tmp_path / ("h%d" % dest_exists)
+        home.mkdir()
+        dest = home / "out.bin"
+        if dest_exists:
+            dest.write_bytes(b"previous")
+        code, out, err = fault_run_cli(
+            FAULT_SWIFT, home, ["cp", "s3://%s/%s" % (bucket, key), str(dest)]
+        )
+        assert code == 1, (out, err)
+        assert "SHA-256" in err and len(err.splitlines()) == 1, err
+        assert (dest.read_bytes() if dest.exists() else None) == (
+            b"previous" if dest_exists else None
+        )
+        assert fault_leftovers(home) == []
+    code, out, err = fault_run_cli(FAULT_SWIFT, tmp_path, ["verify", "s3://%s/%s" % (bucket, key)])
+    assert code == 1 and json.loads(out)["valid"] is False, (out, err)
+    with pytest.raises(dg.IntegrityError):
+        fault_client(tmp_path).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+###############################################################################
+# Bad input: one clear line, the right exit code, nothing lost ################
+###############################################################################
+
+_FAULT_LONG_KEY = "k" * 1100
+_FAULT_PV = "Parameter validation failed:"
+
+#: (argv, exit code, distinctive text of the last stderr line). Paths are relative to a
+#: folder holding f.txt, d/ (a folder), fifo, a.zip; the local store has bucket bkt.
+FAULT_BAD_INPUTS = [
+    (["cp", "f.txt", "s3:/bkt/x"], 2, "at least one of the paths must be s3://"),
+    (["cp", "f.txt", "s3://"], 1, "fatal error: S3 URL without a bucket name: 's3://'"),
+    (["cp", "f.txt", "s3:///x"], 1, "S3 URL without a bucket name: 's3:///x'"),
+    (["ls", "s3:///k"], 1, "S3 URL without a bucket name"),
+    (["ls", "http://bkt/x"], 1, "not an S3 URL (expected s3://bucket/key)"),
+    (["mb", "s3://"], 1, "S3 URL without a bucket name"),
+    (["cp", "f.txt"], 2, "the following arguments are required: dest"),
+    ([], 2, "a command is needed"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["cp", "--bogus", "f.txt", "s3://bkt/x"], 2, "unrecognized arguments: --bogus"),
+    (["sync", "d", "d2"], 2, "sync needs one local folder and one s3:// URL"),
+    (["sync", "s3://a/b", "s3://c/d"], 2, "sync needs one local folder and one s3:// URL"),
+    (["sync", "missingdir", "s3://bkt/p/"], 1, "The user-provided path missingdir does not exist."),
+    (["cp", "missing.txt", "s3://bkt/x"], 1, "The user-provided path missing.txt does not exist."),
+    (["cp", "d", "s3://bkt/x"], 1, "Need to use --recursive to upload a directory"),
+    (["cp", "s3://bkt/dir/", "out"], 1, "An S3 key is needed (use --recursive for a prefix)"),
+    (["rm", "s3://bkt"], 1, "delete failed: s3://bkt: a key is needed (or --recursive)"),
+    (["cp", "s3://bkt/missing.txt", "out.txt"], 1, "(NoSuchKey)"),
+    (["cp", "f.txt", "s3://nobucket/k"], 1, "(NoSuchBucket)"),
+    (["ls", "s3://nobucket"], 1, "(NoSuchBucket)"),
+    (["rb", "s3://nope-bucket"], 1, "remove_bucket failed: s3://nope-bucket"),
+    (["get-bucket-acl", "s3://nobucket"], 1, "(NoSuchBucket)"),
+    (["purge", "nobucket"], 1, "(NoSuchBucket)"),
+    (["cp", "/proc/self/mem", "s3://bkt/mem"], 1, "Input/output error"),  # unreadable file
+    (
+        ["cp", "f.txt", "s3://bkt/x", "--metadata", "noequals"],
+        2,
+        "--metadata takes key=value pairs",
+    ),
+    (["cp", "f.txt", "s3://bkt/x", "--metadata", "[1]"], 2, "--metadata takes key=value pairs"),
+    (["cp", "f.txt", "s3://bkt/x", "--metadata", '{"a":'], 2, "argument --metadata"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "abc"], 2, "invalid int value: 'abc'"),
+    (["--max-attempts", "0", "ls", "s3://bkt"], 1, "Invalid Config max_attempts=0"),
+    (["--cli-read-timeout", "-1", "ls", "s3://bkt"], 1, "Invalid Config read_timeout=-1.0"),
+    (["--endpoint-url", "ftp://x", "ls"], 1, "Invalid endpoint URL 'ftp://x'"),
+    (["--endpoint-url", "http://", "ls"], 1, "Invalid endpoint URL 'http://'"),
+    (["cp", "--max-ratio", "-1", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
+    (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
+    (["verify", "s3://bkt/missing"], 1, "(NoSuchKey)"),
+    (["mv", "s3://bkt/missing", "s3://bkt/other"], 1, "move failed: s3://bkt/missing"),
+    (["-r"], 2, "error"),
+    # BUG: every ParamValidationError reaches the user as the bare first line
+    # "Parameter validation failed:" -- the reason is on the second line, which
+    # _Cli.describe_error and main() drop (str(e).splitlines()[0]).
+    (["cp", "f.txt", "s3://bad_bucket!/x"], 1, "Invalid bucket name"),
+    (["cp", "f.txt", "s3://a..b/x"], 1, "Invalid bucket name"),
+    (["mb", "s3://Bad Name"], 1, "Invalid bucket name"),
+    (["cp", "f.txt", "s3://bkt/" + _FAULT_LONG_KEY], 1, "S3 keys are at most 1024 bytes"),
+    (["cp", "f.txt", "s3://bkt/" + "\u00e9" * 600], 1, "S3 keys are at most 1024 bytes"),
+    (["cp", "s3://bkt/keep.txt", "s3://bkt/" + _FAULT_LONG_KEY], 1, "S3 keys are at most 1024"),
+    (["cp", "f.txt", "s3://bkt/x", "--metadata", "a=" + "v" * 3000], 1, "S3 allows at most"),
+    (["cp", "f.txt", "s3://bkt/reference.bin"], 1, "is reserved for deltaglider's reference"),
+    (["cp", "f.txt", "s3://bkt/x", "--content-type", "a\nb"], 1, "line break"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "604801"], 1, "604800"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "0"], 1, "604800"),
+]
+
+
+@pytest.fixture
+def fault_local(tmp_path: Any) -> Iterator[tuple[Any, str]]:
+    work = tmp_path / "w"
+    (work / "d").mkdir(parents=True)
+    (work / "f.txt").write_bytes(b"hello")
+    (work / "a.zip").write_bytes(fault_zip_bytes(0))
+    os.mkfifo(str(work / "fifo"))
+    endpoint = "file://" + str(tmp_path / "store")
+    assert fault_run_cli(endpoint, tmp_path, ["mb", "s3://bkt"])[0] == 0
+    assert (
+        fault_run_cli(endpoint, tmp_path, ["cp", str(work / "f.txt"), "s3://bkt/keep.txt"])[0] == 0
+    )
+    assert (
+        fault_run_cli(endpoint, tmp_path, ["cp", str(work / "a.zip"), "s3://bkt/r/a.zip"])[0] == 0
+    )
+    yield work, endpoint
+
+
+def fault_nothing_lost(work: Any, endpoint: str, tmp_path: Any) -> None:
+    assert (work / "f.txt").read_bytes() == b"hello"
+    assert (work / "a.zip").read_bytes() == fault_zip_bytes(0)
+    c = dg.create_client(endpoint_url=endpoint, cache_dir=str(tmp_path / "chk-cache"))
+    assert fault_read(c, "bkt", "keep.txt") == b"hello"
+    assert fault_read(c, "bkt", "r/a.zip") == fault_zip_bytes(0)
+
+
+@pytest.mark.parametrize("argv,code,text", FAULT_BAD_INPUTS, ids=lambda v: repr(v)[:40])
+def test_bad_input_one_line_and_exit_code(
+    fault_local: Any, tmp_path: Any, argv: list[str], code: int, text: str
+) -> None:
+    work, endpoint = fault_local
+    FAULT_STATS["inputs"] += 1
+    with fault_chdir(work):
+        got, out, err = fault_run_cli(endpoint, tmp_path, argv)
+    assert got == code, (out, err)
+    last = err.splitlines()[-1] if err else ""
+    assert text in last, err
+    assert "Traceback" not in err
+    if code == 1:
+        assert len(err.splitlines()) == 1, err  # one line
+    fault_nothing_lost(work, endpoint, tmp_path)
+
+
+def test_bad_input_fifo_is_refused_not_read_forever(fault_local: Any, tmp_path: Any) -> None:
+    work, endpoint = fault_local
+    FAULT_STATS["inputs"] += 2
+    result: list[Any] = []
+    t = threading.Thread(
+        target=lambda: result.append(
+            fault_run_cli(endpoint, tmp_path, ["cp", str(work / "fifo"), "s3://bkt/fifo"])
+        ),
+        daemon=True,
+    )
+    t.start()
+    t.join(2)
+    hung = t.is_alive()
+    for _ in range(100):  # unblock the reader (each open of it): a writer that closes gives EOF
+        if not t.is_alive():
+            break
+        try:
+            os.close(os.open(str(work / "fifo"), os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        t.join(0.05)
+    code, r_out, r_err = fault_run_cli(
+        endpoint, tmp_path, ["cp", "-r", str(work), "s3://bkt/tree/"]
+    )
+    assert code == 2 and "FIFO" in r_err, r_err
+    fault_nothing_lost(work, endpoint, tmp_path)
+    # BUG: `cp FIFO s3://...` opens the FIFO and blocks until a writer appears (then stores
+    # whatever it gets); aws s3 refuses it. _Cli.cmd_cp should stat the source and refuse a
+    # non-regular file with the same "Skipping file ... FIFO" line that -r uses.
+    assert not hung, "cp of a FIFO blocked reading it"
+    assert result and result[0][0] != 0 and "FIFO" in result[0][2], result
+
+
+def test_bad_input_no_space_left_on_destination(fault_local: Any, tmp_path: Any) -> None:
+    """RLIMIT_FSIZE in a subprocess: writes past 64 KiB fail with EFBIG, as on a full disk."""
+    work, endpoint = fault_local
+    FAULT_STATS["inputs"] += 2
+    big = os.urandom(512 * 1024)
+    c = dg.create_client(endpoint_url=endpoint, cache_dir=str(tmp_path / "c2"))
+    c.put_object(Bucket="bkt", Key="big.bin", Body=big)
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "big.bin").write_bytes(b"old copy")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    for target in ["big.bin", "r/a.zip"]:
+        out = dest / target.rsplit("/", 1)[-1]
+        before = out.read_bytes() if out.exists() else None
+        p = subprocess.run(
+            [
+                sys.executable,
+                FAULT_SCRIPT,
+                "--endpoint-url",
+                endpoint,
+                "cp",
+                "s3://bkt/" + target,
+                str(out),
+            ],
+            env=fault_cli_env(tmp_path, DG_CACHE_DIR=str(tmp_path / "fs-cache")),
+            preexec_fn=limit,
+            capture_output=True,
+            timeout=60,
+        )
+        err = p.stderr.decode()
+        assert p.returncode == 1, err
+        assert "File too large" in err and len(err.splitlines()) == 1, err
+        assert (out.read_bytes() if out.exists() else None) == before
+        assert fault_leftovers(dest) == []
+    fault_nothing_lost(work, endpoint, tmp_path)
+
+
+def _fault_fake_xdelta(folder: Any, script: str) -> str:
+    folder.mkdir(exist_ok=True)
+    (folder / "xdelta3").write_text("#!/bin/sh\n" + script)
+    (folder / "xdelta3").chmod(0o755)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "script,text",
+    [
+        (None, "xdelta3"),  # missing
+        ("kill -SEGV $$\n", "xdelta3"),  # crashes
+        (
+            'for a; do out="$a"; done; printf garbage > "$out"; echo garbage; exit 0\n',
+            "does not decode",
+        ),
+        ("echo '\\033[31mgarbage\\nmore garbage'; exit 1\n", "xdelta3"),
+    ],
+    ids=["missing", "segv", "garbage-output", "garbage-exit1"],
+)
+def test_bad_xdelta3_upload_and_download(
+    fault_local: Any, tmp_path: Any, script: str | None, text: str
+) -> None:
+    work, endpoint = fault_local
+    FAULT_STATS["inputs"] += 2
+    bindir = tmp_path / "bin"
+    path = _fault_fake_xdelta(bindir, script) if script else str(tmp_path / "empty")
+    (work / "b.zip").write_bytes(fault_zip_bytes(1))
+    with fault_chdir(work):
+        code, out, err = fault_run_cli(
+            endpoint, tmp_path, ["cp", "b.zip", "s3://bkt/r/b.zip"], PATH=path
+        )
+        assert code == 1 and text in err and "Traceback" not in err, err
+        # a download that needs xdelta3 (a cold cache)
+        code, out, err = fault_run_cli(
+            endpoint,
+            tmp_path,
+            ["cp", "s3://bkt/r/a.zip", "got.zip"],
+            PATH=path,
+            DG_CACHE_DIR=str(tmp_path / "cold"),
+        )
+        if script is None or "SEGV" in script or "exit 1" in script:
+            assert code == 1 and "xdelta3" in err, err
+        if code == 0:
+            assert (work / "got.zip").read_bytes() == fault_zip_bytes(0)
+        else:
+            assert not (work / "got.zip").exists()
+    c = dg.create_client(endpoint_url=endpoint, cache_dir=str(tmp_path / "k"))
+    assert fault_logical(c, "bkt", "r/") == ["r/a.zip"]  # nothing half-stored
+    fault_nothing_lost(work, endpoint, tmp_path)
+
+
+class _FaultFakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _any(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(dict(self.headers))  # type: ignore[attr-defined]
+        status, ctype, body = self.server.reply  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+
+@contextlib.contextmanager
+def fault_fake_server(
+    status: int, ctype: str, body: bytes, tls: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultFakeHandler)
+    srv.daemon_threads = True
+    srv.reply = (status, ctype, body)  # type: ignore[attr-defined]
+    srv.seen = []  # type: ignore[attr-defined]
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield "%s://127.0.0.1:%d" % ("https" if tls else "http", srv.server_address[1])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _fault_err_xml(code: str, msg: str) -> bytes:
+    return (
+        '<?xml version="1.0"?><Error><Code>%s</Code><Message>%s</Message></Error>' % (code, msg)
+    ).encode()
+
+
+_FAULT_BOMB = (
+    b'<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + b"".join(
+        b'<!ENTITY lol%d "%s">' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
+        for i in range(1, 10)
+    )
+    + b"]>\n<ListBucketResult><Name>&lol9;</Name></ListBucketResult>"
+)
+
+FAULT_SERVER_INPUTS = [
+    (
+        "html",
+        403,
+        "text/html",
+        b"<html><body><h1>Forbidden by proxy</h1></body></html>",
+        1,
+        "not S3 XML",
+    ),
+    ("empty-xml", 200, "application/xml", b"", 1, "fatal error:"),
+    ("xml-bomb", 200, "application/xml", _FAULT_BOMB, 1, "DTD"),
+    (
+        "skew",
+        403,
+        "application/xml",
+        _fault_err_xml(
+            "RequestTimeTooSkewed",
+            "The difference between the request time and the current time is too large.",
+        ),
+        1,
+        "check this machine's clock",
+    ),
+    (
+        "expired-token",
+        400,
+        "application/xml",
+        _fault_err_xml("ExpiredToken", "The provided token has expired."),
+        1,
+        "(ExpiredToken)",
+    ),
+    (
+        "bad-size",
+        200,
+        "application/xml",
+        b"<ListBucketResult><Contents><Key>a</Key><Size>abc</Size></Contents></ListBucketResult>",
+        1,
+        "fatal error:",
+    ),
+    ("garbage-200", 200, "text/plain", b"\x00\xff not xml at all", 1, "fatal error:"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,status,ctype,body,code,text", FAULT_SERVER_INPUTS, ids=[c[0] for c in FAULT_SERVER_INPUTS]
+)
+def test_bad_server_replies_one_line(
+    tmp_path: Any, name: str, status: int, ctype: str, body: bytes, code: int, text: str
+) -> None:
+    FAULT_STATS["inputs"] += 1
+    token = "FQoGZXIvYXdzEXPIREDTOKEN0123456789"
+    with fault_fake_server(status, ctype, body) as url:
+        t0 = time.monotonic()
+        got, out, err = fault_run_cli(
+            url, tmp_path, ["--max-attempts", "1", "ls", "s3://bkt/p/"], AWS_SESSION_TOKEN=token
+        )
+    assert got == code and text in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert token not in err + out and FAULT_SWIFT_SECRET not in err + out
+    assert "lollol" not in err and time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("which", ["secret", "key"])
+def test_wrong_credentials_on_real_server(fault_swift: Any, tmp_path: Any, which: str) -> None:
+    direct, bucket = fault_swift
+    FAULT_STATS["inputs"] += 1
+    env = (
+        {"AWS_SECRET_ACCESS_KEY": "wrong-secret-value"}
+        if which == "secret"
+        else {"AWS_ACCESS_KEY_ID": "nobody:none"}
+    )
+    (tmp_path / "f.txt").write_bytes(b"x")
+    code, out, err = fault_run_cli(
+        FAULT_SWIFT, tmp_path, ["cp", str(tmp_path / "f.txt"), "s3://%s/f.txt" % bucket], **env
+    )
+    assert code == 1 and ("SignatureDoesNotMatch" in err or "InvalidAccessKeyId" in err), err
+    assert "wrong-secret-value" not in err and len(err.splitlines()) == 1
+    assert fault_logical(direct, bucket) == []
+
+
+###############################################################################
+# Security ####################################################################
+###############################################################################
+
+FAULT_UNSAFE_KEYS = [
+    "u/../escape1.txt",
+    "u/../../escape2.txt",
+    "u//abs.txt",
+    "u/./dot.txt",
+    "u/back\\slash.txt",
+    "u/ctl\x01.txt",
+    "u/new\nline.txt",
+    "u/..",
+    "u/a/../../escape3.txt",
+    "u/C:evil.txt",
+    "u/tab\t.txt",
+    "u/ok.txt",
+]
+
+
+@pytest.mark.parametrize("backend", ["swift", "local"])
+@pytest.mark.parametrize("verb", ["cp", "sync"])
+def test_unsafe_keys_never_write_outside_destination(
+    tmp_path: Any, backend: str, verb: str
+) -> None:
+    if backend == "swift":
+        fault_swift_up()
+        endpoint = FAULT_SWIFT
+    else:
+        endpoint = "file://" + str(tmp_path / "store")
+    c = (
+        fault_client(tmp_path, endpoint)
+        if backend == "swift"
+        else dg.create_client(endpoint_url=endpoint, cache_dir=str(tmp_path / "cc"))
+    )
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    stored = []
+    try:
+        for key in FAULT_UNSAFE_KEYS + ["u/nul\x00.txt"]:
+            try:
+                c.storage.put_object(bucket, key, b"x")
+                stored.append(key)
+            except (dg.ClientError, dg.BotoCoreError, ValueError, OSError):
+                pass
+        FAULT_STATS["inputs"] += len(stored)
+        dst = tmp_path / "inner" / "dst"
+        argv = (
+            ["cp", "-r", "s3://%s/u/" % bucket, str(dst)]
+            if verb == "cp"
+            else ["sync", "s3://%s/u/" % bucket, str(dst)]
+        )
+        code, _out, err = fault_run_cli(endpoint, tmp_path, argv)
+        assert "Traceback" not in err
+        assert (dst / "ok.txt").read_bytes() == b"x"
+        inner = tmp_path / "inner"
+        outside = [p for p in inner.rglob("*") if p.is_file() and dst not in p.parents]
+        assert outside == []
+        assert not list(tmp_path.rglob("escape*.txt"))
+        for p in dst.rglob("*"):
+            assert not re.search(r"[\x00-\x1f\\]", p.name), p
+    finally:
+        if backend == "swift":
+            fault_empty_and_delete(c.storage, bucket)
+
+
+def test_no_secret_or_signature_anywhere_in_cli_output(fault_swift: Any, tmp_path: Any) -> None:
+    """The whole CLI surface with --debug against Swift; every byte printed is grepped."""
+    direct, bucket = fault_swift
+    FAULT_STATS["inputs"] += 1
+    secret = FAULT_SWIFT_SECRET
+    home = tmp_path
+    (home / "a.zip").write_bytes(fault_zip_bytes(0))
+    (home / "b.zip").write_bytes(fault_zip_bytes(1))
+    (home / "t").mkdir()
+    (home / "t" / "n.txt").write_bytes(b"note")
+    b2 = "dg-test-" + uuid.uuid4().hex[:12]
+    s3 = "s3://%s/" % bucket
+    runs = [
+        ["mb", "s3://" + b2],
+        ["cp", str(home / "a.zip"), s3 + "p/a.zip"],
+        ["cp", str(home / "b.zip"), s3 + "p/b.zip"],
+        ["cp", s3 + "p/b.zip", str(home / "got.zip")],
+        ["cp", s3 + "p/b.zip", "s3://%s/c/b.zip" % b2],
+        ["ls", "-r", s3],
+        ["ls"],
+        ["sync", str(home / "t"), s3 + "t/"],
+        ["sync", s3 + "t/", str(home / "t2")],
+        ["mv", s3 + "t/n.txt", s3 + "t/m.txt"],
+        ["verify", s3 + "p/b.zip"],
+        ["presign", s3 + "p/b.zip", "--expires-in", "60"],
+        ["purge", bucket],
+        ["get-bucket-acl", bucket],
+        ["rm", s3 + "p/a.zip"],
+        ["rm", "-r", s3 + "t/"],
+        ["rb", "--force", "s3://" + b2],
+        ["ls", "s3://no-such-bucket-%s" % uuid.uuid4().hex[:6]],
+    ]
+    everything = []
+    for argv in runs:
+        for debug in ([], ["--debug"]):
+            code, out, err = fault_run_cli(FAULT_SWIFT, home, [*debug, *argv])
+            assert debug or "Traceback" not in err, (argv, err)
+            if argv[0] == "presign":
+                assert secret not in out
+                assert "X-Amz-Signature=" in out
+                out = ""  # the URL necessarily carries its own signature
+            everything.append((argv, out + err))
+    for argv, text in everything:
+        assert secret not in text, argv
+        assert not re.search(r"Signature=[0-9a-f]{64}", text), argv
+        assert not re.search(r"(?i)x-amz-security-token[:=]\s*[^<\s]", text), argv
+    assert any("<redacted>" in t or "canonical" in t.lower() for _, t in everything)
+
+
+def test_secret_from_credentials_file_is_redacted_in_debug(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text(
+        "[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+        % (FAULT_SWIFT_KEY, FAULT_SWIFT_SECRET)
+    )
+    code, out, err = fault_run_cli(
+        FAULT_SWIFT,
+        tmp_path,
+        ["--debug", "ls", "s3://%s/" % bucket],
+        AWS_ACCESS_KEY_ID=None,
+        AWS_SECRET_ACCESS_KEY=None,
+    )  # type: ignore[arg-type]
+    assert code in (0, 1), err
+    assert FAULT_SWIFT_SECRET not in out + err
+    assert not re.search(r"Signature=[0-9a-f]{64}", err)
+
+
+def test_temp_files_and_cache_are_private(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "a.zip").write_bytes(fault_zip_bytes(0))
+        (tmp_path / "b.zip").write_bytes(fault_zip_bytes(1))
+        for n in "ab":
+            assert (
+                fault_run_cli(
+                    FAULT_SWIFT,
+                    tmp_path,
+                    ["cp", str(tmp_path / ("%s.zip" % n)), "s3://%s/p/" % bucket],
+                )[0]
+                == 0
+            )
+        shutil.rmtree(str(tmp_path / "cli-cache"))
+        assert (
+            fault_run_cli(
+                FAULT_SWIFT, tmp_path, ["cp", "s3://%s/p/b.zip" % bucket, str(tmp_path / "o.zip")]
+            )[0]
+            == 0
+        )
+        cache = tmp_path / "cli-cache"
+        for p in [cache, *cache.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if p.is_dir():
+                assert mode == 0o700, (p, oct(mode))
+            else:
+                assert mode == 0o600, (p, oct(mode))
+        fd, tmp = dg._private_tempfile(str(tmp_path))
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def fault_tls(tmp_path_factory: Any) -> ssl.SSLContext:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def test_tls_verified_by_default(tmp_path: Any, fault_tls: ssl.SSLContext) -> None:
+    listing = b"<ListAllMyBucketsResult><Buckets><Bucket><Name>tlsb</Name><CreationDate>2026-01-01T00:00:00.000Z</CreationDate></Bucket></Buckets></ListAllMyBucketsResult>"
+    with fault_fake_server(200, "application/xml", listing, tls=fault_tls) as url:
+        code, out, err = fault_run_cli(url, tmp_path, ["--max-attempts", "1", "ls"])
+        assert code == 1 and "SSL" in err.upper() and "tlsb" not in out, err
+        assert len(err.splitlines()) == 1
+        code, out, err = fault_run_cli(url, tmp_path, ["--no-verify-ssl", "ls"])
+        assert code == 0 and "tlsb" in out, err
+
+
+def test_presign_expiry_bounded_and_refused_without_side_effects(
+    fault_swift: Any, tmp_path: Any
+) -> None:
+    direct, bucket = fault_swift
+    for v in range(2):
+        (tmp_path / ("p%d.zip" % v)).write_bytes(fault_zip_bytes(v))
+        direct.upload_file(str(tmp_path / ("p%d.zip" % v)), bucket, "p/app-%d.zip" % v)
+    errs = []
+    for seconds in ["604801", "0", "-5"]:
+        code, out, err = fault_run_cli(
+            FAULT_SWIFT,
+            tmp_path,
+            ["presign", "s3://%s/p/app-1.zip" % bucket, "--expires-in", seconds],
+        )
+        assert code in (1, 2) and out == "" and len(err.splitlines()) == 1, err
+        errs.append(err)
+    code, out, err = fault_run_cli(
+        FAULT_SWIFT, tmp_path, ["presign", "s3://%s/p/app-1.zip" % bucket, "--expires-in", "604800"]
+    )
+    assert code == 0 and FAULT_SWIFT_SECRET not in out
+    # BUG: presign of a delta-stored key rehydrates a copy under .deltaglider/tmp/ before the
+    # expiry is checked (generate_presigned_url calls _rehydrate first): refused URLs leave
+    # rebuilt copies behind. Check ExpiresIn before _rehydrate.
+    assert (
+        len([k for k in fault_stored(direct.storage, bucket) if k.startswith(".deltaglider/")]) <= 1
+    )
+    # BUG: the line is the bare "fatal error: Parameter validation failed:" (see the table)
+    assert all("604800" in e for e in errs), errs
+
+
+def test_rm_recursive_with_a_key_xml_cannot_carry(fault_swift: Any, tmp_path: Any) -> None:
+    direct, bucket = fault_swift
+    FAULT_STATS["inputs"] += 1
+    for k in ["z/ok-%d.txt" % i for i in range(3)] + ["z/ctl\x01.txt"]:
+        direct.storage.put_object(bucket, k, b"x")
+    code, out, err = fault_run_cli(FAULT_SWIFT, tmp_path, ["rm", "-r", "s3://%s/z/" % bucket])
+    # BUG: DeleteObjects sends a key with a control character in XML 1.0, which cannot carry
+    # it: Swift answers MalformedXML and _Cli.delete_keys fails the whole batch of up to 500
+    # keys. Fix: _S3Storage.delete_objects (or delete_keys) should send such keys with a
+    # single DELETE each (or retry a failed batch key by key).
+    assert fault_stored(direct.storage, bucket, "z/") == [], (code, err)
+
+
+###############################################################################
+# Fuzzing #####################################################################
+###############################################################################
+
+_FAULT_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=60) | st.builds(lambda b, k: "s3://" + b + "/" + k, _FAULT_TEXT, _FAULT_TEXT)
+)
+def test_fuzz_parse_s3_url(url: str) -> None:
+    FAULT_STATS["inputs"] += 1
+    try:
+        parsed = dg._parse_s3_url(url)
+    except ValueError:
+        return
+    assert url.startswith("s3://") and parsed.bucket and "/" not in parsed.bucket
+    assert "s3://" + parsed.bucket + ("/" + parsed.key if url[5:].find("/") >= 0 else "") == url
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(100, 599),
+    _FAULT_TEXT,
+    st.binary(max_size=300)
+    | st.builds(
+        lambda tags, texts: (
+            "<Error>"
+            + "".join("<%s>%s</%s>" % (t, dg._xml_escape(x), t) for t, x in zip(tags, texts))
+            + "</Error>"
+        ).encode(),
+        st.lists(
+            st.sampled_from(["Code", "Message", "RequestId", "HostId", "Region", "Key", "X"]),
+            max_size=6,
+        ),
+        st.lists(_FAULT_TEXT, max_size=6),
+    ),
+)
+def test_fuzz_parse_error_never_raises(status: int, reason: str, body: bytes) -> None:
+    FAULT_STATS["inputs"] += 1
+    err = dg._parse_error(status, reason, {"content-type": "application/xml"}, body, "http://x")
+    assert isinstance(err["Error"]["Code"], str) and isinstance(err["Error"]["Message"], str)
+    assert err["ResponseMetadata"]["HTTPStatusCode"] == status
+
+
+_FAULT_XML_VALUE = st.one_of(
+    _FAULT_TEXT, st.integers(-5, 10**6).map(str), st.just("2026-01-02T03:04:05.000Z")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "Key": _FAULT_TEXT,
+                "Size": _FAULT_XML_VALUE,
+                "LastModified": _FAULT_XML_VALUE,
+                "ETag": _FAULT_TEXT,
+            }
+        ),
+        max_size=4,
+    ),
+    st.sampled_from(["true", "false", "TRUE", "", "x"]),
+    st.booleans(),
+)
+def test_fuzz_list_v2_response(
+    contents: list[dict[str, str]], truncated: str, encoded: bool
+) -> None:
+    """Any listing parses, or raises ValueError/ResponseParserError; never anything else."""
+    FAULT_STATS["inputs"] += 1
+    xml = "<ListBucketResult><IsTruncated>%s</IsTruncated>%s</ListBucketResult>" % (
+        truncated,
+        "".join(
+            "<Contents>%s</Contents>"
+            % "".join("<%s>%s</%s>" % (k, dg._xml_escape(v), k) for k, v in c.items())
+            for c in contents
+        ),
+    )
+    try:
+        root = dg._xml_parse(xml.encode("utf-8", "surrogatepass"))
+    except Exception:
+        return
+    try:
+        out = dg._list_v2_response(root, encoded)
+    except (ValueError, dg.ResponseParserError):
+        return
+    assert len(out.get("Contents", [])) == len(contents)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _FAULT_TEXT,
+    st.dictionaries(
+        st.sampled_from(sorted(dg._INTERNAL_META) + ["user-a", "user-dg-x", "x", "dg-y"]),
+        _FAULT_TEXT,
+        max_size=8,
+    ),
+)
+def test_fuzz_metadata_reader(key: str, meta: dict[str, str]) -> None:
+    FAULT_STATS["inputs"] += 1
+    assert dg._classify(key, meta) in ("reference", "delta", "direct", "foreign")
+    for field in dg._META_ALIASES:
+        v = dg._meta_get(meta, field)
+        assert v is None or (isinstance(v, str) and v)
+    user = dg._user_metadata(meta)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in user.items())
+    assert not set(user) & (set(dg._INTERNAL_META) - {"content-type"}) or "user-" in "".join(meta)
+
+
+_FAULT_ARGV_WORDS = [
+    "cp",
+    "mv",
+    "sync",
+    "ls",
+    "rm",
+    "mb",
+    "rb",
+    "verify",
+    "presign",
+    "purge",
+    "get-bucket-acl",
+    "put-bucket-acl",
+    "-r",
+    "--recursive",
+    "--dryrun",
+    "--quiet",
+    "--delete",
+    "--exclude",
+    "*",
+    "--include",
+    "--metadata",
+    "a=b",
+    "{}",
+    "--expires-in",
+    "0",
+    "99999999",
+    "--max-ratio",
+    "2",
+    "s3://bkt",
+    "s3://bkt/",
+    "s3://bkt/keep.txt",
+    "s3://bkt/r/",
+    "s3://",
+    "s3:///",
+    "s3://no/x",
+    "f.txt",
+    "d",
+    "out",
+    "--force",
+    "--summarize",
+    "-h",
+    "--human-readable",
+    "--no-delta",
+    "--size-only",
+    "--acl",
+    "private",
+    "--content-type",
+    "--max-concurrency",
+    "3",
+    "--debug",
+    "--no-progress",
+    "--only-show-errors",
+    "--region",
+    "eu-west-1",
+    "--version",
+    "--help",
+    "",
+]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(
+        st.sampled_from(_FAULT_ARGV_WORDS) | _FAULT_TEXT.filter(lambda s: s != "-"), max_size=7
+    )
+)
+def test_fuzz_cli_argv(fault_local: Any, tmp_path: Any, argv: list[str]) -> None:
+    work, endpoint = fault_local
+    FAULT_STATS["inputs"] += 1
+    argv = [a for a in argv if a != "-"]  # stdin would block
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "DG_CACHE_DIR": str(tmp_path / "fz"),
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    with fault_chdir(work):
+        code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code in (0, 1, 2), (argv, code, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+
+
+def test_zz_report_tallies() -> None:
+    print("\nFAULT_STATS", json.dumps(FAULT_STATS))
+    assert FAULT_STATS["bytes_lost"] == 0

@@ -158,7 +158,7 @@ def run(cmd, env, cwd=None, timeout=3600):
     th.join()
     peak[0] = max(peak[0], _vmhwm(p.pid))
     _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
+    p.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (  # novermin
         -(status & 0x7F) if status & 0x7F else status >> 8)
     fo.seek(0), fe.seek(0)
     out, err = fo.read().decode("utf-8", "replace"), fe.read().decode("utf-8", "replace")
@@ -723,6 +723,22 @@ def targets(data, summ, args):
     return rows
 
 
+def _collapse(msgs):
+    """Repeated messages (same text once digests, versions and numbers are blanked) as
+    (first example, count), each on one line and cut to a readable length."""
+    import re
+    seen = {}
+    for m in msgs:
+        one = " ".join(m.split())
+        one = one if len(one) <= 240 else one[:237] + "..."
+        key = re.sub(r"[0-9a-f]{16,}|\d+", "#", one)
+        if key in seen:
+            seen[key][1] += 1
+        else:
+            seen[key] = [one, 1]
+    return list(seen.values())
+
+
 def write_report(args, data, tools, notes, errors, started, path_md, path_json):
     summ = summarize(data)
     trows = targets(data, summ, args)
@@ -780,10 +796,9 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
     L.append("")
     if notes or errors:
         L.append("## Notes\n")
-        for n in errors:
-            L.append("- **ours**: %s" % n)
-        for n in notes:
-            L.append("- %s" % n)
+        for prefix, group in (("**ours**: ", errors), ("", notes)):
+            for n, count in _collapse(group):
+                L.append("- %s%s%s" % (prefix, n, " (×%d)" % count if count > 1 else ""))
         L.append("")
     with open(path_md, "w") as f:
         f.write("\n".join(L))
@@ -814,7 +829,21 @@ def main():
     ap.add_argument("--big-tools", default="ours,original,awscli", help="tools run on the big file")
     ap.add_argument("--keep-objects", action="store_true")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            saved = json.load(f)
+        for k, v in saved["args"].items():
+            if k not in ("report_only", "out"):
+                setattr(args, k, v)
+        names = [n for n in ("ours", "original", "awscli") if n in saved["data"]["version"]]
+        labels = {"ours": "deltaglider.py (this repo)", "original": "deltaglider 6.2.0",
+                  "awscli": "aws s3 (awscli, plain storage)"}
+        tools = [Tool(n, [], {}, labels[n]) for n in names]
+        write_report(args, saved["data"], tools, saved["notes"], saved["errors"], saved["started"],
+                     os.path.join(args.out, "RESULTS.md"), os.path.join(args.out, "results.json"))
+        return 1 if saved["errors"] else 0
     if args.repeat is None:
         args.repeat = 1 if args.small else 3
     if args.big_mib is None:
