@@ -8324,7 +8324,11 @@ def fault_tls(tmp_path_factory: Any) -> ssl.SSLContext:
 
 
 def test_tls_verified_by_default(tmp_path: Any, fault_tls: ssl.SSLContext) -> None:
-    listing = b"<ListAllMyBucketsResult><Buckets><Bucket><Name>tlsb</Name><CreationDate>2026-01-01T00:00:00.000Z</CreationDate></Bucket></Buckets></ListAllMyBucketsResult>"
+    listing = (
+        b"<ListAllMyBucketsResult><Buckets><Bucket><Name>tlsb</Name>"
+        b"<CreationDate>2026-01-01T00:00:00.000Z</CreationDate></Bucket></Buckets>"
+        b"</ListAllMyBucketsResult>"
+    )
     with fault_fake_server(200, "application/xml", listing, tls=fault_tls) as url:
         code, out, err = fault_run_cli(url, tmp_path, ["--max-attempts", "1", "ls"])
         assert code == 1 and "SSL" in err.upper() and "tlsb" not in out, err
