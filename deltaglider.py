@@ -5553,6 +5553,14 @@ def _put_headers(params: Mapping[str, Any]) -> dict[str, str]:
     return headers
 
 
+def _params(
+    operation: str, given: Mapping[str, Any], allowed: Iterable[str], *required: str
+) -> None:
+    """Refuse unknown parameters, then missing required ones (botocore's order)."""
+    _check_params(operation, given, allowed)
+    _require(operation, given, *required)
+
+
 def _require(operation: str, params: Mapping[str, Any], *names: str) -> None:
     missing = [n for n in names if params.get(n) in (None, "")]
     if missing:
@@ -5776,8 +5784,7 @@ class DeltaGliderClient:
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
-        _check_params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS)
-        _require("PutObject", kwargs, "Bucket", "Key")
+        _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
         path = self._spool(body if body is not None else b"")
         try:
@@ -5869,8 +5876,7 @@ class DeltaGliderClient:
         return out
 
     def head_object(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("HeadObject", kwargs, {"Bucket", "Key"})
-        _require("HeadObject", kwargs, "Bucket", "Key")
+        _params("HeadObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
         lg = self._engine.head(kwargs["Bucket"], kwargs["Key"], "HeadObject")
         out = self._logical_response(lg)
         out["ResponseMetadata"] = _local_metadata(lg.head)
@@ -5879,8 +5885,7 @@ class DeltaGliderClient:
     def get_object(self, **kwargs: Any) -> dict[str, Any]:
         """GetObject: the original bytes of a delta-stored key, rebuilt and verified first.
         ``Range`` works on every kind of object."""
-        _check_params("GetObject", kwargs, {"Bucket", "Key", "Range"})
-        _require("GetObject", kwargs, "Bucket", "Key")
+        _params("GetObject", kwargs, {"Bucket", "Key", "Range"}, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         engine = self._engine
         lg = engine.head(bucket, key, "GetObject")
@@ -5918,8 +5923,7 @@ class DeltaGliderClient:
         return out
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("DeleteObject", kwargs, {"Bucket", "Key"})
-        _require("DeleteObject", kwargs, "Bucket", "Key")
+        _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
         info = self._engine.delete(kwargs["Bucket"], kwargs["Key"])
         out: dict[str, Any] = {
             "ResponseMetadata": {
@@ -5937,8 +5941,7 @@ class DeltaGliderClient:
     def delete_objects(self, **kwargs: Any) -> dict[str, Any]:
         """DeleteObjects: each logical key goes (``<key>`` and ``<key>.delta``), then the
         references no delta needs any more."""
-        _check_params("DeleteObjects", kwargs, {"Bucket", "Delete"})
-        _require("DeleteObjects", kwargs, "Bucket", "Delete")
+        _params("DeleteObjects", kwargs, {"Bucket", "Delete"}, "Bucket", "Delete")
         bucket = kwargs["Bucket"]
         spec = kwargs["Delete"]
         objects = spec.get("Objects") or []
@@ -5986,8 +5989,7 @@ class DeltaGliderClient:
         """CopyObject of a logical object: a delta-stored source is rebuilt and stored
         again at the destination (in the destination's deltaspace)."""
         allowed = {"Bucket", "Key", "CopySource", "MetadataDirective"} | _PUT_PARAMS
-        _check_params("CopyObject", kwargs, allowed)
-        _require("CopyObject", kwargs, "Bucket", "Key", "CopySource")
+        _params("CopyObject", kwargs, allowed, "Bucket", "Key", "CopySource")
         src = kwargs["CopySource"]
         if isinstance(src, str):
             text = urllib.parse.unquote(src.lstrip("/"))
@@ -6101,8 +6103,7 @@ class DeltaGliderClient:
             "FetchOwner",
             "FetchMetadata",
         }
-        _check_params("ListObjectsV2", kwargs, allowed)
-        _require("ListObjectsV2", kwargs, "Bucket")
+        _params("ListObjectsV2", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
         after = kwargs.get("StartAfter")
         page = self._engine.storage.list_objects_v2(
@@ -6147,8 +6148,7 @@ class DeltaGliderClient:
             "EncodingType",
             "FetchMetadata",
         }
-        _check_params("ListObjects", kwargs, allowed)
-        _require("ListObjects", kwargs, "Bucket")
+        _params("ListObjects", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
         marker = kwargs.get("Marker") or None
         page = self._engine.storage.list_objects_v2(
@@ -6272,8 +6272,7 @@ class DeltaGliderClient:
             "ObjectLockEnabledForBucket",
             "ObjectOwnership",
         }
-        _check_params("CreateBucket", kwargs, allowed)
-        _require("CreateBucket", kwargs, "Bucket")
+        _params("CreateBucket", kwargs, allowed, "Bucket")
         location = (kwargs.get("CreateBucketConfiguration") or {}).get("LocationConstraint")
         headers = _acl_headers(kwargs)
         if kwargs.get("ObjectLockEnabledForBucket"):
@@ -6285,8 +6284,7 @@ class DeltaGliderClient:
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("DeleteBucket", kwargs, {"Bucket"})
-        _require("DeleteBucket", kwargs, "Bucket")
+        _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
         return self._engine.storage.delete_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
@@ -6294,18 +6292,15 @@ class DeltaGliderClient:
         return self._engine.storage.list_buckets()  # type: ignore[no-any-return]
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("HeadBucket", kwargs, {"Bucket"})
-        _require("HeadBucket", kwargs, "Bucket")
+        _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
         return self._engine.storage.head_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("GetBucketLocation", kwargs, {"Bucket"})
-        _require("GetBucketLocation", kwargs, "Bucket")
+        _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
         return self._engine.storage.get_bucket_location(kwargs["Bucket"])  # type: ignore[no-any-return]
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
-        _check_params("GetBucketAcl", kwargs, {"Bucket"})
-        _require("GetBucketAcl", kwargs, "Bucket")
+        _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
         return self._engine.storage.get_bucket_acl(kwargs["Bucket"])  # type: ignore[no-any-return]
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
@@ -6319,8 +6314,7 @@ class DeltaGliderClient:
             "GrantWrite",
             "GrantWriteACP",
         }
-        _check_params("PutBucketAcl", kwargs, allowed)
-        _require("PutBucketAcl", kwargs, "Bucket")
+        _params("PutBucketAcl", kwargs, allowed, "Bucket")
         body = (
             _acl_xml(kwargs["AccessControlPolicy"]) if kwargs.get("AccessControlPolicy") else None
         )
@@ -6912,9 +6906,9 @@ class _Progress:
             return
         self._last = now
         rate = self._done / max(now - self._start, 1e-6)
-        line = "Completed %s/%s (%s/s) with %d file(s) remaining" % (
+        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
             _human_size(self._done),
-            _human_size(self._total),
+            "/" + _human_size(self._total) if self._total else "",
             _human_size(rate),
             max(self._files, 0),
         )
@@ -7921,6 +7915,13 @@ def _one_line(e: BaseException) -> str:
     else:
         text = "%s: %s" % (type(e).__name__, e)
     text = " ".join(text.split())
+    if isinstance(e, NoCredentialsError):
+        text += (
+            ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use --profile, "
+            "or --no-sign-request for public buckets."
+        )
+    if isinstance(e, ClientError) and e.response["Error"].get("Code") == "RequestTimeTooSkewed":
+        text += " (check this machine's clock: it differs too much from the server's)"
     return text if len(text) <= 1000 else text[:1000] + "..."
 
 
@@ -8245,13 +8246,6 @@ def main(
         if args.debug:
             logger.exception("fatal error")
         message = _one_line(e)
-        if isinstance(e, NoCredentialsError):
-            message += (
-                ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use --profile, "
-                "or --no-sign-request for public buckets."
-            )
-        if isinstance(e, ClientError) and e.response["Error"].get("Code") == "RequestTimeTooSkewed":
-            message += " (check this machine's clock: it differs too much from the server's)"
         if isinstance(e, _FatalError):
             err.write(message + "\n")
         else:
