@@ -56,6 +56,7 @@ from typing import (
     IO,
     Any,
     Callable,
+    Container,
     Dict,
     Iterable,
     Iterator,
@@ -5154,6 +5155,7 @@ class _DeltaEngine:
         info: _FileInfo | None = None,
         on_bytes: Callable[[int], None] | None = None,
         mtime: float | None = None,
+        existing: Container[str] | None = None,
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo)."""
@@ -5176,7 +5178,7 @@ class _DeltaEngine:
         if info.size > 0 and self.eligible(key, path, delta):
             summary = self._put_delta(path, bucket, key, name, info, meta, headers, ratio_limit)
             if summary is not None:
-                self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX)
+                self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 return summary
         direct_meta = dict(meta)
         direct_meta["dg-compression"] = "none"
@@ -5193,7 +5195,7 @@ class _DeltaEngine:
             sha256=info.sha256,
             on_bytes=on_bytes,
         )
-        self._remove_other(bucket, key, keep=key)
+        self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
 
     def _summary(
@@ -5427,10 +5429,15 @@ class _DeltaEngine:
                 "nothing was stored" % (key, info.sha256, actual)
             )
 
-    def _remove_other(self, bucket: str, key: str, keep: str) -> None:
+    def _remove_other(
+        self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
+    ) -> None:
         """After storing ``keep``, remove the other representation of the same logical
-        name (a direct object replaced by a delta or the reverse)."""
+        name (a direct object replaced by a delta or the reverse). ``existing``: the
+        stored keys a listing just showed, when the caller has one (saves a HEAD each)."""
         other = key if keep != key else key + _DELTA_SUFFIX
+        if existing is not None and other not in existing:
+            return
         try:
             self.storage.head_object(bucket, other)
         except ClientError as e:
@@ -6084,10 +6091,14 @@ class DeltaGliderClient:
                 details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
             item["Metadata"] = details
 
-        with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self._max_workers, len(contents))
-        ) as pool:
-            list(pool.map(one, contents))
+        deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
+        for item in contents:
+            if not item["_stored"].endswith(_DELTA_SUFFIX):
+                one(item)  # no request needed
+        if deltas:
+            workers = min(self._max_workers, len(deltas))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(one, deltas))
 
     def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
         """ListObjectsV2 of logical keys. ``Size`` is what is stored unless
@@ -7087,6 +7098,19 @@ class _Cli:
     def filters(self) -> _Filters:
         return _Filters(list(getattr(self.args, "filters", None) or []))
 
+    def stored_keys(self, bucket: str, prefix: str) -> set[str]:
+        """Every stored key under a prefix (one LIST per 1,000): lets uploads skip a HEAD
+        each for the other representation of their name."""
+        keys: set[str] = set()
+        storage = self.client._engine.storage
+        token: str | None = None
+        while True:
+            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            keys.update(o["Key"] for o in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return keys
+            token = page.get("NextContinuationToken")
+
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False
     ) -> Iterator[dict[str, Any]]:
@@ -7130,7 +7154,14 @@ class _Cli:
 
     # -- cp / mv ------------------------------------------------------------------
 
-    def upload_one(self, path: str, bucket: str, key: str, verb: str = "upload") -> None:
+    def upload_one(
+        self,
+        path: str,
+        bucket: str,
+        key: str,
+        verb: str = "upload",
+        existing: Container[str] | None = None,
+    ) -> None:
         dest = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
         if getattr(self.args, "dryrun", False):
@@ -7153,6 +7184,7 @@ class _Cli:
                 delta=delta,
                 on_bytes=self.on_bytes,
                 mtime=mtime,
+                existing=existing,
             )
             if verb == "move":
                 os.unlink(path)
@@ -7319,6 +7351,7 @@ class _Cli:
                 filters = self.filters()
                 tasks = []
                 total = 0
+                existing = self.stored_keys(bucket, prefix)
                 for path, rel in self.local_files(src):
                     if filters.included(rel):
                         total += os.path.getsize(path)
@@ -7329,6 +7362,7 @@ class _Cli:
                                 bucket,
                                 prefix + rel,
                                 "move" if move else "upload",
+                                existing,
                             )
                         )
                 self.run_tasks(tasks, total)
@@ -7561,6 +7595,7 @@ class _Cli:
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
         mtimes = self.remote_mtimes(bucket, prefix, remote)
+        stored = self.stored_keys(bucket, prefix)
         tasks: list[Callable[[], None]] = []
         total = 0
         seen = set()
@@ -7575,7 +7610,9 @@ class _Cli:
             ):
                 continue
             total += st.st_size
-            tasks.append(functools.partial(self.upload_one, path, bucket, prefix + rel))
+            tasks.append(
+                functools.partial(self.upload_one, path, bucket, prefix + rel, "upload", stored)
+            )
         self.run_tasks(tasks, total)
         if self.args.delete:
             gone = [
