@@ -2262,8 +2262,10 @@ class _S3Storage:
             path = "/"
         elif bucket and self._virtual(bucket):
             path += "/"
-        default_port = 443 if self._scheme == "https" else 80
-        netloc = host if self._port == default_port else "%s:%d" % (host, self._port)
+        # As signed: lower case, IPv6 in brackets, the default port left out.
+        netloc = _host_header(
+            self._scheme, "%s:%d" % ("[%s]" % host if ":" in host else host, self._port)
+        )
         return host, netloc, path or "/"
 
     def object_url(self, bucket: str, key: str) -> str:
