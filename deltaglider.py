@@ -426,7 +426,10 @@ def _parse_timestamp(value: str) -> datetime.datetime:
             text = m.group(1) + "." + frac + m.group(3)
         dt = datetime.datetime.fromisoformat(text)
     else:
-        dt = email.utils.parsedate_to_datetime(text)
+        try:
+            dt = email.utils.parsedate_to_datetime(text)
+        except (TypeError, IndexError) as e:  # Python < 3.10 raises these on bad input
+            raise ValueError("not a date: %r" % value) from e
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.timezone.utc)
     return dt.astimezone(datetime.timezone.utc)

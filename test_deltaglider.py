@@ -5661,6 +5661,126 @@ def test_cli_verify_and_rm_keep_references_consistent(cli_env: Any, tmp_path: An
     assert stored_keys(c, bucket) == []
 
 
+def _installed_script(tmp_path: Any) -> tuple[str, dict[str, str]]:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            HERE,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(target),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    return str(target / "bin" / "deltaglider"), env
+
+
+def test_console_script_recursive_upload_and_sync_twice(tmp_path: Any) -> None:
+    """The installed `deltaglider` command, as a user runs it, on the local store."""
+    script, env = _installed_script(tmp_path)
+    store = "file://" + str(tmp_path / "store")
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [script, "--endpoint-url", store, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+        )
+
+    assert run("mb", "s3://bkt").stdout == "make_bucket: bkt\n"
+    src = tmp_path / "tree"
+    names = ["a b.txt", "ünï/çødé.txt", "+=%~&;:@$,'()!#[].txt", "deep/er/x.txt"]
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("file %d" % i)
+    up = run("cp", "-r", "tree", "s3://bkt/t/")
+    assert up.returncode == 0 and len(up.stdout.splitlines()) == len(names), up.stderr
+    first = run("sync", "tree", "s3://bkt/s/")
+    assert first.returncode == 0 and len(first.stdout.splitlines()) == len(names), first.stderr
+    second = run("sync", "tree", "s3://bkt/s/")
+    assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
+    bad = run("cp", "missing.txt", "s3://bkt/x")
+    assert (
+        bad.returncode == 1 and bad.stderr == "The user-provided path missing.txt does not exist.\n"
+    )
+
+
+def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path: Any) -> None:
+    """SIGINT mid-upload: exit 130 within a few seconds, no multipart upload left open,
+    no object under the key."""
+    backend = Backend(
+        "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
+    )
+    bucket = cli_bucket(backend, tmp_path)
+    big = tmp_path / "big.bin"
+    with open(str(big), "wb") as f:
+        for _ in range(400):
+            f.write(os.urandom(1024 * 1024))
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": backend.access_key or "",
+        "AWS_SECRET_ACCESS_KEY": backend.secret_key or "",
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            SOURCE,
+            "--endpoint-url",
+            backend.endpoint,
+            "cp",
+            "--no-delta",
+            str(big),
+            "s3://%s/big.bin" % bucket,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    waited = time.monotonic() - sent
+    c = make_client(backend, tmp_path)
+    try:
+        if proc.returncode == 0:  # the machine was fast enough to finish first: nothing to check
+            assert (
+                c.head_object(Bucket=bucket, Key="big.bin")["ContentLength"] == big.stat().st_size
+            )
+        else:
+            assert proc.returncode == 130, err
+            assert err.strip().endswith("cancelled: ctrl-c received")
+            assert c.storage.list_multipart_uploads(bucket)["Uploads"] == []
+            assert waited < 10
+            # Nothing partial: either no object, or (the signal came after the last byte)
+            # the whole file.
+            if stored_keys(c, bucket):
+                assert (
+                    c.head_object(Bucket=bucket, Key="big.bin")["ContentLength"]
+                    == big.stat().st_size
+                )
+    finally:
+        run_cli(backend, tmp_path, ["rb", "--force", "s3://" + bucket])
+
+
 PARITY_SERVERS = {
     "swift": (
         os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000"),
@@ -5804,7 +5924,11 @@ def _shape_diff(theirs: Any, ours: Any, path: str = "") -> list[str]:
     if isinstance(theirs, dict) and isinstance(ours, dict):
         # NextMarker: S3 sends it only with a Delimiter (Swift likewise, SeaweedFS always);
         # ours always does, which is allowed (boto3's paginator prefers it to the last Key).
-        extra_ok = {"DeltaGliderInfo", "NextMarker"} if not path else set()
+        # TagCount and ExpiresString: current botocore's models return them; older ones
+        # (what Python 3.8 gets) do not.
+        extra_ok = (
+            {"DeltaGliderInfo", "NextMarker", "TagCount", "ExpiresString"} if not path else set()
+        )
         for key in sorted(set(theirs) | set(ours)):
             where = path + "." + key if path else key
             if key not in ours:
@@ -5854,7 +5978,9 @@ def _assert_same_error(theirs: Any, ours: Any, what: str, server_message: bool =
     assert isinstance(ours, dg.ClientError), what
     if not server_message:
         # case-folded: Swift words it "Content-Md5" where AWS (and we) say "Content-MD5"
-        assert str(ours).lower() == str(theirs).lower(), what
+        # botocore's legacy retry mode (older releases) retries 400 BadDigest and says so
+        drop = re.compile(r" \(reached max retries: \d+\)")
+        assert drop.sub("", str(ours)).lower() == drop.sub("", str(theirs)).lower(), what
     assert ours.operation_name == theirs.operation_name, what
     assert ours.response["Error"]["Code"] == theirs.response["Error"]["Code"], what
     wanted = (
@@ -6250,7 +6376,7 @@ def test_parity_errors_and_exceptions(parity_env: ParityEnv) -> None:
         "TooManyParts",
         "ClientError",
     ):
-        assert hasattr(env.boto.exceptions, name)
+        # ours has every class current botocore models; older botocore has fewer
         cls = getattr(env.dg.exceptions, name, None)
         assert cls is not None, "client.exceptions.%s missing" % name
         assert issubclass(cls, dg.ClientError), name
