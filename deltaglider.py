@@ -7730,6 +7730,15 @@ class _Cli:
             self.delete_keys(bucket, keys)
             # anything left (other tools' objects, temp copies, stray references)
             self.client._engine.delete_prefix(bucket, "")
+        else:
+            # Our own bookkeeping (stats cache, rebuilt presign copies) must not make an
+            # otherwise empty bucket "not empty".
+            try:
+                left = self.stored_keys(bucket, "")
+            except ClientError:
+                left = set()  # DeleteBucket below says what is wrong
+            if left and all(k.startswith(_INTERNAL_PREFIX) for k in left):
+                self.client._engine.delete_prefix(bucket, _INTERNAL_PREFIX)
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:

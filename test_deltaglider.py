@@ -5714,10 +5714,22 @@ def test_console_script_recursive_upload_and_sync_twice(tmp_path: Any) -> None:
     assert first.returncode == 0 and len(first.stdout.splitlines()) == len(names), first.stderr
     second = run("sync", "tree", "s3://bkt/s/")
     assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
-    bad = run("cp", "missing.txt", "s3://bkt/x")
-    assert (
-        bad.returncode == 1 and bad.stderr == "The user-provided path missing.txt does not exist.\n"
-    )
+    bad_inputs = [
+        (
+            ("cp", "missing.txt", "s3://bkt/x"),
+            1,
+            "The user-provided path missing.txt does not exist.",
+        ),
+        (("cp", "tree", "s3://bkt/x/"), 1, "Need to use --recursive to upload a directory"),
+        (("cp", "tree/a b.txt", "s3://"), 1, "S3 URL without a bucket name"),
+        (("cp", "tree/a b.txt", "s3://no-such-bucket/x"), 1, "NoSuchBucket"),
+        (("ls", "s3://no-such-bucket/"), 1, "NoSuchBucket"),
+        (("cp", "--bogus", "a", "s3://bkt/b"), 2, "unrecognized arguments: --bogus"),
+    ]
+    for argv, code, text in bad_inputs:
+        got = run(*argv)
+        assert got.returncode == code and text in got.stderr, (argv, got.stderr)
+        assert "Traceback" not in got.stderr and got.stderr.strip().splitlines()[-1], argv
 
 
 def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path: Any) -> None:
