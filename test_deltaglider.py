@@ -5371,26 +5371,9 @@ def test_version_three_ways(tmp_path: Any) -> None:
         cwd=HERE,
     )
     assert as_module.stdout.strip() == want
+    script, env = _installed_script(tmp_path)
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            HERE,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    script = target / "bin" / "deltaglider"
-    env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, env=env)
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == want, out.stderr
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == [
         "__pycache__",
