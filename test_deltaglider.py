@@ -5776,6 +5776,97 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
         run_cli(backend, tmp_path, ["rb", "--force", "s3://" + bucket])
 
 
+def test_progress_on_a_terminal_only(tmp_path: Any) -> None:
+    """Progress goes to stderr when it is a terminal (bytes, rate, files left), and not
+    otherwise or with --no-progress."""
+    import pty
+
+    (tmp_path / "up").mkdir()
+    for i in range(3):
+        (tmp_path / "up" / ("f%d.bin" % i)).write_bytes(os.urandom(300000))
+    store = "file://" + str(tmp_path / "store")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "c"),
+    }
+    assert (
+        subprocess.run(
+            [sys.executable, SOURCE, "--endpoint-url", store, "mb", "s3://bkt"], env=env
+        ).returncode
+        == 0
+    )
+
+    def run_on_tty(*extra: str) -> tuple[int, bytes]:
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                SOURCE,
+                "--endpoint-url",
+                store,
+                "cp",
+                "-r",
+                str(tmp_path / "up"),
+                "s3://bkt/p/",
+                "--max-concurrency",
+                "1",
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=follower,
+        )
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(leader)
+        return proc.wait(), seen
+
+    code, seen = run_on_tty()
+    assert code == 0
+    assert re.search(
+        rb"Completed [0-9.]+ \w+/[0-9.]+ KiB \([0-9.]+ \w+/s\) with \d file\(s\) remaining", seen
+    ), seen
+    code, seen = run_on_tty("--no-progress")
+    assert code == 0 and b"Completed" not in seen
+    piped = subprocess.run(
+        [
+            sys.executable,
+            SOURCE,
+            "--endpoint-url",
+            store,
+            "cp",
+            "-r",
+            str(tmp_path / "up"),
+            "s3://bkt/q/",
+        ],
+        env=env,
+        capture_output=True,
+    )
+    assert piped.returncode == 0 and b"Completed" not in piped.stderr
+
+
+def test_ls_pages_past_1000_keys(tmp_path: Any) -> None:
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path)
+    c.create_bucket(Bucket="bkt")
+    for i in range(1203):
+        c.storage.put_object("bkt", "many/k%05d.txt" % i, b"x")
+    code, out, err = run_cli(backend, tmp_path, ["ls", "-r", "--summarize", "s3://bkt/many/"])
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.strip() and "Total" not in line]
+    assert len(lines) == 1203
+    assert "Total Objects: 1203" in out
+
+
 PARITY_SERVERS = {
     "swift": (
         os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000"),
