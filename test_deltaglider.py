@@ -5867,6 +5867,80 @@ def test_ls_pages_past_1000_keys(tmp_path: Any) -> None:
     assert "Total Objects: 1203" in out
 
 
+@needs_xdelta3
+def test_cli_migrate_plain_bucket_into_delta_layout_resumable(
+    backend: Backend, tmp_path: Any
+) -> None:
+    """A plain bucket (what aws s3 cp leaves) migrates into the delta layout; a second run
+    skips what is there; the dry run estimates without writing."""
+    c = make_client(backend, tmp_path)
+    src, dst = "dg-test-" + uuid.uuid4().hex[:12], "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=src)
+    c.create_bucket(Bucket=dst)
+    try:
+        originals = {}
+        for v in range(3):
+            originals["rel/app-%d.zip" % v] = make_zip(tmp_path / ("m%d.zip" % v), v)
+        originals["notes.txt"] = b"plain notes"
+        for key, data in originals.items():
+            c.storage.put_object(src, key, data)  # raw: no deltaglider metadata at all
+        code, out, err = run_cli(
+            backend, tmp_path, ["migrate", "--dryrun", "s3://%s/" % src, "s3://%s/m/" % dst]
+        )
+        assert code == 0, err
+        assert out.splitlines()[-1].startswith("Would migrate 4 file(s)")
+        assert stored_keys(c, dst) == []
+        code, out, err = run_cli(
+            backend, tmp_path, ["migrate", "s3://%s/" % src, "s3://%s/m/" % dst]
+        )
+        assert code == 0, err
+        assert re.search(
+            r"^Migrated 4 file\(s\): .* saved\); 0 already there, 0 failed$", out, re.M
+        ), out
+        assert "m/rel/reference.bin" in stored_keys(c, dst)
+        for key, data in originals.items():
+            assert c.get_object(Bucket=dst, Key="m/" + key)["Body"].read() == data
+        code, out, err = run_cli(
+            backend, tmp_path, ["migrate", "s3://%s/" % src, "s3://%s/m/" % dst]
+        )
+        assert code == 0 and out.strip().endswith("4 already there, 0 failed"), out
+    finally:
+        for b in (src, dst):
+            run_cli(backend, tmp_path, ["rb", "--force", "s3://" + b])
+
+
+@needs_xdelta3
+def test_cli_stats_modes_and_json(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    sizes = []
+    for v in range(3):
+        sizes.append(len(make_zip(tmp_path / ("s%d.zip" % v), v)))
+        assert (
+            run_cli(
+                backend, tmp_path, ["cp", str(tmp_path / ("s%d.zip" % v)), "s3://%s/r/" % bucket]
+            )[0]
+            == 0
+        )
+    (tmp_path / "n.txt").write_bytes(b"n" * 100)
+    assert (
+        run_cli(backend, tmp_path, ["cp", str(tmp_path / "n.txt"), "s3://%s/n.txt" % bucket])[0]
+        == 0
+    )
+    code, out, err = run_cli(backend, tmp_path, ["stats", bucket, "--detailed", "--json"])
+    assert code == 0, err
+    stats = json.loads(out)
+    assert (stats["delta_objects"], stats["direct_objects"], stats["object_count"]) == (3, 1, 4)
+    assert stats["total_size"] == sum(sizes) + 100 and stats["estimated"] is False
+    assert 0 < stats["compressed_size"] < stats["total_size"]
+    code, again, _ = run_cli(
+        backend, tmp_path, ["stats", "s3://%s" % bucket, "--detailed", "--json"]
+    )
+    assert json.loads(again)["cached"] is True  # nothing changed: served from the cache
+    code, human, _ = run_cli(backend, tmp_path, ["stats", bucket])
+    assert code == 0 and human.startswith("Bucket Statistics: %s (quick" % bucket)
+    assert "Space Saved:" in human
+
+
 PARITY_SERVERS = {
     "swift": (
         os.environ.get("DG_TEST_SWIFT_ENDPOINT", "http://127.0.0.1:19000"),
