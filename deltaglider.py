@@ -4273,7 +4273,13 @@ def _put_path(
             )
     part = _part_size(size, part_size)
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
-    upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
+    try:
+        upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
+    except BaseException:
+        # Interrupted (Ctrl-C) or failed after the server may have created the upload:
+        # its UploadId never reached us, so find it by key and abort it.
+        _abort_strays(storage, bucket, key, "", started)
+        raise
     try:
         parts = []
         with open(path, "rb") as f:
