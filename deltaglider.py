@@ -4764,11 +4764,18 @@ class _ReferenceCache:
     def _write_stamp(path: str, st: os.stat_result) -> None:
         """Remember that this file (size, mtime, inode) was hashed and matched, so other
         processes need not hash it again; any change to the file invalidates it."""
-        tmp = "%s.ok.%d.tmp" % (path, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(_stamp_of(st))
-        os.replace(tmp, path + ".ok")
+        tmp = "%s.ok.%s.tmp" % (path, uuid.uuid4().hex)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(_stamp_of(st))
+            os.replace(tmp, path + ".ok")
+        except OSError as e:  # only a shortcut for later processes: never fatal
+            logger.debug("could not write cache stamp %s: %s", tmp, e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def fill(self, sha256: str, write: Callable[[IO[bytes]], None]) -> str:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
@@ -5479,28 +5486,49 @@ class _DeltaEngine:
             info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref))
         return info
 
-    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
-        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it."""
+    def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
         token: str | None = None
         while True:
             page = self.storage.list_objects_v2(
                 bucket, prefix=prefix, delimiter="/", continuation_token=token
             )
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith(_DELTA_SUFFIX):
-                    return False
+            if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
+                return True
             if not page.get("IsTruncated"):
-                break
+                return False
             token = page.get("NextContinuationToken")
+
+    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
+        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
+
+        A writer may store a delta between our listing and the delete; so the reference
+        is first copied aside (server side), and put back if a delta shows up after."""
+        if self._space_has_deltas(bucket, space):
+            return False
         ref_key = _reference_key(space)
+        aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+        try:
+            self.storage.copy_object(bucket, aside, bucket, ref_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            return False  # no reference (any more)
         try:
             self.storage.delete_object(bucket, ref_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey"):
-                raise
-            return False
-        return True
+            if (
+                self._space_has_deltas(bucket, space)
+                and self._current_reference(bucket, ref_key) is None
+            ):
+                self.storage.copy_object(bucket, ref_key, bucket, aside)
+                logger.info(
+                    "a delta arrived in %s while its reference was deleted; restored it",
+                    space or "/",
+                )
+                return False
+            return True
+        finally:
+            self.storage.delete_object(bucket, aside)
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
         """Recursive delete: deltas and direct objects first, then each reference whose
