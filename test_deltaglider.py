@@ -8575,37 +8575,10 @@ def test_temp_files_and_cache_are_private(fault_swift: Any, tmp_path: Any) -> No
 
 
 @pytest.fixture(scope="module")
-def fault_tls(tmp_path_factory: Any) -> ssl.SSLContext:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = str(d / "cert.pem"), str(d / "key.pem")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            cert,
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+def fault_tls(tls_cert: tuple[str, str]) -> ssl.SSLContext:
+    """A server-side TLS context for the self-signed certificate of ``tls_cert``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(*tls_cert)
     return ctx
 
 
