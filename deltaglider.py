@@ -554,6 +554,31 @@ def _spool(body: Any) -> IO[bytes]:
     return spooled
 
 
+class _Background:
+    """A function run in a daemon thread; ``result()`` waits and re-raises its error.
+    Used to overlap hashing (hashlib releases the GIL) with xdelta3 and network I/O."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn = fn
+        self._args = args
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class _FileSlice(io.RawIOBase):
     """A read-only window ``[offset, offset+length)`` of a file, rewindable for retries."""
 
@@ -4614,22 +4639,94 @@ class _XDelta3:
     def encode(self, source: str, target: str, out: str) -> None:
         self._call(self.encode_args(source, target, out))
 
-    def decode_sha256(self, source: str, delta: str) -> tuple[str, int]:
-        """Decode to stdout and hash it on the fly: checks a delta without writing the
-        rebuilt file to disk and reading it back."""
-        size = os.path.getsize(source)
-        cmd = [
+    def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
+        """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
+        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c | sha256``. xdelta3 writes each
+        window as soon as it is encoded, so the check runs on the second core while the
+        encoder works, instead of after it. Returns the SHA-256 and size of the decoded
+        bytes, for the caller to compare with the input."""
+        args = self.encode_args(source, target, out)
+        enc_cmd = [self.path(), *args[:-2], "-c", target]
+        dec_cmd = [
             self.path(),
-            "-d",
-            "-f",
-            "-D",
-            "-c",
-            "-B",
-            str(self.window(size)),
-            "-s",
-            source,
-            delta,
+            *("-d", "-D", "-c", "-B", str(self.window(os.path.getsize(source)))),
+            *("-s", source),
         ]
+        h = hashlib.sha256()
+        total = 0
+        with contextlib.ExitStack() as stack:
+            enc_err = stack.enter_context(tempfile.TemporaryFile())
+            dec_err = stack.enter_context(tempfile.TemporaryFile())
+            sink = stack.enter_context(open(out, "wb"))
+            stack.enter_context(self._slots)
+            procs: list[subprocess.Popen[bytes]] = []
+            try:
+                for cmd, stdin, err in (
+                    (enc_cmd, subprocess.DEVNULL, enc_err),
+                    (dec_cmd, subprocess.PIPE, dec_err),
+                ):
+                    procs.append(
+                        subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err)
+                    )
+            except OSError as e:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                raise XDelta3Error(enc_cmd, -1, str(e)) from e
+            enc, dec = procs
+            assert enc.stdout is not None and dec.stdin is not None and dec.stdout is not None
+            enc_out, dec_in, dec_out = enc.stdout, dec.stdin, dec.stdout
+
+            def tee() -> None:
+                feeding = True
+                with enc_out:
+                    while True:
+                        chunk = enc_out.read(_IO_CHUNK)
+                        if not chunk:
+                            break
+                        sink.write(chunk)
+                        if feeding:
+                            try:
+                                dec_in.write(chunk)
+                            except (BrokenPipeError, ValueError):
+                                feeding = False  # the decoder failed: its exit code says why
+                try:
+                    dec_in.close()
+                except BrokenPipeError:
+                    pass
+
+            feeder = _Background(tee)
+            try:
+                with dec_out:
+                    while True:
+                        chunk = dec_out.read(_IO_CHUNK)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        total += len(chunk)
+                feeder.result()
+            except BaseException:
+                for proc in procs:
+                    proc.kill()
+                raise
+            finally:
+                codes = [proc.wait() for proc in procs]
+            for cmd, code, err in ((enc_cmd, codes[0], enc_err), (dec_cmd, codes[1], dec_err)):
+                if code != 0:
+                    err.seek(0)
+                    raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
+        return h.hexdigest(), total
+
+    def decode_sha256(
+        self, source: str, delta: str, out: IO[bytes] | None = None, *, external: bool = False
+    ) -> tuple[str, int]:
+        """Decode to stdout and hash on the fly, writing to ``out`` if given: checks a
+        delta, or rebuilds a file, without reading the result back from disk. With
+        ``external`` xdelta3 may recompress (deltas the original tool made of compressed
+        files were encoded without -D)."""
+        size = os.path.getsize(source)
+        flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
+        cmd = [self.path(), *flags, "-B", str(self.window(size)), "-s", source, delta]
         h = hashlib.sha256()
         total = 0
         with tempfile.TemporaryFile() as errors, self._slots:
@@ -4640,25 +4737,30 @@ class _XDelta3:
             except OSError as e:
                 raise XDelta3Error(cmd, -1, str(e)) from e
             assert proc.stdout is not None
-            with proc.stdout:
-                while True:
-                    chunk = proc.stdout.read(_IO_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    total += len(chunk)
-            code = proc.wait()
+            try:
+                with proc.stdout:
+                    while True:
+                        chunk = proc.stdout.read(_IO_CHUNK)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        total += len(chunk)
+                        if out is not None:
+                            out.write(chunk)
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                code = proc.wait()
             if code != 0:
                 errors.seek(0)
                 raise XDelta3Error(cmd, code, errors.read().decode("utf-8", "replace"))
         return h.hexdigest(), total
 
-    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> None:
-        """Decode with -D (no external decompression) unless ``external``: deltas the
-        original tool made of compressed files were encoded without it."""
-        size = os.path.getsize(source)
-        flags = ["-d", "-f"] if external else ["-d", "-f", "-D"]
-        self._call([*flags, "-B", str(self.window(size)), "-s", source, delta, out])
+    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
+        """Decode into the file ``out``; returns the SHA-256 of what was written."""
+        with open(out, "wb") as f:
+            return self.decode_sha256(source, delta, f, external=external)[0]
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -4717,12 +4819,12 @@ class _ReferenceCache:
             raise IntegrityError("not a SHA-256: %r" % sha256)
         return os.path.join(self.folder, "refs", sha256[:2], sha256)
 
-    def lookup(self, sha256: str, strict: bool = False) -> str | None:
+    def lookup(self, sha256: str) -> str | None:
         """The path of a verified entry, or None (a corrupt entry is removed).
 
-        An entry is hashed on its first use in a process; other processes' stamps are
-        trusted for reads (whose output is checked anyway) but not when ``strict`` (a
-        delta made against a silently corrupted reference would be unreadable)."""
+        An entry is hashed on its first use in a process, unless another process's stamp
+        says it hashed these very bytes: fine for reads, whose output is checked anyway.
+        Writers also call ``check``."""
         path = self._path(sha256)
         try:
             st = os.stat(path)
@@ -4730,27 +4832,53 @@ class _ReferenceCache:
             return None
         ident = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            trusted = self._verified.get(sha256) == ident
-        if not trusted and not strict:
-            trusted = self._read_stamp(path) == _stamp_of(st)
-        if not trusted:
-            actual, _ = _sha256_file(path)
-            if actual != sha256:
-                logger.warning("cache entry %s is corrupt; removing it", path)
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            hashed = self._verified.get(sha256) == ident  # by this process
+        if not hashed and self._read_stamp(path) != _stamp_of(st):
+            if not self._rehash(sha256, path):
                 return None
+            hashed = True
         try:
             os.utime(path, None)  # recency for eviction
             st = os.stat(path)
             self._write_stamp(path, st)
         except OSError:
             pass
+        if hashed:
+            with self._lock:
+                self._verified[sha256] = (st.st_size, st.st_mtime_ns)
+        return path
+
+    def check(self, sha256: str) -> bool:
+        """Hash an entry unless this process already did: a delta made against silently
+        corrupted bytes would be unreadable, so uploads do not trust another process's
+        stamp. False (and the entry removed) if it does not match."""
+        path = self._path(sha256)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        with self._lock:
+            if self._verified.get(sha256) == (st.st_size, st.st_mtime_ns):
+                return True
+        if not self._rehash(sha256, path):
+            return False
         with self._lock:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
-        return path
+        return True
+
+    def _rehash(self, sha256: str, path: str) -> bool:
+        actual, _ = _sha256_file(path)
+        if actual == sha256:
+            return True
+        logger.warning("cache entry %s is corrupt; removing it", path)
+        for p in (path, path + ".ok"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        with self._lock:
+            self._verified.pop(sha256, None)
+        return False
 
     @staticmethod
     def _read_stamp(path: str) -> str | None:
@@ -4888,10 +5016,54 @@ class _HashingWriter:
         self._f.flush()
 
 
+#: xdelta3's default target window (XD3_DEFAULT_WINSIZE, 8 MiB): a zero-diff delta copies
+#: the reference in windows of this size, as xdelta3 itself would.
+_ZERO_DIFF_WINDOW = 1 << 23
+
+
+def _vcdiff_int(n: int) -> bytes:
+    """RFC 3284 section 2: base-128, most significant digit first, high bit = more."""
+    out = [n & 0x7F]
+    n >>= 7
+    while n:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    return bytes(reversed(out))
+
+
+def _zero_diff_delta(size: int) -> bytes:
+    """The VCDIFF delta (RFC 3284) of a file against itself, written directly: xdelta3
+    would read and match the whole file to find that out, most of a first upload's time.
+    Each window (section 4.2) has VCD_SOURCE set, its source segment is the same span of
+    the reference, and one COPY of that segment: code 19 of the default code table
+    (section 5.6: COPY, size in the instruction section, mode 0 = VCD_SELF) with address
+    0. No secondary compression, no checksum: any VCDIFF decoder reads it."""
+    parts = [b"\xd6\xc3\xc4\x00\x00"]  # magic "VCD", version 0, Hdr_Indicator 0
+    pos = 0
+    while pos < size:
+        n = min(_ZERO_DIFF_WINDOW, size - pos)
+        inst = b"\x13" + _vcdiff_int(n)
+        addr = b"\x00"
+        body = b"".join(
+            (_vcdiff_int(n), b"\x00", b"\x00", _vcdiff_int(len(inst)), b"\x01", inst, addr)
+        )  # target size, Delta_Indicator, data/inst/addr section lengths, sections
+        parts += [b"\x01", _vcdiff_int(n), _vcdiff_int(pos), _vcdiff_int(len(body)), body]
+        pos += n
+    return b"".join(parts)
+
+
 class _FileInfo(NamedTuple):
     sha256: str
     md5: str
     size: int
+
+
+def _copy_hashing(source: str, dest: str) -> str:
+    """Copy a file; returns the SHA-256 of the bytes written."""
+    with open(source, "rb") as src, open(dest, "wb") as f:
+        writer = _HashingWriter(f)
+        shutil.copyfileobj(src, writer, _IO_CHUNK)
+    return writer.sha256.hexdigest()
 
 
 def _file_info(path: str) -> _FileInfo:
@@ -5017,11 +5189,9 @@ class _DeltaEngine:
         }
         raise NoSuchKey(resp, operation)
 
-    def reference_path(
-        self, bucket: str, ref_key: str, ref_sha256: str, strict: bool = False
-    ) -> str:
+    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
         """A verified local copy of a reference: from the cache, or fetched once."""
-        path = self.cache.lookup(ref_sha256, strict=strict)
+        path = self.cache.lookup(ref_sha256)
         if path:
             return path
         resp = self.storage.get_object(bucket, ref_key)
@@ -5093,23 +5263,27 @@ class _DeltaEngine:
                 "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
                 % (lg.bucket, lg.stored_key)
             )
-        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
         tmp_dir = self._tmp_dir()
         fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                body = self.storage.get_object(lg.bucket, lg.stored_key)["Body"]
+            if ref_sha == expected:
+                # A zero-diff delta: the file is the reference, whose bytes we check anyway.
+                actual = _copy_hashing(self.reference_path(lg.bucket, ref_key, ref_sha), out)
+            else:
+                # The delta downloads while the reference does (or is checked in the cache).
+                fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
                 try:
-                    for chunk in body.iter_chunks(_IO_CHUNK):
-                        f.write(chunk)
-                finally:
-                    body.close()
-            self.xdelta.decode(ref_path, delta_tmp, out)
-            actual = _sha256_file(out)[0]
-            if actual != expected and _is_compressed_stream(ref_path):
-                # Written by the original without -D: let xdelta3 recompress as it did.
-                self.xdelta.decode(ref_path, delta_tmp, out, external=True)
-                actual = _sha256_file(out)[0]
+                    ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        fetch.result()
+                    raise
+                fetch.result()
+                actual = self.xdelta.decode(ref_path, delta_tmp, out)
+                if actual != expected and _is_compressed_stream(ref_path):
+                    # Written by the original without -D: let xdelta3 recompress as it did.
+                    actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
         finally:
             os.unlink(delta_tmp)
         if actual != expected:
@@ -5117,6 +5291,15 @@ class _DeltaEngine:
                 "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
                 % (lg.bucket, lg.key, expected, actual)
             )
+
+    def _download(self, bucket: str, key: str, path: str) -> None:
+        body = self.storage.get_object(bucket, key)["Body"]
+        try:
+            with open(path, "wb") as f:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+        finally:
+            body.close()
 
     def _tmp_dir(self) -> str:
         path = os.path.join(self.cache.folder, "tmp")
@@ -5186,18 +5369,34 @@ class _DeltaEngine:
                 if name
                 else "Invalid key %r: a key must name a file, not a folder" % key
             )
-        info = info or _file_info(path)
+        # The file is hashed while the reference is looked up and xdelta3 encodes.
+        hashing = _Background(_file_info, path) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
-        meta = self._common_metadata(name, info, metadata, content_type)
-        if mtime is not None:
-            meta["dg-mtime"] = "%.6f" % mtime  # the source's mtime, for sync (as rclone keeps)
+
+        def file_info() -> _FileInfo:
+            if hashing is not None:
+                return hashing.result()  # type: ignore[no-any-return]
+            assert info is not None
+            return info
+
+        def metadata_of(info: _FileInfo) -> dict[str, str]:
+            meta = self._common_metadata(name, info, metadata, content_type)
+            if mtime is not None:
+                meta["dg-mtime"] = "%.6f" % mtime  # the source's mtime, for sync (as rclone)
+            return meta
+
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
-        if info.size > 0 and self.eligible(key, path, delta):
-            summary = self._put_delta(path, bucket, key, name, info, meta, headers, ratio_limit)
+        size = info.size if info is not None else os.path.getsize(path)
+        if size > 0 and self.eligible(key, path, delta):
+            summary = self._put_delta(
+                path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+            )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 return summary
+        info = file_info()
+        meta = metadata_of(info)
         direct_meta = dict(meta)
         direct_meta["dg-compression"] = "none"
         direct_meta["dg-note"] = "passthrough"
@@ -5291,20 +5490,23 @@ class _DeltaEngine:
         return max(0.0, _REFERENCE_SETTLE - age)
 
     def _ensure_reference(
-        self, path: str, bucket: str, ref_key: str, name: str, info: _FileInfo
+        self, path: str, bucket: str, ref_key: str, name: str, file_info: Callable[[], _FileInfo]
     ) -> tuple[str, str, bool]:
-        """(reference sha256, local path, created by us) for a deltaspace."""
+        """(reference sha256, local path, created by us) for a deltaspace. A cached
+        reference is trusted by its stamp here; the caller checks it with
+        ``cache.check`` before storing anything made from it."""
         for _ in range(5):
             sha = self._current_reference(bucket, ref_key, settle=True)
             if sha is not None:
                 try:
-                    return sha, self.reference_path(bucket, ref_key, sha, strict=True), False
+                    return sha, self.reference_path(bucket, ref_key, sha), False
                 except IntegrityError:
                     # Replaced between our HEAD and GET (a server without conditional
                     # writes, racing writers): look again; a real corruption raises.
                     if self._current_reference(bucket, ref_key) != sha:
                         continue
                     raise
+            info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
             meta = {
                 "dg-tool": self._tool,
@@ -5350,8 +5552,8 @@ class _DeltaEngine:
         bucket: str,
         key: str,
         name: str,
-        info: _FileInfo,
-        meta: dict[str, str],
+        file_info: Callable[[], _FileInfo],
+        metadata_of: Callable[[_FileInfo], dict[str, str]],
         headers: dict[str, str],
         max_ratio: float,
     ) -> dict[str, Any] | None:
@@ -5362,14 +5564,31 @@ class _DeltaEngine:
         for _ in range(5):
             with self._space_lock(bucket, space):
                 ref_sha, ref_path, created = self._ensure_reference(
-                    path, bucket, ref_key, name, info
+                    path, bucket, ref_key, name, file_info
                 )
             if _is_compressed_stream(ref_path):
                 return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
+            # Uploads hash a cached reference once per process, beside the encoding: a
+            # delta made against silently corrupted bytes would be unreadable.
+            ref_check = None if created else _Background(self.cache.check, ref_sha)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             try:
-                self.xdelta.encode(ref_path, path, delta_tmp)
+                if created:
+                    # The file is the reference: write the zero-diff delta, not xdelta3's
+                    # search of the whole file for the same bytes.
+                    info = file_info()
+                    with open(delta_tmp, "wb") as f:
+                        f.write(_zero_diff_delta(info.size))
+                    decoded = (info.sha256, info.size)
+                else:
+                    try:
+                        decoded = self.xdelta.encode_verified(ref_path, path, delta_tmp)
+                    except (XDelta3Error, OSError):
+                        if ref_check is not None and not ref_check.result():
+                            continue  # the check removed the entry under xdelta3: see below
+                        raise
+                    info = file_info()
                 delta_size = os.path.getsize(delta_tmp)
                 if not created and delta_size > max_ratio * info.size:
                     logger.info(
@@ -5379,8 +5598,16 @@ class _DeltaEngine:
                         100.0 * max_ratio,
                     )
                     return None
-                self._check_round_trip(ref_path, delta_tmp, info, key)
-                delta_meta = dict(meta)
+                if decoded != (info.sha256, info.size):
+                    # A delta that does not give the exact bytes back is never stored.
+                    raise IntegrityError(
+                        "%s: the delta xdelta3 made does not decode to the input (expected %s, "
+                        "got %s); nothing was stored" % (key, info.sha256, decoded[0])
+                    )
+                if ref_check is not None and not ref_check.result():
+                    logger.warning("cached reference %s was corrupt; fetching it again", ref_sha)
+                    continue
+                delta_meta = metadata_of(info)
                 delta_meta.update(
                     {
                         "dg-ref-key": ref_key,
@@ -5413,7 +5640,7 @@ class _DeltaEngine:
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
             if self._current_reference(bucket, ref_key) == ref_sha:
-                if created:  # the whole file went up, as reference.bin
+                if created:
                     # Stored as a zero-diff delta; the whole file went up as reference.bin.
                     return self._summary(
                         "create_reference", delta_key, info, info.size, delta_size, resp
@@ -5436,16 +5663,6 @@ class _DeltaEngine:
         if len(safe) > 90:
             safe = safe[:40] + "..." + safe[-40:]
         return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
-
-    def _check_round_trip(self, ref_path: str, delta: str, info: _FileInfo, key: str) -> None:
-        """Decode the delta and compare with the input: a delta that does not give the
-        exact bytes back is never stored."""
-        actual, size = self.xdelta.decode_sha256(ref_path, delta)
-        if actual != info.sha256 or size != info.size:
-            raise IntegrityError(
-                "%s: the delta xdelta3 made does not decode to the input (expected %s, got %s); "
-                "nothing was stored" % (key, info.sha256, actual)
-            )
 
     def _remove_other(
         self, bucket: str, key: str, keep: str, existing: Container[str] | None = None

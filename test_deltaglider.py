@@ -4366,11 +4366,19 @@ def test_missing_xdelta3_is_one_clear_line_and_direct_files_still_work(
     try:
         c.put_object(Bucket=bucket, Key="n.txt", Body=b"plain")
         assert c.get_object(Bucket=bucket, Key="n.txt")["Body"].read() == b"plain"
+        # The first file becomes the reference; its zero-diff delta needs no xdelta3.
         make_zip(tmp_path / "a.zip", 0, members=2, size=1000)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "a.zip")
+        assert (
+            c.get_object(Bucket=bucket, Key="a.zip")["Body"].read()
+            == (tmp_path / "a.zip").read_bytes()
+        )
+        make_zip(tmp_path / "b.zip", 1, members=2, size=1000)
         with pytest.raises(dg.XDelta3NotFoundError) as e:
-            c.upload_file(str(tmp_path / "a.zip"), bucket, "a.zip")
+            c.upload_file(str(tmp_path / "b.zip"), bucket, "b.zip")
         assert "apt-get install xdelta3" in str(e.value) and "\n" not in str(e.value)
-        assert stored_keys(c, bucket) == ["n.txt"]  # nothing half-stored
+        # nothing half-stored
+        assert stored_keys(c, bucket) == ["a.zip.delta", "n.txt", "reference.bin"]
     finally:
         if not c.storage.is_local:
             _s3_empty_and_delete(c.storage, bucket)
@@ -4380,7 +4388,7 @@ def test_missing_xdelta3_is_one_clear_line_and_direct_files_still_work(
     "script,expect",
     [
         ("echo 'xdelta3: boom' >&2; exit 3\n", "exit 3"),
-        ('for a; do out="$a"; done; printf garbage > "$out"; exit 0\n', "does not decode"),
+        ("printf garbage; exit 0\n", "does not decode"),  # xdelta3 -c writes to stdout
     ],
 )
 def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, expect: str) -> None:
@@ -4388,12 +4396,18 @@ def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, exp
     c = make_client(backend, tmp_path, environ={"PATH": fake_xdelta3(tmp_path / "bin", script)})
     c.create_bucket(Bucket="bkt")
     make_zip(tmp_path / "a.zip", 0, members=2, size=1000)
+    make_zip(tmp_path / "b.zip", 1, members=2, size=1000)
+    c.upload_file(str(tmp_path / "a.zip"), "bkt", "r/a.zip")  # the reference: no xdelta3
     with pytest.raises((dg.XDelta3Error, dg.IntegrityError)) as e:
-        c.upload_file(str(tmp_path / "a.zip"), "bkt", "r/a.zip")
+        c.upload_file(str(tmp_path / "b.zip"), "bkt", "r/b.zip")
     assert expect in str(e.value)
     if isinstance(e.value, dg.XDelta3Error):
         assert e.value.returncode == 3 and "boom" in e.value.stderr and e.value.cmd[1] == "-e"
-    assert stored_keys(c, "bkt") == []  # no delta, and no reference left behind
+    assert stored_keys(c, "bkt") == ["r/a.zip.delta", "r/reference.bin"]  # no b delta
+    assert (
+        c.get_object(Bucket="bkt", Key="r/a.zip")["Body"].read()
+        == (tmp_path / "a.zip").read_bytes()
+    )
 
 
 ###############################################################################
@@ -4497,6 +4511,54 @@ def test_corrupt_cache_entry_is_dropped(tmp_path: Any) -> None:
     with open(path, "r+b") as f:
         f.write(b"x")
     assert other.lookup(h) is None and not os.path.exists(path)
+
+
+def test_upload_rehashes_a_cache_entry_another_process_stamped(tmp_path: Any) -> None:
+    """Bit rot under a valid stamp: reads may trust another process's stamp (their output
+    is checked), an upload may not (its delta would be unreadable). The upload notices,
+    fetches the reference again and stores a delta that decodes."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    cache = str(tmp_path / "shared-cache")
+    a = make_client(backend, tmp_path, cache_dir=cache)
+    a.create_bucket(Bucket="bkt")
+    make_zip(tmp_path / "a.zip", 0)
+    b_bytes = make_zip(tmp_path / "b.zip", 1)
+    a.upload_file(str(tmp_path / "a.zip"), "bkt", "s/a.zip")
+    (entry,) = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(cache)
+        for f in files
+        if re.match(r"^[0-9a-f]{64}$", f)
+    ]
+    st = os.stat(entry)
+    with open(entry, "r+b") as f:  # same size, same inode, same mtime: the stamp still fits
+        f.seek(st.st_size // 2)
+        f.write(b"\x00" * 64)
+    os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+    b = make_client(backend, tmp_path, cache_dir=cache)
+    b.upload_file(str(tmp_path / "b.zip"), "bkt", "s/b.zip")
+    assert b._engine.cache.fetches == 1  # the reference came again from the store
+    fresh = make_client(backend, tmp_path)
+    assert fresh.get_object(Bucket="bkt", Key="s/b.zip")["Body"].read() == b_bytes
+
+
+@needs_xdelta3
+@pytest.mark.parametrize(
+    "size", [1, 127, 128, 16384, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, 3 * (1 << 23) + 5]
+)
+def test_zero_diff_delta_is_what_xdelta3_decodes_to_the_reference(tmp_path: Any, size: int) -> None:
+    """The first version's delta is written without xdelta3 (it would search the whole
+    file for itself); the real xdelta3 must read it back as the reference, across window
+    boundaries."""
+    data = random.Random(size).getrandbits(8 * size).to_bytes(size, "little")
+    (tmp_path / "ref").write_bytes(data)
+    (tmp_path / "d").write_bytes(dg._zero_diff_delta(size))
+    out = subprocess.run(
+        ["xdelta3", "-d", "-c", "-s", str(tmp_path / "ref"), str(tmp_path / "d")],
+        capture_output=True,
+        check=True,
+    )
+    assert out.stdout == data
 
 
 ###############################################################################
@@ -5337,17 +5399,28 @@ def test_original_cannot_return_its_own_tar_gz(
 ) -> None:
     """Documented fact (research §3.3): without -D the original's xdelta3 decompresses a
     .tar.gz, recompresses on decode, and the bytes differ; its own download fails the SHA
-    check. We refuse the same object too (IntegrityError or XDelta3Error) and leave no
-    file behind."""
-    data = COMPRESSORS["tar.gz"](_tar(1))
-    orig.run(
-        "cp", str(_write(tmp_path, "bundle.tar.gz", data)), "s3://%s/t/bundle.tar.gz" % ibucket
-    )
-    proc = orig.run("cp", "s3://%s/t/bundle.tar.gz" % ibucket, str(tmp_path / "o.tar.gz"), ok=False)
-    assert proc.returncode == 1 and "SHA256 mismatch" in proc.stderr
-    with pytest.raises((dg.IntegrityError, dg.XDelta3Error)):
-        iclient.download_file(ibucket, "t/bundle.tar.gz", str(tmp_path / "ours.tar.gz"))
-    assert not (tmp_path / "ours.tar.gz").exists()
+    check. The first version is its folder's reference, so we return it exactly (its
+    zero-diff delta means "the reference"); a later one we return exactly or refuse
+    (IntegrityError or XDelta3Error) and leave no file behind, never wrong bytes."""
+    versions = [COMPRESSORS["tar.gz"](_tar(i)) for i in (1, 2)]
+    for i, data in enumerate(versions):
+        name = "bundle-%d.tar.gz" % i
+        orig.run("cp", str(_write(tmp_path, name, data)), "s3://%s/t/%s" % (ibucket, name))
+    for i, data in enumerate(versions):
+        name = "bundle-%d.tar.gz" % i
+        proc = orig.run("cp", "s3://%s/t/%s" % (ibucket, name), str(tmp_path / "o"), ok=False)
+        assert proc.returncode == 1 and "SHA256 mismatch" in proc.stderr
+        ours = tmp_path / ("ours-" + name)
+        if i == 0:
+            iclient.download_file(ibucket, "t/" + name, str(ours))
+            assert ours.read_bytes() == data
+            continue
+        try:
+            iclient.download_file(ibucket, "t/" + name, str(ours))
+        except (dg.IntegrityError, dg.XDelta3Error):
+            assert not ours.exists()
+        else:
+            assert ours.read_bytes() == data
 
 
 ###############################################################################
@@ -8231,10 +8304,7 @@ def _fault_fake_xdelta(folder: Any, script: str) -> str:
     [
         (None, "xdelta3"),  # missing
         ("kill -SEGV $$\n", "xdelta3"),  # crashes
-        (
-            'for a; do out="$a"; done; printf garbage > "$out"; echo garbage; exit 0\n',
-            "does not decode",
-        ),
+        ("printf garbage; exit 0\n", "does not decode"),  # xdelta3 -c writes to stdout
         ("echo '\\033[31mgarbage\\nmore garbage'; exit 1\n", "xdelta3"),
     ],
     ids=["missing", "segv", "garbage-output", "garbage-exit1"],
@@ -8247,6 +8317,11 @@ def test_bad_xdelta3_upload_and_download(
     bindir = tmp_path / "bin"
     path = _fault_fake_xdelta(bindir, script) if script else str(tmp_path / "empty")
     (work / "b.zip").write_bytes(fault_zip_bytes(1))
+    (work / "c.zip").write_bytes(fault_zip_bytes(2))
+    # a real delta, made by the real xdelta3, for the download below
+    assert (
+        fault_run_cli(endpoint, tmp_path, ["cp", str(work / "c.zip"), "s3://bkt/r/c.zip"])[0] == 0
+    )
     with fault_chdir(work):
         code, out, err = fault_run_cli(
             endpoint, tmp_path, ["cp", "b.zip", "s3://bkt/r/b.zip"], PATH=path
@@ -8256,18 +8331,18 @@ def test_bad_xdelta3_upload_and_download(
         code, out, err = fault_run_cli(
             endpoint,
             tmp_path,
-            ["cp", "s3://bkt/r/a.zip", "got.zip"],
+            ["cp", "s3://bkt/r/c.zip", "got.zip"],
             PATH=path,
             DG_CACHE_DIR=str(tmp_path / "cold"),
         )
         if script is None or "SEGV" in script or "exit 1" in script:
             assert code == 1 and "xdelta3" in err, err
         if code == 0:
-            assert (work / "got.zip").read_bytes() == fault_zip_bytes(0)
+            assert (work / "got.zip").read_bytes() == fault_zip_bytes(2)
         else:
             assert not (work / "got.zip").exists()
     c = dg.create_client(endpoint_url=endpoint, cache_dir=str(tmp_path / "k"))
-    assert fault_logical(c, "bkt", "r/") == ["r/a.zip"]  # nothing half-stored
+    assert fault_logical(c, "bkt", "r/") == ["r/a.zip", "r/c.zip"]  # nothing half-stored
     fault_nothing_lost(work, endpoint, tmp_path)
 
 
