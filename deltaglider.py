@@ -16,6 +16,7 @@ binary on PATH. A boto3-compatible client and an ``aws s3``-style CLI::
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import concurrent.futures
 import configparser
@@ -31,6 +32,7 @@ import io
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -39,6 +41,7 @@ import shutil
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,7 @@ import time
 import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
+import zlib
 
 try:  # POSIX only; on Windows the local store's bucket lock is a threading lock alone
     import fcntl
@@ -62,6 +66,7 @@ from typing import (
     Iterator,
     Mapping,
     NamedTuple,
+    Sequence,
     Tuple,
     Union,
 )
@@ -163,6 +168,9 @@ _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 _ENV_MAX_RATIO = "DG_MAX_RATIO"
 _ENV_CACHE_DIR = "DG_CACHE_DIR"
 _ENV_XDELTA3 = "DG_XDELTA3"
+#: Which decoder reads deltas: "auto" (xdelta3 when it is on PATH, else the built-in
+#: VCDIFF decoder), "xdelta3" or "python".
+_ENV_DECODER = "DG_DECODER"
 _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
 
 #: CLI exit codes (aws s3 conventions; see README).
@@ -385,11 +393,12 @@ class XDelta3Error(DeltaGliderError):
 
 
 class XDelta3NotFoundError(DeltaGliderError):
-    """No xdelta3 binary: needed only when a delta is made or read."""
+    """No xdelta3 binary: needed only when a delta is made (reads fall back to the
+    built-in decoder)."""
 
     def __init__(self, name: str = "xdelta3") -> None:
         super().__init__(
-            "xdelta3 not found on PATH (looked for %r): install it to make or read deltas "
+            "xdelta3 not found on PATH (looked for %r): install it to make deltas "
             "(Debian/Ubuntu: apt-get install xdelta3; Alpine: apk add xdelta3; "
             "macOS: brew install xdelta)" % name
         )
@@ -4378,6 +4387,1455 @@ class _CallbackReader(io.RawIOBase):
 
 
 ###############################################################################
+# VCDIFF decoder: reading deltas without xdelta3 ##############################
+###############################################################################
+
+# -- Constants ----------------------------------------------------------------
+
+#: RFC 3284 section 4.1: "V", "C", "D" with the high bit set, then version 0 (xdelta3
+#: rejects any other version, xdelta3-decode.h).
+_VCD_MAGIC = b"\xd6\xc3\xc4\x00"
+#: Header indicator bits (RFC 3284 section 4.1; xdelta3.c VCD_INVHDR rejects the rest).
+_VCD_SECONDARY = 0x01
+_VCD_CODETABLE = 0x02
+_VCD_APPHEADER = 0x04
+#: Window indicator bits (RFC 3284 section 4.2). VCD_ADLER32 is xdelta3's extension
+#: (xdelta3.c): a big-endian adler32 of the target window follows the section lengths.
+_VCD_SOURCE = 0x01
+_VCD_TARGET = 0x02
+_VCD_ADLER32 = 0x04
+#: Delta indicator bits (RFC 3284 section 4.3): which sections are secondary-compressed.
+_VCD_DATACOMP = 0x01
+_VCD_INSTCOMP = 0x02
+_VCD_ADDRCOMP = 0x04
+#: Secondary compressor ids written after the header indicator (xdelta3.c VCD_*_ID).
+_SEC_DJW = 1
+_SEC_LZMA = 2
+_SEC_FGK = 16
+#: xdelta3.h XD3_HARDMAXWINSIZE: the decoder refuses target windows above 16 MiB, so no
+#: genuine delta has one, and a corrupt length cannot make us allocate more.
+_MAX_TARGET_WINDOW = 1 << 24
+#: xdelta3 sizes are 32-bit (usize_t) and offsets 64-bit (xoff_t), xdelta3.h.
+_SIZE_BITS = 32
+_OFFSET_BITS = 64
+#: External compressor idents xdelta3 records in its application header
+#: (xdelta3-main.h extcomp_types): such a delta encodes the *decompressed* data.
+_EXTERNAL_COMPRESSORS = {b"B": "bzip2", b"G": "gzip", b"Z": "compress", b"Y": "xz"}
+#: Bytes read from the delta stream at a time.
+_READ_CHUNK = 1 << 20
+
+# -- Errors -------------------------------------------------------------------
+
+
+class _VCDiffError(Exception):
+    """A delta that is corrupt, truncated or uses a feature this decoder lacks."""
+
+
+# -- Reading the delta --------------------------------------------------------
+
+
+def _varint(buf: bytes, pos: int, bits: int, what: str) -> tuple[int, int]:
+    """RFC 3284 section 2 integer at ``buf[pos:]``: base 128, most significant digit first,
+    high bit set on all but the last byte. Returns (value, next position). Values wider than
+    ``bits`` are corrupt, as xdelta3's READ_INTEGER_TYPE rules (xdelta3-internal.h)."""
+    value = 0
+    end = len(buf)
+    while True:
+        if pos >= end:
+            raise _VCDiffError(f"corrupt delta: {what} runs past the end of its section")
+        b = buf[pos]
+        pos += 1
+        value = (value << 7) | (b & 0x7F)
+        if value >> bits:
+            raise _VCDiffError(f"corrupt delta: {what} overflows {bits} bits")
+        if not b & 0x80:
+            return value, pos
+
+
+class _DeltaReader:
+    """Sequential reader over the delta stream that keeps its offset for error messages and
+    never asks for more than it was given: a truncated delta fails before a large buffer is
+    allocated for a length it claims."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # offset in the delta of self._buf[0]
+
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self, need: int) -> bool:
+        """Makes ``need`` bytes available past the position; False at end of stream."""
+        have = len(self._buf) - self._pos
+        if have >= need:
+            return True
+        parts = [self._buf[self._pos :]]
+        while have < need:
+            chunk = self._f.read(_READ_CHUNK)
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self._base += self._pos
+        self._buf = b"".join(parts)
+        self._pos = 0
+        return have >= need
+
+    def at_end(self) -> bool:
+        return not self._fill(1)
+
+    def byte(self, what: str) -> int:
+        if not self._fill(1):
+            raise _VCDiffError(f"truncated delta: {what} missing at offset {self.offset()}")
+        b = self._buf[self._pos]
+        self._pos += 1
+        return b
+
+    def integer(self, what: str, bits: int = _SIZE_BITS) -> int:
+        start = self.offset()
+        value = 0
+        while True:
+            b = self.byte(what)
+            value = (value << 7) | (b & 0x7F)
+            if value >> bits:
+                raise _VCDiffError(f"corrupt delta: {what} at offset {start} overflows")
+            if not b & 0x80:
+                return value
+
+    def take(self, n: int, what: str) -> bytes:
+        """Exactly ``n`` bytes, read in pieces so a lying length costs no memory."""
+        if self._fill(min(n, _READ_CHUNK)) and n <= len(self._buf) - self._pos:
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+        parts: list[bytes] = []
+        left = n
+        while left:
+            if not self._fill(min(left, _READ_CHUNK)):
+                raise _VCDiffError(
+                    f"truncated delta: {what} needs {n} bytes, "
+                    f"{n - left + len(self._buf) - self._pos} left at offset {self.offset()}"
+                )
+            piece = self._buf[self._pos : self._pos + left]
+            self._pos += len(piece)
+            left -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
+
+
+# -- Secondary compression: DJW static Huffman --------------------------------
+# xdelta3-djw.h: a bzip2-like multi-table Huffman coder. Bits are taken from each byte
+# least significant first (xdelta3-second.h xd3_decode_bits); a code's first bit is its
+# most significant, and multi-bit header fields are read most significant bit first.
+
+_DJW_MAX_CODELEN = 20  # DJW_MAX_CODELEN
+_DJW_TOTAL_CODES = 22  # DJW_TOTAL_CODES: 2 run codes + 20 MTF positions
+_DJW_MAX_CLCLEN = 15  # DJW_MAX_CLCLEN: longest code of the code-length code
+_DJW_MAX_GBCLEN = 7  # DJW_MAX_GBCLEN: longest code of the group-selector code
+_DJW_EXTRA_12OFFSET = 7  # DJW_BASIC_CODES + DJW_RUN_CODES
+#: Initial move-to-front list of code lengths (djw_init_clen_mtf_1_2): 0, the "basic"
+#: lengths 4..8, then the "extra" ones in djw_encode_12extra order.
+_DJW_CLEN_MTF = (0, 4, 5, 6, 7, 8, 9, 10, 3, 11, 2, 12, 13, 1, 14, 15, 16, 17, 18, 19, 20)
+#: Bits resolved by one table lookup; longer codes (rare by construction) take a slow path.
+_HUFF_FAST_BITS = 10
+
+
+def _reverse_bits(v: int, n: int) -> int:
+    r = 0
+    for _ in range(n):
+        r = (r << 1) | (v & 1)
+        v >>= 1
+    return r
+
+
+class _Huffman:
+    """Canonical prefix code from code lengths, as djw_build_decoder assigns it: codes
+    ascend with length and, within a length, with symbol value. ``table`` is indexed by
+    the next ``fast`` input bits (first bit lowest) and holds ``symbol << 5 | length``,
+    -1 for a code longer than ``fast`` bits, 0 for bits that start no code."""
+
+    def __init__(self, clen: Sequence[int], max_len: int) -> None:
+        count = [0] * (max_len + 1)
+        for n in clen:
+            if n > max_len:
+                raise _VCDiffError("corrupt delta: DJW code length out of range")
+            count[n] += 1
+        count[0] = 0
+        longest = max((n for n in range(max_len + 1) if count[n]), default=0)
+        self.fast = fast = min(longest, _HUFF_FAST_BITS)
+        self.longest = longest
+        # first[n]: the first code of length n; index[n]: its position in `order`.
+        self.first = first = [0] * (longest + 2)
+        self.count = count
+        self.index = index = [0] * (longest + 2)
+        code = 0
+        for n in range(1, longest + 1):
+            code = (code + count[n - 1]) << 1 if n > 1 else 0
+            first[n] = code
+            index[n] = index[n - 1] + count[n - 1] if n > 1 else 0
+            if code + count[n] > 1 << n:
+                raise _VCDiffError("corrupt delta: DJW code lengths oversubscribed")
+        self.order = order = sorted((n, s) for s, n in enumerate(clen) if n)
+        self.symbols = [s for _, s in order]
+        self.table = table = [0] * (1 << fast)
+        nxt = first[:]
+        for n, s in order:
+            rev = _reverse_bits(nxt[n], n)
+            nxt[n] += 1
+            if n <= fast:
+                table[rev :: 1 << n] = [s << 5 | n] * (1 << (fast - n))
+            else:
+                table[rev & ((1 << fast) - 1)] = -1
+
+    def slow(self, bb: int) -> int:
+        """Decodes a code longer than the table from the bit buffer ``bb``."""
+        code = 0
+        first, count = self.first, self.count
+        for n in range(1, self.longest + 1):
+            code = (code << 1) | ((bb >> (n - 1)) & 1)
+            if 0 <= code - first[n] < count[n]:
+                return self.symbols[self.index[n] + code - first[n]] << 5 | n
+        raise _VCDiffError("corrupt delta: invalid DJW code")
+
+
+class _Bits:
+    """LSB-first bit reader over a DJW section. The section is unpacked into 32-bit words
+    once (two zero words of padding let the last lookups peek past the end); reading
+    beyond the padding is an IndexError that the caller turns into a truncation error."""
+
+    def __init__(self, buf: bytes) -> None:
+        n = len(buf)
+        words = (n + 3) // 4 + 2
+        self.words = struct.unpack(f"<{words}I", bytes(buf) + bytes(words * 4 - n))
+        self.nbytes = n
+        self.wi = 0
+        self.bb = 0
+        self.nb = 0
+
+    def bits(self, n: int) -> int:
+        """An ``n``-bit field, most significant bit first (xd3_decode_bits)."""
+        if self.nb < n:
+            self.bb |= self.words[self.wi] << self.nb
+            self.wi += 1
+            self.nb += 32
+        v = self.bb & ((1 << n) - 1)
+        self.bb >>= n
+        self.nb -= n
+        return _reverse_bits(v, n)
+
+    def symbol(self, h: _Huffman) -> int:
+        if self.nb < _DJW_MAX_CODELEN:
+            self.bb |= self.words[self.wi] << self.nb
+            self.wi += 1
+            self.nb += 32
+        e = h.table[self.bb & ((1 << h.fast) - 1)]
+        if e <= 0:
+            e = h.slow(self.bb)
+        self.bb >>= e & 31
+        self.nb -= e & 31
+        return e >> 5
+
+    def mtf_1_2(self, h: _Huffman, mtf: list[int], count: int, skip: int) -> list[int]:
+        """djw_decode_1_2: ``count`` values coded as move-to-front positions, with runs of
+        the front value written in bijective base 2 by the RUN_0/RUN_1 symbols. With
+        ``skip``, a value whose counterpart ``skip`` places back is 0 is 0 and uses no
+        code (code lengths: a symbol absent from group 0 is absent from every group)."""
+        values: list[int] = []
+        rep = pending = shift = 0
+        while len(values) < count:
+            n = len(values)
+            if skip and n >= skip and values[n - skip] == 0:
+                values.append(0)
+            elif rep:
+                values.append(mtf[0])
+                rep -= 1
+            elif pending:
+                v = mtf.pop(pending)
+                mtf.insert(0, v)
+                values.append(v)
+                pending = 0
+            else:
+                sym = self.symbol(h)
+                if sym <= 1:  # RUN_0 / RUN_1
+                    rep = (sym + 1) << shift
+                    shift += 1
+                elif sym - 1 < len(mtf):
+                    pending = sym - 1
+                    shift = 0
+                else:
+                    raise _VCDiffError("corrupt delta: DJW move-to-front index out of range")
+        if rep:
+            raise _VCDiffError("corrupt delta: DJW repeat runs past the end")
+        return values
+
+    def check_end(self) -> None:
+        """xdelta3-second.h: the decoder must use the whole section, and no more."""
+        used = 32 * self.wi - self.nb
+        if used > 8 * self.nbytes:
+            raise _VCDiffError("truncated delta: DJW section ends inside a code")
+        if (used + 7) // 8 != self.nbytes:
+            raise _VCDiffError("corrupt delta: DJW section has unused bytes")
+
+
+def _djw_decode(buf: bytes, size: int) -> bytes:
+    """xd3_decode_huff (xdelta3-djw.h): ``size`` bytes from one DJW-coded section."""
+    rd = _Bits(buf)
+    try:
+        groups = rd.bits(3) + 1
+        # One group codes the whole section as one sector; more switch tables per sector.
+        sector = (rd.bits(5) + 1) * 5 if groups > 1 else size
+        sectors = 1 + (size - 1) // sector
+        # The code-length code: 4 bits say how many of its 22 lengths follow (4 bits each).
+        cl_clen = [rd.bits(4) for _ in range(rd.bits(4) + _DJW_EXTRA_12OFFSET)]
+        cl_code = _Huffman(cl_clen + [0] * (_DJW_TOTAL_CODES - len(cl_clen)), _DJW_MAX_CLCLEN)
+        clens = rd.mtf_1_2(cl_code, list(_DJW_CLEN_MTF), 256 * groups, 256)
+        codes = [_Huffman(clens[g * 256 : g * 256 + 256], _DJW_MAX_CODELEN) for g in range(groups)]
+        if groups > 1:
+            sel_clen = [rd.bits(3) for _ in range(groups + 1)]
+            sel_code = _Huffman(sel_clen, _DJW_MAX_GBCLEN)
+            selectors = rd.mtf_1_2(sel_code, list(range(groups + 1)), sectors, 0)
+            if max(selectors) >= groups:
+                raise _VCDiffError("corrupt delta: DJW sector selects a missing group")
+        else:
+            selectors = [0]
+        out = bytearray()
+        append = out.append
+        words = rd.words
+        wi, bb, nb = rd.wi, rd.bb, rd.nb
+        left = size
+        # The hot loop: one table lookup per byte, the bit buffer refilled 32 bits at a time.
+        for g in selectors:
+            h = codes[g]
+            table, mask, n = h.table, (1 << h.fast) - 1, min(sector, left)
+            left -= n
+            for _ in range(n):
+                if nb < _DJW_MAX_CODELEN:
+                    bb |= words[wi] << nb
+                    wi += 1
+                    nb += 32
+                e = table[bb & mask]
+                if e <= 0:
+                    e = h.slow(bb)
+                bb >>= e & 31
+                nb -= e & 31
+                append(e >> 5)
+        rd.wi, rd.bb, rd.nb = wi, bb, nb
+        rd.check_end()
+    except IndexError:
+        raise _VCDiffError("truncated delta: DJW section ends early") from None
+    return bytes(out)
+
+
+# -- Secondary compression: FGK adaptive Huffman ------------------------------
+# xdelta3-fgk.h: Faller-Gallager-Knuth adaptive Huffman over bytes, one model per section
+# type that lives for the whole delta (xdelta3-second.h xd3_get_secondary initialises it
+# once). It is ported as it is written: the tree update is what defines the code, so the
+# node and block bookkeeping below mirrors the C pointer by pointer (nodes are indices).
+
+
+class _FGK:
+    _NODES = 2 * 256 - 1
+    _NIL = _NODES  # a spare node stands for NULL, so corrupt input cannot index wildly
+
+    def __init__(self) -> None:
+        nodes, nil = self._NODES + 1, self._NIL
+        self.weight = [0] * nodes
+        self.parent = [nil] * nodes
+        self.lchild = [nil] * nodes  # left_child; for zero-weight leaves: previous zero
+        self.rchild = [nil] * nodes  # right_child; for zero-weight leaves: next zero
+        self.left = [nil] * nodes  # neighbours in sibling order
+        self.right = [nil] * nodes
+        self.block = [0] * nodes
+        blocks = 2 * self._NODES
+        self.leader = [nil] * blocks
+        self.freeptr = [*range(1, blocks), -1]
+        self.free_block = 0
+        for i in range(256):  # fgk_init_node: all symbols start on the zero list
+            self.rchild[i] = i + 1 if i < 255 else nil
+            self.lchild[i] = i - 1 if i else nil
+        self.root = self.zeros = self.ptr = 0
+        self.free_node = 256
+        self.zero_count = 256 + 2
+        self.zero_exp = self.zero_rem = 0
+        self._factor_remaining()
+        self._factor_remaining()
+        self.coded: list[int] = []
+
+    def _factor_remaining(self) -> None:
+        self.zero_count -= 1
+        i, e = self.zero_count, 0
+        while i > 1:
+            e += 1
+            i >>= 1
+        self.zero_exp = e
+        self.zero_rem = self.zero_count - (1 << e)
+
+    def _make_block(self, lead: int) -> int:
+        b = self.free_block
+        if b < 0:
+            raise _VCDiffError("corrupt delta: FGK model ran out of blocks")
+        self.free_block = self.freeptr[b]
+        self.leader[b] = lead
+        return b
+
+    def decode(self, buf: bytes, size: int) -> bytes:
+        """xd3_decode_fgk: bits least significant first; stops when ``size`` bytes are out,
+        ignoring the rest of that byte, and must then have used the whole section."""
+        out = bytearray()
+        weight, lchild, rchild = self.weight, self.lchild, self.rchild
+        nil = self._NIL
+        for i, byte in enumerate(buf):
+            for k in range(8):
+                bit = (byte >> k) & 1
+                ptr = self.ptr
+                if weight[ptr] == 0:  # inside the zero node: collecting its index bits
+                    self.coded.append(bit)
+                    need = self.zero_exp + (1 if self.zero_rem else 0)
+                    if len(self.coded) < need:
+                        continue
+                else:
+                    ptr = self.ptr = rchild[ptr] if bit else lchild[ptr]
+                    if ptr == nil:
+                        raise _VCDiffError("corrupt delta: FGK code leaves the tree")
+                    if lchild[ptr] != nil or (weight[ptr] == 0 and self.zero_count != 1):
+                        continue
+                out.append(self._symbol())
+                if len(out) == size:
+                    if i + 1 != len(buf):
+                        raise _VCDiffError("corrupt delta: FGK section has unused bytes")
+                    return bytes(out)
+        raise _VCDiffError("truncated delta: FGK section ends early")
+
+    def _symbol(self) -> int:
+        """fgk_decode_data: the symbol at the decode position, then the model update."""
+        elt = self.ptr
+        if self.weight[elt] == 0:
+            n = 0
+            for bit in self.coded or [0]:
+                n = n << 1 | bit
+            elt = self.zeros  # fgk_nth_zero: the n-th entry of the zero list
+            while n and self.rchild[elt] != self._NIL:
+                elt = self.rchild[elt]
+                n -= 1
+        if not 0 <= elt < 256:
+            raise _VCDiffError("corrupt delta: FGK code names no symbol")
+        self.coded = []
+        self._update(elt)
+        self.ptr = self.root
+        return elt
+
+    def _update(self, n: int) -> None:
+        """fgk_update_tree, with fgk_promote and the block free list inlined: this loop
+        runs once per tree level per symbol."""
+        node = self._increase_zero_weight(n) if self.weight[n] == 0 else n
+        weight, block, leader, freeptr = self.weight, self.block, self.leader, self.freeptr
+        parent, left, right, lchild = self.parent, self.left, self.right, self.lchild
+        root, zeros, free, nil = self.root, self.zeros, self.free_block, self._NIL
+        while node != root:
+            back = leader[block[node]]
+            w = weight[node]
+            if node != back and parent[node] != back and w:
+                self._move_right(node, back)
+            if w:  # fgk_promote: move the node (its block's leader) into the next block
+                my_right, my_left, cur = right[node], left[node], block[node]
+                lc = lchild[node]
+                if my_left == self.rchild[node] and lc != nil and weight[lc] == 0:
+                    if w == weight[my_right] - 1 and my_right != root:
+                        freeptr[cur], free = free, cur
+                        block[node] = block[my_left] = block[my_right]
+                elif my_left != zeros:
+                    if block[my_left] == cur:
+                        leader[cur] = my_left
+                    else:
+                        freeptr[cur], free = free, cur
+                    if w == weight[my_right] - 1 and my_right != root:
+                        block[node] = block[my_right]
+                    else:
+                        if free < 0:
+                            raise _VCDiffError("corrupt delta: FGK model ran out of blocks")
+                        block[node], free = free, freeptr[free]
+                        leader[block[node]] = node
+            weight[node] = w + 1
+            node = parent[node]
+        weight[root] += 1
+        self.free_block = free
+
+    def _move_right(self, fwd: int, back: int) -> None:
+        """fgk_move_right: swap ``fwd`` with its block's leader ``back``."""
+        left, right, parent = self.left, self.right, self.parent
+        left[right[back]] = fwd
+        if left[fwd] != self._NIL:
+            right[left[fwd]] = back
+        tmp = right[fwd]
+        right[fwd] = right[back]
+        if tmp == back:
+            right[back] = fwd
+        else:
+            left[tmp] = back
+            right[back] = tmp
+        tmp = left[back]
+        left[back] = left[fwd]
+        if tmp == fwd:
+            left[fwd] = back
+        else:
+            right[tmp] = fwd
+            left[fwd] = tmp
+        # Swap the two nodes' places under their parents (possibly the same parent).
+        pf, pb = parent[fwd], parent[back]
+        fslot = self.rchild if self.rchild[pf] == fwd else self.lchild
+        bslot = self.rchild if self.rchild[pb] == back else self.lchild
+        parent[fwd], parent[back] = pb, pf
+        fslot[pf], bslot[pb] = bslot[pb], fslot[pf]
+        self.leader[self.block[fwd]] = fwd
+
+    def _increase_zero_weight(self, n: int) -> int:
+        nil = self._NIL
+        weight, parent, block = self.weight, self.parent, self.block
+        lchild, rchild, left, right = self.lchild, self.rchild, self.left, self.right
+        if self.zero_count == 1:  # the last unseen symbol
+            rchild[n] = nil
+            block[n] = block[right[n]] if weight[right[n]] == 1 else self._make_block(n)
+            self.zeros = nil
+            return n
+        zp = self.zeros
+        if self.free_node >= self._NODES:
+            raise _VCDiffError("corrupt delta: FGK model ran out of nodes")
+        new = self.free_node
+        self.free_node += 1
+        parent[new], right[new], weight[new] = parent[zp], right[zp], 0
+        rchild[new] = left[new] = n
+        if zp == self.root:  # the first symbol coded
+            self.root = new
+            block[n] = self._make_block(n)
+            block[new] = self._make_block(new)
+        else:
+            left[right[new]] = new
+            if rchild[parent[zp]] == zp:
+                rchild[parent[zp]] = new
+            else:
+                lchild[parent[zp]] = new
+            if weight[right[new]] == 1:
+                block[new] = block[right[new]]
+            else:
+                block[new] = self._make_block(new)
+            block[n] = block[new]
+        # fgk_eliminate_zero: unlink n from the zero list.
+        self._factor_remaining()
+        if lchild[n] == nil:
+            self.zeros = rchild[self.zeros]
+            lchild[self.zeros] = nil
+        elif rchild[n] == nil:
+            rchild[lchild[n]] = nil
+        else:
+            lchild[rchild[n]] = lchild[n]
+            rchild[lchild[n]] = rchild[n]
+        zeros = self.zeros
+        lchild[new] = zeros
+        right[n], left[n], parent[n] = new, zeros, new
+        lchild[n] = rchild[n] = nil
+        parent[zeros], right[zeros] = new, n
+        return n
+
+
+# -- Secondary compression: LZMA ----------------------------------------------
+
+
+class _LZMA:
+    """xdelta3-lzma.h: one liblzma .xz stream (lzma_stream_decoder; the encoder writes
+    LZMA2 with LZMA_CHECK_NONE) per section type for the whole delta. The encoder ends
+    each section with LZMA_SYNC_FLUSH and never finishes the stream, so every section
+    continues the stream the previous window's section of that type started."""
+
+    def __init__(self) -> None:
+        try:
+            import lzma
+        except ImportError:
+            raise _VCDiffError(
+                "unsupported delta: it uses LZMA secondary compression and this Python has "
+                "no lzma module (built without liblzma); decode it with xdelta3 or a Python "
+                "that has lzma"
+            ) from None
+        self._error: type[Exception] = lzma.LZMAError
+        self._dec = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+
+    def decode(self, buf: bytes, size: int) -> bytes:
+        try:
+            # One byte past `size` tells too much output from exactly enough.
+            out: bytes = self._dec.decompress(buf, size + 1)
+        except (self._error, EOFError) as e:
+            raise _VCDiffError(f"corrupt delta: LZMA section: {e}") from None
+        if len(out) != size:
+            raise _VCDiffError(f"corrupt delta: LZMA section gave {len(out)} bytes, not {size}")
+        if not self._dec.needs_input or self._dec.eof:
+            raise _VCDiffError("corrupt delta: LZMA section has unused bytes")
+        return out
+
+
+# -- Instructions: the RFC 3284 code table ------------------------------------
+
+#: Half-instruction kinds: copies are their address mode (0..8), and these two are
+#: negative so one comparison tells a copy from the rest.
+_ADD = -1
+_RUN = -2
+_NEAR_MODES = 4  # RFC 3284 section 5.1: s_near = 4, s_same = 3 for the default table
+_SAME_MODES = 3
+_SAME_START = 2 + _NEAR_MODES
+_SAME_SIZE = _SAME_MODES * 256
+_MIN_MATCH = 4
+
+
+def _rfc3284_code_table() -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The default instruction code table (RFC 3284 section 5.6, built the way
+    xdelta3.c xd3_build_code_table does): each opcode maps to one or two
+    (kind, size) half-instructions; size 0 means the size follows in the inst section."""
+    t: list[tuple[tuple[int, int], ...]] = [((_RUN, 0),), ((_ADD, 0),)]
+    t += [((_ADD, s),) for s in range(1, 18)]
+    for mode in range(9):
+        t += [((mode, 0),)] + [((mode, s),) for s in range(_MIN_MATCH, _MIN_MATCH + 15)]
+    for mode in range(9):  # ADD then COPY: add 1..4, copy 4..6 (near) or 4 (same)
+        for a in range(1, 5):
+            t += [((_ADD, a), (mode, c)) for c in range(4, 7 if mode < _SAME_START else 5)]
+    t += [((mode, 4), (_ADD, 1)) for mode in range(9)]  # COPY 4 then ADD 1
+    assert len(t) == 256
+    return tuple(t)
+
+
+_CODE_TABLE = _rfc3284_code_table()
+
+
+def _run_window(
+    inst: bytes, data: bytes, addr: bytes, seg: Any, cpylen: int, tgtlen: int
+) -> bytearray:
+    """Executes one window's instructions (RFC 3284 sections 5.3-5.4) and returns the
+    target window. Addresses below ``cpylen`` are in ``seg`` (the source or earlier-target
+    segment); the rest are in the target window being built. Every size and address is
+    checked against what exists before it is used, as xd3_decode_parse_halfinst does."""
+    table = _CODE_TABLE
+    out = bytearray()
+    near = [0] * _NEAR_MODES
+    slot = 0
+    same = [0] * _SAME_SIZE
+    ip = dp = ap = 0
+    ilen, dlen = len(inst), len(data)
+    here = cpylen  # the address of the next byte to write
+    end = cpylen + tgtlen
+    try:
+        while ip < ilen:
+            halves = table[inst[ip]]
+            ip += 1
+            for kind, size in halves:
+                if not size:
+                    size = inst[ip]
+                    ip += 1
+                    if size & 0x80:  # two-byte sizes (< 16 KiB) inline, longer ones call
+                        b = inst[ip]
+                        if b & 0x80:
+                            size, ip = _varint(inst, ip - 1, _SIZE_BITS, "instruction size")
+                        else:
+                            size = (size & 0x7F) << 7 | b
+                            ip += 1
+                if here + size > end:
+                    raise _VCDiffError("corrupt delta: instruction writes past the window")
+                if kind >= 0:  # COPY: decode the address (RFC 3284 section 5.3)
+                    if kind < _SAME_START:
+                        a = addr[ap]
+                        ap += 1
+                        if a & 0x80:
+                            b = addr[ap]
+                            if b & 0x80:
+                                a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
+                            else:
+                                a = (a & 0x7F) << 7 | b
+                                ap += 1
+                        if kind == 1:  # VCD_HERE
+                            a = here - a
+                        elif kind:  # VCD_NEAR
+                            a += near[kind - 2]
+                    else:  # VCD_SAME
+                        a = same[(kind - _SAME_START) * 256 + addr[ap]]
+                        ap += 1
+                    near[slot] = a
+                    slot = (slot + 1) & 3  # _NEAR_MODES is 4
+                    same[a % _SAME_SIZE] = a
+                    if a < cpylen:
+                        if a < 0 or a + size > cpylen:
+                            raise _VCDiffError("corrupt delta: copy outside the source window")
+                        out += seg[a : a + size]
+                    else:
+                        a -= cpylen
+                        have = here - cpylen
+                        if a >= have:
+                            raise _VCDiffError("corrupt delta: copy from unwritten target")
+                        if a + size <= have:
+                            out += out[a : a + size]
+                        else:  # overlapping: the RFC's way of writing a repeated pattern
+                            pattern = out[a:]
+                            reps, rest = divmod(size, len(pattern))
+                            out += pattern * reps
+                            out += pattern[:rest]
+                elif kind == _ADD:
+                    if dp + size > dlen:
+                        raise _VCDiffError("corrupt delta: ADD runs past the data section")
+                    out += data[dp : dp + size]
+                    dp += size
+                else:  # RUN
+                    if dp >= dlen:
+                        raise _VCDiffError("corrupt delta: RUN runs past the data section")
+                    out += data[dp : dp + 1] * size
+                    dp += 1
+                here += size
+    except IndexError:
+        raise _VCDiffError("corrupt delta: instruction or address section ends early") from None
+    if here != end:
+        raise _VCDiffError(f"corrupt delta: window decodes to {here - cpylen} of {tgtlen} bytes")
+    if dp != dlen or ap != len(addr):
+        raise _VCDiffError("corrupt delta: unused bytes in the data or address section")
+    return out
+
+
+# -- Windows and the whole delta ----------------------------------------------
+
+
+class _FileSegment:
+    """A source segment read on demand, for files mmap cannot map (empty files, some
+    special files, 32-bit address space): each copy is one seek and read."""
+
+    def __init__(self, f: IO[bytes], base: int) -> None:
+        self._f = f
+        self._base = base
+
+    def __getitem__(self, s: slice) -> bytes:
+        self._f.seek(self._base + s.start)
+        data = self._f.read(s.stop - s.start)
+        if len(data) != s.stop - s.start:
+            raise _VCDiffError("source file changed while decoding: it is shorter")
+        return data
+
+
+class _Source:
+    """The source file. Each window maps only the segment it copies from and unmaps it
+    after the window, so a 2 GiB source costs address space, not resident memory."""
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def segment(self, off: int, length: int) -> Any:
+        self.release()
+        if not length:
+            return b""
+        start = off - off % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
+        try:
+            self._map = mmap.mmap(
+                self._f.fileno(), off + length - start, access=mmap.ACCESS_READ, offset=start
+            )
+        except (OSError, ValueError, OverflowError):
+            return _FileSegment(self._f, off)
+        self._view = memoryview(self._map)[off - start :]
+        return self._view
+
+    def release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def close(self) -> None:
+        self.release()
+        self._f.close()
+
+
+def _check_appheader(app: bytes) -> None:
+    """xdelta3-main.h main_set_appheader writes "target/comp/source/comp" (or
+    "target/comp"), comp naming the external compressor xdelta3 ran when it was not given
+    -D. Such a delta holds the *decompressed* data: rebuilding the original file would
+    need the same compressor to give the same bytes again, which nothing guarantees."""
+    fields = app.split(b"/")
+    if len(fields) in (2, 4):
+        for comp in fields[1::2]:
+            if comp in _EXTERNAL_COMPRESSORS:
+                raise _VCDiffError(
+                    "unsupported delta: xdelta3 made it from "
+                    f"{_EXTERNAL_COMPRESSORS[comp]}-decompressed input (it was run without -D), "
+                    "so the original bytes cannot be rebuilt from it"
+                )
+
+
+def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -> bytes:
+    """xd3_decode_secondary (xdelta3-second.h): the section starts with its decoded size,
+    then the compressor's stream."""
+    size, pos = _varint(raw, 0, _SIZE_BITS, "secondary section size")
+    if not 0 < size <= limit:
+        raise _VCDiffError(f"corrupt delta: secondary section claims {size} bytes")
+    body = raw[pos:]
+    if sec_id == _SEC_DJW:
+        return _djw_decode(body, size)
+    if models[k] is None:
+        models[k] = _FGK() if sec_id == _SEC_FGK else _LZMA()
+    out: bytes = models[k].decode(body, size)
+    return out
+
+
+def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
+    """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
+    against the source file path (or None), writing the target to ``out``; returns bytes
+    written. Raises _VCDiffError for a corrupt, truncated or unsupported delta (``out``
+    then holds the windows decoded before the error) and OSError from opening or reading
+    the source or writing ``out``. A delta cut exactly between two windows is a valid,
+    shorter delta: VCDIFF records no total length, so the caller checks size and digest.
+    VCD_TARGET windows (which xdelta3 never writes) read earlier output back from ``out``
+    when they reach before the last window, and so need it readable and seekable."""
+    rd = _DeltaReader(delta)
+    try:
+        magic = rd.take(4, "VCDIFF header")
+    except _VCDiffError:
+        magic = b""
+    if magic[:3] != _VCD_MAGIC[:3]:
+        raise _VCDiffError("corrupt delta: not a VCDIFF file (no VCDIFF magic at offset 0)")
+    if magic[3:] != _VCD_MAGIC[3:]:
+        raise _VCDiffError(f"unsupported delta: VCDIFF version {magic[3]} (only 0 is known)")
+    hdr = rd.byte("header indicator")
+    if hdr & ~(_VCD_SECONDARY | _VCD_CODETABLE | _VCD_APPHEADER):
+        raise _VCDiffError(f"corrupt delta: unknown header indicator bits {hdr:#04x} at offset 4")
+    sec_id = 0
+    if hdr & _VCD_SECONDARY:
+        sec_id = rd.byte("secondary compressor id")
+        if sec_id not in (_SEC_DJW, _SEC_LZMA, _SEC_FGK):
+            raise _VCDiffError(f"unsupported delta: secondary compressor id {sec_id}")
+    if hdr & _VCD_CODETABLE:
+        # xdelta3 3.x cannot read these either ("VCD_CODETABLE support was removed").
+        raise _VCDiffError("unsupported delta: it carries its own code table (VCD_CODETABLE)")
+    if hdr & _VCD_APPHEADER:
+        _check_appheader(rd.take(rd.integer("application header length"), "application header"))
+    src = _Source(source) if source is not None else None
+    models: list[Any] = [None, None, None]  # FGK/LZMA state per section type
+    written = 0
+    last = bytearray()  # the previous target window, for VCD_TARGET copies
+    number = 0
+    try:
+        while not rd.at_end():
+            start = rd.offset()
+            try:
+                target = _decode_window(rd, sec_id, models, src, out, written, last)
+            except _VCDiffError as e:
+                raise _VCDiffError(f"{e} (window {number} at delta offset {start})") from None
+            out.write(target)
+            written += len(target)
+            last = target
+            number += 1
+    finally:
+        if src is not None:
+            src.close()
+    return written
+
+
+def _decode_window(
+    rd: _DeltaReader,
+    sec_id: int,
+    models: list[Any],
+    src: _Source | None,
+    out: IO[bytes],
+    written: int,
+    last: bytearray,
+) -> bytearray:
+    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h)."""
+    win = rd.byte("window indicator")
+    if win & ~(_VCD_SOURCE | _VCD_TARGET | _VCD_ADLER32):
+        raise _VCDiffError(f"corrupt delta: unknown window indicator bits {win:#04x}")
+    if win & _VCD_SOURCE and win & _VCD_TARGET:
+        raise _VCDiffError("corrupt delta: window sets both VCD_SOURCE and VCD_TARGET")
+    cpylen = cpyoff = 0
+    if win & (_VCD_SOURCE | _VCD_TARGET):
+        cpylen = rd.integer("copy window length")
+        cpyoff = rd.integer("copy window offset", _OFFSET_BITS)
+    enclen = rd.integer("delta encoding length")
+    enc_start = rd.offset()
+    tgtlen = rd.integer("target window length")
+    if tgtlen > _MAX_TARGET_WINDOW:
+        raise _VCDiffError(
+            f"corrupt delta: target window of {tgtlen} bytes (xdelta3's limit is 16 MiB)"
+        )
+    delind = rd.byte("delta indicator")
+    if delind & ~(_VCD_DATACOMP | _VCD_INSTCOMP | _VCD_ADDRCOMP):
+        raise _VCDiffError(f"corrupt delta: unknown delta indicator bits {delind:#04x}")
+    if delind and not sec_id:
+        raise _VCDiffError("corrupt delta: compressed sections without a secondary compressor")
+    lengths = [rd.integer(f"{name} section length") for name in ("data", "inst", "addr")]
+    cksum = rd.take(4, "window checksum") if win & _VCD_ADLER32 else b""
+    # RFC 3284 section 4.2: the encoding length counts everything from the target window
+    # length to the end of the address section.
+    if rd.offset() - enc_start + sum(lengths) != enclen:
+        raise _VCDiffError("corrupt delta: window section lengths disagree with its length")
+    sections = [rd.take(n, f"{name} section") for n, name in zip(lengths, ("data", "inst", "addr"))]
+    for k, bit in enumerate((_VCD_DATACOMP, _VCD_INSTCOMP, _VCD_ADDRCOMP)):
+        if delind & bit:
+            # An add or run writes at least one byte per data byte, and an instruction or
+            # address takes at most 6 bytes per target byte: bounds for a lying size.
+            limit = tgtlen if k == 0 else 6 * tgtlen + 16
+            sections[k] = _secondary(sec_id, models, k, sections[k], limit)
+    data, inst, addr = sections
+    seg: Any = b""
+    if win & _VCD_SOURCE:
+        if src is None:
+            raise _VCDiffError("unsupported delta: it copies from a source file and none was given")
+        if cpyoff + cpylen > src.size:
+            raise _VCDiffError(
+                f"corrupt delta: source window {cpyoff}+{cpylen} is beyond the "
+                f"{src.size}-byte source file"
+            )
+        seg = src.segment(cpyoff, cpylen)
+    elif win & _VCD_TARGET:
+        seg = _earlier_target(out, written, last, cpyoff, cpylen)
+    try:
+        target = _run_window(inst, data, addr, seg, cpylen, tgtlen)
+    finally:
+        if src is not None:
+            src.release()
+    if cksum and zlib.adler32(target) != int.from_bytes(cksum, "big"):
+        raise _VCDiffError("corrupt delta: target window checksum (adler32) mismatch")
+    return target
+
+
+def _earlier_target(
+    out: IO[bytes], written: int, last: bytearray, off: int, length: int
+) -> bytes | memoryview:
+    """A VCD_TARGET copy window (RFC 3284 section 4.2): bytes already written. The last
+    window is still in memory; anything older is read back from ``out``."""
+    if off + length > written:
+        raise _VCDiffError("corrupt delta: VCD_TARGET window reaches past the output so far")
+    last_start = written - len(last)
+    if off >= last_start:
+        return memoryview(last)[off - last_start : off - last_start + length]
+    if not (out.readable() and out.seekable()):
+        raise _VCDiffError(
+            "unsupported: this delta copies from earlier output (VCD_TARGET), so the output "
+            "must be opened readable and seekable (e.g. 'w+b')"
+        )
+    out.flush()
+    pos = out.tell()
+    out.seek(pos - written + off)
+    try:
+        data = out.read(length)
+    finally:
+        out.seek(pos)
+    if len(data) != length:
+        raise _VCDiffError("VCD_TARGET: could not read back the earlier output")
+    return data
+
+
+###############################################################################
+# Archive-aware zip codec #####################################################
+###############################################################################
+
+# Expanded stream, version 1 (integers are LEB128 varints unless noted):
+#   header   b"DGZX" 0x01 varint(n) zlib-version[n]     (the version is for error messages)
+#   records  b"R" chunks          raw bytes, copied verbatim
+#            b"D" level memlevel strategy chunks
+#                                 a member's inflated content: rebuild is its raw deflate
+#                                 (wbits -15) with these parameters
+#            b"L" varint(n) n bytes
+#                                 a local header, its date-time XOR the previous "L" record's
+#            b"C" varint(n) n bytes
+#                                 a central directory entry, its date-time XOR that of the
+#                                 "L" record with its index (0 if none), its local header
+#                                 offset minus the previous "C" record's (mod 2**32)
+#            b"E" varint(size) crc32[4, big-endian]
+#                                 end: the rebuilt file's size and CRC-32
+#   chunks   (varint(n) n bytes)* varint(0), every n <= _ZIPX_CHUNK
+# Records follow the zip in file-offset order (local header, member, descriptor, next header,
+# ..., central directory), so two versions of a zip give streams that line up for xdelta3.
+# A build stamps its members with its own time and one member that grows moves the offsets of
+# all that follow; "L" and "C" make those fields the same bytes in both versions, unless the
+# time changes between neighbours (a build spanning a second boundary) or the member changed.
+
+_ZIPX_MAGIC = b"DGZX"
+_ZIPX_VERSION = 1
+_ZIPX_RAW = b"R"
+_ZIPX_DEFLATE = b"D"
+_ZIPX_LOCAL = b"L"
+_ZIPX_CENTRAL = b"C"
+_ZIPX_END = b"E"
+#: Read, inflate and copy in pieces of this size, so memory stays flat for any member size.
+_ZIPX_CHUNK = 1024 * 1024
+#: A member whose content fits this is inflated once and kept; larger ones are inflated again
+#: to be written, because their content is not held in memory.
+_ZIPX_KEEP = 8 * 1024 * 1024
+#: Zip-bomb guard: stop inflating beyond 1000x the compressed size + 1 MiB or 4 GiB; the
+#: member then stays compressed (still rebuilt exactly, just not delta-friendly).
+_ZIPX_BOMB_RATIO = 1000
+_ZIPX_BOMB_MAX = 4 * 1024**3
+#: After this many deflated members with no match at all, the zip was written by a deflater
+#: other than zlib (7-Zip, Info-ZIP, zopfli, Go, miniz, zlib-ng): stop paying 12 deflates each.
+_ZIPX_GIVE_UP = 8
+#: (level, memLevel, strategy) tried in this order after the last one that matched. zlib's
+#: default (6, 8) is what Python's zipfile, the JDK (jar, Maven, Gradle) and .NET's Optimal
+#: write; then "best" (9) and "fastest" (1), the other levels, and memLevel 9. On inputs
+#: under ~16 KB memLevel rarely changes the output, so the (level, 8) entries catch those.
+_ZIPX_CANDIDATES = (
+    (6, 8, 0),
+    (9, 8, 0),
+    (1, 8, 0),
+    (5, 8, 0),
+    (4, 8, 0),
+    (3, 8, 0),
+    (2, 8, 0),
+    (7, 8, 0),
+    (8, 8, 0),
+    (6, 9, 0),
+    (9, 9, 0),
+    (0, 8, 0),
+)
+
+# Signature, then the fields of APPNOTE 4.3.7 (local), 4.3.12 (central), 4.3.16 (end),
+# 4.3.15 (zip64 locator) and 4.3.14 (zip64 end), without the variable-length parts.
+_ZIP_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_ZIP_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_ZIP_EOCD = struct.Struct("<IHHHHIIH")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
+_ZIP_SIG_LOCAL = 0x04034B50
+_ZIP_SIG_CENTRAL = 0x02014B50
+_ZIP_SIG_64LOC = 0x07064B50
+_ZIP_SIG_64EOCD = 0x06064B50
+#: The end record sits within the last 64 KiB (its comment length is 16 bits); look a little
+#: further for zips with trailing bytes after it.
+_ZIP_EOCD_SEARCH = 22 + 65535 + 1024
+
+
+class _ZipCodecError(Exception):
+    """The expanded stream is corrupt, truncated, or of an unknown version."""
+
+
+class _Unreproducible(Exception):
+    """This member's deflate stream can't be inflated (or is a bomb): keep it compressed."""
+
+
+def _zipx_varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _zipx_read(stream: IO[bytes], n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise _ZipCodecError("expanded zip stream is truncated")
+    return data
+
+
+def _zipx_read_varint(stream: IO[bytes]) -> int:
+    n = shift = 0
+    while True:
+        byte = _zipx_read(stream, 1)[0]
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return n
+        shift += 7
+        if shift > 63:
+            raise _ZipCodecError("expanded zip stream has a malformed length")
+
+
+def _zipx_read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        n = _zipx_read_varint(stream)
+        if n == 0:
+            return
+        # The cap also keeps a corrupt length from allocating gigabytes in read().
+        if n > _ZIPX_CHUNK:
+            raise _ZipCodecError("expanded zip stream has an oversized chunk")
+        yield _zipx_read(stream, n)
+
+
+def _zipx_copy(src: IO[bytes], start: int, end: int, out: IO[bytes]) -> None:
+    """Write src[start:end] to `out` as a raw record."""
+    if start >= end:
+        return
+    out.write(_ZIPX_RAW)
+    src.seek(start)
+    while start < end:
+        data = src.read(min(_ZIPX_CHUNK, end - start))
+        if not data:
+            raise OSError("zip file shrank while being read")
+        out.write(_zipx_varint(len(data)))
+        out.write(data)
+        start += len(data)
+    out.write(b"\0")
+
+
+# Parsing: where the deflated members are
+
+
+def _zip_find_cd(f: IO[bytes], size: int) -> tuple[int, int, int] | None:
+    """(start, end, shift) of the central directory, `shift` being what to add to its offsets
+    (non-zero when data was prepended, e.g. a self-extractor stub). None if not a zip."""
+    tail_start = max(0, size - _ZIP_EOCD_SEARCH)
+    f.seek(tail_start)
+    tail = f.read(size - tail_start)
+    at = len(tail)
+    # The last signature that parses wins; earlier ones may sit inside a comment or junk.
+    while True:
+        at = tail.rfind(b"PK\x05\x06", 0, at)
+        if at < 0:
+            return None
+        found = _zip_parse_eocd(f, tail, at, tail_start + at)
+        if found is not None:
+            return found
+
+
+def _zip_parse_eocd(f: IO[bytes], tail: bytes, at: int, pos: int) -> tuple[int, int, int] | None:
+    if at + _ZIP_EOCD.size > len(tail):
+        return None
+    _, _, _, _, count, cd_size, cd_offset, comment = _ZIP_EOCD.unpack_from(tail, at)
+    if at + _ZIP_EOCD.size + comment > len(tail):
+        return None
+    cd_end = pos
+    loc_at = pos - _ZIP64_LOCATOR.size
+    if loc_at >= 0:
+        f.seek(loc_at)
+        loc = f.read(_ZIP64_LOCATOR.size)
+        if len(loc) == _ZIP64_LOCATOR.size and _ZIP64_LOCATOR.unpack(loc)[0] == _ZIP_SIG_64LOC:
+            # Like zipfile: the zip64 end record is assumed to sit just before its locator
+            # (no extensible data), which also holds when data was prepended.
+            rec_at = loc_at - _ZIP64_EOCD.size
+            f.seek(max(0, rec_at))
+            rec = f.read(_ZIP64_EOCD.size)
+            if rec_at < 0 or len(rec) != _ZIP64_EOCD.size:
+                return None
+            fields = _ZIP64_EOCD.unpack(rec)
+            if fields[0] != _ZIP_SIG_64EOCD:
+                return None
+            count, cd_size, cd_offset, cd_end = fields[7], fields[8], fields[9], rec_at
+    cd_start = cd_end - cd_size
+    if cd_start < 0 or cd_offset > cd_start:
+        return None
+    if count:
+        f.seek(cd_start)
+        if f.read(4) != b"PK\x01\x02":
+            return None
+    return cd_start, cd_end, cd_start - cd_offset
+
+
+def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
+    """(start, kind, end) of the zip's parts in file order:
+    _ZIPX_LOCAL headers, _ZIPX_CENTRAL entries, and _ZIPX_DEFLATE member data (where `end` is
+    only a bound: the deflate stream itself says where it stops). None if not a zip.
+
+    These are only hints: a member is expanded only if re-deflating its content gives back the
+    very bytes at that place, and the header transforms are invertible for any bytes, so a zip
+    that lies about itself still rebuilds exactly (just less compactly)."""
+    cd = _zip_find_cd(f, size)
+    if cd is None:
+        return None
+    at, cd_end, shift = cd
+    # Entry by entry rather than the whole directory at once: it can be larger than memory.
+    parts = set()
+    while at + _ZIP_CENTRAL.size <= cd_end:
+        f.seek(at)
+        fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
+        flags, (csize, usize, nlen, xlen, clen), offset = fields[3], fields[8:13], fields[16]
+        end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
+        if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
+            break
+        f.seek(at + _ZIP_CENTRAL.size + nlen)
+        csize, offset = _zip64_sizes(f.read(xlen), usize, csize, offset)
+        parts.add((at, _ZIPX_CENTRAL, end))
+        parts.update(_zip_member(f, size, offset, shift, csize, flags))
+        at = end
+    return sorted(parts)
+
+
+def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int]:
+    """The compressed size and header offset, from the zip64 extra field where the central
+    directory entry says 0xFFFFFFFF (APPNOTE 4.5.3: only those values are present, in order)."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, at)
+        if tag == 1:
+            values = [usize, csize, offset]
+            i = at + 4
+            for k, value in enumerate(values):
+                if value == 0xFFFFFFFF and i + 8 <= min(len(extra), at + 4 + n):
+                    values[k] = struct.unpack_from("<Q", extra, i)[0]
+                    i += 8
+            return values[1], values[2]
+        at += 4 + n
+    return csize, offset
+
+
+def _zip_member(
+    f: IO[bytes], size: int, offset: int, shift: int, csize: int, flags: int
+) -> list[tuple[int, bytes, int]]:
+    """The local header of a member and, if deflated, its data, as _zip_layout parts."""
+    for header in (offset + shift, offset):
+        if header + _ZIP_LOCAL.size > size:
+            continue
+        f.seek(header)
+        fields = _ZIP_LOCAL.unpack(f.read(_ZIP_LOCAL.size))
+        if fields[0] != _ZIP_SIG_LOCAL:
+            continue
+        # The local header, not the central one, says where the data starts: their name and
+        # extra lengths often differ (zipalign pads only the local extra field).
+        start = header + _ZIP_LOCAL.size + fields[9] + fields[10]
+        if start > size:
+            return []
+        parts = [(header, _ZIPX_LOCAL, start)]
+        if fields[3] == 8 and not (fields[2] | flags) & 1:
+            parts.append((start, _ZIPX_DEFLATE, min(size, start + csize)))
+        return parts
+    return []
+
+
+# Expanding
+
+
+class _Inflate:
+    """Iterates over the content of the raw deflate stream at f[start:bound] in pieces of at
+    most _ZIPX_CHUNK. If `collect`, `raw` collects the compressed bytes as they are read, for
+    the caller to compare with and consume. Once exhausted, `end` is where the deflate stream
+    ended and `raw` has lost any bytes read past it. The pieces depend only on the bytes in the
+    file, so a second pass yields the same pieces and the deflater is fed as when verified."""
+
+    def __init__(self, f: IO[bytes], start: int, bound: int, collect: bool = True) -> None:
+        self.f, self.start, self.bound, self.collect = f, start, bound, collect
+        self.raw = bytearray()
+        self.end = -1
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.f.seek(self.start)
+        inflater = zlib.decompressobj(-15)
+        pos, total = self.start, 0
+        limit = min(_ZIPX_BOMB_RATIO * (self.bound - self.start) + _ZIPX_CHUNK, _ZIPX_BOMB_MAX)
+        while not inflater.eof:
+            data = self.f.read(min(_ZIPX_CHUNK, self.bound - pos))
+            if not data:
+                raise _Unreproducible("deflate stream runs past its member")
+            pos += len(data)
+            if self.collect:
+                self.raw += data
+            while True:
+                try:
+                    piece = inflater.decompress(data, _ZIPX_CHUNK)
+                except zlib.error as e:
+                    raise _Unreproducible(str(e)) from None
+                data = inflater.unconsumed_tail
+                total += len(piece)
+                if total > limit:
+                    raise _Unreproducible("inflates beyond the zip-bomb limit")
+                if piece:
+                    yield piece
+                # A full piece may leave output pending inside zlib even with no input left.
+                if inflater.eof or (not data and len(piece) < _ZIPX_CHUNK):
+                    break
+        unused = len(inflater.unused_data)
+        self.end = pos - unused
+        if self.collect:
+            del self.raw[len(self.raw) - unused :]
+
+
+def _zipx_consume(raw: bytearray, out: bytes) -> bool:
+    """Whether `out` is the next part of `raw`; consume it if so."""
+    if not out:
+        return True
+    if raw[: len(out)] != out:
+        return False
+    del raw[: len(out)]
+    return True
+
+
+def _zipx_verify(
+    f: IO[bytes], start: int, bound: int, params: tuple[int, int, int]
+) -> tuple[int, list[bytes] | None] | None:
+    """Inflate the member at f[start:bound] and re-deflate it with `params`, comparing as we
+    go and stopping at the first mismatching byte. (end of the stream, its content if small)
+    on an exact match, else None."""
+    level, mem_level, strategy = params
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    source = _Inflate(f, start, bound)
+    kept: list[bytes] | None = []
+    kept_size = 0
+    for piece in source:
+        if not _zipx_consume(source.raw, deflater.compress(piece)):
+            return None
+        kept_size += len(piece)
+        if kept is not None and kept_size <= _ZIPX_KEEP:
+            kept.append(piece)
+        else:
+            kept = None
+    if not _zipx_consume(source.raw, deflater.flush()) or source.raw:
+        return None
+    return source.end, kept
+
+
+class _ZipxHeaders:
+    """The "L"/"C" header transform. Expanding applies it and rebuilding undoes it to the same
+    records in the same order, so both sides hold the same state, whatever the headers say."""
+
+    def __init__(self, undo: bool) -> None:
+        self.undo = undo
+        self.local_times = array.array("I")  # every "L" record's real date-time, in order
+        self.centrals = 0
+        self.offset = 0  # the previous "C" record's real local header offset
+
+    def apply(self, kind: bytes, data: bytes) -> bytes:
+        buf = bytearray(data)
+        times = self.local_times
+        if kind == _ZIPX_LOCAL:
+            (field,) = struct.unpack_from("<I", buf, 10)
+            value = field ^ (times[-1] if times else 0)
+            struct.pack_into("<I", buf, 10, value)
+            times.append(value if self.undo else field)
+            return bytes(buf)
+        (field,) = struct.unpack_from("<I", buf, 12)
+        value = field ^ (times[self.centrals] if self.centrals < len(times) else 0)
+        struct.pack_into("<I", buf, 12, value)
+        self.centrals += 1
+        (field,) = struct.unpack_from("<I", buf, 42)
+        value = (field + self.offset if self.undo else field - self.offset) & 0xFFFFFFFF
+        struct.pack_into("<I", buf, 42, value)
+        self.offset = value if self.undo else field
+        return bytes(buf)
+
+
+def _zip_expand(src: str, out: IO[bytes]) -> bool:
+    """Write the expanded form of the zip file at `src` to `out`, sequentially. False if
+    `src` is not a zip this codec can read (the caller then discards `out`). Members that
+    zlib can't reproduce byte for byte, stored members and other methods stay raw bytes."""
+    with open(src, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        try:
+            layout = _zip_layout(f, size)
+        except (struct.error, ValueError, OverflowError):
+            layout = None
+        if layout is None:
+            return False
+        out.write(_ZIPX_MAGIC + bytes([_ZIPX_VERSION]))
+        version = zlib.ZLIB_RUNTIME_VERSION.encode("ascii", "replace")
+        out.write(_zipx_varint(len(version)) + version)
+        headers = _ZipxHeaders(undo=False)
+        pos = 0  # everything before pos has been written
+        last = _ZIPX_CANDIDATES[0]
+        hits = misses = 0
+        for start, kind, end in layout:
+            if start < pos:
+                continue  # overlaps a part already written: it stays inside that one
+            if kind != _ZIPX_DEFLATE:
+                _zipx_copy(f, pos, start, out)
+                f.seek(start)
+                data = f.read(end - start)
+                if len(data) != end - start:
+                    raise OSError("zip file shrank while being read")
+                out.write(kind + _zipx_varint(len(data)) + headers.apply(kind, data))
+                pos = end
+                continue
+            if misses >= _ZIPX_GIVE_UP and not hits:
+                continue
+            found = None
+            try:
+                # Zips are written with one setting: the last match is almost always next.
+                for params in (last, *(c for c in _ZIPX_CANDIDATES if c != last)):
+                    found = _zipx_verify(f, start, end, params)
+                    if found is not None:
+                        last = params
+                        break
+            except _Unreproducible:
+                pass
+            if found is None:
+                misses += 1
+                continue
+            hits += 1
+            stream_end, content = found
+            _zipx_copy(f, pos, start, out)
+            out.write(_ZIPX_DEFLATE + bytes(last))
+            try:
+                for piece in content if content is not None else _Inflate(f, start, end, False):
+                    out.write(_zipx_varint(len(piece)))
+                    out.write(piece)
+            except _Unreproducible:
+                raise OSError("zip file changed while being read") from None
+            out.write(b"\0")
+            pos = stream_end
+        _zipx_copy(f, pos, size, out)
+        # A second read for the checksum keeps the walk above simple; the file is in the page
+        # cache by now and CRC-32 runs at GB/s.
+        crc = 0
+        f.seek(0)
+        for data in iter(lambda: f.read(_ZIPX_CHUNK), b""):
+            crc = zlib.crc32(data, crc)
+        out.write(_ZIPX_END + _zipx_varint(size) + struct.pack(">I", crc))
+    return True
+
+
+# Rebuilding
+
+
+def _zip_rebuild(expanded: IO[bytes], out: IO[bytes]) -> int:
+    """Write the original bytes of an expanded stream to `out`; return how many. Raises
+    _ZipCodecError if the stream is corrupt, truncated or of an unknown version, or if this
+    machine's zlib deflates differently from the one that expanded it."""
+    head = expanded.read(len(_ZIPX_MAGIC) + 1)
+    if head[:4] != _ZIPX_MAGIC:
+        raise _ZipCodecError("not an expanded zip stream")
+    if head[4:] != bytes([_ZIPX_VERSION]):
+        raise _ZipCodecError("expanded zip stream version %r is not supported" % head[4:])
+    made_by = _zipx_read(expanded, _zipx_read_varint(expanded)).decode("ascii", "replace")
+    headers = _ZipxHeaders(undo=True)
+    size = crc = 0
+    while True:
+        tag = _zipx_read(expanded, 1)
+        if tag == _ZIPX_END:
+            want_size = _zipx_read_varint(expanded)
+            (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
+            if expanded.read(1):
+                raise _ZipCodecError("expanded zip stream has data after its end")
+            if (size, crc) != (want_size, want_crc):
+                # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
+                # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
+                raise _ZipCodecError(
+                    "rebuilt zip does not match: expanded with zlib %s, rebuilt with zlib %s"
+                    % (made_by, zlib.ZLIB_RUNTIME_VERSION)
+                )
+            return size
+        if tag == _ZIPX_RAW:
+            pieces: Iterator[bytes] = _zipx_read_chunks(expanded)
+        elif tag == _ZIPX_DEFLATE:
+            level, mem_level, strategy = _zipx_read(expanded, 3)
+            if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
+                raise _ZipCodecError("expanded zip stream has bad deflate parameters")
+            pieces = _zipx_deflate(expanded, level, mem_level, strategy)
+        elif tag in (_ZIPX_LOCAL, _ZIPX_CENTRAL):
+            n = _zipx_read_varint(expanded)
+            if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
+                raise _ZipCodecError("expanded zip stream has a bad header record")
+            header = _zipx_read(expanded, n)
+            if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
+                raise _ZipCodecError("expanded zip stream has a bad header record")
+            pieces = iter((headers.apply(tag, header),))
+        else:
+            raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
+        for data in pieces:
+            out.write(data)
+            size += len(data)
+            crc = zlib.crc32(data, crc)
+
+
+def _zipx_deflate(stream: IO[bytes], level: int, mem_level: int, strategy: int) -> Iterator[bytes]:
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    for chunk in _zipx_read_chunks(stream):
+        yield deflater.compress(chunk)
+    yield deflater.flush()
+
+
+###############################################################################
 # xdelta3 and the delta engine ################################################
 ###############################################################################
 
@@ -4419,6 +5877,11 @@ _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+#: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
+#: know it decode against the plain reference and their SHA-256 check refuses the bytes.
+_CODEC_ZIP = "zip-expand-1"
+_EXPANDED_SUFFIX = "zx1"
 _ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
 _DEFAULT_MAX_RATIO = 0.5
 _DEFAULT_CACHE_MAX = 4 * 1024**3
@@ -4454,6 +5917,7 @@ _META_ALIASES: dict[str, tuple[str, ...]] = {
     "note": ("dg-note", "dg_note", "note"),
     "compression": ("dg-compression", "dg_compression", "compression"),
     "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
 }
 _USER_META_PREFIX = "user-"
 _CONTENT_TYPE_META = "content-type"
@@ -4582,11 +6046,17 @@ class _XDelta3:
         *,
         environ: Mapping[str, str] = os.environ,
         run: Callable[..., Any] = subprocess.run,
+        decoder: str | None = None,
     ) -> None:
         self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
         self._environ = environ
         self._run = run
         self._path: str | None = None
+        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").lower()
+        if self.decoder not in ("auto", "xdelta3", "python"):
+            raise ParamValidationError(
+                report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
+            )
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -4724,6 +6194,8 @@ class _XDelta3:
         delta, or rebuilds a file, without reading the result back from disk. With
         ``external`` xdelta3 may recompress (deltas the original tool made of compressed
         files were encoded without -D)."""
+        if self._python_decodes():
+            return self._decode_in_python(source, delta, out, external)
         size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
         cmd = [self.path(), *flags, "-B", str(self.window(size)), "-s", source, delta]
@@ -4756,6 +6228,31 @@ class _XDelta3:
                 errors.seek(0)
                 raise XDelta3Error(cmd, code, errors.read().decode("utf-8", "replace"))
         return h.hexdigest(), total
+
+    def _python_decodes(self) -> bool:
+        if self.decoder == "auto":
+            try:
+                self.path()
+            except XDelta3NotFoundError:
+                return True
+            return False
+        return self.decoder == "python"
+
+    @staticmethod
+    def _decode_in_python(
+        source: str, delta: str, out: IO[bytes] | None, external: bool
+    ) -> tuple[str, int]:
+        if external:
+            # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
+            # programs; the bytes depend on those programs, so only xdelta3 can redo it.
+            raise XDelta3NotFoundError("xdelta3 (this delta needs its external recompression)")
+        sink = _HashingWriter(out if out is not None else _NullWriter())
+        try:
+            with open(delta, "rb") as f:
+                total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
+        except _VCDiffError as e:
+            raise IntegrityError("the delta does not decode (built-in decoder): %s" % e) from None
+        return sink.sha256.hexdigest(), total
 
     def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
@@ -4871,11 +6368,12 @@ class _ReferenceCache:
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
-        for p in (path, path + ".ok"):
-            try:
+        folder, name = os.path.split(path)
+        for p in [path] + [
+            os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".")
+        ]:  # its stamp and what was made from it
+            with contextlib.suppress(OSError):
                 os.unlink(p)
-            except OSError:
-                pass
         with self._lock:
             self._verified.pop(sha256, None)
         return False
@@ -4953,6 +6451,54 @@ class _ReferenceCache:
             self.fetches -= 1  # not a download
         return path
 
+    def derived(
+        self, ref_sha256: str, suffix: str, make: Callable[[IO[bytes]], bool], strict: bool
+    ) -> tuple[str, str] | None:
+        """A file computed from a cached reference (its expanded zip form), kept beside it
+        with its SHA-256 in ``<path>.sha``: (path, SHA-256), or None if ``make(file)``
+        declines. ``strict`` (uploads) hashes it once per process, as ``check`` does."""
+        path = self._path(ref_sha256) + "." + suffix
+        try:
+            st = os.stat(path)
+            with open(path + ".sha") as f:
+                sha = f.read().strip()
+        except OSError:
+            sha = ""
+        if sha:
+            with self._lock:
+                hashed = self._verified.get(path) == (st.st_size, st.st_mtime_ns)
+            if hashed or (not strict and self._read_stamp(path) == _stamp_of(st)):
+                return path, sha
+            if _sha256_file(path)[0] == sha:
+                with self._lock:
+                    self._verified[path] = (st.st_size, st.st_mtime_ns)
+                return path, sha
+            logger.warning("cache entry %s is corrupt; making it again", path)
+        fd, tmp = _private_tempfile(os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                made = make(writer)  # type: ignore[arg-type]
+            if not made:
+                os.unlink(tmp)
+                return None
+            sha = writer.sha256.hexdigest()
+            side_fd, side_tmp = _private_tempfile(os.path.dirname(path))
+            with os.fdopen(side_fd, "w") as f:
+                f.write(sha)
+            os.replace(side_tmp, path + ".sha")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        st = os.stat(path)
+        self._write_stamp(path, st)
+        with self._lock:
+            self._verified[path] = (st.st_size, st.st_mtime_ns)
+        self._evict(keep=path)
+        return path, sha
+
     def _evict(self, keep: str) -> None:
         root = os.path.join(self.folder, "refs")
         entries = []
@@ -4964,8 +6510,8 @@ class _ReferenceCache:
                     st = os.stat(p)
                 except OSError:
                     continue
-                if name.endswith((".ok", ".ok.tmp")) or ".ok." in name:
-                    continue  # stamps go with their entry
+                if name.endswith((".ok", ".ok.tmp", ".sha")) or ".ok." in name:
+                    continue  # stamps and hashes go with their entry
                 if name.startswith(".dg-") and time.time() - st.st_mtime > 3600:
                     entries.append((0.0, st.st_size, p))  # stale temp file of a dead process
                 elif not name.startswith(".dg-"):
@@ -4982,10 +6528,9 @@ class _ReferenceCache:
                 total -= size
             except OSError:
                 pass
-            try:
-                os.unlink(p + ".ok")
-            except OSError:
-                pass
+            for side in (".ok", ".sha"):
+                with contextlib.suppress(OSError):
+                    os.unlink(p + side)
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
@@ -5000,7 +6545,7 @@ def _stamp_of(st: os.stat_result) -> str:
 class _HashingWriter:
     """A write-through file wrapper that hashes (SHA-256 and MD5) what passes."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: Any) -> None:  # a binary file, or anything with write()
         self._f = f
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5()
@@ -5010,10 +6555,12 @@ class _HashingWriter:
         self.sha256.update(data)
         self.md5.update(data)
         self.size += len(data)
-        return self._f.write(data)
+        self._f.write(data)
+        return len(data)
 
     def flush(self) -> None:
-        self._f.flush()
+        if hasattr(self._f, "flush"):
+            self._f.flush()
 
 
 #: xdelta3's default target window (XD3_DEFAULT_WINSIZE, 8 MiB): a zero-diff delta copies
@@ -5050,6 +6597,30 @@ def _zero_diff_delta(size: int) -> bytes:
         parts += [b"\x01", _vcdiff_int(n), _vcdiff_int(pos), _vcdiff_int(len(body)), body]
         pos += n
     return b"".join(parts)
+
+
+def _is_zip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _rebuilt_sha256(expanded: str) -> tuple[str, int]:
+    """SHA-256 and size of the file an expanded zip rebuilds to ("", -1) if it does not."""
+    sink = _HashingWriter(_NullWriter())
+    try:
+        with open(expanded, "rb") as f:
+            _zip_rebuild(f, sink)  # type: ignore[arg-type]
+    except _ZipCodecError:
+        return "", -1
+    return sink.sha256.hexdigest(), sink.size
+
+
+class _NullWriter:
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
 class _FileInfo(NamedTuple):
@@ -5140,12 +6711,14 @@ class _DeltaEngine:
         environ: Mapping[str, str] = os.environ,
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
+        archive_aware: bool = False,
     ) -> None:
         self.storage = storage
         self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
         self.max_ratio = max_ratio
+        self.archive_aware = archive_aware
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
@@ -5280,8 +6853,12 @@ class _DeltaEngine:
                         fetch.result()
                     raise
                 fetch.result()
-                actual = self.xdelta.decode(ref_path, delta_tmp, out)
-                if actual != expected and _is_compressed_stream(ref_path):
+                codec = _meta_get(lg.metadata, "codec")
+                if codec:
+                    actual = self._rebuild_codec(lg, codec, ref_sha, ref_path, delta_tmp, out)
+                else:
+                    actual = self.xdelta.decode(ref_path, delta_tmp, out)
+                if actual != expected and not codec and _is_compressed_stream(ref_path):
                     # Written by the original without -D: let xdelta3 recompress as it did.
                     actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
         finally:
@@ -5291,6 +6868,42 @@ class _DeltaEngine:
                 "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
                 % (lg.bucket, lg.key, expected, actual)
             )
+
+    def _rebuild_codec(
+        self, lg: _Logical, codec: str, ref_sha: str, ref_path: str, delta: str, out: str
+    ) -> str:
+        """A delta between expanded zips (archive-aware mode): decode it against the
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if codec != _CODEC_ZIP:
+            raise IntegrityError(
+                "%s: made with codec %r, which this deltaglider (%s) does not know; "
+                "upgrade it" % (where, codec, __version__)
+            )
+        xref = self.cache.derived(
+            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
+        )
+        want = _meta_get(lg.metadata, "xref_sha256")
+        if xref is None or (want and xref[1] != want):
+            raise IntegrityError(
+                "%s: its reference expands differently here than where the delta was made "
+                "(zlib %s); read it where it was written, or store it again without "
+                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.xdelta.decode_sha256(xref[0], delta, f)
+            with open(expanded, "rb") as src, open(out, "wb") as dst:
+                sink = _HashingWriter(dst)
+                try:
+                    _zip_rebuild(src, sink)  # type: ignore[arg-type]
+                except _ZipCodecError as e:
+                    raise IntegrityError("%s: cannot rebuild the zip: %s" % (where, e)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        return sink.sha256.hexdigest()
 
     def _download(self, bucket: str, key: str, path: str) -> None:
         body = self.storage.get_object(bucket, key)["Body"]
@@ -5573,6 +7186,7 @@ class _DeltaEngine:
             ref_check = None if created else _Background(self.cache.check, ref_sha)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
+            extra: dict[str, str] | None = None
             try:
                 if created:
                     # The file is the reference: write the zero-diff delta, not xdelta3's
@@ -5583,7 +7197,13 @@ class _DeltaEngine:
                     decoded = (info.sha256, info.size)
                 else:
                     try:
-                        decoded = self.xdelta.encode_verified(ref_path, path, delta_tmp)
+                        extra = self._encode_archive(
+                            ref_sha, ref_path, ref_check, path, delta_tmp, tmp_dir, file_info
+                        )
+                        if extra is None:
+                            decoded = self.xdelta.encode_verified(ref_path, path, delta_tmp)
+                        else:
+                            decoded = (file_info().sha256, file_info().size)  # checked there
                     except (XDelta3Error, OSError):
                         if ref_check is not None and not ref_check.result():
                             continue  # the check removed the entry under xdelta3: see below
@@ -5620,6 +7240,7 @@ class _DeltaEngine:
                         else "delta",
                     }
                 )
+                delta_meta.update(extra or {})
                 send_headers = dict(headers)
                 send_headers["Content-Type"] = "binary/octet-stream"
                 resp = _put_path(
@@ -5648,6 +7269,55 @@ class _DeltaEngine:
                 return self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+
+    def _encode_archive(
+        self,
+        ref_sha: str,
+        ref_path: str,
+        ref_check: _Background | None,
+        path: str,
+        delta_tmp: str,
+        tmp_dir: str,
+        file_info: Callable[[], _FileInfo],
+    ) -> dict[str, str] | None:
+        """Archive-aware mode (README, "Archive-aware deltas"): the delta between the
+        expanded forms of two zips (_zip_expand), checked twice before it is stored: it
+        decodes to the expanded file, and that rebuilds the original bytes here. Returns
+        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
+        expanded form does not rebuild it)."""
+        if not (self.archive_aware and _is_zip(path) and _is_zip(ref_path)):
+            return None
+        if ref_check is not None and not ref_check.result():
+            return None  # the caller fetches the reference again
+        xref = self.cache.derived(
+            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
+        )
+        if xref is None:
+            return None
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                if not _zip_expand(path, writer):  # type: ignore[arg-type]
+                    return None
+            rebuilt = _Background(_rebuilt_sha256, expanded)
+            decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
+            if decoded != (writer.sha256.hexdigest(), writer.size):
+                raise IntegrityError(
+                    "%s: the delta xdelta3 made does not decode to the expanded input; "
+                    "nothing was stored" % path
+                )
+            info = file_info()
+            if rebuilt.result() != (info.sha256, info.size):
+                logger.warning(
+                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
+                    path,
+                )
+                return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        return {"dg-codec": _CODEC_ZIP, "dg-xref-sha256": xref[1]}
 
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
@@ -5961,6 +7631,7 @@ class DeltaGliderClient:
         *,
         cache_dir: str,
         max_ratio: float,
+        archive_aware: bool = False,
         xdelta: _XDelta3,
         environ: Mapping[str, str],
         now: Callable[[], datetime.datetime],
@@ -5972,6 +7643,7 @@ class DeltaGliderClient:
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
         self._max_ratio = max_ratio
+        self._archive_aware = archive_aware
         self._xdelta = xdelta
         self._environ = environ
         self._now = now
@@ -5994,6 +7666,7 @@ class DeltaGliderClient:
                         max_ratio=self._max_ratio,
                         environ=self._environ,
                         now=self._now,
+                        archive_aware=self._archive_aware,
                     )
         return self._engine_obj
 
@@ -7045,6 +8718,7 @@ def create_client(
     anonymous: bool = False,
     xdelta3_path: str | None = None,
     max_workers: int = 10,
+    archive_aware: bool | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
 ) -> DeltaGliderClient:
@@ -7053,8 +8727,18 @@ def create_client(
     ``endpoint_url`` may be ``file:///path`` for a local directory store. Credentials,
     region and endpoint follow botocore's order (see README); they are resolved on first
     use. ``max_ratio`` (``DG_MAX_RATIO``, default 0.5) is the largest delta, as a fraction
-    of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references."""
+    of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references.
+    ``archive_aware`` (``DG_ARCHIVE_AWARE=1``) makes deltas of zip-family files (wheels,
+    jars, apks...) between their inflated forms: kilobytes where plain deltas take
+    megabytes (README, "Archive-aware deltas")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    if archive_aware is None:
+        archive_aware = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
     level = log_level or env.get(_ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())
@@ -7123,6 +8807,7 @@ def create_client(
         storage_factory,
         cache_dir=cache_dir or _default_cache_dir(env),
         max_ratio=max_ratio,
+        archive_aware=archive_aware,
         xdelta=_XDelta3(xdelta3_path, environ=env),
         environ=env,
         now=now,
@@ -7303,6 +8988,7 @@ class _Cli:
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
+            archive_aware = True if getattr(self.args, "archive_aware", False) else None
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
                 region_name=self.args.region,
@@ -7311,6 +8997,7 @@ class _Cli:
                 anonymous=self.args.no_sign_request,
                 max_ratio=max_ratio,
                 max_workers=self.workers,
+                archive_aware=archive_aware,
                 environ=self.environ,
             )
         return self._client
@@ -8367,6 +10054,12 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
         p.add_argument("--storage-class", help="S3 storage class for uploads")
         p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+        p.add_argument(
+            "--archive-aware",
+            action="store_true",
+            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+            "(DG_ARCHIVE_AWARE=1)",
+        )
         p.add_argument(
             "--max-ratio",
             type=float,
