@@ -4711,6 +4711,26 @@ def test_archive_aware_reader_errors_are_loud(tmp_path: Any) -> None:
         assert not (tmp_path / "out.zip").exists()
 
 
+@needs_xdelta3
+def test_archive_aware_reader_expands_again_when_defaults_do_not_hold(tmp_path: Any) -> None:
+    """Level-9 members: the reader's quick expansion of the reference is not the writer's
+    (its SHA-256 says so), so it expands with checks and still rebuilds exactly."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path, archive_aware=True)
+    c.create_bucket(Bucket="bkt")
+    versions = []
+    for v in range(2):
+        sink = io.BytesIO()
+        with _zipfile_mod.ZipFile(sink, "w", _zipfile_mod.ZIP_DEFLATED, compresslevel=9) as z:
+            for i in range(6):
+                z.writestr("m%d.txt" % i, b"version %d member %d\n" % (v * (i == 2), i) * 2000)
+        versions.append(sink.getvalue())
+        c.put_object(Bucket="bkt", Key="z/v%d.zip" % v, Body=versions[v])
+    assert c.storage.head_object("bkt", "z/v1.zip.delta")["Metadata"]["dg-codec"] == "zip-expand-1"
+    reader = make_client(backend, tmp_path)
+    assert reader.get_object(Bucket="bkt", Key="z/v1.zip")["Body"].read() == versions[1]
+
+
 def test_archive_aware_setting_from_env_and_cli(tmp_path: Any) -> None:
     assert dg.create_client(environ={"DG_ARCHIVE_AWARE": "1"})._archive_aware
     assert not dg.create_client(environ={})._archive_aware
@@ -9734,7 +9754,6 @@ def _records(expanded: bytes) -> list[tuple[bytes, bytes]]:
     """The records of an expanded stream, as (tag, content)."""
     stream = io.BytesIO(expanded)
     stream.read(5)
-    stream.read(dg._zipx_read_varint(stream))
     records = []
     while True:
         tag = stream.read(1)
@@ -10142,3 +10161,54 @@ def test_zip_codec_damaged_expanded_stream_raises_or_is_exact(tmp_path):
     for bad in (expanded + b"x", b"DGZX\x02" + expanded[5:], b"XXXX" + expanded[4:]):
         with pytest.raises(dg._ZipCodecError):
             _rebuild(bad)
+
+
+@pytest.mark.parametrize("level,same", [(None, True), (6, True), (9, False), (1, False)])
+def test_zip_codec_assumed_parameters_give_the_checked_form_only_when_they_hold(
+    tmp_path, level, same
+):
+    """Readers expand a reference assuming zlib's defaults (no re-deflating) and keep the
+    result only if its SHA-256 is the writer's: equal exactly when the assumption holds."""
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as z:
+        for i in range(5):
+            z.writestr("m%d.txt" % i, TEXT * (i + 1))
+    (tmp_path / "z.zip").write_bytes(sink.getvalue())
+    checked, assumed = io.BytesIO(), io.BytesIO()
+    assert dg._zip_expand(str(tmp_path / "z.zip"), checked)
+    assert dg._zip_expand(str(tmp_path / "z.zip"), assumed, assume=(6, 8, 0))
+    assert (checked.getvalue() == assumed.getvalue()) is same
+    rebuilt = io.BytesIO()
+    dg._zip_rebuild(io.BytesIO(checked.getvalue()), rebuilt)
+    assert rebuilt.getvalue() == sink.getvalue()
+
+
+def test_zip_codec_reuses_unchanged_members_of_the_reference_and_falls_back(tmp_path):
+    """Rebuilding copies a member whose content the reference has (same CRC-32 and size)
+    instead of deflating it; where the reference deflated it differently, the whole-file
+    check fails and _rebuild_zip deflates everything instead: the bytes are exact."""
+
+    def build(level, changed):
+        sink = io.BytesIO()
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as z:
+            for i in range(6):
+                z.writestr("m%d.txt" % i, TEXT * (i + 1) + (b"changed" if i == changed else b""))
+        return sink.getvalue()
+
+    target = build(6, 3)
+    (tmp_path / "t.zip").write_bytes(target)
+    with open(str(tmp_path / "t.zx"), "wb") as f:
+        assert dg._zip_expand(str(tmp_path / "t.zip"), f)
+    want = hashlib.sha256(target).hexdigest()
+    for ref_level, reused in ((6, True), (1, False)):
+        (tmp_path / "r.zip").write_bytes(build(ref_level, None))
+        out = io.BytesIO()
+        try:
+            with open(str(tmp_path / "t.zx"), "rb") as f:
+                dg._zip_rebuild(f, out, str(tmp_path / "r.zip"))
+            assert reused and out.getvalue() == target
+        except dg._ZipCodecError:
+            assert not reused
+        out = io.BytesIO()
+        assert dg._rebuild_zip(str(tmp_path / "t.zx"), out, str(tmp_path / "r.zip"), want) == want
+        assert out.getvalue() == target
