@@ -35,6 +35,8 @@ OURS = os.path.join(REPO, "deltaglider.py")
 MiB = 1024 * 1024
 
 AK, SK, REGION = "test:tester", "testing", "us-east-1"
+#: Series of zip-family files, where the archive-aware mode (ours-aa) also runs.
+ARCHIVE_SERIES = ("whl", "zip", "awscli", "jar")
 
 
 def log(msg):
@@ -210,6 +212,19 @@ def _fetch_pypi(project, version, kind, dest_dir, seed_dirs):
     raise RuntimeError("could not fetch %s" % name)
 
 
+def _py4j_jar(version, dest_dir, seeds):
+    """py4j's jar for one version, taken out of its wheel from PyPI."""
+    path = os.path.join(dest_dir, "py4j-%s.jar" % version)
+    if not os.path.exists(path):
+        wheel = _fetch_pypi("py4j", version, "wheel", os.path.join(dest_dir, "wheels"), seeds)
+        with zipfile.ZipFile(wheel) as z:
+            name = next(n for n in z.namelist() if n.endswith(".jar"))
+            with open(path + ".part", "wb") as f:
+                f.write(z.read(name))
+        os.replace(path + ".part", path)
+    return path
+
+
 def _gunzip(src, dest):
     if not os.path.exists(dest):
         with gzip.open(src, "rb") as fi, open(dest + ".part", "wb") as fo:
@@ -275,8 +290,10 @@ def _small_files(folder, count):
     return folder
 
 
-def _synthetic_zips(folder, n, size):
-    """n consecutive 'releases': zips of the same text/binary members with small changes."""
+def _synthetic_zips(folder, n, size, deflated=False, ext=".zip"):
+    """n consecutive 'releases': zips of the same text/binary members with small changes
+    (stored, or deflated as jars and wheels are)."""
+    method = zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED
     os.makedirs(folder, exist_ok=True)
     out = []
     rng = random.Random(3)
@@ -284,7 +301,7 @@ def _synthetic_zips(folder, n, size):
                 b"\n".join(b"def f%d_%d(): return %d" % (i, j, rng.randrange(10**6))
                            for j in range(size // 80 // 30))) for i in range(40)]
     for v in range(n):
-        path = os.path.join(folder, "app-1.0.%d.zip" % v)
+        path = os.path.join(folder, "app-1.0.%d%s" % (v, ext))
         out.append(path)
         if os.path.exists(path):
             continue
@@ -294,8 +311,9 @@ def _synthetic_zips(folder, n, size):
                 if v and rng2.random() < 0.15:
                     data = data + b"\n# changed in v%d\n" % v
                     members[i] = (name, data)
-                z.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
-            z.writestr(zipfile.ZipInfo("VERSION", (2024, 1, 1, 0, 0, 0)), b"1.0.%d\n" % v)
+                z.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data, compress_type=method)
+            z.writestr(zipfile.ZipInfo("VERSION", (2024, 1, 1, 0, 0, 0)), b"1.0.%d\n" % v,
+                       compress_type=method)
         os.replace(path + ".part", path)
     return out
 
@@ -324,6 +342,7 @@ def build_corpus(args):
                 os.replace(t + ".part", t)
             tars.append(t)
         series["tar"] = tars
+        series["jar"] = _synthetic_zips(os.path.join(base, "jar"), 3, 2 * MiB, True, ".jar")
     else:
         vers = ["%s%d" % (args.botocore_prefix, i) for i in range(args.versions)]
         log("corpus: botocore %s .. %s (wheels + sdists)" % (vers[0], vers[-1]))
@@ -341,6 +360,12 @@ def build_corpus(args):
         os.makedirs(tdir, exist_ok=True)
         tars = [_gunzip(s, os.path.join(tdir, os.path.basename(s)[:-3])) for s in sdists]
         series.update({"whl": whls, "zip": zips, "tgz": sdists, "tar": tars})
+        # Zip-family series for archive-aware mode (#9): awscli wheels (members deflated by
+        # zlib, small changes), and py4j's jar, shipped inside its wheels on PyPI.
+        log("corpus: awscli %s, py4j %s" % (", ".join(args.awscli), ", ".join(args.py4j)))
+        series["awscli"] = [_fetch_pypi("awscli", v, "wheel", os.path.join(base, "awscli"), seeds)
+                            for v in args.awscli]
+        series["jar"] = [_py4j_jar(v, os.path.join(base, "jar"), seeds) for v in args.py4j]
     series["big"] = _synthetic_big(os.path.join(base, "big"), args.big_mib * MiB)
     small = _small_files(os.path.join(base, "small"), args.small_files)
     many = _small_files(os.path.join(base, "many"), args.list_objects)
@@ -379,6 +404,9 @@ def make_tools(args, endpoint, tmp):
     py = ours_python(args)
     tools.append(Tool("ours", [py, OURS, "--endpoint-url", endpoint], env,
                       "deltaglider.py (this repo)", ["--no-progress"]))
+    env = dict(base_env, DG_CACHE_DIR=os.path.join(tmp, "dg-cache-ours-aa"), DG_ARCHIVE_AWARE="1")
+    tools.append(Tool("ours-aa", [py, OURS, "--endpoint-url", endpoint], env,
+                      "deltaglider.py with DG_ARCHIVE_AWARE=1 (zip-family series only)", ["--no-progress"]))
     if "original" not in args.skip:
         venv = args.original_venv or os.path.join(args.cache, "venv-dg620")
         exe = os.path.join(venv, "bin", "deltaglider")
@@ -405,7 +433,7 @@ def make_tools(args, endpoint, tmp):
             tools[-1].ls_r = lambda b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "ls",
                                                    "--recursive", "s3://%s/%s" % (b, p)]
     for t in tools:
-        if t.name == "ours":
+        if t.name.startswith("ours"):
             t.up_r = (lambda folder, b, p, t=t: t.argv + ["cp", "-r", "--only-show-errors", folder,
                                                         "s3://%s/%s" % (b, p)])
             t.ls_r = lambda b, p, t=t: t.argv + ["ls", "-r", "s3://%s/%s" % (b, p)]
@@ -453,7 +481,7 @@ class Bench:
         self.data = {"series": {}, "version": {}, "ls": {}, "small": {}, "floor": {}, "baseline_rss": 0}
 
     def fail(self, tool, msg):
-        (self.errors if tool.name == "ours" else self.notes).append("%s: %s" % (tool.name, msg))
+        (self.errors if tool.name.startswith("ours") else self.notes).append("%s: %s" % (tool.name, msg))
         log("%s: %s" % (tool.name, msg))
 
     def series(self, tools, name, files, reps, tmp):
@@ -469,7 +497,7 @@ class Bench:
                 prefix = "%s/r%d/" % (name, rep)
                 self.s3.make_bucket(bucket)
                 self.s3.delete_prefix(bucket, prefix)
-                if tool.name == "ours":
+                if tool.name.startswith("ours"):
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
                 for i, f in enumerate(files):
                     r = run(tool.up(f, bucket, prefix), tool.env)
@@ -483,7 +511,7 @@ class Bench:
                                                                 r.secs, r.py_rss // MiB))
                 stored = sum(s for _, s in self.s3.list(bucket, prefix))
                 tr["stored"] = stored
-                if tool.name == "ours":  # downloads start from an empty reference cache
+                if tool.name.startswith("ours"):  # downloads start from an empty reference cache
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
                 outdir = tempfile.mkdtemp(dir=tmp, prefix="dl-")
                 for i, f in enumerate(files):
@@ -521,10 +549,12 @@ class Bench:
             enc = lambda s, t, o: x.encode_args(s, t, o)
             dec = lambda s, d, o: ["-d", "-f", "-D", "-B", str(x.window(os.path.getsize(s))), "-s", s, d, o]
         except Exception:
+            dg = None
             enc = lambda s, t, o: ["-e", "-f", "-D", "-9", "-s", s, t, o]
             dec = lambda s, d, o: ["-d", "-f", "-D", "-s", s, d, o]
         env = dict(os.environ)
-        fl = self.data["floor"].setdefault(name, {"up": [[] for _ in files], "down": [[] for _ in files]})
+        fl = self.data["floor"].setdefault(name, {"up": [[] for _ in files], "down": [[] for _ in files],
+                                                  "xd_dec": [[] for _ in files], "py_dec": [[] for _ in files]})
         ref = files[0]
         for rep in range(reps):
             for i, f in enumerate(files):
@@ -538,11 +568,31 @@ class Bench:
                 e = run([xd, *enc(ref, f, delta)], env)
                 d = run([xd, *dec(ref, delta, out)], env)
                 sh2 = run(["sha256sum", out], env).secs
+                py = self._python_decode(dg, ref, delta, out, sha256(out)) if dg else None
+                if py is not None:
+                    fl["xd_dec"][i].append(d.secs)
+                    fl["py_dec"][i].append(py)
                 fl["up"][i].append(e.secs + sh)
                 fl["down"][i].append(d.secs + sh2)
                 for p in (delta, out):
                     if os.path.exists(p):
                         os.remove(p)
+
+    def _python_decode(self, dg, ref, delta, out, want):
+        """#8: the built-in VCDIFF decoder on the delta xdelta3 just decoded: seconds, in
+        this process (xdelta3's time includes its process start; ours an import)."""
+        t = time.perf_counter()
+        try:
+            with open(delta, "rb") as d, open(out, "wb") as o:
+                dg._vcdiff_decode(ref, d, o)
+        except Exception as e:  # reported, never fatal to the run
+            self.errors.append("ours: built-in decoder failed on %s: %s" % (os.path.basename(delta), e))
+            return None
+        secs = time.perf_counter() - t
+        if sha256(out) != want:
+            self.errors.append("ours: built-in decoder gave WRONG BYTES for %s" % os.path.basename(delta))
+            return None
+        return secs
 
     def version(self, tools, reps):
         for tool in tools:
@@ -580,7 +630,7 @@ class Bench:
                 lines = len([ln for ln in r.out.splitlines() if ln.strip()])
             self.data["ls"][tool.name] = {"times": times, "lines": lines, "objects": n}
             if lines < n:
-                (self.errors if tool.name == "ours" else self.notes).append(
+                (self.errors if tool.name.startswith("ours") else self.notes).append(
                     "%s: ls -r listed %d of %d objects" % (tool.name, lines, n))
             log("%-8s ls -r median %.3fs (%d lines)" % (tool.name, statistics.median(times), lines))
 
@@ -649,6 +699,10 @@ def summarize(data):
             downs = [med(x) for x in fl["down"]]
             out[(name, "floor")] = {"later_up": med(ups[1:]), "later_down": med(downs[1:]),
                                     "first_up": ups[0], "all_down": med(downs)}
+            xs = [med(x) for x in fl.get("xd_dec", [])[1:]]
+            ps = [med(x) for x in fl.get("py_dec", [])[1:]]
+            if xs and all(x is not None for x in xs + ps):
+                out[(name, "decoder")] = {"xdelta3": med(xs), "python": med(ps)}
     return out
 
 
@@ -713,6 +767,29 @@ def targets(data, summ, args):
                 r = ratio(o[key], f[key]) - 1
                 add("time above xdelta3+sha256 floor, %s %s ≤ 15%%" % (name, phase), "%+.1f%%" % (100 * r),
                     r <= 0.15, "%ss vs floor %ss" % (fmt_s(o[key]), fmt_s(f[key])))
+    for name in ("whl", "zip", "tar", "awscli", "jar"):
+        d = summ.get((name, "decoder"))
+        if d:
+            r = ratio(d["python"], d["xdelta3"])
+            add("(#8) built-in VCDIFF decoder vs `xdelta3 -d`, %s (aim ≤ 3×)" % name, "%.2f×" % r, r <= 3,
+                "median %ss vs %ss per later version" % (fmt_s(d["python"]), fmt_s(d["xdelta3"])))
+    for name in ("awscli", "whl", "jar"):
+        a, o = summ.get((name, "ours-aa")), summ.get((name, "ours"))
+        s = data["series"].get(name)
+        if not (a and o and s):
+            continue
+        first = s["sizes"][0]  # the reference, stored whole by both
+        da, do = a["stored"] - first, o["stored"] - first
+        r = ratio(do, da)
+        goal = name == "awscli"
+        add("(#9) archive-aware deltas vs plain, %s%s" % (name, ": ≥ 100× smaller" if goal else " (info)"),
+            "%.1f× smaller" % r, r >= 100 if goal else True,
+            "deltas of %d later versions: %s vs %s" % (len(s["sizes"]) - 1, fmt_b(da), fmt_b(do)))
+        r = ratio(a["later_down"], o["later_down"])
+        add("(#9) archive-aware download vs plain, %s%s" % (name, ": ≤ 3×" if goal else " (info)"),
+            "%.2f×" % r, r <= 3 if goal else True,
+            "median %ss vs %ss; upload %ss vs %ss" % (fmt_s(a["later_down"]), fmt_s(o["later_down"]),
+                                                      fmt_s(a["later_up"]), fmt_s(o["later_up"])))
     o = summ.get(("big", "ours"))
     if o:
         for phase, key in (("upload", "up_rss"), ("download", "down_rss")):
@@ -780,6 +857,7 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
                 fmt_b(x["up_tree_rss"]), fmt_b(x["down_tree_rss"]), "yes" if x["ok"] else "**NO**"))
     L.append("")
     L.append("## Other workloads\n")
+    tools = [t for t in tools if t.name != "ours-aa"]
     L.append("| workload | %s |" % " | ".join(t.name for t in tools))
     L.append("|---|%s" % ("---|" * len(tools)))
     L.append("| `--version` (median s) | %s |" % " | ".join(fmt_s(med(data["version"].get(t.name, []))) for t in tools))
@@ -815,6 +893,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="repetitions (default 3; --small: 1)")
     ap.add_argument("--versions", type=int, default=4, help="botocore versions per series (default 4)")
     ap.add_argument("--botocore-prefix", default="1.35.", help="versions are PREFIX0..PREFIX{n-1}")
+    ap.add_argument("--awscli", nargs="+", default=["1.45.60", "1.45.61", "1.45.62", "1.45.63", "1.45.64"],
+                    help="awscli wheel versions (archive-aware series)")
+    ap.add_argument("--py4j", nargs="+", default=["0.10.9.5", "0.10.9.6", "0.10.9.7", "0.10.9.8", "0.10.9.9"],
+                    help="py4j versions whose jar makes the jar series")
     ap.add_argument("--big-mib", type=int, default=None, help="synthetic big file size (default 2048; --small: 64)")
     ap.add_argument("--small-files", type=int, default=None, help="default 200 (--small: 20)")
     ap.add_argument("--list-objects", type=int, default=2000, help="objects for ls -r (--small: 200)")
@@ -837,8 +919,10 @@ def main():
         for k, v in saved["args"].items():
             if k not in ("report_only", "out"):
                 setattr(args, k, v)
-        names = [n for n in ("ours", "original", "awscli") if n in saved["data"]["version"]]
+        names = [n for n in ("ours", "ours-aa", "original", "awscli")
+                 if n in saved["data"]["version"] or n == "ours-aa"]
         labels = {"ours": "deltaglider.py (this repo)", "original": "deltaglider 6.2.0",
+                  "ours-aa": "deltaglider.py with DG_ARCHIVE_AWARE=1 (zip-family series only)",
                   "awscli": "aws s3 (awscli, plain storage)"}
         tools = [Tool(n, [], {}, labels[n]) for n in names]
         write_report(args, saved["data"], tools, saved["notes"], saved["errors"], saved["started"],
@@ -878,21 +962,23 @@ def main():
         b.notes.extend(notes)
         b.data["baseline_rss"] = run([tools[0].argv[0], "-c", "pass"], dict(os.environ)).py_rss
         want = lambda w: not args.only or w in args.only
+        plain_tools = [t for t in tools if t.name != "ours-aa"]  # same CLI as ours here
         if want("version"):
-            b.version(tools, 10 if not args.small else 3)
+            b.version(plain_tools, 10 if not args.small else 3)
         if want("ls"):
-            b.ls(tools, many, max(3, args.repeat) if not args.small else 1)
+            b.ls(plain_tools, many, max(3, args.repeat) if not args.small else 1)
         if want("small"):
-            b.small(tools, small, args.repeat)
+            b.small(plain_tools, small, args.repeat)
         for name, files in series.items():
             if not want(name):
                 continue
             if name == "big":
-                bt = [t for t in tools if t.name in args.big_tools.split(",")]
+                bt = [t for t in tools if t.name in args.big_tools.split(",") and t.name != "ours-aa"]
                 b.series(bt, name, files, 1, tmp)
                 b.floor(name, files, 1, tmp)
             else:
-                b.series(tools, name, files, args.repeat, tmp)
+                st = [t for t in tools if t.name != "ours-aa" or name in ARCHIVE_SERIES]
+                b.series(st, name, files, args.repeat, tmp)
                 b.floor(name, files, args.repeat, tmp)
             write_report(args, b.data, tools, b.notes, b.errors, started,
                          os.path.join(args.out, "RESULTS.md"), os.path.join(args.out, "results.json"))
