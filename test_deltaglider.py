@@ -9249,14 +9249,7 @@ def _decode(tmp: str, source: bytes | None, delta: bytes) -> bytes:
     return out.getvalue()
 
 
-def _vint(n: int) -> bytes:
-    """RFC 3284 section 2 integer."""
-    out = [n & 0x7F]
-    n >>= 7
-    while n:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    return bytes(reversed(out))
+_vint = dg._vcdiff_int  # RFC 3284 section 2 integer (what the zero-diff writer uses)
 
 
 def _window(

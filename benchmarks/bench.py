@@ -197,7 +197,7 @@ def _fetch_pypi(project, version, kind, dest_dir, seed_dirs):
         r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *flag,
                             "-d", td, "%s==%s" % (project, version)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        got = [f for f in os.listdir(td) if f.endswith(suffix)]
+        got = [f for f in os.listdir(td) if f.endswith(".whl" if kind == "wheel" else suffix)]
         if r.returncode == 0 and got:
             os.replace(os.path.join(td, got[0]), dest)
             return dest
