@@ -396,13 +396,13 @@ class XDelta3Error(DeltaGliderError):
 
 class XDelta3NotFoundError(DeltaGliderError):
     """No xdelta3 binary: needed only when a delta is made (reads fall back to the
-    built-in decoder)."""
+    built-in decoder unless DG_DECODER=xdelta3)."""
 
-    def __init__(self, name: str = "xdelta3") -> None:
+    def __init__(self, name: str = "xdelta3", why: str = "to make deltas") -> None:
         super().__init__(
-            "xdelta3 not found on PATH (looked for %r): install it to make deltas "
+            "xdelta3 not found on PATH (looked for %r): install it %s "
             "(Debian/Ubuntu: apt-get install xdelta3; Alpine: apk add xdelta3; "
-            "macOS: brew install xdelta)" % name
+            "macOS: brew install xdelta)" % (name, why)
         )
 
 
@@ -6171,7 +6171,7 @@ class _XDelta3:
         self._environ = environ
         self._run = run
         self._path: str | None = None
-        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").lower()
+        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").strip().lower()
         if self.decoder not in ("auto", "xdelta3", "python"):
             raise ParamValidationError(
                 report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
@@ -6315,6 +6315,12 @@ class _XDelta3:
         files were encoded without -D)."""
         if self._python_decodes():
             return self._decode_in_python(source, delta, out, external)
+        try:
+            self.path()
+        except XDelta3NotFoundError:
+            raise XDelta3NotFoundError(
+                self._name, "to read deltas with it, or unset %s=xdelta3" % _ENV_DECODER
+            ) from None
         size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
         cmd = [self.path(), *flags, "-B", str(self.window(size)), "-s", source, delta]
@@ -6364,7 +6370,11 @@ class _XDelta3:
         if external:
             # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
             # programs; the bytes depend on those programs, so only xdelta3 can redo it.
-            raise XDelta3NotFoundError("xdelta3 (this delta needs its external recompression)")
+            raise XDelta3NotFoundError(
+                "xdelta3",
+                "to read this delta (the original tool made it without -D, and only xdelta3 "
+                "recompresses as it did)",
+            )
         sink = _HashingWriter(out if out is not None else _NullWriter(), md5=False)
         try:
             with open(delta, "rb") as f:
@@ -8892,12 +8902,13 @@ def create_client(
     megabytes (README, "Archive-aware deltas")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
     if archive_aware is None:
-        archive_aware = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        )
+        value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
+        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+            raise InvalidConfigError(
+                error_msg="%s must be 1 or 0 (true/false, yes/no, on/off), not %r"
+                % (_ENV_ARCHIVE_AWARE, value)
+            )
+        archive_aware = value in ("1", "true", "yes", "on")
     level = log_level or env.get(_ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())

@@ -4630,9 +4630,24 @@ def test_builtin_decoder_refuses_a_corrupt_delta_and_writes_nothing(tmp_path: An
         assert not (tmp_path / "out.zip").exists()
 
 
+@needs_xdelta3
 def test_decoder_setting_is_checked(tmp_path: Any) -> None:
     with pytest.raises(dg.ParamValidationError, match="DG_DECODER"):
         dg._XDelta3(environ={"DG_DECODER": "rust"})
+    assert dg._XDelta3(environ={"DG_DECODER": " Python "}).decoder == "python"
+    # DG_DECODER=xdelta3 with no xdelta3: the error says how to read without it
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path)
+    c.create_bucket(Bucket="bkt")
+    for v in range(2):
+        make_zip(tmp_path / ("v%d.zip" % v), v)
+        c.upload_file(str(tmp_path / ("v%d.zip" % v)), "bkt", "k/v%d.zip" % v)
+    forced = make_client(
+        backend, tmp_path, environ={"PATH": str(tmp_path / "empty"), "DG_DECODER": "xdelta3"}
+    )
+    with pytest.raises(dg.XDelta3NotFoundError, match="DG_DECODER"):
+        forced.download_file("bkt", "k/v1.zip", str(tmp_path / "out.zip"))
+    assert not (tmp_path / "out.zip").exists()
 
 
 @needs_xdelta3
@@ -4734,6 +4749,10 @@ def test_archive_aware_reader_expands_again_when_defaults_do_not_hold(tmp_path: 
 def test_archive_aware_setting_from_env_and_cli(tmp_path: Any) -> None:
     assert dg.create_client(environ={"DG_ARCHIVE_AWARE": "1"})._archive_aware
     assert not dg.create_client(environ={})._archive_aware
+    assert dg.create_client(environ={"DG_ARCHIVE_AWARE": " Yes "})._archive_aware
+    assert not dg.create_client(environ={"DG_ARCHIVE_AWARE": "off"})._archive_aware
+    with pytest.raises(dg.InvalidConfigError, match="DG_ARCHIVE_AWARE"):
+        dg.create_client(environ={"DG_ARCHIVE_AWARE": "maybe"})
     assert not dg.create_client(
         archive_aware=False, environ={"DG_ARCHIVE_AWARE": "1"}
     )._archive_aware
