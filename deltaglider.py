@@ -7279,6 +7279,13 @@ class _DeltaEngine:
         ``cache.check`` before storing anything made from it."""
         for _ in range(5):
             sha = self._current_reference(bucket, ref_key, settle=True)
+            if sha is None:
+                # Hash first (the file may still be hashing), then look again: the HEAD
+                # that finds no reference must come right before the PUT that creates
+                # one, or a racer's reference is overwritten (servers that ignore
+                # If-None-Match; those that honour it refuse ours instead).
+                file_info()
+                sha = self._current_reference(bucket, ref_key, settle=True)
             if sha is not None:
                 try:
                     return sha, self.reference_path(bucket, ref_key, sha), False
