@@ -5539,22 +5539,31 @@ def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
     cd = _zip_find_cd(f, size)
     if cd is None:
         return None
-    at, cd_end, shift = cd
-    # Entry by entry rather than the whole directory at once: it can be larger than memory.
     parts = set()
+    for at, end, fields, csize, offset in _zip_central(f, cd):
+        parts.add((at, _ZIPX_CENTRAL, end))
+        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[3]))
+    return sorted(parts)
+
+
+def _zip_central(
+    f: IO[bytes], cd: tuple[int, int, int]
+) -> Iterator[tuple[int, int, tuple[Any, ...], int, int]]:
+    """The central directory's entries: (start, end, fields, compressed size, local
+    header offset), sizes and offset from the zip64 extra field where it has them. Read
+    entry by entry rather than the whole directory at once: it can be larger than memory."""
+    at, cd_end, _ = cd
     while at + _ZIP_CENTRAL.size <= cd_end:
         f.seek(at)
         fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-        flags, (csize, usize, nlen, xlen, clen), offset = fields[3], fields[8:13], fields[16]
+        nlen, xlen, clen = fields[10:13]
         end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
         if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
-            break
+            return
         f.seek(at + _ZIP_CENTRAL.size + nlen)
-        csize, offset = _zip64_sizes(f.read(xlen), usize, csize, offset)
-        parts.add((at, _ZIPX_CENTRAL, end))
-        parts.update(_zip_member(f, size, offset, shift, csize, flags))
+        csize, offset = _zip64_sizes(f.read(xlen), fields[9], fields[8], fields[16])
+        yield at, end, fields, csize, offset
         at = end
-    return sorted(parts)
 
 
 def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int]:
@@ -5813,20 +5822,11 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             cd = _zip_find_cd(f, size)
             if cd is None:
                 return index
-            at, cd_end, shift = cd
-            while at + _ZIP_CENTRAL.size <= cd_end:
-                f.seek(at)
-                fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-                flags, crc, (csize, usize, nlen, xlen, clen) = fields[3], fields[7], fields[8:13]
-                end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
-                if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
-                    break
-                f.seek(at + _ZIP_CENTRAL.size + nlen)
-                csize, offset = _zip64_sizes(f.read(xlen), usize, csize, fields[16])
-                at = end
+            for _, _, fields, csize, offset in _zip_central(f, cd):
+                crc, usize = fields[7], fields[9]
                 if fields[4] != 8 or usize == 0xFFFFFFFF:
-                    continue
-                for start, kind, bound in _zip_member(f, size, offset, shift, csize, flags):
+                    continue  # not deflated, or a zip64 size this index does not read
+                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, fields[3]):
                     if kind == _ZIPX_DEFLATE and bound - start == csize:
                         index.setdefault((crc, usize), (start, csize))
         except (struct.error, ValueError, OverflowError):
@@ -6316,14 +6316,14 @@ class _XDelta3:
         if self._python_decodes():
             return self._decode_in_python(source, delta, out, external)
         try:
-            self.path()
-        except XDelta3NotFoundError:
+            binary = self.path()
+        except XDelta3NotFoundError:  # only with DG_DECODER=xdelta3: auto falls back above
             raise XDelta3NotFoundError(
                 self._name, "to read deltas with it, or unset %s=xdelta3" % _ENV_DECODER
             ) from None
         size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
-        cmd = [self.path(), *flags, "-B", str(self.window(size)), "-s", source, delta]
+        cmd = [binary, *flags, "-B", str(self.window(size)), "-s", source, delta]
         h = hashlib.sha256()
         total = 0
         with tempfile.TemporaryFile() as errors, self._slots:
@@ -6375,7 +6375,7 @@ class _XDelta3:
                 "to read this delta (the original tool made it without -D, and only xdelta3 "
                 "recompresses as it did)",
             )
-        sink = _HashingWriter(out if out is not None else _NullWriter(), md5=False)
+        sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
                 total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
@@ -6543,7 +6543,7 @@ class _ReferenceCache:
         fd, tmp = _private_tempfile(folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                hashing = _HashingWriter(f, md5=False)
+                hashing = _HashingWriter(f)
                 write(hashing)  # type: ignore[arg-type]
             if hashing.sha256.hexdigest() != sha256:
                 raise IntegrityError(
@@ -6606,7 +6606,7 @@ class _ReferenceCache:
         fd, tmp = _private_tempfile(os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f, md5=False)
+                writer = _HashingWriter(f)
                 made = make(writer)  # type: ignore[arg-type]
             if not made:
                 os.unlink(tmp)
@@ -6680,18 +6680,15 @@ def _stamp_of(st: os.stat_result) -> str:
 
 
 class _HashingWriter:
-    """A write-through file wrapper that hashes (SHA-256 and MD5) what passes."""
+    """A write-through file wrapper that hashes (SHA-256) and counts what passes."""
 
-    def __init__(self, f: Any, md5: bool = True) -> None:  # a file, or anything with write()
+    def __init__(self, f: Any) -> None:  # a file, or anything with write()
         self._f = f
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5() if md5 else None
         self.size = 0
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
         self.size += len(data)
         self._f.write(data)
         return len(data)
@@ -6751,7 +6748,7 @@ def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
     ``want``, again deflating every member. Returns the SHA-256 written ("" if the
     stream does not rebuild)."""
     for ref in (reference, None):
-        sink = _HashingWriter(out, md5=False)
+        sink = _HashingWriter(out)
         if hasattr(out, "seek"):
             out.seek(0)
             out.truncate()
@@ -6786,7 +6783,7 @@ class _FileInfo(NamedTuple):
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f, md5=False)
+        writer = _HashingWriter(f)
         shutil.copyfileobj(src, writer, _IO_CHUNK)
     return writer.sha256.hexdigest()
 
@@ -6967,7 +6964,7 @@ class _DeltaEngine:
         resp = self.storage.get_object(lg.bucket, lg.stored_key)
         body = resp["Body"]
         with open(out, "wb") as f:
-            writer = _HashingWriter(f, md5=False)
+            writer = _HashingWriter(f)
             try:
                 for chunk in body.iter_chunks(_IO_CHUNK):
                     writer.write(chunk)
@@ -7376,15 +7373,15 @@ class _DeltaEngine:
                         extra = self._encode_archive(
                             ref_sha, ref_path, ref_check, path, delta_tmp, tmp_dir, file_info
                         )
+                        plain = None
                         if extra is None:
-                            decoded = self.xdelta.encode_verified(ref_path, path, delta_tmp)
-                        else:
-                            decoded = (file_info().sha256, file_info().size)  # checked there
+                            plain = self.xdelta.encode_verified(ref_path, path, delta_tmp)
                     except (XDelta3Error, OSError):
                         if ref_check is not None and not ref_check.result():
                             continue  # the check removed the entry under xdelta3: see below
                         raise
                     info = file_info()
+                    decoded = plain or (info.sha256, info.size)  # archive: checked there
                 delta_size = os.path.getsize(delta_tmp)
                 if not created and delta_size > max_ratio * info.size:
                     logger.info(
@@ -7473,7 +7470,7 @@ class _DeltaEngine:
         fd, expanded = _private_tempfile(tmp_dir, ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f, md5=False)
+                writer = _HashingWriter(f)
                 if not _zip_expand(path, writer):  # type: ignore[arg-type]
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
