@@ -3167,11 +3167,15 @@ class _LocalStorage:
     # -- plumbing -----------------------------------------------------------
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        # Every S3 reply has a Date; the engine's settle check reads the server's clock
+        # from it (a store that ignores If-None-Match, as tests make this one pretend).
+        sent = {"date": _http_date(self._now())}
+        sent.update(headers or {})
         return {
             "RequestId": uuid.uuid4().hex[:16].upper(),
             "HostId": "",
             "HTTPStatusCode": status,
-            "HTTPHeaders": dict(headers or {}),
+            "HTTPHeaders": sent,
             "RetryAttempts": 0,
         }
 
