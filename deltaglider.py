@@ -6009,9 +6009,28 @@ _ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
 _DEFAULT_MAX_RATIO = 0.5
 _DEFAULT_CACHE_MAX = 4 * 1024**3
 #: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
-#: smaller than the reference loses matches further apart than it (FORMAT.md).
-_MIN_SOURCE_WINDOW = 64 * 1024 * 1024
+#: smaller than the reference loses matches further apart than it (FORMAT.md); one
+#: larger costs hash-table memory for nothing (194 MB instead of 93 MB for a 12 MB wheel).
+_MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
+#: The whole process tree (Python and its xdelta3 children) stays under this by default;
+#: DG_MEMORY_LIMIT / create_client(memory_limit=) / --memory-limit allow more (or less).
+_ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
+_DEFAULT_MEMORY_LIMIT = 600 * 1000**2
+_MIN_MEMORY_LIMIT = 256 * 1000**2
+#: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
+#: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
+#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
+#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+_XD3_BASE = 48 * 1000**2
+_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_FASTEST = (1, 0.125)
+#: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
+#: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
+_DECODE_WINDOW = 64 * 1024 * 1024
+_XD3_DECODE_BASE = 16 * 1000**2
+#: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
+_PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
@@ -6158,6 +6177,104 @@ def _eligible_by_content(path: str) -> bool:
     return any(head[off : off + len(magic)] == magic for off, magic in _DELTA_MAGIC)
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(value: str | int, name: str) -> int:
+    """Bytes from ``123``, ``600MB``, ``1.5GiB``, ``2G``: KB/MB/GB/TB are powers of 1024,
+    as in the aws-cli's s3 settings."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if m is None:
+        raise InvalidConfigError(
+            error_msg="%s must be a size such as 600MB or 2GiB, not %r" % (name, value)
+        )
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _memory_limit(value: str | int | None, environ: Mapping[str, str]) -> int:
+    """The memory limit asked for (argument, else DG_MEMORY_LIMIT, else 600 MB), checked."""
+    raw: str | int | None = value if value is not None else environ.get(_ENV_MEMORY_LIMIT)
+    if raw is None or raw == "":
+        return _DEFAULT_MEMORY_LIMIT
+    limit = _parse_size(raw, _ENV_MEMORY_LIMIT if value is None else "memory_limit")
+    if limit < _MIN_MEMORY_LIMIT:
+        raise InvalidConfigError(
+            error_msg="a memory limit of %s is too small to encode deltas in: at least %s"
+            % (_human_size(limit), _human_size(_MIN_MEMORY_LIMIT))
+        )
+    return limit
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _EncodePlan(NamedTuple):
+    level: int
+    window: int  # -B
+    memory: int  # the encoder's expected peak RSS, bytes
+
+
+def _encoder_memory(factor: float, window: int, source_size: int) -> int:
+    window = _pow2_at_least(window)  # what xdelta3 allocates
+    return _XD3_BASE + min(window, source_size) + int(factor * window)
+
+
+def _decoder_memory(source_size: int) -> int:
+    return _XD3_DECODE_BASE + min(_DECODE_WINDOW, source_size)
+
+
+def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
+    """The one place xdelta3's level and source window (-B) are chosen, from the
+    reference's size and the memory the encoder may use. A window covering the whole
+    reference matters most (data moved further than the window is stored again), so the
+    highest level that affords one wins; levels above -1 only up to their window size
+    (time). When even -1 cannot hold the whole reference, the largest window that fits:
+    changes that stay near their place (the usual case) still give the same delta."""
+    full = _XDelta3.window(source_size)
+    for level, factor, max_window in _XD3_LEVELS:
+        if full <= max_window:
+            need = _encoder_memory(factor, full, source_size)
+            if need <= budget:
+                return _EncodePlan(level, full, need)
+    level, factor = _XD3_FASTEST
+    need = _encoder_memory(factor, full, source_size)
+    if need <= budget:
+        return _EncodePlan(level, full, need)
+    # A window short of the reference: xdelta3 rounds its buffer up to a power of two.
+    window = full
+    while window > 16 * 1024 * 1024 and _encoder_memory(factor, window, source_size) > budget:
+        window //= 2  # 16 MiB at least: a limit that small was refused by _memory_limit
+    return _EncodePlan(level, window, _encoder_memory(factor, window, source_size))
+
+
+class _MemoryBudget:
+    """Bytes our xdelta3 children may use at once: each run holds its expected peak, and
+    waits while others hold too much (parallel uploads then take turns, not swap)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)
+        with self._cond:
+            while self._free < amount:
+                self._cond.wait()
+            self._free -= amount
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += amount
+                self._cond.notify_all()
+
+
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
@@ -6170,8 +6287,11 @@ class _XDelta3:
         environ: Mapping[str, str] = os.environ,
         run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
+        memory_limit: str | int | None = None,
     ) -> None:
         self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self.memory_limit = _memory_limit(memory_limit, environ)
+        self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
         self._run = run
         self._path: str | None = None
@@ -6191,10 +6311,10 @@ class _XDelta3:
             self._path = found
         return self._path
 
-    def _call(self, args: list[str]) -> None:
+    def _call(self, args: list[str], memory: int) -> None:
         cmd = [self.path(), *args]
         try:
-            with self._slots:
+            with self._slots, self.memory.hold(memory):
                 proc = self._run(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                 )
@@ -6205,24 +6325,24 @@ class _XDelta3:
 
     @staticmethod
     def window(source_size: int) -> int:
-        """-B: the reference size rounded up to a power of two, within 64 MiB..2 GiB."""
+        """-B: the reference size rounded up to a power of two, within 1 MiB..2 GiB."""
         window = _MIN_SOURCE_WINDOW
         while window < source_size and window < _MAX_SOURCE_WINDOW:
             window *= 2
         return window
 
-    def encode_args(self, source: str, target: str, out: str) -> list[str]:
-        size = os.path.getsize(source)
+    @staticmethod
+    def encode_args(plan: _EncodePlan, source: str, target: str, out: str) -> list[str]:
         return [
             "-e",
             "-f",
             "-D",
             "-A",
-            "-9",
+            "-%d" % plan.level,
             "-S",
             "djw",
             "-B",
-            str(self.window(size)),
+            str(plan.window),
             "-s",
             source,
             target,
@@ -6230,7 +6350,8 @@ class _XDelta3:
         ]
 
     def encode(self, source: str, target: str, out: str) -> None:
-        self._call(self.encode_args(source, target, out))
+        plan = _encode_plan(os.path.getsize(source), self.memory.total)
+        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -6238,13 +6359,12 @@ class _XDelta3:
         window as soon as it is encoded, so the check runs on the second core while the
         encoder works, instead of after it. Returns the SHA-256 and size of the decoded
         bytes, for the caller to compare with the input."""
-        args = self.encode_args(source, target, out)
+        size = os.path.getsize(source)
+        checker = _decoder_memory(size)
+        plan = _encode_plan(size, self.memory.total - checker)
+        args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [
-            self.path(),
-            *("-d", "-D", "-c", "-B", str(self.window(os.path.getsize(source)))),
-            *("-s", source),
-        ]
+        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
         h = hashlib.sha256()
         total = 0
         with contextlib.ExitStack() as stack:
@@ -6252,6 +6372,7 @@ class _XDelta3:
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
             stack.enter_context(self._slots)
+            stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
             try:
                 for cmd, stdin, err in (
@@ -6325,12 +6446,12 @@ class _XDelta3:
             raise XDelta3NotFoundError(
                 self._name, "to read deltas with it, or unset %s=xdelta3" % _ENV_DECODER
             ) from None
-        size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
-        cmd = [binary, *flags, "-B", str(self.window(size)), "-s", source, delta]
+        cmd = [binary, *flags, "-B", str(_DECODE_WINDOW), "-s", source, delta]
         h = hashlib.sha256()
         total = 0
-        with tempfile.TemporaryFile() as errors, self._slots:
+        memory = self.memory.hold(_decoder_memory(os.path.getsize(source)))
+        with tempfile.TemporaryFile() as errors, self._slots, memory:
             try:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
@@ -8896,6 +9017,7 @@ def create_client(
     xdelta3_path: str | None = None,
     max_workers: int = 10,
     archive_aware: bool | None = None,
+    memory_limit: str | int | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
 ) -> DeltaGliderClient:
@@ -8907,7 +9029,10 @@ def create_client(
     of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references.
     ``archive_aware`` (``DG_ARCHIVE_AWARE=1``) makes deltas of zip-family files (wheels,
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
-    megabytes (README, "Archive-aware deltas")."""
+    megabytes (README, "Archive-aware deltas"). ``memory_limit`` (``DG_MEMORY_LIMIT``,
+    bytes or a size like ``2GiB``; default 600 MB) bounds the peak memory of the process
+    and its xdelta3 children: bigger files get faster, smaller-window deltas within it
+    (README, "xdelta3 settings")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
     if archive_aware is None:
         value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
@@ -8986,7 +9111,7 @@ def create_client(
         cache_dir=cache_dir or _default_cache_dir(env),
         max_ratio=max_ratio,
         archive_aware=archive_aware,
-        xdelta=_XDelta3(xdelta3_path, environ=env),
+        xdelta=_XDelta3(xdelta3_path, environ=env, memory_limit=memory_limit),
         environ=env,
         now=now,
         max_workers=max_workers,
@@ -9167,6 +9292,7 @@ class _Cli:
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            memory_limit = getattr(self.args, "memory_limit", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
                 region_name=self.args.region,
@@ -9176,6 +9302,7 @@ class _Cli:
                 max_ratio=max_ratio,
                 max_workers=self.workers,
                 archive_aware=archive_aware,
+                memory_limit=memory_limit,
                 environ=self.environ,
             )
         return self._client
@@ -10172,6 +10299,13 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     )
     g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
     g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
+    g.add_argument(
+        "--memory-limit",
+        default=d,
+        metavar="SIZE",
+        help="peak memory of deltaglider and its xdelta3 runs, e.g. 2GiB "
+        "(default 600MB; DG_MEMORY_LIMIT)",
+    )
     g.add_argument(
         "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
     )

@@ -4850,6 +4850,113 @@ def test_part_size_fits_five_tib_in_ten_thousand_parts() -> None:
     assert dg._part_size(100 * 1024 * 1024) == dg._DEFAULT_PART_SIZE
 
 
+def _tree_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    """Run a command; (exit code, peak of the summed RSS of it and all its descendants),
+    polled from /proc (Linux)."""
+
+    def tree(pid: int) -> int:
+        total, todo = 0, [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                with open("/proc/%d/statm" % p) as f:
+                    total += int(f.read().split()[1]) * resource.getpagesize()
+                for tid in os.listdir("/proc/%d/task" % p):
+                    with open("/proc/%d/task/%s/children" % (p, tid)) as f:
+                        todo += [int(x) for x in f.read().split()]
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree(proc.pid))
+        time.sleep(0.005)
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.returncode == 0, err
+    return proc.returncode, peak
+
+
+@needs_xdelta3
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+def test_memory_limit_bounds_the_whole_process_tree(tmp_path: Any) -> None:
+    """#17: uploads and downloads of a big pair stay under DG_MEMORY_LIMIT, xdelta3
+    included (the encoder, the checking decoder and Python together). Before, a 96 MiB
+    reference was encoded with -9 and a 128 MiB window: about 600 MB."""
+    size = 96 * 1024 * 1024
+    v1, v2 = tmp_path / "v1.img", tmp_path / "v2.img"
+    with open(str(v1), "wb") as f:
+        for _ in range(size // (8 * 1024 * 1024)):
+            f.write(os.urandom(4 * 1024 * 1024) + bytes(4 * 1024 * 1024))
+    data = bytearray(v1.read_bytes())
+    for off in (5, 33, 61, 90):  # MiB; four changed 64 KiB regions
+        data[off << 20 : (off << 20) + 65536] = os.urandom(65536)
+    v2.write_bytes(bytes(data))
+    del data
+    limit = 300 * 1000**2
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+        "DG_MEMORY_LIMIT": str(limit),
+    }
+    cli = [sys.executable, dg.__file__, "--endpoint-url", "file://" + str(tmp_path / "store")]
+    assert _tree_peak_rss([*cli, "mb", "s3://big"], env)[0] == 0
+    peaks = []
+    for name in ("v1.img", "v2.img"):
+        peaks.append(_tree_peak_rss([*cli, "cp", str(tmp_path / name), "s3://big/x/"], env)[1])
+    shutil.rmtree(str(tmp_path / "cache"))
+    peaks.append(_tree_peak_rss([*cli, "cp", "s3://big/x/v2.img", str(tmp_path / "out")], env)[1])
+    assert (tmp_path / "out").read_bytes() == v2.read_bytes()
+    store = dg.create_client("file://" + str(tmp_path / "store"), environ=env).storage
+    delta = store.head_object("big", "x/v2.img.delta")
+    assert delta["ContentLength"] < 1024 * 1024
+    assert max(peaks) <= limit, [p / 1e6 for p in peaks]
+
+
+@pytest.mark.parametrize("limit", [256 * 1000**2, 600 * 1000**2, 4 * 1024**3, 64 * 1024**3])
+def test_encode_plan_fits_the_memory_limit_at_every_size(limit: int) -> None:
+    """The level and window xdelta3 gets follow the reference's size and the memory
+    allowed; a verified encode (encoder + checking decoder + Python) fits the limit."""
+    budget = limit - dg._PYTHON_RESERVE
+    for size in [1, 4 << 20, 12 << 20, 115 << 20, 200 << 20, 300 << 20, 2 << 30, 6 << 30]:
+        checker = dg._decoder_memory(size)
+        plan = dg._encode_plan(size, budget - checker)
+        assert plan.memory + checker + dg._PYTHON_RESERVE <= limit, (size, plan)
+        assert plan.level in (1, 3, 6, 9) and 1 << 20 <= plan.window <= 2 << 30
+        if plan.window < min(size, 2 << 30):
+            assert plan.level == 1  # a window short of the reference only at -1
+    # The benchmark's tars (110 MB) keep today's -9 over the whole file at the default.
+    tar = 115 * 1000**2
+    plan = dg._encode_plan(tar, dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2)
+    assert (plan.level, plan.window) == (9, 128 << 20)
+    # More memory never gives a smaller window
+    small = dg._encode_plan(2 << 30, 500 * 1000**2)
+    big = dg._encode_plan(2 << 30, 4 * 1024**3)
+    assert big.window >= small.window and big.window == 2 << 30
+
+
+def test_memory_limit_setting(tmp_path: Any) -> None:
+    env = {"PATH": os.environ.get("PATH", "")}
+    assert dg._XDelta3(environ=env).memory_limit == 600 * 1000**2
+    assert dg._XDelta3(environ={**env, "DG_MEMORY_LIMIT": "2GiB"}).memory_limit == 2 * 1024**3
+    assert dg._XDelta3(environ={**env, "DG_MEMORY_LIMIT": "1.5G"}).memory_limit == 3 * 1024**3 // 2
+    assert dg._XDelta3(environ=env, memory_limit=10**9).memory_limit == 10**9
+    for bad in ("lots", "100MB", "-1"):
+        with pytest.raises(dg.InvalidConfigError) as e:
+            dg._XDelta3(environ={**env, "DG_MEMORY_LIMIT": bad})
+        assert "DG_MEMORY_LIMIT" in str(e.value) or "too small" in str(e.value)
+    code, out, err = run_cli(
+        Backend("local", "file://" + str(tmp_path / "s"), None, None),
+        tmp_path,
+        ["--memory-limit", "12", "ls"],
+    )
+    assert code != 0 and "too small" in err and "Traceback" not in err
+
+
 def test_multipart_upload_streams_and_aborts_on_failure(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
