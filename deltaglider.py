@@ -9558,28 +9558,26 @@ class _Cli:
         if src_s3 and dst_s3:
             sb, sk = _parse_s3_url(src)
             db, dk = _parse_s3_url(dst)
+            command = "mv" if move else "cp"
             if not recursive:
                 if not dk or dk.endswith("/"):
                     dk += sk.rsplit("/", 1)[-1]
+                _refuse_onto_itself(command, sb, db, [(sk, dk)])
                 self.copy_one(sb, sk, db, dk, "move" if move else "copy")
                 return self.exit_code()
             prefix = sk if not sk or sk.endswith("/") else sk + "/"
             dprefix = dk if not dk or dk.endswith("/") else dk + "/"
             filters = self.filters()
-            tasks: list[Callable[[], None]] = []
-            for obj in self.list_logical(sb, prefix):
-                rel = obj["Key"][len(prefix) :]
-                if filters.included(rel):
-                    tasks.append(
-                        functools.partial(
-                            self.copy_one,
-                            sb,
-                            obj["Key"],
-                            db,
-                            dprefix + rel,
-                            "move" if move else "copy",
-                        )
-                    )
+            pairs = [
+                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+                for obj in self.list_logical(sb, prefix)
+                if filters.included(obj["Key"][len(prefix) :])
+            ]
+            _refuse_onto_itself(command, sb, db, pairs)
+            tasks: list[Callable[[], None]] = [
+                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
+                for s_key, d_key in pairs
+            ]
             self.run_tasks(tasks, 0)
             return self.exit_code()
         if dst_s3:
@@ -10075,6 +10073,8 @@ class _Cli:
                 if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+        if _store_identity(source) == _store_identity(self.client):
+            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -10192,6 +10192,41 @@ class _UsageError(DeltaGliderError):
 
 class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
+
+
+def _store_identity(client: DeltaGliderClient) -> str:
+    """Which store a client talks to (endpoint, or local directory): two clients with the same
+    identity see the same bucket under the same name."""
+    storage = client._engine.storage
+    if isinstance(storage, _LocalStorage):
+        return "file:" + os.path.realpath(storage._root)
+    return str(storage.endpoint_url).lower()
+
+
+def _refuse_onto_itself(
+    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+) -> None:
+    """The one check for cp, mv, migrate (and any command that reads and writes one store):
+    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
+    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
+    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
+    delete what it just wrote)."""
+    if src_bucket != dst_bucket:
+        return
+    for s_key, d_key in pairs:
+        if s_key == d_key:
+            raise _UsageError(
+                "Cannot %s a file onto itself: s3://%s/%s - s3://%s/%s"
+                % (command, src_bucket, s_key, dst_bucket, d_key)
+            )
+    sources = {s_key for s_key, _ in pairs}
+    for s_key, d_key in pairs:
+        if d_key in sources:
+            raise _UsageError(
+                "Cannot %s s3://%s/%s to s3://%s/%s: the destination is also a source of this "
+                "%s (the prefixes overlap); nothing was changed"
+                % (command, src_bucket, s_key, dst_bucket, d_key, command)
+            )
 
 
 def _one_line(e: BaseException) -> str:

@@ -6063,6 +6063,51 @@ def test_cli_verify_and_rm_keep_references_consistent(cli_env: Any, tmp_path: An
     assert stored_keys(c, bucket) == []
 
 
+@needs_xdelta3
+def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: Any) -> None:
+    """mv/cp/migrate whose destination is the source (or, with -r, overlaps it) stop before
+    any work, as aws s3 mv does; nothing is deleted, the folder's reference stays."""
+    backend, bucket = cli_env
+    url = "s3://%s/" % bucket
+    wanted = {}
+    for key, v in (("dir/a.zip", 0), ("dir/b.zip", 1), ("dir/sub/a.zip", 2)):
+        wanted[key] = make_zip(tmp_path / "src.zip", v)
+        assert run_cli(backend, tmp_path, ["cp", str(tmp_path / "src.zip"), url + key])[0] == 0
+    before = stored_keys(make_client(backend, tmp_path), bucket)
+    a = url + "dir/a.zip"
+    refusals = [
+        (["mv", a, a], "Cannot mv a file onto itself: %s - %s" % (a, a)),
+        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: %s - %s" % (a, a)),
+        (["cp", a, a], "Cannot cp a file onto itself: %s - %s" % (a, a)),
+        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: s3://"),
+        (
+            ["mv", "-r", url + "dir/", url + "dir/sub/"],
+            "Cannot mv %s to %ssub/a.zip" % (a, url + "dir/"),
+        ),
+        (
+            ["cp", "-r", url + "dir/", url + "dir/sub/"],
+            "the destination is also a source of this cp",
+        ),
+        (["migrate", url + "dir/", url + "dir/"], "Cannot migrate a file onto itself"),
+        (
+            ["migrate", url + "dir/", url + "dir/sub"],
+            "the destination is also a source of this migrate",
+        ),
+    ]
+    for argv, message in refusals:
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert (code, out) == (2, ""), (argv, out, err)
+        assert message in err and err.count("\n") == 1, (argv, err)
+    c = make_client(backend, tmp_path)
+    assert stored_keys(c, bucket) == before
+    for key, data in wanted.items():
+        assert c.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    # a prefix that does not overlap still moves
+    code, out, err = run_cli(backend, tmp_path, ["mv", "-r", url + "dir/sub/", url + "moved/"])
+    assert code == 0 and out.startswith("move: "), err
+    assert c.get_object(Bucket=bucket, Key="moved/a.zip")["Body"].read() == wanted["dir/sub/a.zip"]
+
+
 def _installed_script(tmp_path: Any) -> tuple[str, dict[str, str]]:
     target = tmp_path / "site"
     subprocess.run(
