@@ -9219,6 +9219,40 @@ def _safe_relative(rel: str) -> str | None:
     return os.path.join(*parts)
 
 
+def _is_within(path: str, root: str) -> bool:
+    """Whether a resolved ``path`` is ``root`` or below it (both from os.path.realpath)."""
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # another drive on Windows
+        return False
+
+
+def _is_dir_entry(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink
+    except OSError:
+        return False
+
+
+def _leads_outside(root: str, path: str) -> bool:
+    """Whether writing ``path`` below ``root`` would go through a symlink that leads out of
+    ``root``: the deepest folder of ``path`` that exists must resolve inside ``root`` (the
+    rest is created as real folders). A link at ``path`` itself is replaced, not written
+    through (downloads rename a temporary file over it)."""
+    top = os.path.abspath(root)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != top and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.lexists(folder):
+        return False  # not even the root exists yet: every folder is created for real
+    return not _is_within(os.path.realpath(folder), os.path.realpath(root))
+
+
+def _under_any(rel: str, unread: Sequence[str]) -> bool:
+    """Whether ``rel`` is one of ``unread`` or below one of its folders ("sub/")."""
+    return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
+
+
 def _display_path(path: str) -> str:
     """Local paths as aws s3 prints them: relative to the working directory."""
     try:
@@ -9456,10 +9490,25 @@ class _Cli:
         return extra
 
     def download_one(
-        self, bucket: str, key: str, path: str, verb: str = "download", mtime: Any = None
+        self,
+        bucket: str,
+        key: str,
+        path: str,
+        verb: str = "download",
+        mtime: Any = None,
+        root: str | None = None,
     ) -> None:
+        """``root``: the destination folder of a recursive download or sync, which
+        nothing may be written outside of, even through a symlink inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
+        if root is not None and _leads_outside(root, path):
+            self.warn(
+                "Skipping %s: %s is reached through a symlink that leads outside %s"
+                % (src, shown, _display_path(root))
+            )
+            self.file_done()
+            return
         if getattr(self.args, "dryrun", False):
             self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
             return
@@ -9518,32 +9567,83 @@ class _Cli:
         finally:
             self.file_done()
 
-    def local_files(self, root: str) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of regular files under ``root``, sorted;
-        special files are skipped with a warning, as aws s3 does."""
+    def local_files(
+        self, root: str, *, confine: bool = False, unread: list[str] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+        The one walk of local folders. Symlinks are followed as aws s3 does (unless
+        --no-follow-symlinks), but a symlinked folder is entered only the first time its
+        real folder is met, and never when it is one of its own parents: link loops end,
+        and repeated links cost one visit (aws s3 walks them until the path is too long).
+        With ``confine`` (a destination), symlinked folders are not entered: a delete never
+        goes through a link (out of the destination, or onto a file another key maps to);
+        a symlinked file is yielded as itself (unlinking it removes only the link).
+
+        What cannot be read (an unreadable folder or file, a special file) is skipped with a
+        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+        ``unread``: the remote copies of what could not be read are never deleted. Folders
+        skipped as already visited are added to ``unread`` without a warning."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                try:
-                    st = os.stat(path) if follow else os.lstat(path)
-                except OSError as e:
-                    self.warn("Skipping file %s. %s" % (path, e.strerror))
+        skipped = unread if unread is not None else []
+        visited: set[tuple[int, int]] = set()
+        # A stack of (real folder id, its relative path, its entries still to visit).
+        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+        def enter(path: str, rel: str, via_link: bool) -> None:
+            try:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+                if any(ident == parent for parent, _, _ in stack) or (
+                    via_link and ident in visited
+                ):
+                    skipped.append(rel)  # a link loop, or a folder already walked via a link
+                    return
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:
+                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+                skipped.append(rel)
+                return
+            visited.add(ident)
+            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+            stack.append((ident, rel, entries))
+
+        enter(root, "", via_link=False)
+        while stack:
+            _, rel_dir, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                continue
+            entry = entries.pop()
+            path, rel = entry.path, rel_dir + entry.name
+            link = entry.is_symlink()
+            if link and (not follow or (confine and _is_dir_entry(entry))):
+                continue
+            if _is_dir_entry(entry):
+                enter(path, rel + "/", via_link=link)
+                continue
+            try:
+                st = os.stat(path) if follow else os.lstat(path)
+            except OSError as e:
+                self.warn("Skipping file %s. %s" % (path, e.strerror))
+                skipped.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    if stat.S_ISLNK(st.st_mode):
-                        continue
-                    self.warn(
-                        "Skipping file %s. File is character special device, block special "
-                        "device, FIFO, or socket." % path
-                    )
-                    continue
-                if not os.access(path, os.R_OK):
-                    self.warn("Skipping file %s. File/Directory is not readable." % path)
-                    continue
-                yield path, rel
+                self.warn(
+                    "Skipping file %s. File is character special device, block special "
+                    "device, FIFO, or socket." % path
+                )
+                skipped.append(rel)
+                continue
+            if not os.access(path, os.R_OK):
+                self.warn("Skipping file %s. File/Directory is not readable." % path)
+                skipped.append(rel)
+                continue
+            yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
         src, dst = self.args.source, self.args.dest
@@ -9666,6 +9766,7 @@ class _Cli:
                         obj["Key"],
                         os.path.join(dst, safe),
                         "move" if move else "download",
+                        root=dst,
                     )
                 )
         self.run_tasks(tasks, 0)
@@ -9840,7 +9941,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         total = 0
         seen = set()
-        for path, rel in self.local_files(src):
+        unread: list[str] = []
+        for path, rel in self.local_files(src, unread=unread):
             if not filters.included(rel):
                 continue
             seen.add(rel)
@@ -9857,7 +9959,9 @@ class _Cli:
         self.run_tasks(tasks, total)
         if self.args.delete:
             gone = [
-                prefix + rel for rel in sorted(remote) if rel not in seen and filters.included(rel)
+                prefix + rel
+                for rel in sorted(remote)
+                if rel not in seen and filters.included(rel) and not _under_any(rel, unread)
             ]
             self.delete_keys(bucket, gone)
         return self.exit_code()
@@ -9931,10 +10035,10 @@ class _Cli:
                     continue
             except OSError:
                 pass
-            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path))
+            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path, root=dst))
         self.run_tasks(tasks, sum(remote[r]["Size"] for r in remote if r in remote))
         if self.args.delete and os.path.isdir(dst):
-            for path, rel in list(self.local_files(dst)):
+            for path, rel in list(self.local_files(dst, confine=True)):
                 if os.path.normpath(path) not in wanted and filters.included(rel):
                     if self.dry():
                         self.line("(dryrun) delete: %s" % _display_path(path))

@@ -5953,6 +5953,114 @@ def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: An
         assert code == 2 and "would write outside" in err
 
 
+def test_cli_downloads_never_go_through_a_symlink_out_of_the_destination(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A destination subfolder that is a symlink to elsewhere: cp -r and sync (--delete)
+    neither write nor delete through it (aws-cli does; we are stricter)."""
+    backend, bucket = cli_env
+    monkeypatch.chdir(tmp_path)
+    url = "s3://%s/s/" % bucket
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"a")
+    (src / "sub" / "b.txt").write_bytes(b"new b")
+    assert run_cli(backend, tmp_path, ["sync", str(src), url])[0] == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "b.txt").write_bytes(b"precious")
+    (outside / "victim.txt").write_bytes(b"keep me")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "sub").symlink_to(outside, target_is_directory=True)
+    (dst / "a.txt").symlink_to(outside / "victim.txt")  # replaced, never written through
+    for argv in (["cp", "-r", url, "dst"], ["sync", url, "dst", "--delete"]):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert code == 2, (argv, out, err)
+        assert (
+            "warning: Skipping %ssub/b.txt: dst/sub/b.txt is reached through a symlink that "
+            "leads outside ./dst\n" % url
+        ) in err, err
+        assert "Traceback" not in err
+        assert sorted(p.name for p in outside.iterdir()) == ["b.txt", "victim.txt"]
+        assert (outside / "b.txt").read_bytes() == b"precious"
+        assert (outside / "victim.txt").read_bytes() == b"keep me"
+        assert not (dst / "a.txt").is_symlink() and (dst / "a.txt").read_bytes() == b"a"
+    assert (dst / "sub").is_symlink()
+
+
+def _deny_listing(monkeypatch: Any, folder: Any) -> None:
+    """chmod 000 on ``folder``; as root (modes do not bind root) os.scandir is made to refuse
+    it the way the kernel refuses everyone else, which is the one fault we fake here."""
+    folder.chmod(0)
+    if os.geteuid() != 0:
+        return
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_cli_unreadable_source_warns_exits_2_and_keeps_remote_copies(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """An unreadable subfolder (and a file that became a FIFO) in an upload source: a
+    warning, exit 2 as aws s3 does, and sync --delete keeps their remote copies."""
+    backend, bucket = cli_env
+    url = "s3://%s/s/" % bucket
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    for name in ("a.txt", "c.txt", "locked/b.txt"):
+        (src / name).write_bytes(name.encode())
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and out.count("upload:") == 3, err
+    (src / "c.txt").unlink()
+    os.mkfifo(str(src / "c.txt"))
+    (src / "a.txt").write_bytes(b"changed a")
+    _deny_listing(monkeypatch, src / "locked")
+    try:
+        code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url, "--delete"])
+        assert code == 2, (out, err)
+        assert (
+            "warning: Skipping file %s/. File/Directory is not readable.\n" % (src / "locked")
+        ) in err
+        assert "warning: Skipping file %s. File is character special" % (src / "c.txt") in err
+        assert "delete:" not in out and out.count("upload:") == 1, out
+        c = make_client(backend, tmp_path)
+        keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="s/")["Contents"]]
+        assert keys == ["s/a.txt", "s/c.txt", "s/locked/b.txt"]
+        code, out, err = run_cli(backend, tmp_path, ["cp", "-r", str(src), url + "copy/"])
+        assert code == 2 and "%s/. File/Directory is not readable." % (src / "locked") in err
+        assert out.count("upload:") == 1, out
+    finally:
+        (src / "locked").chmod(0o755)
+
+
+def test_cli_symlink_loops_in_a_source_end(cli_env: Any, tmp_path: Any) -> None:
+    """Symlinks are followed as aws s3 does, but a link back to a parent is not walked
+    again (it used to be walked until the path was too long, exponentially so for two)."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    (src / "v1").mkdir(parents=True)
+    (src / "v1" / "x.txt").write_bytes(b"x")
+    (src / "v1" / "loop").symlink_to(src, target_is_directory=True)
+    code, out, err = run_cli(backend, tmp_path, ["cp", "-r", str(src), "s3://%s/l/" % bucket])
+    assert (code, out.count("upload:")) == (0, 1), (out, err)
+    (src / "v1" / "loop").unlink()
+    (src / "v1" / "self").symlink_to(".", target_is_directory=True)
+    (src / "v1" / "up").symlink_to("..", target_is_directory=True)
+    (src / "latest").symlink_to("v1", target_is_directory=True)  # an ordinary link: followed
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), "s3://%s/m/" % bucket])
+    assert code == 0, err
+    c = make_client(backend, tmp_path)
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["l/v1/x.txt", "m/latest/x.txt", "m/v1/x.txt"]
+
+
 @pytest.mark.parametrize(
     "argv,code,message",
     [
