@@ -377,6 +377,18 @@ class IntegrityError(DeltaGliderError):
     """Bytes did not match the SHA-256 recorded when they were stored; nothing was written."""
 
 
+class _OutputLimitError(IntegrityError):
+    """A delta decodes (or an expanded zip rebuilds) to more bytes than recorded for it."""
+
+    def __init__(self, limit: int, what: str = "dg-file-size") -> None:
+        self.limit = limit
+        self.what = what
+        super().__init__(
+            "the delta decodes to more than the %d bytes recorded for it (%s); stopped there"
+            % (limit, what)
+        )
+
+
 class XDelta3Error(DeltaGliderError):
     """xdelta3 failed: carries the command, its exit code and (truncated) stderr."""
 
@@ -4437,6 +4449,10 @@ class _VCDiffError(Exception):
     """A delta that is corrupt, truncated or uses a feature this decoder lacks."""
 
 
+class _VCDiffLimitError(_VCDiffError):
+    """A delta whose windows add up to more than the caller's limit."""
+
+
 # -- Reading the delta --------------------------------------------------------
 
 
@@ -5188,11 +5204,16 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
     return out
 
 
-def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
+def _vcdiff_decode(
+    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
-    written. Raises _VCDiffError for a corrupt, truncated or unsupported delta (``out``
-    then holds the windows decoded before the error) and OSError from opening or reading
+    written. ``limit``: the most bytes the target may have (its recorded size): a window
+    that would go beyond it is refused before it is decoded, so a small hostile delta
+    costs neither the time nor the disk of the gigabytes it claims. Raises _VCDiffError
+    for a corrupt, truncated or unsupported delta (``out`` then holds the windows
+    decoded before the error) and OSError from opening or reading
     the source or writing ``out``. A delta cut exactly between two windows is a valid,
     shorter delta: VCDIFF records no total length, so the caller checks size and digest.
     VCD_TARGET windows (which xdelta3 never writes) read earlier output back from ``out``
@@ -5228,9 +5249,10 @@ def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
         while not rd.at_end():
             start = rd.offset()
             try:
-                target = _decode_window(rd, sec_id, models, src, out, written, last)
+                budget = None if limit is None else limit - written
+                target = _decode_window(rd, sec_id, models, src, out, written, last, budget)
             except _VCDiffError as e:
-                raise _VCDiffError(f"{e} (window {number} at delta offset {start})") from None
+                raise type(e)(f"{e} (window {number} at delta offset {start})") from None
             out.write(target)
             written += len(target)
             last = target
@@ -5249,8 +5271,11 @@ def _decode_window(
     out: IO[bytes],
     written: int,
     last: bytearray,
+    budget: int | None = None,
 ) -> bytearray:
-    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h)."""
+    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h).
+    ``budget``: the bytes the target may still have; the window's declared length is
+    checked against it before any of its sections is decompressed or run."""
     win = rd.byte("window indicator")
     if win & ~(_VCD_SOURCE | _VCD_TARGET | _VCD_ADLER32):
         raise _VCDiffError(f"corrupt delta: unknown window indicator bits {win:#04x}")
@@ -5266,6 +5291,11 @@ def _decode_window(
     if tgtlen > _MAX_TARGET_WINDOW:
         raise _VCDiffError(
             f"corrupt delta: target window of {tgtlen} bytes (xdelta3's limit is 16 MiB)"
+        )
+    if budget is not None and tgtlen > budget:
+        raise _VCDiffLimitError(
+            f"corrupt delta: it decodes to more than the {written + budget} bytes recorded "
+            "for the file (dg-file-size)"
         )
     delind = rd.byte("delta indicator")
     if delind & ~(_VCD_DATACOMP | _VCD_INSTCOMP | _VCD_ADDRCOMP):
@@ -5374,6 +5404,14 @@ _ZIPX_CHUNK = 1024 * 1024
 _ZIPX_KEEP = 8 * 1024 * 1024
 #: Content of small members waiting to be deflated and written while rebuilding.
 _ZIPX_PENDING = 32 * 1024 * 1024
+#: What a queued record costs in memory beyond its bytes (a tuple, a list or a Future):
+#: counted against _ZIPX_PENDING, so the queue of a crafted stream stays bounded.
+_ZIPX_RECORD_COST = 512
+#: An expanded stream is at most this many times the zip it rebuilds (plus its header):
+#: deflate's densest output is 1032 bytes of content per byte, and a record costs at most
+#: 4 bytes per byte it writes. Bounds what a delta may decode to when the writer recorded
+#: no dg-expanded-size.
+_ZIPX_EXPANSION = 1040
 #: Zip-bomb guard: stop inflating beyond 1000x the compressed size + 1 MiB or 4 GiB; the
 #: member then stays compressed (still rebuilt exactly, just not delta-friendly).
 _ZIPX_BOMB_RATIO = 1000
@@ -5838,10 +5876,18 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
     return index
 
 
-def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = None) -> int:
+def _zip_rebuild(
+    expanded: IO[bytes],
+    out: IO[bytes],
+    reference: str | None = None,
+    limit: int | None = None,
+) -> int:
     """Write the original bytes of an expanded stream to `out`; return how many. Raises
     _ZipCodecError if the stream is corrupt, truncated or of an unknown version, or if this
-    machine's zlib deflates differently from the one that expanded it.
+    machine's zlib deflates differently from the one that expanded it; _OutputLimitError
+    as soon as it would write more than `limit` bytes (the size recorded for the zip).
+    Memory stays within _ZIPX_PENDING whatever the records (each counts at least
+    _ZIPX_RECORD_COST, so a stream of empty records cannot queue millions of them).
 
     Deflating is most of the time, and zlib releases the GIL: members up to _ZIPX_KEEP are
     deflated in threads and written in order, with at most _ZIPX_PENDING bytes waiting.
@@ -5863,6 +5909,8 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
 
     def put(data: bytes) -> None:
         nonlocal size, crc
+        if limit is not None and size + len(data) > limit:
+            raise _OutputLimitError(limit)
         out.write(data)
         size += len(data)
         crc = zlib.crc32(data, crc)
@@ -5919,13 +5967,15 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                     same = reuse.get((crc32, total))
                     if same is not None:
                         ref_file.seek(same[0])
-                        queued.append((same[1], [ref_file.read(same[1])]))
-                        held += same[1]
+                        weight = same[1] + _ZIPX_RECORD_COST
+                        queued.append((weight, [ref_file.read(same[1])]))
+                        held += weight
                         emit(_ZIPX_PENDING)
                         continue
                 if total <= _ZIPX_KEEP:
-                    queued.append((total, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += total
+                    weight = total + _ZIPX_RECORD_COST
+                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
+                    held += weight
                     emit(_ZIPX_PENDING)
                     continue
                 emit(-1)  # a large member: stream it, in order
@@ -5938,8 +5988,10 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                 header = _zipx_read(expanded, n)
                 if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
                     raise _ZipCodecError("expanded zip stream has a bad header record")
-                queued.append((n, [headers.apply(tag, header)]))
-                held += n
+                weight = n + _ZIPX_RECORD_COST
+                queued.append((weight, [headers.apply(tag, header)]))
+                held += weight
+                emit(_ZIPX_PENDING)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -6041,6 +6093,7 @@ _META_ALIASES: dict[str, tuple[str, ...]] = {
     "compression": ("dg-compression", "dg_compression", "compression"),
     "codec": ("dg-codec",),
     "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
 }
 _USER_META_PREFIX = "user-"
 _CONTENT_TYPE_META = "content-type"
@@ -6311,14 +6364,22 @@ class _XDelta3:
         return h.hexdigest(), total
 
     def decode_sha256(
-        self, source: str, delta: str, out: IO[bytes] | None = None, *, external: bool = False
+        self,
+        source: str,
+        delta: str,
+        out: IO[bytes] | None = None,
+        *,
+        external: bool = False,
+        limit: int | None = None,
     ) -> tuple[str, int]:
         """Decode to stdout and hash on the fly, writing to ``out`` if given: checks a
         delta, or rebuilds a file, without reading the result back from disk. With
         ``external`` xdelta3 may recompress (deltas the original tool made of compressed
-        files were encoded without -D)."""
+        files were encoded without -D). ``limit``: the size recorded for the result; a
+        delta that decodes to more is stopped there (IntegrityError), having written at
+        most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
         if self._python_decodes():
-            return self._decode_in_python(source, delta, out, external)
+            return self._decode_in_python(source, delta, out, external, limit)
         try:
             binary = self.path()
         except XDelta3NotFoundError:  # only with DG_DECODER=xdelta3: auto falls back above
@@ -6344,6 +6405,8 @@ class _XDelta3:
                         chunk = proc.stdout.read(_IO_CHUNK)
                         if not chunk:
                             break
+                        if limit is not None and total + len(chunk) > limit:
+                            raise _OutputLimitError(limit)
                         h.update(chunk)
                         total += len(chunk)
                         if out is not None:
@@ -6369,7 +6432,7 @@ class _XDelta3:
 
     @staticmethod
     def _decode_in_python(
-        source: str, delta: str, out: IO[bytes] | None, external: bool
+        source: str, delta: str, out: IO[bytes] | None, external: bool, limit: int | None
     ) -> tuple[str, int]:
         if external:
             # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
@@ -6382,15 +6445,25 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+        except _VCDiffLimitError:
+            raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
             raise IntegrityError("the delta does not decode (built-in decoder): %s" % e) from None
         return sink.sha256.hexdigest(), total
 
-    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
+    def decode(
+        self,
+        source: str,
+        delta: str,
+        out: str,
+        *,
+        external: bool = False,
+        limit: int | None = None,
+    ) -> str:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
-            return self.decode_sha256(source, delta, f, external=external)[0]
+            return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -6435,7 +6508,9 @@ class _ReferenceCache:
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
     and renamed into place, so two processes filling the same entry at once is safe.
     Each entry is re-hashed on its first use in a process and then trusted while its
-    size and mtime are unchanged. Least recently used entries go beyond ``max_size``."""
+    size and mtime are unchanged. Least recently used entries go beyond ``max_size``,
+    except those an operation of this process holds (``hold``): an entry larger than the
+    limit is kept while it is in use and removed when the operation ends."""
 
     def __init__(self, folder: str, max_size: int = _DEFAULT_CACHE_MAX) -> None:
         self.folder = folder
@@ -6443,6 +6518,41 @@ class _ReferenceCache:
         self._verified: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.fetches = 0  # how many references were downloaded (tests count them)
+        self._held: collections.Counter[str] = collections.Counter()  # sha256 -> holds
+        self._local = threading.local()  # .shas: the entries the current hold uses
+        self._over = False  # an eviction left held entries beyond max_size
+        self._warned_small = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, every entry this thread looks up, fills or derives from stays
+        on disk until the block ends, whatever the size limit: evicting the reference (or
+        its expanded form) an upload or download is reading makes it fail with ENOENT.
+        Nested holds are one hold."""
+        if getattr(self._local, "shas", None) is not None:
+            yield
+            return
+        shas: set[str] = set()
+        self._local.shas = shas
+        try:
+            yield
+        finally:
+            self._local.shas = None
+            with self._lock:
+                for sha in shas:
+                    self._held[sha] -= 1
+                    if self._held[sha] <= 0:
+                        del self._held[sha]
+                over, self._over = self._over, False
+            if over:
+                self._evict(keep="")
+
+    def _use(self, sha256: str) -> None:
+        shas = getattr(self._local, "shas", None)
+        if shas is not None and sha256 not in shas:
+            shas.add(sha256)
+            with self._lock:
+                self._held[sha256] += 1
 
     def _path(self, sha256: str) -> str:
         if not re.match(r"^[0-9a-f]{64}$", sha256):
@@ -6456,6 +6566,7 @@ class _ReferenceCache:
         says it hashed these very bytes: fine for reads, whose output is checked anyway.
         Writers also call ``check``."""
         path = self._path(sha256)
+        self._use(sha256)
         try:
             st = os.stat(path)
         except OSError:
@@ -6496,8 +6607,44 @@ class _ReferenceCache:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
         return True
 
+    def recheck(self, sha256: str) -> bool:
+        """Hash an entry and the files made from it, whatever any stamp says: after a
+        read failed, this tells a damaged cache (False: the damaged files are removed, to
+        be fetched or made again) from a damaged delta (True)."""
+        path = self._path(sha256)
+        if not self._rehash(sha256, path):
+            return False
+        good = True
+        folder, name = os.path.split(path)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for n in names:
+            if not (n.startswith(name + ".") and n.endswith(".sha")):
+                continue
+            derived = os.path.join(folder, n[: -len(".sha")])
+            try:
+                with open(derived + ".sha") as f:
+                    want = f.read().strip()
+                actual = _sha256_file(derived)[0]
+            except OSError:
+                continue  # not made (any more)
+            if actual != want:
+                logger.warning("cache entry %s is corrupt; removing it", derived)
+                for side in ("", ".ok", ".sha"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(derived + side)
+                with self._lock:
+                    self._verified.pop(derived, None)
+                good = False
+        return good
+
     def _rehash(self, sha256: str, path: str) -> bool:
-        actual, _ = _sha256_file(path)
+        try:
+            actual, _ = _sha256_file(path)
+        except OSError:  # gone (another process evicted it)
+            actual = ""
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -6540,6 +6687,7 @@ class _ReferenceCache:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
         written do not hash to ``sha256`` (nothing is kept then)."""
         path = self._path(sha256)
+        self._use(sha256)
         folder = os.path.dirname(path)
         _private_mkdir(self.folder)
         _private_mkdir(os.path.join(self.folder, "refs"))
@@ -6591,6 +6739,7 @@ class _ReferenceCache:
         with its SHA-256 in ``<path>.sha``: (path, SHA-256), or None if ``make(file)``
         declines. ``strict`` (uploads) hashes it once per process, as ``check`` does."""
         path = self._path(ref_sha256) + "." + suffix
+        self._use(ref_sha256)
         try:
             st = os.stat(path)
             with open(path + ".sha") as f:
@@ -6644,6 +6793,8 @@ class _ReferenceCache:
         root = os.path.join(self.folder, "refs")
         entries = []
         total = 0
+        with self._lock:
+            held = set(self._held)
         for dirpath, _, files in os.walk(root):
             for name in files:
                 p = os.path.join(dirpath, name)
@@ -6662,8 +6813,8 @@ class _ReferenceCache:
         for _, size, p in entries:
             if total <= self.max_size:
                 break
-            if p == keep:
-                continue
+            if p == keep or os.path.basename(p)[:64] in held:
+                continue  # in use: evicted when the operation holding it ends
             try:
                 os.unlink(p)
                 total -= size
@@ -6672,6 +6823,18 @@ class _ReferenceCache:
             for side in (".ok", ".sha"):
                 with contextlib.suppress(OSError):
                     os.unlink(p + side)
+        if total > self.max_size:
+            with self._lock:
+                self._over = True
+                warn, self._warned_small = not self._warned_small, True
+            if warn:
+                logger.warning(
+                    "%s (%d bytes) is smaller than the references in use (%d bytes): they "
+                    "are kept only while in use and fetched again each time",
+                    _ENV_CACHE_MAX,
+                    self.max_size,
+                    total,
+                )
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
@@ -6746,11 +6909,13 @@ def _is_zip(path: str) -> bool:
         return False
 
 
-def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
+def _rebuild_zip(
+    expanded: str, out: Any, reference: str, want: str, limit: int | None = None
+) -> str:
     """Rebuild a zip from its expanded form into ``out`` (a file or a sink), copying
     unchanged members from ``reference``; if that gives other bytes than the SHA-256
     ``want``, again deflating every member. Returns the SHA-256 written ("" if the
-    stream does not rebuild)."""
+    stream does not rebuild). More than ``limit`` bytes: _OutputLimitError."""
     for ref in (reference, None):
         sink = _HashingWriter(out)
         if hasattr(out, "seek"):
@@ -6758,7 +6923,7 @@ def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -6982,53 +7147,123 @@ class _DeltaEngine:
             )
 
     def _rebuild(self, lg: _Logical, out: str) -> None:
+        """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
+
+        A failure with a cached reference is not blamed on the delta until the cache is
+        ruled out: the entry (and what was made from it) is hashed again, whatever its
+        stamp says; a damaged entry is dropped and fetched again, so a cache corrupted in
+        place (same size and mtime) costs one more download, not the object."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         ref_key = _resolve_ref_key(lg.stored_key, ref)
         ref_sha = _meta_get(lg.metadata, "ref_sha256")
         expected = lg.sha256
-        if not ref_sha or not expected:
+        size = _meta_get(lg.metadata, "file_size") or ""
+        if not ref_sha or not expected or not size.isdigit():
             raise IntegrityError(
-                "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
-                % (lg.bucket, lg.stored_key)
+                "%s: delta without dg-ref-sha256, dg-file-sha256 or dg-file-size; "
+                "cannot verify it" % where
             )
-        tmp_dir = self._tmp_dir()
-        fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        limit = int(size)
+        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
         os.close(fd)
+        fetch = None
+        if ref_sha != expected:  # the delta downloads while the reference does
+            fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
         try:
-            if ref_sha == expected:
-                # A zero-diff delta: the file is the reference, whose bytes we check anyway.
-                actual = _copy_hashing(self.reference_path(lg.bucket, ref_key, ref_sha), out)
-            else:
-                # The delta downloads while the reference does (or is checked in the cache).
-                fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
-                try:
-                    ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        fetch.result()
-                    raise
-                fetch.result()
-                codec = _meta_get(lg.metadata, "codec")
-                if codec:
-                    actual = self._rebuild_codec(lg, codec, ref_sha, ref_path, delta_tmp, out)
-                else:
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out)
-                if actual != expected and not codec and _is_compressed_stream(ref_path):
-                    # Written by the original without -D: let xdelta3 recompress as it did.
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
+            with self.cache.hold():
+                for attempt in range(2):
+                    try:
+                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                    finally:
+                        if fetch is not None:
+                            done, fetch = fetch, None
+                            done.result()
+                    try:
+                        actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
+                        if actual == expected:
+                            return
+                        failure: DeltaGliderError = IntegrityError(
+                            "%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
+                            % (where, expected, actual)
+                        )
+                    except (IntegrityError, XDelta3Error) as e:
+                        failure = e
+                    except FileNotFoundError as e:  # the cache entry went away under us
+                        failure = IntegrityError("%s: %s" % (where, e))
+                    if self.cache.recheck(ref_sha):
+                        if isinstance(failure, XDelta3Error):
+                            if failure.returncode <= 0:
+                                raise failure  # not started, or killed: not the delta's fault
+                            failure = IntegrityError(
+                                "%s: xdelta3 cannot decode it: %s"
+                                % (
+                                    where,
+                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
+                                )
+                            )
+                        raise IntegrityError(
+                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
+                            "stored delta (or its metadata) is damaged"
+                            % (str(failure).rstrip("."), lg.bucket, ref_key)
+                        ) from None
+                    if attempt:
+                        raise IntegrityError(
+                            "%s: the cached copy of its reference was damaged again after "
+                            "being fetched again; check the disk under %s"
+                            % (where, self.cache.folder)
+                        ) from None
+                    logger.warning(
+                        "the cached reference of %s was damaged on disk; fetching it again",
+                        where,
+                    )
         finally:
+            if fetch is not None:
+                with contextlib.suppress(Exception):
+                    fetch.result()
             os.unlink(delta_tmp)
-        if actual != expected:
-            raise IntegrityError(
-                "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
-                % (lg.bucket, lg.key, expected, actual)
-            )
+
+    def _decode_into(
+        self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
+    ) -> str:
+        """Write the object a delta rebuilds to ``out``, at most ``limit`` bytes (its
+        dg-file-size); returns the SHA-256 written."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if ref_sha == lg.sha256:
+            # A zero-diff delta: the file is the reference, whose bytes we check anyway.
+            return _copy_hashing(ref_path, out)
+        codec = _meta_get(lg.metadata, "codec")
+        try:
+            if codec:
+                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+            actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
+            if actual != lg.sha256 and _is_compressed_stream(ref_path):
+                # Written by the original without -D: let xdelta3 recompress as it did.
+                actual = self.xdelta.decode(ref_path, delta, out, external=True, limit=limit)
+        except _OutputLimitError as e:
+            if e.what != "dg-file-size":
+                raise
+            raise _OutputLimitError(e.limit, "dg-file-size of %s" % where) from None
+        except IntegrityError as e:
+            if where in str(e):
+                raise
+            raise IntegrityError("%s: %s" % (where, e)) from None
+        return actual
 
     def _rebuild_codec(
-        self, lg: _Logical, codec: str, ref_sha: str, ref_path: str, delta: str, out: str
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
     ) -> str:
         """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256."""
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
         where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         if codec != _CODEC_ZIP:
             raise IntegrityError(
@@ -7059,12 +7294,20 @@ class _DeltaEngine:
                 "(zlib %s); read it where it was written, or store it again without "
                 "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
             )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
         fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
-                self.xdelta.decode_sha256(xref[0], delta, f)
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
             with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "")
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
@@ -7172,9 +7415,10 @@ class _DeltaEngine:
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
         if size > 0 and self.eligible(key, path, delta):
-            summary = self._put_delta(
-                path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
-            )
+            with self.cache.hold():  # the reference (and its expanded form) stay while used
+                summary = self._put_delta(
+                    path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+                )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 return summary
@@ -7494,7 +7738,11 @@ class _DeltaEngine:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
-        return {"dg-codec": _CODEC_ZIP, "dg-xref-sha256": xref[1]}
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
 
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:

@@ -4546,6 +4546,209 @@ def test_upload_rehashes_a_cache_entry_another_process_stamped(tmp_path: Any) ->
     assert fresh.get_object(Bucket="bkt", Key="s/b.zip")["Body"].read() == b_bytes
 
 
+def _cache_entries(cache: str) -> list[str]:
+    """The reference entries of a cache dir (content-addressed names)."""
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(cache)
+        for f in files
+        if re.match(r"^[0-9a-f]{64}$", f)
+    ]
+
+
+def _corrupt_in_place(path: str) -> None:
+    """Bit rot that no stamp sees: same size, same inode, same mtime."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(b"\x00" * 64)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@needs_xdelta3
+def test_read_heals_a_cache_entry_corrupted_in_place(backend: Backend, tmp_path: Any) -> None:
+    """#13.5: a cached reference damaged in place (size and mtime unchanged) is trusted by
+    this process and by another process's stamp; the read that fails with it hashes the
+    entry again, drops it, fetches the reference again and succeeds (download and verify),
+    instead of blaming the stored delta."""
+    cache = str(tmp_path / "shared-cache")
+    c = make_client(backend, tmp_path, cache_dir=cache)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b_bytes = make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "k/a.zip")
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "k/b.zip")
+        other = make_client(backend, tmp_path, cache_dir=cache)  # trusts the stamp
+        for reader in (c, other, c):
+            (entry,) = _cache_entries(cache)
+            _corrupt_in_place(entry)
+            before = reader._engine.cache.fetches
+            reader.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))
+            assert (tmp_path / "out.zip").read_bytes() == b_bytes
+            assert reader._engine.cache.fetches == before + 1  # fetched again, once
+            _corrupt_in_place(entry)
+            report = reader.verify("s3://%s/k/b.zip" % bucket)
+            assert report["valid"], report
+            # a zero-diff delta is the reference itself: the same healing
+            _corrupt_in_place(entry)
+            got = reader.get_object(Bucket=bucket, Key="k/a.zip")["Body"].read()
+            assert got == (tmp_path / "a.zip").read_bytes()
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("damaged", ["delta", "reference"])
+def test_read_failure_names_the_real_culprit(
+    client: Any, dgbucket: str, tmp_path: Any, damaged: str
+) -> None:
+    """#13.5: with the cache ruled out, the error names what is damaged in the store: the
+    delta (its reference matched), or the reference (it does not match dg-ref-sha256)."""
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+    st = client.storage
+    stored = "k/b.zip.delta" if damaged == "delta" else "k/reference.bin"
+    head = st.head_object(dgbucket, stored)
+    data = bytearray(st.get_object(dgbucket, stored)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    st.put_object(dgbucket, stored, bytes(data), metadata=head["Metadata"])
+    if damaged == "reference":  # and the cached copy too: only the store can be asked
+        (entry,) = _cache_entries(client._engine.cache.folder)
+        _corrupt_in_place(entry)
+    dest = tmp_path / "dest.zip"
+    with pytest.raises(dg.IntegrityError) as raised:
+        client.download_file(dgbucket, "k/b.zip", str(dest))
+    message = str(raised.value)
+    if damaged == "delta":
+        assert "s3://%s/k/b.zip.delta" % dgbucket in message
+        assert "matches dg-ref-sha256, so the stored delta" in message
+    else:
+        assert "reference s3://%s/k/reference.bin does not match" % dgbucket in message
+    assert not dest.exists()
+    assert client.verify("s3://%s/k/b.zip" % dgbucket)["valid"] is False
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("factor", [0.01, 1.2])
+def test_archive_aware_cache_limit_never_evicts_an_entry_in_use(
+    backend: Backend, tmp_path: Any, factor: float
+) -> None:
+    """#13.4: DG_CACHE_MAX_SIZE below the reference plus its expanded form (1.2x the zip),
+    or below one entry (0.01x): the entry in use is never evicted under the upload or
+    download; what exceeds the limit goes when the operation ends."""
+    versions = [deflated_zip(tmp_path / ("v%d.zip" % v), v) for v in range(3)]
+    limit = int(len(versions[0]) * factor)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_CACHE_MAX_SIZE": str(limit)}
+    cache = str(tmp_path / "small-cache")
+    c = make_client(backend, tmp_path, archive_aware=True, environ=env, cache_dir=cache)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        for v in range(3):
+            c.put_object(Bucket=bucket, Key="z/v%d.zip" % v, Body=versions[v])
+        head = c.storage.head_object(bucket, "z/v2.zip.delta")
+        assert head["Metadata"]["dg-codec"] == "zip-expand-1"
+        reader = make_client(backend, tmp_path, environ=env, cache_dir=cache)
+        for who in (c, reader):
+            for v in range(3):
+                got = who.get_object(Bucket=bucket, Key="z/v%d.zip" % v)["Body"].read()
+                assert got == versions[v]
+        in_cache = [
+            os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(os.path.join(cache, "refs"))
+            for f in files
+            if not f.endswith((".ok", ".sha"))
+        ]
+        assert sum(in_cache) <= limit
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+def _leftovers(*folders: Any) -> list[str]:
+    return [n for folder in folders if os.path.isdir(str(folder)) for n in os.listdir(str(folder))]
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("decoder", ["xdelta3", "python"])
+def test_hostile_delta_stops_at_dg_file_size(backend: Backend, tmp_path: Any, decoder: str) -> None:
+    """#13.7: a 100-byte .delta that decodes to 64 MiB of zeros is stopped at its
+    dg-file-size by either decoder, with an error that says so; nothing is left beside the
+    destination or in the cache's temp folder."""
+    env = {"PATH": os.environ.get("PATH", ""), "DG_DECODER": decoder}
+    c = make_client(backend, tmp_path, environ=env)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "k/a.zip")
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "k/b.zip")
+        st = c.storage
+        head = st.head_object(bucket, "k/b.zip.delta")
+        bomb = _vcdiff_bomb(4)
+        assert len(bomb) < 200
+        st.put_object(bucket, "k/b.zip.delta", bomb, metadata=head["Metadata"])
+        size = head["Metadata"]["dg-file-size"]
+        dest = tmp_path / "dl" / "b.zip"
+        dest.parent.mkdir()
+        with pytest.raises(dg.IntegrityError, match="more than the %s bytes" % size) as raised:
+            c.download_file(bucket, "k/b.zip", str(dest))
+        assert "s3://%s/k/b.zip.delta" % bucket in str(raised.value)
+        assert _leftovers(dest.parent, os.path.join(c._engine.cache.folder, "tmp")) == []
+        assert c.verify("s3://%s/k/b.zip" % bucket)["valid"] is False
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("recorded", [True, False])
+def test_archive_aware_hostile_delta_is_bounded(
+    backend: Backend, tmp_path: Any, recorded: bool
+) -> None:
+    """#13.7/#13.8: an archive-aware delta of 100 bytes that decodes to 16 MiB of zip
+    header records (half a million): stopped at dg-expanded-size while decoding, or, for
+    a delta written before that was recorded, while rebuilding at dg-file-size with the
+    records written out as they come (not all held in memory); a clear IntegrityError."""
+    c = make_client(backend, tmp_path, archive_aware=True)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        versions = [deflated_zip(tmp_path / ("v%d.zip" % v), v) for v in range(2)]
+        for v in range(2):
+            c.put_object(Bucket=bucket, Key="z/v%d.zip" % v, Body=versions[v])
+        st = c.storage
+        head = st.head_object(bucket, "z/v1.zip.delta")
+        meta = dict(head["Metadata"])
+        assert meta["dg-codec"] == "zip-expand-1" and int(meta["dg-expanded-size"]) > 0
+        if not recorded:
+            del meta["dg-expanded-size"]
+        record = b"L" + bytes([30]) + bytes(30)  # a 30-byte local header, all zeros
+        start = b"DGZX\x01" + record
+        size = 1 << 24
+        ops = [("add", 0, start), ("copy", size - len(start), 5)]  # the record, repeated
+        bomb = HEADER + _window(ops, size, adler=False)
+        assert len(bomb) < 100
+        st.put_object(bucket, "z/v1.zip.delta", bomb, metadata=meta)
+        reader = make_client(backend, tmp_path)
+        dest = tmp_path / "dl" / "v1.zip"
+        dest.parent.mkdir()
+        what = "dg-expanded-size" if recorded else "dg-file-size"
+        with pytest.raises(dg.IntegrityError, match=r"more than the .*\(%s of " % what):
+            reader.download_file(bucket, "z/v1.zip", str(dest))
+        assert _leftovers(dest.parent, os.path.join(reader._engine.cache.folder, "tmp")) == []
+        assert reader.get_object(Bucket=bucket, Key="z/v0.zip")["Body"].read() == versions[0]
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
 @needs_xdelta3
 @pytest.mark.parametrize(
     "size", [1, 127, 128, 16384, (1 << 23) - 1, 1 << 23, (1 << 23) + 1, 3 * (1 << 23) + 5]
@@ -9672,6 +9875,74 @@ def test_vcdiff_huge_window_refused_without_allocating() -> None:
     assert time.monotonic() - started < 2
 
 
+def _vcdiff_bomb(windows: int, size: int = 1 << 24) -> bytes:
+    """A few bytes per window, each one RUN of ``size`` zero bytes."""
+    return HEADER + _window([("run", size, 0)], size, adler=False) * windows
+
+
+class _CountingSink:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("decoder", ["xdelta3", "python"])
+def test_decoders_stop_at_the_recorded_size(tmp_path: Any, decoder: str) -> None:
+    """#13.7: both decoders stop as soon as the output would pass ``limit`` (the caller's
+    dg-file-size), having written no more than that; within the limit the same delta
+    decodes in full."""
+    (tmp_path / "s").write_bytes(b"source")
+    (tmp_path / "d").write_bytes(_vcdiff_bomb(4))
+    xd = dg._XDelta3(decoder=decoder)
+    sink = _CountingSink()
+    with pytest.raises(dg.IntegrityError, match="more than the 1000 bytes"):
+        xd.decode_sha256(str(tmp_path / "s"), str(tmp_path / "d"), sink, limit=1000)  # type: ignore[arg-type]
+    assert sink.size <= 1000
+    (tmp_path / "d").write_bytes(_vcdiff_bomb(4, 1 << 20))
+    _, n = xd.decode_sha256(str(tmp_path / "s"), str(tmp_path / "d"), limit=4 << 20)
+    assert n == 4 << 20
+
+
+def _xz_section(raw: bytes) -> bytes:
+    """An LZMA secondary section as xdelta3 writes one: the decoded size, then an .xz
+    stream that is flushed but never finished (the next window's section continues it)."""
+    full = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE)
+    for cut in range(len(full) - 1, 0, -1):
+        d = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        try:
+            if d.decompress(full[:cut]) == raw and d.needs_input and not d.eof:
+                return _vint(len(raw)) + full[:cut]
+        except lzma.LZMAError:
+            continue
+    raise AssertionError("no unfinished cut of the stream gives the data back")
+
+
+def test_vcdiff_secondary_bomb_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """#13.8: a delta of a few hundred bytes whose LZMA sections expand to half a million
+    one-byte ADDs (each a turn of the Python loop; 16 MiB windows made such a delta cost
+    tens of seconds): beyond the recorded size it is refused before a section is
+    decompressed or an instruction run. Within it, it is a valid delta."""
+    n = 1 << 19
+    data, inst = _xz_section(b"\x00" * n), _xz_section(b"\x02" * n)  # ADD of size 1
+    body = _vint(n) + b"\x03" + _vint(len(data)) + _vint(len(inst)) + _vint(0) + data + inst
+    delta = b"\xd6\xc3\xc4\x00\x01\x02" + b"\x00" + _vint(len(body)) + body
+    assert len(delta) < 1000
+    calls: list[int] = []
+    for name in ("_secondary", "_run_window"):
+        real = getattr(dg, name)
+        monkeypatch.setattr(dg, name, lambda *a, real=real: calls.append(1) or real(*a))
+    with pytest.raises(dg._VCDiffError, match="more than the 4096 bytes"):
+        dg._vcdiff_decode(None, io.BytesIO(delta), io.BytesIO(), limit=4096)
+    assert calls == []
+    out = io.BytesIO()
+    assert dg._vcdiff_decode(None, io.BytesIO(delta), out, limit=n) == n
+    assert out.getvalue() == b"\x00" * n and calls
+
+
 @needs_xdelta3
 def test_vcdiff_lzma_missing(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp = str(tmp_path)
@@ -9740,6 +10011,36 @@ class _Unseekable(io.RawIOBase):
     def write(self, b: bytes) -> int:  # type: ignore[override]
         self.data += b
         return len(b)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"L" + bytes([30]) + bytes(30), b"D" + bytes([6, 8, 0]) + b"\x00"],
+    ids=["local-header", "empty-member"],
+)
+def test_zip_rebuild_holds_bounded_memory_and_output(
+    monkeypatch: pytest.MonkeyPatch, record: bytes
+) -> None:
+    """#13.8: a stream of header records (or empty members, which weigh nothing) is
+    written out as the queue fills, not held to the end (that took 2 GB from a 1.2 KB
+    delta); with a limit (dg-file-size) it stops as soon as the output would pass it."""
+    monkeypatch.setattr(dg, "_ZIPX_PENDING", 64 * 1024)
+    raw = b"DGZX\x01" + record * 20000
+    stream = io.BytesIO(raw)
+    first: list[int] = []
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            first.append(stream.tell())
+            return len(data)
+
+    with pytest.raises(dg._ZipCodecError, match="truncated"):
+        dg._zip_rebuild(stream, Sink())  # type: ignore[arg-type]
+    assert first and first[0] < len(raw) // 4
+    sink = _CountingSink()
+    with pytest.raises(dg.IntegrityError, match="more than the 1000 bytes"):
+        dg._zip_rebuild(io.BytesIO(raw), sink, limit=1000)  # type: ignore[arg-type]
+    assert sink.size <= 1000
 
 
 def _expand(tmp_path, data: bytes) -> bytes | None:
