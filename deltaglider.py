@@ -85,6 +85,7 @@ __all__ = [
     "IncompleteReadError",
     "IntegrityError",
     "NoCredentialsError",
+    "PaginationError",
     "ParamValidationError",
     "ReadTimeoutError",
     "StreamingBody",
@@ -257,6 +258,10 @@ class IncompleteReadError(BotoCoreError):
 
 class ResponseParserError(BotoCoreError):
     fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class PaginationError(BotoCoreError):
+    fmt = "Error during pagination: {message}"
 
 
 class ClientError(DeltaGliderError):
@@ -2208,6 +2213,46 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     if encoded:
         out["EncodingType"] = "url"
     return out
+
+
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError."""
+    token: str | None = None
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
 class _S3Storage:
@@ -7552,16 +7597,10 @@ class _DeltaEngine:
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket, prefix=prefix, delimiter="/", continuation_token=token
-            )
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
             if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
                 return True
-            if not page.get("IsTruncated"):
-                return False
-            token = page.get("NextContinuationToken")
+        return False
 
     def _drop_unused_reference(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
@@ -7599,15 +7638,10 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -7717,16 +7751,29 @@ class _Paginator:
             kwargs[key] = pagination["StartingToken"]
         seen = 0
         method = getattr(self._client, self._operation)
-        while True:
-            page = method(**kwargs)
+        v2 = self._operation == "list_objects_v2"
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            if token is not None:
+                kwargs["ContinuationToken" if v2 else "Marker"] = token
+            page: dict[str, Any] = method(**kwargs)
+            return page
+
+        def next_token(page: dict[str, Any]) -> str | None:
+            contents = page.get("Contents") or [{}]
+            token: str | None = (
+                page.get("NextContinuationToken")
+                if v2
+                else page.get("NextMarker") or contents[-1].get("Key")
+            )
+            return token
+
+        operation = "ListObjectsV2" if v2 else "ListObjects"
+        for page in _pages(fetch, next_token, operation):
             seen += len(page.get("Contents", []))
             yield page
-            if not page.get("IsTruncated") or (limit and seen >= limit):
+            if limit and seen >= limit:
                 return
-            if self._operation == "list_objects_v2":
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            else:
-                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -8645,15 +8692,10 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, continuation_token=token)
+        for page in _list_pages(storage, bucket):
             objects += [
                 o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
             ]
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
         validation = {"object_count": len(objects), "compressed_size": stored_total}
         cache_key = ".deltaglider/stats_%s.json" % mode
@@ -8753,11 +8795,7 @@ class DeltaGliderClient:
         storage = self._engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(
-                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
-            )
+        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -8770,9 +8808,6 @@ class DeltaGliderClient:
                 except (ClientError, ValueError) as e:
                     logger.warning("purge: %s: %s", obj["Key"], e)
                     errors += 1
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return {
             "bucket": Bucket,
             "deleted_count": deleted,
@@ -9224,13 +9259,9 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client._engine.storage
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return keys
-            token = page.get("NextContinuationToken")
+        return keys
 
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False

@@ -1829,6 +1829,100 @@ def test_list_objects_v2_prefix_delimiter_paging(storage: dg._S3Storage, bucket:
     assert "Contents" not in storage.list_objects_v2(bucket, prefix="zzz")
 
 
+def _listing_page(keys: list[str], truncated: bool, token: str | None) -> bytes:
+    items = "".join(
+        "<Contents><Key>%s</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+        '<ETag>"x"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>' % k
+        for k in keys
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult><Name>b</Name>'
+        "<Prefix></Prefix><KeyCount>%d</KeyCount><MaxKeys>1000</MaxKeys>"
+        "<IsTruncated>%s</IsTruncated>%s%s</ListBucketResult>"
+        % (
+            len(keys),
+            "true" if truncated else "false",
+            "<NextContinuationToken>%s</NextContinuationToken>" % token if token else "",
+            items,
+        )
+    ).encode()
+
+
+def _broken_paging_server(fake_s3: Callable[..., _FakeHTTPServer], fault: str) -> Any:
+    """A server whose listings never end: the same next token every time ("repeat"), or
+    truncated pages without one ("no-token"). After 12 pages it gives up, so a client
+    that loops still ends (and its test fails on the count instead of hanging)."""
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        if "list-type=2" not in h.path:
+            h.reply(403, _s3_error_xml("AccessDenied", "Access Denied"), _XML)
+            return
+        listed = sum("list-type=2" in r.path for r in h.server.requests)
+        more = listed < 12
+        page = _listing_page(["p/a.txt"], more, ("T1" if fault == "repeat" else None))
+        h.reply(200, page, _XML)
+
+    return fake_s3(script)
+
+
+@pytest.mark.parametrize("fault", ["repeat", "no-token"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls", "s3://b/"],
+        ["ls", "--recursive", "s3://b/"],
+        ["rm", "--recursive", "s3://b/p/"],
+        ["sync", "s3://b/p/", "{dir}"],
+        ["sync", "{dir}", "s3://b/p/"],
+        ["cp", "--recursive", "{dir}/", "s3://b/p/"],
+    ],
+)
+def test_listing_that_never_ends_is_an_error(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, fault: str, argv: list[str]
+) -> None:
+    """A server that repeats a continuation token, or says "truncated" without one, is
+    caught in the one paging loop: one clear line, exit 1, no endless listing (aws-cli
+    stops after two requests)."""
+    srv = _broken_paging_server(fake_s3, fault)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    argv = [a.replace("{dir}", str(tmp_path / "src")) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+        "HOME": str(tmp_path),
+        "PATH": os.environ.get("PATH", ""),
+    }
+    code = dg.main(["--endpoint-url", srv.url, *argv], stdout=out, stderr=err, environ=env)
+    lists = sum("list-type=2" in r.path for r in srv.requests)
+    assert lists <= 3, (lists, err.getvalue())
+    assert code == 1, err.getvalue()
+    message = err.getvalue().strip().splitlines()[-1]
+    assert message.startswith("fatal error: Error during pagination:"), err.getvalue()
+    assert ("twice" if fault == "repeat" else "names no next page") in message
+    assert "Traceback" not in err.getvalue()
+
+
+def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
+    srv = _broken_paging_server(fake_s3, "repeat")
+    client = dg.create_client(
+        endpoint_url=srv.url,
+        aws_access_key_id=_FAKE_CREDS.access_key,
+        aws_secret_access_key=_FAKE_CREDS.secret_key,
+        region_name="us-east-1",
+        environ={},
+    )
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="b")
+    with pytest.raises(dg.PaginationError, match="same next token was received twice"):
+        for _ in pages:
+            pass
+    assert sum("list-type=2" in r.path for r in srv.requests) == 2
+    client.close()
+
+
 _SEGMENTED_1024 = "/".join(["s" * 255, "t" * 255, "u" * 255, "v" * 251, "w" * 4])
 _AWKWARD_KEYS = [
     "with space",
