@@ -71,6 +71,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -151,6 +152,16 @@ _RETRYABLE_CODES = frozenset(
 )
 _DEFAULT_MAX_ATTEMPTS = 3
 _MAX_BACKOFF = 20.0
+#: The longest one response may keep us waiting, whatever its pace (read_timeout only bounds
+#: each recv, and a server sending a byte every few seconds never trips it): the status line,
+#: the headers and every 1 MiB of body must arrive within this many seconds of the request
+#: being sent or of the previous MiB. Generous, because S3 keeps a slow CompleteMultipartUpload
+#: or CopyObject alive by sending a space every few seconds (AWS CopyObject docs).
+_DEFAULT_REQUEST_TIMEOUT = 600.0
+#: The most of one reply read into memory (error XML, a listing, a multipart or delete
+#: result, a credential endpoint's JSON). A 1,000-key listing of 1,024-byte keys, url-encoded,
+#: is under 5 MiB; anything bigger is a broken or hostile server.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 #: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
 _MAX_KEY_BYTES = 1024
@@ -808,6 +819,7 @@ _CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
     "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
     "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "request_timeout": (_DEFAULT_REQUEST_TIMEOUT, _is_seconds, "a positive number of seconds"),
     "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
     "max_pool_connections": (10, _is_count, "an integer >= 1"),
     "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
@@ -845,6 +857,7 @@ class Config:
         region_name: str | None = None,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         max_attempts: int | None = None,
         max_pool_connections: int = 10,
         addressing_style: str | None = None,
@@ -857,6 +870,7 @@ class Config:
         self.region_name = region_name
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.addressing_style = addressing_style
@@ -1047,6 +1061,7 @@ class _ClientSettings(NamedTuple):
     verify: bool | str  # False, True or a CA bundle path
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_pool_connections: int
     proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
     payload_signing: bool
@@ -1093,6 +1108,7 @@ def _resolve_client_settings(
         verify=verify,
         connect_timeout=float(config.connect_timeout),
         read_timeout=float(config.read_timeout),
+        request_timeout=float(config.request_timeout),
         max_pool_connections=config.max_pool_connections,
         proxies=config.proxies,
         payload_signing=config.payload_signing,
@@ -1286,6 +1302,8 @@ def _http_request(
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn = cls(parts.hostname or "", port, timeout=timeout)
+    # The whole reply within a few timeouts, however slowly it trickles in.
+    conn.response_class = _deadline_response_class(timeout, 3 * timeout)
     try:
         conn.request(
             method,
@@ -1293,7 +1311,7 @@ def _http_request(
             headers=dict(headers),
         )
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _read_reply(response, "%s://%s" % (parts.scheme, parts.netloc))
     finally:
         conn.close()
 
@@ -1863,6 +1881,150 @@ class StreamingBody(io.IOBase):
         self.close()
 
 
+class _DeadlineReader:
+    """The socket file of one response, read against a deadline as well as a per-recv
+    timeout: a server trickling a byte every few seconds never trips a recv timeout, so
+    the status line, the headers and each MiB of body must also arrive within
+    ``request_timeout``. Every read is split into single recvs (``read1``, ``peek``), each
+    given only the time left; running out raises socket.timeout, as a slow recv does."""
+
+    def __init__(
+        self, fp: Any, sock: Any, read_timeout: float | None, request_timeout: float
+    ) -> None:
+        self._fp = fp
+        self._sock = sock
+        self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
+        self._deadline = time.monotonic() + request_timeout
+        self._since = 0  # bytes received since the deadline was last set
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no reply within the request timeout")
+        self._sock.settimeout(left if self._read_timeout is None else min(left, self._read_timeout))
+
+    def _got(self, n: int) -> None:
+        self._since += n
+        if self._since >= _IO_CHUNK:
+            self._since = 0
+            self._deadline = time.monotonic() + self._request_timeout
+
+    def read1(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        self._arm()
+        data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
+        self._got(len(data))
+        return data
+
+    def readinto1(self, b: Any) -> int:
+        if not len(b):
+            return 0
+        self._arm()
+        n: int = self._fp.readinto1(b)
+        self._got(n)
+        return n
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = 0
+        while total < len(view):
+            n = self.readinto1(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunks = []
+        left = -1 if n is None or n < 0 else n
+        while left != 0:
+            chunk = self.read1(_IO_CHUNK if left < 0 else left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left > 0:
+                left -= len(chunk)
+        return b"".join(chunks)
+
+    def peek(self, n: int = 0) -> bytes:
+        self._arm()
+        data: bytes = self._fp.peek(n)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            buffered = self.peek(1)  # at most one recv, only when the buffer is empty
+            if not buffered:
+                break
+            if limit >= 0:
+                buffered = buffered[: limit - len(line)]
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            line += self._fp.read(take)  # already buffered: no recv
+            self._got(take)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
+
+    read_timeout: float | None = None
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
+        self.fp = cast(Any, reader)
+
+
+@functools.lru_cache(maxsize=None)
+def _deadline_response_class(
+    read_timeout: float | None, request_timeout: float
+) -> type[_DeadlineResponse]:
+    """The response class for connections with these timeouts (http.client makes the
+    response itself, from ``conn.response_class``)."""
+    return type(
+        "_DeadlineResponse",
+        (_DeadlineResponse,),
+        {"read_timeout": read_timeout, "request_timeout": request_timeout},
+    )
+
+
+class _ReplyTooLarge(http.client.HTTPException):
+    def __init__(self, what: str, length: int | None) -> None:
+        super().__init__(
+            "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
+            "(a broken or hostile server)"
+            % (what, _MAX_REPLY_BYTES >> 20, "" if length is None else " (%d bytes)" % length)
+        )
+
+
+def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
+    """A whole reply body read into memory, refused past _MAX_REPLY_BYTES (before reading
+    when Content-Length says so). Raises _ReplyTooLarge naming ``what``."""
+    length = raw.getheader("content-length", "")
+    if length.isdigit() and int(length) > _MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(what, int(length))
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = raw.read(_IO_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_REPLY_BYTES:
+            raise _ReplyTooLarge(what, None)
+        chunks.append(chunk)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """Separate connect and read timeouts: connect with one, then switch the socket."""
 
@@ -1902,9 +2064,11 @@ class _ConnectionPool:
         verify: bool | str,
         max_idle: int,
         proxy_for: Callable[[str], str | None],
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._response_class = _deadline_response_class(read_timeout, request_timeout)
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
@@ -1972,6 +2136,7 @@ class _ConnectionPool:
                 target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
             )
         conn.read_timeout = self._read_timeout
+        conn.response_class = self._response_class
         conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
@@ -2273,6 +2438,7 @@ class _S3Storage:
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         verify: bool | str = True,
         max_pool_connections: int = 10,
         proxy_for: Callable[[str], str | None] = lambda url: None,
@@ -2309,6 +2475,7 @@ class _S3Storage:
         self._pool = _ConnectionPool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
             verify=verify,
             max_idle=max_pool_connections,
             proxy_for=proxy_for,
@@ -2549,7 +2716,12 @@ class _S3Storage:
             body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
             return _Response(status, raw.reason, resp_headers, body_out, 1)
         try:
-            data = raw.read()
+            data = _read_reply(raw, self.endpoint_url)
+        except _ReplyTooLarge as e:
+            conn.close()
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=status, reason=str(e)
+            ) from None
         except socket.timeout as e:
             conn.close()
             raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
@@ -8701,7 +8873,10 @@ class DeltaGliderClient:
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
-                body = storage.get_object(bucket, cache_key)["Body"].read()
+                with storage.get_object(bucket, cache_key)["Body"] as stream:
+                    body = stream.read(_MAX_REPLY_BYTES + 1)
+                if len(body) > _MAX_REPLY_BYTES:
+                    raise ValueError("%s is too large to be a stats cache" % cache_key)
                 cached = json.loads(body.decode("utf-8"))
                 if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
                     stats: dict[str, Any] = cached["stats"]
@@ -9009,6 +9184,7 @@ def create_client(
             max_attempts=settings.max_attempts,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             verify=settings.verify,
             max_pool_connections=settings.max_pool_connections,
             proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
@@ -9198,6 +9374,7 @@ class _Cli:
                 max_attempts=self.args.max_attempts,
                 connect_timeout=self.args.cli_connect_timeout,
                 read_timeout=self.args.cli_read_timeout,
+                request_timeout=self.args.cli_request_timeout,
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
@@ -10208,6 +10385,13 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     )
     g.add_argument(
         "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+    )
+    g.add_argument(
+        "--cli-request-timeout",
+        type=float,
+        default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a reply may take to send its headers, or each MiB of its body, however"
+        " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
     )
 
 

@@ -1348,6 +1348,143 @@ def test_stalled_body_raises_read_timeout_from_streaming_body(
     assert time.monotonic() - started < 3
 
 
+def _trickle(h: _FakeHandler, data: bytes) -> None:
+    """Send ``data`` a byte at a time, 20 a second: every recv is quick, the whole is slow."""
+    for i in range(len(data)):
+        if h.server.stop.wait(0.05):
+            return
+        h.wfile.write(data[i : i + 1])
+        h.wfile.flush()
+
+
+@pytest.mark.parametrize("where", ["headers", "error body", "listing body", "streamed body"])
+def test_trickling_server_meets_the_request_deadline(
+    fake_s3: Callable[..., _FakeHTTPServer], where: str
+) -> None:
+    """A server answering a byte at a time never trips the per-recv read timeout; the
+    request deadline (request_timeout, --cli-request-timeout) stops it all the same. The
+    trickle ends after ~10 s with a good reply, so a client without a deadline gets it."""
+    pad = b"x" * 200
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        if where == "headers":
+            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            _trickle(h, b"x-pad: %s\r\n" % pad)
+            h.wfile.write(b"Content-Length: %d\r\n\r\n" % len(_EMPTY_LISTING))
+            h.wfile.write(_EMPTY_LISTING)
+            h.wfile.flush()
+            return
+        body = {
+            "error body": _s3_error_xml("SlowDown", pad.decode()),
+            "listing body": _EMPTY_LISTING,
+            "streamed body": pad,
+        }[where]
+        h.send_response(403 if where == "error body" else 200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.flush()
+        _trickle(h, body)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, read_timeout=5, request_timeout=0.5, max_attempts=1)
+    with pytest.raises(dg.ReadTimeoutError) as info:
+        if where == "streamed body":
+            st_.get_object("bucket", "k")["Body"].read()
+        else:
+            st_.list_objects_v2("bucket")
+    assert srv.url in str(info.value)
+    st_.close()
+
+
+def test_cli_request_timeout_stops_a_trickling_server(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any
+) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        _trickle(h, b"x-pad: %s\r\n" % (b"x" * 200))
+        h.wfile.write(b"Content-Length: %d\r\n\r\n%s" % (len(_EMPTY_LISTING), _EMPTY_LISTING))
+        h.wfile.flush()
+
+    srv = fake_s3(script)
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    argv = ["--endpoint-url", srv.url, "--max-attempts", "1", "--cli-request-timeout", "0.5"]
+    code = dg.main([*argv, "ls", "s3://bucket/"], stdout=out, stderr=err, environ=env)
+    assert code == 1
+    assert err.getvalue() == 'fatal error: Read timeout on endpoint URL: "%s"\n' % srv.url
+
+
+def test_deadline_restarts_with_each_mib_of_a_streamed_body(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    """A big download is bounded per MiB, not as a whole: three MiB sent in steps that
+    together take longer than the deadline still arrive."""
+    piece = b"z" * (1024 * 1024)
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.send_response(200)
+        h.send_header("Content-Length", str(3 * len(piece)))
+        h.end_headers()
+        for _ in range(3):
+            h.wfile.write(piece)
+            h.wfile.flush()
+            h.server.stop.wait(0.8)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, request_timeout=2.0, max_attempts=1)
+    assert st_.get_object("bucket", "k")["Body"].read() == piece * 3
+    st_.close()
+
+
+@pytest.mark.parametrize("how", ["content-length", "chunked", "error"])
+def test_reply_bodies_read_into_memory_are_bounded(
+    fake_s3: Callable[..., _FakeHTTPServer], how: str
+) -> None:
+    """A listing or error reply larger than 16 MiB is refused, never buffered whole."""
+    size = dg._MAX_REPLY_BYTES + 1
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.send_response(200 if how != "error" else 500)
+        if how == "chunked":
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            block = b"<" * (1024 * 1024)
+            for _ in range(size // len(block) + 2):
+                if h.server.stop.is_set():
+                    return
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            h.wfile.write(b"0\r\n\r\n")
+        else:  # announce the size, then send nothing: we must not wait to read it
+            h.send_header("Content-Length", str(size))
+            h.end_headers()
+            h.wfile.flush()
+            h.server.stop.wait(20)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, read_timeout=10, max_attempts=1)
+    with pytest.raises(dg.ResponseParserError, match="larger than 16 MiB"):
+        st_.list_objects_v2("bucket")
+    st_.close()
+
+
+def test_credential_endpoint_reply_is_bounded(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, b" " * (dg._MAX_REPLY_BYTES + 1), {"Content-Type": "application/json"})
+
+    srv = fake_s3(script)
+    with pytest.raises(dg.CredentialRetrievalError, match="larger than 16 MiB"):
+        dg._fetch_container(srv.url + "/creds", {}, dg._http_request, lambda s: None)
+
+
 def _unused_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
