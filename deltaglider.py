@@ -34,6 +34,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import random
@@ -186,6 +187,12 @@ _ENV_XDELTA3 = "DG_XDELTA3"
 #: VCDIFF decoder), "xdelta3" or "python".
 _ENV_DECODER = "DG_DECODER"
 _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
+_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
+_ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
+_DEFAULT_MAX_RATIO = 0.5
+_DEFAULT_CACHE_MAX = 4 * 1024**3
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -772,14 +779,145 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
     return environ.get(var) or _profile_str(profile, key)
 
 
-def _positive(value: str, name: str, kind: Callable[[str], float]) -> float:
+# -- settings: one parser per kind --
+# Every DG_* variable, numeric AWS_* variable and numeric CLI option goes through one of these,
+# so a bad value fails before any work with a message naming the setting and what it accepts.
+
+#: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bad_setting(name: str, accepted: str, text: str) -> InvalidConfigError:
+    return InvalidConfigError(error_msg="%s must be %s, not %r" % (name, accepted, text))
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return " from %s to %s" % (minimum, maximum)
+    if minimum is not None:
+        return " of at least %s" % minimum
+    return " of at most %s" % maximum if maximum is not None else ""
+
+
+def _parse_int(
+    text: str, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    accepted = "a whole number" + _bounds(minimum, maximum)
     try:
-        number = kind(value)
+        value = int(text.strip())
     except ValueError:
-        number = 0
-    if number <= 0:
-        raise InvalidConfigError(error_msg=f"{name} must be a positive number, got {value!r}")
-    return number
+        raise _bad_setting(name, accepted, text) from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_number(
+    text: str,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    accepted = "a number" + (" greater than %s" % above if above is not None else "")
+    accepted += _bounds(minimum, maximum)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _bad_setting(name, accepted, text) from None
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
+    """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
+    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    if minimum:
+        accepted += " (at least %d)" % minimum
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise _bad_setting(name, accepted, text)
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < minimum:
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
+    """One of ``choices`` (case-insensitive): a map from each accepted word to its meaning,
+    so aliases (``off`` for ``never``) land on one value."""
+    value = choices.get(text.strip().lower())
+    if value is None:
+        names = list(dict.fromkeys(choices.values()))
+        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _bad_setting(name, "1 or 0 (true/false, yes/no, on/off)", text)
+
+
+class _Setting(NamedTuple):
+    """How one environment variable is read: its parser and its value when unset or empty."""
+
+    parse: Callable[[str, str], Any]
+    default: Any
+
+
+_DELTA_MODES = {
+    "auto": "auto",
+    "always": "always",
+    "on": "always",
+    "1": "always",
+    "true": "always",
+    "never": "never",
+    "off": "never",
+    "0": "never",
+    "false": "never",
+}
+_DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+
+#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+_DG_SETTINGS: dict[str, _Setting] = {
+    _ENV_MAX_RATIO: _Setting(
+        functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
+    ),
+    _ENV_CACHE_MAX: _Setting(_parse_size, _DEFAULT_CACHE_MAX),
+    _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
+    _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
+    _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+}
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """The parsed value of a DG_* variable (its default when unset or empty)."""
+    setting = _DG_SETTINGS[name]
+    text = environ.get(name, "")
+    return setting.parse(text, name) if text.strip() else setting.default
+
+
+def _check_settings(environ: Mapping[str, str]) -> None:
+    """Parse every DG_* variable now, so a bad one stops a run before it starts."""
+    for name in _DG_SETTINGS:
+        _env_setting(environ, name)
 
 
 def _is_region(value: object) -> bool:
@@ -1096,7 +1234,7 @@ def _resolve_client_settings(
     attempts = config.max_attempts
     if attempts is None:
         raw = _setting(environ, "AWS_MAX_ATTEMPTS", profile, "max_attempts")
-        attempts = int(_positive(raw, "max_attempts", int)) if raw else _DEFAULT_MAX_ATTEMPTS
+        attempts = _parse_int(raw, "max_attempts", minimum=1) if raw else _DEFAULT_MAX_ATTEMPTS
     verify = config.verify
     if verify is None:
         verify = _setting(environ, "AWS_CA_BUNDLE", profile, "ca_bundle") or True
@@ -1420,9 +1558,9 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     )
     base = base.rstrip("/")
     raw = environ.get("AWS_METADATA_SERVICE_TIMEOUT")
-    timeout = _positive(raw, "AWS_METADATA_SERVICE_TIMEOUT", float) if raw else 1.0
+    timeout = _parse_number(raw, "AWS_METADATA_SERVICE_TIMEOUT", above=0) if raw else 1.0
     raw = environ.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS")
-    attempts = int(_positive(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", int)) if raw else 1
+    attempts = _parse_int(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", minimum=1) if raw else 1
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
@@ -6215,16 +6353,10 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
-_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
-_ENV_DELTA_MODE = "DG_DELTA_MODE"
-_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
 _EXPANDED_SUFFIX = "zx1"
-_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
-_DEFAULT_MAX_RATIO = 0.5
-_DEFAULT_CACHE_MAX = 4 * 1024**3
 #: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
 #: smaller than the reference loses matches further apart than it (FORMAT.md).
 _MIN_SOURCE_WINDOW = 64 * 1024 * 1024
@@ -6392,11 +6524,11 @@ class _XDelta3:
         self._environ = environ
         self._run = run
         self._path: str | None = None
-        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").strip().lower()
-        if self.decoder not in ("auto", "xdelta3", "python"):
-            raise ParamValidationError(
-                report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
-            )
+        self.decoder: str
+        if decoder is None:
+            self.decoder = _env_setting(environ, _ENV_DECODER)
+        else:
+            self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -7312,11 +7444,9 @@ class _DeltaEngine:
     def eligible(self, key: str, path: str, delta: bool | None) -> bool:
         if delta is not None:
             return delta
-        mode = self._environ.get(_ENV_DELTA_MODE, "auto").lower()
-        if mode in ("never", "off", "0", "false"):
-            return False
-        if mode in ("always", "on", "1", "true"):
-            return True
+        mode = _env_setting(self._environ, _ENV_DELTA_MODE)
+        if mode != "auto":
+            return bool(mode == "always")
         if _is_compressed_stream(path):
             return False
         name = key.rsplit("/", 1)[-1]
@@ -8054,7 +8184,7 @@ class DeltaGliderClient:
             with self._lock:
                 if self._engine_obj is None:
                     self._storage = self._storage_factory()
-                    cache_max = int(self._environ.get(_ENV_CACHE_MAX, _DEFAULT_CACHE_MAX))
+                    cache_max = _env_setting(self._environ, _ENV_CACHE_MAX)
                     self._engine_obj = _DeltaEngine(
                         self._storage,
                         cache=_ReferenceCache(self._cache_dir, cache_max),
@@ -9119,22 +9249,14 @@ def create_client(
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
     megabytes (README, "Archive-aware deltas")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    _check_settings(env)
     if archive_aware is None:
-        value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
-        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-            raise InvalidConfigError(
-                error_msg="%s must be 1 or 0 (true/false, yes/no, on/off), not %r"
-                % (_ENV_ARCHIVE_AWARE, value)
-            )
-        archive_aware = value in ("1", "true", "yes", "on")
-    level = log_level or env.get(_ENV_LOG_LEVEL)
+        archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())
     if max_ratio is None:
-        try:
-            max_ratio = float(env.get(_ENV_MAX_RATIO, _DEFAULT_MAX_RATIO))
-        except ValueError:
-            raise InvalidConfigError(error_msg="%s must be a number" % _ENV_MAX_RATIO) from None
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
     if not 0.0 <= max_ratio <= 1.0:
         raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
     endpoint = endpoint_url
@@ -9359,7 +9481,7 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+        self.workers = getattr(args, "max_concurrency", None) or 10
 
     @property
     def client(self) -> DeltaGliderClient:
@@ -10351,6 +10473,19 @@ class _ExitNow(Exception):
         self.status = status
 
 
+def _option(parse: Callable[..., Any], option: str, **limits: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` from a settings parser: a bad value is a usage error that names
+    the option and what it accepts (argparse's own "invalid int value" names neither)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, option, **limits)
+        except InvalidConfigError as e:
+            raise _UsageError("deltaglider: error: %s" % e) from None
+
+    return convert
+
+
 def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("global options")
@@ -10378,13 +10513,29 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         default=d if suppress else False,
         help="log requests (secrets redacted)",
     )
-    g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
-    g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
     g.add_argument(
-        "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-concurrency",
+        type=_option(_parse_int, "--max-concurrency", minimum=1),
+        default=d,
+        help="parallel transfers (default 10)",
     )
     g.add_argument(
-        "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-attempts",
+        type=_option(_parse_int, "--max-attempts", minimum=1),
+        default=d,
+        help="attempts per request (default 3)",
+    )
+    g.add_argument(
+        "--cli-connect-timeout",
+        type=_option(_parse_number, "--cli-connect-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-read-timeout",
+        type=_option(_parse_number, "--cli-read-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
     )
     g.add_argument(
         "--cli-request-timeout",
@@ -10455,7 +10606,7 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--max-ratio",
-            type=float,
+            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
         )
         p.add_argument(
@@ -10503,7 +10654,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
     p.add_argument("path")
-    p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
+    p.add_argument(
+        "--expires-in",
+        type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
+        default=3600,
+        help="seconds, 1 to 604800 (default 3600)",
+    )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET")
     p = command("stats", "what a bucket holds and what deltas save")
@@ -10609,6 +10765,11 @@ def main(
     if not args.command:
         err.write(parser.format_usage())
         err.write("deltaglider: error: a command is needed (cp, ls, rm, sync, ...)\n")
+        return EXIT_USAGE
+    try:
+        _check_settings(env)  # a bad DG_* value stops every command before it starts
+    except InvalidConfigError as e:
+        err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
     handler: logging.Handler | None = None
     if args.debug:

@@ -2601,12 +2601,67 @@ def test_client_settings_defaults_and_bad_values(tmp_path: pathlib.Path) -> None
         True,
     )
     with pytest.raises(
-        dg.InvalidConfigError, match="max_attempts must be a positive number, got 'x'"
+        dg.InvalidConfigError, match="max_attempts must be a whole number of at least 1, not 'x'"
     ):
         dg._resolve_client_settings(None, environ=files_env(tmp_path, AWS_MAX_ATTEMPTS="x"))
     env = files_env(tmp_path, "[default]\ns3 =\n  addressing_style = dns\n")
     with pytest.raises(dg.InvalidConfigError, match="addressing_style 'dns' in profile 'default'"):
         dg._resolve_client_settings(None, environ=env)
+
+
+#: (variable, value, parsed value or the text the error must hold). One parser per kind of
+#: setting: sizes with units, choices with aliases, booleans, bounded numbers.
+DG_SETTING_VALUES = [
+    ("DG_CACHE_MAX_SIZE", "4G", 4 * 1024**3),
+    ("DG_CACHE_MAX_SIZE", "512M", 512 * 1024**2),
+    ("DG_CACHE_MAX_SIZE", " 1.5GiB ", 3 * 512 * 1024**2),
+    ("DG_CACHE_MAX_SIZE", "10kb", 10240),
+    ("DG_CACHE_MAX_SIZE", "1048576", 1048576),
+    ("DG_CACHE_MAX_SIZE", "0", 0),
+    ("DG_CACHE_MAX_SIZE", "", 4 * 1024**3),
+    ("DG_CACHE_MAX_SIZE", "-1", "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+    ("DG_CACHE_MAX_SIZE", "4X", "must be a size in bytes such as 1048576, 512M or 4G, not '4X'"),
+    ("DG_DELTA_MODE", "Never", "never"),
+    ("DG_DELTA_MODE", "off", "never"),
+    ("DG_DELTA_MODE", "1", "always"),
+    ("DG_DELTA_MODE", "bogus", "DG_DELTA_MODE must be auto, always or never, not 'bogus'"),
+    ("DG_ARCHIVE_AWARE", " Yes ", True),
+    ("DG_ARCHIVE_AWARE", "off", False),
+    ("DG_ARCHIVE_AWARE", "maybe", "DG_ARCHIVE_AWARE must be 1 or 0 (true/false"),
+    ("DG_DECODER", "PYTHON", "python"),
+    ("DG_DECODER", "rust", "DG_DECODER must be auto, xdelta3 or python, not 'rust'"),
+    ("DG_LOG_LEVEL", "debug", "DEBUG"),
+    ("DG_LOG_LEVEL", "loud", "DG_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    ("DG_MAX_RATIO", "0.25", 0.25),
+    ("DG_MAX_RATIO", "2", "DG_MAX_RATIO must be a number from 0.0 to 1.0, not '2'"),
+    ("DG_MAX_RATIO", "nan", "DG_MAX_RATIO must be a number from 0.0 to 1.0, not 'nan'"),
+]
+
+
+@pytest.mark.parametrize("name,value,expected", DG_SETTING_VALUES)
+def test_dg_settings_parse_or_name_the_variable(name: str, value: str, expected: Any) -> None:
+    env = {name: value}
+    if isinstance(expected, str) and "must be" in expected:
+        with pytest.raises(dg.InvalidConfigError, match=re.escape(expected)):
+            dg._env_setting(env, name)
+        with pytest.raises(dg.InvalidConfigError, match=re.escape(expected)):
+            dg.create_client(endpoint_url="file:///nonexistent", environ=env)
+        return
+    assert dg._env_setting(env, name) == expected
+    dg.create_client(endpoint_url="file:///nonexistent", environ=env)
+
+
+def test_numeric_settings_name_the_setting_and_its_range() -> None:
+    assert dg._parse_int(" 7 ", "--max-concurrency", minimum=1) == 7
+    for bad in ("0", "-3", "x", "1.5", ""):
+        with pytest.raises(dg.InvalidConfigError, match="--max-concurrency must be a whole number"):
+            dg._parse_int(bad, "--max-concurrency", minimum=1)
+    with pytest.raises(dg.InvalidConfigError, match="from 1 to 604800, not '604801'"):
+        dg._parse_int("604801", "--expires-in", minimum=1, maximum=604800)
+    assert dg._parse_number("0.5", "t", above=0) == 0.5
+    for bad in ("0", "-1", "inf", "abc"):
+        with pytest.raises(dg.InvalidConfigError, match="t must be a number greater than 0"):
+            dg._parse_number(bad, "t", above=0)
 
 
 # -- proxies --
@@ -4864,7 +4919,7 @@ def test_builtin_decoder_refuses_a_corrupt_delta_and_writes_nothing(tmp_path: An
 
 @needs_xdelta3
 def test_decoder_setting_is_checked(tmp_path: Any) -> None:
-    with pytest.raises(dg.ParamValidationError, match="DG_DECODER"):
+    with pytest.raises(dg.InvalidConfigError, match="DG_DECODER"):
         dg._XDelta3(environ={"DG_DECODER": "rust"})
     assert dg._XDelta3(environ={"DG_DECODER": " Python "}).decoder == "python"
     # DG_DECODER=xdelta3 with no xdelta3: the error says how to read without it
@@ -6148,6 +6203,36 @@ def test_cli_bad_input_one_line_and_exit_code(
     assert got == code, (out, err)
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"DG_CACHE_MAX_SIZE": "-1"}, "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+        ({"DG_CACHE_MAX_SIZE": "lots"}, "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+        ({"DG_DELTA_MODE": "bogus"}, "DG_DELTA_MODE must be auto, always or never"),
+        ({"DG_MAX_RATIO": "x"}, "DG_MAX_RATIO must be a number from 0.0 to 1.0, not 'x'"),
+    ],
+)
+def test_cli_bad_setting_stops_before_any_work(
+    backend: Backend, tmp_path: Any, env: dict[str, str], message: str
+) -> None:
+    """A bad DG_* value fails every command, even mb, before it sends anything."""
+    name = "dg-test-" + uuid.uuid4().hex[:12]
+    code, out, err = run_cli(backend, tmp_path, ["mb", "s3://" + name], **env)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("deltaglider: error: " + message), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://" + name])
+    assert code == 1 and "NoSuchBucket" in err, "mb must not have created the bucket"
+
+
+def test_cli_size_setting_with_units_works(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    (tmp_path / "f.txt").write_bytes(b"hello")
+    argv = ["cp", str(tmp_path / "f.txt"), "s3://%s/f.txt" % bucket]
+    code, out, err = run_cli(backend, tmp_path, argv, DG_CACHE_MAX_SIZE="4G")
+    assert code == 0 and out.startswith("upload:"), err
 
 
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
@@ -8640,13 +8725,15 @@ FAULT_BAD_INPUTS = [
     ),
     (["cp", "f.txt", "s3://bkt/x", "--metadata", "[1]"], 2, "--metadata takes key=value pairs"),
     (["cp", "f.txt", "s3://bkt/x", "--metadata", '{"a":'], 2, "argument --metadata"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "abc"], 2, "invalid int value: 'abc'"),
-    (["--max-attempts", "0", "ls", "s3://bkt"], 1, "Invalid Config max_attempts=0"),
-    (["--cli-read-timeout", "-1", "ls", "s3://bkt"], 1, "Invalid Config read_timeout=-1.0"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "abc"], 2, "--expires-in must be a whole"),
+    (["--max-attempts", "0", "ls", "s3://bkt"], 2, "--max-attempts must be a whole number of"),
+    (["--cli-read-timeout", "-1", "ls", "s3://bkt"], 2, "--cli-read-timeout must be a number"),
     (["--endpoint-url", "ftp://x", "ls"], 1, "Invalid endpoint URL 'ftp://x'"),
     (["--endpoint-url", "http://", "ls"], 1, "Invalid endpoint URL 'http://'"),
-    (["cp", "--max-ratio", "-1", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
-    (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
+    (["cp", "--max-ratio", "-1", "f.txt", "s3://bkt/x"], 2, "--max-ratio must be a number from"),
+    (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 2, "--max-ratio must be a number from"),
+    (["--max-concurrency", "0", "ls", "s3://bkt"], 2, "--max-concurrency must be a whole number"),
+    (["ls", "s3://bkt", "--max-concurrency", "-2"], 2, "of at least 1, not '-2'"),
     (["verify", "s3://bkt/missing"], 1, "(NoSuchKey)"),
     (["mv", "s3://bkt/missing", "s3://bkt/other"], 1, "move failed: s3://bkt/missing"),
     (["-r"], 2, "error"),
@@ -8662,8 +8749,8 @@ FAULT_BAD_INPUTS = [
     (["cp", "f.txt", "s3://bkt/x", "--metadata", "a=" + "v" * 3000], 1, "S3 allows at most"),
     (["cp", "f.txt", "s3://bkt/reference.bin"], 1, "is reserved for deltaglider's reference"),
     (["cp", "f.txt", "s3://bkt/x", "--content-type", "a\nb"], 1, "line break"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "604801"], 1, "604800"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "0"], 1, "604800"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "604801"], 2, "from 1 to 604800"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "0"], 2, "from 1 to 604800"),
 ]
 
 
