@@ -34,6 +34,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import random
@@ -71,6 +72,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -85,6 +87,7 @@ __all__ = [
     "IncompleteReadError",
     "IntegrityError",
     "NoCredentialsError",
+    "PaginationError",
     "ParamValidationError",
     "ReadTimeoutError",
     "StreamingBody",
@@ -150,6 +153,16 @@ _RETRYABLE_CODES = frozenset(
 )
 _DEFAULT_MAX_ATTEMPTS = 3
 _MAX_BACKOFF = 20.0
+#: The longest one response may keep us waiting, whatever its pace (read_timeout only bounds
+#: each recv, and a server sending a byte every few seconds never trips it): the status line,
+#: the headers and every 1 MiB of body must arrive within this many seconds of the request
+#: being sent or of the previous MiB. Generous, because S3 keeps a slow CompleteMultipartUpload
+#: or CopyObject alive by sending a space every few seconds (AWS CopyObject docs).
+_DEFAULT_REQUEST_TIMEOUT = 600.0
+#: The most of one reply read into memory (error XML, a listing, a multipart or delete
+#: result, a credential endpoint's JSON). A 1,000-key listing of 1,024-byte keys, url-encoded,
+#: is under 5 MiB; anything bigger is a broken or hostile server.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 #: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
 _MAX_KEY_BYTES = 1024
@@ -174,6 +187,12 @@ _ENV_XDELTA3 = "DG_XDELTA3"
 #: VCDIFF decoder), "xdelta3" or "python".
 _ENV_DECODER = "DG_DECODER"
 _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
+_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
+_ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
+_DEFAULT_MAX_RATIO = 0.5
+_DEFAULT_CACHE_MAX = 4 * 1024**3
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -257,6 +276,10 @@ class IncompleteReadError(BotoCoreError):
 
 class ResponseParserError(BotoCoreError):
     fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class PaginationError(BotoCoreError):
+    fmt = "Error during pagination: {message}"
 
 
 class ClientError(DeltaGliderError):
@@ -768,14 +791,145 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
     return environ.get(var) or _profile_str(profile, key)
 
 
-def _positive(value: str, name: str, kind: Callable[[str], float]) -> float:
+# -- settings: one parser per kind --
+# Every DG_* variable, numeric AWS_* variable and numeric CLI option goes through one of these,
+# so a bad value fails before any work with a message naming the setting and what it accepts.
+
+#: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bad_setting(name: str, accepted: str, text: str) -> InvalidConfigError:
+    return InvalidConfigError(error_msg="%s must be %s, not %r" % (name, accepted, text))
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return " from %s to %s" % (minimum, maximum)
+    if minimum is not None:
+        return " of at least %s" % minimum
+    return " of at most %s" % maximum if maximum is not None else ""
+
+
+def _parse_int(
+    text: str, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    accepted = "a whole number" + _bounds(minimum, maximum)
     try:
-        number = kind(value)
+        value = int(text.strip())
     except ValueError:
-        number = 0
-    if number <= 0:
-        raise InvalidConfigError(error_msg=f"{name} must be a positive number, got {value!r}")
-    return number
+        raise _bad_setting(name, accepted, text) from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_number(
+    text: str,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    accepted = "a number" + (" greater than %s" % above if above is not None else "")
+    accepted += _bounds(minimum, maximum)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _bad_setting(name, accepted, text) from None
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
+    """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
+    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    if minimum:
+        accepted += " (at least %d)" % minimum
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise _bad_setting(name, accepted, text)
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < minimum:
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
+    """One of ``choices`` (case-insensitive): a map from each accepted word to its meaning,
+    so aliases (``off`` for ``never``) land on one value."""
+    value = choices.get(text.strip().lower())
+    if value is None:
+        names = list(dict.fromkeys(choices.values()))
+        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _bad_setting(name, "1 or 0 (true/false, yes/no, on/off)", text)
+
+
+class _Setting(NamedTuple):
+    """How one environment variable is read: its parser and its value when unset or empty."""
+
+    parse: Callable[[str, str], Any]
+    default: Any
+
+
+_DELTA_MODES = {
+    "auto": "auto",
+    "always": "always",
+    "on": "always",
+    "1": "always",
+    "true": "always",
+    "never": "never",
+    "off": "never",
+    "0": "never",
+    "false": "never",
+}
+_DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+
+#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+_DG_SETTINGS: dict[str, _Setting] = {
+    _ENV_MAX_RATIO: _Setting(
+        functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
+    ),
+    _ENV_CACHE_MAX: _Setting(_parse_size, _DEFAULT_CACHE_MAX),
+    _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
+    _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
+    _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+}
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """The parsed value of a DG_* variable (its default when unset or empty)."""
+    setting = _DG_SETTINGS[name]
+    text = environ.get(name, "")
+    return setting.parse(text, name) if text.strip() else setting.default
+
+
+def _check_settings(environ: Mapping[str, str]) -> None:
+    """Parse every DG_* variable now, so a bad one stops a run before it starts."""
+    for name in _DG_SETTINGS:
+        _env_setting(environ, name)
 
 
 def _is_region(value: object) -> bool:
@@ -815,6 +969,7 @@ _CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
     "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
     "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "request_timeout": (_DEFAULT_REQUEST_TIMEOUT, _is_seconds, "a positive number of seconds"),
     "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
     "max_pool_connections": (10, _is_count, "an integer >= 1"),
     "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
@@ -852,6 +1007,7 @@ class Config:
         region_name: str | None = None,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         max_attempts: int | None = None,
         max_pool_connections: int = 10,
         addressing_style: str | None = None,
@@ -864,6 +1020,7 @@ class Config:
         self.region_name = region_name
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.addressing_style = addressing_style
@@ -1054,6 +1211,7 @@ class _ClientSettings(NamedTuple):
     verify: bool | str  # False, True or a CA bundle path
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_pool_connections: int
     proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
     payload_signing: bool
@@ -1088,7 +1246,7 @@ def _resolve_client_settings(
     attempts = config.max_attempts
     if attempts is None:
         raw = _setting(environ, "AWS_MAX_ATTEMPTS", profile, "max_attempts")
-        attempts = int(_positive(raw, "max_attempts", int)) if raw else _DEFAULT_MAX_ATTEMPTS
+        attempts = _parse_int(raw, "max_attempts", minimum=1) if raw else _DEFAULT_MAX_ATTEMPTS
     verify = config.verify
     if verify is None:
         verify = _setting(environ, "AWS_CA_BUNDLE", profile, "ca_bundle") or True
@@ -1100,6 +1258,7 @@ def _resolve_client_settings(
         verify=verify,
         connect_timeout=float(config.connect_timeout),
         read_timeout=float(config.read_timeout),
+        request_timeout=float(config.request_timeout),
         max_pool_connections=config.max_pool_connections,
         proxies=config.proxies,
         payload_signing=config.payload_signing,
@@ -1293,6 +1452,8 @@ def _http_request(
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn = cls(parts.hostname or "", port, timeout=timeout)
+    # The whole reply within a few timeouts, however slowly it trickles in.
+    conn.response_class = _deadline_response_class(timeout, 3 * timeout)
     try:
         conn.request(
             method,
@@ -1300,7 +1461,7 @@ def _http_request(
             headers=dict(headers),
         )
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _read_reply(response, "%s://%s" % (parts.scheme, parts.netloc))
     finally:
         conn.close()
 
@@ -1409,9 +1570,9 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     )
     base = base.rstrip("/")
     raw = environ.get("AWS_METADATA_SERVICE_TIMEOUT")
-    timeout = _positive(raw, "AWS_METADATA_SERVICE_TIMEOUT", float) if raw else 1.0
+    timeout = _parse_number(raw, "AWS_METADATA_SERVICE_TIMEOUT", above=0) if raw else 1.0
     raw = environ.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS")
-    attempts = int(_positive(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", int)) if raw else 1
+    attempts = _parse_int(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", minimum=1) if raw else 1
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
@@ -1870,6 +2031,150 @@ class StreamingBody(io.IOBase):
         self.close()
 
 
+class _DeadlineReader:
+    """The socket file of one response, read against a deadline as well as a per-recv
+    timeout: a server trickling a byte every few seconds never trips a recv timeout, so
+    the status line, the headers and each MiB of body must also arrive within
+    ``request_timeout``. Every read is split into single recvs (``read1``, ``peek``), each
+    given only the time left; running out raises socket.timeout, as a slow recv does."""
+
+    def __init__(
+        self, fp: Any, sock: Any, read_timeout: float | None, request_timeout: float
+    ) -> None:
+        self._fp = fp
+        self._sock = sock
+        self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
+        self._deadline = time.monotonic() + request_timeout
+        self._since = 0  # bytes received since the deadline was last set
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no reply within the request timeout")
+        self._sock.settimeout(left if self._read_timeout is None else min(left, self._read_timeout))
+
+    def _got(self, n: int) -> None:
+        self._since += n
+        if self._since >= _IO_CHUNK:
+            self._since = 0
+            self._deadline = time.monotonic() + self._request_timeout
+
+    def read1(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        self._arm()
+        data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
+        self._got(len(data))
+        return data
+
+    def readinto1(self, b: Any) -> int:
+        if not len(b):
+            return 0
+        self._arm()
+        n: int = self._fp.readinto1(b)
+        self._got(n)
+        return n
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = 0
+        while total < len(view):
+            n = self.readinto1(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunks = []
+        left = -1 if n is None or n < 0 else n
+        while left != 0:
+            chunk = self.read1(_IO_CHUNK if left < 0 else left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left > 0:
+                left -= len(chunk)
+        return b"".join(chunks)
+
+    def peek(self, n: int = 0) -> bytes:
+        self._arm()
+        data: bytes = self._fp.peek(n)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            buffered = self.peek(1)  # at most one recv, only when the buffer is empty
+            if not buffered:
+                break
+            if limit >= 0:
+                buffered = buffered[: limit - len(line)]
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            line += self._fp.read(take)  # already buffered: no recv
+            self._got(take)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
+
+    read_timeout: float | None = None
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
+        self.fp = cast(Any, reader)
+
+
+@functools.lru_cache(maxsize=None)
+def _deadline_response_class(
+    read_timeout: float | None, request_timeout: float
+) -> type[_DeadlineResponse]:
+    """The response class for connections with these timeouts (http.client makes the
+    response itself, from ``conn.response_class``)."""
+    return type(
+        "_DeadlineResponse",
+        (_DeadlineResponse,),
+        {"read_timeout": read_timeout, "request_timeout": request_timeout},
+    )
+
+
+class _ReplyTooLarge(http.client.HTTPException):
+    def __init__(self, what: str, length: int | None) -> None:
+        super().__init__(
+            "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
+            "(a broken or hostile server)"
+            % (what, _MAX_REPLY_BYTES >> 20, "" if length is None else " (%d bytes)" % length)
+        )
+
+
+def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
+    """A whole reply body read into memory, refused past _MAX_REPLY_BYTES (before reading
+    when Content-Length says so). Raises _ReplyTooLarge naming ``what``."""
+    length = raw.getheader("content-length", "")
+    if length.isdigit() and int(length) > _MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(what, int(length))
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = raw.read(_IO_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_REPLY_BYTES:
+            raise _ReplyTooLarge(what, None)
+        chunks.append(chunk)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """Separate connect and read timeouts: connect with one, then switch the socket."""
 
@@ -1909,9 +2214,11 @@ class _ConnectionPool:
         verify: bool | str,
         max_idle: int,
         proxy_for: Callable[[str], str | None],
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._response_class = _deadline_response_class(read_timeout, request_timeout)
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
@@ -1979,6 +2286,7 @@ class _ConnectionPool:
                 target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
             )
         conn.read_timeout = self._read_timeout
+        conn.response_class = self._response_class
         conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
@@ -2222,6 +2530,46 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError."""
+    token: str | None = None
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -2240,6 +2588,7 @@ class _S3Storage:
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         verify: bool | str = True,
         max_pool_connections: int = 10,
         proxy_for: Callable[[str], str | None] = lambda url: None,
@@ -2276,6 +2625,7 @@ class _S3Storage:
         self._pool = _ConnectionPool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
             verify=verify,
             max_idle=max_pool_connections,
             proxy_for=proxy_for,
@@ -2516,7 +2866,12 @@ class _S3Storage:
             body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
             return _Response(status, raw.reason, resp_headers, body_out, 1)
         try:
-            data = raw.read()
+            data = _read_reply(raw, self.endpoint_url)
+        except _ReplyTooLarge as e:
+            conn.close()
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=status, reason=str(e)
+            ) from None
         except socket.timeout as e:
             conn.close()
             raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
@@ -6050,16 +6405,10 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
-_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
-_ENV_DELTA_MODE = "DG_DELTA_MODE"
-_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
 _EXPANDED_SUFFIX = "zx1"
-_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
-_DEFAULT_MAX_RATIO = 0.5
-_DEFAULT_CACHE_MAX = 4 * 1024**3
 #: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
 #: smaller than the reference loses matches further apart than it (FORMAT.md).
 _MIN_SOURCE_WINDOW = 64 * 1024 * 1024
@@ -6228,11 +6577,11 @@ class _XDelta3:
         self._environ = environ
         self._run = run
         self._path: str | None = None
-        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").strip().lower()
-        if self.decoder not in ("auto", "xdelta3", "python"):
-            raise ParamValidationError(
-                report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
-            )
+        self.decoder: str
+        if decoder is None:
+            self.decoder = _env_setting(environ, _ENV_DECODER)
+        else:
+            self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -7338,11 +7687,9 @@ class _DeltaEngine:
     def eligible(self, key: str, path: str, delta: bool | None) -> bool:
         if delta is not None:
             return delta
-        mode = self._environ.get(_ENV_DELTA_MODE, "auto").lower()
-        if mode in ("never", "off", "0", "false"):
-            return False
-        if mode in ("always", "on", "1", "true"):
-            return True
+        mode = _env_setting(self._environ, _ENV_DELTA_MODE)
+        if mode != "auto":
+            return bool(mode == "always")
         if _is_compressed_stream(path):
             return False
         name = key.rsplit("/", 1)[-1]
@@ -7800,16 +8147,10 @@ class _DeltaEngine:
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket, prefix=prefix, delimiter="/", continuation_token=token
-            )
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
             if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
                 return True
-            if not page.get("IsTruncated"):
-                return False
-            token = page.get("NextContinuationToken")
+        return False
 
     def _drop_unused_reference(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
@@ -7847,15 +8188,10 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -7965,16 +8301,29 @@ class _Paginator:
             kwargs[key] = pagination["StartingToken"]
         seen = 0
         method = getattr(self._client, self._operation)
-        while True:
-            page = method(**kwargs)
+        v2 = self._operation == "list_objects_v2"
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            if token is not None:
+                kwargs["ContinuationToken" if v2 else "Marker"] = token
+            page: dict[str, Any] = method(**kwargs)
+            return page
+
+        def next_token(page: dict[str, Any]) -> str | None:
+            contents = page.get("Contents") or [{}]
+            token: str | None = (
+                page.get("NextContinuationToken")
+                if v2
+                else page.get("NextMarker") or contents[-1].get("Key")
+            )
+            return token
+
+        operation = "ListObjectsV2" if v2 else "ListObjects"
+        for page in _pages(fetch, next_token, operation):
             seen += len(page.get("Contents", []))
             yield page
-            if not page.get("IsTruncated") or (limit and seen >= limit):
+            if limit and seen >= limit:
                 return
-            if self._operation == "list_objects_v2":
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            else:
-                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -8083,7 +8432,7 @@ class DeltaGliderClient:
             with self._lock:
                 if self._engine_obj is None:
                     self._storage = self._storage_factory()
-                    cache_max = int(self._environ.get(_ENV_CACHE_MAX, _DEFAULT_CACHE_MAX))
+                    cache_max = _env_setting(self._environ, _ENV_CACHE_MAX)
                     self._engine_obj = _DeltaEngine(
                         self._storage,
                         cache=_ReferenceCache(self._cache_dir, cache_max),
@@ -8893,21 +9242,19 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, continuation_token=token)
+        for page in _list_pages(storage, bucket):
             objects += [
                 o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
             ]
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
         validation = {"object_count": len(objects), "compressed_size": stored_total}
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
-                body = storage.get_object(bucket, cache_key)["Body"].read()
+                with storage.get_object(bucket, cache_key)["Body"] as stream:
+                    body = stream.read(_MAX_REPLY_BYTES + 1)
+                if len(body) > _MAX_REPLY_BYTES:
+                    raise ValueError("%s is too large to be a stats cache" % cache_key)
                 cached = json.loads(body.decode("utf-8"))
                 if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
                     stats: dict[str, Any] = cached["stats"]
@@ -9001,11 +9348,7 @@ class DeltaGliderClient:
         storage = self._engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(
-                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
-            )
+        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -9018,9 +9361,6 @@ class DeltaGliderClient:
                 except (ClientError, ValueError) as e:
                     logger.warning("purge: %s: %s", obj["Key"], e)
                     errors += 1
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return {
             "bucket": Bucket,
             "deleted_count": deleted,
@@ -9157,22 +9497,14 @@ def create_client(
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
     megabytes (README, "Archive-aware deltas")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    _check_settings(env)
     if archive_aware is None:
-        value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
-        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-            raise InvalidConfigError(
-                error_msg="%s must be 1 or 0 (true/false, yes/no, on/off), not %r"
-                % (_ENV_ARCHIVE_AWARE, value)
-            )
-        archive_aware = value in ("1", "true", "yes", "on")
-    level = log_level or env.get(_ENV_LOG_LEVEL)
+        archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())
     if max_ratio is None:
-        try:
-            max_ratio = float(env.get(_ENV_MAX_RATIO, _DEFAULT_MAX_RATIO))
-        except ValueError:
-            raise InvalidConfigError(error_msg="%s must be a number" % _ENV_MAX_RATIO) from None
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
     if not 0.0 <= max_ratio <= 1.0:
         raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
     endpoint = endpoint_url
@@ -9222,6 +9554,7 @@ def create_client(
             max_attempts=settings.max_attempts,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             verify=settings.verify,
             max_pool_connections=settings.max_pool_connections,
             proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
@@ -9396,7 +9729,7 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+        self.workers = getattr(args, "max_concurrency", None) or 10
 
     @property
     def client(self) -> DeltaGliderClient:
@@ -9411,6 +9744,7 @@ class _Cli:
                 max_attempts=self.args.max_attempts,
                 connect_timeout=self.args.cli_connect_timeout,
                 read_timeout=self.args.cli_read_timeout,
+                request_timeout=self.args.cli_request_timeout,
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
@@ -9472,13 +9806,9 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client._engine.storage
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return keys
-            token = page.get("NextContinuationToken")
+        return keys
 
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False
@@ -10391,6 +10721,19 @@ class _ExitNow(Exception):
         self.status = status
 
 
+def _option(parse: Callable[..., Any], option: str, **limits: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` from a settings parser: a bad value is a usage error that names
+    the option and what it accepts (argparse's own "invalid int value" names neither)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, option, **limits)
+        except InvalidConfigError as e:
+            raise _UsageError("deltaglider: error: %s" % e) from None
+
+    return convert
+
+
 def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("global options")
@@ -10418,13 +10761,36 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         default=d if suppress else False,
         help="log requests (secrets redacted)",
     )
-    g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
-    g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
     g.add_argument(
-        "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-concurrency",
+        type=_option(_parse_int, "--max-concurrency", minimum=1),
+        default=d,
+        help="parallel transfers (default 10)",
     )
     g.add_argument(
-        "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-attempts",
+        type=_option(_parse_int, "--max-attempts", minimum=1),
+        default=d,
+        help="attempts per request (default 3)",
+    )
+    g.add_argument(
+        "--cli-connect-timeout",
+        type=_option(_parse_number, "--cli-connect-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-read-timeout",
+        type=_option(_parse_number, "--cli-read-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-request-timeout",
+        type=float,
+        default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a reply may take to send its headers, or each MiB of its body, however"
+        " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
     )
 
 
@@ -10488,7 +10854,7 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--max-ratio",
-            type=float,
+            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
         )
         p.add_argument(
@@ -10536,7 +10902,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
     p.add_argument("path")
-    p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
+    p.add_argument(
+        "--expires-in",
+        type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
+        default=3600,
+        help="seconds, 1 to 604800 (default 3600)",
+    )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET")
     p = command("stats", "what a bucket holds and what deltas save")
@@ -10642,6 +11013,11 @@ def main(
     if not args.command:
         err.write(parser.format_usage())
         err.write("deltaglider: error: a command is needed (cp, ls, rm, sync, ...)\n")
+        return EXIT_USAGE
+    try:
+        _check_settings(env)  # a bad DG_* value stops every command before it starts
+    except InvalidConfigError as e:
+        err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
     handler: logging.Handler | None = None
     if args.debug:

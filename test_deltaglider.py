@@ -1348,6 +1348,143 @@ def test_stalled_body_raises_read_timeout_from_streaming_body(
     assert time.monotonic() - started < 3
 
 
+def _trickle(h: _FakeHandler, data: bytes) -> None:
+    """Send ``data`` a byte at a time, 20 a second: every recv is quick, the whole is slow."""
+    for i in range(len(data)):
+        if h.server.stop.wait(0.05):
+            return
+        h.wfile.write(data[i : i + 1])
+        h.wfile.flush()
+
+
+@pytest.mark.parametrize("where", ["headers", "error body", "listing body", "streamed body"])
+def test_trickling_server_meets_the_request_deadline(
+    fake_s3: Callable[..., _FakeHTTPServer], where: str
+) -> None:
+    """A server answering a byte at a time never trips the per-recv read timeout; the
+    request deadline (request_timeout, --cli-request-timeout) stops it all the same. The
+    trickle ends after ~10 s with a good reply, so a client without a deadline gets it."""
+    pad = b"x" * 200
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        if where == "headers":
+            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            _trickle(h, b"x-pad: %s\r\n" % pad)
+            h.wfile.write(b"Content-Length: %d\r\n\r\n" % len(_EMPTY_LISTING))
+            h.wfile.write(_EMPTY_LISTING)
+            h.wfile.flush()
+            return
+        body = {
+            "error body": _s3_error_xml("SlowDown", pad.decode()),
+            "listing body": _EMPTY_LISTING,
+            "streamed body": pad,
+        }[where]
+        h.send_response(403 if where == "error body" else 200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.flush()
+        _trickle(h, body)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, read_timeout=5, request_timeout=0.5, max_attempts=1)
+    with pytest.raises(dg.ReadTimeoutError) as info:
+        if where == "streamed body":
+            st_.get_object("bucket", "k")["Body"].read()
+        else:
+            st_.list_objects_v2("bucket")
+    assert srv.url in str(info.value)
+    st_.close()
+
+
+def test_cli_request_timeout_stops_a_trickling_server(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any
+) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        _trickle(h, b"x-pad: %s\r\n" % (b"x" * 200))
+        h.wfile.write(b"Content-Length: %d\r\n\r\n%s" % (len(_EMPTY_LISTING), _EMPTY_LISTING))
+        h.wfile.flush()
+
+    srv = fake_s3(script)
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    argv = ["--endpoint-url", srv.url, "--max-attempts", "1", "--cli-request-timeout", "0.5"]
+    code = dg.main([*argv, "ls", "s3://bucket/"], stdout=out, stderr=err, environ=env)
+    assert code == 1
+    assert err.getvalue() == 'fatal error: Read timeout on endpoint URL: "%s"\n' % srv.url
+
+
+def test_deadline_restarts_with_each_mib_of_a_streamed_body(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    """A big download is bounded per MiB, not as a whole: three MiB sent in steps that
+    together take longer than the deadline still arrive."""
+    piece = b"z" * (1024 * 1024)
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.send_response(200)
+        h.send_header("Content-Length", str(3 * len(piece)))
+        h.end_headers()
+        for _ in range(3):
+            h.wfile.write(piece)
+            h.wfile.flush()
+            h.server.stop.wait(0.8)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, request_timeout=2.0, max_attempts=1)
+    assert st_.get_object("bucket", "k")["Body"].read() == piece * 3
+    st_.close()
+
+
+@pytest.mark.parametrize("how", ["content-length", "chunked", "error"])
+def test_reply_bodies_read_into_memory_are_bounded(
+    fake_s3: Callable[..., _FakeHTTPServer], how: str
+) -> None:
+    """A listing or error reply larger than 16 MiB is refused, never buffered whole."""
+    size = dg._MAX_REPLY_BYTES + 1
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.send_response(200 if how != "error" else 500)
+        if how == "chunked":
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            block = b"<" * (1024 * 1024)
+            for _ in range(size // len(block) + 2):
+                if h.server.stop.is_set():
+                    return
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            h.wfile.write(b"0\r\n\r\n")
+        else:  # announce the size, then send nothing: we must not wait to read it
+            h.send_header("Content-Length", str(size))
+            h.end_headers()
+            h.wfile.flush()
+            h.server.stop.wait(20)
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, read_timeout=10, max_attempts=1)
+    with pytest.raises(dg.ResponseParserError, match="larger than 16 MiB"):
+        st_.list_objects_v2("bucket")
+    st_.close()
+
+
+def test_credential_endpoint_reply_is_bounded(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, b" " * (dg._MAX_REPLY_BYTES + 1), {"Content-Type": "application/json"})
+
+    srv = fake_s3(script)
+    with pytest.raises(dg.CredentialRetrievalError, match="larger than 16 MiB"):
+        dg._fetch_container(srv.url + "/creds", {}, dg._http_request, lambda s: None)
+
+
 def _unused_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -1827,6 +1964,100 @@ def test_list_objects_v2_prefix_delimiter_paging(storage: dg._S3Storage, bucket:
     assert after["StartAfter"] == "b/4"
     assert storage.list_objects_v2(bucket, prefix="zzz")["KeyCount"] == 0
     assert "Contents" not in storage.list_objects_v2(bucket, prefix="zzz")
+
+
+def _listing_page(keys: list[str], truncated: bool, token: str | None) -> bytes:
+    items = "".join(
+        "<Contents><Key>%s</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+        '<ETag>"x"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>' % k
+        for k in keys
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult><Name>b</Name>'
+        "<Prefix></Prefix><KeyCount>%d</KeyCount><MaxKeys>1000</MaxKeys>"
+        "<IsTruncated>%s</IsTruncated>%s%s</ListBucketResult>"
+        % (
+            len(keys),
+            "true" if truncated else "false",
+            "<NextContinuationToken>%s</NextContinuationToken>" % token if token else "",
+            items,
+        )
+    ).encode()
+
+
+def _broken_paging_server(fake_s3: Callable[..., _FakeHTTPServer], fault: str) -> Any:
+    """A server whose listings never end: the same next token every time ("repeat"), or
+    truncated pages without one ("no-token"). After 12 pages it gives up, so a client
+    that loops still ends (and its test fails on the count instead of hanging)."""
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        if "list-type=2" not in h.path:
+            h.reply(403, _s3_error_xml("AccessDenied", "Access Denied"), _XML)
+            return
+        listed = sum("list-type=2" in r.path for r in h.server.requests)
+        more = listed < 12
+        page = _listing_page(["p/a.txt"], more, ("T1" if fault == "repeat" else None))
+        h.reply(200, page, _XML)
+
+    return fake_s3(script)
+
+
+@pytest.mark.parametrize("fault", ["repeat", "no-token"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls", "s3://b/"],
+        ["ls", "--recursive", "s3://b/"],
+        ["rm", "--recursive", "s3://b/p/"],
+        ["sync", "s3://b/p/", "{dir}"],
+        ["sync", "{dir}", "s3://b/p/"],
+        ["cp", "--recursive", "{dir}/", "s3://b/p/"],
+    ],
+)
+def test_listing_that_never_ends_is_an_error(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, fault: str, argv: list[str]
+) -> None:
+    """A server that repeats a continuation token, or says "truncated" without one, is
+    caught in the one paging loop: one clear line, exit 1, no endless listing (aws-cli
+    stops after two requests)."""
+    srv = _broken_paging_server(fake_s3, fault)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    argv = [a.replace("{dir}", str(tmp_path / "src")) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+        "HOME": str(tmp_path),
+        "PATH": os.environ.get("PATH", ""),
+    }
+    code = dg.main(["--endpoint-url", srv.url, *argv], stdout=out, stderr=err, environ=env)
+    lists = sum("list-type=2" in r.path for r in srv.requests)
+    assert lists <= 3, (lists, err.getvalue())
+    assert code == 1, err.getvalue()
+    message = err.getvalue().strip().splitlines()[-1]
+    assert message.startswith("fatal error: Error during pagination:"), err.getvalue()
+    assert ("twice" if fault == "repeat" else "names no next page") in message
+    assert "Traceback" not in err.getvalue()
+
+
+def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
+    srv = _broken_paging_server(fake_s3, "repeat")
+    client = dg.create_client(
+        endpoint_url=srv.url,
+        aws_access_key_id=_FAKE_CREDS.access_key,
+        aws_secret_access_key=_FAKE_CREDS.secret_key,
+        region_name="us-east-1",
+        environ={},
+    )
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="b")
+    with pytest.raises(dg.PaginationError, match="same next token was received twice"):
+        for _ in pages:
+            pass
+    assert sum("list-type=2" in r.path for r in srv.requests) == 2
+    client.close()
 
 
 _SEGMENTED_1024 = "/".join(["s" * 255, "t" * 255, "u" * 255, "v" * 251, "w" * 4])
@@ -2370,12 +2601,67 @@ def test_client_settings_defaults_and_bad_values(tmp_path: pathlib.Path) -> None
         True,
     )
     with pytest.raises(
-        dg.InvalidConfigError, match="max_attempts must be a positive number, got 'x'"
+        dg.InvalidConfigError, match="max_attempts must be a whole number of at least 1, not 'x'"
     ):
         dg._resolve_client_settings(None, environ=files_env(tmp_path, AWS_MAX_ATTEMPTS="x"))
     env = files_env(tmp_path, "[default]\ns3 =\n  addressing_style = dns\n")
     with pytest.raises(dg.InvalidConfigError, match="addressing_style 'dns' in profile 'default'"):
         dg._resolve_client_settings(None, environ=env)
+
+
+#: (variable, value, parsed value or the text the error must hold). One parser per kind of
+#: setting: sizes with units, choices with aliases, booleans, bounded numbers.
+DG_SETTING_VALUES = [
+    ("DG_CACHE_MAX_SIZE", "4G", 4 * 1024**3),
+    ("DG_CACHE_MAX_SIZE", "512M", 512 * 1024**2),
+    ("DG_CACHE_MAX_SIZE", " 1.5GiB ", 3 * 512 * 1024**2),
+    ("DG_CACHE_MAX_SIZE", "10kb", 10240),
+    ("DG_CACHE_MAX_SIZE", "1048576", 1048576),
+    ("DG_CACHE_MAX_SIZE", "0", 0),
+    ("DG_CACHE_MAX_SIZE", "", 4 * 1024**3),
+    ("DG_CACHE_MAX_SIZE", "-1", "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+    ("DG_CACHE_MAX_SIZE", "4X", "must be a size in bytes such as 1048576, 512M or 4G, not '4X'"),
+    ("DG_DELTA_MODE", "Never", "never"),
+    ("DG_DELTA_MODE", "off", "never"),
+    ("DG_DELTA_MODE", "1", "always"),
+    ("DG_DELTA_MODE", "bogus", "DG_DELTA_MODE must be auto, always or never, not 'bogus'"),
+    ("DG_ARCHIVE_AWARE", " Yes ", True),
+    ("DG_ARCHIVE_AWARE", "off", False),
+    ("DG_ARCHIVE_AWARE", "maybe", "DG_ARCHIVE_AWARE must be 1 or 0 (true/false"),
+    ("DG_DECODER", "PYTHON", "python"),
+    ("DG_DECODER", "rust", "DG_DECODER must be auto, xdelta3 or python, not 'rust'"),
+    ("DG_LOG_LEVEL", "debug", "DEBUG"),
+    ("DG_LOG_LEVEL", "loud", "DG_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    ("DG_MAX_RATIO", "0.25", 0.25),
+    ("DG_MAX_RATIO", "2", "DG_MAX_RATIO must be a number from 0.0 to 1.0, not '2'"),
+    ("DG_MAX_RATIO", "nan", "DG_MAX_RATIO must be a number from 0.0 to 1.0, not 'nan'"),
+]
+
+
+@pytest.mark.parametrize("name,value,expected", DG_SETTING_VALUES)
+def test_dg_settings_parse_or_name_the_variable(name: str, value: str, expected: Any) -> None:
+    env = {name: value}
+    if isinstance(expected, str) and "must be" in expected:
+        with pytest.raises(dg.InvalidConfigError, match=re.escape(expected)):
+            dg._env_setting(env, name)
+        with pytest.raises(dg.InvalidConfigError, match=re.escape(expected)):
+            dg.create_client(endpoint_url="file:///nonexistent", environ=env)
+        return
+    assert dg._env_setting(env, name) == expected
+    dg.create_client(endpoint_url="file:///nonexistent", environ=env)
+
+
+def test_numeric_settings_name_the_setting_and_its_range() -> None:
+    assert dg._parse_int(" 7 ", "--max-concurrency", minimum=1) == 7
+    for bad in ("0", "-3", "x", "1.5", ""):
+        with pytest.raises(dg.InvalidConfigError, match="--max-concurrency must be a whole number"):
+            dg._parse_int(bad, "--max-concurrency", minimum=1)
+    with pytest.raises(dg.InvalidConfigError, match="from 1 to 604800, not '604801'"):
+        dg._parse_int("604801", "--expires-in", minimum=1, maximum=604800)
+    assert dg._parse_number("0.5", "t", above=0) == 0.5
+    for bad in ("0", "-1", "inf", "abc"):
+        with pytest.raises(dg.InvalidConfigError, match="t must be a number greater than 0"):
+            dg._parse_number(bad, "t", above=0)
 
 
 # -- proxies --
@@ -4836,7 +5122,7 @@ def test_builtin_decoder_refuses_a_corrupt_delta_and_writes_nothing(tmp_path: An
 
 @needs_xdelta3
 def test_decoder_setting_is_checked(tmp_path: Any) -> None:
-    with pytest.raises(dg.ParamValidationError, match="DG_DECODER"):
+    with pytest.raises(dg.InvalidConfigError, match="DG_DECODER"):
         dg._XDelta3(environ={"DG_DECODER": "rust"})
     assert dg._XDelta3(environ={"DG_DECODER": " Python "}).decoder == "python"
     # DG_DECODER=xdelta3 with no xdelta3: the error says how to read without it
@@ -6120,6 +6406,36 @@ def test_cli_bad_input_one_line_and_exit_code(
     assert got == code, (out, err)
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"DG_CACHE_MAX_SIZE": "-1"}, "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+        ({"DG_CACHE_MAX_SIZE": "lots"}, "DG_CACHE_MAX_SIZE must be a size in bytes such as"),
+        ({"DG_DELTA_MODE": "bogus"}, "DG_DELTA_MODE must be auto, always or never"),
+        ({"DG_MAX_RATIO": "x"}, "DG_MAX_RATIO must be a number from 0.0 to 1.0, not 'x'"),
+    ],
+)
+def test_cli_bad_setting_stops_before_any_work(
+    backend: Backend, tmp_path: Any, env: dict[str, str], message: str
+) -> None:
+    """A bad DG_* value fails every command, even mb, before it sends anything."""
+    name = "dg-test-" + uuid.uuid4().hex[:12]
+    code, out, err = run_cli(backend, tmp_path, ["mb", "s3://" + name], **env)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("deltaglider: error: " + message), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://" + name])
+    assert code == 1 and "NoSuchBucket" in err, "mb must not have created the bucket"
+
+
+def test_cli_size_setting_with_units_works(cli_env: Any, tmp_path: Any) -> None:
+    backend, bucket = cli_env
+    (tmp_path / "f.txt").write_bytes(b"hello")
+    argv = ["cp", str(tmp_path / "f.txt"), "s3://%s/f.txt" % bucket]
+    code, out, err = run_cli(backend, tmp_path, argv, DG_CACHE_MAX_SIZE="4G")
+    assert code == 0 and out.startswith("upload:"), err
 
 
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
@@ -8612,13 +8928,15 @@ FAULT_BAD_INPUTS = [
     ),
     (["cp", "f.txt", "s3://bkt/x", "--metadata", "[1]"], 2, "--metadata takes key=value pairs"),
     (["cp", "f.txt", "s3://bkt/x", "--metadata", '{"a":'], 2, "argument --metadata"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "abc"], 2, "invalid int value: 'abc'"),
-    (["--max-attempts", "0", "ls", "s3://bkt"], 1, "Invalid Config max_attempts=0"),
-    (["--cli-read-timeout", "-1", "ls", "s3://bkt"], 1, "Invalid Config read_timeout=-1.0"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "abc"], 2, "--expires-in must be a whole"),
+    (["--max-attempts", "0", "ls", "s3://bkt"], 2, "--max-attempts must be a whole number of"),
+    (["--cli-read-timeout", "-1", "ls", "s3://bkt"], 2, "--cli-read-timeout must be a number"),
     (["--endpoint-url", "ftp://x", "ls"], 1, "Invalid endpoint URL 'ftp://x'"),
     (["--endpoint-url", "http://", "ls"], 1, "Invalid endpoint URL 'http://'"),
-    (["cp", "--max-ratio", "-1", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
-    (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 1, "max_ratio must be between 0 and 1"),
+    (["cp", "--max-ratio", "-1", "f.txt", "s3://bkt/x"], 2, "--max-ratio must be a number from"),
+    (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 2, "--max-ratio must be a number from"),
+    (["--max-concurrency", "0", "ls", "s3://bkt"], 2, "--max-concurrency must be a whole number"),
+    (["ls", "s3://bkt", "--max-concurrency", "-2"], 2, "of at least 1, not '-2'"),
     (["verify", "s3://bkt/missing"], 1, "(NoSuchKey)"),
     (["mv", "s3://bkt/missing", "s3://bkt/other"], 1, "move failed: s3://bkt/missing"),
     (["-r"], 2, "error"),
@@ -8634,8 +8952,8 @@ FAULT_BAD_INPUTS = [
     (["cp", "f.txt", "s3://bkt/x", "--metadata", "a=" + "v" * 3000], 1, "S3 allows at most"),
     (["cp", "f.txt", "s3://bkt/reference.bin"], 1, "is reserved for deltaglider's reference"),
     (["cp", "f.txt", "s3://bkt/x", "--content-type", "a\nb"], 1, "line break"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "604801"], 1, "604800"),
-    (["presign", "s3://bkt/keep.txt", "--expires-in", "0"], 1, "604800"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "604801"], 2, "from 1 to 604800"),
+    (["presign", "s3://bkt/keep.txt", "--expires-in", "0"], 2, "from 1 to 604800"),
 ]
 
 
