@@ -72,6 +72,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -86,6 +87,7 @@ __all__ = [
     "IncompleteReadError",
     "IntegrityError",
     "NoCredentialsError",
+    "PaginationError",
     "ParamValidationError",
     "ReadTimeoutError",
     "StreamingBody",
@@ -151,6 +153,16 @@ _RETRYABLE_CODES = frozenset(
 )
 _DEFAULT_MAX_ATTEMPTS = 3
 _MAX_BACKOFF = 20.0
+#: The longest one response may keep us waiting, whatever its pace (read_timeout only bounds
+#: each recv, and a server sending a byte every few seconds never trips it): the status line,
+#: the headers and every 1 MiB of body must arrive within this many seconds of the request
+#: being sent or of the previous MiB. Generous, because S3 keeps a slow CompleteMultipartUpload
+#: or CopyObject alive by sending a space every few seconds (AWS CopyObject docs).
+_DEFAULT_REQUEST_TIMEOUT = 600.0
+#: The most of one reply read into memory (error XML, a listing, a multipart or delete
+#: result, a credential endpoint's JSON). A 1,000-key listing of 1,024-byte keys, url-encoded,
+#: is under 5 MiB; anything bigger is a broken or hostile server.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 #: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
 _MAX_KEY_BYTES = 1024
@@ -264,6 +276,10 @@ class IncompleteReadError(BotoCoreError):
 
 class ResponseParserError(BotoCoreError):
     fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class PaginationError(BotoCoreError):
+    fmt = "Error during pagination: {message}"
 
 
 class ClientError(DeltaGliderError):
@@ -382,6 +398,18 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
 
 class IntegrityError(DeltaGliderError):
     """Bytes did not match the SHA-256 recorded when they were stored; nothing was written."""
+
+
+class _OutputLimitError(IntegrityError):
+    """A delta decodes (or an expanded zip rebuilds) to more bytes than recorded for it."""
+
+    def __init__(self, limit: int, what: str = "dg-file-size") -> None:
+        self.limit = limit
+        self.what = what
+        super().__init__(
+            "the delta decodes to more than the %d bytes recorded for it (%s); stopped there"
+            % (limit, what)
+        )
 
 
 class XDelta3Error(DeltaGliderError):
@@ -941,6 +969,7 @@ _CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
     "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
     "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "request_timeout": (_DEFAULT_REQUEST_TIMEOUT, _is_seconds, "a positive number of seconds"),
     "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
     "max_pool_connections": (10, _is_count, "an integer >= 1"),
     "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
@@ -978,6 +1007,7 @@ class Config:
         region_name: str | None = None,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         max_attempts: int | None = None,
         max_pool_connections: int = 10,
         addressing_style: str | None = None,
@@ -990,6 +1020,7 @@ class Config:
         self.region_name = region_name
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.addressing_style = addressing_style
@@ -1180,6 +1211,7 @@ class _ClientSettings(NamedTuple):
     verify: bool | str  # False, True or a CA bundle path
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_pool_connections: int
     proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
     payload_signing: bool
@@ -1226,6 +1258,7 @@ def _resolve_client_settings(
         verify=verify,
         connect_timeout=float(config.connect_timeout),
         read_timeout=float(config.read_timeout),
+        request_timeout=float(config.request_timeout),
         max_pool_connections=config.max_pool_connections,
         proxies=config.proxies,
         payload_signing=config.payload_signing,
@@ -1419,6 +1452,8 @@ def _http_request(
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn = cls(parts.hostname or "", port, timeout=timeout)
+    # The whole reply within a few timeouts, however slowly it trickles in.
+    conn.response_class = _deadline_response_class(timeout, 3 * timeout)
     try:
         conn.request(
             method,
@@ -1426,7 +1461,7 @@ def _http_request(
             headers=dict(headers),
         )
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _read_reply(response, "%s://%s" % (parts.scheme, parts.netloc))
     finally:
         conn.close()
 
@@ -1996,6 +2031,150 @@ class StreamingBody(io.IOBase):
         self.close()
 
 
+class _DeadlineReader:
+    """The socket file of one response, read against a deadline as well as a per-recv
+    timeout: a server trickling a byte every few seconds never trips a recv timeout, so
+    the status line, the headers and each MiB of body must also arrive within
+    ``request_timeout``. Every read is split into single recvs (``read1``, ``peek``), each
+    given only the time left; running out raises socket.timeout, as a slow recv does."""
+
+    def __init__(
+        self, fp: Any, sock: Any, read_timeout: float | None, request_timeout: float
+    ) -> None:
+        self._fp = fp
+        self._sock = sock
+        self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
+        self._deadline = time.monotonic() + request_timeout
+        self._since = 0  # bytes received since the deadline was last set
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no reply within the request timeout")
+        self._sock.settimeout(left if self._read_timeout is None else min(left, self._read_timeout))
+
+    def _got(self, n: int) -> None:
+        self._since += n
+        if self._since >= _IO_CHUNK:
+            self._since = 0
+            self._deadline = time.monotonic() + self._request_timeout
+
+    def read1(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        self._arm()
+        data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
+        self._got(len(data))
+        return data
+
+    def readinto1(self, b: Any) -> int:
+        if not len(b):
+            return 0
+        self._arm()
+        n: int = self._fp.readinto1(b)
+        self._got(n)
+        return n
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = 0
+        while total < len(view):
+            n = self.readinto1(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunks = []
+        left = -1 if n is None or n < 0 else n
+        while left != 0:
+            chunk = self.read1(_IO_CHUNK if left < 0 else left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left > 0:
+                left -= len(chunk)
+        return b"".join(chunks)
+
+    def peek(self, n: int = 0) -> bytes:
+        self._arm()
+        data: bytes = self._fp.peek(n)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            buffered = self.peek(1)  # at most one recv, only when the buffer is empty
+            if not buffered:
+                break
+            if limit >= 0:
+                buffered = buffered[: limit - len(line)]
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            line += self._fp.read(take)  # already buffered: no recv
+            self._got(take)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
+
+    read_timeout: float | None = None
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
+        self.fp = cast(Any, reader)
+
+
+@functools.lru_cache(maxsize=None)
+def _deadline_response_class(
+    read_timeout: float | None, request_timeout: float
+) -> type[_DeadlineResponse]:
+    """The response class for connections with these timeouts (http.client makes the
+    response itself, from ``conn.response_class``)."""
+    return type(
+        "_DeadlineResponse",
+        (_DeadlineResponse,),
+        {"read_timeout": read_timeout, "request_timeout": request_timeout},
+    )
+
+
+class _ReplyTooLarge(http.client.HTTPException):
+    def __init__(self, what: str, length: int | None) -> None:
+        super().__init__(
+            "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
+            "(a broken or hostile server)"
+            % (what, _MAX_REPLY_BYTES >> 20, "" if length is None else " (%d bytes)" % length)
+        )
+
+
+def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
+    """A whole reply body read into memory, refused past _MAX_REPLY_BYTES (before reading
+    when Content-Length says so). Raises _ReplyTooLarge naming ``what``."""
+    length = raw.getheader("content-length", "")
+    if length.isdigit() and int(length) > _MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(what, int(length))
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = raw.read(_IO_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_REPLY_BYTES:
+            raise _ReplyTooLarge(what, None)
+        chunks.append(chunk)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """Separate connect and read timeouts: connect with one, then switch the socket."""
 
@@ -2035,9 +2214,11 @@ class _ConnectionPool:
         verify: bool | str,
         max_idle: int,
         proxy_for: Callable[[str], str | None],
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._response_class = _deadline_response_class(read_timeout, request_timeout)
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
@@ -2105,6 +2286,7 @@ class _ConnectionPool:
                 target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
             )
         conn.read_timeout = self._read_timeout
+        conn.response_class = self._response_class
         conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
@@ -2348,6 +2530,46 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError."""
+    token: str | None = None
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -2366,6 +2588,7 @@ class _S3Storage:
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         verify: bool | str = True,
         max_pool_connections: int = 10,
         proxy_for: Callable[[str], str | None] = lambda url: None,
@@ -2402,6 +2625,7 @@ class _S3Storage:
         self._pool = _ConnectionPool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
             verify=verify,
             max_idle=max_pool_connections,
             proxy_for=proxy_for,
@@ -2642,7 +2866,12 @@ class _S3Storage:
             body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
             return _Response(status, raw.reason, resp_headers, body_out, 1)
         try:
-            data = raw.read()
+            data = _read_reply(raw, self.endpoint_url)
+        except _ReplyTooLarge as e:
+            conn.close()
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=status, reason=str(e)
+            ) from None
         except socket.timeout as e:
             conn.close()
             raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
@@ -4575,6 +4804,10 @@ class _VCDiffError(Exception):
     """A delta that is corrupt, truncated or uses a feature this decoder lacks."""
 
 
+class _VCDiffLimitError(_VCDiffError):
+    """A delta whose windows add up to more than the caller's limit."""
+
+
 # -- Reading the delta --------------------------------------------------------
 
 
@@ -5326,11 +5559,16 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
     return out
 
 
-def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
+def _vcdiff_decode(
+    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
-    written. Raises _VCDiffError for a corrupt, truncated or unsupported delta (``out``
-    then holds the windows decoded before the error) and OSError from opening or reading
+    written. ``limit``: the most bytes the target may have (its recorded size): a window
+    that would go beyond it is refused before it is decoded, so a small hostile delta
+    costs neither the time nor the disk of the gigabytes it claims. Raises _VCDiffError
+    for a corrupt, truncated or unsupported delta (``out`` then holds the windows
+    decoded before the error) and OSError from opening or reading
     the source or writing ``out``. A delta cut exactly between two windows is a valid,
     shorter delta: VCDIFF records no total length, so the caller checks size and digest.
     VCD_TARGET windows (which xdelta3 never writes) read earlier output back from ``out``
@@ -5366,9 +5604,10 @@ def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
         while not rd.at_end():
             start = rd.offset()
             try:
-                target = _decode_window(rd, sec_id, models, src, out, written, last)
+                budget = None if limit is None else limit - written
+                target = _decode_window(rd, sec_id, models, src, out, written, last, budget)
             except _VCDiffError as e:
-                raise _VCDiffError(f"{e} (window {number} at delta offset {start})") from None
+                raise type(e)(f"{e} (window {number} at delta offset {start})") from None
             out.write(target)
             written += len(target)
             last = target
@@ -5387,8 +5626,11 @@ def _decode_window(
     out: IO[bytes],
     written: int,
     last: bytearray,
+    budget: int | None = None,
 ) -> bytearray:
-    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h)."""
+    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h).
+    ``budget``: the bytes the target may still have; the window's declared length is
+    checked against it before any of its sections is decompressed or run."""
     win = rd.byte("window indicator")
     if win & ~(_VCD_SOURCE | _VCD_TARGET | _VCD_ADLER32):
         raise _VCDiffError(f"corrupt delta: unknown window indicator bits {win:#04x}")
@@ -5404,6 +5646,11 @@ def _decode_window(
     if tgtlen > _MAX_TARGET_WINDOW:
         raise _VCDiffError(
             f"corrupt delta: target window of {tgtlen} bytes (xdelta3's limit is 16 MiB)"
+        )
+    if budget is not None and tgtlen > budget:
+        raise _VCDiffLimitError(
+            f"corrupt delta: it decodes to more than the {written + budget} bytes recorded "
+            "for the file (dg-file-size)"
         )
     delind = rd.byte("delta indicator")
     if delind & ~(_VCD_DATACOMP | _VCD_INSTCOMP | _VCD_ADDRCOMP):
@@ -5512,6 +5759,14 @@ _ZIPX_CHUNK = 1024 * 1024
 _ZIPX_KEEP = 8 * 1024 * 1024
 #: Content of small members waiting to be deflated and written while rebuilding.
 _ZIPX_PENDING = 32 * 1024 * 1024
+#: What a queued record costs in memory beyond its bytes (a tuple, a list or a Future):
+#: counted against _ZIPX_PENDING, so the queue of a crafted stream stays bounded.
+_ZIPX_RECORD_COST = 512
+#: An expanded stream is at most this many times the zip it rebuilds (plus its header):
+#: deflate's densest output is 1032 bytes of content per byte, and a record costs at most
+#: 4 bytes per byte it writes. Bounds what a delta may decode to when the writer recorded
+#: no dg-expanded-size.
+_ZIPX_EXPANSION = 1040
 #: Zip-bomb guard: stop inflating beyond 1000x the compressed size + 1 MiB or 4 GiB; the
 #: member then stays compressed (still rebuilt exactly, just not delta-friendly).
 _ZIPX_BOMB_RATIO = 1000
@@ -5976,10 +6231,18 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
     return index
 
 
-def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = None) -> int:
+def _zip_rebuild(
+    expanded: IO[bytes],
+    out: IO[bytes],
+    reference: str | None = None,
+    limit: int | None = None,
+) -> int:
     """Write the original bytes of an expanded stream to `out`; return how many. Raises
     _ZipCodecError if the stream is corrupt, truncated or of an unknown version, or if this
-    machine's zlib deflates differently from the one that expanded it.
+    machine's zlib deflates differently from the one that expanded it; _OutputLimitError
+    as soon as it would write more than `limit` bytes (the size recorded for the zip).
+    Memory stays within _ZIPX_PENDING whatever the records (each counts at least
+    _ZIPX_RECORD_COST, so a stream of empty records cannot queue millions of them).
 
     Deflating is most of the time, and zlib releases the GIL: members up to _ZIPX_KEEP are
     deflated in threads and written in order, with at most _ZIPX_PENDING bytes waiting.
@@ -6001,6 +6264,8 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
 
     def put(data: bytes) -> None:
         nonlocal size, crc
+        if limit is not None and size + len(data) > limit:
+            raise _OutputLimitError(limit)
         out.write(data)
         size += len(data)
         crc = zlib.crc32(data, crc)
@@ -6057,13 +6322,15 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                     same = reuse.get((crc32, total))
                     if same is not None:
                         ref_file.seek(same[0])
-                        queued.append((same[1], [ref_file.read(same[1])]))
-                        held += same[1]
+                        weight = same[1] + _ZIPX_RECORD_COST
+                        queued.append((weight, [ref_file.read(same[1])]))
+                        held += weight
                         emit(_ZIPX_PENDING)
                         continue
                 if total <= _ZIPX_KEEP:
-                    queued.append((total, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += total
+                    weight = total + _ZIPX_RECORD_COST
+                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
+                    held += weight
                     emit(_ZIPX_PENDING)
                     continue
                 emit(-1)  # a large member: stream it, in order
@@ -6076,8 +6343,10 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                 header = _zipx_read(expanded, n)
                 if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
                     raise _ZipCodecError("expanded zip stream has a bad header record")
-                queued.append((n, [headers.apply(tag, header)]))
-                held += n
+                weight = n + _ZIPX_RECORD_COST
+                queued.append((weight, [headers.apply(tag, header)]))
+                held += weight
+                emit(_ZIPX_PENDING)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -6173,6 +6442,7 @@ _META_ALIASES: dict[str, tuple[str, ...]] = {
     "compression": ("dg-compression", "dg_compression", "compression"),
     "codec": ("dg-codec",),
     "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
 }
 _USER_META_PREFIX = "user-"
 _CONTENT_TYPE_META = "content-type"
@@ -6443,14 +6713,22 @@ class _XDelta3:
         return h.hexdigest(), total
 
     def decode_sha256(
-        self, source: str, delta: str, out: IO[bytes] | None = None, *, external: bool = False
+        self,
+        source: str,
+        delta: str,
+        out: IO[bytes] | None = None,
+        *,
+        external: bool = False,
+        limit: int | None = None,
     ) -> tuple[str, int]:
         """Decode to stdout and hash on the fly, writing to ``out`` if given: checks a
         delta, or rebuilds a file, without reading the result back from disk. With
         ``external`` xdelta3 may recompress (deltas the original tool made of compressed
-        files were encoded without -D)."""
+        files were encoded without -D). ``limit``: the size recorded for the result; a
+        delta that decodes to more is stopped there (IntegrityError), having written at
+        most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
         if self._python_decodes():
-            return self._decode_in_python(source, delta, out, external)
+            return self._decode_in_python(source, delta, out, external, limit)
         try:
             binary = self.path()
         except XDelta3NotFoundError:  # only with DG_DECODER=xdelta3: auto falls back above
@@ -6476,6 +6754,8 @@ class _XDelta3:
                         chunk = proc.stdout.read(_IO_CHUNK)
                         if not chunk:
                             break
+                        if limit is not None and total + len(chunk) > limit:
+                            raise _OutputLimitError(limit)
                         h.update(chunk)
                         total += len(chunk)
                         if out is not None:
@@ -6501,7 +6781,7 @@ class _XDelta3:
 
     @staticmethod
     def _decode_in_python(
-        source: str, delta: str, out: IO[bytes] | None, external: bool
+        source: str, delta: str, out: IO[bytes] | None, external: bool, limit: int | None
     ) -> tuple[str, int]:
         if external:
             # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
@@ -6514,15 +6794,25 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+        except _VCDiffLimitError:
+            raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
             raise IntegrityError("the delta does not decode (built-in decoder): %s" % e) from None
         return sink.sha256.hexdigest(), total
 
-    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
+    def decode(
+        self,
+        source: str,
+        delta: str,
+        out: str,
+        *,
+        external: bool = False,
+        limit: int | None = None,
+    ) -> str:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
-            return self.decode_sha256(source, delta, f, external=external)[0]
+            return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -6567,7 +6857,9 @@ class _ReferenceCache:
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
     and renamed into place, so two processes filling the same entry at once is safe.
     Each entry is re-hashed on its first use in a process and then trusted while its
-    size and mtime are unchanged. Least recently used entries go beyond ``max_size``."""
+    size and mtime are unchanged. Least recently used entries go beyond ``max_size``,
+    except those an operation of this process holds (``hold``): an entry larger than the
+    limit is kept while it is in use and removed when the operation ends."""
 
     def __init__(self, folder: str, max_size: int = _DEFAULT_CACHE_MAX) -> None:
         self.folder = folder
@@ -6575,6 +6867,41 @@ class _ReferenceCache:
         self._verified: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.fetches = 0  # how many references were downloaded (tests count them)
+        self._held: collections.Counter[str] = collections.Counter()  # sha256 -> holds
+        self._local = threading.local()  # .shas: the entries the current hold uses
+        self._over = False  # an eviction left held entries beyond max_size
+        self._warned_small = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, every entry this thread looks up, fills or derives from stays
+        on disk until the block ends, whatever the size limit: evicting the reference (or
+        its expanded form) an upload or download is reading makes it fail with ENOENT.
+        Nested holds are one hold."""
+        if getattr(self._local, "shas", None) is not None:
+            yield
+            return
+        shas: set[str] = set()
+        self._local.shas = shas
+        try:
+            yield
+        finally:
+            self._local.shas = None
+            with self._lock:
+                for sha in shas:
+                    self._held[sha] -= 1
+                    if self._held[sha] <= 0:
+                        del self._held[sha]
+                over, self._over = self._over, False
+            if over:
+                self._evict(keep="")
+
+    def _use(self, sha256: str) -> None:
+        shas = getattr(self._local, "shas", None)
+        if shas is not None and sha256 not in shas:
+            shas.add(sha256)
+            with self._lock:
+                self._held[sha256] += 1
 
     def _path(self, sha256: str) -> str:
         if not re.match(r"^[0-9a-f]{64}$", sha256):
@@ -6588,6 +6915,7 @@ class _ReferenceCache:
         says it hashed these very bytes: fine for reads, whose output is checked anyway.
         Writers also call ``check``."""
         path = self._path(sha256)
+        self._use(sha256)
         try:
             st = os.stat(path)
         except OSError:
@@ -6628,8 +6956,44 @@ class _ReferenceCache:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
         return True
 
+    def recheck(self, sha256: str) -> bool:
+        """Hash an entry and the files made from it, whatever any stamp says: after a
+        read failed, this tells a damaged cache (False: the damaged files are removed, to
+        be fetched or made again) from a damaged delta (True)."""
+        path = self._path(sha256)
+        if not self._rehash(sha256, path):
+            return False
+        good = True
+        folder, name = os.path.split(path)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for n in names:
+            if not (n.startswith(name + ".") and n.endswith(".sha")):
+                continue
+            derived = os.path.join(folder, n[: -len(".sha")])
+            try:
+                with open(derived + ".sha") as f:
+                    want = f.read().strip()
+                actual = _sha256_file(derived)[0]
+            except OSError:
+                continue  # not made (any more)
+            if actual != want:
+                logger.warning("cache entry %s is corrupt; removing it", derived)
+                for side in ("", ".ok", ".sha"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(derived + side)
+                with self._lock:
+                    self._verified.pop(derived, None)
+                good = False
+        return good
+
     def _rehash(self, sha256: str, path: str) -> bool:
-        actual, _ = _sha256_file(path)
+        try:
+            actual, _ = _sha256_file(path)
+        except OSError:  # gone (another process evicted it)
+            actual = ""
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -6672,6 +7036,7 @@ class _ReferenceCache:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
         written do not hash to ``sha256`` (nothing is kept then)."""
         path = self._path(sha256)
+        self._use(sha256)
         folder = os.path.dirname(path)
         _private_mkdir(self.folder)
         _private_mkdir(os.path.join(self.folder, "refs"))
@@ -6723,6 +7088,7 @@ class _ReferenceCache:
         with its SHA-256 in ``<path>.sha``: (path, SHA-256), or None if ``make(file)``
         declines. ``strict`` (uploads) hashes it once per process, as ``check`` does."""
         path = self._path(ref_sha256) + "." + suffix
+        self._use(ref_sha256)
         try:
             st = os.stat(path)
             with open(path + ".sha") as f:
@@ -6776,6 +7142,8 @@ class _ReferenceCache:
         root = os.path.join(self.folder, "refs")
         entries = []
         total = 0
+        with self._lock:
+            held = set(self._held)
         for dirpath, _, files in os.walk(root):
             for name in files:
                 p = os.path.join(dirpath, name)
@@ -6794,8 +7162,8 @@ class _ReferenceCache:
         for _, size, p in entries:
             if total <= self.max_size:
                 break
-            if p == keep:
-                continue
+            if p == keep or os.path.basename(p)[:64] in held:
+                continue  # in use: evicted when the operation holding it ends
             try:
                 os.unlink(p)
                 total -= size
@@ -6804,6 +7172,18 @@ class _ReferenceCache:
             for side in (".ok", ".sha"):
                 with contextlib.suppress(OSError):
                     os.unlink(p + side)
+        if total > self.max_size:
+            with self._lock:
+                self._over = True
+                warn, self._warned_small = not self._warned_small, True
+            if warn:
+                logger.warning(
+                    "%s (%d bytes) is smaller than the references in use (%d bytes): they "
+                    "are kept only while in use and fetched again each time",
+                    _ENV_CACHE_MAX,
+                    self.max_size,
+                    total,
+                )
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
@@ -6878,11 +7258,13 @@ def _is_zip(path: str) -> bool:
         return False
 
 
-def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
+def _rebuild_zip(
+    expanded: str, out: Any, reference: str, want: str, limit: int | None = None
+) -> str:
     """Rebuild a zip from its expanded form into ``out`` (a file or a sink), copying
     unchanged members from ``reference``; if that gives other bytes than the SHA-256
     ``want``, again deflating every member. Returns the SHA-256 written ("" if the
-    stream does not rebuild)."""
+    stream does not rebuild). More than ``limit`` bytes: _OutputLimitError."""
     for ref in (reference, None):
         sink = _HashingWriter(out)
         if hasattr(out, "seek"):
@@ -6890,7 +7272,7 @@ def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -7114,53 +7496,123 @@ class _DeltaEngine:
             )
 
     def _rebuild(self, lg: _Logical, out: str) -> None:
+        """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
+
+        A failure with a cached reference is not blamed on the delta until the cache is
+        ruled out: the entry (and what was made from it) is hashed again, whatever its
+        stamp says; a damaged entry is dropped and fetched again, so a cache corrupted in
+        place (same size and mtime) costs one more download, not the object."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         ref_key = _resolve_ref_key(lg.stored_key, ref)
         ref_sha = _meta_get(lg.metadata, "ref_sha256")
         expected = lg.sha256
-        if not ref_sha or not expected:
+        size = _meta_get(lg.metadata, "file_size") or ""
+        if not ref_sha or not expected or not size.isdigit():
             raise IntegrityError(
-                "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
-                % (lg.bucket, lg.stored_key)
+                "%s: delta without dg-ref-sha256, dg-file-sha256 or dg-file-size; "
+                "cannot verify it" % where
             )
-        tmp_dir = self._tmp_dir()
-        fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        limit = int(size)
+        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
         os.close(fd)
+        fetch = None
+        if ref_sha != expected:  # the delta downloads while the reference does
+            fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
         try:
-            if ref_sha == expected:
-                # A zero-diff delta: the file is the reference, whose bytes we check anyway.
-                actual = _copy_hashing(self.reference_path(lg.bucket, ref_key, ref_sha), out)
-            else:
-                # The delta downloads while the reference does (or is checked in the cache).
-                fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
-                try:
-                    ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        fetch.result()
-                    raise
-                fetch.result()
-                codec = _meta_get(lg.metadata, "codec")
-                if codec:
-                    actual = self._rebuild_codec(lg, codec, ref_sha, ref_path, delta_tmp, out)
-                else:
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out)
-                if actual != expected and not codec and _is_compressed_stream(ref_path):
-                    # Written by the original without -D: let xdelta3 recompress as it did.
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
+            with self.cache.hold():
+                for attempt in range(2):
+                    try:
+                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                    finally:
+                        if fetch is not None:
+                            done, fetch = fetch, None
+                            done.result()
+                    try:
+                        actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
+                        if actual == expected:
+                            return
+                        failure: DeltaGliderError = IntegrityError(
+                            "%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
+                            % (where, expected, actual)
+                        )
+                    except (IntegrityError, XDelta3Error) as e:
+                        failure = e
+                    except FileNotFoundError as e:  # the cache entry went away under us
+                        failure = IntegrityError("%s: %s" % (where, e))
+                    if self.cache.recheck(ref_sha):
+                        if isinstance(failure, XDelta3Error):
+                            if failure.returncode <= 0:
+                                raise failure  # not started, or killed: not the delta's fault
+                            failure = IntegrityError(
+                                "%s: xdelta3 cannot decode it: %s"
+                                % (
+                                    where,
+                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
+                                )
+                            )
+                        raise IntegrityError(
+                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
+                            "stored delta (or its metadata) is damaged"
+                            % (str(failure).rstrip("."), lg.bucket, ref_key)
+                        ) from None
+                    if attempt:
+                        raise IntegrityError(
+                            "%s: the cached copy of its reference was damaged again after "
+                            "being fetched again; check the disk under %s"
+                            % (where, self.cache.folder)
+                        ) from None
+                    logger.warning(
+                        "the cached reference of %s was damaged on disk; fetching it again",
+                        where,
+                    )
         finally:
+            if fetch is not None:
+                with contextlib.suppress(Exception):
+                    fetch.result()
             os.unlink(delta_tmp)
-        if actual != expected:
-            raise IntegrityError(
-                "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
-                % (lg.bucket, lg.key, expected, actual)
-            )
+
+    def _decode_into(
+        self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
+    ) -> str:
+        """Write the object a delta rebuilds to ``out``, at most ``limit`` bytes (its
+        dg-file-size); returns the SHA-256 written."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if ref_sha == lg.sha256:
+            # A zero-diff delta: the file is the reference, whose bytes we check anyway.
+            return _copy_hashing(ref_path, out)
+        codec = _meta_get(lg.metadata, "codec")
+        try:
+            if codec:
+                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+            actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
+            if actual != lg.sha256 and _is_compressed_stream(ref_path):
+                # Written by the original without -D: let xdelta3 recompress as it did.
+                actual = self.xdelta.decode(ref_path, delta, out, external=True, limit=limit)
+        except _OutputLimitError as e:
+            if e.what != "dg-file-size":
+                raise
+            raise _OutputLimitError(e.limit, "dg-file-size of %s" % where) from None
+        except IntegrityError as e:
+            if where in str(e):
+                raise
+            raise IntegrityError("%s: %s" % (where, e)) from None
+        return actual
 
     def _rebuild_codec(
-        self, lg: _Logical, codec: str, ref_sha: str, ref_path: str, delta: str, out: str
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
     ) -> str:
         """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256."""
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
         where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         if codec != _CODEC_ZIP:
             raise IntegrityError(
@@ -7191,12 +7643,20 @@ class _DeltaEngine:
                 "(zlib %s); read it where it was written, or store it again without "
                 "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
             )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
         fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
-                self.xdelta.decode_sha256(xref[0], delta, f)
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
             with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "")
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
@@ -7302,9 +7762,10 @@ class _DeltaEngine:
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
         if size > 0 and self.eligible(key, path, delta):
-            summary = self._put_delta(
-                path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
-            )
+            with self.cache.hold():  # the reference (and its expanded form) stay while used
+                summary = self._put_delta(
+                    path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+                )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 return summary
@@ -7624,7 +8085,11 @@ class _DeltaEngine:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
-        return {"dg-codec": _CODEC_ZIP, "dg-xref-sha256": xref[1]}
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
 
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
@@ -7682,16 +8147,10 @@ class _DeltaEngine:
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket, prefix=prefix, delimiter="/", continuation_token=token
-            )
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
             if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
                 return True
-            if not page.get("IsTruncated"):
-                return False
-            token = page.get("NextContinuationToken")
+        return False
 
     def _drop_unused_reference(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
@@ -7729,15 +8188,10 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -7847,16 +8301,29 @@ class _Paginator:
             kwargs[key] = pagination["StartingToken"]
         seen = 0
         method = getattr(self._client, self._operation)
-        while True:
-            page = method(**kwargs)
+        v2 = self._operation == "list_objects_v2"
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            if token is not None:
+                kwargs["ContinuationToken" if v2 else "Marker"] = token
+            page: dict[str, Any] = method(**kwargs)
+            return page
+
+        def next_token(page: dict[str, Any]) -> str | None:
+            contents = page.get("Contents") or [{}]
+            token: str | None = (
+                page.get("NextContinuationToken")
+                if v2
+                else page.get("NextMarker") or contents[-1].get("Key")
+            )
+            return token
+
+        operation = "ListObjectsV2" if v2 else "ListObjects"
+        for page in _pages(fetch, next_token, operation):
             seen += len(page.get("Contents", []))
             yield page
-            if not page.get("IsTruncated") or (limit and seen >= limit):
+            if limit and seen >= limit:
                 return
-            if self._operation == "list_objects_v2":
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            else:
-                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -8775,21 +9242,19 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, continuation_token=token)
+        for page in _list_pages(storage, bucket):
             objects += [
                 o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
             ]
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
         validation = {"object_count": len(objects), "compressed_size": stored_total}
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
-                body = storage.get_object(bucket, cache_key)["Body"].read()
+                with storage.get_object(bucket, cache_key)["Body"] as stream:
+                    body = stream.read(_MAX_REPLY_BYTES + 1)
+                if len(body) > _MAX_REPLY_BYTES:
+                    raise ValueError("%s is too large to be a stats cache" % cache_key)
                 cached = json.loads(body.decode("utf-8"))
                 if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
                     stats: dict[str, Any] = cached["stats"]
@@ -8883,11 +9348,7 @@ class DeltaGliderClient:
         storage = self._engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(
-                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
-            )
+        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -8900,9 +9361,6 @@ class DeltaGliderClient:
                 except (ClientError, ValueError) as e:
                     logger.warning("purge: %s: %s", obj["Key"], e)
                     errors += 1
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return {
             "bucket": Bucket,
             "deleted_count": deleted,
@@ -9096,6 +9554,7 @@ def create_client(
             max_attempts=settings.max_attempts,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             verify=settings.verify,
             max_pool_connections=settings.max_pool_connections,
             proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
@@ -9319,6 +9778,7 @@ class _Cli:
                 max_attempts=self.args.max_attempts,
                 connect_timeout=self.args.cli_connect_timeout,
                 read_timeout=self.args.cli_read_timeout,
+                request_timeout=self.args.cli_request_timeout,
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
@@ -9380,13 +9840,9 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client._engine.storage
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return keys
-            token = page.get("NextContinuationToken")
+        return keys
 
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False
@@ -10467,6 +10923,13 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         type=_option(_parse_number, "--cli-read-timeout", above=0),
         default=d if suppress else 60.0,
         help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-request-timeout",
+        type=float,
+        default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a reply may take to send its headers, or each MiB of its body, however"
+        " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
     )
 
 
