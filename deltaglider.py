@@ -64,6 +64,7 @@ from typing import (
     Any,
     Callable,
     Container,
+    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -71,6 +72,7 @@ from typing import (
     NamedTuple,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
     cast,
 )
@@ -172,6 +174,10 @@ _MAX_PARTS = 10000
 _MAX_SINGLE_PUT = 5 * 1024**3
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _DEFAULT_PART_SIZE = 16 * 1024 * 1024
+_T = TypeVar("_T")
+#: Ranged GETs of big downloads (aws s3: 8 MiB parts, 10 requests at once).
+_GET_PART_SIZE = 8 * 1024 * 1024
+_TRANSFER_WORKERS = 8
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -2639,6 +2645,7 @@ class _S3Storage:
             proxy_for=proxy_for,
         )
         self._conditional_writes: bool | None = None
+        self._conditional_multipart: bool | None = None
 
     def close(self) -> None:
         self._pool.close()
@@ -3272,8 +3279,16 @@ class _S3Storage:
         return resp.headers.get("etag", "")
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
+        """``if_none_match``: ``If-None-Match: *``, create only if absent (412 otherwise;
+        :meth:`supports_conditional_multipart` finds out whether the server honours it)."""
         xml = ['<CompleteMultipartUpload xmlns="%s">' % _S3_XMLNS]
         for number, etag in parts:
             xml.append(
@@ -3287,7 +3302,10 @@ class _S3Storage:
             bucket,
             key,
             query=[("uploadId", upload_id)],
-            headers={"Content-Type": "application/xml"},
+            headers={
+                "Content-Type": "application/xml",
+                **({"If-None-Match": "*"} if if_none_match else {}),
+            },
             body="".join(xml).encode(),
         )
         root = self._xml(resp)
@@ -3366,6 +3384,35 @@ class _S3Storage:
                     pass
             logger.debug("conditional writes honoured: %s", self._conditional_writes)
         return self._conditional_writes
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        """Whether ``If-None-Match: *`` on CompleteMultipartUpload is honoured too (AWS,
+        Swift and SeaweedFS do): complete an upload over an existing probe object."""
+        if self._conditional_multipart is None:
+            self._conditional_multipart = False
+            if self.supports_conditional_writes(bucket):
+                probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+                self.put_object(bucket, probe, b"1")
+                upload_id = self.create_multipart_upload(bucket, probe)
+                try:
+                    etag = self.upload_part(bucket, probe, upload_id, 1, b"2")
+                    self.complete_multipart_upload(
+                        bucket, probe, upload_id, [(1, etag)], if_none_match=True
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    self._conditional_multipart = status == 412
+                finally:
+                    try:
+                        self.abort_multipart_upload(bucket, probe, upload_id)
+                    except ClientError:
+                        pass  # completed (a server that ignores the header) or gone
+                    try:
+                        self.delete_object(bucket, probe)
+                    except ClientError:
+                        pass
+            logger.debug("conditional multipart completes: %s", self._conditional_multipart)
+        return self._conditional_multipart
 
 
 def _local_root_from_url(url: str) -> str:
@@ -3537,6 +3584,9 @@ class _LocalStorage:
         return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
 
     def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
         return True
 
     # -- plumbing -----------------------------------------------------------
@@ -3739,11 +3789,11 @@ class _LocalStorage:
         file is removed last; an index always names files that exist."""
         shard, digest = self._shard(bdir, key)
         with self._locked(operation, bucket, bdir):
-            if check is not None:
-                check()
             objects = self._index(shard)
             old = objects.get(key)
             self._check_write(operation, key, old, if_none_match, if_match)
+            if check is not None:
+                check()
             if record is None:
                 if old is None:
                     return
@@ -4528,10 +4578,17 @@ class _LocalStorage:
         return str(part["etag"])
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
         """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
-        MD5s and ``-N``, as S3 computes it."""
+        MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
+        (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
         if not parts:
@@ -4588,7 +4645,9 @@ class _LocalStorage:
                 nonlocal trash
                 trash = self._discard(op, bucket, bdir, udir, upload_id)
 
-            self._commit(op, bucket, bdir, key, tmp, record, check=take_upload)
+            self._commit(
+                op, bucket, bdir, key, tmp, record, if_none_match=if_none_match, check=take_upload
+            )
         finally:
             self._unlink(tmp)
         shutil.rmtree(trash, ignore_errors=True)
@@ -4655,6 +4714,95 @@ def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     return part
 
 
+def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
+    """Run ``tasks`` on up to ``workers`` threads; their results in order. The first
+    failure cancels what has not started and is raised once the others have finished."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _get_into(
+    storage: Any,
+    bucket: str,
+    key: str,
+    write: Callable[[bytes], Any],
+    *,
+    threshold: int = _MULTIPART_THRESHOLD,
+    part_size: int = _GET_PART_SIZE,
+    workers: int = _TRANSFER_WORKERS,
+    hold: Callable[[int], ContextManager[None]] | None = None,
+) -> int:
+    """Download an object into ``write`` in order, as aws s3 does: a first ranged GET
+    tells the size; an object over ``threshold`` comes in ``part_size`` ranges,
+    ``workers`` at a time (each pinned to the first reply's ETag with If-Match), at
+    most ``workers`` parts held ahead of the writer (``hold`` reserves that memory).
+    Returns the bytes written; the caller checks their SHA-256."""
+    try:
+        first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "InvalidRange":
+            raise
+        first = storage.get_object(bucket, key)  # an empty object: nothing to range
+    body = first["Body"]
+    total = None
+    match = re.match(r"^bytes \d+-\d+/(\d+)$", str(first.get("ContentRange", "")))
+    if match:
+        total = int(match.group(1))
+    written = 0
+    try:
+        for chunk in body.iter_chunks(_IO_CHUNK):
+            write(chunk)
+            written += len(chunk)
+    finally:
+        body.close()
+    if total is None or written >= total:
+        return written  # the whole object came (small, or the server ignored Range)
+    etag = first.get("ETag")
+    headers = {"If-Match": etag} if etag and total > threshold else {}
+
+    def fetch(start: int) -> bytes:
+        end = min(start + part_size, total) - 1
+        got = storage.get_object(bucket, key, range="bytes=%d-%d" % (start, end), headers=headers)
+        with got["Body"] as part:
+            data: bytes = part.read()
+        if len(data) != end - start + 1:
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=end - start + 1)
+        return data
+
+    starts = list(range(written, total, part_size))
+    if total <= threshold:
+        workers = 1
+    with contextlib.ExitStack() as stack:
+        if hold is not None and workers > 1:
+            stack.enter_context(hold((workers + 1) * part_size))
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max(1, workers)))
+        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        try:
+            for start in starts:
+                pending.append(pool.submit(fetch, start))
+                if len(pending) >= workers:
+                    data = pending.popleft().result()
+                    write(data)
+                    written += len(data)
+            while pending:
+                data = pending.popleft().result()
+                write(data)
+                written += len(data)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return written
+
+
 def _put_path(
     storage: Any,
     bucket: str,
@@ -4668,12 +4816,18 @@ def _put_path(
     threshold: int = _MULTIPART_THRESHOLD,
     part_size: int = _DEFAULT_PART_SIZE,
     on_bytes: Callable[[int], None] | None = None,
+    workers: int = _TRANSFER_WORKERS,
 ) -> dict[str, Any]:
-    """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
-    conditional create is asked for, since multipart cannot be conditional everywhere),
-    multipart above it. A failed multipart upload is aborted, so no parts linger."""
+    """Upload a local file, streamed: one PUT up to ``threshold``, multipart above it,
+    ``workers`` parts at a time. A conditional create (``if_none_match``) completes with
+    ``If-None-Match: *`` where the server honours that, else stays one PUT up to 5 GiB.
+    A failed multipart upload is aborted, so no parts linger."""
     size = os.path.getsize(path)
-    limit = _MAX_SINGLE_PUT if if_none_match else threshold
+    limit = threshold
+    if if_none_match and size > threshold:
+        probe = getattr(storage, "supports_conditional_multipart", None)
+        if probe is None or not probe(bucket):
+            limit = _MAX_SINGLE_PUT  # one conditional PUT, as far as a PUT goes
     if size <= limit:
         with open(path, "rb") as f:
             body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
@@ -4696,13 +4850,20 @@ def _put_path(
         _abort_strays(storage, bucket, key, "", started)
         raise
     try:
-        parts = []
-        with open(path, "rb") as f:
-            for number, offset in enumerate(range(0, size, part), start=1):
+
+        def send(number: int, offset: int) -> str:
+            # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            with open(path, "rb") as f:
                 piece = _FileSlice(f, offset, min(part, size - offset))
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
-                parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
-        result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
+                return str(storage.upload_part(bucket, key, upload_id, number, body))
+
+        offsets = list(enumerate(range(0, size, part), start=1))
+        etags = _in_parallel([functools.partial(send, n, off) for n, off in offsets], workers)
+        parts = [(number, etag) for (number, _), etag in zip(offsets, etags)]
+        result: dict[str, Any] = storage.complete_multipart_upload(
+            bucket, key, upload_id, parts, **({"if_none_match": True} if if_none_match else {})
+        )
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
@@ -7536,15 +7697,9 @@ class _DeltaEngine:
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
-        resp = self.storage.get_object(bucket, ref_key)
-        body = resp["Body"]
 
         def write(f: IO[bytes]) -> None:
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            finally:
-                body.close()
+            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
 
         try:
             return self.cache.fill(ref_sha256, write)
@@ -7579,15 +7734,11 @@ class _DeltaEngine:
         return lg
 
     def _fetch_plain(self, lg: _Logical, out: str) -> None:
-        resp = self.storage.get_object(lg.bucket, lg.stored_key)
-        body = resp["Body"]
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    writer.write(chunk)
-            finally:
-                body.close()
+            _get_into(
+                self.storage, lg.bucket, lg.stored_key, writer.write, hold=self.xdelta.memory.hold
+            )
         expected = lg.sha256
         if expected and writer.sha256.hexdigest() != expected:
             raise IntegrityError(

@@ -5479,6 +5479,103 @@ def test_multipart_upload_streams_and_aborts_on_failure(
     assert "big2.bin" not in stored_keys(client, dgbucket)
 
 
+def _concurrency_probe(func: Any, skip: int = 0) -> tuple[Any, list[int]]:
+    """Wrap ``func`` so that calls ``skip``+1 and ``skip``+2 wait (up to 5 s) for each
+    other; the list gets the number in flight at each call's start."""
+    seen: list[int] = []
+    lock = threading.Lock()
+    in_flight = [0]
+    barrier = threading.Barrier(2, timeout=5)
+
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            seen.append(in_flight[0])
+            meet = skip < len(seen) <= skip + 2
+        try:
+            try:
+                if meet:
+                    barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+            return func(*a, **kw)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    return wrapped, seen
+
+
+def test_multipart_parts_go_up_at_once(client: Any, dgbucket: str, tmp_path: Any) -> None:
+    """#17: parts of a big upload are sent in parallel, as aws s3 sends them."""
+    path = tmp_path / "big.bin"
+    data = os.urandom(4 * 5 * 1024 * 1024 + 17)
+    path.write_bytes(data)
+    st = client.storage
+    st.upload_part, seen = _concurrency_probe(st.upload_part)
+    five = 5 * 1024 * 1024
+    dg._put_path(st, dgbucket, "big.bin", str(path), threshold=five, part_size=five, workers=4)
+    assert st.get_object(dgbucket, "big.bin")["Body"].read() == data
+    assert len(seen) == 5 and max(seen) >= 2
+
+
+def test_conditional_create_over_the_threshold_goes_up_in_parts(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """#17: a reference bigger than the multipart threshold is sent in parallel parts and
+    still created only if absent (If-None-Match on CompleteMultipartUpload), where
+    before it was one PUT of up to 5 GiB."""
+    path = tmp_path / "ref.bin"
+    data = os.urandom(2 * 5 * 1024 * 1024 + 9)
+    path.write_bytes(data)
+    st = client.storage
+    five = 5 * 1024 * 1024
+
+    def put(**kw: Any) -> Any:
+        return dg._put_path(
+            st, dgbucket, "ref.bin", str(path), threshold=five, part_size=five, **kw
+        )
+
+    created = put(if_none_match=True)
+    assert created["ETag"].strip('"').endswith("-3")  # multipart: 3 parts
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    path.write_bytes(os.urandom(len(data)))
+    with pytest.raises(dg.ClientError) as e:
+        put(if_none_match=True)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    assert st.list_multipart_uploads(dgbucket)["Uploads"] == []
+
+
+@pytest.mark.parametrize("size", [0, 5, 3 * 1024 * 1024 + 7])
+def test_big_downloads_use_parallel_ranged_gets(
+    client: Any, dgbucket: str, size: int, tmp_path: Any
+) -> None:
+    """#17: an object over the threshold comes in ranged GETs, several at once, each
+    pinned to the first reply's ETag; small and empty objects take one request."""
+    data = os.urandom(size)
+    st = client.storage
+    st.put_object(dgbucket, "k", data)
+    calls: list[dict[str, Any]] = []
+    original = st.get_object
+
+    def get_object(*a: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return original(*a, **kw)
+
+    st.get_object, seen = _concurrency_probe(get_object, skip=1 if size else 9)
+    out = io.BytesIO()
+    mib = 1024 * 1024
+    got = dg._get_into(st, dgbucket, "k", out.write, threshold=mib, part_size=mib // 2, workers=4)
+    assert out.getvalue() == data and got == size
+    if size < mib:
+        assert len(calls) in (1, 2)  # 2: an empty object refuses the range (416)
+        return
+    assert len(calls) == 7 and max(seen) >= 2
+    assert all(c["headers"]["If-Match"] for c in calls[1:])
+    assert calls[-1]["range"] == "bytes=%d-%d" % (6 * mib // 2, size - 1)
+
+
 @needs_xdelta3
 def test_last_delta_takes_its_reference_root_included(
     client: Any, dgbucket: str, tmp_path: Any
