@@ -9712,6 +9712,19 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _printable(text: str) -> str:
+    """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
+    shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
+    the terminal."""
+    return _CONTROL_CHARS.sub(
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    )
+
+
 def _display_path(path: str) -> str:
     """Local paths as aws s3 prints them: relative to the working directory."""
     try:
@@ -9802,14 +9815,14 @@ class _Cli:
         if self.quiet or self.errors_only:
             return
         with self._print_lock:
-            self.out.write(text + "\n")
+            self.out.write(_printable(text) + "\n")
             self.out.flush()
 
     def error(self, text: str) -> None:
         if self.quiet:
             return
         with self._print_lock:
-            self.err.write(text + "\n")
+            self.err.write(_printable(text) + "\n")
             self.err.flush()
 
     def fail(self, text: str) -> None:
@@ -10283,7 +10296,7 @@ class _Cli:
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
         for page in paginator.paginate(**kwargs):
             for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
+                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
                 count += 0
             for obj in page.get("Contents", []):
                 if obj["Key"].startswith(".deltaglider/"):
@@ -10292,7 +10305,8 @@ class _Cli:
                 total += obj["Size"]
                 stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                self.out.write("%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), name))
+                size = fmt_size(obj["Size"]).rjust(10)
+                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
             if not page.get("Contents") and not page.get("CommonPrefixes") and key:
                 pass
         if self.args.summarize:
@@ -11147,7 +11161,7 @@ def main(
         return e.status
     except _UsageError as e:
         err.write(parser.format_usage())
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     if not args.command:
         err.write(parser.format_usage())
@@ -11176,12 +11190,12 @@ def main(
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
     except _UsageError as e:
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     except (DeltaGliderError, OSError, ValueError) as e:
         if args.debug:
             logger.exception("fatal error")
-        message = _one_line(e)
+        message = _printable(_one_line(e))
         if isinstance(e, _FatalError):
             err.write(message + "\n")
         else:
