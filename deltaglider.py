@@ -10401,7 +10401,7 @@ class _Cli:
 
     def sync_up(self, src: str, dst: str) -> int:
         if not os.path.isdir(src):
-            raise _FatalError("The user-provided path %s does not exist." % src)
+            _refuse_sync_path(src)
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -10478,6 +10478,8 @@ class _Cli:
         return int(src_mtime) > int(dst_mtime)
 
     def sync_down(self, src: str, dst: str) -> int:
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            _refuse_sync_path(dst)
         bucket, key = _parse_s3_url(src)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -10768,6 +10770,16 @@ class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
 
 
+def _refuse_sync_path(path: str) -> None:
+    """sync compares folders: a local path that is not one is refused before any work."""
+    if os.path.lexists(path):
+        raise _FatalError(
+            "The user-provided path %s is not a folder: sync takes folders "
+            "(cp copies a single file)" % path
+        )
+    raise _FatalError("The user-provided path %s does not exist." % path)
+
+
 def _store_identity(client: DeltaGliderClient) -> str:
     """Which store a client talks to (endpoint, or local directory): two clients with the same
     identity see the same bucket under the same name."""
@@ -10790,7 +10802,7 @@ def _refuse_onto_itself(
     for s_key, d_key in pairs:
         if s_key == d_key:
             raise _UsageError(
-                "Cannot %s a file onto itself: s3://%s/%s - s3://%s/%s"
+                "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
                 % (command, src_bucket, s_key, dst_bucket, d_key)
             )
     sources = {s_key for s_key, _ in pairs}
@@ -10940,7 +10952,7 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     )
     g.add_argument(
         "--cli-request-timeout",
-        type=float,
+        type=_option(_parse_number, "--cli-request-timeout", above=0),
         default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
         help="seconds a reply may take to send its headers, or each MiB of its body, however"
         " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
@@ -11015,16 +11027,16 @@ def _build_parser() -> argparse.ArgumentParser:
         )
 
     p = command("cp", "copy files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
+    p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
     transfer_flags(p)
     p = command("mv", "move files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key")
+    p.add_argument("dest", help="a local path or s3://bucket/key")
     transfer_flags(p)
     p = command("sync", "make a destination folder or prefix match the source")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local folder or s3://bucket/prefix/")
+    p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
     transfer_flags(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
@@ -11034,27 +11046,45 @@ def _build_parser() -> argparse.ArgumentParser:
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
     p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
-    p.add_argument("path", nargs="?", default="")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("-h", "--human-readable", action="store_true")
-    p.add_argument("--summarize", action="store_true")
+    p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
+    )
+    p.add_argument(
+        "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
+    )
+    p.add_argument("--summarize", action="store_true", help="end with the object count and size")
     p = command("rm", "delete objects (references are removed with their last delta)")
-    p.add_argument("path")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("--exclude", action=_FilterAction, dest="exclude", metavar="PATTERN")
-    p.add_argument("--include", action=_FilterAction, dest="include", metavar="PATTERN")
-    p.add_argument("--dryrun", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--only-show-errors", action="store_true")
+    p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="delete every key under the prefix"
+    )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="do not delete matching keys (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="delete matching keys even if excluded before (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
     p = command("mb", "make a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p = command("rb", "remove a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
     p = command("verify", "rebuild an object and check its SHA-256")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket/key")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
         type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
@@ -11062,31 +11092,36 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds, 1 to 604800 (default 3600)",
     )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
-    p.add_argument("path", metavar="BUCKET")
+    p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
     p = command("stats", "what a bucket holds and what deltas save")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
+    p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
     transfer_flags(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p = command("put-bucket-acl", "set a bucket's ACL")
-    p.add_argument("bucket")
-    p.add_argument("--acl")
-    p.add_argument("--grant-full-control")
-    p.add_argument("--grant-read")
-    p.add_argument("--grant-read-acp")
-    p.add_argument("--grant-write")
-    p.add_argument("--grant-write-acp")
-    p.add_argument("--access-control-policy", help="JSON AccessControlPolicy")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
+    p.add_argument(
+        "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
+    )
+    grantee = "grantees as type=value pairs, e.g. id=CANONICAL-ID or uri=GROUP-URI"
+    p.add_argument("--grant-full-control", metavar="GRANTEES", help="full control: " + grantee)
+    p.add_argument("--grant-read", metavar="GRANTEES", help="list the objects: " + grantee)
+    p.add_argument("--grant-read-acp", metavar="GRANTEES", help="read the ACL: " + grantee)
+    p.add_argument("--grant-write", metavar="GRANTEES", help="write objects: " + grantee)
+    p.add_argument("--grant-write-acp", metavar="GRANTEES", help="write the ACL: " + grantee)
+    p.add_argument(
+        "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
+    )
     return parser
 
 

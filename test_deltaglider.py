@@ -8,6 +8,7 @@ from small stdlib fakes. deltaglider itself is never mocked: its seams are param
 
 from __future__ import annotations
 
+import argparse
 import base64
 import bz2
 import bz2 as _bz2_mod
@@ -6583,6 +6584,27 @@ def test_cli_size_setting_with_units_works(cli_env: Any, tmp_path: Any) -> None:
     assert code == 0 and out.startswith("upload:"), err
 
 
+def test_cli_every_option_has_help_text() -> None:
+    """`deltaglider COMMAND --help` explains every option of every command."""
+    parser = dg._build_parser()
+    missing = [
+        "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
+        for sub in [parser, *dg._subparsers(parser)]
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+    for command, text in (
+        ("rm", "show what would be deleted"),
+        ("ls", "end with the object count and size"),
+        ("put-bucket-acl", "--grant-read GRANTEES"),
+    ):
+        out = io.StringIO()
+        assert dg.main([command, "--help"], stdout=out, stderr=io.StringIO()) == 0
+        assert text in out.getvalue(), out.getvalue()
+
+
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
     backend = Backend("swift", "http://127.0.0.1:9", None, None)
     env = {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
@@ -6655,10 +6677,10 @@ def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: A
     before = stored_keys(make_client(backend, tmp_path), bucket)
     a = url + "dir/a.zip"
     refusals = [
-        (["mv", a, a], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["cp", a, a], "Cannot cp a file onto itself: %s - %s" % (a, a)),
-        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: s3://"),
+        (["mv", a, a], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["cp", a, a], "Cannot cp a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: 's3://"),
         (
             ["mv", "-r", url + "dir/", url + "dir/sub/"],
             "Cannot mv %s to %ssub/a.zip" % (a, url + "dir/"),
@@ -9100,6 +9122,8 @@ FAULT_BAD_INPUTS = [
     (["sync", "d", "d2"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "s3://a/b", "s3://c/d"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "missingdir", "s3://bkt/p/"], 1, "The user-provided path missingdir does not exist."),
+    (["sync", "a.zip", "s3://bkt/p/"], 1, "path a.zip is not a folder: sync takes folders (cp"),
+    (["sync", "s3://bkt/r/", "f.txt"], 1, "path f.txt is not a folder: sync takes folders (cp"),
     (["cp", "missing.txt", "s3://bkt/x"], 1, "The user-provided path missing.txt does not exist."),
     (["cp", "d", "s3://bkt/x"], 1, "Need to use --recursive to upload a directory"),
     (["cp", "s3://bkt/dir/", "out"], 1, "An S3 key is needed (use --recursive for a prefix)"),
