@@ -6182,6 +6182,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "deltaglider.py")
 
 
+def test_ci_benchmark_run_leaves_the_tracked_results_alone(tmp_path: Any) -> None:
+    """`.ci/run` runs `benchmarks/run.sh --small`: that run writes its results under the
+    benchmark cache, never over the tracked benchmarks/RESULTS.md and results.json; the full
+    run still writes those."""
+    import runpy
+
+    bench = runpy.run_path(os.path.join(HERE, "benchmarks", "bench.py"))
+    small = bench["parse_args"](["--small", "--cache", str(tmp_path)])
+    assert small.out == str(tmp_path / "results-small")
+    assert bench["parse_args"](["--small", "--out", str(tmp_path / "x")]).out == str(tmp_path / "x")
+    assert bench["parse_args"]([]).out == os.path.join(HERE, "benchmarks")
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert "benchmarks/run.sh --small" in f.read()
+
+
 def test_version_three_ways(tmp_path: Any) -> None:
     """``python deltaglider.py``, ``python -m deltaglider`` and the console script."""
     want = "deltaglider %s" % dg.__version__
