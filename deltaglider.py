@@ -2716,7 +2716,9 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            _, netloc, path = self._target(bucket, key)
+            # Connect to the host the request is signed for: the bucket's virtual host, or
+            # the regional endpoint a redirect named.
+            host, netloc, path = self._target(bucket, key)
             send_headers = {"host": netloc}
             send_headers.update(headers or {})
             if length is not None and (body is not None or method in ("PUT", "POST")):
@@ -2731,7 +2733,9 @@ class _S3Storage:
             error: BaseException | None = None
             resp: _Response | None = None
             try:
-                resp = self._send_once(method, url, send_headers, body, length, stream, ok_statuses)
+                resp = self._send_once(
+                    host, method, url, send_headers, body, length, stream, ok_statuses
+                )
             except (ReadTimeoutError, EndpointConnectionError) as e:
                 error = e
             if resp is not None:
@@ -2779,6 +2783,7 @@ class _S3Storage:
 
     def _send_once(
         self,
+        host: str,
         method: str,
         url: str,
         headers: dict[str, str],
@@ -2787,7 +2792,7 @@ class _S3Storage:
         stream: bool,
         ok_statuses: tuple[int, ...],
     ) -> _Response:
-        key = (self._scheme, self._host, self._port)
+        key = (self._scheme, host, self._port)
         conn, absolute = self._pool.acquire(*key)
         target = url
         if absolute:

@@ -56,7 +56,7 @@ import warnings
 import zipfile
 import zipfile as _zipfile_mod
 import zlib
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -171,6 +171,88 @@ def bucket(s3server: S3TestServer) -> Iterator[str]:
     yield name
     _s3_empty_and_delete(st_, name)
     st_.close()
+
+
+class _TestDNS(Dict[str, Tuple[str, Optional[int]]]):
+    """Name -> (ip, port or None to keep the port); ``looked`` lists every lookup."""
+
+    looked: list[str]
+
+
+@pytest.fixture
+def test_dns(monkeypatch: Any) -> _TestDNS:
+    """A hosts file for one test: ``test_dns[name] = (ip, port or None)`` makes ``name`` (or,
+    for ``*.suffix``, every name under it) resolve there; other names ending in ``.test``
+    or ``.amazonaws.com`` do not resolve at all."""
+    table = _TestDNS()
+    table.looked = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        table.looked.append(name)
+        for pattern, (ip, new_port) in table.items():
+            if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return real(ip, port if new_port is None else new_port, *args, **kwargs)
+        if name.endswith((".test", ".amazonaws.com")):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture(scope="session")
+def s3server_vhost(tmp_path_factory: Any) -> Iterator[S3TestServer]:
+    """A real SeaweedFS S3 gateway serving virtual-hosted buckets (``-domainName``): a
+    second ``weed s3`` over the filer of the running SeaweedFS, so it sees the same buckets.
+    Its endpoint host ``s3.dg.test`` resolves only through ``test_dns``."""
+    base = _s3_test_servers()["seaweedfs"]
+    weed = os.environ.get("DG_TEST_WEED") or os.path.expanduser(
+        "~/.cache/deltaglider-ci/s3/venv-seaweedfs/bin/weed"
+    )
+    if not os.access(weed, os.X_OK):
+        _s3_unavailable("no SeaweedFS weed binary at %s (set DG_TEST_WEED)" % weed)
+    port = urllib.parse.urlsplit(base.endpoint).port or 80
+    filer = os.environ.get("DG_TEST_SEAWEEDFS_FILER", "127.0.0.1:%d" % (port + 3))
+    d = tmp_path_factory.mktemp("vhost")
+    identity = {"accessKey": base.access_key, "secretKey": base.secret_key}
+    (d / "s3.json").write_text(
+        json.dumps(
+            {"identities": [{"name": "ci", "credentials": [identity], "actions": ["Admin"]}]}
+        )
+    )
+    s3port, grpc = _unused_port(), _unused_port()
+    log = open(str(d / "weed.log"), "wb")
+    proc = subprocess.Popen(
+        [
+            *(weed, "s3", "-filer=" + filer, "-port=%d" % s3port, "-port.grpc=%d" % grpc),
+            *("-ip.bind=127.0.0.1", "-domainName=s3.dg.test", "-config=%s" % (d / "s3.json")),
+            *("-port.iceberg=0", "-port.lance=0"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", s3port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        else:
+            proc.poll()
+        if proc.returncode is not None:
+            _s3_unavailable("weed s3 exited: %s" % (d / "weed.log").read_text()[-500:])
+        yield S3TestServer(
+            "seaweedfs-vhost", "http://s3.dg.test:%d" % s3port, base.access_key, base.secret_key
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 class _Seen(NamedTuple):
@@ -2058,6 +2140,83 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
             pass
     assert sum("list-type=2" in r.path for r in srv.requests) == 2
     client.close()
+
+
+def test_virtual_hosted_requests_connect_to_the_bucket_host(
+    s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
+) -> None:
+    """Virtual-hosted style against a real server that serves it: every request goes to
+    ``<bucket>.s3.dg.test``, the host it is signed for (the bare endpoint host does not even
+    resolve), and the server finds the bucket from the Host header."""
+    test_dns["*.s3.dg.test"] = ("127.0.0.1", None)
+    st_ = _s3_storage(s3server_vhost, addressing_style="virtual")
+    name = "dg-test-" + uuid.uuid4().hex[:16]
+    st_.create_bucket(name)
+    try:
+        st_.put_object(name, "dir/a b+c.txt", b"hello", metadata={"k": "v"})
+        assert st_.head_object(name, "dir/a b+c.txt")["Metadata"] == {"k": "v"}
+        assert st_.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        listed = st_.list_objects_v2(name, prefix="dir/")
+        assert [c["Key"] for c in listed["Contents"]] == ["dir/a b+c.txt"]
+        # the same filer, path style: the object really is in that bucket
+        plain = _s3_storage(s3server_seaweedfs)
+        assert plain.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        plain.close()
+        st_.delete_object(name, "dir/a b+c.txt")
+        assert "Contents" not in st_.list_objects_v2(name)
+    finally:
+        _s3_empty_and_delete(_s3_storage(s3server_seaweedfs), name)
+        st_.close()
+    test_names = {n for n in test_dns.looked if n.endswith(".test")}
+    assert test_names == {"%s.s3.dg.test" % name}, test_dns.looked
+
+
+@pytest.mark.parametrize("bucket", ["dg-redirect", "dg.redirect"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_region_redirect_connects_to_the_bucket_region(
+    fake_s3: Callable[..., _FakeHTTPServer],
+    tls_context: ssl.SSLContext,
+    test_dns: _TestDNS,
+    bucket: str,
+    method: str,
+) -> None:
+    """AWS answers a request sent to the wrong region with 301 and x-amz-bucket-region
+    (no body for a HEAD). The one retry is signed for that region and sent to that
+    region's endpoint, virtual-hosted or (for a dotted bucket) path style."""
+
+    def wrong_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        body = _s3_error_xml("PermanentRedirect", "use the right endpoint")
+        h.reply(301, body, {"x-amz-bucket-region": "eu-west-1", **_XML})
+
+    def right_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, b"data", {"Content-Type": "application/octet-stream"})
+
+    us, eu = fake_s3(wrong_region, tls=tls_context), fake_s3(right_region, tls=tls_context)
+    virtual = "." not in bucket
+    us_host = bucket + ".s3.amazonaws.com" if virtual else "s3.amazonaws.com"
+    eu_host = bucket + ".s3.eu-west-1.amazonaws.com" if virtual else "s3.eu-west-1.amazonaws.com"
+    test_dns[us_host] = ("127.0.0.1", us.server_address[1])
+    test_dns[eu_host] = ("127.0.0.1", eu.server_address[1])
+    st_ = dg._S3Storage(
+        endpoint_url=None,
+        region="us-east-1",
+        credentials=lambda: _FAKE_CREDS,
+        verify=False,
+        sleep=lambda s: None,
+    )
+    if method == "GET":
+        assert st_.get_object(bucket, "k")["Body"].read() == b"data"
+    else:
+        assert st_.head_object(bucket, "k")["ContentLength"] == 4
+    st_.close()
+    assert [r.method for r in us.requests] == [method]
+    assert [r.method for r in eu.requests] == [method]
+    seen = eu.requests[0]
+    assert seen.headers["host"] == eu_host
+    assert seen.path == ("/k" if virtual else "/%s/k" % bucket)
+    assert "/eu-west-1/s3/aws4_request" in seen.headers["authorization"]
 
 
 _SEGMENTED_1024 = "/".join(["s" * 255, "t" * 255, "u" * 255, "v" * 251, "w" * 4])
