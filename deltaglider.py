@@ -71,6 +71,7 @@ from typing import (
     NamedTuple,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
     cast,
 )
@@ -394,6 +395,60 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
     return cls(response, operation)  # type: ignore[no-any-return]
+
+
+#: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
+#: pair with SignatureDoesNotMatch or InvalidAccessKeyId, a wrong clock with
+#: RequestTimeTooSkewed; a HEAD only gets the status.
+_HEAD_403_HINT = (
+    "check that the access key and secret key belong together and that this machine's "
+    "clock is right"
+)
+
+
+def _as_operation(e: ClientError, operation: str) -> ClientError:
+    """``e``, raised by one of the requests a user's operation makes (the HEAD before a
+    GET, the reference's HEAD during a PUT), as an error of that operation: botocore names
+    the operation the caller called. A HEAD's bare 403 gets the hint its missing body
+    would have carried. Multipart steps keep their names, as aws-cli reports them."""
+    if e.operation_name == operation or e.operation_name in _MULTIPART_OPERATIONS:
+        return e
+    response = dict(e.response)
+    error = dict(response.get("Error") or {})
+    if error.get("Code") == "403" and e.operation_name.startswith("Head"):
+        error["Message"] = "%s (the %s reply gives no reason: %s)" % (
+            error.get("Message") or "Forbidden",
+            e.operation_name,
+            _HEAD_403_HINT,
+        )
+    response["Error"] = error
+    return _client_error(response, operation)
+
+
+_MULTIPART_OPERATIONS = frozenset(
+    {"CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload"}
+)
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _reports_as(operation: str) -> Callable[[_Fn], _Fn]:
+    """Decorate an operation made of several requests: their ClientErrors carry its name
+    (see _as_operation)."""
+
+    def decorate(fn: _Fn) -> _Fn:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ClientError as e:
+                relabelled = _as_operation(e, operation)
+                if relabelled is e:
+                    raise
+                raise relabelled from e
+
+        return cast(_Fn, wrapper)
+
+    return decorate
 
 
 class IntegrityError(DeltaGliderError):
@@ -7245,7 +7300,10 @@ class _DeltaEngine:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
                 if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
+                    relabelled = _as_operation(e, operation)
+                    if relabelled is e:
+                        raise
+                    raise relabelled from e
                 continue
             metadata = head.get("Metadata", {})
             kind = _classify(stored, metadata)
@@ -7294,6 +7352,7 @@ class _DeltaEngine:
                 "against (%s)" % (bucket, ref_key, e)
             ) from None
 
+    @_reports_as("GetObject")
     def get_to_file(
         self, bucket: str, key: str, dest: str, logical: _Logical | None = None
     ) -> _Logical:
@@ -7478,6 +7537,7 @@ class _DeltaEngine:
             meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
         return meta
 
+    @_reports_as("PutObject")
     def put_file(
         self,
         path: str,
@@ -7884,6 +7944,7 @@ class _DeltaEngine:
 
     # -- deleting -----------------------------------------------------------------
 
+    @_reports_as("DeleteObject")
     def delete(self, bucket: str, key: str) -> dict[str, Any]:
         """Delete a logical name; the last delta of a deltaspace takes its reference."""
         try:

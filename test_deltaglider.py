@@ -9220,6 +9220,60 @@ def test_wrong_credentials_on_real_server(fault_swift: Any, tmp_path: Any, which
     assert fault_logical(direct, bucket) == []
 
 
+@needs_xdelta3
+def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """A wrong secret key first meets a HEAD (the object before a download or delete, the
+    folder's reference before a delta upload), and a HEAD's 403 has no body. The error
+    names the operation asked for and says what to check; it never shows the secret."""
+    good = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    bad = good._replace(secret_key="wrong-secret-value")
+    bucket = cli_bucket(good, tmp_path)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        make_zip(tmp_path / "b.zip", 1)
+        code, out, err = run_cli(
+            good, tmp_path, ["cp", str(tmp_path / "a.zip"), "s3://%s/d/" % bucket]
+        )
+        assert code == 0, err
+        hint = "check that the access key and secret key belong together"
+        runs = {
+            "PutObject": ["cp", str(tmp_path / "b.zip"), "s3://%s/d/" % bucket],
+            "GetObject": ["cp", "s3://%s/d/a.zip" % bucket, str(tmp_path / "got.zip")],
+            "DeleteObject": ["rm", "s3://%s/d/a.zip" % bucket],
+        }
+        for operation, argv in runs.items():
+            code, out, err = run_cli(bad, tmp_path, argv)
+            assert code == 1, err
+            assert "when calling the %s operation" % operation in err, err
+            assert "HeadObject operation" not in err and "wrong-secret-value" not in err
+            assert len(err.splitlines()) == 1 and "(403)" in err and hint in err, err
+        client = make_client(bad, tmp_path)
+        calls = {
+            "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
+            "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
+            "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+        }
+        for operation, call in calls.items():
+            with pytest.raises(dg.ClientError) as info:
+                call()
+            assert info.value.operation_name == operation, str(info.value)
+            assert info.value.response["Error"]["Code"] == "403"
+            assert hint in info.value.response["Error"]["Message"]
+        with pytest.raises(dg.ClientError) as info:  # HeadObject itself: as boto3 says it
+            client.head_object(Bucket=bucket, Key="d/a.zip")
+        assert (
+            str(info.value)
+            == "An error occurred (403) when calling the HeadObject operation: Forbidden"
+        )
+        client.close()
+        code, out, err = run_cli(good, tmp_path, ["ls", "s3://%s/d/" % bucket])
+        assert out.split()[-1] == "a.zip", out  # nothing was changed
+    finally:
+        run_cli(good, tmp_path, ["rb", "--force", "s3://" + bucket])
+
+
 ###############################################################################
 # Security ####################################################################
 ###############################################################################
