@@ -1393,6 +1393,39 @@ class _Credentials(NamedTuple):
         return f"_Credentials(access_key={self.access_key[:4]}..., expiry={self.expiry})"
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
+def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
+    """A credential as it will be used, from any source. Surrounding whitespace (a stray CR
+    or LF from a file, a pasted export or a helper's output) is dropped with a warning; a
+    control character inside, or a non-ASCII one in a value sent in a header (the key id,
+    the token), is refused. Messages name the variable, never the value."""
+    text = value.strip()
+    if text != value:
+        logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
+    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+        raise CredentialRetrievalError(
+            provider=provider,
+            error_msg="%s contains a line break, control or non-ASCII character (the value is "
+            "not shown)" % name,
+        )
+    return text
+
+
+def _checked_credentials(
+    provider: str, names: tuple[str, str, str], key: str, secret: str, token: str | None
+) -> tuple[str, str, str | None]:
+    """(access key, secret key, token) through _credential_value; ``names`` are the
+    variables or fields they came from, for the messages."""
+    checked_token = _credential_value(token, names[2], provider) if token else ""
+    return (
+        _credential_value(key, names[0], provider),
+        _credential_value(secret, names[1], provider, header=False),
+        checked_token or None,
+    )
+
+
 class _CredentialProvider:
     """Hands out credentials, refreshing expiring ones inside botocore's windows.
 
@@ -1477,10 +1510,18 @@ def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Crede
         )
     token = data.get(token_key)
     expiry = data.get("Expiration")
+    where = "the credential_process output" if provider == "process" else provider + " reply"
+    key, secret, checked_token = _checked_credentials(
+        provider,
+        ("AccessKeyId in " + where, "SecretAccessKey in " + where, token_key + " in " + where),
+        str(data["AccessKeyId"]),
+        str(data["SecretAccessKey"]),
+        str(token) if _nonempty(token) else None,
+    )
     return _Credentials(
-        access_key=data["AccessKeyId"],
-        secret_key=data["SecretAccessKey"],
-        token=token if _nonempty(token) else None,
+        access_key=key,
+        secret_key=secret,
+        token=checked_token,
         expiry=_parse_expiry(expiry, provider) if expiry else None,
     )
 
@@ -1686,14 +1727,22 @@ def _resolve_credentials(
             raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
         if not secret_key:
             raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        return found("explicit", _Credentials(access_key, secret_key, session_token or None, None))
+        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+        return found("explicit", _Credentials(*checked, None))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
         secret = environ.get("AWS_SECRET_ACCESS_KEY")
         if not secret:
             raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN") or None
-        return found("env", _Credentials(environ["AWS_ACCESS_KEY_ID"], secret, token, None))
+        token_var = (
+            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+        )
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+        checked = _checked_credentials(
+            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+        )
+        return found("env", _Credentials(*checked, None))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
@@ -1705,10 +1754,20 @@ def _resolve_credentials(
             raise PartialCredentialsError(
                 provider="shared-credentials-file", cred_var="aws_secret_access_key"
             )
-        token = _profile_str(profile, "aws_session_token") or _profile_str(
-            profile, "aws_security_token"
+        token_field = (
+            "aws_session_token"
+            if _profile_str(profile, "aws_session_token")
+            else "aws_security_token"
         )
-        return found("shared-credentials-file", _Credentials(key, secret, token, None))
+        names = (
+            "aws_access_key_id of profile %r" % name,
+            "aws_secret_access_key of profile %r" % name,
+            "%s of profile %r" % (token_field, name),
+        )
+        checked = _checked_credentials(
+            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+        )
+        return found("shared-credentials-file", _Credentials(*checked, None))
 
     command = _profile_str(profile, "credential_process")
     if command:
@@ -1880,7 +1939,9 @@ class _SigV4:
             signed,
             self._signature(sts, timestamp[:8]),
         )
-        logger.debug("SigV4 canonical request:\n%s", canonical)
+        if logger.isEnabledFor(logging.DEBUG):  # the token is a secret: never logged
+            shown = canonical.replace(self._token, "<redacted>") if self._token else canonical
+            logger.debug("SigV4 canonical request:\n%s", shown)
 
     def presign_query(
         self,
@@ -2855,7 +2916,14 @@ class _S3Storage:
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for name, value in headers.items():
-                conn.putheader(name, value)
+                try:
+                    conn.putheader(name, value)
+                except ValueError:  # http.client's message quotes the value: it may be a secret
+                    conn.close()
+                    raise ParamValidationError(
+                        report="the %s header has a line break or another character HTTP does "
+                        "not allow (the value is not shown)" % name
+                    ) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
             if length is None and body is not None:
@@ -10777,13 +10845,19 @@ class _RedactingFilter(logging.Filter):
         super().__init__()
         self._secrets = [s for s in secrets if s and len(s) >= 4]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+    def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
             text = pattern.sub(repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
-        record.msg, record.args = text, None
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self._redact(record.getMessage()), None
+        if record.exc_info:  # the traceback too: the formatter then uses exc_text as is
+            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
         return True
 
 
@@ -10841,7 +10915,10 @@ def main(
     if args.debug:
         handler = logging.StreamHandler(err)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [env.get("AWS_SECRET_ACCESS_KEY", ""), env.get("AWS_SESSION_TOKEN", "")]
+        secrets = [
+            env.get(name, "").strip()
+            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+        ]
         handler.addFilter(_RedactingFilter(secrets))
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)

@@ -3047,6 +3047,111 @@ def test_credential_process_failures(tmp_path: pathlib.Path, script: str, messag
     assert SECRET not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "source, variable",
+    [
+        ("env", "AWS_SESSION_TOKEN"),
+        ("explicit", "aws_session_token"),
+        ("file", "aws_session_token of profile 'default'"),
+        ("process", "SessionToken in the credential_process output"),
+    ],
+)
+@pytest.mark.parametrize("stray", ["\r", "\n", "\r\n", " "])
+def test_credential_with_a_stray_line_break(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, source: str, variable: str, stray: str
+) -> None:
+    """A token read with its line ending (an exported variable, a CRLF file, a helper's
+    output) is used without it, with a warning naming the variable; a line break inside
+    a value is refused, naming the variable. The value is never shown."""
+
+    def resolve(token: str) -> dg._CredentialProvider | None:
+        if source == "env":
+            env = files_env(
+                tmp_path,
+                AWS_ACCESS_KEY_ID=KEY,
+                AWS_SECRET_ACCESS_KEY=SECRET,
+                AWS_SESSION_TOKEN=token,
+            )
+            return dg._resolve_credentials(environ=env)
+        if source == "explicit":
+            return dg._resolve_credentials(
+                access_key=KEY, secret_key=SECRET, session_token=token, environ={}
+            )
+        if source == "file":
+            text = "[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n" % (KEY, SECRET)
+            text += "aws_session_token = %s\n" % token
+            return dg._resolve_credentials(environ=files_env(tmp_path, credentials=text))
+        script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+        script += "'SecretAccessKey': %r, 'SessionToken': %r}))" % (SECRET, token)
+        return dg._resolve_credentials(environ=process_profile(tmp_path, script))
+
+    caplog.set_level(logging.WARNING, logger="deltaglider")
+    if source != "file":  # configparser already strips a value's surrounding whitespace
+        p = resolve(TOKEN + stray)
+        assert p is not None and p.get() == (KEY, SECRET, TOKEN, None)
+        assert variable in caplog.text and TOKEN not in caplog.text
+    # inside a value: a line break (a file cannot hold one in a value) or a control byte
+    inner = "\x01" if stray == " " or source == "file" else stray
+    with pytest.raises(dg.CredentialRetrievalError) as info:
+        resolve(TOKEN[:5] + inner + TOKEN[5:])
+    assert variable in str(info.value)
+    assert TOKEN[:5] not in str(info.value) and TOKEN[5:] not in str(info.value)
+
+
+def test_session_token_with_a_stray_cr_on_a_real_server(
+    s3server_swift: S3TestServer, tmp_path: Any
+) -> None:
+    """The reported case: AWS_SESSION_TOKEN ending in CR made every request fail with
+    `Invalid header value b'<token>\\r'`, the token in full, and --debug printed it again."""
+    backend = Backend(
+        "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
+    )
+    token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
+    code, out, err = run_cli(backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r")
+    assert code == 0, err[-2000:]
+    assert token not in out + err
+    code, out, err = run_cli(
+        backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r\nx"
+    )
+    assert code == 1 and token not in out + err and "Traceback" in err  # --debug: a traceback
+    assert err.splitlines()[-1] == (
+        "fatal error: Error when retrieving credentials from env: AWS_SESSION_TOKEN contains a "
+        "line break, control or non-ASCII character (the value is not shown)"
+    )
+
+
+def test_library_debug_logging_never_shows_the_session_token(
+    fake_s3: Callable[..., _FakeHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, _EMPTY_LISTING, _XML)
+
+    srv = fake_s3(script)
+    caplog.set_level(logging.DEBUG)
+    creds = S3TestCreds(KEY, SECRET, TOKEN)
+    st_ = dg._S3Storage(endpoint_url=srv.url, region="us-east-1", credentials=lambda: creds)
+    st_.list_objects_v2("bucket")
+    st_.close()
+    assert srv.requests[0].headers["x-amz-security-token"] == TOKEN
+    assert "SigV4 canonical request" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+def test_header_value_errors_never_quote_the_value(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    srv = fake_s3(lambda h, n: h.reply(200))
+    st_ = _fake_storage(srv.url)
+    with pytest.raises(dg.ParamValidationError) as info:
+        st_.put_object(
+            "bucket", "k", b"x", headers={"Content-Type": "text/plain\r\nX-Leak: s3cr3t"}
+        )
+    assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
+    assert srv.requests == []
+    st_.close()
+
+
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
     env = files_env(tmp_path, config=f"[default]\ncredential_process = {tmp_path}/nope\n")
     with pytest.raises(dg.CredentialRetrievalError, match="cannot run credential_process of prof"):
