@@ -10223,11 +10223,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 keep-alive, one S3 request at a time."""
 
     protocol_version = "HTTP/1.1"
-    server_version = "deltaglider"
-    sys_version = ""
+    server_version = "deltaglider/" + __version__
+
+    def version_string(self) -> str:
+        return self.server_version
+
     server: _GatewayServer
     _request_id = ""
     _status = 0
+    _sent = False
     _error_code: str | None = None
     _bytes_out = 0
     _operation = "Unknown"
@@ -10275,6 +10279,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         headers: Mapping[str, str] | None = None,
         content_type: str | None = "application/xml",
     ) -> None:
+        self._status = status
         self.send_response(status)
         self.send_header("x-amz-request-id", self._request_id)
         for name, value in (headers or {}).items():
@@ -10287,10 +10292,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
+        self._sent = True
         if body and self.command != "HEAD":
             self.wfile.write(body)
             self._bytes_out += len(body)
-        self._status = status
 
     def _send_error(self, reply: _S3Reply) -> None:
         self._error_code = reply.code
@@ -10327,6 +10332,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self.server.track(self, busy=True)
         self._request_id = uuid.uuid4().hex[:16].upper()
         self._status = 0
+        self._sent = False
         self._error_code = None
         self._bytes_out = 0
         self._operation = "Unknown"
@@ -10351,7 +10357,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 self._serve(gw)
             except Exception as e:
                 reply = _s3_reply_from(e)
-                if self._status:  # headers already went out: all we can do is hang up
+                if self._sent:  # headers already went out: all we can do is hang up
                     self.close_connection = True
                 else:
                     self._send_error(reply)
