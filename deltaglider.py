@@ -10443,7 +10443,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return
         signed = self._authenticate(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
-        q = self._q
+        # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
+        q = {k: v for k, v in self._q.items() if k != "x-id"}
         unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"

@@ -6381,6 +6381,195 @@ def test_gateway_metrics_and_access_log(local_gateway: Gateway) -> None:
     assert signature not in log and GW_SECRET not in log and "Signature=<redacted>" in log
 
 
+def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
+    """Only the gateway's key pair: no profile, no config file, no retries."""
+    none = str(tmp_path / "no-aws-config")
+    (tmp_path / "rclone.conf").write_text("")
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": GW_KEY,
+        "AWS_SECRET_ACCESS_KEY": GW_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": none,
+        "AWS_SHARED_CREDENTIALS_FILE": none,
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RCLONE_CONFIG": str(tmp_path / "rclone.conf"),
+        "RCLONE_CONFIG_GW_TYPE": "s3",
+        "RCLONE_CONFIG_GW_PROVIDER": "Other",
+        "RCLONE_CONFIG_GW_ENDPOINT": gw.url,
+        "RCLONE_CONFIG_GW_ACCESS_KEY_ID": GW_KEY,
+        "RCLONE_CONFIG_GW_SECRET_ACCESS_KEY": GW_SECRET,
+        "RCLONE_CONFIG_GW_FORCE_PATH_STYLE": "true",
+        "RCLONE_RETRIES": "1",
+        "RCLONE_LOW_LEVEL_RETRIES": "1",
+    }
+
+
+def _run_tool(env: dict[str, str], *cmd: str) -> str:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (cmd, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def _release_folder(folder: Any) -> dict[str, bytes]:
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    files = {
+        "app-1.zip": make_zip(folder / "app-1.zip", 1),
+        "app-2.zip": make_zip(folder / "app-2.zip", 2),
+        "sub/notes.txt": b"release notes\n",
+    }
+    (folder / "sub" / "notes.txt").write_bytes(files["sub/notes.txt"])
+    return files
+
+
+@needs_xdelta3
+def test_gateway_serves_aws_cli_unchanged(gateway: Gateway, tmp_path: Any) -> None:
+    """aws s3 mb/sync/ls/cp/rm/rb through the gateway: stored as our CLI stores them."""
+    aws = _tool("aws", "DG_TEST_AWS")
+    env = _tool_env(gateway, tmp_path)
+    bucket = _gw_bucket(gateway)
+    files = _release_folder(tmp_path / "dist")
+    url = ("--endpoint-url", gateway.url)
+    try:
+        _run_tool(env, aws, *url, "s3", "mb", "s3://" + bucket)
+        _run_tool(env, aws, *url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
+        assert stored_keys(gateway.client, bucket) == [
+            "rel/app-1.zip.delta",
+            "rel/app-2.zip.delta",
+            "rel/reference.bin",
+            "rel/sub/notes.txt",
+        ]
+        listing = _run_tool(env, aws, *url, "s3", "ls", "--recursive", "s3://" + bucket)
+        sizes = {line.split()[-1]: int(line.split()[-2]) for line in listing.splitlines()}
+        assert sizes == {"rel/" + k: len(v) for k, v in files.items()}
+        _run_tool(
+            env, aws, *url, "s3", "cp", "s3://%s/rel/app-2.zip" % bucket, str(tmp_path / "got.zip")
+        )
+        assert (tmp_path / "got.zip").read_bytes() == files["app-2.zip"]
+        _run_tool(env, aws, *url, "s3", "rm", "s3://%s/rel/app-1.zip" % bucket)
+        assert "rel/app-1.zip.delta" not in stored_keys(gateway.client, bucket)
+        _run_tool(env, aws, *url, "s3", "rb", "--force", "s3://" + bucket)
+        assert bucket not in [b["Name"] for b in gateway.client.list_buckets()["Buckets"]]
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+@needs_xdelta3
+def test_gateway_serves_aws_cli_s3api(local_gateway: Gateway, tmp_path: Any) -> None:
+    aws = _tool("aws", "DG_TEST_AWS")
+    env = _tool_env(local_gateway, tmp_path)
+    v1 = make_zip(tmp_path / "v1.zip", 1)
+    api = (aws, "--endpoint-url", local_gateway.url, "--output", "json", "s3api")
+    b = ("--bucket", "gwbucket")
+    put = json.loads(
+        _run_tool(
+            env, *api, "put-object", *b, "--key", "a/v1.zip", "--body", str(tmp_path / "v1.zip")
+        )
+    )
+    assert put["ETag"] == '"%s"' % hashlib.md5(v1).hexdigest()
+    head = json.loads(_run_tool(env, *api, "head-object", *b, "--key", "a/v1.zip"))
+    assert head["ContentLength"] == len(v1) and head["ETag"] == put["ETag"]
+    _run_tool(env, *api, "get-object", *b, "--key", "a/v1.zip", str(tmp_path / "out.zip"))
+    assert (tmp_path / "out.zip").read_bytes() == v1
+    _run_tool(
+        env, *api, "copy-object", *b, "--key", "b/v1.zip", "--copy-source", "gwbucket/a/v1.zip"
+    )
+    listing = json.loads(_run_tool(env, *api, "list-objects-v2", *b))
+    assert [(o["Key"], o["Size"]) for o in listing["Contents"]] == [
+        ("a/v1.zip", len(v1)),
+        ("b/v1.zip", len(v1)),
+    ]
+    _run_tool(env, *api, "delete-object", *b, "--key", "a/v1.zip")
+    assert stored_keys(local_gateway.client, "gwbucket") == ["b/reference.bin", "b/v1.zip.delta"]
+
+
+@needs_xdelta3
+def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> None:
+    """rclone copy/ls/check/sync: its MD5 check passes against delta-stored files."""
+    rclone = _tool("rclone", "DG_TEST_RCLONE")
+    env = _tool_env(gateway, tmp_path)
+    bucket = _gw_bucket(gateway)
+    files = _release_folder(tmp_path / "dist")
+    try:
+        gateway.client.create_bucket(Bucket=bucket)
+        _run_tool(env, rclone, "copy", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
+        assert stored_keys(gateway.client, bucket) == [
+            "rel/app-1.zip.delta",
+            "rel/app-2.zip.delta",
+            "rel/reference.bin",
+            "rel/sub/notes.txt",
+        ]
+        listing = _run_tool(env, rclone, "ls", "gw:%s/rel" % bucket)
+        assert {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()} == {
+            k: len(v) for k, v in files.items()
+        }
+        _run_tool(env, rclone, "check", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
+        (tmp_path / "dist" / "app-1.zip").unlink()
+        (tmp_path / "dist" / "app-3.zip").write_bytes(make_zip(tmp_path / "x.zip", 3))
+        _run_tool(env, rclone, "sync", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
+        assert stored_keys(gateway.client, bucket) == [
+            "rel/app-2.zip.delta",
+            "rel/app-3.zip.delta",
+            "rel/reference.bin",
+            "rel/sub/notes.txt",
+        ]
+        _run_tool(env, rclone, "check", "--download", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+def test_serve_command_starts_warns_and_stops_cleanly_on_sigterm(tmp_path: Any) -> None:
+    """The CLI: keys from the environment only, a TLS warning off loopback, SIGTERM exits 0."""
+    env = dict(
+        os.environ,
+        DG_GATEWAY_ACCESS_KEY_ID=GW_KEY,
+        DG_GATEWAY_SECRET_ACCESS_KEY=GW_SECRET,
+        DG_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    cmd = [sys.executable, dg.__file__, "--endpoint-url", "file://" + str(tmp_path / "store")]
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--listen", "0.0.0.0:0"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        warning = proc.stderr.readline()  # type: ignore[union-attr]
+        assert "without TLS" in warning
+        banner = proc.stderr.readline()  # type: ignore[union-attr]
+        port = int(re.search(r"http://0\.0\.0\.0:(\d+)", banner).group(1))  # type: ignore[union-attr]
+        gw = Gateway("http://127.0.0.1:%d" % port, None, None, io.StringIO(), "")  # type: ignore[arg-type]
+        s3 = _boto3(gw)
+        s3.create_bucket(Bucket="served")
+        s3.put_object(Bucket="served", Key="k.txt", Body=b"kept")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert '"PUT /served/k.txt" 200' in err and "stopped" in err and GW_SECRET not in err
+    out = io.StringIO()
+    assert (
+        dg.main(
+            [cmd[2], cmd[3], "ls", "s3://served"], stdout=out, environ={"PATH": os.environ["PATH"]}
+        )
+        == 0
+    )
+    assert "k.txt" in out.getvalue()
+    no_keys = subprocess.run(
+        [*cmd, "serve"], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True
+    )
+    assert no_keys.returncode != 0 and "DG_GATEWAY_ACCESS_KEY_ID" in no_keys.stderr
+
+
+def test_serve_help_shows_how_to_point_aws_cli_and_rclone_at_it() -> None:
+    out = io.StringIO()
+    assert dg.main(["serve", "--help"], stdout=out) == 0
+    text = out.getvalue()
+    assert "aws --endpoint-url http://127.0.0.1:8333 s3 cp" in text
+    assert "rclone" in text and "force_path_style" in text and "--users" in text
+
+
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
