@@ -6110,6 +6110,29 @@ def test_gateway_refuses_wrong_keys_with_s3s_error(
     assert _boto3(local_gateway, "second-key", "second-secret").list_buckets()["Buckets"]
 
 
+def test_gateway_routes_virtual_hosted_requests_under_its_domain(tmp_path: Any) -> None:
+    with _run_gateway(_local_backend(tmp_path), tmp_path, domain="s3.example.test") as gw:
+        s3 = _boto3(gw)
+        s3.create_bucket(Bucket="vhost")
+        key = "dir/a b+c~ü.zip"
+        s3.put_object(Bucket="vhost", Key=key, Body=b"abc")
+        port = gw.server.server_address[1]
+        path = "/" + dg._quote_key(key)
+        headers = {"host": "vhost.s3.example.test:%d" % port}
+        dg._SigV4(GW_KEY, GW_SECRET, None, "us-east-1").sign_headers(
+            "GET", path, [], headers, dg._EMPTY_SHA256, dg._utcnow()
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"abc")
+        conn.close()
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket="vhost")["Contents"]] == [key]
+
+
 def test_gateway_refuses_anonymous_skewed_and_expired_requests(tmp_path: Any) -> None:
     offset = [datetime.timedelta(0)]
 
