@@ -35,6 +35,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import random
@@ -74,6 +75,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -88,6 +90,7 @@ __all__ = [
     "IncompleteReadError",
     "IntegrityError",
     "NoCredentialsError",
+    "PaginationError",
     "ParamValidationError",
     "ReadTimeoutError",
     "StreamingBody",
@@ -153,6 +156,16 @@ _RETRYABLE_CODES = frozenset(
 )
 _DEFAULT_MAX_ATTEMPTS = 3
 _MAX_BACKOFF = 20.0
+#: The longest one response may keep us waiting, whatever its pace (read_timeout only bounds
+#: each recv, and a server sending a byte every few seconds never trips it): the status line,
+#: the headers and every 1 MiB of body must arrive within this many seconds of the request
+#: being sent or of the previous MiB. Generous, because S3 keeps a slow CompleteMultipartUpload
+#: or CopyObject alive by sending a space every few seconds (AWS CopyObject docs).
+_DEFAULT_REQUEST_TIMEOUT = 600.0
+#: The most of one reply read into memory (error XML, a listing, a multipart or delete
+#: result, a credential endpoint's JSON). A 1,000-key listing of 1,024-byte keys, url-encoded,
+#: is under 5 MiB; anything bigger is a broken or hostile server.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 #: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
 _MAX_KEY_BYTES = 1024
@@ -177,6 +190,17 @@ _ENV_XDELTA3 = "DG_XDELTA3"
 #: VCDIFF decoder), "xdelta3" or "python".
 _ENV_DECODER = "DG_DECODER"
 _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
+_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
+_ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
+_DEFAULT_MAX_RATIO = 0.5
+_DEFAULT_CACHE_MAX = 4 * 1024**3
+#: The whole process tree (Python and its xdelta3 children) stays under this by default;
+#: DG_MEMORY_LIMIT / create_client(memory_limit=) / --memory-limit allow more (or less).
+_ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
+_DEFAULT_MEMORY_LIMIT = 600 * 1000**2
+_MIN_MEMORY_LIMIT = 256 * 1000**2
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -260,6 +284,10 @@ class IncompleteReadError(BotoCoreError):
 
 class ResponseParserError(BotoCoreError):
     fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class PaginationError(BotoCoreError):
+    fmt = "Error during pagination: {message}"
 
 
 class ClientError(DeltaGliderError):
@@ -378,6 +406,18 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
 
 class IntegrityError(DeltaGliderError):
     """Bytes did not match the SHA-256 recorded when they were stored; nothing was written."""
+
+
+class _OutputLimitError(IntegrityError):
+    """A delta decodes (or an expanded zip rebuilds) to more bytes than recorded for it."""
+
+    def __init__(self, limit: int, what: str = "dg-file-size") -> None:
+        self.limit = limit
+        self.what = what
+        super().__init__(
+            "the delta decodes to more than the %d bytes recorded for it (%s); stopped there"
+            % (limit, what)
+        )
 
 
 class XDelta3Error(DeltaGliderError):
@@ -759,14 +799,148 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
     return environ.get(var) or _profile_str(profile, key)
 
 
-def _positive(value: str, name: str, kind: Callable[[str], float]) -> float:
+# -- settings: one parser per kind --
+# Every DG_* variable, numeric AWS_* variable and numeric CLI option goes through one of these,
+# so a bad value fails before any work with a message naming the setting and what it accepts.
+
+#: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bad_setting(name: str, accepted: str, text: str) -> InvalidConfigError:
+    return InvalidConfigError(error_msg="%s must be %s, not %r" % (name, accepted, text))
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return " from %s to %s" % (minimum, maximum)
+    if minimum is not None:
+        return " of at least %s" % minimum
+    return " of at most %s" % maximum if maximum is not None else ""
+
+
+def _parse_int(
+    text: str, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    accepted = "a whole number" + _bounds(minimum, maximum)
     try:
-        number = kind(value)
+        value = int(text.strip())
     except ValueError:
-        number = 0
-    if number <= 0:
-        raise InvalidConfigError(error_msg=f"{name} must be a positive number, got {value!r}")
-    return number
+        raise _bad_setting(name, accepted, text) from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_number(
+    text: str,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    accepted = "a number" + (" greater than %s" % above if above is not None else "")
+    accepted += _bounds(minimum, maximum)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _bad_setting(name, accepted, text) from None
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
+    """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
+    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    if minimum:
+        accepted += " (at least %d)" % minimum
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise _bad_setting(name, accepted, text)
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < minimum:
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
+    """One of ``choices`` (case-insensitive): a map from each accepted word to its meaning,
+    so aliases (``off`` for ``never``) land on one value."""
+    value = choices.get(text.strip().lower())
+    if value is None:
+        names = list(dict.fromkeys(choices.values()))
+        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _bad_setting(name, "1 or 0 (true/false, yes/no, on/off)", text)
+
+
+class _Setting(NamedTuple):
+    """How one environment variable is read: its parser and its value when unset or empty."""
+
+    parse: Callable[[str, str], Any]
+    default: Any
+
+
+_DELTA_MODES = {
+    "auto": "auto",
+    "always": "always",
+    "on": "always",
+    "1": "always",
+    "true": "always",
+    "never": "never",
+    "off": "never",
+    "0": "never",
+    "false": "never",
+}
+_DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+
+#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+_DG_SETTINGS: dict[str, _Setting] = {
+    _ENV_MAX_RATIO: _Setting(
+        functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
+    ),
+    _ENV_CACHE_MAX: _Setting(_parse_size, _DEFAULT_CACHE_MAX),
+    _ENV_MEMORY_LIMIT: _Setting(
+        functools.partial(_parse_size, minimum=_MIN_MEMORY_LIMIT), _DEFAULT_MEMORY_LIMIT
+    ),
+    _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
+    _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
+    _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+}
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """The parsed value of a DG_* variable (its default when unset or empty)."""
+    setting = _DG_SETTINGS[name]
+    text = environ.get(name, "")
+    return setting.parse(text, name) if text.strip() else setting.default
+
+
+def _check_settings(environ: Mapping[str, str]) -> None:
+    """Parse every DG_* variable now, so a bad one stops a run before it starts."""
+    for name in _DG_SETTINGS:
+        _env_setting(environ, name)
 
 
 def _is_region(value: object) -> bool:
@@ -806,6 +980,7 @@ _CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
     "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
     "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "request_timeout": (_DEFAULT_REQUEST_TIMEOUT, _is_seconds, "a positive number of seconds"),
     "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
     "max_pool_connections": (10, _is_count, "an integer >= 1"),
     "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
@@ -843,6 +1018,7 @@ class Config:
         region_name: str | None = None,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         max_attempts: int | None = None,
         max_pool_connections: int = 10,
         addressing_style: str | None = None,
@@ -855,6 +1031,7 @@ class Config:
         self.region_name = region_name
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.addressing_style = addressing_style
@@ -1045,6 +1222,7 @@ class _ClientSettings(NamedTuple):
     verify: bool | str  # False, True or a CA bundle path
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_pool_connections: int
     proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
     payload_signing: bool
@@ -1079,7 +1257,7 @@ def _resolve_client_settings(
     attempts = config.max_attempts
     if attempts is None:
         raw = _setting(environ, "AWS_MAX_ATTEMPTS", profile, "max_attempts")
-        attempts = int(_positive(raw, "max_attempts", int)) if raw else _DEFAULT_MAX_ATTEMPTS
+        attempts = _parse_int(raw, "max_attempts", minimum=1) if raw else _DEFAULT_MAX_ATTEMPTS
     verify = config.verify
     if verify is None:
         verify = _setting(environ, "AWS_CA_BUNDLE", profile, "ca_bundle") or True
@@ -1091,6 +1269,7 @@ def _resolve_client_settings(
         verify=verify,
         connect_timeout=float(config.connect_timeout),
         read_timeout=float(config.read_timeout),
+        request_timeout=float(config.request_timeout),
         max_pool_connections=config.max_pool_connections,
         proxies=config.proxies,
         payload_signing=config.payload_signing,
@@ -1284,6 +1463,8 @@ def _http_request(
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn = cls(parts.hostname or "", port, timeout=timeout)
+    # The whole reply within a few timeouts, however slowly it trickles in.
+    conn.response_class = _deadline_response_class(timeout, 3 * timeout)
     try:
         conn.request(
             method,
@@ -1291,7 +1472,7 @@ def _http_request(
             headers=dict(headers),
         )
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _read_reply(response, "%s://%s" % (parts.scheme, parts.netloc))
     finally:
         conn.close()
 
@@ -1400,9 +1581,9 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     )
     base = base.rstrip("/")
     raw = environ.get("AWS_METADATA_SERVICE_TIMEOUT")
-    timeout = _positive(raw, "AWS_METADATA_SERVICE_TIMEOUT", float) if raw else 1.0
+    timeout = _parse_number(raw, "AWS_METADATA_SERVICE_TIMEOUT", above=0) if raw else 1.0
     raw = environ.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS")
-    attempts = int(_positive(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", int)) if raw else 1
+    attempts = _parse_int(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", minimum=1) if raw else 1
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
@@ -1861,6 +2042,150 @@ class StreamingBody(io.IOBase):
         self.close()
 
 
+class _DeadlineReader:
+    """The socket file of one response, read against a deadline as well as a per-recv
+    timeout: a server trickling a byte every few seconds never trips a recv timeout, so
+    the status line, the headers and each MiB of body must also arrive within
+    ``request_timeout``. Every read is split into single recvs (``read1``, ``peek``), each
+    given only the time left; running out raises socket.timeout, as a slow recv does."""
+
+    def __init__(
+        self, fp: Any, sock: Any, read_timeout: float | None, request_timeout: float
+    ) -> None:
+        self._fp = fp
+        self._sock = sock
+        self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
+        self._deadline = time.monotonic() + request_timeout
+        self._since = 0  # bytes received since the deadline was last set
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no reply within the request timeout")
+        self._sock.settimeout(left if self._read_timeout is None else min(left, self._read_timeout))
+
+    def _got(self, n: int) -> None:
+        self._since += n
+        if self._since >= _IO_CHUNK:
+            self._since = 0
+            self._deadline = time.monotonic() + self._request_timeout
+
+    def read1(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        self._arm()
+        data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
+        self._got(len(data))
+        return data
+
+    def readinto1(self, b: Any) -> int:
+        if not len(b):
+            return 0
+        self._arm()
+        n: int = self._fp.readinto1(b)
+        self._got(n)
+        return n
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = 0
+        while total < len(view):
+            n = self.readinto1(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunks = []
+        left = -1 if n is None or n < 0 else n
+        while left != 0:
+            chunk = self.read1(_IO_CHUNK if left < 0 else left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left > 0:
+                left -= len(chunk)
+        return b"".join(chunks)
+
+    def peek(self, n: int = 0) -> bytes:
+        self._arm()
+        data: bytes = self._fp.peek(n)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            buffered = self.peek(1)  # at most one recv, only when the buffer is empty
+            if not buffered:
+                break
+            if limit >= 0:
+                buffered = buffered[: limit - len(line)]
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            line += self._fp.read(take)  # already buffered: no recv
+            self._got(take)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
+
+    read_timeout: float | None = None
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
+        self.fp = cast(Any, reader)
+
+
+@functools.lru_cache(maxsize=None)
+def _deadline_response_class(
+    read_timeout: float | None, request_timeout: float
+) -> type[_DeadlineResponse]:
+    """The response class for connections with these timeouts (http.client makes the
+    response itself, from ``conn.response_class``)."""
+    return type(
+        "_DeadlineResponse",
+        (_DeadlineResponse,),
+        {"read_timeout": read_timeout, "request_timeout": request_timeout},
+    )
+
+
+class _ReplyTooLarge(http.client.HTTPException):
+    def __init__(self, what: str, length: int | None) -> None:
+        super().__init__(
+            "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
+            "(a broken or hostile server)"
+            % (what, _MAX_REPLY_BYTES >> 20, "" if length is None else " (%d bytes)" % length)
+        )
+
+
+def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
+    """A whole reply body read into memory, refused past _MAX_REPLY_BYTES (before reading
+    when Content-Length says so). Raises _ReplyTooLarge naming ``what``."""
+    length = raw.getheader("content-length", "")
+    if length.isdigit() and int(length) > _MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(what, int(length))
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = raw.read(_IO_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_REPLY_BYTES:
+            raise _ReplyTooLarge(what, None)
+        chunks.append(chunk)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """Separate connect and read timeouts: connect with one, then switch the socket."""
 
@@ -1900,9 +2225,11 @@ class _ConnectionPool:
         verify: bool | str,
         max_idle: int,
         proxy_for: Callable[[str], str | None],
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._response_class = _deadline_response_class(read_timeout, request_timeout)
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
@@ -1970,6 +2297,7 @@ class _ConnectionPool:
                 target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
             )
         conn.read_timeout = self._read_timeout
+        conn.response_class = self._response_class
         conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
@@ -2213,6 +2541,46 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError."""
+    token: str | None = None
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -2231,6 +2599,7 @@ class _S3Storage:
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         verify: bool | str = True,
         max_pool_connections: int = 10,
         proxy_for: Callable[[str], str | None] = lambda url: None,
@@ -2267,6 +2636,7 @@ class _S3Storage:
         self._pool = _ConnectionPool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
             verify=verify,
             max_idle=max_pool_connections,
             proxy_for=proxy_for,
@@ -2507,7 +2877,12 @@ class _S3Storage:
             body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
             return _Response(status, raw.reason, resp_headers, body_out, 1)
         try:
-            data = raw.read()
+            data = _read_reply(raw, self.endpoint_url)
+        except _ReplyTooLarge as e:
+            conn.close()
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=status, reason=str(e)
+            ) from None
         except socket.timeout as e:
             conn.close()
             raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
@@ -4440,6 +4815,10 @@ class _VCDiffError(Exception):
     """A delta that is corrupt, truncated or uses a feature this decoder lacks."""
 
 
+class _VCDiffLimitError(_VCDiffError):
+    """A delta whose windows add up to more than the caller's limit."""
+
+
 # -- Reading the delta --------------------------------------------------------
 
 
@@ -5191,11 +5570,16 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
     return out
 
 
-def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
+def _vcdiff_decode(
+    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
-    written. Raises _VCDiffError for a corrupt, truncated or unsupported delta (``out``
-    then holds the windows decoded before the error) and OSError from opening or reading
+    written. ``limit``: the most bytes the target may have (its recorded size): a window
+    that would go beyond it is refused before it is decoded, so a small hostile delta
+    costs neither the time nor the disk of the gigabytes it claims. Raises _VCDiffError
+    for a corrupt, truncated or unsupported delta (``out`` then holds the windows
+    decoded before the error) and OSError from opening or reading
     the source or writing ``out``. A delta cut exactly between two windows is a valid,
     shorter delta: VCDIFF records no total length, so the caller checks size and digest.
     VCD_TARGET windows (which xdelta3 never writes) read earlier output back from ``out``
@@ -5231,9 +5615,10 @@ def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
         while not rd.at_end():
             start = rd.offset()
             try:
-                target = _decode_window(rd, sec_id, models, src, out, written, last)
+                budget = None if limit is None else limit - written
+                target = _decode_window(rd, sec_id, models, src, out, written, last, budget)
             except _VCDiffError as e:
-                raise _VCDiffError(f"{e} (window {number} at delta offset {start})") from None
+                raise type(e)(f"{e} (window {number} at delta offset {start})") from None
             out.write(target)
             written += len(target)
             last = target
@@ -5252,8 +5637,11 @@ def _decode_window(
     out: IO[bytes],
     written: int,
     last: bytearray,
+    budget: int | None = None,
 ) -> bytearray:
-    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h)."""
+    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h).
+    ``budget``: the bytes the target may still have; the window's declared length is
+    checked against it before any of its sections is decompressed or run."""
     win = rd.byte("window indicator")
     if win & ~(_VCD_SOURCE | _VCD_TARGET | _VCD_ADLER32):
         raise _VCDiffError(f"corrupt delta: unknown window indicator bits {win:#04x}")
@@ -5269,6 +5657,11 @@ def _decode_window(
     if tgtlen > _MAX_TARGET_WINDOW:
         raise _VCDiffError(
             f"corrupt delta: target window of {tgtlen} bytes (xdelta3's limit is 16 MiB)"
+        )
+    if budget is not None and tgtlen > budget:
+        raise _VCDiffLimitError(
+            f"corrupt delta: it decodes to more than the {written + budget} bytes recorded "
+            "for the file (dg-file-size)"
         )
     delind = rd.byte("delta indicator")
     if delind & ~(_VCD_DATACOMP | _VCD_INSTCOMP | _VCD_ADDRCOMP):
@@ -5377,6 +5770,14 @@ _ZIPX_CHUNK = 1024 * 1024
 _ZIPX_KEEP = 8 * 1024 * 1024
 #: Content of small members waiting to be deflated and written while rebuilding.
 _ZIPX_PENDING = 32 * 1024 * 1024
+#: What a queued record costs in memory beyond its bytes (a tuple, a list or a Future):
+#: counted against _ZIPX_PENDING, so the queue of a crafted stream stays bounded.
+_ZIPX_RECORD_COST = 512
+#: An expanded stream is at most this many times the zip it rebuilds (plus its header):
+#: deflate's densest output is 1032 bytes of content per byte, and a record costs at most
+#: 4 bytes per byte it writes. Bounds what a delta may decode to when the writer recorded
+#: no dg-expanded-size.
+_ZIPX_EXPANSION = 1040
 #: Zip-bomb guard: stop inflating beyond 1000x the compressed size + 1 MiB or 4 GiB; the
 #: member then stays compressed (still rebuilt exactly, just not delta-friendly).
 _ZIPX_BOMB_RATIO = 1000
@@ -5841,10 +6242,18 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
     return index
 
 
-def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = None) -> int:
+def _zip_rebuild(
+    expanded: IO[bytes],
+    out: IO[bytes],
+    reference: str | None = None,
+    limit: int | None = None,
+) -> int:
     """Write the original bytes of an expanded stream to `out`; return how many. Raises
     _ZipCodecError if the stream is corrupt, truncated or of an unknown version, or if this
-    machine's zlib deflates differently from the one that expanded it.
+    machine's zlib deflates differently from the one that expanded it; _OutputLimitError
+    as soon as it would write more than `limit` bytes (the size recorded for the zip).
+    Memory stays within _ZIPX_PENDING whatever the records (each counts at least
+    _ZIPX_RECORD_COST, so a stream of empty records cannot queue millions of them).
 
     Deflating is most of the time, and zlib releases the GIL: members up to _ZIPX_KEEP are
     deflated in threads and written in order, with at most _ZIPX_PENDING bytes waiting.
@@ -5866,6 +6275,8 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
 
     def put(data: bytes) -> None:
         nonlocal size, crc
+        if limit is not None and size + len(data) > limit:
+            raise _OutputLimitError(limit)
         out.write(data)
         size += len(data)
         crc = zlib.crc32(data, crc)
@@ -5922,13 +6333,15 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                     same = reuse.get((crc32, total))
                     if same is not None:
                         ref_file.seek(same[0])
-                        queued.append((same[1], [ref_file.read(same[1])]))
-                        held += same[1]
+                        weight = same[1] + _ZIPX_RECORD_COST
+                        queued.append((weight, [ref_file.read(same[1])]))
+                        held += weight
                         emit(_ZIPX_PENDING)
                         continue
                 if total <= _ZIPX_KEEP:
-                    queued.append((total, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += total
+                    weight = total + _ZIPX_RECORD_COST
+                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
+                    held += weight
                     emit(_ZIPX_PENDING)
                     continue
                 emit(-1)  # a large member: stream it, in order
@@ -5941,8 +6354,10 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                 header = _zipx_read(expanded, n)
                 if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
                     raise _ZipCodecError("expanded zip stream has a bad header record")
-                queued.append((n, [headers.apply(tag, header)]))
-                held += n
+                weight = n + _ZIPX_RECORD_COST
+                queued.append((weight, [headers.apply(tag, header)]))
+                held += weight
+                emit(_ZIPX_PENDING)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -6001,20 +6416,28 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
-_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
-_ENV_DELTA_MODE = "DG_DELTA_MODE"
-_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
 _EXPANDED_SUFFIX = "zx1"
-_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
-_DEFAULT_MAX_RATIO = 0.5
-_DEFAULT_CACHE_MAX = 4 * 1024**3
 #: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
-#: smaller than the reference loses matches further apart than it (FORMAT.md).
-_MIN_SOURCE_WINDOW = 64 * 1024 * 1024
+#: smaller than the reference loses matches further apart than it (FORMAT.md); one
+#: larger costs hash-table memory for nothing (194 MB instead of 93 MB for a 12 MB wheel).
+_MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
+#: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
+#: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
+#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
+#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+_XD3_BASE = 48 * 1000**2
+_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_FASTEST = (1, 0.125)
+#: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
+#: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
+_DECODE_WINDOW = 64 * 1024 * 1024
+_XD3_DECODE_BASE = 16 * 1000**2
+#: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
+_PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
@@ -6044,6 +6467,7 @@ _META_ALIASES: dict[str, tuple[str, ...]] = {
     "compression": ("dg-compression", "dg_compression", "compression"),
     "codec": ("dg-codec",),
     "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
 }
 _USER_META_PREFIX = "user-"
 _CONTENT_TYPE_META = "content-type"
@@ -6161,6 +6585,80 @@ def _eligible_by_content(path: str) -> bool:
     return any(head[off : off + len(magic)] == magic for off, magic in _DELTA_MAGIC)
 
 
+def _memory_limit(value: str | int | None, environ: Mapping[str, str]) -> int:
+    """The memory limit asked for (argument, else DG_MEMORY_LIMIT, else 600 MB), checked."""
+    if value is None:
+        return int(_env_setting(environ, _ENV_MEMORY_LIMIT))
+    return _parse_size(str(value), "memory_limit", minimum=_MIN_MEMORY_LIMIT)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _EncodePlan(NamedTuple):
+    level: int
+    window: int  # -B
+    memory: int  # the encoder's expected peak RSS, bytes
+
+
+def _encoder_memory(factor: float, window: int, source_size: int) -> int:
+    window = _pow2_at_least(window)  # what xdelta3 allocates
+    return _XD3_BASE + min(window, source_size) + int(factor * window)
+
+
+def _decoder_memory(source_size: int) -> int:
+    return _XD3_DECODE_BASE + min(_DECODE_WINDOW, source_size)
+
+
+def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
+    """The one place xdelta3's level and source window (-B) are chosen, from the
+    reference's size and the memory the encoder may use. A window covering the whole
+    reference matters most (data moved further than the window is stored again), so the
+    highest level that affords one wins; levels above -1 only up to their window size
+    (time). When even -1 cannot hold the whole reference, the largest window that fits:
+    changes that stay near their place (the usual case) still give the same delta."""
+    full = _XDelta3.window(source_size)
+    for level, factor, max_window in _XD3_LEVELS:
+        if full <= max_window:
+            need = _encoder_memory(factor, full, source_size)
+            if need <= budget:
+                return _EncodePlan(level, full, need)
+    level, factor = _XD3_FASTEST
+    need = _encoder_memory(factor, full, source_size)
+    if need <= budget:
+        return _EncodePlan(level, full, need)
+    # A window short of the reference: xdelta3 rounds its buffer up to a power of two.
+    window = full
+    while window > 16 * 1024 * 1024 and _encoder_memory(factor, window, source_size) > budget:
+        window //= 2  # 16 MiB at least: a limit that small was refused by _memory_limit
+    return _EncodePlan(level, window, _encoder_memory(factor, window, source_size))
+
+
+class _MemoryBudget:
+    """Bytes our xdelta3 children may use at once: each run holds its expected peak, and
+    waits while others hold too much (parallel uploads then take turns, not swap)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)
+        with self._cond:
+            while self._free < amount:
+                self._cond.wait()
+            self._free -= amount
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += amount
+                self._cond.notify_all()
+
+
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
@@ -6173,16 +6671,19 @@ class _XDelta3:
         environ: Mapping[str, str] = os.environ,
         run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
+        memory_limit: str | int | None = None,
     ) -> None:
         self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self.memory_limit = _memory_limit(memory_limit, environ)
+        self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
         self._run = run
         self._path: str | None = None
-        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").strip().lower()
-        if self.decoder not in ("auto", "xdelta3", "python"):
-            raise ParamValidationError(
-                report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
-            )
+        self.decoder: str
+        if decoder is None:
+            self.decoder = _env_setting(environ, _ENV_DECODER)
+        else:
+            self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -6194,10 +6695,10 @@ class _XDelta3:
             self._path = found
         return self._path
 
-    def _call(self, args: list[str]) -> None:
+    def _call(self, args: list[str], memory: int) -> None:
         cmd = [self.path(), *args]
         try:
-            with self._slots:
+            with self._slots, self.memory.hold(memory):
                 proc = self._run(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                 )
@@ -6208,24 +6709,24 @@ class _XDelta3:
 
     @staticmethod
     def window(source_size: int) -> int:
-        """-B: the reference size rounded up to a power of two, within 64 MiB..2 GiB."""
+        """-B: the reference size rounded up to a power of two, within 1 MiB..2 GiB."""
         window = _MIN_SOURCE_WINDOW
         while window < source_size and window < _MAX_SOURCE_WINDOW:
             window *= 2
         return window
 
-    def encode_args(self, source: str, target: str, out: str) -> list[str]:
-        size = os.path.getsize(source)
+    @staticmethod
+    def encode_args(plan: _EncodePlan, source: str, target: str, out: str) -> list[str]:
         return [
             "-e",
             "-f",
             "-D",
             "-A",
-            "-9",
+            "-%d" % plan.level,
             "-S",
             "djw",
             "-B",
-            str(self.window(size)),
+            str(plan.window),
             "-s",
             source,
             target,
@@ -6233,7 +6734,8 @@ class _XDelta3:
         ]
 
     def encode(self, source: str, target: str, out: str) -> None:
-        self._call(self.encode_args(source, target, out))
+        plan = _encode_plan(os.path.getsize(source), self.memory.total)
+        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -6241,13 +6743,12 @@ class _XDelta3:
         window as soon as it is encoded, so the check runs on the second core while the
         encoder works, instead of after it. Returns the SHA-256 and size of the decoded
         bytes, for the caller to compare with the input."""
-        args = self.encode_args(source, target, out)
+        size = os.path.getsize(source)
+        checker = _decoder_memory(size)
+        plan = _encode_plan(size, self.memory.total - checker)
+        args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [
-            self.path(),
-            *("-d", "-D", "-c", "-B", str(self.window(os.path.getsize(source)))),
-            *("-s", source),
-        ]
+        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
         h = hashlib.sha256()
         total = 0
         with contextlib.ExitStack() as stack:
@@ -6255,6 +6756,7 @@ class _XDelta3:
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
             stack.enter_context(self._slots)
+            stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
             try:
                 for cmd, stdin, err in (
@@ -6314,26 +6816,34 @@ class _XDelta3:
         return h.hexdigest(), total
 
     def decode_sha256(
-        self, source: str, delta: str, out: IO[bytes] | None = None, *, external: bool = False
+        self,
+        source: str,
+        delta: str,
+        out: IO[bytes] | None = None,
+        *,
+        external: bool = False,
+        limit: int | None = None,
     ) -> tuple[str, int]:
         """Decode to stdout and hash on the fly, writing to ``out`` if given: checks a
         delta, or rebuilds a file, without reading the result back from disk. With
         ``external`` xdelta3 may recompress (deltas the original tool made of compressed
-        files were encoded without -D)."""
+        files were encoded without -D). ``limit``: the size recorded for the result; a
+        delta that decodes to more is stopped there (IntegrityError), having written at
+        most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
         if self._python_decodes():
-            return self._decode_in_python(source, delta, out, external)
+            return self._decode_in_python(source, delta, out, external, limit)
         try:
             binary = self.path()
         except XDelta3NotFoundError:  # only with DG_DECODER=xdelta3: auto falls back above
             raise XDelta3NotFoundError(
                 self._name, "to read deltas with it, or unset %s=xdelta3" % _ENV_DECODER
             ) from None
-        size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
-        cmd = [binary, *flags, "-B", str(self.window(size)), "-s", source, delta]
+        cmd = [binary, *flags, "-B", str(_DECODE_WINDOW), "-s", source, delta]
         h = hashlib.sha256()
         total = 0
-        with tempfile.TemporaryFile() as errors, self._slots:
+        memory = self.memory.hold(_decoder_memory(os.path.getsize(source)))
+        with tempfile.TemporaryFile() as errors, self._slots, memory:
             try:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
@@ -6347,6 +6857,8 @@ class _XDelta3:
                         chunk = proc.stdout.read(_IO_CHUNK)
                         if not chunk:
                             break
+                        if limit is not None and total + len(chunk) > limit:
+                            raise _OutputLimitError(limit)
                         h.update(chunk)
                         total += len(chunk)
                         if out is not None:
@@ -6372,7 +6884,7 @@ class _XDelta3:
 
     @staticmethod
     def _decode_in_python(
-        source: str, delta: str, out: IO[bytes] | None, external: bool
+        source: str, delta: str, out: IO[bytes] | None, external: bool, limit: int | None
     ) -> tuple[str, int]:
         if external:
             # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
@@ -6385,15 +6897,25 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+        except _VCDiffLimitError:
+            raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
             raise IntegrityError("the delta does not decode (built-in decoder): %s" % e) from None
         return sink.sha256.hexdigest(), total
 
-    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
+    def decode(
+        self,
+        source: str,
+        delta: str,
+        out: str,
+        *,
+        external: bool = False,
+        limit: int | None = None,
+    ) -> str:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
-            return self.decode_sha256(source, delta, f, external=external)[0]
+            return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -6438,7 +6960,9 @@ class _ReferenceCache:
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
     and renamed into place, so two processes filling the same entry at once is safe.
     Each entry is re-hashed on its first use in a process and then trusted while its
-    size and mtime are unchanged. Least recently used entries go beyond ``max_size``."""
+    size and mtime are unchanged. Least recently used entries go beyond ``max_size``,
+    except those an operation of this process holds (``hold``): an entry larger than the
+    limit is kept while it is in use and removed when the operation ends."""
 
     def __init__(self, folder: str, max_size: int = _DEFAULT_CACHE_MAX) -> None:
         self.folder = folder
@@ -6446,6 +6970,41 @@ class _ReferenceCache:
         self._verified: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.fetches = 0  # how many references were downloaded (tests count them)
+        self._held: collections.Counter[str] = collections.Counter()  # sha256 -> holds
+        self._local = threading.local()  # .shas: the entries the current hold uses
+        self._over = False  # an eviction left held entries beyond max_size
+        self._warned_small = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, every entry this thread looks up, fills or derives from stays
+        on disk until the block ends, whatever the size limit: evicting the reference (or
+        its expanded form) an upload or download is reading makes it fail with ENOENT.
+        Nested holds are one hold."""
+        if getattr(self._local, "shas", None) is not None:
+            yield
+            return
+        shas: set[str] = set()
+        self._local.shas = shas
+        try:
+            yield
+        finally:
+            self._local.shas = None
+            with self._lock:
+                for sha in shas:
+                    self._held[sha] -= 1
+                    if self._held[sha] <= 0:
+                        del self._held[sha]
+                over, self._over = self._over, False
+            if over:
+                self._evict(keep="")
+
+    def _use(self, sha256: str) -> None:
+        shas = getattr(self._local, "shas", None)
+        if shas is not None and sha256 not in shas:
+            shas.add(sha256)
+            with self._lock:
+                self._held[sha256] += 1
 
     def _path(self, sha256: str) -> str:
         if not re.match(r"^[0-9a-f]{64}$", sha256):
@@ -6459,6 +7018,7 @@ class _ReferenceCache:
         says it hashed these very bytes: fine for reads, whose output is checked anyway.
         Writers also call ``check``."""
         path = self._path(sha256)
+        self._use(sha256)
         try:
             st = os.stat(path)
         except OSError:
@@ -6499,8 +7059,44 @@ class _ReferenceCache:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
         return True
 
+    def recheck(self, sha256: str) -> bool:
+        """Hash an entry and the files made from it, whatever any stamp says: after a
+        read failed, this tells a damaged cache (False: the damaged files are removed, to
+        be fetched or made again) from a damaged delta (True)."""
+        path = self._path(sha256)
+        if not self._rehash(sha256, path):
+            return False
+        good = True
+        folder, name = os.path.split(path)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for n in names:
+            if not (n.startswith(name + ".") and n.endswith(".sha")):
+                continue
+            derived = os.path.join(folder, n[: -len(".sha")])
+            try:
+                with open(derived + ".sha") as f:
+                    want = f.read().strip()
+                actual = _sha256_file(derived)[0]
+            except OSError:
+                continue  # not made (any more)
+            if actual != want:
+                logger.warning("cache entry %s is corrupt; removing it", derived)
+                for side in ("", ".ok", ".sha"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(derived + side)
+                with self._lock:
+                    self._verified.pop(derived, None)
+                good = False
+        return good
+
     def _rehash(self, sha256: str, path: str) -> bool:
-        actual, _ = _sha256_file(path)
+        try:
+            actual, _ = _sha256_file(path)
+        except OSError:  # gone (another process evicted it)
+            actual = ""
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -6543,6 +7139,7 @@ class _ReferenceCache:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
         written do not hash to ``sha256`` (nothing is kept then)."""
         path = self._path(sha256)
+        self._use(sha256)
         folder = os.path.dirname(path)
         _private_mkdir(self.folder)
         _private_mkdir(os.path.join(self.folder, "refs"))
@@ -6594,6 +7191,7 @@ class _ReferenceCache:
         with its SHA-256 in ``<path>.sha``: (path, SHA-256), or None if ``make(file)``
         declines. ``strict`` (uploads) hashes it once per process, as ``check`` does."""
         path = self._path(ref_sha256) + "." + suffix
+        self._use(ref_sha256)
         try:
             st = os.stat(path)
             with open(path + ".sha") as f:
@@ -6647,6 +7245,8 @@ class _ReferenceCache:
         root = os.path.join(self.folder, "refs")
         entries = []
         total = 0
+        with self._lock:
+            held = set(self._held)
         for dirpath, _, files in os.walk(root):
             for name in files:
                 p = os.path.join(dirpath, name)
@@ -6665,8 +7265,8 @@ class _ReferenceCache:
         for _, size, p in entries:
             if total <= self.max_size:
                 break
-            if p == keep:
-                continue
+            if p == keep or os.path.basename(p)[:64] in held:
+                continue  # in use: evicted when the operation holding it ends
             try:
                 os.unlink(p)
                 total -= size
@@ -6675,6 +7275,18 @@ class _ReferenceCache:
             for side in (".ok", ".sha"):
                 with contextlib.suppress(OSError):
                     os.unlink(p + side)
+        if total > self.max_size:
+            with self._lock:
+                self._over = True
+                warn, self._warned_small = not self._warned_small, True
+            if warn:
+                logger.warning(
+                    "%s (%d bytes) is smaller than the references in use (%d bytes): they "
+                    "are kept only while in use and fetched again each time",
+                    _ENV_CACHE_MAX,
+                    self.max_size,
+                    total,
+                )
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
@@ -6749,11 +7361,13 @@ def _is_zip(path: str) -> bool:
         return False
 
 
-def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
+def _rebuild_zip(
+    expanded: str, out: Any, reference: str, want: str, limit: int | None = None
+) -> str:
     """Rebuild a zip from its expanded form into ``out`` (a file or a sink), copying
     unchanged members from ``reference``; if that gives other bytes than the SHA-256
     ``want``, again deflating every member. Returns the SHA-256 written ("" if the
-    stream does not rebuild)."""
+    stream does not rebuild). More than ``limit`` bytes: _OutputLimitError."""
     for ref in (reference, None):
         sink = _HashingWriter(out)
         if hasattr(out, "seek"):
@@ -6761,7 +7375,7 @@ def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -6985,53 +7599,123 @@ class _DeltaEngine:
             )
 
     def _rebuild(self, lg: _Logical, out: str) -> None:
+        """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
+
+        A failure with a cached reference is not blamed on the delta until the cache is
+        ruled out: the entry (and what was made from it) is hashed again, whatever its
+        stamp says; a damaged entry is dropped and fetched again, so a cache corrupted in
+        place (same size and mtime) costs one more download, not the object."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         ref_key = _resolve_ref_key(lg.stored_key, ref)
         ref_sha = _meta_get(lg.metadata, "ref_sha256")
         expected = lg.sha256
-        if not ref_sha or not expected:
+        size = _meta_get(lg.metadata, "file_size") or ""
+        if not ref_sha or not expected or not size.isdigit():
             raise IntegrityError(
-                "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
-                % (lg.bucket, lg.stored_key)
+                "%s: delta without dg-ref-sha256, dg-file-sha256 or dg-file-size; "
+                "cannot verify it" % where
             )
-        tmp_dir = self._tmp_dir()
-        fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        limit = int(size)
+        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
         os.close(fd)
+        fetch = None
+        if ref_sha != expected:  # the delta downloads while the reference does
+            fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
         try:
-            if ref_sha == expected:
-                # A zero-diff delta: the file is the reference, whose bytes we check anyway.
-                actual = _copy_hashing(self.reference_path(lg.bucket, ref_key, ref_sha), out)
-            else:
-                # The delta downloads while the reference does (or is checked in the cache).
-                fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
-                try:
-                    ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        fetch.result()
-                    raise
-                fetch.result()
-                codec = _meta_get(lg.metadata, "codec")
-                if codec:
-                    actual = self._rebuild_codec(lg, codec, ref_sha, ref_path, delta_tmp, out)
-                else:
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out)
-                if actual != expected and not codec and _is_compressed_stream(ref_path):
-                    # Written by the original without -D: let xdelta3 recompress as it did.
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
+            with self.cache.hold():
+                for attempt in range(2):
+                    try:
+                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                    finally:
+                        if fetch is not None:
+                            done, fetch = fetch, None
+                            done.result()
+                    try:
+                        actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
+                        if actual == expected:
+                            return
+                        failure: DeltaGliderError = IntegrityError(
+                            "%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
+                            % (where, expected, actual)
+                        )
+                    except (IntegrityError, XDelta3Error) as e:
+                        failure = e
+                    except FileNotFoundError as e:  # the cache entry went away under us
+                        failure = IntegrityError("%s: %s" % (where, e))
+                    if self.cache.recheck(ref_sha):
+                        if isinstance(failure, XDelta3Error):
+                            if failure.returncode <= 0:
+                                raise failure  # not started, or killed: not the delta's fault
+                            failure = IntegrityError(
+                                "%s: xdelta3 cannot decode it: %s"
+                                % (
+                                    where,
+                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
+                                )
+                            )
+                        raise IntegrityError(
+                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
+                            "stored delta (or its metadata) is damaged"
+                            % (str(failure).rstrip("."), lg.bucket, ref_key)
+                        ) from None
+                    if attempt:
+                        raise IntegrityError(
+                            "%s: the cached copy of its reference was damaged again after "
+                            "being fetched again; check the disk under %s"
+                            % (where, self.cache.folder)
+                        ) from None
+                    logger.warning(
+                        "the cached reference of %s was damaged on disk; fetching it again",
+                        where,
+                    )
         finally:
+            if fetch is not None:
+                with contextlib.suppress(Exception):
+                    fetch.result()
             os.unlink(delta_tmp)
-        if actual != expected:
-            raise IntegrityError(
-                "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
-                % (lg.bucket, lg.key, expected, actual)
-            )
+
+    def _decode_into(
+        self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
+    ) -> str:
+        """Write the object a delta rebuilds to ``out``, at most ``limit`` bytes (its
+        dg-file-size); returns the SHA-256 written."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if ref_sha == lg.sha256:
+            # A zero-diff delta: the file is the reference, whose bytes we check anyway.
+            return _copy_hashing(ref_path, out)
+        codec = _meta_get(lg.metadata, "codec")
+        try:
+            if codec:
+                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+            actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
+            if actual != lg.sha256 and _is_compressed_stream(ref_path):
+                # Written by the original without -D: let xdelta3 recompress as it did.
+                actual = self.xdelta.decode(ref_path, delta, out, external=True, limit=limit)
+        except _OutputLimitError as e:
+            if e.what != "dg-file-size":
+                raise
+            raise _OutputLimitError(e.limit, "dg-file-size of %s" % where) from None
+        except IntegrityError as e:
+            if where in str(e):
+                raise
+            raise IntegrityError("%s: %s" % (where, e)) from None
+        return actual
 
     def _rebuild_codec(
-        self, lg: _Logical, codec: str, ref_sha: str, ref_path: str, delta: str, out: str
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
     ) -> str:
         """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256."""
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
         where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         if codec != _CODEC_ZIP:
             raise IntegrityError(
@@ -7062,12 +7746,20 @@ class _DeltaEngine:
                 "(zlib %s); read it where it was written, or store it again without "
                 "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
             )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
         fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
-                self.xdelta.decode_sha256(xref[0], delta, f)
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
             with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "")
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
@@ -7098,11 +7790,9 @@ class _DeltaEngine:
     def eligible(self, key: str, path: str, delta: bool | None) -> bool:
         if delta is not None:
             return delta
-        mode = self._environ.get(_ENV_DELTA_MODE, "auto").lower()
-        if mode in ("never", "off", "0", "false"):
-            return False
-        if mode in ("always", "on", "1", "true"):
-            return True
+        mode = _env_setting(self._environ, _ENV_DELTA_MODE)
+        if mode != "auto":
+            return bool(mode == "always")
         if _is_compressed_stream(path):
             return False
         name = key.rsplit("/", 1)[-1]
@@ -7175,9 +7865,10 @@ class _DeltaEngine:
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
         if size > 0 and self.eligible(key, path, delta):
-            summary = self._put_delta(
-                path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
-            )
+            with self.cache.hold():  # the reference (and its expanded form) stay while used
+                summary = self._put_delta(
+                    path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+                )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 return summary
@@ -7497,7 +8188,11 @@ class _DeltaEngine:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
-        return {"dg-codec": _CODEC_ZIP, "dg-xref-sha256": xref[1]}
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
 
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
@@ -7555,16 +8250,10 @@ class _DeltaEngine:
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket, prefix=prefix, delimiter="/", continuation_token=token
-            )
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
             if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
                 return True
-            if not page.get("IsTruncated"):
-                return False
-            token = page.get("NextContinuationToken")
+        return False
 
     def _drop_unused_reference(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
@@ -7602,15 +8291,10 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -7720,16 +8404,29 @@ class _Paginator:
             kwargs[key] = pagination["StartingToken"]
         seen = 0
         method = getattr(self._client, self._operation)
-        while True:
-            page = method(**kwargs)
+        v2 = self._operation == "list_objects_v2"
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            if token is not None:
+                kwargs["ContinuationToken" if v2 else "Marker"] = token
+            page: dict[str, Any] = method(**kwargs)
+            return page
+
+        def next_token(page: dict[str, Any]) -> str | None:
+            contents = page.get("Contents") or [{}]
+            token: str | None = (
+                page.get("NextContinuationToken")
+                if v2
+                else page.get("NextMarker") or contents[-1].get("Key")
+            )
+            return token
+
+        operation = "ListObjectsV2" if v2 else "ListObjects"
+        for page in _pages(fetch, next_token, operation):
             seen += len(page.get("Contents", []))
             yield page
-            if not page.get("IsTruncated") or (limit and seen >= limit):
+            if limit and seen >= limit:
                 return
-            if self._operation == "list_objects_v2":
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            else:
-                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -7838,7 +8535,7 @@ class DeltaGliderClient:
             with self._lock:
                 if self._engine_obj is None:
                     self._storage = self._storage_factory()
-                    cache_max = int(self._environ.get(_ENV_CACHE_MAX, _DEFAULT_CACHE_MAX))
+                    cache_max = _env_setting(self._environ, _ENV_CACHE_MAX)
                     self._engine_obj = _DeltaEngine(
                         self._storage,
                         cache=_ReferenceCache(self._cache_dir, cache_max),
@@ -8651,21 +9348,19 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, continuation_token=token)
+        for page in _list_pages(storage, bucket):
             objects += [
                 o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
             ]
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
         validation = {"object_count": len(objects), "compressed_size": stored_total}
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
-                body = storage.get_object(bucket, cache_key)["Body"].read()
+                with storage.get_object(bucket, cache_key)["Body"] as stream:
+                    body = stream.read(_MAX_REPLY_BYTES + 1)
+                if len(body) > _MAX_REPLY_BYTES:
+                    raise ValueError("%s is too large to be a stats cache" % cache_key)
                 cached = json.loads(body.decode("utf-8"))
                 if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
                     stats: dict[str, Any] = cached["stats"]
@@ -8759,11 +9454,7 @@ class DeltaGliderClient:
         storage = self._engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(
-                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
-            )
+        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -8776,9 +9467,6 @@ class DeltaGliderClient:
                 except (ClientError, ValueError) as e:
                     logger.warning("purge: %s: %s", obj["Key"], e)
                     errors += 1
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return {
             "bucket": Bucket,
             "deleted_count": deleted,
@@ -8902,6 +9590,7 @@ def create_client(
     xdelta3_path: str | None = None,
     max_workers: int = 10,
     archive_aware: bool | None = None,
+    memory_limit: str | int | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
 ) -> DeltaGliderClient:
@@ -8913,24 +9602,19 @@ def create_client(
     of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references.
     ``archive_aware`` (``DG_ARCHIVE_AWARE=1``) makes deltas of zip-family files (wheels,
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
-    megabytes (README, "Archive-aware deltas")."""
+    megabytes (README, "Archive-aware deltas"). ``memory_limit`` (``DG_MEMORY_LIMIT``,
+    bytes or a size like ``2GiB``; default 600 MB) bounds the peak memory of the process
+    and its xdelta3 children: bigger files get faster, smaller-window deltas within it
+    (README, "xdelta3 settings")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    _check_settings(env)
     if archive_aware is None:
-        value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
-        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-            raise InvalidConfigError(
-                error_msg="%s must be 1 or 0 (true/false, yes/no, on/off), not %r"
-                % (_ENV_ARCHIVE_AWARE, value)
-            )
-        archive_aware = value in ("1", "true", "yes", "on")
-    level = log_level or env.get(_ENV_LOG_LEVEL)
+        archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())
     if max_ratio is None:
-        try:
-            max_ratio = float(env.get(_ENV_MAX_RATIO, _DEFAULT_MAX_RATIO))
-        except ValueError:
-            raise InvalidConfigError(error_msg="%s must be a number" % _ENV_MAX_RATIO) from None
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
     if not 0.0 <= max_ratio <= 1.0:
         raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
     endpoint = endpoint_url
@@ -8980,6 +9664,7 @@ def create_client(
             max_attempts=settings.max_attempts,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             verify=settings.verify,
             max_pool_connections=settings.max_pool_connections,
             proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
@@ -8992,7 +9677,7 @@ def create_client(
         cache_dir=cache_dir or _default_cache_dir(env),
         max_ratio=max_ratio,
         archive_aware=archive_aware,
-        xdelta=_XDelta3(xdelta3_path, environ=env),
+        xdelta=_XDelta3(xdelta3_path, environ=env, memory_limit=memory_limit),
         environ=env,
         now=now,
         max_workers=max_workers,
@@ -11360,6 +12045,40 @@ def _safe_relative(rel: str) -> str | None:
     return os.path.join(*parts)
 
 
+def _is_within(path: str, root: str) -> bool:
+    """Whether a resolved ``path`` is ``root`` or below it (both from os.path.realpath)."""
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # another drive on Windows
+        return False
+
+
+def _is_dir_entry(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink
+    except OSError:
+        return False
+
+
+def _leads_outside(root: str, path: str) -> bool:
+    """Whether writing ``path`` below ``root`` would go through a symlink that leads out of
+    ``root``: the deepest folder of ``path`` that exists must resolve inside ``root`` (the
+    rest is created as real folders). A link at ``path`` itself is replaced, not written
+    through (downloads rename a temporary file over it)."""
+    top = os.path.abspath(root)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != top and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.lexists(folder):
+        return False  # not even the root exists yet: every folder is created for real
+    return not _is_within(os.path.realpath(folder), os.path.realpath(root))
+
+
+def _under_any(rel: str, unread: Sequence[str]) -> bool:
+    """Whether ``rel`` is one of ``unread`` or below one of its folders ("sub/")."""
+    return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
+
+
 def _display_path(path: str) -> str:
     """Local paths as aws s3 prints them: relative to the working directory."""
     try:
@@ -11411,7 +12130,7 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+        self.workers = getattr(args, "max_concurrency", None) or 10
 
     @property
     def client(self) -> DeltaGliderClient:
@@ -11426,10 +12145,12 @@ class _Cli:
                 max_attempts=self.args.max_attempts,
                 connect_timeout=self.args.cli_connect_timeout,
                 read_timeout=self.args.cli_read_timeout,
+                request_timeout=self.args.cli_request_timeout,
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            memory_limit = getattr(self.args, "memory_limit", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
                 region_name=self.args.region,
@@ -11439,6 +12160,7 @@ class _Cli:
                 max_ratio=max_ratio,
                 max_workers=self.workers,
                 archive_aware=archive_aware,
+                memory_limit=memory_limit,
                 environ=self.environ,
             )
         return self._client
@@ -11487,13 +12209,9 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client._engine.storage
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return keys
-            token = page.get("NextContinuationToken")
+        return keys
 
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False
@@ -11597,10 +12315,25 @@ class _Cli:
         return extra
 
     def download_one(
-        self, bucket: str, key: str, path: str, verb: str = "download", mtime: Any = None
+        self,
+        bucket: str,
+        key: str,
+        path: str,
+        verb: str = "download",
+        mtime: Any = None,
+        root: str | None = None,
     ) -> None:
+        """``root``: the destination folder of a recursive download or sync, which
+        nothing may be written outside of, even through a symlink inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
+        if root is not None and _leads_outside(root, path):
+            self.warn(
+                "Skipping %s: %s is reached through a symlink that leads outside %s"
+                % (src, shown, _display_path(root))
+            )
+            self.file_done()
+            return
         if getattr(self.args, "dryrun", False):
             self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
             return
@@ -11659,32 +12392,83 @@ class _Cli:
         finally:
             self.file_done()
 
-    def local_files(self, root: str) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of regular files under ``root``, sorted;
-        special files are skipped with a warning, as aws s3 does."""
+    def local_files(
+        self, root: str, *, confine: bool = False, unread: list[str] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+        The one walk of local folders. Symlinks are followed as aws s3 does (unless
+        --no-follow-symlinks), but a symlinked folder is entered only the first time its
+        real folder is met, and never when it is one of its own parents: link loops end,
+        and repeated links cost one visit (aws s3 walks them until the path is too long).
+        With ``confine`` (a destination), symlinked folders are not entered: a delete never
+        goes through a link (out of the destination, or onto a file another key maps to);
+        a symlinked file is yielded as itself (unlinking it removes only the link).
+
+        What cannot be read (an unreadable folder or file, a special file) is skipped with a
+        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+        ``unread``: the remote copies of what could not be read are never deleted. Folders
+        skipped as already visited are added to ``unread`` without a warning."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                try:
-                    st = os.stat(path) if follow else os.lstat(path)
-                except OSError as e:
-                    self.warn("Skipping file %s. %s" % (path, e.strerror))
+        skipped = unread if unread is not None else []
+        visited: set[tuple[int, int]] = set()
+        # A stack of (real folder id, its relative path, its entries still to visit).
+        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+        def enter(path: str, rel: str, via_link: bool) -> None:
+            try:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+                if any(ident == parent for parent, _, _ in stack) or (
+                    via_link and ident in visited
+                ):
+                    skipped.append(rel)  # a link loop, or a folder already walked via a link
+                    return
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:
+                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+                skipped.append(rel)
+                return
+            visited.add(ident)
+            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+            stack.append((ident, rel, entries))
+
+        enter(root, "", via_link=False)
+        while stack:
+            _, rel_dir, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                continue
+            entry = entries.pop()
+            path, rel = entry.path, rel_dir + entry.name
+            link = entry.is_symlink()
+            if link and (not follow or (confine and _is_dir_entry(entry))):
+                continue
+            if _is_dir_entry(entry):
+                enter(path, rel + "/", via_link=link)
+                continue
+            try:
+                st = os.stat(path) if follow else os.lstat(path)
+            except OSError as e:
+                self.warn("Skipping file %s. %s" % (path, e.strerror))
+                skipped.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    if stat.S_ISLNK(st.st_mode):
-                        continue
-                    self.warn(
-                        "Skipping file %s. File is character special device, block special "
-                        "device, FIFO, or socket." % path
-                    )
-                    continue
-                if not os.access(path, os.R_OK):
-                    self.warn("Skipping file %s. File/Directory is not readable." % path)
-                    continue
-                yield path, rel
+                self.warn(
+                    "Skipping file %s. File is character special device, block special "
+                    "device, FIFO, or socket." % path
+                )
+                skipped.append(rel)
+                continue
+            if not os.access(path, os.R_OK):
+                self.warn("Skipping file %s. File/Directory is not readable." % path)
+                skipped.append(rel)
+                continue
+            yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
         src, dst = self.args.source, self.args.dest
@@ -11699,28 +12483,26 @@ class _Cli:
         if src_s3 and dst_s3:
             sb, sk = _parse_s3_url(src)
             db, dk = _parse_s3_url(dst)
+            command = "mv" if move else "cp"
             if not recursive:
                 if not dk or dk.endswith("/"):
                     dk += sk.rsplit("/", 1)[-1]
+                _refuse_onto_itself(command, sb, db, [(sk, dk)])
                 self.copy_one(sb, sk, db, dk, "move" if move else "copy")
                 return self.exit_code()
             prefix = sk if not sk or sk.endswith("/") else sk + "/"
             dprefix = dk if not dk or dk.endswith("/") else dk + "/"
             filters = self.filters()
-            tasks: list[Callable[[], None]] = []
-            for obj in self.list_logical(sb, prefix):
-                rel = obj["Key"][len(prefix) :]
-                if filters.included(rel):
-                    tasks.append(
-                        functools.partial(
-                            self.copy_one,
-                            sb,
-                            obj["Key"],
-                            db,
-                            dprefix + rel,
-                            "move" if move else "copy",
-                        )
-                    )
+            pairs = [
+                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+                for obj in self.list_logical(sb, prefix)
+                if filters.included(obj["Key"][len(prefix) :])
+            ]
+            _refuse_onto_itself(command, sb, db, pairs)
+            tasks: list[Callable[[], None]] = [
+                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
+                for s_key, d_key in pairs
+            ]
             self.run_tasks(tasks, 0)
             return self.exit_code()
         if dst_s3:
@@ -11809,6 +12591,7 @@ class _Cli:
                         obj["Key"],
                         os.path.join(dst, safe),
                         "move" if move else "download",
+                        root=dst,
                     )
                 )
         self.run_tasks(tasks, 0)
@@ -11983,7 +12766,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         total = 0
         seen = set()
-        for path, rel in self.local_files(src):
+        unread: list[str] = []
+        for path, rel in self.local_files(src, unread=unread):
             if not filters.included(rel):
                 continue
             seen.add(rel)
@@ -12000,7 +12784,9 @@ class _Cli:
         self.run_tasks(tasks, total)
         if self.args.delete:
             gone = [
-                prefix + rel for rel in sorted(remote) if rel not in seen and filters.included(rel)
+                prefix + rel
+                for rel in sorted(remote)
+                if rel not in seen and filters.included(rel) and not _under_any(rel, unread)
             ]
             self.delete_keys(bucket, gone)
         return self.exit_code()
@@ -12074,10 +12860,10 @@ class _Cli:
                     continue
             except OSError:
                 pass
-            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path))
+            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path, root=dst))
         self.run_tasks(tasks, sum(remote[r]["Size"] for r in remote if r in remote))
         if self.args.delete and os.path.isdir(dst):
-            for path, rel in list(self.local_files(dst)):
+            for path, rel in list(self.local_files(dst, confine=True)):
                 if os.path.normpath(path) not in wanted and filters.included(rel):
                     if self.dry():
                         self.line("(dryrun) delete: %s" % _display_path(path))
@@ -12216,6 +13002,8 @@ class _Cli:
                 if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+        if _store_identity(source) == _store_identity(self.client):
+            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -12335,6 +13123,41 @@ class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
 
 
+def _store_identity(client: DeltaGliderClient) -> str:
+    """Which store a client talks to (endpoint, or local directory): two clients with the same
+    identity see the same bucket under the same name."""
+    storage = client._engine.storage
+    if isinstance(storage, _LocalStorage):
+        return "file:" + os.path.realpath(storage._root)
+    return str(storage.endpoint_url).lower()
+
+
+def _refuse_onto_itself(
+    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+) -> None:
+    """The one check for cp, mv, migrate (and any command that reads and writes one store):
+    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
+    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
+    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
+    delete what it just wrote)."""
+    if src_bucket != dst_bucket:
+        return
+    for s_key, d_key in pairs:
+        if s_key == d_key:
+            raise _UsageError(
+                "Cannot %s a file onto itself: s3://%s/%s - s3://%s/%s"
+                % (command, src_bucket, s_key, dst_bucket, d_key)
+            )
+    sources = {s_key for s_key, _ in pairs}
+    for s_key, d_key in pairs:
+        if d_key in sources:
+            raise _UsageError(
+                "Cannot %s s3://%s/%s to s3://%s/%s: the destination is also a source of this "
+                "%s (the prefixes overlap); nothing was changed"
+                % (command, src_bucket, s_key, dst_bucket, d_key, command)
+            )
+
+
 def _one_line(e: BaseException) -> str:
     """An error as one line for the CLI: every line of its text, whitespace folded
     (a ParamValidationError's reason is on its second line)."""
@@ -12406,6 +13229,19 @@ class _ExitNow(Exception):
         self.status = status
 
 
+def _option(parse: Callable[..., Any], option: str, **limits: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` from a settings parser: a bad value is a usage error that names
+    the option and what it accepts (argparse's own "invalid int value" names neither)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, option, **limits)
+        except InvalidConfigError as e:
+            raise _UsageError("deltaglider: error: %s" % e) from None
+
+    return convert
+
+
 def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("global options")
@@ -12433,13 +13269,44 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         default=d if suppress else False,
         help="log requests (secrets redacted)",
     )
-    g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
-    g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
     g.add_argument(
-        "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--memory-limit",
+        type=_option(_parse_size, "--memory-limit", minimum=_MIN_MEMORY_LIMIT),
+        default=d,
+        metavar="SIZE",
+        help="peak memory of deltaglider and its xdelta3 runs, e.g. 2G "
+        "(default 600MB; DG_MEMORY_LIMIT)",
     )
     g.add_argument(
-        "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-concurrency",
+        type=_option(_parse_int, "--max-concurrency", minimum=1),
+        default=d,
+        help="parallel transfers (default 10)",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=_option(_parse_int, "--max-attempts", minimum=1),
+        default=d,
+        help="attempts per request (default 3)",
+    )
+    g.add_argument(
+        "--cli-connect-timeout",
+        type=_option(_parse_number, "--cli-connect-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-read-timeout",
+        type=_option(_parse_number, "--cli-read-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-request-timeout",
+        type=float,
+        default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a reply may take to send its headers, or each MiB of its body, however"
+        " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
     )
 
 
@@ -12523,7 +13390,7 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--max-ratio",
-            type=float,
+            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
         )
         p.add_argument(
@@ -12571,7 +13438,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
     p.add_argument("path")
-    p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
+    p.add_argument(
+        "--expires-in",
+        type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
+        default=3600,
+        help="seconds, 1 to 604800 (default 3600)",
+    )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET")
     p = command("stats", "what a bucket holds and what deltas save")
@@ -12734,6 +13606,11 @@ def main(
     if not args.command:
         err.write(parser.format_usage())
         err.write("deltaglider: error: a command is needed (cp, ls, rm, sync, ...)\n")
+        return EXIT_USAGE
+    try:
+        _check_settings(env)  # a bad DG_* value stops every command before it starts
+    except InvalidConfigError as e:
+        err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
     handler: logging.Handler | None = None
     if args.debug:
