@@ -7025,6 +7025,57 @@ def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
     }
 
 
+_AWS_DRIVER = """
+import contextlib, io, json, sys
+from awscli.clidriver import create_clidriver
+real = sys.stdout
+for line in sys.stdin:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = create_clidriver().main(json.loads(line))
+        except SystemExit as e:
+            rc = e.code
+    real.write(json.dumps([rc, out.getvalue(), err.getvalue()]) + "\\n")
+    real.flush()
+"""
+
+
+class _AwsCli:
+    """aws-cli, unchanged, run by its own entry point (awscli.clidriver, what the ``aws``
+    script calls) in one long-lived process: its start-up takes seconds, a command does not.
+    An ``aws`` that is not a Python script (aws-cli v2) runs once per command."""
+
+    def __init__(self, aws: str, env: dict[str, str]) -> None:
+        self.aws, self.env = aws, env
+        with open(aws, "rb") as f:
+            first = f.readline()
+        python = first[2:].decode().strip() if first.startswith(b"#!") else ""
+        self.proc: Any = None
+        if "python" in os.path.basename(python.split()[0] if python else ""):
+            self.proc = subprocess.Popen(
+                [*python.split(), "-c", _AWS_DRIVER],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+    def __call__(self, *args: str) -> str:
+        if self.proc is None:
+            return _run_tool(self.env, self.aws, *args)
+        self.proc.stdin.write(json.dumps(list(args)) + "\n")
+        self.proc.stdin.flush()
+        rc, out, err = json.loads(self.proc.stdout.readline())
+        assert rc == 0, (args, out, err)
+        return str(out)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
 def _run_tool(env: dict[str, str], *cmd: str) -> str:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (cmd, proc.stdout, proc.stderr)
@@ -7046,62 +7097,56 @@ def _release_folder(folder: Any) -> dict[str, bytes]:
 @needs_xdelta3
 def test_gateway_serves_aws_cli_unchanged(gateway: Gateway, tmp_path: Any) -> None:
     """aws s3 mb/sync/ls/cp/rm/rb through the gateway: stored as our CLI stores them."""
-    aws = _tool("aws", "DG_TEST_AWS")
-    env = _tool_env(gateway, tmp_path)
+    aws = _AwsCli(_tool("aws", "DG_TEST_AWS"), _tool_env(gateway, tmp_path))
     bucket = _gw_bucket(gateway)
     files = _release_folder(tmp_path / "dist")
     url = ("--endpoint-url", gateway.url)
     try:
-        _run_tool(env, aws, *url, "s3", "mb", "s3://" + bucket)
-        _run_tool(env, aws, *url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
+        aws(*url, "s3", "mb", "s3://" + bucket)
+        aws(*url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
         assert stored_keys(gateway.client, bucket) == [
             "rel/app-1.zip.delta",
             "rel/app-2.zip.delta",
             "rel/reference.bin",
             "rel/sub/notes.txt",
         ]
-        listing = _run_tool(env, aws, *url, "s3", "ls", "--recursive", "s3://" + bucket)
+        listing = aws(*url, "s3", "ls", "--recursive", "s3://" + bucket)
         sizes = {line.split()[-1]: int(line.split()[-2]) for line in listing.splitlines()}
         assert sizes == {"rel/" + k: len(v) for k, v in files.items()}
-        _run_tool(
-            env, aws, *url, "s3", "cp", "s3://%s/rel/app-2.zip" % bucket, str(tmp_path / "got.zip")
-        )
+        aws(*url, "s3", "cp", "s3://%s/rel/app-2.zip" % bucket, str(tmp_path / "got.zip"))
         assert (tmp_path / "got.zip").read_bytes() == files["app-2.zip"]
-        _run_tool(env, aws, *url, "s3", "rm", "s3://%s/rel/app-1.zip" % bucket)
+        aws(*url, "s3", "rm", "s3://%s/rel/app-1.zip" % bucket)
         assert "rel/app-1.zip.delta" not in stored_keys(gateway.client, bucket)
-        _run_tool(env, aws, *url, "s3", "rb", "--force", "s3://" + bucket)
+        aws(*url, "s3", "rb", "--force", "s3://" + bucket)
         assert bucket not in [b["Name"] for b in gateway.client.list_buckets()["Buckets"]]
     finally:
+        aws.close()
         _gw_cleanup(gateway, bucket)
 
 
 @needs_xdelta3
 def test_gateway_serves_aws_cli_s3api(local_gateway: Gateway, tmp_path: Any) -> None:
-    aws = _tool("aws", "DG_TEST_AWS")
-    env = _tool_env(local_gateway, tmp_path)
+    aws = _AwsCli(_tool("aws", "DG_TEST_AWS"), _tool_env(local_gateway, tmp_path))
     v1 = make_zip(tmp_path / "v1.zip", 1)
-    api = (aws, "--endpoint-url", local_gateway.url, "--output", "json", "s3api")
+    api = ("--endpoint-url", local_gateway.url, "--output", "json", "s3api")
     b = ("--bucket", "gwbucket")
     put = json.loads(
-        _run_tool(
-            env, *api, "put-object", *b, "--key", "a/v1.zip", "--body", str(tmp_path / "v1.zip")
-        )
+        aws(*api, "put-object", *b, "--key", "a/v1.zip", "--body", str(tmp_path / "v1.zip"))
     )
     assert put["ETag"] == '"%s"' % hashlib.md5(v1).hexdigest()
-    head = json.loads(_run_tool(env, *api, "head-object", *b, "--key", "a/v1.zip"))
+    head = json.loads(aws(*api, "head-object", *b, "--key", "a/v1.zip"))
     assert head["ContentLength"] == len(v1) and head["ETag"] == put["ETag"]
-    _run_tool(env, *api, "get-object", *b, "--key", "a/v1.zip", str(tmp_path / "out.zip"))
+    aws(*api, "get-object", *b, "--key", "a/v1.zip", str(tmp_path / "out.zip"))
     assert (tmp_path / "out.zip").read_bytes() == v1
-    _run_tool(
-        env, *api, "copy-object", *b, "--key", "b/v1.zip", "--copy-source", "gwbucket/a/v1.zip"
-    )
-    listing = json.loads(_run_tool(env, *api, "list-objects-v2", *b))
+    aws(*api, "copy-object", *b, "--key", "b/v1.zip", "--copy-source", "gwbucket/a/v1.zip")
+    listing = json.loads(aws(*api, "list-objects-v2", *b))
     assert [(o["Key"], o["Size"]) for o in listing["Contents"]] == [
         ("a/v1.zip", len(v1)),
         ("b/v1.zip", len(v1)),
     ]
-    _run_tool(env, *api, "delete-object", *b, "--key", "a/v1.zip")
+    aws(*api, "delete-object", *b, "--key", "a/v1.zip")
     assert stored_keys(local_gateway.client, "gwbucket") == ["b/reference.bin", "b/v1.zip.delta"]
+    aws.close()
 
 
 @needs_xdelta3
