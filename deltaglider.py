@@ -9792,7 +9792,7 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",
+        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
         "attributes",
         "cors",
@@ -11136,6 +11136,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
+        if key is None and "acl" in q and method in ("GET", "PUT"):
+            return self._bucket_acl(bucket, signed)
         if key is None:
             if unsupported:
                 self._operation = "Bucket:" + unsupported[0]
@@ -11371,6 +11373,48 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             params["ACL"] = acl
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
+
+    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
+        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+        client = self.server.gateway.client
+        if self.command == "GET":
+            self._operation = "GetBucketAcl"
+            resp = client.get_bucket_acl(Bucket=bucket)
+            self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
+            return
+        self._operation = "PutBucketAcl"
+        params: dict[str, Any] = {"Bucket": bucket}
+        for name, header in _CANNED_ACL_PARAMS:
+            if self._headers.get(header):
+                params[name] = self._headers[header]
+        data = self._small_body(signed)
+        if data.strip():
+            try:
+                root = _xml_parse(data)
+            except (ValueError, ET.ParseError):
+                raise _S3Reply("MalformedXML") from None
+            owner = root.find("Owner")
+            policy: dict[str, Any] = {"Grants": []}
+            if owner is not None:
+                policy["Owner"] = {
+                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+                }
+            for grant in root.iter("Grant"):
+                grantee = grant.find("Grantee")
+                who: dict[str, Any] = {}
+                if grantee is not None:
+                    for attr, value in grantee.attrib.items():
+                        if attr.endswith("}type") or attr == "type":
+                            who["Type"] = value
+                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                        if _xml_text(grantee, t):
+                            who[t] = _xml_text(grantee, t)
+                policy["Grants"].append(
+                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+                )
+            params["AccessControlPolicy"] = policy
+        client.put_bucket_acl(**params)
+        self._send(200)
 
     # -- listings -----------------------------------------------------------------
 

@@ -6453,6 +6453,12 @@ def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_
         assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         s3.head_bucket(Bucket=bucket)
         assert "LocationConstraint" in s3.get_bucket_location(Bucket=bucket)
+        acl = s3.get_bucket_acl(Bucket=bucket)
+        assert acl["Grants"] and acl["Owner"]["ID"]
+        s3.put_bucket_acl(
+            Bucket=bucket, AccessControlPolicy={"Owner": acl["Owner"], "Grants": acl["Grants"]}
+        )
+        assert s3.get_bucket_acl(Bucket=bucket)["Grants"] == acl["Grants"]
         v1 = make_zip(tmp_path / "v1.zip", 1)
         v2 = make_zip(tmp_path / "v2.zip", 2)
         put = s3.put_object(
