@@ -10252,6 +10252,78 @@ class _GatewayAuth:
             CanonicalRequest=canonical,
         )
 
+    def verify_policy(self, fields: Mapping[str, str], bucket: str, key: str, size: int) -> str:
+        """A POST form's policy: signed by a known key, not expired, and every field it
+        carries allowed by a condition (AWS "Creating a POST policy"). Returns the key id."""
+        lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
+        if not lower.get("policy"):
+            raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        policy_b64 = lower["policy"].encode("ascii", "replace")
+        if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
+            access_key = lower["awsaccesskeyid"]
+            digest = hmac.new(self._secret(access_key).encode(), policy_b64, hashlib.sha1)
+            expected = base64.b64encode(digest.digest()).decode("ascii")
+            given = lower.get("signature", "")
+        elif lower.get("x-amz-algorithm") == _SIGV4_ALGORITHM:
+            access_key, date, region, service = self._credential(
+                lower.get("x-amz-credential", ""), "InvalidArgument"
+            )
+            signing_key = _SIGNING_KEYS.get(self._secret(access_key), date, region, service)
+            expected = hmac.new(signing_key, policy_b64, hashlib.sha256).hexdigest()
+            given = lower.get("x-amz-signature", "")
+        else:
+            raise _S3Reply("InvalidArgument", "POST uploads need x-amz-algorithm AWS4-HMAC-SHA256")
+        if not hmac.compare_digest(expected, given):
+            raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        try:
+            policy = json.loads(base64.b64decode(lower["policy"]))
+            expiration = _parse_timestamp(str(policy["expiration"]))
+            conditions = list(policy.get("conditions", []))
+        except (ValueError, KeyError, TypeError):
+            raise _S3Reply(
+                "InvalidArgument", "Invalid Policy: the policy is not valid JSON"
+            ) from None
+        if self._now() > expiration:
+            raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
+        values = dict(lower, bucket=bucket, key=key)
+        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+        for cond in conditions:
+            if isinstance(cond, dict):
+                for name, want in cond.items():
+                    name = name.lower()
+                    covered.add(name)
+                    if values.get(name) != str(want):
+                        raise _S3Reply(
+                            "AccessDenied",
+                            "Invalid according to Policy: Policy Condition failed: "
+                            '["eq", "$%s", "%s"]' % (name, want),
+                        )
+            elif isinstance(cond, list) and len(cond) == 3:
+                op = str(cond[0]).lower()
+                if op == "content-length-range":
+                    if not int(cond[1]) <= size <= int(cond[2]):
+                        raise _S3Reply(
+                            "EntityTooLarge" if size > int(cond[2]) else "EntityTooSmall"
+                        )
+                    continue
+                name = str(cond[1]).lower().lstrip("$")
+                covered.add(name)
+                have = values.get(name, "")
+                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+                if op not in ("eq", "starts-with") or not ok:
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: %s"
+                        % json.dumps(cond),
+                    )
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
     def _verify_presigned_v2(
         self,
         method: str,
@@ -10562,6 +10634,60 @@ class _AwsChunked:
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
+
+
+def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
+    """Parse a spooled multipart/form-data body: the fields before the ``file`` part (each
+    at most 64 KiB) and the byte range of the file, which S3 requires to come last."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        line = f.readline(1024)
+        if line.rstrip(b"\r\n") != boundary:
+            raise _S3Reply("InvalidArgument", "The body is not multipart/form-data")
+        while True:
+            headers: dict[str, str] = {}
+            while True:
+                h = f.readline(8192)
+                if not h:
+                    raise _S3Reply("IncompleteBody")
+                if h in (b"\r\n", b"\n"):
+                    break
+                name, _, value = h.decode("utf-8", "replace").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            disposition = headers.get("content-disposition", "")
+            m = re.search(r'\bname="([^"]*)"', disposition)
+            name = m.group(1) if m else ""
+            if name == "file":
+                fm = re.search(r'\bfilename="([^"]*)"', disposition)
+                fields["\0filename"] = fm.group(1) if fm else ""
+                start = f.tell()
+                tail = b"\r\n" + boundary + b"--"
+                # the closing boundary ends the body (a trailing CRLF is allowed)
+                f.seek(max(start, size - len(tail) - 4))
+                rest = f.read()
+                at = rest.rfind(tail)
+                if at < 0:
+                    raise _S3Reply("IncompleteBody", "The form has no closing boundary")
+                end = size - len(rest) + at
+                return fields, start, end
+            data = b""
+            while True:
+                chunk = f.readline(65536)
+                if not chunk:
+                    raise _S3Reply("IncompleteBody")
+                if chunk.rstrip(b"\r\n") in (boundary, boundary + b"--"):
+                    break
+                data += chunk
+                if len(data) > 65536:
+                    raise _S3Reply("InvalidArgument", "A form field is larger than 64 KiB")
+            if chunk.rstrip(b"\r\n") == boundary + b"--":
+                raise _S3Reply(
+                    "InvalidArgument", "POST requires exactly one file upload per request."
+                )
+            if data.endswith(b"\r\n"):
+                data = data[:-2]
+            fields[name] = data.decode("utf-8")
 
 
 # -- multipart uploads ----------------------------------------------------------------
@@ -11126,8 +11252,17 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 self._authenticate(gw)
             self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
             return
-        signed = self._authenticate(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
+        if (
+            method == "POST"
+            and bucket is not None
+            and key is None
+            and not self._query
+            and self._headers.get("content-type", "").startswith("multipart/form-data")
+            and "authorization" not in self._headers
+        ):
+            return self._post_object(bucket)  # signed by its policy, inside the form
+        signed = self._authenticate(gw)
         # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
         q = {k: v for k, v in self._q.items() if k != "x-id"}
         unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
@@ -11165,6 +11300,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(204)
             if method == "POST" and "delete" in q:
                 return self._delete_objects(bucket, signed)
+
             self._operation = "Bucket:" + method
             raise _S3Reply(
                 "NotImplemented", "This bucket operation is not supported by the gateway"
@@ -11702,6 +11838,68 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 )
             )
         self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+
+    def _post_object(self, bucket: str) -> None:
+        """A browser upload (generate_presigned_post): a multipart/form-data body whose
+        fields come first and whose file is last (AWS "Browser-based uploads using POST"),
+        authorised by the signed policy in the form."""
+        self._operation = "PostObject"
+        gw = self.server.gateway
+        m = re.search(r'boundary="?([^";]+)"?', self._headers.get("content-type", ""))
+        if not m:
+            raise _S3Reply("InvalidArgument", "multipart/form-data needs a boundary")
+        boundary = b"--" + m.group(1).encode("latin-1")
+        unsigned = _Signed("-", _UNSIGNED_PAYLOAD, b"", "", "", "")
+        raw = self._spool(unsigned, gw.max_object_size + 64 * 1024)
+        try:
+            fields, start, end = _form_fields(raw.path, boundary)
+            key = fields.get("key", "")
+            if "${filename}" in key:
+                key = key.replace("${filename}", fields.get("\0filename", ""))
+            self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
+            fd, path = _private_tempfile(gw.spool_dir, ".post")
+            md5, sha = hashlib.md5(), hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
+                f.seek(start)
+                left = end - start
+                while left > 0:
+                    data = f.read(min(_IO_CHUNK, left))
+                    if not data:
+                        break
+                    left -= len(data)
+                    md5.update(data)
+                    sha.update(data)
+                    out.write(data)
+        finally:
+            os.unlink(raw.path)
+        try:
+            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+            meta = {}
+            for name, value in fields.items():
+                lname = name.lower()
+                if lname.startswith("x-amz-meta-"):
+                    meta[lname[len("x-amz-meta-") :]] = value
+                for pname, header in _PUT_HEADER_PARAMS:
+                    if lname == header.lower():
+                        params[pname] = value
+            if meta:
+                params["Metadata"] = meta
+            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
+            result = self._store(_Spooled(path, info), params)
+        finally:
+            os.unlink(path)
+        status = fields.get("success_action_status", "204")
+        headers = {"ETag": result["ETag"], "Location": "/%s/%s" % (bucket, _quote_key(key))}
+        if status == "201":
+            body = (
+                _el("Location", headers["Location"])
+                + _el("Bucket", bucket)
+                + _el("Key", key)
+                + _el("ETag", result["ETag"])
+            )
+            self._send(201, _xml_doc("PostResponse", body), headers=headers)
+        else:
+            self._send(200 if status == "200" else 204, headers=headers)
 
     # -- multipart ------------------------------------------------------------------
 

@@ -6900,6 +6900,64 @@ def test_gateway_over_tls_takes_boto3s_aws_chunked_uploads(
         assert "STREAMING-UNSIGNED-PAYLOAD-TRAILER" in seen
 
 
+def _form_post(url: str, fields: dict[str, str], data: bytes) -> tuple[int, bytes]:
+    boundary = "----dgboundary" + uuid.uuid4().hex
+    parts = [
+        b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+        % (boundary.encode(), k.encode(), v.encode())
+        for k, v in fields.items()
+    ]
+    parts.append(
+        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n%s\r\n--%s--\r\n"
+        % (boundary.encode(), data, boundary.encode())
+    )
+    req = urllib.request.Request(
+        url,
+        data=b"".join(parts),
+        headers={"Content-Type": "multipart/form-data; boundary=" + boundary},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_gateway_takes_browser_post_uploads_from_generate_presigned_post(
+    local_gateway: Gateway,
+) -> None:
+    for s3 in (_boto3(local_gateway), _boto3(local_gateway, signature_version="s3v4")):
+        _post_through(local_gateway, s3)
+
+
+def _post_through(local_gateway: Gateway, s3: Any) -> None:
+    s3.delete_object(Bucket="gwbucket", Key="up/f.bin")
+    post = s3.generate_presigned_post(
+        "gwbucket",
+        "up/${filename}",
+        Conditions=[["starts-with", "$key", "up/"], ["content-length-range", 1, 10000]],
+        ExpiresIn=60,
+    )
+    data = bytes(range(256)) * 4 + b"\r\n--not-a-boundary\r\n"
+    status, body = _form_post(post["url"], post["fields"], data)
+    assert status == 204, body
+    assert s3.get_object(Bucket="gwbucket", Key="up/f.bin")["Body"].read() == data
+    status, body = _form_post(post["url"], post["fields"], b"x" * 20000)
+    assert (status, _error_code(body)) == (400, "EntityTooLarge")
+    forged = dict(post["fields"], key="elsewhere/f.bin")
+    status, body = _form_post(post["url"], forged, b"x")
+    assert (status, _error_code(body)) == (403, "AccessDenied")
+    extra = dict(post["fields"], **{"x-amz-meta-sneaky": "1"})
+    status, body = _form_post(post["url"], extra, b"x")
+    assert (status, _error_code(body)) == (403, "AccessDenied")
+    tampered = dict(post["fields"], policy=post["fields"]["policy"][:-4] + "AAA=")
+    status, body = _form_post(post["url"], tampered, b"x")
+    assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
+    assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
+
+
 def test_gateway_answers_out_of_scope_requests_not_implemented(local_gateway: Gateway) -> None:
     s3 = _boto3(local_gateway)
     s3.put_object(Bucket="gwbucket", Key="k", Body=b"v")
