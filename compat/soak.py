@@ -25,10 +25,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import boto3  # noqa: E402
-from botocore.config import Config  # noqa: E402
+import boto3
+from botocore.config import Config
 
-import deltaglider as dg  # noqa: E402
+import deltaglider as dg
 
 
 def artifact(seed: int, version: int, size: int) -> bytes:
