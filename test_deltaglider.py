@@ -8,6 +8,7 @@ from small stdlib fakes. deltaglider itself is never mocked: its seams are param
 
 from __future__ import annotations
 
+import argparse
 import base64
 import bz2
 import bz2 as _bz2_mod
@@ -56,7 +57,7 @@ import warnings
 import zipfile
 import zipfile as _zipfile_mod
 import zlib
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -171,6 +172,88 @@ def bucket(s3server: S3TestServer) -> Iterator[str]:
     yield name
     _s3_empty_and_delete(st_, name)
     st_.close()
+
+
+class _TestDNS(Dict[str, Tuple[str, Optional[int]]]):
+    """Name -> (ip, port or None to keep the port); ``looked`` lists every lookup."""
+
+    looked: list[str]
+
+
+@pytest.fixture
+def test_dns(monkeypatch: Any) -> _TestDNS:
+    """A hosts file for one test: ``test_dns[name] = (ip, port or None)`` makes ``name`` (or,
+    for ``*.suffix``, every name under it) resolve there; other names ending in ``.test``
+    or ``.amazonaws.com`` do not resolve at all."""
+    table = _TestDNS()
+    table.looked = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        table.looked.append(name)
+        for pattern, (ip, new_port) in table.items():
+            if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return real(ip, port if new_port is None else new_port, *args, **kwargs)
+        if name.endswith((".test", ".amazonaws.com")):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture(scope="session")
+def s3server_vhost(tmp_path_factory: Any) -> Iterator[S3TestServer]:
+    """A real SeaweedFS S3 gateway serving virtual-hosted buckets (``-domainName``): a
+    second ``weed s3`` over the filer of the running SeaweedFS, so it sees the same buckets.
+    Its endpoint host ``s3.dg.test`` resolves only through ``test_dns``."""
+    base = _s3_test_servers()["seaweedfs"]
+    weed = os.environ.get("DG_TEST_WEED") or os.path.expanduser(
+        "~/.cache/deltaglider-ci/s3/venv-seaweedfs/bin/weed"
+    )
+    if not os.access(weed, os.X_OK):
+        _s3_unavailable("no SeaweedFS weed binary at %s (set DG_TEST_WEED)" % weed)
+    port = urllib.parse.urlsplit(base.endpoint).port or 80
+    filer = os.environ.get("DG_TEST_SEAWEEDFS_FILER", "127.0.0.1:%d" % (port + 3))
+    d = tmp_path_factory.mktemp("vhost")
+    identity = {"accessKey": base.access_key, "secretKey": base.secret_key}
+    (d / "s3.json").write_text(
+        json.dumps(
+            {"identities": [{"name": "ci", "credentials": [identity], "actions": ["Admin"]}]}
+        )
+    )
+    s3port, grpc = _unused_port(), _unused_port()
+    log = open(str(d / "weed.log"), "wb")
+    proc = subprocess.Popen(
+        [
+            *(weed, "s3", "-filer=" + filer, "-port=%d" % s3port, "-port.grpc=%d" % grpc),
+            *("-ip.bind=127.0.0.1", "-domainName=s3.dg.test", "-config=%s" % (d / "s3.json")),
+            *("-port.iceberg=0", "-port.lance=0"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", s3port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        else:
+            proc.poll()
+        if proc.returncode is not None:
+            _s3_unavailable("weed s3 exited: %s" % (d / "weed.log").read_text()[-500:])
+        yield S3TestServer(
+            "seaweedfs-vhost", "http://s3.dg.test:%d" % s3port, base.access_key, base.secret_key
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 class _Seen(NamedTuple):
@@ -2060,6 +2143,83 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_virtual_hosted_requests_connect_to_the_bucket_host(
+    s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
+) -> None:
+    """Virtual-hosted style against a real server that serves it: every request goes to
+    ``<bucket>.s3.dg.test``, the host it is signed for (the bare endpoint host does not even
+    resolve), and the server finds the bucket from the Host header."""
+    test_dns["*.s3.dg.test"] = ("127.0.0.1", None)
+    st_ = _s3_storage(s3server_vhost, addressing_style="virtual")
+    name = "dg-test-" + uuid.uuid4().hex[:16]
+    st_.create_bucket(name)
+    try:
+        st_.put_object(name, "dir/a b+c.txt", b"hello", metadata={"k": "v"})
+        assert st_.head_object(name, "dir/a b+c.txt")["Metadata"] == {"k": "v"}
+        assert st_.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        listed = st_.list_objects_v2(name, prefix="dir/")
+        assert [c["Key"] for c in listed["Contents"]] == ["dir/a b+c.txt"]
+        # the same filer, path style: the object really is in that bucket
+        plain = _s3_storage(s3server_seaweedfs)
+        assert plain.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        plain.close()
+        st_.delete_object(name, "dir/a b+c.txt")
+        assert "Contents" not in st_.list_objects_v2(name)
+    finally:
+        _s3_empty_and_delete(_s3_storage(s3server_seaweedfs), name)
+        st_.close()
+    test_names = {n for n in test_dns.looked if n.endswith(".test")}
+    assert test_names == {"%s.s3.dg.test" % name}, test_dns.looked
+
+
+@pytest.mark.parametrize("bucket", ["dg-redirect", "dg.redirect"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_region_redirect_connects_to_the_bucket_region(
+    fake_s3: Callable[..., _FakeHTTPServer],
+    tls_context: ssl.SSLContext,
+    test_dns: _TestDNS,
+    bucket: str,
+    method: str,
+) -> None:
+    """AWS answers a request sent to the wrong region with 301 and x-amz-bucket-region
+    (no body for a HEAD). The one retry is signed for that region and sent to that
+    region's endpoint, virtual-hosted or (for a dotted bucket) path style."""
+
+    def wrong_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        body = _s3_error_xml("PermanentRedirect", "use the right endpoint")
+        h.reply(301, body, {"x-amz-bucket-region": "eu-west-1", **_XML})
+
+    def right_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, b"data", {"Content-Type": "application/octet-stream"})
+
+    us, eu = fake_s3(wrong_region, tls=tls_context), fake_s3(right_region, tls=tls_context)
+    virtual = "." not in bucket
+    us_host = bucket + ".s3.amazonaws.com" if virtual else "s3.amazonaws.com"
+    eu_host = bucket + ".s3.eu-west-1.amazonaws.com" if virtual else "s3.eu-west-1.amazonaws.com"
+    test_dns[us_host] = ("127.0.0.1", us.server_address[1])
+    test_dns[eu_host] = ("127.0.0.1", eu.server_address[1])
+    st_ = dg._S3Storage(
+        endpoint_url=None,
+        region="us-east-1",
+        credentials=lambda: _FAKE_CREDS,
+        verify=False,
+        sleep=lambda s: None,
+    )
+    if method == "GET":
+        assert st_.get_object(bucket, "k")["Body"].read() == b"data"
+    else:
+        assert st_.head_object(bucket, "k")["ContentLength"] == 4
+    st_.close()
+    assert [r.method for r in us.requests] == [method]
+    assert [r.method for r in eu.requests] == [method]
+    seen = eu.requests[0]
+    assert seen.headers["host"] == eu_host
+    assert seen.path == ("/k" if virtual else "/%s/k" % bucket)
+    assert "/eu-west-1/s3/aws4_request" in seen.headers["authorization"]
+
+
 _SEGMENTED_1024 = "/".join(["s" * 255, "t" * 255, "u" * 255, "v" * 251, "w" * 4])
 _AWKWARD_KEYS = [
     "with space",
@@ -2886,6 +3046,111 @@ def test_credential_process_failures(tmp_path: pathlib.Path, script: str, messag
     with pytest.raises(dg.CredentialRetrievalError, match=f"from process: .*{message}") as info:
         dg._resolve_credentials(environ=env)
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "source, variable",
+    [
+        ("env", "AWS_SESSION_TOKEN"),
+        ("explicit", "aws_session_token"),
+        ("file", "aws_session_token of profile 'default'"),
+        ("process", "SessionToken in the credential_process output"),
+    ],
+)
+@pytest.mark.parametrize("stray", ["\r", "\n", "\r\n", " "])
+def test_credential_with_a_stray_line_break(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, source: str, variable: str, stray: str
+) -> None:
+    """A token read with its line ending (an exported variable, a CRLF file, a helper's
+    output) is used without it, with a warning naming the variable; a line break inside
+    a value is refused, naming the variable. The value is never shown."""
+
+    def resolve(token: str) -> dg._CredentialProvider | None:
+        if source == "env":
+            env = files_env(
+                tmp_path,
+                AWS_ACCESS_KEY_ID=KEY,
+                AWS_SECRET_ACCESS_KEY=SECRET,
+                AWS_SESSION_TOKEN=token,
+            )
+            return dg._resolve_credentials(environ=env)
+        if source == "explicit":
+            return dg._resolve_credentials(
+                access_key=KEY, secret_key=SECRET, session_token=token, environ={}
+            )
+        if source == "file":
+            text = "[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n" % (KEY, SECRET)
+            text += "aws_session_token = %s\n" % token
+            return dg._resolve_credentials(environ=files_env(tmp_path, credentials=text))
+        script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+        script += "'SecretAccessKey': %r, 'SessionToken': %r}))" % (SECRET, token)
+        return dg._resolve_credentials(environ=process_profile(tmp_path, script))
+
+    caplog.set_level(logging.WARNING, logger="deltaglider")
+    if source != "file":  # configparser already strips a value's surrounding whitespace
+        p = resolve(TOKEN + stray)
+        assert p is not None and p.get() == (KEY, SECRET, TOKEN, None)
+        assert variable in caplog.text and TOKEN not in caplog.text
+    # inside a value: a line break (a file cannot hold one in a value) or a control byte
+    inner = "\x01" if stray == " " or source == "file" else stray
+    with pytest.raises(dg.CredentialRetrievalError) as info:
+        resolve(TOKEN[:5] + inner + TOKEN[5:])
+    assert variable in str(info.value)
+    assert TOKEN[:5] not in str(info.value) and TOKEN[5:] not in str(info.value)
+
+
+def test_session_token_with_a_stray_cr_on_a_real_server(
+    s3server_swift: S3TestServer, tmp_path: Any
+) -> None:
+    """The reported case: AWS_SESSION_TOKEN ending in CR made every request fail with
+    `Invalid header value b'<token>\\r'`, the token in full, and --debug printed it again."""
+    backend = Backend(
+        "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
+    )
+    token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
+    code, out, err = run_cli(backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r")
+    assert code == 0, err[-2000:]
+    assert token not in out + err
+    code, out, err = run_cli(
+        backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r\nx"
+    )
+    assert code == 1 and token not in out + err and "Traceback" in err  # --debug: a traceback
+    assert err.splitlines()[-1] == (
+        "fatal error: Error when retrieving credentials from env: AWS_SESSION_TOKEN contains a "
+        "line break, control or non-ASCII character (the value is not shown)"
+    )
+
+
+def test_library_debug_logging_never_shows_the_session_token(
+    fake_s3: Callable[..., _FakeHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, _EMPTY_LISTING, _XML)
+
+    srv = fake_s3(script)
+    caplog.set_level(logging.DEBUG)
+    creds = S3TestCreds(KEY, SECRET, TOKEN)
+    st_ = dg._S3Storage(endpoint_url=srv.url, region="us-east-1", credentials=lambda: creds)
+    st_.list_objects_v2("bucket")
+    st_.close()
+    assert srv.requests[0].headers["x-amz-security-token"] == TOKEN
+    assert "SigV4 canonical request" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+def test_header_value_errors_never_quote_the_value(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    srv = fake_s3(lambda h, n: h.reply(200))
+    st_ = _fake_storage(srv.url)
+    with pytest.raises(dg.ParamValidationError) as info:
+        st_.put_object(
+            "bucket", "k", b"x", headers={"Content-Type": "text/plain\r\nX-Leak: s3cr3t"}
+        )
+    assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
+    assert srv.requests == []
+    st_.close()
 
 
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
@@ -5479,6 +5744,103 @@ def test_multipart_upload_streams_and_aborts_on_failure(
     assert "big2.bin" not in stored_keys(client, dgbucket)
 
 
+def _concurrency_probe(func: Any, skip: int = 0) -> tuple[Any, list[int]]:
+    """Wrap ``func`` so that calls ``skip``+1 and ``skip``+2 wait (up to 5 s) for each
+    other; the list gets the number in flight at each call's start."""
+    seen: list[int] = []
+    lock = threading.Lock()
+    in_flight = [0]
+    barrier = threading.Barrier(2, timeout=5)
+
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            seen.append(in_flight[0])
+            meet = skip < len(seen) <= skip + 2
+        try:
+            try:
+                if meet:
+                    barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+            return func(*a, **kw)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    return wrapped, seen
+
+
+def test_multipart_parts_go_up_at_once(client: Any, dgbucket: str, tmp_path: Any) -> None:
+    """#17: parts of a big upload are sent in parallel, as aws s3 sends them."""
+    path = tmp_path / "big.bin"
+    data = os.urandom(4 * 5 * 1024 * 1024 + 17)
+    path.write_bytes(data)
+    st = client.storage
+    st.upload_part, seen = _concurrency_probe(st.upload_part)
+    five = 5 * 1024 * 1024
+    dg._put_path(st, dgbucket, "big.bin", str(path), threshold=five, part_size=five, workers=4)
+    assert st.get_object(dgbucket, "big.bin")["Body"].read() == data
+    assert len(seen) == 5 and max(seen) >= 2
+
+
+def test_conditional_create_over_the_threshold_goes_up_in_parts(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """#17: a reference bigger than the multipart threshold is sent in parallel parts and
+    still created only if absent (If-None-Match on CompleteMultipartUpload), where
+    before it was one PUT of up to 5 GiB."""
+    path = tmp_path / "ref.bin"
+    data = os.urandom(2 * 5 * 1024 * 1024 + 9)
+    path.write_bytes(data)
+    st = client.storage
+    five = 5 * 1024 * 1024
+
+    def put(**kw: Any) -> Any:
+        return dg._put_path(
+            st, dgbucket, "ref.bin", str(path), threshold=five, part_size=five, **kw
+        )
+
+    created = put(if_none_match=True)
+    assert created["ETag"].strip('"').endswith("-3")  # multipart: 3 parts
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    path.write_bytes(os.urandom(len(data)))
+    with pytest.raises(dg.ClientError) as e:
+        put(if_none_match=True)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    assert st.list_multipart_uploads(dgbucket)["Uploads"] == []
+
+
+@pytest.mark.parametrize("size", [0, 5, 3 * 1024 * 1024 + 7])
+def test_big_downloads_use_parallel_ranged_gets(
+    client: Any, dgbucket: str, size: int, tmp_path: Any
+) -> None:
+    """#17: an object over the threshold comes in ranged GETs, several at once, each
+    pinned to the first reply's ETag; small and empty objects take one request."""
+    data = os.urandom(size)
+    st = client.storage
+    st.put_object(dgbucket, "k", data)
+    calls: list[dict[str, Any]] = []
+    original = st.get_object
+
+    def get_object(*a: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return original(*a, **kw)
+
+    st.get_object, seen = _concurrency_probe(get_object, skip=1 if size else 9)
+    out = io.BytesIO()
+    mib = 1024 * 1024
+    got = dg._get_into(st, dgbucket, "k", out.write, threshold=mib, part_size=mib // 2, workers=4)
+    assert out.getvalue() == data and got == size
+    if size < mib:
+        assert len(calls) in (1, 2)  # 2: an empty object refuses the range (416)
+        return
+    assert len(calls) == 7 and max(seen) >= 2
+    assert all(c["headers"]["If-Match"] for c in calls[1:])
+    assert calls[-1]["range"] == "bytes=%d-%d" % (6 * mib // 2, size - 1)
+
+
 @needs_xdelta3
 def test_last_delta_takes_its_reference_root_included(
     client: Any, dgbucket: str, tmp_path: Any
@@ -6285,6 +6647,21 @@ def test_original_cannot_return_its_own_tar_gz(
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "deltaglider.py")
+
+
+def test_ci_benchmark_run_leaves_the_tracked_results_alone(tmp_path: Any) -> None:
+    """`.ci/run` runs `benchmarks/run.sh --small`: that run writes its results under the
+    benchmark cache, never over the tracked benchmarks/RESULTS.md and results.json; the full
+    run still writes those."""
+    import runpy
+
+    bench = runpy.run_path(os.path.join(HERE, "benchmarks", "bench.py"))
+    small = bench["parse_args"](["--small", "--cache", str(tmp_path)])
+    assert small.out == str(tmp_path / "results-small")
+    assert bench["parse_args"](["--small", "--out", str(tmp_path / "x")]).out == str(tmp_path / "x")
+    assert bench["parse_args"]([]).out == os.path.join(HERE, "benchmarks")
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert "benchmarks/run.sh --small" in f.read()
 
 
 def test_version_three_ways(tmp_path: Any) -> None:
@@ -7438,6 +7815,43 @@ def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: An
         assert code == 2 and "would write outside" in err
 
 
+def test_cli_prints_control_characters_in_names_escaped(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Key and file names with control characters are printed escaped by every command
+    (a raw ESC or CR would drive the terminal or forge an output line)."""
+    backend, bucket = cli_env
+    monkeypatch.chdir(tmp_path)
+    c = make_client(backend, tmp_path)
+    shown = {"\t": "\\t", "\x85": "\\x85", "\x1b": "\\x1b", "\x01": "\\x01"}
+    stored = []
+    for ch in shown:
+        try:
+            c.put_object(Bucket=bucket, Key="c/a%sb.txt" % ch, Body=b"x")
+            stored.append(ch)
+        except dg.ClientError:
+            pass  # SeaweedFS refuses some control characters in keys itself
+    assert "\t" in stored and "\x85" in stored
+    raw = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # anything but the line ends
+    (tmp_path / "l\tx.txt").write_bytes(b"local")
+    runs = [
+        (["ls", "-r", "s3://%s/c/" % bucket], " c/a%sb.txt\n"),
+        (["ls", "s3://%s/c/" % bucket], " a%sb.txt\n"),
+        (["cp", "-r", "s3://%s/c/" % bucket, "dst"], "s3://%s/c/a%%sb.txt" % bucket),
+        (["rm", "-r", "--dryrun", "s3://%s/c/" % bucket], "delete: s3://%s/c/a%%sb.txt\n" % bucket),
+    ]
+    for argv, line in runs:
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert not raw.search(out + err), (argv, out, err)
+        for ch in stored:
+            assert line % shown[ch] in out + err, (argv, ch, out, err)
+    code, out, err = run_cli(backend, tmp_path, ["cp", "l\tx.txt", "s3://%s/up/" % bucket])
+    assert code == 0, err
+    assert out == "upload: ./l\\tx.txt to s3://%s/up/l\\tx.txt\n" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["rm", "s3://%s/up/l\tx.txt" % bucket])
+    assert out == "delete: s3://%s/up/l\\tx.txt\n" % bucket, err
+
+
 def test_cli_downloads_never_go_through_a_symlink_out_of_the_destination(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
@@ -7597,6 +8011,27 @@ def test_cli_size_setting_with_units_works(cli_env: Any, tmp_path: Any) -> None:
     assert code == 0 and out.startswith("upload:"), err
 
 
+def test_cli_every_option_has_help_text() -> None:
+    """`deltaglider COMMAND --help` explains every option of every command."""
+    parser = dg._build_parser()
+    missing = [
+        "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
+        for sub in [parser, *dg._subparsers(parser)]
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+    for command, text in (
+        ("rm", "show what would be deleted"),
+        ("ls", "end with the object count and size"),
+        ("put-bucket-acl", "--grant-read GRANTEES"),
+    ):
+        out = io.StringIO()
+        assert dg.main([command, "--help"], stdout=out, stderr=io.StringIO()) == 0
+        assert text in out.getvalue(), out.getvalue()
+
+
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
     backend = Backend("swift", "http://127.0.0.1:9", None, None)
     env = {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
@@ -7669,10 +8104,10 @@ def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: A
     before = stored_keys(make_client(backend, tmp_path), bucket)
     a = url + "dir/a.zip"
     refusals = [
-        (["mv", a, a], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["cp", a, a], "Cannot cp a file onto itself: %s - %s" % (a, a)),
-        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: s3://"),
+        (["mv", a, a], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["cp", a, a], "Cannot cp a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: 's3://"),
         (
             ["mv", "-r", url + "dir/", url + "dir/sub/"],
             "Cannot mv %s to %ssub/a.zip" % (a, url + "dir/"),
@@ -10114,6 +10549,8 @@ FAULT_BAD_INPUTS = [
     (["sync", "d", "d2"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "s3://a/b", "s3://c/d"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "missingdir", "s3://bkt/p/"], 1, "The user-provided path missingdir does not exist."),
+    (["sync", "a.zip", "s3://bkt/p/"], 1, "path a.zip is not a folder: sync takes folders (cp"),
+    (["sync", "s3://bkt/r/", "f.txt"], 1, "path f.txt is not a folder: sync takes folders (cp"),
     (["cp", "missing.txt", "s3://bkt/x"], 1, "The user-provided path missing.txt does not exist."),
     (["cp", "d", "s3://bkt/x"], 1, "Need to use --recursive to upload a directory"),
     (["cp", "s3://bkt/dir/", "out"], 1, "An S3 key is needed (use --recursive for a prefix)"),
@@ -10466,6 +10903,60 @@ def test_wrong_credentials_on_real_server(fault_swift: Any, tmp_path: Any, which
     assert code == 1 and ("SignatureDoesNotMatch" in err or "InvalidAccessKeyId" in err), err
     assert "wrong-secret-value" not in err and len(err.splitlines()) == 1
     assert fault_logical(direct, bucket) == []
+
+
+@needs_xdelta3
+def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """A wrong secret key first meets a HEAD (the object before a download or delete, the
+    folder's reference before a delta upload), and a HEAD's 403 has no body. The error
+    names the operation asked for and says what to check; it never shows the secret."""
+    good = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    bad = good._replace(secret_key="wrong-secret-value")
+    bucket = cli_bucket(good, tmp_path)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        make_zip(tmp_path / "b.zip", 1)
+        code, out, err = run_cli(
+            good, tmp_path, ["cp", str(tmp_path / "a.zip"), "s3://%s/d/" % bucket]
+        )
+        assert code == 0, err
+        hint = "check that the access key and secret key belong together"
+        runs = {
+            "PutObject": ["cp", str(tmp_path / "b.zip"), "s3://%s/d/" % bucket],
+            "GetObject": ["cp", "s3://%s/d/a.zip" % bucket, str(tmp_path / "got.zip")],
+            "DeleteObject": ["rm", "s3://%s/d/a.zip" % bucket],
+        }
+        for operation, argv in runs.items():
+            code, out, err = run_cli(bad, tmp_path, argv)
+            assert code == 1, err
+            assert "when calling the %s operation" % operation in err, err
+            assert "HeadObject operation" not in err and "wrong-secret-value" not in err
+            assert len(err.splitlines()) == 1 and "(403)" in err and hint in err, err
+        client = make_client(bad, tmp_path)
+        calls = {
+            "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
+            "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
+            "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+        }
+        for operation, call in calls.items():
+            with pytest.raises(dg.ClientError) as info:
+                call()
+            assert info.value.operation_name == operation, str(info.value)
+            assert info.value.response["Error"]["Code"] == "403"
+            assert hint in info.value.response["Error"]["Message"]
+        with pytest.raises(dg.ClientError) as info:  # HeadObject itself: as boto3 says it
+            client.head_object(Bucket=bucket, Key="d/a.zip")
+        assert (
+            str(info.value)
+            == "An error occurred (403) when calling the HeadObject operation: Forbidden"
+        )
+        client.close()
+        code, out, err = run_cli(good, tmp_path, ["ls", "s3://%s/d/" % bucket])
+        assert out.split()[-1] == "a.zip", out  # nothing was changed
+    finally:
+        run_cli(good, tmp_path, ["rb", "--force", "s3://" + bucket])
 
 
 ###############################################################################
