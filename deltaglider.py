@@ -12096,7 +12096,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
-        result = self.server.gateway.client._put_path(spooled.path, params, spooled.info)
+        client = self.server.gateway.client
+        if params["Key"].endswith("/"):
+            # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
+            # delta, and the engine takes only file names; it is stored as it came.
+            _validate_key(params["Key"])
+            with open(spooled.path, "rb") as f:
+                client.storage.put_object(
+                    params["Bucket"],
+                    params["Key"],
+                    f,
+                    metadata=params.get("Metadata"),
+                    headers=_put_headers(params),
+                    content_sha256=spooled.info.sha256,
+                )
+            return {"ETag": '"%s"' % spooled.info.md5}
+        result = client._put_path(spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024

@@ -7347,6 +7347,20 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
 
 
+def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
+    """``dir/`` objects (S3 consoles, rclone directory markers) are no files to delta: they
+    are stored as sent, listed, read and deleted like any object."""
+    s3 = _boto3(local_gateway)
+    s3.put_object(Bucket="gwbucket", Key="dir/", Body=b"", Metadata={"k": "v"})
+    s3.put_object(Bucket="gwbucket", Key="dir/f.txt", Body=b"x")
+    listed = s3.list_objects_v2(Bucket="gwbucket")["Contents"]
+    assert [o["Key"] for o in listed] == ["dir/", "dir/f.txt"]
+    head = s3.head_object(Bucket="gwbucket", Key="dir/")
+    assert (head["ContentLength"], head["Metadata"]) == (0, {"k": "v"})
+    s3.delete_object(Bucket="gwbucket", Key="dir/")
+    assert stored_keys(local_gateway.client, "gwbucket") == ["dir/f.txt"]
+
+
 def test_gateway_answers_out_of_scope_requests_not_implemented(local_gateway: Gateway) -> None:
     s3 = _boto3(local_gateway)
     s3.put_object(Bucket="gwbucket", Key="k", Body=b"v")
