@@ -13658,23 +13658,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument(
-        "--workers", type=int, default=64, help="connections served at once (default 64)"
+        "--workers",
+        type=_option(_parse_int, "--workers", minimum=1),
+        default=64,
+        help="connections served at once (default 64)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_option(_parse_number, "--idle-timeout", above=0),
         default=60.0,
         help="seconds a connection may stay silent (default 60)",
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=_option(_parse_number, "--request-timeout", above=0),
         default=3600.0,
         help="seconds a request body may take to arrive (default 3600)",
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_option(_parse_number, "--grace", minimum=0),
         default=30.0,
         help="seconds requests in flight get to finish on Ctrl-C/SIGTERM (default 30)",
     )
@@ -13691,7 +13694,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delta zip-family files member by member (DG_ARCHIVE_AWARE=1)",
     )
-    p.add_argument("--max-ratio", type=float, help="largest delta worth storing (default 0.5)")
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing (default 0.5)",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
     p.add_argument("bucket", help="bucket name or s3://bucket")

@@ -7816,6 +7816,14 @@ def test_cli_every_option_has_help_text() -> None:
         and (not action.help or action.help == argparse.SUPPRESS)
     ]
     assert missing == []
+    # and every numeric option goes through the settings parsers (named, bounded errors)
+    raw = [
+        "%s %s" % (sub.prog, "/".join(action.option_strings))
+        for sub in [parser, *dg._subparsers(parser)]
+        for action in sub._actions
+        if action.type in (int, float)
+    ]
+    assert raw == []
     for command, text in (
         ("rm", "show what would be deleted"),
         ("ls", "end with the object count and size"),
@@ -10372,6 +10380,8 @@ FAULT_BAD_INPUTS = [
     (["cp", "--max-ratio", "nan", "f.txt", "s3://bkt/x"], 2, "--max-ratio must be a number from"),
     (["--max-concurrency", "0", "ls", "s3://bkt"], 2, "--max-concurrency must be a whole number"),
     (["ls", "s3://bkt", "--max-concurrency", "-2"], 2, "of at least 1, not '-2'"),
+    (["serve", "--workers", "0"], 2, "--workers must be a whole number of at least 1, not '0'"),
+    (["serve", "--grace", "-1"], 2, "--grace must be a number of at least 0, not '-1'"),
     (["verify", "s3://bkt/missing"], 1, "(NoSuchKey)"),
     (["mv", "s3://bkt/missing", "s3://bkt/other"], 1, "move failed: s3://bkt/missing"),
     (["-r"], 2, "error"),
