@@ -12892,7 +12892,45 @@ class _Cli:
             return self.sync_down(src, dst)
         if dst.startswith("s3://") and not src.startswith("s3://"):
             return self.sync_up(src, dst)
-        raise _UsageError("sync needs one local folder and one s3:// URL")
+        if src.startswith("s3://") and dst.startswith("s3://"):
+            return self.sync_between(src, dst)
+        raise _UsageError("sync needs at least one s3:// URL (and local folders, not files)")
+
+    def sync_between(self, src: str, dst: str) -> int:
+        """s3:// to s3:// as aws s3 sync does it: copy each key missing at the destination,
+        of another size, or newer at the source (LastModified); --delete removes the
+        destination's keys the source does not have."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        source = {
+            rel: obj for rel, obj in self.remote_index(sb, prefix).items() if filters.included(rel)
+        }
+        _refuse_onto_itself(
+            "sync", sb, db, [(prefix + rel, dprefix + rel) for rel in source], (prefix, dprefix)
+        )
+        dest = self.remote_index(db, dprefix)
+        tasks: list[Callable[[], None]] = []
+        for rel in sorted(source):
+            obj, have = source[rel], dest.get(rel)
+            if have is not None and not self.should_transfer(
+                obj["Size"],
+                obj["LastModified"].timestamp(),
+                have["Size"],
+                have["LastModified"].timestamp(),
+                upload=True,
+            ):
+                continue
+            tasks.append(functools.partial(self.copy_one, sb, prefix + rel, db, dprefix + rel))
+        self.run_tasks(tasks, 0)
+        if self.args.delete:
+            gone = [
+                dprefix + rel for rel in sorted(dest) if rel not in source and filters.included(rel)
+            ]
+            self.delete_keys(db, gone)
+        return self.exit_code()
 
     def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
@@ -13293,13 +13331,19 @@ def _store_identity(client: DeltaGliderClient) -> str:
 
 
 def _refuse_onto_itself(
-    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+    command: str,
+    src_bucket: str,
+    dst_bucket: str,
+    pairs: Sequence[tuple[str, str]],
+    prefixes: tuple[str, str] | None = None,
 ) -> None:
-    """The one check for cp, mv, migrate (and any command that reads and writes one store):
-    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
-    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
-    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
-    delete what it just wrote)."""
+    """The one check for cp, mv, sync and migrate within one store: refuse, before any work,
+    a transfer whose destination is its own source (aws s3 mv: "Cannot mv a file onto
+    itself"), or that writes a key the same run still has to read (overlapping prefixes:
+    the outcome would depend on the order of transfers, and mv would delete what it just
+    wrote). ``prefixes`` (source, destination), for sync: one may not hold the other at
+    all, since the destination's listing would take in the source (each run would copy
+    into itself again, and --delete would remove source keys)."""
     if src_bucket != dst_bucket:
         return
     for s_key, d_key in pairs:
@@ -13308,6 +13352,13 @@ def _refuse_onto_itself(
                 "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
                 % (command, src_bucket, s_key, dst_bucket, d_key)
             )
+    if prefixes is not None and (
+        prefixes[0].startswith(prefixes[1]) or prefixes[1].startswith(prefixes[0])
+    ):
+        raise _UsageError(
+            "Cannot %s s3://%s/%s to s3://%s/%s: one prefix holds the other; nothing was changed"
+            % (command, src_bucket, prefixes[0], dst_bucket, prefixes[1])
+        )
     sources = {s_key for s_key, _ in pairs}
     for s_key, d_key in pairs:
         if d_key in sources:

@@ -7584,6 +7584,51 @@ def test_cli_sync_twice_transfers_nothing_and_delete(cli_env: Any, tmp_path: Any
     assert (down / "d" / "f1.txt").read_text() == "changed, and longer"
 
 
+@needs_xdelta3
+def test_cli_sync_between_two_prefixes(cli_env: Any, tmp_path: Any) -> None:
+    """sync s3:// s3:// (as aws s3 sync): copies what is missing or changed, a second run
+    copies nothing, --delete removes extra keys; onto itself or into itself is refused."""
+    backend, bucket = cli_env
+    url = "s3://%s/" % bucket
+    data = {"a.zip": make_zip(tmp_path / "a.zip", 0), "b.zip": make_zip(tmp_path / "b.zip", 1)}
+    (tmp_path / "n.txt").write_bytes(b"notes")
+    data["n.txt"] = b"notes"
+    for name in data:
+        assert run_cli(backend, tmp_path, ["cp", str(tmp_path / name), url + "src/"])[0] == 0
+    code, out, err = run_cli(backend, tmp_path, ["sync", url + "src/", url + "dst/"])
+    assert code == 0, err
+    assert sorted(out.splitlines())[0].startswith("copy: %ssrc/a.zip to %sdst/a.zip" % (url, url))
+    assert out.count("copy: ") == 3
+    code, out, err = run_cli(backend, tmp_path, ["sync", url + "src/", url + "dst"])
+    assert (code, out) == (0, ""), err
+    (tmp_path / "n.txt").write_bytes(b"longer notes")
+    data["n.txt"] = b"longer notes"
+    assert run_cli(backend, tmp_path, ["cp", str(tmp_path / "n.txt"), url + "src/"])[0] == 0
+    assert run_cli(backend, tmp_path, ["rm", url + "src/a.zip"])[0] == 0
+    del data["a.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["sync", url + "src/", url + "dst/", "--delete"])
+    assert code == 0, err
+    assert sorted(out.splitlines()) == [
+        "copy: %ssrc/n.txt to %sdst/n.txt" % (url, url),
+        "delete: %sdst/a.zip" % url,
+    ]
+    c = make_client(backend, tmp_path)
+    for name, body in data.items():
+        assert c.get_object(Bucket=bucket, Key="dst/" + name)["Body"].read() == body
+    before = stored_keys(c, bucket)
+    for argv, message in (
+        (["sync", url + "src/", url + "src/"], "Cannot sync a file onto itself: '%ssrc/" % url),
+        (["sync", url, url + "dst/"], "Cannot sync %s to %sdst/: one prefix holds" % (url, url)),
+        (
+            ["sync", url + "dst/", url, "--delete"],
+            "Cannot sync %sdst/ to %s: one prefix" % (url, url),
+        ),
+    ):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert (code, out) == (2, "") and err.startswith(message), (argv, err)
+    assert stored_keys(c, bucket) == before
+
+
 def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: Any) -> None:
     backend, bucket = cli_env
     c = make_client(backend, tmp_path)
@@ -10348,8 +10393,14 @@ FAULT_BAD_INPUTS = [
     ([], 2, "a command is needed"),
     (["frobnicate"], 2, "invalid choice"),
     (["cp", "--bogus", "f.txt", "s3://bkt/x"], 2, "unrecognized arguments: --bogus"),
-    (["sync", "d", "d2"], 2, "sync needs one local folder and one s3:// URL"),
-    (["sync", "s3://a/b", "s3://c/d"], 2, "sync needs one local folder and one s3:// URL"),
+    (["sync", "d", "d2"], 2, "sync needs at least one s3:// URL"),
+    (["sync", "s3://nobucket/b", "s3://bkt/d"], 1, "(NoSuchBucket)"),
+    (
+        ["sync", "s3://bkt/r/", "s3://bkt/r/"],
+        2,
+        "Cannot sync a file onto itself: 's3://bkt/r/a.zip",
+    ),
+    (["sync", "s3://bkt/", "s3://bkt/r/"], 2, "Cannot sync s3://bkt/ to s3://bkt/r/: one prefix"),
     (["sync", "missingdir", "s3://bkt/p/"], 1, "The user-provided path missingdir does not exist."),
     (["sync", "a.zip", "s3://bkt/p/"], 1, "path a.zip is not a folder: sync takes folders (cp"),
     (["sync", "s3://bkt/r/", "f.txt"], 1, "path f.txt is not a folder: sync takes folders (cp"),
