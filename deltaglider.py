@@ -13191,7 +13191,8 @@ class _Cli:
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
         if _store_identity(source) == _store_identity(self.client):
-            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -13341,9 +13342,9 @@ def _refuse_onto_itself(
     a transfer whose destination is its own source (aws s3 mv: "Cannot mv a file onto
     itself"), or that writes a key the same run still has to read (overlapping prefixes:
     the outcome would depend on the order of transfers, and mv would delete what it just
-    wrote). ``prefixes`` (source, destination), for sync: one may not hold the other at
-    all, since the destination's listing would take in the source (each run would copy
-    into itself again, and --delete would remove source keys)."""
+    wrote). ``prefixes`` (source, destination), for sync and migrate: one may not hold the
+    other at all, since the destination's listing would take in the source (each run would
+    copy into itself again, and sync --delete would remove source keys)."""
     if src_bucket != dst_bucket:
         return
     for s_key, d_key in pairs:

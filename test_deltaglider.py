@@ -7941,7 +7941,8 @@ def test_cli_verify_and_rm_keep_references_consistent(cli_env: Any, tmp_path: An
 @needs_xdelta3
 def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: Any) -> None:
     """mv/cp/migrate whose destination is the source (or, with -r, overlaps it) stop before
-    any work, as aws s3 mv does; nothing is deleted, the folder's reference stays."""
+    any work, as aws s3 mv does; nothing is deleted, the folder's reference stays (sync:
+    test_cli_sync_between_two_prefixes)."""
     backend, bucket = cli_env
     url = "s3://%s/" % bucket
     wanted = {}
@@ -7966,8 +7967,9 @@ def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: A
         (["migrate", url + "dir/", url + "dir/"], "Cannot migrate a file onto itself"),
         (
             ["migrate", url + "dir/", url + "dir/sub"],
-            "the destination is also a source of this migrate",
+            "Cannot migrate %sdir/ to %sdir/sub/: one prefix holds the other" % (url, url),
         ),
+        (["migrate", url + "dir/sub/", url + "dir/"], "one prefix holds the other"),
     ]
     for argv, message in refusals:
         code, out, err = run_cli(backend, tmp_path, argv)
