@@ -34,6 +34,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import random
@@ -5998,6 +5999,28 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+_ENV_REFERENCES = "DG_REFERENCES"
+_REFERENCES_SHARED = "shared"
+_REFERENCES_FOLDER = "folder"
+#: A delta above this fraction of the file, against a reference of the same series (the same
+#: name, or the same name with its version numbers changed), makes the file a new reference:
+#: the versions after it then delta against it (drift, a bad first file). On 25 botocore
+#: wheels 0.22 picks the references an exhaustive search picks (benchmarks/RESULTS.md).
+_HEAL_RATIO = 0.22
+#: A reference is a candidate for a file within this factor of its size.
+_SIMILAR_SIZE = 2.0
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Pages of a parent's shared references an upload reads (1000 each).
+_REF_LIST_PAGES = 2
+#: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
+_REF_SCAN_LIMIT = 200
+_VERSION_RE = re.compile(r"\d+")
+_SPLIT_RE = re.compile(r"(\d+)")
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
 _ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
@@ -6109,6 +6132,60 @@ def _deltaspace(key: str) -> str:
 
 def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # US-ASCII, as the key travels in dg-ref-key (a non-ASCII name is percent-encoded here).
+    rel = _meta_encode(folder + "/" + name if space else name)
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(key.encode("utf-8")) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _name_class(name: str, other: str) -> int:
+    """How alike two file names are: 3 the same; 2 the same but for version numbers
+    (a series); 1 the same extension; 0 unrelated."""
+    if name == other:
+        return 3
+    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+        return 2
+    ext = name.rpartition(".")[2].lower() if "." in name else None
+    return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
 def _resolve_ref_key(delta_key: str, ref: str) -> str:
@@ -6867,8 +6944,10 @@ class _DeltaEngine:
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
         archive_aware: bool = False,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
         self.storage = storage
+        self.references = references
         self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
@@ -7298,16 +7377,7 @@ class _DeltaEngine:
                     raise
             info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
-            meta = {
-                "dg-tool": self._tool,
-                "dg-source-name": _meta_encode(name),
-                "dg-original-name": _meta_encode(name),
-                "dg-file-sha256": info.sha256,
-                "dg-file-size": str(info.size),
-                "dg-md5": info.md5,
-                "dg-created-at": _iso_utc(self._now()),
-                "dg-note": "reference",
-            }
+            meta = self._reference_metadata(name, info)
             try:
                 _put_path(
                     self.storage,
@@ -7336,6 +7406,106 @@ class _DeltaEngine:
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
+    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
+        return {
+            "dg-tool": self._tool,
+            "dg-source-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-note": "reference",
+        }
+
+    def _pick_reference(
+        self, bucket: str, space: str, name: str, size: int
+    ) -> tuple[str, str, bool] | None:
+        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
+        same series) of the best existing reference for a file, or None when none fits.
+
+        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
+        references of the folder's parent (one listing: the versions in sibling folders,
+        and the earlier references of this folder). A candidate must be of a similar size;
+        the best has the most alike name (same name, then the same but for version
+        numbers, then the same extension; the folder's own reference.bin may be unrelated,
+        as it always could), then is the newest, then the closest in size."""
+        best: tuple[tuple[Any, ...], str, str, bool] | None = None
+
+        def consider(
+            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
+        ) -> None:
+            nonlocal best
+            if not sha or csize <= 0 or size <= 0:
+                return
+            ratio = csize / size
+            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
+                return
+            cls = _name_class(name, source)
+            if cls == 0 and not own:
+                return
+            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
+            # Within a second (Last-Modified's resolution), the highest version by name.
+            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            rank = (cls, when, natural, -abs(math.log(ratio)))
+            if best is None or rank > best[0]:
+                best = (rank, key, sha, cls >= 2)
+
+        own_key = _reference_key(space)
+        try:
+            head = self.storage.head_object(bucket, own_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        else:
+            meta = head.get("Metadata", {})
+            consider(
+                own_key,
+                _meta_get(meta, "file_sha256") or "",
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+                int(head.get("ContentLength", 0)),
+                head.get("LastModified"),
+                True,
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+            )
+        prefix = _refs_prefix(_parent_space(space))
+        token: str | None = None
+        for _ in range(_REF_LIST_PAGES):
+            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
+                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                    rel = _meta_decode(parts[0])
+                    consider(
+                        obj["Key"],
+                        parts[1],
+                        source,
+                        obj["Size"],
+                        obj.get("LastModified"),
+                        False,
+                        rel,
+                    )
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return None if best is None else best[1:]
+
+    def _new_shared_reference(
+        self, path: str, bucket: str, ref_key: str, name: str, info: _FileInfo
+    ) -> str:
+        """Store a file as a shared reference; returns its cached copy. The key holds the
+        SHA-256, so racing writers of the same file write the same bytes."""
+        _put_path(
+            self.storage,
+            bucket,
+            ref_key,
+            path,
+            metadata=self._reference_metadata(name, info),
+            sha256=info.sha256,
+        )
+        return self.cache.add_file(info.sha256, path)
+
     def _put_delta(
         self,
         path: str,
@@ -7351,11 +7521,41 @@ class _DeltaEngine:
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
         tmp_dir = self._tmp_dir()
+        shared = (
+            self.references == _REFERENCES_SHARED
+            and _shared_ref_key(space, name, "0" * 64) is not None
+        )
+        size = os.path.getsize(path)
         for _ in range(5):
-            with self._space_lock(bucket, space):
-                ref_sha, ref_path, created = self._ensure_reference(
-                    path, bucket, ref_key, name, file_info
-                )
+            series = False
+            if not shared:
+                with self._space_lock(bucket, space):
+                    ref_sha, ref_path, created = self._ensure_reference(
+                        path, bucket, ref_key, name, file_info
+                    )
+            else:
+                # One choice at a time per parent folder in this process: parallel first
+                # uploads (a recursive upload of a new release tree) then share a reference.
+                with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
+                    pick = self._pick_reference(bucket, space, name, size)
+                    if pick is None:
+                        info = file_info()
+                        ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                        ref_sha, created = info.sha256, True
+                        ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
+                if pick is not None:
+                    ref_key, ref_sha, series = pick
+                    created = False
+                    try:
+                        ref_path = self.reference_path(bucket, ref_key, ref_sha)
+                    except IntegrityError:
+                        if self._current_reference(bucket, ref_key) != ref_sha:
+                            continue  # replaced or deleted since the listing: choose again
+                        raise
+                    except ClientError as e:
+                        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            continue  # deleted since the listing
+                        raise
             if _is_compressed_stream(ref_path):
                 return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
             # Uploads hash a cached reference once per process, beside the encoding: a
@@ -7387,6 +7587,25 @@ class _DeltaEngine:
                     info = file_info()
                     decoded = plain or (info.sha256, info.size)  # archive: checked there
                 delta_size = os.path.getsize(delta_tmp)
+                if series and delta_size > min(_HEAL_RATIO, max_ratio) * info.size:
+                    # Drift: the versions after this one are better off against it.
+                    logger.info(
+                        "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a "
+                        "new reference",
+                        key,
+                        100.0 * delta_size / info.size,
+                        bucket,
+                        ref_key,
+                    )
+                    ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                    if ref_check is not None and not ref_check.result():
+                        continue  # the cached reference was corrupt: choose again
+                    ref_sha, created, extra, ref_check = info.sha256, True, None, None
+                    ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
+                    with open(delta_tmp, "wb") as f:
+                        f.write(_zero_diff_delta(info.size))
+                    decoded = (info.sha256, info.size)
+                    delta_size = os.path.getsize(delta_tmp)
                 if not created and delta_size > max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
@@ -7408,7 +7627,9 @@ class _DeltaEngine:
                 delta_meta.update(
                     {
                         "dg-ref-key": ref_key,
-                        "dg-ref-path": _REFERENCE_NAME,
+                        # The proxy's name for the folder's own reference; a shared one is
+                        # named in full (the proxy then refuses it: a SHA-256 mismatch).
+                        "dg-ref-path": ref_key if _is_shared_ref(ref_key) else _REFERENCE_NAME,
                         "dg-ref-sha256": ref_sha,
                         "dg-delta-size": str(delta_size),
                         "dg-delta-cmd": self._delta_cmd(name),
@@ -7440,10 +7661,17 @@ class _DeltaEngine:
             if self._current_reference(bucket, ref_key) == ref_sha:
                 if created:
                     # Stored as a zero-diff delta; the whole file went up as reference.bin.
-                    return self._summary(
+                    summary = self._summary(
                         "create_reference", delta_key, info, info.size, delta_size, resp
                     )
-                return self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
+                else:
+                    summary = self._summary(
+                        "create_delta", delta_key, info, delta_size, delta_size, resp
+                    )
+                summary["ReferenceKey"] = ref_key
+                if _is_shared_ref(ref_key):
+                    summary["ReferenceSource"] = _shared_ref_source(ref_key)
+                return summary
             logger.warning("reference of %s changed while storing a delta; retrying", key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
@@ -7499,7 +7727,7 @@ class _DeltaEngine:
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
             if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_unused_reference(bucket, _deltaspace(ref_key))
+                self._drop_reference(bucket, ref_key)
         except (ClientError, DeltaGliderError, OSError) as e:
             logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
 
@@ -7528,7 +7756,7 @@ class _DeltaEngine:
             raise
         self.storage.delete_object(bucket, other)
         if other.endswith(_DELTA_SUFFIX):
-            self._drop_unused_reference(bucket, _deltaspace(key))
+            self.drop_unused_near(bucket, _deltaspace(key))
 
     # -- deleting -----------------------------------------------------------------
 
@@ -7547,8 +7775,151 @@ class _DeltaEngine:
         info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
         if lg.kind == _Kind.DELTA:
             ref = _resolve_ref_key(lg.stored_key, _meta_get(lg.metadata, "ref") or _REFERENCE_NAME)
-            info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref))
+            info["ReferenceKey"] = ref
+            info["ReferenceDeleted"] = self._drop_reference(bucket, ref)
         return info
+
+    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
+        """Delete a reference if no delta needs it (and that is cheap to prove)."""
+        if not _is_shared_ref(ref_key):
+            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
+        parent = _shared_ref_parent(ref_key)
+        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
+
+    def drop_unused_near(self, bucket: str, space: str) -> None:
+        """After deltas of ``space`` went (without reading them first): its own
+        reference.bin, and the shared references of its parent, if nothing needs them."""
+        self._drop_unused_reference(bucket, space)
+        parent = _parent_space(space)
+        refs = {k for k, _ in self.shared_references(bucket, parent)}
+        if refs:
+            self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+
+    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
+        """(key, size) of ``parent``'s shared references (those made from files whose
+        path below ``parent`` starts with ``under``)."""
+        out: list[tuple[str, int]] = []
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects_v2(
+                bucket, prefix=_refs_prefix(parent) + under, continuation_token=token
+            )
+            out += [
+                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
+            ]
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+
+    def _shared_ref_users(
+        self, bucket: str, parent: str, refs: set[str], limit: int | None
+    ) -> set[str] | None:
+        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
+        when proving it would take more than ``limit`` requests.
+
+        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
+        them: first each reference's own source file is looked at (it needs its reference
+        as long as it exists), then, for the rest, every delta in those folders."""
+        used: set[str] = set()
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return limit is None or spent <= limit
+
+        def names(stored: str) -> str | None:
+            try:
+                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            ref = _meta_get(meta, "ref")
+            return _resolve_ref_key(stored, ref) if ref else None
+
+        for ref in sorted(refs):
+            if not spend():
+                return None
+            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
+                used.add(ref)
+        if used == refs:
+            return used
+        folders: list[str] = []
+        deltas: list[str] = []
+        prefix = parent + "/" if parent else ""
+        for top in (True, False):
+            queue = [prefix] if top else folders
+            for folder in list(queue):
+                token: str | None = None
+                while True:
+                    if not spend():
+                        return None
+                    page = self.storage.list_objects_v2(
+                        bucket, prefix=folder, delimiter="/", continuation_token=token
+                    )
+                    if top:
+                        folders += [
+                            p["Prefix"]
+                            for p in page.get("CommonPrefixes", [])
+                            if not _is_internal(p["Prefix"])
+                        ]
+                    if not top or not parent:  # the root's own files use the root's references
+                        deltas += [
+                            o["Key"]
+                            for o in page.get("Contents", [])
+                            if o["Key"].endswith(_DELTA_SUFFIX)
+                        ]
+                    if not page.get("IsTruncated"):
+                        break
+                    token = page.get("NextContinuationToken")
+        for stored in deltas:
+            if not spend():
+                return None
+            named = names(stored)
+            if named is not None and named in refs:
+                used.add(named)
+                if used == refs:
+                    break
+        return used
+
+    def drop_unused_shared(
+        self,
+        bucket: str,
+        parent: str,
+        refs: set[str],
+        limit: int | None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
+        reference: copied aside first, and put back if a delta names it after all (a
+        writer that stored one meanwhile; writers also check their reference after)."""
+        used = self._shared_ref_users(bucket, parent, refs, limit)
+        if used is None:
+            return []
+        dropped: list[str] = []
+        for ref_key in sorted(refs - used):
+            if dry_run:
+                dropped.append(ref_key)
+                continue
+            aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+            try:
+                self.storage.copy_object(bucket, aside, bucket, ref_key)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue  # gone already
+            try:
+                self.storage.delete_object(bucket, ref_key)
+                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
+                    if self._current_reference(bucket, ref_key) is None:
+                        self.storage.copy_object(bucket, ref_key, bucket, aside)
+                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
+                    continue
+                dropped.append(ref_key)
+            finally:
+                self.storage.delete_object(bucket, aside)
+        return dropped
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
@@ -7616,10 +7987,60 @@ class _DeltaEngine:
             deleted += [d["Key"] for d in resp.get("Deleted", [])]
             errors += resp.get("Errors", [])
         refs_deleted = 0
+        parents: dict[str, set[str]] = {}
         for ref in refs:
-            if self._drop_unused_reference(bucket, _deltaspace(ref)):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif self._drop_unused_reference(bucket, _deltaspace(ref)):
                 refs_deleted += 1
+        # The deleted deltas' shared references live beside their folders, outside the prefix.
+        for k in deleted:
+            if k.endswith(_DELTA_SUFFIX):
+                parents.setdefault(_parent_space(_deltaspace(k)), set())
+        for parent, found in sorted(parents.items()):
+            found |= {k for k, _ in self.shared_references(bucket, parent)}
+            if found:
+                refs_deleted += len(self.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT))
         return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+    def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Remove the references under ``prefix`` (a folder) that no delta needs, proving
+        it however many requests that takes; returns what it removed."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        sizes: dict[str, int] = {}
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            for obj in page.get("Contents", []):
+                if obj["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                    sizes[obj["Key"]] = obj["Size"]
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        if prefix:
+            # The folder's own files keep theirs beside it, in its parent.
+            space = prefix[:-1]
+            parent = _parent_space(space)
+            folder = space[len(parent) + 1 :] if parent else space
+            sizes.update(self.shared_references(bucket, parent, folder + "/"))
+        removed: list[str] = []
+        parents: dict[str, set[str]] = {}
+        for ref in sorted(sizes):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
+                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
+                    removed.append(ref)
+        for parent, found in sorted(parents.items()):
+            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
+        removed.sort()
+        return {
+            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
+            "Kept": len(sizes) - len(removed),
+            "BytesFreed": sum(sizes[k] for k in removed),
+            "DryRun": dry_run,
+        }
 
 
 ###############################################################################
@@ -7730,7 +8151,7 @@ class _Paginator:
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in page.get("CommonPrefixes", []) if p.get("Prefix") != _INTERNAL_PREFIX]
+    return [p for p in page.get("CommonPrefixes", []) if not _is_internal(p.get("Prefix", ""))]
 
 
 class _TempBody(StreamingBody):
@@ -7813,7 +8234,9 @@ class DeltaGliderClient:
         environ: Mapping[str, str],
         now: Callable[[], datetime.datetime],
         max_workers: int = 10,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
+        self._references = references
         self._storage_factory = storage_factory
         self._storage: Any = None
         self._engine_obj: _DeltaEngine | None = None
@@ -7844,6 +8267,7 @@ class DeltaGliderClient:
                         environ=self._environ,
                         now=self._now,
                         archive_aware=self._archive_aware,
+                        references=self._references,
                     )
         return self._engine_obj
 
@@ -7959,6 +8383,10 @@ class DeltaGliderClient:
                     "Operation",
                 )
             }
+            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+            for k in ("ReferenceKey", "ReferenceSource"):
+                if k in summary:
+                    out["DeltaGliderInfo"][k] = summary[k]
         return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
@@ -8077,7 +8505,7 @@ class DeltaGliderClient:
             errors += resp.get("Errors", [])
         spaces = {_deltaspace(k) for k in keys}
         for space in sorted(spaces):
-            self._engine._drop_unused_reference(bucket, space)
+            self._engine.drop_unused_near(bucket, space)
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
         done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
@@ -8156,7 +8584,7 @@ class DeltaGliderClient:
         contents = []
         for obj in page.get("Contents", []):
             stored = obj["Key"]
-            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
+            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
                 continue
             logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
             if after is not None and logical <= after:
@@ -8618,13 +9046,17 @@ class DeltaGliderClient:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
             message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        return {
+        result = {
             "valid": valid,
             "kind": lg.kind,
             "expected_sha256": lg.sha256,
             "actual_sha256": actual,
             "message": message,
         }
+        if lg.kind == _Kind.DELTA:
+            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+        return result
 
     def get_bucket_stats(
         self,
@@ -8649,7 +9081,9 @@ class DeltaGliderClient:
         while True:
             page = storage.list_objects_v2(bucket, continuation_token=token)
             objects += [
-                o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
+                o
+                for o in page.get("Contents", [])
+                if not _is_internal(o["Key"]) or _is_shared_ref(o["Key"])
             ]
             if not page.get("IsTruncated"):
                 break
@@ -8670,8 +9104,16 @@ class DeltaGliderClient:
         ref_sizes = {
             _deltaspace(o["Key"]): o["Size"]
             for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
         }
+        shared_sizes: dict[str, list[int]] = {}
+        for o in objects:
+            if _is_shared_ref(o["Key"]):
+                shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
+        references = {
+            o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        }
+        ref_users: dict[str, list[int]] = {}
         deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
         direct = [
             o
@@ -8689,19 +9131,26 @@ class DeltaGliderClient:
             else:
                 targets = deltas
 
-            def size_of(o: dict[str, Any]) -> tuple[str, int | None]:
+            def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
                 try:
                     meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
                 except ClientError:
-                    return o["Key"], None
+                    return o["Key"], None, None
                 value = _meta_get(meta, "file_size")
-                return o["Key"], int(value) if value and value.isdigit() else None
+                ref = _meta_get(meta, "ref")
+                return (
+                    o["Key"],
+                    int(value) if value and value.isdigit() else None,
+                    _resolve_ref_key(o["Key"], ref) if ref else None,
+                )
 
             workers = max(1, min(self._max_workers, len(targets)))
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, size in pool.map(size_of, targets):
+                for key, size, ref in pool.map(size_of, targets):
                     if size is not None:
                         original[key] = size
+                        if ref is not None:
+                            ref_users.setdefault(ref, []).append(size)
             if mode == "sampled":
                 per_space = {_deltaspace(k): v for k, v in original.items()}
                 original = {
@@ -8711,8 +9160,10 @@ class DeltaGliderClient:
                 }
         logical_total = sum(o["Size"] for o in direct)
         for o in deltas:
-            guess = original.get(o["Key"], ref_sizes.get(_deltaspace(o["Key"]), o["Size"]))
-            logical_total += guess
+            space = _deltaspace(o["Key"])
+            near = shared_sizes.get(_parent_space(space))
+            fallback = sum(near) // len(near) if near else o["Size"]
+            logical_total += original.get(o["Key"], ref_sizes.get(space, fallback))
         saved = logical_total - stored_total
         stats = {
             "bucket": bucket,
@@ -8725,10 +9176,23 @@ class DeltaGliderClient:
             "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
             "delta_objects": len(deltas),
             "direct_objects": len(direct),
-            "reference_objects": len(ref_sizes),
+            "reference_objects": len(references),
+            "reference_size": sum(references.values()),
             "estimated": mode != "detailed",
             "cached": False,
         }
+        if mode == "detailed":
+            # What each reference costs, and what the deltas that need it hold.
+            stats["references"] = [
+                {
+                    "key": k,
+                    "size": size,
+                    "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
+                    "deltas": len(ref_users.get(k, [])),
+                    "original_size": sum(ref_users.get(k, [])),
+                }
+                for k, size in sorted(references.items())
+            ]
         if use_cache:
             doc = {
                 "version": "1.0",
@@ -8747,6 +9211,14 @@ class DeltaGliderClient:
             except ClientError as e:  # read-only credentials: the stats still stand
                 logger.info("could not cache bucket stats: %s", e)
         return stats
+
+    def gc(self, Bucket: str, Prefix: str = "", DryRun: bool = False) -> dict[str, Any]:
+        """Delete the references under ``Prefix`` (a folder; the whole bucket by default)
+        that no delta needs any more, however many requests proving it takes.
+
+        Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
+        _validate_bucket_name(Bucket)
+        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
@@ -8898,6 +9370,7 @@ def create_client(
     archive_aware: bool | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
+    references: str | None = None,
 ) -> DeltaGliderClient:
     """A boto3-compatible S3 client that stores versioned artifacts as deltas.
 
@@ -8907,8 +9380,19 @@ def create_client(
     of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references.
     ``archive_aware`` (``DG_ARCHIVE_AWARE=1``) makes deltas of zip-family files (wheels,
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
-    megabytes (README, "Archive-aware deltas")."""
+    megabytes (README, "Archive-aware deltas").
+    ``references`` (``DG_REFERENCES``): ``shared`` (default) lets a file delta against a
+    reference in a sibling folder, and makes a new reference when versions drift;
+    ``folder`` keeps one reference per folder, the layout deltaglider_proxy reads
+    (README, "Where references live")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    if references is None:
+        references = env.get(_ENV_REFERENCES, "").strip().lower() or _REFERENCES_SHARED
+    if references not in (_REFERENCES_SHARED, _REFERENCES_FOLDER):
+        raise InvalidConfigError(
+            error_msg="%s must be %s or %s, not %r"
+            % (_ENV_REFERENCES, _REFERENCES_SHARED, _REFERENCES_FOLDER, references)
+        )
     if archive_aware is None:
         value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
         if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
@@ -8990,6 +9474,7 @@ def create_client(
         environ=env,
         now=now,
         max_workers=max_workers,
+        references=references,
     )
 
 
@@ -9167,6 +9652,7 @@ class _Cli:
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            references = getattr(self.args, "references", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
                 region_name=self.args.region,
@@ -9177,6 +9663,7 @@ class _Cli:
                 max_workers=self.workers,
                 archive_aware=archive_aware,
                 environ=self.environ,
+                references=references,
             )
         return self._client
 
@@ -9268,7 +9755,15 @@ class _Cli:
         op = summary.get("Operation")
         if op == "create_delta":
             # Rounded down: a 99.96% saving is not "100.0%".
-            return " (delta, %.1f%% saved)" % (int(summary["SavingsPercent"] * 10) / 10.0)
+            saved = int(summary["SavingsPercent"] * 10) / 10.0
+            source = summary.get("ReferenceSource")
+            folder, _, name = (source or "").rpartition("/")
+            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+            if source and folder != _deltaspace(key):
+                # A reference made from a file in another folder: name it.
+                shown = folder + "/" if name == key.rpartition("/")[2] else source
+                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+            return " (delta, %.1f%% saved)" % saved
         if op == "create_reference":
             return " (reference)"
         return ""
@@ -9609,7 +10104,7 @@ class _Cli:
                 self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
                 count += 0
             for obj in page.get("Contents", []):
-                if obj["Key"].startswith(".deltaglider/"):
+                if _is_internal(obj["Key"]):
                     continue
                 count += 1
                 total += obj["Size"]
@@ -9853,8 +10348,8 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(k.startswith(_INTERNAL_PREFIX) for k in left):
-                self.client._engine.delete_prefix(bucket, _INTERNAL_PREFIX)
+            if left and all(_is_internal(k) for k in left):
+                self.client._engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -9883,6 +10378,26 @@ class _Cli:
         result = self.client.purge_temp_files(bucket)
         self.out.write(json.dumps(result, indent=2) + "\n")
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
+
+    def cmd_gc(self) -> int:
+        bucket, prefix = _parse_s3_url(self.args.path)
+        result = self.client.gc(Bucket=bucket, Prefix=prefix, DryRun=self.args.dryrun)
+        for item in result["Removed"]:
+            self.line(
+                "%sdelete: s3://%s/%s (%s)"
+                % (self.dry(), bucket, item["Key"], _human_size(item["Size"]))
+            )
+        self.line(
+            "%s%d unused reference(s), %s%s; %d kept"
+            % (
+                self.dry(),
+                len(result["Removed"]),
+                _human_size(result["BytesFreed"]),
+                " would be freed" if self.args.dryrun else " freed",
+                result["Kept"],
+            )
+        )
+        return self.exit_code()
 
     def cmd_stats(self) -> int:
         name = self.args.bucket
@@ -9913,12 +10428,33 @@ class _Cli:
                 % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
             ),
         ]
+        if "reference_size" in stats:
+            rows.insert(
+                3,
+                (
+                    "  References:",
+                    "%d (%s stored)"
+                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
+                ),
+            )
         self.out.write(
             "Bucket Statistics: %s (%s%s)\n%s\n"
             % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
         )
         for label, value in rows:
             self.out.write("%-22s%s\n" % (label, value))
+        if stats.get("references"):
+            self.out.write("References (stored size, deltas that need it, their size):\n")
+            for ref in stats["references"]:
+                self.out.write(
+                    "  %10s  %4d deltas %10s  %s\n"
+                    % (
+                        _human_size(ref["size"]),
+                        ref["deltas"],
+                        _human_size(ref["original_size"]),
+                        ref["source"] or ref["key"],
+                    )
+                )
         if stats["estimated"]:
             self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
         return EXIT_OK
@@ -9950,7 +10486,7 @@ class _Cli:
         ):
             for item in obj.get("Contents", []):
                 rel = item["Key"][len(sprefix) :]
-                if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
+                if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
         present: dict[str, int] = {}
@@ -10239,6 +10775,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "(DG_ARCHIVE_AWARE=1)",
         )
         p.add_argument(
+            "--references",
+            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+            help="shared: delta against references in sibling folders too (default); "
+            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+        )
+        p.add_argument(
             "--max-ratio",
             type=float,
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
@@ -10291,6 +10833,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET")
+    p = command("gc", "delete the references under a prefix that no delta needs any more")
+    p.add_argument("path", metavar="S3_URL")
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p = command("stats", "what a bucket holds and what deltas save")
     p.add_argument("bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
@@ -10361,6 +10906,7 @@ _COMMANDS: dict[str, Callable[[_Cli], int]] = {
     "verify": lambda cli: cli.cmd_verify(),
     "presign": lambda cli: cli.cmd_presign(),
     "purge": lambda cli: cli.cmd_purge(),
+    "gc": lambda cli: cli.cmd_gc(),
     "stats": lambda cli: cli.cmd_stats(),
     "migrate": lambda cli: cli.cmd_migrate(),
     "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),

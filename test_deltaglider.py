@@ -4109,8 +4109,18 @@ def make_client(backend: Backend, tmp_path: Any, **kwargs: Any) -> dg.DeltaGlide
 
 
 @pytest.fixture
-def client(backend: Backend, tmp_path: Any) -> Iterator[dg.DeltaGliderClient]:
-    c = make_client(backend, tmp_path)
+def folder_references() -> None:
+    """Asked for (through ``folder_layout``) by tests of the one-reference-per-folder layout
+    (DG_REFERENCES=folder: what deltaglider_proxy reads): their ``client`` keeps it."""
+
+
+folder_layout = pytest.mark.usefixtures("folder_references")
+
+
+@pytest.fixture
+def client(backend: Backend, tmp_path: Any, request: Any) -> Iterator[dg.DeltaGliderClient]:
+    refs = "folder" if "folder_references" in request.fixturenames else None
+    c = make_client(backend, tmp_path, references=refs)
     yield c
     c.close()
 
@@ -4139,6 +4149,16 @@ def make_zip(path: Any, version: int, members: int = 12, size: int = 30000) -> b
         z.writestr(_zipfile_mod.ZipInfo("VERSION", date_time=(2026, 1, 1, 0, 0, 0)), str(version))
     with open(str(path), "rb") as f:
         return f.read()
+
+
+def drift_series(n: int, size: int = 200_000, step: float = 0.12, seed: int = 7) -> list[bytes]:
+    """Versions that drift from the first: version v has its first v*12% replaced by new
+    bytes, so each differs from the one before by 12% and from the first by v*12%."""
+    rng = _random_mod.Random(seed)
+    base = rng.getrandbits(8 * size).to_bytes(size, "little")
+    chunk = int(size * step)
+    fresh = [rng.getrandbits(8 * chunk).to_bytes(chunk, "little") for _ in range(n)]
+    return [b"".join(fresh[:v]) + base[v * chunk :] for v in range(n)]
 
 
 def stored_keys(client: dg.DeltaGliderClient, bucket: str, prefix: str = "") -> list[str]:
@@ -4179,9 +4199,11 @@ def test_zip_series_is_stored_as_deltas_and_reads_back(
         assert info["IsDelta"] is True
         assert info["SavingsPercent"] > 95
         assert info["StoredAs"].endswith(".zip.delta")
+    ref = ".deltaglider/refs/rel/app-1.0.zip/%s/reference.bin" % sha(originals[0])
     assert stored_keys(client, dgbucket) == sorted(
-        ["rel/app-1.%d.zip.delta" % v for v in range(4)] + ["rel/reference.bin"]
+        ["rel/app-1.%d.zip.delta" % v for v in range(4)] + [ref]
     )
+    assert [i["ReferenceKey"] for i in infos] == [ref] * 4
     listed = client.list_objects_v2(Bucket=dgbucket, Prefix="rel/")
     assert [c["Key"] for c in listed["Contents"]] == ["rel/app-1.%d.zip" % v for v in range(4)]
     for v in range(4):
@@ -4194,6 +4216,7 @@ def test_zip_series_is_stored_as_deltas_and_reads_back(
 
 
 @needs_xdelta3
+@folder_layout
 def test_metadata_union_written_for_every_reader(client: Any, dgbucket: str, tmp_path: Any) -> None:
     make_zip(tmp_path / "a.zip", 0)
     make_zip(tmp_path / "b.zip", 1)
@@ -4249,6 +4272,126 @@ def test_unrelated_file_over_max_ratio_is_stored_direct(
 
 
 @needs_xdelta3
+def test_version_folders_delta_against_a_sibling_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """The product documentation's real-world example: ``{version}/my-app.zip``. The first
+    version becomes a shared reference beside the folders; the others are deltas."""
+    versions = ["v1.0.0", "v1.0.1", "v1.0.2", "v1.1.0"]
+    data = {v: make_zip(tmp_path / "m.zip", i * 5) for i, v in enumerate(versions)}
+    infos = {}
+    for v in versions:
+        resp = client.put_object(Bucket=dgbucket, Key=v + "/my-app.zip", Body=data[v])
+        infos[v] = resp["DeltaGliderInfo"]
+    ref = ".deltaglider/refs/v1.0.0/my-app.zip/%s/reference.bin" % sha(data["v1.0.0"])
+    assert infos["v1.0.0"]["Operation"] == "create_reference"
+    for v in versions[1:]:
+        assert infos[v]["Operation"] == "create_delta", v
+        assert (
+            infos[v]["ReferenceKey"] == ref and infos[v]["ReferenceSource"] == "v1.0.0/my-app.zip"
+        )
+    assert infos["v1.0.1"]["SavingsPercent"] >= 99 and infos["v1.0.2"]["SavingsPercent"] >= 99
+    assert stored_keys(client, dgbucket) == sorted(
+        [ref] + [v + "/my-app.zip.delta" for v in versions]
+    )
+    meta = client.storage.head_object(dgbucket, "v1.0.2/my-app.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] == ref and meta["dg-ref-path"] == ref
+    # Listings hide the machinery: no .deltaglider/ folder, no reference.bin.
+    top = client.list_objects_v2(Bucket=dgbucket, Delimiter="/")
+    assert [p["Prefix"] for p in top["CommonPrefixes"]] == [v + "/" for v in versions]
+    assert "Contents" not in top
+    listed = client.list_objects_v2(Bucket=dgbucket)["Contents"]
+    assert [c["Key"] for c in listed] == [v + "/my-app.zip" for v in versions]
+    cold = make_client(backend, tmp_path)
+    for v in versions:
+        assert cold.get_object(Bucket=dgbucket, Key=v + "/my-app.zip")["Body"].read() == data[v]
+    assert cold.verify("s3://%s/v1.1.0/my-app.zip" % dgbucket)["reference_key"] == ref
+
+
+@needs_xdelta3
+def test_drift_and_a_bad_first_file_make_new_references(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A delta much bigger than a version's own change (drift from the first version, a
+    small unrelated first file) makes the file a reference for the versions after it."""
+    series = drift_series(5)
+    infos = [
+        client.put_object(Bucket=dgbucket, Key="d/app-1.%d.zip" % v, Body=b)["DeltaGliderInfo"]
+        for v, b in enumerate(series)
+    ]
+    ops = [i["Operation"] for i in infos]
+    assert ops == ["create_reference", "create_delta"] * 2 + ["create_reference"], ops
+    refs = [i["ReferenceKey"] for i in infos]
+    assert refs[1] == refs[0] != refs[2] == refs[3] != refs[4]
+    assert refs[2] == ".deltaglider/refs/d/app-1.2.zip/%s/reference.bin" % sha(series[2])
+    assert all(i["SavingsPercent"] > 80 for i in (infos[1], infos[3]))
+    # A folder whose first file is small and unrelated: the next one is not stored whole
+    # for ever, it becomes the reference of what follows.
+    junk = _random_mod.Random(3).getrandbits(8 * 5000).to_bytes(5000, "little")
+    client.put_object(Bucket=dgbucket, Key="q/p/junk.zip", Body=junk)
+    first = client.put_object(Bucket=dgbucket, Key="q/p/app-1.0.zip", Body=series[0])
+    second = client.put_object(Bucket=dgbucket, Key="q/p/app-1.1.zip", Body=series[1])
+    assert first["DeltaGliderInfo"]["Operation"] == "create_reference"
+    assert second["DeltaGliderInfo"]["ReferenceSource"] == "q/p/app-1.0.zip"
+    client._engine.cache.clear()
+    for v, b in enumerate(series):
+        assert client.get_object(Bucket=dgbucket, Key="d/app-1.%d.zip" % v)["Body"].read() == b
+    for key, b in (
+        ("q/p/junk.zip", junk),
+        ("q/p/app-1.0.zip", series[0]),
+        ("q/p/app-1.1.zip", series[1]),
+    ):
+        assert client.get_object(Bucket=dgbucket, Key=key)["Body"].read() == b
+
+
+@needs_xdelta3
+def test_folder_references_setting_keeps_one_reference_per_folder(
+    backend: Backend, tmp_path: Any
+) -> None:
+    """DG_REFERENCES=folder (and references="folder", --references folder): what
+    deltaglider_proxy reads, each folder's own reference.bin."""
+    with pytest.raises(dg.InvalidConfigError, match="DG_REFERENCES"):
+        dg.create_client(environ={"DG_REFERENCES": "sideways"})
+    env = {"PATH": os.environ["PATH"], "DG_REFERENCES": "folder"}
+    c = make_client(backend, tmp_path, environ=env)
+    assert make_client(backend, tmp_path, environ=env, references="shared")._references == "shared"
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        for v in range(2):
+            make_zip(tmp_path / "a.zip", v)
+            c.upload_file(str(tmp_path / "a.zip"), bucket, "v%d/a.zip" % v)
+        make_zip(tmp_path / "a.zip", 2)
+        code, out, err = run_cli(
+            backend,
+            tmp_path,
+            ["cp", "--references", "folder", str(tmp_path / "a.zip"), "s3://%s/v1/b.zip" % bucket],
+        )
+        assert code == 0, err
+        assert stored_keys(c, bucket) == [
+            "v0/a.zip.delta",
+            "v0/reference.bin",
+            "v1/a.zip.delta",
+            "v1/b.zip.delta",
+            "v1/reference.bin",
+        ]
+        # The default (shared): a sibling folder's reference.bin is never used (a delete
+        # of that folder by another tool would take it); a shared one is made, then used.
+        for v in (2, 3):
+            make_zip(tmp_path / "a.zip", v)
+            argv = ["cp", str(tmp_path / "a.zip"), "s3://%s/v%d/a.zip" % (bucket, v)]
+            code, out, err = run_cli(backend, tmp_path, argv)
+            assert code == 0, err
+        assert out.endswith("(delta vs v2/, 99.9% saved)\n"), out
+        assert [k for k in stored_keys(c, bucket) if k.startswith(".deltaglider/")] == [
+            ".deltaglider/refs/v2/a.zip/%s/reference.bin" % sha(make_zip(tmp_path / "x.zip", 2))
+        ]
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
 @pytest.mark.parametrize(
     "name,content,expect_delta",
     [
@@ -4280,7 +4423,7 @@ def test_eligibility_by_extension_and_content(
 @needs_xdelta3
 def test_delta_mode_overrides(backend: Backend, tmp_path: Any) -> None:
     make_zip(tmp_path / "a.zip", 0, members=3, size=5000)
-    env = {"PATH": os.environ["PATH"], "DG_DELTA_MODE": "never"}
+    env = {"PATH": os.environ["PATH"], "DG_DELTA_MODE": "never", "DG_REFERENCES": "folder"}
     c = make_client(backend, tmp_path, environ=env)
     bucket = "dg-test-" + uuid.uuid4().hex[:12]
     c.create_bucket(Bucket=bucket)
@@ -4322,6 +4465,7 @@ def test_compressed_files_round_trip_byte_exact(
 
 
 @needs_xdelta3
+@folder_layout
 def test_deltas_decode_with_plain_xdelta3(client: Any, dgbucket: str, tmp_path: Any) -> None:
     """What the original tool runs to read: ``xdelta3 -d -f -s <ref> <delta> <out>``."""
     a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 2)
@@ -4364,7 +4508,8 @@ def fake_xdelta3(folder: Any, script: str) -> str:
 def test_missing_xdelta3_is_one_clear_line_and_direct_files_still_work(
     backend: Backend, tmp_path: Any
 ) -> None:
-    c = make_client(backend, tmp_path, environ={"PATH": str(tmp_path / "empty")})
+    env = {"PATH": str(tmp_path / "empty"), "DG_REFERENCES": "folder"}
+    c = make_client(backend, tmp_path, environ=env)
     bucket = "dg-test-" + uuid.uuid4().hex[:12]
     c.create_bucket(Bucket=bucket)
     try:
@@ -4430,7 +4575,8 @@ def test_corruption_gives_integrity_error_and_no_output_file(
     client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
     client.put_object(Bucket=dgbucket, Key="k/n.txt", Body=b"some direct text")
     st = client.storage
-    stored = {"delta": "k/b.zip.delta", "reference": "k/reference.bin", "direct": "k/n.txt"}[target]
+    ref = st.head_object(dgbucket, "k/b.zip.delta")["Metadata"]["dg-ref-key"]
+    stored = {"delta": "k/b.zip.delta", "reference": ref, "direct": "k/n.txt"}[target]
     head = st.head_object(dgbucket, stored)
     data = bytearray(st.get_object(dgbucket, stored)["Body"].read())
     data[len(data) // 2] ^= 0x01
@@ -4468,7 +4614,8 @@ def test_reference_fetched_at_most_once_for_ten_versions(
         assert (tmp_path / ("o%d.zip" % v)).read_bytes() == (
             tmp_path / ("v%d.zip" % v)
         ).read_bytes()
-    assert gets.count("ten/reference.bin") == 1
+    ref = st.head_object(dgbucket, "ten/v9.zip.delta")["Metadata"]["dg-ref-key"]
+    assert gets.count(ref) == 1 and len([k for k in gets if k.endswith("reference.bin")]) == 1
 
 
 @needs_xdelta3
@@ -4805,7 +4952,8 @@ def test_eight_concurrent_first_uploads_make_one_reference(
     bucket = "dg-test-" + uuid.uuid4().hex[:12]
     setup.create_bucket(Bucket=bucket)
     datas = [make_zip(tmp_path / ("c%d.zip" % i), i) for i in range(8)]
-    clients = [make_client(backend, tmp_path) for _ in range(8)]  # 8 "machines": own caches
+    # 8 "machines" with their own caches, racing for the folder's one reference.bin
+    clients = [make_client(backend, tmp_path, references="folder") for _ in range(8)]
     if not conditional:
         for c in clients:
             c._engine.storage = IgnoresConditionalWrites(c._engine.storage)
@@ -4885,6 +5033,7 @@ def test_multipart_upload_streams_and_aborts_on_failure(
 
 
 @needs_xdelta3
+@folder_layout
 def test_last_delta_takes_its_reference_root_included(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -4903,6 +5052,7 @@ def test_last_delta_takes_its_reference_root_included(
 
 
 @needs_xdelta3
+@folder_layout
 def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -4919,7 +5069,8 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
     # deleting only the sub-folder keeps the parent's reference
     for key in ("t/a.zip", "t/sub/a.zip"):
         client.upload_file(str(tmp_path / "a.zip"), dgbucket, key)
-    assert run_cli(backend, tmp_path, ["rm", "-r", "s3://%s/t/sub/" % dgbucket])[0] == 0
+    rm = ["rm", "-r", "s3://%s/t/sub/" % dgbucket]
+    assert run_cli(backend, tmp_path, rm, DG_REFERENCES="folder")[0] == 0
     assert "t/reference.bin" in stored_keys(client, dgbucket)
     assert (
         client.get_object(Bucket=dgbucket, Key="t/a.zip")["Body"].read()
@@ -5486,9 +5637,15 @@ def test_proxy_style_objects_read(
 ###############################################################################
 
 
+@pytest.mark.parametrize("references", ["shared", "folder"])
 def test_we_write_original_reads(
-    iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
+    iclient: dg.DeltaGliderClient,
+    ibucket: str,
+    orig: Original,
+    tmp_path: pathlib.Path,
+    references: str,
 ) -> None:
+    iclient._engine.references = references
     src = tmp_path / "src"
     files: dict[str, bytes] = {}
     for v, name in enumerate(ZIPS):
@@ -5516,23 +5673,26 @@ def test_we_write_original_reads(
     )
 
     deltas = ["rel/%s.delta" % n for n in ZIPS] + ["root.zip.delta", "uni/café-1.0.zip.delta"]
-    assert _stored_keys(iclient, ibucket) == sorted(
-        [
-            *deltas,
-            "rel/reference.bin",
-            "reference.bin",
-            "uni/reference.bin",
-            "rel/notes.txt",
-            "readme.txt",
+    refs = ["rel/reference.bin", "reference.bin", "uni/reference.bin"]
+    if references == "shared":  # kept beside the folders, named after the file they hold
+        refs = [
+            ".deltaglider/refs/rel/%s/%s/reference.bin" % (ZIPS[0], _sha(files["rel/" + ZIPS[0]])),
+            ".deltaglider/refs/root.zip/%s/reference.bin" % _sha(files["root.zip"]),
+            ".deltaglider/refs/uni/caf%%C3%%A9-1.0.zip/%s/reference.bin"
+            % _sha(files["uni/café-1.0.zip"]),
         ]
-    )
+    assert _stored_keys(iclient, ibucket) == sorted([*deltas, *refs, "rel/notes.txt", "readme.txt"])
     out = tmp_path / "orig-out"
     for i, (key, data) in enumerate(sorted(files.items())):
         dest = out / ("%d-%s" % (i, key.rsplit("/", 1)[-1]))
         orig.run("cp", "s3://%s/%s" % (ibucket, key), str(dest))
         assert _file_sha(dest) == _sha(data), key
     assert orig.ls("s3://%s/rel/" % ibucket) == sorted(k[4:] for k in files if k.startswith("rel/"))
-    assert orig.ls("s3://%s/" % ibucket) == ["readme.txt", "rel/", "root.zip", "uni/"]
+    # 6.2.0 hides every reference.bin, and shows our .deltaglider/ folder as a folder.
+    shown = ["readme.txt", "rel/", "root.zip", "uni/"]
+    if references == "shared":
+        shown = sorted(shown + [".deltaglider/"])
+    assert orig.ls("s3://%s/" % ibucket) == shown
     for key in deltas:
         report = json.loads(orig.run("verify", "s3://%s/%s" % (ibucket, key)).stdout)
         assert report["valid"] is True, (key, report)
@@ -5550,7 +5710,11 @@ def test_shared_deltaspace_both_writers(
     iclient.upload_file(str(_write(src, "a-2.zip", a2)), ibucket, "a/a-2.zip")
     iclient.upload_file(str(_write(src, "b-1.zip", b1)), ibucket, "b/b-1.zip")
     orig.run("cp", str(_write(src, "b-2.zip", b2)), "s3://%s/b/b-2.zip" % ibucket)
+    # Ours into a folder 6.2.0 started uses its reference.bin; 6.2.0 into a folder we
+    # started (whose reference is shared, out of its sight) makes the folder's reference.bin.
+    shared_b = ".deltaglider/refs/b/b-1.zip/%s/reference.bin" % _sha(b1)
     assert _stored_keys(iclient, ibucket) == [
+        shared_b,
         "a/a-1.zip.delta",
         "a/a-2.zip.delta",
         "a/reference.bin",
@@ -5558,8 +5722,11 @@ def test_shared_deltaspace_both_writers(
         "b/b-2.zip.delta",
         "b/reference.bin",
     ]
-    # Both deltas in each folder are small: each was made against the one reference.
-    for key in ("a/a-2.zip.delta", "b/b-2.zip.delta"):
+    assert iclient.storage.head_object(ibucket, "a/a-2.zip.delta")["Metadata"]["dg-ref-key"] == (
+        "a/reference.bin"
+    )
+    # Our delta in a's folder is small: made against 6.2.0's reference.
+    for key in ("a/a-2.zip.delta",):
         assert iclient.storage.head_object(ibucket, key)["ContentLength"] < 10000, key
     files = {"a/a-1.zip": a1, "a/a-2.zip": a2, "b/b-1.zip": b1, "b/b-2.zip": b2}
     _check_reads(iclient, ibucket, files, tmp_path / "ours")
@@ -6231,7 +6398,8 @@ def test_cli_migrate_plain_bucket_into_delta_layout_resumable(
         assert re.search(
             r"^Migrated 4 file\(s\): .* saved\); 0 already there, 0 failed$", out, re.M
         ), out
-        assert "m/rel/reference.bin" in stored_keys(c, dst)
+        refs = [k for k in stored_keys(c, dst) if k.endswith("/reference.bin")]
+        assert refs and all(k.startswith("m/.deltaglider/refs/rel/app-") for k in refs), refs
         for key, data in originals.items():
             assert c.get_object(Bucket=dst, Key="m/" + key)["Body"].read() == data
         code, out, err = run_cli(
