@@ -4986,6 +4986,69 @@ def test_eight_concurrent_first_uploads_make_one_reference(
             _s3_empty_and_delete(setup.storage, bucket)
 
 
+@needs_xdelta3
+def test_writers_in_sibling_folders_and_a_deleter_at_once(backend: Backend, tmp_path: Any) -> None:
+    """Two jobs upload versions into sibling folders (sharing references) while a third
+    deletes older versions: nothing left behind needs a reference that is gone."""
+    setup = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    setup.create_bucket(Bucket=bucket)
+    series = drift_series(6, size=40_000)
+    jobs = {
+        "a": ["rel/a-1.%d/app.zip" % v for v in range(0, 6, 2)],
+        "b": ["rel/b-1.%d/app.zip" % v for v in range(1, 6, 2)],
+    }
+    data = {k: series[int(k.split("/")[1][4:])] for keys in jobs.values() for k in keys}
+    clients = {name: make_client(backend, tmp_path) for name in ("a", "b", "d")}
+    barrier = threading.Barrier(3)
+    uploaded: list[str] = []
+    deleted: list[str] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write(name: str) -> None:
+        try:
+            barrier.wait()
+            for key in jobs[name]:
+                clients[name].put_object(Bucket=bucket, Key=key, Body=data[key])
+                uploaded.append(key)
+        except BaseException as e:
+            errors.append(e)
+
+    def delete() -> None:
+        try:
+            barrier.wait()
+            while not done.is_set() or len(deleted) < len(uploaded) // 2:
+                victims = [k for k in uploaded[: len(uploaded) // 2] if k not in deleted]
+                for key in victims:
+                    clients["d"].delete_object(Bucket=bucket, Key=key)
+                    deleted.append(key)
+                time.sleep(0.05)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in jobs]
+    threads.append(threading.Thread(target=delete))
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[:-1]:
+            t.join()
+        done.set()
+        threads[-1].join()
+        assert not errors, errors
+        reader = make_client(backend, tmp_path)
+        for key in sorted(set(uploaded) - set(deleted)):
+            assert reader.get_object(Bucket=bucket, Key=key)["Body"].read() == data[key], key
+        reader.gc(Bucket=bucket)
+        reader._engine.cache.clear()
+        for key in sorted(set(uploaded) - set(deleted)):
+            assert reader.get_object(Bucket=bucket, Key=key)["Body"].read() == data[key], key
+    finally:
+        if not setup.storage.is_local:
+            _s3_empty_and_delete(setup.storage, bucket)
+
+
 ###############################################################################
 # Delta engine: large files and deleting ##########################################
 ###############################################################################
@@ -5076,6 +5139,70 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
         client.get_object(Bucket=dgbucket, Key="t/a.zip")["Body"].read()
         == (tmp_path / "a.zip").read_bytes()
     )
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("seed", [1, 2])
+def test_deleting_versions_in_any_order_never_takes_a_needed_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any, seed: int
+) -> None:
+    """Versions in folders of their own and in one folder, their references shared and made
+    anew by drift, go in a random order: by delete_object, delete_objects, rm, rm -r, mv,
+    sync --delete, and by another tool deleting a version folder as 6.2.0 does. After each
+    step every remaining version reads back byte-exact with an empty cache. Our deletes
+    remove the references nothing needs; gc removes those another tool's deletes left."""
+    series = drift_series(5, size=60_000)
+    files = {}
+    for v, data in enumerate(series):
+        files["rel/1.%d/app.zip" % v] = data
+        files["one/app-1.%d.zip" % v] = data
+    for key, data in files.items():
+        client.put_object(Bucket=dgbucket, Key=key, Body=data)
+    refs = [k for k in stored_keys(client, dgbucket) if k.endswith("/reference.bin")]
+    assert len(refs) >= 4 and all("/.deltaglider/refs/" in "/" + k for k in refs), refs
+    rng = _random_mod.Random(seed)
+    order = sorted(files)
+    rng.shuffle(order)
+    reader = make_client(backend, tmp_path)
+    url = "s3://%s/" % dgbucket
+    sync_dir = tmp_path / "empty"
+    sync_dir.mkdir()
+    for step, key in enumerate(order):
+        how = step % 7
+        folder = key.rpartition("/")[0] + "/"
+        if how == 0:
+            client.delete_object(Bucket=dgbucket, Key=key)
+        elif how == 1:
+            client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": key}]})
+        elif how == 2:
+            assert run_cli(backend, tmp_path, ["rm", url + key])[0] == 0
+        elif how == 3 and key.startswith("rel/"):
+            assert run_cli(backend, tmp_path, ["rm", "-r", url + folder])[0] == 0
+        elif how == 4:
+            moved = "moved/%d/%s" % (step, key.rpartition("/")[2])
+            assert run_cli(backend, tmp_path, ["mv", url + key, url + moved])[0] == 0
+            files[moved] = files[key]
+            order.append(moved)
+        elif how == 5 and key.startswith("rel/"):
+            assert (
+                run_cli(backend, tmp_path, ["sync", "--delete", str(sync_dir), url + folder])[0]
+                == 0
+            )
+        else:  # another tool deletes the version and, as its last delta, the folder's reference
+            client.storage.delete_object(dgbucket, key + ".delta")
+            client.storage.delete_object(dgbucket, folder + "reference.bin")
+        del files[key]
+        reader._engine.cache.clear()
+        for left, data in sorted(files.items()):
+            got = reader.get_object(Bucket=dgbucket, Key=left)["Body"].read()
+            assert got == data, (seed, step, key, left)
+    dry = client.gc(Bucket=dgbucket, DryRun=True)
+    left = [k for k in stored_keys(client, dgbucket) if not k.startswith(".deltaglider/stats")]
+    assert sorted(r["Key"] for r in dry["Removed"]) == left
+    assert client.gc(Bucket=dgbucket)["Removed"] == dry["Removed"]
+    assert [
+        k for k in stored_keys(client, dgbucket) if not k.startswith(".deltaglider/stats")
+    ] == []
 
 
 def run_cli(
@@ -5674,12 +5801,11 @@ def test_we_write_original_reads(
 
     deltas = ["rel/%s.delta" % n for n in ZIPS] + ["root.zip.delta", "uni/café-1.0.zip.delta"]
     refs = ["rel/reference.bin", "reference.bin", "uni/reference.bin"]
-    if references == "shared":  # kept beside the folders, named after the file they hold
+    if references == "shared":
+        # Kept beside the folders, named after the file it holds; root.zip and uni/ (also
+        # children of the root) delta against it too: zips of a similar size.
         refs = [
-            ".deltaglider/refs/rel/%s/%s/reference.bin" % (ZIPS[0], _sha(files["rel/" + ZIPS[0]])),
-            ".deltaglider/refs/root.zip/%s/reference.bin" % _sha(files["root.zip"]),
-            ".deltaglider/refs/uni/caf%%C3%%A9-1.0.zip/%s/reference.bin"
-            % _sha(files["uni/café-1.0.zip"]),
+            ".deltaglider/refs/rel/%s/%s/reference.bin" % (ZIPS[0], _sha(files["rel/" + ZIPS[0]]))
         ]
     assert _stored_keys(iclient, ibucket) == sorted([*deltas, *refs, "rel/notes.txt", "readme.txt"])
     out = tmp_path / "orig-out"
@@ -5734,6 +5860,39 @@ def test_shared_deltaspace_both_writers(
         dest = tmp_path / "orig-out" / key
         orig.run("cp", "s3://%s/%s" % (ibucket, key), str(dest))
         assert _file_sha(dest) == _sha(data), key
+
+
+def test_original_reads_shared_references(
+    iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
+) -> None:
+    """Both new layouts: one folder per version (deltas against a reference beside the
+    folders) and one folder whose versions drifted (a second reference). 6.2.0 reads
+    ``dirname(dg-ref-key)/reference.bin``, so it returns every version byte-exact."""
+    files = {"rel/1.%d/app.zip" % v: _zip(v) for v in range(3)}
+    files.update({"one/app-1.%d.zip" % v: b for v, b in enumerate(drift_series(4))})
+    for key, data in files.items():
+        iclient.put_object(Bucket=ibucket, Key=key, Body=data)
+    refs = [k for k in _stored_keys(iclient, ibucket) if k.endswith("/reference.bin")]
+    assert [dg._shared_ref_source(k) for k in refs] == [
+        "one/app-1.0.zip",
+        "one/app-1.2.zip",
+        "rel/1.0/app.zip",
+    ], refs
+    out = tmp_path / "orig-out"
+    for i, (key, data) in enumerate(sorted(files.items())):
+        dest = out / ("%d-%s" % (i, key.rsplit("/", 1)[-1]))
+        orig.run("cp", "s3://%s/%s.delta" % (ibucket, key), str(dest))
+        assert _file_sha(dest) == _sha(data), key
+    report = json.loads(orig.run("verify", "s3://%s/rel/1.2/app.zip.delta" % ibucket).stdout)
+    assert report["valid"] is True, report
+    # 6.2.0 hides reference.bin; the folder beside the versions shows as a folder there.
+    assert orig.ls("s3://%s/rel/" % ibucket) == [".deltaglider/", "1.0/", "1.1/", "1.2/"]
+    # A version folder deleted by 6.2.0 takes nothing the other versions need.
+    orig.run("rm", "s3://%s/rel/1.0/app.zip.delta" % ibucket)
+    del files["rel/1.0/app.zip"]
+    assert [k for k in _stored_keys(iclient, ibucket) if k.endswith("/reference.bin")] == refs
+    iclient._engine.cache.clear()
+    _check_reads(iclient, ibucket, files, tmp_path / "ours")
 
 
 ###############################################################################
