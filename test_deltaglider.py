@@ -6136,6 +6136,61 @@ def test_cli_cp_destinations_and_output_lines(
     )
 
 
+@needs_xdelta3
+def test_cli_shared_references_upload_line_verify_stats_and_gc(
+    backend: Backend, tmp_path: Any
+) -> None:
+    """The upload line names a reference in another folder; verify names the reference;
+    stats --detailed lists references and their cost; gc removes what nothing needs."""
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    url = "s3://%s/" % bucket
+    assert run_cli(backend, tmp_path, ["mb", url])[0] == 0
+    c = make_client(backend, tmp_path)
+    try:
+        outs = []
+        for v in range(3):
+            make_zip(tmp_path / "app.zip", v)
+            code, out, err = run_cli(
+                backend, tmp_path, ["cp", str(tmp_path / "app.zip"), url + "releases/1.%d/" % v]
+            )
+            assert code == 0, err
+            outs.append(out)
+        assert outs[0].endswith("/releases/1.0/app.zip (reference)\n"), outs[0]
+        assert outs[2].endswith("/releases/1.2/app.zip (delta vs releases/1.0/, 99.9% saved)\n")
+        ref = "releases/.deltaglider/refs/1.0/app.zip/%s/reference.bin" % sha(
+            make_zip(tmp_path / "x.zip", 0)
+        )
+        code, out, err = run_cli(backend, tmp_path, ["verify", url + "releases/1.2/app.zip"])
+        assert code == 0 and json.loads(out)["reference_key"] == ref, out
+        code, out, err = run_cli(backend, tmp_path, ["ls", url + "releases/"])
+        assert ".deltaglider" not in out and "reference.bin" not in out, out
+        code, out, err = run_cli(backend, tmp_path, ["stats", "--detailed", "--json", bucket])
+        stats = json.loads(out)
+        assert stats["references"] == [
+            {
+                "key": ref,
+                "size": (tmp_path / "x.zip").stat().st_size,
+                "source": "releases/1.0/app.zip",
+                "deltas": 3,
+                "original_size": 3 * (tmp_path / "x.zip").stat().st_size,
+            }
+        ]
+        code, out, err = run_cli(backend, tmp_path, ["stats", "--detailed", "--no-cache", bucket])
+        assert re.search(r"^\s+\S+ \S+\s+3 deltas .* releases/1\.0/app\.zip$", out, re.M), out
+        # Another tool deletes every version (and each folder's reference.bin): ours is left.
+        for v in range(3):
+            c.storage.delete_object(bucket, "releases/1.%d/app.zip.delta" % v)
+        code, out, err = run_cli(backend, tmp_path, ["gc", "--dryrun", url + "releases/"])
+        assert code == 0 and out.startswith("(dryrun) delete: %s%s (" % (url, ref)), out
+        assert ref in stored_keys(c, bucket)
+        code, out, err = run_cli(backend, tmp_path, ["gc", url + "releases/"])
+        assert code == 0 and "1 unused reference(s)" in out, out
+        assert [k for k in stored_keys(c, bucket) if "stats" not in k] == []
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
 def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any) -> None:
     backend, bucket = cli_env
     (tmp_path / "t.txt").write_bytes(b"x" * 2048)
