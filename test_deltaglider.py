@@ -5737,6 +5737,32 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
 
 
 @needs_xdelta3
+def test_deleting_a_reference_by_its_name_takes_nothing(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """reference.bin is never a user's object: delete_object, delete_objects and rm of its
+    key (a folder's own, or a shared one) leave it to the deltas that need it."""
+    folder = make_client(backend, tmp_path, references="folder")
+    make_zip(tmp_path / "a.zip", 0)
+    folder.upload_file(str(tmp_path / "a.zip"), dgbucket, "own/a.zip")
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "rel/1.0/a.zip")
+    refs = [k for k in stored_keys(client, dgbucket) if k.endswith("reference.bin")]
+    assert len(refs) == 2
+    for ref in refs:
+        client.delete_object(Bucket=dgbucket, Key=ref)
+        client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": ref}]})
+        assert run_cli(backend, tmp_path, ["rm", "s3://%s/%s" % (dgbucket, ref)])[0] == 0
+    assert [k for k in stored_keys(client, dgbucket) if k.endswith("reference.bin")] == refs
+    client._engine.cache.clear()
+    for key in ("own/a.zip", "rel/1.0/a.zip"):
+        got = client.get_object(Bucket=dgbucket, Key=key)["Body"].read()
+        assert got == (tmp_path / "a.zip").read_bytes()
+    with pytest.raises(dg.ClientError) as e:
+        client.delete_object(Bucket="dg-test-missing-" + uuid.uuid4().hex[:8], Key="reference.bin")
+    assert e.value.response["Error"]["Code"] == "NoSuchBucket"
+
+
+@needs_xdelta3
 @pytest.mark.parametrize("seed", [1, 2])
 def test_deleting_versions_in_any_order_never_takes_a_needed_reference(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any, seed: int
