@@ -8455,7 +8455,7 @@ class _DeltaEngine:
             raise
         self.storage.delete_object(bucket, other)
         if other.endswith(_DELTA_SUFFIX):
-            self.drop_unused_near(bucket, _deltaspace(key))
+            self.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -8489,14 +8489,16 @@ class _DeltaEngine:
         parent = _shared_ref_parent(ref_key)
         return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
 
-    def drop_unused_near(self, bucket: str, space: str) -> None:
-        """After deltas of ``space`` went (without reading them first): its own
-        reference.bin, and the shared references of its parent, if nothing needs them."""
-        self._drop_unused_reference(bucket, space)
-        parent = _parent_space(space)
-        refs = {k for k, _ in self.shared_references(bucket, parent)}
-        if refs:
-            self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        spaces = sorted(set(spaces))
+        for space in spaces:
+            self._drop_unused_reference(bucket, space)
+        for parent in sorted({_parent_space(space) for space in spaces}):
+            refs = {k for k, _ in self.shared_references(bucket, parent)}
+            if refs:
+                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
 
     def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
         """(key, size) of ``parent``'s shared references (those made from files whose
@@ -9192,9 +9194,7 @@ class DeltaGliderClient:
             resp = storage.delete_objects(bucket, stored[i : i + _DELETE_BATCH])
             deleted_stored.update(d["Key"] for d in resp.get("Deleted", []))
             errors += resp.get("Errors", [])
-        spaces = {_deltaspace(k) for k in keys}
-        for space in sorted(spaces):
-            self._engine.drop_unused_near(bucket, space)
+        self._engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
         done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
