@@ -6432,8 +6432,8 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
-#: wheels 0.22 picks the references an exhaustive search picks (benchmarks/RESULTS.md).
-_HEAL_RATIO = 0.22
+#: wheels 0.23 picks the references an exhaustive search picks (benchmarks/RESULTS.md).
+_HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
 #: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
@@ -9075,9 +9075,7 @@ class DeltaGliderClient:
                 )
             }
             # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            for k in ("ReferenceKey", "ReferenceSource"):
-                if k in summary:
-                    out["DeltaGliderInfo"][k] = summary[k]
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
         return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:

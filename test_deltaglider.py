@@ -4447,6 +4447,16 @@ def drift_series(n: int, size: int = 200_000, step: float = 0.12, seed: int = 7)
     return [b"".join(fresh[:v]) + base[v * chunk :] for v in range(n)]
 
 
+def split_refs(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(stored keys other than references, the folder each reference's file came from)."""
+    refs = [k for k in keys if k.endswith("/reference.bin") or k == "reference.bin"]
+    folders = sorted(
+        dg._shared_ref_source(k).rpartition("/")[0] if dg._is_shared_ref(k) else dg._deltaspace(k)
+        for k in refs
+    )
+    return [k for k in keys if k not in refs], folders
+
+
 def stored_keys(client: dg.DeltaGliderClient, bucket: str, prefix: str = "") -> list[str]:
     keys: list[str] = []
     token = None
@@ -4573,9 +4583,7 @@ def test_version_folders_delta_against_a_sibling_reference(
     assert infos["v1.0.0"]["Operation"] == "create_reference"
     for v in versions[1:]:
         assert infos[v]["Operation"] == "create_delta", v
-        assert (
-            infos[v]["ReferenceKey"] == ref and infos[v]["ReferenceSource"] == "v1.0.0/my-app.zip"
-        )
+        assert infos[v]["ReferenceKey"] == ref
     assert infos["v1.0.1"]["SavingsPercent"] >= 99 and infos["v1.0.2"]["SavingsPercent"] >= 99
     assert stored_keys(client, dgbucket) == sorted(
         [ref] + [v + "/my-app.zip.delta" for v in versions]
@@ -4618,7 +4626,8 @@ def test_drift_and_a_bad_first_file_make_new_references(
     first = client.put_object(Bucket=dgbucket, Key="q/p/app-1.0.zip", Body=series[0])
     second = client.put_object(Bucket=dgbucket, Key="q/p/app-1.1.zip", Body=series[1])
     assert first["DeltaGliderInfo"]["Operation"] == "create_reference"
-    assert second["DeltaGliderInfo"]["ReferenceSource"] == "q/p/app-1.0.zip"
+    ref = second["DeltaGliderInfo"]["ReferenceKey"]
+    assert dg._shared_ref_source(ref) == "q/p/app-1.0.zip"
     client._engine.cache.clear()
     for v, b in enumerate(series):
         assert client.get_object(Bucket=dgbucket, Key="d/app-1.%d.zip" % v)["Body"].read() == b
@@ -5045,7 +5054,8 @@ def test_read_failure_names_the_real_culprit(
     client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
     client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
     st = client.storage
-    stored = "k/b.zip.delta" if damaged == "delta" else "k/reference.bin"
+    ref = st.head_object(dgbucket, "k/b.zip.delta")["Metadata"]["dg-ref-key"]
+    stored = "k/b.zip.delta" if damaged == "delta" else ref
     head = st.head_object(dgbucket, stored)
     data = bytearray(st.get_object(dgbucket, stored)["Body"].read())
     data[len(data) // 2] ^= 0x01
@@ -5061,7 +5071,7 @@ def test_read_failure_names_the_real_culprit(
         assert "s3://%s/k/b.zip.delta" % dgbucket in message
         assert "matches dg-ref-sha256, so the stored delta" in message
     else:
-        assert "reference s3://%s/k/reference.bin does not match" % dgbucket in message
+        assert "reference s3://%s/%s does not match" % (dgbucket, ref) in message
     assert not dest.exists()
     assert client.verify("s3://%s/k/b.zip" % dgbucket)["valid"] is False
 
@@ -6816,11 +6826,10 @@ def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_
         )
         assert put["ETag"] == '"%s"' % hashlib.md5(v1).hexdigest()
         s3.upload_file(str(tmp_path / "v2.zip"), bucket, "rel/app-2.zip")
-        assert stored_keys(gateway.client, bucket) == [
-            "rel/app-1.zip.delta",
-            "rel/app-2.zip.delta",
-            "rel/reference.bin",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["rel/app-1.zip.delta", "rel/app-2.zip.delta"],
+            ["rel"],
+        )
         # our own client reads what boto3 wrote through the gateway, and the reverse
         assert gateway.client.get_object(Bucket=bucket, Key="rel/app-2.zip")["Body"].read() == v2
         got = s3.get_object(Bucket=bucket, Key="rel/app-1.zip")
@@ -6885,10 +6894,11 @@ def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_
         s3.delete_object(Bucket=bucket, Key="notes.txt")
         with pytest.raises(s3.exceptions.NoSuchKey):
             s3.get_object(Bucket=bucket, Key="rel/app-1.zip")
-        assert stored_keys(gateway.client, bucket) == [
-            "other/app-1.zip.delta",
-            "other/reference.bin",
-        ]
+        # the copy in other/ is a delta against rel/'s reference, which stays for it
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["other/app-1.zip.delta"],
+            ["rel"],
+        )
         s3.delete_object(Bucket=bucket, Key="other/app-1.zip")
         assert stored_keys(gateway.client, bucket) == []
         s3.delete_bucket(Bucket=bucket)
@@ -6920,11 +6930,10 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         )
         s3.upload_file(str(tmp_path / "a.tar"), bucket, "d/a.tar", Config=cfg)
         s3.upload_file(str(tmp_path / "b.tar"), bucket, "d/b.tar", Config=cfg)
-        assert stored_keys(gateway.client, bucket) == [
-            "d/a.tar.delta",
-            "d/b.tar.delta",
-            "d/reference.bin",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["d/a.tar.delta", "d/b.tar.delta"],
+            ["d"],
+        )
         head = gateway.client.storage.head_object(bucket, "d/b.tar.delta")
         assert head["ContentLength"] < 100_000
         s3.download_file(bucket, "d/b.tar", str(tmp_path / "out.tar"))
@@ -6962,11 +6971,10 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         with pytest.raises(s3.exceptions.NoSuchUpload):
             s3.list_parts(Bucket=bucket, Key="d/c.tar", UploadId=up)
         assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-        assert stored_keys(gateway.client, bucket) == [
-            "d/a.tar.delta",
-            "d/b.tar.delta",
-            "d/reference.bin",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["d/a.tar.delta", "d/b.tar.delta"],
+            ["d"],
+        )
     finally:
         _gw_cleanup(gateway, bucket)
 
@@ -7406,12 +7414,10 @@ def test_gateway_serves_aws_cli_unchanged(gateway: Gateway, tmp_path: Any) -> No
     try:
         _run_tool(env, aws, *url, "s3", "mb", "s3://" + bucket)
         _run_tool(env, aws, *url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
-        assert stored_keys(gateway.client, bucket) == [
-            "rel/app-1.zip.delta",
-            "rel/app-2.zip.delta",
-            "rel/reference.bin",
-            "rel/sub/notes.txt",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["rel/app-1.zip.delta", "rel/app-2.zip.delta", "rel/sub/notes.txt"],
+            ["rel"],
+        )
         listing = _run_tool(env, aws, *url, "s3", "ls", "--recursive", "s3://" + bucket)
         sizes = {line.split()[-1]: int(line.split()[-2]) for line in listing.splitlines()}
         assert sizes == {"rel/" + k: len(v) for k, v in files.items()}
@@ -7466,12 +7472,10 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
     try:
         gateway.client.create_bucket(Bucket=bucket)
         _run_tool(env, rclone, "copy", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
-        assert stored_keys(gateway.client, bucket) == [
-            "rel/app-1.zip.delta",
-            "rel/app-2.zip.delta",
-            "rel/reference.bin",
-            "rel/sub/notes.txt",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["rel/app-1.zip.delta", "rel/app-2.zip.delta", "rel/sub/notes.txt"],
+            ["rel"],
+        )
         listing = _run_tool(env, rclone, "ls", "gw:%s/rel" % bucket)
         assert {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()} == {
             k: len(v) for k, v in files.items()
@@ -7480,12 +7484,10 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
         (tmp_path / "dist" / "app-1.zip").unlink()
         (tmp_path / "dist" / "app-3.zip").write_bytes(make_zip(tmp_path / "x.zip", 3))
         _run_tool(env, rclone, "sync", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
-        assert stored_keys(gateway.client, bucket) == [
-            "rel/app-2.zip.delta",
-            "rel/app-3.zip.delta",
-            "rel/reference.bin",
-            "rel/sub/notes.txt",
-        ]
+        assert split_refs(stored_keys(gateway.client, bucket)) == (
+            ["rel/app-2.zip.delta", "rel/app-3.zip.delta", "rel/sub/notes.txt"],
+            ["rel"],
+        )
         _run_tool(env, rclone, "check", "--download", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
     finally:
         _gw_cleanup(gateway, bucket)
@@ -8919,7 +8921,7 @@ def _upload_versions(
         assert_same_shape(theirs, ours, "put_object " + key)
         assert ours["ETag"] == theirs["ETag"] == _md5_etag(data)
         info = ours["DeltaGliderInfo"]
-        assert set(info) == {
+        assert set(info) == {  # 6.2.0's, and the reference the delta needs
             "OriginalSizeMB",
             "StoredSizeMB",
             "IsDelta",
@@ -8927,6 +8929,7 @@ def _upload_versions(
             "SavingsPercent",
             "StoredAs",
             "Operation",
+            "ReferenceKey",
         }
         assert info["IsDelta"] is True and info["StoredAs"] == key + ".delta"
         assert isinstance(info["SavingsPercent"], float)
