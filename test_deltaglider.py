@@ -4437,9 +4437,9 @@ def make_zip(path: Any, version: int, members: int = 12, size: int = 30000) -> b
         return f.read()
 
 
-def drift_series(n: int, size: int = 200_000, step: float = 0.12, seed: int = 7) -> list[bytes]:
-    """Versions that drift from the first: version v has its first v*12% replaced by new
-    bytes, so each differs from the one before by 12% and from the first by v*12%."""
+def drift_series(n: int, size: int = 200_000, step: float = 0.13, seed: int = 7) -> list[bytes]:
+    """Versions that drift from the first: version v has its first v*13% replaced by new
+    bytes, so each differs from the one before by 13% and from the first by v*13%."""
     rng = _random_mod.Random(seed)
     base = rng.getrandbits(8 * size).to_bytes(size, "little")
     chunk = int(size * step)
