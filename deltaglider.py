@@ -4663,21 +4663,30 @@ def _put_path(
 ) -> dict[str, Any]:
     """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
     conditional create is asked for, since multipart cannot be conditional everywhere),
-    multipart above it. A failed multipart upload is aborted, so no parts linger."""
+    multipart above it. A failed multipart upload is aborted, so no parts linger.
+
+    ``sha256``: what the caller hashed. The bytes sent are held to it, not re-hashed
+    from the file: one PUT is signed with it (the server refuses other bytes), and the
+    parts of a multipart upload are hashed as they are sent and compared before it is
+    completed. A file changed (or swapped) since it was hashed is never stored."""
     size = os.path.getsize(path)
     limit = _MAX_SINGLE_PUT if if_none_match else threshold
     if size <= limit:
         with open(path, "rb") as f:
-            body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
-            return storage.put_object(  # type: ignore[no-any-return]
-                bucket,
-                key,
-                body,
-                metadata=metadata,
-                headers=headers,
-                content_sha256=sha256,
-                if_none_match=if_none_match,
-            )
+            held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
+            body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
+            try:
+                return storage.put_object(  # type: ignore[no-any-return]
+                    bucket,
+                    key,
+                    body,
+                    metadata=metadata,
+                    headers=headers,
+                    content_sha256=sha256,
+                    if_none_match=if_none_match,
+                )
+            except _ChangedWhileSent as e:
+                raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
     part = _part_size(size, part_size)
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
@@ -4689,11 +4698,18 @@ def _put_path(
         raise
     try:
         parts = []
+        whole = hashlib.sha256()  # of the bytes sent so far, part after part
         with open(path, "rb") as f:
             for number, offset in enumerate(range(0, size, part), start=1):
-                piece = _FileSlice(f, offset, min(part, size - offset))
+                piece = _SentHash(f, offset, min(part, size - offset), whole)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
                 parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
+                whole = piece.sha256
+        if sha256 and whole.hexdigest() != sha256:  # aborted below: nothing is stored
+            raise IntegrityError(
+                "%s changed while it was uploaded (the bytes sent hash to %s, not %s as "
+                "they did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+            )
         result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
@@ -4720,6 +4736,48 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
             storage.abort_multipart_upload(bucket, key, up["UploadId"])
     except Exception as e:
         logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+
+
+class _ChangedWhileSent(OSError):
+    """The file being uploaded is not the bytes its caller hashed (an OSError, so the
+    transport drops the connection and does not retry: the body is never completed)."""
+
+
+class _SentHash(_FileSlice):
+    """A span of a file being uploaded that hashes what is read from it for sending,
+    continuing ``base`` (a hashlib object); a rewind (a retry) starts again from
+    ``base``. With ``expected``, the read that would hand over the last byte fails
+    instead if the span does not hash to it (nor has ``length`` bytes): the server never
+    receives a complete body, so a server that does not check the signed payload hash
+    (SeaweedFS) cannot store other bytes either."""
+
+    def __init__(
+        self, f: IO[bytes], offset: int, length: int, base: Any, expected: str | None = None
+    ) -> None:
+        super().__init__(f, offset, length)
+        self._base = base
+        self._expected = expected
+        self.sha256 = base.copy()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        at = super().seek(pos, whence)
+        if at == 0:
+            self.sha256 = self._base.copy()
+        return at
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.sha256.update(data)
+        done = self.tell() >= len(self) or (size != 0 and not data)
+        if self._expected and done:
+            if self.tell() < len(self):
+                raise _ChangedWhileSent("shrank while it was uploaded")
+            if self.sha256.hexdigest() != self._expected:
+                raise _ChangedWhileSent(
+                    "changed while it was uploaded (the bytes sent hash to %s, not %s as "
+                    "they did before)" % (self.sha256.hexdigest(), self._expected)
+                )
+        return data
 
 
 class _CallbackReader(io.RawIOBase):
@@ -6823,11 +6881,48 @@ def _default_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 def _private_mkdir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a folder of the cache (0700), or check an existing one: a directory of this
+    user that nobody else can write to. Whoever can write there can swap a spooled upload
+    body or a cached reference between our write and our read (a file's own 0600 does
+    not stop a rename over it), so anything else is refused, naming DG_CACHE_DIR; a
+    chmod that fails is not ignored. POSIX only: Windows has no mode bits to check."""
     try:
-        os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - a folder we may not own; files stay 0600
-        pass
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # not a directory: said below
+    except OSError as e:
+        raise InvalidConfigError(
+            error_msg="%s: cannot create the cache folder %s: %s; set %s to a folder of "
+            "your own" % (_ENV_CACHE_DIR, path, e.strerror, _ENV_CACHE_DIR)
+        ) from None
+    if os.name == "nt":  # pragma: no cover - checked on POSIX only
+        return
+    uid = os.geteuid()
+    link = os.lstat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = link  # a dangling symbolic link: not a directory
+    problem = ""
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+        problem = "is a symbolic link owned by uid %d, not by you (uid %d)" % (link.st_uid, uid)
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        problem = "is owned by uid %d, not by you (uid %d)" % (st.st_uid, uid)
+    elif st.st_mode & 0o022:
+        problem = "is writable by group or others (mode %03o)" % stat.S_IMODE(st.st_mode)
+    elif st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            problem = "cannot be made private (chmod 700: %s)" % e.strerror
+    if problem:
+        raise InvalidConfigError(
+            error_msg="%s: the cache folder %s %s: another user could change the upload "
+            "bodies and references kept there. Set %s to a folder of your own that only "
+            "you can write to (mode 700)" % (_ENV_CACHE_DIR, path, problem, _ENV_CACHE_DIR)
+        )
 
 
 _UMASK: list[int] = []
@@ -8465,21 +8560,35 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> str:
-        """Write a request body (bytes, str or any file object) to a private temp file."""
+    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
+        """Write a request body (bytes, str or any file object) to a private temp file;
+        returns its path and the digests of the caller's bytes, taken as they are written,
+        never read back from the file: whatever is uploaded from it is checked against
+        these (signed payload hash, the delta's decode check), so a file changed under us
+        fails the upload instead of storing other bytes."""
         fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        size = 0
+
+        def write(f: IO[bytes], data: bytes) -> None:
+            nonlocal size
+            sha.update(data)
+            md5.update(data)
+            size += len(data)
+            f.write(data)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 if isinstance(body, str):
-                    f.write(body.encode("utf-8"))
+                    write(f, body.encode("utf-8"))
                 elif isinstance(body, (bytes, bytearray, memoryview)):
-                    f.write(body)
+                    write(f, bytes(body))
                 elif hasattr(body, "read"):
                     while True:
                         chunk = body.read(_IO_CHUNK)
                         if not chunk:
                             break
-                        f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
                 else:
                     raise ParamValidationError(
                         report="Invalid type for parameter Body, value: %r, type: %s, valid "
@@ -8488,7 +8597,7 @@ class DeltaGliderClient:
         except BaseException:
             os.unlink(path)
             raise
-        return path
+        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
     # -- objects ------------------------------------------------------------------
 
@@ -8496,9 +8605,8 @@ class DeltaGliderClient:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path = self._spool(body if body is not None else b"")
+        path, info = self._spool(body if body is not None else b"")
         try:
-            info = _file_info(path)
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
@@ -8909,10 +9017,20 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+
+    def _upload_file(
+        self,
+        Filename: str,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None,
+        Callback: Callable[[int], None] | None,
+        info: _FileInfo,
+    ) -> None:
         extra = dict(ExtraArgs or {})
         _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
         params = dict(extra, Bucket=Bucket, Key=Key)
-        info = _file_info(Filename)
         sent = [0]
 
         def on_bytes(n: int) -> None:
@@ -8948,9 +9066,9 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path = self._spool(Fileobj)
+        path, info = self._spool(Fileobj)
         try:
-            self.upload_file(path, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback)
+            self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
             os.unlink(path)
 
@@ -10139,7 +10257,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path = self.client._spool(stdin)
+            path, info = self.client._spool(stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -10150,6 +10268,7 @@ class _Cli:
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     delta=delta,
+                    info=info,
                 )
             finally:
                 os.unlink(path)

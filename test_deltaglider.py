@@ -9398,6 +9398,147 @@ def test_secret_from_credentials_file_is_redacted_in_debug(fault_swift: Any, tmp
     assert not re.search(r"Signature=[0-9a-f]{64}", err)
 
 
+_OTHER_UID = 4321  # a user that is not us
+
+
+def _give_away(path: Any) -> None:
+    os.lchown(str(path), _OTHER_UID, _OTHER_UID)
+
+
+@pytest.mark.skipif(
+    os.name == "nt" or os.geteuid() != 0, reason="giving a folder to another user needs root"
+)
+@pytest.mark.parametrize(
+    "how", ["other-owner", "mode-777", "group-writable", "subfolder", "link-to-other", "file"]
+)
+def test_cache_dir_another_user_could_write_is_refused(
+    backend: Backend, tmp_path: Any, how: str
+) -> None:
+    """#13.3: a cache folder of another user, one others may write to, or one holding a
+    subfolder of another user, is refused before anything is spooled or stored there,
+    with an error naming DG_CACHE_DIR (through the SDK and the CLI); its mode is left as
+    it was (a chmod that cannot fix it is no longer ignored)."""
+    cache = tmp_path / "cache"
+    if how == "file":
+        cache.write_bytes(b"not a folder")
+    elif how == "link-to-other":
+        (tmp_path / "theirs").mkdir(mode=0o700)
+        _give_away(tmp_path / "theirs")
+        cache.symlink_to(tmp_path / "theirs")
+    else:
+        cache.mkdir(mode=0o700)
+    if how == "other-owner":
+        _give_away(cache)
+    elif how in ("mode-777", "group-writable"):
+        cache.chmod(0o777 if how == "mode-777" else 0o770)
+    elif how == "subfolder":
+        (cache / "tmp").mkdir(mode=0o700)
+        _give_away(cache / "tmp")
+    mode_before = os.lstat(str(cache)).st_mode
+    c = make_client(backend, tmp_path, cache_dir=str(cache))
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        zip_bytes = make_zip(tmp_path / "a.zip", 0)
+        for upload in (
+            lambda: c.put_object(Bucket=bucket, Key="k/n.txt", Body=b"text"),
+            lambda: c.put_object(Bucket=bucket, Key="k/a.zip", Body=zip_bytes),
+            lambda: c.upload_file(str(tmp_path / "a.zip"), bucket, "k/b.zip"),
+        ):
+            with pytest.raises(dg.InvalidConfigError, match="DG_CACHE_DIR") as raised:
+                upload()
+            assert str(cache) in str(raised.value)
+        assert stored_keys(c, bucket) == []
+        code, _, err = run_cli(
+            backend,
+            tmp_path,
+            ["cp", str(tmp_path / "a.zip"), "s3://%s/k/" % bucket],
+            DG_CACHE_DIR=str(cache),
+        )
+        assert code == 1 and "DG_CACHE_DIR" in err and "Traceback" not in err, err
+        assert stored_keys(c, bucket) == []
+        assert os.lstat(str(cache)).st_mode == mode_before
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("key", ["k/notes.txt", "k/b.zip", "new/first.zip"])
+def test_a_spooled_body_swapped_on_disk_is_never_stored(
+    backend: Backend, tmp_path: Any, key: str
+) -> None:
+    """#13.3, the attack replayed: the body spooled into the cache's temp folder is
+    replaced (a rename over it, as whoever can write the folder can) before it is read
+    back. The digests are those of the caller's bytes, taken as they were spooled, and
+    what is sent is held to them: the upload fails (direct: the server refuses the
+    signed payload; delta: it does not decode to the input; new reference: refused
+    too) and the other bytes are stored nowhere."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        c.put_object(Bucket=bucket, Key="k/a.zip", Body=make_zip(tmp_path / "a.zip", 0))
+        mine = make_zip(tmp_path / "b.zip", 1) if key.endswith(".zip") else b"my text\n" * 999
+        theirs = mine[:100] + b"ATTACKER" + mine[108:]
+        tmp_dir = os.path.join(c._engine.cache.folder, "tmp")
+
+        class Swapping(io.RawIOBase):
+            done = False
+
+            def readable(self) -> bool:
+                return True
+
+            def read(self, size: int = -1) -> bytes:
+                if not self.done:
+                    self.done = True
+                    return mine
+                (spooled,) = [n for n in os.listdir(tmp_dir) if n.endswith(".body.tmp")]
+                evil = os.path.join(tmp_dir, "evil")
+                with open(evil, "wb") as f:
+                    f.write(theirs)
+                os.replace(evil, os.path.join(tmp_dir, spooled))
+                return b""
+
+        with pytest.raises((dg.ClientError, dg.IntegrityError)):
+            c.put_object(Bucket=bucket, Key=key, Body=Swapping())
+        for stored in stored_keys(c, bucket):
+            assert b"ATTACKER" not in c.storage.get_object(bucket, stored)["Body"].read()
+        assert key + ".delta" not in stored_keys(c, bucket)
+        with pytest.raises(dg.ClientError):
+            c.head_object(Bucket=bucket, Key=key)
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+def test_multipart_upload_is_held_to_the_callers_hash(backend: Backend, tmp_path: Any) -> None:
+    """#13.3: a multipart upload hashes the parts it sends (each signed with its own
+    hash) and completes only if they add up to the SHA-256 the caller took: a file that
+    changed since is aborted, no part left behind."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        data = random.Random(7).getrandbits(8 * (6 << 20)).to_bytes(6 << 20, "little")
+        (tmp_path / "big.bin").write_bytes(data)
+        kw: dict[str, Any] = {"threshold": 5 << 20, "part_size": 5 << 20}
+        hashed_before = sha(data[:-1] + b"\x00")  # what it held when the caller hashed it
+        with pytest.raises(dg.IntegrityError, match="changed while it was uploaded"):
+            dg._put_path(
+                c.storage, bucket, "big.bin", str(tmp_path / "big.bin"), sha256=hashed_before, **kw
+            )
+        assert stored_keys(c, bucket) == []
+        assert c.storage.list_multipart_uploads(bucket, prefix="")["Uploads"] == []
+        dg._put_path(
+            c.storage, bucket, "big.bin", str(tmp_path / "big.bin"), sha256=sha(data), **kw
+        )
+        assert c.storage.get_object(bucket, "big.bin")["Body"].read() == data
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
 def test_temp_files_and_cache_are_private(fault_swift: Any, tmp_path: Any) -> None:
     direct, bucket = fault_swift
     old = os.umask(0o022)
