@@ -7087,8 +7087,10 @@ class _ReferenceCache:
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
             actual, _ = _sha256_file(path)
-        except OSError:  # gone (another process evicted it)
-            actual = ""
+        except OSError:  # gone (another process evicted it): nothing to remove
+            with self._lock:
+                self._verified.pop(sha256, None)
+            return False
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
