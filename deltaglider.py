@@ -67,6 +67,7 @@ from typing import (
     Any,
     Callable,
     Container,
+    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -74,6 +75,7 @@ from typing import (
     NamedTuple,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
     cast,
 )
@@ -175,6 +177,10 @@ _MAX_PARTS = 10000
 _MAX_SINGLE_PUT = 5 * 1024**3
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _DEFAULT_PART_SIZE = 16 * 1024 * 1024
+_T = TypeVar("_T")
+#: Ranged GETs of big downloads (aws s3: 8 MiB parts, 10 requests at once).
+_GET_PART_SIZE = 8 * 1024 * 1024
+_TRANSFER_WORKERS = 8
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -407,6 +413,60 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
     return cls(response, operation)  # type: ignore[no-any-return]
+
+
+#: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
+#: pair with SignatureDoesNotMatch or InvalidAccessKeyId, a wrong clock with
+#: RequestTimeTooSkewed; a HEAD only gets the status.
+_HEAD_403_HINT = (
+    "check that the access key and secret key belong together and that this machine's "
+    "clock is right"
+)
+
+
+def _as_operation(e: ClientError, operation: str) -> ClientError:
+    """``e``, raised by one of the requests a user's operation makes (the HEAD before a
+    GET, the reference's HEAD during a PUT), as an error of that operation: botocore names
+    the operation the caller called. A HEAD's bare 403 gets the hint its missing body
+    would have carried. Multipart steps keep their names, as aws-cli reports them."""
+    if e.operation_name == operation or e.operation_name in _MULTIPART_OPERATIONS:
+        return e
+    response = dict(e.response)
+    error = dict(response.get("Error") or {})
+    if error.get("Code") == "403" and e.operation_name.startswith("Head"):
+        error["Message"] = "%s (the %s reply gives no reason: %s)" % (
+            error.get("Message") or "Forbidden",
+            e.operation_name,
+            _HEAD_403_HINT,
+        )
+    response["Error"] = error
+    return _client_error(response, operation)
+
+
+_MULTIPART_OPERATIONS = frozenset(
+    {"CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload"}
+)
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _reports_as(operation: str) -> Callable[[_Fn], _Fn]:
+    """Decorate an operation made of several requests: their ClientErrors carry its name
+    (see _as_operation)."""
+
+    def decorate(fn: _Fn) -> _Fn:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ClientError as e:
+                relabelled = _as_operation(e, operation)
+                if relabelled is e:
+                    raise
+                raise relabelled from e
+
+        return cast(_Fn, wrapper)
+
+    return decorate
 
 
 class IntegrityError(DeltaGliderError):
@@ -1370,6 +1430,39 @@ class _Credentials(NamedTuple):
         return f"_Credentials(access_key={self.access_key[:4]}..., expiry={self.expiry})"
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
+def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
+    """A credential as it will be used, from any source. Surrounding whitespace (a stray CR
+    or LF from a file, a pasted export or a helper's output) is dropped with a warning; a
+    control character inside, or a non-ASCII one in a value sent in a header (the key id,
+    the token), is refused. Messages name the variable, never the value."""
+    text = value.strip()
+    if text != value:
+        logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
+    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+        raise CredentialRetrievalError(
+            provider=provider,
+            error_msg="%s contains a line break, control or non-ASCII character (the value is "
+            "not shown)" % name,
+        )
+    return text
+
+
+def _checked_credentials(
+    provider: str, names: tuple[str, str, str], key: str, secret: str, token: str | None
+) -> tuple[str, str, str | None]:
+    """(access key, secret key, token) through _credential_value; ``names`` are the
+    variables or fields they came from, for the messages."""
+    checked_token = _credential_value(token, names[2], provider) if token else ""
+    return (
+        _credential_value(key, names[0], provider),
+        _credential_value(secret, names[1], provider, header=False),
+        checked_token or None,
+    )
+
+
 class _CredentialProvider:
     """Hands out credentials, refreshing expiring ones inside botocore's windows.
 
@@ -1454,10 +1547,18 @@ def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Crede
         )
     token = data.get(token_key)
     expiry = data.get("Expiration")
+    where = "the credential_process output" if provider == "process" else provider + " reply"
+    key, secret, checked_token = _checked_credentials(
+        provider,
+        ("AccessKeyId in " + where, "SecretAccessKey in " + where, token_key + " in " + where),
+        str(data["AccessKeyId"]),
+        str(data["SecretAccessKey"]),
+        str(token) if _nonempty(token) else None,
+    )
     return _Credentials(
-        access_key=data["AccessKeyId"],
-        secret_key=data["SecretAccessKey"],
-        token=token if _nonempty(token) else None,
+        access_key=key,
+        secret_key=secret,
+        token=checked_token,
         expiry=_parse_expiry(expiry, provider) if expiry else None,
     )
 
@@ -1663,14 +1764,22 @@ def _resolve_credentials(
             raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
         if not secret_key:
             raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        return found("explicit", _Credentials(access_key, secret_key, session_token or None, None))
+        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+        return found("explicit", _Credentials(*checked, None))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
         secret = environ.get("AWS_SECRET_ACCESS_KEY")
         if not secret:
             raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN") or None
-        return found("env", _Credentials(environ["AWS_ACCESS_KEY_ID"], secret, token, None))
+        token_var = (
+            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+        )
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+        checked = _checked_credentials(
+            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+        )
+        return found("env", _Credentials(*checked, None))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
@@ -1682,10 +1791,20 @@ def _resolve_credentials(
             raise PartialCredentialsError(
                 provider="shared-credentials-file", cred_var="aws_secret_access_key"
             )
-        token = _profile_str(profile, "aws_session_token") or _profile_str(
-            profile, "aws_security_token"
+        token_field = (
+            "aws_session_token"
+            if _profile_str(profile, "aws_session_token")
+            else "aws_security_token"
         )
-        return found("shared-credentials-file", _Credentials(key, secret, token, None))
+        names = (
+            "aws_access_key_id of profile %r" % name,
+            "aws_secret_access_key of profile %r" % name,
+            "%s of profile %r" % (token_field, name),
+        )
+        checked = _checked_credentials(
+            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+        )
+        return found("shared-credentials-file", _Credentials(*checked, None))
 
     command = _profile_str(profile, "credential_process")
     if command:
@@ -1857,7 +1976,9 @@ class _SigV4:
             signed,
             self._signature(sts, timestamp[:8]),
         )
-        logger.debug("SigV4 canonical request:\n%s", canonical)
+        if logger.isEnabledFor(logging.DEBUG):  # the token is a secret: never logged
+            shown = canonical.replace(self._token, "<redacted>") if self._token else canonical
+            logger.debug("SigV4 canonical request:\n%s", shown)
 
     def presign_query(
         self,
@@ -2651,6 +2772,7 @@ class _S3Storage:
             proxy_for=proxy_for,
         )
         self._conditional_writes: bool | None = None
+        self._conditional_multipart: bool | None = None
 
     def close(self) -> None:
         self._pool.close()
@@ -2748,7 +2870,9 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            _, netloc, path = self._target(bucket, key)
+            # Connect to the host the request is signed for: the bucket's virtual host, or
+            # the regional endpoint a redirect named.
+            host, netloc, path = self._target(bucket, key)
             send_headers = {"host": netloc}
             send_headers.update(headers or {})
             if length is not None and (body is not None or method in ("PUT", "POST")):
@@ -2763,7 +2887,9 @@ class _S3Storage:
             error: BaseException | None = None
             resp: _Response | None = None
             try:
-                resp = self._send_once(method, url, send_headers, body, length, stream, ok_statuses)
+                resp = self._send_once(
+                    host, method, url, send_headers, body, length, stream, ok_statuses
+                )
             except (ReadTimeoutError, EndpointConnectionError) as e:
                 error = e
             if resp is not None:
@@ -2811,6 +2937,7 @@ class _S3Storage:
 
     def _send_once(
         self,
+        host: str,
         method: str,
         url: str,
         headers: dict[str, str],
@@ -2819,7 +2946,7 @@ class _S3Storage:
         stream: bool,
         ok_statuses: tuple[int, ...],
     ) -> _Response:
-        key = (self._scheme, self._host, self._port)
+        key = (self._scheme, host, self._port)
         conn, absolute = self._pool.acquire(*key)
         target = url
         if absolute:
@@ -2827,7 +2954,14 @@ class _S3Storage:
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for name, value in headers.items():
-                conn.putheader(name, value)
+                try:
+                    conn.putheader(name, value)
+                except ValueError:  # http.client's message quotes the value: it may be a secret
+                    conn.close()
+                    raise ParamValidationError(
+                        report="the %s header has a line break or another character HTTP does "
+                        "not allow (the value is not shown)" % name
+                    ) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
             if length is None and body is not None:
@@ -3284,8 +3418,16 @@ class _S3Storage:
         return resp.headers.get("etag", "")
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
+        """``if_none_match``: ``If-None-Match: *``, create only if absent (412 otherwise;
+        :meth:`supports_conditional_multipart` finds out whether the server honours it)."""
         xml = ['<CompleteMultipartUpload xmlns="%s">' % _S3_XMLNS]
         for number, etag in parts:
             xml.append(
@@ -3299,7 +3441,10 @@ class _S3Storage:
             bucket,
             key,
             query=[("uploadId", upload_id)],
-            headers={"Content-Type": "application/xml"},
+            headers={
+                "Content-Type": "application/xml",
+                **({"If-None-Match": "*"} if if_none_match else {}),
+            },
             body="".join(xml).encode(),
         )
         root = self._xml(resp)
@@ -3378,6 +3523,35 @@ class _S3Storage:
                     pass
             logger.debug("conditional writes honoured: %s", self._conditional_writes)
         return self._conditional_writes
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        """Whether ``If-None-Match: *`` on CompleteMultipartUpload is honoured too (AWS,
+        Swift and SeaweedFS do): complete an upload over an existing probe object."""
+        if self._conditional_multipart is None:
+            self._conditional_multipart = False
+            if self.supports_conditional_writes(bucket):
+                probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+                self.put_object(bucket, probe, b"1")
+                upload_id = self.create_multipart_upload(bucket, probe)
+                try:
+                    etag = self.upload_part(bucket, probe, upload_id, 1, b"2")
+                    self.complete_multipart_upload(
+                        bucket, probe, upload_id, [(1, etag)], if_none_match=True
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    self._conditional_multipart = status == 412
+                finally:
+                    try:
+                        self.abort_multipart_upload(bucket, probe, upload_id)
+                    except ClientError:
+                        pass  # completed (a server that ignores the header) or gone
+                    try:
+                        self.delete_object(bucket, probe)
+                    except ClientError:
+                        pass
+            logger.debug("conditional multipart completes: %s", self._conditional_multipart)
+        return self._conditional_multipart
 
 
 def _local_root_from_url(url: str) -> str:
@@ -3549,6 +3723,9 @@ class _LocalStorage:
         return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
 
     def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
         return True
 
     # -- plumbing -----------------------------------------------------------
@@ -3751,11 +3928,11 @@ class _LocalStorage:
         file is removed last; an index always names files that exist."""
         shard, digest = self._shard(bdir, key)
         with self._locked(operation, bucket, bdir):
-            if check is not None:
-                check()
             objects = self._index(shard)
             old = objects.get(key)
             self._check_write(operation, key, old, if_none_match, if_match)
+            if check is not None:
+                check()
             if record is None:
                 if old is None:
                     return
@@ -4540,10 +4717,17 @@ class _LocalStorage:
         return str(part["etag"])
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
         """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
-        MD5s and ``-N``, as S3 computes it."""
+        MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
+        (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
         if not parts:
@@ -4600,7 +4784,9 @@ class _LocalStorage:
                 nonlocal trash
                 trash = self._discard(op, bucket, bdir, udir, upload_id)
 
-            self._commit(op, bucket, bdir, key, tmp, record, check=take_upload)
+            self._commit(
+                op, bucket, bdir, key, tmp, record, if_none_match=if_none_match, check=take_upload
+            )
         finally:
             self._unlink(tmp)
         shutil.rmtree(trash, ignore_errors=True)
@@ -4667,6 +4853,95 @@ def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     return part
 
 
+def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
+    """Run ``tasks`` on up to ``workers`` threads; their results in order. The first
+    failure cancels what has not started and is raised once the others have finished."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _get_into(
+    storage: Any,
+    bucket: str,
+    key: str,
+    write: Callable[[bytes], Any],
+    *,
+    threshold: int = _MULTIPART_THRESHOLD,
+    part_size: int = _GET_PART_SIZE,
+    workers: int = _TRANSFER_WORKERS,
+    hold: Callable[[int], ContextManager[None]] | None = None,
+) -> int:
+    """Download an object into ``write`` in order, as aws s3 does: a first ranged GET
+    tells the size; an object over ``threshold`` comes in ``part_size`` ranges,
+    ``workers`` at a time (each pinned to the first reply's ETag with If-Match), at
+    most ``workers`` parts held ahead of the writer (``hold`` reserves that memory).
+    Returns the bytes written; the caller checks their SHA-256."""
+    try:
+        first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "InvalidRange":
+            raise
+        first = storage.get_object(bucket, key)  # an empty object: nothing to range
+    body = first["Body"]
+    total = None
+    match = re.match(r"^bytes \d+-\d+/(\d+)$", str(first.get("ContentRange", "")))
+    if match:
+        total = int(match.group(1))
+    written = 0
+    try:
+        for chunk in body.iter_chunks(_IO_CHUNK):
+            write(chunk)
+            written += len(chunk)
+    finally:
+        body.close()
+    if total is None or written >= total:
+        return written  # the whole object came (small, or the server ignored Range)
+    etag = first.get("ETag")
+    headers = {"If-Match": etag} if etag and total > threshold else {}
+
+    def fetch(start: int) -> bytes:
+        end = min(start + part_size, total) - 1
+        got = storage.get_object(bucket, key, range="bytes=%d-%d" % (start, end), headers=headers)
+        with got["Body"] as part:
+            data: bytes = part.read()
+        if len(data) != end - start + 1:
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=end - start + 1)
+        return data
+
+    starts = list(range(written, total, part_size))
+    if total <= threshold:
+        workers = 1
+    with contextlib.ExitStack() as stack:
+        if hold is not None and workers > 1:
+            stack.enter_context(hold((workers + 1) * part_size))
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max(1, workers)))
+        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        try:
+            for start in starts:
+                pending.append(pool.submit(fetch, start))
+                if len(pending) >= workers:
+                    data = pending.popleft().result()
+                    write(data)
+                    written += len(data)
+            while pending:
+                data = pending.popleft().result()
+                write(data)
+                written += len(data)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return written
+
+
 def _put_path(
     storage: Any,
     bucket: str,
@@ -4680,25 +4955,61 @@ def _put_path(
     threshold: int = _MULTIPART_THRESHOLD,
     part_size: int = _DEFAULT_PART_SIZE,
     on_bytes: Callable[[int], None] | None = None,
+    workers: int = _TRANSFER_WORKERS,
 ) -> dict[str, Any]:
-    """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
-    conditional create is asked for, since multipart cannot be conditional everywhere),
-    multipart above it. A failed multipart upload is aborted, so no parts linger."""
+    """Upload a local file, streamed: one PUT up to ``threshold``, multipart above it,
+    ``workers`` parts at a time. A conditional create (``if_none_match``) completes with
+    ``If-None-Match: *`` where the server honours that, else stays one PUT up to 5 GiB.
+    A failed multipart upload is aborted, so no parts linger.
+
+    ``sha256``: what the caller hashed. The bytes sent are held to it, not re-hashed
+    from the file after the fact: one PUT is signed with it and hashed as it is sent,
+    its last byte withheld on a mismatch (the server refuses other bytes, or never gets
+    a whole body); multipart parts are hashed first, in one pass that must give
+    ``sha256``, and each is then held to its own hash the same way. A file changed (or
+    swapped) since it was hashed is never stored."""
     size = os.path.getsize(path)
-    limit = _MAX_SINGLE_PUT if if_none_match else threshold
+    limit = threshold
+    if if_none_match and size > threshold:
+        probe = getattr(storage, "supports_conditional_multipart", None)
+        if probe is None or not probe(bucket):
+            limit = _MAX_SINGLE_PUT  # one conditional PUT, as far as a PUT goes
     if size <= limit:
         with open(path, "rb") as f:
-            body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
-            return storage.put_object(  # type: ignore[no-any-return]
-                bucket,
-                key,
-                body,
-                metadata=metadata,
-                headers=headers,
-                content_sha256=sha256,
-                if_none_match=if_none_match,
-            )
+            held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
+            body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
+            try:
+                return storage.put_object(  # type: ignore[no-any-return]
+                    bucket,
+                    key,
+                    body,
+                    metadata=metadata,
+                    headers=headers,
+                    content_sha256=sha256,
+                    if_none_match=if_none_match,
+                )
+            except _ChangedWhileSent as e:
+                raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
     part = _part_size(size, part_size)
+    offsets = list(enumerate(range(0, size, part), start=1))
+    expected: dict[int, str] = {}
+    if sha256:
+        # The parts go up at once, so what is sent cannot be hashed in file order: each
+        # part's SHA-256 is taken here, in one pass that must give the caller's.
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            for number, offset in offsets:
+                h = hashlib.sha256()
+                piece = _FileSlice(f, offset, min(part, size - offset))
+                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
+                    h.update(chunk)
+                    whole.update(chunk)
+                expected[number] = h.hexdigest()
+        if whole.hexdigest() != sha256:
+            raise IntegrityError(
+                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+            )
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -4708,13 +5019,26 @@ def _put_path(
         _abort_strays(storage, bucket, key, "", started)
         raise
     try:
-        parts = []
-        with open(path, "rb") as f:
-            for number, offset in enumerate(range(0, size, part), start=1):
-                piece = _FileSlice(f, offset, min(part, size - offset))
+
+        def send(number: int, offset: int) -> str:
+            # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            want = expected.get(number)
+            with open(path, "rb") as f:
+                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
-                parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
-        result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
+                try:
+                    etag = storage.upload_part(
+                        bucket, key, upload_id, number, body, content_sha256=want
+                    )
+                except _ChangedWhileSent as e:
+                    raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
+                return str(etag)
+
+        etags = _in_parallel([functools.partial(send, n, off) for n, off in offsets], workers)
+        parts = [(number, etag) for (number, _), etag in zip(offsets, etags)]
+        result: dict[str, Any] = storage.complete_multipart_upload(
+            bucket, key, upload_id, parts, **({"if_none_match": True} if if_none_match else {})
+        )
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
@@ -4740,6 +5064,48 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
             storage.abort_multipart_upload(bucket, key, up["UploadId"])
     except Exception as e:
         logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+
+
+class _ChangedWhileSent(OSError):
+    """The file being uploaded is not the bytes its caller hashed (an OSError, so the
+    transport drops the connection and does not retry: the body is never completed)."""
+
+
+class _SentHash(_FileSlice):
+    """A span of a file being uploaded that hashes what is read from it for sending,
+    continuing ``base`` (a hashlib object); a rewind (a retry) starts again from
+    ``base``. With ``expected``, the read that would hand over the last byte fails
+    instead if the span does not hash to it (nor has ``length`` bytes): the server never
+    receives a complete body, so a server that does not check the signed payload hash
+    (SeaweedFS) cannot store other bytes either."""
+
+    def __init__(
+        self, f: IO[bytes], offset: int, length: int, base: Any, expected: str | None = None
+    ) -> None:
+        super().__init__(f, offset, length)
+        self._base = base
+        self._expected = expected
+        self.sha256 = base.copy()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        at = super().seek(pos, whence)
+        if at == 0:
+            self.sha256 = self._base.copy()
+        return at
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.sha256.update(data)
+        done = self.tell() >= len(self) or (size != 0 and not data)
+        if self._expected and done:
+            if self.tell() < len(self):
+                raise _ChangedWhileSent("shrank while it was uploaded")
+            if self.sha256.hexdigest() != self._expected:
+                raise _ChangedWhileSent(
+                    "changed while it was uploaded (the bytes sent hash to %s, not %s as "
+                    "they did before)" % (self.sha256.hexdigest(), self._expected)
+                )
+        return data
 
 
 class _CallbackReader(io.RawIOBase):
@@ -7008,11 +7374,48 @@ def _default_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 def _private_mkdir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a folder of the cache (0700), or check an existing one: a directory of this
+    user that nobody else can write to. Whoever can write there can swap a spooled upload
+    body or a cached reference between our write and our read (a file's own 0600 does
+    not stop a rename over it), so anything else is refused, naming DG_CACHE_DIR; a
+    chmod that fails is not ignored. POSIX only: Windows has no mode bits to check."""
     try:
-        os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - a folder we may not own; files stay 0600
-        pass
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # not a directory: said below
+    except OSError as e:
+        raise InvalidConfigError(
+            error_msg="%s: cannot create the cache folder %s: %s; set %s to a folder of "
+            "your own" % (_ENV_CACHE_DIR, path, e.strerror, _ENV_CACHE_DIR)
+        ) from None
+    if os.name == "nt":  # pragma: no cover - checked on POSIX only
+        return
+    uid = os.geteuid()
+    link = os.lstat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = link  # a dangling symbolic link: not a directory
+    problem = ""
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+        problem = "is a symbolic link owned by uid %d, not by you (uid %d)" % (link.st_uid, uid)
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        problem = "is owned by uid %d, not by you (uid %d)" % (st.st_uid, uid)
+    elif st.st_mode & 0o022:
+        problem = "is writable by group or others (mode %03o)" % stat.S_IMODE(st.st_mode)
+    elif st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            problem = "cannot be made private (chmod 700: %s)" % e.strerror
+    if problem:
+        raise InvalidConfigError(
+            error_msg="%s: the cache folder %s %s: another user could change the upload "
+            "bodies and references kept there. Set %s to a folder of your own that only "
+            "you can write to (mode 700)" % (_ENV_CACHE_DIR, path, problem, _ENV_CACHE_DIR)
+        )
 
 
 _UMASK: list[int] = []
@@ -7177,8 +7580,10 @@ class _ReferenceCache:
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
             actual, _ = _sha256_file(path)
-        except OSError:  # gone (another process evicted it)
-            actual = ""
+        except OSError:  # gone (another process evicted it): nothing to remove
+            with self._lock:
+                self._verified.pop(sha256, None)
+            return False
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -7592,7 +7997,10 @@ class _DeltaEngine:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
                 if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
+                    relabelled = _as_operation(e, operation)
+                    if relabelled is e:
+                        raise
+                    raise relabelled from e
                 continue
             metadata = head.get("Metadata", {})
             kind = _classify(stored, metadata)
@@ -7623,15 +8031,9 @@ class _DeltaEngine:
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
-        resp = self.storage.get_object(bucket, ref_key)
-        body = resp["Body"]
 
         def write(f: IO[bytes]) -> None:
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            finally:
-                body.close()
+            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
 
         try:
             return self.cache.fill(ref_sha256, write)
@@ -7641,6 +8043,7 @@ class _DeltaEngine:
                 "against (%s)" % (bucket, ref_key, e)
             ) from None
 
+    @_reports_as("GetObject")
     def get_to_file(
         self, bucket: str, key: str, dest: str, logical: _Logical | None = None
     ) -> _Logical:
@@ -7666,15 +8069,11 @@ class _DeltaEngine:
         return lg
 
     def _fetch_plain(self, lg: _Logical, out: str) -> None:
-        resp = self.storage.get_object(lg.bucket, lg.stored_key)
-        body = resp["Body"]
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    writer.write(chunk)
-            finally:
-                body.close()
+            _get_into(
+                self.storage, lg.bucket, lg.stored_key, writer.write, hold=self.xdelta.memory.hold
+            )
         expected = lg.sha256
         if expected and writer.sha256.hexdigest() != expected:
             raise IntegrityError(
@@ -7903,6 +8302,7 @@ class _DeltaEngine:
             meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
         return meta
 
+    @_reports_as("PutObject")
     def put_file(
         self,
         path: str,
@@ -8459,6 +8859,7 @@ class _DeltaEngine:
 
     # -- deleting -----------------------------------------------------------------
 
+    @_reports_as("DeleteObject")
     def delete(self, bucket: str, key: str) -> dict[str, Any]:
         """Delete a logical name; the last delta of a deltaspace takes its reference."""
         try:
@@ -8983,21 +9384,35 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> str:
-        """Write a request body (bytes, str or any file object) to a private temp file."""
+    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
+        """Write a request body (bytes, str or any file object) to a private temp file;
+        returns its path and the digests of the caller's bytes, taken as they are written,
+        never read back from the file: whatever is uploaded from it is checked against
+        these (signed payload hash, the delta's decode check), so a file changed under us
+        fails the upload instead of storing other bytes."""
         fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        size = 0
+
+        def write(f: IO[bytes], data: bytes) -> None:
+            nonlocal size
+            sha.update(data)
+            md5.update(data)
+            size += len(data)
+            f.write(data)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 if isinstance(body, str):
-                    f.write(body.encode("utf-8"))
+                    write(f, body.encode("utf-8"))
                 elif isinstance(body, (bytes, bytearray, memoryview)):
-                    f.write(body)
+                    write(f, bytes(body))
                 elif hasattr(body, "read"):
                     while True:
                         chunk = body.read(_IO_CHUNK)
                         if not chunk:
                             break
-                        f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
                 else:
                     raise ParamValidationError(
                         report="Invalid type for parameter Body, value: %r, type: %s, valid "
@@ -9006,7 +9421,7 @@ class DeltaGliderClient:
         except BaseException:
             os.unlink(path)
             raise
-        return path
+        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
     # -- objects ------------------------------------------------------------------
 
@@ -9014,9 +9429,8 @@ class DeltaGliderClient:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path = self._spool(body if body is not None else b"")
+        path, info = self._spool(body if body is not None else b"")
         try:
-            info = _file_info(path)
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
@@ -9430,10 +9844,20 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+
+    def _upload_file(
+        self,
+        Filename: str,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None,
+        Callback: Callable[[int], None] | None,
+        info: _FileInfo,
+    ) -> None:
         extra = dict(ExtraArgs or {})
         _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
         params = dict(extra, Bucket=Bucket, Key=Key)
-        info = _file_info(Filename)
         sent = [0]
 
         def on_bytes(n: int) -> None:
@@ -9469,9 +9893,9 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path = self._spool(Fileobj)
+        path, info = self._spool(Fileobj)
         try:
-            self.upload_file(path, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback)
+            self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
             os.unlink(path)
 
@@ -10259,7 +10683,7 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",
+        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
         "attributes",
         "cors",
@@ -10719,6 +11143,78 @@ class _GatewayAuth:
             CanonicalRequest=canonical,
         )
 
+    def verify_policy(self, fields: Mapping[str, str], bucket: str, key: str, size: int) -> str:
+        """A POST form's policy: signed by a known key, not expired, and every field it
+        carries allowed by a condition (AWS "Creating a POST policy"). Returns the key id."""
+        lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
+        if not lower.get("policy"):
+            raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        policy_b64 = lower["policy"].encode("ascii", "replace")
+        if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
+            access_key = lower["awsaccesskeyid"]
+            digest = hmac.new(self._secret(access_key).encode(), policy_b64, hashlib.sha1)
+            expected = base64.b64encode(digest.digest()).decode("ascii")
+            given = lower.get("signature", "")
+        elif lower.get("x-amz-algorithm") == _SIGV4_ALGORITHM:
+            access_key, date, region, service = self._credential(
+                lower.get("x-amz-credential", ""), "InvalidArgument"
+            )
+            signing_key = _SIGNING_KEYS.get(self._secret(access_key), date, region, service)
+            expected = hmac.new(signing_key, policy_b64, hashlib.sha256).hexdigest()
+            given = lower.get("x-amz-signature", "")
+        else:
+            raise _S3Reply("InvalidArgument", "POST uploads need x-amz-algorithm AWS4-HMAC-SHA256")
+        if not hmac.compare_digest(expected, given):
+            raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        try:
+            policy = json.loads(base64.b64decode(lower["policy"]))
+            expiration = _parse_timestamp(str(policy["expiration"]))
+            conditions = list(policy.get("conditions", []))
+        except (ValueError, KeyError, TypeError):
+            raise _S3Reply(
+                "InvalidArgument", "Invalid Policy: the policy is not valid JSON"
+            ) from None
+        if self._now() > expiration:
+            raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
+        values = dict(lower, bucket=bucket, key=key)
+        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+        for cond in conditions:
+            if isinstance(cond, dict):
+                for name, want in cond.items():
+                    name = name.lower()
+                    covered.add(name)
+                    if values.get(name) != str(want):
+                        raise _S3Reply(
+                            "AccessDenied",
+                            "Invalid according to Policy: Policy Condition failed: "
+                            '["eq", "$%s", "%s"]' % (name, want),
+                        )
+            elif isinstance(cond, list) and len(cond) == 3:
+                op = str(cond[0]).lower()
+                if op == "content-length-range":
+                    if not int(cond[1]) <= size <= int(cond[2]):
+                        raise _S3Reply(
+                            "EntityTooLarge" if size > int(cond[2]) else "EntityTooSmall"
+                        )
+                    continue
+                name = str(cond[1]).lower().lstrip("$")
+                covered.add(name)
+                have = values.get(name, "")
+                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+                if op not in ("eq", "starts-with") or not ok:
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: %s"
+                        % json.dumps(cond),
+                    )
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
     def _verify_presigned_v2(
         self,
         method: str,
@@ -11029,6 +11525,60 @@ class _AwsChunked:
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
+
+
+def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
+    """Parse a spooled multipart/form-data body: the fields before the ``file`` part (each
+    at most 64 KiB) and the byte range of the file, which S3 requires to come last."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        line = f.readline(1024)
+        if line.rstrip(b"\r\n") != boundary:
+            raise _S3Reply("InvalidArgument", "The body is not multipart/form-data")
+        while True:
+            headers: dict[str, str] = {}
+            while True:
+                h = f.readline(8192)
+                if not h:
+                    raise _S3Reply("IncompleteBody")
+                if h in (b"\r\n", b"\n"):
+                    break
+                name, _, value = h.decode("utf-8", "replace").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            disposition = headers.get("content-disposition", "")
+            m = re.search(r'\bname="([^"]*)"', disposition)
+            name = m.group(1) if m else ""
+            if name == "file":
+                fm = re.search(r'\bfilename="([^"]*)"', disposition)
+                fields["\0filename"] = fm.group(1) if fm else ""
+                start = f.tell()
+                tail = b"\r\n" + boundary + b"--"
+                # the closing boundary ends the body (a trailing CRLF is allowed)
+                f.seek(max(start, size - len(tail) - 4))
+                rest = f.read()
+                at = rest.rfind(tail)
+                if at < 0:
+                    raise _S3Reply("IncompleteBody", "The form has no closing boundary")
+                end = size - len(rest) + at
+                return fields, start, end
+            data = b""
+            while True:
+                chunk = f.readline(65536)
+                if not chunk:
+                    raise _S3Reply("IncompleteBody")
+                if chunk.rstrip(b"\r\n") in (boundary, boundary + b"--"):
+                    break
+                data += chunk
+                if len(data) > 65536:
+                    raise _S3Reply("InvalidArgument", "A form field is larger than 64 KiB")
+            if chunk.rstrip(b"\r\n") == boundary + b"--":
+                raise _S3Reply(
+                    "InvalidArgument", "POST requires exactly one file upload per request."
+                )
+            if data.endswith(b"\r\n"):
+                data = data[:-2]
+            fields[name] = data.decode("utf-8")
 
 
 # -- multipart uploads ----------------------------------------------------------------
@@ -11593,8 +12143,17 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 self._authenticate(gw)
             self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
             return
-        signed = self._authenticate(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
+        if (
+            method == "POST"
+            and bucket is not None
+            and key is None
+            and not self._query
+            and self._headers.get("content-type", "").startswith("multipart/form-data")
+            and "authorization" not in self._headers
+        ):
+            return self._post_object(bucket)  # signed by its policy, inside the form
+        signed = self._authenticate(gw)
         # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
         q = {k: v for k, v in self._q.items() if k != "x-id"}
         unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
@@ -11603,6 +12162,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
+        if key is None and "acl" in q and method in ("GET", "PUT"):
+            return self._bucket_acl(bucket, signed)
         if key is None:
             if unsupported:
                 self._operation = "Bucket:" + unsupported[0]
@@ -11630,6 +12191,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(204)
             if method == "POST" and "delete" in q:
                 return self._delete_objects(bucket, signed)
+
             self._operation = "Bucket:" + method
             raise _S3Reply(
                 "NotImplemented", "This bucket operation is not supported by the gateway"
@@ -11838,6 +12400,48 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             params["ACL"] = acl
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
+
+    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
+        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+        client = self.server.gateway.client
+        if self.command == "GET":
+            self._operation = "GetBucketAcl"
+            resp = client.get_bucket_acl(Bucket=bucket)
+            self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
+            return
+        self._operation = "PutBucketAcl"
+        params: dict[str, Any] = {"Bucket": bucket}
+        for name, header in _CANNED_ACL_PARAMS:
+            if self._headers.get(header):
+                params[name] = self._headers[header]
+        data = self._small_body(signed)
+        if data.strip():
+            try:
+                root = _xml_parse(data)
+            except (ValueError, ET.ParseError):
+                raise _S3Reply("MalformedXML") from None
+            owner = root.find("Owner")
+            policy: dict[str, Any] = {"Grants": []}
+            if owner is not None:
+                policy["Owner"] = {
+                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+                }
+            for grant in root.iter("Grant"):
+                grantee = grant.find("Grantee")
+                who: dict[str, Any] = {}
+                if grantee is not None:
+                    for attr, value in grantee.attrib.items():
+                        if attr.endswith("}type") or attr == "type":
+                            who["Type"] = value
+                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                        if _xml_text(grantee, t):
+                            who[t] = _xml_text(grantee, t)
+                policy["Grants"].append(
+                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+                )
+            params["AccessControlPolicy"] = policy
+        client.put_bucket_acl(**params)
+        self._send(200)
 
     # -- listings -----------------------------------------------------------------
 
@@ -12125,6 +12729,68 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 )
             )
         self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+
+    def _post_object(self, bucket: str) -> None:
+        """A browser upload (generate_presigned_post): a multipart/form-data body whose
+        fields come first and whose file is last (AWS "Browser-based uploads using POST"),
+        authorised by the signed policy in the form."""
+        self._operation = "PostObject"
+        gw = self.server.gateway
+        m = re.search(r'boundary="?([^";]+)"?', self._headers.get("content-type", ""))
+        if not m:
+            raise _S3Reply("InvalidArgument", "multipart/form-data needs a boundary")
+        boundary = b"--" + m.group(1).encode("latin-1")
+        unsigned = _Signed("-", _UNSIGNED_PAYLOAD, b"", "", "", "")
+        raw = self._spool(unsigned, gw.max_object_size + 64 * 1024)
+        try:
+            fields, start, end = _form_fields(raw.path, boundary)
+            key = fields.get("key", "")
+            if "${filename}" in key:
+                key = key.replace("${filename}", fields.get("\0filename", ""))
+            self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
+            fd, path = _private_tempfile(gw.spool_dir, ".post")
+            md5, sha = hashlib.md5(), hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
+                f.seek(start)
+                left = end - start
+                while left > 0:
+                    data = f.read(min(_IO_CHUNK, left))
+                    if not data:
+                        break
+                    left -= len(data)
+                    md5.update(data)
+                    sha.update(data)
+                    out.write(data)
+        finally:
+            os.unlink(raw.path)
+        try:
+            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+            meta = {}
+            for name, value in fields.items():
+                lname = name.lower()
+                if lname.startswith("x-amz-meta-"):
+                    meta[lname[len("x-amz-meta-") :]] = value
+                for pname, header in _PUT_HEADER_PARAMS:
+                    if lname == header.lower():
+                        params[pname] = value
+            if meta:
+                params["Metadata"] = meta
+            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
+            result = self._store(_Spooled(path, info), params)
+        finally:
+            os.unlink(path)
+        status = fields.get("success_action_status", "204")
+        headers = {"ETag": result["ETag"], "Location": "/%s/%s" % (bucket, _quote_key(key))}
+        if status == "201":
+            body = (
+                _el("Location", headers["Location"])
+                + _el("Bucket", bucket)
+                + _el("Key", key)
+                + _el("ETag", result["ETag"])
+            )
+            self._send(201, _xml_doc("PostResponse", body), headers=headers)
+        else:
+            self._send(200 if status == "200" else 204, headers=headers)
 
     # -- multipart ------------------------------------------------------------------
 
@@ -12546,6 +13212,19 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _printable(text: str) -> str:
+    """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
+    shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
+    the terminal."""
+    return _CONTROL_CHARS.sub(
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    )
+
+
 def _display_path(path: str) -> str:
     """Local paths as aws s3 prints them: relative to the working directory."""
     try:
@@ -12640,14 +13319,14 @@ class _Cli:
         if self.quiet or self.errors_only:
             return
         with self._print_lock:
-            self.out.write(text + "\n")
+            self.out.write(_printable(text) + "\n")
             self.out.flush()
 
     def error(self, text: str) -> None:
         if self.quiet:
             return
         with self._print_lock:
-            self.err.write(text + "\n")
+            self.err.write(_printable(text) + "\n")
             self.err.flush()
 
     def fail(self, text: str) -> None:
@@ -13084,7 +13763,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path = self.client._spool(stdin)
+            path, info = self.client._spool(stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -13095,6 +13774,7 @@ class _Cli:
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     delta=delta,
+                    info=info,
                 )
             finally:
                 os.unlink(path)
@@ -13129,7 +13809,7 @@ class _Cli:
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
         for page in paginator.paginate(**kwargs):
             for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
+                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
                 count += 0
             for obj in page.get("Contents", []):
                 if _is_internal(obj["Key"]):
@@ -13138,7 +13818,8 @@ class _Cli:
                 total += obj["Size"]
                 stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                self.out.write("%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), name))
+                size = fmt_size(obj["Size"]).rjust(10)
+                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
             if not page.get("Contents") and not page.get("CommonPrefixes") and key:
                 pass
         if self.args.summarize:
@@ -13233,7 +13914,7 @@ class _Cli:
 
     def sync_up(self, src: str, dst: str) -> int:
         if not os.path.isdir(src):
-            raise _FatalError("The user-provided path %s does not exist." % src)
+            _refuse_sync_path(src)
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -13310,6 +13991,8 @@ class _Cli:
         return int(src_mtime) > int(dst_mtime)
 
     def sync_down(self, src: str, dst: str) -> int:
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            _refuse_sync_path(dst)
         bucket, key = _parse_s3_url(src)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -13641,6 +14324,16 @@ class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
 
 
+def _refuse_sync_path(path: str) -> None:
+    """sync compares folders: a local path that is not one is refused before any work."""
+    if os.path.lexists(path):
+        raise _FatalError(
+            "The user-provided path %s is not a folder: sync takes folders "
+            "(cp copies a single file)" % path
+        )
+    raise _FatalError("The user-provided path %s does not exist." % path)
+
+
 def _store_identity(client: DeltaGliderClient) -> str:
     """Which store a client talks to (endpoint, or local directory): two clients with the same
     identity see the same bucket under the same name."""
@@ -13663,7 +14356,7 @@ def _refuse_onto_itself(
     for s_key, d_key in pairs:
         if s_key == d_key:
             raise _UsageError(
-                "Cannot %s a file onto itself: s3://%s/%s - s3://%s/%s"
+                "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
                 % (command, src_bucket, s_key, dst_bucket, d_key)
             )
     sources = {s_key for s_key, _ in pairs}
@@ -13821,7 +14514,7 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     )
     g.add_argument(
         "--cli-request-timeout",
-        type=float,
+        type=_option(_parse_number, "--cli-request-timeout", above=0),
         default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
         help="seconds a reply may take to send its headers, or each MiB of its body, however"
         " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
@@ -13922,16 +14615,16 @@ def _build_parser() -> argparse.ArgumentParser:
         )
 
     p = command("cp", "copy files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
+    p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
     transfer_flags(p)
     p = command("mv", "move files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key")
+    p.add_argument("dest", help="a local path or s3://bucket/key")
     transfer_flags(p)
     p = command("sync", "make a destination folder or prefix match the source")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local folder or s3://bucket/prefix/")
+    p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
     transfer_flags(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
@@ -13941,27 +14634,45 @@ def _build_parser() -> argparse.ArgumentParser:
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
     p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
-    p.add_argument("path", nargs="?", default="")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("-h", "--human-readable", action="store_true")
-    p.add_argument("--summarize", action="store_true")
+    p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
+    )
+    p.add_argument(
+        "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
+    )
+    p.add_argument("--summarize", action="store_true", help="end with the object count and size")
     p = command("rm", "delete objects (references are removed with their last delta)")
-    p.add_argument("path")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("--exclude", action=_FilterAction, dest="exclude", metavar="PATTERN")
-    p.add_argument("--include", action=_FilterAction, dest="include", metavar="PATTERN")
-    p.add_argument("--dryrun", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--only-show-errors", action="store_true")
+    p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="delete every key under the prefix"
+    )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="do not delete matching keys (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="delete matching keys even if excluded before (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
     p = command("mb", "make a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p = command("rb", "remove a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
     p = command("verify", "rebuild an object and check its SHA-256")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket/key")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
         type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
@@ -13969,20 +14680,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds, 1 to 604800 (default 3600)",
     )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
-    p.add_argument("path", metavar="BUCKET")
+    p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
     p = command("gc", "delete the references under a prefix that no delta needs any more")
-    p.add_argument("path", metavar="S3_URL")
+    p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p = command("stats", "what a bucket holds and what deltas save")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
+    p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
     transfer_flags(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
@@ -14043,16 +14754,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", type=float, help="largest delta worth storing (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p = command("put-bucket-acl", "set a bucket's ACL")
-    p.add_argument("bucket")
-    p.add_argument("--acl")
-    p.add_argument("--grant-full-control")
-    p.add_argument("--grant-read")
-    p.add_argument("--grant-read-acp")
-    p.add_argument("--grant-write")
-    p.add_argument("--grant-write-acp")
-    p.add_argument("--access-control-policy", help="JSON AccessControlPolicy")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
+    p.add_argument(
+        "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
+    )
+    grantee = "grantees as type=value pairs, e.g. id=CANONICAL-ID or uri=GROUP-URI"
+    p.add_argument("--grant-full-control", metavar="GRANTEES", help="full control: " + grantee)
+    p.add_argument("--grant-read", metavar="GRANTEES", help="list the objects: " + grantee)
+    p.add_argument("--grant-read-acp", metavar="GRANTEES", help="read the ACL: " + grantee)
+    p.add_argument("--grant-write", metavar="GRANTEES", help="write objects: " + grantee)
+    p.add_argument("--grant-write-acp", metavar="GRANTEES", help="write the ACL: " + grantee)
+    p.add_argument(
+        "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
+    )
     return parser
 
 
@@ -14078,13 +14794,19 @@ class _RedactingFilter(logging.Filter):
         super().__init__()
         self._secrets = [s for s in secrets if s and len(s) >= 4]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+    def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
             text = pattern.sub(repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
-        record.msg, record.args = text, None
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self._redact(record.getMessage()), None
+        if record.exc_info:  # the traceback too: the formatter then uses exc_text as is
+            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
         return True
 
 
@@ -14129,7 +14851,7 @@ def main(
         return e.status
     except _UsageError as e:
         err.write(parser.format_usage())
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     if not args.command:
         err.write(parser.format_usage())
@@ -14144,7 +14866,10 @@ def main(
     if args.debug:
         handler = logging.StreamHandler(err)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [env.get("AWS_SECRET_ACCESS_KEY", ""), env.get("AWS_SESSION_TOKEN", "")]
+        secrets = [
+            env.get(name, "").strip()
+            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+        ]
         handler.addFilter(_RedactingFilter(secrets))
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
@@ -14158,12 +14883,12 @@ def main(
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
     except _UsageError as e:
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     except (DeltaGliderError, OSError, ValueError) as e:
         if args.debug:
             logger.exception("fatal error")
-        message = _one_line(e)
+        message = _printable(_one_line(e))
         if isinstance(e, _FatalError):
             err.write(message + "\n")
         else:

@@ -8,6 +8,7 @@ from small stdlib fakes. deltaglider itself is never mocked: its seams are param
 
 from __future__ import annotations
 
+import argparse
 import base64
 import bz2
 import bz2 as _bz2_mod
@@ -56,7 +57,7 @@ import warnings
 import zipfile
 import zipfile as _zipfile_mod
 import zlib
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -171,6 +172,88 @@ def bucket(s3server: S3TestServer) -> Iterator[str]:
     yield name
     _s3_empty_and_delete(st_, name)
     st_.close()
+
+
+class _TestDNS(Dict[str, Tuple[str, Optional[int]]]):
+    """Name -> (ip, port or None to keep the port); ``looked`` lists every lookup."""
+
+    looked: list[str]
+
+
+@pytest.fixture
+def test_dns(monkeypatch: Any) -> _TestDNS:
+    """A hosts file for one test: ``test_dns[name] = (ip, port or None)`` makes ``name`` (or,
+    for ``*.suffix``, every name under it) resolve there; other names ending in ``.test``
+    or ``.amazonaws.com`` do not resolve at all."""
+    table = _TestDNS()
+    table.looked = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        table.looked.append(name)
+        for pattern, (ip, new_port) in table.items():
+            if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return real(ip, port if new_port is None else new_port, *args, **kwargs)
+        if name.endswith((".test", ".amazonaws.com")):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture(scope="session")
+def s3server_vhost(tmp_path_factory: Any) -> Iterator[S3TestServer]:
+    """A real SeaweedFS S3 gateway serving virtual-hosted buckets (``-domainName``): a
+    second ``weed s3`` over the filer of the running SeaweedFS, so it sees the same buckets.
+    Its endpoint host ``s3.dg.test`` resolves only through ``test_dns``."""
+    base = _s3_test_servers()["seaweedfs"]
+    weed = os.environ.get("DG_TEST_WEED") or os.path.expanduser(
+        "~/.cache/deltaglider-ci/s3/venv-seaweedfs/bin/weed"
+    )
+    if not os.access(weed, os.X_OK):
+        _s3_unavailable("no SeaweedFS weed binary at %s (set DG_TEST_WEED)" % weed)
+    port = urllib.parse.urlsplit(base.endpoint).port or 80
+    filer = os.environ.get("DG_TEST_SEAWEEDFS_FILER", "127.0.0.1:%d" % (port + 3))
+    d = tmp_path_factory.mktemp("vhost")
+    identity = {"accessKey": base.access_key, "secretKey": base.secret_key}
+    (d / "s3.json").write_text(
+        json.dumps(
+            {"identities": [{"name": "ci", "credentials": [identity], "actions": ["Admin"]}]}
+        )
+    )
+    s3port, grpc = _unused_port(), _unused_port()
+    log = open(str(d / "weed.log"), "wb")
+    proc = subprocess.Popen(
+        [
+            *(weed, "s3", "-filer=" + filer, "-port=%d" % s3port, "-port.grpc=%d" % grpc),
+            *("-ip.bind=127.0.0.1", "-domainName=s3.dg.test", "-config=%s" % (d / "s3.json")),
+            *("-port.iceberg=0", "-port.lance=0"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", s3port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        else:
+            proc.poll()
+        if proc.returncode is not None:
+            _s3_unavailable("weed s3 exited: %s" % (d / "weed.log").read_text()[-500:])
+        yield S3TestServer(
+            "seaweedfs-vhost", "http://s3.dg.test:%d" % s3port, base.access_key, base.secret_key
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 class _Seen(NamedTuple):
@@ -2060,6 +2143,83 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_virtual_hosted_requests_connect_to_the_bucket_host(
+    s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
+) -> None:
+    """Virtual-hosted style against a real server that serves it: every request goes to
+    ``<bucket>.s3.dg.test``, the host it is signed for (the bare endpoint host does not even
+    resolve), and the server finds the bucket from the Host header."""
+    test_dns["*.s3.dg.test"] = ("127.0.0.1", None)
+    st_ = _s3_storage(s3server_vhost, addressing_style="virtual")
+    name = "dg-test-" + uuid.uuid4().hex[:16]
+    st_.create_bucket(name)
+    try:
+        st_.put_object(name, "dir/a b+c.txt", b"hello", metadata={"k": "v"})
+        assert st_.head_object(name, "dir/a b+c.txt")["Metadata"] == {"k": "v"}
+        assert st_.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        listed = st_.list_objects_v2(name, prefix="dir/")
+        assert [c["Key"] for c in listed["Contents"]] == ["dir/a b+c.txt"]
+        # the same filer, path style: the object really is in that bucket
+        plain = _s3_storage(s3server_seaweedfs)
+        assert plain.get_object(name, "dir/a b+c.txt")["Body"].read() == b"hello"
+        plain.close()
+        st_.delete_object(name, "dir/a b+c.txt")
+        assert "Contents" not in st_.list_objects_v2(name)
+    finally:
+        _s3_empty_and_delete(_s3_storage(s3server_seaweedfs), name)
+        st_.close()
+    test_names = {n for n in test_dns.looked if n.endswith(".test")}
+    assert test_names == {"%s.s3.dg.test" % name}, test_dns.looked
+
+
+@pytest.mark.parametrize("bucket", ["dg-redirect", "dg.redirect"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_region_redirect_connects_to_the_bucket_region(
+    fake_s3: Callable[..., _FakeHTTPServer],
+    tls_context: ssl.SSLContext,
+    test_dns: _TestDNS,
+    bucket: str,
+    method: str,
+) -> None:
+    """AWS answers a request sent to the wrong region with 301 and x-amz-bucket-region
+    (no body for a HEAD). The one retry is signed for that region and sent to that
+    region's endpoint, virtual-hosted or (for a dotted bucket) path style."""
+
+    def wrong_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        body = _s3_error_xml("PermanentRedirect", "use the right endpoint")
+        h.reply(301, body, {"x-amz-bucket-region": "eu-west-1", **_XML})
+
+    def right_region(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, b"data", {"Content-Type": "application/octet-stream"})
+
+    us, eu = fake_s3(wrong_region, tls=tls_context), fake_s3(right_region, tls=tls_context)
+    virtual = "." not in bucket
+    us_host = bucket + ".s3.amazonaws.com" if virtual else "s3.amazonaws.com"
+    eu_host = bucket + ".s3.eu-west-1.amazonaws.com" if virtual else "s3.eu-west-1.amazonaws.com"
+    test_dns[us_host] = ("127.0.0.1", us.server_address[1])
+    test_dns[eu_host] = ("127.0.0.1", eu.server_address[1])
+    st_ = dg._S3Storage(
+        endpoint_url=None,
+        region="us-east-1",
+        credentials=lambda: _FAKE_CREDS,
+        verify=False,
+        sleep=lambda s: None,
+    )
+    if method == "GET":
+        assert st_.get_object(bucket, "k")["Body"].read() == b"data"
+    else:
+        assert st_.head_object(bucket, "k")["ContentLength"] == 4
+    st_.close()
+    assert [r.method for r in us.requests] == [method]
+    assert [r.method for r in eu.requests] == [method]
+    seen = eu.requests[0]
+    assert seen.headers["host"] == eu_host
+    assert seen.path == ("/k" if virtual else "/%s/k" % bucket)
+    assert "/eu-west-1/s3/aws4_request" in seen.headers["authorization"]
+
+
 _SEGMENTED_1024 = "/".join(["s" * 255, "t" * 255, "u" * 255, "v" * 251, "w" * 4])
 _AWKWARD_KEYS = [
     "with space",
@@ -2886,6 +3046,111 @@ def test_credential_process_failures(tmp_path: pathlib.Path, script: str, messag
     with pytest.raises(dg.CredentialRetrievalError, match=f"from process: .*{message}") as info:
         dg._resolve_credentials(environ=env)
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "source, variable",
+    [
+        ("env", "AWS_SESSION_TOKEN"),
+        ("explicit", "aws_session_token"),
+        ("file", "aws_session_token of profile 'default'"),
+        ("process", "SessionToken in the credential_process output"),
+    ],
+)
+@pytest.mark.parametrize("stray", ["\r", "\n", "\r\n", " "])
+def test_credential_with_a_stray_line_break(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, source: str, variable: str, stray: str
+) -> None:
+    """A token read with its line ending (an exported variable, a CRLF file, a helper's
+    output) is used without it, with a warning naming the variable; a line break inside
+    a value is refused, naming the variable. The value is never shown."""
+
+    def resolve(token: str) -> dg._CredentialProvider | None:
+        if source == "env":
+            env = files_env(
+                tmp_path,
+                AWS_ACCESS_KEY_ID=KEY,
+                AWS_SECRET_ACCESS_KEY=SECRET,
+                AWS_SESSION_TOKEN=token,
+            )
+            return dg._resolve_credentials(environ=env)
+        if source == "explicit":
+            return dg._resolve_credentials(
+                access_key=KEY, secret_key=SECRET, session_token=token, environ={}
+            )
+        if source == "file":
+            text = "[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n" % (KEY, SECRET)
+            text += "aws_session_token = %s\n" % token
+            return dg._resolve_credentials(environ=files_env(tmp_path, credentials=text))
+        script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+        script += "'SecretAccessKey': %r, 'SessionToken': %r}))" % (SECRET, token)
+        return dg._resolve_credentials(environ=process_profile(tmp_path, script))
+
+    caplog.set_level(logging.WARNING, logger="deltaglider")
+    if source != "file":  # configparser already strips a value's surrounding whitespace
+        p = resolve(TOKEN + stray)
+        assert p is not None and p.get() == (KEY, SECRET, TOKEN, None)
+        assert variable in caplog.text and TOKEN not in caplog.text
+    # inside a value: a line break (a file cannot hold one in a value) or a control byte
+    inner = "\x01" if stray == " " or source == "file" else stray
+    with pytest.raises(dg.CredentialRetrievalError) as info:
+        resolve(TOKEN[:5] + inner + TOKEN[5:])
+    assert variable in str(info.value)
+    assert TOKEN[:5] not in str(info.value) and TOKEN[5:] not in str(info.value)
+
+
+def test_session_token_with_a_stray_cr_on_a_real_server(
+    s3server_swift: S3TestServer, tmp_path: Any
+) -> None:
+    """The reported case: AWS_SESSION_TOKEN ending in CR made every request fail with
+    `Invalid header value b'<token>\\r'`, the token in full, and --debug printed it again."""
+    backend = Backend(
+        "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
+    )
+    token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
+    code, out, err = run_cli(backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r")
+    assert code == 0, err[-2000:]
+    assert token not in out + err
+    code, out, err = run_cli(
+        backend, tmp_path, ["--debug", "ls"], AWS_SESSION_TOKEN=token + "\r\nx"
+    )
+    assert code == 1 and token not in out + err and "Traceback" in err  # --debug: a traceback
+    assert err.splitlines()[-1] == (
+        "fatal error: Error when retrieving credentials from env: AWS_SESSION_TOKEN contains a "
+        "line break, control or non-ASCII character (the value is not shown)"
+    )
+
+
+def test_library_debug_logging_never_shows_the_session_token(
+    fake_s3: Callable[..., _FakeHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, _EMPTY_LISTING, _XML)
+
+    srv = fake_s3(script)
+    caplog.set_level(logging.DEBUG)
+    creds = S3TestCreds(KEY, SECRET, TOKEN)
+    st_ = dg._S3Storage(endpoint_url=srv.url, region="us-east-1", credentials=lambda: creds)
+    st_.list_objects_v2("bucket")
+    st_.close()
+    assert srv.requests[0].headers["x-amz-security-token"] == TOKEN
+    assert "SigV4 canonical request" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+def test_header_value_errors_never_quote_the_value(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    srv = fake_s3(lambda h, n: h.reply(200))
+    st_ = _fake_storage(srv.url)
+    with pytest.raises(dg.ParamValidationError) as info:
+        st_.put_object(
+            "bucket", "k", b"x", headers={"Content-Type": "text/plain\r\nX-Leak: s3cr3t"}
+        )
+    assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
+    assert srv.requests == []
+    st_.close()
 
 
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
@@ -5700,6 +5965,103 @@ def test_multipart_upload_streams_and_aborts_on_failure(
     assert "big2.bin" not in stored_keys(client, dgbucket)
 
 
+def _concurrency_probe(func: Any, skip: int = 0) -> tuple[Any, list[int]]:
+    """Wrap ``func`` so that calls ``skip``+1 and ``skip``+2 wait (up to 5 s) for each
+    other; the list gets the number in flight at each call's start."""
+    seen: list[int] = []
+    lock = threading.Lock()
+    in_flight = [0]
+    barrier = threading.Barrier(2, timeout=5)
+
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            seen.append(in_flight[0])
+            meet = skip < len(seen) <= skip + 2
+        try:
+            try:
+                if meet:
+                    barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+            return func(*a, **kw)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    return wrapped, seen
+
+
+def test_multipart_parts_go_up_at_once(client: Any, dgbucket: str, tmp_path: Any) -> None:
+    """#17: parts of a big upload are sent in parallel, as aws s3 sends them."""
+    path = tmp_path / "big.bin"
+    data = os.urandom(4 * 5 * 1024 * 1024 + 17)
+    path.write_bytes(data)
+    st = client.storage
+    st.upload_part, seen = _concurrency_probe(st.upload_part)
+    five = 5 * 1024 * 1024
+    dg._put_path(st, dgbucket, "big.bin", str(path), threshold=five, part_size=five, workers=4)
+    assert st.get_object(dgbucket, "big.bin")["Body"].read() == data
+    assert len(seen) == 5 and max(seen) >= 2
+
+
+def test_conditional_create_over_the_threshold_goes_up_in_parts(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """#17: a reference bigger than the multipart threshold is sent in parallel parts and
+    still created only if absent (If-None-Match on CompleteMultipartUpload), where
+    before it was one PUT of up to 5 GiB."""
+    path = tmp_path / "ref.bin"
+    data = os.urandom(2 * 5 * 1024 * 1024 + 9)
+    path.write_bytes(data)
+    st = client.storage
+    five = 5 * 1024 * 1024
+
+    def put(**kw: Any) -> Any:
+        return dg._put_path(
+            st, dgbucket, "ref.bin", str(path), threshold=five, part_size=five, **kw
+        )
+
+    created = put(if_none_match=True)
+    assert created["ETag"].strip('"').endswith("-3")  # multipart: 3 parts
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    path.write_bytes(os.urandom(len(data)))
+    with pytest.raises(dg.ClientError) as e:
+        put(if_none_match=True)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert st.get_object(dgbucket, "ref.bin")["Body"].read() == data
+    assert st.list_multipart_uploads(dgbucket)["Uploads"] == []
+
+
+@pytest.mark.parametrize("size", [0, 5, 3 * 1024 * 1024 + 7])
+def test_big_downloads_use_parallel_ranged_gets(
+    client: Any, dgbucket: str, size: int, tmp_path: Any
+) -> None:
+    """#17: an object over the threshold comes in ranged GETs, several at once, each
+    pinned to the first reply's ETag; small and empty objects take one request."""
+    data = os.urandom(size)
+    st = client.storage
+    st.put_object(dgbucket, "k", data)
+    calls: list[dict[str, Any]] = []
+    original = st.get_object
+
+    def get_object(*a: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return original(*a, **kw)
+
+    st.get_object, seen = _concurrency_probe(get_object, skip=1 if size else 9)
+    out = io.BytesIO()
+    mib = 1024 * 1024
+    got = dg._get_into(st, dgbucket, "k", out.write, threshold=mib, part_size=mib // 2, workers=4)
+    assert out.getvalue() == data and got == size
+    if size < mib:
+        assert len(calls) in (1, 2)  # 2: an empty object refuses the range (416)
+        return
+    assert len(calls) == 7 and max(seen) >= 2
+    assert all(c["headers"]["If-Match"] for c in calls[1:])
+    assert calls[-1]["range"] == "bytes=%d-%d" % (6 * mib // 2, size - 1)
+
+
 @needs_xdelta3
 @folder_layout
 def test_last_delta_takes_its_reference_root_included(
@@ -6649,6 +7011,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "deltaglider.py")
 
 
+def test_ci_benchmark_run_leaves_the_tracked_results_alone(tmp_path: Any) -> None:
+    """`.ci/run` runs `benchmarks/run.sh --small`: that run writes its results under the
+    benchmark cache, never over the tracked benchmarks/RESULTS.md and results.json; the full
+    run still writes those."""
+    import runpy
+
+    bench = runpy.run_path(os.path.join(HERE, "benchmarks", "bench.py"))
+    small = bench["parse_args"](["--small", "--cache", str(tmp_path)])
+    assert small.out == str(tmp_path / "results-small")
+    assert bench["parse_args"](["--small", "--out", str(tmp_path / "x")]).out == str(tmp_path / "x")
+    assert bench["parse_args"]([]).out == os.path.join(HERE, "benchmarks")
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert "benchmarks/run.sh --small" in f.read()
+
+
 def test_version_three_ways(tmp_path: Any) -> None:
     """``python deltaglider.py``, ``python -m deltaglider`` and the console script."""
     want = "deltaglider %s" % dg.__version__
@@ -6815,6 +7192,12 @@ def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_
         assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         s3.head_bucket(Bucket=bucket)
         assert "LocationConstraint" in s3.get_bucket_location(Bucket=bucket)
+        acl = s3.get_bucket_acl(Bucket=bucket)
+        assert acl["Grants"] and acl["Owner"]["ID"]
+        s3.put_bucket_acl(
+            Bucket=bucket, AccessControlPolicy={"Owner": acl["Owner"], "Grants": acl["Grants"]}
+        )
+        assert s3.get_bucket_acl(Bucket=bucket)["Grants"] == acl["Grants"]
         v1 = make_zip(tmp_path / "v1.zip", 1)
         v2 = make_zip(tmp_path / "v2.zip", 2)
         put = s3.put_object(
@@ -7254,6 +7637,64 @@ def test_gateway_over_tls_takes_boto3s_aws_chunked_uploads(
         assert "STREAMING-UNSIGNED-PAYLOAD-TRAILER" in seen
 
 
+def _form_post(url: str, fields: dict[str, str], data: bytes) -> tuple[int, bytes]:
+    boundary = "----dgboundary" + uuid.uuid4().hex
+    parts = [
+        b'--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+        % (boundary.encode(), k.encode(), v.encode())
+        for k, v in fields.items()
+    ]
+    parts.append(
+        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n%s\r\n--%s--\r\n"
+        % (boundary.encode(), data, boundary.encode())
+    )
+    req = urllib.request.Request(
+        url,
+        data=b"".join(parts),
+        headers={"Content-Type": "multipart/form-data; boundary=" + boundary},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_gateway_takes_browser_post_uploads_from_generate_presigned_post(
+    local_gateway: Gateway,
+) -> None:
+    for s3 in (_boto3(local_gateway), _boto3(local_gateway, signature_version="s3v4")):
+        _post_through(local_gateway, s3)
+
+
+def _post_through(local_gateway: Gateway, s3: Any) -> None:
+    s3.delete_object(Bucket="gwbucket", Key="up/f.bin")
+    post = s3.generate_presigned_post(
+        "gwbucket",
+        "up/${filename}",
+        Conditions=[["starts-with", "$key", "up/"], ["content-length-range", 1, 10000]],
+        ExpiresIn=60,
+    )
+    data = bytes(range(256)) * 4 + b"\r\n--not-a-boundary\r\n"
+    status, body = _form_post(post["url"], post["fields"], data)
+    assert status == 204, body
+    assert s3.get_object(Bucket="gwbucket", Key="up/f.bin")["Body"].read() == data
+    status, body = _form_post(post["url"], post["fields"], b"x" * 20000)
+    assert (status, _error_code(body)) == (400, "EntityTooLarge")
+    forged = dict(post["fields"], key="elsewhere/f.bin")
+    status, body = _form_post(post["url"], forged, b"x")
+    assert (status, _error_code(body)) == (403, "AccessDenied")
+    extra = dict(post["fields"], **{"x-amz-meta-sneaky": "1"})
+    status, body = _form_post(post["url"], extra, b"x")
+    assert (status, _error_code(body)) == (403, "AccessDenied")
+    tampered = dict(post["fields"], policy=post["fields"]["policy"][:-4] + "AAA=")
+    status, body = _form_post(post["url"], tampered, b"x")
+    assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
+    assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
+
+
 def test_gateway_answers_out_of_scope_requests_not_implemented(local_gateway: Gateway) -> None:
     s3 = _boto3(local_gateway)
     s3.put_object(Bucket="gwbucket", Key="k", Body=b"v")
@@ -7385,6 +7826,57 @@ def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
     }
 
 
+_AWS_DRIVER = """
+import contextlib, io, json, sys
+from awscli.clidriver import create_clidriver
+real = sys.stdout
+for line in sys.stdin:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = create_clidriver().main(json.loads(line))
+        except SystemExit as e:
+            rc = e.code
+    real.write(json.dumps([rc, out.getvalue(), err.getvalue()]) + "\\n")
+    real.flush()
+"""
+
+
+class _AwsCli:
+    """aws-cli, unchanged, run by its own entry point (awscli.clidriver, what the ``aws``
+    script calls) in one long-lived process: its start-up takes seconds, a command does not.
+    An ``aws`` that is not a Python script (aws-cli v2) runs once per command."""
+
+    def __init__(self, aws: str, env: dict[str, str]) -> None:
+        self.aws, self.env = aws, env
+        with open(aws, "rb") as f:
+            first = f.readline()
+        python = first[2:].decode().strip() if first.startswith(b"#!") else ""
+        self.proc: Any = None
+        if "python" in os.path.basename(python.split()[0] if python else ""):
+            self.proc = subprocess.Popen(
+                [*python.split(), "-c", _AWS_DRIVER],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+    def __call__(self, *args: str) -> str:
+        if self.proc is None:
+            return _run_tool(self.env, self.aws, *args)
+        self.proc.stdin.write(json.dumps(list(args)) + "\n")
+        self.proc.stdin.flush()
+        rc, out, err = json.loads(self.proc.stdout.readline())
+        assert rc == 0, (args, out, err)
+        return str(out)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
 def _run_tool(env: dict[str, str], *cmd: str) -> str:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (cmd, proc.stdout, proc.stderr)
@@ -7406,60 +7898,54 @@ def _release_folder(folder: Any) -> dict[str, bytes]:
 @needs_xdelta3
 def test_gateway_serves_aws_cli_unchanged(gateway: Gateway, tmp_path: Any) -> None:
     """aws s3 mb/sync/ls/cp/rm/rb through the gateway: stored as our CLI stores them."""
-    aws = _tool("aws", "DG_TEST_AWS")
-    env = _tool_env(gateway, tmp_path)
+    aws = _AwsCli(_tool("aws", "DG_TEST_AWS"), _tool_env(gateway, tmp_path))
     bucket = _gw_bucket(gateway)
     files = _release_folder(tmp_path / "dist")
     url = ("--endpoint-url", gateway.url)
     try:
-        _run_tool(env, aws, *url, "s3", "mb", "s3://" + bucket)
-        _run_tool(env, aws, *url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
+        aws(*url, "s3", "mb", "s3://" + bucket)
+        aws(*url, "s3", "sync", str(tmp_path / "dist"), "s3://%s/rel/" % bucket)
         assert split_refs(stored_keys(gateway.client, bucket)) == (
             ["rel/app-1.zip.delta", "rel/app-2.zip.delta", "rel/sub/notes.txt"],
             ["rel"],
         )
-        listing = _run_tool(env, aws, *url, "s3", "ls", "--recursive", "s3://" + bucket)
+        listing = aws(*url, "s3", "ls", "--recursive", "s3://" + bucket)
         sizes = {line.split()[-1]: int(line.split()[-2]) for line in listing.splitlines()}
         assert sizes == {"rel/" + k: len(v) for k, v in files.items()}
-        _run_tool(
-            env, aws, *url, "s3", "cp", "s3://%s/rel/app-2.zip" % bucket, str(tmp_path / "got.zip")
-        )
+        aws(*url, "s3", "cp", "s3://%s/rel/app-2.zip" % bucket, str(tmp_path / "got.zip"))
         assert (tmp_path / "got.zip").read_bytes() == files["app-2.zip"]
-        _run_tool(env, aws, *url, "s3", "rm", "s3://%s/rel/app-1.zip" % bucket)
+        aws(*url, "s3", "rm", "s3://%s/rel/app-1.zip" % bucket)
         assert "rel/app-1.zip.delta" not in stored_keys(gateway.client, bucket)
-        _run_tool(env, aws, *url, "s3", "rb", "--force", "s3://" + bucket)
+        aws(*url, "s3", "rb", "--force", "s3://" + bucket)
         assert bucket not in [b["Name"] for b in gateway.client.list_buckets()["Buckets"]]
     finally:
+        aws.close()
         _gw_cleanup(gateway, bucket)
 
 
 @needs_xdelta3
 def test_gateway_serves_aws_cli_s3api(local_gateway: Gateway, tmp_path: Any) -> None:
-    aws = _tool("aws", "DG_TEST_AWS")
-    env = _tool_env(local_gateway, tmp_path)
+    aws = _AwsCli(_tool("aws", "DG_TEST_AWS"), _tool_env(local_gateway, tmp_path))
     v1 = make_zip(tmp_path / "v1.zip", 1)
-    api = (aws, "--endpoint-url", local_gateway.url, "--output", "json", "s3api")
+    api = ("--endpoint-url", local_gateway.url, "--output", "json", "s3api")
     b = ("--bucket", "gwbucket")
     put = json.loads(
-        _run_tool(
-            env, *api, "put-object", *b, "--key", "a/v1.zip", "--body", str(tmp_path / "v1.zip")
-        )
+        aws(*api, "put-object", *b, "--key", "a/v1.zip", "--body", str(tmp_path / "v1.zip"))
     )
     assert put["ETag"] == '"%s"' % hashlib.md5(v1).hexdigest()
-    head = json.loads(_run_tool(env, *api, "head-object", *b, "--key", "a/v1.zip"))
+    head = json.loads(aws(*api, "head-object", *b, "--key", "a/v1.zip"))
     assert head["ContentLength"] == len(v1) and head["ETag"] == put["ETag"]
-    _run_tool(env, *api, "get-object", *b, "--key", "a/v1.zip", str(tmp_path / "out.zip"))
+    aws(*api, "get-object", *b, "--key", "a/v1.zip", str(tmp_path / "out.zip"))
     assert (tmp_path / "out.zip").read_bytes() == v1
-    _run_tool(
-        env, *api, "copy-object", *b, "--key", "b/v1.zip", "--copy-source", "gwbucket/a/v1.zip"
-    )
-    listing = json.loads(_run_tool(env, *api, "list-objects-v2", *b))
+    aws(*api, "copy-object", *b, "--key", "b/v1.zip", "--copy-source", "gwbucket/a/v1.zip")
+    listing = json.loads(aws(*api, "list-objects-v2", *b))
     assert [(o["Key"], o["Size"]) for o in listing["Contents"]] == [
         ("a/v1.zip", len(v1)),
         ("b/v1.zip", len(v1)),
     ]
-    _run_tool(env, *api, "delete-object", *b, "--key", "a/v1.zip")
+    aws(*api, "delete-object", *b, "--key", "a/v1.zip")
     assert stored_keys(local_gateway.client, "gwbucket") == ["b/reference.bin", "b/v1.zip.delta"]
+    aws.close()
 
 
 @needs_xdelta3
@@ -7738,6 +8224,43 @@ def test_cli_unsafe_keys_never_escape_the_destination(cli_env: Any, tmp_path: An
         assert code == 2 and "would write outside" in err
 
 
+def test_cli_prints_control_characters_in_names_escaped(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Key and file names with control characters are printed escaped by every command
+    (a raw ESC or CR would drive the terminal or forge an output line)."""
+    backend, bucket = cli_env
+    monkeypatch.chdir(tmp_path)
+    c = make_client(backend, tmp_path)
+    shown = {"\t": "\\t", "\x85": "\\x85", "\x1b": "\\x1b", "\x01": "\\x01"}
+    stored = []
+    for ch in shown:
+        try:
+            c.put_object(Bucket=bucket, Key="c/a%sb.txt" % ch, Body=b"x")
+            stored.append(ch)
+        except dg.ClientError:
+            pass  # SeaweedFS refuses some control characters in keys itself
+    assert "\t" in stored and "\x85" in stored
+    raw = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # anything but the line ends
+    (tmp_path / "l\tx.txt").write_bytes(b"local")
+    runs = [
+        (["ls", "-r", "s3://%s/c/" % bucket], " c/a%sb.txt\n"),
+        (["ls", "s3://%s/c/" % bucket], " a%sb.txt\n"),
+        (["cp", "-r", "s3://%s/c/" % bucket, "dst"], "s3://%s/c/a%%sb.txt" % bucket),
+        (["rm", "-r", "--dryrun", "s3://%s/c/" % bucket], "delete: s3://%s/c/a%%sb.txt\n" % bucket),
+    ]
+    for argv, line in runs:
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert not raw.search(out + err), (argv, out, err)
+        for ch in stored:
+            assert line % shown[ch] in out + err, (argv, ch, out, err)
+    code, out, err = run_cli(backend, tmp_path, ["cp", "l\tx.txt", "s3://%s/up/" % bucket])
+    assert code == 0, err
+    assert out == "upload: ./l\\tx.txt to s3://%s/up/l\\tx.txt\n" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["rm", "s3://%s/up/l\tx.txt" % bucket])
+    assert out == "delete: s3://%s/up/l\\tx.txt\n" % bucket, err
+
+
 def test_cli_downloads_never_go_through_a_symlink_out_of_the_destination(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
@@ -7897,6 +8420,27 @@ def test_cli_size_setting_with_units_works(cli_env: Any, tmp_path: Any) -> None:
     assert code == 0 and out.startswith("upload:"), err
 
 
+def test_cli_every_option_has_help_text() -> None:
+    """`deltaglider COMMAND --help` explains every option of every command."""
+    parser = dg._build_parser()
+    missing = [
+        "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
+        for sub in [parser, *dg._subparsers(parser)]
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+    for command, text in (
+        ("rm", "show what would be deleted"),
+        ("ls", "end with the object count and size"),
+        ("put-bucket-acl", "--grant-read GRANTEES"),
+    ):
+        out = io.StringIO()
+        assert dg.main([command, "--help"], stdout=out, stderr=io.StringIO()) == 0
+        assert text in out.getvalue(), out.getvalue()
+
+
 def test_cli_no_credentials_is_one_line_with_a_hint(tmp_path: Any) -> None:
     backend = Backend("swift", "http://127.0.0.1:9", None, None)
     env = {"AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
@@ -7969,10 +8513,10 @@ def test_cli_refuses_to_transfer_an_object_onto_itself(cli_env: Any, tmp_path: A
     before = stored_keys(make_client(backend, tmp_path), bucket)
     a = url + "dir/a.zip"
     refusals = [
-        (["mv", a, a], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: %s - %s" % (a, a)),
-        (["cp", a, a], "Cannot cp a file onto itself: %s - %s" % (a, a)),
-        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: s3://"),
+        (["mv", a, a], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", a, url + "dir/"], "Cannot mv a file onto itself: '%s' - '%s'" % (a, a)),
+        (["cp", a, a], "Cannot cp a file onto itself: '%s' - '%s'" % (a, a)),
+        (["mv", "-r", url + "dir/", url + "dir"], "Cannot mv a file onto itself: 's3://"),
         (
             ["mv", "-r", url + "dir/", url + "dir/sub/"],
             "Cannot mv %s to %ssub/a.zip" % (a, url + "dir/"),
@@ -10416,6 +10960,8 @@ FAULT_BAD_INPUTS = [
     (["sync", "d", "d2"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "s3://a/b", "s3://c/d"], 2, "sync needs one local folder and one s3:// URL"),
     (["sync", "missingdir", "s3://bkt/p/"], 1, "The user-provided path missingdir does not exist."),
+    (["sync", "a.zip", "s3://bkt/p/"], 1, "path a.zip is not a folder: sync takes folders (cp"),
+    (["sync", "s3://bkt/r/", "f.txt"], 1, "path f.txt is not a folder: sync takes folders (cp"),
     (["cp", "missing.txt", "s3://bkt/x"], 1, "The user-provided path missing.txt does not exist."),
     (["cp", "d", "s3://bkt/x"], 1, "Need to use --recursive to upload a directory"),
     (["cp", "s3://bkt/dir/", "out"], 1, "An S3 key is needed (use --recursive for a prefix)"),
@@ -10770,6 +11316,60 @@ def test_wrong_credentials_on_real_server(fault_swift: Any, tmp_path: Any, which
     assert fault_logical(direct, bucket) == []
 
 
+@needs_xdelta3
+def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """A wrong secret key first meets a HEAD (the object before a download or delete, the
+    folder's reference before a delta upload), and a HEAD's 403 has no body. The error
+    names the operation asked for and says what to check; it never shows the secret."""
+    good = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    bad = good._replace(secret_key="wrong-secret-value")
+    bucket = cli_bucket(good, tmp_path)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        make_zip(tmp_path / "b.zip", 1)
+        code, out, err = run_cli(
+            good, tmp_path, ["cp", str(tmp_path / "a.zip"), "s3://%s/d/" % bucket]
+        )
+        assert code == 0, err
+        hint = "check that the access key and secret key belong together"
+        runs = {
+            "PutObject": ["cp", str(tmp_path / "b.zip"), "s3://%s/d/" % bucket],
+            "GetObject": ["cp", "s3://%s/d/a.zip" % bucket, str(tmp_path / "got.zip")],
+            "DeleteObject": ["rm", "s3://%s/d/a.zip" % bucket],
+        }
+        for operation, argv in runs.items():
+            code, out, err = run_cli(bad, tmp_path, argv)
+            assert code == 1, err
+            assert "when calling the %s operation" % operation in err, err
+            assert "HeadObject operation" not in err and "wrong-secret-value" not in err
+            assert len(err.splitlines()) == 1 and "(403)" in err and hint in err, err
+        client = make_client(bad, tmp_path)
+        calls = {
+            "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
+            "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
+            "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+        }
+        for operation, call in calls.items():
+            with pytest.raises(dg.ClientError) as info:
+                call()
+            assert info.value.operation_name == operation, str(info.value)
+            assert info.value.response["Error"]["Code"] == "403"
+            assert hint in info.value.response["Error"]["Message"]
+        with pytest.raises(dg.ClientError) as info:  # HeadObject itself: as boto3 says it
+            client.head_object(Bucket=bucket, Key="d/a.zip")
+        assert (
+            str(info.value)
+            == "An error occurred (403) when calling the HeadObject operation: Forbidden"
+        )
+        client.close()
+        code, out, err = run_cli(good, tmp_path, ["ls", "s3://%s/d/" % bucket])
+        assert out.split()[-1] == "a.zip", out  # nothing was changed
+    finally:
+        run_cli(good, tmp_path, ["rb", "--force", "s3://" + bucket])
+
+
 ###############################################################################
 # Security ####################################################################
 ###############################################################################
@@ -10902,6 +11502,147 @@ def test_secret_from_credentials_file_is_redacted_in_debug(fault_swift: Any, tmp
     assert code in (0, 1), err
     assert FAULT_SWIFT_SECRET not in out + err
     assert not re.search(r"Signature=[0-9a-f]{64}", err)
+
+
+_OTHER_UID = 4321  # a user that is not us
+
+
+def _give_away(path: Any) -> None:
+    os.lchown(str(path), _OTHER_UID, _OTHER_UID)
+
+
+@pytest.mark.skipif(
+    os.name == "nt" or os.geteuid() != 0, reason="giving a folder to another user needs root"
+)
+@pytest.mark.parametrize(
+    "how", ["other-owner", "mode-777", "group-writable", "subfolder", "link-to-other", "file"]
+)
+def test_cache_dir_another_user_could_write_is_refused(
+    backend: Backend, tmp_path: Any, how: str
+) -> None:
+    """#13.3: a cache folder of another user, one others may write to, or one holding a
+    subfolder of another user, is refused before anything is spooled or stored there,
+    with an error naming DG_CACHE_DIR (through the SDK and the CLI); its mode is left as
+    it was (a chmod that cannot fix it is no longer ignored)."""
+    cache = tmp_path / "cache"
+    if how == "file":
+        cache.write_bytes(b"not a folder")
+    elif how == "link-to-other":
+        (tmp_path / "theirs").mkdir(mode=0o700)
+        _give_away(tmp_path / "theirs")
+        cache.symlink_to(tmp_path / "theirs")
+    else:
+        cache.mkdir(mode=0o700)
+    if how == "other-owner":
+        _give_away(cache)
+    elif how in ("mode-777", "group-writable"):
+        cache.chmod(0o777 if how == "mode-777" else 0o770)
+    elif how == "subfolder":
+        (cache / "tmp").mkdir(mode=0o700)
+        _give_away(cache / "tmp")
+    mode_before = os.lstat(str(cache)).st_mode
+    c = make_client(backend, tmp_path, cache_dir=str(cache))
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        zip_bytes = make_zip(tmp_path / "a.zip", 0)
+        for upload in (
+            lambda: c.put_object(Bucket=bucket, Key="k/n.txt", Body=b"text"),
+            lambda: c.put_object(Bucket=bucket, Key="k/a.zip", Body=zip_bytes),
+            lambda: c.upload_file(str(tmp_path / "a.zip"), bucket, "k/b.zip"),
+        ):
+            with pytest.raises(dg.InvalidConfigError, match="DG_CACHE_DIR") as raised:
+                upload()
+            assert str(cache) in str(raised.value)
+        assert stored_keys(c, bucket) == []
+        code, _, err = run_cli(
+            backend,
+            tmp_path,
+            ["cp", str(tmp_path / "a.zip"), "s3://%s/k/" % bucket],
+            DG_CACHE_DIR=str(cache),
+        )
+        assert code == 1 and "DG_CACHE_DIR" in err and "Traceback" not in err, err
+        assert stored_keys(c, bucket) == []
+        assert os.lstat(str(cache)).st_mode == mode_before
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("key", ["k/notes.txt", "k/b.zip", "new/first.zip"])
+def test_a_spooled_body_swapped_on_disk_is_never_stored(
+    backend: Backend, tmp_path: Any, key: str
+) -> None:
+    """#13.3, the attack replayed: the body spooled into the cache's temp folder is
+    replaced (a rename over it, as whoever can write the folder can) before it is read
+    back. The digests are those of the caller's bytes, taken as they were spooled, and
+    what is sent is held to them: the upload fails (direct: the server refuses the
+    signed payload; delta: it does not decode to the input; new reference: refused
+    too) and the other bytes are stored nowhere."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        c.put_object(Bucket=bucket, Key="k/a.zip", Body=make_zip(tmp_path / "a.zip", 0))
+        mine = make_zip(tmp_path / "b.zip", 1) if key.endswith(".zip") else b"my text\n" * 999
+        theirs = mine[:100] + b"ATTACKER" + mine[108:]
+        tmp_dir = os.path.join(c._engine.cache.folder, "tmp")
+
+        class Swapping(io.RawIOBase):
+            done = False
+
+            def readable(self) -> bool:
+                return True
+
+            def read(self, size: int = -1) -> bytes:
+                if not self.done:
+                    self.done = True
+                    return mine
+                (spooled,) = [n for n in os.listdir(tmp_dir) if n.endswith(".body.tmp")]
+                evil = os.path.join(tmp_dir, "evil")
+                with open(evil, "wb") as f:
+                    f.write(theirs)
+                os.replace(evil, os.path.join(tmp_dir, spooled))
+                return b""
+
+        with pytest.raises((dg.ClientError, dg.IntegrityError)):
+            c.put_object(Bucket=bucket, Key=key, Body=Swapping())
+        for stored in stored_keys(c, bucket):
+            assert b"ATTACKER" not in c.storage.get_object(bucket, stored)["Body"].read()
+        assert key + ".delta" not in stored_keys(c, bucket)
+        with pytest.raises(dg.ClientError):
+            c.head_object(Bucket=bucket, Key=key)
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+def test_multipart_upload_is_held_to_the_callers_hash(backend: Backend, tmp_path: Any) -> None:
+    """#13.3: a multipart upload hashes the parts it sends (each signed with its own
+    hash) and completes only if they add up to the SHA-256 the caller took: a file that
+    changed since is aborted, no part left behind."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        data = random.Random(7).getrandbits(8 * (6 << 20)).to_bytes(6 << 20, "little")
+        (tmp_path / "big.bin").write_bytes(data)
+        kw: dict[str, Any] = {"threshold": 5 << 20, "part_size": 5 << 20}
+        hashed_before = sha(data[:-1] + b"\x00")  # what it held when the caller hashed it
+        with pytest.raises(dg.IntegrityError, match="changed while it was uploaded"):
+            dg._put_path(
+                c.storage, bucket, "big.bin", str(tmp_path / "big.bin"), sha256=hashed_before, **kw
+            )
+        assert stored_keys(c, bucket) == []
+        assert c.storage.list_multipart_uploads(bucket, prefix="")["Uploads"] == []
+        dg._put_path(
+            c.storage, bucket, "big.bin", str(tmp_path / "big.bin"), sha256=sha(data), **kw
+        )
+        assert c.storage.get_object(bucket, "big.bin")["Body"].read() == data
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
 
 
 def test_temp_files_and_cache_are_private(fault_swift: Any, tmp_path: Any) -> None:
