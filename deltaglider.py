@@ -199,6 +199,11 @@ _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
 _ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+#: Where references live: "shared" (beside the folders that use them) or "folder" (one
+#: reference.bin per folder, what deltaglider_proxy reads).
+_ENV_REFERENCES = "DG_REFERENCES"
+_REFERENCES_SHARED = "shared"
+_REFERENCES_FOLDER = "folder"
 _ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
 _DEFAULT_MAX_RATIO = 0.5
 _DEFAULT_CACHE_MAX = 4 * 1024**3
@@ -972,6 +977,7 @@ _DELTA_MODES = {
     "false": "never",
 }
 _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
 #: Every DG_* variable deltaglider reads (paths and lists are taken as written).
@@ -985,6 +991,9 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
     _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_REFERENCES: _Setting(
+        functools.partial(_parse_choice, choices=_REFERENCE_MODES), _REFERENCES_SHARED
+    ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
 }
@@ -4951,7 +4960,14 @@ def _put_path(
     """Upload a local file, streamed: one PUT up to ``threshold``, multipart above it,
     ``workers`` parts at a time. A conditional create (``if_none_match``) completes with
     ``If-None-Match: *`` where the server honours that, else stays one PUT up to 5 GiB.
-    A failed multipart upload is aborted, so no parts linger."""
+    A failed multipart upload is aborted, so no parts linger.
+
+    ``sha256``: what the caller hashed. The bytes sent are held to it, not re-hashed
+    from the file after the fact: one PUT is signed with it and hashed as it is sent,
+    its last byte withheld on a mismatch (the server refuses other bytes, or never gets
+    a whole body); multipart parts are hashed first, in one pass that must give
+    ``sha256``, and each is then held to its own hash the same way. A file changed (or
+    swapped) since it was hashed is never stored."""
     size = os.path.getsize(path)
     limit = threshold
     if if_none_match and size > threshold:
@@ -4960,17 +4976,40 @@ def _put_path(
             limit = _MAX_SINGLE_PUT  # one conditional PUT, as far as a PUT goes
     if size <= limit:
         with open(path, "rb") as f:
-            body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
-            return storage.put_object(  # type: ignore[no-any-return]
-                bucket,
-                key,
-                body,
-                metadata=metadata,
-                headers=headers,
-                content_sha256=sha256,
-                if_none_match=if_none_match,
-            )
+            held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
+            body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
+            try:
+                return storage.put_object(  # type: ignore[no-any-return]
+                    bucket,
+                    key,
+                    body,
+                    metadata=metadata,
+                    headers=headers,
+                    content_sha256=sha256,
+                    if_none_match=if_none_match,
+                )
+            except _ChangedWhileSent as e:
+                raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
     part = _part_size(size, part_size)
+    offsets = list(enumerate(range(0, size, part), start=1))
+    expected: dict[int, str] = {}
+    if sha256:
+        # The parts go up at once, so what is sent cannot be hashed in file order: each
+        # part's SHA-256 is taken here, in one pass that must give the caller's.
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            for number, offset in offsets:
+                h = hashlib.sha256()
+                piece = _FileSlice(f, offset, min(part, size - offset))
+                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
+                    h.update(chunk)
+                    whole.update(chunk)
+                expected[number] = h.hexdigest()
+        if whole.hexdigest() != sha256:
+            raise IntegrityError(
+                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+            )
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -4983,12 +5022,18 @@ def _put_path(
 
         def send(number: int, offset: int) -> str:
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            want = expected.get(number)
             with open(path, "rb") as f:
-                piece = _FileSlice(f, offset, min(part, size - offset))
+                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
-                return str(storage.upload_part(bucket, key, upload_id, number, body))
+                try:
+                    etag = storage.upload_part(
+                        bucket, key, upload_id, number, body, content_sha256=want
+                    )
+                except _ChangedWhileSent as e:
+                    raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
+                return str(etag)
 
-        offsets = list(enumerate(range(0, size, part), start=1))
         etags = _in_parallel([functools.partial(send, n, off) for n, off in offsets], workers)
         parts = [(number, etag) for (number, _), etag in zip(offsets, etags)]
         result: dict[str, Any] = storage.complete_multipart_upload(
@@ -5019,6 +5064,48 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
             storage.abort_multipart_upload(bucket, key, up["UploadId"])
     except Exception as e:
         logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+
+
+class _ChangedWhileSent(OSError):
+    """The file being uploaded is not the bytes its caller hashed (an OSError, so the
+    transport drops the connection and does not retry: the body is never completed)."""
+
+
+class _SentHash(_FileSlice):
+    """A span of a file being uploaded that hashes what is read from it for sending,
+    continuing ``base`` (a hashlib object); a rewind (a retry) starts again from
+    ``base``. With ``expected``, the read that would hand over the last byte fails
+    instead if the span does not hash to it (nor has ``length`` bytes): the server never
+    receives a complete body, so a server that does not check the signed payload hash
+    (SeaweedFS) cannot store other bytes either."""
+
+    def __init__(
+        self, f: IO[bytes], offset: int, length: int, base: Any, expected: str | None = None
+    ) -> None:
+        super().__init__(f, offset, length)
+        self._base = base
+        self._expected = expected
+        self.sha256 = base.copy()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        at = super().seek(pos, whence)
+        if at == 0:
+            self.sha256 = self._base.copy()
+        return at
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.sha256.update(data)
+        done = self.tell() >= len(self) or (size != 0 and not data)
+        if self._expected and done:
+            if self.tell() < len(self):
+                raise _ChangedWhileSent("shrank while it was uploaded")
+            if self.sha256.hexdigest() != self._expected:
+                raise _ChangedWhileSent(
+                    "changed while it was uploaded (the bytes sent hash to %s, not %s as "
+                    "they did before)" % (self.sha256.hexdigest(), self._expected)
+                )
+        return data
 
 
 class _CallbackReader(io.RawIOBase):
@@ -6704,6 +6791,25 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: A delta above this fraction of the file, against a reference of the same series (the same
+#: name, or the same name with its version numbers changed), makes the file a new reference:
+#: the versions after it then delta against it (drift, a bad first file). On 25 botocore
+#: wheels 0.23 picks the references an exhaustive search picks (benchmarks/RESULTS.md).
+_HEAL_RATIO = 0.23
+#: A reference is a candidate for a file within this factor of its size.
+_SIMILAR_SIZE = 2.0
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Pages of a parent's shared references an upload reads (1000 each).
+_REF_LIST_PAGES = 2
+#: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
+_REF_SCAN_LIMIT = 200
+_VERSION_RE = re.compile(r"\d+")
+_SPLIT_RE = re.compile(r"(\d+)")
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -6824,6 +6930,60 @@ def _deltaspace(key: str) -> str:
 
 def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # US-ASCII, as the key travels in dg-ref-key (a non-ASCII name is percent-encoded here).
+    rel = _meta_encode(folder + "/" + name if space else name)
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(key.encode("utf-8")) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _name_class(name: str, other: str) -> int:
+    """How alike two file names are: 3 the same; 2 the same but for version numbers
+    (a series); 1 the same extension; 0 unrelated."""
+    if name == other:
+        return 3
+    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+        return 2
+    ext = name.rpartition(".")[2].lower() if "." in name else None
+    return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
 def _resolve_ref_key(delta_key: str, ref: str) -> str:
@@ -7214,11 +7374,48 @@ def _default_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 def _private_mkdir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a folder of the cache (0700), or check an existing one: a directory of this
+    user that nobody else can write to. Whoever can write there can swap a spooled upload
+    body or a cached reference between our write and our read (a file's own 0600 does
+    not stop a rename over it), so anything else is refused, naming DG_CACHE_DIR; a
+    chmod that fails is not ignored. POSIX only: Windows has no mode bits to check."""
     try:
-        os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - a folder we may not own; files stay 0600
-        pass
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # not a directory: said below
+    except OSError as e:
+        raise InvalidConfigError(
+            error_msg="%s: cannot create the cache folder %s: %s; set %s to a folder of "
+            "your own" % (_ENV_CACHE_DIR, path, e.strerror, _ENV_CACHE_DIR)
+        ) from None
+    if os.name == "nt":  # pragma: no cover - checked on POSIX only
+        return
+    uid = os.geteuid()
+    link = os.lstat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = link  # a dangling symbolic link: not a directory
+    problem = ""
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+        problem = "is a symbolic link owned by uid %d, not by you (uid %d)" % (link.st_uid, uid)
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        problem = "is owned by uid %d, not by you (uid %d)" % (st.st_uid, uid)
+    elif st.st_mode & 0o022:
+        problem = "is writable by group or others (mode %03o)" % stat.S_IMODE(st.st_mode)
+    elif st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            problem = "cannot be made private (chmod 700: %s)" % e.strerror
+    if problem:
+        raise InvalidConfigError(
+            error_msg="%s: the cache folder %s %s: another user could change the upload "
+            "bodies and references kept there. Set %s to a folder of your own that only "
+            "you can write to (mode 700)" % (_ENV_CACHE_DIR, path, problem, _ENV_CACHE_DIR)
+        )
 
 
 _UMASK: list[int] = []
@@ -7383,8 +7580,10 @@ class _ReferenceCache:
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
             actual, _ = _sha256_file(path)
-        except OSError:  # gone (another process evicted it)
-            actual = ""
+        except OSError:  # gone (another process evicted it): nothing to remove
+            with self._lock:
+                self._verified.pop(sha256, None)
+            return False
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -7772,8 +7971,10 @@ class _DeltaEngine:
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
         archive_aware: bool = False,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
         self.storage = storage
+        self.references = references
         self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
@@ -8275,16 +8476,7 @@ class _DeltaEngine:
                     raise
             info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
-            meta = {
-                "dg-tool": self._tool,
-                "dg-source-name": _meta_encode(name),
-                "dg-original-name": _meta_encode(name),
-                "dg-file-sha256": info.sha256,
-                "dg-file-size": str(info.size),
-                "dg-md5": info.md5,
-                "dg-created-at": _iso_utc(self._now()),
-                "dg-note": "reference",
-            }
+            meta = self._reference_metadata(name, info)
             try:
                 _put_path(
                     self.storage,
@@ -8313,6 +8505,102 @@ class _DeltaEngine:
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
+    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
+        return {
+            "dg-tool": self._tool,
+            "dg-source-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-note": "reference",
+        }
+
+    def _pick_reference(
+        self, bucket: str, space: str, name: str, size: int
+    ) -> tuple[str, str, bool] | None:
+        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
+        same series) of the best existing reference for a file, or None when none fits.
+
+        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
+        references of the folder's parent (one listing: the versions in sibling folders,
+        and the earlier references of this folder). A candidate must be of a similar size;
+        the best has the most alike name (same name, then the same but for version
+        numbers, then the same extension; the folder's own reference.bin may be unrelated,
+        as it always could), then is the newest, then the closest in size."""
+        best: tuple[tuple[Any, ...], str, str, bool] | None = None
+
+        def consider(
+            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
+        ) -> None:
+            nonlocal best
+            if not sha or csize <= 0 or size <= 0:
+                return
+            ratio = csize / size
+            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
+                return
+            cls = _name_class(name, source)
+            if cls == 0 and not own:
+                return
+            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
+            # Within a second (Last-Modified's resolution), the highest version by name.
+            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            rank = (cls, when, natural, -abs(math.log(ratio)))
+            if best is None or rank > best[0]:
+                best = (rank, key, sha, cls >= 2)
+
+        own_key = _reference_key(space)
+        try:
+            head = self.storage.head_object(bucket, own_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        else:
+            meta = head.get("Metadata", {})
+            consider(
+                own_key,
+                _meta_get(meta, "file_sha256") or "",
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+                int(head.get("ContentLength", 0)),
+                head.get("LastModified"),
+                True,
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+            )
+        prefix = _refs_prefix(_parent_space(space))
+        pages = _list_pages(self.storage, bucket, prefix=prefix)
+        for page in itertools.islice(pages, _REF_LIST_PAGES):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
+                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                    rel = _meta_decode(parts[0])
+                    consider(
+                        obj["Key"],
+                        parts[1],
+                        source,
+                        obj["Size"],
+                        obj.get("LastModified"),
+                        False,
+                        rel,
+                    )
+        return None if best is None else best[1:]
+
+    def _new_shared_reference(
+        self, path: str, bucket: str, ref_key: str, name: str, info: _FileInfo
+    ) -> str:
+        """Store a file as a shared reference; returns its cached copy. The key holds the
+        SHA-256, so racing writers of the same file write the same bytes."""
+        _put_path(
+            self.storage,
+            bucket,
+            ref_key,
+            path,
+            metadata=self._reference_metadata(name, info),
+            sha256=info.sha256,
+        )
+        return self.cache.add_file(info.sha256, path)
+
     def _put_delta(
         self,
         path: str,
@@ -8328,11 +8616,41 @@ class _DeltaEngine:
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
         tmp_dir = self._tmp_dir()
+        shared = (
+            self.references == _REFERENCES_SHARED
+            and _shared_ref_key(space, name, "0" * 64) is not None
+        )
+        size = os.path.getsize(path)
         for _ in range(5):
-            with self._space_lock(bucket, space):
-                ref_sha, ref_path, created = self._ensure_reference(
-                    path, bucket, ref_key, name, file_info
-                )
+            series = False
+            if not shared:
+                with self._space_lock(bucket, space):
+                    ref_sha, ref_path, created = self._ensure_reference(
+                        path, bucket, ref_key, name, file_info
+                    )
+            else:
+                # One choice at a time per parent folder in this process: parallel first
+                # uploads (a recursive upload of a new release tree) then share a reference.
+                with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
+                    pick = self._pick_reference(bucket, space, name, size)
+                    if pick is None:
+                        info = file_info()
+                        ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                        ref_sha, created = info.sha256, True
+                        ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
+                if pick is not None:
+                    ref_key, ref_sha, series = pick
+                    created = False
+                    try:
+                        ref_path = self.reference_path(bucket, ref_key, ref_sha)
+                    except IntegrityError:
+                        if self._current_reference(bucket, ref_key) != ref_sha:
+                            continue  # replaced or deleted since the listing: choose again
+                        raise
+                    except ClientError as e:
+                        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            continue  # deleted since the listing
+                        raise
             if _is_compressed_stream(ref_path):
                 return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
             # Uploads hash a cached reference once per process, beside the encoding: a
@@ -8364,6 +8682,25 @@ class _DeltaEngine:
                     info = file_info()
                     decoded = plain or (info.sha256, info.size)  # archive: checked there
                 delta_size = os.path.getsize(delta_tmp)
+                if series and delta_size > min(_HEAL_RATIO, max_ratio) * info.size:
+                    # Drift: the versions after this one are better off against it.
+                    logger.info(
+                        "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a "
+                        "new reference",
+                        key,
+                        100.0 * delta_size / info.size,
+                        bucket,
+                        ref_key,
+                    )
+                    ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                    if ref_check is not None and not ref_check.result():
+                        continue  # the cached reference was corrupt: choose again
+                    ref_sha, created, extra, ref_check = info.sha256, True, None, None
+                    ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
+                    with open(delta_tmp, "wb") as f:
+                        f.write(_zero_diff_delta(info.size))
+                    decoded = (info.sha256, info.size)
+                    delta_size = os.path.getsize(delta_tmp)
                 if not created and delta_size > max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
@@ -8385,7 +8722,9 @@ class _DeltaEngine:
                 delta_meta.update(
                     {
                         "dg-ref-key": ref_key,
-                        "dg-ref-path": _REFERENCE_NAME,
+                        # The proxy's name for the folder's own reference; a shared one is
+                        # named in full (the proxy then refuses it: a SHA-256 mismatch).
+                        "dg-ref-path": ref_key if _is_shared_ref(ref_key) else _REFERENCE_NAME,
                         "dg-ref-sha256": ref_sha,
                         "dg-delta-size": str(delta_size),
                         "dg-delta-cmd": self._delta_cmd(name),
@@ -8417,10 +8756,17 @@ class _DeltaEngine:
             if self._current_reference(bucket, ref_key) == ref_sha:
                 if created:
                     # Stored as a zero-diff delta; the whole file went up as reference.bin.
-                    return self._summary(
+                    summary = self._summary(
                         "create_reference", delta_key, info, info.size, delta_size, resp
                     )
-                return self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
+                else:
+                    summary = self._summary(
+                        "create_delta", delta_key, info, delta_size, delta_size, resp
+                    )
+                summary["ReferenceKey"] = ref_key
+                if _is_shared_ref(ref_key):
+                    summary["ReferenceSource"] = _shared_ref_source(ref_key)
+                return summary
             logger.warning("reference of %s changed while storing a delta; retrying", key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
@@ -8480,7 +8826,7 @@ class _DeltaEngine:
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
             if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_unused_reference(bucket, _deltaspace(ref_key))
+                self._drop_reference(bucket, ref_key)
         except (ClientError, DeltaGliderError, OSError) as e:
             logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
 
@@ -8509,7 +8855,7 @@ class _DeltaEngine:
             raise
         self.storage.delete_object(bucket, other)
         if other.endswith(_DELTA_SUFFIX):
-            self._drop_unused_reference(bucket, _deltaspace(key))
+            self.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -8523,14 +8869,150 @@ class _DeltaEngine:
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
-            self.storage.delete_object(bucket, key)
+            if key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                # Never a user's object: asking for it must not take a reference deltas need.
+                self.storage.list_objects_v2(bucket, prefix=key, max_keys=1)
+            else:
+                self.storage.delete_object(bucket, key)
             return {"Deleted": False, "Type": "missing"}
         self.storage.delete_object(bucket, lg.stored_key)
         info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
         if lg.kind == _Kind.DELTA:
             ref = _resolve_ref_key(lg.stored_key, _meta_get(lg.metadata, "ref") or _REFERENCE_NAME)
-            info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref))
+            info["ReferenceKey"] = ref
+            info["ReferenceDeleted"] = self._drop_reference(bucket, ref)
         return info
+
+    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
+        """Delete a reference if no delta needs it (and that is cheap to prove)."""
+        if not _is_shared_ref(ref_key):
+            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
+        parent = _shared_ref_parent(ref_key)
+        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        spaces = sorted(set(spaces))
+        for space in spaces:
+            self._drop_unused_reference(bucket, space)
+        for parent in sorted({_parent_space(space) for space in spaces}):
+            refs = {k for k, _ in self.shared_references(bucket, parent)}
+            if refs:
+                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+
+    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
+        """(key, size) of ``parent``'s shared references (those made from files whose
+        path below ``parent`` starts with ``under``)."""
+        out: list[tuple[str, int]] = []
+        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
+            out += [
+                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
+            ]
+        return out
+
+    def _shared_ref_users(
+        self, bucket: str, parent: str, refs: set[str], limit: int | None
+    ) -> set[str] | None:
+        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
+        when proving it would take more than ``limit`` requests.
+
+        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
+        them: first each reference's own source file is looked at (it needs its reference
+        as long as it exists), then, for the rest, every delta in those folders."""
+        used: set[str] = set()
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return limit is None or spent <= limit
+
+        def names(stored: str) -> str | None:
+            try:
+                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            ref = _meta_get(meta, "ref")
+            return _resolve_ref_key(stored, ref) if ref else None
+
+        for ref in sorted(refs):
+            if not spend():
+                return None
+            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
+                used.add(ref)
+        if used == refs:
+            return used
+        folders: list[str] = []
+        deltas: list[str] = []
+        prefix = parent + "/" if parent else ""
+        for top in (True, False):
+            queue = [prefix] if top else folders
+            for folder in list(queue):
+                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
+                    if not spend():
+                        return None
+                    if top:
+                        folders += [
+                            p["Prefix"]
+                            for p in page.get("CommonPrefixes", [])
+                            if not _is_internal(p["Prefix"])
+                        ]
+                    if not top or not parent:  # the root's own files use the root's references
+                        deltas += [
+                            o["Key"]
+                            for o in page.get("Contents", [])
+                            if o["Key"].endswith(_DELTA_SUFFIX)
+                        ]
+        for stored in deltas:
+            if not spend():
+                return None
+            named = names(stored)
+            if named is not None and named in refs:
+                used.add(named)
+                if used == refs:
+                    break
+        return used
+
+    def drop_unused_shared(
+        self,
+        bucket: str,
+        parent: str,
+        refs: set[str],
+        limit: int | None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
+        reference: copied aside first, and put back if a delta names it after all (a
+        writer that stored one meanwhile; writers also check their reference after)."""
+        used = self._shared_ref_users(bucket, parent, refs, limit)
+        if used is None:
+            return []
+        dropped: list[str] = []
+        for ref_key in sorted(refs - used):
+            if dry_run:
+                dropped.append(ref_key)
+                continue
+            aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+            try:
+                self.storage.copy_object(bucket, aside, bucket, ref_key)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue  # gone already
+            try:
+                self.storage.delete_object(bucket, ref_key)
+                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
+                    if self._current_reference(bucket, ref_key) is None:
+                        self.storage.copy_object(bucket, ref_key, bucket, aside)
+                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
+                    continue
+                dropped.append(ref_key)
+            finally:
+                self.storage.delete_object(bucket, aside)
+        return dropped
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
@@ -8544,9 +9026,11 @@ class _DeltaEngine:
 
         A writer may store a delta between our listing and the delete; so the reference
         is first copied aside (server side), and put back if a delta shows up after."""
+        ref_key = _reference_key(space)
+        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
+            return self._drop_reference(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
-        ref_key = _reference_key(space)
         aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
@@ -8587,10 +9071,55 @@ class _DeltaEngine:
             deleted += [d["Key"] for d in resp.get("Deleted", [])]
             errors += resp.get("Errors", [])
         refs_deleted = 0
+        parents: dict[str, set[str]] = {}
         for ref in refs:
-            if self._drop_unused_reference(bucket, _deltaspace(ref)):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif self._drop_unused_reference(bucket, _deltaspace(ref)):
                 refs_deleted += 1
+        # The deleted deltas' shared references live beside their folders, outside the prefix.
+        for k in deleted:
+            if k.endswith(_DELTA_SUFFIX):
+                parents.setdefault(_parent_space(_deltaspace(k)), set())
+        for parent, found in sorted(parents.items()):
+            found |= {k for k, _ in self.shared_references(bucket, parent)}
+            if found:
+                refs_deleted += len(self.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT))
         return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+    def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Remove the references under ``prefix`` (a folder) that no delta needs, proving
+        it however many requests that takes; returns what it removed."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        sizes: dict[str, int] = {}
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                    sizes[obj["Key"]] = obj["Size"]
+        if prefix:
+            # The folder's own files keep theirs beside it, in its parent.
+            space = prefix[:-1]
+            parent = _parent_space(space)
+            folder = space[len(parent) + 1 :] if parent else space
+            sizes.update(self.shared_references(bucket, parent, folder + "/"))
+        removed: list[str] = []
+        parents: dict[str, set[str]] = {}
+        for ref in sorted(sizes):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
+                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
+                    removed.append(ref)
+        for parent, found in sorted(parents.items()):
+            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
+        removed.sort()
+        return {
+            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
+            "Kept": len(sizes) - len(removed),
+            "BytesFreed": sum(sizes[k] for k in removed),
+            "DryRun": dry_run,
+        }
 
 
 ###############################################################################
@@ -8714,7 +9243,7 @@ class _Paginator:
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in page.get("CommonPrefixes", []) if p.get("Prefix") != _INTERNAL_PREFIX]
+    return [p for p in page.get("CommonPrefixes", []) if not _is_internal(p.get("Prefix", ""))]
 
 
 class _TempBody(StreamingBody):
@@ -8797,7 +9326,9 @@ class DeltaGliderClient:
         environ: Mapping[str, str],
         now: Callable[[], datetime.datetime],
         max_workers: int = 10,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
+        self._references = references
         self._storage_factory = storage_factory
         self._storage: Any = None
         self._engine_obj: _DeltaEngine | None = None
@@ -8828,6 +9359,7 @@ class DeltaGliderClient:
                         environ=self._environ,
                         now=self._now,
                         archive_aware=self._archive_aware,
+                        references=self._references,
                     )
         return self._engine_obj
 
@@ -8852,21 +9384,35 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> str:
-        """Write a request body (bytes, str or any file object) to a private temp file."""
+    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
+        """Write a request body (bytes, str or any file object) to a private temp file;
+        returns its path and the digests of the caller's bytes, taken as they are written,
+        never read back from the file: whatever is uploaded from it is checked against
+        these (signed payload hash, the delta's decode check), so a file changed under us
+        fails the upload instead of storing other bytes."""
         fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        size = 0
+
+        def write(f: IO[bytes], data: bytes) -> None:
+            nonlocal size
+            sha.update(data)
+            md5.update(data)
+            size += len(data)
+            f.write(data)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 if isinstance(body, str):
-                    f.write(body.encode("utf-8"))
+                    write(f, body.encode("utf-8"))
                 elif isinstance(body, (bytes, bytearray, memoryview)):
-                    f.write(body)
+                    write(f, bytes(body))
                 elif hasattr(body, "read"):
                     while True:
                         chunk = body.read(_IO_CHUNK)
                         if not chunk:
                             break
-                        f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
                 else:
                     raise ParamValidationError(
                         report="Invalid type for parameter Body, value: %r, type: %s, valid "
@@ -8875,7 +9421,7 @@ class DeltaGliderClient:
         except BaseException:
             os.unlink(path)
             raise
-        return path
+        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
     # -- objects ------------------------------------------------------------------
 
@@ -8883,9 +9429,8 @@ class DeltaGliderClient:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path = self._spool(body if body is not None else b"")
+        path, info = self._spool(body if body is not None else b"")
         try:
-            info = _file_info(path)
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
@@ -8943,6 +9488,8 @@ class DeltaGliderClient:
                     "Operation",
                 )
             }
+            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
         return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
@@ -9059,9 +9606,7 @@ class DeltaGliderClient:
             resp = storage.delete_objects(bucket, stored[i : i + _DELETE_BATCH])
             deleted_stored.update(d["Key"] for d in resp.get("Deleted", []))
             errors += resp.get("Errors", [])
-        spaces = {_deltaspace(k) for k in keys}
-        for space in sorted(spaces):
-            self._engine._drop_unused_reference(bucket, space)
+        self._engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
         done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
@@ -9140,7 +9685,7 @@ class DeltaGliderClient:
         contents = []
         for obj in page.get("Contents", []):
             stored = obj["Key"]
-            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
+            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
                 continue
             logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
             if after is not None and logical <= after:
@@ -9299,10 +9844,20 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+
+    def _upload_file(
+        self,
+        Filename: str,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None,
+        Callback: Callable[[int], None] | None,
+        info: _FileInfo,
+    ) -> None:
         extra = dict(ExtraArgs or {})
         _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
         params = dict(extra, Bucket=Bucket, Key=Key)
-        info = _file_info(Filename)
         sent = [0]
 
         def on_bytes(n: int) -> None:
@@ -9338,9 +9893,9 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path = self._spool(Fileobj)
+        path, info = self._spool(Fileobj)
         try:
-            self.upload_file(path, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback)
+            self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
             os.unlink(path)
 
@@ -9605,13 +10160,17 @@ class DeltaGliderClient:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
             message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        return {
+        result = {
             "valid": valid,
             "kind": lg.kind,
             "expected_sha256": lg.sha256,
             "actual_sha256": actual,
             "message": message,
         }
+        if lg.kind == _Kind.DELTA:
+            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+        return result
 
     def get_bucket_stats(
         self,
@@ -9634,7 +10193,9 @@ class DeltaGliderClient:
         objects: list[dict[str, Any]] = []
         for page in _list_pages(storage, bucket):
             objects += [
-                o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
+                o
+                for o in page.get("Contents", [])
+                if not _is_internal(o["Key"]) or _is_shared_ref(o["Key"])
             ]
         stored_total = sum(o["Size"] for o in objects)
         validation = {"object_count": len(objects), "compressed_size": stored_total}
@@ -9655,8 +10216,16 @@ class DeltaGliderClient:
         ref_sizes = {
             _deltaspace(o["Key"]): o["Size"]
             for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
         }
+        shared_sizes: dict[str, list[int]] = {}
+        for o in objects:
+            if _is_shared_ref(o["Key"]):
+                shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
+        references = {
+            o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        }
+        ref_users: dict[str, list[int]] = {}
         deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
         direct = [
             o
@@ -9674,19 +10243,26 @@ class DeltaGliderClient:
             else:
                 targets = deltas
 
-            def size_of(o: dict[str, Any]) -> tuple[str, int | None]:
+            def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
                 try:
                     meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
                 except ClientError:
-                    return o["Key"], None
+                    return o["Key"], None, None
                 value = _meta_get(meta, "file_size")
-                return o["Key"], int(value) if value and value.isdigit() else None
+                ref = _meta_get(meta, "ref")
+                return (
+                    o["Key"],
+                    int(value) if value and value.isdigit() else None,
+                    _resolve_ref_key(o["Key"], ref) if ref else None,
+                )
 
             workers = max(1, min(self._max_workers, len(targets)))
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, size in pool.map(size_of, targets):
+                for key, size, ref in pool.map(size_of, targets):
                     if size is not None:
                         original[key] = size
+                        if ref is not None:
+                            ref_users.setdefault(ref, []).append(size)
             if mode == "sampled":
                 per_space = {_deltaspace(k): v for k, v in original.items()}
                 original = {
@@ -9696,8 +10272,10 @@ class DeltaGliderClient:
                 }
         logical_total = sum(o["Size"] for o in direct)
         for o in deltas:
-            guess = original.get(o["Key"], ref_sizes.get(_deltaspace(o["Key"]), o["Size"]))
-            logical_total += guess
+            space = _deltaspace(o["Key"])
+            near = shared_sizes.get(_parent_space(space))
+            fallback = sum(near) // len(near) if near else o["Size"]
+            logical_total += original.get(o["Key"], ref_sizes.get(space, fallback))
         saved = logical_total - stored_total
         stats = {
             "bucket": bucket,
@@ -9710,10 +10288,23 @@ class DeltaGliderClient:
             "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
             "delta_objects": len(deltas),
             "direct_objects": len(direct),
-            "reference_objects": len(ref_sizes),
+            "reference_objects": len(references),
+            "reference_size": sum(references.values()),
             "estimated": mode != "detailed",
             "cached": False,
         }
+        if mode == "detailed":
+            # What each reference costs, and what the deltas that need it hold.
+            stats["references"] = [
+                {
+                    "key": k,
+                    "size": size,
+                    "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
+                    "deltas": len(ref_users.get(k, [])),
+                    "original_size": sum(ref_users.get(k, [])),
+                }
+                for k, size in sorted(references.items())
+            ]
         if use_cache:
             doc = {
                 "version": "1.0",
@@ -9732,6 +10323,14 @@ class DeltaGliderClient:
             except ClientError as e:  # read-only credentials: the stats still stand
                 logger.info("could not cache bucket stats: %s", e)
         return stats
+
+    def gc(self, Bucket: str, Prefix: str = "", DryRun: bool = False) -> dict[str, Any]:
+        """Delete the references under ``Prefix`` (a folder; the whole bucket by default)
+        that no delta needs any more, however many requests proving it takes.
+
+        Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
+        _validate_bucket_name(Bucket)
+        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
@@ -9877,6 +10476,7 @@ def create_client(
     memory_limit: str | int | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
+    references: str | None = None,
 ) -> DeltaGliderClient:
     """A boto3-compatible S3 client that stores versioned artifacts as deltas.
 
@@ -9889,9 +10489,15 @@ def create_client(
     megabytes (README, "Archive-aware deltas"). ``memory_limit`` (``DG_MEMORY_LIMIT``,
     bytes or a size like ``2GiB``; default 600 MB) bounds the peak memory of the process
     and its xdelta3 children: bigger files get faster, smaller-window deltas within it
-    (README, "xdelta3 settings")."""
+    (README, "xdelta3 settings"). ``references`` (``DG_REFERENCES``): ``shared`` (default)
+    lets a file delta against a reference in a sibling folder, and makes a new reference
+    when versions drift; ``folder`` keeps one reference per folder, the layout
+    deltaglider_proxy reads (README, "Where references live")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
     _check_settings(env)
+    if references is None:
+        references = str(_env_setting(env, _ENV_REFERENCES))
+    references = _parse_choice(references, "references", choices=_REFERENCE_MODES)
     if archive_aware is None:
         archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
     level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
@@ -9965,6 +10571,7 @@ def create_client(
         environ=env,
         now=now,
         max_workers=max_workers,
+        references=references,
     )
 
 
@@ -12793,6 +13400,7 @@ class _Cli:
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            references = getattr(self.args, "references", None)
             memory_limit = getattr(self.args, "memory_limit", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
@@ -12805,6 +13413,7 @@ class _Cli:
                 archive_aware=archive_aware,
                 memory_limit=memory_limit,
                 environ=self.environ,
+                references=references,
             )
         return self._client
 
@@ -12892,7 +13501,15 @@ class _Cli:
         op = summary.get("Operation")
         if op == "create_delta":
             # Rounded down: a 99.96% saving is not "100.0%".
-            return " (delta, %.1f%% saved)" % (int(summary["SavingsPercent"] * 10) / 10.0)
+            saved = int(summary["SavingsPercent"] * 10) / 10.0
+            source = summary.get("ReferenceSource")
+            folder, _, name = (source or "").rpartition("/")
+            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+            if source and folder != _deltaspace(key):
+                # A reference made from a file in another folder: name it.
+                shown = folder + "/" if name == key.rpartition("/")[2] else source
+                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+            return " (delta, %.1f%% saved)" % saved
         if op == "create_reference":
             return " (reference)"
         return ""
@@ -13250,7 +13867,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path = self.client._spool(stdin)
+            path, info = self.client._spool(stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -13261,6 +13878,7 @@ class _Cli:
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     delta=delta,
+                    info=info,
                 )
             finally:
                 os.unlink(path)
@@ -13298,7 +13916,7 @@ class _Cli:
                 self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
                 count += 0
             for obj in page.get("Contents", []):
-                if obj["Key"].startswith(".deltaglider/"):
+                if _is_internal(obj["Key"]):
                     continue
                 count += 1
                 total += obj["Size"]
@@ -13388,7 +14006,45 @@ class _Cli:
             return self.sync_down(src, dst)
         if dst.startswith("s3://") and not src.startswith("s3://"):
             return self.sync_up(src, dst)
-        raise _UsageError("sync needs one local folder and one s3:// URL")
+        if src.startswith("s3://") and dst.startswith("s3://"):
+            return self.sync_between(src, dst)
+        raise _UsageError("sync needs at least one s3:// URL (and local folders, not files)")
+
+    def sync_between(self, src: str, dst: str) -> int:
+        """s3:// to s3:// as aws s3 sync does it: copy each key missing at the destination,
+        of another size, or newer at the source (LastModified); --delete removes the
+        destination's keys the source does not have."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        source = {
+            rel: obj for rel, obj in self.remote_index(sb, prefix).items() if filters.included(rel)
+        }
+        _refuse_onto_itself(
+            "sync", sb, db, [(prefix + rel, dprefix + rel) for rel in source], (prefix, dprefix)
+        )
+        dest = self.remote_index(db, dprefix)
+        tasks: list[Callable[[], None]] = []
+        for rel in sorted(source):
+            obj, have = source[rel], dest.get(rel)
+            if have is not None and not self.should_transfer(
+                obj["Size"],
+                obj["LastModified"].timestamp(),
+                have["Size"],
+                have["LastModified"].timestamp(),
+                upload=True,
+            ):
+                continue
+            tasks.append(functools.partial(self.copy_one, sb, prefix + rel, db, dprefix + rel))
+        self.run_tasks(tasks, 0)
+        if self.args.delete:
+            gone = [
+                dprefix + rel for rel in sorted(dest) if rel not in source and filters.included(rel)
+            ]
+            self.delete_keys(db, gone)
+        return self.exit_code()
 
     def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
@@ -13548,8 +14204,8 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(k.startswith(_INTERNAL_PREFIX) for k in left):
-                self.client._engine.delete_prefix(bucket, _INTERNAL_PREFIX)
+            if left and all(_is_internal(k) for k in left):
+                self.client._engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -13578,6 +14234,26 @@ class _Cli:
         result = self.client.purge_temp_files(bucket)
         self.out.write(json.dumps(result, indent=2) + "\n")
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
+
+    def cmd_gc(self) -> int:
+        bucket, prefix = _parse_s3_url(self.args.path)
+        result = self.client.gc(Bucket=bucket, Prefix=prefix, DryRun=self.args.dryrun)
+        for item in result["Removed"]:
+            self.line(
+                "%sdelete: s3://%s/%s (%s)"
+                % (self.dry(), bucket, item["Key"], _human_size(item["Size"]))
+            )
+        self.line(
+            "%s%d unused reference(s), %s%s; %d kept"
+            % (
+                self.dry(),
+                len(result["Removed"]),
+                _human_size(result["BytesFreed"]),
+                " would be freed" if self.args.dryrun else " freed",
+                result["Kept"],
+            )
+        )
+        return self.exit_code()
 
     def cmd_stats(self) -> int:
         name = self.args.bucket
@@ -13608,12 +14284,33 @@ class _Cli:
                 % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
             ),
         ]
+        if "reference_size" in stats:
+            rows.insert(
+                3,
+                (
+                    "  References:",
+                    "%d (%s stored)"
+                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
+                ),
+            )
         self.out.write(
             "Bucket Statistics: %s (%s%s)\n%s\n"
             % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
         )
         for label, value in rows:
             self.out.write("%-22s%s\n" % (label, value))
+        if stats.get("references"):
+            self.out.write("References (stored size, deltas that need it, their size):\n")
+            for ref in stats["references"]:
+                self.out.write(
+                    "  %10s  %4d deltas %10s  %s\n"
+                    % (
+                        _human_size(ref["size"]),
+                        ref["deltas"],
+                        _human_size(ref["original_size"]),
+                        ref["source"] or ref["key"],
+                    )
+                )
         if stats["estimated"]:
             self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
         return EXIT_OK
@@ -13645,11 +14342,12 @@ class _Cli:
         ):
             for item in obj.get("Contents", []):
                 rel = item["Key"][len(sprefix) :]
-                if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
+                if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
         if _store_identity(source) == _store_identity(self.client):
-            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -13789,13 +14487,19 @@ def _store_identity(client: DeltaGliderClient) -> str:
 
 
 def _refuse_onto_itself(
-    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+    command: str,
+    src_bucket: str,
+    dst_bucket: str,
+    pairs: Sequence[tuple[str, str]],
+    prefixes: tuple[str, str] | None = None,
 ) -> None:
-    """The one check for cp, mv, migrate (and any command that reads and writes one store):
-    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
-    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
-    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
-    delete what it just wrote)."""
+    """The one check for cp, mv, sync and migrate within one store: refuse, before any work,
+    a transfer whose destination is its own source (aws s3 mv: "Cannot mv a file onto
+    itself"), or that writes a key the same run still has to read (overlapping prefixes:
+    the outcome would depend on the order of transfers, and mv would delete what it just
+    wrote). ``prefixes`` (source, destination), for sync and migrate: one may not hold the
+    other at all, since the destination's listing would take in the source (each run would
+    copy into itself again, and sync --delete would remove source keys)."""
     if src_bucket != dst_bucket:
         return
     for s_key, d_key in pairs:
@@ -13804,6 +14508,13 @@ def _refuse_onto_itself(
                 "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
                 % (command, src_bucket, s_key, dst_bucket, d_key)
             )
+    if prefixes is not None and (
+        prefixes[0].startswith(prefixes[1]) or prefixes[1].startswith(prefixes[0])
+    ):
+        raise _UsageError(
+            "Cannot %s s3://%s/%s to s3://%s/%s: one prefix holds the other; nothing was changed"
+            % (command, src_bucket, prefixes[0], dst_bucket, prefixes[1])
+        )
     sources = {s_key for s_key, _ in pairs}
     for s_key, d_key in pairs:
         if d_key in sources:
@@ -14045,6 +14756,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "(DG_ARCHIVE_AWARE=1)",
         )
         p.add_argument(
+            "--references",
+            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+            help="shared: delta against references in sibling folders too (default); "
+            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+        )
+        p.add_argument(
             "--max-ratio",
             type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
@@ -14120,6 +14837,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
+    p = command("gc", "delete the references under a prefix that no delta needs any more")
+    p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p = command("stats", "what a bucket holds and what deltas save")
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
@@ -14154,23 +14874,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument(
-        "--workers", type=int, default=64, help="connections served at once (default 64)"
+        "--workers",
+        type=_option(_parse_int, "--workers", minimum=1),
+        default=64,
+        help="connections served at once (default 64)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_option(_parse_number, "--idle-timeout", above=0),
         default=60.0,
         help="seconds a connection may stay silent (default 60)",
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=_option(_parse_number, "--request-timeout", above=0),
         default=3600.0,
         help="seconds a request body may take to arrive (default 3600)",
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_option(_parse_number, "--grace", minimum=0),
         default=30.0,
         help="seconds requests in flight get to finish on Ctrl-C/SIGTERM (default 30)",
     )
@@ -14187,7 +14910,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delta zip-family files member by member (DG_ARCHIVE_AWARE=1)",
     )
-    p.add_argument("--max-ratio", type=float, help="largest delta worth storing (default 0.5)")
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing (default 0.5)",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
     p.add_argument("bucket", help="bucket name or s3://bucket")
@@ -14257,6 +14984,7 @@ _COMMANDS: dict[str, Callable[[_Cli], int]] = {
     "verify": lambda cli: cli.cmd_verify(),
     "presign": lambda cli: cli.cmd_presign(),
     "purge": lambda cli: cli.cmd_purge(),
+    "gc": lambda cli: cli.cmd_gc(),
     "stats": lambda cli: cli.cmd_stats(),
     "migrate": lambda cli: cli.cmd_migrate(),
     "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
