@@ -12095,6 +12095,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         try:
             try:
                 self._serve(gw)
+            except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
+                raise  # the client went away: nothing to answer, nothing to log as ours
             except Exception as e:
                 reply = _s3_reply_from(e)
                 if self._sent:  # headers already went out: all we can do is hang up
