@@ -12548,7 +12548,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         elif v2:
             if q.get("start-after"):
                 parts.append(_el("StartAfter", text(q["start-after"])))
-            if q.get("continuation-token"):
+            if "continuation-token" in q:  # echoed even when empty, as S3 does
                 parts.append(_el("ContinuationToken", q["continuation-token"]))
             if resp.get("NextContinuationToken"):
                 parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
