@@ -10786,6 +10786,7 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         "The list of parts was not in ascending order. The parts list must be specified in "
         "order by part number.",
     ),
+    "InvalidPolicyDocument": (400, "The content of the form does not meet the conditions."),
     "InvalidRequest": (400, "Invalid Request"),
     "MalformedXML": (
         400,
@@ -11164,16 +11165,22 @@ class _GatewayAuth:
             given = lower.get("x-amz-signature", "")
         else:
             raise _S3Reply("InvalidArgument", "POST uploads need x-amz-algorithm AWS4-HMAC-SHA256")
+        if not given:
+            raise _S3Reply(
+                "InvalidArgument", "Bucket POST must contain a field named 'x-amz-signature'"
+            )
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
         try:
             policy = json.loads(base64.b64decode(lower["policy"]))
             expiration = _parse_timestamp(str(policy["expiration"]))
-            conditions = list(policy.get("conditions", []))
+            conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
             raise _S3Reply(
-                "InvalidArgument", "Invalid Policy: the policy is not valid JSON"
+                "InvalidPolicyDocument", "Invalid Policy: no valid expiration or conditions"
             ) from None
+        if not isinstance(conditions, list) or not conditions:
+            raise _S3Reply("InvalidPolicyDocument", "Invalid Policy: Invalid 'conditions' value")
         if self._now() > expiration:
             raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
         values = dict(lower, bucket=bucket, key=key)
@@ -11189,13 +11196,22 @@ class _GatewayAuth:
                             "Invalid according to Policy: Policy Condition failed: "
                             '["eq", "$%s", "%s"]' % (name, want),
                         )
-            elif isinstance(cond, list) and len(cond) == 3:
+            elif not isinstance(cond, list) or len(cond) != 3:
+                # a condition not understood is refused, never skipped (it would widen
+                # what the policy's signer allowed)
+                raise _S3Reply(
+                    "InvalidPolicyDocument",
+                    "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
+                )
+            else:
                 op = str(cond[0]).lower()
                 if op == "content-length-range":
-                    if not int(cond[1]) <= size <= int(cond[2]):
-                        raise _S3Reply(
-                            "EntityTooLarge" if size > int(cond[2]) else "EntityTooSmall"
-                        )
+                    try:
+                        low, high = int(cond[1]), int(cond[2])
+                    except (TypeError, ValueError):
+                        raise _S3Reply("InvalidPolicyDocument") from None
+                    if not low <= size <= high:
+                        raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
                     continue
                 name = str(cond[1]).lower().lstrip("$")
                 covered.add(name)
