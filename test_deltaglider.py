@@ -7705,6 +7705,15 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     status, body = _form_post(post["url"], tampered, b"x")
     assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
     assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
+    # a condition the gateway does not understand is refused, never skipped
+    odd = s3.generate_presigned_post(
+        "gwbucket", "up/odd.bin", Conditions=[["content-length-range", 1]], ExpiresIn=60
+    )
+    status, body = _form_post(odd["url"], odd["fields"], b"x")
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
+    status, body = _form_post(post["url"], unsigned, b"x")
+    assert (status, _error_code(body)) == (400, "InvalidArgument")
 
 
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
@@ -7715,6 +7724,8 @@ def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> No
     s3.put_object(Bucket="gwbucket", Key="dir/f.txt", Body=b"x")
     listed = s3.list_objects_v2(Bucket="gwbucket")["Contents"]
     assert [o["Key"] for o in listed] == ["dir/", "dir/f.txt"]
+    status, _, body = _gw_send(local_gateway, "GET", "/gwbucket?continuation-token=&list-type=2")
+    assert status == 200 and b"<ContinuationToken></ContinuationToken>" in body
     head = s3.head_object(Bucket="gwbucket", Key="dir/")
     assert (head["ContentLength"], head["Metadata"]) == (0, {"k": "v"})
     s3.delete_object(Bucket="gwbucket", Key="dir/")
