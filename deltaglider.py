@@ -2976,9 +2976,12 @@ class _S3Storage:
         continuation_token: str | None = None,
         start_after: str | None = None,
         fetch_owner: bool = False,
+        decode: bool = True,
     ) -> dict[str, Any]:
         """One page of ListObjectsV2; keys always asked url-encoded so any byte survives
-        XML (botocore sends encoding-type=url and decodes)."""
+        XML (botocore sends encoding-type=url and decodes). ``decode=False`` leaves them
+        as the server encoded them (for a caller that asked EncodingType='url' itself:
+        servers differ, "+" or "%20" for a space)."""
         query = [("list-type", "2"), ("encoding-type", "url"), ("max-keys", str(max_keys))]
         if prefix:
             query.append(("prefix", prefix))
@@ -2993,7 +2996,7 @@ class _S3Storage:
         resp = self.request("ListObjectsV2", "GET", bucket, query=query)
         root = self._xml(resp)
         encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
-        out = _list_v2_response(root, encoded)
+        out = _list_v2_response(root, encoded and decode)
         out["ResponseMetadata"] = _response_metadata(resp)
         return out
 
@@ -4251,10 +4254,45 @@ class _LocalStorage:
         continuation_token: str | None = None,
         start_after: str | None = None,
         fetch_owner: bool = False,
+        decode: bool = True,
     ) -> dict[str, Any]:
         """One page of ListObjectsV2, keys in UTF-8 byte order as S3 sorts them. The token
         is the last key (or common prefix) returned, base64: stable under concurrent
-        writes, as S3's is."""
+        writes, as S3's is. ``decode=False``: keys url-encoded as AWS writes them."""
+        out = self._list_objects_v2(
+            bucket,
+            prefix=prefix,
+            delimiter=delimiter,
+            max_keys=max_keys,
+            continuation_token=continuation_token,
+            start_after=start_after,
+            fetch_owner=fetch_owner,
+        )
+        if not decode:
+
+            def enc(value: str) -> str:
+                return urllib.parse.quote_plus(value, safe="/")
+
+            for item in out.get("Contents", []):
+                item["Key"] = enc(item["Key"])
+            for item in out.get("CommonPrefixes", []):
+                item["Prefix"] = enc(item["Prefix"])
+            for name in ("Prefix", "Delimiter", "StartAfter"):
+                if out.get(name):
+                    out[name] = enc(out[name])
+        return out
+
+    def _list_objects_v2(
+        self,
+        bucket: str,
+        *,
+        prefix: str,
+        delimiter: str,
+        max_keys: int,
+        continuation_token: str | None,
+        start_after: str | None,
+        fetch_owner: bool,
+    ) -> dict[str, Any]:
         op = "ListObjectsV2"
         bdir = self._bucket(op, bucket)
         if max_keys < 0:
@@ -8702,8 +8740,8 @@ class DeltaGliderClient:
                 if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
                     raise
                 lg = None
-            if lg is None or lg.kind != _Kind.DELTA:
-                stored.append(k)  # the server decides on the object as it is stored
+            if lg is None:
+                stored.append(k)  # the server answers for what is not there
                 conditions[k] = cond
                 continue
             logical = {
@@ -8711,11 +8749,17 @@ class DeltaGliderClient:
                 "LastModified": lg.head.get("LastModified"),
                 "ContentLength": lg.size,
             }
+            # Checked here first: some servers ignore some conditions (SeaweedFS deletes
+            # whatever the Size), and a delta's logical ETag is not its stored one.
             if not _delete_conditions_hold(logical, cond):
                 refused.add(k)
                 continue
-            stored.append(lg.stored_key)  # and only as it was when the conditions held
-            conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+            # Then sent, so that the server refuses too if the object changed meanwhile.
+            stored.append(lg.stored_key)
+            if lg.kind == _Kind.DELTA:
+                conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+            else:
+                conditions[k] = cond
         for i in range(0, len(stored), _DELETE_BATCH):
             batch = stored[i : i + _DELETE_BATCH]
             resp = storage.delete_objects(
@@ -8914,6 +8958,7 @@ class DeltaGliderClient:
                 continuation_token=token,
                 start_after=None if token else start_after,
                 fetch_owner=bool(kwargs.get("FetchOwner")),
+                decode=kwargs.get("EncodingType") != "url",
             )
             contents += self._logical_page(bucket, page, after, fetch)
             prefixes += _visible_prefixes(page)
@@ -8942,15 +8987,15 @@ class DeltaGliderClient:
         """A key or prefix as S3 returns it when the caller asked EncodingType='url'
         itself (botocore then hands it over encoded; it decodes only what it asked for)."""
         if kwargs.get("EncodingType") == "url":
-            return urllib.parse.quote(value, safe="/")
+            return urllib.parse.quote_plus(value, safe="/")  # S3 writes a space as "+"
         return value
 
     def _list_common(self, kwargs: Mapping[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+        # Keys and prefixes come from the server, encoded by it when the caller asked
+        # EncodingType='url' (the storage then leaves them so); our echoes are encoded here.
         enc = functools.partial(self._url_encoded, kwargs)
         out: dict[str, Any] = {}
         contents = got["contents"]
-        for item in contents:
-            item["Key"] = enc(item["Key"])
         if contents:
             out["Contents"] = contents
         out["Name"] = kwargs["Bucket"]
@@ -8959,7 +9004,7 @@ class DeltaGliderClient:
             out["Delimiter"] = enc(kwargs["Delimiter"])
         out["MaxKeys"] = got["max_keys"]
         if got["prefixes"]:
-            out["CommonPrefixes"] = [{"Prefix": enc(p["Prefix"])} for p in got["prefixes"]]
+            out["CommonPrefixes"] = [{"Prefix": p["Prefix"]} for p in got["prefixes"]]
         out["EncodingType"] = "url"  # asked for and decoded, as botocore does
         return out
 
