@@ -9777,6 +9777,10 @@ def doc_env(backend: Backend, tmp_path: Any, monkeypatch: Any) -> Iterator[dict[
     if backend.access_key:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", backend.access_key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(backend.secret_key))
+    with contextlib.suppress(ImportError):  # a fresh process: boto3's default session
+        import boto3  # caches the credentials it first found (another server's)
+
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     admin = make_client(backend, tmp_path)
     prefix = "dg-test-" + uuid.uuid4().hex[:8] + "-"
     buckets = {name: prefix + name for name in ("releases", "mybucket", "backups")}
