@@ -11657,6 +11657,44 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
+    _DONE_KEEP = 24 * 3600
+
+    def finish(
+        self, upload_id: str, bucket: str, key: str, parts: list[tuple[int, str]], etag: str
+    ) -> None:
+        """Remove a completed upload, keeping a note of it for a client's retry."""
+        note = os.path.join(self.folder, ".done-%s.json" % upload_id)
+        with open(note + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
+        os.replace(note + ".tmp", note)
+        self.remove(upload_id)
+        now = time.time()
+        for name in os.listdir(self.folder):
+            if name.startswith(".done-"):
+                path = os.path.join(self.folder, name)
+                with contextlib.suppress(OSError):
+                    if now - os.path.getmtime(path) > self._DONE_KEEP:
+                        os.unlink(path)
+
+    def completed(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str | None:
+        """The ETag of an upload completed with these very parts, if it was."""
+        if not self._ID_RE.match(upload_id):
+            return None
+        try:
+            with open(
+                os.path.join(self.folder, ".done-%s.json" % upload_id), encoding="utf-8"
+            ) as f:
+                note = json.load(f)
+        except (OSError, ValueError):
+            return None
+        same = [list(p) for p in parts] == note.get("Parts")
+        if note.get("Bucket") == bucket and note.get("Key") == key and same:
+            return str(note["ETag"])
+        return None
+
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
         gone = os.path.join(self.folder, ".gone-" + upload_id)
@@ -12156,6 +12194,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         signed = self._authenticate(gw)
         # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
         q = {k: v for k, v in self._q.items() if k != "x-id"}
+        # Buckets behind the gateway are never versioned: version "null" is the object.
+        if q.get("versionId") == "null":
+            del q["versionId"]
+        elif "versionId" in q:
+            raise _S3Reply("InvalidArgument", "Invalid version id specified")
         unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"
@@ -12164,6 +12207,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return self._list_buckets()
         if key is None and "acl" in q and method in ("GET", "PUT"):
             return self._bucket_acl(bucket, signed)
+        if key is None and method == "GET" and "versioning" in q:
+            self._operation = "GetBucketVersioning"
+            gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
+            return self._send(200, _xml_doc("VersioningConfiguration", ""))
+        if key is None and method == "GET" and "versions" in q:
+            return self._list_objects(bucket, versions=True)
         if key is None:
             if unsupported:
                 self._operation = "Bucket:" + unsupported[0]
@@ -12445,10 +12494,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- listings -----------------------------------------------------------------
 
-    def _list_objects(self, bucket: str) -> None:
+    def _list_objects(self, bucket: str, versions: bool = False) -> None:
+        """ListObjects v1/v2, and ListObjectVersions: in a bucket that is never versioned
+        every object is its only version, ``null`` (what S3 answers for such a bucket)."""
         q = self._q
         v2 = q.get("list-type") == "2"
-        self._operation = "ListObjectsV2" if v2 else "ListObjects"
+        self._operation = (
+            "ListObjectVersions" if versions else "ListObjectsV2" if v2 else "ListObjects"
+        )
         try:
             max_keys = int(q.get("max-keys", "1000"))
         except ValueError:
@@ -12463,7 +12516,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if q.get(qname):
                 params[pname] = q[qname]
         client = self.server.gateway.client
-        if v2:
+        if versions:
+            if q.get("key-marker"):
+                params["StartAfter"] = q["key-marker"]
+            resp = client.list_objects_v2(**params)
+        elif v2:
             if q.get("continuation-token"):
                 params["ContinuationToken"] = q["continuation-token"]
             if q.get("start-after"):
@@ -12480,7 +12537,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return _quote(value, safe="/") if encode else value
 
         parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
-        if v2:
+        if versions:
+            parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
+            parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
+            if resp.get("IsTruncated") and resp.get("Contents"):
+                parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
+                parts.append(_el("NextVersionIdMarker", "null"))
+        elif v2:
             if q.get("start-after"):
                 parts.append(_el("StartAfter", text(q["start-after"])))
             if q.get("continuation-token"):
@@ -12515,10 +12578,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     )
                 )
             item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
-            parts.append("<Contents>%s</Contents>" % "".join(item))
+            if versions:
+                item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
+                parts.append("<Version>%s</Version>" % "".join(item))
+            else:
+                parts.append("<Contents>%s</Contents>" % "".join(item))
         for p in resp.get("CommonPrefixes", []):
             parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
-        self._send(200, _xml_doc("ListBucketResult", "".join(parts)))
+        root = "ListVersionsResult" if versions else "ListBucketResult"
+        self._send(200, _xml_doc(root, "".join(parts)))
 
     # -- objects ------------------------------------------------------------------
 
@@ -12635,7 +12703,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
-        result = self.server.gateway.client._put_path(spooled.path, params, spooled.info)
+        client = self.server.gateway.client
+        if params["Key"].endswith("/"):
+            # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
+            # delta, and the engine takes only file names; it is stored as it came.
+            _validate_key(params["Key"])
+            with open(spooled.path, "rb") as f:
+                client.storage.put_object(
+                    params["Bucket"],
+                    params["Key"],
+                    f,
+                    metadata=params.get("Metadata"),
+                    headers=_put_headers(params),
+                    content_sha256=spooled.info.sha256,
+                )
+            return {"ETag": '"%s"' % spooled.info.md5}
+        result = client._put_path(spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -12709,7 +12792,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _delete_objects(self, bucket: str, signed: _Signed) -> None:
         self._operation = "DeleteObjects"
         root = self._xml_body(signed)
-        keys = [_xml_text(o, "Key") or "" for o in root.findall("Object")]
+        keys = []
+        versioned = []
+        for o in root.findall("Object"):
+            if (_xml_text(o, "VersionId") or "null") != "null":
+                versioned.append(_xml_text(o, "Key") or "")
+            else:
+                keys.append(_xml_text(o, "Key") or "")
         if len(keys) > _DELETE_BATCH:
             raise _S3Reply("MalformedXML", "A DeleteObjects request takes at most 1000 keys")
         quiet = (_xml_text(root, "Quiet") or "").strip().lower() == "true"
@@ -12719,6 +12808,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         parts = []
         for d in resp.get("Deleted", []):
             parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+        for k in versioned:
+            parts.append(
+                "<Error>%s%s%s</Error>"
+                % (
+                    _el("Key", k),
+                    _el("Code", "NoSuchVersion"),
+                    _el("Message", "The specified version does not exist."),
+                )
+            )
         for e in resp.get("Errors", []):
             parts.append(
                 "<Error>%s%s%s</Error>"
@@ -12916,7 +13014,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        rec = gw.uploads.record(bucket, key, upload_id)
         root = self._xml_body(signed)
         wanted: list[tuple[int, str]] = []
         for part in root.findall("Part"):
@@ -12931,6 +13028,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
             raise _S3Reply("InvalidPartOrder")
         with gw.uploads.lock(upload_id):
+            done = gw.uploads.completed(bucket, key, upload_id, wanted)
+            if done is not None:  # a retry of a completion whose answer was lost
+                return self._complete_answer(bucket, key, done)
+            rec = gw.uploads.record(bucket, key, upload_id)
             have = gw.uploads.parts(upload_id)
             for i, (number, etag) in enumerate(wanted):
                 got = have.get(number)
@@ -12963,13 +13064,16 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 result = self._store(spooled, params)
             finally:
                 os.unlink(path)
-            gw.uploads.remove(upload_id)
+            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
+        self._complete_answer(bucket, key, result["ETag"])
+
+    def _complete_answer(self, bucket: str, key: str, etag: str) -> None:
         host = self._headers.get("host", "")
         body = (
             _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
             + _el("Bucket", bucket)
             + _el("Key", key)
-            + _el("ETag", result["ETag"])
+            + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
 
