@@ -1026,9 +1026,15 @@ def _parse_number(
     return value
 
 
+#: The examples a size setting's message gives: only those its minimum allows are shown.
+_SIZE_EXAMPLES = (("1048576", 1 << 20), ("512M", 512 << 20), ("4G", 4 << 30))
+
+
 def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
     """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
-    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    examples = [text for text, size in _SIZE_EXAMPLES if size >= minimum] or ["%d" % minimum]
+    accepted = "a size in bytes such as " + ", ".join(examples[:-1])
+    accepted += " or " + examples[-1] if len(examples) > 1 else examples[-1]
     if minimum:
         accepted += " (at least %d)" % minimum
     match = _SIZE_RE.match(text)
@@ -12219,6 +12225,22 @@ _SIGV2_SUBRESOURCES = frozenset(
         "website",
     }
 )
+#: Query parameters that carry a presigned URL's signature (SigV4, and SigV2 as botocore
+#: presigns by default): they authenticate a request and never select what it does.
+_PRESIGN_PARAMS = frozenset(
+    {
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+        "X-Amz-Security-Token",
+        "AWSAccessKeyId",
+        "Signature",
+        "Expires",
+    }
+)
 #: Query parameters never written to the access log.
 _LOG_REDACTED = frozenset(
     {"X-Amz-Signature", "X-Amz-Security-Token", "X-Amz-Credential", "Signature"}
@@ -12433,6 +12455,11 @@ class _GatewayUsers:
                         raise InvalidConfigError(
                             error_msg="%s line %d: expected ACCESS_KEY_ID:SECRET_ACCESS_KEY"
                             % (path, n)
+                        )
+                    if key.strip() in users:
+                        raise InvalidConfigError(
+                            error_msg="%s line %d: access key %s is listed twice"
+                            % (path, n, _printable(key.strip()))
                         )
                     users[key.strip()] = secret.strip()
         else:
@@ -12715,20 +12742,31 @@ class _GatewayAuth:
         if self._now().timestamp() > expires:
             raise _S3Reply("AccessDenied", "Request has expired", Expires=str(expires))
         interesting = sorted((k, v) for k, v in query if k in _SIGV2_SUBRESOURCES)
+        subresources = ""
         if interesting:
-            resource += "?" + "&".join(k + ("=" + v if v else "") for k, v in interesting)
+            subresources = "?" + "&".join(k + ("=" + v if v else "") for k, v in interesting)
         amz = "".join(
             "%s:%s\n" % (k, headers[k].strip()) for k in sorted(headers) if k.startswith("x-amz-")
         )
-        sts = "\n".join(
+        head = "\n".join(
             (method, headers.get("content-md5", ""), headers.get("content-type", ""), str(expires))
         )
-        sts += "\n" + amz + resource
-        digest = hmac.new(secret.encode("utf-8"), sts.encode("utf-8"), hashlib.sha1).digest()
-        expected = base64.b64encode(digest).decode("ascii")
-        if not hmac.compare_digest(expected, q["Signature"]):
+        # A bucket's own resource is "/bucket/" as botocore signs it (CreateBucket,
+        # DeleteBucket, listings), "/bucket" as others may: both name that bucket.
+        resources = [resource]
+        if resource.count("/") == 1 and len(resource) > 1:
+            resources.append(resource + "/")
+        for candidate in resources:
+            sts = head + "\n" + amz + candidate + subresources
+            digest = hmac.new(secret.encode("utf-8"), sts.encode("utf-8"), hashlib.sha1).digest()
+            expected = base64.b64encode(digest).decode("ascii")
+            if hmac.compare_digest(expected, q["Signature"]):
+                break
+        else:
             raise _S3Reply(
-                "SignatureDoesNotMatch", AWSAccessKeyId=q["AWSAccessKeyId"], StringToSign=sts
+                "SignatureDoesNotMatch",
+                AWSAccessKeyId=q["AWSAccessKeyId"],
+                StringToSign=head + "\n" + amz + resource + subresources,
             )
         return _Signed(q["AWSAccessKeyId"], _UNSIGNED_PAYLOAD, b"", "", "", expected)
 
@@ -13601,14 +13639,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     k + ("=<redacted>" if k in _LOG_REDACTED else ("=" + _quote(v) if v else ""))
                     for k, v in self._query
                 )
+            # Every field a client chose is shown escaped: it cannot drive the terminal.
             gw.access_line(
                 '%s %s [%s] "%s %s" %d %s %s %d %d %.3f'
                 % (
                     self.client_address[0],
-                    self._access_key,
+                    _printable(self._access_key),
                     _iso_utc(gw._now())[:19] + "Z",
-                    self.command,
-                    shown,
+                    _printable(str(self.command)),
+                    _printable(shown),
                     self._status,
                     self._error_code or "-",
                     self._operation,
@@ -13676,8 +13715,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         ):
             return self._post_object(bucket)  # signed by its policy, inside the form
         signed = self._authenticate(gw)
-        # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
-        q = {k: v for k, v in self._q.items() if k != "x-id"}
+        # What routes the request: not its signature (a presigned URL's parameters), nor the
+        # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
+        self._q = q = {k: v for k, v in self._q.items() if k not in _PRESIGN_PARAMS and k != "x-id"}
         # Buckets behind the gateway are never versioned: version "null" is the object.
         if q.get("versionId") == "null":
             del q["versionId"]
@@ -16173,8 +16213,8 @@ Point S3 clients at it (the gateway's key pair, not the back end's):
   rclone: a remote with type = s3, provider = Other, endpoint = http://127.0.0.1:8333,
   access_key_id = gw-key, secret_access_key = gw-secret, force_path_style = true;
   or on the command line:
-  rclone copy ./dist :s3,provider=Other,endpoint=http://127.0.0.1:8333,\\
-    access_key_id=gw-key,secret_access_key=gw-secret:releases/v1
+  rclone copy ./dist \\
+    ":s3,provider=Other,endpoint='http://127.0.0.1:8333',access_key_id=gw-key,secret_access_key=gw-secret,force_path_style=true:releases/v1"
 
 GET /metrics (signed like any request, or on --metrics-listen without auth) is in
 Prometheus text format. One access line per request goes to stderr (--quiet: none).
@@ -16252,6 +16292,13 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+        )
+        p.add_argument(
+            "--follow-symlinks",
+            dest="no_follow_symlinks",
+            action="store_false",
+            default=False,
+            help="follow symlinks in local folders (the default, as aws s3)",
         )
 
     p = command("cp", "copy files to, from or between S3 locations")

@@ -6085,6 +6085,9 @@ def test_memory_limit_setting(tmp_path: Any) -> None:
     local = Backend("local", "file://" + str(tmp_path / "s"), None, None)
     code, out, err = run_cli(local, tmp_path, ["--memory-limit", "12", "ls"])
     assert code == 2 and "--memory-limit must be a size" in err and "Traceback" not in err
+    # its examples are sizes it takes: never one below its own minimum
+    assert "such as 512M or 4G (at least %d)" % dg._MIN_MEMORY_LIMIT in err, err
+    assert dg._parse_size("512M", "x", minimum=dg._MIN_MEMORY_LIMIT) == 512 << 20
     code, out, err = run_cli(local, tmp_path, ["ls"], DG_MEMORY_LIMIT="lots")
     assert code == 2 and "DG_MEMORY_LIMIT must be a size" in err
 
@@ -7874,6 +7877,48 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     assert (status, _error_code(body)) == (400, "InvalidArgument")
 
 
+def _presigned_call(url: str, method: str, body: bytes = b"") -> tuple[int, bytes]:
+    """A presigned URL used as curl would: no headers of our own (urllib adds a
+    Content-Type to a PUT, which a SigV2 signature covers)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, parts.path + "?" + parts.query, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", ["s3", "s3v4"])
+def test_gateway_serves_presigned_puts_and_bucket_operations(
+    local_gateway: Gateway, version: str
+) -> None:
+    """A presigned URL's signature parameters authenticate it and route nothing: PUT
+    uploads, CreateBucket and DeleteBucket work as they do against S3 (SigV2 and SigV4)."""
+    s3 = _boto3(local_gateway, signature_version=version)  # presigns only
+    plain = _boto3(local_gateway)
+    bucket = "presigned-" + version
+    url = s3.generate_presigned_url("create_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "PUT")
+    assert status == 200, body
+    url = s3.generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": "up/p.bin"}, ExpiresIn=60
+    )
+    data = b"presigned " * 100
+    status, body = _presigned_call(url, "PUT", data)
+    assert status == 200, body
+    assert plain.get_object(Bucket=bucket, Key="up/p.bin")["Body"].read() == data
+    # the signature still covers the request: another key on the same URL is refused
+    status, body = _presigned_call(url.replace("/up/p.bin?", "/up/q.bin?"), "PUT", data)
+    assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
+    plain.delete_object(Bucket=bucket, Key="up/p.bin")
+    url = s3.generate_presigned_url("delete_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "DELETE")
+    assert status == 204, body
+    assert bucket not in [b["Name"] for b in plain.list_buckets()["Buckets"]]
+
+
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
     """``dir/`` objects (S3 consoles, rclone directory markers) are no files to delta: they
     are stored as sent, listed, read and deleted like any object."""
@@ -8001,6 +8046,28 @@ def test_gateway_metrics_and_access_log(local_gateway: Gateway) -> None:
     signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["Signature"][0]
     log = gw.log.getvalue()
     assert signature not in log and GW_SECRET not in log and "Signature=<redacted>" in log
+
+
+def test_gateway_access_log_escapes_control_characters(local_gateway: Gateway) -> None:
+    """An anonymous client's path and query reach stderr escaped: no terminal sequences."""
+    gw = local_gateway
+    host, port = urllib.parse.urlsplit(gw.url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"GET /gwbucket/x\x1b[31mRED?%1b]0;title%07=1 HTTP/1.1\r\nHost: h\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    _gw_log_settled(gw, "RED")
+    log = gw.log.getvalue()
+    assert '"GET /gwbucket/x\\x1b[31mRED?\\x1b]0;title\\x07=1" 403 AccessDenied' in log, log
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f]", log), log
 
 
 def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
@@ -8232,6 +8299,56 @@ def test_serve_help_shows_how_to_point_aws_cli_and_rclone_at_it() -> None:
     text = out.getvalue()
     assert "aws --endpoint-url http://127.0.0.1:8333 s3 cp" in text
     assert "rclone" in text and "force_path_style" in text and "--users" in text
+
+
+def test_serve_help_rclone_command_runs_as_written(local_gateway: Gateway, tmp_path: Any) -> None:
+    """The rclone line of ``serve --help``, pasted into a shell (only the port, the keys and
+    the bucket changed), copies a folder through the gateway."""
+    rclone = _tool("rclone", "DG_TEST_RCLONE")
+    out = io.StringIO()
+    assert dg.main(["serve", "--help"], stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  rclone copy"))
+    end = start
+    while lines[end].endswith("\\"):  # the command's continuation lines, as a shell reads
+        end += 1
+    command = "\n".join(lines[start : end + 1])
+    port = urllib.parse.urlsplit(local_gateway.url).port
+    command = (
+        command.replace("127.0.0.1:8333", "127.0.0.1:%d" % port)
+        .replace("gw-key", GW_KEY)
+        .replace("gw-secret", GW_SECRET)
+        .replace("releases/", "gwbucket/")
+    )
+    _release_folder(tmp_path / "dist")
+    env = dict(
+        _tool_env(local_gateway, tmp_path),
+        PATH=os.path.dirname(rclone) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    for name in [k for k in env if k.startswith("RCLONE_CONFIG_GW")]:
+        del env[name]  # only what the command line says
+    proc = subprocess.run(
+        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, (command, proc.stderr)
+    keys = sorted(
+        o["Key"] for o in local_gateway.client.list_objects_v2(Bucket="gwbucket")["Contents"]
+    )
+    assert keys == ["v1/app-1.zip", "v1/app-2.zip", "v1/sub/notes.txt"]
+
+
+def test_gateway_users_file_refuses_a_key_listed_twice(tmp_path: Any) -> None:
+    users = tmp_path / "users"
+    users.write_text("# keys\nalice:first-secret\nbob:bob-secret\nalice:second-secret\n")
+    users.chmod(0o600)
+    with pytest.raises(dg.InvalidConfigError) as e:
+        dg._GatewayUsers.load(str(users), {})
+    assert "line 4: access key alice is listed twice" in str(e.value)
+    assert "first-secret" not in str(e.value) and "second-secret" not in str(e.value)
+    code, out, err = run_cli(_local_backend(tmp_path), tmp_path, ["serve", "--users", str(users)])
+    assert code != 0 and "listed twice" in err and "first-secret" not in err, err
+    users.write_text("alice:first-secret\nbob:bob-secret\n")
+    assert len(dg._GatewayUsers.load(str(users), {})) == 2
 
 
 ###############################################################################
@@ -8618,6 +8735,39 @@ def test_cli_symlink_loops_in_a_source_end(cli_env: Any, tmp_path: Any) -> None:
     c = make_client(backend, tmp_path)
     keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == ["l/v1/x.txt", "m/latest/x.txt", "m/v1/x.txt"]
+
+
+def test_cli_follow_symlinks_flags_as_aws(tmp_path: Any) -> None:
+    """aws s3 takes --follow-symlinks (the default) and --no-follow-symlinks, the last given
+    deciding; cp and sync both take either."""
+    backend = _local_backend(tmp_path)
+    assert run_cli(backend, tmp_path, ["mb", "s3://links"])[0] == 0
+    src = tmp_path / "src"
+    (src / "v1").mkdir(parents=True)
+    (src / "v1" / "x.txt").write_bytes(b"x")
+    (src / "latest").symlink_to("v1", target_is_directory=True)
+    runs = [
+        ("a", ["cp", "-r", "--follow-symlinks"]),
+        ("b", ["sync", "--follow-symlinks"]),
+        ("c", ["cp", "-r", "--no-follow-symlinks"]),
+        ("d", ["sync", "--follow-symlinks", "--no-follow-symlinks"]),
+        ("e", ["sync", "--no-follow-symlinks", "--follow-symlinks"]),
+    ]
+    for prefix, argv in runs:
+        code, out, err = run_cli(backend, tmp_path, [*argv, str(src), "s3://links/%s/" % prefix])
+        assert code == 0, (argv, err)
+    c = make_client(backend, tmp_path)
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket="links")["Contents"]]
+    assert keys == [
+        "a/latest/x.txt",
+        "a/v1/x.txt",
+        "b/latest/x.txt",
+        "b/v1/x.txt",
+        "c/v1/x.txt",
+        "d/v1/x.txt",
+        "e/latest/x.txt",
+        "e/v1/x.txt",
+    ]
 
 
 @pytest.mark.parametrize(
