@@ -537,11 +537,57 @@ def _parse_timestamp(value: str) -> datetime.datetime:
     else:
         try:
             dt = email.utils.parsedate_to_datetime(text)
-        except (TypeError, IndexError) as e:  # Python < 3.10 raises these on bad input
+        except (TypeError, IndexError, OverflowError) as e:  # < 3.10 raises these on bad input
             raise ValueError("not a date: %r" % value) from e
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.astimezone(datetime.timezone.utc)
+    try:
+        return dt.astimezone(datetime.timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-02:00 is past datetime's last day in UTC
+        raise ValueError("date out of range: %r" % value) from None
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(kind: str, message: str, *args: Any) -> None:
+    """A warning about one kind of bad input, once per process: a listing of 10,000 keys
+    with broken dates is one warning, not 10,000."""
+    with _WARNED_LOCK:
+        if kind in _WARNED:
+            return
+        _WARNED.add(kind)
+    logger.warning(message + " (said once; any others are ignored as well)", *args)
+
+
+def _date_or_absent(value: str | None, what: str, warn: bool = True) -> datetime.datetime | None:
+    """A date a server or another writer gave, or None when it is missing, unreadable or
+    out of range (a year past 9999, an offset that leaves datetime's range): such a date is
+    treated as absent, never a traceback."""
+    if not value:
+        return None
+    try:
+        return _parse_timestamp(value)
+    except ValueError:
+        if warn:
+            _warn_once(what, "ignoring an unreadable or out-of-range %s: %r", what, value[:64])
+        return None
+
+
+def _mtime_or_absent(value: str | None) -> float | None:
+    """A ``dg-mtime`` (seconds since the epoch, as written at upload), or None when it is
+    missing, not a number, or not a time a file can have (nan, inf, 1e30)."""
+    if not value:
+        return None
+    try:
+        stamp = float(value)
+        datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)  # finite, in range
+    except (ValueError, OverflowError, OSError):
+        _warn_once("dg-mtime", "ignoring an unreadable or out-of-range dg-mtime: %r", value[:64])
+        return None
+    return stamp
 
 
 def _http_date(dt: datetime.datetime) -> str:
@@ -1498,19 +1544,32 @@ class _CredentialProvider:
             return self._credentials
 
 
-def _parse_expiry(value: object, provider: str) -> datetime.datetime:
+def _parse_expiry(value: object, provider: str) -> datetime.datetime | None:
+    """An Expiration as an aware UTC datetime. One past datetime's range (year 10000, or
+    9999-12-31 with a negative offset) is treated as absent: the credentials are used as
+    never expiring, with a warning. Anything else that is not a date is an error."""
     text = value.strip() if isinstance(value, str) else ""
     if text[-1:] in ("Z", "z"):  # fromisoformat accepts 'Z' only from Python 3.11
         text = text[:-1] + "+00:00"
     try:
         expiry = datetime.datetime.fromisoformat(text)
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=datetime.timezone.utc)
+        return expiry.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        pass
     except ValueError:
-        raise CredentialRetrievalError(
-            provider=provider, error_msg=f"invalid Expiration {value!r}"
-        ) from None
-    if expiry.tzinfo is None:
-        expiry = expiry.replace(tzinfo=datetime.timezone.utc)
-    return expiry.astimezone(datetime.timezone.utc)
+        if not re.match(r"^[+-]?\d{5,}-\d\d-\d\d", text):
+            raise CredentialRetrievalError(
+                provider=provider, error_msg=f"invalid Expiration {value!r}"
+            ) from None
+    _warn_once(
+        "Expiration",
+        "ignoring the out-of-range Expiration %r of %s credentials",
+        text[:40],
+        provider,
+    )
+    return None
 
 
 def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Credentials:
@@ -2571,10 +2630,11 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
         if kind == "int":
             out[key] = int(value)
         elif kind == "date":
-            try:
-                out[key] = _parse_timestamp(value)
-            except ValueError:
-                out[key] = value
+            # An Expires that is not a date ("0", "-1") is common and harmless: boto3 leaves
+            # it out and gives ExpiresString; no warning for it.
+            when = _date_or_absent(value, key, warn=header != "expires")
+            if when is not None:
+                out[key] = when
         elif kind == "bool":
             out[key] = value.lower() == "true"
         else:
@@ -2622,9 +2682,7 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     for c in root.findall("Contents"):
         item: dict[str, Any] = {
             "Key": dec(_xml_text(c, "Key", "")),
-            "LastModified": _parse_timestamp(
-                _xml_text(c, "LastModified", "") or "1970-01-01T00:00:00Z"
-            ),
+            "LastModified": _date_or_absent(_xml_text(c, "LastModified"), "LastModified") or _EPOCH,
             "ETag": _xml_text(c, "ETag", ""),
             "Size": int(_xml_text(c, "Size", "0") or 0),
             "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
@@ -3065,7 +3123,7 @@ class _S3Storage:
             buckets.append(
                 {
                     "Name": _xml_text(b, "Name", ""),
-                    "CreationDate": _parse_timestamp(created) if created else None,
+                    "CreationDate": _date_or_absent(created, "CreationDate"),
                 }
             )
         owner = root.find("Owner")
@@ -3319,9 +3377,8 @@ class _S3Storage:
             raise _client_error(err, "CopyObject")
         result = {
             "ETag": _xml_text(root, "ETag", ""),
-            "LastModified": _parse_timestamp(
-                _xml_text(root, "LastModified", "") or "1970-01-01T00:00:00Z"
-            ),
+            "LastModified": _date_or_absent(_xml_text(root, "LastModified"), "LastModified")
+            or _EPOCH,
         }
         return {"CopyObjectResult": result, "ResponseMetadata": _response_metadata(resp)}
 
@@ -3468,9 +3525,7 @@ class _S3Storage:
             {
                 "Key": _xml_text(u, "Key", ""),
                 "UploadId": _xml_text(u, "UploadId", ""),
-                "Initiated": _parse_timestamp(
-                    _xml_text(u, "Initiated", "") or "1970-01-01T00:00:00Z"
-                ),
+                "Initiated": _date_or_absent(_xml_text(u, "Initiated"), "Initiated") or _EPOCH,
             }
             for u in root.findall("Upload")
         ]
@@ -12940,10 +12995,10 @@ class _Cli:
             stamp = obj["LastModified"].timestamp()
             try:
                 head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
-                value = head.get("Metadata", {}).get("dg-mtime")
-                if value:
-                    stamp = float(value)
-            except (ClientError, ValueError):
+                recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
+                if recorded is not None:
+                    stamp = recorded
+            except ClientError:
                 pass
             with lock:
                 out[rel] = stamp
@@ -13313,12 +13368,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _logical_mtime(lg: _Logical) -> float | None:
-    value = lg.metadata.get("dg-mtime")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    recorded = _mtime_or_absent(lg.metadata.get("dg-mtime"))
+    if recorded is not None:
+        return recorded
     modified = lg.head.get("LastModified")
     return modified.timestamp() if isinstance(modified, datetime.datetime) else None
 

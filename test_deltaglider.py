@@ -618,6 +618,30 @@ def test_quote_key_never_normalises(key: str, wire: str) -> None:
     assert dg._quote_key(key) == wire
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9999-12-31T23:59:59-01:00",  # past datetime's last day once in UTC
+        "0001-01-01T00:00:00+01:00",  # before its first
+        "Fri, 31 Dec 9999 23:59:59 -0100",
+        "10000-01-01T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "not a date",
+    ],
+)
+def test_bad_dates_are_value_errors_or_absent(value: str) -> None:
+    with pytest.raises(ValueError):
+        dg._parse_timestamp(value)
+    dg._WARNED.discard("LastModified")
+    assert dg._date_or_absent(value, "LastModified") is None
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "nan", "inf", "-inf", "12x", ""])
+def test_bad_dg_mtime_is_absent(value: str) -> None:
+    assert dg._mtime_or_absent(value) is None
+    assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
+
+
 ###############################################################################
 # SigV4 #######################################################################
 ###############################################################################
@@ -2142,6 +2166,37 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_listing_with_out_of_range_dates_is_read(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LastModified no datetime can hold is treated as absent (the epoch, as a listing
+    without one), with one warning for the whole listing; ls goes on."""
+    page = _listing_page(["a.txt", "b.txt"], False, None).replace(
+        b"2026-01-01T00:00:00.000Z", b"9999-12-31T23:59:59-01:00"
+    )
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, page, _XML)
+
+    srv = fake_s3(script)
+    dg._WARNED.discard("LastModified")
+    listed = _fake_storage(srv.url).list_objects_v2("b")
+    assert [c["LastModified"] for c in listed["Contents"]] == [dg._EPOCH, dg._EPOCH]
+    assert caplog.text.count("out-of-range LastModified") == 1
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    code = dg.main(
+        ["--endpoint-url", srv.url, "ls", "s3://b/"], stdout=out, stderr=err, environ=env
+    )
+    assert code == 0, err.getvalue()
+    assert [line.split()[-1] for line in out.getvalue().splitlines()] == ["a.txt", "b.txt"]
+
+
 def test_virtual_hosted_requests_connect_to_the_bucket_host(
     s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
 ) -> None:
@@ -3150,6 +3205,25 @@ def test_header_value_errors_never_quote_the_value(
     assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
     assert srv.requests == []
     st_.close()
+
+
+@pytest.mark.parametrize(
+    "expiration",
+    ["9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],
+)
+def test_out_of_range_credential_expiration_is_absent(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, expiration: str
+) -> None:
+    dg._WARNED.discard("Expiration")
+    script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+    script += "'SecretAccessKey': %r, 'Expiration': %r}))" % (SECRET, expiration)
+    env = process_profile(tmp_path, script)
+    p = dg._resolve_credentials(environ=env, now=lambda: T0)
+    assert p is not None and p.get() == (KEY, SECRET, None, None)
+    assert "out-of-range Expiration" in caplog.text
+    with pytest.raises(dg.CredentialRetrievalError, match="invalid Expiration"):
+        script = script.replace(repr(expiration), repr("soon"))
+        dg._resolve_credentials(environ=process_profile(tmp_path, script), now=lambda: T0)
 
 
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
@@ -7473,6 +7547,44 @@ def cli_env(backend: Backend, tmp_path: Any) -> Iterator[tuple[Backend, str]]:
 
 
 @needs_xdelta3
+@pytest.mark.parametrize("bad", ["1e30", "nan", "-inf"])
+def test_cli_bad_dg_mtime_is_ignored_not_fatal(
+    cli_env: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """One object with a dg-mtime no file can have (written by another tool, or damaged)
+    used to abort a whole cp -r with a traceback. It is treated as absent: the file gets
+    the object's LastModified, the others their recorded times, one warning."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (src / name).write_bytes(name.encode())
+        os.utime(str(src / name), (1_600_000_000, 1_600_000_000))
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    stored = client.storage.head_object(bucket, "d/a.txt")
+    assert stored["Metadata"]["dg-mtime"].startswith("1600000000")
+    client.storage.put_object(
+        bucket, "d/a.txt", b"a.txt", metadata={**stored["Metadata"], "dg-mtime": bad}
+    )
+    client.close()
+    dg._WARNED.discard("dg-mtime")
+    for argv in (
+        ["cp", "--recursive", "s3://%s/d/" % bucket, str(tmp_path / "down")],
+        ["sync", "s3://%s/d/" % bucket, str(tmp_path / "synced")],
+    ):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert code == 0 and "Traceback" not in err, err
+        got = argv[-1]
+        assert sorted(os.listdir(got)) == ["a.txt", "b.txt"]
+        assert os.stat(os.path.join(got, "b.txt")).st_mtime == 1_600_000_000
+        assert abs(os.stat(os.path.join(got, "a.txt")).st_mtime - time.time()) < 3600
+    assert caplog.text.count("out-of-range dg-mtime") == 1
+
+
 def test_cli_cp_destinations_and_output_lines(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
