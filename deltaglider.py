@@ -6674,21 +6674,27 @@ def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
 
 
 def _meta_encode(value: str) -> str:
-    """A metadata value as US-ASCII: non-ASCII text is percent-encoded UTF-8 (FORMAT.md)."""
-    try:
-        value.encode("ascii")
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
         return value
-    except UnicodeEncodeError:
-        return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
     if "%" not in value:
         return value
     try:
-        return urllib.parse.unquote(value, errors="strict")
+        decoded = urllib.parse.unquote(value, errors="strict")
     except UnicodeDecodeError:
         return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
 
 
 class _Kind:
