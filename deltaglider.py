@@ -2864,12 +2864,13 @@ def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
     operation: str,
+    token: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
     next. The one paging loop of this file, so every listing stops on a broken server: a
     truncated page without a next token, or a token already used (botocore raises "The same
-    next token was received twice"; we also catch longer cycles), is a PaginationError."""
-    token: str | None = None
+    next token was received twice"; we also catch longer cycles), is a PaginationError.
+    ``token``: where to start (a caller's ContinuationToken)."""
     used: set[str] = set()
     while True:
         page = fetch(token)
@@ -10542,11 +10543,11 @@ class DeltaGliderClient:
         storage = self._engine.storage
         contents: list[dict[str, Any]] = []
         prefixes: list[dict[str, Any]] = []
-        seen: set[str | None] = set()
         target = min(max_keys, 1000)  # S3 never returns more per page, whatever is asked
-        while True:
+
+        def fetch_page(token: str | None) -> dict[str, Any]:
             want = max(0, target - len(contents) - len(prefixes))
-            page = storage.list_objects_v2(
+            page: dict[str, Any] = storage.list_objects_v2(
                 bucket,
                 prefix=kwargs.get("Prefix") or "",
                 delimiter=kwargs.get("Delimiter") or "",
@@ -10556,6 +10557,11 @@ class DeltaGliderClient:
                 fetch_owner=bool(kwargs.get("FetchOwner")),
                 decode=kwargs.get("EncodingType") != "url",
             )
+            return page
+
+        # _pages stops a server that repeats a token or truncates without one
+        pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
+        for page in pages:
             contents += self._logical_page(bucket, page, after, fetch)
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
@@ -10563,12 +10569,8 @@ class DeltaGliderClient:
             last = max(stored) if stored else None
             truncated = bool(page.get("IsTruncated"))
             next_token = page.get("NextContinuationToken")
-            if not truncated or len(contents) + len(prefixes) >= target:
+            if len(contents) + len(prefixes) >= target:
                 break
-            if next_token is None or next_token in seen:  # no progress: stop, not loop
-                break
-            seen.add(next_token)
-            token = next_token
         return {
             "page": page,
             "contents": contents,
