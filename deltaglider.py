@@ -489,12 +489,15 @@ _HEAD_403_HINT = (
 )
 
 
-def _as_operation(e: ClientError, operation: str) -> ClientError:
+def _as_operation(e: ClientError, operation: str, keep_multipart: bool = True) -> ClientError:
     """``e``, raised by one of the requests a user's operation makes (the HEAD before a
     GET, the reference's HEAD during a PUT), as an error of that operation: botocore names
     the operation the caller called. A HEAD's bare 403 gets the hint its missing body
-    would have carried. Multipart steps keep their names, as aws-cli reports them."""
-    if e.operation_name == operation or e.operation_name in _MULTIPART_OPERATIONS:
+    would have carried. Multipart steps keep their names, as aws-cli reports them, unless
+    ``keep_multipart`` is false (a CopyObject is one call, whatever it takes here)."""
+    if e.operation_name == operation or (
+        keep_multipart and e.operation_name in _MULTIPART_OPERATIONS
+    ):
         return e
     response = dict(e.response)
     error = dict(response.get("Error") or {})
@@ -10399,7 +10402,7 @@ class DeltaGliderClient:
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
-            raise _client_error(e.response, "CopyObject") from None
+            raise _as_operation(e, "CopyObject", keep_multipart=False) from None
 
     def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         src = kwargs["CopySource"]

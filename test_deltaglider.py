@@ -12477,6 +12477,9 @@ def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
             "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
             "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
             "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+            "CopyObject": lambda: client.copy_object(
+                Bucket=bucket, Key="d/c.zip", CopySource={"Bucket": bucket, "Key": "d/a.zip"}
+            ),
         }
         for operation, call in calls.items():
             with pytest.raises(dg.ClientError) as info:
