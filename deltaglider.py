@@ -40,6 +40,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -2138,6 +2139,28 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
         name[11:]: value for name, value in headers.items() if name.startswith("x-amz-meta-")
     }
     return out
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as US-ASCII: non-ASCII text is percent-encoded UTF-8 (FORMAT.md).
+    ASCII text is sent as it is, so older readers see what they always saw."""
+    try:
+        value.encode("ascii")
+        return value
+    except UnicodeEncodeError:
+        return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode. Only a value that decodes to non-ASCII text was
+    encoded (ASCII is never encoded): ``100%41`` written by anyone stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    return value if decoded.isascii() else decoded
 
 
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -4296,7 +4319,11 @@ def _put_path(
 ) -> dict[str, Any]:
     """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
     conditional create is asked for, since multipart cannot be conditional everywhere),
-    multipart above it. A failed multipart upload is aborted, so no parts linger."""
+    multipart above it. A failed multipart upload is aborted, so no parts linger.
+    Every metadata value is sent percent-encoded where it is not ASCII (FORMAT.md): a
+    file name, a folder in dg-ref-key, a caller's value."""
+    if metadata:
+        metadata = {name: _meta_encode(str(value)) for name, value in metadata.items()}
     size = os.path.getsize(path)
     limit = _MAX_SINGLE_PUT if if_none_match else threshold
     if size <= limit:
@@ -5998,6 +6025,8 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
 _ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
@@ -6059,26 +6088,8 @@ def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
     for name in _META_ALIASES[field]:
         value = metadata.get(name)
         if value:
-            return value
+            return _meta_decode(value)
     return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as US-ASCII: non-ASCII text is percent-encoded UTF-8 (FORMAT.md)."""
-    try:
-        value.encode("ascii")
-        return value
-    except UnicodeEncodeError:
-        return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    if "%" not in value:
-        return value
-    try:
-        return urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
 
 
 class _Kind:
@@ -6109,6 +6120,33 @@ def _deltaspace(key: str) -> str:
 
 def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
 
 
 def _resolve_ref_key(delta_key: str, ref: str) -> str:
@@ -6883,10 +6921,12 @@ class _DeltaEngine:
     # -- reading ------------------------------------------------------------------
 
     def head(self, bucket: str, key: str, operation: str = "HeadObject") -> _Logical:
-        """Resolve a logical name to ``<key>`` or ``<key>.delta``. A miss raises what boto3
-        raises: a 404 ClientError for HeadObject, NoSuchKey for GetObject."""
+        """Resolve a logical name to its stored form (_stored_forms: ``<key>``, else
+        ``<key>.delta``; the plain object wins when another tool wrote both, as in every
+        reader). A miss raises what boto3 raises: a 404 ClientError for HeadObject,
+        NoSuchKey for GetObject."""
         _validate_key(key)
-        for stored in (key, key + _DELTA_SUFFIX):
+        for stored in _stored_forms(key):
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
@@ -6895,8 +6935,8 @@ class _DeltaEngine:
                 continue
             metadata = head.get("Metadata", {})
             kind = _classify(stored, metadata)
-            if stored == key and kind == _Kind.REFERENCE:
-                break  # reference.bin is never a user-visible object
+            if kind == _Kind.REFERENCE:
+                continue  # a reference is never a user-visible object
             return _Logical(bucket, key, stored, kind, head, metadata)
         if operation == "HeadObject":
             resp = {
@@ -7171,13 +7211,31 @@ class _DeltaEngine:
 
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
-        if size > 0 and self.eligible(key, path, delta):
+        # A key ending in .delta is stored in delta form whatever its content, size or
+        # --no-delta: its plain name is another key's delta (_logical_key).
+        required = _delta_only(key)
+        if required or (size > 0 and self.eligible(key, path, delta)):
             summary = self._put_delta(
-                path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+                path,
+                bucket,
+                key,
+                name,
+                file_info,
+                metadata_of,
+                headers,
+                ratio_limit,
+                required,
+                on_bytes,
             )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
-                return summary
+                if required:
+                    self._unshadow(bucket, key)
+                    return summary
+                if not self._exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+                    return summary
+                # The user's key.delta exists: this key is kept plain (see _unshadow).
+            assert not required
         info = file_info()
         meta = metadata_of(info)
         direct_meta = dict(meta)
@@ -7197,6 +7255,64 @@ class _DeltaEngine:
         )
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
+
+    def _exists(self, bucket: str, stored: str) -> bool:
+        try:
+            self.storage.head_object(bucket, stored)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def _unshadow(self, bucket: str, key: str) -> None:
+        """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
+        ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
+        ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
+        check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
+        removed (uploads of ``x`` check the same, from their side, after storing)."""
+        if not self._exists(bucket, key):
+            return
+        base = key[: -len(_DELTA_SUFFIX)]
+        if _delta_only(base):
+            # x.delta.delta's own name is the stored form of x.delta: nothing can stay.
+            self.delete(bucket, key)
+            raise ParamValidationError(
+                report="Invalid key %r: its name is how %r is stored; older readers would "
+                "mistake one for the other. Choose another name" % (key, base)
+            )
+        lg = self.head(bucket, base)
+        if lg.stored_key == base:  # already plain: the delta is a stale second form
+            self._remove_other(bucket, base, keep=base)
+            return
+        logger.info("s3://%s/%s is stored whole from now on, beside %s", bucket, base, key)
+        headers = {"Content-Type": lg.content_type}
+        for param, header in _PUT_HEADER_PARAMS:
+            if param in lg.head and param not in ("ContentType", "ServerSideEncryption"):
+                value = lg.head[param]
+                headers[header] = (
+                    _http_date(value) if isinstance(value, datetime.datetime) else str(value)
+                )
+        try:
+            mtime: float | None = float(lg.metadata.get("dg-mtime") or "")
+        except ValueError:
+            mtime = None
+        fd, tmp = _private_tempfile(self._tmp_dir(), ".plain")
+        os.close(fd)
+        try:
+            self.get_to_file(bucket, base, tmp, logical=lg)
+            self.put_file(
+                tmp,
+                bucket,
+                base,
+                metadata=_user_metadata(lg.metadata),
+                headers=headers,
+                delta=False,
+                mtime=mtime,
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _summary(
         self,
@@ -7273,11 +7389,18 @@ class _DeltaEngine:
         return max(0.0, _REFERENCE_SETTLE - age)
 
     def _ensure_reference(
-        self, path: str, bucket: str, ref_key: str, name: str, file_info: Callable[[], _FileInfo]
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        file_info: Callable[[], _FileInfo],
+        on_bytes: Callable[[int], None] | None = None,
     ) -> tuple[str, str, bool]:
         """(reference sha256, local path, created by us) for a deltaspace. A cached
         reference is trusted by its stamp here; the caller checks it with
         ``cache.check`` before storing anything made from it."""
+        vanished = False
         for _ in range(5):
             sha = self._current_reference(bucket, ref_key, settle=True)
             if sha is None:
@@ -7296,6 +7419,21 @@ class _DeltaEngine:
                     if self._current_reference(bucket, ref_key) != sha:
                         continue
                     raise
+                except ClientError as e:
+                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                        raise
+                    # Deleted between our HEAD and GET: the folder's last file was
+                    # removed meanwhile, and its reference with it. Look once more (this
+                    # file then becomes the new reference).
+                    if vanished:
+                        raise DeltaGliderError(
+                            "s3://%s/%s was deleted twice while this upload was reading it "
+                            "(is something removing this folder's files at the same "
+                            "time?); nothing was stored" % (bucket, ref_key)
+                        ) from None
+                    vanished = True
+                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
+                    continue
             info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
             meta = {
@@ -7308,22 +7446,26 @@ class _DeltaEngine:
                 "dg-created-at": _iso_utc(self._now()),
                 "dg-note": "reference",
             }
+            # From the moment the PUT starts (an interrupted PUT may still complete on
+            # the server) until the caller stores the first delta, any failure or Ctrl-C
+            # removes the reference again: none is left without its first delta.
             try:
-                _put_path(
-                    self.storage,
-                    bucket,
-                    ref_key,
-                    path,
-                    metadata=meta,
-                    sha256=info.sha256,
-                    if_none_match=conditional,
-                )
-            except ClientError as e:
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status in (409, 412):  # another writer created it first: use theirs
-                    continue
-                raise
-            try:
+                try:
+                    _put_path(
+                        self.storage,
+                        bucket,
+                        ref_key,
+                        path,
+                        metadata=meta,
+                        sha256=info.sha256,
+                        if_none_match=conditional,
+                        on_bytes=on_bytes,
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (409, 412):  # another writer created it first: use theirs
+                        continue
+                    raise
                 # Verify after write, once the reference has settled: on a server that
                 # ignores If-None-Match, or (Swift) checks it without a lock, racing
                 # creators all "win" and the last PUT stays; the others use that one.
@@ -7331,7 +7473,7 @@ class _DeltaEngine:
                 if sha != info.sha256:
                     continue
                 return info.sha256, self.cache.add_file(info.sha256, path), True
-            except BaseException:  # e.g. Ctrl-C: no reference without its first delta
+            except BaseException:
                 self._discard_reference(bucket, ref_key, info.sha256)
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
@@ -7346,28 +7488,35 @@ class _DeltaEngine:
         metadata_of: Callable[[_FileInfo], dict[str, str]],
         headers: dict[str, str],
         max_ratio: float,
+        required: bool = False,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, Any] | None:
+        """Store ``key`` as a delta; None when it is better stored whole (a delta above
+        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only)."""
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
         tmp_dir = self._tmp_dir()
         for _ in range(5):
-            with self._space_lock(bucket, space):
-                ref_sha, ref_path, created = self._ensure_reference(
-                    path, bucket, ref_key, name, file_info
-                )
-            if _is_compressed_stream(ref_path):
-                return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
-            # Uploads hash a cached reference once per process, beside the encoding: a
-            # delta made against silently corrupted bytes would be unreadable.
-            ref_check = None if created else _Background(self.cache.check, ref_sha)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             extra: dict[str, str] | None = None
+            created, ref_sha = False, ""
             try:
-                if created:
+                with self._space_lock(bucket, space):
+                    ref_sha, ref_path, created = self._ensure_reference(
+                        path, bucket, ref_key, name, file_info, on_bytes
+                    )
+                if not created and not required and _is_compressed_stream(ref_path):
+                    return None  # a compressed reference (another writer's): _COMPRESSED_MAGIC
+                # Uploads hash a cached reference once per process, beside the encoding: a
+                # delta made against silently corrupted bytes would be unreadable.
+                ref_check = None if created else _Background(self.cache.check, ref_sha)
+                if created and file_info().size:
                     # The file is the reference: write the zero-diff delta, not xdelta3's
-                    # search of the whole file for the same bytes.
+                    # search of the whole file for the same bytes. (An empty file, stored
+                    # as a delta only under a .delta key, takes xdelta3's: VCDIFF without a
+                    # window is refused by xdelta3.)
                     info = file_info()
                     with open(delta_tmp, "wb") as f:
                         f.write(_zero_diff_delta(info.size))
@@ -7387,7 +7536,7 @@ class _DeltaEngine:
                     info = file_info()
                     decoded = plain or (info.sha256, info.size)  # archive: checked there
                 delta_size = os.path.getsize(delta_tmp)
-                if not created and delta_size > max_ratio * info.size:
+                if not created and not required and delta_size > max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
                         key,
@@ -7514,26 +7663,29 @@ class _DeltaEngine:
     def _remove_other(
         self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
     ) -> None:
-        """After storing ``keep``, remove the other representation of the same logical
-        name (a direct object replaced by a delta or the reverse). ``existing``: the
-        stored keys a listing just showed, when the caller has one (saves a HEAD each)."""
-        other = key if keep != key else key + _DELTA_SUFFIX
-        if existing is not None and other not in existing:
-            return
-        try:
-            self.storage.head_object(bucket, other)
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return
-            raise
-        self.storage.delete_object(bucket, other)
-        if other.endswith(_DELTA_SUFFIX):
-            self._drop_unused_reference(bucket, _deltaspace(key))
+        """After storing ``keep``, remove the other stored form of the same logical name
+        (a direct object replaced by a delta or the reverse; never another key's: see
+        _stored_forms). ``existing``: the stored keys a listing just showed, when the
+        caller has one (saves a HEAD each)."""
+        for other in _stored_forms(key):
+            if other == keep or (existing is not None and other not in existing):
+                continue
+            try:
+                self.storage.head_object(bucket, other)
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    continue
+                raise
+            self.storage.delete_object(bucket, other)
+            if other.endswith(_DELTA_SUFFIX):
+                self._drop_unused_reference(bucket, _deltaspace(key))
 
     # -- deleting -----------------------------------------------------------------
 
     def delete(self, bucket: str, key: str) -> dict[str, Any]:
-        """Delete a logical name; the last delta of a deltaspace takes its reference."""
+        """Delete a logical name: every stored form of it (another tool may have put a
+        plain object beside our delta); the last delta of a deltaspace takes its
+        reference."""
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
@@ -7541,13 +7693,28 @@ class _DeltaEngine:
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
-            self.storage.delete_object(bucket, key)
+            self.storage.delete_object(bucket, _stored_forms(key)[-1])
             return {"Deleted": False, "Type": "missing"}
-        self.storage.delete_object(bucket, lg.stored_key)
+        found = [lg]
+        for stored in _stored_forms(key):
+            if stored == lg.stored_key:
+                continue
+            try:
+                head = self.storage.head_object(bucket, stored)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue
+            metadata = head.get("Metadata", {})
+            found.append(_Logical(bucket, key, stored, _classify(stored, metadata), head, metadata))
+        for each in found:
+            self.storage.delete_object(bucket, each.stored_key)
         info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
-        if lg.kind == _Kind.DELTA:
-            ref = _resolve_ref_key(lg.stored_key, _meta_get(lg.metadata, "ref") or _REFERENCE_NAME)
-            info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref))
+        for each in found:
+            if each.kind == _Kind.DELTA:
+                ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
+                ref_key = _resolve_ref_key(each.stored_key, ref)
+                info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref_key))
         return info
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
@@ -7593,6 +7760,23 @@ class _DeltaEngine:
             return True
         finally:
             self.storage.delete_object(bucket, aside)
+
+    def unused_references(self, bucket: str, prefix: str) -> list[str]:
+        """References under ``prefix`` that no delta uses: left by a crash, an upload
+        killed outright, or another tool (ours remove theirs when interrupted)."""
+        refs: list[str] = []
+        token: str | None = None
+        while True:
+            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            refs += [
+                o["Key"]
+                for o in page.get("Contents", [])
+                if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            ]
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return [r for r in refs if not self._space_has_deltas(bucket, _deltaspace(r))]
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
         """Recursive delete: deltas and direct objects first, then each reference whose
@@ -8063,11 +8247,7 @@ class DeltaGliderClient:
         keys = [o["Key"] for o in objects]
         for k in keys:
             _validate_key(k)
-        stored = []
-        for k in keys:
-            if k.rsplit("/", 1)[-1] != _REFERENCE_NAME:
-                stored.append(k)
-            stored.append(k + _DELTA_SUFFIX)
+        stored = [form for k in keys for form in _stored_forms(k)]
         storage = self._engine.storage
         deleted_stored: set[str] = set()
         errors: list[dict[str, Any]] = []
@@ -8080,13 +8260,10 @@ class DeltaGliderClient:
             self._engine._drop_unused_reference(bucket, space)
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
+        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
         if done and not spec.get("Quiet"):
             out["Deleted"] = done
-        logical_errors = [
-            dict(e, Key=e["Key"][: -len(_DELTA_SUFFIX)] if e["Key"] not in keys else e["Key"])
-            for e in errors
-        ]
+        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
         if logical_errors:
             out["Errors"] = logical_errors
         out["ResponseMetadata"] = {
@@ -8149,18 +8326,32 @@ class DeltaGliderClient:
     # -- listing ------------------------------------------------------------------
 
     def _logical_page(
-        self, bucket: str, page: dict[str, Any], after: str | None, fetch: bool
+        self,
+        bucket: str,
+        page: dict[str, Any],
+        after: str | None,
+        fetch: bool,
+        continued: bool = False,
     ) -> list[dict[str, Any]]:
-        """Hide references, show logical names; with ``fetch`` add the logical size and
+        """Hide references, show logical names (_logical_key), each once: where another
+        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
         the compression details (HEADs run in parallel)."""
+        objects = page.get("Contents", [])
+        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+        first = objects[0]["Key"] if objects else ""
         contents = []
-        for obj in page.get("Contents", []):
+        for obj in objects:
             stored = obj["Key"]
-            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
+            logical = _logical_key(stored)
+            if logical is None or (after is not None and logical <= after):
                 continue
-            logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-            if after is not None and logical <= after:
-                continue
+            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+                if logical in plain:
+                    continue
+                if continued and logical < first and self._engine._exists(bucket, logical):
+                    continue  # listed on an earlier page
             item = dict(obj)
             item["Key"] = logical
             if fetch:
@@ -8232,7 +8423,13 @@ class DeltaGliderClient:
             start_after=after,
             fetch_owner=bool(kwargs.get("FetchOwner")),
         )
-        contents = self._logical_page(bucket, page, after, bool(kwargs.get("FetchMetadata")))
+        contents = self._logical_page(
+            bucket,
+            page,
+            after,
+            bool(kwargs.get("FetchMetadata")),
+            continued=bool(kwargs.get("ContinuationToken")),
+        )
         out: dict[str, Any] = {"IsTruncated": page.get("IsTruncated", False)}
         if contents:
             out["Contents"] = contents
@@ -8516,22 +8713,60 @@ class DeltaGliderClient:
         return storage.presign_url(HttpMethod or method, bucket, key, query, int(ExpiresIn))  # type: ignore[no-any-return]
 
     def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """Store a rebuilt copy of a delta-stored object for a presigned URL to serve."""
+        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+        "Presigned URLs of delta-stored files"). One copy per key, content and content
+        type, named after them: a later URL reuses it, and a copy that would expire
+        before the new URL is given the later expiry by a server-side copy onto itself
+        (re-sent only where the server refuses that)."""
         name = lg.key.rsplit("/", 1)[-1]
-        tmp_key = ".deltaglider/tmp/%s_%s" % (uuid.uuid4().hex, name)
+        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+        tmp_key = "%s%s_%s" % (
+            _PRESIGN_PREFIX,
+            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+            name,
+        )
         engine = self._engine
+        storage = engine.storage
+        until = self._now() + datetime.timedelta(seconds=expires)
+        meta = {
+            "dg-expires-at": _iso_utc(until),
+            "dg-original-key": lg.key,
+            "dg-rehydrated": "true",
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-file-sha256": lg.sha256 or "",
+        }
+        headers = {"Content-Type": lg.content_type}
+        try:
+            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            head = None
+        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+            try:
+                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+            except ValueError:
+                lives = None
+            if lives is not None and lives >= until:
+                return tmp_key
+            try:
+                storage.copy_object(
+                    lg.bucket,
+                    tmp_key,
+                    lg.bucket,
+                    tmp_key,
+                    metadata={k: _meta_encode(v) for k, v in meta.items()},
+                    metadata_directive="REPLACE",
+                    headers=headers,
+                )
+                return tmp_key
+            except ClientError as e:
+                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
         fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
         os.close(fd)
         try:
             engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            meta = {
-                "dg-expires-at": _iso_utc(self._now() + datetime.timedelta(seconds=expires)),
-                "dg-original-key": _meta_encode(lg.key),
-                "dg-rehydrated": "true",
-                "dg-created-at": _iso_utc(self._now()),
-            }
-            headers = {"Content-Type": lg.content_type}
-            _put_path(engine.storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
         finally:
             if os.path.exists(path):
                 os.unlink(path)
@@ -8645,17 +8880,25 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
+        copies: list[dict[str, Any]] = []  # rebuilt copies for presigned URLs
         token: str | None = None
         while True:
             page = storage.list_objects_v2(bucket, continuation_token=token)
-            objects += [
-                o for o in page.get("Contents", []) if not o["Key"].startswith(".deltaglider/")
-            ]
+            for o in page.get("Contents", []):
+                if o["Key"].startswith(_PRESIGN_PREFIX):
+                    copies.append(o)
+                elif not o["Key"].startswith(_INTERNAL_PREFIX):
+                    objects.append(o)
             if not page.get("IsTruncated"):
                 break
             token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
-        validation = {"object_count": len(objects), "compressed_size": stored_total}
+        copies_size = sum(o["Size"] for o in copies)
+        validation = {
+            "object_count": len(objects),
+            "compressed_size": stored_total,
+            "presign_copies": [len(copies), copies_size],
+        }
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
@@ -8709,6 +8952,13 @@ class DeltaGliderClient:
                     for o in deltas
                     if _deltaspace(o["Key"]) in per_space
                 }
+        spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
+        unused_refs = [
+            o
+            for o in objects
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            and _deltaspace(o["Key"]) not in spaces_in_use
+        ]
         logical_total = sum(o["Size"] for o in direct)
         for o in deltas:
             guess = original.get(o["Key"], ref_sizes.get(_deltaspace(o["Key"]), o["Size"]))
@@ -8726,6 +8976,12 @@ class DeltaGliderClient:
             "delta_objects": len(deltas),
             "direct_objects": len(direct),
             "reference_objects": len(ref_sizes),
+            # left by a crash or another tool; `rm --recursive` of the folder removes them
+            "unused_references": len(unused_refs),
+            "unused_reference_size": sum(o["Size"] for o in unused_refs),
+            # under .deltaglider/tmp/ until they expire and a purge removes them
+            "presign_copies": len(copies),
+            "presign_copies_size": copies_size,
             "estimated": mode != "detailed",
             "cached": False,
         }
@@ -9149,6 +9405,8 @@ class _Cli:
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
         self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+        self._single = False  # this run_tasks has one task, run in the main thread
+        self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
     @property
     def client(self) -> DeltaGliderClient:
@@ -9243,7 +9501,20 @@ class _Cli:
         for page in paginator.paginate(**kwargs):
             yield from page.get("Contents", [])
 
+    def settled(self) -> None:
+        """Called once a transfer is stored, before its line is printed. When it is the
+        run's only one, a Ctrl-C from here on is ignored (see on_sigint): the line says
+        it is done, so the exit code must too. With several, Ctrl-C still cancels the
+        rest: those that were done have their lines."""
+        if self._single and threading.current_thread() is threading.main_thread():
+            self._settled = True
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._settled:
+            raise KeyboardInterrupt
+
     def run_tasks(self, tasks: list[Callable[[], None]], total_bytes: int) -> None:
+        self._single, self._settled = len(tasks) == 1, False
         progress = _Progress(self.err, self.progress_enabled, len(tasks), total_bytes)
         self._progress = progress
         try:
@@ -9309,6 +9580,7 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
+            self.settled()
             self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
         except _Cancelled:
             raise
@@ -9351,6 +9623,7 @@ class _Cli:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
                 self.client._engine.delete(bucket, key)
+            self.settled()
             self.line("%s: %s to %s" % (verb, src, shown))
         except _Cancelled:
             raise
@@ -9388,6 +9661,7 @@ class _Cli:
                     os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
+            self.settled()
             self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
         except _Cancelled:
             raise
@@ -9624,9 +9898,27 @@ class _Cli:
                 % ("Total Objects: ".rjust(15), count, "Total Size: ".rjust(15), fmt_size(total))
             )
         self.out.flush()
+        if count == 0:
+            self.note_unused_references(bucket, key if self.args.recursive else base)
         if count == 0 and key and not self._had_prefixes(bucket, key):
             return EXIT_FAILED
         return EXIT_OK
+
+    def note_unused_references(self, bucket: str, prefix: str) -> None:
+        """``ls`` shows nothing where only a reference is left (listings hide them):
+        say so, and how to remove it."""
+        try:
+            unused = self.client._engine.unused_references(bucket, prefix)
+        except (DeltaGliderError, OSError):
+            return
+        if not self.args.recursive:
+            unused = [r for r in unused if "/" not in r[len(prefix) :]]
+        for ref in unused:
+            self.error(
+                "note: s3://%s/%s is a deltaglider reference that no object uses (an upload "
+                "was interrupted, or another tool left it); 'rm --recursive s3://%s/%s' "
+                "removes it" % (bucket, ref, bucket, ref[: -len(_REFERENCE_NAME)])
+            )
 
     def _had_prefixes(self, bucket: str, key: str) -> bool:
         page = self.client.list_objects_v2(Bucket=bucket, Prefix=key, Delimiter="/", MaxKeys=1)
@@ -9664,9 +9956,30 @@ class _Cli:
             if filters.included(o["Key"][len(prefix) :])
         ]
         self.delete_keys(bucket, keys)
+        self.delete_unused_references(bucket, prefix)
         return self.exit_code()
 
+    def delete_unused_references(self, bucket: str, prefix: str) -> None:
+        """References no delta uses (listings never show them) go with their folder."""
+        engine = self.client._engine
+        try:
+            unused = engine.unused_references(bucket, prefix)
+        except (DeltaGliderError, OSError) as e:
+            self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
+            return
+        for ref in unused:
+            note = "s3://%s/%s (a reference no object uses)" % (bucket, ref)
+            if self.dry():
+                self.line("%sdelete: %s" % (self.dry(), note))
+                continue
+            try:
+                if engine._drop_unused_reference(bucket, _deltaspace(ref)):
+                    self.line("delete: " + note)
+            except (DeltaGliderError, OSError) as e:
+                self.fail("delete failed: s3://%s/%s %s" % (bucket, ref, self.describe_error(e)))
+
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        self._settled = False
         dry = self.dry()
         if dry:
             for k in keys:
@@ -9853,7 +10166,12 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(k.startswith(_INTERNAL_PREFIX) for k in left):
+            refs = {k for k in left if k.rsplit("/", 1)[-1] == _REFERENCE_NAME}
+            if left and all(k.startswith(_INTERNAL_PREFIX) or k in refs for k in left):
+                # References that no delta uses (an interrupted upload, another tool)
+                # are deltaglider's leftovers too; any other reference keeps its object.
+                if refs and set(self.client._engine.unused_references(bucket, "")) >= refs:
+                    self.delete_unused_references(bucket, "")
                 self.client._engine.delete_prefix(bucket, _INTERNAL_PREFIX)
         try:
             self.client.delete_bucket(Bucket=bucket)
@@ -9917,6 +10235,24 @@ class _Cli:
             "Bucket Statistics: %s (%s%s)\n%s\n"
             % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
         )
+        if stats.get("unused_references"):
+            size = stats["unused_reference_size"]
+            rows.append(
+                (
+                    "Unused References:",
+                    "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
+                    % (stats["unused_references"], _human_size(size), size),
+                )
+            )
+        if stats.get("presign_copies"):
+            size = stats["presign_copies_size"]
+            rows.append(
+                (
+                    "Presigned Copies:",
+                    "%d, %s (%d bytes) under %s; purge removes expired ones"
+                    % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
+                )
+            )
         for label, value in rows:
             self.out.write("%-22s%s\n" % (label, value))
         if stats["estimated"]:
@@ -10404,6 +10740,9 @@ def main(
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     cli = _Cli(args, out, err, env)
+    previous: Any = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
         return int(_COMMANDS[args.command](cli))
     except KeyboardInterrupt:
@@ -10425,6 +10764,8 @@ def main(
             err.write("fatal error: %s\n" % message)
         return EXIT_FAILED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         if cli._client is not None:
             cli._client.close()
         if handler is not None:
