@@ -7761,13 +7761,19 @@ class _DeltaEngine:
         finally:
             self.storage.delete_object(bucket, aside)
 
-    def unused_references(self, bucket: str, prefix: str) -> list[str]:
-        """References under ``prefix`` that no delta uses: left by a crash, an upload
-        killed outright, or another tool (ours remove theirs when interrupted)."""
+    def unused_references(self, bucket: str, prefix: str, recursive: bool = True) -> list[str]:
+        """References under ``prefix`` (or only directly under it) that no delta uses:
+        left by a crash, an upload killed outright, or another tool (ours remove theirs
+        when interrupted)."""
         refs: list[str] = []
         token: str | None = None
         while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+            page = self.storage.list_objects_v2(
+                bucket,
+                prefix=prefix,
+                delimiter="" if recursive else "/",
+                continuation_token=token,
+            )
             refs += [
                 o["Key"]
                 for o in page.get("Contents", [])
@@ -9878,10 +9884,11 @@ class _Cli:
         if not self.args.recursive:
             kwargs["Delimiter"] = "/"
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
+        folders = 0
         for page in paginator.paginate(**kwargs):
             for p in page.get("CommonPrefixes", []):
                 self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
-                count += 0
+                folders += 1
             for obj in page.get("Contents", []):
                 if obj["Key"].startswith(".deltaglider/"):
                     continue
@@ -9898,8 +9905,8 @@ class _Cli:
                 % ("Total Objects: ".rjust(15), count, "Total Size: ".rjust(15), fmt_size(total))
             )
         self.out.flush()
-        if count == 0:
-            self.note_unused_references(bucket, key if self.args.recursive else base)
+        if count == 0 and folders == 0:
+            self.note_unused_references(bucket, key)
         if count == 0 and key and not self._had_prefixes(bucket, key):
             return EXIT_FAILED
         return EXIT_OK
@@ -9908,11 +9915,9 @@ class _Cli:
         """``ls`` shows nothing where only a reference is left (listings hide them):
         say so, and how to remove it."""
         try:
-            unused = self.client._engine.unused_references(bucket, prefix)
+            unused = self.client._engine.unused_references(bucket, prefix, self.args.recursive)
         except (DeltaGliderError, OSError):
             return
-        if not self.args.recursive:
-            unused = [r for r in unused if "/" not in r[len(prefix) :]]
         for ref in unused:
             self.error(
                 "note: s3://%s/%s is a deltaglider reference that no object uses (an upload "

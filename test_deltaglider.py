@@ -5110,6 +5110,20 @@ def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
 
 
 @needs_xdelta3
+def test_deleting_a_name_ending_in_reference_bin_never_takes_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client.put_object(Bucket=dgbucket, Key="r/a.zip", Body=a)
+    client.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)
+    client.delete_object(Bucket=dgbucket, Key="r/reference.bin")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/reference.bin"}]})
+    assert run_cli(backend, tmp_path, ["rm", "s3://%s/r/reference.bin" % dgbucket])[0] == 0
+    assert "r/reference.bin" in stored_keys(client, dgbucket)
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+
+
+@needs_xdelta3
 def test_plain_object_beside_our_delta_is_one_object(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
