@@ -29,11 +29,13 @@ import functools
 import hashlib
 import hmac
 import http.client
+import http.server
 import io
 import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import random
@@ -42,6 +44,7 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import stat
 import struct
@@ -71,7 +74,9 @@ from typing import (
     NamedTuple,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
+    cast,
 )
 
 __version__ = "0.1.0"
@@ -86,6 +91,7 @@ __all__ = [
     "IncompleteReadError",
     "IntegrityError",
     "NoCredentialsError",
+    "PaginationError",
     "ParamValidationError",
     "ReadTimeoutError",
     "StreamingBody",
@@ -151,6 +157,16 @@ _RETRYABLE_CODES = frozenset(
 )
 _DEFAULT_MAX_ATTEMPTS = 3
 _MAX_BACKOFF = 20.0
+#: The longest one response may keep us waiting, whatever its pace (read_timeout only bounds
+#: each recv, and a server sending a byte every few seconds never trips it): the status line,
+#: the headers and every 1 MiB of body must arrive within this many seconds of the request
+#: being sent or of the previous MiB. Generous, because S3 keeps a slow CompleteMultipartUpload
+#: or CopyObject alive by sending a space every few seconds (AWS CopyObject docs).
+_DEFAULT_REQUEST_TIMEOUT = 600.0
+#: The most of one reply read into memory (error XML, a listing, a multipart or delete
+#: result, a credential endpoint's JSON). A 1,000-key listing of 1,024-byte keys, url-encoded,
+#: is under 5 MiB; anything bigger is a broken or hostile server.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 #: S3 limits (AWS "Amazon S3 multipart upload limits", "Object key naming").
 _MAX_KEY_BYTES = 1024
@@ -175,6 +191,17 @@ _ENV_XDELTA3 = "DG_XDELTA3"
 #: VCDIFF decoder), "xdelta3" or "python".
 _ENV_DECODER = "DG_DECODER"
 _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
+_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
+_ENV_DELTA_MODE = "DG_DELTA_MODE"
+_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
+_DEFAULT_MAX_RATIO = 0.5
+_DEFAULT_CACHE_MAX = 4 * 1024**3
+#: The whole process tree (Python and its xdelta3 children) stays under this by default;
+#: DG_MEMORY_LIMIT / create_client(memory_limit=) / --memory-limit allow more (or less).
+_ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
+_DEFAULT_MEMORY_LIMIT = 600 * 1000**2
+_MIN_MEMORY_LIMIT = 256 * 1000**2
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -258,6 +285,10 @@ class IncompleteReadError(BotoCoreError):
 
 class ResponseParserError(BotoCoreError):
     fmt = "Unable to parse the response from {endpoint_url} (HTTP {status}): {reason}"
+
+
+class PaginationError(BotoCoreError):
+    fmt = "Error during pagination: {message}"
 
 
 class ClientError(DeltaGliderError):
@@ -374,8 +405,74 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     return cls(response, operation)  # type: ignore[no-any-return]
 
 
+#: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
+#: pair with SignatureDoesNotMatch or InvalidAccessKeyId, a wrong clock with
+#: RequestTimeTooSkewed; a HEAD only gets the status.
+_HEAD_403_HINT = (
+    "check that the access key and secret key belong together and that this machine's "
+    "clock is right"
+)
+
+
+def _as_operation(e: ClientError, operation: str) -> ClientError:
+    """``e``, raised by one of the requests a user's operation makes (the HEAD before a
+    GET, the reference's HEAD during a PUT), as an error of that operation: botocore names
+    the operation the caller called. A HEAD's bare 403 gets the hint its missing body
+    would have carried. Multipart steps keep their names, as aws-cli reports them."""
+    if e.operation_name == operation or e.operation_name in _MULTIPART_OPERATIONS:
+        return e
+    response = dict(e.response)
+    error = dict(response.get("Error") or {})
+    if error.get("Code") == "403" and e.operation_name.startswith("Head"):
+        error["Message"] = "%s (the %s reply gives no reason: %s)" % (
+            error.get("Message") or "Forbidden",
+            e.operation_name,
+            _HEAD_403_HINT,
+        )
+    response["Error"] = error
+    return _client_error(response, operation)
+
+
+_MULTIPART_OPERATIONS = frozenset(
+    {"CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload"}
+)
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _reports_as(operation: str) -> Callable[[_Fn], _Fn]:
+    """Decorate an operation made of several requests: their ClientErrors carry its name
+    (see _as_operation)."""
+
+    def decorate(fn: _Fn) -> _Fn:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ClientError as e:
+                relabelled = _as_operation(e, operation)
+                if relabelled is e:
+                    raise
+                raise relabelled from e
+
+        return cast(_Fn, wrapper)
+
+    return decorate
+
+
 class IntegrityError(DeltaGliderError):
     """Bytes did not match the SHA-256 recorded when they were stored; nothing was written."""
+
+
+class _OutputLimitError(IntegrityError):
+    """A delta decodes (or an expanded zip rebuilds) to more bytes than recorded for it."""
+
+    def __init__(self, limit: int, what: str = "dg-file-size") -> None:
+        self.limit = limit
+        self.what = what
+        super().__init__(
+            "the delta decodes to more than the %d bytes recorded for it (%s); stopped there"
+            % (limit, what)
+        )
 
 
 class XDelta3Error(DeltaGliderError):
@@ -757,14 +854,148 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
     return environ.get(var) or _profile_str(profile, key)
 
 
-def _positive(value: str, name: str, kind: Callable[[str], float]) -> float:
+# -- settings: one parser per kind --
+# Every DG_* variable, numeric AWS_* variable and numeric CLI option goes through one of these,
+# so a bad value fails before any work with a message naming the setting and what it accepts.
+
+#: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bad_setting(name: str, accepted: str, text: str) -> InvalidConfigError:
+    return InvalidConfigError(error_msg="%s must be %s, not %r" % (name, accepted, text))
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return " from %s to %s" % (minimum, maximum)
+    if minimum is not None:
+        return " of at least %s" % minimum
+    return " of at most %s" % maximum if maximum is not None else ""
+
+
+def _parse_int(
+    text: str, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    accepted = "a whole number" + _bounds(minimum, maximum)
     try:
-        number = kind(value)
+        value = int(text.strip())
     except ValueError:
-        number = 0
-    if number <= 0:
-        raise InvalidConfigError(error_msg=f"{name} must be a positive number, got {value!r}")
-    return number
+        raise _bad_setting(name, accepted, text) from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_number(
+    text: str,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    accepted = "a number" + (" greater than %s" % above if above is not None else "")
+    accepted += _bounds(minimum, maximum)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _bad_setting(name, accepted, text) from None
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
+    """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
+    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    if minimum:
+        accepted += " (at least %d)" % minimum
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise _bad_setting(name, accepted, text)
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < minimum:
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
+    """One of ``choices`` (case-insensitive): a map from each accepted word to its meaning,
+    so aliases (``off`` for ``never``) land on one value."""
+    value = choices.get(text.strip().lower())
+    if value is None:
+        names = list(dict.fromkeys(choices.values()))
+        accepted = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise _bad_setting(name, accepted, text)
+    return value
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _bad_setting(name, "1 or 0 (true/false, yes/no, on/off)", text)
+
+
+class _Setting(NamedTuple):
+    """How one environment variable is read: its parser and its value when unset or empty."""
+
+    parse: Callable[[str, str], Any]
+    default: Any
+
+
+_DELTA_MODES = {
+    "auto": "auto",
+    "always": "always",
+    "on": "always",
+    "1": "always",
+    "true": "always",
+    "never": "never",
+    "off": "never",
+    "0": "never",
+    "false": "never",
+}
+_DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
+
+#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+_DG_SETTINGS: dict[str, _Setting] = {
+    _ENV_MAX_RATIO: _Setting(
+        functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
+    ),
+    _ENV_CACHE_MAX: _Setting(_parse_size, _DEFAULT_CACHE_MAX),
+    _ENV_MEMORY_LIMIT: _Setting(
+        functools.partial(_parse_size, minimum=_MIN_MEMORY_LIMIT), _DEFAULT_MEMORY_LIMIT
+    ),
+    _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
+    _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
+    _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+}
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """The parsed value of a DG_* variable (its default when unset or empty)."""
+    setting = _DG_SETTINGS[name]
+    text = environ.get(name, "")
+    return setting.parse(text, name) if text.strip() else setting.default
+
+
+def _check_settings(environ: Mapping[str, str]) -> None:
+    """Parse every DG_* variable now, so a bad one stops a run before it starts."""
+    for name in _DG_SETTINGS:
+        _env_setting(environ, name)
 
 
 def _is_region(value: object) -> bool:
@@ -804,6 +1035,7 @@ _CONFIG_OPTIONS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "region_name": (None, lambda v: v is None or _is_region(v), "a region such as 'eu-west-1'"),
     "connect_timeout": (60.0, _is_seconds, "a positive number of seconds"),
     "read_timeout": (60.0, _is_seconds, "a positive number of seconds"),
+    "request_timeout": (_DEFAULT_REQUEST_TIMEOUT, _is_seconds, "a positive number of seconds"),
     "max_attempts": (None, lambda v: v is None or _is_count(v), "an integer >= 1 (total)"),
     "max_pool_connections": (10, _is_count, "an integer >= 1"),
     "addressing_style": (None, lambda v: v in (None, *_ADDRESSING_STYLES), "auto, path or virtual"),
@@ -841,6 +1073,7 @@ class Config:
         region_name: str | None = None,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         max_attempts: int | None = None,
         max_pool_connections: int = 10,
         addressing_style: str | None = None,
@@ -853,6 +1086,7 @@ class Config:
         self.region_name = region_name
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.addressing_style = addressing_style
@@ -1043,6 +1277,7 @@ class _ClientSettings(NamedTuple):
     verify: bool | str  # False, True or a CA bundle path
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_pool_connections: int
     proxies: dict[str, str] | None  # None: use the environment, see _proxy_for
     payload_signing: bool
@@ -1077,7 +1312,7 @@ def _resolve_client_settings(
     attempts = config.max_attempts
     if attempts is None:
         raw = _setting(environ, "AWS_MAX_ATTEMPTS", profile, "max_attempts")
-        attempts = int(_positive(raw, "max_attempts", int)) if raw else _DEFAULT_MAX_ATTEMPTS
+        attempts = _parse_int(raw, "max_attempts", minimum=1) if raw else _DEFAULT_MAX_ATTEMPTS
     verify = config.verify
     if verify is None:
         verify = _setting(environ, "AWS_CA_BUNDLE", profile, "ca_bundle") or True
@@ -1089,6 +1324,7 @@ def _resolve_client_settings(
         verify=verify,
         connect_timeout=float(config.connect_timeout),
         read_timeout=float(config.read_timeout),
+        request_timeout=float(config.request_timeout),
         max_pool_connections=config.max_pool_connections,
         proxies=config.proxies,
         payload_signing=config.payload_signing,
@@ -1180,6 +1416,39 @@ class _Credentials(NamedTuple):
         return f"_Credentials(access_key={self.access_key[:4]}..., expiry={self.expiry})"
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
+def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
+    """A credential as it will be used, from any source. Surrounding whitespace (a stray CR
+    or LF from a file, a pasted export or a helper's output) is dropped with a warning; a
+    control character inside, or a non-ASCII one in a value sent in a header (the key id,
+    the token), is refused. Messages name the variable, never the value."""
+    text = value.strip()
+    if text != value:
+        logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
+    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+        raise CredentialRetrievalError(
+            provider=provider,
+            error_msg="%s contains a line break, control or non-ASCII character (the value is "
+            "not shown)" % name,
+        )
+    return text
+
+
+def _checked_credentials(
+    provider: str, names: tuple[str, str, str], key: str, secret: str, token: str | None
+) -> tuple[str, str, str | None]:
+    """(access key, secret key, token) through _credential_value; ``names`` are the
+    variables or fields they came from, for the messages."""
+    checked_token = _credential_value(token, names[2], provider) if token else ""
+    return (
+        _credential_value(key, names[0], provider),
+        _credential_value(secret, names[1], provider, header=False),
+        checked_token or None,
+    )
+
+
 class _CredentialProvider:
     """Hands out credentials, refreshing expiring ones inside botocore's windows.
 
@@ -1264,10 +1533,18 @@ def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Crede
         )
     token = data.get(token_key)
     expiry = data.get("Expiration")
+    where = "the credential_process output" if provider == "process" else provider + " reply"
+    key, secret, checked_token = _checked_credentials(
+        provider,
+        ("AccessKeyId in " + where, "SecretAccessKey in " + where, token_key + " in " + where),
+        str(data["AccessKeyId"]),
+        str(data["SecretAccessKey"]),
+        str(token) if _nonempty(token) else None,
+    )
     return _Credentials(
-        access_key=data["AccessKeyId"],
-        secret_key=data["SecretAccessKey"],
-        token=token if _nonempty(token) else None,
+        access_key=key,
+        secret_key=secret,
+        token=checked_token,
         expiry=_parse_expiry(expiry, provider) if expiry else None,
     )
 
@@ -1282,6 +1559,8 @@ def _http_request(
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn = cls(parts.hostname or "", port, timeout=timeout)
+    # The whole reply within a few timeouts, however slowly it trickles in.
+    conn.response_class = _deadline_response_class(timeout, 3 * timeout)
     try:
         conn.request(
             method,
@@ -1289,7 +1568,7 @@ def _http_request(
             headers=dict(headers),
         )
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _read_reply(response, "%s://%s" % (parts.scheme, parts.netloc))
     finally:
         conn.close()
 
@@ -1398,9 +1677,9 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     )
     base = base.rstrip("/")
     raw = environ.get("AWS_METADATA_SERVICE_TIMEOUT")
-    timeout = _positive(raw, "AWS_METADATA_SERVICE_TIMEOUT", float) if raw else 1.0
+    timeout = _parse_number(raw, "AWS_METADATA_SERVICE_TIMEOUT", above=0) if raw else 1.0
     raw = environ.get("AWS_METADATA_SERVICE_NUM_ATTEMPTS")
-    attempts = int(_positive(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", int)) if raw else 1
+    attempts = _parse_int(raw, "AWS_METADATA_SERVICE_NUM_ATTEMPTS", minimum=1) if raw else 1
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
@@ -1471,14 +1750,22 @@ def _resolve_credentials(
             raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
         if not secret_key:
             raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        return found("explicit", _Credentials(access_key, secret_key, session_token or None, None))
+        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+        return found("explicit", _Credentials(*checked, None))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
         secret = environ.get("AWS_SECRET_ACCESS_KEY")
         if not secret:
             raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN") or None
-        return found("env", _Credentials(environ["AWS_ACCESS_KEY_ID"], secret, token, None))
+        token_var = (
+            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+        )
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+        checked = _checked_credentials(
+            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+        )
+        return found("env", _Credentials(*checked, None))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
@@ -1490,10 +1777,20 @@ def _resolve_credentials(
             raise PartialCredentialsError(
                 provider="shared-credentials-file", cred_var="aws_secret_access_key"
             )
-        token = _profile_str(profile, "aws_session_token") or _profile_str(
-            profile, "aws_security_token"
+        token_field = (
+            "aws_session_token"
+            if _profile_str(profile, "aws_session_token")
+            else "aws_security_token"
         )
-        return found("shared-credentials-file", _Credentials(key, secret, token, None))
+        names = (
+            "aws_access_key_id of profile %r" % name,
+            "aws_secret_access_key of profile %r" % name,
+            "%s of profile %r" % (token_field, name),
+        )
+        checked = _checked_credentials(
+            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+        )
+        return found("shared-credentials-file", _Credentials(*checked, None))
 
     command = _profile_str(profile, "credential_process")
     if command:
@@ -1665,7 +1962,9 @@ class _SigV4:
             signed,
             self._signature(sts, timestamp[:8]),
         )
-        logger.debug("SigV4 canonical request:\n%s", canonical)
+        if logger.isEnabledFor(logging.DEBUG):  # the token is a secret: never logged
+            shown = canonical.replace(self._token, "<redacted>") if self._token else canonical
+            logger.debug("SigV4 canonical request:\n%s", shown)
 
     def presign_query(
         self,
@@ -1859,6 +2158,150 @@ class StreamingBody(io.IOBase):
         self.close()
 
 
+class _DeadlineReader:
+    """The socket file of one response, read against a deadline as well as a per-recv
+    timeout: a server trickling a byte every few seconds never trips a recv timeout, so
+    the status line, the headers and each MiB of body must also arrive within
+    ``request_timeout``. Every read is split into single recvs (``read1``, ``peek``), each
+    given only the time left; running out raises socket.timeout, as a slow recv does."""
+
+    def __init__(
+        self, fp: Any, sock: Any, read_timeout: float | None, request_timeout: float
+    ) -> None:
+        self._fp = fp
+        self._sock = sock
+        self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
+        self._deadline = time.monotonic() + request_timeout
+        self._since = 0  # bytes received since the deadline was last set
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no reply within the request timeout")
+        self._sock.settimeout(left if self._read_timeout is None else min(left, self._read_timeout))
+
+    def _got(self, n: int) -> None:
+        self._since += n
+        if self._since >= _IO_CHUNK:
+            self._since = 0
+            self._deadline = time.monotonic() + self._request_timeout
+
+    def read1(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        self._arm()
+        data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
+        self._got(len(data))
+        return data
+
+    def readinto1(self, b: Any) -> int:
+        if not len(b):
+            return 0
+        self._arm()
+        n: int = self._fp.readinto1(b)
+        self._got(n)
+        return n
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        total = 0
+        while total < len(view):
+            n = self.readinto1(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunks = []
+        left = -1 if n is None or n < 0 else n
+        while left != 0:
+            chunk = self.read1(_IO_CHUNK if left < 0 else left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left > 0:
+                left -= len(chunk)
+        return b"".join(chunks)
+
+    def peek(self, n: int = 0) -> bytes:
+        self._arm()
+        data: bytes = self._fp.peek(n)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            buffered = self.peek(1)  # at most one recv, only when the buffer is empty
+            if not buffered:
+                break
+            if limit >= 0:
+                buffered = buffered[: limit - len(line)]
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            line += self._fp.read(take)  # already buffered: no recv
+            self._got(take)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        return getattr(self._fp, name)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
+
+    read_timeout: float | None = None
+    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
+        self.fp = cast(Any, reader)
+
+
+@functools.lru_cache(maxsize=None)
+def _deadline_response_class(
+    read_timeout: float | None, request_timeout: float
+) -> type[_DeadlineResponse]:
+    """The response class for connections with these timeouts (http.client makes the
+    response itself, from ``conn.response_class``)."""
+    return type(
+        "_DeadlineResponse",
+        (_DeadlineResponse,),
+        {"read_timeout": read_timeout, "request_timeout": request_timeout},
+    )
+
+
+class _ReplyTooLarge(http.client.HTTPException):
+    def __init__(self, what: str, length: int | None) -> None:
+        super().__init__(
+            "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
+            "(a broken or hostile server)"
+            % (what, _MAX_REPLY_BYTES >> 20, "" if length is None else " (%d bytes)" % length)
+        )
+
+
+def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
+    """A whole reply body read into memory, refused past _MAX_REPLY_BYTES (before reading
+    when Content-Length says so). Raises _ReplyTooLarge naming ``what``."""
+    length = raw.getheader("content-length", "")
+    if length.isdigit() and int(length) > _MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(what, int(length))
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = raw.read(_IO_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_REPLY_BYTES:
+            raise _ReplyTooLarge(what, None)
+        chunks.append(chunk)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     """Separate connect and read timeouts: connect with one, then switch the socket."""
 
@@ -1898,9 +2341,11 @@ class _ConnectionPool:
         verify: bool | str,
         max_idle: int,
         proxy_for: Callable[[str], str | None],
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._response_class = _deadline_response_class(read_timeout, request_timeout)
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
@@ -1968,6 +2413,7 @@ class _ConnectionPool:
                 target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
             )
         conn.read_timeout = self._read_timeout
+        conn.response_class = self._response_class
         conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
@@ -2233,6 +2679,46 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError."""
+    token: str | None = None
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -2251,6 +2737,7 @@ class _S3Storage:
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
         read_timeout: float = 60.0,
+        request_timeout: float = _DEFAULT_REQUEST_TIMEOUT,
         verify: bool | str = True,
         max_pool_connections: int = 10,
         proxy_for: Callable[[str], str | None] = lambda url: None,
@@ -2287,6 +2774,7 @@ class _S3Storage:
         self._pool = _ConnectionPool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
             verify=verify,
             max_idle=max_pool_connections,
             proxy_for=proxy_for,
@@ -2389,7 +2877,9 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            _, netloc, path = self._target(bucket, key)
+            # Connect to the host the request is signed for: the bucket's virtual host, or
+            # the regional endpoint a redirect named.
+            host, netloc, path = self._target(bucket, key)
             send_headers = {"host": netloc}
             send_headers.update(headers or {})
             if length is not None and (body is not None or method in ("PUT", "POST")):
@@ -2404,7 +2894,9 @@ class _S3Storage:
             error: BaseException | None = None
             resp: _Response | None = None
             try:
-                resp = self._send_once(method, url, send_headers, body, length, stream, ok_statuses)
+                resp = self._send_once(
+                    host, method, url, send_headers, body, length, stream, ok_statuses
+                )
             except (ReadTimeoutError, EndpointConnectionError) as e:
                 error = e
             if resp is not None:
@@ -2452,6 +2944,7 @@ class _S3Storage:
 
     def _send_once(
         self,
+        host: str,
         method: str,
         url: str,
         headers: dict[str, str],
@@ -2460,7 +2953,7 @@ class _S3Storage:
         stream: bool,
         ok_statuses: tuple[int, ...],
     ) -> _Response:
-        key = (self._scheme, self._host, self._port)
+        key = (self._scheme, host, self._port)
         conn, absolute = self._pool.acquire(*key)
         target = url
         if absolute:
@@ -2468,7 +2961,14 @@ class _S3Storage:
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for name, value in headers.items():
-                conn.putheader(name, value)
+                try:
+                    conn.putheader(name, value)
+                except ValueError:  # http.client's message quotes the value: it may be a secret
+                    conn.close()
+                    raise ParamValidationError(
+                        report="the %s header has a line break or another character HTTP does "
+                        "not allow (the value is not shown)" % name
+                    ) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
             if length is None and body is not None:
@@ -2527,7 +3027,12 @@ class _S3Storage:
             body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
             return _Response(status, raw.reason, resp_headers, body_out, 1)
         try:
-            data = raw.read()
+            data = _read_reply(raw, self.endpoint_url)
+        except _ReplyTooLarge as e:
+            conn.close()
+            raise ResponseParserError(
+                endpoint_url=self.endpoint_url, status=status, reason=str(e)
+            ) from None
         except socket.timeout as e:
             conn.close()
             raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
@@ -4464,6 +4969,10 @@ class _VCDiffError(Exception):
     """A delta that is corrupt, truncated or uses a feature this decoder lacks."""
 
 
+class _VCDiffLimitError(_VCDiffError):
+    """A delta whose windows add up to more than the caller's limit."""
+
+
 # -- Reading the delta --------------------------------------------------------
 
 
@@ -5215,11 +5724,16 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
     return out
 
 
-def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
+def _vcdiff_decode(
+    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
-    written. Raises _VCDiffError for a corrupt, truncated or unsupported delta (``out``
-    then holds the windows decoded before the error) and OSError from opening or reading
+    written. ``limit``: the most bytes the target may have (its recorded size): a window
+    that would go beyond it is refused before it is decoded, so a small hostile delta
+    costs neither the time nor the disk of the gigabytes it claims. Raises _VCDiffError
+    for a corrupt, truncated or unsupported delta (``out`` then holds the windows
+    decoded before the error) and OSError from opening or reading
     the source or writing ``out``. A delta cut exactly between two windows is a valid,
     shorter delta: VCDIFF records no total length, so the caller checks size and digest.
     VCD_TARGET windows (which xdelta3 never writes) read earlier output back from ``out``
@@ -5255,9 +5769,10 @@ def _vcdiff_decode(source: str | None, delta: IO[bytes], out: IO[bytes]) -> int:
         while not rd.at_end():
             start = rd.offset()
             try:
-                target = _decode_window(rd, sec_id, models, src, out, written, last)
+                budget = None if limit is None else limit - written
+                target = _decode_window(rd, sec_id, models, src, out, written, last, budget)
             except _VCDiffError as e:
-                raise _VCDiffError(f"{e} (window {number} at delta offset {start})") from None
+                raise type(e)(f"{e} (window {number} at delta offset {start})") from None
             out.write(target)
             written += len(target)
             last = target
@@ -5276,8 +5791,11 @@ def _decode_window(
     out: IO[bytes],
     written: int,
     last: bytearray,
+    budget: int | None = None,
 ) -> bytearray:
-    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h)."""
+    """One window (RFC 3284 section 4.2 with xdelta3's checksum, xdelta3-decode.h).
+    ``budget``: the bytes the target may still have; the window's declared length is
+    checked against it before any of its sections is decompressed or run."""
     win = rd.byte("window indicator")
     if win & ~(_VCD_SOURCE | _VCD_TARGET | _VCD_ADLER32):
         raise _VCDiffError(f"corrupt delta: unknown window indicator bits {win:#04x}")
@@ -5293,6 +5811,11 @@ def _decode_window(
     if tgtlen > _MAX_TARGET_WINDOW:
         raise _VCDiffError(
             f"corrupt delta: target window of {tgtlen} bytes (xdelta3's limit is 16 MiB)"
+        )
+    if budget is not None and tgtlen > budget:
+        raise _VCDiffLimitError(
+            f"corrupt delta: it decodes to more than the {written + budget} bytes recorded "
+            "for the file (dg-file-size)"
         )
     delind = rd.byte("delta indicator")
     if delind & ~(_VCD_DATACOMP | _VCD_INSTCOMP | _VCD_ADDRCOMP):
@@ -5401,6 +5924,14 @@ _ZIPX_CHUNK = 1024 * 1024
 _ZIPX_KEEP = 8 * 1024 * 1024
 #: Content of small members waiting to be deflated and written while rebuilding.
 _ZIPX_PENDING = 32 * 1024 * 1024
+#: What a queued record costs in memory beyond its bytes (a tuple, a list or a Future):
+#: counted against _ZIPX_PENDING, so the queue of a crafted stream stays bounded.
+_ZIPX_RECORD_COST = 512
+#: An expanded stream is at most this many times the zip it rebuilds (plus its header):
+#: deflate's densest output is 1032 bytes of content per byte, and a record costs at most
+#: 4 bytes per byte it writes. Bounds what a delta may decode to when the writer recorded
+#: no dg-expanded-size.
+_ZIPX_EXPANSION = 1040
 #: Zip-bomb guard: stop inflating beyond 1000x the compressed size + 1 MiB or 4 GiB; the
 #: member then stays compressed (still rebuilt exactly, just not delta-friendly).
 _ZIPX_BOMB_RATIO = 1000
@@ -5865,10 +6396,18 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
     return index
 
 
-def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = None) -> int:
+def _zip_rebuild(
+    expanded: IO[bytes],
+    out: IO[bytes],
+    reference: str | None = None,
+    limit: int | None = None,
+) -> int:
     """Write the original bytes of an expanded stream to `out`; return how many. Raises
     _ZipCodecError if the stream is corrupt, truncated or of an unknown version, or if this
-    machine's zlib deflates differently from the one that expanded it.
+    machine's zlib deflates differently from the one that expanded it; _OutputLimitError
+    as soon as it would write more than `limit` bytes (the size recorded for the zip).
+    Memory stays within _ZIPX_PENDING whatever the records (each counts at least
+    _ZIPX_RECORD_COST, so a stream of empty records cannot queue millions of them).
 
     Deflating is most of the time, and zlib releases the GIL: members up to _ZIPX_KEEP are
     deflated in threads and written in order, with at most _ZIPX_PENDING bytes waiting.
@@ -5890,6 +6429,8 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
 
     def put(data: bytes) -> None:
         nonlocal size, crc
+        if limit is not None and size + len(data) > limit:
+            raise _OutputLimitError(limit)
         out.write(data)
         size += len(data)
         crc = zlib.crc32(data, crc)
@@ -5946,13 +6487,15 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                     same = reuse.get((crc32, total))
                     if same is not None:
                         ref_file.seek(same[0])
-                        queued.append((same[1], [ref_file.read(same[1])]))
-                        held += same[1]
+                        weight = same[1] + _ZIPX_RECORD_COST
+                        queued.append((weight, [ref_file.read(same[1])]))
+                        held += weight
                         emit(_ZIPX_PENDING)
                         continue
                 if total <= _ZIPX_KEEP:
-                    queued.append((total, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += total
+                    weight = total + _ZIPX_RECORD_COST
+                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
+                    held += weight
                     emit(_ZIPX_PENDING)
                     continue
                 emit(-1)  # a large member: stream it, in order
@@ -5965,8 +6508,10 @@ def _zip_rebuild(expanded: IO[bytes], out: IO[bytes], reference: str | None = No
                 header = _zipx_read(expanded, n)
                 if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
                     raise _ZipCodecError("expanded zip stream has a bad header record")
-                queued.append((n, [headers.apply(tag, header)]))
-                held += n
+                weight = n + _ZIPX_RECORD_COST
+                queued.append((weight, [headers.apply(tag, header)]))
+                held += weight
+                emit(_ZIPX_PENDING)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -6027,20 +6572,28 @@ _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
 #: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
 _PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
-_ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
-_ENV_DELTA_MODE = "DG_DELTA_MODE"
-_ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
 _EXPANDED_SUFFIX = "zx1"
-_ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
-_DEFAULT_MAX_RATIO = 0.5
-_DEFAULT_CACHE_MAX = 4 * 1024**3
 #: xdelta3's source window (-B) is sized to the reference, within these bounds: a window
-#: smaller than the reference loses matches further apart than it (FORMAT.md).
-_MIN_SOURCE_WINDOW = 64 * 1024 * 1024
+#: smaller than the reference loses matches further apart than it (FORMAT.md); one
+#: larger costs hash-table memory for nothing (194 MB instead of 93 MB for a 12 MB wheel).
+_MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
+#: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
+#: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
+#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
+#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+_XD3_BASE = 48 * 1000**2
+_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_FASTEST = (1, 0.125)
+#: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
+#: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
+_DECODE_WINDOW = 64 * 1024 * 1024
+_XD3_DECODE_BASE = 16 * 1000**2
+#: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
+_PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
@@ -6070,6 +6623,7 @@ _META_ALIASES: dict[str, tuple[str, ...]] = {
     "compression": ("dg-compression", "dg_compression", "compression"),
     "codec": ("dg-codec",),
     "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
 }
 _USER_META_PREFIX = "user-"
 _CONTENT_TYPE_META = "content-type"
@@ -6196,6 +6750,80 @@ def _eligible_by_content(path: str) -> bool:
     return any(head[off : off + len(magic)] == magic for off, magic in _DELTA_MAGIC)
 
 
+def _memory_limit(value: str | int | None, environ: Mapping[str, str]) -> int:
+    """The memory limit asked for (argument, else DG_MEMORY_LIMIT, else 600 MB), checked."""
+    if value is None:
+        return int(_env_setting(environ, _ENV_MEMORY_LIMIT))
+    return _parse_size(str(value), "memory_limit", minimum=_MIN_MEMORY_LIMIT)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _EncodePlan(NamedTuple):
+    level: int
+    window: int  # -B
+    memory: int  # the encoder's expected peak RSS, bytes
+
+
+def _encoder_memory(factor: float, window: int, source_size: int) -> int:
+    window = _pow2_at_least(window)  # what xdelta3 allocates
+    return _XD3_BASE + min(window, source_size) + int(factor * window)
+
+
+def _decoder_memory(source_size: int) -> int:
+    return _XD3_DECODE_BASE + min(_DECODE_WINDOW, source_size)
+
+
+def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
+    """The one place xdelta3's level and source window (-B) are chosen, from the
+    reference's size and the memory the encoder may use. A window covering the whole
+    reference matters most (data moved further than the window is stored again), so the
+    highest level that affords one wins; levels above -1 only up to their window size
+    (time). When even -1 cannot hold the whole reference, the largest window that fits:
+    changes that stay near their place (the usual case) still give the same delta."""
+    full = _XDelta3.window(source_size)
+    for level, factor, max_window in _XD3_LEVELS:
+        if full <= max_window:
+            need = _encoder_memory(factor, full, source_size)
+            if need <= budget:
+                return _EncodePlan(level, full, need)
+    level, factor = _XD3_FASTEST
+    need = _encoder_memory(factor, full, source_size)
+    if need <= budget:
+        return _EncodePlan(level, full, need)
+    # A window short of the reference: xdelta3 rounds its buffer up to a power of two.
+    window = full
+    while window > 16 * 1024 * 1024 and _encoder_memory(factor, window, source_size) > budget:
+        window //= 2  # 16 MiB at least: a limit that small was refused by _memory_limit
+    return _EncodePlan(level, window, _encoder_memory(factor, window, source_size))
+
+
+class _MemoryBudget:
+    """Bytes our xdelta3 children may use at once: each run holds its expected peak, and
+    waits while others hold too much (parallel uploads then take turns, not swap)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)
+        with self._cond:
+            while self._free < amount:
+                self._cond.wait()
+            self._free -= amount
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += amount
+                self._cond.notify_all()
+
+
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
@@ -6208,16 +6836,19 @@ class _XDelta3:
         environ: Mapping[str, str] = os.environ,
         run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
+        memory_limit: str | int | None = None,
     ) -> None:
         self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self.memory_limit = _memory_limit(memory_limit, environ)
+        self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
         self._run = run
         self._path: str | None = None
-        self.decoder = (decoder or environ.get(_ENV_DECODER) or "auto").strip().lower()
-        if self.decoder not in ("auto", "xdelta3", "python"):
-            raise ParamValidationError(
-                report="%s must be auto, xdelta3 or python, not %r" % (_ENV_DECODER, self.decoder)
-            )
+        self.decoder: str
+        if decoder is None:
+            self.decoder = _env_setting(environ, _ENV_DECODER)
+        else:
+            self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -6229,10 +6860,10 @@ class _XDelta3:
             self._path = found
         return self._path
 
-    def _call(self, args: list[str]) -> None:
+    def _call(self, args: list[str], memory: int) -> None:
         cmd = [self.path(), *args]
         try:
-            with self._slots:
+            with self._slots, self.memory.hold(memory):
                 proc = self._run(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                 )
@@ -6243,24 +6874,24 @@ class _XDelta3:
 
     @staticmethod
     def window(source_size: int) -> int:
-        """-B: the reference size rounded up to a power of two, within 64 MiB..2 GiB."""
+        """-B: the reference size rounded up to a power of two, within 1 MiB..2 GiB."""
         window = _MIN_SOURCE_WINDOW
         while window < source_size and window < _MAX_SOURCE_WINDOW:
             window *= 2
         return window
 
-    def encode_args(self, source: str, target: str, out: str) -> list[str]:
-        size = os.path.getsize(source)
+    @staticmethod
+    def encode_args(plan: _EncodePlan, source: str, target: str, out: str) -> list[str]:
         return [
             "-e",
             "-f",
             "-D",
             "-A",
-            "-9",
+            "-%d" % plan.level,
             "-S",
             "djw",
             "-B",
-            str(self.window(size)),
+            str(plan.window),
             "-s",
             source,
             target,
@@ -6268,7 +6899,8 @@ class _XDelta3:
         ]
 
     def encode(self, source: str, target: str, out: str) -> None:
-        self._call(self.encode_args(source, target, out))
+        plan = _encode_plan(os.path.getsize(source), self.memory.total)
+        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -6276,13 +6908,12 @@ class _XDelta3:
         window as soon as it is encoded, so the check runs on the second core while the
         encoder works, instead of after it. Returns the SHA-256 and size of the decoded
         bytes, for the caller to compare with the input."""
-        args = self.encode_args(source, target, out)
+        size = os.path.getsize(source)
+        checker = _decoder_memory(size)
+        plan = _encode_plan(size, self.memory.total - checker)
+        args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [
-            self.path(),
-            *("-d", "-D", "-c", "-B", str(self.window(os.path.getsize(source)))),
-            *("-s", source),
-        ]
+        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
         h = hashlib.sha256()
         total = 0
         with contextlib.ExitStack() as stack:
@@ -6290,6 +6921,7 @@ class _XDelta3:
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
             stack.enter_context(self._slots)
+            stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
             try:
                 for cmd, stdin, err in (
@@ -6349,26 +6981,34 @@ class _XDelta3:
         return h.hexdigest(), total
 
     def decode_sha256(
-        self, source: str, delta: str, out: IO[bytes] | None = None, *, external: bool = False
+        self,
+        source: str,
+        delta: str,
+        out: IO[bytes] | None = None,
+        *,
+        external: bool = False,
+        limit: int | None = None,
     ) -> tuple[str, int]:
         """Decode to stdout and hash on the fly, writing to ``out`` if given: checks a
         delta, or rebuilds a file, without reading the result back from disk. With
         ``external`` xdelta3 may recompress (deltas the original tool made of compressed
-        files were encoded without -D)."""
+        files were encoded without -D). ``limit``: the size recorded for the result; a
+        delta that decodes to more is stopped there (IntegrityError), having written at
+        most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
         if self._python_decodes():
-            return self._decode_in_python(source, delta, out, external)
+            return self._decode_in_python(source, delta, out, external, limit)
         try:
             binary = self.path()
         except XDelta3NotFoundError:  # only with DG_DECODER=xdelta3: auto falls back above
             raise XDelta3NotFoundError(
                 self._name, "to read deltas with it, or unset %s=xdelta3" % _ENV_DECODER
             ) from None
-        size = os.path.getsize(source)
         flags = ["-d", "-f", "-c"] if external else ["-d", "-f", "-D", "-c"]
-        cmd = [binary, *flags, "-B", str(self.window(size)), "-s", source, delta]
+        cmd = [binary, *flags, "-B", str(_DECODE_WINDOW), "-s", source, delta]
         h = hashlib.sha256()
         total = 0
-        with tempfile.TemporaryFile() as errors, self._slots:
+        memory = self.memory.hold(_decoder_memory(os.path.getsize(source)))
+        with tempfile.TemporaryFile() as errors, self._slots, memory:
             try:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
@@ -6382,6 +7022,8 @@ class _XDelta3:
                         chunk = proc.stdout.read(_IO_CHUNK)
                         if not chunk:
                             break
+                        if limit is not None and total + len(chunk) > limit:
+                            raise _OutputLimitError(limit)
                         h.update(chunk)
                         total += len(chunk)
                         if out is not None:
@@ -6407,7 +7049,7 @@ class _XDelta3:
 
     @staticmethod
     def _decode_in_python(
-        source: str, delta: str, out: IO[bytes] | None, external: bool
+        source: str, delta: str, out: IO[bytes] | None, external: bool, limit: int | None
     ) -> tuple[str, int]:
         if external:
             # xdelta3 decompressed the input and recompresses on decode with gzip/bzip2/xz
@@ -6420,15 +7062,25 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+        except _VCDiffLimitError:
+            raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
             raise IntegrityError("the delta does not decode (built-in decoder): %s" % e) from None
         return sink.sha256.hexdigest(), total
 
-    def decode(self, source: str, delta: str, out: str, *, external: bool = False) -> str:
+    def decode(
+        self,
+        source: str,
+        delta: str,
+        out: str,
+        *,
+        external: bool = False,
+        limit: int | None = None,
+    ) -> str:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
-            return self.decode_sha256(source, delta, f, external=external)[0]
+            return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -6473,7 +7125,9 @@ class _ReferenceCache:
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
     and renamed into place, so two processes filling the same entry at once is safe.
     Each entry is re-hashed on its first use in a process and then trusted while its
-    size and mtime are unchanged. Least recently used entries go beyond ``max_size``."""
+    size and mtime are unchanged. Least recently used entries go beyond ``max_size``,
+    except those an operation of this process holds (``hold``): an entry larger than the
+    limit is kept while it is in use and removed when the operation ends."""
 
     def __init__(self, folder: str, max_size: int = _DEFAULT_CACHE_MAX) -> None:
         self.folder = folder
@@ -6481,6 +7135,41 @@ class _ReferenceCache:
         self._verified: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.fetches = 0  # how many references were downloaded (tests count them)
+        self._held: collections.Counter[str] = collections.Counter()  # sha256 -> holds
+        self._local = threading.local()  # .shas: the entries the current hold uses
+        self._over = False  # an eviction left held entries beyond max_size
+        self._warned_small = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, every entry this thread looks up, fills or derives from stays
+        on disk until the block ends, whatever the size limit: evicting the reference (or
+        its expanded form) an upload or download is reading makes it fail with ENOENT.
+        Nested holds are one hold."""
+        if getattr(self._local, "shas", None) is not None:
+            yield
+            return
+        shas: set[str] = set()
+        self._local.shas = shas
+        try:
+            yield
+        finally:
+            self._local.shas = None
+            with self._lock:
+                for sha in shas:
+                    self._held[sha] -= 1
+                    if self._held[sha] <= 0:
+                        del self._held[sha]
+                over, self._over = self._over, False
+            if over:
+                self._evict(keep="")
+
+    def _use(self, sha256: str) -> None:
+        shas = getattr(self._local, "shas", None)
+        if shas is not None and sha256 not in shas:
+            shas.add(sha256)
+            with self._lock:
+                self._held[sha256] += 1
 
     def _path(self, sha256: str) -> str:
         if not re.match(r"^[0-9a-f]{64}$", sha256):
@@ -6494,6 +7183,7 @@ class _ReferenceCache:
         says it hashed these very bytes: fine for reads, whose output is checked anyway.
         Writers also call ``check``."""
         path = self._path(sha256)
+        self._use(sha256)
         try:
             st = os.stat(path)
         except OSError:
@@ -6534,8 +7224,44 @@ class _ReferenceCache:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
         return True
 
+    def recheck(self, sha256: str) -> bool:
+        """Hash an entry and the files made from it, whatever any stamp says: after a
+        read failed, this tells a damaged cache (False: the damaged files are removed, to
+        be fetched or made again) from a damaged delta (True)."""
+        path = self._path(sha256)
+        if not self._rehash(sha256, path):
+            return False
+        good = True
+        folder, name = os.path.split(path)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for n in names:
+            if not (n.startswith(name + ".") and n.endswith(".sha")):
+                continue
+            derived = os.path.join(folder, n[: -len(".sha")])
+            try:
+                with open(derived + ".sha") as f:
+                    want = f.read().strip()
+                actual = _sha256_file(derived)[0]
+            except OSError:
+                continue  # not made (any more)
+            if actual != want:
+                logger.warning("cache entry %s is corrupt; removing it", derived)
+                for side in ("", ".ok", ".sha"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(derived + side)
+                with self._lock:
+                    self._verified.pop(derived, None)
+                good = False
+        return good
+
     def _rehash(self, sha256: str, path: str) -> bool:
-        actual, _ = _sha256_file(path)
+        try:
+            actual, _ = _sha256_file(path)
+        except OSError:  # gone (another process evicted it)
+            actual = ""
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -6578,6 +7304,7 @@ class _ReferenceCache:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
         written do not hash to ``sha256`` (nothing is kept then)."""
         path = self._path(sha256)
+        self._use(sha256)
         folder = os.path.dirname(path)
         _private_mkdir(self.folder)
         _private_mkdir(os.path.join(self.folder, "refs"))
@@ -6629,6 +7356,7 @@ class _ReferenceCache:
         with its SHA-256 in ``<path>.sha``: (path, SHA-256), or None if ``make(file)``
         declines. ``strict`` (uploads) hashes it once per process, as ``check`` does."""
         path = self._path(ref_sha256) + "." + suffix
+        self._use(ref_sha256)
         try:
             st = os.stat(path)
             with open(path + ".sha") as f:
@@ -6682,6 +7410,8 @@ class _ReferenceCache:
         root = os.path.join(self.folder, "refs")
         entries = []
         total = 0
+        with self._lock:
+            held = set(self._held)
         for dirpath, _, files in os.walk(root):
             for name in files:
                 p = os.path.join(dirpath, name)
@@ -6700,8 +7430,8 @@ class _ReferenceCache:
         for _, size, p in entries:
             if total <= self.max_size:
                 break
-            if p == keep:
-                continue
+            if p == keep or os.path.basename(p)[:64] in held:
+                continue  # in use: evicted when the operation holding it ends
             try:
                 os.unlink(p)
                 total -= size
@@ -6710,6 +7440,18 @@ class _ReferenceCache:
             for side in (".ok", ".sha"):
                 with contextlib.suppress(OSError):
                     os.unlink(p + side)
+        if total > self.max_size:
+            with self._lock:
+                self._over = True
+                warn, self._warned_small = not self._warned_small, True
+            if warn:
+                logger.warning(
+                    "%s (%d bytes) is smaller than the references in use (%d bytes): they "
+                    "are kept only while in use and fetched again each time",
+                    _ENV_CACHE_MAX,
+                    self.max_size,
+                    total,
+                )
 
     def clear(self) -> None:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
@@ -6784,11 +7526,13 @@ def _is_zip(path: str) -> bool:
         return False
 
 
-def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
+def _rebuild_zip(
+    expanded: str, out: Any, reference: str, want: str, limit: int | None = None
+) -> str:
     """Rebuild a zip from its expanded form into ``out`` (a file or a sink), copying
     unchanged members from ``reference``; if that gives other bytes than the SHA-256
     ``want``, again deflating every member. Returns the SHA-256 written ("" if the
-    stream does not rebuild)."""
+    stream does not rebuild). More than ``limit`` bytes: _OutputLimitError."""
     for ref in (reference, None):
         sink = _HashingWriter(out)
         if hasattr(out, "seek"):
@@ -6796,7 +7540,7 @@ def _rebuild_zip(expanded: str, out: Any, reference: str, want: str) -> str:
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -6931,7 +7675,10 @@ class _DeltaEngine:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
                 if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
+                    relabelled = _as_operation(e, operation)
+                    if relabelled is e:
+                        raise
+                    raise relabelled from e
                 continue
             metadata = head.get("Metadata", {})
             kind = _classify(stored, metadata)
@@ -6980,6 +7727,7 @@ class _DeltaEngine:
                 "against (%s)" % (bucket, ref_key, e)
             ) from None
 
+    @_reports_as("GetObject")
     def get_to_file(
         self, bucket: str, key: str, dest: str, logical: _Logical | None = None
     ) -> _Logical:
@@ -7022,53 +7770,123 @@ class _DeltaEngine:
             )
 
     def _rebuild(self, lg: _Logical, out: str) -> None:
+        """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
+
+        A failure with a cached reference is not blamed on the delta until the cache is
+        ruled out: the entry (and what was made from it) is hashed again, whatever its
+        stamp says; a damaged entry is dropped and fetched again, so a cache corrupted in
+        place (same size and mtime) costs one more download, not the object."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         ref_key = _resolve_ref_key(lg.stored_key, ref)
         ref_sha = _meta_get(lg.metadata, "ref_sha256")
         expected = lg.sha256
-        if not ref_sha or not expected:
+        size = _meta_get(lg.metadata, "file_size") or ""
+        if not ref_sha or not expected or not size.isdigit():
             raise IntegrityError(
-                "s3://%s/%s: delta without dg-ref-sha256 or dg-file-sha256; cannot verify it"
-                % (lg.bucket, lg.stored_key)
+                "%s: delta without dg-ref-sha256, dg-file-sha256 or dg-file-size; "
+                "cannot verify it" % where
             )
-        tmp_dir = self._tmp_dir()
-        fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
+        limit = int(size)
+        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
         os.close(fd)
+        fetch = None
+        if ref_sha != expected:  # the delta downloads while the reference does
+            fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
         try:
-            if ref_sha == expected:
-                # A zero-diff delta: the file is the reference, whose bytes we check anyway.
-                actual = _copy_hashing(self.reference_path(lg.bucket, ref_key, ref_sha), out)
-            else:
-                # The delta downloads while the reference does (or is checked in the cache).
-                fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
-                try:
-                    ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        fetch.result()
-                    raise
-                fetch.result()
-                codec = _meta_get(lg.metadata, "codec")
-                if codec:
-                    actual = self._rebuild_codec(lg, codec, ref_sha, ref_path, delta_tmp, out)
-                else:
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out)
-                if actual != expected and not codec and _is_compressed_stream(ref_path):
-                    # Written by the original without -D: let xdelta3 recompress as it did.
-                    actual = self.xdelta.decode(ref_path, delta_tmp, out, external=True)
+            with self.cache.hold():
+                for attempt in range(2):
+                    try:
+                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                    finally:
+                        if fetch is not None:
+                            done, fetch = fetch, None
+                            done.result()
+                    try:
+                        actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
+                        if actual == expected:
+                            return
+                        failure: DeltaGliderError = IntegrityError(
+                            "%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
+                            % (where, expected, actual)
+                        )
+                    except (IntegrityError, XDelta3Error) as e:
+                        failure = e
+                    except FileNotFoundError as e:  # the cache entry went away under us
+                        failure = IntegrityError("%s: %s" % (where, e))
+                    if self.cache.recheck(ref_sha):
+                        if isinstance(failure, XDelta3Error):
+                            if failure.returncode <= 0:
+                                raise failure  # not started, or killed: not the delta's fault
+                            failure = IntegrityError(
+                                "%s: xdelta3 cannot decode it: %s"
+                                % (
+                                    where,
+                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
+                                )
+                            )
+                        raise IntegrityError(
+                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
+                            "stored delta (or its metadata) is damaged"
+                            % (str(failure).rstrip("."), lg.bucket, ref_key)
+                        ) from None
+                    if attempt:
+                        raise IntegrityError(
+                            "%s: the cached copy of its reference was damaged again after "
+                            "being fetched again; check the disk under %s"
+                            % (where, self.cache.folder)
+                        ) from None
+                    logger.warning(
+                        "the cached reference of %s was damaged on disk; fetching it again",
+                        where,
+                    )
         finally:
+            if fetch is not None:
+                with contextlib.suppress(Exception):
+                    fetch.result()
             os.unlink(delta_tmp)
-        if actual != expected:
-            raise IntegrityError(
-                "s3://%s/%s: SHA-256 mismatch after rebuilding: expected %s, got %s"
-                % (lg.bucket, lg.key, expected, actual)
-            )
+
+    def _decode_into(
+        self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
+    ) -> str:
+        """Write the object a delta rebuilds to ``out``, at most ``limit`` bytes (its
+        dg-file-size); returns the SHA-256 written."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if ref_sha == lg.sha256:
+            # A zero-diff delta: the file is the reference, whose bytes we check anyway.
+            return _copy_hashing(ref_path, out)
+        codec = _meta_get(lg.metadata, "codec")
+        try:
+            if codec:
+                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+            actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
+            if actual != lg.sha256 and _is_compressed_stream(ref_path):
+                # Written by the original without -D: let xdelta3 recompress as it did.
+                actual = self.xdelta.decode(ref_path, delta, out, external=True, limit=limit)
+        except _OutputLimitError as e:
+            if e.what != "dg-file-size":
+                raise
+            raise _OutputLimitError(e.limit, "dg-file-size of %s" % where) from None
+        except IntegrityError as e:
+            if where in str(e):
+                raise
+            raise IntegrityError("%s: %s" % (where, e)) from None
+        return actual
 
     def _rebuild_codec(
-        self, lg: _Logical, codec: str, ref_sha: str, ref_path: str, delta: str, out: str
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
     ) -> str:
         """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256."""
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
         where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
         if codec != _CODEC_ZIP:
             raise IntegrityError(
@@ -7099,12 +7917,20 @@ class _DeltaEngine:
                 "(zlib %s); read it where it was written, or store it again without "
                 "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
             )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
         fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
-                self.xdelta.decode_sha256(xref[0], delta, f)
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
             with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "")
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
@@ -7135,11 +7961,9 @@ class _DeltaEngine:
     def eligible(self, key: str, path: str, delta: bool | None) -> bool:
         if delta is not None:
             return delta
-        mode = self._environ.get(_ENV_DELTA_MODE, "auto").lower()
-        if mode in ("never", "off", "0", "false"):
-            return False
-        if mode in ("always", "on", "1", "true"):
-            return True
+        mode = _env_setting(self._environ, _ENV_DELTA_MODE)
+        if mode != "auto":
+            return bool(mode == "always")
         if _is_compressed_stream(path):
             return False
         name = key.rsplit("/", 1)[-1]
@@ -7166,6 +7990,7 @@ class _DeltaEngine:
             meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
         return meta
 
+    @_reports_as("PutObject")
     def put_file(
         self,
         path: str,
@@ -7215,18 +8040,19 @@ class _DeltaEngine:
         # --no-delta: its plain name is another key's delta (_logical_key).
         required = _delta_only(key)
         if required or (size > 0 and self.eligible(key, path, delta)):
-            summary = self._put_delta(
-                path,
-                bucket,
-                key,
-                name,
-                file_info,
-                metadata_of,
-                headers,
-                ratio_limit,
-                required,
-                on_bytes,
-            )
+            with self.cache.hold():  # the reference (and its expanded form) stay while used
+                summary = self._put_delta(
+                    path,
+                    bucket,
+                    key,
+                    name,
+                    file_info,
+                    metadata_of,
+                    headers,
+                    ratio_limit,
+                    required,
+                    on_bytes,
+                )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
                 if required:
@@ -7643,7 +8469,11 @@ class _DeltaEngine:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(expanded)
-        return {"dg-codec": _CODEC_ZIP, "dg-xref-sha256": xref[1]}
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
 
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
@@ -7682,6 +8512,7 @@ class _DeltaEngine:
 
     # -- deleting -----------------------------------------------------------------
 
+    @_reports_as("DeleteObject")
     def delete(self, bucket: str, key: str) -> dict[str, Any]:
         """Delete a logical name: every stored form of it (another tool may have put a
         plain object beside our delta); the last delta of a deltaspace takes its
@@ -7719,16 +8550,10 @@ class _DeltaEngine:
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket, prefix=prefix, delimiter="/", continuation_token=token
-            )
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
             if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
                 return True
-            if not page.get("IsTruncated"):
-                return False
-            token = page.get("NextContinuationToken")
+        return False
 
     def _drop_unused_reference(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
@@ -7766,22 +8591,13 @@ class _DeltaEngine:
         left by a crash, an upload killed outright, or another tool (ours remove theirs
         when interrupted)."""
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(
-                bucket,
-                prefix=prefix,
-                delimiter="" if recursive else "/",
-                continuation_token=token,
-            )
+        delimiter = "" if recursive else "/"
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter=delimiter):
             refs += [
                 o["Key"]
                 for o in page.get("Contents", [])
                 if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
             ]
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return [r for r in refs if not self._space_has_deltas(bucket, _deltaspace(r))]
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
@@ -7789,15 +8605,10 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -7907,16 +8718,29 @@ class _Paginator:
             kwargs[key] = pagination["StartingToken"]
         seen = 0
         method = getattr(self._client, self._operation)
-        while True:
-            page = method(**kwargs)
+        v2 = self._operation == "list_objects_v2"
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            if token is not None:
+                kwargs["ContinuationToken" if v2 else "Marker"] = token
+            page: dict[str, Any] = method(**kwargs)
+            return page
+
+        def next_token(page: dict[str, Any]) -> str | None:
+            contents = page.get("Contents") or [{}]
+            token: str | None = (
+                page.get("NextContinuationToken")
+                if v2
+                else page.get("NextMarker") or contents[-1].get("Key")
+            )
+            return token
+
+        operation = "ListObjectsV2" if v2 else "ListObjects"
+        for page in _pages(fetch, next_token, operation):
             seen += len(page.get("Contents", []))
             yield page
-            if not page.get("IsTruncated") or (limit and seen >= limit):
+            if limit and seen >= limit:
                 return
-            if self._operation == "list_objects_v2":
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            else:
-                kwargs["Marker"] = page.get("NextMarker") or page["Contents"][-1]["Key"]
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -8025,7 +8849,7 @@ class DeltaGliderClient:
             with self._lock:
                 if self._engine_obj is None:
                     self._storage = self._storage_factory()
-                    cache_max = int(self._environ.get(_ENV_CACHE_MAX, _DEFAULT_CACHE_MAX))
+                    cache_max = _env_setting(self._environ, _ENV_CACHE_MAX)
                     self._engine_obj = _DeltaEngine(
                         self._storage,
                         cache=_ReferenceCache(self._cache_dir, cache_max),
@@ -8383,6 +9207,9 @@ class DeltaGliderClient:
             size = int(original) if original and original.isdigit() else item["Size"]
             stored_size = item["Size"]
             item["Size"] = size
+            md5 = _meta_get(meta, "md5") if is_delta else None
+            if md5:  # the logical ETag, as head_object reports it (rclone check compares)
+                item["ETag"] = '"%s"' % md5
             details = {
                 "deltaglider-is-delta": "true" if is_delta else "false",
                 "deltaglider-original-size": str(size),
@@ -8887,17 +9714,12 @@ class DeltaGliderClient:
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
         copies: list[dict[str, Any]] = []  # rebuilt copies for presigned URLs
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, continuation_token=token)
+        for page in _list_pages(storage, bucket):
             for o in page.get("Contents", []):
                 if o["Key"].startswith(_PRESIGN_PREFIX):
                     copies.append(o)
                 elif not o["Key"].startswith(_INTERNAL_PREFIX):
                     objects.append(o)
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         stored_total = sum(o["Size"] for o in objects)
         copies_size = sum(o["Size"] for o in copies)
         validation = {
@@ -8908,7 +9730,10 @@ class DeltaGliderClient:
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
-                body = storage.get_object(bucket, cache_key)["Body"].read()
+                with storage.get_object(bucket, cache_key)["Body"] as stream:
+                    body = stream.read(_MAX_REPLY_BYTES + 1)
+                if len(body) > _MAX_REPLY_BYTES:
+                    raise ValueError("%s is too large to be a stats cache" % cache_key)
                 cached = json.loads(body.decode("utf-8"))
                 if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
                     stats: dict[str, Any] = cached["stats"]
@@ -9015,11 +9840,7 @@ class DeltaGliderClient:
         storage = self._engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(
-                Bucket, prefix=".deltaglider/tmp/", continuation_token=token
-            )
+        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -9032,9 +9853,6 @@ class DeltaGliderClient:
                 except (ClientError, ValueError) as e:
                     logger.warning("purge: %s: %s", obj["Key"], e)
                     errors += 1
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
         return {
             "bucket": Bucket,
             "deleted_count": deleted,
@@ -9158,6 +9976,7 @@ def create_client(
     xdelta3_path: str | None = None,
     max_workers: int = 10,
     archive_aware: bool | None = None,
+    memory_limit: str | int | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
 ) -> DeltaGliderClient:
@@ -9169,24 +9988,19 @@ def create_client(
     of the file, worth storing; ``cache_dir`` (``DG_CACHE_DIR``) holds references.
     ``archive_aware`` (``DG_ARCHIVE_AWARE=1``) makes deltas of zip-family files (wheels,
     jars, apks...) between their inflated forms: kilobytes where plain deltas take
-    megabytes (README, "Archive-aware deltas")."""
+    megabytes (README, "Archive-aware deltas"). ``memory_limit`` (``DG_MEMORY_LIMIT``,
+    bytes or a size like ``2GiB``; default 600 MB) bounds the peak memory of the process
+    and its xdelta3 children: bigger files get faster, smaller-window deltas within it
+    (README, "xdelta3 settings")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
+    _check_settings(env)
     if archive_aware is None:
-        value = env.get(_ENV_ARCHIVE_AWARE, "").strip().lower()
-        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-            raise InvalidConfigError(
-                error_msg="%s must be 1 or 0 (true/false, yes/no, on/off), not %r"
-                % (_ENV_ARCHIVE_AWARE, value)
-            )
-        archive_aware = value in ("1", "true", "yes", "on")
-    level = log_level or env.get(_ENV_LOG_LEVEL)
+        archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
     if level:
         logger.setLevel(level.upper())
     if max_ratio is None:
-        try:
-            max_ratio = float(env.get(_ENV_MAX_RATIO, _DEFAULT_MAX_RATIO))
-        except ValueError:
-            raise InvalidConfigError(error_msg="%s must be a number" % _ENV_MAX_RATIO) from None
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
     if not 0.0 <= max_ratio <= 1.0:
         raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
     endpoint = endpoint_url
@@ -9236,6 +10050,7 @@ def create_client(
             max_attempts=settings.max_attempts,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             verify=settings.verify,
             max_pool_connections=settings.max_pool_connections,
             proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
@@ -9248,7 +10063,7 @@ def create_client(
         cache_dir=cache_dir or _default_cache_dir(env),
         max_ratio=max_ratio,
         archive_aware=archive_aware,
-        xdelta=_XDelta3(xdelta3_path, environ=env),
+        xdelta=_XDelta3(xdelta3_path, environ=env, memory_limit=memory_limit),
         environ=env,
         now=now,
         max_workers=max_workers,
@@ -9340,6 +10155,2263 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# S3 gateway: `deltaglider serve` #############################################
+###############################################################################
+
+#: The gateway's own key pair (clients sign with it); never taken from the command line.
+_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
+_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
+#: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
+#: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
+_GATEWAY_MAX_SKEW = 15 * 60
+_GATEWAY_XML_BODY_MAX = 4 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
+_GATEWAY_CHUNK_LINE_MAX = 4096
+_GATEWAY_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+_STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+_STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+_STREAMING_PAYLOADS = frozenset(
+    {_STREAMING_SIGNED, _STREAMING_SIGNED_TRAILER, _STREAMING_UNSIGNED_TRAILER}
+)
+#: Subresources the gateway does not serve (versioning, lifecycle, policies, ...): they
+#: answer NotImplemented rather than being mistaken for a listing or an upload.
+_GATEWAY_UNSUPPORTED = frozenset(
+    {
+        "accelerate",
+        "acl",
+        "analytics",
+        "attributes",
+        "cors",
+        "encryption",
+        "intelligent-tiering",
+        "inventory",
+        "legal-hold",
+        "lifecycle",
+        "logging",
+        "metrics",
+        "notification",
+        "object-lock",
+        "ownershipControls",
+        "policy",
+        "policyStatus",
+        "publicAccessBlock",
+        "replication",
+        "requestPayment",
+        "restore",
+        "retention",
+        "select",
+        "tagging",
+        "torrent",
+        "versioning",
+        "versionId",
+        "versions",
+        "website",
+    }
+)
+#: Query parameters a SigV2 signature covers (botocore auth.py HmacV1Auth.QSAOfInterest).
+_SIGV2_SUBRESOURCES = frozenset(
+    {
+        "accelerate",
+        "acl",
+        "analytics",
+        "cors",
+        "defaultObjectAcl",
+        "delete",
+        "inventory",
+        "lifecycle",
+        "location",
+        "logging",
+        "metrics",
+        "notification",
+        "object-lock",
+        "partNumber",
+        "policy",
+        "replication",
+        "requestPayment",
+        "response-cache-control",
+        "response-content-disposition",
+        "response-content-encoding",
+        "response-content-language",
+        "response-content-type",
+        "response-expires",
+        "restore",
+        "select",
+        "select-type",
+        "storageClass",
+        "tagging",
+        "torrent",
+        "uploadId",
+        "uploads",
+        "versionId",
+        "versioning",
+        "versions",
+        "website",
+    }
+)
+#: Query parameters never written to the access log.
+_LOG_REDACTED = frozenset(
+    {"X-Amz-Signature", "X-Amz-Security-Token", "X-Amz-Credential", "Signature"}
+)
+#: (HTTP status, message) of the errors the gateway itself answers (AWS "Error responses").
+_GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
+    "AccessDenied": (403, "Access Denied"),
+    "AuthorizationHeaderMalformed": (400, "The authorization header is malformed."),
+    "AuthorizationQueryParametersError": (400, "Error parsing the X-Amz-Credential parameter."),
+    "BadDigest": (400, "The Content-MD5 you specified did not match what we received."),
+    "EntityTooLarge": (400, "Your proposed upload exceeds the maximum allowed object size."),
+    "EntityTooSmall": (400, "Your proposed upload is smaller than the minimum allowed size"),
+    "IncompleteBody": (
+        400,
+        "You did not provide the number of bytes specified by the Content-Length HTTP header",
+    ),
+    "InternalError": (500, "We encountered an internal error. Please try again."),
+    "InvalidAccessKeyId": (
+        403,
+        "The AWS Access Key Id you provided does not exist in our records.",
+    ),
+    "InvalidArgument": (400, "Invalid Argument"),
+    "InvalidDigest": (400, "The Content-MD5 you specified is not valid."),
+    "InvalidPart": (
+        400,
+        "One or more of the specified parts could not be found. The part may not have been "
+        "uploaded, or the specified entity tag may not match the part's entity tag.",
+    ),
+    "InvalidPartOrder": (
+        400,
+        "The list of parts was not in ascending order. The parts list must be specified in "
+        "order by part number.",
+    ),
+    "InvalidRequest": (400, "Invalid Request"),
+    "MalformedXML": (
+        400,
+        "The XML you provided was not well-formed or did not validate against our published "
+        "schema.",
+    ),
+    "MethodNotAllowed": (405, "The specified method is not allowed against this resource."),
+    "MissingContentLength": (411, "You must provide the Content-Length HTTP header."),
+    "NoSuchBucket": (404, "The specified bucket does not exist"),
+    "NoSuchKey": (404, "The specified key does not exist."),
+    "NoSuchUpload": (
+        404,
+        "The specified upload does not exist. The upload ID may be invalid, or the upload "
+        "may have been aborted or completed.",
+    ),
+    "NotImplemented": (501, "A header you provided implies functionality that is not implemented"),
+    "PreconditionFailed": (412, "At least one of the pre-conditions you specified did not hold"),
+    "RequestTimeTooSkewed": (
+        403,
+        "The difference between the request time and the current time is too large.",
+    ),
+    "RequestTimeout": (
+        400,
+        "Your socket connection to the server was not read from or written to within the "
+        "timeout period. Idle connections will be closed.",
+    ),
+    "SignatureDoesNotMatch": (
+        403,
+        "The request signature we calculated does not match the signature you provided. "
+        "Check your key and signing method.",
+    ),
+    "SlowDown": (503, "Please reduce your request rate."),
+    "XAmzContentSHA256Mismatch": (
+        400,
+        "The provided 'x-amz-content-sha256' header does not match what was computed.",
+    ),
+}
+
+
+class _S3Reply(Exception):
+    """An S3 error answer: code, status and message, plus extra XML fields."""
+
+    def __init__(self, code: str, message: str | None = None, **fields: str) -> None:
+        status, default = _GATEWAY_ERRORS.get(code, (400, code))
+        self.code = code
+        self.status = int(fields.pop("status", status))
+        self.message = message or default
+        self.fields = fields
+        super().__init__("%s: %s" % (code, self.message))
+
+
+def _s3_reply_from(e: BaseException) -> _S3Reply:
+    """What a client is told about an error raised by the client layer or the back end."""
+    if isinstance(e, _S3Reply):
+        return e
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500)
+        code = str(err.get("Code") or "InternalError")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"):
+            # The back end refused *our* credentials: the gateway is misconfigured, not the
+            # client; saying so as the client's own auth error would mislead it.
+            logger.error("the back end refused the gateway's request: %s", e)
+            return _S3Reply("InternalError", "The gateway's back end refused its credentials.")
+        if code.isdigit():  # a HEAD answer has no body: botocore keeps the status only
+            code = {404: "NoSuchKey", 403: "AccessDenied", 412: "PreconditionFailed"}.get(
+                status, "InvalidRequest"
+            )
+            message = None
+        else:
+            message = str(err.get("Message") or "") or None
+        fields = {k: str(v) for k, v in err.items() if k in ("BucketName", "Key", "Condition")}
+        return _S3Reply(code, message, status=str(status), **fields)
+    if isinstance(e, ParamValidationError):
+        return _S3Reply("InvalidArgument", str(e).replace("\n", " "))
+    if isinstance(e, (EndpointConnectionError, ReadTimeoutError)):
+        logger.error("the back end is unreachable: %s", e)
+        return _S3Reply("SlowDown", "The gateway's back end is unreachable; retry later.")
+    logger.error("internal error: %s", e, exc_info=e)
+    return _S3Reply("InternalError")
+
+
+# -- checksums of uploads -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _crc_table(poly: int, bits: int) -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
+        table.append(crc & ((1 << bits) - 1))
+    return table
+
+
+class _Crc:
+    """A reflected table-driven CRC (CRC32C, CRC64NVME): pure Python, so slow (a few MB/s);
+    S3 SDKs default to CRC32, which zlib computes at memory speed."""
+
+    def __init__(self, poly: int, bits: int) -> None:
+        self._table = _crc_table(poly, bits)
+        self._bits = bits
+        self._mask = (1 << bits) - 1
+        self._crc = self._mask
+
+    def update(self, data: bytes) -> None:
+        crc, table = self._crc, self._table
+        for b in data:
+            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        self._crc = crc
+
+    def digest(self) -> bytes:
+        return (self._crc ^ self._mask).to_bytes(self._bits // 8, "big")
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: bytes) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def digest(self) -> bytes:
+        return self._crc.to_bytes(4, "big")
+
+
+#: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
+_CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "crc32": _Crc32,
+    "crc32c": lambda: _Crc(0x82F63B78, 32),
+    "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
+    "sha1": hashlib.sha1,
+    "sha256": hashlib.sha256,
+}
+
+
+# -- requests -------------------------------------------------------------------------
+
+
+def _raw_query(query: str) -> list[tuple[str, str]]:
+    """Query pairs, percent-decoded but with ``+`` kept: SigV4 clients encode a space as
+    %20, so a literal ``+`` is a plus (``parse_qsl`` would turn it into a space)."""
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        pairs.append((urllib.parse.unquote(name), urllib.parse.unquote(value)))
+    return pairs
+
+
+class _GatewayUsers:
+    """Access key id → secret: one pair from the environment, or a file of pairs."""
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self._users = dict(users)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def secret(self, access_key: str) -> str | None:
+        return self._users.get(access_key)
+
+    @classmethod
+    def load(cls, path: str | None, environ: Mapping[str, str]) -> _GatewayUsers:
+        """``--users FILE`` lines are ``ACCESS_KEY_ID:SECRET_ACCESS_KEY`` (``#`` comments);
+        else DG_GATEWAY_ACCESS_KEY_ID / DG_GATEWAY_SECRET_ACCESS_KEY."""
+        users: dict[str, str] = {}
+        if path:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    line = line.strip()
+                    if not line or line.startswith("#"):
+                        continue
+                    key, sep, secret = line.partition(":")
+                    if not sep or not key.strip() or not secret.strip():
+                        raise InvalidConfigError(
+                            error_msg="%s line %d: expected ACCESS_KEY_ID:SECRET_ACCESS_KEY"
+                            % (path, n)
+                        )
+                    users[key.strip()] = secret.strip()
+        else:
+            key = environ.get(_ENV_GATEWAY_ACCESS_KEY, "").strip()
+            secret = environ.get(_ENV_GATEWAY_SECRET_KEY, "").strip()
+            if key and secret:
+                users[key] = secret
+        if not users:
+            raise InvalidConfigError(
+                error_msg="serve: no gateway credentials: set %s and %s, or give --users FILE"
+                % (_ENV_GATEWAY_ACCESS_KEY, _ENV_GATEWAY_SECRET_KEY)
+            )
+        return cls(users)
+
+
+class _Signed(NamedTuple):
+    """A request whose signature checked out: who sent it and how its body is signed."""
+
+    access_key: str
+    payload: str  # a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode
+    signing_key: bytes
+    timestamp: str
+    scope: str
+    seed_signature: str
+
+
+def _parse_amz_date(value: str) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.strptime(value, _SIGV4_TIMESTAMP).replace(
+            tzinfo=datetime.timezone.utc
+        )
+    except ValueError:
+        return None
+
+
+class _GatewayAuth:
+    """Checks SigV4 (Authorization header or presigned query) against the gateway's users,
+    as S3 does: same canonical request as :class:`_SigV4` builds, same error codes."""
+
+    def __init__(
+        self, users: _GatewayUsers, now: Callable[[], datetime.datetime] = _utcnow
+    ) -> None:
+        self.users = users
+        self._now = now
+
+    def _secret(self, access_key: str) -> str:
+        secret = self.users.secret(access_key)
+        if secret is None:
+            raise _S3Reply("InvalidAccessKeyId", AWSAccessKeyId=access_key)
+        return secret
+
+    @staticmethod
+    def _credential(text: str, code: str) -> tuple[str, str, str, str]:
+        parts = text.split("/")
+        if len(parts) != 5 or parts[4] != "aws4_request" or not parts[0]:
+            raise _S3Reply(code, "Error parsing the Credential parameter: %r" % text)
+        if parts[3] != "s3":
+            raise _S3Reply(code, "Credential should be scoped to correct service: 's3'.")
+        return parts[0], parts[1], parts[2], parts[3]
+
+    def _check_time(self, when: datetime.datetime | None, code: str) -> None:
+        if when is None:
+            raise _S3Reply(
+                code, "X-Amz-Date must be in the ISO8601 Long Format yyyyMMdd'T'HHmmss'Z'"
+            )
+        skew = abs((self._now() - when).total_seconds())
+        if skew > _GATEWAY_MAX_SKEW:
+            raise _S3Reply(
+                "RequestTimeTooSkewed",
+                RequestTime=when.strftime(_SIGV4_TIMESTAMP),
+                ServerTime=self._now().strftime(_SIGV4_TIMESTAMP),
+                MaxAllowedSkewMilliseconds=str(_GATEWAY_MAX_SKEW * 1000),
+            )
+
+    @staticmethod
+    def _canonical_uri_candidates(raw_path: str) -> list[str]:
+        """The path as sent; then as botocore would have quoted it, for a client that sent
+        a different but equivalent encoding than the one it signed (``~``, ``!``...)."""
+        requoted = _quote_key(urllib.parse.unquote(raw_path))
+        return [raw_path] if requoted == raw_path else [raw_path, requoted]
+
+    def verify(
+        self,
+        method: str,
+        raw_path: str,
+        query: list[tuple[str, str]],
+        headers: Mapping[str, str],
+        v2_resource: str | None = None,
+    ) -> _Signed:
+        """``headers`` lower-cased (repeated ones joined by ``,``). ``v2_resource`` is the
+        ``/bucket/key`` path a SigV2 presigned URL signs. Raises _S3Reply."""
+        auth = headers.get("authorization")
+        names = {k for k, _ in query}
+        if auth is None and "X-Amz-Signature" in names:
+            return self._verify_presigned(method, raw_path, query, headers)
+        if auth is None and {"AWSAccessKeyId", "Signature", "Expires"} <= names:
+            return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
+        if auth is None:
+            raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        if not auth.startswith(_SIGV4_ALGORITHM + " "):
+            raise _S3Reply(
+                "InvalidRequest",
+                "The authorization mechanism you have provided is not supported. Please use "
+                "AWS4-HMAC-SHA256.",
+            )
+        fields: dict[str, str] = {}
+        for part in auth[len(_SIGV4_ALGORITHM) + 1 :].split(","):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                fields[name] = value
+        if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
+            raise _S3Reply("AuthorizationHeaderMalformed")
+        access_key, date, region, service = self._credential(
+            fields["Credential"], "AuthorizationHeaderMalformed"
+        )
+        secret = self._secret(access_key)
+        timestamp = headers.get("x-amz-date", "")
+        when = _parse_amz_date(timestamp)
+        if when is None and headers.get("date"):
+            try:
+                when = _parse_timestamp(headers["date"])
+                timestamp = when.strftime(_SIGV4_TIMESTAMP)
+            except ValueError:
+                when = None
+        self._check_time(when, "AccessDenied")
+        if timestamp[:8] != date:
+            raise _S3Reply(
+                "AuthorizationHeaderMalformed",
+                "The authorization header is malformed; Invalid credential date. Date is not "
+                "the same as X-Amz-Date.",
+            )
+        payload = headers.get("x-amz-content-sha256")
+        if not payload:
+            raise _S3Reply(
+                "InvalidRequest", "Missing required header for this request: x-amz-content-sha256"
+            )
+        if payload not in _STREAMING_PAYLOADS and payload != _UNSIGNED_PAYLOAD:
+            if not re.match(r"^[0-9a-f]{64}$", payload):
+                raise _S3Reply(
+                    "InvalidArgument",
+                    "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
+                    "STREAMING-... or a hex SHA-256 of the body",
+                )
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
+        scope = "%s/%s/%s/aws4_request" % (date, region, service)
+        key = _SIGNING_KEYS.get(secret, date, region, service)
+        canonical_query = _canonical_query(query)
+        for uri in self._canonical_uri_candidates(raw_path):
+            canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
+            sts = "\n".join(
+                (
+                    _SIGV4_ALGORITHM,
+                    timestamp,
+                    scope,
+                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+                )
+            )
+            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
+            if hmac.compare_digest(expected, fields["Signature"]):
+                return _Signed(access_key, payload, key, timestamp, scope, expected)
+        raise _S3Reply(
+            "SignatureDoesNotMatch",
+            AWSAccessKeyId=access_key,
+            StringToSign=sts,
+            CanonicalRequest=canonical,
+        )
+
+    def _verify_presigned_v2(
+        self,
+        method: str,
+        resource: str,
+        query: list[tuple[str, str]],
+        headers: Mapping[str, str],
+    ) -> _Signed:
+        """A SigV2 query-string URL: what boto3's generate_presigned_url makes unless the
+        client is configured for s3v4 (botocore auth.py HmacV1QueryAuth)."""
+        q = dict(reversed(query))
+        secret = self._secret(q["AWSAccessKeyId"])
+        try:
+            expires = int(q["Expires"])
+        except ValueError:
+            raise _S3Reply("AccessDenied", "Invalid date (should be seconds since epoch)") from None
+        if self._now().timestamp() > expires:
+            raise _S3Reply("AccessDenied", "Request has expired", Expires=str(expires))
+        interesting = sorted((k, v) for k, v in query if k in _SIGV2_SUBRESOURCES)
+        if interesting:
+            resource += "?" + "&".join(k + ("=" + v if v else "") for k, v in interesting)
+        amz = "".join(
+            "%s:%s\n" % (k, headers[k].strip()) for k in sorted(headers) if k.startswith("x-amz-")
+        )
+        sts = "\n".join(
+            (method, headers.get("content-md5", ""), headers.get("content-type", ""), str(expires))
+        )
+        sts += "\n" + amz + resource
+        digest = hmac.new(secret.encode("utf-8"), sts.encode("utf-8"), hashlib.sha1).digest()
+        expected = base64.b64encode(digest).decode("ascii")
+        if not hmac.compare_digest(expected, q["Signature"]):
+            raise _S3Reply(
+                "SignatureDoesNotMatch", AWSAccessKeyId=q["AWSAccessKeyId"], StringToSign=sts
+            )
+        return _Signed(q["AWSAccessKeyId"], _UNSIGNED_PAYLOAD, b"", "", "", expected)
+
+    def _verify_presigned(
+        self,
+        method: str,
+        raw_path: str,
+        query: list[tuple[str, str]],
+        headers: Mapping[str, str],
+    ) -> _Signed:
+        q: dict[str, str] = {}
+        for k, v in query:
+            q.setdefault(k, v)
+        code = "AuthorizationQueryParametersError"
+        if q.get("X-Amz-Algorithm") != _SIGV4_ALGORITHM:
+            raise _S3Reply(code, 'X-Amz-Algorithm only supports "AWS4-HMAC-SHA256"')
+        for name in ("X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders"):
+            if not q.get(name):
+                raise _S3Reply(
+                    code,
+                    "Query-string authentication version 4 requires the X-Amz-Algorithm, "
+                    "X-Amz-Credential, X-Amz-Signature, X-Amz-Date, X-Amz-SignedHeaders, and "
+                    "X-Amz-Expires parameters.",
+                )
+        access_key, date, region, service = self._credential(q["X-Amz-Credential"], code)
+        secret = self._secret(access_key)
+        when = _parse_amz_date(q["X-Amz-Date"])
+        if when is None or q["X-Amz-Date"][:8] != date:
+            raise _S3Reply(code, "Invalid X-Amz-Date or credential date")
+        try:
+            expires = int(q["X-Amz-Expires"])
+        except ValueError:
+            raise _S3Reply(code, "X-Amz-Expires should be a number") from None
+        if not 0 <= expires <= _PRESIGN_MAX_EXPIRES:
+            raise _S3Reply(
+                code,
+                "X-Amz-Expires must be less than a week (in seconds) that is 604800",
+            )
+        now = self._now()
+        if (when - now).total_seconds() > _GATEWAY_MAX_SKEW:
+            raise _S3Reply("AccessDenied", "Request is not valid yet")
+        if (now - when).total_seconds() > expires:
+            raise _S3Reply(
+                "AccessDenied",
+                "Request has expired",
+                Expires=(when + datetime.timedelta(seconds=expires)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                ServerTime=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+        signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
+        payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
+        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
+        scope = "%s/%s/%s/aws4_request" % (date, region, service)
+        key = _SIGNING_KEYS.get(secret, date, region, service)
+        for uri in self._canonical_uri_candidates(raw_path):
+            canonical = "\n".join(
+                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
+            )
+            sts = "\n".join(
+                (
+                    _SIGV4_ALGORITHM,
+                    q["X-Amz-Date"],
+                    scope,
+                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+                )
+            )
+            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
+            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
+                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
+        raise _S3Reply(
+            "SignatureDoesNotMatch",
+            AWSAccessKeyId=access_key,
+            StringToSign=sts,
+            CanonicalRequest=canonical,
+        )
+
+
+# -- request bodies -------------------------------------------------------------------
+
+
+class _BodyReader:
+    """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
+    request deadline; counts what arrived. A short body is IncompleteBody."""
+
+    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+        self._f = rfile
+        self._left = length
+        self._chunked = chunked
+        self._chunk_left = 0
+        self._done = False
+        self._deadline = deadline
+        self.received = 0
+
+    def _clock(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise _S3Reply("RequestTimeout")
+
+    def _raw(self, n: int) -> bytes:
+        self._clock()
+        try:
+            data: bytes = self._f.read(n)
+        except (socket.timeout, TimeoutError):
+            raise _S3Reply("RequestTimeout") from None
+        if not data:
+            raise _S3Reply("IncompleteBody")
+        self.received += len(data)
+        return data
+
+    def readline(self) -> bytes:
+        """One line of an aws-chunked body (bounded)."""
+        out = b""
+        while not out.endswith(b"\n"):
+            c = self.read(1)
+            if not c:
+                break
+            out += c
+            if len(out) > _GATEWAY_CHUNK_LINE_MAX:
+                raise _S3Reply("InvalidRequest", "aws-chunked line too long")
+        return out
+
+    def read(self, n: int) -> bytes:
+        if self._done or n <= 0:
+            return b""
+        if not self._chunked:
+            assert self._left is not None
+            if self._left <= 0:
+                self._done = True
+                return b""
+            data = self._raw(min(n, self._left))
+            self._left -= len(data)
+            return data
+        if self._chunk_left == 0:
+            line = self._f.readline(_GATEWAY_CHUNK_LINE_MAX)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise _S3Reply("IncompleteBody") from None
+            if size == 0:
+                while self._f.readline(_GATEWAY_CHUNK_LINE_MAX).strip():
+                    pass  # HTTP trailers: none are used
+                self._done = True
+                return b""
+            self._chunk_left = size
+        data = self._raw(min(n, self._chunk_left))
+        self._chunk_left -= len(data)
+        if self._chunk_left == 0:
+            self._f.readline(_GATEWAY_CHUNK_LINE_MAX)
+        return data
+
+    def drain(self, limit: int) -> bool:
+        """Read and drop what is left (up to ``limit`` bytes); True when it all came."""
+        try:
+            while limit > 0:
+                data = self.read(min(_IO_CHUNK, limit))
+                if not data:
+                    return True
+                limit -= len(data)
+        except _S3Reply:
+            return False
+        return False
+
+
+class _AwsChunked:
+    """The payload inside ``Content-Encoding: aws-chunked``: chunk signatures checked as
+    they arrive (AWS "Signature calculations for the Authorization header: transferring
+    payload in multiple chunks"), trailing checksums collected."""
+
+    def __init__(self, raw: _BodyReader, signed: _Signed) -> None:
+        self._raw = raw
+        self._signed = signed
+        self._with_sig = signed.payload in (_STREAMING_SIGNED, _STREAMING_SIGNED_TRAILER)
+        self._prev = signed.seed_signature
+        self._left = 0
+        self._chunk_sha: Any = None
+        self._chunk_sig = ""
+        self._done = False
+        self.trailers: dict[str, str] = {}
+
+    def _sts(self, kind: str, last: str) -> str:
+        return "\n".join((kind, self._signed.timestamp, self._signed.scope, self._prev, last))
+
+    def _check(self, sts: str, given: str) -> None:
+        expected = hmac.new(self._signed.signing_key, sts.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, given):
+            raise _S3Reply("SignatureDoesNotMatch", "The chunk signature does not match.")
+        self._prev = expected
+
+    def _header(self) -> bool:
+        """Read a chunk's header line; False at the final (empty) chunk."""
+        line = self._raw.readline().strip()
+        size_text, _, ext = line.partition(b";")
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise _S3Reply("IncompleteBody", "Malformed aws-chunked encoding") from None
+        self._chunk_sig = ""
+        if self._with_sig:
+            name, _, value = ext.decode("ascii", "replace").partition("=")
+            if name.strip() != "chunk-signature" or not value:
+                raise _S3Reply("SignatureDoesNotMatch", "A chunk has no chunk-signature.")
+            self._chunk_sig = value.strip()
+        self._left = size
+        self._chunk_sha = hashlib.sha256()
+        if size == 0:
+            self._finish_chunk()
+            self._read_trailers()
+            self._done = True
+            return False
+        return True
+
+    def _finish_chunk(self) -> None:
+        if self._with_sig:
+            sts = self._sts(
+                "AWS4-HMAC-SHA256-PAYLOAD", _EMPTY_SHA256 + "\n" + self._chunk_sha.hexdigest()
+            )
+            self._check(sts, self._chunk_sig)
+
+    def _read_trailers(self) -> None:
+        lines: list[str] = []
+        while True:
+            line = self._raw.readline()
+            if not line:
+                break
+            text = line.decode("ascii", "replace").strip()
+            if not text:
+                break
+            lines.append(text)
+            if len(lines) > 20:
+                raise _S3Reply("InvalidRequest", "too many trailers")
+        signature = None
+        canonical = ""
+        for text in lines:
+            name, _, value = text.partition(":")
+            name = name.strip().lower()
+            if name == "x-amz-trailer-signature":
+                signature = value.strip()
+            else:
+                self.trailers[name] = value.strip()
+                canonical += "%s:%s\n" % (name, value.strip())
+        if self._signed.payload == _STREAMING_SIGNED_TRAILER:
+            if signature is None:
+                raise _S3Reply("SignatureDoesNotMatch", "The trailer has no signature.")
+            sts = self._sts(
+                "AWS4-HMAC-SHA256-TRAILER", hashlib.sha256(canonical.encode()).hexdigest()
+            )
+            self._check(sts, signature)
+
+    def _exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            data = self._raw.read(n - len(out))
+            if not data:
+                break
+            out += data
+        return out
+
+    def read(self, n: int) -> bytes:
+        if self._done:
+            return b""
+        if self._left == 0 and not self._header():
+            return b""
+        data = self._raw.read(min(n, self._left))
+        if not data:
+            raise _S3Reply("IncompleteBody")
+        self._chunk_sha.update(data)
+        self._left -= len(data)
+        if self._left == 0:
+            if self._exact(2) != b"\r\n":
+                raise _S3Reply("IncompleteBody", "Malformed aws-chunked encoding")
+            self._finish_chunk()
+        return data
+
+
+class _Spooled(NamedTuple):
+    path: str
+    info: _FileInfo
+
+
+# -- multipart uploads ----------------------------------------------------------------
+
+
+class _Uploads:
+    """Multipart uploads held by the gateway until they complete: each part on local disk
+    under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
+    that the engine stores as a delta, so nothing of an upload is visible before."""
+
+    _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        _private_mkdir(folder)
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def lock(self, upload_id: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(upload_id, threading.Lock())
+
+    def _dir(self, upload_id: str) -> str:
+        if not self._ID_RE.match(upload_id):
+            raise _S3Reply("NoSuchUpload")
+        return os.path.join(self.folder, upload_id)
+
+    def create(self, record: dict[str, Any]) -> str:
+        upload_id = uuid.uuid4().hex
+        tmp = os.path.join(self.folder, ".new-" + upload_id)
+        _private_mkdir(tmp)
+        with open(os.path.join(tmp, "upload.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, self._dir(upload_id))
+        return upload_id
+
+    def record(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self._dir(upload_id), "upload.json"), encoding="utf-8") as f:
+                rec: dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        if rec.get("Bucket") != bucket or rec.get("Key") != key:
+            raise _S3Reply("NoSuchUpload", UploadId=upload_id)
+        return rec
+
+    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+        folder = self._dir(upload_id)
+        meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
+        base = os.path.join(folder, "part-%05d" % number)
+        try:
+            with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+                json.dump(meta, f)
+            os.replace(spooled.path, base)
+            os.replace(base + ".json.tmp", base + ".json")
+        except FileNotFoundError:  # aborted or completed meanwhile
+            raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+
+    def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
+        folder = self._dir(upload_id)
+        out = {}
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        for name in names:
+            m = re.match(r"^part-(\d{5})\.json$", name)
+            if not m:
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            meta["path"] = os.path.join(folder, name[: -len(".json")])
+            out[int(m.group(1))] = meta
+        return out
+
+    def remove(self, upload_id: str) -> None:
+        folder = self._dir(upload_id)
+        gone = os.path.join(self.folder, ".gone-" + upload_id)
+        try:
+            os.replace(folder, gone)
+        except OSError:
+            raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def listing(self, bucket: str) -> list[dict[str, Any]]:
+        out = []
+        for name in sorted(os.listdir(self.folder)):
+            if not self._ID_RE.match(name):
+                continue
+            try:
+                with open(os.path.join(self.folder, name, "upload.json"), encoding="utf-8") as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if rec.get("Bucket") == bucket:
+                rec["UploadId"] = name
+                out.append(rec)
+        out.sort(key=lambda r: (r["Key"], r["Initiated"]))
+        return out
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+class _GatewayMetrics:
+    """Counters for ``GET /metrics`` (Prometheus text exposition format 0.0.4)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bytes_saved = 0
+        self.in_flight = 0
+        self._buckets = [0] * (len(_GATEWAY_LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+
+    def observe(
+        self, operation: str, status: int, code: str | None, n_in: int, n_out: int, secs: float
+    ) -> None:
+        with self._lock:
+            self.requests[(operation, status)] += 1
+            if code:
+                self.errors[code] += 1
+            self.bytes_in += n_in
+            self.bytes_out += n_out
+            i = 0
+            while i < len(_GATEWAY_LATENCY_BUCKETS) and secs > _GATEWAY_LATENCY_BUCKETS[i]:
+                i += 1
+            self._buckets[i] += 1
+            self._latency_sum += secs
+            self._latency_count += 1
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def saved(self, n: int) -> None:
+        with self._lock:
+            self.bytes_saved += n
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [
+                "# HELP deltaglider_gateway_requests_total Requests answered, by operation "
+                "and HTTP status.",
+                "# TYPE deltaglider_gateway_requests_total counter",
+            ]
+            for (op, status), n in sorted(self.requests.items()):
+                lines.append(
+                    'deltaglider_gateway_requests_total{operation="%s",status="%d"} %d'
+                    % (op, status, n)
+                )
+            lines += [
+                "# HELP deltaglider_gateway_errors_total Error answers, by S3 error code.",
+                "# TYPE deltaglider_gateway_errors_total counter",
+            ]
+            for code, n in sorted(self.errors.items()):
+                lines.append('deltaglider_gateway_errors_total{code="%s"} %d' % (code, n))
+            for name, value, text in (
+                ("bytes_in", self.bytes_in, "Request body bytes received."),
+                ("bytes_out", self.bytes_out, "Response body bytes sent."),
+                (
+                    "bytes_saved",
+                    self.bytes_saved,
+                    "Bytes not stored thanks to deltas (original minus stored size).",
+                ),
+            ):
+                lines += [
+                    "# HELP deltaglider_gateway_%s_total %s" % (name, text),
+                    "# TYPE deltaglider_gateway_%s_total counter" % name,
+                    "deltaglider_gateway_%s_total %d" % (name, value),
+                ]
+            lines += [
+                "# HELP deltaglider_gateway_in_flight Requests being served now.",
+                "# TYPE deltaglider_gateway_in_flight gauge",
+                "deltaglider_gateway_in_flight %d" % self.in_flight,
+                "# HELP deltaglider_gateway_request_seconds Time to answer a request.",
+                "# TYPE deltaglider_gateway_request_seconds histogram",
+            ]
+            total = 0
+            for bound, n in zip(_GATEWAY_LATENCY_BUCKETS, self._buckets):
+                total += n
+                lines.append(
+                    'deltaglider_gateway_request_seconds_bucket{le="%g"} %d' % (bound, total)
+                )
+            total += self._buckets[-1]
+            lines.append('deltaglider_gateway_request_seconds_bucket{le="+Inf"} %d' % total)
+            lines.append("deltaglider_gateway_request_seconds_sum %.6f" % self._latency_sum)
+            lines.append("deltaglider_gateway_request_seconds_count %d" % self._latency_count)
+        return "\n".join(lines) + "\n"
+
+
+# -- the gateway ----------------------------------------------------------------------
+
+
+def _iso_ms(dt: Any) -> str:
+    if isinstance(dt, datetime.datetime):
+        return dt.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return str(dt)
+
+
+def _xml_doc(root: str, body: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<%s xmlns="%s">%s</%s>'
+        % (root, _S3_XMLNS, body, root)
+    ).encode("utf-8")
+
+
+def _el(tag: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return "<%s>%s</%s>" % (tag, _xml_escape(str(value)), tag)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    bare = etag.strip('"')
+    return any(t == "*" or t.strip('"') == bare for t in tags)
+
+
+def _http_time(value: str) -> datetime.datetime | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).astimezone(datetime.timezone.utc)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _preconditions(
+    headers: Mapping[str, str], etag: str, modified: Any, prefix: str = ""
+) -> str | None:
+    """RFC 7232 order, as S3 applies it: 'failed' (412), 'not-modified' (304) or None."""
+    mtime = modified.replace(microsecond=0) if isinstance(modified, datetime.datetime) else None
+    if_match = headers.get(prefix + "if-match")
+    if if_match is not None:
+        if not _etag_matches(if_match, etag):
+            return "failed"
+    else:
+        since = _http_time(headers.get(prefix + "if-unmodified-since", ""))
+        if since is not None and mtime is not None and mtime > since:
+            return "failed"
+    if_none = headers.get(prefix + "if-none-match")
+    if if_none is not None:
+        if _etag_matches(if_none, etag):
+            return "failed" if prefix else "not-modified"
+    else:
+        since = _http_time(headers.get(prefix + "if-modified-since", ""))
+        if since is not None and mtime is not None and mtime <= since:
+            return "failed" if prefix else "not-modified"
+    return None
+
+
+#: (header, GetObject/HeadObject response key) for object answers.
+_GATEWAY_OBJECT_HEADERS = (
+    ("Cache-Control", "CacheControl"),
+    ("Content-Disposition", "ContentDisposition"),
+    ("Content-Encoding", "ContentEncoding"),
+    ("Content-Language", "ContentLanguage"),
+    ("Content-Range", "ContentRange"),
+    ("x-amz-server-side-encryption", "ServerSideEncryption"),
+    ("x-amz-storage-class", "StorageClass"),
+    ("x-amz-version-id", "VersionId"),
+)
+#: GetObject query parameters that override response headers (presigned downloads).
+_RESPONSE_OVERRIDES = (
+    ("response-cache-control", "Cache-Control"),
+    ("response-content-disposition", "Content-Disposition"),
+    ("response-content-encoding", "Content-Encoding"),
+    ("response-content-language", "Content-Language"),
+    ("response-content-type", "Content-Type"),
+    ("response-expires", "Expires"),
+)
+
+
+class _Gateway:
+    """What the gateway does, independent of sockets: S3 requests in, client calls out."""
+
+    def __init__(
+        self,
+        client: DeltaGliderClient,
+        auth: _GatewayAuth,
+        *,
+        state_dir: str,
+        domain: str | None = None,
+        max_object_size: int = _MAX_SINGLE_PUT,
+        request_timeout: float = 3600.0,
+        now: Callable[[], datetime.datetime] = _utcnow,
+        log: IO[str] | None = None,
+        metrics_public: bool = False,
+    ) -> None:
+        self.client = client
+        self.auth = auth
+        self.domain = domain.lower().strip(".") if domain else None
+        self.max_object_size = max_object_size
+        self.request_timeout = request_timeout
+        self.metrics = _GatewayMetrics()
+        self.metrics_public = metrics_public
+        self._now = now
+        self._log = log
+        self._log_lock = threading.Lock()
+        self.spool_dir = os.path.join(state_dir, "spool")
+        _private_mkdir(state_dir)
+        _private_mkdir(self.spool_dir)
+        for name in os.listdir(self.spool_dir):  # left by a gateway that was killed
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.spool_dir, name))
+        self.uploads = _Uploads(os.path.join(state_dir, "uploads"))
+
+    def virtual_host(self, host: str) -> bool:
+        """Whether ``host`` names a bucket under the configured domain."""
+        hostname = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host
+        return bool(self.domain) and hostname.endswith("." + str(self.domain))
+
+    def access_line(self, text: str) -> None:
+        if self._log is not None:
+            with self._log_lock:
+                self._log.write(text + "\n")
+                self._log.flush()
+
+    def route(self, host: str, raw_path: str) -> tuple[str | None, str | None]:
+        """(bucket, key) from a virtual-hosted Host under ``domain``, else from the path."""
+        path = urllib.parse.unquote(raw_path)
+        if self.domain and self.virtual_host(host):
+            hostname = host.rsplit(":", 1)[0].lower()
+            bucket = hostname[: -len(self.domain) - 1]
+            key = path[1:] if path.startswith("/") else path
+            return bucket, key or None
+        if not path.startswith("/") or path == "/":
+            return None, None
+        bucket, _, key = path[1:].partition("/")
+        return bucket, key or None
+
+
+class _GatewayHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, one S3 request at a time."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "deltaglider/" + __version__
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    server: _GatewayServer
+    _request_id = ""
+    _status = 0
+    _sent = False
+    _error_code: str | None = None
+    _bytes_out = 0
+    _operation = "Unknown"
+    _access_key = "-"
+    _reader: _BodyReader | None = None
+    _expect_100 = False
+    _raw_path = "/"
+    _query: list[tuple[str, str]] = []  # noqa: RUF012 - replaced per request, never mutated
+    _q: dict[str, str] = {}  # noqa: RUF012
+    _headers: dict[str, str] = {}  # noqa: RUF012
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # between requests, each read
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.track(self, busy=False)
+
+    def finish(self) -> None:
+        self.server.untrack(self)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one access line per request is written by _dispatch instead
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
+            self.close_connection = True
+
+    def handle_expect_100(self) -> bool:
+        # An upload's body is read only after its headers authenticate: the 100 goes out
+        # in _body() then, so a rejected client never sends the bytes (RFC 7231 5.1.1).
+        self._expect_100 = True
+        return True
+
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = "application/xml",
+    ) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("x-amz-request-id", self._request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if content_type and body:
+            self.send_header("Content-Type", content_type)
+        if "Content-Length" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
+        if self.close_connection or self.server.stopping:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self._sent = True
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+            self._bytes_out += len(body)
+
+    def _send_error(self, reply: _S3Reply) -> None:
+        self._error_code = reply.code
+        if self.command == "HEAD" or reply.status == 304:
+            self._send(reply.status, headers={"x-amz-error-code": reply.code}, content_type=None)
+            return
+        fields = "".join(_el(k, v) for k, v in reply.fields.items())
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
+            "<HostId></HostId></Error>"
+            % (
+                _el("Code", reply.code),
+                _el("Message", reply.message),
+                fields,
+                _el("Resource", self._raw_path),
+                self._request_id,
+            )
+        ).encode("utf-8")
+        self._send(reply.status, body)
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        gw = self.server.gateway
+        start = time.monotonic()
+        self.server.track(self, busy=True)
+        self._request_id = uuid.uuid4().hex[:16].upper()
+        self._status = 0
+        self._sent = False
+        self._error_code = None
+        self._bytes_out = 0
+        self._operation = "Unknown"
+        self._access_key = "-"
+        self._reader: _BodyReader | None = None
+        target = self.path
+        if "://" in target.split("?", 1)[0]:  # absolute-form request target (RFC 7230 5.3.2)
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        self._raw_path, _, raw_query = target.partition("?")
+        self._query = _raw_query(raw_query)
+        self._q = dict(reversed(self._query))
+        self._headers = {}
+        for name, value in self.headers.items():
+            lname = name.lower()
+            if lname in self._headers:
+                self._headers[lname] += "," + value
+            else:
+                self._headers[lname] = value
+        gw.metrics.enter()
+        try:
+            try:
+                self._serve(gw)
+            except Exception as e:
+                reply = _s3_reply_from(e)
+                if self._sent:  # headers already went out: all we can do is hang up
+                    self.close_connection = True
+                else:
+                    self._send_error(reply)
+        except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
+            self.close_connection = True
+        finally:
+            gw.metrics.leave()
+            self._settle_body()
+            secs = time.monotonic() - start
+            received = self._reader.received if self._reader else 0
+            gw.metrics.observe(
+                self._operation, self._status, self._error_code, received, self._bytes_out, secs
+            )
+            shown = self._raw_path
+            if self._query:
+                shown += "?" + "&".join(
+                    k + ("=<redacted>" if k in _LOG_REDACTED else ("=" + _quote(v) if v else ""))
+                    for k, v in self._query
+                )
+            gw.access_line(
+                '%s %s [%s] "%s %s" %d %s %s %d %d %.3f'
+                % (
+                    self.client_address[0],
+                    self._access_key,
+                    _iso_utc(gw._now())[:19] + "Z",
+                    self.command,
+                    shown,
+                    self._status,
+                    self._error_code or "-",
+                    self._operation,
+                    received,
+                    self._bytes_out,
+                    secs,
+                )
+            )
+            self.server.track(self, busy=False)
+
+    def _settle_body(self) -> None:
+        """Whatever part of a body was not read would be taken for the next request: read
+        a little of it, else hang up. A client still waiting for its 100 sent none."""
+        h = self._headers
+        has_body = "chunked" in h.get("transfer-encoding", "").lower() or h.get(
+            "content-length", "0"
+        ) not in ("", "0")
+        if self.close_connection or not has_body:
+            pass
+        elif self._reader is None and self._expect_100:
+            self.close_connection = True
+        else:
+            if self._reader is None:
+                try:
+                    length = int(h.get("content-length", "0"))
+                except ValueError:
+                    self.close_connection = True
+                    return
+                chunked = "chunked" in h.get("transfer-encoding", "").lower()
+                self._reader = _BodyReader(
+                    self.rfile, length, chunked, time.monotonic() + self.server.idle_timeout
+                )
+            try:
+                if not self._reader.drain(64 * 1024):
+                    self.close_connection = True
+            except (OSError, ValueError):
+                self.close_connection = True
+        self._expect_100 = False
+
+    def _serve(self, gw: _Gateway) -> None:
+        method = self.command
+        metrics_only = self.server.metrics_only
+        if metrics_only or (
+            method == "GET"
+            and self._raw_path == "/metrics"
+            and not self._query
+            and not gw.virtual_host(self._headers.get("host", ""))
+        ):
+            # A bucket named "metrics" is still listed: every S3 client sends a query.
+            self._operation = "Metrics"
+            if metrics_only and (method, self._raw_path) != ("GET", "/metrics"):
+                raise _S3Reply("NoSuchKey", status="404")
+            if not metrics_only:
+                self._authenticate(gw)
+            self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
+            return
+        signed = self._authenticate(gw)
+        bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
+        # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
+        q = {k: v for k, v in self._q.items() if k != "x-id"}
+        unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
+        if bucket is None:
+            self._operation = "ListBuckets"
+            if method != "GET":
+                raise _S3Reply("MethodNotAllowed")
+            return self._list_buckets()
+        if key is None:
+            if unsupported:
+                self._operation = "Bucket:" + unsupported[0]
+                raise _S3Reply(
+                    "NotImplemented", "?%s is not supported by the gateway" % unsupported[0]
+                )
+            if method == "GET" and "location" in q:
+                return self._get_bucket_location(bucket)
+            if method == "GET" and "uploads" in q:
+                return self._list_uploads(bucket)
+            if method == "GET":
+                return self._list_objects(bucket)
+            if method == "HEAD":
+                self._operation = "HeadBucket"
+                resp = gw.client.head_bucket(Bucket=bucket)
+                region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
+                    "x-amz-bucket-region", "us-east-1"
+                )
+                return self._send(200, headers={"x-amz-bucket-region": region})
+            if method == "PUT" and not q:
+                return self._create_bucket(bucket, signed)
+            if method == "DELETE" and not q:
+                self._operation = "DeleteBucket"
+                gw.client.delete_bucket(Bucket=bucket)
+                return self._send(204)
+            if method == "POST" and "delete" in q:
+                return self._delete_objects(bucket, signed)
+            self._operation = "Bucket:" + method
+            raise _S3Reply(
+                "NotImplemented", "This bucket operation is not supported by the gateway"
+            )
+        if unsupported:
+            self._operation = "Object:" + unsupported[0]
+            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+        if method in ("GET", "HEAD") and "uploadId" in q:
+            return self._list_parts(bucket, key)
+        if method in ("GET", "HEAD"):
+            return self._get_object(bucket, key, head=method == "HEAD")
+        if method == "PUT" and "uploadId" in q:
+            return self._upload_part(bucket, key, signed)
+        if method == "PUT" and "x-amz-copy-source" in self._headers:
+            return self._copy_object(bucket, key)
+        if method == "PUT" and not q:
+            return self._put_object(bucket, key, signed)
+        if method == "POST" and "uploads" in q:
+            return self._create_upload(bucket, key)
+        if method == "POST" and "uploadId" in q:
+            return self._complete_upload(bucket, key, signed)
+        if method == "DELETE" and "uploadId" in q:
+            self._operation = "AbortMultipartUpload"
+            gw.uploads.record(bucket, key, q["uploadId"])
+            gw.uploads.remove(q["uploadId"])
+            return self._send(204)
+        if method == "DELETE":
+            self._operation = "DeleteObject"
+            gw.client.delete_object(Bucket=bucket, Key=key)
+            return self._send(204)
+        self._operation = "Object:" + method
+        raise _S3Reply("NotImplemented", "This object operation is not supported by the gateway")
+
+    def _authenticate(self, gw: _Gateway) -> _Signed:
+        host = self._headers.get("host", "")
+        resource = self._raw_path
+        if gw.virtual_host(host):
+            resource = "/" + str(gw.route(host, "/")[0]) + resource
+        signed = gw.auth.verify(self.command, self._raw_path, self._query, self._headers, resource)
+        self._access_key = signed.access_key
+        return signed
+
+    # -- bodies -------------------------------------------------------------------
+
+    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+        """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
+        h = self._headers
+        chunked = "chunked" in h.get("transfer-encoding", "").lower()
+        length: int | None = None
+        if not chunked:
+            if "content-length" not in h:
+                raise _S3Reply("MissingContentLength")
+            try:
+                length = int(h["content-length"])
+            except ValueError:
+                raise _S3Reply("InvalidArgument", "Content-Length is not a number") from None
+            if length < 0:
+                raise _S3Reply("InvalidArgument", "Content-Length is negative")
+        declared = length
+        if signed.payload in _STREAMING_PAYLOADS:
+            try:
+                declared = int(h.get("x-amz-decoded-content-length", ""))
+            except ValueError:
+                raise _S3Reply(
+                    "MissingContentLength",
+                    "aws-chunked uploads need x-amz-decoded-content-length",
+                ) from None
+        if declared is not None and declared > limit:
+            self.close_connection = True
+            raise _S3Reply("EntityTooLarge", ProposedSize=str(declared), MaxSizeAllowed=str(limit))
+        if self._expect_100:
+            self.send_response_only(100)
+            self.end_headers()
+            self._expect_100 = False
+        deadline = time.monotonic() + self.server.gateway.request_timeout
+        raw = _BodyReader(self.rfile, length, chunked, deadline)
+        self._reader = raw
+        if signed.payload in _STREAMING_PAYLOADS:
+            return _AwsChunked(raw, signed), raw
+        return raw, raw
+
+    def _spool(self, signed: _Signed, limit: int) -> _Spooled:
+        """The request body in a private temp file, every digest it carries checked:
+        x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
+        reader, _ = self._body(signed, limit)
+        h = self._headers
+        md5, sha = hashlib.md5(), hashlib.sha256()
+        algo = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
+                "x-amz-checksum-" + name
+            ):
+                algo = name
+        checksum = _CHECKSUMS[algo]() if algo else None
+        fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while True:
+                    data = reader.read(_IO_CHUNK)
+                    if not data:
+                        break
+                    size += len(data)
+                    if size > limit:
+                        self.close_connection = True
+                        raise _S3Reply("EntityTooLarge")
+                    md5.update(data)
+                    sha.update(data)
+                    if checksum is not None:
+                        checksum.update(data)
+                    f.write(data)
+            if signed.payload in _STREAMING_PAYLOADS:
+                declared = int(h["x-amz-decoded-content-length"])
+                if size != declared:
+                    raise _S3Reply("IncompleteBody")
+            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
+                raise _S3Reply(
+                    "XAmzContentSHA256Mismatch",
+                    ClientComputedContentSHA256=signed.payload,
+                    S3ComputedContentSHA256=sha.hexdigest(),
+                )
+            if "content-md5" in h:
+                try:
+                    given = base64.b64decode(h["content-md5"], validate=True)
+                except ValueError:
+                    raise _S3Reply("InvalidDigest") from None
+                if len(given) != 16:
+                    raise _S3Reply("InvalidDigest")
+                if given != md5.digest():
+                    raise _S3Reply("BadDigest")
+            if checksum is not None and algo is not None:
+                trailers = getattr(reader, "trailers", {})
+                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
+                    "x-amz-checksum-" + algo, ""
+                )
+                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
+                    raise _S3Reply(
+                        "BadDigest",
+                        "The %s you specified did not match the calculated checksum."
+                        % algo.upper(),
+                    )
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+
+    def _small_body(self, signed: _Signed) -> bytes:
+        spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
+        try:
+            with open(spooled.path, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(spooled.path)
+
+    def _xml_body(self, signed: _Signed) -> ET.Element:
+        data = self._small_body(signed)
+        try:
+            return _xml_parse(data)
+        except (ValueError, ET.ParseError):
+            raise _S3Reply("MalformedXML") from None
+
+    # -- buckets ------------------------------------------------------------------
+
+    def _list_buckets(self) -> None:
+        resp = self.server.gateway.client.list_buckets()
+        owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
+        items = "".join(
+            "<Bucket>%s%s</Bucket>"
+            % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
+            for b in resp.get("Buckets", [])
+        )
+        body = "<Owner>%s%s</Owner><Buckets>%s</Buckets>" % (
+            _el("ID", owner.get("ID", "")),
+            _el("DisplayName", owner.get("DisplayName", "")),
+            items,
+        )
+        self._send(200, _xml_doc("ListAllMyBucketsResult", body))
+
+    def _get_bucket_location(self, bucket: str) -> None:
+        self._operation = "GetBucketLocation"
+        resp = self.server.gateway.client.get_bucket_location(Bucket=bucket)
+        location = resp.get("LocationConstraint") or ""
+        self._send(
+            200,
+            (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="%s">%s'
+                "</LocationConstraint>" % (_S3_XMLNS, _xml_escape(location))
+            ).encode(),
+        )
+
+    def _create_bucket(self, bucket: str, signed: _Signed) -> None:
+        self._operation = "CreateBucket"
+        gw = self.server.gateway
+        data = self._small_body(signed)
+        params: dict[str, Any] = {"Bucket": bucket}
+        if data.strip():
+            try:
+                root = _xml_parse(data)
+            except (ValueError, ET.ParseError):
+                raise _S3Reply("MalformedXML") from None
+            location = _xml_text(root, "LocationConstraint")
+            if location:
+                params["CreateBucketConfiguration"] = {"LocationConstraint": location}
+        acl = self._headers.get("x-amz-acl")
+        if acl:
+            params["ACL"] = acl
+        gw.client.create_bucket(**params)
+        self._send(200, headers={"Location": "/" + bucket})
+
+    # -- listings -----------------------------------------------------------------
+
+    def _list_objects(self, bucket: str) -> None:
+        q = self._q
+        v2 = q.get("list-type") == "2"
+        self._operation = "ListObjectsV2" if v2 else "ListObjects"
+        try:
+            max_keys = int(q.get("max-keys", "1000"))
+        except ValueError:
+            raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
+        if max_keys < 0:
+            raise _S3Reply("InvalidArgument", "max-keys must not be negative")
+        encode = q.get("encoding-type") == "url"
+        if "encoding-type" in q and not encode:
+            raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
+        params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
+        for qname, pname in (("prefix", "Prefix"), ("delimiter", "Delimiter")):
+            if q.get(qname):
+                params[pname] = q[qname]
+        client = self.server.gateway.client
+        if v2:
+            if q.get("continuation-token"):
+                params["ContinuationToken"] = q["continuation-token"]
+            if q.get("start-after"):
+                params["StartAfter"] = q["start-after"]
+            if q.get("fetch-owner") == "true":
+                params["FetchOwner"] = True
+            resp = client.list_objects_v2(**params)
+        else:
+            if q.get("marker"):
+                params["Marker"] = q["marker"]
+            resp = client.list_objects(**params)
+
+        def text(value: str) -> str:
+            return _quote(value, safe="/") if encode else value
+
+        parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+        if v2:
+            if q.get("start-after"):
+                parts.append(_el("StartAfter", text(q["start-after"])))
+            if q.get("continuation-token"):
+                parts.append(_el("ContinuationToken", q["continuation-token"]))
+            if resp.get("NextContinuationToken"):
+                parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
+            parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
+        else:
+            parts.append(_el("Marker", text(q.get("marker", ""))))
+            if resp.get("IsTruncated") and resp.get("NextMarker"):
+                parts.append(_el("NextMarker", text(resp["NextMarker"])))
+        parts.append(_el("MaxKeys", max_keys))
+        if q.get("delimiter"):
+            parts.append(_el("Delimiter", text(q["delimiter"])))
+        if encode:
+            parts.append(_el("EncodingType", "url"))
+        parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
+        for obj in resp.get("Contents", []):
+            item = [
+                _el("Key", text(obj["Key"])),
+                _el("LastModified", _iso_ms(obj.get("LastModified"))),
+                _el("ETag", obj.get("ETag", "")),
+                _el("Size", obj.get("Size", 0)),
+            ]
+            owner = obj.get("Owner")
+            if owner and (v2 is False or params.get("FetchOwner")):
+                item.append(
+                    "<Owner>%s%s</Owner>"
+                    % (
+                        _el("ID", owner.get("ID", "")),
+                        _el("DisplayName", owner.get("DisplayName", "")),
+                    )
+                )
+            item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
+            parts.append("<Contents>%s</Contents>" % "".join(item))
+        for p in resp.get("CommonPrefixes", []):
+            parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
+        self._send(200, _xml_doc("ListBucketResult", "".join(parts)))
+
+    # -- objects ------------------------------------------------------------------
+
+    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
+        out = {
+            "ETag": str(resp.get("ETag", "")),
+            "Accept-Ranges": "bytes",
+            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+        }
+        modified = resp.get("LastModified")
+        if isinstance(modified, datetime.datetime):
+            out["Last-Modified"] = _http_date(modified)
+        for header, name in _GATEWAY_OBJECT_HEADERS:
+            if resp.get(name):
+                out[header] = str(resp[name])
+        expires = resp.get("ExpiresString") or resp.get("Expires")
+        if isinstance(expires, datetime.datetime):
+            expires = _http_date(expires)
+        if expires:
+            out["Expires"] = str(expires)
+        for k, v in (resp.get("Metadata") or {}).items():
+            out["x-amz-meta-" + k] = _meta_encode(str(v))
+        for qname, header in _RESPONSE_OVERRIDES:
+            if self._q.get(qname):
+                out[header] = self._q[qname]
+        return out
+
+    def _get_object(self, bucket: str, key: str, head: bool) -> None:
+        self._operation = "HeadObject" if head else "GetObject"
+        client = self.server.gateway.client
+        h = self._headers
+        conditional = any(
+            n in h
+            for n in ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+        )
+        if head or conditional:
+            info = client.head_object(Bucket=bucket, Key=key) if head else None
+            if info is None:
+                try:
+                    info = client.head_object(Bucket=bucket, Key=key)
+                except ClientError as e:
+                    if e.response["Error"]["Code"] in ("404", "NoSuchKey"):
+                        client.get_object(Bucket=bucket, Key=key)  # NoSuchKey or NoSuchBucket
+                    raise
+            verdict = _preconditions(h, info["ETag"], info.get("LastModified"))
+            if verdict == "failed":
+                raise _S3Reply("PreconditionFailed", Condition="If-Match")
+            if verdict == "not-modified":
+                headers = self._object_headers(info)
+                keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
+                self._send(
+                    304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
+                )
+                return
+            if head:
+                headers = self._object_headers(info)
+                rng = h.get("range")
+                size = int(info.get("ContentLength", 0))
+                if rng and "partNumber" not in self._q:
+                    start, end = _parse_range(rng, size)
+                    headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
+                    headers["Content-Length"] = str(end - start + 1)
+                    return self._send(206, headers=headers, content_type=None)
+                headers["Content-Length"] = str(size)
+                return self._send(200, headers=headers, content_type=None)
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if h.get("range"):
+            params["Range"] = h["range"]
+        resp = client.get_object(**params)
+        body = resp["Body"]
+        try:
+            headers = self._object_headers(resp)
+            headers["Content-Length"] = str(resp["ContentLength"])
+            status = 206 if resp.get("ContentRange") else 200
+            self._send(status, headers=headers, content_type=None)
+            left = int(resp["ContentLength"])
+            while left > 0:
+                chunk = body.read(min(_IO_CHUNK, left))
+                if not chunk:
+                    self.close_connection = True  # the client sees a short body, not a lie
+                    break
+                self.wfile.write(chunk)
+                self._bytes_out += len(chunk)
+                left -= len(chunk)
+        except IntegrityError:
+            self.close_connection = True  # bytes that fail verification end the stream
+            raise
+        finally:
+            body.close()
+
+    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
+        """boto3 PutObject parameters from the request headers."""
+        h = self._headers
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        for name, header in _PUT_HEADER_PARAMS:
+            value = h.get(header.lower())
+            if value is None:
+                continue
+            if header == "Content-Encoding":
+                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+                value = ",".join(
+                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+                )
+                if not value:
+                    continue
+            params[name] = value
+        meta = {}
+        for name, value in h.items():
+            if name.startswith("x-amz-meta-"):
+                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+        if meta:
+            params["Metadata"] = meta
+        return params
+
+    def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
+        """Hand a verified file to the client layer (which picks delta or direct)."""
+        result = self.server.gateway.client._put_path(spooled.path, params, spooled.info)
+        info = result.get("DeltaGliderInfo") or {}
+        if info:
+            mib = 1024 * 1024
+            saved = float(info.get("OriginalSizeMB", 0)) - float(info.get("StoredSizeMB", 0))
+            self.server.gateway.metrics.saved(max(0, int(saved * mib)))
+        return result
+
+    def _put_object(self, bucket: str, key: str, signed: _Signed) -> None:
+        self._operation = "PutObject"
+        gw = self.server.gateway
+        if "if-none-match" in self._headers or "if-match" in self._headers:
+            raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
+        params = self._put_params(bucket, key)
+        spooled = self._spool(signed, gw.max_object_size)
+        try:
+            result = self._store(spooled, params)
+        finally:
+            os.unlink(spooled.path)
+        self._send(200, headers={"ETag": result["ETag"]})
+
+    def _copy_source(self) -> tuple[str, str]:
+        text = urllib.parse.unquote(self._headers["x-amz-copy-source"])
+        if "?versionId=" in text:
+            raise _S3Reply("NotImplemented", "Copying a version is not supported by the gateway")
+        src_bucket, _, src_key = text.lstrip("/").partition("/")
+        if not src_bucket or not src_key:
+            raise _S3Reply(
+                "InvalidArgument",
+                "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+            )
+        return src_bucket, src_key
+
+    def _copy_object(self, bucket: str, key: str) -> None:
+        self._operation = "CopyObject"
+        client = self.server.gateway.client
+        src_bucket, src_key = self._copy_source()
+        h = self._headers
+        if any(n.startswith("x-amz-copy-source-if-") for n in h):
+            src = client.head_object(Bucket=src_bucket, Key=src_key)
+            if _preconditions(h, src["ETag"], src.get("LastModified"), "x-amz-copy-source-"):
+                raise _S3Reply("PreconditionFailed")
+        directive = h.get("x-amz-metadata-directive", "COPY").upper()
+        if directive not in ("COPY", "REPLACE"):
+            raise _S3Reply("InvalidArgument", "Unknown metadata directive.")
+        if directive == "COPY" and (src_bucket, src_key) == (bucket, key):
+            raise _S3Reply(
+                "InvalidRequest",
+                "This copy request is illegal because it is trying to copy an object to itself "
+                "without changing the object's metadata, storage class, website redirect "
+                "location or encryption attributes.",
+            )
+        params = self._put_params(bucket, key)
+        if directive == "COPY":
+            for name in (
+                "Metadata",
+                "ContentType",
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+            ):
+                params.pop(name, None)
+        params["CopySource"] = {"Bucket": src_bucket, "Key": src_key}
+        params["MetadataDirective"] = directive
+        result = client.copy_object(**params)
+        res = result["CopyObjectResult"]
+        body = _el("LastModified", _iso_ms(res.get("LastModified"))) + _el("ETag", res["ETag"])
+        self._send(200, _xml_doc("CopyObjectResult", body))
+
+    def _delete_objects(self, bucket: str, signed: _Signed) -> None:
+        self._operation = "DeleteObjects"
+        root = self._xml_body(signed)
+        keys = [_xml_text(o, "Key") or "" for o in root.findall("Object")]
+        if len(keys) > _DELETE_BATCH:
+            raise _S3Reply("MalformedXML", "A DeleteObjects request takes at most 1000 keys")
+        quiet = (_xml_text(root, "Quiet") or "").strip().lower() == "true"
+        resp = self.server.gateway.client.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": quiet}
+        )
+        parts = []
+        for d in resp.get("Deleted", []):
+            parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+        for e in resp.get("Errors", []):
+            parts.append(
+                "<Error>%s%s%s</Error>"
+                % (
+                    _el("Key", e.get("Key", "")),
+                    _el("Code", e.get("Code", "")),
+                    _el("Message", e.get("Message", "")),
+                )
+            )
+        self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+
+    # -- multipart ------------------------------------------------------------------
+
+    def _create_upload(self, bucket: str, key: str) -> None:
+        self._operation = "CreateMultipartUpload"
+        gw = self.server.gateway
+        gw.client.head_bucket(Bucket=bucket)
+        _validate_key(key)
+        params = self._put_params(bucket, key)
+        record = {
+            "Bucket": bucket,
+            "Key": key,
+            "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
+            "Initiated": _iso_utc(gw._now()),
+            "Initiator": self._access_key,
+        }
+        upload_id = gw.uploads.create(record)
+        body = _el("Bucket", bucket) + _el("Key", key) + _el("UploadId", upload_id)
+        self._send(200, _xml_doc("InitiateMultipartUploadResult", body))
+
+    def _part_number(self) -> int:
+        try:
+            n = int(self._q.get("partNumber", ""))
+        except ValueError:
+            raise _S3Reply(
+                "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+            ) from None
+        if not 1 <= n <= _MAX_PARTS:
+            raise _S3Reply(
+                "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+            )
+        return n
+
+    def _upload_part(self, bucket: str, key: str, signed: _Signed) -> None:
+        self._operation = "UploadPart"
+        gw = self.server.gateway
+        if "x-amz-copy-source" in self._headers:
+            self._operation = "UploadPartCopy"
+            raise _S3Reply("NotImplemented", "UploadPartCopy is not supported by the gateway")
+        upload_id = self._q["uploadId"]
+        number = self._part_number()
+        gw.uploads.record(bucket, key, upload_id)
+        spooled = self._spool(signed, gw.max_object_size)
+        try:
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+        finally:
+            if os.path.exists(spooled.path):
+                os.unlink(spooled.path)
+        self._send(200, headers={"ETag": '"%s"' % spooled.info.md5})
+
+    def _list_parts(self, bucket: str, key: str) -> None:
+        self._operation = "ListParts"
+        gw = self.server.gateway
+        upload_id = self._q["uploadId"]
+        rec = gw.uploads.record(bucket, key, upload_id)
+        try:
+            marker = int(self._q.get("part-number-marker") or 0)
+            max_parts = min(1000, int(self._q.get("max-parts") or 1000))
+        except ValueError:
+            raise _S3Reply(
+                "InvalidArgument", "part-number-marker and max-parts are numbers"
+            ) from None
+        numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
+        parts = gw.uploads.parts(upload_id)
+        shown = numbers[:max_parts]
+        truncated = len(numbers) > max_parts
+        items = "".join(
+            "<Part>%s%s%s%s</Part>"
+            % (
+                _el("PartNumber", n),
+                _el("LastModified", _iso_ms(_parse_timestamp(parts[n]["LastModified"]))),
+                _el("ETag", parts[n]["ETag"]),
+                _el("Size", parts[n]["Size"]),
+            )
+            for n in shown
+        )
+        owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
+            _xml_escape(rec.get("Initiator", "")),
+            _xml_escape(rec.get("Initiator", "")),
+        )
+        body = (
+            _el("Bucket", bucket)
+            + _el("Key", key)
+            + _el("UploadId", upload_id)
+            + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
+            + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
+            + _el("PartNumberMarker", marker)
+            + _el("NextPartNumberMarker", shown[-1] if shown else marker)
+            + _el("MaxParts", max_parts)
+            + _el("IsTruncated", truncated)
+            + items
+        )
+        self._send(200, _xml_doc("ListPartsResult", body))
+
+    def _list_uploads(self, bucket: str) -> None:
+        self._operation = "ListMultipartUploads"
+        gw = self.server.gateway
+        gw.client.head_bucket(Bucket=bucket)
+        prefix = self._q.get("prefix", "")
+        ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
+        items = "".join(
+            "<Upload>%s%s%s%s</Upload>"
+            % (
+                _el("Key", u["Key"]),
+                _el("UploadId", u["UploadId"]),
+                _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
+                _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
+            )
+            for u in ups[:1000]
+        )
+        body = (
+            _el("Bucket", bucket)
+            + _el("KeyMarker", "")
+            + _el("UploadIdMarker", "")
+            + _el("Prefix", prefix)
+            + _el("MaxUploads", 1000)
+            + _el("IsTruncated", len(ups) > 1000)
+            + items
+        )
+        self._send(200, _xml_doc("ListMultipartUploadsResult", body))
+
+    def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
+        self._operation = "CompleteMultipartUpload"
+        gw = self.server.gateway
+        upload_id = self._q["uploadId"]
+        rec = gw.uploads.record(bucket, key, upload_id)
+        root = self._xml_body(signed)
+        wanted: list[tuple[int, str]] = []
+        for part in root.findall("Part"):
+            try:
+                number = int(_xml_text(part, "PartNumber") or "")
+            except ValueError:
+                raise _S3Reply("MalformedXML") from None
+            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+        if not wanted:
+            raise _S3Reply("MalformedXML", "You must specify at least one part")
+        numbers = [n for n, _ in wanted]
+        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+            raise _S3Reply("InvalidPartOrder")
+        with gw.uploads.lock(upload_id):
+            have = gw.uploads.parts(upload_id)
+            for i, (number, etag) in enumerate(wanted):
+                got = have.get(number)
+                if got is None or got["ETag"].strip('"') != etag:
+                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                    raise _S3Reply(
+                        "EntityTooSmall",
+                        ProposedSize=str(got["Size"]),
+                        MinSizeAllowed=str(_MIN_PART_SIZE),
+                        PartNumber=str(number),
+                    )
+            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
+            md5, sha = hashlib.md5(), hashlib.sha256()
+            size = 0
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for number, _ in wanted:
+                        with open(have[number]["path"], "rb") as f:
+                            while True:
+                                data = f.read(_IO_CHUNK)
+                                if not data:
+                                    break
+                                md5.update(data)
+                                sha.update(data)
+                                size += len(data)
+                                out.write(data)
+                params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
+                spooled = _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+                result = self._store(spooled, params)
+            finally:
+                os.unlink(path)
+            gw.uploads.remove(upload_id)
+        host = self._headers.get("host", "")
+        body = (
+            _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
+            + _el("Bucket", bucket)
+            + _el("Key", key)
+            + _el("ETag", result["ETag"])
+        )
+        self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The listening socket: at most ``workers`` connections are served at once; more wait
+    in the kernel's accept queue (back-pressure) instead of taking memory here."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        gateway: _Gateway,
+        *,
+        workers: int = 64,
+        idle_timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+        metrics_only: bool = False,
+    ) -> None:
+        self.gateway = gateway
+        self.metrics_only = metrics_only
+        self.idle_timeout = idle_timeout
+        self.tls = tls
+        self.stopping = False
+        self._slots = threading.BoundedSemaphore(workers)
+        self._conns: dict[_GatewayHandler, bool] = {}
+        self._conns_lock = threading.Condition()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, _GatewayHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's FQDN, which can wait on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host, port = str(self.server_address[0]), int(self.server_address[1])
+        if ":" in host:
+            host = "[%s]" % host
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, port)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.tls is not None:  # the handshake runs in the worker, not the accept loop
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def track(self, handler: _GatewayHandler, busy: bool) -> None:
+        with self._conns_lock:
+            self._conns[handler] = busy
+            if not busy and self.stopping:
+                handler.close_connection = True
+            self._conns_lock.notify_all()
+
+    def untrack(self, handler: _GatewayHandler) -> None:
+        with self._conns_lock:
+            self._conns.pop(handler, None)
+            self._conns_lock.notify_all()
+
+    def drain(self, grace: float) -> int:
+        """Stop: idle keep-alive connections are closed now, requests in flight get
+        ``grace`` seconds to finish; returns how many were still running."""
+        self.stopping = True
+        deadline = time.monotonic() + grace
+        with self._conns_lock:
+            while True:
+                for handler, busy in list(self._conns.items()):
+                    if not busy:
+                        with contextlib.suppress(OSError):
+                            handler.connection.shutdown(socket.SHUT_RDWR)
+                busy_left = sum(1 for b in self._conns.values() if b)
+                left = deadline - time.monotonic()
+                if not self._conns or left <= 0:
+                    return busy_left
+                self._conns_lock.wait(min(left, 0.2))
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
+    args = cli.args
+
+    def address(text: str, option: str) -> tuple[str, int]:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise InvalidConfigError(
+                error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
+            )
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    host, port = address(args.listen, "--listen")
+    users = _GatewayUsers.load(args.users, cli.environ)
+    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
+        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and tls is None:
+        cli.error(
+            "warning: serving on %s without TLS: requests and their data travel "
+            "unencrypted (give --tls-cert and --tls-key)" % host
+        )
+    client = cli.client
+    backend = client.storage.endpoint_url  # resolves the back end now: errors show at start
+    state = args.state_dir or os.path.join(_default_cache_dir(cli.environ), "gateway")
+    gateway = _Gateway(
+        client,
+        _GatewayAuth(users),
+        state_dir=state,
+        domain=args.domain,
+        request_timeout=args.request_timeout,
+        log=None if args.quiet else cli.err,
+    )
+    servers = [
+        _GatewayServer(
+            (host, port), gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
+        )
+    ]
+    if args.metrics_listen:  # unauthenticated, for a Prometheus scraper
+        servers.append(
+            _GatewayServer(
+                address(args.metrics_listen, "--metrics-listen"),
+                gateway,
+                workers=4,
+                metrics_only=True,
+            )
+        )
+    stop = threading.Event()
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    cli.error(
+        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
+        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
+    )
+    if len(servers) > 1:
+        cli.error("metrics on %s/metrics" % servers[1].url)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s in servers:
+            s.stopping = True
+            s.shutdown()
+        left = servers[0].drain(args.grace)
+        for s in servers:
+            s.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        cli.error(
+            "stopped" + (" (%d request(s) cut off after %gs)" % (left, args.grace) if left else "")
+        )
+    return EXIT_OK
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -9357,6 +12429,53 @@ def _safe_relative(rel: str) -> str | None:
     if re.match(r"^[A-Za-z]:", rel):
         return None
     return os.path.join(*parts)
+
+
+def _is_within(path: str, root: str) -> bool:
+    """Whether a resolved ``path`` is ``root`` or below it (both from os.path.realpath)."""
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # another drive on Windows
+        return False
+
+
+def _is_dir_entry(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink
+    except OSError:
+        return False
+
+
+def _leads_outside(root: str, path: str) -> bool:
+    """Whether writing ``path`` below ``root`` would go through a symlink that leads out of
+    ``root``: the deepest folder of ``path`` that exists must resolve inside ``root`` (the
+    rest is created as real folders). A link at ``path`` itself is replaced, not written
+    through (downloads rename a temporary file over it)."""
+    top = os.path.abspath(root)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != top and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.lexists(folder):
+        return False  # not even the root exists yet: every folder is created for real
+    return not _is_within(os.path.realpath(folder), os.path.realpath(root))
+
+
+def _under_any(rel: str, unread: Sequence[str]) -> bool:
+    """Whether ``rel`` is one of ``unread`` or below one of its folders ("sub/")."""
+    return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _printable(text: str) -> str:
+    """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
+    shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
+    the terminal."""
+    return _CONTROL_CHARS.sub(
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    )
 
 
 def _display_path(path: str) -> str:
@@ -9410,7 +12529,7 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = max(1, int(getattr(args, "max_concurrency", None) or 10))
+        self.workers = getattr(args, "max_concurrency", None) or 10
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
@@ -9427,10 +12546,12 @@ class _Cli:
                 max_attempts=self.args.max_attempts,
                 connect_timeout=self.args.cli_connect_timeout,
                 read_timeout=self.args.cli_read_timeout,
+                request_timeout=self.args.cli_request_timeout,
                 max_pool_connections=max(10, self.workers),
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            memory_limit = getattr(self.args, "memory_limit", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
                 region_name=self.args.region,
@@ -9440,6 +12561,7 @@ class _Cli:
                 max_ratio=max_ratio,
                 max_workers=self.workers,
                 archive_aware=archive_aware,
+                memory_limit=memory_limit,
                 environ=self.environ,
             )
         return self._client
@@ -9450,14 +12572,14 @@ class _Cli:
         if self.quiet or self.errors_only:
             return
         with self._print_lock:
-            self.out.write(text + "\n")
+            self.out.write(_printable(text) + "\n")
             self.out.flush()
 
     def error(self, text: str) -> None:
         if self.quiet:
             return
         with self._print_lock:
-            self.err.write(text + "\n")
+            self.err.write(_printable(text) + "\n")
             self.err.flush()
 
     def fail(self, text: str) -> None:
@@ -9488,13 +12610,9 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client._engine.storage
-        token: str | None = None
-        while True:
-            page = storage.list_objects_v2(bucket, prefix=prefix, continuation_token=token)
+        for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return keys
-            token = page.get("NextContinuationToken")
+        return keys
 
     def list_logical(
         self, bucket: str, prefix: str, fetch: bool = False
@@ -9612,10 +12730,25 @@ class _Cli:
         return extra
 
     def download_one(
-        self, bucket: str, key: str, path: str, verb: str = "download", mtime: Any = None
+        self,
+        bucket: str,
+        key: str,
+        path: str,
+        verb: str = "download",
+        mtime: Any = None,
+        root: str | None = None,
     ) -> None:
+        """``root``: the destination folder of a recursive download or sync, which
+        nothing may be written outside of, even through a symlink inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
+        if root is not None and _leads_outside(root, path):
+            self.warn(
+                "Skipping %s: %s is reached through a symlink that leads outside %s"
+                % (src, shown, _display_path(root))
+            )
+            self.file_done()
+            return
         if getattr(self.args, "dryrun", False):
             self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
             return
@@ -9676,32 +12809,83 @@ class _Cli:
         finally:
             self.file_done()
 
-    def local_files(self, root: str) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of regular files under ``root``, sorted;
-        special files are skipped with a warning, as aws s3 does."""
+    def local_files(
+        self, root: str, *, confine: bool = False, unread: list[str] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+        The one walk of local folders. Symlinks are followed as aws s3 does (unless
+        --no-follow-symlinks), but a symlinked folder is entered only the first time its
+        real folder is met, and never when it is one of its own parents: link loops end,
+        and repeated links cost one visit (aws s3 walks them until the path is too long).
+        With ``confine`` (a destination), symlinked folders are not entered: a delete never
+        goes through a link (out of the destination, or onto a file another key maps to);
+        a symlinked file is yielded as itself (unlinking it removes only the link).
+
+        What cannot be read (an unreadable folder or file, a special file) is skipped with a
+        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+        ``unread``: the remote copies of what could not be read are never deleted. Folders
+        skipped as already visited are added to ``unread`` without a warning."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                try:
-                    st = os.stat(path) if follow else os.lstat(path)
-                except OSError as e:
-                    self.warn("Skipping file %s. %s" % (path, e.strerror))
+        skipped = unread if unread is not None else []
+        visited: set[tuple[int, int]] = set()
+        # A stack of (real folder id, its relative path, its entries still to visit).
+        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+        def enter(path: str, rel: str, via_link: bool) -> None:
+            try:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+                if any(ident == parent for parent, _, _ in stack) or (
+                    via_link and ident in visited
+                ):
+                    skipped.append(rel)  # a link loop, or a folder already walked via a link
+                    return
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:
+                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+                skipped.append(rel)
+                return
+            visited.add(ident)
+            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+            stack.append((ident, rel, entries))
+
+        enter(root, "", via_link=False)
+        while stack:
+            _, rel_dir, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                continue
+            entry = entries.pop()
+            path, rel = entry.path, rel_dir + entry.name
+            link = entry.is_symlink()
+            if link and (not follow or (confine and _is_dir_entry(entry))):
+                continue
+            if _is_dir_entry(entry):
+                enter(path, rel + "/", via_link=link)
+                continue
+            try:
+                st = os.stat(path) if follow else os.lstat(path)
+            except OSError as e:
+                self.warn("Skipping file %s. %s" % (path, e.strerror))
+                skipped.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    if stat.S_ISLNK(st.st_mode):
-                        continue
-                    self.warn(
-                        "Skipping file %s. File is character special device, block special "
-                        "device, FIFO, or socket." % path
-                    )
-                    continue
-                if not os.access(path, os.R_OK):
-                    self.warn("Skipping file %s. File/Directory is not readable." % path)
-                    continue
-                yield path, rel
+                self.warn(
+                    "Skipping file %s. File is character special device, block special "
+                    "device, FIFO, or socket." % path
+                )
+                skipped.append(rel)
+                continue
+            if not os.access(path, os.R_OK):
+                self.warn("Skipping file %s. File/Directory is not readable." % path)
+                skipped.append(rel)
+                continue
+            yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
         src, dst = self.args.source, self.args.dest
@@ -9716,28 +12900,26 @@ class _Cli:
         if src_s3 and dst_s3:
             sb, sk = _parse_s3_url(src)
             db, dk = _parse_s3_url(dst)
+            command = "mv" if move else "cp"
             if not recursive:
                 if not dk or dk.endswith("/"):
                     dk += sk.rsplit("/", 1)[-1]
+                _refuse_onto_itself(command, sb, db, [(sk, dk)])
                 self.copy_one(sb, sk, db, dk, "move" if move else "copy")
                 return self.exit_code()
             prefix = sk if not sk or sk.endswith("/") else sk + "/"
             dprefix = dk if not dk or dk.endswith("/") else dk + "/"
             filters = self.filters()
-            tasks: list[Callable[[], None]] = []
-            for obj in self.list_logical(sb, prefix):
-                rel = obj["Key"][len(prefix) :]
-                if filters.included(rel):
-                    tasks.append(
-                        functools.partial(
-                            self.copy_one,
-                            sb,
-                            obj["Key"],
-                            db,
-                            dprefix + rel,
-                            "move" if move else "copy",
-                        )
-                    )
+            pairs = [
+                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+                for obj in self.list_logical(sb, prefix)
+                if filters.included(obj["Key"][len(prefix) :])
+            ]
+            _refuse_onto_itself(command, sb, db, pairs)
+            tasks: list[Callable[[], None]] = [
+                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
+                for s_key, d_key in pairs
+            ]
             self.run_tasks(tasks, 0)
             return self.exit_code()
         if dst_s3:
@@ -9826,6 +13008,7 @@ class _Cli:
                         obj["Key"],
                         os.path.join(dst, safe),
                         "move" if move else "download",
+                        root=dst,
                     )
                 )
         self.run_tasks(tasks, 0)
@@ -9887,7 +13070,7 @@ class _Cli:
         folders = 0
         for page in paginator.paginate(**kwargs):
             for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), p["Prefix"][len(base) :]))
+                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
                 folders += 1
             for obj in page.get("Contents", []):
                 if obj["Key"].startswith(".deltaglider/"):
@@ -9896,7 +13079,8 @@ class _Cli:
                 total += obj["Size"]
                 stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                self.out.write("%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), name))
+                size = fmt_size(obj["Size"]).rjust(10)
+                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
             if not page.get("Contents") and not page.get("CommonPrefixes") and key:
                 pass
         if self.args.summarize:
@@ -10028,7 +13212,7 @@ class _Cli:
 
     def sync_up(self, src: str, dst: str) -> int:
         if not os.path.isdir(src):
-            raise _FatalError("The user-provided path %s does not exist." % src)
+            _refuse_sync_path(src)
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -10038,7 +13222,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         total = 0
         seen = set()
-        for path, rel in self.local_files(src):
+        unread: list[str] = []
+        for path, rel in self.local_files(src, unread=unread):
             if not filters.included(rel):
                 continue
             seen.add(rel)
@@ -10055,7 +13240,9 @@ class _Cli:
         self.run_tasks(tasks, total)
         if self.args.delete:
             gone = [
-                prefix + rel for rel in sorted(remote) if rel not in seen and filters.included(rel)
+                prefix + rel
+                for rel in sorted(remote)
+                if rel not in seen and filters.included(rel) and not _under_any(rel, unread)
             ]
             self.delete_keys(bucket, gone)
         return self.exit_code()
@@ -10102,6 +13289,8 @@ class _Cli:
         return int(src_mtime) > int(dst_mtime)
 
     def sync_down(self, src: str, dst: str) -> int:
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            _refuse_sync_path(dst)
         bucket, key = _parse_s3_url(src)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
@@ -10129,10 +13318,10 @@ class _Cli:
                     continue
             except OSError:
                 pass
-            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path))
+            tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path, root=dst))
         self.run_tasks(tasks, sum(remote[r]["Size"] for r in remote if r in remote))
         if self.args.delete and os.path.isdir(dst):
-            for path, rel in list(self.local_files(dst)):
+            for path, rel in list(self.local_files(dst, confine=True)):
                 if os.path.normpath(path) not in wanted and filters.included(rel):
                     if self.dry():
                         self.line("(dryrun) delete: %s" % _display_path(path))
@@ -10294,6 +13483,8 @@ class _Cli:
                 if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+        if _store_identity(source) == _store_identity(self.client):
+            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -10413,6 +13604,51 @@ class _FatalError(DeltaGliderError):
     """A run that cannot start (missing file, bad URL): one line, exit 1."""
 
 
+def _refuse_sync_path(path: str) -> None:
+    """sync compares folders: a local path that is not one is refused before any work."""
+    if os.path.lexists(path):
+        raise _FatalError(
+            "The user-provided path %s is not a folder: sync takes folders "
+            "(cp copies a single file)" % path
+        )
+    raise _FatalError("The user-provided path %s does not exist." % path)
+
+
+def _store_identity(client: DeltaGliderClient) -> str:
+    """Which store a client talks to (endpoint, or local directory): two clients with the same
+    identity see the same bucket under the same name."""
+    storage = client._engine.storage
+    if isinstance(storage, _LocalStorage):
+        return "file:" + os.path.realpath(storage._root)
+    return str(storage.endpoint_url).lower()
+
+
+def _refuse_onto_itself(
+    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+) -> None:
+    """The one check for cp, mv, migrate (and any command that reads and writes one store):
+    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
+    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
+    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
+    delete what it just wrote)."""
+    if src_bucket != dst_bucket:
+        return
+    for s_key, d_key in pairs:
+        if s_key == d_key:
+            raise _UsageError(
+                "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
+                % (command, src_bucket, s_key, dst_bucket, d_key)
+            )
+    sources = {s_key for s_key, _ in pairs}
+    for s_key, d_key in pairs:
+        if d_key in sources:
+            raise _UsageError(
+                "Cannot %s s3://%s/%s to s3://%s/%s: the destination is also a source of this "
+                "%s (the prefixes overlap); nothing was changed"
+                % (command, src_bucket, s_key, dst_bucket, d_key, command)
+            )
+
+
 def _one_line(e: BaseException) -> str:
     """An error as one line for the CLI: every line of its text, whitespace folded
     (a ParamValidationError's reason is on its second line)."""
@@ -10484,6 +13720,19 @@ class _ExitNow(Exception):
         self.status = status
 
 
+def _option(parse: Callable[..., Any], option: str, **limits: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` from a settings parser: a bad value is a usage error that names
+    the option and what it accepts (argparse's own "invalid int value" names neither)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, option, **limits)
+        except InvalidConfigError as e:
+            raise _UsageError("deltaglider: error: %s" % e) from None
+
+    return convert
+
+
 def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = argparse.SUPPRESS if suppress else None
     g = p.add_argument_group("global options")
@@ -10511,14 +13760,65 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         default=d if suppress else False,
         help="log requests (secrets redacted)",
     )
-    g.add_argument("--max-concurrency", type=int, default=d, help="parallel transfers (default 10)")
-    g.add_argument("--max-attempts", type=int, default=d, help="attempts per request (default 3)")
     g.add_argument(
-        "--cli-connect-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--memory-limit",
+        type=_option(_parse_size, "--memory-limit", minimum=_MIN_MEMORY_LIMIT),
+        default=d,
+        metavar="SIZE",
+        help="peak memory of deltaglider and its xdelta3 runs, e.g. 2G "
+        "(default 600MB; DG_MEMORY_LIMIT)",
     )
     g.add_argument(
-        "--cli-read-timeout", type=float, default=d if suppress else 60.0, help="seconds"
+        "--max-concurrency",
+        type=_option(_parse_int, "--max-concurrency", minimum=1),
+        default=d,
+        help="parallel transfers (default 10)",
     )
+    g.add_argument(
+        "--max-attempts",
+        type=_option(_parse_int, "--max-attempts", minimum=1),
+        default=d,
+        help="attempts per request (default 3)",
+    )
+    g.add_argument(
+        "--cli-connect-timeout",
+        type=_option(_parse_number, "--cli-connect-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-read-timeout",
+        type=_option(_parse_number, "--cli-read-timeout", above=0),
+        default=d if suppress else 60.0,
+        help="seconds (default 60)",
+    )
+    g.add_argument(
+        "--cli-request-timeout",
+        type=_option(_parse_number, "--cli-request-timeout", above=0),
+        default=d if suppress else _DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a reply may take to send its headers, or each MiB of its body, however"
+        " slowly the bytes trickle in (default %d)" % _DEFAULT_REQUEST_TIMEOUT,
+    )
+
+
+_SERVE_EPILOG = """\
+Point S3 clients at it (the gateway's key pair, not the back end's):
+
+  export DG_GATEWAY_ACCESS_KEY_ID=gw-key DG_GATEWAY_SECRET_ACCESS_KEY=gw-secret
+  python deltaglider.py --endpoint-url file:///srv/artifacts serve --listen 127.0.0.1:8333
+
+  AWS_ACCESS_KEY_ID=gw-key AWS_SECRET_ACCESS_KEY=gw-secret AWS_DEFAULT_REGION=us-east-1 \\
+    aws --endpoint-url http://127.0.0.1:8333 s3 cp build-1.3.zip s3://releases/v1/
+
+  rclone: a remote with type = s3, provider = Other, endpoint = http://127.0.0.1:8333,
+  access_key_id = gw-key, secret_access_key = gw-secret, force_path_style = true;
+  or on the command line:
+  rclone copy ./dist :s3,provider=Other,endpoint=http://127.0.0.1:8333,\\
+    access_key_id=gw-key,secret_access_key=gw-secret:releases/v1
+
+GET /metrics (signed like any request, or on --metrics-listen without auth) is in
+Prometheus text format. One access line per request goes to stderr (--quiet: none).
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -10581,7 +13881,7 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--max-ratio",
-            type=float,
+            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
         )
         p.add_argument(
@@ -10589,16 +13889,16 @@ def _build_parser() -> argparse.ArgumentParser:
         )
 
     p = command("cp", "copy files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
+    p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
     transfer_flags(p)
     p = command("mv", "move files to, from or between S3 locations")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local file or folder, or s3://bucket/key")
+    p.add_argument("dest", help="a local path or s3://bucket/key")
     transfer_flags(p)
     p = command("sync", "make a destination folder or prefix match the source")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="a local folder or s3://bucket/prefix/")
+    p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
     transfer_flags(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
@@ -10608,54 +13908,138 @@ def _build_parser() -> argparse.ArgumentParser:
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
     p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
-    p.add_argument("path", nargs="?", default="")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("-h", "--human-readable", action="store_true")
-    p.add_argument("--summarize", action="store_true")
+    p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
+    )
+    p.add_argument(
+        "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
+    )
+    p.add_argument("--summarize", action="store_true", help="end with the object count and size")
     p = command("rm", "delete objects (references are removed with their last delta)")
-    p.add_argument("path")
-    p.add_argument("-r", "--recursive", action="store_true")
-    p.add_argument("--exclude", action=_FilterAction, dest="exclude", metavar="PATTERN")
-    p.add_argument("--include", action=_FilterAction, dest="include", metavar="PATTERN")
-    p.add_argument("--dryrun", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--only-show-errors", action="store_true")
+    p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="delete every key under the prefix"
+    )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="do not delete matching keys (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="delete matching keys even if excluded before (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
     p = command("mb", "make a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p = command("rb", "remove a bucket")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
     p = command("verify", "rebuild an object and check its SHA-256")
-    p.add_argument("path")
+    p.add_argument("path", help="s3://bucket/key")
     p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
-    p.add_argument("path")
-    p.add_argument("--expires-in", type=int, default=3600, help="seconds, 1 to 604800")
+    p.add_argument("path", help="s3://bucket/key")
+    p.add_argument(
+        "--expires-in",
+        type=_option(_parse_int, "--expires-in", minimum=1, maximum=604800),
+        default=3600,
+        help="seconds, 1 to 604800 (default 3600)",
+    )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
-    p.add_argument("path", metavar="BUCKET")
+    p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
     p = command("stats", "what a bucket holds and what deltas save")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
-    p.add_argument("source")
-    p.add_argument("dest")
+    p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
+    p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
     transfer_flags(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
+    p = command(
+        "serve",
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+    )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _SERVE_EPILOG
+    p.add_argument(
+        "--listen", default="127.0.0.1:8333", help="HOST:PORT to serve on (default %(default)s)"
+    )
+    p.add_argument(
+        "--users",
+        metavar="FILE",
+        help="ACCESS_KEY_ID:SECRET_ACCESS_KEY lines (default: one key pair from "
+        "DG_GATEWAY_ACCESS_KEY_ID and DG_GATEWAY_SECRET_ACCESS_KEY)",
+    )
+    p.add_argument(
+        "--domain", help="also serve virtual-hosted style: BUCKET.DOMAIN is bucket BUCKET"
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--workers", type=int, default=64, help="connections served at once (default 64)"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a connection may stay silent (default 60)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds a request body may take to arrive (default 3600)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight get to finish on Ctrl-C/SIGTERM (default 30)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve GET /metrics there, without authentication (for Prometheus)",
+    )
+    p.add_argument(
+        "--state-dir", help="spooled uploads and multipart parts (default: DG_CACHE_DIR/gateway)"
+    )
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files member by member (DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument("--max-ratio", type=float, help="largest delta worth storing (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
-    p.add_argument("bucket")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
     p = command("put-bucket-acl", "set a bucket's ACL")
-    p.add_argument("bucket")
-    p.add_argument("--acl")
-    p.add_argument("--grant-full-control")
-    p.add_argument("--grant-read")
-    p.add_argument("--grant-read-acp")
-    p.add_argument("--grant-write")
-    p.add_argument("--grant-write-acp")
-    p.add_argument("--access-control-policy", help="JSON AccessControlPolicy")
+    p.add_argument("bucket", help="bucket name or s3://bucket")
+    p.add_argument(
+        "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
+    )
+    grantee = "grantees as type=value pairs, e.g. id=CANONICAL-ID or uri=GROUP-URI"
+    p.add_argument("--grant-full-control", metavar="GRANTEES", help="full control: " + grantee)
+    p.add_argument("--grant-read", metavar="GRANTEES", help="list the objects: " + grantee)
+    p.add_argument("--grant-read-acp", metavar="GRANTEES", help="read the ACL: " + grantee)
+    p.add_argument("--grant-write", metavar="GRANTEES", help="write objects: " + grantee)
+    p.add_argument("--grant-write-acp", metavar="GRANTEES", help="write the ACL: " + grantee)
+    p.add_argument(
+        "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
+    )
     return parser
 
 
@@ -10681,13 +14065,19 @@ class _RedactingFilter(logging.Filter):
         super().__init__()
         self._secrets = [s for s in secrets if s and len(s) >= 4]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+    def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
             text = pattern.sub(repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
-        record.msg, record.args = text, None
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self._redact(record.getMessage()), None
+        if record.exc_info:  # the traceback too: the formatter then uses exc_text as is
+            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
         return True
 
 
@@ -10706,6 +14096,7 @@ _COMMANDS: dict[str, Callable[[_Cli], int]] = {
     "migrate": lambda cli: cli.cmd_migrate(),
     "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
     "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
+    "serve": _cmd_serve,
 }
 
 
@@ -10730,17 +14121,25 @@ def main(
         return e.status
     except _UsageError as e:
         err.write(parser.format_usage())
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     if not args.command:
         err.write(parser.format_usage())
         err.write("deltaglider: error: a command is needed (cp, ls, rm, sync, ...)\n")
         return EXIT_USAGE
+    try:
+        _check_settings(env)  # a bad DG_* value stops every command before it starts
+    except InvalidConfigError as e:
+        err.write("deltaglider: error: %s\n" % e)
+        return EXIT_USAGE
     handler: logging.Handler | None = None
     if args.debug:
         handler = logging.StreamHandler(err)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [env.get("AWS_SECRET_ACCESS_KEY", ""), env.get("AWS_SESSION_TOKEN", "")]
+        secrets = [
+            env.get(name, "").strip()
+            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+        ]
         handler.addFilter(_RedactingFilter(secrets))
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
@@ -10757,12 +14156,12 @@ def main(
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
     except _UsageError as e:
-        err.write(str(e) + "\n")
+        err.write(_printable(str(e)) + "\n")
         return EXIT_USAGE
     except (DeltaGliderError, OSError, ValueError) as e:
         if args.debug:
             logger.exception("fatal error")
-        message = _one_line(e)
+        message = _printable(_one_line(e))
         if isinstance(e, _FatalError):
             err.write(message + "\n")
         else:

@@ -2,7 +2,8 @@
 """deltaglider benchmark: ours vs deltaglider==6.2.0 vs `aws s3` on a real S3 server.
 
 Stdlib only (Python 3.8+). See benchmarks/README section in the top-level README and
-`python3 benchmarks/bench.py --help`. Writes benchmarks/RESULTS.md and benchmarks/results.json.
+`python3 benchmarks/bench.py --help`. Writes benchmarks/RESULTS.md and benchmarks/results.json
+(--small, the CI run: CACHE/results-small/, leaving the tracked files alone).
 
 Exit status: non-zero only if OUR tool crashed or returned wrong bytes (or the harness itself
 could not run). Slow figures and missed targets are reported, never fatal.
@@ -887,7 +888,7 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
 
 
 # --------------------------------------------------------------------------- main
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="CI mode: tiny synthetic corpus, 1 repetition")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions (default 3; --small: 1)")
@@ -910,9 +911,17 @@ def main():
     ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small)")
     ap.add_argument("--big-tools", default="ours,original,awscli", help="tools run on the big file")
     ap.add_argument("--keep-objects", action="store_true")
-    ap.add_argument("--out", default=HERE)
+    ap.add_argument("--out", help="where RESULTS.md and results.json go (default: benchmarks/; "
+                    "--small: CACHE/results-small, so CI never rewrites the tracked files)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(args.cache, "results-small") if args.small else HERE
+    return args
+
+
+def main():
+    args = parse_args()
     if args.report_only:
         with open(os.path.join(args.out, "results.json")) as f:
             saved = json.load(f)
