@@ -8039,6 +8039,8 @@ class _DeltaEngine:
         # A key ending in .delta is stored in delta form whatever its content, size or
         # --no-delta: its plain name is another key's delta (_logical_key).
         required = _delta_only(key)
+        if required:
+            self._refuse_shadowed(bucket, key)
         if required or (size > 0 and self.eligible(key, path, delta)):
             with self.cache.hold():  # the reference (and its expanded form) stay while used
                 summary = self._put_delta(
@@ -8091,6 +8093,16 @@ class _DeltaEngine:
             raise
         return True
 
+    def _refuse_shadowed(self, bucket: str, key: str) -> None:
+        """``x.delta.delta`` cannot be stored beside ``x.delta``: its own name is how
+        ``x.delta`` is stored, and ``x.delta`` cannot be kept plain (_unshadow)."""
+        base = key[: -len(_DELTA_SUFFIX)]
+        if _delta_only(base) and self._exists(bucket, key):
+            raise ParamValidationError(
+                report="Invalid key %r: that name is how %r is stored, and readers of the "
+                "original layout would return one for the other; choose another name" % (key, base)
+            )
+
     def _unshadow(self, bucket: str, key: str) -> None:
         """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
         ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
@@ -8100,13 +8112,16 @@ class _DeltaEngine:
         if not self._exists(bucket, key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
-        if _delta_only(base):
-            # x.delta.delta's own name is the stored form of x.delta: nothing can stay.
-            self.delete(bucket, key)
-            raise ParamValidationError(
-                report="Invalid key %r: its name is how %r is stored; older readers would "
-                "mistake one for the other. Choose another name" % (key, base)
+        if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
+            logger.warning(
+                "s3://%s/%s and s3://%s/%s were stored at the same time; older readers "
+                "asked for the first get the second",
+                bucket,
+                key,
+                bucket,
+                base,
             )
+            return
         lg = self.head(bucket, base)
         if lg.stored_key == base:  # already plain: the delta is a stale second form
             self._remove_other(bucket, base, keep=base)

@@ -5964,6 +5964,10 @@ def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
     assert client.get_object(Bucket=dgbucket, Key="r/app.zip")["Body"].read() == app
     with pytest.raises(dg.ClientError):
         client.head_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    # n/notes.delta.delta's own name is how n/notes.delta is stored: refused, kept apart
+    with pytest.raises(dg.ParamValidationError, match=re.escape("how 'n/notes.delta' is")):
+        client.put_object(Bucket=dgbucket, Key="n/notes.delta.delta", Body=b"x")
+    assert client.get_object(Bucket=dgbucket, Key="n/notes.delta")["Body"].read() == b"plain notes"
     for key in ("n/notes.delta", "n/empty.delta"):
         client.delete_object(Bucket=dgbucket, Key=key)
     assert stored_keys(client, dgbucket, "n/") == []  # the last delta took its reference
