@@ -6148,8 +6148,14 @@ def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
     assert err.getvalue() == ""
     # Ctrl-C while xdelta3 encodes: no line, exit 130, nothing stored under the key
     bin_dir = tmp_path / "bin"
-    real = shutil.which("xdelta3")
-    env["PATH"] = fake_xdelta3(bin_dir, 'kill -INT %d\nexec %s "$@"\n' % (os.getpid(), real))
+    # once (the encoder and its checking decoder both start), while main() still runs
+    once = tmp_path / "pressed"
+    script = 'if mkdir %s 2>/dev/null; then kill -INT %d; sleep 1; fi\nexec %s "$@"\n' % (
+        once,
+        os.getpid(),
+        shutil.which("xdelta3"),
+    )
+    env["PATH"] = fake_xdelta3(bin_dir, script)
     out, err = io.StringIO(), io.StringIO()
     argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "b.zip"), url]
     code = dg.main(argv, stdout=out, stderr=err, environ=env)
