@@ -6130,6 +6130,24 @@ class _InterruptAfterLine(io.StringIO):
         return n
 
 
+class _InterruptOnRead(dict):  # type: ignore[type-arg]
+    """An environment that presses Ctrl-C (SIGINT to this process, handled at once in
+    this thread) when ``name`` is read once the command runs (main() checks every
+    setting once before it starts)."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        super().__init__(env)
+        self.name = name
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == self.name:
+            self.reads += 1
+            if self.reads == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().get(key, default)
+
+
 @needs_xdelta3
 def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
@@ -6146,19 +6164,11 @@ def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
     code = dg.main(argv, stdout=out, stderr=err, environ=env)
     assert code == 0 and out.getvalue().endswith(" to %sa.zip (reference)\n" % url)
     assert err.getvalue() == ""
-    # Ctrl-C while xdelta3 encodes: no line, exit 130, nothing stored under the key
-    bin_dir = tmp_path / "bin"
-    # once (the encoder and its checking decoder both start), while main() still runs
-    once = tmp_path / "pressed"
-    script = 'if mkdir %s 2>/dev/null; then kill -INT %d; sleep 1; fi\nexec %s "$@"\n' % (
-        once,
-        os.getpid(),
-        shutil.which("xdelta3"),
-    )
-    env["PATH"] = fake_xdelta3(bin_dir, script)
+    # Ctrl-C while the upload decides how to store the file: no line, exit 130
+    pressing = _InterruptOnRead(env, "DG_DELTA_MODE")
     out, err = io.StringIO(), io.StringIO()
     argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "b.zip"), url]
-    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    code = dg.main(argv, stdout=out, stderr=err, environ=pressing)
     assert (code, out.getvalue()) == (130, "")
     assert err.getvalue().endswith("cancelled: ctrl-c received\n")
     assert stored_keys(client, dgbucket) == ["r/a.zip.delta", "r/reference.bin"]
