@@ -67,6 +67,7 @@ from typing import (
     Any,
     Callable,
     Container,
+    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -176,6 +177,10 @@ _MAX_PARTS = 10000
 _MAX_SINGLE_PUT = 5 * 1024**3
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _DEFAULT_PART_SIZE = 16 * 1024 * 1024
+_T = TypeVar("_T")
+#: Ranged GETs of big downloads (aws s3: 8 MiB parts, 10 requests at once).
+_GET_PART_SIZE = 8 * 1024 * 1024
+_TRANSFER_WORKERS = 8
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -194,6 +199,11 @@ _ENV_LOG_LEVEL = "DG_LOG_LEVEL"
 _ENV_DELTA_EXTENSIONS = "DG_DELTA_EXTENSIONS"
 _ENV_DELTA_MODE = "DG_DELTA_MODE"
 _ENV_ARCHIVE_AWARE = "DG_ARCHIVE_AWARE"
+#: Where references live: "shared" (beside the folders that use them) or "folder" (one
+#: reference.bin per folder, what deltaglider_proxy reads).
+_ENV_REFERENCES = "DG_REFERENCES"
+_REFERENCES_SHARED = "shared"
+_REFERENCES_FOLDER = "folder"
 _ENV_CACHE_MAX = "DG_CACHE_MAX_SIZE"
 _DEFAULT_MAX_RATIO = 0.5
 _DEFAULT_CACHE_MAX = 4 * 1024**3
@@ -967,6 +977,7 @@ _DELTA_MODES = {
     "false": "never",
 }
 _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
+_REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
 #: Every DG_* variable deltaglider reads (paths and lists are taken as written).
@@ -980,6 +991,9 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DELTA_MODE: _Setting(functools.partial(_parse_choice, choices=_DELTA_MODES), "auto"),
     _ENV_ARCHIVE_AWARE: _Setting(_parse_bool, False),
+    _ENV_REFERENCES: _Setting(
+        functools.partial(_parse_choice, choices=_REFERENCE_MODES), _REFERENCES_SHARED
+    ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
 }
@@ -2780,6 +2794,7 @@ class _S3Storage:
             proxy_for=proxy_for,
         )
         self._conditional_writes: bool | None = None
+        self._conditional_multipart: bool | None = None
 
     def close(self) -> None:
         self._pool.close()
@@ -3425,8 +3440,16 @@ class _S3Storage:
         return resp.headers.get("etag", "")
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
+        """``if_none_match``: ``If-None-Match: *``, create only if absent (412 otherwise;
+        :meth:`supports_conditional_multipart` finds out whether the server honours it)."""
         xml = ['<CompleteMultipartUpload xmlns="%s">' % _S3_XMLNS]
         for number, etag in parts:
             xml.append(
@@ -3440,7 +3463,10 @@ class _S3Storage:
             bucket,
             key,
             query=[("uploadId", upload_id)],
-            headers={"Content-Type": "application/xml"},
+            headers={
+                "Content-Type": "application/xml",
+                **({"If-None-Match": "*"} if if_none_match else {}),
+            },
             body="".join(xml).encode(),
         )
         root = self._xml(resp)
@@ -3519,6 +3545,35 @@ class _S3Storage:
                     pass
             logger.debug("conditional writes honoured: %s", self._conditional_writes)
         return self._conditional_writes
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        """Whether ``If-None-Match: *`` on CompleteMultipartUpload is honoured too (AWS,
+        Swift and SeaweedFS do): complete an upload over an existing probe object."""
+        if self._conditional_multipart is None:
+            self._conditional_multipart = False
+            if self.supports_conditional_writes(bucket):
+                probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+                self.put_object(bucket, probe, b"1")
+                upload_id = self.create_multipart_upload(bucket, probe)
+                try:
+                    etag = self.upload_part(bucket, probe, upload_id, 1, b"2")
+                    self.complete_multipart_upload(
+                        bucket, probe, upload_id, [(1, etag)], if_none_match=True
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    self._conditional_multipart = status == 412
+                finally:
+                    try:
+                        self.abort_multipart_upload(bucket, probe, upload_id)
+                    except ClientError:
+                        pass  # completed (a server that ignores the header) or gone
+                    try:
+                        self.delete_object(bucket, probe)
+                    except ClientError:
+                        pass
+            logger.debug("conditional multipart completes: %s", self._conditional_multipart)
+        return self._conditional_multipart
 
 
 def _local_root_from_url(url: str) -> str:
@@ -3690,6 +3745,9 @@ class _LocalStorage:
         return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
 
     def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
         return True
 
     # -- plumbing -----------------------------------------------------------
@@ -3892,11 +3950,11 @@ class _LocalStorage:
         file is removed last; an index always names files that exist."""
         shard, digest = self._shard(bdir, key)
         with self._locked(operation, bucket, bdir):
-            if check is not None:
-                check()
             objects = self._index(shard)
             old = objects.get(key)
             self._check_write(operation, key, old, if_none_match, if_match)
+            if check is not None:
+                check()
             if record is None:
                 if old is None:
                     return
@@ -4681,10 +4739,17 @@ class _LocalStorage:
         return str(part["etag"])
 
     def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
         """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
-        MD5s and ``-N``, as S3 computes it."""
+        MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
+        (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
         if not parts:
@@ -4741,7 +4806,9 @@ class _LocalStorage:
                 nonlocal trash
                 trash = self._discard(op, bucket, bdir, udir, upload_id)
 
-            self._commit(op, bucket, bdir, key, tmp, record, check=take_upload)
+            self._commit(
+                op, bucket, bdir, key, tmp, record, if_none_match=if_none_match, check=take_upload
+            )
         finally:
             self._unlink(tmp)
         shutil.rmtree(trash, ignore_errors=True)
@@ -4808,6 +4875,95 @@ def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     return part
 
 
+def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
+    """Run ``tasks`` on up to ``workers`` threads; their results in order. The first
+    failure cancels what has not started and is raised once the others have finished."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _get_into(
+    storage: Any,
+    bucket: str,
+    key: str,
+    write: Callable[[bytes], Any],
+    *,
+    threshold: int = _MULTIPART_THRESHOLD,
+    part_size: int = _GET_PART_SIZE,
+    workers: int = _TRANSFER_WORKERS,
+    hold: Callable[[int], ContextManager[None]] | None = None,
+) -> int:
+    """Download an object into ``write`` in order, as aws s3 does: a first ranged GET
+    tells the size; an object over ``threshold`` comes in ``part_size`` ranges,
+    ``workers`` at a time (each pinned to the first reply's ETag with If-Match), at
+    most ``workers`` parts held ahead of the writer (``hold`` reserves that memory).
+    Returns the bytes written; the caller checks their SHA-256."""
+    try:
+        first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "InvalidRange":
+            raise
+        first = storage.get_object(bucket, key)  # an empty object: nothing to range
+    body = first["Body"]
+    total = None
+    match = re.match(r"^bytes \d+-\d+/(\d+)$", str(first.get("ContentRange", "")))
+    if match:
+        total = int(match.group(1))
+    written = 0
+    try:
+        for chunk in body.iter_chunks(_IO_CHUNK):
+            write(chunk)
+            written += len(chunk)
+    finally:
+        body.close()
+    if total is None or written >= total:
+        return written  # the whole object came (small, or the server ignored Range)
+    etag = first.get("ETag")
+    headers = {"If-Match": etag} if etag and total > threshold else {}
+
+    def fetch(start: int) -> bytes:
+        end = min(start + part_size, total) - 1
+        got = storage.get_object(bucket, key, range="bytes=%d-%d" % (start, end), headers=headers)
+        with got["Body"] as part:
+            data: bytes = part.read()
+        if len(data) != end - start + 1:
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=end - start + 1)
+        return data
+
+    starts = list(range(written, total, part_size))
+    if total <= threshold:
+        workers = 1
+    with contextlib.ExitStack() as stack:
+        if hold is not None and workers > 1:
+            stack.enter_context(hold((workers + 1) * part_size))
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max(1, workers)))
+        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        try:
+            for start in starts:
+                pending.append(pool.submit(fetch, start))
+                if len(pending) >= workers:
+                    data = pending.popleft().result()
+                    write(data)
+                    written += len(data)
+            while pending:
+                data = pending.popleft().result()
+                write(data)
+                written += len(data)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return written
+
+
 def _put_path(
     storage: Any,
     bucket: str,
@@ -4821,29 +4977,66 @@ def _put_path(
     threshold: int = _MULTIPART_THRESHOLD,
     part_size: int = _DEFAULT_PART_SIZE,
     on_bytes: Callable[[int], None] | None = None,
+    workers: int = _TRANSFER_WORKERS,
 ) -> dict[str, Any]:
-    """Upload a local file, streamed: one PUT up to ``threshold`` (or up to 5 GiB when a
-    conditional create is asked for, since multipart cannot be conditional everywhere),
-    multipart above it. A failed multipart upload is aborted, so no parts linger.
+    """Upload a local file, streamed: one PUT up to ``threshold``, multipart above it,
+    ``workers`` parts at a time. A conditional create (``if_none_match``) completes with
+    ``If-None-Match: *`` where the server honours that, else stays one PUT up to 5 GiB.
+    A failed multipart upload is aborted, so no parts linger.
+
+    ``sha256``: what the caller hashed. The bytes sent are held to it, not re-hashed
+    from the file after the fact: one PUT is signed with it and hashed as it is sent,
+    its last byte withheld on a mismatch (the server refuses other bytes, or never gets
+    a whole body); multipart parts are hashed first, in one pass that must give
+    ``sha256``, and each is then held to its own hash the same way. A file changed (or
+    swapped) since it was hashed is never stored.
+
     Every metadata value is sent percent-encoded where it is not ASCII (FORMAT.md): a
     file name, a folder in dg-ref-key, a caller's value."""
     if metadata:
         metadata = {name: _meta_encode(str(value)) for name, value in metadata.items()}
     size = os.path.getsize(path)
-    limit = _MAX_SINGLE_PUT if if_none_match else threshold
+    limit = threshold
+    if if_none_match and size > threshold:
+        probe = getattr(storage, "supports_conditional_multipart", None)
+        if probe is None or not probe(bucket):
+            limit = _MAX_SINGLE_PUT  # one conditional PUT, as far as a PUT goes
     if size <= limit:
         with open(path, "rb") as f:
-            body: Any = _CallbackReader(f, on_bytes) if on_bytes else f
-            return storage.put_object(  # type: ignore[no-any-return]
-                bucket,
-                key,
-                body,
-                metadata=metadata,
-                headers=headers,
-                content_sha256=sha256,
-                if_none_match=if_none_match,
-            )
+            held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
+            body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
+            try:
+                return storage.put_object(  # type: ignore[no-any-return]
+                    bucket,
+                    key,
+                    body,
+                    metadata=metadata,
+                    headers=headers,
+                    content_sha256=sha256,
+                    if_none_match=if_none_match,
+                )
+            except _ChangedWhileSent as e:
+                raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
     part = _part_size(size, part_size)
+    offsets = list(enumerate(range(0, size, part), start=1))
+    expected: dict[int, str] = {}
+    if sha256:
+        # The parts go up at once, so what is sent cannot be hashed in file order: each
+        # part's SHA-256 is taken here, in one pass that must give the caller's.
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            for number, offset in offsets:
+                h = hashlib.sha256()
+                piece = _FileSlice(f, offset, min(part, size - offset))
+                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
+                    h.update(chunk)
+                    whole.update(chunk)
+                expected[number] = h.hexdigest()
+        if whole.hexdigest() != sha256:
+            raise IntegrityError(
+                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+            )
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -4853,13 +5046,26 @@ def _put_path(
         _abort_strays(storage, bucket, key, "", started)
         raise
     try:
-        parts = []
-        with open(path, "rb") as f:
-            for number, offset in enumerate(range(0, size, part), start=1):
-                piece = _FileSlice(f, offset, min(part, size - offset))
+
+        def send(number: int, offset: int) -> str:
+            # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            want = expected.get(number)
+            with open(path, "rb") as f:
+                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
-                parts.append((number, storage.upload_part(bucket, key, upload_id, number, body)))
-        result: dict[str, Any] = storage.complete_multipart_upload(bucket, key, upload_id, parts)
+                try:
+                    etag = storage.upload_part(
+                        bucket, key, upload_id, number, body, content_sha256=want
+                    )
+                except _ChangedWhileSent as e:
+                    raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
+                return str(etag)
+
+        etags = _in_parallel([functools.partial(send, n, off) for n, off in offsets], workers)
+        parts = [(number, etag) for (number, _), etag in zip(offsets, etags)]
+        result: dict[str, Any] = storage.complete_multipart_upload(
+            bucket, key, upload_id, parts, **({"if_none_match": True} if if_none_match else {})
+        )
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
@@ -4885,6 +5091,48 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
             storage.abort_multipart_upload(bucket, key, up["UploadId"])
     except Exception as e:
         logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+
+
+class _ChangedWhileSent(OSError):
+    """The file being uploaded is not the bytes its caller hashed (an OSError, so the
+    transport drops the connection and does not retry: the body is never completed)."""
+
+
+class _SentHash(_FileSlice):
+    """A span of a file being uploaded that hashes what is read from it for sending,
+    continuing ``base`` (a hashlib object); a rewind (a retry) starts again from
+    ``base``. With ``expected``, the read that would hand over the last byte fails
+    instead if the span does not hash to it (nor has ``length`` bytes): the server never
+    receives a complete body, so a server that does not check the signed payload hash
+    (SeaweedFS) cannot store other bytes either."""
+
+    def __init__(
+        self, f: IO[bytes], offset: int, length: int, base: Any, expected: str | None = None
+    ) -> None:
+        super().__init__(f, offset, length)
+        self._base = base
+        self._expected = expected
+        self.sha256 = base.copy()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        at = super().seek(pos, whence)
+        if at == 0:
+            self.sha256 = self._base.copy()
+        return at
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.sha256.update(data)
+        done = self.tell() >= len(self) or (size != 0 and not data)
+        if self._expected and done:
+            if self.tell() < len(self):
+                raise _ChangedWhileSent("shrank while it was uploaded")
+            if self.sha256.hexdigest() != self._expected:
+                raise _ChangedWhileSent(
+                    "changed while it was uploaded (the bytes sent hash to %s, not %s as "
+                    "they did before)" % (self.sha256.hexdigest(), self._expected)
+                )
+        return data
 
 
 class _CallbackReader(io.RawIOBase):
@@ -6570,6 +6818,25 @@ _REFERENCE_NAME = "reference.bin"
 #: never shown as user objects.
 _INTERNAL_PREFIX = ".deltaglider/"
 _DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: A delta above this fraction of the file, against a reference of the same series (the same
+#: name, or the same name with its version numbers changed), makes the file a new reference:
+#: the versions after it then delta against it (drift, a bad first file). On 25 botocore
+#: wheels 0.23 picks the references an exhaustive search picks (benchmarks/RESULTS.md).
+_HEAL_RATIO = 0.23
+#: A reference is a candidate for a file within this factor of its size.
+_SIMILAR_SIZE = 2.0
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Pages of a parent's shared references an upload reads (1000 each).
+_REF_LIST_PAGES = 2
+#: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
+_REF_SCAN_LIMIT = 200
+_VERSION_RE = re.compile(r"\d+")
+_SPLIT_RE = re.compile(r"(\d+)")
 #: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
 _PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
@@ -6684,7 +6951,7 @@ def _logical_key(stored: str) -> str | None:
     delta form of ``x``, as every reader takes it. So a user's key that itself ends in
     ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
     always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or stored.startswith(_INTERNAL_PREFIX):
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
         return None
     return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
 
@@ -6701,6 +6968,62 @@ def _stored_forms(key: str) -> tuple[str, ...]:
 def _delta_only(key: str) -> bool:
     """Keys that cannot be stored plain: their plain name is another key's delta."""
     return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _name_class(name: str, other: str) -> int:
+    """How alike two file names are: 3 the same; 2 the same but for version numbers
+    (a series); 1 the same extension; 0 unrelated."""
+    if name == other:
+        return 3
+    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+        return 2
+    ext = name.rpartition(".")[2].lower() if "." in name else None
+    return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
 def _resolve_ref_key(delta_key: str, ref: str) -> str:
@@ -7091,11 +7414,48 @@ def _default_cache_dir(environ: Mapping[str, str]) -> str:
 
 
 def _private_mkdir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create a folder of the cache (0700), or check an existing one: a directory of this
+    user that nobody else can write to. Whoever can write there can swap a spooled upload
+    body or a cached reference between our write and our read (a file's own 0600 does
+    not stop a rename over it), so anything else is refused, naming DG_CACHE_DIR; a
+    chmod that fails is not ignored. POSIX only: Windows has no mode bits to check."""
     try:
-        os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - a folder we may not own; files stay 0600
-        pass
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # not a directory: said below
+    except OSError as e:
+        raise InvalidConfigError(
+            error_msg="%s: cannot create the cache folder %s: %s; set %s to a folder of "
+            "your own" % (_ENV_CACHE_DIR, path, e.strerror, _ENV_CACHE_DIR)
+        ) from None
+    if os.name == "nt":  # pragma: no cover - checked on POSIX only
+        return
+    uid = os.geteuid()
+    link = os.lstat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = link  # a dangling symbolic link: not a directory
+    problem = ""
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+        problem = "is a symbolic link owned by uid %d, not by you (uid %d)" % (link.st_uid, uid)
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != uid:
+        problem = "is owned by uid %d, not by you (uid %d)" % (st.st_uid, uid)
+    elif st.st_mode & 0o022:
+        problem = "is writable by group or others (mode %03o)" % stat.S_IMODE(st.st_mode)
+    elif st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            problem = "cannot be made private (chmod 700: %s)" % e.strerror
+    if problem:
+        raise InvalidConfigError(
+            error_msg="%s: the cache folder %s %s: another user could change the upload "
+            "bodies and references kept there. Set %s to a folder of your own that only "
+            "you can write to (mode 700)" % (_ENV_CACHE_DIR, path, problem, _ENV_CACHE_DIR)
+        )
 
 
 _UMASK: list[int] = []
@@ -7260,8 +7620,10 @@ class _ReferenceCache:
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
             actual, _ = _sha256_file(path)
-        except OSError:  # gone (another process evicted it)
-            actual = ""
+        except OSError:  # gone (another process evicted it): nothing to remove
+            with self._lock:
+                self._verified.pop(sha256, None)
+            return False
         if actual == sha256:
             return True
         logger.warning("cache entry %s is corrupt; removing it", path)
@@ -7649,8 +8011,10 @@ class _DeltaEngine:
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
         archive_aware: bool = False,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
         self.storage = storage
+        self.references = references
         self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
@@ -7709,15 +8073,9 @@ class _DeltaEngine:
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
-        resp = self.storage.get_object(bucket, ref_key)
-        body = resp["Body"]
 
         def write(f: IO[bytes]) -> None:
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            finally:
-                body.close()
+            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
 
         try:
             return self.cache.fill(ref_sha256, write)
@@ -7753,15 +8111,11 @@ class _DeltaEngine:
         return lg
 
     def _fetch_plain(self, lg: _Logical, out: str) -> None:
-        resp = self.storage.get_object(lg.bucket, lg.stored_key)
-        body = resp["Body"]
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
-            try:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    writer.write(chunk)
-            finally:
-                body.close()
+            _get_into(
+                self.storage, lg.bucket, lg.stored_key, writer.write, hold=self.xdelta.memory.hold
+            )
         expected = lg.sha256
         if expected and writer.sha256.hexdigest() != expected:
             raise IntegrityError(
@@ -8277,16 +8631,7 @@ class _DeltaEngine:
                     continue
             info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
-            meta = {
-                "dg-tool": self._tool,
-                "dg-source-name": _meta_encode(name),
-                "dg-original-name": _meta_encode(name),
-                "dg-file-sha256": info.sha256,
-                "dg-file-size": str(info.size),
-                "dg-md5": info.md5,
-                "dg-created-at": _iso_utc(self._now()),
-                "dg-note": "reference",
-            }
+            meta = self._reference_metadata(name, info)
             # From the moment the PUT starts (an interrupted PUT may still complete on
             # the server) until the caller stores the first delta, any failure or Ctrl-C
             # removes the reference again: none is left without its first delta.
@@ -8319,6 +8664,109 @@ class _DeltaEngine:
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
+    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
+        return {
+            "dg-tool": self._tool,
+            "dg-source-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-note": "reference",
+        }
+
+    def _pick_reference(
+        self, bucket: str, space: str, name: str, size: int
+    ) -> tuple[str, str, bool] | None:
+        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
+        same series) of the best existing reference for a file, or None when none fits.
+
+        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
+        references of the folder's parent (one listing: the versions in sibling folders,
+        and the earlier references of this folder). A candidate must be of a similar size;
+        the best has the most alike name (same name, then the same but for version
+        numbers, then the same extension; the folder's own reference.bin may be unrelated,
+        as it always could), then is the newest, then the closest in size."""
+        best: tuple[tuple[Any, ...], str, str, bool] | None = None
+
+        def consider(
+            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
+        ) -> None:
+            nonlocal best
+            if not sha or csize <= 0 or size <= 0:
+                return
+            ratio = csize / size
+            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
+                return
+            cls = _name_class(name, source)
+            if cls == 0 and not own:
+                return
+            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
+            # Within a second (Last-Modified's resolution), the highest version by name.
+            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            rank = (cls, when, natural, -abs(math.log(ratio)))
+            if best is None or rank > best[0]:
+                best = (rank, key, sha, cls >= 2)
+
+        own_key = _reference_key(space)
+        try:
+            head = self.storage.head_object(bucket, own_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        else:
+            meta = head.get("Metadata", {})
+            consider(
+                own_key,
+                _meta_get(meta, "file_sha256") or "",
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+                int(head.get("ContentLength", 0)),
+                head.get("LastModified"),
+                True,
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+            )
+        prefix = _refs_prefix(_parent_space(space))
+        pages = _list_pages(self.storage, bucket, prefix=prefix)
+        for page in itertools.islice(pages, _REF_LIST_PAGES):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
+                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                    rel = _meta_decode(parts[0])
+                    consider(
+                        obj["Key"],
+                        parts[1],
+                        source,
+                        obj["Size"],
+                        obj.get("LastModified"),
+                        False,
+                        rel,
+                    )
+        return None if best is None else best[1:]
+
+    def _new_shared_reference(
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        info: _FileInfo,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> str:
+        """Store a file as a shared reference; returns its cached copy. The key holds the
+        SHA-256, so racing writers of the same file write the same bytes."""
+        _put_path(
+            self.storage,
+            bucket,
+            ref_key,
+            path,
+            metadata=self._reference_metadata(name, info),
+            sha256=info.sha256,
+            on_bytes=on_bytes,
+        )
+        return self.cache.add_file(info.sha256, path)
+
     def _put_delta(
         self,
         path: str,
@@ -8338,16 +8786,48 @@ class _DeltaEngine:
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
         tmp_dir = self._tmp_dir()
+        shared = (
+            self.references == _REFERENCES_SHARED
+            and _shared_ref_key(space, name, "0" * 64) is not None
+        )
+        size = os.path.getsize(path)
         for _ in range(5):
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             extra: dict[str, str] | None = None
-            created, ref_sha = False, ""
+            created, ref_sha, series = False, "", False
             try:
-                with self._space_lock(bucket, space):
-                    ref_sha, ref_path, created = self._ensure_reference(
-                        path, bucket, ref_key, name, file_info, on_bytes
-                    )
+                if not shared:
+                    with self._space_lock(bucket, space):
+                        ref_sha, ref_path, created = self._ensure_reference(
+                            path, bucket, ref_key, name, file_info, on_bytes
+                        )
+                else:
+                    # One choice at a time per parent folder in this process: parallel
+                    # first uploads (a recursive upload of a new release tree) then share
+                    # a reference.
+                    with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
+                        pick = self._pick_reference(bucket, space, name, size)
+                        if pick is None:
+                            info = file_info()
+                            ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                            ref_sha, created = info.sha256, True  # discarded if interrupted
+                            ref_path = self._new_shared_reference(
+                                path, bucket, ref_key, name, info, on_bytes
+                            )
+                    if pick is not None:
+                        ref_key, ref_sha, series = pick
+                        created = False
+                        try:
+                            ref_path = self.reference_path(bucket, ref_key, ref_sha)
+                        except IntegrityError:
+                            if self._current_reference(bucket, ref_key) != ref_sha:
+                                continue  # replaced or deleted since the listing: again
+                            raise
+                        except ClientError as e:
+                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                                continue  # deleted since the listing
+                            raise
                 if not created and not required and _is_compressed_stream(ref_path):
                     return None  # a compressed reference (another writer's): _COMPRESSED_MAGIC
                 # Uploads hash a cached reference once per process, beside the encoding: a
@@ -8377,6 +8857,25 @@ class _DeltaEngine:
                     info = file_info()
                     decoded = plain or (info.sha256, info.size)  # archive: checked there
                 delta_size = os.path.getsize(delta_tmp)
+                if series and delta_size > min(_HEAL_RATIO, max_ratio) * info.size:
+                    # Drift: the versions after this one are better off against it.
+                    logger.info(
+                        "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a "
+                        "new reference",
+                        key,
+                        100.0 * delta_size / info.size,
+                        bucket,
+                        ref_key,
+                    )
+                    ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                    if ref_check is not None and not ref_check.result():
+                        continue  # the cached reference was corrupt: choose again
+                    ref_sha, created, extra, ref_check = info.sha256, True, None, None
+                    ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
+                    with open(delta_tmp, "wb") as f:
+                        f.write(_zero_diff_delta(info.size))
+                    decoded = (info.sha256, info.size)
+                    delta_size = os.path.getsize(delta_tmp)
                 if not created and not required and delta_size > max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
@@ -8398,7 +8897,9 @@ class _DeltaEngine:
                 delta_meta.update(
                     {
                         "dg-ref-key": ref_key,
-                        "dg-ref-path": _REFERENCE_NAME,
+                        # The proxy's name for the folder's own reference; a shared one is
+                        # named in full (the proxy then refuses it: a SHA-256 mismatch).
+                        "dg-ref-path": ref_key if _is_shared_ref(ref_key) else _REFERENCE_NAME,
                         "dg-ref-sha256": ref_sha,
                         "dg-delta-size": str(delta_size),
                         "dg-delta-cmd": self._delta_cmd(name),
@@ -8430,10 +8931,17 @@ class _DeltaEngine:
             if self._current_reference(bucket, ref_key) == ref_sha:
                 if created:
                     # Stored as a zero-diff delta; the whole file went up as reference.bin.
-                    return self._summary(
+                    summary = self._summary(
                         "create_reference", delta_key, info, info.size, delta_size, resp
                     )
-                return self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
+                else:
+                    summary = self._summary(
+                        "create_delta", delta_key, info, delta_size, delta_size, resp
+                    )
+                summary["ReferenceKey"] = ref_key
+                if _is_shared_ref(ref_key):
+                    summary["ReferenceSource"] = _shared_ref_source(ref_key)
+                return summary
             logger.warning("reference of %s changed while storing a delta; retrying", key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
@@ -8493,7 +9001,7 @@ class _DeltaEngine:
     def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
             if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_unused_reference(bucket, _deltaspace(ref_key))
+                self._drop_reference(bucket, ref_key)
         except (ClientError, DeltaGliderError, OSError) as e:
             logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
 
@@ -8523,7 +9031,7 @@ class _DeltaEngine:
                 raise
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
-                self._drop_unused_reference(bucket, _deltaspace(key))
+                self.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -8560,8 +9068,140 @@ class _DeltaEngine:
             if each.kind == _Kind.DELTA:
                 ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
                 ref_key = _resolve_ref_key(each.stored_key, ref)
-                info["ReferenceDeleted"] = self._drop_unused_reference(bucket, _deltaspace(ref_key))
+                info["ReferenceKey"] = ref_key
+                info["ReferenceDeleted"] = self._drop_reference(bucket, ref_key)
         return info
+
+    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
+        """Delete a reference if no delta needs it (and that is cheap to prove)."""
+        if not _is_shared_ref(ref_key):
+            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
+        parent = _shared_ref_parent(ref_key)
+        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        spaces = sorted(set(spaces))
+        for space in spaces:
+            self._drop_unused_reference(bucket, space)
+        for parent in sorted({_parent_space(space) for space in spaces}):
+            refs = {k for k, _ in self.shared_references(bucket, parent)}
+            if refs:
+                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+
+    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
+        """(key, size) of ``parent``'s shared references (those made from files whose
+        path below ``parent`` starts with ``under``)."""
+        out: list[tuple[str, int]] = []
+        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
+            out += [
+                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
+            ]
+        return out
+
+    def _shared_ref_users(
+        self, bucket: str, parent: str, refs: set[str], limit: int | None
+    ) -> set[str] | None:
+        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
+        when proving it would take more than ``limit`` requests.
+
+        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
+        them: first each reference's own source file is looked at (it needs its reference
+        as long as it exists), then, for the rest, every delta in those folders."""
+        used: set[str] = set()
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return limit is None or spent <= limit
+
+        def names(stored: str) -> str | None:
+            try:
+                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            ref = _meta_get(meta, "ref")
+            return _resolve_ref_key(stored, ref) if ref else None
+
+        for ref in sorted(refs):
+            if not spend():
+                return None
+            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
+                used.add(ref)
+        if used == refs:
+            return used
+        folders: list[str] = []
+        deltas: list[str] = []
+        prefix = parent + "/" if parent else ""
+        for top in (True, False):
+            queue = [prefix] if top else folders
+            for folder in list(queue):
+                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
+                    if not spend():
+                        return None
+                    if top:
+                        folders += [
+                            p["Prefix"]
+                            for p in page.get("CommonPrefixes", [])
+                            if not _is_internal(p["Prefix"])
+                        ]
+                    if not top or not parent:  # the root's own files use the root's references
+                        deltas += [
+                            o["Key"]
+                            for o in page.get("Contents", [])
+                            if o["Key"].endswith(_DELTA_SUFFIX)
+                        ]
+        for stored in deltas:
+            if not spend():
+                return None
+            named = names(stored)
+            if named is not None and named in refs:
+                used.add(named)
+                if used == refs:
+                    break
+        return used
+
+    def drop_unused_shared(
+        self,
+        bucket: str,
+        parent: str,
+        refs: set[str],
+        limit: int | None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
+        reference: copied aside first, and put back if a delta names it after all (a
+        writer that stored one meanwhile; writers also check their reference after)."""
+        used = self._shared_ref_users(bucket, parent, refs, limit)
+        if used is None:
+            return []
+        dropped: list[str] = []
+        for ref_key in sorted(refs - used):
+            if dry_run:
+                dropped.append(ref_key)
+                continue
+            aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+            try:
+                self.storage.copy_object(bucket, aside, bucket, ref_key)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue  # gone already
+            try:
+                self.storage.delete_object(bucket, ref_key)
+                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
+                    if self._current_reference(bucket, ref_key) is None:
+                        self.storage.copy_object(bucket, ref_key, bucket, aside)
+                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
+                    continue
+                dropped.append(ref_key)
+            finally:
+                self.storage.delete_object(bucket, aside)
+        return dropped
 
     def _space_has_deltas(self, bucket: str, space: str) -> bool:
         prefix = space + "/" if space else ""
@@ -8575,9 +9215,11 @@ class _DeltaEngine:
 
         A writer may store a delta between our listing and the delete; so the reference
         is first copied aside (server side), and put back if a delta shows up after."""
+        ref_key = _reference_key(space)
+        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
+            return self._drop_reference(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
-        ref_key = _reference_key(space)
         aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
@@ -8601,20 +9243,6 @@ class _DeltaEngine:
         finally:
             self.storage.delete_object(bucket, aside)
 
-    def unused_references(self, bucket: str, prefix: str, recursive: bool = True) -> list[str]:
-        """References under ``prefix`` (or only directly under it) that no delta uses:
-        left by a crash, an upload killed outright, or another tool (ours remove theirs
-        when interrupted)."""
-        refs: list[str] = []
-        delimiter = "" if recursive else "/"
-        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter=delimiter):
-            refs += [
-                o["Key"]
-                for o in page.get("Contents", [])
-                if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-            ]
-        return [r for r in refs if not self._space_has_deltas(bucket, _deltaspace(r))]
-
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
         """Recursive delete: deltas and direct objects first, then each reference whose
         deltaspace has nothing left that needs it."""
@@ -8632,10 +9260,55 @@ class _DeltaEngine:
             deleted += [d["Key"] for d in resp.get("Deleted", [])]
             errors += resp.get("Errors", [])
         refs_deleted = 0
+        parents: dict[str, set[str]] = {}
         for ref in refs:
-            if self._drop_unused_reference(bucket, _deltaspace(ref)):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif self._drop_unused_reference(bucket, _deltaspace(ref)):
                 refs_deleted += 1
+        # The deleted deltas' shared references live beside their folders, outside the prefix.
+        for k in deleted:
+            if k.endswith(_DELTA_SUFFIX):
+                parents.setdefault(_parent_space(_deltaspace(k)), set())
+        for parent, found in sorted(parents.items()):
+            found |= {k for k, _ in self.shared_references(bucket, parent)}
+            if found:
+                refs_deleted += len(self.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT))
         return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+    def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Remove the references under ``prefix`` (a folder) that no delta needs, proving
+        it however many requests that takes; returns what it removed."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        sizes: dict[str, int] = {}
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                    sizes[obj["Key"]] = obj["Size"]
+        if prefix:
+            # The folder's own files keep theirs beside it, in its parent.
+            space = prefix[:-1]
+            parent = _parent_space(space)
+            folder = space[len(parent) + 1 :] if parent else space
+            sizes.update(self.shared_references(bucket, parent, folder + "/"))
+        removed: list[str] = []
+        parents: dict[str, set[str]] = {}
+        for ref in sorted(sizes):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
+                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
+                    removed.append(ref)
+        for parent, found in sorted(parents.items()):
+            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
+        removed.sort()
+        return {
+            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
+            "Kept": len(sizes) - len(removed),
+            "BytesFreed": sum(sizes[k] for k in removed),
+            "DryRun": dry_run,
+        }
 
 
 ###############################################################################
@@ -8759,7 +9432,7 @@ class _Paginator:
 
 
 def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in page.get("CommonPrefixes", []) if p.get("Prefix") != _INTERNAL_PREFIX]
+    return [p for p in page.get("CommonPrefixes", []) if not _is_internal(p.get("Prefix", ""))]
 
 
 class _TempBody(StreamingBody):
@@ -8842,7 +9515,9 @@ class DeltaGliderClient:
         environ: Mapping[str, str],
         now: Callable[[], datetime.datetime],
         max_workers: int = 10,
+        references: str = _REFERENCES_SHARED,
     ) -> None:
+        self._references = references
         self._storage_factory = storage_factory
         self._storage: Any = None
         self._engine_obj: _DeltaEngine | None = None
@@ -8873,6 +9548,7 @@ class DeltaGliderClient:
                         environ=self._environ,
                         now=self._now,
                         archive_aware=self._archive_aware,
+                        references=self._references,
                     )
         return self._engine_obj
 
@@ -8897,21 +9573,35 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> str:
-        """Write a request body (bytes, str or any file object) to a private temp file."""
+    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
+        """Write a request body (bytes, str or any file object) to a private temp file;
+        returns its path and the digests of the caller's bytes, taken as they are written,
+        never read back from the file: whatever is uploaded from it is checked against
+        these (signed payload hash, the delta's decode check), so a file changed under us
+        fails the upload instead of storing other bytes."""
         fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        size = 0
+
+        def write(f: IO[bytes], data: bytes) -> None:
+            nonlocal size
+            sha.update(data)
+            md5.update(data)
+            size += len(data)
+            f.write(data)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 if isinstance(body, str):
-                    f.write(body.encode("utf-8"))
+                    write(f, body.encode("utf-8"))
                 elif isinstance(body, (bytes, bytearray, memoryview)):
-                    f.write(body)
+                    write(f, bytes(body))
                 elif hasattr(body, "read"):
                     while True:
                         chunk = body.read(_IO_CHUNK)
                         if not chunk:
                             break
-                        f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
                 else:
                     raise ParamValidationError(
                         report="Invalid type for parameter Body, value: %r, type: %s, valid "
@@ -8920,7 +9610,7 @@ class DeltaGliderClient:
         except BaseException:
             os.unlink(path)
             raise
-        return path
+        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
     # -- objects ------------------------------------------------------------------
 
@@ -8928,9 +9618,8 @@ class DeltaGliderClient:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path = self._spool(body if body is not None else b"")
+        path, info = self._spool(body if body is not None else b"")
         try:
-            info = _file_info(path)
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
@@ -8988,6 +9677,8 @@ class DeltaGliderClient:
                     "Operation",
                 )
             }
+            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
         return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
@@ -9100,9 +9791,7 @@ class DeltaGliderClient:
             resp = storage.delete_objects(bucket, stored[i : i + _DELETE_BATCH])
             deleted_stored.update(d["Key"] for d in resp.get("Deleted", []))
             errors += resp.get("Errors", [])
-        spaces = {_deltaspace(k) for k in keys}
-        for space in sorted(spaces):
-            self._engine._drop_unused_reference(bucket, space)
+        self._engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
         done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
@@ -9357,10 +10046,20 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+
+    def _upload_file(
+        self,
+        Filename: str,
+        Bucket: str,
+        Key: str,
+        ExtraArgs: dict[str, Any] | None,
+        Callback: Callable[[int], None] | None,
+        info: _FileInfo,
+    ) -> None:
         extra = dict(ExtraArgs or {})
         _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
         params = dict(extra, Bucket=Bucket, Key=Key)
-        info = _file_info(Filename)
         sent = [0]
 
         def on_bytes(n: int) -> None:
@@ -9396,9 +10095,9 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path = self._spool(Fileobj)
+        path, info = self._spool(Fileobj)
         try:
-            self.upload_file(path, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback)
+            self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
             os.unlink(path)
 
@@ -9701,13 +10400,17 @@ class DeltaGliderClient:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
             message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        return {
+        result = {
             "valid": valid,
             "kind": lg.kind,
             "expected_sha256": lg.sha256,
             "actual_sha256": actual,
             "message": message,
         }
+        if lg.kind == _Kind.DELTA:
+            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+        return result
 
     def get_bucket_stats(
         self,
@@ -9733,7 +10436,7 @@ class DeltaGliderClient:
             for o in page.get("Contents", []):
                 if o["Key"].startswith(_PRESIGN_PREFIX):
                     copies.append(o)
-                elif not o["Key"].startswith(_INTERNAL_PREFIX):
+                elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
                     objects.append(o)
         stored_total = sum(o["Size"] for o in objects)
         copies_size = sum(o["Size"] for o in copies)
@@ -9759,8 +10462,16 @@ class DeltaGliderClient:
         ref_sizes = {
             _deltaspace(o["Key"]): o["Size"]
             for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
         }
+        shared_sizes: dict[str, list[int]] = {}
+        for o in objects:
+            if _is_shared_ref(o["Key"]):
+                shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
+        references = {
+            o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        }
+        ref_users: dict[str, list[int]] = {}
         deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
         direct = [
             o
@@ -9778,19 +10489,26 @@ class DeltaGliderClient:
             else:
                 targets = deltas
 
-            def size_of(o: dict[str, Any]) -> tuple[str, int | None]:
+            def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
                 try:
                     meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
                 except ClientError:
-                    return o["Key"], None
+                    return o["Key"], None, None
                 value = _meta_get(meta, "file_size")
-                return o["Key"], int(value) if value and value.isdigit() else None
+                ref = _meta_get(meta, "ref")
+                return (
+                    o["Key"],
+                    int(value) if value and value.isdigit() else None,
+                    _resolve_ref_key(o["Key"], ref) if ref else None,
+                )
 
             workers = max(1, min(self._max_workers, len(targets)))
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, size in pool.map(size_of, targets):
+                for key, size, ref in pool.map(size_of, targets):
                     if size is not None:
                         original[key] = size
+                        if ref is not None:
+                            ref_users.setdefault(ref, []).append(size)
             if mode == "sampled":
                 per_space = {_deltaspace(k): v for k, v in original.items()}
                 original = {
@@ -9799,16 +10517,21 @@ class DeltaGliderClient:
                     if _deltaspace(o["Key"]) in per_space
                 }
         spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
+        # A folder's own reference.bin with no delta beside it (shared ones take HEADs
+        # to prove unused: `gc --dry-run` does that).
         unused_refs = [
             o
             for o in objects
             if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            and not _is_shared_ref(o["Key"])
             and _deltaspace(o["Key"]) not in spaces_in_use
         ]
         logical_total = sum(o["Size"] for o in direct)
         for o in deltas:
-            guess = original.get(o["Key"], ref_sizes.get(_deltaspace(o["Key"]), o["Size"]))
-            logical_total += guess
+            space = _deltaspace(o["Key"])
+            near = shared_sizes.get(_parent_space(space))
+            fallback = sum(near) // len(near) if near else o["Size"]
+            logical_total += original.get(o["Key"], ref_sizes.get(space, fallback))
         saved = logical_total - stored_total
         stats = {
             "bucket": bucket,
@@ -9821,7 +10544,8 @@ class DeltaGliderClient:
             "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
             "delta_objects": len(deltas),
             "direct_objects": len(direct),
-            "reference_objects": len(ref_sizes),
+            "reference_objects": len(references),
+            "reference_size": sum(references.values()),
             # left by a crash or another tool; `rm --recursive` of the folder removes them
             "unused_references": len(unused_refs),
             "unused_reference_size": sum(o["Size"] for o in unused_refs),
@@ -9831,6 +10555,18 @@ class DeltaGliderClient:
             "estimated": mode != "detailed",
             "cached": False,
         }
+        if mode == "detailed":
+            # What each reference costs, and what the deltas that need it hold.
+            stats["references"] = [
+                {
+                    "key": k,
+                    "size": size,
+                    "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
+                    "deltas": len(ref_users.get(k, [])),
+                    "original_size": sum(ref_users.get(k, [])),
+                }
+                for k, size in sorted(references.items())
+            ]
         if use_cache:
             doc = {
                 "version": "1.0",
@@ -9849,6 +10585,14 @@ class DeltaGliderClient:
             except ClientError as e:  # read-only credentials: the stats still stand
                 logger.info("could not cache bucket stats: %s", e)
         return stats
+
+    def gc(self, Bucket: str, Prefix: str = "", DryRun: bool = False) -> dict[str, Any]:
+        """Delete the references under ``Prefix`` (a folder; the whole bucket by default)
+        that no delta needs any more, however many requests proving it takes.
+
+        Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
+        _validate_bucket_name(Bucket)
+        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
@@ -9994,6 +10738,7 @@ def create_client(
     memory_limit: str | int | None = None,
     environ: Mapping[str, str] | None = None,
     now: Callable[[], datetime.datetime] = _utcnow,
+    references: str | None = None,
 ) -> DeltaGliderClient:
     """A boto3-compatible S3 client that stores versioned artifacts as deltas.
 
@@ -10006,9 +10751,15 @@ def create_client(
     megabytes (README, "Archive-aware deltas"). ``memory_limit`` (``DG_MEMORY_LIMIT``,
     bytes or a size like ``2GiB``; default 600 MB) bounds the peak memory of the process
     and its xdelta3 children: bigger files get faster, smaller-window deltas within it
-    (README, "xdelta3 settings")."""
+    (README, "xdelta3 settings"). ``references`` (``DG_REFERENCES``): ``shared`` (default)
+    lets a file delta against a reference in a sibling folder, and makes a new reference
+    when versions drift; ``folder`` keeps one reference per folder, the layout
+    deltaglider_proxy reads (README, "Where references live")."""
     env: Mapping[str, str] = os.environ if environ is None else environ
     _check_settings(env)
+    if references is None:
+        references = str(_env_setting(env, _ENV_REFERENCES))
+    references = _parse_choice(references, "references", choices=_REFERENCE_MODES)
     if archive_aware is None:
         archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
     level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
@@ -10082,6 +10833,7 @@ def create_client(
         environ=env,
         now=now,
         max_workers=max_workers,
+        references=references,
     )
 
 
@@ -10193,7 +10945,7 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",
+        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
         "attributes",
         "cors",
@@ -10653,6 +11405,78 @@ class _GatewayAuth:
             CanonicalRequest=canonical,
         )
 
+    def verify_policy(self, fields: Mapping[str, str], bucket: str, key: str, size: int) -> str:
+        """A POST form's policy: signed by a known key, not expired, and every field it
+        carries allowed by a condition (AWS "Creating a POST policy"). Returns the key id."""
+        lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
+        if not lower.get("policy"):
+            raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        policy_b64 = lower["policy"].encode("ascii", "replace")
+        if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
+            access_key = lower["awsaccesskeyid"]
+            digest = hmac.new(self._secret(access_key).encode(), policy_b64, hashlib.sha1)
+            expected = base64.b64encode(digest.digest()).decode("ascii")
+            given = lower.get("signature", "")
+        elif lower.get("x-amz-algorithm") == _SIGV4_ALGORITHM:
+            access_key, date, region, service = self._credential(
+                lower.get("x-amz-credential", ""), "InvalidArgument"
+            )
+            signing_key = _SIGNING_KEYS.get(self._secret(access_key), date, region, service)
+            expected = hmac.new(signing_key, policy_b64, hashlib.sha256).hexdigest()
+            given = lower.get("x-amz-signature", "")
+        else:
+            raise _S3Reply("InvalidArgument", "POST uploads need x-amz-algorithm AWS4-HMAC-SHA256")
+        if not hmac.compare_digest(expected, given):
+            raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        try:
+            policy = json.loads(base64.b64decode(lower["policy"]))
+            expiration = _parse_timestamp(str(policy["expiration"]))
+            conditions = list(policy.get("conditions", []))
+        except (ValueError, KeyError, TypeError):
+            raise _S3Reply(
+                "InvalidArgument", "Invalid Policy: the policy is not valid JSON"
+            ) from None
+        if self._now() > expiration:
+            raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
+        values = dict(lower, bucket=bucket, key=key)
+        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+        for cond in conditions:
+            if isinstance(cond, dict):
+                for name, want in cond.items():
+                    name = name.lower()
+                    covered.add(name)
+                    if values.get(name) != str(want):
+                        raise _S3Reply(
+                            "AccessDenied",
+                            "Invalid according to Policy: Policy Condition failed: "
+                            '["eq", "$%s", "%s"]' % (name, want),
+                        )
+            elif isinstance(cond, list) and len(cond) == 3:
+                op = str(cond[0]).lower()
+                if op == "content-length-range":
+                    if not int(cond[1]) <= size <= int(cond[2]):
+                        raise _S3Reply(
+                            "EntityTooLarge" if size > int(cond[2]) else "EntityTooSmall"
+                        )
+                    continue
+                name = str(cond[1]).lower().lstrip("$")
+                covered.add(name)
+                have = values.get(name, "")
+                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+                if op not in ("eq", "starts-with") or not ok:
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: %s"
+                        % json.dumps(cond),
+                    )
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
     def _verify_presigned_v2(
         self,
         method: str,
@@ -10965,6 +11789,60 @@ class _Spooled(NamedTuple):
     info: _FileInfo
 
 
+def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
+    """Parse a spooled multipart/form-data body: the fields before the ``file`` part (each
+    at most 64 KiB) and the byte range of the file, which S3 requires to come last."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        line = f.readline(1024)
+        if line.rstrip(b"\r\n") != boundary:
+            raise _S3Reply("InvalidArgument", "The body is not multipart/form-data")
+        while True:
+            headers: dict[str, str] = {}
+            while True:
+                h = f.readline(8192)
+                if not h:
+                    raise _S3Reply("IncompleteBody")
+                if h in (b"\r\n", b"\n"):
+                    break
+                name, _, value = h.decode("utf-8", "replace").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            disposition = headers.get("content-disposition", "")
+            m = re.search(r'\bname="([^"]*)"', disposition)
+            name = m.group(1) if m else ""
+            if name == "file":
+                fm = re.search(r'\bfilename="([^"]*)"', disposition)
+                fields["\0filename"] = fm.group(1) if fm else ""
+                start = f.tell()
+                tail = b"\r\n" + boundary + b"--"
+                # the closing boundary ends the body (a trailing CRLF is allowed)
+                f.seek(max(start, size - len(tail) - 4))
+                rest = f.read()
+                at = rest.rfind(tail)
+                if at < 0:
+                    raise _S3Reply("IncompleteBody", "The form has no closing boundary")
+                end = size - len(rest) + at
+                return fields, start, end
+            data = b""
+            while True:
+                chunk = f.readline(65536)
+                if not chunk:
+                    raise _S3Reply("IncompleteBody")
+                if chunk.rstrip(b"\r\n") in (boundary, boundary + b"--"):
+                    break
+                data += chunk
+                if len(data) > 65536:
+                    raise _S3Reply("InvalidArgument", "A form field is larger than 64 KiB")
+            if chunk.rstrip(b"\r\n") == boundary + b"--":
+                raise _S3Reply(
+                    "InvalidArgument", "POST requires exactly one file upload per request."
+                )
+            if data.endswith(b"\r\n"):
+                data = data[:-2]
+            fields[name] = data.decode("utf-8")
+
+
 # -- multipart uploads ----------------------------------------------------------------
 
 
@@ -11040,6 +11918,44 @@ class _Uploads:
             meta["path"] = os.path.join(folder, name[: -len(".json")])
             out[int(m.group(1))] = meta
         return out
+
+    #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
+    _DONE_KEEP = 24 * 3600
+
+    def finish(
+        self, upload_id: str, bucket: str, key: str, parts: list[tuple[int, str]], etag: str
+    ) -> None:
+        """Remove a completed upload, keeping a note of it for a client's retry."""
+        note = os.path.join(self.folder, ".done-%s.json" % upload_id)
+        with open(note + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
+        os.replace(note + ".tmp", note)
+        self.remove(upload_id)
+        now = time.time()
+        for name in os.listdir(self.folder):
+            if name.startswith(".done-"):
+                path = os.path.join(self.folder, name)
+                with contextlib.suppress(OSError):
+                    if now - os.path.getmtime(path) > self._DONE_KEEP:
+                        os.unlink(path)
+
+    def completed(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str | None:
+        """The ETag of an upload completed with these very parts, if it was."""
+        if not self._ID_RE.match(upload_id):
+            return None
+        try:
+            with open(
+                os.path.join(self.folder, ".done-%s.json" % upload_id), encoding="utf-8"
+            ) as f:
+                note = json.load(f)
+        except (OSError, ValueError):
+            return None
+        same = [list(p) for p in parts] == note.get("Parts")
+        if note.get("Bucket") == bucket and note.get("Key") == key and same:
+            return str(note["ETag"])
+        return None
 
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
@@ -11527,16 +12443,38 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 self._authenticate(gw)
             self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
             return
-        signed = self._authenticate(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
+        if (
+            method == "POST"
+            and bucket is not None
+            and key is None
+            and not self._query
+            and self._headers.get("content-type", "").startswith("multipart/form-data")
+            and "authorization" not in self._headers
+        ):
+            return self._post_object(bucket)  # signed by its policy, inside the form
+        signed = self._authenticate(gw)
         # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
         q = {k: v for k, v in self._q.items() if k != "x-id"}
+        # Buckets behind the gateway are never versioned: version "null" is the object.
+        if q.get("versionId") == "null":
+            del q["versionId"]
+        elif "versionId" in q:
+            raise _S3Reply("InvalidArgument", "Invalid version id specified")
         unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
+        if key is None and "acl" in q and method in ("GET", "PUT"):
+            return self._bucket_acl(bucket, signed)
+        if key is None and method == "GET" and "versioning" in q:
+            self._operation = "GetBucketVersioning"
+            gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
+            return self._send(200, _xml_doc("VersioningConfiguration", ""))
+        if key is None and method == "GET" and "versions" in q:
+            return self._list_objects(bucket, versions=True)
         if key is None:
             if unsupported:
                 self._operation = "Bucket:" + unsupported[0]
@@ -11564,6 +12502,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return self._send(204)
             if method == "POST" and "delete" in q:
                 return self._delete_objects(bucket, signed)
+
             self._operation = "Bucket:" + method
             raise _S3Reply(
                 "NotImplemented", "This bucket operation is not supported by the gateway"
@@ -11773,12 +12712,58 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
 
+    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
+        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+        client = self.server.gateway.client
+        if self.command == "GET":
+            self._operation = "GetBucketAcl"
+            resp = client.get_bucket_acl(Bucket=bucket)
+            self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
+            return
+        self._operation = "PutBucketAcl"
+        params: dict[str, Any] = {"Bucket": bucket}
+        for name, header in _CANNED_ACL_PARAMS:
+            if self._headers.get(header):
+                params[name] = self._headers[header]
+        data = self._small_body(signed)
+        if data.strip():
+            try:
+                root = _xml_parse(data)
+            except (ValueError, ET.ParseError):
+                raise _S3Reply("MalformedXML") from None
+            owner = root.find("Owner")
+            policy: dict[str, Any] = {"Grants": []}
+            if owner is not None:
+                policy["Owner"] = {
+                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+                }
+            for grant in root.iter("Grant"):
+                grantee = grant.find("Grantee")
+                who: dict[str, Any] = {}
+                if grantee is not None:
+                    for attr, value in grantee.attrib.items():
+                        if attr.endswith("}type") or attr == "type":
+                            who["Type"] = value
+                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                        if _xml_text(grantee, t):
+                            who[t] = _xml_text(grantee, t)
+                policy["Grants"].append(
+                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+                )
+            params["AccessControlPolicy"] = policy
+        client.put_bucket_acl(**params)
+        self._send(200)
+
     # -- listings -----------------------------------------------------------------
 
-    def _list_objects(self, bucket: str) -> None:
+    def _list_objects(self, bucket: str, versions: bool = False) -> None:
+        """ListObjects v1/v2, and ListObjectVersions: in a bucket that is never versioned
+        every object is its only version, ``null`` (what S3 answers for such a bucket)."""
         q = self._q
         v2 = q.get("list-type") == "2"
-        self._operation = "ListObjectsV2" if v2 else "ListObjects"
+        self._operation = (
+            "ListObjectVersions" if versions else "ListObjectsV2" if v2 else "ListObjects"
+        )
         try:
             max_keys = int(q.get("max-keys", "1000"))
         except ValueError:
@@ -11793,7 +12778,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if q.get(qname):
                 params[pname] = q[qname]
         client = self.server.gateway.client
-        if v2:
+        if versions:
+            if q.get("key-marker"):
+                params["StartAfter"] = q["key-marker"]
+            resp = client.list_objects_v2(**params)
+        elif v2:
             if q.get("continuation-token"):
                 params["ContinuationToken"] = q["continuation-token"]
             if q.get("start-after"):
@@ -11810,7 +12799,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return _quote(value, safe="/") if encode else value
 
         parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
-        if v2:
+        if versions:
+            parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
+            parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
+            if resp.get("IsTruncated") and resp.get("Contents"):
+                parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
+                parts.append(_el("NextVersionIdMarker", "null"))
+        elif v2:
             if q.get("start-after"):
                 parts.append(_el("StartAfter", text(q["start-after"])))
             if q.get("continuation-token"):
@@ -11845,10 +12840,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     )
                 )
             item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
-            parts.append("<Contents>%s</Contents>" % "".join(item))
+            if versions:
+                item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
+                parts.append("<Version>%s</Version>" % "".join(item))
+            else:
+                parts.append("<Contents>%s</Contents>" % "".join(item))
         for p in resp.get("CommonPrefixes", []):
             parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
-        self._send(200, _xml_doc("ListBucketResult", "".join(parts)))
+        root = "ListVersionsResult" if versions else "ListBucketResult"
+        self._send(200, _xml_doc(root, "".join(parts)))
 
     # -- objects ------------------------------------------------------------------
 
@@ -11965,7 +12965,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
-        result = self.server.gateway.client._put_path(spooled.path, params, spooled.info)
+        client = self.server.gateway.client
+        if params["Key"].endswith("/"):
+            # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
+            # delta, and the engine takes only file names; it is stored as it came.
+            _validate_key(params["Key"])
+            with open(spooled.path, "rb") as f:
+                client.storage.put_object(
+                    params["Bucket"],
+                    params["Key"],
+                    f,
+                    metadata=params.get("Metadata"),
+                    headers=_put_headers(params),
+                    content_sha256=spooled.info.sha256,
+                )
+            return {"ETag": '"%s"' % spooled.info.md5}
+        result = client._put_path(spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -12039,7 +13054,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _delete_objects(self, bucket: str, signed: _Signed) -> None:
         self._operation = "DeleteObjects"
         root = self._xml_body(signed)
-        keys = [_xml_text(o, "Key") or "" for o in root.findall("Object")]
+        keys = []
+        versioned = []
+        for o in root.findall("Object"):
+            if (_xml_text(o, "VersionId") or "null") != "null":
+                versioned.append(_xml_text(o, "Key") or "")
+            else:
+                keys.append(_xml_text(o, "Key") or "")
         if len(keys) > _DELETE_BATCH:
             raise _S3Reply("MalformedXML", "A DeleteObjects request takes at most 1000 keys")
         quiet = (_xml_text(root, "Quiet") or "").strip().lower() == "true"
@@ -12049,6 +13070,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         parts = []
         for d in resp.get("Deleted", []):
             parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+        for k in versioned:
+            parts.append(
+                "<Error>%s%s%s</Error>"
+                % (
+                    _el("Key", k),
+                    _el("Code", "NoSuchVersion"),
+                    _el("Message", "The specified version does not exist."),
+                )
+            )
         for e in resp.get("Errors", []):
             parts.append(
                 "<Error>%s%s%s</Error>"
@@ -12059,6 +13089,68 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 )
             )
         self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+
+    def _post_object(self, bucket: str) -> None:
+        """A browser upload (generate_presigned_post): a multipart/form-data body whose
+        fields come first and whose file is last (AWS "Browser-based uploads using POST"),
+        authorised by the signed policy in the form."""
+        self._operation = "PostObject"
+        gw = self.server.gateway
+        m = re.search(r'boundary="?([^";]+)"?', self._headers.get("content-type", ""))
+        if not m:
+            raise _S3Reply("InvalidArgument", "multipart/form-data needs a boundary")
+        boundary = b"--" + m.group(1).encode("latin-1")
+        unsigned = _Signed("-", _UNSIGNED_PAYLOAD, b"", "", "", "")
+        raw = self._spool(unsigned, gw.max_object_size + 64 * 1024)
+        try:
+            fields, start, end = _form_fields(raw.path, boundary)
+            key = fields.get("key", "")
+            if "${filename}" in key:
+                key = key.replace("${filename}", fields.get("\0filename", ""))
+            self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
+            fd, path = _private_tempfile(gw.spool_dir, ".post")
+            md5, sha = hashlib.md5(), hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
+                f.seek(start)
+                left = end - start
+                while left > 0:
+                    data = f.read(min(_IO_CHUNK, left))
+                    if not data:
+                        break
+                    left -= len(data)
+                    md5.update(data)
+                    sha.update(data)
+                    out.write(data)
+        finally:
+            os.unlink(raw.path)
+        try:
+            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+            meta = {}
+            for name, value in fields.items():
+                lname = name.lower()
+                if lname.startswith("x-amz-meta-"):
+                    meta[lname[len("x-amz-meta-") :]] = value
+                for pname, header in _PUT_HEADER_PARAMS:
+                    if lname == header.lower():
+                        params[pname] = value
+            if meta:
+                params["Metadata"] = meta
+            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
+            result = self._store(_Spooled(path, info), params)
+        finally:
+            os.unlink(path)
+        status = fields.get("success_action_status", "204")
+        headers = {"ETag": result["ETag"], "Location": "/%s/%s" % (bucket, _quote_key(key))}
+        if status == "201":
+            body = (
+                _el("Location", headers["Location"])
+                + _el("Bucket", bucket)
+                + _el("Key", key)
+                + _el("ETag", result["ETag"])
+            )
+            self._send(201, _xml_doc("PostResponse", body), headers=headers)
+        else:
+            self._send(200 if status == "200" else 204, headers=headers)
 
     # -- multipart ------------------------------------------------------------------
 
@@ -12184,7 +13276,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        rec = gw.uploads.record(bucket, key, upload_id)
         root = self._xml_body(signed)
         wanted: list[tuple[int, str]] = []
         for part in root.findall("Part"):
@@ -12199,6 +13290,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
             raise _S3Reply("InvalidPartOrder")
         with gw.uploads.lock(upload_id):
+            done = gw.uploads.completed(bucket, key, upload_id, wanted)
+            if done is not None:  # a retry of a completion whose answer was lost
+                return self._complete_answer(bucket, key, done)
+            rec = gw.uploads.record(bucket, key, upload_id)
             have = gw.uploads.parts(upload_id)
             for i, (number, etag) in enumerate(wanted):
                 got = have.get(number)
@@ -12231,13 +13326,16 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 result = self._store(spooled, params)
             finally:
                 os.unlink(path)
-            gw.uploads.remove(upload_id)
+            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
+        self._complete_answer(bucket, key, result["ETag"])
+
+    def _complete_answer(self, bucket: str, key: str, etag: str) -> None:
         host = self._headers.get("host", "")
         body = (
             _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
             + _el("Bucket", bucket)
             + _el("Key", key)
-            + _el("ETag", result["ETag"])
+            + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
 
@@ -12566,6 +13664,7 @@ class _Cli:
             )
             max_ratio = getattr(self.args, "max_ratio", None)
             archive_aware = True if getattr(self.args, "archive_aware", False) else None
+            references = getattr(self.args, "references", None)
             memory_limit = getattr(self.args, "memory_limit", None)
             self._client = create_client(
                 endpoint_url=self.args.endpoint_url,
@@ -12578,6 +13677,7 @@ class _Cli:
                 archive_aware=archive_aware,
                 memory_limit=memory_limit,
                 environ=self.environ,
+                references=references,
             )
         return self._client
 
@@ -12678,7 +13778,15 @@ class _Cli:
         op = summary.get("Operation")
         if op == "create_delta":
             # Rounded down: a 99.96% saving is not "100.0%".
-            return " (delta, %.1f%% saved)" % (int(summary["SavingsPercent"] * 10) / 10.0)
+            saved = int(summary["SavingsPercent"] * 10) / 10.0
+            source = summary.get("ReferenceSource")
+            folder, _, name = (source or "").rpartition("/")
+            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+            if source and folder != _deltaspace(key):
+                # A reference made from a file in another folder: name it.
+                shown = folder + "/" if name == key.rpartition("/")[2] else source
+                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+            return " (delta, %.1f%% saved)" % saved
         if op == "create_reference":
             return " (reference)"
         return ""
@@ -13039,7 +14147,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path = self.client._spool(stdin)
+            path, info = self.client._spool(stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -13050,6 +14158,7 @@ class _Cli:
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     delta=delta,
+                    info=info,
                 )
             finally:
                 os.unlink(path)
@@ -13088,7 +14197,7 @@ class _Cli:
                 self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
                 folders += 1
             for obj in page.get("Contents", []):
-                if obj["Key"].startswith(".deltaglider/"):
+                if _is_internal(obj["Key"]):
                     continue
                 count += 1
                 total += obj["Size"]
@@ -13114,14 +14223,15 @@ class _Cli:
         """``ls`` shows nothing where only a reference is left (listings hide them):
         say so, and how to remove it."""
         try:
-            unused = self.client._engine.unused_references(bucket, prefix, self.args.recursive)
+            found = self.client._engine.gc(bucket, prefix, dry_run=True)["Removed"]
         except (DeltaGliderError, OSError):
             return
+        unused = [r["Key"] for r in found]
         for ref in unused:
             self.error(
                 "note: s3://%s/%s is a deltaglider reference that no object uses (an upload "
-                "was interrupted, or another tool left it); 'rm --recursive s3://%s/%s' "
-                "removes it" % (bucket, ref, bucket, ref[: -len(_REFERENCE_NAME)])
+                "was interrupted, or another tool left it); 'gc s3://%s/%s' removes it"
+                % (bucket, ref, bucket, prefix)
             )
 
     def _had_prefixes(self, bucket: str, key: str) -> bool:
@@ -13165,22 +14275,16 @@ class _Cli:
 
     def delete_unused_references(self, bucket: str, prefix: str) -> None:
         """References no delta uses (listings never show them) go with their folder."""
-        engine = self.client._engine
         try:
-            unused = engine.unused_references(bucket, prefix)
+            found = self.client._engine.gc(bucket, prefix, dry_run=bool(self.dry()))
         except (DeltaGliderError, OSError) as e:
             self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
             return
-        for ref in unused:
-            note = "s3://%s/%s (a reference no object uses)" % (bucket, ref)
-            if self.dry():
-                self.line("%sdelete: %s" % (self.dry(), note))
-                continue
-            try:
-                if engine._drop_unused_reference(bucket, _deltaspace(ref)):
-                    self.line("delete: " + note)
-            except (DeltaGliderError, OSError) as e:
-                self.fail("delete failed: s3://%s/%s %s" % (bucket, ref, self.describe_error(e)))
+        for ref in found["Removed"]:
+            self.line(
+                "%sdelete: s3://%s/%s (a reference no object uses)"
+                % (self.dry(), bucket, ref["Key"])
+            )
 
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
         self._settled = False
@@ -13215,7 +14319,45 @@ class _Cli:
             return self.sync_down(src, dst)
         if dst.startswith("s3://") and not src.startswith("s3://"):
             return self.sync_up(src, dst)
-        raise _UsageError("sync needs one local folder and one s3:// URL")
+        if src.startswith("s3://") and dst.startswith("s3://"):
+            return self.sync_between(src, dst)
+        raise _UsageError("sync needs at least one s3:// URL (and local folders, not files)")
+
+    def sync_between(self, src: str, dst: str) -> int:
+        """s3:// to s3:// as aws s3 sync does it: copy each key missing at the destination,
+        of another size, or newer at the source (LastModified); --delete removes the
+        destination's keys the source does not have."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        source = {
+            rel: obj for rel, obj in self.remote_index(sb, prefix).items() if filters.included(rel)
+        }
+        _refuse_onto_itself(
+            "sync", sb, db, [(prefix + rel, dprefix + rel) for rel in source], (prefix, dprefix)
+        )
+        dest = self.remote_index(db, dprefix)
+        tasks: list[Callable[[], None]] = []
+        for rel in sorted(source):
+            obj, have = source[rel], dest.get(rel)
+            if have is not None and not self.should_transfer(
+                obj["Size"],
+                obj["LastModified"].timestamp(),
+                have["Size"],
+                have["LastModified"].timestamp(),
+                upload=True,
+            ):
+                continue
+            tasks.append(functools.partial(self.copy_one, sb, prefix + rel, db, dprefix + rel))
+        self.run_tasks(tasks, 0)
+        if self.args.delete:
+            gone = [
+                dprefix + rel for rel in sorted(dest) if rel not in source and filters.included(rel)
+            ]
+            self.delete_keys(db, gone)
+        return self.exit_code()
 
     def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
@@ -13375,13 +14517,12 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            refs = {k for k in left if k.rsplit("/", 1)[-1] == _REFERENCE_NAME}
-            if left and all(k.startswith(_INTERNAL_PREFIX) or k in refs for k in left):
-                # References that no delta uses (an interrupted upload, another tool)
-                # are deltaglider's leftovers too; any other reference keeps its object.
-                if refs and set(self.client._engine.unused_references(bucket, "")) >= refs:
-                    self.delete_unused_references(bucket, "")
-                self.client._engine.delete_prefix(bucket, _INTERNAL_PREFIX)
+            if left and all(
+                _is_internal(k) or k.rsplit("/", 1)[-1] == _REFERENCE_NAME for k in left
+            ):
+                # Our bookkeeping, and references no delta uses (an interrupted upload,
+                # another tool): delete_prefix removes only those that nothing needs.
+                self.client._engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -13410,6 +14551,26 @@ class _Cli:
         result = self.client.purge_temp_files(bucket)
         self.out.write(json.dumps(result, indent=2) + "\n")
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
+
+    def cmd_gc(self) -> int:
+        bucket, prefix = _parse_s3_url(self.args.path)
+        result = self.client.gc(Bucket=bucket, Prefix=prefix, DryRun=self.args.dryrun)
+        for item in result["Removed"]:
+            self.line(
+                "%sdelete: s3://%s/%s (%s)"
+                % (self.dry(), bucket, item["Key"], _human_size(item["Size"]))
+            )
+        self.line(
+            "%s%d unused reference(s), %s%s; %d kept"
+            % (
+                self.dry(),
+                len(result["Removed"]),
+                _human_size(result["BytesFreed"]),
+                " would be freed" if self.args.dryrun else " freed",
+                result["Kept"],
+            )
+        )
+        return self.exit_code()
 
     def cmd_stats(self) -> int:
         name = self.args.bucket
@@ -13440,6 +14601,15 @@ class _Cli:
                 % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
             ),
         ]
+        if "reference_size" in stats:
+            rows.insert(
+                3,
+                (
+                    "  References:",
+                    "%d (%s stored)"
+                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
+                ),
+            )
         self.out.write(
             "Bucket Statistics: %s (%s%s)\n%s\n"
             % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
@@ -13464,6 +14634,18 @@ class _Cli:
             )
         for label, value in rows:
             self.out.write("%-22s%s\n" % (label, value))
+        if stats.get("references"):
+            self.out.write("References (stored size, deltas that need it, their size):\n")
+            for ref in stats["references"]:
+                self.out.write(
+                    "  %10s  %4d deltas %10s  %s\n"
+                    % (
+                        _human_size(ref["size"]),
+                        ref["deltas"],
+                        _human_size(ref["original_size"]),
+                        ref["source"] or ref["key"],
+                    )
+                )
         if stats["estimated"]:
             self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
         return EXIT_OK
@@ -13495,11 +14677,12 @@ class _Cli:
         ):
             for item in obj.get("Contents", []):
                 rel = item["Key"][len(sprefix) :]
-                if item["Key"].startswith(".deltaglider/") or not filters.included(rel):
+                if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
         if _store_identity(source) == _store_identity(self.client):
-            _refuse_onto_itself("migrate", sb, db, [(t[0], t[1]) for t in todo])
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
         present: dict[str, int] = {}
         if not self.dry():
             for item in self.list_logical(db, dprefix, fetch=True):
@@ -13639,13 +14822,19 @@ def _store_identity(client: DeltaGliderClient) -> str:
 
 
 def _refuse_onto_itself(
-    command: str, src_bucket: str, dst_bucket: str, pairs: Sequence[tuple[str, str]]
+    command: str,
+    src_bucket: str,
+    dst_bucket: str,
+    pairs: Sequence[tuple[str, str]],
+    prefixes: tuple[str, str] | None = None,
 ) -> None:
-    """The one check for cp, mv, migrate (and any command that reads and writes one store):
-    refuse, before any work, a transfer whose destination is its own source (aws s3 mv:
-    "Cannot mv a file onto itself"), or that writes a key the same run still has to read
-    (overlapping prefixes: the outcome would depend on the order of transfers, and mv would
-    delete what it just wrote)."""
+    """The one check for cp, mv, sync and migrate within one store: refuse, before any work,
+    a transfer whose destination is its own source (aws s3 mv: "Cannot mv a file onto
+    itself"), or that writes a key the same run still has to read (overlapping prefixes:
+    the outcome would depend on the order of transfers, and mv would delete what it just
+    wrote). ``prefixes`` (source, destination), for sync and migrate: one may not hold the
+    other at all, since the destination's listing would take in the source (each run would
+    copy into itself again, and sync --delete would remove source keys)."""
     if src_bucket != dst_bucket:
         return
     for s_key, d_key in pairs:
@@ -13654,6 +14843,13 @@ def _refuse_onto_itself(
                 "Cannot %s a file onto itself: 's3://%s/%s' - 's3://%s/%s'"
                 % (command, src_bucket, s_key, dst_bucket, d_key)
             )
+    if prefixes is not None and (
+        prefixes[0].startswith(prefixes[1]) or prefixes[1].startswith(prefixes[0])
+    ):
+        raise _UsageError(
+            "Cannot %s s3://%s/%s to s3://%s/%s: one prefix holds the other; nothing was changed"
+            % (command, src_bucket, prefixes[0], dst_bucket, prefixes[1])
+        )
     sources = {s_key for s_key, _ in pairs}
     for s_key, d_key in pairs:
         if d_key in sources:
@@ -13895,6 +15091,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "(DG_ARCHIVE_AWARE=1)",
         )
         p.add_argument(
+            "--references",
+            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+            help="shared: delta against references in sibling folders too (default); "
+            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+        )
+        p.add_argument(
             "--max-ratio",
             type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
             help="largest delta worth storing, as a fraction of the file (default 0.5)",
@@ -13970,6 +15172,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
+    p = command("gc", "delete the references under a prefix that no delta needs any more")
+    p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
+    p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p = command("stats", "what a bucket holds and what deltas save")
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
@@ -14004,23 +15209,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument(
-        "--workers", type=int, default=64, help="connections served at once (default 64)"
+        "--workers",
+        type=_option(_parse_int, "--workers", minimum=1),
+        default=64,
+        help="connections served at once (default 64)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_option(_parse_number, "--idle-timeout", above=0),
         default=60.0,
         help="seconds a connection may stay silent (default 60)",
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=_option(_parse_number, "--request-timeout", above=0),
         default=3600.0,
         help="seconds a request body may take to arrive (default 3600)",
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_option(_parse_number, "--grace", minimum=0),
         default=30.0,
         help="seconds requests in flight get to finish on Ctrl-C/SIGTERM (default 30)",
     )
@@ -14037,7 +15245,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delta zip-family files member by member (DG_ARCHIVE_AWARE=1)",
     )
-    p.add_argument("--max-ratio", type=float, help="largest delta worth storing (default 0.5)")
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing (default 0.5)",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p = command("get-bucket-acl", "print a bucket's ACL as JSON")
     p.add_argument("bucket", help="bucket name or s3://bucket")
@@ -14107,6 +15319,7 @@ _COMMANDS: dict[str, Callable[[_Cli], int]] = {
     "verify": lambda cli: cli.cmd_verify(),
     "presign": lambda cli: cli.cmd_presign(),
     "purge": lambda cli: cli.cmd_purge(),
+    "gc": lambda cli: cli.cmd_gc(),
     "stats": lambda cli: cli.cmd_stats(),
     "migrate": lambda cli: cli.cmd_migrate(),
     "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
