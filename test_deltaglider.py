@@ -772,6 +772,30 @@ def test_quote_key_never_normalises(key: str, wire: str) -> None:
     assert dg._quote_key(key) == wire
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9999-12-31T23:59:59-01:00",  # past datetime's last day once in UTC
+        "0001-01-01T00:00:00+01:00",  # before its first
+        "Fri, 31 Dec 9999 23:59:59 -0100",
+        "10000-01-01T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "not a date",
+    ],
+)
+def test_bad_dates_are_value_errors_or_absent(value: str) -> None:
+    with pytest.raises(ValueError):
+        dg._parse_timestamp(value)
+    dg._WARNED.discard("LastModified")
+    assert dg._date_or_absent(value, "LastModified") is None
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "nan", "inf", "-inf", "12x", ""])
+def test_bad_dg_mtime_is_absent(value: str) -> None:
+    assert dg._mtime_or_absent(value) is None
+    assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
+
+
 ###############################################################################
 # SigV4 #######################################################################
 ###############################################################################
@@ -958,7 +982,9 @@ _SIGV4_NETLOCS = [
 _sigv4_keys = st.lists(
     st.one_of(
         st.text(_ANY_TEXT, max_size=8),
-        st.sampled_from(["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t"]),
+        st.sampled_from(
+            ["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t", "\x01", "\x7f"]
+        ),
     ),
     min_size=1,
     max_size=6,
@@ -986,8 +1012,8 @@ _sigv4_header_names = st.one_of(
     st.text("abcXYZ019-_", min_size=1, max_size=8).map(lambda s: "X-Amz-Meta-" + s),
 )
 _sigv4_header_values = st.text(
-    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  ")), max_size=20
-) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z "])
+    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  \x01\x1f\x7f\x0b")), max_size=20
+) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z ", "\x01a", "a\x01", "\x1ca\x1f"])
 _sigv4_creds = st.tuples(
     st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:", min_size=1, max_size=20),
     st.text(_ANY_TEXT, min_size=1, max_size=40),
@@ -2296,6 +2322,37 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_listing_with_out_of_range_dates_is_read(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LastModified no datetime can hold is treated as absent (the epoch, as a listing
+    without one), with one warning for the whole listing; ls goes on."""
+    page = _listing_page(["a.txt", "b.txt"], False, None).replace(
+        b"2026-01-01T00:00:00.000Z", b"9999-12-31T23:59:59-01:00"
+    )
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, page, _XML)
+
+    srv = fake_s3(script)
+    dg._WARNED.discard("LastModified")
+    listed = _fake_storage(srv.url).list_objects_v2("b")
+    assert [c["LastModified"] for c in listed["Contents"]] == [dg._EPOCH, dg._EPOCH]
+    assert caplog.text.count("out-of-range LastModified") == 1
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    code = dg.main(
+        ["--endpoint-url", srv.url, "ls", "s3://b/"], stdout=out, stderr=err, environ=env
+    )
+    assert code == 0, err.getvalue()
+    assert [line.split()[-1] for line in out.getvalue().splitlines()] == ["a.txt", "b.txt"]
+
+
 def test_virtual_hosted_requests_connect_to_the_bucket_host(
     s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
 ) -> None:
@@ -3304,6 +3361,25 @@ def test_header_value_errors_never_quote_the_value(
     assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
     assert srv.requests == []
     st_.close()
+
+
+@pytest.mark.parametrize(
+    "expiration",
+    ["9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],
+)
+def test_out_of_range_credential_expiration_is_absent(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, expiration: str
+) -> None:
+    dg._WARNED.discard("Expiration")
+    script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+    script += "'SecretAccessKey': %r, 'Expiration': %r}))" % (SECRET, expiration)
+    env = process_profile(tmp_path, script)
+    p = dg._resolve_credentials(environ=env, now=lambda: T0)
+    assert p is not None and p.get() == (KEY, SECRET, None, None)
+    assert "out-of-range Expiration" in caplog.text
+    with pytest.raises(dg.CredentialRetrievalError, match="invalid Expiration"):
+        script = script.replace(repr(expiration), repr("soon"))
+        dg._resolve_credentials(environ=process_profile(tmp_path, script), now=lambda: T0)
 
 
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
@@ -4973,6 +5049,41 @@ def test_metadata_union_written_for_every_reader(client: Any, dgbucket: str, tmp
 
 
 @needs_xdelta3
+@pytest.mark.parametrize("folder", ["café", "Versión 2", "日本/über"])
+def test_non_ascii_folders_take_deltas(
+    client: Any, dgbucket: str, tmp_path: Any, folder: str
+) -> None:
+    """Every metadata value we write is US-ASCII (non-ASCII percent-encoded, FORMAT.md),
+    dg-ref-key included; reads decode it."""
+    data = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(2)]
+    keys = ["%s/ñ-%d.zip" % (folder, v) for v in range(2)]
+    for key, blob in zip(keys, data):
+        client.put_object(Bucket=dgbucket, Key=key, Body=blob, Metadata={"by": "José"})
+    meta = client.storage.head_object(dgbucket, keys[1] + ".delta")["Metadata"]
+    ref_key = dg._meta_decode(meta["dg-ref-key"])
+    assert meta["dg-ref-key"] != ref_key and folder.split("/")[-1] in ref_key
+    assert client.storage.head_object(dgbucket, ref_key)["ContentLength"] == len(data[0])
+    assert all(v.isascii() for v in meta.values())
+    assert meta["dg-note"] == "delta"
+    for key, blob in zip(keys, data):
+        got = client.get_object(Bucket=dgbucket, Key=key)
+        assert got["Body"].read() == blob and got["Metadata"] == {"by": "José"}
+    listed = client.list_objects_v2(Bucket=dgbucket, FetchMetadata=True)["Contents"]
+    assert [c["Key"] for c in listed] == keys
+    assert listed[1]["Metadata"]["deltaglider-reference-key"] == ref_key
+    for key in keys:
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket) == []
+
+
+def test_metadata_values_decode_only_what_was_encoded() -> None:
+    for value in ["café.zip", "a%b é", "日本", "100%", "plain"]:
+        assert dg._meta_decode(dg._meta_encode(value)) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII is never encoded: kept as is
+    assert dg._meta_decode("caf%C3%A9") == "café"
+
+
+@needs_xdelta3
 def test_unrelated_file_over_max_ratio_is_stored_direct(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -5275,6 +5386,52 @@ def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, exp
         c.get_object(Bucket="bkt", Key="r/a.zip")["Body"].read()
         == (tmp_path / "a.zip").read_bytes()
     )
+
+
+@needs_xdelta3
+def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """Presigning a delta-stored key again reuses the rebuilt copy (its expiry moved
+    forward when the new URL lives longer); stats counts the copies."""
+    backend = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        versions = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(3)]
+        c.put_object(Bucket=bucket, Key="p/a.zip", Body=versions[0])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[1])
+
+        def fetch(url: str) -> bytes:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()  # type: ignore[no-any-return]
+
+        def copies() -> list[str]:
+            return [k for k in stored_keys(c, bucket) if k.startswith(".deltaglider/tmp/")]
+
+        def presign(seconds: int) -> str:
+            return c.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "p/b.zip"}, ExpiresIn=seconds
+            )
+
+        urls = [presign(600), presign(300), presign(3600)]
+        assert len(copies()) == 1
+        for url in urls:
+            assert fetch(url) == versions[1]
+        meta = c.storage.head_object(bucket, copies()[0])["Metadata"]
+        left = dg._parse_timestamp(meta["dg-expires-at"]) - dg._utcnow()
+        assert datetime.timedelta(seconds=3000) < left <= datetime.timedelta(seconds=3600)
+        stats = c.get_bucket_stats(bucket, use_cache=False)
+        assert stats["presign_copies"] == 1 and stats["object_count"] == 2
+        assert stats["presign_copies_size"] == len(versions[1])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[2])  # new content: new copy
+        assert fetch(presign(600)) == versions[2]
+        assert len(copies()) == 2
+        assert fetch(urls[0]) == versions[1]  # the older URL still serves what it named
+    finally:
+        _s3_empty_and_delete(c.storage, bucket)
+        c.close()
 
 
 ###############################################################################
@@ -5908,6 +6065,68 @@ def test_eight_concurrent_first_uploads_make_one_reference(
             _s3_empty_and_delete(setup.storage, bucket)
 
 
+class RmRacesReads:
+    """A storage wrapper: an ``rm`` of the folder's last file lands between an upload's
+    HEAD of the reference and its GET (``every``: the HEAD keeps answering as if the
+    reference were still there, as a flapping second writer would make it)."""
+
+    def __init__(self, inner: Any, every: bool = False) -> None:
+        self._inner = inner
+        self._every = every
+        self._heads: dict[str, Any] = {}
+        self.raced = 0
+
+    def head_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if self._every and key in self._heads:
+            return self._heads[key]
+        head = self._inner.head_object(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            self._heads[key] = head
+        return head
+
+    def get_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if key.endswith("reference.bin") and (self._every or not self.raced):
+            self.raced += 1
+            for k in stored_keys_of(self._inner, bucket, key.rsplit("/", 1)[0] + "/"):
+                self._inner.delete_object(bucket, k)
+        return self._inner.get_object(bucket, key, *a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def stored_keys_of(storage: Any, bucket: str, prefix: str = "") -> list[str]:
+    return sorted(
+        c["Key"] for c in storage.list_objects_v2(bucket, prefix=prefix).get("Contents", [])
+    )
+
+
+@needs_xdelta3
+def test_upload_racing_rm_of_the_last_file_retries_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder's own reference.bin
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    racer = make_client(backend, tmp_path)  # a cold cache: it GETs the reference
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage)
+    info = racer.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)["DeltaGliderInfo"]
+    assert racer._engine.storage.raced == 1 and info["Operation"] == "create_reference"
+    assert stored_keys(client, dgbucket) == ["r/b.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+    # vanishing again: one message that says what happened, nothing stored
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "s/a.zip")
+    racer = make_client(backend, tmp_path)
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage, every=True)
+    with pytest.raises(dg.DeltaGliderError) as e:
+        racer.put_object(Bucket=dgbucket, Key="s/b.zip", Body=b)
+    assert "was deleted twice while this upload was reading it" in str(e.value)
+    assert "GetObject" not in str(e.value) and a
+    assert stored_keys(client, dgbucket, "s/") == []
+
+
 @needs_xdelta3
 def test_writers_in_sibling_folders_and_a_deleter_at_once(backend: Backend, tmp_path: Any) -> None:
     """Two jobs upload versions into sibling folders (sharing references) while a third
@@ -6270,6 +6489,282 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
 
 
 @needs_xdelta3
+def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A user's ``app.zip.delta`` is stored as ``app.zip.delta.delta`` (always a delta):
+    it never replaces ``app.zip``'s stored form, and each stored name has one logical key."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    other = b"not the delta of app.zip\n" * 500
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other)
+    client.put_object(Bucket=dgbucket, Key="n/notes.delta", Body=b"plain notes")
+    client.put_object(Bucket=dgbucket, Key="n/empty.delta", Body=b"")
+    assert stored_keys(client, dgbucket) == [
+        "n/empty.delta.delta",
+        "n/notes.delta.delta",
+        "n/reference.bin",
+        "r/app.zip",  # kept plain: the original reads a stored r/app.zip.delta for that name
+        "r/app.zip.delta.delta",
+        "r/reference.bin",
+    ]
+    reads = {"r/app.zip": app, "r/app.zip.delta": other, "n/notes.delta": b"plain notes"}
+    reads["n/empty.delta"] = b""
+    for key, data in reads.items():
+        assert client.get_object(Bucket=dgbucket, Key=key)["Body"].read() == data, key
+        assert client.head_object(Bucket=dgbucket, Key=key)["ContentLength"] == len(data), key
+    listed = client.list_objects_v2(Bucket=dgbucket)["Contents"]
+    assert [c["Key"] for c in listed] == sorted(reads)
+    # copy and overwrite keep to the rule; a delete takes only its own stored form
+    client.copy_object(Bucket=dgbucket, Key="r/copy.delta", CopySource=dgbucket + "/r/app.zip")
+    assert client.get_object(Bucket=dgbucket, Key="r/copy.delta")["Body"].read() == app
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other + b"2")
+    client.delete_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/copy.delta"}]})
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip"]
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)  # a delta again
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/app.zip")["Body"].read() == app
+    with pytest.raises(dg.ClientError):
+        client.head_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    # n/notes.delta.delta's own name is how n/notes.delta is stored: refused, kept apart
+    with pytest.raises(dg.ParamValidationError, match=re.escape("how 'n/notes.delta' is")):
+        client.put_object(Bucket=dgbucket, Key="n/notes.delta.delta", Body=b"x")
+    assert client.get_object(Bucket=dgbucket, Key="n/notes.delta")["Body"].read() == b"plain notes"
+    for key in ("n/notes.delta", "n/empty.delta"):
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket, "n/") == []  # the last delta took its reference
+
+
+@needs_xdelta3
+def test_deleting_a_name_ending_in_reference_bin_never_takes_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client.put_object(Bucket=dgbucket, Key="r/a.zip", Body=a)
+    client.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)
+    client.delete_object(Bucket=dgbucket, Key="r/reference.bin")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/reference.bin"}]})
+    assert (
+        run_cli(
+            backend,
+            tmp_path,
+            DG_REFERENCES="folder",
+            argv=["rm", "s3://%s/r/reference.bin" % dgbucket],
+        )[0]
+        == 0
+    )
+    assert "r/reference.bin" in stored_keys(client, dgbucket)
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+
+
+@needs_xdelta3
+def test_plain_object_beside_our_delta_is_one_object(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """Another tool writes ``app.zip`` next to our ``app.zip.delta``: one logical object,
+    the plain one (what GET serves, as every reader), in listings on any page; deleting
+    it removes both stored forms."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip-notes.txt", Body=b"between them")
+    client.storage.put_object(dgbucket, "p/app.zip", b"written by another tool")
+    listed = client.list_objects_v2(Bucket=dgbucket, Prefix="p/")["Contents"]
+    assert [(c["Key"], c["Size"]) for c in listed] == [
+        ("p/app.zip", len(b"written by another tool")),
+        ("p/app.zip-notes.txt", len(b"between them")),
+    ]
+    got = client.get_object(Bucket=dgbucket, Key="p/app.zip")["Body"].read()
+    assert got == b"written by another tool"
+    # one key per page: app.zip.delta lands on the page after app.zip
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=dgbucket, Prefix="p/", MaxKeys=1
+    )
+    assert [c["Key"] for page in pages for c in page.get("Contents", [])] == [
+        "p/app.zip",
+        "p/app.zip-notes.txt",
+    ]
+    client.delete_object(Bucket=dgbucket, Key="p/app.zip")
+    assert stored_keys(client, dgbucket, "p/") == ["p/app.zip-notes.txt"]
+
+
+@needs_xdelta3
+def test_cli_sync_delete_of_delta_named_files_is_stable(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.delta").write_text("my own .delta file")
+    make_zip(src / "app.zip", 0)
+    (src / "app.zip.delta").write_text("also mine")
+    url = "s3://%s/s/" % dgbucket
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+    )
+    assert code == 0 and len(out.splitlines()) == 3, err
+    for _ in range(2):
+        code, out, err = run_cli(
+            backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+        )
+        assert (code, out) == (0, ""), err
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["sync", url, str(down)])[0] == 0
+    assert sorted(p.name for p in down.iterdir()) == ["app.zip", "app.zip.delta", "notes.delta"]
+    for p in down.iterdir():
+        assert p.read_bytes() == (src / p.name).read_bytes()
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "s3://%s/s/notes.delta" % dgbucket]
+    )
+    assert code == 0 and stored_keys(client, dgbucket, "s/notes") == []
+
+
+@needs_xdelta3
+def test_interrupted_first_upload_leaves_no_reference(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    make_zip(tmp_path / "a.zip", 0)
+    st = client.storage
+    real_put = st.put_object
+
+    def put(bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            raise KeyboardInterrupt  # Ctrl-C as the reply of the reference PUT arrives
+        return resp
+
+    st.put_object = put
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    finally:
+        del st.put_object
+    assert stored_keys(client, dgbucket) == []
+
+    def cancel(n: int) -> None:  # cp -r's workers learn of Ctrl-C through on_bytes
+        raise dg._Cancelled("cancelled")
+
+    with pytest.raises(dg._Cancelled):
+        client._engine.put_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip", on_bytes=cancel)
+    assert stored_keys(client, dgbucket) == []
+    # a forced delta of a compressed file: stored as its own reference, not left beside it
+    gz = _gzip_mod.compress(os.urandom(5000))
+    (tmp_path / "x.gz").write_bytes(gz)
+    client._engine.put_file(str(tmp_path / "x.gz"), dgbucket, "g/x.gz", delta=True)
+    assert stored_keys(client, dgbucket) == ["g/reference.bin", "g/x.gz.delta"]
+    assert client.get_object(Bucket=dgbucket, Key="g/x.gz")["Body"].read() == gz
+
+
+@needs_xdelta3
+def test_cli_ls_stats_rm_rb_deal_with_an_unused_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A reference without deltas (a crash, another tool): ls says so, stats counts it,
+    rm -r of its folder and rb remove it."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+
+    def strand() -> None:
+        client.upload_file(str(tmp_path / "a.zip"), dgbucket, "x/a.zip")
+        client.storage.delete_object(dgbucket, "x/a.zip.delta")
+        assert stored_keys(client, dgbucket) == ["x/reference.bin"]
+
+    make_zip(tmp_path / "a.zip", 0)
+    strand()
+    url = "s3://%s/" % dgbucket
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", "-r", url])
+    assert (code, out) == (0, "")
+    assert "%sx/reference.bin is a deltaglider reference that no object uses" % url in err
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", url + "x/"])
+    assert code == 1 and "'gc %sx/' removes it" % url in err
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--json", "--no-cache", dgbucket]
+    )
+    stats = json.loads(out)
+    assert stats["object_count"] == 0 and stats["unused_references"] == 1
+    assert stats["unused_reference_size"] == (tmp_path / "a.zip").stat().st_size
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--no-cache", dgbucket]
+    )
+    assert "Unused References:    1," in out
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", "--dryrun", url + "x/"]
+    )
+    assert out == "(dryrun) delete: %sx/reference.bin (a reference no object uses)\n" % url
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", url + "x/"]
+    )
+    assert (code, out) == (0, "delete: %sx/reference.bin (a reference no object uses)\n" % url)
+    assert stored_keys(client, dgbucket) == []
+    strand()
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["rb", url])
+    assert code == 0 and out.endswith("remove_bucket: %s\n" % dgbucket), err
+    assert dgbucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    client.create_bucket(Bucket=dgbucket)  # for the fixture's teardown
+
+
+class _InterruptAfterLine(io.StringIO):
+    """stdout that presses Ctrl-C (SIGINT to this process) once a line starting with
+    ``prefix`` has been printed."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if text.startswith(self.prefix):
+            os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+
+class _InterruptOnRead(dict):  # type: ignore[type-arg]
+    """An environment that presses Ctrl-C (SIGINT to this process, handled at once in
+    this thread) when ``name`` is read once the command runs (main() checks every
+    setting once before it starts)."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        super().__init__(env)
+        self.name = name
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == self.name:
+            self.reads += 1
+            if self.reads == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().get(key, default)
+
+
+@needs_xdelta3
+def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_CACHE_DIR": str(tmp_path / "cli-cache")}
+    env["DG_REFERENCES"] = "folder"  # the assertions name reference.bin
+    if backend.access_key:
+        env.update(AWS_ACCESS_KEY_ID=backend.access_key, AWS_SECRET_ACCESS_KEY=backend.secret_key)
+    url = "s3://%s/r/" % dgbucket
+    # Ctrl-C once the line is out: the file is stored and said so; exit 0, not 130
+    out, err = _InterruptAfterLine("upload:"), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "a.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0 and out.getvalue().endswith(" to %sa.zip (reference)\n" % url)
+    assert err.getvalue() == ""
+    # Ctrl-C while the upload decides how to store the file: no line, exit 130
+    pressing = _InterruptOnRead(env, "DG_DELTA_MODE")
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "b.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=pressing)
+    assert (code, out.getvalue()) == (130, "")
+    assert err.getvalue().endswith("cancelled: ctrl-c received\n")
+    assert stored_keys(client, dgbucket) == ["r/a.zip.delta", "r/reference.bin"]
+
+
 def test_deleting_a_reference_by_its_name_takes_nothing(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -6977,6 +7472,56 @@ def test_we_write_original_reads(
         report = json.loads(orig.run("verify", "s3://%s/%s" % (ibucket, key)).stdout)
         assert report["valid"] is True, (key, report)
         assert report["expected_sha256"] == _sha(files[key[: -len(".delta")]])
+
+
+def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
+    iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
+) -> None:
+    """A user's ``notes.delta`` (stored ``notes.delta.delta``) is listed and read back
+    byte-exact by 6.2.0 beside ``app.zip``'s own delta. In a non-ASCII folder (whose
+    dg-ref-key is percent-encoded) 6.2.0 reads direct files; a delta there it cannot
+    read (its boto3 sends no such key) fails loudly: never other bytes."""
+    iclient._engine.references = dg._REFERENCES_FOLDER  # 6.2.0's own layout
+    src = tmp_path / "src"
+    files = {
+        "d/app.zip": _zip(0),
+        "d/app.zip.delta": b"my own file named like a delta\n" * 40,
+        "d/notes.delta": b"notes\n",
+    }
+    for key, data in files.items():
+        iclient.upload_file(str(_write(src, key.replace("/", "_"), data)), ibucket, key)
+    assert _stored_keys(iclient, ibucket) == [
+        "d/app.zip",  # kept plain: 6.2.0 reads a stored d/app.zip.delta for that name
+        "d/app.zip.delta.delta",
+        "d/notes.delta.delta",
+        "d/reference.bin",
+    ]
+    assert orig.ls("s3://%s/d/" % ibucket) == ["app.zip", "app.zip.delta", "notes.delta"]
+    out = tmp_path / "orig-out"
+    orig.run("sync", "s3://%s/d/" % ibucket, str(out / "synced"))
+    for key, data in files.items():
+        name = key.rsplit("/", 1)[1]
+        assert _file_sha(out / "synced" / name) == _sha(data), key
+        # 6.2.0 asked for a name ending in .delta takes it as stored: only that works
+        stored = key + ".delta" if key.endswith(".delta") else key
+        orig.run("cp", "s3://%s/%s" % (ibucket, stored), str(out / name))
+        assert _file_sha(out / name) == _sha(data), key
+        if stored != key:
+            proc = orig.run("cp", "s3://%s/%s" % (ibucket, key), str(out / "x"), ok=False)
+            assert proc.returncode != 0 and not (out / "x").exists(), key
+    iclient.upload_file(str(_write(src, "a.zip", _zip(1))), ibucket, "café/a.zip")
+    iclient.upload_file(str(_write(src, "b.zip", _zip(2))), ibucket, "café/b.zip")
+    iclient.upload_file(str(_write(src, "r.txt", b"readme")), ibucket, "café/r.txt")
+    meta = iclient.storage.head_object(ibucket, "café/b.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] == "caf%C3%A9/reference.bin"
+    dest = tmp_path / "orig-out" / "r.txt"
+    orig.run("cp", "s3://%s/café/r.txt" % ibucket, str(dest))
+    assert dest.read_bytes() == b"readme"
+    dest = tmp_path / "orig-out" / "b.zip"
+    proc = orig.run("cp", "s3://%s/café/b.zip" % ibucket, str(dest), ok=False)
+    assert proc.returncode != 0 and not dest.exists()
+    for key, data in (("café/a.zip", _zip(1)), ("café/b.zip", _zip(2))):
+        assert iclient.get_object(Bucket=ibucket, Key=key)["Body"].read() == data
 
 
 def test_shared_deltaspace_both_writers(
@@ -8372,6 +8917,96 @@ def cli_env(backend: Backend, tmp_path: Any) -> Iterator[tuple[Backend, str]]:
 
 
 @needs_xdelta3
+@needs_xdelta3
+def test_cli_names_with_control_characters_round_trip(cli_env: Any, tmp_path: Any) -> None:
+    """File names starting or ending with a control character used to fail with
+    SignatureDoesNotMatch on Swift (it trims them from the dg-original-name header before
+    checking the signature) and 400 on SeaweedFS (it refuses them in headers). Their
+    metadata is sent percent-encoded, as non-ASCII names are (FORMAT.md), and read back."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["\x01start.txt", "end.txt\x01", "\x1fmid\x7f.txt", "\x01a.zip", "b.zip\x1f"]
+    for i, name in enumerate(names):
+        if name.endswith(".zip") or name.endswith(".zip\x1f"):
+            make_zip(src / name, i)
+        else:
+            (src / name).write_bytes(name.encode() * 100)
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="d/")
+    assert sorted(c["Key"] for c in listed["Contents"]) == sorted("d/" + n for n in names)
+    for stored in stored_keys(client, bucket, "d/"):
+        for value in client.storage.head_object(bucket, stored)["Metadata"].values():
+            assert all(32 <= ord(c) < 127 for c in value), (stored, value)
+    # (the CLI refuses to write such names into a local folder: read them through the SDK)
+    for name in names:
+        got = client.get_object(Bucket=bucket, Key="d/" + name)
+        assert got["Body"].read() == (src / name).read_bytes()
+        assert got["ContentLength"] == (src / name).stat().st_size
+    client.close()
+    code, out, err = run_cli(backend, tmp_path, ["rm", "--recursive", "s3://%s/d/" % bucket])
+    assert code == 0, err
+    assert stored_keys(make_client(backend, tmp_path), bucket, "d/") == []
+
+
+@pytest.mark.parametrize(
+    "value, sent",
+    [
+        ("plain.zip", "plain.zip"),
+        ("café.zip", "caf%C3%A9.zip"),
+        ("\x01a.zip", "%01a.zip"),
+        ("a.zip\x7f", "a.zip%7F"),
+        ("100% \x01", "100%25 %01"),
+    ],
+)
+def test_metadata_values_encode_and_decode_exactly(value: str, sent: str) -> None:
+    assert dg._meta_encode(value) == sent
+    assert dg._meta_decode(sent) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII someone wrote is never decoded
+
+
+@pytest.mark.parametrize("bad", ["1e30", "nan", "-inf"])
+def test_cli_bad_dg_mtime_is_ignored_not_fatal(
+    cli_env: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """One object with a dg-mtime no file can have (written by another tool, or damaged)
+    used to abort a whole cp -r with a traceback. It is treated as absent: the file gets
+    the object's LastModified, the others their recorded times, one warning."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (src / name).write_bytes(name.encode())
+        os.utime(str(src / name), (1_600_000_000, 1_600_000_000))
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    stored = client.storage.head_object(bucket, "d/a.txt")
+    assert stored["Metadata"]["dg-mtime"].startswith("1600000000")
+    client.storage.put_object(
+        bucket, "d/a.txt", b"a.txt", metadata={**stored["Metadata"], "dg-mtime": bad}
+    )
+    client.close()
+    dg._WARNED.discard("dg-mtime")
+    for argv in (
+        ["cp", "--recursive", "s3://%s/d/" % bucket, str(tmp_path / "down")],
+        ["sync", "s3://%s/d/" % bucket, str(tmp_path / "synced")],
+    ):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert code == 0 and "Traceback" not in err, err
+        got = argv[-1]
+        assert sorted(os.listdir(got)) == ["a.txt", "b.txt"]
+        assert os.stat(os.path.join(got, "b.txt")).st_mtime == 1_600_000_000
+        assert abs(os.stat(os.path.join(got, "a.txt")).st_mtime - time.time()) < 3600
+    assert caplog.text.count("out-of-range dg-mtime") == 1
+
+
 def test_cli_cp_destinations_and_output_lines(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
@@ -12461,6 +13096,9 @@ def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
             "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
             "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
             "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+            "CopyObject": lambda: client.copy_object(
+                Bucket=bucket, Key="d/c.zip", CopySource={"Bucket": bucket, "Key": "d/a.zip"}
+            ),
         }
         for operation, call in calls.items():
             with pytest.raises(dg.ClientError) as info:
