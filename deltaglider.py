@@ -12464,6 +12464,11 @@ _ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 _GATEWAY_MAX_SKEW = 15 * 60
 _GATEWAY_XML_BODY_MAX = 4 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 _GATEWAY_CHUNK_LINE_MAX = 4096
+#: Seconds a client has, from its first byte, to send a request line and all its headers.
+_GATEWAY_HEADER_TIMEOUT = 10.0
+#: Bytes per second a request body may not fall below: its deadline grows with its size
+#: (up to --request-timeout), so a few bytes cannot hold a worker for an hour.
+_GATEWAY_MIN_BODY_RATE = 16 * 1024
 _GATEWAY_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
 _STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
@@ -13190,7 +13195,10 @@ class _BodyReader:
     def _raw(self, n: int) -> bytes:
         self._clock()
         try:
-            data: bytes = self._f.read(n)
+            # read1: what one receive brings, so the deadline is checked however the
+            # bytes trickle in (read(n) would wait for all n, each byte resetting the
+            # socket's timeout)
+            data: bytes = self._f.read1(n)
         except (socket.timeout, TimeoutError):
             raise _S3Reply("RequestTimeout") from None
         if not data:
@@ -13828,10 +13836,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.idle_timeout)  # between requests, each read
+        self.connection.settimeout(self.server.idle_timeout)  # each read, each write
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self, busy=False)
 
     def finish(self) -> None:
         self.server.untrack(self)
@@ -13842,7 +13849,20 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         pass  # one access line per request is written by _dispatch instead
 
     def handle_one_request(self) -> None:
+        """Wait for a request holding no worker slot: --idle-timeout for its first byte
+        (a TLS handshake included), then the header deadline for the request line and
+        headers in all; the server closes the connection at either (service_actions)."""
+        server = self.server
         try:
+            if server.stopping:
+                self.close_connection = True
+                return
+            server.waiting(self, server.idle_timeout)
+            # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
+            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+                self.close_connection = True
+                return
+            server.waiting(self, server.header_timeout)
             super().handle_one_request()
         except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
             self.close_connection = True
@@ -13908,9 +13928,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """A request whose headers are all in: served once a worker slot is free."""
+        if not self.server.admit(self):
+            self.close_connection = True  # stopping: the client retries elsewhere
+            return
+        try:
+            self._handle_request()
+        finally:
+            self.server.done(self)
+
+    def _handle_request(self) -> None:
         gw = self.server.gateway
         start = time.monotonic()
-        self.server.track(self, busy=True)
         self._request_id = uuid.uuid4().hex[:16].upper()
         self._status = 0
         self._sent = False
@@ -13977,7 +14006,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     secs,
                 )
             )
-            self.server.track(self, busy=False)
 
     def _settle_body(self) -> None:
         """Whatever part of a body was not read would be taken for the next request: read
@@ -13988,7 +14016,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         ) not in ("", "0")
         if self.close_connection or not has_body:
             pass
-        elif self._reader is None and self._expect_100:
+        elif (self._reader is None and self._expect_100) or self._access_key == "-":
+            # An unauthenticated client's body is never waited for: it would hold a worker.
             self.close_connection = True
         else:
             if self._reader is None:
@@ -14034,7 +14063,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and self._headers.get("content-type", "").startswith("multipart/form-data")
             and "authorization" not in self._headers
         ):
-            return self._post_object(bucket)  # signed by its policy, inside the form
+            # Signed by its policy, inside the form: the body is read before anything
+            # authenticates it, so only a share of the workers may be doing that at once.
+            if not self.server.anonymous_bodies.acquire(blocking=False):
+                self.close_connection = True
+                raise _S3Reply("SlowDown")
+            try:
+                return self._post_object(bucket)
+            finally:
+                self.server.anonymous_bodies.release()
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -14160,8 +14197,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             self.send_response_only(100)
             self.end_headers()
             self._expect_100 = False
-        deadline = time.monotonic() + self.server.gateway.request_timeout
-        raw = _BodyReader(self.rfile, length, chunked, deadline)
+        # However slowly the bytes trickle in, a body has --idle-timeout plus a second per
+        # _GATEWAY_MIN_BODY_RATE bytes of its size, and --request-timeout at most.
+        allowed = self.server.gateway.request_timeout
+        if declared is not None:
+            allowed = min(allowed, self.server.idle_timeout + declared / _GATEWAY_MIN_BODY_RATE)
+        raw = _BodyReader(self.rfile, length, chunked, time.monotonic() + allowed)
         self._reader = raw
         if signed.payload in _STREAMING_PAYLOADS:
             return _AwsChunked(raw, signed), raw
@@ -14924,8 +14965,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The listening socket: at most ``workers`` connections are served at once; more wait
-    in the kernel's accept queue (back-pressure) instead of taking memory here."""
+    """The listening socket. A connection holds one of the ``workers`` slots only while a
+    request it has sent in full (request line and headers) is served: one that is silent,
+    or still sending its headers, holds none, so idle or slow clients (slowloris) cannot
+    keep anyone else waiting. Those get ``idle_timeout`` seconds for their first byte and
+    ``header_timeout`` in all for the rest of the headers, however slowly bytes trickle in;
+    beyond ``max_waiting`` of them the one waiting longest is closed for a newcomer.
+    Connections beyond that wait in the kernel's accept queue (back-pressure)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -14938,16 +14984,27 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         *,
         workers: int = 64,
         idle_timeout: float = 60.0,
+        header_timeout: float = _GATEWAY_HEADER_TIMEOUT,
+        max_waiting: int | None = None,
         tls: ssl.SSLContext | None = None,
         metrics_only: bool = False,
     ) -> None:
         self.gateway = gateway
         self.metrics_only = metrics_only
         self.idle_timeout = idle_timeout
+        self.header_timeout = min(header_timeout, idle_timeout)
         self.tls = tls
         self.stopping = False
         self._slots = threading.BoundedSemaphore(workers)
+        #: Browser POST uploads read their body before their policy authenticates them:
+        #: at most a quarter of the workers do that at once.
+        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self._max_conns = workers + (max_waiting or max(256, 4 * workers))
+        self._running = 0  # connection threads running
+        #: handler -> busy (serving a request), oldest state change first
         self._conns: dict[_GatewayHandler, bool] = {}
+        #: handler -> when its wait for a request (or the rest of its headers) ends
+        self._deadlines: dict[_GatewayHandler, float] = {}
         self._conns_lock = threading.Condition()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
@@ -14973,24 +15030,82 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        while not self._slots.acquire(timeout=0.5):
-            if self.stopping:
-                self.shutdown_request(request)
-                return
+        """A thread per connection, up to the cap: past it, the connection waiting longest
+        for a request makes room (a client sending nothing has no claim on a thread)."""
+        with self._conns_lock:
+            while self._running >= self._max_conns:
+                if self.stopping:
+                    self.shutdown_request(request)
+                    return
+                waiting = next((h for h, busy in self._conns.items() if not busy), None)
+                if waiting is not None:
+                    self._hang_up(waiting)
+                    self._deadlines.pop(waiting, None)
+                    self._conns.pop(waiting)  # its thread untracks it again when it ends
+                self._conns_lock.wait(0.5)
+            self._running += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._thread_ended()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        with self._conns_lock:
+            self._running -= 1
+            self._conns_lock.notify_all()
+
+    @staticmethod
+    def _hang_up(handler: _GatewayHandler) -> None:
+        """Wake the handler's blocked read with end-of-file (the plain socket's shutdown:
+        a TLS socket's own would pull its state from under the reading thread)."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
+
+    def service_actions(self) -> None:
+        """Run by serve_forever between accepts: close what waited past its deadline."""
+        now = time.monotonic()
+        with self._conns_lock:
+            for handler, deadline in list(self._deadlines.items()):
+                if now >= deadline:
+                    del self._deadlines[handler]
+                    self._hang_up(handler)
+
+    def waiting(self, handler: _GatewayHandler, seconds: float) -> None:
+        """The handler is waiting for (the rest of) a request: no slot, a deadline."""
+        with self._conns_lock:
+            self._conns.pop(handler, None)
+            self._conns[handler] = False
+            self._deadlines[handler] = time.monotonic() + seconds
+            if self.stopping:
+                handler.close_connection = True
+            self._conns_lock.notify_all()
+
+    def admit(self, handler: _GatewayHandler) -> bool:
+        """A whole request is in: wait for a worker slot; False when stopping first."""
+        with self._conns_lock:
+            self._deadlines.pop(handler, None)
+            self._conns.pop(handler, None)
+            self._conns[handler] = True  # drain() waits for it, eviction spares it
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping:
+                self.track(handler, busy=False)
+                return False
+        return True
+
+    def done(self, handler: _GatewayHandler) -> None:
+        self._slots.release()
+        self.track(handler, busy=False)
 
     def track(self, handler: _GatewayHandler, busy: bool) -> None:
         with self._conns_lock:
+            self._conns.pop(handler, None)
             self._conns[handler] = busy
             if not busy and self.stopping:
                 handler.close_connection = True
@@ -14999,6 +15114,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def untrack(self, handler: _GatewayHandler) -> None:
         with self._conns_lock:
             self._conns.pop(handler, None)
+            self._deadlines.pop(handler, None)
             self._conns_lock.notify_all()
 
     def drain(self, grace: float) -> int:
@@ -15010,8 +15126,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             while True:
                 for handler, busy in list(self._conns.items()):
                     if not busy:
-                        with contextlib.suppress(OSError):
-                            handler.connection.shutdown(socket.SHUT_RDWR)
+                        self._hang_up(handler)
                 busy_left = sum(1 for b in self._conns.values() if b)
                 left = deadline - time.monotonic()
                 if not self._conns or left <= 0:
@@ -16799,19 +16914,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_option(_parse_int, "--workers", minimum=1),
         default=64,
-        help="connections served at once (default 64)",
+        help="requests served at once (default 64); a connection waiting for one holds none",
     )
     p.add_argument(
         "--idle-timeout",
         type=_option(_parse_number, "--idle-timeout", above=0),
         default=60.0,
-        help="seconds a connection may stay silent (default 60)",
+        help="seconds a connection may stay silent (default 60); from its first byte, a"
+        " request line and headers have %g seconds in all" % _GATEWAY_HEADER_TIMEOUT,
     )
     p.add_argument(
         "--request-timeout",
         type=_option(_parse_number, "--request-timeout", above=0),
         default=3600.0,
-        help="seconds a request body may take to arrive (default 3600)",
+        help="most seconds a request body may take to arrive (default 3600); a smaller one"
+        " gets --idle-timeout plus a second per %d KiB" % (_GATEWAY_MIN_BODY_RATE // 1024),
     )
     p.add_argument(
         "--grace",

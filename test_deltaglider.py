@@ -7833,11 +7833,15 @@ def _run_gateway(
     log = io.StringIO()
     users = dg._GatewayUsers({GW_KEY: GW_SECRET, "second-key": "second-secret"})
     now = kwargs.pop("now", dg._utcnow)
+    serving = {"workers": 16}
+    for name in ("workers", "idle_timeout", "header_timeout", "max_waiting"):
+        if name in kwargs:
+            serving[name] = kwargs.pop(name)
     state = str(tmp_path / ("gw-state-" + uuid.uuid4().hex[:6]))
     gateway = dg._Gateway(
         client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
     )
-    server = dg._GatewayServer(("127.0.0.1", 0), gateway, workers=16, tls=tls)
+    server = dg._GatewayServer(("127.0.0.1", 0), gateway, tls=tls, **serving)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -8560,6 +8564,160 @@ def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway
     _gw_log_settled(gw, "half.bin")
     assert os.listdir(gw.server.gateway.spool_dir) == []
     assert '"PUT /gwbucket/half.bin" 400 IncompleteBody' in gw.log.getvalue()
+
+
+def _gw_socket(gw: Gateway, first: bytes = b"") -> socket.socket:
+    parts = urllib.parse.urlsplit(gw.url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """Whether the gateway hung up on ``sock`` (end of file) within ``wait`` seconds."""
+    ready, _, _ = select.select([sock], [], [], wait)
+    if not ready:
+        return False
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionError:
+        return True
+
+
+def test_gateway_slow_and_silent_connections_hold_no_worker(tmp_path: Any) -> None:
+    """Slowloris: with 2 workers, connections that send a request line and a header now and
+    then, and connections that send nothing, do not keep a signed request waiting."""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, workers=2, idle_timeout=120) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        slow = [_gw_socket(gw, b"GET /gwbucket/ HTTP/1.1\r\nX-A: 1\r\n") for _ in range(6)]
+        silent = [_gw_socket(gw) for _ in range(6)]
+        try:
+            for sock in slow:
+                sock.sendall(b"X-B: 2\r\n")
+            # before: served only once a slow one timed out (never, while it trickles)
+            s3 = _boto3(gw, read_timeout=60, connect_timeout=60)
+            assert s3.list_objects_v2(Bucket="gwbucket")["KeyCount"] == 0
+            s3.put_object(Bucket="gwbucket", Key="k", Body=b"v")
+        finally:
+            for sock in slow + silent:
+                sock.close()
+
+
+def test_gateway_headers_have_one_deadline_however_they_trickle(tmp_path: Any) -> None:
+    """A header byte every 50 ms resets any per-read timeout: the request line and headers
+    have a deadline in all (--idle-timeout is only for the first byte)."""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, idle_timeout=120, header_timeout=1) as gw:
+        sock = _gw_socket(gw, b"GET /gwbucket/ HTTP/1.1\r\n")
+        try:
+            for _ in range(600):  # 30 s of trickling, far beyond the 1 s deadline
+                if _closed_by_server(sock, 0.05):
+                    break
+                sock.sendall(b"X")
+            else:
+                pytest.fail("a trickling client kept its connection past the header deadline")
+        finally:
+            sock.close()
+
+
+def test_gateway_waiting_connections_past_the_cap_make_room(tmp_path: Any) -> None:
+    """Past workers + max_waiting connections, the one waiting longest for a request is
+    closed for a newcomer: silent sockets cannot fill the accept queue."""
+    with _run_gateway(
+        _local_backend(tmp_path), tmp_path, workers=2, max_waiting=4, idle_timeout=120
+    ) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        silent = [_gw_socket(gw) for _ in range(10)]
+        try:
+            s3 = _boto3(gw, read_timeout=60, connect_timeout=60)
+            assert s3.list_objects_v2(Bucket="gwbucket")["KeyCount"] == 0
+            closed = sum(_closed_by_server(sock, 0.5) for sock in silent)
+            assert closed >= 10 + 1 - 6, closed
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+def _gw_answer(sock: socket.socket) -> bytes:
+    """One answer's head and error body (the gateway's errors are small)."""
+    answer = b""
+    while b"</Error>" not in answer and not answer.startswith(b"HTTP/1.1 503"):
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    return answer
+
+
+def test_gateway_anonymous_bodies_hold_few_workers(tmp_path: Any) -> None:
+    """An unauthenticated request's body is never waited for (403, then the connection
+    closes), and browser POST uploads, read before their policy authenticates them, may
+    use only a quarter of the workers (then 503 SlowDown)."""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, workers=4, idle_timeout=120) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        put = _gw_socket(
+            gw, b"PUT /gwbucket/x HTTP/1.1\r\nHost: h\r\nContent-Length: 9999\r\n\r\nab"
+        )
+        post_head = (
+            b"POST /gwbucket HTTP/1.1\r\nHost: h\r\nContent-Length: 9999\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\n\r\n--xyz\r\n"
+        )
+        first = _gw_socket(gw, post_head)
+        try:
+            answer = _gw_answer(put)
+            assert answer.startswith(b"HTTP/1.1 403 "), answer
+            assert _closed_by_server(put, 30)  # before: drained for up to --idle-timeout
+            for _ in range(500):  # the first POST is being read (it trickles, holding it)
+                if gw.server.anonymous_bodies._value == 0:
+                    break
+                time.sleep(0.01)
+            second = _gw_socket(gw, post_head)
+            try:
+                answer = _gw_answer(second)
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+            finally:
+                second.close()
+            s3 = _boto3(gw, read_timeout=60)
+            assert s3.list_objects_v2(Bucket="gwbucket")["KeyCount"] == 0
+        finally:
+            put.close()
+            first.close()
+
+
+def test_gateway_body_deadline_grows_with_its_size(tmp_path: Any) -> None:
+    """A signed upload of 100 bytes sent a byte at a time, each within --idle-timeout: it
+    gets --idle-timeout plus its size at 16 KiB/s, not --request-timeout (an hour)."""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, idle_timeout=1) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
+        req = botocore_awsrequest.AWSRequest(
+            method="PUT",
+            url=gw.url + "/gwbucket/slow.bin",
+            data=b"",
+            headers={"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD", "Content-Length": "100"},
+        )
+        botocore_auth.S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+        head = "PUT /gwbucket/slow.bin HTTP/1.1\r\n" + "".join(
+            "%s: %s\r\n" % kv for kv in req.headers.items()
+        )
+        head += "Host: %s\r\n\r\n" % urllib.parse.urlsplit(gw.url).netloc
+        sock = _gw_socket(gw, head.encode())
+        answer = b""
+        try:
+            for _ in range(99):  # ~20 s at most, far beyond the ~1 s deadline
+                ready, _, _ = select.select([sock], [], [], 0.2)
+                if ready:
+                    while b"</Error>" not in answer:
+                        data = sock.recv(65536)
+                        if not data:
+                            break
+                        answer += data
+                    break
+                sock.sendall(b"x")
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"RequestTimeout" in answer, answer
+        assert stored_keys(gw.client, "gwbucket") == []
 
 
 def test_gateway_metrics_and_access_log(local_gateway: Gateway) -> None:
