@@ -10139,14 +10139,20 @@ def fault_stored(storage: Any, bucket: str, prefix: str = "") -> list[str]:
 def fault_invariants(storage: Any, bucket: str, *, orphans_ok: bool = False) -> list[str]:
     """FORMAT.md invariants of a bucket, as a list of problems (empty: all good)."""
     problems = []
-    keys = [k for k in fault_stored(storage, bucket) if not k.startswith(".deltaglider/")]
+    keys = [
+        k
+        for k in fault_stored(storage, bucket)
+        if not k.startswith(".deltaglider/") or dg._is_shared_ref(k)
+    ]
     keyset = set(keys)
     spaces_with_deltas = set()
+    named = set()  # the references deltas name
     for k in keys:
         if k.endswith(".delta"):
             spaces_with_deltas.add(dg._deltaspace(k))
             meta = storage.head_object(bucket, k)["Metadata"]
             ref_key = dg._resolve_ref_key(k, dg._meta_get(meta, "ref") or "reference.bin")
+            named.add(ref_key)
             if ref_key not in keyset:
                 problems.append("delta without its reference: %s" % k)
                 continue
@@ -10154,9 +10160,13 @@ def fault_invariants(storage: Any, bucket: str, *, orphans_ok: bool = False) -> 
             if dg._meta_get(ref_meta, "file_sha256") != dg._meta_get(meta, "ref_sha256"):
                 problems.append("delta %s made against another reference" % k)
     for k in keys:
-        if k.rsplit("/", 1)[-1] == "reference.bin" and dg._deltaspace(k) not in spaces_with_deltas:
-            if not orphans_ok:
-                problems.append("orphaned reference: %s" % k)
+        if k.rsplit("/", 1)[-1] != "reference.bin":
+            continue
+        # a folder's own reference serves every delta of the folder; a shared one, those
+        # that name it
+        used = k in named if dg._is_shared_ref(k) else dg._deltaspace(k) in spaces_with_deltas
+        if not used and not orphans_ok:
+            problems.append("orphaned reference: %s" % k)
     uploads = storage.list_multipart_uploads(bucket)["Uploads"]
     if uploads:
         problems.append("open multipart uploads: %s" % [u["Key"] for u in uploads])
@@ -10842,6 +10852,9 @@ def test_concurrent_16_writers_one_deltaspace_with_readers(fault_swift: Any, tmp
 
     def writer(v: int) -> None:
         c = fault_client(tmp_path)  # its own cache, as another process would have
+        # Racing for the folder's one reference.bin (the conditional create): with shared
+        # references, writers in other processes that start at once each make their own.
+        c._engine.references = "folder"
         try:
             c.upload_file(str(tmp_path / ("v%d.zip" % v)), bucket, "cc/app-%d.zip" % v)
         except BaseException as e:
@@ -10977,6 +10990,8 @@ def test_concurrent_two_syncs_of_one_tree(fault_swift: Any, tmp_path: Any) -> No
 
 
 def _fault_corrupt_setup(direct: Any, bucket: str, tmp_path: Any) -> None:
+    # Each folder its own reference.bin (DG_REFERENCES=folder): one to swap for the other's.
+    direct._engine.references = "folder"
     for v, key in [(0, "k/a.zip"), (1, "k/b.zip"), (5, "o/other.zip")]:
         (tmp_path / ("c%d.zip" % v)).write_bytes(fault_zip_bytes(v))
         direct.upload_file(str(tmp_path / ("c%d.zip" % v)), bucket, key)
