@@ -564,11 +564,164 @@ def test_get_missing_key_is_no_such_key(storage: dg._S3Storage, bucket: str) -> 
 def test_head_missing_key_is_plain_404(storage: dg._S3Storage, bucket: str) -> None:
     with pytest.raises(dg.ClientError) as info:
         storage.head_object(bucket, "missing/key")
-    assert type(info.value) is dg.ClientError  # botocore: HEAD has no body, so no NoSuchKey
+    assert not isinstance(info.value, dg.NoSuchKey)  # botocore: HEAD has no body, so no NoSuchKey
     assert info.value.response["Error"] == {"Code": "404", "Message": "Not Found"}
     assert (
         str(info.value)
         == "An error occurred (404) when calling the HeadObject operation: Not Found"
+    )
+
+
+_BOTOCORE_CATCH_SCRIPT = r"""
+import pickle, sys, tempfile
+import deltaglider as dg
+assert "botocore" not in sys.modules, "deltaglider imported botocore"
+import botocore.exceptions as bexc
+c = dg.create_client("file://" + tempfile.mkdtemp(), cache_dir=tempfile.mkdtemp())
+c.create_bucket(Bucket="bkt")
+try:
+    c.get_object(Bucket="bkt", Key="missing")
+except bexc.ClientError as e:
+    assert isinstance(e, dg.NoSuchKey) and isinstance(e, c.exceptions.NoSuchKey)
+    assert type(e).__name__ == "NoSuchKey" and e.response["Error"]["Code"] == "NoSuchKey"
+    back = pickle.loads(pickle.dumps(e))
+    assert isinstance(back, bexc.ClientError) and str(back) == str(e)
+    print("ClientError caught")
+try:
+    c.list_objects_v2(Bucket="bkt", MaxKeys="x")
+except bexc.ParamValidationError as e:
+    assert isinstance(e, dg.ParamValidationError) and isinstance(e, bexc.BotoCoreError)
+    print("ParamValidationError caught")
+try:
+    dg.create_client("http://127.0.0.1:1", aws_access_key_id="a",
+                     aws_secret_access_key="b", region_name="us-east-1",
+                     config=dg.Config(max_attempts=1)).list_buckets()
+except bexc.EndpointConnectionError as e:
+    assert isinstance(e, dg.EndpointConnectionError)
+    print("EndpointConnectionError caught")
+"""
+
+
+def test_botocore_except_clauses_catch_our_errors(tmp_path: Any) -> None:
+    """Code written for boto3 (``except botocore.exceptions.ClientError``) catches ours
+    once the application has imported botocore; importing deltaglider never imports it."""
+    pytest.importorskip("botocore")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(dg.__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOTOCORE_CATCH_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == [
+        "ClientError caught",
+        "ParamValidationError caught",
+        "EndpointConnectionError caught",
+    ]
+
+
+def test_errors_without_botocore_are_plain(tmp_path: Any) -> None:
+    """No botocore (blocked): our classes alone, still pickled and caught by our names."""
+    script = (
+        "import sys; sys.modules['botocore'] = None\n"
+        "import pickle, deltaglider as dg\n"
+        "e = dg.NoSuchKey({'Error': {'Code': 'NoSuchKey', 'Message': 'm'}}, 'GetObject')\n"
+        "assert type(e) is dg.NoSuchKey, type(e).__mro__\n"
+        "assert type(pickle.loads(pickle.dumps(e))) is dg.NoSuchKey\n"
+        "p = dg.ParamValidationError(report='r')\n"
+        "assert type(p) is dg.ParamValidationError and 'r' in str(p)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(dg.__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+_STR = "<class 'str'>"
+_WHEN = "<class 'datetime.datetime'>, timestamp-string"
+
+
+@pytest.mark.parametrize(
+    "method, params, name, value, valid",
+    [
+        ("list_objects_v2", {"Bucket": 1}, "Bucket", 1, _STR),
+        ("list_objects_v2", {"Bucket": "b", "MaxKeys": "x"}, "MaxKeys", "x", "<class 'int'>"),
+        ("list_objects", {"Bucket": "b", "MaxKeys": 1.5}, "MaxKeys", 1.5, "<class 'int'>"),
+        (
+            "list_objects_v2",
+            {"Bucket": "b", "FetchOwner": "y"},
+            "FetchOwner",
+            "y",
+            "<class 'bool'>",
+        ),
+        (
+            "put_object",
+            {"Bucket": "b", "Key": "k", "Metadata": "x"},
+            "Metadata",
+            "x",
+            "<class 'dict'>",
+        ),
+        ("put_object", {"Bucket": "b", "Key": "k", "Metadata": {"a": 1}}, "Metadata.a", 1, _STR),
+        ("get_object", {"Bucket": "b", "Key": 2}, "Key", 2, _STR),
+        (
+            "get_object",
+            {"Bucket": "b", "Key": "k", "IfModifiedSince": "no"},
+            "IfModifiedSince",
+            "no",
+            _WHEN,
+        ),
+        ("head_object", {"Bucket": b"b", "Key": "k"}, "Bucket", b"b", _STR),
+        (
+            "delete_objects",
+            {"Bucket": "b", "Delete": {"Objects": [{"Key": 1}]}},
+            "Delete.Objects[0].Key",
+            1,
+            _STR,
+        ),
+        (
+            "delete_objects",
+            {"Bucket": "b", "Delete": {"Objects": "x"}},
+            "Delete.Objects",
+            "x",
+            "<class 'list'>, <class 'tuple'>",
+        ),
+        ("delete_objects", {"Bucket": "b", "Delete": []}, "Delete", [], "<class 'dict'>"),
+        (
+            "copy_object",
+            {"Bucket": "b", "Key": "k", "CopySource": 5},
+            "CopySource",
+            5,
+            _STR + ", <class 'dict'>",
+        ),
+    ],
+)
+def test_wrong_typed_parameters_are_param_validation_errors(
+    tmp_path: Any, method: str, params: dict[str, Any], name: str, value: Any, valid: str
+) -> None:
+    """botocore's message, word for word (``Invalid type for parameter ...``), before any
+    request: never a raw TypeError/ValueError from deep inside."""
+    c = dg.create_client("file://" + str(tmp_path / "store"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(dg.ParamValidationError) as info:
+        getattr(c, method)(**params)
+    report = "%s, value: %s, type: %s, valid types: %s" % (name, value, type(value), valid)
+    assert str(info.value) == "Parameter validation failed:\nInvalid type for parameter " + report
+
+
+def test_body_of_a_wrong_type_is_param_validation_error(tmp_path: Any) -> None:
+    c = dg.create_client("file://" + str(tmp_path / "store"), cache_dir=str(tmp_path / "c"))
+    c.create_bucket(Bucket="bkt")
+    body = object()
+    with pytest.raises(dg.ParamValidationError) as info:
+        c.put_object(Bucket="bkt", Key="k", Body=body)
+    assert str(info.value) == (
+        "Parameter validation failed:\nInvalid type for parameter Body, value: %s, type: "
+        "<class 'object'>, valid types: <class 'bytes'>, <class 'bytearray'>, file-like object"
+        % body
     )
 
 
@@ -617,6 +770,30 @@ def test_quote_key_matches_botocore(key: str) -> None:
 )
 def test_quote_key_never_normalises(key: str, wire: str) -> None:
     assert dg._quote_key(key) == wire
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9999-12-31T23:59:59-01:00",  # past datetime's last day once in UTC
+        "0001-01-01T00:00:00+01:00",  # before its first
+        "Fri, 31 Dec 9999 23:59:59 -0100",
+        "10000-01-01T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "not a date",
+    ],
+)
+def test_bad_dates_are_value_errors_or_absent(value: str) -> None:
+    with pytest.raises(ValueError):
+        dg._parse_timestamp(value)
+    dg._WARNED.discard("LastModified")
+    assert dg._date_or_absent(value, "LastModified") is None
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "nan", "inf", "-inf", "12x", ""])
+def test_bad_dg_mtime_is_absent(value: str) -> None:
+    assert dg._mtime_or_absent(value) is None
+    assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
 
 
 ###############################################################################
@@ -805,7 +982,9 @@ _SIGV4_NETLOCS = [
 _sigv4_keys = st.lists(
     st.one_of(
         st.text(_ANY_TEXT, max_size=8),
-        st.sampled_from(["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t"]),
+        st.sampled_from(
+            ["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t", "\x01", "\x7f"]
+        ),
     ),
     min_size=1,
     max_size=6,
@@ -833,8 +1012,8 @@ _sigv4_header_names = st.one_of(
     st.text("abcXYZ019-_", min_size=1, max_size=8).map(lambda s: "X-Amz-Meta-" + s),
 )
 _sigv4_header_values = st.text(
-    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  ")), max_size=20
-) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z "])
+    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  \x01\x1f\x7f\x0b")), max_size=20
+) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z ", "\x01a", "a\x01", "\x1ca\x1f"])
 _sigv4_creds = st.tuples(
     st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:", min_size=1, max_size=20),
     st.text(_ANY_TEXT, min_size=1, max_size=40),
@@ -2143,6 +2322,37 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_listing_with_out_of_range_dates_is_read(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LastModified no datetime can hold is treated as absent (the epoch, as a listing
+    without one), with one warning for the whole listing; ls goes on."""
+    page = _listing_page(["a.txt", "b.txt"], False, None).replace(
+        b"2026-01-01T00:00:00.000Z", b"9999-12-31T23:59:59-01:00"
+    )
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, page, _XML)
+
+    srv = fake_s3(script)
+    dg._WARNED.discard("LastModified")
+    listed = _fake_storage(srv.url).list_objects_v2("b")
+    assert [c["LastModified"] for c in listed["Contents"]] == [dg._EPOCH, dg._EPOCH]
+    assert caplog.text.count("out-of-range LastModified") == 1
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    code = dg.main(
+        ["--endpoint-url", srv.url, "ls", "s3://b/"], stdout=out, stderr=err, environ=env
+    )
+    assert code == 0, err.getvalue()
+    assert [line.split()[-1] for line in out.getvalue().splitlines()] == ["a.txt", "b.txt"]
+
+
 def test_virtual_hosted_requests_connect_to_the_bucket_host(
     s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
 ) -> None:
@@ -3153,6 +3363,25 @@ def test_header_value_errors_never_quote_the_value(
     st_.close()
 
 
+@pytest.mark.parametrize(
+    "expiration",
+    ["9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],
+)
+def test_out_of_range_credential_expiration_is_absent(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, expiration: str
+) -> None:
+    dg._WARNED.discard("Expiration")
+    script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+    script += "'SecretAccessKey': %r, 'Expiration': %r}))" % (SECRET, expiration)
+    env = process_profile(tmp_path, script)
+    p = dg._resolve_credentials(environ=env, now=lambda: T0)
+    assert p is not None and p.get() == (KEY, SECRET, None, None)
+    assert "out-of-range Expiration" in caplog.text
+    with pytest.raises(dg.CredentialRetrievalError, match="invalid Expiration"):
+        script = script.replace(repr(expiration), repr("soon"))
+        dg._resolve_credentials(environ=process_profile(tmp_path, script), now=lambda: T0)
+
+
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
     env = files_env(tmp_path, config=f"[default]\ncredential_process = {tmp_path}/nope\n")
     with pytest.raises(dg.CredentialRetrievalError, match="cannot run credential_process of prof"):
@@ -3952,7 +4181,7 @@ def test_get_missing_key(store: Any) -> None:
     )
     with pytest.raises(dg.ClientError) as e:
         store.head_object("bkt", "nope")
-    assert type(e.value) is dg.ClientError
+    assert not isinstance(e.value, dg.NoSuchKey)
     assert code_of(e) == ("404", "Not Found", 404)
     assert e.value.operation_name == "HeadObject"
 
@@ -4820,6 +5049,41 @@ def test_metadata_union_written_for_every_reader(client: Any, dgbucket: str, tmp
 
 
 @needs_xdelta3
+@pytest.mark.parametrize("folder", ["café", "Versión 2", "日本/über"])
+def test_non_ascii_folders_take_deltas(
+    client: Any, dgbucket: str, tmp_path: Any, folder: str
+) -> None:
+    """Every metadata value we write is US-ASCII (non-ASCII percent-encoded, FORMAT.md),
+    dg-ref-key included; reads decode it."""
+    data = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(2)]
+    keys = ["%s/ñ-%d.zip" % (folder, v) for v in range(2)]
+    for key, blob in zip(keys, data):
+        client.put_object(Bucket=dgbucket, Key=key, Body=blob, Metadata={"by": "José"})
+    meta = client.storage.head_object(dgbucket, keys[1] + ".delta")["Metadata"]
+    ref_key = dg._meta_decode(meta["dg-ref-key"])
+    assert meta["dg-ref-key"] != ref_key and folder.split("/")[-1] in ref_key
+    assert client.storage.head_object(dgbucket, ref_key)["ContentLength"] == len(data[0])
+    assert all(v.isascii() for v in meta.values())
+    assert meta["dg-note"] == "delta"
+    for key, blob in zip(keys, data):
+        got = client.get_object(Bucket=dgbucket, Key=key)
+        assert got["Body"].read() == blob and got["Metadata"] == {"by": "José"}
+    listed = client.list_objects_v2(Bucket=dgbucket, FetchMetadata=True)["Contents"]
+    assert [c["Key"] for c in listed] == keys
+    assert listed[1]["Metadata"]["deltaglider-reference-key"] == ref_key
+    for key in keys:
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket) == []
+
+
+def test_metadata_values_decode_only_what_was_encoded() -> None:
+    for value in ["café.zip", "a%b é", "日本", "100%", "plain"]:
+        assert dg._meta_decode(dg._meta_encode(value)) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII is never encoded: kept as is
+    assert dg._meta_decode("caf%C3%A9") == "café"
+
+
+@needs_xdelta3
 def test_unrelated_file_over_max_ratio_is_stored_direct(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -4827,7 +5091,12 @@ def test_unrelated_file_over_max_ratio_is_stored_direct(
     client.upload_file(str(tmp_path / "a.zip"), dgbucket, "x/a.zip")
     other = os.urandom(200000)
     resp = client.put_object(Bucket=dgbucket, Key="x/other.zip", Body=other)
-    assert "DeltaGliderInfo" not in resp  # stored whole: the delta would be as big as the file
+    info = resp["DeltaGliderInfo"]  # stored whole: the delta would be as big as the file
+    assert (info["Operation"], info["IsDelta"], info["StoredAs"]) == (
+        "upload_direct",
+        False,
+        "x/other.zip",
+    )
     assert "x/other.zip" in stored_keys(client, dgbucket)
     assert client.get_object(Bucket=dgbucket, Key="x/other.zip")["Body"].read() == other
 
@@ -5117,6 +5386,52 @@ def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, exp
         c.get_object(Bucket="bkt", Key="r/a.zip")["Body"].read()
         == (tmp_path / "a.zip").read_bytes()
     )
+
+
+@needs_xdelta3
+def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """Presigning a delta-stored key again reuses the rebuilt copy (its expiry moved
+    forward when the new URL lives longer); stats counts the copies."""
+    backend = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        versions = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(3)]
+        c.put_object(Bucket=bucket, Key="p/a.zip", Body=versions[0])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[1])
+
+        def fetch(url: str) -> bytes:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()  # type: ignore[no-any-return]
+
+        def copies() -> list[str]:
+            return [k for k in stored_keys(c, bucket) if k.startswith(".deltaglider/tmp/")]
+
+        def presign(seconds: int) -> str:
+            return c.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "p/b.zip"}, ExpiresIn=seconds
+            )
+
+        urls = [presign(600), presign(300), presign(3600)]
+        assert len(copies()) == 1
+        for url in urls:
+            assert fetch(url) == versions[1]
+        meta = c.storage.head_object(bucket, copies()[0])["Metadata"]
+        left = dg._parse_timestamp(meta["dg-expires-at"]) - dg._utcnow()
+        assert datetime.timedelta(seconds=3000) < left <= datetime.timedelta(seconds=3600)
+        stats = c.get_bucket_stats(bucket, use_cache=False)
+        assert stats["presign_copies"] == 1 and stats["object_count"] == 2
+        assert stats["presign_copies_size"] == len(versions[1])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[2])  # new content: new copy
+        assert fetch(presign(600)) == versions[2]
+        assert len(copies()) == 2
+        assert fetch(urls[0]) == versions[1]  # the older URL still serves what it named
+    finally:
+        _s3_empty_and_delete(c.storage, bucket)
+        c.close()
 
 
 ###############################################################################
@@ -5750,6 +6065,68 @@ def test_eight_concurrent_first_uploads_make_one_reference(
             _s3_empty_and_delete(setup.storage, bucket)
 
 
+class RmRacesReads:
+    """A storage wrapper: an ``rm`` of the folder's last file lands between an upload's
+    HEAD of the reference and its GET (``every``: the HEAD keeps answering as if the
+    reference were still there, as a flapping second writer would make it)."""
+
+    def __init__(self, inner: Any, every: bool = False) -> None:
+        self._inner = inner
+        self._every = every
+        self._heads: dict[str, Any] = {}
+        self.raced = 0
+
+    def head_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if self._every and key in self._heads:
+            return self._heads[key]
+        head = self._inner.head_object(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            self._heads[key] = head
+        return head
+
+    def get_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if key.endswith("reference.bin") and (self._every or not self.raced):
+            self.raced += 1
+            for k in stored_keys_of(self._inner, bucket, key.rsplit("/", 1)[0] + "/"):
+                self._inner.delete_object(bucket, k)
+        return self._inner.get_object(bucket, key, *a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def stored_keys_of(storage: Any, bucket: str, prefix: str = "") -> list[str]:
+    return sorted(
+        c["Key"] for c in storage.list_objects_v2(bucket, prefix=prefix).get("Contents", [])
+    )
+
+
+@needs_xdelta3
+def test_upload_racing_rm_of_the_last_file_retries_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder's own reference.bin
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    racer = make_client(backend, tmp_path)  # a cold cache: it GETs the reference
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage)
+    info = racer.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)["DeltaGliderInfo"]
+    assert racer._engine.storage.raced == 1 and info["Operation"] == "create_reference"
+    assert stored_keys(client, dgbucket) == ["r/b.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+    # vanishing again: one message that says what happened, nothing stored
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "s/a.zip")
+    racer = make_client(backend, tmp_path)
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage, every=True)
+    with pytest.raises(dg.DeltaGliderError) as e:
+        racer.put_object(Bucket=dgbucket, Key="s/b.zip", Body=b)
+    assert "was deleted twice while this upload was reading it" in str(e.value)
+    assert "GetObject" not in str(e.value) and a
+    assert stored_keys(client, dgbucket, "s/") == []
+
+
 @needs_xdelta3
 def test_writers_in_sibling_folders_and_a_deleter_at_once(backend: Backend, tmp_path: Any) -> None:
     """Two jobs upload versions into sibling folders (sharing references) while a third
@@ -5927,6 +6304,9 @@ def test_memory_limit_setting(tmp_path: Any) -> None:
     local = Backend("local", "file://" + str(tmp_path / "s"), None, None)
     code, out, err = run_cli(local, tmp_path, ["--memory-limit", "12", "ls"])
     assert code == 2 and "--memory-limit must be a size" in err and "Traceback" not in err
+    # its examples are sizes it takes: never one below its own minimum
+    assert "such as 512M or 4G (at least %d)" % dg._MIN_MEMORY_LIMIT in err, err
+    assert dg._parse_size("512M", "x", minimum=dg._MIN_MEMORY_LIMIT) == 512 << 20
     code, out, err = run_cli(local, tmp_path, ["ls"], DG_MEMORY_LIMIT="lots")
     assert code == 2 and "DG_MEMORY_LIMIT must be a size" in err
 
@@ -6109,6 +6489,282 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
 
 
 @needs_xdelta3
+def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A user's ``app.zip.delta`` is stored as ``app.zip.delta.delta`` (always a delta):
+    it never replaces ``app.zip``'s stored form, and each stored name has one logical key."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    other = b"not the delta of app.zip\n" * 500
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other)
+    client.put_object(Bucket=dgbucket, Key="n/notes.delta", Body=b"plain notes")
+    client.put_object(Bucket=dgbucket, Key="n/empty.delta", Body=b"")
+    assert stored_keys(client, dgbucket) == [
+        "n/empty.delta.delta",
+        "n/notes.delta.delta",
+        "n/reference.bin",
+        "r/app.zip",  # kept plain: the original reads a stored r/app.zip.delta for that name
+        "r/app.zip.delta.delta",
+        "r/reference.bin",
+    ]
+    reads = {"r/app.zip": app, "r/app.zip.delta": other, "n/notes.delta": b"plain notes"}
+    reads["n/empty.delta"] = b""
+    for key, data in reads.items():
+        assert client.get_object(Bucket=dgbucket, Key=key)["Body"].read() == data, key
+        assert client.head_object(Bucket=dgbucket, Key=key)["ContentLength"] == len(data), key
+    listed = client.list_objects_v2(Bucket=dgbucket)["Contents"]
+    assert [c["Key"] for c in listed] == sorted(reads)
+    # copy and overwrite keep to the rule; a delete takes only its own stored form
+    client.copy_object(Bucket=dgbucket, Key="r/copy.delta", CopySource=dgbucket + "/r/app.zip")
+    assert client.get_object(Bucket=dgbucket, Key="r/copy.delta")["Body"].read() == app
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other + b"2")
+    client.delete_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/copy.delta"}]})
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip"]
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)  # a delta again
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/app.zip")["Body"].read() == app
+    with pytest.raises(dg.ClientError):
+        client.head_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    # n/notes.delta.delta's own name is how n/notes.delta is stored: refused, kept apart
+    with pytest.raises(dg.ParamValidationError, match=re.escape("how 'n/notes.delta' is")):
+        client.put_object(Bucket=dgbucket, Key="n/notes.delta.delta", Body=b"x")
+    assert client.get_object(Bucket=dgbucket, Key="n/notes.delta")["Body"].read() == b"plain notes"
+    for key in ("n/notes.delta", "n/empty.delta"):
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket, "n/") == []  # the last delta took its reference
+
+
+@needs_xdelta3
+def test_deleting_a_name_ending_in_reference_bin_never_takes_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client.put_object(Bucket=dgbucket, Key="r/a.zip", Body=a)
+    client.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)
+    client.delete_object(Bucket=dgbucket, Key="r/reference.bin")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/reference.bin"}]})
+    assert (
+        run_cli(
+            backend,
+            tmp_path,
+            DG_REFERENCES="folder",
+            argv=["rm", "s3://%s/r/reference.bin" % dgbucket],
+        )[0]
+        == 0
+    )
+    assert "r/reference.bin" in stored_keys(client, dgbucket)
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+
+
+@needs_xdelta3
+def test_plain_object_beside_our_delta_is_one_object(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """Another tool writes ``app.zip`` next to our ``app.zip.delta``: one logical object,
+    the plain one (what GET serves, as every reader), in listings on any page; deleting
+    it removes both stored forms."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip-notes.txt", Body=b"between them")
+    client.storage.put_object(dgbucket, "p/app.zip", b"written by another tool")
+    listed = client.list_objects_v2(Bucket=dgbucket, Prefix="p/")["Contents"]
+    assert [(c["Key"], c["Size"]) for c in listed] == [
+        ("p/app.zip", len(b"written by another tool")),
+        ("p/app.zip-notes.txt", len(b"between them")),
+    ]
+    got = client.get_object(Bucket=dgbucket, Key="p/app.zip")["Body"].read()
+    assert got == b"written by another tool"
+    # one key per page: app.zip.delta lands on the page after app.zip
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=dgbucket, Prefix="p/", MaxKeys=1
+    )
+    assert [c["Key"] for page in pages for c in page.get("Contents", [])] == [
+        "p/app.zip",
+        "p/app.zip-notes.txt",
+    ]
+    client.delete_object(Bucket=dgbucket, Key="p/app.zip")
+    assert stored_keys(client, dgbucket, "p/") == ["p/app.zip-notes.txt"]
+
+
+@needs_xdelta3
+def test_cli_sync_delete_of_delta_named_files_is_stable(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.delta").write_text("my own .delta file")
+    make_zip(src / "app.zip", 0)
+    (src / "app.zip.delta").write_text("also mine")
+    url = "s3://%s/s/" % dgbucket
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+    )
+    assert code == 0 and len(out.splitlines()) == 3, err
+    for _ in range(2):
+        code, out, err = run_cli(
+            backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+        )
+        assert (code, out) == (0, ""), err
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["sync", url, str(down)])[0] == 0
+    assert sorted(p.name for p in down.iterdir()) == ["app.zip", "app.zip.delta", "notes.delta"]
+    for p in down.iterdir():
+        assert p.read_bytes() == (src / p.name).read_bytes()
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "s3://%s/s/notes.delta" % dgbucket]
+    )
+    assert code == 0 and stored_keys(client, dgbucket, "s/notes") == []
+
+
+@needs_xdelta3
+def test_interrupted_first_upload_leaves_no_reference(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    make_zip(tmp_path / "a.zip", 0)
+    st = client.storage
+    real_put = st.put_object
+
+    def put(bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            raise KeyboardInterrupt  # Ctrl-C as the reply of the reference PUT arrives
+        return resp
+
+    st.put_object = put
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    finally:
+        del st.put_object
+    assert stored_keys(client, dgbucket) == []
+
+    def cancel(n: int) -> None:  # cp -r's workers learn of Ctrl-C through on_bytes
+        raise dg._Cancelled("cancelled")
+
+    with pytest.raises(dg._Cancelled):
+        client._engine.put_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip", on_bytes=cancel)
+    assert stored_keys(client, dgbucket) == []
+    # a forced delta of a compressed file: stored as its own reference, not left beside it
+    gz = _gzip_mod.compress(os.urandom(5000))
+    (tmp_path / "x.gz").write_bytes(gz)
+    client._engine.put_file(str(tmp_path / "x.gz"), dgbucket, "g/x.gz", delta=True)
+    assert stored_keys(client, dgbucket) == ["g/reference.bin", "g/x.gz.delta"]
+    assert client.get_object(Bucket=dgbucket, Key="g/x.gz")["Body"].read() == gz
+
+
+@needs_xdelta3
+def test_cli_ls_stats_rm_rb_deal_with_an_unused_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A reference without deltas (a crash, another tool): ls says so, stats counts it,
+    rm -r of its folder and rb remove it."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+
+    def strand() -> None:
+        client.upload_file(str(tmp_path / "a.zip"), dgbucket, "x/a.zip")
+        client.storage.delete_object(dgbucket, "x/a.zip.delta")
+        assert stored_keys(client, dgbucket) == ["x/reference.bin"]
+
+    make_zip(tmp_path / "a.zip", 0)
+    strand()
+    url = "s3://%s/" % dgbucket
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", "-r", url])
+    assert (code, out) == (0, "")
+    assert "%sx/reference.bin is a deltaglider reference that no object uses" % url in err
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", url + "x/"])
+    assert code == 1 and "'gc %sx/' removes it" % url in err
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--json", "--no-cache", dgbucket]
+    )
+    stats = json.loads(out)
+    assert stats["object_count"] == 0 and stats["unused_references"] == 1
+    assert stats["unused_reference_size"] == (tmp_path / "a.zip").stat().st_size
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--no-cache", dgbucket]
+    )
+    assert "Unused References:    1," in out
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", "--dryrun", url + "x/"]
+    )
+    assert out == "(dryrun) delete: %sx/reference.bin (a reference no object uses)\n" % url
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", url + "x/"]
+    )
+    assert (code, out) == (0, "delete: %sx/reference.bin (a reference no object uses)\n" % url)
+    assert stored_keys(client, dgbucket) == []
+    strand()
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["rb", url])
+    assert code == 0 and out.endswith("remove_bucket: %s\n" % dgbucket), err
+    assert dgbucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    client.create_bucket(Bucket=dgbucket)  # for the fixture's teardown
+
+
+class _InterruptAfterLine(io.StringIO):
+    """stdout that presses Ctrl-C (SIGINT to this process) once a line starting with
+    ``prefix`` has been printed."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if text.startswith(self.prefix):
+            os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+
+class _InterruptOnRead(dict):  # type: ignore[type-arg]
+    """An environment that presses Ctrl-C (SIGINT to this process, handled at once in
+    this thread) when ``name`` is read once the command runs (main() checks every
+    setting once before it starts)."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        super().__init__(env)
+        self.name = name
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == self.name:
+            self.reads += 1
+            if self.reads == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().get(key, default)
+
+
+@needs_xdelta3
+def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_CACHE_DIR": str(tmp_path / "cli-cache")}
+    env["DG_REFERENCES"] = "folder"  # the assertions name reference.bin
+    if backend.access_key:
+        env.update(AWS_ACCESS_KEY_ID=backend.access_key, AWS_SECRET_ACCESS_KEY=backend.secret_key)
+    url = "s3://%s/r/" % dgbucket
+    # Ctrl-C once the line is out: the file is stored and said so; exit 0, not 130
+    out, err = _InterruptAfterLine("upload:"), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "a.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0 and out.getvalue().endswith(" to %sa.zip (reference)\n" % url)
+    assert err.getvalue() == ""
+    # Ctrl-C while the upload decides how to store the file: no line, exit 130
+    pressing = _InterruptOnRead(env, "DG_DELTA_MODE")
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "b.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=pressing)
+    assert (code, out.getvalue()) == (130, "")
+    assert err.getvalue().endswith("cancelled: ctrl-c received\n")
+    assert stored_keys(client, dgbucket) == ["r/a.zip.delta", "r/reference.bin"]
+
+
 def test_deleting_a_reference_by_its_name_takes_nothing(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -6816,6 +7472,56 @@ def test_we_write_original_reads(
         report = json.loads(orig.run("verify", "s3://%s/%s" % (ibucket, key)).stdout)
         assert report["valid"] is True, (key, report)
         assert report["expected_sha256"] == _sha(files[key[: -len(".delta")]])
+
+
+def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
+    iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
+) -> None:
+    """A user's ``notes.delta`` (stored ``notes.delta.delta``) is listed and read back
+    byte-exact by 6.2.0 beside ``app.zip``'s own delta. In a non-ASCII folder (whose
+    dg-ref-key is percent-encoded) 6.2.0 reads direct files; a delta there it cannot
+    read (its boto3 sends no such key) fails loudly: never other bytes."""
+    iclient._engine.references = dg._REFERENCES_FOLDER  # 6.2.0's own layout
+    src = tmp_path / "src"
+    files = {
+        "d/app.zip": _zip(0),
+        "d/app.zip.delta": b"my own file named like a delta\n" * 40,
+        "d/notes.delta": b"notes\n",
+    }
+    for key, data in files.items():
+        iclient.upload_file(str(_write(src, key.replace("/", "_"), data)), ibucket, key)
+    assert _stored_keys(iclient, ibucket) == [
+        "d/app.zip",  # kept plain: 6.2.0 reads a stored d/app.zip.delta for that name
+        "d/app.zip.delta.delta",
+        "d/notes.delta.delta",
+        "d/reference.bin",
+    ]
+    assert orig.ls("s3://%s/d/" % ibucket) == ["app.zip", "app.zip.delta", "notes.delta"]
+    out = tmp_path / "orig-out"
+    orig.run("sync", "s3://%s/d/" % ibucket, str(out / "synced"))
+    for key, data in files.items():
+        name = key.rsplit("/", 1)[1]
+        assert _file_sha(out / "synced" / name) == _sha(data), key
+        # 6.2.0 asked for a name ending in .delta takes it as stored: only that works
+        stored = key + ".delta" if key.endswith(".delta") else key
+        orig.run("cp", "s3://%s/%s" % (ibucket, stored), str(out / name))
+        assert _file_sha(out / name) == _sha(data), key
+        if stored != key:
+            proc = orig.run("cp", "s3://%s/%s" % (ibucket, key), str(out / "x"), ok=False)
+            assert proc.returncode != 0 and not (out / "x").exists(), key
+    iclient.upload_file(str(_write(src, "a.zip", _zip(1))), ibucket, "café/a.zip")
+    iclient.upload_file(str(_write(src, "b.zip", _zip(2))), ibucket, "café/b.zip")
+    iclient.upload_file(str(_write(src, "r.txt", b"readme")), ibucket, "café/r.txt")
+    meta = iclient.storage.head_object(ibucket, "café/b.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] == "caf%C3%A9/reference.bin"
+    dest = tmp_path / "orig-out" / "r.txt"
+    orig.run("cp", "s3://%s/café/r.txt" % ibucket, str(dest))
+    assert dest.read_bytes() == b"readme"
+    dest = tmp_path / "orig-out" / "b.zip"
+    proc = orig.run("cp", "s3://%s/café/b.zip" % ibucket, str(dest), ok=False)
+    assert proc.returncode != 0 and not dest.exists()
+    for key, data in (("café/a.zip", _zip(1)), ("café/b.zip", _zip(2))):
+        assert iclient.get_object(Bucket=ibucket, Key=key)["Body"].read() == data
 
 
 def test_shared_deltaspace_both_writers(
@@ -7705,6 +8411,57 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     status, body = _form_post(post["url"], tampered, b"x")
     assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
     assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
+    # a condition the gateway does not understand is refused, never skipped
+    odd = s3.generate_presigned_post(
+        "gwbucket", "up/odd.bin", Conditions=[["content-length-range", 1]], ExpiresIn=60
+    )
+    status, body = _form_post(odd["url"], odd["fields"], b"x")
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
+    status, body = _form_post(post["url"], unsigned, b"x")
+    assert (status, _error_code(body)) == (400, "InvalidArgument")
+
+
+def _presigned_call(url: str, method: str, body: bytes = b"") -> tuple[int, bytes]:
+    """A presigned URL used as curl would: no headers of our own (urllib adds a
+    Content-Type to a PUT, which a SigV2 signature covers)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, parts.path + "?" + parts.query, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", ["s3", "s3v4"])
+def test_gateway_serves_presigned_puts_and_bucket_operations(
+    local_gateway: Gateway, version: str
+) -> None:
+    """A presigned URL's signature parameters authenticate it and route nothing: PUT
+    uploads, CreateBucket and DeleteBucket work as they do against S3 (SigV2 and SigV4)."""
+    s3 = _boto3(local_gateway, signature_version=version)  # presigns only
+    plain = _boto3(local_gateway)
+    bucket = "presigned-" + version
+    url = s3.generate_presigned_url("create_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "PUT")
+    assert status == 200, body
+    url = s3.generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": "up/p.bin"}, ExpiresIn=60
+    )
+    data = b"presigned " * 100
+    status, body = _presigned_call(url, "PUT", data)
+    assert status == 200, body
+    assert plain.get_object(Bucket=bucket, Key="up/p.bin")["Body"].read() == data
+    # the signature still covers the request: another key on the same URL is refused
+    status, body = _presigned_call(url.replace("/up/p.bin?", "/up/q.bin?"), "PUT", data)
+    assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
+    plain.delete_object(Bucket=bucket, Key="up/p.bin")
+    url = s3.generate_presigned_url("delete_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "DELETE")
+    assert status == 204, body
+    assert bucket not in [b["Name"] for b in plain.list_buckets()["Buckets"]]
 
 
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
@@ -7715,6 +8472,8 @@ def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> No
     s3.put_object(Bucket="gwbucket", Key="dir/f.txt", Body=b"x")
     listed = s3.list_objects_v2(Bucket="gwbucket")["Contents"]
     assert [o["Key"] for o in listed] == ["dir/", "dir/f.txt"]
+    status, _, body = _gw_send(local_gateway, "GET", "/gwbucket?continuation-token=&list-type=2")
+    assert status == 200 and b"<ContinuationToken></ContinuationToken>" in body
     head = s3.head_object(Bucket="gwbucket", Key="dir/")
     assert (head["ContentLength"], head["Metadata"]) == (0, {"k": "v"})
     s3.delete_object(Bucket="gwbucket", Key="dir/")
@@ -7832,6 +8591,28 @@ def test_gateway_metrics_and_access_log(local_gateway: Gateway) -> None:
     signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["Signature"][0]
     log = gw.log.getvalue()
     assert signature not in log and GW_SECRET not in log and "Signature=<redacted>" in log
+
+
+def test_gateway_access_log_escapes_control_characters(local_gateway: Gateway) -> None:
+    """An anonymous client's path and query reach stderr escaped: no terminal sequences."""
+    gw = local_gateway
+    host, port = urllib.parse.urlsplit(gw.url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"GET /gwbucket/x\x1b[31mRED?%1b]0;title%07=1 HTTP/1.1\r\nHost: h\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    _gw_log_settled(gw, "RED")
+    log = gw.log.getvalue()
+    assert '"GET /gwbucket/x\\x1b[31mRED?\\x1b]0;title\\x07=1" 403 AccessDenied' in log, log
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f]", log), log
 
 
 def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
@@ -8065,6 +8846,56 @@ def test_serve_help_shows_how_to_point_aws_cli_and_rclone_at_it() -> None:
     assert "rclone" in text and "force_path_style" in text and "--users" in text
 
 
+def test_serve_help_rclone_command_runs_as_written(local_gateway: Gateway, tmp_path: Any) -> None:
+    """The rclone line of ``serve --help``, pasted into a shell (only the port, the keys and
+    the bucket changed), copies a folder through the gateway."""
+    rclone = _tool("rclone", "DG_TEST_RCLONE")
+    out = io.StringIO()
+    assert dg.main(["serve", "--help"], stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  rclone copy"))
+    end = start
+    while lines[end].endswith("\\"):  # the command's continuation lines, as a shell reads
+        end += 1
+    command = "\n".join(lines[start : end + 1])
+    port = urllib.parse.urlsplit(local_gateway.url).port
+    command = (
+        command.replace("127.0.0.1:8333", "127.0.0.1:%d" % port)
+        .replace("gw-key", GW_KEY)
+        .replace("gw-secret", GW_SECRET)
+        .replace("releases/", "gwbucket/")
+    )
+    _release_folder(tmp_path / "dist")
+    env = dict(
+        _tool_env(local_gateway, tmp_path),
+        PATH=os.path.dirname(rclone) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    for name in [k for k in env if k.startswith("RCLONE_CONFIG_GW")]:
+        del env[name]  # only what the command line says
+    proc = subprocess.run(
+        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, (command, proc.stderr)
+    keys = sorted(
+        o["Key"] for o in local_gateway.client.list_objects_v2(Bucket="gwbucket")["Contents"]
+    )
+    assert keys == ["v1/app-1.zip", "v1/app-2.zip", "v1/sub/notes.txt"]
+
+
+def test_gateway_users_file_refuses_a_key_listed_twice(tmp_path: Any) -> None:
+    users = tmp_path / "users"
+    users.write_text("# keys\nalice:first-secret\nbob:bob-secret\nalice:second-secret\n")
+    users.chmod(0o600)
+    with pytest.raises(dg.InvalidConfigError) as e:
+        dg._GatewayUsers.load(str(users), {})
+    assert "line 4: access key alice is listed twice" in str(e.value)
+    assert "first-secret" not in str(e.value) and "second-secret" not in str(e.value)
+    code, out, err = run_cli(_local_backend(tmp_path), tmp_path, ["serve", "--users", str(users)])
+    assert code != 0 and "listed twice" in err and "first-secret" not in err, err
+    users.write_text("alice:first-secret\nbob:bob-secret\n")
+    assert len(dg._GatewayUsers.load(str(users), {})) == 2
+
+
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
@@ -8086,6 +8917,96 @@ def cli_env(backend: Backend, tmp_path: Any) -> Iterator[tuple[Backend, str]]:
 
 
 @needs_xdelta3
+@needs_xdelta3
+def test_cli_names_with_control_characters_round_trip(cli_env: Any, tmp_path: Any) -> None:
+    """File names starting or ending with a control character used to fail with
+    SignatureDoesNotMatch on Swift (it trims them from the dg-original-name header before
+    checking the signature) and 400 on SeaweedFS (it refuses them in headers). Their
+    metadata is sent percent-encoded, as non-ASCII names are (FORMAT.md), and read back."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["\x01start.txt", "end.txt\x01", "\x1fmid\x7f.txt", "\x01a.zip", "b.zip\x1f"]
+    for i, name in enumerate(names):
+        if name.endswith(".zip") or name.endswith(".zip\x1f"):
+            make_zip(src / name, i)
+        else:
+            (src / name).write_bytes(name.encode() * 100)
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="d/")
+    assert sorted(c["Key"] for c in listed["Contents"]) == sorted("d/" + n for n in names)
+    for stored in stored_keys(client, bucket, "d/"):
+        for value in client.storage.head_object(bucket, stored)["Metadata"].values():
+            assert all(32 <= ord(c) < 127 for c in value), (stored, value)
+    # (the CLI refuses to write such names into a local folder: read them through the SDK)
+    for name in names:
+        got = client.get_object(Bucket=bucket, Key="d/" + name)
+        assert got["Body"].read() == (src / name).read_bytes()
+        assert got["ContentLength"] == (src / name).stat().st_size
+    client.close()
+    code, out, err = run_cli(backend, tmp_path, ["rm", "--recursive", "s3://%s/d/" % bucket])
+    assert code == 0, err
+    assert stored_keys(make_client(backend, tmp_path), bucket, "d/") == []
+
+
+@pytest.mark.parametrize(
+    "value, sent",
+    [
+        ("plain.zip", "plain.zip"),
+        ("café.zip", "caf%C3%A9.zip"),
+        ("\x01a.zip", "%01a.zip"),
+        ("a.zip\x7f", "a.zip%7F"),
+        ("100% \x01", "100%25 %01"),
+    ],
+)
+def test_metadata_values_encode_and_decode_exactly(value: str, sent: str) -> None:
+    assert dg._meta_encode(value) == sent
+    assert dg._meta_decode(sent) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII someone wrote is never decoded
+
+
+@pytest.mark.parametrize("bad", ["1e30", "nan", "-inf"])
+def test_cli_bad_dg_mtime_is_ignored_not_fatal(
+    cli_env: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """One object with a dg-mtime no file can have (written by another tool, or damaged)
+    used to abort a whole cp -r with a traceback. It is treated as absent: the file gets
+    the object's LastModified, the others their recorded times, one warning."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (src / name).write_bytes(name.encode())
+        os.utime(str(src / name), (1_600_000_000, 1_600_000_000))
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    stored = client.storage.head_object(bucket, "d/a.txt")
+    assert stored["Metadata"]["dg-mtime"].startswith("1600000000")
+    client.storage.put_object(
+        bucket, "d/a.txt", b"a.txt", metadata={**stored["Metadata"], "dg-mtime": bad}
+    )
+    client.close()
+    dg._WARNED.discard("dg-mtime")
+    for argv in (
+        ["cp", "--recursive", "s3://%s/d/" % bucket, str(tmp_path / "down")],
+        ["sync", "s3://%s/d/" % bucket, str(tmp_path / "synced")],
+    ):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert code == 0 and "Traceback" not in err, err
+        got = argv[-1]
+        assert sorted(os.listdir(got)) == ["a.txt", "b.txt"]
+        assert os.stat(os.path.join(got, "b.txt")).st_mtime == 1_600_000_000
+        assert abs(os.stat(os.path.join(got, "a.txt")).st_mtime - time.time()) < 3600
+    assert caplog.text.count("out-of-range dg-mtime") == 1
+
+
 def test_cli_cp_destinations_and_output_lines(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
@@ -8449,6 +9370,39 @@ def test_cli_symlink_loops_in_a_source_end(cli_env: Any, tmp_path: Any) -> None:
     c = make_client(backend, tmp_path)
     keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == ["l/v1/x.txt", "m/latest/x.txt", "m/v1/x.txt"]
+
+
+def test_cli_follow_symlinks_flags_as_aws(tmp_path: Any) -> None:
+    """aws s3 takes --follow-symlinks (the default) and --no-follow-symlinks, the last given
+    deciding; cp and sync both take either."""
+    backend = _local_backend(tmp_path)
+    assert run_cli(backend, tmp_path, ["mb", "s3://links"])[0] == 0
+    src = tmp_path / "src"
+    (src / "v1").mkdir(parents=True)
+    (src / "v1" / "x.txt").write_bytes(b"x")
+    (src / "latest").symlink_to("v1", target_is_directory=True)
+    runs = [
+        ("a", ["cp", "-r", "--follow-symlinks"]),
+        ("b", ["sync", "--follow-symlinks"]),
+        ("c", ["cp", "-r", "--no-follow-symlinks"]),
+        ("d", ["sync", "--follow-symlinks", "--no-follow-symlinks"]),
+        ("e", ["sync", "--no-follow-symlinks", "--follow-symlinks"]),
+    ]
+    for prefix, argv in runs:
+        code, out, err = run_cli(backend, tmp_path, [*argv, str(src), "s3://links/%s/" % prefix])
+        assert code == 0, (argv, err)
+    c = make_client(backend, tmp_path)
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket="links")["Contents"]]
+    assert keys == [
+        "a/latest/x.txt",
+        "a/v1/x.txt",
+        "b/latest/x.txt",
+        "b/v1/x.txt",
+        "c/v1/x.txt",
+        "d/v1/x.txt",
+        "e/latest/x.txt",
+        "e/v1/x.txt",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -9079,9 +10033,12 @@ def _shape_diff(theirs: Any, ours: Any, path: str = "") -> list[str]:
         # NextMarker: S3 sends it only with a Delimiter (Swift likewise, SeaweedFS always);
         # ours always does, which is allowed (boto3's paginator prefers it to the last Key).
         # TagCount and ExpiresString: current botocore's models return them; older ones
-        # (what Python 3.8 gets) do not.
+        # (what Python 3.8 gets) do not. NextContinuationToken on a truncated ListObjects:
+        # the original deltaglider's documented pagination loop reads it there.
         extra_ok = (
-            {"DeltaGliderInfo", "NextMarker", "TagCount", "ExpiresString"} if not path else set()
+            {"DeltaGliderInfo", "NextMarker", "TagCount", "ExpiresString", "NextContinuationToken"}
+            if not path
+            else set()
         )
         for key in sorted(set(theirs) | set(ours)):
             where = path + "." + key if path else key
@@ -9231,7 +10188,9 @@ def test_parity_put_head_get_direct(parity_env: ParityEnv) -> None:
     theirs = env.boto.put_object(Bucket=b_boto, Key="cfg/a.json", Body=body, **params)
     ours = env.dg.put_object(Bucket=b_dg, Key="cfg/a.json", Body=body, **params)
     assert_same_shape(theirs, ours, "put_object")
-    assert "DeltaGliderInfo" not in ours
+    # As 6.x: every upload says how it was stored; a .json is stored as it is.
+    assert ours["DeltaGliderInfo"]["Operation"] == "upload_direct"
+    assert ours["DeltaGliderInfo"]["IsDelta"] is False
     assert ours["ETag"] == theirs["ETag"] == _md5_etag(body)
 
     theirs = env.boto.head_object(Bucket=b_boto, Key="cfg/a.json")
@@ -9464,6 +10423,133 @@ def test_parity_presign_direct(parity_env: ParityEnv) -> None:
     assert ours_post["fields"]["key"] == "p/up.txt"
 
 
+def _outcome(call: Callable[[], Any]) -> Any:
+    """What a call did, comparable between boto3 and us: the error's class name, code and
+    status, or the response's chosen fields."""
+    try:
+        resp = call()
+    except Exception as e:
+        r = getattr(e, "response", {})
+        return (
+            type(e).__name__,
+            r.get("Error", {}).get("Code"),
+            r.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+        )
+    if "Body" in resp:
+        resp["Body"].read()
+    return "ok"
+
+
+@pytest.mark.parametrize("kind", ["direct", "delta"])
+def test_parity_conditions_overrides_and_server_decided_parameters(
+    parity_env: ParityEnv, kind: str
+) -> None:
+    """Parameters boto3 sends for the server to decide give what boto3 gets, on an object
+    stored as it is and on a delta-stored one (whose conditions we answer ourselves):
+    If* on GET/HEAD, CopySourceIf*, Response* overrides, ranged GET headers,
+    EncodingType='url', an empty ContinuationToken, copy errors named CopyObject, and
+    delete_objects' per-object conditions (an object whose ETag does not match stays)."""
+    import botocore.exceptions
+
+    env = parity_env
+    b_boto, b_dg = env.pair()
+    key = "rel/app.zip" if kind == "delta" else "rel/notes.txt"
+    body = parity_zip(2)
+    env.boto.put_object(Bucket=b_boto, Key=key, Body=body)
+    if kind == "delta":
+        env.dg.put_object(Bucket=b_dg, Key="rel/base.zip", Body=parity_zip(1))
+    put = env.dg.put_object(Bucket=b_dg, Key=key, Body=body)
+    assert put["DeltaGliderInfo"]["IsDelta"] is (kind == "delta")
+    etag = put["ETag"]
+    past = datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc)
+    future = datetime.datetime(2099, 1, 1, tzinfo=datetime.timezone.utc)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("get_object", {"IfMatch": etag}),
+        ("get_object", {"IfMatch": '"0000"'}),
+        ("get_object", {"IfNoneMatch": etag}),
+        ("get_object", {"IfNoneMatch": '"0000"'}),
+        ("get_object", {"IfModifiedSince": future}),
+        ("get_object", {"IfModifiedSince": past}),
+        ("get_object", {"IfUnmodifiedSince": past}),
+        ("get_object", {"IfUnmodifiedSince": future}),
+        ("head_object", {"IfMatch": '"0000"'}),
+        ("head_object", {"IfNoneMatch": etag}),
+        ("head_object", {"IfUnmodifiedSince": past}),
+    ]
+    for method, extra in cases:
+        theirs = _outcome(lambda: getattr(env.boto, method)(Bucket=b_boto, Key=key, **extra))
+        ours = _outcome(lambda: getattr(env.dg, method)(Bucket=b_dg, Key=key, **extra))
+        assert ours == theirs, (method, extra)
+    overrides = {"ResponseContentType": "text/x-test", "ResponseCacheControl": "no-cache"}
+    overrides["ResponseContentDisposition"] = 'attachment; filename="x.bin"'
+    theirs = env.boto.get_object(Bucket=b_boto, Key=key, **overrides)
+    ours = env.dg.get_object(Bucket=b_dg, Key=key, **overrides)
+    for name in ("ContentType", "CacheControl", "ContentDisposition"):
+        assert ours[name] == theirs[name], name
+    theirs = env.boto.get_object(Bucket=b_boto, Key=key, Range="bytes=10-19")
+    ours = env.dg.get_object(Bucket=b_dg, Key=key, Range="bytes=10-19")
+    assert ours["Body"].read() == theirs["Body"].read() == body[10:20]
+    th, oh = theirs["ResponseMetadata"]["HTTPHeaders"], ours["ResponseMetadata"]["HTTPHeaders"]
+    assert oh["content-range"] == th["content-range"] == "bytes 10-19/%d" % len(body)
+    assert oh["content-length"] == th["content-length"] == "10"
+    for method, extra in [
+        ("copy_object", {"CopySourceIfMatch": '"0000"'}),
+        ("copy_object", {"CopySourceIfNoneMatch": etag}),
+        ("copy_object", {"CopySourceIfUnmodifiedSince": past}),
+        ("copy_object", {"CopySourceIfMatch": etag}),
+    ]:
+        theirs = _outcome(
+            lambda: env.boto.copy_object(
+                Bucket=b_boto, Key="c", CopySource={"Bucket": b_boto, "Key": key}, **extra
+            )
+        )
+        ours = _outcome(
+            lambda: env.dg.copy_object(
+                Bucket=b_dg, Key="c", CopySource={"Bucket": b_dg, "Key": key}, **extra
+            )
+        )
+        assert ours == theirs, extra
+    err = _error_of(
+        lambda: env.dg.copy_object(Bucket=b_dg, Key="d", CopySource={"Bucket": b_dg, "Key": "no"})
+    )
+    assert isinstance(err, botocore.exceptions.ClientError)
+    assert err.operation_name == "CopyObject"
+    assert err.response["Error"]["Code"] == "NoSuchKey"
+    # EncodingType='url': the caller asked, so keys come back encoded (botocore decodes
+    # only when it added the parameter itself); an empty token is echoed.
+    odd = "rel/a b+c%d.txt"
+    env.boto.put_object(Bucket=b_boto, Key=odd, Body=b"x")
+    env.dg.put_object(Bucket=b_dg, Key=odd, Body=b"x")
+    for method in ("list_objects", "list_objects_v2"):
+        theirs = getattr(env.boto, method)(Bucket=b_boto, Prefix="rel/a", EncodingType="url")
+        ours = getattr(env.dg, method)(Bucket=b_dg, Prefix="rel/a", EncodingType="url")
+        assert [c["Key"] for c in ours["Contents"]] == [c["Key"] for c in theirs["Contents"]]
+    theirs = env.boto.list_objects_v2(Bucket=b_boto, ContinuationToken="")
+    ours = env.dg.list_objects_v2(Bucket=b_dg, ContinuationToken="")
+    assert ours["ContinuationToken"] == theirs["ContinuationToken"] == ""
+    # delete_objects with per-object conditions: what the server says (Swift refuses the
+    # request as MalformedXML, for boto3 too); a stale ETag or a wrong Size never
+    # deletes (SeaweedFS ignores Size: we check it ourselves as well).
+    for wrong in ({"ETag": '"0123456789abcdef0123456789abcdef"'}, {"Size": 5}):
+        spec = {"Objects": [dict(wrong, Key=key)]}
+        ours = env.dg.delete_objects(Bucket=b_dg, Delete=spec)  # refused before sending
+        assert [e["Code"] for e in ours["Errors"]] == ["PreconditionFailed"], ours
+        if env.name == "seaweedfs" and "ETag" in wrong:
+            theirs = env.boto.delete_objects(Bucket=b_boto, Delete=spec)
+            assert [e["Code"] for e in theirs["Errors"]] == ["PreconditionFailed"]
+        assert env.dg.get_object(Bucket=b_dg, Key=key)["Body"].read() == body
+    matching = {"Objects": [{"Key": key, "ETag": etag, "Size": len(body)}]}
+    if env.name == "swift":
+        assert _outcome(lambda: env.dg.delete_objects(Bucket=b_dg, Delete=matching)) == (
+            _outcome(lambda: env.boto.delete_objects(Bucket=b_boto, Delete=matching))
+        )
+    else:
+        ours = env.dg.delete_objects(Bucket=b_dg, Delete=matching)
+        assert ours["Deleted"] == [{"Key": key}] and "Errors" not in ours
+        with pytest.raises(dg.NoSuchKey):
+            env.dg.get_object(Bucket=b_dg, Key=key)
+
+
 def test_parity_errors_and_exceptions(parity_env: ParityEnv) -> None:
     env = parity_env
     b_boto, b_dg = env.pair()
@@ -9481,7 +10567,7 @@ def test_parity_errors_and_exceptions(parity_env: ParityEnv) -> None:
         "head_object missing",
     )
     err = _error_of(lambda: env.dg.head_object(Bucket=b_dg, Key="missing.zip"))
-    assert type(err) is dg.ClientError and err.response["Error"]["Code"] == "404"
+    assert not isinstance(err, dg.NoSuchKey) and err.response["Error"]["Code"] == "404"
     gone = "dg-test-" + uuid.uuid4().hex[:16]
     _assert_same_error(
         _error_of(lambda: env.boto.list_objects_v2(Bucket=gone)),
@@ -9567,7 +10653,8 @@ def _upload_versions(
             "Operation",
             "ReferenceKey",
         }
-        assert info["IsDelta"] is True and info["StoredAs"] == key + ".delta"
+        # The first version is the folder's reference (6.x's IsDelta false), the rest deltas.
+        assert info["IsDelta"] is (v != versions[0]) and info["StoredAs"] == key + ".delta"
         assert isinstance(info["SavingsPercent"], float)
         if info["Operation"] == "create_reference":  # the first version is stored whole
             assert info["SavingsPercent"] == 0.0
@@ -9999,6 +11086,7 @@ def test_readme_python_examples(
         buckets |= set(re.findall(r'download_file\(\s*"([a-z0-9.-]+)"', code))
         for name in sorted(buckets):
             code = code.replace('"%s"' % name, '"%s%s"' % (prefix, name))
+            code = code.replace('"s3://%s/' % name, '"s3://%s%s/' % (prefix, name))
             env.buckets.append(prefix + name)
             with contextlib.suppress(Exception):
                 env.boto.create_bucket(Bucket=prefix + name)
@@ -10014,6 +11102,564 @@ def test_readme_python_examples(
             pytest.fail("README python block %d failed: %r\n%s" % (n + 1, e, code))
     printed = capsys.readouterr().out
     assert printed.strip(), "the README example printed nothing"
+
+
+#: The Python examples of the product documentation (the original deltaglider's SDK
+#: page), verbatim: the user's spec. Each must run as written.
+_SDK_DOC_EXAMPLES = {
+    "boto3-compatible": """\
+from deltaglider import create_client
+
+# Core boto3 S3 methods work exactly the same, with 99% compression!
+client = create_client()
+
+# Standard boto3 S3 methods - just work!
+client.put_object(Bucket='releases', Key='v1.0.0/app.zip', Body=data)
+response = client.get_object(Bucket='releases', Key='v1.0.0/app.zip')
+
+# Optimized list_objects with smart performance defaults (NEW!)
+# Fast by default - no unnecessary metadata fetching
+response = client.list_objects(Bucket='releases', Prefix='v1.0.0/')
+for obj in response['Contents']:
+    print(f"{obj['Key']}: {obj['Size']} bytes")
+
+# Pagination for large buckets
+response = client.list_objects(Bucket='releases', MaxKeys=100)
+while response.get('IsTruncated'):
+    # Process current page
+    for obj in response['Contents']:
+        print(obj['Key'])
+    # Get next page
+    response = client.list_objects(
+        Bucket='releases',
+        MaxKeys=100,
+        ContinuationToken=response.get('NextContinuationToken')
+    )
+
+# Get detailed compression stats only when needed
+response = client.list_objects(Bucket='releases', FetchMetadata=True)  # Slower but detailed
+
+# Bucket statistics with intelligent S3-based caching (NEW!)
+stats = client.get_bucket_stats('releases')  # Fast (~100ms with cache)
+stats = client.get_bucket_stats('releases', mode='detailed')  # Accurate compression metrics
+stats = client.get_bucket_stats('releases', refresh_cache=True)  # Force fresh computation
+
+client.delete_object(Bucket='releases', Key='old-version.zip')
+""",
+    "simple": """\
+from deltaglider import create_client
+
+client = create_client()
+summary = client.upload("my-app-v1.0.0.zip", "s3://releases/v1.0.0/")
+client.download("s3://releases/v1.0.0/my-app-v1.0.0.zip", "local.zip")
+""",
+    "migration": """\
+# Before (boto3)
+import boto3
+client = boto3.client('s3')
+client.put_object(Bucket='mybucket', Key='myfile.zip', Body=data)
+
+# After (DeltaGlider) - Core methods work the same, with 99% compression!
+from deltaglider import create_client
+client = create_client()
+client.put_object(Bucket='mybucket', Key='myfile.zip', Body=data)
+""",
+    "basic": """\
+from deltaglider import create_client
+
+# Create client (uses AWS credentials automatically)
+client = create_client()
+
+# Upload using boto3 API
+with open('release-v2.0.0.zip', 'rb') as f:
+    response = client.put_object(
+        Bucket='releases',
+        Key='v2.0.0/release.zip',
+        Body=f,
+        Metadata={'version': '2.0.0'}
+    )
+
+# Check compression stats (DeltaGlider extension)
+if 'DeltaGliderInfo' in response:
+    info = response['DeltaGliderInfo']
+    print(f"Saved {info['SavingsPercent']:.0f}% storage space")
+
+# Download using boto3 API
+response = client.get_object(Bucket='releases', Key='v2.0.0/release.zip')
+with open('local-copy.zip', 'wb') as f:
+    f.write(response['Body'].read())
+
+# List objects
+response = client.list_objects(Bucket='releases', Prefix='v2.0.0/')
+for obj in response.get('Contents', []):
+    print(f"{obj['Key']}: {obj['Size']} bytes")
+
+# Delete object
+client.delete_object(Bucket='releases', Key='old-version.zip')
+""",
+    "simple-usage": """\
+from deltaglider import create_client
+
+# Create client (uses AWS credentials from environment)
+client = create_client()
+
+# Upload a file
+summary = client.upload("release-v2.0.0.zip", "s3://releases/v2.0.0/")
+print(f"Saved {summary.savings_percent:.0f}% storage space")
+
+# Download a file
+client.download("s3://releases/v2.0.0/release-v2.0.0.zip", "local-copy.zip")
+""",
+    "custom-configuration": """\
+from deltaglider import create_client
+
+client = create_client(
+    endpoint_url="http://minio.internal:9000",  # Custom S3 endpoint
+    log_level="DEBUG",                           # Detailed logging
+    cache_dir="/var/cache/deltaglider",         # Custom cache location
+)
+""",
+    "real-world": """\
+from deltaglider import create_client
+
+# Core boto3 methods work exactly like boto3!
+client = create_client()
+
+# Upload multiple software versions
+versions = ["v1.0.0", "v1.0.1", "v1.0.2", "v1.1.0"]
+for version in versions:
+    with open(f"dist/my-app-{version}.zip", 'rb') as f:
+        response = client.put_object(
+            Bucket='releases',
+            Key=f'{version}/my-app.zip',
+            Body=f
+        )
+
+        # DeltaGlider provides compression stats
+        if 'DeltaGliderInfo' in response:
+            info = response['DeltaGliderInfo']
+            print(f"{version}: {info['StoredSizeMB']:.1f}MB "
+                  f"(saved {info['SavingsPercent']:.0f}%)")
+""",
+    "multipart": """\
+# Large file uploads work automatically
+with open('large-file.zip', 'rb') as f:
+    client.put_object(
+        Bucket='backups',
+        Key='database/backup.zip',
+        Body=f  # Handles multipart automatically for large files
+    )
+""",
+    "batch": """\
+# Upload multiple files efficiently
+files = ['app.zip', 'docs.zip', 'assets.zip']
+for file in files:
+    with open(file, 'rb') as f:
+        client.put_object(Bucket='releases', Key=file, Body=f)
+""",
+    "presigned": """\
+# Generate presigned URLs for secure sharing
+url = client.generate_presigned_url(
+    'get_object',
+    Params={'Bucket': 'releases', 'Key': 'v1.0.0/app.zip'},
+    ExpiresIn=3600
+)
+""",
+}
+
+
+@pytest.fixture
+def doc_env(backend: Backend, tmp_path: Any, monkeypatch: Any) -> Iterator[dict[str, Any]]:
+    """A user's shell for the documentation's examples: AWS_ENDPOINT_URL and credentials
+    in the environment (as its Installation section sets them), example files in the
+    working directory, and a unique name for each bucket the examples use."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", backend.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("DG_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    if backend.access_key:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", backend.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(backend.secret_key))
+    with contextlib.suppress(ImportError):  # a fresh process: boto3's default session
+        import boto3  # caches the credentials it first found (another server's)
+
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    admin = make_client(backend, tmp_path)
+    prefix = "dg-test-" + uuid.uuid4().hex[:8] + "-"
+    buckets = {name: prefix + name for name in ("releases", "mybucket", "backups")}
+    for real in buckets.values():
+        admin.create_bucket(Bucket=real)
+    os.mkdir("dist")
+    names = ["my-app-v1.0.0.zip", "release-v2.0.0.zip", "large-file.zip", "app.zip"]
+    names += ["docs.zip", "assets.zip"]
+    for v, name in enumerate(names, start=1):
+        with open(name, "wb") as f:
+            f.write(parity_zip(v, seed=v))
+    for v, version in enumerate(["v1.0.0", "v1.0.1", "v1.0.2", "v1.1.0"]):
+        with open("dist/my-app-%s.zip" % version, "wb") as f:
+            f.write(parity_zip(v + 1 if version != "v1.1.0" else 40))
+    env = {"backend": backend, "admin": admin, "buckets": buckets, "tmp": tmp_path}
+    level, handlers = dg.logger.level, list(dg.logger.handlers)
+    yield env
+    dg.logger.setLevel(level)  # the log_level="DEBUG" example sets the module's logger
+    dg.logger.handlers[:] = handlers
+    if not admin.storage.is_local:
+        for real in buckets.values():
+            _s3_empty_and_delete(admin.storage, real)
+    admin.close()
+
+
+def run_doc_example(env: dict[str, Any], name: str, namespace: dict[str, Any]) -> None:
+    code = _SDK_DOC_EXAMPLES[name]
+    for plain, real in env["buckets"].items():
+        code = code.replace("'%s'" % plain, "'%s'" % real).replace(
+            "s3://%s/" % plain, "s3://%s/" % real
+        )
+    code = code.replace("/var/cache/deltaglider", str(env["tmp"] / "custom-cache"))
+    namespace.setdefault("data", parity_zip(3))
+    namespace.setdefault("__name__", "__doc_example__")
+    exec(compile(code, "documentation example %r" % name, "exec"), namespace)
+
+
+@needs_xdelta3
+def test_documentation_examples_run_as_written(doc_env: dict[str, Any], capsys: Any) -> None:
+    """Every example of the product documentation, as written, in the order a reader
+    meets them: on the local store (the boto3 migration example and presigned URLs need
+    a server: those two run on the servers only) and on both servers."""
+    env = doc_env
+    backend = env["backend"]
+    releases = env["buckets"]["releases"]
+    admin = env["admin"]
+    # A bucket past the documentation's page size, references hidden among its keys.
+    for i in range(120):
+        admin.put_object(Bucket=releases, Key="old/%03d.txt" % i, Body=b"x%d" % i)
+    for i in range(6):
+        admin.put_object(Bucket=releases, Key="builds/b%d/app.zip" % i, Body=parity_zip(i))
+        admin.put_object(Bucket=releases, Key="builds/b%d/app2.zip" % i, Body=parity_zip(i + 1))
+    ns: dict[str, Any] = {}
+    run_doc_example(env, "boto3-compatible", ns)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("v1.0.0/app.zip: ") and printed[0].endswith(" bytes")
+    paged = printed[1:]
+    # The loop prints each page while more follow: full pages of 100 logical keys,
+    # each key once, in order, no reference.bin.
+    assert len(paged) == 100 and len(set(paged)) == 100, paged
+    assert paged == sorted(paged) and not any("reference.bin" in k for k in paged)
+    assert isinstance(ns["stats"].object_count, int) and ns["stats"].object_count == 133
+    assert "Contents" in ns["response"] and ns["response"]["Contents"][0]["Metadata"]
+
+    run_doc_example(env, "simple", {})
+    with open("local.zip", "rb") as f, open("my-app-v1.0.0.zip", "rb") as g:
+        assert f.read() == g.read()
+    if backend.name != "local":
+        run_doc_example(env, "migration", {})
+    run_doc_example(env, "basic", {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Saved 0% storage space"  # the first file of v2.0.0/: its reference
+    assert out[1].startswith("v2.0.0/release.zip: ")
+    with open("local-copy.zip", "rb") as f, open("release-v2.0.0.zip", "rb") as g:
+        assert f.read() == g.read()
+    got = admin.head_object(Bucket=releases, Key="v2.0.0/release.zip")
+    assert got["Metadata"] == {"version": "2.0.0"}
+
+    run_doc_example(env, "simple-usage", {})
+    out = capsys.readouterr().out.splitlines()
+    assert re.match(r"^Saved \d+% storage space$", out[0]), out
+
+    ns = {}
+    run_doc_example(env, "custom-configuration", ns)
+    assert ns["client"]._cache_dir == str(env["tmp"] / "custom-cache")
+
+    ns = {}
+    run_doc_example(env, "real-world", ns)
+    out = capsys.readouterr().out.splitlines()
+    # Similar versions in sibling folders share a reference: only differences stored.
+    assert [line.split(":")[0] for line in out] == ["v1.0.0", "v1.0.1", "v1.0.2", "v1.1.0"]
+    for line in out[1:3]:
+        assert re.search(r"MB \(saved (9\d|100)%\)$", line), out
+
+    for name in ("multipart", "batch") + (("presigned",) if backend.name != "local" else ()):
+        run_doc_example(env, name, ns)
+    if backend.name != "local":
+        with urllib.request.urlopen(ns["url"], timeout=30) as r:
+            assert r.read() == parity_zip(3)  # the original bytes of v1.0.0/app.zip
+    backups = env["buckets"]["backups"]
+    got = ns["client"].get_object(Bucket=backups, Key="database/backup.zip")["Body"].read()
+    with open("large-file.zip", "rb") as f:
+        assert got == f.read()
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("method", ["list_objects", "list_objects_v2"])
+def test_list_pages_hold_max_keys_logical_keys(
+    client: dg.DeltaGliderClient, dgbucket: str, method: str
+) -> None:
+    """Hidden references never shorten a page: each page holds MaxKeys logical keys
+    until the last; every key once, in order; v1 pages with Marker, with the original
+    deltaglider's ContinuationToken, and v2 with its token."""
+    for i in range(4):
+        client.put_object(Bucket=dgbucket, Key="f%d/app.zip" % i, Body=parity_zip(1))
+        client.put_object(Bucket=dgbucket, Key="f%d/app2.zip" % i, Body=parity_zip(2))
+    stored = stored_keys(client, dgbucket)
+    assert len(stored) > 8 and any(k.endswith("reference.bin") for k in stored)  # hidden
+    wanted = sorted("f%d/%s" % (i, n) for i in range(4) for n in ("app.zip", "app2.zip"))
+    for paging in ("Marker", "ContinuationToken"):
+        if method == "list_objects_v2" and paging == "Marker":
+            continue
+        pages, params = [], {"Bucket": dgbucket, "MaxKeys": 3}
+        while True:
+            page = getattr(client, method)(**params)
+            pages.append([c["Key"] for c in page["Contents"]])
+            if not page["IsTruncated"]:
+                break
+            if paging == "Marker":
+                params["Marker"] = page["NextMarker"]
+            else:
+                params["ContinuationToken"] = page["NextContinuationToken"]
+        assert [len(p) for p in pages] == [3, 3, 2], (paging, pages)
+        assert [k for p in pages for k in p] == wanted
+    empty = getattr(client, method)(Bucket=dgbucket, Prefix="nothing/")
+    assert "Contents" not in empty and empty["Contents"] == []  # boto3's shape; 6.x's loop
+    after = getattr(client, method)(Bucket=dgbucket, StartAfter="f2/app.zip", MaxKeys=2)
+    assert [c["Key"] for c in after["Contents"]] == ["f2/app2.zip", "f3/app.zip"]
+    meta = getattr(client, method)(Bucket=dgbucket, Prefix="f1/", FetchMetadata=True)
+    assert [c["Metadata"]["deltaglider-is-delta"] for c in meta["Contents"]] == ["true"] * 2
+    assert meta["Contents"][0]["Size"] == len(parity_zip(1))
+
+
+def test_log_level_shows_the_log_on_stderr(tmp_path: Any) -> None:
+    """create_client(log_level="DEBUG") in a script that configured no logging prints
+    the library's records on stderr; an application's own logging setup is left alone."""
+    script = (
+        "import logging, sys, deltaglider as dg\n"
+        "if sys.argv[1] == 'configured':\n"
+        "    logging.basicConfig(stream=sys.stdout, level=logging.INFO)\n"
+        "c = dg.create_client('file://%s' + sys.argv[1], 'DEBUG', cache_dir=%r)\n"
+        "c.create_bucket(Bucket='bkt')\n"
+        "c.put_object(Bucket='bkt', Key='a.zip', Body=b'x' * 100)\n"
+        "dg.create_client('file://%s', log_level='DEBUG')\n"
+    ) % (tmp_path / "store", str(tmp_path / "cache"), tmp_path / "store")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(dg.__file__)))
+    env.pop("DG_LOG_LEVEL", None)
+    bare = subprocess.run(
+        [sys.executable, "-c", script, "bare"], capture_output=True, text=True, env=env
+    )
+    assert bare.returncode == 0, bare.stderr
+    lines = [line for line in bare.stderr.splitlines() if " deltaglider DEBUG " in line]
+    assert lines and len(lines) == len(set(lines))  # shown, once each (one handler)
+    configured = subprocess.run(
+        [sys.executable, "-c", script, "configured"], capture_output=True, text=True, env=env
+    )
+    assert configured.returncode == 0 and configured.stderr == "", configured.stderr
+    assert "DEBUG:deltaglider:" in configured.stdout  # through the application's handler
+
+
+@needs_xdelta3
+def test_multipart_api_stores_the_object_as_a_delta(
+    client: dg.DeltaGliderClient, dgbucket: str
+) -> None:
+    """boto3's multipart calls, as tools make them: parts (one copied from another
+    object), list_parts, list_multipart_uploads by logical key, complete; the object is
+    then stored as put_object would store it (a delta against the folder's reference)."""
+    rng = random.Random(5)
+    v1 = bytes(rng.getrandbits(8) for _ in range(6 * 1024 * 1024 + 1000))
+    v2 = v1[:4096] + b"version 2" + v1[4105:]
+    client.put_object(Bucket=dgbucket, Key="rel/app-v1.zip", Body=v1)
+    up = client.create_multipart_upload(
+        Bucket=dgbucket, Key="rel/app-v2.zip", ContentType="application/zip", Metadata={"b": "2"}
+    )
+    assert up["Key"] == "rel/app-v2.zip" and up["UploadId"]
+    other = client.create_multipart_upload(Bucket=dgbucket, Key="rel/abandoned.zip")
+    listed = client.list_multipart_uploads(Bucket=dgbucket, Prefix="rel/")
+    assert {(u["Key"], u["UploadId"]) for u in listed["Uploads"]} == {
+        ("rel/app-v2.zip", up["UploadId"]),
+        ("rel/abandoned.zip", other["UploadId"]),
+    }
+    client.abort_multipart_upload(
+        Bucket=dgbucket, Key="rel/abandoned.zip", UploadId=other["UploadId"]
+    )
+    split = 5 * 1024 * 1024
+    p1 = client.upload_part(
+        Bucket=dgbucket,
+        Key="rel/app-v2.zip",
+        UploadId=up["UploadId"],
+        PartNumber=1,
+        Body=v2[:split],
+    )
+    p2 = client.upload_part_copy(
+        Bucket=dgbucket,
+        Key="rel/app-v2.zip",
+        UploadId=up["UploadId"],
+        PartNumber=2,
+        CopySource={"Bucket": dgbucket, "Key": "rel/app-v1.zip"},
+        CopySourceRange="bytes=%d-%d" % (split, len(v1) - 1),
+    )
+    parts = client.list_parts(Bucket=dgbucket, Key="rel/app-v2.zip", UploadId=up["UploadId"])
+    assert [(p["PartNumber"], p["Size"]) for p in parts["Parts"]] == [
+        (1, split),
+        (2, len(v1) - split),
+    ]
+    done = client.complete_multipart_upload(
+        Bucket=dgbucket,
+        Key="rel/app-v2.zip",
+        UploadId=up["UploadId"],
+        MultipartUpload={
+            "Parts": [
+                {"PartNumber": 1, "ETag": p1["ETag"]},
+                {"PartNumber": 2, "ETag": p2["CopyPartResult"]["ETag"]},
+            ]
+        },
+    )
+    assert done["Key"] == "rel/app-v2.zip" and done["DeltaGliderInfo"]["IsDelta"] is True
+    assert done["ETag"] == '"%s"' % hashlib.md5(v2).hexdigest()
+    keys = stored_keys(client, dgbucket)
+    assert "rel/app-v2.zip.delta" in keys and not any("multipart" in k for k in keys), keys
+    got = client.get_object(Bucket=dgbucket, Key="rel/app-v2.zip")
+    assert got["Body"].read() == v2
+    assert got["ContentType"] == "application/zip" and got["Metadata"] == {"b": "2"}
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=dgbucket)
+    with pytest.raises(dg.ClientError) as info:
+        client.list_parts(Bucket=dgbucket, Key="rel/app-v2.zip", UploadId="not-ours")
+    assert info.value.response["Error"]["Code"] == "NoSuchUpload"
+
+
+def test_unsupported_boto3_methods_say_so(tmp_path: Any) -> None:
+    c = dg.create_client("file://" + str(tmp_path / "s"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(AttributeError) as info:
+        c.put_bucket_versioning(Bucket="b", VersioningConfiguration={"Status": "Enabled"})
+    text = str(info.value)
+    assert "does not support 'put_bucket_versioning'" in text and "Use boto3" in text
+    assert "create_multipart_upload" in text and "get_object_tagging" in text
+    assert not hasattr(c, "select_object_content") and hasattr(c, "put_object_acl")
+
+
+@needs_xdelta3
+def test_original_sdk_extension_methods_script(backend: Backend, tmp_path: Any) -> None:
+    """A script written against deltaglider 6.2.0's SDK (its signatures, positional
+    parameters, return types), every step as 6.2.0's documentation intends."""
+    monkey_env = {"PATH": os.environ.get("PATH", "")}
+    # create_client(endpoint_url, log_level, key, secret, token, region, **kwargs)
+    client = dg.create_client(
+        backend.endpoint,
+        "WARNING",
+        backend.access_key,
+        backend.secret_key,
+        None,
+        "us-east-1",
+        max_ratio=0.5,
+        tool_version="deltaglider/6.2.0-script",
+        cache_dir=str(tmp_path / "cache"),
+        environ=monkey_env,
+    )
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    client.create_bucket(Bucket=bucket)
+    work = tmp_path / "work"
+    work.mkdir()
+    files = []
+    for v in range(1, 4):
+        path = work / ("app-v1.%d.zip" % v)
+        path.write_bytes(parity_zip(v))
+        files.append(path)
+    try:
+        # 1. upload(file, prefix, tags=...): a first file is the reference, not a delta
+        tags = {"team": "ci"}
+        if backend.name == "swift":  # Swift's s3api has no object tagging: its own error
+            with pytest.raises(dg.ClientError, match="NotImplemented"):
+                client.upload(files[0], "s3://%s/releases/" % bucket, tags=tags)
+            tags = {}
+        first = client.upload(files[0], "s3://%s/releases/" % bucket, tags=tags)
+        assert isinstance(first, dg.UploadSummary)
+        assert (first.operation, first.is_delta, first.delta_ratio) == (
+            "create_reference",
+            False,
+            0.0,
+        )
+        assert first.original_size == len(parity_zip(1)) and first.savings_percent == 0.0
+        assert first.key == "releases/app-v1.1.zip"
+        # 2. upload_chunked with (chunk, total_chunks, bytes, total_bytes) callbacks
+        calls: list[tuple[int, int, int, int]] = []
+        second = client.upload_chunked(
+            str(files[1]),
+            "s3://%s/releases/" % bucket,
+            chunk_size=32 * 1024,
+            progress_callback=lambda *a: calls.append(a),
+        )
+        size = files[1].stat().st_size
+        assert second.is_delta and second.operation == "create_delta"
+        assert 0 < second.delta_ratio < 0.5 and second.savings_percent > 50
+        assert calls[-1] == (-(-size // 32768), -(-size // 32768), size, size)
+        assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+        # 3. upload_batch: every file directly under the prefix (6.2.0 nested each one)
+        seen: list[tuple[str, int, int]] = []
+        batch = client.upload_batch(
+            files, "s3://%s/batch" % bucket, progress_callback=lambda *a: seen.append(a)
+        )
+        assert [s.key for s in batch] == ["batch/" + f.name for f in files]
+        assert [s.is_delta for s in batch][1:] == [True, True]
+        assert seen == [(f.name, i + 1, 3) for i, f in enumerate(files)]
+        # 4. download_batch returns Paths with the original bytes
+        got = client.download_batch(
+            ["s3://%s/batch/%s" % (bucket, f.name) for f in files], tmp_path / "out"
+        )
+        assert all(isinstance(p, pathlib.Path) for p in got)
+        assert [p.read_bytes() for p in got] == [f.read_bytes() for f in files]
+        # 5. find_similar_files / estimate_compression
+        similar = client.find_similar_files(bucket, "batch/", "app-v1.zip")
+        assert {s["Key"] for s in similar} == {"batch/" + f.name for f in files}
+        assert all(s["Similarity"] == 1.0 for s in similar)
+        estimate = client.estimate_compression(files[2], bucket, "batch/")
+        assert isinstance(estimate, dg.CompressionEstimate)
+        assert estimate.should_use_delta and estimate.recommended_reference in {
+            s["Key"] for s in similar
+        }
+        fresh = client.estimate_compression(files[2], bucket, "nothing-here/")
+        assert (fresh.estimated_ratio, fresh.should_use_delta) == (0.0, True)
+        # 6. get_object_info of a logical name
+        info = client.get_object_info("s3://%s/batch/%s" % (bucket, files[1].name))
+        assert isinstance(info, dg.ObjectInfo) and info.is_delta
+        assert info.original_size == files[1].stat().st_size > info.compressed_size
+        assert info.reference_key and info.reference_key.endswith("reference.bin")
+        # 7. get_bucket_stats -> BucketStats with attributes
+        stats = client.get_bucket_stats(bucket, "detailed", False)
+        assert isinstance(stats, dg.BucketStats)
+        assert (stats.object_count, stats.delta_objects, stats.direct_objects) == (5, 5, 0)
+        assert stats.space_saved > 0 and stats.object_limit_reached is False
+        # 8. verify: truthy when intact, falsy when not, details kept
+        url = "s3://%s/batch/%s" % (bucket, files[1].name)
+        ok = client.verify(url)
+        assert ok and ok == True and ok.valid and ok["kind"] == "delta"  # noqa: E712
+        ref = client.storage.get_object(bucket, info.reference_key)
+        ref_bytes, ref_meta = ref["Body"].read(), ref["Metadata"]
+        client.storage.put_object(bucket, info.reference_key, b"not the reference")
+        client.clear_cache()  # 9. the next read fetches the (now corrupt) reference
+        bad = client.verify(url)
+        assert not bad and bad == False and "SHA-256" in bad.message  # noqa: E712
+        client.storage.put_object(bucket, info.reference_key, ref_bytes, metadata=ref_meta)
+        client.clear_cache()
+        # 10. rehydrate_for_download and the presigned URL that serves it
+        key = client.rehydrate_for_download(bucket, "releases/" + files[1].name, 600)
+        assert key is not None and key.startswith(".deltaglider/tmp/")
+        assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == files[1].read_bytes()
+        client.put_object(Bucket=bucket, Key="notes.txt", Body=b"plain")
+        assert client.rehydrate_for_download(bucket, "notes.txt") is None  # nothing to rebuild
+        if backend.name != "local":
+            link = client.generate_presigned_url_with_rehydration(
+                bucket, "releases/" + files[1].name, 600
+            )
+            with urllib.request.urlopen(link, timeout=30) as r:
+                assert r.read() == files[1].read_bytes()
+                assert 'filename="%s"' % files[1].name in r.headers["Content-Disposition"]
+        # 11. delete_objects_recursive: counts, and nothing left under the prefix
+        gone = client.delete_objects_recursive(Bucket=bucket, Prefix="releases/")
+        assert gone["DeltaGliderInfo"]["DeltasDeleted"] == 2
+        assert gone["FailedCount"] == 0
+        assert stored_keys(client, bucket, "releases/") == []
+    finally:
+        if not client.storage.is_local:
+            _s3_empty_and_delete(client.storage, bucket)
+        client.close()
 
 
 ###############################################################################
@@ -11465,6 +13111,9 @@ def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
             "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
             "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
             "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+            "CopyObject": lambda: client.copy_object(
+                Bucket=bucket, Key="d/c.zip", CopySource={"Bucket": bucket, "Key": "d/a.zip"}
+            ),
         }
         for operation, call in calls.items():
             with pytest.raises(dg.ClientError) as info:
