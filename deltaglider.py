@@ -489,12 +489,15 @@ _HEAD_403_HINT = (
 )
 
 
-def _as_operation(e: ClientError, operation: str) -> ClientError:
+def _as_operation(e: ClientError, operation: str, keep_multipart: bool = True) -> ClientError:
     """``e``, raised by one of the requests a user's operation makes (the HEAD before a
     GET, the reference's HEAD during a PUT), as an error of that operation: botocore names
     the operation the caller called. A HEAD's bare 403 gets the hint its missing body
-    would have carried. Multipart steps keep their names, as aws-cli reports them."""
-    if e.operation_name == operation or e.operation_name in _MULTIPART_OPERATIONS:
+    would have carried. Multipart steps keep their names, as aws-cli reports them, unless
+    ``keep_multipart`` is false (a CopyObject is one call, whatever it takes here)."""
+    if e.operation_name == operation or (
+        keep_multipart and e.operation_name in _MULTIPART_OPERATIONS
+    ):
         return e
     response = dict(e.response)
     error = dict(response.get("Error") or {})
@@ -612,11 +615,57 @@ def _parse_timestamp(value: str) -> datetime.datetime:
     else:
         try:
             dt = email.utils.parsedate_to_datetime(text)
-        except (TypeError, IndexError) as e:  # Python < 3.10 raises these on bad input
+        except (TypeError, IndexError, OverflowError) as e:  # < 3.10 raises these on bad input
             raise ValueError("not a date: %r" % value) from e
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.astimezone(datetime.timezone.utc)
+    try:
+        return dt.astimezone(datetime.timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-02:00 is past datetime's last day in UTC
+        raise ValueError("date out of range: %r" % value) from None
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(kind: str, message: str, *args: Any) -> None:
+    """A warning about one kind of bad input, once per process: a listing of 10,000 keys
+    with broken dates is one warning, not 10,000."""
+    with _WARNED_LOCK:
+        if kind in _WARNED:
+            return
+        _WARNED.add(kind)
+    logger.warning(message + " (said once; any others are ignored as well)", *args)
+
+
+def _date_or_absent(value: str | None, what: str, warn: bool = True) -> datetime.datetime | None:
+    """A date a server or another writer gave, or None when it is missing, unreadable or
+    out of range (a year past 9999, an offset that leaves datetime's range): such a date is
+    treated as absent, never a traceback."""
+    if not value:
+        return None
+    try:
+        return _parse_timestamp(value)
+    except ValueError:
+        if warn:
+            _warn_once(what, "ignoring an unreadable or out-of-range %s: %r", what, value[:64])
+        return None
+
+
+def _mtime_or_absent(value: str | None) -> float | None:
+    """A ``dg-mtime`` (seconds since the epoch, as written at upload), or None when it is
+    missing, not a number, or not a time a file can have (nan, inf, 1e30)."""
+    if not value:
+        return None
+    try:
+        stamp = float(value)
+        datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)  # finite, in range
+    except (ValueError, OverflowError, OSError):
+        _warn_once("dg-mtime", "ignoring an unreadable or out-of-range dg-mtime: %r", value[:64])
+        return None
+    return stamp
 
 
 def _timestamp_param(value: Any) -> datetime.datetime | None:
@@ -1026,9 +1075,15 @@ def _parse_number(
     return value
 
 
+#: The examples a size setting's message gives: only those its minimum allows are shown.
+_SIZE_EXAMPLES = (("1048576", 1 << 20), ("512M", 512 << 20), ("4G", 4 << 30))
+
+
 def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
     """Bytes: ``1048576``, ``512M``, ``4G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
-    accepted = "a size in bytes such as 1048576, 512M or 4G"
+    examples = [text for text, size in _SIZE_EXAMPLES if size >= minimum] or ["%d" % minimum]
+    accepted = "a size in bytes such as " + ", ".join(examples[:-1])
+    accepted += " or " + examples[-1] if len(examples) > 1 else examples[-1]
     if minimum:
         accepted += " (at least %d)" % minimum
     match = _SIZE_RE.match(text)
@@ -1614,19 +1669,32 @@ class _CredentialProvider:
             return self._credentials
 
 
-def _parse_expiry(value: object, provider: str) -> datetime.datetime:
+def _parse_expiry(value: object, provider: str) -> datetime.datetime | None:
+    """An Expiration as an aware UTC datetime. One past datetime's range (year 10000, or
+    9999-12-31 with a negative offset) is treated as absent: the credentials are used as
+    never expiring, with a warning. Anything else that is not a date is an error."""
     text = value.strip() if isinstance(value, str) else ""
     if text[-1:] in ("Z", "z"):  # fromisoformat accepts 'Z' only from Python 3.11
         text = text[:-1] + "+00:00"
     try:
         expiry = datetime.datetime.fromisoformat(text)
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=datetime.timezone.utc)
+        return expiry.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        pass
     except ValueError:
-        raise CredentialRetrievalError(
-            provider=provider, error_msg=f"invalid Expiration {value!r}"
-        ) from None
-    if expiry.tzinfo is None:
-        expiry = expiry.replace(tzinfo=datetime.timezone.utc)
-    return expiry.astimezone(datetime.timezone.utc)
+        if not re.match(r"^[+-]?\d{5,}-\d\d-\d\d", text):
+            raise CredentialRetrievalError(
+                provider=provider, error_msg=f"invalid Expiration {value!r}"
+            ) from None
+    _warn_once(
+        "Expiration",
+        "ignoring the out-of-range Expiration %r of %s credentials",
+        text[:40],
+        provider,
+    )
+    return None
 
 
 def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Credentials:
@@ -2716,10 +2784,11 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
         if kind == "int":
             out[key] = int(value)
         elif kind == "date":
-            try:
-                out[key] = _parse_timestamp(value)
-            except ValueError:
-                out[key] = value
+            # An Expires that is not a date ("0", "-1") is common and harmless: boto3 leaves
+            # it out and gives ExpiresString; no warning for it.
+            when = _date_or_absent(value, key, warn=header != "expires")
+            if when is not None:
+                out[key] = when
         elif kind == "bool":
             out[key] = value.lower() == "true"
         else:
@@ -2767,9 +2836,7 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     for c in root.findall("Contents"):
         item: dict[str, Any] = {
             "Key": dec(_xml_text(c, "Key", "")),
-            "LastModified": _parse_timestamp(
-                _xml_text(c, "LastModified", "") or "1970-01-01T00:00:00Z"
-            ),
+            "LastModified": _date_or_absent(_xml_text(c, "LastModified"), "LastModified") or _EPOCH,
             "ETag": _xml_text(c, "ETag", ""),
             "Size": int(_xml_text(c, "Size", "0") or 0),
             "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
@@ -2806,12 +2873,13 @@ def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
     operation: str,
+    token: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
     next. The one paging loop of this file, so every listing stops on a broken server: a
     truncated page without a next token, or a token already used (botocore raises "The same
-    next token was received twice"; we also catch longer cycles), is a PaginationError."""
-    token: str | None = None
+    next token was received twice"; we also catch longer cycles), is a PaginationError.
+    ``token``: where to start (a caller's ContinuationToken)."""
     used: set[str] = set()
     while True:
         page = fetch(token)
@@ -3211,7 +3279,7 @@ class _S3Storage:
             buckets.append(
                 {
                     "Name": _xml_text(b, "Name", ""),
-                    "CreationDate": _parse_timestamp(created) if created else None,
+                    "CreationDate": _date_or_absent(created, "CreationDate"),
                 }
             )
         owner = root.find("Owner")
@@ -3481,9 +3549,8 @@ class _S3Storage:
             raise _client_error(err, "CopyObject")
         result = {
             "ETag": _xml_text(root, "ETag", ""),
-            "LastModified": _parse_timestamp(
-                _xml_text(root, "LastModified", "") or "1970-01-01T00:00:00Z"
-            ),
+            "LastModified": _date_or_absent(_xml_text(root, "LastModified"), "LastModified")
+            or _EPOCH,
         }
         return {"CopyObjectResult": result, "ResponseMetadata": _response_metadata(resp)}
 
@@ -3712,9 +3779,7 @@ class _S3Storage:
             {
                 "Key": _xml_text(u, "Key", ""),
                 "UploadId": _xml_text(u, "UploadId", ""),
-                "Initiated": _parse_timestamp(
-                    _xml_text(u, "Initiated", "") or "1970-01-01T00:00:00Z"
-                ),
+                "Initiated": _date_or_absent(_xml_text(u, "Initiated"), "Initiated") or _EPOCH,
             }
             for u in root.findall("Upload")
         ]
@@ -5202,7 +5267,8 @@ def _get_into(
     """Download an object into ``write`` in order, as aws s3 does: a first ranged GET
     tells the size; an object over ``threshold`` comes in ``part_size`` ranges,
     ``workers`` at a time (each pinned to the first reply's ETag with If-Match), at
-    most ``workers`` parts held ahead of the writer (``hold`` reserves that memory).
+    most ``workers`` parts held ahead of the writer (``hold`` reserves that memory:
+    about 150 MB at 8 x 8 MiB).
     Returns the bytes written; the caller checks their SHA-256."""
     try:
         first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
@@ -5241,7 +5307,8 @@ def _get_into(
         workers = 1
     with contextlib.ExitStack() as stack:
         if hold is not None and workers > 1:
-            stack.enter_context(hold((workers + 1) * part_size))
+            # Measured: about twice the parts in flight (a part's bytes and its read buffer).
+            stack.enter_context(hold(2 * (workers + 1) * part_size))
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max(1, workers)))
         pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
         try:
@@ -5287,7 +5354,12 @@ def _put_path(
     its last byte withheld on a mismatch (the server refuses other bytes, or never gets
     a whole body); multipart parts are hashed first, in one pass that must give
     ``sha256``, and each is then held to its own hash the same way. A file changed (or
-    swapped) since it was hashed is never stored."""
+    swapped) since it was hashed is never stored.
+
+    Every metadata value is sent percent-encoded where it is not ASCII (FORMAT.md): a
+    file name, a folder in dg-ref-key, a caller's value."""
+    if metadata:
+        metadata = {name: _meta_encode(str(value)) for name, value in metadata.items()}
     size = os.path.getsize(path)
     limit = threshold
     if if_none_match and size > threshold:
@@ -7132,6 +7204,8 @@ _REF_LIST_PAGES = 2
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7202,26 +7276,32 @@ def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
     for name in _META_ALIASES[field]:
         value = metadata.get(name)
         if value:
-            return value
+            return _meta_decode(value)
     return None
 
 
 def _meta_encode(value: str) -> str:
-    """A metadata value as US-ASCII: non-ASCII text is percent-encoded UTF-8 (FORMAT.md)."""
-    try:
-        value.encode("ascii")
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
         return value
-    except UnicodeEncodeError:
-        return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
     if "%" not in value:
         return value
     try:
-        return urllib.parse.unquote(value, errors="strict")
+        decoded = urllib.parse.unquote(value, errors="strict")
     except UnicodeDecodeError:
         return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
 
 
 class _Kind:
@@ -7254,6 +7334,33 @@ def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
 
 
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
 def _parent_space(space: str) -> str:
     """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
     top-level folder and the root → the root."""
@@ -7269,10 +7376,12 @@ def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
     that key would be too long for a metadata value."""
     parent = _parent_space(space)
     folder = space[len(parent) + 1 :] if parent else space
-    # US-ASCII, as the key travels in dg-ref-key (a non-ASCII name is percent-encoded here).
-    rel = _meta_encode(folder + "/" + name if space else name)
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
     key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(key.encode("utf-8")) <= _MAX_SHARED_REF_KEY else None
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
 
 
 def _is_shared_ref(key: str) -> bool:
@@ -8317,11 +8426,13 @@ class _DeltaEngine:
         operation: str = "HeadObject",
         headers: dict[str, str] | None = None,
     ) -> _Logical:
-        """Resolve a logical name to ``<key>`` or ``<key>.delta``. A miss raises what boto3
-        raises: a 404 ClientError for HeadObject, NoSuchKey for GetObject. ``headers``
-        (SSE-C keys, ExpectedBucketOwner...) go on every HEAD."""
+        """Resolve a logical name to its stored form (_stored_forms: ``<key>``, else
+        ``<key>.delta``; the plain object wins when another tool wrote both, as in every
+        reader). A miss raises what boto3 raises: a 404 ClientError for HeadObject,
+        NoSuchKey for GetObject. ``headers`` (SSE-C keys, ExpectedBucketOwner...) go on
+        every HEAD."""
         _validate_key(key)
-        for stored in (key, key + _DELTA_SUFFIX):
+        for stored in _stored_forms(key):
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
@@ -8333,8 +8444,8 @@ class _DeltaEngine:
                 continue
             metadata = head.get("Metadata", {})
             kind = _classify(stored, metadata)
-            if stored == key and kind == _Kind.REFERENCE:
-                break  # reference.bin is never a user-visible object
+            if kind == _Kind.REFERENCE:
+                continue  # a reference is never a user-visible object
             return _Logical(bucket, key, stored, kind, head, metadata)
         if operation == "HeadObject":
             resp = {
@@ -8677,14 +8788,34 @@ class _DeltaEngine:
 
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
-        if size > 0 and self.eligible(key, path, delta):
+        # A key ending in .delta is stored in delta form whatever its content, size or
+        # --no-delta: its plain name is another key's delta (_logical_key).
+        required = _delta_only(key)
+        if required:
+            self._refuse_shadowed(bucket, key)
+        if required or (size > 0 and self.eligible(key, path, delta)):
             with self.cache.hold():  # the reference (and its expanded form) stay while used
                 summary = self._put_delta(
-                    path, bucket, key, name, file_info, metadata_of, headers, ratio_limit
+                    path,
+                    bucket,
+                    key,
+                    name,
+                    file_info,
+                    metadata_of,
+                    headers,
+                    ratio_limit,
+                    required,
+                    on_bytes,
                 )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
-                return summary
+                if required:
+                    self._unshadow(bucket, key)
+                    return summary
+                if not self._exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+                    return summary
+                # The user's key.delta exists: this key is kept plain (see _unshadow).
+            assert not required
         info = file_info()
         meta = metadata_of(info)
         direct_meta = dict(meta)
@@ -8704,6 +8835,77 @@ class _DeltaEngine:
         )
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
+
+    def _exists(self, bucket: str, stored: str) -> bool:
+        try:
+            self.storage.head_object(bucket, stored)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def _refuse_shadowed(self, bucket: str, key: str) -> None:
+        """``x.delta.delta`` cannot be stored beside ``x.delta``: its own name is how
+        ``x.delta`` is stored, and ``x.delta`` cannot be kept plain (_unshadow)."""
+        base = key[: -len(_DELTA_SUFFIX)]
+        if _delta_only(base) and self._exists(bucket, key):
+            raise ParamValidationError(
+                report="Invalid key %r: that name is how %r is stored, and readers of the "
+                "original layout would return one for the other; choose another name" % (key, base)
+            )
+
+    def _unshadow(self, bucket: str, key: str) -> None:
+        """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
+        ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
+        ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
+        check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
+        removed (uploads of ``x`` check the same, from their side, after storing)."""
+        if not self._exists(bucket, key):
+            return
+        base = key[: -len(_DELTA_SUFFIX)]
+        if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
+            logger.warning(
+                "s3://%s/%s and s3://%s/%s were stored at the same time; older readers "
+                "asked for the first get the second",
+                bucket,
+                key,
+                bucket,
+                base,
+            )
+            return
+        lg = self.head(bucket, base)
+        if lg.stored_key == base:  # already plain: the delta is a stale second form
+            self._remove_other(bucket, base, keep=base)
+            return
+        logger.info("s3://%s/%s is stored whole from now on, beside %s", bucket, base, key)
+        headers = {"Content-Type": lg.content_type}
+        for param, header in _PUT_HEADER_PARAMS:
+            if param in lg.head and param not in ("ContentType", "ServerSideEncryption"):
+                value = lg.head[param]
+                headers[header] = (
+                    _http_date(value) if isinstance(value, datetime.datetime) else str(value)
+                )
+        try:
+            mtime: float | None = float(lg.metadata.get("dg-mtime") or "")
+        except ValueError:
+            mtime = None
+        fd, tmp = _private_tempfile(self._tmp_dir(), ".plain")
+        os.close(fd)
+        try:
+            self.get_to_file(bucket, base, tmp, logical=lg)
+            self.put_file(
+                tmp,
+                bucket,
+                base,
+                metadata=_user_metadata(lg.metadata),
+                headers=headers,
+                delta=False,
+                mtime=mtime,
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _summary(
         self,
@@ -8790,11 +8992,18 @@ class _DeltaEngine:
         return max(0.0, _REFERENCE_SETTLE - age)
 
     def _ensure_reference(
-        self, path: str, bucket: str, ref_key: str, name: str, file_info: Callable[[], _FileInfo]
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        file_info: Callable[[], _FileInfo],
+        on_bytes: Callable[[int], None] | None = None,
     ) -> tuple[str, str, bool]:
         """(reference sha256, local path, created by us) for a deltaspace. A cached
         reference is trusted by its stamp here; the caller checks it with
         ``cache.check`` before storing anything made from it."""
+        vanished = False
         for _ in range(5):
             sha = self._current_reference(bucket, ref_key, settle=True)
             if sha is None:
@@ -8813,25 +9022,44 @@ class _DeltaEngine:
                     if self._current_reference(bucket, ref_key) != sha:
                         continue
                     raise
+                except ClientError as e:
+                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                        raise
+                    # Deleted between our HEAD and GET: the folder's last file was
+                    # removed meanwhile, and its reference with it. Look once more (this
+                    # file then becomes the new reference).
+                    if vanished:
+                        raise DeltaGliderError(
+                            "s3://%s/%s was deleted twice while this upload was reading it "
+                            "(is something removing this folder's files at the same "
+                            "time?); nothing was stored" % (bucket, ref_key)
+                        ) from None
+                    vanished = True
+                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
+                    continue
             info = file_info()
             conditional = self.storage.supports_conditional_writes(bucket)
             meta = self._reference_metadata(name, info)
+            # From the moment the PUT starts (an interrupted PUT may still complete on
+            # the server) until the caller stores the first delta, any failure or Ctrl-C
+            # removes the reference again: none is left without its first delta.
             try:
-                _put_path(
-                    self.storage,
-                    bucket,
-                    ref_key,
-                    path,
-                    metadata=meta,
-                    sha256=info.sha256,
-                    if_none_match=conditional,
-                )
-            except ClientError as e:
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status in (409, 412):  # another writer created it first: use theirs
-                    continue
-                raise
-            try:
+                try:
+                    _put_path(
+                        self.storage,
+                        bucket,
+                        ref_key,
+                        path,
+                        metadata=meta,
+                        sha256=info.sha256,
+                        if_none_match=conditional,
+                        on_bytes=on_bytes,
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (409, 412):  # another writer created it first: use theirs
+                        continue
+                    raise
                 # Verify after write, once the reference has settled: on a server that
                 # ignores If-None-Match, or (Swift) checks it without a lock, racing
                 # creators all "win" and the last PUT stays; the others use that one.
@@ -8839,7 +9067,7 @@ class _DeltaEngine:
                 if sha != info.sha256:
                     continue
                 return info.sha256, self.cache.add_file(info.sha256, path), True
-            except BaseException:  # e.g. Ctrl-C: no reference without its first delta
+            except BaseException:
                 self._discard_reference(bucket, ref_key, info.sha256)
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
@@ -8926,7 +9154,13 @@ class _DeltaEngine:
         return None if best is None else best[1:]
 
     def _new_shared_reference(
-        self, path: str, bucket: str, ref_key: str, name: str, info: _FileInfo
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        info: _FileInfo,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> str:
         """Store a file as a shared reference; returns its cached copy. The key holds the
         SHA-256, so racing writers of the same file write the same bytes."""
@@ -8937,6 +9171,7 @@ class _DeltaEngine:
             path,
             metadata=self._reference_metadata(name, info),
             sha256=info.sha256,
+            on_bytes=on_bytes,
         )
         return self.cache.add_file(info.sha256, path)
 
@@ -8950,7 +9185,11 @@ class _DeltaEngine:
         metadata_of: Callable[[_FileInfo], dict[str, str]],
         headers: dict[str, str],
         max_ratio: float,
+        required: bool = False,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, Any] | None:
+        """Store ``key`` as a delta; None when it is better stored whole (a delta above
+        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only)."""
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
@@ -8961,47 +9200,52 @@ class _DeltaEngine:
         )
         size = os.path.getsize(path)
         for _ in range(5):
-            series = False
-            if not shared:
-                with self._space_lock(bucket, space):
-                    ref_sha, ref_path, created = self._ensure_reference(
-                        path, bucket, ref_key, name, file_info
-                    )
-            else:
-                # One choice at a time per parent folder in this process: parallel first
-                # uploads (a recursive upload of a new release tree) then share a reference.
-                with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
-                    pick = self._pick_reference(bucket, space, name, size)
-                    if pick is None:
-                        info = file_info()
-                        ref_key = _shared_ref_key(space, name, info.sha256) or ""
-                        ref_sha, created = info.sha256, True
-                        ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
-                if pick is not None:
-                    ref_key, ref_sha, series = pick
-                    created = False
-                    try:
-                        ref_path = self.reference_path(bucket, ref_key, ref_sha)
-                    except IntegrityError:
-                        if self._current_reference(bucket, ref_key) != ref_sha:
-                            continue  # replaced or deleted since the listing: choose again
-                        raise
-                    except ClientError as e:
-                        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                            continue  # deleted since the listing
-                        raise
-            if _is_compressed_stream(ref_path):
-                return None  # a compressed reference (another writer's): see _COMPRESSED_MAGIC
-            # Uploads hash a cached reference once per process, beside the encoding: a
-            # delta made against silently corrupted bytes would be unreadable.
-            ref_check = None if created else _Background(self.cache.check, ref_sha)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             extra: dict[str, str] | None = None
+            created, ref_sha, series = False, "", False
             try:
-                if created:
+                if not shared:
+                    with self._space_lock(bucket, space):
+                        ref_sha, ref_path, created = self._ensure_reference(
+                            path, bucket, ref_key, name, file_info, on_bytes
+                        )
+                else:
+                    # One choice at a time per parent folder in this process: parallel
+                    # first uploads (a recursive upload of a new release tree) then share
+                    # a reference.
+                    with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
+                        pick = self._pick_reference(bucket, space, name, size)
+                        if pick is None:
+                            info = file_info()
+                            ref_key = _shared_ref_key(space, name, info.sha256) or ""
+                            ref_sha, created = info.sha256, True  # discarded if interrupted
+                            ref_path = self._new_shared_reference(
+                                path, bucket, ref_key, name, info, on_bytes
+                            )
+                    if pick is not None:
+                        ref_key, ref_sha, series = pick
+                        created = False
+                        try:
+                            ref_path = self.reference_path(bucket, ref_key, ref_sha)
+                        except IntegrityError:
+                            if self._current_reference(bucket, ref_key) != ref_sha:
+                                continue  # replaced or deleted since the listing: again
+                            raise
+                        except ClientError as e:
+                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                                continue  # deleted since the listing
+                            raise
+                if not created and not required and _is_compressed_stream(ref_path):
+                    return None  # a compressed reference (another writer's): _COMPRESSED_MAGIC
+                # Uploads hash a cached reference once per process, beside the encoding: a
+                # delta made against silently corrupted bytes would be unreadable.
+                ref_check = None if created else _Background(self.cache.check, ref_sha)
+                if created and file_info().size:
                     # The file is the reference: write the zero-diff delta, not xdelta3's
-                    # search of the whole file for the same bytes.
+                    # search of the whole file for the same bytes. (An empty file, stored
+                    # as a delta only under a .delta key, takes xdelta3's: VCDIFF without a
+                    # window is refused by xdelta3.)
                     info = file_info()
                     with open(delta_tmp, "wb") as f:
                         f.write(_zero_diff_delta(info.size))
@@ -9040,7 +9284,7 @@ class _DeltaEngine:
                         f.write(_zero_diff_delta(info.size))
                     decoded = (info.sha256, info.size)
                     delta_size = os.path.getsize(delta_tmp)
-                if not created and delta_size > max_ratio * info.size:
+                if not created and not required and delta_size > max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
                         key,
@@ -9180,27 +9424,30 @@ class _DeltaEngine:
     def _remove_other(
         self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
     ) -> None:
-        """After storing ``keep``, remove the other representation of the same logical
-        name (a direct object replaced by a delta or the reverse). ``existing``: the
-        stored keys a listing just showed, when the caller has one (saves a HEAD each)."""
-        other = key if keep != key else key + _DELTA_SUFFIX
-        if existing is not None and other not in existing:
-            return
-        try:
-            self.storage.head_object(bucket, other)
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return
-            raise
-        self.storage.delete_object(bucket, other)
-        if other.endswith(_DELTA_SUFFIX):
-            self.drop_unused_near(bucket, [_deltaspace(key)])
+        """After storing ``keep``, remove the other stored form of the same logical name
+        (a direct object replaced by a delta or the reverse; never another key's: see
+        _stored_forms). ``existing``: the stored keys a listing just showed, when the
+        caller has one (saves a HEAD each)."""
+        for other in _stored_forms(key):
+            if other == keep or (existing is not None and other not in existing):
+                continue
+            try:
+                self.storage.head_object(bucket, other)
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                    continue
+                raise
+            self.storage.delete_object(bucket, other)
+            if other.endswith(_DELTA_SUFFIX):
+                self.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
     @_reports_as("DeleteObject")
     def delete(self, bucket: str, key: str) -> dict[str, Any]:
-        """Delete a logical name; the last delta of a deltaspace takes its reference."""
+        """Delete a logical name: every stored form of it (another tool may have put a
+        plain object beside our delta); the last delta of a deltaspace takes its
+        reference."""
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
@@ -9208,18 +9455,29 @@ class _DeltaEngine:
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
-            if key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-                # Never a user's object: asking for it must not take a reference deltas need.
-                self.storage.list_objects_v2(bucket, prefix=key, max_keys=1)
-            else:
-                self.storage.delete_object(bucket, key)
+            self.storage.delete_object(bucket, _stored_forms(key)[-1])
             return {"Deleted": False, "Type": "missing"}
-        self.storage.delete_object(bucket, lg.stored_key)
+        found = [lg]
+        for stored in _stored_forms(key):
+            if stored == lg.stored_key:
+                continue
+            try:
+                head = self.storage.head_object(bucket, stored)
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                continue
+            metadata = head.get("Metadata", {})
+            found.append(_Logical(bucket, key, stored, _classify(stored, metadata), head, metadata))
+        for each in found:
+            self.storage.delete_object(bucket, each.stored_key)
         info: dict[str, Any] = {"Deleted": True, "Type": lg.kind, "StoredKey": lg.stored_key}
-        if lg.kind == _Kind.DELTA:
-            ref = _resolve_ref_key(lg.stored_key, _meta_get(lg.metadata, "ref") or _REFERENCE_NAME)
-            info["ReferenceKey"] = ref
-            info["ReferenceDeleted"] = self._drop_reference(bucket, ref)
+        for each in found:
+            if each.kind == _Kind.DELTA:
+                ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
+                ref_key = _resolve_ref_key(each.stored_key, ref)
+                info["ReferenceKey"] = ref_key
+                info["ReferenceDeleted"] = self._drop_reference(bucket, ref_key)
         return info
 
     def _drop_reference(self, bucket: str, ref_key: str) -> bool:
@@ -10262,9 +10520,7 @@ class DeltaGliderClient:
             k = entry["Key"]
             cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
             if not cond:
-                if k.rsplit("/", 1)[-1] != _REFERENCE_NAME:
-                    stored.append(k)
-                stored.append(k + _DELTA_SUFFIX)
+                stored += _stored_forms(k)
                 continue
             try:
                 lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
@@ -10273,7 +10529,7 @@ class DeltaGliderClient:
                     raise
                 lg = None
             if lg is None:
-                stored.append(k)  # the server answers for what is not there
+                stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
                 conditions[k] = cond
                 continue
             logical = {
@@ -10305,13 +10561,10 @@ class DeltaGliderClient:
         ]
         failed = {e["Key"] for e in errors}
         out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if k not in failed and k + _DELTA_SUFFIX not in failed]
+        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
         if done and not spec.get("Quiet"):
             out["Deleted"] = done
-        logical_errors = [
-            dict(e, Key=e["Key"][: -len(_DELTA_SUFFIX)] if e["Key"] not in keys else e["Key"])
-            for e in errors
-        ]
+        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
         if logical_errors:
             out["Errors"] = logical_errors
         out["ResponseMetadata"] = {
@@ -10335,7 +10588,7 @@ class DeltaGliderClient:
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
-            raise _client_error(e.response, "CopyObject") from None
+            raise _as_operation(e, "CopyObject", keep_multipart=False) from None
 
     def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         src = kwargs["CopySource"]
@@ -10404,18 +10657,32 @@ class DeltaGliderClient:
     # -- listing ------------------------------------------------------------------
 
     def _logical_page(
-        self, bucket: str, page: dict[str, Any], after: str | None, fetch: bool
+        self,
+        bucket: str,
+        page: dict[str, Any],
+        after: str | None,
+        fetch: bool,
+        continued: bool = False,
     ) -> list[dict[str, Any]]:
-        """Hide references, show logical names; with ``fetch`` add the logical size and
+        """Hide references, show logical names (_logical_key), each once: where another
+        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
         the compression details (HEADs run in parallel)."""
+        objects = page.get("Contents", [])
+        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+        first = objects[0]["Key"] if objects else ""
         contents = []
-        for obj in page.get("Contents", []):
+        for obj in objects:
             stored = obj["Key"]
-            if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+            logical = _logical_key(stored)
+            if logical is None or (after is not None and logical <= after):
                 continue
-            logical = stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-            if after is not None and logical <= after:
-                continue
+            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+                if logical in plain:
+                    continue
+                if continued and logical < first and self._engine._exists(bucket, logical):
+                    continue  # listed on an earlier page
             item = dict(obj)
             item["Key"] = logical
             if fetch:
@@ -10479,11 +10746,11 @@ class DeltaGliderClient:
         storage = self._engine.storage
         contents: list[dict[str, Any]] = []
         prefixes: list[dict[str, Any]] = []
-        seen: set[str | None] = set()
         target = min(max_keys, 1000)  # S3 never returns more per page, whatever is asked
-        while True:
+
+        def fetch_page(token: str | None) -> dict[str, Any]:
             want = max(0, target - len(contents) - len(prefixes))
-            page = storage.list_objects_v2(
+            page: dict[str, Any] = storage.list_objects_v2(
                 bucket,
                 prefix=kwargs.get("Prefix") or "",
                 delimiter=kwargs.get("Delimiter") or "",
@@ -10493,19 +10760,21 @@ class DeltaGliderClient:
                 fetch_owner=bool(kwargs.get("FetchOwner")),
                 decode=kwargs.get("EncodingType") != "url",
             )
-            contents += self._logical_page(bucket, page, after, fetch)
+            return page
+
+        # _pages stops a server that repeats a token or truncates without one
+        pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
+        for n, page in enumerate(pages):
+            continued = n > 0 or token is not None
+            contents += self._logical_page(bucket, page, after, fetch, continued)
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
             last = max(stored) if stored else None
             truncated = bool(page.get("IsTruncated"))
             next_token = page.get("NextContinuationToken")
-            if not truncated or len(contents) + len(prefixes) >= target:
+            if len(contents) + len(prefixes) >= target:
                 break
-            if next_token is None or next_token in seen:  # no progress: stop, not loop
-                break
-            seen.add(next_token)
-            token = next_token
         return {
             "page": page,
             "contents": contents,
@@ -11167,22 +11436,60 @@ class DeltaGliderClient:
         return storage.presign_url(HttpMethod or method, bucket, key, query, int(ExpiresIn))  # type: ignore[no-any-return]
 
     def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """Store a rebuilt copy of a delta-stored object for a presigned URL to serve."""
+        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+        "Presigned URLs of delta-stored files"). One copy per key, content and content
+        type, named after them: a later URL reuses it, and a copy that would expire
+        before the new URL is given the later expiry by a server-side copy onto itself
+        (re-sent only where the server refuses that)."""
         name = lg.key.rsplit("/", 1)[-1]
-        tmp_key = ".deltaglider/tmp/%s_%s" % (uuid.uuid4().hex, name)
+        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+        tmp_key = "%s%s_%s" % (
+            _PRESIGN_PREFIX,
+            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+            name,
+        )
         engine = self._engine
+        storage = engine.storage
+        until = self._now() + datetime.timedelta(seconds=expires)
+        meta = {
+            "dg-expires-at": _iso_utc(until),
+            "dg-original-key": lg.key,
+            "dg-rehydrated": "true",
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-file-sha256": lg.sha256 or "",
+        }
+        headers = {"Content-Type": lg.content_type}
+        try:
+            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            head = None
+        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+            try:
+                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+            except ValueError:
+                lives = None
+            if lives is not None and lives >= until:
+                return tmp_key
+            try:
+                storage.copy_object(
+                    lg.bucket,
+                    tmp_key,
+                    lg.bucket,
+                    tmp_key,
+                    metadata={k: _meta_encode(v) for k, v in meta.items()},
+                    metadata_directive="REPLACE",
+                    headers=headers,
+                )
+                return tmp_key
+            except ClientError as e:
+                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
         fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
         os.close(fd)
         try:
             engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            meta = {
-                "dg-expires-at": _iso_utc(self._now() + datetime.timedelta(seconds=expires)),
-                "dg-original-key": _meta_encode(lg.key),
-                "dg-rehydrated": "true",
-                "dg-created-at": _iso_utc(self._now()),
-            }
-            headers = {"Content-Type": lg.content_type}
-            _put_path(engine.storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
         finally:
             if os.path.exists(path):
                 os.unlink(path)
@@ -11530,14 +11837,20 @@ class DeltaGliderClient:
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
         objects: list[dict[str, Any]] = []
+        copies: list[dict[str, Any]] = []  # rebuilt copies for presigned URLs
         for page in _list_pages(storage, bucket):
-            objects += [
-                o
-                for o in page.get("Contents", [])
-                if not _is_internal(o["Key"]) or _is_shared_ref(o["Key"])
-            ]
+            for o in page.get("Contents", []):
+                if o["Key"].startswith(_PRESIGN_PREFIX):
+                    copies.append(o)
+                elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
+                    objects.append(o)
         stored_total = sum(o["Size"] for o in objects)
-        validation = {"object_count": len(objects), "compressed_size": stored_total}
+        copies_size = sum(o["Size"] for o in copies)
+        validation = {
+            "object_count": len(objects),
+            "compressed_size": stored_total,
+            "presign_copies": [len(copies), copies_size],
+        }
         cache_key = ".deltaglider/stats_%s.json" % mode
         if use_cache and not refresh_cache:
             try:
@@ -11610,6 +11923,16 @@ class DeltaGliderClient:
                     for o in deltas
                     if _deltaspace(o["Key"]) in per_space
                 }
+        spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
+        # A folder's own reference.bin with no delta beside it (shared ones take HEADs
+        # to prove unused: `gc --dry-run` does that).
+        unused_refs = [
+            o
+            for o in objects
+            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+            and not _is_shared_ref(o["Key"])
+            and _deltaspace(o["Key"]) not in spaces_in_use
+        ]
         logical_total = sum(o["Size"] for o in direct)
         for o in deltas:
             space = _deltaspace(o["Key"])
@@ -11631,6 +11954,12 @@ class DeltaGliderClient:
             "reference_objects": len(references),
             "reference_size": sum(references.values()),
             "object_limit_reached": False,
+            # left by a crash or another tool; `rm --recursive` of the folder removes them
+            "unused_references": len(unused_refs),
+            "unused_reference_size": sum(o["Size"] for o in unused_refs),
+            # under .deltaglider/tmp/ until they expire and a purge removes them
+            "presign_copies": len(copies),
+            "presign_copies_size": copies_size,
             "estimated": mode != "detailed",
             "cached": False,
         }
@@ -12217,6 +12546,22 @@ _SIGV2_SUBRESOURCES = frozenset(
         "website",
     }
 )
+#: Query parameters that carry a presigned URL's signature (SigV4, and SigV2 as botocore
+#: presigns by default): they authenticate a request and never select what it does.
+_PRESIGN_PARAMS = frozenset(
+    {
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+        "X-Amz-Security-Token",
+        "AWSAccessKeyId",
+        "Signature",
+        "Expires",
+    }
+)
 #: Query parameters never written to the access log.
 _LOG_REDACTED = frozenset(
     {"X-Amz-Signature", "X-Amz-Security-Token", "X-Amz-Credential", "Signature"}
@@ -12250,6 +12595,7 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         "The list of parts was not in ascending order. The parts list must be specified in "
         "order by part number.",
     ),
+    "InvalidPolicyDocument": (400, "The content of the form does not meet the conditions."),
     "InvalidRequest": (400, "Invalid Request"),
     "MalformedXML": (
         400,
@@ -12430,6 +12776,11 @@ class _GatewayUsers:
                         raise InvalidConfigError(
                             error_msg="%s line %d: expected ACCESS_KEY_ID:SECRET_ACCESS_KEY"
                             % (path, n)
+                        )
+                    if key.strip() in users:
+                        raise InvalidConfigError(
+                            error_msg="%s line %d: access key %s is listed twice"
+                            % (path, n, _printable(key.strip()))
                         )
                     users[key.strip()] = secret.strip()
         else:
@@ -12628,16 +12979,22 @@ class _GatewayAuth:
             given = lower.get("x-amz-signature", "")
         else:
             raise _S3Reply("InvalidArgument", "POST uploads need x-amz-algorithm AWS4-HMAC-SHA256")
+        if not given:
+            raise _S3Reply(
+                "InvalidArgument", "Bucket POST must contain a field named 'x-amz-signature'"
+            )
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
         try:
             policy = json.loads(base64.b64decode(lower["policy"]))
             expiration = _parse_timestamp(str(policy["expiration"]))
-            conditions = list(policy.get("conditions", []))
+            conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
             raise _S3Reply(
-                "InvalidArgument", "Invalid Policy: the policy is not valid JSON"
+                "InvalidPolicyDocument", "Invalid Policy: no valid expiration or conditions"
             ) from None
+        if not isinstance(conditions, list) or not conditions:
+            raise _S3Reply("InvalidPolicyDocument", "Invalid Policy: Invalid 'conditions' value")
         if self._now() > expiration:
             raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
         values = dict(lower, bucket=bucket, key=key)
@@ -12653,13 +13010,22 @@ class _GatewayAuth:
                             "Invalid according to Policy: Policy Condition failed: "
                             '["eq", "$%s", "%s"]' % (name, want),
                         )
-            elif isinstance(cond, list) and len(cond) == 3:
+            elif not isinstance(cond, list) or len(cond) != 3:
+                # a condition not understood is refused, never skipped (it would widen
+                # what the policy's signer allowed)
+                raise _S3Reply(
+                    "InvalidPolicyDocument",
+                    "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
+                )
+            else:
                 op = str(cond[0]).lower()
                 if op == "content-length-range":
-                    if not int(cond[1]) <= size <= int(cond[2]):
-                        raise _S3Reply(
-                            "EntityTooLarge" if size > int(cond[2]) else "EntityTooSmall"
-                        )
+                    try:
+                        low, high = int(cond[1]), int(cond[2])
+                    except (TypeError, ValueError):
+                        raise _S3Reply("InvalidPolicyDocument") from None
+                    if not low <= size <= high:
+                        raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
                     continue
                 name = str(cond[1]).lower().lstrip("$")
                 covered.add(name)
@@ -12697,20 +13063,31 @@ class _GatewayAuth:
         if self._now().timestamp() > expires:
             raise _S3Reply("AccessDenied", "Request has expired", Expires=str(expires))
         interesting = sorted((k, v) for k, v in query if k in _SIGV2_SUBRESOURCES)
+        subresources = ""
         if interesting:
-            resource += "?" + "&".join(k + ("=" + v if v else "") for k, v in interesting)
+            subresources = "?" + "&".join(k + ("=" + v if v else "") for k, v in interesting)
         amz = "".join(
             "%s:%s\n" % (k, headers[k].strip()) for k in sorted(headers) if k.startswith("x-amz-")
         )
-        sts = "\n".join(
+        head = "\n".join(
             (method, headers.get("content-md5", ""), headers.get("content-type", ""), str(expires))
         )
-        sts += "\n" + amz + resource
-        digest = hmac.new(secret.encode("utf-8"), sts.encode("utf-8"), hashlib.sha1).digest()
-        expected = base64.b64encode(digest).decode("ascii")
-        if not hmac.compare_digest(expected, q["Signature"]):
+        # A bucket's own resource is "/bucket/" as botocore signs it (CreateBucket,
+        # DeleteBucket, listings), "/bucket" as others may: both name that bucket.
+        resources = [resource]
+        if resource.count("/") == 1 and len(resource) > 1:
+            resources.append(resource + "/")
+        for candidate in resources:
+            sts = head + "\n" + amz + candidate + subresources
+            digest = hmac.new(secret.encode("utf-8"), sts.encode("utf-8"), hashlib.sha1).digest()
+            expected = base64.b64encode(digest).decode("ascii")
+            if hmac.compare_digest(expected, q["Signature"]):
+                break
+        else:
             raise _S3Reply(
-                "SignatureDoesNotMatch", AWSAccessKeyId=q["AWSAccessKeyId"], StringToSign=sts
+                "SignatureDoesNotMatch",
+                AWSAccessKeyId=q["AWSAccessKeyId"],
+                StringToSign=head + "\n" + amz + resource + subresources,
             )
         return _Signed(q["AWSAccessKeyId"], _UNSIGNED_PAYLOAD, b"", "", "", expected)
 
@@ -13559,6 +13936,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         try:
             try:
                 self._serve(gw)
+            except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
+                raise  # the client went away: nothing to answer, nothing to log as ours
             except Exception as e:
                 reply = _s3_reply_from(e)
                 if self._sent:  # headers already went out: all we can do is hang up
@@ -13581,14 +13960,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     k + ("=<redacted>" if k in _LOG_REDACTED else ("=" + _quote(v) if v else ""))
                     for k, v in self._query
                 )
+            # Every field a client chose is shown escaped: it cannot drive the terminal.
             gw.access_line(
                 '%s %s [%s] "%s %s" %d %s %s %d %d %.3f'
                 % (
                     self.client_address[0],
-                    self._access_key,
+                    _printable(self._access_key),
                     _iso_utc(gw._now())[:19] + "Z",
-                    self.command,
-                    shown,
+                    _printable(str(self.command)),
+                    _printable(shown),
                     self._status,
                     self._error_code or "-",
                     self._operation,
@@ -13656,8 +14036,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         ):
             return self._post_object(bucket)  # signed by its policy, inside the form
         signed = self._authenticate(gw)
-        # The Go SDK (rclone) names the operation in ``x-id``; it selects nothing.
-        q = {k: v for k, v in self._q.items() if k != "x-id"}
+        # What routes the request: not its signature (a presigned URL's parameters), nor the
+        # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
+        self._q = q = {k: v for k, v in self._q.items() if k not in _PRESIGN_PARAMS and k != "x-id"}
         # Buckets behind the gateway are never versioned: version "null" is the object.
         if q.get("versionId") == "null":
             del q["versionId"]
@@ -14010,7 +14391,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         elif v2:
             if q.get("start-after"):
                 parts.append(_el("StartAfter", text(q["start-after"])))
-            if q.get("continuation-token"):
+            if "continuation-token" in q:  # echoed even when empty, as S3 does
                 parts.append(_el("ContinuationToken", q["continuation-token"]))
             if resp.get("NextContinuationToken"):
                 parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
@@ -14845,6 +15226,8 @@ class _Cli:
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
         self.workers = getattr(args, "max_concurrency", None) or 10
+        self._single = False  # this run_tasks has one task, run in the main thread
+        self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
     @property
     def client(self) -> DeltaGliderClient:
@@ -14940,7 +15323,20 @@ class _Cli:
         for page in paginator.paginate(**kwargs):
             yield from page.get("Contents", [])
 
+    def settled(self) -> None:
+        """Called once a transfer is stored, before its line is printed. When it is the
+        run's only one, a Ctrl-C from here on is ignored (see on_sigint): the line says
+        it is done, so the exit code must too. With several, Ctrl-C still cancels the
+        rest: those that were done have their lines."""
+        if self._single and threading.current_thread() is threading.main_thread():
+            self._settled = True
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._settled:
+            raise KeyboardInterrupt
+
     def run_tasks(self, tasks: list[Callable[[], None]], total_bytes: int) -> None:
+        self._single, self._settled = len(tasks) == 1, False
         progress = _Progress(self.err, self.progress_enabled, len(tasks), total_bytes)
         self._progress = progress
         try:
@@ -15014,6 +15410,7 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
+            self.settled()
             self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
         except _Cancelled:
             raise
@@ -15071,6 +15468,7 @@ class _Cli:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
                 self.client._engine.delete(bucket, key)
+            self.settled()
             self.line("%s: %s to %s" % (verb, src, shown))
         except _Cancelled:
             raise
@@ -15108,6 +15506,7 @@ class _Cli:
                     os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
+            self.settled()
             self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
         except _Cancelled:
             raise
@@ -15375,10 +15774,11 @@ class _Cli:
         if not self.args.recursive:
             kwargs["Delimiter"] = "/"
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
+        folders = 0
         for page in paginator.paginate(**kwargs):
             for p in page.get("CommonPrefixes", []):
                 self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
-                count += 0
+                folders += 1
             for obj in page.get("Contents", []):
                 if _is_internal(obj["Key"]):
                     continue
@@ -15396,9 +15796,26 @@ class _Cli:
                 % ("Total Objects: ".rjust(15), count, "Total Size: ".rjust(15), fmt_size(total))
             )
         self.out.flush()
+        if count == 0 and folders == 0:
+            self.note_unused_references(bucket, key)
         if count == 0 and key and not self._had_prefixes(bucket, key):
             return EXIT_FAILED
         return EXIT_OK
+
+    def note_unused_references(self, bucket: str, prefix: str) -> None:
+        """``ls`` shows nothing where only a reference is left (listings hide them):
+        say so, and how to remove it."""
+        try:
+            found = self.client._engine.gc(bucket, prefix, dry_run=True)["Removed"]
+        except (DeltaGliderError, OSError):
+            return
+        unused = [r["Key"] for r in found]
+        for ref in unused:
+            self.error(
+                "note: s3://%s/%s is a deltaglider reference that no object uses (an upload "
+                "was interrupted, or another tool left it); 'gc s3://%s/%s' removes it"
+                % (bucket, ref, bucket, prefix)
+            )
 
     def _had_prefixes(self, bucket: str, key: str) -> bool:
         page = self.client.list_objects_v2(Bucket=bucket, Prefix=key, Delimiter="/", MaxKeys=1)
@@ -15436,9 +15853,24 @@ class _Cli:
             if filters.included(o["Key"][len(prefix) :])
         ]
         self.delete_keys(bucket, keys)
+        self.delete_unused_references(bucket, prefix)
         return self.exit_code()
 
+    def delete_unused_references(self, bucket: str, prefix: str) -> None:
+        """References no delta uses (listings never show them) go with their folder."""
+        try:
+            found = self.client._engine.gc(bucket, prefix, dry_run=bool(self.dry()))
+        except (DeltaGliderError, OSError) as e:
+            self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
+            return
+        for ref in found["Removed"]:
+            self.line(
+                "%sdelete: s3://%s/%s (a reference no object uses)"
+                % (self.dry(), bucket, ref["Key"])
+            )
+
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        self._settled = False
         dry = self.dry()
         if dry:
             for k in keys:
@@ -15570,10 +16002,10 @@ class _Cli:
             stamp = obj["LastModified"].timestamp()
             try:
                 head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
-                value = head.get("Metadata", {}).get("dg-mtime")
-                if value:
-                    stamp = float(value)
-            except (ClientError, ValueError):
+                recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
+                if recorded is not None:
+                    stamp = recorded
+            except ClientError:
                 pass
             with lock:
                 out[rel] = stamp
@@ -15668,7 +16100,11 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(_is_internal(k) for k in left):
+            if left and all(
+                _is_internal(k) or k.rsplit("/", 1)[-1] == _REFERENCE_NAME for k in left
+            ):
+                # Our bookkeeping, and references no delta uses (an interrupted upload,
+                # another tool): delete_prefix removes only those that nothing needs.
                 self.client._engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
@@ -15761,6 +16197,24 @@ class _Cli:
             "Bucket Statistics: %s (%s%s)\n%s\n"
             % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
         )
+        if stats.get("unused_references"):
+            size = stats["unused_reference_size"]
+            rows.append(
+                (
+                    "Unused References:",
+                    "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
+                    % (stats["unused_references"], _human_size(size), size),
+                )
+            )
+        if stats.get("presign_copies"):
+            size = stats["presign_copies_size"]
+            rows.append(
+                (
+                    "Presigned Copies:",
+                    "%d, %s (%d bytes) under %s; purge removes expired ones"
+                    % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
+                )
+            )
         for label, value in rows:
             self.out.write("%-22s%s\n" % (label, value))
         if stats.get("references"):
@@ -16010,12 +16464,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _logical_mtime(lg: _Logical) -> float | None:
-    value = lg.metadata.get("dg-mtime")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    recorded = _mtime_or_absent(lg.metadata.get("dg-mtime"))
+    if recorded is not None:
+        return recorded
     modified = lg.head.get("LastModified")
     return modified.timestamp() if isinstance(modified, datetime.datetime) else None
 
@@ -16153,8 +16604,8 @@ Point S3 clients at it (the gateway's key pair, not the back end's):
   rclone: a remote with type = s3, provider = Other, endpoint = http://127.0.0.1:8333,
   access_key_id = gw-key, secret_access_key = gw-secret, force_path_style = true;
   or on the command line:
-  rclone copy ./dist :s3,provider=Other,endpoint=http://127.0.0.1:8333,\\
-    access_key_id=gw-key,secret_access_key=gw-secret:releases/v1
+  rclone copy ./dist \\
+    ":s3,provider=Other,endpoint='http://127.0.0.1:8333',access_key_id=gw-key,secret_access_key=gw-secret,force_path_style=true:releases/v1"
 
 GET /metrics (signed like any request, or on --metrics-listen without auth) is in
 Prometheus text format. One access line per request goes to stderr (--quiet: none).
@@ -16232,6 +16683,13 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+        )
+        p.add_argument(
+            "--follow-symlinks",
+            dest="no_follow_symlinks",
+            action="store_false",
+            default=False,
+            help="follow symlinks in local folders (the default, as aws s3)",
         )
 
     p = command("cp", "copy files to, from or between S3 locations")
@@ -16501,6 +16959,9 @@ def main(
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     cli = _Cli(args, out, err, env)
+    previous: Any = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
         return int(_COMMANDS[args.command](cli))
     except KeyboardInterrupt:
@@ -16522,6 +16983,8 @@ def main(
             err.write("fatal error: %s\n" % message)
         return EXIT_FAILED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         if cli._client is not None:
             cli._client.close()
         if handler is not None:

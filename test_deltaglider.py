@@ -772,6 +772,30 @@ def test_quote_key_never_normalises(key: str, wire: str) -> None:
     assert dg._quote_key(key) == wire
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9999-12-31T23:59:59-01:00",  # past datetime's last day once in UTC
+        "0001-01-01T00:00:00+01:00",  # before its first
+        "Fri, 31 Dec 9999 23:59:59 -0100",
+        "10000-01-01T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "not a date",
+    ],
+)
+def test_bad_dates_are_value_errors_or_absent(value: str) -> None:
+    with pytest.raises(ValueError):
+        dg._parse_timestamp(value)
+    dg._WARNED.discard("LastModified")
+    assert dg._date_or_absent(value, "LastModified") is None
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "nan", "inf", "-inf", "12x", ""])
+def test_bad_dg_mtime_is_absent(value: str) -> None:
+    assert dg._mtime_or_absent(value) is None
+    assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
+
+
 ###############################################################################
 # SigV4 #######################################################################
 ###############################################################################
@@ -958,7 +982,9 @@ _SIGV4_NETLOCS = [
 _sigv4_keys = st.lists(
     st.one_of(
         st.text(_ANY_TEXT, max_size=8),
-        st.sampled_from(["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t"]),
+        st.sampled_from(
+            ["/", "//", " ", "+", "%", "%2F", "~", "?", "#", "[]", "&=", "é", "\t", "\x01", "\x7f"]
+        ),
     ),
     min_size=1,
     max_size=6,
@@ -986,8 +1012,8 @@ _sigv4_header_names = st.one_of(
     st.text("abcXYZ019-_", min_size=1, max_size=8).map(lambda s: "X-Amz-Meta-" + s),
 )
 _sigv4_header_values = st.text(
-    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  ")), max_size=20
-) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z "])
+    st.sampled_from(list("abcXYZ 019\t;,=/:\"'*  \x01\x1f\x7f\x0b")), max_size=20
+) | st.sampled_from(["", " ", "  a  b  ", "\ta\t", "x  y\t z ", "\x01a", "a\x01", "\x1ca\x1f"])
 _sigv4_creds = st.tuples(
     st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:", min_size=1, max_size=20),
     st.text(_ANY_TEXT, min_size=1, max_size=40),
@@ -2296,6 +2322,37 @@ def test_paginator_stops_on_a_repeated_token(fake_s3: Callable[..., _FakeHTTPSer
     client.close()
 
 
+def test_listing_with_out_of_range_dates_is_read(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LastModified no datetime can hold is treated as absent (the epoch, as a listing
+    without one), with one warning for the whole listing; ls goes on."""
+    page = _listing_page(["a.txt", "b.txt"], False, None).replace(
+        b"2026-01-01T00:00:00.000Z", b"9999-12-31T23:59:59-01:00"
+    )
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, page, _XML)
+
+    srv = fake_s3(script)
+    dg._WARNED.discard("LastModified")
+    listed = _fake_storage(srv.url).list_objects_v2("b")
+    assert [c["LastModified"] for c in listed["Contents"]] == [dg._EPOCH, dg._EPOCH]
+    assert caplog.text.count("out-of-range LastModified") == 1
+    out, err = io.StringIO(), io.StringIO()
+    env = {
+        "AWS_ACCESS_KEY_ID": _FAKE_CREDS.access_key,
+        "AWS_SECRET_ACCESS_KEY": _FAKE_CREDS.secret_key,
+        "HOME": str(tmp_path),
+    }
+    code = dg.main(
+        ["--endpoint-url", srv.url, "ls", "s3://b/"], stdout=out, stderr=err, environ=env
+    )
+    assert code == 0, err.getvalue()
+    assert [line.split()[-1] for line in out.getvalue().splitlines()] == ["a.txt", "b.txt"]
+
+
 def test_virtual_hosted_requests_connect_to_the_bucket_host(
     s3server_vhost: S3TestServer, s3server_seaweedfs: S3TestServer, test_dns: _TestDNS
 ) -> None:
@@ -3304,6 +3361,25 @@ def test_header_value_errors_never_quote_the_value(
     assert "Content-Type" in str(info.value) and "s3cr3t" not in str(info.value)
     assert srv.requests == []
     st_.close()
+
+
+@pytest.mark.parametrize(
+    "expiration",
+    ["9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],
+)
+def test_out_of_range_credential_expiration_is_absent(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, expiration: str
+) -> None:
+    dg._WARNED.discard("Expiration")
+    script = "import json; print(json.dumps({'Version': 1, 'AccessKeyId': %r, " % KEY
+    script += "'SecretAccessKey': %r, 'Expiration': %r}))" % (SECRET, expiration)
+    env = process_profile(tmp_path, script)
+    p = dg._resolve_credentials(environ=env, now=lambda: T0)
+    assert p is not None and p.get() == (KEY, SECRET, None, None)
+    assert "out-of-range Expiration" in caplog.text
+    with pytest.raises(dg.CredentialRetrievalError, match="invalid Expiration"):
+        script = script.replace(repr(expiration), repr("soon"))
+        dg._resolve_credentials(environ=process_profile(tmp_path, script), now=lambda: T0)
 
 
 def test_credential_process_missing_program(tmp_path: pathlib.Path) -> None:
@@ -4973,6 +5049,41 @@ def test_metadata_union_written_for_every_reader(client: Any, dgbucket: str, tmp
 
 
 @needs_xdelta3
+@pytest.mark.parametrize("folder", ["café", "Versión 2", "日本/über"])
+def test_non_ascii_folders_take_deltas(
+    client: Any, dgbucket: str, tmp_path: Any, folder: str
+) -> None:
+    """Every metadata value we write is US-ASCII (non-ASCII percent-encoded, FORMAT.md),
+    dg-ref-key included; reads decode it."""
+    data = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(2)]
+    keys = ["%s/ñ-%d.zip" % (folder, v) for v in range(2)]
+    for key, blob in zip(keys, data):
+        client.put_object(Bucket=dgbucket, Key=key, Body=blob, Metadata={"by": "José"})
+    meta = client.storage.head_object(dgbucket, keys[1] + ".delta")["Metadata"]
+    ref_key = dg._meta_decode(meta["dg-ref-key"])
+    assert meta["dg-ref-key"] != ref_key and folder.split("/")[-1] in ref_key
+    assert client.storage.head_object(dgbucket, ref_key)["ContentLength"] == len(data[0])
+    assert all(v.isascii() for v in meta.values())
+    assert meta["dg-note"] == "delta"
+    for key, blob in zip(keys, data):
+        got = client.get_object(Bucket=dgbucket, Key=key)
+        assert got["Body"].read() == blob and got["Metadata"] == {"by": "José"}
+    listed = client.list_objects_v2(Bucket=dgbucket, FetchMetadata=True)["Contents"]
+    assert [c["Key"] for c in listed] == keys
+    assert listed[1]["Metadata"]["deltaglider-reference-key"] == ref_key
+    for key in keys:
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket) == []
+
+
+def test_metadata_values_decode_only_what_was_encoded() -> None:
+    for value in ["café.zip", "a%b é", "日本", "100%", "plain"]:
+        assert dg._meta_decode(dg._meta_encode(value)) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII is never encoded: kept as is
+    assert dg._meta_decode("caf%C3%A9") == "café"
+
+
+@needs_xdelta3
 def test_unrelated_file_over_max_ratio_is_stored_direct(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -5270,11 +5381,57 @@ def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, exp
     assert expect in str(e.value)
     if isinstance(e.value, dg.XDelta3Error):
         assert e.value.returncode == 3 and "boom" in e.value.stderr and e.value.cmd[1] == "-e"
-    assert stored_keys(c, "bkt") == ["r/a.zip.delta", "r/reference.bin"]  # no b delta
+    assert split_refs(stored_keys(c, "bkt")) == (["r/a.zip.delta"], ["r"])  # no b delta
     assert (
         c.get_object(Bucket="bkt", Key="r/a.zip")["Body"].read()
         == (tmp_path / "a.zip").read_bytes()
     )
+
+
+@needs_xdelta3
+def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """Presigning a delta-stored key again reuses the rebuilt copy (its expiry moved
+    forward when the new URL lives longer); stats counts the copies."""
+    backend = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        versions = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(3)]
+        c.put_object(Bucket=bucket, Key="p/a.zip", Body=versions[0])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[1])
+
+        def fetch(url: str) -> bytes:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()  # type: ignore[no-any-return]
+
+        def copies() -> list[str]:
+            return [k for k in stored_keys(c, bucket) if k.startswith(".deltaglider/tmp/")]
+
+        def presign(seconds: int) -> str:
+            return c.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "p/b.zip"}, ExpiresIn=seconds
+            )
+
+        urls = [presign(600), presign(300), presign(3600)]
+        assert len(copies()) == 1
+        for url in urls:
+            assert fetch(url) == versions[1]
+        meta = c.storage.head_object(bucket, copies()[0])["Metadata"]
+        left = dg._parse_timestamp(meta["dg-expires-at"]) - dg._utcnow()
+        assert datetime.timedelta(seconds=3000) < left <= datetime.timedelta(seconds=3600)
+        stats = c.get_bucket_stats(bucket, use_cache=False)
+        assert stats["presign_copies"] == 1 and stats["object_count"] == 2
+        assert stats["presign_copies_size"] == len(versions[1])
+        c.put_object(Bucket=bucket, Key="p/b.zip", Body=versions[2])  # new content: new copy
+        assert fetch(presign(600)) == versions[2]
+        assert len(copies()) == 2
+        assert fetch(urls[0]) == versions[1]  # the older URL still serves what it named
+    finally:
+        _s3_empty_and_delete(c.storage, bucket)
+        c.close()
 
 
 ###############################################################################
@@ -5908,6 +6065,68 @@ def test_eight_concurrent_first_uploads_make_one_reference(
             _s3_empty_and_delete(setup.storage, bucket)
 
 
+class RmRacesReads:
+    """A storage wrapper: an ``rm`` of the folder's last file lands between an upload's
+    HEAD of the reference and its GET (``every``: the HEAD keeps answering as if the
+    reference were still there, as a flapping second writer would make it)."""
+
+    def __init__(self, inner: Any, every: bool = False) -> None:
+        self._inner = inner
+        self._every = every
+        self._heads: dict[str, Any] = {}
+        self.raced = 0
+
+    def head_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if self._every and key in self._heads:
+            return self._heads[key]
+        head = self._inner.head_object(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            self._heads[key] = head
+        return head
+
+    def get_object(self, bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        if key.endswith("reference.bin") and (self._every or not self.raced):
+            self.raced += 1
+            for k in stored_keys_of(self._inner, bucket, key.rsplit("/", 1)[0] + "/"):
+                self._inner.delete_object(bucket, k)
+        return self._inner.get_object(bucket, key, *a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def stored_keys_of(storage: Any, bucket: str, prefix: str = "") -> list[str]:
+    return sorted(
+        c["Key"] for c in storage.list_objects_v2(bucket, prefix=prefix).get("Contents", [])
+    )
+
+
+@needs_xdelta3
+def test_upload_racing_rm_of_the_last_file_retries_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder's own reference.bin
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    racer = make_client(backend, tmp_path)  # a cold cache: it GETs the reference
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage)
+    info = racer.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)["DeltaGliderInfo"]
+    assert racer._engine.storage.raced == 1 and info["Operation"] == "create_reference"
+    assert stored_keys(client, dgbucket) == ["r/b.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+    # vanishing again: one message that says what happened, nothing stored
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "s/a.zip")
+    racer = make_client(backend, tmp_path)
+    racer._engine.references = dg._REFERENCES_FOLDER
+    racer._engine.storage = RmRacesReads(racer._engine.storage, every=True)
+    with pytest.raises(dg.DeltaGliderError) as e:
+        racer.put_object(Bucket=dgbucket, Key="s/b.zip", Body=b)
+    assert "was deleted twice while this upload was reading it" in str(e.value)
+    assert "GetObject" not in str(e.value) and a
+    assert stored_keys(client, dgbucket, "s/") == []
+
+
 @needs_xdelta3
 def test_writers_in_sibling_folders_and_a_deleter_at_once(backend: Backend, tmp_path: Any) -> None:
     """Two jobs upload versions into sibling folders (sharing references) while a third
@@ -6085,6 +6304,9 @@ def test_memory_limit_setting(tmp_path: Any) -> None:
     local = Backend("local", "file://" + str(tmp_path / "s"), None, None)
     code, out, err = run_cli(local, tmp_path, ["--memory-limit", "12", "ls"])
     assert code == 2 and "--memory-limit must be a size" in err and "Traceback" not in err
+    # its examples are sizes it takes: never one below its own minimum
+    assert "such as 512M or 4G (at least %d)" % dg._MIN_MEMORY_LIMIT in err, err
+    assert dg._parse_size("512M", "x", minimum=dg._MIN_MEMORY_LIMIT) == 512 << 20
     code, out, err = run_cli(local, tmp_path, ["ls"], DG_MEMORY_LIMIT="lots")
     assert code == 2 and "DG_MEMORY_LIMIT must be a size" in err
 
@@ -6267,6 +6489,282 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
 
 
 @needs_xdelta3
+def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A user's ``app.zip.delta`` is stored as ``app.zip.delta.delta`` (always a delta):
+    it never replaces ``app.zip``'s stored form, and each stored name has one logical key."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    other = b"not the delta of app.zip\n" * 500
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other)
+    client.put_object(Bucket=dgbucket, Key="n/notes.delta", Body=b"plain notes")
+    client.put_object(Bucket=dgbucket, Key="n/empty.delta", Body=b"")
+    assert stored_keys(client, dgbucket) == [
+        "n/empty.delta.delta",
+        "n/notes.delta.delta",
+        "n/reference.bin",
+        "r/app.zip",  # kept plain: the original reads a stored r/app.zip.delta for that name
+        "r/app.zip.delta.delta",
+        "r/reference.bin",
+    ]
+    reads = {"r/app.zip": app, "r/app.zip.delta": other, "n/notes.delta": b"plain notes"}
+    reads["n/empty.delta"] = b""
+    for key, data in reads.items():
+        assert client.get_object(Bucket=dgbucket, Key=key)["Body"].read() == data, key
+        assert client.head_object(Bucket=dgbucket, Key=key)["ContentLength"] == len(data), key
+    listed = client.list_objects_v2(Bucket=dgbucket)["Contents"]
+    assert [c["Key"] for c in listed] == sorted(reads)
+    # copy and overwrite keep to the rule; a delete takes only its own stored form
+    client.copy_object(Bucket=dgbucket, Key="r/copy.delta", CopySource=dgbucket + "/r/app.zip")
+    assert client.get_object(Bucket=dgbucket, Key="r/copy.delta")["Body"].read() == app
+    client.put_object(Bucket=dgbucket, Key="r/app.zip.delta", Body=other + b"2")
+    client.delete_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/copy.delta"}]})
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip"]
+    client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)  # a delta again
+    assert stored_keys(client, dgbucket, "r/") == ["r/app.zip.delta", "r/reference.bin"]
+    assert client.get_object(Bucket=dgbucket, Key="r/app.zip")["Body"].read() == app
+    with pytest.raises(dg.ClientError):
+        client.head_object(Bucket=dgbucket, Key="r/app.zip.delta")
+    # n/notes.delta.delta's own name is how n/notes.delta is stored: refused, kept apart
+    with pytest.raises(dg.ParamValidationError, match=re.escape("how 'n/notes.delta' is")):
+        client.put_object(Bucket=dgbucket, Key="n/notes.delta.delta", Body=b"x")
+    assert client.get_object(Bucket=dgbucket, Key="n/notes.delta")["Body"].read() == b"plain notes"
+    for key in ("n/notes.delta", "n/empty.delta"):
+        client.delete_object(Bucket=dgbucket, Key=key)
+    assert stored_keys(client, dgbucket, "n/") == []  # the last delta took its reference
+
+
+@needs_xdelta3
+def test_deleting_a_name_ending_in_reference_bin_never_takes_the_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
+    client.put_object(Bucket=dgbucket, Key="r/a.zip", Body=a)
+    client.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)
+    client.delete_object(Bucket=dgbucket, Key="r/reference.bin")
+    client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": "r/reference.bin"}]})
+    assert (
+        run_cli(
+            backend,
+            tmp_path,
+            DG_REFERENCES="folder",
+            argv=["rm", "s3://%s/r/reference.bin" % dgbucket],
+        )[0]
+        == 0
+    )
+    assert "r/reference.bin" in stored_keys(client, dgbucket)
+    assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
+
+
+@needs_xdelta3
+def test_plain_object_beside_our_delta_is_one_object(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """Another tool writes ``app.zip`` next to our ``app.zip.delta``: one logical object,
+    the plain one (what GET serves, as every reader), in listings on any page; deleting
+    it removes both stored forms."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    app = make_zip(tmp_path / "app.zip", 0)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip", Body=app)
+    client.put_object(Bucket=dgbucket, Key="p/app.zip-notes.txt", Body=b"between them")
+    client.storage.put_object(dgbucket, "p/app.zip", b"written by another tool")
+    listed = client.list_objects_v2(Bucket=dgbucket, Prefix="p/")["Contents"]
+    assert [(c["Key"], c["Size"]) for c in listed] == [
+        ("p/app.zip", len(b"written by another tool")),
+        ("p/app.zip-notes.txt", len(b"between them")),
+    ]
+    got = client.get_object(Bucket=dgbucket, Key="p/app.zip")["Body"].read()
+    assert got == b"written by another tool"
+    # one key per page: app.zip.delta lands on the page after app.zip
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=dgbucket, Prefix="p/", MaxKeys=1
+    )
+    assert [c["Key"] for page in pages for c in page.get("Contents", [])] == [
+        "p/app.zip",
+        "p/app.zip-notes.txt",
+    ]
+    client.delete_object(Bucket=dgbucket, Key="p/app.zip")
+    assert stored_keys(client, dgbucket, "p/") == ["p/app.zip-notes.txt"]
+
+
+@needs_xdelta3
+def test_cli_sync_delete_of_delta_named_files_is_stable(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.delta").write_text("my own .delta file")
+    make_zip(src / "app.zip", 0)
+    (src / "app.zip.delta").write_text("also mine")
+    url = "s3://%s/s/" % dgbucket
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+    )
+    assert code == 0 and len(out.splitlines()) == 3, err
+    for _ in range(2):
+        code, out, err = run_cli(
+            backend, tmp_path, DG_REFERENCES="folder", argv=["sync", "--delete", str(src), url]
+        )
+        assert (code, out) == (0, ""), err
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["sync", url, str(down)])[0] == 0
+    assert sorted(p.name for p in down.iterdir()) == ["app.zip", "app.zip.delta", "notes.delta"]
+    for p in down.iterdir():
+        assert p.read_bytes() == (src / p.name).read_bytes()
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "s3://%s/s/notes.delta" % dgbucket]
+    )
+    assert code == 0 and stored_keys(client, dgbucket, "s/notes") == []
+
+
+@needs_xdelta3
+def test_interrupted_first_upload_leaves_no_reference(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    make_zip(tmp_path / "a.zip", 0)
+    st = client.storage
+    real_put = st.put_object
+
+    def put(bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(bucket, key, *a, **kw)
+        if key.endswith("reference.bin"):
+            raise KeyboardInterrupt  # Ctrl-C as the reply of the reference PUT arrives
+        return resp
+
+    st.put_object = put
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
+    finally:
+        del st.put_object
+    assert stored_keys(client, dgbucket) == []
+
+    def cancel(n: int) -> None:  # cp -r's workers learn of Ctrl-C through on_bytes
+        raise dg._Cancelled("cancelled")
+
+    with pytest.raises(dg._Cancelled):
+        client._engine.put_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip", on_bytes=cancel)
+    assert stored_keys(client, dgbucket) == []
+    # a forced delta of a compressed file: stored as its own reference, not left beside it
+    gz = _gzip_mod.compress(os.urandom(5000))
+    (tmp_path / "x.gz").write_bytes(gz)
+    client._engine.put_file(str(tmp_path / "x.gz"), dgbucket, "g/x.gz", delta=True)
+    assert stored_keys(client, dgbucket) == ["g/reference.bin", "g/x.gz.delta"]
+    assert client.get_object(Bucket=dgbucket, Key="g/x.gz")["Body"].read() == gz
+
+
+@needs_xdelta3
+def test_cli_ls_stats_rm_rb_deal_with_an_unused_reference(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """A reference without deltas (a crash, another tool): ls says so, stats counts it,
+    rm -r of its folder and rb remove it."""
+    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+
+    def strand() -> None:
+        client.upload_file(str(tmp_path / "a.zip"), dgbucket, "x/a.zip")
+        client.storage.delete_object(dgbucket, "x/a.zip.delta")
+        assert stored_keys(client, dgbucket) == ["x/reference.bin"]
+
+    make_zip(tmp_path / "a.zip", 0)
+    strand()
+    url = "s3://%s/" % dgbucket
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", "-r", url])
+    assert (code, out) == (0, "")
+    assert "%sx/reference.bin is a deltaglider reference that no object uses" % url in err
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["ls", url + "x/"])
+    assert code == 1 and "'gc %sx/' removes it" % url in err
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--json", "--no-cache", dgbucket]
+    )
+    stats = json.loads(out)
+    assert stats["object_count"] == 0 and stats["unused_references"] == 1
+    assert stats["unused_reference_size"] == (tmp_path / "a.zip").stat().st_size
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["stats", "--no-cache", dgbucket]
+    )
+    assert "Unused References:    1," in out
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", "--dryrun", url + "x/"]
+    )
+    assert out == "(dryrun) delete: %sx/reference.bin (a reference no object uses)\n" % url
+    code, out, err = run_cli(
+        backend, tmp_path, DG_REFERENCES="folder", argv=["rm", "-r", url + "x/"]
+    )
+    assert (code, out) == (0, "delete: %sx/reference.bin (a reference no object uses)\n" % url)
+    assert stored_keys(client, dgbucket) == []
+    strand()
+    code, out, err = run_cli(backend, tmp_path, DG_REFERENCES="folder", argv=["rb", url])
+    assert code == 0 and out.endswith("remove_bucket: %s\n" % dgbucket), err
+    assert dgbucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    client.create_bucket(Bucket=dgbucket)  # for the fixture's teardown
+
+
+class _InterruptAfterLine(io.StringIO):
+    """stdout that presses Ctrl-C (SIGINT to this process) once a line starting with
+    ``prefix`` has been printed."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if text.startswith(self.prefix):
+            os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+
+class _InterruptOnRead(dict):  # type: ignore[type-arg]
+    """An environment that presses Ctrl-C (SIGINT to this process, handled at once in
+    this thread) when ``name`` is read once the command runs (main() checks every
+    setting once before it starts)."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        super().__init__(env)
+        self.name = name
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == self.name:
+            self.reads += 1
+            if self.reads == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().get(key, default)
+
+
+@needs_xdelta3
+def test_cli_ctrl_c_near_the_end_of_an_upload_line_and_exit_code_agree(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_CACHE_DIR": str(tmp_path / "cli-cache")}
+    env["DG_REFERENCES"] = "folder"  # the assertions name reference.bin
+    if backend.access_key:
+        env.update(AWS_ACCESS_KEY_ID=backend.access_key, AWS_SECRET_ACCESS_KEY=backend.secret_key)
+    url = "s3://%s/r/" % dgbucket
+    # Ctrl-C once the line is out: the file is stored and said so; exit 0, not 130
+    out, err = _InterruptAfterLine("upload:"), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "a.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0 and out.getvalue().endswith(" to %sa.zip (reference)\n" % url)
+    assert err.getvalue() == ""
+    # Ctrl-C while the upload decides how to store the file: no line, exit 130
+    pressing = _InterruptOnRead(env, "DG_DELTA_MODE")
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--endpoint-url", backend.endpoint, "cp", str(tmp_path / "b.zip"), url]
+    code = dg.main(argv, stdout=out, stderr=err, environ=pressing)
+    assert (code, out.getvalue()) == (130, "")
+    assert err.getvalue().endswith("cancelled: ctrl-c received\n")
+    assert stored_keys(client, dgbucket) == ["r/a.zip.delta", "r/reference.bin"]
+
+
 def test_deleting_a_reference_by_its_name_takes_nothing(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -6974,6 +7472,56 @@ def test_we_write_original_reads(
         report = json.loads(orig.run("verify", "s3://%s/%s" % (ibucket, key)).stdout)
         assert report["valid"] is True, (key, report)
         assert report["expected_sha256"] == _sha(files[key[: -len(".delta")]])
+
+
+def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
+    iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
+) -> None:
+    """A user's ``notes.delta`` (stored ``notes.delta.delta``) is listed and read back
+    byte-exact by 6.2.0 beside ``app.zip``'s own delta. In a non-ASCII folder (whose
+    dg-ref-key is percent-encoded) 6.2.0 reads direct files; a delta there it cannot
+    read (its boto3 sends no such key) fails loudly: never other bytes."""
+    iclient._engine.references = dg._REFERENCES_FOLDER  # 6.2.0's own layout
+    src = tmp_path / "src"
+    files = {
+        "d/app.zip": _zip(0),
+        "d/app.zip.delta": b"my own file named like a delta\n" * 40,
+        "d/notes.delta": b"notes\n",
+    }
+    for key, data in files.items():
+        iclient.upload_file(str(_write(src, key.replace("/", "_"), data)), ibucket, key)
+    assert _stored_keys(iclient, ibucket) == [
+        "d/app.zip",  # kept plain: 6.2.0 reads a stored d/app.zip.delta for that name
+        "d/app.zip.delta.delta",
+        "d/notes.delta.delta",
+        "d/reference.bin",
+    ]
+    assert orig.ls("s3://%s/d/" % ibucket) == ["app.zip", "app.zip.delta", "notes.delta"]
+    out = tmp_path / "orig-out"
+    orig.run("sync", "s3://%s/d/" % ibucket, str(out / "synced"))
+    for key, data in files.items():
+        name = key.rsplit("/", 1)[1]
+        assert _file_sha(out / "synced" / name) == _sha(data), key
+        # 6.2.0 asked for a name ending in .delta takes it as stored: only that works
+        stored = key + ".delta" if key.endswith(".delta") else key
+        orig.run("cp", "s3://%s/%s" % (ibucket, stored), str(out / name))
+        assert _file_sha(out / name) == _sha(data), key
+        if stored != key:
+            proc = orig.run("cp", "s3://%s/%s" % (ibucket, key), str(out / "x"), ok=False)
+            assert proc.returncode != 0 and not (out / "x").exists(), key
+    iclient.upload_file(str(_write(src, "a.zip", _zip(1))), ibucket, "café/a.zip")
+    iclient.upload_file(str(_write(src, "b.zip", _zip(2))), ibucket, "café/b.zip")
+    iclient.upload_file(str(_write(src, "r.txt", b"readme")), ibucket, "café/r.txt")
+    meta = iclient.storage.head_object(ibucket, "café/b.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] == "caf%C3%A9/reference.bin"
+    dest = tmp_path / "orig-out" / "r.txt"
+    orig.run("cp", "s3://%s/café/r.txt" % ibucket, str(dest))
+    assert dest.read_bytes() == b"readme"
+    dest = tmp_path / "orig-out" / "b.zip"
+    proc = orig.run("cp", "s3://%s/café/b.zip" % ibucket, str(dest), ok=False)
+    assert proc.returncode != 0 and not dest.exists()
+    for key, data in (("café/a.zip", _zip(1)), ("café/b.zip", _zip(2))):
+        assert iclient.get_object(Bucket=ibucket, Key=key)["Body"].read() == data
 
 
 def test_shared_deltaspace_both_writers(
@@ -7863,6 +8411,57 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     status, body = _form_post(post["url"], tampered, b"x")
     assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
     assert stored_keys(local_gateway.client, "gwbucket") == ["up/f.bin"]
+    # a condition the gateway does not understand is refused, never skipped
+    odd = s3.generate_presigned_post(
+        "gwbucket", "up/odd.bin", Conditions=[["content-length-range", 1]], ExpiresIn=60
+    )
+    status, body = _form_post(odd["url"], odd["fields"], b"x")
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
+    status, body = _form_post(post["url"], unsigned, b"x")
+    assert (status, _error_code(body)) == (400, "InvalidArgument")
+
+
+def _presigned_call(url: str, method: str, body: bytes = b"") -> tuple[int, bytes]:
+    """A presigned URL used as curl would: no headers of our own (urllib adds a
+    Content-Type to a PUT, which a SigV2 signature covers)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, parts.path + "?" + parts.query, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", ["s3", "s3v4"])
+def test_gateway_serves_presigned_puts_and_bucket_operations(
+    local_gateway: Gateway, version: str
+) -> None:
+    """A presigned URL's signature parameters authenticate it and route nothing: PUT
+    uploads, CreateBucket and DeleteBucket work as they do against S3 (SigV2 and SigV4)."""
+    s3 = _boto3(local_gateway, signature_version=version)  # presigns only
+    plain = _boto3(local_gateway)
+    bucket = "presigned-" + version
+    url = s3.generate_presigned_url("create_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "PUT")
+    assert status == 200, body
+    url = s3.generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": "up/p.bin"}, ExpiresIn=60
+    )
+    data = b"presigned " * 100
+    status, body = _presigned_call(url, "PUT", data)
+    assert status == 200, body
+    assert plain.get_object(Bucket=bucket, Key="up/p.bin")["Body"].read() == data
+    # the signature still covers the request: another key on the same URL is refused
+    status, body = _presigned_call(url.replace("/up/p.bin?", "/up/q.bin?"), "PUT", data)
+    assert (status, _error_code(body)) == (403, "SignatureDoesNotMatch")
+    plain.delete_object(Bucket=bucket, Key="up/p.bin")
+    url = s3.generate_presigned_url("delete_bucket", Params={"Bucket": bucket}, ExpiresIn=60)
+    status, body = _presigned_call(url, "DELETE")
+    assert status == 204, body
+    assert bucket not in [b["Name"] for b in plain.list_buckets()["Buckets"]]
 
 
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
@@ -7873,6 +8472,8 @@ def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> No
     s3.put_object(Bucket="gwbucket", Key="dir/f.txt", Body=b"x")
     listed = s3.list_objects_v2(Bucket="gwbucket")["Contents"]
     assert [o["Key"] for o in listed] == ["dir/", "dir/f.txt"]
+    status, _, body = _gw_send(local_gateway, "GET", "/gwbucket?continuation-token=&list-type=2")
+    assert status == 200 and b"<ContinuationToken></ContinuationToken>" in body
     head = s3.head_object(Bucket="gwbucket", Key="dir/")
     assert (head["ContentLength"], head["Metadata"]) == (0, {"k": "v"})
     s3.delete_object(Bucket="gwbucket", Key="dir/")
@@ -7990,6 +8591,28 @@ def test_gateway_metrics_and_access_log(local_gateway: Gateway) -> None:
     signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["Signature"][0]
     log = gw.log.getvalue()
     assert signature not in log and GW_SECRET not in log and "Signature=<redacted>" in log
+
+
+def test_gateway_access_log_escapes_control_characters(local_gateway: Gateway) -> None:
+    """An anonymous client's path and query reach stderr escaped: no terminal sequences."""
+    gw = local_gateway
+    host, port = urllib.parse.urlsplit(gw.url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"GET /gwbucket/x\x1b[31mRED?%1b]0;title%07=1 HTTP/1.1\r\nHost: h\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    _gw_log_settled(gw, "RED")
+    log = gw.log.getvalue()
+    assert '"GET /gwbucket/x\\x1b[31mRED?\\x1b]0;title\\x07=1" 403 AccessDenied' in log, log
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f]", log), log
 
 
 def _tool_env(gw: Gateway, tmp_path: Any) -> dict[str, str]:
@@ -8223,6 +8846,56 @@ def test_serve_help_shows_how_to_point_aws_cli_and_rclone_at_it() -> None:
     assert "rclone" in text and "force_path_style" in text and "--users" in text
 
 
+def test_serve_help_rclone_command_runs_as_written(local_gateway: Gateway, tmp_path: Any) -> None:
+    """The rclone line of ``serve --help``, pasted into a shell (only the port, the keys and
+    the bucket changed), copies a folder through the gateway."""
+    rclone = _tool("rclone", "DG_TEST_RCLONE")
+    out = io.StringIO()
+    assert dg.main(["serve", "--help"], stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  rclone copy"))
+    end = start
+    while lines[end].endswith("\\"):  # the command's continuation lines, as a shell reads
+        end += 1
+    command = "\n".join(lines[start : end + 1])
+    port = urllib.parse.urlsplit(local_gateway.url).port
+    command = (
+        command.replace("127.0.0.1:8333", "127.0.0.1:%d" % port)
+        .replace("gw-key", GW_KEY)
+        .replace("gw-secret", GW_SECRET)
+        .replace("releases/", "gwbucket/")
+    )
+    _release_folder(tmp_path / "dist")
+    env = dict(
+        _tool_env(local_gateway, tmp_path),
+        PATH=os.path.dirname(rclone) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    for name in [k for k in env if k.startswith("RCLONE_CONFIG_GW")]:
+        del env[name]  # only what the command line says
+    proc = subprocess.run(
+        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, (command, proc.stderr)
+    keys = sorted(
+        o["Key"] for o in local_gateway.client.list_objects_v2(Bucket="gwbucket")["Contents"]
+    )
+    assert keys == ["v1/app-1.zip", "v1/app-2.zip", "v1/sub/notes.txt"]
+
+
+def test_gateway_users_file_refuses_a_key_listed_twice(tmp_path: Any) -> None:
+    users = tmp_path / "users"
+    users.write_text("# keys\nalice:first-secret\nbob:bob-secret\nalice:second-secret\n")
+    users.chmod(0o600)
+    with pytest.raises(dg.InvalidConfigError) as e:
+        dg._GatewayUsers.load(str(users), {})
+    assert "line 4: access key alice is listed twice" in str(e.value)
+    assert "first-secret" not in str(e.value) and "second-secret" not in str(e.value)
+    code, out, err = run_cli(_local_backend(tmp_path), tmp_path, ["serve", "--users", str(users)])
+    assert code != 0 and "listed twice" in err and "first-secret" not in err, err
+    users.write_text("alice:first-secret\nbob:bob-secret\n")
+    assert len(dg._GatewayUsers.load(str(users), {})) == 2
+
+
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
@@ -8244,6 +8917,96 @@ def cli_env(backend: Backend, tmp_path: Any) -> Iterator[tuple[Backend, str]]:
 
 
 @needs_xdelta3
+@needs_xdelta3
+def test_cli_names_with_control_characters_round_trip(cli_env: Any, tmp_path: Any) -> None:
+    """File names starting or ending with a control character used to fail with
+    SignatureDoesNotMatch on Swift (it trims them from the dg-original-name header before
+    checking the signature) and 400 on SeaweedFS (it refuses them in headers). Their
+    metadata is sent percent-encoded, as non-ASCII names are (FORMAT.md), and read back."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["\x01start.txt", "end.txt\x01", "\x1fmid\x7f.txt", "\x01a.zip", "b.zip\x1f"]
+    for i, name in enumerate(names):
+        if name.endswith(".zip") or name.endswith(".zip\x1f"):
+            make_zip(src / name, i)
+        else:
+            (src / name).write_bytes(name.encode() * 100)
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="d/")
+    assert sorted(c["Key"] for c in listed["Contents"]) == sorted("d/" + n for n in names)
+    for stored in stored_keys(client, bucket, "d/"):
+        for value in client.storage.head_object(bucket, stored)["Metadata"].values():
+            assert all(32 <= ord(c) < 127 for c in value), (stored, value)
+    # (the CLI refuses to write such names into a local folder: read them through the SDK)
+    for name in names:
+        got = client.get_object(Bucket=bucket, Key="d/" + name)
+        assert got["Body"].read() == (src / name).read_bytes()
+        assert got["ContentLength"] == (src / name).stat().st_size
+    client.close()
+    code, out, err = run_cli(backend, tmp_path, ["rm", "--recursive", "s3://%s/d/" % bucket])
+    assert code == 0, err
+    assert stored_keys(make_client(backend, tmp_path), bucket, "d/") == []
+
+
+@pytest.mark.parametrize(
+    "value, sent",
+    [
+        ("plain.zip", "plain.zip"),
+        ("café.zip", "caf%C3%A9.zip"),
+        ("\x01a.zip", "%01a.zip"),
+        ("a.zip\x7f", "a.zip%7F"),
+        ("100% \x01", "100%25 %01"),
+    ],
+)
+def test_metadata_values_encode_and_decode_exactly(value: str, sent: str) -> None:
+    assert dg._meta_encode(value) == sent
+    assert dg._meta_decode(sent) == value
+    assert dg._meta_decode("100%41") == "100%41"  # ASCII someone wrote is never decoded
+
+
+@pytest.mark.parametrize("bad", ["1e30", "nan", "-inf"])
+def test_cli_bad_dg_mtime_is_ignored_not_fatal(
+    cli_env: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """One object with a dg-mtime no file can have (written by another tool, or damaged)
+    used to abort a whole cp -r with a traceback. It is treated as absent: the file gets
+    the object's LastModified, the others their recorded times, one warning."""
+    backend, bucket = cli_env
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (src / name).write_bytes(name.encode())
+        os.utime(str(src / name), (1_600_000_000, 1_600_000_000))
+    code, out, err = run_cli(
+        backend, tmp_path, ["cp", "--recursive", str(src), "s3://%s/d/" % bucket]
+    )
+    assert code == 0, err
+    client = make_client(backend, tmp_path)
+    stored = client.storage.head_object(bucket, "d/a.txt")
+    assert stored["Metadata"]["dg-mtime"].startswith("1600000000")
+    client.storage.put_object(
+        bucket, "d/a.txt", b"a.txt", metadata={**stored["Metadata"], "dg-mtime": bad}
+    )
+    client.close()
+    dg._WARNED.discard("dg-mtime")
+    for argv in (
+        ["cp", "--recursive", "s3://%s/d/" % bucket, str(tmp_path / "down")],
+        ["sync", "s3://%s/d/" % bucket, str(tmp_path / "synced")],
+    ):
+        code, out, err = run_cli(backend, tmp_path, argv)
+        assert code == 0 and "Traceback" not in err, err
+        got = argv[-1]
+        assert sorted(os.listdir(got)) == ["a.txt", "b.txt"]
+        assert os.stat(os.path.join(got, "b.txt")).st_mtime == 1_600_000_000
+        assert abs(os.stat(os.path.join(got, "a.txt")).st_mtime - time.time()) < 3600
+    assert caplog.text.count("out-of-range dg-mtime") == 1
+
+
 def test_cli_cp_destinations_and_output_lines(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
@@ -8607,6 +9370,39 @@ def test_cli_symlink_loops_in_a_source_end(cli_env: Any, tmp_path: Any) -> None:
     c = make_client(backend, tmp_path)
     keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == ["l/v1/x.txt", "m/latest/x.txt", "m/v1/x.txt"]
+
+
+def test_cli_follow_symlinks_flags_as_aws(tmp_path: Any) -> None:
+    """aws s3 takes --follow-symlinks (the default) and --no-follow-symlinks, the last given
+    deciding; cp and sync both take either."""
+    backend = _local_backend(tmp_path)
+    assert run_cli(backend, tmp_path, ["mb", "s3://links"])[0] == 0
+    src = tmp_path / "src"
+    (src / "v1").mkdir(parents=True)
+    (src / "v1" / "x.txt").write_bytes(b"x")
+    (src / "latest").symlink_to("v1", target_is_directory=True)
+    runs = [
+        ("a", ["cp", "-r", "--follow-symlinks"]),
+        ("b", ["sync", "--follow-symlinks"]),
+        ("c", ["cp", "-r", "--no-follow-symlinks"]),
+        ("d", ["sync", "--follow-symlinks", "--no-follow-symlinks"]),
+        ("e", ["sync", "--no-follow-symlinks", "--follow-symlinks"]),
+    ]
+    for prefix, argv in runs:
+        code, out, err = run_cli(backend, tmp_path, [*argv, str(src), "s3://links/%s/" % prefix])
+        assert code == 0, (argv, err)
+    c = make_client(backend, tmp_path)
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket="links")["Contents"]]
+    assert keys == [
+        "a/latest/x.txt",
+        "a/v1/x.txt",
+        "b/latest/x.txt",
+        "b/v1/x.txt",
+        "c/v1/x.txt",
+        "d/v1/x.txt",
+        "e/latest/x.txt",
+        "e/v1/x.txt",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -10989,14 +11785,20 @@ def fault_stored(storage: Any, bucket: str, prefix: str = "") -> list[str]:
 def fault_invariants(storage: Any, bucket: str, *, orphans_ok: bool = False) -> list[str]:
     """FORMAT.md invariants of a bucket, as a list of problems (empty: all good)."""
     problems = []
-    keys = [k for k in fault_stored(storage, bucket) if not k.startswith(".deltaglider/")]
+    keys = [
+        k
+        for k in fault_stored(storage, bucket)
+        if not k.startswith(".deltaglider/") or dg._is_shared_ref(k)
+    ]
     keyset = set(keys)
     spaces_with_deltas = set()
+    named = set()  # the references deltas name
     for k in keys:
         if k.endswith(".delta"):
             spaces_with_deltas.add(dg._deltaspace(k))
             meta = storage.head_object(bucket, k)["Metadata"]
             ref_key = dg._resolve_ref_key(k, dg._meta_get(meta, "ref") or "reference.bin")
+            named.add(ref_key)
             if ref_key not in keyset:
                 problems.append("delta without its reference: %s" % k)
                 continue
@@ -11004,9 +11806,13 @@ def fault_invariants(storage: Any, bucket: str, *, orphans_ok: bool = False) -> 
             if dg._meta_get(ref_meta, "file_sha256") != dg._meta_get(meta, "ref_sha256"):
                 problems.append("delta %s made against another reference" % k)
     for k in keys:
-        if k.rsplit("/", 1)[-1] == "reference.bin" and dg._deltaspace(k) not in spaces_with_deltas:
-            if not orphans_ok:
-                problems.append("orphaned reference: %s" % k)
+        if k.rsplit("/", 1)[-1] != "reference.bin":
+            continue
+        # a folder's own reference serves every delta of the folder; a shared one, those
+        # that name it
+        used = k in named if dg._is_shared_ref(k) else dg._deltaspace(k) in spaces_with_deltas
+        if not used and not orphans_ok:
+            problems.append("orphaned reference: %s" % k)
     uploads = storage.list_multipart_uploads(bucket)["Uploads"]
     if uploads:
         problems.append("open multipart uploads: %s" % [u["Key"] for u in uploads])
@@ -11692,6 +12498,9 @@ def test_concurrent_16_writers_one_deltaspace_with_readers(fault_swift: Any, tmp
 
     def writer(v: int) -> None:
         c = fault_client(tmp_path)  # its own cache, as another process would have
+        # Racing for the folder's one reference.bin (the conditional create): with shared
+        # references, writers in other processes that start at once each make their own.
+        c._engine.references = "folder"
         try:
             c.upload_file(str(tmp_path / ("v%d.zip" % v)), bucket, "cc/app-%d.zip" % v)
         except BaseException as e:
@@ -11827,6 +12636,8 @@ def test_concurrent_two_syncs_of_one_tree(fault_swift: Any, tmp_path: Any) -> No
 
 
 def _fault_corrupt_setup(direct: Any, bucket: str, tmp_path: Any) -> None:
+    # Each folder its own reference.bin (DG_REFERENCES=folder): one to swap for the other's.
+    direct._engine.references = "folder"
     for v, key in [(0, "k/a.zip"), (1, "k/b.zip"), (5, "o/other.zip")]:
         (tmp_path / ("c%d.zip" % v)).write_bytes(fault_zip_bytes(v))
         direct.upload_file(str(tmp_path / ("c%d.zip" % v)), bucket, key)
@@ -12300,6 +13111,9 @@ def test_wrong_secret_names_the_users_operation_and_the_likely_cause(
             "PutObject": lambda: client.put_object(Bucket=bucket, Key="d/c.zip", Body=b"PK" * 9),
             "GetObject": lambda: client.get_object(Bucket=bucket, Key="d/a.zip"),
             "DeleteObject": lambda: client.delete_object(Bucket=bucket, Key="d/a.zip"),
+            "CopyObject": lambda: client.copy_object(
+                Bucket=bucket, Key="d/c.zip", CopySource={"Bucket": bucket, "Key": "d/a.zip"}
+            ),
         }
         for operation, call in calls.items():
             with pytest.raises(dg.ClientError) as info:

@@ -123,6 +123,25 @@ def _vmhwm(pid):
     return 0
 
 
+def _tree_rss(pid):
+    """Summed RSS of a process and all its descendants, now (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open("/proc/%d/statm" % p) as f:
+                total += int(f.read().split()[1]) * PAGE
+            for tid in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, tid)) as f:
+                    todo += [int(x) for x in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class Result:
     def __init__(self, rc, secs, py_rss, tree_rss, out, err):
         self.rc, self.secs, self.py_rss, self.tree_rss, self.out, self.err = rc, secs, py_rss, tree_rss, out, err
@@ -130,16 +149,20 @@ class Result:
 
 def run(cmd, env, cwd=None, timeout=3600):
     """Run one command; return wall seconds, the process's own peak RSS (VmHWM polled from
-    /proc, children such as xdelta3 excluded) and the tree's (wait4 ru_maxrss)."""
+    /proc, children such as xdelta3 excluded) and the tree's: the peak of the RSS summed
+    over the process and all its descendants (polled every 10 ms; at least wait4's
+    ru_maxrss, the largest single process)."""
     fo, fe = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
     peak = [0]
+    tree = [0]
     done = threading.Event()
 
     def poll():
         while not done.is_set():
             peak[0] = max(peak[0], _vmhwm(p.pid))
+            tree[0] = max(tree[0], _tree_rss(p.pid))
             done.wait(0.01)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -166,7 +189,7 @@ def run(cmd, env, cwd=None, timeout=3600):
     fo.seek(0), fe.seek(0)
     out, err = fo.read().decode("utf-8", "replace"), fe.read().decode("utf-8", "replace")
     fo.close(), fe.close()
-    return Result(p.returncode, secs, peak[0], ru.ru_maxrss * 1024, out, err)
+    return Result(p.returncode, secs, peak[0], max(tree[0], ru.ru_maxrss * 1024), out, err)
 
 
 def sha256(path):
@@ -275,6 +298,33 @@ def _synthetic_big(folder, size, rnd_seed=7):
     return [v1, v2]
 
 
+def _synthetic_image(folder, size, rnd_seed=5):
+    """#17's pair: a disk-image-like v1 (random, zero and text stretches) and v2 with five
+    64 KiB regions overwritten in place."""
+    os.makedirs(folder, exist_ok=True)
+    tag = "%dM" % (size // MiB)
+    v1 = os.path.join(folder, "image-%s-v1.img" % tag)
+    v2 = os.path.join(folder, "image-%s-v2.img" % tag)
+    if os.path.exists(v1) and os.path.exists(v2):
+        return [v1, v2]
+    rng = random.Random(rnd_seed)
+    with open(v1 + ".part", "wb") as f:
+        left, i = size, 0
+        while left:
+            block = os.urandom(2 * MiB) + bytes(MiB) + ((b"line of text %d\n" % i) * (MiB // 10))[:MiB]
+            f.write(block[:left])
+            left -= min(left, len(block))
+            i += 1
+    os.replace(v1 + ".part", v1)
+    shutil.copyfile(v1, v2 + ".part")
+    with open(v2 + ".part", "r+b") as f:
+        for off in sorted(rng.randrange(0, size - 65536) for _ in range(5)):
+            f.seek(off)
+            f.write(os.urandom(65536))
+    os.replace(v2 + ".part", v2)
+    return [v1, v2]
+
+
 def _small_files(folder, count):
     if os.path.isdir(folder) and sum(len(f) for _, _, f in os.walk(folder)) == count:
         return folder
@@ -367,6 +417,7 @@ def build_corpus(args):
         series["awscli"] = [_fetch_pypi("awscli", v, "wheel", os.path.join(base, "awscli"), seeds)
                             for v in args.awscli]
         series["jar"] = [_py4j_jar(v, os.path.join(base, "jar"), seeds) for v in args.py4j]
+    series["img"] = _synthetic_image(os.path.join(base, "img"), args.image_mib * MiB)
     series["big"] = _synthetic_big(os.path.join(base, "big"), args.big_mib * MiB)
     small = _small_files(os.path.join(base, "small"), args.small_files)
     many = _small_files(os.path.join(base, "many"), args.list_objects)
@@ -486,38 +537,45 @@ class Bench:
         log("%s: %s" % (tool.name, msg))
 
     def series(self, tools, name, files, reps, tmp):
+        """Interleaved: each step (upload of file i, download of file i) runs for every tool
+        before the next step, so load on a shared machine hits all tools alike."""
         hashes = [sha256(f) for f in files]
         res = self.data["series"].setdefault(name, {
             "files": [os.path.basename(f) for f in files], "sizes": [os.path.getsize(f) for f in files]})
+        trs = {}
         for tool in tools:
-            tr = res.setdefault(tool.name, {"up": [[] for _ in files], "down": [[] for _ in files],
-                                            "up_rss": 0, "down_rss": 0, "up_tree_rss": 0,
-                                            "down_tree_rss": 0, "stored": None, "ok": True})
-            for rep in range(reps):
-                bucket = "bench-" + tool.name
-                prefix = "%s/r%d/" % (name, rep)
-                self.s3.make_bucket(bucket)
-                self.s3.delete_prefix(bucket, prefix)
+            trs[tool.name] = res.setdefault(tool.name, {
+                "up": [[] for _ in files], "down": [[] for _ in files], "up_rss": 0, "down_rss": 0,
+                "up_tree_rss": 0, "down_tree_rss": 0, "stored": None, "ok": True})
+        for rep in range(reps):
+            prefix = "%s/r%d/" % (name, rep)
+            for tool in tools:
+                self.s3.make_bucket("bench-" + tool.name)
+                self.s3.delete_prefix("bench-" + tool.name, prefix)
                 if tool.name.startswith("ours"):
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
-                for i, f in enumerate(files):
-                    r = run(tool.up(f, bucket, prefix), tool.env)
+            for i, f in enumerate(files):
+                for tool in tools:
+                    tr = trs[tool.name]
+                    r = run(tool.up(f, "bench-" + tool.name, prefix), tool.env)
                     if r.rc != 0:
                         self.fail(tool, "upload %s failed rc=%d: %s" % (f, r.rc, (r.err or r.out)[-400:]))
                         tr["ok"] = False
                     tr["up"][i].append(r.secs)
                     tr["up_rss"] = max(tr["up_rss"], r.py_rss)
                     tr["up_tree_rss"] = max(tr["up_tree_rss"], r.tree_rss)
-                    log("%-8s %-4s up   %-40s %7.2fs rss %4dM" % (tool.name, name, os.path.basename(f),
-                                                                r.secs, r.py_rss // MiB))
-                stored = sum(s for _, s in self.s3.list(bucket, prefix))
-                tr["stored"] = stored
+                    log("%-8s %-4s up   %-40s %7.2fs rss %4dM tree %4dM" % (
+                        tool.name, name, os.path.basename(f), r.secs, r.py_rss // MiB, r.tree_rss // MiB))
+            for tool in tools:
+                trs[tool.name]["stored"] = sum(s for _, s in self.s3.list("bench-" + tool.name, prefix))
                 if tool.name.startswith("ours"):  # downloads start from an empty reference cache
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
-                outdir = tempfile.mkdtemp(dir=tmp, prefix="dl-")
-                for i, f in enumerate(files):
+            outdir = tempfile.mkdtemp(dir=tmp, prefix="dl-")
+            for i, f in enumerate(files):
+                for tool in tools:
+                    tr = trs[tool.name]
                     dest = os.path.join(outdir, os.path.basename(f))
-                    r = run(tool.down(bucket, prefix, os.path.basename(f), dest), tool.env)
+                    r = run(tool.down("bench-" + tool.name, prefix, os.path.basename(f), dest), tool.env)
                     tr["down"][i].append(r.secs)
                     tr["down_rss"] = max(tr["down_rss"], r.py_rss)
                     tr["down_tree_rss"] = max(tr["down_tree_rss"], r.tree_rss)
@@ -527,14 +585,15 @@ class Bench:
                         self.fail(tool, "download %s: %s (rc=%d) %s" % (
                             os.path.basename(f), "WRONG BYTES" if r.rc == 0 and os.path.exists(dest)
                             else "failed", r.rc, (r.err or r.out)[-300:]))
-                    log("%-8s %-4s down %-40s %7.2fs rss %4dM %s" % (tool.name, name, os.path.basename(f),
-                                                                   r.secs, r.py_rss // MiB,
-                                                                   "ok" if good else "BAD"))
+                    log("%-8s %-4s down %-40s %7.2fs rss %4dM tree %4dM %s" % (
+                        tool.name, name, os.path.basename(f), r.secs, r.py_rss // MiB, r.tree_rss // MiB,
+                        "ok" if good else "BAD"))
                     if os.path.exists(dest):
                         os.remove(dest)
-                shutil.rmtree(outdir, ignore_errors=True)
-                if not self.args.keep_objects:
-                    self.s3.delete_prefix(bucket, prefix)
+            shutil.rmtree(outdir, ignore_errors=True)
+            if not self.args.keep_objects:
+                for tool in tools:
+                    self.s3.delete_prefix("bench-" + tool.name, prefix)
 
     def floor(self, name, files, reps, tmp):
         """xdelta3 alone (our flags) + sha256sum alone, on the same files: encode v_i against
@@ -547,8 +606,13 @@ class Bench:
         try:
             import deltaglider as dg  # only for the exact encode/decode flags
             x = dg._XDelta3(xd)
-            enc = lambda s, t, o: x.encode_args(s, t, o)
-            dec = lambda s, d, o: ["-d", "-f", "-D", "-B", str(x.window(os.path.getsize(s))), "-s", s, d, o]
+
+            def enc(s, t, o):  # the plan a default upload gets (#17: level and window by size)
+                size = os.path.getsize(s)
+                checker = dg._decoder_memory(size)
+                return x.encode_args(dg._encode_plan(size, x.memory.total - checker), s, t, o)
+
+            dec = lambda s, d, o: ["-d", "-f", "-D", "-B", str(dg._DECODE_WINDOW), "-s", s, d, o]
         except Exception:
             dg = None
             enc = lambda s, t, o: ["-e", "-f", "-D", "-9", "-s", s, t, o]
@@ -596,20 +660,20 @@ class Bench:
         return secs
 
     def version(self, tools, reps):
-        for tool in tools:
-            times = []
-            for _ in range(reps):
-                r = run(tool.version(), tool.env)
+        runs = [(t.name, t.version(), t) for t in tools]
+        ours = [t for t in tools if t.name == "ours"]
+        if ours:  # same, but bytecode-cached (`python -m` / installed entry point)
+            runs.append(("ours -m", [ours[0].argv[0], "-m", "deltaglider", "--version"], ours[0]))
+        times = {name: [] for name, _, _ in runs}
+        for _ in range(reps):  # interleaved, hyperfine-style repeated runs
+            for name, argv, tool in runs:
+                r = run(argv, tool.env, cwd=REPO)
                 if r.rc != 0:
                     self.fail(tool, "--version rc=%d %s" % (r.rc, r.err[-200:]))
-                times.append(r.secs)
-            self.data["version"][tool.name] = times
-            log("%-8s --version median %.3fs" % (tool.name, statistics.median(times)))
-            if tool.name == "ours":  # same, but bytecode-cached (`python -m` / installed entry point)
-                times = [run([tool.argv[0], "-m", "deltaglider", "--version"], tool.env, cwd=REPO).secs
-                         for _ in range(reps)]
-                self.data["version"]["ours -m"] = times
-                log("ours -m  --version median %.3fs" % statistics.median(times))
+                times[name].append(r.secs)
+        for name, _, _ in runs:
+            self.data["version"][name] = times[name]
+            log("%-8s --version median %.3fs" % (name, statistics.median(times[name])))
 
     def ls(self, tools, many, reps):
         bucket, prefix = "bench-list", "many/"
@@ -621,15 +685,18 @@ class Bench:
             r = run(ours.up_r(many, bucket, prefix), ours.env)
             if r.rc != 0:
                 self.fail(ours, "cp -r of %d files failed: %s" % (n, r.err[-300:]))
-        for tool in tools:
-            times, lines = [], 0
-            for _ in range(reps):
+        got = {t.name: {"times": [], "lines": 0, "objects": n, "rss": 0} for t in tools}
+        for _ in range(reps):  # interleaved
+            for tool in tools:
                 r = run(tool.ls_r(bucket, prefix), tool.env)
                 if r.rc != 0:
                     self.fail(tool, "ls -r rc=%d %s" % (r.rc, r.err[-200:]))
-                times.append(r.secs)
-                lines = len([ln for ln in r.out.splitlines() if ln.strip()])
-            self.data["ls"][tool.name] = {"times": times, "lines": lines, "objects": n}
+                got[tool.name]["times"].append(r.secs)
+                got[tool.name]["rss"] = max(got[tool.name]["rss"], r.tree_rss)
+                got[tool.name]["lines"] = len([ln for ln in r.out.splitlines() if ln.strip()])
+        for tool in tools:
+            times, lines = got[tool.name]["times"], got[tool.name]["lines"]
+            self.data["ls"][tool.name] = got[tool.name]
             if lines < n:
                 (self.errors if tool.name.startswith("ours") else self.notes).append(
                     "%s: ls -r listed %d of %d objects" % (tool.name, lines, n))
@@ -641,9 +708,9 @@ class Bench:
 
     def small(self, tools, folder, reps):
         n = sum(len(f) for _, _, f in os.walk(folder))
-        for tool in tools:
-            times = []
-            for rep in range(reps):
+        times = {t.name: [] for t in tools}
+        for rep in range(reps):  # interleaved
+            for tool in tools:
                 bucket, prefix = "bench-" + tool.name, "small/r%d/" % rep
                 self.s3.make_bucket(bucket)
                 self.s3.delete_prefix(bucket, prefix)
@@ -651,10 +718,11 @@ class Bench:
                 got = len(self.s3.list(bucket, prefix))
                 if r.rc != 0 or got < n:
                     self.fail(tool, "cp -r small: rc=%d, %d/%d objects %s" % (r.rc, got, n, r.err[-300:]))
-                times.append(r.secs)
+                times[tool.name].append(r.secs)
                 self.s3.delete_prefix(bucket, prefix)
-            self.data["small"][tool.name] = times
-            log("%-8s cp -r %d small files median %.2fs" % (tool.name, n, statistics.median(times)))
+        for tool in tools:
+            self.data["small"][tool.name] = times[tool.name]
+            log("%-8s cp -r %d small files median %.2fs" % (tool.name, n, statistics.median(times[tool.name])))
 
 
 # --------------------------------------------------------------------------- report
@@ -791,6 +859,41 @@ def targets(data, summ, args):
             "%.2f×" % r, r <= 3 if goal else True,
             "median %ss vs %ss; upload %ss vs %ss" % (fmt_s(a["later_down"]), fmt_s(o["later_down"]),
                                                       fmt_s(a["later_up"]), fmt_s(o["later_up"])))
+    # #17: big files at the limit, many files, listing at scale, start-up, memory.
+    for name in ("img", "big"):
+        o, a, f = summ.get((name, "ours")), summ.get((name, "awscli")), summ.get((name, "floor"))
+        if o and a:
+            floor = " (floor %ss)" % fmt_s(f["later_up"]) if f else ""
+            r = ratio(o["later_up"], a["later_up"])
+            add("(#17) %s later-version upload ≤ 0.75× `aws s3 cp` of the whole file" % name, "%.2f×" % r,
+                r <= 0.75, "median %ss vs %ss%s" % (fmt_s(o["later_up"]), fmt_s(a["later_up"]), floor))
+            floor = " (floor %ss)" % fmt_s(f["later_down"]) if f else ""
+            r = ratio(o["later_down"], a["later_down"])
+            add("(#17) %s cold download ≤ 1.0× aws's" % name, "%.2f×" % r, r <= 1.0,
+                "median %ss vs %ss%s" % (fmt_s(o["later_down"]), fmt_s(a["later_down"]), floor))
+        if o:
+            for phase, key in (("upload", "up_tree_rss"), ("download", "down_tree_rss")):
+                add("(#17) %s %s, whole process tree ≤ 600 MB" % (name, phase), fmt_b(o[key]),
+                    o[key] <= 600e6, "RSS summed over Python and xdelta3, polled")
+    if "ours" in sm and "awscli" in sm:
+        r = ratio(med(sm["ours"]), med(sm["awscli"]))
+        add("(#17) cp -r of %d small files ≤ 0.5× `aws s3 cp --recursive`" % args.small_files, "%.2f×" % r,
+            r <= 0.5, "%ss vs %ss" % (fmt_s(med(sm["ours"])), fmt_s(med(sm["awscli"]))))
+    if "ours" in ls and "awscli" in ls:
+        r = ratio(med(ls["ours"]["times"]), med(ls["awscli"]["times"]))
+        add("(#17) `ls -r` over %d objects ≤ 0.5× `aws s3 ls --recursive`" % ls["ours"]["objects"],
+            "%.2f×" % r, r <= 0.5, "%ss vs %ss; tree RSS %s vs %s" % (
+                fmt_s(med(ls["ours"]["times"])), fmt_s(med(ls["awscli"]["times"])),
+                fmt_b(ls["ours"].get("rss", 0)), fmt_b(ls["awscli"].get("rss", 0))))
+    if "ours -m" in v and "original" in v:
+        r = ratio(med(v["ours -m"]), med(v["original"]))
+        add("(#17) `python -m deltaglider --version` ≤ 0.25× original's", "%.3f" % r, r <= 0.25,
+            "%ss vs %ss" % (fmt_s(med(v["ours -m"])), fmt_s(med(v["original"]))))
+    o, g = summ.get(("zip", "ours")), summ.get(("zip", "original"))
+    if o and g:
+        r = ratio(g["later_up"], o["later_up"])
+        add("(#17) later-version upload, 12 MB zip: ≥ 3× original's speed", "%.2f×" % r, r >= 3,
+            "median %ss vs %ss" % (fmt_s(o["later_up"]), fmt_s(g["later_up"])))
     o = summ.get(("big", "ours"))
     if o:
         for phase, key in (("upload", "up_rss"), ("download", "down_rss")):
@@ -823,15 +926,18 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
     L = []
     L.append("# deltaglider benchmark results\n")
     L.append("Generated by `benchmarks/run.sh%s` on %s (%s, Python %s, %d CPUs), %s. Server: OpenStack "
-             "Swift + s3api on 127.0.0.1. Repetitions: %d (big file: 1). Tools: %s.\n" % (
+             "Swift + s3api on 127.0.0.1. Repetitions: %d (big file: 1). Tools: %s. Load average "
+             "(1 min) at the start / when written: %s; workloads are interleaved, so ratios hold "
+             "better than times on a loaded machine.\n" % (
                  " --small" if args.small else "", started, platform.platform(), platform.python_version(),
                  os.cpu_count() or 0, "small mode" if args.small else "full mode", args.repeat,
-                 ", ".join("**%s** = %s" % (t.name, t.label) for t in tools)))
+                 ", ".join("**%s** = %s" % (t.name, t.label) for t in tools),
+                 "%s / %.1f" % (data.get("load", "?"), os.getloadavg()[0])))
     L.append("Times are wall seconds of one CLI invocation per file (median over repetitions, then over "
              "files); *first* = the first version of a series (stored whole by the delta tools), *later* = "
              "every other version. Downloads start with an empty local cache and are checked by SHA-256. "
              "*Stored* = raw bytes under the prefix after uploading the series (listed directly from S3). "
-             "*Peak RSS* = the CLI's Python process alone (VmHWM); *tree* includes xdelta3 children. "
+             "*Peak RSS* = the CLI's Python process alone (VmHWM); *tree* = RSS summed over the whole process tree, xdelta3 included. "
              "*floor* = `xdelta3` (our flags, encode v_i against v_1 / decode) + `sha256sum`, no S3.\n")
     L.append("## Targets\n")
     L.append("| target | measured | pass | detail |\n|---|---|---|---|")
@@ -899,8 +1005,11 @@ def parse_args(argv=None):
     ap.add_argument("--py4j", nargs="+", default=["0.10.9.5", "0.10.9.6", "0.10.9.7", "0.10.9.8", "0.10.9.9"],
                     help="py4j versions whose jar makes the jar series")
     ap.add_argument("--big-mib", type=int, default=None, help="synthetic big file size (default 2048; --small: 64)")
-    ap.add_argument("--small-files", type=int, default=None, help="default 200 (--small: 20)")
-    ap.add_argument("--list-objects", type=int, default=2000, help="objects for ls -r (--small: 200)")
+    ap.add_argument("--image-mib", type=int, default=None,
+                    help="#17's image pair, five 64 KiB regions changed (default 300; --small: 16)")
+    ap.add_argument("--small-files", type=int, default=None, help="default 1000 (--small: 20)")
+    ap.add_argument("--list-objects", type=int, default=None,
+                    help="objects for ls -r (default 100000; --small: 200)")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "deltaglider-bench"))
     ap.add_argument("--seed-corpus", action="append", help="folder searched for already-downloaded files")
     ap.add_argument("--endpoint", help="use this S3 endpoint (keys test:tester/testing) instead of starting one")
@@ -941,10 +1050,12 @@ def main():
         args.repeat = 1 if args.small else 3
     if args.big_mib is None:
         args.big_mib = 64 if args.small else 2048
+    if args.image_mib is None:
+        args.image_mib = 16 if args.small else 300
     if args.small_files is None:
-        args.small_files = 20 if args.small else 200
-    if args.small:
-        args.list_objects = min(args.list_objects, 200)
+        args.small_files = 20 if args.small else 1000
+    if args.list_objects is None:
+        args.list_objects = 200 if args.small else 100000
     os.makedirs(args.cache, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.time()
@@ -969,6 +1080,7 @@ def main():
         tools, notes = make_tools(args, endpoint, tmp)
         b = Bench(args, endpoint)
         b.notes.extend(notes)
+        b.data["load"] = "%.1f" % os.getloadavg()[0]
         b.data["baseline_rss"] = run([tools[0].argv[0], "-c", "pass"], dict(os.environ)).py_rss
         want = lambda w: not args.only or w in args.only
         plain_tools = [t for t in tools if t.name != "ours-aa"]  # same CLI as ours here
