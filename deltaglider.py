@@ -5434,18 +5434,42 @@ def _put_path(
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
-        try:
-            storage.abort_multipart_upload(bucket, key, upload_id)
-        except Exception as e:  # pragma: no cover - the original error matters more
-            logger.warning("could not abort multipart upload %s of %s: %s", upload_id, key, e)
+        _cleanup_tries(
+            lambda: storage.abort_multipart_upload(bucket, key, upload_id),
+            "could not abort multipart upload %s of %s" % (upload_id, key),
+        )
         _abort_strays(storage, bucket, key, upload_id, started)
         raise
+
+
+#: Cleanup after a failed upload is tried this many times over (each try with the
+#: transport's own retries): parts left behind cost storage until someone aborts them.
+_CLEANUP_TRIES = 3
+
+
+def _cleanup_tries(step: Callable[[], Any], what: str) -> None:
+    """Run a cleanup step, again after a pause when it fails; warn if it never succeeds
+    (the error that made the cleanup necessary matters more than this one)."""
+    for attempt in range(_CLEANUP_TRIES):
+        try:
+            step()
+            return
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return  # already gone
+            error: Exception = e
+        except Exception as e:
+            error = e
+        if attempt + 1 < _CLEANUP_TRIES:
+            time.sleep(0.25 * (attempt + 1))
+    logger.warning("%s: %s", what, error)
 
 
 def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetime.datetime) -> None:
     """Abort uploads of this key that a retried CreateMultipartUpload may have started
     (the first reply was lost, so its UploadId never reached us)."""
-    try:
+
+    def sweep() -> None:
         uploads = storage.list_multipart_uploads(bucket, prefix=key)["Uploads"]
         for up in uploads:
             initiated = up.get("Initiated")
@@ -5453,9 +5477,13 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
                 continue
             if isinstance(initiated, datetime.datetime) and initiated < since:
                 continue  # older than us: someone else's
-            storage.abort_multipart_upload(bucket, key, up["UploadId"])
-    except Exception as e:
-        logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+            try:
+                storage.abort_multipart_upload(bucket, key, up["UploadId"])
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+
+    _cleanup_tries(sweep, "could not check for stray multipart uploads of %s" % key)
 
 
 class _ChangedWhileSent(OSError):
