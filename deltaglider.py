@@ -2801,6 +2801,21 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
     headers: dict[str, str] = {}
@@ -3157,10 +3172,7 @@ class _S3Storage:
                     conn.putheader(name, value)
                 except ValueError:  # http.client's message quotes the value: it may be a secret
                     conn.close()
-                    raise ParamValidationError(
-                        report="the %s header has a line break or another character HTTP does "
-                        "not allow (the value is not shown)" % name
-                    ) from None
+                    raise _header_value_error(name) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
             if length is None and body is not None:
@@ -4293,6 +4305,7 @@ class _LocalStorage:
         kept: dict[str, str] = {}
         for name, value in (headers or {}).items():
             lname = name.lower()
+            _check_header_value(name, str(value))
             if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
                 kept[lname] = str(value)
         kept.update(_metadata_headers(metadata))
@@ -12113,7 +12126,8 @@ class _AttrDict(Dict[str, Any]):
 
 class VerifyResult(_AttrDict):
     """What :meth:`DeltaGliderClient.verify` found; true only when the object is intact,
-    so ``if client.verify(url):`` means what it says (6.x returned a bare bool)."""
+    so ``if client.verify(url):`` means what it says (6.x returned a bare bool).
+    ``json.dumps`` writes a false dict as ``{}``: dump ``dict(result)``."""
 
     def __bool__(self) -> bool:
         return bool(self.get("valid"))
@@ -16144,7 +16158,8 @@ class _Cli:
 
     def cmd_verify(self) -> int:
         result = self.client.verify(self.args.path)
-        self.out.write(json.dumps(result, indent=2) + "\n")
+        # dict(): json skips a dict that is false, and a VerifyResult is false when it failed.
+        self.out.write(json.dumps(dict(result), indent=2) + "\n")
         return EXIT_OK if result["valid"] else EXIT_FAILED
 
     def cmd_presign(self) -> int:

@@ -10668,8 +10668,9 @@ def test_delta_reads_equal_plain_boto3_upload(parity_env: ParityEnv) -> None:
     env = parity_env
     b_boto, b_dg = env.pair()
     files = _upload_versions(env, b_boto, b_dg, "rel/", range(1, 4))
-    raw = env.boto.list_objects_v2(Bucket=b_dg, Prefix="rel/")
-    assert "rel/reference.bin" in [o["Key"] for o in raw["Contents"]]  # really delta-stored
+    raw = [o["Key"] for o in env.boto.list_objects_v2(Bucket=b_dg)["Contents"]]
+    assert [k for k in raw if k.endswith("reference.bin")]  # really delta-stored:
+    assert "rel/app-1.2.zip.delta" in raw  # a reference (where the engine chose) and deltas
     for key, data in files.items():
         # What a boto3 user reads through our client: exactly a plain upload's answers.
         for op in ("head_object", "get_object"):
@@ -10824,7 +10825,7 @@ def _mixed_bucket(env: ParityEnv) -> tuple[str, list[str]]:
     env.dg.put_object(Bucket=b, Key="top.txt", Body=b"top")
     keys.append("top.txt")
     stored = [o["Key"] for o in env.boto.list_objects_v2(Bucket=b)["Contents"]]
-    assert "a/reference.bin" in stored and "a/app-1.2.zip.delta" in stored
+    assert [k for k in stored if k.endswith("reference.bin")] and "a/app-1.2.zip.delta" in stored
     return b, sorted(keys)
 
 
@@ -10918,16 +10919,16 @@ def test_delta_unsupported_parameters_are_refused(parity_env: ParityEnv) -> None
     env = parity_env
     b = env.bucket()
     env.dg.put_object(Bucket=b, Key="k.txt", Body=b"x")
+    # boto3 refuses what is not a parameter of the operation, client-side; parameters that
+    # the server decides on (conditions, SSE-C, checksums, VersionId, ...) are sent to it
+    # (test_parity_conditions_overrides_and_server_decided_parameters).
     refused: list[tuple[str, dict[str, Any]]] = [
-        ("put_object", {"Key": "k.zip", "Body": b"x", "SSECustomerKey": "k" * 32}),
-        ("put_object", {"Key": "k.zip", "Body": b"x", "ChecksumAlgorithm": "CRC32"}),
         ("put_object", {"Key": "k.zip", "Body": b"x", "Bogus": 1}),
-        ("get_object", {"Key": "k.txt", "IfMatch": '"abc"'}),
-        ("get_object", {"Key": "k.txt", "VersionId": "v1"}),
-        ("head_object", {"Key": "k.txt", "PartNumber": 1}),
-        ("list_objects_v2", {"RequestPayer": "requester"}),
-        ("copy_object", {"Key": "c.txt", "CopySource": b + "/k.txt", "TaggingDirective": "COPY"}),
-        ("delete_object", {"Key": "k.txt", "MFA": "x"}),
+        ("get_object", {"Key": "k.txt", "IfMatchh": '"abc"'}),
+        ("head_object", {"Key": "k.txt", "PartNo": 1}),
+        ("list_objects_v2", {"Requester": "me"}),
+        ("copy_object", {"Key": "c.txt", "CopySource": b + "/k.txt", "Tagging_Directive": "COPY"}),
+        ("delete_object", {"Key": "k.txt", "Mfa": "x"}),
     ]
     for op, kw in refused:
         with pytest.raises(dg.ParamValidationError) as info:
@@ -11031,7 +11032,8 @@ def test_delta_put_object_keeps_headers(parity_env: ParityEnv) -> None:
         key, data = "h/app-1.%d.zip" % v, parity_zip(v)
         env.boto.put_object(Bucket=b_boto, Key=key, Body=data, **params)
         ours = env.dg.put_object(Bucket=b_dg, Key=key, Body=data, **params)
-        assert ours["DeltaGliderInfo"]["IsDelta"] is True
+        # 6.2.0's meaning: the first file becomes the reference, the second is a delta.
+        assert ours["DeltaGliderInfo"]["IsDelta"] is (v == 2)
         th = env.boto.head_object(Bucket=b_boto, Key=key)
         oh = env.dg.head_object(Bucket=b_dg, Key=key)
         assert_same_shape(th, oh, "head_object of delta-stored " + key)
@@ -12685,7 +12687,8 @@ def test_corruption_is_an_integrity_error_and_no_output(
         )
         assert fault_leftovers(home) == []
     code, out, err = fault_run_cli(FAULT_SWIFT, tmp_path, ["verify", "s3://%s/%s" % (bucket, key)])
-    assert code == 1 and json.loads(out)["valid"] is False, (out, err)
+    assert code == 1, (out, err)
+    assert json.loads(out)["valid"] is False, (out, err)
     with pytest.raises(dg.IntegrityError):
         fault_client(tmp_path).get_object(Bucket=bucket, Key=key)["Body"].read()
 
