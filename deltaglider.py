@@ -2158,26 +2158,30 @@ class _SigV4:
         query: list[tuple[str, str]],
         expires: int,
         now: datetime.datetime,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
-        """The query string of a presigned URL (botocore SigV4QueryAuth order)."""
+        """The query string of a presigned URL (botocore SigV4QueryAuth order). ``headers``
+        are signed as botocore signs an operation's header parameters (``x-amz-acl``,
+        ``Content-Type``, ``Range``...): whoever uses the URL must send them."""
         if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
             raise ParamValidationError(
                 report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
                 % (_PRESIGN_MAX_EXPIRES, expires)
             )
         timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
+        block, signed = _canonical_headers(dict(headers or {}, host=host))
         auth: list[tuple[str, str]] = [
             ("X-Amz-Algorithm", _SIGV4_ALGORITHM),
             ("X-Amz-Credential", "%s/%s" % (self._access_key, self._scope(timestamp[:8]))),
             ("X-Amz-Date", timestamp),
             ("X-Amz-Expires", str(int(expires))),
-            ("X-Amz-SignedHeaders", "host"),
+            ("X-Amz-SignedHeaders", signed),
         ]
         if self._token:
             auth.append(("X-Amz-Security-Token", self._token))
         params = list(query) + auth  # botocore: the operation's parameters come first
         canonical = "\n".join(
-            (method, path, _canonical_query(params), "host:%s\n" % host, "host", _UNSIGNED_PAYLOAD)
+            (method, path, _canonical_query(params), block, signed, _UNSIGNED_PAYLOAD)
         )
         signature = self._signature(self._string_to_sign(canonical, timestamp), timestamp[:8])
         encoded = "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in params)
@@ -3258,9 +3262,15 @@ class _S3Storage:
             ) from None
 
     def presign_url(
-        self, method: str, bucket: str, key: str | None, query: list[tuple[str, str]], expires: int
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        expires: int,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
-        """A SigV4 query-signed URL (``UNSIGNED-PAYLOAD``; only ``host`` is signed)."""
+        """A SigV4 query-signed URL (``UNSIGNED-PAYLOAD``; ``host`` and ``headers`` signed)."""
         _, netloc, path = self._target(bucket, key)
         base = "%s://%s%s" % (self._scheme, netloc, path)
         signer = self._signer(bucket)
@@ -3268,7 +3278,11 @@ class _S3Storage:
             if not query:
                 return base
             return base + "?" + "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in query)
-        return base + "?" + signer.presign_query(method, netloc, path, query, expires, self._now())
+        return (
+            base
+            + "?"
+            + signer.presign_query(method, netloc, path, query, expires, self._now(), headers)
+        )
 
     def presign_post(
         self, bucket: str, fields: dict[str, str], conditions: list[Any], expires: int
@@ -11416,22 +11430,14 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
+        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
         methods = {
             "get_object": (
                 "GET",
-                {
-                    "Bucket",
-                    "Key",
-                    "ResponseContentType",
-                    "ResponseContentDisposition",
-                    "ResponseCacheControl",
-                    "ResponseContentEncoding",
-                    "ResponseContentLanguage",
-                    "ResponseExpires",
-                },
+                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
             ),
-            "head_object": ("HEAD", {"Bucket", "Key"}),
-            "put_object": ("PUT", {"Bucket", "Key"}),
+            "head_object": ("HEAD", {"Bucket", "Key"} | read),
+            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
             "delete_object": ("DELETE", {"Bucket", "Key"}),
             "list_objects_v2": (
                 "GET",
@@ -11458,6 +11464,21 @@ class DeltaGliderClient:
             )
         bucket, key = params.pop("Bucket"), params.pop("Key", None)
         query: list[tuple[str, str]] = []
+        # Header parameters are signed headers the URL's user must send, as botocore signs
+        # them; the Response* overrides and list parameters are query parameters.
+        headers: dict[str, str] = {}
+        if ClientMethod == "put_object":
+            headers = _put_headers(params)
+            headers.update(_metadata_headers(params.get("Metadata")))
+            if params.get("ContentMD5") is not None:
+                headers["Content-MD5"] = str(params["ContentMD5"])
+            if params.get("ContentLength") is not None:
+                headers["Content-Length"] = str(params["ContentLength"])
+        elif ClientMethod in ("get_object", "head_object"):
+            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+            if params.get("Range") is not None:
+                headers["Range"] = str(params["Range"])
+            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
         if ClientMethod == "get_object" and key is not None:
             try:
                 lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
@@ -11469,12 +11490,16 @@ class DeltaGliderClient:
                 key = self._rehydrate(lg, int(ExpiresIn))
             for name, value in sorted(params.items()):
                 snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+                if isinstance(value, datetime.datetime):
+                    value = _http_date(value)
                 query.append(("response-" + snake, str(value)))
         elif ClientMethod == "list_objects_v2":
             query.append(("list-type", "2"))
             for name, value in params.items():
                 query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return storage.presign_url(HttpMethod or method, bucket, key, query, int(ExpiresIn))  # type: ignore[no-any-return]
+        return storage.presign_url(  # type: ignore[no-any-return]
+            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
+        )
 
     def _rehydrate(self, lg: _Logical, expires: int) -> str:
         """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
