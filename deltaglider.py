@@ -2158,26 +2158,30 @@ class _SigV4:
         query: list[tuple[str, str]],
         expires: int,
         now: datetime.datetime,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
-        """The query string of a presigned URL (botocore SigV4QueryAuth order)."""
+        """The query string of a presigned URL (botocore SigV4QueryAuth order). ``headers``
+        are signed as botocore signs an operation's header parameters (``x-amz-acl``,
+        ``Content-Type``, ``Range``...): whoever uses the URL must send them."""
         if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
             raise ParamValidationError(
                 report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
                 % (_PRESIGN_MAX_EXPIRES, expires)
             )
         timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
+        block, signed = _canonical_headers(dict(headers or {}, host=host))
         auth: list[tuple[str, str]] = [
             ("X-Amz-Algorithm", _SIGV4_ALGORITHM),
             ("X-Amz-Credential", "%s/%s" % (self._access_key, self._scope(timestamp[:8]))),
             ("X-Amz-Date", timestamp),
             ("X-Amz-Expires", str(int(expires))),
-            ("X-Amz-SignedHeaders", "host"),
+            ("X-Amz-SignedHeaders", signed),
         ]
         if self._token:
             auth.append(("X-Amz-Security-Token", self._token))
         params = list(query) + auth  # botocore: the operation's parameters come first
         canonical = "\n".join(
-            (method, path, _canonical_query(params), "host:%s\n" % host, "host", _UNSIGNED_PAYLOAD)
+            (method, path, _canonical_query(params), block, signed, _UNSIGNED_PAYLOAD)
         )
         signature = self._signature(self._string_to_sign(canonical, timestamp), timestamp[:8])
         encoded = "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in params)
@@ -2801,6 +2805,21 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
     headers: dict[str, str] = {}
@@ -3157,10 +3176,7 @@ class _S3Storage:
                     conn.putheader(name, value)
                 except ValueError:  # http.client's message quotes the value: it may be a secret
                     conn.close()
-                    raise ParamValidationError(
-                        report="the %s header has a line break or another character HTTP does "
-                        "not allow (the value is not shown)" % name
-                    ) from None
+                    raise _header_value_error(name) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
             if length is None and body is not None:
@@ -3246,9 +3262,15 @@ class _S3Storage:
             ) from None
 
     def presign_url(
-        self, method: str, bucket: str, key: str | None, query: list[tuple[str, str]], expires: int
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        expires: int,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
-        """A SigV4 query-signed URL (``UNSIGNED-PAYLOAD``; only ``host`` is signed)."""
+        """A SigV4 query-signed URL (``UNSIGNED-PAYLOAD``; ``host`` and ``headers`` signed)."""
         _, netloc, path = self._target(bucket, key)
         base = "%s://%s%s" % (self._scheme, netloc, path)
         signer = self._signer(bucket)
@@ -3256,7 +3278,11 @@ class _S3Storage:
             if not query:
                 return base
             return base + "?" + "&".join("%s=%s" % (_quote(k), _quote(v)) for k, v in query)
-        return base + "?" + signer.presign_query(method, netloc, path, query, expires, self._now())
+        return (
+            base
+            + "?"
+            + signer.presign_query(method, netloc, path, query, expires, self._now(), headers)
+        )
 
     def presign_post(
         self, bucket: str, fields: dict[str, str], conditions: list[Any], expires: int
@@ -4293,6 +4319,7 @@ class _LocalStorage:
         kept: dict[str, str] = {}
         for name, value in (headers or {}).items():
             lname = name.lower()
+            _check_header_value(name, str(value))
             if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
                 kept[lname] = str(value)
         kept.update(_metadata_headers(metadata))
@@ -5434,18 +5461,42 @@ def _put_path(
         _abort_strays(storage, bucket, key, upload_id, started)
         return result
     except BaseException:
-        try:
-            storage.abort_multipart_upload(bucket, key, upload_id)
-        except Exception as e:  # pragma: no cover - the original error matters more
-            logger.warning("could not abort multipart upload %s of %s: %s", upload_id, key, e)
+        _cleanup_tries(
+            lambda: storage.abort_multipart_upload(bucket, key, upload_id),
+            "could not abort multipart upload %s of %s" % (upload_id, key),
+        )
         _abort_strays(storage, bucket, key, upload_id, started)
         raise
+
+
+#: Cleanup after a failed upload is tried this many times over (each try with the
+#: transport's own retries): parts left behind cost storage until someone aborts them.
+_CLEANUP_TRIES = 3
+
+
+def _cleanup_tries(step: Callable[[], Any], what: str) -> None:
+    """Run a cleanup step, again after a pause when it fails; warn if it never succeeds
+    (the error that made the cleanup necessary matters more than this one)."""
+    for attempt in range(_CLEANUP_TRIES):
+        try:
+            step()
+            return
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return  # already gone
+            error: Exception = e
+        except Exception as e:
+            error = e
+        if attempt + 1 < _CLEANUP_TRIES:
+            time.sleep(0.25 * (attempt + 1))
+    logger.warning("%s: %s", what, error)
 
 
 def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetime.datetime) -> None:
     """Abort uploads of this key that a retried CreateMultipartUpload may have started
     (the first reply was lost, so its UploadId never reached us)."""
-    try:
+
+    def sweep() -> None:
         uploads = storage.list_multipart_uploads(bucket, prefix=key)["Uploads"]
         for up in uploads:
             initiated = up.get("Initiated")
@@ -5453,9 +5504,13 @@ def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetim
                 continue
             if isinstance(initiated, datetime.datetime) and initiated < since:
                 continue  # older than us: someone else's
-            storage.abort_multipart_upload(bucket, key, up["UploadId"])
-    except Exception as e:
-        logger.warning("could not check for stray multipart uploads of %s: %s", key, e)
+            try:
+                storage.abort_multipart_upload(bucket, key, up["UploadId"])
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+
+    _cleanup_tries(sweep, "could not check for stray multipart uploads of %s" % key)
 
 
 class _ChangedWhileSent(OSError):
@@ -11375,22 +11430,14 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
+        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
         methods = {
             "get_object": (
                 "GET",
-                {
-                    "Bucket",
-                    "Key",
-                    "ResponseContentType",
-                    "ResponseContentDisposition",
-                    "ResponseCacheControl",
-                    "ResponseContentEncoding",
-                    "ResponseContentLanguage",
-                    "ResponseExpires",
-                },
+                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
             ),
-            "head_object": ("HEAD", {"Bucket", "Key"}),
-            "put_object": ("PUT", {"Bucket", "Key"}),
+            "head_object": ("HEAD", {"Bucket", "Key"} | read),
+            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
             "delete_object": ("DELETE", {"Bucket", "Key"}),
             "list_objects_v2": (
                 "GET",
@@ -11417,6 +11464,21 @@ class DeltaGliderClient:
             )
         bucket, key = params.pop("Bucket"), params.pop("Key", None)
         query: list[tuple[str, str]] = []
+        # Header parameters are signed headers the URL's user must send, as botocore signs
+        # them; the Response* overrides and list parameters are query parameters.
+        headers: dict[str, str] = {}
+        if ClientMethod == "put_object":
+            headers = _put_headers(params)
+            headers.update(_metadata_headers(params.get("Metadata")))
+            if params.get("ContentMD5") is not None:
+                headers["Content-MD5"] = str(params["ContentMD5"])
+            if params.get("ContentLength") is not None:
+                headers["Content-Length"] = str(params["ContentLength"])
+        elif ClientMethod in ("get_object", "head_object"):
+            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+            if params.get("Range") is not None:
+                headers["Range"] = str(params["Range"])
+            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
         if ClientMethod == "get_object" and key is not None:
             try:
                 lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
@@ -11428,12 +11490,16 @@ class DeltaGliderClient:
                 key = self._rehydrate(lg, int(ExpiresIn))
             for name, value in sorted(params.items()):
                 snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+                if isinstance(value, datetime.datetime):
+                    value = _http_date(value)
                 query.append(("response-" + snake, str(value)))
         elif ClientMethod == "list_objects_v2":
             query.append(("list-type", "2"))
             for name, value in params.items():
                 query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return storage.presign_url(HttpMethod or method, bucket, key, query, int(ExpiresIn))  # type: ignore[no-any-return]
+        return storage.presign_url(  # type: ignore[no-any-return]
+            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
+        )
 
     def _rehydrate(self, lg: _Logical, expires: int) -> str:
         """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
@@ -12085,7 +12151,8 @@ class _AttrDict(Dict[str, Any]):
 
 class VerifyResult(_AttrDict):
     """What :meth:`DeltaGliderClient.verify` found; true only when the object is intact,
-    so ``if client.verify(url):`` means what it says (6.x returned a bare bool)."""
+    so ``if client.verify(url):`` means what it says (6.x returned a bare bool).
+    ``json.dumps`` writes a false dict as ``{}``: dump ``dict(result)``."""
 
     def __bool__(self) -> bool:
         return bool(self.get("valid"))
@@ -16231,7 +16298,8 @@ class _Cli:
 
     def cmd_verify(self) -> int:
         result = self.client.verify(self.args.path)
-        self.out.write(json.dumps(result, indent=2) + "\n")
+        # dict(): json skips a dict that is false, and a VerifyResult is false when it failed.
+        self.out.write(json.dumps(dict(result), indent=2) + "\n")
         return EXIT_OK if result["valid"] else EXIT_FAILED
 
     def cmd_presign(self) -> int:

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Throughput of `deltaglider serve`: aws-cli and boto3 through the gateway vs the back end.
 
-    python compat/gateway_bench.py [--aws PATH] [--mib 64] [--endpoint-url http://127.0.0.1:19100]
+    python benchmarks/gateway/gateway_bench.py [--aws PATH] [--mib 64] [--endpoint-url http://127.0.0.1:19100]
 
 Back end defaults to the SeaweedFS of .ci/run (AWS_* keys of that server). Measures, each
 direct and through a gateway on 127.0.0.1 in front of the same server:
   - `aws s3 cp` upload of a first version, a later version (a delta through the gateway),
     and the download of the later version (MiB/s, wall time of the aws process);
   - small objects: 4 KiB PutObject + GetObject from 16 boto3 threads (requests/s).
-Prints a Markdown table (compat/RESULTS.md keeps one run's output).
+Prints a Markdown table (benchmarks/gateway/RESULTS.md keeps one run's output).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import boto3
 from botocore.config import Config

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak `deltaglider serve`: N boto3 clients doing mixed uploads and downloads for S seconds.
 
-    python compat/soak.py [--clients 32] [--seconds 60] [--endpoint-url file:///tmp/x | http://...]
+    python benchmarks/gateway/soak.py [--clients 32] [--seconds 60] [--endpoint-url file:///tmp/x | http://...]
 
 Starts a gateway (in this process, on 127.0.0.1) in front of the back end, then each client
 thread loops: upload a new version of one of its own artifacts (a zip-like file with a small
@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import boto3
 from botocore.config import Config

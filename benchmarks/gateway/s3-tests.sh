@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# compat/s3-tests.sh - run ceph/s3-tests (the RGW team's S3 conformance suite) against
+# benchmarks/gateway/s3-tests.sh - run ceph/s3-tests (the RGW team's S3 conformance suite) against
 # `deltaglider serve`, and against the gateway's back end directly, then compare: every
 # test that passes against the back end should pass through the gateway, except the
 # features the gateway declares out of scope (they answer 501 NotImplemented).
 #
-#   bash compat/s3-tests.sh [seaweedfs|swift|local] [extra pytest args...]
+#   bash benchmarks/gateway/s3-tests.sh [seaweedfs|swift|local] [extra pytest args...]
 #
 # Environment:
 #   S3TESTS_DIR   a checkout of ceph/s3-tests (default: cloned into $CACHE/s3-tests at
 #                 S3TESTS_COMMIT; its code is never copied into this repository)
 #   DG_CI_CACHE   where the venv and the clone live (default ~/.cache/deltaglider-ci)
-# Writes compat/s3-tests-<target>.txt (the summary) and the junit XML beside it in $CACHE.
+# Writes benchmarks/gateway/s3-tests-<target>.txt (the summary) and the junit XML beside it in $CACHE.
 # Not part of .ci/run: one run takes minutes.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 CACHE=${DG_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deltaglider-ci}
 TARGET=${1:-seaweedfs}; shift || true
 S3TESTS_COMMIT=8f0ae7b
@@ -119,7 +119,7 @@ conf 127.0.0.1 "$PORT" s3tmain s3tmainsecret s3talt s3taltsecret > "$OUT/gateway
 run_suite "gateway-$TARGET" "$OUT/gateway-$TARGET.conf"
 kill -TERM $GW; wait $GW || true
 
-"$PY" - "$OUT" "$TARGET" "$ROOT/compat/s3-tests-$TARGET.txt" "$S3TESTS_COMMIT" <<'PYEOF'
+"$PY" - "$OUT" "$TARGET" "$ROOT/benchmarks/gateway/s3-tests-$TARGET.txt" "$S3TESTS_COMMIT" <<'PYEOF'
 import sys, os, xml.etree.ElementTree as ET
 out, target, dest, commit = sys.argv[1:5]
 def results(name):
@@ -136,7 +136,7 @@ gw = results("gateway-" + target) or {}
 direct = results("direct-" + target)
 def count(r, what): return sum(1 for v in r.values() if v == what)
 lines = ["ceph/s3-tests %s, s3tests/functional/test_s3.py, out-of-scope markers deselected" % commit,
-         "(see compat/s3-tests.sh); back end: %s" % target, ""]
+         "(see benchmarks/gateway/s3-tests.sh); back end: %s" % target, ""]
 lines.append("through the gateway: %d passed, %d failed, %d skipped"
              % (count(gw, "passed"), count(gw, "failed"), count(gw, "skipped")))
 if direct is not None:
