@@ -1587,7 +1587,9 @@ class _Credentials(NamedTuple):
         return f"_Credentials(access_key={self.access_key[:4]}..., expiry={self.expiry})"
 
 
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+#: C0 controls, DEL and C1 controls: refused in credentials, percent-encoded in metadata,
+#: escaped when printed (one pattern; a second definition later used to rebind this one).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
@@ -15343,7 +15345,6 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
