@@ -2726,7 +2726,7 @@ def _parse_error(
 
 
 ###############################################################################
-# Storage: S3 over HTTP and a local directory #################################
+# Storage seam: what both back ends share #####################################
 ###############################################################################
 
 #: Response headers of GetObject/HeadObject and the boto3 keys they become.
@@ -2845,6 +2845,51 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return headers
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+    token: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError.
+    ``token``: where to start (a caller's ContinuationToken)."""
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
+# Storage: S3 over HTTP #######################################################
+###############################################################################
+
+
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
 
@@ -2888,47 +2933,6 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     if encoded:
         out["EncodingType"] = "url"
     return out
-
-
-def _pages(
-    fetch: Callable[[str | None], dict[str, Any]],
-    next_token: Callable[[dict[str, Any]], str | None],
-    operation: str,
-    token: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
-    next. The one paging loop of this file, so every listing stops on a broken server: a
-    truncated page without a next token, or a token already used (botocore raises "The same
-    next token was received twice"; we also catch longer cycles), is a PaginationError.
-    ``token``: where to start (a caller's ContinuationToken)."""
-    used: set[str] = set()
-    while True:
-        page = fetch(token)
-        yield page
-        if not page.get("IsTruncated"):
-            return
-        token = next_token(page)
-        if not token:
-            raise PaginationError(
-                message="the %s reply says it is truncated but names no next page "
-                "(a broken server)" % operation
-            )
-        if token in used:
-            raise PaginationError(
-                message="the same next token was received twice in %s (a broken server): %r"
-                % (operation, token[:80])
-            )
-        used.add(token)
-
-
-def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
-
-    def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
-
-    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
 class _S3Storage:
@@ -3863,6 +3867,10 @@ class _S3Storage:
                         pass
             logger.debug("conditional multipart completes: %s", self._conditional_multipart)
         return self._conditional_multipart
+
+
+# Storage: a local directory ##################################################
+###############################################################################
 
 
 def _local_root_from_url(url: str) -> str:
