@@ -75,6 +75,7 @@ from typing import (
     Iterator,
     Mapping,
     NamedTuple,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -2729,6 +2730,145 @@ def _parse_error(
 # Storage seam: what both back ends share #####################################
 ###############################################################################
 
+
+class _Storage(Protocol):
+    """What the engine, the client, the CLI and the gateway may ask of a storage: the S3
+    operations both back ends implement (:class:`_S3Storage` over HTTP, :class:`_LocalStorage`
+    on a directory), with boto3's response shapes and :class:`ClientError` for service errors.
+    Presigning is S3's alone (``is_local`` says which kind this is)."""
+
+    @property
+    def is_local(self) -> bool: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def endpoint_url(self) -> str: ...
+    def close(self) -> None: ...
+    def object_url(self, bucket: str, key: str) -> str: ...
+    def supports_conditional_writes(self, bucket: str) -> bool: ...
+    def supports_conditional_multipart(self, bucket: str) -> bool: ...
+
+    # -- buckets
+    def list_buckets(self) -> dict[str, Any]: ...
+    def create_bucket(
+        self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]: ...
+    def delete_bucket(self, bucket: str) -> dict[str, Any]: ...
+    def head_bucket(self, bucket: str) -> dict[str, Any]: ...
+    def get_bucket_location(self, bucket: str) -> dict[str, Any]: ...
+    def get_bucket_acl(self, bucket: str) -> dict[str, Any]: ...
+    def put_bucket_acl(
+        self, bucket: str, *, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> dict[str, Any]: ...
+
+    # -- objects
+    def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        content_sha256: str | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> dict[str, Any]: ...
+    def get_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        range: str | None = None,
+        headers: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]: ...
+    def head_object(
+        self, bucket: str, key: str, *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]: ...
+    def delete_object(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def delete_objects(
+        self,
+        bucket: str,
+        keys: list[str],
+        *,
+        quiet: bool = False,
+        conditions: Mapping[str, Mapping[str, Any]] | None = None,
+        check_limit: bool = True,
+    ) -> dict[str, Any]: ...
+    def copy_object(
+        self,
+        bucket: str,
+        key: str,
+        source_bucket: str,
+        source_key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        metadata_directive: str = "COPY",
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]: ...
+    def list_objects_v2(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        max_keys: int = 1000,
+        continuation_token: str | None = None,
+        start_after: str | None = None,
+        fetch_owner: bool = False,
+        decode: bool = True,
+    ) -> dict[str, Any]: ...
+
+    # -- tags and ACLs of objects
+    def get_object_tagging(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def put_object_tagging(
+        self, bucket: str, key: str, tags: list[dict[str, str]]
+    ) -> dict[str, Any]: ...
+    def delete_object_tagging(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def get_object_acl(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def put_object_acl(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> dict[str, Any]: ...
+
+    # -- multipart uploads
+    def create_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str: ...
+    def upload_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        body: Any,
+        *,
+        content_sha256: str | None = None,
+    ) -> str: ...
+    def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> dict[str, Any]: ...
+    def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
+    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]: ...
+
+
 #: Response headers of GetObject/HeadObject and the boto3 keys they become.
 _OBJECT_RESPONSE_HEADERS: tuple[tuple[str, str, str], ...] = (
     ("accept-ranges", "AcceptRanges", "str"),
@@ -2876,7 +3016,7 @@ def _pages(
         used.add(token)
 
 
-def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
@@ -5291,7 +5431,7 @@ def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
 
 
 def _get_into(
-    storage: Any,
+    storage: _Storage,
     bucket: str,
     key: str,
     write: Callable[[bytes], Any],
@@ -5367,7 +5507,7 @@ def _get_into(
 
 
 def _put_path(
-    storage: Any,
+    storage: _Storage,
     bucket: str,
     key: str,
     path: str,
@@ -5408,7 +5548,7 @@ def _put_path(
             held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
             body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
             try:
-                return storage.put_object(  # type: ignore[no-any-return]
+                return storage.put_object(
                     bucket,
                     key,
                     body,
@@ -5502,7 +5642,9 @@ def _cleanup_tries(step: Callable[[], Any], what: str) -> None:
     logger.warning("%s: %s", what, error)
 
 
-def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetime.datetime) -> None:
+def _abort_strays(
+    storage: _Storage, bucket: str, key: str, ours: str, since: datetime.datetime
+) -> None:
     """Abort uploads of this key that a retried CreateMultipartUpload may have started
     (the first reply was lost, so its UploadId never reached us)."""
 
@@ -8458,7 +8600,7 @@ class _DeltaEngine:
 
     def __init__(
         self,
-        storage: Any,
+        storage: _Storage,
         *,
         cache: _ReferenceCache,
         xdelta: _XDelta3,
@@ -10232,7 +10374,7 @@ class DeltaGliderClient:
 
     def __init__(
         self,
-        storage_factory: Callable[[], Any],
+        storage_factory: Callable[[], _Storage],
         *,
         cache_dir: str,
         max_ratio: float,
@@ -10245,7 +10387,7 @@ class DeltaGliderClient:
     ) -> None:
         self._references = references
         self._storage_factory = storage_factory
-        self._storage: Any = None
+        self._storage: _Storage | None = None
         self._engine_obj: _DeltaEngine | None = None
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
@@ -10279,7 +10421,7 @@ class DeltaGliderClient:
         return self._engine_obj
 
     @property
-    def storage(self) -> Any:
+    def storage(self) -> _Storage:
         """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
         return self._engine.storage
 
@@ -11291,7 +11433,7 @@ class DeltaGliderClient:
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectTagging")
-            return self._engine.storage.get_object_tagging(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self._engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
 
@@ -11305,7 +11447,7 @@ class DeltaGliderClient:
             )
         try:
             stored = self._stored_key(kwargs, "PutObjectTagging")
-            return self._engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))  # type: ignore[no-any-return]
+            return self._engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
 
@@ -11314,7 +11456,7 @@ class DeltaGliderClient:
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "DeleteObjectTagging")
-            return self._engine.storage.delete_object_tagging(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self._engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
 
@@ -11323,7 +11465,7 @@ class DeltaGliderClient:
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectAcl")
-            return self._engine.storage.get_object_acl(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self._engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
 
@@ -11341,7 +11483,7 @@ class DeltaGliderClient:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
             stored = self._stored_key(kwargs, "PutObjectAcl")
-            return self._engine.storage.put_object_acl(  # type: ignore[no-any-return]
+            return self._engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
         except ClientError as e:
@@ -11381,29 +11523,29 @@ class DeltaGliderClient:
             headers["x-amz-bucket-object-lock-enabled"] = "true"
         if kwargs.get("ObjectOwnership"):
             headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
-        return self._engine.storage.create_bucket(  # type: ignore[no-any-return]
+        return self._engine.storage.create_bucket(
             kwargs["Bucket"], location=location, headers=headers
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.delete_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self._engine.storage.delete_bucket(kwargs["Bucket"])
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
         _check_params("ListBuckets", kwargs, set())
-        return self._engine.storage.list_buckets()  # type: ignore[no-any-return]
+        return self._engine.storage.list_buckets()
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.head_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self._engine.storage.head_bucket(kwargs["Bucket"])
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_location(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self._engine.storage.get_bucket_location(kwargs["Bucket"])
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         allowed = {
@@ -11423,9 +11565,7 @@ class DeltaGliderClient:
         headers = _acl_headers(kwargs)
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return self._engine.storage.put_bucket_acl(  # type: ignore[no-any-return]
-            kwargs["Bucket"], headers=headers, body=body
-        )
+        return self._engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
 
     # -- presigning ---------------------------------------------------------------
 
@@ -11507,7 +11647,7 @@ class DeltaGliderClient:
             query.append(("list-type", "2"))
             for name, value in params.items():
                 query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return storage.presign_url(  # type: ignore[no-any-return]
+        return cast(_S3Storage, storage).presign_url(
             HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
         )
 
@@ -11593,7 +11733,7 @@ class DeltaGliderClient:
         else:
             conditions.append({"key": Key})
         fields["key"] = Key
-        return storage.presign_post(Bucket, fields, conditions, int(ExpiresIn))  # type: ignore[no-any-return]
+        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -12381,7 +12521,7 @@ def create_client(
     if endpoint is None and not profile_name:
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
 
-    def storage_factory() -> Any:
+    def storage_factory() -> _Storage:
         if endpoint and endpoint.startswith("file:"):
             return _LocalStorage(_local_root_from_url(endpoint), now=now)
         settings = _resolve_client_settings(
