@@ -824,6 +824,11 @@ def _spool(body: Any) -> IO[bytes]:
     return spooled
 
 
+def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
+    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
+    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
+
+
 class _Background:
     """A function run in a daemon thread; ``result()`` waits and re-raises its error.
     Used to overlap hashing (hashlib releases the GIL) with xdelta3 and network I/O."""
@@ -7921,11 +7926,6 @@ def _new_file_mode(dest: str) -> int:
         os.umask(mask)
         _UMASK.append(mask)
     return 0o666 & ~_UMASK[0]
-
-
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
 
 
 class _ReferenceCache:
