@@ -780,6 +780,12 @@ def _xml_escape(text: str) -> str:
     )
 
 
+class _FileInfo(NamedTuple):
+    sha256: str
+    md5: str
+    size: int
+
+
 def _sha256_file(path: str) -> tuple[str, int]:
     """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -8368,12 +8374,6 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 class _NullWriter:
     def write(self, data: bytes) -> int:
         return len(data)
-
-
-class _FileInfo(NamedTuple):
-    sha256: str
-    md5: str
-    size: int
 
 
 def _copy_hashing(source: str, dest: str) -> str:
