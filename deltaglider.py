@@ -584,7 +584,7 @@ class XDelta3NotFoundError(DeltaGliderError):
 
 
 ###############################################################################
-# Helpers #####################################################################
+# Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
 
@@ -781,6 +781,12 @@ def _xml_escape(text: str) -> str:
     )
 
 
+class _FileInfo(NamedTuple):
+    sha256: str
+    md5: str
+    size: int
+
+
 def _sha256_file(path: str) -> tuple[str, int]:
     """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -823,6 +829,11 @@ def _spool(body: Any) -> IO[bytes]:
         spooled.write(chunk)
     spooled.seek(0)
     return spooled
+
+
+def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
+    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
+    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
 
 
 class _Background:
@@ -958,62 +969,6 @@ def _validate_key(key: str) -> None:
             report="Key is %d bytes long; S3 keys are at most %d bytes in UTF-8"
             % (len(key.encode("utf-8")), _MAX_KEY_BYTES)
         )
-
-
-###############################################################################
-# Configuration and credentials ###############################################
-###############################################################################
-
-# Resolution follows botocore 1.43 (credentials.py, configprovider.py, configloader.py) unless a
-# comment says otherwise. Secrets never reach a log line or an exception message: errors name the
-# source (env var, profile, host) and never echo file lines, process output or response bodies.
-
-_DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
-_ADDRESSING_STYLES = ("auto", "path", "virtual")
-_SIGNATURE_VERSIONS = ("s3v4", "unsigned")
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
-_PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
-_SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
-# botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
-_ADVISORY_REFRESH = datetime.timedelta(minutes=15)
-_MANDATORY_REFRESH = datetime.timedelta(minutes=10)
-_CONTAINER_ENDPOINT = "http://169.254.170.2"  # ECS task role, for the RELATIVE_URI variable
-_CONTAINER_FULL_URI_HOSTS = frozenset(
-    {"169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost"}  # ECS, EKS Pod Identity
-)
-_CONTAINER_TIMEOUT = 2.0
-_CONTAINER_ATTEMPTS = 3
-_CONTAINER_RETRY_SLEEP = 1.0
-_IMDS_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
-_IMDS_TOKEN_PATH = "/latest/api/token"
-_IMDS_ROLE_PATH = "/latest/meta-data/iam/security-credentials/"
-_IMDS_TOKEN_TTL = "21600"  # seconds; the value botocore requests
-_IMDS_NO_TOKEN_STATUSES = (403, 404, 405)  # IMDSv1-only or token-less setups: fall back to v1
-_UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider does not
-    ("sso_session", "sso"),
-    ("sso_start_url", "sso"),
-    ("role_arn", "assume-role"),
-    ("web_identity_token_file", "assume-role-with-web-identity"),
-)
-
-_Profile = Dict[str, Union[str, Dict[str, str]]]
-# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
-_HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
-_Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
-
-
-def _is_true(value: str | None) -> bool:
-    return value is not None and value.strip().lower() == "true"  # botocore ensure_boolean
-
-
-def _profile_str(profile: _Profile, key: str) -> str | None:
-    value = profile.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) -> str | None:
-    """An environment variable beats the profile key; empty values count as unset."""
-    return environ.get(var) or _profile_str(profile, key)
 
 
 # -- settings: one parser per kind --
@@ -1168,6 +1123,62 @@ def _check_settings(environ: Mapping[str, str]) -> None:
     """Parse every DG_* variable now, so a bad one stops a run before it starts."""
     for name in _DG_SETTINGS:
         _env_setting(environ, name)
+
+
+###############################################################################
+# Configuration and credentials ###############################################
+###############################################################################
+
+# Resolution follows botocore 1.43 (credentials.py, configprovider.py, configloader.py) unless a
+# comment says otherwise. Secrets never reach a log line or an exception message: errors name the
+# source (env var, profile, host) and never echo file lines, process output or response bodies.
+
+_DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+_SIGNATURE_VERSIONS = ("s3v4", "unsigned")
+_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
+_SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
+# botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
+_ADVISORY_REFRESH = datetime.timedelta(minutes=15)
+_MANDATORY_REFRESH = datetime.timedelta(minutes=10)
+_CONTAINER_ENDPOINT = "http://169.254.170.2"  # ECS task role, for the RELATIVE_URI variable
+_CONTAINER_FULL_URI_HOSTS = frozenset(
+    {"169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost"}  # ECS, EKS Pod Identity
+)
+_CONTAINER_TIMEOUT = 2.0
+_CONTAINER_ATTEMPTS = 3
+_CONTAINER_RETRY_SLEEP = 1.0
+_IMDS_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
+_IMDS_TOKEN_PATH = "/latest/api/token"
+_IMDS_ROLE_PATH = "/latest/meta-data/iam/security-credentials/"
+_IMDS_TOKEN_TTL = "21600"  # seconds; the value botocore requests
+_IMDS_NO_TOKEN_STATUSES = (403, 404, 405)  # IMDSv1-only or token-less setups: fall back to v1
+_UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider does not
+    ("sso_session", "sso"),
+    ("sso_start_url", "sso"),
+    ("role_arn", "assume-role"),
+    ("web_identity_token_file", "assume-role-with-web-identity"),
+)
+
+_Profile = Dict[str, Union[str, Dict[str, str]]]
+# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
+_HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
+_Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _is_true(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == "true"  # botocore ensure_boolean
+
+
+def _profile_str(profile: _Profile, key: str) -> str | None:
+    value = profile.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) -> str | None:
+    """An environment variable beats the profile key; empty values count as unset."""
+    return environ.get(var) or _profile_str(profile, key)
 
 
 def _is_region(value: object) -> bool:
@@ -8073,11 +8084,6 @@ def _new_file_mode(dest: str) -> int:
     return 0o666 & ~_UMASK[0]
 
 
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
-
-
 class _ReferenceCache:
     """Reference files on disk, content-addressed by SHA-256, shared between runs and
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
@@ -8518,12 +8524,6 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 class _NullWriter:
     def write(self, data: bytes) -> int:
         return len(data)
-
-
-class _FileInfo(NamedTuple):
-    sha256: str
-    md5: str
-    size: int
 
 
 def _copy_hashing(source: str, dest: str) -> str:
