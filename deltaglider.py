@@ -346,10 +346,6 @@ class SSLError(EndpointConnectionError):
     fmt = "SSL validation failed for {endpoint_url} {error}"
 
 
-class ProxyConnectionError(EndpointConnectionError):
-    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
-
-
 class ReadTimeoutError(BotoCoreError):
     fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
 
@@ -3222,7 +3218,6 @@ class _S3Storage:
         body: Any = None,
         content_sha256: str | None = None,
         stream: bool = False,
-        ok_statuses: tuple[int, ...] = (),
     ) -> _Response:
         """Send one S3 request with retries; raise ClientError for an error reply.
 
@@ -3234,10 +3229,8 @@ class _S3Storage:
             if not getattr(body, "seekable", lambda: False)():
                 body = _spool(body)  # SigV4 needs the payload's hash, S3 a length, retries a rewind
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
-        seekable = (
-            start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
-        )
         length = _body_length(body)
+        assert length is not None  # every body left is bytes or seekable: its length is known
         payload_hash = self._payload_hash(body, content_sha256)
         redirected = False
         attempt = 0
@@ -3250,7 +3243,7 @@ class _S3Storage:
             host, netloc, path = self._target(bucket, key)
             send_headers = {"host": netloc}
             send_headers.update(headers or {})
-            if length is not None and (body is not None or method in ("PUT", "POST")):
+            if body is not None or method in ("PUT", "POST"):
                 send_headers["Content-Length"] = str(length)
             signer = self._signer(bucket)
             if signer is not None:
@@ -3262,14 +3255,12 @@ class _S3Storage:
             error: BaseException | None = None
             resp: _Response | None = None
             try:
-                resp = self._send_once(
-                    host, method, url, send_headers, body, length, stream, ok_statuses
-                )
+                resp = self._send_once(host, method, url, send_headers, body, stream)
             except (ReadTimeoutError, EndpointConnectionError) as e:
                 error = e
             if resp is not None:
                 resp = resp._replace(attempts=attempt)
-                if resp.status < 300 or resp.status in ok_statuses:
+                if resp.status < 300:
                     return resp
                 err = _parse_error(
                     resp.status, resp.reason, resp.headers, resp.body, self.endpoint_url
@@ -3284,14 +3275,14 @@ class _S3Storage:
                     attempt -= 1
                     continue
                 retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
-                if not retryable or attempt >= self._max_attempts or not seekable:
+                if not retryable or attempt >= self._max_attempts:
                     if retryable and attempt >= self._max_attempts > 1:
                         err["ResponseMetadata"]["MaxAttemptsReached"] = True
                     raise _client_error(err, operation)
                 logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
             else:
                 assert error is not None
-                if attempt >= self._max_attempts or not seekable:
+                if attempt >= self._max_attempts:
                     raise error
                 logger.debug("%s: %s, retrying", operation, error)
             self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
@@ -3317,9 +3308,7 @@ class _S3Storage:
         url: str,
         headers: dict[str, str],
         body: Any,
-        length: int | None,
         stream: bool,
-        ok_statuses: tuple[int, ...],
     ) -> _Response:
         key = (self._scheme, host, self._port)
         conn, absolute = self._pool.acquire(*key)
@@ -3336,8 +3325,6 @@ class _S3Storage:
                     raise _header_value_error(name) from None
             for name, value in getattr(conn, "dg_proxy_headers", {}).items():
                 conn.putheader(name, value)
-            if length is None and body is not None:
-                conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
             if body is not None:
                 if isinstance(body, (bytes, bytearray, memoryview)):
@@ -3350,12 +3337,7 @@ class _S3Storage:
                             raise _BodyReadError(e) from e
                         if not chunk:
                             break
-                        if length is None:
-                            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        else:
-                            conn.send(chunk)
-                    if length is None:
-                        conn.send(b"0\r\n\r\n")
+                        conn.send(chunk)
             raw = conn.getresponse()
         except _BodyReadError as e:
             conn.close()
@@ -3384,7 +3366,7 @@ class _S3Storage:
             return _Response(status, raw.reason, resp_headers, b"", 1)
         clen_text = resp_headers.get("content-length")
         clen = int(clen_text) if clen_text and clen_text.isdigit() else None
-        if stream and (status < 300 or status in ok_statuses):
+        if stream and status < 300:
 
             def on_close(reusable: bool) -> None:
                 self._pool.release(key, conn, reusable and not raw.will_close)
