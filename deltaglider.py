@@ -2632,6 +2632,21 @@ class _ConnectionPool:
             c.close()
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 class _BodyReadError(Exception):
     """Reading the request body from the caller's file failed (carries the OSError)."""
 
@@ -2952,21 +2967,6 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
         name[11:]: value for name, value in headers.items() if name.startswith("x-amz-meta-")
     }
     return out
-
-
-def _header_value_error(name: str) -> ParamValidationError:
-    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
-    never the value, which may be a secret. Both back ends raise it, so the local store
-    refuses what an S3 server could never be sent."""
-    return ParamValidationError(
-        report="the %s header has a line break or another character HTTP does not allow "
-        "(the value is not shown)" % name
-    )
-
-
-def _check_header_value(name: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise _header_value_error(name)
 
 
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
