@@ -2748,6 +2748,139 @@ def _parse_error(
     return {"Error": error, "ResponseMetadata": meta}
 
 
+# -- one exchange, and when to try again ---------------------------------------
+
+
+def _send_once(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    endpoint_url: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: Any,
+    stream: bool,
+) -> _Response:
+    """One HTTP exchange on a pooled connection to ``key`` (scheme, host, port), its
+    failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
+    connection closed or refused. A local read error of the body is raised as itself
+    (an OSError: not retried as a network one)."""
+    conn, absolute = pool.acquire(*key)
+    target = url
+    if absolute:
+        target = "%s://%s%s" % (key[0], headers["host"], url)
+    try:
+        _write_request(conn, method, target, headers, body)
+        raw = conn.getresponse()
+    except _BodyReadError as e:
+        conn.close()
+        raise e.error from None  # a local read error: not retried as a network one
+    except socket.timeout as e:
+        connected = conn.sock is not None
+        conn.close()
+        if not connected:
+            raise ConnectTimeoutError(endpoint_url=endpoint_url) from e
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except ssl.SSLError as e:
+        conn.close()
+        raise SSLError(endpoint_url=endpoint_url, error=e) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+        raise EndpointConnectionError(endpoint_url=endpoint_url, error=e) from e
+    return _read_response(pool, key, conn, raw, method, stream, endpoint_url)
+
+
+def _write_request(
+    conn: http.client.HTTPConnection, method: str, target: str, headers: dict[str, str], body: Any
+) -> None:
+    """Send the request line, the headers (the proxy's too, for plain http through one) and
+    the body: bytes, or a file read in chunks (its read error becomes a _BodyReadError)."""
+    conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        try:
+            conn.putheader(name, value)
+        except ValueError:  # http.client's message quotes the value: it may be a secret
+            conn.close()
+            raise _header_value_error(name) from None
+    for name, value in getattr(conn, "dg_proxy_headers", {}).items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    if body is None:
+        return
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        conn.send(bytes(body))
+        return
+    while True:
+        try:
+            chunk = body.read(_IO_CHUNK)
+        except OSError as e:
+            raise _BodyReadError(e) from e
+        if not chunk:
+            break
+        conn.send(chunk)
+
+
+def _read_response(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    conn: http.client.HTTPConnection,
+    raw: http.client.HTTPResponse,
+    method: str,
+    stream: bool,
+    endpoint_url: str,
+) -> _Response:
+    """The reply as a _Response: no body for HEAD, 204 and 304; a StreamingBody for a
+    streamed 2xx reply (it gives the connection back to the pool once read or closed);
+    otherwise the whole body, bounded, and checked against its Content-Length. The
+    connection is reused only after a complete reply."""
+    resp_headers = _response_headers(raw)
+    status = raw.status
+    if method == "HEAD" or status in (204, 304):
+        raw.read()
+        pool.release(key, conn, not raw.will_close)
+        return _Response(status, raw.reason, resp_headers, b"", 1)
+    clen_text = resp_headers.get("content-length")
+    clen = int(clen_text) if clen_text and clen_text.isdigit() else None
+    if stream and status < 300:
+
+        def on_close(reusable: bool) -> None:
+            pool.release(key, conn, reusable and not raw.will_close)
+
+        body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=endpoint_url)
+        return _Response(status, raw.reason, resp_headers, body_out, 1)
+    try:
+        data = _read_reply(raw, endpoint_url)
+    except _ReplyTooLarge as e:
+        conn.close()
+        raise ResponseParserError(endpoint_url=endpoint_url, status=status, reason=str(e)) from None
+    except socket.timeout as e:
+        conn.close()
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+    if clen is not None and len(data) != clen:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url)
+    pool.release(key, conn, not raw.will_close)
+    return _Response(status, raw.reason, resp_headers, data, 1)
+
+
+def _retryable(status: int, code: str) -> bool:
+    """Whether an error reply is tried again (botocore's standard mode): HTTP 500, 502,
+    503, 504 and 429, and the throttling and transient codes of _RETRYABLE_CODES.
+    Connection errors and timeouts are always tried again."""
+    return status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+
+
+def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
+    exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
+    return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
+
+
 ###############################################################################
 # Storage seam: what both back ends share #####################################
 ###############################################################################
@@ -3222,9 +3355,9 @@ class _S3Storage:
     ) -> _Response:
         """Send one S3 request with retries; raise ClientError for an error reply.
 
-        Each attempt re-signs (new timestamp) and rewinds the body. Retried: connection
-        errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
-        mode), with full-jitter exponential backoff capped at 20 s."""
+        Each attempt re-signs (new timestamp) and rewinds the body. What is tried again
+        and how long to wait: :func:`_retryable` and :func:`_retry_delay` (botocore's
+        standard mode); a reply naming the bucket's region is followed once."""
         query = list(query or [])
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
             if not getattr(body, "seekable", lambda: False)():
@@ -3232,6 +3365,7 @@ class _S3Storage:
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
         length = _body_length(body)
         assert length is not None  # every body left is bytes or seekable: its length is known
+        content_length = str(length) if body is not None or method in ("PUT", "POST") else None
         payload_hash = self._payload_hash(body, content_sha256)
         redirected = False
         attempt = 0
@@ -3239,27 +3373,19 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            # Connect to the host the request is signed for: the bucket's virtual host, or
-            # the regional endpoint a redirect named.
-            host, netloc, path = self._target(bucket, key)
-            send_headers = {"host": netloc}
-            send_headers.update(headers or {})
-            if body is not None or method in ("PUT", "POST"):
-                send_headers["Content-Length"] = str(length)
-            signer = self._signer(bucket)
-            if signer is not None:
-                signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
-            url = path
-            if query:
-                # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
-                url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
-            error: BaseException | None = None
-            resp: _Response | None = None
+            host, url, send_headers = self._signed(
+                method, bucket, key, query, headers, content_length, payload_hash
+            )
+            pool_key = (self._scheme, host, self._port)
             try:
-                resp = self._send_once(host, method, url, send_headers, body, stream)
+                resp = _send_once(
+                    self._pool, pool_key, self.endpoint_url, method, url, send_headers, body, stream
+                )
             except (ReadTimeoutError, EndpointConnectionError) as e:
-                error = e
-            if resp is not None:
+                if attempt >= self._max_attempts:
+                    raise
+                logger.debug("%s: %s, retrying", operation, e)
+            else:
                 resp = resp._replace(attempts=attempt)
                 if resp.status < 300:
                     return resp
@@ -3275,18 +3401,39 @@ class _S3Storage:
                     self._bucket_regions[bucket] = new_region
                     attempt -= 1
                     continue
-                retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+                retryable = _retryable(resp.status, code)
                 if not retryable or attempt >= self._max_attempts:
                     if retryable and attempt >= self._max_attempts > 1:
                         err["ResponseMetadata"]["MaxAttemptsReached"] = True
                     raise _client_error(err, operation)
                 logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
-            else:
-                assert error is not None
-                if attempt >= self._max_attempts:
-                    raise error
-                logger.debug("%s: %s, retrying", operation, error)
-            self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
+            self._sleep(_retry_delay(attempt, self._rand))
+
+    def _signed(
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str] | None,
+        content_length: str | None,
+        payload_hash: str,
+    ) -> tuple[str, str, dict[str, str]]:
+        """One attempt's host to connect to, request target and headers, signed anew (a new
+        timestamp): for the bucket's virtual host, or the regional endpoint a redirect named."""
+        host, netloc, path = self._target(bucket, key)
+        send_headers = {"host": netloc}
+        send_headers.update(headers or {})
+        if content_length is not None:
+            send_headers["Content-Length"] = content_length
+        signer = self._signer(bucket)
+        if signer is not None:
+            signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
+        url = path
+        if query:
+            # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
+            url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
+        return host, url, send_headers
 
     def _redirect_region(self, resp: _Response, err: dict[str, Any]) -> str | None:
         """The bucket's region when S3 says we asked the wrong one (botocore
@@ -3301,97 +3448,6 @@ class _S3Storage:
             return None
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
-
-    def _send_once(
-        self,
-        host: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: Any,
-        stream: bool,
-    ) -> _Response:
-        key = (self._scheme, host, self._port)
-        conn, absolute = self._pool.acquire(*key)
-        target = url
-        if absolute:
-            target = "%s://%s%s" % (self._scheme, headers["host"], url)
-        try:
-            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers.items():
-                try:
-                    conn.putheader(name, value)
-                except ValueError:  # http.client's message quotes the value: it may be a secret
-                    conn.close()
-                    raise _header_value_error(name) from None
-            for name, value in getattr(conn, "dg_proxy_headers", {}).items():
-                conn.putheader(name, value)
-            conn.endheaders()
-            if body is not None:
-                if isinstance(body, (bytes, bytearray, memoryview)):
-                    conn.send(bytes(body))
-                else:
-                    while True:
-                        try:
-                            chunk = body.read(_IO_CHUNK)
-                        except OSError as e:
-                            raise _BodyReadError(e) from e
-                        if not chunk:
-                            break
-                        conn.send(chunk)
-            raw = conn.getresponse()
-        except _BodyReadError as e:
-            conn.close()
-            raise e.error from None  # a local read error: not retried as a network one
-        except socket.timeout as e:
-            connected = conn.sock is not None
-            conn.close()
-            if not connected:
-                raise ConnectTimeoutError(endpoint_url=self.endpoint_url) from e
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except ssl.SSLError as e:
-            conn.close()
-            raise SSLError(endpoint_url=self.endpoint_url, error=e) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if isinstance(
-                e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-            ):
-                raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-            raise EndpointConnectionError(endpoint_url=self.endpoint_url, error=e) from e
-        resp_headers = _response_headers(raw)
-        status = raw.status
-        if method == "HEAD" or status in (204, 304):
-            raw.read()
-            self._pool.release(key, conn, not raw.will_close)
-            return _Response(status, raw.reason, resp_headers, b"", 1)
-        clen_text = resp_headers.get("content-length")
-        clen = int(clen_text) if clen_text and clen_text.isdigit() else None
-        if stream and status < 300:
-
-            def on_close(reusable: bool) -> None:
-                self._pool.release(key, conn, reusable and not raw.will_close)
-
-            body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
-            return _Response(status, raw.reason, resp_headers, body_out, 1)
-        try:
-            data = _read_reply(raw, self.endpoint_url)
-        except _ReplyTooLarge as e:
-            conn.close()
-            raise ResponseParserError(
-                endpoint_url=self.endpoint_url, status=status, reason=str(e)
-            ) from None
-        except socket.timeout as e:
-            conn.close()
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-        if clen is not None and len(data) != clen:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url)
-        self._pool.release(key, conn, not raw.will_close)
-        return _Response(status, raw.reason, resp_headers, data, 1)
 
     def _xml(self, resp: _Response) -> ET.Element:
         try:
