@@ -15559,6 +15559,27 @@ class _Cli:
 
     # -- cp / mv ------------------------------------------------------------------
 
+    def transfer_one(
+        self, verb: str, src: str, dst: str, work: Callable[[], Mapping[str, Any] | None]
+    ) -> None:
+        """The one per-file driver of cp, mv, sync and migrate: ``work`` transfers one file
+        and returns the engine's summary (for the line's delta note), or None. Prints the
+        line once the file is stored, or counts and prints its failure; with --dryrun it
+        prints what would happen instead. A cancellation (Ctrl-C) goes on up."""
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
+            return
+        try:
+            summary = work()
+            self.settled()
+            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+        finally:
+            self.file_done()
+
     def upload_one(
         self,
         path: str,
@@ -15567,12 +15588,9 @@ class _Cli:
         verb: str = "upload",
         existing: Container[str] | None = None,
     ) -> None:
-        dest = "s3://%s/%s" % (bucket, key)
-        shown = _display_path(path)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, shown, dest))
-            return
-        try:
+        """Store a local file at s3://bucket/key; mv then removes the file."""
+
+        def work() -> dict[str, Any]:
             extra = self.put_args()
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
@@ -15593,14 +15611,9 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, shown, dest, self.describe_error(e)))
-        finally:
-            self.file_done()
+            return summary
+
+        self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
 
     def put_args(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -15627,8 +15640,10 @@ class _Cli:
         mtime: Any = None,
         root: str | None = None,
     ) -> None:
-        """``root``: the destination folder of a recursive download or sync, which
-        nothing may be written outside of, even through a symlink inside it."""
+        """Write s3://bucket/key (rebuilt, verified) to a local path, with its recorded
+        mtime; mv then deletes the object. ``root``: the destination folder of a recursive
+        download or sync, which nothing may be written outside of, even through a symlink
+        inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
         if root is not None and _leads_outside(root, path):
@@ -15638,10 +15653,8 @@ class _Cli:
             )
             self.file_done()
             return
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
-            return
-        try:
+
+        def work() -> None:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
             lg = self.client._engine.get_to_file(bucket, key, path)
@@ -15651,27 +15664,16 @@ class _Cli:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
                 self.client._engine.delete(bucket, key)
-            self.settled()
-            self.line("%s: %s to %s" % (verb, src, shown))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, shown, self.describe_error(e)))
-        finally:
-            self.file_done()
+
+        self.transfer_one(verb, src, shown, work)
 
     def copy_one(self, sb: str, sk: str, db: str, dk: str, verb: str = "copy") -> None:
-        src, dst = "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
-            return
-        try:
+        """Copy s3://sb/sk to s3://db/dk through a local temporary file (rebuilt, then
+        stored in the destination's layout); mv then deletes the source."""
+
+        def work() -> dict[str, Any]:
             engine = self.client._engine
-            lg = engine.head(sb, sk, "HeadObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
-            os.close(fd)
-            try:
-                engine.get_to_file(sb, sk, tmp, logical=lg)
+            with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
                 params = dict(self.put_args())
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
@@ -15684,19 +15686,28 @@ class _Cli:
                     headers=_put_headers(params),
                     delta=delta,
                 )
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+            return summary
+
+        self.transfer_one(verb, "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk), work)
+
+    @contextlib.contextmanager
+    def fetched(
+        self, source: DeltaGliderClient, bucket: str, key: str, suffix: str
+    ) -> Iterator[tuple[str, _Logical]]:
+        """An object of ``source`` rebuilt into a private temporary file, with its logical
+        head, for copies between buckets or stores; the file is removed afterwards."""
+        engine = source._engine
+        lg = engine.head(bucket, key, "HeadObject")
+        fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), suffix)
+        os.close(fd)
+        try:
+            engine.get_to_file(bucket, key, tmp, logical=lg)
+            yield tmp, lg
         finally:
-            self.file_done()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
@@ -15777,6 +15788,8 @@ class _Cli:
             yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
+        """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
+        it or between buckets; ``-`` streams stdin or stdout."""
         src, dst = self.args.source, self.args.dest
         src_s3, dst_s3 = src.startswith("s3://"), dst.startswith("s3://")
         if not src_s3 and not dst_s3:
@@ -15785,81 +15798,85 @@ class _Cli:
             )
         if src == "-" or dst == "-":
             return self.cp_stream(src, dst)
-        recursive = getattr(self.args, "recursive", False)
         if src_s3 and dst_s3:
-            sb, sk = _parse_s3_url(src)
-            db, dk = _parse_s3_url(dst)
-            command = "mv" if move else "cp"
-            if not recursive:
-                if not dk or dk.endswith("/"):
-                    dk += sk.rsplit("/", 1)[-1]
-                _refuse_onto_itself(command, sb, db, [(sk, dk)])
-                self.copy_one(sb, sk, db, dk, "move" if move else "copy")
-                return self.exit_code()
-            prefix = sk if not sk or sk.endswith("/") else sk + "/"
-            dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-            filters = self.filters()
-            pairs = [
-                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
-                for obj in self.list_logical(sb, prefix)
-                if filters.included(obj["Key"][len(prefix) :])
-            ]
-            _refuse_onto_itself(command, sb, db, pairs)
-            tasks: list[Callable[[], None]] = [
-                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
-                for s_key, d_key in pairs
-            ]
-            self.run_tasks(tasks, 0)
-            return self.exit_code()
-        if dst_s3:
-            bucket, key = _parse_s3_url(dst)
-            if os.path.isdir(src):
-                if not recursive:
-                    raise _FatalError(
-                        "upload failed: %s to %s Need to use --recursive to upload a directory"
-                        % (_display_path(src), dst)
-                    )
-                prefix = key if not key or key.endswith("/") else key + "/"
-                filters = self.filters()
-                tasks = []
-                total = 0
-                existing = self.stored_keys(bucket, prefix)
-                for path, rel in self.local_files(src):
-                    if filters.included(rel):
-                        total += os.path.getsize(path)
-                        tasks.append(
-                            functools.partial(
-                                self.upload_one,
-                                path,
-                                bucket,
-                                prefix + rel,
-                                "move" if move else "upload",
-                                existing,
-                            )
-                        )
-                self.run_tasks(tasks, total)
-                return self.exit_code()
-            if not os.path.exists(src):
-                raise _FatalError("The user-provided path %s does not exist." % src)
-            if not stat.S_ISREG(os.stat(src).st_mode):
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % src
+            self.cp_between(src, dst, move)
+        elif dst_s3:
+            self.cp_up(src, dst, move)
+        else:
+            self.cp_down(src, dst, move)
+        return self.exit_code()
+
+    def cp_between(self, src: str, dst: str, move: bool) -> None:
+        """S3 to S3: a key, or every key under a prefix, copied with copy_one. A copy onto
+        itself, or onto a key the same run still has to read, is refused before any work."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        command, verb = ("mv", "move") if move else ("cp", "copy")
+        if not getattr(self.args, "recursive", False):
+            if not dk or dk.endswith("/"):
+                dk += sk.rsplit("/", 1)[-1]
+            _refuse_onto_itself(command, sb, db, [(sk, dk)])
+            self.copy_one(sb, sk, db, dk, verb)
+            return
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        pairs = [
+            (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+            for obj in self.list_logical(sb, prefix)
+            if filters.included(obj["Key"][len(prefix) :])
+        ]
+        _refuse_onto_itself(command, sb, db, pairs)
+        tasks: list[Callable[[], None]] = [
+            functools.partial(self.copy_one, sb, s_key, db, d_key, verb) for s_key, d_key in pairs
+        ]
+        self.run_tasks(tasks, 0)
+
+    def cp_up(self, src: str, dst: str, move: bool) -> None:
+        """Local to S3: a file, or with --recursive every file under a folder (in key
+        order, --exclude/--include applied), each stored with upload_one."""
+        bucket, key = _parse_s3_url(dst)
+        verb = "move" if move else "upload"
+        if os.path.isdir(src):
+            if not getattr(self.args, "recursive", False):
+                raise _FatalError(
+                    "upload failed: %s to %s Need to use --recursive to upload a directory"
+                    % (_display_path(src), dst)
                 )
-                return self.exit_code()
-            if not key or key.endswith("/"):
-                key += os.path.basename(src)
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.upload_one, src, bucket, key, "move" if move else "upload"
+            prefix = key if not key or key.endswith("/") else key + "/"
+            filters = self.filters()
+            tasks: list[Callable[[], None]] = []
+            total = 0
+            existing = self.stored_keys(bucket, prefix)
+            for path, rel in self.local_files(src):
+                if filters.included(rel):
+                    total += os.path.getsize(path)
+                    tasks.append(
+                        functools.partial(
+                            self.upload_one, path, bucket, prefix + rel, verb, existing
+                        )
                     )
-                ],
-                os.path.getsize(src),
+            self.run_tasks(tasks, total)
+            return
+        if not os.path.exists(src):
+            raise _FatalError("The user-provided path %s does not exist." % src)
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            self.warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % src
             )
-            return self.exit_code()
+            return
+        if not key or key.endswith("/"):
+            key += os.path.basename(src)
+        task = functools.partial(self.upload_one, src, bucket, key, verb)
+        self.run_tasks([task], os.path.getsize(src))
+
+    def cp_down(self, src: str, dst: str, move: bool) -> None:
+        """S3 to local: a key, or with --recursive every key under a prefix, each written
+        with download_one; a key that would land outside the folder is skipped."""
         bucket, key = _parse_s3_url(src)
-        if not recursive:
+        verb = "move" if move else "download"
+        if not getattr(self.args, "recursive", False):
             if not key or key.endswith("/"):
                 raise _FatalError(
                     "download failed: %s to %s An S3 key is needed (use --recursive for a prefix)"
@@ -15868,18 +15885,11 @@ class _Cli:
             path = dst
             if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
                 path = os.path.join(dst, key.rsplit("/", 1)[-1])
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.download_one, bucket, key, path, "move" if move else "download"
-                    )
-                ],
-                0,
-            )
-            return self.exit_code()
+            self.run_tasks([functools.partial(self.download_one, bucket, key, path, verb)], 0)
+            return
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        tasks = []
+        tasks: list[Callable[[], None]] = []
         for obj in self.list_logical(bucket, prefix):
             rel = obj["Key"][len(prefix) :]
             safe = _safe_relative(rel)
@@ -15890,18 +15900,11 @@ class _Cli:
                 )
                 continue
             if filters.included(rel):
+                path = os.path.join(dst, safe)
                 tasks.append(
-                    functools.partial(
-                        self.download_one,
-                        bucket,
-                        obj["Key"],
-                        os.path.join(dst, safe),
-                        "move" if move else "download",
-                        root=dst,
-                    )
+                    functools.partial(self.download_one, bucket, obj["Key"], path, verb, root=dst)
                 )
         self.run_tasks(tasks, 0)
-        return self.exit_code()
 
     def cp_stream(self, src: str, dst: str) -> int:
         """``-`` as source (stdin) or destination (stdout); only errors are printed."""
