@@ -16432,14 +16432,56 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.client
+        source = self.migrate_source()
+        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        if _store_identity(source) == _store_identity(self.client):
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
+        if self.dry():
+            self.migrate_dry_run(sb, db, todo)
+            return EXIT_OK
+        present: dict[str, int] = {}
+        for item in self.list_logical(db, dprefix, fetch=True):
+            present[item["Key"]] = int(item["Size"])
+        skipped = [t for t in todo if present.get(t[1]) == t[2]]
+        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        total = sum(t[2] for t in todo)
+        stored: list[int] = []  # each file's stored size (list.append is atomic)
+        self.run_tasks(
+            [functools.partial(self.migrate_one, source, sb, db, *t, stored) for t in todo], total
+        )
+        saved = (1 - sum(stored) / total) * 100 if total else 0.0
+        self.line(
+            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
+            % (
+                len(todo) - self.failed,
+                _human_size(total),
+                _human_size(sum(stored)),
+                saved,
+                len(skipped),
+                self.failed,
+            )
+        )
+        return self.exit_code()
+
+    def migrate_source(self) -> DeltaGliderClient:
+        """The client migrate reads from: this run's, or another store's with
+        --source-endpoint-url / --source-profile."""
         if self.args.source_endpoint_url or self.args.source_profile:
-            source = create_client(
+            return create_client(
                 endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
                 profile_name=self.args.source_profile or self.args.profile,
                 region_name=self.args.region,
                 environ=self.environ,
             )
+        return self.client
+
+    def migrate_plan(
+        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
+    ) -> list[tuple[str, str, int]]:
+        """(source key, destination key, size) of every object to migrate: the source's
+        logical objects under the prefix, --exclude/--include applied, our own
+        bookkeeping left out."""
         filters = self.filters()
         todo = []
         for obj in source.get_paginator("list_objects_v2").paginate(
@@ -16450,86 +16492,53 @@ class _Cli:
                 if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        if _store_identity(source) == _store_identity(self.client):
-            pairs = [(t[0], t[1]) for t in todo]
-            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
-        present: dict[str, int] = {}
-        if not self.dry():
-            for item in self.list_logical(db, dprefix, fetch=True):
-                present[item["Key"]] = int(item["Size"])
-        skipped = [t for t in todo if present.get(t[1]) == t[2]]
-        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        return todo
+
+    def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
+        """--dryrun: each file that would be copied, then how many, and how many of them
+        would become deltas (all but the first eligible file in each folder)."""
         total = sum(t[2] for t in todo)
-        stored = [0]
-        lock = threading.Lock()
-        if self.dry():
-            eligible = sum(
-                1 for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            )
-            spaces = {
-                _deltaspace(t[1])
-                for t in todo
-                if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            }
-            for s_key, d_key, _ in todo:
-                self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
-            self.line(
-                "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
-                "all but the first in each folder are stored as deltas"
-                % (len(todo), _human_size(total), eligible, len(spaces))
-            )
-            return EXIT_OK
-
-        def one(s_key: str, d_key: str, size: int) -> None:
-            src_url, dst_url = "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key)
-            try:
-                engine = source._engine
-                lg = engine.head(sb, s_key, "HeadObject")
-                fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), ".migrate")
-                os.close(fd)
-                try:
-                    engine.get_to_file(sb, s_key, tmp, logical=lg)
-                    delta = False if self.args.no_delta else None
-                    params: dict[str, Any] = {"ContentType": lg.content_type}
-                    summary = self.client._engine.put_file(
-                        tmp,
-                        db,
-                        d_key,
-                        metadata=_user_metadata(lg.metadata),
-                        headers=_put_headers(params),
-                        delta=delta,
-                        mtime=_logical_mtime(lg),
-                    )
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                with lock:
-                    stored[0] += summary["StoredSize"]
-                self.on_bytes(size)
-                self.line("migrate: %s to %s%s" % (src_url, dst_url, self._saved_note(summary)))
-            except _Cancelled:
-                raise
-            except (DeltaGliderError, OSError) as e:
-                self.fail(
-                    "migrate failed: %s to %s %s" % (src_url, dst_url, self.describe_error(e))
-                )
-            finally:
-                self.file_done()
-
-        self.run_tasks([functools.partial(one, *t) for t in todo], total)
-        saved = (1 - stored[0] / total) * 100 if total else 0.0
+        eligible = [t[1] for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)]
+        spaces = {_deltaspace(key) for key in eligible}
+        for s_key, d_key, _ in todo:
+            self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
         self.line(
-            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
-            % (
-                len(todo) - self.failed,
-                _human_size(total),
-                _human_size(stored[0]),
-                saved,
-                len(skipped),
-                self.failed,
-            )
+            "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
+            "all but the first in each folder are stored as deltas"
+            % (len(todo), _human_size(total), len(eligible), len(spaces))
         )
-        return self.exit_code()
+
+    def migrate_one(
+        self,
+        source: DeltaGliderClient,
+        sb: str,
+        db: str,
+        s_key: str,
+        d_key: str,
+        size: int,
+        stored: list[int],
+    ) -> None:
+        """Copy one object of ``source`` into the delta layout with its content type, user
+        metadata and mtime; its stored size is added to ``stored``."""
+
+        def work() -> dict[str, Any]:
+            with self.fetched(source, sb, s_key, ".migrate") as (tmp, lg):
+                delta = False if self.args.no_delta else None
+                params: dict[str, Any] = {"ContentType": lg.content_type}
+                summary = self.client._engine.put_file(
+                    tmp,
+                    db,
+                    d_key,
+                    metadata=_user_metadata(lg.metadata),
+                    headers=_put_headers(params),
+                    delta=delta,
+                    mtime=_logical_mtime(lg),
+                )
+            stored.append(summary["StoredSize"])
+            self.on_bytes(size)
+            return summary
+
+        self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
