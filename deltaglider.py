@@ -345,10 +345,6 @@ class SSLError(EndpointConnectionError):
     fmt = "SSL validation failed for {endpoint_url} {error}"
 
 
-class ProxyConnectionError(EndpointConnectionError):
-    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
-
-
 class ReadTimeoutError(BotoCoreError):
     fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
 
@@ -7299,8 +7295,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
-#: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
-_MAX_METADATA_VALUE = 256
 
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
@@ -9789,7 +9783,6 @@ _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "SSECustomerKey",
     "SSECustomerKeyMD5",
 }
-_BOTO_ERROR_TYPES = (ClientError, BotoCoreError)
 
 
 #: Parameter types as botocore's S3 model has them (every other parameter is a string).
