@@ -844,9 +844,13 @@ def _spool(body: Any) -> IO[bytes]:
     return spooled
 
 
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
+def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tuple[int, str]:
+    """A new empty file, open for writing: ``(fd, path)``. Every named temporary file is
+    made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
+    or a spooled body through it), in ``folder``, the folder of what it becomes, so that
+    the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
+    sweep can tell a leftover by its name."""
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
 class _Background:
@@ -4159,7 +4163,7 @@ class _LocalStorage:
     def _mkstemp(self, operation: str, bucket: str, bdir: str, prefix: str) -> tuple[int, str]:
         """A 0600 temp file in the bucket (same file system, so renames are atomic)."""
         try:
-            return tempfile.mkstemp(dir=os.path.join(bdir, ".dg-tmp"), prefix=prefix)
+            return _private_tempfile(os.path.join(bdir, ".dg-tmp"), prefix=prefix)
         except FileNotFoundError:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
@@ -8107,14 +8111,16 @@ class _ReferenceCache:
     def _write_stamp(path: str, st: os.stat_result) -> None:
         """Remember that this file (size, mtime, inode) was hashed and matched, so other
         processes need not hash it again; any change to the file invalidates it."""
-        tmp = "%s.ok.%s.tmp" % (path, uuid.uuid4().hex)
+        tmp = ""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, tmp = _private_tempfile(
+                os.path.dirname(path), prefix=os.path.basename(path) + ".ok."
+            )
             with os.fdopen(fd, "w") as f:
                 f.write(_stamp_of(st))
             os.replace(tmp, path + ".ok")
         except OSError as e:  # only a shortcut for later processes: never fatal
-            logger.debug("could not write cache stamp %s: %s", tmp, e)
+            logger.debug("could not write cache stamp %s.ok: %s", path, e)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -13538,10 +13544,11 @@ class _Uploads:
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
         try:
-            with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+            fd, tmp = _private_tempfile(folder, ".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             os.replace(spooled.path, base)
-            os.replace(base + ".json.tmp", base + ".json")
+            os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
@@ -13573,9 +13580,10 @@ class _Uploads:
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
-        with open(note + ".tmp", "w", encoding="utf-8") as f:
+        fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
-        os.replace(note + ".tmp", note)
+        os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
         for name in os.listdir(self.folder):
