@@ -12890,6 +12890,51 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
+def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -> set[str]:
+    """Every condition of a POST policy holds for the form's ``values`` (lower-cased names)
+    and its file's ``size``; returns the names the conditions cover (AWS "Creating a POST
+    policy": exact matches, ``eq``, ``starts-with``, ``content-length-range``)."""
+    covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+    for cond in conditions:
+        if isinstance(cond, dict):
+            for name, want in cond.items():
+                name = name.lower()
+                covered.add(name)
+                if values.get(name) != str(want):
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: "
+                        '["eq", "$%s", "%s"]' % (name, want),
+                    )
+        elif not isinstance(cond, list) or len(cond) != 3:
+            # a condition not understood is refused, never skipped (it would widen
+            # what the policy's signer allowed)
+            raise _S3Reply(
+                "InvalidPolicyDocument",
+                "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
+            )
+        else:
+            op = str(cond[0]).lower()
+            if op == "content-length-range":
+                try:
+                    low, high = int(cond[1]), int(cond[2])
+                except (TypeError, ValueError):
+                    raise _S3Reply("InvalidPolicyDocument") from None
+                if not low <= size <= high:
+                    raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
+                continue
+            name = str(cond[1]).lower().lstrip("$")
+            covered.add(name)
+            have = values.get(name, "")
+            ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+            if op not in ("eq", "starts-with") or not ok:
+                raise _S3Reply(
+                    "AccessDenied",
+                    "Invalid according to Policy: Policy Condition failed: %s" % json.dumps(cond),
+                )
+    return covered
+
+
 class _GatewayAuth:
     """Checks SigV4 (Authorization header or presigned query) against the gateway's users,
     as S3 does: same canonical request as :class:`_SigV4` builds, same error codes."""
@@ -13038,6 +13083,21 @@ class _GatewayAuth:
         lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
         if not lower.get("policy"):
             raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        access_key = self._policy_signer(lower)
+        conditions = self._policy_conditions(lower["policy"])
+        values = dict(lower, bucket=bucket, key=key)
+        covered = _policy_check(conditions, values, size)
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
+    def _policy_signer(self, lower: Mapping[str, str]) -> str:
+        """The access key whose signature of the form's policy checks out: SigV2 (boto3's
+        default for generate_presigned_post) or SigV4 fields."""
         policy_b64 = lower["policy"].encode("ascii", "replace")
         if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
             access_key = lower["awsaccesskeyid"]
@@ -13059,8 +13119,12 @@ class _GatewayAuth:
             )
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        return access_key
+
+    def _policy_conditions(self, policy_b64: str) -> list[Any]:
+        """The conditions of a policy document that has not expired."""
         try:
-            policy = json.loads(base64.b64decode(lower["policy"]))
+            policy = json.loads(base64.b64decode(policy_b64))
             expiration = _parse_timestamp(str(policy["expiration"]))
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
@@ -13071,53 +13135,7 @@ class _GatewayAuth:
             raise _S3Reply("InvalidPolicyDocument", "Invalid Policy: Invalid 'conditions' value")
         if self._now() > expiration:
             raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
-        values = dict(lower, bucket=bucket, key=key)
-        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
-        for cond in conditions:
-            if isinstance(cond, dict):
-                for name, want in cond.items():
-                    name = name.lower()
-                    covered.add(name)
-                    if values.get(name) != str(want):
-                        raise _S3Reply(
-                            "AccessDenied",
-                            "Invalid according to Policy: Policy Condition failed: "
-                            '["eq", "$%s", "%s"]' % (name, want),
-                        )
-            elif not isinstance(cond, list) or len(cond) != 3:
-                # a condition not understood is refused, never skipped (it would widen
-                # what the policy's signer allowed)
-                raise _S3Reply(
-                    "InvalidPolicyDocument",
-                    "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
-                )
-            else:
-                op = str(cond[0]).lower()
-                if op == "content-length-range":
-                    try:
-                        low, high = int(cond[1]), int(cond[2])
-                    except (TypeError, ValueError):
-                        raise _S3Reply("InvalidPolicyDocument") from None
-                    if not low <= size <= high:
-                        raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
-                    continue
-                name = str(cond[1]).lower().lstrip("$")
-                covered.add(name)
-                have = values.get(name, "")
-                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
-                if op not in ("eq", "starts-with") or not ok:
-                    raise _S3Reply(
-                        "AccessDenied",
-                        "Invalid according to Policy: Policy Condition failed: %s"
-                        % json.dumps(cond),
-                    )
-        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
-        if extra:
-            raise _S3Reply(
-                "AccessDenied",
-                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
-            )
-        return access_key
+        return conditions
 
     def _verify_presigned_v2(
         self,
@@ -14107,22 +14125,17 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._expect_100 = False
 
     def _serve(self, gw: _Gateway) -> None:
+        """Route one request: /metrics, a browser POST upload (signed inside its form), or
+        an authenticated S3 request on the service, a bucket or an object."""
         method = self.command
-        metrics_only = self.server.metrics_only
-        if metrics_only or (
+        if self.server.metrics_only or (
             method == "GET"
             and self._raw_path == "/metrics"
             and not self._query
             and not gw.virtual_host(self._headers.get("host", ""))
         ):
             # A bucket named "metrics" is still listed: every S3 client sends a query.
-            self._operation = "Metrics"
-            if metrics_only and (method, self._raw_path) != ("GET", "/metrics"):
-                raise _S3Reply("NoSuchKey", status="404")
-            if not metrics_only:
-                self._authenticate(gw)
-            self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
-            return
+            return self._serve_metrics(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
         if (
             method == "POST"
@@ -14132,15 +14145,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and self._headers.get("content-type", "").startswith("multipart/form-data")
             and "authorization" not in self._headers
         ):
-            # Signed by its policy, inside the form: the body is read before anything
-            # authenticates it, so only a share of the workers may be doing that at once.
-            if not self.server.anonymous_bodies.acquire(blocking=False):
-                self.close_connection = True
-                raise _S3Reply("SlowDown")
-            try:
-                return self._post_object(bucket)
-            finally:
-                self.server.anonymous_bodies.release()
+            return self._serve_browser_post(bucket)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -14150,55 +14155,84 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             del q["versionId"]
         elif "versionId" in q:
             raise _S3Reply("InvalidArgument", "Invalid version id specified")
-        unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
-        if key is None and "acl" in q and method in ("GET", "PUT"):
+        if key is None:
+            return self._serve_bucket(gw, bucket, signed)
+        return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_metrics(self, gw: _Gateway) -> None:
+        """``GET /metrics``: signed like any request, unless on the --metrics-port."""
+        self._operation = "Metrics"
+        metrics_only = self.server.metrics_only
+        if metrics_only and (self.command, self._raw_path) != ("GET", "/metrics"):
+            raise _S3Reply("NoSuchKey", status="404")
+        if not metrics_only:
+            self._authenticate(gw)
+        self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
+
+    def _serve_browser_post(self, bucket: str) -> None:
+        """Signed by its policy, inside the form: the body is read before anything
+        authenticates it, so only a share of the workers may be doing that at once."""
+        if not self.server.anonymous_bodies.acquire(blocking=False):
+            self.close_connection = True
+            raise _S3Reply("SlowDown")
+        try:
+            self._post_object(bucket)
+        finally:
+            self.server.anonymous_bodies.release()
+
+    def _refuse_unsupported(self, kind: str) -> None:
+        """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
+        or Object, for the metrics' operation name)."""
+        unsupported = sorted(set(self._q) & _GATEWAY_UNSUPPORTED)
+        if unsupported:
+            self._operation = kind + ":" + unsupported[0]
+            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+
+    def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
+        """A request on a bucket (no key): listings, location, ACL, create, delete..."""
+        method, q = self.command, self._q
+        if "acl" in q and method in ("GET", "PUT"):
             return self._bucket_acl(bucket, signed)
-        if key is None and method == "GET" and "versioning" in q:
+        if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
             return self._send(200, _xml_doc("VersioningConfiguration", ""))
-        if key is None and method == "GET" and "versions" in q:
+        if method == "GET" and "versions" in q:
             return self._list_objects(bucket, versions=True)
-        if key is None:
-            if unsupported:
-                self._operation = "Bucket:" + unsupported[0]
-                raise _S3Reply(
-                    "NotImplemented", "?%s is not supported by the gateway" % unsupported[0]
-                )
-            if method == "GET" and "location" in q:
-                return self._get_bucket_location(bucket)
-            if method == "GET" and "uploads" in q:
-                return self._list_uploads(bucket)
-            if method == "GET":
-                return self._list_objects(bucket)
-            if method == "HEAD":
-                self._operation = "HeadBucket"
-                resp = gw.client.head_bucket(Bucket=bucket)
-                region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
-                    "x-amz-bucket-region", "us-east-1"
-                )
-                return self._send(200, headers={"x-amz-bucket-region": region})
-            if method == "PUT" and not q:
-                return self._create_bucket(bucket, signed)
-            if method == "DELETE" and not q:
-                self._operation = "DeleteBucket"
-                gw.client.delete_bucket(Bucket=bucket)
-                return self._send(204)
-            if method == "POST" and "delete" in q:
-                return self._delete_objects(bucket, signed)
-
-            self._operation = "Bucket:" + method
-            raise _S3Reply(
-                "NotImplemented", "This bucket operation is not supported by the gateway"
+        self._refuse_unsupported("Bucket")
+        if method == "GET" and "location" in q:
+            return self._get_bucket_location(bucket)
+        if method == "GET" and "uploads" in q:
+            return self._list_uploads(bucket)
+        if method == "GET":
+            return self._list_objects(bucket)
+        if method == "HEAD":
+            self._operation = "HeadBucket"
+            resp = gw.client.head_bucket(Bucket=bucket)
+            region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
+                "x-amz-bucket-region", "us-east-1"
             )
-        if unsupported:
-            self._operation = "Object:" + unsupported[0]
-            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+            return self._send(200, headers={"x-amz-bucket-region": region})
+        if method == "PUT" and not q:
+            return self._create_bucket(bucket, signed)
+        if method == "DELETE" and not q:
+            self._operation = "DeleteBucket"
+            gw.client.delete_bucket(Bucket=bucket)
+            return self._send(204)
+        if method == "POST" and "delete" in q:
+            return self._delete_objects(bucket, signed)
+        self._operation = "Bucket:" + method
+        raise _S3Reply("NotImplemented", "This bucket operation is not supported by the gateway")
+
+    def _serve_object(self, gw: _Gateway, bucket: str, key: str, signed: _Signed) -> None:
+        """A request on an object: get, put, copy, delete, and the multipart operations."""
+        method, q = self.command, self._q
+        self._refuse_unsupported("Object")
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
         if method in ("GET", "HEAD"):
