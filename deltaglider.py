@@ -13925,6 +13925,222 @@ def _el(tag: str, value: Any) -> str:
     return "<%s>%s</%s>" % (tag, _xml_escape(str(value)), tag)
 
 
+def _xml_owner(owner: Mapping[str, Any]) -> str:
+    return "<Owner>%s%s</Owner>" % (
+        _el("ID", owner.get("ID", "")),
+        _el("DisplayName", owner.get("DisplayName", "")),
+    )
+
+
+def _xml_listing(
+    bucket: str,
+    q: Mapping[str, str],
+    resp: Mapping[str, Any],
+    kind: str,
+    max_keys: int,
+    owners: bool,
+) -> bytes:
+    """A ListBucketResult (``kind`` v1 or v2) or ListVersionsResult (``versions``) from
+    the client's list response and the request's query ``q``: names URL-encoded under
+    ``encoding-type=url``, each object's Owner shown when ``owners``."""
+    encode = q.get("encoding-type") == "url"
+
+    def text(value: str) -> str:
+        return _quote(value, safe="/") if encode else value
+
+    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    if kind == "versions":
+        parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
+        parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
+        if resp.get("IsTruncated") and resp.get("Contents"):
+            parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
+            parts.append(_el("NextVersionIdMarker", "null"))
+    elif kind == "v2":
+        if q.get("start-after"):
+            parts.append(_el("StartAfter", text(q["start-after"])))
+        if "continuation-token" in q:  # echoed even when empty, as S3 does
+            parts.append(_el("ContinuationToken", q["continuation-token"]))
+        if resp.get("NextContinuationToken"):
+            parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
+        parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
+    else:
+        parts.append(_el("Marker", text(q.get("marker", ""))))
+        if resp.get("IsTruncated") and resp.get("NextMarker"):
+            parts.append(_el("NextMarker", text(resp["NextMarker"])))
+    parts.append(_el("MaxKeys", max_keys))
+    if q.get("delimiter"):
+        parts.append(_el("Delimiter", text(q["delimiter"])))
+    if encode:
+        parts.append(_el("EncodingType", "url"))
+    parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
+    for obj in resp.get("Contents", []):
+        item = [
+            _el("Key", text(obj["Key"])),
+            _el("LastModified", _iso_ms(obj.get("LastModified"))),
+            _el("ETag", obj.get("ETag", "")),
+            _el("Size", obj.get("Size", 0)),
+        ]
+        owner = obj.get("Owner")
+        if owner and owners:
+            item.append(_xml_owner(owner))
+        item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
+        if kind == "versions":
+            item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
+            parts.append("<Version>%s</Version>" % "".join(item))
+        else:
+            parts.append("<Contents>%s</Contents>" % "".join(item))
+    for p in resp.get("CommonPrefixes", []):
+        parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
+    root = "ListVersionsResult" if kind == "versions" else "ListBucketResult"
+    return _xml_doc(root, "".join(parts))
+
+
+def _xml_error(reply: _S3Reply, resource: str, request_id: str) -> bytes:
+    """An S3 error answer (AWS "Error responses"): no namespace, as S3 sends it."""
+    fields = "".join(_el(k, v) for k, v in reply.fields.items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
+        "<HostId></HostId></Error>"
+        % (
+            _el("Code", reply.code),
+            _el("Message", reply.message),
+            fields,
+            _el("Resource", resource),
+            request_id,
+        )
+    ).encode("utf-8")
+
+
+def _xml_buckets(resp: Mapping[str, Any]) -> bytes:
+    """ListAllMyBucketsResult from the client's list_buckets response."""
+    owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
+    items = "".join(
+        "<Bucket>%s%s</Bucket>"
+        % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
+        for b in resp.get("Buckets", [])
+    )
+    body = "%s<Buckets>%s</Buckets>" % (_xml_owner(owner), items)
+    return _xml_doc("ListAllMyBucketsResult", body)
+
+
+def _acl_policy(root: ET.Element) -> dict[str, Any]:
+    """A PutBucketAcl body (an AccessControlPolicy document) as boto3's
+    AccessControlPolicy parameter: only the fields the document carries."""
+    owner = root.find("Owner")
+    policy: dict[str, Any] = {"Grants": []}
+    if owner is not None:
+        policy["Owner"] = {
+            t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+        }
+    for grant in root.iter("Grant"):
+        grantee = grant.find("Grantee")
+        who: dict[str, Any] = {}
+        if grantee is not None:
+            for attr, value in grantee.attrib.items():
+                if attr.endswith("}type") or attr == "type":
+                    who["Type"] = value
+            for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                if _xml_text(grantee, t):
+                    who[t] = _xml_text(grantee, t)
+        policy["Grants"].append(
+            {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+        )
+    return policy
+
+
+def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
+    """DeleteResult from the client's delete_objects response, plus a NoSuchVersion error
+    for each key asked for by a version other than ``null``."""
+    parts = []
+    for d in resp.get("Deleted", []):
+        parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+    for k in versioned:
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", k),
+                _el("Code", "NoSuchVersion"),
+                _el("Message", "The specified version does not exist."),
+            )
+        )
+    for e in resp.get("Errors", []):
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", e.get("Key", "")),
+                _el("Code", e.get("Code", "")),
+                _el("Message", e.get("Message", "")),
+            )
+        )
+    return _xml_doc("DeleteResult", "".join(parts))
+
+
+def _xml_parts(
+    bucket: str,
+    key: str,
+    upload_id: str,
+    rec: Mapping[str, Any],
+    shown: Mapping[int, Mapping[str, Any]],
+    marker: int,
+    max_parts: int,
+    truncated: bool,
+) -> bytes:
+    """ListPartsResult: the parts ``shown`` (number → its record, in order) of an upload
+    whose record is ``rec``; its initiator is also shown as its owner."""
+    items = "".join(
+        "<Part>%s%s%s%s</Part>"
+        % (
+            _el("PartNumber", n),
+            _el("LastModified", _iso_ms(_parse_timestamp(part["LastModified"]))),
+            _el("ETag", part["ETag"]),
+            _el("Size", part["Size"]),
+        )
+        for n, part in shown.items()
+    )
+    owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
+        _xml_escape(rec.get("Initiator", "")),
+        _xml_escape(rec.get("Initiator", "")),
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("Key", key)
+        + _el("UploadId", upload_id)
+        + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
+        + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
+        + _el("PartNumberMarker", marker)
+        + _el("NextPartNumberMarker", list(shown)[-1] if shown else marker)
+        + _el("MaxParts", max_parts)
+        + _el("IsTruncated", truncated)
+        + items
+    )
+    return _xml_doc("ListPartsResult", body)
+
+
+def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
+    """ListMultipartUploadsResult: the first 1,000 of ``ups`` (records of uploads in
+    progress, with their UploadId)."""
+    items = "".join(
+        "<Upload>%s%s%s%s</Upload>"
+        % (
+            _el("Key", u["Key"]),
+            _el("UploadId", u["UploadId"]),
+            _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
+            _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
+        )
+        for u in ups[:1000]
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("KeyMarker", "")
+        + _el("UploadIdMarker", "")
+        + _el("Prefix", prefix)
+        + _el("MaxUploads", 1000)
+        + _el("IsTruncated", len(ups) > 1000)
+        + items
+    )
+    return _xml_doc("ListMultipartUploadsResult", body)
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14138,19 +14354,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD" or reply.status == 304:
             self._send(reply.status, headers={"x-amz-error-code": reply.code}, content_type=None)
             return
-        fields = "".join(_el(k, v) for k, v in reply.fields.items())
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
-            "<HostId></HostId></Error>"
-            % (
-                _el("Code", reply.code),
-                _el("Message", reply.message),
-                fields,
-                _el("Resource", self._raw_path),
-                self._request_id,
-            )
-        ).encode("utf-8")
-        self._send(reply.status, body)
+        self._send(reply.status, _xml_error(reply, self._raw_path, self._request_id))
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -14542,31 +14746,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     # -- buckets ------------------------------------------------------------------
 
     def _list_buckets(self) -> None:
-        resp = self.server.gateway.client.list_buckets()
-        owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
-        items = "".join(
-            "<Bucket>%s%s</Bucket>"
-            % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
-            for b in resp.get("Buckets", [])
-        )
-        body = "<Owner>%s%s</Owner><Buckets>%s</Buckets>" % (
-            _el("ID", owner.get("ID", "")),
-            _el("DisplayName", owner.get("DisplayName", "")),
-            items,
-        )
-        self._send(200, _xml_doc("ListAllMyBucketsResult", body))
+        self._send(200, _xml_buckets(self.server.gateway.client.list_buckets()))
 
     def _get_bucket_location(self, bucket: str) -> None:
         self._operation = "GetBucketLocation"
         resp = self.server.gateway.client.get_bucket_location(Bucket=bucket)
         location = resp.get("LocationConstraint") or ""
-        self._send(
-            200,
-            (
-                '<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="%s">%s'
-                "</LocationConstraint>" % (_S3_XMLNS, _xml_escape(location))
-            ).encode(),
-        )
+        self._send(200, _xml_doc("LocationConstraint", _xml_escape(location)))
 
     def _create_bucket(self, bucket: str, signed: _Signed) -> None:
         self._operation = "CreateBucket"
@@ -14606,26 +14792,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 root = _xml_parse(data)
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
-            owner = root.find("Owner")
-            policy: dict[str, Any] = {"Grants": []}
-            if owner is not None:
-                policy["Owner"] = {
-                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
-                }
-            for grant in root.iter("Grant"):
-                grantee = grant.find("Grantee")
-                who: dict[str, Any] = {}
-                if grantee is not None:
-                    for attr, value in grantee.attrib.items():
-                        if attr.endswith("}type") or attr == "type":
-                            who["Type"] = value
-                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
-                        if _xml_text(grantee, t):
-                            who[t] = _xml_text(grantee, t)
-                policy["Grants"].append(
-                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
-                )
-            params["AccessControlPolicy"] = policy
+            params["AccessControlPolicy"] = _acl_policy(root)
         client.put_bucket_acl(**params)
         self._send(200)
 
@@ -14645,8 +14812,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
         if max_keys < 0:
             raise _S3Reply("InvalidArgument", "max-keys must not be negative")
-        encode = q.get("encoding-type") == "url"
-        if "encoding-type" in q and not encode:
+        if "encoding-type" in q and q["encoding-type"] != "url":
             raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
         params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
         for qname, pname in (("prefix", "Prefix"), ("delimiter", "Delimiter")):
@@ -14669,61 +14835,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if q.get("marker"):
                 params["Marker"] = q["marker"]
             resp = client.list_objects(**params)
-
-        def text(value: str) -> str:
-            return _quote(value, safe="/") if encode else value
-
-        parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
-        if versions:
-            parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
-            parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
-            if resp.get("IsTruncated") and resp.get("Contents"):
-                parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
-                parts.append(_el("NextVersionIdMarker", "null"))
-        elif v2:
-            if q.get("start-after"):
-                parts.append(_el("StartAfter", text(q["start-after"])))
-            if "continuation-token" in q:  # echoed even when empty, as S3 does
-                parts.append(_el("ContinuationToken", q["continuation-token"]))
-            if resp.get("NextContinuationToken"):
-                parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
-            parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
-        else:
-            parts.append(_el("Marker", text(q.get("marker", ""))))
-            if resp.get("IsTruncated") and resp.get("NextMarker"):
-                parts.append(_el("NextMarker", text(resp["NextMarker"])))
-        parts.append(_el("MaxKeys", max_keys))
-        if q.get("delimiter"):
-            parts.append(_el("Delimiter", text(q["delimiter"])))
-        if encode:
-            parts.append(_el("EncodingType", "url"))
-        parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
-        for obj in resp.get("Contents", []):
-            item = [
-                _el("Key", text(obj["Key"])),
-                _el("LastModified", _iso_ms(obj.get("LastModified"))),
-                _el("ETag", obj.get("ETag", "")),
-                _el("Size", obj.get("Size", 0)),
-            ]
-            owner = obj.get("Owner")
-            if owner and (v2 is False or params.get("FetchOwner")):
-                item.append(
-                    "<Owner>%s%s</Owner>"
-                    % (
-                        _el("ID", owner.get("ID", "")),
-                        _el("DisplayName", owner.get("DisplayName", "")),
-                    )
-                )
-            item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
-            if versions:
-                item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
-                parts.append("<Version>%s</Version>" % "".join(item))
-            else:
-                parts.append("<Contents>%s</Contents>" % "".join(item))
-        for p in resp.get("CommonPrefixes", []):
-            parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
-        root = "ListVersionsResult" if versions else "ListBucketResult"
-        self._send(200, _xml_doc(root, "".join(parts)))
+        kind = "versions" if versions else "v2" if v2 else "v1"
+        owners = not v2 or bool(params.get("FetchOwner"))
+        self._send(200, _xml_listing(bucket, q, resp, kind, max_keys, owners))
 
     # -- objects ------------------------------------------------------------------
 
@@ -14942,28 +15056,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = self.server.gateway.client.delete_objects(
             Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": quiet}
         )
-        parts = []
-        for d in resp.get("Deleted", []):
-            parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
-        for k in versioned:
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", k),
-                    _el("Code", "NoSuchVersion"),
-                    _el("Message", "The specified version does not exist."),
-                )
-            )
-        for e in resp.get("Errors", []):
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", e.get("Key", "")),
-                    _el("Code", e.get("Code", "")),
-                    _el("Message", e.get("Message", "")),
-                )
-            )
-        self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+        self._send(200, _xml_delete_result(resp, versioned))
 
     def _post_object(self, bucket: str) -> None:
         """A browser upload (generate_presigned_post): a multipart/form-data body whose
@@ -15090,35 +15183,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             ) from None
         numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
         parts = gw.uploads.parts(upload_id)
-        shown = numbers[:max_parts]
+        shown = {n: parts[n] for n in numbers[:max_parts]}
         truncated = len(numbers) > max_parts
-        items = "".join(
-            "<Part>%s%s%s%s</Part>"
-            % (
-                _el("PartNumber", n),
-                _el("LastModified", _iso_ms(_parse_timestamp(parts[n]["LastModified"]))),
-                _el("ETag", parts[n]["ETag"]),
-                _el("Size", parts[n]["Size"]),
-            )
-            for n in shown
-        )
-        owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
-            _xml_escape(rec.get("Initiator", "")),
-            _xml_escape(rec.get("Initiator", "")),
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("Key", key)
-            + _el("UploadId", upload_id)
-            + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
-            + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
-            + _el("PartNumberMarker", marker)
-            + _el("NextPartNumberMarker", shown[-1] if shown else marker)
-            + _el("MaxParts", max_parts)
-            + _el("IsTruncated", truncated)
-            + items
-        )
-        self._send(200, _xml_doc("ListPartsResult", body))
+        body = _xml_parts(bucket, key, upload_id, rec, shown, marker, max_parts, truncated)
+        self._send(200, body)
 
     def _list_uploads(self, bucket: str) -> None:
         self._operation = "ListMultipartUploads"
@@ -15126,26 +15194,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.head_bucket(Bucket=bucket)
         prefix = self._q.get("prefix", "")
         ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
-        items = "".join(
-            "<Upload>%s%s%s%s</Upload>"
-            % (
-                _el("Key", u["Key"]),
-                _el("UploadId", u["UploadId"]),
-                _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
-                _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
-            )
-            for u in ups[:1000]
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("KeyMarker", "")
-            + _el("UploadIdMarker", "")
-            + _el("Prefix", prefix)
-            + _el("MaxUploads", 1000)
-            + _el("IsTruncated", len(ups) > 1000)
-            + items
-        )
-        self._send(200, _xml_doc("ListMultipartUploadsResult", body))
+        self._send(200, _xml_uploads(bucket, prefix, ups))
 
     def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "CompleteMultipartUpload"
