@@ -9789,7 +9789,6 @@ _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "SSECustomerKey",
     "SSECustomerKeyMD5",
 }
-_BOTO_ERROR_TYPES = (ClientError, BotoCoreError)
 
 
 #: Parameter types as botocore's S3 model has them (every other parameter is a string).
@@ -9878,15 +9877,13 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
 def _check_params(operation: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """A parameter we do not support is an error, never silently dropped; a value of the
     wrong type is botocore's ParamValidationError, never a raw TypeError later."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
+    known = sorted(allowed)
+    unknown = [name for name in given if name not in set(known)]
+    if unknown:  # botocore's wording: one line per parameter, in the order given
         raise ParamValidationError(
-            report="Unknown parameter%s in input to %s: %s. Supported: %s"
-            % (
-                "s" if len(unknown) > 1 else "",
-                operation,
-                ", ".join('"%s"' % u for u in unknown),
-                ", ".join(sorted(allowed)),
+            report="\n".join(
+                'Unknown parameter in input: "%s", must be one of: %s' % (name, ", ".join(known))
+                for name in unknown
             )
         )
     errors = _param_type_errors(operation, given)
