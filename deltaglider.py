@@ -12293,7 +12293,7 @@ class _StatsListing(NamedTuple):
         }
 
 
-def _list_for_stats(storage: Any, bucket: str) -> _StatsListing:
+def _list_for_stats(storage: _Storage, bucket: str) -> _StatsListing:
     """Every stored key of the bucket, our bookkeeping left out (shared references kept)."""
     objects: list[dict[str, Any]] = []
     copies: list[dict[str, Any]] = []
@@ -12311,7 +12311,7 @@ def _stats_cache_key(mode: str) -> str:
 
 
 def _cached_bucket_stats(
-    storage: Any, bucket: str, mode: str, validation: Mapping[str, Any]
+    storage: _Storage, bucket: str, mode: str, validation: Mapping[str, Any]
 ) -> BucketStats | None:
     """The cached result of ``mode``, when it was computed from what the bucket holds now."""
     cache_key = _stats_cache_key(mode)
@@ -12332,7 +12332,7 @@ def _cached_bucket_stats(
 
 
 def _cache_bucket_stats(
-    storage: Any,
+    storage: _Storage,
     bucket: str,
     mode: str,
     validation: Mapping[str, Any],
@@ -12359,7 +12359,7 @@ def _cache_bucket_stats(
 
 
 def _read_original_sizes(
-    storage: Any, bucket: str, mode: str, deltas: list[dict[str, Any]], max_workers: int
+    storage: _Storage, bucket: str, mode: str, deltas: list[dict[str, Any]], max_workers: int
 ) -> tuple[dict[str, int], dict[str, list[int]]]:
     """The original sizes of deltas, from their metadata (HEADs in parallel): every delta
     (``detailed``) or one per deltaspace, given to its siblings (``sampled``). Returns
@@ -12432,7 +12432,7 @@ def _logical_total(
 
 
 def _compute_bucket_stats(
-    storage: Any, bucket: str, mode: str, listing: _StatsListing, max_workers: int
+    storage: _Storage, bucket: str, mode: str, listing: _StatsListing, max_workers: int
 ) -> BucketStats:
     """The statistics of one listing (``quick``: from it alone; ``sampled``/``detailed``:
     with the original sizes read from deltas' metadata)."""
