@@ -5417,6 +5417,11 @@ class _LocalStorage:
         return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
 
 
+###############################################################################
+# Multipart and parallel transfers ############################################
+###############################################################################
+
+
 def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     """A part size (whole MiB) that fits ``size`` into 10,000 parts: 5 TiB fits."""
     part = max(minimum, _MIN_PART_SIZE)
@@ -5753,6 +5758,85 @@ class _CallbackReader(io.RawIOBase):
 
     def __len__(self) -> int:
         return int((_body_length(self._f) or 0) + self._f.tell())
+
+
+class _Cancelled(DeltaGliderError):
+    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
+
+
+class _Progress:
+    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
+
+    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._files = files
+        self._total = total
+        self._done = 0
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.cancel = threading.Event()
+
+    def add(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled("cancelled")
+        with self._lock:
+            self._done += n
+            self._draw()
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._files -= 1
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-6)
+        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
+            _human_size(self._done),
+            "/" + _human_size(self._total) if self._total else "",
+            _human_size(rate),
+            max(self._files, 0),
+        )
+        self._stream.write("\r" + line.ljust(79) + "\r")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._enabled:
+            self._stream.write("\r" + " " * 79 + "\r")
+            self._stream.flush()
+
+
+def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
+    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        for f in futures:
+            while True:
+                try:
+                    f.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+    except BaseException:
+        progress.cancel.set()
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures, timeout=1.0)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown(wait=True)
 
 
 ###############################################################################
@@ -12657,90 +12741,6 @@ def create_client(
         max_workers=max_workers,
         references=references,
     )
-
-
-###############################################################################
-# Transfers: parallel work, progress, cancellation ############################
-###############################################################################
-
-
-class _Cancelled(DeltaGliderError):
-    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
-
-
-class _Progress:
-    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
-
-    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
-        self._stream = stream
-        self._enabled = enabled
-        self._files = files
-        self._total = total
-        self._done = 0
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
-        self.cancel = threading.Event()
-
-    def add(self, n: int) -> None:
-        if self.cancel.is_set():
-            raise _Cancelled("cancelled")
-        with self._lock:
-            self._done += n
-            self._draw()
-
-    def file_done(self) -> None:
-        with self._lock:
-            self._files -= 1
-            self._draw(force=True)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        rate = self._done / max(now - self._start, 1e-6)
-        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
-            _human_size(self._done),
-            "/" + _human_size(self._total) if self._total else "",
-            _human_size(rate),
-            max(self._files, 0),
-        )
-        self._stream.write("\r" + line.ljust(79) + "\r")
-        self._stream.flush()
-
-    def clear(self) -> None:
-        if self._enabled:
-            self._stream.write("\r" + " " * 79 + "\r")
-            self._stream.flush()
-
-
-def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
-    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(task) for task in tasks]
-    try:
-        for f in futures:
-            while True:
-                try:
-                    f.result(timeout=0.2)
-                    break
-                except concurrent.futures.TimeoutError:
-                    continue
-    except BaseException:
-        progress.cancel.set()
-        for f in futures:
-            f.cancel()
-        concurrent.futures.wait(futures, timeout=1.0)
-        pool.shutdown(wait=False)
-        raise
-    pool.shutdown(wait=True)
 
 
 ###############################################################################
