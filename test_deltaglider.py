@@ -712,6 +712,20 @@ def test_wrong_typed_parameters_are_param_validation_errors(
     assert str(info.value) == "Parameter validation failed:\nInvalid type for parameter " + report
 
 
+def test_unknown_parameters_are_reported_in_botocores_words(tmp_path: Any) -> None:
+    """One line per unknown parameter, in the order given, as botocore words it
+    (``Unknown parameter in input: "X", must be one of: A, B``), before any request."""
+    c = dg.create_client("file://" + str(tmp_path / "store"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(dg.ParamValidationError) as info:
+        c.delete_object(Bucket="b", Zed=1, Key="k", Foo=2)
+    known = "Bucket, Key"
+    assert str(info.value) == (
+        "Parameter validation failed:\n"
+        'Unknown parameter in input: "Zed", must be one of: %s\n'
+        'Unknown parameter in input: "Foo", must be one of: %s' % (known, known)
+    )
+
+
 def test_body_of_a_wrong_type_is_param_validation_error(tmp_path: Any) -> None:
     c = dg.create_client("file://" + str(tmp_path / "store"), cache_dir=str(tmp_path / "c"))
     c.create_bucket(Bucket="bkt")
