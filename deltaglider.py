@@ -5417,6 +5417,11 @@ class _LocalStorage:
         return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
 
 
+###############################################################################
+# Multipart and parallel transfers ############################################
+###############################################################################
+
+
 def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     """A part size (whole MiB) that fits ``size`` into 10,000 parts: 5 TiB fits."""
     part = max(minimum, _MIN_PART_SIZE)
@@ -5753,6 +5758,85 @@ class _CallbackReader(io.RawIOBase):
 
     def __len__(self) -> int:
         return int((_body_length(self._f) or 0) + self._f.tell())
+
+
+class _Cancelled(DeltaGliderError):
+    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
+
+
+class _Progress:
+    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
+
+    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._files = files
+        self._total = total
+        self._done = 0
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.cancel = threading.Event()
+
+    def add(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled("cancelled")
+        with self._lock:
+            self._done += n
+            self._draw()
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._files -= 1
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-6)
+        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
+            _human_size(self._done),
+            "/" + _human_size(self._total) if self._total else "",
+            _human_size(rate),
+            max(self._files, 0),
+        )
+        self._stream.write("\r" + line.ljust(79) + "\r")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._enabled:
+            self._stream.write("\r" + " " * 79 + "\r")
+            self._stream.flush()
+
+
+def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
+    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        for f in futures:
+            while True:
+                try:
+                    f.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+    except BaseException:
+        progress.cancel.set()
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures, timeout=1.0)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown(wait=True)
 
 
 ###############################################################################
@@ -9939,7 +10023,6 @@ _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "SSECustomerKey",
     "SSECustomerKeyMD5",
 }
-_BOTO_ERROR_TYPES = (ClientError, BotoCoreError)
 
 
 #: Parameter types as botocore's S3 model has them (every other parameter is a string).
@@ -10028,15 +10111,13 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
 def _check_params(operation: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """A parameter we do not support is an error, never silently dropped; a value of the
     wrong type is botocore's ParamValidationError, never a raw TypeError later."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
+    known = sorted(allowed)
+    unknown = [name for name in given if name not in set(known)]
+    if unknown:  # botocore's wording: one line per parameter, in the order given
         raise ParamValidationError(
-            report="Unknown parameter%s in input to %s: %s. Supported: %s"
-            % (
-                "s" if len(unknown) > 1 else "",
-                operation,
-                ", ".join('"%s"' % u for u in unknown),
-                ", ".join(sorted(allowed)),
+            report="\n".join(
+                'Unknown parameter in input: "%s", must be one of: %s' % (name, ", ".join(known))
+                for name in unknown
             )
         )
     errors = _param_type_errors(operation, given)
@@ -12052,163 +12133,14 @@ class DeltaGliderClient:
         if mode not in ("quick", "sampled", "detailed"):
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self._engine.storage
-        objects: list[dict[str, Any]] = []
-        copies: list[dict[str, Any]] = []  # rebuilt copies for presigned URLs
-        for page in _list_pages(storage, bucket):
-            for o in page.get("Contents", []):
-                if o["Key"].startswith(_PRESIGN_PREFIX):
-                    copies.append(o)
-                elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
-                    objects.append(o)
-        stored_total = sum(o["Size"] for o in objects)
-        copies_size = sum(o["Size"] for o in copies)
-        validation = {
-            "object_count": len(objects),
-            "compressed_size": stored_total,
-            "presign_copies": [len(copies), copies_size],
-        }
-        cache_key = ".deltaglider/stats_%s.json" % mode
+        listing = _list_for_stats(storage, bucket)
         if use_cache and not refresh_cache:
-            try:
-                with storage.get_object(bucket, cache_key)["Body"] as stream:
-                    body = stream.read(_MAX_REPLY_BYTES + 1)
-                if len(body) > _MAX_REPLY_BYTES:
-                    raise ValueError("%s is too large to be a stats cache" % cache_key)
-                cached = json.loads(body.decode("utf-8"))
-                if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
-                    stats = BucketStats(cached["stats"])
-                    stats.setdefault("object_limit_reached", False)
-                    stats["cached"] = True
-                    return stats
-            except (ClientError, ValueError, UnicodeDecodeError):
-                pass
-        ref_sizes = {
-            _deltaspace(o["Key"]): o["Size"]
-            for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
-        }
-        shared_sizes: dict[str, list[int]] = {}
-        for o in objects:
-            if _is_shared_ref(o["Key"]):
-                shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
-        references = {
-            o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-        }
-        ref_users: dict[str, list[int]] = {}
-        deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
-        direct = [
-            o
-            for o in objects
-            if not o["Key"].endswith(_DELTA_SUFFIX)
-            and o["Key"].rsplit("/", 1)[-1] != _REFERENCE_NAME
-        ]
-        original: dict[str, int] = {}
-        if mode != "quick" and deltas:
-            if mode == "sampled":
-                sample: dict[str, dict[str, Any]] = {}
-                for o in deltas:
-                    sample.setdefault(_deltaspace(o["Key"]), o)
-                targets = list(sample.values())
-            else:
-                targets = deltas
-
-            def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
-                try:
-                    meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
-                except ClientError:
-                    return o["Key"], None, None
-                value = _meta_get(meta, "file_size")
-                ref = _meta_get(meta, "ref")
-                return (
-                    o["Key"],
-                    int(value) if value and value.isdigit() else None,
-                    _resolve_ref_key(o["Key"], ref) if ref else None,
-                )
-
-            workers = max(1, min(self._max_workers, len(targets)))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, size, ref in pool.map(size_of, targets):
-                    if size is not None:
-                        original[key] = size
-                        if ref is not None:
-                            ref_users.setdefault(ref, []).append(size)
-            if mode == "sampled":
-                per_space = {_deltaspace(k): v for k, v in original.items()}
-                original = {
-                    o["Key"]: per_space[_deltaspace(o["Key"])]
-                    for o in deltas
-                    if _deltaspace(o["Key"]) in per_space
-                }
-        spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
-        # A folder's own reference.bin with no delta beside it (shared ones take HEADs
-        # to prove unused: `gc --dry-run` does that).
-        unused_refs = [
-            o
-            for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-            and not _is_shared_ref(o["Key"])
-            and _deltaspace(o["Key"]) not in spaces_in_use
-        ]
-        logical_total = sum(o["Size"] for o in direct)
-        for o in deltas:
-            space = _deltaspace(o["Key"])
-            near = shared_sizes.get(_parent_space(space))
-            fallback = sum(near) // len(near) if near else o["Size"]
-            logical_total += original.get(o["Key"], ref_sizes.get(space, fallback))
-        saved = logical_total - stored_total
-        fields: dict[str, Any] = {
-            "bucket": bucket,
-            "mode": mode,
-            "object_count": len(deltas) + len(direct),
-            "total_size": logical_total,
-            "compressed_size": stored_total,
-            "space_saved": saved,
-            "average_compression_ratio": (stored_total / logical_total) if logical_total else 1.0,
-            "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
-            "delta_objects": len(deltas),
-            "direct_objects": len(direct),
-            "reference_objects": len(references),
-            "reference_size": sum(references.values()),
-            "object_limit_reached": False,
-            # left by a crash or another tool; `rm --recursive` of the folder removes them
-            "unused_references": len(unused_refs),
-            "unused_reference_size": sum(o["Size"] for o in unused_refs),
-            # under .deltaglider/tmp/ until they expire and a purge removes them
-            "presign_copies": len(copies),
-            "presign_copies_size": copies_size,
-            "estimated": mode != "detailed",
-            "cached": False,
-        }
-        stats = BucketStats(fields)
-        if mode == "detailed":
-            # What each reference costs, and what the deltas that need it hold.
-            stats["references"] = [
-                {
-                    "key": k,
-                    "size": size,
-                    "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
-                    "deltas": len(ref_users.get(k, [])),
-                    "original_size": sum(ref_users.get(k, [])),
-                }
-                for k, size in sorted(references.items())
-            ]
+            cached = _cached_bucket_stats(storage, bucket, mode, listing.validation())
+            if cached is not None:
+                return cached
+        stats = _compute_bucket_stats(storage, bucket, mode, listing, self._max_workers)
         if use_cache:
-            doc = {
-                "version": "1.0",
-                "mode": mode,
-                "computed_at": _iso_utc(self._now()),
-                "validation": validation,
-                "stats": stats,
-            }
-            try:
-                storage.put_object(
-                    bucket,
-                    cache_key,
-                    json.dumps(doc).encode("utf-8"),
-                    headers={"Content-Type": "application/json"},
-                )
-            except ClientError as e:  # read-only credentials: the stats still stand
-                logger.info("could not cache bucket stats: %s", e)
+            _cache_bucket_stats(storage, bucket, mode, listing.validation(), stats, self._now())
         return stats
 
     def gc(self, Bucket: str, Prefix: str = "", DryRun: bool = False) -> dict[str, Any]:
@@ -12427,6 +12359,232 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
+# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
+
+
+class _StatsListing(NamedTuple):
+    """One listing of a bucket, as its statistics count it."""
+
+    objects: list[dict[str, Any]]  # logical objects' stored forms, and references
+    copies: list[dict[str, Any]]  # rebuilt copies for presigned URLs
+
+    def validation(self) -> dict[str, Any]:
+        """What a cached result was computed from: it holds while these are unchanged."""
+        return {
+            "object_count": len(self.objects),
+            "compressed_size": sum(o["Size"] for o in self.objects),
+            "presign_copies": [len(self.copies), sum(o["Size"] for o in self.copies)],
+        }
+
+
+def _list_for_stats(storage: _Storage, bucket: str) -> _StatsListing:
+    """Every stored key of the bucket, our bookkeeping left out (shared references kept)."""
+    objects: list[dict[str, Any]] = []
+    copies: list[dict[str, Any]] = []
+    for page in _list_pages(storage, bucket):
+        for o in page.get("Contents", []):
+            if o["Key"].startswith(_PRESIGN_PREFIX):
+                copies.append(o)
+            elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
+                objects.append(o)
+    return _StatsListing(objects, copies)
+
+
+def _stats_cache_key(mode: str) -> str:
+    return ".deltaglider/stats_%s.json" % mode
+
+
+def _cached_bucket_stats(
+    storage: _Storage, bucket: str, mode: str, validation: Mapping[str, Any]
+) -> BucketStats | None:
+    """The cached result of ``mode``, when it was computed from what the bucket holds now."""
+    cache_key = _stats_cache_key(mode)
+    try:
+        with storage.get_object(bucket, cache_key)["Body"] as stream:
+            body = stream.read(_MAX_REPLY_BYTES + 1)
+        if len(body) > _MAX_REPLY_BYTES:
+            raise ValueError("%s is too large to be a stats cache" % cache_key)
+        cached = json.loads(body.decode("utf-8"))
+        if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
+            stats = BucketStats(cached["stats"])
+            stats.setdefault("object_limit_reached", False)
+            stats["cached"] = True
+            return stats
+    except (ClientError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _cache_bucket_stats(
+    storage: _Storage,
+    bucket: str,
+    mode: str,
+    validation: Mapping[str, Any],
+    stats: BucketStats,
+    now: datetime.datetime,
+) -> None:
+    """Store a result for the next call; read-only credentials only cost the cache."""
+    doc = {
+        "version": "1.0",
+        "mode": mode,
+        "computed_at": _iso_utc(now),
+        "validation": validation,
+        "stats": stats,
+    }
+    try:
+        storage.put_object(
+            bucket,
+            _stats_cache_key(mode),
+            json.dumps(doc).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+        )
+    except ClientError as e:  # read-only credentials: the stats still stand
+        logger.info("could not cache bucket stats: %s", e)
+
+
+def _read_original_sizes(
+    storage: _Storage, bucket: str, mode: str, deltas: list[dict[str, Any]], max_workers: int
+) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The original sizes of deltas, from their metadata (HEADs in parallel): every delta
+    (``detailed``) or one per deltaspace, given to its siblings (``sampled``). Returns
+    {delta key: size} and {reference key: the sizes of the deltas read that need it}."""
+    if mode == "sampled":
+        sample: dict[str, dict[str, Any]] = {}
+        for o in deltas:
+            sample.setdefault(_deltaspace(o["Key"]), o)
+        targets = list(sample.values())
+    else:
+        targets = deltas
+
+    def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
+        try:
+            meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
+        except ClientError:
+            return o["Key"], None, None
+        value = _meta_get(meta, "file_size")
+        ref = _meta_get(meta, "ref")
+        return (
+            o["Key"],
+            int(value) if value and value.isdigit() else None,
+            _resolve_ref_key(o["Key"], ref) if ref else None,
+        )
+
+    original: dict[str, int] = {}
+    ref_users: dict[str, list[int]] = {}
+    workers = max(1, min(max_workers, len(targets)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, size, ref in pool.map(size_of, targets):
+            if size is not None:
+                original[key] = size
+                if ref is not None:
+                    ref_users.setdefault(ref, []).append(size)
+    if mode == "sampled":
+        per_space = {_deltaspace(k): v for k, v in original.items()}
+        original = {
+            o["Key"]: per_space[_deltaspace(o["Key"])]
+            for o in deltas
+            if _deltaspace(o["Key"]) in per_space
+        }
+    return original, ref_users
+
+
+def _logical_total(
+    objects: list[dict[str, Any]],
+    deltas: list[dict[str, Any]],
+    direct: list[dict[str, Any]],
+    original: Mapping[str, int],
+) -> int:
+    """What the logical objects hold: a direct object its stored size; a delta its original
+    size where read, else its folder's reference's size (the versions of one artifact are
+    about the same size), else the average of the shared references beside its folder."""
+    ref_sizes: dict[str, int] = {
+        _deltaspace(o["Key"]): o["Size"]
+        for o in objects
+        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
+    }
+    shared_sizes: dict[str, list[int]] = {}
+    for o in objects:
+        if _is_shared_ref(o["Key"]):
+            shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
+    total: int = sum(o["Size"] for o in direct)
+    for o in deltas:
+        space = _deltaspace(o["Key"])
+        near = shared_sizes.get(_parent_space(space))
+        fallback = sum(near) // len(near) if near else o["Size"]
+        total += original.get(o["Key"], ref_sizes.get(space, fallback))
+    return total
+
+
+def _compute_bucket_stats(
+    storage: _Storage, bucket: str, mode: str, listing: _StatsListing, max_workers: int
+) -> BucketStats:
+    """The statistics of one listing (``quick``: from it alone; ``sampled``/``detailed``:
+    with the original sizes read from deltas' metadata)."""
+    objects, copies = listing
+    references = {
+        o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+    }
+    deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
+    direct = [
+        o
+        for o in objects
+        if not o["Key"].endswith(_DELTA_SUFFIX) and o["Key"].rsplit("/", 1)[-1] != _REFERENCE_NAME
+    ]
+    original: dict[str, int] = {}
+    ref_users: dict[str, list[int]] = {}
+    if mode != "quick" and deltas:
+        original, ref_users = _read_original_sizes(storage, bucket, mode, deltas, max_workers)
+    spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
+    # A folder's own reference.bin with no delta beside it (shared ones take HEADs
+    # to prove unused: `gc --dry-run` does that).
+    unused_refs = [
+        o
+        for o in objects
+        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        and not _is_shared_ref(o["Key"])
+        and _deltaspace(o["Key"]) not in spaces_in_use
+    ]
+    stored_total = sum(o["Size"] for o in objects)
+    logical_total = _logical_total(objects, deltas, direct, original)
+    saved = logical_total - stored_total
+    stats = BucketStats(
+        bucket=bucket,
+        mode=mode,
+        object_count=len(deltas) + len(direct),
+        total_size=logical_total,
+        compressed_size=stored_total,
+        space_saved=saved,
+        average_compression_ratio=(stored_total / logical_total) if logical_total else 1.0,
+        savings_percent=(saved / logical_total * 100.0) if logical_total else 0.0,
+        delta_objects=len(deltas),
+        direct_objects=len(direct),
+        reference_objects=len(references),
+        reference_size=sum(references.values()),
+        object_limit_reached=False,
+        # left by a crash or another tool; `rm --recursive` of the folder removes them
+        unused_references=len(unused_refs),
+        unused_reference_size=sum(o["Size"] for o in unused_refs),
+        # under .deltaglider/tmp/ until they expire and a purge removes them
+        presign_copies=len(copies),
+        presign_copies_size=sum(o["Size"] for o in copies),
+        estimated=mode != "detailed",
+        cached=False,
+    )
+    if mode == "detailed":
+        # What each reference costs, and what the deltas that need it hold.
+        stats["references"] = [
+            {
+                "key": k,
+                "size": size,
+                "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
+                "deltas": len(ref_users.get(k, [])),
+                "original_size": sum(ref_users.get(k, [])),
+            }
+            for k, size in sorted(references.items())
+        ]
+    return stats
+
+
 class _StderrHandler(logging.Handler):
     """The handler ``log_level`` adds: each record to the sys.stderr of the moment."""
 
@@ -12583,90 +12741,6 @@ def create_client(
         max_workers=max_workers,
         references=references,
     )
-
-
-###############################################################################
-# Transfers: parallel work, progress, cancellation ############################
-###############################################################################
-
-
-class _Cancelled(DeltaGliderError):
-    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
-
-
-class _Progress:
-    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
-
-    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
-        self._stream = stream
-        self._enabled = enabled
-        self._files = files
-        self._total = total
-        self._done = 0
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
-        self.cancel = threading.Event()
-
-    def add(self, n: int) -> None:
-        if self.cancel.is_set():
-            raise _Cancelled("cancelled")
-        with self._lock:
-            self._done += n
-            self._draw()
-
-    def file_done(self) -> None:
-        with self._lock:
-            self._files -= 1
-            self._draw(force=True)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        rate = self._done / max(now - self._start, 1e-6)
-        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
-            _human_size(self._done),
-            "/" + _human_size(self._total) if self._total else "",
-            _human_size(rate),
-            max(self._files, 0),
-        )
-        self._stream.write("\r" + line.ljust(79) + "\r")
-        self._stream.flush()
-
-    def clear(self) -> None:
-        if self._enabled:
-            self._stream.write("\r" + " " * 79 + "\r")
-            self._stream.flush()
-
-
-def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
-    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(task) for task in tasks]
-    try:
-        for f in futures:
-            while True:
-                try:
-                    f.result(timeout=0.2)
-                    break
-                except concurrent.futures.TimeoutError:
-                    continue
-    except BaseException:
-        progress.cancel.set()
-        for f in futures:
-            f.cancel()
-        concurrent.futures.wait(futures, timeout=1.0)
-        pool.shutdown(wait=False)
-        raise
-    pool.shutdown(wait=True)
 
 
 ###############################################################################
