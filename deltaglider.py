@@ -75,6 +75,7 @@ from typing import (
     Iterator,
     Mapping,
     NamedTuple,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -345,10 +346,6 @@ class SSLError(EndpointConnectionError):
     fmt = "SSL validation failed for {endpoint_url} {error}"
 
 
-class ProxyConnectionError(EndpointConnectionError):
-    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
-
-
 class ReadTimeoutError(BotoCoreError):
     fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
 
@@ -583,7 +580,7 @@ class XDelta3NotFoundError(DeltaGliderError):
 
 
 ###############################################################################
-# Helpers #####################################################################
+# Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
 
@@ -780,35 +777,59 @@ def _xml_escape(text: str) -> str:
     )
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
+class _FileInfo(NamedTuple):
+    """What one pass over some bytes gives: hex SHA-256, hex MD5 ("" unless asked for), size."""
+
+    sha256: str
+    md5: str
+    size: int
+
+
+class _Hashes:
+    """SHA-256 (and MD5, when asked for) and size of bytes taken in order: the one way file
+    contents are hashed. ``read(f)`` takes an open file from where it stands to its end in
+    1 MiB reads and hands each chunk to ``each`` too (a copy's ``write``, another hash's
+    ``update``), so a copy and its digests come from one pass; ``update`` takes bytes as
+    they are written elsewhere."""
+
+    def __init__(self, md5: bool = False) -> None:
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5() if md5 else None
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._sha256.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+        self.size += len(data)
+
+    def read(
+        self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
+    ) -> _Hashes:
         while True:
             chunk = f.read(_IO_CHUNK)
             if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+                return self
+            self.update(chunk)
+            if each is not None:
+                each(chunk)
+
+    def info(self) -> _FileInfo:
+        md5 = self._md5.hexdigest() if self._md5 is not None else ""
+        return _FileInfo(self._sha256.hexdigest(), md5, self.size)
 
 
-def _hash_stream(f: IO[bytes], *algorithms: str) -> tuple[list[str], int]:
-    """Hex digests of what is left in ``f`` (position restored if seekable), and its size."""
-    hashes = [hashlib.new(a) for a in algorithms]
-    start = f.tell() if f.seekable() else None
-    size = 0
-    while True:
-        chunk = f.read(_IO_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        for h in hashes:
-            h.update(chunk)
+def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
+    """SHA-256 (and MD5, with ``md5=True``) and size of a file by path, or of what is left
+    in an open file (its position restored when it is seekable), in one pass."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return _Hashes(md5).read(f).info()
+    start = source.tell() if source.seekable() else None
+    info = _Hashes(md5).read(source).info()
     if start is not None:
-        f.seek(start)
-    return [h.hexdigest() for h in hashes], size
+        source.seek(start)
+    return info
 
 
 def _spool(body: Any) -> IO[bytes]:
@@ -822,6 +843,15 @@ def _spool(body: Any) -> IO[bytes]:
         spooled.write(chunk)
     spooled.seek(0)
     return spooled
+
+
+def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tuple[int, str]:
+    """A new empty file, open for writing: ``(fd, path)``. Every named temporary file is
+    made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
+    or a spooled body through it), in ``folder``, the folder of what it becomes, so that
+    the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
+    sweep can tell a leftover by its name."""
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
 class _Background:
@@ -957,62 +987,6 @@ def _validate_key(key: str) -> None:
             report="Key is %d bytes long; S3 keys are at most %d bytes in UTF-8"
             % (len(key.encode("utf-8")), _MAX_KEY_BYTES)
         )
-
-
-###############################################################################
-# Configuration and credentials ###############################################
-###############################################################################
-
-# Resolution follows botocore 1.43 (credentials.py, configprovider.py, configloader.py) unless a
-# comment says otherwise. Secrets never reach a log line or an exception message: errors name the
-# source (env var, profile, host) and never echo file lines, process output or response bodies.
-
-_DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
-_ADDRESSING_STYLES = ("auto", "path", "virtual")
-_SIGNATURE_VERSIONS = ("s3v4", "unsigned")
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
-_PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
-_SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
-# botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
-_ADVISORY_REFRESH = datetime.timedelta(minutes=15)
-_MANDATORY_REFRESH = datetime.timedelta(minutes=10)
-_CONTAINER_ENDPOINT = "http://169.254.170.2"  # ECS task role, for the RELATIVE_URI variable
-_CONTAINER_FULL_URI_HOSTS = frozenset(
-    {"169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost"}  # ECS, EKS Pod Identity
-)
-_CONTAINER_TIMEOUT = 2.0
-_CONTAINER_ATTEMPTS = 3
-_CONTAINER_RETRY_SLEEP = 1.0
-_IMDS_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
-_IMDS_TOKEN_PATH = "/latest/api/token"
-_IMDS_ROLE_PATH = "/latest/meta-data/iam/security-credentials/"
-_IMDS_TOKEN_TTL = "21600"  # seconds; the value botocore requests
-_IMDS_NO_TOKEN_STATUSES = (403, 404, 405)  # IMDSv1-only or token-less setups: fall back to v1
-_UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider does not
-    ("sso_session", "sso"),
-    ("sso_start_url", "sso"),
-    ("role_arn", "assume-role"),
-    ("web_identity_token_file", "assume-role-with-web-identity"),
-)
-
-_Profile = Dict[str, Union[str, Dict[str, str]]]
-# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
-_HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
-_Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
-
-
-def _is_true(value: str | None) -> bool:
-    return value is not None and value.strip().lower() == "true"  # botocore ensure_boolean
-
-
-def _profile_str(profile: _Profile, key: str) -> str | None:
-    value = profile.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) -> str | None:
-    """An environment variable beats the profile key; empty values count as unset."""
-    return environ.get(var) or _profile_str(profile, key)
 
 
 # -- settings: one parser per kind --
@@ -1167,6 +1141,62 @@ def _check_settings(environ: Mapping[str, str]) -> None:
     """Parse every DG_* variable now, so a bad one stops a run before it starts."""
     for name in _DG_SETTINGS:
         _env_setting(environ, name)
+
+
+###############################################################################
+# Configuration and credentials ###############################################
+###############################################################################
+
+# Resolution follows botocore 1.43 (credentials.py, configprovider.py, configloader.py) unless a
+# comment says otherwise. Secrets never reach a log line or an exception message: errors name the
+# source (env var, profile, host) and never echo file lines, process output or response bodies.
+
+_DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+_SIGNATURE_VERSIONS = ("s3v4", "unsigned")
+_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
+_SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
+# botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
+_ADVISORY_REFRESH = datetime.timedelta(minutes=15)
+_MANDATORY_REFRESH = datetime.timedelta(minutes=10)
+_CONTAINER_ENDPOINT = "http://169.254.170.2"  # ECS task role, for the RELATIVE_URI variable
+_CONTAINER_FULL_URI_HOSTS = frozenset(
+    {"169.254.170.2", "169.254.170.23", "fd00:ec2::23", "localhost"}  # ECS, EKS Pod Identity
+)
+_CONTAINER_TIMEOUT = 2.0
+_CONTAINER_ATTEMPTS = 3
+_CONTAINER_RETRY_SLEEP = 1.0
+_IMDS_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
+_IMDS_TOKEN_PATH = "/latest/api/token"
+_IMDS_ROLE_PATH = "/latest/meta-data/iam/security-credentials/"
+_IMDS_TOKEN_TTL = "21600"  # seconds; the value botocore requests
+_IMDS_NO_TOKEN_STATUSES = (403, 404, 405)  # IMDSv1-only or token-less setups: fall back to v1
+_UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider does not
+    ("sso_session", "sso"),
+    ("sso_start_url", "sso"),
+    ("role_arn", "assume-role"),
+    ("web_identity_token_file", "assume-role-with-web-identity"),
+)
+
+_Profile = Dict[str, Union[str, Dict[str, str]]]
+# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
+_HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
+_Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _is_true(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == "true"  # botocore ensure_boolean
+
+
+def _profile_str(profile: _Profile, key: str) -> str | None:
+    value = profile.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) -> str | None:
+    """An environment variable beats the profile key; empty values count as unset."""
+    return environ.get(var) or _profile_str(profile, key)
 
 
 def _is_region(value: object) -> bool:
@@ -2726,8 +2756,147 @@ def _parse_error(
 
 
 ###############################################################################
-# Storage: S3 over HTTP and a local directory #################################
+# Storage seam: what both back ends share #####################################
 ###############################################################################
+
+
+class _Storage(Protocol):
+    """What the engine, the client, the CLI and the gateway may ask of a storage: the S3
+    operations both back ends implement (:class:`_S3Storage` over HTTP, :class:`_LocalStorage`
+    on a directory), with boto3's response shapes and :class:`ClientError` for service errors.
+    Presigning is S3's alone (``is_local`` says which kind this is)."""
+
+    @property
+    def is_local(self) -> bool: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def endpoint_url(self) -> str: ...
+    def close(self) -> None: ...
+    def object_url(self, bucket: str, key: str) -> str: ...
+    def supports_conditional_writes(self, bucket: str) -> bool: ...
+    def supports_conditional_multipart(self, bucket: str) -> bool: ...
+
+    # -- buckets
+    def list_buckets(self) -> dict[str, Any]: ...
+    def create_bucket(
+        self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]: ...
+    def delete_bucket(self, bucket: str) -> dict[str, Any]: ...
+    def head_bucket(self, bucket: str) -> dict[str, Any]: ...
+    def get_bucket_location(self, bucket: str) -> dict[str, Any]: ...
+    def get_bucket_acl(self, bucket: str) -> dict[str, Any]: ...
+    def put_bucket_acl(
+        self, bucket: str, *, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> dict[str, Any]: ...
+
+    # -- objects
+    def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        content_sha256: str | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> dict[str, Any]: ...
+    def get_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        range: str | None = None,
+        headers: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]: ...
+    def head_object(
+        self, bucket: str, key: str, *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]: ...
+    def delete_object(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def delete_objects(
+        self,
+        bucket: str,
+        keys: list[str],
+        *,
+        quiet: bool = False,
+        conditions: Mapping[str, Mapping[str, Any]] | None = None,
+        check_limit: bool = True,
+    ) -> dict[str, Any]: ...
+    def copy_object(
+        self,
+        bucket: str,
+        key: str,
+        source_bucket: str,
+        source_key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        metadata_directive: str = "COPY",
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]: ...
+    def list_objects_v2(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        max_keys: int = 1000,
+        continuation_token: str | None = None,
+        start_after: str | None = None,
+        fetch_owner: bool = False,
+        decode: bool = True,
+    ) -> dict[str, Any]: ...
+
+    # -- tags and ACLs of objects
+    def get_object_tagging(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def put_object_tagging(
+        self, bucket: str, key: str, tags: list[dict[str, str]]
+    ) -> dict[str, Any]: ...
+    def delete_object_tagging(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def get_object_acl(self, bucket: str, key: str) -> dict[str, Any]: ...
+    def put_object_acl(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> dict[str, Any]: ...
+
+    # -- multipart uploads
+    def create_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str: ...
+    def upload_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        body: Any,
+        *,
+        content_sha256: str | None = None,
+    ) -> str: ...
+    def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> dict[str, Any]: ...
+    def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
+    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]: ...
+
 
 #: Response headers of GetObject/HeadObject and the boto3 keys they become.
 _OBJECT_RESPONSE_HEADERS: tuple[tuple[str, str, str], ...] = (
@@ -2845,6 +3014,51 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return headers
 
 
+def _pages(
+    fetch: Callable[[str | None], dict[str, Any]],
+    next_token: Callable[[dict[str, Any]], str | None],
+    operation: str,
+    token: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
+    next. The one paging loop of this file, so every listing stops on a broken server: a
+    truncated page without a next token, or a token already used (botocore raises "The same
+    next token was received twice"; we also catch longer cycles), is a PaginationError.
+    ``token``: where to start (a caller's ContinuationToken)."""
+    used: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        token = next_token(page)
+        if not token:
+            raise PaginationError(
+                message="the %s reply says it is truncated but names no next page "
+                "(a broken server)" % operation
+            )
+        if token in used:
+            raise PaginationError(
+                message="the same next token was received twice in %s (a broken server): %r"
+                % (operation, token[:80])
+            )
+        used.add(token)
+
+
+def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
+        return page
+
+    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
+# Storage: S3 over HTTP #######################################################
+###############################################################################
+
+
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
 
@@ -2888,47 +3102,6 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     if encoded:
         out["EncodingType"] = "url"
     return out
-
-
-def _pages(
-    fetch: Callable[[str | None], dict[str, Any]],
-    next_token: Callable[[dict[str, Any]], str | None],
-    operation: str,
-    token: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Every page of a listing: ``fetch(token)`` gets one page, ``next_token(page)`` names the
-    next. The one paging loop of this file, so every listing stops on a broken server: a
-    truncated page without a next token, or a token already used (botocore raises "The same
-    next token was received twice"; we also catch longer cycles), is a PaginationError.
-    ``token``: where to start (a caller's ContinuationToken)."""
-    used: set[str] = set()
-    while True:
-        page = fetch(token)
-        yield page
-        if not page.get("IsTruncated"):
-            return
-        token = next_token(page)
-        if not token:
-            raise PaginationError(
-                message="the %s reply says it is truncated but names no next page "
-                "(a broken server)" % operation
-            )
-        if token in used:
-            raise PaginationError(
-                message="the same next token was received twice in %s (a broken server): %r"
-                % (operation, token[:80])
-            )
-        used.add(token)
-
-
-def _list_pages(storage: Any, bucket: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
-
-    def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
-
-    return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
 class _S3Storage:
@@ -3052,7 +3225,7 @@ class _S3Storage:
         if not self._payload_signing and self._scheme == "https":
             return _UNSIGNED_PAYLOAD
         if hasattr(body, "seekable") and body.seekable():
-            return _hash_stream(body, "sha256")[0][0]
+            return _hash_file(body).sha256
         return _UNSIGNED_PAYLOAD
 
     def request(
@@ -3865,6 +4038,10 @@ class _S3Storage:
         return self._conditional_multipart
 
 
+# Storage: a local directory ##################################################
+###############################################################################
+
+
 def _local_root_from_url(url: str) -> str:
     """The directory of a ``file:`` endpoint: ``file:///abs/path``, ``file://localhost/abs``
     or ``file:/abs`` (RFC 8089), percent-decoded; ``file:///C:/dir`` on Windows.
@@ -4134,7 +4311,7 @@ class _LocalStorage:
     def _mkstemp(self, operation: str, bucket: str, bdir: str, prefix: str) -> tuple[int, str]:
         """A 0600 temp file in the bucket (same file system, so renames are atomic)."""
         try:
-            return tempfile.mkstemp(dir=os.path.join(bdir, ".dg-tmp"), prefix=prefix)
+            return _private_tempfile(os.path.join(bdir, ".dg-tmp"), prefix=prefix)
         except FileNotFoundError:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
@@ -4886,11 +5063,7 @@ class _LocalStorage:
                 kept["x-amz-tagging"] = tags
             etag = src["etag"]
             if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                with open(tmp, "rb") as f:
-                    md5 = hashlib.md5()
-                    for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
-                        md5.update(chunk)
-                etag = f'"{md5.hexdigest()}"'
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
             record = self._new_record(kept, src["size"], etag)
             self._commit(op, bucket, dst_dir, key, tmp, record)
         finally:
@@ -5258,6 +5431,11 @@ class _LocalStorage:
         return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
 
 
+###############################################################################
+# Multipart and parallel transfers ############################################
+###############################################################################
+
+
 def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
     """A part size (whole MiB) that fits ``size`` into 10,000 parts: 5 TiB fits."""
     part = max(minimum, _MIN_PART_SIZE)
@@ -5283,7 +5461,7 @@ def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
 
 
 def _get_into(
-    storage: Any,
+    storage: _Storage,
     bucket: str,
     key: str,
     write: Callable[[bytes], Any],
@@ -5359,7 +5537,7 @@ def _get_into(
 
 
 def _put_path(
-    storage: Any,
+    storage: _Storage,
     bucket: str,
     key: str,
     path: str,
@@ -5400,7 +5578,7 @@ def _put_path(
             held = _SentHash(f, 0, size, hashlib.sha256(), sha256)
             body: Any = _CallbackReader(held, on_bytes) if on_bytes else held
             try:
-                return storage.put_object(  # type: ignore[no-any-return]
+                return storage.put_object(
                     bucket,
                     key,
                     body,
@@ -5420,12 +5598,8 @@ def _put_path(
         whole = hashlib.sha256()
         with open(path, "rb") as f:
             for number, offset in offsets:
-                h = hashlib.sha256()
                 piece = _FileSlice(f, offset, min(part, size - offset))
-                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
-                    h.update(chunk)
-                    whole.update(chunk)
-                expected[number] = h.hexdigest()
+                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
         if whole.hexdigest() != sha256:
             raise IntegrityError(
                 "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
@@ -5494,7 +5668,9 @@ def _cleanup_tries(step: Callable[[], Any], what: str) -> None:
     logger.warning("%s: %s", what, error)
 
 
-def _abort_strays(storage: Any, bucket: str, key: str, ours: str, since: datetime.datetime) -> None:
+def _abort_strays(
+    storage: _Storage, bucket: str, key: str, ours: str, since: datetime.datetime
+) -> None:
     """Abort uploads of this key that a retried CreateMultipartUpload may have started
     (the first reply was lost, so its UploadId never reached us)."""
 
@@ -5592,6 +5768,85 @@ class _CallbackReader(io.RawIOBase):
 
     def __len__(self) -> int:
         return int((_body_length(self._f) or 0) + self._f.tell())
+
+
+class _Cancelled(DeltaGliderError):
+    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
+
+
+class _Progress:
+    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
+
+    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._files = files
+        self._total = total
+        self._done = 0
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.cancel = threading.Event()
+
+    def add(self, n: int) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled("cancelled")
+        with self._lock:
+            self._done += n
+            self._draw()
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._files -= 1
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        rate = self._done / max(now - self._start, 1e-6)
+        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
+            _human_size(self._done),
+            "/" + _human_size(self._total) if self._total else "",
+            _human_size(rate),
+            max(self._files, 0),
+        )
+        self._stream.write("\r" + line.ljust(79) + "\r")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._enabled:
+            self._stream.write("\r" + " " * 79 + "\r")
+            self._stream.flush()
+
+
+def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
+    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        for f in futures:
+            while True:
+                try:
+                    f.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+    except BaseException:
+        progress.cancel.set()
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures, timeout=1.0)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown(wait=True)
 
 
 ###############################################################################
@@ -7288,8 +7543,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
-#: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
-_MAX_METADATA_VALUE = 256
 
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
@@ -7923,11 +8176,6 @@ def _new_file_mode(dest: str) -> int:
     return 0o666 & ~_UMASK[0]
 
 
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
-
-
 class _ReferenceCache:
     """Reference files on disk, content-addressed by SHA-256, shared between runs and
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
@@ -8052,7 +8300,7 @@ class _ReferenceCache:
             try:
                 with open(derived + ".sha") as f:
                     want = f.read().strip()
-                actual = _sha256_file(derived)[0]
+                actual = _hash_file(derived).sha256
             except OSError:
                 continue  # not made (any more)
             if actual != want:
@@ -8067,7 +8315,7 @@ class _ReferenceCache:
 
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
-            actual, _ = _sha256_file(path)
+            actual = _hash_file(path).sha256
         except OSError:  # gone (another process evicted it): nothing to remove
             with self._lock:
                 self._verified.pop(sha256, None)
@@ -8097,14 +8345,16 @@ class _ReferenceCache:
     def _write_stamp(path: str, st: os.stat_result) -> None:
         """Remember that this file (size, mtime, inode) was hashed and matched, so other
         processes need not hash it again; any change to the file invalidates it."""
-        tmp = "%s.ok.%s.tmp" % (path, uuid.uuid4().hex)
+        tmp = ""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, tmp = _private_tempfile(
+                os.path.dirname(path), prefix=os.path.basename(path) + ".ok."
+            )
             with os.fdopen(fd, "w") as f:
                 f.write(_stamp_of(st))
             os.replace(tmp, path + ".ok")
         except OSError as e:  # only a shortcut for later processes: never fatal
-            logger.debug("could not write cache stamp %s: %s", tmp, e)
+            logger.debug("could not write cache stamp %s.ok: %s", path, e)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -8178,7 +8428,7 @@ class _ReferenceCache:
                 hashed = self._verified.get(path) == (st.st_size, st.st_mtime_ns)
             if hashed or (not strict and self._read_stamp(path) == _stamp_of(st)):
                 return path, sha
-            if _sha256_file(path)[0] == sha:
+            if _hash_file(path).sha256 == sha:
                 with self._lock:
                     self._verified[path] = (st.st_size, st.st_mtime_ns)
                 return path, sha
@@ -8370,33 +8620,12 @@ class _NullWriter:
         return len(data)
 
 
-class _FileInfo(NamedTuple):
-    sha256: str
-    md5: str
-    size: int
-
-
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
         writer = _HashingWriter(f)
         shutil.copyfileobj(src, writer, _IO_CHUNK)
     return writer.sha256.hexdigest()
-
-
-def _file_info(path: str) -> _FileInfo:
-    """SHA-256, MD5 and size of a file in one pass."""
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_IO_CHUNK)
-            if not chunk:
-                break
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
 
 class _Logical(NamedTuple):
@@ -8456,7 +8685,7 @@ class _DeltaEngine:
 
     def __init__(
         self,
-        storage: Any,
+        storage: _Storage,
         *,
         cache: _ReferenceCache,
         xdelta: _XDelta3,
@@ -8837,7 +9066,7 @@ class _DeltaEngine:
                 else "Invalid key %r: a key must name a file, not a folder" % key
             )
         # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_file_info, path) if info is None else None
+        hashing = _Background(_hash_file, path, True) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
 
@@ -9800,7 +10029,6 @@ _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "SSECustomerKey",
     "SSECustomerKeyMD5",
 }
-_BOTO_ERROR_TYPES = (ClientError, BotoCoreError)
 
 
 #: Parameter types as botocore's S3 model has them (every other parameter is a string).
@@ -9889,15 +10117,13 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
 def _check_params(operation: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """A parameter we do not support is an error, never silently dropped; a value of the
     wrong type is botocore's ParamValidationError, never a raw TypeError later."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
+    known = sorted(allowed)
+    unknown = [name for name in given if name not in set(known)]
+    if unknown:  # botocore's wording: one line per parameter, in the order given
         raise ParamValidationError(
-            report="Unknown parameter%s in input to %s: %s. Supported: %s"
-            % (
-                "s" if len(unknown) > 1 else "",
-                operation,
-                ", ".join('"%s"' % u for u in unknown),
-                ", ".join(sorted(allowed)),
+            report="\n".join(
+                'Unknown parameter in input: "%s", must be one of: %s' % (name, ", ".join(known))
+                for name in unknown
             )
         )
     errors = _param_type_errors(operation, given)
@@ -10235,7 +10461,7 @@ class DeltaGliderClient:
 
     def __init__(
         self,
-        storage_factory: Callable[[], Any],
+        storage_factory: Callable[[], _Storage],
         *,
         cache_dir: str,
         max_ratio: float,
@@ -10248,7 +10474,7 @@ class DeltaGliderClient:
     ) -> None:
         self._references = references
         self._storage_factory = storage_factory
-        self._storage: Any = None
+        self._storage: _Storage | None = None
         self._engine_obj: _DeltaEngine | None = None
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
@@ -10284,7 +10510,7 @@ class DeltaGliderClient:
         return self._engine_obj
 
     @property
-    def storage(self) -> Any:
+    def storage(self) -> _Storage:
         """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
         return self.engine.storage
 
@@ -10962,7 +11188,9 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+        self._upload_file(
+            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
+        )
 
     def _upload_file(
         self,
@@ -11296,7 +11524,7 @@ class DeltaGliderClient:
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectTagging")
-            return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
 
@@ -11310,7 +11538,7 @@ class DeltaGliderClient:
             )
         try:
             stored = self._stored_key(kwargs, "PutObjectTagging")
-            return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))  # type: ignore[no-any-return]
+            return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
 
@@ -11319,7 +11547,7 @@ class DeltaGliderClient:
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "DeleteObjectTagging")
-            return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
 
@@ -11328,7 +11556,7 @@ class DeltaGliderClient:
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectAcl")
-            return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)  # type: ignore[no-any-return]
+            return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
 
@@ -11346,7 +11574,7 @@ class DeltaGliderClient:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
             stored = self._stored_key(kwargs, "PutObjectAcl")
-            return self.engine.storage.put_object_acl(  # type: ignore[no-any-return]
+            return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
         except ClientError as e:
@@ -11386,29 +11614,29 @@ class DeltaGliderClient:
             headers["x-amz-bucket-object-lock-enabled"] = "true"
         if kwargs.get("ObjectOwnership"):
             headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
-        return self.engine.storage.create_bucket(  # type: ignore[no-any-return]
+        return self.engine.storage.create_bucket(
             kwargs["Bucket"], location=location, headers=headers
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
-        return self.engine.storage.delete_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self.engine.storage.delete_bucket(kwargs["Bucket"])
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
         _check_params("ListBuckets", kwargs, set())
-        return self.engine.storage.list_buckets()  # type: ignore[no-any-return]
+        return self.engine.storage.list_buckets()
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
-        return self.engine.storage.head_bucket(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self.engine.storage.head_bucket(kwargs["Bucket"])
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
-        return self.engine.storage.get_bucket_location(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self.engine.storage.get_bucket_location(kwargs["Bucket"])
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
-        return self.engine.storage.get_bucket_acl(kwargs["Bucket"])  # type: ignore[no-any-return]
+        return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         allowed = {
@@ -11428,9 +11656,7 @@ class DeltaGliderClient:
         headers = _acl_headers(kwargs)
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return self.engine.storage.put_bucket_acl(  # type: ignore[no-any-return]
-            kwargs["Bucket"], headers=headers, body=body
-        )
+        return self.engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
 
     # -- presigning ---------------------------------------------------------------
 
@@ -11512,7 +11738,7 @@ class DeltaGliderClient:
             query.append(("list-type", "2"))
             for name, value in params.items():
                 query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return storage.presign_url(  # type: ignore[no-any-return]
+        return cast(_S3Storage, storage).presign_url(
             HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
         )
 
@@ -11598,7 +11824,7 @@ class DeltaGliderClient:
         else:
             conditions.append({"key": Key})
         fields["key"] = Key
-        return storage.presign_post(Bucket, fields, conditions, int(ExpiresIn))  # type: ignore[no-any-return]
+        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -11670,7 +11896,7 @@ class DeltaGliderClient:
                 valid, message = True, "Integrity verified"
             except IntegrityError as e:
                 valid, message = False, str(e)
-            actual = _sha256_file(path)[0] if os.path.getsize(path) or valid else ""
+            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
         finally:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
@@ -11917,163 +12143,14 @@ class DeltaGliderClient:
         if mode not in ("quick", "sampled", "detailed"):
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
         storage = self.engine.storage
-        objects: list[dict[str, Any]] = []
-        copies: list[dict[str, Any]] = []  # rebuilt copies for presigned URLs
-        for page in _list_pages(storage, bucket):
-            for o in page.get("Contents", []):
-                if o["Key"].startswith(_PRESIGN_PREFIX):
-                    copies.append(o)
-                elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
-                    objects.append(o)
-        stored_total = sum(o["Size"] for o in objects)
-        copies_size = sum(o["Size"] for o in copies)
-        validation = {
-            "object_count": len(objects),
-            "compressed_size": stored_total,
-            "presign_copies": [len(copies), copies_size],
-        }
-        cache_key = ".deltaglider/stats_%s.json" % mode
+        listing = _list_for_stats(storage, bucket)
         if use_cache and not refresh_cache:
-            try:
-                with storage.get_object(bucket, cache_key)["Body"] as stream:
-                    body = stream.read(_MAX_REPLY_BYTES + 1)
-                if len(body) > _MAX_REPLY_BYTES:
-                    raise ValueError("%s is too large to be a stats cache" % cache_key)
-                cached = json.loads(body.decode("utf-8"))
-                if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
-                    stats = BucketStats(cached["stats"])
-                    stats.setdefault("object_limit_reached", False)
-                    stats["cached"] = True
-                    return stats
-            except (ClientError, ValueError, UnicodeDecodeError):
-                pass
-        ref_sizes = {
-            _deltaspace(o["Key"]): o["Size"]
-            for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
-        }
-        shared_sizes: dict[str, list[int]] = {}
-        for o in objects:
-            if _is_shared_ref(o["Key"]):
-                shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
-        references = {
-            o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-        }
-        ref_users: dict[str, list[int]] = {}
-        deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
-        direct = [
-            o
-            for o in objects
-            if not o["Key"].endswith(_DELTA_SUFFIX)
-            and o["Key"].rsplit("/", 1)[-1] != _REFERENCE_NAME
-        ]
-        original: dict[str, int] = {}
-        if mode != "quick" and deltas:
-            if mode == "sampled":
-                sample: dict[str, dict[str, Any]] = {}
-                for o in deltas:
-                    sample.setdefault(_deltaspace(o["Key"]), o)
-                targets = list(sample.values())
-            else:
-                targets = deltas
-
-            def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
-                try:
-                    meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
-                except ClientError:
-                    return o["Key"], None, None
-                value = _meta_get(meta, "file_size")
-                ref = _meta_get(meta, "ref")
-                return (
-                    o["Key"],
-                    int(value) if value and value.isdigit() else None,
-                    _resolve_ref_key(o["Key"], ref) if ref else None,
-                )
-
-            workers = max(1, min(self._max_workers, len(targets)))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, size, ref in pool.map(size_of, targets):
-                    if size is not None:
-                        original[key] = size
-                        if ref is not None:
-                            ref_users.setdefault(ref, []).append(size)
-            if mode == "sampled":
-                per_space = {_deltaspace(k): v for k, v in original.items()}
-                original = {
-                    o["Key"]: per_space[_deltaspace(o["Key"])]
-                    for o in deltas
-                    if _deltaspace(o["Key"]) in per_space
-                }
-        spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
-        # A folder's own reference.bin with no delta beside it (shared ones take HEADs
-        # to prove unused: `gc --dry-run` does that).
-        unused_refs = [
-            o
-            for o in objects
-            if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-            and not _is_shared_ref(o["Key"])
-            and _deltaspace(o["Key"]) not in spaces_in_use
-        ]
-        logical_total = sum(o["Size"] for o in direct)
-        for o in deltas:
-            space = _deltaspace(o["Key"])
-            near = shared_sizes.get(_parent_space(space))
-            fallback = sum(near) // len(near) if near else o["Size"]
-            logical_total += original.get(o["Key"], ref_sizes.get(space, fallback))
-        saved = logical_total - stored_total
-        fields: dict[str, Any] = {
-            "bucket": bucket,
-            "mode": mode,
-            "object_count": len(deltas) + len(direct),
-            "total_size": logical_total,
-            "compressed_size": stored_total,
-            "space_saved": saved,
-            "average_compression_ratio": (stored_total / logical_total) if logical_total else 1.0,
-            "savings_percent": (saved / logical_total * 100.0) if logical_total else 0.0,
-            "delta_objects": len(deltas),
-            "direct_objects": len(direct),
-            "reference_objects": len(references),
-            "reference_size": sum(references.values()),
-            "object_limit_reached": False,
-            # left by a crash or another tool; `rm --recursive` of the folder removes them
-            "unused_references": len(unused_refs),
-            "unused_reference_size": sum(o["Size"] for o in unused_refs),
-            # under .deltaglider/tmp/ until they expire and a purge removes them
-            "presign_copies": len(copies),
-            "presign_copies_size": copies_size,
-            "estimated": mode != "detailed",
-            "cached": False,
-        }
-        stats = BucketStats(fields)
-        if mode == "detailed":
-            # What each reference costs, and what the deltas that need it hold.
-            stats["references"] = [
-                {
-                    "key": k,
-                    "size": size,
-                    "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
-                    "deltas": len(ref_users.get(k, [])),
-                    "original_size": sum(ref_users.get(k, [])),
-                }
-                for k, size in sorted(references.items())
-            ]
+            cached = _cached_bucket_stats(storage, bucket, mode, listing.validation())
+            if cached is not None:
+                return cached
+        stats = _compute_bucket_stats(storage, bucket, mode, listing, self._max_workers)
         if use_cache:
-            doc = {
-                "version": "1.0",
-                "mode": mode,
-                "computed_at": _iso_utc(self._now()),
-                "validation": validation,
-                "stats": stats,
-            }
-            try:
-                storage.put_object(
-                    bucket,
-                    cache_key,
-                    json.dumps(doc).encode("utf-8"),
-                    headers={"Content-Type": "application/json"},
-                )
-            except ClientError as e:  # read-only credentials: the stats still stand
-                logger.info("could not cache bucket stats: %s", e)
+            _cache_bucket_stats(storage, bucket, mode, listing.validation(), stats, self._now())
         return stats
 
     def gc(self, Bucket: str, Prefix: str = "", DryRun: bool = False) -> dict[str, Any]:
@@ -12292,6 +12369,232 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
+# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
+
+
+class _StatsListing(NamedTuple):
+    """One listing of a bucket, as its statistics count it."""
+
+    objects: list[dict[str, Any]]  # logical objects' stored forms, and references
+    copies: list[dict[str, Any]]  # rebuilt copies for presigned URLs
+
+    def validation(self) -> dict[str, Any]:
+        """What a cached result was computed from: it holds while these are unchanged."""
+        return {
+            "object_count": len(self.objects),
+            "compressed_size": sum(o["Size"] for o in self.objects),
+            "presign_copies": [len(self.copies), sum(o["Size"] for o in self.copies)],
+        }
+
+
+def _list_for_stats(storage: _Storage, bucket: str) -> _StatsListing:
+    """Every stored key of the bucket, our bookkeeping left out (shared references kept)."""
+    objects: list[dict[str, Any]] = []
+    copies: list[dict[str, Any]] = []
+    for page in _list_pages(storage, bucket):
+        for o in page.get("Contents", []):
+            if o["Key"].startswith(_PRESIGN_PREFIX):
+                copies.append(o)
+            elif not _is_internal(o["Key"]) or _is_shared_ref(o["Key"]):
+                objects.append(o)
+    return _StatsListing(objects, copies)
+
+
+def _stats_cache_key(mode: str) -> str:
+    return ".deltaglider/stats_%s.json" % mode
+
+
+def _cached_bucket_stats(
+    storage: _Storage, bucket: str, mode: str, validation: Mapping[str, Any]
+) -> BucketStats | None:
+    """The cached result of ``mode``, when it was computed from what the bucket holds now."""
+    cache_key = _stats_cache_key(mode)
+    try:
+        with storage.get_object(bucket, cache_key)["Body"] as stream:
+            body = stream.read(_MAX_REPLY_BYTES + 1)
+        if len(body) > _MAX_REPLY_BYTES:
+            raise ValueError("%s is too large to be a stats cache" % cache_key)
+        cached = json.loads(body.decode("utf-8"))
+        if cached.get("validation") == validation and isinstance(cached.get("stats"), dict):
+            stats = BucketStats(cached["stats"])
+            stats.setdefault("object_limit_reached", False)
+            stats["cached"] = True
+            return stats
+    except (ClientError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _cache_bucket_stats(
+    storage: _Storage,
+    bucket: str,
+    mode: str,
+    validation: Mapping[str, Any],
+    stats: BucketStats,
+    now: datetime.datetime,
+) -> None:
+    """Store a result for the next call; read-only credentials only cost the cache."""
+    doc = {
+        "version": "1.0",
+        "mode": mode,
+        "computed_at": _iso_utc(now),
+        "validation": validation,
+        "stats": stats,
+    }
+    try:
+        storage.put_object(
+            bucket,
+            _stats_cache_key(mode),
+            json.dumps(doc).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+        )
+    except ClientError as e:  # read-only credentials: the stats still stand
+        logger.info("could not cache bucket stats: %s", e)
+
+
+def _read_original_sizes(
+    storage: _Storage, bucket: str, mode: str, deltas: list[dict[str, Any]], max_workers: int
+) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The original sizes of deltas, from their metadata (HEADs in parallel): every delta
+    (``detailed``) or one per deltaspace, given to its siblings (``sampled``). Returns
+    {delta key: size} and {reference key: the sizes of the deltas read that need it}."""
+    if mode == "sampled":
+        sample: dict[str, dict[str, Any]] = {}
+        for o in deltas:
+            sample.setdefault(_deltaspace(o["Key"]), o)
+        targets = list(sample.values())
+    else:
+        targets = deltas
+
+    def size_of(o: dict[str, Any]) -> tuple[str, int | None, str | None]:
+        try:
+            meta = storage.head_object(bucket, o["Key"]).get("Metadata", {})
+        except ClientError:
+            return o["Key"], None, None
+        value = _meta_get(meta, "file_size")
+        ref = _meta_get(meta, "ref")
+        return (
+            o["Key"],
+            int(value) if value and value.isdigit() else None,
+            _resolve_ref_key(o["Key"], ref) if ref else None,
+        )
+
+    original: dict[str, int] = {}
+    ref_users: dict[str, list[int]] = {}
+    workers = max(1, min(max_workers, len(targets)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, size, ref in pool.map(size_of, targets):
+            if size is not None:
+                original[key] = size
+                if ref is not None:
+                    ref_users.setdefault(ref, []).append(size)
+    if mode == "sampled":
+        per_space = {_deltaspace(k): v for k, v in original.items()}
+        original = {
+            o["Key"]: per_space[_deltaspace(o["Key"])]
+            for o in deltas
+            if _deltaspace(o["Key"]) in per_space
+        }
+    return original, ref_users
+
+
+def _logical_total(
+    objects: list[dict[str, Any]],
+    deltas: list[dict[str, Any]],
+    direct: list[dict[str, Any]],
+    original: Mapping[str, int],
+) -> int:
+    """What the logical objects hold: a direct object its stored size; a delta its original
+    size where read, else its folder's reference's size (the versions of one artifact are
+    about the same size), else the average of the shared references beside its folder."""
+    ref_sizes: dict[str, int] = {
+        _deltaspace(o["Key"]): o["Size"]
+        for o in objects
+        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
+    }
+    shared_sizes: dict[str, list[int]] = {}
+    for o in objects:
+        if _is_shared_ref(o["Key"]):
+            shared_sizes.setdefault(_shared_ref_parent(o["Key"]), []).append(o["Size"])
+    total: int = sum(o["Size"] for o in direct)
+    for o in deltas:
+        space = _deltaspace(o["Key"])
+        near = shared_sizes.get(_parent_space(space))
+        fallback = sum(near) // len(near) if near else o["Size"]
+        total += original.get(o["Key"], ref_sizes.get(space, fallback))
+    return total
+
+
+def _compute_bucket_stats(
+    storage: _Storage, bucket: str, mode: str, listing: _StatsListing, max_workers: int
+) -> BucketStats:
+    """The statistics of one listing (``quick``: from it alone; ``sampled``/``detailed``:
+    with the original sizes read from deltas' metadata)."""
+    objects, copies = listing
+    references = {
+        o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+    }
+    deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
+    direct = [
+        o
+        for o in objects
+        if not o["Key"].endswith(_DELTA_SUFFIX) and o["Key"].rsplit("/", 1)[-1] != _REFERENCE_NAME
+    ]
+    original: dict[str, int] = {}
+    ref_users: dict[str, list[int]] = {}
+    if mode != "quick" and deltas:
+        original, ref_users = _read_original_sizes(storage, bucket, mode, deltas, max_workers)
+    spaces_in_use = {_deltaspace(o["Key"]) for o in deltas}
+    # A folder's own reference.bin with no delta beside it (shared ones take HEADs
+    # to prove unused: `gc --dry-run` does that).
+    unused_refs = [
+        o
+        for o in objects
+        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        and not _is_shared_ref(o["Key"])
+        and _deltaspace(o["Key"]) not in spaces_in_use
+    ]
+    stored_total = sum(o["Size"] for o in objects)
+    logical_total = _logical_total(objects, deltas, direct, original)
+    saved = logical_total - stored_total
+    stats = BucketStats(
+        bucket=bucket,
+        mode=mode,
+        object_count=len(deltas) + len(direct),
+        total_size=logical_total,
+        compressed_size=stored_total,
+        space_saved=saved,
+        average_compression_ratio=(stored_total / logical_total) if logical_total else 1.0,
+        savings_percent=(saved / logical_total * 100.0) if logical_total else 0.0,
+        delta_objects=len(deltas),
+        direct_objects=len(direct),
+        reference_objects=len(references),
+        reference_size=sum(references.values()),
+        object_limit_reached=False,
+        # left by a crash or another tool; `rm --recursive` of the folder removes them
+        unused_references=len(unused_refs),
+        unused_reference_size=sum(o["Size"] for o in unused_refs),
+        # under .deltaglider/tmp/ until they expire and a purge removes them
+        presign_copies=len(copies),
+        presign_copies_size=sum(o["Size"] for o in copies),
+        estimated=mode != "detailed",
+        cached=False,
+    )
+    if mode == "detailed":
+        # What each reference costs, and what the deltas that need it hold.
+        stats["references"] = [
+            {
+                "key": k,
+                "size": size,
+                "source": _shared_ref_source(k) if _is_shared_ref(k) else None,
+                "deltas": len(ref_users.get(k, [])),
+                "original_size": sum(ref_users.get(k, [])),
+            }
+            for k, size in sorted(references.items())
+        ]
+    return stats
+
+
 class _StderrHandler(logging.Handler):
     """The handler ``log_level`` adds: each record to the sys.stderr of the moment."""
 
@@ -12386,7 +12689,7 @@ def create_client(
     if endpoint is None and not profile_name:
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
 
-    def storage_factory() -> Any:
+    def storage_factory() -> _Storage:
         if endpoint and endpoint.startswith("file:"):
             return _LocalStorage(_local_root_from_url(endpoint), now=now)
         settings = _resolve_client_settings(
@@ -12448,90 +12751,6 @@ def create_client(
         max_workers=max_workers,
         references=references,
     )
-
-
-###############################################################################
-# Transfers: parallel work, progress, cancellation ############################
-###############################################################################
-
-
-class _Cancelled(DeltaGliderError):
-    """Ctrl-C: raised inside transfers so each one cleans up (temp files, multipart)."""
-
-
-class _Progress:
-    """``Completed 6.0 MiB/54.0 MiB (12.1 MiB/s) with 3 file(s) remaining`` on a terminal."""
-
-    def __init__(self, stream: IO[str], enabled: bool, files: int, total: int) -> None:
-        self._stream = stream
-        self._enabled = enabled
-        self._files = files
-        self._total = total
-        self._done = 0
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
-        self.cancel = threading.Event()
-
-    def add(self, n: int) -> None:
-        if self.cancel.is_set():
-            raise _Cancelled("cancelled")
-        with self._lock:
-            self._done += n
-            self._draw()
-
-    def file_done(self) -> None:
-        with self._lock:
-            self._files -= 1
-            self._draw(force=True)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        rate = self._done / max(now - self._start, 1e-6)
-        line = "Completed %s%s (%s/s) with %d file(s) remaining" % (
-            _human_size(self._done),
-            "/" + _human_size(self._total) if self._total else "",
-            _human_size(rate),
-            max(self._files, 0),
-        )
-        self._stream.write("\r" + line.ljust(79) + "\r")
-        self._stream.flush()
-
-    def clear(self) -> None:
-        if self._enabled:
-            self._stream.write("\r" + " " * 79 + "\r")
-            self._stream.flush()
-
-
-def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
-    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(task) for task in tasks]
-    try:
-        for f in futures:
-            while True:
-                try:
-                    f.result(timeout=0.2)
-                    break
-                except concurrent.futures.TimeoutError:
-                    continue
-    except BaseException:
-        progress.cancel.set()
-        for f in futures:
-            f.cancel()
-        concurrent.futures.wait(futures, timeout=1.0)
-        pool.shutdown(wait=False)
-        raise
-    pool.shutdown(wait=True)
 
 
 ###############################################################################
@@ -12903,6 +13122,51 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
+def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -> set[str]:
+    """Every condition of a POST policy holds for the form's ``values`` (lower-cased names)
+    and its file's ``size``; returns the names the conditions cover (AWS "Creating a POST
+    policy": exact matches, ``eq``, ``starts-with``, ``content-length-range``)."""
+    covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+    for cond in conditions:
+        if isinstance(cond, dict):
+            for name, want in cond.items():
+                name = name.lower()
+                covered.add(name)
+                if values.get(name) != str(want):
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: "
+                        '["eq", "$%s", "%s"]' % (name, want),
+                    )
+        elif not isinstance(cond, list) or len(cond) != 3:
+            # a condition not understood is refused, never skipped (it would widen
+            # what the policy's signer allowed)
+            raise _S3Reply(
+                "InvalidPolicyDocument",
+                "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
+            )
+        else:
+            op = str(cond[0]).lower()
+            if op == "content-length-range":
+                try:
+                    low, high = int(cond[1]), int(cond[2])
+                except (TypeError, ValueError):
+                    raise _S3Reply("InvalidPolicyDocument") from None
+                if not low <= size <= high:
+                    raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
+                continue
+            name = str(cond[1]).lower().lstrip("$")
+            covered.add(name)
+            have = values.get(name, "")
+            ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+            if op not in ("eq", "starts-with") or not ok:
+                raise _S3Reply(
+                    "AccessDenied",
+                    "Invalid according to Policy: Policy Condition failed: %s" % json.dumps(cond),
+                )
+    return covered
+
+
 class _GatewayAuth:
     """Checks SigV4 (Authorization header or presigned query) against the gateway's users,
     as S3 does: same canonical request as :class:`_SigV4` builds, same error codes."""
@@ -13051,6 +13315,21 @@ class _GatewayAuth:
         lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
         if not lower.get("policy"):
             raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        access_key = self._policy_signer(lower)
+        conditions = self._policy_conditions(lower["policy"])
+        values = dict(lower, bucket=bucket, key=key)
+        covered = _policy_check(conditions, values, size)
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
+    def _policy_signer(self, lower: Mapping[str, str]) -> str:
+        """The access key whose signature of the form's policy checks out: SigV2 (boto3's
+        default for generate_presigned_post) or SigV4 fields."""
         policy_b64 = lower["policy"].encode("ascii", "replace")
         if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
             access_key = lower["awsaccesskeyid"]
@@ -13072,8 +13351,12 @@ class _GatewayAuth:
             )
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        return access_key
+
+    def _policy_conditions(self, policy_b64: str) -> list[Any]:
+        """The conditions of a policy document that has not expired."""
         try:
-            policy = json.loads(base64.b64decode(lower["policy"]))
+            policy = json.loads(base64.b64decode(policy_b64))
             expiration = _parse_timestamp(str(policy["expiration"]))
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
@@ -13084,53 +13367,7 @@ class _GatewayAuth:
             raise _S3Reply("InvalidPolicyDocument", "Invalid Policy: Invalid 'conditions' value")
         if self._now() > expiration:
             raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
-        values = dict(lower, bucket=bucket, key=key)
-        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
-        for cond in conditions:
-            if isinstance(cond, dict):
-                for name, want in cond.items():
-                    name = name.lower()
-                    covered.add(name)
-                    if values.get(name) != str(want):
-                        raise _S3Reply(
-                            "AccessDenied",
-                            "Invalid according to Policy: Policy Condition failed: "
-                            '["eq", "$%s", "%s"]' % (name, want),
-                        )
-            elif not isinstance(cond, list) or len(cond) != 3:
-                # a condition not understood is refused, never skipped (it would widen
-                # what the policy's signer allowed)
-                raise _S3Reply(
-                    "InvalidPolicyDocument",
-                    "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
-                )
-            else:
-                op = str(cond[0]).lower()
-                if op == "content-length-range":
-                    try:
-                        low, high = int(cond[1]), int(cond[2])
-                    except (TypeError, ValueError):
-                        raise _S3Reply("InvalidPolicyDocument") from None
-                    if not low <= size <= high:
-                        raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
-                    continue
-                name = str(cond[1]).lower().lstrip("$")
-                covered.add(name)
-                have = values.get(name, "")
-                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
-                if op not in ("eq", "starts-with") or not ok:
-                    raise _S3Reply(
-                        "AccessDenied",
-                        "Invalid according to Policy: Policy Condition failed: %s"
-                        % json.dumps(cond),
-                    )
-        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
-        if extra:
-            raise _S3Reply(
-                "AccessDenied",
-                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
-            )
-        return access_key
+        return conditions
 
     def _verify_presigned_v2(
         self,
@@ -13561,10 +13798,11 @@ class _Uploads:
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
         try:
-            with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+            fd, tmp = _private_tempfile(folder, ".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             os.replace(spooled.path, base)
-            os.replace(base + ".json.tmp", base + ".json")
+            os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
@@ -13596,9 +13834,10 @@ class _Uploads:
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
-        with open(note + ".tmp", "w", encoding="utf-8") as f:
+        fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
-        os.replace(note + ".tmp", note)
+        os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
         for name in os.listdir(self.folder):
@@ -13770,6 +14009,222 @@ def _el(tag: str, value: Any) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
     return "<%s>%s</%s>" % (tag, _xml_escape(str(value)), tag)
+
+
+def _xml_owner(owner: Mapping[str, Any]) -> str:
+    return "<Owner>%s%s</Owner>" % (
+        _el("ID", owner.get("ID", "")),
+        _el("DisplayName", owner.get("DisplayName", "")),
+    )
+
+
+def _xml_listing(
+    bucket: str,
+    q: Mapping[str, str],
+    resp: Mapping[str, Any],
+    kind: str,
+    max_keys: int,
+    owners: bool,
+) -> bytes:
+    """A ListBucketResult (``kind`` v1 or v2) or ListVersionsResult (``versions``) from
+    the client's list response and the request's query ``q``: names URL-encoded under
+    ``encoding-type=url``, each object's Owner shown when ``owners``."""
+    encode = q.get("encoding-type") == "url"
+
+    def text(value: str) -> str:
+        return _quote(value, safe="/") if encode else value
+
+    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    if kind == "versions":
+        parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
+        parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
+        if resp.get("IsTruncated") and resp.get("Contents"):
+            parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
+            parts.append(_el("NextVersionIdMarker", "null"))
+    elif kind == "v2":
+        if q.get("start-after"):
+            parts.append(_el("StartAfter", text(q["start-after"])))
+        if "continuation-token" in q:  # echoed even when empty, as S3 does
+            parts.append(_el("ContinuationToken", q["continuation-token"]))
+        if resp.get("NextContinuationToken"):
+            parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
+        parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
+    else:
+        parts.append(_el("Marker", text(q.get("marker", ""))))
+        if resp.get("IsTruncated") and resp.get("NextMarker"):
+            parts.append(_el("NextMarker", text(resp["NextMarker"])))
+    parts.append(_el("MaxKeys", max_keys))
+    if q.get("delimiter"):
+        parts.append(_el("Delimiter", text(q["delimiter"])))
+    if encode:
+        parts.append(_el("EncodingType", "url"))
+    parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
+    for obj in resp.get("Contents", []):
+        item = [
+            _el("Key", text(obj["Key"])),
+            _el("LastModified", _iso_ms(obj.get("LastModified"))),
+            _el("ETag", obj.get("ETag", "")),
+            _el("Size", obj.get("Size", 0)),
+        ]
+        owner = obj.get("Owner")
+        if owner and owners:
+            item.append(_xml_owner(owner))
+        item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
+        if kind == "versions":
+            item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
+            parts.append("<Version>%s</Version>" % "".join(item))
+        else:
+            parts.append("<Contents>%s</Contents>" % "".join(item))
+    for p in resp.get("CommonPrefixes", []):
+        parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
+    root = "ListVersionsResult" if kind == "versions" else "ListBucketResult"
+    return _xml_doc(root, "".join(parts))
+
+
+def _xml_error(reply: _S3Reply, resource: str, request_id: str) -> bytes:
+    """An S3 error answer (AWS "Error responses"): no namespace, as S3 sends it."""
+    fields = "".join(_el(k, v) for k, v in reply.fields.items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
+        "<HostId></HostId></Error>"
+        % (
+            _el("Code", reply.code),
+            _el("Message", reply.message),
+            fields,
+            _el("Resource", resource),
+            request_id,
+        )
+    ).encode("utf-8")
+
+
+def _xml_buckets(resp: Mapping[str, Any]) -> bytes:
+    """ListAllMyBucketsResult from the client's list_buckets response."""
+    owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
+    items = "".join(
+        "<Bucket>%s%s</Bucket>"
+        % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
+        for b in resp.get("Buckets", [])
+    )
+    body = "%s<Buckets>%s</Buckets>" % (_xml_owner(owner), items)
+    return _xml_doc("ListAllMyBucketsResult", body)
+
+
+def _acl_policy(root: ET.Element) -> dict[str, Any]:
+    """A PutBucketAcl body (an AccessControlPolicy document) as boto3's
+    AccessControlPolicy parameter: only the fields the document carries."""
+    owner = root.find("Owner")
+    policy: dict[str, Any] = {"Grants": []}
+    if owner is not None:
+        policy["Owner"] = {
+            t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+        }
+    for grant in root.iter("Grant"):
+        grantee = grant.find("Grantee")
+        who: dict[str, Any] = {}
+        if grantee is not None:
+            for attr, value in grantee.attrib.items():
+                if attr.endswith("}type") or attr == "type":
+                    who["Type"] = value
+            for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                if _xml_text(grantee, t):
+                    who[t] = _xml_text(grantee, t)
+        policy["Grants"].append(
+            {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+        )
+    return policy
+
+
+def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
+    """DeleteResult from the client's delete_objects response, plus a NoSuchVersion error
+    for each key asked for by a version other than ``null``."""
+    parts = []
+    for d in resp.get("Deleted", []):
+        parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+    for k in versioned:
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", k),
+                _el("Code", "NoSuchVersion"),
+                _el("Message", "The specified version does not exist."),
+            )
+        )
+    for e in resp.get("Errors", []):
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", e.get("Key", "")),
+                _el("Code", e.get("Code", "")),
+                _el("Message", e.get("Message", "")),
+            )
+        )
+    return _xml_doc("DeleteResult", "".join(parts))
+
+
+def _xml_parts(
+    bucket: str,
+    key: str,
+    upload_id: str,
+    rec: Mapping[str, Any],
+    shown: Mapping[int, Mapping[str, Any]],
+    marker: int,
+    max_parts: int,
+    truncated: bool,
+) -> bytes:
+    """ListPartsResult: the parts ``shown`` (number → its record, in order) of an upload
+    whose record is ``rec``; its initiator is also shown as its owner."""
+    items = "".join(
+        "<Part>%s%s%s%s</Part>"
+        % (
+            _el("PartNumber", n),
+            _el("LastModified", _iso_ms(_parse_timestamp(part["LastModified"]))),
+            _el("ETag", part["ETag"]),
+            _el("Size", part["Size"]),
+        )
+        for n, part in shown.items()
+    )
+    owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
+        _xml_escape(rec.get("Initiator", "")),
+        _xml_escape(rec.get("Initiator", "")),
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("Key", key)
+        + _el("UploadId", upload_id)
+        + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
+        + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
+        + _el("PartNumberMarker", marker)
+        + _el("NextPartNumberMarker", list(shown)[-1] if shown else marker)
+        + _el("MaxParts", max_parts)
+        + _el("IsTruncated", truncated)
+        + items
+    )
+    return _xml_doc("ListPartsResult", body)
+
+
+def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
+    """ListMultipartUploadsResult: the first 1,000 of ``ups`` (records of uploads in
+    progress, with their UploadId)."""
+    items = "".join(
+        "<Upload>%s%s%s%s</Upload>"
+        % (
+            _el("Key", u["Key"]),
+            _el("UploadId", u["UploadId"]),
+            _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
+            _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
+        )
+        for u in ups[:1000]
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("KeyMarker", "")
+        + _el("UploadIdMarker", "")
+        + _el("Prefix", prefix)
+        + _el("MaxUploads", 1000)
+        + _el("IsTruncated", len(ups) > 1000)
+        + items
+    )
+    return _xml_doc("ListMultipartUploadsResult", body)
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -13985,19 +14440,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD" or reply.status == 304:
             self._send(reply.status, headers={"x-amz-error-code": reply.code}, content_type=None)
             return
-        fields = "".join(_el(k, v) for k, v in reply.fields.items())
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
-            "<HostId></HostId></Error>"
-            % (
-                _el("Code", reply.code),
-                _el("Message", reply.message),
-                fields,
-                _el("Resource", self._raw_path),
-                self._request_id,
-            )
-        ).encode("utf-8")
-        self._send(reply.status, body)
+        self._send(reply.status, _xml_error(reply, self._raw_path, self._request_id))
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -14120,22 +14563,17 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._expect_100 = False
 
     def _serve(self, gw: _Gateway) -> None:
+        """Route one request: /metrics, a browser POST upload (signed inside its form), or
+        an authenticated S3 request on the service, a bucket or an object."""
         method = self.command
-        metrics_only = self.server.metrics_only
-        if metrics_only or (
+        if self.server.metrics_only or (
             method == "GET"
             and self._raw_path == "/metrics"
             and not self._query
             and not gw.virtual_host(self._headers.get("host", ""))
         ):
             # A bucket named "metrics" is still listed: every S3 client sends a query.
-            self._operation = "Metrics"
-            if metrics_only and (method, self._raw_path) != ("GET", "/metrics"):
-                raise _S3Reply("NoSuchKey", status="404")
-            if not metrics_only:
-                self._authenticate(gw)
-            self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
-            return
+            return self._serve_metrics(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
         if (
             method == "POST"
@@ -14145,15 +14583,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and self._headers.get("content-type", "").startswith("multipart/form-data")
             and "authorization" not in self._headers
         ):
-            # Signed by its policy, inside the form: the body is read before anything
-            # authenticates it, so only a share of the workers may be doing that at once.
-            if not self.server.anonymous_bodies.acquire(blocking=False):
-                self.close_connection = True
-                raise _S3Reply("SlowDown")
-            try:
-                return self._post_object(bucket)
-            finally:
-                self.server.anonymous_bodies.release()
+            return self._serve_browser_post(bucket)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -14163,55 +14593,84 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             del q["versionId"]
         elif "versionId" in q:
             raise _S3Reply("InvalidArgument", "Invalid version id specified")
-        unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
-        if key is None and "acl" in q and method in ("GET", "PUT"):
+        if key is None:
+            return self._serve_bucket(gw, bucket, signed)
+        return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_metrics(self, gw: _Gateway) -> None:
+        """``GET /metrics``: signed like any request, unless on the --metrics-port."""
+        self._operation = "Metrics"
+        metrics_only = self.server.metrics_only
+        if metrics_only and (self.command, self._raw_path) != ("GET", "/metrics"):
+            raise _S3Reply("NoSuchKey", status="404")
+        if not metrics_only:
+            self._authenticate(gw)
+        self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
+
+    def _serve_browser_post(self, bucket: str) -> None:
+        """Signed by its policy, inside the form: the body is read before anything
+        authenticates it, so only a share of the workers may be doing that at once."""
+        if not self.server.anonymous_bodies.acquire(blocking=False):
+            self.close_connection = True
+            raise _S3Reply("SlowDown")
+        try:
+            self._post_object(bucket)
+        finally:
+            self.server.anonymous_bodies.release()
+
+    def _refuse_unsupported(self, kind: str) -> None:
+        """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
+        or Object, for the metrics' operation name)."""
+        unsupported = sorted(set(self._q) & _GATEWAY_UNSUPPORTED)
+        if unsupported:
+            self._operation = kind + ":" + unsupported[0]
+            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+
+    def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
+        """A request on a bucket (no key): listings, location, ACL, create, delete..."""
+        method, q = self.command, self._q
+        if "acl" in q and method in ("GET", "PUT"):
             return self._bucket_acl(bucket, signed)
-        if key is None and method == "GET" and "versioning" in q:
+        if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
             return self._send(200, _xml_doc("VersioningConfiguration", ""))
-        if key is None and method == "GET" and "versions" in q:
+        if method == "GET" and "versions" in q:
             return self._list_objects(bucket, versions=True)
-        if key is None:
-            if unsupported:
-                self._operation = "Bucket:" + unsupported[0]
-                raise _S3Reply(
-                    "NotImplemented", "?%s is not supported by the gateway" % unsupported[0]
-                )
-            if method == "GET" and "location" in q:
-                return self._get_bucket_location(bucket)
-            if method == "GET" and "uploads" in q:
-                return self._list_uploads(bucket)
-            if method == "GET":
-                return self._list_objects(bucket)
-            if method == "HEAD":
-                self._operation = "HeadBucket"
-                resp = gw.client.head_bucket(Bucket=bucket)
-                region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
-                    "x-amz-bucket-region", "us-east-1"
-                )
-                return self._send(200, headers={"x-amz-bucket-region": region})
-            if method == "PUT" and not q:
-                return self._create_bucket(bucket, signed)
-            if method == "DELETE" and not q:
-                self._operation = "DeleteBucket"
-                gw.client.delete_bucket(Bucket=bucket)
-                return self._send(204)
-            if method == "POST" and "delete" in q:
-                return self._delete_objects(bucket, signed)
-
-            self._operation = "Bucket:" + method
-            raise _S3Reply(
-                "NotImplemented", "This bucket operation is not supported by the gateway"
+        self._refuse_unsupported("Bucket")
+        if method == "GET" and "location" in q:
+            return self._get_bucket_location(bucket)
+        if method == "GET" and "uploads" in q:
+            return self._list_uploads(bucket)
+        if method == "GET":
+            return self._list_objects(bucket)
+        if method == "HEAD":
+            self._operation = "HeadBucket"
+            resp = gw.client.head_bucket(Bucket=bucket)
+            region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
+                "x-amz-bucket-region", "us-east-1"
             )
-        if unsupported:
-            self._operation = "Object:" + unsupported[0]
-            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+            return self._send(200, headers={"x-amz-bucket-region": region})
+        if method == "PUT" and not q:
+            return self._create_bucket(bucket, signed)
+        if method == "DELETE" and not q:
+            self._operation = "DeleteBucket"
+            gw.client.delete_bucket(Bucket=bucket)
+            return self._send(204)
+        if method == "POST" and "delete" in q:
+            return self._delete_objects(bucket, signed)
+        self._operation = "Bucket:" + method
+        raise _S3Reply("NotImplemented", "This bucket operation is not supported by the gateway")
+
+    def _serve_object(self, gw: _Gateway, bucket: str, key: str, signed: _Signed) -> None:
+        """A request on an object: get, put, copy, delete, and the multipart operations."""
+        method, q = self.command, self._q
+        self._refuse_unsupported("Object")
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
         if method in ("GET", "HEAD"):
@@ -14373,31 +14832,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     # -- buckets ------------------------------------------------------------------
 
     def _list_buckets(self) -> None:
-        resp = self.server.gateway.client.list_buckets()
-        owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
-        items = "".join(
-            "<Bucket>%s%s</Bucket>"
-            % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
-            for b in resp.get("Buckets", [])
-        )
-        body = "<Owner>%s%s</Owner><Buckets>%s</Buckets>" % (
-            _el("ID", owner.get("ID", "")),
-            _el("DisplayName", owner.get("DisplayName", "")),
-            items,
-        )
-        self._send(200, _xml_doc("ListAllMyBucketsResult", body))
+        self._send(200, _xml_buckets(self.server.gateway.client.list_buckets()))
 
     def _get_bucket_location(self, bucket: str) -> None:
         self._operation = "GetBucketLocation"
         resp = self.server.gateway.client.get_bucket_location(Bucket=bucket)
         location = resp.get("LocationConstraint") or ""
-        self._send(
-            200,
-            (
-                '<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="%s">%s'
-                "</LocationConstraint>" % (_S3_XMLNS, _xml_escape(location))
-            ).encode(),
-        )
+        self._send(200, _xml_doc("LocationConstraint", _xml_escape(location)))
 
     def _create_bucket(self, bucket: str, signed: _Signed) -> None:
         self._operation = "CreateBucket"
@@ -14437,26 +14878,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 root = _xml_parse(data)
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
-            owner = root.find("Owner")
-            policy: dict[str, Any] = {"Grants": []}
-            if owner is not None:
-                policy["Owner"] = {
-                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
-                }
-            for grant in root.iter("Grant"):
-                grantee = grant.find("Grantee")
-                who: dict[str, Any] = {}
-                if grantee is not None:
-                    for attr, value in grantee.attrib.items():
-                        if attr.endswith("}type") or attr == "type":
-                            who["Type"] = value
-                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
-                        if _xml_text(grantee, t):
-                            who[t] = _xml_text(grantee, t)
-                policy["Grants"].append(
-                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
-                )
-            params["AccessControlPolicy"] = policy
+            params["AccessControlPolicy"] = _acl_policy(root)
         client.put_bucket_acl(**params)
         self._send(200)
 
@@ -14476,8 +14898,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
         if max_keys < 0:
             raise _S3Reply("InvalidArgument", "max-keys must not be negative")
-        encode = q.get("encoding-type") == "url"
-        if "encoding-type" in q and not encode:
+        if "encoding-type" in q and q["encoding-type"] != "url":
             raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
         params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
         for qname, pname in (("prefix", "Prefix"), ("delimiter", "Delimiter")):
@@ -14500,61 +14921,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if q.get("marker"):
                 params["Marker"] = q["marker"]
             resp = client.list_objects(**params)
-
-        def text(value: str) -> str:
-            return _quote(value, safe="/") if encode else value
-
-        parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
-        if versions:
-            parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
-            parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
-            if resp.get("IsTruncated") and resp.get("Contents"):
-                parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
-                parts.append(_el("NextVersionIdMarker", "null"))
-        elif v2:
-            if q.get("start-after"):
-                parts.append(_el("StartAfter", text(q["start-after"])))
-            if "continuation-token" in q:  # echoed even when empty, as S3 does
-                parts.append(_el("ContinuationToken", q["continuation-token"]))
-            if resp.get("NextContinuationToken"):
-                parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
-            parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
-        else:
-            parts.append(_el("Marker", text(q.get("marker", ""))))
-            if resp.get("IsTruncated") and resp.get("NextMarker"):
-                parts.append(_el("NextMarker", text(resp["NextMarker"])))
-        parts.append(_el("MaxKeys", max_keys))
-        if q.get("delimiter"):
-            parts.append(_el("Delimiter", text(q["delimiter"])))
-        if encode:
-            parts.append(_el("EncodingType", "url"))
-        parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
-        for obj in resp.get("Contents", []):
-            item = [
-                _el("Key", text(obj["Key"])),
-                _el("LastModified", _iso_ms(obj.get("LastModified"))),
-                _el("ETag", obj.get("ETag", "")),
-                _el("Size", obj.get("Size", 0)),
-            ]
-            owner = obj.get("Owner")
-            if owner and (v2 is False or params.get("FetchOwner")):
-                item.append(
-                    "<Owner>%s%s</Owner>"
-                    % (
-                        _el("ID", owner.get("ID", "")),
-                        _el("DisplayName", owner.get("DisplayName", "")),
-                    )
-                )
-            item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
-            if versions:
-                item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
-                parts.append("<Version>%s</Version>" % "".join(item))
-            else:
-                parts.append("<Contents>%s</Contents>" % "".join(item))
-        for p in resp.get("CommonPrefixes", []):
-            parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
-        root = "ListVersionsResult" if versions else "ListBucketResult"
-        self._send(200, _xml_doc(root, "".join(parts)))
+        kind = "versions" if versions else "v2" if v2 else "v1"
+        owners = not v2 or bool(params.get("FetchOwner"))
+        self._send(200, _xml_listing(bucket, q, resp, kind, max_keys, owners))
 
     # -- objects ------------------------------------------------------------------
 
@@ -14773,28 +15142,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = self.server.gateway.client.delete_objects(
             Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": quiet}
         )
-        parts = []
-        for d in resp.get("Deleted", []):
-            parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
-        for k in versioned:
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", k),
-                    _el("Code", "NoSuchVersion"),
-                    _el("Message", "The specified version does not exist."),
-                )
-            )
-        for e in resp.get("Errors", []):
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", e.get("Key", "")),
-                    _el("Code", e.get("Code", "")),
-                    _el("Message", e.get("Message", "")),
-                )
-            )
-        self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+        self._send(200, _xml_delete_result(resp, versioned))
 
     def _post_object(self, bucket: str) -> None:
         """A browser upload (generate_presigned_post): a multipart/form-data body whose
@@ -14815,18 +15163,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 key = key.replace("${filename}", fields.get("\0filename", ""))
             self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
             fd, path = _private_tempfile(gw.spool_dir, ".post")
-            md5, sha = hashlib.md5(), hashlib.sha256()
             with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
-                f.seek(start)
-                left = end - start
-                while left > 0:
-                    data = f.read(min(_IO_CHUNK, left))
-                    if not data:
-                        break
-                    left -= len(data)
-                    md5.update(data)
-                    sha.update(data)
-                    out.write(data)
+                piece = _FileSlice(f, start, end - start)
+                info = _Hashes(md5=True).read(piece, each=out.write).info()
         finally:
             os.unlink(raw.path)
         try:
@@ -14841,7 +15180,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         params[pname] = value
             if meta:
                 params["Metadata"] = meta
-            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
             result = self._store(_Spooled(path, info), params)
         finally:
             os.unlink(path)
@@ -14921,35 +15259,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             ) from None
         numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
         parts = gw.uploads.parts(upload_id)
-        shown = numbers[:max_parts]
+        shown = {n: parts[n] for n in numbers[:max_parts]}
         truncated = len(numbers) > max_parts
-        items = "".join(
-            "<Part>%s%s%s%s</Part>"
-            % (
-                _el("PartNumber", n),
-                _el("LastModified", _iso_ms(_parse_timestamp(parts[n]["LastModified"]))),
-                _el("ETag", parts[n]["ETag"]),
-                _el("Size", parts[n]["Size"]),
-            )
-            for n in shown
-        )
-        owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
-            _xml_escape(rec.get("Initiator", "")),
-            _xml_escape(rec.get("Initiator", "")),
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("Key", key)
-            + _el("UploadId", upload_id)
-            + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
-            + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
-            + _el("PartNumberMarker", marker)
-            + _el("NextPartNumberMarker", shown[-1] if shown else marker)
-            + _el("MaxParts", max_parts)
-            + _el("IsTruncated", truncated)
-            + items
-        )
-        self._send(200, _xml_doc("ListPartsResult", body))
+        body = _xml_parts(bucket, key, upload_id, rec, shown, marker, max_parts, truncated)
+        self._send(200, body)
 
     def _list_uploads(self, bucket: str) -> None:
         self._operation = "ListMultipartUploads"
@@ -14957,26 +15270,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.head_bucket(Bucket=bucket)
         prefix = self._q.get("prefix", "")
         ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
-        items = "".join(
-            "<Upload>%s%s%s%s</Upload>"
-            % (
-                _el("Key", u["Key"]),
-                _el("UploadId", u["UploadId"]),
-                _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
-                _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
-            )
-            for u in ups[:1000]
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("KeyMarker", "")
-            + _el("UploadIdMarker", "")
-            + _el("Prefix", prefix)
-            + _el("MaxUploads", 1000)
-            + _el("IsTruncated", len(ups) > 1000)
-            + items
-        )
-        self._send(200, _xml_doc("ListMultipartUploadsResult", body))
+        self._send(200, _xml_uploads(bucket, prefix, ups))
 
     def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "CompleteMultipartUpload"
@@ -15013,22 +15307,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         PartNumber=str(number),
                     )
             fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            md5, sha = hashlib.md5(), hashlib.sha256()
-            size = 0
+            hashes = _Hashes(md5=True)
             try:
                 with os.fdopen(fd, "wb") as out:
                     for number, _ in wanted:
                         with open(have[number]["path"], "rb") as f:
-                            while True:
-                                data = f.read(_IO_CHUNK)
-                                if not data:
-                                    break
-                                md5.update(data)
-                                sha.update(data)
-                                size += len(data)
-                                out.write(data)
+                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
                 os.unlink(path)
