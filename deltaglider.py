@@ -8675,7 +8675,13 @@ class _Logical(NamedTuple):
 
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
-    says, reads rebuild and verify, deletes keep references consistent."""
+    says, reads rebuild and verify, deletes keep references consistent.
+
+    Its public boundary is what the client and the CLI call (everything with a leading
+    underscore is the engine's own): the attributes ``storage``, ``cache``,
+    ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
+    ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
+    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files."""
 
     def __init__(
         self,
@@ -8781,9 +8787,9 @@ class _DeltaEngine:
         os.close(fd)
         try:
             if lg.kind == _Kind.DELTA:
-                self._rebuild(lg, tmp)
+                self.rebuild(lg, tmp)
             else:
-                self._fetch_plain(lg, tmp)
+                self.fetch_plain(lg, tmp)
             os.chmod(tmp, _new_file_mode(dest))
             os.replace(tmp, dest)
         except BaseException:
@@ -8794,7 +8800,9 @@ class _DeltaEngine:
             raise
         return lg
 
-    def _fetch_plain(self, lg: _Logical, out: str) -> None:
+    def fetch_plain(self, lg: _Logical, out: str) -> None:
+        """Download a directly stored object into the file ``out``, checking the SHA-256
+        its metadata records (when it records one)."""
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
             _get_into(
@@ -8807,7 +8815,7 @@ class _DeltaEngine:
                 % (lg.bucket, lg.stored_key, expected, writer.sha256.hexdigest())
             )
 
-    def _rebuild(self, lg: _Logical, out: str) -> None:
+    def rebuild(self, lg: _Logical, out: str) -> None:
         """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
 
         A failure with a cached reference is not blamed on the delta until the cache is
@@ -8826,7 +8834,7 @@ class _DeltaEngine:
                 "cannot verify it" % where
             )
         limit = int(size)
-        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
+        fd, delta_tmp = _private_tempfile(self.tmp_dir(), ".delta")
         os.close(fd)
         fetch = None
         if ref_sha != expected:  # the delta downloads while the reference does
@@ -8960,7 +8968,7 @@ class _DeltaEngine:
             xlimit, what = int(xsize), "dg-expanded-size"
         else:  # written before dg-expanded-size was recorded
             xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
+        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
@@ -8988,7 +8996,9 @@ class _DeltaEngine:
         finally:
             body.close()
 
-    def _tmp_dir(self) -> str:
+    def tmp_dir(self) -> str:
+        """The private folder (made on first use) for scratch files: rebuilt objects,
+        deltas being made, spooled bodies. Inside the cache folder, so on its volume."""
         path = os.path.join(self.cache.folder, "tmp")
         _private_mkdir(self.cache.folder)
         _private_mkdir(path)
@@ -9098,7 +9108,7 @@ class _DeltaEngine:
                 if required:
                     self._unshadow(bucket, key)
                     return summary
-                if not self._exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+                if not self.exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
                     return summary
                 # The user's key.delta exists: this key is kept plain (see _unshadow).
             assert not required
@@ -9122,7 +9132,8 @@ class _DeltaEngine:
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
 
-    def _exists(self, bucket: str, stored: str) -> bool:
+    def exists(self, bucket: str, stored: str) -> bool:
+        """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
@@ -9135,7 +9146,7 @@ class _DeltaEngine:
         """``x.delta.delta`` cannot be stored beside ``x.delta``: its own name is how
         ``x.delta`` is stored, and ``x.delta`` cannot be kept plain (_unshadow)."""
         base = key[: -len(_DELTA_SUFFIX)]
-        if _delta_only(base) and self._exists(bucket, key):
+        if _delta_only(base) and self.exists(bucket, key):
             raise ParamValidationError(
                 report="Invalid key %r: that name is how %r is stored, and readers of the "
                 "original layout would return one for the other; choose another name" % (key, base)
@@ -9147,7 +9158,7 @@ class _DeltaEngine:
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self._exists(bucket, key):
+        if not self.exists(bucket, key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -9176,7 +9187,7 @@ class _DeltaEngine:
             mtime: float | None = float(lg.metadata.get("dg-mtime") or "")
         except ValueError:
             mtime = None
-        fd, tmp = _private_tempfile(self._tmp_dir(), ".plain")
+        fd, tmp = _private_tempfile(self.tmp_dir(), ".plain")
         os.close(fd)
         try:
             self.get_to_file(bucket, base, tmp, logical=lg)
@@ -9479,7 +9490,7 @@ class _DeltaEngine:
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
-        tmp_dir = self._tmp_dir()
+        tmp_dir = self.tmp_dir()
         shared = (
             self.references == _REFERENCES_SHARED
             and _shared_ref_key(space, name, "0" * 64) is not None
@@ -10478,7 +10489,9 @@ class DeltaGliderClient:
     # -- plumbing -----------------------------------------------------------------
 
     @property
-    def _engine(self) -> _DeltaEngine:
+    def engine(self) -> _DeltaEngine:
+        """deltaglider's delta engine under this client (made on first use), for the CLI
+        and the gateway: not part of boto3's API. Its public methods are its boundary."""
         if self._engine_obj is None:
             with self._lock:
                 if self._engine_obj is None:
@@ -10499,7 +10512,7 @@ class DeltaGliderClient:
     @property
     def storage(self) -> _Storage:
         """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
-        return self._engine.storage
+        return self.engine.storage
 
     def close(self) -> None:
         if self._storage is not None:
@@ -10523,7 +10536,7 @@ class DeltaGliderClient:
         never read back from the file: whatever is uploaded from it is checked against
         these (signed payload hash, the delta's decode check), so a file changed under us
         fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
+        fd, path = _private_tempfile(self.engine.tmp_dir(), ".body")
         sha, md5 = hashlib.sha256(), hashlib.md5()
         size = 0
 
@@ -10595,7 +10608,7 @@ class DeltaGliderClient:
     ) -> dict[str, Any]:
         if params.get("SSECustomerKey") is not None:
             delta = False  # only the customer's key may read it: no shared reference
-        summary = self._engine.put_file(
+        summary = self.engine.put_file(
             path,
             params["Bucket"],
             params["Key"],
@@ -10663,11 +10676,11 @@ class DeltaGliderClient:
         _params("HeadObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = self._engine.head(bucket, key, "HeadObject", headers=extra)
+        lg = self.engine.head(bucket, key, "HeadObject", headers=extra)
         head = lg.head
         conditions = _header_params(kwargs, _CONDITION_PARAMS)
         if conditions and lg.kind != _Kind.DELTA:
-            head = self._engine.storage.head_object(
+            head = self.engine.storage.head_object(
                 bucket, lg.stored_key, headers=dict(extra, **conditions)
             )
             lg = lg._replace(head=head)
@@ -10687,7 +10700,7 @@ class DeltaGliderClient:
         allowed |= {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
         _params("GetObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
-        engine = self._engine
+        engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = self._logical_response(lg)
@@ -10697,10 +10710,10 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "GetObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".get")
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
             os.close(fd)
             try:
-                engine._rebuild(lg, tmp)
+                engine.rebuild(lg, tmp)
             except BaseException:
                 os.unlink(tmp)
                 raise
@@ -10756,7 +10769,7 @@ class DeltaGliderClient:
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
-        info = self._engine.delete(kwargs["Bucket"], kwargs["Key"])
+        info = self.engine.delete(kwargs["Bucket"], kwargs["Key"])
         out: dict[str, Any] = {
             "ResponseMetadata": {
                 "HTTPStatusCode": 204,
@@ -10789,7 +10802,7 @@ class DeltaGliderClient:
         keys = [o["Key"] for o in objects]
         for k in keys:
             _validate_key(k)
-        engine = self._engine
+        engine = self.engine
         storage = engine.storage
         errors: list[dict[str, Any]] = []
         if len(objects) > _DELETE_BATCH:
@@ -10890,7 +10903,7 @@ class DeltaGliderClient:
             raise ParamValidationError(
                 report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
             )
-        engine = self._engine
+        engine = self.engine
         source_headers = {
             h.replace("copy-source-", "", 1): v
             for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
@@ -10918,7 +10931,7 @@ class DeltaGliderClient:
             ):
                 if name in lg.head:
                     params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
@@ -10964,7 +10977,7 @@ class DeltaGliderClient:
             if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
                 if logical in plain:
                     continue
-                if continued and logical < first and self._engine._exists(bucket, logical):
+                if continued and logical < first and self.engine.exists(bucket, logical):
                     continue  # listed on an earlier page
             item = dict(obj)
             item["Key"] = logical
@@ -10976,7 +10989,7 @@ class DeltaGliderClient:
         return contents
 
     def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self._engine.storage
+        storage = self.engine.storage
 
         def one(item: dict[str, Any]) -> None:
             stored = item.pop("_stored")
@@ -11026,7 +11039,7 @@ class DeltaGliderClient:
         start_after = kwargs.get("StartAfter") or marker
         after = start_after
         fetch = bool(kwargs.get("FetchMetadata"))
-        storage = self._engine.storage
+        storage = self.engine.storage
         contents: list[dict[str, Any]] = []
         prefixes: list[dict[str, Any]] = []
         target = min(max_keys, 1000)  # S3 never returns more per page, whatever is asked
@@ -11213,7 +11226,7 @@ class DeltaGliderClient:
     ) -> None:
         """download_file as boto3's: written beside ``Filename`` and renamed once verified."""
         _check_params("download_file ExtraArgs", dict(ExtraArgs or {}), set())
-        lg = self._engine.get_to_file(Bucket, Key, Filename)
+        lg = self.engine.get_to_file(Bucket, Key, Filename)
         if Callback:
             Callback(lg.size)
 
@@ -11299,7 +11312,7 @@ class DeltaGliderClient:
         nonce = uuid.uuid4().hex
         staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
-        server_id = self._engine.storage.create_multipart_upload(
+        server_id = self.engine.storage.create_multipart_upload(
             kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
         )
         return {
@@ -11318,7 +11331,7 @@ class DeltaGliderClient:
         path, info = self._spool(body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11364,7 +11377,7 @@ class DeltaGliderClient:
             path, info = self._spool(part)
         try:
             with open(path, "rb") as f:
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11388,12 +11401,12 @@ class DeltaGliderClient:
                     "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
                 )
             )
-        storage = self._engine.storage
+        storage = self.engine.storage
         storage.complete_multipart_upload(
             bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
         )
-        engine = self._engine
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".mpu")
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
         os.close(fd)
         try:
             got = storage.get_object(bucket, staging)
@@ -11435,7 +11448,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
         _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self._engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
         return {"ResponseMetadata": _local_metadata(resp)}
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
@@ -11443,7 +11456,7 @@ class DeltaGliderClient:
         allowed |= {"ExpectedBucketOwner", "RequestPayer"}
         _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self._engine.storage.list_parts(bucket, staging, server_id)
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
         parts = resp.get("Parts", [])
         marker = int(kwargs.get("PartNumberMarker") or 0)
         parts = [p for p in parts if p["PartNumber"] > marker]
@@ -11468,7 +11481,7 @@ class DeltaGliderClient:
         allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
-        resp = self._engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
         uploads = []
         for u in resp.get("Uploads", []):
             rest = u["Key"][len(self._MPU_PREFIX) :]
@@ -11502,7 +11515,7 @@ class DeltaGliderClient:
     # -- object tagging and ACLs ---------------------------------------------------
 
     def _stored_key(self, kwargs: Mapping[str, Any], operation: str) -> str:
-        lg = self._engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
         return lg.stored_key
 
     def get_object_tagging(self, **kwargs: Any) -> dict[str, Any]:
@@ -11511,7 +11524,7 @@ class DeltaGliderClient:
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectTagging")
-            return self._engine.storage.get_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
 
@@ -11525,7 +11538,7 @@ class DeltaGliderClient:
             )
         try:
             stored = self._stored_key(kwargs, "PutObjectTagging")
-            return self._engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
+            return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
 
@@ -11534,7 +11547,7 @@ class DeltaGliderClient:
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "DeleteObjectTagging")
-            return self._engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
 
@@ -11543,7 +11556,7 @@ class DeltaGliderClient:
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectAcl")
-            return self._engine.storage.get_object_acl(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
 
@@ -11561,7 +11574,7 @@ class DeltaGliderClient:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
             stored = self._stored_key(kwargs, "PutObjectAcl")
-            return self._engine.storage.put_object_acl(
+            return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
         except ClientError as e:
@@ -11601,29 +11614,29 @@ class DeltaGliderClient:
             headers["x-amz-bucket-object-lock-enabled"] = "true"
         if kwargs.get("ObjectOwnership"):
             headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
-        return self._engine.storage.create_bucket(
+        return self.engine.storage.create_bucket(
             kwargs["Bucket"], location=location, headers=headers
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.delete_bucket(kwargs["Bucket"])
+        return self.engine.storage.delete_bucket(kwargs["Bucket"])
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
         _check_params("ListBuckets", kwargs, set())
-        return self._engine.storage.list_buckets()
+        return self.engine.storage.list_buckets()
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.head_bucket(kwargs["Bucket"])
+        return self.engine.storage.head_bucket(kwargs["Bucket"])
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_location(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_location(kwargs["Bucket"])
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         allowed = {
@@ -11643,7 +11656,7 @@ class DeltaGliderClient:
         headers = _acl_headers(kwargs)
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return self._engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
+        return self.engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
 
     # -- presigning ---------------------------------------------------------------
 
@@ -11685,7 +11698,7 @@ class DeltaGliderClient:
                 report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
                 % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
             )
-        storage = self._engine.storage
+        storage = self.engine.storage
         if getattr(storage, "is_local", False):
             raise ParamValidationError(
                 report="presigned URLs need an S3 endpoint, not a local store"
@@ -11709,7 +11722,7 @@ class DeltaGliderClient:
             params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
         if ClientMethod == "get_object" and key is not None:
             try:
-                lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
+                lg: _Logical | None = self.engine.head(bucket, key, "HeadObject")
             except ClientError as e:
                 if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
                     raise
@@ -11742,7 +11755,7 @@ class DeltaGliderClient:
             hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
             name,
         )
-        engine = self._engine
+        engine = self.engine
         storage = engine.storage
         until = self._now() + datetime.timedelta(seconds=expires)
         meta = {
@@ -11779,7 +11792,7 @@ class DeltaGliderClient:
                 return tmp_key
             except ClientError as e:
                 logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
+        fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
         os.close(fd)
         try:
             engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
@@ -11798,7 +11811,7 @@ class DeltaGliderClient:
         ExpiresIn: int = 3600,
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
-        storage = self._engine.storage
+        storage = self.engine.storage
         if getattr(storage, "is_local", False):
             raise ParamValidationError(
                 report="presigned POSTs need an S3 endpoint, not a local store"
@@ -11833,7 +11846,7 @@ class DeltaGliderClient:
         if not key or key.endswith("/"):
             key += os.path.basename(path)
         headers = {"x-amz-tagging": urllib.parse.urlencode(dict(tags))} if tags else None
-        summary = self._engine.put_file(
+        summary = self.engine.put_file(
             path,
             bucket,
             key,
@@ -11860,7 +11873,7 @@ class DeltaGliderClient:
         out = os.fspath(output_path)
         if os.path.isdir(out):
             out = os.path.join(out, key.rsplit("/", 1)[-1])
-        self._engine.get_to_file(bucket, key, out)
+        self.engine.get_to_file(bucket, key, out)
         return out
 
     def verify(self, s3_url: str) -> VerifyResult:
@@ -11870,16 +11883,16 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self._engine
+        engine = self.engine
         lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine._tmp_dir(), ".verify")
+        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
         os.close(fd)
         try:
             try:
                 if lg.kind == _Kind.DELTA:
-                    engine._rebuild(lg, path)
+                    engine.rebuild(lg, path)
                 else:
-                    engine._fetch_plain(lg, path)
+                    engine.fetch_plain(lg, path)
                 valid, message = True, "Integrity verified"
             except IntegrityError as e:
                 valid, message = False, str(e)
@@ -12027,7 +12040,7 @@ class DeltaGliderClient:
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
         bucket, key = _parse_s3_url(s3_url)
-        lg = self._engine.head(bucket, key, "HeadObject")
+        lg = self.engine.head(bucket, key, "HeadObject")
         stored = int(lg.head.get("ContentLength", 0))
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
@@ -12051,7 +12064,7 @@ class DeltaGliderClient:
     def delete_objects_recursive(self, Bucket: str, Prefix: str) -> dict[str, Any]:
         """Delete everything under ``Prefix`` (or the one object it names), references
         last and only when nothing needs them; as 6.x's, with counts by kind."""
-        engine = self._engine
+        engine = self.engine
         single: list[str] = []
         if Prefix and not Prefix.endswith("/"):
             try:
@@ -12088,14 +12101,14 @@ class DeltaGliderClient:
     def clear_cache(self) -> None:
         """Empty this client's reference cache (``cache_dir``); references are fetched
         again when next needed."""
-        self._engine.cache.clear()
+        self.engine.cache.clear()
 
     def rehydrate_for_download(self, Bucket: str, Key: str, ExpiresIn: int = 3600) -> str | None:
         """Store a rebuilt copy of a delta-stored object under ``.deltaglider/tmp/`` for
         ``ExpiresIn`` seconds (``purge_temp_files`` removes it after); its key, or None
         when the object is stored as it is (nothing to rebuild)."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
         return self._rehydrate(lg, int(ExpiresIn))
@@ -12107,7 +12120,7 @@ class DeltaGliderClient:
         (``Content-Disposition: attachment``), for any kind of object."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
         params: dict[str, Any] = {"Bucket": Bucket, "Key": key}
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind == _Kind.DELTA:
             name = key.rsplit("/", 1)[-1].replace('"', "")
             params["ResponseContentDisposition"] = 'attachment; filename="%s"' % name
@@ -12129,7 +12142,7 @@ class DeltaGliderClient:
         and stored size are unchanged."""
         if mode not in ("quick", "sampled", "detailed"):
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
-        storage = self._engine.storage
+        storage = self.engine.storage
         listing = _list_for_stats(storage, bucket)
         if use_cache and not refresh_cache:
             cached = _cached_bucket_stats(storage, bucket, mode, listing.validation())
@@ -12146,11 +12159,11 @@ class DeltaGliderClient:
 
         Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
         _validate_bucket_name(Bucket)
-        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
+        return self.engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self._engine.storage
+        storage = self.engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
         for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
@@ -15776,7 +15789,7 @@ class _Cli:
         """Every stored key under a prefix (one LIST per 1,000): lets uploads skip a HEAD
         each for the other representation of their name."""
         keys: set[str] = set()
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
         return keys
@@ -15882,7 +15895,7 @@ class _Cli:
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
             params["Metadata"] = metadata
-            engine = self.client._engine
+            engine = self.client.engine
             delta = False if getattr(self.args, "no_delta", False) else None
             summary = engine.put_file(
                 path,
@@ -15943,13 +15956,13 @@ class _Cli:
         def work() -> None:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-            lg = self.client._engine.get_to_file(bucket, key, path)
+            lg = self.client.engine.get_to_file(bucket, key, path)
             self.on_bytes(lg.size)
             stamp = _logical_mtime(lg)
             if stamp is not None:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
-                self.client._engine.delete(bucket, key)
+                self.client.engine.delete(bucket, key)
 
         self.transfer_one(verb, src, shown, work)
 
@@ -15958,7 +15971,7 @@ class _Cli:
         stored in the destination's layout); mv then deletes the source."""
 
         def work() -> dict[str, Any]:
-            engine = self.client._engine
+            engine = self.client.engine
             with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
                 params = dict(self.put_args())
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
@@ -15984,9 +15997,9 @@ class _Cli:
     ) -> Iterator[tuple[str, _Logical]]:
         """An object of ``source`` rebuilt into a private temporary file, with its logical
         head, for copies between buckets or stores; the file is removed afterwards."""
-        engine = source._engine
+        engine = source.engine
         lg = engine.head(bucket, key, "HeadObject")
-        fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), suffix)
+        fd, tmp = _private_tempfile(self.client.engine.tmp_dir(), suffix)
         os.close(fd)
         try:
             engine.get_to_file(bucket, key, tmp, logical=lg)
@@ -16194,7 +16207,7 @@ class _Cli:
 
     def cp_stream(self, src: str, dst: str) -> int:
         """``-`` as source (stdin) or destination (stdout); only errors are printed."""
-        engine = self.client._engine
+        engine = self.client.engine
         if src == "-":
             bucket, key = _parse_s3_url(dst)
             if not key or key.endswith("/"):
@@ -16278,7 +16291,7 @@ class _Cli:
         """``ls`` shows nothing where only a reference is left (listings hide them):
         say so, and how to remove it."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=True)["Removed"]
+            found = self.client.engine.gc(bucket, prefix, dry_run=True)["Removed"]
         except (DeltaGliderError, OSError):
             return
         unused = [r["Key"] for r in found]
@@ -16297,7 +16310,7 @@ class _Cli:
 
     def cmd_rm(self) -> int:
         bucket, key = _parse_s3_url(self.args.path)
-        engine = self.client._engine
+        engine = self.client.engine
         dry = self.dry()
         if not self.args.recursive:
             if not key:
@@ -16331,7 +16344,7 @@ class _Cli:
     def delete_unused_references(self, bucket: str, prefix: str) -> None:
         """References no delta uses (listings never show them) go with their folder."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=bool(self.dry()))
+            found = self.client.engine.gc(bucket, prefix, dry_run=bool(self.dry()))
         except (DeltaGliderError, OSError) as e:
             self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
             return
@@ -16465,7 +16478,7 @@ class _Cli:
         """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
         LastModified where none was recorded. HEADs run on the pool."""
         out: dict[str, float] = {}
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         lock = threading.Lock()
 
         def one(rel: str) -> None:
@@ -16564,7 +16577,7 @@ class _Cli:
             keys = [o["Key"] for o in self.list_logical(bucket, "")]
             self.delete_keys(bucket, keys)
             # anything left (other tools' objects, temp copies, stray references)
-            self.client._engine.delete_prefix(bucket, "")
+            self.client.engine.delete_prefix(bucket, "")
         else:
             # Our own bookkeeping (stats cache, rebuilt presign copies) must not make an
             # otherwise empty bucket "not empty".
@@ -16577,7 +16590,7 @@ class _Cli:
             ):
                 # Our bookkeeping, and references no delta uses (an interrupted upload,
                 # another tool): delete_prefix removes only those that nothing needs.
-                self.client._engine.delete_prefix(bucket, "")
+                self.client.engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -16811,7 +16824,7 @@ class _Cli:
             with self.fetched(source, sb, s_key, ".migrate") as (tmp, lg):
                 delta = False if self.args.no_delta else None
                 params: dict[str, Any] = {"ContentType": lg.content_type}
-                summary = self.client._engine.put_file(
+                summary = self.client.engine.put_file(
                     tmp,
                     db,
                     d_key,
@@ -16880,7 +16893,7 @@ def _refuse_sync_path(path: str) -> None:
 def _store_identity(client: DeltaGliderClient) -> str:
     """Which store a client talks to (endpoint, or local directory): two clients with the same
     identity see the same bucket under the same name."""
-    storage = client._engine.storage
+    storage = client.engine.storage
     if isinstance(storage, _LocalStorage):
         return "file:" + os.path.realpath(storage._root)
     return str(storage.endpoint_url).lower()
