@@ -3205,6 +3205,45 @@ def _range_to_send(spec: str | None, size: int) -> str | None:
     return None if span is None else "bytes=%d-%d" % span
 
 
+def _list_v2_page(
+    bucket: str,
+    prefix: str,
+    max_keys: int,
+    contents: list[dict[str, Any]],
+    prefixes: list[dict[str, Any]],
+    *,
+    truncated: bool = False,
+    next_token: str | None = None,
+    delimiter: str = "",
+    start_after: str = "",
+    continuation_token: str | None = None,
+) -> dict[str, Any]:
+    """One ListObjectsV2 page as boto3 parses S3's reply, members in its order: no
+    ``Contents``/``CommonPrefixes`` when there are none, ``KeyCount`` counting both,
+    ``ContinuationToken`` echoed when given (even empty), ``EncodingType`` url (both back
+    ends ask for it). The one builder: the local store's pages and the client's logical
+    pages take this shape, and the gateway writes its XML from the client's."""
+    out: dict[str, Any] = {"IsTruncated": truncated}
+    if contents:
+        out["Contents"] = contents
+    out["Name"] = bucket
+    out["Prefix"] = prefix
+    if delimiter:
+        out["Delimiter"] = delimiter
+    out["MaxKeys"] = max_keys
+    if prefixes:
+        out["CommonPrefixes"] = prefixes
+    out["EncodingType"] = "url"
+    out["KeyCount"] = len(contents) + len(prefixes)
+    if continuation_token is not None:
+        out["ContinuationToken"] = continuation_token
+    if next_token:
+        out["NextContinuationToken"] = next_token
+    if start_after:
+        out["StartAfter"] = start_after
+    return out
+
+
 def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
@@ -5222,39 +5261,13 @@ class _LocalStorage:
                 ArgumentName="maxKeys",
                 ArgumentValue=str(max_keys),
             )
-        marker: bytes | None = start_after.encode("utf-8") if start_after else None
-        last_prefix: str | None = None
-        if continuation_token:
-            try:
-                decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
-                kind, value = decoded[:1], decoded[1:].decode("utf-8")
-                if kind not in (b"K", b"P"):
-                    raise ValueError(kind)
-            except (ValueError, UnicodeError):
-                raise self._error(
-                    op,
-                    400,
-                    "InvalidArgument",
-                    Message="The continuation token provided is incorrect",
-                    ArgumentName="continuation-token",
-                ) from None
-            marker = value.encode("utf-8")
-            last_prefix = value if kind == b"P" else None
-        items: list[tuple[bytes, str, dict[str, Any]]] = []
-        objects_dir = os.path.join(bdir, ".dg-objects")
-        for shard in os.listdir(objects_dir):
-            for key, record in self._index(os.path.join(objects_dir, shard)).items():
-                if key.startswith(prefix):
-                    encoded = key.encode("utf-8")
-                    if marker is None or encoded > marker:
-                        items.append((encoded, key, record))
-        items.sort(key=lambda item: item[0])
+        marker, last_prefix = self._list_start(continuation_token, start_after)
         page = min(max_keys, 1000)
         contents: list[dict[str, Any]] = []
-        prefixes: list[dict[str, str]] = []
+        prefixes: list[dict[str, Any]] = []
         last = ""
         truncated = False
-        for _, key, record in items:
+        for key, record in self._keys_after(bdir, prefix, marker):
             common = None
             if delimiter:
                 at = key.find(delimiter, len(prefix))
@@ -5280,28 +5293,58 @@ class _LocalStorage:
                     }
                 )
                 last = self._token("K", key)
-        out: dict[str, Any] = {
-            "IsTruncated": truncated,
-            "Name": bucket,
-            "Prefix": prefix,
-            "MaxKeys": max_keys,
-            "KeyCount": len(contents) + len(prefixes),
-        }
-        if contents:
-            out["Contents"] = contents
-        if prefixes:
-            out["CommonPrefixes"] = prefixes
-        if delimiter:
-            out["Delimiter"] = delimiter
-        if start_after:
-            out["StartAfter"] = start_after
-        if continuation_token:
-            out["ContinuationToken"] = continuation_token
-        if truncated:
-            out["NextContinuationToken"] = last
-        out["EncodingType"] = "url"  # _S3Storage always asks for it and S3 echoes it
+        out = _list_v2_page(
+            bucket,
+            prefix,
+            max_keys,
+            contents,
+            prefixes,
+            truncated=truncated,
+            next_token=last if truncated else None,
+            delimiter=delimiter,
+            start_after=start_after or "",
+            continuation_token=continuation_token or None,
+        )
         out["ResponseMetadata"] = self._meta(200)
         return out
+
+    def _list_start(
+        self, continuation_token: str | None, start_after: str | None
+    ) -> tuple[bytes | None, str | None]:
+        """Where a page starts: (the UTF-8 key it lists past, the common prefix it
+        already gave), from the token of the page before, else from ``start_after``."""
+        if not continuation_token:
+            return (start_after.encode("utf-8") if start_after else None), None
+        try:
+            decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
+            kind, value = decoded[:1], decoded[1:].decode("utf-8")
+            if kind not in (b"K", b"P"):
+                raise ValueError(kind)
+        except (ValueError, UnicodeError):
+            raise self._error(
+                "ListObjectsV2",
+                400,
+                "InvalidArgument",
+                Message="The continuation token provided is incorrect",
+                ArgumentName="continuation-token",
+            ) from None
+        return value.encode("utf-8"), (value if kind == b"P" else None)
+
+    def _keys_after(
+        self, bdir: str, prefix: str, marker: bytes | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of every key under ``prefix`` past ``marker``, in UTF-8 byte
+        order as S3 sorts them."""
+        items: list[tuple[bytes, str, dict[str, Any]]] = []
+        objects_dir = os.path.join(bdir, ".dg-objects")
+        for shard in os.listdir(objects_dir):
+            for key, record in self._index(os.path.join(objects_dir, shard)).items():
+                if key.startswith(prefix):
+                    encoded = key.encode("utf-8")
+                    if marker is None or encoded > marker:
+                        items.append((encoded, key, record))
+        items.sort(key=lambda item: item[0])
+        return [(key, record) for _, key, record in items]
 
     # -- multipart ------------------------------------------------------------
 
@@ -11196,15 +11239,22 @@ class DeltaGliderClient:
         }
         _params("ListObjectsV2", kwargs, allowed, "Bucket")
         got = self._list_logical(kwargs, None)
-        out: dict[str, Any] = _ListResponse(IsTruncated=got["truncated"])
-        out.update(self._list_common(kwargs, got))
-        out["KeyCount"] = len(got["contents"]) + len(got["prefixes"])
-        if kwargs.get("ContinuationToken") is not None:
-            out["ContinuationToken"] = kwargs["ContinuationToken"]  # echoed, even ""
-        if got["next_token"]:
-            out["NextContinuationToken"] = got["next_token"]
-        if kwargs.get("StartAfter"):
-            out["StartAfter"] = self._url_encoded(kwargs, kwargs["StartAfter"])
+        # Keys and prefixes come from the server, encoded by it when the caller asked
+        # EncodingType='url' (the storage then leaves them so); our echoes are encoded here.
+        enc = functools.partial(self._url_encoded, kwargs)
+        page = _list_v2_page(
+            kwargs["Bucket"],
+            enc(kwargs.get("Prefix") or ""),
+            got["max_keys"],
+            got["contents"],
+            [{"Prefix": p["Prefix"]} for p in got["prefixes"]],
+            truncated=got["truncated"],
+            next_token=got["next_token"],
+            delimiter=enc(kwargs.get("Delimiter") or ""),
+            start_after=enc(kwargs.get("StartAfter") or ""),
+            continuation_token=kwargs.get("ContinuationToken"),  # echoed, even ""
+        )
+        out: dict[str, Any] = _ListResponse(page)
         out["ResponseMetadata"] = _local_metadata(got["page"])
         return out
 
