@@ -14603,13 +14603,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_browser_post(self, bucket: str) -> None:
         """Signed by its policy, inside the form: the body is read before anything
         authenticates it, so only a share of the workers may be doing that at once."""
-        if not self.server.anonymous_bodies.acquire(blocking=False):
+        if not self.server.anonymous_bodies.take():
             self.close_connection = True
             raise _S3Reply("SlowDown")
         try:
             self._post_object(bucket)
         finally:
-            self.server.anonymous_bodies.release()
+            self.server.anonymous_bodies.give_back()
 
     def _refuse_unsupported(self, kind: str) -> None:
         """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
@@ -15338,6 +15338,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
 
 
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
+
+
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The listening socket. A connection holds one of the ``workers`` slots only while a
     request it has sent in full (request line and headers) is served: one that is silent,
@@ -15372,7 +15394,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first

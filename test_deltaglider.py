@@ -8660,7 +8660,7 @@ def test_gateway_anonymous_bodies_hold_few_workers(tmp_path: Any) -> None:
             assert answer.startswith(b"HTTP/1.1 403 "), answer
             assert _closed_by_server(put, 30)  # before: drained for up to --idle-timeout
             for _ in range(500):  # the first POST is being read (it trickles, holding it)
-                if gw.server.anonymous_bodies._value == 0:
+                if gw.server.anonymous_bodies.in_use == 1:
                     break
                 time.sleep(0.01)
             second = _gw_socket(gw, post_head)
