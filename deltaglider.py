@@ -14274,6 +14274,57 @@ _RESPONSE_OVERRIDES = (
 )
 
 
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -14915,30 +14966,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- objects ------------------------------------------------------------------
 
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
-
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
         client = self.server.gateway.client
@@ -14960,14 +14987,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
                 if rng and "partNumber" not in self._q:
@@ -14983,7 +15010,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -15001,30 +15028,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise
         finally:
             body.close()
-
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
 
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
@@ -15056,7 +15059,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15095,7 +15098,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15201,7 +15204,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
