@@ -13680,6 +13680,65 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._md5, self._sha = hashlib.md5(), hashlib.sha256()
+        self.size = 0
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    def update(self, data: bytes) -> None:
+        self.size += len(data)
+        self._md5.update(data)
+        self._sha.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if self.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and self._sha.hexdigest() != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=self._sha.hexdigest(),
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != self._md5.digest():
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return _FileInfo(self._sha.hexdigest(), self._md5.hexdigest(), self.size)
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -14792,66 +14851,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
