@@ -346,10 +346,6 @@ class SSLError(EndpointConnectionError):
     fmt = "SSL validation failed for {endpoint_url} {error}"
 
 
-class ProxyConnectionError(EndpointConnectionError):
-    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
-
-
 class ReadTimeoutError(BotoCoreError):
     fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
 
@@ -782,40 +778,58 @@ def _xml_escape(text: str) -> str:
 
 
 class _FileInfo(NamedTuple):
+    """What one pass over some bytes gives: hex SHA-256, hex MD5 ("" unless asked for), size."""
+
     sha256: str
     md5: str
     size: int
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
+class _Hashes:
+    """SHA-256 (and MD5, when asked for) and size of bytes taken in order: the one way file
+    contents are hashed. ``read(f)`` takes an open file from where it stands to its end in
+    1 MiB reads and hands each chunk to ``each`` too (a copy's ``write``, another hash's
+    ``update``), so a copy and its digests come from one pass; ``update`` takes bytes as
+    they are written elsewhere."""
+
+    def __init__(self, md5: bool = False) -> None:
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5() if md5 else None
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._sha256.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+        self.size += len(data)
+
+    def read(
+        self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
+    ) -> _Hashes:
         while True:
             chunk = f.read(_IO_CHUNK)
             if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+                return self
+            self.update(chunk)
+            if each is not None:
+                each(chunk)
+
+    def info(self) -> _FileInfo:
+        md5 = self._md5.hexdigest() if self._md5 is not None else ""
+        return _FileInfo(self._sha256.hexdigest(), md5, self.size)
 
 
-def _hash_stream(f: IO[bytes], *algorithms: str) -> tuple[list[str], int]:
-    """Hex digests of what is left in ``f`` (position restored if seekable), and its size."""
-    hashes = [hashlib.new(a) for a in algorithms]
-    start = f.tell() if f.seekable() else None
-    size = 0
-    while True:
-        chunk = f.read(_IO_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        for h in hashes:
-            h.update(chunk)
+def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
+    """SHA-256 (and MD5, with ``md5=True``) and size of a file by path, or of what is left
+    in an open file (its position restored when it is seekable), in one pass."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return _Hashes(md5).read(f).info()
+    start = source.tell() if source.seekable() else None
+    info = _Hashes(md5).read(source).info()
     if start is not None:
-        f.seek(start)
-    return [h.hexdigest() for h in hashes], size
+        source.seek(start)
+    return info
 
 
 def _spool(body: Any) -> IO[bytes]:
@@ -831,9 +845,13 @@ def _spool(body: Any) -> IO[bytes]:
     return spooled
 
 
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
+def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tuple[int, str]:
+    """A new empty file, open for writing: ``(fd, path)``. Every named temporary file is
+    made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
+    or a spooled body through it), in ``folder``, the folder of what it becomes, so that
+    the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
+    sweep can tell a leftover by its name."""
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
 class _Background:
@@ -3207,7 +3225,7 @@ class _S3Storage:
         if not self._payload_signing and self._scheme == "https":
             return _UNSIGNED_PAYLOAD
         if hasattr(body, "seekable") and body.seekable():
-            return _hash_stream(body, "sha256")[0][0]
+            return _hash_file(body).sha256
         return _UNSIGNED_PAYLOAD
 
     def request(
@@ -4293,7 +4311,7 @@ class _LocalStorage:
     def _mkstemp(self, operation: str, bucket: str, bdir: str, prefix: str) -> tuple[int, str]:
         """A 0600 temp file in the bucket (same file system, so renames are atomic)."""
         try:
-            return tempfile.mkstemp(dir=os.path.join(bdir, ".dg-tmp"), prefix=prefix)
+            return _private_tempfile(os.path.join(bdir, ".dg-tmp"), prefix=prefix)
         except FileNotFoundError:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
@@ -5045,11 +5063,7 @@ class _LocalStorage:
                 kept["x-amz-tagging"] = tags
             etag = src["etag"]
             if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                with open(tmp, "rb") as f:
-                    md5 = hashlib.md5()
-                    for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
-                        md5.update(chunk)
-                etag = f'"{md5.hexdigest()}"'
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
             record = self._new_record(kept, src["size"], etag)
             self._commit(op, bucket, dst_dir, key, tmp, record)
         finally:
@@ -5584,12 +5598,8 @@ def _put_path(
         whole = hashlib.sha256()
         with open(path, "rb") as f:
             for number, offset in offsets:
-                h = hashlib.sha256()
                 piece = _FileSlice(f, offset, min(part, size - offset))
-                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
-                    h.update(chunk)
-                    whole.update(chunk)
-                expected[number] = h.hexdigest()
+                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
         if whole.hexdigest() != sha256:
             raise IntegrityError(
                 "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
@@ -7533,8 +7543,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
-#: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
-_MAX_METADATA_VALUE = 256
 
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
@@ -8292,7 +8300,7 @@ class _ReferenceCache:
             try:
                 with open(derived + ".sha") as f:
                     want = f.read().strip()
-                actual = _sha256_file(derived)[0]
+                actual = _hash_file(derived).sha256
             except OSError:
                 continue  # not made (any more)
             if actual != want:
@@ -8307,7 +8315,7 @@ class _ReferenceCache:
 
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
-            actual, _ = _sha256_file(path)
+            actual = _hash_file(path).sha256
         except OSError:  # gone (another process evicted it): nothing to remove
             with self._lock:
                 self._verified.pop(sha256, None)
@@ -8337,14 +8345,16 @@ class _ReferenceCache:
     def _write_stamp(path: str, st: os.stat_result) -> None:
         """Remember that this file (size, mtime, inode) was hashed and matched, so other
         processes need not hash it again; any change to the file invalidates it."""
-        tmp = "%s.ok.%s.tmp" % (path, uuid.uuid4().hex)
+        tmp = ""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, tmp = _private_tempfile(
+                os.path.dirname(path), prefix=os.path.basename(path) + ".ok."
+            )
             with os.fdopen(fd, "w") as f:
                 f.write(_stamp_of(st))
             os.replace(tmp, path + ".ok")
         except OSError as e:  # only a shortcut for later processes: never fatal
-            logger.debug("could not write cache stamp %s: %s", tmp, e)
+            logger.debug("could not write cache stamp %s.ok: %s", path, e)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -8418,7 +8428,7 @@ class _ReferenceCache:
                 hashed = self._verified.get(path) == (st.st_size, st.st_mtime_ns)
             if hashed or (not strict and self._read_stamp(path) == _stamp_of(st)):
                 return path, sha
-            if _sha256_file(path)[0] == sha:
+            if _hash_file(path).sha256 == sha:
                 with self._lock:
                     self._verified[path] = (st.st_size, st.st_mtime_ns)
                 return path, sha
@@ -8616,21 +8626,6 @@ def _copy_hashing(source: str, dest: str) -> str:
         writer = _HashingWriter(f)
         shutil.copyfileobj(src, writer, _IO_CHUNK)
     return writer.sha256.hexdigest()
-
-
-def _file_info(path: str) -> _FileInfo:
-    """SHA-256, MD5 and size of a file in one pass."""
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_IO_CHUNK)
-            if not chunk:
-                break
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
 
 
 class _Logical(NamedTuple):
@@ -9061,7 +9056,7 @@ class _DeltaEngine:
                 else "Invalid key %r: a key must name a file, not a folder" % key
             )
         # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_file_info, path) if info is None else None
+        hashing = _Background(_hash_file, path, True) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
 
@@ -11180,7 +11175,9 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+        self._upload_file(
+            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
+        )
 
     def _upload_file(
         self,
@@ -11886,7 +11883,7 @@ class DeltaGliderClient:
                 valid, message = True, "Integrity verified"
             except IntegrityError as e:
                 valid, message = False, str(e)
-            actual = _sha256_file(path)[0] if os.path.getsize(path) or valid else ""
+            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
         finally:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
@@ -13847,10 +13844,11 @@ class _Uploads:
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
         try:
-            with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+            fd, tmp = _private_tempfile(folder, ".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             os.replace(spooled.path, base)
-            os.replace(base + ".json.tmp", base + ".json")
+            os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
@@ -13882,9 +13880,10 @@ class _Uploads:
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
-        with open(note + ".tmp", "w", encoding="utf-8") as f:
+        fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
-        os.replace(note + ".tmp", note)
+        os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
         for name in os.listdir(self.folder):
@@ -15171,18 +15170,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 key = key.replace("${filename}", fields.get("\0filename", ""))
             self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
             fd, path = _private_tempfile(gw.spool_dir, ".post")
-            md5, sha = hashlib.md5(), hashlib.sha256()
             with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
-                f.seek(start)
-                left = end - start
-                while left > 0:
-                    data = f.read(min(_IO_CHUNK, left))
-                    if not data:
-                        break
-                    left -= len(data)
-                    md5.update(data)
-                    sha.update(data)
-                    out.write(data)
+                piece = _FileSlice(f, start, end - start)
+                info = _Hashes(md5=True).read(piece, each=out.write).info()
         finally:
             os.unlink(raw.path)
         try:
@@ -15197,7 +15187,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         params[pname] = value
             if meta:
                 params["Metadata"] = meta
-            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
             result = self._store(_Spooled(path, info), params)
         finally:
             os.unlink(path)
@@ -15325,22 +15314,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         PartNumber=str(number),
                     )
             fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            md5, sha = hashlib.md5(), hashlib.sha256()
-            size = 0
+            hashes = _Hashes(md5=True)
             try:
                 with os.fdopen(fd, "wb") as out:
                     for number, _ in wanted:
                         with open(have[number]["path"], "rb") as f:
-                            while True:
-                                data = f.read(_IO_CHUNK)
-                                if not data:
-                                    break
-                                md5.update(data)
-                                sha.update(data)
-                                size += len(data)
-                                out.write(data)
+                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
                 os.unlink(path)

@@ -1380,8 +1380,8 @@ def test_retry_slowdown_burst_then_success_resigns_and_rewinds(
 def test_retry_replays_every_in_memory_body_kind(
     fake_s3: Callable[..., _FakeHTTPServer], kind: Any
 ) -> None:
-    """BUG (memoryview): request() treats only bytes/bytearray as replayable, so a
-    memoryview body (accepted everywhere else) is never retried."""
+    """Every in-memory body kind (memoryview too, not only bytes/bytearray) is replayable:
+    a 503 is retried with the same body."""
 
     def script(h: _FakeHandler, n: int) -> None:
         h.take()
@@ -1589,8 +1589,8 @@ def test_xml_entity_bomb_is_refused_unexpanded(
 
 
 def test_xml_dtd_in_utf16_is_refused() -> None:
-    """BUG: _xml_parse looks for ``<!doctype``/``<!entity`` in the raw bytes, so a UTF-16
-    document (which expat accepts) slips its DTD through and its entities are expanded."""
+    """A UTF-16 document (which expat accepts) cannot slip a DTD past _xml_parse's byte
+    check for ``<!doctype``/``<!entity``: it is refused, its entities never expanded."""
     doc = (
         '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE r [<!ENTITY a "AAAAAAAAAA">'
         '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><ListBucketResult><Name>&b;</Name>'
@@ -1788,8 +1788,8 @@ def test_refused_port_is_endpoint_connection_error() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on Linux SYN backlog")
 def test_connect_timeout_is_connect_timeout_error() -> None:
-    """BUG: a connect that times out surfaces as ReadTimeoutError ('Read timeout on
-    endpoint URL'), because _send_once maps every socket.timeout to ReadTimeoutError."""
+    """A connect that times out is a ConnectTimeoutError, not a ReadTimeoutError ('Read
+    timeout on endpoint URL'): only a timeout after the connection is up is a read timeout."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -12358,9 +12358,8 @@ def test_faults_delete(fault_swift: Any, fault_proxy: Any, tmp_path: Any, kind: 
     for key in ["x/app-0.zip", "x/n.txt", "x/app-2.zip", "x/app-1.zip"]:
         e = _fault_run(lambda: c.delete_object(Bucket=bucket, Key=key))
         if e is None:
-            # BUG: _DeltaEngine.delete catches every ClientError of its HEAD as "missing", so
-            # a HEAD that failed with 500/503 after all retries makes delete_object (and
-            # `rm`) report success while the object stays. Only 404 means missing.
+            # A delete that reports success removed the object: a HEAD that failed with
+            # 500/503 after all retries is an error, not "missing" (only 404 means missing).
             assert key not in fault_logical(direct, bucket)
     assert proxy.injected > 0
     assert fault_invariants(direct.storage, bucket) == []
@@ -12393,8 +12392,8 @@ def test_faults_multipart(fault_swift: Any, fault_proxy: Any, tmp_path: Any, kin
         if "m/big.bin" in keys:  # never a partial object
             got = direct.storage.get_object(bucket, "m/big.bin")["Body"].read()
             assert got == data, "partial multipart object (%d of %d bytes)" % (len(got), len(data))
-        # BUG: a CreateMultipartUpload whose reply is lost (reset, truncated, slow) is retried
-        # and starts a second upload; the first is never aborted (_put_path).
+        # A CreateMultipartUpload whose reply is lost (reset, truncated, slow) and is retried
+        # leaves no upload behind: the one whose UploadId never arrived is found and aborted.
         assert direct.storage.list_multipart_uploads(bucket)["Uploads"] == [], (kind, e)
     assert proxy.injected > 0
 
@@ -12425,8 +12424,8 @@ def test_faults_cli_sync(fault_swift: Any, fault_proxy: Any, tmp_path: Any) -> N
     logical = fault_logical(direct, bucket)
     if code == 0:
         assert [k for k in logical if k.startswith("s/")] == sorted("s/" + k for k in files)
-    # BUG: the conditional-write probe (_S3Storage.supports_conditional_writes) stays behind
-    # when its DELETE fails, and client.list_objects_v2 shows it as a user object.
+    # The conditional-write probe (_S3Storage.supports_conditional_writes) never shows as a
+    # user object, even when its DELETE failed.
     assert [k for k in logical if not k.startswith("s/")] == []
     down = tmp_path / "down"
     code2, _o, err2 = run_cli(proxy.url, tmp_path, [*args, "sync", url, str(down)])
@@ -12742,9 +12741,8 @@ def test_concurrent_deletes_racing_uploads(fault_swift: Any, tmp_path: Any) -> N
     for t in threads:
         t.join(120)
     problems = fault_invariants(direct.storage, bucket, orphans_ok=True)
-    # BUG: _DeltaEngine._drop_unused_reference lists the deltaspace, finds no delta, and
-    # deletes reference.bin; a writer's _put_delta stored its delta and re-checked the
-    # reference in between, so its delta is left without a reference (unreadable).
+    # Dropping an unused reference while a writer stores a delta against it never leaves
+    # that delta without its reference (unreadable): every delta keeps the reference it needs.
     assert [
         p for p in problems if "without its reference" in p or "another reference" in p
     ] == [], problems
@@ -12906,9 +12904,8 @@ FAULT_BAD_INPUTS = [
     (["verify", "s3://bkt/missing"], 1, "(NoSuchKey)"),
     (["mv", "s3://bkt/missing", "s3://bkt/other"], 1, "move failed: s3://bkt/missing"),
     (["-r"], 2, "error"),
-    # BUG: every ParamValidationError reaches the user as the bare first line
-    # "Parameter validation failed:" -- the reason is on the second line, which
-    # _Cli.describe_error and main() drop (str(e).splitlines()[0]).
+    # A ParamValidationError shows its reason (the second line of its message), not only
+    # the first line "Parameter validation failed:".
     (["cp", "f.txt", "s3://bad_bucket!/x"], 1, "Invalid bucket name"),
     (["cp", "f.txt", "s3://a..b/x"], 1, "Invalid bucket name"),
     (["mb", "s3://Bad Name"], 1, "Invalid bucket name"),
@@ -12984,9 +12981,8 @@ def test_bad_input_fifo_is_refused_not_read_forever(fault_local: Any, tmp_path: 
     code, r_out, r_err = run_cli(endpoint, tmp_path, ["cp", "-r", str(work), "s3://bkt/tree/"])
     assert code == 2 and "FIFO" in r_err, r_err
     fault_nothing_lost(work, endpoint, tmp_path)
-    # BUG: `cp FIFO s3://...` opens the FIFO and blocks until a writer appears (then stores
-    # whatever it gets); aws s3 refuses it. _Cli.cmd_cp should stat the source and refuse a
-    # non-regular file with the same "Skipping file ... FIFO" line that -r uses.
+    # `cp FIFO s3://...` refuses the FIFO as aws s3 does (the "FIFO" line -r prints too)
+    # instead of blocking until a writer appears and storing whatever it gets.
     assert not hung, "cp of a FIFO blocked reading it"
     assert result and result[0][0] != 0 and "FIFO" in result[0][2], result
 
@@ -13638,10 +13634,8 @@ def test_rm_recursive_with_a_key_xml_cannot_carry(fault_swift: Any, tmp_path: An
     for k in ["z/ok-%d.txt" % i for i in range(3)] + ["z/ctl\x01.txt"]:
         direct.storage.put_object(bucket, k, b"x")
     code, out, err = run_cli(FAULT_SWIFT, tmp_path, ["rm", "-r", "s3://%s/z/" % bucket])
-    # BUG: DeleteObjects sends a key with a control character in XML 1.0, which cannot carry
-    # it: Swift answers MalformedXML and _Cli.delete_keys fails the whole batch of up to 500
-    # keys. Fix: _S3Storage.delete_objects (or delete_keys) should send such keys with a
-    # single DELETE each (or retry a failed batch key by key).
+    # A key with a control character, which XML 1.0 cannot carry in a DeleteObjects body
+    # (Swift answers MalformedXML), is still deleted, and so is the rest of its batch.
     assert fault_stored(direct.storage, bucket, "z/") == [], (code, err)
 
 
