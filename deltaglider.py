@@ -13685,8 +13685,7 @@ class _BodyDigests:
     def __init__(self, headers: Mapping[str, str], payload: str) -> None:
         self._headers = headers
         self._payload = payload
-        self._md5, self._sha = hashlib.md5(), hashlib.sha256()
-        self.size = 0
+        self._hashes = _Hashes(md5=True)
         self._algo: str | None = None
         for name in _CHECKSUMS:
             if ("x-amz-checksum-" + name) in headers or headers.get(
@@ -13695,25 +13694,28 @@ class _BodyDigests:
                 self._algo = name
         self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
 
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
     def update(self, data: bytes) -> None:
-        self.size += len(data)
-        self._md5.update(data)
-        self._sha.update(data)
+        self._hashes.update(data)
         if self._checksum is not None:
             self._checksum.update(data)
 
     def check(self, trailers: Mapping[str, str]) -> _FileInfo:
         """The body's digests once it is all in, each it was sent with checked."""
         h = self._headers
+        info = self._hashes.info()
         if self._payload in _STREAMING_PAYLOADS:
             declared = int(h["x-amz-decoded-content-length"])
-            if self.size != declared:
+            if info.size != declared:
                 raise _S3Reply("IncompleteBody")
-        elif self._payload != _UNSIGNED_PAYLOAD and self._sha.hexdigest() != self._payload:
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
             raise _S3Reply(
                 "XAmzContentSHA256Mismatch",
                 ClientComputedContentSHA256=self._payload,
-                S3ComputedContentSHA256=self._sha.hexdigest(),
+                S3ComputedContentSHA256=info.sha256,
             )
         if "content-md5" in h:
             try:
@@ -13722,7 +13724,7 @@ class _BodyDigests:
                 raise _S3Reply("InvalidDigest") from None
             if len(given) != 16:
                 raise _S3Reply("InvalidDigest")
-            if given != self._md5.digest():
+            if given != bytes.fromhex(info.md5):
                 raise _S3Reply("BadDigest")
         if self._checksum is not None and self._algo is not None:
             algo = self._algo
@@ -13733,7 +13735,7 @@ class _BodyDigests:
                     "BadDigest",
                     "The %s you specified did not match the calculated checksum." % algo.upper(),
                 )
-        return _FileInfo(self._sha.hexdigest(), self._md5.hexdigest(), self.size)
+        return info
 
 
 class _Spooled(NamedTuple):
