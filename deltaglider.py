@@ -13797,7 +13797,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
 # -- multipart uploads ----------------------------------------------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13873,6 +13908,34 @@ class _Uploads:
             meta["path"] = os.path.join(folder, name[: -len(".json")])
             out[int(m.group(1))] = meta
         return out
+
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
 
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
@@ -15178,18 +15241,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15285,48 +15337,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            hashes = _Hashes(md5=True)
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
