@@ -12744,6 +12744,24 @@ def create_client(
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
 
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
+
 #: The gateway's own key pair (clients sign with it); never taken from the command line.
 _ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
 _ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
@@ -13026,7 +13044,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13478,7 +13496,7 @@ class _GatewayAuth:
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13814,7 +13832,7 @@ def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[s
     return params
 
 
-# -- multipart uploads ----------------------------------------------------------------
+# -- multipart uploads: parts on local disk until completed ---------------------------
 
 
 def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
@@ -14002,7 +14020,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -14100,7 +14118,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14338,6 +14356,9 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
     return _xml_doc("ListMultipartUploadsResult", body)
 
 
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14446,6 +14467,9 @@ def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     if meta:
         params["Metadata"] = meta
     return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
 
 
 class _Gateway:
