@@ -5171,7 +5171,7 @@ def test_drift_and_a_bad_first_file_make_new_references(
     assert first["DeltaGliderInfo"]["Operation"] == "create_reference"
     ref = second["DeltaGliderInfo"]["ReferenceKey"]
     assert dg._shared_ref_source(ref) == "q/p/app-1.0.zip"
-    client._engine.cache.clear()
+    client.engine.cache.clear()
     for v, b in enumerate(series):
         assert client.get_object(Bucket=dgbucket, Key="d/app-1.%d.zip" % v)["Body"].read() == b
     for key, b in (
@@ -5466,7 +5466,7 @@ def test_corruption_gives_integrity_error_and_no_output_file(
     data[len(data) // 2] ^= 0x01
     st.put_object(dgbucket, stored, bytes(data), metadata=head["Metadata"])
     logical = {"delta": "k/b.zip", "reference": "k/b.zip", "direct": "k/n.txt"}[target]
-    client._engine.cache.clear()  # a reader with a cold cache
+    client.engine.cache.clear()  # a reader with a cold cache
     fresh = client
     dest = tmp_path / "dest.out"
     dest.write_bytes(b"previous version")
@@ -5474,6 +5474,56 @@ def test_corruption_gives_integrity_error_and_no_output_file(
         fresh.download_file(dgbucket, logical, str(dest))
     assert dest.read_bytes() == b"previous version"  # neither replaced nor truncated
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dg-")] == []
+
+
+@needs_xdelta3
+def test_range_reads_the_same_on_every_kind_of_object(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """One Range parser, S3's reading: an object stored as it is (answered by the local
+    store or by the server) and a delta-stored one (rebuilt by us) give the same answer."""
+    make_zip(tmp_path / "a.zip", 0)
+    data = make_zip(tmp_path / "b.zip", 1)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+    client.storage.put_object(dgbucket, "plain/b.zip", data)  # as any S3 tool writes it
+    client.storage.put_object(dgbucket, "plain/empty", b"")
+    client.storage.head_object(dgbucket, "k/b.zip.delta")  # stored as a delta
+    size = len(data)
+
+    def answer(key: str, spec: str) -> tuple[Any, ...]:
+        try:
+            got = client.get_object(Bucket=dgbucket, Key=key, Range=spec)
+        except dg.ClientError as e:
+            status = e.response["ResponseMetadata"]["HTTPStatusCode"]
+            return ("error", e.response["Error"]["Code"], status)
+        body = got["Body"].read()
+        status = got["ResponseMetadata"]["HTTPStatusCode"]
+        assert got["ContentLength"] == len(body), (key, spec)
+        return (status, got.get("ContentRange"), body)
+
+    whole = (200, None, data)
+    unsatisfiable = ("error", "InvalidRange", 416)
+    for spec, expected in [
+        ("bytes=0-99", (206, "bytes 0-99/%d" % size, data[:100])),
+        ("bytes=100-", (206, "bytes 100-%d/%d" % (size - 1, size), data[100:])),
+        ("bytes=-100", (206, "bytes %d-%d/%d" % (size - 100, size - 1, size), data[-100:])),
+        (
+            "bytes=%d-%d" % (size - 5, size + 99),
+            (206, "bytes %d-%d/%d" % (size - 5, size - 1, size), data[-5:]),
+        ),
+        ("bytes=-%d" % (size + 10), (206, "bytes 0-%d/%d" % (size - 1, size), data)),
+        ("bytes=5-2", whole),  # last < first: ignored (SeaweedFS alone answers 416)
+        ("bytes=0-1,3-4", whole),  # several ranges: ignored (Swift alone sends multipart)
+        ("bytes=abc", whole),
+        ("items=0-1", whole),
+        ("bytes=%d-" % size, unsatisfiable),
+        ("bytes=-0", unsatisfiable),
+    ]:
+        assert answer("plain/b.zip", spec) == expected, spec
+        assert answer("k/b.zip", spec) == expected, spec
+    # Every range of an empty object is unsatisfiable (Swift alone sends it whole).
+    assert answer("plain/empty", "bytes=-3") == unsatisfiable
 
 
 @needs_xdelta3
@@ -5492,7 +5542,7 @@ def test_reference_fetched_at_most_once_for_ten_versions(
     for v in range(10):
         make_zip(tmp_path / ("v%d.zip" % v), v)
         client.upload_file(str(tmp_path / ("v%d.zip" % v)), dgbucket, "ten/v%d.zip" % v)
-    client._engine.cache.clear()  # a new run: the cache on disk is empty
+    client.engine.cache.clear()  # a new run: the cache on disk is empty
     for v in range(10):
         client.download_file(dgbucket, "ten/v%d.zip" % v, str(tmp_path / ("o%d.zip" % v)))
         assert (tmp_path / ("o%d.zip" % v)).read_bytes() == (
@@ -5513,7 +5563,7 @@ def test_cache_is_private_and_shared_between_clients(backend: Backend, tmp_path:
         a.upload_file(str(tmp_path / "a.zip"), bucket, "s/a.zip")
         b = make_client(backend, tmp_path, cache_dir=str(cache))
         b.download_file(bucket, "s/a.zip", str(tmp_path / "out.zip"))
-        assert b._engine.cache.fetches == 0  # served from the cache a filled
+        assert b.engine.cache.fetches == 0  # served from the cache a filled
         for dirpath, _dirnames, filenames in os.walk(str(cache)):
             assert _stat_mod.S_IMODE(os.stat(dirpath).st_mode) == 0o700
             for f in filenames:
@@ -5572,7 +5622,7 @@ def test_upload_rehashes_a_cache_entry_another_process_stamped(tmp_path: Any) ->
     os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
     b = make_client(backend, tmp_path, cache_dir=cache)
     b.upload_file(str(tmp_path / "b.zip"), "bkt", "s/b.zip")
-    assert b._engine.cache.fetches == 1  # the reference came again from the store
+    assert b.engine.cache.fetches == 1  # the reference came again from the store
     fresh = make_client(backend, tmp_path)
     assert fresh.get_object(Bucket="bkt", Key="s/b.zip")["Body"].read() == b_bytes
 
@@ -5615,10 +5665,10 @@ def test_read_heals_a_cache_entry_corrupted_in_place(backend: Backend, tmp_path:
         for reader in (c, other, c):
             (entry,) = _cache_entries(cache)
             _corrupt_in_place(entry)
-            before = reader._engine.cache.fetches
+            before = reader.engine.cache.fetches
             reader.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))
             assert (tmp_path / "out.zip").read_bytes() == b_bytes
-            assert reader._engine.cache.fetches == before + 1  # fetched again, once
+            assert reader.engine.cache.fetches == before + 1  # fetched again, once
             _corrupt_in_place(entry)
             report = reader.verify("s3://%s/k/b.zip" % bucket)
             assert report["valid"], report
@@ -5650,7 +5700,7 @@ def test_read_failure_names_the_real_culprit(
     data[len(data) // 2] ^= 0x01
     st.put_object(dgbucket, stored, bytes(data), metadata=head["Metadata"])
     if damaged == "reference":  # and the cached copy too: only the store can be asked
-        (entry,) = _cache_entries(client._engine.cache.folder)
+        (entry,) = _cache_entries(client.engine.cache.folder)
         _corrupt_in_place(entry)
     dest = tmp_path / "dest.zip"
     with pytest.raises(dg.IntegrityError) as raised:
@@ -5732,7 +5782,7 @@ def test_hostile_delta_stops_at_dg_file_size(backend: Backend, tmp_path: Any, de
         with pytest.raises(dg.IntegrityError, match="more than the %s bytes" % size) as raised:
             c.download_file(bucket, "k/b.zip", str(dest))
         assert "s3://%s/k/b.zip.delta" % bucket in str(raised.value)
-        assert _leftovers(dest.parent, os.path.join(c._engine.cache.folder, "tmp")) == []
+        assert _leftovers(dest.parent, os.path.join(c.engine.cache.folder, "tmp")) == []
         assert c.verify("s3://%s/k/b.zip" % bucket)["valid"] is False
     finally:
         if not c.storage.is_local:
@@ -5774,7 +5824,7 @@ def test_archive_aware_hostile_delta_is_bounded(
         what = "dg-expanded-size" if recorded else "dg-file-size"
         with pytest.raises(dg.IntegrityError, match=r"more than the .*\(%s of " % what):
             reader.download_file(bucket, "z/v1.zip", str(dest))
-        assert _leftovers(dest.parent, os.path.join(reader._engine.cache.folder, "tmp")) == []
+        assert _leftovers(dest.parent, os.path.join(reader.engine.cache.folder, "tmp")) == []
         assert reader.get_object(Bucket=bucket, Key="z/v0.zip")["Body"].read() == versions[0]
     finally:
         if not c.storage.is_local:
@@ -6041,7 +6091,7 @@ def test_eight_concurrent_first_uploads_make_one_reference(
     clients = [make_client(backend, tmp_path, references="folder") for _ in range(8)]
     if not conditional:
         for c in clients:
-            c._engine.storage = IgnoresConditionalWrites(c._engine.storage)
+            c.engine.storage = IgnoresConditionalWrites(c.engine.storage)
     barrier = threading.Barrier(8)
     errors: list[BaseException] = []
 
@@ -6112,20 +6162,20 @@ def test_upload_racing_rm_of_the_last_file_retries_the_reference(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
     a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder's own reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder's own reference.bin
     client.upload_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip")
     racer = make_client(backend, tmp_path)  # a cold cache: it GETs the reference
-    racer._engine.references = dg._REFERENCES_FOLDER
-    racer._engine.storage = RmRacesReads(racer._engine.storage)
+    racer.engine.references = dg._REFERENCES_FOLDER
+    racer.engine.storage = RmRacesReads(racer.engine.storage)
     info = racer.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)["DeltaGliderInfo"]
-    assert racer._engine.storage.raced == 1 and info["Operation"] == "create_reference"
+    assert racer.engine.storage.raced == 1 and info["Operation"] == "create_reference"
     assert stored_keys(client, dgbucket) == ["r/b.zip.delta", "r/reference.bin"]
     assert client.get_object(Bucket=dgbucket, Key="r/b.zip")["Body"].read() == b
     # vanishing again: one message that says what happened, nothing stored
     client.upload_file(str(tmp_path / "a.zip"), dgbucket, "s/a.zip")
     racer = make_client(backend, tmp_path)
-    racer._engine.references = dg._REFERENCES_FOLDER
-    racer._engine.storage = RmRacesReads(racer._engine.storage, every=True)
+    racer.engine.references = dg._REFERENCES_FOLDER
+    racer.engine.storage = RmRacesReads(racer.engine.storage, every=True)
     with pytest.raises(dg.DeltaGliderError) as e:
         racer.put_object(Bucket=dgbucket, Key="s/b.zip", Body=b)
     assert "was deleted twice while this upload was reading it" in str(e.value)
@@ -6188,7 +6238,7 @@ def test_writers_in_sibling_folders_and_a_deleter_at_once(backend: Backend, tmp_
         for key in sorted(set(uploaded) - set(deleted)):
             assert reader.get_object(Bucket=bucket, Key=key)["Body"].read() == data[key], key
         reader.gc(Bucket=bucket)
-        reader._engine.cache.clear()
+        reader.engine.cache.clear()
         for key in sorted(set(uploaded) - set(deleted)):
             assert reader.get_object(Bucket=bucket, Key=key)["Body"].read() == data[key], key
     finally:
@@ -6479,7 +6529,7 @@ def test_recursive_delete_with_subfolders_leaves_nothing_orphaned(
     make_zip(tmp_path / "b.zip", 1)
     for key in ("t/a.zip", "t/b.zip", "t/sub/a.zip", "t/sub/b.zip", "keep/a.zip", "keep/b.zip"):
         client.upload_file(str(tmp_path / key.rsplit("/", 1)[1]), dgbucket, key)
-    client._engine.delete_prefix(dgbucket, "t/")
+    client.engine.delete_prefix(dgbucket, "t/")
     assert stored_keys(client, dgbucket) == [
         "keep/a.zip.delta",
         "keep/b.zip.delta",
@@ -6503,7 +6553,7 @@ def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
 ) -> None:
     """A user's ``app.zip.delta`` is stored as ``app.zip.delta.delta`` (always a delta):
     it never replaces ``app.zip``'s stored form, and each stored name has one logical key."""
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
     app = make_zip(tmp_path / "app.zip", 0)
     other = b"not the delta of app.zip\n" * 500
     client.put_object(Bucket=dgbucket, Key="r/app.zip", Body=app)
@@ -6550,7 +6600,7 @@ def test_user_keys_ending_in_delta_never_collide_with_stored_deltas(
 def test_deleting_a_name_ending_in_reference_bin_never_takes_the_reference(
     backend: Backend, client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
     a, b = make_zip(tmp_path / "a.zip", 0), make_zip(tmp_path / "b.zip", 1)
     client.put_object(Bucket=dgbucket, Key="r/a.zip", Body=a)
     client.put_object(Bucket=dgbucket, Key="r/b.zip", Body=b)
@@ -6576,7 +6626,7 @@ def test_plain_object_beside_our_delta_is_one_object(
     """Another tool writes ``app.zip`` next to our ``app.zip.delta``: one logical object,
     the plain one (what GET serves, as every reader), in listings on any page; deleting
     it removes both stored forms."""
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
     app = make_zip(tmp_path / "app.zip", 0)
     client.put_object(Bucket=dgbucket, Key="p/app.zip", Body=app)
     client.put_object(Bucket=dgbucket, Key="p/app.zip-notes.txt", Body=b"between them")
@@ -6634,7 +6684,7 @@ def test_cli_sync_delete_of_delta_named_files_is_stable(
 def test_interrupted_first_upload_leaves_no_reference(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
     make_zip(tmp_path / "a.zip", 0)
     st = client.storage
     real_put = st.put_object
@@ -6657,12 +6707,12 @@ def test_interrupted_first_upload_leaves_no_reference(
         raise dg._Cancelled("cancelled")
 
     with pytest.raises(dg._Cancelled):
-        client._engine.put_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip", on_bytes=cancel)
+        client.engine.put_file(str(tmp_path / "a.zip"), dgbucket, "r/a.zip", on_bytes=cancel)
     assert stored_keys(client, dgbucket) == []
     # a forced delta of a compressed file: stored as its own reference, not left beside it
     gz = _gzip_mod.compress(os.urandom(5000))
     (tmp_path / "x.gz").write_bytes(gz)
-    client._engine.put_file(str(tmp_path / "x.gz"), dgbucket, "g/x.gz", delta=True)
+    client.engine.put_file(str(tmp_path / "x.gz"), dgbucket, "g/x.gz", delta=True)
     assert stored_keys(client, dgbucket) == ["g/reference.bin", "g/x.gz.delta"]
     assert client.get_object(Bucket=dgbucket, Key="g/x.gz")["Body"].read() == gz
 
@@ -6673,7 +6723,7 @@ def test_cli_ls_stats_rm_rb_deal_with_an_unused_reference(
 ) -> None:
     """A reference without deltas (a crash, another tool): ls says so, stats counts it,
     rm -r of its folder and rb remove it."""
-    client._engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
+    client.engine.references = dg._REFERENCES_FOLDER  # the folder layout: reference.bin
 
     def strand() -> None:
         client.upload_file(str(tmp_path / "a.zip"), dgbucket, "x/a.zip")
@@ -6790,7 +6840,7 @@ def test_deleting_a_reference_by_its_name_takes_nothing(
         client.delete_objects(Bucket=dgbucket, Delete={"Objects": [{"Key": ref}]})
         assert run_cli(backend, tmp_path, ["rm", "s3://%s/%s" % (dgbucket, ref)])[0] == 0
     assert [k for k in stored_keys(client, dgbucket) if k.endswith("reference.bin")] == refs
-    client._engine.cache.clear()
+    client.engine.cache.clear()
     for key in ("own/a.zip", "rel/1.0/a.zip"):
         got = client.get_object(Bucket=dgbucket, Key=key)["Body"].read()
         assert got == (tmp_path / "a.zip").read_bytes()
@@ -6850,7 +6900,7 @@ def test_deleting_versions_in_any_order_never_takes_a_needed_reference(
             client.storage.delete_object(dgbucket, key + ".delta")
             client.storage.delete_object(dgbucket, folder + "reference.bin")
         del files[key]
-        reader._engine.cache.clear()
+        reader.engine.cache.clear()
         for left, data in sorted(files.items()):
             got = reader.get_object(Bucket=dgbucket, Key=left)["Body"].read()
             assert got == data, (seed, step, key, left)
@@ -7414,7 +7464,7 @@ def test_we_write_original_reads(
     tmp_path: pathlib.Path,
     references: str,
 ) -> None:
-    iclient._engine.references = references
+    iclient.engine.references = references
     src = tmp_path / "src"
     files: dict[str, bytes] = {}
     for v, name in enumerate(ZIPS):
@@ -7474,7 +7524,7 @@ def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
     byte-exact by 6.2.0 beside ``app.zip``'s own delta. In a non-ASCII folder (whose
     dg-ref-key is percent-encoded) 6.2.0 reads direct files; a delta there it cannot
     read (its boto3 sends no such key) fails loudly: never other bytes."""
-    iclient._engine.references = dg._REFERENCES_FOLDER  # 6.2.0's own layout
+    iclient.engine.references = dg._REFERENCES_FOLDER  # 6.2.0's own layout
     src = tmp_path / "src"
     files = {
         "d/app.zip": _zip(0),
@@ -7583,7 +7633,7 @@ def test_original_reads_shared_references(
     orig.run("rm", "s3://%s/rel/1.0/app.zip.delta" % ibucket)
     del files["rel/1.0/app.zip"]
     assert [k for k in _stored_keys(iclient, ibucket) if k.endswith("/reference.bin")] == refs
-    iclient._engine.cache.clear()
+    iclient.engine.cache.clear()
     _check_reads(iclient, ibucket, files, tmp_path / "ours")
 
 
@@ -10570,7 +10620,7 @@ def test_parity_presign_parameters(parity_swift: ParityEnv) -> None:
     env = parity_swift
     bucket = env.bucket()
     when = datetime.datetime.now(UTC).replace(microsecond=0)
-    env.dg._engine.storage._now = lambda: when
+    env.dg.engine.storage._now = lambda: when
     put = {
         "Bucket": bucket,
         "Key": "acl.txt",
@@ -12655,7 +12705,7 @@ def test_concurrent_16_writers_one_deltaspace_with_readers(fault_swift: Any, tmp
         c = fault_client(tmp_path)  # its own cache, as another process would have
         # Racing for the folder's one reference.bin (the conditional create): with shared
         # references, writers in other processes that start at once each make their own.
-        c._engine.references = "folder"
+        c.engine.references = "folder"
         try:
             c.upload_file(str(tmp_path / ("v%d.zip" % v)), bucket, "cc/app-%d.zip" % v)
         except BaseException as e:
@@ -12789,7 +12839,7 @@ def test_concurrent_two_syncs_of_one_tree(fault_swift: Any, tmp_path: Any) -> No
 
 def _fault_corrupt_setup(direct: Any, bucket: str, tmp_path: Any) -> None:
     # Each folder its own reference.bin (DG_REFERENCES=folder): one to swap for the other's.
-    direct._engine.references = "folder"
+    direct.engine.references = "folder"
     for v, key in [(0, "k/a.zip"), (1, "k/b.zip"), (5, "o/other.zip")]:
         (tmp_path / ("c%d.zip" % v)).write_bytes(fault_zip_bytes(v))
         direct.upload_file(str(tmp_path / ("c%d.zip" % v)), bucket, key)
@@ -13482,7 +13532,7 @@ def test_a_spooled_body_swapped_on_disk_is_never_stored(
         c.put_object(Bucket=bucket, Key="k/a.zip", Body=make_zip(tmp_path / "a.zip", 0))
         mine = make_zip(tmp_path / "b.zip", 1) if key.endswith(".zip") else b"my text\n" * 999
         theirs = mine[:100] + b"ATTACKER" + mine[108:]
-        tmp_dir = os.path.join(c._engine.cache.folder, "tmp")
+        tmp_dir = os.path.join(c.engine.cache.folder, "tmp")
 
         class Swapping(io.RawIOBase):
             done = False
