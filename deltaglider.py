@@ -13320,6 +13320,38 @@ class _GatewayAuth:
             return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
         if auth is None:
             raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        fields = self._authorization_fields(auth)
+        credential = self._credential(fields["Credential"], "AuthorizationHeaderMalformed")
+        secret = self._secret(credential[0])
+        timestamp = self._request_time(headers, credential[1])
+        payload = self._payload_mode(headers)
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        canonical_query = _canonical_query(query)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=timestamp,
+            signature=fields["Signature"],
+        )
+
+    @staticmethod
+    def _authorization_fields(auth: str) -> dict[str, str]:
+        """Credential, SignedHeaders and Signature of an ``AWS4-HMAC-SHA256`` header."""
         if not auth.startswith(_SIGV4_ALGORITHM + " "):
             raise _S3Reply(
                 "InvalidRequest",
@@ -13333,10 +13365,11 @@ class _GatewayAuth:
                 fields[name] = value
         if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
             raise _S3Reply("AuthorizationHeaderMalformed")
-        access_key, date, region, service = self._credential(
-            fields["Credential"], "AuthorizationHeaderMalformed"
-        )
-        secret = self._secret(access_key)
+        return fields
+
+    def _request_time(self, headers: Mapping[str, str], date: str) -> str:
+        """The signed request's timestamp (X-Amz-Date, else Date), within the allowed skew
+        and on the credential's ``date``."""
         timestamp = headers.get("x-amz-date", "")
         when = _parse_amz_date(timestamp)
         if when is None and headers.get("date"):
@@ -13352,6 +13385,11 @@ class _GatewayAuth:
                 "The authorization header is malformed; Invalid credential date. Date is not "
                 "the same as X-Amz-Date.",
             )
+        return timestamp
+
+    @staticmethod
+    def _payload_mode(headers: Mapping[str, str]) -> str:
+        """x-amz-content-sha256: a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode."""
         payload = headers.get("x-amz-content-sha256")
         if not payload:
             raise _S3Reply(
@@ -13364,20 +13402,29 @@ class _GatewayAuth:
                     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                     "STREAMING-... or a hex SHA-256 of the body",
                 )
-        signed = [h for h in fields["SignedHeaders"].split(";") if h]
-        if "host" not in signed:
-            raise _S3Reply("AccessDenied", "The host header must be signed.")
-        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
-        if unsigned:
-            raise _S3Reply(
-                "AccessDenied",
-                "There were headers present in the request which were not signed",
-                HeadersNotSigned=", ".join(unsigned),
-            )
+        return payload
+
+    def _match_sigv4(
+        self,
+        method: str,
+        raw_path: str,
+        canonical_query: str,
+        headers: Mapping[str, str],
+        signed: list[str],
+        payload: str,
+        *,
+        secret: str,
+        credential: tuple[str, str, str, str],
+        timestamp: str,
+        signature: str,
+    ) -> _Signed:
+        """The request as SigV4 signs it (canonical request, string to sign), for the path
+        as sent and as botocore would quote it: the _Signed request if one matches the
+        ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
         key = _SIGNING_KEYS.get(secret, date, region, service)
-        canonical_query = _canonical_query(query)
         for uri in self._canonical_uri_candidates(raw_path):
             canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
             sts = "\n".join(
@@ -13389,7 +13436,7 @@ class _GatewayAuth:
                 )
             )
             expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, fields["Signature"]):
+            if hmac.compare_digest(expected, signature):
                 return _Signed(access_key, payload, key, timestamp, scope, expected)
         raise _S3Reply(
             "SignatureDoesNotMatch",
@@ -13552,31 +13599,20 @@ class _GatewayAuth:
         signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
         if "host" not in signed:
             raise _S3Reply("AccessDenied", "The host header must be signed.")
-        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
-        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
-        scope = "%s/%s/%s/aws4_request" % (date, region, service)
-        key = _SIGNING_KEYS.get(secret, date, region, service)
-        for uri in self._canonical_uri_candidates(raw_path):
-            canonical = "\n".join(
-                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
-            )
-            sts = "\n".join(
-                (
-                    _SIGV4_ALGORITHM,
-                    q["X-Amz-Date"],
-                    scope,
-                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-                )
-            )
-            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
-                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
-        raise _S3Reply(
-            "SignatureDoesNotMatch",
-            AWSAccessKeyId=access_key,
-            StringToSign=sts,
-            CanonicalRequest=canonical,
+        canonical_query = _canonical_query((k, v) for k, v in query if k != "X-Amz-Signature")
+        credential = (access_key, date, region, service)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=q["X-Amz-Date"],
+            signature=q["X-Amz-Signature"],
         )
 
 
