@@ -14606,7 +14606,6 @@ class _Gateway:
         request_timeout: float = 3600.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         log: IO[str] | None = None,
-        metrics_public: bool = False,
     ) -> None:
         self.client = client
         self.auth = auth
@@ -14614,8 +14613,8 @@ class _Gateway:
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.metrics = _GatewayMetrics()
-        self.metrics_public = metrics_public
-        self._now = now
+        #: the clock of uploads' times and the access log
+        self.now = now
         self._log = log
         self._log_lock = threading.Lock()
         self.spool_dir = os.path.join(state_dir, "spool")
@@ -14826,7 +14825,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 % (
                     self.client_address[0],
                     _printable(self._access_key),
-                    _iso_utc(gw._now())[:19] + "Z",
+                    _iso_utc(gw.now())[:19] + "Z",
                     _printable(str(self.command)),
                     _printable(shown),
                     self._status,
@@ -15417,7 +15416,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
-            "Initiated": _iso_utc(gw._now()),
+            "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
         }
         upload_id = gw.uploads.create(record)
@@ -15448,7 +15447,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.uploads.record(bucket, key, upload_id)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
