@@ -11661,136 +11661,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
-        methods = {
-            "get_object": (
-                "GET",
-                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
-            ),
-            "head_object": ("HEAD", {"Bucket", "Key"} | read),
-            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
-            "delete_object": ("DELETE", {"Bucket", "Key"}),
-            "list_objects_v2": (
-                "GET",
-                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
-            ),
-        }
-        if ClientMethod not in methods:
-            raise ParamValidationError(
-                report="deltaglider presigns %s; not %r"
-                % (", ".join(sorted(methods)), ClientMethod)
-            )
-        method, allowed = methods[ClientMethod]
-        _check_params(ClientMethod, params, allowed)
-        _require(ClientMethod, params, "Bucket")
-        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
-            )
-        storage = self._engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned URLs need an S3 endpoint, not a local store"
-            )
-        bucket, key = params.pop("Bucket"), params.pop("Key", None)
-        query: list[tuple[str, str]] = []
-        # Header parameters are signed headers the URL's user must send, as botocore signs
-        # them; the Response* overrides and list parameters are query parameters.
-        headers: dict[str, str] = {}
-        if ClientMethod == "put_object":
-            headers = _put_headers(params)
-            headers.update(_metadata_headers(params.get("Metadata")))
-            if params.get("ContentMD5") is not None:
-                headers["Content-MD5"] = str(params["ContentMD5"])
-            if params.get("ContentLength") is not None:
-                headers["Content-Length"] = str(params["ContentLength"])
-        elif ClientMethod in ("get_object", "head_object"):
-            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
-            if params.get("Range") is not None:
-                headers["Range"] = str(params["Range"])
-            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
-        if ClientMethod == "get_object" and key is not None:
-            try:
-                lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None  # a URL that answers 404, as boto3's would
-            if lg is not None and lg.kind == _Kind.DELTA:
-                key = self._rehydrate(lg, int(ExpiresIn))
-            for name, value in sorted(params.items()):
-                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
-                if isinstance(value, datetime.datetime):
-                    value = _http_date(value)
-                query.append(("response-" + snake, str(value)))
-        elif ClientMethod == "list_objects_v2":
-            query.append(("list-type", "2"))
-            for name, value in params.items():
-                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return cast(_S3Storage, storage).presign_url(
-            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
-        )
-
-    def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
-        "Presigned URLs of delta-stored files"). One copy per key, content and content
-        type, named after them: a later URL reuses it, and a copy that would expire
-        before the new URL is given the later expiry by a server-side copy onto itself
-        (re-sent only where the server refuses that)."""
-        name = lg.key.rsplit("/", 1)[-1]
-        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
-        tmp_key = "%s%s_%s" % (
-            _PRESIGN_PREFIX,
-            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
-            name,
-        )
-        engine = self._engine
-        storage = engine.storage
-        until = self._now() + datetime.timedelta(seconds=expires)
-        meta = {
-            "dg-expires-at": _iso_utc(until),
-            "dg-original-key": lg.key,
-            "dg-rehydrated": "true",
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-file-sha256": lg.sha256 or "",
-        }
-        headers = {"Content-Type": lg.content_type}
-        try:
-            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            head = None
-        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
-            try:
-                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
-            except ValueError:
-                lives = None
-            if lives is not None and lives >= until:
-                return tmp_key
-            try:
-                storage.copy_object(
-                    lg.bucket,
-                    tmp_key,
-                    lg.bucket,
-                    tmp_key,
-                    metadata={k: _meta_encode(v) for k, v in meta.items()},
-                    metadata_directive="REPLACE",
-                    headers=headers,
-                )
-                return tmp_key
-            except ClientError as e:
-                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
-        os.close(fd)
-        try:
-            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return tmp_key
+        return _presigned_url(self._engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11802,19 +11673,7 @@ class DeltaGliderClient:
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
         storage = self._engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned POSTs need an S3 endpoint, not a local store"
-            )
-        fields = dict(Fields or {})
-        conditions = list(Conditions or [])
-        conditions.append({"bucket": Bucket})
-        if Key.endswith("${filename}"):
-            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
-        else:
-            conditions.append({"key": Key})
-        fields["key"] = Key
-        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
+        return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -12101,7 +11960,7 @@ class DeltaGliderClient:
         lg = self._engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return self._rehydrate(lg, int(ExpiresIn))
+        return _rehydrated_copy(self._engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -12583,6 +12442,190 @@ def _compute_bucket_stats(
             for k, size in sorted(references.items())
         ]
     return stats
+
+
+# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+
+_PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+#: The client methods we presign: their HTTP method and the parameters each takes.
+_PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
+    "get_object": (
+        "GET",
+        frozenset({"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS})
+        | _PRESIGN_READ_PARAMS,
+    ),
+    "head_object": ("HEAD", frozenset({"Bucket", "Key"}) | _PRESIGN_READ_PARAMS),
+    "put_object": ("PUT", frozenset({"Bucket", "Key"}) | _PUT_PARAMS),
+    "delete_object": ("DELETE", frozenset({"Bucket", "Key"})),
+    "list_objects_v2": (
+        "GET",
+        frozenset({"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"}),
+    ),
+}
+
+
+def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
+    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    if client_method not in _PRESIGN_METHODS:
+        raise ParamValidationError(
+            report="deltaglider presigns %s; not %r"
+            % (", ".join(sorted(_PRESIGN_METHODS)), client_method)
+        )
+    method, allowed = _PRESIGN_METHODS[client_method]
+    _check_params(client_method, params, allowed)
+    _require(client_method, params, "Bucket")
+    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+        raise ParamValidationError(
+            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+            % (_PRESIGN_MAX_EXPIRES, expires)
+        )
+    return method
+
+
+def _presign_headers(
+    client_method: str, params: Mapping[str, Any]
+) -> tuple[dict[str, str], Mapping[str, Any]]:
+    """The headers a URL signs (its user must send them, as botocore signs them), and the
+    parameters left for its query: of a read, only the ``Response*`` overrides."""
+    headers: dict[str, str] = {}
+    if client_method == "put_object":
+        headers = _put_headers(params)
+        headers.update(_metadata_headers(params.get("Metadata")))
+        if params.get("ContentMD5") is not None:
+            headers["Content-MD5"] = str(params["ContentMD5"])
+        if params.get("ContentLength") is not None:
+            headers["Content-Length"] = str(params["ContentLength"])
+    elif client_method in ("get_object", "head_object"):
+        headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+        if params.get("Range") is not None:
+            headers["Range"] = str(params["Range"])
+        params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
+    return headers, params
+
+
+def _presigned_url(
+    engine: _DeltaEngine,
+    client_method: str,
+    params: dict[str, Any],
+    expires: int,
+    http_method: str | None,
+    now: Callable[[], datetime.datetime],
+) -> str:
+    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
+    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
+    method = _presign_method(client_method, params, expires)
+    storage = engine.storage
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
+    bucket, key = params.pop("Bucket"), params.pop("Key", None)
+    query: list[tuple[str, str]] = []
+    headers, rest = _presign_headers(client_method, params)
+    if client_method == "get_object" and key is not None:
+        try:
+            lg: _Logical | None = engine.head(bucket, key, "HeadObject")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            lg = None  # a URL that answers 404, as boto3's would
+        if lg is not None and lg.kind == _Kind.DELTA:
+            key = _rehydrated_copy(engine, lg, int(expires), now)
+        for name, value in sorted(rest.items()):
+            snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            query.append(("response-" + snake, str(value)))
+    elif client_method == "list_objects_v2":
+        query.append(("list-type", "2"))
+        for name, value in rest.items():
+            query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+    return cast(_S3Storage, storage).presign_url(
+        http_method or method, bucket, key, query, int(expires), headers
+    )
+
+
+def _rehydrated_copy(
+    engine: _DeltaEngine, lg: _Logical, expires: int, now: Callable[[], datetime.datetime]
+) -> str:
+    """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+    "Presigned URLs of delta-stored files"). One copy per key, content and content
+    type, named after them: a later URL reuses it, and a copy that would expire
+    before the new URL is given the later expiry by a server-side copy onto itself
+    (re-sent only where the server refuses that)."""
+    name = lg.key.rsplit("/", 1)[-1]
+    ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+    tmp_key = "%s%s_%s" % (
+        _PRESIGN_PREFIX,
+        hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+        name,
+    )
+    storage = engine.storage
+    until = now() + datetime.timedelta(seconds=expires)
+    meta = {
+        "dg-expires-at": _iso_utc(until),
+        "dg-original-key": lg.key,
+        "dg-rehydrated": "true",
+        "dg-created-at": _iso_utc(now()),
+        "dg-file-sha256": lg.sha256 or "",
+    }
+    headers = {"Content-Type": lg.content_type}
+    try:
+        head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        head = None
+    if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+        try:
+            lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+        except ValueError:
+            lives = None
+        if lives is not None and lives >= until:
+            return tmp_key
+        try:
+            storage.copy_object(
+                lg.bucket,
+                tmp_key,
+                lg.bucket,
+                tmp_key,
+                metadata={k: _meta_encode(v) for k, v in meta.items()},
+                metadata_directive="REPLACE",
+                headers=headers,
+            )
+            return tmp_key
+        except ClientError as e:
+            logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
+    fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
+    os.close(fd)
+    try:
+        engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+        _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return tmp_key
+
+
+def _presigned_post(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    given_fields: Mapping[str, str] | None,
+    given_conditions: Sequence[Any] | None,
+    expires: int,
+) -> dict[str, Any]:
+    """generate_presigned_post: the policy names the bucket and the key (or, for a key
+    ending in ``${filename}``, the key's start)."""
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned POSTs need an S3 endpoint, not a local store")
+    fields = dict(given_fields or {})
+    conditions = list(given_conditions or [])
+    conditions.append({"bucket": bucket})
+    if key.endswith("${filename}"):
+        conditions.append(["starts-with", "$key", key[: -len("${filename}")]])
+    else:
+        conditions.append({"key": key})
+    fields["key"] = key
+    return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
 
 
 class _StderrHandler(logging.Handler):
