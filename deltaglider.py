@@ -10447,6 +10447,94 @@ def _parse_range(value: str, size: int) -> tuple[int, int]:
     return start, end
 
 
+def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
+    """Write a request body (bytes, str or any file object) to a private temp file;
+    returns its path and the digests of the caller's bytes, taken as they are written,
+    never read back from the file: whatever is uploaded from it is checked against
+    these (signed payload hash, the delta's decode check), so a file changed under us
+    fails the upload instead of storing other bytes."""
+    fd, path = _private_tempfile(engine._tmp_dir(), ".body")
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+
+    def write(f: IO[bytes], data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        md5.update(data)
+        size += len(data)
+        f.write(data)
+
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(body, str):
+                write(f, body.encode("utf-8"))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                write(f, bytes(body))
+            elif hasattr(body, "read"):
+                while True:
+                    chunk = body.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            else:
+                raise ParamValidationError(
+                    report=_type_report(
+                        "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
+                    )
+                )
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _put_object_from_file(
+    engine: _DeltaEngine,
+    path: str,
+    params: Mapping[str, Any],
+    info: _FileInfo | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
+    stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
+    ``info`` holds the digests of the caller's bytes when they were spooled."""
+    # SSE-C: only the customer's key may read it, so no shared reference.
+    delta = False if params.get("SSECustomerKey") is not None else None
+    summary = engine.put_file(
+        path,
+        params["Bucket"],
+        params["Key"],
+        metadata=params.get("Metadata"),
+        headers=_put_headers(params),
+        delta=delta,
+        info=info,
+        on_bytes=on_bytes,
+    )
+    resp = summary.pop("Response")
+    out: dict[str, Any] = {"ETag": summary["ETag"]}
+    for name in ("ServerSideEncryption", "VersionId"):
+        if name in resp:
+            out[name] = resp[name]
+    out["ResponseMetadata"] = _local_metadata(resp)
+    if summary["Operation"]:  # every upload says how it was stored, as 6.x
+        out["DeltaGliderInfo"] = {
+            k: summary[k]
+            for k in (
+                "OriginalSizeMB",
+                "StoredSizeMB",
+                "IsDelta",
+                "CompressionRatio",
+                "SavingsPercent",
+                "StoredAs",
+                "Operation",
+            )
+        }
+        # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+        if summary.get("ReferenceKey"):
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10522,53 +10610,13 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
-        """Write a request body (bytes, str or any file object) to a private temp file;
-        returns its path and the digests of the caller's bytes, taken as they are written,
-        never read back from the file: whatever is uploaded from it is checked against
-        these (signed payload hash, the delta's decode check), so a file changed under us
-        fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
-        size = 0
-
-        def write(f: IO[bytes], data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            md5.update(data)
-            size += len(data)
-            f.write(data)
-
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(body, str):
-                    write(f, body.encode("utf-8"))
-                elif isinstance(body, (bytes, bytearray, memoryview)):
-                    write(f, bytes(body))
-                elif hasattr(body, "read"):
-                    while True:
-                        chunk = body.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-                else:
-                    raise ParamValidationError(
-                        report=_type_report(
-                            "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
-                        )
-                    )
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self._engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10586,53 +10634,9 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return self._put_path(path, kwargs, info)
+            return _put_object_from_file(self._engine, path, kwargs, info)
         finally:
             os.unlink(path)
-
-    def _put_path(
-        self,
-        path: str,
-        params: Mapping[str, Any],
-        info: _FileInfo | None = None,
-        delta: bool | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
-        if params.get("SSECustomerKey") is not None:
-            delta = False  # only the customer's key may read it: no shared reference
-        summary = self._engine.put_file(
-            path,
-            params["Bucket"],
-            params["Key"],
-            metadata=params.get("Metadata"),
-            headers=_put_headers(params),
-            delta=delta,
-            info=info,
-            on_bytes=on_bytes,
-        )
-        resp = summary.pop("Response")
-        out: dict[str, Any] = {"ETag": summary["ETag"]}
-        for name in ("ServerSideEncryption", "VersionId"):
-            if name in resp:
-                out[name] = resp[name]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["Operation"]:  # every upload says how it was stored, as 6.x
-            out["DeltaGliderInfo"] = {
-                k: summary[k]
-                for k in (
-                    "OriginalSizeMB",
-                    "StoredSizeMB",
-                    "IsDelta",
-                    "CompressionRatio",
-                    "SavingsPercent",
-                    "StoredAs",
-                    "Operation",
-                )
-            }
-            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            if summary.get("ReferenceKey"):
-                out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
-        return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -10927,7 +10931,7 @@ class DeltaGliderClient:
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self._engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -11201,7 +11205,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self._engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11229,7 +11233,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = self._spool(Fileobj)
+        path, info = _spool_request_body(self._engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11318,7 +11322,7 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self._engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
                 etag = self._engine.storage.upload_part(
@@ -11364,7 +11368,7 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = self._spool(part)
+            path, info = _spool_request_body(self._engine, part)
         try:
             with open(path, "rb") as f:
                 etag = self._engine.storage.upload_part(
@@ -11418,7 +11422,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self._engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -14938,7 +14942,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = client._put_path(spooled.path, params, spooled.info)
+        result = _put_object_from_file(client._engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -16178,7 +16182,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path, info = self.client._spool(stdin)
+            path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
