@@ -2654,6 +2654,21 @@ class _ConnectionPool:
             c.close()
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 class _BodyReadError(Exception):
     """Reading the request body from the caller's file failed (carries the OSError)."""
 
@@ -2753,6 +2768,139 @@ def _parse_error(
                 snippet,
             )
     return {"Error": error, "ResponseMetadata": meta}
+
+
+# -- one exchange, and when to try again ---------------------------------------
+
+
+def _send_once(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    endpoint_url: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: Any,
+    stream: bool,
+) -> _Response:
+    """One HTTP exchange on a pooled connection to ``key`` (scheme, host, port), its
+    failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
+    connection closed or refused. A local read error of the body is raised as itself
+    (an OSError: not retried as a network one)."""
+    conn, absolute = pool.acquire(*key)
+    target = url
+    if absolute:
+        target = "%s://%s%s" % (key[0], headers["host"], url)
+    try:
+        _write_request(conn, method, target, headers, body)
+        raw = conn.getresponse()
+    except _BodyReadError as e:
+        conn.close()
+        raise e.error from None  # a local read error: not retried as a network one
+    except socket.timeout as e:
+        connected = conn.sock is not None
+        conn.close()
+        if not connected:
+            raise ConnectTimeoutError(endpoint_url=endpoint_url) from e
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except ssl.SSLError as e:
+        conn.close()
+        raise SSLError(endpoint_url=endpoint_url, error=e) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+        raise EndpointConnectionError(endpoint_url=endpoint_url, error=e) from e
+    return _read_response(pool, key, conn, raw, method, stream, endpoint_url)
+
+
+def _write_request(
+    conn: http.client.HTTPConnection, method: str, target: str, headers: dict[str, str], body: Any
+) -> None:
+    """Send the request line, the headers (the proxy's too, for plain http through one) and
+    the body: bytes, or a file read in chunks (its read error becomes a _BodyReadError)."""
+    conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        try:
+            conn.putheader(name, value)
+        except ValueError:  # http.client's message quotes the value: it may be a secret
+            conn.close()
+            raise _header_value_error(name) from None
+    for name, value in getattr(conn, "dg_proxy_headers", {}).items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    if body is None:
+        return
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        conn.send(bytes(body))
+        return
+    while True:
+        try:
+            chunk = body.read(_IO_CHUNK)
+        except OSError as e:
+            raise _BodyReadError(e) from e
+        if not chunk:
+            break
+        conn.send(chunk)
+
+
+def _read_response(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    conn: http.client.HTTPConnection,
+    raw: http.client.HTTPResponse,
+    method: str,
+    stream: bool,
+    endpoint_url: str,
+) -> _Response:
+    """The reply as a _Response: no body for HEAD, 204 and 304; a StreamingBody for a
+    streamed 2xx reply (it gives the connection back to the pool once read or closed);
+    otherwise the whole body, bounded, and checked against its Content-Length. The
+    connection is reused only after a complete reply."""
+    resp_headers = _response_headers(raw)
+    status = raw.status
+    if method == "HEAD" or status in (204, 304):
+        raw.read()
+        pool.release(key, conn, not raw.will_close)
+        return _Response(status, raw.reason, resp_headers, b"", 1)
+    clen_text = resp_headers.get("content-length")
+    clen = int(clen_text) if clen_text and clen_text.isdigit() else None
+    if stream and status < 300:
+
+        def on_close(reusable: bool) -> None:
+            pool.release(key, conn, reusable and not raw.will_close)
+
+        body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=endpoint_url)
+        return _Response(status, raw.reason, resp_headers, body_out, 1)
+    try:
+        data = _read_reply(raw, endpoint_url)
+    except _ReplyTooLarge as e:
+        conn.close()
+        raise ResponseParserError(endpoint_url=endpoint_url, status=status, reason=str(e)) from None
+    except socket.timeout as e:
+        conn.close()
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+    if clen is not None and len(data) != clen:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url)
+    pool.release(key, conn, not raw.will_close)
+    return _Response(status, raw.reason, resp_headers, data, 1)
+
+
+def _retryable(status: int, code: str) -> bool:
+    """Whether an error reply is tried again (botocore's standard mode): HTTP 500, 502,
+    503, 504 and 429, and the throttling and transient codes of _RETRYABLE_CODES.
+    Connection errors and timeouts are always tried again."""
+    return status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+
+
+def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
+    exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
+    return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
 
 
 ###############################################################################
@@ -2976,21 +3124,6 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _header_value_error(name: str) -> ParamValidationError:
-    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
-    never the value, which may be a secret. Both back ends raise it, so the local store
-    refuses what an S3 server could never be sent."""
-    return ParamValidationError(
-        report="the %s header has a line break or another character HTTP does not allow "
-        "(the value is not shown)" % name
-    )
-
-
-def _check_header_value(name: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise _header_value_error(name)
-
-
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
     headers: dict[str, str] = {}
@@ -3012,6 +3145,64 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
             report="user metadata is %d bytes; S3 allows at most %d" % (size, _MAX_METADATA_BYTES)
         )
     return headers
+
+
+class _RangeNotSatisfiable(ValueError):
+    """A Range that S3 answers with 416 InvalidRange: it starts at or past the end of the
+    object (every range of an empty object does), or asks for its last 0 bytes."""
+
+    def __init__(self, spec: str, size: int) -> None:
+        super().__init__("the range %r of a %d-byte object is not satisfiable" % (spec, size))
+        self.spec = spec
+        self.size = size
+
+    def client_error(self, operation: str) -> ClientError:
+        """The error boto3 raises for S3's 416 reply (AWS names the range and the size)."""
+        error = {
+            "Code": "InvalidRange",
+            "Message": "The requested range is not satisfiable",
+            "RangeRequested": self.spec,
+            "ActualObjectSize": str(self.size),
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}})
+        return _client_error({"Error": error, "ResponseMetadata": meta}, operation)
+
+
+def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last byte) that a Range header asks of an object of ``size`` bytes, as S3
+    reads it: ``bytes=a-b`` (``b`` past the end means the end), ``bytes=a-``, ``bytes=-n``
+    (the last ``n`` bytes). None for a header S3 ignores, answering with the whole object:
+    none, malformed, another unit, several ranges, or ``b < a`` (RFC 9110 14.1.1).
+    Raises :class:`_RangeNotSatisfiable` where S3 answers 416. The one Range parser:
+    the local store, and the client for delta-stored and plain objects alike, use it."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec or "")
+    if not spec or not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if not suffix or not size:
+            raise _RangeNotSatisfiable(spec, size)
+        return max(0, size - suffix), size - 1
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and last < first:
+        return None
+    if first >= size:
+        raise _RangeNotSatisfiable(spec, size)
+    return first, min(last, size - 1)
+
+
+def _range_to_send(spec: str | None, size: int) -> str | None:
+    """The Range header that makes any server answer ``spec`` on a stored object of
+    ``size`` bytes as :func:`_byte_range` reads it (SeaweedFS refuses ``bytes=5-2``, Swift
+    answers several ranges as multipart/byteranges and ``bytes=-3`` of an empty object
+    with 200): None for the whole object, and ``bytes=<size>-`` where S3 answers 416,
+    which every server refuses so, after its own precondition checks (412 and 304 first)."""
+    try:
+        span = _byte_range(spec, size)
+    except _RangeNotSatisfiable:
+        return "bytes=%d-" % size
+    return None if span is None else "bytes=%d-%d" % span
 
 
 def _pages(
@@ -3055,6 +3246,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
+###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
 
@@ -3240,22 +3432,20 @@ class _S3Storage:
         body: Any = None,
         content_sha256: str | None = None,
         stream: bool = False,
-        ok_statuses: tuple[int, ...] = (),
     ) -> _Response:
         """Send one S3 request with retries; raise ClientError for an error reply.
 
-        Each attempt re-signs (new timestamp) and rewinds the body. Retried: connection
-        errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
-        mode), with full-jitter exponential backoff capped at 20 s."""
+        Each attempt re-signs (new timestamp) and rewinds the body. What is tried again
+        and how long to wait: :func:`_retryable` and :func:`_retry_delay` (botocore's
+        standard mode); a reply naming the bucket's region is followed once."""
         query = list(query or [])
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
             if not getattr(body, "seekable", lambda: False)():
                 body = _spool(body)  # SigV4 needs the payload's hash, S3 a length, retries a rewind
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
-        seekable = (
-            start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
-        )
         length = _body_length(body)
+        assert length is not None  # every body left is bytes or seekable: its length is known
+        content_length = str(length) if body is not None or method in ("PUT", "POST") else None
         payload_hash = self._payload_hash(body, content_sha256)
         redirected = False
         attempt = 0
@@ -3263,31 +3453,21 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            # Connect to the host the request is signed for: the bucket's virtual host, or
-            # the regional endpoint a redirect named.
-            host, netloc, path = self._target(bucket, key)
-            send_headers = {"host": netloc}
-            send_headers.update(headers or {})
-            if length is not None and (body is not None or method in ("PUT", "POST")):
-                send_headers["Content-Length"] = str(length)
-            signer = self._signer(bucket)
-            if signer is not None:
-                signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
-            url = path
-            if query:
-                # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
-                url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
-            error: BaseException | None = None
-            resp: _Response | None = None
+            host, url, send_headers = self._signed(
+                method, bucket, key, query, headers, content_length, payload_hash
+            )
+            pool_key = (self._scheme, host, self._port)
             try:
-                resp = self._send_once(
-                    host, method, url, send_headers, body, length, stream, ok_statuses
+                resp = _send_once(
+                    self._pool, pool_key, self.endpoint_url, method, url, send_headers, body, stream
                 )
             except (ReadTimeoutError, EndpointConnectionError) as e:
-                error = e
-            if resp is not None:
+                if attempt >= self._max_attempts:
+                    raise
+                logger.debug("%s: %s, retrying", operation, e)
+            else:
                 resp = resp._replace(attempts=attempt)
-                if resp.status < 300 or resp.status in ok_statuses:
+                if resp.status < 300:
                     return resp
                 err = _parse_error(
                     resp.status, resp.reason, resp.headers, resp.body, self.endpoint_url
@@ -3301,18 +3481,39 @@ class _S3Storage:
                     self._bucket_regions[bucket] = new_region
                     attempt -= 1
                     continue
-                retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
-                if not retryable or attempt >= self._max_attempts or not seekable:
+                retryable = _retryable(resp.status, code)
+                if not retryable or attempt >= self._max_attempts:
                     if retryable and attempt >= self._max_attempts > 1:
                         err["ResponseMetadata"]["MaxAttemptsReached"] = True
                     raise _client_error(err, operation)
                 logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
-            else:
-                assert error is not None
-                if attempt >= self._max_attempts or not seekable:
-                    raise error
-                logger.debug("%s: %s, retrying", operation, error)
-            self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
+            self._sleep(_retry_delay(attempt, self._rand))
+
+    def _signed(
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str] | None,
+        content_length: str | None,
+        payload_hash: str,
+    ) -> tuple[str, str, dict[str, str]]:
+        """One attempt's host to connect to, request target and headers, signed anew (a new
+        timestamp): for the bucket's virtual host, or the regional endpoint a redirect named."""
+        host, netloc, path = self._target(bucket, key)
+        send_headers = {"host": netloc}
+        send_headers.update(headers or {})
+        if content_length is not None:
+            send_headers["Content-Length"] = content_length
+        signer = self._signer(bucket)
+        if signer is not None:
+            signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
+        url = path
+        if query:
+            # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
+            url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
+        return host, url, send_headers
 
     def _redirect_region(self, resp: _Response, err: dict[str, Any]) -> str | None:
         """The bucket's region when S3 says we asked the wrong one (botocore
@@ -3327,106 +3528,6 @@ class _S3Storage:
             return None
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
-
-    def _send_once(
-        self,
-        host: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: Any,
-        length: int | None,
-        stream: bool,
-        ok_statuses: tuple[int, ...],
-    ) -> _Response:
-        key = (self._scheme, host, self._port)
-        conn, absolute = self._pool.acquire(*key)
-        target = url
-        if absolute:
-            target = "%s://%s%s" % (self._scheme, headers["host"], url)
-        try:
-            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers.items():
-                try:
-                    conn.putheader(name, value)
-                except ValueError:  # http.client's message quotes the value: it may be a secret
-                    conn.close()
-                    raise _header_value_error(name) from None
-            for name, value in getattr(conn, "dg_proxy_headers", {}).items():
-                conn.putheader(name, value)
-            if length is None and body is not None:
-                conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            if body is not None:
-                if isinstance(body, (bytes, bytearray, memoryview)):
-                    conn.send(bytes(body))
-                else:
-                    while True:
-                        try:
-                            chunk = body.read(_IO_CHUNK)
-                        except OSError as e:
-                            raise _BodyReadError(e) from e
-                        if not chunk:
-                            break
-                        if length is None:
-                            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        else:
-                            conn.send(chunk)
-                    if length is None:
-                        conn.send(b"0\r\n\r\n")
-            raw = conn.getresponse()
-        except _BodyReadError as e:
-            conn.close()
-            raise e.error from None  # a local read error: not retried as a network one
-        except socket.timeout as e:
-            connected = conn.sock is not None
-            conn.close()
-            if not connected:
-                raise ConnectTimeoutError(endpoint_url=self.endpoint_url) from e
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except ssl.SSLError as e:
-            conn.close()
-            raise SSLError(endpoint_url=self.endpoint_url, error=e) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if isinstance(
-                e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-            ):
-                raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-            raise EndpointConnectionError(endpoint_url=self.endpoint_url, error=e) from e
-        resp_headers = _response_headers(raw)
-        status = raw.status
-        if method == "HEAD" or status in (204, 304):
-            raw.read()
-            self._pool.release(key, conn, not raw.will_close)
-            return _Response(status, raw.reason, resp_headers, b"", 1)
-        clen_text = resp_headers.get("content-length")
-        clen = int(clen_text) if clen_text and clen_text.isdigit() else None
-        if stream and (status < 300 or status in ok_statuses):
-
-            def on_close(reusable: bool) -> None:
-                self._pool.release(key, conn, reusable and not raw.will_close)
-
-            body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
-            return _Response(status, raw.reason, resp_headers, body_out, 1)
-        try:
-            data = _read_reply(raw, self.endpoint_url)
-        except _ReplyTooLarge as e:
-            conn.close()
-            raise ResponseParserError(
-                endpoint_url=self.endpoint_url, status=status, reason=str(e)
-            ) from None
-        except socket.timeout as e:
-            conn.close()
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-        if clen is not None and len(data) != clen:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url)
-        self._pool.release(key, conn, not raw.will_close)
-        return _Response(status, raw.reason, resp_headers, data, 1)
 
     def _xml(self, resp: _Response) -> ET.Element:
         try:
@@ -4038,6 +4139,7 @@ class _S3Storage:
         return self._conditional_multipart
 
 
+###############################################################################
 # Storage: a local directory ##################################################
 ###############################################################################
 
@@ -4542,22 +4644,6 @@ class _LocalStorage:
             out["x-amz-tagging-count"] = str(len(tags))
         return out
 
-    @staticmethod
-    def _byte_range(spec: str, size: int) -> tuple[int, int] | None:
-        """(first, last) of ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``; None for a header
-        S3 ignores (malformed, several ranges); (-1, -1) when unsatisfiable (RFC 7233)."""
-        m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec)
-        if not m or not (m.group(1) or m.group(2)):
-            return None
-        if not m.group(1):
-            suffix = int(m.group(2))
-            return (max(0, size - suffix), size - 1) if suffix and size else (-1, -1)
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) else size - 1
-        if m.group(2) and last < first:
-            return None
-        return (first, min(last, size - 1)) if first < size else (-1, -1)
-
     def _read(
         self, operation: str, bucket: str, key: str, spec: str | None, headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], int, dict[str, str], IO[bytes] | None, int, int]:
@@ -4590,19 +4676,20 @@ class _LocalStorage:
         size = int(record["size"])
         out = self._response_headers(record)
         first, length, status = 0, size, 200
-        span = self._byte_range(spec, size) if spec else None
+        try:
+            span = _byte_range(spec, size)
+        except _RangeNotSatisfiable as e:
+            if f is not None:
+                f.close()
+            raise self._error(
+                operation,
+                416,
+                "InvalidRange",
+                head=head,
+                RangeRequested=e.spec,
+                ActualObjectSize=str(size),
+            ) from None
         if span is not None:
-            if span[0] < 0:
-                if f is not None:
-                    f.close()
-                raise self._error(
-                    operation,
-                    416,
-                    "InvalidRange",
-                    head=head,
-                    RangeRequested=spec or "",
-                    ActualObjectSize=str(size),
-                )
             first, length, status = span[0], span[1] - span[0] + 1, 206
             out["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
             out["content-length"] = str(length)
@@ -10432,27 +10519,6 @@ class _LimitedReader:
         self._f.close()
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → (start, end inclusive), as S3 reads it."""
-    m = re.match(r"^bytes=(\d*)-(\d*)$", value.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        raise ParamValidationError(report="Invalid Range %r: expected bytes=start-end" % value)
-    if not m.group(1):
-        n = int(m.group(2))
-        start, end = max(0, size - n), size - 1
-    else:
-        start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-        end = min(end, size - 1)
-    if start >= size or start > end:
-        resp = {
-            "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
-            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}}),
-        }
-        raise ClientError(resp, "GetObject")
-    return start, end
-
-
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10710,6 +10776,10 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "GetObject")
+            try:
+                span = _byte_range(kwargs.get("Range"), size)
+            except _RangeNotSatisfiable as e:
+                raise e.client_error("GetObject") from None
             fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
             os.close(fd)
             try:
@@ -10720,8 +10790,8 @@ class DeltaGliderClient:
             start, end = 0, size - 1
             meta = _local_metadata(lg.head)
             headers = dict(meta.get("HTTPHeaders") or {})
-            if kwargs.get("Range"):
-                start, end = _parse_range(kwargs["Range"], size)
+            if span is not None:
+                start, end = span
                 out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
                 headers["content-range"] = out["ContentRange"]
                 status = 206
@@ -10737,10 +10807,11 @@ class DeltaGliderClient:
                 if value is not None:
                     when = _timestamp_param(value) if name == "ResponseExpires" else None
                     query.append((field, _http_date(when) if when else str(value)))
+            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
             resp = engine.storage.get_object(
                 bucket,
                 lg.stored_key,
-                range=kwargs.get("Range"),
+                range=sent_range,
                 headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
                 query=query,
             )
@@ -10749,7 +10820,7 @@ class DeltaGliderClient:
                 if name in resp:
                     out[name] = resp[name]
             body = resp["Body"]
-            if not kwargs.get("Range") and lg.sha256:
+            if sent_range is None and lg.sha256:
                 body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
             out["Body"] = body
             meta = _local_metadata(resp)
@@ -12757,6 +12828,24 @@ def create_client(
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
 
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
+
 #: The gateway's own key pair (clients sign with it); never taken from the command line.
 _ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
 _ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
@@ -13039,7 +13128,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13491,7 +13580,7 @@ class _GatewayAuth:
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13690,6 +13779,67 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._hashes = _Hashes(md5=True)
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def update(self, data: bytes) -> None:
+        self._hashes.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        info = self._hashes.info()
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if info.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=info.sha256,
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != bytes.fromhex(info.md5):
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return info
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -13749,7 +13899,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
-# -- multipart uploads ----------------------------------------------------------------
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- multipart uploads: parts on local disk until completed ---------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13826,6 +14011,34 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
+
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
@@ -13891,7 +14104,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -13989,7 +14202,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14227,6 +14440,9 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
     return _xml_doc("ListMultipartUploadsResult", body)
 
 
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14284,6 +14500,60 @@ _RESPONSE_OVERRIDES = (
     ("response-content-type", "Content-Type"),
     ("response-expires", "Expires"),
 )
+
+
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
 
 
 class _Gateway:
@@ -14615,13 +14885,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_browser_post(self, bucket: str) -> None:
         """Signed by its policy, inside the form: the body is read before anything
         authenticates it, so only a share of the workers may be doing that at once."""
-        if not self.server.anonymous_bodies.acquire(blocking=False):
+        if not self.server.anonymous_bodies.take():
             self.close_connection = True
             raise _S3Reply("SlowDown")
         try:
             self._post_object(bucket)
         finally:
-            self.server.anonymous_bodies.release()
+            self.server.anonymous_bodies.give_back()
 
     def _refuse_unsupported(self, kind: str) -> None:
         """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
@@ -14753,66 +15023,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
@@ -14927,30 +15155,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- objects ------------------------------------------------------------------
 
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
-
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
         client = self.server.gateway.client
@@ -14972,18 +15176,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
-                if rng and "partNumber" not in self._q:
-                    start, end = _parse_range(rng, size)
+                try:
+                    span = None if "partNumber" in self._q else _byte_range(rng, size)
+                except _RangeNotSatisfiable as e:
+                    raise e.client_error("HeadObject") from None
+                if span is not None:
+                    start, end = span
                     headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
                     headers["Content-Length"] = str(end - start + 1)
                     return self._send(206, headers=headers, content_type=None)
@@ -14995,7 +15203,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -15013,30 +15221,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise
         finally:
             body.close()
-
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
 
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
@@ -15068,7 +15252,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15107,7 +15291,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15169,18 +15353,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15203,7 +15376,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
@@ -15276,48 +15449,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            hashes = _Hashes(md5=True)
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
@@ -15330,6 +15473,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -15366,7 +15531,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first
@@ -15858,6 +16023,27 @@ class _Cli:
 
     # -- cp / mv ------------------------------------------------------------------
 
+    def transfer_one(
+        self, verb: str, src: str, dst: str, work: Callable[[], Mapping[str, Any] | None]
+    ) -> None:
+        """The one per-file driver of cp, mv, sync and migrate: ``work`` transfers one file
+        and returns the engine's summary (for the line's delta note), or None. Prints the
+        line once the file is stored, or counts and prints its failure; with --dryrun it
+        prints what would happen instead. A cancellation (Ctrl-C) goes on up."""
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
+            return
+        try:
+            summary = work()
+            self.settled()
+            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+        finally:
+            self.file_done()
+
     def upload_one(
         self,
         path: str,
@@ -15866,12 +16052,9 @@ class _Cli:
         verb: str = "upload",
         existing: Container[str] | None = None,
     ) -> None:
-        dest = "s3://%s/%s" % (bucket, key)
-        shown = _display_path(path)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, shown, dest))
-            return
-        try:
+        """Store a local file at s3://bucket/key; mv then removes the file."""
+
+        def work() -> dict[str, Any]:
             extra = self.put_args()
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
@@ -15892,14 +16075,9 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, shown, dest, self.describe_error(e)))
-        finally:
-            self.file_done()
+            return summary
+
+        self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
 
     def put_args(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -15926,8 +16104,10 @@ class _Cli:
         mtime: Any = None,
         root: str | None = None,
     ) -> None:
-        """``root``: the destination folder of a recursive download or sync, which
-        nothing may be written outside of, even through a symlink inside it."""
+        """Write s3://bucket/key (rebuilt, verified) to a local path, with its recorded
+        mtime; mv then deletes the object. ``root``: the destination folder of a recursive
+        download or sync, which nothing may be written outside of, even through a symlink
+        inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
         if root is not None and _leads_outside(root, path):
@@ -15937,10 +16117,8 @@ class _Cli:
             )
             self.file_done()
             return
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
-            return
-        try:
+
+        def work() -> None:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
             lg = self.client.engine.get_to_file(bucket, key, path)
@@ -15950,27 +16128,16 @@ class _Cli:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
                 self.client.engine.delete(bucket, key)
-            self.settled()
-            self.line("%s: %s to %s" % (verb, src, shown))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, shown, self.describe_error(e)))
-        finally:
-            self.file_done()
+
+        self.transfer_one(verb, src, shown, work)
 
     def copy_one(self, sb: str, sk: str, db: str, dk: str, verb: str = "copy") -> None:
-        src, dst = "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
-            return
-        try:
+        """Copy s3://sb/sk to s3://db/dk through a local temporary file (rebuilt, then
+        stored in the destination's layout); mv then deletes the source."""
+
+        def work() -> dict[str, Any]:
             engine = self.client.engine
-            lg = engine.head(sb, sk, "HeadObject")
-            fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
-            os.close(fd)
-            try:
-                engine.get_to_file(sb, sk, tmp, logical=lg)
+            with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
                 params = dict(self.put_args())
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
@@ -15983,19 +16150,28 @@ class _Cli:
                     headers=_put_headers(params),
                     delta=delta,
                 )
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+            return summary
+
+        self.transfer_one(verb, "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk), work)
+
+    @contextlib.contextmanager
+    def fetched(
+        self, source: DeltaGliderClient, bucket: str, key: str, suffix: str
+    ) -> Iterator[tuple[str, _Logical]]:
+        """An object of ``source`` rebuilt into a private temporary file, with its logical
+        head, for copies between buckets or stores; the file is removed afterwards."""
+        engine = source.engine
+        lg = engine.head(bucket, key, "HeadObject")
+        fd, tmp = _private_tempfile(self.client.engine.tmp_dir(), suffix)
+        os.close(fd)
+        try:
+            engine.get_to_file(bucket, key, tmp, logical=lg)
+            yield tmp, lg
         finally:
-            self.file_done()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
@@ -16076,6 +16252,8 @@ class _Cli:
             yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
+        """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
+        it or between buckets; ``-`` streams stdin or stdout."""
         src, dst = self.args.source, self.args.dest
         src_s3, dst_s3 = src.startswith("s3://"), dst.startswith("s3://")
         if not src_s3 and not dst_s3:
@@ -16084,81 +16262,85 @@ class _Cli:
             )
         if src == "-" or dst == "-":
             return self.cp_stream(src, dst)
-        recursive = getattr(self.args, "recursive", False)
         if src_s3 and dst_s3:
-            sb, sk = _parse_s3_url(src)
-            db, dk = _parse_s3_url(dst)
-            command = "mv" if move else "cp"
-            if not recursive:
-                if not dk or dk.endswith("/"):
-                    dk += sk.rsplit("/", 1)[-1]
-                _refuse_onto_itself(command, sb, db, [(sk, dk)])
-                self.copy_one(sb, sk, db, dk, "move" if move else "copy")
-                return self.exit_code()
-            prefix = sk if not sk or sk.endswith("/") else sk + "/"
-            dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-            filters = self.filters()
-            pairs = [
-                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
-                for obj in self.list_logical(sb, prefix)
-                if filters.included(obj["Key"][len(prefix) :])
-            ]
-            _refuse_onto_itself(command, sb, db, pairs)
-            tasks: list[Callable[[], None]] = [
-                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
-                for s_key, d_key in pairs
-            ]
-            self.run_tasks(tasks, 0)
-            return self.exit_code()
-        if dst_s3:
-            bucket, key = _parse_s3_url(dst)
-            if os.path.isdir(src):
-                if not recursive:
-                    raise _FatalError(
-                        "upload failed: %s to %s Need to use --recursive to upload a directory"
-                        % (_display_path(src), dst)
-                    )
-                prefix = key if not key or key.endswith("/") else key + "/"
-                filters = self.filters()
-                tasks = []
-                total = 0
-                existing = self.stored_keys(bucket, prefix)
-                for path, rel in self.local_files(src):
-                    if filters.included(rel):
-                        total += os.path.getsize(path)
-                        tasks.append(
-                            functools.partial(
-                                self.upload_one,
-                                path,
-                                bucket,
-                                prefix + rel,
-                                "move" if move else "upload",
-                                existing,
-                            )
-                        )
-                self.run_tasks(tasks, total)
-                return self.exit_code()
-            if not os.path.exists(src):
-                raise _FatalError("The user-provided path %s does not exist." % src)
-            if not stat.S_ISREG(os.stat(src).st_mode):
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % src
+            self.cp_between(src, dst, move)
+        elif dst_s3:
+            self.cp_up(src, dst, move)
+        else:
+            self.cp_down(src, dst, move)
+        return self.exit_code()
+
+    def cp_between(self, src: str, dst: str, move: bool) -> None:
+        """S3 to S3: a key, or every key under a prefix, copied with copy_one. A copy onto
+        itself, or onto a key the same run still has to read, is refused before any work."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        command, verb = ("mv", "move") if move else ("cp", "copy")
+        if not getattr(self.args, "recursive", False):
+            if not dk or dk.endswith("/"):
+                dk += sk.rsplit("/", 1)[-1]
+            _refuse_onto_itself(command, sb, db, [(sk, dk)])
+            self.copy_one(sb, sk, db, dk, verb)
+            return
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        pairs = [
+            (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+            for obj in self.list_logical(sb, prefix)
+            if filters.included(obj["Key"][len(prefix) :])
+        ]
+        _refuse_onto_itself(command, sb, db, pairs)
+        tasks: list[Callable[[], None]] = [
+            functools.partial(self.copy_one, sb, s_key, db, d_key, verb) for s_key, d_key in pairs
+        ]
+        self.run_tasks(tasks, 0)
+
+    def cp_up(self, src: str, dst: str, move: bool) -> None:
+        """Local to S3: a file, or with --recursive every file under a folder (in key
+        order, --exclude/--include applied), each stored with upload_one."""
+        bucket, key = _parse_s3_url(dst)
+        verb = "move" if move else "upload"
+        if os.path.isdir(src):
+            if not getattr(self.args, "recursive", False):
+                raise _FatalError(
+                    "upload failed: %s to %s Need to use --recursive to upload a directory"
+                    % (_display_path(src), dst)
                 )
-                return self.exit_code()
-            if not key or key.endswith("/"):
-                key += os.path.basename(src)
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.upload_one, src, bucket, key, "move" if move else "upload"
+            prefix = key if not key or key.endswith("/") else key + "/"
+            filters = self.filters()
+            tasks: list[Callable[[], None]] = []
+            total = 0
+            existing = self.stored_keys(bucket, prefix)
+            for path, rel in self.local_files(src):
+                if filters.included(rel):
+                    total += os.path.getsize(path)
+                    tasks.append(
+                        functools.partial(
+                            self.upload_one, path, bucket, prefix + rel, verb, existing
+                        )
                     )
-                ],
-                os.path.getsize(src),
+            self.run_tasks(tasks, total)
+            return
+        if not os.path.exists(src):
+            raise _FatalError("The user-provided path %s does not exist." % src)
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            self.warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % src
             )
-            return self.exit_code()
+            return
+        if not key or key.endswith("/"):
+            key += os.path.basename(src)
+        task = functools.partial(self.upload_one, src, bucket, key, verb)
+        self.run_tasks([task], os.path.getsize(src))
+
+    def cp_down(self, src: str, dst: str, move: bool) -> None:
+        """S3 to local: a key, or with --recursive every key under a prefix, each written
+        with download_one; a key that would land outside the folder is skipped."""
         bucket, key = _parse_s3_url(src)
-        if not recursive:
+        verb = "move" if move else "download"
+        if not getattr(self.args, "recursive", False):
             if not key or key.endswith("/"):
                 raise _FatalError(
                     "download failed: %s to %s An S3 key is needed (use --recursive for a prefix)"
@@ -16167,18 +16349,11 @@ class _Cli:
             path = dst
             if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
                 path = os.path.join(dst, key.rsplit("/", 1)[-1])
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.download_one, bucket, key, path, "move" if move else "download"
-                    )
-                ],
-                0,
-            )
-            return self.exit_code()
+            self.run_tasks([functools.partial(self.download_one, bucket, key, path, verb)], 0)
+            return
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        tasks = []
+        tasks: list[Callable[[], None]] = []
         for obj in self.list_logical(bucket, prefix):
             rel = obj["Key"][len(prefix) :]
             safe = _safe_relative(rel)
@@ -16189,18 +16364,11 @@ class _Cli:
                 )
                 continue
             if filters.included(rel):
+                path = os.path.join(dst, safe)
                 tasks.append(
-                    functools.partial(
-                        self.download_one,
-                        bucket,
-                        obj["Key"],
-                        os.path.join(dst, safe),
-                        "move" if move else "download",
-                        root=dst,
-                    )
+                    functools.partial(self.download_one, bucket, obj["Key"], path, verb, root=dst)
                 )
         self.run_tasks(tasks, 0)
-        return self.exit_code()
 
     def cp_stream(self, src: str, dst: str) -> int:
         """``-`` as source (stdin) or destination (stdout); only errors are printed."""
@@ -16728,14 +16896,56 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.client
+        source = self.migrate_source()
+        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        if _store_identity(source) == _store_identity(self.client):
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
+        if self.dry():
+            self.migrate_dry_run(sb, db, todo)
+            return EXIT_OK
+        present: dict[str, int] = {}
+        for item in self.list_logical(db, dprefix, fetch=True):
+            present[item["Key"]] = int(item["Size"])
+        skipped = [t for t in todo if present.get(t[1]) == t[2]]
+        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        total = sum(t[2] for t in todo)
+        stored: list[int] = []  # each file's stored size (list.append is atomic)
+        self.run_tasks(
+            [functools.partial(self.migrate_one, source, sb, db, *t, stored) for t in todo], total
+        )
+        saved = (1 - sum(stored) / total) * 100 if total else 0.0
+        self.line(
+            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
+            % (
+                len(todo) - self.failed,
+                _human_size(total),
+                _human_size(sum(stored)),
+                saved,
+                len(skipped),
+                self.failed,
+            )
+        )
+        return self.exit_code()
+
+    def migrate_source(self) -> DeltaGliderClient:
+        """The client migrate reads from: this run's, or another store's with
+        --source-endpoint-url / --source-profile."""
         if self.args.source_endpoint_url or self.args.source_profile:
-            source = create_client(
+            return create_client(
                 endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
                 profile_name=self.args.source_profile or self.args.profile,
                 region_name=self.args.region,
                 environ=self.environ,
             )
+        return self.client
+
+    def migrate_plan(
+        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
+    ) -> list[tuple[str, str, int]]:
+        """(source key, destination key, size) of every object to migrate: the source's
+        logical objects under the prefix, --exclude/--include applied, our own
+        bookkeeping left out."""
         filters = self.filters()
         todo = []
         for obj in source.get_paginator("list_objects_v2").paginate(
@@ -16746,86 +16956,53 @@ class _Cli:
                 if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        if _store_identity(source) == _store_identity(self.client):
-            pairs = [(t[0], t[1]) for t in todo]
-            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
-        present: dict[str, int] = {}
-        if not self.dry():
-            for item in self.list_logical(db, dprefix, fetch=True):
-                present[item["Key"]] = int(item["Size"])
-        skipped = [t for t in todo if present.get(t[1]) == t[2]]
-        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        return todo
+
+    def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
+        """--dryrun: each file that would be copied, then how many, and how many of them
+        would become deltas (all but the first eligible file in each folder)."""
         total = sum(t[2] for t in todo)
-        stored = [0]
-        lock = threading.Lock()
-        if self.dry():
-            eligible = sum(
-                1 for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            )
-            spaces = {
-                _deltaspace(t[1])
-                for t in todo
-                if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            }
-            for s_key, d_key, _ in todo:
-                self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
-            self.line(
-                "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
-                "all but the first in each folder are stored as deltas"
-                % (len(todo), _human_size(total), eligible, len(spaces))
-            )
-            return EXIT_OK
-
-        def one(s_key: str, d_key: str, size: int) -> None:
-            src_url, dst_url = "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key)
-            try:
-                engine = source.engine
-                lg = engine.head(sb, s_key, "HeadObject")
-                fd, tmp = _private_tempfile(self.client.engine.tmp_dir(), ".migrate")
-                os.close(fd)
-                try:
-                    engine.get_to_file(sb, s_key, tmp, logical=lg)
-                    delta = False if self.args.no_delta else None
-                    params: dict[str, Any] = {"ContentType": lg.content_type}
-                    summary = self.client.engine.put_file(
-                        tmp,
-                        db,
-                        d_key,
-                        metadata=_user_metadata(lg.metadata),
-                        headers=_put_headers(params),
-                        delta=delta,
-                        mtime=_logical_mtime(lg),
-                    )
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                with lock:
-                    stored[0] += summary["StoredSize"]
-                self.on_bytes(size)
-                self.line("migrate: %s to %s%s" % (src_url, dst_url, self._saved_note(summary)))
-            except _Cancelled:
-                raise
-            except (DeltaGliderError, OSError) as e:
-                self.fail(
-                    "migrate failed: %s to %s %s" % (src_url, dst_url, self.describe_error(e))
-                )
-            finally:
-                self.file_done()
-
-        self.run_tasks([functools.partial(one, *t) for t in todo], total)
-        saved = (1 - stored[0] / total) * 100 if total else 0.0
+        eligible = [t[1] for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)]
+        spaces = {_deltaspace(key) for key in eligible}
+        for s_key, d_key, _ in todo:
+            self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
         self.line(
-            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
-            % (
-                len(todo) - self.failed,
-                _human_size(total),
-                _human_size(stored[0]),
-                saved,
-                len(skipped),
-                self.failed,
-            )
+            "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
+            "all but the first in each folder are stored as deltas"
+            % (len(todo), _human_size(total), len(eligible), len(spaces))
         )
-        return self.exit_code()
+
+    def migrate_one(
+        self,
+        source: DeltaGliderClient,
+        sb: str,
+        db: str,
+        s_key: str,
+        d_key: str,
+        size: int,
+        stored: list[int],
+    ) -> None:
+        """Copy one object of ``source`` into the delta layout with its content type, user
+        metadata and mtime; its stored size is added to ``stored``."""
+
+        def work() -> dict[str, Any]:
+            with self.fetched(source, sb, s_key, ".migrate") as (tmp, lg):
+                delta = False if self.args.no_delta else None
+                params: dict[str, Any] = {"ContentType": lg.content_type}
+                summary = self.client.engine.put_file(
+                    tmp,
+                    db,
+                    d_key,
+                    metadata=_user_metadata(lg.metadata),
+                    headers=_put_headers(params),
+                    delta=delta,
+                    mtime=_logical_mtime(lg),
+                )
+            stored.append(summary["StoredSize"])
+            self.on_bytes(size)
+            return summary
+
+        self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
