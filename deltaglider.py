@@ -346,10 +346,6 @@ class SSLError(EndpointConnectionError):
     fmt = "SSL validation failed for {endpoint_url} {error}"
 
 
-class ProxyConnectionError(EndpointConnectionError):
-    fmt = 'Failed to connect to proxy URL: "{proxy_url}"'
-
-
 class ReadTimeoutError(BotoCoreError):
     fmt = 'Read timeout on endpoint URL: "{endpoint_url}"'
 
@@ -782,40 +778,58 @@ def _xml_escape(text: str) -> str:
 
 
 class _FileInfo(NamedTuple):
+    """What one pass over some bytes gives: hex SHA-256, hex MD5 ("" unless asked for), size."""
+
     sha256: str
     md5: str
     size: int
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    """Hex SHA-256 and size of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
+class _Hashes:
+    """SHA-256 (and MD5, when asked for) and size of bytes taken in order: the one way file
+    contents are hashed. ``read(f)`` takes an open file from where it stands to its end in
+    1 MiB reads and hands each chunk to ``each`` too (a copy's ``write``, another hash's
+    ``update``), so a copy and its digests come from one pass; ``update`` takes bytes as
+    they are written elsewhere."""
+
+    def __init__(self, md5: bool = False) -> None:
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5() if md5 else None
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._sha256.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+        self.size += len(data)
+
+    def read(
+        self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
+    ) -> _Hashes:
         while True:
             chunk = f.read(_IO_CHUNK)
             if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+                return self
+            self.update(chunk)
+            if each is not None:
+                each(chunk)
+
+    def info(self) -> _FileInfo:
+        md5 = self._md5.hexdigest() if self._md5 is not None else ""
+        return _FileInfo(self._sha256.hexdigest(), md5, self.size)
 
 
-def _hash_stream(f: IO[bytes], *algorithms: str) -> tuple[list[str], int]:
-    """Hex digests of what is left in ``f`` (position restored if seekable), and its size."""
-    hashes = [hashlib.new(a) for a in algorithms]
-    start = f.tell() if f.seekable() else None
-    size = 0
-    while True:
-        chunk = f.read(_IO_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        for h in hashes:
-            h.update(chunk)
+def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
+    """SHA-256 (and MD5, with ``md5=True``) and size of a file by path, or of what is left
+    in an open file (its position restored when it is seekable), in one pass."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return _Hashes(md5).read(f).info()
+    start = source.tell() if source.seekable() else None
+    info = _Hashes(md5).read(source).info()
     if start is not None:
-        f.seek(start)
-    return [h.hexdigest() for h in hashes], size
+        source.seek(start)
+    return info
 
 
 def _spool(body: Any) -> IO[bytes]:
@@ -831,9 +845,13 @@ def _spool(body: Any) -> IO[bytes]:
     return spooled
 
 
-def _private_tempfile(folder: str, suffix: str = "") -> tuple[int, str]:
-    """A new 0600 file in ``folder`` (mkstemp creates it private)."""
-    return tempfile.mkstemp(prefix=".dg-", suffix=suffix + ".tmp", dir=folder)
+def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tuple[int, str]:
+    """A new empty file, open for writing: ``(fd, path)``. Every named temporary file is
+    made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
+    or a spooled body through it), in ``folder``, the folder of what it becomes, so that
+    the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
+    sweep can tell a leftover by its name."""
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
 class _Background:
@@ -2636,6 +2654,21 @@ class _ConnectionPool:
             c.close()
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 class _BodyReadError(Exception):
     """Reading the request body from the caller's file failed (carries the OSError)."""
 
@@ -2735,6 +2768,139 @@ def _parse_error(
                 snippet,
             )
     return {"Error": error, "ResponseMetadata": meta}
+
+
+# -- one exchange, and when to try again ---------------------------------------
+
+
+def _send_once(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    endpoint_url: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: Any,
+    stream: bool,
+) -> _Response:
+    """One HTTP exchange on a pooled connection to ``key`` (scheme, host, port), its
+    failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
+    connection closed or refused. A local read error of the body is raised as itself
+    (an OSError: not retried as a network one)."""
+    conn, absolute = pool.acquire(*key)
+    target = url
+    if absolute:
+        target = "%s://%s%s" % (key[0], headers["host"], url)
+    try:
+        _write_request(conn, method, target, headers, body)
+        raw = conn.getresponse()
+    except _BodyReadError as e:
+        conn.close()
+        raise e.error from None  # a local read error: not retried as a network one
+    except socket.timeout as e:
+        connected = conn.sock is not None
+        conn.close()
+        if not connected:
+            raise ConnectTimeoutError(endpoint_url=endpoint_url) from e
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except ssl.SSLError as e:
+        conn.close()
+        raise SSLError(endpoint_url=endpoint_url, error=e) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+        raise EndpointConnectionError(endpoint_url=endpoint_url, error=e) from e
+    return _read_response(pool, key, conn, raw, method, stream, endpoint_url)
+
+
+def _write_request(
+    conn: http.client.HTTPConnection, method: str, target: str, headers: dict[str, str], body: Any
+) -> None:
+    """Send the request line, the headers (the proxy's too, for plain http through one) and
+    the body: bytes, or a file read in chunks (its read error becomes a _BodyReadError)."""
+    conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        try:
+            conn.putheader(name, value)
+        except ValueError:  # http.client's message quotes the value: it may be a secret
+            conn.close()
+            raise _header_value_error(name) from None
+    for name, value in getattr(conn, "dg_proxy_headers", {}).items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    if body is None:
+        return
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        conn.send(bytes(body))
+        return
+    while True:
+        try:
+            chunk = body.read(_IO_CHUNK)
+        except OSError as e:
+            raise _BodyReadError(e) from e
+        if not chunk:
+            break
+        conn.send(chunk)
+
+
+def _read_response(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    conn: http.client.HTTPConnection,
+    raw: http.client.HTTPResponse,
+    method: str,
+    stream: bool,
+    endpoint_url: str,
+) -> _Response:
+    """The reply as a _Response: no body for HEAD, 204 and 304; a StreamingBody for a
+    streamed 2xx reply (it gives the connection back to the pool once read or closed);
+    otherwise the whole body, bounded, and checked against its Content-Length. The
+    connection is reused only after a complete reply."""
+    resp_headers = _response_headers(raw)
+    status = raw.status
+    if method == "HEAD" or status in (204, 304):
+        raw.read()
+        pool.release(key, conn, not raw.will_close)
+        return _Response(status, raw.reason, resp_headers, b"", 1)
+    clen_text = resp_headers.get("content-length")
+    clen = int(clen_text) if clen_text and clen_text.isdigit() else None
+    if stream and status < 300:
+
+        def on_close(reusable: bool) -> None:
+            pool.release(key, conn, reusable and not raw.will_close)
+
+        body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=endpoint_url)
+        return _Response(status, raw.reason, resp_headers, body_out, 1)
+    try:
+        data = _read_reply(raw, endpoint_url)
+    except _ReplyTooLarge as e:
+        conn.close()
+        raise ResponseParserError(endpoint_url=endpoint_url, status=status, reason=str(e)) from None
+    except socket.timeout as e:
+        conn.close()
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+    if clen is not None and len(data) != clen:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url)
+    pool.release(key, conn, not raw.will_close)
+    return _Response(status, raw.reason, resp_headers, data, 1)
+
+
+def _retryable(status: int, code: str) -> bool:
+    """Whether an error reply is tried again (botocore's standard mode): HTTP 500, 502,
+    503, 504 and 429, and the throttling and transient codes of _RETRYABLE_CODES.
+    Connection errors and timeouts are always tried again."""
+    return status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+
+
+def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
+    exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
+    return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
 
 
 ###############################################################################
@@ -2958,21 +3124,6 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _header_value_error(name: str) -> ParamValidationError:
-    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
-    never the value, which may be a secret. Both back ends raise it, so the local store
-    refuses what an S3 server could never be sent."""
-    return ParamValidationError(
-        report="the %s header has a line break or another character HTTP does not allow "
-        "(the value is not shown)" % name
-    )
-
-
-def _check_header_value(name: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise _header_value_error(name)
-
-
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
     headers: dict[str, str] = {}
@@ -2994,6 +3145,64 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
             report="user metadata is %d bytes; S3 allows at most %d" % (size, _MAX_METADATA_BYTES)
         )
     return headers
+
+
+class _RangeNotSatisfiable(ValueError):
+    """A Range that S3 answers with 416 InvalidRange: it starts at or past the end of the
+    object (every range of an empty object does), or asks for its last 0 bytes."""
+
+    def __init__(self, spec: str, size: int) -> None:
+        super().__init__("the range %r of a %d-byte object is not satisfiable" % (spec, size))
+        self.spec = spec
+        self.size = size
+
+    def client_error(self, operation: str) -> ClientError:
+        """The error boto3 raises for S3's 416 reply (AWS names the range and the size)."""
+        error = {
+            "Code": "InvalidRange",
+            "Message": "The requested range is not satisfiable",
+            "RangeRequested": self.spec,
+            "ActualObjectSize": str(self.size),
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}})
+        return _client_error({"Error": error, "ResponseMetadata": meta}, operation)
+
+
+def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last byte) that a Range header asks of an object of ``size`` bytes, as S3
+    reads it: ``bytes=a-b`` (``b`` past the end means the end), ``bytes=a-``, ``bytes=-n``
+    (the last ``n`` bytes). None for a header S3 ignores, answering with the whole object:
+    none, malformed, another unit, several ranges, or ``b < a`` (RFC 9110 14.1.1).
+    Raises :class:`_RangeNotSatisfiable` where S3 answers 416. The one Range parser:
+    the local store, and the client for delta-stored and plain objects alike, use it."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec or "")
+    if not spec or not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if not suffix or not size:
+            raise _RangeNotSatisfiable(spec, size)
+        return max(0, size - suffix), size - 1
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and last < first:
+        return None
+    if first >= size:
+        raise _RangeNotSatisfiable(spec, size)
+    return first, min(last, size - 1)
+
+
+def _range_to_send(spec: str | None, size: int) -> str | None:
+    """The Range header that makes any server answer ``spec`` on a stored object of
+    ``size`` bytes as :func:`_byte_range` reads it (SeaweedFS refuses ``bytes=5-2``, Swift
+    answers several ranges as multipart/byteranges and ``bytes=-3`` of an empty object
+    with 200): None for the whole object, and ``bytes=<size>-`` where S3 answers 416,
+    which every server refuses so, after its own precondition checks (412 and 304 first)."""
+    try:
+        span = _byte_range(spec, size)
+    except _RangeNotSatisfiable:
+        return "bytes=%d-" % size
+    return None if span is None else "bytes=%d-%d" % span
 
 
 def _pages(
@@ -3037,6 +3246,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
+###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
 
@@ -3207,7 +3417,7 @@ class _S3Storage:
         if not self._payload_signing and self._scheme == "https":
             return _UNSIGNED_PAYLOAD
         if hasattr(body, "seekable") and body.seekable():
-            return _hash_stream(body, "sha256")[0][0]
+            return _hash_file(body).sha256
         return _UNSIGNED_PAYLOAD
 
     def request(
@@ -3222,22 +3432,20 @@ class _S3Storage:
         body: Any = None,
         content_sha256: str | None = None,
         stream: bool = False,
-        ok_statuses: tuple[int, ...] = (),
     ) -> _Response:
         """Send one S3 request with retries; raise ClientError for an error reply.
 
-        Each attempt re-signs (new timestamp) and rewinds the body. Retried: connection
-        errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
-        mode), with full-jitter exponential backoff capped at 20 s."""
+        Each attempt re-signs (new timestamp) and rewinds the body. What is tried again
+        and how long to wait: :func:`_retryable` and :func:`_retry_delay` (botocore's
+        standard mode); a reply naming the bucket's region is followed once."""
         query = list(query or [])
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
             if not getattr(body, "seekable", lambda: False)():
                 body = _spool(body)  # SigV4 needs the payload's hash, S3 a length, retries a rewind
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
-        seekable = (
-            start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
-        )
         length = _body_length(body)
+        assert length is not None  # every body left is bytes or seekable: its length is known
+        content_length = str(length) if body is not None or method in ("PUT", "POST") else None
         payload_hash = self._payload_hash(body, content_sha256)
         redirected = False
         attempt = 0
@@ -3245,31 +3453,21 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            # Connect to the host the request is signed for: the bucket's virtual host, or
-            # the regional endpoint a redirect named.
-            host, netloc, path = self._target(bucket, key)
-            send_headers = {"host": netloc}
-            send_headers.update(headers or {})
-            if length is not None and (body is not None or method in ("PUT", "POST")):
-                send_headers["Content-Length"] = str(length)
-            signer = self._signer(bucket)
-            if signer is not None:
-                signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
-            url = path
-            if query:
-                # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
-                url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
-            error: BaseException | None = None
-            resp: _Response | None = None
+            host, url, send_headers = self._signed(
+                method, bucket, key, query, headers, content_length, payload_hash
+            )
+            pool_key = (self._scheme, host, self._port)
             try:
-                resp = self._send_once(
-                    host, method, url, send_headers, body, length, stream, ok_statuses
+                resp = _send_once(
+                    self._pool, pool_key, self.endpoint_url, method, url, send_headers, body, stream
                 )
             except (ReadTimeoutError, EndpointConnectionError) as e:
-                error = e
-            if resp is not None:
+                if attempt >= self._max_attempts:
+                    raise
+                logger.debug("%s: %s, retrying", operation, e)
+            else:
                 resp = resp._replace(attempts=attempt)
-                if resp.status < 300 or resp.status in ok_statuses:
+                if resp.status < 300:
                     return resp
                 err = _parse_error(
                     resp.status, resp.reason, resp.headers, resp.body, self.endpoint_url
@@ -3283,18 +3481,39 @@ class _S3Storage:
                     self._bucket_regions[bucket] = new_region
                     attempt -= 1
                     continue
-                retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
-                if not retryable or attempt >= self._max_attempts or not seekable:
+                retryable = _retryable(resp.status, code)
+                if not retryable or attempt >= self._max_attempts:
                     if retryable and attempt >= self._max_attempts > 1:
                         err["ResponseMetadata"]["MaxAttemptsReached"] = True
                     raise _client_error(err, operation)
                 logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
-            else:
-                assert error is not None
-                if attempt >= self._max_attempts or not seekable:
-                    raise error
-                logger.debug("%s: %s, retrying", operation, error)
-            self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
+            self._sleep(_retry_delay(attempt, self._rand))
+
+    def _signed(
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str] | None,
+        content_length: str | None,
+        payload_hash: str,
+    ) -> tuple[str, str, dict[str, str]]:
+        """One attempt's host to connect to, request target and headers, signed anew (a new
+        timestamp): for the bucket's virtual host, or the regional endpoint a redirect named."""
+        host, netloc, path = self._target(bucket, key)
+        send_headers = {"host": netloc}
+        send_headers.update(headers or {})
+        if content_length is not None:
+            send_headers["Content-Length"] = content_length
+        signer = self._signer(bucket)
+        if signer is not None:
+            signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
+        url = path
+        if query:
+            # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
+            url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
+        return host, url, send_headers
 
     def _redirect_region(self, resp: _Response, err: dict[str, Any]) -> str | None:
         """The bucket's region when S3 says we asked the wrong one (botocore
@@ -3309,106 +3528,6 @@ class _S3Storage:
             return None
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
-
-    def _send_once(
-        self,
-        host: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: Any,
-        length: int | None,
-        stream: bool,
-        ok_statuses: tuple[int, ...],
-    ) -> _Response:
-        key = (self._scheme, host, self._port)
-        conn, absolute = self._pool.acquire(*key)
-        target = url
-        if absolute:
-            target = "%s://%s%s" % (self._scheme, headers["host"], url)
-        try:
-            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers.items():
-                try:
-                    conn.putheader(name, value)
-                except ValueError:  # http.client's message quotes the value: it may be a secret
-                    conn.close()
-                    raise _header_value_error(name) from None
-            for name, value in getattr(conn, "dg_proxy_headers", {}).items():
-                conn.putheader(name, value)
-            if length is None and body is not None:
-                conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            if body is not None:
-                if isinstance(body, (bytes, bytearray, memoryview)):
-                    conn.send(bytes(body))
-                else:
-                    while True:
-                        try:
-                            chunk = body.read(_IO_CHUNK)
-                        except OSError as e:
-                            raise _BodyReadError(e) from e
-                        if not chunk:
-                            break
-                        if length is None:
-                            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        else:
-                            conn.send(chunk)
-                    if length is None:
-                        conn.send(b"0\r\n\r\n")
-            raw = conn.getresponse()
-        except _BodyReadError as e:
-            conn.close()
-            raise e.error from None  # a local read error: not retried as a network one
-        except socket.timeout as e:
-            connected = conn.sock is not None
-            conn.close()
-            if not connected:
-                raise ConnectTimeoutError(endpoint_url=self.endpoint_url) from e
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except ssl.SSLError as e:
-            conn.close()
-            raise SSLError(endpoint_url=self.endpoint_url, error=e) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if isinstance(
-                e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-            ):
-                raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-            raise EndpointConnectionError(endpoint_url=self.endpoint_url, error=e) from e
-        resp_headers = _response_headers(raw)
-        status = raw.status
-        if method == "HEAD" or status in (204, 304):
-            raw.read()
-            self._pool.release(key, conn, not raw.will_close)
-            return _Response(status, raw.reason, resp_headers, b"", 1)
-        clen_text = resp_headers.get("content-length")
-        clen = int(clen_text) if clen_text and clen_text.isdigit() else None
-        if stream and (status < 300 or status in ok_statuses):
-
-            def on_close(reusable: bool) -> None:
-                self._pool.release(key, conn, reusable and not raw.will_close)
-
-            body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
-            return _Response(status, raw.reason, resp_headers, body_out, 1)
-        try:
-            data = _read_reply(raw, self.endpoint_url)
-        except _ReplyTooLarge as e:
-            conn.close()
-            raise ResponseParserError(
-                endpoint_url=self.endpoint_url, status=status, reason=str(e)
-            ) from None
-        except socket.timeout as e:
-            conn.close()
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-        if clen is not None and len(data) != clen:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url)
-        self._pool.release(key, conn, not raw.will_close)
-        return _Response(status, raw.reason, resp_headers, data, 1)
 
     def _xml(self, resp: _Response) -> ET.Element:
         try:
@@ -4020,6 +4139,7 @@ class _S3Storage:
         return self._conditional_multipart
 
 
+###############################################################################
 # Storage: a local directory ##################################################
 ###############################################################################
 
@@ -4293,7 +4413,7 @@ class _LocalStorage:
     def _mkstemp(self, operation: str, bucket: str, bdir: str, prefix: str) -> tuple[int, str]:
         """A 0600 temp file in the bucket (same file system, so renames are atomic)."""
         try:
-            return tempfile.mkstemp(dir=os.path.join(bdir, ".dg-tmp"), prefix=prefix)
+            return _private_tempfile(os.path.join(bdir, ".dg-tmp"), prefix=prefix)
         except FileNotFoundError:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
@@ -4524,22 +4644,6 @@ class _LocalStorage:
             out["x-amz-tagging-count"] = str(len(tags))
         return out
 
-    @staticmethod
-    def _byte_range(spec: str, size: int) -> tuple[int, int] | None:
-        """(first, last) of ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``; None for a header
-        S3 ignores (malformed, several ranges); (-1, -1) when unsatisfiable (RFC 7233)."""
-        m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec)
-        if not m or not (m.group(1) or m.group(2)):
-            return None
-        if not m.group(1):
-            suffix = int(m.group(2))
-            return (max(0, size - suffix), size - 1) if suffix and size else (-1, -1)
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) else size - 1
-        if m.group(2) and last < first:
-            return None
-        return (first, min(last, size - 1)) if first < size else (-1, -1)
-
     def _read(
         self, operation: str, bucket: str, key: str, spec: str | None, headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], int, dict[str, str], IO[bytes] | None, int, int]:
@@ -4572,19 +4676,20 @@ class _LocalStorage:
         size = int(record["size"])
         out = self._response_headers(record)
         first, length, status = 0, size, 200
-        span = self._byte_range(spec, size) if spec else None
+        try:
+            span = _byte_range(spec, size)
+        except _RangeNotSatisfiable as e:
+            if f is not None:
+                f.close()
+            raise self._error(
+                operation,
+                416,
+                "InvalidRange",
+                head=head,
+                RangeRequested=e.spec,
+                ActualObjectSize=str(size),
+            ) from None
         if span is not None:
-            if span[0] < 0:
-                if f is not None:
-                    f.close()
-                raise self._error(
-                    operation,
-                    416,
-                    "InvalidRange",
-                    head=head,
-                    RangeRequested=spec or "",
-                    ActualObjectSize=str(size),
-                )
             first, length, status = span[0], span[1] - span[0] + 1, 206
             out["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
             out["content-length"] = str(length)
@@ -5045,11 +5150,7 @@ class _LocalStorage:
                 kept["x-amz-tagging"] = tags
             etag = src["etag"]
             if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                with open(tmp, "rb") as f:
-                    md5 = hashlib.md5()
-                    for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
-                        md5.update(chunk)
-                etag = f'"{md5.hexdigest()}"'
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
             record = self._new_record(kept, src["size"], etag)
             self._commit(op, bucket, dst_dir, key, tmp, record)
         finally:
@@ -5584,12 +5685,8 @@ def _put_path(
         whole = hashlib.sha256()
         with open(path, "rb") as f:
             for number, offset in offsets:
-                h = hashlib.sha256()
                 piece = _FileSlice(f, offset, min(part, size - offset))
-                for chunk in iter(functools.partial(piece.read, _IO_CHUNK), b""):
-                    h.update(chunk)
-                    whole.update(chunk)
-                expected[number] = h.hexdigest()
+                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
         if whole.hexdigest() != sha256:
             raise IntegrityError(
                 "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
@@ -7533,8 +7630,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
-#: Swift's default cap on one metadata value (s3-servers.md); AWS caps the total at 2 KB.
-_MAX_METADATA_VALUE = 256
 
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
@@ -8292,7 +8387,7 @@ class _ReferenceCache:
             try:
                 with open(derived + ".sha") as f:
                     want = f.read().strip()
-                actual = _sha256_file(derived)[0]
+                actual = _hash_file(derived).sha256
             except OSError:
                 continue  # not made (any more)
             if actual != want:
@@ -8307,7 +8402,7 @@ class _ReferenceCache:
 
     def _rehash(self, sha256: str, path: str) -> bool:
         try:
-            actual, _ = _sha256_file(path)
+            actual = _hash_file(path).sha256
         except OSError:  # gone (another process evicted it): nothing to remove
             with self._lock:
                 self._verified.pop(sha256, None)
@@ -8337,14 +8432,16 @@ class _ReferenceCache:
     def _write_stamp(path: str, st: os.stat_result) -> None:
         """Remember that this file (size, mtime, inode) was hashed and matched, so other
         processes need not hash it again; any change to the file invalidates it."""
-        tmp = "%s.ok.%s.tmp" % (path, uuid.uuid4().hex)
+        tmp = ""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, tmp = _private_tempfile(
+                os.path.dirname(path), prefix=os.path.basename(path) + ".ok."
+            )
             with os.fdopen(fd, "w") as f:
                 f.write(_stamp_of(st))
             os.replace(tmp, path + ".ok")
         except OSError as e:  # only a shortcut for later processes: never fatal
-            logger.debug("could not write cache stamp %s: %s", tmp, e)
+            logger.debug("could not write cache stamp %s.ok: %s", path, e)
             try:
                 os.unlink(tmp)
             except OSError:
@@ -8418,7 +8515,7 @@ class _ReferenceCache:
                 hashed = self._verified.get(path) == (st.st_size, st.st_mtime_ns)
             if hashed or (not strict and self._read_stamp(path) == _stamp_of(st)):
                 return path, sha
-            if _sha256_file(path)[0] == sha:
+            if _hash_file(path).sha256 == sha:
                 with self._lock:
                     self._verified[path] = (st.st_size, st.st_mtime_ns)
                 return path, sha
@@ -8618,21 +8715,6 @@ def _copy_hashing(source: str, dest: str) -> str:
     return writer.sha256.hexdigest()
 
 
-def _file_info(path: str) -> _FileInfo:
-    """SHA-256, MD5 and size of a file in one pass."""
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_IO_CHUNK)
-            if not chunk:
-                break
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
-
 class _Logical(NamedTuple):
     """A logical object as a reader sees it, and how it is stored."""
 
@@ -8680,7 +8762,13 @@ class _Logical(NamedTuple):
 
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
-    says, reads rebuild and verify, deletes keep references consistent."""
+    says, reads rebuild and verify, deletes keep references consistent.
+
+    Its public boundary is what the client and the CLI call (everything with a leading
+    underscore is the engine's own): the attributes ``storage``, ``cache``,
+    ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
+    ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
+    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files."""
 
     def __init__(
         self,
@@ -8786,9 +8874,9 @@ class _DeltaEngine:
         os.close(fd)
         try:
             if lg.kind == _Kind.DELTA:
-                self._rebuild(lg, tmp)
+                self.rebuild(lg, tmp)
             else:
-                self._fetch_plain(lg, tmp)
+                self.fetch_plain(lg, tmp)
             os.chmod(tmp, _new_file_mode(dest))
             os.replace(tmp, dest)
         except BaseException:
@@ -8799,7 +8887,9 @@ class _DeltaEngine:
             raise
         return lg
 
-    def _fetch_plain(self, lg: _Logical, out: str) -> None:
+    def fetch_plain(self, lg: _Logical, out: str) -> None:
+        """Download a directly stored object into the file ``out``, checking the SHA-256
+        its metadata records (when it records one)."""
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
             _get_into(
@@ -8812,7 +8902,7 @@ class _DeltaEngine:
                 % (lg.bucket, lg.stored_key, expected, writer.sha256.hexdigest())
             )
 
-    def _rebuild(self, lg: _Logical, out: str) -> None:
+    def rebuild(self, lg: _Logical, out: str) -> None:
         """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
 
         A failure with a cached reference is not blamed on the delta until the cache is
@@ -8831,7 +8921,7 @@ class _DeltaEngine:
                 "cannot verify it" % where
             )
         limit = int(size)
-        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
+        fd, delta_tmp = _private_tempfile(self.tmp_dir(), ".delta")
         os.close(fd)
         fetch = None
         if ref_sha != expected:  # the delta downloads while the reference does
@@ -8965,7 +9055,7 @@ class _DeltaEngine:
             xlimit, what = int(xsize), "dg-expanded-size"
         else:  # written before dg-expanded-size was recorded
             xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
+        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
@@ -8993,7 +9083,9 @@ class _DeltaEngine:
         finally:
             body.close()
 
-    def _tmp_dir(self) -> str:
+    def tmp_dir(self) -> str:
+        """The private folder (made on first use) for scratch files: rebuilt objects,
+        deltas being made, spooled bodies. Inside the cache folder, so on its volume."""
         path = os.path.join(self.cache.folder, "tmp")
         _private_mkdir(self.cache.folder)
         _private_mkdir(path)
@@ -9061,7 +9153,7 @@ class _DeltaEngine:
                 else "Invalid key %r: a key must name a file, not a folder" % key
             )
         # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_file_info, path) if info is None else None
+        hashing = _Background(_hash_file, path, True) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
 
@@ -9103,7 +9195,7 @@ class _DeltaEngine:
                 if required:
                     self._unshadow(bucket, key)
                     return summary
-                if not self._exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+                if not self.exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
                     return summary
                 # The user's key.delta exists: this key is kept plain (see _unshadow).
             assert not required
@@ -9127,7 +9219,8 @@ class _DeltaEngine:
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
 
-    def _exists(self, bucket: str, stored: str) -> bool:
+    def exists(self, bucket: str, stored: str) -> bool:
+        """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
@@ -9140,7 +9233,7 @@ class _DeltaEngine:
         """``x.delta.delta`` cannot be stored beside ``x.delta``: its own name is how
         ``x.delta`` is stored, and ``x.delta`` cannot be kept plain (_unshadow)."""
         base = key[: -len(_DELTA_SUFFIX)]
-        if _delta_only(base) and self._exists(bucket, key):
+        if _delta_only(base) and self.exists(bucket, key):
             raise ParamValidationError(
                 report="Invalid key %r: that name is how %r is stored, and readers of the "
                 "original layout would return one for the other; choose another name" % (key, base)
@@ -9152,7 +9245,7 @@ class _DeltaEngine:
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self._exists(bucket, key):
+        if not self.exists(bucket, key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -9181,7 +9274,7 @@ class _DeltaEngine:
             mtime: float | None = float(lg.metadata.get("dg-mtime") or "")
         except ValueError:
             mtime = None
-        fd, tmp = _private_tempfile(self._tmp_dir(), ".plain")
+        fd, tmp = _private_tempfile(self.tmp_dir(), ".plain")
         os.close(fd)
         try:
             self.get_to_file(bucket, base, tmp, logical=lg)
@@ -9484,7 +9577,7 @@ class _DeltaEngine:
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
-        tmp_dir = self._tmp_dir()
+        tmp_dir = self.tmp_dir()
         shared = (
             self.references == _REFERENCES_SHARED
             and _shared_ref_key(space, name, "0" * 64) is not None
@@ -10426,34 +10519,13 @@ class _LimitedReader:
         self._f.close()
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → (start, end inclusive), as S3 reads it."""
-    m = re.match(r"^bytes=(\d*)-(\d*)$", value.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        raise ParamValidationError(report="Invalid Range %r: expected bytes=start-end" % value)
-    if not m.group(1):
-        n = int(m.group(2))
-        start, end = max(0, size - n), size - 1
-    else:
-        start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-        end = min(end, size - 1)
-    if start >= size or start > end:
-        resp = {
-            "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
-            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}}),
-        }
-        raise ClientError(resp, "GetObject")
-    return start, end
-
-
 def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
     """Write a request body (bytes, str or any file object) to a private temp file;
     returns its path and the digests of the caller's bytes, taken as they are written,
     never read back from the file: whatever is uploaded from it is checked against
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
-    fd, path = _private_tempfile(engine._tmp_dir(), ".body")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".body")
     sha, md5 = hashlib.sha256(), hashlib.md5()
     size = 0
 
@@ -10571,7 +10643,9 @@ class DeltaGliderClient:
     # -- plumbing -----------------------------------------------------------------
 
     @property
-    def _engine(self) -> _DeltaEngine:
+    def engine(self) -> _DeltaEngine:
+        """deltaglider's delta engine under this client (made on first use), for the CLI
+        and the gateway: not part of boto3's API. Its public methods are its boundary."""
         if self._engine_obj is None:
             with self._lock:
                 if self._engine_obj is None:
@@ -10592,7 +10666,7 @@ class DeltaGliderClient:
     @property
     def storage(self) -> _Storage:
         """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
-        return self._engine.storage
+        return self.engine.storage
 
     def close(self) -> None:
         if self._storage is not None:
@@ -10616,7 +10690,7 @@ class DeltaGliderClient:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = _spool_request_body(self._engine, body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10634,7 +10708,7 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return _put_object_from_file(self._engine, path, kwargs, info)
+            return _put_object_from_file(self.engine, path, kwargs, info)
         finally:
             os.unlink(path)
 
@@ -10672,11 +10746,11 @@ class DeltaGliderClient:
         _params("HeadObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = self._engine.head(bucket, key, "HeadObject", headers=extra)
+        lg = self.engine.head(bucket, key, "HeadObject", headers=extra)
         head = lg.head
         conditions = _header_params(kwargs, _CONDITION_PARAMS)
         if conditions and lg.kind != _Kind.DELTA:
-            head = self._engine.storage.head_object(
+            head = self.engine.storage.head_object(
                 bucket, lg.stored_key, headers=dict(extra, **conditions)
             )
             lg = lg._replace(head=head)
@@ -10696,7 +10770,7 @@ class DeltaGliderClient:
         allowed |= {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
         _params("GetObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
-        engine = self._engine
+        engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = self._logical_response(lg)
@@ -10706,18 +10780,22 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "GetObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".get")
+            try:
+                span = _byte_range(kwargs.get("Range"), size)
+            except _RangeNotSatisfiable as e:
+                raise e.client_error("GetObject") from None
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
             os.close(fd)
             try:
-                engine._rebuild(lg, tmp)
+                engine.rebuild(lg, tmp)
             except BaseException:
                 os.unlink(tmp)
                 raise
             start, end = 0, size - 1
             meta = _local_metadata(lg.head)
             headers = dict(meta.get("HTTPHeaders") or {})
-            if kwargs.get("Range"):
-                start, end = _parse_range(kwargs["Range"], size)
+            if span is not None:
+                start, end = span
                 out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
                 headers["content-range"] = out["ContentRange"]
                 status = 206
@@ -10733,10 +10811,11 @@ class DeltaGliderClient:
                 if value is not None:
                     when = _timestamp_param(value) if name == "ResponseExpires" else None
                     query.append((field, _http_date(when) if when else str(value)))
+            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
             resp = engine.storage.get_object(
                 bucket,
                 lg.stored_key,
-                range=kwargs.get("Range"),
+                range=sent_range,
                 headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
                 query=query,
             )
@@ -10745,7 +10824,7 @@ class DeltaGliderClient:
                 if name in resp:
                     out[name] = resp[name]
             body = resp["Body"]
-            if not kwargs.get("Range") and lg.sha256:
+            if sent_range is None and lg.sha256:
                 body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
             out["Body"] = body
             meta = _local_metadata(resp)
@@ -10765,7 +10844,7 @@ class DeltaGliderClient:
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
-        info = self._engine.delete(kwargs["Bucket"], kwargs["Key"])
+        info = self.engine.delete(kwargs["Bucket"], kwargs["Key"])
         out: dict[str, Any] = {
             "ResponseMetadata": {
                 "HTTPStatusCode": 204,
@@ -10798,7 +10877,7 @@ class DeltaGliderClient:
         keys = [o["Key"] for o in objects]
         for k in keys:
             _validate_key(k)
-        engine = self._engine
+        engine = self.engine
         storage = engine.storage
         errors: list[dict[str, Any]] = []
         if len(objects) > _DELETE_BATCH:
@@ -10899,7 +10978,7 @@ class DeltaGliderClient:
             raise ParamValidationError(
                 report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
             )
-        engine = self._engine
+        engine = self.engine
         source_headers = {
             h.replace("copy-source-", "", 1): v
             for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
@@ -10927,11 +11006,11 @@ class DeltaGliderClient:
             ):
                 if name in lg.head:
                     params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = _put_object_from_file(self._engine, tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -10973,7 +11052,7 @@ class DeltaGliderClient:
             if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
                 if logical in plain:
                     continue
-                if continued and logical < first and self._engine._exists(bucket, logical):
+                if continued and logical < first and self.engine.exists(bucket, logical):
                     continue  # listed on an earlier page
             item = dict(obj)
             item["Key"] = logical
@@ -10985,7 +11064,7 @@ class DeltaGliderClient:
         return contents
 
     def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self._engine.storage
+        storage = self.engine.storage
 
         def one(item: dict[str, Any]) -> None:
             stored = item.pop("_stored")
@@ -11035,7 +11114,7 @@ class DeltaGliderClient:
         start_after = kwargs.get("StartAfter") or marker
         after = start_after
         fetch = bool(kwargs.get("FetchMetadata"))
-        storage = self._engine.storage
+        storage = self.engine.storage
         contents: list[dict[str, Any]] = []
         prefixes: list[dict[str, Any]] = []
         target = min(max_keys, 1000)  # S3 never returns more per page, whatever is asked
@@ -11184,7 +11263,9 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, _file_info(Filename))
+        self._upload_file(
+            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
+        )
 
     def _upload_file(
         self,
@@ -11205,7 +11286,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        _put_object_from_file(self._engine, Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11220,7 +11301,7 @@ class DeltaGliderClient:
     ) -> None:
         """download_file as boto3's: written beside ``Filename`` and renamed once verified."""
         _check_params("download_file ExtraArgs", dict(ExtraArgs or {}), set())
-        lg = self._engine.get_to_file(Bucket, Key, Filename)
+        lg = self.engine.get_to_file(Bucket, Key, Filename)
         if Callback:
             Callback(lg.size)
 
@@ -11233,7 +11314,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = _spool_request_body(self._engine, Fileobj)
+        path, info = _spool_request_body(self.engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11306,7 +11387,7 @@ class DeltaGliderClient:
         nonce = uuid.uuid4().hex
         staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
-        server_id = self._engine.storage.create_multipart_upload(
+        server_id = self.engine.storage.create_multipart_upload(
             kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
         )
         return {
@@ -11322,10 +11403,10 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = _spool_request_body(self._engine, body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11368,10 +11449,10 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = _spool_request_body(self._engine, part)
+            path, info = _spool_request_body(self.engine, part)
         try:
             with open(path, "rb") as f:
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11395,12 +11476,12 @@ class DeltaGliderClient:
                     "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
                 )
             )
-        storage = self._engine.storage
+        storage = self.engine.storage
         storage.complete_multipart_upload(
             bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
         )
-        engine = self._engine
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".mpu")
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
         os.close(fd)
         try:
             got = storage.get_object(bucket, staging)
@@ -11422,7 +11503,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = _put_object_from_file(self._engine, tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -11442,7 +11523,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
         _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self._engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
         return {"ResponseMetadata": _local_metadata(resp)}
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
@@ -11450,7 +11531,7 @@ class DeltaGliderClient:
         allowed |= {"ExpectedBucketOwner", "RequestPayer"}
         _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self._engine.storage.list_parts(bucket, staging, server_id)
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
         parts = resp.get("Parts", [])
         marker = int(kwargs.get("PartNumberMarker") or 0)
         parts = [p for p in parts if p["PartNumber"] > marker]
@@ -11475,7 +11556,7 @@ class DeltaGliderClient:
         allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
-        resp = self._engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
         uploads = []
         for u in resp.get("Uploads", []):
             rest = u["Key"][len(self._MPU_PREFIX) :]
@@ -11509,7 +11590,7 @@ class DeltaGliderClient:
     # -- object tagging and ACLs ---------------------------------------------------
 
     def _stored_key(self, kwargs: Mapping[str, Any], operation: str) -> str:
-        lg = self._engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
         return lg.stored_key
 
     def get_object_tagging(self, **kwargs: Any) -> dict[str, Any]:
@@ -11518,7 +11599,7 @@ class DeltaGliderClient:
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectTagging")
-            return self._engine.storage.get_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
 
@@ -11532,7 +11613,7 @@ class DeltaGliderClient:
             )
         try:
             stored = self._stored_key(kwargs, "PutObjectTagging")
-            return self._engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
+            return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
 
@@ -11541,7 +11622,7 @@ class DeltaGliderClient:
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "DeleteObjectTagging")
-            return self._engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
 
@@ -11550,7 +11631,7 @@ class DeltaGliderClient:
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectAcl")
-            return self._engine.storage.get_object_acl(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
 
@@ -11568,7 +11649,7 @@ class DeltaGliderClient:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
             stored = self._stored_key(kwargs, "PutObjectAcl")
-            return self._engine.storage.put_object_acl(
+            return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
         except ClientError as e:
@@ -11608,29 +11689,29 @@ class DeltaGliderClient:
             headers["x-amz-bucket-object-lock-enabled"] = "true"
         if kwargs.get("ObjectOwnership"):
             headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
-        return self._engine.storage.create_bucket(
+        return self.engine.storage.create_bucket(
             kwargs["Bucket"], location=location, headers=headers
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.delete_bucket(kwargs["Bucket"])
+        return self.engine.storage.delete_bucket(kwargs["Bucket"])
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
         _check_params("ListBuckets", kwargs, set())
-        return self._engine.storage.list_buckets()
+        return self.engine.storage.list_buckets()
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.head_bucket(kwargs["Bucket"])
+        return self.engine.storage.head_bucket(kwargs["Bucket"])
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_location(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_location(kwargs["Bucket"])
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         allowed = {
@@ -11650,7 +11731,7 @@ class DeltaGliderClient:
         headers = _acl_headers(kwargs)
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return self._engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
+        return self.engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
 
     # -- presigning ---------------------------------------------------------------
 
@@ -11665,7 +11746,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        return _presigned_url(self._engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11676,7 +11757,7 @@ class DeltaGliderClient:
         ExpiresIn: int = 3600,
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
-        storage = self._engine.storage
+        storage = self.engine.storage
         return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
@@ -11699,7 +11780,7 @@ class DeltaGliderClient:
         if not key or key.endswith("/"):
             key += os.path.basename(path)
         headers = {"x-amz-tagging": urllib.parse.urlencode(dict(tags))} if tags else None
-        summary = self._engine.put_file(
+        summary = self.engine.put_file(
             path,
             bucket,
             key,
@@ -11726,7 +11807,7 @@ class DeltaGliderClient:
         out = os.fspath(output_path)
         if os.path.isdir(out):
             out = os.path.join(out, key.rsplit("/", 1)[-1])
-        self._engine.get_to_file(bucket, key, out)
+        self.engine.get_to_file(bucket, key, out)
         return out
 
     def verify(self, s3_url: str) -> VerifyResult:
@@ -11736,20 +11817,20 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self._engine
+        engine = self.engine
         lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine._tmp_dir(), ".verify")
+        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
         os.close(fd)
         try:
             try:
                 if lg.kind == _Kind.DELTA:
-                    engine._rebuild(lg, path)
+                    engine.rebuild(lg, path)
                 else:
-                    engine._fetch_plain(lg, path)
+                    engine.fetch_plain(lg, path)
                 valid, message = True, "Integrity verified"
             except IntegrityError as e:
                 valid, message = False, str(e)
-            actual = _sha256_file(path)[0] if os.path.getsize(path) or valid else ""
+            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
         finally:
             os.unlink(path)
         if lg.kind == _Kind.FOREIGN:
@@ -11893,7 +11974,7 @@ class DeltaGliderClient:
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
         bucket, key = _parse_s3_url(s3_url)
-        lg = self._engine.head(bucket, key, "HeadObject")
+        lg = self.engine.head(bucket, key, "HeadObject")
         stored = int(lg.head.get("ContentLength", 0))
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
@@ -11917,7 +11998,7 @@ class DeltaGliderClient:
     def delete_objects_recursive(self, Bucket: str, Prefix: str) -> dict[str, Any]:
         """Delete everything under ``Prefix`` (or the one object it names), references
         last and only when nothing needs them; as 6.x's, with counts by kind."""
-        engine = self._engine
+        engine = self.engine
         single: list[str] = []
         if Prefix and not Prefix.endswith("/"):
             try:
@@ -11954,17 +12035,17 @@ class DeltaGliderClient:
     def clear_cache(self) -> None:
         """Empty this client's reference cache (``cache_dir``); references are fetched
         again when next needed."""
-        self._engine.cache.clear()
+        self.engine.cache.clear()
 
     def rehydrate_for_download(self, Bucket: str, Key: str, ExpiresIn: int = 3600) -> str | None:
         """Store a rebuilt copy of a delta-stored object under ``.deltaglider/tmp/`` for
         ``ExpiresIn`` seconds (``purge_temp_files`` removes it after); its key, or None
         when the object is stored as it is (nothing to rebuild)."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return _rehydrated_copy(self._engine, lg, int(ExpiresIn), self._now)
+        return _rehydrated_copy(self.engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -11973,7 +12054,7 @@ class DeltaGliderClient:
         (``Content-Disposition: attachment``), for any kind of object."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
         params: dict[str, Any] = {"Bucket": Bucket, "Key": key}
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind == _Kind.DELTA:
             name = key.rsplit("/", 1)[-1].replace('"', "")
             params["ResponseContentDisposition"] = 'attachment; filename="%s"' % name
@@ -11995,7 +12076,7 @@ class DeltaGliderClient:
         and stored size are unchanged."""
         if mode not in ("quick", "sampled", "detailed"):
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
-        storage = self._engine.storage
+        storage = self.engine.storage
         listing = _list_for_stats(storage, bucket)
         if use_cache and not refresh_cache:
             cached = _cached_bucket_stats(storage, bucket, mode, listing.validation())
@@ -12012,11 +12093,11 @@ class DeltaGliderClient:
 
         Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
         _validate_bucket_name(Bucket)
-        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
+        return self.engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self._engine.storage
+        storage = self.engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
         for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
@@ -12598,7 +12679,7 @@ def _rehydrated_copy(
             return tmp_key
         except ClientError as e:
             logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-    fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
     os.close(fd)
     try:
         engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
@@ -12793,6 +12874,24 @@ def create_client(
 ###############################################################################
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
+
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
 
 #: The gateway's own key pair (clients sign with it); never taken from the command line.
 _ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
@@ -13076,7 +13175,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13157,6 +13256,51 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         )
     except ValueError:
         return None
+
+
+def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -> set[str]:
+    """Every condition of a POST policy holds for the form's ``values`` (lower-cased names)
+    and its file's ``size``; returns the names the conditions cover (AWS "Creating a POST
+    policy": exact matches, ``eq``, ``starts-with``, ``content-length-range``)."""
+    covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+    for cond in conditions:
+        if isinstance(cond, dict):
+            for name, want in cond.items():
+                name = name.lower()
+                covered.add(name)
+                if values.get(name) != str(want):
+                    raise _S3Reply(
+                        "AccessDenied",
+                        "Invalid according to Policy: Policy Condition failed: "
+                        '["eq", "$%s", "%s"]' % (name, want),
+                    )
+        elif not isinstance(cond, list) or len(cond) != 3:
+            # a condition not understood is refused, never skipped (it would widen
+            # what the policy's signer allowed)
+            raise _S3Reply(
+                "InvalidPolicyDocument",
+                "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
+            )
+        else:
+            op = str(cond[0]).lower()
+            if op == "content-length-range":
+                try:
+                    low, high = int(cond[1]), int(cond[2])
+                except (TypeError, ValueError):
+                    raise _S3Reply("InvalidPolicyDocument") from None
+                if not low <= size <= high:
+                    raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
+                continue
+            name = str(cond[1]).lower().lstrip("$")
+            covered.add(name)
+            have = values.get(name, "")
+            ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
+            if op not in ("eq", "starts-with") or not ok:
+                raise _S3Reply(
+                    "AccessDenied",
+                    "Invalid according to Policy: Policy Condition failed: %s" % json.dumps(cond),
+                )
+    return covered
 
 
 class _GatewayAuth:
@@ -13307,6 +13451,21 @@ class _GatewayAuth:
         lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
         if not lower.get("policy"):
             raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
+        access_key = self._policy_signer(lower)
+        conditions = self._policy_conditions(lower["policy"])
+        values = dict(lower, bucket=bucket, key=key)
+        covered = _policy_check(conditions, values, size)
+        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
+        if extra:
+            raise _S3Reply(
+                "AccessDenied",
+                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
+            )
+        return access_key
+
+    def _policy_signer(self, lower: Mapping[str, str]) -> str:
+        """The access key whose signature of the form's policy checks out: SigV2 (boto3's
+        default for generate_presigned_post) or SigV4 fields."""
         policy_b64 = lower["policy"].encode("ascii", "replace")
         if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
             access_key = lower["awsaccesskeyid"]
@@ -13328,8 +13487,12 @@ class _GatewayAuth:
             )
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", AWSAccessKeyId=access_key)
+        return access_key
+
+    def _policy_conditions(self, policy_b64: str) -> list[Any]:
+        """The conditions of a policy document that has not expired."""
         try:
-            policy = json.loads(base64.b64decode(lower["policy"]))
+            policy = json.loads(base64.b64decode(policy_b64))
             expiration = _parse_timestamp(str(policy["expiration"]))
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
@@ -13340,53 +13503,7 @@ class _GatewayAuth:
             raise _S3Reply("InvalidPolicyDocument", "Invalid Policy: Invalid 'conditions' value")
         if self._now() > expiration:
             raise _S3Reply("AccessDenied", "Invalid according to Policy: Policy expired.")
-        values = dict(lower, bucket=bucket, key=key)
-        covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
-        for cond in conditions:
-            if isinstance(cond, dict):
-                for name, want in cond.items():
-                    name = name.lower()
-                    covered.add(name)
-                    if values.get(name) != str(want):
-                        raise _S3Reply(
-                            "AccessDenied",
-                            "Invalid according to Policy: Policy Condition failed: "
-                            '["eq", "$%s", "%s"]' % (name, want),
-                        )
-            elif not isinstance(cond, list) or len(cond) != 3:
-                # a condition not understood is refused, never skipped (it would widen
-                # what the policy's signer allowed)
-                raise _S3Reply(
-                    "InvalidPolicyDocument",
-                    "Invalid Policy: Invalid Condition: %s" % json.dumps(cond)[:200],
-                )
-            else:
-                op = str(cond[0]).lower()
-                if op == "content-length-range":
-                    try:
-                        low, high = int(cond[1]), int(cond[2])
-                    except (TypeError, ValueError):
-                        raise _S3Reply("InvalidPolicyDocument") from None
-                    if not low <= size <= high:
-                        raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
-                    continue
-                name = str(cond[1]).lower().lstrip("$")
-                covered.add(name)
-                have = values.get(name, "")
-                ok = have == str(cond[2]) if op == "eq" else have.startswith(str(cond[2]))
-                if op not in ("eq", "starts-with") or not ok:
-                    raise _S3Reply(
-                        "AccessDenied",
-                        "Invalid according to Policy: Policy Condition failed: %s"
-                        % json.dumps(cond),
-                    )
-        extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
-        if extra:
-            raise _S3Reply(
-                "AccessDenied",
-                "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
-            )
-        return access_key
+        return conditions
 
     def _verify_presigned_v2(
         self,
@@ -13510,7 +13627,7 @@ class _GatewayAuth:
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13709,6 +13826,67 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._hashes = _Hashes(md5=True)
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def update(self, data: bytes) -> None:
+        self._hashes.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        info = self._hashes.info()
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if info.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=info.sha256,
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != bytes.fromhex(info.md5):
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return info
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -13768,7 +13946,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
-# -- multipart uploads ----------------------------------------------------------------
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- multipart uploads: parts on local disk until completed ---------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13817,10 +14030,11 @@ class _Uploads:
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
         try:
-            with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+            fd, tmp = _private_tempfile(folder, ".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             os.replace(spooled.path, base)
-            os.replace(base + ".json.tmp", base + ".json")
+            os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
@@ -13844,6 +14058,34 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
+
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
@@ -13852,9 +14094,10 @@ class _Uploads:
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
-        with open(note + ".tmp", "w", encoding="utf-8") as f:
+        fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
-        os.replace(note + ".tmp", note)
+        os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
         for name in os.listdir(self.folder):
@@ -13908,7 +14151,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -14006,7 +14249,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14026,6 +14269,225 @@ def _el(tag: str, value: Any) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
     return "<%s>%s</%s>" % (tag, _xml_escape(str(value)), tag)
+
+
+def _xml_owner(owner: Mapping[str, Any]) -> str:
+    return "<Owner>%s%s</Owner>" % (
+        _el("ID", owner.get("ID", "")),
+        _el("DisplayName", owner.get("DisplayName", "")),
+    )
+
+
+def _xml_listing(
+    bucket: str,
+    q: Mapping[str, str],
+    resp: Mapping[str, Any],
+    kind: str,
+    max_keys: int,
+    owners: bool,
+) -> bytes:
+    """A ListBucketResult (``kind`` v1 or v2) or ListVersionsResult (``versions``) from
+    the client's list response and the request's query ``q``: names URL-encoded under
+    ``encoding-type=url``, each object's Owner shown when ``owners``."""
+    encode = q.get("encoding-type") == "url"
+
+    def text(value: str) -> str:
+        return _quote(value, safe="/") if encode else value
+
+    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    if kind == "versions":
+        parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
+        parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
+        if resp.get("IsTruncated") and resp.get("Contents"):
+            parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
+            parts.append(_el("NextVersionIdMarker", "null"))
+    elif kind == "v2":
+        if q.get("start-after"):
+            parts.append(_el("StartAfter", text(q["start-after"])))
+        if "continuation-token" in q:  # echoed even when empty, as S3 does
+            parts.append(_el("ContinuationToken", q["continuation-token"]))
+        if resp.get("NextContinuationToken"):
+            parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
+        parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
+    else:
+        parts.append(_el("Marker", text(q.get("marker", ""))))
+        if resp.get("IsTruncated") and resp.get("NextMarker"):
+            parts.append(_el("NextMarker", text(resp["NextMarker"])))
+    parts.append(_el("MaxKeys", max_keys))
+    if q.get("delimiter"):
+        parts.append(_el("Delimiter", text(q["delimiter"])))
+    if encode:
+        parts.append(_el("EncodingType", "url"))
+    parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
+    for obj in resp.get("Contents", []):
+        item = [
+            _el("Key", text(obj["Key"])),
+            _el("LastModified", _iso_ms(obj.get("LastModified"))),
+            _el("ETag", obj.get("ETag", "")),
+            _el("Size", obj.get("Size", 0)),
+        ]
+        owner = obj.get("Owner")
+        if owner and owners:
+            item.append(_xml_owner(owner))
+        item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
+        if kind == "versions":
+            item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
+            parts.append("<Version>%s</Version>" % "".join(item))
+        else:
+            parts.append("<Contents>%s</Contents>" % "".join(item))
+    for p in resp.get("CommonPrefixes", []):
+        parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
+    root = "ListVersionsResult" if kind == "versions" else "ListBucketResult"
+    return _xml_doc(root, "".join(parts))
+
+
+def _xml_error(reply: _S3Reply, resource: str, request_id: str) -> bytes:
+    """An S3 error answer (AWS "Error responses"): no namespace, as S3 sends it."""
+    fields = "".join(_el(k, v) for k, v in reply.fields.items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
+        "<HostId></HostId></Error>"
+        % (
+            _el("Code", reply.code),
+            _el("Message", reply.message),
+            fields,
+            _el("Resource", resource),
+            request_id,
+        )
+    ).encode("utf-8")
+
+
+def _xml_buckets(resp: Mapping[str, Any]) -> bytes:
+    """ListAllMyBucketsResult from the client's list_buckets response."""
+    owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
+    items = "".join(
+        "<Bucket>%s%s</Bucket>"
+        % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
+        for b in resp.get("Buckets", [])
+    )
+    body = "%s<Buckets>%s</Buckets>" % (_xml_owner(owner), items)
+    return _xml_doc("ListAllMyBucketsResult", body)
+
+
+def _acl_policy(root: ET.Element) -> dict[str, Any]:
+    """A PutBucketAcl body (an AccessControlPolicy document) as boto3's
+    AccessControlPolicy parameter: only the fields the document carries."""
+    owner = root.find("Owner")
+    policy: dict[str, Any] = {"Grants": []}
+    if owner is not None:
+        policy["Owner"] = {
+            t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
+        }
+    for grant in root.iter("Grant"):
+        grantee = grant.find("Grantee")
+        who: dict[str, Any] = {}
+        if grantee is not None:
+            for attr, value in grantee.attrib.items():
+                if attr.endswith("}type") or attr == "type":
+                    who["Type"] = value
+            for t in ("ID", "DisplayName", "EmailAddress", "URI"):
+                if _xml_text(grantee, t):
+                    who[t] = _xml_text(grantee, t)
+        policy["Grants"].append(
+            {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
+        )
+    return policy
+
+
+def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
+    """DeleteResult from the client's delete_objects response, plus a NoSuchVersion error
+    for each key asked for by a version other than ``null``."""
+    parts = []
+    for d in resp.get("Deleted", []):
+        parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
+    for k in versioned:
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", k),
+                _el("Code", "NoSuchVersion"),
+                _el("Message", "The specified version does not exist."),
+            )
+        )
+    for e in resp.get("Errors", []):
+        parts.append(
+            "<Error>%s%s%s</Error>"
+            % (
+                _el("Key", e.get("Key", "")),
+                _el("Code", e.get("Code", "")),
+                _el("Message", e.get("Message", "")),
+            )
+        )
+    return _xml_doc("DeleteResult", "".join(parts))
+
+
+def _xml_parts(
+    bucket: str,
+    key: str,
+    upload_id: str,
+    rec: Mapping[str, Any],
+    shown: Mapping[int, Mapping[str, Any]],
+    marker: int,
+    max_parts: int,
+    truncated: bool,
+) -> bytes:
+    """ListPartsResult: the parts ``shown`` (number → its record, in order) of an upload
+    whose record is ``rec``; its initiator is also shown as its owner."""
+    items = "".join(
+        "<Part>%s%s%s%s</Part>"
+        % (
+            _el("PartNumber", n),
+            _el("LastModified", _iso_ms(_parse_timestamp(part["LastModified"]))),
+            _el("ETag", part["ETag"]),
+            _el("Size", part["Size"]),
+        )
+        for n, part in shown.items()
+    )
+    owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
+        _xml_escape(rec.get("Initiator", "")),
+        _xml_escape(rec.get("Initiator", "")),
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("Key", key)
+        + _el("UploadId", upload_id)
+        + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
+        + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
+        + _el("PartNumberMarker", marker)
+        + _el("NextPartNumberMarker", list(shown)[-1] if shown else marker)
+        + _el("MaxParts", max_parts)
+        + _el("IsTruncated", truncated)
+        + items
+    )
+    return _xml_doc("ListPartsResult", body)
+
+
+def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
+    """ListMultipartUploadsResult: the first 1,000 of ``ups`` (records of uploads in
+    progress, with their UploadId)."""
+    items = "".join(
+        "<Upload>%s%s%s%s</Upload>"
+        % (
+            _el("Key", u["Key"]),
+            _el("UploadId", u["UploadId"]),
+            _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
+            _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
+        )
+        for u in ups[:1000]
+    )
+    body = (
+        _el("Bucket", bucket)
+        + _el("KeyMarker", "")
+        + _el("UploadIdMarker", "")
+        + _el("Prefix", prefix)
+        + _el("MaxUploads", 1000)
+        + _el("IsTruncated", len(ups) > 1000)
+        + items
+    )
+    return _xml_doc("ListMultipartUploadsResult", body)
+
+
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -14085,6 +14547,60 @@ _RESPONSE_OVERRIDES = (
     ("response-content-type", "Content-Type"),
     ("response-expires", "Expires"),
 )
+
+
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
 
 
 class _Gateway:
@@ -14241,19 +14757,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD" or reply.status == 304:
             self._send(reply.status, headers={"x-amz-error-code": reply.code}, content_type=None)
             return
-        fields = "".join(_el(k, v) for k, v in reply.fields.items())
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>%s%s%s%s<RequestId>%s</RequestId>'
-            "<HostId></HostId></Error>"
-            % (
-                _el("Code", reply.code),
-                _el("Message", reply.message),
-                fields,
-                _el("Resource", self._raw_path),
-                self._request_id,
-            )
-        ).encode("utf-8")
-        self._send(reply.status, body)
+        self._send(reply.status, _xml_error(reply, self._raw_path, self._request_id))
 
     # -- dispatch -----------------------------------------------------------------
 
@@ -14376,22 +14880,17 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._expect_100 = False
 
     def _serve(self, gw: _Gateway) -> None:
+        """Route one request: /metrics, a browser POST upload (signed inside its form), or
+        an authenticated S3 request on the service, a bucket or an object."""
         method = self.command
-        metrics_only = self.server.metrics_only
-        if metrics_only or (
+        if self.server.metrics_only or (
             method == "GET"
             and self._raw_path == "/metrics"
             and not self._query
             and not gw.virtual_host(self._headers.get("host", ""))
         ):
             # A bucket named "metrics" is still listed: every S3 client sends a query.
-            self._operation = "Metrics"
-            if metrics_only and (method, self._raw_path) != ("GET", "/metrics"):
-                raise _S3Reply("NoSuchKey", status="404")
-            if not metrics_only:
-                self._authenticate(gw)
-            self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
-            return
+            return self._serve_metrics(gw)
         bucket, key = gw.route(self._headers.get("host", ""), self._raw_path)
         if (
             method == "POST"
@@ -14401,15 +14900,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and self._headers.get("content-type", "").startswith("multipart/form-data")
             and "authorization" not in self._headers
         ):
-            # Signed by its policy, inside the form: the body is read before anything
-            # authenticates it, so only a share of the workers may be doing that at once.
-            if not self.server.anonymous_bodies.acquire(blocking=False):
-                self.close_connection = True
-                raise _S3Reply("SlowDown")
-            try:
-                return self._post_object(bucket)
-            finally:
-                self.server.anonymous_bodies.release()
+            return self._serve_browser_post(bucket)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -14419,55 +14910,84 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             del q["versionId"]
         elif "versionId" in q:
             raise _S3Reply("InvalidArgument", "Invalid version id specified")
-        unsupported = sorted(set(q) & _GATEWAY_UNSUPPORTED)
         if bucket is None:
             self._operation = "ListBuckets"
             if method != "GET":
                 raise _S3Reply("MethodNotAllowed")
             return self._list_buckets()
-        if key is None and "acl" in q and method in ("GET", "PUT"):
+        if key is None:
+            return self._serve_bucket(gw, bucket, signed)
+        return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_metrics(self, gw: _Gateway) -> None:
+        """``GET /metrics``: signed like any request, unless on the --metrics-port."""
+        self._operation = "Metrics"
+        metrics_only = self.server.metrics_only
+        if metrics_only and (self.command, self._raw_path) != ("GET", "/metrics"):
+            raise _S3Reply("NoSuchKey", status="404")
+        if not metrics_only:
+            self._authenticate(gw)
+        self._send(200, gw.metrics.render().encode(), content_type="text/plain; version=0.0.4")
+
+    def _serve_browser_post(self, bucket: str) -> None:
+        """Signed by its policy, inside the form: the body is read before anything
+        authenticates it, so only a share of the workers may be doing that at once."""
+        if not self.server.anonymous_bodies.take():
+            self.close_connection = True
+            raise _S3Reply("SlowDown")
+        try:
+            self._post_object(bucket)
+        finally:
+            self.server.anonymous_bodies.give_back()
+
+    def _refuse_unsupported(self, kind: str) -> None:
+        """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
+        or Object, for the metrics' operation name)."""
+        unsupported = sorted(set(self._q) & _GATEWAY_UNSUPPORTED)
+        if unsupported:
+            self._operation = kind + ":" + unsupported[0]
+            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+
+    def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
+        """A request on a bucket (no key): listings, location, ACL, create, delete..."""
+        method, q = self.command, self._q
+        if "acl" in q and method in ("GET", "PUT"):
             return self._bucket_acl(bucket, signed)
-        if key is None and method == "GET" and "versioning" in q:
+        if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
             return self._send(200, _xml_doc("VersioningConfiguration", ""))
-        if key is None and method == "GET" and "versions" in q:
+        if method == "GET" and "versions" in q:
             return self._list_objects(bucket, versions=True)
-        if key is None:
-            if unsupported:
-                self._operation = "Bucket:" + unsupported[0]
-                raise _S3Reply(
-                    "NotImplemented", "?%s is not supported by the gateway" % unsupported[0]
-                )
-            if method == "GET" and "location" in q:
-                return self._get_bucket_location(bucket)
-            if method == "GET" and "uploads" in q:
-                return self._list_uploads(bucket)
-            if method == "GET":
-                return self._list_objects(bucket)
-            if method == "HEAD":
-                self._operation = "HeadBucket"
-                resp = gw.client.head_bucket(Bucket=bucket)
-                region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
-                    "x-amz-bucket-region", "us-east-1"
-                )
-                return self._send(200, headers={"x-amz-bucket-region": region})
-            if method == "PUT" and not q:
-                return self._create_bucket(bucket, signed)
-            if method == "DELETE" and not q:
-                self._operation = "DeleteBucket"
-                gw.client.delete_bucket(Bucket=bucket)
-                return self._send(204)
-            if method == "POST" and "delete" in q:
-                return self._delete_objects(bucket, signed)
-
-            self._operation = "Bucket:" + method
-            raise _S3Reply(
-                "NotImplemented", "This bucket operation is not supported by the gateway"
+        self._refuse_unsupported("Bucket")
+        if method == "GET" and "location" in q:
+            return self._get_bucket_location(bucket)
+        if method == "GET" and "uploads" in q:
+            return self._list_uploads(bucket)
+        if method == "GET":
+            return self._list_objects(bucket)
+        if method == "HEAD":
+            self._operation = "HeadBucket"
+            resp = gw.client.head_bucket(Bucket=bucket)
+            region = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get(
+                "x-amz-bucket-region", "us-east-1"
             )
-        if unsupported:
-            self._operation = "Object:" + unsupported[0]
-            raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+            return self._send(200, headers={"x-amz-bucket-region": region})
+        if method == "PUT" and not q:
+            return self._create_bucket(bucket, signed)
+        if method == "DELETE" and not q:
+            self._operation = "DeleteBucket"
+            gw.client.delete_bucket(Bucket=bucket)
+            return self._send(204)
+        if method == "POST" and "delete" in q:
+            return self._delete_objects(bucket, signed)
+        self._operation = "Bucket:" + method
+        raise _S3Reply("NotImplemented", "This bucket operation is not supported by the gateway")
+
+    def _serve_object(self, gw: _Gateway, bucket: str, key: str, signed: _Signed) -> None:
+        """A request on an object: get, put, copy, delete, and the multipart operations."""
+        method, q = self.command, self._q
+        self._refuse_unsupported("Object")
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
         if method in ("GET", "HEAD"):
@@ -14550,66 +15070,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
@@ -14629,31 +15107,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     # -- buckets ------------------------------------------------------------------
 
     def _list_buckets(self) -> None:
-        resp = self.server.gateway.client.list_buckets()
-        owner = resp.get("Owner") or {"ID": "deltaglider", "DisplayName": "deltaglider"}
-        items = "".join(
-            "<Bucket>%s%s</Bucket>"
-            % (_el("Name", b["Name"]), _el("CreationDate", _iso_ms(b.get("CreationDate"))))
-            for b in resp.get("Buckets", [])
-        )
-        body = "<Owner>%s%s</Owner><Buckets>%s</Buckets>" % (
-            _el("ID", owner.get("ID", "")),
-            _el("DisplayName", owner.get("DisplayName", "")),
-            items,
-        )
-        self._send(200, _xml_doc("ListAllMyBucketsResult", body))
+        self._send(200, _xml_buckets(self.server.gateway.client.list_buckets()))
 
     def _get_bucket_location(self, bucket: str) -> None:
         self._operation = "GetBucketLocation"
         resp = self.server.gateway.client.get_bucket_location(Bucket=bucket)
         location = resp.get("LocationConstraint") or ""
-        self._send(
-            200,
-            (
-                '<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="%s">%s'
-                "</LocationConstraint>" % (_S3_XMLNS, _xml_escape(location))
-            ).encode(),
-        )
+        self._send(200, _xml_doc("LocationConstraint", _xml_escape(location)))
 
     def _create_bucket(self, bucket: str, signed: _Signed) -> None:
         self._operation = "CreateBucket"
@@ -14693,26 +15153,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 root = _xml_parse(data)
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
-            owner = root.find("Owner")
-            policy: dict[str, Any] = {"Grants": []}
-            if owner is not None:
-                policy["Owner"] = {
-                    t: _xml_text(owner, t) for t in ("ID", "DisplayName") if _xml_text(owner, t)
-                }
-            for grant in root.iter("Grant"):
-                grantee = grant.find("Grantee")
-                who: dict[str, Any] = {}
-                if grantee is not None:
-                    for attr, value in grantee.attrib.items():
-                        if attr.endswith("}type") or attr == "type":
-                            who["Type"] = value
-                    for t in ("ID", "DisplayName", "EmailAddress", "URI"):
-                        if _xml_text(grantee, t):
-                            who[t] = _xml_text(grantee, t)
-                policy["Grants"].append(
-                    {"Grantee": who, "Permission": _xml_text(grant, "Permission") or ""}
-                )
-            params["AccessControlPolicy"] = policy
+            params["AccessControlPolicy"] = _acl_policy(root)
         client.put_bucket_acl(**params)
         self._send(200)
 
@@ -14732,8 +15173,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
         if max_keys < 0:
             raise _S3Reply("InvalidArgument", "max-keys must not be negative")
-        encode = q.get("encoding-type") == "url"
-        if "encoding-type" in q and not encode:
+        if "encoding-type" in q and q["encoding-type"] != "url":
             raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
         params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
         for qname, pname in (("prefix", "Prefix"), ("delimiter", "Delimiter")):
@@ -14756,87 +15196,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if q.get("marker"):
                 params["Marker"] = q["marker"]
             resp = client.list_objects(**params)
-
-        def text(value: str) -> str:
-            return _quote(value, safe="/") if encode else value
-
-        parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
-        if versions:
-            parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
-            parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
-            if resp.get("IsTruncated") and resp.get("Contents"):
-                parts.append(_el("NextKeyMarker", text(resp["Contents"][-1]["Key"])))
-                parts.append(_el("NextVersionIdMarker", "null"))
-        elif v2:
-            if q.get("start-after"):
-                parts.append(_el("StartAfter", text(q["start-after"])))
-            if "continuation-token" in q:  # echoed even when empty, as S3 does
-                parts.append(_el("ContinuationToken", q["continuation-token"]))
-            if resp.get("NextContinuationToken"):
-                parts.append(_el("NextContinuationToken", resp["NextContinuationToken"]))
-            parts.append(_el("KeyCount", resp.get("KeyCount", 0)))
-        else:
-            parts.append(_el("Marker", text(q.get("marker", ""))))
-            if resp.get("IsTruncated") and resp.get("NextMarker"):
-                parts.append(_el("NextMarker", text(resp["NextMarker"])))
-        parts.append(_el("MaxKeys", max_keys))
-        if q.get("delimiter"):
-            parts.append(_el("Delimiter", text(q["delimiter"])))
-        if encode:
-            parts.append(_el("EncodingType", "url"))
-        parts.append(_el("IsTruncated", bool(resp.get("IsTruncated"))))
-        for obj in resp.get("Contents", []):
-            item = [
-                _el("Key", text(obj["Key"])),
-                _el("LastModified", _iso_ms(obj.get("LastModified"))),
-                _el("ETag", obj.get("ETag", "")),
-                _el("Size", obj.get("Size", 0)),
-            ]
-            owner = obj.get("Owner")
-            if owner and (v2 is False or params.get("FetchOwner")):
-                item.append(
-                    "<Owner>%s%s</Owner>"
-                    % (
-                        _el("ID", owner.get("ID", "")),
-                        _el("DisplayName", owner.get("DisplayName", "")),
-                    )
-                )
-            item.append(_el("StorageClass", obj.get("StorageClass", "STANDARD")))
-            if versions:
-                item[1:1] = [_el("VersionId", "null"), _el("IsLatest", True)]
-                parts.append("<Version>%s</Version>" % "".join(item))
-            else:
-                parts.append("<Contents>%s</Contents>" % "".join(item))
-        for p in resp.get("CommonPrefixes", []):
-            parts.append("<CommonPrefixes>%s</CommonPrefixes>" % _el("Prefix", text(p["Prefix"])))
-        root = "ListVersionsResult" if versions else "ListBucketResult"
-        self._send(200, _xml_doc(root, "".join(parts)))
+        kind = "versions" if versions else "v2" if v2 else "v1"
+        owners = not v2 or bool(params.get("FetchOwner"))
+        self._send(200, _xml_listing(bucket, q, resp, kind, max_keys, owners))
 
     # -- objects ------------------------------------------------------------------
-
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
 
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
@@ -14859,18 +15223,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
-                if rng and "partNumber" not in self._q:
-                    start, end = _parse_range(rng, size)
+                try:
+                    span = None if "partNumber" in self._q else _byte_range(rng, size)
+                except _RangeNotSatisfiable as e:
+                    raise e.client_error("HeadObject") from None
+                if span is not None:
+                    start, end = span
                     headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
                     headers["Content-Length"] = str(end - start + 1)
                     return self._send(206, headers=headers, content_type=None)
@@ -14882,7 +15250,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -14901,30 +15269,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
-
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -14942,7 +15286,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = _put_object_from_file(client._engine, spooled.path, params, spooled.info)
+        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -14955,7 +15299,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -14994,7 +15338,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15029,28 +15373,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = self.server.gateway.client.delete_objects(
             Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": quiet}
         )
-        parts = []
-        for d in resp.get("Deleted", []):
-            parts.append("<Deleted>%s</Deleted>" % _el("Key", d["Key"]))
-        for k in versioned:
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", k),
-                    _el("Code", "NoSuchVersion"),
-                    _el("Message", "The specified version does not exist."),
-                )
-            )
-        for e in resp.get("Errors", []):
-            parts.append(
-                "<Error>%s%s%s</Error>"
-                % (
-                    _el("Key", e.get("Key", "")),
-                    _el("Code", e.get("Code", "")),
-                    _el("Message", e.get("Message", "")),
-                )
-            )
-        self._send(200, _xml_doc("DeleteResult", "".join(parts)))
+        self._send(200, _xml_delete_result(resp, versioned))
 
     def _post_object(self, bucket: str) -> None:
         """A browser upload (generate_presigned_post): a multipart/form-data body whose
@@ -15071,34 +15394,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 key = key.replace("${filename}", fields.get("\0filename", ""))
             self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
             fd, path = _private_tempfile(gw.spool_dir, ".post")
-            md5, sha = hashlib.md5(), hashlib.sha256()
             with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
-                f.seek(start)
-                left = end - start
-                while left > 0:
-                    data = f.read(min(_IO_CHUNK, left))
-                    if not data:
-                        break
-                    left -= len(data)
-                    md5.update(data)
-                    sha.update(data)
-                    out.write(data)
+                piece = _FileSlice(f, start, end - start)
+                info = _Hashes(md5=True).read(piece, each=out.write).info()
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            info = _FileInfo(sha.hexdigest(), md5.hexdigest(), end - start)
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15121,7 +15423,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
@@ -15177,35 +15479,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             ) from None
         numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
         parts = gw.uploads.parts(upload_id)
-        shown = numbers[:max_parts]
+        shown = {n: parts[n] for n in numbers[:max_parts]}
         truncated = len(numbers) > max_parts
-        items = "".join(
-            "<Part>%s%s%s%s</Part>"
-            % (
-                _el("PartNumber", n),
-                _el("LastModified", _iso_ms(_parse_timestamp(parts[n]["LastModified"]))),
-                _el("ETag", parts[n]["ETag"]),
-                _el("Size", parts[n]["Size"]),
-            )
-            for n in shown
-        )
-        owner = "<ID>%s</ID><DisplayName>%s</DisplayName>" % (
-            _xml_escape(rec.get("Initiator", "")),
-            _xml_escape(rec.get("Initiator", "")),
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("Key", key)
-            + _el("UploadId", upload_id)
-            + "<Initiator>%s</Initiator><Owner>%s</Owner>" % (owner, owner)
-            + _el("StorageClass", rec.get("Params", {}).get("StorageClass", "STANDARD"))
-            + _el("PartNumberMarker", marker)
-            + _el("NextPartNumberMarker", shown[-1] if shown else marker)
-            + _el("MaxParts", max_parts)
-            + _el("IsTruncated", truncated)
-            + items
-        )
-        self._send(200, _xml_doc("ListPartsResult", body))
+        body = _xml_parts(bucket, key, upload_id, rec, shown, marker, max_parts, truncated)
+        self._send(200, body)
 
     def _list_uploads(self, bucket: str) -> None:
         self._operation = "ListMultipartUploads"
@@ -15213,81 +15490,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.head_bucket(Bucket=bucket)
         prefix = self._q.get("prefix", "")
         ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
-        items = "".join(
-            "<Upload>%s%s%s%s</Upload>"
-            % (
-                _el("Key", u["Key"]),
-                _el("UploadId", u["UploadId"]),
-                _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
-                _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
-            )
-            for u in ups[:1000]
-        )
-        body = (
-            _el("Bucket", bucket)
-            + _el("KeyMarker", "")
-            + _el("UploadIdMarker", "")
-            + _el("Prefix", prefix)
-            + _el("MaxUploads", 1000)
-            + _el("IsTruncated", len(ups) > 1000)
-            + items
-        )
-        self._send(200, _xml_doc("ListMultipartUploadsResult", body))
+        self._send(200, _xml_uploads(bucket, prefix, ups))
 
     def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            md5, sha = hashlib.md5(), hashlib.sha256()
-            size = 0
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            while True:
-                                data = f.read(_IO_CHUNK)
-                                if not data:
-                                    break
-                                md5.update(data)
-                                sha.update(data)
-                                size += len(data)
-                                out.write(data)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
@@ -15300,6 +15520,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -15336,7 +15578,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first
@@ -15759,7 +16001,7 @@ class _Cli:
         """Every stored key under a prefix (one LIST per 1,000): lets uploads skip a HEAD
         each for the other representation of their name."""
         keys: set[str] = set()
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
         return keys
@@ -15828,6 +16070,27 @@ class _Cli:
 
     # -- cp / mv ------------------------------------------------------------------
 
+    def transfer_one(
+        self, verb: str, src: str, dst: str, work: Callable[[], Mapping[str, Any] | None]
+    ) -> None:
+        """The one per-file driver of cp, mv, sync and migrate: ``work`` transfers one file
+        and returns the engine's summary (for the line's delta note), or None. Prints the
+        line once the file is stored, or counts and prints its failure; with --dryrun it
+        prints what would happen instead. A cancellation (Ctrl-C) goes on up."""
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
+            return
+        try:
+            summary = work()
+            self.settled()
+            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+        finally:
+            self.file_done()
+
     def upload_one(
         self,
         path: str,
@@ -15836,18 +16099,15 @@ class _Cli:
         verb: str = "upload",
         existing: Container[str] | None = None,
     ) -> None:
-        dest = "s3://%s/%s" % (bucket, key)
-        shown = _display_path(path)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, shown, dest))
-            return
-        try:
+        """Store a local file at s3://bucket/key; mv then removes the file."""
+
+        def work() -> dict[str, Any]:
             extra = self.put_args()
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
             params["Metadata"] = metadata
-            engine = self.client._engine
+            engine = self.client.engine
             delta = False if getattr(self.args, "no_delta", False) else None
             summary = engine.put_file(
                 path,
@@ -15862,14 +16122,9 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, shown, dest, self.describe_error(e)))
-        finally:
-            self.file_done()
+            return summary
+
+        self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
 
     def put_args(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -15896,8 +16151,10 @@ class _Cli:
         mtime: Any = None,
         root: str | None = None,
     ) -> None:
-        """``root``: the destination folder of a recursive download or sync, which
-        nothing may be written outside of, even through a symlink inside it."""
+        """Write s3://bucket/key (rebuilt, verified) to a local path, with its recorded
+        mtime; mv then deletes the object. ``root``: the destination folder of a recursive
+        download or sync, which nothing may be written outside of, even through a symlink
+        inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
         if root is not None and _leads_outside(root, path):
@@ -15907,40 +16164,27 @@ class _Cli:
             )
             self.file_done()
             return
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
-            return
-        try:
+
+        def work() -> None:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-            lg = self.client._engine.get_to_file(bucket, key, path)
+            lg = self.client.engine.get_to_file(bucket, key, path)
             self.on_bytes(lg.size)
             stamp = _logical_mtime(lg)
             if stamp is not None:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
-                self.client._engine.delete(bucket, key)
-            self.settled()
-            self.line("%s: %s to %s" % (verb, src, shown))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, shown, self.describe_error(e)))
-        finally:
-            self.file_done()
+                self.client.engine.delete(bucket, key)
+
+        self.transfer_one(verb, src, shown, work)
 
     def copy_one(self, sb: str, sk: str, db: str, dk: str, verb: str = "copy") -> None:
-        src, dst = "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
-            return
-        try:
-            engine = self.client._engine
-            lg = engine.head(sb, sk, "HeadObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
-            os.close(fd)
-            try:
-                engine.get_to_file(sb, sk, tmp, logical=lg)
+        """Copy s3://sb/sk to s3://db/dk through a local temporary file (rebuilt, then
+        stored in the destination's layout); mv then deletes the source."""
+
+        def work() -> dict[str, Any]:
+            engine = self.client.engine
+            with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
                 params = dict(self.put_args())
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
@@ -15953,19 +16197,28 @@ class _Cli:
                     headers=_put_headers(params),
                     delta=delta,
                 )
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+            return summary
+
+        self.transfer_one(verb, "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk), work)
+
+    @contextlib.contextmanager
+    def fetched(
+        self, source: DeltaGliderClient, bucket: str, key: str, suffix: str
+    ) -> Iterator[tuple[str, _Logical]]:
+        """An object of ``source`` rebuilt into a private temporary file, with its logical
+        head, for copies between buckets or stores; the file is removed afterwards."""
+        engine = source.engine
+        lg = engine.head(bucket, key, "HeadObject")
+        fd, tmp = _private_tempfile(self.client.engine.tmp_dir(), suffix)
+        os.close(fd)
+        try:
+            engine.get_to_file(bucket, key, tmp, logical=lg)
+            yield tmp, lg
         finally:
-            self.file_done()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
@@ -16046,6 +16299,8 @@ class _Cli:
             yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
+        """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
+        it or between buckets; ``-`` streams stdin or stdout."""
         src, dst = self.args.source, self.args.dest
         src_s3, dst_s3 = src.startswith("s3://"), dst.startswith("s3://")
         if not src_s3 and not dst_s3:
@@ -16054,81 +16309,85 @@ class _Cli:
             )
         if src == "-" or dst == "-":
             return self.cp_stream(src, dst)
-        recursive = getattr(self.args, "recursive", False)
         if src_s3 and dst_s3:
-            sb, sk = _parse_s3_url(src)
-            db, dk = _parse_s3_url(dst)
-            command = "mv" if move else "cp"
-            if not recursive:
-                if not dk or dk.endswith("/"):
-                    dk += sk.rsplit("/", 1)[-1]
-                _refuse_onto_itself(command, sb, db, [(sk, dk)])
-                self.copy_one(sb, sk, db, dk, "move" if move else "copy")
-                return self.exit_code()
-            prefix = sk if not sk or sk.endswith("/") else sk + "/"
-            dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-            filters = self.filters()
-            pairs = [
-                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
-                for obj in self.list_logical(sb, prefix)
-                if filters.included(obj["Key"][len(prefix) :])
-            ]
-            _refuse_onto_itself(command, sb, db, pairs)
-            tasks: list[Callable[[], None]] = [
-                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
-                for s_key, d_key in pairs
-            ]
-            self.run_tasks(tasks, 0)
-            return self.exit_code()
-        if dst_s3:
-            bucket, key = _parse_s3_url(dst)
-            if os.path.isdir(src):
-                if not recursive:
-                    raise _FatalError(
-                        "upload failed: %s to %s Need to use --recursive to upload a directory"
-                        % (_display_path(src), dst)
-                    )
-                prefix = key if not key or key.endswith("/") else key + "/"
-                filters = self.filters()
-                tasks = []
-                total = 0
-                existing = self.stored_keys(bucket, prefix)
-                for path, rel in self.local_files(src):
-                    if filters.included(rel):
-                        total += os.path.getsize(path)
-                        tasks.append(
-                            functools.partial(
-                                self.upload_one,
-                                path,
-                                bucket,
-                                prefix + rel,
-                                "move" if move else "upload",
-                                existing,
-                            )
-                        )
-                self.run_tasks(tasks, total)
-                return self.exit_code()
-            if not os.path.exists(src):
-                raise _FatalError("The user-provided path %s does not exist." % src)
-            if not stat.S_ISREG(os.stat(src).st_mode):
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % src
+            self.cp_between(src, dst, move)
+        elif dst_s3:
+            self.cp_up(src, dst, move)
+        else:
+            self.cp_down(src, dst, move)
+        return self.exit_code()
+
+    def cp_between(self, src: str, dst: str, move: bool) -> None:
+        """S3 to S3: a key, or every key under a prefix, copied with copy_one. A copy onto
+        itself, or onto a key the same run still has to read, is refused before any work."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        command, verb = ("mv", "move") if move else ("cp", "copy")
+        if not getattr(self.args, "recursive", False):
+            if not dk or dk.endswith("/"):
+                dk += sk.rsplit("/", 1)[-1]
+            _refuse_onto_itself(command, sb, db, [(sk, dk)])
+            self.copy_one(sb, sk, db, dk, verb)
+            return
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        pairs = [
+            (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+            for obj in self.list_logical(sb, prefix)
+            if filters.included(obj["Key"][len(prefix) :])
+        ]
+        _refuse_onto_itself(command, sb, db, pairs)
+        tasks: list[Callable[[], None]] = [
+            functools.partial(self.copy_one, sb, s_key, db, d_key, verb) for s_key, d_key in pairs
+        ]
+        self.run_tasks(tasks, 0)
+
+    def cp_up(self, src: str, dst: str, move: bool) -> None:
+        """Local to S3: a file, or with --recursive every file under a folder (in key
+        order, --exclude/--include applied), each stored with upload_one."""
+        bucket, key = _parse_s3_url(dst)
+        verb = "move" if move else "upload"
+        if os.path.isdir(src):
+            if not getattr(self.args, "recursive", False):
+                raise _FatalError(
+                    "upload failed: %s to %s Need to use --recursive to upload a directory"
+                    % (_display_path(src), dst)
                 )
-                return self.exit_code()
-            if not key or key.endswith("/"):
-                key += os.path.basename(src)
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.upload_one, src, bucket, key, "move" if move else "upload"
+            prefix = key if not key or key.endswith("/") else key + "/"
+            filters = self.filters()
+            tasks: list[Callable[[], None]] = []
+            total = 0
+            existing = self.stored_keys(bucket, prefix)
+            for path, rel in self.local_files(src):
+                if filters.included(rel):
+                    total += os.path.getsize(path)
+                    tasks.append(
+                        functools.partial(
+                            self.upload_one, path, bucket, prefix + rel, verb, existing
+                        )
                     )
-                ],
-                os.path.getsize(src),
+            self.run_tasks(tasks, total)
+            return
+        if not os.path.exists(src):
+            raise _FatalError("The user-provided path %s does not exist." % src)
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            self.warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % src
             )
-            return self.exit_code()
+            return
+        if not key or key.endswith("/"):
+            key += os.path.basename(src)
+        task = functools.partial(self.upload_one, src, bucket, key, verb)
+        self.run_tasks([task], os.path.getsize(src))
+
+    def cp_down(self, src: str, dst: str, move: bool) -> None:
+        """S3 to local: a key, or with --recursive every key under a prefix, each written
+        with download_one; a key that would land outside the folder is skipped."""
         bucket, key = _parse_s3_url(src)
-        if not recursive:
+        verb = "move" if move else "download"
+        if not getattr(self.args, "recursive", False):
             if not key or key.endswith("/"):
                 raise _FatalError(
                     "download failed: %s to %s An S3 key is needed (use --recursive for a prefix)"
@@ -16137,18 +16396,11 @@ class _Cli:
             path = dst
             if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
                 path = os.path.join(dst, key.rsplit("/", 1)[-1])
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.download_one, bucket, key, path, "move" if move else "download"
-                    )
-                ],
-                0,
-            )
-            return self.exit_code()
+            self.run_tasks([functools.partial(self.download_one, bucket, key, path, verb)], 0)
+            return
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        tasks = []
+        tasks: list[Callable[[], None]] = []
         for obj in self.list_logical(bucket, prefix):
             rel = obj["Key"][len(prefix) :]
             safe = _safe_relative(rel)
@@ -16159,22 +16411,15 @@ class _Cli:
                 )
                 continue
             if filters.included(rel):
+                path = os.path.join(dst, safe)
                 tasks.append(
-                    functools.partial(
-                        self.download_one,
-                        bucket,
-                        obj["Key"],
-                        os.path.join(dst, safe),
-                        "move" if move else "download",
-                        root=dst,
-                    )
+                    functools.partial(self.download_one, bucket, obj["Key"], path, verb, root=dst)
                 )
         self.run_tasks(tasks, 0)
-        return self.exit_code()
 
     def cp_stream(self, src: str, dst: str) -> int:
         """``-`` as source (stdin) or destination (stdout); only errors are printed."""
-        engine = self.client._engine
+        engine = self.client.engine
         if src == "-":
             bucket, key = _parse_s3_url(dst)
             if not key or key.endswith("/"):
@@ -16258,7 +16503,7 @@ class _Cli:
         """``ls`` shows nothing where only a reference is left (listings hide them):
         say so, and how to remove it."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=True)["Removed"]
+            found = self.client.engine.gc(bucket, prefix, dry_run=True)["Removed"]
         except (DeltaGliderError, OSError):
             return
         unused = [r["Key"] for r in found]
@@ -16277,7 +16522,7 @@ class _Cli:
 
     def cmd_rm(self) -> int:
         bucket, key = _parse_s3_url(self.args.path)
-        engine = self.client._engine
+        engine = self.client.engine
         dry = self.dry()
         if not self.args.recursive:
             if not key:
@@ -16311,7 +16556,7 @@ class _Cli:
     def delete_unused_references(self, bucket: str, prefix: str) -> None:
         """References no delta uses (listings never show them) go with their folder."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=bool(self.dry()))
+            found = self.client.engine.gc(bucket, prefix, dry_run=bool(self.dry()))
         except (DeltaGliderError, OSError) as e:
             self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
             return
@@ -16445,7 +16690,7 @@ class _Cli:
         """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
         LastModified where none was recorded. HEADs run on the pool."""
         out: dict[str, float] = {}
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         lock = threading.Lock()
 
         def one(rel: str) -> None:
@@ -16544,7 +16789,7 @@ class _Cli:
             keys = [o["Key"] for o in self.list_logical(bucket, "")]
             self.delete_keys(bucket, keys)
             # anything left (other tools' objects, temp copies, stray references)
-            self.client._engine.delete_prefix(bucket, "")
+            self.client.engine.delete_prefix(bucket, "")
         else:
             # Our own bookkeeping (stats cache, rebuilt presign copies) must not make an
             # otherwise empty bucket "not empty".
@@ -16557,7 +16802,7 @@ class _Cli:
             ):
                 # Our bookkeeping, and references no delta uses (an interrupted upload,
                 # another tool): delete_prefix removes only those that nothing needs.
-                self.client._engine.delete_prefix(bucket, "")
+                self.client.engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -16698,14 +16943,56 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.client
+        source = self.migrate_source()
+        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        if _store_identity(source) == _store_identity(self.client):
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
+        if self.dry():
+            self.migrate_dry_run(sb, db, todo)
+            return EXIT_OK
+        present: dict[str, int] = {}
+        for item in self.list_logical(db, dprefix, fetch=True):
+            present[item["Key"]] = int(item["Size"])
+        skipped = [t for t in todo if present.get(t[1]) == t[2]]
+        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        total = sum(t[2] for t in todo)
+        stored: list[int] = []  # each file's stored size (list.append is atomic)
+        self.run_tasks(
+            [functools.partial(self.migrate_one, source, sb, db, *t, stored) for t in todo], total
+        )
+        saved = (1 - sum(stored) / total) * 100 if total else 0.0
+        self.line(
+            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
+            % (
+                len(todo) - self.failed,
+                _human_size(total),
+                _human_size(sum(stored)),
+                saved,
+                len(skipped),
+                self.failed,
+            )
+        )
+        return self.exit_code()
+
+    def migrate_source(self) -> DeltaGliderClient:
+        """The client migrate reads from: this run's, or another store's with
+        --source-endpoint-url / --source-profile."""
         if self.args.source_endpoint_url or self.args.source_profile:
-            source = create_client(
+            return create_client(
                 endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
                 profile_name=self.args.source_profile or self.args.profile,
                 region_name=self.args.region,
                 environ=self.environ,
             )
+        return self.client
+
+    def migrate_plan(
+        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
+    ) -> list[tuple[str, str, int]]:
+        """(source key, destination key, size) of every object to migrate: the source's
+        logical objects under the prefix, --exclude/--include applied, our own
+        bookkeeping left out."""
         filters = self.filters()
         todo = []
         for obj in source.get_paginator("list_objects_v2").paginate(
@@ -16716,86 +17003,53 @@ class _Cli:
                 if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        if _store_identity(source) == _store_identity(self.client):
-            pairs = [(t[0], t[1]) for t in todo]
-            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
-        present: dict[str, int] = {}
-        if not self.dry():
-            for item in self.list_logical(db, dprefix, fetch=True):
-                present[item["Key"]] = int(item["Size"])
-        skipped = [t for t in todo if present.get(t[1]) == t[2]]
-        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        return todo
+
+    def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
+        """--dryrun: each file that would be copied, then how many, and how many of them
+        would become deltas (all but the first eligible file in each folder)."""
         total = sum(t[2] for t in todo)
-        stored = [0]
-        lock = threading.Lock()
-        if self.dry():
-            eligible = sum(
-                1 for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            )
-            spaces = {
-                _deltaspace(t[1])
-                for t in todo
-                if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            }
-            for s_key, d_key, _ in todo:
-                self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
-            self.line(
-                "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
-                "all but the first in each folder are stored as deltas"
-                % (len(todo), _human_size(total), eligible, len(spaces))
-            )
-            return EXIT_OK
-
-        def one(s_key: str, d_key: str, size: int) -> None:
-            src_url, dst_url = "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key)
-            try:
-                engine = source._engine
-                lg = engine.head(sb, s_key, "HeadObject")
-                fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), ".migrate")
-                os.close(fd)
-                try:
-                    engine.get_to_file(sb, s_key, tmp, logical=lg)
-                    delta = False if self.args.no_delta else None
-                    params: dict[str, Any] = {"ContentType": lg.content_type}
-                    summary = self.client._engine.put_file(
-                        tmp,
-                        db,
-                        d_key,
-                        metadata=_user_metadata(lg.metadata),
-                        headers=_put_headers(params),
-                        delta=delta,
-                        mtime=_logical_mtime(lg),
-                    )
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                with lock:
-                    stored[0] += summary["StoredSize"]
-                self.on_bytes(size)
-                self.line("migrate: %s to %s%s" % (src_url, dst_url, self._saved_note(summary)))
-            except _Cancelled:
-                raise
-            except (DeltaGliderError, OSError) as e:
-                self.fail(
-                    "migrate failed: %s to %s %s" % (src_url, dst_url, self.describe_error(e))
-                )
-            finally:
-                self.file_done()
-
-        self.run_tasks([functools.partial(one, *t) for t in todo], total)
-        saved = (1 - stored[0] / total) * 100 if total else 0.0
+        eligible = [t[1] for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)]
+        spaces = {_deltaspace(key) for key in eligible}
+        for s_key, d_key, _ in todo:
+            self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
         self.line(
-            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
-            % (
-                len(todo) - self.failed,
-                _human_size(total),
-                _human_size(stored[0]),
-                saved,
-                len(skipped),
-                self.failed,
-            )
+            "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
+            "all but the first in each folder are stored as deltas"
+            % (len(todo), _human_size(total), len(eligible), len(spaces))
         )
-        return self.exit_code()
+
+    def migrate_one(
+        self,
+        source: DeltaGliderClient,
+        sb: str,
+        db: str,
+        s_key: str,
+        d_key: str,
+        size: int,
+        stored: list[int],
+    ) -> None:
+        """Copy one object of ``source`` into the delta layout with its content type, user
+        metadata and mtime; its stored size is added to ``stored``."""
+
+        def work() -> dict[str, Any]:
+            with self.fetched(source, sb, s_key, ".migrate") as (tmp, lg):
+                delta = False if self.args.no_delta else None
+                params: dict[str, Any] = {"ContentType": lg.content_type}
+                summary = self.client.engine.put_file(
+                    tmp,
+                    db,
+                    d_key,
+                    metadata=_user_metadata(lg.metadata),
+                    headers=_put_headers(params),
+                    delta=delta,
+                    mtime=_logical_mtime(lg),
+                )
+            stored.append(summary["StoredSize"])
+            self.on_bytes(size)
+            return summary
+
+        self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
@@ -16851,7 +17105,7 @@ def _refuse_sync_path(path: str) -> None:
 def _store_identity(client: DeltaGliderClient) -> str:
     """Which store a client talks to (endpoint, or local directory): two clients with the same
     identity see the same bucket under the same name."""
-    storage = client._engine.storage
+    storage = client.engine.storage
     if isinstance(storage, _LocalStorage):
         return "file:" + os.path.realpath(storage._root)
     return str(storage.endpoint_url).lower()
