@@ -10519,6 +10519,94 @@ class _LimitedReader:
         self._f.close()
 
 
+def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
+    """Write a request body (bytes, str or any file object) to a private temp file;
+    returns its path and the digests of the caller's bytes, taken as they are written,
+    never read back from the file: whatever is uploaded from it is checked against
+    these (signed payload hash, the delta's decode check), so a file changed under us
+    fails the upload instead of storing other bytes."""
+    fd, path = _private_tempfile(engine.tmp_dir(), ".body")
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+
+    def write(f: IO[bytes], data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        md5.update(data)
+        size += len(data)
+        f.write(data)
+
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(body, str):
+                write(f, body.encode("utf-8"))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                write(f, bytes(body))
+            elif hasattr(body, "read"):
+                while True:
+                    chunk = body.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            else:
+                raise ParamValidationError(
+                    report=_type_report(
+                        "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
+                    )
+                )
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _put_object_from_file(
+    engine: _DeltaEngine,
+    path: str,
+    params: Mapping[str, Any],
+    info: _FileInfo | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
+    stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
+    ``info`` holds the digests of the caller's bytes when they were spooled."""
+    # SSE-C: only the customer's key may read it, so no shared reference.
+    delta = False if params.get("SSECustomerKey") is not None else None
+    summary = engine.put_file(
+        path,
+        params["Bucket"],
+        params["Key"],
+        metadata=params.get("Metadata"),
+        headers=_put_headers(params),
+        delta=delta,
+        info=info,
+        on_bytes=on_bytes,
+    )
+    resp = summary.pop("Response")
+    out: dict[str, Any] = {"ETag": summary["ETag"]}
+    for name in ("ServerSideEncryption", "VersionId"):
+        if name in resp:
+            out[name] = resp[name]
+    out["ResponseMetadata"] = _local_metadata(resp)
+    if summary["Operation"]:  # every upload says how it was stored, as 6.x
+        out["DeltaGliderInfo"] = {
+            k: summary[k]
+            for k in (
+                "OriginalSizeMB",
+                "StoredSizeMB",
+                "IsDelta",
+                "CompressionRatio",
+                "SavingsPercent",
+                "StoredAs",
+                "Operation",
+            )
+        }
+        # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+        if summary.get("ReferenceKey"):
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10596,53 +10684,13 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
-        """Write a request body (bytes, str or any file object) to a private temp file;
-        returns its path and the digests of the caller's bytes, taken as they are written,
-        never read back from the file: whatever is uploaded from it is checked against
-        these (signed payload hash, the delta's decode check), so a file changed under us
-        fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self.engine.tmp_dir(), ".body")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
-        size = 0
-
-        def write(f: IO[bytes], data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            md5.update(data)
-            size += len(data)
-            f.write(data)
-
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(body, str):
-                    write(f, body.encode("utf-8"))
-                elif isinstance(body, (bytes, bytearray, memoryview)):
-                    write(f, bytes(body))
-                elif hasattr(body, "read"):
-                    while True:
-                        chunk = body.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-                else:
-                    raise ParamValidationError(
-                        report=_type_report(
-                            "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
-                        )
-                    )
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10660,53 +10708,9 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return self._put_path(path, kwargs, info)
+            return _put_object_from_file(self.engine, path, kwargs, info)
         finally:
             os.unlink(path)
-
-    def _put_path(
-        self,
-        path: str,
-        params: Mapping[str, Any],
-        info: _FileInfo | None = None,
-        delta: bool | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
-        if params.get("SSECustomerKey") is not None:
-            delta = False  # only the customer's key may read it: no shared reference
-        summary = self.engine.put_file(
-            path,
-            params["Bucket"],
-            params["Key"],
-            metadata=params.get("Metadata"),
-            headers=_put_headers(params),
-            delta=delta,
-            info=info,
-            on_bytes=on_bytes,
-        )
-        resp = summary.pop("Response")
-        out: dict[str, Any] = {"ETag": summary["ETag"]}
-        for name in ("ServerSideEncryption", "VersionId"):
-            if name in resp:
-                out[name] = resp[name]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["Operation"]:  # every upload says how it was stored, as 6.x
-            out["DeltaGliderInfo"] = {
-                k: summary[k]
-                for k in (
-                    "OriginalSizeMB",
-                    "StoredSizeMB",
-                    "IsDelta",
-                    "CompressionRatio",
-                    "SavingsPercent",
-                    "StoredAs",
-                    "Operation",
-                )
-            }
-            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            if summary.get("ReferenceKey"):
-                out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
-        return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -11006,7 +11010,7 @@ class DeltaGliderClient:
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -11282,7 +11286,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11310,7 +11314,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = self._spool(Fileobj)
+        path, info = _spool_request_body(self.engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11399,7 +11403,7 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
                 etag = self.engine.storage.upload_part(
@@ -11445,7 +11449,7 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = self._spool(part)
+            path, info = _spool_request_body(self.engine, part)
         try:
             with open(path, "rb") as f:
                 etag = self.engine.storage.upload_part(
@@ -11499,7 +11503,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -11742,136 +11746,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
-        methods = {
-            "get_object": (
-                "GET",
-                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
-            ),
-            "head_object": ("HEAD", {"Bucket", "Key"} | read),
-            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
-            "delete_object": ("DELETE", {"Bucket", "Key"}),
-            "list_objects_v2": (
-                "GET",
-                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
-            ),
-        }
-        if ClientMethod not in methods:
-            raise ParamValidationError(
-                report="deltaglider presigns %s; not %r"
-                % (", ".join(sorted(methods)), ClientMethod)
-            )
-        method, allowed = methods[ClientMethod]
-        _check_params(ClientMethod, params, allowed)
-        _require(ClientMethod, params, "Bucket")
-        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
-            )
-        storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned URLs need an S3 endpoint, not a local store"
-            )
-        bucket, key = params.pop("Bucket"), params.pop("Key", None)
-        query: list[tuple[str, str]] = []
-        # Header parameters are signed headers the URL's user must send, as botocore signs
-        # them; the Response* overrides and list parameters are query parameters.
-        headers: dict[str, str] = {}
-        if ClientMethod == "put_object":
-            headers = _put_headers(params)
-            headers.update(_metadata_headers(params.get("Metadata")))
-            if params.get("ContentMD5") is not None:
-                headers["Content-MD5"] = str(params["ContentMD5"])
-            if params.get("ContentLength") is not None:
-                headers["Content-Length"] = str(params["ContentLength"])
-        elif ClientMethod in ("get_object", "head_object"):
-            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
-            if params.get("Range") is not None:
-                headers["Range"] = str(params["Range"])
-            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
-        if ClientMethod == "get_object" and key is not None:
-            try:
-                lg: _Logical | None = self.engine.head(bucket, key, "HeadObject")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None  # a URL that answers 404, as boto3's would
-            if lg is not None and lg.kind == _Kind.DELTA:
-                key = self._rehydrate(lg, int(ExpiresIn))
-            for name, value in sorted(params.items()):
-                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
-                if isinstance(value, datetime.datetime):
-                    value = _http_date(value)
-                query.append(("response-" + snake, str(value)))
-        elif ClientMethod == "list_objects_v2":
-            query.append(("list-type", "2"))
-            for name, value in params.items():
-                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return cast(_S3Storage, storage).presign_url(
-            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
-        )
-
-    def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
-        "Presigned URLs of delta-stored files"). One copy per key, content and content
-        type, named after them: a later URL reuses it, and a copy that would expire
-        before the new URL is given the later expiry by a server-side copy onto itself
-        (re-sent only where the server refuses that)."""
-        name = lg.key.rsplit("/", 1)[-1]
-        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
-        tmp_key = "%s%s_%s" % (
-            _PRESIGN_PREFIX,
-            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
-            name,
-        )
-        engine = self.engine
-        storage = engine.storage
-        until = self._now() + datetime.timedelta(seconds=expires)
-        meta = {
-            "dg-expires-at": _iso_utc(until),
-            "dg-original-key": lg.key,
-            "dg-rehydrated": "true",
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-file-sha256": lg.sha256 or "",
-        }
-        headers = {"Content-Type": lg.content_type}
-        try:
-            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            head = None
-        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
-            try:
-                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
-            except ValueError:
-                lives = None
-            if lives is not None and lives >= until:
-                return tmp_key
-            try:
-                storage.copy_object(
-                    lg.bucket,
-                    tmp_key,
-                    lg.bucket,
-                    tmp_key,
-                    metadata={k: _meta_encode(v) for k, v in meta.items()},
-                    metadata_directive="REPLACE",
-                    headers=headers,
-                )
-                return tmp_key
-            except ClientError as e:
-                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
-        os.close(fd)
-        try:
-            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return tmp_key
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11883,19 +11758,7 @@ class DeltaGliderClient:
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
         storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned POSTs need an S3 endpoint, not a local store"
-            )
-        fields = dict(Fields or {})
-        conditions = list(Conditions or [])
-        conditions.append({"bucket": Bucket})
-        if Key.endswith("${filename}"):
-            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
-        else:
-            conditions.append({"key": Key})
-        fields["key"] = Key
-        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
+        return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -12182,7 +12045,7 @@ class DeltaGliderClient:
         lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return self._rehydrate(lg, int(ExpiresIn))
+        return _rehydrated_copy(self.engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -12664,6 +12527,190 @@ def _compute_bucket_stats(
             for k, size in sorted(references.items())
         ]
     return stats
+
+
+# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+
+_PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+#: The client methods we presign: their HTTP method and the parameters each takes.
+_PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
+    "get_object": (
+        "GET",
+        frozenset({"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS})
+        | _PRESIGN_READ_PARAMS,
+    ),
+    "head_object": ("HEAD", frozenset({"Bucket", "Key"}) | _PRESIGN_READ_PARAMS),
+    "put_object": ("PUT", frozenset({"Bucket", "Key"}) | _PUT_PARAMS),
+    "delete_object": ("DELETE", frozenset({"Bucket", "Key"})),
+    "list_objects_v2": (
+        "GET",
+        frozenset({"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"}),
+    ),
+}
+
+
+def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
+    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    if client_method not in _PRESIGN_METHODS:
+        raise ParamValidationError(
+            report="deltaglider presigns %s; not %r"
+            % (", ".join(sorted(_PRESIGN_METHODS)), client_method)
+        )
+    method, allowed = _PRESIGN_METHODS[client_method]
+    _check_params(client_method, params, allowed)
+    _require(client_method, params, "Bucket")
+    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+        raise ParamValidationError(
+            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+            % (_PRESIGN_MAX_EXPIRES, expires)
+        )
+    return method
+
+
+def _presign_headers(
+    client_method: str, params: Mapping[str, Any]
+) -> tuple[dict[str, str], Mapping[str, Any]]:
+    """The headers a URL signs (its user must send them, as botocore signs them), and the
+    parameters left for its query: of a read, only the ``Response*`` overrides."""
+    headers: dict[str, str] = {}
+    if client_method == "put_object":
+        headers = _put_headers(params)
+        headers.update(_metadata_headers(params.get("Metadata")))
+        if params.get("ContentMD5") is not None:
+            headers["Content-MD5"] = str(params["ContentMD5"])
+        if params.get("ContentLength") is not None:
+            headers["Content-Length"] = str(params["ContentLength"])
+    elif client_method in ("get_object", "head_object"):
+        headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+        if params.get("Range") is not None:
+            headers["Range"] = str(params["Range"])
+        params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
+    return headers, params
+
+
+def _presigned_url(
+    engine: _DeltaEngine,
+    client_method: str,
+    params: dict[str, Any],
+    expires: int,
+    http_method: str | None,
+    now: Callable[[], datetime.datetime],
+) -> str:
+    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
+    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
+    method = _presign_method(client_method, params, expires)
+    storage = engine.storage
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
+    bucket, key = params.pop("Bucket"), params.pop("Key", None)
+    query: list[tuple[str, str]] = []
+    headers, rest = _presign_headers(client_method, params)
+    if client_method == "get_object" and key is not None:
+        try:
+            lg: _Logical | None = engine.head(bucket, key, "HeadObject")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            lg = None  # a URL that answers 404, as boto3's would
+        if lg is not None and lg.kind == _Kind.DELTA:
+            key = _rehydrated_copy(engine, lg, int(expires), now)
+        for name, value in sorted(rest.items()):
+            snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            query.append(("response-" + snake, str(value)))
+    elif client_method == "list_objects_v2":
+        query.append(("list-type", "2"))
+        for name, value in rest.items():
+            query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+    return cast(_S3Storage, storage).presign_url(
+        http_method or method, bucket, key, query, int(expires), headers
+    )
+
+
+def _rehydrated_copy(
+    engine: _DeltaEngine, lg: _Logical, expires: int, now: Callable[[], datetime.datetime]
+) -> str:
+    """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+    "Presigned URLs of delta-stored files"). One copy per key, content and content
+    type, named after them: a later URL reuses it, and a copy that would expire
+    before the new URL is given the later expiry by a server-side copy onto itself
+    (re-sent only where the server refuses that)."""
+    name = lg.key.rsplit("/", 1)[-1]
+    ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+    tmp_key = "%s%s_%s" % (
+        _PRESIGN_PREFIX,
+        hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+        name,
+    )
+    storage = engine.storage
+    until = now() + datetime.timedelta(seconds=expires)
+    meta = {
+        "dg-expires-at": _iso_utc(until),
+        "dg-original-key": lg.key,
+        "dg-rehydrated": "true",
+        "dg-created-at": _iso_utc(now()),
+        "dg-file-sha256": lg.sha256 or "",
+    }
+    headers = {"Content-Type": lg.content_type}
+    try:
+        head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        head = None
+    if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+        try:
+            lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+        except ValueError:
+            lives = None
+        if lives is not None and lives >= until:
+            return tmp_key
+        try:
+            storage.copy_object(
+                lg.bucket,
+                tmp_key,
+                lg.bucket,
+                tmp_key,
+                metadata={k: _meta_encode(v) for k, v in meta.items()},
+                metadata_directive="REPLACE",
+                headers=headers,
+            )
+            return tmp_key
+        except ClientError as e:
+            logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
+    fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
+    os.close(fd)
+    try:
+        engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+        _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return tmp_key
+
+
+def _presigned_post(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    given_fields: Mapping[str, str] | None,
+    given_conditions: Sequence[Any] | None,
+    expires: int,
+) -> dict[str, Any]:
+    """generate_presigned_post: the policy names the bucket and the key (or, for a key
+    ending in ``${filename}``, the key's start)."""
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned POSTs need an S3 endpoint, not a local store")
+    fields = dict(given_fields or {})
+    conditions = list(given_conditions or [])
+    conditions.append({"bucket": bucket})
+    if key.endswith("${filename}"):
+        conditions.append(["starts-with", "$key", key[: -len("${filename}")]])
+    else:
+        conditions.append({"key": key})
+    fields["key"] = key
+    return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
 
 
 class _StderrHandler(logging.Handler):
@@ -15239,7 +15286,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = client._put_path(spooled.path, params, spooled.info)
+        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -16380,7 +16427,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path, info = self.client._spool(stdin)
+            path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
