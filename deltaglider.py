@@ -4258,10 +4258,9 @@ _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
-class _LocalStorage:
-    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
-    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
-    tests use.
+class _LocalFiles:
+    """The files of a local store (:class:`_LocalStorage`, which sets ``_root`` and
+    ``_now``): bucket folders, the bucket lock, atomic writes, and the indexes of records.
 
     Keys are arbitrary strings (``..``, ``//``, 1024 bytes), so they are never paths:
     ``<root>/<bucket>/.dg-objects/<xx>/index.json`` maps each key whose SHA-256 starts with
@@ -4271,93 +4270,12 @@ class _LocalStorage:
     renames the data in and atomically replaces the index: readers see the old object or
     the new one, never a part. Multipart uploads live in ``.dg-uploads/<upload id>/``."""
 
-    is_local = True
+    _root: str
+    _now: Callable[[], datetime.datetime]
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
     _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _NEW_BUCKET_BAD = re.compile(
-        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
-        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
-    )
-    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
-    _KEPT_HEADERS = frozenset(
-        {
-            "cache-control",
-            "content-disposition",
-            "content-encoding",
-            "content-language",
-            "content-type",
-            "expires",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-storage-class",
-            "x-amz-website-redirect-location",
-            "x-amz-tagging",
-            "x-amz-acl",
-            "x-amz-server-side-encryption-context",
-        }
-    )
-    _HIDDEN_HEADERS = frozenset(
-        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
-    )
-    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
-    _COPY_OWN_HEADERS = frozenset(
-        {
-            "x-amz-storage-class",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-website-redirect-location",
-            "x-amz-acl",
-        }
-    )
-    _STORAGE_CLASSES = frozenset(
-        {
-            "STANDARD",
-            "REDUCED_REDUNDANCY",
-            "STANDARD_IA",
-            "ONEZONE_IA",
-            "INTELLIGENT_TIERING",
-            "GLACIER",
-            "DEEP_ARCHIVE",
-            "OUTPOSTS",
-            "GLACIER_IR",
-            "SNOW",
-            "EXPRESS_ONEZONE",
-        }
-    )
-    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
-
-    def __init__(
-        self,
-        root: str,
-        *,
-        region: str = "us-east-1",
-        now: Callable[[], datetime.datetime] = _utcnow,
-    ) -> None:
-        self._root = os.path.abspath(root)
-        self.region = region
-        self._now = now
-        path = self._root.replace(os.sep, "/")
-        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
-
-    def close(self) -> None:
-        pass  # nothing is held open between calls
-
-    def object_url(self, bucket: str, key: str) -> str:
-        """A logical URL: the bytes live in a content-addressed file, not at this path."""
-        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
-
-    def supports_conditional_writes(self, bucket: str) -> bool:
-        return True
-
-    def supports_conditional_multipart(self, bucket: str) -> bool:
-        return True
-
-    # -- plumbing -----------------------------------------------------------
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4600,6 +4518,115 @@ class _LocalStorage:
     def _etag_in(etag: str, header: str) -> bool:
         wanted = {v.strip().lstrip("W/").strip('"').lower() for v in header.split(",")}
         return "*" in wanted or etag.strip('"').lower() in wanted
+
+    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
+        """A temp copy of a data file: a hard link (data files are never modified), else a
+        streamed copy. None if the source vanished (overwritten meanwhile)."""
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        try:
+            os.link(source, tmp)
+            return tmp
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(tmp)):
+                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+            return None
+        except OSError:  # no hard links here (FAT, some network file systems, other device)
+            pass
+        try:
+            src = open(source, "rb")
+        except FileNotFoundError:
+            return None
+        with src:
+            return self._spool(operation, bucket, bdir, src)[0]
+
+
+class _LocalStorage(_LocalFiles):
+    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
+    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
+    tests use. How it keeps them on disk: :class:`_LocalFiles`."""
+
+    is_local = True
+
+    _NEW_BUCKET_BAD = re.compile(
+        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+    )
+    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
+    _KEPT_HEADERS = frozenset(
+        {
+            "cache-control",
+            "content-disposition",
+            "content-encoding",
+            "content-language",
+            "content-type",
+            "expires",
+            "x-amz-server-side-encryption",
+            "x-amz-server-side-encryption-aws-kms-key-id",
+            "x-amz-server-side-encryption-bucket-key-enabled",
+            "x-amz-storage-class",
+            "x-amz-website-redirect-location",
+            "x-amz-tagging",
+            "x-amz-acl",
+            "x-amz-server-side-encryption-context",
+        }
+    )
+    _HIDDEN_HEADERS = frozenset(
+        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
+    )
+    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
+    _COPY_OWN_HEADERS = frozenset(
+        {
+            "x-amz-storage-class",
+            "x-amz-server-side-encryption",
+            "x-amz-server-side-encryption-aws-kms-key-id",
+            "x-amz-server-side-encryption-bucket-key-enabled",
+            "x-amz-website-redirect-location",
+            "x-amz-acl",
+        }
+    )
+    _STORAGE_CLASSES = frozenset(
+        {
+            "STANDARD",
+            "REDUCED_REDUNDANCY",
+            "STANDARD_IA",
+            "ONEZONE_IA",
+            "INTELLIGENT_TIERING",
+            "GLACIER",
+            "DEEP_ARCHIVE",
+            "OUTPOSTS",
+            "GLACIER_IR",
+            "SNOW",
+            "EXPRESS_ONEZONE",
+        }
+    )
+    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        region: str = "us-east-1",
+        now: Callable[[], datetime.datetime] = _utcnow,
+    ) -> None:
+        self._root = os.path.abspath(root)
+        self.region = region
+        self._now = now
+        path = self._root.replace(os.sep, "/")
+        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
+
+    def close(self) -> None:
+        pass  # nothing is held open between calls
+
+    def object_url(self, bucket: str, key: str) -> str:
+        """A logical URL: the bytes live in a content-addressed file, not at this path."""
+        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
+
+    def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        return True
 
     def _read_condition(
         self, record: dict[str, Any], headers: Mapping[str, str], prefix: str = ""
@@ -5090,26 +5117,6 @@ class _LocalStorage:
             ]
         out["ResponseMetadata"] = self._meta(200)
         return out
-
-    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
-        """A temp copy of a data file: a hard link (data files are never modified), else a
-        streamed copy. None if the source vanished (overwritten meanwhile)."""
-        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
-        try:
-            os.link(source, tmp)
-            return tmp
-        except FileNotFoundError:
-            if not os.path.isdir(os.path.dirname(tmp)):
-                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
-            return None
-        except OSError:  # no hard links here (FAT, some network file systems, other device)
-            pass
-        try:
-            src = open(source, "rb")
-        except FileNotFoundError:
-            return None
-        with src:
-            return self._spool(operation, bucket, bdir, src)[0]
 
     def copy_object(
         self,
