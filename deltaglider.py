@@ -4253,6 +4253,55 @@ _LOCAL_MESSAGES = {
 
 #: S3's reason phrases (Python 3.13's http.client says "Range Not Satisfiable", RFC 9110).
 _LOCAL_REASONS = {416: "Requested Range Not Satisfiable"}
+#: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
+_LOCAL_KEPT_HEADERS = frozenset(
+    {
+        "cache-control",
+        "content-disposition",
+        "content-encoding",
+        "content-language",
+        "content-type",
+        "expires",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-storage-class",
+        "x-amz-website-redirect-location",
+        "x-amz-tagging",
+        "x-amz-acl",
+        "x-amz-server-side-encryption-context",
+    }
+)
+_LOCAL_HIDDEN_HEADERS = frozenset(
+    {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
+)
+#: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
+_LOCAL_COPY_OWN_HEADERS = frozenset(
+    {
+        "x-amz-storage-class",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-website-redirect-location",
+        "x-amz-acl",
+    }
+)
+_LOCAL_STORAGE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "REDUCED_REDUNDANCY",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER",
+        "DEEP_ARCHIVE",
+        "OUTPOSTS",
+        "GLACIER_IR",
+        "SNOW",
+        "EXPRESS_ONEZONE",
+    }
+)
+_LOCAL_ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
 #: One threading lock per bucket for this process; ``flock`` covers other processes.
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
@@ -4552,55 +4601,6 @@ class _LocalStorage(_LocalFiles):
         r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
     )
     _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
-    _KEPT_HEADERS = frozenset(
-        {
-            "cache-control",
-            "content-disposition",
-            "content-encoding",
-            "content-language",
-            "content-type",
-            "expires",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-storage-class",
-            "x-amz-website-redirect-location",
-            "x-amz-tagging",
-            "x-amz-acl",
-            "x-amz-server-side-encryption-context",
-        }
-    )
-    _HIDDEN_HEADERS = frozenset(
-        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
-    )
-    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
-    _COPY_OWN_HEADERS = frozenset(
-        {
-            "x-amz-storage-class",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-website-redirect-location",
-            "x-amz-acl",
-        }
-    )
-    _STORAGE_CLASSES = frozenset(
-        {
-            "STANDARD",
-            "REDUCED_REDUNDANCY",
-            "STANDARD_IA",
-            "ONEZONE_IA",
-            "INTELLIGENT_TIERING",
-            "GLACIER",
-            "DEEP_ARCHIVE",
-            "OUTPOSTS",
-            "GLACIER_IR",
-            "SNOW",
-            "EXPRESS_ONEZONE",
-        }
-    )
-    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
 
     def __init__(
         self,
@@ -4667,11 +4667,11 @@ class _LocalStorage(_LocalFiles):
         for name, value in (headers or {}).items():
             lname = name.lower()
             _check_header_value(name, str(value))
-            if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
+            if lname in _LOCAL_KEPT_HEADERS or lname.startswith("x-amz-meta-"):
                 kept[lname] = str(value)
         kept.update(_metadata_headers(metadata))
         storage_class = kept.pop("x-amz-storage-class", "STANDARD")
-        if storage_class not in self._STORAGE_CLASSES:
+        if storage_class not in _LOCAL_STORAGE_CLASSES:
             raise self._error(
                 operation, 400, "InvalidStorageClass", StorageClassRequested=storage_class
             )
@@ -4703,7 +4703,7 @@ class _LocalStorage(_LocalFiles):
             "etag": record["etag"],
         }
         for name, value in record["headers"].items():
-            if name not in self._HIDDEN_HEADERS:
+            if name not in _LOCAL_HIDDEN_HEADERS:
                 out[name] = value
         tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
         if tags:
@@ -4724,7 +4724,7 @@ class _LocalStorage(_LocalFiles):
             if record is None:
                 raise self._error(operation, 404, "NoSuchKey", head=head, Key=key)
             storage_class = record["headers"].get("x-amz-storage-class", "")
-            if not head and storage_class in self._ARCHIVED:
+            if not head and storage_class in _LOCAL_ARCHIVED:
                 raise self._error(operation, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(record, lower)
             if failed:
@@ -5159,7 +5159,7 @@ class _LocalStorage(_LocalFiles):
             if src is None:
                 raise self._error(op, 404, "NoSuchKey", Key=source_key)
             storage_class = src["headers"].get("x-amz-storage-class", "")
-            if storage_class in self._ARCHIVED:
+            if storage_class in _LOCAL_ARCHIVED:
                 raise self._error(op, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(src, lower, "x-amz-copy-source-")
             if failed:
@@ -5186,8 +5186,8 @@ class _LocalStorage(_LocalFiles):
             else:
                 # COPY keeps content headers and metadata; storage class, encryption and
                 # ACL come from the request, defaulting to STANDARD and none (CopyObject docs).
-                kept = {k: v for k, v in src["headers"].items() if k not in self._COPY_OWN_HEADERS}
-                kept.update({k: v for k, v in requested.items() if k in self._COPY_OWN_HEADERS})
+                kept = {k: v for k, v in src["headers"].items() if k not in _LOCAL_COPY_OWN_HEADERS}
+                kept.update({k: v for k, v in requested.items() if k in _LOCAL_COPY_OWN_HEADERS})
             tags = src["headers"].get("x-amz-tagging")
             if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
                 tags = requested.get("x-amz-tagging")
