@@ -5154,7 +5154,32 @@ class _LocalStorage(_LocalFiles):
             and not any(k.startswith("x-amz-server-side-encryption") for k in lower)
         ):
             raise self._error(op, 400, "InvalidRequest", Message=_LOCAL_MESSAGES["SelfCopy"])
-        for _ in range(20):  # the source may be overwritten between lookup and link
+        src, tmp = self._copy_source(op, bucket, dst_dir, src_dir, source_key, lower)
+        try:
+            kept = self._copy_headers(src["headers"], requested, lower, replace)
+            etag = src["etag"]
+            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
+            record = self._new_record(kept, src["size"], etag)
+            self._commit(op, bucket, dst_dir, key, tmp, record)
+        finally:
+            self._unlink(tmp)
+        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
+        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+
+    def _copy_source(
+        self,
+        op: str,
+        bucket: str,
+        dst_dir: str,
+        src_dir: str,
+        source_key: str,
+        lower: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str]:
+        """(record, temp copy of its data) of a copy source that passes CopyObject's checks:
+        not archived, its ``x-amz-copy-source-if-*`` conditions, at most 5 GiB. Looked up
+        again when it is overwritten between the lookup and the link."""
+        for _ in range(20):
             src = self._record(src_dir, source_key)
             if src is None:
                 raise self._error(op, 404, "NoSuchKey", Key=source_key)
@@ -5176,33 +5201,33 @@ class _LocalStorage(_LocalFiles):
             source_path = os.path.join(self._shard(src_dir, source_key)[0], src["data"])
             tmp = self._clone(op, bucket, dst_dir, source_path)
             if tmp is not None:
-                break
+                return src, tmp
+        raise self._error(op, 404, "NoSuchKey", Key=source_key)
+
+    @staticmethod
+    def _copy_headers(
+        source: Mapping[str, str],
+        requested: dict[str, str],
+        lower: Mapping[str, str],
+        replace: bool,
+    ) -> dict[str, str]:
+        """The headers a copy is stored with: the request's (REPLACE), or the source's
+        content headers and metadata with the request's storage class, encryption and ACL
+        (COPY: they default to STANDARD and none, CopyObject docs); the source's tags
+        unless ``x-amz-tagging-directive: REPLACE``."""
+        if replace:
+            kept = requested
+            kept.setdefault("content-type", "binary/octet-stream")
         else:
-            raise self._error(op, 404, "NoSuchKey", Key=source_key)
-        try:
-            if replace:
-                kept = requested
-                kept.setdefault("content-type", "binary/octet-stream")
-            else:
-                # COPY keeps content headers and metadata; storage class, encryption and
-                # ACL come from the request, defaulting to STANDARD and none (CopyObject docs).
-                kept = {k: v for k, v in src["headers"].items() if k not in _LOCAL_COPY_OWN_HEADERS}
-                kept.update({k: v for k, v in requested.items() if k in _LOCAL_COPY_OWN_HEADERS})
-            tags = src["headers"].get("x-amz-tagging")
-            if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
-                tags = requested.get("x-amz-tagging")
-            kept.pop("x-amz-tagging", None)
-            if tags:
-                kept["x-amz-tagging"] = tags
-            etag = src["etag"]
-            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                etag = f'"{_hash_file(tmp, md5=True).md5}"'
-            record = self._new_record(kept, src["size"], etag)
-            self._commit(op, bucket, dst_dir, key, tmp, record)
-        finally:
-            self._unlink(tmp)
-        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
-        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+            kept = {k: v for k, v in source.items() if k not in _LOCAL_COPY_OWN_HEADERS}
+            kept.update({k: v for k, v in requested.items() if k in _LOCAL_COPY_OWN_HEADERS})
+        tags = source.get("x-amz-tagging")
+        if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
+            tags = requested.get("x-amz-tagging")
+        kept.pop("x-amz-tagging", None)
+        if tags:
+            kept["x-amz-tagging"] = tags
+        return kept
 
     @staticmethod
     def _token(kind: str, value: str) -> str:
@@ -5454,32 +5479,7 @@ class _LocalStorage(_LocalFiles):
         (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
-        if not parts:
-            raise self._error(op, 400, "MalformedXML")
-        numbers = [number for number, _ in parts]
-        if any(b <= a for a, b in zip(numbers, numbers[1:])):
-            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
-        chosen = []
-        for number, etag in parts:
-            part = None
-            if 1 <= number <= _MAX_PARTS:
-                part = self._read_json(os.path.join(udir, f"{number}.json"))
-            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
-                raise self._error(
-                    op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
-                )
-            chosen.append(part)
-        for (number, etag), part in zip(parts[:-1], chosen):
-            if part["size"] < _MIN_PART_SIZE:
-                raise self._error(
-                    op,
-                    400,
-                    "EntityTooSmall",
-                    ProposedSize=str(part["size"]),
-                    MinSizeAllowed=str(_MIN_PART_SIZE),
-                    PartNumber=str(number),
-                    ETag=etag,
-                )
+        chosen = self._chosen_parts(op, udir, upload_id, parts)
         fd, tmp = self._mkstemp(op, bucket, bdir, "d-")
         trash = ""
         try:
@@ -5488,14 +5488,7 @@ class _LocalStorage(_LocalFiles):
                     try:
                         src = open(os.path.join(udir, part["data"]), "rb")
                     except FileNotFoundError:  # re-uploaded meanwhile
-                        raise self._error(
-                            op,
-                            400,
-                            "InvalidPart",
-                            UploadId=upload_id,
-                            PartNumber=str(number),
-                            ETag=etag,
-                        ) from None
+                        raise self._invalid_part(op, upload_id, number, etag) from None
                     with src:
                         shutil.copyfileobj(src, out, _IO_CHUNK)
                 out.flush()
@@ -5521,6 +5514,43 @@ class _LocalStorage(_LocalFiles):
             "Location": self.object_url(bucket, key),
             "ResponseMetadata": self._meta(200),
         }
+
+    def _chosen_parts(
+        self, op: str, udir: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> list[dict[str, Any]]:
+        """The stored parts (``<n>.json`` records) a CompleteMultipartUpload names, after
+        S3's checks: at least one, in ascending order, each uploaded with that ETag, all
+        but the last at least 5 MiB."""
+        if not parts:
+            raise self._error(op, 400, "MalformedXML")
+        numbers = [number for number, _ in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
+        chosen = []
+        for number, etag in parts:
+            part = None
+            if 1 <= number <= _MAX_PARTS:
+                part = self._read_json(os.path.join(udir, f"{number}.json"))
+            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
+                raise self._invalid_part(op, upload_id, number, etag)
+            chosen.append(part)
+        for (number, etag), part in zip(parts[:-1], chosen):
+            if part["size"] < _MIN_PART_SIZE:
+                raise self._error(
+                    op,
+                    400,
+                    "EntityTooSmall",
+                    ProposedSize=str(part["size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                    ETag=etag,
+                )
+        return chosen
+
+    def _invalid_part(self, op: str, upload_id: str, number: int, etag: str) -> ClientError:
+        return self._error(
+            op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
+        )
 
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
         op = "AbortMultipartUpload"
