@@ -4325,6 +4325,7 @@ class _LocalFiles:
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
     _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4588,6 +4589,34 @@ class _LocalFiles:
         with src:
             return self._spool(operation, bucket, bdir, src)[0]
 
+    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
+        # Whole seconds: LastModified must compare equal whether it came from a listing
+        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
+        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
+        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
+
+    def _upload(
+        self, operation: str, bucket: str, key: str, upload_id: str
+    ) -> tuple[str, str, dict[str, Any]]:
+        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
+        bdir = self._bucket(operation, bucket)
+        udir = os.path.join(bdir, ".dg-uploads", upload_id)
+        info = None
+        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+            info = self._read_json(os.path.join(udir, "upload.json"))
+        if info is None or info["key"] != key:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
+        return bdir, udir, info
+
+    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
+        """Move an upload folder out of sight (call under the lock); returns where it went."""
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        try:
+            os.rename(udir, trash)
+        except FileNotFoundError:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
+        return trash
+
 
 class _LocalStorage(_LocalFiles):
     """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
@@ -4600,7 +4629,6 @@ class _LocalStorage(_LocalFiles):
         r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
         r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
     )
-    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
     def __init__(
         self,
@@ -4687,12 +4715,6 @@ class _LocalStorage(_LocalFiles):
                 operation, 400, "BadRequest", Message="Object tags cannot be greater than 10"
             )
         return kept
-
-    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
-        # Whole seconds: LastModified must compare equal whether it came from a listing
-        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
-        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
-        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
 
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
@@ -5379,28 +5401,6 @@ class _LocalStorage(_LocalFiles):
         return [(key, record) for _, key, record in items]
 
     # -- multipart ------------------------------------------------------------
-
-    def _upload(
-        self, operation: str, bucket: str, key: str, upload_id: str
-    ) -> tuple[str, str, dict[str, Any]]:
-        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
-        bdir = self._bucket(operation, bucket)
-        udir = os.path.join(bdir, ".dg-uploads", upload_id)
-        info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
-            info = self._read_json(os.path.join(udir, "upload.json"))
-        if info is None or info["key"] != key:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
-        return bdir, udir, info
-
-    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
-        """Move an upload folder out of sight (call under the lock); returns where it went."""
-        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
-        try:
-            os.rename(udir, trash)
-        except FileNotFoundError:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
-        return trash
 
     def create_multipart_upload(
         self,
