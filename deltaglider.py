@@ -5756,22 +5756,61 @@ def _put_path(
                 )
             except _ChangedWhileSent as e:
                 raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
-    part = _part_size(size, part_size)
-    offsets = list(enumerate(range(0, size, part), start=1))
+    return _put_multipart(
+        storage,
+        bucket,
+        key,
+        path,
+        size=size,
+        part_size=_part_size(size, part_size),
+        sha256=sha256,
+        metadata=metadata,
+        headers=headers,
+        if_none_match=if_none_match,
+        on_bytes=on_bytes,
+        workers=workers,
+    )
+
+
+def _part_hashes(path: str, size: int, part: int, sha256: str) -> dict[int, str]:
+    """Each part's SHA-256 by part number, taken in one pass over the file that must give
+    ``sha256``, the caller's (the parts go up at once, so what is sent cannot be hashed in
+    file order). IntegrityError if the file no longer hashes to it."""
     expected: dict[int, str] = {}
-    if sha256:
-        # The parts go up at once, so what is sent cannot be hashed in file order: each
-        # part's SHA-256 is taken here, in one pass that must give the caller's.
-        whole = hashlib.sha256()
-        with open(path, "rb") as f:
-            for number, offset in offsets:
-                piece = _FileSlice(f, offset, min(part, size - offset))
-                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
-        if whole.hexdigest() != sha256:
-            raise IntegrityError(
-                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
-                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
-            )
+    whole = hashlib.sha256()
+    with open(path, "rb") as f:
+        for number, offset in enumerate(range(0, size, part), start=1):
+            piece = _FileSlice(f, offset, min(part, size - offset))
+            expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
+    if whole.hexdigest() != sha256:
+        raise IntegrityError(
+            "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+            "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+        )
+    return expected
+
+
+def _put_multipart(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    path: str,
+    *,
+    size: int,
+    part_size: int,
+    sha256: str | None,
+    metadata: Mapping[str, str] | None,
+    headers: dict[str, str] | None,
+    if_none_match: bool,
+    on_bytes: Callable[[int], None] | None,
+    workers: int,
+) -> dict[str, Any]:
+    """:func:`_put_path` above its threshold: a multipart upload of ``part_size`` parts,
+    ``workers`` at a time, each held to its SHA-256 (:func:`_part_hashes`) as it is sent.
+    On any failure the upload is aborted, and so is one a retried CreateMultipartUpload
+    may have started."""
+    offsets = list(enumerate(range(0, size, part_size), start=1))
+    expected = _part_hashes(path, size, part_size, sha256) if sha256 else {}
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -5786,7 +5825,8 @@ def _put_path(
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
             want = expected.get(number)
             with open(path, "rb") as f:
-                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
+                length = min(part_size, size - offset)
+                piece = _SentHash(f, offset, length, hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
                 try:
                     etag = storage.upload_part(
