@@ -11746,7 +11746,9 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
+        method = _presign_method(ClientMethod, params, ExpiresIn)
+        http_method = HttpMethod or method
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, http_method, self._now)
 
     def generate_presigned_post(
         self,
@@ -12593,12 +12595,12 @@ def _presigned_url(
     client_method: str,
     params: dict[str, Any],
     expires: int,
-    http_method: str | None,
+    http_method: str,
     now: Callable[[], datetime.datetime],
 ) -> str:
-    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
-    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
-    method = _presign_method(client_method, params, expires)
+    """generate_presigned_url, its parameters checked (_presign_method): a get_object URL
+    of a delta-stored key is one of its rebuilt copy (_rehydrated_copy); the ``Response*``
+    overrides and list parameters go in the query."""
     storage = engine.storage
     if getattr(storage, "is_local", False):
         raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
@@ -12624,7 +12626,7 @@ def _presigned_url(
         for name, value in rest.items():
             query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
     return cast(_S3Storage, storage).presign_url(
-        http_method or method, bucket, key, query, int(expires), headers
+        http_method, bucket, key, query, int(expires), headers
     )
 
 
