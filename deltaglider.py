@@ -10639,6 +10639,7 @@ class DeltaGliderClient:
         self._now = now
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
+        self._multipart = _MultipartUploads(lambda: self.engine, now)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -11337,255 +11338,35 @@ class DeltaGliderClient:
                 if Callback:
                     Callback(len(chunk))
 
-    # -- multipart uploads --------------------------------------------------------
-    #
-    # Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
-    # <nonce>/<key>; completing it assembles the staging object on the server, which is
-    # then stored under <key> as put_object stores a file (a delta where that pays) and
-    # removed. The UploadId we hand out is the nonce followed by the server's upload id,
-    # so any client (another process, the gateway) can continue an upload it did not
-    # start, and two uploads of one key never share a staging object.
-
-    _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
-    _MPU_NONCE = 32
-
-    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
-        """(bucket, staging key, the server's upload id) of one of our upload ids."""
-        _require(operation, kwargs, "Bucket", "Key", "UploadId")
-        upload_id = kwargs["UploadId"]
-        nonce, server_id = upload_id[: self._MPU_NONCE], upload_id[self._MPU_NONCE :]
-        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % self._MPU_NONCE, nonce):
-            raise _client_error(
-                {
-                    "Error": {
-                        "Code": "NoSuchUpload",
-                        "Message": "The specified upload does not exist. The upload ID may "
-                        "be invalid, or the upload may have been aborted or completed.",
-                        "UploadId": upload_id,
-                    },
-                    "ResponseMetadata": _local_metadata(
-                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
-                    ),
-                },
-                operation,
-            )
-        _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], self._MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+    # -- multipart uploads: _MultipartUploads ----------------------------------------
 
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CreateMultipartUpload; the object's headers and metadata are kept on the
         staging upload and given to the object when the upload completes."""
-        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
-            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
-        )
-        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
-        _validate_key(kwargs["Key"])
-        if kwargs.get("SSECustomerKey") is not None:
-            raise ParamValidationError(
-                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
-            )
-        nonce = uuid.uuid4().hex
-        staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
-        headers = _put_headers(kwargs)
-        server_id = self.engine.storage.create_multipart_upload(
-            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
-        )
-        return {
-            "Bucket": kwargs["Bucket"],
-            "Key": kwargs["Key"],
-            "UploadId": nonce + server_id,
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.create(kwargs)
 
     def upload_part(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
-        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
-        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
-        body = kwargs.get("Body")
-        path, info = _spool_request_body(self.engine, body if body is not None else b"")
-        try:
-            with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+        return self._multipart.upload_part(kwargs)
 
     def upload_part_copy(self, **kwargs: Any) -> dict[str, Any]:
         """UploadPartCopy from a logical object (rebuilt when stored as a delta);
         ``CopySourceRange`` as ``bytes=first-last``."""
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
-        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
-        _params(
-            "UploadPartCopy",
-            kwargs,
-            allowed,
-            "Bucket",
-            "Key",
-            "UploadId",
-            "PartNumber",
-            "CopySource",
-        )
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
-        elif isinstance(src, dict):
-            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
-        if kwargs.get("CopySourceRange"):
-            get["Range"] = kwargs["CopySourceRange"]
-        for name, _ in _COPY_CONDITION_PARAMS:
-            if kwargs.get(name) is not None:
-                get[name[len("CopySource") :]] = kwargs[name]
-        try:
-            resp = self.get_object(**get)
-        except ClientError as e:
-            raise _client_error(e.response, "UploadPartCopy") from None
-        with resp["Body"] as part:
-            path, info = _spool_request_body(self.engine, part)
-        try:
-            with open(path, "rb") as f:
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {
-            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.upload_part_copy(kwargs, self.get_object)
 
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CompleteMultipartUpload: the server assembles the parts; the result is then
         stored under ``Key`` as put_object stores a file (a delta where that pays)."""
-        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
-        allowed |= {"RequestPayer"}
-        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
-        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
-        if not isinstance(parts, (list, tuple)):
-            raise ParamValidationError(
-                report=_type_report(
-                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
-                )
-            )
-        storage = self.engine.storage
-        storage.complete_multipart_upload(
-            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
-        )
-        engine = self.engine
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
-        os.close(fd)
-        try:
-            got = storage.get_object(bucket, staging)
-            with got["Body"] as body, open(tmp, "wb") as f:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
-            params["Metadata"] = got.get("Metadata") or {}
-            for name in (
-                "ContentType",
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-                "ServerSideEncryption",
-                "SSEKMSKeyId",
-                "StorageClass",
-            ):
-                if got.get(name) is not None:
-                    params[name] = got[name]
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            os.unlink(tmp)
-        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
-            storage.delete_object(bucket, staging)
-        out: dict[str, Any] = {
-            "Location": storage.object_url(bucket, kwargs["Key"]),
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "ETag": result["ETag"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        out["ResponseMetadata"] = result["ResponseMetadata"]
-        return out
+        return self._multipart.complete(kwargs)
 
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
-        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
-        return {"ResponseMetadata": _local_metadata(resp)}
+        return self._multipart.abort(kwargs)
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
-        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
-        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self.engine.storage.list_parts(bucket, staging, server_id)
-        parts = resp.get("Parts", [])
-        marker = int(kwargs.get("PartNumberMarker") or 0)
-        parts = [p for p in parts if p["PartNumber"] > marker]
-        limit = kwargs.get("MaxParts", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "UploadId": kwargs["UploadId"],
-            "PartNumberMarker": marker,
-            "MaxParts": limit,
-            "IsTruncated": len(parts) > limit,
-            "Parts": parts[:limit],
-        }
-        if out["IsTruncated"]:
-            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_parts(kwargs)
 
     def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         """Uploads in progress, by their logical keys and our upload ids."""
-        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
-        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
-        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
-        bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
-        uploads = []
-        for u in resp.get("Uploads", []):
-            rest = u["Key"][len(self._MPU_PREFIX) :]
-            nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(self._MPU_PREFIX) or len(nonce) != self._MPU_NONCE:
-                continue
-            if not key.startswith(kwargs.get("Prefix") or ""):
-                continue
-            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
-        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
-        marker = kwargs.get("KeyMarker")
-        if marker:
-            uploads = [u for u in uploads if u["Key"] > marker]
-        limit = kwargs.get("MaxUploads", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "KeyMarker": marker or "",
-            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
-            "Prefix": kwargs.get("Prefix") or "",
-            "MaxUploads": limit,
-            "IsTruncated": len(uploads) > limit,
-        }
-        if uploads[:limit]:
-            out["Uploads"] = uploads[:limit]
-        if out["IsTruncated"]:
-            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
-            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_uploads(kwargs)
 
     # -- object tagging and ACLs ---------------------------------------------------
 
@@ -12303,6 +12084,266 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
         )
     parts.append("</AccessControlList></AccessControlPolicy>")
     return "".join(parts).encode("utf-8")
+
+
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete --
+
+_MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
+_MPU_NONCE = 32
+
+
+class _MultipartUploads:
+    """The client's multipart-upload operations, over the engine's storage.
+
+    Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
+    <nonce>/<key>; completing it assembles the staging object on the server, which is
+    then stored under <key> as put_object stores a file (a delta where that pays) and
+    removed. The UploadId we hand out is the nonce followed by the server's upload id,
+    so any client (another process, the gateway) can continue an upload it did not
+    start, and two uploads of one key never share a staging object."""
+
+    def __init__(
+        self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
+    ) -> None:
+        self._get_engine = engine  # the client's, made on first use
+        self._now = now
+
+    @property
+    def engine(self) -> _DeltaEngine:
+        return self._get_engine()
+
+    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
+        """(bucket, staging key, the server's upload id) of one of our upload ids."""
+        _require(operation, kwargs, "Bucket", "Key", "UploadId")
+        upload_id = kwargs["UploadId"]
+        nonce, server_id = upload_id[:_MPU_NONCE], upload_id[_MPU_NONCE:]
+        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % _MPU_NONCE, nonce):
+            raise _client_error(
+                {
+                    "Error": {
+                        "Code": "NoSuchUpload",
+                        "Message": "The specified upload does not exist. The upload ID may "
+                        "be invalid, or the upload may have been aborted or completed.",
+                        "UploadId": upload_id,
+                    },
+                    "ResponseMetadata": _local_metadata(
+                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
+                    ),
+                },
+                operation,
+            )
+        _validate_key(kwargs["Key"])
+        return kwargs["Bucket"], _MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+
+    def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
+            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
+        )
+        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
+        _validate_key(kwargs["Key"])
+        if kwargs.get("SSECustomerKey") is not None:
+            raise ParamValidationError(
+                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
+            )
+        nonce = uuid.uuid4().hex
+        staging = _MPU_PREFIX + nonce + "/" + kwargs["Key"]
+        headers = _put_headers(kwargs)
+        server_id = self.engine.storage.create_multipart_upload(
+            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
+        )
+        return {
+            "Bucket": kwargs["Bucket"],
+            "Key": kwargs["Key"],
+            "UploadId": nonce + server_id,
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def upload_part(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
+        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
+        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
+        body = kwargs.get("Body")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
+        try:
+            with open(path, "rb") as f:  # signed with the hash of what the caller gave
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+
+    def upload_part_copy(
+        self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
+        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
+        _params(
+            "UploadPartCopy",
+            kwargs,
+            allowed,
+            "Bucket",
+            "Key",
+            "UploadId",
+            "PartNumber",
+            "CopySource",
+        )
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
+        src = kwargs["CopySource"]
+        if isinstance(src, str):
+            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
+        elif isinstance(src, dict):
+            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
+        else:
+            raise ParamValidationError(
+                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+            )
+        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        if kwargs.get("CopySourceRange"):
+            get["Range"] = kwargs["CopySourceRange"]
+        for name, _ in _COPY_CONDITION_PARAMS:
+            if kwargs.get(name) is not None:
+                get[name[len("CopySource") :]] = kwargs[name]
+        try:
+            resp = get_object(**get)
+        except ClientError as e:
+            raise _client_error(e.response, "UploadPartCopy") from None
+        with resp["Body"] as part:
+            path, info = _spool_request_body(self.engine, part)
+        try:
+            with open(path, "rb") as f:
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {
+            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def complete(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
+        allowed |= {"RequestPayer"}
+        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
+        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
+        if not isinstance(parts, (list, tuple)):
+            raise ParamValidationError(
+                report=_type_report(
+                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
+                )
+            )
+        storage = self.engine.storage
+        storage.complete_multipart_upload(
+            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
+        )
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
+        os.close(fd)
+        try:
+            got = storage.get_object(bucket, staging)
+            with got["Body"] as body, open(tmp, "wb") as f:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+            params["Metadata"] = got.get("Metadata") or {}
+            for name in (
+                "ContentType",
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+                "ServerSideEncryption",
+                "SSEKMSKeyId",
+                "StorageClass",
+            ):
+                if got.get(name) is not None:
+                    params[name] = got[name]
+            result = _put_object_from_file(self.engine, tmp, params)
+        finally:
+            os.unlink(tmp)
+        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
+            storage.delete_object(bucket, staging)
+        out: dict[str, Any] = {
+            "Location": storage.object_url(bucket, kwargs["Key"]),
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "ETag": result["ETag"],
+        }
+        if "DeltaGliderInfo" in result:
+            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+        out["ResponseMetadata"] = result["ResponseMetadata"]
+        return out
+
+    def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
+        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        return {"ResponseMetadata": _local_metadata(resp)}
+
+    def list_parts(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
+        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
+        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
+        parts = resp.get("Parts", [])
+        marker = int(kwargs.get("PartNumberMarker") or 0)
+        parts = [p for p in parts if p["PartNumber"] > marker]
+        limit = kwargs.get("MaxParts", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "UploadId": kwargs["UploadId"],
+            "PartNumberMarker": marker,
+            "MaxParts": limit,
+            "IsTruncated": len(parts) > limit,
+            "Parts": parts[:limit],
+        }
+        if out["IsTruncated"]:
+            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
+
+    def list_uploads(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
+        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
+        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
+        bucket = kwargs["Bucket"]
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MPU_PREFIX)
+        uploads = []
+        for u in resp.get("Uploads", []):
+            rest = u["Key"][len(_MPU_PREFIX) :]
+            nonce, _, key = rest.partition("/")
+            if not u["Key"].startswith(_MPU_PREFIX) or len(nonce) != _MPU_NONCE:
+                continue
+            if not key.startswith(kwargs.get("Prefix") or ""):
+                continue
+            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
+        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
+        marker = kwargs.get("KeyMarker")
+        if marker:
+            uploads = [u for u in uploads if u["Key"] > marker]
+        limit = kwargs.get("MaxUploads", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "KeyMarker": marker or "",
+            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
+            "Prefix": kwargs.get("Prefix") or "",
+            "MaxUploads": limit,
+            "IsTruncated": len(uploads) > limit,
+        }
+        if uploads[:limit]:
+            out["Uploads"] = uploads[:limit]
+        if out["IsTruncated"]:
+            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
+            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
 
 
 # -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
