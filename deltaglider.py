@@ -10607,6 +10607,91 @@ def _put_object_from_file(
     return out
 
 
+def _delete_plan(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]]
+) -> tuple[list[str], dict[str, dict[str, Any]], set[str]]:
+    """The stored keys DeleteObjects' entries delete, the conditions to send on each,
+    and the keys whose conditions do not hold on the logical object (they stay)."""
+    stored: list[str] = []
+    conditions: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()
+    for entry in objects:
+        k = entry["Key"]
+        cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
+        if not cond:
+            stored += _stored_forms(k)
+            continue
+        try:
+            lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            lg = None
+        if lg is None:
+            stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
+            conditions[k] = cond
+            continue
+        logical = {
+            "ETag": lg.etag,
+            "LastModified": lg.head.get("LastModified"),
+            "ContentLength": lg.size,
+        }
+        # Checked here first: some servers ignore some conditions (SeaweedFS deletes
+        # whatever the Size), and a delta's logical ETag is not its stored one.
+        if not _delete_conditions_hold(logical, cond):
+            refused.add(k)
+            continue
+        # Then sent, so that the server refuses too if the object changed meanwhile.
+        stored.append(lg.stored_key)
+        if lg.kind == _Kind.DELTA:
+            conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+        else:
+            conditions[k] = cond
+    return stored, conditions, refused
+
+
+def _delete_logical_objects(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]], quiet: bool
+) -> dict[str, Any]:
+    """DeleteObjects of logical keys (delete_objects, its entries checked): the stored
+    forms go in batches, then the references no delta needs any more."""
+    keys = [o["Key"] for o in objects]
+    storage = engine.storage
+    errors: list[dict[str, Any]] = []
+    if len(objects) > _DELETE_BATCH:
+        # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
+        resp = storage.delete_objects(bucket, keys, check_limit=False)
+        errors += resp.get("Errors", [])
+    stored, conditions, refused = _delete_plan(engine, bucket, objects)
+    for i in range(0, len(stored), _DELETE_BATCH):
+        batch = stored[i : i + _DELETE_BATCH]
+        resp = storage.delete_objects(
+            bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
+        )
+        errors += resp.get("Errors", [])
+    engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
+    errors += [
+        {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
+        for k in sorted(refused)
+    ]
+    failed = {e["Key"] for e in errors}
+    out: dict[str, Any] = {}
+    done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
+    if done and not quiet:
+        out["Deleted"] = done
+    logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
+    if logical_errors:
+        out["Errors"] = logical_errors
+    out["ResponseMetadata"] = {
+        "HTTPStatusCode": 200,
+        "RetryAttempts": 0,
+        "RequestId": "",
+        "HostId": "",
+        "HTTPHeaders": {},
+    }
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10872,81 +10957,12 @@ class DeltaGliderClient:
             "Bucket",
             "Delete",
         )
-        bucket = kwargs["Bucket"]
         spec = kwargs["Delete"]
         objects = _delete_entries(spec)
-        keys = [o["Key"] for o in objects]
-        for k in keys:
-            _validate_key(k)
-        engine = self.engine
-        storage = engine.storage
-        errors: list[dict[str, Any]] = []
-        if len(objects) > _DELETE_BATCH:
-            # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
-            resp = storage.delete_objects(bucket, keys, check_limit=False)
-            errors += resp.get("Errors", [])
-        stored: list[str] = []
-        conditions: dict[str, dict[str, Any]] = {}
-        refused: set[str] = set()
         for entry in objects:
-            k = entry["Key"]
-            cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
-            if not cond:
-                stored += _stored_forms(k)
-                continue
-            try:
-                lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None
-            if lg is None:
-                stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
-                conditions[k] = cond
-                continue
-            logical = {
-                "ETag": lg.etag,
-                "LastModified": lg.head.get("LastModified"),
-                "ContentLength": lg.size,
-            }
-            # Checked here first: some servers ignore some conditions (SeaweedFS deletes
-            # whatever the Size), and a delta's logical ETag is not its stored one.
-            if not _delete_conditions_hold(logical, cond):
-                refused.add(k)
-                continue
-            # Then sent, so that the server refuses too if the object changed meanwhile.
-            stored.append(lg.stored_key)
-            if lg.kind == _Kind.DELTA:
-                conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
-            else:
-                conditions[k] = cond
-        for i in range(0, len(stored), _DELETE_BATCH):
-            batch = stored[i : i + _DELETE_BATCH]
-            resp = storage.delete_objects(
-                bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
-            )
-            errors += resp.get("Errors", [])
-        engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
-        errors += [
-            {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
-            for k in sorted(refused)
-        ]
-        failed = {e["Key"] for e in errors}
-        out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
-        if done and not spec.get("Quiet"):
-            out["Deleted"] = done
-        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
-        if logical_errors:
-            out["Errors"] = logical_errors
-        out["ResponseMetadata"] = {
-            "HTTPStatusCode": 200,
-            "RetryAttempts": 0,
-            "RequestId": "",
-            "HostId": "",
-            "HTTPHeaders": {},
-        }
-        return out
+            _validate_key(entry["Key"])
+        quiet = bool(spec.get("Quiet"))
+        return _delete_logical_objects(self.engine, kwargs["Bucket"], objects, quiet)
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
         """CopyObject of a logical object: a delta-stored source is rebuilt and stored
