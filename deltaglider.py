@@ -10692,6 +10692,124 @@ def _delete_logical_objects(
     return out
 
 
+def _logical_response(lg: _Logical) -> dict[str, Any]:
+    """What GetObject and HeadObject say of a logical object, from its HEAD."""
+    out: dict[str, Any] = {}
+    head = lg.head
+    for key in (
+        "AcceptRanges",
+        "LastModified",
+        "CacheControl",
+        "ContentDisposition",
+        "ContentEncoding",
+        "ContentLanguage",
+        "Expires",
+        "ExpiresString",
+        "ServerSideEncryption",
+        "SSEKMSKeyId",
+        "StorageClass",
+        "TagCount",
+        "VersionId",
+    ):
+        if key in head:
+            out[key] = head[key]
+    out.setdefault("AcceptRanges", "bytes")
+    out["ContentLength"] = lg.size
+    out["ETag"] = lg.etag
+    out["ContentType"] = lg.content_type
+    out["Metadata"] = _user_metadata(lg.metadata)
+    return out
+
+
+def _get_rebuilt(
+    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
+    on the logical object; the body is the rebuilt, verified file. Returns the
+    response metadata and the status."""
+    size = lg.size
+    status = 200
+    failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
+    if failed:
+        raise _precondition_error(failed[0], failed[1], "GetObject")
+    try:
+        span = _byte_range(kwargs.get("Range"), size)
+    except _RangeNotSatisfiable as e:
+        raise e.client_error("GetObject") from None
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+    os.close(fd)
+    try:
+        engine.rebuild(lg, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    start, end = 0, size - 1
+    meta = _local_metadata(lg.head)
+    headers = dict(meta.get("HTTPHeaders") or {})
+    if span is not None:
+        start, end = span
+        out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
+        headers["content-range"] = out["ContentRange"]
+        status = 206
+    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["ContentLength"] = end - start + 1
+    headers["content-length"] = str(end - start + 1)
+    headers["etag"] = lg.etag
+    meta["HTTPHeaders"] = headers
+    return meta, status
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. Returns the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
+    query = []
+    for name, field, _ in _GET_OVERRIDE_PARAMS:
+        value = kwargs.get(name)
+        if value is not None:
+            when = _timestamp_param(value) if name == "ResponseExpires" else None
+            query.append((field, _http_date(when) if when else str(value)))
+    sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
+    resp = engine.storage.get_object(
+        bucket,
+        lg.stored_key,
+        range=sent_range,
+        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+        query=query,
+    )
+    status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
+    for name in ("ContentLength", "ContentRange", "LastModified"):
+        if name in resp:
+            out[name] = resp[name]
+    body = resp["Body"]
+    if sent_range is None and lg.sha256:
+        body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
+    out["Body"] = body
+    meta = _local_metadata(resp)
+    return meta, status
+
+
+def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """The ``Response*`` overrides asked for, in the response as S3 answers them."""
+    for name, _, field in _GET_OVERRIDE_PARAMS:
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            if field == "Expires":
+                when = _timestamp_param(value)
+                out["ExpiresString"] = _http_date(when) if when else str(value)
+                if when:
+                    out["Expires"] = when
+            else:
+                out[field] = value
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10798,33 +10916,6 @@ class DeltaGliderClient:
         finally:
             os.unlink(path)
 
-    def _logical_response(self, lg: _Logical) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        head = lg.head
-        for key in (
-            "AcceptRanges",
-            "LastModified",
-            "CacheControl",
-            "ContentDisposition",
-            "ContentEncoding",
-            "ContentLanguage",
-            "Expires",
-            "ExpiresString",
-            "ServerSideEncryption",
-            "SSEKMSKeyId",
-            "StorageClass",
-            "TagCount",
-            "VersionId",
-        ):
-            if key in head:
-                out[key] = head[key]
-        out.setdefault("AcceptRanges", "bytes")
-        out["ContentLength"] = lg.size
-        out["ETag"] = lg.etag
-        out["ContentType"] = lg.content_type
-        out["Metadata"] = _user_metadata(lg.metadata)
-        return out
-
     def head_object(self, **kwargs: Any) -> dict[str, Any]:
         """HeadObject of a logical key. Conditions (``IfMatch``...) hold against the
         logical object; the server decides them for objects stored as they are."""
@@ -10844,7 +10935,7 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
-        out = self._logical_response(lg)
+        out = _logical_response(lg)
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -10859,71 +10950,12 @@ class DeltaGliderClient:
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = self._logical_response(lg)
-        size = lg.size
-        status = 200
+        out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
-            if failed:
-                raise _precondition_error(failed[0], failed[1], "GetObject")
-            try:
-                span = _byte_range(kwargs.get("Range"), size)
-            except _RangeNotSatisfiable as e:
-                raise e.client_error("GetObject") from None
-            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-            os.close(fd)
-            try:
-                engine.rebuild(lg, tmp)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            start, end = 0, size - 1
-            meta = _local_metadata(lg.head)
-            headers = dict(meta.get("HTTPHeaders") or {})
-            if span is not None:
-                start, end = span
-                out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
-                headers["content-range"] = out["ContentRange"]
-                status = 206
-            out["Body"] = _TempBody(tmp, start, end - start + 1)
-            out["ContentLength"] = end - start + 1
-            headers["content-length"] = str(end - start + 1)
-            headers["etag"] = lg.etag
-            meta["HTTPHeaders"] = headers
+            meta, status = _get_rebuilt(engine, lg, kwargs, out)
         else:
-            query = []
-            for name, field, _ in _GET_OVERRIDE_PARAMS:
-                value = kwargs.get(name)
-                if value is not None:
-                    when = _timestamp_param(value) if name == "ResponseExpires" else None
-                    query.append((field, _http_date(when) if when else str(value)))
-            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-            resp = engine.storage.get_object(
-                bucket,
-                lg.stored_key,
-                range=sent_range,
-                headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-                query=query,
-            )
-            status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
-            for name in ("ContentLength", "ContentRange", "LastModified"):
-                if name in resp:
-                    out[name] = resp[name]
-            body = resp["Body"]
-            if sent_range is None and lg.sha256:
-                body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
-            out["Body"] = body
-            meta = _local_metadata(resp)
-        for name, _, field in _GET_OVERRIDE_PARAMS:
-            if kwargs.get(name) is not None:
-                value = kwargs[name]
-                if field == "Expires":
-                    when = _timestamp_param(value)
-                    out["ExpiresString"] = _http_date(when) if when else str(value)
-                    if when:
-                        out["Expires"] = when
-                else:
-                    out[field] = value
+            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
