@@ -10810,6 +10810,83 @@ def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> 
                 out[field] = value
 
 
+def _copy_source(src: Any) -> tuple[str, str]:
+    """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    if isinstance(src, str):
+        text = urllib.parse.unquote(src.lstrip("/"))
+        src_bucket, _, src_key = text.partition("/")
+        if "?versionId=" in src_key:
+            raise ParamValidationError(report="CopySource versionId is not supported")
+    elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
+        src_bucket, src_key = src["Bucket"], src.get("Key") or ""
+        if not isinstance(src_key, str) or not src_key:
+            raise ParamValidationError(
+                report=_type_report("CopySource.Key", src_key, "<class 'str'>")
+            )
+    else:
+        raise ParamValidationError(
+            report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+        )
+    return src_bucket, src_key
+
+
+def _copy_logical_object(
+    engine: _DeltaEngine,
+    kwargs: Mapping[str, Any],
+    src_bucket: str,
+    src_key: str,
+    now: Callable[[], datetime.datetime],
+) -> dict[str, Any]:
+    """CopyObject (copy_object, its source parsed): the source's conditions hold on the
+    logical object; it is read whole (rebuilt if a delta) and stored as put_object stores
+    a file, with its metadata unless ``MetadataDirective=REPLACE``."""
+    source_headers = {
+        h.replace("copy-source-", "", 1): v
+        for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
+    }
+    if kwargs.get("ExpectedSourceBucketOwner"):
+        source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
+    lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
+    failed = _precondition_failure(
+        kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
+    )
+    if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
+        raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
+    directive = kwargs.get("MetadataDirective", "COPY")
+    params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
+    params.pop("ExpectedSourceBucketOwner", None)
+    if directive == "COPY":
+        params["Metadata"] = _user_metadata(lg.metadata)
+        params.setdefault("ContentType", lg.content_type)
+        for name in (
+            "CacheControl",
+            "ContentDisposition",
+            "ContentEncoding",
+            "ContentLanguage",
+            "Expires",
+        ):
+            if name in lg.head:
+                params.setdefault(name, lg.head[name])
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
+    os.close(fd)
+    try:
+        engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
+        result = _put_object_from_file(engine, tmp, params)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    out: dict[str, Any] = {
+        "CopyObjectResult": {
+            "ETag": result["ETag"],
+            "LastModified": now().replace(microsecond=0),
+        },
+        "ResponseMetadata": result["ResponseMetadata"],
+    }
+    if "DeltaGliderInfo" in result:
+        out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -11003,76 +11080,13 @@ class DeltaGliderClient:
         allowed |= _PUT_PARAMS | {n for n, _ in _COPY_CONDITION_PARAMS + _COPY_SSEC_HEADER_PARAMS}
         allowed |= {"ExpectedSourceBucketOwner"}
         _params("CopyObject", kwargs, allowed, "Bucket", "Key", "CopySource")
+        src_bucket, src_key = _copy_source(kwargs["CopySource"])
         try:
-            return self._copy_object(kwargs)
+            return _copy_logical_object(self.engine, kwargs, src_bucket, src_key, self._now)
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
             raise _as_operation(e, "CopyObject", keep_multipart=False) from None
-
-    def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            text = urllib.parse.unquote(src.lstrip("/"))
-            src_bucket, _, src_key = text.partition("/")
-            if "?versionId=" in src_key:
-                raise ParamValidationError(report="CopySource versionId is not supported")
-        elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
-            src_bucket, src_key = src["Bucket"], src.get("Key") or ""
-            if not isinstance(src_key, str) or not src_key:
-                raise ParamValidationError(
-                    report=_type_report("CopySource.Key", src_key, "<class 'str'>")
-                )
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        engine = self.engine
-        source_headers = {
-            h.replace("copy-source-", "", 1): v
-            for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
-        }
-        if kwargs.get("ExpectedSourceBucketOwner"):
-            source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
-        lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
-        failed = _precondition_failure(
-            kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
-        )
-        if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
-            raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
-        directive = kwargs.get("MetadataDirective", "COPY")
-        params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
-        params.pop("ExpectedSourceBucketOwner", None)
-        if directive == "COPY":
-            params["Metadata"] = _user_metadata(lg.metadata)
-            params.setdefault("ContentType", lg.content_type)
-            for name in (
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-            ):
-                if name in lg.head:
-                    params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
-        os.close(fd)
-        try:
-            engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        out: dict[str, Any] = {
-            "CopyObjectResult": {
-                "ETag": result["ETag"],
-                "LastModified": self._now().replace(microsecond=0),
-            },
-            "ResponseMetadata": result["ResponseMetadata"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        return out
 
     # -- listing ------------------------------------------------------------------
 
