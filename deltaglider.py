@@ -10887,6 +10887,87 @@ def _copy_logical_object(
     return out
 
 
+def _logical_page(
+    engine: _DeltaEngine,
+    bucket: str,
+    page: dict[str, Any],
+    after: str | None,
+    fetch: bool,
+    continued: bool,
+    max_workers: int,
+) -> list[dict[str, Any]]:
+    """Hide references, show logical names (_logical_key), each once: where another
+    tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+    serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
+    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    objects = page.get("Contents", [])
+    plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+    first = objects[0]["Key"] if objects else ""
+    contents = []
+    for obj in objects:
+        stored = obj["Key"]
+        logical = _logical_key(stored)
+        if logical is None or (after is not None and logical <= after):
+            continue
+        if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+            if logical in plain:
+                continue
+            if continued and logical < first and engine.exists(bucket, logical):
+                continue  # listed on an earlier page
+        item = dict(obj)
+        item["Key"] = logical
+        if fetch:
+            item["_stored"] = stored
+        contents.append(item)
+    if fetch and contents:
+        _fetch_details(engine.storage, bucket, contents, max_workers)
+    return contents
+
+
+def _fetch_details(
+    storage: _Storage, bucket: str, contents: list[dict[str, Any]], max_workers: int
+) -> None:
+    """FetchMetadata: each listed delta's logical size and ETag, and every entry's
+    compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    def one(item: dict[str, Any]) -> None:
+        stored = item.pop("_stored")
+        is_delta = stored.endswith(_DELTA_SUFFIX)
+        meta: dict[str, str] = {}
+        if is_delta:
+            try:
+                meta = storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError:
+                meta = {}
+        original = _meta_get(meta, "file_size") if is_delta else None
+        size = int(original) if original and original.isdigit() else item["Size"]
+        stored_size = item["Size"]
+        item["Size"] = size
+        md5 = _meta_get(meta, "md5") if is_delta else None
+        if md5:  # the logical ETag, as head_object reports it (rclone check compares)
+            item["ETag"] = '"%s"' % md5
+        details = {
+            "deltaglider-is-delta": "true" if is_delta else "false",
+            "deltaglider-original-size": str(size),
+            "deltaglider-stored-size": str(stored_size),
+            "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
+        }
+        if is_delta:
+            ref = _meta_get(meta, "ref") or _REFERENCE_NAME
+            details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
+        item["Metadata"] = details
+
+    deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
+    for item in contents:
+        if not item["_stored"].endswith(_DELTA_SUFFIX):
+            one(item)  # no request needed
+    if deltas:
+        workers = min(max_workers, len(deltas))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, deltas))
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -11090,81 +11171,6 @@ class DeltaGliderClient:
 
     # -- listing ------------------------------------------------------------------
 
-    def _logical_page(
-        self,
-        bucket: str,
-        page: dict[str, Any],
-        after: str | None,
-        fetch: bool,
-        continued: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Hide references, show logical names (_logical_key), each once: where another
-        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
-        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-        the compression details (HEADs run in parallel)."""
-        objects = page.get("Contents", [])
-        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
-        first = objects[0]["Key"] if objects else ""
-        contents = []
-        for obj in objects:
-            stored = obj["Key"]
-            logical = _logical_key(stored)
-            if logical is None or (after is not None and logical <= after):
-                continue
-            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-                if logical in plain:
-                    continue
-                if continued and logical < first and self.engine.exists(bucket, logical):
-                    continue  # listed on an earlier page
-            item = dict(obj)
-            item["Key"] = logical
-            if fetch:
-                item["_stored"] = stored
-            contents.append(item)
-        if fetch and contents:
-            self._fetch_details(bucket, contents)
-        return contents
-
-    def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self.engine.storage
-
-        def one(item: dict[str, Any]) -> None:
-            stored = item.pop("_stored")
-            is_delta = stored.endswith(_DELTA_SUFFIX)
-            meta: dict[str, str] = {}
-            if is_delta:
-                try:
-                    meta = storage.head_object(bucket, stored).get("Metadata", {})
-                except ClientError:
-                    meta = {}
-            original = _meta_get(meta, "file_size") if is_delta else None
-            size = int(original) if original and original.isdigit() else item["Size"]
-            stored_size = item["Size"]
-            item["Size"] = size
-            md5 = _meta_get(meta, "md5") if is_delta else None
-            if md5:  # the logical ETag, as head_object reports it (rclone check compares)
-                item["ETag"] = '"%s"' % md5
-            details = {
-                "deltaglider-is-delta": "true" if is_delta else "false",
-                "deltaglider-original-size": str(size),
-                "deltaglider-stored-size": str(stored_size),
-                "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
-            }
-            if is_delta:
-                ref = _meta_get(meta, "ref") or _REFERENCE_NAME
-                details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
-            item["Metadata"] = details
-
-        deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
-        for item in contents:
-            if not item["_stored"].endswith(_DELTA_SUFFIX):
-                one(item)  # no request needed
-        if deltas:
-            workers = min(self._max_workers, len(deltas))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, deltas))
-
     def _list_logical(self, kwargs: Mapping[str, Any], marker: str | None) -> dict[str, Any]:
         """Pages of stored keys until ``MaxKeys`` logical entries (keys and common
         prefixes) are in hand or the listing ends: references and our bookkeeping are
@@ -11200,7 +11206,9 @@ class DeltaGliderClient:
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
-            contents += self._logical_page(bucket, page, after, fetch, continued)
+            contents += _logical_page(
+                self.engine, bucket, page, after, fetch, continued, self._max_workers
+            )
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
