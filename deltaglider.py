@@ -10968,6 +10968,39 @@ def _fetch_details(
             list(pool.map(one, deltas))
 
 
+def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult:
+    """verify: the object read back whole into a temp file (a delta rebuilt), with every
+    integrity check reading applies; a failed check is the result, not an exception."""
+    lg = engine.head(bucket, key, "GetObject")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
+    os.close(fd)
+    try:
+        try:
+            if lg.kind == _Kind.DELTA:
+                engine.rebuild(lg, path)
+            else:
+                engine.fetch_plain(lg, path)
+            valid, message = True, "Integrity verified"
+        except IntegrityError as e:
+            valid, message = False, str(e)
+        actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
+    finally:
+        os.unlink(path)
+    if lg.kind == _Kind.FOREIGN:
+        message = "no SHA-256 recorded (not written by deltaglider); read back completely"
+    result = VerifyResult(
+        valid=valid,
+        kind=lg.kind,
+        expected_sha256=lg.sha256,
+        actual_sha256=actual,
+        message=message,
+    )
+    if lg.kind == _Kind.DELTA:
+        ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+        result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+    return result
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -11670,35 +11703,7 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self.engine
-        lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
-        os.close(fd)
-        try:
-            try:
-                if lg.kind == _Kind.DELTA:
-                    engine.rebuild(lg, path)
-                else:
-                    engine.fetch_plain(lg, path)
-                valid, message = True, "Integrity verified"
-            except IntegrityError as e:
-                valid, message = False, str(e)
-            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
-        finally:
-            os.unlink(path)
-        if lg.kind == _Kind.FOREIGN:
-            message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        result = VerifyResult(
-            valid=valid,
-            kind=lg.kind,
-            expected_sha256=lg.sha256,
-            actual_sha256=actual,
-            message=message,
-        )
-        if lg.kind == _Kind.DELTA:
-            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
-        return result
+        return _verify_logical(self.engine, bucket, key)
 
     def upload_chunked(
         self,
@@ -11950,29 +11955,7 @@ class DeltaGliderClient:
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self.engine.storage
-        now = self._now()
-        deleted = expired = errors = freed = 0
-        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
-            for obj in page.get("Contents", []):
-                try:
-                    meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
-                    when = meta.get("dg-expires-at")
-                    if when and _parse_timestamp(when) <= now:
-                        expired += 1
-                        storage.delete_object(Bucket, obj["Key"])
-                        deleted += 1
-                        freed += obj["Size"]
-                except (ClientError, ValueError) as e:
-                    logger.warning("purge: %s: %s", obj["Key"], e)
-                    errors += 1
-        return {
-            "bucket": Bucket,
-            "deleted_count": deleted,
-            "expired_count": expired,
-            "error_count": errors,
-            "total_size_freed": freed,
-        }
+        return _purge_presign_copies(self.engine.storage, Bucket, self._now)
 
 
 #: The client's public methods, for the "not supported" message.
@@ -12801,6 +12784,35 @@ def _rehydrated_copy(
         if os.path.exists(path):
             os.unlink(path)
     return tmp_key
+
+
+def _purge_presign_copies(
+    storage: _Storage, bucket: str, clock: Callable[[], datetime.datetime]
+) -> dict[str, Any]:
+    """purge_temp_files: the rebuilt copies under ``.deltaglider/tmp/`` whose
+    ``dg-expires-at`` has passed are deleted; counts of what was seen and freed."""
+    now = clock()
+    deleted = expired = errors = freed = 0
+    for page in _list_pages(storage, bucket, prefix=".deltaglider/tmp/"):
+        for obj in page.get("Contents", []):
+            try:
+                meta = storage.head_object(bucket, obj["Key"]).get("Metadata", {})
+                when = meta.get("dg-expires-at")
+                if when and _parse_timestamp(when) <= now:
+                    expired += 1
+                    storage.delete_object(bucket, obj["Key"])
+                    deleted += 1
+                    freed += obj["Size"]
+            except (ClientError, ValueError) as e:
+                logger.warning("purge: %s: %s", obj["Key"], e)
+                errors += 1
+    return {
+        "bucket": bucket,
+        "deleted_count": deleted,
+        "expired_count": expired,
+        "error_count": errors,
+        "total_size_freed": freed,
+    }
 
 
 def _presigned_post(
