@@ -222,6 +222,9 @@ _DEFAULT_CACHE_MAX = 4 * 1024**3
 _ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
 _DEFAULT_MEMORY_LIMIT = 600 * 1000**2
 _MIN_MEMORY_LIMIT = 256 * 1000**2
+#: The gateway's own key pair (clients sign with it); never taken from the command line.
+_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
+_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -12744,9 +12747,6 @@ def create_client(
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
 
-#: The gateway's own key pair (clients sign with it); never taken from the command line.
-_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
-_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 #: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
 #: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
 _GATEWAY_MAX_SKEW = 15 * 60
