@@ -198,7 +198,8 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 
-#: Environment variables read by deltaglider itself (AWS_* ones are in the config section).
+#: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
+#: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
 _ENV_MAX_RATIO = "DG_MAX_RATIO"
 _ENV_CACHE_DIR = "DG_CACHE_DIR"
 _ENV_XDELTA3 = "DG_XDELTA3"
@@ -1083,6 +1084,21 @@ def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
     return value
 
 
+def _parse_path(text: str, name: str) -> str:
+    """A path or a program's name, taken as written."""
+    return text
+
+
+def _parse_text(text: str, name: str) -> str:
+    """A word such as an access key, without the spaces around it."""
+    return text.strip()
+
+
+def _parse_list(text: str, name: str) -> tuple[str, ...]:
+    """Comma-separated words, each without the spaces around it; empty ones are dropped."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _parse_bool(text: str, name: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE_WORDS:
@@ -1114,7 +1130,7 @@ _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
 _REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
-#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+#: Every DG_* variable deltaglider reads.
 _DG_SETTINGS: dict[str, _Setting] = {
     _ENV_MAX_RATIO: _Setting(
         functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
@@ -1130,6 +1146,11 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+    _ENV_DELTA_EXTENSIONS: _Setting(_parse_list, ()),
+    _ENV_XDELTA3: _Setting(_parse_path, None),
+    _ENV_CACHE_DIR: _Setting(_parse_path, None),
+    _ENV_GATEWAY_ACCESS_KEY: _Setting(_parse_text, ""),
+    _ENV_GATEWAY_SECRET_KEY: _Setting(_parse_text, ""),
 }
 
 
@@ -7753,9 +7774,7 @@ def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
     lower = name.lower()
-    extra = [
-        e.strip().lower() for e in environ.get(_ENV_DELTA_EXTENSIONS, "").split(",") if e.strip()
-    ]
+    extra = [e.lower() for e in _env_setting(environ, _ENV_DELTA_EXTENSIONS)]
     return any(lower.endswith(ext) for ext in list(_DELTA_EXTENSIONS) + extra)
 
 
@@ -7865,7 +7884,7 @@ class _XDelta3:
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
-        self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self._name = binary or _env_setting(environ, _ENV_XDELTA3) or "xdelta3"
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
@@ -8111,8 +8130,9 @@ class _XDelta3:
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
-    if environ.get(_ENV_CACHE_DIR):
-        return os.path.expanduser(environ[_ENV_CACHE_DIR])
+    folder = _env_setting(environ, _ENV_CACHE_DIR)
+    if folder:
+        return os.path.expanduser(str(folder))
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "deltaglider")
 
@@ -13077,8 +13097,8 @@ class _GatewayUsers:
                         )
                     users[key.strip()] = secret.strip()
         else:
-            key = environ.get(_ENV_GATEWAY_ACCESS_KEY, "").strip()
-            secret = environ.get(_ENV_GATEWAY_SECRET_KEY, "").strip()
+            key = _env_setting(environ, _ENV_GATEWAY_ACCESS_KEY)
+            secret = _env_setting(environ, _ENV_GATEWAY_SECRET_KEY)
             if key and secret:
                 users[key] = secret
         if not users:
