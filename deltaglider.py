@@ -6470,9 +6470,14 @@ class _LZMA:
 #: negative so one comparison tells a copy from the rest.
 _ADD = -1
 _RUN = -2
+#: Address modes (RFC 3284 section 5.3): VCD_SELF (the address as written), VCD_HERE (back
+#: from the current position), then the near modes and the same modes.
+_VCD_SELF = 0
+_VCD_HERE = 1
+_NEAR_START = 2
 _NEAR_MODES = 4  # RFC 3284 section 5.1: s_near = 4, s_same = 3 for the default table
 _SAME_MODES = 3
-_SAME_START = 2 + _NEAR_MODES
+_SAME_START = _NEAR_START + _NEAR_MODES
 _SAME_SIZE = _SAME_MODES * 256
 _MIN_MATCH = 4
 
@@ -6496,6 +6501,49 @@ def _rfc3284_code_table() -> tuple[tuple[tuple[int, int], ...], ...]:
 _CODE_TABLE = _rfc3284_code_table()
 
 
+class _AddressCache:
+    """A window's copy addresses (RFC 3284 sections 5.1-5.3): the address section they
+    are read from, and the near and same caches they are coded against."""
+
+    __slots__ = ("addr", "near", "pos", "same", "slot")
+
+    def __init__(self, addr: bytes) -> None:
+        self.addr = addr
+        self.pos = 0  # the next byte of the address section
+        self.near = [0] * _NEAR_MODES
+        self.slot = 0  # the near cache's next slot
+        self.same = [0] * _SAME_SIZE
+
+    def decode(self, mode: int, here: int) -> int:
+        """The address of a COPY in address ``mode``, ``here`` being the address of the
+        next byte written; both caches then remember it. A section that ends early
+        raises IndexError, which the caller reports."""
+        addr = self.addr
+        ap = self.pos
+        if mode < _SAME_START:
+            a = addr[ap]
+            ap += 1
+            if a & 0x80:  # two-byte addresses inline, longer ones call
+                b = addr[ap]
+                if b & 0x80:
+                    a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
+                else:
+                    a = (a & 0x7F) << 7 | b
+                    ap += 1
+            if mode == _VCD_HERE:
+                a = here - a
+            elif mode != _VCD_SELF:
+                a += self.near[mode - _NEAR_START]
+        else:
+            a = self.same[(mode - _SAME_START) * 256 + addr[ap]]
+            ap += 1
+        self.pos = ap
+        self.near[self.slot] = a
+        self.slot = (self.slot + 1) & 3  # _NEAR_MODES is 4
+        self.same[a % _SAME_SIZE] = a
+        return a
+
+
 def _run_window(
     inst: bytes, data: bytes, addr: bytes, seg: Any, cpylen: int, tgtlen: int
 ) -> bytearray:
@@ -6505,10 +6553,8 @@ def _run_window(
     checked against what exists before it is used, as xd3_decode_parse_halfinst does."""
     table = _CODE_TABLE
     out = bytearray()
-    near = [0] * _NEAR_MODES
-    slot = 0
-    same = [0] * _SAME_SIZE
-    ip = dp = ap = 0
+    addresses = _AddressCache(addr)
+    ip = dp = 0
     ilen, dlen = len(inst), len(data)
     here = cpylen  # the address of the next byte to write
     end = cpylen + tgtlen
@@ -6529,27 +6575,8 @@ def _run_window(
                             ip += 1
                 if here + size > end:
                     raise _VCDiffError("corrupt delta: instruction writes past the window")
-                if kind >= 0:  # COPY: decode the address (RFC 3284 section 5.3)
-                    if kind < _SAME_START:
-                        a = addr[ap]
-                        ap += 1
-                        if a & 0x80:
-                            b = addr[ap]
-                            if b & 0x80:
-                                a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
-                            else:
-                                a = (a & 0x7F) << 7 | b
-                                ap += 1
-                        if kind == 1:  # VCD_HERE
-                            a = here - a
-                        elif kind:  # VCD_NEAR
-                            a += near[kind - 2]
-                    else:  # VCD_SAME
-                        a = same[(kind - _SAME_START) * 256 + addr[ap]]
-                        ap += 1
-                    near[slot] = a
-                    slot = (slot + 1) & 3  # _NEAR_MODES is 4
-                    same[a % _SAME_SIZE] = a
+                if kind >= 0:  # COPY
+                    a = addresses.decode(kind, here)
                     if a < cpylen:
                         if a < 0 or a + size > cpylen:
                             raise _VCDiffError("corrupt delta: copy outside the source window")
@@ -6581,7 +6608,7 @@ def _run_window(
         raise _VCDiffError("corrupt delta: instruction or address section ends early") from None
     if here != end:
         raise _VCDiffError(f"corrupt delta: window decodes to {here - cpylen} of {tgtlen} bytes")
-    if dp != dlen or ap != len(addr):
+    if dp != dlen or addresses.pos != len(addr):
         raise _VCDiffError("corrupt delta: unused bytes in the data or address section")
     return out
 
