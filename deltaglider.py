@@ -6943,11 +6943,48 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP_SIG_LOCAL = 0x04034B50
 _ZIP_SIG_CENTRAL = 0x02014B50
+_ZIP_SIG_EOCD = 0x06054B50
 _ZIP_SIG_64LOC = 0x07064B50
 _ZIP_SIG_64EOCD = 0x06064B50
+#: The signatures a scan of the bytes looks for ("PK\x01\x02", "PK\x05\x06").
+_ZIP_CENTRAL_BYTES = struct.pack("<I", _ZIP_SIG_CENTRAL)
+_ZIP_EOCD_BYTES = struct.pack("<I", _ZIP_SIG_EOCD)
+#: Indices of the fields read from _ZIP_LOCAL (0 is the signature).
+_LH_FLAGS = 2
+_LH_METHOD = 3
+_LH_NAME_LEN = 9
+_LH_EXTRA_LEN = 10
+#: Indices of the fields read from _ZIP_CENTRAL.
+_CD_FLAGS = 3
+_CD_METHOD = 4
+_CD_CRC = 7
+_CD_CSIZE = 8
+_CD_USIZE = 9
+_CD_NAME_LEN = 10
+_CD_EXTRA_LEN = 11
+_CD_COMMENT_LEN = 12
+_CD_LOCAL_OFFSET = 16
+#: Indices of the fields read from _ZIP64_EOCD.
+_Z64_COUNT = 7
+_Z64_CD_SIZE = 8
+_Z64_CD_OFFSET = 9
+#: Byte offsets of the fields the "L" and "C" records transform: the local header's
+#: date-time, the central entry's date-time and its local header offset.
+_LH_DATETIME_AT = 10
+_CD_DATETIME_AT = 12
+_CD_LOCAL_OFFSET_AT = 42
+#: General purpose flag bit 0: the member is encrypted (APPNOTE 4.4.4).
+_ZIP_FLAG_ENCRYPTED = 0x01
+#: Compression method 8 (APPNOTE 4.4.5), held as a raw deflate stream: zlib's wbits -15.
+_ZIP_DEFLATED = 8
+_RAW_DEFLATE_WBITS = -15
+#: The zip64 extended information extra field (APPNOTE 4.5.3), and the 32-bit value that
+#: says a size or offset is in it.
+_ZIP64_EXTRA_TAG = 0x0001
+_ZIP64_MARK = 0xFFFFFFFF
 #: The end record sits within the last 64 KiB (its comment length is 16 bits); look a little
 #: further for zips with trailing bytes after it.
-_ZIP_EOCD_SEARCH = 22 + 65535 + 1024
+_ZIP_EOCD_SEARCH = _ZIP_EOCD.size + 0xFFFF + 1024
 
 
 class _ZipCodecError(Exception):
@@ -7025,7 +7062,7 @@ def _zip_find_cd(f: IO[bytes], size: int) -> tuple[int, int, int] | None:
     at = len(tail)
     # The last signature that parses wins; earlier ones may sit inside a comment or junk.
     while True:
-        at = tail.rfind(b"PK\x05\x06", 0, at)
+        at = tail.rfind(_ZIP_EOCD_BYTES, 0, at)
         if at < 0:
             return None
         found = _zip_parse_eocd(f, tail, at, tail_start + at)
@@ -7055,13 +7092,18 @@ def _zip_parse_eocd(f: IO[bytes], tail: bytes, at: int, pos: int) -> tuple[int, 
             fields = _ZIP64_EOCD.unpack(rec)
             if fields[0] != _ZIP_SIG_64EOCD:
                 return None
-            count, cd_size, cd_offset, cd_end = fields[7], fields[8], fields[9], rec_at
+            count, cd_size, cd_offset = (
+                fields[_Z64_COUNT],
+                fields[_Z64_CD_SIZE],
+                fields[_Z64_CD_OFFSET],
+            )
+            cd_end = rec_at
     cd_start = cd_end - cd_size
     if cd_start < 0 or cd_offset > cd_start:
         return None
     if count:
         f.seek(cd_start)
-        if f.read(4) != b"PK\x01\x02":
+        if f.read(len(_ZIP_CENTRAL_BYTES)) != _ZIP_CENTRAL_BYTES:
             return None
     return cd_start, cd_end, cd_start - cd_offset
 
@@ -7080,7 +7122,7 @@ def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
     parts = set()
     for at, end, fields, csize, offset in _zip_central(f, cd):
         parts.add((at, _ZIPX_CENTRAL, end))
-        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[3]))
+        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[_CD_FLAGS]))
     return sorted(parts)
 
 
@@ -7094,12 +7136,14 @@ def _zip_central(
     while at + _ZIP_CENTRAL.size <= cd_end:
         f.seek(at)
         fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-        nlen, xlen, clen = fields[10:13]
+        nlen, xlen, clen = fields[_CD_NAME_LEN], fields[_CD_EXTRA_LEN], fields[_CD_COMMENT_LEN]
         end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
         if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
             return
         f.seek(at + _ZIP_CENTRAL.size + nlen)
-        csize, offset = _zip64_sizes(f.read(xlen), fields[9], fields[8], fields[16])
+        csize, offset = _zip64_sizes(
+            f.read(xlen), fields[_CD_USIZE], fields[_CD_CSIZE], fields[_CD_LOCAL_OFFSET]
+        )
         yield at, end, fields, csize, offset
         at = end
 
@@ -7110,11 +7154,11 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     at = 0
     while at + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, at)
-        if tag == 1:
+        if tag == _ZIP64_EXTRA_TAG:
             values = [usize, csize, offset]
             i = at + 4
             for k, value in enumerate(values):
-                if value == 0xFFFFFFFF and i + 8 <= min(len(extra), at + 4 + n):
+                if value == _ZIP64_MARK and i + 8 <= min(len(extra), at + 4 + n):
                     values[k] = struct.unpack_from("<Q", extra, i)[0]
                     i += 8
             return values[1], values[2]
@@ -7135,11 +7179,12 @@ def _zip_member(
             continue
         # The local header, not the central one, says where the data starts: their name and
         # extra lengths often differ (zipalign pads only the local extra field).
-        start = header + _ZIP_LOCAL.size + fields[9] + fields[10]
+        start = header + _ZIP_LOCAL.size + fields[_LH_NAME_LEN] + fields[_LH_EXTRA_LEN]
         if start > size:
             return []
         parts = [(header, _ZIPX_LOCAL, start)]
-        if fields[3] == 8 and not (fields[2] | flags) & 1:
+        encrypted = (fields[_LH_FLAGS] | flags) & _ZIP_FLAG_ENCRYPTED
+        if fields[_LH_METHOD] == _ZIP_DEFLATED and not encrypted:
             parts.append((start, _ZIPX_DEFLATE, min(size, start + csize)))
         return parts
     return []
@@ -7162,7 +7207,7 @@ class _Inflate:
 
     def __iter__(self) -> Iterator[bytes]:
         self.f.seek(self.start)
-        inflater = zlib.decompressobj(-15)
+        inflater = zlib.decompressobj(_RAW_DEFLATE_WBITS)
         pos, total = self.start, 0
         limit = min(_ZIPX_BOMB_RATIO * (self.bound - self.start) + _ZIPX_CHUNK, _ZIPX_BOMB_MAX)
         while not inflater.eof:
@@ -7209,7 +7254,7 @@ def _zipx_verify(
     go and stopping at the first mismatching byte. (end of the stream, its content if small)
     on an exact match, else None."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     source = _Inflate(f, start, bound)
     kept: list[bytes] | None = []
     kept_size = 0
@@ -7255,18 +7300,18 @@ class _ZipxHeaders:
         buf = bytearray(data)
         times = self.local_times
         if kind == _ZIPX_LOCAL:
-            (field,) = struct.unpack_from("<I", buf, 10)
+            (field,) = struct.unpack_from("<I", buf, _LH_DATETIME_AT)
             value = field ^ (times[-1] if times else 0)
-            struct.pack_into("<I", buf, 10, value)
+            struct.pack_into("<I", buf, _LH_DATETIME_AT, value)
             times.append(value if self.undo else field)
             return bytes(buf)
-        (field,) = struct.unpack_from("<I", buf, 12)
+        (field,) = struct.unpack_from("<I", buf, _CD_DATETIME_AT)
         value = field ^ (times[self.centrals] if self.centrals < len(times) else 0)
-        struct.pack_into("<I", buf, 12, value)
+        struct.pack_into("<I", buf, _CD_DATETIME_AT, value)
         self.centrals += 1
-        (field,) = struct.unpack_from("<I", buf, 42)
+        (field,) = struct.unpack_from("<I", buf, _CD_LOCAL_OFFSET_AT)
         value = (field + self.offset if self.undo else field - self.offset) & 0xFFFFFFFF
-        struct.pack_into("<I", buf, 42, value)
+        struct.pack_into("<I", buf, _CD_LOCAL_OFFSET_AT, value)
         self.offset = value if self.undo else field
         return bytes(buf)
 
@@ -7361,10 +7406,11 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             if cd is None:
                 return index
             for _, _, fields, csize, offset in _zip_central(f, cd):
-                crc, usize = fields[7], fields[9]
-                if fields[4] != 8 or usize == 0xFFFFFFFF:
+                crc, usize = fields[_CD_CRC], fields[_CD_USIZE]
+                if fields[_CD_METHOD] != _ZIP_DEFLATED or usize == _ZIP64_MARK:
                     continue  # not deflated, or a zip64 size this index does not read
-                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, fields[3]):
+                flags = fields[_CD_FLAGS]
+                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, flags):
                     if kind == _ZIPX_DEFLATE and bound - start == csize:
                         index.setdefault((crc, usize), (start, csize))
         except (struct.error, ValueError, OverflowError):
@@ -7395,10 +7441,11 @@ def _zip_rebuild(
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
-    if head[:4] != _ZIPX_MAGIC:
+    magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
+    if magic != _ZIPX_MAGIC:
         raise _ZipCodecError("not an expanded zip stream")
-    if head[4:] != bytes([_ZIPX_VERSION]):
-        raise _ZipCodecError("expanded zip stream version %r is not supported" % head[4:])
+    if version != bytes([_ZIPX_VERSION]):
+        raise _ZipCodecError("expanded zip stream version %r is not supported" % version)
     headers = _ZipxHeaders(undo=True)
     size = crc = held = 0
     queued: collections.deque[tuple[int, Any]] = collections.deque()  # (bytes, job or data)
@@ -7496,7 +7543,7 @@ def _zipx_deflate(chunks: Iterable[bytes], params: Sequence[int]) -> Iterator[by
     """Deflate a member's content with the same calls, chunk for chunk, as when it was
     checked (_zipx_verify): the output is then the same bytes."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     for chunk in chunks:
         yield deflater.compress(chunk)
     yield deflater.flush()
