@@ -7418,6 +7418,118 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
     return index
 
 
+class _ZipRebuild:
+    """One rebuild in progress: what was written (its size and CRC-32) and the records
+    waiting to be written in order, each counted at its bytes plus _ZIPX_RECORD_COST. One
+    method per record kind of the expanded stream reads that record and writes or queues
+    what it rebuilds to."""
+
+    def __init__(
+        self,
+        out: IO[bytes],
+        limit: int | None,
+        pool: concurrent.futures.Executor,
+        reuse: dict[tuple[int, int], tuple[int, int]],
+        ref_file: IO[bytes] | None,
+    ) -> None:
+        self.out = out
+        self.limit = limit
+        self.pool = pool
+        self.reuse = reuse
+        self.ref_file = ref_file
+        self.headers = _ZipxHeaders(undo=True)
+        self.size = self.crc = self.held = 0
+        self.queued: collections.deque[tuple[int, Any]] = (
+            collections.deque()
+        )  # (bytes, job or data)
+
+    def put(self, data: bytes) -> None:
+        """Write ``data`` now (callers first emit what waits before it)."""
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise _OutputLimitError(self.limit)
+        self.out.write(data)
+        self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def emit(self, keep: int) -> None:
+        """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        while self.queued and self.held > keep:
+            weight, item = self.queued.popleft()
+            self.held -= weight
+            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
+                self.put(data)
+
+    def queue(self, weight: int, item: Any) -> None:
+        """Queue a record's bytes (a list, or a Future of one), writing the oldest while
+        more than _ZIPX_PENDING wait."""
+        self.queued.append((weight, item))
+        self.held += weight
+        self.emit(_ZIPX_PENDING)
+
+    def raw(self, expanded: IO[bytes]) -> None:
+        """An "R" record: bytes copied as they are, after what waits."""
+        self.emit(-1)
+        for data in _zipx_read_chunks(expanded):
+            self.put(data)
+
+    def deflated(self, expanded: IO[bytes]) -> None:
+        """A "D" record: the member as copied from the reference when it has it, else
+        deflated in a thread when small, else deflated and written as it is read."""
+        params = tuple(_zipx_read(expanded, 3))
+        level, mem_level, strategy = params
+        if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
+            raise _ZipCodecError("expanded zip stream has bad deflate parameters")
+        chunks, total = [], 0
+        pieces = _zipx_read_chunks(expanded)
+        for chunk in pieces:
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > _ZIPX_KEEP:
+                break
+        if total <= _ZIPX_KEEP and self.ref_file is not None:
+            crc32 = 0
+            for chunk in chunks:
+                crc32 = zlib.crc32(chunk, crc32)
+            same = self.reuse.get((crc32, total))
+            if same is not None:
+                self.ref_file.seek(same[0])
+                self.queue(same[1] + _ZIPX_RECORD_COST, [self.ref_file.read(same[1])])
+                return
+        if total <= _ZIPX_KEEP:
+            job = self.pool.submit(_zipx_deflate_all, chunks, params)
+            self.queue(total + _ZIPX_RECORD_COST, job)
+            return
+        self.emit(-1)  # a large member: stream it, in order
+        for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
+            self.put(data)
+
+    def header(self, tag: bytes, expanded: IO[bytes]) -> None:
+        """An "L" or "C" record: the header with its transform undone."""
+        n = _zipx_read_varint(expanded)
+        if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        header = _zipx_read(expanded, n)
+        if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        self.queue(n + _ZIPX_RECORD_COST, [self.headers.apply(tag, header)])
+
+    def end(self, expanded: IO[bytes]) -> int:
+        """The "E" record: everything is written; the size and CRC-32 must be its own."""
+        self.emit(-1)
+        want_size = _zipx_read_varint(expanded)
+        (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
+        if expanded.read(1):
+            raise _ZipCodecError("expanded zip stream has data after its end")
+        if (self.size, self.crc) != (want_size, want_crc):
+            # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
+            # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
+            raise _ZipCodecError(
+                "rebuilt zip does not match: this machine's zlib %s deflates "
+                "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
+            )
+        return self.size
+
+
 def _zip_rebuild(
     expanded: IO[bytes],
     out: IO[bytes],
@@ -7446,95 +7558,22 @@ def _zip_rebuild(
         raise _ZipCodecError("not an expanded zip stream")
     if version != bytes([_ZIPX_VERSION]):
         raise _ZipCodecError("expanded zip stream version %r is not supported" % version)
-    headers = _ZipxHeaders(undo=True)
-    size = crc = held = 0
-    queued: collections.deque[tuple[int, Any]] = collections.deque()  # (bytes, job or data)
-
-    def put(data: bytes) -> None:
-        nonlocal size, crc
-        if limit is not None and size + len(data) > limit:
-            raise _OutputLimitError(limit)
-        out.write(data)
-        size += len(data)
-        crc = zlib.crc32(data, crc)
-
-    def emit(limit: int) -> None:
-        nonlocal held
-        while queued and held > limit:
-            weight, item = queued.popleft()
-            held -= weight
-            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
-                put(data)
-
     with contextlib.ExitStack() as stack:
         ref_file = stack.enter_context(open(reference, "rb")) if reference and reuse else None
         pool = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
         )
+        rebuild = _ZipRebuild(out, limit, pool, reuse, ref_file)
         while True:
             tag = _zipx_read(expanded, 1)
             if tag == _ZIPX_END:
-                emit(-1)
-                want_size = _zipx_read_varint(expanded)
-                (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
-                if expanded.read(1):
-                    raise _ZipCodecError("expanded zip stream has data after its end")
-                if (size, crc) != (want_size, want_crc):
-                    # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
-                    # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
-                    raise _ZipCodecError(
-                        "rebuilt zip does not match: this machine's zlib %s deflates "
-                        "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
-                    )
-                return size
+                return rebuild.end(expanded)
             if tag == _ZIPX_RAW:
-                emit(-1)
-                for data in _zipx_read_chunks(expanded):
-                    put(data)
+                rebuild.raw(expanded)
             elif tag == _ZIPX_DEFLATE:
-                params = tuple(_zipx_read(expanded, 3))
-                level, mem_level, strategy = params
-                if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
-                    raise _ZipCodecError("expanded zip stream has bad deflate parameters")
-                chunks, total = [], 0
-                pieces = _zipx_read_chunks(expanded)
-                for chunk in pieces:
-                    chunks.append(chunk)
-                    total += len(chunk)
-                    if total > _ZIPX_KEEP:
-                        break
-                if total <= _ZIPX_KEEP and ref_file is not None:
-                    crc32 = 0
-                    for chunk in chunks:
-                        crc32 = zlib.crc32(chunk, crc32)
-                    same = reuse.get((crc32, total))
-                    if same is not None:
-                        ref_file.seek(same[0])
-                        weight = same[1] + _ZIPX_RECORD_COST
-                        queued.append((weight, [ref_file.read(same[1])]))
-                        held += weight
-                        emit(_ZIPX_PENDING)
-                        continue
-                if total <= _ZIPX_KEEP:
-                    weight = total + _ZIPX_RECORD_COST
-                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += weight
-                    emit(_ZIPX_PENDING)
-                    continue
-                emit(-1)  # a large member: stream it, in order
-                for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
-                    put(data)
+                rebuild.deflated(expanded)
             elif tag in (_ZIPX_LOCAL, _ZIPX_CENTRAL):
-                n = _zipx_read_varint(expanded)
-                if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                header = _zipx_read(expanded, n)
-                if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                weight = n + _ZIPX_RECORD_COST
-                queued.append((weight, [headers.apply(tag, header)]))
-                held += weight
-                emit(_ZIPX_PENDING)
+                rebuild.header(tag, expanded)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
