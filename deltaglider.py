@@ -2678,6 +2678,21 @@ class _ConnectionPool:
             c.close()
 
 
+def _header_value_error(name: str) -> ParamValidationError:
+    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
+    never the value, which may be a secret. Both back ends raise it, so the local store
+    refuses what an S3 server could never be sent."""
+    return ParamValidationError(
+        report="the %s header has a line break or another character HTTP does not allow "
+        "(the value is not shown)" % name
+    )
+
+
+def _check_header_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise _header_value_error(name)
+
+
 class _BodyReadError(Exception):
     """Reading the request body from the caller's file failed (carries the OSError)."""
 
@@ -2777,6 +2792,139 @@ def _parse_error(
                 snippet,
             )
     return {"Error": error, "ResponseMetadata": meta}
+
+
+# -- one exchange, and when to try again ---------------------------------------
+
+
+def _send_once(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    endpoint_url: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: Any,
+    stream: bool,
+) -> _Response:
+    """One HTTP exchange on a pooled connection to ``key`` (scheme, host, port), its
+    failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
+    connection closed or refused. A local read error of the body is raised as itself
+    (an OSError: not retried as a network one)."""
+    conn, absolute = pool.acquire(*key)
+    target = url
+    if absolute:
+        target = "%s://%s%s" % (key[0], headers["host"], url)
+    try:
+        _write_request(conn, method, target, headers, body)
+        raw = conn.getresponse()
+    except _BodyReadError as e:
+        conn.close()
+        raise e.error from None  # a local read error: not retried as a network one
+    except socket.timeout as e:
+        connected = conn.sock is not None
+        conn.close()
+        if not connected:
+            raise ConnectTimeoutError(endpoint_url=endpoint_url) from e
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except ssl.SSLError as e:
+        conn.close()
+        raise SSLError(endpoint_url=endpoint_url, error=e) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+        raise EndpointConnectionError(endpoint_url=endpoint_url, error=e) from e
+    return _read_response(pool, key, conn, raw, method, stream, endpoint_url)
+
+
+def _write_request(
+    conn: http.client.HTTPConnection, method: str, target: str, headers: dict[str, str], body: Any
+) -> None:
+    """Send the request line, the headers (the proxy's too, for plain http through one) and
+    the body: bytes, or a file read in chunks (its read error becomes a _BodyReadError)."""
+    conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        try:
+            conn.putheader(name, value)
+        except ValueError:  # http.client's message quotes the value: it may be a secret
+            conn.close()
+            raise _header_value_error(name) from None
+    for name, value in getattr(conn, "dg_proxy_headers", {}).items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    if body is None:
+        return
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        conn.send(bytes(body))
+        return
+    while True:
+        try:
+            chunk = body.read(_IO_CHUNK)
+        except OSError as e:
+            raise _BodyReadError(e) from e
+        if not chunk:
+            break
+        conn.send(chunk)
+
+
+def _read_response(
+    pool: _ConnectionPool,
+    key: _PoolKey,
+    conn: http.client.HTTPConnection,
+    raw: http.client.HTTPResponse,
+    method: str,
+    stream: bool,
+    endpoint_url: str,
+) -> _Response:
+    """The reply as a _Response: no body for HEAD, 204 and 304; a StreamingBody for a
+    streamed 2xx reply (it gives the connection back to the pool once read or closed);
+    otherwise the whole body, bounded, and checked against its Content-Length. The
+    connection is reused only after a complete reply."""
+    resp_headers = _response_headers(raw)
+    status = raw.status
+    if method == "HEAD" or status in (204, 304):
+        raw.read()
+        pool.release(key, conn, not raw.will_close)
+        return _Response(status, raw.reason, resp_headers, b"", 1)
+    clen_text = resp_headers.get("content-length")
+    clen = int(clen_text) if clen_text and clen_text.isdigit() else None
+    if stream and status < 300:
+
+        def on_close(reusable: bool) -> None:
+            pool.release(key, conn, reusable and not raw.will_close)
+
+        body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=endpoint_url)
+        return _Response(status, raw.reason, resp_headers, body_out, 1)
+    try:
+        data = _read_reply(raw, endpoint_url)
+    except _ReplyTooLarge as e:
+        conn.close()
+        raise ResponseParserError(endpoint_url=endpoint_url, status=status, reason=str(e)) from None
+    except socket.timeout as e:
+        conn.close()
+        raise ReadTimeoutError(endpoint_url=endpoint_url) from e
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url) from e
+    if clen is not None and len(data) != clen:
+        conn.close()
+        raise ConnectionClosedError(endpoint_url=endpoint_url)
+    pool.release(key, conn, not raw.will_close)
+    return _Response(status, raw.reason, resp_headers, data, 1)
+
+
+def _retryable(status: int, code: str) -> bool:
+    """Whether an error reply is tried again (botocore's standard mode): HTTP 500, 502,
+    503, 504 and 429, and the throttling and transient codes of _RETRYABLE_CODES.
+    Connection errors and timeouts are always tried again."""
+    return status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
+
+
+def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
+    exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
+    return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
 
 
 ###############################################################################
@@ -3000,21 +3148,6 @@ def _object_response(headers: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _header_value_error(name: str) -> ParamValidationError:
-    """A header value HTTP cannot carry (a line break, NUL): the error names the header,
-    never the value, which may be a secret. Both back ends raise it, so the local store
-    refuses what an S3 server could never be sent."""
-    return ParamValidationError(
-        report="the %s header has a line break or another character HTTP does not allow "
-        "(the value is not shown)" % name
-    )
-
-
-def _check_header_value(name: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise _header_value_error(name)
-
-
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata as ``x-amz-meta-*`` headers; values must be US-ASCII (HTTP headers)."""
     headers: dict[str, str] = {}
@@ -3036,6 +3169,103 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
             report="user metadata is %d bytes; S3 allows at most %d" % (size, _MAX_METADATA_BYTES)
         )
     return headers
+
+
+class _RangeNotSatisfiable(ValueError):
+    """A Range that S3 answers with 416 InvalidRange: it starts at or past the end of the
+    object (every range of an empty object does), or asks for its last 0 bytes."""
+
+    def __init__(self, spec: str, size: int) -> None:
+        super().__init__("the range %r of a %d-byte object is not satisfiable" % (spec, size))
+        self.spec = spec
+        self.size = size
+
+    def client_error(self, operation: str) -> ClientError:
+        """The error boto3 raises for S3's 416 reply (AWS names the range and the size)."""
+        error = {
+            "Code": "InvalidRange",
+            "Message": "The requested range is not satisfiable",
+            "RangeRequested": self.spec,
+            "ActualObjectSize": str(self.size),
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}})
+        return _client_error({"Error": error, "ResponseMetadata": meta}, operation)
+
+
+def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last byte) that a Range header asks of an object of ``size`` bytes, as S3
+    reads it: ``bytes=a-b`` (``b`` past the end means the end), ``bytes=a-``, ``bytes=-n``
+    (the last ``n`` bytes). None for a header S3 ignores, answering with the whole object:
+    none, malformed, another unit, several ranges, or ``b < a`` (RFC 9110 14.1.1).
+    Raises :class:`_RangeNotSatisfiable` where S3 answers 416. The one Range parser:
+    the local store, and the client for delta-stored and plain objects alike, use it."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec or "")
+    if not spec or not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if not suffix or not size:
+            raise _RangeNotSatisfiable(spec, size)
+        return max(0, size - suffix), size - 1
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and last < first:
+        return None
+    if first >= size:
+        raise _RangeNotSatisfiable(spec, size)
+    return first, min(last, size - 1)
+
+
+def _range_to_send(spec: str | None, size: int) -> str | None:
+    """The Range header that makes any server answer ``spec`` on a stored object of
+    ``size`` bytes as :func:`_byte_range` reads it (SeaweedFS refuses ``bytes=5-2``, Swift
+    answers several ranges as multipart/byteranges and ``bytes=-3`` of an empty object
+    with 200): None for the whole object, and ``bytes=<size>-`` where S3 answers 416,
+    which every server refuses so, after its own precondition checks (412 and 304 first)."""
+    try:
+        span = _byte_range(spec, size)
+    except _RangeNotSatisfiable:
+        return "bytes=%d-" % size
+    return None if span is None else "bytes=%d-%d" % span
+
+
+def _list_v2_page(
+    bucket: str,
+    prefix: str,
+    max_keys: int,
+    contents: list[dict[str, Any]],
+    prefixes: list[dict[str, Any]],
+    *,
+    truncated: bool = False,
+    next_token: str | None = None,
+    delimiter: str = "",
+    start_after: str = "",
+    continuation_token: str | None = None,
+) -> dict[str, Any]:
+    """One ListObjectsV2 page as boto3 parses S3's reply, members in its order: no
+    ``Contents``/``CommonPrefixes`` when there are none, ``KeyCount`` counting both,
+    ``ContinuationToken`` echoed when given (even empty), ``EncodingType`` url (both back
+    ends ask for it). The one builder: the local store's pages and the client's logical
+    pages take this shape, and the gateway writes its XML from the client's."""
+    out: dict[str, Any] = {"IsTruncated": truncated}
+    if contents:
+        out["Contents"] = contents
+    out["Name"] = bucket
+    out["Prefix"] = prefix
+    if delimiter:
+        out["Delimiter"] = delimiter
+    out["MaxKeys"] = max_keys
+    if prefixes:
+        out["CommonPrefixes"] = prefixes
+    out["EncodingType"] = "url"
+    out["KeyCount"] = len(contents) + len(prefixes)
+    if continuation_token is not None:
+        out["ContinuationToken"] = continuation_token
+    if next_token:
+        out["NextContinuationToken"] = next_token
+    if start_after:
+        out["StartAfter"] = start_after
+    return out
 
 
 def _pages(
@@ -3079,6 +3309,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
+###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
 
@@ -3264,22 +3495,20 @@ class _S3Storage:
         body: Any = None,
         content_sha256: str | None = None,
         stream: bool = False,
-        ok_statuses: tuple[int, ...] = (),
     ) -> _Response:
         """Send one S3 request with retries; raise ClientError for an error reply.
 
-        Each attempt re-signs (new timestamp) and rewinds the body. Retried: connection
-        errors, timeouts, 500/502/503/504/429 and throttling codes (botocore standard
-        mode), with full-jitter exponential backoff capped at 20 s."""
+        Each attempt re-signs (new timestamp) and rewinds the body. What is tried again
+        and how long to wait: :func:`_retryable` and :func:`_retry_delay` (botocore's
+        standard mode); a reply naming the bucket's region is followed once."""
         query = list(query or [])
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
             if not getattr(body, "seekable", lambda: False)():
                 body = _spool(body)  # SigV4 needs the payload's hash, S3 a length, retries a rewind
         start = body.tell() if getattr(body, "seekable", lambda: False)() else None
-        seekable = (
-            start is not None or body is None or isinstance(body, (bytes, bytearray, memoryview))
-        )
         length = _body_length(body)
+        assert length is not None  # every body left is bytes or seekable: its length is known
+        content_length = str(length) if body is not None or method in ("PUT", "POST") else None
         payload_hash = self._payload_hash(body, content_sha256)
         redirected = False
         attempt = 0
@@ -3287,31 +3516,21 @@ class _S3Storage:
             attempt += 1
             if start is not None:
                 body.seek(start)
-            # Connect to the host the request is signed for: the bucket's virtual host, or
-            # the regional endpoint a redirect named.
-            host, netloc, path = self._target(bucket, key)
-            send_headers = {"host": netloc}
-            send_headers.update(headers or {})
-            if length is not None and (body is not None or method in ("PUT", "POST")):
-                send_headers["Content-Length"] = str(length)
-            signer = self._signer(bucket)
-            if signer is not None:
-                signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
-            url = path
-            if query:
-                # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
-                url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
-            error: BaseException | None = None
-            resp: _Response | None = None
+            host, url, send_headers = self._signed(
+                method, bucket, key, query, headers, content_length, payload_hash
+            )
+            pool_key = (self._scheme, host, self._port)
             try:
-                resp = self._send_once(
-                    host, method, url, send_headers, body, length, stream, ok_statuses
+                resp = _send_once(
+                    self._pool, pool_key, self.endpoint_url, method, url, send_headers, body, stream
                 )
             except (ReadTimeoutError, EndpointConnectionError) as e:
-                error = e
-            if resp is not None:
+                if attempt >= self._max_attempts:
+                    raise
+                logger.debug("%s: %s, retrying", operation, e)
+            else:
                 resp = resp._replace(attempts=attempt)
-                if resp.status < 300 or resp.status in ok_statuses:
+                if resp.status < 300:
                     return resp
                 err = _parse_error(
                     resp.status, resp.reason, resp.headers, resp.body, self.endpoint_url
@@ -3325,18 +3544,39 @@ class _S3Storage:
                     self._bucket_regions[bucket] = new_region
                     attempt -= 1
                     continue
-                retryable = resp.status in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
-                if not retryable or attempt >= self._max_attempts or not seekable:
+                retryable = _retryable(resp.status, code)
+                if not retryable or attempt >= self._max_attempts:
                     if retryable and attempt >= self._max_attempts > 1:
                         err["ResponseMetadata"]["MaxAttemptsReached"] = True
                     raise _client_error(err, operation)
                 logger.debug("%s: %s (HTTP %d), retrying", operation, code, resp.status)
-            else:
-                assert error is not None
-                if attempt >= self._max_attempts or not seekable:
-                    raise error
-                logger.debug("%s: %s, retrying", operation, error)
-            self._sleep(self._rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF))
+            self._sleep(_retry_delay(attempt, self._rand))
+
+    def _signed(
+        self,
+        method: str,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str] | None,
+        content_length: str | None,
+        payload_hash: str,
+    ) -> tuple[str, str, dict[str, str]]:
+        """One attempt's host to connect to, request target and headers, signed anew (a new
+        timestamp): for the bucket's virtual host, or the regional endpoint a redirect named."""
+        host, netloc, path = self._target(bucket, key)
+        send_headers = {"host": netloc}
+        send_headers.update(headers or {})
+        if content_length is not None:
+            send_headers["Content-Length"] = content_length
+        signer = self._signer(bucket)
+        if signer is not None:
+            signer.sign_headers(method, path, query, send_headers, payload_hash, self._now())
+        url = path
+        if query:
+            # Sub-resources (``?uploads``, ``?delete``) go bare, as botocore sends them.
+            url += "?" + "&".join(_quote(k) + ("=" + _quote(v) if v else "") for k, v in query)
+        return host, url, send_headers
 
     def _redirect_region(self, resp: _Response, err: dict[str, Any]) -> str | None:
         """The bucket's region when S3 says we asked the wrong one (botocore
@@ -3351,106 +3591,6 @@ class _S3Storage:
             return None
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
-
-    def _send_once(
-        self,
-        host: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: Any,
-        length: int | None,
-        stream: bool,
-        ok_statuses: tuple[int, ...],
-    ) -> _Response:
-        key = (self._scheme, host, self._port)
-        conn, absolute = self._pool.acquire(*key)
-        target = url
-        if absolute:
-            target = "%s://%s%s" % (self._scheme, headers["host"], url)
-        try:
-            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers.items():
-                try:
-                    conn.putheader(name, value)
-                except ValueError:  # http.client's message quotes the value: it may be a secret
-                    conn.close()
-                    raise _header_value_error(name) from None
-            for name, value in getattr(conn, "dg_proxy_headers", {}).items():
-                conn.putheader(name, value)
-            if length is None and body is not None:
-                conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            if body is not None:
-                if isinstance(body, (bytes, bytearray, memoryview)):
-                    conn.send(bytes(body))
-                else:
-                    while True:
-                        try:
-                            chunk = body.read(_IO_CHUNK)
-                        except OSError as e:
-                            raise _BodyReadError(e) from e
-                        if not chunk:
-                            break
-                        if length is None:
-                            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        else:
-                            conn.send(chunk)
-                    if length is None:
-                        conn.send(b"0\r\n\r\n")
-            raw = conn.getresponse()
-        except _BodyReadError as e:
-            conn.close()
-            raise e.error from None  # a local read error: not retried as a network one
-        except socket.timeout as e:
-            connected = conn.sock is not None
-            conn.close()
-            if not connected:
-                raise ConnectTimeoutError(endpoint_url=self.endpoint_url) from e
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except ssl.SSLError as e:
-            conn.close()
-            raise SSLError(endpoint_url=self.endpoint_url, error=e) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if isinstance(
-                e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-            ):
-                raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-            raise EndpointConnectionError(endpoint_url=self.endpoint_url, error=e) from e
-        resp_headers = _response_headers(raw)
-        status = raw.status
-        if method == "HEAD" or status in (204, 304):
-            raw.read()
-            self._pool.release(key, conn, not raw.will_close)
-            return _Response(status, raw.reason, resp_headers, b"", 1)
-        clen_text = resp_headers.get("content-length")
-        clen = int(clen_text) if clen_text and clen_text.isdigit() else None
-        if stream and (status < 300 or status in ok_statuses):
-
-            def on_close(reusable: bool) -> None:
-                self._pool.release(key, conn, reusable and not raw.will_close)
-
-            body_out = StreamingBody(raw, clen, on_close=on_close, endpoint_url=self.endpoint_url)
-            return _Response(status, raw.reason, resp_headers, body_out, 1)
-        try:
-            data = _read_reply(raw, self.endpoint_url)
-        except _ReplyTooLarge as e:
-            conn.close()
-            raise ResponseParserError(
-                endpoint_url=self.endpoint_url, status=status, reason=str(e)
-            ) from None
-        except socket.timeout as e:
-            conn.close()
-            raise ReadTimeoutError(endpoint_url=self.endpoint_url) from e
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url) from e
-        if clen is not None and len(data) != clen:
-            conn.close()
-            raise ConnectionClosedError(endpoint_url=self.endpoint_url)
-        self._pool.release(key, conn, not raw.will_close)
-        return _Response(status, raw.reason, resp_headers, data, 1)
 
     def _xml(self, resp: _Response) -> ET.Element:
         try:
@@ -4062,6 +4202,7 @@ class _S3Storage:
         return self._conditional_multipart
 
 
+###############################################################################
 # Storage: a local directory ##################################################
 ###############################################################################
 
@@ -4566,22 +4707,6 @@ class _LocalStorage:
             out["x-amz-tagging-count"] = str(len(tags))
         return out
 
-    @staticmethod
-    def _byte_range(spec: str, size: int) -> tuple[int, int] | None:
-        """(first, last) of ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``; None for a header
-        S3 ignores (malformed, several ranges); (-1, -1) when unsatisfiable (RFC 7233)."""
-        m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec)
-        if not m or not (m.group(1) or m.group(2)):
-            return None
-        if not m.group(1):
-            suffix = int(m.group(2))
-            return (max(0, size - suffix), size - 1) if suffix and size else (-1, -1)
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) else size - 1
-        if m.group(2) and last < first:
-            return None
-        return (first, min(last, size - 1)) if first < size else (-1, -1)
-
     def _read(
         self, operation: str, bucket: str, key: str, spec: str | None, headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], int, dict[str, str], IO[bytes] | None, int, int]:
@@ -4614,19 +4739,20 @@ class _LocalStorage:
         size = int(record["size"])
         out = self._response_headers(record)
         first, length, status = 0, size, 200
-        span = self._byte_range(spec, size) if spec else None
+        try:
+            span = _byte_range(spec, size)
+        except _RangeNotSatisfiable as e:
+            if f is not None:
+                f.close()
+            raise self._error(
+                operation,
+                416,
+                "InvalidRange",
+                head=head,
+                RangeRequested=e.spec,
+                ActualObjectSize=str(size),
+            ) from None
         if span is not None:
-            if span[0] < 0:
-                if f is not None:
-                    f.close()
-                raise self._error(
-                    operation,
-                    416,
-                    "InvalidRange",
-                    head=head,
-                    RangeRequested=spec or "",
-                    ActualObjectSize=str(size),
-                )
             first, length, status = span[0], span[1] - span[0] + 1, 206
             out["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
             out["content-length"] = str(length)
@@ -5159,39 +5285,13 @@ class _LocalStorage:
                 ArgumentName="maxKeys",
                 ArgumentValue=str(max_keys),
             )
-        marker: bytes | None = start_after.encode("utf-8") if start_after else None
-        last_prefix: str | None = None
-        if continuation_token:
-            try:
-                decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
-                kind, value = decoded[:1], decoded[1:].decode("utf-8")
-                if kind not in (b"K", b"P"):
-                    raise ValueError(kind)
-            except (ValueError, UnicodeError):
-                raise self._error(
-                    op,
-                    400,
-                    "InvalidArgument",
-                    Message="The continuation token provided is incorrect",
-                    ArgumentName="continuation-token",
-                ) from None
-            marker = value.encode("utf-8")
-            last_prefix = value if kind == b"P" else None
-        items: list[tuple[bytes, str, dict[str, Any]]] = []
-        objects_dir = os.path.join(bdir, ".dg-objects")
-        for shard in os.listdir(objects_dir):
-            for key, record in self._index(os.path.join(objects_dir, shard)).items():
-                if key.startswith(prefix):
-                    encoded = key.encode("utf-8")
-                    if marker is None or encoded > marker:
-                        items.append((encoded, key, record))
-        items.sort(key=lambda item: item[0])
+        marker, last_prefix = self._list_start(continuation_token, start_after)
         page = min(max_keys, 1000)
         contents: list[dict[str, Any]] = []
-        prefixes: list[dict[str, str]] = []
+        prefixes: list[dict[str, Any]] = []
         last = ""
         truncated = False
-        for _, key, record in items:
+        for key, record in self._keys_after(bdir, prefix, marker):
             common = None
             if delimiter:
                 at = key.find(delimiter, len(prefix))
@@ -5217,28 +5317,58 @@ class _LocalStorage:
                     }
                 )
                 last = self._token("K", key)
-        out: dict[str, Any] = {
-            "IsTruncated": truncated,
-            "Name": bucket,
-            "Prefix": prefix,
-            "MaxKeys": max_keys,
-            "KeyCount": len(contents) + len(prefixes),
-        }
-        if contents:
-            out["Contents"] = contents
-        if prefixes:
-            out["CommonPrefixes"] = prefixes
-        if delimiter:
-            out["Delimiter"] = delimiter
-        if start_after:
-            out["StartAfter"] = start_after
-        if continuation_token:
-            out["ContinuationToken"] = continuation_token
-        if truncated:
-            out["NextContinuationToken"] = last
-        out["EncodingType"] = "url"  # _S3Storage always asks for it and S3 echoes it
+        out = _list_v2_page(
+            bucket,
+            prefix,
+            max_keys,
+            contents,
+            prefixes,
+            truncated=truncated,
+            next_token=last if truncated else None,
+            delimiter=delimiter,
+            start_after=start_after or "",
+            continuation_token=continuation_token or None,
+        )
         out["ResponseMetadata"] = self._meta(200)
         return out
+
+    def _list_start(
+        self, continuation_token: str | None, start_after: str | None
+    ) -> tuple[bytes | None, str | None]:
+        """Where a page starts: (the UTF-8 key it lists past, the common prefix it
+        already gave), from the token of the page before, else from ``start_after``."""
+        if not continuation_token:
+            return (start_after.encode("utf-8") if start_after else None), None
+        try:
+            decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
+            kind, value = decoded[:1], decoded[1:].decode("utf-8")
+            if kind not in (b"K", b"P"):
+                raise ValueError(kind)
+        except (ValueError, UnicodeError):
+            raise self._error(
+                "ListObjectsV2",
+                400,
+                "InvalidArgument",
+                Message="The continuation token provided is incorrect",
+                ArgumentName="continuation-token",
+            ) from None
+        return value.encode("utf-8"), (value if kind == b"P" else None)
+
+    def _keys_after(
+        self, bdir: str, prefix: str, marker: bytes | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of every key under ``prefix`` past ``marker``, in UTF-8 byte
+        order as S3 sorts them."""
+        items: list[tuple[bytes, str, dict[str, Any]]] = []
+        objects_dir = os.path.join(bdir, ".dg-objects")
+        for shard in os.listdir(objects_dir):
+            for key, record in self._index(os.path.join(objects_dir, shard)).items():
+                if key.startswith(prefix):
+                    encoded = key.encode("utf-8")
+                    if marker is None or encoded > marker:
+                        items.append((encoded, key, record))
+        items.sort(key=lambda item: item[0])
+        return [(key, record) for _, key, record in items]
 
     # -- multipart ------------------------------------------------------------
 
@@ -8811,7 +8941,13 @@ class _Logical(NamedTuple):
 
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
-    says, reads rebuild and verify, deletes keep references consistent."""
+    says, reads rebuild and verify, deletes keep references consistent.
+
+    Its public boundary is what the client and the CLI call (everything with a leading
+    underscore is the engine's own): the attributes ``storage``, ``cache``,
+    ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
+    ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
+    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files."""
 
     def __init__(
         self,
@@ -8917,9 +9053,9 @@ class _DeltaEngine:
         os.close(fd)
         try:
             if lg.kind == _Kind.DELTA:
-                self._rebuild(lg, tmp)
+                self.rebuild(lg, tmp)
             else:
-                self._fetch_plain(lg, tmp)
+                self.fetch_plain(lg, tmp)
             os.chmod(tmp, _new_file_mode(dest))
             os.replace(tmp, dest)
         except BaseException:
@@ -8930,7 +9066,9 @@ class _DeltaEngine:
             raise
         return lg
 
-    def _fetch_plain(self, lg: _Logical, out: str) -> None:
+    def fetch_plain(self, lg: _Logical, out: str) -> None:
+        """Download a directly stored object into the file ``out``, checking the SHA-256
+        its metadata records (when it records one)."""
         with open(out, "wb") as f:
             writer = _HashingWriter(f)
             _get_into(
@@ -8943,7 +9081,7 @@ class _DeltaEngine:
                 % (lg.bucket, lg.stored_key, expected, writer.sha256.hexdigest())
             )
 
-    def _rebuild(self, lg: _Logical, out: str) -> None:
+    def rebuild(self, lg: _Logical, out: str) -> None:
         """Rebuild a delta-stored object into the file ``out`` and check its SHA-256.
 
         A failure with a cached reference is not blamed on the delta until the cache is
@@ -8962,7 +9100,7 @@ class _DeltaEngine:
                 "cannot verify it" % where
             )
         limit = int(size)
-        fd, delta_tmp = _private_tempfile(self._tmp_dir(), ".delta")
+        fd, delta_tmp = _private_tempfile(self.tmp_dir(), ".delta")
         os.close(fd)
         fetch = None
         if ref_sha != expected:  # the delta downloads while the reference does
@@ -9096,7 +9234,7 @@ class _DeltaEngine:
             xlimit, what = int(xsize), "dg-expanded-size"
         else:  # written before dg-expanded-size was recorded
             xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self._tmp_dir(), ".zx")
+        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
@@ -9124,7 +9262,9 @@ class _DeltaEngine:
         finally:
             body.close()
 
-    def _tmp_dir(self) -> str:
+    def tmp_dir(self) -> str:
+        """The private folder (made on first use) for scratch files: rebuilt objects,
+        deltas being made, spooled bodies. Inside the cache folder, so on its volume."""
         path = os.path.join(self.cache.folder, "tmp")
         _private_mkdir(self.cache.folder)
         _private_mkdir(path)
@@ -9234,7 +9374,7 @@ class _DeltaEngine:
                 if required:
                     self._unshadow(bucket, key)
                     return summary
-                if not self._exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+                if not self.exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
                     return summary
                 # The user's key.delta exists: this key is kept plain (see _unshadow).
             assert not required
@@ -9258,7 +9398,8 @@ class _DeltaEngine:
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
 
-    def _exists(self, bucket: str, stored: str) -> bool:
+    def exists(self, bucket: str, stored: str) -> bool:
+        """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
@@ -9271,7 +9412,7 @@ class _DeltaEngine:
         """``x.delta.delta`` cannot be stored beside ``x.delta``: its own name is how
         ``x.delta`` is stored, and ``x.delta`` cannot be kept plain (_unshadow)."""
         base = key[: -len(_DELTA_SUFFIX)]
-        if _delta_only(base) and self._exists(bucket, key):
+        if _delta_only(base) and self.exists(bucket, key):
             raise ParamValidationError(
                 report="Invalid key %r: that name is how %r is stored, and readers of the "
                 "original layout would return one for the other; choose another name" % (key, base)
@@ -9283,7 +9424,7 @@ class _DeltaEngine:
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self._exists(bucket, key):
+        if not self.exists(bucket, key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -9312,7 +9453,7 @@ class _DeltaEngine:
             mtime: float | None = float(lg.metadata.get("dg-mtime") or "")
         except ValueError:
             mtime = None
-        fd, tmp = _private_tempfile(self._tmp_dir(), ".plain")
+        fd, tmp = _private_tempfile(self.tmp_dir(), ".plain")
         os.close(fd)
         try:
             self.get_to_file(bucket, base, tmp, logical=lg)
@@ -9615,7 +9756,7 @@ class _DeltaEngine:
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
-        tmp_dir = self._tmp_dir()
+        tmp_dir = self.tmp_dir()
         shared = (
             self.references == _REFERENCES_SHARED
             and _shared_ref_key(space, name, "0" * 64) is not None
@@ -10557,25 +10698,92 @@ class _LimitedReader:
         self._f.close()
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → (start, end inclusive), as S3 reads it."""
-    m = re.match(r"^bytes=(\d*)-(\d*)$", value.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        raise ParamValidationError(report="Invalid Range %r: expected bytes=start-end" % value)
-    if not m.group(1):
-        n = int(m.group(2))
-        start, end = max(0, size - n), size - 1
-    else:
-        start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-        end = min(end, size - 1)
-    if start >= size or start > end:
-        resp = {
-            "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
-            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}}),
+def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
+    """Write a request body (bytes, str or any file object) to a private temp file;
+    returns its path and the digests of the caller's bytes, taken as they are written,
+    never read back from the file: whatever is uploaded from it is checked against
+    these (signed payload hash, the delta's decode check), so a file changed under us
+    fails the upload instead of storing other bytes."""
+    fd, path = _private_tempfile(engine.tmp_dir(), ".body")
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+
+    def write(f: IO[bytes], data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        md5.update(data)
+        size += len(data)
+        f.write(data)
+
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(body, str):
+                write(f, body.encode("utf-8"))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                write(f, bytes(body))
+            elif hasattr(body, "read"):
+                while True:
+                    chunk = body.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            else:
+                raise ParamValidationError(
+                    report=_type_report(
+                        "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
+                    )
+                )
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _put_object_from_file(
+    engine: _DeltaEngine,
+    path: str,
+    params: Mapping[str, Any],
+    info: _FileInfo | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
+    stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
+    ``info`` holds the digests of the caller's bytes when they were spooled."""
+    # SSE-C: only the customer's key may read it, so no shared reference.
+    delta = False if params.get("SSECustomerKey") is not None else None
+    summary = engine.put_file(
+        path,
+        params["Bucket"],
+        params["Key"],
+        metadata=params.get("Metadata"),
+        headers=_put_headers(params),
+        delta=delta,
+        info=info,
+        on_bytes=on_bytes,
+    )
+    resp = summary.pop("Response")
+    out: dict[str, Any] = {"ETag": summary["ETag"]}
+    for name in ("ServerSideEncryption", "VersionId"):
+        if name in resp:
+            out[name] = resp[name]
+    out["ResponseMetadata"] = _local_metadata(resp)
+    if summary["Operation"]:  # every upload says how it was stored, as 6.x
+        out["DeltaGliderInfo"] = {
+            k: summary[k]
+            for k in (
+                "OriginalSizeMB",
+                "StoredSizeMB",
+                "IsDelta",
+                "CompressionRatio",
+                "SavingsPercent",
+                "StoredAs",
+                "Operation",
+            )
         }
-        raise ClientError(resp, "GetObject")
-    return start, end
+        # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+        if summary.get("ReferenceKey"):
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
+    return out
 
 
 class DeltaGliderClient:
@@ -10614,7 +10822,9 @@ class DeltaGliderClient:
     # -- plumbing -----------------------------------------------------------------
 
     @property
-    def _engine(self) -> _DeltaEngine:
+    def engine(self) -> _DeltaEngine:
+        """deltaglider's delta engine under this client (made on first use), for the CLI
+        and the gateway: not part of boto3's API. Its public methods are its boundary."""
         if self._engine_obj is None:
             with self._lock:
                 if self._engine_obj is None:
@@ -10635,7 +10845,7 @@ class DeltaGliderClient:
     @property
     def storage(self) -> _Storage:
         """The raw storage (S3 over HTTP, or a local directory) under the deltas."""
-        return self._engine.storage
+        return self.engine.storage
 
     def close(self) -> None:
         if self._storage is not None:
@@ -10653,53 +10863,13 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
-        """Write a request body (bytes, str or any file object) to a private temp file;
-        returns its path and the digests of the caller's bytes, taken as they are written,
-        never read back from the file: whatever is uploaded from it is checked against
-        these (signed payload hash, the delta's decode check), so a file changed under us
-        fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self._engine._tmp_dir(), ".body")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
-        size = 0
-
-        def write(f: IO[bytes], data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            md5.update(data)
-            size += len(data)
-            f.write(data)
-
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(body, str):
-                    write(f, body.encode("utf-8"))
-                elif isinstance(body, (bytes, bytearray, memoryview)):
-                    write(f, bytes(body))
-                elif hasattr(body, "read"):
-                    while True:
-                        chunk = body.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-                else:
-                    raise ParamValidationError(
-                        report=_type_report(
-                            "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
-                        )
-                    )
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10717,53 +10887,9 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return self._put_path(path, kwargs, info)
+            return _put_object_from_file(self.engine, path, kwargs, info)
         finally:
             os.unlink(path)
-
-    def _put_path(
-        self,
-        path: str,
-        params: Mapping[str, Any],
-        info: _FileInfo | None = None,
-        delta: bool | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
-        if params.get("SSECustomerKey") is not None:
-            delta = False  # only the customer's key may read it: no shared reference
-        summary = self._engine.put_file(
-            path,
-            params["Bucket"],
-            params["Key"],
-            metadata=params.get("Metadata"),
-            headers=_put_headers(params),
-            delta=delta,
-            info=info,
-            on_bytes=on_bytes,
-        )
-        resp = summary.pop("Response")
-        out: dict[str, Any] = {"ETag": summary["ETag"]}
-        for name in ("ServerSideEncryption", "VersionId"):
-            if name in resp:
-                out[name] = resp[name]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["Operation"]:  # every upload says how it was stored, as 6.x
-            out["DeltaGliderInfo"] = {
-                k: summary[k]
-                for k in (
-                    "OriginalSizeMB",
-                    "StoredSizeMB",
-                    "IsDelta",
-                    "CompressionRatio",
-                    "SavingsPercent",
-                    "StoredAs",
-                    "Operation",
-                )
-            }
-            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            if summary.get("ReferenceKey"):
-                out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
-        return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -10799,11 +10925,11 @@ class DeltaGliderClient:
         _params("HeadObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = self._engine.head(bucket, key, "HeadObject", headers=extra)
+        lg = self.engine.head(bucket, key, "HeadObject", headers=extra)
         head = lg.head
         conditions = _header_params(kwargs, _CONDITION_PARAMS)
         if conditions and lg.kind != _Kind.DELTA:
-            head = self._engine.storage.head_object(
+            head = self.engine.storage.head_object(
                 bucket, lg.stored_key, headers=dict(extra, **conditions)
             )
             lg = lg._replace(head=head)
@@ -10823,7 +10949,7 @@ class DeltaGliderClient:
         allowed |= {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
         _params("GetObject", kwargs, allowed, "Bucket", "Key")
         bucket, key = kwargs["Bucket"], kwargs["Key"]
-        engine = self._engine
+        engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = self._logical_response(lg)
@@ -10833,18 +10959,22 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "GetObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".get")
+            try:
+                span = _byte_range(kwargs.get("Range"), size)
+            except _RangeNotSatisfiable as e:
+                raise e.client_error("GetObject") from None
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
             os.close(fd)
             try:
-                engine._rebuild(lg, tmp)
+                engine.rebuild(lg, tmp)
             except BaseException:
                 os.unlink(tmp)
                 raise
             start, end = 0, size - 1
             meta = _local_metadata(lg.head)
             headers = dict(meta.get("HTTPHeaders") or {})
-            if kwargs.get("Range"):
-                start, end = _parse_range(kwargs["Range"], size)
+            if span is not None:
+                start, end = span
                 out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
                 headers["content-range"] = out["ContentRange"]
                 status = 206
@@ -10860,10 +10990,11 @@ class DeltaGliderClient:
                 if value is not None:
                     when = _timestamp_param(value) if name == "ResponseExpires" else None
                     query.append((field, _http_date(when) if when else str(value)))
+            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
             resp = engine.storage.get_object(
                 bucket,
                 lg.stored_key,
-                range=kwargs.get("Range"),
+                range=sent_range,
                 headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
                 query=query,
             )
@@ -10872,7 +11003,7 @@ class DeltaGliderClient:
                 if name in resp:
                     out[name] = resp[name]
             body = resp["Body"]
-            if not kwargs.get("Range") and lg.sha256:
+            if sent_range is None and lg.sha256:
                 body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
             out["Body"] = body
             meta = _local_metadata(resp)
@@ -10892,7 +11023,7 @@ class DeltaGliderClient:
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
-        info = self._engine.delete(kwargs["Bucket"], kwargs["Key"])
+        info = self.engine.delete(kwargs["Bucket"], kwargs["Key"])
         out: dict[str, Any] = {
             "ResponseMetadata": {
                 "HTTPStatusCode": 204,
@@ -10925,7 +11056,7 @@ class DeltaGliderClient:
         keys = [o["Key"] for o in objects]
         for k in keys:
             _validate_key(k)
-        engine = self._engine
+        engine = self.engine
         storage = engine.storage
         errors: list[dict[str, Any]] = []
         if len(objects) > _DELETE_BATCH:
@@ -11026,7 +11157,7 @@ class DeltaGliderClient:
             raise ParamValidationError(
                 report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
             )
-        engine = self._engine
+        engine = self.engine
         source_headers = {
             h.replace("copy-source-", "", 1): v
             for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
@@ -11054,11 +11185,11 @@ class DeltaGliderClient:
             ):
                 if name in lg.head:
                     params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -11100,7 +11231,7 @@ class DeltaGliderClient:
             if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
                 if logical in plain:
                     continue
-                if continued and logical < first and self._engine._exists(bucket, logical):
+                if continued and logical < first and self.engine.exists(bucket, logical):
                     continue  # listed on an earlier page
             item = dict(obj)
             item["Key"] = logical
@@ -11112,7 +11243,7 @@ class DeltaGliderClient:
         return contents
 
     def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self._engine.storage
+        storage = self.engine.storage
 
         def one(item: dict[str, Any]) -> None:
             stored = item.pop("_stored")
@@ -11162,7 +11293,7 @@ class DeltaGliderClient:
         start_after = kwargs.get("StartAfter") or marker
         after = start_after
         fetch = bool(kwargs.get("FetchMetadata"))
-        storage = self._engine.storage
+        storage = self.engine.storage
         contents: list[dict[str, Any]] = []
         prefixes: list[dict[str, Any]] = []
         target = min(max_keys, 1000)  # S3 never returns more per page, whatever is asked
@@ -11248,15 +11379,22 @@ class DeltaGliderClient:
         }
         _params("ListObjectsV2", kwargs, allowed, "Bucket")
         got = self._list_logical(kwargs, None)
-        out: dict[str, Any] = _ListResponse(IsTruncated=got["truncated"])
-        out.update(self._list_common(kwargs, got))
-        out["KeyCount"] = len(got["contents"]) + len(got["prefixes"])
-        if kwargs.get("ContinuationToken") is not None:
-            out["ContinuationToken"] = kwargs["ContinuationToken"]  # echoed, even ""
-        if got["next_token"]:
-            out["NextContinuationToken"] = got["next_token"]
-        if kwargs.get("StartAfter"):
-            out["StartAfter"] = self._url_encoded(kwargs, kwargs["StartAfter"])
+        # Keys and prefixes come from the server, encoded by it when the caller asked
+        # EncodingType='url' (the storage then leaves them so); our echoes are encoded here.
+        enc = functools.partial(self._url_encoded, kwargs)
+        page = _list_v2_page(
+            kwargs["Bucket"],
+            enc(kwargs.get("Prefix") or ""),
+            got["max_keys"],
+            got["contents"],
+            [{"Prefix": p["Prefix"]} for p in got["prefixes"]],
+            truncated=got["truncated"],
+            next_token=got["next_token"],
+            delimiter=enc(kwargs.get("Delimiter") or ""),
+            start_after=enc(kwargs.get("StartAfter") or ""),
+            continuation_token=kwargs.get("ContinuationToken"),  # echoed, even ""
+        )
+        out: dict[str, Any] = _ListResponse(page)
         out["ResponseMetadata"] = _local_metadata(got["page"])
         return out
 
@@ -11334,7 +11472,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11349,7 +11487,7 @@ class DeltaGliderClient:
     ) -> None:
         """download_file as boto3's: written beside ``Filename`` and renamed once verified."""
         _check_params("download_file ExtraArgs", dict(ExtraArgs or {}), set())
-        lg = self._engine.get_to_file(Bucket, Key, Filename)
+        lg = self.engine.get_to_file(Bucket, Key, Filename)
         if Callback:
             Callback(lg.size)
 
@@ -11362,7 +11500,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = self._spool(Fileobj)
+        path, info = _spool_request_body(self.engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11435,7 +11573,7 @@ class DeltaGliderClient:
         nonce = uuid.uuid4().hex
         staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
-        server_id = self._engine.storage.create_multipart_upload(
+        server_id = self.engine.storage.create_multipart_upload(
             kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
         )
         return {
@@ -11451,10 +11589,10 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11497,10 +11635,10 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = self._spool(part)
+            path, info = _spool_request_body(self.engine, part)
         try:
             with open(path, "rb") as f:
-                etag = self._engine.storage.upload_part(
+                etag = self.engine.storage.upload_part(
                     bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
                 )
         finally:
@@ -11524,12 +11662,12 @@ class DeltaGliderClient:
                     "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
                 )
             )
-        storage = self._engine.storage
+        storage = self.engine.storage
         storage.complete_multipart_upload(
             bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
         )
-        engine = self._engine
-        fd, tmp = _private_tempfile(engine._tmp_dir(), ".mpu")
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
         os.close(fd)
         try:
             got = storage.get_object(bucket, staging)
@@ -11551,7 +11689,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -11571,7 +11709,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
         _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self._engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
         return {"ResponseMetadata": _local_metadata(resp)}
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
@@ -11579,7 +11717,7 @@ class DeltaGliderClient:
         allowed |= {"ExpectedBucketOwner", "RequestPayer"}
         _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self._engine.storage.list_parts(bucket, staging, server_id)
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
         parts = resp.get("Parts", [])
         marker = int(kwargs.get("PartNumberMarker") or 0)
         parts = [p for p in parts if p["PartNumber"] > marker]
@@ -11604,7 +11742,7 @@ class DeltaGliderClient:
         allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
-        resp = self._engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
         uploads = []
         for u in resp.get("Uploads", []):
             rest = u["Key"][len(self._MPU_PREFIX) :]
@@ -11638,7 +11776,7 @@ class DeltaGliderClient:
     # -- object tagging and ACLs ---------------------------------------------------
 
     def _stored_key(self, kwargs: Mapping[str, Any], operation: str) -> str:
-        lg = self._engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
         return lg.stored_key
 
     def get_object_tagging(self, **kwargs: Any) -> dict[str, Any]:
@@ -11647,7 +11785,7 @@ class DeltaGliderClient:
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectTagging")
-            return self._engine.storage.get_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
 
@@ -11661,7 +11799,7 @@ class DeltaGliderClient:
             )
         try:
             stored = self._stored_key(kwargs, "PutObjectTagging")
-            return self._engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
+            return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
 
@@ -11670,7 +11808,7 @@ class DeltaGliderClient:
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "DeleteObjectTagging")
-            return self._engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
+            return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
 
@@ -11679,7 +11817,7 @@ class DeltaGliderClient:
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
             stored = self._stored_key(kwargs, "GetObjectAcl")
-            return self._engine.storage.get_object_acl(kwargs["Bucket"], stored)
+            return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
 
@@ -11697,7 +11835,7 @@ class DeltaGliderClient:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
             stored = self._stored_key(kwargs, "PutObjectAcl")
-            return self._engine.storage.put_object_acl(
+            return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
         except ClientError as e:
@@ -11737,29 +11875,29 @@ class DeltaGliderClient:
             headers["x-amz-bucket-object-lock-enabled"] = "true"
         if kwargs.get("ObjectOwnership"):
             headers["x-amz-object-ownership"] = kwargs["ObjectOwnership"]
-        return self._engine.storage.create_bucket(
+        return self.engine.storage.create_bucket(
             kwargs["Bucket"], location=location, headers=headers
         )
 
     def delete_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.delete_bucket(kwargs["Bucket"])
+        return self.engine.storage.delete_bucket(kwargs["Bucket"])
 
     def list_buckets(self, **kwargs: Any) -> dict[str, Any]:
         _check_params("ListBuckets", kwargs, set())
-        return self._engine.storage.list_buckets()
+        return self.engine.storage.list_buckets()
 
     def head_bucket(self, **kwargs: Any) -> dict[str, Any]:
         _params("HeadBucket", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.head_bucket(kwargs["Bucket"])
+        return self.engine.storage.head_bucket(kwargs["Bucket"])
 
     def get_bucket_location(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketLocation", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_location(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_location(kwargs["Bucket"])
 
     def get_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         _params("GetBucketAcl", kwargs, {"Bucket"}, "Bucket")
-        return self._engine.storage.get_bucket_acl(kwargs["Bucket"])
+        return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
         allowed = {
@@ -11779,7 +11917,7 @@ class DeltaGliderClient:
         headers = _acl_headers(kwargs)
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return self._engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
+        return self.engine.storage.put_bucket_acl(kwargs["Bucket"], headers=headers, body=body)
 
     # -- presigning ---------------------------------------------------------------
 
@@ -11794,136 +11932,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
-        methods = {
-            "get_object": (
-                "GET",
-                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
-            ),
-            "head_object": ("HEAD", {"Bucket", "Key"} | read),
-            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
-            "delete_object": ("DELETE", {"Bucket", "Key"}),
-            "list_objects_v2": (
-                "GET",
-                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
-            ),
-        }
-        if ClientMethod not in methods:
-            raise ParamValidationError(
-                report="deltaglider presigns %s; not %r"
-                % (", ".join(sorted(methods)), ClientMethod)
-            )
-        method, allowed = methods[ClientMethod]
-        _check_params(ClientMethod, params, allowed)
-        _require(ClientMethod, params, "Bucket")
-        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
-            )
-        storage = self._engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned URLs need an S3 endpoint, not a local store"
-            )
-        bucket, key = params.pop("Bucket"), params.pop("Key", None)
-        query: list[tuple[str, str]] = []
-        # Header parameters are signed headers the URL's user must send, as botocore signs
-        # them; the Response* overrides and list parameters are query parameters.
-        headers: dict[str, str] = {}
-        if ClientMethod == "put_object":
-            headers = _put_headers(params)
-            headers.update(_metadata_headers(params.get("Metadata")))
-            if params.get("ContentMD5") is not None:
-                headers["Content-MD5"] = str(params["ContentMD5"])
-            if params.get("ContentLength") is not None:
-                headers["Content-Length"] = str(params["ContentLength"])
-        elif ClientMethod in ("get_object", "head_object"):
-            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
-            if params.get("Range") is not None:
-                headers["Range"] = str(params["Range"])
-            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
-        if ClientMethod == "get_object" and key is not None:
-            try:
-                lg: _Logical | None = self._engine.head(bucket, key, "HeadObject")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None  # a URL that answers 404, as boto3's would
-            if lg is not None and lg.kind == _Kind.DELTA:
-                key = self._rehydrate(lg, int(ExpiresIn))
-            for name, value in sorted(params.items()):
-                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
-                if isinstance(value, datetime.datetime):
-                    value = _http_date(value)
-                query.append(("response-" + snake, str(value)))
-        elif ClientMethod == "list_objects_v2":
-            query.append(("list-type", "2"))
-            for name, value in params.items():
-                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return cast(_S3Storage, storage).presign_url(
-            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
-        )
-
-    def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
-        "Presigned URLs of delta-stored files"). One copy per key, content and content
-        type, named after them: a later URL reuses it, and a copy that would expire
-        before the new URL is given the later expiry by a server-side copy onto itself
-        (re-sent only where the server refuses that)."""
-        name = lg.key.rsplit("/", 1)[-1]
-        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
-        tmp_key = "%s%s_%s" % (
-            _PRESIGN_PREFIX,
-            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
-            name,
-        )
-        engine = self._engine
-        storage = engine.storage
-        until = self._now() + datetime.timedelta(seconds=expires)
-        meta = {
-            "dg-expires-at": _iso_utc(until),
-            "dg-original-key": lg.key,
-            "dg-rehydrated": "true",
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-file-sha256": lg.sha256 or "",
-        }
-        headers = {"Content-Type": lg.content_type}
-        try:
-            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            head = None
-        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
-            try:
-                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
-            except ValueError:
-                lives = None
-            if lives is not None and lives >= until:
-                return tmp_key
-            try:
-                storage.copy_object(
-                    lg.bucket,
-                    tmp_key,
-                    lg.bucket,
-                    tmp_key,
-                    metadata={k: _meta_encode(v) for k, v in meta.items()},
-                    metadata_directive="REPLACE",
-                    headers=headers,
-                )
-                return tmp_key
-            except ClientError as e:
-                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine._tmp_dir(), ".rehydrate")
-        os.close(fd)
-        try:
-            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return tmp_key
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11934,20 +11943,8 @@ class DeltaGliderClient:
         ExpiresIn: int = 3600,
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
-        storage = self._engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned POSTs need an S3 endpoint, not a local store"
-            )
-        fields = dict(Fields or {})
-        conditions = list(Conditions or [])
-        conditions.append({"bucket": Bucket})
-        if Key.endswith("${filename}"):
-            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
-        else:
-            conditions.append({"key": Key})
-        fields["key"] = Key
-        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
+        storage = self.engine.storage
+        return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -11969,7 +11966,7 @@ class DeltaGliderClient:
         if not key or key.endswith("/"):
             key += os.path.basename(path)
         headers = {"x-amz-tagging": urllib.parse.urlencode(dict(tags))} if tags else None
-        summary = self._engine.put_file(
+        summary = self.engine.put_file(
             path,
             bucket,
             key,
@@ -11996,7 +11993,7 @@ class DeltaGliderClient:
         out = os.fspath(output_path)
         if os.path.isdir(out):
             out = os.path.join(out, key.rsplit("/", 1)[-1])
-        self._engine.get_to_file(bucket, key, out)
+        self.engine.get_to_file(bucket, key, out)
         return out
 
     def verify(self, s3_url: str) -> VerifyResult:
@@ -12006,16 +12003,16 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self._engine
+        engine = self.engine
         lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine._tmp_dir(), ".verify")
+        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
         os.close(fd)
         try:
             try:
                 if lg.kind == _Kind.DELTA:
-                    engine._rebuild(lg, path)
+                    engine.rebuild(lg, path)
                 else:
-                    engine._fetch_plain(lg, path)
+                    engine.fetch_plain(lg, path)
                 valid, message = True, "Integrity verified"
             except IntegrityError as e:
                 valid, message = False, str(e)
@@ -12163,7 +12160,7 @@ class DeltaGliderClient:
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
         bucket, key = _parse_s3_url(s3_url)
-        lg = self._engine.head(bucket, key, "HeadObject")
+        lg = self.engine.head(bucket, key, "HeadObject")
         stored = int(lg.head.get("ContentLength", 0))
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
@@ -12187,7 +12184,7 @@ class DeltaGliderClient:
     def delete_objects_recursive(self, Bucket: str, Prefix: str) -> dict[str, Any]:
         """Delete everything under ``Prefix`` (or the one object it names), references
         last and only when nothing needs them; as 6.x's, with counts by kind."""
-        engine = self._engine
+        engine = self.engine
         single: list[str] = []
         if Prefix and not Prefix.endswith("/"):
             try:
@@ -12224,17 +12221,17 @@ class DeltaGliderClient:
     def clear_cache(self) -> None:
         """Empty this client's reference cache (``cache_dir``); references are fetched
         again when next needed."""
-        self._engine.cache.clear()
+        self.engine.cache.clear()
 
     def rehydrate_for_download(self, Bucket: str, Key: str, ExpiresIn: int = 3600) -> str | None:
         """Store a rebuilt copy of a delta-stored object under ``.deltaglider/tmp/`` for
         ``ExpiresIn`` seconds (``purge_temp_files`` removes it after); its key, or None
         when the object is stored as it is (nothing to rebuild)."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return self._rehydrate(lg, int(ExpiresIn))
+        return _rehydrated_copy(self.engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -12243,7 +12240,7 @@ class DeltaGliderClient:
         (``Content-Disposition: attachment``), for any kind of object."""
         key = Key[: -len(_DELTA_SUFFIX)] if Key.endswith(_DELTA_SUFFIX) else Key
         params: dict[str, Any] = {"Bucket": Bucket, "Key": key}
-        lg = self._engine.head(Bucket, key, "HeadObject")
+        lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind == _Kind.DELTA:
             name = key.rsplit("/", 1)[-1].replace('"', "")
             params["ResponseContentDisposition"] = 'attachment; filename="%s"' % name
@@ -12265,7 +12262,7 @@ class DeltaGliderClient:
         and stored size are unchanged."""
         if mode not in ("quick", "sampled", "detailed"):
             raise ParamValidationError(report="mode must be quick, sampled or detailed")
-        storage = self._engine.storage
+        storage = self.engine.storage
         listing = _list_for_stats(storage, bucket)
         if use_cache and not refresh_cache:
             cached = _cached_bucket_stats(storage, bucket, mode, listing.validation())
@@ -12282,11 +12279,11 @@ class DeltaGliderClient:
 
         Returns ``{'Removed': [{'Key', 'Size'}], 'Kept', 'BytesFreed', 'DryRun'}``."""
         _validate_bucket_name(Bucket)
-        return self._engine.gc(Bucket, Prefix, dry_run=DryRun)
+        return self.engine.gc(Bucket, Prefix, dry_run=DryRun)
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self._engine.storage
+        storage = self.engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
         for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
@@ -12718,6 +12715,190 @@ def _compute_bucket_stats(
     return stats
 
 
+# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+
+_PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+#: The client methods we presign: their HTTP method and the parameters each takes.
+_PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
+    "get_object": (
+        "GET",
+        frozenset({"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS})
+        | _PRESIGN_READ_PARAMS,
+    ),
+    "head_object": ("HEAD", frozenset({"Bucket", "Key"}) | _PRESIGN_READ_PARAMS),
+    "put_object": ("PUT", frozenset({"Bucket", "Key"}) | _PUT_PARAMS),
+    "delete_object": ("DELETE", frozenset({"Bucket", "Key"})),
+    "list_objects_v2": (
+        "GET",
+        frozenset({"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"}),
+    ),
+}
+
+
+def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
+    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    if client_method not in _PRESIGN_METHODS:
+        raise ParamValidationError(
+            report="deltaglider presigns %s; not %r"
+            % (", ".join(sorted(_PRESIGN_METHODS)), client_method)
+        )
+    method, allowed = _PRESIGN_METHODS[client_method]
+    _check_params(client_method, params, allowed)
+    _require(client_method, params, "Bucket")
+    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+        raise ParamValidationError(
+            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+            % (_PRESIGN_MAX_EXPIRES, expires)
+        )
+    return method
+
+
+def _presign_headers(
+    client_method: str, params: Mapping[str, Any]
+) -> tuple[dict[str, str], Mapping[str, Any]]:
+    """The headers a URL signs (its user must send them, as botocore signs them), and the
+    parameters left for its query: of a read, only the ``Response*`` overrides."""
+    headers: dict[str, str] = {}
+    if client_method == "put_object":
+        headers = _put_headers(params)
+        headers.update(_metadata_headers(params.get("Metadata")))
+        if params.get("ContentMD5") is not None:
+            headers["Content-MD5"] = str(params["ContentMD5"])
+        if params.get("ContentLength") is not None:
+            headers["Content-Length"] = str(params["ContentLength"])
+    elif client_method in ("get_object", "head_object"):
+        headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+        if params.get("Range") is not None:
+            headers["Range"] = str(params["Range"])
+        params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
+    return headers, params
+
+
+def _presigned_url(
+    engine: _DeltaEngine,
+    client_method: str,
+    params: dict[str, Any],
+    expires: int,
+    http_method: str | None,
+    now: Callable[[], datetime.datetime],
+) -> str:
+    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
+    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
+    method = _presign_method(client_method, params, expires)
+    storage = engine.storage
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
+    bucket, key = params.pop("Bucket"), params.pop("Key", None)
+    query: list[tuple[str, str]] = []
+    headers, rest = _presign_headers(client_method, params)
+    if client_method == "get_object" and key is not None:
+        try:
+            lg: _Logical | None = engine.head(bucket, key, "HeadObject")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            lg = None  # a URL that answers 404, as boto3's would
+        if lg is not None and lg.kind == _Kind.DELTA:
+            key = _rehydrated_copy(engine, lg, int(expires), now)
+        for name, value in sorted(rest.items()):
+            snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            query.append(("response-" + snake, str(value)))
+    elif client_method == "list_objects_v2":
+        query.append(("list-type", "2"))
+        for name, value in rest.items():
+            query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+    return cast(_S3Storage, storage).presign_url(
+        http_method or method, bucket, key, query, int(expires), headers
+    )
+
+
+def _rehydrated_copy(
+    engine: _DeltaEngine, lg: _Logical, expires: int, now: Callable[[], datetime.datetime]
+) -> str:
+    """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+    "Presigned URLs of delta-stored files"). One copy per key, content and content
+    type, named after them: a later URL reuses it, and a copy that would expire
+    before the new URL is given the later expiry by a server-side copy onto itself
+    (re-sent only where the server refuses that)."""
+    name = lg.key.rsplit("/", 1)[-1]
+    ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+    tmp_key = "%s%s_%s" % (
+        _PRESIGN_PREFIX,
+        hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+        name,
+    )
+    storage = engine.storage
+    until = now() + datetime.timedelta(seconds=expires)
+    meta = {
+        "dg-expires-at": _iso_utc(until),
+        "dg-original-key": lg.key,
+        "dg-rehydrated": "true",
+        "dg-created-at": _iso_utc(now()),
+        "dg-file-sha256": lg.sha256 or "",
+    }
+    headers = {"Content-Type": lg.content_type}
+    try:
+        head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        head = None
+    if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+        try:
+            lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+        except ValueError:
+            lives = None
+        if lives is not None and lives >= until:
+            return tmp_key
+        try:
+            storage.copy_object(
+                lg.bucket,
+                tmp_key,
+                lg.bucket,
+                tmp_key,
+                metadata={k: _meta_encode(v) for k, v in meta.items()},
+                metadata_directive="REPLACE",
+                headers=headers,
+            )
+            return tmp_key
+        except ClientError as e:
+            logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
+    fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
+    os.close(fd)
+    try:
+        engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+        _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return tmp_key
+
+
+def _presigned_post(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    given_fields: Mapping[str, str] | None,
+    given_conditions: Sequence[Any] | None,
+    expires: int,
+) -> dict[str, Any]:
+    """generate_presigned_post: the policy names the bucket and the key (or, for a key
+    ending in ``${filename}``, the key's start)."""
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned POSTs need an S3 endpoint, not a local store")
+    fields = dict(given_fields or {})
+    conditions = list(given_conditions or [])
+    conditions.append({"bucket": bucket})
+    if key.endswith("${filename}"):
+        conditions.append(["starts-with", "$key", key[: -len("${filename}")]])
+    else:
+        conditions.append({"key": key})
+    fields["key"] = key
+    return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
 class _StderrHandler(logging.Handler):
     """The handler ``log_level`` adds: each record to the sys.stderr of the moment."""
 
@@ -12879,6 +13060,24 @@ def create_client(
 ###############################################################################
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
+
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
 
 #: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
 #: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
@@ -13159,7 +13358,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13351,6 +13550,38 @@ class _GatewayAuth:
             return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
         if auth is None:
             raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        fields = self._authorization_fields(auth)
+        credential = self._credential(fields["Credential"], "AuthorizationHeaderMalformed")
+        secret = self._secret(credential[0])
+        timestamp = self._request_time(headers, credential[1])
+        payload = self._payload_mode(headers)
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        canonical_query = _canonical_query(query)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=timestamp,
+            signature=fields["Signature"],
+        )
+
+    @staticmethod
+    def _authorization_fields(auth: str) -> dict[str, str]:
+        """Credential, SignedHeaders and Signature of an ``AWS4-HMAC-SHA256`` header."""
         if not auth.startswith(_SIGV4_ALGORITHM + " "):
             raise _S3Reply(
                 "InvalidRequest",
@@ -13364,10 +13595,11 @@ class _GatewayAuth:
                 fields[name] = value
         if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
             raise _S3Reply("AuthorizationHeaderMalformed")
-        access_key, date, region, service = self._credential(
-            fields["Credential"], "AuthorizationHeaderMalformed"
-        )
-        secret = self._secret(access_key)
+        return fields
+
+    def _request_time(self, headers: Mapping[str, str], date: str) -> str:
+        """The signed request's timestamp (X-Amz-Date, else Date), within the allowed skew
+        and on the credential's ``date``."""
         timestamp = headers.get("x-amz-date", "")
         when = _parse_amz_date(timestamp)
         if when is None and headers.get("date"):
@@ -13383,6 +13615,11 @@ class _GatewayAuth:
                 "The authorization header is malformed; Invalid credential date. Date is not "
                 "the same as X-Amz-Date.",
             )
+        return timestamp
+
+    @staticmethod
+    def _payload_mode(headers: Mapping[str, str]) -> str:
+        """x-amz-content-sha256: a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode."""
         payload = headers.get("x-amz-content-sha256")
         if not payload:
             raise _S3Reply(
@@ -13395,20 +13632,29 @@ class _GatewayAuth:
                     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                     "STREAMING-... or a hex SHA-256 of the body",
                 )
-        signed = [h for h in fields["SignedHeaders"].split(";") if h]
-        if "host" not in signed:
-            raise _S3Reply("AccessDenied", "The host header must be signed.")
-        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
-        if unsigned:
-            raise _S3Reply(
-                "AccessDenied",
-                "There were headers present in the request which were not signed",
-                HeadersNotSigned=", ".join(unsigned),
-            )
+        return payload
+
+    def _match_sigv4(
+        self,
+        method: str,
+        raw_path: str,
+        canonical_query: str,
+        headers: Mapping[str, str],
+        signed: list[str],
+        payload: str,
+        *,
+        secret: str,
+        credential: tuple[str, str, str, str],
+        timestamp: str,
+        signature: str,
+    ) -> _Signed:
+        """The request as SigV4 signs it (canonical request, string to sign), for the path
+        as sent and as botocore would quote it: the _Signed request if one matches the
+        ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
         key = _SIGNING_KEYS.get(secret, date, region, service)
-        canonical_query = _canonical_query(query)
         for uri in self._canonical_uri_candidates(raw_path):
             canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
             sts = "\n".join(
@@ -13420,7 +13666,7 @@ class _GatewayAuth:
                 )
             )
             expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, fields["Signature"]):
+            if hmac.compare_digest(expected, signature):
                 return _Signed(access_key, payload, key, timestamp, scope, expected)
         raise _S3Reply(
             "SignatureDoesNotMatch",
@@ -13583,35 +13829,24 @@ class _GatewayAuth:
         signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
         if "host" not in signed:
             raise _S3Reply("AccessDenied", "The host header must be signed.")
-        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
-        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
-        scope = "%s/%s/%s/aws4_request" % (date, region, service)
-        key = _SIGNING_KEYS.get(secret, date, region, service)
-        for uri in self._canonical_uri_candidates(raw_path):
-            canonical = "\n".join(
-                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
-            )
-            sts = "\n".join(
-                (
-                    _SIGV4_ALGORITHM,
-                    q["X-Amz-Date"],
-                    scope,
-                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-                )
-            )
-            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
-                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
-        raise _S3Reply(
-            "SignatureDoesNotMatch",
-            AWSAccessKeyId=access_key,
-            StringToSign=sts,
-            CanonicalRequest=canonical,
+        canonical_query = _canonical_query((k, v) for k, v in query if k != "X-Amz-Signature")
+        credential = (access_key, date, region, service)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=q["X-Amz-Date"],
+            signature=q["X-Amz-Signature"],
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13810,6 +14045,67 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._hashes = _Hashes(md5=True)
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def update(self, data: bytes) -> None:
+        self._hashes.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        info = self._hashes.info()
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if info.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=info.sha256,
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != bytes.fromhex(info.md5):
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return info
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -13869,7 +14165,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
-# -- multipart uploads ----------------------------------------------------------------
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- multipart uploads: parts on local disk until completed ---------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13946,6 +14277,34 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
+
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
@@ -14011,7 +14370,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -14109,7 +14468,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14347,6 +14706,9 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
     return _xml_doc("ListMultipartUploadsResult", body)
 
 
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14406,6 +14768,60 @@ _RESPONSE_OVERRIDES = (
 )
 
 
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -14420,7 +14836,6 @@ class _Gateway:
         request_timeout: float = 3600.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         log: IO[str] | None = None,
-        metrics_public: bool = False,
     ) -> None:
         self.client = client
         self.auth = auth
@@ -14428,8 +14843,8 @@ class _Gateway:
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.metrics = _GatewayMetrics()
-        self.metrics_public = metrics_public
-        self._now = now
+        #: the clock of uploads' times and the access log
+        self.now = now
         self._log = log
         self._log_lock = threading.Lock()
         self.spool_dir = os.path.join(state_dir, "spool")
@@ -14640,7 +15055,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 % (
                     self.client_address[0],
                     _printable(self._access_key),
-                    _iso_utc(gw._now())[:19] + "Z",
+                    _iso_utc(gw.now())[:19] + "Z",
                     _printable(str(self.command)),
                     _printable(shown),
                     self._status,
@@ -14735,13 +15150,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_browser_post(self, bucket: str) -> None:
         """Signed by its policy, inside the form: the body is read before anything
         authenticates it, so only a share of the workers may be doing that at once."""
-        if not self.server.anonymous_bodies.acquire(blocking=False):
+        if not self.server.anonymous_bodies.take():
             self.close_connection = True
             raise _S3Reply("SlowDown")
         try:
             self._post_object(bucket)
         finally:
-            self.server.anonymous_bodies.release()
+            self.server.anonymous_bodies.give_back()
 
     def _refuse_unsupported(self, kind: str) -> None:
         """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
@@ -14873,66 +15288,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
@@ -15047,30 +15420,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- objects ------------------------------------------------------------------
 
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
-
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
         client = self.server.gateway.client
@@ -15092,18 +15441,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
-                if rng and "partNumber" not in self._q:
-                    start, end = _parse_range(rng, size)
+                try:
+                    span = None if "partNumber" in self._q else _byte_range(rng, size)
+                except _RangeNotSatisfiable as e:
+                    raise e.client_error("HeadObject") from None
+                if span is not None:
+                    start, end = span
                     headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
                     headers["Content-Length"] = str(end - start + 1)
                     return self._send(206, headers=headers, content_type=None)
@@ -15115,7 +15468,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -15134,30 +15487,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
-
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -15175,7 +15504,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = client._put_path(spooled.path, params, spooled.info)
+        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -15188,7 +15517,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15227,7 +15556,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15289,18 +15618,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15323,12 +15641,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
-            "Initiated": _iso_utc(gw._now()),
+            "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
         }
         upload_id = gw.uploads.create(record)
@@ -15359,7 +15677,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.uploads.record(bucket, key, upload_id)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
@@ -15396,48 +15714,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            hashes = _Hashes(md5=True)
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
@@ -15450,6 +15738,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -15486,7 +15796,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first
@@ -15909,7 +16219,7 @@ class _Cli:
         """Every stored key under a prefix (one LIST per 1,000): lets uploads skip a HEAD
         each for the other representation of their name."""
         keys: set[str] = set()
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         for page in _list_pages(storage, bucket, prefix=prefix):
             keys.update(o["Key"] for o in page.get("Contents", []))
         return keys
@@ -15978,6 +16288,27 @@ class _Cli:
 
     # -- cp / mv ------------------------------------------------------------------
 
+    def transfer_one(
+        self, verb: str, src: str, dst: str, work: Callable[[], Mapping[str, Any] | None]
+    ) -> None:
+        """The one per-file driver of cp, mv, sync and migrate: ``work`` transfers one file
+        and returns the engine's summary (for the line's delta note), or None. Prints the
+        line once the file is stored, or counts and prints its failure; with --dryrun it
+        prints what would happen instead. A cancellation (Ctrl-C) goes on up."""
+        if getattr(self.args, "dryrun", False):
+            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
+            return
+        try:
+            summary = work()
+            self.settled()
+            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+        except _Cancelled:
+            raise
+        except (DeltaGliderError, OSError) as e:
+            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+        finally:
+            self.file_done()
+
     def upload_one(
         self,
         path: str,
@@ -15986,18 +16317,15 @@ class _Cli:
         verb: str = "upload",
         existing: Container[str] | None = None,
     ) -> None:
-        dest = "s3://%s/%s" % (bucket, key)
-        shown = _display_path(path)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, shown, dest))
-            return
-        try:
+        """Store a local file at s3://bucket/key; mv then removes the file."""
+
+        def work() -> dict[str, Any]:
             extra = self.put_args()
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
             params["Metadata"] = metadata
-            engine = self.client._engine
+            engine = self.client.engine
             delta = False if getattr(self.args, "no_delta", False) else None
             summary = engine.put_file(
                 path,
@@ -16012,14 +16340,9 @@ class _Cli:
             )
             if verb == "move":
                 os.unlink(path)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, shown, dest, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, shown, dest, self.describe_error(e)))
-        finally:
-            self.file_done()
+            return summary
+
+        self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
 
     def put_args(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -16046,8 +16369,10 @@ class _Cli:
         mtime: Any = None,
         root: str | None = None,
     ) -> None:
-        """``root``: the destination folder of a recursive download or sync, which
-        nothing may be written outside of, even through a symlink inside it."""
+        """Write s3://bucket/key (rebuilt, verified) to a local path, with its recorded
+        mtime; mv then deletes the object. ``root``: the destination folder of a recursive
+        download or sync, which nothing may be written outside of, even through a symlink
+        inside it."""
         src = "s3://%s/%s" % (bucket, key)
         shown = _display_path(path)
         if root is not None and _leads_outside(root, path):
@@ -16057,40 +16382,27 @@ class _Cli:
             )
             self.file_done()
             return
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, shown))
-            return
-        try:
+
+        def work() -> None:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-            lg = self.client._engine.get_to_file(bucket, key, path)
+            lg = self.client.engine.get_to_file(bucket, key, path)
             self.on_bytes(lg.size)
             stamp = _logical_mtime(lg)
             if stamp is not None:
                 os.utime(path, (stamp, stamp))
             if verb == "move":
-                self.client._engine.delete(bucket, key)
-            self.settled()
-            self.line("%s: %s to %s" % (verb, src, shown))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, shown, self.describe_error(e)))
-        finally:
-            self.file_done()
+                self.client.engine.delete(bucket, key)
+
+        self.transfer_one(verb, src, shown, work)
 
     def copy_one(self, sb: str, sk: str, db: str, dk: str, verb: str = "copy") -> None:
-        src, dst = "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk)
-        if getattr(self.args, "dryrun", False):
-            self.line("(dryrun) %s: %s to %s" % (verb, src, dst))
-            return
-        try:
-            engine = self.client._engine
-            lg = engine.head(sb, sk, "HeadObject")
-            fd, tmp = _private_tempfile(engine._tmp_dir(), ".copy")
-            os.close(fd)
-            try:
-                engine.get_to_file(sb, sk, tmp, logical=lg)
+        """Copy s3://sb/sk to s3://db/dk through a local temporary file (rebuilt, then
+        stored in the destination's layout); mv then deletes the source."""
+
+        def work() -> dict[str, Any]:
+            engine = self.client.engine
+            with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
                 params = dict(self.put_args())
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
@@ -16103,19 +16415,28 @@ class _Cli:
                     headers=_put_headers(params),
                     delta=delta,
                 )
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             if verb == "move":
                 engine.delete(sb, sk)
-            self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary)))
-        except _Cancelled:
-            raise
-        except (DeltaGliderError, OSError) as e:
-            self.fail("%s failed: %s to %s %s" % (verb, src, dst, self.describe_error(e)))
+            return summary
+
+        self.transfer_one(verb, "s3://%s/%s" % (sb, sk), "s3://%s/%s" % (db, dk), work)
+
+    @contextlib.contextmanager
+    def fetched(
+        self, source: DeltaGliderClient, bucket: str, key: str, suffix: str
+    ) -> Iterator[tuple[str, _Logical]]:
+        """An object of ``source`` rebuilt into a private temporary file, with its logical
+        head, for copies between buckets or stores; the file is removed afterwards."""
+        engine = source.engine
+        lg = engine.head(bucket, key, "HeadObject")
+        fd, tmp = _private_tempfile(self.client.engine.tmp_dir(), suffix)
+        os.close(fd)
+        try:
+            engine.get_to_file(bucket, key, tmp, logical=lg)
+            yield tmp, lg
         finally:
-            self.file_done()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
@@ -16196,6 +16517,8 @@ class _Cli:
             yield path, rel
 
     def cmd_cp(self, move: bool = False) -> int:
+        """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
+        it or between buckets; ``-`` streams stdin or stdout."""
         src, dst = self.args.source, self.args.dest
         src_s3, dst_s3 = src.startswith("s3://"), dst.startswith("s3://")
         if not src_s3 and not dst_s3:
@@ -16204,81 +16527,85 @@ class _Cli:
             )
         if src == "-" or dst == "-":
             return self.cp_stream(src, dst)
-        recursive = getattr(self.args, "recursive", False)
         if src_s3 and dst_s3:
-            sb, sk = _parse_s3_url(src)
-            db, dk = _parse_s3_url(dst)
-            command = "mv" if move else "cp"
-            if not recursive:
-                if not dk or dk.endswith("/"):
-                    dk += sk.rsplit("/", 1)[-1]
-                _refuse_onto_itself(command, sb, db, [(sk, dk)])
-                self.copy_one(sb, sk, db, dk, "move" if move else "copy")
-                return self.exit_code()
-            prefix = sk if not sk or sk.endswith("/") else sk + "/"
-            dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-            filters = self.filters()
-            pairs = [
-                (obj["Key"], dprefix + obj["Key"][len(prefix) :])
-                for obj in self.list_logical(sb, prefix)
-                if filters.included(obj["Key"][len(prefix) :])
-            ]
-            _refuse_onto_itself(command, sb, db, pairs)
-            tasks: list[Callable[[], None]] = [
-                functools.partial(self.copy_one, sb, s_key, db, d_key, "move" if move else "copy")
-                for s_key, d_key in pairs
-            ]
-            self.run_tasks(tasks, 0)
-            return self.exit_code()
-        if dst_s3:
-            bucket, key = _parse_s3_url(dst)
-            if os.path.isdir(src):
-                if not recursive:
-                    raise _FatalError(
-                        "upload failed: %s to %s Need to use --recursive to upload a directory"
-                        % (_display_path(src), dst)
-                    )
-                prefix = key if not key or key.endswith("/") else key + "/"
-                filters = self.filters()
-                tasks = []
-                total = 0
-                existing = self.stored_keys(bucket, prefix)
-                for path, rel in self.local_files(src):
-                    if filters.included(rel):
-                        total += os.path.getsize(path)
-                        tasks.append(
-                            functools.partial(
-                                self.upload_one,
-                                path,
-                                bucket,
-                                prefix + rel,
-                                "move" if move else "upload",
-                                existing,
-                            )
-                        )
-                self.run_tasks(tasks, total)
-                return self.exit_code()
-            if not os.path.exists(src):
-                raise _FatalError("The user-provided path %s does not exist." % src)
-            if not stat.S_ISREG(os.stat(src).st_mode):
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % src
+            self.cp_between(src, dst, move)
+        elif dst_s3:
+            self.cp_up(src, dst, move)
+        else:
+            self.cp_down(src, dst, move)
+        return self.exit_code()
+
+    def cp_between(self, src: str, dst: str, move: bool) -> None:
+        """S3 to S3: a key, or every key under a prefix, copied with copy_one. A copy onto
+        itself, or onto a key the same run still has to read, is refused before any work."""
+        sb, sk = _parse_s3_url(src)
+        db, dk = _parse_s3_url(dst)
+        command, verb = ("mv", "move") if move else ("cp", "copy")
+        if not getattr(self.args, "recursive", False):
+            if not dk or dk.endswith("/"):
+                dk += sk.rsplit("/", 1)[-1]
+            _refuse_onto_itself(command, sb, db, [(sk, dk)])
+            self.copy_one(sb, sk, db, dk, verb)
+            return
+        prefix = sk if not sk or sk.endswith("/") else sk + "/"
+        dprefix = dk if not dk or dk.endswith("/") else dk + "/"
+        filters = self.filters()
+        pairs = [
+            (obj["Key"], dprefix + obj["Key"][len(prefix) :])
+            for obj in self.list_logical(sb, prefix)
+            if filters.included(obj["Key"][len(prefix) :])
+        ]
+        _refuse_onto_itself(command, sb, db, pairs)
+        tasks: list[Callable[[], None]] = [
+            functools.partial(self.copy_one, sb, s_key, db, d_key, verb) for s_key, d_key in pairs
+        ]
+        self.run_tasks(tasks, 0)
+
+    def cp_up(self, src: str, dst: str, move: bool) -> None:
+        """Local to S3: a file, or with --recursive every file under a folder (in key
+        order, --exclude/--include applied), each stored with upload_one."""
+        bucket, key = _parse_s3_url(dst)
+        verb = "move" if move else "upload"
+        if os.path.isdir(src):
+            if not getattr(self.args, "recursive", False):
+                raise _FatalError(
+                    "upload failed: %s to %s Need to use --recursive to upload a directory"
+                    % (_display_path(src), dst)
                 )
-                return self.exit_code()
-            if not key or key.endswith("/"):
-                key += os.path.basename(src)
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.upload_one, src, bucket, key, "move" if move else "upload"
+            prefix = key if not key or key.endswith("/") else key + "/"
+            filters = self.filters()
+            tasks: list[Callable[[], None]] = []
+            total = 0
+            existing = self.stored_keys(bucket, prefix)
+            for path, rel in self.local_files(src):
+                if filters.included(rel):
+                    total += os.path.getsize(path)
+                    tasks.append(
+                        functools.partial(
+                            self.upload_one, path, bucket, prefix + rel, verb, existing
+                        )
                     )
-                ],
-                os.path.getsize(src),
+            self.run_tasks(tasks, total)
+            return
+        if not os.path.exists(src):
+            raise _FatalError("The user-provided path %s does not exist." % src)
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            self.warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % src
             )
-            return self.exit_code()
+            return
+        if not key or key.endswith("/"):
+            key += os.path.basename(src)
+        task = functools.partial(self.upload_one, src, bucket, key, verb)
+        self.run_tasks([task], os.path.getsize(src))
+
+    def cp_down(self, src: str, dst: str, move: bool) -> None:
+        """S3 to local: a key, or with --recursive every key under a prefix, each written
+        with download_one; a key that would land outside the folder is skipped."""
         bucket, key = _parse_s3_url(src)
-        if not recursive:
+        verb = "move" if move else "download"
+        if not getattr(self.args, "recursive", False):
             if not key or key.endswith("/"):
                 raise _FatalError(
                     "download failed: %s to %s An S3 key is needed (use --recursive for a prefix)"
@@ -16287,18 +16614,11 @@ class _Cli:
             path = dst
             if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
                 path = os.path.join(dst, key.rsplit("/", 1)[-1])
-            self.run_tasks(
-                [
-                    functools.partial(
-                        self.download_one, bucket, key, path, "move" if move else "download"
-                    )
-                ],
-                0,
-            )
-            return self.exit_code()
+            self.run_tasks([functools.partial(self.download_one, bucket, key, path, verb)], 0)
+            return
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        tasks = []
+        tasks: list[Callable[[], None]] = []
         for obj in self.list_logical(bucket, prefix):
             rel = obj["Key"][len(prefix) :]
             safe = _safe_relative(rel)
@@ -16309,22 +16629,15 @@ class _Cli:
                 )
                 continue
             if filters.included(rel):
+                path = os.path.join(dst, safe)
                 tasks.append(
-                    functools.partial(
-                        self.download_one,
-                        bucket,
-                        obj["Key"],
-                        os.path.join(dst, safe),
-                        "move" if move else "download",
-                        root=dst,
-                    )
+                    functools.partial(self.download_one, bucket, obj["Key"], path, verb, root=dst)
                 )
         self.run_tasks(tasks, 0)
-        return self.exit_code()
 
     def cp_stream(self, src: str, dst: str) -> int:
         """``-`` as source (stdin) or destination (stdout); only errors are printed."""
-        engine = self.client._engine
+        engine = self.client.engine
         if src == "-":
             bucket, key = _parse_s3_url(dst)
             if not key or key.endswith("/"):
@@ -16332,7 +16645,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path, info = self.client._spool(stdin)
+            path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -16408,7 +16721,7 @@ class _Cli:
         """``ls`` shows nothing where only a reference is left (listings hide them):
         say so, and how to remove it."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=True)["Removed"]
+            found = self.client.engine.gc(bucket, prefix, dry_run=True)["Removed"]
         except (DeltaGliderError, OSError):
             return
         unused = [r["Key"] for r in found]
@@ -16427,7 +16740,7 @@ class _Cli:
 
     def cmd_rm(self) -> int:
         bucket, key = _parse_s3_url(self.args.path)
-        engine = self.client._engine
+        engine = self.client.engine
         dry = self.dry()
         if not self.args.recursive:
             if not key:
@@ -16461,7 +16774,7 @@ class _Cli:
     def delete_unused_references(self, bucket: str, prefix: str) -> None:
         """References no delta uses (listings never show them) go with their folder."""
         try:
-            found = self.client._engine.gc(bucket, prefix, dry_run=bool(self.dry()))
+            found = self.client.engine.gc(bucket, prefix, dry_run=bool(self.dry()))
         except (DeltaGliderError, OSError) as e:
             self.fail("delete failed: s3://%s/%s %s" % (bucket, prefix, self.describe_error(e)))
             return
@@ -16595,7 +16908,7 @@ class _Cli:
         """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
         LastModified where none was recorded. HEADs run on the pool."""
         out: dict[str, float] = {}
-        storage = self.client._engine.storage
+        storage = self.client.engine.storage
         lock = threading.Lock()
 
         def one(rel: str) -> None:
@@ -16694,7 +17007,7 @@ class _Cli:
             keys = [o["Key"] for o in self.list_logical(bucket, "")]
             self.delete_keys(bucket, keys)
             # anything left (other tools' objects, temp copies, stray references)
-            self.client._engine.delete_prefix(bucket, "")
+            self.client.engine.delete_prefix(bucket, "")
         else:
             # Our own bookkeeping (stats cache, rebuilt presign copies) must not make an
             # otherwise empty bucket "not empty".
@@ -16707,7 +17020,7 @@ class _Cli:
             ):
                 # Our bookkeeping, and references no delta uses (an interrupted upload,
                 # another tool): delete_prefix removes only those that nothing needs.
-                self.client._engine.delete_prefix(bucket, "")
+                self.client.engine.delete_prefix(bucket, "")
         try:
             self.client.delete_bucket(Bucket=bucket)
         except (DeltaGliderError, OSError) as e:
@@ -16848,14 +17161,56 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.client
+        source = self.migrate_source()
+        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        if _store_identity(source) == _store_identity(self.client):
+            pairs = [(t[0], t[1]) for t in todo]
+            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
+        if self.dry():
+            self.migrate_dry_run(sb, db, todo)
+            return EXIT_OK
+        present: dict[str, int] = {}
+        for item in self.list_logical(db, dprefix, fetch=True):
+            present[item["Key"]] = int(item["Size"])
+        skipped = [t for t in todo if present.get(t[1]) == t[2]]
+        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        total = sum(t[2] for t in todo)
+        stored: list[int] = []  # each file's stored size (list.append is atomic)
+        self.run_tasks(
+            [functools.partial(self.migrate_one, source, sb, db, *t, stored) for t in todo], total
+        )
+        saved = (1 - sum(stored) / total) * 100 if total else 0.0
+        self.line(
+            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
+            % (
+                len(todo) - self.failed,
+                _human_size(total),
+                _human_size(sum(stored)),
+                saved,
+                len(skipped),
+                self.failed,
+            )
+        )
+        return self.exit_code()
+
+    def migrate_source(self) -> DeltaGliderClient:
+        """The client migrate reads from: this run's, or another store's with
+        --source-endpoint-url / --source-profile."""
         if self.args.source_endpoint_url or self.args.source_profile:
-            source = create_client(
+            return create_client(
                 endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
                 profile_name=self.args.source_profile or self.args.profile,
                 region_name=self.args.region,
                 environ=self.environ,
             )
+        return self.client
+
+    def migrate_plan(
+        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
+    ) -> list[tuple[str, str, int]]:
+        """(source key, destination key, size) of every object to migrate: the source's
+        logical objects under the prefix, --exclude/--include applied, our own
+        bookkeeping left out."""
         filters = self.filters()
         todo = []
         for obj in source.get_paginator("list_objects_v2").paginate(
@@ -16866,86 +17221,53 @@ class _Cli:
                 if _is_internal(item["Key"]) or not filters.included(rel):
                     continue
                 todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        if _store_identity(source) == _store_identity(self.client):
-            pairs = [(t[0], t[1]) for t in todo]
-            _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
-        present: dict[str, int] = {}
-        if not self.dry():
-            for item in self.list_logical(db, dprefix, fetch=True):
-                present[item["Key"]] = int(item["Size"])
-        skipped = [t for t in todo if present.get(t[1]) == t[2]]
-        todo = [t for t in todo if present.get(t[1]) != t[2]]
+        return todo
+
+    def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
+        """--dryrun: each file that would be copied, then how many, and how many of them
+        would become deltas (all but the first eligible file in each folder)."""
         total = sum(t[2] for t in todo)
-        stored = [0]
-        lock = threading.Lock()
-        if self.dry():
-            eligible = sum(
-                1 for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            )
-            spaces = {
-                _deltaspace(t[1])
-                for t in todo
-                if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)
-            }
-            for s_key, d_key, _ in todo:
-                self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
-            self.line(
-                "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
-                "all but the first in each folder are stored as deltas"
-                % (len(todo), _human_size(total), eligible, len(spaces))
-            )
-            return EXIT_OK
-
-        def one(s_key: str, d_key: str, size: int) -> None:
-            src_url, dst_url = "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key)
-            try:
-                engine = source._engine
-                lg = engine.head(sb, s_key, "HeadObject")
-                fd, tmp = _private_tempfile(self.client._engine._tmp_dir(), ".migrate")
-                os.close(fd)
-                try:
-                    engine.get_to_file(sb, s_key, tmp, logical=lg)
-                    delta = False if self.args.no_delta else None
-                    params: dict[str, Any] = {"ContentType": lg.content_type}
-                    summary = self.client._engine.put_file(
-                        tmp,
-                        db,
-                        d_key,
-                        metadata=_user_metadata(lg.metadata),
-                        headers=_put_headers(params),
-                        delta=delta,
-                        mtime=_logical_mtime(lg),
-                    )
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                with lock:
-                    stored[0] += summary["StoredSize"]
-                self.on_bytes(size)
-                self.line("migrate: %s to %s%s" % (src_url, dst_url, self._saved_note(summary)))
-            except _Cancelled:
-                raise
-            except (DeltaGliderError, OSError) as e:
-                self.fail(
-                    "migrate failed: %s to %s %s" % (src_url, dst_url, self.describe_error(e))
-                )
-            finally:
-                self.file_done()
-
-        self.run_tasks([functools.partial(one, *t) for t in todo], total)
-        saved = (1 - stored[0] / total) * 100 if total else 0.0
+        eligible = [t[1] for t in todo if _eligible_by_name(t[1].rsplit("/", 1)[-1], self.environ)]
+        spaces = {_deltaspace(key) for key in eligible}
+        for s_key, d_key, _ in todo:
+            self.line("(dryrun) migrate: s3://%s/%s to s3://%s/%s" % (sb, s_key, db, d_key))
         self.line(
-            "Migrated %d file(s): %s stored as %s (%.1f%% saved); %d already there, %d failed"
-            % (
-                len(todo) - self.failed,
-                _human_size(total),
-                _human_size(stored[0]),
-                saved,
-                len(skipped),
-                self.failed,
-            )
+            "Would migrate %d file(s), %s; %d of them delta-eligible in %d folder(s): "
+            "all but the first in each folder are stored as deltas"
+            % (len(todo), _human_size(total), len(eligible), len(spaces))
         )
-        return self.exit_code()
+
+    def migrate_one(
+        self,
+        source: DeltaGliderClient,
+        sb: str,
+        db: str,
+        s_key: str,
+        d_key: str,
+        size: int,
+        stored: list[int],
+    ) -> None:
+        """Copy one object of ``source`` into the delta layout with its content type, user
+        metadata and mtime; its stored size is added to ``stored``."""
+
+        def work() -> dict[str, Any]:
+            with self.fetched(source, sb, s_key, ".migrate") as (tmp, lg):
+                delta = False if self.args.no_delta else None
+                params: dict[str, Any] = {"ContentType": lg.content_type}
+                summary = self.client.engine.put_file(
+                    tmp,
+                    db,
+                    d_key,
+                    metadata=_user_metadata(lg.metadata),
+                    headers=_put_headers(params),
+                    delta=delta,
+                    mtime=_logical_mtime(lg),
+                )
+            stored.append(summary["StoredSize"])
+            self.on_bytes(size)
+            return summary
+
+        self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
@@ -17001,7 +17323,7 @@ def _refuse_sync_path(path: str) -> None:
 def _store_identity(client: DeltaGliderClient) -> str:
     """Which store a client talks to (endpoint, or local directory): two clients with the same
     identity see the same bucket under the same name."""
-    storage = client._engine.storage
+    storage = client.engine.storage
     if isinstance(storage, _LocalStorage):
         return "file:" + os.path.realpath(storage._root)
     return str(storage.endpoint_url).lower()

@@ -106,7 +106,7 @@ def ours(items, references, tmp):
         references=references, environ={"PATH": os.environ.get("PATH", "")},
     )
     c.create_bucket(Bucket="bench")
-    engine = c._engine
+    engine = c.engine
     counting = Counting(engine.storage)
     engine.storage = counting
     notes, requests = [], []
