@@ -10705,14 +10705,10 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
     fd, path = _private_tempfile(engine.tmp_dir(), ".body")
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
+    hashes = _Hashes(md5=True)
 
     def write(f: IO[bytes], data: bytes) -> None:
-        nonlocal size
-        sha.update(data)
-        md5.update(data)
-        size += len(data)
+        hashes.update(data)
         f.write(data)
 
     try:
@@ -10736,7 +10732,7 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     except BaseException:
         os.unlink(path)
         raise
-    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+    return path, hashes.info()
 
 
 def _put_object_from_file(
