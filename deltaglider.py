@@ -140,6 +140,7 @@ _UNSIGNED_HEADERS = frozenset(
     }
 )
 _PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+#: Files and bodies are read, hashed, copied and spooled in pieces of this size.
 _IO_CHUNK = 1024 * 1024
 
 #: botocore standard retry mode: transient errors and throttling (retries/standard.py).
@@ -6846,7 +6847,7 @@ def _vcdiff_decode(
     when they reach before the last window, and so need it readable and seekable."""
     rd = _DeltaReader(delta)
     try:
-        magic = rd.take(4, "VCDIFF header")
+        magic = rd.take(len(_VCD_MAGIC), "VCDIFF header")
     except _VCDiffError:
         magic = b""
     if magic[:3] != _VCD_MAGIC[:3]:
@@ -8889,9 +8890,7 @@ class _NullWriter:
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f)
-        shutil.copyfileobj(src, writer, _IO_CHUNK)
-    return writer.sha256.hexdigest()
+        return _Hashes().read(src, each=f.write).info().sha256
 
 
 class _Logical(NamedTuple):
