@@ -588,6 +588,8 @@ class XDelta3NotFoundError(DeltaGliderError):
 # Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
+# -- dates and times --
+
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
@@ -707,6 +709,9 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
     return True
 
 
+# -- text: HTTP dates, URL quoting, sizes, XML --
+
+
 def _http_date(dt: datetime.datetime) -> str:
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -780,6 +785,9 @@ def _xml_escape(text: str) -> str:
         .replace('"', "&quot;")
         .replace("'", "&apos;")
     )
+
+
+# -- files: hashing, spooling, temp files, slices of a file --
 
 
 class _FileInfo(NamedTuple):
@@ -952,6 +960,9 @@ def _body_length(body: Any) -> int | None:
         body.seek(pos)
         return int(end - pos)
     return None
+
+
+# -- S3 URLs, bucket names and keys --
 
 
 class _S3Url(NamedTuple):
