@@ -1928,6 +1928,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1962,73 +2034,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
