@@ -3261,6 +3261,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3715,44 +3759,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3763,23 +3772,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
