@@ -3170,6 +3170,64 @@ def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return headers
 
 
+class _RangeNotSatisfiable(ValueError):
+    """A Range that S3 answers with 416 InvalidRange: it starts at or past the end of the
+    object (every range of an empty object does), or asks for its last 0 bytes."""
+
+    def __init__(self, spec: str, size: int) -> None:
+        super().__init__("the range %r of a %d-byte object is not satisfiable" % (spec, size))
+        self.spec = spec
+        self.size = size
+
+    def client_error(self, operation: str) -> ClientError:
+        """The error boto3 raises for S3's 416 reply (AWS names the range and the size)."""
+        error = {
+            "Code": "InvalidRange",
+            "Message": "The requested range is not satisfiable",
+            "RangeRequested": self.spec,
+            "ActualObjectSize": str(self.size),
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}})
+        return _client_error({"Error": error, "ResponseMetadata": meta}, operation)
+
+
+def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last byte) that a Range header asks of an object of ``size`` bytes, as S3
+    reads it: ``bytes=a-b`` (``b`` past the end means the end), ``bytes=a-``, ``bytes=-n``
+    (the last ``n`` bytes). None for a header S3 ignores, answering with the whole object:
+    none, malformed, another unit, several ranges, or ``b < a`` (RFC 9110 14.1.1).
+    Raises :class:`_RangeNotSatisfiable` where S3 answers 416. The one Range parser:
+    the local store, and the client for delta-stored and plain objects alike, use it."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec or "")
+    if not spec or not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if not suffix or not size:
+            raise _RangeNotSatisfiable(spec, size)
+        return max(0, size - suffix), size - 1
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and last < first:
+        return None
+    if first >= size:
+        raise _RangeNotSatisfiable(spec, size)
+    return first, min(last, size - 1)
+
+
+def _range_to_send(spec: str | None, size: int) -> str | None:
+    """The Range header that makes any server answer ``spec`` on a stored object of
+    ``size`` bytes as :func:`_byte_range` reads it (SeaweedFS refuses ``bytes=5-2``, Swift
+    answers several ranges as multipart/byteranges and ``bytes=-3`` of an empty object
+    with 200): None for the whole object, and ``bytes=<size>-`` where S3 answers 416,
+    which every server refuses so, after its own precondition checks (412 and 304 first)."""
+    try:
+        span = _byte_range(spec, size)
+    except _RangeNotSatisfiable:
+        return "bytes=%d-" % size
+    return None if span is None else "bytes=%d-%d" % span
+
+
 def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
@@ -4634,22 +4692,6 @@ class _LocalStorage:
             out["x-amz-tagging-count"] = str(len(tags))
         return out
 
-    @staticmethod
-    def _byte_range(spec: str, size: int) -> tuple[int, int] | None:
-        """(first, last) of ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``; None for a header
-        S3 ignores (malformed, several ranges); (-1, -1) when unsatisfiable (RFC 7233)."""
-        m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", spec)
-        if not m or not (m.group(1) or m.group(2)):
-            return None
-        if not m.group(1):
-            suffix = int(m.group(2))
-            return (max(0, size - suffix), size - 1) if suffix and size else (-1, -1)
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) else size - 1
-        if m.group(2) and last < first:
-            return None
-        return (first, min(last, size - 1)) if first < size else (-1, -1)
-
     def _read(
         self, operation: str, bucket: str, key: str, spec: str | None, headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], int, dict[str, str], IO[bytes] | None, int, int]:
@@ -4682,19 +4724,20 @@ class _LocalStorage:
         size = int(record["size"])
         out = self._response_headers(record)
         first, length, status = 0, size, 200
-        span = self._byte_range(spec, size) if spec else None
+        try:
+            span = _byte_range(spec, size)
+        except _RangeNotSatisfiable as e:
+            if f is not None:
+                f.close()
+            raise self._error(
+                operation,
+                416,
+                "InvalidRange",
+                head=head,
+                RangeRequested=e.spec,
+                ActualObjectSize=str(size),
+            ) from None
         if span is not None:
-            if span[0] < 0:
-                if f is not None:
-                    f.close()
-                raise self._error(
-                    operation,
-                    416,
-                    "InvalidRange",
-                    head=head,
-                    RangeRequested=spec or "",
-                    ActualObjectSize=str(size),
-                )
             first, length, status = span[0], span[1] - span[0] + 1, 206
             out["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
             out["content-length"] = str(length)
@@ -10524,27 +10567,6 @@ class _LimitedReader:
         self._f.close()
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → (start, end inclusive), as S3 reads it."""
-    m = re.match(r"^bytes=(\d*)-(\d*)$", value.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        raise ParamValidationError(report="Invalid Range %r: expected bytes=start-end" % value)
-    if not m.group(1):
-        n = int(m.group(2))
-        start, end = max(0, size - n), size - 1
-    else:
-        start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-        end = min(end, size - 1)
-    if start >= size or start > end:
-        resp = {
-            "Error": {"Code": "InvalidRange", "Message": "The requested range is not satisfiable"},
-            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 416}}),
-        }
-        raise ClientError(resp, "GetObject")
-    return start, end
-
-
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10802,6 +10824,10 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "GetObject")
+            try:
+                span = _byte_range(kwargs.get("Range"), size)
+            except _RangeNotSatisfiable as e:
+                raise e.client_error("GetObject") from None
             fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
             os.close(fd)
             try:
@@ -10812,8 +10838,8 @@ class DeltaGliderClient:
             start, end = 0, size - 1
             meta = _local_metadata(lg.head)
             headers = dict(meta.get("HTTPHeaders") or {})
-            if kwargs.get("Range"):
-                start, end = _parse_range(kwargs["Range"], size)
+            if span is not None:
+                start, end = span
                 out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
                 headers["content-range"] = out["ContentRange"]
                 status = 206
@@ -10829,10 +10855,11 @@ class DeltaGliderClient:
                 if value is not None:
                     when = _timestamp_param(value) if name == "ResponseExpires" else None
                     query.append((field, _http_date(when) if when else str(value)))
+            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
             resp = engine.storage.get_object(
                 bucket,
                 lg.stored_key,
-                range=kwargs.get("Range"),
+                range=sent_range,
                 headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
                 query=query,
             )
@@ -10841,7 +10868,7 @@ class DeltaGliderClient:
                 if name in resp:
                     out[name] = resp[name]
             body = resp["Body"]
-            if not kwargs.get("Range") and lg.sha256:
+            if sent_range is None and lg.sha256:
                 body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
             out["Body"] = body
             meta = _local_metadata(resp)
@@ -15074,8 +15101,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 headers = self._object_headers(info)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
-                if rng and "partNumber" not in self._q:
-                    start, end = _parse_range(rng, size)
+                try:
+                    span = None if "partNumber" in self._q else _byte_range(rng, size)
+                except _RangeNotSatisfiable as e:
+                    raise e.client_error("HeadObject") from None
+                if span is not None:
+                    start, end = span
                     headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
                     headers["Content-Length"] = str(end - start + 1)
                     return self._send(206, headers=headers, content_type=None)
