@@ -10519,6 +10519,94 @@ class _LimitedReader:
         self._f.close()
 
 
+def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
+    """Write a request body (bytes, str or any file object) to a private temp file;
+    returns its path and the digests of the caller's bytes, taken as they are written,
+    never read back from the file: whatever is uploaded from it is checked against
+    these (signed payload hash, the delta's decode check), so a file changed under us
+    fails the upload instead of storing other bytes."""
+    fd, path = _private_tempfile(engine.tmp_dir(), ".body")
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+
+    def write(f: IO[bytes], data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        md5.update(data)
+        size += len(data)
+        f.write(data)
+
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(body, str):
+                write(f, body.encode("utf-8"))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                write(f, bytes(body))
+            elif hasattr(body, "read"):
+                while True:
+                    chunk = body.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            else:
+                raise ParamValidationError(
+                    report=_type_report(
+                        "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
+                    )
+                )
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _put_object_from_file(
+    engine: _DeltaEngine,
+    path: str,
+    params: Mapping[str, Any],
+    info: _FileInfo | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
+    stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
+    ``info`` holds the digests of the caller's bytes when they were spooled."""
+    # SSE-C: only the customer's key may read it, so no shared reference.
+    delta = False if params.get("SSECustomerKey") is not None else None
+    summary = engine.put_file(
+        path,
+        params["Bucket"],
+        params["Key"],
+        metadata=params.get("Metadata"),
+        headers=_put_headers(params),
+        delta=delta,
+        info=info,
+        on_bytes=on_bytes,
+    )
+    resp = summary.pop("Response")
+    out: dict[str, Any] = {"ETag": summary["ETag"]}
+    for name in ("ServerSideEncryption", "VersionId"):
+        if name in resp:
+            out[name] = resp[name]
+    out["ResponseMetadata"] = _local_metadata(resp)
+    if summary["Operation"]:  # every upload says how it was stored, as 6.x
+        out["DeltaGliderInfo"] = {
+            k: summary[k]
+            for k in (
+                "OriginalSizeMB",
+                "StoredSizeMB",
+                "IsDelta",
+                "CompressionRatio",
+                "SavingsPercent",
+                "StoredAs",
+                "Operation",
+            )
+        }
+        # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+        if summary.get("ReferenceKey"):
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10596,53 +10684,13 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
-        """Write a request body (bytes, str or any file object) to a private temp file;
-        returns its path and the digests of the caller's bytes, taken as they are written,
-        never read back from the file: whatever is uploaded from it is checked against
-        these (signed payload hash, the delta's decode check), so a file changed under us
-        fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self.engine.tmp_dir(), ".body")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
-        size = 0
-
-        def write(f: IO[bytes], data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            md5.update(data)
-            size += len(data)
-            f.write(data)
-
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(body, str):
-                    write(f, body.encode("utf-8"))
-                elif isinstance(body, (bytes, bytearray, memoryview)):
-                    write(f, bytes(body))
-                elif hasattr(body, "read"):
-                    while True:
-                        chunk = body.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-                else:
-                    raise ParamValidationError(
-                        report=_type_report(
-                            "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
-                        )
-                    )
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10660,53 +10708,9 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return self._put_path(path, kwargs, info)
+            return _put_object_from_file(self.engine, path, kwargs, info)
         finally:
             os.unlink(path)
-
-    def _put_path(
-        self,
-        path: str,
-        params: Mapping[str, Any],
-        info: _FileInfo | None = None,
-        delta: bool | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
-        if params.get("SSECustomerKey") is not None:
-            delta = False  # only the customer's key may read it: no shared reference
-        summary = self.engine.put_file(
-            path,
-            params["Bucket"],
-            params["Key"],
-            metadata=params.get("Metadata"),
-            headers=_put_headers(params),
-            delta=delta,
-            info=info,
-            on_bytes=on_bytes,
-        )
-        resp = summary.pop("Response")
-        out: dict[str, Any] = {"ETag": summary["ETag"]}
-        for name in ("ServerSideEncryption", "VersionId"):
-            if name in resp:
-                out[name] = resp[name]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["Operation"]:  # every upload says how it was stored, as 6.x
-            out["DeltaGliderInfo"] = {
-                k: summary[k]
-                for k in (
-                    "OriginalSizeMB",
-                    "StoredSizeMB",
-                    "IsDelta",
-                    "CompressionRatio",
-                    "SavingsPercent",
-                    "StoredAs",
-                    "Operation",
-                )
-            }
-            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            if summary.get("ReferenceKey"):
-                out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
-        return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -11006,7 +11010,7 @@ class DeltaGliderClient:
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -11282,7 +11286,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11310,7 +11314,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = self._spool(Fileobj)
+        path, info = _spool_request_body(self.engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11399,7 +11403,7 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
                 etag = self.engine.storage.upload_part(
@@ -11445,7 +11449,7 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = self._spool(part)
+            path, info = _spool_request_body(self.engine, part)
         try:
             with open(path, "rb") as f:
                 etag = self.engine.storage.upload_part(
@@ -11499,7 +11503,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -11742,136 +11746,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
-        methods = {
-            "get_object": (
-                "GET",
-                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
-            ),
-            "head_object": ("HEAD", {"Bucket", "Key"} | read),
-            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
-            "delete_object": ("DELETE", {"Bucket", "Key"}),
-            "list_objects_v2": (
-                "GET",
-                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
-            ),
-        }
-        if ClientMethod not in methods:
-            raise ParamValidationError(
-                report="deltaglider presigns %s; not %r"
-                % (", ".join(sorted(methods)), ClientMethod)
-            )
-        method, allowed = methods[ClientMethod]
-        _check_params(ClientMethod, params, allowed)
-        _require(ClientMethod, params, "Bucket")
-        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
-            )
-        storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned URLs need an S3 endpoint, not a local store"
-            )
-        bucket, key = params.pop("Bucket"), params.pop("Key", None)
-        query: list[tuple[str, str]] = []
-        # Header parameters are signed headers the URL's user must send, as botocore signs
-        # them; the Response* overrides and list parameters are query parameters.
-        headers: dict[str, str] = {}
-        if ClientMethod == "put_object":
-            headers = _put_headers(params)
-            headers.update(_metadata_headers(params.get("Metadata")))
-            if params.get("ContentMD5") is not None:
-                headers["Content-MD5"] = str(params["ContentMD5"])
-            if params.get("ContentLength") is not None:
-                headers["Content-Length"] = str(params["ContentLength"])
-        elif ClientMethod in ("get_object", "head_object"):
-            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
-            if params.get("Range") is not None:
-                headers["Range"] = str(params["Range"])
-            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
-        if ClientMethod == "get_object" and key is not None:
-            try:
-                lg: _Logical | None = self.engine.head(bucket, key, "HeadObject")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None  # a URL that answers 404, as boto3's would
-            if lg is not None and lg.kind == _Kind.DELTA:
-                key = self._rehydrate(lg, int(ExpiresIn))
-            for name, value in sorted(params.items()):
-                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
-                if isinstance(value, datetime.datetime):
-                    value = _http_date(value)
-                query.append(("response-" + snake, str(value)))
-        elif ClientMethod == "list_objects_v2":
-            query.append(("list-type", "2"))
-            for name, value in params.items():
-                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return cast(_S3Storage, storage).presign_url(
-            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
-        )
-
-    def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
-        "Presigned URLs of delta-stored files"). One copy per key, content and content
-        type, named after them: a later URL reuses it, and a copy that would expire
-        before the new URL is given the later expiry by a server-side copy onto itself
-        (re-sent only where the server refuses that)."""
-        name = lg.key.rsplit("/", 1)[-1]
-        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
-        tmp_key = "%s%s_%s" % (
-            _PRESIGN_PREFIX,
-            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
-            name,
-        )
-        engine = self.engine
-        storage = engine.storage
-        until = self._now() + datetime.timedelta(seconds=expires)
-        meta = {
-            "dg-expires-at": _iso_utc(until),
-            "dg-original-key": lg.key,
-            "dg-rehydrated": "true",
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-file-sha256": lg.sha256 or "",
-        }
-        headers = {"Content-Type": lg.content_type}
-        try:
-            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            head = None
-        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
-            try:
-                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
-            except ValueError:
-                lives = None
-            if lives is not None and lives >= until:
-                return tmp_key
-            try:
-                storage.copy_object(
-                    lg.bucket,
-                    tmp_key,
-                    lg.bucket,
-                    tmp_key,
-                    metadata={k: _meta_encode(v) for k, v in meta.items()},
-                    metadata_directive="REPLACE",
-                    headers=headers,
-                )
-                return tmp_key
-            except ClientError as e:
-                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
-        os.close(fd)
-        try:
-            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return tmp_key
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11883,19 +11758,7 @@ class DeltaGliderClient:
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
         storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned POSTs need an S3 endpoint, not a local store"
-            )
-        fields = dict(Fields or {})
-        conditions = list(Conditions or [])
-        conditions.append({"bucket": Bucket})
-        if Key.endswith("${filename}"):
-            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
-        else:
-            conditions.append({"key": Key})
-        fields["key"] = Key
-        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
+        return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -12182,7 +12045,7 @@ class DeltaGliderClient:
         lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return self._rehydrate(lg, int(ExpiresIn))
+        return _rehydrated_copy(self.engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -12666,6 +12529,190 @@ def _compute_bucket_stats(
     return stats
 
 
+# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+
+_PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+#: The client methods we presign: their HTTP method and the parameters each takes.
+_PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
+    "get_object": (
+        "GET",
+        frozenset({"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS})
+        | _PRESIGN_READ_PARAMS,
+    ),
+    "head_object": ("HEAD", frozenset({"Bucket", "Key"}) | _PRESIGN_READ_PARAMS),
+    "put_object": ("PUT", frozenset({"Bucket", "Key"}) | _PUT_PARAMS),
+    "delete_object": ("DELETE", frozenset({"Bucket", "Key"})),
+    "list_objects_v2": (
+        "GET",
+        frozenset({"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"}),
+    ),
+}
+
+
+def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
+    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    if client_method not in _PRESIGN_METHODS:
+        raise ParamValidationError(
+            report="deltaglider presigns %s; not %r"
+            % (", ".join(sorted(_PRESIGN_METHODS)), client_method)
+        )
+    method, allowed = _PRESIGN_METHODS[client_method]
+    _check_params(client_method, params, allowed)
+    _require(client_method, params, "Bucket")
+    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+        raise ParamValidationError(
+            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+            % (_PRESIGN_MAX_EXPIRES, expires)
+        )
+    return method
+
+
+def _presign_headers(
+    client_method: str, params: Mapping[str, Any]
+) -> tuple[dict[str, str], Mapping[str, Any]]:
+    """The headers a URL signs (its user must send them, as botocore signs them), and the
+    parameters left for its query: of a read, only the ``Response*`` overrides."""
+    headers: dict[str, str] = {}
+    if client_method == "put_object":
+        headers = _put_headers(params)
+        headers.update(_metadata_headers(params.get("Metadata")))
+        if params.get("ContentMD5") is not None:
+            headers["Content-MD5"] = str(params["ContentMD5"])
+        if params.get("ContentLength") is not None:
+            headers["Content-Length"] = str(params["ContentLength"])
+    elif client_method in ("get_object", "head_object"):
+        headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+        if params.get("Range") is not None:
+            headers["Range"] = str(params["Range"])
+        params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
+    return headers, params
+
+
+def _presigned_url(
+    engine: _DeltaEngine,
+    client_method: str,
+    params: dict[str, Any],
+    expires: int,
+    http_method: str | None,
+    now: Callable[[], datetime.datetime],
+) -> str:
+    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
+    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
+    method = _presign_method(client_method, params, expires)
+    storage = engine.storage
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
+    bucket, key = params.pop("Bucket"), params.pop("Key", None)
+    query: list[tuple[str, str]] = []
+    headers, rest = _presign_headers(client_method, params)
+    if client_method == "get_object" and key is not None:
+        try:
+            lg: _Logical | None = engine.head(bucket, key, "HeadObject")
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            lg = None  # a URL that answers 404, as boto3's would
+        if lg is not None and lg.kind == _Kind.DELTA:
+            key = _rehydrated_copy(engine, lg, int(expires), now)
+        for name, value in sorted(rest.items()):
+            snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            query.append(("response-" + snake, str(value)))
+    elif client_method == "list_objects_v2":
+        query.append(("list-type", "2"))
+        for name, value in rest.items():
+            query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+    return cast(_S3Storage, storage).presign_url(
+        http_method or method, bucket, key, query, int(expires), headers
+    )
+
+
+def _rehydrated_copy(
+    engine: _DeltaEngine, lg: _Logical, expires: int, now: Callable[[], datetime.datetime]
+) -> str:
+    """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+    "Presigned URLs of delta-stored files"). One copy per key, content and content
+    type, named after them: a later URL reuses it, and a copy that would expire
+    before the new URL is given the later expiry by a server-side copy onto itself
+    (re-sent only where the server refuses that)."""
+    name = lg.key.rsplit("/", 1)[-1]
+    ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+    tmp_key = "%s%s_%s" % (
+        _PRESIGN_PREFIX,
+        hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+        name,
+    )
+    storage = engine.storage
+    until = now() + datetime.timedelta(seconds=expires)
+    meta = {
+        "dg-expires-at": _iso_utc(until),
+        "dg-original-key": lg.key,
+        "dg-rehydrated": "true",
+        "dg-created-at": _iso_utc(now()),
+        "dg-file-sha256": lg.sha256 or "",
+    }
+    headers = {"Content-Type": lg.content_type}
+    try:
+        head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        head = None
+    if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+        try:
+            lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+        except ValueError:
+            lives = None
+        if lives is not None and lives >= until:
+            return tmp_key
+        try:
+            storage.copy_object(
+                lg.bucket,
+                tmp_key,
+                lg.bucket,
+                tmp_key,
+                metadata={k: _meta_encode(v) for k, v in meta.items()},
+                metadata_directive="REPLACE",
+                headers=headers,
+            )
+            return tmp_key
+        except ClientError as e:
+            logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
+    fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
+    os.close(fd)
+    try:
+        engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+        _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return tmp_key
+
+
+def _presigned_post(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    given_fields: Mapping[str, str] | None,
+    given_conditions: Sequence[Any] | None,
+    expires: int,
+) -> dict[str, Any]:
+    """generate_presigned_post: the policy names the bucket and the key (or, for a key
+    ending in ``${filename}``, the key's start)."""
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned POSTs need an S3 endpoint, not a local store")
+    fields = dict(given_fields or {})
+    conditions = list(given_conditions or [])
+    conditions.append({"bucket": bucket})
+    if key.endswith("${filename}"):
+        conditions.append(["starts-with", "$key", key[: -len("${filename}")]])
+    else:
+        conditions.append({"key": key})
+    fields["key"] = key
+    return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
 class _StderrHandler(logging.Handler):
     """The handler ``log_level`` adds: each record to the sys.stderr of the moment."""
 
@@ -12827,6 +12874,24 @@ def create_client(
 ###############################################################################
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
+
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
 
 #: The gateway's own key pair (clients sign with it); never taken from the command line.
 _ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
@@ -13110,7 +13175,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13302,6 +13367,38 @@ class _GatewayAuth:
             return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
         if auth is None:
             raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        fields = self._authorization_fields(auth)
+        credential = self._credential(fields["Credential"], "AuthorizationHeaderMalformed")
+        secret = self._secret(credential[0])
+        timestamp = self._request_time(headers, credential[1])
+        payload = self._payload_mode(headers)
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        canonical_query = _canonical_query(query)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=timestamp,
+            signature=fields["Signature"],
+        )
+
+    @staticmethod
+    def _authorization_fields(auth: str) -> dict[str, str]:
+        """Credential, SignedHeaders and Signature of an ``AWS4-HMAC-SHA256`` header."""
         if not auth.startswith(_SIGV4_ALGORITHM + " "):
             raise _S3Reply(
                 "InvalidRequest",
@@ -13315,10 +13412,11 @@ class _GatewayAuth:
                 fields[name] = value
         if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
             raise _S3Reply("AuthorizationHeaderMalformed")
-        access_key, date, region, service = self._credential(
-            fields["Credential"], "AuthorizationHeaderMalformed"
-        )
-        secret = self._secret(access_key)
+        return fields
+
+    def _request_time(self, headers: Mapping[str, str], date: str) -> str:
+        """The signed request's timestamp (X-Amz-Date, else Date), within the allowed skew
+        and on the credential's ``date``."""
         timestamp = headers.get("x-amz-date", "")
         when = _parse_amz_date(timestamp)
         if when is None and headers.get("date"):
@@ -13334,6 +13432,11 @@ class _GatewayAuth:
                 "The authorization header is malformed; Invalid credential date. Date is not "
                 "the same as X-Amz-Date.",
             )
+        return timestamp
+
+    @staticmethod
+    def _payload_mode(headers: Mapping[str, str]) -> str:
+        """x-amz-content-sha256: a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode."""
         payload = headers.get("x-amz-content-sha256")
         if not payload:
             raise _S3Reply(
@@ -13346,20 +13449,29 @@ class _GatewayAuth:
                     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                     "STREAMING-... or a hex SHA-256 of the body",
                 )
-        signed = [h for h in fields["SignedHeaders"].split(";") if h]
-        if "host" not in signed:
-            raise _S3Reply("AccessDenied", "The host header must be signed.")
-        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
-        if unsigned:
-            raise _S3Reply(
-                "AccessDenied",
-                "There were headers present in the request which were not signed",
-                HeadersNotSigned=", ".join(unsigned),
-            )
+        return payload
+
+    def _match_sigv4(
+        self,
+        method: str,
+        raw_path: str,
+        canonical_query: str,
+        headers: Mapping[str, str],
+        signed: list[str],
+        payload: str,
+        *,
+        secret: str,
+        credential: tuple[str, str, str, str],
+        timestamp: str,
+        signature: str,
+    ) -> _Signed:
+        """The request as SigV4 signs it (canonical request, string to sign), for the path
+        as sent and as botocore would quote it: the _Signed request if one matches the
+        ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
         key = _SIGNING_KEYS.get(secret, date, region, service)
-        canonical_query = _canonical_query(query)
         for uri in self._canonical_uri_candidates(raw_path):
             canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
             sts = "\n".join(
@@ -13371,7 +13483,7 @@ class _GatewayAuth:
                 )
             )
             expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, fields["Signature"]):
+            if hmac.compare_digest(expected, signature):
                 return _Signed(access_key, payload, key, timestamp, scope, expected)
         raise _S3Reply(
             "SignatureDoesNotMatch",
@@ -13534,35 +13646,24 @@ class _GatewayAuth:
         signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
         if "host" not in signed:
             raise _S3Reply("AccessDenied", "The host header must be signed.")
-        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
-        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
-        scope = "%s/%s/%s/aws4_request" % (date, region, service)
-        key = _SIGNING_KEYS.get(secret, date, region, service)
-        for uri in self._canonical_uri_candidates(raw_path):
-            canonical = "\n".join(
-                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
-            )
-            sts = "\n".join(
-                (
-                    _SIGV4_ALGORITHM,
-                    q["X-Amz-Date"],
-                    scope,
-                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-                )
-            )
-            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
-                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
-        raise _S3Reply(
-            "SignatureDoesNotMatch",
-            AWSAccessKeyId=access_key,
-            StringToSign=sts,
-            CanonicalRequest=canonical,
+        canonical_query = _canonical_query((k, v) for k, v in query if k != "X-Amz-Signature")
+        credential = (access_key, date, region, service)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=q["X-Amz-Date"],
+            signature=q["X-Amz-Signature"],
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13761,6 +13862,67 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._hashes = _Hashes(md5=True)
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def update(self, data: bytes) -> None:
+        self._hashes.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        info = self._hashes.info()
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if info.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=info.sha256,
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != bytes.fromhex(info.md5):
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return info
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -13820,7 +13982,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
-# -- multipart uploads ----------------------------------------------------------------
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- multipart uploads: parts on local disk until completed ---------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13897,6 +14094,34 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
+
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
@@ -13962,7 +14187,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -14060,7 +14285,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14298,6 +14523,9 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
     return _xml_doc("ListMultipartUploadsResult", body)
 
 
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14357,6 +14585,60 @@ _RESPONSE_OVERRIDES = (
 )
 
 
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -14371,7 +14653,6 @@ class _Gateway:
         request_timeout: float = 3600.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         log: IO[str] | None = None,
-        metrics_public: bool = False,
     ) -> None:
         self.client = client
         self.auth = auth
@@ -14379,8 +14660,8 @@ class _Gateway:
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.metrics = _GatewayMetrics()
-        self.metrics_public = metrics_public
-        self._now = now
+        #: the clock of uploads' times and the access log
+        self.now = now
         self._log = log
         self._log_lock = threading.Lock()
         self.spool_dir = os.path.join(state_dir, "spool")
@@ -14591,7 +14872,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 % (
                     self.client_address[0],
                     _printable(self._access_key),
-                    _iso_utc(gw._now())[:19] + "Z",
+                    _iso_utc(gw.now())[:19] + "Z",
                     _printable(str(self.command)),
                     _printable(shown),
                     self._status,
@@ -14686,13 +14967,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_browser_post(self, bucket: str) -> None:
         """Signed by its policy, inside the form: the body is read before anything
         authenticates it, so only a share of the workers may be doing that at once."""
-        if not self.server.anonymous_bodies.acquire(blocking=False):
+        if not self.server.anonymous_bodies.take():
             self.close_connection = True
             raise _S3Reply("SlowDown")
         try:
             self._post_object(bucket)
         finally:
-            self.server.anonymous_bodies.release()
+            self.server.anonymous_bodies.give_back()
 
     def _refuse_unsupported(self, kind: str) -> None:
         """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
@@ -14824,66 +15105,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
@@ -14998,30 +15237,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- objects ------------------------------------------------------------------
 
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
-
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
         client = self.server.gateway.client
@@ -15043,14 +15258,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
                 try:
@@ -15070,7 +15285,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -15089,30 +15304,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
-
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -15130,7 +15321,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = client._put_path(spooled.path, params, spooled.info)
+        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -15143,7 +15334,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15182,7 +15373,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15244,18 +15435,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15278,12 +15458,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
-            "Initiated": _iso_utc(gw._now()),
+            "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
         }
         upload_id = gw.uploads.create(record)
@@ -15314,7 +15494,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.uploads.record(bucket, key, upload_id)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
@@ -15351,48 +15531,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            hashes = _Hashes(md5=True)
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
@@ -15405,6 +15555,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -15441,7 +15613,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first
@@ -16290,7 +16462,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path, info = self.client._spool(stdin)
+            path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
