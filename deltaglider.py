@@ -17107,98 +17107,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17206,7 +17207,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17215,7 +17218,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17237,14 +17242,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17252,28 +17265,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17335,9 +17355,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17351,6 +17375,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17390,26 +17505,6 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self._redact(record.stack_info)
         return True
-
-
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
 
 
 def main(
@@ -17460,7 +17555,7 @@ def main(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
