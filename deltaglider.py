@@ -7851,14 +7851,16 @@ class _MemoryBudget:
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
-    (the original tool cannot return any .tar.gz it stored)."""
+    (the original tool cannot return any .tar.gz it stored).
+
+    The program is ``binary``, else $DG_XDELTA3, else ``xdelta3`` on ``environ``'s PATH:
+    that is the seam tests use (a fake executable on a PATH of its own)."""
 
     def __init__(
         self,
         binary: str | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
-        run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
@@ -7866,7 +7868,6 @@ class _XDelta3:
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
-        self._run = run
         self._path: str | None = None
         self.decoder: str
         if decoder is None:
@@ -7883,18 +7884,6 @@ class _XDelta3:
                 raise XDelta3NotFoundError(self._name)
             self._path = found
         return self._path
-
-    def _call(self, args: list[str], memory: int) -> None:
-        cmd = [self.path(), *args]
-        try:
-            with self._slots, self.memory.hold(memory):
-                proc = self._run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-        except OSError as e:
-            raise XDelta3Error(cmd, -1, str(e)) from e
-        if proc.returncode != 0:
-            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
 
     @staticmethod
     def window(source_size: int) -> int:
@@ -7921,10 +7910,6 @@ class _XDelta3:
             target,
             out,
         ]
-
-    def encode(self, source: str, target: str, out: str) -> None:
-        plan = _encode_plan(os.path.getsize(source), self.memory.total)
-        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
