@@ -5850,6 +5850,216 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
+###############################################################################
+
+_REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
+_DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return _meta_decode(value)
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+        return value
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+###############################################################################
 # VCDIFF decoder: reading deltas without xdelta3 ##############################
 ###############################################################################
 
@@ -7490,17 +7700,8 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
     (32769, b"CD001"),  # ISO 9660
 )
 
-_REFERENCE_NAME = "reference.bin"
-#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
-#: never shown as user objects.
-_INTERNAL_PREFIX = ".deltaglider/"
-_DELTA_SUFFIX = ".delta"
 #: Media already compressed past what any delta finds (estimate_compression, as 6.x).
 _INCOMPRESSIBLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".mp4", ".mp3", ".avi", ".mov"})
-#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
-#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
-#: folders that use them, where deleting one version folder (by any tool) cannot take them.
-_REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
@@ -7508,16 +7709,12 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
-#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
-_MAX_SHARED_REF_KEY = 200
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
-#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
-_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7544,177 +7741,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
 
-#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
-_META_ALIASES: dict[str, tuple[str, ...]] = {
-    "tool": ("dg-tool", "dg_tool", "tool"),
-    "original_name": (
-        "dg-original-name",
-        "dg_original_name",
-        "original_name",
-        "original-name",
-        "dg-source-name",
-        "source_name",
-        "source-name",
-    ),
-    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
-    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
-    "md5": ("dg-md5", "dg_md5"),
-    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
-    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
-    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
-    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
-    "note": ("dg-note", "dg_note", "note"),
-    "compression": ("dg-compression", "dg_compression", "compression"),
-    "codec": ("dg-codec",),
-    "xref_sha256": ("dg-xref-sha256",),
-    "expanded_size": ("dg-expanded-size",),
-}
-_USER_META_PREFIX = "user-"
-_CONTENT_TYPE_META = "content-type"
-#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
-_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
-    "dg-delta-cmd",
-    "dg_delta_cmd",
-    "delta_cmd",
-    "delta-cmd",
-    "dg-mtime",
-    _CONTENT_TYPE_META,
-}
-
-
-def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
-    for name in _META_ALIASES[field]:
-        value = metadata.get(name)
-        if value:
-            return _meta_decode(value)
-    return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
-    (FORMAT.md), and so is a value holding a control character (a file named
-    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
-    checking the signature (Swift: SignatureDoesNotMatch)."""
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
-    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    """The inverse of _meta_encode: a value is decoded only when it decodes to something
-    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
-    value anyone wrote (``100%41``) stays as it is."""
-    if "%" not in value:
-        return value
-    try:
-        decoded = urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
-    return decoded if encoded else value
-
-
-class _Kind:
-    REFERENCE = "reference"
-    DELTA = "delta"
-    DIRECT = "direct"
-    FOREIGN = "foreign"
-
-
-def _classify(key: str, metadata: Mapping[str, str]) -> str:
-    """What a stored object is, in FORMAT.md's order."""
-    note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return _Kind.REFERENCE
-    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
-        return _Kind.DELTA
-    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
-        return _Kind.DIRECT
-    if _meta_get(metadata, "file_sha256") is None:
-        return _Kind.FOREIGN
-    return _Kind.DIRECT
-
-
-def _deltaspace(key: str) -> str:
-    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
-    return key.rpartition("/")[0]
-
-
-def _reference_key(deltaspace: str) -> str:
-    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
-
-
-def _logical_key(stored: str) -> str | None:
-    """The one logical key a stored name belongs to; None for what is never shown as an
-    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
-
-    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
-    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
-    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
-    always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
-        return None
-    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-
-
-def _stored_forms(key: str) -> tuple[str, ...]:
-    """The names a logical key may be stored under, in the order readers try them: the
-    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
-    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
-    return (key, key + _DELTA_SUFFIX)
-
-
-def _delta_only(key: str) -> bool:
-    """Keys that cannot be stored plain: their plain name is another key's delta."""
-    return key.endswith(_DELTA_SUFFIX)
-
-
-def _parent_space(space: str) -> str:
-    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
-    top-level folder and the root → the root."""
-    return space.rpartition("/")[0]
-
-
-def _refs_prefix(parent: str) -> str:
-    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
-
-
-def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
-    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
-    that key would be too long for a metadata value."""
-    parent = _parent_space(space)
-    folder = space[len(parent) + 1 :] if parent else space
-    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
-    # decoded on read, as every metadata value: so the key itself keeps the names as they
-    # are (a key already percent-encoded would be decoded into another key on read).
-    rel = folder + "/" + name if space else name
-    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
-
-
-def _is_shared_ref(key: str) -> bool:
-    return key.endswith("/" + _REFERENCE_NAME) and (
-        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
-    )
-
-
-def _shared_ref_parent(key: str) -> str:
-    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
-
-
-def _shared_ref_source(key: str) -> str:
-    """The logical key of the file a shared reference was made from."""
-    parent = _shared_ref_parent(key)
-    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
-    return parent + "/" + rel if parent else rel
-
-
-def _is_internal(key: str) -> bool:
-    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
-    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
-
 
 def _name_class(name: str, other: str) -> int:
     """How alike two file names are: 3 the same; 2 the same but for version numbers
@@ -7725,27 +7751,6 @@ def _name_class(name: str, other: str) -> int:
         return 2
     ext = name.rpartition(".")[2].lower() if "." in name else None
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
-
-
-def _resolve_ref_key(delta_key: str, ref: str) -> str:
-    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
-    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
-    if "/" in ref:
-        return ref
-    space = _deltaspace(delta_key)
-    return space + "/" + ref if space else ref
-
-
-def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
-    any non-deltaglider key written by another tool."""
-    out: dict[str, str] = {}
-    for name, value in metadata.items():
-        if name.startswith(_USER_META_PREFIX):
-            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
-        elif name not in _INTERNAL_META and not name.startswith("dg-"):
-            out.setdefault(name, value)
-    return out
 
 
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
