@@ -5853,6 +5853,16 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 # Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
 ###############################################################################
 
+#: Error codes that mean "no such object": a HEAD has no body, so only its status
+#: (404); a GET or the local store say NoSuchKey; some servers answer NotFound.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    """Whether a storage error says the object asked for is not there."""
+    return error.response["Error"]["Code"] in _NOT_FOUND_CODES
+
+
 _REFERENCE_NAME = "reference.bin"
 #: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
 #: never shown as user objects.
@@ -8718,7 +8728,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     relabelled = _as_operation(e, operation)
                     if relabelled is e:
                         raise
@@ -9127,7 +9137,7 @@ class _DeltaEngine:
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(e):
                 return False
             raise
         return True
@@ -9247,7 +9257,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
@@ -9310,7 +9320,7 @@ class _DeltaEngine:
                         continue
                     raise
                 except ClientError as e:
-                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    if not _is_not_found(e):
                         raise
                     # Deleted between our HEAD and GET: the folder's last file was
                     # removed meanwhile, and its reference with it. Look once more (this
@@ -9408,7 +9418,7 @@ class _DeltaEngine:
         try:
             head = self.storage.head_object(bucket, own_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
         else:
             meta = head.get("Metadata", {})
@@ -9520,7 +9530,7 @@ class _DeltaEngine:
                                 continue  # replaced or deleted since the listing: again
                             raise
                         except ClientError as e:
-                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            if _is_not_found(e):
                                 continue  # deleted since the listing
                             raise
                 if not created and not required and _is_compressed_stream(ref_path):
@@ -9721,7 +9731,7 @@ class _DeltaEngine:
             try:
                 self.storage.head_object(bucket, other)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     continue
                 raise
             self.storage.delete_object(bucket, other)
@@ -9738,7 +9748,7 @@ class _DeltaEngine:
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
@@ -9751,7 +9761,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue
             metadata = head.get("Metadata", {})
@@ -9816,7 +9826,7 @@ class _DeltaEngine:
             try:
                 meta = self.storage.head_object(bucket, stored).get("Metadata", {})
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             ref = _meta_get(meta, "ref")
@@ -9883,7 +9893,7 @@ class _DeltaEngine:
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue  # gone already
             try:
@@ -9919,7 +9929,7 @@ class _DeltaEngine:
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             return False  # no reference (any more)
         try:
@@ -10811,7 +10821,7 @@ class DeltaGliderClient:
             try:
                 lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 lg = None
             if lg is None:
@@ -11714,7 +11724,7 @@ class DeltaGliderClient:
             try:
                 lg: _Logical | None = self.engine.head(bucket, key, "HeadObject")
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 lg = None  # a URL that answers 404, as boto3's would
             if lg is not None and lg.kind == _Kind.DELTA:
@@ -11759,7 +11769,7 @@ class DeltaGliderClient:
         try:
             head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             head = None
         if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
@@ -12062,7 +12072,7 @@ class DeltaGliderClient:
                 self.delete_object(Bucket=Bucket, Key=Prefix)
                 single.append(Prefix)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
             folder = Prefix + "/"
         else:
