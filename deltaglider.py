@@ -198,7 +198,8 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 
-#: Environment variables read by deltaglider itself (AWS_* ones are in the config section).
+#: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
+#: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
 _ENV_MAX_RATIO = "DG_MAX_RATIO"
 _ENV_CACHE_DIR = "DG_CACHE_DIR"
 _ENV_XDELTA3 = "DG_XDELTA3"
@@ -222,6 +223,9 @@ _DEFAULT_CACHE_MAX = 4 * 1024**3
 _ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
 _DEFAULT_MEMORY_LIMIT = 600 * 1000**2
 _MIN_MEMORY_LIMIT = 256 * 1000**2
+#: The gateway's own key pair (clients sign with it); never taken from the command line.
+_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
+_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -1080,6 +1084,21 @@ def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
     return value
 
 
+def _parse_path(text: str, name: str) -> str:
+    """A path or a program's name, taken as written."""
+    return text
+
+
+def _parse_text(text: str, name: str) -> str:
+    """A word such as an access key, without the spaces around it."""
+    return text.strip()
+
+
+def _parse_list(text: str, name: str) -> tuple[str, ...]:
+    """Comma-separated words, each without the spaces around it; empty ones are dropped."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _parse_bool(text: str, name: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE_WORDS:
@@ -1111,7 +1130,7 @@ _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
 _REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
-#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+#: Every DG_* variable deltaglider reads.
 _DG_SETTINGS: dict[str, _Setting] = {
     _ENV_MAX_RATIO: _Setting(
         functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
@@ -1127,6 +1146,11 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+    _ENV_DELTA_EXTENSIONS: _Setting(_parse_list, ()),
+    _ENV_XDELTA3: _Setting(_parse_path, None),
+    _ENV_CACHE_DIR: _Setting(_parse_path, None),
+    _ENV_GATEWAY_ACCESS_KEY: _Setting(_parse_text, ""),
+    _ENV_GATEWAY_SECRET_KEY: _Setting(_parse_text, ""),
 }
 
 
@@ -3228,6 +3252,45 @@ def _range_to_send(spec: str | None, size: int) -> str | None:
     return None if span is None else "bytes=%d-%d" % span
 
 
+def _list_v2_page(
+    bucket: str,
+    prefix: str,
+    max_keys: int,
+    contents: list[dict[str, Any]],
+    prefixes: list[dict[str, Any]],
+    *,
+    truncated: bool = False,
+    next_token: str | None = None,
+    delimiter: str = "",
+    start_after: str = "",
+    continuation_token: str | None = None,
+) -> dict[str, Any]:
+    """One ListObjectsV2 page as boto3 parses S3's reply, members in its order: no
+    ``Contents``/``CommonPrefixes`` when there are none, ``KeyCount`` counting both,
+    ``ContinuationToken`` echoed when given (even empty), ``EncodingType`` url (both back
+    ends ask for it). The one builder: the local store's pages and the client's logical
+    pages take this shape, and the gateway writes its XML from the client's."""
+    out: dict[str, Any] = {"IsTruncated": truncated}
+    if contents:
+        out["Contents"] = contents
+    out["Name"] = bucket
+    out["Prefix"] = prefix
+    if delimiter:
+        out["Delimiter"] = delimiter
+    out["MaxKeys"] = max_keys
+    if prefixes:
+        out["CommonPrefixes"] = prefixes
+    out["EncodingType"] = "url"
+    out["KeyCount"] = len(contents) + len(prefixes)
+    if continuation_token is not None:
+        out["ContinuationToken"] = continuation_token
+    if next_token:
+        out["NextContinuationToken"] = next_token
+    if start_after:
+        out["StartAfter"] = start_after
+    return out
+
+
 def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
@@ -5270,39 +5333,13 @@ class _LocalStorage:
                 ArgumentName="maxKeys",
                 ArgumentValue=str(max_keys),
             )
-        marker: bytes | None = start_after.encode("utf-8") if start_after else None
-        last_prefix: str | None = None
-        if continuation_token:
-            try:
-                decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
-                kind, value = decoded[:1], decoded[1:].decode("utf-8")
-                if kind not in (b"K", b"P"):
-                    raise ValueError(kind)
-            except (ValueError, UnicodeError):
-                raise self._error(
-                    op,
-                    400,
-                    "InvalidArgument",
-                    Message="The continuation token provided is incorrect",
-                    ArgumentName="continuation-token",
-                ) from None
-            marker = value.encode("utf-8")
-            last_prefix = value if kind == b"P" else None
-        items: list[tuple[bytes, str, dict[str, Any]]] = []
-        objects_dir = os.path.join(bdir, ".dg-objects")
-        for shard in os.listdir(objects_dir):
-            for key, record in self._index(os.path.join(objects_dir, shard)).items():
-                if key.startswith(prefix):
-                    encoded = key.encode("utf-8")
-                    if marker is None or encoded > marker:
-                        items.append((encoded, key, record))
-        items.sort(key=lambda item: item[0])
+        marker, last_prefix = self._list_start(continuation_token, start_after)
         page = min(max_keys, 1000)
         contents: list[dict[str, Any]] = []
-        prefixes: list[dict[str, str]] = []
+        prefixes: list[dict[str, Any]] = []
         last = ""
         truncated = False
-        for _, key, record in items:
+        for key, record in self._keys_after(bdir, prefix, marker):
             common = None
             if delimiter:
                 at = key.find(delimiter, len(prefix))
@@ -5328,28 +5365,58 @@ class _LocalStorage:
                     }
                 )
                 last = self._token("K", key)
-        out: dict[str, Any] = {
-            "IsTruncated": truncated,
-            "Name": bucket,
-            "Prefix": prefix,
-            "MaxKeys": max_keys,
-            "KeyCount": len(contents) + len(prefixes),
-        }
-        if contents:
-            out["Contents"] = contents
-        if prefixes:
-            out["CommonPrefixes"] = prefixes
-        if delimiter:
-            out["Delimiter"] = delimiter
-        if start_after:
-            out["StartAfter"] = start_after
-        if continuation_token:
-            out["ContinuationToken"] = continuation_token
-        if truncated:
-            out["NextContinuationToken"] = last
-        out["EncodingType"] = "url"  # _S3Storage always asks for it and S3 echoes it
+        out = _list_v2_page(
+            bucket,
+            prefix,
+            max_keys,
+            contents,
+            prefixes,
+            truncated=truncated,
+            next_token=last if truncated else None,
+            delimiter=delimiter,
+            start_after=start_after or "",
+            continuation_token=continuation_token or None,
+        )
         out["ResponseMetadata"] = self._meta(200)
         return out
+
+    def _list_start(
+        self, continuation_token: str | None, start_after: str | None
+    ) -> tuple[bytes | None, str | None]:
+        """Where a page starts: (the UTF-8 key it lists past, the common prefix it
+        already gave), from the token of the page before, else from ``start_after``."""
+        if not continuation_token:
+            return (start_after.encode("utf-8") if start_after else None), None
+        try:
+            decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
+            kind, value = decoded[:1], decoded[1:].decode("utf-8")
+            if kind not in (b"K", b"P"):
+                raise ValueError(kind)
+        except (ValueError, UnicodeError):
+            raise self._error(
+                "ListObjectsV2",
+                400,
+                "InvalidArgument",
+                Message="The continuation token provided is incorrect",
+                ArgumentName="continuation-token",
+            ) from None
+        return value.encode("utf-8"), (value if kind == b"P" else None)
+
+    def _keys_after(
+        self, bdir: str, prefix: str, marker: bytes | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of every key under ``prefix`` past ``marker``, in UTF-8 byte
+        order as S3 sorts them."""
+        items: list[tuple[bytes, str, dict[str, Any]]] = []
+        objects_dir = os.path.join(bdir, ".dg-objects")
+        for shard in os.listdir(objects_dir):
+            for key, record in self._index(os.path.join(objects_dir, shard)).items():
+                if key.startswith(prefix):
+                    encoded = key.encode("utf-8")
+                    if marker is None or encoded > marker:
+                        items.append((encoded, key, record))
+        items.sort(key=lambda item: item[0])
+        return [(key, record) for _, key, record in items]
 
     # -- multipart ------------------------------------------------------------
 
@@ -5985,6 +6052,226 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
+###############################################################################
+
+#: Error codes that mean "no such object": a HEAD has no body, so only its status
+#: (404); a GET or the local store say NoSuchKey; some servers answer NotFound.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    """Whether a storage error says the object asked for is not there."""
+    return error.response["Error"]["Code"] in _NOT_FOUND_CODES
+
+
+_REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
+_DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return _meta_decode(value)
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+        return value
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+###############################################################################
 # VCDIFF decoder: reading deltas without xdelta3 ##############################
 ###############################################################################
 
@@ -6581,9 +6868,14 @@ class _LZMA:
 #: negative so one comparison tells a copy from the rest.
 _ADD = -1
 _RUN = -2
+#: Address modes (RFC 3284 section 5.3): VCD_SELF (the address as written), VCD_HERE (back
+#: from the current position), then the near modes and the same modes.
+_VCD_SELF = 0
+_VCD_HERE = 1
+_NEAR_START = 2
 _NEAR_MODES = 4  # RFC 3284 section 5.1: s_near = 4, s_same = 3 for the default table
 _SAME_MODES = 3
-_SAME_START = 2 + _NEAR_MODES
+_SAME_START = _NEAR_START + _NEAR_MODES
 _SAME_SIZE = _SAME_MODES * 256
 _MIN_MATCH = 4
 
@@ -6607,6 +6899,49 @@ def _rfc3284_code_table() -> tuple[tuple[tuple[int, int], ...], ...]:
 _CODE_TABLE = _rfc3284_code_table()
 
 
+class _AddressCache:
+    """A window's copy addresses (RFC 3284 sections 5.1-5.3): the address section they
+    are read from, and the near and same caches they are coded against."""
+
+    __slots__ = ("addr", "near", "pos", "same", "slot")
+
+    def __init__(self, addr: bytes) -> None:
+        self.addr = addr
+        self.pos = 0  # the next byte of the address section
+        self.near = [0] * _NEAR_MODES
+        self.slot = 0  # the near cache's next slot
+        self.same = [0] * _SAME_SIZE
+
+    def decode(self, mode: int, here: int) -> int:
+        """The address of a COPY in address ``mode``, ``here`` being the address of the
+        next byte written; both caches then remember it. A section that ends early
+        raises IndexError, which the caller reports."""
+        addr = self.addr
+        ap = self.pos
+        if mode < _SAME_START:
+            a = addr[ap]
+            ap += 1
+            if a & 0x80:  # two-byte addresses inline, longer ones call
+                b = addr[ap]
+                if b & 0x80:
+                    a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
+                else:
+                    a = (a & 0x7F) << 7 | b
+                    ap += 1
+            if mode == _VCD_HERE:
+                a = here - a
+            elif mode != _VCD_SELF:
+                a += self.near[mode - _NEAR_START]
+        else:
+            a = self.same[(mode - _SAME_START) * 256 + addr[ap]]
+            ap += 1
+        self.pos = ap
+        self.near[self.slot] = a
+        self.slot = (self.slot + 1) & 3  # _NEAR_MODES is 4
+        self.same[a % _SAME_SIZE] = a
+        return a
+
+
 def _run_window(
     inst: bytes, data: bytes, addr: bytes, seg: Any, cpylen: int, tgtlen: int
 ) -> bytearray:
@@ -6616,10 +6951,8 @@ def _run_window(
     checked against what exists before it is used, as xd3_decode_parse_halfinst does."""
     table = _CODE_TABLE
     out = bytearray()
-    near = [0] * _NEAR_MODES
-    slot = 0
-    same = [0] * _SAME_SIZE
-    ip = dp = ap = 0
+    addresses = _AddressCache(addr)
+    ip = dp = 0
     ilen, dlen = len(inst), len(data)
     here = cpylen  # the address of the next byte to write
     end = cpylen + tgtlen
@@ -6640,27 +6973,8 @@ def _run_window(
                             ip += 1
                 if here + size > end:
                     raise _VCDiffError("corrupt delta: instruction writes past the window")
-                if kind >= 0:  # COPY: decode the address (RFC 3284 section 5.3)
-                    if kind < _SAME_START:
-                        a = addr[ap]
-                        ap += 1
-                        if a & 0x80:
-                            b = addr[ap]
-                            if b & 0x80:
-                                a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
-                            else:
-                                a = (a & 0x7F) << 7 | b
-                                ap += 1
-                        if kind == 1:  # VCD_HERE
-                            a = here - a
-                        elif kind:  # VCD_NEAR
-                            a += near[kind - 2]
-                    else:  # VCD_SAME
-                        a = same[(kind - _SAME_START) * 256 + addr[ap]]
-                        ap += 1
-                    near[slot] = a
-                    slot = (slot + 1) & 3  # _NEAR_MODES is 4
-                    same[a % _SAME_SIZE] = a
+                if kind >= 0:  # COPY
+                    a = addresses.decode(kind, here)
                     if a < cpylen:
                         if a < 0 or a + size > cpylen:
                             raise _VCDiffError("corrupt delta: copy outside the source window")
@@ -6692,7 +7006,7 @@ def _run_window(
         raise _VCDiffError("corrupt delta: instruction or address section ends early") from None
     if here != end:
         raise _VCDiffError(f"corrupt delta: window decodes to {here - cpylen} of {tgtlen} bytes")
-    if dp != dlen or ap != len(addr):
+    if dp != dlen or addresses.pos != len(addr):
         raise _VCDiffError("corrupt delta: unused bytes in the data or address section")
     return out
 
@@ -7027,11 +7341,48 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP_SIG_LOCAL = 0x04034B50
 _ZIP_SIG_CENTRAL = 0x02014B50
+_ZIP_SIG_EOCD = 0x06054B50
 _ZIP_SIG_64LOC = 0x07064B50
 _ZIP_SIG_64EOCD = 0x06064B50
+#: The signatures a scan of the bytes looks for ("PK\x01\x02", "PK\x05\x06").
+_ZIP_CENTRAL_BYTES = struct.pack("<I", _ZIP_SIG_CENTRAL)
+_ZIP_EOCD_BYTES = struct.pack("<I", _ZIP_SIG_EOCD)
+#: Indices of the fields read from _ZIP_LOCAL (0 is the signature).
+_LH_FLAGS = 2
+_LH_METHOD = 3
+_LH_NAME_LEN = 9
+_LH_EXTRA_LEN = 10
+#: Indices of the fields read from _ZIP_CENTRAL.
+_CD_FLAGS = 3
+_CD_METHOD = 4
+_CD_CRC = 7
+_CD_CSIZE = 8
+_CD_USIZE = 9
+_CD_NAME_LEN = 10
+_CD_EXTRA_LEN = 11
+_CD_COMMENT_LEN = 12
+_CD_LOCAL_OFFSET = 16
+#: Indices of the fields read from _ZIP64_EOCD.
+_Z64_COUNT = 7
+_Z64_CD_SIZE = 8
+_Z64_CD_OFFSET = 9
+#: Byte offsets of the fields the "L" and "C" records transform: the local header's
+#: date-time, the central entry's date-time and its local header offset.
+_LH_DATETIME_AT = 10
+_CD_DATETIME_AT = 12
+_CD_LOCAL_OFFSET_AT = 42
+#: General purpose flag bit 0: the member is encrypted (APPNOTE 4.4.4).
+_ZIP_FLAG_ENCRYPTED = 0x01
+#: Compression method 8 (APPNOTE 4.4.5), held as a raw deflate stream: zlib's wbits -15.
+_ZIP_DEFLATED = 8
+_RAW_DEFLATE_WBITS = -15
+#: The zip64 extended information extra field (APPNOTE 4.5.3), and the 32-bit value that
+#: says a size or offset is in it.
+_ZIP64_EXTRA_TAG = 0x0001
+_ZIP64_MARK = 0xFFFFFFFF
 #: The end record sits within the last 64 KiB (its comment length is 16 bits); look a little
 #: further for zips with trailing bytes after it.
-_ZIP_EOCD_SEARCH = 22 + 65535 + 1024
+_ZIP_EOCD_SEARCH = _ZIP_EOCD.size + 0xFFFF + 1024
 
 
 class _ZipCodecError(Exception):
@@ -7109,7 +7460,7 @@ def _zip_find_cd(f: IO[bytes], size: int) -> tuple[int, int, int] | None:
     at = len(tail)
     # The last signature that parses wins; earlier ones may sit inside a comment or junk.
     while True:
-        at = tail.rfind(b"PK\x05\x06", 0, at)
+        at = tail.rfind(_ZIP_EOCD_BYTES, 0, at)
         if at < 0:
             return None
         found = _zip_parse_eocd(f, tail, at, tail_start + at)
@@ -7139,13 +7490,18 @@ def _zip_parse_eocd(f: IO[bytes], tail: bytes, at: int, pos: int) -> tuple[int, 
             fields = _ZIP64_EOCD.unpack(rec)
             if fields[0] != _ZIP_SIG_64EOCD:
                 return None
-            count, cd_size, cd_offset, cd_end = fields[7], fields[8], fields[9], rec_at
+            count, cd_size, cd_offset = (
+                fields[_Z64_COUNT],
+                fields[_Z64_CD_SIZE],
+                fields[_Z64_CD_OFFSET],
+            )
+            cd_end = rec_at
     cd_start = cd_end - cd_size
     if cd_start < 0 or cd_offset > cd_start:
         return None
     if count:
         f.seek(cd_start)
-        if f.read(4) != b"PK\x01\x02":
+        if f.read(len(_ZIP_CENTRAL_BYTES)) != _ZIP_CENTRAL_BYTES:
             return None
     return cd_start, cd_end, cd_start - cd_offset
 
@@ -7164,7 +7520,7 @@ def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
     parts = set()
     for at, end, fields, csize, offset in _zip_central(f, cd):
         parts.add((at, _ZIPX_CENTRAL, end))
-        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[3]))
+        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[_CD_FLAGS]))
     return sorted(parts)
 
 
@@ -7178,12 +7534,14 @@ def _zip_central(
     while at + _ZIP_CENTRAL.size <= cd_end:
         f.seek(at)
         fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-        nlen, xlen, clen = fields[10:13]
+        nlen, xlen, clen = fields[_CD_NAME_LEN], fields[_CD_EXTRA_LEN], fields[_CD_COMMENT_LEN]
         end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
         if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
             return
         f.seek(at + _ZIP_CENTRAL.size + nlen)
-        csize, offset = _zip64_sizes(f.read(xlen), fields[9], fields[8], fields[16])
+        csize, offset = _zip64_sizes(
+            f.read(xlen), fields[_CD_USIZE], fields[_CD_CSIZE], fields[_CD_LOCAL_OFFSET]
+        )
         yield at, end, fields, csize, offset
         at = end
 
@@ -7194,11 +7552,11 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     at = 0
     while at + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, at)
-        if tag == 1:
+        if tag == _ZIP64_EXTRA_TAG:
             values = [usize, csize, offset]
             i = at + 4
             for k, value in enumerate(values):
-                if value == 0xFFFFFFFF and i + 8 <= min(len(extra), at + 4 + n):
+                if value == _ZIP64_MARK and i + 8 <= min(len(extra), at + 4 + n):
                     values[k] = struct.unpack_from("<Q", extra, i)[0]
                     i += 8
             return values[1], values[2]
@@ -7219,11 +7577,12 @@ def _zip_member(
             continue
         # The local header, not the central one, says where the data starts: their name and
         # extra lengths often differ (zipalign pads only the local extra field).
-        start = header + _ZIP_LOCAL.size + fields[9] + fields[10]
+        start = header + _ZIP_LOCAL.size + fields[_LH_NAME_LEN] + fields[_LH_EXTRA_LEN]
         if start > size:
             return []
         parts = [(header, _ZIPX_LOCAL, start)]
-        if fields[3] == 8 and not (fields[2] | flags) & 1:
+        encrypted = (fields[_LH_FLAGS] | flags) & _ZIP_FLAG_ENCRYPTED
+        if fields[_LH_METHOD] == _ZIP_DEFLATED and not encrypted:
             parts.append((start, _ZIPX_DEFLATE, min(size, start + csize)))
         return parts
     return []
@@ -7246,7 +7605,7 @@ class _Inflate:
 
     def __iter__(self) -> Iterator[bytes]:
         self.f.seek(self.start)
-        inflater = zlib.decompressobj(-15)
+        inflater = zlib.decompressobj(_RAW_DEFLATE_WBITS)
         pos, total = self.start, 0
         limit = min(_ZIPX_BOMB_RATIO * (self.bound - self.start) + _ZIPX_CHUNK, _ZIPX_BOMB_MAX)
         while not inflater.eof:
@@ -7293,7 +7652,7 @@ def _zipx_verify(
     go and stopping at the first mismatching byte. (end of the stream, its content if small)
     on an exact match, else None."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     source = _Inflate(f, start, bound)
     kept: list[bytes] | None = []
     kept_size = 0
@@ -7339,18 +7698,18 @@ class _ZipxHeaders:
         buf = bytearray(data)
         times = self.local_times
         if kind == _ZIPX_LOCAL:
-            (field,) = struct.unpack_from("<I", buf, 10)
+            (field,) = struct.unpack_from("<I", buf, _LH_DATETIME_AT)
             value = field ^ (times[-1] if times else 0)
-            struct.pack_into("<I", buf, 10, value)
+            struct.pack_into("<I", buf, _LH_DATETIME_AT, value)
             times.append(value if self.undo else field)
             return bytes(buf)
-        (field,) = struct.unpack_from("<I", buf, 12)
+        (field,) = struct.unpack_from("<I", buf, _CD_DATETIME_AT)
         value = field ^ (times[self.centrals] if self.centrals < len(times) else 0)
-        struct.pack_into("<I", buf, 12, value)
+        struct.pack_into("<I", buf, _CD_DATETIME_AT, value)
         self.centrals += 1
-        (field,) = struct.unpack_from("<I", buf, 42)
+        (field,) = struct.unpack_from("<I", buf, _CD_LOCAL_OFFSET_AT)
         value = (field + self.offset if self.undo else field - self.offset) & 0xFFFFFFFF
-        struct.pack_into("<I", buf, 42, value)
+        struct.pack_into("<I", buf, _CD_LOCAL_OFFSET_AT, value)
         self.offset = value if self.undo else field
         return bytes(buf)
 
@@ -7445,15 +7804,128 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             if cd is None:
                 return index
             for _, _, fields, csize, offset in _zip_central(f, cd):
-                crc, usize = fields[7], fields[9]
-                if fields[4] != 8 or usize == 0xFFFFFFFF:
+                crc, usize = fields[_CD_CRC], fields[_CD_USIZE]
+                if fields[_CD_METHOD] != _ZIP_DEFLATED or usize == _ZIP64_MARK:
                     continue  # not deflated, or a zip64 size this index does not read
-                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, fields[3]):
+                flags = fields[_CD_FLAGS]
+                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, flags):
                     if kind == _ZIPX_DEFLATE and bound - start == csize:
                         index.setdefault((crc, usize), (start, csize))
         except (struct.error, ValueError, OverflowError):
             pass
     return index
+
+
+class _ZipRebuild:
+    """One rebuild in progress: what was written (its size and CRC-32) and the records
+    waiting to be written in order, each counted at its bytes plus _ZIPX_RECORD_COST. One
+    method per record kind of the expanded stream reads that record and writes or queues
+    what it rebuilds to."""
+
+    def __init__(
+        self,
+        out: IO[bytes],
+        limit: int | None,
+        pool: concurrent.futures.Executor,
+        reuse: dict[tuple[int, int], tuple[int, int]],
+        ref_file: IO[bytes] | None,
+    ) -> None:
+        self.out = out
+        self.limit = limit
+        self.pool = pool
+        self.reuse = reuse
+        self.ref_file = ref_file
+        self.headers = _ZipxHeaders(undo=True)
+        self.size = self.crc = self.held = 0
+        self.queued: collections.deque[tuple[int, Any]] = (
+            collections.deque()
+        )  # (bytes, job or data)
+
+    def put(self, data: bytes) -> None:
+        """Write ``data`` now (callers first emit what waits before it)."""
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise _OutputLimitError(self.limit)
+        self.out.write(data)
+        self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def emit(self, keep: int) -> None:
+        """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        while self.queued and self.held > keep:
+            weight, item = self.queued.popleft()
+            self.held -= weight
+            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
+                self.put(data)
+
+    def queue(self, weight: int, item: Any) -> None:
+        """Queue a record's bytes (a list, or a Future of one), writing the oldest while
+        more than _ZIPX_PENDING wait."""
+        self.queued.append((weight, item))
+        self.held += weight
+        self.emit(_ZIPX_PENDING)
+
+    def raw(self, expanded: IO[bytes]) -> None:
+        """An "R" record: bytes copied as they are, after what waits."""
+        self.emit(-1)
+        for data in _zipx_read_chunks(expanded):
+            self.put(data)
+
+    def deflated(self, expanded: IO[bytes]) -> None:
+        """A "D" record: the member as copied from the reference when it has it, else
+        deflated in a thread when small, else deflated and written as it is read."""
+        params = tuple(_zipx_read(expanded, 3))
+        level, mem_level, strategy = params
+        if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
+            raise _ZipCodecError("expanded zip stream has bad deflate parameters")
+        chunks, total = [], 0
+        pieces = _zipx_read_chunks(expanded)
+        for chunk in pieces:
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > _ZIPX_KEEP:
+                break
+        if total <= _ZIPX_KEEP and self.ref_file is not None:
+            crc32 = 0
+            for chunk in chunks:
+                crc32 = zlib.crc32(chunk, crc32)
+            same = self.reuse.get((crc32, total))
+            if same is not None:
+                self.ref_file.seek(same[0])
+                self.queue(same[1] + _ZIPX_RECORD_COST, [self.ref_file.read(same[1])])
+                return
+        if total <= _ZIPX_KEEP:
+            job = self.pool.submit(_zipx_deflate_all, chunks, params)
+            self.queue(total + _ZIPX_RECORD_COST, job)
+            return
+        self.emit(-1)  # a large member: stream it, in order
+        for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
+            self.put(data)
+
+    def header(self, tag: bytes, expanded: IO[bytes]) -> None:
+        """An "L" or "C" record: the header with its transform undone."""
+        n = _zipx_read_varint(expanded)
+        if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        header = _zipx_read(expanded, n)
+        if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        self.queue(n + _ZIPX_RECORD_COST, [self.headers.apply(tag, header)])
+
+    def end(self, expanded: IO[bytes]) -> int:
+        """The "E" record: everything is written; the size and CRC-32 must be its own."""
+        self.emit(-1)
+        want_size = _zipx_read_varint(expanded)
+        (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
+        if expanded.read(1):
+            raise _ZipCodecError("expanded zip stream has data after its end")
+        if (self.size, self.crc) != (want_size, want_crc):
+            # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
+            # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
+            raise _ZipCodecError(
+                "rebuilt zip does not match: this machine's zlib %s deflates "
+                "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
+            )
+        return self.size
 
 
 def _zip_rebuild(
@@ -7479,99 +7951,27 @@ def _zip_rebuild(
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
-    if head[:4] != _ZIPX_MAGIC:
+    magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
+    if magic != _ZIPX_MAGIC:
         raise _ZipCodecError("not an expanded zip stream")
-    if head[4:] != bytes([_ZIPX_VERSION]):
-        raise _ZipCodecError("expanded zip stream version %r is not supported" % head[4:])
-    headers = _ZipxHeaders(undo=True)
-    size = crc = held = 0
-    queued: collections.deque[tuple[int, Any]] = collections.deque()  # (bytes, job or data)
-
-    def put(data: bytes) -> None:
-        nonlocal size, crc
-        if limit is not None and size + len(data) > limit:
-            raise _OutputLimitError(limit)
-        out.write(data)
-        size += len(data)
-        crc = zlib.crc32(data, crc)
-
-    def emit(limit: int) -> None:
-        nonlocal held
-        while queued and held > limit:
-            weight, item = queued.popleft()
-            held -= weight
-            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
-                put(data)
-
+    if version != bytes([_ZIPX_VERSION]):
+        raise _ZipCodecError("expanded zip stream version %r is not supported" % version)
     with contextlib.ExitStack() as stack:
         ref_file = stack.enter_context(open(reference, "rb")) if reference and reuse else None
         pool = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
         )
+        rebuild = _ZipRebuild(out, limit, pool, reuse, ref_file)
         while True:
             tag = _zipx_read(expanded, 1)
             if tag == _ZIPX_END:
-                emit(-1)
-                want_size = _zipx_read_varint(expanded)
-                (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
-                if expanded.read(1):
-                    raise _ZipCodecError("expanded zip stream has data after its end")
-                if (size, crc) != (want_size, want_crc):
-                    # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
-                    # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
-                    raise _ZipCodecError(
-                        "rebuilt zip does not match: this machine's zlib %s deflates "
-                        "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
-                    )
-                return size
+                return rebuild.end(expanded)
             if tag == _ZIPX_RAW:
-                emit(-1)
-                for data in _zipx_read_chunks(expanded):
-                    put(data)
+                rebuild.raw(expanded)
             elif tag == _ZIPX_DEFLATE:
-                params = tuple(_zipx_read(expanded, 3))
-                level, mem_level, strategy = params
-                if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
-                    raise _ZipCodecError("expanded zip stream has bad deflate parameters")
-                chunks, total = [], 0
-                pieces = _zipx_read_chunks(expanded)
-                for chunk in pieces:
-                    chunks.append(chunk)
-                    total += len(chunk)
-                    if total > _ZIPX_KEEP:
-                        break
-                if total <= _ZIPX_KEEP and ref_file is not None:
-                    crc32 = 0
-                    for chunk in chunks:
-                        crc32 = zlib.crc32(chunk, crc32)
-                    same = reuse.get((crc32, total))
-                    if same is not None:
-                        ref_file.seek(same[0])
-                        weight = same[1] + _ZIPX_RECORD_COST
-                        queued.append((weight, [ref_file.read(same[1])]))
-                        held += weight
-                        emit(_ZIPX_PENDING)
-                        continue
-                if total <= _ZIPX_KEEP:
-                    weight = total + _ZIPX_RECORD_COST
-                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += weight
-                    emit(_ZIPX_PENDING)
-                    continue
-                emit(-1)  # a large member: stream it, in order
-                for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
-                    put(data)
+                rebuild.deflated(expanded)
             elif tag in (_ZIPX_LOCAL, _ZIPX_CENTRAL):
-                n = _zipx_read_varint(expanded)
-                if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                header = _zipx_read(expanded, n)
-                if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                weight = n + _ZIPX_RECORD_COST
-                queued.append((weight, [headers.apply(tag, header)]))
-                held += weight
-                emit(_ZIPX_PENDING)
+                rebuild.header(tag, expanded)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -7580,7 +7980,7 @@ def _zipx_deflate(chunks: Iterable[bytes], params: Sequence[int]) -> Iterator[by
     """Deflate a member's content with the same calls, chunk for chunk, as when it was
     checked (_zipx_verify): the output is then the same bytes."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     for chunk in chunks:
         yield deflater.compress(chunk)
     yield deflater.flush()
@@ -7625,17 +8025,8 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
     (32769, b"CD001"),  # ISO 9660
 )
 
-_REFERENCE_NAME = "reference.bin"
-#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
-#: never shown as user objects.
-_INTERNAL_PREFIX = ".deltaglider/"
-_DELTA_SUFFIX = ".delta"
 #: Media already compressed past what any delta finds (estimate_compression, as 6.x).
 _INCOMPRESSIBLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".mp4", ".mp3", ".avi", ".mov"})
-#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
-#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
-#: folders that use them, where deleting one version folder (by any tool) cannot take them.
-_REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
@@ -7643,16 +8034,12 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
-#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
-_MAX_SHARED_REF_KEY = 200
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
-#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
-_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7679,177 +8066,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
 
-#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
-_META_ALIASES: dict[str, tuple[str, ...]] = {
-    "tool": ("dg-tool", "dg_tool", "tool"),
-    "original_name": (
-        "dg-original-name",
-        "dg_original_name",
-        "original_name",
-        "original-name",
-        "dg-source-name",
-        "source_name",
-        "source-name",
-    ),
-    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
-    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
-    "md5": ("dg-md5", "dg_md5"),
-    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
-    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
-    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
-    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
-    "note": ("dg-note", "dg_note", "note"),
-    "compression": ("dg-compression", "dg_compression", "compression"),
-    "codec": ("dg-codec",),
-    "xref_sha256": ("dg-xref-sha256",),
-    "expanded_size": ("dg-expanded-size",),
-}
-_USER_META_PREFIX = "user-"
-_CONTENT_TYPE_META = "content-type"
-#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
-_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
-    "dg-delta-cmd",
-    "dg_delta_cmd",
-    "delta_cmd",
-    "delta-cmd",
-    "dg-mtime",
-    _CONTENT_TYPE_META,
-}
-
-
-def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
-    for name in _META_ALIASES[field]:
-        value = metadata.get(name)
-        if value:
-            return _meta_decode(value)
-    return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
-    (FORMAT.md), and so is a value holding a control character (a file named
-    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
-    checking the signature (Swift: SignatureDoesNotMatch)."""
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
-    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    """The inverse of _meta_encode: a value is decoded only when it decodes to something
-    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
-    value anyone wrote (``100%41``) stays as it is."""
-    if "%" not in value:
-        return value
-    try:
-        decoded = urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
-    return decoded if encoded else value
-
-
-class _Kind:
-    REFERENCE = "reference"
-    DELTA = "delta"
-    DIRECT = "direct"
-    FOREIGN = "foreign"
-
-
-def _classify(key: str, metadata: Mapping[str, str]) -> str:
-    """What a stored object is, in FORMAT.md's order."""
-    note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return _Kind.REFERENCE
-    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
-        return _Kind.DELTA
-    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
-        return _Kind.DIRECT
-    if _meta_get(metadata, "file_sha256") is None:
-        return _Kind.FOREIGN
-    return _Kind.DIRECT
-
-
-def _deltaspace(key: str) -> str:
-    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
-    return key.rpartition("/")[0]
-
-
-def _reference_key(deltaspace: str) -> str:
-    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
-
-
-def _logical_key(stored: str) -> str | None:
-    """The one logical key a stored name belongs to; None for what is never shown as an
-    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
-
-    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
-    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
-    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
-    always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
-        return None
-    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-
-
-def _stored_forms(key: str) -> tuple[str, ...]:
-    """The names a logical key may be stored under, in the order readers try them: the
-    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
-    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
-    return (key, key + _DELTA_SUFFIX)
-
-
-def _delta_only(key: str) -> bool:
-    """Keys that cannot be stored plain: their plain name is another key's delta."""
-    return key.endswith(_DELTA_SUFFIX)
-
-
-def _parent_space(space: str) -> str:
-    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
-    top-level folder and the root → the root."""
-    return space.rpartition("/")[0]
-
-
-def _refs_prefix(parent: str) -> str:
-    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
-
-
-def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
-    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
-    that key would be too long for a metadata value."""
-    parent = _parent_space(space)
-    folder = space[len(parent) + 1 :] if parent else space
-    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
-    # decoded on read, as every metadata value: so the key itself keeps the names as they
-    # are (a key already percent-encoded would be decoded into another key on read).
-    rel = folder + "/" + name if space else name
-    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
-
-
-def _is_shared_ref(key: str) -> bool:
-    return key.endswith("/" + _REFERENCE_NAME) and (
-        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
-    )
-
-
-def _shared_ref_parent(key: str) -> str:
-    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
-
-
-def _shared_ref_source(key: str) -> str:
-    """The logical key of the file a shared reference was made from."""
-    parent = _shared_ref_parent(key)
-    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
-    return parent + "/" + rel if parent else rel
-
-
-def _is_internal(key: str) -> bool:
-    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
-    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
-
 
 def _name_class(name: str, other: str) -> int:
     """How alike two file names are: 3 the same; 2 the same but for version numbers
@@ -7862,32 +8078,9 @@ def _name_class(name: str, other: str) -> int:
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
-def _resolve_ref_key(delta_key: str, ref: str) -> str:
-    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
-    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
-    if "/" in ref:
-        return ref
-    space = _deltaspace(delta_key)
-    return space + "/" + ref if space else ref
-
-
-def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
-    any non-deltaglider key written by another tool."""
-    out: dict[str, str] = {}
-    for name, value in metadata.items():
-        if name.startswith(_USER_META_PREFIX):
-            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
-        elif name not in _INTERNAL_META and not name.startswith("dg-"):
-            out.setdefault(name, value)
-    return out
-
-
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
     lower = name.lower()
-    extra = [
-        e.strip().lower() for e in environ.get(_ENV_DELTA_EXTENSIONS, "").split(",") if e.strip()
-    ]
+    extra = [e.lower() for e in _env_setting(environ, _ENV_DELTA_EXTENSIONS)]
     return any(lower.endswith(ext) for ext in list(_DELTA_EXTENSIONS) + extra)
 
 
@@ -7986,22 +8179,23 @@ class _MemoryBudget:
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
-    (the original tool cannot return any .tar.gz it stored)."""
+    (the original tool cannot return any .tar.gz it stored).
+
+    The program is ``binary``, else $DG_XDELTA3, else ``xdelta3`` on ``environ``'s PATH:
+    that is the seam tests use (a fake executable on a PATH of its own)."""
 
     def __init__(
         self,
         binary: str | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
-        run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
-        self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self._name = binary or _env_setting(environ, _ENV_XDELTA3) or "xdelta3"
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
-        self._run = run
         self._path: str | None = None
         self.decoder: str
         if decoder is None:
@@ -8018,18 +8212,6 @@ class _XDelta3:
                 raise XDelta3NotFoundError(self._name)
             self._path = found
         return self._path
-
-    def _call(self, args: list[str], memory: int) -> None:
-        cmd = [self.path(), *args]
-        try:
-            with self._slots, self.memory.hold(memory):
-                proc = self._run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-        except OSError as e:
-            raise XDelta3Error(cmd, -1, str(e)) from e
-        if proc.returncode != 0:
-            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
 
     @staticmethod
     def window(source_size: int) -> int:
@@ -8056,10 +8238,6 @@ class _XDelta3:
             target,
             out,
         ]
-
-    def encode(self, source: str, target: str, out: str) -> None:
-        plan = _encode_plan(os.path.getsize(source), self.memory.total)
-        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -8243,8 +8421,9 @@ class _XDelta3:
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
-    if environ.get(_ENV_CACHE_DIR):
-        return os.path.expanduser(environ[_ENV_CACHE_DIR])
+    folder = _env_setting(environ, _ENV_CACHE_DIR)
+    if folder:
+        return os.path.expanduser(str(folder))
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "deltaglider")
 
@@ -8863,7 +9042,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     relabelled = _as_operation(e, operation)
                     if relabelled is e:
                         raise
@@ -9272,7 +9451,7 @@ class _DeltaEngine:
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(e):
                 return False
             raise
         return True
@@ -9392,7 +9571,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
@@ -9455,7 +9634,7 @@ class _DeltaEngine:
                         continue
                     raise
                 except ClientError as e:
-                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    if not _is_not_found(e):
                         raise
                     # Deleted between our HEAD and GET: the folder's last file was
                     # removed meanwhile, and its reference with it. Look once more (this
@@ -9553,7 +9732,7 @@ class _DeltaEngine:
         try:
             head = self.storage.head_object(bucket, own_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
         else:
             meta = head.get("Metadata", {})
@@ -9665,7 +9844,7 @@ class _DeltaEngine:
                                 continue  # replaced or deleted since the listing: again
                             raise
                         except ClientError as e:
-                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            if _is_not_found(e):
                                 continue  # deleted since the listing
                             raise
                 if not created and not required and _is_compressed_stream(ref_path):
@@ -9866,7 +10045,7 @@ class _DeltaEngine:
             try:
                 self.storage.head_object(bucket, other)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     continue
                 raise
             self.storage.delete_object(bucket, other)
@@ -9883,7 +10062,7 @@ class _DeltaEngine:
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
@@ -9896,7 +10075,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue
             metadata = head.get("Metadata", {})
@@ -9961,7 +10140,7 @@ class _DeltaEngine:
             try:
                 meta = self.storage.head_object(bucket, stored).get("Metadata", {})
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             ref = _meta_get(meta, "ref")
@@ -10028,7 +10207,7 @@ class _DeltaEngine:
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue  # gone already
             try:
@@ -10064,7 +10243,7 @@ class _DeltaEngine:
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             return False  # no reference (any more)
         try:
@@ -10567,6 +10746,94 @@ class _LimitedReader:
         self._f.close()
 
 
+def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
+    """Write a request body (bytes, str or any file object) to a private temp file;
+    returns its path and the digests of the caller's bytes, taken as they are written,
+    never read back from the file: whatever is uploaded from it is checked against
+    these (signed payload hash, the delta's decode check), so a file changed under us
+    fails the upload instead of storing other bytes."""
+    fd, path = _private_tempfile(engine.tmp_dir(), ".body")
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    size = 0
+
+    def write(f: IO[bytes], data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        md5.update(data)
+        size += len(data)
+        f.write(data)
+
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(body, str):
+                write(f, body.encode("utf-8"))
+            elif isinstance(body, (bytes, bytearray, memoryview)):
+                write(f, bytes(body))
+            elif hasattr(body, "read"):
+                while True:
+                    chunk = body.read(_IO_CHUNK)
+                    if not chunk:
+                        break
+                    write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            else:
+                raise ParamValidationError(
+                    report=_type_report(
+                        "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
+                    )
+                )
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _put_object_from_file(
+    engine: _DeltaEngine,
+    path: str,
+    params: Mapping[str, Any],
+    info: _FileInfo | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
+    stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
+    ``info`` holds the digests of the caller's bytes when they were spooled."""
+    # SSE-C: only the customer's key may read it, so no shared reference.
+    delta = False if params.get("SSECustomerKey") is not None else None
+    summary = engine.put_file(
+        path,
+        params["Bucket"],
+        params["Key"],
+        metadata=params.get("Metadata"),
+        headers=_put_headers(params),
+        delta=delta,
+        info=info,
+        on_bytes=on_bytes,
+    )
+    resp = summary.pop("Response")
+    out: dict[str, Any] = {"ETag": summary["ETag"]}
+    for name in ("ServerSideEncryption", "VersionId"):
+        if name in resp:
+            out[name] = resp[name]
+    out["ResponseMetadata"] = _local_metadata(resp)
+    if summary["Operation"]:  # every upload says how it was stored, as 6.x
+        out["DeltaGliderInfo"] = {
+            k: summary[k]
+            for k in (
+                "OriginalSizeMB",
+                "StoredSizeMB",
+                "IsDelta",
+                "CompressionRatio",
+                "SavingsPercent",
+                "StoredAs",
+                "Operation",
+            )
+        }
+        # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
+        if summary.get("ReferenceKey"):
+            out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
+    return out
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10644,53 +10911,13 @@ class DeltaGliderClient:
     def can_paginate(self, operation_name: str) -> bool:
         return operation_name in ("list_objects", "list_objects_v2")
 
-    def _spool(self, body: Any) -> tuple[str, _FileInfo]:
-        """Write a request body (bytes, str or any file object) to a private temp file;
-        returns its path and the digests of the caller's bytes, taken as they are written,
-        never read back from the file: whatever is uploaded from it is checked against
-        these (signed payload hash, the delta's decode check), so a file changed under us
-        fails the upload instead of storing other bytes."""
-        fd, path = _private_tempfile(self.engine.tmp_dir(), ".body")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
-        size = 0
-
-        def write(f: IO[bytes], data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            md5.update(data)
-            size += len(data)
-            f.write(data)
-
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(body, str):
-                    write(f, body.encode("utf-8"))
-                elif isinstance(body, (bytes, bytearray, memoryview)):
-                    write(f, bytes(body))
-                elif hasattr(body, "read"):
-                    while True:
-                        chunk = body.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        write(f, chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-                else:
-                    raise ParamValidationError(
-                        report=_type_report(
-                            "Body", body, "<class 'bytes'>, <class 'bytearray'>, file-like object"
-                        )
-                    )
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
-
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
@@ -10708,53 +10935,9 @@ class DeltaGliderClient:
                         },
                         "PutObject",
                     )
-            return self._put_path(path, kwargs, info)
+            return _put_object_from_file(self.engine, path, kwargs, info)
         finally:
             os.unlink(path)
-
-    def _put_path(
-        self,
-        path: str,
-        params: Mapping[str, Any],
-        info: _FileInfo | None = None,
-        delta: bool | None = None,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
-        if params.get("SSECustomerKey") is not None:
-            delta = False  # only the customer's key may read it: no shared reference
-        summary = self.engine.put_file(
-            path,
-            params["Bucket"],
-            params["Key"],
-            metadata=params.get("Metadata"),
-            headers=_put_headers(params),
-            delta=delta,
-            info=info,
-            on_bytes=on_bytes,
-        )
-        resp = summary.pop("Response")
-        out: dict[str, Any] = {"ETag": summary["ETag"]}
-        for name in ("ServerSideEncryption", "VersionId"):
-            if name in resp:
-                out[name] = resp[name]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        if summary["Operation"]:  # every upload says how it was stored, as 6.x
-            out["DeltaGliderInfo"] = {
-                k: summary[k]
-                for k in (
-                    "OriginalSizeMB",
-                    "StoredSizeMB",
-                    "IsDelta",
-                    "CompressionRatio",
-                    "SavingsPercent",
-                    "StoredAs",
-                    "Operation",
-                )
-            }
-            # Which reference the delta needs (a sibling folder's, with DG_REFERENCES=shared).
-            if summary.get("ReferenceKey"):
-                out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
-        return out
 
     def _logical_response(self, lg: _Logical) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -10940,7 +11123,7 @@ class DeltaGliderClient:
             try:
                 lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 lg = None
             if lg is None:
@@ -11054,7 +11237,7 @@ class DeltaGliderClient:
         os.close(fd)
         try:
             engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -11244,15 +11427,22 @@ class DeltaGliderClient:
         }
         _params("ListObjectsV2", kwargs, allowed, "Bucket")
         got = self._list_logical(kwargs, None)
-        out: dict[str, Any] = _ListResponse(IsTruncated=got["truncated"])
-        out.update(self._list_common(kwargs, got))
-        out["KeyCount"] = len(got["contents"]) + len(got["prefixes"])
-        if kwargs.get("ContinuationToken") is not None:
-            out["ContinuationToken"] = kwargs["ContinuationToken"]  # echoed, even ""
-        if got["next_token"]:
-            out["NextContinuationToken"] = got["next_token"]
-        if kwargs.get("StartAfter"):
-            out["StartAfter"] = self._url_encoded(kwargs, kwargs["StartAfter"])
+        # Keys and prefixes come from the server, encoded by it when the caller asked
+        # EncodingType='url' (the storage then leaves them so); our echoes are encoded here.
+        enc = functools.partial(self._url_encoded, kwargs)
+        page = _list_v2_page(
+            kwargs["Bucket"],
+            enc(kwargs.get("Prefix") or ""),
+            got["max_keys"],
+            got["contents"],
+            [{"Prefix": p["Prefix"]} for p in got["prefixes"]],
+            truncated=got["truncated"],
+            next_token=got["next_token"],
+            delimiter=enc(kwargs.get("Delimiter") or ""),
+            start_after=enc(kwargs.get("StartAfter") or ""),
+            continuation_token=kwargs.get("ContinuationToken"),  # echoed, even ""
+        )
+        out: dict[str, Any] = _ListResponse(page)
         out["ResponseMetadata"] = _local_metadata(got["page"])
         return out
 
@@ -11330,7 +11520,7 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
-        self._put_path(Filename, params, info, on_bytes=on_bytes)
+        _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
         if Callback and sent[0] < info.size:
             Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
 
@@ -11358,7 +11548,7 @@ class DeltaGliderClient:
         Callback: Callable[[int], None] | None = None,
         Config: Any = None,
     ) -> None:
-        path, info = self._spool(Fileobj)
+        path, info = _spool_request_body(self.engine, Fileobj)
         try:
             self._upload_file(path, Bucket, Key, ExtraArgs, Callback, info)
         finally:
@@ -11447,7 +11637,7 @@ class DeltaGliderClient:
         _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
         bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
         body = kwargs.get("Body")
-        path, info = self._spool(body if body is not None else b"")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             with open(path, "rb") as f:  # signed with the hash of what the caller gave
                 etag = self.engine.storage.upload_part(
@@ -11493,7 +11683,7 @@ class DeltaGliderClient:
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
         with resp["Body"] as part:
-            path, info = self._spool(part)
+            path, info = _spool_request_body(self.engine, part)
         try:
             with open(path, "rb") as f:
                 etag = self.engine.storage.upload_part(
@@ -11547,7 +11737,7 @@ class DeltaGliderClient:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = self._put_path(tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -11790,136 +11980,7 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        read = {n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS}
-        methods = {
-            "get_object": (
-                "GET",
-                {"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS} | read,
-            ),
-            "head_object": ("HEAD", {"Bucket", "Key"} | read),
-            "put_object": ("PUT", {"Bucket", "Key"} | _PUT_PARAMS),
-            "delete_object": ("DELETE", {"Bucket", "Key"}),
-            "list_objects_v2": (
-                "GET",
-                {"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"},
-            ),
-        }
-        if ClientMethod not in methods:
-            raise ParamValidationError(
-                report="deltaglider presigns %s; not %r"
-                % (", ".join(sorted(methods)), ClientMethod)
-            )
-        method, allowed = methods[ClientMethod]
-        _check_params(ClientMethod, params, allowed)
-        _require(ClientMethod, params, "Bucket")
-        if not 1 <= int(ExpiresIn) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, ExpiresIn)
-            )
-        storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned URLs need an S3 endpoint, not a local store"
-            )
-        bucket, key = params.pop("Bucket"), params.pop("Key", None)
-        query: list[tuple[str, str]] = []
-        # Header parameters are signed headers the URL's user must send, as botocore signs
-        # them; the Response* overrides and list parameters are query parameters.
-        headers: dict[str, str] = {}
-        if ClientMethod == "put_object":
-            headers = _put_headers(params)
-            headers.update(_metadata_headers(params.get("Metadata")))
-            if params.get("ContentMD5") is not None:
-                headers["Content-MD5"] = str(params["ContentMD5"])
-            if params.get("ContentLength") is not None:
-                headers["Content-Length"] = str(params["ContentLength"])
-        elif ClientMethod in ("get_object", "head_object"):
-            headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
-            if params.get("Range") is not None:
-                headers["Range"] = str(params["Range"])
-            params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
-        if ClientMethod == "get_object" and key is not None:
-            try:
-                lg: _Logical | None = self.engine.head(bucket, key, "HeadObject")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None  # a URL that answers 404, as boto3's would
-            if lg is not None and lg.kind == _Kind.DELTA:
-                key = self._rehydrate(lg, int(ExpiresIn))
-            for name, value in sorted(params.items()):
-                snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
-                if isinstance(value, datetime.datetime):
-                    value = _http_date(value)
-                query.append(("response-" + snake, str(value)))
-        elif ClientMethod == "list_objects_v2":
-            query.append(("list-type", "2"))
-            for name, value in params.items():
-                query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
-        return cast(_S3Storage, storage).presign_url(
-            HttpMethod or method, bucket, key, query, int(ExpiresIn), headers
-        )
-
-    def _rehydrate(self, lg: _Logical, expires: int) -> str:
-        """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
-        "Presigned URLs of delta-stored files"). One copy per key, content and content
-        type, named after them: a later URL reuses it, and a copy that would expire
-        before the new URL is given the later expiry by a server-side copy onto itself
-        (re-sent only where the server refuses that)."""
-        name = lg.key.rsplit("/", 1)[-1]
-        ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
-        tmp_key = "%s%s_%s" % (
-            _PRESIGN_PREFIX,
-            hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
-            name,
-        )
-        engine = self.engine
-        storage = engine.storage
-        until = self._now() + datetime.timedelta(seconds=expires)
-        meta = {
-            "dg-expires-at": _iso_utc(until),
-            "dg-original-key": lg.key,
-            "dg-rehydrated": "true",
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-file-sha256": lg.sha256 or "",
-        }
-        headers = {"Content-Type": lg.content_type}
-        try:
-            head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
-        except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            head = None
-        if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
-            try:
-                lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
-            except ValueError:
-                lives = None
-            if lives is not None and lives >= until:
-                return tmp_key
-            try:
-                storage.copy_object(
-                    lg.bucket,
-                    tmp_key,
-                    lg.bucket,
-                    tmp_key,
-                    metadata={k: _meta_encode(v) for k, v in meta.items()},
-                    metadata_directive="REPLACE",
-                    headers=headers,
-                )
-                return tmp_key
-            except ClientError as e:
-                logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
-        fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
-        os.close(fd)
-        try:
-            engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
-            _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return tmp_key
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
 
     def generate_presigned_post(
         self,
@@ -11931,19 +11992,7 @@ class DeltaGliderClient:
     ) -> dict[str, Any]:
         """A presigned browser-form POST, as boto3's: ``{'url': ..., 'fields': {...}}``."""
         storage = self.engine.storage
-        if getattr(storage, "is_local", False):
-            raise ParamValidationError(
-                report="presigned POSTs need an S3 endpoint, not a local store"
-            )
-        fields = dict(Fields or {})
-        conditions = list(Conditions or [])
-        conditions.append({"bucket": Bucket})
-        if Key.endswith("${filename}"):
-            conditions.append(["starts-with", "$key", Key[: -len("${filename}")]])
-        else:
-            conditions.append({"key": Key})
-        fields["key"] = Key
-        return cast(_S3Storage, storage).presign_post(Bucket, fields, conditions, int(ExpiresIn))
+        return _presigned_post(storage, Bucket, Key, Fields, Conditions, ExpiresIn)
 
     # -- deltaglider extensions ---------------------------------------------------
 
@@ -12191,7 +12240,7 @@ class DeltaGliderClient:
                 self.delete_object(Bucket=Bucket, Key=Prefix)
                 single.append(Prefix)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
             folder = Prefix + "/"
         else:
@@ -12230,7 +12279,7 @@ class DeltaGliderClient:
         lg = self.engine.head(Bucket, key, "HeadObject")
         if lg.kind != _Kind.DELTA:
             return None
-        return self._rehydrate(lg, int(ExpiresIn))
+        return _rehydrated_copy(self.engine, lg, int(ExpiresIn), self._now)
 
     def generate_presigned_url_with_rehydration(
         self, Bucket: str, Key: str, ExpiresIn: int = 3600
@@ -12714,6 +12763,190 @@ def _compute_bucket_stats(
     return stats
 
 
+# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+
+_PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+#: The client methods we presign: their HTTP method and the parameters each takes.
+_PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
+    "get_object": (
+        "GET",
+        frozenset({"Bucket", "Key", "Range"} | {n for n, _, _ in _GET_OVERRIDE_PARAMS})
+        | _PRESIGN_READ_PARAMS,
+    ),
+    "head_object": ("HEAD", frozenset({"Bucket", "Key"}) | _PRESIGN_READ_PARAMS),
+    "put_object": ("PUT", frozenset({"Bucket", "Key"}) | _PUT_PARAMS),
+    "delete_object": ("DELETE", frozenset({"Bucket", "Key"})),
+    "list_objects_v2": (
+        "GET",
+        frozenset({"Bucket", "Prefix", "Delimiter", "MaxKeys", "StartAfter", "ContinuationToken"}),
+    ),
+}
+
+
+def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
+    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    if client_method not in _PRESIGN_METHODS:
+        raise ParamValidationError(
+            report="deltaglider presigns %s; not %r"
+            % (", ".join(sorted(_PRESIGN_METHODS)), client_method)
+        )
+    method, allowed = _PRESIGN_METHODS[client_method]
+    _check_params(client_method, params, allowed)
+    _require(client_method, params, "Bucket")
+    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
+        raise ParamValidationError(
+            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
+            % (_PRESIGN_MAX_EXPIRES, expires)
+        )
+    return method
+
+
+def _presign_headers(
+    client_method: str, params: Mapping[str, Any]
+) -> tuple[dict[str, str], Mapping[str, Any]]:
+    """The headers a URL signs (its user must send them, as botocore signs them), and the
+    parameters left for its query: of a read, only the ``Response*`` overrides."""
+    headers: dict[str, str] = {}
+    if client_method == "put_object":
+        headers = _put_headers(params)
+        headers.update(_metadata_headers(params.get("Metadata")))
+        if params.get("ContentMD5") is not None:
+            headers["Content-MD5"] = str(params["ContentMD5"])
+        if params.get("ContentLength") is not None:
+            headers["Content-Length"] = str(params["ContentLength"])
+    elif client_method in ("get_object", "head_object"):
+        headers = _header_params(params, _READ_HEADER_PARAMS + _CONDITION_PARAMS)
+        if params.get("Range") is not None:
+            headers["Range"] = str(params["Range"])
+        params = {n: v for n, v in params.items() if n.startswith("Response") and v is not None}
+    return headers, params
+
+
+def _presigned_url(
+    engine: _DeltaEngine,
+    client_method: str,
+    params: dict[str, Any],
+    expires: int,
+    http_method: str | None,
+    now: Callable[[], datetime.datetime],
+) -> str:
+    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
+    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
+    method = _presign_method(client_method, params, expires)
+    storage = engine.storage
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
+    bucket, key = params.pop("Bucket"), params.pop("Key", None)
+    query: list[tuple[str, str]] = []
+    headers, rest = _presign_headers(client_method, params)
+    if client_method == "get_object" and key is not None:
+        try:
+            lg: _Logical | None = engine.head(bucket, key, "HeadObject")
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            lg = None  # a URL that answers 404, as boto3's would
+        if lg is not None and lg.kind == _Kind.DELTA:
+            key = _rehydrated_copy(engine, lg, int(expires), now)
+        for name, value in sorted(rest.items()):
+            snake = re.sub(r"(?<!^)([A-Z])", r"-\1", name[len("Response") :]).lower()
+            if isinstance(value, datetime.datetime):
+                value = _http_date(value)
+            query.append(("response-" + snake, str(value)))
+    elif client_method == "list_objects_v2":
+        query.append(("list-type", "2"))
+        for name, value in rest.items():
+            query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
+    return cast(_S3Storage, storage).presign_url(
+        http_method or method, bucket, key, query, int(expires), headers
+    )
+
+
+def _rehydrated_copy(
+    engine: _DeltaEngine, lg: _Logical, expires: int, now: Callable[[], datetime.datetime]
+) -> str:
+    """A rebuilt copy of a delta-stored object for a presigned URL to serve (README,
+    "Presigned URLs of delta-stored files"). One copy per key, content and content
+    type, named after them: a later URL reuses it, and a copy that would expire
+    before the new URL is given the later expiry by a server-side copy onto itself
+    (re-sent only where the server refuses that)."""
+    name = lg.key.rsplit("/", 1)[-1]
+    ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
+    tmp_key = "%s%s_%s" % (
+        _PRESIGN_PREFIX,
+        hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32],
+        name,
+    )
+    storage = engine.storage
+    until = now() + datetime.timedelta(seconds=expires)
+    meta = {
+        "dg-expires-at": _iso_utc(until),
+        "dg-original-key": lg.key,
+        "dg-rehydrated": "true",
+        "dg-created-at": _iso_utc(now()),
+        "dg-file-sha256": lg.sha256 or "",
+    }
+    headers = {"Content-Type": lg.content_type}
+    try:
+        head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
+    except ClientError as e:
+        if not _is_not_found(e):
+            raise
+        head = None
+    if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
+        try:
+            lives = _parse_timestamp(head["Metadata"].get("dg-expires-at", ""))
+        except ValueError:
+            lives = None
+        if lives is not None and lives >= until:
+            return tmp_key
+        try:
+            storage.copy_object(
+                lg.bucket,
+                tmp_key,
+                lg.bucket,
+                tmp_key,
+                metadata={k: _meta_encode(v) for k, v in meta.items()},
+                metadata_directive="REPLACE",
+                headers=headers,
+            )
+            return tmp_key
+        except ClientError as e:
+            logger.info("could not extend %s in place (%s); storing it again", tmp_key, e)
+    fd, path = _private_tempfile(engine.tmp_dir(), ".rehydrate")
+    os.close(fd)
+    try:
+        engine.get_to_file(lg.bucket, lg.key, path, logical=lg)
+        _put_path(storage, lg.bucket, tmp_key, path, metadata=meta, headers=headers)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return tmp_key
+
+
+def _presigned_post(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    given_fields: Mapping[str, str] | None,
+    given_conditions: Sequence[Any] | None,
+    expires: int,
+) -> dict[str, Any]:
+    """generate_presigned_post: the policy names the bucket and the key (or, for a key
+    ending in ``${filename}``, the key's start)."""
+    if getattr(storage, "is_local", False):
+        raise ParamValidationError(report="presigned POSTs need an S3 endpoint, not a local store")
+    fields = dict(given_fields or {})
+    conditions = list(given_conditions or [])
+    conditions.append({"bucket": bucket})
+    if key.endswith("${filename}"):
+        conditions.append(["starts-with", "$key", key[: -len("${filename}")]])
+    else:
+        conditions.append({"key": key})
+    fields["key"] = key
+    return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
 class _StderrHandler(logging.Handler):
     """The handler ``log_level`` adds: each record to the sys.stderr of the moment."""
 
@@ -12876,9 +13109,24 @@ def create_client(
 # S3 gateway: `deltaglider serve` #############################################
 ###############################################################################
 
-#: The gateway's own key pair (clients sign with it); never taken from the command line.
-_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
-_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
+# The gateway speaks S3 to its clients and answers through the boto3-compatible client
+# above, so every object it stores is stored as deltaglider stores it. Its pieces, in
+# order (each after a ``# -- name --`` line):
+#   constants, errors   _GATEWAY_* tables; _S3Reply, an S3 error answer; _s3_reply_from
+#   checksums           _Crc, _Crc32, _CHECKSUMS: the x-amz-checksum-* of uploads
+#   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
+#                       presigned URLs, POST policies with _policy_check), _Signed
+#   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
+#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#   multipart uploads   _completed_parts, _Uploads
+#   metrics             _GatewayMetrics
+#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   object requests     _preconditions (If-*), _object_headers, _put_params
+#   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
+#                       routes, one method per S3 operation), _Share, _GatewayServer
+#                       (sockets, worker slots, deadlines, draining)
+# ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
+
 #: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
 #: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
 _GATEWAY_MAX_SKEW = 15 * 60
@@ -13158,7 +13406,7 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 
 
-# -- requests -------------------------------------------------------------------------
+# -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
 def _raw_query(query: str) -> list[tuple[str, str]]:
@@ -13209,8 +13457,8 @@ class _GatewayUsers:
                         )
                     users[key.strip()] = secret.strip()
         else:
-            key = environ.get(_ENV_GATEWAY_ACCESS_KEY, "").strip()
-            secret = environ.get(_ENV_GATEWAY_SECRET_KEY, "").strip()
+            key = _env_setting(environ, _ENV_GATEWAY_ACCESS_KEY)
+            secret = _env_setting(environ, _ENV_GATEWAY_SECRET_KEY)
             if key and secret:
                 users[key] = secret
         if not users:
@@ -13350,6 +13598,38 @@ class _GatewayAuth:
             return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
         if auth is None:
             raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        fields = self._authorization_fields(auth)
+        credential = self._credential(fields["Credential"], "AuthorizationHeaderMalformed")
+        secret = self._secret(credential[0])
+        timestamp = self._request_time(headers, credential[1])
+        payload = self._payload_mode(headers)
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        canonical_query = _canonical_query(query)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=timestamp,
+            signature=fields["Signature"],
+        )
+
+    @staticmethod
+    def _authorization_fields(auth: str) -> dict[str, str]:
+        """Credential, SignedHeaders and Signature of an ``AWS4-HMAC-SHA256`` header."""
         if not auth.startswith(_SIGV4_ALGORITHM + " "):
             raise _S3Reply(
                 "InvalidRequest",
@@ -13363,10 +13643,11 @@ class _GatewayAuth:
                 fields[name] = value
         if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
             raise _S3Reply("AuthorizationHeaderMalformed")
-        access_key, date, region, service = self._credential(
-            fields["Credential"], "AuthorizationHeaderMalformed"
-        )
-        secret = self._secret(access_key)
+        return fields
+
+    def _request_time(self, headers: Mapping[str, str], date: str) -> str:
+        """The signed request's timestamp (X-Amz-Date, else Date), within the allowed skew
+        and on the credential's ``date``."""
         timestamp = headers.get("x-amz-date", "")
         when = _parse_amz_date(timestamp)
         if when is None and headers.get("date"):
@@ -13382,6 +13663,11 @@ class _GatewayAuth:
                 "The authorization header is malformed; Invalid credential date. Date is not "
                 "the same as X-Amz-Date.",
             )
+        return timestamp
+
+    @staticmethod
+    def _payload_mode(headers: Mapping[str, str]) -> str:
+        """x-amz-content-sha256: a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode."""
         payload = headers.get("x-amz-content-sha256")
         if not payload:
             raise _S3Reply(
@@ -13394,20 +13680,29 @@ class _GatewayAuth:
                     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                     "STREAMING-... or a hex SHA-256 of the body",
                 )
-        signed = [h for h in fields["SignedHeaders"].split(";") if h]
-        if "host" not in signed:
-            raise _S3Reply("AccessDenied", "The host header must be signed.")
-        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
-        if unsigned:
-            raise _S3Reply(
-                "AccessDenied",
-                "There were headers present in the request which were not signed",
-                HeadersNotSigned=", ".join(unsigned),
-            )
+        return payload
+
+    def _match_sigv4(
+        self,
+        method: str,
+        raw_path: str,
+        canonical_query: str,
+        headers: Mapping[str, str],
+        signed: list[str],
+        payload: str,
+        *,
+        secret: str,
+        credential: tuple[str, str, str, str],
+        timestamp: str,
+        signature: str,
+    ) -> _Signed:
+        """The request as SigV4 signs it (canonical request, string to sign), for the path
+        as sent and as botocore would quote it: the _Signed request if one matches the
+        ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
         key = _SIGNING_KEYS.get(secret, date, region, service)
-        canonical_query = _canonical_query(query)
         for uri in self._canonical_uri_candidates(raw_path):
             canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
             sts = "\n".join(
@@ -13419,7 +13714,7 @@ class _GatewayAuth:
                 )
             )
             expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, fields["Signature"]):
+            if hmac.compare_digest(expected, signature):
                 return _Signed(access_key, payload, key, timestamp, scope, expected)
         raise _S3Reply(
             "SignatureDoesNotMatch",
@@ -13582,35 +13877,24 @@ class _GatewayAuth:
         signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
         if "host" not in signed:
             raise _S3Reply("AccessDenied", "The host header must be signed.")
-        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
-        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
-        scope = "%s/%s/%s/aws4_request" % (date, region, service)
-        key = _SIGNING_KEYS.get(secret, date, region, service)
-        for uri in self._canonical_uri_candidates(raw_path):
-            canonical = "\n".join(
-                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
-            )
-            sts = "\n".join(
-                (
-                    _SIGV4_ALGORITHM,
-                    q["X-Amz-Date"],
-                    scope,
-                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-                )
-            )
-            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
-                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
-        raise _S3Reply(
-            "SignatureDoesNotMatch",
-            AWSAccessKeyId=access_key,
-            StringToSign=sts,
-            CanonicalRequest=canonical,
+        canonical_query = _canonical_query((k, v) for k, v in query if k != "X-Amz-Signature")
+        credential = (access_key, date, region, service)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=q["X-Amz-Date"],
+            signature=q["X-Amz-Signature"],
         )
 
 
-# -- request bodies -------------------------------------------------------------------
+# -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
 class _BodyReader:
@@ -13809,6 +14093,67 @@ class _AwsChunked:
         return data
 
 
+class _BodyDigests:
+    """Every digest a request body carries, taken as its bytes arrive and checked at its
+    end: x-amz-content-sha256 (an aws-chunked body's decoded length instead), Content-MD5
+    and one x-amz-checksum-* (a header, or a trailer that x-amz-trailer announces)."""
+
+    def __init__(self, headers: Mapping[str, str], payload: str) -> None:
+        self._headers = headers
+        self._payload = payload
+        self._hashes = _Hashes(md5=True)
+        self._algo: str | None = None
+        for name in _CHECKSUMS:
+            if ("x-amz-checksum-" + name) in headers or headers.get(
+                "x-amz-trailer", ""
+            ).strip().lower() == ("x-amz-checksum-" + name):
+                self._algo = name
+        self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def update(self, data: bytes) -> None:
+        self._hashes.update(data)
+        if self._checksum is not None:
+            self._checksum.update(data)
+
+    def check(self, trailers: Mapping[str, str]) -> _FileInfo:
+        """The body's digests once it is all in, each it was sent with checked."""
+        h = self._headers
+        info = self._hashes.info()
+        if self._payload in _STREAMING_PAYLOADS:
+            declared = int(h["x-amz-decoded-content-length"])
+            if info.size != declared:
+                raise _S3Reply("IncompleteBody")
+        elif self._payload != _UNSIGNED_PAYLOAD and info.sha256 != self._payload:
+            raise _S3Reply(
+                "XAmzContentSHA256Mismatch",
+                ClientComputedContentSHA256=self._payload,
+                S3ComputedContentSHA256=info.sha256,
+            )
+        if "content-md5" in h:
+            try:
+                given = base64.b64decode(h["content-md5"], validate=True)
+            except ValueError:
+                raise _S3Reply("InvalidDigest") from None
+            if len(given) != 16:
+                raise _S3Reply("InvalidDigest")
+            if given != bytes.fromhex(info.md5):
+                raise _S3Reply("BadDigest")
+        if self._checksum is not None and self._algo is not None:
+            algo = self._algo
+            name = "x-amz-checksum-" + algo
+            given_text = h.get(name) or trailers.get(name) or ""
+            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+                raise _S3Reply(
+                    "BadDigest",
+                    "The %s you specified did not match the calculated checksum." % algo.upper(),
+                )
+        return info
+
+
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
@@ -13868,7 +14213,42 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             fields[name] = data.decode("utf-8")
 
 
-# -- multipart uploads ----------------------------------------------------------------
+def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from a browser POST form's fields: x-amz-meta-* and the
+    fields named like PutObject's headers (Content-Type, Cache-Control, ...)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    meta = {}
+    for name, value in fields.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            meta[lname[len("x-amz-meta-") :]] = value
+        for pname, header in _PUT_HEADER_PARAMS:
+            if lname == header.lower():
+                params[pname] = value
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- multipart uploads: parts on local disk until completed ---------------------------
+
+
+def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
+    """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
+    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    wanted: list[tuple[int, str]] = []
+    for part in root.findall("Part"):
+        try:
+            number = int(_xml_text(part, "PartNumber") or "")
+        except ValueError:
+            raise _S3Reply("MalformedXML") from None
+        wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
+    if not wanted:
+        raise _S3Reply("MalformedXML", "You must specify at least one part")
+    numbers = [n for n, _ in wanted]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise _S3Reply("InvalidPartOrder")
+    return wanted
 
 
 class _Uploads:
@@ -13945,6 +14325,34 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
+    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+        """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
+        file in ``folder``, once each is checked: uploaded with that ETag, and all but the
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        have = self.parts(upload_id)
+        for i, (number, etag) in enumerate(wanted):
+            got = have.get(number)
+            if got is None or got["ETag"].strip('"') != etag:
+                raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
+            if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
+                raise _S3Reply(
+                    "EntityTooSmall",
+                    ProposedSize=str(got["Size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                )
+        fd, path = _private_tempfile(folder, ".mpu")
+        hashes = _Hashes(md5=True)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, _ in wanted:
+                    with open(have[number]["path"], "rb") as f:
+                        hashes.read(f, each=out.write)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _Spooled(path, hashes.info())
+
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
@@ -14010,7 +14418,7 @@ class _Uploads:
         return out
 
 
-# -- metrics --------------------------------------------------------------------------
+# -- metrics: GET /metrics ------------------------------------------------------------
 
 
 class _GatewayMetrics:
@@ -14108,7 +14516,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- the gateway ----------------------------------------------------------------------
+# -- XML answers: one writer per S3 response document ---------------------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14346,6 +14754,9 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
     return _xml_doc("ListMultipartUploadsResult", body)
 
 
+# -- object requests: preconditions, answer headers, PutObject parameters -------------
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     tags = [t.strip() for t in header.split(",")]
     bare = etag.strip('"')
@@ -14405,6 +14816,60 @@ _RESPONSE_OVERRIDES = (
 )
 
 
+def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an object answer, from a GetObject/HeadObject response and the
+    query's response-* overrides."""
+    out = {
+        "ETag": str(resp.get("ETag", "")),
+        "Accept-Ranges": "bytes",
+        "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
+    }
+    modified = resp.get("LastModified")
+    if isinstance(modified, datetime.datetime):
+        out["Last-Modified"] = _http_date(modified)
+    for header, name in _GATEWAY_OBJECT_HEADERS:
+        if resp.get(name):
+            out[header] = str(resp[name])
+    expires = resp.get("ExpiresString") or resp.get("Expires")
+    if isinstance(expires, datetime.datetime):
+        expires = _http_date(expires)
+    if expires:
+        out["Expires"] = str(expires)
+    for k, v in (resp.get("Metadata") or {}).items():
+        out["x-amz-meta-" + k] = _meta_encode(str(v))
+    for qname, header in _RESPONSE_OVERRIDES:
+        if q.get(qname):
+            out[header] = q[qname]
+    return out
+
+
+def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    for name, header in _PUT_HEADER_PARAMS:
+        value = h.get(header.lower())
+        if value is None:
+            continue
+        if header == "Content-Encoding":
+            # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
+            value = ",".join(
+                v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
+            )
+            if not value:
+                continue
+        params[name] = value
+    meta = {}
+    for name, value in h.items():
+        if name.startswith("x-amz-meta-"):
+            meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
+    if meta:
+        params["Metadata"] = meta
+    return params
+
+
+# -- the gateway: its state, one connection's handler, the server ---------------------
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -14419,7 +14884,6 @@ class _Gateway:
         request_timeout: float = 3600.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         log: IO[str] | None = None,
-        metrics_public: bool = False,
     ) -> None:
         self.client = client
         self.auth = auth
@@ -14427,8 +14891,8 @@ class _Gateway:
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.metrics = _GatewayMetrics()
-        self.metrics_public = metrics_public
-        self._now = now
+        #: the clock of uploads' times and the access log
+        self.now = now
         self._log = log
         self._log_lock = threading.Lock()
         self.spool_dir = os.path.join(state_dir, "spool")
@@ -14639,7 +15103,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 % (
                     self.client_address[0],
                     _printable(self._access_key),
-                    _iso_utc(gw._now())[:19] + "Z",
+                    _iso_utc(gw.now())[:19] + "Z",
                     _printable(str(self.command)),
                     _printable(shown),
                     self._status,
@@ -14734,13 +15198,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_browser_post(self, bucket: str) -> None:
         """Signed by its policy, inside the form: the body is read before anything
         authenticates it, so only a share of the workers may be doing that at once."""
-        if not self.server.anonymous_bodies.acquire(blocking=False):
+        if not self.server.anonymous_bodies.take():
             self.close_connection = True
             raise _S3Reply("SlowDown")
         try:
             self._post_object(bucket)
         finally:
-            self.server.anonymous_bodies.release()
+            self.server.anonymous_bodies.give_back()
 
     def _refuse_unsupported(self, kind: str) -> None:
         """NotImplemented for a subresource the gateway does not serve (``kind`` is Bucket
@@ -14872,66 +15336,24 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """The request body in a private temp file, every digest it carries checked:
         x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
         reader, _ = self._body(signed, limit)
-        h = self._headers
-        md5, sha = hashlib.md5(), hashlib.sha256()
-        algo = None
-        for name in _CHECKSUMS:
-            if ("x-amz-checksum-" + name) in h or h.get("x-amz-trailer", "").strip().lower() == (
-                "x-amz-checksum-" + name
-            ):
-                algo = name
-        checksum = _CHECKSUMS[algo]() if algo else None
+        digests = _BodyDigests(self._headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
-        size = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 while True:
                     data = reader.read(_IO_CHUNK)
                     if not data:
                         break
-                    size += len(data)
-                    if size > limit:
+                    if digests.size + len(data) > limit:
                         self.close_connection = True
                         raise _S3Reply("EntityTooLarge")
-                    md5.update(data)
-                    sha.update(data)
-                    if checksum is not None:
-                        checksum.update(data)
+                    digests.update(data)
                     f.write(data)
-            if signed.payload in _STREAMING_PAYLOADS:
-                declared = int(h["x-amz-decoded-content-length"])
-                if size != declared:
-                    raise _S3Reply("IncompleteBody")
-            elif signed.payload != _UNSIGNED_PAYLOAD and sha.hexdigest() != signed.payload:
-                raise _S3Reply(
-                    "XAmzContentSHA256Mismatch",
-                    ClientComputedContentSHA256=signed.payload,
-                    S3ComputedContentSHA256=sha.hexdigest(),
-                )
-            if "content-md5" in h:
-                try:
-                    given = base64.b64decode(h["content-md5"], validate=True)
-                except ValueError:
-                    raise _S3Reply("InvalidDigest") from None
-                if len(given) != 16:
-                    raise _S3Reply("InvalidDigest")
-                if given != md5.digest():
-                    raise _S3Reply("BadDigest")
-            if checksum is not None and algo is not None:
-                trailers = getattr(reader, "trailers", {})
-                given_text = h.get("x-amz-checksum-" + algo) or trailers.get(
-                    "x-amz-checksum-" + algo, ""
-                )
-                if base64.b64encode(checksum.digest()).decode() != given_text.strip():
-                    raise _S3Reply(
-                        "BadDigest",
-                        "The %s you specified did not match the calculated checksum."
-                        % algo.upper(),
-                    )
+            info = digests.check(getattr(reader, "trailers", {}))
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size))
+        return _Spooled(path, info)
 
     def _small_body(self, signed: _Signed) -> bytes:
         spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
@@ -15046,30 +15468,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- objects ------------------------------------------------------------------
 
-    def _object_headers(self, resp: Mapping[str, Any]) -> dict[str, str]:
-        out = {
-            "ETag": str(resp.get("ETag", "")),
-            "Accept-Ranges": "bytes",
-            "Content-Type": str(resp.get("ContentType") or "binary/octet-stream"),
-        }
-        modified = resp.get("LastModified")
-        if isinstance(modified, datetime.datetime):
-            out["Last-Modified"] = _http_date(modified)
-        for header, name in _GATEWAY_OBJECT_HEADERS:
-            if resp.get(name):
-                out[header] = str(resp[name])
-        expires = resp.get("ExpiresString") or resp.get("Expires")
-        if isinstance(expires, datetime.datetime):
-            expires = _http_date(expires)
-        if expires:
-            out["Expires"] = str(expires)
-        for k, v in (resp.get("Metadata") or {}).items():
-            out["x-amz-meta-" + k] = _meta_encode(str(v))
-        for qname, header in _RESPONSE_OVERRIDES:
-            if self._q.get(qname):
-                out[header] = self._q[qname]
-        return out
-
     def _get_object(self, bucket: str, key: str, head: bool) -> None:
         self._operation = "HeadObject" if head else "GetObject"
         client = self.server.gateway.client
@@ -15091,14 +15489,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             if verdict == "failed":
                 raise _S3Reply("PreconditionFailed", Condition="If-Match")
             if verdict == "not-modified":
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 keep = {"ETag", "Last-Modified", "Cache-Control", "Expires"}
                 self._send(
                     304, headers={k: v for k, v in headers.items() if k in keep}, content_type=None
                 )
                 return
             if head:
-                headers = self._object_headers(info)
+                headers = _object_headers(info, self._q)
                 rng = h.get("range")
                 size = int(info.get("ContentLength", 0))
                 try:
@@ -15118,7 +15516,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         resp = client.get_object(**params)
         body = resp["Body"]
         try:
-            headers = self._object_headers(resp)
+            headers = _object_headers(resp, self._q)
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
@@ -15137,30 +15535,6 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
-    def _put_params(self, bucket: str, key: str) -> dict[str, Any]:
-        """boto3 PutObject parameters from the request headers."""
-        h = self._headers
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        for name, header in _PUT_HEADER_PARAMS:
-            value = h.get(header.lower())
-            if value is None:
-                continue
-            if header == "Content-Encoding":
-                # aws-chunked is the transfer framing, not the object's encoding (S3 docs)
-                value = ",".join(
-                    v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked"
-                )
-                if not value:
-                    continue
-            params[name] = value
-        meta = {}
-        for name, value in h.items():
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-") :]] = _meta_decode(value)
-        if meta:
-            params["Metadata"] = meta
-        return params
-
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -15178,7 +15552,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     content_sha256=spooled.info.sha256,
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = client._put_path(spooled.path, params, spooled.info)
+        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -15191,7 +15565,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         if "if-none-match" in self._headers or "if-match" in self._headers:
             raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15230,7 +15604,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 "without changing the object's metadata, storage class, website redirect "
                 "location or encryption attributes.",
             )
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         if directive == "COPY":
             for name in (
                 "Metadata",
@@ -15292,18 +15666,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             os.unlink(raw.path)
         try:
-            params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            meta = {}
-            for name, value in fields.items():
-                lname = name.lower()
-                if lname.startswith("x-amz-meta-"):
-                    meta[lname[len("x-amz-meta-") :]] = value
-                for pname, header in _PUT_HEADER_PARAMS:
-                    if lname == header.lower():
-                        params[pname] = value
-            if meta:
-                params["Metadata"] = meta
-            result = self._store(_Spooled(path, info), params)
+            result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
         status = fields.get("success_action_status", "204")
@@ -15326,12 +15689,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
-        params = self._put_params(bucket, key)
+        params = _put_params(self._headers, bucket, key)
         record = {
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
-            "Initiated": _iso_utc(gw._now()),
+            "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
         }
         upload_id = gw.uploads.create(record)
@@ -15362,7 +15725,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.uploads.record(bucket, key, upload_id)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
@@ -15399,48 +15762,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        root = self._xml_body(signed)
-        wanted: list[tuple[int, str]] = []
-        for part in root.findall("Part"):
-            try:
-                number = int(_xml_text(part, "PartNumber") or "")
-            except ValueError:
-                raise _S3Reply("MalformedXML") from None
-            wanted.append((number, (_xml_text(part, "ETag") or "").strip().strip('"')))
-        if not wanted:
-            raise _S3Reply("MalformedXML", "You must specify at least one part")
-        numbers = [n for n, _ in wanted]
-        if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-            raise _S3Reply("InvalidPartOrder")
+        wanted = _completed_parts(self._xml_body(signed))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
                 return self._complete_answer(bucket, key, done)
             rec = gw.uploads.record(bucket, key, upload_id)
-            have = gw.uploads.parts(upload_id)
-            for i, (number, etag) in enumerate(wanted):
-                got = have.get(number)
-                if got is None or got["ETag"].strip('"') != etag:
-                    raise _S3Reply("InvalidPart", PartNumber=str(number), UploadId=upload_id)
-                if i < len(wanted) - 1 and got["Size"] < _MIN_PART_SIZE:
-                    raise _S3Reply(
-                        "EntityTooSmall",
-                        ProposedSize=str(got["Size"]),
-                        MinSizeAllowed=str(_MIN_PART_SIZE),
-                        PartNumber=str(number),
-                    )
-            fd, path = _private_tempfile(gw.spool_dir, ".mpu")
-            hashes = _Hashes(md5=True)
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    for number, _ in wanted:
-                        with open(have[number]["path"], "rb") as f:
-                            hashes.read(f, each=out.write)
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
-                spooled = _Spooled(path, hashes.info())
                 result = self._store(spooled, params)
             finally:
-                os.unlink(path)
+                os.unlink(spooled.path)
             gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
         self._complete_answer(bucket, key, result["ETag"])
 
@@ -15453,6 +15786,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("ETag", etag)
         )
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+
+
+class _Share:
+    """How many requests of one kind are being served, up to ``limit``: taking a place
+    never waits (past the limit a request is refused, not queued); ``in_use`` says how
+    many places are taken now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -15489,7 +15844,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(workers)
         #: Browser POST uploads read their body before their policy authenticates them:
         #: at most a quarter of the workers do that at once.
-        self.anonymous_bodies = threading.BoundedSemaphore(max(1, workers // 4))
+        self.anonymous_bodies = _Share(max(1, workers // 4))
         self._max_conns = workers + (max_waiting or max(256, 4 * workers))
         self._running = 0  # connection threads running
         #: handler -> busy (serving a request), oldest state change first
@@ -16338,7 +16693,7 @@ class _Cli:
                     "upload failed: - to %s a key is needed when uploading from stdin" % dst
                 )
             stdin = getattr(sys.stdin, "buffer", sys.stdin)
-            path, info = self.client._spool(stdin)
+            path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
                 params = self.put_args()
@@ -17230,98 +17585,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17329,7 +17685,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17338,7 +17696,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17360,14 +17720,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17375,28 +17743,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17458,9 +17833,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17474,6 +17853,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17513,26 +17983,6 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self._redact(record.stack_info)
         return True
-
-
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
 
 
 def main(
@@ -17583,7 +18033,7 @@ def main(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
