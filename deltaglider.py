@@ -3326,8 +3326,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
@@ -3439,7 +3438,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
