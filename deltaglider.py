@@ -2740,83 +2740,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3334,6 +3257,83 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
