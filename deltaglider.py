@@ -14748,7 +14748,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
