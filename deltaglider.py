@@ -12883,7 +12883,8 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
