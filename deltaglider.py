@@ -13116,7 +13116,8 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
@@ -13900,7 +13901,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14978,7 +14981,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -15290,7 +15293,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15348,7 +15351,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
