@@ -1964,6 +1964,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1998,73 +2070,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
@@ -2729,83 +2752,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3315,8 +3261,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
@@ -3324,6 +3269,83 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
@@ -3371,6 +3393,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3384,7 +3450,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
@@ -3825,44 +3891,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3873,23 +3904,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
@@ -6016,6 +6063,226 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
+###############################################################################
+
+#: Error codes that mean "no such object": a HEAD has no body, so only its status
+#: (404); a GET or the local store say NoSuchKey; some servers answer NotFound.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    """Whether a storage error says the object asked for is not there."""
+    return error.response["Error"]["Code"] in _NOT_FOUND_CODES
+
+
+_REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
+_DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return _meta_decode(value)
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+        return value
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+###############################################################################
 # VCDIFF decoder: reading deltas without xdelta3 ##############################
 ###############################################################################
 
@@ -7769,17 +8036,8 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
     (32769, b"CD001"),  # ISO 9660
 )
 
-_REFERENCE_NAME = "reference.bin"
-#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
-#: never shown as user objects.
-_INTERNAL_PREFIX = ".deltaglider/"
-_DELTA_SUFFIX = ".delta"
 #: Media already compressed past what any delta finds (estimate_compression, as 6.x).
 _INCOMPRESSIBLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".mp4", ".mp3", ".avi", ".mov"})
-#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
-#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
-#: folders that use them, where deleting one version folder (by any tool) cannot take them.
-_REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
@@ -7787,16 +8045,12 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
-#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
-_MAX_SHARED_REF_KEY = 200
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
-#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
-_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7823,177 +8077,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
 
-#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
-_META_ALIASES: dict[str, tuple[str, ...]] = {
-    "tool": ("dg-tool", "dg_tool", "tool"),
-    "original_name": (
-        "dg-original-name",
-        "dg_original_name",
-        "original_name",
-        "original-name",
-        "dg-source-name",
-        "source_name",
-        "source-name",
-    ),
-    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
-    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
-    "md5": ("dg-md5", "dg_md5"),
-    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
-    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
-    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
-    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
-    "note": ("dg-note", "dg_note", "note"),
-    "compression": ("dg-compression", "dg_compression", "compression"),
-    "codec": ("dg-codec",),
-    "xref_sha256": ("dg-xref-sha256",),
-    "expanded_size": ("dg-expanded-size",),
-}
-_USER_META_PREFIX = "user-"
-_CONTENT_TYPE_META = "content-type"
-#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
-_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
-    "dg-delta-cmd",
-    "dg_delta_cmd",
-    "delta_cmd",
-    "delta-cmd",
-    "dg-mtime",
-    _CONTENT_TYPE_META,
-}
-
-
-def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
-    for name in _META_ALIASES[field]:
-        value = metadata.get(name)
-        if value:
-            return _meta_decode(value)
-    return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
-    (FORMAT.md), and so is a value holding a control character (a file named
-    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
-    checking the signature (Swift: SignatureDoesNotMatch)."""
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
-    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    """The inverse of _meta_encode: a value is decoded only when it decodes to something
-    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
-    value anyone wrote (``100%41``) stays as it is."""
-    if "%" not in value:
-        return value
-    try:
-        decoded = urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
-    return decoded if encoded else value
-
-
-class _Kind:
-    REFERENCE = "reference"
-    DELTA = "delta"
-    DIRECT = "direct"
-    FOREIGN = "foreign"
-
-
-def _classify(key: str, metadata: Mapping[str, str]) -> str:
-    """What a stored object is, in FORMAT.md's order."""
-    note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return _Kind.REFERENCE
-    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
-        return _Kind.DELTA
-    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
-        return _Kind.DIRECT
-    if _meta_get(metadata, "file_sha256") is None:
-        return _Kind.FOREIGN
-    return _Kind.DIRECT
-
-
-def _deltaspace(key: str) -> str:
-    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
-    return key.rpartition("/")[0]
-
-
-def _reference_key(deltaspace: str) -> str:
-    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
-
-
-def _logical_key(stored: str) -> str | None:
-    """The one logical key a stored name belongs to; None for what is never shown as an
-    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
-
-    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
-    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
-    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
-    always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
-        return None
-    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-
-
-def _stored_forms(key: str) -> tuple[str, ...]:
-    """The names a logical key may be stored under, in the order readers try them: the
-    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
-    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
-    return (key, key + _DELTA_SUFFIX)
-
-
-def _delta_only(key: str) -> bool:
-    """Keys that cannot be stored plain: their plain name is another key's delta."""
-    return key.endswith(_DELTA_SUFFIX)
-
-
-def _parent_space(space: str) -> str:
-    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
-    top-level folder and the root → the root."""
-    return space.rpartition("/")[0]
-
-
-def _refs_prefix(parent: str) -> str:
-    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
-
-
-def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
-    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
-    that key would be too long for a metadata value."""
-    parent = _parent_space(space)
-    folder = space[len(parent) + 1 :] if parent else space
-    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
-    # decoded on read, as every metadata value: so the key itself keeps the names as they
-    # are (a key already percent-encoded would be decoded into another key on read).
-    rel = folder + "/" + name if space else name
-    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
-
-
-def _is_shared_ref(key: str) -> bool:
-    return key.endswith("/" + _REFERENCE_NAME) and (
-        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
-    )
-
-
-def _shared_ref_parent(key: str) -> str:
-    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
-
-
-def _shared_ref_source(key: str) -> str:
-    """The logical key of the file a shared reference was made from."""
-    parent = _shared_ref_parent(key)
-    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
-    return parent + "/" + rel if parent else rel
-
-
-def _is_internal(key: str) -> bool:
-    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
-    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
-
 
 def _name_class(name: str, other: str) -> int:
     """How alike two file names are: 3 the same; 2 the same but for version numbers
@@ -8004,27 +8087,6 @@ def _name_class(name: str, other: str) -> int:
         return 2
     ext = name.rpartition(".")[2].lower() if "." in name else None
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
-
-
-def _resolve_ref_key(delta_key: str, ref: str) -> str:
-    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
-    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
-    if "/" in ref:
-        return ref
-    space = _deltaspace(delta_key)
-    return space + "/" + ref if space else ref
-
-
-def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
-    any non-deltaglider key written by another tool."""
-    out: dict[str, str] = {}
-    for name, value in metadata.items():
-        if name.startswith(_USER_META_PREFIX):
-            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
-        elif name not in _INTERNAL_META and not name.startswith("dg-"):
-            out.setdefault(name, value)
-    return out
 
 
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
@@ -8128,14 +8190,16 @@ class _MemoryBudget:
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
-    (the original tool cannot return any .tar.gz it stored)."""
+    (the original tool cannot return any .tar.gz it stored).
+
+    The program is ``binary``, else $DG_XDELTA3, else ``xdelta3`` on ``environ``'s PATH:
+    that is the seam tests use (a fake executable on a PATH of its own)."""
 
     def __init__(
         self,
         binary: str | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
-        run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
@@ -8143,7 +8207,6 @@ class _XDelta3:
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
-        self._run = run
         self._path: str | None = None
         self.decoder: str
         if decoder is None:
@@ -8160,18 +8223,6 @@ class _XDelta3:
                 raise XDelta3NotFoundError(self._name)
             self._path = found
         return self._path
-
-    def _call(self, args: list[str], memory: int) -> None:
-        cmd = [self.path(), *args]
-        try:
-            with self._slots, self.memory.hold(memory):
-                proc = self._run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-        except OSError as e:
-            raise XDelta3Error(cmd, -1, str(e)) from e
-        if proc.returncode != 0:
-            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
 
     @staticmethod
     def window(source_size: int) -> int:
@@ -8198,10 +8249,6 @@ class _XDelta3:
             target,
             out,
         ]
-
-    def encode(self, source: str, target: str, out: str) -> None:
-        plan = _encode_plan(os.path.getsize(source), self.memory.total)
-        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -9004,7 +9051,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     relabelled = _as_operation(e, operation)
                     if relabelled is e:
                         raise
@@ -9413,7 +9460,7 @@ class _DeltaEngine:
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(e):
                 return False
             raise
         return True
@@ -9533,7 +9580,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
@@ -9596,7 +9643,7 @@ class _DeltaEngine:
                         continue
                     raise
                 except ClientError as e:
-                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    if not _is_not_found(e):
                         raise
                     # Deleted between our HEAD and GET: the folder's last file was
                     # removed meanwhile, and its reference with it. Look once more (this
@@ -9694,7 +9741,7 @@ class _DeltaEngine:
         try:
             head = self.storage.head_object(bucket, own_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
         else:
             meta = head.get("Metadata", {})
@@ -9806,7 +9853,7 @@ class _DeltaEngine:
                                 continue  # replaced or deleted since the listing: again
                             raise
                         except ClientError as e:
-                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            if _is_not_found(e):
                                 continue  # deleted since the listing
                             raise
                 if not created and not required and _is_compressed_stream(ref_path):
@@ -10007,7 +10054,7 @@ class _DeltaEngine:
             try:
                 self.storage.head_object(bucket, other)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     continue
                 raise
             self.storage.delete_object(bucket, other)
@@ -10024,7 +10071,7 @@ class _DeltaEngine:
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
@@ -10037,7 +10084,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue
             metadata = head.get("Metadata", {})
@@ -10102,7 +10149,7 @@ class _DeltaEngine:
             try:
                 meta = self.storage.head_object(bucket, stored).get("Metadata", {})
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             ref = _meta_get(meta, "ref")
@@ -10169,7 +10216,7 @@ class _DeltaEngine:
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue  # gone already
             try:
@@ -10205,7 +10252,7 @@ class _DeltaEngine:
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             return False  # no reference (any more)
         try:
@@ -11081,7 +11128,7 @@ class DeltaGliderClient:
             try:
                 lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 lg = None
             if lg is None:
@@ -12198,7 +12245,7 @@ class DeltaGliderClient:
                 self.delete_object(Bucket=Bucket, Key=Prefix)
                 single.append(Prefix)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
             folder = Prefix + "/"
         else:
@@ -12801,7 +12848,7 @@ def _presigned_url(
         try:
             lg: _Logical | None = engine.head(bucket, key, "HeadObject")
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             lg = None  # a URL that answers 404, as boto3's would
         if lg is not None and lg.kind == _Kind.DELTA:
@@ -12848,7 +12895,7 @@ def _rehydrated_copy(
     try:
         head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
     except ClientError as e:
-        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+        if not _is_not_found(e):
             raise
         head = None
     if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
@@ -13075,7 +13122,8 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
@@ -13859,7 +13907,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14937,7 +14987,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -15249,7 +15299,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15307,7 +15357,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
@@ -17543,98 +17593,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17642,7 +17693,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17651,7 +17704,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17673,14 +17728,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17688,28 +17751,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17771,9 +17841,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17787,6 +17861,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17826,26 +17991,6 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self._redact(record.stack_info)
         return True
-
-
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
 
 
 def main(
@@ -17896,7 +18041,7 @@ def main(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
