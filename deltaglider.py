@@ -140,6 +140,7 @@ _UNSIGNED_HEADERS = frozenset(
     }
 )
 _PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+#: Files and bodies are read, hashed, copied and spooled in pieces of this size.
 _IO_CHUNK = 1024 * 1024
 
 #: botocore standard retry mode: transient errors and throttling (retries/standard.py).
@@ -198,7 +199,8 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 
-#: Environment variables read by deltaglider itself (AWS_* ones are in the config section).
+#: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
+#: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
 _ENV_MAX_RATIO = "DG_MAX_RATIO"
 _ENV_CACHE_DIR = "DG_CACHE_DIR"
 _ENV_XDELTA3 = "DG_XDELTA3"
@@ -222,6 +224,9 @@ _DEFAULT_CACHE_MAX = 4 * 1024**3
 _ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
 _DEFAULT_MEMORY_LIMIT = 600 * 1000**2
 _MIN_MEMORY_LIMIT = 256 * 1000**2
+#: The gateway's own key pair (clients sign with it); never taken from the command line.
+_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
+_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -583,6 +588,8 @@ class XDelta3NotFoundError(DeltaGliderError):
 # Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
+# -- dates and times --
+
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
@@ -702,6 +709,9 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
     return True
 
 
+# -- text: HTTP dates, URL quoting, sizes, XML --
+
+
 def _http_date(dt: datetime.datetime) -> str:
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -775,6 +785,9 @@ def _xml_escape(text: str) -> str:
         .replace('"', "&quot;")
         .replace("'", "&apos;")
     )
+
+
+# -- files: hashing, spooling, temp files, slices of a file --
 
 
 class _FileInfo(NamedTuple):
@@ -949,6 +962,9 @@ def _body_length(body: Any) -> int | None:
     return None
 
 
+# -- S3 URLs, bucket names and keys --
+
+
 class _S3Url(NamedTuple):
     bucket: str
     key: str
@@ -1080,6 +1096,21 @@ def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
     return value
 
 
+def _parse_path(text: str, name: str) -> str:
+    """A path or a program's name, taken as written."""
+    return text
+
+
+def _parse_text(text: str, name: str) -> str:
+    """A word such as an access key, without the spaces around it."""
+    return text.strip()
+
+
+def _parse_list(text: str, name: str) -> tuple[str, ...]:
+    """Comma-separated words, each without the spaces around it; empty ones are dropped."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _parse_bool(text: str, name: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE_WORDS:
@@ -1111,7 +1142,7 @@ _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
 _REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
-#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+#: Every DG_* variable deltaglider reads.
 _DG_SETTINGS: dict[str, _Setting] = {
     _ENV_MAX_RATIO: _Setting(
         functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
@@ -1127,6 +1158,11 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+    _ENV_DELTA_EXTENSIONS: _Setting(_parse_list, ()),
+    _ENV_XDELTA3: _Setting(_parse_path, None),
+    _ENV_CACHE_DIR: _Setting(_parse_path, None),
+    _ENV_GATEWAY_ACCESS_KEY: _Setting(_parse_text, ""),
+    _ENV_GATEWAY_SECRET_KEY: _Setting(_parse_text, ""),
 }
 
 
@@ -1928,6 +1964,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1962,73 +2070,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
@@ -2693,83 +2752,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3205,6 +3187,45 @@ def _range_to_send(spec: str | None, size: int) -> str | None:
     return None if span is None else "bytes=%d-%d" % span
 
 
+def _list_v2_page(
+    bucket: str,
+    prefix: str,
+    max_keys: int,
+    contents: list[dict[str, Any]],
+    prefixes: list[dict[str, Any]],
+    *,
+    truncated: bool = False,
+    next_token: str | None = None,
+    delimiter: str = "",
+    start_after: str = "",
+    continuation_token: str | None = None,
+) -> dict[str, Any]:
+    """One ListObjectsV2 page as boto3 parses S3's reply, members in its order: no
+    ``Contents``/``CommonPrefixes`` when there are none, ``KeyCount`` counting both,
+    ``ContinuationToken`` echoed when given (even empty), ``EncodingType`` url (both back
+    ends ask for it). The one builder: the local store's pages and the client's logical
+    pages take this shape, and the gateway writes its XML from the client's."""
+    out: dict[str, Any] = {"IsTruncated": truncated}
+    if contents:
+        out["Contents"] = contents
+    out["Name"] = bucket
+    out["Prefix"] = prefix
+    if delimiter:
+        out["Delimiter"] = delimiter
+    out["MaxKeys"] = max_keys
+    if prefixes:
+        out["CommonPrefixes"] = prefixes
+    out["EncodingType"] = "url"
+    out["KeyCount"] = len(contents) + len(prefixes)
+    if continuation_token is not None:
+        out["ContinuationToken"] = continuation_token
+    if next_token:
+        out["NextContinuationToken"] = next_token
+    if start_after:
+        out["StartAfter"] = start_after
+    return out
+
+
 def _pages(
     fetch: Callable[[str | None], dict[str, Any]],
     next_token: Callable[[dict[str, Any]], str | None],
@@ -3240,8 +3261,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
@@ -3249,6 +3269,83 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
@@ -3296,6 +3393,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3309,7 +3450,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
@@ -3750,44 +3891,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3798,23 +3904,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
@@ -5222,39 +5344,13 @@ class _LocalStorage:
                 ArgumentName="maxKeys",
                 ArgumentValue=str(max_keys),
             )
-        marker: bytes | None = start_after.encode("utf-8") if start_after else None
-        last_prefix: str | None = None
-        if continuation_token:
-            try:
-                decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
-                kind, value = decoded[:1], decoded[1:].decode("utf-8")
-                if kind not in (b"K", b"P"):
-                    raise ValueError(kind)
-            except (ValueError, UnicodeError):
-                raise self._error(
-                    op,
-                    400,
-                    "InvalidArgument",
-                    Message="The continuation token provided is incorrect",
-                    ArgumentName="continuation-token",
-                ) from None
-            marker = value.encode("utf-8")
-            last_prefix = value if kind == b"P" else None
-        items: list[tuple[bytes, str, dict[str, Any]]] = []
-        objects_dir = os.path.join(bdir, ".dg-objects")
-        for shard in os.listdir(objects_dir):
-            for key, record in self._index(os.path.join(objects_dir, shard)).items():
-                if key.startswith(prefix):
-                    encoded = key.encode("utf-8")
-                    if marker is None or encoded > marker:
-                        items.append((encoded, key, record))
-        items.sort(key=lambda item: item[0])
+        marker, last_prefix = self._list_start(continuation_token, start_after)
         page = min(max_keys, 1000)
         contents: list[dict[str, Any]] = []
-        prefixes: list[dict[str, str]] = []
+        prefixes: list[dict[str, Any]] = []
         last = ""
         truncated = False
-        for _, key, record in items:
+        for key, record in self._keys_after(bdir, prefix, marker):
             common = None
             if delimiter:
                 at = key.find(delimiter, len(prefix))
@@ -5280,28 +5376,58 @@ class _LocalStorage:
                     }
                 )
                 last = self._token("K", key)
-        out: dict[str, Any] = {
-            "IsTruncated": truncated,
-            "Name": bucket,
-            "Prefix": prefix,
-            "MaxKeys": max_keys,
-            "KeyCount": len(contents) + len(prefixes),
-        }
-        if contents:
-            out["Contents"] = contents
-        if prefixes:
-            out["CommonPrefixes"] = prefixes
-        if delimiter:
-            out["Delimiter"] = delimiter
-        if start_after:
-            out["StartAfter"] = start_after
-        if continuation_token:
-            out["ContinuationToken"] = continuation_token
-        if truncated:
-            out["NextContinuationToken"] = last
-        out["EncodingType"] = "url"  # _S3Storage always asks for it and S3 echoes it
+        out = _list_v2_page(
+            bucket,
+            prefix,
+            max_keys,
+            contents,
+            prefixes,
+            truncated=truncated,
+            next_token=last if truncated else None,
+            delimiter=delimiter,
+            start_after=start_after or "",
+            continuation_token=continuation_token or None,
+        )
         out["ResponseMetadata"] = self._meta(200)
         return out
+
+    def _list_start(
+        self, continuation_token: str | None, start_after: str | None
+    ) -> tuple[bytes | None, str | None]:
+        """Where a page starts: (the UTF-8 key it lists past, the common prefix it
+        already gave), from the token of the page before, else from ``start_after``."""
+        if not continuation_token:
+            return (start_after.encode("utf-8") if start_after else None), None
+        try:
+            decoded = base64.urlsafe_b64decode(continuation_token.encode("ascii"))
+            kind, value = decoded[:1], decoded[1:].decode("utf-8")
+            if kind not in (b"K", b"P"):
+                raise ValueError(kind)
+        except (ValueError, UnicodeError):
+            raise self._error(
+                "ListObjectsV2",
+                400,
+                "InvalidArgument",
+                Message="The continuation token provided is incorrect",
+                ArgumentName="continuation-token",
+            ) from None
+        return value.encode("utf-8"), (value if kind == b"P" else None)
+
+    def _keys_after(
+        self, bdir: str, prefix: str, marker: bytes | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of every key under ``prefix`` past ``marker``, in UTF-8 byte
+        order as S3 sorts them."""
+        items: list[tuple[bytes, str, dict[str, Any]]] = []
+        objects_dir = os.path.join(bdir, ".dg-objects")
+        for shard in os.listdir(objects_dir):
+            for key, record in self._index(os.path.join(objects_dir, shard)).items():
+                if key.startswith(prefix):
+                    encoded = key.encode("utf-8")
+                    if marker is None or encoded > marker:
+                        items.append((encoded, key, record))
+        items.sort(key=lambda item: item[0])
+        return [(key, record) for _, key, record in items]
 
     # -- multipart ------------------------------------------------------------
 
@@ -5937,6 +6063,226 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
+###############################################################################
+
+#: Error codes that mean "no such object": a HEAD has no body, so only its status
+#: (404); a GET or the local store say NoSuchKey; some servers answer NotFound.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    """Whether a storage error says the object asked for is not there."""
+    return error.response["Error"]["Code"] in _NOT_FOUND_CODES
+
+
+_REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
+_DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return _meta_decode(value)
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+        return value
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+###############################################################################
 # VCDIFF decoder: reading deltas without xdelta3 ##############################
 ###############################################################################
 
@@ -6533,9 +6879,14 @@ class _LZMA:
 #: negative so one comparison tells a copy from the rest.
 _ADD = -1
 _RUN = -2
+#: Address modes (RFC 3284 section 5.3): VCD_SELF (the address as written), VCD_HERE (back
+#: from the current position), then the near modes and the same modes.
+_VCD_SELF = 0
+_VCD_HERE = 1
+_NEAR_START = 2
 _NEAR_MODES = 4  # RFC 3284 section 5.1: s_near = 4, s_same = 3 for the default table
 _SAME_MODES = 3
-_SAME_START = 2 + _NEAR_MODES
+_SAME_START = _NEAR_START + _NEAR_MODES
 _SAME_SIZE = _SAME_MODES * 256
 _MIN_MATCH = 4
 
@@ -6559,6 +6910,49 @@ def _rfc3284_code_table() -> tuple[tuple[tuple[int, int], ...], ...]:
 _CODE_TABLE = _rfc3284_code_table()
 
 
+class _AddressCache:
+    """A window's copy addresses (RFC 3284 sections 5.1-5.3): the address section they
+    are read from, and the near and same caches they are coded against."""
+
+    __slots__ = ("addr", "near", "pos", "same", "slot")
+
+    def __init__(self, addr: bytes) -> None:
+        self.addr = addr
+        self.pos = 0  # the next byte of the address section
+        self.near = [0] * _NEAR_MODES
+        self.slot = 0  # the near cache's next slot
+        self.same = [0] * _SAME_SIZE
+
+    def decode(self, mode: int, here: int) -> int:
+        """The address of a COPY in address ``mode``, ``here`` being the address of the
+        next byte written; both caches then remember it. A section that ends early
+        raises IndexError, which the caller reports."""
+        addr = self.addr
+        ap = self.pos
+        if mode < _SAME_START:
+            a = addr[ap]
+            ap += 1
+            if a & 0x80:  # two-byte addresses inline, longer ones call
+                b = addr[ap]
+                if b & 0x80:
+                    a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
+                else:
+                    a = (a & 0x7F) << 7 | b
+                    ap += 1
+            if mode == _VCD_HERE:
+                a = here - a
+            elif mode != _VCD_SELF:
+                a += self.near[mode - _NEAR_START]
+        else:
+            a = self.same[(mode - _SAME_START) * 256 + addr[ap]]
+            ap += 1
+        self.pos = ap
+        self.near[self.slot] = a
+        self.slot = (self.slot + 1) & 3  # _NEAR_MODES is 4
+        self.same[a % _SAME_SIZE] = a
+        return a
+
+
 def _run_window(
     inst: bytes, data: bytes, addr: bytes, seg: Any, cpylen: int, tgtlen: int
 ) -> bytearray:
@@ -6568,10 +6962,8 @@ def _run_window(
     checked against what exists before it is used, as xd3_decode_parse_halfinst does."""
     table = _CODE_TABLE
     out = bytearray()
-    near = [0] * _NEAR_MODES
-    slot = 0
-    same = [0] * _SAME_SIZE
-    ip = dp = ap = 0
+    addresses = _AddressCache(addr)
+    ip = dp = 0
     ilen, dlen = len(inst), len(data)
     here = cpylen  # the address of the next byte to write
     end = cpylen + tgtlen
@@ -6592,27 +6984,8 @@ def _run_window(
                             ip += 1
                 if here + size > end:
                     raise _VCDiffError("corrupt delta: instruction writes past the window")
-                if kind >= 0:  # COPY: decode the address (RFC 3284 section 5.3)
-                    if kind < _SAME_START:
-                        a = addr[ap]
-                        ap += 1
-                        if a & 0x80:
-                            b = addr[ap]
-                            if b & 0x80:
-                                a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
-                            else:
-                                a = (a & 0x7F) << 7 | b
-                                ap += 1
-                        if kind == 1:  # VCD_HERE
-                            a = here - a
-                        elif kind:  # VCD_NEAR
-                            a += near[kind - 2]
-                    else:  # VCD_SAME
-                        a = same[(kind - _SAME_START) * 256 + addr[ap]]
-                        ap += 1
-                    near[slot] = a
-                    slot = (slot + 1) & 3  # _NEAR_MODES is 4
-                    same[a % _SAME_SIZE] = a
+                if kind >= 0:  # COPY
+                    a = addresses.decode(kind, here)
                     if a < cpylen:
                         if a < 0 or a + size > cpylen:
                             raise _VCDiffError("corrupt delta: copy outside the source window")
@@ -6644,7 +7017,7 @@ def _run_window(
         raise _VCDiffError("corrupt delta: instruction or address section ends early") from None
     if here != end:
         raise _VCDiffError(f"corrupt delta: window decodes to {here - cpylen} of {tgtlen} bytes")
-    if dp != dlen or ap != len(addr):
+    if dp != dlen or addresses.pos != len(addr):
         raise _VCDiffError("corrupt delta: unused bytes in the data or address section")
     return out
 
@@ -6752,7 +7125,7 @@ def _vcdiff_decode(
     when they reach before the last window, and so need it readable and seekable."""
     rd = _DeltaReader(delta)
     try:
-        magic = rd.take(4, "VCDIFF header")
+        magic = rd.take(len(_VCD_MAGIC), "VCDIFF header")
     except _VCDiffError:
         magic = b""
     if magic[:3] != _VCD_MAGIC[:3]:
@@ -6979,11 +7352,48 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP_SIG_LOCAL = 0x04034B50
 _ZIP_SIG_CENTRAL = 0x02014B50
+_ZIP_SIG_EOCD = 0x06054B50
 _ZIP_SIG_64LOC = 0x07064B50
 _ZIP_SIG_64EOCD = 0x06064B50
+#: The signatures a scan of the bytes looks for ("PK\x01\x02", "PK\x05\x06").
+_ZIP_CENTRAL_BYTES = struct.pack("<I", _ZIP_SIG_CENTRAL)
+_ZIP_EOCD_BYTES = struct.pack("<I", _ZIP_SIG_EOCD)
+#: Indices of the fields read from _ZIP_LOCAL (0 is the signature).
+_LH_FLAGS = 2
+_LH_METHOD = 3
+_LH_NAME_LEN = 9
+_LH_EXTRA_LEN = 10
+#: Indices of the fields read from _ZIP_CENTRAL.
+_CD_FLAGS = 3
+_CD_METHOD = 4
+_CD_CRC = 7
+_CD_CSIZE = 8
+_CD_USIZE = 9
+_CD_NAME_LEN = 10
+_CD_EXTRA_LEN = 11
+_CD_COMMENT_LEN = 12
+_CD_LOCAL_OFFSET = 16
+#: Indices of the fields read from _ZIP64_EOCD.
+_Z64_COUNT = 7
+_Z64_CD_SIZE = 8
+_Z64_CD_OFFSET = 9
+#: Byte offsets of the fields the "L" and "C" records transform: the local header's
+#: date-time, the central entry's date-time and its local header offset.
+_LH_DATETIME_AT = 10
+_CD_DATETIME_AT = 12
+_CD_LOCAL_OFFSET_AT = 42
+#: General purpose flag bit 0: the member is encrypted (APPNOTE 4.4.4).
+_ZIP_FLAG_ENCRYPTED = 0x01
+#: Compression method 8 (APPNOTE 4.4.5), held as a raw deflate stream: zlib's wbits -15.
+_ZIP_DEFLATED = 8
+_RAW_DEFLATE_WBITS = -15
+#: The zip64 extended information extra field (APPNOTE 4.5.3), and the 32-bit value that
+#: says a size or offset is in it.
+_ZIP64_EXTRA_TAG = 0x0001
+_ZIP64_MARK = 0xFFFFFFFF
 #: The end record sits within the last 64 KiB (its comment length is 16 bits); look a little
 #: further for zips with trailing bytes after it.
-_ZIP_EOCD_SEARCH = 22 + 65535 + 1024
+_ZIP_EOCD_SEARCH = _ZIP_EOCD.size + 0xFFFF + 1024
 
 
 class _ZipCodecError(Exception):
@@ -7061,7 +7471,7 @@ def _zip_find_cd(f: IO[bytes], size: int) -> tuple[int, int, int] | None:
     at = len(tail)
     # The last signature that parses wins; earlier ones may sit inside a comment or junk.
     while True:
-        at = tail.rfind(b"PK\x05\x06", 0, at)
+        at = tail.rfind(_ZIP_EOCD_BYTES, 0, at)
         if at < 0:
             return None
         found = _zip_parse_eocd(f, tail, at, tail_start + at)
@@ -7091,13 +7501,18 @@ def _zip_parse_eocd(f: IO[bytes], tail: bytes, at: int, pos: int) -> tuple[int, 
             fields = _ZIP64_EOCD.unpack(rec)
             if fields[0] != _ZIP_SIG_64EOCD:
                 return None
-            count, cd_size, cd_offset, cd_end = fields[7], fields[8], fields[9], rec_at
+            count, cd_size, cd_offset = (
+                fields[_Z64_COUNT],
+                fields[_Z64_CD_SIZE],
+                fields[_Z64_CD_OFFSET],
+            )
+            cd_end = rec_at
     cd_start = cd_end - cd_size
     if cd_start < 0 or cd_offset > cd_start:
         return None
     if count:
         f.seek(cd_start)
-        if f.read(4) != b"PK\x01\x02":
+        if f.read(len(_ZIP_CENTRAL_BYTES)) != _ZIP_CENTRAL_BYTES:
             return None
     return cd_start, cd_end, cd_start - cd_offset
 
@@ -7116,7 +7531,7 @@ def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
     parts = set()
     for at, end, fields, csize, offset in _zip_central(f, cd):
         parts.add((at, _ZIPX_CENTRAL, end))
-        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[3]))
+        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[_CD_FLAGS]))
     return sorted(parts)
 
 
@@ -7130,12 +7545,14 @@ def _zip_central(
     while at + _ZIP_CENTRAL.size <= cd_end:
         f.seek(at)
         fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-        nlen, xlen, clen = fields[10:13]
+        nlen, xlen, clen = fields[_CD_NAME_LEN], fields[_CD_EXTRA_LEN], fields[_CD_COMMENT_LEN]
         end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
         if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
             return
         f.seek(at + _ZIP_CENTRAL.size + nlen)
-        csize, offset = _zip64_sizes(f.read(xlen), fields[9], fields[8], fields[16])
+        csize, offset = _zip64_sizes(
+            f.read(xlen), fields[_CD_USIZE], fields[_CD_CSIZE], fields[_CD_LOCAL_OFFSET]
+        )
         yield at, end, fields, csize, offset
         at = end
 
@@ -7146,11 +7563,11 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     at = 0
     while at + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, at)
-        if tag == 1:
+        if tag == _ZIP64_EXTRA_TAG:
             values = [usize, csize, offset]
             i = at + 4
             for k, value in enumerate(values):
-                if value == 0xFFFFFFFF and i + 8 <= min(len(extra), at + 4 + n):
+                if value == _ZIP64_MARK and i + 8 <= min(len(extra), at + 4 + n):
                     values[k] = struct.unpack_from("<Q", extra, i)[0]
                     i += 8
             return values[1], values[2]
@@ -7171,11 +7588,12 @@ def _zip_member(
             continue
         # The local header, not the central one, says where the data starts: their name and
         # extra lengths often differ (zipalign pads only the local extra field).
-        start = header + _ZIP_LOCAL.size + fields[9] + fields[10]
+        start = header + _ZIP_LOCAL.size + fields[_LH_NAME_LEN] + fields[_LH_EXTRA_LEN]
         if start > size:
             return []
         parts = [(header, _ZIPX_LOCAL, start)]
-        if fields[3] == 8 and not (fields[2] | flags) & 1:
+        encrypted = (fields[_LH_FLAGS] | flags) & _ZIP_FLAG_ENCRYPTED
+        if fields[_LH_METHOD] == _ZIP_DEFLATED and not encrypted:
             parts.append((start, _ZIPX_DEFLATE, min(size, start + csize)))
         return parts
     return []
@@ -7198,7 +7616,7 @@ class _Inflate:
 
     def __iter__(self) -> Iterator[bytes]:
         self.f.seek(self.start)
-        inflater = zlib.decompressobj(-15)
+        inflater = zlib.decompressobj(_RAW_DEFLATE_WBITS)
         pos, total = self.start, 0
         limit = min(_ZIPX_BOMB_RATIO * (self.bound - self.start) + _ZIPX_CHUNK, _ZIPX_BOMB_MAX)
         while not inflater.eof:
@@ -7245,7 +7663,7 @@ def _zipx_verify(
     go and stopping at the first mismatching byte. (end of the stream, its content if small)
     on an exact match, else None."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     source = _Inflate(f, start, bound)
     kept: list[bytes] | None = []
     kept_size = 0
@@ -7291,18 +7709,18 @@ class _ZipxHeaders:
         buf = bytearray(data)
         times = self.local_times
         if kind == _ZIPX_LOCAL:
-            (field,) = struct.unpack_from("<I", buf, 10)
+            (field,) = struct.unpack_from("<I", buf, _LH_DATETIME_AT)
             value = field ^ (times[-1] if times else 0)
-            struct.pack_into("<I", buf, 10, value)
+            struct.pack_into("<I", buf, _LH_DATETIME_AT, value)
             times.append(value if self.undo else field)
             return bytes(buf)
-        (field,) = struct.unpack_from("<I", buf, 12)
+        (field,) = struct.unpack_from("<I", buf, _CD_DATETIME_AT)
         value = field ^ (times[self.centrals] if self.centrals < len(times) else 0)
-        struct.pack_into("<I", buf, 12, value)
+        struct.pack_into("<I", buf, _CD_DATETIME_AT, value)
         self.centrals += 1
-        (field,) = struct.unpack_from("<I", buf, 42)
+        (field,) = struct.unpack_from("<I", buf, _CD_LOCAL_OFFSET_AT)
         value = (field + self.offset if self.undo else field - self.offset) & 0xFFFFFFFF
-        struct.pack_into("<I", buf, 42, value)
+        struct.pack_into("<I", buf, _CD_LOCAL_OFFSET_AT, value)
         self.offset = value if self.undo else field
         return bytes(buf)
 
@@ -7397,15 +7815,128 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             if cd is None:
                 return index
             for _, _, fields, csize, offset in _zip_central(f, cd):
-                crc, usize = fields[7], fields[9]
-                if fields[4] != 8 or usize == 0xFFFFFFFF:
+                crc, usize = fields[_CD_CRC], fields[_CD_USIZE]
+                if fields[_CD_METHOD] != _ZIP_DEFLATED or usize == _ZIP64_MARK:
                     continue  # not deflated, or a zip64 size this index does not read
-                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, fields[3]):
+                flags = fields[_CD_FLAGS]
+                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, flags):
                     if kind == _ZIPX_DEFLATE and bound - start == csize:
                         index.setdefault((crc, usize), (start, csize))
         except (struct.error, ValueError, OverflowError):
             pass
     return index
+
+
+class _ZipRebuild:
+    """One rebuild in progress: what was written (its size and CRC-32) and the records
+    waiting to be written in order, each counted at its bytes plus _ZIPX_RECORD_COST. One
+    method per record kind of the expanded stream reads that record and writes or queues
+    what it rebuilds to."""
+
+    def __init__(
+        self,
+        out: IO[bytes],
+        limit: int | None,
+        pool: concurrent.futures.Executor,
+        reuse: dict[tuple[int, int], tuple[int, int]],
+        ref_file: IO[bytes] | None,
+    ) -> None:
+        self.out = out
+        self.limit = limit
+        self.pool = pool
+        self.reuse = reuse
+        self.ref_file = ref_file
+        self.headers = _ZipxHeaders(undo=True)
+        self.size = self.crc = self.held = 0
+        self.queued: collections.deque[tuple[int, Any]] = (
+            collections.deque()
+        )  # (bytes, job or data)
+
+    def put(self, data: bytes) -> None:
+        """Write ``data`` now (callers first emit what waits before it)."""
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise _OutputLimitError(self.limit)
+        self.out.write(data)
+        self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def emit(self, keep: int) -> None:
+        """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        while self.queued and self.held > keep:
+            weight, item = self.queued.popleft()
+            self.held -= weight
+            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
+                self.put(data)
+
+    def queue(self, weight: int, item: Any) -> None:
+        """Queue a record's bytes (a list, or a Future of one), writing the oldest while
+        more than _ZIPX_PENDING wait."""
+        self.queued.append((weight, item))
+        self.held += weight
+        self.emit(_ZIPX_PENDING)
+
+    def raw(self, expanded: IO[bytes]) -> None:
+        """An "R" record: bytes copied as they are, after what waits."""
+        self.emit(-1)
+        for data in _zipx_read_chunks(expanded):
+            self.put(data)
+
+    def deflated(self, expanded: IO[bytes]) -> None:
+        """A "D" record: the member as copied from the reference when it has it, else
+        deflated in a thread when small, else deflated and written as it is read."""
+        params = tuple(_zipx_read(expanded, 3))
+        level, mem_level, strategy = params
+        if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
+            raise _ZipCodecError("expanded zip stream has bad deflate parameters")
+        chunks, total = [], 0
+        pieces = _zipx_read_chunks(expanded)
+        for chunk in pieces:
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > _ZIPX_KEEP:
+                break
+        if total <= _ZIPX_KEEP and self.ref_file is not None:
+            crc32 = 0
+            for chunk in chunks:
+                crc32 = zlib.crc32(chunk, crc32)
+            same = self.reuse.get((crc32, total))
+            if same is not None:
+                self.ref_file.seek(same[0])
+                self.queue(same[1] + _ZIPX_RECORD_COST, [self.ref_file.read(same[1])])
+                return
+        if total <= _ZIPX_KEEP:
+            job = self.pool.submit(_zipx_deflate_all, chunks, params)
+            self.queue(total + _ZIPX_RECORD_COST, job)
+            return
+        self.emit(-1)  # a large member: stream it, in order
+        for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
+            self.put(data)
+
+    def header(self, tag: bytes, expanded: IO[bytes]) -> None:
+        """An "L" or "C" record: the header with its transform undone."""
+        n = _zipx_read_varint(expanded)
+        if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        header = _zipx_read(expanded, n)
+        if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        self.queue(n + _ZIPX_RECORD_COST, [self.headers.apply(tag, header)])
+
+    def end(self, expanded: IO[bytes]) -> int:
+        """The "E" record: everything is written; the size and CRC-32 must be its own."""
+        self.emit(-1)
+        want_size = _zipx_read_varint(expanded)
+        (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
+        if expanded.read(1):
+            raise _ZipCodecError("expanded zip stream has data after its end")
+        if (self.size, self.crc) != (want_size, want_crc):
+            # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
+            # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
+            raise _ZipCodecError(
+                "rebuilt zip does not match: this machine's zlib %s deflates "
+                "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
+            )
+        return self.size
 
 
 def _zip_rebuild(
@@ -7431,99 +7962,27 @@ def _zip_rebuild(
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
-    if head[:4] != _ZIPX_MAGIC:
+    magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
+    if magic != _ZIPX_MAGIC:
         raise _ZipCodecError("not an expanded zip stream")
-    if head[4:] != bytes([_ZIPX_VERSION]):
-        raise _ZipCodecError("expanded zip stream version %r is not supported" % head[4:])
-    headers = _ZipxHeaders(undo=True)
-    size = crc = held = 0
-    queued: collections.deque[tuple[int, Any]] = collections.deque()  # (bytes, job or data)
-
-    def put(data: bytes) -> None:
-        nonlocal size, crc
-        if limit is not None and size + len(data) > limit:
-            raise _OutputLimitError(limit)
-        out.write(data)
-        size += len(data)
-        crc = zlib.crc32(data, crc)
-
-    def emit(limit: int) -> None:
-        nonlocal held
-        while queued and held > limit:
-            weight, item = queued.popleft()
-            held -= weight
-            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
-                put(data)
-
+    if version != bytes([_ZIPX_VERSION]):
+        raise _ZipCodecError("expanded zip stream version %r is not supported" % version)
     with contextlib.ExitStack() as stack:
         ref_file = stack.enter_context(open(reference, "rb")) if reference and reuse else None
         pool = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
         )
+        rebuild = _ZipRebuild(out, limit, pool, reuse, ref_file)
         while True:
             tag = _zipx_read(expanded, 1)
             if tag == _ZIPX_END:
-                emit(-1)
-                want_size = _zipx_read_varint(expanded)
-                (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
-                if expanded.read(1):
-                    raise _ZipCodecError("expanded zip stream has data after its end")
-                if (size, crc) != (want_size, want_crc):
-                    # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
-                    # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
-                    raise _ZipCodecError(
-                        "rebuilt zip does not match: this machine's zlib %s deflates "
-                        "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
-                    )
-                return size
+                return rebuild.end(expanded)
             if tag == _ZIPX_RAW:
-                emit(-1)
-                for data in _zipx_read_chunks(expanded):
-                    put(data)
+                rebuild.raw(expanded)
             elif tag == _ZIPX_DEFLATE:
-                params = tuple(_zipx_read(expanded, 3))
-                level, mem_level, strategy = params
-                if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
-                    raise _ZipCodecError("expanded zip stream has bad deflate parameters")
-                chunks, total = [], 0
-                pieces = _zipx_read_chunks(expanded)
-                for chunk in pieces:
-                    chunks.append(chunk)
-                    total += len(chunk)
-                    if total > _ZIPX_KEEP:
-                        break
-                if total <= _ZIPX_KEEP and ref_file is not None:
-                    crc32 = 0
-                    for chunk in chunks:
-                        crc32 = zlib.crc32(chunk, crc32)
-                    same = reuse.get((crc32, total))
-                    if same is not None:
-                        ref_file.seek(same[0])
-                        weight = same[1] + _ZIPX_RECORD_COST
-                        queued.append((weight, [ref_file.read(same[1])]))
-                        held += weight
-                        emit(_ZIPX_PENDING)
-                        continue
-                if total <= _ZIPX_KEEP:
-                    weight = total + _ZIPX_RECORD_COST
-                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += weight
-                    emit(_ZIPX_PENDING)
-                    continue
-                emit(-1)  # a large member: stream it, in order
-                for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
-                    put(data)
+                rebuild.deflated(expanded)
             elif tag in (_ZIPX_LOCAL, _ZIPX_CENTRAL):
-                n = _zipx_read_varint(expanded)
-                if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                header = _zipx_read(expanded, n)
-                if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                weight = n + _ZIPX_RECORD_COST
-                queued.append((weight, [headers.apply(tag, header)]))
-                held += weight
-                emit(_ZIPX_PENDING)
+                rebuild.header(tag, expanded)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -7532,7 +7991,7 @@ def _zipx_deflate(chunks: Iterable[bytes], params: Sequence[int]) -> Iterator[by
     """Deflate a member's content with the same calls, chunk for chunk, as when it was
     checked (_zipx_verify): the output is then the same bytes."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     for chunk in chunks:
         yield deflater.compress(chunk)
     yield deflater.flush()
@@ -7577,17 +8036,8 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
     (32769, b"CD001"),  # ISO 9660
 )
 
-_REFERENCE_NAME = "reference.bin"
-#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
-#: never shown as user objects.
-_INTERNAL_PREFIX = ".deltaglider/"
-_DELTA_SUFFIX = ".delta"
 #: Media already compressed past what any delta finds (estimate_compression, as 6.x).
 _INCOMPRESSIBLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".mp4", ".mp3", ".avi", ".mov"})
-#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
-#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
-#: folders that use them, where deleting one version folder (by any tool) cannot take them.
-_REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
@@ -7595,16 +8045,12 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
-#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
-_MAX_SHARED_REF_KEY = 200
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
-#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
-_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7631,177 +8077,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
 
-#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
-_META_ALIASES: dict[str, tuple[str, ...]] = {
-    "tool": ("dg-tool", "dg_tool", "tool"),
-    "original_name": (
-        "dg-original-name",
-        "dg_original_name",
-        "original_name",
-        "original-name",
-        "dg-source-name",
-        "source_name",
-        "source-name",
-    ),
-    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
-    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
-    "md5": ("dg-md5", "dg_md5"),
-    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
-    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
-    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
-    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
-    "note": ("dg-note", "dg_note", "note"),
-    "compression": ("dg-compression", "dg_compression", "compression"),
-    "codec": ("dg-codec",),
-    "xref_sha256": ("dg-xref-sha256",),
-    "expanded_size": ("dg-expanded-size",),
-}
-_USER_META_PREFIX = "user-"
-_CONTENT_TYPE_META = "content-type"
-#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
-_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
-    "dg-delta-cmd",
-    "dg_delta_cmd",
-    "delta_cmd",
-    "delta-cmd",
-    "dg-mtime",
-    _CONTENT_TYPE_META,
-}
-
-
-def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
-    for name in _META_ALIASES[field]:
-        value = metadata.get(name)
-        if value:
-            return _meta_decode(value)
-    return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
-    (FORMAT.md), and so is a value holding a control character (a file named
-    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
-    checking the signature (Swift: SignatureDoesNotMatch)."""
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
-    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    """The inverse of _meta_encode: a value is decoded only when it decodes to something
-    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
-    value anyone wrote (``100%41``) stays as it is."""
-    if "%" not in value:
-        return value
-    try:
-        decoded = urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
-    return decoded if encoded else value
-
-
-class _Kind:
-    REFERENCE = "reference"
-    DELTA = "delta"
-    DIRECT = "direct"
-    FOREIGN = "foreign"
-
-
-def _classify(key: str, metadata: Mapping[str, str]) -> str:
-    """What a stored object is, in FORMAT.md's order."""
-    note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return _Kind.REFERENCE
-    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
-        return _Kind.DELTA
-    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
-        return _Kind.DIRECT
-    if _meta_get(metadata, "file_sha256") is None:
-        return _Kind.FOREIGN
-    return _Kind.DIRECT
-
-
-def _deltaspace(key: str) -> str:
-    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
-    return key.rpartition("/")[0]
-
-
-def _reference_key(deltaspace: str) -> str:
-    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
-
-
-def _logical_key(stored: str) -> str | None:
-    """The one logical key a stored name belongs to; None for what is never shown as an
-    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
-
-    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
-    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
-    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
-    always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
-        return None
-    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-
-
-def _stored_forms(key: str) -> tuple[str, ...]:
-    """The names a logical key may be stored under, in the order readers try them: the
-    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
-    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
-    return (key, key + _DELTA_SUFFIX)
-
-
-def _delta_only(key: str) -> bool:
-    """Keys that cannot be stored plain: their plain name is another key's delta."""
-    return key.endswith(_DELTA_SUFFIX)
-
-
-def _parent_space(space: str) -> str:
-    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
-    top-level folder and the root → the root."""
-    return space.rpartition("/")[0]
-
-
-def _refs_prefix(parent: str) -> str:
-    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
-
-
-def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
-    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
-    that key would be too long for a metadata value."""
-    parent = _parent_space(space)
-    folder = space[len(parent) + 1 :] if parent else space
-    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
-    # decoded on read, as every metadata value: so the key itself keeps the names as they
-    # are (a key already percent-encoded would be decoded into another key on read).
-    rel = folder + "/" + name if space else name
-    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
-
-
-def _is_shared_ref(key: str) -> bool:
-    return key.endswith("/" + _REFERENCE_NAME) and (
-        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
-    )
-
-
-def _shared_ref_parent(key: str) -> str:
-    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
-
-
-def _shared_ref_source(key: str) -> str:
-    """The logical key of the file a shared reference was made from."""
-    parent = _shared_ref_parent(key)
-    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
-    return parent + "/" + rel if parent else rel
-
-
-def _is_internal(key: str) -> bool:
-    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
-    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
-
 
 def _name_class(name: str, other: str) -> int:
     """How alike two file names are: 3 the same; 2 the same but for version numbers
@@ -7814,32 +8089,9 @@ def _name_class(name: str, other: str) -> int:
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
-def _resolve_ref_key(delta_key: str, ref: str) -> str:
-    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
-    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
-    if "/" in ref:
-        return ref
-    space = _deltaspace(delta_key)
-    return space + "/" + ref if space else ref
-
-
-def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
-    any non-deltaglider key written by another tool."""
-    out: dict[str, str] = {}
-    for name, value in metadata.items():
-        if name.startswith(_USER_META_PREFIX):
-            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
-        elif name not in _INTERNAL_META and not name.startswith("dg-"):
-            out.setdefault(name, value)
-    return out
-
-
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
     lower = name.lower()
-    extra = [
-        e.strip().lower() for e in environ.get(_ENV_DELTA_EXTENSIONS, "").split(",") if e.strip()
-    ]
+    extra = [e.lower() for e in _env_setting(environ, _ENV_DELTA_EXTENSIONS)]
     return any(lower.endswith(ext) for ext in list(_DELTA_EXTENSIONS) + extra)
 
 
@@ -7938,22 +8190,23 @@ class _MemoryBudget:
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
-    (the original tool cannot return any .tar.gz it stored)."""
+    (the original tool cannot return any .tar.gz it stored).
+
+    The program is ``binary``, else $DG_XDELTA3, else ``xdelta3`` on ``environ``'s PATH:
+    that is the seam tests use (a fake executable on a PATH of its own)."""
 
     def __init__(
         self,
         binary: str | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
-        run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
-        self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self._name = binary or _env_setting(environ, _ENV_XDELTA3) or "xdelta3"
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
-        self._run = run
         self._path: str | None = None
         self.decoder: str
         if decoder is None:
@@ -7970,18 +8223,6 @@ class _XDelta3:
                 raise XDelta3NotFoundError(self._name)
             self._path = found
         return self._path
-
-    def _call(self, args: list[str], memory: int) -> None:
-        cmd = [self.path(), *args]
-        try:
-            with self._slots, self.memory.hold(memory):
-                proc = self._run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-        except OSError as e:
-            raise XDelta3Error(cmd, -1, str(e)) from e
-        if proc.returncode != 0:
-            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
 
     @staticmethod
     def window(source_size: int) -> int:
@@ -8008,10 +8249,6 @@ class _XDelta3:
             target,
             out,
         ]
-
-    def encode(self, source: str, target: str, out: str) -> None:
-        plan = _encode_plan(os.path.getsize(source), self.memory.total)
-        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -8195,8 +8432,9 @@ class _XDelta3:
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
-    if environ.get(_ENV_CACHE_DIR):
-        return os.path.expanduser(environ[_ENV_CACHE_DIR])
+    folder = _env_setting(environ, _ENV_CACHE_DIR)
+    if folder:
+        return os.path.expanduser(str(folder))
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "deltaglider")
 
@@ -8710,9 +8948,7 @@ class _NullWriter:
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f)
-        shutil.copyfileobj(src, writer, _IO_CHUNK)
-    return writer.sha256.hexdigest()
+        return _Hashes().read(src, each=f.write).info().sha256
 
 
 class _Logical(NamedTuple):
@@ -8815,7 +9051,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     relabelled = _as_operation(e, operation)
                     if relabelled is e:
                         raise
@@ -9224,7 +9460,7 @@ class _DeltaEngine:
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(e):
                 return False
             raise
         return True
@@ -9344,7 +9580,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
@@ -9407,7 +9643,7 @@ class _DeltaEngine:
                         continue
                     raise
                 except ClientError as e:
-                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    if not _is_not_found(e):
                         raise
                     # Deleted between our HEAD and GET: the folder's last file was
                     # removed meanwhile, and its reference with it. Look once more (this
@@ -9505,7 +9741,7 @@ class _DeltaEngine:
         try:
             head = self.storage.head_object(bucket, own_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
         else:
             meta = head.get("Metadata", {})
@@ -9617,7 +9853,7 @@ class _DeltaEngine:
                                 continue  # replaced or deleted since the listing: again
                             raise
                         except ClientError as e:
-                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            if _is_not_found(e):
                                 continue  # deleted since the listing
                             raise
                 if not created and not required and _is_compressed_stream(ref_path):
@@ -9818,7 +10054,7 @@ class _DeltaEngine:
             try:
                 self.storage.head_object(bucket, other)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     continue
                 raise
             self.storage.delete_object(bucket, other)
@@ -9835,7 +10071,7 @@ class _DeltaEngine:
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
@@ -9848,7 +10084,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue
             metadata = head.get("Metadata", {})
@@ -9913,7 +10149,7 @@ class _DeltaEngine:
             try:
                 meta = self.storage.head_object(bucket, stored).get("Metadata", {})
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             ref = _meta_get(meta, "ref")
@@ -9980,7 +10216,7 @@ class _DeltaEngine:
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue  # gone already
             try:
@@ -10016,7 +10252,7 @@ class _DeltaEngine:
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             return False  # no reference (any more)
         try:
@@ -10526,14 +10762,10 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
     fd, path = _private_tempfile(engine.tmp_dir(), ".body")
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
+    hashes = _Hashes(md5=True)
 
     def write(f: IO[bytes], data: bytes) -> None:
-        nonlocal size
-        sha.update(data)
-        md5.update(data)
-        size += len(data)
+        hashes.update(data)
         f.write(data)
 
     try:
@@ -10557,7 +10789,7 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     except BaseException:
         os.unlink(path)
         raise
-    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+    return path, hashes.info()
 
 
 def _put_object_from_file(
@@ -10624,7 +10856,7 @@ def _delete_plan(
         try:
             lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             lg = None
         if lg is None:
@@ -11304,15 +11536,22 @@ class DeltaGliderClient:
         }
         _params("ListObjectsV2", kwargs, allowed, "Bucket")
         got = self._list_logical(kwargs, None)
-        out: dict[str, Any] = _ListResponse(IsTruncated=got["truncated"])
-        out.update(self._list_common(kwargs, got))
-        out["KeyCount"] = len(got["contents"]) + len(got["prefixes"])
-        if kwargs.get("ContinuationToken") is not None:
-            out["ContinuationToken"] = kwargs["ContinuationToken"]  # echoed, even ""
-        if got["next_token"]:
-            out["NextContinuationToken"] = got["next_token"]
-        if kwargs.get("StartAfter"):
-            out["StartAfter"] = self._url_encoded(kwargs, kwargs["StartAfter"])
+        # Keys and prefixes come from the server, encoded by it when the caller asked
+        # EncodingType='url' (the storage then leaves them so); our echoes are encoded here.
+        enc = functools.partial(self._url_encoded, kwargs)
+        page = _list_v2_page(
+            kwargs["Bucket"],
+            enc(kwargs.get("Prefix") or ""),
+            got["max_keys"],
+            got["contents"],
+            [{"Prefix": p["Prefix"]} for p in got["prefixes"]],
+            truncated=got["truncated"],
+            next_token=got["next_token"],
+            delimiter=enc(kwargs.get("Delimiter") or ""),
+            start_after=enc(kwargs.get("StartAfter") or ""),
+            continuation_token=kwargs.get("ContinuationToken"),  # echoed, even ""
+        )
+        out: dict[str, Any] = _ListResponse(page)
         out["ResponseMetadata"] = _local_metadata(got["page"])
         return out
 
@@ -11864,7 +12103,7 @@ class DeltaGliderClient:
                 self.delete_object(Bucket=Bucket, Key=Prefix)
                 single.append(Prefix)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
             folder = Prefix + "/"
         else:
@@ -12705,7 +12944,7 @@ def _presigned_url(
         try:
             lg: _Logical | None = engine.head(bucket, key, "HeadObject")
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             lg = None  # a URL that answers 404, as boto3's would
         if lg is not None and lg.kind == _Kind.DELTA:
@@ -12752,7 +12991,7 @@ def _rehydrated_copy(
     try:
         head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
     except ClientError as e:
-        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+        if not _is_not_found(e):
             raise
         head = None
     if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
@@ -13008,7 +13247,8 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
@@ -13018,9 +13258,6 @@ def create_client(
 #                       (sockets, worker slots, deadlines, draining)
 # ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
 
-#: The gateway's own key pair (clients sign with it); never taken from the command line.
-_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
-_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 #: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
 #: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
 _GATEWAY_MAX_SKEW = 15 * 60
@@ -13351,8 +13588,8 @@ class _GatewayUsers:
                         )
                     users[key.strip()] = secret.strip()
         else:
-            key = environ.get(_ENV_GATEWAY_ACCESS_KEY, "").strip()
-            secret = environ.get(_ENV_GATEWAY_SECRET_KEY, "").strip()
+            key = _env_setting(environ, _ENV_GATEWAY_ACCESS_KEY)
+            secret = _env_setting(environ, _ENV_GATEWAY_SECRET_KEY)
             if key and secret:
                 users[key] = secret
         if not users:
@@ -13492,6 +13729,38 @@ class _GatewayAuth:
             return self._verify_presigned_v2(method, v2_resource or raw_path, query, headers)
         if auth is None:
             raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        fields = self._authorization_fields(auth)
+        credential = self._credential(fields["Credential"], "AuthorizationHeaderMalformed")
+        secret = self._secret(credential[0])
+        timestamp = self._request_time(headers, credential[1])
+        payload = self._payload_mode(headers)
+        signed = [h for h in fields["SignedHeaders"].split(";") if h]
+        if "host" not in signed:
+            raise _S3Reply("AccessDenied", "The host header must be signed.")
+        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
+        if unsigned:
+            raise _S3Reply(
+                "AccessDenied",
+                "There were headers present in the request which were not signed",
+                HeadersNotSigned=", ".join(unsigned),
+            )
+        canonical_query = _canonical_query(query)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=timestamp,
+            signature=fields["Signature"],
+        )
+
+    @staticmethod
+    def _authorization_fields(auth: str) -> dict[str, str]:
+        """Credential, SignedHeaders and Signature of an ``AWS4-HMAC-SHA256`` header."""
         if not auth.startswith(_SIGV4_ALGORITHM + " "):
             raise _S3Reply(
                 "InvalidRequest",
@@ -13505,10 +13774,11 @@ class _GatewayAuth:
                 fields[name] = value
         if not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
             raise _S3Reply("AuthorizationHeaderMalformed")
-        access_key, date, region, service = self._credential(
-            fields["Credential"], "AuthorizationHeaderMalformed"
-        )
-        secret = self._secret(access_key)
+        return fields
+
+    def _request_time(self, headers: Mapping[str, str], date: str) -> str:
+        """The signed request's timestamp (X-Amz-Date, else Date), within the allowed skew
+        and on the credential's ``date``."""
         timestamp = headers.get("x-amz-date", "")
         when = _parse_amz_date(timestamp)
         if when is None and headers.get("date"):
@@ -13524,6 +13794,11 @@ class _GatewayAuth:
                 "The authorization header is malformed; Invalid credential date. Date is not "
                 "the same as X-Amz-Date.",
             )
+        return timestamp
+
+    @staticmethod
+    def _payload_mode(headers: Mapping[str, str]) -> str:
+        """x-amz-content-sha256: a hex SHA-256, UNSIGNED-PAYLOAD or a STREAMING-* mode."""
         payload = headers.get("x-amz-content-sha256")
         if not payload:
             raise _S3Reply(
@@ -13536,20 +13811,29 @@ class _GatewayAuth:
                     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                     "STREAMING-... or a hex SHA-256 of the body",
                 )
-        signed = [h for h in fields["SignedHeaders"].split(";") if h]
-        if "host" not in signed:
-            raise _S3Reply("AccessDenied", "The host header must be signed.")
-        unsigned = sorted(h for h in headers if h.startswith("x-amz-") and h not in signed)
-        if unsigned:
-            raise _S3Reply(
-                "AccessDenied",
-                "There were headers present in the request which were not signed",
-                HeadersNotSigned=", ".join(unsigned),
-            )
+        return payload
+
+    def _match_sigv4(
+        self,
+        method: str,
+        raw_path: str,
+        canonical_query: str,
+        headers: Mapping[str, str],
+        signed: list[str],
+        payload: str,
+        *,
+        secret: str,
+        credential: tuple[str, str, str, str],
+        timestamp: str,
+        signature: str,
+    ) -> _Signed:
+        """The request as SigV4 signs it (canonical request, string to sign), for the path
+        as sent and as botocore would quote it: the _Signed request if one matches the
+        ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
         key = _SIGNING_KEYS.get(secret, date, region, service)
-        canonical_query = _canonical_query(query)
         for uri in self._canonical_uri_candidates(raw_path):
             canonical = "\n".join((method, uri, canonical_query, block, ";".join(signed), payload))
             sts = "\n".join(
@@ -13561,7 +13845,7 @@ class _GatewayAuth:
                 )
             )
             expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, fields["Signature"]):
+            if hmac.compare_digest(expected, signature):
                 return _Signed(access_key, payload, key, timestamp, scope, expected)
         raise _S3Reply(
             "SignatureDoesNotMatch",
@@ -13724,31 +14008,20 @@ class _GatewayAuth:
         signed = [h for h in q["X-Amz-SignedHeaders"].split(";") if h]
         if "host" not in signed:
             raise _S3Reply("AccessDenied", "The host header must be signed.")
-        block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         payload = q.get("X-Amz-Content-Sha256") or _UNSIGNED_PAYLOAD
-        params = [(k, v) for k, v in query if k != "X-Amz-Signature"]
-        scope = "%s/%s/%s/aws4_request" % (date, region, service)
-        key = _SIGNING_KEYS.get(secret, date, region, service)
-        for uri in self._canonical_uri_candidates(raw_path):
-            canonical = "\n".join(
-                (method, uri, _canonical_query(params), block, ";".join(signed), payload)
-            )
-            sts = "\n".join(
-                (
-                    _SIGV4_ALGORITHM,
-                    q["X-Amz-Date"],
-                    scope,
-                    hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-                )
-            )
-            expected = hmac.new(key, sts.encode("utf-8"), hashlib.sha256).hexdigest()
-            if hmac.compare_digest(expected, q["X-Amz-Signature"]):
-                return _Signed(access_key, payload, key, q["X-Amz-Date"], scope, expected)
-        raise _S3Reply(
-            "SignatureDoesNotMatch",
-            AWSAccessKeyId=access_key,
-            StringToSign=sts,
-            CanonicalRequest=canonical,
+        canonical_query = _canonical_query((k, v) for k, v in query if k != "X-Amz-Signature")
+        credential = (access_key, date, region, service)
+        return self._match_sigv4(
+            method,
+            raw_path,
+            canonical_query,
+            headers,
+            signed,
+            payload,
+            secret=secret,
+            credential=credential,
+            timestamp=q["X-Amz-Date"],
+            signature=q["X-Amz-Signature"],
         )
 
 
@@ -13759,7 +14032,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14742,7 +15017,6 @@ class _Gateway:
         request_timeout: float = 3600.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         log: IO[str] | None = None,
-        metrics_public: bool = False,
     ) -> None:
         self.client = client
         self.auth = auth
@@ -14750,8 +15024,8 @@ class _Gateway:
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.metrics = _GatewayMetrics()
-        self.metrics_public = metrics_public
-        self._now = now
+        #: the clock of uploads' times and the access log
+        self.now = now
         self._log = log
         self._log_lock = threading.Lock()
         self.spool_dir = os.path.join(state_dir, "spool")
@@ -14838,7 +15112,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -14962,7 +15236,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 % (
                     self.client_address[0],
                     _printable(self._access_key),
-                    _iso_utc(gw._now())[:19] + "Z",
+                    _iso_utc(gw.now())[:19] + "Z",
                     _printable(str(self.command)),
                     _printable(shown),
                     self._status,
@@ -15150,7 +15424,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15208,7 +15482,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
@@ -15553,7 +15827,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
-            "Initiated": _iso_utc(gw._now()),
+            "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
         }
         upload_id = gw.uploads.create(record)
@@ -15584,7 +15858,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.uploads.record(bucket, key, upload_id)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw._now()))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
@@ -17444,98 +17718,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17543,7 +17818,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17552,7 +17829,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17574,14 +17853,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17589,28 +17876,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17672,9 +17966,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17688,6 +17986,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17727,26 +18116,6 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self._redact(record.stack_info)
         return True
-
-
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
 
 
 def main(
@@ -17797,7 +18166,7 @@ def main(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
