@@ -13108,6 +13108,132 @@ def _set_log_level(level: str, source: str) -> None:
         logger.addHandler(handler)
 
 
+def _apply_log_level(log_level: str | None, env: Mapping[str, str]) -> None:
+    """create_client's ``log_level``, else ``DG_LOG_LEVEL``, set on this module's logger."""
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
+    if level:
+        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
+
+
+def _with_tool_version(config: Config | None, tool_version: str | None) -> Config | None:
+    """``config`` with ``tool_version`` added to its User-Agent extra."""
+    if tool_version:
+        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
+        config = (config or Config()).merge(Config(user_agent_extra=extra))
+    return config
+
+
+def _max_ratio_setting(max_ratio: float | None, env: Mapping[str, str]) -> float:
+    """The largest delta worth storing, as a fraction of the file: the argument, else
+    ``DG_MAX_RATIO``; between 0 and 1."""
+    if max_ratio is None:
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
+    if not 0.0 <= max_ratio <= 1.0:
+        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
+    return max_ratio
+
+
+def _endpoint_setting(
+    endpoint_url: str | None, profile_name: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The endpoint looked at for a ``file:`` store before any settings are read:
+    ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` when no profile is
+    named (a profile's settings are read with the rest, when the storage is made)."""
+    endpoint = endpoint_url
+    if endpoint is None and not profile_name:
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    return endpoint
+
+
+def _lazy_credentials(
+    settings: _ClientSettings,
+    anonymous: bool,
+    access_key: str | None,
+    secret_key: str | None,
+    session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> Callable[[], _Credentials | None]:
+    """The credentials create_client's S3 storage signs with: resolved on its first
+    request in botocore's order (README), then kept; None for unsigned requests."""
+    provider_box: list[_CredentialProvider | None] = []
+
+    def credentials() -> _Credentials | None:
+        if anonymous or settings.unsigned:
+            return None
+        if not provider_box:
+            provider = _resolve_credentials(
+                access_key=access_key,
+                secret_key=secret_key,
+                session_token=session_token,
+                profile_name=settings.profile_name,
+                profile_explicit=settings.profile_explicit,
+                profile=settings.profile,
+                environ=environ,
+                now=now,
+            )
+            if provider is None:
+                raise NoCredentialsError()
+            provider_box.append(provider)
+        prov = provider_box[0]
+        assert prov is not None
+        return prov.get()
+
+    return credentials
+
+
+def _client_storage(
+    endpoint: str | None,
+    *,
+    endpoint_url: str | None,
+    config: Config | None,
+    region_name: str | None,
+    profile_name: str | None,
+    anonymous: bool,
+    aws_access_key_id: str | None,
+    aws_secret_access_key: str | None,
+    aws_session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> _Storage:
+    """create_client's storage, made on the client's first use: a local directory for a
+    ``file:`` endpoint, else S3 over HTTP with botocore's settings (README)."""
+    if endpoint and endpoint.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(endpoint), now=now)
+    settings = _resolve_client_settings(
+        config,
+        region_name=region_name,
+        endpoint_url=endpoint_url,
+        profile_name=profile_name,
+        environ=environ,
+    )
+    if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
+    return _S3Storage(
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        credentials=_lazy_credentials(
+            settings,
+            anonymous,
+            aws_access_key_id,
+            aws_secret_access_key,
+            aws_session_token,
+            environ,
+            now,
+        ),
+        addressing_style=settings.addressing_style,
+        max_attempts=settings.max_attempts,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        request_timeout=settings.request_timeout,
+        verify=settings.verify,
+        max_pool_connections=settings.max_pool_connections,
+        proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=environ),
+        payload_signing=settings.payload_signing,
+        now=now,
+    )
+
+
 def create_client(
     endpoint_url: str | None = None,
     log_level: str | None = None,
@@ -13157,71 +13283,25 @@ def create_client(
     references = _parse_choice(references, "references", choices=_REFERENCE_MODES)
     if archive_aware is None:
         archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
-    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
-    if level:
-        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
-    if tool_version:
-        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
-        config = (config or Config()).merge(Config(user_agent_extra=extra))
-    if max_ratio is None:
-        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
-    if not 0.0 <= max_ratio <= 1.0:
-        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
-    endpoint = endpoint_url
-    if endpoint is None and not profile_name:
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    _apply_log_level(log_level, env)
+    config = _with_tool_version(config, tool_version)
+    max_ratio = _max_ratio_setting(max_ratio, env)
+    endpoint = _endpoint_setting(endpoint_url, profile_name, env)
 
-    def storage_factory() -> _Storage:
-        if endpoint and endpoint.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(endpoint), now=now)
-        settings = _resolve_client_settings(
-            config,
-            region_name=region_name,
-            endpoint_url=endpoint_url,
-            profile_name=profile_name,
-            environ=env,
-        )
-        if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
-        provider_box: list[_CredentialProvider | None] = []
-
-        def credentials() -> _Credentials | None:
-            if anonymous or settings.unsigned:
-                return None
-            if not provider_box:
-                provider = _resolve_credentials(
-                    access_key=aws_access_key_id,
-                    secret_key=aws_secret_access_key,
-                    session_token=aws_session_token,
-                    profile_name=settings.profile_name,
-                    profile_explicit=settings.profile_explicit,
-                    profile=settings.profile,
-                    environ=env,
-                    now=now,
-                )
-                if provider is None:
-                    raise NoCredentialsError()
-                provider_box.append(provider)
-            prov = provider_box[0]
-            assert prov is not None
-            return prov.get()
-
-        return _S3Storage(
-            endpoint_url=settings.endpoint_url,
-            region=settings.region,
-            credentials=credentials,
-            addressing_style=settings.addressing_style,
-            max_attempts=settings.max_attempts,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            request_timeout=settings.request_timeout,
-            verify=settings.verify,
-            max_pool_connections=settings.max_pool_connections,
-            proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
-            payload_signing=settings.payload_signing,
-            now=now,
-        )
-
+    storage_factory = functools.partial(
+        _client_storage,
+        endpoint,
+        endpoint_url=endpoint_url,
+        config=config,
+        region_name=region_name,
+        profile_name=profile_name,
+        anonymous=anonymous,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        aws_session_token=aws_session_token,
+        environ=env,
+        now=now,
+    )
     return DeltaGliderClient(
         storage_factory,
         cache_dir=cache_dir or _default_cache_dir(env),
