@@ -13121,7 +13121,8 @@ def create_client(
 #                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
-#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   XML answers         _xml_* (short ones are written where they are answered), and
+#                       _acl_policy (reads a PutBucketAcl body)
 #   object requests     _preconditions (If-*), _object_headers, _put_params
 #   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
 #                       routes, one method per S3 operation), _Share, _GatewayServer
@@ -14519,7 +14520,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- XML answers: one writer per S3 response document ---------------------------------
+# -- XML answers: errors, listings and the other long S3 documents --------------------
 
 
 def _iso_ms(dt: Any) -> str:
