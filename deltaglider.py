@@ -15932,43 +15932,46 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._conns_lock.wait(min(left, 0.2))
 
 
-def _cmd_serve(cli: _Cli) -> int:
-    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
-    args = cli.args
-
-    def address(text: str, option: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise InvalidConfigError(
-                error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
-            )
-        return host.strip("[]") or "127.0.0.1", int(port)
-
-    host, port = address(args.listen, "--listen")
-    users = _GatewayUsers.load(args.users, cli.environ)
-    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
-        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and tls is None:
-        cli.error(
-            "warning: serving on %s without TLS: requests and their data travel "
-            "unencrypted (give --tls-cert and --tls-key)" % host
+def _listen_address(text: str, option: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT option (--listen, --metrics-listen); ``[::1]:8333``
+    takes IPv6, ``:8333`` means 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidConfigError(
+            error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
         )
-    client = cli.client
-    backend = client.storage.endpoint_url  # resolves the back end now: errors show at start
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    if bool(cert) != bool(key):
+        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
+    if not cert:
+        return None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_cert_chain(cert, key)
+    return tls
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listening host is only reachable from this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _gateway_servers(
+    cli: _Cli, users: _GatewayUsers, address: tuple[str, int], tls: ssl.SSLContext | None
+) -> list[_GatewayServer]:
+    """The gateway in front of this run's client, and its servers: S3 on ``address``,
+    then GET /metrics on --metrics-listen, unauthenticated, for a Prometheus scraper."""
+    args = cli.args
     state = args.state_dir or os.path.join(_default_cache_dir(cli.environ), "gateway")
     gateway = _Gateway(
-        client,
+        cli.client,
         _GatewayAuth(users),
         state_dir=state,
         domain=args.domain,
@@ -15977,18 +15980,26 @@ def _cmd_serve(cli: _Cli) -> int:
     )
     servers = [
         _GatewayServer(
-            (host, port), gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
+            address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
-    if args.metrics_listen:  # unauthenticated, for a Prometheus scraper
+    if args.metrics_listen:
         servers.append(
             _GatewayServer(
-                address(args.metrics_listen, "--metrics-listen"),
+                _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
                 metrics_only=True,
             )
         )
+    return servers
+
+
+def _serve_until_stopped(
+    cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
+) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
+    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -15996,12 +16007,8 @@ def _cmd_serve(cli: _Cli) -> int:
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
-    cli.error(
-        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
-        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
-    )
-    if len(servers) > 1:
-        cli.error("metrics on %s/metrics" % servers[1].url)
+    for text in banner:
+        cli.error(text)
     try:
         while not stop.wait(0.5):
             pass
@@ -16009,14 +16016,38 @@ def _cmd_serve(cli: _Cli) -> int:
         for s in servers:
             s.stopping = True
             s.shutdown()
-        left = servers[0].drain(args.grace)
+        left = servers[0].drain(grace)
         for s in servers:
             s.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         cli.error(
-            "stopped" + (" (%d request(s) cut off after %gs)" % (left, args.grace) if left else "")
+            "stopped" + (" (%d request(s) cut off after %gs)" % (left, grace) if left else "")
         )
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
+    args = cli.args
+    host, port = _listen_address(args.listen, "--listen")
+    users = _GatewayUsers.load(args.users, cli.environ)
+    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
+        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
+    tls = _serve_tls(args.tls_cert, args.tls_key)
+    if not _is_loopback(host) and tls is None:
+        cli.error(
+            "warning: serving on %s without TLS: requests and their data travel "
+            "unencrypted (give --tls-cert and --tls-key)" % host
+        )
+    backend = cli.client.storage.endpoint_url  # resolves the back end now: errors show at start
+    servers = _gateway_servers(cli, users, (host, port), tls)
+    banner = [
+        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
+        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
+    ]
+    if len(servers) > 1:
+        banner.append("metrics on %s/metrics" % servers[1].url)
+    _serve_until_stopped(cli, servers, args.grace, banner)
     return EXIT_OK
 
 
