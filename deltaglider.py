@@ -140,6 +140,7 @@ _UNSIGNED_HEADERS = frozenset(
     }
 )
 _PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+#: Files and bodies are read, hashed, copied and spooled in pieces of this size.
 _IO_CHUNK = 1024 * 1024
 
 #: botocore standard retry mode: transient errors and throttling (retries/standard.py).
@@ -587,6 +588,8 @@ class XDelta3NotFoundError(DeltaGliderError):
 # Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
+# -- dates and times --
+
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
@@ -706,6 +709,9 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
     return True
 
 
+# -- text: HTTP dates, URL quoting, sizes, XML --
+
+
 def _http_date(dt: datetime.datetime) -> str:
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -779,6 +785,9 @@ def _xml_escape(text: str) -> str:
         .replace('"', "&quot;")
         .replace("'", "&apos;")
     )
+
+
+# -- files: hashing, spooling, temp files, slices of a file --
 
 
 class _FileInfo(NamedTuple):
@@ -951,6 +960,9 @@ def _body_length(body: Any) -> int | None:
         body.seek(pos)
         return int(end - pos)
     return None
+
+
+# -- S3 URLs, bucket names and keys --
 
 
 class _S3Url(NamedTuple):
@@ -1952,6 +1964,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1986,73 +2070,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
@@ -2717,83 +2752,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3303,8 +3261,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
@@ -3312,6 +3269,83 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
@@ -3359,6 +3393,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3372,7 +3450,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
@@ -3813,44 +3891,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3861,23 +3904,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
@@ -7066,7 +7125,7 @@ def _vcdiff_decode(
     when they reach before the last window, and so need it readable and seekable."""
     rd = _DeltaReader(delta)
     try:
-        magic = rd.take(4, "VCDIFF header")
+        magic = rd.take(len(_VCD_MAGIC), "VCDIFF header")
     except _VCDiffError:
         magic = b""
     if magic[:3] != _VCD_MAGIC[:3]:
@@ -8889,9 +8948,7 @@ class _NullWriter:
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f)
-        shutil.copyfileobj(src, writer, _IO_CHUNK)
-    return writer.sha256.hexdigest()
+        return _Hashes().read(src, each=f.write).info().sha256
 
 
 class _Logical(NamedTuple):
@@ -10705,14 +10762,10 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
     fd, path = _private_tempfile(engine.tmp_dir(), ".body")
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
+    hashes = _Hashes(md5=True)
 
     def write(f: IO[bytes], data: bytes) -> None:
-        nonlocal size
-        sha.update(data)
-        md5.update(data)
-        size += len(data)
+        hashes.update(data)
         f.write(data)
 
     try:
@@ -10736,7 +10789,7 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     except BaseException:
         os.unlink(path)
         raise
-    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+    return path, hashes.info()
 
 
 def _put_object_from_file(
@@ -10786,6 +10839,400 @@ def _put_object_from_file(
     return out
 
 
+def _delete_plan(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]]
+) -> tuple[list[str], dict[str, dict[str, Any]], set[str]]:
+    """The stored keys DeleteObjects' entries delete, the conditions to send on each,
+    and the keys whose conditions do not hold on the logical object (they stay)."""
+    stored: list[str] = []
+    conditions: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()
+    for entry in objects:
+        k = entry["Key"]
+        cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
+        if not cond:
+            stored += _stored_forms(k)
+            continue
+        try:
+            lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            lg = None
+        if lg is None:
+            stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
+            conditions[k] = cond
+            continue
+        logical = {
+            "ETag": lg.etag,
+            "LastModified": lg.head.get("LastModified"),
+            "ContentLength": lg.size,
+        }
+        # Checked here first: some servers ignore some conditions (SeaweedFS deletes
+        # whatever the Size), and a delta's logical ETag is not its stored one.
+        if not _delete_conditions_hold(logical, cond):
+            refused.add(k)
+            continue
+        # Then sent, so that the server refuses too if the object changed meanwhile.
+        stored.append(lg.stored_key)
+        if lg.kind == _Kind.DELTA:
+            conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+        else:
+            conditions[k] = cond
+    return stored, conditions, refused
+
+
+def _delete_logical_objects(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]], quiet: bool
+) -> dict[str, Any]:
+    """DeleteObjects of logical keys (delete_objects, its entries checked): the stored
+    forms go in batches, then the references no delta needs any more."""
+    keys = [o["Key"] for o in objects]
+    storage = engine.storage
+    errors: list[dict[str, Any]] = []
+    if len(objects) > _DELETE_BATCH:
+        # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
+        resp = storage.delete_objects(bucket, keys, check_limit=False)
+        errors += resp.get("Errors", [])
+    stored, conditions, refused = _delete_plan(engine, bucket, objects)
+    for i in range(0, len(stored), _DELETE_BATCH):
+        batch = stored[i : i + _DELETE_BATCH]
+        resp = storage.delete_objects(
+            bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
+        )
+        errors += resp.get("Errors", [])
+    engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
+    errors += [
+        {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
+        for k in sorted(refused)
+    ]
+    failed = {e["Key"] for e in errors}
+    out: dict[str, Any] = {}
+    done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
+    if done and not quiet:
+        out["Deleted"] = done
+    logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
+    if logical_errors:
+        out["Errors"] = logical_errors
+    out["ResponseMetadata"] = {
+        "HTTPStatusCode": 200,
+        "RetryAttempts": 0,
+        "RequestId": "",
+        "HostId": "",
+        "HTTPHeaders": {},
+    }
+    return out
+
+
+def _logical_response(lg: _Logical) -> dict[str, Any]:
+    """What GetObject and HeadObject say of a logical object, from its HEAD."""
+    out: dict[str, Any] = {}
+    head = lg.head
+    for key in (
+        "AcceptRanges",
+        "LastModified",
+        "CacheControl",
+        "ContentDisposition",
+        "ContentEncoding",
+        "ContentLanguage",
+        "Expires",
+        "ExpiresString",
+        "ServerSideEncryption",
+        "SSEKMSKeyId",
+        "StorageClass",
+        "TagCount",
+        "VersionId",
+    ):
+        if key in head:
+            out[key] = head[key]
+    out.setdefault("AcceptRanges", "bytes")
+    out["ContentLength"] = lg.size
+    out["ETag"] = lg.etag
+    out["ContentType"] = lg.content_type
+    out["Metadata"] = _user_metadata(lg.metadata)
+    return out
+
+
+def _get_rebuilt(
+    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
+    on the logical object; the body is the rebuilt, verified file. Returns the
+    response metadata and the status."""
+    size = lg.size
+    status = 200
+    failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
+    if failed:
+        raise _precondition_error(failed[0], failed[1], "GetObject")
+    try:
+        span = _byte_range(kwargs.get("Range"), size)
+    except _RangeNotSatisfiable as e:
+        raise e.client_error("GetObject") from None
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+    os.close(fd)
+    try:
+        engine.rebuild(lg, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    start, end = 0, size - 1
+    meta = _local_metadata(lg.head)
+    headers = dict(meta.get("HTTPHeaders") or {})
+    if span is not None:
+        start, end = span
+        out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
+        headers["content-range"] = out["ContentRange"]
+        status = 206
+    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["ContentLength"] = end - start + 1
+    headers["content-length"] = str(end - start + 1)
+    headers["etag"] = lg.etag
+    meta["HTTPHeaders"] = headers
+    return meta, status
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. Returns the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
+    query = []
+    for name, field, _ in _GET_OVERRIDE_PARAMS:
+        value = kwargs.get(name)
+        if value is not None:
+            when = _timestamp_param(value) if name == "ResponseExpires" else None
+            query.append((field, _http_date(when) if when else str(value)))
+    sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
+    resp = engine.storage.get_object(
+        bucket,
+        lg.stored_key,
+        range=sent_range,
+        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+        query=query,
+    )
+    status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
+    for name in ("ContentLength", "ContentRange", "LastModified"):
+        if name in resp:
+            out[name] = resp[name]
+    body = resp["Body"]
+    if sent_range is None and lg.sha256:
+        body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
+    out["Body"] = body
+    meta = _local_metadata(resp)
+    return meta, status
+
+
+def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """The ``Response*`` overrides asked for, in the response as S3 answers them."""
+    for name, _, field in _GET_OVERRIDE_PARAMS:
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            if field == "Expires":
+                when = _timestamp_param(value)
+                out["ExpiresString"] = _http_date(when) if when else str(value)
+                if when:
+                    out["Expires"] = when
+            else:
+                out[field] = value
+
+
+def _copy_source(src: Any) -> tuple[str, str]:
+    """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    if isinstance(src, str):
+        text = urllib.parse.unquote(src.lstrip("/"))
+        src_bucket, _, src_key = text.partition("/")
+        if "?versionId=" in src_key:
+            raise ParamValidationError(report="CopySource versionId is not supported")
+    elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
+        src_bucket, src_key = src["Bucket"], src.get("Key") or ""
+        if not isinstance(src_key, str) or not src_key:
+            raise ParamValidationError(
+                report=_type_report("CopySource.Key", src_key, "<class 'str'>")
+            )
+    else:
+        raise ParamValidationError(
+            report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+        )
+    return src_bucket, src_key
+
+
+def _copy_logical_object(
+    engine: _DeltaEngine,
+    kwargs: Mapping[str, Any],
+    src_bucket: str,
+    src_key: str,
+    now: Callable[[], datetime.datetime],
+) -> dict[str, Any]:
+    """CopyObject (copy_object, its source parsed): the source's conditions hold on the
+    logical object; it is read whole (rebuilt if a delta) and stored as put_object stores
+    a file, with its metadata unless ``MetadataDirective=REPLACE``."""
+    source_headers = {
+        h.replace("copy-source-", "", 1): v
+        for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
+    }
+    if kwargs.get("ExpectedSourceBucketOwner"):
+        source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
+    lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
+    failed = _precondition_failure(
+        kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
+    )
+    if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
+        raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
+    directive = kwargs.get("MetadataDirective", "COPY")
+    params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
+    params.pop("ExpectedSourceBucketOwner", None)
+    if directive == "COPY":
+        params["Metadata"] = _user_metadata(lg.metadata)
+        params.setdefault("ContentType", lg.content_type)
+        for name in (
+            "CacheControl",
+            "ContentDisposition",
+            "ContentEncoding",
+            "ContentLanguage",
+            "Expires",
+        ):
+            if name in lg.head:
+                params.setdefault(name, lg.head[name])
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
+    os.close(fd)
+    try:
+        engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
+        result = _put_object_from_file(engine, tmp, params)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    out: dict[str, Any] = {
+        "CopyObjectResult": {
+            "ETag": result["ETag"],
+            "LastModified": now().replace(microsecond=0),
+        },
+        "ResponseMetadata": result["ResponseMetadata"],
+    }
+    if "DeltaGliderInfo" in result:
+        out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+    return out
+
+
+def _logical_page(
+    engine: _DeltaEngine,
+    bucket: str,
+    page: dict[str, Any],
+    after: str | None,
+    fetch: bool,
+    continued: bool,
+    max_workers: int,
+) -> list[dict[str, Any]]:
+    """Hide references, show logical names (_logical_key), each once: where another
+    tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+    serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
+    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    objects = page.get("Contents", [])
+    plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+    first = objects[0]["Key"] if objects else ""
+    contents = []
+    for obj in objects:
+        stored = obj["Key"]
+        logical = _logical_key(stored)
+        if logical is None or (after is not None and logical <= after):
+            continue
+        if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+            if logical in plain:
+                continue
+            if continued and logical < first and engine.exists(bucket, logical):
+                continue  # listed on an earlier page
+        item = dict(obj)
+        item["Key"] = logical
+        if fetch:
+            item["_stored"] = stored
+        contents.append(item)
+    if fetch and contents:
+        _fetch_details(engine.storage, bucket, contents, max_workers)
+    return contents
+
+
+def _fetch_details(
+    storage: _Storage, bucket: str, contents: list[dict[str, Any]], max_workers: int
+) -> None:
+    """FetchMetadata: each listed delta's logical size and ETag, and every entry's
+    compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    def one(item: dict[str, Any]) -> None:
+        stored = item.pop("_stored")
+        is_delta = stored.endswith(_DELTA_SUFFIX)
+        meta: dict[str, str] = {}
+        if is_delta:
+            try:
+                meta = storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError:
+                meta = {}
+        original = _meta_get(meta, "file_size") if is_delta else None
+        size = int(original) if original and original.isdigit() else item["Size"]
+        stored_size = item["Size"]
+        item["Size"] = size
+        md5 = _meta_get(meta, "md5") if is_delta else None
+        if md5:  # the logical ETag, as head_object reports it (rclone check compares)
+            item["ETag"] = '"%s"' % md5
+        details = {
+            "deltaglider-is-delta": "true" if is_delta else "false",
+            "deltaglider-original-size": str(size),
+            "deltaglider-stored-size": str(stored_size),
+            "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
+        }
+        if is_delta:
+            ref = _meta_get(meta, "ref") or _REFERENCE_NAME
+            details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
+        item["Metadata"] = details
+
+    deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
+    for item in contents:
+        if not item["_stored"].endswith(_DELTA_SUFFIX):
+            one(item)  # no request needed
+    if deltas:
+        workers = min(max_workers, len(deltas))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, deltas))
+
+
+def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult:
+    """verify: the object read back whole into a temp file (a delta rebuilt), with every
+    integrity check reading applies; a failed check is the result, not an exception."""
+    lg = engine.head(bucket, key, "GetObject")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
+    os.close(fd)
+    try:
+        try:
+            if lg.kind == _Kind.DELTA:
+                engine.rebuild(lg, path)
+            else:
+                engine.fetch_plain(lg, path)
+            valid, message = True, "Integrity verified"
+        except IntegrityError as e:
+            valid, message = False, str(e)
+        actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
+    finally:
+        os.unlink(path)
+    if lg.kind == _Kind.FOREIGN:
+        message = "no SHA-256 recorded (not written by deltaglider); read back completely"
+    result = VerifyResult(
+        valid=valid,
+        kind=lg.kind,
+        expected_sha256=lg.sha256,
+        actual_sha256=actual,
+        message=message,
+    )
+    if lg.kind == _Kind.DELTA:
+        ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+        result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+    return result
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10818,6 +11265,7 @@ class DeltaGliderClient:
         self._now = now
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
+        self._multipart = _MultipartUploads(lambda: self.engine, now)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -10891,33 +11339,6 @@ class DeltaGliderClient:
         finally:
             os.unlink(path)
 
-    def _logical_response(self, lg: _Logical) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        head = lg.head
-        for key in (
-            "AcceptRanges",
-            "LastModified",
-            "CacheControl",
-            "ContentDisposition",
-            "ContentEncoding",
-            "ContentLanguage",
-            "Expires",
-            "ExpiresString",
-            "ServerSideEncryption",
-            "SSEKMSKeyId",
-            "StorageClass",
-            "TagCount",
-            "VersionId",
-        ):
-            if key in head:
-                out[key] = head[key]
-        out.setdefault("AcceptRanges", "bytes")
-        out["ContentLength"] = lg.size
-        out["ETag"] = lg.etag
-        out["ContentType"] = lg.content_type
-        out["Metadata"] = _user_metadata(lg.metadata)
-        return out
-
     def head_object(self, **kwargs: Any) -> dict[str, Any]:
         """HeadObject of a logical key. Conditions (``IfMatch``...) hold against the
         logical object; the server decides them for objects stored as they are."""
@@ -10937,7 +11358,7 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
-        out = self._logical_response(lg)
+        out = _logical_response(lg)
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -10952,71 +11373,12 @@ class DeltaGliderClient:
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = self._logical_response(lg)
-        size = lg.size
-        status = 200
+        out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
-            if failed:
-                raise _precondition_error(failed[0], failed[1], "GetObject")
-            try:
-                span = _byte_range(kwargs.get("Range"), size)
-            except _RangeNotSatisfiable as e:
-                raise e.client_error("GetObject") from None
-            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-            os.close(fd)
-            try:
-                engine.rebuild(lg, tmp)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            start, end = 0, size - 1
-            meta = _local_metadata(lg.head)
-            headers = dict(meta.get("HTTPHeaders") or {})
-            if span is not None:
-                start, end = span
-                out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
-                headers["content-range"] = out["ContentRange"]
-                status = 206
-            out["Body"] = _TempBody(tmp, start, end - start + 1)
-            out["ContentLength"] = end - start + 1
-            headers["content-length"] = str(end - start + 1)
-            headers["etag"] = lg.etag
-            meta["HTTPHeaders"] = headers
+            meta, status = _get_rebuilt(engine, lg, kwargs, out)
         else:
-            query = []
-            for name, field, _ in _GET_OVERRIDE_PARAMS:
-                value = kwargs.get(name)
-                if value is not None:
-                    when = _timestamp_param(value) if name == "ResponseExpires" else None
-                    query.append((field, _http_date(when) if when else str(value)))
-            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-            resp = engine.storage.get_object(
-                bucket,
-                lg.stored_key,
-                range=sent_range,
-                headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-                query=query,
-            )
-            status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
-            for name in ("ContentLength", "ContentRange", "LastModified"):
-                if name in resp:
-                    out[name] = resp[name]
-            body = resp["Body"]
-            if sent_range is None and lg.sha256:
-                body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
-            out["Body"] = body
-            meta = _local_metadata(resp)
-        for name, _, field in _GET_OVERRIDE_PARAMS:
-            if kwargs.get(name) is not None:
-                value = kwargs[name]
-                if field == "Expires":
-                    when = _timestamp_param(value)
-                    out["ExpiresString"] = _http_date(when) if when else str(value)
-                    if when:
-                        out["Expires"] = when
-                else:
-                    out[field] = value
+            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
@@ -11050,81 +11412,12 @@ class DeltaGliderClient:
             "Bucket",
             "Delete",
         )
-        bucket = kwargs["Bucket"]
         spec = kwargs["Delete"]
         objects = _delete_entries(spec)
-        keys = [o["Key"] for o in objects]
-        for k in keys:
-            _validate_key(k)
-        engine = self.engine
-        storage = engine.storage
-        errors: list[dict[str, Any]] = []
-        if len(objects) > _DELETE_BATCH:
-            # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
-            resp = storage.delete_objects(bucket, keys, check_limit=False)
-            errors += resp.get("Errors", [])
-        stored: list[str] = []
-        conditions: dict[str, dict[str, Any]] = {}
-        refused: set[str] = set()
         for entry in objects:
-            k = entry["Key"]
-            cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
-            if not cond:
-                stored += _stored_forms(k)
-                continue
-            try:
-                lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
-            except ClientError as e:
-                if not _is_not_found(e):
-                    raise
-                lg = None
-            if lg is None:
-                stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
-                conditions[k] = cond
-                continue
-            logical = {
-                "ETag": lg.etag,
-                "LastModified": lg.head.get("LastModified"),
-                "ContentLength": lg.size,
-            }
-            # Checked here first: some servers ignore some conditions (SeaweedFS deletes
-            # whatever the Size), and a delta's logical ETag is not its stored one.
-            if not _delete_conditions_hold(logical, cond):
-                refused.add(k)
-                continue
-            # Then sent, so that the server refuses too if the object changed meanwhile.
-            stored.append(lg.stored_key)
-            if lg.kind == _Kind.DELTA:
-                conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
-            else:
-                conditions[k] = cond
-        for i in range(0, len(stored), _DELETE_BATCH):
-            batch = stored[i : i + _DELETE_BATCH]
-            resp = storage.delete_objects(
-                bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
-            )
-            errors += resp.get("Errors", [])
-        engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
-        errors += [
-            {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
-            for k in sorted(refused)
-        ]
-        failed = {e["Key"] for e in errors}
-        out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
-        if done and not spec.get("Quiet"):
-            out["Deleted"] = done
-        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
-        if logical_errors:
-            out["Errors"] = logical_errors
-        out["ResponseMetadata"] = {
-            "HTTPStatusCode": 200,
-            "RetryAttempts": 0,
-            "RequestId": "",
-            "HostId": "",
-            "HTTPHeaders": {},
-        }
-        return out
+            _validate_key(entry["Key"])
+        quiet = bool(spec.get("Quiet"))
+        return _delete_logical_objects(self.engine, kwargs["Bucket"], objects, quiet)
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
         """CopyObject of a logical object: a delta-stored source is rebuilt and stored
@@ -11133,153 +11426,15 @@ class DeltaGliderClient:
         allowed |= _PUT_PARAMS | {n for n, _ in _COPY_CONDITION_PARAMS + _COPY_SSEC_HEADER_PARAMS}
         allowed |= {"ExpectedSourceBucketOwner"}
         _params("CopyObject", kwargs, allowed, "Bucket", "Key", "CopySource")
+        src_bucket, src_key = _copy_source(kwargs["CopySource"])
         try:
-            return self._copy_object(kwargs)
+            return _copy_logical_object(self.engine, kwargs, src_bucket, src_key, self._now)
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
             raise _as_operation(e, "CopyObject", keep_multipart=False) from None
 
-    def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            text = urllib.parse.unquote(src.lstrip("/"))
-            src_bucket, _, src_key = text.partition("/")
-            if "?versionId=" in src_key:
-                raise ParamValidationError(report="CopySource versionId is not supported")
-        elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
-            src_bucket, src_key = src["Bucket"], src.get("Key") or ""
-            if not isinstance(src_key, str) or not src_key:
-                raise ParamValidationError(
-                    report=_type_report("CopySource.Key", src_key, "<class 'str'>")
-                )
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        engine = self.engine
-        source_headers = {
-            h.replace("copy-source-", "", 1): v
-            for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
-        }
-        if kwargs.get("ExpectedSourceBucketOwner"):
-            source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
-        lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
-        failed = _precondition_failure(
-            kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
-        )
-        if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
-            raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
-        directive = kwargs.get("MetadataDirective", "COPY")
-        params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
-        params.pop("ExpectedSourceBucketOwner", None)
-        if directive == "COPY":
-            params["Metadata"] = _user_metadata(lg.metadata)
-            params.setdefault("ContentType", lg.content_type)
-            for name in (
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-            ):
-                if name in lg.head:
-                    params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
-        os.close(fd)
-        try:
-            engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        out: dict[str, Any] = {
-            "CopyObjectResult": {
-                "ETag": result["ETag"],
-                "LastModified": self._now().replace(microsecond=0),
-            },
-            "ResponseMetadata": result["ResponseMetadata"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        return out
-
     # -- listing ------------------------------------------------------------------
-
-    def _logical_page(
-        self,
-        bucket: str,
-        page: dict[str, Any],
-        after: str | None,
-        fetch: bool,
-        continued: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Hide references, show logical names (_logical_key), each once: where another
-        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
-        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-        the compression details (HEADs run in parallel)."""
-        objects = page.get("Contents", [])
-        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
-        first = objects[0]["Key"] if objects else ""
-        contents = []
-        for obj in objects:
-            stored = obj["Key"]
-            logical = _logical_key(stored)
-            if logical is None or (after is not None and logical <= after):
-                continue
-            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-                if logical in plain:
-                    continue
-                if continued and logical < first and self.engine.exists(bucket, logical):
-                    continue  # listed on an earlier page
-            item = dict(obj)
-            item["Key"] = logical
-            if fetch:
-                item["_stored"] = stored
-            contents.append(item)
-        if fetch and contents:
-            self._fetch_details(bucket, contents)
-        return contents
-
-    def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self.engine.storage
-
-        def one(item: dict[str, Any]) -> None:
-            stored = item.pop("_stored")
-            is_delta = stored.endswith(_DELTA_SUFFIX)
-            meta: dict[str, str] = {}
-            if is_delta:
-                try:
-                    meta = storage.head_object(bucket, stored).get("Metadata", {})
-                except ClientError:
-                    meta = {}
-            original = _meta_get(meta, "file_size") if is_delta else None
-            size = int(original) if original and original.isdigit() else item["Size"]
-            stored_size = item["Size"]
-            item["Size"] = size
-            md5 = _meta_get(meta, "md5") if is_delta else None
-            if md5:  # the logical ETag, as head_object reports it (rclone check compares)
-                item["ETag"] = '"%s"' % md5
-            details = {
-                "deltaglider-is-delta": "true" if is_delta else "false",
-                "deltaglider-original-size": str(size),
-                "deltaglider-stored-size": str(stored_size),
-                "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
-            }
-            if is_delta:
-                ref = _meta_get(meta, "ref") or _REFERENCE_NAME
-                details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
-            item["Metadata"] = details
-
-        deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
-        for item in contents:
-            if not item["_stored"].endswith(_DELTA_SUFFIX):
-                one(item)  # no request needed
-        if deltas:
-            workers = min(self._max_workers, len(deltas))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, deltas))
 
     def _list_logical(self, kwargs: Mapping[str, Any], marker: str | None) -> dict[str, Any]:
         """Pages of stored keys until ``MaxKeys`` logical entries (keys and common
@@ -11316,7 +11471,9 @@ class DeltaGliderClient:
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
-            contents += self._logical_page(bucket, page, after, fetch, continued)
+            contents += _logical_page(
+                self.engine, bucket, page, after, fetch, continued, self._max_workers
+            )
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -11523,255 +11680,35 @@ class DeltaGliderClient:
                 if Callback:
                     Callback(len(chunk))
 
-    # -- multipart uploads --------------------------------------------------------
-    #
-    # Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
-    # <nonce>/<key>; completing it assembles the staging object on the server, which is
-    # then stored under <key> as put_object stores a file (a delta where that pays) and
-    # removed. The UploadId we hand out is the nonce followed by the server's upload id,
-    # so any client (another process, the gateway) can continue an upload it did not
-    # start, and two uploads of one key never share a staging object.
-
-    _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
-    _MPU_NONCE = 32
-
-    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
-        """(bucket, staging key, the server's upload id) of one of our upload ids."""
-        _require(operation, kwargs, "Bucket", "Key", "UploadId")
-        upload_id = kwargs["UploadId"]
-        nonce, server_id = upload_id[: self._MPU_NONCE], upload_id[self._MPU_NONCE :]
-        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % self._MPU_NONCE, nonce):
-            raise _client_error(
-                {
-                    "Error": {
-                        "Code": "NoSuchUpload",
-                        "Message": "The specified upload does not exist. The upload ID may "
-                        "be invalid, or the upload may have been aborted or completed.",
-                        "UploadId": upload_id,
-                    },
-                    "ResponseMetadata": _local_metadata(
-                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
-                    ),
-                },
-                operation,
-            )
-        _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], self._MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+    # -- multipart uploads: _MultipartUploads ----------------------------------------
 
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CreateMultipartUpload; the object's headers and metadata are kept on the
         staging upload and given to the object when the upload completes."""
-        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
-            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
-        )
-        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
-        _validate_key(kwargs["Key"])
-        if kwargs.get("SSECustomerKey") is not None:
-            raise ParamValidationError(
-                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
-            )
-        nonce = uuid.uuid4().hex
-        staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
-        headers = _put_headers(kwargs)
-        server_id = self.engine.storage.create_multipart_upload(
-            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
-        )
-        return {
-            "Bucket": kwargs["Bucket"],
-            "Key": kwargs["Key"],
-            "UploadId": nonce + server_id,
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.create(kwargs)
 
     def upload_part(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
-        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
-        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
-        body = kwargs.get("Body")
-        path, info = _spool_request_body(self.engine, body if body is not None else b"")
-        try:
-            with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+        return self._multipart.upload_part(kwargs)
 
     def upload_part_copy(self, **kwargs: Any) -> dict[str, Any]:
         """UploadPartCopy from a logical object (rebuilt when stored as a delta);
         ``CopySourceRange`` as ``bytes=first-last``."""
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
-        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
-        _params(
-            "UploadPartCopy",
-            kwargs,
-            allowed,
-            "Bucket",
-            "Key",
-            "UploadId",
-            "PartNumber",
-            "CopySource",
-        )
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
-        elif isinstance(src, dict):
-            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
-        if kwargs.get("CopySourceRange"):
-            get["Range"] = kwargs["CopySourceRange"]
-        for name, _ in _COPY_CONDITION_PARAMS:
-            if kwargs.get(name) is not None:
-                get[name[len("CopySource") :]] = kwargs[name]
-        try:
-            resp = self.get_object(**get)
-        except ClientError as e:
-            raise _client_error(e.response, "UploadPartCopy") from None
-        with resp["Body"] as part:
-            path, info = _spool_request_body(self.engine, part)
-        try:
-            with open(path, "rb") as f:
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {
-            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.upload_part_copy(kwargs, self.get_object)
 
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CompleteMultipartUpload: the server assembles the parts; the result is then
         stored under ``Key`` as put_object stores a file (a delta where that pays)."""
-        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
-        allowed |= {"RequestPayer"}
-        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
-        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
-        if not isinstance(parts, (list, tuple)):
-            raise ParamValidationError(
-                report=_type_report(
-                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
-                )
-            )
-        storage = self.engine.storage
-        storage.complete_multipart_upload(
-            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
-        )
-        engine = self.engine
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
-        os.close(fd)
-        try:
-            got = storage.get_object(bucket, staging)
-            with got["Body"] as body, open(tmp, "wb") as f:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
-            params["Metadata"] = got.get("Metadata") or {}
-            for name in (
-                "ContentType",
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-                "ServerSideEncryption",
-                "SSEKMSKeyId",
-                "StorageClass",
-            ):
-                if got.get(name) is not None:
-                    params[name] = got[name]
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            os.unlink(tmp)
-        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
-            storage.delete_object(bucket, staging)
-        out: dict[str, Any] = {
-            "Location": storage.object_url(bucket, kwargs["Key"]),
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "ETag": result["ETag"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        out["ResponseMetadata"] = result["ResponseMetadata"]
-        return out
+        return self._multipart.complete(kwargs)
 
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
-        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
-        return {"ResponseMetadata": _local_metadata(resp)}
+        return self._multipart.abort(kwargs)
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
-        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
-        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self.engine.storage.list_parts(bucket, staging, server_id)
-        parts = resp.get("Parts", [])
-        marker = int(kwargs.get("PartNumberMarker") or 0)
-        parts = [p for p in parts if p["PartNumber"] > marker]
-        limit = kwargs.get("MaxParts", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "UploadId": kwargs["UploadId"],
-            "PartNumberMarker": marker,
-            "MaxParts": limit,
-            "IsTruncated": len(parts) > limit,
-            "Parts": parts[:limit],
-        }
-        if out["IsTruncated"]:
-            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_parts(kwargs)
 
     def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         """Uploads in progress, by their logical keys and our upload ids."""
-        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
-        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
-        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
-        bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
-        uploads = []
-        for u in resp.get("Uploads", []):
-            rest = u["Key"][len(self._MPU_PREFIX) :]
-            nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(self._MPU_PREFIX) or len(nonce) != self._MPU_NONCE:
-                continue
-            if not key.startswith(kwargs.get("Prefix") or ""):
-                continue
-            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
-        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
-        marker = kwargs.get("KeyMarker")
-        if marker:
-            uploads = [u for u in uploads if u["Key"] > marker]
-        limit = kwargs.get("MaxUploads", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "KeyMarker": marker or "",
-            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
-            "Prefix": kwargs.get("Prefix") or "",
-            "MaxUploads": limit,
-            "IsTruncated": len(uploads) > limit,
-        }
-        if uploads[:limit]:
-            out["Uploads"] = uploads[:limit]
-        if out["IsTruncated"]:
-            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
-            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_uploads(kwargs)
 
     # -- object tagging and ACLs ---------------------------------------------------
 
@@ -11932,7 +11869,9 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
+        method = _presign_method(ClientMethod, params, ExpiresIn)
+        http_method = HttpMethod or method
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, http_method, self._now)
 
     def generate_presigned_post(
         self,
@@ -12003,35 +11942,7 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self.engine
-        lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
-        os.close(fd)
-        try:
-            try:
-                if lg.kind == _Kind.DELTA:
-                    engine.rebuild(lg, path)
-                else:
-                    engine.fetch_plain(lg, path)
-                valid, message = True, "Integrity verified"
-            except IntegrityError as e:
-                valid, message = False, str(e)
-            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
-        finally:
-            os.unlink(path)
-        if lg.kind == _Kind.FOREIGN:
-            message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        result = VerifyResult(
-            valid=valid,
-            kind=lg.kind,
-            expected_sha256=lg.sha256,
-            actual_sha256=actual,
-            message=message,
-        )
-        if lg.kind == _Kind.DELTA:
-            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
-        return result
+        return _verify_logical(self.engine, bucket, key)
 
     def upload_chunked(
         self,
@@ -12283,29 +12194,7 @@ class DeltaGliderClient:
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self.engine.storage
-        now = self._now()
-        deleted = expired = errors = freed = 0
-        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
-            for obj in page.get("Contents", []):
-                try:
-                    meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
-                    when = meta.get("dg-expires-at")
-                    if when and _parse_timestamp(when) <= now:
-                        expired += 1
-                        storage.delete_object(Bucket, obj["Key"])
-                        deleted += 1
-                        freed += obj["Size"]
-                except (ClientError, ValueError) as e:
-                    logger.warning("purge: %s: %s", obj["Key"], e)
-                    errors += 1
-        return {
-            "bucket": Bucket,
-            "deleted_count": deleted,
-            "expired_count": expired,
-            "error_count": errors,
-            "total_size_freed": freed,
-        }
+        return _purge_presign_copies(self.engine.storage, Bucket, self._now)
 
 
 #: The client's public methods, for the "not supported" message.
@@ -12487,6 +12376,266 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
         )
     parts.append("</AccessControlList></AccessControlPolicy>")
     return "".join(parts).encode("utf-8")
+
+
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete --
+
+_MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
+_MPU_NONCE = 32
+
+
+class _MultipartUploads:
+    """The client's multipart-upload operations, over the engine's storage.
+
+    Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
+    <nonce>/<key>; completing it assembles the staging object on the server, which is
+    then stored under <key> as put_object stores a file (a delta where that pays) and
+    removed. The UploadId we hand out is the nonce followed by the server's upload id,
+    so any client (another process, the gateway) can continue an upload it did not
+    start, and two uploads of one key never share a staging object."""
+
+    def __init__(
+        self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
+    ) -> None:
+        self._get_engine = engine  # the client's, made on first use
+        self._now = now
+
+    @property
+    def engine(self) -> _DeltaEngine:
+        return self._get_engine()
+
+    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
+        """(bucket, staging key, the server's upload id) of one of our upload ids."""
+        _require(operation, kwargs, "Bucket", "Key", "UploadId")
+        upload_id = kwargs["UploadId"]
+        nonce, server_id = upload_id[:_MPU_NONCE], upload_id[_MPU_NONCE:]
+        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % _MPU_NONCE, nonce):
+            raise _client_error(
+                {
+                    "Error": {
+                        "Code": "NoSuchUpload",
+                        "Message": "The specified upload does not exist. The upload ID may "
+                        "be invalid, or the upload may have been aborted or completed.",
+                        "UploadId": upload_id,
+                    },
+                    "ResponseMetadata": _local_metadata(
+                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
+                    ),
+                },
+                operation,
+            )
+        _validate_key(kwargs["Key"])
+        return kwargs["Bucket"], _MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+
+    def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
+            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
+        )
+        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
+        _validate_key(kwargs["Key"])
+        if kwargs.get("SSECustomerKey") is not None:
+            raise ParamValidationError(
+                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
+            )
+        nonce = uuid.uuid4().hex
+        staging = _MPU_PREFIX + nonce + "/" + kwargs["Key"]
+        headers = _put_headers(kwargs)
+        server_id = self.engine.storage.create_multipart_upload(
+            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
+        )
+        return {
+            "Bucket": kwargs["Bucket"],
+            "Key": kwargs["Key"],
+            "UploadId": nonce + server_id,
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def upload_part(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
+        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
+        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
+        body = kwargs.get("Body")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
+        try:
+            with open(path, "rb") as f:  # signed with the hash of what the caller gave
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+
+    def upload_part_copy(
+        self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
+        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
+        _params(
+            "UploadPartCopy",
+            kwargs,
+            allowed,
+            "Bucket",
+            "Key",
+            "UploadId",
+            "PartNumber",
+            "CopySource",
+        )
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
+        src = kwargs["CopySource"]
+        if isinstance(src, str):
+            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
+        elif isinstance(src, dict):
+            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
+        else:
+            raise ParamValidationError(
+                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+            )
+        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        if kwargs.get("CopySourceRange"):
+            get["Range"] = kwargs["CopySourceRange"]
+        for name, _ in _COPY_CONDITION_PARAMS:
+            if kwargs.get(name) is not None:
+                get[name[len("CopySource") :]] = kwargs[name]
+        try:
+            resp = get_object(**get)
+        except ClientError as e:
+            raise _client_error(e.response, "UploadPartCopy") from None
+        with resp["Body"] as part:
+            path, info = _spool_request_body(self.engine, part)
+        try:
+            with open(path, "rb") as f:
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {
+            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def complete(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
+        allowed |= {"RequestPayer"}
+        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
+        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
+        if not isinstance(parts, (list, tuple)):
+            raise ParamValidationError(
+                report=_type_report(
+                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
+                )
+            )
+        storage = self.engine.storage
+        storage.complete_multipart_upload(
+            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
+        )
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
+        os.close(fd)
+        try:
+            got = storage.get_object(bucket, staging)
+            with got["Body"] as body, open(tmp, "wb") as f:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+            params["Metadata"] = got.get("Metadata") or {}
+            for name in (
+                "ContentType",
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+                "ServerSideEncryption",
+                "SSEKMSKeyId",
+                "StorageClass",
+            ):
+                if got.get(name) is not None:
+                    params[name] = got[name]
+            result = _put_object_from_file(self.engine, tmp, params)
+        finally:
+            os.unlink(tmp)
+        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
+            storage.delete_object(bucket, staging)
+        out: dict[str, Any] = {
+            "Location": storage.object_url(bucket, kwargs["Key"]),
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "ETag": result["ETag"],
+        }
+        if "DeltaGliderInfo" in result:
+            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+        out["ResponseMetadata"] = result["ResponseMetadata"]
+        return out
+
+    def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
+        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        return {"ResponseMetadata": _local_metadata(resp)}
+
+    def list_parts(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
+        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
+        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
+        parts = resp.get("Parts", [])
+        marker = int(kwargs.get("PartNumberMarker") or 0)
+        parts = [p for p in parts if p["PartNumber"] > marker]
+        limit = kwargs.get("MaxParts", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "UploadId": kwargs["UploadId"],
+            "PartNumberMarker": marker,
+            "MaxParts": limit,
+            "IsTruncated": len(parts) > limit,
+            "Parts": parts[:limit],
+        }
+        if out["IsTruncated"]:
+            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
+
+    def list_uploads(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
+        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
+        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
+        bucket = kwargs["Bucket"]
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MPU_PREFIX)
+        uploads = []
+        for u in resp.get("Uploads", []):
+            rest = u["Key"][len(_MPU_PREFIX) :]
+            nonce, _, key = rest.partition("/")
+            if not u["Key"].startswith(_MPU_PREFIX) or len(nonce) != _MPU_NONCE:
+                continue
+            if not key.startswith(kwargs.get("Prefix") or ""):
+                continue
+            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
+        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
+        marker = kwargs.get("KeyMarker")
+        if marker:
+            uploads = [u for u in uploads if u["Key"] > marker]
+        limit = kwargs.get("MaxUploads", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "KeyMarker": marker or "",
+            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
+            "Prefix": kwargs.get("Prefix") or "",
+            "MaxUploads": limit,
+            "IsTruncated": len(uploads) > limit,
+        }
+        if uploads[:limit]:
+            out["Uploads"] = uploads[:limit]
+        if out["IsTruncated"]:
+            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
+            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
 
 
 # -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
@@ -12779,12 +12928,12 @@ def _presigned_url(
     client_method: str,
     params: dict[str, Any],
     expires: int,
-    http_method: str | None,
+    http_method: str,
     now: Callable[[], datetime.datetime],
 ) -> str:
-    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
-    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
-    method = _presign_method(client_method, params, expires)
+    """generate_presigned_url, its parameters checked (_presign_method): a get_object URL
+    of a delta-stored key is one of its rebuilt copy (_rehydrated_copy); the ``Response*``
+    overrides and list parameters go in the query."""
     storage = engine.storage
     if getattr(storage, "is_local", False):
         raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
@@ -12810,7 +12959,7 @@ def _presigned_url(
         for name, value in rest.items():
             query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
     return cast(_S3Storage, storage).presign_url(
-        http_method or method, bucket, key, query, int(expires), headers
+        http_method, bucket, key, query, int(expires), headers
     )
 
 
@@ -12874,6 +13023,35 @@ def _rehydrated_copy(
         if os.path.exists(path):
             os.unlink(path)
     return tmp_key
+
+
+def _purge_presign_copies(
+    storage: _Storage, bucket: str, clock: Callable[[], datetime.datetime]
+) -> dict[str, Any]:
+    """purge_temp_files: the rebuilt copies under ``.deltaglider/tmp/`` whose
+    ``dg-expires-at`` has passed are deleted; counts of what was seen and freed."""
+    now = clock()
+    deleted = expired = errors = freed = 0
+    for page in _list_pages(storage, bucket, prefix=".deltaglider/tmp/"):
+        for obj in page.get("Contents", []):
+            try:
+                meta = storage.head_object(bucket, obj["Key"]).get("Metadata", {})
+                when = meta.get("dg-expires-at")
+                if when and _parse_timestamp(when) <= now:
+                    expired += 1
+                    storage.delete_object(bucket, obj["Key"])
+                    deleted += 1
+                    freed += obj["Size"]
+            except (ClientError, ValueError) as e:
+                logger.warning("purge: %s: %s", obj["Key"], e)
+                errors += 1
+    return {
+        "bucket": bucket,
+        "deleted_count": deleted,
+        "expired_count": expired,
+        "error_count": errors,
+        "total_size_freed": freed,
+    }
 
 
 def _presigned_post(
@@ -13069,7 +13247,8 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
@@ -13853,7 +14032,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14931,7 +15112,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -15243,7 +15424,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15301,7 +15482,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
