@@ -13331,7 +13331,8 @@ def create_client(
 #                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
-#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   XML answers         _xml_* (short ones are written where they are answered), and
+#                       _acl_policy (reads a PutBucketAcl body)
 #   object requests     _preconditions (If-*), _object_headers, _put_params
 #   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
 #                       routes, one method per S3 operation), _Share, _GatewayServer
@@ -14729,7 +14730,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- XML answers: one writer per S3 response document ---------------------------------
+# -- XML answers: errors, listings and the other long S3 documents --------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -16193,43 +16194,46 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._conns_lock.wait(min(left, 0.2))
 
 
-def _cmd_serve(cli: _Cli) -> int:
-    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
-    args = cli.args
-
-    def address(text: str, option: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise InvalidConfigError(
-                error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
-            )
-        return host.strip("[]") or "127.0.0.1", int(port)
-
-    host, port = address(args.listen, "--listen")
-    users = _GatewayUsers.load(args.users, cli.environ)
-    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
-        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and tls is None:
-        cli.error(
-            "warning: serving on %s without TLS: requests and their data travel "
-            "unencrypted (give --tls-cert and --tls-key)" % host
+def _listen_address(text: str, option: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT option (--listen, --metrics-listen); ``[::1]:8333``
+    takes IPv6, ``:8333`` means 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidConfigError(
+            error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
         )
-    client = cli.client
-    backend = client.storage.endpoint_url  # resolves the back end now: errors show at start
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    if bool(cert) != bool(key):
+        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
+    if not cert:
+        return None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_cert_chain(cert, key)
+    return tls
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listening host is only reachable from this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _gateway_servers(
+    cli: _Cli, users: _GatewayUsers, address: tuple[str, int], tls: ssl.SSLContext | None
+) -> list[_GatewayServer]:
+    """The gateway in front of this run's client, and its servers: S3 on ``address``,
+    then GET /metrics on --metrics-listen, unauthenticated, for a Prometheus scraper."""
+    args = cli.args
     state = args.state_dir or os.path.join(_default_cache_dir(cli.environ), "gateway")
     gateway = _Gateway(
-        client,
+        cli.client,
         _GatewayAuth(users),
         state_dir=state,
         domain=args.domain,
@@ -16238,18 +16242,26 @@ def _cmd_serve(cli: _Cli) -> int:
     )
     servers = [
         _GatewayServer(
-            (host, port), gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
+            address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
-    if args.metrics_listen:  # unauthenticated, for a Prometheus scraper
+    if args.metrics_listen:
         servers.append(
             _GatewayServer(
-                address(args.metrics_listen, "--metrics-listen"),
+                _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
                 metrics_only=True,
             )
         )
+    return servers
+
+
+def _serve_until_stopped(
+    cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
+) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
+    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -16257,12 +16269,8 @@ def _cmd_serve(cli: _Cli) -> int:
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
-    cli.error(
-        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
-        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
-    )
-    if len(servers) > 1:
-        cli.error("metrics on %s/metrics" % servers[1].url)
+    for text in banner:
+        cli.error(text)
     try:
         while not stop.wait(0.5):
             pass
@@ -16270,14 +16278,38 @@ def _cmd_serve(cli: _Cli) -> int:
         for s in servers:
             s.stopping = True
             s.shutdown()
-        left = servers[0].drain(args.grace)
+        left = servers[0].drain(grace)
         for s in servers:
             s.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         cli.error(
-            "stopped" + (" (%d request(s) cut off after %gs)" % (left, args.grace) if left else "")
+            "stopped" + (" (%d request(s) cut off after %gs)" % (left, grace) if left else "")
         )
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
+    args = cli.args
+    host, port = _listen_address(args.listen, "--listen")
+    users = _GatewayUsers.load(args.users, cli.environ)
+    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
+        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
+    tls = _serve_tls(args.tls_cert, args.tls_key)
+    if not _is_loopback(host) and tls is None:
+        cli.error(
+            "warning: serving on %s without TLS: requests and their data travel "
+            "unencrypted (give --tls-cert and --tls-key)" % host
+        )
+    backend = cli.client.storage.endpoint_url  # resolves the back end now: errors show at start
+    servers = _gateway_servers(cli, users, (host, port), tls)
+    banner = [
+        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
+        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
+    ]
+    if len(servers) > 1:
+        banner.append("metrics on %s/metrics" % servers[1].url)
+    _serve_until_stopped(cli, servers, args.grace, banner)
     return EXIT_OK
 
 
@@ -16335,6 +16367,88 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
+def _local_files(
+    root: str,
+    warn: Callable[[str], None],
+    *,
+    follow: bool = True,
+    confine: bool = False,
+    unread: list[str] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+    The one walk of local folders. Symlinks are followed as aws s3 does (not at all
+    without ``follow``: --no-follow-symlinks), but a symlinked folder is entered only the
+    first time its real folder is met, and never when it is one of its own parents: link
+    loops end, and repeated links cost one visit (aws s3 walks them until the path is too
+    long).
+    With ``confine`` (a destination), symlinked folders are not entered: a delete never
+    goes through a link (out of the destination, or onto a file another key maps to);
+    a symlinked file is yielded as itself (unlinking it removes only the link).
+
+    What cannot be read (an unreadable folder or file, a special file) is skipped with a
+    warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+    ``unread``: the remote copies of what could not be read are never deleted. Folders
+    skipped as already visited are added to ``unread`` without a warning."""
+    skipped = unread if unread is not None else []
+    visited: set[tuple[int, int]] = set()
+    # A stack of (real folder id, its relative path, its entries still to visit).
+    stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+    def enter(path: str, rel: str, via_link: bool) -> None:
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino)
+            if any(ident == parent for parent, _, _ in stack) or (via_link and ident in visited):
+                skipped.append(rel)  # a link loop, or a folder already walked via a link
+                return
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+            skipped.append(rel)
+            return
+        visited.add(ident)
+        # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+        entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+        stack.append((ident, rel, entries))
+
+    enter(root, "", via_link=False)
+    while stack:
+        _, rel_dir, entries = stack[-1]
+        if not entries:
+            stack.pop()
+            continue
+        entry = entries.pop()
+        path, rel = entry.path, rel_dir + entry.name
+        link = entry.is_symlink()
+        if link and (not follow or (confine and _is_dir_entry(entry))):
+            continue
+        if _is_dir_entry(entry):
+            enter(path, rel + "/", via_link=link)
+            continue
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError as e:
+            warn("Skipping file %s. %s" % (path, e.strerror))
+            skipped.append(rel)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % path
+            )
+            skipped.append(rel)
+            continue
+        if not os.access(path, os.R_OK):
+            warn("Skipping file %s. File/Directory is not readable." % path)
+            skipped.append(rel)
+            continue
+        yield path, rel
+
+
 _CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -16379,6 +16493,163 @@ class _FilterAction(argparse.Action):
         namespace.filters = rules
 
 
+def _print_stats(out: IO[str], bucket: str, mode: str, stats: Mapping[str, Any]) -> None:
+    """``deltaglider stats`` as a table: the counts, sizes and savings of a bucket, then
+    what needs cleaning up (unused references, presigned copies) and the references."""
+    approx = "~" if stats["estimated"] else ""
+    rows = [
+        ("Total Objects:", str(stats["object_count"])),
+        ("  Delta Objects:", str(stats["delta_objects"])),
+        ("  Direct Objects:", str(stats["direct_objects"])),
+        (
+            "Original Size:",
+            "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
+        ),
+        (
+            "Stored Size:",
+            "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
+        ),
+        (
+            "Space Saved:",
+            "%s%s (%.1f%%)"
+            % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
+        ),
+    ]
+    if "reference_size" in stats:
+        rows.insert(
+            3,
+            (
+                "  References:",
+                "%d (%s stored)"
+                % (stats["reference_objects"], _human_size(stats["reference_size"])),
+            ),
+        )
+    out.write(
+        "Bucket Statistics: %s (%s%s)\n%s\n"
+        % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
+    )
+    if stats.get("unused_references"):
+        size = stats["unused_reference_size"]
+        rows.append(
+            (
+                "Unused References:",
+                "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
+                % (stats["unused_references"], _human_size(size), size),
+            )
+        )
+    if stats.get("presign_copies"):
+        size = stats["presign_copies_size"]
+        rows.append(
+            (
+                "Presigned Copies:",
+                "%d, %s (%d bytes) under %s; purge removes expired ones"
+                % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
+            )
+        )
+    for label, value in rows:
+        out.write("%-22s%s\n" % (label, value))
+    if stats.get("references"):
+        out.write("References (stored size, deltas that need it, their size):\n")
+        for ref in stats["references"]:
+            out.write(
+                "  %10s  %4d deltas %10s  %s\n"
+                % (
+                    _human_size(ref["size"]),
+                    ref["deltas"],
+                    _human_size(ref["original_size"]),
+                    ref["source"] or ref["key"],
+                )
+            )
+    if stats["estimated"]:
+        out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+
+
+def _cli_client(
+    args: argparse.Namespace, environ: Mapping[str, str], workers: int
+) -> DeltaGliderClient:
+    """The client of a CLI run, from its global and transfer options (TLS, timeouts,
+    attempts, how files are stored) and its environment."""
+    verify: bool | str | None = None
+    if args.no_verify_ssl:
+        verify = False
+    elif args.ca_bundle:
+        verify = args.ca_bundle
+    cfg = Config(
+        verify=verify,
+        max_attempts=args.max_attempts,
+        connect_timeout=args.cli_connect_timeout,
+        read_timeout=args.cli_read_timeout,
+        request_timeout=args.cli_request_timeout,
+        max_pool_connections=max(10, workers),
+    )
+    max_ratio = getattr(args, "max_ratio", None)
+    archive_aware = True if getattr(args, "archive_aware", False) else None
+    references = getattr(args, "references", None)
+    memory_limit = getattr(args, "memory_limit", None)
+    return create_client(
+        endpoint_url=args.endpoint_url,
+        region_name=args.region,
+        profile_name=args.profile,
+        config=cfg,
+        anonymous=args.no_sign_request,
+        max_ratio=max_ratio,
+        max_workers=workers,
+        archive_aware=archive_aware,
+        memory_limit=memory_limit,
+        environ=environ,
+        references=references,
+    )
+
+
+def _saved_note(summary: Mapping[str, Any]) -> str:
+    """What a transfer's line says about how the file was stored: " (delta, 97.1% saved)",
+    naming the reference when it came from another folder, or " (reference)"."""
+    op = summary.get("Operation")
+    if op == "create_delta":
+        # Rounded down: a 99.96% saving is not "100.0%".
+        saved = int(summary["SavingsPercent"] * 10) / 10.0
+        source = summary.get("ReferenceSource")
+        folder, _, name = (source or "").rpartition("/")
+        key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+        if source and folder != _deltaspace(key):
+            # A reference made from a file in another folder: name it.
+            shown = folder + "/" if name == key.rpartition("/")[2] else source
+            return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+        return " (delta, %.1f%% saved)" % saved
+    if op == "create_reference":
+        return " (reference)"
+    return ""
+
+
+def _put_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The PutObject parameters of the upload options (--content-type, --acl, ...)."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "content_type", None):
+        extra["ContentType"] = args.content_type
+    if getattr(args, "storage_class", None):
+        extra["StorageClass"] = args.storage_class
+    if getattr(args, "metadata", None):
+        extra["Metadata"] = dict(args.metadata)
+    if getattr(args, "cache_control", None):
+        extra["CacheControl"] = args.cache_control
+    if getattr(args, "content_disposition", None):
+        extra["ContentDisposition"] = args.content_disposition
+    if getattr(args, "acl", None):
+        extra["ACL"] = args.acl
+    return extra
+
+
+# put-bucket-acl's options, and the PutBucketAcl parameters they set.
+_ACL_OPTIONS = (
+    ("acl", "ACL"),
+    ("grant_full_control", "GrantFullControl"),
+    ("grant_read", "GrantRead"),
+    ("grant_read_acp", "GrantReadACP"),
+    ("grant_write", "GrantWrite"),
+    ("grant_write_acp", "GrantWriteACP"),
+)
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -16405,36 +16676,7 @@ class _Cli:
     @property
     def client(self) -> DeltaGliderClient:
         if self._client is None:
-            verify: bool | str | None = None
-            if self.args.no_verify_ssl:
-                verify = False
-            elif self.args.ca_bundle:
-                verify = self.args.ca_bundle
-            cfg = Config(
-                verify=verify,
-                max_attempts=self.args.max_attempts,
-                connect_timeout=self.args.cli_connect_timeout,
-                read_timeout=self.args.cli_read_timeout,
-                request_timeout=self.args.cli_request_timeout,
-                max_pool_connections=max(10, self.workers),
-            )
-            max_ratio = getattr(self.args, "max_ratio", None)
-            archive_aware = True if getattr(self.args, "archive_aware", False) else None
-            references = getattr(self.args, "references", None)
-            memory_limit = getattr(self.args, "memory_limit", None)
-            self._client = create_client(
-                endpoint_url=self.args.endpoint_url,
-                region_name=self.args.region,
-                profile_name=self.args.profile,
-                config=cfg,
-                anonymous=self.args.no_sign_request,
-                max_ratio=max_ratio,
-                max_workers=self.workers,
-                archive_aware=archive_aware,
-                memory_limit=memory_limit,
-                environ=self.environ,
-                references=references,
-            )
+            self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
 
     # -- output -------------------------------------------------------------------
@@ -16530,23 +16772,6 @@ class _Cli:
     def describe_error(self, e: BaseException) -> str:
         return _one_line(e)
 
-    def _saved_note(self, summary: Mapping[str, Any]) -> str:
-        op = summary.get("Operation")
-        if op == "create_delta":
-            # Rounded down: a 99.96% saving is not "100.0%".
-            saved = int(summary["SavingsPercent"] * 10) / 10.0
-            source = summary.get("ReferenceSource")
-            folder, _, name = (source or "").rpartition("/")
-            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
-            if source and folder != _deltaspace(key):
-                # A reference made from a file in another folder: name it.
-                shown = folder + "/" if name == key.rpartition("/")[2] else source
-                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
-            return " (delta, %.1f%% saved)" % saved
-        if op == "create_reference":
-            return " (reference)"
-        return ""
-
     # -- cp / mv ------------------------------------------------------------------
 
     def transfer_one(
@@ -16562,7 +16787,7 @@ class _Cli:
         try:
             summary = work()
             self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+            self.line("%s: %s to %s%s" % (verb, src, dst, _saved_note(summary or {})))
         except _Cancelled:
             raise
         except (DeltaGliderError, OSError) as e:
@@ -16581,7 +16806,7 @@ class _Cli:
         """Store a local file at s3://bucket/key; mv then removes the file."""
 
         def work() -> dict[str, Any]:
-            extra = self.put_args()
+            extra = _put_args(self.args)
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
@@ -16604,22 +16829,6 @@ class _Cli:
             return summary
 
         self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
-
-    def put_args(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if getattr(self.args, "content_type", None):
-            extra["ContentType"] = self.args.content_type
-        if getattr(self.args, "storage_class", None):
-            extra["StorageClass"] = self.args.storage_class
-        if getattr(self.args, "metadata", None):
-            extra["Metadata"] = dict(self.args.metadata)
-        if getattr(self.args, "cache_control", None):
-            extra["CacheControl"] = self.args.cache_control
-        if getattr(self.args, "content_disposition", None):
-            extra["ContentDisposition"] = self.args.content_disposition
-        if getattr(self.args, "acl", None):
-            extra["ACL"] = self.args.acl
-        return extra
 
     def download_one(
         self,
@@ -16664,7 +16873,7 @@ class _Cli:
         def work() -> dict[str, Any]:
             engine = self.client.engine
             with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
-                params = dict(self.put_args())
+                params = dict(_put_args(self.args))
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
                 delta = False if getattr(self.args, "no_delta", False) else None
@@ -16702,80 +16911,9 @@ class _Cli:
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
     ) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of the regular files under ``root``, in key order.
-
-        The one walk of local folders. Symlinks are followed as aws s3 does (unless
-        --no-follow-symlinks), but a symlinked folder is entered only the first time its
-        real folder is met, and never when it is one of its own parents: link loops end,
-        and repeated links cost one visit (aws s3 walks them until the path is too long).
-        With ``confine`` (a destination), symlinked folders are not entered: a delete never
-        goes through a link (out of the destination, or onto a file another key maps to);
-        a symlinked file is yielded as itself (unlinking it removes only the link).
-
-        What cannot be read (an unreadable folder or file, a special file) is skipped with a
-        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
-        ``unread``: the remote copies of what could not be read are never deleted. Folders
-        skipped as already visited are added to ``unread`` without a warning."""
+        """_local_files with this run's --no-follow-symlinks, its warnings counted."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        skipped = unread if unread is not None else []
-        visited: set[tuple[int, int]] = set()
-        # A stack of (real folder id, its relative path, its entries still to visit).
-        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
-
-        def enter(path: str, rel: str, via_link: bool) -> None:
-            try:
-                st = os.stat(path)
-                ident = (st.st_dev, st.st_ino)
-                if any(ident == parent for parent, _, _ in stack) or (
-                    via_link and ident in visited
-                ):
-                    skipped.append(rel)  # a link loop, or a folder already walked via a link
-                    return
-                with os.scandir(path) as it:
-                    entries = list(it)
-            except OSError:
-                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
-                skipped.append(rel)
-                return
-            visited.add(ident)
-            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
-            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
-            stack.append((ident, rel, entries))
-
-        enter(root, "", via_link=False)
-        while stack:
-            _, rel_dir, entries = stack[-1]
-            if not entries:
-                stack.pop()
-                continue
-            entry = entries.pop()
-            path, rel = entry.path, rel_dir + entry.name
-            link = entry.is_symlink()
-            if link and (not follow or (confine and _is_dir_entry(entry))):
-                continue
-            if _is_dir_entry(entry):
-                enter(path, rel + "/", via_link=link)
-                continue
-            try:
-                st = os.stat(path) if follow else os.lstat(path)
-            except OSError as e:
-                self.warn("Skipping file %s. %s" % (path, e.strerror))
-                skipped.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % path
-                )
-                skipped.append(rel)
-                continue
-            if not os.access(path, os.R_OK):
-                self.warn("Skipping file %s. File/Directory is not readable." % path)
-                skipped.append(rel)
-                continue
-            yield path, rel
+        return _local_files(root, self.warn, follow=follow, confine=confine, unread=unread)
 
     def cmd_cp(self, move: bool = False) -> int:
         """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
@@ -16909,7 +17047,7 @@ class _Cli:
             path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
-                params = self.put_args()
+                params = _put_args(self.args)
                 engine.put_file(
                     path,
                     bucket,
@@ -17342,72 +17480,7 @@ class _Cli:
         if self.args.json:
             self.out.write(json.dumps(stats, indent=2) + "\n")
             return EXIT_OK
-        approx = "~" if stats["estimated"] else ""
-        rows = [
-            ("Total Objects:", str(stats["object_count"])),
-            ("  Delta Objects:", str(stats["delta_objects"])),
-            ("  Direct Objects:", str(stats["direct_objects"])),
-            (
-                "Original Size:",
-                "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
-            ),
-            (
-                "Stored Size:",
-                "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
-            ),
-            (
-                "Space Saved:",
-                "%s%s (%.1f%%)"
-                % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
-            ),
-        ]
-        if "reference_size" in stats:
-            rows.insert(
-                3,
-                (
-                    "  References:",
-                    "%d (%s stored)"
-                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
-                ),
-            )
-        self.out.write(
-            "Bucket Statistics: %s (%s%s)\n%s\n"
-            % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
-        )
-        if stats.get("unused_references"):
-            size = stats["unused_reference_size"]
-            rows.append(
-                (
-                    "Unused References:",
-                    "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
-                    % (stats["unused_references"], _human_size(size), size),
-                )
-            )
-        if stats.get("presign_copies"):
-            size = stats["presign_copies_size"]
-            rows.append(
-                (
-                    "Presigned Copies:",
-                    "%d, %s (%d bytes) under %s; purge removes expired ones"
-                    % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
-                )
-            )
-        for label, value in rows:
-            self.out.write("%-22s%s\n" % (label, value))
-        if stats.get("references"):
-            self.out.write("References (stored size, deltas that need it, their size):\n")
-            for ref in stats["references"]:
-                self.out.write(
-                    "  %10s  %4d deltas %10s  %s\n"
-                    % (
-                        _human_size(ref["size"]),
-                        ref["deltas"],
-                        _human_size(ref["original_size"]),
-                        ref["source"] or ref["key"],
-                    )
-                )
-        if stats["estimated"]:
-            self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+        _print_stats(self.out, bucket, mode, stats)
         return EXIT_OK
 
     def cmd_migrate(self) -> int:
@@ -17540,22 +17613,10 @@ class _Cli:
     def cmd_put_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         params: dict[str, Any] = {"Bucket": bucket}
-        for name in (
-            "acl",
-            "grant_full_control",
-            "grant_read",
-            "grant_read_acp",
-            "grant_write",
-            "grant_write_acp",
-        ):
-            value = getattr(self.args, name, None)
+        for option, name in _ACL_OPTIONS:
+            value = getattr(self.args, option, None)
             if value:
-                boto = {
-                    "acl": "ACL",
-                    "grant_read_acp": "GrantReadACP",
-                    "grant_write_acp": "GrantWriteACP",
-                }.get(name, "".join(p.capitalize() for p in name.split("_")))
-                params[boto] = value
+                params[name] = value
         if self.args.access_control_policy:
             params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
         self.client.put_bucket_acl(**params)
