@@ -140,6 +140,7 @@ _UNSIGNED_HEADERS = frozenset(
     }
 )
 _PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+#: Files and bodies are read, hashed, copied and spooled in pieces of this size.
 _IO_CHUNK = 1024 * 1024
 
 #: botocore standard retry mode: transient errors and throttling (retries/standard.py).
@@ -198,7 +199,8 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
 
-#: Environment variables read by deltaglider itself (AWS_* ones are in the config section).
+#: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
+#: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
 _ENV_MAX_RATIO = "DG_MAX_RATIO"
 _ENV_CACHE_DIR = "DG_CACHE_DIR"
 _ENV_XDELTA3 = "DG_XDELTA3"
@@ -222,6 +224,9 @@ _DEFAULT_CACHE_MAX = 4 * 1024**3
 _ENV_MEMORY_LIMIT = "DG_MEMORY_LIMIT"
 _DEFAULT_MEMORY_LIMIT = 600 * 1000**2
 _MIN_MEMORY_LIMIT = 256 * 1000**2
+#: The gateway's own key pair (clients sign with it); never taken from the command line.
+_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
+_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 
 #: CLI exit codes (aws s3 conventions; see README).
 EXIT_OK = 0
@@ -583,6 +588,8 @@ class XDelta3NotFoundError(DeltaGliderError):
 # Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
 
+# -- dates and times --
+
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
@@ -702,6 +709,9 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
     return True
 
 
+# -- text: HTTP dates, URL quoting, sizes, XML --
+
+
 def _http_date(dt: datetime.datetime) -> str:
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -775,6 +785,9 @@ def _xml_escape(text: str) -> str:
         .replace('"', "&quot;")
         .replace("'", "&apos;")
     )
+
+
+# -- files: hashing, spooling, temp files, slices of a file --
 
 
 class _FileInfo(NamedTuple):
@@ -949,6 +962,9 @@ def _body_length(body: Any) -> int | None:
     return None
 
 
+# -- S3 URLs, bucket names and keys --
+
+
 class _S3Url(NamedTuple):
     bucket: str
     key: str
@@ -1080,6 +1096,21 @@ def _parse_choice(text: str, name: str, *, choices: Mapping[str, str]) -> str:
     return value
 
 
+def _parse_path(text: str, name: str) -> str:
+    """A path or a program's name, taken as written."""
+    return text
+
+
+def _parse_text(text: str, name: str) -> str:
+    """A word such as an access key, without the spaces around it."""
+    return text.strip()
+
+
+def _parse_list(text: str, name: str) -> tuple[str, ...]:
+    """Comma-separated words, each without the spaces around it; empty ones are dropped."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _parse_bool(text: str, name: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE_WORDS:
@@ -1111,7 +1142,7 @@ _DECODERS = {"auto": "auto", "xdelta3": "xdelta3", "python": "python"}
 _REFERENCE_MODES = {_REFERENCES_SHARED: _REFERENCES_SHARED, _REFERENCES_FOLDER: _REFERENCES_FOLDER}
 _LOG_LEVELS = {n.lower(): n for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
-#: Every DG_* variable deltaglider reads (paths and lists are taken as written).
+#: Every DG_* variable deltaglider reads.
 _DG_SETTINGS: dict[str, _Setting] = {
     _ENV_MAX_RATIO: _Setting(
         functools.partial(_parse_number, minimum=0.0, maximum=1.0), _DEFAULT_MAX_RATIO
@@ -1127,6 +1158,11 @@ _DG_SETTINGS: dict[str, _Setting] = {
     ),
     _ENV_DECODER: _Setting(functools.partial(_parse_choice, choices=_DECODERS), "auto"),
     _ENV_LOG_LEVEL: _Setting(functools.partial(_parse_choice, choices=_LOG_LEVELS), None),
+    _ENV_DELTA_EXTENSIONS: _Setting(_parse_list, ()),
+    _ENV_XDELTA3: _Setting(_parse_path, None),
+    _ENV_CACHE_DIR: _Setting(_parse_path, None),
+    _ENV_GATEWAY_ACCESS_KEY: _Setting(_parse_text, ""),
+    _ENV_GATEWAY_SECRET_KEY: _Setting(_parse_text, ""),
 }
 
 
@@ -1928,6 +1964,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1962,73 +2070,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
@@ -2693,83 +2752,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3279,8 +3261,7 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
@@ -3288,6 +3269,83 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
@@ -3335,6 +3393,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3348,7 +3450,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
@@ -3789,44 +3891,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3837,23 +3904,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
@@ -6057,6 +6140,226 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
 
 
 ###############################################################################
+# Bucket layout: names, prefixes and metadata (FORMAT.md) #####################
+###############################################################################
+
+#: Error codes that mean "no such object": a HEAD has no body, so only its status
+#: (404); a GET or the local store say NoSuchKey; some servers answer NotFound.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _is_not_found(error: ClientError) -> bool:
+    """Whether a storage error says the object asked for is not there."""
+    return error.response["Error"]["Code"] in _NOT_FOUND_CODES
+
+
+_REFERENCE_NAME = "reference.bin"
+#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
+#: never shown as user objects.
+_INTERNAL_PREFIX = ".deltaglider/"
+_DELTA_SUFFIX = ".delta"
+#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
+#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
+#: folders that use them, where deleting one version folder (by any tool) cannot take them.
+_REFS_DIR = _INTERNAL_PREFIX + "refs/"
+#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
+_MAX_SHARED_REF_KEY = 200
+#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
+_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
+_META_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": (
+        "dg-original-name",
+        "dg_original_name",
+        "original_name",
+        "original-name",
+        "dg-source-name",
+        "source_name",
+        "source-name",
+    ),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "md5": ("dg-md5", "dg_md5"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "codec": ("dg-codec",),
+    "xref_sha256": ("dg-xref-sha256",),
+    "expanded_size": ("dg-expanded-size",),
+}
+_USER_META_PREFIX = "user-"
+_CONTENT_TYPE_META = "content-type"
+#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
+_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
+    "dg-delta-cmd",
+    "dg_delta_cmd",
+    "delta_cmd",
+    "delta-cmd",
+    "dg-mtime",
+    _CONTENT_TYPE_META,
+}
+
+
+def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
+    for name in _META_ALIASES[field]:
+        value = metadata.get(name)
+        if value:
+            return _meta_decode(value)
+    return None
+
+
+def _meta_encode(value: str) -> str:
+    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
+    (FORMAT.md), and so is a value holding a control character (a file named
+    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
+    checking the signature (Swift: SignatureDoesNotMatch)."""
+    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+        return value
+    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _meta_decode(value: str) -> str:
+    """The inverse of _meta_encode: a value is decoded only when it decodes to something
+    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
+    value anyone wrote (``100%41``) stays as it is."""
+    if "%" not in value:
+        return value
+    try:
+        decoded = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return value
+    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    return decoded if encoded else value
+
+
+class _Kind:
+    REFERENCE = "reference"
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+
+
+def _classify(key: str, metadata: Mapping[str, str]) -> str:
+    """What a stored object is, in FORMAT.md's order."""
+    note = _meta_get(metadata, "note") or ""
+    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return _Kind.REFERENCE
+    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
+        return _Kind.DELTA
+    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
+        return _Kind.DIRECT
+    if _meta_get(metadata, "file_sha256") is None:
+        return _Kind.FOREIGN
+    return _Kind.DIRECT
+
+
+def _deltaspace(key: str) -> str:
+    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
+    return key.rpartition("/")[0]
+
+
+def _reference_key(deltaspace: str) -> str:
+    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
+
+
+def _logical_key(stored: str) -> str | None:
+    """The one logical key a stored name belongs to; None for what is never shown as an
+    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
+
+    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
+    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
+    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
+    always right, and no user key can be written over another key's stored form."""
+    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+        return None
+    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
+
+
+def _stored_forms(key: str) -> tuple[str, ...]:
+    """The names a logical key may be stored under, in the order readers try them: the
+    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
+    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
+    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
+    return (key, key + _DELTA_SUFFIX)
+
+
+def _delta_only(key: str) -> bool:
+    """Keys that cannot be stored plain: their plain name is another key's delta."""
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def _parent_space(space: str) -> str:
+    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
+    top-level folder and the root → the root."""
+    return space.rpartition("/")[0]
+
+
+def _refs_prefix(parent: str) -> str:
+    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
+
+
+def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
+    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
+    that key would be too long for a metadata value."""
+    parent = _parent_space(space)
+    folder = space[len(parent) + 1 :] if parent else space
+    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
+    # decoded on read, as every metadata value: so the key itself keeps the names as they
+    # are (a key already percent-encoded would be decoded into another key on read).
+    rel = folder + "/" + name if space else name
+    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
+    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
+
+
+def _is_shared_ref(key: str) -> bool:
+    return key.endswith("/" + _REFERENCE_NAME) and (
+        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
+    )
+
+
+def _shared_ref_parent(key: str) -> str:
+    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
+
+
+def _shared_ref_source(key: str) -> str:
+    """The logical key of the file a shared reference was made from."""
+    parent = _shared_ref_parent(key)
+    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
+    return parent + "/" + rel if parent else rel
+
+
+def _is_internal(key: str) -> bool:
+    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
+    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
+
+
+def _resolve_ref_key(delta_key: str, ref: str) -> str:
+    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
+    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
+    if "/" in ref:
+        return ref
+    space = _deltaspace(delta_key)
+    return space + "/" + ref if space else ref
+
+
+def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
+    any non-deltaglider key written by another tool."""
+    out: dict[str, str] = {}
+    for name, value in metadata.items():
+        if name.startswith(_USER_META_PREFIX):
+            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
+        elif name not in _INTERNAL_META and not name.startswith("dg-"):
+            out.setdefault(name, value)
+    return out
+
+
+###############################################################################
 # VCDIFF decoder: reading deltas without xdelta3 ##############################
 ###############################################################################
 
@@ -6653,9 +6956,14 @@ class _LZMA:
 #: negative so one comparison tells a copy from the rest.
 _ADD = -1
 _RUN = -2
+#: Address modes (RFC 3284 section 5.3): VCD_SELF (the address as written), VCD_HERE (back
+#: from the current position), then the near modes and the same modes.
+_VCD_SELF = 0
+_VCD_HERE = 1
+_NEAR_START = 2
 _NEAR_MODES = 4  # RFC 3284 section 5.1: s_near = 4, s_same = 3 for the default table
 _SAME_MODES = 3
-_SAME_START = 2 + _NEAR_MODES
+_SAME_START = _NEAR_START + _NEAR_MODES
 _SAME_SIZE = _SAME_MODES * 256
 _MIN_MATCH = 4
 
@@ -6679,6 +6987,49 @@ def _rfc3284_code_table() -> tuple[tuple[tuple[int, int], ...], ...]:
 _CODE_TABLE = _rfc3284_code_table()
 
 
+class _AddressCache:
+    """A window's copy addresses (RFC 3284 sections 5.1-5.3): the address section they
+    are read from, and the near and same caches they are coded against."""
+
+    __slots__ = ("addr", "near", "pos", "same", "slot")
+
+    def __init__(self, addr: bytes) -> None:
+        self.addr = addr
+        self.pos = 0  # the next byte of the address section
+        self.near = [0] * _NEAR_MODES
+        self.slot = 0  # the near cache's next slot
+        self.same = [0] * _SAME_SIZE
+
+    def decode(self, mode: int, here: int) -> int:
+        """The address of a COPY in address ``mode``, ``here`` being the address of the
+        next byte written; both caches then remember it. A section that ends early
+        raises IndexError, which the caller reports."""
+        addr = self.addr
+        ap = self.pos
+        if mode < _SAME_START:
+            a = addr[ap]
+            ap += 1
+            if a & 0x80:  # two-byte addresses inline, longer ones call
+                b = addr[ap]
+                if b & 0x80:
+                    a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
+                else:
+                    a = (a & 0x7F) << 7 | b
+                    ap += 1
+            if mode == _VCD_HERE:
+                a = here - a
+            elif mode != _VCD_SELF:
+                a += self.near[mode - _NEAR_START]
+        else:
+            a = self.same[(mode - _SAME_START) * 256 + addr[ap]]
+            ap += 1
+        self.pos = ap
+        self.near[self.slot] = a
+        self.slot = (self.slot + 1) & 3  # _NEAR_MODES is 4
+        self.same[a % _SAME_SIZE] = a
+        return a
+
+
 def _run_window(
     inst: bytes, data: bytes, addr: bytes, seg: Any, cpylen: int, tgtlen: int
 ) -> bytearray:
@@ -6688,10 +7039,8 @@ def _run_window(
     checked against what exists before it is used, as xd3_decode_parse_halfinst does."""
     table = _CODE_TABLE
     out = bytearray()
-    near = [0] * _NEAR_MODES
-    slot = 0
-    same = [0] * _SAME_SIZE
-    ip = dp = ap = 0
+    addresses = _AddressCache(addr)
+    ip = dp = 0
     ilen, dlen = len(inst), len(data)
     here = cpylen  # the address of the next byte to write
     end = cpylen + tgtlen
@@ -6712,27 +7061,8 @@ def _run_window(
                             ip += 1
                 if here + size > end:
                     raise _VCDiffError("corrupt delta: instruction writes past the window")
-                if kind >= 0:  # COPY: decode the address (RFC 3284 section 5.3)
-                    if kind < _SAME_START:
-                        a = addr[ap]
-                        ap += 1
-                        if a & 0x80:
-                            b = addr[ap]
-                            if b & 0x80:
-                                a, ap = _varint(addr, ap - 1, _SIZE_BITS, "copy address")
-                            else:
-                                a = (a & 0x7F) << 7 | b
-                                ap += 1
-                        if kind == 1:  # VCD_HERE
-                            a = here - a
-                        elif kind:  # VCD_NEAR
-                            a += near[kind - 2]
-                    else:  # VCD_SAME
-                        a = same[(kind - _SAME_START) * 256 + addr[ap]]
-                        ap += 1
-                    near[slot] = a
-                    slot = (slot + 1) & 3  # _NEAR_MODES is 4
-                    same[a % _SAME_SIZE] = a
+                if kind >= 0:  # COPY
+                    a = addresses.decode(kind, here)
                     if a < cpylen:
                         if a < 0 or a + size > cpylen:
                             raise _VCDiffError("corrupt delta: copy outside the source window")
@@ -6764,7 +7094,7 @@ def _run_window(
         raise _VCDiffError("corrupt delta: instruction or address section ends early") from None
     if here != end:
         raise _VCDiffError(f"corrupt delta: window decodes to {here - cpylen} of {tgtlen} bytes")
-    if dp != dlen or ap != len(addr):
+    if dp != dlen or addresses.pos != len(addr):
         raise _VCDiffError("corrupt delta: unused bytes in the data or address section")
     return out
 
@@ -6872,7 +7202,7 @@ def _vcdiff_decode(
     when they reach before the last window, and so need it readable and seekable."""
     rd = _DeltaReader(delta)
     try:
-        magic = rd.take(4, "VCDIFF header")
+        magic = rd.take(len(_VCD_MAGIC), "VCDIFF header")
     except _VCDiffError:
         magic = b""
     if magic[:3] != _VCD_MAGIC[:3]:
@@ -7099,11 +7429,48 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP_SIG_LOCAL = 0x04034B50
 _ZIP_SIG_CENTRAL = 0x02014B50
+_ZIP_SIG_EOCD = 0x06054B50
 _ZIP_SIG_64LOC = 0x07064B50
 _ZIP_SIG_64EOCD = 0x06064B50
+#: The signatures a scan of the bytes looks for ("PK\x01\x02", "PK\x05\x06").
+_ZIP_CENTRAL_BYTES = struct.pack("<I", _ZIP_SIG_CENTRAL)
+_ZIP_EOCD_BYTES = struct.pack("<I", _ZIP_SIG_EOCD)
+#: Indices of the fields read from _ZIP_LOCAL (0 is the signature).
+_LH_FLAGS = 2
+_LH_METHOD = 3
+_LH_NAME_LEN = 9
+_LH_EXTRA_LEN = 10
+#: Indices of the fields read from _ZIP_CENTRAL.
+_CD_FLAGS = 3
+_CD_METHOD = 4
+_CD_CRC = 7
+_CD_CSIZE = 8
+_CD_USIZE = 9
+_CD_NAME_LEN = 10
+_CD_EXTRA_LEN = 11
+_CD_COMMENT_LEN = 12
+_CD_LOCAL_OFFSET = 16
+#: Indices of the fields read from _ZIP64_EOCD.
+_Z64_COUNT = 7
+_Z64_CD_SIZE = 8
+_Z64_CD_OFFSET = 9
+#: Byte offsets of the fields the "L" and "C" records transform: the local header's
+#: date-time, the central entry's date-time and its local header offset.
+_LH_DATETIME_AT = 10
+_CD_DATETIME_AT = 12
+_CD_LOCAL_OFFSET_AT = 42
+#: General purpose flag bit 0: the member is encrypted (APPNOTE 4.4.4).
+_ZIP_FLAG_ENCRYPTED = 0x01
+#: Compression method 8 (APPNOTE 4.4.5), held as a raw deflate stream: zlib's wbits -15.
+_ZIP_DEFLATED = 8
+_RAW_DEFLATE_WBITS = -15
+#: The zip64 extended information extra field (APPNOTE 4.5.3), and the 32-bit value that
+#: says a size or offset is in it.
+_ZIP64_EXTRA_TAG = 0x0001
+_ZIP64_MARK = 0xFFFFFFFF
 #: The end record sits within the last 64 KiB (its comment length is 16 bits); look a little
 #: further for zips with trailing bytes after it.
-_ZIP_EOCD_SEARCH = 22 + 65535 + 1024
+_ZIP_EOCD_SEARCH = _ZIP_EOCD.size + 0xFFFF + 1024
 
 
 class _ZipCodecError(Exception):
@@ -7181,7 +7548,7 @@ def _zip_find_cd(f: IO[bytes], size: int) -> tuple[int, int, int] | None:
     at = len(tail)
     # The last signature that parses wins; earlier ones may sit inside a comment or junk.
     while True:
-        at = tail.rfind(b"PK\x05\x06", 0, at)
+        at = tail.rfind(_ZIP_EOCD_BYTES, 0, at)
         if at < 0:
             return None
         found = _zip_parse_eocd(f, tail, at, tail_start + at)
@@ -7211,13 +7578,18 @@ def _zip_parse_eocd(f: IO[bytes], tail: bytes, at: int, pos: int) -> tuple[int, 
             fields = _ZIP64_EOCD.unpack(rec)
             if fields[0] != _ZIP_SIG_64EOCD:
                 return None
-            count, cd_size, cd_offset, cd_end = fields[7], fields[8], fields[9], rec_at
+            count, cd_size, cd_offset = (
+                fields[_Z64_COUNT],
+                fields[_Z64_CD_SIZE],
+                fields[_Z64_CD_OFFSET],
+            )
+            cd_end = rec_at
     cd_start = cd_end - cd_size
     if cd_start < 0 or cd_offset > cd_start:
         return None
     if count:
         f.seek(cd_start)
-        if f.read(4) != b"PK\x01\x02":
+        if f.read(len(_ZIP_CENTRAL_BYTES)) != _ZIP_CENTRAL_BYTES:
             return None
     return cd_start, cd_end, cd_start - cd_offset
 
@@ -7236,7 +7608,7 @@ def _zip_layout(f: IO[bytes], size: int) -> list[tuple[int, bytes, int]] | None:
     parts = set()
     for at, end, fields, csize, offset in _zip_central(f, cd):
         parts.add((at, _ZIPX_CENTRAL, end))
-        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[3]))
+        parts.update(_zip_member(f, size, offset, cd[2], csize, fields[_CD_FLAGS]))
     return sorted(parts)
 
 
@@ -7250,12 +7622,14 @@ def _zip_central(
     while at + _ZIP_CENTRAL.size <= cd_end:
         f.seek(at)
         fields = _ZIP_CENTRAL.unpack(f.read(_ZIP_CENTRAL.size))
-        nlen, xlen, clen = fields[10:13]
+        nlen, xlen, clen = fields[_CD_NAME_LEN], fields[_CD_EXTRA_LEN], fields[_CD_COMMENT_LEN]
         end = at + _ZIP_CENTRAL.size + nlen + xlen + clen
         if fields[0] != _ZIP_SIG_CENTRAL or end > cd_end:
             return
         f.seek(at + _ZIP_CENTRAL.size + nlen)
-        csize, offset = _zip64_sizes(f.read(xlen), fields[9], fields[8], fields[16])
+        csize, offset = _zip64_sizes(
+            f.read(xlen), fields[_CD_USIZE], fields[_CD_CSIZE], fields[_CD_LOCAL_OFFSET]
+        )
         yield at, end, fields, csize, offset
         at = end
 
@@ -7266,11 +7640,11 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     at = 0
     while at + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, at)
-        if tag == 1:
+        if tag == _ZIP64_EXTRA_TAG:
             values = [usize, csize, offset]
             i = at + 4
             for k, value in enumerate(values):
-                if value == 0xFFFFFFFF and i + 8 <= min(len(extra), at + 4 + n):
+                if value == _ZIP64_MARK and i + 8 <= min(len(extra), at + 4 + n):
                     values[k] = struct.unpack_from("<Q", extra, i)[0]
                     i += 8
             return values[1], values[2]
@@ -7291,11 +7665,12 @@ def _zip_member(
             continue
         # The local header, not the central one, says where the data starts: their name and
         # extra lengths often differ (zipalign pads only the local extra field).
-        start = header + _ZIP_LOCAL.size + fields[9] + fields[10]
+        start = header + _ZIP_LOCAL.size + fields[_LH_NAME_LEN] + fields[_LH_EXTRA_LEN]
         if start > size:
             return []
         parts = [(header, _ZIPX_LOCAL, start)]
-        if fields[3] == 8 and not (fields[2] | flags) & 1:
+        encrypted = (fields[_LH_FLAGS] | flags) & _ZIP_FLAG_ENCRYPTED
+        if fields[_LH_METHOD] == _ZIP_DEFLATED and not encrypted:
             parts.append((start, _ZIPX_DEFLATE, min(size, start + csize)))
         return parts
     return []
@@ -7318,7 +7693,7 @@ class _Inflate:
 
     def __iter__(self) -> Iterator[bytes]:
         self.f.seek(self.start)
-        inflater = zlib.decompressobj(-15)
+        inflater = zlib.decompressobj(_RAW_DEFLATE_WBITS)
         pos, total = self.start, 0
         limit = min(_ZIPX_BOMB_RATIO * (self.bound - self.start) + _ZIPX_CHUNK, _ZIPX_BOMB_MAX)
         while not inflater.eof:
@@ -7365,7 +7740,7 @@ def _zipx_verify(
     go and stopping at the first mismatching byte. (end of the stream, its content if small)
     on an exact match, else None."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     source = _Inflate(f, start, bound)
     kept: list[bytes] | None = []
     kept_size = 0
@@ -7411,18 +7786,18 @@ class _ZipxHeaders:
         buf = bytearray(data)
         times = self.local_times
         if kind == _ZIPX_LOCAL:
-            (field,) = struct.unpack_from("<I", buf, 10)
+            (field,) = struct.unpack_from("<I", buf, _LH_DATETIME_AT)
             value = field ^ (times[-1] if times else 0)
-            struct.pack_into("<I", buf, 10, value)
+            struct.pack_into("<I", buf, _LH_DATETIME_AT, value)
             times.append(value if self.undo else field)
             return bytes(buf)
-        (field,) = struct.unpack_from("<I", buf, 12)
+        (field,) = struct.unpack_from("<I", buf, _CD_DATETIME_AT)
         value = field ^ (times[self.centrals] if self.centrals < len(times) else 0)
-        struct.pack_into("<I", buf, 12, value)
+        struct.pack_into("<I", buf, _CD_DATETIME_AT, value)
         self.centrals += 1
-        (field,) = struct.unpack_from("<I", buf, 42)
+        (field,) = struct.unpack_from("<I", buf, _CD_LOCAL_OFFSET_AT)
         value = (field + self.offset if self.undo else field - self.offset) & 0xFFFFFFFF
-        struct.pack_into("<I", buf, 42, value)
+        struct.pack_into("<I", buf, _CD_LOCAL_OFFSET_AT, value)
         self.offset = value if self.undo else field
         return bytes(buf)
 
@@ -7517,15 +7892,128 @@ def _zip_reuse_index(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             if cd is None:
                 return index
             for _, _, fields, csize, offset in _zip_central(f, cd):
-                crc, usize = fields[7], fields[9]
-                if fields[4] != 8 or usize == 0xFFFFFFFF:
+                crc, usize = fields[_CD_CRC], fields[_CD_USIZE]
+                if fields[_CD_METHOD] != _ZIP_DEFLATED or usize == _ZIP64_MARK:
                     continue  # not deflated, or a zip64 size this index does not read
-                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, fields[3]):
+                flags = fields[_CD_FLAGS]
+                for start, kind, bound in _zip_member(f, size, offset, cd[2], csize, flags):
                     if kind == _ZIPX_DEFLATE and bound - start == csize:
                         index.setdefault((crc, usize), (start, csize))
         except (struct.error, ValueError, OverflowError):
             pass
     return index
+
+
+class _ZipRebuild:
+    """One rebuild in progress: what was written (its size and CRC-32) and the records
+    waiting to be written in order, each counted at its bytes plus _ZIPX_RECORD_COST. One
+    method per record kind of the expanded stream reads that record and writes or queues
+    what it rebuilds to."""
+
+    def __init__(
+        self,
+        out: IO[bytes],
+        limit: int | None,
+        pool: concurrent.futures.Executor,
+        reuse: dict[tuple[int, int], tuple[int, int]],
+        ref_file: IO[bytes] | None,
+    ) -> None:
+        self.out = out
+        self.limit = limit
+        self.pool = pool
+        self.reuse = reuse
+        self.ref_file = ref_file
+        self.headers = _ZipxHeaders(undo=True)
+        self.size = self.crc = self.held = 0
+        self.queued: collections.deque[tuple[int, Any]] = (
+            collections.deque()
+        )  # (bytes, job or data)
+
+    def put(self, data: bytes) -> None:
+        """Write ``data`` now (callers first emit what waits before it)."""
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise _OutputLimitError(self.limit)
+        self.out.write(data)
+        self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def emit(self, keep: int) -> None:
+        """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        while self.queued and self.held > keep:
+            weight, item = self.queued.popleft()
+            self.held -= weight
+            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
+                self.put(data)
+
+    def queue(self, weight: int, item: Any) -> None:
+        """Queue a record's bytes (a list, or a Future of one), writing the oldest while
+        more than _ZIPX_PENDING wait."""
+        self.queued.append((weight, item))
+        self.held += weight
+        self.emit(_ZIPX_PENDING)
+
+    def raw(self, expanded: IO[bytes]) -> None:
+        """An "R" record: bytes copied as they are, after what waits."""
+        self.emit(-1)
+        for data in _zipx_read_chunks(expanded):
+            self.put(data)
+
+    def deflated(self, expanded: IO[bytes]) -> None:
+        """A "D" record: the member as copied from the reference when it has it, else
+        deflated in a thread when small, else deflated and written as it is read."""
+        params = tuple(_zipx_read(expanded, 3))
+        level, mem_level, strategy = params
+        if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
+            raise _ZipCodecError("expanded zip stream has bad deflate parameters")
+        chunks, total = [], 0
+        pieces = _zipx_read_chunks(expanded)
+        for chunk in pieces:
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > _ZIPX_KEEP:
+                break
+        if total <= _ZIPX_KEEP and self.ref_file is not None:
+            crc32 = 0
+            for chunk in chunks:
+                crc32 = zlib.crc32(chunk, crc32)
+            same = self.reuse.get((crc32, total))
+            if same is not None:
+                self.ref_file.seek(same[0])
+                self.queue(same[1] + _ZIPX_RECORD_COST, [self.ref_file.read(same[1])])
+                return
+        if total <= _ZIPX_KEEP:
+            job = self.pool.submit(_zipx_deflate_all, chunks, params)
+            self.queue(total + _ZIPX_RECORD_COST, job)
+            return
+        self.emit(-1)  # a large member: stream it, in order
+        for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
+            self.put(data)
+
+    def header(self, tag: bytes, expanded: IO[bytes]) -> None:
+        """An "L" or "C" record: the header with its transform undone."""
+        n = _zipx_read_varint(expanded)
+        if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        header = _zipx_read(expanded, n)
+        if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
+            raise _ZipCodecError("expanded zip stream has a bad header record")
+        self.queue(n + _ZIPX_RECORD_COST, [self.headers.apply(tag, header)])
+
+    def end(self, expanded: IO[bytes]) -> int:
+        """The "E" record: everything is written; the size and CRC-32 must be its own."""
+        self.emit(-1)
+        want_size = _zipx_read_varint(expanded)
+        (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
+        if expanded.read(1):
+            raise _ZipCodecError("expanded zip stream has data after its end")
+        if (self.size, self.crc) != (want_size, want_crc):
+            # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
+            # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
+            raise _ZipCodecError(
+                "rebuilt zip does not match: this machine's zlib %s deflates "
+                "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
+            )
+        return self.size
 
 
 def _zip_rebuild(
@@ -7551,99 +8039,27 @@ def _zip_rebuild(
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
-    if head[:4] != _ZIPX_MAGIC:
+    magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
+    if magic != _ZIPX_MAGIC:
         raise _ZipCodecError("not an expanded zip stream")
-    if head[4:] != bytes([_ZIPX_VERSION]):
-        raise _ZipCodecError("expanded zip stream version %r is not supported" % head[4:])
-    headers = _ZipxHeaders(undo=True)
-    size = crc = held = 0
-    queued: collections.deque[tuple[int, Any]] = collections.deque()  # (bytes, job or data)
-
-    def put(data: bytes) -> None:
-        nonlocal size, crc
-        if limit is not None and size + len(data) > limit:
-            raise _OutputLimitError(limit)
-        out.write(data)
-        size += len(data)
-        crc = zlib.crc32(data, crc)
-
-    def emit(limit: int) -> None:
-        nonlocal held
-        while queued and held > limit:
-            weight, item = queued.popleft()
-            held -= weight
-            for data in item.result() if isinstance(item, concurrent.futures.Future) else item:
-                put(data)
-
+    if version != bytes([_ZIPX_VERSION]):
+        raise _ZipCodecError("expanded zip stream version %r is not supported" % version)
     with contextlib.ExitStack() as stack:
         ref_file = stack.enter_context(open(reference, "rb")) if reference and reuse else None
         pool = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
         )
+        rebuild = _ZipRebuild(out, limit, pool, reuse, ref_file)
         while True:
             tag = _zipx_read(expanded, 1)
             if tag == _ZIPX_END:
-                emit(-1)
-                want_size = _zipx_read_varint(expanded)
-                (want_crc,) = struct.unpack(">I", _zipx_read(expanded, 4))
-                if expanded.read(1):
-                    raise _ZipCodecError("expanded zip stream has data after its end")
-                if (size, crc) != (want_size, want_crc):
-                    # Deflate output is not specified, only zlib's habit: zlib-ng (Fedora 40+,
-                    # .NET 9, CPython 3.14 on Windows) and patched forks compress differently.
-                    raise _ZipCodecError(
-                        "rebuilt zip does not match: this machine's zlib %s deflates "
-                        "differently from the one that expanded it" % zlib.ZLIB_RUNTIME_VERSION
-                    )
-                return size
+                return rebuild.end(expanded)
             if tag == _ZIPX_RAW:
-                emit(-1)
-                for data in _zipx_read_chunks(expanded):
-                    put(data)
+                rebuild.raw(expanded)
             elif tag == _ZIPX_DEFLATE:
-                params = tuple(_zipx_read(expanded, 3))
-                level, mem_level, strategy = params
-                if level > 9 or not 1 <= mem_level <= 9 or strategy > 4:
-                    raise _ZipCodecError("expanded zip stream has bad deflate parameters")
-                chunks, total = [], 0
-                pieces = _zipx_read_chunks(expanded)
-                for chunk in pieces:
-                    chunks.append(chunk)
-                    total += len(chunk)
-                    if total > _ZIPX_KEEP:
-                        break
-                if total <= _ZIPX_KEEP and ref_file is not None:
-                    crc32 = 0
-                    for chunk in chunks:
-                        crc32 = zlib.crc32(chunk, crc32)
-                    same = reuse.get((crc32, total))
-                    if same is not None:
-                        ref_file.seek(same[0])
-                        weight = same[1] + _ZIPX_RECORD_COST
-                        queued.append((weight, [ref_file.read(same[1])]))
-                        held += weight
-                        emit(_ZIPX_PENDING)
-                        continue
-                if total <= _ZIPX_KEEP:
-                    weight = total + _ZIPX_RECORD_COST
-                    queued.append((weight, pool.submit(_zipx_deflate_all, chunks, params)))
-                    held += weight
-                    emit(_ZIPX_PENDING)
-                    continue
-                emit(-1)  # a large member: stream it, in order
-                for data in _zipx_deflate(itertools.chain(chunks, pieces), params):
-                    put(data)
+                rebuild.deflated(expanded)
             elif tag in (_ZIPX_LOCAL, _ZIPX_CENTRAL):
-                n = _zipx_read_varint(expanded)
-                if not _ZIP_LOCAL.size <= n <= _ZIPX_CHUNK:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                header = _zipx_read(expanded, n)
-                if tag == _ZIPX_CENTRAL and n < _ZIP_CENTRAL.size:
-                    raise _ZipCodecError("expanded zip stream has a bad header record")
-                weight = n + _ZIPX_RECORD_COST
-                queued.append((weight, [headers.apply(tag, header)]))
-                held += weight
-                emit(_ZIPX_PENDING)
+                rebuild.header(tag, expanded)
             else:
                 raise _ZipCodecError("expanded zip stream has an unknown record %r" % tag)
 
@@ -7652,7 +8068,7 @@ def _zipx_deflate(chunks: Iterable[bytes], params: Sequence[int]) -> Iterator[by
     """Deflate a member's content with the same calls, chunk for chunk, as when it was
     checked (_zipx_verify): the output is then the same bytes."""
     level, mem_level, strategy = params
-    deflater = zlib.compressobj(level, zlib.DEFLATED, -15, mem_level, strategy)
+    deflater = zlib.compressobj(level, zlib.DEFLATED, _RAW_DEFLATE_WBITS, mem_level, strategy)
     for chunk in chunks:
         yield deflater.compress(chunk)
     yield deflater.flush()
@@ -7697,17 +8113,8 @@ _DELTA_MAGIC: tuple[tuple[int, bytes], ...] = (
     (32769, b"CD001"),  # ISO 9660
 )
 
-_REFERENCE_NAME = "reference.bin"
-#: deltaglider's own objects (rebuilt copies for presigned URLs, stats caches, probes):
-#: never shown as user objects.
-_INTERNAL_PREFIX = ".deltaglider/"
-_DELTA_SUFFIX = ".delta"
 #: Media already compressed past what any delta finds (estimate_compression, as 6.x).
 _INCOMPRESSIBLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".mp4", ".mp3", ".avi", ".mov"})
-#: Shared references (DG_REFERENCES=shared, the default; FORMAT.md in the README): kept as
-#: ``<parent>/.deltaglider/refs/<folder>/<name>/<sha256>/reference.bin``, beside the version
-#: folders that use them, where deleting one version folder (by any tool) cannot take them.
-_REFS_DIR = _INTERNAL_PREFIX + "refs/"
 #: A delta above this fraction of the file, against a reference of the same series (the same
 #: name, or the same name with its version numbers changed), makes the file a new reference:
 #: the versions after it then delta against it (drift, a bad first file). On 25 botocore
@@ -7715,16 +8122,12 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _HEAL_RATIO = 0.23
 #: A reference is a candidate for a file within this factor of its size.
 _SIMILAR_SIZE = 2.0
-#: Longest shared-reference key: it travels in dg-ref-key (Swift caps a value at 256 bytes).
-_MAX_SHARED_REF_KEY = 200
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
 _SPLIT_RE = re.compile(r"(\d+)")
-#: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
-_PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -7751,177 +8154,6 @@ _PYTHON_RESERVE = 80 * 1000**2
 #: If-None-Match (Last-Modified has a resolution of one second).
 _REFERENCE_SETTLE = 2.0
 
-#: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
-_META_ALIASES: dict[str, tuple[str, ...]] = {
-    "tool": ("dg-tool", "dg_tool", "tool"),
-    "original_name": (
-        "dg-original-name",
-        "dg_original_name",
-        "original_name",
-        "original-name",
-        "dg-source-name",
-        "source_name",
-        "source-name",
-    ),
-    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
-    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
-    "md5": ("dg-md5", "dg_md5"),
-    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
-    "ref": ("dg-ref-path", "dg-ref-key", "dg_ref_key", "ref_key", "ref-key", "ref-path"),
-    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
-    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
-    "note": ("dg-note", "dg_note", "note"),
-    "compression": ("dg-compression", "dg_compression", "compression"),
-    "codec": ("dg-codec",),
-    "xref_sha256": ("dg-xref-sha256",),
-    "expanded_size": ("dg-expanded-size",),
-}
-_USER_META_PREFIX = "user-"
-_CONTENT_TYPE_META = "content-type"
-#: Metadata names that are ours, not the caller's (hidden from Metadata on read).
-_INTERNAL_META = frozenset(n for names in _META_ALIASES.values() for n in names) | {
-    "dg-delta-cmd",
-    "dg_delta_cmd",
-    "delta_cmd",
-    "delta-cmd",
-    "dg-mtime",
-    _CONTENT_TYPE_META,
-}
-
-
-def _meta_get(metadata: Mapping[str, str], field: str) -> str | None:
-    for name in _META_ALIASES[field]:
-        value = metadata.get(name)
-        if value:
-            return _meta_decode(value)
-    return None
-
-
-def _meta_encode(value: str) -> str:
-    """A metadata value as printable US-ASCII: non-ASCII text is percent-encoded UTF-8
-    (FORMAT.md), and so is a value holding a control character (a file named
-    ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
-    checking the signature (Swift: SignatureDoesNotMatch)."""
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
-    return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-
-
-def _meta_decode(value: str) -> str:
-    """The inverse of _meta_encode: a value is decoded only when it decodes to something
-    _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
-    value anyone wrote (``100%41``) stays as it is."""
-    if "%" not in value:
-        return value
-    try:
-        decoded = urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
-    return decoded if encoded else value
-
-
-class _Kind:
-    REFERENCE = "reference"
-    DELTA = "delta"
-    DIRECT = "direct"
-    FOREIGN = "foreign"
-
-
-def _classify(key: str, metadata: Mapping[str, str]) -> str:
-    """What a stored object is, in FORMAT.md's order."""
-    note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return _Kind.REFERENCE
-    if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
-        return _Kind.DELTA
-    if _meta_get(metadata, "compression") == "none" or note == "passthrough":
-        return _Kind.DIRECT
-    if _meta_get(metadata, "file_sha256") is None:
-        return _Kind.FOREIGN
-    return _Kind.DIRECT
-
-
-def _deltaspace(key: str) -> str:
-    """``releases/v1/app.zip`` → ``releases/v1``; a root key → ``""``. ``//`` is kept."""
-    return key.rpartition("/")[0]
-
-
-def _reference_key(deltaspace: str) -> str:
-    return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
-
-
-def _logical_key(stored: str) -> str | None:
-    """The one logical key a stored name belongs to; None for what is never shown as an
-    object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
-
-    The layout rule (README, "Keys ending in .delta"): a stored ``x.delta`` is always the
-    delta form of ``x``, as every reader takes it. So a user's key that itself ends in
-    ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
-    always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
-        return None
-    return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
-
-
-def _stored_forms(key: str) -> tuple[str, ...]:
-    """The names a logical key may be stored under, in the order readers try them: the
-    plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
-    delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
-        return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
-    return (key, key + _DELTA_SUFFIX)
-
-
-def _delta_only(key: str) -> bool:
-    """Keys that cannot be stored plain: their plain name is another key's delta."""
-    return key.endswith(_DELTA_SUFFIX)
-
-
-def _parent_space(space: str) -> str:
-    """The folder whose shared references a folder's files use: ``rel/1.0`` → ``rel``; a
-    top-level folder and the root → the root."""
-    return space.rpartition("/")[0]
-
-
-def _refs_prefix(parent: str) -> str:
-    return parent + "/" + _REFS_DIR if parent else _REFS_DIR
-
-
-def _shared_ref_key(space: str, name: str, sha256: str) -> str | None:
-    """Where a file of ``space`` named ``name`` is kept as a shared reference; None when
-    that key would be too long for a metadata value."""
-    parent = _parent_space(space)
-    folder = space[len(parent) + 1 :] if parent else space
-    # The key travels in dg-ref-key, percent-encoded where it is not ASCII (_put_path) and
-    # decoded on read, as every metadata value: so the key itself keeps the names as they
-    # are (a key already percent-encoded would be decoded into another key on read).
-    rel = folder + "/" + name if space else name
-    key = "%s%s/%s/%s" % (_refs_prefix(parent), rel, sha256, _REFERENCE_NAME)
-    return key if len(_meta_encode(key)) <= _MAX_SHARED_REF_KEY else None
-
-
-def _is_shared_ref(key: str) -> bool:
-    return key.endswith("/" + _REFERENCE_NAME) and (
-        key.startswith(_REFS_DIR) or ("/" + _REFS_DIR) in key
-    )
-
-
-def _shared_ref_parent(key: str) -> str:
-    return "" if key.startswith(_REFS_DIR) else key[: key.index("/" + _REFS_DIR)]
-
-
-def _shared_ref_source(key: str) -> str:
-    """The logical key of the file a shared reference was made from."""
-    parent = _shared_ref_parent(key)
-    rel = _meta_decode(key[len(_refs_prefix(parent)) :].rsplit("/", 2)[0])
-    return parent + "/" + rel if parent else rel
-
-
-def _is_internal(key: str) -> bool:
-    """deltaglider's own objects (``.deltaglider/`` at the root or in any folder)."""
-    return key.startswith(_INTERNAL_PREFIX) or ("/" + _INTERNAL_PREFIX) in key
-
 
 def _name_class(name: str, other: str) -> int:
     """How alike two file names are: 3 the same; 2 the same but for version numbers
@@ -7934,32 +8166,9 @@ def _name_class(name: str, other: str) -> int:
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
 
 
-def _resolve_ref_key(delta_key: str, ref: str) -> str:
-    """A delta's reference: a value with ``/`` is a full key; a bare name is relative to
-    the delta's own deltaspace (the proxy writes ``reference.bin``)."""
-    if "/" in ref:
-        return ref
-    space = _deltaspace(delta_key)
-    return space + "/" + ref if space else ref
-
-
-def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
-    any non-deltaglider key written by another tool."""
-    out: dict[str, str] = {}
-    for name, value in metadata.items():
-        if name.startswith(_USER_META_PREFIX):
-            out[name[len(_USER_META_PREFIX) :]] = _meta_decode(value)
-        elif name not in _INTERNAL_META and not name.startswith("dg-"):
-            out.setdefault(name, value)
-    return out
-
-
 def _eligible_by_name(name: str, environ: Mapping[str, str]) -> bool:
     lower = name.lower()
-    extra = [
-        e.strip().lower() for e in environ.get(_ENV_DELTA_EXTENSIONS, "").split(",") if e.strip()
-    ]
+    extra = [e.lower() for e in _env_setting(environ, _ENV_DELTA_EXTENSIONS)]
     return any(lower.endswith(ext) for ext in list(_DELTA_EXTENSIONS) + extra)
 
 
@@ -8058,22 +8267,23 @@ class _MemoryBudget:
 class _XDelta3:
     """The xdelta3 binary, run as a subprocess. Encoding always passes ``-D``: without it
     xdelta3 decompresses gzip/bzip2/xz inputs itself and the bytes that come back differ
-    (the original tool cannot return any .tar.gz it stored)."""
+    (the original tool cannot return any .tar.gz it stored).
+
+    The program is ``binary``, else $DG_XDELTA3, else ``xdelta3`` on ``environ``'s PATH:
+    that is the seam tests use (a fake executable on a PATH of its own)."""
 
     def __init__(
         self,
         binary: str | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
-        run: Callable[..., Any] = subprocess.run,
         decoder: str | None = None,
         memory_limit: str | int | None = None,
     ) -> None:
-        self._name = binary or environ.get(_ENV_XDELTA3) or "xdelta3"
+        self._name = binary or _env_setting(environ, _ENV_XDELTA3) or "xdelta3"
         self.memory_limit = _memory_limit(memory_limit, environ)
         self.memory = _MemoryBudget(self.memory_limit - _PYTHON_RESERVE)
         self._environ = environ
-        self._run = run
         self._path: str | None = None
         self.decoder: str
         if decoder is None:
@@ -8090,18 +8300,6 @@ class _XDelta3:
                 raise XDelta3NotFoundError(self._name)
             self._path = found
         return self._path
-
-    def _call(self, args: list[str], memory: int) -> None:
-        cmd = [self.path(), *args]
-        try:
-            with self._slots, self.memory.hold(memory):
-                proc = self._run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-        except OSError as e:
-            raise XDelta3Error(cmd, -1, str(e)) from e
-        if proc.returncode != 0:
-            raise XDelta3Error(cmd, proc.returncode, proc.stderr.decode("utf-8", "replace"))
 
     @staticmethod
     def window(source_size: int) -> int:
@@ -8128,10 +8326,6 @@ class _XDelta3:
             target,
             out,
         ]
-
-    def encode(self, source: str, target: str, out: str) -> None:
-        plan = _encode_plan(os.path.getsize(source), self.memory.total)
-        self._call(self.encode_args(plan, source, target, out), plan.memory)
 
     def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
@@ -8315,8 +8509,9 @@ class _XDelta3:
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
-    if environ.get(_ENV_CACHE_DIR):
-        return os.path.expanduser(environ[_ENV_CACHE_DIR])
+    folder = _env_setting(environ, _ENV_CACHE_DIR)
+    if folder:
+        return os.path.expanduser(str(folder))
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "deltaglider")
 
@@ -8830,9 +9025,7 @@ class _NullWriter:
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f)
-        shutil.copyfileobj(src, writer, _IO_CHUNK)
-    return writer.sha256.hexdigest()
+        return _Hashes().read(src, each=f.write).info().sha256
 
 
 class _Logical(NamedTuple):
@@ -8935,7 +9128,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored, headers=headers)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     relabelled = _as_operation(e, operation)
                     if relabelled is e:
                         raise
@@ -9344,7 +9537,7 @@ class _DeltaEngine:
         try:
             self.storage.head_object(bucket, stored)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(e):
                 return False
             raise
         return True
@@ -9464,7 +9657,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             wait = self._settle_left(head) if settle else 0.0
@@ -9527,7 +9720,7 @@ class _DeltaEngine:
                         continue
                     raise
                 except ClientError as e:
-                    if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    if not _is_not_found(e):
                         raise
                     # Deleted between our HEAD and GET: the folder's last file was
                     # removed meanwhile, and its reference with it. Look once more (this
@@ -9625,7 +9818,7 @@ class _DeltaEngine:
         try:
             head = self.storage.head_object(bucket, own_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
         else:
             meta = head.get("Metadata", {})
@@ -9737,7 +9930,7 @@ class _DeltaEngine:
                                 continue  # replaced or deleted since the listing: again
                             raise
                         except ClientError as e:
-                            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                            if _is_not_found(e):
                                 continue  # deleted since the listing
                             raise
                 if not created and not required and _is_compressed_stream(ref_path):
@@ -9938,7 +10131,7 @@ class _DeltaEngine:
             try:
                 self.storage.head_object(bucket, other)
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     continue
                 raise
             self.storage.delete_object(bucket, other)
@@ -9955,7 +10148,7 @@ class _DeltaEngine:
         try:
             lg = self.head(bucket, key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             # Deleting a missing key succeeds on S3; a missing bucket must still say so,
             # and a HEAD cannot tell the two apart.
@@ -9968,7 +10161,7 @@ class _DeltaEngine:
             try:
                 head = self.storage.head_object(bucket, stored)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue
             metadata = head.get("Metadata", {})
@@ -10033,7 +10226,7 @@ class _DeltaEngine:
             try:
                 meta = self.storage.head_object(bucket, stored).get("Metadata", {})
             except ClientError as e:
-                if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                if _is_not_found(e):
                     return None
                 raise
             ref = _meta_get(meta, "ref")
@@ -10100,7 +10293,7 @@ class _DeltaEngine:
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
                 continue  # gone already
             try:
@@ -10136,7 +10329,7 @@ class _DeltaEngine:
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             return False  # no reference (any more)
         try:
@@ -10646,14 +10839,10 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
     fd, path = _private_tempfile(engine.tmp_dir(), ".body")
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
+    hashes = _Hashes(md5=True)
 
     def write(f: IO[bytes], data: bytes) -> None:
-        nonlocal size
-        sha.update(data)
-        md5.update(data)
-        size += len(data)
+        hashes.update(data)
         f.write(data)
 
     try:
@@ -10677,7 +10866,7 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     except BaseException:
         os.unlink(path)
         raise
-    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+    return path, hashes.info()
 
 
 def _put_object_from_file(
@@ -10727,6 +10916,400 @@ def _put_object_from_file(
     return out
 
 
+def _delete_plan(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]]
+) -> tuple[list[str], dict[str, dict[str, Any]], set[str]]:
+    """The stored keys DeleteObjects' entries delete, the conditions to send on each,
+    and the keys whose conditions do not hold on the logical object (they stay)."""
+    stored: list[str] = []
+    conditions: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()
+    for entry in objects:
+        k = entry["Key"]
+        cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
+        if not cond:
+            stored += _stored_forms(k)
+            continue
+        try:
+            lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            lg = None
+        if lg is None:
+            stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
+            conditions[k] = cond
+            continue
+        logical = {
+            "ETag": lg.etag,
+            "LastModified": lg.head.get("LastModified"),
+            "ContentLength": lg.size,
+        }
+        # Checked here first: some servers ignore some conditions (SeaweedFS deletes
+        # whatever the Size), and a delta's logical ETag is not its stored one.
+        if not _delete_conditions_hold(logical, cond):
+            refused.add(k)
+            continue
+        # Then sent, so that the server refuses too if the object changed meanwhile.
+        stored.append(lg.stored_key)
+        if lg.kind == _Kind.DELTA:
+            conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+        else:
+            conditions[k] = cond
+    return stored, conditions, refused
+
+
+def _delete_logical_objects(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]], quiet: bool
+) -> dict[str, Any]:
+    """DeleteObjects of logical keys (delete_objects, its entries checked): the stored
+    forms go in batches, then the references no delta needs any more."""
+    keys = [o["Key"] for o in objects]
+    storage = engine.storage
+    errors: list[dict[str, Any]] = []
+    if len(objects) > _DELETE_BATCH:
+        # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
+        resp = storage.delete_objects(bucket, keys, check_limit=False)
+        errors += resp.get("Errors", [])
+    stored, conditions, refused = _delete_plan(engine, bucket, objects)
+    for i in range(0, len(stored), _DELETE_BATCH):
+        batch = stored[i : i + _DELETE_BATCH]
+        resp = storage.delete_objects(
+            bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
+        )
+        errors += resp.get("Errors", [])
+    engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
+    errors += [
+        {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
+        for k in sorted(refused)
+    ]
+    failed = {e["Key"] for e in errors}
+    out: dict[str, Any] = {}
+    done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
+    if done and not quiet:
+        out["Deleted"] = done
+    logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
+    if logical_errors:
+        out["Errors"] = logical_errors
+    out["ResponseMetadata"] = {
+        "HTTPStatusCode": 200,
+        "RetryAttempts": 0,
+        "RequestId": "",
+        "HostId": "",
+        "HTTPHeaders": {},
+    }
+    return out
+
+
+def _logical_response(lg: _Logical) -> dict[str, Any]:
+    """What GetObject and HeadObject say of a logical object, from its HEAD."""
+    out: dict[str, Any] = {}
+    head = lg.head
+    for key in (
+        "AcceptRanges",
+        "LastModified",
+        "CacheControl",
+        "ContentDisposition",
+        "ContentEncoding",
+        "ContentLanguage",
+        "Expires",
+        "ExpiresString",
+        "ServerSideEncryption",
+        "SSEKMSKeyId",
+        "StorageClass",
+        "TagCount",
+        "VersionId",
+    ):
+        if key in head:
+            out[key] = head[key]
+    out.setdefault("AcceptRanges", "bytes")
+    out["ContentLength"] = lg.size
+    out["ETag"] = lg.etag
+    out["ContentType"] = lg.content_type
+    out["Metadata"] = _user_metadata(lg.metadata)
+    return out
+
+
+def _get_rebuilt(
+    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
+    on the logical object; the body is the rebuilt, verified file. Returns the
+    response metadata and the status."""
+    size = lg.size
+    status = 200
+    failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
+    if failed:
+        raise _precondition_error(failed[0], failed[1], "GetObject")
+    try:
+        span = _byte_range(kwargs.get("Range"), size)
+    except _RangeNotSatisfiable as e:
+        raise e.client_error("GetObject") from None
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+    os.close(fd)
+    try:
+        engine.rebuild(lg, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    start, end = 0, size - 1
+    meta = _local_metadata(lg.head)
+    headers = dict(meta.get("HTTPHeaders") or {})
+    if span is not None:
+        start, end = span
+        out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
+        headers["content-range"] = out["ContentRange"]
+        status = 206
+    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["ContentLength"] = end - start + 1
+    headers["content-length"] = str(end - start + 1)
+    headers["etag"] = lg.etag
+    meta["HTTPHeaders"] = headers
+    return meta, status
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. Returns the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
+    query = []
+    for name, field, _ in _GET_OVERRIDE_PARAMS:
+        value = kwargs.get(name)
+        if value is not None:
+            when = _timestamp_param(value) if name == "ResponseExpires" else None
+            query.append((field, _http_date(when) if when else str(value)))
+    sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
+    resp = engine.storage.get_object(
+        bucket,
+        lg.stored_key,
+        range=sent_range,
+        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+        query=query,
+    )
+    status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
+    for name in ("ContentLength", "ContentRange", "LastModified"):
+        if name in resp:
+            out[name] = resp[name]
+    body = resp["Body"]
+    if sent_range is None and lg.sha256:
+        body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
+    out["Body"] = body
+    meta = _local_metadata(resp)
+    return meta, status
+
+
+def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """The ``Response*`` overrides asked for, in the response as S3 answers them."""
+    for name, _, field in _GET_OVERRIDE_PARAMS:
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            if field == "Expires":
+                when = _timestamp_param(value)
+                out["ExpiresString"] = _http_date(when) if when else str(value)
+                if when:
+                    out["Expires"] = when
+            else:
+                out[field] = value
+
+
+def _copy_source(src: Any) -> tuple[str, str]:
+    """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    if isinstance(src, str):
+        text = urllib.parse.unquote(src.lstrip("/"))
+        src_bucket, _, src_key = text.partition("/")
+        if "?versionId=" in src_key:
+            raise ParamValidationError(report="CopySource versionId is not supported")
+    elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
+        src_bucket, src_key = src["Bucket"], src.get("Key") or ""
+        if not isinstance(src_key, str) or not src_key:
+            raise ParamValidationError(
+                report=_type_report("CopySource.Key", src_key, "<class 'str'>")
+            )
+    else:
+        raise ParamValidationError(
+            report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+        )
+    return src_bucket, src_key
+
+
+def _copy_logical_object(
+    engine: _DeltaEngine,
+    kwargs: Mapping[str, Any],
+    src_bucket: str,
+    src_key: str,
+    now: Callable[[], datetime.datetime],
+) -> dict[str, Any]:
+    """CopyObject (copy_object, its source parsed): the source's conditions hold on the
+    logical object; it is read whole (rebuilt if a delta) and stored as put_object stores
+    a file, with its metadata unless ``MetadataDirective=REPLACE``."""
+    source_headers = {
+        h.replace("copy-source-", "", 1): v
+        for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
+    }
+    if kwargs.get("ExpectedSourceBucketOwner"):
+        source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
+    lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
+    failed = _precondition_failure(
+        kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
+    )
+    if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
+        raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
+    directive = kwargs.get("MetadataDirective", "COPY")
+    params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
+    params.pop("ExpectedSourceBucketOwner", None)
+    if directive == "COPY":
+        params["Metadata"] = _user_metadata(lg.metadata)
+        params.setdefault("ContentType", lg.content_type)
+        for name in (
+            "CacheControl",
+            "ContentDisposition",
+            "ContentEncoding",
+            "ContentLanguage",
+            "Expires",
+        ):
+            if name in lg.head:
+                params.setdefault(name, lg.head[name])
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
+    os.close(fd)
+    try:
+        engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
+        result = _put_object_from_file(engine, tmp, params)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    out: dict[str, Any] = {
+        "CopyObjectResult": {
+            "ETag": result["ETag"],
+            "LastModified": now().replace(microsecond=0),
+        },
+        "ResponseMetadata": result["ResponseMetadata"],
+    }
+    if "DeltaGliderInfo" in result:
+        out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+    return out
+
+
+def _logical_page(
+    engine: _DeltaEngine,
+    bucket: str,
+    page: dict[str, Any],
+    after: str | None,
+    fetch: bool,
+    continued: bool,
+    max_workers: int,
+) -> list[dict[str, Any]]:
+    """Hide references, show logical names (_logical_key), each once: where another
+    tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+    serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
+    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    objects = page.get("Contents", [])
+    plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+    first = objects[0]["Key"] if objects else ""
+    contents = []
+    for obj in objects:
+        stored = obj["Key"]
+        logical = _logical_key(stored)
+        if logical is None or (after is not None and logical <= after):
+            continue
+        if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+            if logical in plain:
+                continue
+            if continued and logical < first and engine.exists(bucket, logical):
+                continue  # listed on an earlier page
+        item = dict(obj)
+        item["Key"] = logical
+        if fetch:
+            item["_stored"] = stored
+        contents.append(item)
+    if fetch and contents:
+        _fetch_details(engine.storage, bucket, contents, max_workers)
+    return contents
+
+
+def _fetch_details(
+    storage: _Storage, bucket: str, contents: list[dict[str, Any]], max_workers: int
+) -> None:
+    """FetchMetadata: each listed delta's logical size and ETag, and every entry's
+    compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    def one(item: dict[str, Any]) -> None:
+        stored = item.pop("_stored")
+        is_delta = stored.endswith(_DELTA_SUFFIX)
+        meta: dict[str, str] = {}
+        if is_delta:
+            try:
+                meta = storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError:
+                meta = {}
+        original = _meta_get(meta, "file_size") if is_delta else None
+        size = int(original) if original and original.isdigit() else item["Size"]
+        stored_size = item["Size"]
+        item["Size"] = size
+        md5 = _meta_get(meta, "md5") if is_delta else None
+        if md5:  # the logical ETag, as head_object reports it (rclone check compares)
+            item["ETag"] = '"%s"' % md5
+        details = {
+            "deltaglider-is-delta": "true" if is_delta else "false",
+            "deltaglider-original-size": str(size),
+            "deltaglider-stored-size": str(stored_size),
+            "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
+        }
+        if is_delta:
+            ref = _meta_get(meta, "ref") or _REFERENCE_NAME
+            details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
+        item["Metadata"] = details
+
+    deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
+    for item in contents:
+        if not item["_stored"].endswith(_DELTA_SUFFIX):
+            one(item)  # no request needed
+    if deltas:
+        workers = min(max_workers, len(deltas))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, deltas))
+
+
+def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult:
+    """verify: the object read back whole into a temp file (a delta rebuilt), with every
+    integrity check reading applies; a failed check is the result, not an exception."""
+    lg = engine.head(bucket, key, "GetObject")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
+    os.close(fd)
+    try:
+        try:
+            if lg.kind == _Kind.DELTA:
+                engine.rebuild(lg, path)
+            else:
+                engine.fetch_plain(lg, path)
+            valid, message = True, "Integrity verified"
+        except IntegrityError as e:
+            valid, message = False, str(e)
+        actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
+    finally:
+        os.unlink(path)
+    if lg.kind == _Kind.FOREIGN:
+        message = "no SHA-256 recorded (not written by deltaglider); read back completely"
+    result = VerifyResult(
+        valid=valid,
+        kind=lg.kind,
+        expected_sha256=lg.sha256,
+        actual_sha256=actual,
+        message=message,
+    )
+    if lg.kind == _Kind.DELTA:
+        ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+        result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+    return result
+
+
 class DeltaGliderClient:
     """A boto3 S3 client look-alike whose objects are stored as deltas where that pays.
 
@@ -10759,6 +11342,7 @@ class DeltaGliderClient:
         self._now = now
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
+        self._multipart = _MultipartUploads(lambda: self.engine, now)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -10832,33 +11416,6 @@ class DeltaGliderClient:
         finally:
             os.unlink(path)
 
-    def _logical_response(self, lg: _Logical) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        head = lg.head
-        for key in (
-            "AcceptRanges",
-            "LastModified",
-            "CacheControl",
-            "ContentDisposition",
-            "ContentEncoding",
-            "ContentLanguage",
-            "Expires",
-            "ExpiresString",
-            "ServerSideEncryption",
-            "SSEKMSKeyId",
-            "StorageClass",
-            "TagCount",
-            "VersionId",
-        ):
-            if key in head:
-                out[key] = head[key]
-        out.setdefault("AcceptRanges", "bytes")
-        out["ContentLength"] = lg.size
-        out["ETag"] = lg.etag
-        out["ContentType"] = lg.content_type
-        out["Metadata"] = _user_metadata(lg.metadata)
-        return out
-
     def head_object(self, **kwargs: Any) -> dict[str, Any]:
         """HeadObject of a logical key. Conditions (``IfMatch``...) hold against the
         logical object; the server decides them for objects stored as they are."""
@@ -10878,7 +11435,7 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
-        out = self._logical_response(lg)
+        out = _logical_response(lg)
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -10893,71 +11450,12 @@ class DeltaGliderClient:
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = self._logical_response(lg)
-        size = lg.size
-        status = 200
+        out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
-            if failed:
-                raise _precondition_error(failed[0], failed[1], "GetObject")
-            try:
-                span = _byte_range(kwargs.get("Range"), size)
-            except _RangeNotSatisfiable as e:
-                raise e.client_error("GetObject") from None
-            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-            os.close(fd)
-            try:
-                engine.rebuild(lg, tmp)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            start, end = 0, size - 1
-            meta = _local_metadata(lg.head)
-            headers = dict(meta.get("HTTPHeaders") or {})
-            if span is not None:
-                start, end = span
-                out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
-                headers["content-range"] = out["ContentRange"]
-                status = 206
-            out["Body"] = _TempBody(tmp, start, end - start + 1)
-            out["ContentLength"] = end - start + 1
-            headers["content-length"] = str(end - start + 1)
-            headers["etag"] = lg.etag
-            meta["HTTPHeaders"] = headers
+            meta, status = _get_rebuilt(engine, lg, kwargs, out)
         else:
-            query = []
-            for name, field, _ in _GET_OVERRIDE_PARAMS:
-                value = kwargs.get(name)
-                if value is not None:
-                    when = _timestamp_param(value) if name == "ResponseExpires" else None
-                    query.append((field, _http_date(when) if when else str(value)))
-            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-            resp = engine.storage.get_object(
-                bucket,
-                lg.stored_key,
-                range=sent_range,
-                headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-                query=query,
-            )
-            status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
-            for name in ("ContentLength", "ContentRange", "LastModified"):
-                if name in resp:
-                    out[name] = resp[name]
-            body = resp["Body"]
-            if sent_range is None and lg.sha256:
-                body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
-            out["Body"] = body
-            meta = _local_metadata(resp)
-        for name, _, field in _GET_OVERRIDE_PARAMS:
-            if kwargs.get(name) is not None:
-                value = kwargs[name]
-                if field == "Expires":
-                    when = _timestamp_param(value)
-                    out["ExpiresString"] = _http_date(when) if when else str(value)
-                    if when:
-                        out["Expires"] = when
-                else:
-                    out[field] = value
+            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
@@ -10991,81 +11489,12 @@ class DeltaGliderClient:
             "Bucket",
             "Delete",
         )
-        bucket = kwargs["Bucket"]
         spec = kwargs["Delete"]
         objects = _delete_entries(spec)
-        keys = [o["Key"] for o in objects]
-        for k in keys:
-            _validate_key(k)
-        engine = self.engine
-        storage = engine.storage
-        errors: list[dict[str, Any]] = []
-        if len(objects) > _DELETE_BATCH:
-            # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
-            resp = storage.delete_objects(bucket, keys, check_limit=False)
-            errors += resp.get("Errors", [])
-        stored: list[str] = []
-        conditions: dict[str, dict[str, Any]] = {}
-        refused: set[str] = set()
         for entry in objects:
-            k = entry["Key"]
-            cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
-            if not cond:
-                stored += _stored_forms(k)
-                continue
-            try:
-                lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
-            except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                    raise
-                lg = None
-            if lg is None:
-                stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
-                conditions[k] = cond
-                continue
-            logical = {
-                "ETag": lg.etag,
-                "LastModified": lg.head.get("LastModified"),
-                "ContentLength": lg.size,
-            }
-            # Checked here first: some servers ignore some conditions (SeaweedFS deletes
-            # whatever the Size), and a delta's logical ETag is not its stored one.
-            if not _delete_conditions_hold(logical, cond):
-                refused.add(k)
-                continue
-            # Then sent, so that the server refuses too if the object changed meanwhile.
-            stored.append(lg.stored_key)
-            if lg.kind == _Kind.DELTA:
-                conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
-            else:
-                conditions[k] = cond
-        for i in range(0, len(stored), _DELETE_BATCH):
-            batch = stored[i : i + _DELETE_BATCH]
-            resp = storage.delete_objects(
-                bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
-            )
-            errors += resp.get("Errors", [])
-        engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
-        errors += [
-            {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
-            for k in sorted(refused)
-        ]
-        failed = {e["Key"] for e in errors}
-        out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
-        if done and not spec.get("Quiet"):
-            out["Deleted"] = done
-        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
-        if logical_errors:
-            out["Errors"] = logical_errors
-        out["ResponseMetadata"] = {
-            "HTTPStatusCode": 200,
-            "RetryAttempts": 0,
-            "RequestId": "",
-            "HostId": "",
-            "HTTPHeaders": {},
-        }
-        return out
+            _validate_key(entry["Key"])
+        quiet = bool(spec.get("Quiet"))
+        return _delete_logical_objects(self.engine, kwargs["Bucket"], objects, quiet)
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
         """CopyObject of a logical object: a delta-stored source is rebuilt and stored
@@ -11074,153 +11503,15 @@ class DeltaGliderClient:
         allowed |= _PUT_PARAMS | {n for n, _ in _COPY_CONDITION_PARAMS + _COPY_SSEC_HEADER_PARAMS}
         allowed |= {"ExpectedSourceBucketOwner"}
         _params("CopyObject", kwargs, allowed, "Bucket", "Key", "CopySource")
+        src_bucket, src_key = _copy_source(kwargs["CopySource"])
         try:
-            return self._copy_object(kwargs)
+            return _copy_logical_object(self.engine, kwargs, src_bucket, src_key, self._now)
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
             raise _as_operation(e, "CopyObject", keep_multipart=False) from None
 
-    def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            text = urllib.parse.unquote(src.lstrip("/"))
-            src_bucket, _, src_key = text.partition("/")
-            if "?versionId=" in src_key:
-                raise ParamValidationError(report="CopySource versionId is not supported")
-        elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
-            src_bucket, src_key = src["Bucket"], src.get("Key") or ""
-            if not isinstance(src_key, str) or not src_key:
-                raise ParamValidationError(
-                    report=_type_report("CopySource.Key", src_key, "<class 'str'>")
-                )
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        engine = self.engine
-        source_headers = {
-            h.replace("copy-source-", "", 1): v
-            for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
-        }
-        if kwargs.get("ExpectedSourceBucketOwner"):
-            source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
-        lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
-        failed = _precondition_failure(
-            kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
-        )
-        if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
-            raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
-        directive = kwargs.get("MetadataDirective", "COPY")
-        params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
-        params.pop("ExpectedSourceBucketOwner", None)
-        if directive == "COPY":
-            params["Metadata"] = _user_metadata(lg.metadata)
-            params.setdefault("ContentType", lg.content_type)
-            for name in (
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-            ):
-                if name in lg.head:
-                    params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
-        os.close(fd)
-        try:
-            engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        out: dict[str, Any] = {
-            "CopyObjectResult": {
-                "ETag": result["ETag"],
-                "LastModified": self._now().replace(microsecond=0),
-            },
-            "ResponseMetadata": result["ResponseMetadata"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        return out
-
     # -- listing ------------------------------------------------------------------
-
-    def _logical_page(
-        self,
-        bucket: str,
-        page: dict[str, Any],
-        after: str | None,
-        fetch: bool,
-        continued: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Hide references, show logical names (_logical_key), each once: where another
-        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
-        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-        the compression details (HEADs run in parallel)."""
-        objects = page.get("Contents", [])
-        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
-        first = objects[0]["Key"] if objects else ""
-        contents = []
-        for obj in objects:
-            stored = obj["Key"]
-            logical = _logical_key(stored)
-            if logical is None or (after is not None and logical <= after):
-                continue
-            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-                if logical in plain:
-                    continue
-                if continued and logical < first and self.engine.exists(bucket, logical):
-                    continue  # listed on an earlier page
-            item = dict(obj)
-            item["Key"] = logical
-            if fetch:
-                item["_stored"] = stored
-            contents.append(item)
-        if fetch and contents:
-            self._fetch_details(bucket, contents)
-        return contents
-
-    def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self.engine.storage
-
-        def one(item: dict[str, Any]) -> None:
-            stored = item.pop("_stored")
-            is_delta = stored.endswith(_DELTA_SUFFIX)
-            meta: dict[str, str] = {}
-            if is_delta:
-                try:
-                    meta = storage.head_object(bucket, stored).get("Metadata", {})
-                except ClientError:
-                    meta = {}
-            original = _meta_get(meta, "file_size") if is_delta else None
-            size = int(original) if original and original.isdigit() else item["Size"]
-            stored_size = item["Size"]
-            item["Size"] = size
-            md5 = _meta_get(meta, "md5") if is_delta else None
-            if md5:  # the logical ETag, as head_object reports it (rclone check compares)
-                item["ETag"] = '"%s"' % md5
-            details = {
-                "deltaglider-is-delta": "true" if is_delta else "false",
-                "deltaglider-original-size": str(size),
-                "deltaglider-stored-size": str(stored_size),
-                "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
-            }
-            if is_delta:
-                ref = _meta_get(meta, "ref") or _REFERENCE_NAME
-                details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
-            item["Metadata"] = details
-
-        deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
-        for item in contents:
-            if not item["_stored"].endswith(_DELTA_SUFFIX):
-                one(item)  # no request needed
-        if deltas:
-            workers = min(self._max_workers, len(deltas))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, deltas))
 
     def _list_logical(self, kwargs: Mapping[str, Any], marker: str | None) -> dict[str, Any]:
         """Pages of stored keys until ``MaxKeys`` logical entries (keys and common
@@ -11257,7 +11548,9 @@ class DeltaGliderClient:
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
-            contents += self._logical_page(bucket, page, after, fetch, continued)
+            contents += _logical_page(
+                self.engine, bucket, page, after, fetch, continued, self._max_workers
+            )
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -11464,255 +11757,35 @@ class DeltaGliderClient:
                 if Callback:
                     Callback(len(chunk))
 
-    # -- multipart uploads --------------------------------------------------------
-    #
-    # Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
-    # <nonce>/<key>; completing it assembles the staging object on the server, which is
-    # then stored under <key> as put_object stores a file (a delta where that pays) and
-    # removed. The UploadId we hand out is the nonce followed by the server's upload id,
-    # so any client (another process, the gateway) can continue an upload it did not
-    # start, and two uploads of one key never share a staging object.
-
-    _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
-    _MPU_NONCE = 32
-
-    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
-        """(bucket, staging key, the server's upload id) of one of our upload ids."""
-        _require(operation, kwargs, "Bucket", "Key", "UploadId")
-        upload_id = kwargs["UploadId"]
-        nonce, server_id = upload_id[: self._MPU_NONCE], upload_id[self._MPU_NONCE :]
-        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % self._MPU_NONCE, nonce):
-            raise _client_error(
-                {
-                    "Error": {
-                        "Code": "NoSuchUpload",
-                        "Message": "The specified upload does not exist. The upload ID may "
-                        "be invalid, or the upload may have been aborted or completed.",
-                        "UploadId": upload_id,
-                    },
-                    "ResponseMetadata": _local_metadata(
-                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
-                    ),
-                },
-                operation,
-            )
-        _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], self._MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+    # -- multipart uploads: _MultipartUploads ----------------------------------------
 
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CreateMultipartUpload; the object's headers and metadata are kept on the
         staging upload and given to the object when the upload completes."""
-        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
-            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
-        )
-        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
-        _validate_key(kwargs["Key"])
-        if kwargs.get("SSECustomerKey") is not None:
-            raise ParamValidationError(
-                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
-            )
-        nonce = uuid.uuid4().hex
-        staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
-        headers = _put_headers(kwargs)
-        server_id = self.engine.storage.create_multipart_upload(
-            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
-        )
-        return {
-            "Bucket": kwargs["Bucket"],
-            "Key": kwargs["Key"],
-            "UploadId": nonce + server_id,
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.create(kwargs)
 
     def upload_part(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
-        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
-        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
-        body = kwargs.get("Body")
-        path, info = _spool_request_body(self.engine, body if body is not None else b"")
-        try:
-            with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+        return self._multipart.upload_part(kwargs)
 
     def upload_part_copy(self, **kwargs: Any) -> dict[str, Any]:
         """UploadPartCopy from a logical object (rebuilt when stored as a delta);
         ``CopySourceRange`` as ``bytes=first-last``."""
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
-        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
-        _params(
-            "UploadPartCopy",
-            kwargs,
-            allowed,
-            "Bucket",
-            "Key",
-            "UploadId",
-            "PartNumber",
-            "CopySource",
-        )
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
-        elif isinstance(src, dict):
-            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
-        if kwargs.get("CopySourceRange"):
-            get["Range"] = kwargs["CopySourceRange"]
-        for name, _ in _COPY_CONDITION_PARAMS:
-            if kwargs.get(name) is not None:
-                get[name[len("CopySource") :]] = kwargs[name]
-        try:
-            resp = self.get_object(**get)
-        except ClientError as e:
-            raise _client_error(e.response, "UploadPartCopy") from None
-        with resp["Body"] as part:
-            path, info = _spool_request_body(self.engine, part)
-        try:
-            with open(path, "rb") as f:
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {
-            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.upload_part_copy(kwargs, self.get_object)
 
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CompleteMultipartUpload: the server assembles the parts; the result is then
         stored under ``Key`` as put_object stores a file (a delta where that pays)."""
-        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
-        allowed |= {"RequestPayer"}
-        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
-        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
-        if not isinstance(parts, (list, tuple)):
-            raise ParamValidationError(
-                report=_type_report(
-                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
-                )
-            )
-        storage = self.engine.storage
-        storage.complete_multipart_upload(
-            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
-        )
-        engine = self.engine
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
-        os.close(fd)
-        try:
-            got = storage.get_object(bucket, staging)
-            with got["Body"] as body, open(tmp, "wb") as f:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
-            params["Metadata"] = got.get("Metadata") or {}
-            for name in (
-                "ContentType",
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-                "ServerSideEncryption",
-                "SSEKMSKeyId",
-                "StorageClass",
-            ):
-                if got.get(name) is not None:
-                    params[name] = got[name]
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            os.unlink(tmp)
-        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
-            storage.delete_object(bucket, staging)
-        out: dict[str, Any] = {
-            "Location": storage.object_url(bucket, kwargs["Key"]),
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "ETag": result["ETag"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        out["ResponseMetadata"] = result["ResponseMetadata"]
-        return out
+        return self._multipart.complete(kwargs)
 
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
-        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
-        return {"ResponseMetadata": _local_metadata(resp)}
+        return self._multipart.abort(kwargs)
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
-        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
-        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self.engine.storage.list_parts(bucket, staging, server_id)
-        parts = resp.get("Parts", [])
-        marker = int(kwargs.get("PartNumberMarker") or 0)
-        parts = [p for p in parts if p["PartNumber"] > marker]
-        limit = kwargs.get("MaxParts", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "UploadId": kwargs["UploadId"],
-            "PartNumberMarker": marker,
-            "MaxParts": limit,
-            "IsTruncated": len(parts) > limit,
-            "Parts": parts[:limit],
-        }
-        if out["IsTruncated"]:
-            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_parts(kwargs)
 
     def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         """Uploads in progress, by their logical keys and our upload ids."""
-        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
-        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
-        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
-        bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
-        uploads = []
-        for u in resp.get("Uploads", []):
-            rest = u["Key"][len(self._MPU_PREFIX) :]
-            nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(self._MPU_PREFIX) or len(nonce) != self._MPU_NONCE:
-                continue
-            if not key.startswith(kwargs.get("Prefix") or ""):
-                continue
-            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
-        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
-        marker = kwargs.get("KeyMarker")
-        if marker:
-            uploads = [u for u in uploads if u["Key"] > marker]
-        limit = kwargs.get("MaxUploads", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "KeyMarker": marker or "",
-            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
-            "Prefix": kwargs.get("Prefix") or "",
-            "MaxUploads": limit,
-            "IsTruncated": len(uploads) > limit,
-        }
-        if uploads[:limit]:
-            out["Uploads"] = uploads[:limit]
-        if out["IsTruncated"]:
-            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
-            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_uploads(kwargs)
 
     # -- object tagging and ACLs ---------------------------------------------------
 
@@ -11873,7 +11946,9 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
+        method = _presign_method(ClientMethod, params, ExpiresIn)
+        http_method = HttpMethod or method
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, http_method, self._now)
 
     def generate_presigned_post(
         self,
@@ -11944,35 +12019,7 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self.engine
-        lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
-        os.close(fd)
-        try:
-            try:
-                if lg.kind == _Kind.DELTA:
-                    engine.rebuild(lg, path)
-                else:
-                    engine.fetch_plain(lg, path)
-                valid, message = True, "Integrity verified"
-            except IntegrityError as e:
-                valid, message = False, str(e)
-            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
-        finally:
-            os.unlink(path)
-        if lg.kind == _Kind.FOREIGN:
-            message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        result = VerifyResult(
-            valid=valid,
-            kind=lg.kind,
-            expected_sha256=lg.sha256,
-            actual_sha256=actual,
-            message=message,
-        )
-        if lg.kind == _Kind.DELTA:
-            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
-        return result
+        return _verify_logical(self.engine, bucket, key)
 
     def upload_chunked(
         self,
@@ -12133,7 +12180,7 @@ class DeltaGliderClient:
                 self.delete_object(Bucket=Bucket, Key=Prefix)
                 single.append(Prefix)
             except ClientError as e:
-                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                if not _is_not_found(e):
                     raise
             folder = Prefix + "/"
         else:
@@ -12224,29 +12271,7 @@ class DeltaGliderClient:
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self.engine.storage
-        now = self._now()
-        deleted = expired = errors = freed = 0
-        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
-            for obj in page.get("Contents", []):
-                try:
-                    meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
-                    when = meta.get("dg-expires-at")
-                    if when and _parse_timestamp(when) <= now:
-                        expired += 1
-                        storage.delete_object(Bucket, obj["Key"])
-                        deleted += 1
-                        freed += obj["Size"]
-                except (ClientError, ValueError) as e:
-                    logger.warning("purge: %s: %s", obj["Key"], e)
-                    errors += 1
-        return {
-            "bucket": Bucket,
-            "deleted_count": deleted,
-            "expired_count": expired,
-            "error_count": errors,
-            "total_size_freed": freed,
-        }
+        return _purge_presign_copies(self.engine.storage, Bucket, self._now)
 
 
 #: The client's public methods, for the "not supported" message.
@@ -12428,6 +12453,266 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
         )
     parts.append("</AccessControlList></AccessControlPolicy>")
     return "".join(parts).encode("utf-8")
+
+
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete --
+
+_MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
+_MPU_NONCE = 32
+
+
+class _MultipartUploads:
+    """The client's multipart-upload operations, over the engine's storage.
+
+    Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
+    <nonce>/<key>; completing it assembles the staging object on the server, which is
+    then stored under <key> as put_object stores a file (a delta where that pays) and
+    removed. The UploadId we hand out is the nonce followed by the server's upload id,
+    so any client (another process, the gateway) can continue an upload it did not
+    start, and two uploads of one key never share a staging object."""
+
+    def __init__(
+        self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
+    ) -> None:
+        self._get_engine = engine  # the client's, made on first use
+        self._now = now
+
+    @property
+    def engine(self) -> _DeltaEngine:
+        return self._get_engine()
+
+    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
+        """(bucket, staging key, the server's upload id) of one of our upload ids."""
+        _require(operation, kwargs, "Bucket", "Key", "UploadId")
+        upload_id = kwargs["UploadId"]
+        nonce, server_id = upload_id[:_MPU_NONCE], upload_id[_MPU_NONCE:]
+        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % _MPU_NONCE, nonce):
+            raise _client_error(
+                {
+                    "Error": {
+                        "Code": "NoSuchUpload",
+                        "Message": "The specified upload does not exist. The upload ID may "
+                        "be invalid, or the upload may have been aborted or completed.",
+                        "UploadId": upload_id,
+                    },
+                    "ResponseMetadata": _local_metadata(
+                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
+                    ),
+                },
+                operation,
+            )
+        _validate_key(kwargs["Key"])
+        return kwargs["Bucket"], _MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+
+    def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
+            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
+        )
+        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
+        _validate_key(kwargs["Key"])
+        if kwargs.get("SSECustomerKey") is not None:
+            raise ParamValidationError(
+                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
+            )
+        nonce = uuid.uuid4().hex
+        staging = _MPU_PREFIX + nonce + "/" + kwargs["Key"]
+        headers = _put_headers(kwargs)
+        server_id = self.engine.storage.create_multipart_upload(
+            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
+        )
+        return {
+            "Bucket": kwargs["Bucket"],
+            "Key": kwargs["Key"],
+            "UploadId": nonce + server_id,
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def upload_part(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
+        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
+        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
+        body = kwargs.get("Body")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
+        try:
+            with open(path, "rb") as f:  # signed with the hash of what the caller gave
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+
+    def upload_part_copy(
+        self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
+        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
+        _params(
+            "UploadPartCopy",
+            kwargs,
+            allowed,
+            "Bucket",
+            "Key",
+            "UploadId",
+            "PartNumber",
+            "CopySource",
+        )
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
+        src = kwargs["CopySource"]
+        if isinstance(src, str):
+            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
+        elif isinstance(src, dict):
+            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
+        else:
+            raise ParamValidationError(
+                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+            )
+        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        if kwargs.get("CopySourceRange"):
+            get["Range"] = kwargs["CopySourceRange"]
+        for name, _ in _COPY_CONDITION_PARAMS:
+            if kwargs.get(name) is not None:
+                get[name[len("CopySource") :]] = kwargs[name]
+        try:
+            resp = get_object(**get)
+        except ClientError as e:
+            raise _client_error(e.response, "UploadPartCopy") from None
+        with resp["Body"] as part:
+            path, info = _spool_request_body(self.engine, part)
+        try:
+            with open(path, "rb") as f:
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {
+            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def complete(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
+        allowed |= {"RequestPayer"}
+        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
+        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
+        if not isinstance(parts, (list, tuple)):
+            raise ParamValidationError(
+                report=_type_report(
+                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
+                )
+            )
+        storage = self.engine.storage
+        storage.complete_multipart_upload(
+            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
+        )
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
+        os.close(fd)
+        try:
+            got = storage.get_object(bucket, staging)
+            with got["Body"] as body, open(tmp, "wb") as f:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+            params["Metadata"] = got.get("Metadata") or {}
+            for name in (
+                "ContentType",
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+                "ServerSideEncryption",
+                "SSEKMSKeyId",
+                "StorageClass",
+            ):
+                if got.get(name) is not None:
+                    params[name] = got[name]
+            result = _put_object_from_file(self.engine, tmp, params)
+        finally:
+            os.unlink(tmp)
+        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
+            storage.delete_object(bucket, staging)
+        out: dict[str, Any] = {
+            "Location": storage.object_url(bucket, kwargs["Key"]),
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "ETag": result["ETag"],
+        }
+        if "DeltaGliderInfo" in result:
+            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+        out["ResponseMetadata"] = result["ResponseMetadata"]
+        return out
+
+    def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
+        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        return {"ResponseMetadata": _local_metadata(resp)}
+
+    def list_parts(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
+        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
+        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
+        resp = self.engine.storage.list_parts(bucket, staging, server_id)
+        parts = resp.get("Parts", [])
+        marker = int(kwargs.get("PartNumberMarker") or 0)
+        parts = [p for p in parts if p["PartNumber"] > marker]
+        limit = kwargs.get("MaxParts", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "UploadId": kwargs["UploadId"],
+            "PartNumberMarker": marker,
+            "MaxParts": limit,
+            "IsTruncated": len(parts) > limit,
+            "Parts": parts[:limit],
+        }
+        if out["IsTruncated"]:
+            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
+
+    def list_uploads(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
+        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
+        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
+        bucket = kwargs["Bucket"]
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MPU_PREFIX)
+        uploads = []
+        for u in resp.get("Uploads", []):
+            rest = u["Key"][len(_MPU_PREFIX) :]
+            nonce, _, key = rest.partition("/")
+            if not u["Key"].startswith(_MPU_PREFIX) or len(nonce) != _MPU_NONCE:
+                continue
+            if not key.startswith(kwargs.get("Prefix") or ""):
+                continue
+            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
+        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
+        marker = kwargs.get("KeyMarker")
+        if marker:
+            uploads = [u for u in uploads if u["Key"] > marker]
+        limit = kwargs.get("MaxUploads", 1000)
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "KeyMarker": marker or "",
+            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
+            "Prefix": kwargs.get("Prefix") or "",
+            "MaxUploads": limit,
+            "IsTruncated": len(uploads) > limit,
+        }
+        if uploads[:limit]:
+            out["Uploads"] = uploads[:limit]
+        if out["IsTruncated"]:
+            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
+            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
+        out["ResponseMetadata"] = _local_metadata(resp)
+        return out
 
 
 # -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
@@ -12720,12 +13005,12 @@ def _presigned_url(
     client_method: str,
     params: dict[str, Any],
     expires: int,
-    http_method: str | None,
+    http_method: str,
     now: Callable[[], datetime.datetime],
 ) -> str:
-    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
-    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
-    method = _presign_method(client_method, params, expires)
+    """generate_presigned_url, its parameters checked (_presign_method): a get_object URL
+    of a delta-stored key is one of its rebuilt copy (_rehydrated_copy); the ``Response*``
+    overrides and list parameters go in the query."""
     storage = engine.storage
     if getattr(storage, "is_local", False):
         raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
@@ -12736,7 +13021,7 @@ def _presigned_url(
         try:
             lg: _Logical | None = engine.head(bucket, key, "HeadObject")
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+            if not _is_not_found(e):
                 raise
             lg = None  # a URL that answers 404, as boto3's would
         if lg is not None and lg.kind == _Kind.DELTA:
@@ -12751,7 +13036,7 @@ def _presigned_url(
         for name, value in rest.items():
             query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
     return cast(_S3Storage, storage).presign_url(
-        http_method or method, bucket, key, query, int(expires), headers
+        http_method, bucket, key, query, int(expires), headers
     )
 
 
@@ -12783,7 +13068,7 @@ def _rehydrated_copy(
     try:
         head: dict[str, Any] | None = storage.head_object(lg.bucket, tmp_key)
     except ClientError as e:
-        if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+        if not _is_not_found(e):
             raise
         head = None
     if lg.sha256 and head and head.get("Metadata", {}).get("dg-file-sha256") == lg.sha256:
@@ -12815,6 +13100,35 @@ def _rehydrated_copy(
         if os.path.exists(path):
             os.unlink(path)
     return tmp_key
+
+
+def _purge_presign_copies(
+    storage: _Storage, bucket: str, clock: Callable[[], datetime.datetime]
+) -> dict[str, Any]:
+    """purge_temp_files: the rebuilt copies under ``.deltaglider/tmp/`` whose
+    ``dg-expires-at`` has passed are deleted; counts of what was seen and freed."""
+    now = clock()
+    deleted = expired = errors = freed = 0
+    for page in _list_pages(storage, bucket, prefix=".deltaglider/tmp/"):
+        for obj in page.get("Contents", []):
+            try:
+                meta = storage.head_object(bucket, obj["Key"]).get("Metadata", {})
+                when = meta.get("dg-expires-at")
+                if when and _parse_timestamp(when) <= now:
+                    expired += 1
+                    storage.delete_object(bucket, obj["Key"])
+                    deleted += 1
+                    freed += obj["Size"]
+            except (ClientError, ValueError) as e:
+                logger.warning("purge: %s: %s", obj["Key"], e)
+                errors += 1
+    return {
+        "bucket": bucket,
+        "deleted_count": deleted,
+        "expired_count": expired,
+        "error_count": errors,
+        "total_size_freed": freed,
+    }
 
 
 def _presigned_post(
@@ -12871,6 +13185,132 @@ def _set_log_level(level: str, source: str) -> None:
         logger.addHandler(handler)
 
 
+def _apply_log_level(log_level: str | None, env: Mapping[str, str]) -> None:
+    """create_client's ``log_level``, else ``DG_LOG_LEVEL``, set on this module's logger."""
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
+    if level:
+        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
+
+
+def _with_tool_version(config: Config | None, tool_version: str | None) -> Config | None:
+    """``config`` with ``tool_version`` added to its User-Agent extra."""
+    if tool_version:
+        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
+        config = (config or Config()).merge(Config(user_agent_extra=extra))
+    return config
+
+
+def _max_ratio_setting(max_ratio: float | None, env: Mapping[str, str]) -> float:
+    """The largest delta worth storing, as a fraction of the file: the argument, else
+    ``DG_MAX_RATIO``; between 0 and 1."""
+    if max_ratio is None:
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
+    if not 0.0 <= max_ratio <= 1.0:
+        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
+    return max_ratio
+
+
+def _endpoint_setting(
+    endpoint_url: str | None, profile_name: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The endpoint looked at for a ``file:`` store before any settings are read:
+    ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` when no profile is
+    named (a profile's settings are read with the rest, when the storage is made)."""
+    endpoint = endpoint_url
+    if endpoint is None and not profile_name:
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    return endpoint
+
+
+def _lazy_credentials(
+    settings: _ClientSettings,
+    anonymous: bool,
+    access_key: str | None,
+    secret_key: str | None,
+    session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> Callable[[], _Credentials | None]:
+    """The credentials create_client's S3 storage signs with: resolved on its first
+    request in botocore's order (README), then kept; None for unsigned requests."""
+    provider_box: list[_CredentialProvider | None] = []
+
+    def credentials() -> _Credentials | None:
+        if anonymous or settings.unsigned:
+            return None
+        if not provider_box:
+            provider = _resolve_credentials(
+                access_key=access_key,
+                secret_key=secret_key,
+                session_token=session_token,
+                profile_name=settings.profile_name,
+                profile_explicit=settings.profile_explicit,
+                profile=settings.profile,
+                environ=environ,
+                now=now,
+            )
+            if provider is None:
+                raise NoCredentialsError()
+            provider_box.append(provider)
+        prov = provider_box[0]
+        assert prov is not None
+        return prov.get()
+
+    return credentials
+
+
+def _client_storage(
+    endpoint: str | None,
+    *,
+    endpoint_url: str | None,
+    config: Config | None,
+    region_name: str | None,
+    profile_name: str | None,
+    anonymous: bool,
+    aws_access_key_id: str | None,
+    aws_secret_access_key: str | None,
+    aws_session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> _Storage:
+    """create_client's storage, made on the client's first use: a local directory for a
+    ``file:`` endpoint, else S3 over HTTP with botocore's settings (README)."""
+    if endpoint and endpoint.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(endpoint), now=now)
+    settings = _resolve_client_settings(
+        config,
+        region_name=region_name,
+        endpoint_url=endpoint_url,
+        profile_name=profile_name,
+        environ=environ,
+    )
+    if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
+    return _S3Storage(
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        credentials=_lazy_credentials(
+            settings,
+            anonymous,
+            aws_access_key_id,
+            aws_secret_access_key,
+            aws_session_token,
+            environ,
+            now,
+        ),
+        addressing_style=settings.addressing_style,
+        max_attempts=settings.max_attempts,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        request_timeout=settings.request_timeout,
+        verify=settings.verify,
+        max_pool_connections=settings.max_pool_connections,
+        proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=environ),
+        payload_signing=settings.payload_signing,
+        now=now,
+    )
+
+
 def create_client(
     endpoint_url: str | None = None,
     log_level: str | None = None,
@@ -12920,71 +13360,25 @@ def create_client(
     references = _parse_choice(references, "references", choices=_REFERENCE_MODES)
     if archive_aware is None:
         archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
-    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
-    if level:
-        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
-    if tool_version:
-        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
-        config = (config or Config()).merge(Config(user_agent_extra=extra))
-    if max_ratio is None:
-        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
-    if not 0.0 <= max_ratio <= 1.0:
-        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
-    endpoint = endpoint_url
-    if endpoint is None and not profile_name:
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    _apply_log_level(log_level, env)
+    config = _with_tool_version(config, tool_version)
+    max_ratio = _max_ratio_setting(max_ratio, env)
+    endpoint = _endpoint_setting(endpoint_url, profile_name, env)
 
-    def storage_factory() -> _Storage:
-        if endpoint and endpoint.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(endpoint), now=now)
-        settings = _resolve_client_settings(
-            config,
-            region_name=region_name,
-            endpoint_url=endpoint_url,
-            profile_name=profile_name,
-            environ=env,
-        )
-        if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
-        provider_box: list[_CredentialProvider | None] = []
-
-        def credentials() -> _Credentials | None:
-            if anonymous or settings.unsigned:
-                return None
-            if not provider_box:
-                provider = _resolve_credentials(
-                    access_key=aws_access_key_id,
-                    secret_key=aws_secret_access_key,
-                    session_token=aws_session_token,
-                    profile_name=settings.profile_name,
-                    profile_explicit=settings.profile_explicit,
-                    profile=settings.profile,
-                    environ=env,
-                    now=now,
-                )
-                if provider is None:
-                    raise NoCredentialsError()
-                provider_box.append(provider)
-            prov = provider_box[0]
-            assert prov is not None
-            return prov.get()
-
-        return _S3Storage(
-            endpoint_url=settings.endpoint_url,
-            region=settings.region,
-            credentials=credentials,
-            addressing_style=settings.addressing_style,
-            max_attempts=settings.max_attempts,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            request_timeout=settings.request_timeout,
-            verify=settings.verify,
-            max_pool_connections=settings.max_pool_connections,
-            proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
-            payload_signing=settings.payload_signing,
-            now=now,
-        )
-
+    storage_factory = functools.partial(
+        _client_storage,
+        endpoint,
+        endpoint_url=endpoint_url,
+        config=config,
+        region_name=region_name,
+        profile_name=profile_name,
+        anonymous=anonymous,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        aws_session_token=aws_session_token,
+        environ=env,
+        now=now,
+    )
     return DeltaGliderClient(
         storage_factory,
         cache_dir=cache_dir or _default_cache_dir(env),
@@ -13010,19 +13404,18 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
-#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   XML answers         _xml_* (short ones are written where they are answered), and
+#                       _acl_policy (reads a PutBucketAcl body)
 #   object requests     _preconditions (If-*), _object_headers, _put_params
 #   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
 #                       routes, one method per S3 operation), _Share, _GatewayServer
 #                       (sockets, worker slots, deadlines, draining)
 # ``deltaglider serve`` itself (_cmd_serve, after the server) builds them from its options.
 
-#: The gateway's own key pair (clients sign with it); never taken from the command line.
-_ENV_GATEWAY_ACCESS_KEY = "DG_GATEWAY_ACCESS_KEY_ID"
-_ENV_GATEWAY_SECRET_KEY = "DG_GATEWAY_SECRET_ACCESS_KEY"
 #: S3 refuses a request whose time is more than 15 minutes off (AWS "Authenticating
 #: Requests: Time stamp"), and a presigned URL that lives longer than 7 days.
 _GATEWAY_MAX_SKEW = 15 * 60
@@ -13353,8 +13746,8 @@ class _GatewayUsers:
                         )
                     users[key.strip()] = secret.strip()
         else:
-            key = environ.get(_ENV_GATEWAY_ACCESS_KEY, "").strip()
-            secret = environ.get(_ENV_GATEWAY_SECRET_KEY, "").strip()
+            key = _env_setting(environ, _ENV_GATEWAY_ACCESS_KEY)
+            secret = _env_setting(environ, _ENV_GATEWAY_SECRET_KEY)
             if key and secret:
                 users[key] = secret
         if not users:
@@ -13797,7 +14190,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14412,7 +14807,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- XML answers: one writer per S3 response document ---------------------------------
+# -- XML answers: errors, listings and the other long S3 documents --------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14875,7 +15270,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -15187,7 +15582,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15245,7 +15640,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
@@ -15876,43 +16271,46 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._conns_lock.wait(min(left, 0.2))
 
 
-def _cmd_serve(cli: _Cli) -> int:
-    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
-    args = cli.args
-
-    def address(text: str, option: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise InvalidConfigError(
-                error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
-            )
-        return host.strip("[]") or "127.0.0.1", int(port)
-
-    host, port = address(args.listen, "--listen")
-    users = _GatewayUsers.load(args.users, cli.environ)
-    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
-        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and tls is None:
-        cli.error(
-            "warning: serving on %s without TLS: requests and their data travel "
-            "unencrypted (give --tls-cert and --tls-key)" % host
+def _listen_address(text: str, option: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT option (--listen, --metrics-listen); ``[::1]:8333``
+    takes IPv6, ``:8333`` means 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidConfigError(
+            error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
         )
-    client = cli.client
-    backend = client.storage.endpoint_url  # resolves the back end now: errors show at start
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    if bool(cert) != bool(key):
+        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
+    if not cert:
+        return None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_cert_chain(cert, key)
+    return tls
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listening host is only reachable from this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _gateway_servers(
+    cli: _Cli, users: _GatewayUsers, address: tuple[str, int], tls: ssl.SSLContext | None
+) -> list[_GatewayServer]:
+    """The gateway in front of this run's client, and its servers: S3 on ``address``,
+    then GET /metrics on --metrics-listen, unauthenticated, for a Prometheus scraper."""
+    args = cli.args
     state = args.state_dir or os.path.join(_default_cache_dir(cli.environ), "gateway")
     gateway = _Gateway(
-        client,
+        cli.client,
         _GatewayAuth(users),
         state_dir=state,
         domain=args.domain,
@@ -15921,18 +16319,26 @@ def _cmd_serve(cli: _Cli) -> int:
     )
     servers = [
         _GatewayServer(
-            (host, port), gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
+            address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
-    if args.metrics_listen:  # unauthenticated, for a Prometheus scraper
+    if args.metrics_listen:
         servers.append(
             _GatewayServer(
-                address(args.metrics_listen, "--metrics-listen"),
+                _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
                 metrics_only=True,
             )
         )
+    return servers
+
+
+def _serve_until_stopped(
+    cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
+) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
+    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -15940,12 +16346,8 @@ def _cmd_serve(cli: _Cli) -> int:
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
-    cli.error(
-        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
-        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
-    )
-    if len(servers) > 1:
-        cli.error("metrics on %s/metrics" % servers[1].url)
+    for text in banner:
+        cli.error(text)
     try:
         while not stop.wait(0.5):
             pass
@@ -15953,14 +16355,38 @@ def _cmd_serve(cli: _Cli) -> int:
         for s in servers:
             s.stopping = True
             s.shutdown()
-        left = servers[0].drain(args.grace)
+        left = servers[0].drain(grace)
         for s in servers:
             s.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         cli.error(
-            "stopped" + (" (%d request(s) cut off after %gs)" % (left, args.grace) if left else "")
+            "stopped" + (" (%d request(s) cut off after %gs)" % (left, grace) if left else "")
         )
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
+    args = cli.args
+    host, port = _listen_address(args.listen, "--listen")
+    users = _GatewayUsers.load(args.users, cli.environ)
+    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
+        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
+    tls = _serve_tls(args.tls_cert, args.tls_key)
+    if not _is_loopback(host) and tls is None:
+        cli.error(
+            "warning: serving on %s without TLS: requests and their data travel "
+            "unencrypted (give --tls-cert and --tls-key)" % host
+        )
+    backend = cli.client.storage.endpoint_url  # resolves the back end now: errors show at start
+    servers = _gateway_servers(cli, users, (host, port), tls)
+    banner = [
+        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
+        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
+    ]
+    if len(servers) > 1:
+        banner.append("metrics on %s/metrics" % servers[1].url)
+    _serve_until_stopped(cli, servers, args.grace, banner)
     return EXIT_OK
 
 
@@ -16018,6 +16444,88 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
+def _local_files(
+    root: str,
+    warn: Callable[[str], None],
+    *,
+    follow: bool = True,
+    confine: bool = False,
+    unread: list[str] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+    The one walk of local folders. Symlinks are followed as aws s3 does (not at all
+    without ``follow``: --no-follow-symlinks), but a symlinked folder is entered only the
+    first time its real folder is met, and never when it is one of its own parents: link
+    loops end, and repeated links cost one visit (aws s3 walks them until the path is too
+    long).
+    With ``confine`` (a destination), symlinked folders are not entered: a delete never
+    goes through a link (out of the destination, or onto a file another key maps to);
+    a symlinked file is yielded as itself (unlinking it removes only the link).
+
+    What cannot be read (an unreadable folder or file, a special file) is skipped with a
+    warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+    ``unread``: the remote copies of what could not be read are never deleted. Folders
+    skipped as already visited are added to ``unread`` without a warning."""
+    skipped = unread if unread is not None else []
+    visited: set[tuple[int, int]] = set()
+    # A stack of (real folder id, its relative path, its entries still to visit).
+    stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+    def enter(path: str, rel: str, via_link: bool) -> None:
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino)
+            if any(ident == parent for parent, _, _ in stack) or (via_link and ident in visited):
+                skipped.append(rel)  # a link loop, or a folder already walked via a link
+                return
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+            skipped.append(rel)
+            return
+        visited.add(ident)
+        # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+        entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+        stack.append((ident, rel, entries))
+
+    enter(root, "", via_link=False)
+    while stack:
+        _, rel_dir, entries = stack[-1]
+        if not entries:
+            stack.pop()
+            continue
+        entry = entries.pop()
+        path, rel = entry.path, rel_dir + entry.name
+        link = entry.is_symlink()
+        if link and (not follow or (confine and _is_dir_entry(entry))):
+            continue
+        if _is_dir_entry(entry):
+            enter(path, rel + "/", via_link=link)
+            continue
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError as e:
+            warn("Skipping file %s. %s" % (path, e.strerror))
+            skipped.append(rel)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % path
+            )
+            skipped.append(rel)
+            continue
+        if not os.access(path, os.R_OK):
+            warn("Skipping file %s. File/Directory is not readable." % path)
+            skipped.append(rel)
+            continue
+        yield path, rel
+
+
 _CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -16062,6 +16570,163 @@ class _FilterAction(argparse.Action):
         namespace.filters = rules
 
 
+def _print_stats(out: IO[str], bucket: str, mode: str, stats: Mapping[str, Any]) -> None:
+    """``deltaglider stats`` as a table: the counts, sizes and savings of a bucket, then
+    what needs cleaning up (unused references, presigned copies) and the references."""
+    approx = "~" if stats["estimated"] else ""
+    rows = [
+        ("Total Objects:", str(stats["object_count"])),
+        ("  Delta Objects:", str(stats["delta_objects"])),
+        ("  Direct Objects:", str(stats["direct_objects"])),
+        (
+            "Original Size:",
+            "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
+        ),
+        (
+            "Stored Size:",
+            "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
+        ),
+        (
+            "Space Saved:",
+            "%s%s (%.1f%%)"
+            % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
+        ),
+    ]
+    if "reference_size" in stats:
+        rows.insert(
+            3,
+            (
+                "  References:",
+                "%d (%s stored)"
+                % (stats["reference_objects"], _human_size(stats["reference_size"])),
+            ),
+        )
+    out.write(
+        "Bucket Statistics: %s (%s%s)\n%s\n"
+        % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
+    )
+    if stats.get("unused_references"):
+        size = stats["unused_reference_size"]
+        rows.append(
+            (
+                "Unused References:",
+                "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
+                % (stats["unused_references"], _human_size(size), size),
+            )
+        )
+    if stats.get("presign_copies"):
+        size = stats["presign_copies_size"]
+        rows.append(
+            (
+                "Presigned Copies:",
+                "%d, %s (%d bytes) under %s; purge removes expired ones"
+                % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
+            )
+        )
+    for label, value in rows:
+        out.write("%-22s%s\n" % (label, value))
+    if stats.get("references"):
+        out.write("References (stored size, deltas that need it, their size):\n")
+        for ref in stats["references"]:
+            out.write(
+                "  %10s  %4d deltas %10s  %s\n"
+                % (
+                    _human_size(ref["size"]),
+                    ref["deltas"],
+                    _human_size(ref["original_size"]),
+                    ref["source"] or ref["key"],
+                )
+            )
+    if stats["estimated"]:
+        out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+
+
+def _cli_client(
+    args: argparse.Namespace, environ: Mapping[str, str], workers: int
+) -> DeltaGliderClient:
+    """The client of a CLI run, from its global and transfer options (TLS, timeouts,
+    attempts, how files are stored) and its environment."""
+    verify: bool | str | None = None
+    if args.no_verify_ssl:
+        verify = False
+    elif args.ca_bundle:
+        verify = args.ca_bundle
+    cfg = Config(
+        verify=verify,
+        max_attempts=args.max_attempts,
+        connect_timeout=args.cli_connect_timeout,
+        read_timeout=args.cli_read_timeout,
+        request_timeout=args.cli_request_timeout,
+        max_pool_connections=max(10, workers),
+    )
+    max_ratio = getattr(args, "max_ratio", None)
+    archive_aware = True if getattr(args, "archive_aware", False) else None
+    references = getattr(args, "references", None)
+    memory_limit = getattr(args, "memory_limit", None)
+    return create_client(
+        endpoint_url=args.endpoint_url,
+        region_name=args.region,
+        profile_name=args.profile,
+        config=cfg,
+        anonymous=args.no_sign_request,
+        max_ratio=max_ratio,
+        max_workers=workers,
+        archive_aware=archive_aware,
+        memory_limit=memory_limit,
+        environ=environ,
+        references=references,
+    )
+
+
+def _saved_note(summary: Mapping[str, Any]) -> str:
+    """What a transfer's line says about how the file was stored: " (delta, 97.1% saved)",
+    naming the reference when it came from another folder, or " (reference)"."""
+    op = summary.get("Operation")
+    if op == "create_delta":
+        # Rounded down: a 99.96% saving is not "100.0%".
+        saved = int(summary["SavingsPercent"] * 10) / 10.0
+        source = summary.get("ReferenceSource")
+        folder, _, name = (source or "").rpartition("/")
+        key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+        if source and folder != _deltaspace(key):
+            # A reference made from a file in another folder: name it.
+            shown = folder + "/" if name == key.rpartition("/")[2] else source
+            return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+        return " (delta, %.1f%% saved)" % saved
+    if op == "create_reference":
+        return " (reference)"
+    return ""
+
+
+def _put_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The PutObject parameters of the upload options (--content-type, --acl, ...)."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "content_type", None):
+        extra["ContentType"] = args.content_type
+    if getattr(args, "storage_class", None):
+        extra["StorageClass"] = args.storage_class
+    if getattr(args, "metadata", None):
+        extra["Metadata"] = dict(args.metadata)
+    if getattr(args, "cache_control", None):
+        extra["CacheControl"] = args.cache_control
+    if getattr(args, "content_disposition", None):
+        extra["ContentDisposition"] = args.content_disposition
+    if getattr(args, "acl", None):
+        extra["ACL"] = args.acl
+    return extra
+
+
+# put-bucket-acl's options, and the PutBucketAcl parameters they set.
+_ACL_OPTIONS = (
+    ("acl", "ACL"),
+    ("grant_full_control", "GrantFullControl"),
+    ("grant_read", "GrantRead"),
+    ("grant_read_acp", "GrantReadACP"),
+    ("grant_write", "GrantWrite"),
+    ("grant_write_acp", "GrantWriteACP"),
+)
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -16088,36 +16753,7 @@ class _Cli:
     @property
     def client(self) -> DeltaGliderClient:
         if self._client is None:
-            verify: bool | str | None = None
-            if self.args.no_verify_ssl:
-                verify = False
-            elif self.args.ca_bundle:
-                verify = self.args.ca_bundle
-            cfg = Config(
-                verify=verify,
-                max_attempts=self.args.max_attempts,
-                connect_timeout=self.args.cli_connect_timeout,
-                read_timeout=self.args.cli_read_timeout,
-                request_timeout=self.args.cli_request_timeout,
-                max_pool_connections=max(10, self.workers),
-            )
-            max_ratio = getattr(self.args, "max_ratio", None)
-            archive_aware = True if getattr(self.args, "archive_aware", False) else None
-            references = getattr(self.args, "references", None)
-            memory_limit = getattr(self.args, "memory_limit", None)
-            self._client = create_client(
-                endpoint_url=self.args.endpoint_url,
-                region_name=self.args.region,
-                profile_name=self.args.profile,
-                config=cfg,
-                anonymous=self.args.no_sign_request,
-                max_ratio=max_ratio,
-                max_workers=self.workers,
-                archive_aware=archive_aware,
-                memory_limit=memory_limit,
-                environ=self.environ,
-                references=references,
-            )
+            self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
 
     # -- output -------------------------------------------------------------------
@@ -16213,23 +16849,6 @@ class _Cli:
     def describe_error(self, e: BaseException) -> str:
         return _one_line(e)
 
-    def _saved_note(self, summary: Mapping[str, Any]) -> str:
-        op = summary.get("Operation")
-        if op == "create_delta":
-            # Rounded down: a 99.96% saving is not "100.0%".
-            saved = int(summary["SavingsPercent"] * 10) / 10.0
-            source = summary.get("ReferenceSource")
-            folder, _, name = (source or "").rpartition("/")
-            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
-            if source and folder != _deltaspace(key):
-                # A reference made from a file in another folder: name it.
-                shown = folder + "/" if name == key.rpartition("/")[2] else source
-                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
-            return " (delta, %.1f%% saved)" % saved
-        if op == "create_reference":
-            return " (reference)"
-        return ""
-
     # -- cp / mv ------------------------------------------------------------------
 
     def transfer_one(
@@ -16245,7 +16864,7 @@ class _Cli:
         try:
             summary = work()
             self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+            self.line("%s: %s to %s%s" % (verb, src, dst, _saved_note(summary or {})))
         except _Cancelled:
             raise
         except (DeltaGliderError, OSError) as e:
@@ -16264,7 +16883,7 @@ class _Cli:
         """Store a local file at s3://bucket/key; mv then removes the file."""
 
         def work() -> dict[str, Any]:
-            extra = self.put_args()
+            extra = _put_args(self.args)
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
@@ -16287,22 +16906,6 @@ class _Cli:
             return summary
 
         self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
-
-    def put_args(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if getattr(self.args, "content_type", None):
-            extra["ContentType"] = self.args.content_type
-        if getattr(self.args, "storage_class", None):
-            extra["StorageClass"] = self.args.storage_class
-        if getattr(self.args, "metadata", None):
-            extra["Metadata"] = dict(self.args.metadata)
-        if getattr(self.args, "cache_control", None):
-            extra["CacheControl"] = self.args.cache_control
-        if getattr(self.args, "content_disposition", None):
-            extra["ContentDisposition"] = self.args.content_disposition
-        if getattr(self.args, "acl", None):
-            extra["ACL"] = self.args.acl
-        return extra
 
     def download_one(
         self,
@@ -16347,7 +16950,7 @@ class _Cli:
         def work() -> dict[str, Any]:
             engine = self.client.engine
             with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
-                params = dict(self.put_args())
+                params = dict(_put_args(self.args))
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
                 delta = False if getattr(self.args, "no_delta", False) else None
@@ -16385,80 +16988,9 @@ class _Cli:
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
     ) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of the regular files under ``root``, in key order.
-
-        The one walk of local folders. Symlinks are followed as aws s3 does (unless
-        --no-follow-symlinks), but a symlinked folder is entered only the first time its
-        real folder is met, and never when it is one of its own parents: link loops end,
-        and repeated links cost one visit (aws s3 walks them until the path is too long).
-        With ``confine`` (a destination), symlinked folders are not entered: a delete never
-        goes through a link (out of the destination, or onto a file another key maps to);
-        a symlinked file is yielded as itself (unlinking it removes only the link).
-
-        What cannot be read (an unreadable folder or file, a special file) is skipped with a
-        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
-        ``unread``: the remote copies of what could not be read are never deleted. Folders
-        skipped as already visited are added to ``unread`` without a warning."""
+        """_local_files with this run's --no-follow-symlinks, its warnings counted."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        skipped = unread if unread is not None else []
-        visited: set[tuple[int, int]] = set()
-        # A stack of (real folder id, its relative path, its entries still to visit).
-        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
-
-        def enter(path: str, rel: str, via_link: bool) -> None:
-            try:
-                st = os.stat(path)
-                ident = (st.st_dev, st.st_ino)
-                if any(ident == parent for parent, _, _ in stack) or (
-                    via_link and ident in visited
-                ):
-                    skipped.append(rel)  # a link loop, or a folder already walked via a link
-                    return
-                with os.scandir(path) as it:
-                    entries = list(it)
-            except OSError:
-                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
-                skipped.append(rel)
-                return
-            visited.add(ident)
-            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
-            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
-            stack.append((ident, rel, entries))
-
-        enter(root, "", via_link=False)
-        while stack:
-            _, rel_dir, entries = stack[-1]
-            if not entries:
-                stack.pop()
-                continue
-            entry = entries.pop()
-            path, rel = entry.path, rel_dir + entry.name
-            link = entry.is_symlink()
-            if link and (not follow or (confine and _is_dir_entry(entry))):
-                continue
-            if _is_dir_entry(entry):
-                enter(path, rel + "/", via_link=link)
-                continue
-            try:
-                st = os.stat(path) if follow else os.lstat(path)
-            except OSError as e:
-                self.warn("Skipping file %s. %s" % (path, e.strerror))
-                skipped.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % path
-                )
-                skipped.append(rel)
-                continue
-            if not os.access(path, os.R_OK):
-                self.warn("Skipping file %s. File/Directory is not readable." % path)
-                skipped.append(rel)
-                continue
-            yield path, rel
+        return _local_files(root, self.warn, follow=follow, confine=confine, unread=unread)
 
     def cmd_cp(self, move: bool = False) -> int:
         """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
@@ -16592,7 +17124,7 @@ class _Cli:
             path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
-                params = self.put_args()
+                params = _put_args(self.args)
                 engine.put_file(
                     path,
                     bucket,
@@ -17025,72 +17557,7 @@ class _Cli:
         if self.args.json:
             self.out.write(json.dumps(stats, indent=2) + "\n")
             return EXIT_OK
-        approx = "~" if stats["estimated"] else ""
-        rows = [
-            ("Total Objects:", str(stats["object_count"])),
-            ("  Delta Objects:", str(stats["delta_objects"])),
-            ("  Direct Objects:", str(stats["direct_objects"])),
-            (
-                "Original Size:",
-                "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
-            ),
-            (
-                "Stored Size:",
-                "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
-            ),
-            (
-                "Space Saved:",
-                "%s%s (%.1f%%)"
-                % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
-            ),
-        ]
-        if "reference_size" in stats:
-            rows.insert(
-                3,
-                (
-                    "  References:",
-                    "%d (%s stored)"
-                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
-                ),
-            )
-        self.out.write(
-            "Bucket Statistics: %s (%s%s)\n%s\n"
-            % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
-        )
-        if stats.get("unused_references"):
-            size = stats["unused_reference_size"]
-            rows.append(
-                (
-                    "Unused References:",
-                    "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
-                    % (stats["unused_references"], _human_size(size), size),
-                )
-            )
-        if stats.get("presign_copies"):
-            size = stats["presign_copies_size"]
-            rows.append(
-                (
-                    "Presigned Copies:",
-                    "%d, %s (%d bytes) under %s; purge removes expired ones"
-                    % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
-                )
-            )
-        for label, value in rows:
-            self.out.write("%-22s%s\n" % (label, value))
-        if stats.get("references"):
-            self.out.write("References (stored size, deltas that need it, their size):\n")
-            for ref in stats["references"]:
-                self.out.write(
-                    "  %10s  %4d deltas %10s  %s\n"
-                    % (
-                        _human_size(ref["size"]),
-                        ref["deltas"],
-                        _human_size(ref["original_size"]),
-                        ref["source"] or ref["key"],
-                    )
-                )
-        if stats["estimated"]:
-            self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+        _print_stats(self.out, bucket, mode, stats)
         return EXIT_OK
 
     def cmd_migrate(self) -> int:
@@ -17223,22 +17690,10 @@ class _Cli:
     def cmd_put_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         params: dict[str, Any] = {"Bucket": bucket}
-        for name in (
-            "acl",
-            "grant_full_control",
-            "grant_read",
-            "grant_read_acp",
-            "grant_write",
-            "grant_write_acp",
-        ):
-            value = getattr(self.args, name, None)
+        for option, name in _ACL_OPTIONS:
+            value = getattr(self.args, option, None)
             if value:
-                boto = {
-                    "acl": "ACL",
-                    "grant_read_acp": "GrantReadACP",
-                    "grant_write_acp": "GrantWriteACP",
-                }.get(name, "".join(p.capitalize() for p in name.split("_")))
-                params[boto] = value
+                params[name] = value
         if self.args.access_control_policy:
             params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
         self.client.put_bucket_acl(**params)
@@ -17481,98 +17936,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17580,7 +18036,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17589,7 +18047,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17611,14 +18071,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17626,28 +18094,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17709,9 +18184,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17725,6 +18204,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17764,26 +18334,6 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self._redact(record.stack_info)
         return True
-
-
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
 
 
 def main(
@@ -17834,7 +18384,7 @@ def main(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED

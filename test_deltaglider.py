@@ -110,6 +110,19 @@ def _s3_test_servers() -> dict[str, S3TestServer]:
     }
 
 
+def _test_servers() -> list[str]:
+    """The real servers the server-parametrized tests run on: DG_TEST_SERVERS (comma list)
+    narrows it; `.ci/run` runs both on the primary Python and SeaweedFS on the others."""
+    names = os.environ.get("DG_TEST_SERVERS", "swift,seaweedfs").split(",")
+    unknown = [n for n in names if n not in ("swift", "seaweedfs")]
+    if unknown:
+        raise ValueError("DG_TEST_SERVERS: unknown server %s" % ", ".join(unknown))
+    return names
+
+
+TEST_SERVERS = _test_servers()
+
+
 #: The Swift s3api server (endpoint and keys) the suites that need one server use.
 SWIFT = _s3_test_servers()["swift"]
 
@@ -135,7 +148,7 @@ def _s3_storage(server: S3TestServer, **kwargs: Any) -> dg._S3Storage:
     )
 
 
-@pytest.fixture(scope="session", params=["swift", "seaweedfs"])
+@pytest.fixture(scope="session", params=TEST_SERVERS)
 def s3server(request: Any) -> S3TestServer:
     server = _s3_test_servers()[request.param]
     parts = urllib.parse.urlsplit(server.endpoint)
@@ -4868,7 +4881,7 @@ class Backend(NamedTuple):
     secret_key: str | None
 
 
-@pytest.fixture(params=["local", "swift", "seaweedfs"])
+@pytest.fixture(params=["local", *TEST_SERVERS])
 def backend(request: Any, tmp_path: Any) -> Backend:
     if request.param == "local":
         return Backend("local", "file://" + str(tmp_path / "store"), None, None)
@@ -7262,6 +7275,7 @@ def _xdelta(source: pathlib.Path, target: pathlib.Path, out: pathlib.Path) -> by
 ###############################################################################
 
 
+@pytest.mark.interop
 def test_original_writes_we_list_and_read(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7445,6 +7459,7 @@ def test_proxy_style_objects_read(
 
 
 @pytest.mark.parametrize("references", ["shared", "folder"])
+@pytest.mark.interop
 def test_we_write_original_reads(
     iclient: dg.DeltaGliderClient,
     ibucket: str,
@@ -7505,6 +7520,7 @@ def test_we_write_original_reads(
         assert report["expected_sha256"] == sha(files[key[: -len(".delta")]])
 
 
+@pytest.mark.interop
 def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7555,6 +7571,7 @@ def test_original_reads_our_delta_named_keys_and_non_ascii_folders(
         assert iclient.get_object(Bucket=ibucket, Key=key)["Body"].read() == data
 
 
+@pytest.mark.interop
 def test_shared_deltaspace_both_writers(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7592,6 +7609,7 @@ def test_shared_deltaspace_both_writers(
         assert _file_sha(dest) == sha(data), key
 
 
+@pytest.mark.interop
 def test_original_reads_shared_references(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7630,6 +7648,7 @@ def test_original_reads_shared_references(
 ###############################################################################
 
 
+@pytest.mark.interop
 def test_compressed_archives_round_trip(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7662,6 +7681,7 @@ def test_compressed_archives_round_trip(
             assert _file_sha(dest) == sha(data), key
 
 
+@pytest.mark.interop
 def test_original_deltas_read_with_the_builtin_decoder(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7683,6 +7703,7 @@ def test_original_deltas_read_with_the_builtin_decoder(
         assert bare.get_object(Bucket=ibucket, Key=key)["Body"].read() == data
 
 
+@pytest.mark.interop
 def test_original_fails_safe_on_archive_aware_deltas(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -7710,6 +7731,7 @@ def test_original_fails_safe_on_archive_aware_deltas(
     assert (out / "app-0.zip").read_bytes() == versions[0]  # the reference: plain as ever
 
 
+@pytest.mark.interop
 def test_original_cannot_return_its_own_tar_gz(
     iclient: dg.DeltaGliderClient, ibucket: str, orig: Original, tmp_path: pathlib.Path
 ) -> None:
@@ -10136,7 +10158,7 @@ class ParityEnv:
         self.dg.close()
 
 
-@pytest.fixture(params=sorted(PARITY_SERVERS))
+@pytest.fixture(params=sorted(set(PARITY_SERVERS) & set(TEST_SERVERS)))
 def parity_env(request: Any, tmp_path: Any) -> Iterator[ParityEnv]:
     pytest.importorskip("boto3")
     endpoint, access, secret = PARITY_SERVERS[request.param]
