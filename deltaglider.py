@@ -15055,9 +15055,10 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def _http_time(value: str) -> datetime.datetime | None:
+    """A conditional request's date, or None for one S3 cannot read (S3 then ignores it)."""
     try:
-        return email.utils.parsedate_to_datetime(value).astimezone(datetime.timezone.utc)
-    except (TypeError, ValueError, IndexError):
+        return _parse_timestamp(value)
+    except ValueError:
         return None
 
 

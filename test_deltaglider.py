@@ -8590,6 +8590,26 @@ def test_gateway_conditional_requests(local_gateway: Gateway) -> None:
         s3.list_objects_v2(Bucket="no-such-bucket-here")
 
 
+def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway) -> None:
+    """A date S3 cannot read in If-(Un)Modified-Since is ignored, as S3 does: not a 500
+    (a year past any datetime made the stdlib's parser raise OverflowError)."""
+    s3 = _boto3(local_gateway)
+    s3.put_object(Bucket="gwbucket", Key="d.txt", Body=b"data")
+    bad = ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Mon, 01 Jan 10000 00:00:00 GMT", "soon"]
+    for value in bad:
+        for header in ("If-Modified-Since", "If-Unmodified-Since"):
+
+            def add(request: Any, _h: str = header, _v: str = value, **_: Any) -> None:
+                request.headers[_h] = _v
+
+            s3.meta.events.register_first("before-sign.s3.GetObject", add)
+            try:
+                got = s3.get_object(Bucket="gwbucket", Key="d.txt")
+            finally:
+                s3.meta.events.unregister("before-sign.s3.GetObject", add)
+            assert got["Body"].read() == b"data", (header, value)
+
+
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
     gw = local_gateway
     creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
