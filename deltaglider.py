@@ -276,18 +276,21 @@ def _botocore_flavour(cls: type) -> type:
 class _BotocoreShaped(DeltaGliderError):
     """Errors botocore users catch by botocore's class: see :func:`_botocore_flavour`."""
 
+    #: The class of ours that a class is, or flavours (set on every subclass).
+    _dg_class: type
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         base = getattr(cls, "_dg_class", cls)
-        flavour = _botocore_flavour(base)
-        return super(_BotocoreShaped, flavour).__new__(flavour)  # type: ignore[misc]
+        flavour: Any = _botocore_flavour(base)  # a subclass of cls, which mypy cannot see
+        return super(_BotocoreShaped, flavour).__new__(flavour)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_dg_class" not in cls.__dict__:  # a flavour names the class it flavours
-            cls._dg_class = cls  # type: ignore[attr-defined]
+            cls._dg_class = cls
 
 
-_BotocoreShaped._dg_class = _BotocoreShaped  # type: ignore[attr-defined]
+_BotocoreShaped._dg_class = _BotocoreShaped
 
 
 class BotoCoreError(_BotocoreShaped):
@@ -301,7 +304,7 @@ class BotoCoreError(_BotocoreShaped):
         Exception.__init__(self, self.fmt.format(**kwargs))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))  # type: ignore[attr-defined]
+        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))
 
 
 def _unpickle_botocore_error(cls: type, kwargs: dict[str, Any]) -> Any:
@@ -394,7 +397,7 @@ class ClientError(_BotocoreShaped):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self)._dg_class, (self.response, self.operation_name))  # type: ignore[attr-defined]
+        return (type(self)._dg_class, (self.response, self.operation_name))
 
 
 class NoSuchKey(ClientError):
@@ -454,7 +457,7 @@ class ObjectNotInActiveTierError(ClientError):
 
 
 #: Error codes with a class of their own, as ``client.exceptions`` in boto3.
-_MODELED_ERRORS: dict[str, type] = {
+_MODELED_ERRORS: dict[str, type[ClientError]] = {
     cls.__name__: cls
     for cls in (
         NoSuchKey,
@@ -479,7 +482,7 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     """The ClientError subclass botocore would raise for this error response."""
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
-    return cls(response, operation)  # type: ignore[no-any-return]
+    return cls(response, operation)
 
 
 #: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
