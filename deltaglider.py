@@ -793,6 +793,12 @@ def _xml_escape(text: str) -> str:
 # -- files: hashing, spooling, temp files, slices of a file --
 
 
+class _Writer(Protocol):
+    """Where the codecs write: a binary file, or a wrapper such as _HashingWriter."""
+
+    def write(self, data: bytes | bytearray, /) -> int: ...
+
+
 class _FileInfo(NamedTuple):
     """What one pass over some bytes gives: hex SHA-256, hex MD5 ("" unless asked for), size."""
 
@@ -7113,7 +7119,7 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
 
 
 def _vcdiff_decode(
-    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+    source: str | None, delta: IO[bytes], out: _Writer, limit: int | None = None
 ) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
@@ -7176,7 +7182,7 @@ def _decode_window(
     sec_id: int,
     models: list[Any],
     src: _Source | None,
-    out: IO[bytes],
+    out: _Writer,
     written: int,
     last: bytearray,
     budget: int | None = None,
@@ -7247,7 +7253,7 @@ def _decode_window(
 
 
 def _earlier_target(
-    out: IO[bytes], written: int, last: bytearray, off: int, length: int
+    out: _Writer, written: int, last: bytearray, off: int, length: int
 ) -> bytes | memoryview:
     """A VCD_TARGET copy window (RFC 3284 section 4.2): bytes already written. The last
     window is still in memory; anything older is read back from ``out``."""
@@ -7256,18 +7262,20 @@ def _earlier_target(
     last_start = written - len(last)
     if off >= last_start:
         return memoryview(last)[off - last_start : off - last_start + length]
-    if not (out.readable() and out.seekable()):
+    readable, seekable = getattr(out, "readable", None), getattr(out, "seekable", None)
+    if not (readable and seekable and readable() and seekable()):
         raise _VCDiffError(
             "unsupported: this delta copies from earlier output (VCD_TARGET), so the output "
             "must be opened readable and seekable (e.g. 'w+b')"
         )
-    out.flush()
-    pos = out.tell()
-    out.seek(pos - written + off)
+    back = cast(IO[bytes], out)
+    back.flush()
+    pos = back.tell()
+    back.seek(pos - written + off)
     try:
-        data = out.read(length)
+        data = back.read(length)
     finally:
-        out.seek(pos)
+        back.seek(pos)
     if len(data) != length:
         raise _VCDiffError("VCD_TARGET: could not read back the earlier output")
     return data
@@ -7446,7 +7454,7 @@ def _zipx_read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield _zipx_read(stream, n)
 
 
-def _zipx_copy(src: IO[bytes], start: int, end: int, out: IO[bytes]) -> None:
+def _zipx_copy(src: IO[bytes], start: int, end: int, out: _Writer) -> None:
     """Write src[start:end] to `out` as a raw record."""
     if start >= end:
         return
@@ -7728,7 +7736,7 @@ class _ZipxHeaders:
         return bytes(buf)
 
 
-def _zip_expand(src: str, out: IO[bytes], assume: tuple[int, int, int] | None = None) -> bool:
+def _zip_expand(src: str, out: _Writer, assume: tuple[int, int, int] | None = None) -> bool:
     """Write the expanded form of the zip file at `src` to `out`, sequentially. False if
     `src` is not a zip this codec can read (the caller then discards `out`). Members that
     zlib can't reproduce byte for byte, stored members and other methods stay raw bytes.
@@ -7838,7 +7846,7 @@ class _ZipRebuild:
 
     def __init__(
         self,
-        out: IO[bytes],
+        out: _Writer,
         limit: int | None,
         pool: concurrent.futures.Executor,
         reuse: dict[tuple[int, int], tuple[int, int]],
@@ -7944,7 +7952,7 @@ class _ZipRebuild:
 
 def _zip_rebuild(
     expanded: IO[bytes],
-    out: IO[bytes],
+    out: _Writer,
     reference: str | None = None,
     limit: int | None = None,
 ) -> int:
@@ -8413,7 +8421,7 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)
         except _VCDiffLimitError:
             raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
@@ -8859,7 +8867,7 @@ class _HashingWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         self.sha256.update(data)
         self.size += len(data)
         self._f.write(data)
@@ -8928,7 +8936,7 @@ def _rebuild_zip(
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -8944,7 +8952,7 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 
 
 class _NullWriter:
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         return len(data)
 
 
@@ -10004,7 +10012,7 @@ class _DeltaEngine:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):  # type: ignore[arg-type]
+                if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
             decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)

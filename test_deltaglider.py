@@ -14262,6 +14262,15 @@ def test_vcdiff_target_copy_window_reads_back_older_output(tmp_path: object) -> 
         assert f.read() == w1 + w2 + w3
     with open(path, "wb") as out, pytest.raises(dg._VCDiffError, match="readable and seekable"):
         dg._vcdiff_decode(None, io.BytesIO(delta), out)
+    # The engine decodes through a hashing sink, which cannot read back either: the delta
+    # is refused as undecodable, not an AttributeError from the sink.
+    open(os.path.join(str(tmp_path), "empty"), "wb").close()
+    with open(os.path.join(str(tmp_path), "d.vcd"), "wb") as f:
+        f.write(delta)
+    with open(path, "w+b") as out, pytest.raises(dg.IntegrityError, match="readable and seekable"):
+        dg._XDelta3._decode_in_python(
+            os.path.join(str(tmp_path), "empty"), f.name, out, False, None
+        )
 
 
 @needs_xdelta3
