@@ -9901,12 +9901,17 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    c = make_client(backend, tmp_path)
+    # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
+    # start on a loaded machine, and the signal came before the CLI handles it)
+    for _ in range(1200):
+        if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
+            break
+        time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     waited = time.monotonic() - sent
-    c = make_client(backend, tmp_path)
     try:
         if proc.returncode == 0:  # the machine was fast enough to finish first: nothing to check
             assert (
