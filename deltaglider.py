@@ -276,18 +276,21 @@ def _botocore_flavour(cls: type) -> type:
 class _BotocoreShaped(DeltaGliderError):
     """Errors botocore users catch by botocore's class: see :func:`_botocore_flavour`."""
 
+    #: The class of ours that a class is, or flavours (set on every subclass).
+    _dg_class: type
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         base = getattr(cls, "_dg_class", cls)
-        flavour = _botocore_flavour(base)
-        return super(_BotocoreShaped, flavour).__new__(flavour)  # type: ignore[misc]
+        flavour: Any = _botocore_flavour(base)  # a subclass of cls, which mypy cannot see
+        return super(_BotocoreShaped, flavour).__new__(flavour)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_dg_class" not in cls.__dict__:  # a flavour names the class it flavours
-            cls._dg_class = cls  # type: ignore[attr-defined]
+            cls._dg_class = cls
 
 
-_BotocoreShaped._dg_class = _BotocoreShaped  # type: ignore[attr-defined]
+_BotocoreShaped._dg_class = _BotocoreShaped
 
 
 class BotoCoreError(_BotocoreShaped):
@@ -301,7 +304,7 @@ class BotoCoreError(_BotocoreShaped):
         Exception.__init__(self, self.fmt.format(**kwargs))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))  # type: ignore[attr-defined]
+        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))
 
 
 def _unpickle_botocore_error(cls: type, kwargs: dict[str, Any]) -> Any:
@@ -394,7 +397,7 @@ class ClientError(_BotocoreShaped):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self)._dg_class, (self.response, self.operation_name))  # type: ignore[attr-defined]
+        return (type(self)._dg_class, (self.response, self.operation_name))
 
 
 class NoSuchKey(ClientError):
@@ -454,7 +457,7 @@ class ObjectNotInActiveTierError(ClientError):
 
 
 #: Error codes with a class of their own, as ``client.exceptions`` in boto3.
-_MODELED_ERRORS: dict[str, type] = {
+_MODELED_ERRORS: dict[str, type[ClientError]] = {
     cls.__name__: cls
     for cls in (
         NoSuchKey,
@@ -479,7 +482,7 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     """The ClientError subclass botocore would raise for this error response."""
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
-    return cls(response, operation)  # type: ignore[no-any-return]
+    return cls(response, operation)
 
 
 #: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
@@ -788,6 +791,12 @@ def _xml_escape(text: str) -> str:
 
 
 # -- files: hashing, spooling, temp files, slices of a file --
+
+
+class _Writer(Protocol):
+    """Where the codecs write: a binary file, or a wrapper such as _HashingWriter."""
+
+    def write(self, data: bytes | bytearray, /) -> int: ...
 
 
 class _FileInfo(NamedTuple):
@@ -7187,7 +7196,7 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
 
 
 def _vcdiff_decode(
-    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+    source: str | None, delta: IO[bytes], out: _Writer, limit: int | None = None
 ) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
@@ -7250,7 +7259,7 @@ def _decode_window(
     sec_id: int,
     models: list[Any],
     src: _Source | None,
-    out: IO[bytes],
+    out: _Writer,
     written: int,
     last: bytearray,
     budget: int | None = None,
@@ -7321,7 +7330,7 @@ def _decode_window(
 
 
 def _earlier_target(
-    out: IO[bytes], written: int, last: bytearray, off: int, length: int
+    out: _Writer, written: int, last: bytearray, off: int, length: int
 ) -> bytes | memoryview:
     """A VCD_TARGET copy window (RFC 3284 section 4.2): bytes already written. The last
     window is still in memory; anything older is read back from ``out``."""
@@ -7330,18 +7339,20 @@ def _earlier_target(
     last_start = written - len(last)
     if off >= last_start:
         return memoryview(last)[off - last_start : off - last_start + length]
-    if not (out.readable() and out.seekable()):
+    readable, seekable = getattr(out, "readable", None), getattr(out, "seekable", None)
+    if not (readable and seekable and readable() and seekable()):
         raise _VCDiffError(
             "unsupported: this delta copies from earlier output (VCD_TARGET), so the output "
             "must be opened readable and seekable (e.g. 'w+b')"
         )
-    out.flush()
-    pos = out.tell()
-    out.seek(pos - written + off)
+    back = cast(IO[bytes], out)
+    back.flush()
+    pos = back.tell()
+    back.seek(pos - written + off)
     try:
-        data = out.read(length)
+        data = back.read(length)
     finally:
-        out.seek(pos)
+        back.seek(pos)
     if len(data) != length:
         raise _VCDiffError("VCD_TARGET: could not read back the earlier output")
     return data
@@ -7520,7 +7531,7 @@ def _zipx_read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield _zipx_read(stream, n)
 
 
-def _zipx_copy(src: IO[bytes], start: int, end: int, out: IO[bytes]) -> None:
+def _zipx_copy(src: IO[bytes], start: int, end: int, out: _Writer) -> None:
     """Write src[start:end] to `out` as a raw record."""
     if start >= end:
         return
@@ -7802,7 +7813,7 @@ class _ZipxHeaders:
         return bytes(buf)
 
 
-def _zip_expand(src: str, out: IO[bytes], assume: tuple[int, int, int] | None = None) -> bool:
+def _zip_expand(src: str, out: _Writer, assume: tuple[int, int, int] | None = None) -> bool:
     """Write the expanded form of the zip file at `src` to `out`, sequentially. False if
     `src` is not a zip this codec can read (the caller then discards `out`). Members that
     zlib can't reproduce byte for byte, stored members and other methods stay raw bytes.
@@ -7912,7 +7923,7 @@ class _ZipRebuild:
 
     def __init__(
         self,
-        out: IO[bytes],
+        out: _Writer,
         limit: int | None,
         pool: concurrent.futures.Executor,
         reuse: dict[tuple[int, int], tuple[int, int]],
@@ -8018,7 +8029,7 @@ class _ZipRebuild:
 
 def _zip_rebuild(
     expanded: IO[bytes],
-    out: IO[bytes],
+    out: _Writer,
     reference: str | None = None,
     limit: int | None = None,
 ) -> int:
@@ -8487,7 +8498,7 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)
         except _VCDiffLimitError:
             raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
@@ -8933,7 +8944,7 @@ class _HashingWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         self.sha256.update(data)
         self.size += len(data)
         self._f.write(data)
@@ -9002,7 +9013,7 @@ def _rebuild_zip(
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -9018,7 +9029,7 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 
 
 class _NullWriter:
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         return len(data)
 
 
@@ -10078,7 +10089,7 @@ class _DeltaEngine:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):  # type: ignore[arg-type]
+                if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
             decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)

@@ -9921,12 +9921,17 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    c = make_client(backend, tmp_path)
+    # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
+    # start on a loaded machine, and the signal came before the CLI handles it)
+    for _ in range(1200):
+        if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
+            break
+        time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     waited = time.monotonic() - sent
-    c = make_client(backend, tmp_path)
     try:
         if proc.returncode == 0:  # the machine was fast enough to finish first: nothing to check
             assert (
@@ -14282,6 +14287,15 @@ def test_vcdiff_target_copy_window_reads_back_older_output(tmp_path: object) -> 
         assert f.read() == w1 + w2 + w3
     with open(path, "wb") as out, pytest.raises(dg._VCDiffError, match="readable and seekable"):
         dg._vcdiff_decode(None, io.BytesIO(delta), out)
+    # The engine decodes through a hashing sink, which cannot read back either: the delta
+    # is refused as undecodable, not an AttributeError from the sink.
+    open(os.path.join(str(tmp_path), "empty"), "wb").close()
+    with open(os.path.join(str(tmp_path), "d.vcd"), "wb") as f:
+        f.write(delta)
+    with open(path, "w+b") as out, pytest.raises(dg.IntegrityError, match="readable and seekable"):
+        dg._XDelta3._decode_in_python(
+            os.path.join(str(tmp_path), "empty"), f.name, out, False, None
+        )
 
 
 @needs_xdelta3
