@@ -10755,6 +10755,31 @@ class _LimitedReader:
         self._f.close()
 
 
+class _VerifyingBody(StreamingBody):
+    """A direct object's body that checks its SHA-256 when read to the end."""
+
+    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        super().__init__(inner, None)
+        self._inner = inner
+        self._expected = sha256
+        self._label = label
+        self._hash = hashlib.sha256()
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = super().read(amt)
+        self._hash.update(data)
+        if self._eof and self._hash.hexdigest() != self._expected:
+            raise IntegrityError(
+                "%s: SHA-256 mismatch: expected %s, got %s"
+                % (self._label, self._expected, self._hash.hexdigest())
+            )
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
 def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
     """Write a request body (bytes, str or any file object) to a private temp file;
     returns its path and the digests of the caller's bytes, taken as they are written,
@@ -12308,31 +12333,6 @@ class CompressionEstimate:
     confidence: float
     recommended_reference: str | None = None
     should_use_delta: bool = True
-
-
-class _VerifyingBody(StreamingBody):
-    """A direct object's body that checks its SHA-256 when read to the end."""
-
-    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
-        super().__init__(inner, None)
-        self._inner = inner
-        self._expected = sha256
-        self._label = label
-        self._hash = hashlib.sha256()
-
-    def read(self, amt: int | None = None) -> bytes:
-        data = super().read(amt)
-        self._hash.update(data)
-        if self._eof and self._hash.hexdigest() != self._expected:
-            raise IntegrityError(
-                "%s: SHA-256 mismatch: expected %s, got %s"
-                % (self._label, self._expected, self._hash.hexdigest())
-            )
-        return data
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
 
 
 _CANNED_ACL_PARAMS = (
