@@ -10343,6 +10343,28 @@ class _DeltaEngine:
 # The boto3-compatible client #################################################
 ###############################################################################
 
+# The client takes boto3's parameters and answers in boto3's shapes; the engine above
+# stores and reads the objects. Its pieces, in order (each after a ``# -- name --`` line):
+#   parameters          botocore's checks (_params, _check_params, _require: its wording),
+#                       and the request headers they become (_put_headers, _header_params)
+#   boto3's shapes      _ClientExceptions, _Paginator, _ListResponse; the bodies _TempBody
+#                       (a rebuilt file) and _VerifyingBody (SHA-256-checked as read)
+#   object operations   _spool_request_body, _put_object_from_file (what the gateway and
+#                       the CLI use too), _get_rebuilt/_get_stored, _delete_logical_objects,
+#                       _copy_logical_object, _verify_logical
+#   logical listing     _logical_page (references hidden, logical names), _fetch_details
+#   the client          DeltaGliderClient: boto3's methods and deltaglider's extensions,
+#                       most of them a parameter check and a call into the pieces
+#   result types        UploadSummary, VerifyResult, BucketStats, ObjectInfo, ...
+#   ACLs                _acl_headers, _acl_xml
+#   multipart uploads   _MultipartUploads (staged, then stored as put_object stores a file)
+#   bucket statistics   _list_for_stats, _compute_bucket_stats, the stats cache
+#   presigned URLs      _presigned_url, _rehydrated_copy (what a URL of a delta serves),
+#                       _purge_presign_copies, _presigned_post
+#   create_client       its settings, _client_storage and _lazy_credentials (on first use)
+
+# -- Parameters: botocore's checks, and the request headers they become ------------
+
 #: put_object/upload_file parameters we honour, beyond Bucket/Key/Body.
 _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "Metadata",
@@ -10635,6 +10657,9 @@ def _delete_entries(spec: Any) -> list[dict[str, Any]]:
     return list(objects)
 
 
+# -- boto3's shapes: exceptions, paginators, listings, bodies ----------------------
+
+
 class _ClientExceptions:
     """``client.exceptions.NoSuchKey`` and friends, as boto3 exposes them."""
 
@@ -10778,6 +10803,9 @@ class _VerifyingBody(StreamingBody):
     def close(self) -> None:
         self._inner.close()
         super().close()
+
+
+# -- Object operations: put, delete, get, copy, verify -----------------------------
 
 
 def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
@@ -11144,6 +11172,9 @@ def _copy_logical_object(
     return out
 
 
+# -- Logical listing: references and bookkeeping hidden, logical names -------------
+
+
 def _logical_page(
     engine: _DeltaEngine,
     bucket: str,
@@ -11256,6 +11287,9 @@ def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
     return result
+
+
+# -- The client --------------------------------------------------------------------
 
 
 class DeltaGliderClient:
@@ -12232,6 +12266,9 @@ _SUPPORTED_METHODS = tuple(
 )
 
 
+# -- Result types of deltaglider's extensions --------------------------------------
+
+
 @dataclasses.dataclass
 class UploadSummary:
     """What :meth:`DeltaGliderClient.upload` stored (deltaglider 6.x's fields first).
@@ -12335,6 +12372,8 @@ class CompressionEstimate:
     should_use_delta: bool = True
 
 
+# -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
+
 _CANNED_ACL_PARAMS = (
     ("ACL", "x-amz-acl"),
     ("GrantFullControl", "x-amz-grant-full-control"),
@@ -12378,7 +12417,7 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
-# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete --
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete ---
 
 _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
 _MPU_NONCE = 32
@@ -12638,7 +12677,7 @@ class _MultipartUploads:
         return out
 
 
-# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
+# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -----------
 
 
 class _StatsListing(NamedTuple):
@@ -12864,7 +12903,7 @@ def _compute_bucket_stats(
     return stats
 
 
-# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+# -- Presigned URLs, and the rebuilt copies they serve -----------------------------
 
 _PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
 #: The client methods we presign: their HTTP method and the parameters each takes.
@@ -13075,6 +13114,9 @@ def _presigned_post(
         conditions.append({"key": key})
     fields["key"] = key
     return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
+# -- create_client: settings, then storage and credentials on first use ------------
 
 
 class _StderrHandler(logging.Handler):
