@@ -17657,6 +17657,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
+    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    dg_out: IO[str] | None = None
+
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
 
@@ -17668,7 +17671,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         # --help and --version go to the stream main() was given, not sys.stdout.
         if message:
-            (getattr(self, "dg_out", None) or sys.stdout).write(message)
+            (self.dg_out or sys.stdout).write(message)
 
 
 class _ExitNow(Exception):
@@ -18178,6 +18181,21 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+def _debug_log(err: IO[str], env: Mapping[str, str]) -> logging.Handler:
+    """--debug: the module's log on ``err``, the secret key and session token redacted;
+    main() removes the handler when the command ends."""
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    secrets = [
+        env.get(name, "").strip()
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+    ]
+    handler.addFilter(_RedactingFilter(secrets))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -18192,7 +18210,8 @@ def main(
     env = os.environ if environ is None else environ
     parser = _build_parser()
     for p in [parser, *_subparsers(parser)]:
-        p.dg_out = out  # type: ignore[attr-defined]
+        if isinstance(p, _ArgumentParser):
+            p.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -18210,17 +18229,7 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
-    handler: logging.Handler | None = None
-    if args.debug:
-        handler = logging.StreamHandler(err)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [
-            env.get(name, "").strip()
-            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-        ]
-        handler.addFilter(_RedactingFilter(secrets))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
+    handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None
     if threading.current_thread() is threading.main_thread():
