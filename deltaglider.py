@@ -16598,6 +16598,11 @@ class _Cli:
             self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
 
+    def close(self) -> None:
+        """Close the client, if this run made one."""
+        if self._client is not None:
+            self._client.close()
+
     # -- output -------------------------------------------------------------------
 
     def line(self, text: str) -> None:
@@ -18257,8 +18262,7 @@ def main(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if cli._client is not None:
-            cli._client.close()
+        cli.close()
         if handler is not None:
             logger.removeHandler(handler)
 
