@@ -276,18 +276,21 @@ def _botocore_flavour(cls: type) -> type:
 class _BotocoreShaped(DeltaGliderError):
     """Errors botocore users catch by botocore's class: see :func:`_botocore_flavour`."""
 
+    #: The class of ours that a class is, or flavours (set on every subclass).
+    _dg_class: type
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         base = getattr(cls, "_dg_class", cls)
-        flavour = _botocore_flavour(base)
-        return super(_BotocoreShaped, flavour).__new__(flavour)  # type: ignore[misc]
+        flavour: Any = _botocore_flavour(base)  # a subclass of cls, which mypy cannot see
+        return super(_BotocoreShaped, flavour).__new__(flavour)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_dg_class" not in cls.__dict__:  # a flavour names the class it flavours
-            cls._dg_class = cls  # type: ignore[attr-defined]
+            cls._dg_class = cls
 
 
-_BotocoreShaped._dg_class = _BotocoreShaped  # type: ignore[attr-defined]
+_BotocoreShaped._dg_class = _BotocoreShaped
 
 
 class BotoCoreError(_BotocoreShaped):
@@ -301,7 +304,7 @@ class BotoCoreError(_BotocoreShaped):
         Exception.__init__(self, self.fmt.format(**kwargs))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))  # type: ignore[attr-defined]
+        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))
 
 
 def _unpickle_botocore_error(cls: type, kwargs: dict[str, Any]) -> Any:
@@ -394,7 +397,7 @@ class ClientError(_BotocoreShaped):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self)._dg_class, (self.response, self.operation_name))  # type: ignore[attr-defined]
+        return (type(self)._dg_class, (self.response, self.operation_name))
 
 
 class NoSuchKey(ClientError):
@@ -454,7 +457,7 @@ class ObjectNotInActiveTierError(ClientError):
 
 
 #: Error codes with a class of their own, as ``client.exceptions`` in boto3.
-_MODELED_ERRORS: dict[str, type] = {
+_MODELED_ERRORS: dict[str, type[ClientError]] = {
     cls.__name__: cls
     for cls in (
         NoSuchKey,
@@ -479,7 +482,7 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     """The ClientError subclass botocore would raise for this error response."""
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
-    return cls(response, operation)  # type: ignore[no-any-return]
+    return cls(response, operation)
 
 
 #: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
@@ -788,6 +791,12 @@ def _xml_escape(text: str) -> str:
 
 
 # -- files: hashing, spooling, temp files, slices of a file --
+
+
+class _Writer(Protocol):
+    """Where the codecs write: a binary file, or a wrapper such as _HashingWriter."""
+
+    def write(self, data: bytes | bytearray, /) -> int: ...
 
 
 class _FileInfo(NamedTuple):
@@ -4336,15 +4345,63 @@ _LOCAL_MESSAGES = {
 
 #: S3's reason phrases (Python 3.13's http.client says "Range Not Satisfiable", RFC 9110).
 _LOCAL_REASONS = {416: "Requested Range Not Satisfiable"}
+#: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
+_LOCAL_KEPT_HEADERS = frozenset(
+    {
+        "cache-control",
+        "content-disposition",
+        "content-encoding",
+        "content-language",
+        "content-type",
+        "expires",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-storage-class",
+        "x-amz-website-redirect-location",
+        "x-amz-tagging",
+        "x-amz-acl",
+        "x-amz-server-side-encryption-context",
+    }
+)
+_LOCAL_HIDDEN_HEADERS = frozenset(
+    {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
+)
+#: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
+_LOCAL_COPY_OWN_HEADERS = frozenset(
+    {
+        "x-amz-storage-class",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-website-redirect-location",
+        "x-amz-acl",
+    }
+)
+_LOCAL_STORAGE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "REDUCED_REDUNDANCY",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER",
+        "DEEP_ARCHIVE",
+        "OUTPOSTS",
+        "GLACIER_IR",
+        "SNOW",
+        "EXPRESS_ONEZONE",
+    }
+)
+_LOCAL_ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
 #: One threading lock per bucket for this process; ``flock`` covers other processes.
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
-class _LocalStorage:
-    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
-    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
-    tests use.
+class _LocalFiles:
+    """The files of a local store (:class:`_LocalStorage`, which sets ``_root`` and
+    ``_now``): bucket folders, the bucket lock, atomic writes, and the indexes of records.
 
     Keys are arbitrary strings (``..``, ``//``, 1024 bytes), so they are never paths:
     ``<root>/<bucket>/.dg-objects/<xx>/index.json`` maps each key whose SHA-256 starts with
@@ -4354,93 +4411,13 @@ class _LocalStorage:
     renames the data in and atomically replaces the index: readers see the old object or
     the new one, never a part. Multipart uploads live in ``.dg-uploads/<upload id>/``."""
 
-    is_local = True
+    _root: str
+    _now: Callable[[], datetime.datetime]
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
     _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _NEW_BUCKET_BAD = re.compile(
-        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
-        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
-    )
     _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
-    _KEPT_HEADERS = frozenset(
-        {
-            "cache-control",
-            "content-disposition",
-            "content-encoding",
-            "content-language",
-            "content-type",
-            "expires",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-storage-class",
-            "x-amz-website-redirect-location",
-            "x-amz-tagging",
-            "x-amz-acl",
-            "x-amz-server-side-encryption-context",
-        }
-    )
-    _HIDDEN_HEADERS = frozenset(
-        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
-    )
-    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
-    _COPY_OWN_HEADERS = frozenset(
-        {
-            "x-amz-storage-class",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-website-redirect-location",
-            "x-amz-acl",
-        }
-    )
-    _STORAGE_CLASSES = frozenset(
-        {
-            "STANDARD",
-            "REDUCED_REDUNDANCY",
-            "STANDARD_IA",
-            "ONEZONE_IA",
-            "INTELLIGENT_TIERING",
-            "GLACIER",
-            "DEEP_ARCHIVE",
-            "OUTPOSTS",
-            "GLACIER_IR",
-            "SNOW",
-            "EXPRESS_ONEZONE",
-        }
-    )
-    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
-
-    def __init__(
-        self,
-        root: str,
-        *,
-        region: str = "us-east-1",
-        now: Callable[[], datetime.datetime] = _utcnow,
-    ) -> None:
-        self._root = os.path.abspath(root)
-        self.region = region
-        self._now = now
-        path = self._root.replace(os.sep, "/")
-        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
-
-    def close(self) -> None:
-        pass  # nothing is held open between calls
-
-    def object_url(self, bucket: str, key: str) -> str:
-        """A logical URL: the bytes live in a content-addressed file, not at this path."""
-        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
-
-    def supports_conditional_writes(self, bucket: str) -> bool:
-        return True
-
-    def supports_conditional_multipart(self, bucket: str) -> bool:
-        return True
-
-    # -- plumbing -----------------------------------------------------------
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4684,6 +4661,93 @@ class _LocalStorage:
         wanted = {v.strip().lstrip("W/").strip('"').lower() for v in header.split(",")}
         return "*" in wanted or etag.strip('"').lower() in wanted
 
+    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
+        """A temp copy of a data file: a hard link (data files are never modified), else a
+        streamed copy. None if the source vanished (overwritten meanwhile)."""
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        try:
+            os.link(source, tmp)
+            return tmp
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(tmp)):
+                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+            return None
+        except OSError:  # no hard links here (FAT, some network file systems, other device)
+            pass
+        try:
+            src = open(source, "rb")
+        except FileNotFoundError:
+            return None
+        with src:
+            return self._spool(operation, bucket, bdir, src)[0]
+
+    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
+        # Whole seconds: LastModified must compare equal whether it came from a listing
+        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
+        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
+        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
+
+    def _upload(
+        self, operation: str, bucket: str, key: str, upload_id: str
+    ) -> tuple[str, str, dict[str, Any]]:
+        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
+        bdir = self._bucket(operation, bucket)
+        udir = os.path.join(bdir, ".dg-uploads", upload_id)
+        info = None
+        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+            info = self._read_json(os.path.join(udir, "upload.json"))
+        if info is None or info["key"] != key:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
+        return bdir, udir, info
+
+    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
+        """Move an upload folder out of sight (call under the lock); returns where it went."""
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        try:
+            os.rename(udir, trash)
+        except FileNotFoundError:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
+        return trash
+
+
+class _LocalStorage(_LocalFiles):
+    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
+    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
+    tests use. How it keeps them on disk: :class:`_LocalFiles`."""
+
+    is_local = True
+
+    _NEW_BUCKET_BAD = re.compile(
+        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        region: str = "us-east-1",
+        now: Callable[[], datetime.datetime] = _utcnow,
+    ) -> None:
+        self._root = os.path.abspath(root)
+        self.region = region
+        self._now = now
+        path = self._root.replace(os.sep, "/")
+        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
+
+    def close(self) -> None:
+        pass  # nothing is held open between calls
+
+    def object_url(self, bucket: str, key: str) -> str:
+        """A logical URL: the bytes live in a content-addressed file, not at this path."""
+        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
+
+    def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        return True
+
     def _read_condition(
         self, record: dict[str, Any], headers: Mapping[str, str], prefix: str = ""
     ) -> tuple[int, str] | None:
@@ -4723,11 +4787,11 @@ class _LocalStorage:
         for name, value in (headers or {}).items():
             lname = name.lower()
             _check_header_value(name, str(value))
-            if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
+            if lname in _LOCAL_KEPT_HEADERS or lname.startswith("x-amz-meta-"):
                 kept[lname] = str(value)
         kept.update(_metadata_headers(metadata))
         storage_class = kept.pop("x-amz-storage-class", "STANDARD")
-        if storage_class not in self._STORAGE_CLASSES:
+        if storage_class not in _LOCAL_STORAGE_CLASSES:
             raise self._error(
                 operation, 400, "InvalidStorageClass", StorageClassRequested=storage_class
             )
@@ -4744,12 +4808,6 @@ class _LocalStorage:
             )
         return kept
 
-    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
-        # Whole seconds: LastModified must compare equal whether it came from a listing
-        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
-        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
-        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
-
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
         out = {
@@ -4759,7 +4817,7 @@ class _LocalStorage:
             "etag": record["etag"],
         }
         for name, value in record["headers"].items():
-            if name not in self._HIDDEN_HEADERS:
+            if name not in _LOCAL_HIDDEN_HEADERS:
                 out[name] = value
         tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
         if tags:
@@ -4780,7 +4838,7 @@ class _LocalStorage:
             if record is None:
                 raise self._error(operation, 404, "NoSuchKey", head=head, Key=key)
             storage_class = record["headers"].get("x-amz-storage-class", "")
-            if not head and storage_class in self._ARCHIVED:
+            if not head and storage_class in _LOCAL_ARCHIVED:
                 raise self._error(operation, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(record, lower)
             if failed:
@@ -5174,26 +5232,6 @@ class _LocalStorage:
         out["ResponseMetadata"] = self._meta(200)
         return out
 
-    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
-        """A temp copy of a data file: a hard link (data files are never modified), else a
-        streamed copy. None if the source vanished (overwritten meanwhile)."""
-        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
-        try:
-            os.link(source, tmp)
-            return tmp
-        except FileNotFoundError:
-            if not os.path.isdir(os.path.dirname(tmp)):
-                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
-            return None
-        except OSError:  # no hard links here (FAT, some network file systems, other device)
-            pass
-        try:
-            src = open(source, "rb")
-        except FileNotFoundError:
-            return None
-        with src:
-            return self._spool(operation, bucket, bdir, src)[0]
-
     def copy_object(
         self,
         bucket: str,
@@ -5230,12 +5268,37 @@ class _LocalStorage:
             and not any(k.startswith("x-amz-server-side-encryption") for k in lower)
         ):
             raise self._error(op, 400, "InvalidRequest", Message=_LOCAL_MESSAGES["SelfCopy"])
-        for _ in range(20):  # the source may be overwritten between lookup and link
+        src, tmp = self._copy_source(op, bucket, dst_dir, src_dir, source_key, lower)
+        try:
+            kept = self._copy_headers(src["headers"], requested, lower, replace)
+            etag = src["etag"]
+            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
+            record = self._new_record(kept, src["size"], etag)
+            self._commit(op, bucket, dst_dir, key, tmp, record)
+        finally:
+            self._unlink(tmp)
+        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
+        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+
+    def _copy_source(
+        self,
+        op: str,
+        bucket: str,
+        dst_dir: str,
+        src_dir: str,
+        source_key: str,
+        lower: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str]:
+        """(record, temp copy of its data) of a copy source that passes CopyObject's checks:
+        not archived, its ``x-amz-copy-source-if-*`` conditions, at most 5 GiB. Looked up
+        again when it is overwritten between the lookup and the link."""
+        for _ in range(20):
             src = self._record(src_dir, source_key)
             if src is None:
                 raise self._error(op, 404, "NoSuchKey", Key=source_key)
             storage_class = src["headers"].get("x-amz-storage-class", "")
-            if storage_class in self._ARCHIVED:
+            if storage_class in _LOCAL_ARCHIVED:
                 raise self._error(op, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(src, lower, "x-amz-copy-source-")
             if failed:
@@ -5252,33 +5315,33 @@ class _LocalStorage:
             source_path = os.path.join(self._shard(src_dir, source_key)[0], src["data"])
             tmp = self._clone(op, bucket, dst_dir, source_path)
             if tmp is not None:
-                break
+                return src, tmp
+        raise self._error(op, 404, "NoSuchKey", Key=source_key)
+
+    @staticmethod
+    def _copy_headers(
+        source: Mapping[str, str],
+        requested: dict[str, str],
+        lower: Mapping[str, str],
+        replace: bool,
+    ) -> dict[str, str]:
+        """The headers a copy is stored with: the request's (REPLACE), or the source's
+        content headers and metadata with the request's storage class, encryption and ACL
+        (COPY: they default to STANDARD and none, CopyObject docs); the source's tags
+        unless ``x-amz-tagging-directive: REPLACE``."""
+        if replace:
+            kept = requested
+            kept.setdefault("content-type", "binary/octet-stream")
         else:
-            raise self._error(op, 404, "NoSuchKey", Key=source_key)
-        try:
-            if replace:
-                kept = requested
-                kept.setdefault("content-type", "binary/octet-stream")
-            else:
-                # COPY keeps content headers and metadata; storage class, encryption and
-                # ACL come from the request, defaulting to STANDARD and none (CopyObject docs).
-                kept = {k: v for k, v in src["headers"].items() if k not in self._COPY_OWN_HEADERS}
-                kept.update({k: v for k, v in requested.items() if k in self._COPY_OWN_HEADERS})
-            tags = src["headers"].get("x-amz-tagging")
-            if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
-                tags = requested.get("x-amz-tagging")
-            kept.pop("x-amz-tagging", None)
-            if tags:
-                kept["x-amz-tagging"] = tags
-            etag = src["etag"]
-            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                etag = f'"{_hash_file(tmp, md5=True).md5}"'
-            record = self._new_record(kept, src["size"], etag)
-            self._commit(op, bucket, dst_dir, key, tmp, record)
-        finally:
-            self._unlink(tmp)
-        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
-        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+            kept = {k: v for k, v in source.items() if k not in _LOCAL_COPY_OWN_HEADERS}
+            kept.update({k: v for k, v in requested.items() if k in _LOCAL_COPY_OWN_HEADERS})
+        tags = source.get("x-amz-tagging")
+        if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
+            tags = requested.get("x-amz-tagging")
+        kept.pop("x-amz-tagging", None)
+        if tags:
+            kept["x-amz-tagging"] = tags
+        return kept
 
     @staticmethod
     def _token(kind: str, value: str) -> str:
@@ -5431,28 +5494,6 @@ class _LocalStorage:
 
     # -- multipart ------------------------------------------------------------
 
-    def _upload(
-        self, operation: str, bucket: str, key: str, upload_id: str
-    ) -> tuple[str, str, dict[str, Any]]:
-        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
-        bdir = self._bucket(operation, bucket)
-        udir = os.path.join(bdir, ".dg-uploads", upload_id)
-        info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
-            info = self._read_json(os.path.join(udir, "upload.json"))
-        if info is None or info["key"] != key:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
-        return bdir, udir, info
-
-    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
-        """Move an upload folder out of sight (call under the lock); returns where it went."""
-        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
-        try:
-            os.rename(udir, trash)
-        except FileNotFoundError:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
-        return trash
-
     def create_multipart_upload(
         self,
         bucket: str,
@@ -5530,32 +5571,7 @@ class _LocalStorage:
         (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
-        if not parts:
-            raise self._error(op, 400, "MalformedXML")
-        numbers = [number for number, _ in parts]
-        if any(b <= a for a, b in zip(numbers, numbers[1:])):
-            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
-        chosen = []
-        for number, etag in parts:
-            part = None
-            if 1 <= number <= _MAX_PARTS:
-                part = self._read_json(os.path.join(udir, f"{number}.json"))
-            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
-                raise self._error(
-                    op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
-                )
-            chosen.append(part)
-        for (number, etag), part in zip(parts[:-1], chosen):
-            if part["size"] < _MIN_PART_SIZE:
-                raise self._error(
-                    op,
-                    400,
-                    "EntityTooSmall",
-                    ProposedSize=str(part["size"]),
-                    MinSizeAllowed=str(_MIN_PART_SIZE),
-                    PartNumber=str(number),
-                    ETag=etag,
-                )
+        chosen = self._chosen_parts(op, udir, upload_id, parts)
         fd, tmp = self._mkstemp(op, bucket, bdir, "d-")
         trash = ""
         try:
@@ -5564,14 +5580,7 @@ class _LocalStorage:
                     try:
                         src = open(os.path.join(udir, part["data"]), "rb")
                     except FileNotFoundError:  # re-uploaded meanwhile
-                        raise self._error(
-                            op,
-                            400,
-                            "InvalidPart",
-                            UploadId=upload_id,
-                            PartNumber=str(number),
-                            ETag=etag,
-                        ) from None
+                        raise self._invalid_part(op, upload_id, number, etag) from None
                     with src:
                         shutil.copyfileobj(src, out, _IO_CHUNK)
                 out.flush()
@@ -5597,6 +5606,43 @@ class _LocalStorage:
             "Location": self.object_url(bucket, key),
             "ResponseMetadata": self._meta(200),
         }
+
+    def _chosen_parts(
+        self, op: str, udir: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> list[dict[str, Any]]:
+        """The stored parts (``<n>.json`` records) a CompleteMultipartUpload names, after
+        S3's checks: at least one, in ascending order, each uploaded with that ETag, all
+        but the last at least 5 MiB."""
+        if not parts:
+            raise self._error(op, 400, "MalformedXML")
+        numbers = [number for number, _ in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
+        chosen = []
+        for number, etag in parts:
+            part = None
+            if 1 <= number <= _MAX_PARTS:
+                part = self._read_json(os.path.join(udir, f"{number}.json"))
+            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
+                raise self._invalid_part(op, upload_id, number, etag)
+            chosen.append(part)
+        for (number, etag), part in zip(parts[:-1], chosen):
+            if part["size"] < _MIN_PART_SIZE:
+                raise self._error(
+                    op,
+                    400,
+                    "EntityTooSmall",
+                    ProposedSize=str(part["size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                    ETag=etag,
+                )
+        return chosen
+
+    def _invalid_part(self, op: str, upload_id: str, number: int, etag: str) -> ClientError:
+        return self._error(
+            op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
+        )
 
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
         op = "AbortMultipartUpload"
@@ -5802,22 +5848,61 @@ def _put_path(
                 )
             except _ChangedWhileSent as e:
                 raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
-    part = _part_size(size, part_size)
-    offsets = list(enumerate(range(0, size, part), start=1))
+    return _put_multipart(
+        storage,
+        bucket,
+        key,
+        path,
+        size=size,
+        part_size=_part_size(size, part_size),
+        sha256=sha256,
+        metadata=metadata,
+        headers=headers,
+        if_none_match=if_none_match,
+        on_bytes=on_bytes,
+        workers=workers,
+    )
+
+
+def _part_hashes(path: str, size: int, part: int, sha256: str) -> dict[int, str]:
+    """Each part's SHA-256 by part number, taken in one pass over the file that must give
+    ``sha256``, the caller's (the parts go up at once, so what is sent cannot be hashed in
+    file order). IntegrityError if the file no longer hashes to it."""
     expected: dict[int, str] = {}
-    if sha256:
-        # The parts go up at once, so what is sent cannot be hashed in file order: each
-        # part's SHA-256 is taken here, in one pass that must give the caller's.
-        whole = hashlib.sha256()
-        with open(path, "rb") as f:
-            for number, offset in offsets:
-                piece = _FileSlice(f, offset, min(part, size - offset))
-                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
-        if whole.hexdigest() != sha256:
-            raise IntegrityError(
-                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
-                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
-            )
+    whole = hashlib.sha256()
+    with open(path, "rb") as f:
+        for number, offset in enumerate(range(0, size, part), start=1):
+            piece = _FileSlice(f, offset, min(part, size - offset))
+            expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
+    if whole.hexdigest() != sha256:
+        raise IntegrityError(
+            "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+            "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+        )
+    return expected
+
+
+def _put_multipart(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    path: str,
+    *,
+    size: int,
+    part_size: int,
+    sha256: str | None,
+    metadata: Mapping[str, str] | None,
+    headers: dict[str, str] | None,
+    if_none_match: bool,
+    on_bytes: Callable[[int], None] | None,
+    workers: int,
+) -> dict[str, Any]:
+    """:func:`_put_path` above its threshold: a multipart upload of ``part_size`` parts,
+    ``workers`` at a time, each held to its SHA-256 (:func:`_part_hashes`) as it is sent.
+    On any failure the upload is aborted, and so is one a retried CreateMultipartUpload
+    may have started."""
+    offsets = list(enumerate(range(0, size, part_size), start=1))
+    expected = _part_hashes(path, size, part_size, sha256) if sha256 else {}
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -5832,7 +5917,8 @@ def _put_path(
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
             want = expected.get(number)
             with open(path, "rb") as f:
-                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
+                length = min(part_size, size - offset)
+                piece = _SentHash(f, offset, length, hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
                 try:
                     etag = storage.upload_part(
@@ -7110,7 +7196,7 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
 
 
 def _vcdiff_decode(
-    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+    source: str | None, delta: IO[bytes], out: _Writer, limit: int | None = None
 ) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
@@ -7173,7 +7259,7 @@ def _decode_window(
     sec_id: int,
     models: list[Any],
     src: _Source | None,
-    out: IO[bytes],
+    out: _Writer,
     written: int,
     last: bytearray,
     budget: int | None = None,
@@ -7244,7 +7330,7 @@ def _decode_window(
 
 
 def _earlier_target(
-    out: IO[bytes], written: int, last: bytearray, off: int, length: int
+    out: _Writer, written: int, last: bytearray, off: int, length: int
 ) -> bytes | memoryview:
     """A VCD_TARGET copy window (RFC 3284 section 4.2): bytes already written. The last
     window is still in memory; anything older is read back from ``out``."""
@@ -7253,18 +7339,20 @@ def _earlier_target(
     last_start = written - len(last)
     if off >= last_start:
         return memoryview(last)[off - last_start : off - last_start + length]
-    if not (out.readable() and out.seekable()):
+    readable, seekable = getattr(out, "readable", None), getattr(out, "seekable", None)
+    if not (readable and seekable and readable() and seekable()):
         raise _VCDiffError(
             "unsupported: this delta copies from earlier output (VCD_TARGET), so the output "
             "must be opened readable and seekable (e.g. 'w+b')"
         )
-    out.flush()
-    pos = out.tell()
-    out.seek(pos - written + off)
+    back = cast(IO[bytes], out)
+    back.flush()
+    pos = back.tell()
+    back.seek(pos - written + off)
     try:
-        data = out.read(length)
+        data = back.read(length)
     finally:
-        out.seek(pos)
+        back.seek(pos)
     if len(data) != length:
         raise _VCDiffError("VCD_TARGET: could not read back the earlier output")
     return data
@@ -7443,7 +7531,7 @@ def _zipx_read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield _zipx_read(stream, n)
 
 
-def _zipx_copy(src: IO[bytes], start: int, end: int, out: IO[bytes]) -> None:
+def _zipx_copy(src: IO[bytes], start: int, end: int, out: _Writer) -> None:
     """Write src[start:end] to `out` as a raw record."""
     if start >= end:
         return
@@ -7725,7 +7813,7 @@ class _ZipxHeaders:
         return bytes(buf)
 
 
-def _zip_expand(src: str, out: IO[bytes], assume: tuple[int, int, int] | None = None) -> bool:
+def _zip_expand(src: str, out: _Writer, assume: tuple[int, int, int] | None = None) -> bool:
     """Write the expanded form of the zip file at `src` to `out`, sequentially. False if
     `src` is not a zip this codec can read (the caller then discards `out`). Members that
     zlib can't reproduce byte for byte, stored members and other methods stay raw bytes.
@@ -7835,7 +7923,7 @@ class _ZipRebuild:
 
     def __init__(
         self,
-        out: IO[bytes],
+        out: _Writer,
         limit: int | None,
         pool: concurrent.futures.Executor,
         reuse: dict[tuple[int, int], tuple[int, int]],
@@ -7941,7 +8029,7 @@ class _ZipRebuild:
 
 def _zip_rebuild(
     expanded: IO[bytes],
-    out: IO[bytes],
+    out: _Writer,
     reference: str | None = None,
     limit: int | None = None,
 ) -> int:
@@ -8410,7 +8498,7 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)
         except _VCDiffLimitError:
             raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
@@ -8856,7 +8944,7 @@ class _HashingWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         self.sha256.update(data)
         self.size += len(data)
         self._f.write(data)
@@ -8925,7 +9013,7 @@ def _rebuild_zip(
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -8941,7 +9029,7 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 
 
 class _NullWriter:
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         return len(data)
 
 
@@ -10001,7 +10089,7 @@ class _DeltaEngine:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):  # type: ignore[arg-type]
+                if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
             decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
@@ -15020,9 +15108,10 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def _http_time(value: str) -> datetime.datetime | None:
+    """A conditional request's date, or None for one S3 cannot read (S3 then ignores it)."""
     try:
-        return email.utils.parsedate_to_datetime(value).astimezone(datetime.timezone.utc)
-    except (TypeError, ValueError, IndexError):
+        return _parse_timestamp(value)
+    except ValueError:
         return None
 
 
@@ -16721,6 +16810,11 @@ class _Cli:
             self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
 
+    def close(self) -> None:
+        """Close the client, if this run made one."""
+        if self._client is not None:
+            self._client.close()
+
     # -- output -------------------------------------------------------------------
 
     def line(self, text: str) -> None:
@@ -17780,6 +17874,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
+    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    dg_out: IO[str] | None = None
+
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
 
@@ -17791,7 +17888,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         # --help and --version go to the stream main() was given, not sys.stdout.
         if message:
-            (getattr(self, "dg_out", None) or sys.stdout).write(message)
+            (self.dg_out or sys.stdout).write(message)
 
 
 class _ExitNow(Exception):
@@ -18301,6 +18398,21 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+def _debug_log(err: IO[str], env: Mapping[str, str]) -> logging.Handler:
+    """--debug: the module's log on ``err``, the secret key and session token redacted;
+    main() removes the handler when the command ends."""
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    secrets = [
+        env.get(name, "").strip()
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+    ]
+    handler.addFilter(_RedactingFilter(secrets))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -18315,7 +18427,8 @@ def main(
     env = os.environ if environ is None else environ
     parser = _build_parser()
     for p in [parser, *_subparsers(parser)]:
-        p.dg_out = out  # type: ignore[attr-defined]
+        if isinstance(p, _ArgumentParser):
+            p.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -18333,17 +18446,7 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
-    handler: logging.Handler | None = None
-    if args.debug:
-        handler = logging.StreamHandler(err)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [
-            env.get(name, "").strip()
-            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-        ]
-        handler.addFilter(_RedactingFilter(secrets))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
+    handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None
     if threading.current_thread() is threading.main_thread():
@@ -18371,8 +18474,7 @@ def main(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if cli._client is not None:
-            cli._client.close()
+        cli.close()
         if handler is not None:
             logger.removeHandler(handler)
 

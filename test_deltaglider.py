@@ -8630,6 +8630,26 @@ def test_gateway_conditional_requests(local_gateway: Gateway) -> None:
         s3.list_objects_v2(Bucket="no-such-bucket-here")
 
 
+def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway) -> None:
+    """A date S3 cannot read in If-(Un)Modified-Since is ignored, as S3 does: not a 500
+    (a year past any datetime made the stdlib's parser raise OverflowError)."""
+    s3 = _boto3(local_gateway)
+    s3.put_object(Bucket="gwbucket", Key="d.txt", Body=b"data")
+    bad = ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Mon, 01 Jan 10000 00:00:00 GMT", "soon"]
+    for value in bad:
+        for header in ("If-Modified-Since", "If-Unmodified-Since"):
+
+            def add(request: Any, _h: str = header, _v: str = value, **_: Any) -> None:
+                request.headers[_h] = _v
+
+            s3.meta.events.register_first("before-sign.s3.GetObject", add)
+            try:
+                got = s3.get_object(Bucket="gwbucket", Key="d.txt")
+            finally:
+                s3.meta.events.unregister("before-sign.s3.GetObject", add)
+            assert got["Body"].read() == b"data", (header, value)
+
+
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
     gw = local_gateway
     creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
@@ -9941,12 +9961,17 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    c = make_client(backend, tmp_path)
+    # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
+    # start on a loaded machine, and the signal came before the CLI handles it)
+    for _ in range(1200):
+        if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
+            break
+        time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     waited = time.monotonic() - sent
-    c = make_client(backend, tmp_path)
     try:
         if proc.returncode == 0:  # the machine was fast enough to finish first: nothing to check
             assert (
@@ -14302,6 +14327,15 @@ def test_vcdiff_target_copy_window_reads_back_older_output(tmp_path: object) -> 
         assert f.read() == w1 + w2 + w3
     with open(path, "wb") as out, pytest.raises(dg._VCDiffError, match="readable and seekable"):
         dg._vcdiff_decode(None, io.BytesIO(delta), out)
+    # The engine decodes through a hashing sink, which cannot read back either: the delta
+    # is refused as undecodable, not an AttributeError from the sink.
+    open(os.path.join(str(tmp_path), "empty"), "wb").close()
+    with open(os.path.join(str(tmp_path), "d.vcd"), "wb") as f:
+        f.write(delta)
+    with open(path, "w+b") as out, pytest.raises(dg.IntegrityError, match="readable and seekable"):
+        dg._XDelta3._decode_in_python(
+            os.path.join(str(tmp_path), "empty"), f.name, out, False, None
+        )
 
 
 @needs_xdelta3
