@@ -5467,6 +5467,46 @@ def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
         c.close()
 
 
+@needs_xdelta3
+def test_purge_temp_files_deletes_only_expired_rebuilt_copies(
+    s3server: S3TestServer, tmp_path: Any
+) -> None:
+    """purge_temp_files deletes the rebuilt copies whose expiry has passed, and says what
+    it freed; a copy still valid, and the objects themselves, stay."""
+    backend = Backend(s3server.name, s3server.endpoint, s3server.access_key, s3server.secret_key)
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    try:
+        versions = [make_zip(tmp_path / ("v%d.zip" % v), v) for v in range(3)]
+        for v, body in enumerate(versions):
+            c.put_object(Bucket=bucket, Key="p/v%d.zip" % v, Body=body)
+        short = c.rehydrate_for_download(bucket, "p/v1.zip", ExpiresIn=60)
+        long = c.rehydrate_for_download(bucket, "p/v2.zip", ExpiresIn=3600)
+        assert short and long and short != long
+        size = c.storage.head_object(bucket, short)["ContentLength"]
+        # Two minutes on (well within the signing clock skew servers accept).
+        later = make_client(
+            backend, tmp_path, now=lambda: dg._utcnow() + datetime.timedelta(0, 120)
+        )
+        result = later.purge_temp_files(bucket)
+        later.close()
+        assert result == {
+            "bucket": bucket,
+            "deleted_count": 1,
+            "expired_count": 1,
+            "error_count": 0,
+            "total_size_freed": size,
+        }
+        keys = stored_keys(c, bucket)
+        assert short not in keys and long in keys
+        for v, body in enumerate(versions):
+            assert c.get_object(Bucket=bucket, Key="p/v%d.zip" % v)["Body"].read() == body
+    finally:
+        _s3_empty_and_delete(c.storage, bucket)
+        c.close()
+
+
 ###############################################################################
 # Delta engine: reading and integrity ###########################################
 ###############################################################################
