@@ -9118,6 +9118,7 @@ class _DeltaEngine:
         self._now = now
         self._tool = "deltaglider/" + __version__
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
     # -- reading ------------------------------------------------------------------
@@ -9464,9 +9465,14 @@ class _DeltaEngine:
         on_bytes: Callable[[int], None] | None = None,
         mtime: float | None = None,
         existing: Container[str] | None = None,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
-        delta is small enough, else directly. Returns a summary (DeltaGliderInfo)."""
+        delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
+
+        ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
+        server honours it, so a racing writer of that form gets a 412 (the caller checks
+        the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = key.rsplit("/", 1)[-1]
         if name == _REFERENCE_NAME or not name:
@@ -9495,6 +9501,7 @@ class _DeltaEngine:
 
         ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
+        create_only = if_none_match and self.storage.supports_conditional_writes(bucket)
         # A key ending in .delta is stored in delta form whatever its content, size or
         # --no-delta: its plain name is another key's delta (_logical_key).
         required = _delta_only(key)
@@ -9513,6 +9520,7 @@ class _DeltaEngine:
                     ratio_limit,
                     required,
                     on_bytes,
+                    create_only,
                 )
             if summary is not None:
                 self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
@@ -9539,6 +9547,7 @@ class _DeltaEngine:
             headers=direct_headers,
             sha256=info.sha256,
             on_bytes=on_bytes,
+            if_none_match=create_only,
         )
         self._remove_other(bucket, key, keep=key, existing=existing)
         return self._summary("upload_direct", key, info, info.size, None, resp)
@@ -9655,6 +9664,12 @@ class _DeltaEngine:
         processes and machines the conditional create decides."""
         with self._locks_lock:
             return self._space_locks.setdefault((bucket, space), threading.Lock())
+
+    def key_lock(self, bucket: str, key: str) -> threading.Lock:
+        """One conditional write (its check, then its store) at a time per logical key
+        within this process; across processes the stored form's own condition decides."""
+        with self._locks_lock:
+            return self._key_locks.setdefault((bucket, key), threading.Lock())
 
     def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
         """The SHA-256 of the deltaspace's reference, or None when there is none.
@@ -9895,9 +9910,11 @@ class _DeltaEngine:
         max_ratio: float,
         required: bool = False,
         on_bytes: Callable[[int], None] | None = None,
+        create_only: bool = False,
     ) -> dict[str, Any] | None:
         """Store ``key`` as a delta; None when it is better stored whole (a delta above
-        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only)."""
+        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only).
+        ``create_only``: the delta goes up with ``If-None-Match: *`` (put_file)."""
         space = _deltaspace(key)
         ref_key = _reference_key(space)
         delta_key = key + _DELTA_SUFFIX
@@ -10034,7 +10051,9 @@ class _DeltaEngine:
                     delta_tmp,
                     metadata=delta_meta,
                     headers=send_headers,
+                    if_none_match=create_only,
                 )
+                create_only = False  # a retry below replaces our own delta
             except BaseException:
                 if created:  # nothing may depend on a reference whose first delta failed
                     self._discard_reference(bucket, ref_key, ref_sha)
@@ -10942,19 +10961,32 @@ def _put_object_from_file(
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
-    ``info`` holds the digests of the caller's bytes when they were spooled."""
-    # SSE-C: only the customer's key may read it, so no shared reference.
-    delta = False if params.get("SSECustomerKey") is not None else None
-    summary = engine.put_file(
-        path,
-        params["Bucket"],
-        params["Key"],
-        metadata=params.get("Metadata"),
-        headers=_put_headers(params),
-        delta=delta,
-        info=info,
-        on_bytes=on_bytes,
-    )
+    ``info`` holds the digests of the caller's bytes when they were spooled. With
+    ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
+    stored when the condition fails (_check_write_conditions)."""
+
+    def store(if_none_match: bool = False) -> dict[str, Any]:
+        # SSE-C: only the customer's key may read it, so no shared reference.
+        delta = False if params.get("SSECustomerKey") is not None else None
+        return engine.put_file(
+            path,
+            params["Bucket"],
+            params["Key"],
+            metadata=params.get("Metadata"),
+            headers=_put_headers(params),
+            delta=delta,
+            info=info,
+            on_bytes=on_bytes,
+            if_none_match=if_none_match,
+        )
+
+    if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
+        summary = store()
+    else:
+        # One conditional writer of a key at a time here; the check, then the store.
+        with engine.key_lock(params["Bucket"], params["Key"]):
+            _check_write_conditions(engine, params)
+            summary = store(if_none_match=params.get("IfNoneMatch") is not None)
     resp = summary.pop("Response")
     out: dict[str, Any] = {"ETag": summary["ETag"]}
     for name in ("ServerSideEncryption", "VersionId"):
@@ -10978,6 +11010,33 @@ def _put_object_from_file(
         if summary.get("ReferenceKey"):
             out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
     return out
+
+
+def _check_write_conditions(engine: _DeltaEngine, params: Mapping[str, Any]) -> None:
+    """PutObject's ``IfNoneMatch="*"`` (create only) and ``IfMatch`` (replace only that
+    version), AWS "Conditional writes", held against the logical object (a delta's ETag
+    is its original's): PreconditionFailed (412) when one fails, NoSuchKey for IfMatch on
+    a missing key, NotImplemented for an IfNoneMatch other than ``*`` (as S3 answers)."""
+    bucket, key = params["Bucket"], params["Key"]
+    if_none, if_match = params.get("IfNoneMatch"), params.get("IfMatch")
+    if if_none is not None and str(if_none).strip() != "*":
+        error = {
+            "Code": "NotImplemented",
+            "Message": "A header you provided implies functionality that is not implemented",
+            "Header": "If-None-Match",
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 501}})
+        raise _client_error({"Error": error, "ResponseMetadata": meta}, "PutObject")
+    try:  # a GET tells NoSuchKey from NoSuchBucket, when If-Match needs the key
+        lg = engine.head(bucket, key, "PutObject" if if_match is not None else "HeadObject")
+    except ClientError as e:
+        if if_match is not None or not _is_not_found(e):
+            raise
+        return
+    if if_none is not None:
+        raise _precondition_error(412, "If-None-Match", "PutObject")
+    if _precondition_failure({"IfMatch": str(if_match)}, lg.etag, None) is not None:
+        raise _precondition_error(412, "If-Match", "PutObject")
 
 
 def _delete_plan(
@@ -11462,7 +11521,8 @@ class DeltaGliderClient:
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
-        _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
+        allowed = {"Bucket", "Key", "Body", "IfNoneMatch", "IfMatch"} | _PUT_PARAMS
+        _params("PutObject", kwargs, allowed, "Bucket", "Key")
         body = kwargs.get("Body", b"")
         path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
@@ -15212,6 +15272,24 @@ def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     return params
 
 
+def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
+    """A PUT's or CompleteMultipartUpload's ``If-None-Match: *`` and ``If-Match`` (AWS
+    "Conditional writes") as PutObject parameters; an If-None-Match other than ``*``
+    answers NotImplemented, as S3 does."""
+    out = {}
+    if "if-none-match" in h:
+        if h["if-none-match"].strip() != "*":
+            raise _S3Reply(
+                "NotImplemented",
+                "A header you provided implies functionality that is not implemented",
+                Header="If-None-Match",
+            )
+        out["IfNoneMatch"] = "*"
+    if "if-match" in h:
+        out["IfMatch"] = h["if-match"]
+    return out
+
+
 # -- the gateway: its state, one connection's handler, the server ---------------------
 
 
@@ -15895,6 +15973,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     content_sha256=spooled.info.sha256,
+                    if_none_match="IfNoneMatch" in params,
+                    if_match=params.get("IfMatch"),
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
         result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
@@ -15908,9 +15988,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _put_object(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "PutObject"
         gw = self.server.gateway
-        if "if-none-match" in self._headers or "if-match" in self._headers:
-            raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
         params = _put_params(self._headers, bucket, key)
+        params.update(_write_conditions(self._headers))
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -16116,6 +16195,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
+                params.update(_write_conditions(self._headers))
                 result = self._store(spooled, params)
             finally:
                 os.unlink(spooled.path)

@@ -8630,6 +8630,79 @@ def test_gateway_conditional_requests(local_gateway: Gateway) -> None:
         s3.list_objects_v2(Bucket="no-such-bucket-here")
 
 
+@needs_xdelta3
+def test_gateway_conditional_puts_never_overwrite(gateway: Gateway) -> None:
+    """PutObject with If-None-Match: * (boto3's IfNoneMatch="*") creates only, with If-Match
+    replaces only the version it names: a failed condition answers 412 and stores nothing,
+    for a delta-stored key (held to its logical ETag) as for a direct one; racing creators
+    get one winner; CompleteMultipartUpload takes the same conditions."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    v1 = os.urandom(96 * 1024)
+    v2 = v1[:5000] + b"second" + v1[5000:]
+    try:
+        etag1 = s3.put_object(Bucket=bucket, Key="rel/app.zip", Body=v1, IfNoneMatch="*")["ETag"]
+        assert "rel/app.zip.delta" in stored_keys(gateway.client, bucket)
+
+        def refused(**kwargs: Any) -> tuple[str, int]:
+            with pytest.raises(s3.exceptions.ClientError) as e:
+                s3.put_object(Bucket=bucket, **kwargs)
+            return _gw_error(e.value)
+
+        failed = ("PreconditionFailed", 412)
+        assert refused(Key="rel/app.zip", Body=v2, IfNoneMatch="*") == failed
+        assert refused(Key="rel/app.zip", Body=v2, IfMatch='"%s"' % ("0" * 32)) == failed
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v1
+        etag2 = s3.put_object(Bucket=bucket, Key="rel/app.zip", Body=v2, IfMatch=etag1)["ETag"]
+        assert etag2 != etag1
+        assert refused(Key="rel/app.zip", Body=v1, IfMatch=etag1) == failed  # a stale ETag
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v2
+        assert refused(Key="missing.txt", Body=b"x", IfMatch=etag1) == ("NoSuchKey", 404)
+        assert refused(Key="rel/app.zip", Body=b"x", IfNoneMatch=etag2) == ("NotImplemented", 501)
+        # a direct object, and the client the gateway stores through
+        s3.put_object(Bucket=bucket, Key="notes.txt", Body=b"one", IfNoneMatch="*")
+        assert refused(Key="notes.txt", Body=b"two", IfNoneMatch="*") == failed
+        with pytest.raises(dg.ClientError) as e:
+            gateway.client.put_object(Bucket=bucket, Key="notes.txt", Body=b"3", IfNoneMatch="*")
+        assert _gw_error(e.value) == failed
+        assert s3.get_object(Bucket=bucket, Key="notes.txt")["Body"].read() == b"one"
+
+        def create(i: int) -> str:
+            try:
+                s3.put_object(Bucket=bucket, Key="race.txt", Body=b"%d" % i, IfNoneMatch="*")
+            except s3.exceptions.ClientError as e:
+                return _gw_error(e)[0]
+            return "won %d" % i
+
+        outcomes: list[str] = []
+        racers = [threading.Thread(target=lambda i=i: outcomes.append(create(i))) for i in range(4)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join()
+        won = [o for o in outcomes if o.startswith("won")]
+        assert len(won) == 1 and outcomes.count("PreconditionFailed") == 3, outcomes
+        body = s3.get_object(Bucket=bucket, Key="race.txt")["Body"].read()
+        assert won == ["won %s" % body.decode()]
+
+        up = s3.create_multipart_upload(Bucket=bucket, Key="rel/app.zip")["UploadId"]
+        part = s3.upload_part(Bucket=bucket, Key="rel/app.zip", UploadId=up, PartNumber=1, Body=v1)
+        done = {"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]}
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.complete_multipart_upload(
+                Bucket=bucket, Key="rel/app.zip", UploadId=up, MultipartUpload=done, IfNoneMatch="*"
+            )
+        assert _gw_error(e.value) == failed
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v2
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key="rel/app.zip", UploadId=up, MultipartUpload=done, IfMatch=etag2
+        )
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v1
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
 def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway) -> None:
     """A date S3 cannot read in If-(Un)Modified-Since is ignored, as S3 does: not a 500
     (a year past any datetime made the stdlib's parser raise OverflowError)."""
