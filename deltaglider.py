@@ -872,7 +872,8 @@ def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tu
     made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
     or a spooled body through it), in ``folder``, the folder of what it becomes, so that
     the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
-    sweep can tell a leftover by its name."""
+    sweep can tell a leftover by its name. Files that need no name (a body spooled for
+    retries, xdelta3's stderr) are tempfile.TemporaryFile: private, and gone at close."""
     return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
