@@ -10432,6 +10432,28 @@ class _DeltaEngine:
 # The boto3-compatible client #################################################
 ###############################################################################
 
+# The client takes boto3's parameters and answers in boto3's shapes; the engine above
+# stores and reads the objects. Its pieces, in order (each after a ``# -- name --`` line):
+#   parameters          botocore's checks (_params, _check_params, _require: its wording),
+#                       and the request headers they become (_put_headers, _header_params)
+#   boto3's shapes      _ClientExceptions, _Paginator, _ListResponse; the bodies _TempBody
+#                       (a rebuilt file) and _VerifyingBody (SHA-256-checked as read)
+#   object operations   _spool_request_body, _put_object_from_file (what the gateway and
+#                       the CLI use too), _get_rebuilt/_get_stored, _delete_logical_objects,
+#                       _copy_logical_object, _verify_logical
+#   logical listing     _logical_page (references hidden, logical names), _fetch_details
+#   the client          DeltaGliderClient: boto3's methods and deltaglider's extensions,
+#                       most of them a parameter check and a call into the pieces
+#   result types        UploadSummary, VerifyResult, BucketStats, ObjectInfo, ...
+#   ACLs                _acl_headers, _acl_xml
+#   multipart uploads   _MultipartUploads (staged, then stored as put_object stores a file)
+#   bucket statistics   _list_for_stats, _compute_bucket_stats, the stats cache
+#   presigned URLs      _presigned_url, _rehydrated_copy (what a URL of a delta serves),
+#                       _purge_presign_copies, _presigned_post
+#   create_client       its settings, _client_storage and _lazy_credentials (on first use)
+
+# -- Parameters: botocore's checks, and the request headers they become ------------
+
 #: put_object/upload_file parameters we honour, beyond Bucket/Key/Body.
 _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
     "Metadata",
@@ -10724,6 +10746,9 @@ def _delete_entries(spec: Any) -> list[dict[str, Any]]:
     return list(objects)
 
 
+# -- boto3's shapes: exceptions, paginators, listings, bodies ----------------------
+
+
 class _ClientExceptions:
     """``client.exceptions.NoSuchKey`` and friends, as boto3 exposes them."""
 
@@ -10842,6 +10867,34 @@ class _LimitedReader:
 
     def close(self) -> None:
         self._f.close()
+
+
+class _VerifyingBody(StreamingBody):
+    """A direct object's body that checks its SHA-256 when read to the end."""
+
+    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        super().__init__(inner, None)
+        self._inner = inner
+        self._expected = sha256
+        self._label = label
+        self._hash = hashlib.sha256()
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = super().read(amt)
+        self._hash.update(data)
+        if self._eof and self._hash.hexdigest() != self._expected:
+            raise IntegrityError(
+                "%s: SHA-256 mismatch: expected %s, got %s"
+                % (self._label, self._expected, self._hash.hexdigest())
+            )
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+# -- Object operations: put, delete, get, copy, verify -----------------------------
 
 
 def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
@@ -11208,6 +11261,9 @@ def _copy_logical_object(
     return out
 
 
+# -- Logical listing: references and bookkeeping hidden, logical names -------------
+
+
 def _logical_page(
     engine: _DeltaEngine,
     bucket: str,
@@ -11320,6 +11376,9 @@ def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
         result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
     return result
+
+
+# -- The client --------------------------------------------------------------------
 
 
 class DeltaGliderClient:
@@ -12296,6 +12355,9 @@ _SUPPORTED_METHODS = tuple(
 )
 
 
+# -- Result types of deltaglider's extensions --------------------------------------
+
+
 @dataclasses.dataclass
 class UploadSummary:
     """What :meth:`DeltaGliderClient.upload` stored (deltaglider 6.x's fields first).
@@ -12399,30 +12461,7 @@ class CompressionEstimate:
     should_use_delta: bool = True
 
 
-class _VerifyingBody(StreamingBody):
-    """A direct object's body that checks its SHA-256 when read to the end."""
-
-    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
-        super().__init__(inner, None)
-        self._inner = inner
-        self._expected = sha256
-        self._label = label
-        self._hash = hashlib.sha256()
-
-    def read(self, amt: int | None = None) -> bytes:
-        data = super().read(amt)
-        self._hash.update(data)
-        if self._eof and self._hash.hexdigest() != self._expected:
-            raise IntegrityError(
-                "%s: SHA-256 mismatch: expected %s, got %s"
-                % (self._label, self._expected, self._hash.hexdigest())
-            )
-        return data
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
-
+# -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
 
 _CANNED_ACL_PARAMS = (
     ("ACL", "x-amz-acl"),
@@ -12467,7 +12506,7 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
-# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete --
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete ---
 
 _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
 _MPU_NONCE = 32
@@ -12727,7 +12766,7 @@ class _MultipartUploads:
         return out
 
 
-# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
+# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -----------
 
 
 class _StatsListing(NamedTuple):
@@ -12953,7 +12992,7 @@ def _compute_bucket_stats(
     return stats
 
 
-# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+# -- Presigned URLs, and the rebuilt copies they serve -----------------------------
 
 _PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
 #: The client methods we presign: their HTTP method and the parameters each takes.
@@ -13164,6 +13203,9 @@ def _presigned_post(
         conditions.append({"key": key})
     fields["key"] = key
     return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
+# -- create_client: settings, then storage and credentials on first use ------------
 
 
 class _StderrHandler(logging.Handler):
@@ -15067,9 +15109,10 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def _http_time(value: str) -> datetime.datetime | None:
+    """A conditional request's date, or None for one S3 cannot read (S3 then ignores it)."""
     try:
-        return email.utils.parsedate_to_datetime(value).astimezone(datetime.timezone.utc)
-    except (TypeError, ValueError, IndexError):
+        return _parse_timestamp(value)
+    except ValueError:
         return None
 
 
@@ -16768,6 +16811,11 @@ class _Cli:
             self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
 
+    def close(self) -> None:
+        """Close the client, if this run made one."""
+        if self._client is not None:
+            self._client.close()
+
     # -- output -------------------------------------------------------------------
 
     def line(self, text: str) -> None:
@@ -17827,6 +17875,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
+    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    dg_out: IO[str] | None = None
+
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
 
@@ -17838,7 +17889,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         # --help and --version go to the stream main() was given, not sys.stdout.
         if message:
-            (getattr(self, "dg_out", None) or sys.stdout).write(message)
+            (self.dg_out or sys.stdout).write(message)
 
 
 class _ExitNow(Exception):
@@ -18348,6 +18399,21 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+def _debug_log(err: IO[str], env: Mapping[str, str]) -> logging.Handler:
+    """--debug: the module's log on ``err``, the secret key and session token redacted;
+    main() removes the handler when the command ends."""
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    secrets = [
+        env.get(name, "").strip()
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+    ]
+    handler.addFilter(_RedactingFilter(secrets))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -18362,7 +18428,8 @@ def main(
     env = os.environ if environ is None else environ
     parser = _build_parser()
     for p in [parser, *_subparsers(parser)]:
-        p.dg_out = out  # type: ignore[attr-defined]
+        if isinstance(p, _ArgumentParser):
+            p.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -18380,17 +18447,7 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
-    handler: logging.Handler | None = None
-    if args.debug:
-        handler = logging.StreamHandler(err)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [
-            env.get(name, "").strip()
-            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-        ]
-        handler.addFilter(_RedactingFilter(secrets))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
+    handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None
     if threading.current_thread() is threading.main_thread():
@@ -18418,8 +18475,7 @@ def main(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if cli._client is not None:
-            cli._client.close()
+        cli.close()
         if handler is not None:
             logger.removeHandler(handler)
 
