@@ -10010,10 +10010,13 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
     c = make_client(backend, tmp_path)
     # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
     # start on a loaded machine, and the signal came before the CLI handles it)
-    for _ in range(1200):
+    for _ in range(6000):  # up to 5 minutes on a loaded machine
         if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
             break
         time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the upload never opened its multipart upload: %s" % proc.communicate())
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)  # a CLI that ignores Ctrl-C fails here
     try:
