@@ -16975,6 +16975,57 @@ _ACL_OPTIONS = (
 )
 
 
+def _recorded_mtimes(
+    storage: _Storage,
+    bucket: str,
+    prefix: str,
+    remote: dict[str, dict[str, Any]],
+    workers: int,
+) -> dict[str, float]:
+    """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
+    LastModified where none was recorded. HEADs run on the pool."""
+    out: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def one(rel: str) -> None:
+        obj = remote[rel]
+        stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
+        stamp = obj["LastModified"].timestamp()
+        try:
+            head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
+            recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
+            if recorded is not None:
+                stamp = recorded
+        except ClientError:
+            pass
+        with lock:
+            out[rel] = stamp
+
+    if remote:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, list(remote)))
+    return out
+
+
+def _should_transfer(
+    args: argparse.Namespace,
+    src_size: int,
+    src_mtime: float,
+    dst_size: int,
+    dst_mtime: float,
+    upload: bool,
+) -> bool:
+    """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
+    looks at sizes; --exact-timestamps (downloads) wants equal times."""
+    if src_size != dst_size:
+        return True
+    if getattr(args, "size_only", False):
+        return False
+    if not upload and getattr(args, "exact_timestamps", False):
+        return int(src_mtime) != int(dst_mtime)
+    return int(src_mtime) > int(dst_mtime)
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -17569,7 +17620,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         for rel in sorted(source):
             obj, have = source[rel], dest.get(rel)
-            if have is not None and not self.should_transfer(
+            if have is not None and not _should_transfer(
+                self.args,
                 obj["Size"],
                 obj["LastModified"].timestamp(),
                 have["Size"],
@@ -17601,7 +17653,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         stored = self.stored_keys(bucket, prefix)
         tasks: list[Callable[[], None]] = []
         total = 0
@@ -17613,8 +17665,8 @@ class _Cli:
             seen.add(rel)
             st = os.stat(path)
             obj = remote.get(rel)
-            if obj is not None and not self.should_transfer(
-                st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
+            if obj is not None and not _should_transfer(
+                self.args, st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
             ):
                 continue
             total += st.st_size
@@ -17631,47 +17683,6 @@ class _Cli:
             self.delete_keys(bucket, gone)
         return self.exit_code()
 
-    def remote_mtimes(
-        self, bucket: str, prefix: str, remote: dict[str, dict[str, Any]]
-    ) -> dict[str, float]:
-        """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
-        LastModified where none was recorded. HEADs run on the pool."""
-        out: dict[str, float] = {}
-        storage = self.client.engine.storage
-        lock = threading.Lock()
-
-        def one(rel: str) -> None:
-            obj = remote[rel]
-            stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
-            stamp = obj["LastModified"].timestamp()
-            try:
-                head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
-                recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
-                if recorded is not None:
-                    stamp = recorded
-            except ClientError:
-                pass
-            with lock:
-                out[rel] = stamp
-
-        if remote:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-                list(pool.map(one, list(remote)))
-        return out
-
-    def should_transfer(
-        self, src_size: int, src_mtime: float, dst_size: int, dst_mtime: float, upload: bool
-    ) -> bool:
-        """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
-        looks at sizes; --exact-timestamps (downloads) wants equal times."""
-        if src_size != dst_size:
-            return True
-        if getattr(self.args, "size_only", False):
-            return False
-        if not upload and getattr(self.args, "exact_timestamps", False):
-            return int(src_mtime) != int(dst_mtime)
-        return int(src_mtime) > int(dst_mtime)
-
     def sync_down(self, src: str, dst: str) -> int:
         if os.path.lexists(dst) and not os.path.isdir(dst):
             _refuse_sync_path(dst)
@@ -17679,7 +17690,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         tasks: list[Callable[[], None]] = []
         wanted = set()
         for rel in sorted(remote):
@@ -17696,8 +17707,13 @@ class _Cli:
             wanted.add(os.path.normpath(path))
             try:
                 st = os.stat(path)
-                if not self.should_transfer(
-                    remote[rel]["Size"], mtimes[rel], st.st_size, st.st_mtime, upload=False
+                if not _should_transfer(
+                    self.args,
+                    remote[rel]["Size"],
+                    mtimes[rel],
+                    st.st_size,
+                    st.st_mtime,
+                    upload=False,
                 ):
                     continue
             except OSError:
