@@ -872,7 +872,8 @@ def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tu
     made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
     or a spooled body through it), in ``folder``, the folder of what it becomes, so that
     the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
-    sweep can tell a leftover by its name."""
+    sweep can tell a leftover by its name. Files that need no name (a body spooled for
+    retries, xdelta3's stderr) are tempfile.TemporaryFile: private, and gone at close."""
     return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
@@ -3033,8 +3034,24 @@ class _Storage(Protocol):
         if_none_match: bool = False,
     ) -> dict[str, Any]: ...
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]: ...
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]: ...
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]: ...
 
 
 #: Response headers of GetObject/HeadObject and the boto3 keys they become.
@@ -3273,6 +3290,102 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
         return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
+def _uploads_page(
+    bucket: str,
+    uploads: list[dict[str, Any]],
+    *,
+    prefix: str = "",
+    key_marker: str = "",
+    upload_id_marker: str = "",
+    max_uploads: int | None = None,
+) -> dict[str, Any]:
+    """One ListMultipartUploads page of ``uploads`` (every upload in progress under
+    ``prefix``: Key, UploadId, Initiated) as boto3 parses S3's reply: in S3's order (by key,
+    then as started), those after the markers (with only ``key_marker``, the later keys;
+    with ``upload_id_marker`` too, also that key's uploads after the one it names), at most
+    ``max_uploads`` (1,000) of them, and the markers of the next page when there is one.
+    The one page builder of the local store and of the client's logical uploads."""
+    ordered = sorted(
+        uploads, key=lambda u: (u["Key"].encode("utf-8"), u["Initiated"], u["UploadId"])
+    )
+    if key_marker:
+        mark = key_marker.encode("utf-8")
+        ids = [u["UploadId"] for u in ordered if u["Key"] == key_marker]
+        if upload_id_marker in ids:
+            later = set(ids[ids.index(upload_id_marker) + 1 :])
+        else:  # gone since: S3's rule, the upload ids that sort after it
+            later = {i for i in ids if upload_id_marker and i > upload_id_marker}
+        ordered = [u for u in ordered if u["Key"].encode("utf-8") > mark or u["UploadId"] in later]
+    limit = 1000 if max_uploads is None else max_uploads
+    out: dict[str, Any] = {
+        "Bucket": bucket,
+        "KeyMarker": key_marker,
+        "UploadIdMarker": upload_id_marker,
+        "Prefix": prefix,
+        "MaxUploads": limit,
+        "IsTruncated": len(ordered) > limit,
+    }
+    if ordered[:limit]:
+        out["Uploads"] = ordered[:limit]
+    if out["IsTruncated"] and limit > 0:
+        out["NextKeyMarker"] = ordered[limit - 1]["Key"]
+        out["NextUploadIdMarker"] = ordered[limit - 1]["UploadId"]
+    return out
+
+
+def _parts_page(
+    parts: list[dict[str, Any]], *, part_number_marker: int = 0, max_parts: int | None = None
+) -> dict[str, Any]:
+    """The paging members of one ListParts page of ``parts`` (every part uploaded, in
+    order): those after ``part_number_marker``, at most ``max_parts`` (1,000) of them, and
+    NextPartNumberMarker when more follow. Of the local store and the client's uploads."""
+    after = [p for p in parts if p["PartNumber"] > part_number_marker]
+    limit = 1000 if max_parts is None else max_parts
+    out: dict[str, Any] = {
+        "PartNumberMarker": part_number_marker,
+        "MaxParts": limit,
+        "IsTruncated": len(after) > limit,
+        "Parts": after[:limit],
+    }
+    if out["IsTruncated"] and limit > 0:
+        out["NextPartNumberMarker"] = after[limit - 1]["PartNumber"]
+    return out
+
+
+def _all_uploads(storage: _Storage, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Every multipart upload in progress under ``prefix``, all pages (a server answers
+    at most 1,000 at a time): what a cleanup must see, or the uploads it misses keep
+    costing storage."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        key_marker, upload_id_marker = json.loads(token) if token else ("", "")
+        return storage.list_multipart_uploads(
+            bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
+        )
+
+    def next_token(page: dict[str, Any]) -> str | None:
+        markers = [page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or ""]
+        return json.dumps(markers) if any(markers) else None
+
+    pages = _pages(fetch, next_token, "ListMultipartUploads")
+    return [upload for page in pages for upload in page.get("Uploads", [])]
+
+
+def _all_parts(storage: _Storage, bucket: str, key: str, upload_id: str) -> list[dict[str, Any]]:
+    """Every part of an upload in progress, all pages (a server answers at most 1,000 at
+    a time)."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        return storage.list_parts(bucket, key, upload_id, part_number_marker=int(token or 0))
+
+    def next_token(page: dict[str, Any]) -> str | None:
+        number = page.get("NextPartNumberMarker")
+        return str(number) if number else None
+
+    pages = _pages(fetch, next_token, "ListParts")
+    return [part for page in pages for part in page.get("Parts", [])]
 
 
 ###############################################################################
@@ -4183,8 +4296,23 @@ class _S3Storage:
         )
         return {"ResponseMetadata": _response_metadata(resp)}
 
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
-        resp = self.request("ListParts", "GET", bucket, key, query=[("uploadId", upload_id)])
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of the parts (the server's 1,000 at most, or ``max_parts``) after
+        ``part_number_marker``; ``_all_parts`` reads them all."""
+        query = [("uploadId", upload_id)]
+        if max_parts is not None:
+            query.append(("max-parts", str(max_parts)))
+        if part_number_marker:
+            query.append(("part-number-marker", str(part_number_marker)))
+        resp = self.request("ListParts", "GET", bucket, key, query=query)
         root = self._xml(resp)
         parts = [
             {
@@ -4194,18 +4322,41 @@ class _S3Storage:
             }
             for p in root.findall("Part")
         ]
-        return {
+        out: dict[str, Any] = {
             "Bucket": bucket,
             "Key": key,
             "UploadId": upload_id,
+            "PartNumberMarker": part_number_marker,
+            "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
             "Parts": parts,
-            "ResponseMetadata": _response_metadata(resp),
         }
+        if out["IsTruncated"]:  # S3 defines it as the last part shown
+            given = _xml_text(root, "NextPartNumberMarker") or ""
+            last = parts[-1]["PartNumber"] if parts else 0
+            out["NextPartNumberMarker"] = int(given) if given.isdigit() else last
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
 
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of the uploads in progress (the server's 1,000 at most, or
+        ``max_uploads``) after the markers; ``_all_uploads`` reads them all."""
         query = [("uploads", "")]
-        if prefix:
-            query.append(("prefix", prefix))
+        for name, value in (
+            ("prefix", prefix),
+            ("key-marker", key_marker),
+            ("upload-id-marker", upload_id_marker),
+            ("max-uploads", "" if max_uploads is None else str(max_uploads)),
+        ):
+            if value:
+                query.append((name, value))
         resp = self.request("ListMultipartUploads", "GET", bucket, query=query)
         root = self._xml(resp)
         uploads = [
@@ -4216,7 +4367,21 @@ class _S3Storage:
             }
             for u in root.findall("Upload")
         ]
-        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": _response_metadata(resp)}
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
+            "Uploads": uploads,
+        }
+        if out["IsTruncated"]:
+            next_key = _xml_text(root, "NextKeyMarker") or ""
+            next_id = _xml_text(root, "NextUploadIdMarker") or ""
+            if not (next_key or next_id) and uploads:
+                # Swift names neither: S3 defines them as the last upload shown. (SeaweedFS
+                # names only the upload id, and pages by it alone: kept as it is.)
+                next_key, next_id = str(uploads[-1]["Key"]), str(uploads[-1]["UploadId"])
+            out["NextKeyMarker"], out["NextUploadIdMarker"] = next_key, next_id
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
 
     # -- capabilities -----------------------------------------------------------
 
@@ -5652,7 +5817,15 @@ class _LocalStorage(_LocalFiles):
         shutil.rmtree(trash, ignore_errors=True)
         return {"ResponseMetadata": self._meta(204)}
 
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]:
         _, udir, _ = self._upload("ListParts", bucket, key, upload_id)
         numbers = sorted(
             int(name[:-5]) for name in os.listdir(udir) if re.match(r"^\d+\.json$", name)
@@ -5662,32 +5835,42 @@ class _LocalStorage(_LocalFiles):
             part = self._read_json(os.path.join(udir, f"{number}.json"))
             if part:
                 parts.append({"PartNumber": number, "ETag": part["etag"], "Size": part["size"]})
+        page = _parts_page(parts, part_number_marker=part_number_marker, max_parts=max_parts)
         return {
             "Bucket": bucket,
             "Key": key,
             "UploadId": upload_id,
-            "Parts": parts,
+            **page,
             "ResponseMetadata": self._meta(200),
         }
 
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]:
         bdir = self._bucket("ListMultipartUploads", bucket)
         uploads_dir = os.path.join(bdir, ".dg-uploads")
-        found = []
+        uploads = []
         for upload_id in os.listdir(uploads_dir):
             info = self._read_json(os.path.join(uploads_dir, upload_id, "upload.json"))
             if info and info["key"].startswith(prefix):
-                found.append((info["key"].encode("utf-8"), info["initiated"], upload_id, info))
-        found.sort(key=lambda item: (item[0], item[1]))
-        uploads = [
-            {
-                "Key": info["key"],
-                "UploadId": upload_id,
-                "Initiated": _parse_timestamp(info["initiated"]),
-            }
-            for _, _, upload_id, info in found
-        ]
-        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
+                initiated = _parse_timestamp(info["initiated"])
+                uploads.append({"Key": info["key"], "UploadId": upload_id, "Initiated": initiated})
+        page = _uploads_page(
+            bucket,
+            uploads,
+            prefix=prefix,
+            key_marker=key_marker,
+            upload_id_marker=upload_id_marker,
+            max_uploads=max_uploads,
+        )
+        page.setdefault("Uploads", [])  # this store's callers have always found the list
+        return dict(page, ResponseMetadata=self._meta(200))
 
 
 ###############################################################################
@@ -5974,8 +6157,7 @@ def _abort_strays(
     (the first reply was lost, so its UploadId never reached us)."""
 
     def sweep() -> None:
-        uploads = storage.list_multipart_uploads(bucket, prefix=key)["Uploads"]
-        for up in uploads:
+        for up in _all_uploads(storage, bucket, key):
             initiated = up.get("Initiated")
             if up["Key"] != key or up["UploadId"] == ours:
                 continue
@@ -10784,46 +10966,74 @@ class _ClientExceptions:
         raise AttributeError("no modeled S3 exception %r" % name)
 
 
+#: The listings ``get_paginator`` pages over, as botocore's S3 paginators do: the
+#: operation, the request members that say where a page starts, the reply members that
+#: name the next page (in the same order), the page-size member and the items counted
+#: by MaxItems.
+_PAGINATED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, str]] = {
+    "list_objects": ("ListObjects", ("Marker",), ("NextMarker",), "MaxKeys", "Contents"),
+    "list_objects_v2": (
+        "ListObjectsV2",
+        ("ContinuationToken",),
+        ("NextContinuationToken",),
+        "MaxKeys",
+        "Contents",
+    ),
+    "list_multipart_uploads": (
+        "ListMultipartUploads",
+        ("KeyMarker", "UploadIdMarker"),
+        ("NextKeyMarker", "NextUploadIdMarker"),
+        "MaxUploads",
+        "Uploads",
+    ),
+    "list_parts": (
+        "ListParts",
+        ("PartNumberMarker",),
+        ("NextPartNumberMarker",),
+        "MaxParts",
+        "Parts",
+    ),
+}
+
+
 class _Paginator:
-    """``get_paginator('list_objects_v2')``: one page per request, as boto3's."""
+    """``get_paginator(name)`` for the listings of ``_PAGINATED``: one page per request,
+    as boto3's. ``StartingToken``: the value of the request marker (markers joined by
+    ``___`` where there are two, botocore's plain form)."""
 
     def __init__(self, client: DeltaGliderClient, operation: str) -> None:
-        if operation not in ("list_objects", "list_objects_v2"):
-            raise ValueError("deltaglider has paginators for list_objects and list_objects_v2 only")
+        if operation not in _PAGINATED:
+            raise ValueError("deltaglider has paginators for %s only" % ", ".join(_PAGINATED))
         self._client = client
         self._operation = operation
 
     def paginate(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        operation, markers, next_markers, size_member, items = _PAGINATED[self._operation]
         pagination = kwargs.pop("PaginationConfig", None) or {}
         limit = pagination.get("MaxItems")
         page_size = pagination.get("PageSize")
         if page_size:
-            kwargs["MaxKeys"] = page_size
+            kwargs[size_member] = page_size
         if pagination.get("StartingToken"):
-            key = "ContinuationToken" if self._operation == "list_objects_v2" else "Marker"
-            kwargs[key] = pagination["StartingToken"]
+            start = str(pagination["StartingToken"])
+            kwargs.update(zip(markers, start.split("___") if len(markers) > 1 else [start]))
         seen = 0
         method = getattr(self._client, self._operation)
-        v2 = self._operation == "list_objects_v2"
 
         def fetch(token: str | None) -> dict[str, Any]:
             if token is not None:
-                kwargs["ContinuationToken" if v2 else "Marker"] = token
+                kwargs.update(zip(markers, json.loads(token)))
             page: dict[str, Any] = method(**kwargs)
             return page
 
         def next_token(page: dict[str, Any]) -> str | None:
-            contents = page.get("Contents") or [{}]
-            token: str | None = (
-                page.get("NextContinuationToken")
-                if v2
-                else page.get("NextMarker") or contents[-1].get("Key")
-            )
-            return token
+            values = [page.get(name) for name in next_markers]
+            if self._operation == "list_objects" and not values[0]:  # no NextMarker: last key
+                values = [(page.get("Contents") or [{}])[-1].get("Key")]
+            return json.dumps(values) if any(values) else None
 
-        operation = "ListObjectsV2" if v2 else "ListObjects"
         for page in _pages(fetch, next_token, operation):
-            seen += len(page.get("Contents", []))
+            seen += len(page.get(items, []))
             yield page
             if limit and seen >= limit:
                 return
@@ -11515,7 +11725,7 @@ class DeltaGliderClient:
         return _Paginator(self, operation_name)
 
     def can_paginate(self, operation_name: str) -> bool:
-        return operation_name in ("list_objects", "list_objects_v2")
+        return operation_name in _PAGINATED
 
     # -- objects ------------------------------------------------------------------
 
@@ -12769,33 +12979,27 @@ class _MultipartUploads:
         allowed |= {"ExpectedBucketOwner", "RequestPayer"}
         _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
         bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self.engine.storage.list_parts(bucket, staging, server_id)
-        parts = resp.get("Parts", [])
-        marker = int(kwargs.get("PartNumberMarker") or 0)
-        parts = [p for p in parts if p["PartNumber"] > marker]
-        limit = kwargs.get("MaxParts", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "UploadId": kwargs["UploadId"],
-            "PartNumberMarker": marker,
-            "MaxParts": limit,
-            "IsTruncated": len(parts) > limit,
-            "Parts": parts[:limit],
-        }
-        if out["IsTruncated"]:
-            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
-        out["ResponseMetadata"] = _local_metadata(resp)
+        parts = _all_parts(self.engine.storage, bucket, staging, server_id)
+        page = _parts_page(
+            parts,
+            part_number_marker=int(kwargs.get("PartNumberMarker") or 0),
+            max_parts=kwargs.get("MaxParts"),
+        )
+        out: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+        out.update(UploadId=kwargs["UploadId"], **page)
+        out["ResponseMetadata"] = _local_metadata({})
         return out
 
     def list_uploads(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """One page of the uploads in progress, by logical key, as boto3's (with the
+        markers of the next; ``get_paginator`` reads them all), from every page the
+        storage holds under the staging prefix."""
         allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
         allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MPU_PREFIX)
         uploads = []
-        for u in resp.get("Uploads", []):
+        for u in _all_uploads(self.engine.storage, bucket, _MPU_PREFIX):
             rest = u["Key"][len(_MPU_PREFIX) :]
             nonce, _, key = rest.partition("/")
             if not u["Key"].startswith(_MPU_PREFIX) or len(nonce) != _MPU_NONCE:
@@ -12803,25 +13007,15 @@ class _MultipartUploads:
             if not key.startswith(kwargs.get("Prefix") or ""):
                 continue
             uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
-        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
-        marker = kwargs.get("KeyMarker")
-        if marker:
-            uploads = [u for u in uploads if u["Key"] > marker]
-        limit = kwargs.get("MaxUploads", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "KeyMarker": marker or "",
-            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
-            "Prefix": kwargs.get("Prefix") or "",
-            "MaxUploads": limit,
-            "IsTruncated": len(uploads) > limit,
-        }
-        if uploads[:limit]:
-            out["Uploads"] = uploads[:limit]
-        if out["IsTruncated"]:
-            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
-            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
-        out["ResponseMetadata"] = _local_metadata(resp)
+        out = _uploads_page(
+            bucket,
+            uploads,
+            prefix=kwargs.get("Prefix") or "",
+            key_marker=kwargs.get("KeyMarker") or "",
+            upload_id_marker=kwargs.get("UploadIdMarker") or "",
+            max_uploads=kwargs.get("MaxUploads"),
+        )
+        out["ResponseMetadata"] = _local_metadata({})
         return out
 
 
@@ -16861,6 +17055,57 @@ _ACL_OPTIONS = (
 )
 
 
+def _recorded_mtimes(
+    storage: _Storage,
+    bucket: str,
+    prefix: str,
+    remote: dict[str, dict[str, Any]],
+    workers: int,
+) -> dict[str, float]:
+    """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
+    LastModified where none was recorded. HEADs run on the pool."""
+    out: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def one(rel: str) -> None:
+        obj = remote[rel]
+        stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
+        stamp = obj["LastModified"].timestamp()
+        try:
+            head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
+            recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
+            if recorded is not None:
+                stamp = recorded
+        except ClientError:
+            pass
+        with lock:
+            out[rel] = stamp
+
+    if remote:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, list(remote)))
+    return out
+
+
+def _should_transfer(
+    args: argparse.Namespace,
+    src_size: int,
+    src_mtime: float,
+    dst_size: int,
+    dst_mtime: float,
+    upload: bool,
+) -> bool:
+    """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
+    looks at sizes; --exact-timestamps (downloads) wants equal times."""
+    if src_size != dst_size:
+        return True
+    if getattr(args, "size_only", False):
+        return False
+    if not upload and getattr(args, "exact_timestamps", False):
+        return int(src_mtime) != int(dst_mtime)
+    return int(src_mtime) > int(dst_mtime)
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -17455,7 +17700,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         for rel in sorted(source):
             obj, have = source[rel], dest.get(rel)
-            if have is not None and not self.should_transfer(
+            if have is not None and not _should_transfer(
+                self.args,
                 obj["Size"],
                 obj["LastModified"].timestamp(),
                 have["Size"],
@@ -17487,7 +17733,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         stored = self.stored_keys(bucket, prefix)
         tasks: list[Callable[[], None]] = []
         total = 0
@@ -17499,8 +17745,8 @@ class _Cli:
             seen.add(rel)
             st = os.stat(path)
             obj = remote.get(rel)
-            if obj is not None and not self.should_transfer(
-                st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
+            if obj is not None and not _should_transfer(
+                self.args, st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
             ):
                 continue
             total += st.st_size
@@ -17517,47 +17763,6 @@ class _Cli:
             self.delete_keys(bucket, gone)
         return self.exit_code()
 
-    def remote_mtimes(
-        self, bucket: str, prefix: str, remote: dict[str, dict[str, Any]]
-    ) -> dict[str, float]:
-        """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
-        LastModified where none was recorded. HEADs run on the pool."""
-        out: dict[str, float] = {}
-        storage = self.client.engine.storage
-        lock = threading.Lock()
-
-        def one(rel: str) -> None:
-            obj = remote[rel]
-            stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
-            stamp = obj["LastModified"].timestamp()
-            try:
-                head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
-                recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
-                if recorded is not None:
-                    stamp = recorded
-            except ClientError:
-                pass
-            with lock:
-                out[rel] = stamp
-
-        if remote:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-                list(pool.map(one, list(remote)))
-        return out
-
-    def should_transfer(
-        self, src_size: int, src_mtime: float, dst_size: int, dst_mtime: float, upload: bool
-    ) -> bool:
-        """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
-        looks at sizes; --exact-timestamps (downloads) wants equal times."""
-        if src_size != dst_size:
-            return True
-        if getattr(self.args, "size_only", False):
-            return False
-        if not upload and getattr(self.args, "exact_timestamps", False):
-            return int(src_mtime) != int(dst_mtime)
-        return int(src_mtime) > int(dst_mtime)
-
     def sync_down(self, src: str, dst: str) -> int:
         if os.path.lexists(dst) and not os.path.isdir(dst):
             _refuse_sync_path(dst)
@@ -17565,7 +17770,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         tasks: list[Callable[[], None]] = []
         wanted = set()
         for rel in sorted(remote):
@@ -17582,8 +17787,13 @@ class _Cli:
             wanted.add(os.path.normpath(path))
             try:
                 st = os.stat(path)
-                if not self.should_transfer(
-                    remote[rel]["Size"], mtimes[rel], st.st_size, st.st_mtime, upload=False
+                if not _should_transfer(
+                    self.args,
+                    remote[rel]["Size"],
+                    mtimes[rel],
+                    st.st_size,
+                    st.st_mtime,
+                    upload=False,
                 ):
                     continue
             except OSError:

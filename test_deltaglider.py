@@ -6459,6 +6459,53 @@ def test_multipart_upload_streams_and_aborts_on_failure(
     assert "big2.bin" not in stored_keys(client, dgbucket)
 
 
+def _one_a_page(monkeypatch: pytest.MonkeyPatch, storage: Any) -> list[dict[str, Any]]:
+    """Make ``storage`` ask for one upload (or part) a page, as if the server held more
+    than its 1,000 a page; the list gets every page it is answered."""
+    pages: list[dict[str, Any]] = []
+    list_uploads, list_parts = storage.list_multipart_uploads, storage.list_parts
+
+    def uploads(bucket: str, **kw: Any) -> Any:
+        pages.append(list_uploads(bucket, **dict(kw, max_uploads=1)))
+        return pages[-1]
+
+    def parts(bucket: str, key: str, upload_id: str, **kw: Any) -> Any:
+        pages.append(list_parts(bucket, key, upload_id, **dict(kw, max_parts=1)))
+        return pages[-1]
+
+    monkeypatch.setattr(storage, "list_multipart_uploads", uploads)
+    monkeypatch.setattr(storage, "list_parts", parts)
+    return pages
+
+
+def test_stray_uploads_are_aborted_past_the_first_page(
+    client: Any, dgbucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup after a failed upload aborts every stray upload of its key, not only
+    those on the server's first page of ListMultipartUploads (the others would keep
+    costing storage); every part of an upload is read past the first page too. Every
+    server here honours max-uploads and max-parts: one upload, one part a page."""
+    st = client.storage
+    since = dg._utcnow() - datetime.timedelta(seconds=60)
+    ours = st.create_multipart_upload(dgbucket, "big.bin")
+    strays = [st.create_multipart_upload(dgbucket, "big.bin") for _ in range(3)]
+    other = st.create_multipart_upload(dgbucket, "big.bin.other")  # under the prefix
+    for number in (1, 2, 3):
+        st.upload_part(dgbucket, "big.bin", ours, number, b"part %d" % number)
+    pages = _one_a_page(monkeypatch, st)
+    dg._abort_strays(st, dgbucket, "big.bin", ours, since)
+    assert len(pages) >= 5 and all(len(p.get("Uploads", [])) <= 1 for p in pages)
+    left = {u["UploadId"] for u in dg._all_uploads(st, dgbucket)}
+    assert left == {ours, other} and not left & set(strays)
+    del pages[:]
+    assert [p["PartNumber"] for p in dg._all_parts(st, dgbucket, "big.bin", ours)] == [1, 2, 3]
+    assert len(pages) >= 3 and all(len(p["Parts"]) <= 1 for p in pages)
+    monkeypatch.undo()
+    for key, upload_id in (("big.bin", ours), ("big.bin.other", other)):
+        st.abort_multipart_upload(dgbucket, key, upload_id)
+    assert dg._all_uploads(st, dgbucket) == []
+
+
 def _concurrency_probe(func: Any, skip: int = 0) -> tuple[Any, list[int]]:
     """Wrap ``func`` so that calls ``skip``+1 and ``skip``+2 wait (up to 5 s) for each
     other; the list gets the number in flight at each call's start."""
@@ -10036,10 +10083,13 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
     c = make_client(backend, tmp_path)
     # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
     # start on a loaded machine, and the signal came before the CLI handles it)
-    for _ in range(1200):
+    for _ in range(6000):  # up to 5 minutes on a loaded machine
         if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
             break
         time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the upload never opened its multipart upload: %s" % proc.communicate())
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)  # a CLI that ignores Ctrl-C fails here
     try:
@@ -11899,6 +11949,54 @@ def test_multipart_api_stores_the_object_as_a_delta(
     with pytest.raises(dg.ClientError) as info:
         client.list_parts(Bucket=dgbucket, Key="rel/app-v2.zip", UploadId="not-ours")
     assert info.value.response["Error"]["Code"] == "NoSuchUpload"
+
+
+def test_multipart_listings_page_as_boto3s(
+    client: dg.DeltaGliderClient, dgbucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """list_multipart_uploads and list_parts answer one page with the markers of the
+    next, as boto3's; their paginators read every upload (several of one key) and every
+    part, one a page; and the client sees all of them even when the server answers
+    one upload or part a page."""
+    keys = ["rel/a.zip", "rel/a.zip", "rel/a.zip", "rel/b.zip"]
+    ups = [client.create_multipart_upload(Bucket=dgbucket, Key=k)["UploadId"] for k in keys]
+    for number in (1, 2, 3):
+        client.upload_part(
+            Bucket=dgbucket, Key=keys[0], UploadId=ups[0], PartNumber=number, Body=b"%d" % number
+        )
+    first = client.list_multipart_uploads(Bucket=dgbucket, MaxUploads=1)
+    assert first["IsTruncated"] and len(first["Uploads"]) == 1
+    assert (first["NextKeyMarker"], first["NextUploadIdMarker"]) == (
+        first["Uploads"][0]["Key"],
+        first["Uploads"][0]["UploadId"],
+    )
+    one = client.list_parts(Bucket=dgbucket, Key=keys[0], UploadId=ups[0], MaxParts=1)
+    assert one["IsTruncated"] and one["NextPartNumberMarker"] == 1 and len(one["Parts"]) == 1
+
+    def every_upload() -> list[tuple[str, str]]:
+        paginator = client.get_paginator("list_multipart_uploads")
+        pages = list(paginator.paginate(Bucket=dgbucket, PaginationConfig={"PageSize": 1}))
+        assert all(len(page.get("Uploads", [])) <= 1 for page in pages)
+        return [(u["Key"], u["UploadId"]) for page in pages for u in page.get("Uploads", [])]
+
+    def every_part() -> list[int]:
+        paginator = client.get_paginator("list_parts")
+        config = {"PageSize": 1}
+        pages = paginator.paginate(
+            Bucket=dgbucket, Key=keys[0], UploadId=ups[0], PaginationConfig=config
+        )
+        return [p["PartNumber"] for page in pages for p in page["Parts"]]
+
+    assert client.can_paginate("list_multipart_uploads") and client.can_paginate("list_parts")
+    assert sorted(every_upload()) == sorted(zip(keys, ups))
+    assert every_part() == [1, 2, 3]
+    _one_a_page(monkeypatch, client.storage)  # the server's pages: one upload, one part
+    assert sorted(every_upload()) == sorted(zip(keys, ups))
+    assert every_part() == [1, 2, 3]
+    monkeypatch.undo()
+    for key, upload_id in zip(keys, ups):
+        client.abort_multipart_upload(Bucket=dgbucket, Key=key, UploadId=upload_id)
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=dgbucket)
 
 
 def test_unsupported_boto3_methods_say_so(tmp_path: Any) -> None:
