@@ -16732,8 +16732,10 @@ def _gateway_servers(
 def _serve_until_stopped(
     cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
 ) -> None:
-    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
-    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed (with --quiet, as
+    one line: where it listens is the one thing a caller of port 0 cannot know otherwise);
+    then stop taking connections, give requests in flight ``grace`` seconds, and say how
+    many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -16743,6 +16745,9 @@ def _serve_until_stopped(
         threading.Thread(target=s.serve_forever, daemon=True).start()
     for text in banner:
         cli.error(text)
+    if cli.quiet:
+        cli.err.write(_printable("; ".join(banner)) + "\n")
+        cli.err.flush()
     try:
         while not stop.wait(0.5):
             pass
@@ -18602,7 +18607,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
         help="largest delta worth storing (default 0.5)",
     )
-    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no access log on stderr: only the line that says where it listens",
+    )
 
 
 def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:

@@ -9228,6 +9228,40 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
         _gw_cleanup(gateway, bucket)
 
 
+def test_serve_quiet_still_says_where_it_listens(tmp_path: Any) -> None:
+    """``serve --quiet --listen 127.0.0.1:0``: no access log, but one line on stderr names
+    the address (the port is chosen at start; before, --quiet hid it)."""
+    env = dict(
+        os.environ,
+        DG_GATEWAY_ACCESS_KEY_ID=GW_KEY,
+        DG_GATEWAY_SECRET_ACCESS_KEY=GW_SECRET,
+        DG_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    cmd = [sys.executable, dg.__file__, "--endpoint-url", "file://" + str(tmp_path / "store")]
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--quiet", "--listen", "127.0.0.1:0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # a hang guard: before, nothing came at all
+        assert select.select([proc.stderr], [], [], 60)[0], "serve --quiet printed nothing"
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        gw = Gateway(m.group(0), None, None, io.StringIO(), "")  # type: ignore[arg-type]
+        s3 = _boto3(gw)
+        s3.create_bucket(Bucket="served")
+        s3.put_object(Bucket="served", Key="k.txt", Body=b"kept")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err == "", err  # nothing else: no access log, no "stopped"
+
+
 def test_serve_command_starts_warns_and_stops_cleanly_on_sigterm(tmp_path: Any) -> None:
     """The CLI: keys from the environment only, a TLS warning off loopback, SIGTERM exits 0."""
     env = dict(
