@@ -12524,12 +12524,12 @@ class _MultipartUploads:
     def __init__(
         self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
     ) -> None:
-        self._get_engine = engine  # the client's, made on first use
+        self._engine_getter = engine  # the client's, made on first use
         self._now = now
 
     @property
     def engine(self) -> _DeltaEngine:
-        return self._get_engine()
+        return self._engine_getter()
 
     def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
         """(bucket, staging key, the server's upload id) of one of our upload ids."""
