@@ -11859,7 +11859,9 @@ class DeltaGliderClient:
 
     # -- object tagging and ACLs ---------------------------------------------------
 
-    def _stored_key(self, kwargs: Mapping[str, Any], operation: str) -> str:
+    def _stored_key(self, kwargs: Mapping[str, Any]) -> str:
+        """The stored form of a logical key (its tags and ACL live there); the caller
+        answers a failure as its own operation."""
         lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
         return lg.stored_key
 
@@ -11868,7 +11870,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner", "RequestPayer"}
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "GetObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
@@ -11882,7 +11884,7 @@ class DeltaGliderClient:
                 report=_type_report("Tagging.TagSet", tags, "<class 'list'>, <class 'tuple'>")
             )
         try:
-            stored = self._stored_key(kwargs, "PutObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
@@ -11891,7 +11893,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner"}
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "DeleteObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
@@ -11900,7 +11902,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner", "RequestPayer"}
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "GetObjectAcl")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
@@ -11918,7 +11920,7 @@ class DeltaGliderClient:
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
-            stored = self._stored_key(kwargs, "PutObjectAcl")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
