@@ -6030,6 +6030,13 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _MAX_SHARED_REF_KEY = 200
 #: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
 _PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Staging keys of the client's multipart uploads (they become one object on completion).
+_MULTIPART_PREFIX = _INTERNAL_PREFIX + "multipart/"
+#: A reference about to be deleted is first copied here, to be put back if a delta
+#: turns out to need it after all.
+_ASIDE_PREFIX = _INTERNAL_PREFIX + "deleted/"
+#: get_bucket_stats' cache, per mode (FORMAT.md "Other objects").
+_STATS_KEY = _INTERNAL_PREFIX + "stats_%s.json"
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
     "tool": ("dg-tool", "dg_tool", "tool"),
@@ -6110,7 +6117,7 @@ class _Kind:
 def _classify(key: str, metadata: Mapping[str, str]) -> str:
     """What a stored object is, in FORMAT.md's order."""
     note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+    if note == "reference" or _is_reference(key):
         return _Kind.REFERENCE
     if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
         return _Kind.DELTA
@@ -6130,6 +6137,12 @@ def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
 
 
+def _is_reference(key: str) -> bool:
+    """A reference's key (a folder's own or a shared one): every reader hides a key
+    named reference.bin, and none is a user's object."""
+    return key.rsplit("/", 1)[-1] == _REFERENCE_NAME
+
+
 def _logical_key(stored: str) -> str | None:
     """The one logical key a stored name belongs to; None for what is never shown as an
     object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
@@ -6138,7 +6151,7 @@ def _logical_key(stored: str) -> str | None:
     delta form of ``x``, as every reader takes it. So a user's key that itself ends in
     ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
     always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+    if _is_reference(stored) or _is_internal(stored):
         return None
     return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
 
@@ -6147,7 +6160,7 @@ def _stored_forms(key: str) -> tuple[str, ...]:
     """The names a logical key may be stored under, in the order readers try them: the
     plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
     delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+    if _delta_only(key) or _is_reference(key):
         return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
     return (key, key + _DELTA_SUFFIX)
 
@@ -10155,7 +10168,7 @@ class _DeltaEngine:
             if dry_run:
                 dropped.append(ref_key)
                 continue
-            aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
@@ -10191,7 +10204,7 @@ class _DeltaEngine:
             return self._drop_reference(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
-        aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
+        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
@@ -10222,7 +10235,7 @@ class _DeltaEngine:
         for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
-                (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
+                (refs if _is_reference(k) else keys).append(k)
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -10255,7 +10268,7 @@ class _DeltaEngine:
         sizes: dict[str, int] = {}
         for page in _list_pages(self.storage, bucket, prefix=prefix):
             for obj in page.get("Contents", []):
-                if obj["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME:
+                if _is_reference(obj["Key"]):
                     sizes[obj["Key"]] = obj["Size"]
         if prefix:
             # The folder's own files keep theirs beside it, in its parent.
@@ -11532,7 +11545,6 @@ class DeltaGliderClient:
     # so any client (another process, the gateway) can continue an upload it did not
     # start, and two uploads of one key never share a staging object.
 
-    _MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
     _MPU_NONCE = 32
 
     def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
@@ -11556,7 +11568,7 @@ class DeltaGliderClient:
                 operation,
             )
         _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], self._MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+        return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
 
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CreateMultipartUpload; the object's headers and metadata are kept on the
@@ -11571,7 +11583,7 @@ class DeltaGliderClient:
                 report="SSE-C multipart uploads are not supported: use put_object or upload_file"
             )
         nonce = uuid.uuid4().hex
-        staging = self._MPU_PREFIX + nonce + "/" + kwargs["Key"]
+        staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
         server_id = self.engine.storage.create_multipart_upload(
             kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
@@ -11742,12 +11754,12 @@ class DeltaGliderClient:
         allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=self._MPU_PREFIX)
+        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MULTIPART_PREFIX)
         uploads = []
         for u in resp.get("Uploads", []):
-            rest = u["Key"][len(self._MPU_PREFIX) :]
+            rest = u["Key"][len(_MULTIPART_PREFIX) :]
             nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(self._MPU_PREFIX) or len(nonce) != self._MPU_NONCE:
+            if not u["Key"].startswith(_MULTIPART_PREFIX) or len(nonce) != self._MPU_NONCE:
                 continue
             if not key.startswith(kwargs.get("Prefix") or ""):
                 continue
@@ -12286,7 +12298,7 @@ class DeltaGliderClient:
         storage = self.engine.storage
         now = self._now()
         deleted = expired = errors = freed = 0
-        for page in _list_pages(storage, Bucket, prefix=".deltaglider/tmp/"):
+        for page in _list_pages(storage, Bucket, prefix=_PRESIGN_PREFIX):
             for obj in page.get("Contents", []):
                 try:
                     meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
@@ -12521,7 +12533,7 @@ def _list_for_stats(storage: _Storage, bucket: str) -> _StatsListing:
 
 
 def _stats_cache_key(mode: str) -> str:
-    return ".deltaglider/stats_%s.json" % mode
+    return _STATS_KEY % mode
 
 
 def _cached_bucket_stats(
@@ -12630,7 +12642,7 @@ def _logical_total(
     ref_sizes: dict[str, int] = {
         _deltaspace(o["Key"]): o["Size"]
         for o in objects
-        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
+        if _is_reference(o["Key"]) and not _is_shared_ref(o["Key"])
     }
     shared_sizes: dict[str, list[int]] = {}
     for o in objects:
@@ -12651,9 +12663,7 @@ def _compute_bucket_stats(
     """The statistics of one listing (``quick``: from it alone; ``sampled``/``detailed``:
     with the original sizes read from deltas' metadata)."""
     objects, copies = listing
-    references = {
-        o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-    }
+    references = {o["Key"]: o["Size"] for o in objects if _is_reference(o["Key"])}
     deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
     direct = [
         o
@@ -12670,7 +12680,7 @@ def _compute_bucket_stats(
     unused_refs = [
         o
         for o in objects
-        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        if _is_reference(o["Key"])
         and not _is_shared_ref(o["Key"])
         and _deltaspace(o["Key"]) not in spaces_in_use
     ]
@@ -17015,9 +17025,7 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(
-                _is_internal(k) or k.rsplit("/", 1)[-1] == _REFERENCE_NAME for k in left
-            ):
+            if left and all(_is_internal(k) or _is_reference(k) for k in left):
                 # Our bookkeeping, and references no delta uses (an interrupted upload,
                 # another tool): delete_prefix removes only those that nothing needs.
                 self.client.engine.delete_prefix(bucket, "")
