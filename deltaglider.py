@@ -6143,6 +6143,20 @@ def _is_reference(key: str) -> bool:
     return key.rsplit("/", 1)[-1] == _REFERENCE_NAME
 
 
+def _object_name(key: str) -> str:
+    """The file name a logical key stores (its last segment). reference.bin is
+    reserved for references, and a key ending in ``/`` names a folder, not a file."""
+    name = key.rsplit("/", 1)[-1]
+    if name == _REFERENCE_NAME or not name:
+        raise ParamValidationError(
+            report="Invalid key %r: %r is reserved for deltaglider's reference files"
+            % (key, _REFERENCE_NAME)
+            if name
+            else "Invalid key %r: a key must name a file, not a folder" % key
+        )
+    return name
+
+
 def _logical_key(stored: str) -> str | None:
     """The one logical key a stored name belongs to; None for what is never shown as an
     object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
@@ -8952,6 +8966,44 @@ class _Logical(NamedTuple):
         return str(self.head.get("ContentType", "binary/octet-stream"))
 
 
+class _Upload(NamedTuple):
+    """One file being stored under a logical key (put_file): what each step of a delta
+    or a direct upload needs."""
+
+    path: str
+    bucket: str
+    key: str
+    name: str  # the file name (the key's last segment): dg-original-name
+    headers: dict[str, str]  # to send with the object, Content-Type apart
+    content_type: str | None
+    metadata: Mapping[str, str] | None  # the caller's, stored as user-<name>
+    mtime: float | None  # the source file's, for sync: dg-mtime
+    max_ratio: float  # a larger delta (against the file's size) is stored whole instead
+    required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
+    on_bytes: Callable[[int], None] | None  # progress
+    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    given: _FileInfo | None  # or the caller's
+
+    def info(self) -> _FileInfo:
+        """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
+        if self.hashing is None:
+            assert self.given is not None
+            return self.given
+        info: _FileInfo = self.hashing.result()
+        return info
+
+
+@dataclasses.dataclass
+class _RefChoice:
+    """The reference one attempt of a delta upload encodes against."""
+
+    key: str
+    sha256: str = ""
+    path: str = ""  # its local copy (in the cache)
+    created: bool = False  # stored by this upload: removed again if the upload fails
+    series: bool = False  # made from a file of the same series (so it may be healed)
+
+
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
     says, reads rebuild and verify, deletes keep references consistent.
@@ -9296,25 +9348,22 @@ class _DeltaEngine:
         name = key.rsplit("/", 1)[-1]
         return _eligible_by_name(name, self._environ) or _eligible_by_content(path)
 
-    def _common_metadata(
-        self,
-        name: str,
-        info: _FileInfo,
-        user_metadata: Mapping[str, str] | None,
-        content_type: str | None,
-    ) -> dict[str, str]:
+    def _metadata(self, up: _Upload, info: _FileInfo) -> dict[str, str]:
+        """What every object an upload stores records (FORMAT.md "Metadata")."""
         meta = {
             "dg-tool": self._tool,
-            "dg-original-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(up.name),
             "dg-file-sha256": info.sha256,
             "dg-file-size": str(info.size),
             "dg-md5": info.md5,
             "dg-created-at": _iso_utc(self._now()),
         }
-        for k, v in (user_metadata or {}).items():
+        for k, v in (up.metadata or {}).items():
             meta[_USER_META_PREFIX + k.lower()] = _meta_encode(str(v))
-        if content_type:
-            meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
+        if up.content_type:
+            meta[_CONTENT_TYPE_META] = _meta_encode(up.content_type)
+        if up.mtime is not None:
+            meta["dg-mtime"] = "%.6f" % up.mtime  # the source's mtime, for sync (as rclone)
         return meta
 
     @_reports_as("PutObject")
@@ -9334,82 +9383,77 @@ class _DeltaEngine:
         existing: Container[str] | None = None,
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
-        delta is small enough, else directly. Returns a summary (DeltaGliderInfo)."""
+        delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
+
+        ``existing``: the stored keys a listing just showed, when the caller has one."""
         _validate_key(key)
-        name = key.rsplit("/", 1)[-1]
-        if name == _REFERENCE_NAME or not name:
-            raise ParamValidationError(
-                report="Invalid key %r: %r is reserved for deltaglider's reference files"
-                % (key, _REFERENCE_NAME)
-                if name
-                else "Invalid key %r: a key must name a file, not a folder" % key
-            )
-        # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_hash_file, path, True) if info is None else None
+        name = _object_name(key)
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
-
-        def file_info() -> _FileInfo:
-            if hashing is not None:
-                return hashing.result()  # type: ignore[no-any-return]
-            assert info is not None
-            return info
-
-        def metadata_of(info: _FileInfo) -> dict[str, str]:
-            meta = self._common_metadata(name, info, metadata, content_type)
-            if mtime is not None:
-                meta["dg-mtime"] = "%.6f" % mtime  # the source's mtime, for sync (as rclone)
-            return meta
-
-        ratio_limit = self.max_ratio if max_ratio is None else max_ratio
+        up = _Upload(
+            path=path,
+            bucket=bucket,
+            key=key,
+            name=name,
+            headers=headers,
+            content_type=content_type,
+            metadata=metadata,
+            mtime=mtime,
+            max_ratio=self.max_ratio if max_ratio is None else max_ratio,
+            # A key ending in .delta is stored in delta form whatever its content, size or
+            # --no-delta: its plain name is another key's delta (_logical_key).
+            required=_delta_only(key),
+            on_bytes=on_bytes,
+            # The file is hashed while the reference is looked up and xdelta3 encodes.
+            hashing=_Background(_hash_file, path, True) if info is None else None,
+            given=info,
+        )
         size = info.size if info is not None else os.path.getsize(path)
-        # A key ending in .delta is stored in delta form whatever its content, size or
-        # --no-delta: its plain name is another key's delta (_logical_key).
-        required = _delta_only(key)
-        if required:
+        if up.required:
             self._refuse_shadowed(bucket, key)
-        if required or (size > 0 and self.eligible(key, path, delta)):
-            with self.cache.hold():  # the reference (and its expanded form) stay while used
-                summary = self._put_delta(
-                    path,
-                    bucket,
-                    key,
-                    name,
-                    file_info,
-                    metadata_of,
-                    headers,
-                    ratio_limit,
-                    required,
-                    on_bytes,
-                )
+        if up.required or (size > 0 and self.eligible(key, path, delta)):
+            summary = self._put_as_delta(up, existing)
             if summary is not None:
-                self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
-                if required:
-                    self._unshadow(bucket, key)
-                    return summary
-                if not self.exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
-                    return summary
-                # The user's key.delta exists: this key is kept plain (see _unshadow).
-            assert not required
-        info = file_info()
-        meta = metadata_of(info)
-        direct_meta = dict(meta)
-        direct_meta["dg-compression"] = "none"
-        direct_meta["dg-note"] = "passthrough"
-        direct_headers = dict(headers)
-        direct_headers["Content-Type"] = content_type or "binary/octet-stream"
+                return summary
+        return self._put_direct(up, existing)
+
+    def _put_as_delta(self, up: _Upload, existing: Container[str] | None) -> dict[str, Any] | None:
+        """put_file's delta attempt, and what follows a stored delta: the key's other
+        stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
+        None when the file is to be stored whole after all."""
+        with self.cache.hold():  # the reference (and its expanded form) stay while used
+            summary = self._put_delta(up)
+        if summary is None:
+            assert not up.required
+            return None
+        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
+        if up.required:
+            self._unshadow(up.bucket, up.key)
+            return summary
+        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+            return summary
+        return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
+
+    def _put_direct(self, up: _Upload, existing: Container[str] | None) -> dict[str, Any]:
+        """Store the file as it is (FORMAT.md "direct"), then remove its delta form."""
+        info = up.info()
+        meta = self._metadata(up, info)
+        meta["dg-compression"] = "none"
+        meta["dg-note"] = "passthrough"
+        headers = dict(up.headers)
+        headers["Content-Type"] = up.content_type or "binary/octet-stream"
         resp = _put_path(
             self.storage,
-            bucket,
-            key,
-            path,
-            metadata=direct_meta,
-            headers=direct_headers,
+            up.bucket,
+            up.key,
+            up.path,
+            metadata=meta,
+            headers=headers,
             sha256=info.sha256,
-            on_bytes=on_bytes,
+            on_bytes=up.on_bytes,
         )
-        self._remove_other(bucket, key, keep=key, existing=existing)
-        return self._summary("upload_direct", key, info, info.size, None, resp)
+        self._remove_other(up.bucket, up.key, keep=up.key, existing=existing)
+        return self._summary("upload_direct", up.key, info, info.size, None, resp)
 
     def exists(self, bucket: str, stored: str) -> bool:
         """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
@@ -9751,183 +9795,236 @@ class _DeltaEngine:
         )
         return self.cache.add_file(info.sha256, path)
 
-    def _put_delta(
-        self,
-        path: str,
-        bucket: str,
-        key: str,
-        name: str,
-        file_info: Callable[[], _FileInfo],
-        metadata_of: Callable[[_FileInfo], dict[str, str]],
-        headers: dict[str, str],
-        max_ratio: float,
-        required: bool = False,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any] | None:
-        """Store ``key`` as a delta; None when it is better stored whole (a delta above
-        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only)."""
-        space = _deltaspace(key)
-        ref_key = _reference_key(space)
-        delta_key = key + _DELTA_SUFFIX
+    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+        """Store ``up`` as a delta; None when it is better stored whole (a delta above
+        ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
+
+        Each attempt chooses a reference, encodes against it (the delta checked to decode
+        back to the file), may make the file a new reference instead (drift: _heal),
+        stores the delta, and is made again when the reference was replaced or deleted
+        meanwhile (racing writers, the folder's last file deleted)."""
+        space = _deltaspace(up.key)
         tmp_dir = self.tmp_dir()
         shared = (
             self.references == _REFERENCES_SHARED
-            and _shared_ref_key(space, name, "0" * 64) is not None
+            and _shared_ref_key(space, up.name, "0" * 64) is not None
         )
-        size = os.path.getsize(path)
+        size = os.path.getsize(up.path)
+        ref = _RefChoice(_reference_key(space))
         for _ in range(5):
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
-            extra: dict[str, str] | None = None
-            created, ref_sha, series = False, "", False
+            ref = _RefChoice(_reference_key(space))
             try:
-                if not shared:
-                    with self._space_lock(bucket, space):
-                        ref_sha, ref_path, created = self._ensure_reference(
-                            path, bucket, ref_key, name, file_info, on_bytes
-                        )
-                else:
-                    # One choice at a time per parent folder in this process: parallel
-                    # first uploads (a recursive upload of a new release tree) then share
-                    # a reference.
-                    with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
-                        pick = self._pick_reference(bucket, space, name, size)
-                        if pick is None:
-                            info = file_info()
-                            ref_key = _shared_ref_key(space, name, info.sha256) or ""
-                            ref_sha, created = info.sha256, True  # discarded if interrupted
-                            ref_path = self._new_shared_reference(
-                                path, bucket, ref_key, name, info, on_bytes
-                            )
-                    if pick is not None:
-                        ref_key, ref_sha, series = pick
-                        created = False
-                        try:
-                            ref_path = self.reference_path(bucket, ref_key, ref_sha)
-                        except IntegrityError:
-                            if self._current_reference(bucket, ref_key) != ref_sha:
-                                continue  # replaced or deleted since the listing: again
-                            raise
-                        except ClientError as e:
-                            if _is_not_found(e):
-                                continue  # deleted since the listing
-                            raise
-                if not created and not required and _is_compressed_stream(ref_path):
+                if not self._choose_reference(up, ref, shared, size):
+                    continue  # replaced or deleted since the listing: again
+                if not ref.created and not up.required and _is_compressed_stream(ref.path):
                     return None  # a compressed reference (another writer's): _COMPRESSED_MAGIC
                 # Uploads hash a cached reference once per process, beside the encoding: a
                 # delta made against silently corrupted bytes would be unreadable.
-                ref_check = None if created else _Background(self.cache.check, ref_sha)
-                if created and file_info().size:
-                    # The file is the reference: write the zero-diff delta, not xdelta3's
-                    # search of the whole file for the same bytes. (An empty file, stored
-                    # as a delta only under a .delta key, takes xdelta3's: VCDIFF without a
-                    # window is refused by xdelta3.)
-                    info = file_info()
-                    with open(delta_tmp, "wb") as f:
-                        f.write(_zero_diff_delta(info.size))
-                    decoded = (info.sha256, info.size)
-                else:
-                    try:
-                        extra = self._encode_archive(
-                            ref_sha, ref_path, ref_check, path, delta_tmp, tmp_dir, file_info
-                        )
-                        plain = None
-                        if extra is None:
-                            plain = self.xdelta.encode_verified(ref_path, path, delta_tmp)
-                    except (XDelta3Error, OSError):
-                        if ref_check is not None and not ref_check.result():
-                            continue  # the check removed the entry under xdelta3: see below
-                        raise
-                    info = file_info()
-                    decoded = plain or (info.sha256, info.size)  # archive: checked there
+                ref_check = None if ref.created else _Background(self.cache.check, ref.sha256)
+                made = self._encode(up, ref, ref_check, delta_tmp, tmp_dir)
+                if made is None:
+                    continue  # the check removed the entry under xdelta3: see below
+                info, decoded, extra = made
                 delta_size = os.path.getsize(delta_tmp)
-                if series and delta_size > min(_HEAL_RATIO, max_ratio) * info.size:
-                    # Drift: the versions after this one are better off against it.
-                    logger.info(
-                        "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a "
-                        "new reference",
-                        key,
-                        100.0 * delta_size / info.size,
-                        bucket,
-                        ref_key,
-                    )
-                    ref_key = _shared_ref_key(space, name, info.sha256) or ""
-                    if ref_check is not None and not ref_check.result():
+                if ref.series and delta_size > min(_HEAL_RATIO, up.max_ratio) * info.size:
+                    if not self._heal(up, ref, ref_check, info, delta_size, delta_tmp):
                         continue  # the cached reference was corrupt: choose again
-                    ref_sha, created, extra, ref_check = info.sha256, True, None, None
-                    ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
-                    with open(delta_tmp, "wb") as f:
-                        f.write(_zero_diff_delta(info.size))
-                    decoded = (info.sha256, info.size)
+                    decoded, extra, ref_check = (info.sha256, info.size), None, None
                     delta_size = os.path.getsize(delta_tmp)
-                if not created and not required and delta_size > max_ratio * info.size:
+                if not ref.created and not up.required and delta_size > up.max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
-                        key,
+                        up.key,
                         100.0 * delta_size / info.size,
-                        100.0 * max_ratio,
+                        100.0 * up.max_ratio,
                     )
                     return None
                 if decoded != (info.sha256, info.size):
                     # A delta that does not give the exact bytes back is never stored.
                     raise IntegrityError(
                         "%s: the delta xdelta3 made does not decode to the input (expected %s, "
-                        "got %s); nothing was stored" % (key, info.sha256, decoded[0])
+                        "got %s); nothing was stored" % (up.key, info.sha256, decoded[0])
                     )
                 if ref_check is not None and not ref_check.result():
-                    logger.warning("cached reference %s was corrupt; fetching it again", ref_sha)
+                    logger.warning("cached reference %s was corrupt; fetching it again", ref.sha256)
                     continue
-                delta_meta = metadata_of(info)
-                delta_meta.update(
-                    {
-                        "dg-ref-key": ref_key,
-                        # The proxy's name for the folder's own reference; a shared one is
-                        # named in full (the proxy then refuses it: a SHA-256 mismatch).
-                        "dg-ref-path": ref_key if _is_shared_ref(ref_key) else _REFERENCE_NAME,
-                        "dg-ref-sha256": ref_sha,
-                        "dg-delta-size": str(delta_size),
-                        "dg-delta-cmd": self._delta_cmd(name),
-                        "dg-note": "zero-diff (reference identical)"
-                        if ref_sha == info.sha256
-                        else "delta",
-                    }
-                )
-                delta_meta.update(extra or {})
-                send_headers = dict(headers)
-                send_headers["Content-Type"] = "binary/octet-stream"
-                resp = _put_path(
-                    self.storage,
-                    bucket,
-                    delta_key,
-                    delta_tmp,
-                    metadata=delta_meta,
-                    headers=send_headers,
-                )
+                resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp)
             except BaseException:
-                if created:  # nothing may depend on a reference whose first delta failed
-                    self._discard_reference(bucket, ref_key, ref_sha)
+                if ref.created:  # nothing may depend on a reference whose first delta failed
+                    self._discard_reference(up.bucket, ref.key, ref.sha256)
                 raise
             finally:
                 os.unlink(delta_tmp)
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
-            if self._current_reference(bucket, ref_key) == ref_sha:
-                if created:
-                    # Stored as a zero-diff delta; the whole file went up as reference.bin.
-                    summary = self._summary(
-                        "create_reference", delta_key, info, info.size, delta_size, resp
-                    )
-                else:
-                    summary = self._summary(
-                        "create_delta", delta_key, info, delta_size, delta_size, resp
-                    )
-                summary["ReferenceKey"] = ref_key
-                if _is_shared_ref(ref_key):
-                    summary["ReferenceSource"] = _shared_ref_source(ref_key)
-                return summary
-            logger.warning("reference of %s changed while storing a delta; retrying", key)
-        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+            if self._current_reference(up.bucket, ref.key) == ref.sha256:
+                return self._delta_summary(up.key, info, ref, delta_size, resp)
+            logger.warning("reference of %s changed while storing a delta; retrying", up.key)
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (up.bucket, ref.key))
+
+    def _choose_reference(self, up: _Upload, ref: _RefChoice, shared: bool, size: int) -> bool:
+        """Fill ``ref`` with the reference this attempt encodes against: the folder's own
+        reference.bin (made from this file if there is none), or (DG_REFERENCES=shared)
+        the best existing shared reference, else this file as a new one. False when the
+        chosen reference went or changed since it was listed (choose again)."""
+        space = _deltaspace(up.key)
+        if not shared:
+            with self._space_lock(up.bucket, space):
+                ref.sha256, ref.path, ref.created = self._ensure_reference(
+                    up.path, up.bucket, ref.key, up.name, up.info, up.on_bytes
+                )
+            return True
+        # One choice at a time per parent folder in this process: parallel first uploads
+        # (a recursive upload of a new release tree) then share a reference.
+        with self._space_lock(up.bucket, _refs_prefix(_parent_space(space))):
+            pick = self._pick_reference(up.bucket, space, up.name, size)
+            if pick is None:
+                info = up.info()
+                ref.key = _shared_ref_key(space, up.name, info.sha256) or ""
+                ref.sha256, ref.created = info.sha256, True  # discarded if interrupted
+                ref.path = self._new_shared_reference(
+                    up.path, up.bucket, ref.key, up.name, info, up.on_bytes
+                )
+                return True
+        ref.key, ref.sha256, ref.series = pick
+        try:
+            ref.path = self.reference_path(up.bucket, ref.key, ref.sha256)
+        except IntegrityError:
+            if self._current_reference(up.bucket, ref.key) != ref.sha256:
+                return False
+            raise
+        except ClientError as e:
+            if _is_not_found(e):
+                return False
+            raise
+        return True
+
+    def _encode(
+        self,
+        up: _Upload,
+        ref: _RefChoice,
+        ref_check: _Background | None,
+        delta_tmp: str,
+        tmp_dir: str,
+    ) -> tuple[_FileInfo, tuple[str, int], dict[str, str] | None] | None:
+        """Write the file's delta against ``ref`` into ``delta_tmp``: the zero-diff delta
+        when the file is the reference, else xdelta3's (archive-aware, or plain), decoded
+        as it is made. Returns the file's info, the (SHA-256, size) the delta decodes to
+        and the metadata of an archive-aware delta; None when the reference's cached copy
+        was found corrupt while xdelta3 read it (choose again)."""
+        if ref.created and up.info().size:
+            # The file is the reference: write the zero-diff delta, not xdelta3's search of
+            # the whole file for the same bytes. (An empty file, stored as a delta only
+            # under a .delta key, takes xdelta3's: VCDIFF without a window is refused by
+            # xdelta3.)
+            info = up.info()
+            with open(delta_tmp, "wb") as f:
+                f.write(_zero_diff_delta(info.size))
+            return info, (info.sha256, info.size), None
+        try:
+            extra = self._encode_archive(
+                ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
+            )
+            plain = None
+            if extra is None:
+                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+        except (XDelta3Error, OSError):
+            if ref_check is not None and not ref_check.result():
+                return None
+            raise
+        info = up.info()
+        return info, plain or (info.sha256, info.size), extra  # archive: checked there
+
+    def _heal(
+        self,
+        up: _Upload,
+        ref: _RefChoice,
+        ref_check: _Background | None,
+        info: _FileInfo,
+        delta_size: int,
+        delta_tmp: str,
+    ) -> bool:
+        """Drift (a delta above _HEAL_RATIO against a reference of the file's series):
+        the versions after this one are better off against it, so the file becomes a new
+        shared reference and ``delta_tmp`` its zero-diff delta. False when the cached
+        reference turned out corrupt (choose again)."""
+        logger.info(
+            "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a new reference",
+            up.key,
+            100.0 * delta_size / info.size,
+            up.bucket,
+            ref.key,
+        )
+        ref.key = _shared_ref_key(_deltaspace(up.key), up.name, info.sha256) or ""
+        if ref_check is not None and not ref_check.result():
+            return False
+        ref.sha256, ref.created = info.sha256, True
+        ref.path = self._new_shared_reference(up.path, up.bucket, ref.key, up.name, info)
+        with open(delta_tmp, "wb") as f:
+            f.write(_zero_diff_delta(info.size))
+        return True
+
+    def _store_delta(
+        self,
+        up: _Upload,
+        info: _FileInfo,
+        ref: _RefChoice,
+        delta_size: int,
+        extra: dict[str, str] | None,
+        delta_tmp: str,
+    ) -> dict[str, Any]:
+        """PUT the delta as ``<key>.delta``, with the metadata both older readers need
+        (FORMAT.md) and ``extra`` (an archive-aware delta's)."""
+        delta_meta = self._metadata(up, info)
+        delta_meta.update(
+            {
+                "dg-ref-key": ref.key,
+                # The proxy's name for the folder's own reference; a shared one is named
+                # in full (the proxy then refuses it: a SHA-256 mismatch).
+                "dg-ref-path": ref.key if _is_shared_ref(ref.key) else _REFERENCE_NAME,
+                "dg-ref-sha256": ref.sha256,
+                "dg-delta-size": str(delta_size),
+                "dg-delta-cmd": self._delta_cmd(up.name),
+                "dg-note": "zero-diff (reference identical)"
+                if ref.sha256 == info.sha256
+                else "delta",
+            }
+        )
+        delta_meta.update(extra or {})
+        headers = dict(up.headers)
+        headers["Content-Type"] = "binary/octet-stream"
+        return _put_path(
+            self.storage,
+            up.bucket,
+            up.key + _DELTA_SUFFIX,
+            delta_tmp,
+            metadata=delta_meta,
+            headers=headers,
+        )
+
+    def _delta_summary(
+        self,
+        key: str,
+        info: _FileInfo,
+        ref: _RefChoice,
+        delta_size: int,
+        resp: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        delta_key = key + _DELTA_SUFFIX
+        if ref.created:
+            # Stored as a zero-diff delta; the whole file went up as reference.bin.
+            summary = self._summary(
+                "create_reference", delta_key, info, info.size, delta_size, resp
+            )
+        else:
+            summary = self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
+        summary["ReferenceKey"] = ref.key
+        if _is_shared_ref(ref.key):
+            summary["ReferenceSource"] = _shared_ref_source(ref.key)
+        return summary
 
     def _encode_archive(
         self,
