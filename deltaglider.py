@@ -8966,6 +8966,492 @@ class _Logical(NamedTuple):
         return str(self.head.get("ContentType", "binary/octet-stream"))
 
 
+class _References:
+    """Where a bucket's references are, which one a file is encoded against, and when
+    one may go (FORMAT.md "Where a reference may live", "Deleting"): the folder's own
+    reference.bin, or shared references beside the folders that use them."""
+
+    def __init__(
+        self,
+        storage: _Storage,
+        *,
+        cache: _ReferenceCache,
+        xdelta: _XDelta3,
+        now: Callable[[], datetime.datetime] = _utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.storage = storage
+        self.cache = cache
+        self.xdelta = xdelta
+        self._now = now
+        self._sleep = sleep
+        self._tool = "deltaglider/" + __version__
+        self._space_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once."""
+        path = self.cache.lookup(ref_sha256)
+        if path:
+            return path
+
+        def write(f: IO[bytes]) -> None:
+            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
+
+        try:
+            return self.cache.fill(ref_sha256, write)
+        except IntegrityError as e:
+            raise IntegrityError(
+                "reference s3://%s/%s does not match the SHA-256 its deltas were made "
+                "against (%s)" % (bucket, ref_key, e)
+            ) from None
+
+    def _space_lock(self, bucket: str, space: str) -> threading.Lock:
+        """One reference decision at a time per deltaspace within this process; across
+        processes and machines the conditional create decides."""
+        with self._locks_lock:
+            return self._space_locks.setdefault((bucket, space), threading.Lock())
+
+    def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
+        """The SHA-256 of the deltaspace's reference, or None when there is none.
+
+        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
+        a reference and the last one stays; so there a reference younger than a few
+        seconds (by the server's own Date and Last-Modified) is waited on until that race
+        is over. Where the create is conditional, losers learn it from the 412 (or, on a
+        server that checks it loosely, from the check after their delta is stored)."""
+        while True:
+            try:
+                head = self.storage.head_object(bucket, ref_key)
+            except ClientError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            wait = self._settle_left(head) if settle else 0.0
+            # Only a young reference on a server that ignores If-None-Match is waited on;
+            # the probe that tells (a few requests, once per bucket) runs only then.
+            if wait <= 0 or self.storage.supports_conditional_writes(bucket):
+                break
+            logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
+            self._sleep(wait)
+        sha = _meta_get(head.get("Metadata", {}), "file_sha256")
+        if not sha:
+            raise IntegrityError(
+                "s3://%s/%s has no dg-file-sha256: it was not written by deltaglider; "
+                "move it away to store deltas in this folder" % (bucket, ref_key)
+            )
+        return sha
+
+    @staticmethod
+    def _settle_left(head: Mapping[str, Any]) -> float:
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        modified = head.get("LastModified")
+        try:
+            server_now = _parse_timestamp(headers["date"])
+        except (KeyError, ValueError):
+            return 0.0
+        if not isinstance(modified, datetime.datetime):
+            return 0.0
+        age = (server_now - modified).total_seconds()
+        return max(0.0, _REFERENCE_SETTLE - age)
+
+    def _ensure_reference(
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        file_info: Callable[[], _FileInfo],
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> tuple[str, str, bool]:
+        """(reference sha256, local path, created by us) for a deltaspace. A cached
+        reference is trusted by its stamp here; the caller checks it with
+        ``cache.check`` before storing anything made from it."""
+        vanished = False
+        for _ in range(5):
+            sha = self._current_reference(bucket, ref_key, settle=True)
+            if sha is None:
+                # Hash first (the file may still be hashing), then look again: the HEAD
+                # that finds no reference must come right before the PUT that creates
+                # one, or a racer's reference is overwritten (servers that ignore
+                # If-None-Match; those that honour it refuse ours instead).
+                file_info()
+                sha = self._current_reference(bucket, ref_key, settle=True)
+            if sha is not None:
+                try:
+                    return sha, self.reference_path(bucket, ref_key, sha), False
+                except IntegrityError:
+                    # Replaced between our HEAD and GET (a server without conditional
+                    # writes, racing writers): look again; a real corruption raises.
+                    if self._current_reference(bucket, ref_key) != sha:
+                        continue
+                    raise
+                except ClientError as e:
+                    if not _is_not_found(e):
+                        raise
+                    # Deleted between our HEAD and GET: the folder's last file was
+                    # removed meanwhile, and its reference with it. Look once more (this
+                    # file then becomes the new reference).
+                    if vanished:
+                        raise DeltaGliderError(
+                            "s3://%s/%s was deleted twice while this upload was reading it "
+                            "(is something removing this folder's files at the same "
+                            "time?); nothing was stored" % (bucket, ref_key)
+                        ) from None
+                    vanished = True
+                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
+                    continue
+            info = file_info()
+            conditional = self.storage.supports_conditional_writes(bucket)
+            meta = self._reference_metadata(name, info)
+            # From the moment the PUT starts (an interrupted PUT may still complete on
+            # the server) until the caller stores the first delta, any failure or Ctrl-C
+            # removes the reference again: none is left without its first delta.
+            try:
+                try:
+                    _put_path(
+                        self.storage,
+                        bucket,
+                        ref_key,
+                        path,
+                        metadata=meta,
+                        sha256=info.sha256,
+                        if_none_match=conditional,
+                        on_bytes=on_bytes,
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (409, 412):  # another writer created it first: use theirs
+                        continue
+                    raise
+                # Verify after write, once the reference has settled: on a server that
+                # ignores If-None-Match, or (Swift) checks it without a lock, racing
+                # creators all "win" and the last PUT stays; the others use that one.
+                sha = self._current_reference(bucket, ref_key, settle=not conditional)
+                if sha != info.sha256:
+                    continue
+                return info.sha256, self.cache.add_file(info.sha256, path), True
+            except BaseException:
+                self._discard_reference(bucket, ref_key, info.sha256)
+                raise
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+
+    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
+        return {
+            "dg-tool": self._tool,
+            "dg-source-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-note": "reference",
+        }
+
+    def _pick_reference(
+        self, bucket: str, space: str, name: str, size: int
+    ) -> tuple[str, str, bool] | None:
+        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
+        same series) of the best existing reference for a file, or None when none fits.
+
+        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
+        references of the folder's parent (one listing: the versions in sibling folders,
+        and the earlier references of this folder). A candidate must be of a similar size;
+        the best has the most alike name (same name, then the same but for version
+        numbers, then the same extension; the folder's own reference.bin may be unrelated,
+        as it always could), then is the newest, then the closest in size."""
+        best: tuple[tuple[Any, ...], str, str, bool] | None = None
+
+        def consider(
+            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
+        ) -> None:
+            nonlocal best
+            if not sha or csize <= 0 or size <= 0:
+                return
+            ratio = csize / size
+            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
+                return
+            cls = _name_class(name, source)
+            if cls == 0 and not own:
+                return
+            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
+            # Within a second (Last-Modified's resolution), the highest version by name.
+            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            rank = (cls, when, natural, -abs(math.log(ratio)))
+            if best is None or rank > best[0]:
+                best = (rank, key, sha, cls >= 2)
+
+        own_key = _reference_key(space)
+        try:
+            head = self.storage.head_object(bucket, own_key)
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+        else:
+            meta = head.get("Metadata", {})
+            consider(
+                own_key,
+                _meta_get(meta, "file_sha256") or "",
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+                int(head.get("ContentLength", 0)),
+                head.get("LastModified"),
+                True,
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+            )
+        prefix = _refs_prefix(_parent_space(space))
+        pages = _list_pages(self.storage, bucket, prefix=prefix)
+        for page in itertools.islice(pages, _REF_LIST_PAGES):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
+                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                    rel = _meta_decode(parts[0])
+                    consider(
+                        obj["Key"],
+                        parts[1],
+                        source,
+                        obj["Size"],
+                        obj.get("LastModified"),
+                        False,
+                        rel,
+                    )
+        return None if best is None else best[1:]
+
+    def _new_shared_reference(
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        info: _FileInfo,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> str:
+        """Store a file as a shared reference; returns its cached copy. The key holds the
+        SHA-256, so racing writers of the same file write the same bytes."""
+        _put_path(
+            self.storage,
+            bucket,
+            ref_key,
+            path,
+            metadata=self._reference_metadata(name, info),
+            sha256=info.sha256,
+            on_bytes=on_bytes,
+        )
+        return self.cache.add_file(info.sha256, path)
+
+    def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
+        try:
+            if self._current_reference(bucket, ref_key) == sha256:
+                self._drop_reference(bucket, ref_key)
+        except (ClientError, DeltaGliderError, OSError) as e:
+            logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
+
+    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
+        """Delete a reference if no delta needs it (and that is cheap to prove)."""
+        if not _is_shared_ref(ref_key):
+            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
+        parent = _shared_ref_parent(ref_key)
+        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        spaces = sorted(set(spaces))
+        for space in spaces:
+            self._drop_unused_reference(bucket, space)
+        for parent in sorted({_parent_space(space) for space in spaces}):
+            refs = {k for k, _ in self.shared_references(bucket, parent)}
+            if refs:
+                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+
+    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
+        """(key, size) of ``parent``'s shared references (those made from files whose
+        path below ``parent`` starts with ``under``)."""
+        out: list[tuple[str, int]] = []
+        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
+            out += [
+                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
+            ]
+        return out
+
+    def _shared_ref_users(
+        self, bucket: str, parent: str, refs: set[str], limit: int | None
+    ) -> set[str] | None:
+        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
+        when proving it would take more than ``limit`` requests.
+
+        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
+        them: first each reference's own source file is looked at (it needs its reference
+        as long as it exists), then, for the rest, every delta in those folders."""
+        used: set[str] = set()
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return limit is None or spent <= limit
+
+        def names(stored: str) -> str | None:
+            try:
+                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            ref = _meta_get(meta, "ref")
+            return _resolve_ref_key(stored, ref) if ref else None
+
+        for ref in sorted(refs):
+            if not spend():
+                return None
+            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
+                used.add(ref)
+        if used == refs:
+            return used
+        folders: list[str] = []
+        deltas: list[str] = []
+        prefix = parent + "/" if parent else ""
+        for top in (True, False):
+            queue = [prefix] if top else folders
+            for folder in list(queue):
+                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
+                    if not spend():
+                        return None
+                    if top:
+                        folders += [
+                            p["Prefix"]
+                            for p in page.get("CommonPrefixes", [])
+                            if not _is_internal(p["Prefix"])
+                        ]
+                    if not top or not parent:  # the root's own files use the root's references
+                        deltas += [
+                            o["Key"]
+                            for o in page.get("Contents", [])
+                            if o["Key"].endswith(_DELTA_SUFFIX)
+                        ]
+        for stored in deltas:
+            if not spend():
+                return None
+            named = names(stored)
+            if named is not None and named in refs:
+                used.add(named)
+                if used == refs:
+                    break
+        return used
+
+    def drop_unused_shared(
+        self,
+        bucket: str,
+        parent: str,
+        refs: set[str],
+        limit: int | None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
+        reference: copied aside first, and put back if a delta names it after all (a
+        writer that stored one meanwhile; writers also check their reference after)."""
+        used = self._shared_ref_users(bucket, parent, refs, limit)
+        if used is None:
+            return []
+        dropped: list[str] = []
+        for ref_key in sorted(refs - used):
+            if dry_run:
+                dropped.append(ref_key)
+                continue
+            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+            try:
+                self.storage.copy_object(bucket, aside, bucket, ref_key)
+            except ClientError as e:
+                if not _is_not_found(e):
+                    raise
+                continue  # gone already
+            try:
+                self.storage.delete_object(bucket, ref_key)
+                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
+                    if self._current_reference(bucket, ref_key) is None:
+                        self.storage.copy_object(bucket, ref_key, bucket, aside)
+                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
+                    continue
+                dropped.append(ref_key)
+            finally:
+                self.storage.delete_object(bucket, aside)
+        return dropped
+
+    def _space_has_deltas(self, bucket: str, space: str) -> bool:
+        prefix = space + "/" if space else ""
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
+            if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
+                return True
+        return False
+
+    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
+        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
+
+        A writer may store a delta between our listing and the delete; so the reference
+        is first copied aside (server side), and put back if a delta shows up after."""
+        ref_key = _reference_key(space)
+        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
+            return self._drop_reference(bucket, ref_key)
+        if self._space_has_deltas(bucket, space):
+            return False
+        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+        try:
+            self.storage.copy_object(bucket, aside, bucket, ref_key)
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            return False  # no reference (any more)
+        try:
+            self.storage.delete_object(bucket, ref_key)
+            if (
+                self._space_has_deltas(bucket, space)
+                and self._current_reference(bucket, ref_key) is None
+            ):
+                self.storage.copy_object(bucket, ref_key, bucket, aside)
+                logger.info(
+                    "a delta arrived in %s while its reference was deleted; restored it",
+                    space or "/",
+                )
+                return False
+            return True
+        finally:
+            self.storage.delete_object(bucket, aside)
+
+    def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Remove the references under ``prefix`` (a folder) that no delta needs, proving
+        it however many requests that takes; returns what it removed."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        sizes: dict[str, int] = {}
+        for page in _list_pages(self.storage, bucket, prefix=prefix):
+            for obj in page.get("Contents", []):
+                if _is_reference(obj["Key"]):
+                    sizes[obj["Key"]] = obj["Size"]
+        if prefix:
+            # The folder's own files keep theirs beside it, in its parent.
+            space = prefix[:-1]
+            parent = _parent_space(space)
+            folder = space[len(parent) + 1 :] if parent else space
+            sizes.update(self.shared_references(bucket, parent, folder + "/"))
+        removed: list[str] = []
+        parents: dict[str, set[str]] = {}
+        for ref in sorted(sizes):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
+                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
+                    removed.append(ref)
+        for parent, found in sorted(parents.items()):
+            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
+        removed.sort()
+        return {
+            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
+            "Kept": len(sizes) - len(removed),
+            "BytesFreed": sum(sizes[k] for k in removed),
+            "DryRun": dry_run,
+        }
+
+
 class _Upload(NamedTuple):
     """One file being stored under a logical key (put_file): what each step of a delta
     or a direct upload needs."""
@@ -9027,9 +9513,8 @@ class _DeltaEngine:
         archive_aware: bool = False,
         references: str = _REFERENCES_SHARED,
     ) -> None:
-        self.storage = storage
+        self.refs = _References(storage, cache=cache, xdelta=xdelta, now=now, sleep=sleep)
         self.references = references
-        self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
         self.max_ratio = max_ratio
@@ -9037,8 +9522,16 @@ class _DeltaEngine:
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
-        self._space_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+
+    @property
+    def storage(self) -> _Storage:
+        """The storage under the logical objects, and under their references: one
+        object, so a storage set here (tests wrap it to inject faults) is used by both."""
+        return self.refs.storage
+
+    @storage.setter
+    def storage(self, storage: _Storage) -> None:
+        self.refs.storage = storage
 
     # -- reading ------------------------------------------------------------------
 
@@ -9088,23 +9581,6 @@ class _DeltaEngine:
             "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 404}}),
         }
         raise NoSuchKey(resp, operation)
-
-    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
-        path = self.cache.lookup(ref_sha256)
-        if path:
-            return path
-
-        def write(f: IO[bytes]) -> None:
-            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
-
-        try:
-            return self.cache.fill(ref_sha256, write)
-        except IntegrityError as e:
-            raise IntegrityError(
-                "reference s3://%s/%s does not match the SHA-256 its deltas were made "
-                "against (%s)" % (bucket, ref_key, e)
-            ) from None
 
     @_reports_as("GetObject")
     def get_to_file(
@@ -9174,7 +9650,7 @@ class _DeltaEngine:
             with self.cache.hold():
                 for attempt in range(2):
                     try:
-                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                        ref_path = self.refs.reference_path(lg.bucket, ref_key, ref_sha)
                     finally:
                         if fetch is not None:
                             done, fetch = fetch, None
@@ -9562,239 +10038,6 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _space_lock(self, bucket: str, space: str) -> threading.Lock:
-        """One reference decision at a time per deltaspace within this process; across
-        processes and machines the conditional create decides."""
-        with self._locks_lock:
-            return self._space_locks.setdefault((bucket, space), threading.Lock())
-
-    def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
-        """The SHA-256 of the deltaspace's reference, or None when there is none.
-
-        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
-        a reference and the last one stays; so there a reference younger than a few
-        seconds (by the server's own Date and Last-Modified) is waited on until that race
-        is over. Where the create is conditional, losers learn it from the 412 (or, on a
-        server that checks it loosely, from the check after their delta is stored)."""
-        while True:
-            try:
-                head = self.storage.head_object(bucket, ref_key)
-            except ClientError as e:
-                if _is_not_found(e):
-                    return None
-                raise
-            wait = self._settle_left(head) if settle else 0.0
-            # Only a young reference on a server that ignores If-None-Match is waited on;
-            # the probe that tells (a few requests, once per bucket) runs only then.
-            if wait <= 0 or self.storage.supports_conditional_writes(bucket):
-                break
-            logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
-            self._sleep(wait)
-        sha = _meta_get(head.get("Metadata", {}), "file_sha256")
-        if not sha:
-            raise IntegrityError(
-                "s3://%s/%s has no dg-file-sha256: it was not written by deltaglider; "
-                "move it away to store deltas in this folder" % (bucket, ref_key)
-            )
-        return sha
-
-    @staticmethod
-    def _settle_left(head: Mapping[str, Any]) -> float:
-        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        modified = head.get("LastModified")
-        try:
-            server_now = _parse_timestamp(headers["date"])
-        except (KeyError, ValueError):
-            return 0.0
-        if not isinstance(modified, datetime.datetime):
-            return 0.0
-        age = (server_now - modified).total_seconds()
-        return max(0.0, _REFERENCE_SETTLE - age)
-
-    def _ensure_reference(
-        self,
-        path: str,
-        bucket: str,
-        ref_key: str,
-        name: str,
-        file_info: Callable[[], _FileInfo],
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> tuple[str, str, bool]:
-        """(reference sha256, local path, created by us) for a deltaspace. A cached
-        reference is trusted by its stamp here; the caller checks it with
-        ``cache.check`` before storing anything made from it."""
-        vanished = False
-        for _ in range(5):
-            sha = self._current_reference(bucket, ref_key, settle=True)
-            if sha is None:
-                # Hash first (the file may still be hashing), then look again: the HEAD
-                # that finds no reference must come right before the PUT that creates
-                # one, or a racer's reference is overwritten (servers that ignore
-                # If-None-Match; those that honour it refuse ours instead).
-                file_info()
-                sha = self._current_reference(bucket, ref_key, settle=True)
-            if sha is not None:
-                try:
-                    return sha, self.reference_path(bucket, ref_key, sha), False
-                except IntegrityError:
-                    # Replaced between our HEAD and GET (a server without conditional
-                    # writes, racing writers): look again; a real corruption raises.
-                    if self._current_reference(bucket, ref_key) != sha:
-                        continue
-                    raise
-                except ClientError as e:
-                    if not _is_not_found(e):
-                        raise
-                    # Deleted between our HEAD and GET: the folder's last file was
-                    # removed meanwhile, and its reference with it. Look once more (this
-                    # file then becomes the new reference).
-                    if vanished:
-                        raise DeltaGliderError(
-                            "s3://%s/%s was deleted twice while this upload was reading it "
-                            "(is something removing this folder's files at the same "
-                            "time?); nothing was stored" % (bucket, ref_key)
-                        ) from None
-                    vanished = True
-                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
-                    continue
-            info = file_info()
-            conditional = self.storage.supports_conditional_writes(bucket)
-            meta = self._reference_metadata(name, info)
-            # From the moment the PUT starts (an interrupted PUT may still complete on
-            # the server) until the caller stores the first delta, any failure or Ctrl-C
-            # removes the reference again: none is left without its first delta.
-            try:
-                try:
-                    _put_path(
-                        self.storage,
-                        bucket,
-                        ref_key,
-                        path,
-                        metadata=meta,
-                        sha256=info.sha256,
-                        if_none_match=conditional,
-                        on_bytes=on_bytes,
-                    )
-                except ClientError as e:
-                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if status in (409, 412):  # another writer created it first: use theirs
-                        continue
-                    raise
-                # Verify after write, once the reference has settled: on a server that
-                # ignores If-None-Match, or (Swift) checks it without a lock, racing
-                # creators all "win" and the last PUT stays; the others use that one.
-                sha = self._current_reference(bucket, ref_key, settle=not conditional)
-                if sha != info.sha256:
-                    continue
-                return info.sha256, self.cache.add_file(info.sha256, path), True
-            except BaseException:
-                self._discard_reference(bucket, ref_key, info.sha256)
-                raise
-        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
-
-    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
-        return {
-            "dg-tool": self._tool,
-            "dg-source-name": _meta_encode(name),
-            "dg-original-name": _meta_encode(name),
-            "dg-file-sha256": info.sha256,
-            "dg-file-size": str(info.size),
-            "dg-md5": info.md5,
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-note": "reference",
-        }
-
-    def _pick_reference(
-        self, bucket: str, space: str, name: str, size: int
-    ) -> tuple[str, str, bool] | None:
-        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
-        same series) of the best existing reference for a file, or None when none fits.
-
-        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
-        references of the folder's parent (one listing: the versions in sibling folders,
-        and the earlier references of this folder). A candidate must be of a similar size;
-        the best has the most alike name (same name, then the same but for version
-        numbers, then the same extension; the folder's own reference.bin may be unrelated,
-        as it always could), then is the newest, then the closest in size."""
-        best: tuple[tuple[Any, ...], str, str, bool] | None = None
-
-        def consider(
-            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
-        ) -> None:
-            nonlocal best
-            if not sha or csize <= 0 or size <= 0:
-                return
-            ratio = csize / size
-            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
-                return
-            cls = _name_class(name, source)
-            if cls == 0 and not own:
-                return
-            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
-            # Within a second (Last-Modified's resolution), the highest version by name.
-            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
-            rank = (cls, when, natural, -abs(math.log(ratio)))
-            if best is None or rank > best[0]:
-                best = (rank, key, sha, cls >= 2)
-
-        own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
-            meta = head.get("Metadata", {})
-            consider(
-                own_key,
-                _meta_get(meta, "file_sha256") or "",
-                _meta_decode(_meta_get(meta, "original_name") or ""),
-                int(head.get("ContentLength", 0)),
-                head.get("LastModified"),
-                True,
-                _meta_decode(_meta_get(meta, "original_name") or ""),
-            )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
-        return None if best is None else best[1:]
-
-    def _new_shared_reference(
-        self,
-        path: str,
-        bucket: str,
-        ref_key: str,
-        name: str,
-        info: _FileInfo,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> str:
-        """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
-            self.storage,
-            bucket,
-            ref_key,
-            path,
-            metadata=self._reference_metadata(name, info),
-            sha256=info.sha256,
-            on_bytes=on_bytes,
-        )
-        return self.cache.add_file(info.sha256, path)
-
     def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
         """Store ``up`` as a delta; None when it is better stored whole (a delta above
         ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
@@ -9853,14 +10096,14 @@ class _DeltaEngine:
                 resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp)
             except BaseException:
                 if ref.created:  # nothing may depend on a reference whose first delta failed
-                    self._discard_reference(up.bucket, ref.key, ref.sha256)
+                    self.refs._discard_reference(up.bucket, ref.key, ref.sha256)
                 raise
             finally:
                 os.unlink(delta_tmp)
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
-            if self._current_reference(up.bucket, ref.key) == ref.sha256:
+            if self.refs._current_reference(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (up.bucket, ref.key))
@@ -9872,28 +10115,28 @@ class _DeltaEngine:
         chosen reference went or changed since it was listed (choose again)."""
         space = _deltaspace(up.key)
         if not shared:
-            with self._space_lock(up.bucket, space):
-                ref.sha256, ref.path, ref.created = self._ensure_reference(
+            with self.refs._space_lock(up.bucket, space):
+                ref.sha256, ref.path, ref.created = self.refs._ensure_reference(
                     up.path, up.bucket, ref.key, up.name, up.info, up.on_bytes
                 )
             return True
         # One choice at a time per parent folder in this process: parallel first uploads
         # (a recursive upload of a new release tree) then share a reference.
-        with self._space_lock(up.bucket, _refs_prefix(_parent_space(space))):
-            pick = self._pick_reference(up.bucket, space, up.name, size)
+        with self.refs._space_lock(up.bucket, _refs_prefix(_parent_space(space))):
+            pick = self.refs._pick_reference(up.bucket, space, up.name, size)
             if pick is None:
                 info = up.info()
                 ref.key = _shared_ref_key(space, up.name, info.sha256) or ""
                 ref.sha256, ref.created = info.sha256, True  # discarded if interrupted
-                ref.path = self._new_shared_reference(
+                ref.path = self.refs._new_shared_reference(
                     up.path, up.bucket, ref.key, up.name, info, up.on_bytes
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
         try:
-            ref.path = self.reference_path(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.reference_path(up.bucket, ref.key, ref.sha256)
         except IntegrityError:
-            if self._current_reference(up.bucket, ref.key) != ref.sha256:
+            if self.refs._current_reference(up.bucket, ref.key) != ref.sha256:
                 return False
             raise
         except ClientError as e:
@@ -9962,7 +10205,7 @@ class _DeltaEngine:
         if ref_check is not None and not ref_check.result():
             return False
         ref.sha256, ref.created = info.sha256, True
-        ref.path = self._new_shared_reference(up.path, up.bucket, ref.key, up.name, info)
+        ref.path = self.refs._new_shared_reference(up.path, up.bucket, ref.key, up.name, info)
         with open(delta_tmp, "wb") as f:
             f.write(_zero_diff_delta(info.size))
         return True
@@ -10079,13 +10322,6 @@ class _DeltaEngine:
             "dg-expanded-size": str(writer.size),
         }
 
-    def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
-        try:
-            if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_reference(bucket, ref_key)
-        except (ClientError, DeltaGliderError, OSError) as e:
-            logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
-
     @staticmethod
     def _delta_cmd(name: str) -> str:
         """Informational (FORMAT.md); shortened so it never hits a metadata value limit."""
@@ -10112,7 +10348,7 @@ class _DeltaEngine:
                 raise
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
-                self.drop_unused_near(bucket, [_deltaspace(key)])
+                self.refs.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -10150,179 +10386,8 @@ class _DeltaEngine:
                 ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
                 ref_key = _resolve_ref_key(each.stored_key, ref)
                 info["ReferenceKey"] = ref_key
-                info["ReferenceDeleted"] = self._drop_reference(bucket, ref_key)
+                info["ReferenceDeleted"] = self.refs._drop_reference(bucket, ref_key)
         return info
-
-    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
-        """Delete a reference if no delta needs it (and that is cheap to prove)."""
-        if not _is_shared_ref(ref_key):
-            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
-        parent = _shared_ref_parent(ref_key)
-        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
-
-    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
-        """After deltas of ``spaces`` went (without reading them first): each one's own
-        reference.bin, and the shared references of their parents, if nothing needs them."""
-        spaces = sorted(set(spaces))
-        for space in spaces:
-            self._drop_unused_reference(bucket, space)
-        for parent in sorted({_parent_space(space) for space in spaces}):
-            refs = {k for k, _ in self.shared_references(bucket, parent)}
-            if refs:
-                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
-
-    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
-        """(key, size) of ``parent``'s shared references (those made from files whose
-        path below ``parent`` starts with ``under``)."""
-        out: list[tuple[str, int]] = []
-        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
-            out += [
-                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
-            ]
-        return out
-
-    def _shared_ref_users(
-        self, bucket: str, parent: str, refs: set[str], limit: int | None
-    ) -> set[str] | None:
-        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
-        when proving it would take more than ``limit`` requests.
-
-        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
-        them: first each reference's own source file is looked at (it needs its reference
-        as long as it exists), then, for the rest, every delta in those folders."""
-        used: set[str] = set()
-        spent = 0
-
-        def spend() -> bool:
-            nonlocal spent
-            spent += 1
-            return limit is None or spent <= limit
-
-        def names(stored: str) -> str | None:
-            try:
-                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
-            except ClientError as e:
-                if _is_not_found(e):
-                    return None
-                raise
-            ref = _meta_get(meta, "ref")
-            return _resolve_ref_key(stored, ref) if ref else None
-
-        for ref in sorted(refs):
-            if not spend():
-                return None
-            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
-                used.add(ref)
-        if used == refs:
-            return used
-        folders: list[str] = []
-        deltas: list[str] = []
-        prefix = parent + "/" if parent else ""
-        for top in (True, False):
-            queue = [prefix] if top else folders
-            for folder in list(queue):
-                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
-                    if not spend():
-                        return None
-                    if top:
-                        folders += [
-                            p["Prefix"]
-                            for p in page.get("CommonPrefixes", [])
-                            if not _is_internal(p["Prefix"])
-                        ]
-                    if not top or not parent:  # the root's own files use the root's references
-                        deltas += [
-                            o["Key"]
-                            for o in page.get("Contents", [])
-                            if o["Key"].endswith(_DELTA_SUFFIX)
-                        ]
-        for stored in deltas:
-            if not spend():
-                return None
-            named = names(stored)
-            if named is not None and named in refs:
-                used.add(named)
-                if used == refs:
-                    break
-        return used
-
-    def drop_unused_shared(
-        self,
-        bucket: str,
-        parent: str,
-        refs: set[str],
-        limit: int | None,
-        dry_run: bool = False,
-    ) -> list[str]:
-        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
-        reference: copied aside first, and put back if a delta names it after all (a
-        writer that stored one meanwhile; writers also check their reference after)."""
-        used = self._shared_ref_users(bucket, parent, refs, limit)
-        if used is None:
-            return []
-        dropped: list[str] = []
-        for ref_key in sorted(refs - used):
-            if dry_run:
-                dropped.append(ref_key)
-                continue
-            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
-            try:
-                self.storage.copy_object(bucket, aside, bucket, ref_key)
-            except ClientError as e:
-                if not _is_not_found(e):
-                    raise
-                continue  # gone already
-            try:
-                self.storage.delete_object(bucket, ref_key)
-                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
-                    if self._current_reference(bucket, ref_key) is None:
-                        self.storage.copy_object(bucket, ref_key, bucket, aside)
-                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
-                    continue
-                dropped.append(ref_key)
-            finally:
-                self.storage.delete_object(bucket, aside)
-        return dropped
-
-    def _space_has_deltas(self, bucket: str, space: str) -> bool:
-        prefix = space + "/" if space else ""
-        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
-            if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
-                return True
-        return False
-
-    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
-        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
-
-        A writer may store a delta between our listing and the delete; so the reference
-        is first copied aside (server side), and put back if a delta shows up after."""
-        ref_key = _reference_key(space)
-        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
-            return self._drop_reference(bucket, ref_key)
-        if self._space_has_deltas(bucket, space):
-            return False
-        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
-        try:
-            self.storage.copy_object(bucket, aside, bucket, ref_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-            return False  # no reference (any more)
-        try:
-            self.storage.delete_object(bucket, ref_key)
-            if (
-                self._space_has_deltas(bucket, space)
-                and self._current_reference(bucket, ref_key) is None
-            ):
-                self.storage.copy_object(bucket, ref_key, bucket, aside)
-                logger.info(
-                    "a delta arrived in %s while its reference was deleted; restored it",
-                    space or "/",
-                )
-                return False
-            return True
-        finally:
-            self.storage.delete_object(bucket, aside)
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
         """Recursive delete: deltas and direct objects first, then each reference whose
@@ -10345,51 +10410,29 @@ class _DeltaEngine:
         for ref in refs:
             if _is_shared_ref(ref):
                 parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
-            elif self._drop_unused_reference(bucket, _deltaspace(ref)):
+            elif self.refs._drop_unused_reference(bucket, _deltaspace(ref)):
                 refs_deleted += 1
         # The deleted deltas' shared references live beside their folders, outside the prefix.
         for k in deleted:
             if k.endswith(_DELTA_SUFFIX):
                 parents.setdefault(_parent_space(_deltaspace(k)), set())
         for parent, found in sorted(parents.items()):
-            found |= {k for k, _ in self.shared_references(bucket, parent)}
+            found |= {k for k, _ in self.refs.shared_references(bucket, parent)}
             if found:
-                refs_deleted += len(self.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT))
+                refs_deleted += len(
+                    self.refs.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT)
+                )
         return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        self.refs.drop_unused_near(bucket, spaces)
 
     def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
         """Remove the references under ``prefix`` (a folder) that no delta needs, proving
         it however many requests that takes; returns what it removed."""
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        sizes: dict[str, int] = {}
-        for page in _list_pages(self.storage, bucket, prefix=prefix):
-            for obj in page.get("Contents", []):
-                if _is_reference(obj["Key"]):
-                    sizes[obj["Key"]] = obj["Size"]
-        if prefix:
-            # The folder's own files keep theirs beside it, in its parent.
-            space = prefix[:-1]
-            parent = _parent_space(space)
-            folder = space[len(parent) + 1 :] if parent else space
-            sizes.update(self.shared_references(bucket, parent, folder + "/"))
-        removed: list[str] = []
-        parents: dict[str, set[str]] = {}
-        for ref in sorted(sizes):
-            if _is_shared_ref(ref):
-                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
-            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
-                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
-                    removed.append(ref)
-        for parent, found in sorted(parents.items()):
-            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
-        removed.sort()
-        return {
-            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
-            "Kept": len(sizes) - len(removed),
-            "BytesFreed": sum(sizes[k] for k in removed),
-            "DryRun": dry_run,
-        }
+        return self.refs.gc(bucket, prefix, dry_run)
 
 
 ###############################################################################
