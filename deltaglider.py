@@ -8989,7 +8989,7 @@ class _References:
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
-    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
+    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
         """A verified local copy of a reference: from the cache, or fetched once."""
         path = self.cache.lookup(ref_sha256)
         if path:
@@ -9006,13 +9006,13 @@ class _References:
                 "against (%s)" % (bucket, ref_key, e)
             ) from None
 
-    def _space_lock(self, bucket: str, space: str) -> threading.Lock:
+    def space_lock(self, bucket: str, space: str) -> threading.Lock:
         """One reference decision at a time per deltaspace within this process; across
         processes and machines the conditional create decides."""
         with self._locks_lock:
             return self._space_locks.setdefault((bucket, space), threading.Lock())
 
-    def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
+    def current(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
         """The SHA-256 of the deltaspace's reference, or None when there is none.
 
         ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
@@ -9055,7 +9055,7 @@ class _References:
         age = (server_now - modified).total_seconds()
         return max(0.0, _REFERENCE_SETTLE - age)
 
-    def _ensure_reference(
+    def ensure(
         self,
         path: str,
         bucket: str,
@@ -9069,21 +9069,21 @@ class _References:
         ``cache.check`` before storing anything made from it."""
         vanished = False
         for _ in range(5):
-            sha = self._current_reference(bucket, ref_key, settle=True)
+            sha = self.current(bucket, ref_key, settle=True)
             if sha is None:
                 # Hash first (the file may still be hashing), then look again: the HEAD
                 # that finds no reference must come right before the PUT that creates
                 # one, or a racer's reference is overwritten (servers that ignore
                 # If-None-Match; those that honour it refuse ours instead).
                 file_info()
-                sha = self._current_reference(bucket, ref_key, settle=True)
+                sha = self.current(bucket, ref_key, settle=True)
             if sha is not None:
                 try:
-                    return sha, self.reference_path(bucket, ref_key, sha), False
+                    return sha, self.local_copy(bucket, ref_key, sha), False
                 except IntegrityError:
                     # Replaced between our HEAD and GET (a server without conditional
                     # writes, racing writers): look again; a real corruption raises.
-                    if self._current_reference(bucket, ref_key) != sha:
+                    if self.current(bucket, ref_key) != sha:
                         continue
                     raise
                 except ClientError as e:
@@ -9127,12 +9127,12 @@ class _References:
                 # Verify after write, once the reference has settled: on a server that
                 # ignores If-None-Match, or (Swift) checks it without a lock, racing
                 # creators all "win" and the last PUT stays; the others use that one.
-                sha = self._current_reference(bucket, ref_key, settle=not conditional)
+                sha = self.current(bucket, ref_key, settle=not conditional)
                 if sha != info.sha256:
                     continue
                 return info.sha256, self.cache.add_file(info.sha256, path), True
             except BaseException:
-                self._discard_reference(bucket, ref_key, info.sha256)
+                self.discard(bucket, ref_key, info.sha256)
                 raise
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
 
@@ -9148,9 +9148,7 @@ class _References:
             "dg-note": "reference",
         }
 
-    def _pick_reference(
-        self, bucket: str, space: str, name: str, size: int
-    ) -> tuple[str, str, bool] | None:
+    def pick(self, bucket: str, space: str, name: str, size: int) -> tuple[str, str, bool] | None:
         """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
         same series) of the best existing reference for a file, or None when none fits.
 
@@ -9217,7 +9215,7 @@ class _References:
                     )
         return None if best is None else best[1:]
 
-    def _new_shared_reference(
+    def new_shared(
         self,
         path: str,
         bucket: str,
@@ -9239,17 +9237,17 @@ class _References:
         )
         return self.cache.add_file(info.sha256, path)
 
-    def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
+    def discard(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
-            if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_reference(bucket, ref_key)
+            if self.current(bucket, ref_key) == sha256:
+                self.drop(bucket, ref_key)
         except (ClientError, DeltaGliderError, OSError) as e:
             logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
 
-    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
+    def drop(self, bucket: str, ref_key: str) -> bool:
         """Delete a reference if no delta needs it (and that is cheap to prove)."""
         if not _is_shared_ref(ref_key):
-            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
+            return self.drop_unused(bucket, _deltaspace(ref_key))
         parent = _shared_ref_parent(ref_key)
         return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
 
@@ -9258,7 +9256,7 @@ class _References:
         reference.bin, and the shared references of their parents, if nothing needs them."""
         spaces = sorted(set(spaces))
         for space in spaces:
-            self._drop_unused_reference(bucket, space)
+            self.drop_unused(bucket, space)
         for parent in sorted({_parent_space(space) for space in spaces}):
             refs = {k for k, _ in self.shared_references(bucket, parent)}
             if refs:
@@ -9368,7 +9366,7 @@ class _References:
             try:
                 self.storage.delete_object(bucket, ref_key)
                 if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
-                    if self._current_reference(bucket, ref_key) is None:
+                    if self.current(bucket, ref_key) is None:
                         self.storage.copy_object(bucket, ref_key, bucket, aside)
                         logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
                     continue
@@ -9384,14 +9382,14 @@ class _References:
                 return True
         return False
 
-    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
+    def drop_unused(self, bucket: str, space: str) -> bool:
         """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
 
         A writer may store a delta between our listing and the delete; so the reference
         is first copied aside (server side), and put back if a delta shows up after."""
         ref_key = _reference_key(space)
         if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
-            return self._drop_reference(bucket, ref_key)
+            return self.drop(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
         aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
@@ -9403,10 +9401,7 @@ class _References:
             return False  # no reference (any more)
         try:
             self.storage.delete_object(bucket, ref_key)
-            if (
-                self._space_has_deltas(bucket, space)
-                and self._current_reference(bucket, ref_key) is None
-            ):
+            if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
                 self.storage.copy_object(bucket, ref_key, bucket, aside)
                 logger.info(
                     "a delta arrived in %s while its reference was deleted; restored it",
@@ -9439,7 +9434,7 @@ class _References:
             if _is_shared_ref(ref):
                 parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
             elif not self._space_has_deltas(bucket, _deltaspace(ref)):
-                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
+                if dry_run or self.drop_unused(bucket, _deltaspace(ref)):
                     removed.append(ref)
         for parent, found in sorted(parents.items()):
             removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
@@ -9650,7 +9645,7 @@ class _DeltaEngine:
             with self.cache.hold():
                 for attempt in range(2):
                     try:
-                        ref_path = self.refs.reference_path(lg.bucket, ref_key, ref_sha)
+                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha)
                     finally:
                         if fetch is not None:
                             done, fetch = fetch, None
@@ -10096,14 +10091,14 @@ class _DeltaEngine:
                 resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp)
             except BaseException:
                 if ref.created:  # nothing may depend on a reference whose first delta failed
-                    self.refs._discard_reference(up.bucket, ref.key, ref.sha256)
+                    self.refs.discard(up.bucket, ref.key, ref.sha256)
                 raise
             finally:
                 os.unlink(delta_tmp)
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
-            if self.refs._current_reference(up.bucket, ref.key) == ref.sha256:
+            if self.refs.current(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
         raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (up.bucket, ref.key))
@@ -10115,28 +10110,28 @@ class _DeltaEngine:
         chosen reference went or changed since it was listed (choose again)."""
         space = _deltaspace(up.key)
         if not shared:
-            with self.refs._space_lock(up.bucket, space):
-                ref.sha256, ref.path, ref.created = self.refs._ensure_reference(
+            with self.refs.space_lock(up.bucket, space):
+                ref.sha256, ref.path, ref.created = self.refs.ensure(
                     up.path, up.bucket, ref.key, up.name, up.info, up.on_bytes
                 )
             return True
         # One choice at a time per parent folder in this process: parallel first uploads
         # (a recursive upload of a new release tree) then share a reference.
-        with self.refs._space_lock(up.bucket, _refs_prefix(_parent_space(space))):
-            pick = self.refs._pick_reference(up.bucket, space, up.name, size)
+        with self.refs.space_lock(up.bucket, _refs_prefix(_parent_space(space))):
+            pick = self.refs.pick(up.bucket, space, up.name, size)
             if pick is None:
                 info = up.info()
                 ref.key = _shared_ref_key(space, up.name, info.sha256) or ""
                 ref.sha256, ref.created = info.sha256, True  # discarded if interrupted
-                ref.path = self.refs._new_shared_reference(
+                ref.path = self.refs.new_shared(
                     up.path, up.bucket, ref.key, up.name, info, up.on_bytes
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
         try:
-            ref.path = self.refs.reference_path(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
         except IntegrityError:
-            if self.refs._current_reference(up.bucket, ref.key) != ref.sha256:
+            if self.refs.current(up.bucket, ref.key) != ref.sha256:
                 return False
             raise
         except ClientError as e:
@@ -10205,7 +10200,7 @@ class _DeltaEngine:
         if ref_check is not None and not ref_check.result():
             return False
         ref.sha256, ref.created = info.sha256, True
-        ref.path = self.refs._new_shared_reference(up.path, up.bucket, ref.key, up.name, info)
+        ref.path = self.refs.new_shared(up.path, up.bucket, ref.key, up.name, info)
         with open(delta_tmp, "wb") as f:
             f.write(_zero_diff_delta(info.size))
         return True
@@ -10386,7 +10381,7 @@ class _DeltaEngine:
                 ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
                 ref_key = _resolve_ref_key(each.stored_key, ref)
                 info["ReferenceKey"] = ref_key
-                info["ReferenceDeleted"] = self.refs._drop_reference(bucket, ref_key)
+                info["ReferenceDeleted"] = self.refs.drop(bucket, ref_key)
         return info
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
@@ -10410,7 +10405,7 @@ class _DeltaEngine:
         for ref in refs:
             if _is_shared_ref(ref):
                 parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
-            elif self.refs._drop_unused_reference(bucket, _deltaspace(ref)):
+            elif self.refs.drop_unused(bucket, _deltaspace(ref)):
                 refs_deleted += 1
         # The deleted deltas' shared references live beside their folders, outside the prefix.
         for k in deleted:
