@@ -6238,6 +6238,14 @@ def _resolve_ref_key(delta_key: str, ref: str) -> str:
     return space + "/" + ref if space else ref
 
 
+def _stored_objects(storage: _Storage, bucket: str, prefix: str = "") -> Iterator[dict[str, Any]]:
+    """Every stored object under ``prefix`` (ListObjectsV2 entries), page after page as
+    they are read: stored names, references and deltaglider's own objects included (the
+    client's listing is what makes them logical)."""
+    for page in _list_pages(storage, bucket, prefix=prefix):
+        yield from page.get("Contents", [])
+
+
 def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
     any non-deltaglider key written by another tool."""
@@ -9266,10 +9274,9 @@ class _References:
         """(key, size) of ``parent``'s shared references (those made from files whose
         path below ``parent`` starts with ``under``)."""
         out: list[tuple[str, int]] = []
-        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
-            out += [
-                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
-            ]
+        for o in _stored_objects(self.storage, bucket, _refs_prefix(parent) + under):
+            if _is_shared_ref(o["Key"]):
+                out.append((o["Key"], o["Size"]))
         return out
 
     def _shared_ref_users(
@@ -9418,10 +9425,9 @@ class _References:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         sizes: dict[str, int] = {}
-        for page in _list_pages(self.storage, bucket, prefix=prefix):
-            for obj in page.get("Contents", []):
-                if _is_reference(obj["Key"]):
-                    sizes[obj["Key"]] = obj["Size"]
+        for obj in _stored_objects(self.storage, bucket, prefix):
+            if _is_reference(obj["Key"]):
+                sizes[obj["Key"]] = obj["Size"]
         if prefix:
             # The folder's own files keep theirs beside it, in its parent.
             space = prefix[:-1]
@@ -10389,10 +10395,9 @@ class _DeltaEngine:
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        for page in _list_pages(self.storage, bucket, prefix=prefix):
-            for obj in page.get("Contents", []):
-                k = obj["Key"]
-                (refs if _is_reference(k) else keys).append(k)
+        for obj in _stored_objects(self.storage, bucket, prefix):
+            k = obj["Key"]
+            (refs if _is_reference(k) else keys).append(k)
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -16365,8 +16370,7 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client.engine.storage
-        for page in _list_pages(storage, bucket, prefix=prefix):
-            keys.update(o["Key"] for o in page.get("Contents", []))
+        keys.update(o["Key"] for o in _stored_objects(storage, bucket, prefix))
         return keys
 
     def list_logical(
