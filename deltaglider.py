@@ -9499,7 +9499,8 @@ class _DeltaEngine:
     underscore is the engine's own): the attributes ``storage``, ``cache``,
     ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
     ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
-    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files."""
+    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files. Which
+    reference a file is encoded against, and when one may go, is ``refs`` (_References)."""
 
     def __init__(
         self,
