@@ -140,6 +140,7 @@ _UNSIGNED_HEADERS = frozenset(
     }
 )
 _PRESIGN_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days (AWS docs).
+#: Files and bodies are read, hashed, copied and spooled in pieces of this size.
 _IO_CHUNK = 1024 * 1024
 
 #: botocore standard retry mode: transient errors and throttling (retries/standard.py).
@@ -275,18 +276,21 @@ def _botocore_flavour(cls: type) -> type:
 class _BotocoreShaped(DeltaGliderError):
     """Errors botocore users catch by botocore's class: see :func:`_botocore_flavour`."""
 
+    #: The class of ours that a class is, or flavours (set on every subclass).
+    _dg_class: type
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         base = getattr(cls, "_dg_class", cls)
-        flavour = _botocore_flavour(base)
-        return super(_BotocoreShaped, flavour).__new__(flavour)  # type: ignore[misc]
+        flavour: Any = _botocore_flavour(base)  # a subclass of cls, which mypy cannot see
+        return super(_BotocoreShaped, flavour).__new__(flavour)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_dg_class" not in cls.__dict__:  # a flavour names the class it flavours
-            cls._dg_class = cls  # type: ignore[attr-defined]
+            cls._dg_class = cls
 
 
-_BotocoreShaped._dg_class = _BotocoreShaped  # type: ignore[attr-defined]
+_BotocoreShaped._dg_class = _BotocoreShaped
 
 
 class BotoCoreError(_BotocoreShaped):
@@ -300,7 +304,7 @@ class BotoCoreError(_BotocoreShaped):
         Exception.__init__(self, self.fmt.format(**kwargs))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))  # type: ignore[attr-defined]
+        return (_unpickle_botocore_error, (type(self)._dg_class, self.kwargs))
 
 
 def _unpickle_botocore_error(cls: type, kwargs: dict[str, Any]) -> Any:
@@ -393,7 +397,7 @@ class ClientError(_BotocoreShaped):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self)._dg_class, (self.response, self.operation_name))  # type: ignore[attr-defined]
+        return (type(self)._dg_class, (self.response, self.operation_name))
 
 
 class NoSuchKey(ClientError):
@@ -453,7 +457,7 @@ class ObjectNotInActiveTierError(ClientError):
 
 
 #: Error codes with a class of their own, as ``client.exceptions`` in boto3.
-_MODELED_ERRORS: dict[str, type] = {
+_MODELED_ERRORS: dict[str, type[ClientError]] = {
     cls.__name__: cls
     for cls in (
         NoSuchKey,
@@ -478,7 +482,7 @@ def _client_error(response: dict[str, Any], operation: str) -> ClientError:
     """The ClientError subclass botocore would raise for this error response."""
     code = response.get("Error", {}).get("Code", "")
     cls = _MODELED_ERRORS.get(code, ClientError)
-    return cls(response, operation)  # type: ignore[no-any-return]
+    return cls(response, operation)
 
 
 #: What the body of a HEAD's error would have said, had it had one: S3 answers a bad key
@@ -586,6 +590,8 @@ class XDelta3NotFoundError(DeltaGliderError):
 ###############################################################################
 # Helpers: text, files, hashing, temp files, settings #########################
 ###############################################################################
+
+# -- dates and times --
 
 
 def _utcnow() -> datetime.datetime:
@@ -706,6 +712,9 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
     return True
 
 
+# -- text: HTTP dates, URL quoting, sizes, XML --
+
+
 def _http_date(dt: datetime.datetime) -> str:
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -781,6 +790,15 @@ def _xml_escape(text: str) -> str:
     )
 
 
+# -- files: hashing, spooling, temp files, slices of a file --
+
+
+class _Writer(Protocol):
+    """Where the codecs write: a binary file, or a wrapper such as _HashingWriter."""
+
+    def write(self, data: bytes | bytearray, /) -> int: ...
+
+
 class _FileInfo(NamedTuple):
     """What one pass over some bytes gives: hex SHA-256, hex MD5 ("" unless asked for), size."""
 
@@ -854,7 +872,8 @@ def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tu
     made here: private from the start (mkstemp creates it 0600, so nobody reads a secret
     or a spooled body through it), in ``folder``, the folder of what it becomes, so that
     the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
-    sweep can tell a leftover by its name."""
+    sweep can tell a leftover by its name. Files that need no name (a body spooled for
+    retries, xdelta3's stderr) are tempfile.TemporaryFile: private, and gone at close."""
     return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
@@ -951,6 +970,9 @@ def _body_length(body: Any) -> int | None:
         body.seek(pos)
         return int(end - pos)
     return None
+
+
+# -- S3 URLs, bucket names and keys --
 
 
 class _S3Url(NamedTuple):
@@ -1952,6 +1974,78 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     return _credentials_from_json(reply[1], "iam-role", "Token")
 
 
+def _explicit_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> _Credentials:
+    """Keys given as arguments (``aws_access_key_id=...``): both or neither."""
+    if not access_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
+    if not secret_key:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
+    return _Credentials(*checked, None)
+
+
+def _env_credentials(environ: Mapping[str, str]) -> _Credentials:
+    """AWS_ACCESS_KEY_ID (set) with AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or the
+    older AWS_SECURITY_TOKEN, as botocore reads them."""
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not secret:
+        raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
+    token_var = "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
+    checked = _checked_credentials(
+        "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
+    )
+    return _Credentials(*checked, None)
+
+
+def _profile_credentials(profile: _Profile, name: str) -> _Credentials | None:
+    """The profile's own keys (aws_access_key_id and its secret and token), None without."""
+    key = _profile_str(profile, "aws_access_key_id")
+    if not key:
+        return None
+    secret = _profile_str(profile, "aws_secret_access_key")
+    if not secret:
+        raise PartialCredentialsError(
+            provider="shared-credentials-file", cred_var="aws_secret_access_key"
+        )
+    token_field = (
+        "aws_session_token" if _profile_str(profile, "aws_session_token") else "aws_security_token"
+    )
+    names = (
+        "aws_access_key_id of profile %r" % name,
+        "aws_secret_access_key of profile %r" % name,
+        "%s of profile %r" % (token_field, name),
+    )
+    checked = _checked_credentials(
+        "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
+    )
+    return _Credentials(*checked, None)
+
+
+def _refuse_unsupported_sources(profile: _Profile, name: str, environ: Mapping[str, str]) -> None:
+    """A profile or environment that names a source deltaglider does not implement (SSO,
+    assume-role, web identity) is an error that says what to do, rather than falling
+    through to the container and instance metadata sources."""
+    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
+        if config_key in profile:
+            raise CredentialRetrievalError(
+                provider=source,
+                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
+                f"support; export keys with `aws configure export-credentials --profile {name} "
+                "--format env`, or use a profile with a credential_process",
+            )
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
+        raise CredentialRetrievalError(
+            provider="assume-role-with-web-identity",
+            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
+            "does not support web identity; export keys with `aws configure export-credentials "
+            "--format env`",
+        )
+
+
 def _resolve_credentials(
     *,
     access_key: str | None = None,
@@ -1986,73 +2080,24 @@ def _resolve_credentials(
         return _CredentialProvider(method, creds, refresh=refresh, now=now)
 
     if access_key is not None or secret_key is not None:
-        if not access_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_access_key_id")
-        if not secret_key:
-            raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
-        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-        checked = _checked_credentials("explicit", names, access_key, secret_key, session_token)
-        return found("explicit", _Credentials(*checked, None))
+        return found("explicit", _explicit_credentials(access_key, secret_key, session_token))
 
     if not profile_explicit and environ.get("AWS_ACCESS_KEY_ID"):
-        secret = environ.get("AWS_SECRET_ACCESS_KEY")
-        if not secret:
-            raise PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")
-        token_var = (
-            "AWS_SESSION_TOKEN" if environ.get("AWS_SESSION_TOKEN") else "AWS_SECURITY_TOKEN"
-        )
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", token_var)
-        checked = _checked_credentials(
-            "env", names, environ["AWS_ACCESS_KEY_ID"], secret, environ.get(token_var)
-        )
-        return found("env", _Credentials(*checked, None))
+        return found("env", _env_credentials(environ))
 
     name = _profile_name(profile_name, environ)
     if profile is None:
         profile = _load_profile(name, environ=environ)
-    key = _profile_str(profile, "aws_access_key_id")
-    if key:
-        secret = _profile_str(profile, "aws_secret_access_key")
-        if not secret:
-            raise PartialCredentialsError(
-                provider="shared-credentials-file", cred_var="aws_secret_access_key"
-            )
-        token_field = (
-            "aws_session_token"
-            if _profile_str(profile, "aws_session_token")
-            else "aws_security_token"
-        )
-        names = (
-            "aws_access_key_id of profile %r" % name,
-            "aws_secret_access_key of profile %r" % name,
-            "%s of profile %r" % (token_field, name),
-        )
-        checked = _checked_credentials(
-            "shared-credentials-file", names, key, secret, _profile_str(profile, token_field)
-        )
-        return found("shared-credentials-file", _Credentials(*checked, None))
+    static = _profile_credentials(profile, name)
+    if static is not None:
+        return found("shared-credentials-file", static)
 
     command = _profile_str(profile, "credential_process")
     if command:
         fetch: Callable[[], _Credentials] = functools.partial(_fetch_process, command, name, run)
         return found("process", fetch(), fetch)
 
-    for config_key, source in _UNSUPPORTED_PROFILE_KEYS:
-        if config_key in profile:
-            raise CredentialRetrievalError(
-                provider=source,
-                error_msg=f"profile {name!r} uses {config_key}, which deltaglider does not "
-                f"support; export keys with `aws configure export-credentials --profile {name} "
-                "--format env`, or use a profile with a credential_process",
-            )
-    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and environ.get("AWS_ROLE_ARN"):
-        raise CredentialRetrievalError(
-            provider="assume-role-with-web-identity",
-            error_msg="AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN are set, but deltaglider "
-            "does not support web identity; export keys with `aws configure export-credentials "
-            "--format env`",
-        )
-
+    _refuse_unsupported_sources(profile, name, environ)
     url = _container_url(environ)
     if url:
         fetch = functools.partial(_fetch_container, url, environ, http_request, sleep)
@@ -2717,83 +2762,6 @@ def _response_headers(resp: http.client.HTTPResponse) -> dict[str, str]:
     return headers
 
 
-def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
-    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
-    owner = root.find("Owner")
-    grants = []
-    for g in root.iter("Grant"):
-        grantee_el = g.find("Grantee")
-        grantee: dict[str, Any] = {}
-        if grantee_el is not None:
-            for child in grantee_el:
-                grantee[child.tag] = child.text or ""
-            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
-            if xsi_type:
-                grantee["Type"] = xsi_type[0]
-        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
-    return {
-        "Owner": {
-            "DisplayName": _xml_text(owner, "DisplayName", ""),
-            "ID": _xml_text(owner, "ID", ""),
-        },
-        "Grants": grants,
-        "ResponseMetadata": _response_metadata(resp),
-    }
-
-
-def _response_metadata(resp: _Response) -> dict[str, Any]:
-    return {
-        "RequestId": resp.headers.get("x-amz-request-id", ""),
-        "HostId": resp.headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": resp.status,
-        "HTTPHeaders": dict(resp.headers),
-        "RetryAttempts": resp.attempts - 1,
-    }
-
-
-def _parse_error(
-    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
-) -> dict[str, Any]:
-    """The ``response`` dict of a ClientError, from an S3 error reply.
-
-    HEAD errors have no body: the code is the status as a string and the message the
-    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
-    a readable message instead of a parser traceback."""
-    error: dict[str, Any] = {
-        "Code": str(status),
-        "Message": reason or http.client.responses.get(status, ""),
-    }
-    meta: dict[str, Any] = {
-        "RequestId": headers.get("x-amz-request-id", ""),
-        "HostId": headers.get("x-amz-id-2", ""),
-        "HTTPStatusCode": status,
-        "HTTPHeaders": dict(headers),
-    }
-    text = body.strip()
-    if text:
-        try:
-            root = _xml_parse(text)
-        except (ET.ParseError, ValueError):
-            root = None
-        if root is not None and root.tag == "Error":
-            for child in root:
-                if child.tag in ("RequestId", "HostId"):
-                    meta[child.tag] = child.text or ""
-                elif len(child) == 0:
-                    error[child.tag] = child.text or ""
-        else:
-            kind = headers.get("content-type", "unknown content type").split(";")[0]
-            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
-            snippet = " ".join(snippet.split())[:160]
-            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
-                error["Message"],
-                endpoint,
-                kind,
-                snippet,
-            )
-    return {"Error": error, "ResponseMetadata": meta}
-
-
 # -- one exchange, and when to try again ---------------------------------------
 
 
@@ -3066,8 +3034,24 @@ class _Storage(Protocol):
         if_none_match: bool = False,
     ) -> dict[str, Any]: ...
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]: ...
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]: ...
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]: ...
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]: ...
 
 
 #: Response headers of GetObject/HeadObject and the boto3 keys they become.
@@ -3303,15 +3287,187 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     """Every ListObjectsV2 page of ``storage`` (either kind) under the given filters."""
 
     def fetch(token: str | None) -> dict[str, Any]:
-        page: dict[str, Any] = storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
-        return page
+        return storage.list_objects_v2(bucket, continuation_token=token, **kwargs)
 
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+
+def _uploads_page(
+    bucket: str,
+    uploads: list[dict[str, Any]],
+    *,
+    prefix: str = "",
+    key_marker: str = "",
+    upload_id_marker: str = "",
+    max_uploads: int | None = None,
+) -> dict[str, Any]:
+    """One ListMultipartUploads page of ``uploads`` (every upload in progress under
+    ``prefix``: Key, UploadId, Initiated) as boto3 parses S3's reply: in S3's order (by key,
+    then as started), those after the markers (with only ``key_marker``, the later keys;
+    with ``upload_id_marker`` too, also that key's uploads after the one it names), at most
+    ``max_uploads`` (1,000) of them, and the markers of the next page when there is one.
+    The one page builder of the local store and of the client's logical uploads."""
+    ordered = sorted(
+        uploads, key=lambda u: (u["Key"].encode("utf-8"), u["Initiated"], u["UploadId"])
+    )
+    if key_marker:
+        mark = key_marker.encode("utf-8")
+        ids = [u["UploadId"] for u in ordered if u["Key"] == key_marker]
+        if upload_id_marker in ids:
+            later = set(ids[ids.index(upload_id_marker) + 1 :])
+        else:  # gone since: S3's rule, the upload ids that sort after it
+            later = {i for i in ids if upload_id_marker and i > upload_id_marker}
+        ordered = [u for u in ordered if u["Key"].encode("utf-8") > mark or u["UploadId"] in later]
+    limit = 1000 if max_uploads is None else max_uploads
+    out: dict[str, Any] = {
+        "Bucket": bucket,
+        "KeyMarker": key_marker,
+        "UploadIdMarker": upload_id_marker,
+        "Prefix": prefix,
+        "MaxUploads": limit,
+        "IsTruncated": len(ordered) > limit,
+    }
+    if ordered[:limit]:
+        out["Uploads"] = ordered[:limit]
+    if out["IsTruncated"] and limit > 0:
+        out["NextKeyMarker"] = ordered[limit - 1]["Key"]
+        out["NextUploadIdMarker"] = ordered[limit - 1]["UploadId"]
+    return out
+
+
+def _parts_page(
+    parts: list[dict[str, Any]], *, part_number_marker: int = 0, max_parts: int | None = None
+) -> dict[str, Any]:
+    """The paging members of one ListParts page of ``parts`` (every part uploaded, in
+    order): those after ``part_number_marker``, at most ``max_parts`` (1,000) of them, and
+    NextPartNumberMarker when more follow. Of the local store and the client's uploads."""
+    after = [p for p in parts if p["PartNumber"] > part_number_marker]
+    limit = 1000 if max_parts is None else max_parts
+    out: dict[str, Any] = {
+        "PartNumberMarker": part_number_marker,
+        "MaxParts": limit,
+        "IsTruncated": len(after) > limit,
+        "Parts": after[:limit],
+    }
+    if out["IsTruncated"] and limit > 0:
+        out["NextPartNumberMarker"] = after[limit - 1]["PartNumber"]
+    return out
+
+
+def _all_uploads(storage: _Storage, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Every multipart upload in progress under ``prefix``, all pages (a server answers
+    at most 1,000 at a time): what a cleanup must see, or the uploads it misses keep
+    costing storage."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        key_marker, upload_id_marker = json.loads(token) if token else ("", "")
+        return storage.list_multipart_uploads(
+            bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
+        )
+
+    def next_token(page: dict[str, Any]) -> str | None:
+        markers = [page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or ""]
+        return json.dumps(markers) if any(markers) else None
+
+    pages = _pages(fetch, next_token, "ListMultipartUploads")
+    return [upload for page in pages for upload in page.get("Uploads", [])]
+
+
+def _all_parts(storage: _Storage, bucket: str, key: str, upload_id: str) -> list[dict[str, Any]]:
+    """Every part of an upload in progress, all pages (a server answers at most 1,000 at
+    a time)."""
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        return storage.list_parts(bucket, key, upload_id, part_number_marker=int(token or 0))
+
+    def next_token(page: dict[str, Any]) -> str | None:
+        number = page.get("NextPartNumberMarker")
+        return str(number) if number else None
+
+    pages = _pages(fetch, next_token, "ListParts")
+    return [part for page in pages for part in page.get("Parts", [])]
 
 
 ###############################################################################
 # Storage: S3 over HTTP #######################################################
 ###############################################################################
+
+
+def _acl_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """GetBucketAcl/GetObjectAcl's AccessControlPolicy as boto3 returns it."""
+    owner = root.find("Owner")
+    grants = []
+    for g in root.iter("Grant"):
+        grantee_el = g.find("Grantee")
+        grantee: dict[str, Any] = {}
+        if grantee_el is not None:
+            for child in grantee_el:
+                grantee[child.tag] = child.text or ""
+            xsi_type = [v for k, v in grantee_el.attrib.items() if k.endswith("type")]
+            if xsi_type:
+                grantee["Type"] = xsi_type[0]
+        grants.append({"Grantee": grantee, "Permission": _xml_text(g, "Permission", "")})
+    return {
+        "Owner": {
+            "DisplayName": _xml_text(owner, "DisplayName", ""),
+            "ID": _xml_text(owner, "ID", ""),
+        },
+        "Grants": grants,
+        "ResponseMetadata": _response_metadata(resp),
+    }
+
+
+def _response_metadata(resp: _Response) -> dict[str, Any]:
+    return {
+        "RequestId": resp.headers.get("x-amz-request-id", ""),
+        "HostId": resp.headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": resp.status,
+        "HTTPHeaders": dict(resp.headers),
+        "RetryAttempts": resp.attempts - 1,
+    }
+
+
+def _parse_error(
+    status: int, reason: str, headers: dict[str, str], body: bytes, endpoint: str
+) -> dict[str, Any]:
+    """The ``response`` dict of a ClientError, from an S3 error reply.
+
+    HEAD errors have no body: the code is the status as a string and the message the
+    reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
+    a readable message instead of a parser traceback."""
+    error: dict[str, Any] = {
+        "Code": str(status),
+        "Message": reason or http.client.responses.get(status, ""),
+    }
+    meta: dict[str, Any] = {
+        "RequestId": headers.get("x-amz-request-id", ""),
+        "HostId": headers.get("x-amz-id-2", ""),
+        "HTTPStatusCode": status,
+        "HTTPHeaders": dict(headers),
+    }
+    text = body.strip()
+    if text:
+        try:
+            root = _xml_parse(text)
+        except (ET.ParseError, ValueError):
+            root = None
+        if root is not None and root.tag == "Error":
+            for child in root:
+                if child.tag in ("RequestId", "HostId"):
+                    meta[child.tag] = child.text or ""
+                elif len(child) == 0:
+                    error[child.tag] = child.text or ""
+        else:
+            kind = headers.get("content-type", "unknown content type").split(";")[0]
+            snippet = re.sub(r"<[^>]*>", " ", text[:400].decode("utf-8", "replace"))
+            snippet = " ".join(snippet.split())[:160]
+            error["Message"] = "%s (the server at %s answered with %s, not S3 XML: %r)" % (
+                error["Message"],
+                endpoint,
+                kind,
+                snippet,
+            )
+    return {"Error": error, "ResponseMetadata": meta}
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
@@ -3359,6 +3515,50 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     return out
 
 
+def _delete_request_xml(
+    keys: list[str], quiet: bool, conditions: Mapping[str, Mapping[str, Any]]
+) -> bytes:
+    """The body of a DeleteObjects request: each key with its ETag, LastModifiedTime and
+    Size conditions, for the server to decide."""
+    parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
+    if quiet:
+        parts.append("<Quiet>true</Quiet>")
+    for k in keys:
+        parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
+        cond = conditions.get(k) or {}
+        if cond.get("ETag") is not None:
+            parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
+        if cond.get("LastModifiedTime") is not None:
+            when = _timestamp_param(cond["LastModifiedTime"])
+            assert when is not None
+            parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
+        if cond.get("Size") is not None:
+            parts.append("<Size>%d</Size>" % int(cond["Size"]))
+        parts.append("</Object>")
+    parts.append("</Delete>")
+    return "".join(parts).encode("utf-8")
+
+
+def _delete_objects_response(root: ET.Element, resp: _Response) -> dict[str, Any]:
+    """boto3's DeleteObjects shape (Deleted, Errors, each only when not empty) from the XML."""
+    out: dict[str, Any] = {}
+    deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
+    errors = [
+        {
+            "Key": _xml_text(e, "Key", ""),
+            "Code": _xml_text(e, "Code", ""),
+            "Message": _xml_text(e, "Message", ""),
+        }
+        for e in root.findall("Error")
+    ]
+    if deleted:
+        out["Deleted"] = deleted
+    if errors:
+        out["Errors"] = errors
+    out["ResponseMetadata"] = _response_metadata(resp)
+    return out
+
+
 class _S3Storage:
     """Raw S3 operations over ``http.client``: SigV4, keep-alive, retries, streaming.
 
@@ -3372,7 +3572,7 @@ class _S3Storage:
         *,
         endpoint_url: str | None,
         region: str,
-        credentials: Callable[[], Any],
+        credentials: Callable[[], _Credentials | None],
         addressing_style: str | None = None,
         max_attempts: int = _DEFAULT_MAX_ATTEMPTS,
         connect_timeout: float = 60.0,
@@ -3813,44 +4013,9 @@ class _S3Storage:
         # the whole batch MalformedXML, so they are deleted one by one.
         odd = [k for k in keys if _XML_INVALID.search(k)]
         if odd:
-            keys = [k for k in keys if not _XML_INVALID.search(k)]
-            single: dict[str, Any] = {"Deleted": [], "Errors": []}
-            for k in odd:
-                try:
-                    if conditions.get(k):  # never unconditionally: check, then delete
-                        self._check_delete_conditions(bucket, k, conditions[k])
-                    self.delete_object(bucket, k)
-                    single["Deleted"].append({"Key": k})
-                except ClientError as e:
-                    err = e.response["Error"]
-                    single["Errors"].append(
-                        {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
-                    )
-            if keys:
-                rest = self.delete_objects(bucket, keys, quiet=quiet, conditions=conditions)
-                single["Deleted"] += rest.get("Deleted", [])
-                single["Errors"] += rest.get("Errors", [])
-                single["ResponseMetadata"] = rest["ResponseMetadata"]
-            else:
-                single["ResponseMetadata"] = _local_metadata({})
-            return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
-        parts = ['<Delete xmlns="%s">' % _S3_XMLNS]
-        if quiet:
-            parts.append("<Quiet>true</Quiet>")
-        for k in keys:
-            parts.append("<Object><Key>%s</Key>" % _xml_escape(k))
-            cond = conditions.get(k) or {}
-            if cond.get("ETag") is not None:
-                parts.append("<ETag>%s</ETag>" % _xml_escape(str(cond["ETag"])))
-            if cond.get("LastModifiedTime") is not None:
-                when = _timestamp_param(cond["LastModifiedTime"])
-                assert when is not None
-                parts.append("<LastModifiedTime>%s</LastModifiedTime>" % _iso_utc(when))
-            if cond.get("Size") is not None:
-                parts.append("<Size>%d</Size>" % int(cond["Size"]))
-            parts.append("</Object>")
-        parts.append("</Delete>")
-        body = "".join(parts).encode("utf-8")
+            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
+        body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
         resp = self.request(
@@ -3861,23 +4026,39 @@ class _S3Storage:
             headers={"Content-MD5": md5, "Content-Type": "application/xml"},
             body=body,
         )
-        root = self._xml(resp)
-        out: dict[str, Any] = {}
-        deleted = [{"Key": _xml_text(d, "Key", "")} for d in root.findall("Deleted")]
-        errors = [
-            {
-                "Key": _xml_text(e, "Key", ""),
-                "Code": _xml_text(e, "Code", ""),
-                "Message": _xml_text(e, "Message", ""),
-            }
-            for e in root.findall("Error")
-        ]
-        if deleted:
-            out["Deleted"] = deleted
-        if errors:
-            out["Errors"] = errors
-        out["ResponseMetadata"] = _response_metadata(resp)
-        return out
+        return _delete_objects_response(self._xml(resp), resp)
+
+    def _delete_one_by_one(
+        self,
+        bucket: str,
+        odd: list[str],
+        rest: list[str],
+        quiet: bool,
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """DeleteObjects' reply for keys XML cannot carry (``odd``), each deleted with
+        DeleteObject (never unconditionally: its conditions are checked first), and the
+        others (``rest``) in one batch, merged into one reply."""
+        single: dict[str, Any] = {"Deleted": [], "Errors": []}
+        for k in odd:
+            try:
+                if conditions.get(k):  # never unconditionally: check, then delete
+                    self._check_delete_conditions(bucket, k, conditions[k])
+                self.delete_object(bucket, k)
+                single["Deleted"].append({"Key": k})
+            except ClientError as e:
+                err = e.response["Error"]
+                single["Errors"].append(
+                    {"Key": k, "Code": err.get("Code"), "Message": err.get("Message")}
+                )
+        if rest:
+            batch = self.delete_objects(bucket, rest, quiet=quiet, conditions=conditions)
+            single["Deleted"] += batch.get("Deleted", [])
+            single["Errors"] += batch.get("Errors", [])
+            single["ResponseMetadata"] = batch["ResponseMetadata"]
+        else:
+            single["ResponseMetadata"] = _local_metadata({})
+        return {k: v for k, v in single.items() if v or k == "ResponseMetadata"}
 
     def _check_delete_conditions(self, bucket: str, key: str, cond: Mapping[str, Any]) -> None:
         head = self.head_object(bucket, key)
@@ -4115,8 +4296,23 @@ class _S3Storage:
         )
         return {"ResponseMetadata": _response_metadata(resp)}
 
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
-        resp = self.request("ListParts", "GET", bucket, key, query=[("uploadId", upload_id)])
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of the parts (the server's 1,000 at most, or ``max_parts``) after
+        ``part_number_marker``; ``_all_parts`` reads them all."""
+        query = [("uploadId", upload_id)]
+        if max_parts is not None:
+            query.append(("max-parts", str(max_parts)))
+        if part_number_marker:
+            query.append(("part-number-marker", str(part_number_marker)))
+        resp = self.request("ListParts", "GET", bucket, key, query=query)
         root = self._xml(resp)
         parts = [
             {
@@ -4126,18 +4322,41 @@ class _S3Storage:
             }
             for p in root.findall("Part")
         ]
-        return {
+        out: dict[str, Any] = {
             "Bucket": bucket,
             "Key": key,
             "UploadId": upload_id,
+            "PartNumberMarker": part_number_marker,
+            "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
             "Parts": parts,
-            "ResponseMetadata": _response_metadata(resp),
         }
+        if out["IsTruncated"]:  # S3 defines it as the last part shown
+            given = _xml_text(root, "NextPartNumberMarker") or ""
+            last = parts[-1]["PartNumber"] if parts else 0
+            out["NextPartNumberMarker"] = int(given) if given.isdigit() else last
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
 
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of the uploads in progress (the server's 1,000 at most, or
+        ``max_uploads``) after the markers; ``_all_uploads`` reads them all."""
         query = [("uploads", "")]
-        if prefix:
-            query.append(("prefix", prefix))
+        for name, value in (
+            ("prefix", prefix),
+            ("key-marker", key_marker),
+            ("upload-id-marker", upload_id_marker),
+            ("max-uploads", "" if max_uploads is None else str(max_uploads)),
+        ):
+            if value:
+                query.append((name, value))
         resp = self.request("ListMultipartUploads", "GET", bucket, query=query)
         root = self._xml(resp)
         uploads = [
@@ -4148,7 +4367,21 @@ class _S3Storage:
             }
             for u in root.findall("Upload")
         ]
-        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": _response_metadata(resp)}
+        out: dict[str, Any] = {
+            "Bucket": bucket,
+            "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
+            "Uploads": uploads,
+        }
+        if out["IsTruncated"]:
+            next_key = _xml_text(root, "NextKeyMarker") or ""
+            next_id = _xml_text(root, "NextUploadIdMarker") or ""
+            if not (next_key or next_id) and uploads:
+                # Swift names neither: S3 defines them as the last upload shown. (SeaweedFS
+                # names only the upload id, and pages by it alone: kept as it is.)
+                next_key, next_id = str(uploads[-1]["Key"]), str(uploads[-1]["UploadId"])
+            out["NextKeyMarker"], out["NextUploadIdMarker"] = next_key, next_id
+        out["ResponseMetadata"] = _response_metadata(resp)
+        return out
 
     # -- capabilities -----------------------------------------------------------
 
@@ -4277,15 +4510,63 @@ _LOCAL_MESSAGES = {
 
 #: S3's reason phrases (Python 3.13's http.client says "Range Not Satisfiable", RFC 9110).
 _LOCAL_REASONS = {416: "Requested Range Not Satisfiable"}
+#: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
+_LOCAL_KEPT_HEADERS = frozenset(
+    {
+        "cache-control",
+        "content-disposition",
+        "content-encoding",
+        "content-language",
+        "content-type",
+        "expires",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-storage-class",
+        "x-amz-website-redirect-location",
+        "x-amz-tagging",
+        "x-amz-acl",
+        "x-amz-server-side-encryption-context",
+    }
+)
+_LOCAL_HIDDEN_HEADERS = frozenset(
+    {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
+)
+#: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
+_LOCAL_COPY_OWN_HEADERS = frozenset(
+    {
+        "x-amz-storage-class",
+        "x-amz-server-side-encryption",
+        "x-amz-server-side-encryption-aws-kms-key-id",
+        "x-amz-server-side-encryption-bucket-key-enabled",
+        "x-amz-website-redirect-location",
+        "x-amz-acl",
+    }
+)
+_LOCAL_STORAGE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "REDUCED_REDUNDANCY",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER",
+        "DEEP_ARCHIVE",
+        "OUTPOSTS",
+        "GLACIER_IR",
+        "SNOW",
+        "EXPRESS_ONEZONE",
+    }
+)
+_LOCAL_ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
 #: One threading lock per bucket for this process; ``flock`` covers other processes.
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
-class _LocalStorage:
-    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
-    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
-    tests use.
+class _LocalFiles:
+    """The files of a local store (:class:`_LocalStorage`, which sets ``_root`` and
+    ``_now``): bucket folders, the bucket lock, atomic writes, and the indexes of records.
 
     Keys are arbitrary strings (``..``, ``//``, 1024 bytes), so they are never paths:
     ``<root>/<bucket>/.dg-objects/<xx>/index.json`` maps each key whose SHA-256 starts with
@@ -4295,93 +4576,13 @@ class _LocalStorage:
     renames the data in and atomically replaces the index: readers see the old object or
     the new one, never a part. Multipart uploads live in ``.dg-uploads/<upload id>/``."""
 
-    is_local = True
+    _root: str
+    _now: Callable[[], datetime.datetime]
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
     _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _NEW_BUCKET_BAD = re.compile(
-        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
-        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
-    )
     _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-    #: PUT headers kept with an object; all but the last group are given back by GET/HEAD.
-    _KEPT_HEADERS = frozenset(
-        {
-            "cache-control",
-            "content-disposition",
-            "content-encoding",
-            "content-language",
-            "content-type",
-            "expires",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-storage-class",
-            "x-amz-website-redirect-location",
-            "x-amz-tagging",
-            "x-amz-acl",
-            "x-amz-server-side-encryption-context",
-        }
-    )
-    _HIDDEN_HEADERS = frozenset(
-        {"x-amz-tagging", "x-amz-acl", "x-amz-server-side-encryption-context"}
-    )
-    #: Headers a COPY-directive copy takes from the request, not the source (CopyObject docs).
-    _COPY_OWN_HEADERS = frozenset(
-        {
-            "x-amz-storage-class",
-            "x-amz-server-side-encryption",
-            "x-amz-server-side-encryption-aws-kms-key-id",
-            "x-amz-server-side-encryption-bucket-key-enabled",
-            "x-amz-website-redirect-location",
-            "x-amz-acl",
-        }
-    )
-    _STORAGE_CLASSES = frozenset(
-        {
-            "STANDARD",
-            "REDUCED_REDUNDANCY",
-            "STANDARD_IA",
-            "ONEZONE_IA",
-            "INTELLIGENT_TIERING",
-            "GLACIER",
-            "DEEP_ARCHIVE",
-            "OUTPOSTS",
-            "GLACIER_IR",
-            "SNOW",
-            "EXPRESS_ONEZONE",
-        }
-    )
-    _ARCHIVED = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # GET needs a restore first
-
-    def __init__(
-        self,
-        root: str,
-        *,
-        region: str = "us-east-1",
-        now: Callable[[], datetime.datetime] = _utcnow,
-    ) -> None:
-        self._root = os.path.abspath(root)
-        self.region = region
-        self._now = now
-        path = self._root.replace(os.sep, "/")
-        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
-
-    def close(self) -> None:
-        pass  # nothing is held open between calls
-
-    def object_url(self, bucket: str, key: str) -> str:
-        """A logical URL: the bytes live in a content-addressed file, not at this path."""
-        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
-
-    def supports_conditional_writes(self, bucket: str) -> bool:
-        return True
-
-    def supports_conditional_multipart(self, bucket: str) -> bool:
-        return True
-
-    # -- plumbing -----------------------------------------------------------
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4625,6 +4826,93 @@ class _LocalStorage:
         wanted = {v.strip().lstrip("W/").strip('"').lower() for v in header.split(",")}
         return "*" in wanted or etag.strip('"').lower() in wanted
 
+    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
+        """A temp copy of a data file: a hard link (data files are never modified), else a
+        streamed copy. None if the source vanished (overwritten meanwhile)."""
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        try:
+            os.link(source, tmp)
+            return tmp
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(tmp)):
+                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
+            return None
+        except OSError:  # no hard links here (FAT, some network file systems, other device)
+            pass
+        try:
+            src = open(source, "rb")
+        except FileNotFoundError:
+            return None
+        with src:
+            return self._spool(operation, bucket, bdir, src)[0]
+
+    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
+        # Whole seconds: LastModified must compare equal whether it came from a listing
+        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
+        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
+        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
+
+    def _upload(
+        self, operation: str, bucket: str, key: str, upload_id: str
+    ) -> tuple[str, str, dict[str, Any]]:
+        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
+        bdir = self._bucket(operation, bucket)
+        udir = os.path.join(bdir, ".dg-uploads", upload_id)
+        info = None
+        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+            info = self._read_json(os.path.join(udir, "upload.json"))
+        if info is None or info["key"] != key:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
+        return bdir, udir, info
+
+    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
+        """Move an upload folder out of sight (call under the lock); returns where it went."""
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        try:
+            os.rename(udir, trash)
+        except FileNotFoundError:
+            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
+        return trash
+
+
+class _LocalStorage(_LocalFiles):
+    """The operations of :class:`_S3Storage` on a local directory (``file:///path``), with
+    S3's semantics, response shapes and errors: what ``--endpoint-url file://`` and the fast
+    tests use. How it keeps them on disk: :class:`_LocalFiles`."""
+
+    is_local = True
+
+    _NEW_BUCKET_BAD = re.compile(
+        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+    )
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        region: str = "us-east-1",
+        now: Callable[[], datetime.datetime] = _utcnow,
+    ) -> None:
+        self._root = os.path.abspath(root)
+        self.region = region
+        self._now = now
+        path = self._root.replace(os.sep, "/")
+        self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
+
+    def close(self) -> None:
+        pass  # nothing is held open between calls
+
+    def object_url(self, bucket: str, key: str) -> str:
+        """A logical URL: the bytes live in a content-addressed file, not at this path."""
+        return f"{self.endpoint_url}/{_quote_key(bucket)}/{_quote_key(key)}"
+
+    def supports_conditional_writes(self, bucket: str) -> bool:
+        return True
+
+    def supports_conditional_multipart(self, bucket: str) -> bool:
+        return True
+
     def _read_condition(
         self, record: dict[str, Any], headers: Mapping[str, str], prefix: str = ""
     ) -> tuple[int, str] | None:
@@ -4664,11 +4952,11 @@ class _LocalStorage:
         for name, value in (headers or {}).items():
             lname = name.lower()
             _check_header_value(name, str(value))
-            if lname in self._KEPT_HEADERS or lname.startswith("x-amz-meta-"):
+            if lname in _LOCAL_KEPT_HEADERS or lname.startswith("x-amz-meta-"):
                 kept[lname] = str(value)
         kept.update(_metadata_headers(metadata))
         storage_class = kept.pop("x-amz-storage-class", "STANDARD")
-        if storage_class not in self._STORAGE_CLASSES:
+        if storage_class not in _LOCAL_STORAGE_CLASSES:
             raise self._error(
                 operation, 400, "InvalidStorageClass", StorageClassRequested=storage_class
             )
@@ -4685,12 +4973,6 @@ class _LocalStorage:
             )
         return kept
 
-    def _new_record(self, kept: dict[str, str], size: int, etag: str) -> dict[str, Any]:
-        # Whole seconds: LastModified must compare equal whether it came from a listing
-        # (ISO 8601) or a HEAD (an HTTP date has no fraction).
-        now = self._now().astimezone(datetime.timezone.utc).replace(microsecond=0)
-        return {"size": size, "etag": etag, "modified": _iso_utc(now), "headers": kept}
-
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
         out = {
@@ -4700,7 +4982,7 @@ class _LocalStorage:
             "etag": record["etag"],
         }
         for name, value in record["headers"].items():
-            if name not in self._HIDDEN_HEADERS:
+            if name not in _LOCAL_HIDDEN_HEADERS:
                 out[name] = value
         tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
         if tags:
@@ -4721,7 +5003,7 @@ class _LocalStorage:
             if record is None:
                 raise self._error(operation, 404, "NoSuchKey", head=head, Key=key)
             storage_class = record["headers"].get("x-amz-storage-class", "")
-            if not head and storage_class in self._ARCHIVED:
+            if not head and storage_class in _LOCAL_ARCHIVED:
                 raise self._error(operation, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(record, lower)
             if failed:
@@ -5115,26 +5397,6 @@ class _LocalStorage:
         out["ResponseMetadata"] = self._meta(200)
         return out
 
-    def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
-        """A temp copy of a data file: a hard link (data files are never modified), else a
-        streamed copy. None if the source vanished (overwritten meanwhile)."""
-        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
-        try:
-            os.link(source, tmp)
-            return tmp
-        except FileNotFoundError:
-            if not os.path.isdir(os.path.dirname(tmp)):
-                raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
-            return None
-        except OSError:  # no hard links here (FAT, some network file systems, other device)
-            pass
-        try:
-            src = open(source, "rb")
-        except FileNotFoundError:
-            return None
-        with src:
-            return self._spool(operation, bucket, bdir, src)[0]
-
     def copy_object(
         self,
         bucket: str,
@@ -5171,12 +5433,37 @@ class _LocalStorage:
             and not any(k.startswith("x-amz-server-side-encryption") for k in lower)
         ):
             raise self._error(op, 400, "InvalidRequest", Message=_LOCAL_MESSAGES["SelfCopy"])
-        for _ in range(20):  # the source may be overwritten between lookup and link
+        src, tmp = self._copy_source(op, bucket, dst_dir, src_dir, source_key, lower)
+        try:
+            kept = self._copy_headers(src["headers"], requested, lower, replace)
+            etag = src["etag"]
+            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
+                etag = f'"{_hash_file(tmp, md5=True).md5}"'
+            record = self._new_record(kept, src["size"], etag)
+            self._commit(op, bucket, dst_dir, key, tmp, record)
+        finally:
+            self._unlink(tmp)
+        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
+        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+
+    def _copy_source(
+        self,
+        op: str,
+        bucket: str,
+        dst_dir: str,
+        src_dir: str,
+        source_key: str,
+        lower: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str]:
+        """(record, temp copy of its data) of a copy source that passes CopyObject's checks:
+        not archived, its ``x-amz-copy-source-if-*`` conditions, at most 5 GiB. Looked up
+        again when it is overwritten between the lookup and the link."""
+        for _ in range(20):
             src = self._record(src_dir, source_key)
             if src is None:
                 raise self._error(op, 404, "NoSuchKey", Key=source_key)
             storage_class = src["headers"].get("x-amz-storage-class", "")
-            if storage_class in self._ARCHIVED:
+            if storage_class in _LOCAL_ARCHIVED:
                 raise self._error(op, 403, "InvalidObjectState", StorageClass=storage_class)
             failed = self._read_condition(src, lower, "x-amz-copy-source-")
             if failed:
@@ -5193,33 +5480,33 @@ class _LocalStorage:
             source_path = os.path.join(self._shard(src_dir, source_key)[0], src["data"])
             tmp = self._clone(op, bucket, dst_dir, source_path)
             if tmp is not None:
-                break
+                return src, tmp
+        raise self._error(op, 404, "NoSuchKey", Key=source_key)
+
+    @staticmethod
+    def _copy_headers(
+        source: Mapping[str, str],
+        requested: dict[str, str],
+        lower: Mapping[str, str],
+        replace: bool,
+    ) -> dict[str, str]:
+        """The headers a copy is stored with: the request's (REPLACE), or the source's
+        content headers and metadata with the request's storage class, encryption and ACL
+        (COPY: they default to STANDARD and none, CopyObject docs); the source's tags
+        unless ``x-amz-tagging-directive: REPLACE``."""
+        if replace:
+            kept = requested
+            kept.setdefault("content-type", "binary/octet-stream")
         else:
-            raise self._error(op, 404, "NoSuchKey", Key=source_key)
-        try:
-            if replace:
-                kept = requested
-                kept.setdefault("content-type", "binary/octet-stream")
-            else:
-                # COPY keeps content headers and metadata; storage class, encryption and
-                # ACL come from the request, defaulting to STANDARD and none (CopyObject docs).
-                kept = {k: v for k, v in src["headers"].items() if k not in self._COPY_OWN_HEADERS}
-                kept.update({k: v for k, v in requested.items() if k in self._COPY_OWN_HEADERS})
-            tags = src["headers"].get("x-amz-tagging")
-            if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
-                tags = requested.get("x-amz-tagging")
-            kept.pop("x-amz-tagging", None)
-            if tags:
-                kept["x-amz-tagging"] = tags
-            etag = src["etag"]
-            if "-" in etag:  # a copy is one PUT: its ETag is the MD5 of the bytes
-                etag = f'"{_hash_file(tmp, md5=True).md5}"'
-            record = self._new_record(kept, src["size"], etag)
-            self._commit(op, bucket, dst_dir, key, tmp, record)
-        finally:
-            self._unlink(tmp)
-        result = {"ETag": etag, "LastModified": _parse_timestamp(record["modified"])}
-        return {"CopyObjectResult": result, "ResponseMetadata": self._meta(200)}
+            kept = {k: v for k, v in source.items() if k not in _LOCAL_COPY_OWN_HEADERS}
+            kept.update({k: v for k, v in requested.items() if k in _LOCAL_COPY_OWN_HEADERS})
+        tags = source.get("x-amz-tagging")
+        if lower.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":
+            tags = requested.get("x-amz-tagging")
+        kept.pop("x-amz-tagging", None)
+        if tags:
+            kept["x-amz-tagging"] = tags
+        return kept
 
     @staticmethod
     def _token(kind: str, value: str) -> str:
@@ -5372,28 +5659,6 @@ class _LocalStorage:
 
     # -- multipart ------------------------------------------------------------
 
-    def _upload(
-        self, operation: str, bucket: str, key: str, upload_id: str
-    ) -> tuple[str, str, dict[str, Any]]:
-        """(bucket folder, upload folder, upload.json) of an upload of ``key``."""
-        bdir = self._bucket(operation, bucket)
-        udir = os.path.join(bdir, ".dg-uploads", upload_id)
-        info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
-            info = self._read_json(os.path.join(udir, "upload.json"))
-        if info is None or info["key"] != key:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
-        return bdir, udir, info
-
-    def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
-        """Move an upload folder out of sight (call under the lock); returns where it went."""
-        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
-        try:
-            os.rename(udir, trash)
-        except FileNotFoundError:
-            raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id) from None
-        return trash
-
     def create_multipart_upload(
         self,
         bucket: str,
@@ -5471,32 +5736,7 @@ class _LocalStorage:
         (412 otherwise, and the upload stays, as on S3)."""
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
-        if not parts:
-            raise self._error(op, 400, "MalformedXML")
-        numbers = [number for number, _ in parts]
-        if any(b <= a for a, b in zip(numbers, numbers[1:])):
-            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
-        chosen = []
-        for number, etag in parts:
-            part = None
-            if 1 <= number <= _MAX_PARTS:
-                part = self._read_json(os.path.join(udir, f"{number}.json"))
-            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
-                raise self._error(
-                    op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
-                )
-            chosen.append(part)
-        for (number, etag), part in zip(parts[:-1], chosen):
-            if part["size"] < _MIN_PART_SIZE:
-                raise self._error(
-                    op,
-                    400,
-                    "EntityTooSmall",
-                    ProposedSize=str(part["size"]),
-                    MinSizeAllowed=str(_MIN_PART_SIZE),
-                    PartNumber=str(number),
-                    ETag=etag,
-                )
+        chosen = self._chosen_parts(op, udir, upload_id, parts)
         fd, tmp = self._mkstemp(op, bucket, bdir, "d-")
         trash = ""
         try:
@@ -5505,14 +5745,7 @@ class _LocalStorage:
                     try:
                         src = open(os.path.join(udir, part["data"]), "rb")
                     except FileNotFoundError:  # re-uploaded meanwhile
-                        raise self._error(
-                            op,
-                            400,
-                            "InvalidPart",
-                            UploadId=upload_id,
-                            PartNumber=str(number),
-                            ETag=etag,
-                        ) from None
+                        raise self._invalid_part(op, upload_id, number, etag) from None
                     with src:
                         shutil.copyfileobj(src, out, _IO_CHUNK)
                 out.flush()
@@ -5539,6 +5772,43 @@ class _LocalStorage:
             "ResponseMetadata": self._meta(200),
         }
 
+    def _chosen_parts(
+        self, op: str, udir: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> list[dict[str, Any]]:
+        """The stored parts (``<n>.json`` records) a CompleteMultipartUpload names, after
+        S3's checks: at least one, in ascending order, each uploaded with that ETag, all
+        but the last at least 5 MiB."""
+        if not parts:
+            raise self._error(op, 400, "MalformedXML")
+        numbers = [number for number, _ in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:])):
+            raise self._error(op, 400, "InvalidPartOrder", UploadId=upload_id)
+        chosen = []
+        for number, etag in parts:
+            part = None
+            if 1 <= number <= _MAX_PARTS:
+                part = self._read_json(os.path.join(udir, f"{number}.json"))
+            if part is None or part["etag"].strip('"').lower() != etag.strip('"').lower():
+                raise self._invalid_part(op, upload_id, number, etag)
+            chosen.append(part)
+        for (number, etag), part in zip(parts[:-1], chosen):
+            if part["size"] < _MIN_PART_SIZE:
+                raise self._error(
+                    op,
+                    400,
+                    "EntityTooSmall",
+                    ProposedSize=str(part["size"]),
+                    MinSizeAllowed=str(_MIN_PART_SIZE),
+                    PartNumber=str(number),
+                    ETag=etag,
+                )
+        return chosen
+
+    def _invalid_part(self, op: str, upload_id: str, number: int, etag: str) -> ClientError:
+        return self._error(
+            op, 400, "InvalidPart", UploadId=upload_id, PartNumber=str(number), ETag=etag
+        )
+
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
         op = "AbortMultipartUpload"
         bdir, udir, _ = self._upload(op, bucket, key, upload_id)
@@ -5547,7 +5817,15 @@ class _LocalStorage:
         shutil.rmtree(trash, ignore_errors=True)
         return {"ResponseMetadata": self._meta(204)}
 
-    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+    def list_parts(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int | None = None,
+    ) -> dict[str, Any]:
         _, udir, _ = self._upload("ListParts", bucket, key, upload_id)
         numbers = sorted(
             int(name[:-5]) for name in os.listdir(udir) if re.match(r"^\d+\.json$", name)
@@ -5557,32 +5835,42 @@ class _LocalStorage:
             part = self._read_json(os.path.join(udir, f"{number}.json"))
             if part:
                 parts.append({"PartNumber": number, "ETag": part["etag"], "Size": part["size"]})
+        page = _parts_page(parts, part_number_marker=part_number_marker, max_parts=max_parts)
         return {
             "Bucket": bucket,
             "Key": key,
             "UploadId": upload_id,
-            "Parts": parts,
+            **page,
             "ResponseMetadata": self._meta(200),
         }
 
-    def list_multipart_uploads(self, bucket: str, *, prefix: str = "") -> dict[str, Any]:
+    def list_multipart_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int | None = None,
+    ) -> dict[str, Any]:
         bdir = self._bucket("ListMultipartUploads", bucket)
         uploads_dir = os.path.join(bdir, ".dg-uploads")
-        found = []
+        uploads = []
         for upload_id in os.listdir(uploads_dir):
             info = self._read_json(os.path.join(uploads_dir, upload_id, "upload.json"))
             if info and info["key"].startswith(prefix):
-                found.append((info["key"].encode("utf-8"), info["initiated"], upload_id, info))
-        found.sort(key=lambda item: (item[0], item[1]))
-        uploads = [
-            {
-                "Key": info["key"],
-                "UploadId": upload_id,
-                "Initiated": _parse_timestamp(info["initiated"]),
-            }
-            for _, _, upload_id, info in found
-        ]
-        return {"Bucket": bucket, "Uploads": uploads, "ResponseMetadata": self._meta(200)}
+                initiated = _parse_timestamp(info["initiated"])
+                uploads.append({"Key": info["key"], "UploadId": upload_id, "Initiated": initiated})
+        page = _uploads_page(
+            bucket,
+            uploads,
+            prefix=prefix,
+            key_marker=key_marker,
+            upload_id_marker=upload_id_marker,
+            max_uploads=max_uploads,
+        )
+        page.setdefault("Uploads", [])  # this store's callers have always found the list
+        return dict(page, ResponseMetadata=self._meta(200))
 
 
 ###############################################################################
@@ -5743,22 +6031,61 @@ def _put_path(
                 )
             except _ChangedWhileSent as e:
                 raise IntegrityError("%s %s; nothing was stored" % (path, e)) from None
-    part = _part_size(size, part_size)
-    offsets = list(enumerate(range(0, size, part), start=1))
+    return _put_multipart(
+        storage,
+        bucket,
+        key,
+        path,
+        size=size,
+        part_size=_part_size(size, part_size),
+        sha256=sha256,
+        metadata=metadata,
+        headers=headers,
+        if_none_match=if_none_match,
+        on_bytes=on_bytes,
+        workers=workers,
+    )
+
+
+def _part_hashes(path: str, size: int, part: int, sha256: str) -> dict[int, str]:
+    """Each part's SHA-256 by part number, taken in one pass over the file that must give
+    ``sha256``, the caller's (the parts go up at once, so what is sent cannot be hashed in
+    file order). IntegrityError if the file no longer hashes to it."""
     expected: dict[int, str] = {}
-    if sha256:
-        # The parts go up at once, so what is sent cannot be hashed in file order: each
-        # part's SHA-256 is taken here, in one pass that must give the caller's.
-        whole = hashlib.sha256()
-        with open(path, "rb") as f:
-            for number, offset in offsets:
-                piece = _FileSlice(f, offset, min(part, size - offset))
-                expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
-        if whole.hexdigest() != sha256:
-            raise IntegrityError(
-                "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
-                "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
-            )
+    whole = hashlib.sha256()
+    with open(path, "rb") as f:
+        for number, offset in enumerate(range(0, size, part), start=1):
+            piece = _FileSlice(f, offset, min(part, size - offset))
+            expected[number] = _Hashes().read(piece, each=whole.update).info().sha256
+    if whole.hexdigest() != sha256:
+        raise IntegrityError(
+            "%s changed while it was uploaded (its bytes hash to %s, not %s as they "
+            "did before); nothing was stored" % (path, whole.hexdigest(), sha256)
+        )
+    return expected
+
+
+def _put_multipart(
+    storage: _Storage,
+    bucket: str,
+    key: str,
+    path: str,
+    *,
+    size: int,
+    part_size: int,
+    sha256: str | None,
+    metadata: Mapping[str, str] | None,
+    headers: dict[str, str] | None,
+    if_none_match: bool,
+    on_bytes: Callable[[int], None] | None,
+    workers: int,
+) -> dict[str, Any]:
+    """:func:`_put_path` above its threshold: a multipart upload of ``part_size`` parts,
+    ``workers`` at a time, each held to its SHA-256 (:func:`_part_hashes`) as it is sent.
+    On any failure the upload is aborted, and so is one a retried CreateMultipartUpload
+    may have started."""
+    offsets = list(enumerate(range(0, size, part_size), start=1))
+    expected = _part_hashes(path, size, part_size, sha256) if sha256 else {}
     started = _utcnow() - datetime.timedelta(seconds=60)  # a margin for clock skew
     try:
         upload_id = storage.create_multipart_upload(bucket, key, metadata=metadata, headers=headers)
@@ -5773,7 +6100,8 @@ def _put_path(
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
             want = expected.get(number)
             with open(path, "rb") as f:
-                piece = _SentHash(f, offset, min(part, size - offset), hashlib.sha256(), want)
+                length = min(part_size, size - offset)
+                piece = _SentHash(f, offset, length, hashlib.sha256(), want)
                 body = _CallbackReader(piece, on_bytes) if on_bytes else piece
                 try:
                     etag = storage.upload_part(
@@ -5829,8 +6157,7 @@ def _abort_strays(
     (the first reply was lost, so its UploadId never reached us)."""
 
     def sweep() -> None:
-        uploads = storage.list_multipart_uploads(bucket, prefix=key)["Uploads"]
-        for up in uploads:
+        for up in _all_uploads(storage, bucket, key):
             initiated = up.get("Initiated")
             if up["Key"] != key or up["UploadId"] == ours:
                 continue
@@ -7086,7 +7413,7 @@ def _secondary(sec_id: int, models: list[Any], k: int, raw: bytes, limit: int) -
 
 
 def _vcdiff_decode(
-    source: str | None, delta: IO[bytes], out: IO[bytes], limit: int | None = None
+    source: str | None, delta: IO[bytes], out: _Writer, limit: int | None = None
 ) -> int:
     """Decode ``delta`` (a binary stream, read sequentially; it need not be seekable)
     against the source file path (or None), writing the target to ``out``; returns bytes
@@ -7101,7 +7428,7 @@ def _vcdiff_decode(
     when they reach before the last window, and so need it readable and seekable."""
     rd = _DeltaReader(delta)
     try:
-        magic = rd.take(4, "VCDIFF header")
+        magic = rd.take(len(_VCD_MAGIC), "VCDIFF header")
     except _VCDiffError:
         magic = b""
     if magic[:3] != _VCD_MAGIC[:3]:
@@ -7149,7 +7476,7 @@ def _decode_window(
     sec_id: int,
     models: list[Any],
     src: _Source | None,
-    out: IO[bytes],
+    out: _Writer,
     written: int,
     last: bytearray,
     budget: int | None = None,
@@ -7220,7 +7547,7 @@ def _decode_window(
 
 
 def _earlier_target(
-    out: IO[bytes], written: int, last: bytearray, off: int, length: int
+    out: _Writer, written: int, last: bytearray, off: int, length: int
 ) -> bytes | memoryview:
     """A VCD_TARGET copy window (RFC 3284 section 4.2): bytes already written. The last
     window is still in memory; anything older is read back from ``out``."""
@@ -7229,18 +7556,20 @@ def _earlier_target(
     last_start = written - len(last)
     if off >= last_start:
         return memoryview(last)[off - last_start : off - last_start + length]
-    if not (out.readable() and out.seekable()):
+    readable, seekable = getattr(out, "readable", None), getattr(out, "seekable", None)
+    if not (readable and seekable and readable() and seekable()):
         raise _VCDiffError(
             "unsupported: this delta copies from earlier output (VCD_TARGET), so the output "
             "must be opened readable and seekable (e.g. 'w+b')"
         )
-    out.flush()
-    pos = out.tell()
-    out.seek(pos - written + off)
+    back = cast(IO[bytes], out)
+    back.flush()
+    pos = back.tell()
+    back.seek(pos - written + off)
     try:
-        data = out.read(length)
+        data = back.read(length)
     finally:
-        out.seek(pos)
+        back.seek(pos)
     if len(data) != length:
         raise _VCDiffError("VCD_TARGET: could not read back the earlier output")
     return data
@@ -7419,7 +7748,7 @@ def _zipx_read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield _zipx_read(stream, n)
 
 
-def _zipx_copy(src: IO[bytes], start: int, end: int, out: IO[bytes]) -> None:
+def _zipx_copy(src: IO[bytes], start: int, end: int, out: _Writer) -> None:
     """Write src[start:end] to `out` as a raw record."""
     if start >= end:
         return
@@ -7701,7 +8030,7 @@ class _ZipxHeaders:
         return bytes(buf)
 
 
-def _zip_expand(src: str, out: IO[bytes], assume: tuple[int, int, int] | None = None) -> bool:
+def _zip_expand(src: str, out: _Writer, assume: tuple[int, int, int] | None = None) -> bool:
     """Write the expanded form of the zip file at `src` to `out`, sequentially. False if
     `src` is not a zip this codec can read (the caller then discards `out`). Members that
     zlib can't reproduce byte for byte, stored members and other methods stay raw bytes.
@@ -7811,7 +8140,7 @@ class _ZipRebuild:
 
     def __init__(
         self,
-        out: IO[bytes],
+        out: _Writer,
         limit: int | None,
         pool: concurrent.futures.Executor,
         reuse: dict[tuple[int, int], tuple[int, int]],
@@ -7917,7 +8246,7 @@ class _ZipRebuild:
 
 def _zip_rebuild(
     expanded: IO[bytes],
-    out: IO[bytes],
+    out: _Writer,
     reference: str | None = None,
     limit: int | None = None,
 ) -> int:
@@ -8386,7 +8715,7 @@ class _XDelta3:
         sink = _HashingWriter(out if out is not None else _NullWriter())
         try:
             with open(delta, "rb") as f:
-                total = _vcdiff_decode(source, f, sink, limit)  # type: ignore[arg-type]
+                total = _vcdiff_decode(source, f, sink, limit)
         except _VCDiffLimitError:
             raise _OutputLimitError(limit or 0) from None
         except _VCDiffError as e:
@@ -8832,7 +9161,7 @@ class _HashingWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         self.sha256.update(data)
         self.size += len(data)
         self._f.write(data)
@@ -8901,7 +9230,7 @@ def _rebuild_zip(
             out.truncate()
         try:
             with open(expanded, "rb") as f:
-                _zip_rebuild(f, sink, ref, limit)  # type: ignore[arg-type]
+                _zip_rebuild(f, sink, ref, limit)
         except _ZipCodecError:
             continue
         if sink.sha256.hexdigest() == want:
@@ -8917,16 +9246,14 @@ def _rebuilt_sha256(expanded: str, reference: str, want: str) -> str:
 
 
 class _NullWriter:
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         return len(data)
 
 
 def _copy_hashing(source: str, dest: str) -> str:
     """Copy a file; returns the SHA-256 of the bytes written."""
     with open(source, "rb") as src, open(dest, "wb") as f:
-        writer = _HashingWriter(f)
-        shutil.copyfileobj(src, writer, _IO_CHUNK)
-    return writer.sha256.hexdigest()
+        return _Hashes().read(src, each=f.write).info().sha256
 
 
 class _Logical(NamedTuple):
@@ -9470,6 +9797,7 @@ class _Upload(NamedTuple):
     on_bytes: Callable[[int], None] | None  # progress
     hashing: _Background | None  # the file's _FileInfo, being computed beside the work
     given: _FileInfo | None  # or the caller's
+    create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
 
     def info(self) -> _FileInfo:
         """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
@@ -9498,9 +9826,10 @@ class _DeltaEngine:
     Its public boundary is what the client and the CLI call (everything with a leading
     underscore is the engine's own): the attributes ``storage``, ``cache``,
     ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
-    ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
-    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files. Which
-    reference a file is encoded against, and when one may go, is ``refs`` (_References)."""
+    ``exists`` to read; ``put_file`` (``key_lock`` around a conditional one) to write;
+    ``delete``, ``delete_prefix``, ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir``
+    for scratch files. Which reference a file is encoded against, and when one may go,
+    is ``refs`` (_References)."""
 
     def __init__(
         self,
@@ -9524,6 +9853,8 @@ class _DeltaEngine:
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     @property
     def storage(self) -> _Storage:
@@ -9859,15 +10190,22 @@ class _DeltaEngine:
         on_bytes: Callable[[int], None] | None = None,
         mtime: float | None = None,
         existing: Container[str] | None = None,
+        if_none_match: bool = False,
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
 
-        ``existing``: the stored keys a listing just showed, when the caller has one."""
+        ``existing``: the stored keys a listing just showed, when the caller has one.
+        ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
+        server honours it, so a racing writer of that form gets a 412 (the caller checks
+        the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = _object_name(key)
+        # The file is hashed while the reference is looked up and xdelta3 encodes.
+        hashing = _Background(_hash_file, path, True) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
+        size = info.size if info is not None else os.path.getsize(path)
         up = _Upload(
             path=path,
             bucket=bucket,
@@ -9882,11 +10220,10 @@ class _DeltaEngine:
             # --no-delta: its plain name is another key's delta (_logical_key).
             required=_delta_only(key),
             on_bytes=on_bytes,
-            # The file is hashed while the reference is looked up and xdelta3 encodes.
-            hashing=_Background(_hash_file, path, True) if info is None else None,
+            hashing=hashing,
             given=info,
+            create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
         )
-        size = info.size if info is not None else os.path.getsize(path)
         if up.required:
             self._refuse_shadowed(bucket, key)
         if up.required or (size > 0 and self.eligible(key, path, delta)):
@@ -9929,9 +10266,16 @@ class _DeltaEngine:
             headers=headers,
             sha256=info.sha256,
             on_bytes=up.on_bytes,
+            if_none_match=up.create_only,
         )
         self._remove_other(up.bucket, up.key, keep=up.key, existing=existing)
         return self._summary("upload_direct", up.key, info, info.size, None, resp)
+
+    def key_lock(self, bucket: str, key: str) -> threading.Lock:
+        """One conditional write (its check, then its store) at a time per logical key
+        within this process; across processes the stored form's own condition decides."""
+        with self._locks_lock:
+            return self._key_locks.setdefault((bucket, key), threading.Lock())
 
     def exists(self, bucket: str, stored: str) -> bool:
         """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
@@ -10055,6 +10399,7 @@ class _DeltaEngine:
             and _shared_ref_key(space, up.name, "0" * 64) is not None
         )
         size = os.path.getsize(up.path)
+        create_only = up.create_only
         ref = _RefChoice(_reference_key(space))
         for _ in range(5):
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
@@ -10095,7 +10440,8 @@ class _DeltaEngine:
                 if ref_check is not None and not ref_check.result():
                     logger.warning("cached reference %s was corrupt; fetching it again", ref.sha256)
                     continue
-                resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp)
+                resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp, create_only)
+                create_only = False  # a retry below replaces our own delta
             except BaseException:
                 if ref.created:  # nothing may depend on a reference whose first delta failed
                     self.refs.discard(up.bucket, ref.key, ref.sha256)
@@ -10220,9 +10566,11 @@ class _DeltaEngine:
         delta_size: int,
         extra: dict[str, str] | None,
         delta_tmp: str,
+        create_only: bool,
     ) -> dict[str, Any]:
         """PUT the delta as ``<key>.delta``, with the metadata both older readers need
-        (FORMAT.md) and ``extra`` (an archive-aware delta's)."""
+        (FORMAT.md) and ``extra`` (an archive-aware delta's); ``create_only``: with
+        ``If-None-Match: *``."""
         delta_meta = self._metadata(up, info)
         delta_meta.update(
             {
@@ -10248,6 +10596,7 @@ class _DeltaEngine:
             delta_tmp,
             metadata=delta_meta,
             headers=headers,
+            if_none_match=create_only,
         )
 
     def _delta_summary(
@@ -10299,7 +10648,7 @@ class _DeltaEngine:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):  # type: ignore[arg-type]
+                if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
             decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
@@ -10439,6 +10788,28 @@ class _DeltaEngine:
 ###############################################################################
 # The boto3-compatible client #################################################
 ###############################################################################
+
+# The client takes boto3's parameters and answers in boto3's shapes; the engine above
+# stores and reads the objects. Its pieces, in order (each after a ``# -- name --`` line):
+#   parameters          botocore's checks (_params, _check_params, _require: its wording),
+#                       and the request headers they become (_put_headers, _header_params)
+#   boto3's shapes      _ClientExceptions, _Paginator, _ListResponse; the bodies _TempBody
+#                       (a rebuilt file) and _VerifyingBody (SHA-256-checked as read)
+#   object operations   _spool_request_body, _put_object_from_file (what the gateway and
+#                       the CLI use too), _get_rebuilt/_get_stored, _delete_logical_objects,
+#                       _copy_logical_object, _verify_logical
+#   logical listing     _logical_page (references hidden, logical names), _fetch_details
+#   the client          DeltaGliderClient: boto3's methods and deltaglider's extensions,
+#                       most of them a parameter check and a call into the pieces
+#   result types        UploadSummary, VerifyResult, BucketStats, ObjectInfo, ...
+#   ACLs                _acl_headers, _acl_xml
+#   multipart uploads   _MultipartUploads (staged, then stored as put_object stores a file)
+#   bucket statistics   _list_for_stats, _compute_bucket_stats, the stats cache
+#   presigned URLs      _presigned_url, _rehydrated_copy (what a URL of a delta serves),
+#                       _purge_presign_copies, _presigned_post
+#   create_client       its settings, _client_storage and _lazy_credentials (on first use)
+
+# -- Parameters: botocore's checks, and the request headers they become ------------
 
 #: put_object/upload_file parameters we honour, beyond Bucket/Key/Body.
 _PUT_PARAMS = frozenset(name for name, _ in _PUT_HEADER_PARAMS) | {
@@ -10732,6 +11103,9 @@ def _delete_entries(spec: Any) -> list[dict[str, Any]]:
     return list(objects)
 
 
+# -- boto3's shapes: exceptions, paginators, listings, bodies ----------------------
+
+
 class _ClientExceptions:
     """``client.exceptions.NoSuchKey`` and friends, as boto3 exposes them."""
 
@@ -10749,46 +11123,74 @@ class _ClientExceptions:
         raise AttributeError("no modeled S3 exception %r" % name)
 
 
+#: The listings ``get_paginator`` pages over, as botocore's S3 paginators do: the
+#: operation, the request members that say where a page starts, the reply members that
+#: name the next page (in the same order), the page-size member and the items counted
+#: by MaxItems.
+_PAGINATED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, str]] = {
+    "list_objects": ("ListObjects", ("Marker",), ("NextMarker",), "MaxKeys", "Contents"),
+    "list_objects_v2": (
+        "ListObjectsV2",
+        ("ContinuationToken",),
+        ("NextContinuationToken",),
+        "MaxKeys",
+        "Contents",
+    ),
+    "list_multipart_uploads": (
+        "ListMultipartUploads",
+        ("KeyMarker", "UploadIdMarker"),
+        ("NextKeyMarker", "NextUploadIdMarker"),
+        "MaxUploads",
+        "Uploads",
+    ),
+    "list_parts": (
+        "ListParts",
+        ("PartNumberMarker",),
+        ("NextPartNumberMarker",),
+        "MaxParts",
+        "Parts",
+    ),
+}
+
+
 class _Paginator:
-    """``get_paginator('list_objects_v2')``: one page per request, as boto3's."""
+    """``get_paginator(name)`` for the listings of ``_PAGINATED``: one page per request,
+    as boto3's. ``StartingToken``: the value of the request marker (markers joined by
+    ``___`` where there are two, botocore's plain form)."""
 
     def __init__(self, client: DeltaGliderClient, operation: str) -> None:
-        if operation not in ("list_objects", "list_objects_v2"):
-            raise ValueError("deltaglider has paginators for list_objects and list_objects_v2 only")
+        if operation not in _PAGINATED:
+            raise ValueError("deltaglider has paginators for %s only" % ", ".join(_PAGINATED))
         self._client = client
         self._operation = operation
 
     def paginate(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        operation, markers, next_markers, size_member, items = _PAGINATED[self._operation]
         pagination = kwargs.pop("PaginationConfig", None) or {}
         limit = pagination.get("MaxItems")
         page_size = pagination.get("PageSize")
         if page_size:
-            kwargs["MaxKeys"] = page_size
+            kwargs[size_member] = page_size
         if pagination.get("StartingToken"):
-            key = "ContinuationToken" if self._operation == "list_objects_v2" else "Marker"
-            kwargs[key] = pagination["StartingToken"]
+            start = str(pagination["StartingToken"])
+            kwargs.update(zip(markers, start.split("___") if len(markers) > 1 else [start]))
         seen = 0
         method = getattr(self._client, self._operation)
-        v2 = self._operation == "list_objects_v2"
 
         def fetch(token: str | None) -> dict[str, Any]:
             if token is not None:
-                kwargs["ContinuationToken" if v2 else "Marker"] = token
+                kwargs.update(zip(markers, json.loads(token)))
             page: dict[str, Any] = method(**kwargs)
             return page
 
         def next_token(page: dict[str, Any]) -> str | None:
-            contents = page.get("Contents") or [{}]
-            token: str | None = (
-                page.get("NextContinuationToken")
-                if v2
-                else page.get("NextMarker") or contents[-1].get("Key")
-            )
-            return token
+            values = [page.get(name) for name in next_markers]
+            if self._operation == "list_objects" and not values[0]:  # no NextMarker: last key
+                values = [(page.get("Contents") or [{}])[-1].get("Key")]
+            return json.dumps(values) if any(values) else None
 
-        operation = "ListObjectsV2" if v2 else "ListObjects"
         for page in _pages(fetch, next_token, operation):
-            seen += len(page.get("Contents", []))
+            seen += len(page.get(items, []))
             yield page
             if limit and seen >= limit:
                 return
@@ -10852,6 +11254,34 @@ class _LimitedReader:
         self._f.close()
 
 
+class _VerifyingBody(StreamingBody):
+    """A direct object's body that checks its SHA-256 when read to the end."""
+
+    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        super().__init__(inner, None)
+        self._inner = inner
+        self._expected = sha256
+        self._label = label
+        self._hash = hashlib.sha256()
+
+    def read(self, amt: int | None = None) -> bytes:
+        data = super().read(amt)
+        self._hash.update(data)
+        if self._eof and self._hash.hexdigest() != self._expected:
+            raise IntegrityError(
+                "%s: SHA-256 mismatch: expected %s, got %s"
+                % (self._label, self._expected, self._hash.hexdigest())
+            )
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+# -- Object operations: put, delete, get, copy, verify -----------------------------
+
+
 def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo]:
     """Write a request body (bytes, str or any file object) to a private temp file;
     returns its path and the digests of the caller's bytes, taken as they are written,
@@ -10859,14 +11289,10 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     these (signed payload hash, the delta's decode check), so a file changed under us
     fails the upload instead of storing other bytes."""
     fd, path = _private_tempfile(engine.tmp_dir(), ".body")
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
+    hashes = _Hashes(md5=True)
 
     def write(f: IO[bytes], data: bytes) -> None:
-        nonlocal size
-        sha.update(data)
-        md5.update(data)
-        size += len(data)
+        hashes.update(data)
         f.write(data)
 
     try:
@@ -10890,7 +11316,7 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     except BaseException:
         os.unlink(path)
         raise
-    return path, _FileInfo(sha.hexdigest(), md5.hexdigest(), size)
+    return path, hashes.info()
 
 
 def _put_object_from_file(
@@ -10902,19 +11328,32 @@ def _put_object_from_file(
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
-    ``info`` holds the digests of the caller's bytes when they were spooled."""
-    # SSE-C: only the customer's key may read it, so no shared reference.
-    delta = False if params.get("SSECustomerKey") is not None else None
-    summary = engine.put_file(
-        path,
-        params["Bucket"],
-        params["Key"],
-        metadata=params.get("Metadata"),
-        headers=_put_headers(params),
-        delta=delta,
-        info=info,
-        on_bytes=on_bytes,
-    )
+    ``info`` holds the digests of the caller's bytes when they were spooled. With
+    ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
+    stored when the condition fails (_check_write_conditions)."""
+
+    def store(if_none_match: bool = False) -> dict[str, Any]:
+        # SSE-C: only the customer's key may read it, so no shared reference.
+        delta = False if params.get("SSECustomerKey") is not None else None
+        return engine.put_file(
+            path,
+            params["Bucket"],
+            params["Key"],
+            metadata=params.get("Metadata"),
+            headers=_put_headers(params),
+            delta=delta,
+            info=info,
+            on_bytes=on_bytes,
+            if_none_match=if_none_match,
+        )
+
+    if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
+        summary = store()
+    else:
+        # One conditional writer of a key at a time here; the check, then the store.
+        with engine.key_lock(params["Bucket"], params["Key"]):
+            _check_write_conditions(engine, params)
+            summary = store(if_none_match=params.get("IfNoneMatch") is not None)
     resp = summary.pop("Response")
     out: dict[str, Any] = {"ETag": summary["ETag"]}
     for name in ("ServerSideEncryption", "VersionId"):
@@ -10938,6 +11377,433 @@ def _put_object_from_file(
         if summary.get("ReferenceKey"):
             out["DeltaGliderInfo"]["ReferenceKey"] = summary["ReferenceKey"]
     return out
+
+
+def _check_write_conditions(engine: _DeltaEngine, params: Mapping[str, Any]) -> None:
+    """PutObject's ``IfNoneMatch="*"`` (create only) and ``IfMatch`` (replace only that
+    version), AWS "Conditional writes", held against the logical object (a delta's ETag
+    is its original's): PreconditionFailed (412) when one fails, NoSuchKey for IfMatch on
+    a missing key, NotImplemented for an IfNoneMatch other than ``*`` (as S3 answers)."""
+    bucket, key = params["Bucket"], params["Key"]
+    if_none, if_match = params.get("IfNoneMatch"), params.get("IfMatch")
+    if if_none is not None and str(if_none).strip() != "*":
+        error = {
+            "Code": "NotImplemented",
+            "Message": "A header you provided implies functionality that is not implemented",
+            "Header": "If-None-Match",
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 501}})
+        raise _client_error({"Error": error, "ResponseMetadata": meta}, "PutObject")
+    try:  # a GET tells NoSuchKey from NoSuchBucket, when If-Match needs the key
+        lg = engine.head(bucket, key, "PutObject" if if_match is not None else "HeadObject")
+    except ClientError as e:
+        if if_match is not None or not _is_not_found(e):
+            raise
+        return
+    if if_none is not None:
+        raise _precondition_error(412, "If-None-Match", "PutObject")
+    if _precondition_failure({"IfMatch": str(if_match)}, lg.etag, None) is not None:
+        raise _precondition_error(412, "If-Match", "PutObject")
+
+
+def _delete_plan(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]]
+) -> tuple[list[str], dict[str, dict[str, Any]], set[str]]:
+    """The stored keys DeleteObjects' entries delete, the conditions to send on each,
+    and the keys whose conditions do not hold on the logical object (they stay)."""
+    stored: list[str] = []
+    conditions: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()
+    for entry in objects:
+        k = entry["Key"]
+        cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
+        if not cond:
+            stored += _stored_forms(k)
+            continue
+        try:
+            lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            lg = None
+        if lg is None:
+            stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
+            conditions[k] = cond
+            continue
+        logical = {
+            "ETag": lg.etag,
+            "LastModified": lg.head.get("LastModified"),
+            "ContentLength": lg.size,
+        }
+        # Checked here first: some servers ignore some conditions (SeaweedFS deletes
+        # whatever the Size), and a delta's logical ETag is not its stored one.
+        if not _delete_conditions_hold(logical, cond):
+            refused.add(k)
+            continue
+        # Then sent, so that the server refuses too if the object changed meanwhile.
+        stored.append(lg.stored_key)
+        if lg.kind == _Kind.DELTA:
+            conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
+        else:
+            conditions[k] = cond
+    return stored, conditions, refused
+
+
+def _delete_logical_objects(
+    engine: _DeltaEngine, bucket: str, objects: list[dict[str, Any]], quiet: bool
+) -> dict[str, Any]:
+    """DeleteObjects of logical keys (delete_objects, its entries checked): the stored
+    forms go in batches, then the references no delta needs any more."""
+    keys = [o["Key"] for o in objects]
+    storage = engine.storage
+    errors: list[dict[str, Any]] = []
+    if len(objects) > _DELETE_BATCH:
+        # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
+        resp = storage.delete_objects(bucket, keys, check_limit=False)
+        errors += resp.get("Errors", [])
+    stored, conditions, refused = _delete_plan(engine, bucket, objects)
+    for i in range(0, len(stored), _DELETE_BATCH):
+        batch = stored[i : i + _DELETE_BATCH]
+        resp = storage.delete_objects(
+            bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
+        )
+        errors += resp.get("Errors", [])
+    engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
+    errors += [
+        {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
+        for k in sorted(refused)
+    ]
+    failed = {e["Key"] for e in errors}
+    out: dict[str, Any] = {}
+    done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
+    if done and not quiet:
+        out["Deleted"] = done
+    logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
+    if logical_errors:
+        out["Errors"] = logical_errors
+    out["ResponseMetadata"] = {
+        "HTTPStatusCode": 200,
+        "RetryAttempts": 0,
+        "RequestId": "",
+        "HostId": "",
+        "HTTPHeaders": {},
+    }
+    return out
+
+
+def _logical_response(lg: _Logical) -> dict[str, Any]:
+    """What GetObject and HeadObject say of a logical object, from its HEAD."""
+    out: dict[str, Any] = {}
+    head = lg.head
+    for key in (
+        "AcceptRanges",
+        "LastModified",
+        "CacheControl",
+        "ContentDisposition",
+        "ContentEncoding",
+        "ContentLanguage",
+        "Expires",
+        "ExpiresString",
+        "ServerSideEncryption",
+        "SSEKMSKeyId",
+        "StorageClass",
+        "TagCount",
+        "VersionId",
+    ):
+        if key in head:
+            out[key] = head[key]
+    out.setdefault("AcceptRanges", "bytes")
+    out["ContentLength"] = lg.size
+    out["ETag"] = lg.etag
+    out["ContentType"] = lg.content_type
+    out["Metadata"] = _user_metadata(lg.metadata)
+    return out
+
+
+def _get_rebuilt(
+    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
+    on the logical object; the body is the rebuilt, verified file. Returns the
+    response metadata and the status."""
+    size = lg.size
+    status = 200
+    failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
+    if failed:
+        raise _precondition_error(failed[0], failed[1], "GetObject")
+    try:
+        span = _byte_range(kwargs.get("Range"), size)
+    except _RangeNotSatisfiable as e:
+        raise e.client_error("GetObject") from None
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+    os.close(fd)
+    try:
+        engine.rebuild(lg, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    start, end = 0, size - 1
+    meta = _local_metadata(lg.head)
+    headers = dict(meta.get("HTTPHeaders") or {})
+    if span is not None:
+        start, end = span
+        out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
+        headers["content-range"] = out["ContentRange"]
+        status = 206
+    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["ContentLength"] = end - start + 1
+    headers["content-length"] = str(end - start + 1)
+    headers["etag"] = lg.etag
+    meta["HTTPHeaders"] = headers
+    return meta, status
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. Returns the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
+    query = []
+    for name, field, _ in _GET_OVERRIDE_PARAMS:
+        value = kwargs.get(name)
+        if value is not None:
+            when = _timestamp_param(value) if name == "ResponseExpires" else None
+            query.append((field, _http_date(when) if when else str(value)))
+    sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
+    resp = engine.storage.get_object(
+        bucket,
+        lg.stored_key,
+        range=sent_range,
+        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+        query=query,
+    )
+    status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
+    for name in ("ContentLength", "ContentRange", "LastModified"):
+        if name in resp:
+            out[name] = resp[name]
+    body = resp["Body"]
+    if sent_range is None and lg.sha256:
+        body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
+    out["Body"] = body
+    meta = _local_metadata(resp)
+    return meta, status
+
+
+def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """The ``Response*`` overrides asked for, in the response as S3 answers them."""
+    for name, _, field in _GET_OVERRIDE_PARAMS:
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            if field == "Expires":
+                when = _timestamp_param(value)
+                out["ExpiresString"] = _http_date(when) if when else str(value)
+                if when:
+                    out["Expires"] = when
+            else:
+                out[field] = value
+
+
+def _copy_source(src: Any) -> tuple[str, str]:
+    """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    if isinstance(src, str):
+        text = urllib.parse.unquote(src.lstrip("/"))
+        src_bucket, _, src_key = text.partition("/")
+        if "?versionId=" in src_key:
+            raise ParamValidationError(report="CopySource versionId is not supported")
+    elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
+        src_bucket, src_key = src["Bucket"], src.get("Key") or ""
+        if not isinstance(src_key, str) or not src_key:
+            raise ParamValidationError(
+                report=_type_report("CopySource.Key", src_key, "<class 'str'>")
+            )
+    else:
+        raise ParamValidationError(
+            report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+        )
+    return src_bucket, src_key
+
+
+def _copy_logical_object(
+    engine: _DeltaEngine,
+    kwargs: Mapping[str, Any],
+    src_bucket: str,
+    src_key: str,
+    now: Callable[[], datetime.datetime],
+) -> dict[str, Any]:
+    """CopyObject (copy_object, its source parsed): the source's conditions hold on the
+    logical object; it is read whole (rebuilt if a delta) and stored as put_object stores
+    a file, with its metadata unless ``MetadataDirective=REPLACE``."""
+    source_headers = {
+        h.replace("copy-source-", "", 1): v
+        for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
+    }
+    if kwargs.get("ExpectedSourceBucketOwner"):
+        source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
+    lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
+    failed = _precondition_failure(
+        kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
+    )
+    if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
+        raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
+    directive = kwargs.get("MetadataDirective", "COPY")
+    params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
+    params.pop("ExpectedSourceBucketOwner", None)
+    if directive == "COPY":
+        params["Metadata"] = _user_metadata(lg.metadata)
+        params.setdefault("ContentType", lg.content_type)
+        for name in (
+            "CacheControl",
+            "ContentDisposition",
+            "ContentEncoding",
+            "ContentLanguage",
+            "Expires",
+        ):
+            if name in lg.head:
+                params.setdefault(name, lg.head[name])
+    fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
+    os.close(fd)
+    try:
+        engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
+        result = _put_object_from_file(engine, tmp, params)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    out: dict[str, Any] = {
+        "CopyObjectResult": {
+            "ETag": result["ETag"],
+            "LastModified": now().replace(microsecond=0),
+        },
+        "ResponseMetadata": result["ResponseMetadata"],
+    }
+    if "DeltaGliderInfo" in result:
+        out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+    return out
+
+
+# -- Logical listing: references and bookkeeping hidden, logical names -------------
+
+
+def _logical_page(
+    engine: _DeltaEngine,
+    bucket: str,
+    page: dict[str, Any],
+    after: str | None,
+    fetch: bool,
+    continued: bool,
+    max_workers: int,
+) -> list[dict[str, Any]]:
+    """Hide references, show logical names (_logical_key), each once: where another
+    tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
+    serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
+    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
+    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    objects = page.get("Contents", [])
+    plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
+    first = objects[0]["Key"] if objects else ""
+    contents = []
+    for obj in objects:
+        stored = obj["Key"]
+        logical = _logical_key(stored)
+        if logical is None or (after is not None and logical <= after):
+            continue
+        if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
+            if logical in plain:
+                continue
+            if continued and logical < first and engine.exists(bucket, logical):
+                continue  # listed on an earlier page
+        item = dict(obj)
+        item["Key"] = logical
+        if fetch:
+            item["_stored"] = stored
+        contents.append(item)
+    if fetch and contents:
+        _fetch_details(engine.storage, bucket, contents, max_workers)
+    return contents
+
+
+def _fetch_details(
+    storage: _Storage, bucket: str, contents: list[dict[str, Any]], max_workers: int
+) -> None:
+    """FetchMetadata: each listed delta's logical size and ETag, and every entry's
+    compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    def one(item: dict[str, Any]) -> None:
+        stored = item.pop("_stored")
+        is_delta = stored.endswith(_DELTA_SUFFIX)
+        meta: dict[str, str] = {}
+        if is_delta:
+            try:
+                meta = storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError:
+                meta = {}
+        original = _meta_get(meta, "file_size") if is_delta else None
+        size = int(original) if original and original.isdigit() else item["Size"]
+        stored_size = item["Size"]
+        item["Size"] = size
+        md5 = _meta_get(meta, "md5") if is_delta else None
+        if md5:  # the logical ETag, as head_object reports it (rclone check compares)
+            item["ETag"] = '"%s"' % md5
+        details = {
+            "deltaglider-is-delta": "true" if is_delta else "false",
+            "deltaglider-original-size": str(size),
+            "deltaglider-stored-size": str(stored_size),
+            "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
+        }
+        if is_delta:
+            ref = _meta_get(meta, "ref") or _REFERENCE_NAME
+            details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
+        item["Metadata"] = details
+
+    deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
+    for item in contents:
+        if not item["_stored"].endswith(_DELTA_SUFFIX):
+            one(item)  # no request needed
+    if deltas:
+        workers = min(max_workers, len(deltas))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, deltas))
+
+
+def _verify_logical(engine: _DeltaEngine, bucket: str, key: str) -> VerifyResult:
+    """verify: the object read back whole into a temp file (a delta rebuilt), with every
+    integrity check reading applies; a failed check is the result, not an exception."""
+    lg = engine.head(bucket, key, "GetObject")
+    fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
+    os.close(fd)
+    try:
+        try:
+            if lg.kind == _Kind.DELTA:
+                engine.rebuild(lg, path)
+            else:
+                engine.fetch_plain(lg, path)
+            valid, message = True, "Integrity verified"
+        except IntegrityError as e:
+            valid, message = False, str(e)
+        actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
+    finally:
+        os.unlink(path)
+    if lg.kind == _Kind.FOREIGN:
+        message = "no SHA-256 recorded (not written by deltaglider); read back completely"
+    result = VerifyResult(
+        valid=valid,
+        kind=lg.kind,
+        expected_sha256=lg.sha256,
+        actual_sha256=actual,
+        message=message,
+    )
+    if lg.kind == _Kind.DELTA:
+        ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
+        result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
+    return result
+
+
+# -- The client --------------------------------------------------------------------
 
 
 class DeltaGliderClient:
@@ -10972,6 +11838,7 @@ class DeltaGliderClient:
         self._now = now
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
+        self._multipart = _MultipartUploads(lambda: self.engine, now)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -11015,13 +11882,14 @@ class DeltaGliderClient:
         return _Paginator(self, operation_name)
 
     def can_paginate(self, operation_name: str) -> bool:
-        return operation_name in ("list_objects", "list_objects_v2")
+        return operation_name in _PAGINATED
 
     # -- objects ------------------------------------------------------------------
 
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
-        _params("PutObject", kwargs, {"Bucket", "Key", "Body"} | _PUT_PARAMS, "Bucket", "Key")
+        allowed = {"Bucket", "Key", "Body", "IfNoneMatch", "IfMatch"} | _PUT_PARAMS
+        _params("PutObject", kwargs, allowed, "Bucket", "Key")
         body = kwargs.get("Body", b"")
         path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
@@ -11045,33 +11913,6 @@ class DeltaGliderClient:
         finally:
             os.unlink(path)
 
-    def _logical_response(self, lg: _Logical) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        head = lg.head
-        for key in (
-            "AcceptRanges",
-            "LastModified",
-            "CacheControl",
-            "ContentDisposition",
-            "ContentEncoding",
-            "ContentLanguage",
-            "Expires",
-            "ExpiresString",
-            "ServerSideEncryption",
-            "SSEKMSKeyId",
-            "StorageClass",
-            "TagCount",
-            "VersionId",
-        ):
-            if key in head:
-                out[key] = head[key]
-        out.setdefault("AcceptRanges", "bytes")
-        out["ContentLength"] = lg.size
-        out["ETag"] = lg.etag
-        out["ContentType"] = lg.content_type
-        out["Metadata"] = _user_metadata(lg.metadata)
-        return out
-
     def head_object(self, **kwargs: Any) -> dict[str, Any]:
         """HeadObject of a logical key. Conditions (``IfMatch``...) hold against the
         logical object; the server decides them for objects stored as they are."""
@@ -11091,7 +11932,7 @@ class DeltaGliderClient:
             failed = _precondition_failure(kwargs, lg.etag, head.get("LastModified"))
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
-        out = self._logical_response(lg)
+        out = _logical_response(lg)
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -11106,71 +11947,12 @@ class DeltaGliderClient:
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
         lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = self._logical_response(lg)
-        size = lg.size
-        status = 200
+        out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
-            if failed:
-                raise _precondition_error(failed[0], failed[1], "GetObject")
-            try:
-                span = _byte_range(kwargs.get("Range"), size)
-            except _RangeNotSatisfiable as e:
-                raise e.client_error("GetObject") from None
-            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-            os.close(fd)
-            try:
-                engine.rebuild(lg, tmp)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            start, end = 0, size - 1
-            meta = _local_metadata(lg.head)
-            headers = dict(meta.get("HTTPHeaders") or {})
-            if span is not None:
-                start, end = span
-                out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
-                headers["content-range"] = out["ContentRange"]
-                status = 206
-            out["Body"] = _TempBody(tmp, start, end - start + 1)
-            out["ContentLength"] = end - start + 1
-            headers["content-length"] = str(end - start + 1)
-            headers["etag"] = lg.etag
-            meta["HTTPHeaders"] = headers
+            meta, status = _get_rebuilt(engine, lg, kwargs, out)
         else:
-            query = []
-            for name, field, _ in _GET_OVERRIDE_PARAMS:
-                value = kwargs.get(name)
-                if value is not None:
-                    when = _timestamp_param(value) if name == "ResponseExpires" else None
-                    query.append((field, _http_date(when) if when else str(value)))
-            sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-            resp = engine.storage.get_object(
-                bucket,
-                lg.stored_key,
-                range=sent_range,
-                headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-                query=query,
-            )
-            status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
-            for name in ("ContentLength", "ContentRange", "LastModified"):
-                if name in resp:
-                    out[name] = resp[name]
-            body = resp["Body"]
-            if sent_range is None and lg.sha256:
-                body = _VerifyingBody(body, lg.sha256, "s3://%s/%s" % (bucket, key))
-            out["Body"] = body
-            meta = _local_metadata(resp)
-        for name, _, field in _GET_OVERRIDE_PARAMS:
-            if kwargs.get(name) is not None:
-                value = kwargs[name]
-                if field == "Expires":
-                    when = _timestamp_param(value)
-                    out["ExpiresString"] = _http_date(when) if when else str(value)
-                    if when:
-                        out["Expires"] = when
-                else:
-                    out[field] = value
+            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
@@ -11204,81 +11986,12 @@ class DeltaGliderClient:
             "Bucket",
             "Delete",
         )
-        bucket = kwargs["Bucket"]
         spec = kwargs["Delete"]
         objects = _delete_entries(spec)
-        keys = [o["Key"] for o in objects]
-        for k in keys:
-            _validate_key(k)
-        engine = self.engine
-        storage = engine.storage
-        errors: list[dict[str, Any]] = []
-        if len(objects) > _DELETE_BATCH:
-            # boto3 sends them all and the server says no (MalformedXML on S3): ask it.
-            resp = storage.delete_objects(bucket, keys, check_limit=False)
-            errors += resp.get("Errors", [])
-        stored: list[str] = []
-        conditions: dict[str, dict[str, Any]] = {}
-        refused: set[str] = set()
         for entry in objects:
-            k = entry["Key"]
-            cond = {n: entry[n] for n in ("ETag", "LastModifiedTime", "Size") if n in entry}
-            if not cond:
-                stored += _stored_forms(k)
-                continue
-            try:
-                lg: _Logical | None = engine.head(bucket, k, "DeleteObjects")
-            except ClientError as e:
-                if not _is_not_found(e):
-                    raise
-                lg = None
-            if lg is None:
-                stored.append(_stored_forms(k)[-1])  # the server answers for what is not there
-                conditions[k] = cond
-                continue
-            logical = {
-                "ETag": lg.etag,
-                "LastModified": lg.head.get("LastModified"),
-                "ContentLength": lg.size,
-            }
-            # Checked here first: some servers ignore some conditions (SeaweedFS deletes
-            # whatever the Size), and a delta's logical ETag is not its stored one.
-            if not _delete_conditions_hold(logical, cond):
-                refused.add(k)
-                continue
-            # Then sent, so that the server refuses too if the object changed meanwhile.
-            stored.append(lg.stored_key)
-            if lg.kind == _Kind.DELTA:
-                conditions[lg.stored_key] = {"ETag": lg.head.get("ETag")}
-            else:
-                conditions[k] = cond
-        for i in range(0, len(stored), _DELETE_BATCH):
-            batch = stored[i : i + _DELETE_BATCH]
-            resp = storage.delete_objects(
-                bucket, batch, conditions={k: conditions[k] for k in batch if k in conditions}
-            )
-            errors += resp.get("Errors", [])
-        engine.drop_unused_near(bucket, [_deltaspace(k) for k in keys])
-        errors += [
-            {"Key": k, "Code": "PreconditionFailed", "Message": _PRECONDITION_MESSAGE}
-            for k in sorted(refused)
-        ]
-        failed = {e["Key"] for e in errors}
-        out: dict[str, Any] = {}
-        done = [{"Key": k} for k in keys if not failed.intersection(_stored_forms(k))]
-        if done and not spec.get("Quiet"):
-            out["Deleted"] = done
-        logical_errors = [dict(e, Key=_logical_key(e["Key"]) or e["Key"]) for e in errors]
-        if logical_errors:
-            out["Errors"] = logical_errors
-        out["ResponseMetadata"] = {
-            "HTTPStatusCode": 200,
-            "RetryAttempts": 0,
-            "RequestId": "",
-            "HostId": "",
-            "HTTPHeaders": {},
-        }
-        return out
+            _validate_key(entry["Key"])
+        quiet = bool(spec.get("Quiet"))
+        return _delete_logical_objects(self.engine, kwargs["Bucket"], objects, quiet)
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
         """CopyObject of a logical object: a delta-stored source is rebuilt and stored
@@ -11287,153 +12000,15 @@ class DeltaGliderClient:
         allowed |= _PUT_PARAMS | {n for n, _ in _COPY_CONDITION_PARAMS + _COPY_SSEC_HEADER_PARAMS}
         allowed |= {"ExpectedSourceBucketOwner"}
         _params("CopyObject", kwargs, allowed, "Bucket", "Key", "CopySource")
+        src_bucket, src_key = _copy_source(kwargs["CopySource"])
         try:
-            return self._copy_object(kwargs)
+            return _copy_logical_object(self.engine, kwargs, src_bucket, src_key, self._now)
         except ClientError as e:  # the source's HEAD and GET, the destination's PUT
             if e.operation_name == "CopyObject":
                 raise
             raise _as_operation(e, "CopyObject", keep_multipart=False) from None
 
-    def _copy_object(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            text = urllib.parse.unquote(src.lstrip("/"))
-            src_bucket, _, src_key = text.partition("/")
-            if "?versionId=" in src_key:
-                raise ParamValidationError(report="CopySource versionId is not supported")
-        elif isinstance(src, dict) and isinstance(src.get("Bucket"), str):
-            src_bucket, src_key = src["Bucket"], src.get("Key") or ""
-            if not isinstance(src_key, str) or not src_key:
-                raise ParamValidationError(
-                    report=_type_report("CopySource.Key", src_key, "<class 'str'>")
-                )
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        engine = self.engine
-        source_headers = {
-            h.replace("copy-source-", "", 1): v
-            for h, v in _header_params(kwargs, _COPY_SSEC_HEADER_PARAMS).items()
-        }
-        if kwargs.get("ExpectedSourceBucketOwner"):
-            source_headers["x-amz-expected-bucket-owner"] = kwargs["ExpectedSourceBucketOwner"]
-        lg = engine.head(src_bucket, src_key, "GetObject", headers=source_headers)
-        failed = _precondition_failure(
-            kwargs, lg.etag, lg.head.get("LastModified"), prefix="CopySource"
-        )
-        if failed:  # a copy answers 412 for every failed condition (S3 CopyObject docs)
-            raise _precondition_error(412, "x-amz-copy-source-" + failed[1].lower(), "CopyObject")
-        directive = kwargs.get("MetadataDirective", "COPY")
-        params = {k: v for k, v in kwargs.items() if not k.startswith("CopySource")}
-        params.pop("ExpectedSourceBucketOwner", None)
-        if directive == "COPY":
-            params["Metadata"] = _user_metadata(lg.metadata)
-            params.setdefault("ContentType", lg.content_type)
-            for name in (
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-            ):
-                if name in lg.head:
-                    params.setdefault(name, lg.head[name])
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".copy")
-        os.close(fd)
-        try:
-            engine.get_to_file(src_bucket, src_key, tmp, logical=lg)
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        out: dict[str, Any] = {
-            "CopyObjectResult": {
-                "ETag": result["ETag"],
-                "LastModified": self._now().replace(microsecond=0),
-            },
-            "ResponseMetadata": result["ResponseMetadata"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        return out
-
     # -- listing ------------------------------------------------------------------
-
-    def _logical_page(
-        self,
-        bucket: str,
-        page: dict[str, Any],
-        after: str | None,
-        fetch: bool,
-        continued: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Hide references, show logical names (_logical_key), each once: where another
-        tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
-        serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-        ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-        the compression details (HEADs run in parallel)."""
-        objects = page.get("Contents", [])
-        plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
-        first = objects[0]["Key"] if objects else ""
-        contents = []
-        for obj in objects:
-            stored = obj["Key"]
-            logical = _logical_key(stored)
-            if logical is None or (after is not None and logical <= after):
-                continue
-            if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-                if logical in plain:
-                    continue
-                if continued and logical < first and self.engine.exists(bucket, logical):
-                    continue  # listed on an earlier page
-            item = dict(obj)
-            item["Key"] = logical
-            if fetch:
-                item["_stored"] = stored
-            contents.append(item)
-        if fetch and contents:
-            self._fetch_details(bucket, contents)
-        return contents
-
-    def _fetch_details(self, bucket: str, contents: list[dict[str, Any]]) -> None:
-        storage = self.engine.storage
-
-        def one(item: dict[str, Any]) -> None:
-            stored = item.pop("_stored")
-            is_delta = stored.endswith(_DELTA_SUFFIX)
-            meta: dict[str, str] = {}
-            if is_delta:
-                try:
-                    meta = storage.head_object(bucket, stored).get("Metadata", {})
-                except ClientError:
-                    meta = {}
-            original = _meta_get(meta, "file_size") if is_delta else None
-            size = int(original) if original and original.isdigit() else item["Size"]
-            stored_size = item["Size"]
-            item["Size"] = size
-            md5 = _meta_get(meta, "md5") if is_delta else None
-            if md5:  # the logical ETag, as head_object reports it (rclone check compares)
-                item["ETag"] = '"%s"' % md5
-            details = {
-                "deltaglider-is-delta": "true" if is_delta else "false",
-                "deltaglider-original-size": str(size),
-                "deltaglider-stored-size": str(stored_size),
-                "deltaglider-compression-ratio": "%.4f" % (stored_size / size if size else 1.0),
-            }
-            if is_delta:
-                ref = _meta_get(meta, "ref") or _REFERENCE_NAME
-                details["deltaglider-reference-key"] = _resolve_ref_key(stored, ref)
-            item["Metadata"] = details
-
-        deltas = [c for c in contents if c["_stored"].endswith(_DELTA_SUFFIX)]
-        for item in contents:
-            if not item["_stored"].endswith(_DELTA_SUFFIX):
-                one(item)  # no request needed
-        if deltas:
-            workers = min(self._max_workers, len(deltas))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, deltas))
 
     def _list_logical(self, kwargs: Mapping[str, Any], marker: str | None) -> dict[str, Any]:
         """Pages of stored keys until ``MaxKeys`` logical entries (keys and common
@@ -11470,7 +12045,9 @@ class DeltaGliderClient:
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
-            contents += self._logical_page(bucket, page, after, fetch, continued)
+            contents += _logical_page(
+                self.engine, bucket, page, after, fetch, continued, self._max_workers
+            )
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -11677,254 +12254,35 @@ class DeltaGliderClient:
                 if Callback:
                     Callback(len(chunk))
 
-    # -- multipart uploads --------------------------------------------------------
-    #
-    # Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
-    # <nonce>/<key>; completing it assembles the staging object on the server, which is
-    # then stored under <key> as put_object stores a file (a delta where that pays) and
-    # removed. The UploadId we hand out is the nonce followed by the server's upload id,
-    # so any client (another process, the gateway) can continue an upload it did not
-    # start, and two uploads of one key never share a staging object.
-
-    _MPU_NONCE = 32
-
-    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
-        """(bucket, staging key, the server's upload id) of one of our upload ids."""
-        _require(operation, kwargs, "Bucket", "Key", "UploadId")
-        upload_id = kwargs["UploadId"]
-        nonce, server_id = upload_id[: self._MPU_NONCE], upload_id[self._MPU_NONCE :]
-        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % self._MPU_NONCE, nonce):
-            raise _client_error(
-                {
-                    "Error": {
-                        "Code": "NoSuchUpload",
-                        "Message": "The specified upload does not exist. The upload ID may "
-                        "be invalid, or the upload may have been aborted or completed.",
-                        "UploadId": upload_id,
-                    },
-                    "ResponseMetadata": _local_metadata(
-                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
-                    ),
-                },
-                operation,
-            )
-        _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
+    # -- multipart uploads: _MultipartUploads ----------------------------------------
 
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CreateMultipartUpload; the object's headers and metadata are kept on the
         staging upload and given to the object when the upload completes."""
-        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
-            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
-        )
-        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
-        _validate_key(kwargs["Key"])
-        if kwargs.get("SSECustomerKey") is not None:
-            raise ParamValidationError(
-                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
-            )
-        nonce = uuid.uuid4().hex
-        staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
-        headers = _put_headers(kwargs)
-        server_id = self.engine.storage.create_multipart_upload(
-            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
-        )
-        return {
-            "Bucket": kwargs["Bucket"],
-            "Key": kwargs["Key"],
-            "UploadId": nonce + server_id,
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.create(kwargs)
 
     def upload_part(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
-        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
-        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
-        body = kwargs.get("Body")
-        path, info = _spool_request_body(self.engine, body if body is not None else b"")
-        try:
-            with open(path, "rb") as f:  # signed with the hash of what the caller gave
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+        return self._multipart.upload_part(kwargs)
 
     def upload_part_copy(self, **kwargs: Any) -> dict[str, Any]:
         """UploadPartCopy from a logical object (rebuilt when stored as a delta);
         ``CopySourceRange`` as ``bytes=first-last``."""
-        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
-        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
-        _params(
-            "UploadPartCopy",
-            kwargs,
-            allowed,
-            "Bucket",
-            "Key",
-            "UploadId",
-            "PartNumber",
-            "CopySource",
-        )
-        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
-        src = kwargs["CopySource"]
-        if isinstance(src, str):
-            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
-        elif isinstance(src, dict):
-            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
-        else:
-            raise ParamValidationError(
-                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
-            )
-        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
-        if kwargs.get("CopySourceRange"):
-            get["Range"] = kwargs["CopySourceRange"]
-        for name, _ in _COPY_CONDITION_PARAMS:
-            if kwargs.get(name) is not None:
-                get[name[len("CopySource") :]] = kwargs[name]
-        try:
-            resp = self.get_object(**get)
-        except ClientError as e:
-            raise _client_error(e.response, "UploadPartCopy") from None
-        with resp["Body"] as part:
-            path, info = _spool_request_body(self.engine, part)
-        try:
-            with open(path, "rb") as f:
-                etag = self.engine.storage.upload_part(
-                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
-                )
-        finally:
-            os.unlink(path)
-        return {
-            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
-            "ResponseMetadata": _local_metadata({}),
-        }
+        return self._multipart.upload_part_copy(kwargs, self.get_object)
 
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         """CompleteMultipartUpload: the server assembles the parts; the result is then
         stored under ``Key`` as put_object stores a file (a delta where that pays)."""
-        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
-        allowed |= {"RequestPayer"}
-        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
-        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
-        if not isinstance(parts, (list, tuple)):
-            raise ParamValidationError(
-                report=_type_report(
-                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
-                )
-            )
-        storage = self.engine.storage
-        storage.complete_multipart_upload(
-            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
-        )
-        engine = self.engine
-        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
-        os.close(fd)
-        try:
-            got = storage.get_object(bucket, staging)
-            with got["Body"] as body, open(tmp, "wb") as f:
-                for chunk in body.iter_chunks(_IO_CHUNK):
-                    f.write(chunk)
-            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
-            params["Metadata"] = got.get("Metadata") or {}
-            for name in (
-                "ContentType",
-                "CacheControl",
-                "ContentDisposition",
-                "ContentEncoding",
-                "ContentLanguage",
-                "Expires",
-                "ServerSideEncryption",
-                "SSEKMSKeyId",
-                "StorageClass",
-            ):
-                if got.get(name) is not None:
-                    params[name] = got[name]
-            result = _put_object_from_file(self.engine, tmp, params)
-        finally:
-            os.unlink(tmp)
-        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
-            storage.delete_object(bucket, staging)
-        out: dict[str, Any] = {
-            "Location": storage.object_url(bucket, kwargs["Key"]),
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "ETag": result["ETag"],
-        }
-        if "DeltaGliderInfo" in result:
-            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
-        out["ResponseMetadata"] = result["ResponseMetadata"]
-        return out
+        return self._multipart.complete(kwargs)
 
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
-        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
-        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
-        return {"ResponseMetadata": _local_metadata(resp)}
+        return self._multipart.abort(kwargs)
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]:
-        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
-        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
-        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
-        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
-        resp = self.engine.storage.list_parts(bucket, staging, server_id)
-        parts = resp.get("Parts", [])
-        marker = int(kwargs.get("PartNumberMarker") or 0)
-        parts = [p for p in parts if p["PartNumber"] > marker]
-        limit = kwargs.get("MaxParts", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": kwargs["Key"],
-            "UploadId": kwargs["UploadId"],
-            "PartNumberMarker": marker,
-            "MaxParts": limit,
-            "IsTruncated": len(parts) > limit,
-            "Parts": parts[:limit],
-        }
-        if out["IsTruncated"]:
-            out["NextPartNumberMarker"] = parts[limit - 1]["PartNumber"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_parts(kwargs)
 
     def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         """Uploads in progress, by their logical keys and our upload ids."""
-        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
-        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
-        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
-        bucket = kwargs["Bucket"]
-        resp = self.engine.storage.list_multipart_uploads(bucket, prefix=_MULTIPART_PREFIX)
-        uploads = []
-        for u in resp.get("Uploads", []):
-            rest = u["Key"][len(_MULTIPART_PREFIX) :]
-            nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(_MULTIPART_PREFIX) or len(nonce) != self._MPU_NONCE:
-                continue
-            if not key.startswith(kwargs.get("Prefix") or ""):
-                continue
-            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
-        uploads.sort(key=lambda u: (u["Key"], u["Initiated"]))
-        marker = kwargs.get("KeyMarker")
-        if marker:
-            uploads = [u for u in uploads if u["Key"] > marker]
-        limit = kwargs.get("MaxUploads", 1000)
-        out: dict[str, Any] = {
-            "Bucket": bucket,
-            "KeyMarker": marker or "",
-            "UploadIdMarker": kwargs.get("UploadIdMarker") or "",
-            "Prefix": kwargs.get("Prefix") or "",
-            "MaxUploads": limit,
-            "IsTruncated": len(uploads) > limit,
-        }
-        if uploads[:limit]:
-            out["Uploads"] = uploads[:limit]
-        if out["IsTruncated"]:
-            out["NextKeyMarker"] = uploads[limit - 1]["Key"]
-            out["NextUploadIdMarker"] = uploads[limit - 1]["UploadId"]
-        out["ResponseMetadata"] = _local_metadata(resp)
-        return out
+        return self._multipart.list_uploads(kwargs)
 
     # -- object tagging and ACLs ---------------------------------------------------
 
@@ -12085,7 +12443,9 @@ class DeltaGliderClient:
         a rebuilt copy under ``.deltaglider/tmp/`` that expires with the URL (a purge
         removes it), so whoever follows the link gets the original bytes."""
         params = dict(Params or {})
-        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, HttpMethod, self._now)
+        method = _presign_method(ClientMethod, params, ExpiresIn)
+        http_method = HttpMethod or method
+        return _presigned_url(self.engine, ClientMethod, params, ExpiresIn, http_method, self._now)
 
     def generate_presigned_post(
         self,
@@ -12156,35 +12516,7 @@ class DeltaGliderClient:
         in deltaglider 6.x); its details stay readable: ``valid``, ``kind``,
         ``expected_sha256``, ``actual_sha256``, ``message`` (as keys or attributes)."""
         bucket, key = _parse_s3_url(s3_url)
-        engine = self.engine
-        lg = engine.head(bucket, key, "GetObject")
-        fd, path = _private_tempfile(engine.tmp_dir(), ".verify")
-        os.close(fd)
-        try:
-            try:
-                if lg.kind == _Kind.DELTA:
-                    engine.rebuild(lg, path)
-                else:
-                    engine.fetch_plain(lg, path)
-                valid, message = True, "Integrity verified"
-            except IntegrityError as e:
-                valid, message = False, str(e)
-            actual = _hash_file(path).sha256 if os.path.getsize(path) or valid else ""
-        finally:
-            os.unlink(path)
-        if lg.kind == _Kind.FOREIGN:
-            message = "no SHA-256 recorded (not written by deltaglider); read back completely"
-        result = VerifyResult(
-            valid=valid,
-            kind=lg.kind,
-            expected_sha256=lg.sha256,
-            actual_sha256=actual,
-            message=message,
-        )
-        if lg.kind == _Kind.DELTA:
-            ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-            result["reference_key"] = _resolve_ref_key(lg.stored_key, ref)
-        return result
+        return _verify_logical(self.engine, bucket, key)
 
     def upload_chunked(
         self,
@@ -12436,29 +12768,7 @@ class DeltaGliderClient:
 
     def purge_temp_files(self, Bucket: str) -> dict[str, Any]:
         """Delete expired rebuilt copies under ``.deltaglider/tmp/``."""
-        storage = self.engine.storage
-        now = self._now()
-        deleted = expired = errors = freed = 0
-        for page in _list_pages(storage, Bucket, prefix=_PRESIGN_PREFIX):
-            for obj in page.get("Contents", []):
-                try:
-                    meta = storage.head_object(Bucket, obj["Key"]).get("Metadata", {})
-                    when = meta.get("dg-expires-at")
-                    if when and _parse_timestamp(when) <= now:
-                        expired += 1
-                        storage.delete_object(Bucket, obj["Key"])
-                        deleted += 1
-                        freed += obj["Size"]
-                except (ClientError, ValueError) as e:
-                    logger.warning("purge: %s: %s", obj["Key"], e)
-                    errors += 1
-        return {
-            "bucket": Bucket,
-            "deleted_count": deleted,
-            "expired_count": expired,
-            "error_count": errors,
-            "total_size_freed": freed,
-        }
+        return _purge_presign_copies(self.engine.storage, Bucket, self._now)
 
 
 #: The client's public methods, for the "not supported" message.
@@ -12469,6 +12779,9 @@ _SUPPORTED_METHODS = tuple(
         if not name.startswith("_") and callable(value)
     )
 )
+
+
+# -- Result types of deltaglider's extensions --------------------------------------
 
 
 @dataclasses.dataclass
@@ -12574,30 +12887,7 @@ class CompressionEstimate:
     should_use_delta: bool = True
 
 
-class _VerifyingBody(StreamingBody):
-    """A direct object's body that checks its SHA-256 when read to the end."""
-
-    def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
-        super().__init__(inner, None)
-        self._inner = inner
-        self._expected = sha256
-        self._label = label
-        self._hash = hashlib.sha256()
-
-    def read(self, amt: int | None = None) -> bytes:
-        data = super().read(amt)
-        self._hash.update(data)
-        if self._eof and self._hash.hexdigest() != self._expected:
-            raise IntegrityError(
-                "%s: SHA-256 mismatch: expected %s, got %s"
-                % (self._label, self._expected, self._hash.hexdigest())
-            )
-        return data
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
-
+# -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
 
 _CANNED_ACL_PARAMS = (
     ("ACL", "x-amz-acl"),
@@ -12642,7 +12932,250 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
-# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -------
+# -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete ---
+
+_MPU_NONCE = 32
+
+
+class _MultipartUploads:
+    """The client's multipart-upload operations, over the engine's storage.
+
+    Parts go to a real multipart upload of a staging key, .deltaglider/multipart/
+    <nonce>/<key>; completing it assembles the staging object on the server, which is
+    then stored under <key> as put_object stores a file (a delta where that pays) and
+    removed. The UploadId we hand out is the nonce followed by the server's upload id,
+    so any client (another process, the gateway) can continue an upload it did not
+    start, and two uploads of one key never share a staging object."""
+
+    def __init__(
+        self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
+    ) -> None:
+        self._get_engine = engine  # the client's, made on first use
+        self._now = now
+
+    @property
+    def engine(self) -> _DeltaEngine:
+        return self._get_engine()
+
+    def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
+        """(bucket, staging key, the server's upload id) of one of our upload ids."""
+        _require(operation, kwargs, "Bucket", "Key", "UploadId")
+        upload_id = kwargs["UploadId"]
+        nonce, server_id = upload_id[:_MPU_NONCE], upload_id[_MPU_NONCE:]
+        if not server_id or not re.match(r"^[0-9a-f]{%d}$" % _MPU_NONCE, nonce):
+            raise _client_error(
+                {
+                    "Error": {
+                        "Code": "NoSuchUpload",
+                        "Message": "The specified upload does not exist. The upload ID may "
+                        "be invalid, or the upload may have been aborted or completed.",
+                        "UploadId": upload_id,
+                    },
+                    "ResponseMetadata": _local_metadata(
+                        {"ResponseMetadata": {"HTTPStatusCode": 404}}
+                    ),
+                },
+                operation,
+            )
+        _validate_key(kwargs["Key"])
+        return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
+
+    def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
+            _PUT_PARAMS - {"ContentMD5", "ContentLength"}
+        )
+        _params("CreateMultipartUpload", kwargs, allowed - {"ChecksumAlgorithm"}, "Bucket", "Key")
+        _validate_key(kwargs["Key"])
+        if kwargs.get("SSECustomerKey") is not None:
+            raise ParamValidationError(
+                report="SSE-C multipart uploads are not supported: use put_object or upload_file"
+            )
+        nonce = uuid.uuid4().hex
+        staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
+        headers = _put_headers(kwargs)
+        server_id = self.engine.storage.create_multipart_upload(
+            kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
+        )
+        return {
+            "Bucket": kwargs["Bucket"],
+            "Key": kwargs["Key"],
+            "UploadId": nonce + server_id,
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def upload_part(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "Body", "ContentMD5"}
+        allowed |= {"ContentLength", "ExpectedBucketOwner", "RequestPayer"}
+        _params("UploadPart", kwargs, allowed, "Bucket", "Key", "UploadId", "PartNumber")
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPart")
+        body = kwargs.get("Body")
+        path, info = _spool_request_body(self.engine, body if body is not None else b"")
+        try:
+            with open(path, "rb") as f:  # signed with the hash of what the caller gave
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {"ETag": etag, "ResponseMetadata": _local_metadata({})}
+
+    def upload_part_copy(
+        self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
+        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
+        _params(
+            "UploadPartCopy",
+            kwargs,
+            allowed,
+            "Bucket",
+            "Key",
+            "UploadId",
+            "PartNumber",
+            "CopySource",
+        )
+        bucket, staging, server_id = self._mpu(kwargs, "UploadPartCopy")
+        src = kwargs["CopySource"]
+        if isinstance(src, str):
+            src_bucket, _, src_key = urllib.parse.unquote(src.lstrip("/")).partition("/")
+        elif isinstance(src, dict):
+            src_bucket, src_key = src.get("Bucket", ""), src.get("Key", "")
+        else:
+            raise ParamValidationError(
+                report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
+            )
+        get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        if kwargs.get("CopySourceRange"):
+            get["Range"] = kwargs["CopySourceRange"]
+        for name, _ in _COPY_CONDITION_PARAMS:
+            if kwargs.get(name) is not None:
+                get[name[len("CopySource") :]] = kwargs[name]
+        try:
+            resp = get_object(**get)
+        except ClientError as e:
+            raise _client_error(e.response, "UploadPartCopy") from None
+        with resp["Body"] as part:
+            path, info = _spool_request_body(self.engine, part)
+        try:
+            with open(path, "rb") as f:
+                etag = self.engine.storage.upload_part(
+                    bucket, staging, server_id, kwargs["PartNumber"], f, content_sha256=info.sha256
+                )
+        finally:
+            os.unlink(path)
+        return {
+            "CopyPartResult": {"ETag": etag, "LastModified": self._now().replace(microsecond=0)},
+            "ResponseMetadata": _local_metadata({}),
+        }
+
+    def complete(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MultipartUpload", "ExpectedBucketOwner"}
+        allowed |= {"RequestPayer"}
+        _params("CompleteMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "CompleteMultipartUpload")
+        parts = (kwargs.get("MultipartUpload") or {}).get("Parts") or []
+        if not isinstance(parts, (list, tuple)):
+            raise ParamValidationError(
+                report=_type_report(
+                    "MultipartUpload.Parts", parts, "<class 'list'>, <class 'tuple'>"
+                )
+            )
+        storage = self.engine.storage
+        storage.complete_multipart_upload(
+            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
+        )
+        engine = self.engine
+        fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
+        os.close(fd)
+        try:
+            got = storage.get_object(bucket, staging)
+            with got["Body"] as body, open(tmp, "wb") as f:
+                for chunk in body.iter_chunks(_IO_CHUNK):
+                    f.write(chunk)
+            params: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+            params["Metadata"] = got.get("Metadata") or {}
+            for name in (
+                "ContentType",
+                "CacheControl",
+                "ContentDisposition",
+                "ContentEncoding",
+                "ContentLanguage",
+                "Expires",
+                "ServerSideEncryption",
+                "SSEKMSKeyId",
+                "StorageClass",
+            ):
+                if got.get(name) is not None:
+                    params[name] = got[name]
+            result = _put_object_from_file(self.engine, tmp, params)
+        finally:
+            os.unlink(tmp)
+        with contextlib.suppress(ClientError):  # left for a purge, never a data loss
+            storage.delete_object(bucket, staging)
+        out: dict[str, Any] = {
+            "Location": storage.object_url(bucket, kwargs["Key"]),
+            "Bucket": bucket,
+            "Key": kwargs["Key"],
+            "ETag": result["ETag"],
+        }
+        if "DeltaGliderInfo" in result:
+            out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
+        out["ResponseMetadata"] = result["ResponseMetadata"]
+        return out
+
+    def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
+        _params("AbortMultipartUpload", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "AbortMultipartUpload")
+        resp = self.engine.storage.abort_multipart_upload(bucket, staging, server_id)
+        return {"ResponseMetadata": _local_metadata(resp)}
+
+    def list_parts(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"Bucket", "Key", "UploadId", "MaxParts", "PartNumberMarker"}
+        allowed |= {"ExpectedBucketOwner", "RequestPayer"}
+        _params("ListParts", kwargs, allowed, "Bucket", "Key", "UploadId")
+        bucket, staging, server_id = self._mpu(kwargs, "ListParts")
+        parts = _all_parts(self.engine.storage, bucket, staging, server_id)
+        page = _parts_page(
+            parts,
+            part_number_marker=int(kwargs.get("PartNumberMarker") or 0),
+            max_parts=kwargs.get("MaxParts"),
+        )
+        out: dict[str, Any] = {"Bucket": bucket, "Key": kwargs["Key"]}
+        out.update(UploadId=kwargs["UploadId"], **page)
+        out["ResponseMetadata"] = _local_metadata({})
+        return out
+
+    def list_uploads(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """One page of the uploads in progress, by logical key, as boto3's (with the
+        markers of the next; ``get_paginator`` reads them all), from every page the
+        storage holds under the staging prefix."""
+        allowed = {"Bucket", "Prefix", "Delimiter", "MaxUploads", "KeyMarker", "UploadIdMarker"}
+        allowed |= {"EncodingType", "ExpectedBucketOwner", "RequestPayer"}
+        _params("ListMultipartUploads", kwargs, allowed, "Bucket")
+        bucket = kwargs["Bucket"]
+        uploads = []
+        for u in _all_uploads(self.engine.storage, bucket, _MULTIPART_PREFIX):
+            rest = u["Key"][len(_MULTIPART_PREFIX) :]
+            nonce, _, key = rest.partition("/")
+            if not u["Key"].startswith(_MULTIPART_PREFIX) or len(nonce) != _MPU_NONCE:
+                continue
+            if not key.startswith(kwargs.get("Prefix") or ""):
+                continue
+            uploads.append(dict(u, Key=key, UploadId=nonce + u["UploadId"]))
+        out = _uploads_page(
+            bucket,
+            uploads,
+            prefix=kwargs.get("Prefix") or "",
+            key_marker=kwargs.get("KeyMarker") or "",
+            upload_id_marker=kwargs.get("UploadIdMarker") or "",
+            max_uploads=kwargs.get("MaxUploads"),
+        )
+        out["ResponseMetadata"] = _local_metadata({})
+        return out
+
+
+# -- Bucket statistics: get_bucket_stats's listing, arithmetic and cache -----------
 
 
 class _StatsListing(NamedTuple):
@@ -12866,7 +13399,7 @@ def _compute_bucket_stats(
     return stats
 
 
-# -- Presigned URLs, and the rebuilt copies they serve --------------------------
+# -- Presigned URLs, and the rebuilt copies they serve -----------------------------
 
 _PRESIGN_READ_PARAMS = frozenset(n for n, _ in _READ_HEADER_PARAMS + _CONDITION_PARAMS)
 #: The client methods we presign: their HTTP method and the parameters each takes.
@@ -12930,12 +13463,12 @@ def _presigned_url(
     client_method: str,
     params: dict[str, Any],
     expires: int,
-    http_method: str | None,
+    http_method: str,
     now: Callable[[], datetime.datetime],
 ) -> str:
-    """generate_presigned_url: a get_object URL of a delta-stored key is one of its rebuilt
-    copy (_rehydrated_copy); the ``Response*`` overrides and list parameters go in the query."""
-    method = _presign_method(client_method, params, expires)
+    """generate_presigned_url, its parameters checked (_presign_method): a get_object URL
+    of a delta-stored key is one of its rebuilt copy (_rehydrated_copy); the ``Response*``
+    overrides and list parameters go in the query."""
     storage = engine.storage
     if getattr(storage, "is_local", False):
         raise ParamValidationError(report="presigned URLs need an S3 endpoint, not a local store")
@@ -12961,7 +13494,7 @@ def _presigned_url(
         for name, value in rest.items():
             query.append((re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower(), str(value)))
     return cast(_S3Storage, storage).presign_url(
-        http_method or method, bucket, key, query, int(expires), headers
+        http_method, bucket, key, query, int(expires), headers
     )
 
 
@@ -13027,6 +13560,35 @@ def _rehydrated_copy(
     return tmp_key
 
 
+def _purge_presign_copies(
+    storage: _Storage, bucket: str, clock: Callable[[], datetime.datetime]
+) -> dict[str, Any]:
+    """purge_temp_files: the rebuilt copies under ``.deltaglider/tmp/`` whose
+    ``dg-expires-at`` has passed are deleted; counts of what was seen and freed."""
+    now = clock()
+    deleted = expired = errors = freed = 0
+    for page in _list_pages(storage, bucket, prefix=_PRESIGN_PREFIX):
+        for obj in page.get("Contents", []):
+            try:
+                meta = storage.head_object(bucket, obj["Key"]).get("Metadata", {})
+                when = meta.get("dg-expires-at")
+                if when and _parse_timestamp(when) <= now:
+                    expired += 1
+                    storage.delete_object(bucket, obj["Key"])
+                    deleted += 1
+                    freed += obj["Size"]
+            except (ClientError, ValueError) as e:
+                logger.warning("purge: %s: %s", obj["Key"], e)
+                errors += 1
+    return {
+        "bucket": bucket,
+        "deleted_count": deleted,
+        "expired_count": expired,
+        "error_count": errors,
+        "total_size_freed": freed,
+    }
+
+
 def _presigned_post(
     storage: _Storage,
     bucket: str,
@@ -13048,6 +13610,9 @@ def _presigned_post(
         conditions.append({"key": key})
     fields["key"] = key
     return cast(_S3Storage, storage).presign_post(bucket, fields, conditions, int(expires))
+
+
+# -- create_client: settings, then storage and credentials on first use ------------
 
 
 class _StderrHandler(logging.Handler):
@@ -13079,6 +13644,132 @@ def _set_log_level(level: str, source: str) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+
+
+def _apply_log_level(log_level: str | None, env: Mapping[str, str]) -> None:
+    """create_client's ``log_level``, else ``DG_LOG_LEVEL``, set on this module's logger."""
+    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
+    if level:
+        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
+
+
+def _with_tool_version(config: Config | None, tool_version: str | None) -> Config | None:
+    """``config`` with ``tool_version`` added to its User-Agent extra."""
+    if tool_version:
+        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
+        config = (config or Config()).merge(Config(user_agent_extra=extra))
+    return config
+
+
+def _max_ratio_setting(max_ratio: float | None, env: Mapping[str, str]) -> float:
+    """The largest delta worth storing, as a fraction of the file: the argument, else
+    ``DG_MAX_RATIO``; between 0 and 1."""
+    if max_ratio is None:
+        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
+    if not 0.0 <= max_ratio <= 1.0:
+        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
+    return max_ratio
+
+
+def _endpoint_setting(
+    endpoint_url: str | None, profile_name: str | None, env: Mapping[str, str]
+) -> str | None:
+    """The endpoint looked at for a ``file:`` store before any settings are read:
+    ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` when no profile is
+    named (a profile's settings are read with the rest, when the storage is made)."""
+    endpoint = endpoint_url
+    if endpoint is None and not profile_name:
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    return endpoint
+
+
+def _lazy_credentials(
+    settings: _ClientSettings,
+    anonymous: bool,
+    access_key: str | None,
+    secret_key: str | None,
+    session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> Callable[[], _Credentials | None]:
+    """The credentials create_client's S3 storage signs with: resolved on its first
+    request in botocore's order (README), then kept; None for unsigned requests."""
+    provider_box: list[_CredentialProvider | None] = []
+
+    def credentials() -> _Credentials | None:
+        if anonymous or settings.unsigned:
+            return None
+        if not provider_box:
+            provider = _resolve_credentials(
+                access_key=access_key,
+                secret_key=secret_key,
+                session_token=session_token,
+                profile_name=settings.profile_name,
+                profile_explicit=settings.profile_explicit,
+                profile=settings.profile,
+                environ=environ,
+                now=now,
+            )
+            if provider is None:
+                raise NoCredentialsError()
+            provider_box.append(provider)
+        prov = provider_box[0]
+        assert prov is not None
+        return prov.get()
+
+    return credentials
+
+
+def _client_storage(
+    endpoint: str | None,
+    *,
+    endpoint_url: str | None,
+    config: Config | None,
+    region_name: str | None,
+    profile_name: str | None,
+    anonymous: bool,
+    aws_access_key_id: str | None,
+    aws_secret_access_key: str | None,
+    aws_session_token: str | None,
+    environ: Mapping[str, str],
+    now: Callable[[], datetime.datetime],
+) -> _Storage:
+    """create_client's storage, made on the client's first use: a local directory for a
+    ``file:`` endpoint, else S3 over HTTP with botocore's settings (README)."""
+    if endpoint and endpoint.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(endpoint), now=now)
+    settings = _resolve_client_settings(
+        config,
+        region_name=region_name,
+        endpoint_url=endpoint_url,
+        profile_name=profile_name,
+        environ=environ,
+    )
+    if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
+        return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
+    return _S3Storage(
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        credentials=_lazy_credentials(
+            settings,
+            anonymous,
+            aws_access_key_id,
+            aws_secret_access_key,
+            aws_session_token,
+            environ,
+            now,
+        ),
+        addressing_style=settings.addressing_style,
+        max_attempts=settings.max_attempts,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        request_timeout=settings.request_timeout,
+        verify=settings.verify,
+        max_pool_connections=settings.max_pool_connections,
+        proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=environ),
+        payload_signing=settings.payload_signing,
+        now=now,
+    )
 
 
 def create_client(
@@ -13130,71 +13821,25 @@ def create_client(
     references = _parse_choice(references, "references", choices=_REFERENCE_MODES)
     if archive_aware is None:
         archive_aware = bool(_env_setting(env, _ENV_ARCHIVE_AWARE))
-    level = log_level or _env_setting(env, _ENV_LOG_LEVEL)
-    if level:
-        _set_log_level(level, _ENV_LOG_LEVEL if not log_level else "log_level")
-    if tool_version:
-        extra = " ".join(filter(None, [config.user_agent_extra if config else None, tool_version]))
-        config = (config or Config()).merge(Config(user_agent_extra=extra))
-    if max_ratio is None:
-        max_ratio = float(_env_setting(env, _ENV_MAX_RATIO))
-    if not 0.0 <= max_ratio <= 1.0:
-        raise InvalidConfigError(error_msg="max_ratio must be between 0 and 1, got %r" % max_ratio)
-    endpoint = endpoint_url
-    if endpoint is None and not profile_name:
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    _apply_log_level(log_level, env)
+    config = _with_tool_version(config, tool_version)
+    max_ratio = _max_ratio_setting(max_ratio, env)
+    endpoint = _endpoint_setting(endpoint_url, profile_name, env)
 
-    def storage_factory() -> _Storage:
-        if endpoint and endpoint.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(endpoint), now=now)
-        settings = _resolve_client_settings(
-            config,
-            region_name=region_name,
-            endpoint_url=endpoint_url,
-            profile_name=profile_name,
-            environ=env,
-        )
-        if settings.endpoint_url and settings.endpoint_url.startswith("file:"):
-            return _LocalStorage(_local_root_from_url(settings.endpoint_url), now=now)
-        provider_box: list[_CredentialProvider | None] = []
-
-        def credentials() -> _Credentials | None:
-            if anonymous or settings.unsigned:
-                return None
-            if not provider_box:
-                provider = _resolve_credentials(
-                    access_key=aws_access_key_id,
-                    secret_key=aws_secret_access_key,
-                    session_token=aws_session_token,
-                    profile_name=settings.profile_name,
-                    profile_explicit=settings.profile_explicit,
-                    profile=settings.profile,
-                    environ=env,
-                    now=now,
-                )
-                if provider is None:
-                    raise NoCredentialsError()
-                provider_box.append(provider)
-            prov = provider_box[0]
-            assert prov is not None
-            return prov.get()
-
-        return _S3Storage(
-            endpoint_url=settings.endpoint_url,
-            region=settings.region,
-            credentials=credentials,
-            addressing_style=settings.addressing_style,
-            max_attempts=settings.max_attempts,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            request_timeout=settings.request_timeout,
-            verify=settings.verify,
-            max_pool_connections=settings.max_pool_connections,
-            proxy_for=functools.partial(_proxy_for, proxies=settings.proxies, environ=env),
-            payload_signing=settings.payload_signing,
-            now=now,
-        )
-
+    storage_factory = functools.partial(
+        _client_storage,
+        endpoint,
+        endpoint_url=endpoint_url,
+        config=config,
+        region_name=region_name,
+        profile_name=profile_name,
+        anonymous=anonymous,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        aws_session_token=aws_session_token,
+        environ=env,
+        now=now,
+    )
     return DeltaGliderClient(
         storage_factory,
         cache_dir=cache_dir or _default_cache_dir(env),
@@ -13220,10 +13865,12 @@ def create_client(
 #   authentication      _GatewayUsers (key pairs), _GatewayAuth (Authorization headers,
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
-#                       _AwsChunked (signed chunks), _BodyDigests, _form_fields (POST forms)
+#                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
+#                       _form_fields, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
-#   XML answers         _xml_* (and _acl_policy, the PutBucketAcl body)
+#   XML answers         _xml_* (short ones are written where they are answered), and
+#                       _acl_policy (reads a PutBucketAcl body)
 #   object requests     _preconditions (If-*), _object_headers, _put_params
 #   the gateway         _Gateway (state, routing), _GatewayHandler (one connection: _serve
 #                       routes, one method per S3 operation), _Share, _GatewayServer
@@ -14004,7 +14651,9 @@ class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
     request deadline; counts what arrived. A short body is IncompleteBody."""
 
-    def __init__(self, rfile: Any, length: int | None, chunked: bool, deadline: float) -> None:
+    def __init__(
+        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+    ) -> None:
         self._f = rfile
         self._left = length
         self._chunked = chunked
@@ -14619,7 +15268,7 @@ class _GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-# -- XML answers: one writer per S3 response document ---------------------------------
+# -- XML answers: errors, listings and the other long S3 documents --------------------
 
 
 def _iso_ms(dt: Any) -> str:
@@ -14867,9 +15516,10 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def _http_time(value: str) -> datetime.datetime | None:
+    """A conditional request's date, or None for one S3 cannot read (S3 then ignores it)."""
     try:
-        return email.utils.parsedate_to_datetime(value).astimezone(datetime.timezone.utc)
-    except (TypeError, ValueError, IndexError):
+        return _parse_timestamp(value)
+    except ValueError:
         return None
 
 
@@ -14968,6 +15618,24 @@ def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     if meta:
         params["Metadata"] = meta
     return params
+
+
+def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
+    """A PUT's or CompleteMultipartUpload's ``If-None-Match: *`` and ``If-Match`` (AWS
+    "Conditional writes") as PutObject parameters; an If-None-Match other than ``*``
+    answers NotImplemented, as S3 does."""
+    out = {}
+    if "if-none-match" in h:
+        if h["if-none-match"].strip() != "*":
+            raise _S3Reply(
+                "NotImplemented",
+                "A header you provided implies functionality that is not implemented",
+                Header="If-None-Match",
+            )
+        out["IfNoneMatch"] = "*"
+    if "if-match" in h:
+        out["IfMatch"] = h["if-match"]
+    return out
 
 
 # -- the gateway: its state, one connection's handler, the server ---------------------
@@ -15082,7 +15750,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 return
             server.waiting(self, server.idle_timeout)
             # rfile is buffered (rbufsize -1): peek waits for the first byte, reads none
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # hung up, or on
+            if not cast(io.BufferedReader, self.rfile).peek(1):  # it hung up, or we did
                 self.close_connection = True
                 return
             server.waiting(self, server.header_timeout)
@@ -15394,7 +16062,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- bodies -------------------------------------------------------------------
 
-    def _body(self, signed: _Signed, limit: int) -> tuple[Any, _BodyReader]:
+    def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
         chunked = "chunked" in h.get("transfer-encoding", "").lower()
@@ -15452,7 +16120,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                         raise _S3Reply("EntityTooLarge")
                     digests.update(data)
                     f.write(data)
-            info = digests.check(getattr(reader, "trailers", {}))
+            info = digests.check(reader.trailers if isinstance(reader, _AwsChunked) else {})
         except BaseException:
             os.unlink(path)
             raise
@@ -15653,6 +16321,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
                     content_sha256=spooled.info.sha256,
+                    if_none_match="IfNoneMatch" in params,
+                    if_match=params.get("IfMatch"),
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
         result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
@@ -15666,9 +16336,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _put_object(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "PutObject"
         gw = self.server.gateway
-        if "if-none-match" in self._headers or "if-match" in self._headers:
-            raise _S3Reply("NotImplemented", "Conditional writes are not supported by the gateway")
         params = _put_params(self._headers, bucket, key)
+        params.update(_write_conditions(self._headers))
         spooled = self._spool(signed, gw.max_object_size)
         try:
             result = self._store(spooled, params)
@@ -15874,6 +16543,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
             try:
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
+                params.update(_write_conditions(self._headers))
                 result = self._store(spooled, params)
             finally:
                 os.unlink(spooled.path)
@@ -16083,43 +16753,46 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._conns_lock.wait(min(left, 0.2))
 
 
-def _cmd_serve(cli: _Cli) -> int:
-    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
-    args = cli.args
-
-    def address(text: str, option: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise InvalidConfigError(
-                error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
-            )
-        return host.strip("[]") or "127.0.0.1", int(port)
-
-    host, port = address(args.listen, "--listen")
-    users = _GatewayUsers.load(args.users, cli.environ)
-    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
-        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and tls is None:
-        cli.error(
-            "warning: serving on %s without TLS: requests and their data travel "
-            "unencrypted (give --tls-cert and --tls-key)" % host
+def _listen_address(text: str, option: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT option (--listen, --metrics-listen); ``[::1]:8333``
+    takes IPv6, ``:8333`` means 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidConfigError(
+            error_msg="serve: %s takes HOST:PORT, e.g. 127.0.0.1:8333" % option
         )
-    client = cli.client
-    backend = client.storage.endpoint_url  # resolves the back end now: errors show at start
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    if bool(cert) != bool(key):
+        raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
+    if not cert:
+        return None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_cert_chain(cert, key)
+    return tls
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listening host is only reachable from this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _gateway_servers(
+    cli: _Cli, users: _GatewayUsers, address: tuple[str, int], tls: ssl.SSLContext | None
+) -> list[_GatewayServer]:
+    """The gateway in front of this run's client, and its servers: S3 on ``address``,
+    then GET /metrics on --metrics-listen, unauthenticated, for a Prometheus scraper."""
+    args = cli.args
     state = args.state_dir or os.path.join(_default_cache_dir(cli.environ), "gateway")
     gateway = _Gateway(
-        client,
+        cli.client,
         _GatewayAuth(users),
         state_dir=state,
         domain=args.domain,
@@ -16128,18 +16801,26 @@ def _cmd_serve(cli: _Cli) -> int:
     )
     servers = [
         _GatewayServer(
-            (host, port), gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
+            address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
-    if args.metrics_listen:  # unauthenticated, for a Prometheus scraper
+    if args.metrics_listen:
         servers.append(
             _GatewayServer(
-                address(args.metrics_listen, "--metrics-listen"),
+                _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
                 metrics_only=True,
             )
         )
+    return servers
+
+
+def _serve_until_stopped(
+    cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
+) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
+    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -16147,12 +16828,8 @@ def _cmd_serve(cli: _Cli) -> int:
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
-    cli.error(
-        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
-        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
-    )
-    if len(servers) > 1:
-        cli.error("metrics on %s/metrics" % servers[1].url)
+    for text in banner:
+        cli.error(text)
     try:
         while not stop.wait(0.5):
             pass
@@ -16160,14 +16837,38 @@ def _cmd_serve(cli: _Cli) -> int:
         for s in servers:
             s.stopping = True
             s.shutdown()
-        left = servers[0].drain(args.grace)
+        left = servers[0].drain(grace)
         for s in servers:
             s.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         cli.error(
-            "stopped" + (" (%d request(s) cut off after %gs)" % (left, args.grace) if left else "")
+            "stopped" + (" (%d request(s) cut off after %gs)" % (left, grace) if left else "")
         )
+
+
+def _cmd_serve(cli: _Cli) -> int:
+    """``deltaglider serve``: run the S3 gateway until Ctrl-C or SIGTERM."""
+    args = cli.args
+    host, port = _listen_address(args.listen, "--listen")
+    users = _GatewayUsers.load(args.users, cli.environ)
+    if args.users and stat.S_IMODE(os.stat(args.users).st_mode) & 0o077:
+        cli.error("warning: %s is readable by other users (chmod 600 it)" % args.users)
+    tls = _serve_tls(args.tls_cert, args.tls_key)
+    if not _is_loopback(host) and tls is None:
+        cli.error(
+            "warning: serving on %s without TLS: requests and their data travel "
+            "unencrypted (give --tls-cert and --tls-key)" % host
+        )
+    backend = cli.client.storage.endpoint_url  # resolves the back end now: errors show at start
+    servers = _gateway_servers(cli, users, (host, port), tls)
+    banner = [
+        "deltaglider %s: S3 gateway on %s in front of %s (%d key%s); Ctrl-C stops it"
+        % (__version__, servers[0].url, backend, len(users), "" if len(users) == 1 else "s")
+    ]
+    if len(servers) > 1:
+        banner.append("metrics on %s/metrics" % servers[1].url)
+    _serve_until_stopped(cli, servers, args.grace, banner)
     return EXIT_OK
 
 
@@ -16225,6 +16926,88 @@ def _under_any(rel: str, unread: Sequence[str]) -> bool:
     return any(rel == u or (u.endswith("/") and rel.startswith(u)) or u == "" for u in unread)
 
 
+def _local_files(
+    root: str,
+    warn: Callable[[str], None],
+    *,
+    follow: bool = True,
+    confine: bool = False,
+    unread: list[str] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(path, relative path with '/') of the regular files under ``root``, in key order.
+
+    The one walk of local folders. Symlinks are followed as aws s3 does (not at all
+    without ``follow``: --no-follow-symlinks), but a symlinked folder is entered only the
+    first time its real folder is met, and never when it is one of its own parents: link
+    loops end, and repeated links cost one visit (aws s3 walks them until the path is too
+    long).
+    With ``confine`` (a destination), symlinked folders are not entered: a delete never
+    goes through a link (out of the destination, or onto a file another key maps to);
+    a symlinked file is yielded as itself (unlinking it removes only the link).
+
+    What cannot be read (an unreadable folder or file, a special file) is skipped with a
+    warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
+    ``unread``: the remote copies of what could not be read are never deleted. Folders
+    skipped as already visited are added to ``unread`` without a warning."""
+    skipped = unread if unread is not None else []
+    visited: set[tuple[int, int]] = set()
+    # A stack of (real folder id, its relative path, its entries still to visit).
+    stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
+
+    def enter(path: str, rel: str, via_link: bool) -> None:
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino)
+            if any(ident == parent for parent, _, _ in stack) or (via_link and ident in visited):
+                skipped.append(rel)  # a link loop, or a folder already walked via a link
+                return
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
+            skipped.append(rel)
+            return
+        visited.add(ident)
+        # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
+        entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
+        stack.append((ident, rel, entries))
+
+    enter(root, "", via_link=False)
+    while stack:
+        _, rel_dir, entries = stack[-1]
+        if not entries:
+            stack.pop()
+            continue
+        entry = entries.pop()
+        path, rel = entry.path, rel_dir + entry.name
+        link = entry.is_symlink()
+        if link and (not follow or (confine and _is_dir_entry(entry))):
+            continue
+        if _is_dir_entry(entry):
+            enter(path, rel + "/", via_link=link)
+            continue
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError as e:
+            warn("Skipping file %s. %s" % (path, e.strerror))
+            skipped.append(rel)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            warn(
+                "Skipping file %s. File is character special device, block special "
+                "device, FIFO, or socket." % path
+            )
+            skipped.append(rel)
+            continue
+        if not os.access(path, os.R_OK):
+            warn("Skipping file %s. File/Directory is not readable." % path)
+            skipped.append(rel)
+            continue
+        yield path, rel
+
+
 _CONTROL_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -16269,6 +17052,214 @@ class _FilterAction(argparse.Action):
         namespace.filters = rules
 
 
+def _print_stats(out: IO[str], bucket: str, mode: str, stats: Mapping[str, Any]) -> None:
+    """``deltaglider stats`` as a table: the counts, sizes and savings of a bucket, then
+    what needs cleaning up (unused references, presigned copies) and the references."""
+    approx = "~" if stats["estimated"] else ""
+    rows = [
+        ("Total Objects:", str(stats["object_count"])),
+        ("  Delta Objects:", str(stats["delta_objects"])),
+        ("  Direct Objects:", str(stats["direct_objects"])),
+        (
+            "Original Size:",
+            "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
+        ),
+        (
+            "Stored Size:",
+            "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
+        ),
+        (
+            "Space Saved:",
+            "%s%s (%.1f%%)"
+            % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
+        ),
+    ]
+    if "reference_size" in stats:
+        rows.insert(
+            3,
+            (
+                "  References:",
+                "%d (%s stored)"
+                % (stats["reference_objects"], _human_size(stats["reference_size"])),
+            ),
+        )
+    out.write(
+        "Bucket Statistics: %s (%s%s)\n%s\n"
+        % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
+    )
+    if stats.get("unused_references"):
+        size = stats["unused_reference_size"]
+        rows.append(
+            (
+                "Unused References:",
+                "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
+                % (stats["unused_references"], _human_size(size), size),
+            )
+        )
+    if stats.get("presign_copies"):
+        size = stats["presign_copies_size"]
+        rows.append(
+            (
+                "Presigned Copies:",
+                "%d, %s (%d bytes) under %s; purge removes expired ones"
+                % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
+            )
+        )
+    for label, value in rows:
+        out.write("%-22s%s\n" % (label, value))
+    if stats.get("references"):
+        out.write("References (stored size, deltas that need it, their size):\n")
+        for ref in stats["references"]:
+            out.write(
+                "  %10s  %4d deltas %10s  %s\n"
+                % (
+                    _human_size(ref["size"]),
+                    ref["deltas"],
+                    _human_size(ref["original_size"]),
+                    ref["source"] or ref["key"],
+                )
+            )
+    if stats["estimated"]:
+        out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+
+
+def _cli_client(
+    args: argparse.Namespace, environ: Mapping[str, str], workers: int
+) -> DeltaGliderClient:
+    """The client of a CLI run, from its global and transfer options (TLS, timeouts,
+    attempts, how files are stored) and its environment."""
+    verify: bool | str | None = None
+    if args.no_verify_ssl:
+        verify = False
+    elif args.ca_bundle:
+        verify = args.ca_bundle
+    cfg = Config(
+        verify=verify,
+        max_attempts=args.max_attempts,
+        connect_timeout=args.cli_connect_timeout,
+        read_timeout=args.cli_read_timeout,
+        request_timeout=args.cli_request_timeout,
+        max_pool_connections=max(10, workers),
+    )
+    max_ratio = getattr(args, "max_ratio", None)
+    archive_aware = True if getattr(args, "archive_aware", False) else None
+    references = getattr(args, "references", None)
+    memory_limit = getattr(args, "memory_limit", None)
+    return create_client(
+        endpoint_url=args.endpoint_url,
+        region_name=args.region,
+        profile_name=args.profile,
+        config=cfg,
+        anonymous=args.no_sign_request,
+        max_ratio=max_ratio,
+        max_workers=workers,
+        archive_aware=archive_aware,
+        memory_limit=memory_limit,
+        environ=environ,
+        references=references,
+    )
+
+
+def _saved_note(summary: Mapping[str, Any]) -> str:
+    """What a transfer's line says about how the file was stored: " (delta, 97.1% saved)",
+    naming the reference when it came from another folder, or " (reference)"."""
+    op = summary.get("Operation")
+    if op == "create_delta":
+        # Rounded down: a 99.96% saving is not "100.0%".
+        saved = int(summary["SavingsPercent"] * 10) / 10.0
+        source = summary.get("ReferenceSource")
+        folder, _, name = (source or "").rpartition("/")
+        key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
+        if source and folder != _deltaspace(key):
+            # A reference made from a file in another folder: name it.
+            shown = folder + "/" if name == key.rpartition("/")[2] else source
+            return " (delta vs %s, %.1f%% saved)" % (shown, saved)
+        return " (delta, %.1f%% saved)" % saved
+    if op == "create_reference":
+        return " (reference)"
+    return ""
+
+
+def _put_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The PutObject parameters of the upload options (--content-type, --acl, ...)."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "content_type", None):
+        extra["ContentType"] = args.content_type
+    if getattr(args, "storage_class", None):
+        extra["StorageClass"] = args.storage_class
+    if getattr(args, "metadata", None):
+        extra["Metadata"] = dict(args.metadata)
+    if getattr(args, "cache_control", None):
+        extra["CacheControl"] = args.cache_control
+    if getattr(args, "content_disposition", None):
+        extra["ContentDisposition"] = args.content_disposition
+    if getattr(args, "acl", None):
+        extra["ACL"] = args.acl
+    return extra
+
+
+# put-bucket-acl's options, and the PutBucketAcl parameters they set.
+_ACL_OPTIONS = (
+    ("acl", "ACL"),
+    ("grant_full_control", "GrantFullControl"),
+    ("grant_read", "GrantRead"),
+    ("grant_read_acp", "GrantReadACP"),
+    ("grant_write", "GrantWrite"),
+    ("grant_write_acp", "GrantWriteACP"),
+)
+
+
+def _recorded_mtimes(
+    storage: _Storage,
+    bucket: str,
+    prefix: str,
+    remote: dict[str, dict[str, Any]],
+    workers: int,
+) -> dict[str, float]:
+    """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
+    LastModified where none was recorded. HEADs run on the pool."""
+    out: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def one(rel: str) -> None:
+        obj = remote[rel]
+        stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
+        stamp = obj["LastModified"].timestamp()
+        try:
+            head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
+            recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
+            if recorded is not None:
+                stamp = recorded
+        except ClientError:
+            pass
+        with lock:
+            out[rel] = stamp
+
+    if remote:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, list(remote)))
+    return out
+
+
+def _should_transfer(
+    args: argparse.Namespace,
+    src_size: int,
+    src_mtime: float,
+    dst_size: int,
+    dst_mtime: float,
+    upload: bool,
+) -> bool:
+    """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
+    looks at sizes; --exact-timestamps (downloads) wants equal times."""
+    if src_size != dst_size:
+        return True
+    if getattr(args, "size_only", False):
+        return False
+    if not upload and getattr(args, "exact_timestamps", False):
+        return int(src_mtime) != int(dst_mtime)
+    return int(src_mtime) > int(dst_mtime)
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -16295,37 +17286,13 @@ class _Cli:
     @property
     def client(self) -> DeltaGliderClient:
         if self._client is None:
-            verify: bool | str | None = None
-            if self.args.no_verify_ssl:
-                verify = False
-            elif self.args.ca_bundle:
-                verify = self.args.ca_bundle
-            cfg = Config(
-                verify=verify,
-                max_attempts=self.args.max_attempts,
-                connect_timeout=self.args.cli_connect_timeout,
-                read_timeout=self.args.cli_read_timeout,
-                request_timeout=self.args.cli_request_timeout,
-                max_pool_connections=max(10, self.workers),
-            )
-            max_ratio = getattr(self.args, "max_ratio", None)
-            archive_aware = True if getattr(self.args, "archive_aware", False) else None
-            references = getattr(self.args, "references", None)
-            memory_limit = getattr(self.args, "memory_limit", None)
-            self._client = create_client(
-                endpoint_url=self.args.endpoint_url,
-                region_name=self.args.region,
-                profile_name=self.args.profile,
-                config=cfg,
-                anonymous=self.args.no_sign_request,
-                max_ratio=max_ratio,
-                max_workers=self.workers,
-                archive_aware=archive_aware,
-                memory_limit=memory_limit,
-                environ=self.environ,
-                references=references,
-            )
+            self._client = _cli_client(self.args, self.environ, self.workers)
         return self._client
+
+    def close(self) -> None:
+        """Close the client, if this run made one."""
+        if self._client is not None:
+            self._client.close()
 
     # -- output -------------------------------------------------------------------
 
@@ -16419,23 +17386,6 @@ class _Cli:
     def describe_error(self, e: BaseException) -> str:
         return _one_line(e)
 
-    def _saved_note(self, summary: Mapping[str, Any]) -> str:
-        op = summary.get("Operation")
-        if op == "create_delta":
-            # Rounded down: a 99.96% saving is not "100.0%".
-            saved = int(summary["SavingsPercent"] * 10) / 10.0
-            source = summary.get("ReferenceSource")
-            folder, _, name = (source or "").rpartition("/")
-            key = str(summary.get("StoredAs", ""))[: -len(_DELTA_SUFFIX)]
-            if source and folder != _deltaspace(key):
-                # A reference made from a file in another folder: name it.
-                shown = folder + "/" if name == key.rpartition("/")[2] else source
-                return " (delta vs %s, %.1f%% saved)" % (shown, saved)
-            return " (delta, %.1f%% saved)" % saved
-        if op == "create_reference":
-            return " (reference)"
-        return ""
-
     # -- cp / mv ------------------------------------------------------------------
 
     def transfer_one(
@@ -16451,7 +17401,7 @@ class _Cli:
         try:
             summary = work()
             self.settled()
-            self.line("%s: %s to %s%s" % (verb, src, dst, self._saved_note(summary or {})))
+            self.line("%s: %s to %s%s" % (verb, src, dst, _saved_note(summary or {})))
         except _Cancelled:
             raise
         except (DeltaGliderError, OSError) as e:
@@ -16470,7 +17420,7 @@ class _Cli:
         """Store a local file at s3://bucket/key; mv then removes the file."""
 
         def work() -> dict[str, Any]:
-            extra = self.put_args()
+            extra = _put_args(self.args)
             mtime = os.stat(path).st_mtime
             params = dict(extra, Bucket=bucket, Key=key)
             metadata = dict(params.get("Metadata") or {})
@@ -16493,22 +17443,6 @@ class _Cli:
             return summary
 
         self.transfer_one(verb, _display_path(path), "s3://%s/%s" % (bucket, key), work)
-
-    def put_args(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if getattr(self.args, "content_type", None):
-            extra["ContentType"] = self.args.content_type
-        if getattr(self.args, "storage_class", None):
-            extra["StorageClass"] = self.args.storage_class
-        if getattr(self.args, "metadata", None):
-            extra["Metadata"] = dict(self.args.metadata)
-        if getattr(self.args, "cache_control", None):
-            extra["CacheControl"] = self.args.cache_control
-        if getattr(self.args, "content_disposition", None):
-            extra["ContentDisposition"] = self.args.content_disposition
-        if getattr(self.args, "acl", None):
-            extra["ACL"] = self.args.acl
-        return extra
 
     def download_one(
         self,
@@ -16553,7 +17487,7 @@ class _Cli:
         def work() -> dict[str, Any]:
             engine = self.client.engine
             with self.fetched(self.client, sb, sk, ".copy") as (tmp, lg):
-                params = dict(self.put_args())
+                params = dict(_put_args(self.args))
                 params.setdefault("Metadata", _user_metadata(lg.metadata))
                 params.setdefault("ContentType", lg.content_type)
                 delta = False if getattr(self.args, "no_delta", False) else None
@@ -16591,80 +17525,9 @@ class _Cli:
     def local_files(
         self, root: str, *, confine: bool = False, unread: list[str] | None = None
     ) -> Iterator[tuple[str, str]]:
-        """(path, relative path with '/') of the regular files under ``root``, in key order.
-
-        The one walk of local folders. Symlinks are followed as aws s3 does (unless
-        --no-follow-symlinks), but a symlinked folder is entered only the first time its
-        real folder is met, and never when it is one of its own parents: link loops end,
-        and repeated links cost one visit (aws s3 walks them until the path is too long).
-        With ``confine`` (a destination), symlinked folders are not entered: a delete never
-        goes through a link (out of the destination, or onto a file another key maps to);
-        a symlinked file is yielded as itself (unlinking it removes only the link).
-
-        What cannot be read (an unreadable folder or file, a special file) is skipped with a
-        warning, as aws s3 does, and its relative path ("sub/" for a folder) is added to
-        ``unread``: the remote copies of what could not be read are never deleted. Folders
-        skipped as already visited are added to ``unread`` without a warning."""
+        """_local_files with this run's --no-follow-symlinks, its warnings counted."""
         follow = not getattr(self.args, "no_follow_symlinks", False)
-        skipped = unread if unread is not None else []
-        visited: set[tuple[int, int]] = set()
-        # A stack of (real folder id, its relative path, its entries still to visit).
-        stack: list[tuple[tuple[int, int], str, list[os.DirEntry[str]]]] = []
-
-        def enter(path: str, rel: str, via_link: bool) -> None:
-            try:
-                st = os.stat(path)
-                ident = (st.st_dev, st.st_ino)
-                if any(ident == parent for parent, _, _ in stack) or (
-                    via_link and ident in visited
-                ):
-                    skipped.append(rel)  # a link loop, or a folder already walked via a link
-                    return
-                with os.scandir(path) as it:
-                    entries = list(it)
-            except OSError:
-                self.warn("Skipping file %s%s. File/Directory is not readable." % (path, os.sep))
-                skipped.append(rel)
-                return
-            visited.add(ident)
-            # Key order, as aws s3 lists: a folder sorts as its name with a trailing "/".
-            entries.sort(key=lambda e: e.name + "/" if _is_dir_entry(e) else e.name, reverse=True)
-            stack.append((ident, rel, entries))
-
-        enter(root, "", via_link=False)
-        while stack:
-            _, rel_dir, entries = stack[-1]
-            if not entries:
-                stack.pop()
-                continue
-            entry = entries.pop()
-            path, rel = entry.path, rel_dir + entry.name
-            link = entry.is_symlink()
-            if link and (not follow or (confine and _is_dir_entry(entry))):
-                continue
-            if _is_dir_entry(entry):
-                enter(path, rel + "/", via_link=link)
-                continue
-            try:
-                st = os.stat(path) if follow else os.lstat(path)
-            except OSError as e:
-                self.warn("Skipping file %s. %s" % (path, e.strerror))
-                skipped.append(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                self.warn(
-                    "Skipping file %s. File is character special device, block special "
-                    "device, FIFO, or socket." % path
-                )
-                skipped.append(rel)
-                continue
-            if not os.access(path, os.R_OK):
-                self.warn("Skipping file %s. File/Directory is not readable." % path)
-                skipped.append(rel)
-                continue
-            yield path, rel
+        return _local_files(root, self.warn, follow=follow, confine=confine, unread=unread)
 
     def cmd_cp(self, move: bool = False) -> int:
         """cp and mv: one file, or with --recursive a folder or prefix, up to S3, down from
@@ -16798,7 +17661,7 @@ class _Cli:
             path, info = _spool_request_body(engine, stdin)
             try:
                 delta = False if getattr(self.args, "no_delta", False) else None
-                params = self.put_args()
+                params = _put_args(self.args)
                 engine.put_file(
                     path,
                     bucket,
@@ -16990,7 +17853,8 @@ class _Cli:
         tasks: list[Callable[[], None]] = []
         for rel in sorted(source):
             obj, have = source[rel], dest.get(rel)
-            if have is not None and not self.should_transfer(
+            if have is not None and not _should_transfer(
+                self.args,
                 obj["Size"],
                 obj["LastModified"].timestamp(),
                 have["Size"],
@@ -17022,7 +17886,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         stored = self.stored_keys(bucket, prefix)
         tasks: list[Callable[[], None]] = []
         total = 0
@@ -17034,8 +17898,8 @@ class _Cli:
             seen.add(rel)
             st = os.stat(path)
             obj = remote.get(rel)
-            if obj is not None and not self.should_transfer(
-                st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
+            if obj is not None and not _should_transfer(
+                self.args, st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
             ):
                 continue
             total += st.st_size
@@ -17052,47 +17916,6 @@ class _Cli:
             self.delete_keys(bucket, gone)
         return self.exit_code()
 
-    def remote_mtimes(
-        self, bucket: str, prefix: str, remote: dict[str, dict[str, Any]]
-    ) -> dict[str, float]:
-        """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
-        LastModified where none was recorded. HEADs run on the pool."""
-        out: dict[str, float] = {}
-        storage = self.client.engine.storage
-        lock = threading.Lock()
-
-        def one(rel: str) -> None:
-            obj = remote[rel]
-            stored = obj["Metadata"].get("deltaglider-is-delta") == "true"
-            stamp = obj["LastModified"].timestamp()
-            try:
-                head = storage.head_object(bucket, prefix + rel + (_DELTA_SUFFIX if stored else ""))
-                recorded = _mtime_or_absent(head.get("Metadata", {}).get("dg-mtime"))
-                if recorded is not None:
-                    stamp = recorded
-            except ClientError:
-                pass
-            with lock:
-                out[rel] = stamp
-
-        if remote:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-                list(pool.map(one, list(remote)))
-        return out
-
-    def should_transfer(
-        self, src_size: int, src_mtime: float, dst_size: int, dst_mtime: float, upload: bool
-    ) -> bool:
-        """aws s3 sync: transfer when sizes differ or the source is newer; --size-only
-        looks at sizes; --exact-timestamps (downloads) wants equal times."""
-        if src_size != dst_size:
-            return True
-        if getattr(self.args, "size_only", False):
-            return False
-        if not upload and getattr(self.args, "exact_timestamps", False):
-            return int(src_mtime) != int(dst_mtime)
-        return int(src_mtime) > int(dst_mtime)
-
     def sync_down(self, src: str, dst: str) -> int:
         if os.path.lexists(dst) and not os.path.isdir(dst):
             _refuse_sync_path(dst)
@@ -17100,7 +17923,7 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = self.remote_mtimes(bucket, prefix, remote)
+        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
         tasks: list[Callable[[], None]] = []
         wanted = set()
         for rel in sorted(remote):
@@ -17117,8 +17940,13 @@ class _Cli:
             wanted.add(os.path.normpath(path))
             try:
                 st = os.stat(path)
-                if not self.should_transfer(
-                    remote[rel]["Size"], mtimes[rel], st.st_size, st.st_mtime, upload=False
+                if not _should_transfer(
+                    self.args,
+                    remote[rel]["Size"],
+                    mtimes[rel],
+                    st.st_size,
+                    st.st_mtime,
+                    upload=False,
                 ):
                     continue
             except OSError:
@@ -17229,72 +18057,7 @@ class _Cli:
         if self.args.json:
             self.out.write(json.dumps(stats, indent=2) + "\n")
             return EXIT_OK
-        approx = "~" if stats["estimated"] else ""
-        rows = [
-            ("Total Objects:", str(stats["object_count"])),
-            ("  Delta Objects:", str(stats["delta_objects"])),
-            ("  Direct Objects:", str(stats["direct_objects"])),
-            (
-                "Original Size:",
-                "%s%s (%d bytes)" % (approx, _human_size(stats["total_size"]), stats["total_size"]),
-            ),
-            (
-                "Stored Size:",
-                "%s (%d bytes)" % (_human_size(stats["compressed_size"]), stats["compressed_size"]),
-            ),
-            (
-                "Space Saved:",
-                "%s%s (%.1f%%)"
-                % (approx, _human_size(max(stats["space_saved"], 0)), stats["savings_percent"]),
-            ),
-        ]
-        if "reference_size" in stats:
-            rows.insert(
-                3,
-                (
-                    "  References:",
-                    "%d (%s stored)"
-                    % (stats["reference_objects"], _human_size(stats["reference_size"])),
-                ),
-            )
-        self.out.write(
-            "Bucket Statistics: %s (%s%s)\n%s\n"
-            % (bucket, mode, ", cached" if stats["cached"] else "", "=" * 60)
-        )
-        if stats.get("unused_references"):
-            size = stats["unused_reference_size"]
-            rows.append(
-                (
-                    "Unused References:",
-                    "%d, %s (%d bytes): no object uses them; rm --recursive removes them"
-                    % (stats["unused_references"], _human_size(size), size),
-                )
-            )
-        if stats.get("presign_copies"):
-            size = stats["presign_copies_size"]
-            rows.append(
-                (
-                    "Presigned Copies:",
-                    "%d, %s (%d bytes) under %s; purge removes expired ones"
-                    % (stats["presign_copies"], _human_size(size), size, _PRESIGN_PREFIX),
-                )
-            )
-        for label, value in rows:
-            self.out.write("%-22s%s\n" % (label, value))
-        if stats.get("references"):
-            self.out.write("References (stored size, deltas that need it, their size):\n")
-            for ref in stats["references"]:
-                self.out.write(
-                    "  %10s  %4d deltas %10s  %s\n"
-                    % (
-                        _human_size(ref["size"]),
-                        ref["deltas"],
-                        _human_size(ref["original_size"]),
-                        ref["source"] or ref["key"],
-                    )
-                )
-        if stats["estimated"]:
-            self.out.write("(~ estimated: --detailed reads every delta's recorded size)\n")
+        _print_stats(self.out, bucket, mode, stats)
         return EXIT_OK
 
     def cmd_migrate(self) -> int:
@@ -17427,22 +18190,10 @@ class _Cli:
     def cmd_put_bucket_acl(self) -> int:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         params: dict[str, Any] = {"Bucket": bucket}
-        for name in (
-            "acl",
-            "grant_full_control",
-            "grant_read",
-            "grant_read_acp",
-            "grant_write",
-            "grant_write_acp",
-        ):
-            value = getattr(self.args, name, None)
+        for option, name in _ACL_OPTIONS:
+            value = getattr(self.args, option, None)
             if value:
-                boto = {
-                    "acl": "ACL",
-                    "grant_read_acp": "GrantReadACP",
-                    "grant_write_acp": "GrantWriteACP",
-                }.get(name, "".join(p.capitalize() for p in name.split("_")))
-                params[boto] = value
+                params[name] = value
         if self.args.access_control_policy:
             params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
         self.client.put_bucket_acl(**params)
@@ -17564,6 +18315,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
+    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    dg_out: IO[str] | None = None
+
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
 
@@ -17575,7 +18329,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         # --help and --version go to the stream main() was given, not sys.stdout.
         if message:
-            (getattr(self, "dg_out", None) or sys.stdout).write(message)
+            (self.dg_out or sys.stdout).write(message)
 
 
 class _ExitNow(Exception):
@@ -17685,98 +18439,99 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="deltaglider",
-        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, with the global options too (after the command, as aws takes
+    them)."""
+    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    if name == "ls":
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    _add_global_options(p, suppress=True)
+    return p
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "ls")
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        return p
 
-    def transfer_flags(p: argparse.ArgumentParser, recursive: bool = True) -> None:
-        if recursive:
-            p.add_argument(
-                "-r",
-                "--recursive",
-                action="store_true",
-                help="all keys under a prefix / files under a folder",
-            )
+def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
+    """The options every transfer command takes (cp, mv, sync, migrate): filters, output,
+    upload headers, how files are stored, symlinks."""
+    if recursive:
         p.add_argument(
-            "--exclude",
-            action=_FilterAction,
-            dest="exclude",
-            metavar="PATTERN",
-            help="skip matching paths (repeatable)",
-        )
-        p.add_argument(
-            "--include",
-            action=_FilterAction,
-            dest="include",
-            metavar="PATTERN",
-            help="keep matching paths (repeatable; last match wins)",
-        )
-        p.add_argument("--dryrun", action="store_true", help="show what would happen")
-        p.add_argument("--quiet", action="store_true", help="print nothing")
-        p.add_argument(
-            "--only-show-errors", action="store_true", help="print errors and warnings only"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress line")
-        p.add_argument("--content-type", help="Content-Type for uploads")
-        p.add_argument("--cache-control", help="Cache-Control for uploads")
-        p.add_argument("--content-disposition", help="Content-Disposition for uploads")
-        p.add_argument("--acl", help="canned ACL for uploads")
-        p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
-        p.add_argument("--storage-class", help="S3 storage class for uploads")
-        p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
-        p.add_argument(
-            "--archive-aware",
+            "-r",
+            "--recursive",
             action="store_true",
-            help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
-            "(DG_ARCHIVE_AWARE=1)",
+            help="all keys under a prefix / files under a folder",
         )
-        p.add_argument(
-            "--references",
-            choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
-            help="shared: delta against references in sibling folders too (default); "
-            "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
-        )
-        p.add_argument(
-            "--max-ratio",
-            type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
-            help="largest delta worth storing, as a fraction of the file (default 0.5)",
-        )
-        p.add_argument(
-            "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
-        )
-        p.add_argument(
-            "--follow-symlinks",
-            dest="no_follow_symlinks",
-            action="store_false",
-            default=False,
-            help="follow symlinks in local folders (the default, as aws s3)",
-        )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        dest="exclude",
+        metavar="PATTERN",
+        help="skip matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        dest="include",
+        metavar="PATTERN",
+        help="keep matching paths (repeatable; last match wins)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="show what would happen")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--content-type", help="Content-Type for uploads")
+    p.add_argument("--cache-control", help="Cache-Control for uploads")
+    p.add_argument("--content-disposition", help="Content-Disposition for uploads")
+    p.add_argument("--acl", help="canned ACL for uploads")
+    p.add_argument("--metadata", type=_metadata_arg, help="user metadata: k=v,k2=v2 or JSON")
+    p.add_argument("--storage-class", help="S3 storage class for uploads")
+    p.add_argument("--no-delta", action="store_true", help="store files whole, never as deltas")
+    p.add_argument(
+        "--archive-aware",
+        action="store_true",
+        help="delta zip-family files (wheel, jar, apk...) member by member, inflated "
+        "(DG_ARCHIVE_AWARE=1)",
+    )
+    p.add_argument(
+        "--references",
+        choices=(_REFERENCES_SHARED, _REFERENCES_FOLDER),
+        help="shared: delta against references in sibling folders too (default); "
+        "folder: one reference per folder, as deltaglider_proxy reads (DG_REFERENCES)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
+        help="largest delta worth storing, as a fraction of the file (default 0.5)",
+    )
+    p.add_argument(
+        "--no-follow-symlinks", action="store_true", help="skip symlinks in local folders"
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        dest="no_follow_symlinks",
+        action="store_false",
+        default=False,
+        help="follow symlinks in local folders (the default, as aws s3)",
+    )
 
-    p = command("cp", "copy files to, from or between S3 locations")
+
+def _add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key (- for stdin)")
     p.add_argument("dest", help="a local path or s3://bucket/key (- for stdout)")
-    transfer_flags(p)
-    p = command("mv", "move files to, from or between S3 locations")
+    _add_transfer_options(p)
+
+
+def _add_mv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local file or folder, or s3://bucket/key")
     p.add_argument("dest", help="a local path or s3://bucket/key")
-    transfer_flags(p)
-    p = command("sync", "make a destination folder or prefix match the source")
+    _add_transfer_options(p)
+
+
+def _add_sync_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a local folder or s3://bucket/prefix/")
     p.add_argument("dest", help="a local folder or s3://bucket/prefix/")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument(
         "--delete", action="store_true", help="delete destination files missing from the source"
     )
@@ -17784,7 +18539,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact-timestamps", action="store_true", help="downloads: re-fetch unless times are equal"
     )
-    p = command("ls", "list buckets, or objects under a prefix (logical sizes)")
+
+
+def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", help="s3://bucket/prefix (none: the buckets)")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="every key under the prefix, not one level"
@@ -17793,7 +18550,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
-    p = command("rm", "delete objects (references are removed with their last delta)")
+
+
+def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key, or a prefix with --recursive")
     p.add_argument(
         "-r", "--recursive", action="store_true", help="delete every key under the prefix"
@@ -17815,14 +18574,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--only-show-errors", action="store_true", help="print errors and warnings only")
-    p = command("mb", "make a bucket")
+
+
+def _add_mb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
-    p = command("rb", "remove a bucket")
+
+
+def _add_rb_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket")
     p.add_argument("--force", action="store_true", help="delete every object first")
-    p = command("verify", "rebuild an object and check its SHA-256")
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
-    p = command("presign", "a presigned GET URL (delta-stored objects are served rebuilt)")
+
+
+def _add_presign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="s3://bucket/key")
     p.add_argument(
         "--expires-in",
@@ -17830,28 +18597,35 @@ def _build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="seconds, 1 to 604800 (default 3600)",
     )
-    p = command("purge", "delete expired rebuilt copies under .deltaglider/tmp/")
+
+
+def _add_purge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="BUCKET", help="bucket name or s3://bucket")
-    p = command("gc", "delete the references under a prefix that no delta needs any more")
+
+
+def _add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="S3_URL", help="s3://bucket/prefix/")
     p.add_argument("--dryrun", action="store_true", help="show what would be deleted")
-    p = command("stats", "what a bucket holds and what deltas save")
+
+
+def _add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument("--sampled", action="store_true", help="read one delta per folder")
     p.add_argument("--detailed", action="store_true", help="read every delta's size")
     p.add_argument("--refresh", action="store_true", help="recompute, ignoring the cache")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = command("migrate", "copy a bucket or prefix into the delta layout (resumable)")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="s3://bucket/prefix/ to copy from (any tool's layout)")
     p.add_argument("dest", help="s3://bucket/prefix/ to write in the delta layout")
-    transfer_flags(p, recursive=False)
+    _add_transfer_options(p, recursive=False)
     p.add_argument("--source-endpoint-url", help="the source's endpoint, when it is another S3")
     p.add_argument("--source-profile", help="profile for the source")
-    p = command(
-        "serve",
-        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
-    )
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _SERVE_EPILOG
     p.add_argument(
@@ -17913,9 +18687,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest delta worth storing (default 0.5)",
     )
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    p = command("get-bucket-acl", "print a bucket's ACL as JSON")
+
+
+def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
-    p = command("put-bucket-acl", "set a bucket's ACL")
+
+
+def _add_put_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bucket", help="bucket name or s3://bucket")
     p.add_argument(
         "--acl", help="canned ACL: private, public-read, public-read-write, authenticated-read"
@@ -17929,6 +18707,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-control-policy", metavar="JSON", help="a whole AccessControlPolicy, as JSON"
     )
+
+
+class _Command(NamedTuple):
+    """A CLI command: its one-line help, what adds its arguments, what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_Cli], int]
+
+
+# The commands, in the order --help lists them.
+_COMMANDS: dict[str, _Command] = {
+    "cp": _Command("copy files to, from or between S3 locations", _add_cp_arguments, _Cli.cmd_cp),
+    "mv": _Command(
+        "move files to, from or between S3 locations",
+        _add_mv_arguments,
+        lambda cli: cli.cmd_cp(move=True),
+    ),
+    "sync": _Command(
+        "make a destination folder or prefix match the source",
+        _add_sync_arguments,
+        _Cli.cmd_sync,
+    ),
+    "ls": _Command(
+        "list buckets, or objects under a prefix (logical sizes)",
+        _add_ls_arguments,
+        _Cli.cmd_ls,
+    ),
+    "rm": _Command(
+        "delete objects (references are removed with their last delta)",
+        _add_rm_arguments,
+        _Cli.cmd_rm,
+    ),
+    "mb": _Command("make a bucket", _add_mb_arguments, _Cli.cmd_mb),
+    "rb": _Command("remove a bucket", _add_rb_arguments, _Cli.cmd_rb),
+    "verify": _Command(
+        "rebuild an object and check its SHA-256",
+        _add_verify_arguments,
+        _Cli.cmd_verify,
+    ),
+    "presign": _Command(
+        "a presigned GET URL (delta-stored objects are served rebuilt)",
+        _add_presign_arguments,
+        _Cli.cmd_presign,
+    ),
+    "purge": _Command(
+        "delete expired rebuilt copies under .deltaglider/tmp/",
+        _add_purge_arguments,
+        _Cli.cmd_purge,
+    ),
+    "gc": _Command(
+        "delete the references under a prefix that no delta needs any more",
+        _add_gc_arguments,
+        _Cli.cmd_gc,
+    ),
+    "stats": _Command(
+        "what a bucket holds and what deltas save",
+        _add_stats_arguments,
+        _Cli.cmd_stats,
+    ),
+    "migrate": _Command(
+        "copy a bucket or prefix into the delta layout (resumable)",
+        _add_migrate_arguments,
+        _Cli.cmd_migrate,
+    ),
+    "serve": _Command(
+        "run an S3 gateway: any S3 client (aws-cli, rclone, boto3) stores deltas through it",
+        _add_serve_arguments,
+        _cmd_serve,
+    ),
+    "get-bucket-acl": _Command(
+        "print a bucket's ACL as JSON",
+        _add_get_bucket_acl_arguments,
+        _Cli.cmd_get_bucket_acl,
+    ),
+    "put-bucket-acl": _Command(
+        "set a bucket's ACL", _add_put_bucket_acl_arguments, _Cli.cmd_put_bucket_acl
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="deltaglider",
+        description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
+    )
+    parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for name, command in _COMMANDS.items():
+        command.arguments(_command_parser(sub, name, command.help))
     return parser
 
 
@@ -17970,24 +18839,19 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-_COMMANDS: dict[str, Callable[[_Cli], int]] = {
-    "cp": lambda cli: cli.cmd_cp(),
-    "mv": lambda cli: cli.cmd_cp(move=True),
-    "sync": lambda cli: cli.cmd_sync(),
-    "ls": lambda cli: cli.cmd_ls(),
-    "rm": lambda cli: cli.cmd_rm(),
-    "mb": lambda cli: cli.cmd_mb(),
-    "rb": lambda cli: cli.cmd_rb(),
-    "verify": lambda cli: cli.cmd_verify(),
-    "presign": lambda cli: cli.cmd_presign(),
-    "purge": lambda cli: cli.cmd_purge(),
-    "gc": lambda cli: cli.cmd_gc(),
-    "stats": lambda cli: cli.cmd_stats(),
-    "migrate": lambda cli: cli.cmd_migrate(),
-    "get-bucket-acl": lambda cli: cli.cmd_get_bucket_acl(),
-    "put-bucket-acl": lambda cli: cli.cmd_put_bucket_acl(),
-    "serve": _cmd_serve,
-}
+def _debug_log(err: IO[str], env: Mapping[str, str]) -> logging.Handler:
+    """--debug: the module's log on ``err``, the secret key and session token redacted;
+    main() removes the handler when the command ends."""
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    secrets = [
+        env.get(name, "").strip()
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+    ]
+    handler.addFilter(_RedactingFilter(secrets))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
 
 
 def main(
@@ -18004,7 +18868,8 @@ def main(
     env = os.environ if environ is None else environ
     parser = _build_parser()
     for p in [parser, *_subparsers(parser)]:
-        p.dg_out = out  # type: ignore[attr-defined]
+        if isinstance(p, _ArgumentParser):
+            p.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -18022,23 +18887,13 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
-    handler: logging.Handler | None = None
-    if args.debug:
-        handler = logging.StreamHandler(err)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        secrets = [
-            env.get(name, "").strip()
-            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-        ]
-        handler.addFilter(_RedactingFilter(secrets))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
+    handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, cli.on_sigint)
     try:
-        return int(_COMMANDS[args.command](cli))
+        return int(_COMMANDS[args.command].run(cli))
     except KeyboardInterrupt:
         err.write("cancelled: ctrl-c received\n")
         return EXIT_INTERRUPTED
@@ -18060,8 +18915,7 @@ def main(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if cli._client is not None:
-            cli._client.close()
+        cli.close()
         if handler is not None:
             logger.removeHandler(handler)
 
