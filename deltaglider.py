@@ -6357,6 +6357,13 @@ _REFS_DIR = _INTERNAL_PREFIX + "refs/"
 _MAX_SHARED_REF_KEY = 200
 #: Rebuilt copies of delta-stored objects that presigned URLs serve (FORMAT.md).
 _PRESIGN_PREFIX = _INTERNAL_PREFIX + "tmp/"
+#: Staging keys of the client's multipart uploads (they become one object on completion).
+_MULTIPART_PREFIX = _INTERNAL_PREFIX + "multipart/"
+#: A reference about to be deleted is first copied here, to be put back if a delta
+#: turns out to need it after all.
+_ASIDE_PREFIX = _INTERNAL_PREFIX + "deleted/"
+#: get_bucket_stats' cache, per mode (FORMAT.md "Other objects").
+_STATS_KEY = _INTERNAL_PREFIX + "stats_%s.json"
 #: Metadata read aliases, first non-empty wins (FORMAT.md "Reading: accept every alias").
 _META_ALIASES: dict[str, tuple[str, ...]] = {
     "tool": ("dg-tool", "dg_tool", "tool"),
@@ -6437,7 +6444,7 @@ class _Kind:
 def _classify(key: str, metadata: Mapping[str, str]) -> str:
     """What a stored object is, in FORMAT.md's order."""
     note = _meta_get(metadata, "note") or ""
-    if note == "reference" or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+    if note == "reference" or _is_reference(key):
         return _Kind.REFERENCE
     if _meta_get(metadata, "ref") or note == "delta" or note.startswith("zero-diff"):
         return _Kind.DELTA
@@ -6457,6 +6464,26 @@ def _reference_key(deltaspace: str) -> str:
     return deltaspace + "/" + _REFERENCE_NAME if deltaspace else _REFERENCE_NAME
 
 
+def _is_reference(key: str) -> bool:
+    """A reference's key (a folder's own or a shared one): every reader hides a key
+    named reference.bin, and none is a user's object."""
+    return key.rsplit("/", 1)[-1] == _REFERENCE_NAME
+
+
+def _object_name(key: str) -> str:
+    """The file name a logical key stores (its last segment). reference.bin is
+    reserved for references, and a key ending in ``/`` names a folder, not a file."""
+    name = key.rsplit("/", 1)[-1]
+    if name == _REFERENCE_NAME or not name:
+        raise ParamValidationError(
+            report="Invalid key %r: %r is reserved for deltaglider's reference files"
+            % (key, _REFERENCE_NAME)
+            if name
+            else "Invalid key %r: a key must name a file, not a folder" % key
+        )
+    return name
+
+
 def _logical_key(stored: str) -> str | None:
     """The one logical key a stored name belongs to; None for what is never shown as an
     object (a deltaspace's reference.bin, deltaglider's own objects under .deltaglider/).
@@ -6465,7 +6492,7 @@ def _logical_key(stored: str) -> str | None:
     delta form of ``x``, as every reader takes it. So a user's key that itself ends in
     ``.delta`` is stored only in delta form, ``x.delta.delta``: stripping one suffix is
     always right, and no user key can be written over another key's stored form."""
-    if stored.rsplit("/", 1)[-1] == _REFERENCE_NAME or _is_internal(stored):
+    if _is_reference(stored) or _is_internal(stored):
         return None
     return stored[: -len(_DELTA_SUFFIX)] if stored.endswith(_DELTA_SUFFIX) else stored
 
@@ -6474,7 +6501,7 @@ def _stored_forms(key: str) -> tuple[str, ...]:
     """The names a logical key may be stored under, in the order readers try them: the
     plain object first (FORMAT.md: GET tries ``<key>`` then ``<key>.delta``), then the
     delta. A key ending in ``.delta`` has only its delta form (see _logical_key)."""
-    if _delta_only(key) or key.rsplit("/", 1)[-1] == _REFERENCE_NAME:
+    if _delta_only(key) or _is_reference(key):
         return (key + _DELTA_SUFFIX,)  # a plain reference.bin is no user's object
     return (key, key + _DELTA_SUFFIX)
 
@@ -6536,6 +6563,14 @@ def _resolve_ref_key(delta_key: str, ref: str) -> str:
         return ref
     space = _deltaspace(delta_key)
     return space + "/" + ref if space else ref
+
+
+def _stored_objects(storage: _Storage, bucket: str, prefix: str = "") -> Iterator[dict[str, Any]]:
+    """Every stored object under ``prefix`` (ListObjectsV2 entries), page after page as
+    they are read: stored names, references and deltaglider's own objects included (the
+    client's listing is what makes them logical)."""
+    for page in _list_pages(storage, bucket, prefix=prefix):
+        yield from page.get("Contents", [])
 
 
 def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -9266,6 +9301,524 @@ class _Logical(NamedTuple):
         return str(self.head.get("ContentType", "binary/octet-stream"))
 
 
+class _References:
+    """Where a bucket's references are, which one a file is encoded against, and when
+    one may go (FORMAT.md "Where a reference may live", "Deleting"): the folder's own
+    reference.bin, or shared references beside the folders that use them."""
+
+    def __init__(
+        self,
+        storage: _Storage,
+        *,
+        cache: _ReferenceCache,
+        xdelta: _XDelta3,
+        now: Callable[[], datetime.datetime] = _utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.storage = storage
+        self.cache = cache
+        self.xdelta = xdelta
+        self._now = now
+        self._sleep = sleep
+        self._tool = "deltaglider/" + __version__
+        self._space_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once."""
+        path = self.cache.lookup(ref_sha256)
+        if path:
+            return path
+
+        def write(f: IO[bytes]) -> None:
+            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
+
+        try:
+            return self.cache.fill(ref_sha256, write)
+        except IntegrityError as e:
+            raise IntegrityError(
+                "reference s3://%s/%s does not match the SHA-256 its deltas were made "
+                "against (%s)" % (bucket, ref_key, e)
+            ) from None
+
+    def space_lock(self, bucket: str, space: str) -> threading.Lock:
+        """One reference decision at a time per deltaspace within this process; across
+        processes and machines the conditional create decides."""
+        with self._locks_lock:
+            return self._space_locks.setdefault((bucket, space), threading.Lock())
+
+    def current(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
+        """The SHA-256 of the deltaspace's reference, or None when there is none.
+
+        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
+        a reference and the last one stays; so there a reference younger than a few
+        seconds (by the server's own Date and Last-Modified) is waited on until that race
+        is over. Where the create is conditional, losers learn it from the 412 (or, on a
+        server that checks it loosely, from the check after their delta is stored)."""
+        while True:
+            try:
+                head = self.storage.head_object(bucket, ref_key)
+            except ClientError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            wait = self._settle_left(head) if settle else 0.0
+            # Only a young reference on a server that ignores If-None-Match is waited on;
+            # the probe that tells (a few requests, once per bucket) runs only then.
+            if wait <= 0 or self.storage.supports_conditional_writes(bucket):
+                break
+            logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
+            self._sleep(wait)
+        sha = _meta_get(head.get("Metadata", {}), "file_sha256")
+        if not sha:
+            raise IntegrityError(
+                "s3://%s/%s has no dg-file-sha256: it was not written by deltaglider; "
+                "move it away to store deltas in this folder" % (bucket, ref_key)
+            )
+        return sha
+
+    @staticmethod
+    def _settle_left(head: Mapping[str, Any]) -> float:
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        modified = head.get("LastModified")
+        try:
+            server_now = _parse_timestamp(headers["date"])
+        except (KeyError, ValueError):
+            return 0.0
+        if not isinstance(modified, datetime.datetime):
+            return 0.0
+        age = (server_now - modified).total_seconds()
+        return max(0.0, _REFERENCE_SETTLE - age)
+
+    def ensure(
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        file_info: Callable[[], _FileInfo],
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> tuple[str, str, bool]:
+        """(reference sha256, local path, created by us) for a deltaspace. A cached
+        reference is trusted by its stamp here; the caller checks it with
+        ``cache.check`` before storing anything made from it."""
+        vanished = False
+        for _ in range(5):
+            sha = self.current(bucket, ref_key, settle=True)
+            if sha is None:
+                # Hash first (the file may still be hashing), then look again: the HEAD
+                # that finds no reference must come right before the PUT that creates
+                # one, or a racer's reference is overwritten (servers that ignore
+                # If-None-Match; those that honour it refuse ours instead).
+                file_info()
+                sha = self.current(bucket, ref_key, settle=True)
+            if sha is not None:
+                try:
+                    return sha, self.local_copy(bucket, ref_key, sha), False
+                except IntegrityError:
+                    # Replaced between our HEAD and GET (a server without conditional
+                    # writes, racing writers): look again; a real corruption raises.
+                    if self.current(bucket, ref_key) != sha:
+                        continue
+                    raise
+                except ClientError as e:
+                    if not _is_not_found(e):
+                        raise
+                    # Deleted between our HEAD and GET: the folder's last file was
+                    # removed meanwhile, and its reference with it. Look once more (this
+                    # file then becomes the new reference).
+                    if vanished:
+                        raise DeltaGliderError(
+                            "s3://%s/%s was deleted twice while this upload was reading it "
+                            "(is something removing this folder's files at the same "
+                            "time?); nothing was stored" % (bucket, ref_key)
+                        ) from None
+                    vanished = True
+                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
+                    continue
+            info = file_info()
+            conditional = self.storage.supports_conditional_writes(bucket)
+            meta = self._reference_metadata(name, info)
+            # From the moment the PUT starts (an interrupted PUT may still complete on
+            # the server) until the caller stores the first delta, any failure or Ctrl-C
+            # removes the reference again: none is left without its first delta.
+            try:
+                try:
+                    _put_path(
+                        self.storage,
+                        bucket,
+                        ref_key,
+                        path,
+                        metadata=meta,
+                        sha256=info.sha256,
+                        if_none_match=conditional,
+                        on_bytes=on_bytes,
+                    )
+                except ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (409, 412):  # another writer created it first: use theirs
+                        continue
+                    raise
+                # Verify after write, once the reference has settled: on a server that
+                # ignores If-None-Match, or (Swift) checks it without a lock, racing
+                # creators all "win" and the last PUT stays; the others use that one.
+                sha = self.current(bucket, ref_key, settle=not conditional)
+                if sha != info.sha256:
+                    continue
+                return info.sha256, self.cache.add_file(info.sha256, path), True
+            except BaseException:
+                self.discard(bucket, ref_key, info.sha256)
+                raise
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+
+    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
+        return {
+            "dg-tool": self._tool,
+            "dg-source-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(name),
+            "dg-file-sha256": info.sha256,
+            "dg-file-size": str(info.size),
+            "dg-md5": info.md5,
+            "dg-created-at": _iso_utc(self._now()),
+            "dg-note": "reference",
+        }
+
+    def pick(self, bucket: str, space: str, name: str, size: int) -> tuple[str, str, bool] | None:
+        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
+        same series) of the best existing reference for a file, or None when none fits.
+
+        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
+        references of the folder's parent (one listing: the versions in sibling folders,
+        and the earlier references of this folder). A candidate must be of a similar size;
+        the best has the most alike name (same name, then the same but for version
+        numbers, then the same extension; the folder's own reference.bin may be unrelated,
+        as it always could), then is the newest, then the closest in size."""
+        best: tuple[tuple[Any, ...], str, str, bool] | None = None
+
+        def consider(
+            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
+        ) -> None:
+            nonlocal best
+            if not sha or csize <= 0 or size <= 0:
+                return
+            ratio = csize / size
+            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
+                return
+            cls = _name_class(name, source)
+            if cls == 0 and not own:
+                return
+            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
+            # Within a second (Last-Modified's resolution), the highest version by name.
+            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            rank = (cls, when, natural, -abs(math.log(ratio)))
+            if best is None or rank > best[0]:
+                best = (rank, key, sha, cls >= 2)
+
+        own_key = _reference_key(space)
+        try:
+            head = self.storage.head_object(bucket, own_key)
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+        else:
+            meta = head.get("Metadata", {})
+            consider(
+                own_key,
+                _meta_get(meta, "file_sha256") or "",
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+                int(head.get("ContentLength", 0)),
+                head.get("LastModified"),
+                True,
+                _meta_decode(_meta_get(meta, "original_name") or ""),
+            )
+        prefix = _refs_prefix(_parent_space(space))
+        pages = _list_pages(self.storage, bucket, prefix=prefix)
+        for page in itertools.islice(pages, _REF_LIST_PAGES):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
+                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                    rel = _meta_decode(parts[0])
+                    consider(
+                        obj["Key"],
+                        parts[1],
+                        source,
+                        obj["Size"],
+                        obj.get("LastModified"),
+                        False,
+                        rel,
+                    )
+        return None if best is None else best[1:]
+
+    def new_shared(
+        self,
+        path: str,
+        bucket: str,
+        ref_key: str,
+        name: str,
+        info: _FileInfo,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> str:
+        """Store a file as a shared reference; returns its cached copy. The key holds the
+        SHA-256, so racing writers of the same file write the same bytes."""
+        _put_path(
+            self.storage,
+            bucket,
+            ref_key,
+            path,
+            metadata=self._reference_metadata(name, info),
+            sha256=info.sha256,
+            on_bytes=on_bytes,
+        )
+        return self.cache.add_file(info.sha256, path)
+
+    def discard(self, bucket: str, ref_key: str, sha256: str) -> None:
+        try:
+            if self.current(bucket, ref_key) == sha256:
+                self.drop(bucket, ref_key)
+        except (ClientError, DeltaGliderError, OSError) as e:
+            logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
+
+    def drop(self, bucket: str, ref_key: str) -> bool:
+        """Delete a reference if no delta needs it (and that is cheap to prove)."""
+        if not _is_shared_ref(ref_key):
+            return self.drop_unused(bucket, _deltaspace(ref_key))
+        parent = _shared_ref_parent(ref_key)
+        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        spaces = sorted(set(spaces))
+        for space in spaces:
+            self.drop_unused(bucket, space)
+        for parent in sorted({_parent_space(space) for space in spaces}):
+            refs = {k for k, _ in self.shared_references(bucket, parent)}
+            if refs:
+                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
+
+    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
+        """(key, size) of ``parent``'s shared references (those made from files whose
+        path below ``parent`` starts with ``under``)."""
+        out: list[tuple[str, int]] = []
+        for o in _stored_objects(self.storage, bucket, _refs_prefix(parent) + under):
+            if _is_shared_ref(o["Key"]):
+                out.append((o["Key"], o["Size"]))
+        return out
+
+    def _shared_ref_users(
+        self, bucket: str, parent: str, refs: set[str], limit: int | None
+    ) -> set[str] | None:
+        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
+        when proving it would take more than ``limit`` requests.
+
+        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
+        them: first each reference's own source file is looked at (it needs its reference
+        as long as it exists), then, for the rest, every delta in those folders."""
+        used: set[str] = set()
+        spent = 0
+
+        def spend() -> bool:
+            nonlocal spent
+            spent += 1
+            return limit is None or spent <= limit
+
+        def names(stored: str) -> str | None:
+            try:
+                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
+            except ClientError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+            ref = _meta_get(meta, "ref")
+            return _resolve_ref_key(stored, ref) if ref else None
+
+        for ref in sorted(refs):
+            if not spend():
+                return None
+            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
+                used.add(ref)
+        if used == refs:
+            return used
+        folders: list[str] = []
+        deltas: list[str] = []
+        prefix = parent + "/" if parent else ""
+        for top in (True, False):
+            queue = [prefix] if top else folders
+            for folder in list(queue):
+                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
+                    if not spend():
+                        return None
+                    if top:
+                        folders += [
+                            p["Prefix"]
+                            for p in page.get("CommonPrefixes", [])
+                            if not _is_internal(p["Prefix"])
+                        ]
+                    if not top or not parent:  # the root's own files use the root's references
+                        deltas += [
+                            o["Key"]
+                            for o in page.get("Contents", [])
+                            if o["Key"].endswith(_DELTA_SUFFIX)
+                        ]
+        for stored in deltas:
+            if not spend():
+                return None
+            named = names(stored)
+            if named is not None and named in refs:
+                used.add(named)
+                if used == refs:
+                    break
+        return used
+
+    def drop_unused_shared(
+        self,
+        bucket: str,
+        parent: str,
+        refs: set[str],
+        limit: int | None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
+        reference: copied aside first, and put back if a delta names it after all (a
+        writer that stored one meanwhile; writers also check their reference after)."""
+        used = self._shared_ref_users(bucket, parent, refs, limit)
+        if used is None:
+            return []
+        dropped: list[str] = []
+        for ref_key in sorted(refs - used):
+            if dry_run:
+                dropped.append(ref_key)
+                continue
+            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+            try:
+                self.storage.copy_object(bucket, aside, bucket, ref_key)
+            except ClientError as e:
+                if not _is_not_found(e):
+                    raise
+                continue  # gone already
+            try:
+                self.storage.delete_object(bucket, ref_key)
+                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
+                    if self.current(bucket, ref_key) is None:
+                        self.storage.copy_object(bucket, ref_key, bucket, aside)
+                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
+                    continue
+                dropped.append(ref_key)
+            finally:
+                self.storage.delete_object(bucket, aside)
+        return dropped
+
+    def _space_has_deltas(self, bucket: str, space: str) -> bool:
+        prefix = space + "/" if space else ""
+        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
+            if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
+                return True
+        return False
+
+    def drop_unused(self, bucket: str, space: str) -> bool:
+        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
+
+        A writer may store a delta between our listing and the delete; so the reference
+        is first copied aside (server side), and put back if a delta shows up after."""
+        ref_key = _reference_key(space)
+        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
+            return self.drop(bucket, ref_key)
+        if self._space_has_deltas(bucket, space):
+            return False
+        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+        try:
+            self.storage.copy_object(bucket, aside, bucket, ref_key)
+        except ClientError as e:
+            if not _is_not_found(e):
+                raise
+            return False  # no reference (any more)
+        try:
+            self.storage.delete_object(bucket, ref_key)
+            if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
+                self.storage.copy_object(bucket, ref_key, bucket, aside)
+                logger.info(
+                    "a delta arrived in %s while its reference was deleted; restored it",
+                    space or "/",
+                )
+                return False
+            return True
+        finally:
+            self.storage.delete_object(bucket, aside)
+
+    def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
+        """Remove the references under ``prefix`` (a folder) that no delta needs, proving
+        it however many requests that takes; returns what it removed."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        sizes: dict[str, int] = {}
+        for obj in _stored_objects(self.storage, bucket, prefix):
+            if _is_reference(obj["Key"]):
+                sizes[obj["Key"]] = obj["Size"]
+        if prefix:
+            # The folder's own files keep theirs beside it, in its parent.
+            space = prefix[:-1]
+            parent = _parent_space(space)
+            folder = space[len(parent) + 1 :] if parent else space
+            sizes.update(self.shared_references(bucket, parent, folder + "/"))
+        removed: list[str] = []
+        parents: dict[str, set[str]] = {}
+        for ref in sorted(sizes):
+            if _is_shared_ref(ref):
+                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
+            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
+                if dry_run or self.drop_unused(bucket, _deltaspace(ref)):
+                    removed.append(ref)
+        for parent, found in sorted(parents.items()):
+            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
+        removed.sort()
+        return {
+            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
+            "Kept": len(sizes) - len(removed),
+            "BytesFreed": sum(sizes[k] for k in removed),
+            "DryRun": dry_run,
+        }
+
+
+class _Upload(NamedTuple):
+    """One file being stored under a logical key (put_file): what each step of a delta
+    or a direct upload needs."""
+
+    path: str
+    bucket: str
+    key: str
+    name: str  # the file name (the key's last segment): dg-original-name
+    headers: dict[str, str]  # to send with the object, Content-Type apart
+    content_type: str | None
+    metadata: Mapping[str, str] | None  # the caller's, stored as user-<name>
+    mtime: float | None  # the source file's, for sync: dg-mtime
+    max_ratio: float  # a larger delta (against the file's size) is stored whole instead
+    required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
+    on_bytes: Callable[[int], None] | None  # progress
+    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    given: _FileInfo | None  # or the caller's
+    create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
+
+    def info(self) -> _FileInfo:
+        """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
+        if self.hashing is None:
+            assert self.given is not None
+            return self.given
+        info: _FileInfo = self.hashing.result()
+        return info
+
+
+@dataclasses.dataclass
+class _RefChoice:
+    """The reference one attempt of a delta upload encodes against."""
+
+    key: str
+    sha256: str = ""
+    path: str = ""  # its local copy (in the cache)
+    created: bool = False  # stored by this upload: removed again if the upload fails
+    series: bool = False  # made from a file of the same series (so it may be healed)
+
+
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
     says, reads rebuild and verify, deletes keep references consistent.
@@ -9273,8 +9826,10 @@ class _DeltaEngine:
     Its public boundary is what the client and the CLI call (everything with a leading
     underscore is the engine's own): the attributes ``storage``, ``cache``,
     ``references``; ``head``, ``get_to_file``, ``rebuild``, ``fetch_plain`` and
-    ``exists`` to read; ``put_file`` to write; ``delete``, ``delete_prefix``,
-    ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir`` for scratch files."""
+    ``exists`` to read; ``put_file`` (``key_lock`` around a conditional one) to write;
+    ``delete``, ``delete_prefix``, ``drop_unused_near`` and ``gc`` to remove; ``tmp_dir``
+    for scratch files. Which reference a file is encoded against, and when one may go,
+    is ``refs`` (_References)."""
 
     def __init__(
         self,
@@ -9289,9 +9844,8 @@ class _DeltaEngine:
         archive_aware: bool = False,
         references: str = _REFERENCES_SHARED,
     ) -> None:
-        self.storage = storage
+        self.refs = _References(storage, cache=cache, xdelta=xdelta, now=now, sleep=sleep)
         self.references = references
-        self._sleep = sleep
         self.cache = cache
         self.xdelta = xdelta
         self.max_ratio = max_ratio
@@ -9299,9 +9853,18 @@ class _DeltaEngine:
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
-        self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+
+    @property
+    def storage(self) -> _Storage:
+        """The storage under the logical objects, and under their references: one
+        object, so a storage set here (tests wrap it to inject faults) is used by both."""
+        return self.refs.storage
+
+    @storage.setter
+    def storage(self, storage: _Storage) -> None:
+        self.refs.storage = storage
 
     # -- reading ------------------------------------------------------------------
 
@@ -9351,23 +9914,6 @@ class _DeltaEngine:
             "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 404}}),
         }
         raise NoSuchKey(resp, operation)
-
-    def reference_path(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
-        path = self.cache.lookup(ref_sha256)
-        if path:
-            return path
-
-        def write(f: IO[bytes]) -> None:
-            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
-
-        try:
-            return self.cache.fill(ref_sha256, write)
-        except IntegrityError as e:
-            raise IntegrityError(
-                "reference s3://%s/%s does not match the SHA-256 its deltas were made "
-                "against (%s)" % (bucket, ref_key, e)
-            ) from None
 
     @_reports_as("GetObject")
     def get_to_file(
@@ -9437,7 +9983,7 @@ class _DeltaEngine:
             with self.cache.hold():
                 for attempt in range(2):
                     try:
-                        ref_path = self.reference_path(lg.bucket, ref_key, ref_sha)
+                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha)
                     finally:
                         if fetch is not None:
                             done, fetch = fetch, None
@@ -9611,25 +10157,22 @@ class _DeltaEngine:
         name = key.rsplit("/", 1)[-1]
         return _eligible_by_name(name, self._environ) or _eligible_by_content(path)
 
-    def _common_metadata(
-        self,
-        name: str,
-        info: _FileInfo,
-        user_metadata: Mapping[str, str] | None,
-        content_type: str | None,
-    ) -> dict[str, str]:
+    def _metadata(self, up: _Upload, info: _FileInfo) -> dict[str, str]:
+        """What every object an upload stores records (FORMAT.md "Metadata")."""
         meta = {
             "dg-tool": self._tool,
-            "dg-original-name": _meta_encode(name),
+            "dg-original-name": _meta_encode(up.name),
             "dg-file-sha256": info.sha256,
             "dg-file-size": str(info.size),
             "dg-md5": info.md5,
             "dg-created-at": _iso_utc(self._now()),
         }
-        for k, v in (user_metadata or {}).items():
+        for k, v in (up.metadata or {}).items():
             meta[_USER_META_PREFIX + k.lower()] = _meta_encode(str(v))
-        if content_type:
-            meta[_CONTENT_TYPE_META] = _meta_encode(content_type)
+        if up.content_type:
+            meta[_CONTENT_TYPE_META] = _meta_encode(up.content_type)
+        if up.mtime is not None:
+            meta["dg-mtime"] = "%.6f" % up.mtime  # the source's mtime, for sync (as rclone)
         return meta
 
     @_reports_as("PutObject")
@@ -9652,87 +10195,87 @@ class _DeltaEngine:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
 
+        ``existing``: the stored keys a listing just showed, when the caller has one.
         ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
         server honours it, so a racing writer of that form gets a 412 (the caller checks
         the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
-        name = key.rsplit("/", 1)[-1]
-        if name == _REFERENCE_NAME or not name:
-            raise ParamValidationError(
-                report="Invalid key %r: %r is reserved for deltaglider's reference files"
-                % (key, _REFERENCE_NAME)
-                if name
-                else "Invalid key %r: a key must name a file, not a folder" % key
-            )
+        name = _object_name(key)
         # The file is hashed while the reference is looked up and xdelta3 encodes.
         hashing = _Background(_hash_file, path, True) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
-
-        def file_info() -> _FileInfo:
-            if hashing is not None:
-                return hashing.result()  # type: ignore[no-any-return]
-            assert info is not None
-            return info
-
-        def metadata_of(info: _FileInfo) -> dict[str, str]:
-            meta = self._common_metadata(name, info, metadata, content_type)
-            if mtime is not None:
-                meta["dg-mtime"] = "%.6f" % mtime  # the source's mtime, for sync (as rclone)
-            return meta
-
-        ratio_limit = self.max_ratio if max_ratio is None else max_ratio
         size = info.size if info is not None else os.path.getsize(path)
-        create_only = if_none_match and self.storage.supports_conditional_writes(bucket)
-        # A key ending in .delta is stored in delta form whatever its content, size or
-        # --no-delta: its plain name is another key's delta (_logical_key).
-        required = _delta_only(key)
-        if required:
+        up = _Upload(
+            path=path,
+            bucket=bucket,
+            key=key,
+            name=name,
+            headers=headers,
+            content_type=content_type,
+            metadata=metadata,
+            mtime=mtime,
+            max_ratio=self.max_ratio if max_ratio is None else max_ratio,
+            # A key ending in .delta is stored in delta form whatever its content, size or
+            # --no-delta: its plain name is another key's delta (_logical_key).
+            required=_delta_only(key),
+            on_bytes=on_bytes,
+            hashing=hashing,
+            given=info,
+            create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
+        )
+        if up.required:
             self._refuse_shadowed(bucket, key)
-        if required or (size > 0 and self.eligible(key, path, delta)):
-            with self.cache.hold():  # the reference (and its expanded form) stay while used
-                summary = self._put_delta(
-                    path,
-                    bucket,
-                    key,
-                    name,
-                    file_info,
-                    metadata_of,
-                    headers,
-                    ratio_limit,
-                    required,
-                    on_bytes,
-                    create_only,
-                )
+        if up.required or (size > 0 and self.eligible(key, path, delta)):
+            summary = self._put_as_delta(up, existing)
             if summary is not None:
-                self._remove_other(bucket, key, keep=key + _DELTA_SUFFIX, existing=existing)
-                if required:
-                    self._unshadow(bucket, key)
-                    return summary
-                if not self.exists(bucket, key + _DELTA_SUFFIX + _DELTA_SUFFIX):
-                    return summary
-                # The user's key.delta exists: this key is kept plain (see _unshadow).
-            assert not required
-        info = file_info()
-        meta = metadata_of(info)
-        direct_meta = dict(meta)
-        direct_meta["dg-compression"] = "none"
-        direct_meta["dg-note"] = "passthrough"
-        direct_headers = dict(headers)
-        direct_headers["Content-Type"] = content_type or "binary/octet-stream"
+                return summary
+        return self._put_direct(up, existing)
+
+    def _put_as_delta(self, up: _Upload, existing: Container[str] | None) -> dict[str, Any] | None:
+        """put_file's delta attempt, and what follows a stored delta: the key's other
+        stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
+        None when the file is to be stored whole after all."""
+        with self.cache.hold():  # the reference (and its expanded form) stay while used
+            summary = self._put_delta(up)
+        if summary is None:
+            assert not up.required
+            return None
+        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
+        if up.required:
+            self._unshadow(up.bucket, up.key)
+            return summary
+        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+            return summary
+        return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
+
+    def _put_direct(self, up: _Upload, existing: Container[str] | None) -> dict[str, Any]:
+        """Store the file as it is (FORMAT.md "direct"), then remove its delta form."""
+        info = up.info()
+        meta = self._metadata(up, info)
+        meta["dg-compression"] = "none"
+        meta["dg-note"] = "passthrough"
+        headers = dict(up.headers)
+        headers["Content-Type"] = up.content_type or "binary/octet-stream"
         resp = _put_path(
             self.storage,
-            bucket,
-            key,
-            path,
-            metadata=direct_meta,
-            headers=direct_headers,
+            up.bucket,
+            up.key,
+            up.path,
+            metadata=meta,
+            headers=headers,
             sha256=info.sha256,
-            on_bytes=on_bytes,
-            if_none_match=create_only,
+            on_bytes=up.on_bytes,
+            if_none_match=up.create_only,
         )
-        self._remove_other(bucket, key, keep=key, existing=existing)
-        return self._summary("upload_direct", key, info, info.size, None, resp)
+        self._remove_other(up.bucket, up.key, keep=up.key, existing=existing)
+        return self._summary("upload_direct", up.key, info, info.size, None, resp)
+
+    def key_lock(self, bucket: str, key: str) -> threading.Lock:
+        """One conditional write (its check, then its store) at a time per logical key
+        within this process; across processes the stored form's own condition decides."""
+        with self._locks_lock:
+            return self._key_locks.setdefault((bucket, key), threading.Lock())
 
     def exists(self, bucket: str, stored: str) -> bool:
         """Whether the stored key ``stored`` (not a logical name) is in the bucket."""
@@ -9841,426 +10384,241 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _space_lock(self, bucket: str, space: str) -> threading.Lock:
-        """One reference decision at a time per deltaspace within this process; across
-        processes and machines the conditional create decides."""
-        with self._locks_lock:
-            return self._space_locks.setdefault((bucket, space), threading.Lock())
+    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+        """Store ``up`` as a delta; None when it is better stored whole (a delta above
+        ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
 
-    def key_lock(self, bucket: str, key: str) -> threading.Lock:
-        """One conditional write (its check, then its store) at a time per logical key
-        within this process; across processes the stored form's own condition decides."""
-        with self._locks_lock:
-            return self._key_locks.setdefault((bucket, key), threading.Lock())
-
-    def _current_reference(self, bucket: str, ref_key: str, settle: bool = False) -> str | None:
-        """The SHA-256 of the deltaspace's reference, or None when there is none.
-
-        ``settle``: on a server that ignores If-None-Match, racing first writers all PUT
-        a reference and the last one stays; so there a reference younger than a few
-        seconds (by the server's own Date and Last-Modified) is waited on until that race
-        is over. Where the create is conditional, losers learn it from the 412 (or, on a
-        server that checks it loosely, from the check after their delta is stored)."""
-        while True:
-            try:
-                head = self.storage.head_object(bucket, ref_key)
-            except ClientError as e:
-                if _is_not_found(e):
-                    return None
-                raise
-            wait = self._settle_left(head) if settle else 0.0
-            # Only a young reference on a server that ignores If-None-Match is waited on;
-            # the probe that tells (a few requests, once per bucket) runs only then.
-            if wait <= 0 or self.storage.supports_conditional_writes(bucket):
-                break
-            logger.debug("s3://%s/%s is %.1f s from settled; waiting", bucket, ref_key, wait)
-            self._sleep(wait)
-        sha = _meta_get(head.get("Metadata", {}), "file_sha256")
-        if not sha:
-            raise IntegrityError(
-                "s3://%s/%s has no dg-file-sha256: it was not written by deltaglider; "
-                "move it away to store deltas in this folder" % (bucket, ref_key)
-            )
-        return sha
-
-    @staticmethod
-    def _settle_left(head: Mapping[str, Any]) -> float:
-        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        modified = head.get("LastModified")
-        try:
-            server_now = _parse_timestamp(headers["date"])
-        except (KeyError, ValueError):
-            return 0.0
-        if not isinstance(modified, datetime.datetime):
-            return 0.0
-        age = (server_now - modified).total_seconds()
-        return max(0.0, _REFERENCE_SETTLE - age)
-
-    def _ensure_reference(
-        self,
-        path: str,
-        bucket: str,
-        ref_key: str,
-        name: str,
-        file_info: Callable[[], _FileInfo],
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> tuple[str, str, bool]:
-        """(reference sha256, local path, created by us) for a deltaspace. A cached
-        reference is trusted by its stamp here; the caller checks it with
-        ``cache.check`` before storing anything made from it."""
-        vanished = False
-        for _ in range(5):
-            sha = self._current_reference(bucket, ref_key, settle=True)
-            if sha is None:
-                # Hash first (the file may still be hashing), then look again: the HEAD
-                # that finds no reference must come right before the PUT that creates
-                # one, or a racer's reference is overwritten (servers that ignore
-                # If-None-Match; those that honour it refuse ours instead).
-                file_info()
-                sha = self._current_reference(bucket, ref_key, settle=True)
-            if sha is not None:
-                try:
-                    return sha, self.reference_path(bucket, ref_key, sha), False
-                except IntegrityError:
-                    # Replaced between our HEAD and GET (a server without conditional
-                    # writes, racing writers): look again; a real corruption raises.
-                    if self._current_reference(bucket, ref_key) != sha:
-                        continue
-                    raise
-                except ClientError as e:
-                    if not _is_not_found(e):
-                        raise
-                    # Deleted between our HEAD and GET: the folder's last file was
-                    # removed meanwhile, and its reference with it. Look once more (this
-                    # file then becomes the new reference).
-                    if vanished:
-                        raise DeltaGliderError(
-                            "s3://%s/%s was deleted twice while this upload was reading it "
-                            "(is something removing this folder's files at the same "
-                            "time?); nothing was stored" % (bucket, ref_key)
-                        ) from None
-                    vanished = True
-                    logger.info("s3://%s/%s was deleted meanwhile; looking again", bucket, ref_key)
-                    continue
-            info = file_info()
-            conditional = self.storage.supports_conditional_writes(bucket)
-            meta = self._reference_metadata(name, info)
-            # From the moment the PUT starts (an interrupted PUT may still complete on
-            # the server) until the caller stores the first delta, any failure or Ctrl-C
-            # removes the reference again: none is left without its first delta.
-            try:
-                try:
-                    _put_path(
-                        self.storage,
-                        bucket,
-                        ref_key,
-                        path,
-                        metadata=meta,
-                        sha256=info.sha256,
-                        if_none_match=conditional,
-                        on_bytes=on_bytes,
-                    )
-                except ClientError as e:
-                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if status in (409, 412):  # another writer created it first: use theirs
-                        continue
-                    raise
-                # Verify after write, once the reference has settled: on a server that
-                # ignores If-None-Match, or (Swift) checks it without a lock, racing
-                # creators all "win" and the last PUT stays; the others use that one.
-                sha = self._current_reference(bucket, ref_key, settle=not conditional)
-                if sha != info.sha256:
-                    continue
-                return info.sha256, self.cache.add_file(info.sha256, path), True
-            except BaseException:
-                self._discard_reference(bucket, ref_key, info.sha256)
-                raise
-        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
-
-    def _reference_metadata(self, name: str, info: _FileInfo) -> dict[str, str]:
-        return {
-            "dg-tool": self._tool,
-            "dg-source-name": _meta_encode(name),
-            "dg-original-name": _meta_encode(name),
-            "dg-file-sha256": info.sha256,
-            "dg-file-size": str(info.size),
-            "dg-md5": info.md5,
-            "dg-created-at": _iso_utc(self._now()),
-            "dg-note": "reference",
-        }
-
-    def _pick_reference(
-        self, bucket: str, space: str, name: str, size: int
-    ) -> tuple[str, str, bool] | None:
-        """The one place a reference is chosen (DG_REFERENCES=shared): (key, sha256, of the
-        same series) of the best existing reference for a file, or None when none fits.
-
-        Candidates: the folder's own reference.bin (6.2.0's layout) and the shared
-        references of the folder's parent (one listing: the versions in sibling folders,
-        and the earlier references of this folder). A candidate must be of a similar size;
-        the best has the most alike name (same name, then the same but for version
-        numbers, then the same extension; the folder's own reference.bin may be unrelated,
-        as it always could), then is the newest, then the closest in size."""
-        best: tuple[tuple[Any, ...], str, str, bool] | None = None
-
-        def consider(
-            key: str, sha: str, source: str, csize: int, modified: Any, own: bool, rel: str
-        ) -> None:
-            nonlocal best
-            if not sha or csize <= 0 or size <= 0:
-                return
-            ratio = csize / size
-            if not 1.0 / _SIMILAR_SIZE <= ratio <= _SIMILAR_SIZE:
-                return
-            cls = _name_class(name, source)
-            if cls == 0 and not own:
-                return
-            when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
-            # Within a second (Last-Modified's resolution), the highest version by name.
-            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
-            rank = (cls, when, natural, -abs(math.log(ratio)))
-            if best is None or rank > best[0]:
-                best = (rank, key, sha, cls >= 2)
-
-        own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
-            meta = head.get("Metadata", {})
-            consider(
-                own_key,
-                _meta_get(meta, "file_sha256") or "",
-                _meta_decode(_meta_get(meta, "original_name") or ""),
-                int(head.get("ContentLength", 0)),
-                head.get("LastModified"),
-                True,
-                _meta_decode(_meta_get(meta, "original_name") or ""),
-            )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
-        return None if best is None else best[1:]
-
-    def _new_shared_reference(
-        self,
-        path: str,
-        bucket: str,
-        ref_key: str,
-        name: str,
-        info: _FileInfo,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> str:
-        """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
-            self.storage,
-            bucket,
-            ref_key,
-            path,
-            metadata=self._reference_metadata(name, info),
-            sha256=info.sha256,
-            on_bytes=on_bytes,
-        )
-        return self.cache.add_file(info.sha256, path)
-
-    def _put_delta(
-        self,
-        path: str,
-        bucket: str,
-        key: str,
-        name: str,
-        file_info: Callable[[], _FileInfo],
-        metadata_of: Callable[[_FileInfo], dict[str, str]],
-        headers: dict[str, str],
-        max_ratio: float,
-        required: bool = False,
-        on_bytes: Callable[[int], None] | None = None,
-        create_only: bool = False,
-    ) -> dict[str, Any] | None:
-        """Store ``key`` as a delta; None when it is better stored whole (a delta above
-        ``max_ratio``, a compressed reference), unless ``required`` (_delta_only).
-        ``create_only``: the delta goes up with ``If-None-Match: *`` (put_file)."""
-        space = _deltaspace(key)
-        ref_key = _reference_key(space)
-        delta_key = key + _DELTA_SUFFIX
+        Each attempt chooses a reference, encodes against it (the delta checked to decode
+        back to the file), may make the file a new reference instead (drift: _heal),
+        stores the delta, and is made again when the reference was replaced or deleted
+        meanwhile (racing writers, the folder's last file deleted)."""
+        space = _deltaspace(up.key)
         tmp_dir = self.tmp_dir()
         shared = (
             self.references == _REFERENCES_SHARED
-            and _shared_ref_key(space, name, "0" * 64) is not None
+            and _shared_ref_key(space, up.name, "0" * 64) is not None
         )
-        size = os.path.getsize(path)
+        size = os.path.getsize(up.path)
+        create_only = up.create_only
+        ref = _RefChoice(_reference_key(space))
         for _ in range(5):
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
-            extra: dict[str, str] | None = None
-            created, ref_sha, series = False, "", False
+            ref = _RefChoice(_reference_key(space))
             try:
-                if not shared:
-                    with self._space_lock(bucket, space):
-                        ref_sha, ref_path, created = self._ensure_reference(
-                            path, bucket, ref_key, name, file_info, on_bytes
-                        )
-                else:
-                    # One choice at a time per parent folder in this process: parallel
-                    # first uploads (a recursive upload of a new release tree) then share
-                    # a reference.
-                    with self._space_lock(bucket, _refs_prefix(_parent_space(space))):
-                        pick = self._pick_reference(bucket, space, name, size)
-                        if pick is None:
-                            info = file_info()
-                            ref_key = _shared_ref_key(space, name, info.sha256) or ""
-                            ref_sha, created = info.sha256, True  # discarded if interrupted
-                            ref_path = self._new_shared_reference(
-                                path, bucket, ref_key, name, info, on_bytes
-                            )
-                    if pick is not None:
-                        ref_key, ref_sha, series = pick
-                        created = False
-                        try:
-                            ref_path = self.reference_path(bucket, ref_key, ref_sha)
-                        except IntegrityError:
-                            if self._current_reference(bucket, ref_key) != ref_sha:
-                                continue  # replaced or deleted since the listing: again
-                            raise
-                        except ClientError as e:
-                            if _is_not_found(e):
-                                continue  # deleted since the listing
-                            raise
-                if not created and not required and _is_compressed_stream(ref_path):
+                if not self._choose_reference(up, ref, shared, size):
+                    continue  # replaced or deleted since the listing: again
+                if not ref.created and not up.required and _is_compressed_stream(ref.path):
                     return None  # a compressed reference (another writer's): _COMPRESSED_MAGIC
                 # Uploads hash a cached reference once per process, beside the encoding: a
                 # delta made against silently corrupted bytes would be unreadable.
-                ref_check = None if created else _Background(self.cache.check, ref_sha)
-                if created and file_info().size:
-                    # The file is the reference: write the zero-diff delta, not xdelta3's
-                    # search of the whole file for the same bytes. (An empty file, stored
-                    # as a delta only under a .delta key, takes xdelta3's: VCDIFF without a
-                    # window is refused by xdelta3.)
-                    info = file_info()
-                    with open(delta_tmp, "wb") as f:
-                        f.write(_zero_diff_delta(info.size))
-                    decoded = (info.sha256, info.size)
-                else:
-                    try:
-                        extra = self._encode_archive(
-                            ref_sha, ref_path, ref_check, path, delta_tmp, tmp_dir, file_info
-                        )
-                        plain = None
-                        if extra is None:
-                            plain = self.xdelta.encode_verified(ref_path, path, delta_tmp)
-                    except (XDelta3Error, OSError):
-                        if ref_check is not None and not ref_check.result():
-                            continue  # the check removed the entry under xdelta3: see below
-                        raise
-                    info = file_info()
-                    decoded = plain or (info.sha256, info.size)  # archive: checked there
+                ref_check = None if ref.created else _Background(self.cache.check, ref.sha256)
+                made = self._encode(up, ref, ref_check, delta_tmp, tmp_dir)
+                if made is None:
+                    continue  # the check removed the entry under xdelta3: see below
+                info, decoded, extra = made
                 delta_size = os.path.getsize(delta_tmp)
-                if series and delta_size > min(_HEAL_RATIO, max_ratio) * info.size:
-                    # Drift: the versions after this one are better off against it.
-                    logger.info(
-                        "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a "
-                        "new reference",
-                        key,
-                        100.0 * delta_size / info.size,
-                        bucket,
-                        ref_key,
-                    )
-                    ref_key = _shared_ref_key(space, name, info.sha256) or ""
-                    if ref_check is not None and not ref_check.result():
+                if ref.series and delta_size > min(_HEAL_RATIO, up.max_ratio) * info.size:
+                    if not self._heal(up, ref, ref_check, info, delta_size, delta_tmp):
                         continue  # the cached reference was corrupt: choose again
-                    ref_sha, created, extra, ref_check = info.sha256, True, None, None
-                    ref_path = self._new_shared_reference(path, bucket, ref_key, name, info)
-                    with open(delta_tmp, "wb") as f:
-                        f.write(_zero_diff_delta(info.size))
-                    decoded = (info.sha256, info.size)
+                    decoded, extra, ref_check = (info.sha256, info.size), None, None
                     delta_size = os.path.getsize(delta_tmp)
-                if not created and not required and delta_size > max_ratio * info.size:
+                if not ref.created and not up.required and delta_size > up.max_ratio * info.size:
                     logger.info(
                         "%s: delta is %.1f%% of the file, above the %.0f%% limit; storing it whole",
-                        key,
+                        up.key,
                         100.0 * delta_size / info.size,
-                        100.0 * max_ratio,
+                        100.0 * up.max_ratio,
                     )
                     return None
                 if decoded != (info.sha256, info.size):
                     # A delta that does not give the exact bytes back is never stored.
                     raise IntegrityError(
                         "%s: the delta xdelta3 made does not decode to the input (expected %s, "
-                        "got %s); nothing was stored" % (key, info.sha256, decoded[0])
+                        "got %s); nothing was stored" % (up.key, info.sha256, decoded[0])
                     )
                 if ref_check is not None and not ref_check.result():
-                    logger.warning("cached reference %s was corrupt; fetching it again", ref_sha)
+                    logger.warning("cached reference %s was corrupt; fetching it again", ref.sha256)
                     continue
-                delta_meta = metadata_of(info)
-                delta_meta.update(
-                    {
-                        "dg-ref-key": ref_key,
-                        # The proxy's name for the folder's own reference; a shared one is
-                        # named in full (the proxy then refuses it: a SHA-256 mismatch).
-                        "dg-ref-path": ref_key if _is_shared_ref(ref_key) else _REFERENCE_NAME,
-                        "dg-ref-sha256": ref_sha,
-                        "dg-delta-size": str(delta_size),
-                        "dg-delta-cmd": self._delta_cmd(name),
-                        "dg-note": "zero-diff (reference identical)"
-                        if ref_sha == info.sha256
-                        else "delta",
-                    }
-                )
-                delta_meta.update(extra or {})
-                send_headers = dict(headers)
-                send_headers["Content-Type"] = "binary/octet-stream"
-                resp = _put_path(
-                    self.storage,
-                    bucket,
-                    delta_key,
-                    delta_tmp,
-                    metadata=delta_meta,
-                    headers=send_headers,
-                    if_none_match=create_only,
-                )
+                resp = self._store_delta(up, info, ref, delta_size, extra, delta_tmp, create_only)
                 create_only = False  # a retry below replaces our own delta
             except BaseException:
-                if created:  # nothing may depend on a reference whose first delta failed
-                    self._discard_reference(bucket, ref_key, ref_sha)
+                if ref.created:  # nothing may depend on a reference whose first delta failed
+                    self.refs.discard(up.bucket, ref.key, ref.sha256)
                 raise
             finally:
                 os.unlink(delta_tmp)
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
-            if self._current_reference(bucket, ref_key) == ref_sha:
-                if created:
-                    # Stored as a zero-diff delta; the whole file went up as reference.bin.
-                    summary = self._summary(
-                        "create_reference", delta_key, info, info.size, delta_size, resp
-                    )
-                else:
-                    summary = self._summary(
-                        "create_delta", delta_key, info, delta_size, delta_size, resp
-                    )
-                summary["ReferenceKey"] = ref_key
-                if _is_shared_ref(ref_key):
-                    summary["ReferenceSource"] = _shared_ref_source(ref_key)
-                return summary
-            logger.warning("reference of %s changed while storing a delta; retrying", key)
-        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (bucket, ref_key))
+            if self.refs.current(up.bucket, ref.key) == ref.sha256:
+                return self._delta_summary(up.key, info, ref, delta_size, resp)
+            logger.warning("reference of %s changed while storing a delta; retrying", up.key)
+        raise DeltaGliderError("s3://%s/%s keeps changing; giving up" % (up.bucket, ref.key))
+
+    def _choose_reference(self, up: _Upload, ref: _RefChoice, shared: bool, size: int) -> bool:
+        """Fill ``ref`` with the reference this attempt encodes against: the folder's own
+        reference.bin (made from this file if there is none), or (DG_REFERENCES=shared)
+        the best existing shared reference, else this file as a new one. False when the
+        chosen reference went or changed since it was listed (choose again)."""
+        space = _deltaspace(up.key)
+        if not shared:
+            with self.refs.space_lock(up.bucket, space):
+                ref.sha256, ref.path, ref.created = self.refs.ensure(
+                    up.path, up.bucket, ref.key, up.name, up.info, up.on_bytes
+                )
+            return True
+        # One choice at a time per parent folder in this process: parallel first uploads
+        # (a recursive upload of a new release tree) then share a reference.
+        with self.refs.space_lock(up.bucket, _refs_prefix(_parent_space(space))):
+            pick = self.refs.pick(up.bucket, space, up.name, size)
+            if pick is None:
+                info = up.info()
+                ref.key = _shared_ref_key(space, up.name, info.sha256) or ""
+                ref.sha256, ref.created = info.sha256, True  # discarded if interrupted
+                ref.path = self.refs.new_shared(
+                    up.path, up.bucket, ref.key, up.name, info, up.on_bytes
+                )
+                return True
+        ref.key, ref.sha256, ref.series = pick
+        try:
+            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
+        except IntegrityError:
+            if self.refs.current(up.bucket, ref.key) != ref.sha256:
+                return False
+            raise
+        except ClientError as e:
+            if _is_not_found(e):
+                return False
+            raise
+        return True
+
+    def _encode(
+        self,
+        up: _Upload,
+        ref: _RefChoice,
+        ref_check: _Background | None,
+        delta_tmp: str,
+        tmp_dir: str,
+    ) -> tuple[_FileInfo, tuple[str, int], dict[str, str] | None] | None:
+        """Write the file's delta against ``ref`` into ``delta_tmp``: the zero-diff delta
+        when the file is the reference, else xdelta3's (archive-aware, or plain), decoded
+        as it is made. Returns the file's info, the (SHA-256, size) the delta decodes to
+        and the metadata of an archive-aware delta; None when the reference's cached copy
+        was found corrupt while xdelta3 read it (choose again)."""
+        if ref.created and up.info().size:
+            # The file is the reference: write the zero-diff delta, not xdelta3's search of
+            # the whole file for the same bytes. (An empty file, stored as a delta only
+            # under a .delta key, takes xdelta3's: VCDIFF without a window is refused by
+            # xdelta3.)
+            info = up.info()
+            with open(delta_tmp, "wb") as f:
+                f.write(_zero_diff_delta(info.size))
+            return info, (info.sha256, info.size), None
+        try:
+            extra = self._encode_archive(
+                ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
+            )
+            plain = None
+            if extra is None:
+                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+        except (XDelta3Error, OSError):
+            if ref_check is not None and not ref_check.result():
+                return None
+            raise
+        info = up.info()
+        return info, plain or (info.sha256, info.size), extra  # archive: checked there
+
+    def _heal(
+        self,
+        up: _Upload,
+        ref: _RefChoice,
+        ref_check: _Background | None,
+        info: _FileInfo,
+        delta_size: int,
+        delta_tmp: str,
+    ) -> bool:
+        """Drift (a delta above _HEAL_RATIO against a reference of the file's series):
+        the versions after this one are better off against it, so the file becomes a new
+        shared reference and ``delta_tmp`` its zero-diff delta. False when the cached
+        reference turned out corrupt (choose again)."""
+        logger.info(
+            "%s: delta is %.1f%% of the file against s3://%s/%s; it becomes a new reference",
+            up.key,
+            100.0 * delta_size / info.size,
+            up.bucket,
+            ref.key,
+        )
+        ref.key = _shared_ref_key(_deltaspace(up.key), up.name, info.sha256) or ""
+        if ref_check is not None and not ref_check.result():
+            return False
+        ref.sha256, ref.created = info.sha256, True
+        ref.path = self.refs.new_shared(up.path, up.bucket, ref.key, up.name, info)
+        with open(delta_tmp, "wb") as f:
+            f.write(_zero_diff_delta(info.size))
+        return True
+
+    def _store_delta(
+        self,
+        up: _Upload,
+        info: _FileInfo,
+        ref: _RefChoice,
+        delta_size: int,
+        extra: dict[str, str] | None,
+        delta_tmp: str,
+        create_only: bool,
+    ) -> dict[str, Any]:
+        """PUT the delta as ``<key>.delta``, with the metadata both older readers need
+        (FORMAT.md) and ``extra`` (an archive-aware delta's); ``create_only``: with
+        ``If-None-Match: *``."""
+        delta_meta = self._metadata(up, info)
+        delta_meta.update(
+            {
+                "dg-ref-key": ref.key,
+                # The proxy's name for the folder's own reference; a shared one is named
+                # in full (the proxy then refuses it: a SHA-256 mismatch).
+                "dg-ref-path": ref.key if _is_shared_ref(ref.key) else _REFERENCE_NAME,
+                "dg-ref-sha256": ref.sha256,
+                "dg-delta-size": str(delta_size),
+                "dg-delta-cmd": self._delta_cmd(up.name),
+                "dg-note": "zero-diff (reference identical)"
+                if ref.sha256 == info.sha256
+                else "delta",
+            }
+        )
+        delta_meta.update(extra or {})
+        headers = dict(up.headers)
+        headers["Content-Type"] = "binary/octet-stream"
+        return _put_path(
+            self.storage,
+            up.bucket,
+            up.key + _DELTA_SUFFIX,
+            delta_tmp,
+            metadata=delta_meta,
+            headers=headers,
+            if_none_match=create_only,
+        )
+
+    def _delta_summary(
+        self,
+        key: str,
+        info: _FileInfo,
+        ref: _RefChoice,
+        delta_size: int,
+        resp: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        delta_key = key + _DELTA_SUFFIX
+        if ref.created:
+            # Stored as a zero-diff delta; the whole file went up as reference.bin.
+            summary = self._summary(
+                "create_reference", delta_key, info, info.size, delta_size, resp
+            )
+        else:
+            summary = self._summary("create_delta", delta_key, info, delta_size, delta_size, resp)
+        summary["ReferenceKey"] = ref.key
+        if _is_shared_ref(ref.key):
+            summary["ReferenceSource"] = _shared_ref_source(ref.key)
+        return summary
 
     def _encode_archive(
         self,
@@ -10315,13 +10673,6 @@ class _DeltaEngine:
             "dg-expanded-size": str(writer.size),
         }
 
-    def _discard_reference(self, bucket: str, ref_key: str, sha256: str) -> None:
-        try:
-            if self._current_reference(bucket, ref_key) == sha256:
-                self._drop_reference(bucket, ref_key)
-        except (ClientError, DeltaGliderError, OSError) as e:
-            logger.warning("could not remove s3://%s/%s: %s", bucket, ref_key, e)
-
     @staticmethod
     def _delta_cmd(name: str) -> str:
         """Informational (FORMAT.md); shortened so it never hits a metadata value limit."""
@@ -10348,7 +10699,7 @@ class _DeltaEngine:
                 raise
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
-                self.drop_unused_near(bucket, [_deltaspace(key)])
+                self.refs.drop_unused_near(bucket, [_deltaspace(key)])
 
     # -- deleting -----------------------------------------------------------------
 
@@ -10386,189 +10737,17 @@ class _DeltaEngine:
                 ref = _meta_get(each.metadata, "ref") or _REFERENCE_NAME
                 ref_key = _resolve_ref_key(each.stored_key, ref)
                 info["ReferenceKey"] = ref_key
-                info["ReferenceDeleted"] = self._drop_reference(bucket, ref_key)
+                info["ReferenceDeleted"] = self.refs.drop(bucket, ref_key)
         return info
-
-    def _drop_reference(self, bucket: str, ref_key: str) -> bool:
-        """Delete a reference if no delta needs it (and that is cheap to prove)."""
-        if not _is_shared_ref(ref_key):
-            return self._drop_unused_reference(bucket, _deltaspace(ref_key))
-        parent = _shared_ref_parent(ref_key)
-        return bool(self.drop_unused_shared(bucket, parent, {ref_key}, _REF_SCAN_LIMIT))
-
-    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
-        """After deltas of ``spaces`` went (without reading them first): each one's own
-        reference.bin, and the shared references of their parents, if nothing needs them."""
-        spaces = sorted(set(spaces))
-        for space in spaces:
-            self._drop_unused_reference(bucket, space)
-        for parent in sorted({_parent_space(space) for space in spaces}):
-            refs = {k for k, _ in self.shared_references(bucket, parent)}
-            if refs:
-                self.drop_unused_shared(bucket, parent, refs, _REF_SCAN_LIMIT)
-
-    def shared_references(self, bucket: str, parent: str, under: str = "") -> list[tuple[str, int]]:
-        """(key, size) of ``parent``'s shared references (those made from files whose
-        path below ``parent`` starts with ``under``)."""
-        out: list[tuple[str, int]] = []
-        for page in _list_pages(self.storage, bucket, prefix=_refs_prefix(parent) + under):
-            out += [
-                (o["Key"], o["Size"]) for o in page.get("Contents", []) if _is_shared_ref(o["Key"])
-            ]
-        return out
-
-    def _shared_ref_users(
-        self, bucket: str, parent: str, refs: set[str], limit: int | None
-    ) -> set[str] | None:
-        """Which of ``refs`` (shared references of ``parent``) a delta still names; None
-        when proving it would take more than ``limit`` requests.
-
-        Only the files of ``parent``'s sub-folders (and of the root, for the root's) use
-        them: first each reference's own source file is looked at (it needs its reference
-        as long as it exists), then, for the rest, every delta in those folders."""
-        used: set[str] = set()
-        spent = 0
-
-        def spend() -> bool:
-            nonlocal spent
-            spent += 1
-            return limit is None or spent <= limit
-
-        def names(stored: str) -> str | None:
-            try:
-                meta = self.storage.head_object(bucket, stored).get("Metadata", {})
-            except ClientError as e:
-                if _is_not_found(e):
-                    return None
-                raise
-            ref = _meta_get(meta, "ref")
-            return _resolve_ref_key(stored, ref) if ref else None
-
-        for ref in sorted(refs):
-            if not spend():
-                return None
-            if names(_shared_ref_source(ref) + _DELTA_SUFFIX) == ref:
-                used.add(ref)
-        if used == refs:
-            return used
-        folders: list[str] = []
-        deltas: list[str] = []
-        prefix = parent + "/" if parent else ""
-        for top in (True, False):
-            queue = [prefix] if top else folders
-            for folder in list(queue):
-                for page in _list_pages(self.storage, bucket, prefix=folder, delimiter="/"):
-                    if not spend():
-                        return None
-                    if top:
-                        folders += [
-                            p["Prefix"]
-                            for p in page.get("CommonPrefixes", [])
-                            if not _is_internal(p["Prefix"])
-                        ]
-                    if not top or not parent:  # the root's own files use the root's references
-                        deltas += [
-                            o["Key"]
-                            for o in page.get("Contents", [])
-                            if o["Key"].endswith(_DELTA_SUFFIX)
-                        ]
-        for stored in deltas:
-            if not spend():
-                return None
-            named = names(stored)
-            if named is not None and named in refs:
-                used.add(named)
-                if used == refs:
-                    break
-        return used
-
-    def drop_unused_shared(
-        self,
-        bucket: str,
-        parent: str,
-        refs: set[str],
-        limit: int | None,
-        dry_run: bool = False,
-    ) -> list[str]:
-        """Delete those of ``refs`` that no delta names; returns them. As for a folder's
-        reference: copied aside first, and put back if a delta names it after all (a
-        writer that stored one meanwhile; writers also check their reference after)."""
-        used = self._shared_ref_users(bucket, parent, refs, limit)
-        if used is None:
-            return []
-        dropped: list[str] = []
-        for ref_key in sorted(refs - used):
-            if dry_run:
-                dropped.append(ref_key)
-                continue
-            aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
-            try:
-                self.storage.copy_object(bucket, aside, bucket, ref_key)
-            except ClientError as e:
-                if not _is_not_found(e):
-                    raise
-                continue  # gone already
-            try:
-                self.storage.delete_object(bucket, ref_key)
-                if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
-                    if self._current_reference(bucket, ref_key) is None:
-                        self.storage.copy_object(bucket, ref_key, bucket, aside)
-                        logger.info("s3://%s/%s is still needed; restored it", bucket, ref_key)
-                    continue
-                dropped.append(ref_key)
-            finally:
-                self.storage.delete_object(bucket, aside)
-        return dropped
-
-    def _space_has_deltas(self, bucket: str, space: str) -> bool:
-        prefix = space + "/" if space else ""
-        for page in _list_pages(self.storage, bucket, prefix=prefix, delimiter="/"):
-            if any(o["Key"].endswith(_DELTA_SUFFIX) for o in page.get("Contents", [])):
-                return True
-        return False
-
-    def _drop_unused_reference(self, bucket: str, space: str) -> bool:
-        """Delete ``space``'s reference.bin if no delta in the deltaspace needs it.
-
-        A writer may store a delta between our listing and the delete; so the reference
-        is first copied aside (server side), and put back if a delta shows up after."""
-        ref_key = _reference_key(space)
-        if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
-            return self._drop_reference(bucket, ref_key)
-        if self._space_has_deltas(bucket, space):
-            return False
-        aside = "%sdeleted/%s.bin" % (_INTERNAL_PREFIX, uuid.uuid4().hex)
-        try:
-            self.storage.copy_object(bucket, aside, bucket, ref_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-            return False  # no reference (any more)
-        try:
-            self.storage.delete_object(bucket, ref_key)
-            if (
-                self._space_has_deltas(bucket, space)
-                and self._current_reference(bucket, ref_key) is None
-            ):
-                self.storage.copy_object(bucket, ref_key, bucket, aside)
-                logger.info(
-                    "a delta arrived in %s while its reference was deleted; restored it",
-                    space or "/",
-                )
-                return False
-            return True
-        finally:
-            self.storage.delete_object(bucket, aside)
 
     def delete_prefix(self, bucket: str, prefix: str) -> dict[str, Any]:
         """Recursive delete: deltas and direct objects first, then each reference whose
         deltaspace has nothing left that needs it."""
         keys: list[str] = []
         refs: list[str] = []
-        for page in _list_pages(self.storage, bucket, prefix=prefix):
-            for obj in page.get("Contents", []):
-                k = obj["Key"]
-                (refs if k.rsplit("/", 1)[-1] == _REFERENCE_NAME else keys).append(k)
+        for obj in _stored_objects(self.storage, bucket, prefix):
+            k = obj["Key"]
+            (refs if _is_reference(k) else keys).append(k)
         deleted: list[str] = []
         errors: list[dict[str, Any]] = []
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -10581,51 +10760,29 @@ class _DeltaEngine:
         for ref in refs:
             if _is_shared_ref(ref):
                 parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
-            elif self._drop_unused_reference(bucket, _deltaspace(ref)):
+            elif self.refs.drop_unused(bucket, _deltaspace(ref)):
                 refs_deleted += 1
         # The deleted deltas' shared references live beside their folders, outside the prefix.
         for k in deleted:
             if k.endswith(_DELTA_SUFFIX):
                 parents.setdefault(_parent_space(_deltaspace(k)), set())
         for parent, found in sorted(parents.items()):
-            found |= {k for k, _ in self.shared_references(bucket, parent)}
+            found |= {k for k, _ in self.refs.shared_references(bucket, parent)}
             if found:
-                refs_deleted += len(self.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT))
+                refs_deleted += len(
+                    self.refs.drop_unused_shared(bucket, parent, found, _REF_SCAN_LIMIT)
+                )
         return {"Deleted": deleted, "Errors": errors, "ReferencesDeleted": refs_deleted}
+
+    def drop_unused_near(self, bucket: str, spaces: Iterable[str]) -> None:
+        """After deltas of ``spaces`` went (without reading them first): each one's own
+        reference.bin, and the shared references of their parents, if nothing needs them."""
+        self.refs.drop_unused_near(bucket, spaces)
 
     def gc(self, bucket: str, prefix: str = "", dry_run: bool = False) -> dict[str, Any]:
         """Remove the references under ``prefix`` (a folder) that no delta needs, proving
         it however many requests that takes; returns what it removed."""
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        sizes: dict[str, int] = {}
-        for page in _list_pages(self.storage, bucket, prefix=prefix):
-            for obj in page.get("Contents", []):
-                if obj["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME:
-                    sizes[obj["Key"]] = obj["Size"]
-        if prefix:
-            # The folder's own files keep theirs beside it, in its parent.
-            space = prefix[:-1]
-            parent = _parent_space(space)
-            folder = space[len(parent) + 1 :] if parent else space
-            sizes.update(self.shared_references(bucket, parent, folder + "/"))
-        removed: list[str] = []
-        parents: dict[str, set[str]] = {}
-        for ref in sorted(sizes):
-            if _is_shared_ref(ref):
-                parents.setdefault(_shared_ref_parent(ref), set()).add(ref)
-            elif not self._space_has_deltas(bucket, _deltaspace(ref)):
-                if dry_run or self._drop_unused_reference(bucket, _deltaspace(ref)):
-                    removed.append(ref)
-        for parent, found in sorted(parents.items()):
-            removed += self.drop_unused_shared(bucket, parent, found, None, dry_run)
-        removed.sort()
-        return {
-            "Removed": [{"Key": k, "Size": sizes[k]} for k in removed],
-            "Kept": len(sizes) - len(removed),
-            "BytesFreed": sum(sizes[k] for k in removed),
-            "DryRun": dry_run,
-        }
+        return self.refs.gc(bucket, prefix, dry_run)
 
 
 ###############################################################################
@@ -12129,7 +12286,9 @@ class DeltaGliderClient:
 
     # -- object tagging and ACLs ---------------------------------------------------
 
-    def _stored_key(self, kwargs: Mapping[str, Any], operation: str) -> str:
+    def _stored_key(self, kwargs: Mapping[str, Any]) -> str:
+        """The stored form of a logical key (its tags and ACL live there); the caller
+        answers a failure as its own operation."""
         lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObject")
         return lg.stored_key
 
@@ -12138,7 +12297,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner", "RequestPayer"}
         _params("GetObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "GetObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.get_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectTagging") from None
@@ -12152,7 +12311,7 @@ class DeltaGliderClient:
                 report=_type_report("Tagging.TagSet", tags, "<class 'list'>, <class 'tuple'>")
             )
         try:
-            stored = self._stored_key(kwargs, "PutObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.put_object_tagging(kwargs["Bucket"], stored, list(tags))
         except ClientError as e:
             raise _client_error(e.response, "PutObjectTagging") from None
@@ -12161,7 +12320,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner"}
         _params("DeleteObjectTagging", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "DeleteObjectTagging")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.delete_object_tagging(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "DeleteObjectTagging") from None
@@ -12170,7 +12329,7 @@ class DeltaGliderClient:
         allowed = {"Bucket", "Key", "ExpectedBucketOwner", "RequestPayer"}
         _params("GetObjectAcl", kwargs, allowed, "Bucket", "Key")
         try:
-            stored = self._stored_key(kwargs, "GetObjectAcl")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.get_object_acl(kwargs["Bucket"], stored)
         except ClientError as e:
             raise _client_error(e.response, "GetObjectAcl") from None
@@ -12188,7 +12347,7 @@ class DeltaGliderClient:
         if body:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         try:
-            stored = self._stored_key(kwargs, "PutObjectAcl")
+            stored = self._stored_key(kwargs)
             return self.engine.storage.put_object_acl(
                 kwargs["Bucket"], stored, headers=headers, body=body
             )
@@ -12777,7 +12936,6 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
 
 # -- Multipart uploads: staged under .deltaglider/multipart/, stored when complete ---
 
-_MPU_PREFIX = _INTERNAL_PREFIX + "multipart/"
 _MPU_NONCE = 32
 
 
@@ -12794,12 +12952,12 @@ class _MultipartUploads:
     def __init__(
         self, engine: Callable[[], _DeltaEngine], now: Callable[[], datetime.datetime]
     ) -> None:
-        self._get_engine = engine  # the client's, made on first use
+        self._engine_getter = engine  # the client's, made on first use
         self._now = now
 
     @property
     def engine(self) -> _DeltaEngine:
-        return self._get_engine()
+        return self._engine_getter()
 
     def _mpu(self, kwargs: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
         """(bucket, staging key, the server's upload id) of one of our upload ids."""
@@ -12822,7 +12980,7 @@ class _MultipartUploads:
                 operation,
             )
         _validate_key(kwargs["Key"])
-        return kwargs["Bucket"], _MPU_PREFIX + nonce + "/" + kwargs["Key"], server_id
+        return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
 
     def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
@@ -12835,7 +12993,7 @@ class _MultipartUploads:
                 report="SSE-C multipart uploads are not supported: use put_object or upload_file"
             )
         nonce = uuid.uuid4().hex
-        staging = _MPU_PREFIX + nonce + "/" + kwargs["Key"]
+        staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
         server_id = self.engine.storage.create_multipart_upload(
             kwargs["Bucket"], staging, metadata=kwargs.get("Metadata"), headers=headers
@@ -12999,10 +13157,10 @@ class _MultipartUploads:
         _params("ListMultipartUploads", kwargs, allowed, "Bucket")
         bucket = kwargs["Bucket"]
         uploads = []
-        for u in _all_uploads(self.engine.storage, bucket, _MPU_PREFIX):
-            rest = u["Key"][len(_MPU_PREFIX) :]
+        for u in _all_uploads(self.engine.storage, bucket, _MULTIPART_PREFIX):
+            rest = u["Key"][len(_MULTIPART_PREFIX) :]
             nonce, _, key = rest.partition("/")
-            if not u["Key"].startswith(_MPU_PREFIX) or len(nonce) != _MPU_NONCE:
+            if not u["Key"].startswith(_MULTIPART_PREFIX) or len(nonce) != _MPU_NONCE:
                 continue
             if not key.startswith(kwargs.get("Prefix") or ""):
                 continue
@@ -13051,7 +13209,7 @@ def _list_for_stats(storage: _Storage, bucket: str) -> _StatsListing:
 
 
 def _stats_cache_key(mode: str) -> str:
-    return ".deltaglider/stats_%s.json" % mode
+    return _STATS_KEY % mode
 
 
 def _cached_bucket_stats(
@@ -13160,7 +13318,7 @@ def _logical_total(
     ref_sizes: dict[str, int] = {
         _deltaspace(o["Key"]): o["Size"]
         for o in objects
-        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME and not _is_shared_ref(o["Key"])
+        if _is_reference(o["Key"]) and not _is_shared_ref(o["Key"])
     }
     shared_sizes: dict[str, list[int]] = {}
     for o in objects:
@@ -13181,9 +13339,7 @@ def _compute_bucket_stats(
     """The statistics of one listing (``quick``: from it alone; ``sampled``/``detailed``:
     with the original sizes read from deltas' metadata)."""
     objects, copies = listing
-    references = {
-        o["Key"]: o["Size"] for o in objects if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
-    }
+    references = {o["Key"]: o["Size"] for o in objects if _is_reference(o["Key"])}
     deltas = [o for o in objects if o["Key"].endswith(_DELTA_SUFFIX)]
     direct = [
         o
@@ -13200,7 +13356,7 @@ def _compute_bucket_stats(
     unused_refs = [
         o
         for o in objects
-        if o["Key"].rsplit("/", 1)[-1] == _REFERENCE_NAME
+        if _is_reference(o["Key"])
         and not _is_shared_ref(o["Key"])
         and _deltaspace(o["Key"]) not in spaces_in_use
     ]
@@ -13413,7 +13569,7 @@ def _purge_presign_copies(
     ``dg-expires-at`` has passed are deleted; counts of what was seen and freed."""
     now = clock()
     deleted = expired = errors = freed = 0
-    for page in _list_pages(storage, bucket, prefix=".deltaglider/tmp/"):
+    for page in _list_pages(storage, bucket, prefix=_PRESIGN_PREFIX):
         for obj in page.get("Contents", []):
             try:
                 meta = storage.head_object(bucket, obj["Key"]).get("Metadata", {})
@@ -13712,7 +13868,7 @@ def create_client(
 #                       presigned URLs, POST policies with _policy_check), _Signed
 #   request bodies      _BodyReader (Content-Length or chunked, under a deadline),
 #                       _AwsChunked (signed chunks), _BodyDigests, and browser POST forms:
-#                       _form_fields, _form_put_params
+#                       _FormReader, _form_put_params
 #   multipart uploads   _completed_parts, _Uploads
 #   metrics             _GatewayMetrics
 #   XML answers         _xml_* (short ones are written where they are answered), and
@@ -13728,6 +13884,9 @@ def create_client(
 _GATEWAY_MAX_SKEW = 15 * 60
 _GATEWAY_XML_BODY_MAX = 4 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 _GATEWAY_CHUNK_LINE_MAX = 4096
+#: A browser POST form's bytes before its file (the fields, the policy among them): all
+#: of it is read, and the policy checked, before a byte of the file is.
+_GATEWAY_FORM_FIELDS_MAX = 256 * 1024
 #: Seconds a client has, from its first byte, to send a request line and all its headers.
 _GATEWAY_HEADER_TIMEOUT = 10.0
 #: Bytes per second a request body may not fall below: its deadline grows with its size
@@ -13870,6 +14029,10 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         400,
         "The XML you provided was not well-formed or did not validate against our published "
         "schema.",
+    ),
+    "MaxPostPreDataLengthExceeded": (
+        400,
+        "Your POST request fields preceding the upload file were too large.",
     ),
     "MethodNotAllowed": (405, "The specified method is not allowed against this resource."),
     "MissingContentLength": (411, "You must provide the Content-Length HTTP header."),
@@ -14085,11 +14248,15 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
-def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -> set[str]:
-    """Every condition of a POST policy holds for the form's ``values`` (lower-cased names)
-    and its file's ``size``; returns the names the conditions cover (AWS "Creating a POST
-    policy": exact matches, ``eq``, ``starts-with``, ``content-length-range``)."""
+def _policy_check(
+    conditions: list[Any], values: Mapping[str, str]
+) -> tuple[set[str], tuple[int, int]]:
+    """Every condition of a POST policy holds for the form's ``values`` (lower-cased names);
+    returns the names the conditions cover and the file sizes they allow, checked once the
+    file is read (AWS "Creating a POST policy": exact matches, ``eq``, ``starts-with``,
+    ``content-length-range``)."""
     covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
+    low, high = 0, sys.maxsize
     for cond in conditions:
         if isinstance(cond, dict):
             for name, want in cond.items():
@@ -14112,11 +14279,9 @@ def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -
             op = str(cond[0]).lower()
             if op == "content-length-range":
                 try:
-                    low, high = int(cond[1]), int(cond[2])
+                    low, high = max(low, int(cond[1])), min(high, int(cond[2]))
                 except (TypeError, ValueError):
                     raise _S3Reply("InvalidPolicyDocument") from None
-                if not low <= size <= high:
-                    raise _S3Reply("EntityTooLarge" if size > high else "EntityTooSmall")
                 continue
             name = str(cond[1]).lower().lstrip("$")
             covered.add(name)
@@ -14127,7 +14292,7 @@ def _policy_check(conditions: list[Any], values: Mapping[str, str], size: int) -
                     "AccessDenied",
                     "Invalid according to Policy: Policy Condition failed: %s" % json.dumps(cond),
                 )
-    return covered
+    return covered, (low, high)
 
 
 class _GatewayAuth:
@@ -14319,23 +14484,26 @@ class _GatewayAuth:
             CanonicalRequest=canonical,
         )
 
-    def verify_policy(self, fields: Mapping[str, str], bucket: str, key: str, size: int) -> str:
+    def verify_policy(
+        self, fields: Mapping[str, str], bucket: str, key: str
+    ) -> tuple[str, tuple[int, int]]:
         """A POST form's policy: signed by a known key, not expired, and every field it
-        carries allowed by a condition (AWS "Creating a POST policy"). Returns the key id."""
+        carries allowed by a condition (AWS "Creating a POST policy"). Returns the key id
+        and the file sizes the policy allows (its content-length-range)."""
         lower = {k.lower(): v for k, v in fields.items() if not k.startswith("\0")}
         if not lower.get("policy"):
             raise _S3Reply("AccessDenied", "Anonymous uploads are not allowed by this gateway.")
         access_key = self._policy_signer(lower)
         conditions = self._policy_conditions(lower["policy"])
         values = dict(lower, bucket=bucket, key=key)
-        covered = _policy_check(conditions, values, size)
+        covered, sizes = _policy_check(conditions, values)
         extra = sorted(n for n in lower if n not in covered and not n.startswith("x-ignore-"))
         if extra:
             raise _S3Reply(
                 "AccessDenied",
                 "Invalid according to Policy: Extra input fields: %s" % ", ".join(extra),
             )
-        return access_key
+        return access_key, sizes
 
     def _policy_signer(self, lower: Mapping[str, str]) -> str:
         """The access key whose signature of the form's policy checks out: SigV2 (boto3's
@@ -14757,19 +14925,55 @@ class _Spooled(NamedTuple):
     info: _FileInfo
 
 
-def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
-    """Parse a spooled multipart/form-data body: the fields before the ``file`` part (each
-    at most 64 KiB) and the byte range of the file, which S3 requires to come last."""
-    fields: dict[str, str] = {}
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        line = f.readline(1024)
-        if line.rstrip(b"\r\n") != boundary:
+class _FormReader:
+    """A browser POST's multipart/form-data body, read as it arrives: first the fields
+    before the ``file`` part, which S3 requires to come last (each field at most 64 KiB,
+    _GATEWAY_FORM_FIELDS_MAX in all), so its policy is checked before any of the file is
+    read; then the file, streamed to its closing boundary."""
+
+    def __init__(self, body: _BodyReader | _AwsChunked, boundary: bytes) -> None:
+        self._body = body
+        self._boundary = boundary
+        self._buf = bytearray()
+        self._pos = 0  # what of _buf is read
+        self._taken = 0  # bytes of the form before the file
+
+    def _fill(self) -> bool:
+        data = self._body.read(_IO_CHUNK)
+        if not data:
+            return False
+        del self._buf[: self._pos]
+        self._pos = 0
+        self._buf += data
+        return True
+
+    def _line(self, limit: int) -> bytes:
+        """One line and its end, or its first ``limit`` bytes; b"" at the end of the body."""
+        while True:
+            at = self._buf.find(b"\n", self._pos, self._pos + limit)
+            if at >= 0:
+                end = at + 1
+                break
+            if len(self._buf) - self._pos >= limit or not self._fill():
+                end = min(len(self._buf), self._pos + limit)
+                break
+        line = bytes(self._buf[self._pos : end])
+        self._pos = end
+        self._taken += len(line)
+        if self._taken > _GATEWAY_FORM_FIELDS_MAX:
+            raise _S3Reply("MaxPostPreDataLengthExceeded")
+        return line
+
+    def fields(self) -> dict[str, str]:
+        """The fields up to the file part, the file's name under ``"\0filename"``."""
+        boundary = self._boundary
+        if self._line(1024).rstrip(b"\r\n") != boundary:
             raise _S3Reply("InvalidArgument", "The body is not multipart/form-data")
+        fields: dict[str, str] = {}
         while True:
             headers: dict[str, str] = {}
             while True:
-                h = f.readline(8192)
+                h = self._line(8192)
                 if not h:
                     raise _S3Reply("IncompleteBody")
                 if h in (b"\r\n", b"\n"):
@@ -14782,19 +14986,10 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             if name == "file":
                 fm = re.search(r'\bfilename="([^"]*)"', disposition)
                 fields["\0filename"] = fm.group(1) if fm else ""
-                start = f.tell()
-                tail = b"\r\n" + boundary + b"--"
-                # the closing boundary ends the body (a trailing CRLF is allowed)
-                f.seek(max(start, size - len(tail) - 4))
-                rest = f.read()
-                at = rest.rfind(tail)
-                if at < 0:
-                    raise _S3Reply("IncompleteBody", "The form has no closing boundary")
-                end = size - len(rest) + at
-                return fields, start, end
+                return fields
             data = b""
             while True:
-                chunk = f.readline(65536)
+                chunk = self._line(65536)
                 if not chunk:
                     raise _S3Reply("IncompleteBody")
                 if chunk.rstrip(b"\r\n") in (boundary, boundary + b"--"):
@@ -14809,6 +15004,36 @@ def _form_fields(path: str, boundary: bytes) -> tuple[dict[str, str], int, int]:
             if data.endswith(b"\r\n"):
                 data = data[:-2]
             fields[name] = data.decode("utf-8")
+
+    def file(self, out: IO[bytes], sizes: tuple[int, int]) -> _FileInfo:
+        """Copy the file part (after fields()) to ``out`` and hash it; EntityTooLarge as soon
+        as it is past ``sizes`` (the policy's content-length-range, within the gateway's
+        limit), EntityTooSmall when it ends short of it."""
+        low, high = sizes
+        tail = b"\r\n" + self._boundary + b"--"
+        hold = len(tail) + 4  # the closing boundary ends the body (a trailing CRLF is allowed)
+        hashes = _Hashes(md5=True)
+
+        def take(n: int) -> None:
+            if hashes.size + n > high:
+                raise _S3Reply("EntityTooLarge")
+            piece = bytes(self._buf[self._pos : self._pos + n])
+            self._pos += n
+            hashes.update(piece)
+            out.write(piece)
+
+        while True:
+            if len(self._buf) - self._pos > hold:
+                take(len(self._buf) - self._pos - hold)
+            if not self._fill():
+                break
+        at = bytes(self._buf[self._pos :]).rfind(tail)
+        if at < 0:
+            raise _S3Reply("IncompleteBody", "The form has no closing boundary")
+        take(at)
+        if hashes.size < low:
+            raise _S3Reply("EntityTooSmall")
+        return hashes.info()
 
 
 def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
@@ -16270,20 +16495,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             raise _S3Reply("InvalidArgument", "multipart/form-data needs a boundary")
         boundary = b"--" + m.group(1).encode("latin-1")
         unsigned = _Signed("-", _UNSIGNED_PAYLOAD, b"", "", "", "")
-        raw = self._spool(unsigned, gw.max_object_size + 64 * 1024)
+        reader, _ = self._body(unsigned, gw.max_object_size + _GATEWAY_FORM_FIELDS_MAX + 1024)
+        form = _FormReader(reader, boundary)
+        fields = form.fields()
+        key = fields.get("key", "")
+        if "${filename}" in key:
+            key = key.replace("${filename}", fields.get("\0filename", ""))
+        # Authorised before the file is read: a forged form costs its fields, not its file.
+        self._access_key, (low, high) = gw.auth.verify_policy(fields, bucket, key)
+        fd, path = _private_tempfile(gw.spool_dir, ".post")
         try:
-            fields, start, end = _form_fields(raw.path, boundary)
-            key = fields.get("key", "")
-            if "${filename}" in key:
-                key = key.replace("${filename}", fields.get("\0filename", ""))
-            self._access_key = gw.auth.verify_policy(fields, bucket, key, end - start)
-            fd, path = _private_tempfile(gw.spool_dir, ".post")
-            with os.fdopen(fd, "wb") as out, open(raw.path, "rb") as f:
-                piece = _FileSlice(f, start, end - start)
-                info = _Hashes(md5=True).read(piece, each=out.write).info()
-        finally:
-            os.unlink(raw.path)
-        try:
+            with os.fdopen(fd, "wb") as out:
+                info = form.file(out, (low, min(high, gw.max_object_size)))
             result = self._store(_Spooled(path, info), _form_put_params(fields, bucket, key))
         finally:
             os.unlink(path)
@@ -16665,8 +16888,10 @@ def _gateway_servers(
 def _serve_until_stopped(
     cli: _Cli, servers: list[_GatewayServer], grace: float, banner: list[str]
 ) -> None:
-    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed; then stop taking
-    connections, give requests in flight ``grace`` seconds, and say how many were cut off."""
+    """Serve until SIGTERM or SIGINT (Ctrl-C), once ``banner`` is printed (with --quiet, as
+    one line: where it listens is the one thing a caller of port 0 cannot know otherwise);
+    then stop taking connections, give requests in flight ``grace`` seconds, and say how
+    many were cut off."""
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -16676,6 +16901,9 @@ def _serve_until_stopped(
         threading.Thread(target=s.serve_forever, daemon=True).start()
     for text in banner:
         cli.error(text)
+    if cli.quiet:
+        cli.err.write(_printable("; ".join(banner)) + "\n")
+        cli.err.flush()
     try:
         while not stop.wait(0.5):
             pass
@@ -17198,8 +17426,7 @@ class _Cli:
         each for the other representation of their name."""
         keys: set[str] = set()
         storage = self.client.engine.storage
-        for page in _list_pages(storage, bucket, prefix=prefix):
-            keys.update(o["Key"] for o in page.get("Contents", []))
+        keys.update(o["Key"] for o in _stored_objects(storage, bucket, prefix))
         return keys
 
     def list_logical(
@@ -17854,9 +18081,7 @@ class _Cli:
                 left = self.stored_keys(bucket, "")
             except ClientError:
                 left = set()  # DeleteBucket below says what is wrong
-            if left and all(
-                _is_internal(k) or k.rsplit("/", 1)[-1] == _REFERENCE_NAME for k in left
-            ):
+            if left and all(_is_internal(k) or _is_reference(k) for k in left):
                 # Our bookkeeping, and references no delta uses (an interrupted upload,
                 # another tool): delete_prefix removes only those that nothing needs.
                 self.client.engine.delete_prefix(bucket, "")
@@ -18551,7 +18776,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=_option(_parse_number, "--max-ratio", minimum=0.0, maximum=1.0),
         help="largest delta worth storing (default 0.5)",
     )
-    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no access log on stderr: only the line that says where it listens",
+    )
 
 
 def _add_get_bucket_acl_arguments(p: argparse.ArgumentParser) -> None:
