@@ -16956,6 +16956,20 @@ def _cmd_serve(cli: _Cli) -> int:
 ###############################################################################
 # CLI #########################################################################
 ###############################################################################
+# What is where, in order:
+#   local paths         _safe_relative, _leads_outside (downloads stay inside their folder),
+#                       _local_files (the one walk of local folders)
+#   output              _printable (control characters escaped), _display_path
+#   shared by commands  _Filters (--exclude/--include), _cli_client, _put_args,
+#                       _saved_note (the delta note of a line), _print_stats,
+#                       _should_transfer and _recorded_mtimes (what sync transfers)
+#   one run             _Cli: output and tallies; transfer_one, the per-file driver of
+#                       cp, mv, sync and migrate; cmd_<command>, one method per command
+#   refusals            _UsageError, _FatalError, _refuse_onto_itself, _one_line
+#   arguments           _add_global_options, _add_<command>_arguments, _COMMANDS (each
+#                       command's help, arguments and method), _build_parser
+#   main()              parses, checks the DG_* settings, runs the command, returns the code
+# ``deltaglider serve`` is _cmd_serve, at the end of the gateway's section.
 
 _UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -18520,7 +18534,9 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _command_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+def _command_parser(
+    sub: argparse._SubParsersAction[_ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
     """A command's parser, with the global options too (after the command, as aws takes
     them)."""
     # ls takes -h for --human-readable, as aws s3 ls does; --help still works.

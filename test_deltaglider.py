@@ -9523,6 +9523,38 @@ def test_cli_bad_dg_mtime_is_ignored_not_fatal(
     assert caplog.text.count("out-of-range dg-mtime") == 1
 
 
+def test_cli_cp_streams_stdin_up_and_stdout_down(cli_env: Any, tmp_path: Any) -> None:
+    """`cp - s3://b/k` stores stdin (a pipe: spooled, then stored as any file is, a delta
+    against the folder's reference) and `cp s3://b/k -` writes the object to stdout, with
+    nothing else on stdout; `cp - s3://b/` without a key is refused as aws-cli does."""
+    backend, bucket = cli_env
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    if backend.access_key:
+        env.update(AWS_ACCESS_KEY_ID=backend.access_key, AWS_SECRET_ACCESS_KEY=backend.secret_key)
+
+    def cli(*argv: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, SOURCE, "--endpoint-url", backend.endpoint, *argv]
+        return subprocess.run(cmd, input=data, env=env, capture_output=True, timeout=120)
+
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    first = cli("cp", str(tmp_path / "a.zip"), "s3://%s/rel/a.zip" % bucket)
+    assert first.returncode == 0, first.stderr
+    later = (tmp_path / "b.zip").read_bytes()
+    up = cli("cp", "-", "s3://%s/rel/b.zip" % bucket, data=later)
+    assert up.returncode == 0 and up.stdout == b"", up.stderr
+    down = cli("cp", "s3://%s/rel/b.zip" % bucket, "-")
+    assert down.returncode == 0 and down.stdout == later, down.stderr
+    assert "rel/b.zip.delta" in stored_keys(make_client(backend, tmp_path), bucket)
+    nokey = cli("cp", "-", "s3://%s/rel/" % bucket, data=b"x")
+    assert nokey.returncode != 0 and b"a key is needed" in nokey.stderr, nokey.stderr
+
+
 def test_cli_cp_destinations_and_output_lines(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
