@@ -4900,6 +4900,11 @@ class _LocalStorage(_LocalFiles):
         path = self._root.replace(os.sep, "/")
         self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
 
+    @property
+    def root(self) -> str:
+        """The store's directory (absolute): each bucket is a folder in it."""
+        return self._root
+
     def close(self) -> None:
         pass  # nothing is held open between calls
 
@@ -18312,7 +18317,7 @@ def _store_identity(client: DeltaGliderClient) -> str:
     identity see the same bucket under the same name."""
     storage = client.engine.storage
     if isinstance(storage, _LocalStorage):
-        return "file:" + os.path.realpath(storage._root)
+        return "file:" + os.path.realpath(storage.root)
     return str(storage.endpoint_url).lower()
 
 
