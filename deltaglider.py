@@ -15063,7 +15063,10 @@ def _form_put_params(fields: Mapping[str, str], bucket: str, key: str) -> dict[s
 
 def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
     """(part number, ETag unquoted) from a CompleteMultipartUpload body, in ascending
-    order of part numbers, each once, as S3 requires (MalformedXML, InvalidPartOrder)."""
+    order of part numbers as S3 requires (MalformedXML, InvalidPartOrder), each once: a
+    number listed twice in a row (a part re-sent while its first send still ran, both
+    answers kept by the client, as s3-tests' test_multipart_resend_first_finishes_last
+    does) counts by its last entry, as RGW and SeaweedFS take it."""
     wanted: list[tuple[int, str]] = []
     for part in root.findall("Part"):
         try:
@@ -15074,9 +15077,9 @@ def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
     if not wanted:
         raise _S3Reply("MalformedXML", "You must specify at least one part")
     numbers = [n for n, _ in wanted]
-    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+    if numbers != sorted(numbers):
         raise _S3Reply("InvalidPartOrder")
-    return wanted
+    return list(dict(wanted).items())
 
 
 class _Uploads:
@@ -15121,6 +15124,9 @@ class _Uploads:
         return rec
 
     def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+        """Keep a part, replacing one of the same number: the send that finishes last wins,
+        as on S3. Its bytes and its ETag change together, under the upload's lock (a
+        completion assembling it meanwhile sees the old part or the new one, whole)."""
         folder = self._dir(upload_id)
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
@@ -15128,8 +15134,9 @@ class _Uploads:
             fd, tmp = _private_tempfile(folder, ".json")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
-            os.replace(spooled.path, base)
-            os.replace(tmp, base + ".json")
+            with self.lock(upload_id):
+                os.replace(spooled.path, base)
+                os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 

@@ -8223,6 +8223,62 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         _gw_cleanup(gateway, bucket)
 
 
+def test_gateway_part_sent_twice_the_send_that_finishes_last_wins(local_gateway: Gateway) -> None:
+    """A part re-sent while its first send still runs (ceph s3-tests'
+    test_multipart_resend_first_finishes_last): the send that finishes last is the part,
+    as on S3, and a completion that lists both answers for it (in the order they came)
+    counts its last entry; before, that completion was refused InvalidPartOrder."""
+    s3 = _boto3(local_gateway)
+    up = s3.create_multipart_upload(Bucket="gwbucket", Key="twice.bin")["UploadId"]
+    params = {"Bucket": "gwbucket", "Key": "twice.bin", "UploadId": up, "PartNumber": 1}
+    url = urllib.parse.urlsplit(s3.generate_presigned_url("upload_part", Params=params))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:  # the first send of part 1 (AAAAAAAA), held open halfway
+        conn.putrequest("PUT", url.path + "?" + url.query, skip_accept_encoding=True)
+        conn.putheader("Content-Length", "8")
+        conn.endheaders(b"AAAA")
+        b = s3.upload_part(Body=b"BBBBBBBB", **params)  # the second send, done first
+        conn.send(b"AAAA")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        a_etag = resp.getheader("ETag")
+    finally:
+        conn.close()
+    assert a_etag == '"%s"' % hashlib.md5(b"AAAAAAAA").hexdigest()
+    listed = s3.list_parts(Bucket="gwbucket", Key="twice.bin", UploadId=up)["Parts"]
+    assert [(p["PartNumber"], p["ETag"]) for p in listed] == [(1, a_etag)]
+    parts = [{"PartNumber": 1, "ETag": b["ETag"]}, {"PartNumber": 1, "ETag": a_etag}]
+    with pytest.raises(s3.exceptions.ClientError) as e:  # the replaced send is not the part
+        s3.complete_multipart_upload(
+            Bucket="gwbucket", Key="twice.bin", UploadId=up, MultipartUpload={"Parts": parts[:1]}
+        )
+    assert _gw_error(e.value) == ("InvalidPart", 400)
+    s3.complete_multipart_upload(
+        Bucket="gwbucket", Key="twice.bin", UploadId=up, MultipartUpload={"Parts": parts}
+    )
+    assert s3.get_object(Bucket="gwbucket", Key="twice.bin")["Body"].read() == b"AAAAAAAA"
+    with pytest.raises(s3.exceptions.ClientError) as e:  # out of order is still refused
+        up = s3.create_multipart_upload(Bucket="gwbucket", Key="order.bin")["UploadId"]
+        p1 = s3.upload_part(
+            Bucket="gwbucket", Key="order.bin", UploadId=up, PartNumber=1, Body=b"1"
+        )
+        p2 = s3.upload_part(
+            Bucket="gwbucket", Key="order.bin", UploadId=up, PartNumber=2, Body=b"2"
+        )
+        s3.complete_multipart_upload(
+            Bucket="gwbucket",
+            Key="order.bin",
+            UploadId=up,
+            MultipartUpload={
+                "Parts": [
+                    {"PartNumber": 2, "ETag": p2["ETag"]},
+                    {"PartNumber": 1, "ETag": p1["ETag"]},
+                ]
+            },
+        )
+    assert _gw_error(e.value) == ("InvalidPartOrder", 400)
+
+
 def _local_backend(tmp_path: Any) -> Backend:
     return Backend("local", "file://" + str(tmp_path / "store"), None, None)
 
