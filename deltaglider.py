@@ -15564,9 +15564,9 @@ def _xml_parts(
     return _xml_doc("ListPartsResult", body)
 
 
-def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
-    """ListMultipartUploadsResult: the first 1,000 of ``ups`` (records of uploads in
-    progress, with their UploadId)."""
+def _xml_uploads(page: Mapping[str, Any]) -> bytes:
+    """ListMultipartUploadsResult from one page of :func:`_uploads_page` (records of
+    uploads in progress, with their UploadId and the Params they were started with)."""
     items = "".join(
         "<Upload>%s%s%s%s</Upload>"
         % (
@@ -15575,18 +15575,17 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
             _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
             _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
         )
-        for u in ups[:1000]
+        for u in page.get("Uploads", [])
     )
-    body = (
-        _el("Bucket", bucket)
-        + _el("KeyMarker", "")
-        + _el("UploadIdMarker", "")
-        + _el("Prefix", prefix)
-        + _el("MaxUploads", 1000)
-        + _el("IsTruncated", len(ups) > 1000)
-        + items
+    body = "".join(
+        _el(name, page[name])
+        for name in ("Bucket", "KeyMarker", "UploadIdMarker", "NextKeyMarker", "NextUploadIdMarker")
+        if name in page
     )
-    return _xml_doc("ListMultipartUploadsResult", body)
+    body += _el("Prefix", page["Prefix"]) + _el("MaxUploads", page["MaxUploads"])
+    return _xml_doc(
+        "ListMultipartUploadsResult", body + _el("IsTruncated", page["IsTruncated"]) + items
+    )
 
 
 # -- object requests: preconditions, answer headers, PutObject parameters -------------
@@ -16287,12 +16286,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = (
             "ListObjectVersions" if versions else "ListObjectsV2" if v2 else "ListObjects"
         )
-        try:
-            max_keys = int(q.get("max-keys", "1000"))
-        except ValueError:
-            raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
-        if max_keys < 0:
-            raise _S3Reply("InvalidArgument", "max-keys must not be negative")
+        max_keys = self._query_limit("max-keys", cap=None)
         if "encoding-type" in q and q["encoding-type"] != "url":
             raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
         params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
@@ -16589,13 +16583,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
         rec = gw.uploads.record(bucket, key, upload_id)
-        try:
-            marker = int(self._q.get("part-number-marker") or 0)
-            max_parts = min(1000, int(self._q.get("max-parts") or 1000))
-        except ValueError:
-            raise _S3Reply(
-                "InvalidArgument", "part-number-marker and max-parts are numbers"
-            ) from None
+        marker = self._query_limit("part-number-marker", default=0, cap=None)
+        max_parts = self._query_limit("max-parts")
         numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
         parts = gw.uploads.parts(upload_id)
         shown = {n: parts[n] for n in numbers[:max_parts]}
@@ -16608,8 +16597,23 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         prefix = self._q.get("prefix", "")
-        ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
-        self._send(200, _xml_uploads(bucket, prefix, ups))
+        page = _uploads_page(
+            bucket,
+            [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)],
+            prefix=prefix,
+            key_marker=self._q.get("key-marker", ""),
+            upload_id_marker=self._q.get("upload-id-marker", ""),
+            max_uploads=self._query_limit("max-uploads"),
+        )
+        self._send(200, _xml_uploads(page))
+
+    def _query_limit(self, name: str, default: int = 1000, cap: int | None = 1000) -> int:
+        """A count from the query (max-keys, max-parts, max-uploads, part-number-marker):
+        a whole number from 0, at most ``cap`` (S3 answers no more than 1,000 per page)."""
+        text = self._q.get(name) or str(default)
+        if not (text.isascii() and text.isdigit()):
+            raise _S3Reply("InvalidArgument", "%s must be a whole number from 0" % name)
+        return int(text) if cap is None else min(cap, int(text))
 
     def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "CompleteMultipartUpload"
