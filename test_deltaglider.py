@@ -8223,6 +8223,62 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         _gw_cleanup(gateway, bucket)
 
 
+def test_gateway_part_sent_twice_the_send_that_finishes_last_wins(local_gateway: Gateway) -> None:
+    """A part re-sent while its first send still runs (ceph s3-tests'
+    test_multipart_resend_first_finishes_last): the send that finishes last is the part,
+    as on S3, and a completion that lists both answers for it (in the order they came)
+    counts its last entry; before, that completion was refused InvalidPartOrder."""
+    s3 = _boto3(local_gateway)
+    up = s3.create_multipart_upload(Bucket="gwbucket", Key="twice.bin")["UploadId"]
+    params = {"Bucket": "gwbucket", "Key": "twice.bin", "UploadId": up, "PartNumber": 1}
+    url = urllib.parse.urlsplit(s3.generate_presigned_url("upload_part", Params=params))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:  # the first send of part 1 (AAAAAAAA), held open halfway
+        conn.putrequest("PUT", url.path + "?" + url.query, skip_accept_encoding=True)
+        conn.putheader("Content-Length", "8")
+        conn.endheaders(b"AAAA")
+        b = s3.upload_part(Body=b"BBBBBBBB", **params)  # the second send, done first
+        conn.send(b"AAAA")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        a_etag = resp.getheader("ETag")
+    finally:
+        conn.close()
+    assert a_etag == '"%s"' % hashlib.md5(b"AAAAAAAA").hexdigest()
+    listed = s3.list_parts(Bucket="gwbucket", Key="twice.bin", UploadId=up)["Parts"]
+    assert [(p["PartNumber"], p["ETag"]) for p in listed] == [(1, a_etag)]
+    parts = [{"PartNumber": 1, "ETag": b["ETag"]}, {"PartNumber": 1, "ETag": a_etag}]
+    with pytest.raises(s3.exceptions.ClientError) as e:  # the replaced send is not the part
+        s3.complete_multipart_upload(
+            Bucket="gwbucket", Key="twice.bin", UploadId=up, MultipartUpload={"Parts": parts[:1]}
+        )
+    assert _gw_error(e.value) == ("InvalidPart", 400)
+    s3.complete_multipart_upload(
+        Bucket="gwbucket", Key="twice.bin", UploadId=up, MultipartUpload={"Parts": parts}
+    )
+    assert s3.get_object(Bucket="gwbucket", Key="twice.bin")["Body"].read() == b"AAAAAAAA"
+    with pytest.raises(s3.exceptions.ClientError) as e:  # out of order is still refused
+        up = s3.create_multipart_upload(Bucket="gwbucket", Key="order.bin")["UploadId"]
+        p1 = s3.upload_part(
+            Bucket="gwbucket", Key="order.bin", UploadId=up, PartNumber=1, Body=b"1"
+        )
+        p2 = s3.upload_part(
+            Bucket="gwbucket", Key="order.bin", UploadId=up, PartNumber=2, Body=b"2"
+        )
+        s3.complete_multipart_upload(
+            Bucket="gwbucket",
+            Key="order.bin",
+            UploadId=up,
+            MultipartUpload={
+                "Parts": [
+                    {"PartNumber": 2, "ETag": p2["ETag"]},
+                    {"PartNumber": 1, "ETag": p1["ETag"]},
+                ]
+            },
+        )
+    assert _gw_error(e.value) == ("InvalidPartOrder", 400)
+
+
 def _local_backend(tmp_path: Any) -> Backend:
     return Backend("local", "file://" + str(tmp_path / "store"), None, None)
 
@@ -8563,6 +8619,47 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
     status, body = _form_post(post["url"], unsigned, b"x")
     assert (status, _error_code(body)) == (400, "InvalidArgument")
+
+
+def test_gateway_checks_a_browser_posts_policy_before_reading_its_file(tmp_path: Any) -> None:
+    """A browser POST's policy (signature, expiry, fields) is checked as soon as the fields
+    before its file have arrived: a forged form is refused without the gateway waiting for
+    or spooling its file, and a file past the policy's content-length-range as soon as it
+    is past it. (Before, the whole declared body was spooled first.)"""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, idle_timeout=120) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        s3 = _boto3(gw)
+        post = s3.generate_presigned_post(
+            "gwbucket", "up/f.bin", Conditions=[["content-length-range", 1, 10000]], ExpiresIn=60
+        )
+
+        def answer(fields: dict[str, str]) -> bytes:
+            """Send the fields, the file part's head and 64 KiB of a declared 64 MiB file;
+            read the answer without sending the rest."""
+            form = b"".join(
+                b'--xyz\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                % (k.encode(), v.encode())
+                for k, v in fields.items()
+            )
+            form += b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
+            head = (
+                b"POST /gwbucket HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n"
+                b"Content-Type: multipart/form-data; boundary=xyz\r\n\r\n"
+                % (len(form) + 64 * 1024 * 1024)
+            )
+            sock = _gw_socket(gw, head + form + b"x" * 65536)
+            try:
+                return _gw_answer(sock)  # before: no answer until the whole body came
+            finally:
+                sock.close()
+
+        forged = dict(post["fields"], key="elsewhere/f.bin")
+        assert b" 403 " in answer(forged).split(b"\r\n")[0]
+        tampered = dict(post["fields"], policy=post["fields"]["policy"][:-4] + "AAA=")
+        assert b"<Code>SignatureDoesNotMatch</Code>" in answer(tampered)
+        assert b"<Code>EntityTooLarge</Code>" in answer(post["fields"])
+        assert os.listdir(gw.server.gateway.spool_dir) == []
+        assert stored_keys(gw.client, "gwbucket") == []
 
 
 def _presigned_call(url: str, method: str, body: bytes = b"") -> tuple[int, bytes]:
@@ -9187,6 +9284,40 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
         _gw_cleanup(gateway, bucket)
 
 
+def test_serve_quiet_still_says_where_it_listens(tmp_path: Any) -> None:
+    """``serve --quiet --listen 127.0.0.1:0``: no access log, but one line on stderr names
+    the address (the port is chosen at start; before, --quiet hid it)."""
+    env = dict(
+        os.environ,
+        DG_GATEWAY_ACCESS_KEY_ID=GW_KEY,
+        DG_GATEWAY_SECRET_ACCESS_KEY=GW_SECRET,
+        DG_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    cmd = [sys.executable, dg.__file__, "--endpoint-url", "file://" + str(tmp_path / "store")]
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--quiet", "--listen", "127.0.0.1:0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # a hang guard: before, nothing came at all
+        assert select.select([proc.stderr], [], [], 60)[0], "serve --quiet printed nothing"
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        gw = Gateway(m.group(0), None, None, io.StringIO(), "")  # type: ignore[arg-type]
+        s3 = _boto3(gw)
+        s3.create_bucket(Bucket="served")
+        s3.put_object(Bucket="served", Key="k.txt", Body=b"kept")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err == "", err  # nothing else: no access log, no "stopped"
+
+
 def test_serve_command_starts_warns_and_stops_cleanly_on_sigterm(tmp_path: Any) -> None:
     """The CLI: keys from the environment only, a TLS warning off loopback, SIGTERM exits 0."""
     env = dict(
@@ -9390,6 +9521,38 @@ def test_cli_bad_dg_mtime_is_ignored_not_fatal(
         assert os.stat(os.path.join(got, "b.txt")).st_mtime == 1_600_000_000
         assert abs(os.stat(os.path.join(got, "a.txt")).st_mtime - time.time()) < 3600
     assert caplog.text.count("out-of-range dg-mtime") == 1
+
+
+def test_cli_cp_streams_stdin_up_and_stdout_down(cli_env: Any, tmp_path: Any) -> None:
+    """`cp - s3://b/k` stores stdin (a pipe: spooled, then stored as any file is, a delta
+    against the folder's reference) and `cp s3://b/k -` writes the object to stdout, with
+    nothing else on stdout; `cp - s3://b/` without a key is refused as aws-cli does."""
+    backend, bucket = cli_env
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    if backend.access_key:
+        env.update(AWS_ACCESS_KEY_ID=backend.access_key, AWS_SECRET_ACCESS_KEY=backend.secret_key)
+
+    def cli(*argv: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, SOURCE, "--endpoint-url", backend.endpoint, *argv]
+        return subprocess.run(cmd, input=data, env=env, capture_output=True, timeout=120)
+
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    first = cli("cp", str(tmp_path / "a.zip"), "s3://%s/rel/a.zip" % bucket)
+    assert first.returncode == 0, first.stderr
+    later = (tmp_path / "b.zip").read_bytes()
+    up = cli("cp", "-", "s3://%s/rel/b.zip" % bucket, data=later)
+    assert up.returncode == 0 and up.stdout == b"", up.stderr
+    down = cli("cp", "s3://%s/rel/b.zip" % bucket, "-")
+    assert down.returncode == 0 and down.stdout == later, down.stderr
+    assert "rel/b.zip.delta" in stored_keys(make_client(backend, tmp_path), bucket)
+    nokey = cli("cp", "-", "s3://%s/rel/" % bucket, data=b"x")
+    assert nokey.returncode != 0 and b"a key is needed" in nokey.stderr, nokey.stderr
 
 
 def test_cli_cp_destinations_and_output_lines(
