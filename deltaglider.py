@@ -9329,6 +9329,8 @@ class _References:
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
+    # -- choosing and making references -------------------------------------------
+
     def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
         """A verified local copy of a reference: from the cache, or fetched once."""
         path = self.cache.lookup(ref_sha256)
@@ -9576,6 +9578,8 @@ class _References:
             on_bytes=on_bytes,
         )
         return self.cache.add_file(info.sha256, path)
+
+    # -- removing references that nothing needs -----------------------------------
 
     def discard(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
