@@ -4900,6 +4900,11 @@ class _LocalStorage(_LocalFiles):
         path = self._root.replace(os.sep, "/")
         self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
 
+    @property
+    def root(self) -> str:
+        """The store's directory (absolute): each bucket is a folder in it."""
+        return self._root
+
     def close(self) -> None:
         pass  # nothing is held open between calls
 
@@ -9324,6 +9329,8 @@ class _References:
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
+    # -- choosing and making references -------------------------------------------
+
     def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
         """A verified local copy of a reference: from the cache, or fetched once."""
         path = self.cache.lookup(ref_sha256)
@@ -9571,6 +9578,8 @@ class _References:
             on_bytes=on_bytes,
         )
         return self.cache.add_file(info.sha256, path)
+
+    # -- removing references that nothing needs -----------------------------------
 
     def discard(self, bucket: str, ref_key: str, sha256: str) -> None:
         try:
@@ -15552,9 +15561,9 @@ def _xml_parts(
     return _xml_doc("ListPartsResult", body)
 
 
-def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
-    """ListMultipartUploadsResult: the first 1,000 of ``ups`` (records of uploads in
-    progress, with their UploadId)."""
+def _xml_uploads(page: Mapping[str, Any]) -> bytes:
+    """ListMultipartUploadsResult from one page of :func:`_uploads_page` (records of
+    uploads in progress, with their UploadId and the Params they were started with)."""
     items = "".join(
         "<Upload>%s%s%s%s</Upload>"
         % (
@@ -15563,18 +15572,17 @@ def _xml_uploads(bucket: str, prefix: str, ups: list[dict[str, Any]]) -> bytes:
             _el("StorageClass", u.get("Params", {}).get("StorageClass", "STANDARD")),
             _el("Initiated", _iso_ms(_parse_timestamp(u["Initiated"]))),
         )
-        for u in ups[:1000]
+        for u in page.get("Uploads", [])
     )
-    body = (
-        _el("Bucket", bucket)
-        + _el("KeyMarker", "")
-        + _el("UploadIdMarker", "")
-        + _el("Prefix", prefix)
-        + _el("MaxUploads", 1000)
-        + _el("IsTruncated", len(ups) > 1000)
-        + items
+    body = "".join(
+        _el(name, page[name])
+        for name in ("Bucket", "KeyMarker", "UploadIdMarker", "NextKeyMarker", "NextUploadIdMarker")
+        if name in page
     )
-    return _xml_doc("ListMultipartUploadsResult", body)
+    body += _el("Prefix", page["Prefix"]) + _el("MaxUploads", page["MaxUploads"])
+    return _xml_doc(
+        "ListMultipartUploadsResult", body + _el("IsTruncated", page["IsTruncated"]) + items
+    )
 
 
 # -- object requests: preconditions, answer headers, PutObject parameters -------------
@@ -16268,12 +16276,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = (
             "ListObjectVersions" if versions else "ListObjectsV2" if v2 else "ListObjects"
         )
-        try:
-            max_keys = int(q.get("max-keys", "1000"))
-        except ValueError:
-            raise _S3Reply("InvalidArgument", "max-keys must be a number") from None
-        if max_keys < 0:
-            raise _S3Reply("InvalidArgument", "max-keys must not be negative")
+        max_keys = self._query_limit("max-keys", cap=None)
         if "encoding-type" in q and q["encoding-type"] != "url":
             raise _S3Reply("InvalidArgument", "Invalid Encoding Method specified in Request")
         params: dict[str, Any] = {"Bucket": bucket, "MaxKeys": max_keys, "FetchMetadata": True}
@@ -16570,13 +16573,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
         rec = gw.uploads.record(bucket, key, upload_id)
-        try:
-            marker = int(self._q.get("part-number-marker") or 0)
-            max_parts = min(1000, int(self._q.get("max-parts") or 1000))
-        except ValueError:
-            raise _S3Reply(
-                "InvalidArgument", "part-number-marker and max-parts are numbers"
-            ) from None
+        marker = self._query_limit("part-number-marker", default=0, cap=None)
+        max_parts = self._query_limit("max-parts")
         numbers = sorted(n for n in gw.uploads.parts(upload_id) if n > marker)
         parts = gw.uploads.parts(upload_id)
         shown = {n: parts[n] for n in numbers[:max_parts]}
@@ -16589,8 +16587,23 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw = self.server.gateway
         gw.client.head_bucket(Bucket=bucket)
         prefix = self._q.get("prefix", "")
-        ups = [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)]
-        self._send(200, _xml_uploads(bucket, prefix, ups))
+        page = _uploads_page(
+            bucket,
+            [u for u in gw.uploads.listing(bucket) if u["Key"].startswith(prefix)],
+            prefix=prefix,
+            key_marker=self._q.get("key-marker", ""),
+            upload_id_marker=self._q.get("upload-id-marker", ""),
+            max_uploads=self._query_limit("max-uploads"),
+        )
+        self._send(200, _xml_uploads(page))
+
+    def _query_limit(self, name: str, default: int = 1000, cap: int | None = 1000) -> int:
+        """A count from the query (max-keys, max-parts, max-uploads, part-number-marker):
+        a whole number from 0, at most ``cap`` (S3 answers no more than 1,000 per page)."""
+        text = self._q.get(name) or str(default)
+        if not (text.isascii() and text.isdigit()):
+            raise _S3Reply("InvalidArgument", "%s must be a whole number from 0" % name)
+        return int(text) if cap is None else min(cap, int(text))
 
     def _complete_upload(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "CompleteMultipartUpload"
@@ -18305,7 +18318,7 @@ def _store_identity(client: DeltaGliderClient) -> str:
     identity see the same bucket under the same name."""
     storage = client.engine.storage
     if isinstance(storage, _LocalStorage):
-        return "file:" + os.path.realpath(storage._root)
+        return "file:" + os.path.realpath(storage.root)
     return str(storage.endpoint_url).lower()
 
 

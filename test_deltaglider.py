@@ -8142,6 +8142,35 @@ def test_gateway_boto3_stores_deltas_in_the_shared_layout(gateway: Gateway, tmp_
 
 
 @needs_xdelta3
+def test_gateway_multipart_listings_page_as_s3s(local_gateway: Gateway) -> None:
+    """ListMultipartUploads and ListParts through the gateway honour max-uploads/max-parts
+    and the markers, so boto3's paginators see every upload and part (the uploads listing
+    used to stop at the first 1,000, with no next markers)."""
+    s3 = _boto3(local_gateway)
+    ups = [s3.create_multipart_upload(Bucket="gwbucket", Key=k)["UploadId"] for k in "aab"]
+    for n in (1, 2, 3):
+        s3.upload_part(Bucket="gwbucket", Key="b", UploadId=ups[2], PartNumber=n, Body=b"x")
+    try:
+        first = s3.list_multipart_uploads(Bucket="gwbucket", MaxUploads=1)
+        assert first["IsTruncated"] is True and len(first["Uploads"]) == 1
+        assert first["NextKeyMarker"] == "a" and first["NextUploadIdMarker"] in ups[:2]
+        pages = s3.get_paginator("list_multipart_uploads").paginate(
+            Bucket="gwbucket", PaginationConfig={"PageSize": 1}
+        )
+        seen = [u["UploadId"] for page in pages for u in page.get("Uploads", [])]
+        assert sorted(seen) == sorted(ups) and len(seen) == 3
+        pages = s3.get_paginator("list_parts").paginate(
+            Bucket="gwbucket", Key="b", UploadId=ups[2], PaginationConfig={"PageSize": 1}
+        )
+        assert [p["PartNumber"] for page in pages for p in page.get("Parts", [])] == [1, 2, 3]
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.list_multipart_uploads(Bucket="gwbucket", MaxUploads=-1)
+        assert _gw_error(e.value) == ("InvalidArgument", 400)
+    finally:
+        for key, up in zip("aab", ups):
+            s3.abort_multipart_upload(Bucket="gwbucket", Key=key, UploadId=up)
+
+
 def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
     gateway: Gateway, tmp_path: Any
 ) -> None:
