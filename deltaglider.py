@@ -4327,6 +4327,7 @@ class _S3Storage:
             "Key": key,
             "UploadId": upload_id,
             "PartNumberMarker": part_number_marker,
+            "MaxParts": int(_xml_text(root, "MaxParts") or (max_parts or 1000)),
             "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
             "Parts": parts,
         }
@@ -4369,6 +4370,10 @@ class _S3Storage:
         ]
         out: dict[str, Any] = {
             "Bucket": bucket,
+            "KeyMarker": key_marker,
+            "UploadIdMarker": upload_id_marker,
+            "Prefix": prefix,
+            "MaxUploads": int(_xml_text(root, "MaxUploads") or (max_uploads or 1000)),
             "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
             "Uploads": uploads,
         }
