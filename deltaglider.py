@@ -4570,7 +4570,7 @@ _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
 class _LocalFiles:
-    """The files of a local store (:class:`_LocalStorage`, which sets ``_root`` and
+    """The files of a local store (:class:`_LocalStorage`, which sets ``root`` and
     ``_now``): bucket folders, the bucket lock, atomic writes, and the indexes of records.
 
     Keys are arbitrary strings (``..``, ``//``, 1024 bytes), so they are never paths:
@@ -4581,7 +4581,7 @@ class _LocalFiles:
     renames the data in and atomically replaces the index: readers see the old object or
     the new one, never a part. Multipart uploads live in ``.dg-uploads/<upload id>/``."""
 
-    _root: str
+    root: str
     _now: Callable[[], datetime.datetime]
 
     _BUCKET_FILE = ".dg-bucket.json"
@@ -4618,7 +4618,7 @@ class _LocalFiles:
     def _bucket(self, operation: str, bucket: str, *, head: bool = False) -> str:
         """The folder of an existing bucket, or NoSuchBucket."""
         _validate_bucket_name(bucket)
-        path = os.path.join(self._root, bucket)
+        path = os.path.join(self.root, bucket)
         # Only names CreateBucket accepts exist here, which also keeps "Foo" from finding
         # "foo" on a case-insensitive file system.
         if not self._NEW_BUCKET_RE.match(bucket) or not os.path.isfile(
@@ -4899,16 +4899,11 @@ class _LocalStorage(_LocalFiles):
         region: str = "us-east-1",
         now: Callable[[], datetime.datetime] = _utcnow,
     ) -> None:
-        self._root = os.path.abspath(root)
+        self.root = os.path.abspath(root)  # the store's directory: a folder per bucket
         self.region = region
         self._now = now
-        path = self._root.replace(os.sep, "/")
+        path = self.root.replace(os.sep, "/")
         self.endpoint_url = "file://" + ("" if path.startswith("/") else "/") + _quote_key(path)
-
-    @property
-    def root(self) -> str:
-        """The store's directory (absolute): each bucket is a folder in it."""
-        return self._root
 
     def close(self) -> None:
         pass  # nothing is held open between calls
@@ -5055,11 +5050,11 @@ class _LocalStorage(_LocalFiles):
     def list_buckets(self) -> dict[str, Any]:
         buckets = []
         try:
-            names = sorted(os.listdir(self._root))
+            names = sorted(os.listdir(self.root))
         except FileNotFoundError:
             names = []
         for name in names:
-            info = self._read_json(os.path.join(self._root, name, self._BUCKET_FILE))
+            info = self._read_json(os.path.join(self.root, name, self._BUCKET_FILE))
             if info and self._NEW_BUCKET_RE.match(name):
                 buckets.append({"Name": name, "CreationDate": _parse_timestamp(info["created"])})
         return {
@@ -5079,13 +5074,13 @@ class _LocalStorage(_LocalFiles):
             raise self._error(
                 "CreateBucket", 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
             )
-        target = os.path.join(self._root, bucket)
-        if not os.path.isdir(self._root):
-            os.makedirs(self._root, 0o700, exist_ok=True)
-            os.chmod(self._root, 0o700)
+        target = os.path.join(self.root, bucket)
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root, 0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
         # Built aside, then renamed into place: a bucket folder is complete or absent, and
         # of two racing creators exactly one rename succeeds (the target is never empty).
-        staging = tempfile.mkdtemp(dir=self._root, prefix=".dg-new-")
+        staging = tempfile.mkdtemp(dir=self.root, prefix=".dg-new-")
         try:
             for sub in (".dg-objects", ".dg-tmp", ".dg-uploads"):
                 os.mkdir(os.path.join(staging, sub), 0o700)
@@ -5111,7 +5106,7 @@ class _LocalStorage(_LocalFiles):
 
     def delete_bucket(self, bucket: str) -> dict[str, Any]:
         bdir = self._bucket("DeleteBucket", bucket)
-        trash = os.path.join(self._root, ".dg-trash-" + uuid.uuid4().hex)
+        trash = os.path.join(self.root, ".dg-trash-" + uuid.uuid4().hex)
         with self._locked("DeleteBucket", bucket, bdir):
             objects = os.path.join(bdir, ".dg-objects")
             for shard in os.listdir(objects):

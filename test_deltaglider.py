@@ -1517,7 +1517,7 @@ def test_import_does_nothing(tmp_path: Any) -> None:
 # used from outside it, and this file's banners in the module's order. A limit above its
 # target is where the restructuring stopped: a ratchet, to be lowered, never raised.
 _MAX_FUNCTIONS_OVER_80_LINES = 4
-_MAX_CLASS_LINES = 1001  # target 1,000: _LocalStorage ended the session at 1,001
+_MAX_CLASS_LINES = 1000
 _MAX_TYPE_IGNORES = 6
 _MAX_PRIVATE_CLIENT_USES = 0
 
@@ -5099,7 +5099,7 @@ def test_odd_keys_coexist_and_sort(store: Any) -> None:
     assert listed == sorted(ODD_KEYS, key=lambda k: k.encode("utf-8"))
     for key in ODD_KEYS:
         assert store.get_object("bkt", key)["Body"].read() == key.encode("utf-8")
-    bucket_dir = os.path.join(store._root, "bkt")
+    bucket_dir = os.path.join(store.root, "bkt")
     assert sorted(os.listdir(bucket_dir)) == [
         ".dg-bucket.json",
         ".dg-lock",
@@ -5176,7 +5176,7 @@ def test_put_rejected(store: Any, kwargs: dict[str, Any], code: str) -> None:
         store.put_object("bkt", "k", b"data", **kwargs)
     assert code_of(e)[0] == code and code_of(e)[2] == 400
     assert "Contents" not in store.list_objects_v2("bkt")
-    assert os.listdir(os.path.join(store._root, "bkt", ".dg-tmp")) == []
+    assert os.listdir(os.path.join(store.root, "bkt", ".dg-tmp")) == []
 
 
 def test_put_checks_pass(store: Any) -> None:
@@ -5252,7 +5252,7 @@ def test_failed_body_leaves_nothing(store: Any) -> None:
         store.put_object("bkt", "new", Broken())
     assert store.get_object("bkt", "k")["Body"].read() == b"old"
     assert keys_of(store.list_objects_v2("bkt")) == ["k"]
-    assert os.listdir(os.path.join(store._root, "bkt", ".dg-tmp")) == []
+    assert os.listdir(os.path.join(store.root, "bkt", ".dg-tmp")) == []
 
 
 def test_killed_writer_leaves_nothing(store: Any) -> None:
@@ -5261,7 +5261,7 @@ def test_killed_writer_leaves_nothing(store: Any) -> None:
     script = (
         f"import sys; sys.path[:0] = {[os.path.dirname(os.path.abspath(__file__))]!r}\n"
         "import deltaglider as dg; from deltaglider import _LocalStorage\n"
-        f"s = _LocalStorage({store._root!r})\n"
+        f"s = _LocalStorage({store.root!r})\n"
         "class Slow:\n"
         "    n = 0\n"
         "    def read(self, size):\n"
@@ -5449,7 +5449,7 @@ def test_conditional_create_race_processes(store: Any, tmp_path: Any) -> None:
     script = (
         f"import os, sys, time; sys.path[:0] = {[os.path.dirname(os.path.abspath(__file__))]!r}\n"
         "import deltaglider as dg; from deltaglider import _LocalStorage\n"
-        f"s = _LocalStorage({store._root!r})\n"
+        f"s = _LocalStorage({store.root!r})\n"
         f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
         "try:\n"
         "    s.put_object('bkt', 'lock', b'%d' % os.getpid(), if_none_match=True)\n"
@@ -5501,7 +5501,7 @@ def test_concurrent_writers_and_readers(store: Any) -> None:
         t.join()
     assert not errors
     assert keys_of(store.list_objects_v2("bkt")) == ["k0", "k1"]
-    shards = os.path.join(store._root, "bkt", ".dg-objects")
+    shards = os.path.join(store.root, "bkt", ".dg-objects")
     files = [n for d in os.listdir(shards) for n in os.listdir(os.path.join(shards, d))]
     assert len([n for n in files if n != "index.json"]) == 2  # no orphaned data files
 
@@ -5733,8 +5733,8 @@ def test_local_multipart_upload(store: Any) -> None:
     assert store.list_multipart_uploads("bkt")["Uploads"] == []
     with pytest.raises(dg.NoSuchUpload):
         store.complete_multipart_upload("bkt", "big", upload_id, [(1, e1)])
-    assert os.listdir(os.path.join(store._root, "bkt", ".dg-uploads")) == []
-    assert os.listdir(os.path.join(store._root, "bkt", ".dg-tmp")) == []
+    assert os.listdir(os.path.join(store.root, "bkt", ".dg-uploads")) == []
+    assert os.listdir(os.path.join(store.root, "bkt", ".dg-tmp")) == []
 
 
 def test_multipart_errors(store: Any) -> None:
