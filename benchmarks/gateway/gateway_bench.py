@@ -123,7 +123,7 @@ def start_gateway(
             break  # it answers (403: no signature)
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit("the gateway %s did not start (see %s)" % (name, log.name))
+                raise SystemExit("gateway %s did not start (%s)" % (name, log.name)) from None
             time.sleep(0.1)
     return proc, gw
 
