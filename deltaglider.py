@@ -11222,27 +11222,130 @@ def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 class _TempBody(StreamingBody):
-    """A StreamingBody over a rebuilt temp file, removed when closed."""
+    """A StreamingBody over part of a rebuilt file (an open handle on it: _Rebuilds keeps
+    the file while it is read); ``release`` is called once, when the body is closed."""
 
-    def __init__(self, path: str, start: int, length: int) -> None:
-        f = open(path, "rb")
-        try:
-            os.unlink(path)  # POSIX: the open handle keeps the bytes until closed
-            self._path: str | None = None
-        except OSError:  # pragma: no cover - Windows: remove on close instead
-            self._path = path
+    def __init__(self, f: IO[bytes], start: int, length: int, release: Callable[[], None]) -> None:
         f.seek(start)
         super().__init__(_LimitedReader(f, length), length)
         self._file = f
+        self._done: Callable[[], None] | None = release
 
     def close(self) -> None:
         super().close()
         self._file.close()
-        if self._path:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _Rebuilt:
+    """One rebuilt, verified file that GETs share (see _Rebuilds)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.path: str | None = None  # None until built; stays None when the build failed
+        self.readers = 0
+        self.idle_since = 0.0
+
+
+class _Rebuilds:
+    """Rebuilt delta-stored objects shared by the GETs that want the same one at once.
+    aws-cli, s3transfer and rclone read a big object as ranges (8 MiB, several at a
+    time): each ranged GET of a delta would otherwise rebuild the whole object again.
+    The first GET rebuilds (engine.rebuild checks the SHA-256), the others wait for it
+    and read their ranges from the same file. Entries are keyed by that checked SHA-256
+    and the size: a file is served only for an object whose metadata, read by this very
+    GET, names those bytes, so an object overwritten meanwhile has another key and is
+    rebuilt. A file no GET reads is kept LINGER seconds (the next range of the same
+    download is usually a moment away), at most KEEP of them, then removed."""
+
+    LINGER = 5.0
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], _Rebuilt] = {}
+        self._timer = False  # a timer is due to call expire()
+
+    def open(self, engine: _DeltaEngine, lg: _Logical) -> tuple[IO[bytes], Callable[[], None]]:
+        """An open handle on ``lg`` rebuilt and verified, and the function to call when
+        done reading it."""
+        key = (str(lg.sha256), lg.size)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                build = entry is None
+                if entry is None:
+                    entry = self._entries[key] = _Rebuilt()
+                entry.readers += 1
+            if build:
+                self._build(engine, lg, key, entry)
+            else:
+                entry.ready.wait()
+            if entry.path is not None:
+                try:
+                    return open(entry.path, "rb"), functools.partial(self._release, key, entry)
+                except BaseException:
+                    self._release(key, entry)
+                    raise
+            self._release(key, entry)  # its build failed (and raised there): build again
+
+    def _build(
+        self, engine: _DeltaEngine, lg: _Logical, key: tuple[str, int], entry: _Rebuilt
+    ) -> None:
+        try:
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+            os.close(fd)
             try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+                engine.rebuild(lg, tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            entry.path = tmp
+        except BaseException:
+            with self._lock:
+                self._entries.pop(key, None)
+                entry.readers -= 1
+            raise
+        finally:
+            entry.ready.set()
+
+    def _release(self, key: tuple[str, int], entry: _Rebuilt) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.readers == 0:
+                entry.idle_since = time.monotonic()
+        self.expire()
+
+    def expire(self) -> None:
+        """Remove the files no GET reads that have been idle LINGER seconds, or are beyond
+        the KEEP most recently read; while idle files remain, one timer comes back."""
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted(
+                (e.idle_since, k) for k, e in self._entries.items() if e.readers == 0 and e.path
+            )
+            doomed = [
+                k
+                for i, (since, k) in enumerate(idle)
+                if now - since >= self.LINGER or i < len(idle) - self.KEEP
+            ]
+            paths = [self._entries.pop(k).path for k in doomed]
+            again = len(idle) > len(doomed) and not self._timer
+            self._timer = self._timer or again
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+        if again:
+            timer = threading.Timer(self.LINGER, self._timer_expire)
+            timer.daemon = True
+            timer.start()
+
+    def _timer_expire(self) -> None:
+        with self._lock:
+            self._timer = False
+        self.expire()
 
 
 class _LimitedReader:
@@ -11523,11 +11626,15 @@ def _logical_response(lg: _Logical) -> dict[str, Any]:
 
 
 def _get_rebuilt(
-    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+    engine: _DeltaEngine,
+    rebuilds: _Rebuilds,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    out: dict[str, Any],
 ) -> tuple[dict[str, Any], int]:
     """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
-    on the logical object; the body is the rebuilt, verified file. Returns the
-    response metadata and the status."""
+    on the logical object; the body is the rebuilt, verified file (shared by the GETs of
+    the same object at once: _Rebuilds). Returns the response metadata and the status."""
     size = lg.size
     status = 200
     failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
@@ -11537,13 +11644,7 @@ def _get_rebuilt(
         span = _byte_range(kwargs.get("Range"), size)
     except _RangeNotSatisfiable as e:
         raise e.client_error("GetObject") from None
-    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-    os.close(fd)
-    try:
-        engine.rebuild(lg, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    f, release = rebuilds.open(engine, lg)
     start, end = 0, size - 1
     meta = _local_metadata(lg.head)
     headers = dict(meta.get("HTTPHeaders") or {})
@@ -11552,7 +11653,7 @@ def _get_rebuilt(
         out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
         headers["content-range"] = out["ContentRange"]
         status = 206
-    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["Body"] = _TempBody(f, start, end - start + 1, release)
     out["ContentLength"] = end - start + 1
     headers["content-length"] = str(end - start + 1)
     headers["etag"] = lg.etag
@@ -11841,6 +11942,7 @@ class DeltaGliderClient:
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
         self._multipart = _MultipartUploads(lambda: self.engine, now)
+        self._rebuilds = _Rebuilds()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -11951,7 +12053,7 @@ class DeltaGliderClient:
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, lg, kwargs, out)
+            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
         else:
             meta, status = _get_stored(engine, lg, kwargs, extra, out)
         _echo_response_overrides(kwargs, out)

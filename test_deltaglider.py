@@ -7750,6 +7750,57 @@ def test_range_reads_the_same_on_every_kind_of_object(
 
 
 @needs_xdelta3
+def test_ranged_gets_of_one_delta_share_one_rebuild(
+    client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """aws-cli, s3transfer and rclone read a big object as ranges, several at once: the
+    GETs of one delta-stored object read one rebuilt, verified file, not one rebuild each.
+    A new version is other bytes (another SHA-256): it is rebuilt, never served stale. The
+    file goes once no GET reads it (LINGER 0 here)."""
+    monkeypatch.setattr(dg._Rebuilds, "LINGER", 0.0)
+    make_zip(tmp_path / "a.zip", 0)
+    data = make_zip(tmp_path / "b.zip", 1)
+    newer = make_zip(tmp_path / "c.zip", 2)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+    client.storage.head_object(dgbucket, "k/b.zip.delta")  # stored as a delta
+    engine = client.engine
+    rebuilds: list[str] = []
+    original = engine.rebuild
+
+    def counting(lg: Any, out: str) -> None:
+        rebuilds.append(lg.key)
+        original(lg, out)
+
+    monkeypatch.setattr(engine, "rebuild", counting)
+    quarter = len(data) // 4 + 1
+    spans = [(at, min(at + quarter, len(data)) - 1) for at in range(0, len(data), quarter)]
+
+    def ranged(start: int, end: int) -> Any:
+        got = client.get_object(Bucket=dgbucket, Key="k/b.zip", Range="bytes=%d-%d" % (start, end))
+        return got["Body"]
+
+    bodies: list[Any] = [None] * len(spans)
+
+    def read_range(i: int) -> None:
+        bodies[i] = ranged(*spans[i])
+
+    threads = [threading.Thread(target=read_range, args=(i,)) for i in range(len(spans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert b"".join(body.read() for body in bodies) == data
+    assert rebuilds == ["k/b.zip"]
+    for body in bodies:
+        body.close()
+    assert not [n for n in os.listdir(engine.tmp_dir()) if n.endswith(".get.tmp")]
+    client.upload_file(str(tmp_path / "c.zip"), dgbucket, "k/b.zip")
+    assert client.get_object(Bucket=dgbucket, Key="k/b.zip")["Body"].read() == newer
+    assert rebuilds == ["k/b.zip", "k/b.zip"]
+
+
+@needs_xdelta3
 def test_reference_fetched_at_most_once_for_ten_versions(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
