@@ -17475,7 +17475,12 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = getattr(args, "max_concurrency", None) or 10
+        # Transfers run --max-concurrency at once; the gateway serves --workers requests at
+        # once, each with its back-end connection: the client's pool keeps that many
+        # alive, where a smaller one would close and reopen them under load.
+        self.workers: int = (
+            getattr(args, "max_concurrency", None) or getattr(args, "workers", None) or 10
+        )
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 

@@ -12576,6 +12576,46 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
         _gw_cleanup(gateway, bucket)
 
 
+def test_serve_keeps_a_back_end_connection_per_worker(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any
+) -> None:
+    """``serve --workers N`` serves N requests at once, each on its own back-end
+    connection: the client's pool keeps N alive between rounds (it kept 10, so under load
+    the others were closed and opened again for every request)."""
+    srv = fake_s3(_hello_script)
+    args = dg._build_parser().parse_args(["--endpoint-url", srv.url, "serve", "--workers", "16"])
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    cli = dg._Cli(args, io.StringIO(), io.StringIO(), env)
+    storage = cli.client.storage
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            body = storage.get_object("bucket", "k")["Body"]
+            barrier.wait(30)  # all 16 connections are in use at once
+            assert body.read().startswith(b"hello ")
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    cli.close()
+    assert errors == []
+    assert srv.connections == 16
+
+
 def test_serve_quiet_still_says_where_it_listens(tmp_path: Any) -> None:
     """``serve --quiet --listen 127.0.0.1:0``: no access log, but one line on stderr names
     the address (the port is chosen at start; before, --quiet hid it)."""
