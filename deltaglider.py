@@ -14250,6 +14250,11 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
+#: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
+#: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
+_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+
+
 def _policy_check(
     conditions: list[Any], values: Mapping[str, str]
 ) -> tuple[set[str], tuple[int, int]]:
@@ -14261,6 +14266,12 @@ def _policy_check(
     low, high = 0, sys.maxsize
     for cond in conditions:
         if isinstance(cond, dict):
+            if len(cond) != 1:  # {"name": "value"}: an empty one allows nothing known
+                raise _S3Reply(
+                    "InvalidPolicyDocument",
+                    "Invalid Policy: Invalid Simple-Condition: Simple-Conditions must have "
+                    "exactly one property specified.",
+                )
             for name, want in cond.items():
                 name = name.lower()
                 covered.add(name)
@@ -14537,7 +14548,10 @@ class _GatewayAuth:
         """The conditions of a policy document that has not expired."""
         try:
             policy = json.loads(base64.b64decode(policy_b64))
-            expiration = _parse_timestamp(str(policy["expiration"]))
+            text = str(policy["expiration"])
+            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+                raise ValueError(text)
+            expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
             raise _S3Reply(

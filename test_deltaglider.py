@@ -25,6 +25,7 @@ import datetime
 import gzip
 import gzip as _gzip_mod
 import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -11895,6 +11896,36 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
     status, body = _form_post(post["url"], unsigned, b"x")
     assert (status, _error_code(body)) == (400, "InvalidArgument")
+
+
+def test_gateway_refuses_malformed_post_policies_as_s3_does(local_gateway: Gateway) -> None:
+    """A policy whose expiration is not ISO 8601 UTC (Python's ``str()`` of a datetime), or
+    with an empty condition ``{}``, is an InvalidPolicyDocument (400), as on S3 and in ceph
+    s3-tests' post_object_invalid_date_format / _empty_conditions; well-formed, it works."""
+    url = local_gateway.url + "/gwbucket"
+    later = dg._utcnow() + datetime.timedelta(minutes=10)
+
+    def post(expiration: str, conditions: list[Any]) -> tuple[int, bytes]:
+        policy = base64.b64encode(
+            json.dumps({"expiration": expiration, "conditions": conditions}).encode()
+        )
+        signature = hmac.new(GW_SECRET.encode(), policy, hashlib.sha1).digest()
+        fields = {
+            "key": "up/p.txt",
+            "AWSAccessKeyId": GW_KEY,
+            "signature": base64.b64encode(signature).decode(),
+            "policy": policy.decode(),
+        }
+        return _form_post(url, fields, b"bar")
+
+    good = [{"bucket": "gwbucket"}, ["starts-with", "$key", "up/"]]
+    status, body = post(str(later), good)
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    status, body = post(later.strftime("%Y-%m-%dT%H:%M:%SZ"), [{}])
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    assert stored_keys(local_gateway.client, "gwbucket") == []
+    assert post(later.strftime("%Y-%m-%dT%H:%M:%S.000Z"), good)[0] == 204
+    assert stored_keys(local_gateway.client, "gwbucket") == ["up/p.txt"]
 
 
 def test_gateway_checks_a_browser_posts_policy_before_reading_its_file(tmp_path: Any) -> None:
