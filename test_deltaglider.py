@@ -9133,6 +9133,34 @@ def test_log_level_shows_the_log_on_stderr(tmp_path: Any) -> None:
     assert "DEBUG:deltaglider:" in configured.stdout  # through the application's handler
 
 
+def test_put_object_keeps_its_checksum_and_returns_it_when_asked(
+    client: dg.DeltaGliderClient, dgbucket: str
+) -> None:
+    """put_object's Checksum<ALGO> is checked against the body (BadDigest, nothing stored),
+    or computed from ChecksumAlgorithm, as boto3 does; it is kept with the logical object
+    and HeadObject/GetObject return it with ChecksumMode ENABLED only (as S3 does)."""
+    body = b"A" * 1024
+    sha = "arcu6553sHVAiX4MjW0j7I7vD4w6R+Gz9Ok0Q9lTa+0="  # ceph s3-tests' value of body
+    with pytest.raises(dg.ClientError) as e:
+        client.put_object(Bucket=dgbucket, Key="k.bin", Body=body, ChecksumSHA256="bad")
+    assert e.value.response["Error"]["Code"] == "BadDigest"
+    assert stored_keys(client, dgbucket) == []
+    put = client.put_object(Bucket=dgbucket, Key="k.bin", Body=body, ChecksumSHA256=sha)
+    assert (put["ChecksumSHA256"], put["ChecksumType"]) == (sha, "FULL_OBJECT")
+    assert "ChecksumSHA256" not in client.head_object(Bucket=dgbucket, Key="k.bin")
+    head = client.head_object(Bucket=dgbucket, Key="k.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == sha and head["Metadata"] == {}
+    put = client.put_object(Bucket=dgbucket, Key="c.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    assert put["ChecksumCRC64NVME"] == "Qeh8oXvGiSo="  # s3-tests' value
+    got = client.get_object(Bucket=dgbucket, Key="c.bin", ChecksumMode="ENABLED")
+    assert got["Body"].read() == body and got["ChecksumCRC64NVME"] == "Qeh8oXvGiSo="
+    part = client.get_object(
+        Bucket=dgbucket, Key="c.bin", ChecksumMode="ENABLED", Range="bytes=0-9"
+    )
+    assert "ChecksumCRC64NVME" not in part  # not the checksum of a range
+    part["Body"].read()
+
+
 @needs_xdelta3
 def test_multipart_api_stores_the_object_as_a_delta(
     client: dg.DeltaGliderClient, dgbucket: str
@@ -11753,6 +11781,96 @@ def test_gateway_checks_every_payload_digest(local_gateway: Gateway) -> None:
         assert status == want, body
     assert stored_keys(gw.client, "gwbucket") == ["trailer.bin", "x.bin"]
     assert gw.client.get_object(Bucket="gwbucket", Key="trailer.bin")["Body"].read() == b"hello"
+
+
+@needs_xdelta3
+def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_path: Any) -> None:
+    """An upload's x-amz-checksum-* (header or aws-chunked trailer, as boto3 sends them) is
+    checked, kept with the object whether it is stored whole or as a delta, and returned
+    by HEAD and GET with ChecksumMode ENABLED only (ceph s3-tests object_checksum_sha256,
+    _crc64nvme); a multipart upload created with a ChecksumAlgorithm gets S3's composite
+    checksum (``-<parts>``) or, for CRC64NVME, the whole object's."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    try:
+        body = b"A" * 1024
+        sha = "arcu6553sHVAiX4MjW0j7I7vD4w6R+Gz9Ok0Q9lTa+0="  # s3-tests' value of body
+        put = s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumSHA256=sha)
+        assert put["ChecksumSHA256"] == sha
+        assert "ChecksumSHA256" not in s3.head_object(Bucket=bucket, Key="k")
+        head = s3.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+        assert (head["ChecksumSHA256"], head["ChecksumType"]) == (sha, "FULL_OBJECT")
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumSHA256="bad")
+        assert _gw_error(e.value) == ("BadDigest", 400)
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        v2 = make_zip(tmp_path / "v2.zip", 2)
+        s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
+        assert dg._file_checksum(_write(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
+        crc = dg._file_checksum(str(tmp_path / "v2.zip"), "crc64nvme")  # botocore needs CRT
+        s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumCRC64NVME=crc)
+        crc32 = s3.put_object(  # a trailer, as boto3 sends it over aws-chunked
+            Bucket=bucket, Key="rel/a-3.zip", Body=v2, ChecksumAlgorithm="CRC32"
+        )["ChecksumCRC32"]
+        assert {"rel/a-2.zip.delta", "rel/a-3.zip.delta"} <= set(
+            stored_keys(gateway.client, bucket)
+        )
+        got = s3.get_object(Bucket=bucket, Key="rel/a-2.zip", ChecksumMode="ENABLED")
+        assert got["Body"].read() == v2 and got["ChecksumCRC64NVME"] == crc
+        got = s3.head_object(Bucket=bucket, Key="rel/a-3.zip", ChecksumMode="ENABLED")
+        assert got["ChecksumCRC32"] == crc32 == dg._file_checksum(str(tmp_path / "v2.zip"), "crc32")
+        # our own client reads the same stored checksum
+        mine = gateway.client.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+        assert mine["ChecksumSHA256"] == sha
+        parts = [b"P" * (5 * 1024 * 1024), b"Q" * 1000]
+        digests = [hashlib.sha256(p).digest() for p in parts]
+        for algo, want in (
+            ("SHA256", base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()),
+            ("CRC32", None),  # asked for whole-object
+        ):
+            key = "mp-" + algo
+            kind = {"ChecksumType": "FULL_OBJECT"} if want is None else {}
+            up = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm=algo, **kind)
+            assert up["ChecksumAlgorithm"] == algo
+            done = []
+            for n, data in enumerate(parts, 1):
+                r = s3.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=up["UploadId"],
+                    PartNumber=n,
+                    Body=data,
+                    ChecksumAlgorithm=algo,
+                )
+                done.append({"ETag": r["ETag"], "PartNumber": n})
+                done[-1]["Checksum" + algo] = r["Checksum" + algo]
+            expect = want + "-2" if want else dg._file_checksum(_write(tmp_path, parts), "crc32")
+            name = "Checksum" + algo
+            with pytest.raises(s3.exceptions.ClientError) as e:
+                s3.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=up["UploadId"],
+                    MultipartUpload={"Parts": done},
+                    **{name: "bad"},
+                )
+            assert _gw_error(e.value) == ("BadDigest", 400)
+            fin = s3.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done}
+            )
+            assert fin[name] == expect
+            head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            assert head[name] == expect
+            assert head["ChecksumType"] == ("COMPOSITE" if want else "FULL_OBJECT")
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+def _write(tmp_path: Any, chunks: list[bytes]) -> str:
+    path = tmp_path / ("joined-" + uuid.uuid4().hex[:6])
+    path.write_bytes(b"".join(chunks))
+    return str(path)
 
 
 def test_gateway_verifies_aws_chunked_signatures_aws_example(tmp_path: Any) -> None:
