@@ -14158,6 +14158,7 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         "order by part number.",
     ),
     "InvalidPolicyDocument": (400, "The content of the form does not meet the conditions."),
+    "InvalidRange": (416, "The requested range is not satisfiable"),
     "InvalidRequest": (400, "Invalid Request"),
     "MalformedXML": (
         400,
@@ -15865,6 +15866,22 @@ def _checksum_mode(h: Mapping[str, str]) -> bool:
     return h.get("x-amz-checksum-mode", "").strip().upper() == "ENABLED"
 
 
+def _copy_source_range(text: str, size: int) -> tuple[int, int]:
+    """UploadPartCopy's x-amz-copy-source-range: ``bytes=first-last``, both given, within
+    the source (S3: InvalidArgument for any other form, InvalidRange past its end)."""
+    m = re.match(r"^bytes=(\d+)-(\d+)$", text.strip())
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise _S3Reply(
+            "InvalidArgument",
+            "The x-amz-copy-source-range value must be of the form bytes=first-last where "
+            "first and last are the zero-based offsets of the first and last bytes to copy",
+        )
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise _S3Reply("InvalidRange", ActualObjectSize=str(size), RangeRequested=text)
+    return first, last
+
+
 def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
     """A PUT's or CompleteMultipartUpload's ``If-None-Match`` and ``If-Match`` (AWS
     "Conditional writes") as PutObject parameters (_check_write_conditions)."""
@@ -16732,12 +16749,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _upload_part(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "UploadPart"
         gw = self.server.gateway
-        if "x-amz-copy-source" in self._headers:
-            self._operation = "UploadPartCopy"
-            raise _S3Reply("NotImplemented", "UploadPartCopy is not supported by the gateway")
         upload_id = self._q["uploadId"]
         number = self._part_number()
         gw.uploads.record(bucket, key, upload_id)
+        if "x-amz-copy-source" in self._headers:
+            return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
@@ -16746,6 +16762,44 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 os.unlink(spooled.path)
         etag = {"ETag": '"%s"' % spooled.info.md5}
         self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+
+    def _upload_part_copy(self, upload_id: str, number: int) -> None:
+        """UploadPartCopy: the part is (a range of) another logical object, read through
+        the client (rebuilt and verified when it is a delta) and kept as an uploaded part."""
+        self._operation = "UploadPartCopy"
+        gw = self.server.gateway
+        src_bucket, src_key = self._copy_source()
+        h = self._headers
+        src = gw.client.head_object(Bucket=src_bucket, Key=src_key)
+        if _preconditions(h, src["ETag"], src.get("LastModified"), "x-amz-copy-source-"):
+            raise _S3Reply("PreconditionFailed")
+        params: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        size = int(src.get("ContentLength", 0))
+        text = h.get("x-amz-copy-source-range")
+        if text is not None:
+            first, last = _copy_source_range(text, size)
+            size = last - first + 1
+            params["Range"] = "bytes=%d-%d" % (first, last)
+        if size > gw.max_object_size:
+            raise _S3Reply("EntityTooLarge", ProposedSize=str(size))
+        fd, path = _private_tempfile(gw.spool_dir, ".copy")
+        try:
+            body = gw.client.get_object(**params)["Body"]
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    info = _Hashes(md5=True).read(body, each=out.write).info()
+            finally:
+                body.close()
+            if info.size != size:  # the source changed meanwhile
+                raise _S3Reply("InternalError")
+            now = gw.now()
+            gw.uploads.add_part(upload_id, number, _Spooled(path, info), _iso_utc(now))
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        etag = '"%s"' % info.md5
+        result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
+        self._send(200, _xml_doc("CopyPartResult", result))
 
     def _list_parts(self, bucket: str, key: str) -> None:
         self._operation = "ListParts"
