@@ -6664,6 +6664,34 @@ def _stored_checksum(metadata: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+#: ``dg-parts``: the part sizes of an object uploaded in parts, run-length encoded
+#: (``5242880*5,1048576*1``), for GetObjectAttributes' ObjectParts; left out when long.
+_PARTS_META = "dg-parts"
+_PARTS_META_MAX = 200
+
+
+def _parts_meta(sizes: Sequence[int]) -> str | None:
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    text = ",".join("%d*%d" % (size, count) for size, count in runs)
+    return text if len(text) <= _PARTS_META_MAX else None
+
+
+def _part_sizes(metadata: Mapping[str, str]) -> list[int]:
+    """The sizes ``dg-parts`` records (empty for an object not uploaded in parts)."""
+    sizes: list[int] = []
+    for run in (metadata.get(_PARTS_META) or "").split(","):
+        size, _, count = run.partition("*")
+        if not (size.isdigit() and count.isdigit()) or len(sizes) + int(count) > _MAX_PARTS:
+            return []
+        sizes += [int(size)] * int(count)
+    return sizes
+
+
 def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
     any non-deltaglider key written by another tool."""
@@ -9894,6 +9922,7 @@ class _Upload(NamedTuple):
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
     checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
+    parts: Sequence[int] = ()  # the sizes of the parts it was uploaded in: dg-parts
 
     def info(self) -> _FileInfo:
         """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
@@ -10271,6 +10300,9 @@ class _DeltaEngine:
             meta["dg-mtime"] = "%.6f" % up.mtime  # the source's mtime, for sync (as rclone)
         if up.checksum is not None:
             meta[_CHECKSUM_META + up.checksum[0]] = up.checksum[1]
+        parts = _parts_meta(up.parts) if up.parts else None
+        if parts:
+            meta[_PARTS_META] = parts
         return meta
 
     @_reports_as("PutObject")
@@ -10290,12 +10322,14 @@ class _DeltaEngine:
         existing: Container[str] | None = None,
         if_none_match: bool = False,
         checksum: tuple[str, str] | None = None,
+        parts: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
 
         ``checksum``: the caller's (algorithm, base64 value) of the file, already checked,
-        kept as ``dg-checksum-<algorithm>`` (returned by HeadObject/GetObject on request).
+        kept as ``dg-checksum-<algorithm>`` (returned by HeadObject/GetObject on request);
+        ``parts``: the sizes of the parts it was uploaded in, kept as ``dg-parts``.
 
         ``existing``: the stored keys a listing just showed, when the caller has one.
         ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
@@ -10326,6 +10360,7 @@ class _DeltaEngine:
             given=info,
             create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
             checksum=checksum,
+            parts=parts,
         )
         if up.required:
             self._refuse_shadowed(bucket, key)
@@ -10965,6 +11000,7 @@ _DICT_PARAMS = frozenset(
 #: Parameters whose type depends on the operation: Tagging is a query string on PutObject.
 _STRING_TAGGING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
 _ANY_PARAMS = frozenset({"Body", "CopySource"})
+_LIST_PARAMS = frozenset({"ObjectAttributes"})
 
 
 def _type_report(name: str, value: Any, valid: str) -> str:
@@ -10989,6 +11025,9 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
         elif name in _BOOL_PARAMS:
             if not isinstance(value, bool):
                 errors.append(_type_report(name, value, "<class 'bool'>"))
+        elif name in _LIST_PARAMS:
+            if not isinstance(value, (list, tuple)):
+                errors.append(_type_report(name, value, "<class 'list'>, <class 'tuple'>"))
         elif name in _TIME_PARAMS:
             if not isinstance(value, datetime.datetime) and _timestamp_param(value) is None:
                 errors.append(
@@ -11465,11 +11504,13 @@ def _put_object_from_file(
     info: _FileInfo | None = None,
     on_bytes: Callable[[int], None] | None = None,
     checksum: tuple[str, str] | None = None,
+    parts: Sequence[int] = (),
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
     ``info`` holds the digests of the caller's bytes when they were spooled, ``checksum``
-    an x-amz-checksum the caller already checked (else params' own is: _upload_checksum).
+    an x-amz-checksum the caller already checked (else params' own is: _upload_checksum),
+    ``parts`` the sizes of the parts it came in (multipart uploads).
     With ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
     stored when the condition fails (_check_write_conditions)."""
     checksum = checksum or _upload_checksum(params, path)
@@ -11488,6 +11529,7 @@ def _put_object_from_file(
             on_bytes=on_bytes,
             if_none_match=if_none_match,
             checksum=checksum,
+            parts=parts,
         )
 
     if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
@@ -11655,6 +11697,36 @@ def _logical_response(lg: _Logical) -> dict[str, Any]:
     out["ETag"] = lg.etag
     out["ContentType"] = lg.content_type
     out["Metadata"] = _user_metadata(lg.metadata)
+    return out
+
+
+def _object_attributes(lg: _Logical, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """GetObjectAttributes of a logical object: the ``ObjectAttributes`` asked for, of the
+    original bytes (a delta's too); ObjectParts for an object uploaded in parts, paged by
+    ``MaxParts`` / ``PartNumberMarker`` as S3 pages it."""
+    wanted = set(kwargs["ObjectAttributes"])
+    out: dict[str, Any] = {"LastModified": lg.head.get("LastModified")}
+    if "ETag" in wanted:
+        out["ETag"] = lg.etag.strip('"')
+    if "Checksum" in wanted and _stored_checksum(lg.metadata):
+        out["Checksum"] = _stored_checksum(lg.metadata)
+    sizes = _part_sizes(lg.metadata)
+    if "ObjectParts" in wanted and sizes:
+        marker, most = int(kwargs.get("PartNumberMarker") or 0), int(kwargs.get("MaxParts", 1000))
+        shown = list(enumerate(sizes, 1))[marker : marker + most]
+        out["ObjectParts"] = {
+            "TotalPartsCount": len(sizes),
+            "PartNumberMarker": marker,
+            "NextPartNumberMarker": shown[-1][0] if shown else marker,
+            "MaxParts": most,
+            "IsTruncated": marker + most < len(sizes),
+            "Parts": [{"PartNumber": n, "Size": size} for n, size in shown],
+        }
+    if "StorageClass" in wanted:
+        out["StorageClass"] = lg.head.get("StorageClass") or "STANDARD"
+    if "ObjectSize" in wanted:
+        out["ObjectSize"] = lg.size
+    out["ResponseMetadata"] = _local_metadata(lg.head)
     return out
 
 
@@ -12089,6 +12161,14 @@ class DeltaGliderClient:
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
+
+    def get_object_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        """GetObjectAttributes of a logical key (_object_attributes)."""
+        allowed = {"Bucket", "Key", "ObjectAttributes", "MaxParts", "PartNumberMarker"}
+        allowed |= {n for n, _ in _COMMON_HEADER_PARAMS + _SSEC_HEADER_PARAMS}
+        _params("GetObjectAttributes", kwargs, allowed, "Bucket", "Key", "ObjectAttributes")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObjectAttributes")
+        return _object_attributes(lg, kwargs)
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
@@ -14040,7 +14120,6 @@ _GATEWAY_UNSUPPORTED = frozenset(
         "accelerate",
         "acl",  # object ACLs; bucket ACLs are served
         "analytics",
-        "attributes",
         "cors",
         "encryption",
         "intelligent-tiering",
@@ -15022,6 +15101,7 @@ class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
     checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
+    parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
 
 class _FormReader:
@@ -15308,7 +15388,8 @@ class _Uploads:
             joined = _CHECKSUMS[algo]()
             joined.update(b"".join(digests))
             value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
-        return _Spooled(path, hashes.info(), (algo, value) if value else None)
+        sizes = [int(have[number]["Size"]) for number, _ in wanted]
+        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
 
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
@@ -15651,6 +15732,28 @@ def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
             )
         )
     return _xml_doc("DeleteResult", "".join(parts))
+
+
+def _xml_attributes(resp: Mapping[str, Any]) -> bytes:
+    """GetObjectAttributesOutput from the client's GetObjectAttributes answer."""
+    body = _el("ETag", resp["ETag"]) if "ETag" in resp else ""
+    if resp.get("Checksum"):
+        body += "<Checksum>%s</Checksum>" % "".join(_el(k, v) for k, v in resp["Checksum"].items())
+    parts = resp.get("ObjectParts")
+    if parts:
+        items = "".join(
+            "<Part>%s%s</Part>" % (_el("PartNumber", p["PartNumber"]), _el("Size", p["Size"]))
+            for p in parts["Parts"]
+        )
+        body += "<ObjectParts>%s%s</ObjectParts>" % (
+            # boto3's TotalPartsCount is PartsCount on the wire
+            "".join(_el(k.replace("TotalParts", "Parts"), parts[k]) for k in parts if k != "Parts"),
+            items,
+        )
+    for name in ("StorageClass", "ObjectSize"):
+        if name in resp:
+            body += _el(name, resp[name])
+    return _xml_doc("GetObjectAttributesResponse", body)
 
 
 def _xml_parts(
@@ -16282,6 +16385,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._refuse_unsupported("Object")
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
+        if method == "GET" and "attributes" in q:
+            return self._object_attributes(bucket, key)
         if method in ("GET", "HEAD"):
             return self._get_object(bucket, key, head=method == "HEAD")
         if method == "PUT" and "uploadId" in q:
@@ -16560,6 +16665,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
+    def _object_attributes(self, bucket: str, key: str) -> None:
+        self._operation = "GetObjectAttributes"
+        h = self._headers
+        wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
+        if not wanted:
+            raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
+        for name, header in (
+            ("MaxParts", "x-amz-max-parts"),
+            ("PartNumberMarker", "x-amz-part-number-marker"),
+        ):
+            text = h.get(header, "").strip()
+            if text:
+                if not (text.isascii() and text.isdigit()):
+                    raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
+                params[name] = min(int(text), 1000)
+        resp = self.server.gateway.client.get_object_attributes(**params)
+        headers = {}
+        if isinstance(resp.get("LastModified"), datetime.datetime):
+            headers["Last-Modified"] = _http_date(resp["LastModified"])
+        self._send(200, _xml_attributes(resp), headers=headers)
+
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -16580,7 +16707,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
         result = _put_object_from_file(
-            client.engine, spooled.path, params, spooled.info, checksum=spooled.checksum
+            client.engine,
+            spooled.path,
+            params,
+            spooled.info,
+            checksum=spooled.checksum,
+            parts=spooled.parts,
         )
         info = result.get("DeltaGliderInfo") or {}
         if info:

@@ -11936,6 +11936,69 @@ def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_pat
         _gw_cleanup(gateway, bucket)
 
 
+@needs_xdelta3
+def test_gateway_get_object_attributes_of_logical_objects(gateway: Gateway, tmp_path: Any) -> None:
+    """GetObjectAttributes (ceph s3-tests' get_*object_attributes): the original's ETag,
+    size, storage class and stored checksum, whether stored whole or as a delta; for an
+    object uploaded in parts its parts' sizes, paged by MaxParts / PartNumberMarker."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    every = ["ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"]
+    try:
+        put = s3.put_object(Bucket=bucket, Key="obj", Body=b"foo")
+        got = s3.get_object_attributes(Bucket=bucket, Key="obj", ObjectAttributes=every)
+        assert (got["ETag"], got["ObjectSize"], got["StorageClass"]) == (
+            put["ETag"].strip('"'),
+            3,
+            "STANDARD",
+        )
+        assert "ObjectParts" not in got
+        crc = base64.b64encode(zlib.crc32(b"foo").to_bytes(4, "big")).decode()
+        assert got["Checksum"].get("ChecksumCRC32", crc) == crc  # boto3 sends one by default
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        v2 = make_zip(tmp_path / "v2.zip", 2)
+        s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
+        sha = base64.b64encode(hashlib.sha256(v2).digest()).decode()
+        s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumSHA256=sha)
+        assert "rel/a-2.zip.delta" in stored_keys(gateway.client, bucket)
+        got = s3.get_object_attributes(
+            Bucket=bucket, Key="rel/a-2.zip", ObjectAttributes=["ObjectSize", "Checksum"]
+        )
+        assert got["ObjectSize"] == len(v2) and "ETag" not in got
+        assert got["Checksum"] == {"ChecksumSHA256": sha, "ChecksumType": "FULL_OBJECT"}
+        sizes = [5 * 1024 * 1024] * 3 + [1000]
+        up = s3.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+        parts = []
+        for n, size in enumerate(sizes, 1):
+            r = s3.upload_part(
+                Bucket=bucket, Key="mp", UploadId=up, PartNumber=n, Body=bytes([n]) * size
+            )
+            parts.append({"PartNumber": n, "ETag": r["ETag"]})
+        fin = s3.complete_multipart_upload(
+            Bucket=bucket, Key="mp", UploadId=up, MultipartUpload={"Parts": parts}
+        )
+        got = s3.get_object_attributes(Bucket=bucket, Key="mp", ObjectAttributes=every)
+        assert got["ETag"] == fin["ETag"].strip('"') and got["ObjectSize"] == sum(sizes)
+        listed = got["ObjectParts"]
+        assert (listed["TotalPartsCount"], listed["IsTruncated"]) == (4, False)
+        assert [(p["PartNumber"], p["Size"]) for p in listed["Parts"]] == list(enumerate(sizes, 1))
+        page = s3.get_object_attributes(
+            Bucket=bucket,
+            Key="mp",
+            ObjectAttributes=["ObjectParts"],
+            MaxParts=2,
+            PartNumberMarker=1,
+        )["ObjectParts"]
+        assert [p["PartNumber"] for p in page["Parts"]] == [2, 3]
+        assert (page["IsTruncated"], page["NextPartNumberMarker"]) == (True, 3)
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.get_object_attributes(Bucket=bucket, Key="missing", ObjectAttributes=every)
+        assert _gw_error(e.value) == ("NoSuchKey", 404)
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
 def _write(tmp_path: Any, chunks: list[bytes]) -> str:
     path = tmp_path / ("joined-" + uuid.uuid4().hex[:6])
     path.write_bytes(b"".join(chunks))
