@@ -10009,6 +10009,26 @@ class _FileHashing:
         return info
 
 
+def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
+    """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
+    byte with the file. That comparison is also the upload's one pass over the file
+    for its digests, unless one began already (then the bytes compared are hashed too,
+    and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
+    taken = up.hashing.take() if up.hashing is not None else None
+    hashes = taken or _Hashes()
+    whole = False
+    try:
+        differs = xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
+        whole = differs is None
+    finally:
+        if up.hashing is not None and taken is not None:
+            up.hashing.give(taken if whole else None)
+    if differs is not None:
+        return "other bytes (from byte %d on)" % differs, -1
+    decoded = hashes.info()
+    return decoded.sha256, decoded.size
+
+
 @dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
@@ -10738,32 +10758,13 @@ class _DeltaEngine:
             )
             plain = None
             if extra is None:
-                plain = self._encode_plain(up, ref.path, delta_tmp)
+                plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
         except (XDelta3Error, OSError):
             if ref_check is not None and not ref_check.result():
                 return None
             raise
         info = up.info()
         return info, plain or (info.sha256, info.size), extra  # archive: checked there
-
-    def _encode_plain(self, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
-        """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
-        byte with the file. That comparison is also the upload's one pass over the file
-        for its digests, unless one began already (then the bytes compared are hashed too,
-        and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
-        taken = up.hashing.take() if up.hashing is not None else None
-        hashes = taken or _Hashes()
-        whole = False
-        try:
-            differs = self.xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
-            whole = differs is None
-        finally:
-            if up.hashing is not None and taken is not None:
-                up.hashing.give(taken if whole else None)
-        if differs is not None:
-            return "other bytes (from byte %d on)" % differs, -1
-        decoded = hashes.info()
-        return decoded.sha256, decoded.size
 
     def _heal(
         self,
