@@ -12852,6 +12852,114 @@ def test_cli_sync_twice_transfers_nothing_and_delete(cli_env: Any, tmp_path: Any
     assert (down / "d" / "f1.txt").read_text() == "changed, and longer"
 
 
+def _count_heads(monkeypatch: Any) -> list[str]:
+    """The stored keys HEADed from now on, on either storage (the real one still answers)."""
+    heads: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.head_object
+
+        def head(self: Any, bucket: str, key: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            heads.append(key)
+            return _real(self, bucket, key, *a, **kw)
+
+        monkeypatch.setattr(cls, "head_object", head)
+    return heads
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("option", [[], ["--max-concurrency", "3"]])
+def test_cli_small_files_go_up_beside_the_transfer_pool(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any, option: list[str]
+) -> None:
+    """cp -r: small files stored whole (one PUT each, no xdelta3) run on a pool of their
+    own, more than aws's 10 at once: such a PUT is mostly waiting for the server. It used
+    to be 10 at once, whatever the size. --max-concurrency given bounds every transfer."""
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    src.mkdir()
+    for i in range(24):
+        (src / ("f%02d.txt" % i)).write_text("small file %d" % i)
+    make_zip(src / "app.zip", 1)
+    lock = threading.Lock()
+    crowd = threading.Event()
+    if option:
+        crowd.set()  # nothing waits: only the most at once is recorded
+    inside, most = [0], [0]
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.put_object
+
+        def put(self: Any, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                if inside[0] >= 12:
+                    crowd.set()
+            try:
+                crowd.wait(10)  # a hang guard: ten workers never hold twelve PUTs
+                return _real(self, *a, **kw)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        monkeypatch.setattr(cls, "put_object", put)
+    url = "s3://%s/small/" % bucket
+    code, out, err = run_cli(backend, tmp_path, [*option, "cp", "-r", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 25, err
+    assert "(reference)" in next(line for line in out.splitlines() if "app.zip" in line)
+    if option:
+        assert most[0] <= 3
+    else:
+        assert most[0] >= 12
+    monkeypatch.undo()
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["cp", "-r", url, str(down)])[0] == 0
+    assert (down / "f07.txt").read_text() == "small file 7"
+    assert (down / "app.zip").read_bytes() == (src / "app.zip").read_bytes()
+
+
+@needs_xdelta3
+def test_cli_sync_of_an_unchanged_tree_heads_only_its_deltas(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A second sync (either way) decides from one listing: a small file whose MD5 is the
+    listed ETag is unchanged, so no HEAD is sent for its recorded mtime (the deltas'
+    HEADs give their logical size and MD5). It used to HEAD every object, twice for a
+    delta. A file only touched is not sent again (as rclone); one whose bytes changed at
+    the same size still goes when newer, and stays when older, as aws s3 sync decides."""
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    (src / "d").mkdir(parents=True)
+    for i in range(12):
+        (src / "d" / ("f%02d.txt" % i)).write_text("version one of %02d" % i)
+    make_zip(src / "app-1.zip", 1)
+    make_zip(src / "app-2.zip", 2)
+    url = "s3://%s/t/" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 14, err
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    heads = _count_heads(monkeypatch)
+    assert run_cli(backend, tmp_path, ["sync", str(src), url]) == (0, "", "")
+    assert sorted(heads) == ["t/app-1.zip.delta", "t/app-2.zip.delta"]
+    del heads[:]
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)]) == (0, "", "")
+    assert sorted(heads) == ["t/app-1.zip.delta", "t/app-2.zip.delta"]
+    touched = src / "d" / "f00.txt"
+    os.utime(touched, (time.time() + 60, time.time() + 60))
+    assert run_cli(backend, tmp_path, ["sync", str(src), url]) == (0, "", "")
+    newer, older = src / "d" / "f01.txt", src / "d" / "f02.txt"
+    newer.write_text("version TWO of 01")
+    os.utime(newer, (time.time() + 60, time.time() + 60))
+    older.write_text("version TWO of 02")
+    os.utime(older, (1e9, 1e9))
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert (code, out.split(" to ")[0]) == (0, "upload: " + dg._display_path(str(newer))), err
+    assert len(out.splitlines()) == 1
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    assert (down / "d" / "f01.txt").read_text() == "version TWO of 01"
+    assert (down / "d" / "f02.txt").read_text() == "version one of 02"
+
+
 @needs_xdelta3
 def test_cli_sync_between_two_prefixes(cli_env: Any, tmp_path: Any) -> None:
     """sync s3:// s3:// (as aws s3 sync): copies what is missing or changed, a second run
