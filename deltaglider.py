@@ -14118,7 +14118,6 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
         "cors",
         "encryption",
@@ -14146,6 +14145,12 @@ _GATEWAY_UNSUPPORTED = frozenset(
         "versions",
         "website",
     }
+)
+#: Request headers asking for object lock, which needs versioning: NotImplemented.
+_GATEWAY_LOCK_HEADERS = (
+    "x-amz-object-lock-mode",
+    "x-amz-object-lock-retain-until-date",
+    "x-amz-object-lock-legal-hold",
 )
 #: Query parameters a SigV2 signature covers (botocore auth.py HmacV1Auth.QSAOfInterest).
 _SIGV2_SUBRESOURCES = frozenset(
@@ -15985,6 +15990,44 @@ def _copy_source_range(text: str, size: int) -> tuple[int, int]:
     return first, last
 
 
+#: The query parameters of a listing an anonymous client may send (ListObjects v1/v2).
+_ANONYMOUS_LISTING = frozenset(
+    {
+        "prefix",
+        "delimiter",
+        "marker",
+        "max-keys",
+        "list-type",
+        "continuation-token",
+        "start-after",
+        "encoding-type",
+        "fetch-owner",
+    }
+)
+_ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+
+
+def _public_read(client: DeltaGliderClient, bucket: str, key: str | None) -> bool:
+    """Whether everyone may read: the object's ACL (on its stored form) grants the AllUsers
+    group READ, or for a listing (``key`` None) the bucket's does. Of an object that is
+    not there the bucket's ACL decides, so only who may list learns it is missing
+    (NoSuchKey), as on S3; a bucket that is not there is NoSuchBucket."""
+    if key is not None:
+        try:
+            acl = client.get_object_acl(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("NoSuchKey", "404", "NotFound"):
+                raise
+            acl = client.get_bucket_acl(Bucket=bucket)
+    else:
+        acl = client.get_bucket_acl(Bucket=bucket)
+    return any(
+        (g.get("Grantee") or {}).get("URI") == _ALL_USERS
+        and g.get("Permission") in ("READ", "FULL_CONTROL")
+        for g in acl.get("Grants") or []
+    )
+
+
 def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
     """A PUT's or CompleteMultipartUpload's ``If-None-Match`` and ``If-Match`` (AWS
     "Conditional writes") as PutObject parameters (_check_write_conditions)."""
@@ -16296,6 +16339,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and "authorization" not in self._headers
         ):
             return self._serve_browser_post(bucket)
+        unsigned = "authorization" not in self._headers and not (
+            {k for k, _ in self._query} & _PRESIGN_PARAMS
+        )
+        if unsigned and method in ("GET", "HEAD") and bucket is not None:
+            return self._serve_anonymous(gw, bucket, key)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -16313,6 +16361,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if key is None:
             return self._serve_bucket(gw, bucket, signed)
         return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_anonymous(self, gw: _Gateway, bucket: str, key: str | None) -> None:
+        """An unsigned GET or HEAD of an object, or listing of a bucket: served only where
+        the ACL stored on the back end grants everyone READ (_public_read), never by
+        default; anything else (a subresource, an override) is AccessDenied, as on S3."""
+        q = {k for k in self._q if k != "x-id"}
+        if (key is None and q - _ANONYMOUS_LISTING) or (key is not None and q):
+            raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        if not _public_read(gw.client, bucket, key):
+            raise _S3Reply("AccessDenied")
+        if key is None:
+            if self.command == "HEAD":
+                self._operation = "HeadBucket"
+                return self._send(200)
+            return self._list_objects(bucket)
+        return self._get_object(bucket, key, head=self.command == "HEAD")
 
     def _serve_metrics(self, gw: _Gateway) -> None:
         """``GET /metrics``: signed like any request, unless on the --metrics-port."""
@@ -16342,12 +16406,20 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if unsupported:
             self._operation = kind + ":" + unsupported[0]
             raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+        # Object lock (a bucket created with it, an object's retention or legal hold) needs
+        # versioning: never silently dropped.
+        locking = sorted(n for n in _GATEWAY_LOCK_HEADERS if n in self._headers)
+        if self._headers.get("x-amz-bucket-object-lock-enabled", "").lower() == "true":
+            locking.append("x-amz-bucket-object-lock-enabled")
+        if locking:
+            self._operation = kind + ":object-lock"
+            raise _S3Reply("NotImplemented", "%s is not supported by the gateway" % locking[0])
 
     def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
         """A request on a bucket (no key): listings, location, ACL, create, delete..."""
         method, q = self.command, self._q
         if "acl" in q and method in ("GET", "PUT"):
-            return self._bucket_acl(bucket, signed)
+            return self._acl(bucket, None, signed)
         if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
@@ -16383,6 +16455,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """A request on an object: get, put, copy, delete, and the multipart operations."""
         method, q = self.command, self._q
         self._refuse_unsupported("Object")
+        if "acl" in q and method in ("GET", "PUT"):
+            return self._acl(bucket, key, signed)
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
         if method == "GET" and "attributes" in q:
@@ -16534,16 +16608,20 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
 
-    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
-        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+    def _acl(self, bucket: str, key: str | None, signed: _Signed) -> None:
+        """Get/PutBucketAcl, Get/PutObjectAcl (of the logical object's stored form), passed
+        to the back end through the client."""
         client = self.server.gateway.client
+        of = {"Bucket": bucket} if key is None else {"Bucket": bucket, "Key": key}
+        kind = "Bucket" if key is None else "Object"
         if self.command == "GET":
-            self._operation = "GetBucketAcl"
-            resp = client.get_bucket_acl(Bucket=bucket)
+            self._operation = "Get%sAcl" % kind
+            get = client.get_bucket_acl if key is None else client.get_object_acl
+            resp = get(**of)
             self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
             return
-        self._operation = "PutBucketAcl"
-        params: dict[str, Any] = {"Bucket": bucket}
+        self._operation = "Put%sAcl" % kind
+        params: dict[str, Any] = dict(of)
         for name, header in _CANNED_ACL_PARAMS:
             if self._headers.get(header):
                 params[name] = self._headers[header]
@@ -16554,7 +16632,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
             params["AccessControlPolicy"] = _acl_policy(root)
-        client.put_bucket_acl(**params)
+        (client.put_bucket_acl if key is None else client.put_object_acl)(**params)
         self._send(200)
 
     # -- listings -----------------------------------------------------------------
