@@ -15261,6 +15261,27 @@ def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
     return list(dict(wanted).items())
 
 
+def _spool_copy_source(
+    client: DeltaGliderClient, params: Mapping[str, Any], size: int, folder: str
+) -> _Spooled:
+    """UploadPartCopy's source bytes (GetObject ``params``, a delta rebuilt and verified by
+    the client) in a private temp file in ``folder``; they must be ``size`` bytes."""
+    fd, path = _private_tempfile(folder, ".copy")
+    try:
+        body = client.get_object(**params)["Body"]
+        try:
+            with os.fdopen(fd, "wb") as out:
+                info = _Hashes(md5=True).read(body, each=out.write).info()
+        finally:
+            body.close()
+        if info.size != size:  # the source changed meanwhile
+            raise _S3Reply("InternalError")
+    except BaseException:
+        os.unlink(path)
+        raise
+    return _Spooled(path, info)
+
+
 class _Uploads:
     """Multipart uploads held by the gateway until they complete: each part on local disk
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
@@ -15916,6 +15937,25 @@ def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, 
         if q.get(qname):
             out[header] = q[qname]
     return out
+
+
+def _attributes_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """GetObjectAttributes parameters from its request headers (x-amz-object-attributes,
+    x-amz-max-parts, x-amz-part-number-marker)."""
+    wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
+    if not wanted:
+        raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
+    for name, header in (
+        ("MaxParts", "x-amz-max-parts"),
+        ("PartNumberMarker", "x-amz-part-number-marker"),
+    ):
+        text = h.get(header, "").strip()
+        if text:
+            if not (text.isascii() and text.isdigit()):
+                raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
+            params[name] = min(int(text), 1000)
+    return params
 
 
 def _checksum_headers(
@@ -16745,20 +16785,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def _object_attributes(self, bucket: str, key: str) -> None:
         self._operation = "GetObjectAttributes"
-        h = self._headers
-        wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
-        if not wanted:
-            raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
-        for name, header in (
-            ("MaxParts", "x-amz-max-parts"),
-            ("PartNumberMarker", "x-amz-part-number-marker"),
-        ):
-            text = h.get(header, "").strip()
-            if text:
-                if not (text.isascii() and text.isdigit()):
-                    raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
-                params[name] = min(int(text), 1000)
+        params = _attributes_params(self._headers, bucket, key)
         resp = self.server.gateway.client.get_object_attributes(**params)
         headers = {}
         if isinstance(resp.get("LastModified"), datetime.datetime):
@@ -16992,22 +17019,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             params["Range"] = "bytes=%d-%d" % (first, last)
         if size > gw.max_object_size:
             raise _S3Reply("EntityTooLarge", ProposedSize=str(size))
-        fd, path = _private_tempfile(gw.spool_dir, ".copy")
+        spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
-            body = gw.client.get_object(**params)["Body"]
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    info = _Hashes(md5=True).read(body, each=out.write).info()
-            finally:
-                body.close()
-            if info.size != size:  # the source changed meanwhile
-                raise _S3Reply("InternalError")
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, _Spooled(path, info), _iso_utc(now))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        etag = '"%s"' % info.md5
+            if os.path.exists(spooled.path):
+                os.unlink(spooled.path)
+        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 
