@@ -9532,12 +9532,14 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
+        # The two looks are independent reads: the HEAD runs while the listing is read.
+        own = _Background(self._head_or_none, bucket, own_key)
+        prefix = _refs_prefix(_parent_space(space))
+        pages = list(
+            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
+        )
+        head = own.result()
+        if head is not None:
             meta = head.get("Metadata", {})
             consider(
                 own_key,
@@ -9548,9 +9550,7 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
+        for page in pages:
             for obj in page.get("Contents", []):
                 parts = obj["Key"][len(prefix) :].rsplit("/", 2)
                 if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
@@ -9566,6 +9566,14 @@ class _References:
                         rel,
                     )
         return None if best is None else best[1:]
+
+    def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.storage.head_object(bucket, key)
+        except ClientError as e:
+            if _is_not_found(e):
+                return None
+            raise
 
     def new_shared(
         self,
@@ -10260,11 +10268,16 @@ class _DeltaEngine:
         if summary is None:
             assert not up.required
             return None
+        # Both looks below come after the store, never before: two writers of one name
+        # each look for the other's form once their own is stored, so the later store
+        # always sees the earlier. Between themselves they are independent: made at once.
+        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
         self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if up.required:
+        if shadowed is None:
             self._unshadow(up.bucket, up.key)
             return summary
-        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+        if not shadowed.result():
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
