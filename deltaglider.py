@@ -8684,24 +8684,29 @@ class _XDelta3:
             out,
         ]
 
-    def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
+    def encode_verified(
+        self, source: str, target: str, out: str, hashes: _Hashes | None = None
+    ) -> int | None:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
-        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c | sha256``. xdelta3 writes each
-        window as soon as it is encoded, so the check runs on the second core while the
-        encoder works, instead of after it. Returns the SHA-256 and size of the decoded
-        bytes, for the caller to compare with the input."""
+        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
+        for byte with ``target``, read once beside it. xdelta3 writes each window as soon
+        as it is encoded, so the check runs on the second core while the encoder works,
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
+        compared (the upload's one pass over its file: its digests are then those of the
+        very bytes the delta decodes to). Returns None when the delta decodes to exactly
+        those bytes, else the offset of the first byte that differs."""
         size = os.path.getsize(source)
         checker = _decoder_memory(size)
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
         dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
-        h = hashlib.sha256()
-        total = 0
+        differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
+            original = stack.enter_context(open(target, "rb"))
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
@@ -8742,13 +8747,7 @@ class _XDelta3:
 
             feeder = _Background(tee)
             try:
-                with dec_out:
-                    while True:
-                        chunk = dec_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        total += len(chunk)
+                differs = _compare_stream(dec_out, original, hashes)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -8760,7 +8759,7 @@ class _XDelta3:
                 if code != 0:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
-        return h.hexdigest(), total
+        return differs
 
     def decode_sha256(
         self,
@@ -9385,6 +9384,31 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
+def _compare_stream(
+    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
+) -> int | None:
+    """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
+    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
+    same bytes, else the offset of the first difference (``decoded`` is still read to
+    its end, so its writer finishes and its exit code tells whether it failed)."""
+    pos = 0
+    while True:
+        chunk = decoded.read(_IO_CHUNK)
+        if not chunk:
+            break
+        piece = original.read(len(chunk))
+        if piece != chunk:
+            same = min(len(piece), len(chunk))
+            same = next((i for i in range(same) if piece[i] != chunk[i]), same)
+            for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                pass
+            return pos + same
+        if hashes is not None:
+            hashes.update(piece)
+        pos += len(chunk)
+    return pos if original.read(1) else None
+
+
 class _Logical(NamedTuple):
     """A logical object as a reader sees it, and how it is stored."""
 
@@ -9455,11 +9479,20 @@ class _References:
 
     # -- choosing and making references -------------------------------------------
 
-    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
+    def local_copy(
+        self,
+        bucket: str,
+        ref_key: str,
+        ref_sha256: str,
+        on_fetch: Callable[[], None] | None = None,
+    ) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once (after
+        calling ``on_fetch``: work that can use the wait)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
+        if on_fetch is not None:
+            on_fetch()
 
         def write(f: IO[bytes]) -> None:
             _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
@@ -9936,7 +9969,7 @@ class _Upload(NamedTuple):
     max_ratio: float  # a larger delta (against the file's size) is stored whole instead
     required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
     on_bytes: Callable[[int], None] | None  # progress
-    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    hashing: _FileHashing | None  # the file's _FileInfo, taken by one pass
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
     checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
@@ -9947,8 +9980,71 @@ class _Upload(NamedTuple):
         if self.hashing is None:
             assert self.given is not None
             return self.given
-        info: _FileInfo = self.hashing.result()
+        return self.hashing.result()
+
+
+class _FileHashing:
+    """The SHA-256, MD5 and size of an upload's file, from one pass over it: the delta
+    check's, which reads the file anyway to compare it with the decoded delta (``take``),
+    or else a pass of its own, begun by the first step that needs the digests
+    (``result``) or that leaves a core idle meanwhile (``start``: a reference fetched)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._job: _Background | None = None
+        self._value: _FileInfo | None = None
+        self._taken = False
+
+    def start(self, force: bool = False) -> None:
+        with self._lock:
+            if self._job is None and self._value is None and (force or not self._taken):
+                self._job = _Background(_hash_file, self._path, True)
+
+    def take(self) -> _Hashes | None:
+        """Digests for the caller's pass over the file (then ``give``), or None when a
+        pass has begun already."""
+        with self._lock:
+            if self._job is not None or self._value is not None or self._taken:
+                return None
+            self._taken = True
+            return _Hashes(md5=True)
+
+    def give(self, hashes: _Hashes | None) -> None:
+        """The taken pass read the whole file into ``hashes``, or stopped short (None:
+        a pass of its own is made when the digests are needed)."""
+        with self._lock:
+            self._taken = False
+            if hashes is not None:
+                self._value = hashes.info()
+
+    def result(self) -> _FileInfo:
+        self.start(force=True)  # (a taken pass gives before its taker asks)
+        if self._value is not None:
+            return self._value
+        assert self._job is not None
+        info: _FileInfo = self._job.result()
         return info
+
+
+def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
+    """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
+    byte with the file. That comparison is also the upload's one pass over the file
+    for its digests, unless one began already (then the bytes compared are hashed too,
+    and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
+    taken = up.hashing.take() if up.hashing is not None else None
+    hashes = taken or _Hashes()
+    whole = False
+    try:
+        differs = xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
+        whole = differs is None
+    finally:
+        if up.hashing is not None and taken is not None:
+            up.hashing.give(taken if whole else None)
+    if differs is not None:
+        return "other bytes (from byte %d on)" % differs, -1
+    decoded = hashes.info()
+    return decoded.sha256, decoded.size
 
 
 @dataclasses.dataclass
@@ -10355,8 +10451,8 @@ class _DeltaEngine:
         the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = _object_name(key)
-        # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_hash_file, path, True) if info is None else None
+        # The file is hashed once: as its delta is checked, or when a step needs it.
+        hashing = _FileHashing(path) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
         size = info.size if info is not None else os.path.getsize(path)
@@ -10642,8 +10738,11 @@ class _DeltaEngine:
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
+        hashing = up.hashing
         try:
-            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.local_copy(
+                up.bucket, ref.key, ref.sha256, hashing.start if hashing else None
+            )
         except IntegrityError:
             if self.refs.current(up.bucket, ref.key) != ref.sha256:
                 return False
@@ -10682,7 +10781,7 @@ class _DeltaEngine:
             )
             plain = None
             if extra is None:
-                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+                plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
         except (XDelta3Error, OSError):
             if ref_check is not None and not ref_check.result():
                 return None
@@ -10812,8 +10911,11 @@ class _DeltaEngine:
                 if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
-            if decoded != (writer.sha256.hexdigest(), writer.size):
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
                 raise IntegrityError(
                     "%s: the delta xdelta3 made does not decode to the expanded input; "
                     "nothing was stored" % path
@@ -12518,9 +12620,7 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(
-            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
-        )
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, None)
 
     def _upload_file(
         self,
@@ -12529,8 +12629,9 @@ class DeltaGliderClient:
         Key: str,
         ExtraArgs: dict[str, Any] | None,
         Callback: Callable[[int], None] | None,
-        info: _FileInfo,
+        info: _FileInfo | None,
     ) -> None:
+        """``info``: the digests of a spooled body; a file is hashed as the engine reads it."""
         extra = dict(ExtraArgs or {})
         allowed = (_PUT_PARAMS - {"ContentMD5", "ContentLength"}) | {"ChecksumAlgorithm"}
         _check_params("upload_file ExtraArgs", extra, allowed)
@@ -12542,9 +12643,10 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
+        size = info.size if info is not None else os.path.getsize(Filename)
         _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
-        if Callback and sent[0] < info.size:
-            Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
+        if Callback and sent[0] < size:
+            Callback(size - sent[0])  # a delta sends less than the file; report it whole
 
     def download_file(
         self,

@@ -7584,6 +7584,65 @@ def test_broken_xdelta3_never_stores_a_bad_delta(tmp_path: Any, script: str, exp
 
 
 @needs_xdelta3
+@pytest.mark.parametrize("fault", ["flip", "extra"])
+def test_a_delta_whose_check_decodes_other_bytes_is_never_stored(tmp_path: Any, fault: str) -> None:
+    """The delta is checked by decoding it as it is made and comparing the output byte
+    for byte with the file. A decoder that gives back other bytes (one flipped, or one
+    byte too many: what a real xdelta3 cannot produce) fails the upload at the first
+    byte that differs, and nothing is stored."""
+    edit = "d[:5000] + bytes([d[5000] ^ 1]) + d[5001:]" if fault == "flip" else "d + b'x'"
+    script = (
+        'case "$1" in -d) %s "$@" | %s -c "import sys; d = sys.stdin.buffer.read(); '
+        'sys.stdout.buffer.write(%s)";; *) exec %s "$@";; esac\n'
+        % (shutil.which("xdelta3"), sys.executable, edit, shutil.which("xdelta3"))
+    )
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path, environ={"PATH": fake_xdelta3(tmp_path / "bin", script)})
+    c.create_bucket(Bucket="bkt")
+    make_zip(tmp_path / "a.zip", 0)
+    b = make_zip(tmp_path / "b.zip", 1)
+    c.upload_file(str(tmp_path / "a.zip"), "bkt", "r/a.zip")
+    with pytest.raises(dg.IntegrityError) as e:
+        c.upload_file(str(tmp_path / "b.zip"), "bkt", "r/b.zip")
+    where = 5000 if fault == "flip" else len(b)
+    assert "does not decode to the input" in str(e.value), e.value
+    assert "from byte %d on" % where in str(e.value), e.value
+    assert split_refs(stored_keys(c, "bkt")) == (["r/a.zip.delta"], ["r"])
+
+
+@needs_xdelta3
+def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
+    backend: Backend, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A later version's digests (dg-file-sha256, the MD5 ETag) come from the pass that
+    compares the decoded delta with the file: the file is not hashed on its own, and what
+    is stored reads back as the file, under the MD5 S3 would give it."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    hashed: list[Any] = []
+    real = dg._hash_file
+    monkeypatch.setattr(
+        dg, "_hash_file", lambda src, md5=False: hashed.append(src) or real(src, md5)
+    )
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b = make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "r/a.zip")
+        hashed.clear()
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "r/b.zip")
+        assert str(tmp_path / "b.zip") not in hashed
+        head = c.head_object(Bucket=bucket, Key="r/b.zip")
+        assert head["ETag"] == '"%s"' % hashlib.md5(b).hexdigest()
+        meta = c.storage.head_object(bucket, "r/b.zip.delta")["Metadata"]
+        assert meta["dg-file-sha256"] == hashlib.sha256(b).hexdigest()
+        assert c.get_object(Bucket=bucket, Key="r/b.zip")["Body"].read() == b
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
 def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
     s3server: S3TestServer, tmp_path: Any
 ) -> None:
