@@ -8486,10 +8486,19 @@ _MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
-#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
-#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+#: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
+#: windows up to SIZE, the first that fits wins: time grows with the window far faster
+#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
+#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
+#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
+#: they find 15-20% more in tars, and -9 is worth its time again.
 _XD3_BASE = 48 * 1000**2
-_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_LEVELS = (
+    (6, 1.0, 16 * 1024**2),
+    (9, 2.0, 128 * 1024**2),
+    (6, 1.0, 256 * 1024**2),
+    (3, 0.5, 512 * 1024**2),
+)
 _XD3_FASTEST = (1, 0.125)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
@@ -8567,9 +8576,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    highest level that affords one wins; levels above -1 only up to their window size
-    (time). When even -1 cannot hold the whole reference, the largest window that fits:
-    changes that stay near their place (the usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
+    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
+    reference, the largest window that fits: changes that stay near their place (the
+    usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -8674,24 +8684,29 @@ class _XDelta3:
             out,
         ]
 
-    def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
+    def encode_verified(
+        self, source: str, target: str, out: str, hashes: _Hashes | None = None
+    ) -> int | None:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
-        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c | sha256``. xdelta3 writes each
-        window as soon as it is encoded, so the check runs on the second core while the
-        encoder works, instead of after it. Returns the SHA-256 and size of the decoded
-        bytes, for the caller to compare with the input."""
+        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
+        for byte with ``target``, read once beside it. xdelta3 writes each window as soon
+        as it is encoded, so the check runs on the second core while the encoder works,
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
+        compared (the upload's one pass over its file: its digests are then those of the
+        very bytes the delta decodes to). Returns None when the delta decodes to exactly
+        those bytes, else the offset of the first byte that differs."""
         size = os.path.getsize(source)
         checker = _decoder_memory(size)
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
         dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
-        h = hashlib.sha256()
-        total = 0
+        differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
+            original = stack.enter_context(open(target, "rb"))
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
@@ -8732,13 +8747,7 @@ class _XDelta3:
 
             feeder = _Background(tee)
             try:
-                with dec_out:
-                    while True:
-                        chunk = dec_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        total += len(chunk)
+                differs = _compare_stream(dec_out, original, hashes)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -8750,7 +8759,7 @@ class _XDelta3:
                 if code != 0:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
-        return h.hexdigest(), total
+        return differs
 
     def decode_sha256(
         self,
@@ -9375,6 +9384,31 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
+def _compare_stream(
+    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
+) -> int | None:
+    """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
+    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
+    same bytes, else the offset of the first difference (``decoded`` is still read to
+    its end, so its writer finishes and its exit code tells whether it failed)."""
+    pos = 0
+    while True:
+        chunk = decoded.read(_IO_CHUNK)
+        if not chunk:
+            break
+        piece = original.read(len(chunk))
+        if piece != chunk:
+            same = min(len(piece), len(chunk))
+            same = next((i for i in range(same) if piece[i] != chunk[i]), same)
+            for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                pass
+            return pos + same
+        if hashes is not None:
+            hashes.update(piece)
+        pos += len(chunk)
+    return pos if original.read(1) else None
+
+
 class _Logical(NamedTuple):
     """A logical object as a reader sees it, and how it is stored."""
 
@@ -9445,11 +9479,20 @@ class _References:
 
     # -- choosing and making references -------------------------------------------
 
-    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
+    def local_copy(
+        self,
+        bucket: str,
+        ref_key: str,
+        ref_sha256: str,
+        on_fetch: Callable[[], None] | None = None,
+    ) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once (after
+        calling ``on_fetch``: work that can use the wait)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
+        if on_fetch is not None:
+            on_fetch()
 
         def write(f: IO[bytes]) -> None:
             _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
@@ -9636,12 +9679,14 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
+        # The two looks are independent reads: the HEAD runs while the listing is read.
+        own = _Background(self._head_or_none, bucket, own_key)
+        prefix = _refs_prefix(_parent_space(space))
+        pages = list(
+            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
+        )
+        head = own.result()
+        if head is not None:
             meta = head.get("Metadata", {})
             consider(
                 own_key,
@@ -9652,9 +9697,7 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
+        for page in pages:
             for obj in page.get("Contents", []):
                 parts = obj["Key"][len(prefix) :].rsplit("/", 2)
                 if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
@@ -9670,6 +9713,14 @@ class _References:
                         rel,
                     )
         return None if best is None else best[1:]
+
+    def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.storage.head_object(bucket, key)
+        except ClientError as e:
+            if _is_not_found(e):
+                return None
+            raise
 
     def new_shared(
         self,
@@ -9918,7 +9969,7 @@ class _Upload(NamedTuple):
     max_ratio: float  # a larger delta (against the file's size) is stored whole instead
     required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
     on_bytes: Callable[[int], None] | None  # progress
-    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    hashing: _FileHashing | None  # the file's _FileInfo, taken by one pass
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
     checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
@@ -9929,8 +9980,71 @@ class _Upload(NamedTuple):
         if self.hashing is None:
             assert self.given is not None
             return self.given
-        info: _FileInfo = self.hashing.result()
+        return self.hashing.result()
+
+
+class _FileHashing:
+    """The SHA-256, MD5 and size of an upload's file, from one pass over it: the delta
+    check's, which reads the file anyway to compare it with the decoded delta (``take``),
+    or else a pass of its own, begun by the first step that needs the digests
+    (``result``) or that leaves a core idle meanwhile (``start``: a reference fetched)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._job: _Background | None = None
+        self._value: _FileInfo | None = None
+        self._taken = False
+
+    def start(self, force: bool = False) -> None:
+        with self._lock:
+            if self._job is None and self._value is None and (force or not self._taken):
+                self._job = _Background(_hash_file, self._path, True)
+
+    def take(self) -> _Hashes | None:
+        """Digests for the caller's pass over the file (then ``give``), or None when a
+        pass has begun already."""
+        with self._lock:
+            if self._job is not None or self._value is not None or self._taken:
+                return None
+            self._taken = True
+            return _Hashes(md5=True)
+
+    def give(self, hashes: _Hashes | None) -> None:
+        """The taken pass read the whole file into ``hashes``, or stopped short (None:
+        a pass of its own is made when the digests are needed)."""
+        with self._lock:
+            self._taken = False
+            if hashes is not None:
+                self._value = hashes.info()
+
+    def result(self) -> _FileInfo:
+        self.start(force=True)  # (a taken pass gives before its taker asks)
+        if self._value is not None:
+            return self._value
+        assert self._job is not None
+        info: _FileInfo = self._job.result()
         return info
+
+
+def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
+    """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
+    byte with the file. That comparison is also the upload's one pass over the file
+    for its digests, unless one began already (then the bytes compared are hashed too,
+    and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
+    taken = up.hashing.take() if up.hashing is not None else None
+    hashes = taken or _Hashes()
+    whole = False
+    try:
+        differs = xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
+        whole = differs is None
+    finally:
+        if up.hashing is not None and taken is not None:
+            up.hashing.give(taken if whole else None)
+    if differs is not None:
+        return "other bytes (from byte %d on)" % differs, -1
+    decoded = hashes.info()
+    return decoded.sha256, decoded.size
 
 
 @dataclasses.dataclass
@@ -10337,8 +10451,8 @@ class _DeltaEngine:
         the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = _object_name(key)
-        # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_hash_file, path, True) if info is None else None
+        # The file is hashed once: as its delta is checked, or when a step needs it.
+        hashing = _FileHashing(path) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
         size = info.size if info is not None else os.path.getsize(path)
@@ -10379,11 +10493,16 @@ class _DeltaEngine:
         if summary is None:
             assert not up.required
             return None
+        # Both looks below come after the store, never before: two writers of one name
+        # each look for the other's form once their own is stored, so the later store
+        # always sees the earlier. Between themselves they are independent: made at once.
+        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
         self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if up.required:
+        if shadowed is None:
             self._unshadow(up.bucket, up.key)
             return summary
-        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+        if not shadowed.result():
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10619,8 +10738,11 @@ class _DeltaEngine:
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
+        hashing = up.hashing
         try:
-            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.local_copy(
+                up.bucket, ref.key, ref.sha256, hashing.start if hashing else None
+            )
         except IntegrityError:
             if self.refs.current(up.bucket, ref.key) != ref.sha256:
                 return False
@@ -10659,7 +10781,7 @@ class _DeltaEngine:
             )
             plain = None
             if extra is None:
-                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+                plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
         except (XDelta3Error, OSError):
             if ref_check is not None and not ref_check.result():
                 return None
@@ -10789,8 +10911,11 @@ class _DeltaEngine:
                 if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
-            if decoded != (writer.sha256.hexdigest(), writer.size):
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
                 raise IntegrityError(
                     "%s: the delta xdelta3 made does not decode to the expanded input; "
                     "nothing was stored" % path
@@ -11355,27 +11480,130 @@ def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 class _TempBody(StreamingBody):
-    """A StreamingBody over a rebuilt temp file, removed when closed."""
+    """A StreamingBody over part of a rebuilt file (an open handle on it: _Rebuilds keeps
+    the file while it is read); ``release`` is called once, when the body is closed."""
 
-    def __init__(self, path: str, start: int, length: int) -> None:
-        f = open(path, "rb")
-        try:
-            os.unlink(path)  # POSIX: the open handle keeps the bytes until closed
-            self._path: str | None = None
-        except OSError:  # pragma: no cover - Windows: remove on close instead
-            self._path = path
+    def __init__(self, f: IO[bytes], start: int, length: int, release: Callable[[], None]) -> None:
         f.seek(start)
         super().__init__(_LimitedReader(f, length), length)
         self._file = f
+        self._done: Callable[[], None] | None = release
 
     def close(self) -> None:
         super().close()
         self._file.close()
-        if self._path:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _Rebuilt:
+    """One rebuilt, verified file that GETs share (see _Rebuilds)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.path: str | None = None  # None until built; stays None when the build failed
+        self.readers = 0
+        self.idle_since = 0.0
+
+
+class _Rebuilds:
+    """Rebuilt delta-stored objects shared by the GETs that want the same one at once.
+    aws-cli, s3transfer and rclone read a big object as ranges (8 MiB, several at a
+    time): each ranged GET of a delta would otherwise rebuild the whole object again.
+    The first GET rebuilds (engine.rebuild checks the SHA-256), the others wait for it
+    and read their ranges from the same file. Entries are keyed by that checked SHA-256
+    and the size: a file is served only for an object whose metadata, read by this very
+    GET, names those bytes, so an object overwritten meanwhile has another key and is
+    rebuilt. A file no GET reads is kept LINGER seconds (the next range of the same
+    download is usually a moment away), at most KEEP of them, then removed."""
+
+    LINGER = 5.0
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], _Rebuilt] = {}
+        self._timer = False  # a timer is due to call expire()
+
+    def open(self, engine: _DeltaEngine, lg: _Logical) -> tuple[IO[bytes], Callable[[], None]]:
+        """An open handle on ``lg`` rebuilt and verified, and the function to call when
+        done reading it."""
+        key = (str(lg.sha256), lg.size)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                build = entry is None
+                if entry is None:
+                    entry = self._entries[key] = _Rebuilt()
+                entry.readers += 1
+            if build:
+                self._build(engine, lg, key, entry)
+            else:
+                entry.ready.wait()
+            if entry.path is not None:
+                try:
+                    return open(entry.path, "rb"), functools.partial(self._release, key, entry)
+                except BaseException:
+                    self._release(key, entry)
+                    raise
+            self._release(key, entry)  # its build failed (and raised there): build again
+
+    def _build(
+        self, engine: _DeltaEngine, lg: _Logical, key: tuple[str, int], entry: _Rebuilt
+    ) -> None:
+        try:
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+            os.close(fd)
             try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+                engine.rebuild(lg, tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            entry.path = tmp
+        except BaseException:
+            with self._lock:
+                self._entries.pop(key, None)
+                entry.readers -= 1
+            raise
+        finally:
+            entry.ready.set()
+
+    def _release(self, key: tuple[str, int], entry: _Rebuilt) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.readers == 0:
+                entry.idle_since = time.monotonic()
+        self.expire()
+
+    def expire(self) -> None:
+        """Remove the files no GET reads that have been idle LINGER seconds, or are beyond
+        the KEEP most recently read; while idle files remain, one timer comes back."""
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted(
+                (e.idle_since, k) for k, e in self._entries.items() if e.readers == 0 and e.path
+            )
+            doomed = [
+                k
+                for i, (since, k) in enumerate(idle)
+                if now - since >= self.LINGER or i < len(idle) - self.KEEP
+            ]
+            paths = [self._entries.pop(k).path for k in doomed]
+            again = len(idle) > len(doomed) and not self._timer
+            self._timer = self._timer or again
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+        if again:
+            timer = threading.Timer(self.LINGER, self._timer_expire)
+            timer.daemon = True
+            timer.start()
+
+    def _timer_expire(self) -> None:
+        with self._lock:
+            self._timer = False
+        self.expire()
 
 
 class _LimitedReader:
@@ -11731,11 +11959,15 @@ def _object_attributes(lg: _Logical, kwargs: Mapping[str, Any]) -> dict[str, Any
 
 
 def _get_rebuilt(
-    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+    engine: _DeltaEngine,
+    rebuilds: _Rebuilds,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    out: dict[str, Any],
 ) -> tuple[dict[str, Any], int]:
     """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
-    on the logical object; the body is the rebuilt, verified file. Returns the
-    response metadata and the status."""
+    on the logical object; the body is the rebuilt, verified file (shared by the GETs of
+    the same object at once: _Rebuilds). Returns the response metadata and the status."""
     size = lg.size
     status = 200
     failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
@@ -11745,13 +11977,7 @@ def _get_rebuilt(
         span = _byte_range(kwargs.get("Range"), size)
     except _RangeNotSatisfiable as e:
         raise e.client_error("GetObject") from None
-    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-    os.close(fd)
-    try:
-        engine.rebuild(lg, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    f, release = rebuilds.open(engine, lg)
     start, end = 0, size - 1
     meta = _local_metadata(lg.head)
     headers = dict(meta.get("HTTPHeaders") or {})
@@ -11760,7 +11986,7 @@ def _get_rebuilt(
         out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
         headers["content-range"] = out["ContentRange"]
         status = 206
-    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["Body"] = _TempBody(f, start, end - start + 1, release)
     out["ContentLength"] = end - start + 1
     headers["content-length"] = str(end - start + 1)
     headers["etag"] = lg.etag
@@ -12049,6 +12275,7 @@ class DeltaGliderClient:
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
         self._multipart = _MultipartUploads(lambda: self.engine, now)
+        self._rebuilds = _Rebuilds()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -12152,7 +12379,7 @@ class DeltaGliderClient:
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, lg, kwargs, out)
+            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
         else:
             meta, status = _get_stored(engine, lg, kwargs, extra, out)
         if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
@@ -12393,9 +12620,7 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(
-            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
-        )
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, None)
 
     def _upload_file(
         self,
@@ -12404,8 +12629,9 @@ class DeltaGliderClient:
         Key: str,
         ExtraArgs: dict[str, Any] | None,
         Callback: Callable[[int], None] | None,
-        info: _FileInfo,
+        info: _FileInfo | None,
     ) -> None:
+        """``info``: the digests of a spooled body; a file is hashed as the engine reads it."""
         extra = dict(ExtraArgs or {})
         allowed = (_PUT_PARAMS - {"ContentMD5", "ContentLength"}) | {"ChecksumAlgorithm"}
         _check_params("upload_file ExtraArgs", extra, allowed)
@@ -12417,9 +12643,10 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
+        size = info.size if info is not None else os.path.getsize(Filename)
         _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
-        if Callback and sent[0] < info.size:
-            Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
+        if Callback and sent[0] < size:
+            Callback(size - sent[0])  # a delta sends less than the file; report it whole
 
     def download_file(
         self,
@@ -17852,7 +18079,12 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = getattr(args, "max_concurrency", None) or 10
+        # Transfers run --max-concurrency at once; the gateway serves --workers requests at
+        # once, each with its back-end connection: the client's pool keeps that many
+        # alive, where a smaller one would close and reopen them under load.
+        self.workers: int = (
+            getattr(args, "max_concurrency", None) or getattr(args, "workers", None) or 10
+        )
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
