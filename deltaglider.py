@@ -861,6 +861,71 @@ def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
     return info
 
 
+# x-amz-checksum-* of uploads (AWS "Checking object integrity"): the gateway checks them
+# as bodies arrive, the client checks them; both store them (dg-checksum-<algo>).
+
+
+@functools.lru_cache(maxsize=None)
+def _crc_table(poly: int, bits: int) -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
+        table.append(crc & ((1 << bits) - 1))
+    return table
+
+
+class _Crc:
+    """A reflected table-driven CRC (CRC32C, CRC64NVME): pure Python, so slow (a few MB/s);
+    S3 SDKs default to CRC32, which zlib computes at memory speed."""
+
+    def __init__(self, poly: int, bits: int) -> None:
+        self._table = _crc_table(poly, bits)
+        self._bits = bits
+        self._mask = (1 << bits) - 1
+        self._crc = self._mask
+
+    def update(self, data: bytes) -> None:
+        crc, table = self._crc, self._table
+        for b in data:
+            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        self._crc = crc
+
+    def digest(self) -> bytes:
+        return (self._crc ^ self._mask).to_bytes(self._bits // 8, "big")
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: bytes) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def digest(self) -> bytes:
+        return self._crc.to_bytes(4, "big")
+
+
+#: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
+_CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "crc32": _Crc32,
+    "crc32c": lambda: _Crc(0x82F63B78, 32),
+    "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
+    "sha1": hashlib.sha1,
+    "sha256": hashlib.sha256,
+}
+
+
+def _file_checksum(path: str, algo: str) -> str:
+    """The base64 x-amz-checksum-<algo> of a file (the value S3 stores and returns)."""
+    hasher = _CHECKSUMS[algo]()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
+            hasher.update(chunk)
+    return base64.b64encode(hasher.digest()).decode("ascii")
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -6602,6 +6667,55 @@ def _stored_objects(storage: _Storage, bucket: str, prefix: str = "") -> Iterato
         yield from page.get("Contents", [])
 
 
+#: ``dg-checksum-<algorithm>``: the x-amz-checksum-* its uploader sent (or asked for), of
+#: the logical bytes; a multipart upload's composite value ends in ``-<parts>`` as on S3.
+_CHECKSUM_META = "dg-checksum-"
+
+
+def _checksum_param(algo: str) -> str:
+    """boto3's name of an x-amz-checksum-<algo> value: ChecksumSHA256, ChecksumCRC64NVME..."""
+    return "Checksum" + algo.upper()
+
+
+def _stored_checksum(metadata: Mapping[str, str]) -> dict[str, str]:
+    """HeadObject/GetObject's Checksum<ALGO> and ChecksumType (asked for with ChecksumMode
+    ENABLED) from a stored object's metadata; empty when its uploader sent none."""
+    for algo in _CHECKSUMS:
+        value = metadata.get(_CHECKSUM_META + algo)
+        if value:
+            kind = "COMPOSITE" if re.search(r"-\d+$", value) else "FULL_OBJECT"
+            return {_checksum_param(algo): value, "ChecksumType": kind}
+    return {}
+
+
+#: ``dg-parts``: the part sizes of an object uploaded in parts, run-length encoded
+#: (``5242880*5,1048576*1``), for GetObjectAttributes' ObjectParts; left out when long.
+_PARTS_META = "dg-parts"
+_PARTS_META_MAX = 200
+
+
+def _parts_meta(sizes: Sequence[int]) -> str | None:
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    text = ",".join("%d*%d" % (size, count) for size, count in runs)
+    return text if len(text) <= _PARTS_META_MAX else None
+
+
+def _part_sizes(metadata: Mapping[str, str]) -> list[int]:
+    """The sizes ``dg-parts`` records (empty for an object not uploaded in parts)."""
+    sizes: list[int] = []
+    for run in (metadata.get(_PARTS_META) or "").split(","):
+        size, _, count = run.partition("*")
+        if not (size.isdigit() and count.isdigit()) or len(sizes) + int(count) > _MAX_PARTS:
+            return []
+        sizes += [int(size)] * int(count)
+    return sizes
+
+
 def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
     any non-deltaglider key written by another tool."""
@@ -8396,10 +8510,19 @@ _MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
-#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
-#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+#: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
+#: windows up to SIZE, the first that fits wins: time grows with the window far faster
+#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
+#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
+#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
+#: they find 15-20% more in tars, and -9 is worth its time again.
 _XD3_BASE = 48 * 1000**2
-_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_LEVELS = (
+    (6, 1.0, 16 * 1024**2),
+    (9, 2.0, 128 * 1024**2),
+    (6, 1.0, 256 * 1024**2),
+    (3, 0.5, 512 * 1024**2),
+)
 _XD3_FASTEST = (1, 0.125)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
@@ -8477,9 +8600,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    highest level that affords one wins; levels above -1 only up to their window size
-    (time). When even -1 cannot hold the whole reference, the largest window that fits:
-    changes that stay near their place (the usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
+    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
+    reference, the largest window that fits: changes that stay near their place (the
+    usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -8584,24 +8708,29 @@ class _XDelta3:
             out,
         ]
 
-    def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
+    def encode_verified(
+        self, source: str, target: str, out: str, hashes: _Hashes | None = None
+    ) -> int | None:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
-        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c | sha256``. xdelta3 writes each
-        window as soon as it is encoded, so the check runs on the second core while the
-        encoder works, instead of after it. Returns the SHA-256 and size of the decoded
-        bytes, for the caller to compare with the input."""
+        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
+        for byte with ``target``, read once beside it. xdelta3 writes each window as soon
+        as it is encoded, so the check runs on the second core while the encoder works,
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
+        compared (the upload's one pass over its file: its digests are then those of the
+        very bytes the delta decodes to). Returns None when the delta decodes to exactly
+        those bytes, else the offset of the first byte that differs."""
         size = os.path.getsize(source)
         checker = _decoder_memory(size)
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
         dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
-        h = hashlib.sha256()
-        total = 0
+        differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
+            original = stack.enter_context(open(target, "rb"))
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
@@ -8642,13 +8771,7 @@ class _XDelta3:
 
             feeder = _Background(tee)
             try:
-                with dec_out:
-                    while True:
-                        chunk = dec_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        total += len(chunk)
+                differs = _compare_stream(dec_out, original, hashes)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -8660,7 +8783,7 @@ class _XDelta3:
                 if code != 0:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
-        return h.hexdigest(), total
+        return differs
 
     def decode_sha256(
         self,
@@ -9285,6 +9408,31 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
+def _compare_stream(
+    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
+) -> int | None:
+    """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
+    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
+    same bytes, else the offset of the first difference (``decoded`` is still read to
+    its end, so its writer finishes and its exit code tells whether it failed)."""
+    pos = 0
+    while True:
+        chunk = decoded.read(_IO_CHUNK)
+        if not chunk:
+            break
+        piece = original.read(len(chunk))
+        if piece != chunk:
+            same = min(len(piece), len(chunk))
+            same = next((i for i in range(same) if piece[i] != chunk[i]), same)
+            for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                pass
+            return pos + same
+        if hashes is not None:
+            hashes.update(piece)
+        pos += len(chunk)
+    return pos if original.read(1) else None
+
+
 class _Logical(NamedTuple):
     """A logical object as a reader sees it, and how it is stored."""
 
@@ -9355,11 +9503,20 @@ class _References:
 
     # -- choosing and making references -------------------------------------------
 
-    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
+    def local_copy(
+        self,
+        bucket: str,
+        ref_key: str,
+        ref_sha256: str,
+        on_fetch: Callable[[], None] | None = None,
+    ) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once (after
+        calling ``on_fetch``: work that can use the wait)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
+        if on_fetch is not None:
+            on_fetch()
 
         def write(f: IO[bytes]) -> None:
             _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
@@ -9546,12 +9703,14 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
+        # The two looks are independent reads: the HEAD runs while the listing is read.
+        own = _Background(self._head_or_none, bucket, own_key)
+        prefix = _refs_prefix(_parent_space(space))
+        pages = list(
+            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
+        )
+        head = own.result()
+        if head is not None:
             meta = head.get("Metadata", {})
             consider(
                 own_key,
@@ -9562,9 +9721,7 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
+        for page in pages:
             for obj in page.get("Contents", []):
                 parts = obj["Key"][len(prefix) :].rsplit("/", 2)
                 if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
@@ -9580,6 +9737,14 @@ class _References:
                         rel,
                     )
         return None if best is None else best[1:]
+
+    def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.storage.head_object(bucket, key)
+        except ClientError as e:
+            if _is_not_found(e):
+                return None
+            raise
 
     def new_shared(
         self,
@@ -9828,17 +9993,82 @@ class _Upload(NamedTuple):
     max_ratio: float  # a larger delta (against the file's size) is stored whole instead
     required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
     on_bytes: Callable[[int], None] | None  # progress
-    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    hashing: _FileHashing | None  # the file's _FileInfo, taken by one pass
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
+    checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
+    parts: Sequence[int] = ()  # the sizes of the parts it was uploaded in: dg-parts
 
     def info(self) -> _FileInfo:
         """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
         if self.hashing is None:
             assert self.given is not None
             return self.given
-        info: _FileInfo = self.hashing.result()
+        return self.hashing.result()
+
+
+class _FileHashing:
+    """The SHA-256, MD5 and size of an upload's file, from one pass over it: the delta
+    check's, which reads the file anyway to compare it with the decoded delta (``take``),
+    or else a pass of its own, begun by the first step that needs the digests
+    (``result``) or that leaves a core idle meanwhile (``start``: a reference fetched)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._job: _Background | None = None
+        self._value: _FileInfo | None = None
+        self._taken = False
+
+    def start(self, force: bool = False) -> None:
+        with self._lock:
+            if self._job is None and self._value is None and (force or not self._taken):
+                self._job = _Background(_hash_file, self._path, True)
+
+    def take(self) -> _Hashes | None:
+        """Digests for the caller's pass over the file (then ``give``), or None when a
+        pass has begun already."""
+        with self._lock:
+            if self._job is not None or self._value is not None or self._taken:
+                return None
+            self._taken = True
+            return _Hashes(md5=True)
+
+    def give(self, hashes: _Hashes | None) -> None:
+        """The taken pass read the whole file into ``hashes``, or stopped short (None:
+        a pass of its own is made when the digests are needed)."""
+        with self._lock:
+            self._taken = False
+            if hashes is not None:
+                self._value = hashes.info()
+
+    def result(self) -> _FileInfo:
+        self.start(force=True)  # (a taken pass gives before its taker asks)
+        if self._value is not None:
+            return self._value
+        assert self._job is not None
+        info: _FileInfo = self._job.result()
         return info
+
+
+def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
+    """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
+    byte with the file. That comparison is also the upload's one pass over the file
+    for its digests, unless one began already (then the bytes compared are hashed too,
+    and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
+    taken = up.hashing.take() if up.hashing is not None else None
+    hashes = taken or _Hashes()
+    whole = False
+    try:
+        differs = xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
+        whole = differs is None
+    finally:
+        if up.hashing is not None and taken is not None:
+            up.hashing.give(taken if whole else None)
+    if differs is not None:
+        return "other bytes (from byte %d on)" % differs, -1
+    decoded = hashes.info()
+    return decoded.sha256, decoded.size
 
 
 @dataclasses.dataclass
@@ -10206,6 +10436,11 @@ class _DeltaEngine:
             meta[_CONTENT_TYPE_META] = _meta_encode(up.content_type)
         if up.mtime is not None:
             meta["dg-mtime"] = "%.6f" % up.mtime  # the source's mtime, for sync (as rclone)
+        if up.checksum is not None:
+            meta[_CHECKSUM_META + up.checksum[0]] = up.checksum[1]
+        parts = _parts_meta(up.parts) if up.parts else None
+        if parts:
+            meta[_PARTS_META] = parts
         return meta
 
     @_reports_as("PutObject")
@@ -10224,9 +10459,15 @@ class _DeltaEngine:
         mtime: float | None = None,
         existing: Container[str] | None = None,
         if_none_match: bool = False,
+        checksum: tuple[str, str] | None = None,
+        parts: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
+
+        ``checksum``: the caller's (algorithm, base64 value) of the file, already checked,
+        kept as ``dg-checksum-<algorithm>`` (returned by HeadObject/GetObject on request);
+        ``parts``: the sizes of the parts it was uploaded in, kept as ``dg-parts``.
 
         ``existing``: the stored keys a listing just showed, when the caller has one.
         ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
@@ -10234,8 +10475,8 @@ class _DeltaEngine:
         the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = _object_name(key)
-        # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_hash_file, path, True) if info is None else None
+        # The file is hashed once: as its delta is checked, or when a step needs it.
+        hashing = _FileHashing(path) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
         size = info.size if info is not None else os.path.getsize(path)
@@ -10256,6 +10497,8 @@ class _DeltaEngine:
             hashing=hashing,
             given=info,
             create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
+            checksum=checksum,
+            parts=parts,
         )
         if up.required:
             self._refuse_shadowed(bucket, key)
@@ -10274,11 +10517,16 @@ class _DeltaEngine:
         if summary is None:
             assert not up.required
             return None
+        # Both looks below come after the store, never before: two writers of one name
+        # each look for the other's form once their own is stored, so the later store
+        # always sees the earlier. Between themselves they are independent: made at once.
+        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
         self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if up.required:
+        if shadowed is None:
             self._unshadow(up.bucket, up.key)
             return summary
-        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+        if not shadowed.result():
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10514,8 +10762,11 @@ class _DeltaEngine:
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
+        hashing = up.hashing
         try:
-            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.local_copy(
+                up.bucket, ref.key, ref.sha256, hashing.start if hashing else None
+            )
         except IntegrityError:
             if self.refs.current(up.bucket, ref.key) != ref.sha256:
                 return False
@@ -10554,7 +10805,7 @@ class _DeltaEngine:
             )
             plain = None
             if extra is None:
-                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+                plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
         except (XDelta3Error, OSError):
             if ref_check is not None and not ref_check.result():
                 return None
@@ -10684,8 +10935,11 @@ class _DeltaEngine:
                 if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
-            if decoded != (writer.sha256.hexdigest(), writer.size):
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
                 raise IntegrityError(
                     "%s: the delta xdelta3 made does not decode to the expanded input; "
                     "nothing was stored" % path
@@ -10895,6 +11149,7 @@ _DICT_PARAMS = frozenset(
 #: Parameters whose type depends on the operation: Tagging is a query string on PutObject.
 _STRING_TAGGING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
 _ANY_PARAMS = frozenset({"Body", "CopySource"})
+_LIST_PARAMS = frozenset({"ObjectAttributes"})
 
 
 def _type_report(name: str, value: Any, valid: str) -> str:
@@ -10919,6 +11174,9 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
         elif name in _BOOL_PARAMS:
             if not isinstance(value, bool):
                 errors.append(_type_report(name, value, "<class 'bool'>"))
+        elif name in _LIST_PARAMS:
+            if not isinstance(value, (list, tuple)):
+                errors.append(_type_report(name, value, "<class 'list'>, <class 'tuple'>"))
         elif name in _TIME_PARAMS:
             if not isinstance(value, datetime.datetime) and _timestamp_param(value) is None:
                 errors.append(
@@ -11246,27 +11504,130 @@ def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 class _TempBody(StreamingBody):
-    """A StreamingBody over a rebuilt temp file, removed when closed."""
+    """A StreamingBody over part of a rebuilt file (an open handle on it: _Rebuilds keeps
+    the file while it is read); ``release`` is called once, when the body is closed."""
 
-    def __init__(self, path: str, start: int, length: int) -> None:
-        f = open(path, "rb")
-        try:
-            os.unlink(path)  # POSIX: the open handle keeps the bytes until closed
-            self._path: str | None = None
-        except OSError:  # pragma: no cover - Windows: remove on close instead
-            self._path = path
+    def __init__(self, f: IO[bytes], start: int, length: int, release: Callable[[], None]) -> None:
         f.seek(start)
         super().__init__(_LimitedReader(f, length), length)
         self._file = f
+        self._done: Callable[[], None] | None = release
 
     def close(self) -> None:
         super().close()
         self._file.close()
-        if self._path:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _Rebuilt:
+    """One rebuilt, verified file that GETs share (see _Rebuilds)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.path: str | None = None  # None until built; stays None when the build failed
+        self.readers = 0
+        self.idle_since = 0.0
+
+
+class _Rebuilds:
+    """Rebuilt delta-stored objects shared by the GETs that want the same one at once.
+    aws-cli, s3transfer and rclone read a big object as ranges (8 MiB, several at a
+    time): each ranged GET of a delta would otherwise rebuild the whole object again.
+    The first GET rebuilds (engine.rebuild checks the SHA-256), the others wait for it
+    and read their ranges from the same file. Entries are keyed by that checked SHA-256
+    and the size: a file is served only for an object whose metadata, read by this very
+    GET, names those bytes, so an object overwritten meanwhile has another key and is
+    rebuilt. A file no GET reads is kept LINGER seconds (the next range of the same
+    download is usually a moment away), at most KEEP of them, then removed."""
+
+    LINGER = 5.0
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], _Rebuilt] = {}
+        self._timer = False  # a timer is due to call expire()
+
+    def open(self, engine: _DeltaEngine, lg: _Logical) -> tuple[IO[bytes], Callable[[], None]]:
+        """An open handle on ``lg`` rebuilt and verified, and the function to call when
+        done reading it."""
+        key = (str(lg.sha256), lg.size)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                build = entry is None
+                if entry is None:
+                    entry = self._entries[key] = _Rebuilt()
+                entry.readers += 1
+            if build:
+                self._build(engine, lg, key, entry)
+            else:
+                entry.ready.wait()
+            if entry.path is not None:
+                try:
+                    return open(entry.path, "rb"), functools.partial(self._release, key, entry)
+                except BaseException:
+                    self._release(key, entry)
+                    raise
+            self._release(key, entry)  # its build failed (and raised there): build again
+
+    def _build(
+        self, engine: _DeltaEngine, lg: _Logical, key: tuple[str, int], entry: _Rebuilt
+    ) -> None:
+        try:
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+            os.close(fd)
             try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+                engine.rebuild(lg, tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            entry.path = tmp
+        except BaseException:
+            with self._lock:
+                self._entries.pop(key, None)
+                entry.readers -= 1
+            raise
+        finally:
+            entry.ready.set()
+
+    def _release(self, key: tuple[str, int], entry: _Rebuilt) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.readers == 0:
+                entry.idle_since = time.monotonic()
+        self.expire()
+
+    def expire(self) -> None:
+        """Remove the files no GET reads that have been idle LINGER seconds, or are beyond
+        the KEEP most recently read; while idle files remain, one timer comes back."""
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted(
+                (e.idle_since, k) for k, e in self._entries.items() if e.readers == 0 and e.path
+            )
+            doomed = [
+                k
+                for i, (since, k) in enumerate(idle)
+                if now - since >= self.LINGER or i < len(idle) - self.KEEP
+            ]
+            paths = [self._entries.pop(k).path for k in doomed]
+            again = len(idle) > len(doomed) and not self._timer
+            self._timer = self._timer or again
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+        if again:
+            timer = threading.Timer(self.LINGER, self._timer_expire)
+            timer.daemon = True
+            timer.start()
+
+    def _timer_expire(self) -> None:
+        with self._lock:
+            self._timer = False
+        self.expire()
 
 
 class _LimitedReader:
@@ -11352,18 +11713,59 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     return path, hashes.info()
 
 
+#: PutObject's checksum parameters (AWS "Checking object integrity").
+_CHECKSUM_PARAMS = frozenset({"ChecksumAlgorithm"} | {_checksum_param(a) for a in _CHECKSUMS})
+
+
+def _bad_digest(message: str, operation: str) -> ClientError:
+    return _client_error(
+        {
+            "Error": {"Code": "BadDigest", "Message": message},
+            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 400}}),
+        },
+        operation,
+    )
+
+
+def _upload_checksum(params: Mapping[str, Any], path: str) -> tuple[str, str] | None:
+    """The (algorithm, base64 value) checksum an upload keeps: the Checksum<ALGO> given,
+    checked against the file (BadDigest when it differs, as S3 answers), or the one
+    ``ChecksumAlgorithm`` names, computed (as boto3 computes it); None without either."""
+    given = [a for a in _CHECKSUMS if params.get(_checksum_param(a)) is not None]
+    algo = given[0] if given else str(params.get("ChecksumAlgorithm") or "").lower()
+    if not algo:
+        return None
+    if algo not in _CHECKSUMS:
+        raise ParamValidationError(
+            report="Unsupported checksum algorithm: %s (one of %s)"
+            % (params.get("ChecksumAlgorithm"), ", ".join(a.upper() for a in _CHECKSUMS))
+        )
+    value = _file_checksum(path, algo)
+    if given and str(params[_checksum_param(algo)]) != value:
+        raise _bad_digest(
+            "The %s you specified did not match the calculated checksum." % algo.upper(),
+            "PutObject",
+        )
+    return algo, value
+
+
 def _put_object_from_file(
     engine: _DeltaEngine,
     path: str,
     params: Mapping[str, Any],
     info: _FileInfo | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    checksum: tuple[str, str] | None = None,
+    parts: Sequence[int] = (),
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
-    ``info`` holds the digests of the caller's bytes when they were spooled. With
-    ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
+    ``info`` holds the digests of the caller's bytes when they were spooled, ``checksum``
+    an x-amz-checksum the caller already checked (else params' own is: _upload_checksum),
+    ``parts`` the sizes of the parts it came in (multipart uploads).
+    With ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
     stored when the condition fails (_check_write_conditions)."""
+    checksum = checksum or _upload_checksum(params, path)
 
     def store(if_none_match: bool = False) -> dict[str, Any]:
         # SSE-C: only the customer's key may read it, so no shared reference.
@@ -11378,6 +11780,8 @@ def _put_object_from_file(
             info=info,
             on_bytes=on_bytes,
             if_none_match=if_none_match,
+            checksum=checksum,
+            parts=parts,
         )
 
     if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
@@ -11392,6 +11796,8 @@ def _put_object_from_file(
     for name in ("ServerSideEncryption", "VersionId"):
         if name in resp:
             out[name] = resp[name]
+    if checksum is not None:
+        out.update(_stored_checksum({_CHECKSUM_META + checksum[0]: checksum[1]}))
     out["ResponseMetadata"] = _local_metadata(resp)
     if summary["Operation"]:  # every upload says how it was stored, as 6.x
         out["DeltaGliderInfo"] = {
@@ -11546,12 +11952,46 @@ def _logical_response(lg: _Logical) -> dict[str, Any]:
     return out
 
 
+def _object_attributes(lg: _Logical, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """GetObjectAttributes of a logical object: the ``ObjectAttributes`` asked for, of the
+    original bytes (a delta's too); ObjectParts for an object uploaded in parts, paged by
+    ``MaxParts`` / ``PartNumberMarker`` as S3 pages it."""
+    wanted = set(kwargs["ObjectAttributes"])
+    out: dict[str, Any] = {"LastModified": lg.head.get("LastModified")}
+    if "ETag" in wanted:
+        out["ETag"] = lg.etag.strip('"')
+    if "Checksum" in wanted and _stored_checksum(lg.metadata):
+        out["Checksum"] = _stored_checksum(lg.metadata)
+    sizes = _part_sizes(lg.metadata)
+    if "ObjectParts" in wanted and sizes:
+        marker, most = int(kwargs.get("PartNumberMarker") or 0), int(kwargs.get("MaxParts", 1000))
+        shown = list(enumerate(sizes, 1))[marker : marker + most]
+        out["ObjectParts"] = {
+            "TotalPartsCount": len(sizes),
+            "PartNumberMarker": marker,
+            "NextPartNumberMarker": shown[-1][0] if shown else marker,
+            "MaxParts": most,
+            "IsTruncated": marker + most < len(sizes),
+            "Parts": [{"PartNumber": n, "Size": size} for n, size in shown],
+        }
+    if "StorageClass" in wanted:
+        out["StorageClass"] = lg.head.get("StorageClass") or "STANDARD"
+    if "ObjectSize" in wanted:
+        out["ObjectSize"] = lg.size
+    out["ResponseMetadata"] = _local_metadata(lg.head)
+    return out
+
+
 def _get_rebuilt(
-    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+    engine: _DeltaEngine,
+    rebuilds: _Rebuilds,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    out: dict[str, Any],
 ) -> tuple[dict[str, Any], int]:
     """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
-    on the logical object; the body is the rebuilt, verified file. Returns the
-    response metadata and the status."""
+    on the logical object; the body is the rebuilt, verified file (shared by the GETs of
+    the same object at once: _Rebuilds). Returns the response metadata and the status."""
     size = lg.size
     status = 200
     failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
@@ -11561,13 +12001,7 @@ def _get_rebuilt(
         span = _byte_range(kwargs.get("Range"), size)
     except _RangeNotSatisfiable as e:
         raise e.client_error("GetObject") from None
-    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-    os.close(fd)
-    try:
-        engine.rebuild(lg, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    f, release = rebuilds.open(engine, lg)
     start, end = 0, size - 1
     meta = _local_metadata(lg.head)
     headers = dict(meta.get("HTTPHeaders") or {})
@@ -11576,7 +12010,7 @@ def _get_rebuilt(
         out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
         headers["content-range"] = out["ContentRange"]
         status = 206
-    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["Body"] = _TempBody(f, start, end - start + 1, release)
     out["ContentLength"] = end - start + 1
     headers["content-length"] = str(end - start + 1)
     headers["etag"] = lg.etag
@@ -11865,6 +12299,7 @@ class DeltaGliderClient:
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
         self._multipart = _MultipartUploads(lambda: self.engine, now)
+        self._rebuilds = _Rebuilds()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -11915,24 +12350,15 @@ class DeltaGliderClient:
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         allowed = {"Bucket", "Key", "Body", "IfNoneMatch", "IfMatch"} | _PUT_PARAMS
-        _params("PutObject", kwargs, allowed, "Bucket", "Key")
+        _params("PutObject", kwargs, allowed | _CHECKSUM_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
         path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
-                    raise _client_error(
-                        {
-                            "Error": {
-                                "Code": "BadDigest",
-                                "Message": "The Content-MD5 you specified did not match "
-                                "what we received.",
-                            },
-                            "ResponseMetadata": _local_metadata(
-                                {"ResponseMetadata": {"HTTPStatusCode": 400}}
-                            ),
-                        },
+                    raise _bad_digest(
+                        "The Content-MD5 you specified did not match what we received.",
                         "PutObject",
                     )
             return _put_object_from_file(self.engine, path, kwargs, info)
@@ -11959,6 +12385,8 @@ class DeltaGliderClient:
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
         out = _logical_response(lg)
+        if kwargs.get("ChecksumMode") == "ENABLED":
+            out.update(_stored_checksum(lg.metadata))
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -11975,13 +12403,23 @@ class DeltaGliderClient:
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, lg, kwargs, out)
+            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
         else:
             meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
+            out.update(_stored_checksum(lg.metadata))
         _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
+
+    def get_object_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        """GetObjectAttributes of a logical key (_object_attributes)."""
+        allowed = {"Bucket", "Key", "ObjectAttributes", "MaxParts", "PartNumberMarker"}
+        allowed |= {n for n, _ in _COMMON_HEADER_PARAMS + _SSEC_HEADER_PARAMS}
+        _params("GetObjectAttributes", kwargs, allowed, "Bucket", "Key", "ObjectAttributes")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObjectAttributes")
+        return _object_attributes(lg, kwargs)
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
@@ -12206,9 +12644,7 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(
-            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
-        )
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, None)
 
     def _upload_file(
         self,
@@ -12217,10 +12653,12 @@ class DeltaGliderClient:
         Key: str,
         ExtraArgs: dict[str, Any] | None,
         Callback: Callable[[int], None] | None,
-        info: _FileInfo,
+        info: _FileInfo | None,
     ) -> None:
+        """``info``: the digests of a spooled body; a file is hashed as the engine reads it."""
         extra = dict(ExtraArgs or {})
-        _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
+        allowed = (_PUT_PARAMS - {"ContentMD5", "ContentLength"}) | {"ChecksumAlgorithm"}
+        _check_params("upload_file ExtraArgs", extra, allowed)
         params = dict(extra, Bucket=Bucket, Key=Key)
         sent = [0]
 
@@ -12229,9 +12667,10 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
+        size = info.size if info is not None else os.path.getsize(Filename)
         _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
-        if Callback and sent[0] < info.size:
-            Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
+        if Callback and sent[0] < size:
+            Callback(size - sent[0])  # a delta sends less than the file; report it whole
 
     def download_file(
         self,
@@ -13930,9 +14369,7 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
-        "attributes",
         "cors",
         "encryption",
         "intelligent-tiering",
@@ -13959,6 +14396,12 @@ _GATEWAY_UNSUPPORTED = frozenset(
         "versions",
         "website",
     }
+)
+#: Request headers asking for object lock, which needs versioning: NotImplemented.
+_GATEWAY_LOCK_HEADERS = (
+    "x-amz-object-lock-mode",
+    "x-amz-object-lock-retain-until-date",
+    "x-amz-object-lock-legal-hold",
 )
 #: Query parameters a SigV2 signature covers (botocore auth.py HmacV1Auth.QSAOfInterest).
 _SIGV2_SUBRESOURCES = frozenset(
@@ -14050,6 +14493,7 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         "order by part number.",
     ),
     "InvalidPolicyDocument": (400, "The content of the form does not meet the conditions."),
+    "InvalidRange": (416, "The requested range is not satisfiable"),
     "InvalidRequest": (400, "Invalid Request"),
     "MalformedXML": (
         400,
@@ -14136,61 +14580,6 @@ def _s3_reply_from(e: BaseException) -> _S3Reply:
     return _S3Reply("InternalError")
 
 
-# -- checksums of uploads -----------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _crc_table(poly: int, bits: int) -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-        table.append(crc & ((1 << bits) - 1))
-    return table
-
-
-class _Crc:
-    """A reflected table-driven CRC (CRC32C, CRC64NVME): pure Python, so slow (a few MB/s);
-    S3 SDKs default to CRC32, which zlib computes at memory speed."""
-
-    def __init__(self, poly: int, bits: int) -> None:
-        self._table = _crc_table(poly, bits)
-        self._bits = bits
-        self._mask = (1 << bits) - 1
-        self._crc = self._mask
-
-    def update(self, data: bytes) -> None:
-        crc, table = self._crc, self._table
-        for b in data:
-            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-        self._crc = crc
-
-    def digest(self) -> bytes:
-        return (self._crc ^ self._mask).to_bytes(self._bits // 8, "big")
-
-
-class _Crc32:
-    def __init__(self) -> None:
-        self._crc = 0
-
-    def update(self, data: bytes) -> None:
-        self._crc = zlib.crc32(data, self._crc)
-
-    def digest(self) -> bytes:
-        return self._crc.to_bytes(4, "big")
-
-
-#: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
-_CHECKSUMS: dict[str, Callable[[], Any]] = {
-    "crc32": _Crc32,
-    "crc32c": lambda: _Crc(0x82F63B78, 32),
-    "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
-    "sha1": hashlib.sha1,
-    "sha256": hashlib.sha256,
-}
-
-
 # -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
@@ -14274,6 +14663,11 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
+#: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
+#: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
+_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+
+
 def _policy_check(
     conditions: list[Any], values: Mapping[str, str]
 ) -> tuple[set[str], tuple[int, int]]:
@@ -14285,6 +14679,12 @@ def _policy_check(
     low, high = 0, sys.maxsize
     for cond in conditions:
         if isinstance(cond, dict):
+            if len(cond) != 1:  # {"name": "value"}: an empty one allows nothing known
+                raise _S3Reply(
+                    "InvalidPolicyDocument",
+                    "Invalid Policy: Invalid Simple-Condition: Simple-Conditions must have "
+                    "exactly one property specified.",
+                )
             for name, want in cond.items():
                 name = name.lower()
                 covered.add(name)
@@ -14561,7 +14961,10 @@ class _GatewayAuth:
         """The conditions of a policy document that has not expired."""
         try:
             policy = json.loads(base64.b64decode(policy_b64))
-            expiration = _parse_timestamp(str(policy["expiration"]))
+            text = str(policy["expiration"])
+            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+                raise ValueError(text)
+            expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
             raise _S3Reply(
@@ -14901,6 +15304,8 @@ class _BodyDigests:
             ).strip().lower() == ("x-amz-checksum-" + name):
                 self._algo = name
         self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+        #: (algorithm, base64 value) of the x-amz-checksum-* the body came with, once checked
+        self.checksum: tuple[str, str] | None = None
 
     @property
     def size(self) -> int:
@@ -14938,17 +15343,21 @@ class _BodyDigests:
             algo = self._algo
             name = "x-amz-checksum-" + algo
             given_text = h.get(name) or trailers.get(name) or ""
-            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+            value = base64.b64encode(self._checksum.digest()).decode()
+            if value != given_text.strip():
                 raise _S3Reply(
                     "BadDigest",
                     "The %s you specified did not match the calculated checksum." % algo.upper(),
                 )
+            self.checksum = (algo, value)
         return info
 
 
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
+    checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
+    parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
 
 class _FormReader:
@@ -15103,6 +15512,27 @@ def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
     return list(dict(wanted).items())
 
 
+def _spool_copy_source(
+    client: DeltaGliderClient, params: Mapping[str, Any], size: int, folder: str
+) -> _Spooled:
+    """UploadPartCopy's source bytes (GetObject ``params``, a delta rebuilt and verified by
+    the client) in a private temp file in ``folder``; they must be ``size`` bytes."""
+    fd, path = _private_tempfile(folder, ".copy")
+    try:
+        body = client.get_object(**params)["Body"]
+        try:
+            with os.fdopen(fd, "wb") as out:
+                info = _Hashes(md5=True).read(body, each=out.write).info()
+        finally:
+            body.close()
+        if info.size != size:  # the source changed meanwhile
+            raise _S3Reply("InternalError")
+    except BaseException:
+        os.unlink(path)
+        raise
+    return _Spooled(path, info)
+
+
 class _Uploads:
     """Multipart uploads held by the gateway until they complete: each part on local disk
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
@@ -15181,10 +15611,19 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
-    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+    def assemble(
+        self,
+        upload_id: str,
+        wanted: list[tuple[int, str]],
+        folder: str,
+        checksum: tuple[str, str] | None = None,
+    ) -> _Spooled:
         """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
         file in ``folder``, once each is checked: uploaded with that ETag, and all but the
-        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
+        the (algorithm, type) the upload was created with: the joined file's checksum is
+        taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
+        digest of the parts' digests, ``-<parts>`` after it)."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -15199,27 +15638,54 @@ class _Uploads:
                 )
         fd, path = _private_tempfile(folder, ".mpu")
         hashes = _Hashes(md5=True)
+        algo, kind = checksum or ("", "")
+        whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
+        digests = []
         try:
             with os.fdopen(fd, "wb") as out:
                 for number, _ in wanted:
+                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
+
+                    def each(chunk: bytes, hasher: Any = hasher) -> None:
+                        out.write(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+
                     with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=out.write)
+                        hashes.read(f, each=each)
+                    if hasher is not None and whole is None:
+                        digests.append(hasher.digest())
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, hashes.info())
+        value = None
+        if whole is not None:
+            value = base64.b64encode(whole.digest()).decode()
+        elif algo:
+            joined = _CHECKSUMS[algo]()
+            joined.update(b"".join(digests))
+            value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
+        sizes = [int(have[number]["Size"]) for number, _ in wanted]
+        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
 
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
     def finish(
-        self, upload_id: str, bucket: str, key: str, parts: list[tuple[int, str]], etag: str
+        self,
+        upload_id: str,
+        bucket: str,
+        key: str,
+        parts: list[tuple[int, str]],
+        etag: str,
+        checksum: tuple[str, str] | None = None,
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
         fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
+            done = {"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}
+            json.dump(dict(done, Checksum=checksum), f)
         os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
@@ -15232,8 +15698,8 @@ class _Uploads:
 
     def completed(
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
-    ) -> str | None:
-        """The ETag of an upload completed with these very parts, if it was."""
+    ) -> tuple[str, tuple[str, str] | None] | None:
+        """The ETag and checksum of an upload completed with these very parts, if it was."""
         if not self._ID_RE.match(upload_id):
             return None
         try:
@@ -15245,7 +15711,8 @@ class _Uploads:
             return None
         same = [list(p) for p in parts] == note.get("Parts")
         if note.get("Bucket") == bucket and note.get("Key") == key and same:
-            return str(note["ETag"])
+            checksum = note.get("Checksum")
+            return str(note["ETag"]), (str(checksum[0]), str(checksum[1])) if checksum else None
         return None
 
     def remove(self, upload_id: str) -> None:
@@ -15544,6 +16011,28 @@ def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
     return _xml_doc("DeleteResult", "".join(parts))
 
 
+def _xml_attributes(resp: Mapping[str, Any]) -> bytes:
+    """GetObjectAttributesOutput from the client's GetObjectAttributes answer."""
+    body = _el("ETag", resp["ETag"]) if "ETag" in resp else ""
+    if resp.get("Checksum"):
+        body += "<Checksum>%s</Checksum>" % "".join(_el(k, v) for k, v in resp["Checksum"].items())
+    parts = resp.get("ObjectParts")
+    if parts:
+        items = "".join(
+            "<Part>%s%s</Part>" % (_el("PartNumber", p["PartNumber"]), _el("Size", p["Size"]))
+            for p in parts["Parts"]
+        )
+        body += "<ObjectParts>%s%s</ObjectParts>" % (
+            # boto3's TotalPartsCount is PartsCount on the wire
+            "".join(_el(k.replace("TotalParts", "Parts"), parts[k]) for k in parts if k != "Parts"),
+            items,
+        )
+    for name in ("StorageClass", "ObjectSize"):
+        if name in resp:
+            body += _el(name, resp[name])
+    return _xml_doc("GetObjectAttributesResponse", body)
+
+
 def _xml_parts(
     bucket: str,
     key: str,
@@ -15660,6 +16149,8 @@ _GATEWAY_OBJECT_HEADERS = (
     ("x-amz-server-side-encryption", "ServerSideEncryption"),
     ("x-amz-storage-class", "StorageClass"),
     ("x-amz-version-id", "VersionId"),
+    ("x-amz-checksum-type", "ChecksumType"),
+    *(("x-amz-checksum-" + a, _checksum_param(a)) for a in _CHECKSUMS),
 )
 #: GetObject query parameters that override response headers (presigned downloads).
 _RESPONSE_OVERRIDES = (
@@ -15699,6 +16190,35 @@ def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, 
     return out
 
 
+def _attributes_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """GetObjectAttributes parameters from its request headers (x-amz-object-attributes,
+    x-amz-max-parts, x-amz-part-number-marker)."""
+    wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
+    if not wanted:
+        raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
+    for name, header in (
+        ("MaxParts", "x-amz-max-parts"),
+        ("PartNumberMarker", "x-amz-part-number-marker"),
+    ):
+        text = h.get(header, "").strip()
+        if text:
+            if not (text.isascii() and text.isdigit()):
+                raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
+            params[name] = min(int(text), 1000)
+    return params
+
+
+def _checksum_headers(
+    checksum: tuple[str, str] | None, headers: dict[str, str] | None = None
+) -> dict[str, str]:
+    """``headers`` and the x-amz-checksum-<algorithm> of an upload's answer, if it had one."""
+    out = dict(headers or {})
+    if checksum is not None:
+        out["x-amz-checksum-" + checksum[0]] = checksum[1]
+    return out
+
+
 def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
     params: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -15721,6 +16241,82 @@ def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     if meta:
         params["Metadata"] = meta
     return params
+
+
+def _upload_checksum_kind(h: Mapping[str, str]) -> tuple[str, str] | None:
+    """CreateMultipartUpload's x-amz-checksum-algorithm and -type: (algorithm, FULL_OBJECT
+    or COMPOSITE) as S3 takes them (CRC64NVME is whole-object only, SHA1/SHA256 composite
+    only, CRC32/CRC32C composite unless asked); None without an algorithm."""
+    algo = h.get("x-amz-checksum-algorithm", "").strip().lower()
+    if not algo:
+        return None
+    kind = h.get("x-amz-checksum-type", "").strip().upper()
+    default = "FULL_OBJECT" if algo == "crc64nvme" else "COMPOSITE"
+    allowed = {"crc32": ("COMPOSITE", "FULL_OBJECT"), "crc32c": ("COMPOSITE", "FULL_OBJECT")}
+    if algo not in _CHECKSUMS or (kind and kind not in allowed.get(algo, (default,))):
+        raise _S3Reply(
+            "InvalidRequest", "Checksum algorithm %s with type %s is not supported" % (algo, kind)
+        )
+    return algo, kind or default
+
+
+def _checksum_mode(h: Mapping[str, str]) -> bool:
+    """Whether a GET/HEAD asks for the object's stored checksum (x-amz-checksum-mode)."""
+    return h.get("x-amz-checksum-mode", "").strip().upper() == "ENABLED"
+
+
+def _copy_source_range(text: str, size: int) -> tuple[int, int]:
+    """UploadPartCopy's x-amz-copy-source-range: ``bytes=first-last``, both given, within
+    the source (S3: InvalidArgument for any other form, InvalidRange past its end)."""
+    m = re.match(r"^bytes=(\d+)-(\d+)$", text.strip())
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise _S3Reply(
+            "InvalidArgument",
+            "The x-amz-copy-source-range value must be of the form bytes=first-last where "
+            "first and last are the zero-based offsets of the first and last bytes to copy",
+        )
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise _S3Reply("InvalidRange", ActualObjectSize=str(size), RangeRequested=text)
+    return first, last
+
+
+#: The query parameters of a listing an anonymous client may send (ListObjects v1/v2).
+_ANONYMOUS_LISTING = frozenset(
+    {
+        "prefix",
+        "delimiter",
+        "marker",
+        "max-keys",
+        "list-type",
+        "continuation-token",
+        "start-after",
+        "encoding-type",
+        "fetch-owner",
+    }
+)
+_ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+
+
+def _public_read(client: DeltaGliderClient, bucket: str, key: str | None) -> bool:
+    """Whether everyone may read: the object's ACL (on its stored form) grants the AllUsers
+    group READ, or for a listing (``key`` None) the bucket's does. Of an object that is
+    not there the bucket's ACL decides, so only who may list learns it is missing
+    (NoSuchKey), as on S3; a bucket that is not there is NoSuchBucket."""
+    if key is not None:
+        try:
+            acl = client.get_object_acl(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("NoSuchKey", "404", "NotFound"):
+                raise
+            acl = client.get_bucket_acl(Bucket=bucket)
+    else:
+        acl = client.get_bucket_acl(Bucket=bucket)
+    return any(
+        (g.get("Grantee") or {}).get("URI") == _ALL_USERS
+        and g.get("Permission") in ("READ", "FULL_CONTROL")
+        for g in acl.get("Grants") or []
+    )
 
 
 def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
@@ -16034,6 +16630,11 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             and "authorization" not in self._headers
         ):
             return self._serve_browser_post(bucket)
+        unsigned = "authorization" not in self._headers and not (
+            {k for k, _ in self._query} & _PRESIGN_PARAMS
+        )
+        if unsigned and method in ("GET", "HEAD") and bucket is not None:
+            return self._serve_anonymous(gw, bucket, key)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -16051,6 +16652,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if key is None:
             return self._serve_bucket(gw, bucket, signed)
         return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_anonymous(self, gw: _Gateway, bucket: str, key: str | None) -> None:
+        """An unsigned GET or HEAD of an object, or listing of a bucket: served only where
+        the ACL stored on the back end grants everyone READ (_public_read), never by
+        default; anything else (a subresource, an override) is AccessDenied, as on S3."""
+        q = {k for k in self._q if k != "x-id"}
+        if (key is None and q - _ANONYMOUS_LISTING) or (key is not None and q):
+            raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        if not _public_read(gw.client, bucket, key):
+            raise _S3Reply("AccessDenied")
+        if key is None:
+            if self.command == "HEAD":
+                self._operation = "HeadBucket"
+                return self._send(200)
+            return self._list_objects(bucket)
+        return self._get_object(bucket, key, head=self.command == "HEAD")
 
     def _serve_metrics(self, gw: _Gateway) -> None:
         """``GET /metrics``: signed like any request, unless on the --metrics-port."""
@@ -16080,12 +16697,20 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         if unsupported:
             self._operation = kind + ":" + unsupported[0]
             raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+        # Object lock (a bucket created with it, an object's retention or legal hold) needs
+        # versioning: never silently dropped.
+        locking = sorted(n for n in _GATEWAY_LOCK_HEADERS if n in self._headers)
+        if self._headers.get("x-amz-bucket-object-lock-enabled", "").lower() == "true":
+            locking.append("x-amz-bucket-object-lock-enabled")
+        if locking:
+            self._operation = kind + ":object-lock"
+            raise _S3Reply("NotImplemented", "%s is not supported by the gateway" % locking[0])
 
     def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
         """A request on a bucket (no key): listings, location, ACL, create, delete..."""
         method, q = self.command, self._q
         if "acl" in q and method in ("GET", "PUT"):
-            return self._bucket_acl(bucket, signed)
+            return self._acl(bucket, None, signed)
         if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
@@ -16121,8 +16746,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """A request on an object: get, put, copy, delete, and the multipart operations."""
         method, q = self.command, self._q
         self._refuse_unsupported("Object")
+        if "acl" in q and method in ("GET", "PUT"):
+            return self._acl(bucket, key, signed)
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
+        if method == "GET" and "attributes" in q:
+            return self._object_attributes(bucket, key)
         if method in ("GET", "HEAD"):
             return self._get_object(bucket, key, head=method == "HEAD")
         if method == "PUT" and "uploadId" in q:
@@ -16199,11 +16828,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return _AwsChunked(raw, signed), raw
         return raw, raw
 
-    def _spool(self, signed: _Signed, limit: int) -> _Spooled:
+    def _spool(
+        self, signed: _Signed, limit: int, headers: Mapping[str, str] | None = None
+    ) -> _Spooled:
         """The request body in a private temp file, every digest it carries checked:
-        x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
+        x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-* (of
+        ``headers``, the request's unless given)."""
         reader, _ = self._body(signed, limit)
-        digests = _BodyDigests(self._headers, signed.payload)
+        digests = _BodyDigests(self._headers if headers is None else headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -16220,18 +16852,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, info)
+        return _Spooled(path, info, digests.checksum)
 
-    def _small_body(self, signed: _Signed) -> bytes:
-        spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
+    def _small_body(self, signed: _Signed, headers: Mapping[str, str] | None = None) -> bytes:
+        spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX, headers)
         try:
             with open(spooled.path, "rb") as f:
                 return f.read()
         finally:
             os.unlink(spooled.path)
 
-    def _xml_body(self, signed: _Signed) -> ET.Element:
-        data = self._small_body(signed)
+    def _xml_body(self, signed: _Signed, headers: Mapping[str, str] | None = None) -> ET.Element:
+        data = self._small_body(signed, headers)
         try:
             return _xml_parse(data)
         except (ValueError, ET.ParseError):
@@ -16267,16 +16899,20 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
 
-    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
-        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+    def _acl(self, bucket: str, key: str | None, signed: _Signed) -> None:
+        """Get/PutBucketAcl, Get/PutObjectAcl (of the logical object's stored form), passed
+        to the back end through the client."""
         client = self.server.gateway.client
+        of = {"Bucket": bucket} if key is None else {"Bucket": bucket, "Key": key}
+        kind = "Bucket" if key is None else "Object"
         if self.command == "GET":
-            self._operation = "GetBucketAcl"
-            resp = client.get_bucket_acl(Bucket=bucket)
+            self._operation = "Get%sAcl" % kind
+            get = client.get_bucket_acl if key is None else client.get_object_acl
+            resp = get(**of)
             self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
             return
-        self._operation = "PutBucketAcl"
-        params: dict[str, Any] = {"Bucket": bucket}
+        self._operation = "Put%sAcl" % kind
+        params: dict[str, Any] = dict(of)
         for name, header in _CANNED_ACL_PARAMS:
             if self._headers.get(header):
                 params[name] = self._headers[header]
@@ -16287,7 +16923,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
             params["AccessControlPolicy"] = _acl_policy(root)
-        client.put_bucket_acl(**params)
+        (client.put_bucket_acl if key is None else client.put_object_acl)(**params)
         self._send(200)
 
     # -- listings -----------------------------------------------------------------
@@ -16338,8 +16974,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             n in h
             for n in ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
         )
+        mode = {"ChecksumMode": "ENABLED"} if _checksum_mode(h) else {}
         if head or conditional:
-            info = client.head_object(Bucket=bucket, Key=key) if head else None
+            info = client.head_object(Bucket=bucket, Key=key, **mode) if head else None
             if info is None:
                 try:
                     info = client.head_object(Bucket=bucket, Key=key)
@@ -16372,7 +17009,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     return self._send(206, headers=headers, content_type=None)
                 headers["Content-Length"] = str(size)
                 return self._send(200, headers=headers, content_type=None)
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, **mode}
         if h.get("range"):
             params["Range"] = h["range"]
         resp = client.get_object(**params)
@@ -16397,6 +17034,15 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
+    def _object_attributes(self, bucket: str, key: str) -> None:
+        self._operation = "GetObjectAttributes"
+        params = _attributes_params(self._headers, bucket, key)
+        resp = self.server.gateway.client.get_object_attributes(**params)
+        headers = {}
+        if isinstance(resp.get("LastModified"), datetime.datetime):
+            headers["Last-Modified"] = _http_date(resp["LastModified"])
+        self._send(200, _xml_attributes(resp), headers=headers)
+
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -16416,7 +17062,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     if_match=params.get("IfMatch"),
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
+        result = _put_object_from_file(
+            client.engine,
+            spooled.path,
+            params,
+            spooled.info,
+            checksum=spooled.checksum,
+            parts=spooled.parts,
+        )
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -16434,7 +17087,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             result = self._store(spooled, params)
         finally:
             os.unlink(spooled.path)
-        self._send(200, headers={"ETag": result["ETag"]})
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": result["ETag"]}))
 
     def _copy_source(self) -> tuple[str, str]:
         text = urllib.parse.unquote(self._headers["x-amz-copy-source"])
@@ -16551,16 +17204,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
         params = _put_params(self._headers, bucket, key)
+        checksum = _upload_checksum_kind(self._headers)
         record = {
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
             "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
+            "Checksum": checksum,
         }
         upload_id = gw.uploads.create(record)
         body = _el("Bucket", bucket) + _el("Key", key) + _el("UploadId", upload_id)
-        self._send(200, _xml_doc("InitiateMultipartUploadResult", body))
+        headers = {}
+        if checksum is not None:
+            headers = {"x-amz-checksum-algorithm": checksum[0].upper()}
+            headers["x-amz-checksum-type"] = checksum[1]
+        self._send(200, _xml_doc("InitiateMultipartUploadResult", body), headers=headers)
 
     def _part_number(self) -> int:
         try:
@@ -16578,19 +17237,49 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _upload_part(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "UploadPart"
         gw = self.server.gateway
-        if "x-amz-copy-source" in self._headers:
-            self._operation = "UploadPartCopy"
-            raise _S3Reply("NotImplemented", "UploadPartCopy is not supported by the gateway")
         upload_id = self._q["uploadId"]
         number = self._part_number()
         gw.uploads.record(bucket, key, upload_id)
+        if "x-amz-copy-source" in self._headers:
+            return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        self._send(200, headers={"ETag": '"%s"' % spooled.info.md5})
+        etag = {"ETag": '"%s"' % spooled.info.md5}
+        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+
+    def _upload_part_copy(self, upload_id: str, number: int) -> None:
+        """UploadPartCopy: the part is (a range of) another logical object, read through
+        the client (rebuilt and verified when it is a delta) and kept as an uploaded part."""
+        self._operation = "UploadPartCopy"
+        gw = self.server.gateway
+        src_bucket, src_key = self._copy_source()
+        h = self._headers
+        src = gw.client.head_object(Bucket=src_bucket, Key=src_key)
+        if _preconditions(h, src["ETag"], src.get("LastModified"), "x-amz-copy-source-"):
+            raise _S3Reply("PreconditionFailed")
+        params: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        size = int(src.get("ContentLength", 0))
+        text = h.get("x-amz-copy-source-range")
+        if text is not None:
+            first, last = _copy_source_range(text, size)
+            size = last - first + 1
+            params["Range"] = "bytes=%d-%d" % (first, last)
+        if size > gw.max_object_size:
+            raise _S3Reply("EntityTooLarge", ProposedSize=str(size))
+        spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
+        try:
+            now = gw.now()
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
+        finally:
+            if os.path.exists(spooled.path):
+                os.unlink(spooled.path)
+        etag = '"%s"' % spooled.info.md5
+        result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
+        self._send(200, _xml_doc("CopyPartResult", result))
 
     def _list_parts(self, bucket: str, key: str) -> None:
         self._operation = "ListParts"
@@ -16633,23 +17322,36 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        wanted = _completed_parts(self._xml_body(signed))
+        # Its x-amz-checksum-* is the whole object's (checked below), not its XML body's.
+        plain = {k: v for k, v in self._headers.items() if not k.startswith("x-amz-checksum-")}
+        wanted = _completed_parts(self._xml_body(signed, plain))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
-                return self._complete_answer(bucket, key, done)
+                return self._complete_answer(bucket, key, done[0], done[1])
             rec = gw.uploads.record(bucket, key, upload_id)
-            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
+            kind = rec.get("Checksum")
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir, kind and tuple(kind))
             try:
+                if spooled.checksum is not None:
+                    given = self._headers.get("x-amz-checksum-" + spooled.checksum[0])
+                    if given is not None and given.strip() != spooled.checksum[1]:
+                        raise _S3Reply(
+                            "BadDigest",
+                            "The %s you specified did not match the calculated checksum."
+                            % spooled.checksum[0].upper(),
+                        )
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
                 params.update(_write_conditions(self._headers))
                 result = self._store(spooled, params)
             finally:
                 os.unlink(spooled.path)
-            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
-        self._complete_answer(bucket, key, result["ETag"])
+            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"], spooled.checksum)
+        self._complete_answer(bucket, key, result["ETag"], spooled.checksum)
 
-    def _complete_answer(self, bucket: str, key: str, etag: str) -> None:
+    def _complete_answer(
+        self, bucket: str, key: str, etag: str, checksum: tuple[str, str] | None
+    ) -> None:
         host = self._headers.get("host", "")
         body = (
             _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
@@ -16657,6 +17359,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("Key", key)
             + _el("ETag", etag)
         )
+        for name, value in _stored_checksum(
+            {_CHECKSUM_META + checksum[0]: checksum[1]} if checksum else {}
+        ).items():
+            body += _el(name, value)
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
 
 
@@ -17428,9 +18134,15 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = getattr(args, "max_concurrency", None) or 10
-        # Small files stored whole get a pool of their own unless the option bounds all.
-        self.quick_workers = 0 if getattr(args, "max_concurrency", None) else _QUICK_WORKERS
+        # Transfers run --max-concurrency at once; the gateway serves --workers requests at
+        # once, each with its back-end connection: the client's pool keeps that many
+        # alive, where a smaller one would close and reopen them under load.
+        self.workers: int = (
+            getattr(args, "max_concurrency", None) or getattr(args, "workers", None) or 10
+        )
+        # Small files stored whole get a pool of their own unless an option bounds all.
+        bounded = getattr(args, "max_concurrency", None) or getattr(args, "workers", None)
+        self.quick_workers = 0 if bounded else _QUICK_WORKERS
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
