@@ -3144,19 +3144,19 @@ def test_sign_headers_replaces_old_auth_headers() -> None:
     assert "x-amz-security-token" in headers["Authorization"]
 
 
-@pytest.mark.parametrize("expires, ok", [(0, False), (1, True), (604800, True), (604801, False)])
-def test_presign_expiry_bounds(expires: int, ok: bool) -> None:
+@pytest.mark.parametrize("expires", [0, -5, 1, 604800, 604801, 10**9])
+def test_presign_signs_any_expiry_as_botocore_does(expires: int) -> None:
+    """botocore signs whatever ExpiresIn it is given and leaves the range (1 s to 7 days)
+    to the server, which refuses the URL when it is used (s3-tests
+    test_object_raw_get_x_amz_expires_out_range_zero): so do we."""
     signer = dg._SigV4("AK", "SK", None, "us-east-1")
-    calls = [
-        lambda: signer.presign_query("GET", "h", "/b/k", [], expires, _AWS_DOC_NOW),
-        lambda: signer.presign_post({"key": "k"}, [], expires, _AWS_DOC_NOW),
-    ]
-    for call in calls:
-        if ok:
-            call()
-        else:
-            with pytest.raises(dg.ParamValidationError):
-                call()
+    query = signer.presign_query("GET", "h", "/b/k", [], expires, _AWS_DOC_NOW)
+    assert ("X-Amz-Expires", str(expires)) in urllib.parse.parse_qsl(query)
+    policy = signer.presign_post({"key": "k"}, [], expires, _AWS_DOC_NOW)["policy"]
+    expiration = json.loads(base64.b64decode(policy))["expiration"]
+    assert expiration == (_AWS_DOC_NOW + datetime.timedelta(seconds=expires)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
 # -- property tests against botocore ----------------------------------------
@@ -3312,7 +3312,7 @@ def _botocore_presign(
     ),
     creds=_sigv4_creds,
     region=_sigv4_regions,
-    expires=st.integers(1, 604800),
+    expires=st.one_of(st.integers(1, 604800), st.integers(-60, 0), st.integers(604801, 10**9)),
     when=_sigv4_times,
 )
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -3413,7 +3413,7 @@ _post_conditions = st.lists(
     conditions=_post_conditions,
     creds=_sigv4_creds,
     region=_sigv4_regions,
-    expires=st.integers(1, 604800),
+    expires=st.one_of(st.integers(1, 604800), st.integers(-60, 0), st.integers(604801, 10**9)),
     when=_sigv4_times,
 )
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -10105,6 +10105,16 @@ def test_parity_presign_direct(parity_env: ParityEnv) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(url, timeout=30)
         assert info.value.code == 404
+    # An expiry outside 1 s to 7 days is signed as given and refused by the server when used.
+    for expires in (0, 604801):
+        for c, b in ((env.boto, b_boto), (env.dg, b_dg)):
+            url = c.generate_presigned_url(
+                "get_object", Params={"Bucket": b, "Key": "p/a.txt"}, ExpiresIn=expires
+            )
+            assert "X-Amz-Expires=%d" % expires in url
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url, timeout=30)
+            assert info.value.code in (400, 403), (expires, info.value.code)
     theirs_post = env.boto.generate_presigned_post(b_boto, "p/up.txt", ExpiresIn=300)
     ours_post = env.dg.generate_presigned_post(b_dg, "p/up.txt", ExpiresIn=300)
     assert_same_shape(theirs_post, ours_post, "generate_presigned_post")
@@ -11912,6 +11922,12 @@ def test_gateway_refuses_anonymous_skewed_and_expired_requests(tmp_path: Any) ->
             text = err.value.read()
             assert _error_code(text) == "AccessDenied" and b"Request has expired" in text
         offset[0] = datetime.timedelta(0)
+        zero = v4.generate_presigned_url(  # S3 refuses a URL that lives 0 s (s3-tests)
+            "get_object", Params={"Bucket": "gwbucket", "Key": "a.txt"}, ExpiresIn=0
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(zero)
+        assert (err.value.code, _error_code(err.value.read())) == (403, "AccessDenied")
         tampered = urls[0].replace("a.txt", "b.txt")
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(tampered)
