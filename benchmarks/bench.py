@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import platform
@@ -341,6 +342,51 @@ def _small_files(folder, count):
     return folder
 
 
+def _site_tree(folder, count):
+    """#17's many-files tree: a web-site build of ``count`` files, .js/.css/.json/.txt/.html/.map
+    of 1-50 KB (most near 6 KB) in 13 folders, plus count/100 (at least 3) small
+    .zip/.jar/.whl releases of one package (delta-eligible: each changes one module)."""
+    stamp = folder.rstrip("/") + ".complete"  # beside the tree, not in it
+    if os.path.exists(stamp):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(17)
+    words = ["function", "return", "const", "var", "let", "class", "export", "import", "div", "span",
+             "color", "margin", "padding", "true", "false", "null", "value", "items", "data", "name"]
+    words += ["w%d" % i for i in range(300)]
+
+    def text(size):
+        out, n = [], 0
+        while n < size:
+            w = rng.choice(words)
+            out.append(w + ("\n" if rng.random() < 0.08 else ""))
+            n += len(w) + 1
+        return " ".join(out)[:size].encode()
+
+    dirs = ["", "assets/js/", "assets/css/", "assets/img/", "docs/", "docs/api/", "docs/guide/",
+            "static/", "static/vendor/", "data/", "i18n/", "blog/2024/", "blog/2025/"]
+    exts = [".js", ".css", ".json", ".txt", ".html", ".html", ".js", ".map"]
+    n_arch = max(3, count // 100)
+    for i in range(count - n_arch):
+        d = os.path.join(folder, rng.choice(dirs))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%04d%s" % (i, rng.choice(exts))), "wb") as f:
+            f.write(text(int(rng.triangular(1024, 50 * 1024, 6 * 1024))))
+    d = os.path.join(folder, "downloads")
+    os.makedirs(d, exist_ok=True)
+    members = [text(rng.randint(2000, 30000)) for _ in range(8)]
+    for j in range(n_arch):
+        members[j % 8] = text(rng.randint(2000, 30000))  # each release changes one module
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for m, data in enumerate(members):
+                z.writestr(zipfile.ZipInfo("pkg/mod%d.py" % m, date_time=(2026, 1, 1, 0, 0, 0)), data)
+        with open(os.path.join(d, "pkg-1.%d%s" % (j, [".zip", ".jar", ".whl"][j % 3])), "wb") as f:
+            f.write(buf.getvalue())
+    open(stamp, "w").close()
+    return folder
+
+
 def _synthetic_zips(folder, n, size, deflated=False, ext=".zip"):
     """n consecutive 'releases': zips of the same text/binary members with small changes
     (stored, or deflated as jars and wheels are)."""
@@ -421,6 +467,7 @@ def build_corpus(args):
     series["big"] = _synthetic_big(os.path.join(base, "big"), args.big_mib * MiB)
     small = _small_files(os.path.join(base, "small"), args.small_files)
     many = _small_files(os.path.join(base, "many"), args.list_objects)
+    args.tree_dir = _site_tree(os.path.join(base, "tree%d" % args.tree_files), args.tree_files)
     return series, small, many
 
 
@@ -441,6 +488,9 @@ class Tool:
 
     def ls_r(self, bucket, prefix):
         return self.argv + ["ls", "--recursive", "s3://%s/%s" % (bucket, prefix)]
+
+    def sync_up(self, folder, bucket, prefix):
+        return self.argv + ["sync", folder, "s3://%s/%s" % (bucket, prefix)]
 
     def version(self):
         return self.argv + ["--version"]
@@ -484,15 +534,22 @@ def make_tools(args, endpoint, tmp):
                                                            "s3://%s/%s" % (b, p)]
             tools[-1].ls_r = lambda b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "ls",
                                                    "--recursive", "s3://%s/%s" % (b, p)]
+            tools[-1].sync_up = lambda folder, b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "sync",
+                                                              "--only-show-errors", folder,
+                                                              "s3://%s/%s" % (b, p)]
     for t in tools:
         if t.name.startswith("ours"):
             t.up_r = (lambda folder, b, p, t=t: t.argv + ["cp", "-r", "--only-show-errors", folder,
                                                         "s3://%s/%s" % (b, p)])
             t.ls_r = lambda b, p, t=t: t.argv + ["ls", "-r", "s3://%s/%s" % (b, p)]
+            t.sync_up = (lambda folder, b, p, t=t: t.argv + ["sync", "--only-show-errors", folder,
+                                                           "s3://%s/%s" % (b, p)])
             t.version = lambda t=t: [t.argv[0], OURS, "--version"]
         if t.name == "original":
             t.up_r = lambda folder, b, p, t=t: t.argv + ["cp", "-r", "-q", folder.rstrip("/") + "/",
                                                         "s3://%s/%s" % (b, p)]
+            t.sync_up = lambda folder, b, p, t=t: t.argv + ["sync", "-q", folder.rstrip("/") + "/",
+                                                           "s3://%s/%s" % (b, p)]
     return tools, notes
 
 
@@ -530,7 +587,8 @@ class Bench:
         self.s3 = RawS3(endpoint)
         self.errors = []        # problems with OUR tool -> non-zero exit
         self.notes = []         # problems with the others
-        self.data = {"series": {}, "version": {}, "ls": {}, "small": {}, "floor": {}, "baseline_rss": 0}
+        self.data = {"series": {}, "version": {}, "ls": {}, "small": {}, "tree": {}, "floor": {},
+                     "baseline_rss": 0}
 
     def fail(self, tool, msg):
         (self.errors if tool.name.startswith("ours") else self.notes).append("%s: %s" % (tool.name, msg))
@@ -725,6 +783,42 @@ class Bench:
             log("%-8s cp -r %d small files median %.2fs" % (tool.name, n, statistics.median(times[tool.name])))
 
 
+    def tree(self, tools, folder, reps):
+        """#17's many-files workload, interleaved per repetition: `cp -r` of the site tree to
+        an empty prefix, `sync` of it to another, then the same `sync` again with nothing
+        changed (which must send nothing). Each run's stored objects are counted raw."""
+        n = sum(len(f) for _, _, f in os.walk(folder))
+        times = {t.name: {"cp": [], "sync": [], "sync2": []} for t in tools}
+        for rep in range(reps):
+            for tool in tools:
+                bucket = "bench-" + tool.name
+                self.s3.make_bucket(bucket)
+                for step, prefix, argv in (
+                    ("cp", "tree-cp/r%d/" % rep, tool.up_r),
+                    ("sync", "tree-sync/r%d/" % rep, tool.sync_up),
+                    ("sync2", "tree-sync/r%d/" % rep, tool.sync_up),
+                ):
+                    if step != "sync2":
+                        self.s3.delete_prefix(bucket, prefix)
+                    r = run(argv(folder, bucket, prefix), tool.env)
+                    keys = [k for k, _ in self.s3.list(bucket, prefix)]
+                    logical = {k[: -len(".delta")] if k.endswith(".delta") else k for k in keys
+                               if not k.endswith("/reference.bin")}
+                    if r.rc != 0 or len(logical) < n:
+                        self.fail(tool, "%s of the %d-file tree: rc=%d, %d objects %s"
+                                  % (step, n, r.rc, len(logical), r.err[-300:]))
+                    if step == "sync2" and r.out.strip():
+                        self.fail(tool, "second sync sent %d lines: %s" % (len(r.out.splitlines()),
+                                                                           r.out[:200]))
+                    times[tool.name][step].append(r.secs)
+                for prefix in ("tree-cp/r%d/" % rep, "tree-sync/r%d/" % rep):
+                    self.s3.delete_prefix(bucket, prefix)
+        for tool in tools:
+            self.data["tree"][tool.name] = dict(times[tool.name], files=n)
+            log("%-8s %d-file tree: cp -r %.2fs, sync %.2fs, sync again %.2fs (medians)"
+                % (tool.name, n, *(statistics.median(times[tool.name][k]) for k in ("cp", "sync", "sync2"))))
+
+
 # --------------------------------------------------------------------------- report
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -875,10 +969,17 @@ def targets(data, summ, args):
             for phase, key in (("upload", "up_tree_rss"), ("download", "down_tree_rss")):
                 add("(#17) %s %s, whole process tree ≤ 600 MB" % (name, phase), fmt_b(o[key]),
                     o[key] <= 600e6, "RSS summed over Python and xdelta3, polled")
-    if "ours" in sm and "awscli" in sm:
-        r = ratio(med(sm["ours"]), med(sm["awscli"]))
-        add("(#17) cp -r of %d small files ≤ 0.5× `aws s3 cp --recursive`" % args.small_files, "%.2f×" % r,
-            r <= 0.5, "%ss vs %ss" % (fmt_s(med(sm["ours"])), fmt_s(med(sm["awscli"]))))
+    tr = data.get("tree", {})
+    if "ours" in tr and "awscli" in tr:
+        o, a, g = tr["ours"], tr["awscli"], tr.get("original", {})
+        for step, what, goal in (("cp", "`cp -r`", 0.5), ("sync", "`sync` (first)", 0.5),
+                                 ("sync2", "`sync` again, nothing changed,", 1.0)):
+            r = ratio(med(o[step]), med(a[step]))
+            if r is None:
+                continue
+            add("(#17) %s of the %d-file tree ≤ %s× aws's" % (what, o["files"], goal), "%.2f×" % r, r <= goal,
+                "%ss vs %ss (original 6.2.0: %ss)" % (fmt_s(med(o[step])), fmt_s(med(a[step])),
+                                                     fmt_s(med(g.get(step, [])))))
     if "ours" in ls and "awscli" in ls:
         r = ratio(med(ls["ours"]["times"]), med(ls["awscli"]["times"]))
         add("(#17) `ls -r` over %d objects ≤ 0.5× `aws s3 ls --recursive`" % ls["ours"]["objects"],
@@ -977,6 +1078,12 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
                    else "—" for t in tools)))
     L.append("| `cp -r` of %d small files (median s) | %s |" % (
         args.small_files, " | ".join(fmt_s(med(data["small"].get(t.name, []))) for t in tools)))
+    tr = data.get("tree", {})
+    for step, what in (("cp", "`cp -r`"), ("sync", "`sync` to an empty prefix"),
+                       ("sync2", "the same `sync` again (nothing changed)")):
+        L.append("| %s of the %s-file site tree (median s) | %s |" % (
+            what, next(iter(tr.values()))["files"] if tr else "?",
+            " | ".join(fmt_s(med(tr[t.name][step])) if t.name in tr else "—" for t in tools)))
     L.append("| interpreter baseline RSS (`python3 -c pass`) | %s |" % fmt_b(data["baseline_rss"]))
     L.append("")
     if notes or errors:
@@ -1008,6 +1115,8 @@ def parse_args(argv=None):
     ap.add_argument("--image-mib", type=int, default=None,
                     help="#17's image pair, five 64 KiB regions changed (default 300; --small: 16)")
     ap.add_argument("--small-files", type=int, default=None, help="default 1000 (--small: 20)")
+    ap.add_argument("--tree-files", type=int, default=None,
+                    help="files in #17's site tree for cp -r and sync (default 1000; --small: 50)")
     ap.add_argument("--list-objects", type=int, default=None,
                     help="objects for ls -r (default 100000; --small: 200)")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "deltaglider-bench"))
@@ -1017,7 +1126,7 @@ def parse_args(argv=None):
     ap.add_argument("--original-venv", help="venv holding deltaglider==6.2.0 (default: CACHE/venv-dg620)")
     ap.add_argument("--awscli-venv", help="venv holding awscli (default: CACHE/venv-awscli)")
     ap.add_argument("--skip", action="append", default=[], choices=["original", "awscli"])
-    ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small)")
+    ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small, tree)")
     ap.add_argument("--big-tools", default="ours,original,awscli", help="tools run on the big file")
     ap.add_argument("--keep-objects", action="store_true")
     ap.add_argument("--out", help="where RESULTS.md and results.json go (default: benchmarks/; "
@@ -1054,6 +1163,8 @@ def main():
         args.image_mib = 16 if args.small else 300
     if args.small_files is None:
         args.small_files = 20 if args.small else 1000
+    if args.tree_files is None:
+        args.tree_files = 50 if args.small else 1000
     if args.list_objects is None:
         args.list_objects = 200 if args.small else 100000
     os.makedirs(args.cache, exist_ok=True)
@@ -1090,6 +1201,8 @@ def main():
             b.ls(plain_tools, many, max(3, args.repeat) if not args.small else 1)
         if want("small"):
             b.small(plain_tools, small, args.repeat)
+        if want("tree"):
+            b.tree(plain_tools, args.tree_dir, args.repeat)
         for name, files in series.items():
             if not want(name):
                 continue
