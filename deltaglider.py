@@ -19,45 +19,24 @@ import argparse
 import array
 import base64
 import collections
-import concurrent.futures
-import configparser
 import contextlib
 import dataclasses
 import datetime
-import email.utils
 import fnmatch
 import functools
-import hashlib
-import hmac
-import http.client
-import http.server
 import io
-import ipaddress
 import itertools
-import json
 import logging
 import math
 import mmap
 import os
-import pathlib
-import random
 import re
-import shlex
-import shutil
 import signal
-import socket
-import socketserver
-import ssl
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
-import uuid
-import xml.etree.ElementTree as ET
 import zlib
 
 try:  # POSIX only; on Windows the local store's bucket lock is a threading lock alone
@@ -66,6 +45,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 from typing import (
     IO,
+    TYPE_CHECKING,
     Any,
     Callable,
     Container,
@@ -82,6 +62,19 @@ from typing import (
     Union,
     cast,
 )
+
+# Imported inside the functions that use them, not here: a command loads only what it
+# needs (start-up time, issue 17). Imported here for the type checker alone.
+if TYPE_CHECKING:
+    import concurrent.futures
+    import http.client
+    import http.server
+    import pathlib
+    import socket
+    import socketserver
+    import ssl
+    import subprocess
+    import xml.etree.ElementTree as ET
 
 # 7.x: the successor of the original deltaglider 6.x (same bucket layout, its SDK surface),
 # numbered above it so that `pip install -U deltaglider` never takes 6.2.0 for an upgrade.
@@ -606,6 +599,8 @@ def _iso_utc(dt: datetime.datetime) -> str:
 def _parse_timestamp(value: str) -> datetime.datetime:
     """Parse ISO-8601 (with or without ``Z``/fraction, as older writers left them) or an
     RFC 1123 HTTP date into an aware UTC datetime."""
+    import email.utils
+
     text = value.strip()
     if not text:
         raise ValueError("empty timestamp")
@@ -716,11 +711,15 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
 
 
 def _http_date(dt: datetime.datetime) -> str:
+    import email.utils
+
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
 
 def _quote(text: str, safe: str = "-_.~") -> str:
     """Percent-encode as SigV4 wants: everything but unreserved characters (RFC 3986)."""
+    import urllib.parse
+
     return urllib.parse.quote(text, safe=safe)
 
 
@@ -729,6 +728,8 @@ def _quote_key(key: str) -> str:
 
     S3 paths are encoded once and not normalised (AWS SigV4 docs, "Do not normalize URI
     paths for requests to Amazon S3"; botocore quotes keys with ``safe='/~'``)."""
+    import urllib.parse
+
     return urllib.parse.quote(key, safe="/~")
 
 
@@ -759,6 +760,8 @@ def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
 def _xml_parse(data: bytes) -> ET.Element:
     """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs)."""
     # S3 XML is UTF-8; a UTF-16/32 document would hide a DTD from the byte check below.
+    import xml.etree.ElementTree as ET
+
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
         raise ValueError("XML that is not UTF-8 is refused")
     lowered = data.lower()
@@ -815,6 +818,8 @@ class _Hashes:
     they are written elsewhere."""
 
     def __init__(self, md5: bool = False) -> None:
+        import hashlib
+
         self._sha256 = hashlib.sha256()
         self._md5 = hashlib.md5() if md5 else None
         self.size = 0
@@ -857,6 +862,8 @@ def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
+    import tempfile
+
     spooled: IO[bytes] = tempfile.TemporaryFile()
     while True:
         chunk = body.read(_IO_CHUNK)
@@ -874,6 +881,8 @@ def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tu
     the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
     sweep can tell a leftover by its name. Files that need no name (a body spooled for
     retries, xdelta3's stderr) are tempfile.TemporaryFile: private, and gone at close."""
+    import tempfile
+
     return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
@@ -1226,9 +1235,17 @@ _UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider
 )
 
 _Profile = Dict[str, Union[str, Dict[str, str]]]
-# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
+# http_request(method, url, headers, timeout) -> (status, body); raises OSError,
+# HTTPException, or _ReplyTooLarge.
 _HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
 _Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _run_process(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run, imported when a process first starts: most commands start none."""
+    import subprocess
+
+    return subprocess.run(*args, **kwargs)
 
 
 def _is_true(value: str | None) -> bool:
@@ -1257,6 +1274,8 @@ def _check_region(region: str) -> str:
 
 
 def _check_endpoint(url: str) -> str:
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfigError(
@@ -1415,6 +1434,8 @@ def _parse_nested(value: str, where: str) -> dict[str, str]:
 
 def _read_ini(path: str) -> dict[str, _Profile]:
     # RawConfigParser: no %-interpolation, so secrets containing '%' survive (as in botocore).
+    import configparser
+
     parser = configparser.RawConfigParser()
     try:
         with open(path, encoding="utf-8") as f:
@@ -1595,6 +1616,8 @@ def _env_proxy_var(environ: Mapping[str, str], name: str) -> str | None:
 
 
 def _no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    import ipaddress
+
     for entry in re.split(r"[,\s]+", no_proxy.strip().lower()):
         if not entry:
             continue
@@ -1632,6 +1655,8 @@ def _proxy_for(
     otherwise <scheme>_proxy, then all_proxy, unless no_proxy matches (domains with or without a
     leading dot, `*`, host:port, IP addresses and CIDR blocks).
     """
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -1778,6 +1803,8 @@ def _parse_expiry(value: object, provider: str) -> datetime.datetime | None:
 def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Credentials:
     """Parse the JSON of credential_process (token_key 'SessionToken') or of the container and
     IMDS endpoints ('Token'). Error messages name fields, never values."""
+    import json
+
     try:
         data = json.loads(body)
     except ValueError:
@@ -1816,6 +1843,9 @@ def _http_request(
 ) -> tuple[int, bytes]:
     """One request over http.client (no proxy, no redirects): the credential endpoints are
     link-local or loopback, and must not be reached through a proxy."""
+    import http.client
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
@@ -1841,6 +1871,9 @@ def _fetch_process(command: str, profile_name: str, run: _Run) -> _Credentials:
     stderr is not captured, so helpers can prompt (e.g. for MFA) and show their own errors;
     stdout is never echoed because it holds the secret on success and may on failure.
     """
+    import shlex
+    import subprocess
+
     where = f"credential_process of profile {profile_name!r}"
     try:
         argv = shlex.split(command)
@@ -1862,6 +1895,9 @@ def _fetch_process(command: str, profile_name: str, run: _Run) -> _Credentials:
 
 
 def _container_url(environ: Mapping[str, str]) -> str | None:
+    import ipaddress
+    import urllib.parse
+
     relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
     if relative:
         return _CONTAINER_ENDPOINT + relative
@@ -1890,6 +1926,9 @@ def _fetch_container(
     http_request: _HttpRequest,
     sleep: Callable[[float], None],
 ) -> _Credentials:
+    import http.client
+    import urllib.parse
+
     headers: dict[str, str] = {"Accept": "application/json"}
     token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
     token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
@@ -1916,7 +1955,7 @@ def _fetch_container(
             sleep(_CONTAINER_RETRY_SLEEP)
         try:
             status, body = http_request("GET", url, headers, _CONTAINER_TIMEOUT)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, _ReplyTooLarge) as exc:
             problem = f"{type(exc).__name__}: {exc}"
             continue
         if status == 200:
@@ -1931,6 +1970,8 @@ def _fetch_container(
 def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Credentials | None:
     """EC2 instance role credentials via IMDSv2, falling back to v1 like botocore (utils.py
     IMDSFetcher L395+). None when there is no metadata service or no role."""
+    import urllib.parse
+
     if _is_true(environ.get("AWS_EC2_METADATA_DISABLED")):
         return None
     mode = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE") or "ipv4").lower()
@@ -1945,10 +1986,12 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
+        import http.client
+
         for _ in range(attempts):
             try:
                 return http_request(method, base + path, headers, timeout)
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, _ReplyTooLarge) as exc:
                 logger.debug("IMDS %s %s failed: %s: %s", method, path, type(exc).__name__, exc)
         return None
 
@@ -2056,7 +2099,7 @@ def _resolve_credentials(
     profile: _Profile | None = None,
     environ: Mapping[str, str] = os.environ,
     now: Callable[[], datetime.datetime] = _utcnow,
-    run: _Run = subprocess.run,
+    run: _Run = _run_process,
     http_request: _HttpRequest = _http_request,
     sleep: Callable[[float], None] = time.sleep,
     anonymous: bool = False,
@@ -2128,6 +2171,9 @@ class _SigningKeyCache:
         self._keys: dict[tuple[str, str, str, str], bytes] = {}
 
     def get(self, secret: str, date: str, region: str, service: str) -> bytes:
+        import hashlib
+        import hmac
+
         ident = (hashlib.sha256(secret.encode()).hexdigest(), date, region, service)
         with self._lock:
             key = self._keys.get(ident)
@@ -2167,6 +2213,8 @@ def _canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
 
 def _host_header(scheme: str, netloc: str) -> str:
     """The Host value as signed: lower case, default port dropped (botocore _host_from_url)."""
+    import urllib.parse
+
     parts = urllib.parse.urlsplit("%s://%s" % (scheme, netloc))
     host = (parts.hostname or "").lower()
     if ":" in host:
@@ -2202,10 +2250,15 @@ class _SigV4:
         return "%s/%s/%s/aws4_request" % (date, self.region, self.service)
 
     def _signature(self, string_to_sign: str, date: str) -> str:
+        import hashlib
+        import hmac
+
         key = _SIGNING_KEYS.get(self._secret_key, date, self.region, self.service)
         return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def _string_to_sign(self, canonical_request: str, timestamp: str) -> str:
+        import hashlib
+
         return "\n".join(
             (
                 _SIGV4_ALGORITHM,
@@ -2296,6 +2349,8 @@ class _SigV4:
         now: datetime.datetime,
     ) -> dict[str, str]:
         """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth)."""
+        import json
+
         if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
             raise ParamValidationError(
                 report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
@@ -2355,6 +2410,9 @@ class StreamingBody(io.IOBase):
         return self._amount_read
 
     def read(self, amt: int | None = None) -> bytes:
+        import http.client
+        import socket
+
         if self._eof:
             return b""
         try:
@@ -2465,6 +2523,8 @@ class _DeadlineReader:
         self._since = 0  # bytes received since the deadline was last set
 
     def _arm(self) -> None:
+        import socket
+
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("no reply within the request timeout")
@@ -2539,32 +2599,27 @@ class _DeadlineReader:
         return getattr(self._fp, name)
 
 
-class _DeadlineResponse(http.client.HTTPResponse):
-    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
-
-    read_timeout: float | None = None
-    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
-
-    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
-        self.fp = cast(Any, reader)
-
-
 @functools.lru_cache(maxsize=None)
 def _deadline_response_class(
     read_timeout: float | None, request_timeout: float
-) -> type[_DeadlineResponse]:
+) -> type[http.client.HTTPResponse]:
     """The response class for connections with these timeouts (http.client makes the
-    response itself, from ``conn.response_class``)."""
-    return type(
-        "_DeadlineResponse",
-        (_DeadlineResponse,),
-        {"read_timeout": read_timeout, "request_timeout": request_timeout},
-    )
+    response itself, from ``conn.response_class``): an HTTPResponse whose socket reads keep
+    to a deadline (see _DeadlineReader)."""
+    import http.client
+
+    class _DeadlineResponse(http.client.HTTPResponse):
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(sock, *args, **kwargs)
+            reader = _DeadlineReader(self.fp, sock, read_timeout, request_timeout)
+            self.fp = cast(Any, reader)
+
+    return _DeadlineResponse
 
 
-class _ReplyTooLarge(http.client.HTTPException):
+class _ReplyTooLarge(Exception):
+    """A reply past _MAX_REPLY_BYTES (callers name it beside http.client's errors)."""
+
     def __init__(self, what: str, length: int | None) -> None:
         super().__init__(
             "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
@@ -2591,26 +2646,38 @@ def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
         chunks.append(chunk)
 
 
-class _HTTPConnection(http.client.HTTPConnection):
-    """Separate connect and read timeouts: connect with one, then switch the socket."""
-
-    read_timeout: float | None = None
-    dg_proxy_headers: dict[str, str] | None = None
-
-    def connect(self) -> None:
-        super().connect()
-        if self.sock is not None:
-            self.sock.settimeout(self.read_timeout)
+#: A connection class of _connection_classes: (host, port, proxy_headers=, **http.client's).
+_NewConnection = Callable[..., "http.client.HTTPConnection"]
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    read_timeout: float | None = None
-    dg_proxy_headers: dict[str, str] | None = None
+@functools.lru_cache(maxsize=None)
+def _connection_classes(read_timeout: float | None) -> tuple[_NewConnection, _NewConnection]:
+    """http.client's HTTP and HTTPS connections with separate connect and read timeouts:
+    connect with one, then switch the socket to ``read_timeout``. ``proxy_headers`` go
+    with each request (plain http through a proxy; see _write_request)."""
+    import http.client
 
-    def connect(self) -> None:
-        super().connect()
-        if self.sock is not None:
-            self.sock.settimeout(self.read_timeout)
+    class _HTTPConnection(http.client.HTTPConnection):
+        def __init__(self, *args: Any, proxy_headers: dict[str, str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dg_proxy_headers = proxy_headers
+
+        def connect(self) -> None:
+            super().connect()
+            if self.sock is not None:
+                self.sock.settimeout(read_timeout)
+
+    class _HTTPSConnection(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, proxy_headers: dict[str, str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dg_proxy_headers = proxy_headers
+
+        def connect(self) -> None:
+            super().connect()
+            if self.sock is not None:
+                self.sock.settimeout(read_timeout)
+
+    return _HTTPConnection, _HTTPSConnection
 
 
 _PoolKey = Tuple[str, str, int]
@@ -2643,6 +2710,8 @@ class _ConnectionPool:
         self._ssl_context: ssl.SSLContext | None = None
 
     def _context(self) -> ssl.SSLContext:
+        import ssl
+
         if self._ssl_context is None:
             if self._verify is False:
                 ctx = ssl.create_default_context()
@@ -2670,7 +2739,10 @@ class _ConnectionPool:
     def _new(
         self, scheme: str, host: str, port: int, proxy: str | None
     ) -> http.client.HTTPConnection:
-        conn: _HTTPConnection | _HTTPSConnection
+        import urllib.parse
+
+        new_http, new_https = _connection_classes(self._read_timeout)
+        conn: http.client.HTTPConnection
         tunnel_headers: dict[str, str] = {}
         target_host, target_port = host, port
         if proxy:
@@ -2688,9 +2760,10 @@ class _ConnectionPool:
                 p.port or (443 if p.scheme == "https" else 80),
             )
         if scheme == "https":
-            conn = _HTTPSConnection(
+            conn = new_https(
                 target_host,
                 target_port,
+                proxy_headers={},
                 timeout=self._connect_timeout,
                 context=self._context(),
                 blocksize=_IO_CHUNK,
@@ -2698,12 +2771,14 @@ class _ConnectionPool:
             if proxy:
                 conn.set_tunnel(host, port, headers=tunnel_headers)
         else:
-            conn = _HTTPConnection(
-                target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
+            conn = new_http(
+                target_host,
+                target_port,
+                proxy_headers=tunnel_headers if proxy else {},
+                timeout=self._connect_timeout,
+                blocksize=_IO_CHUNK,
             )
-        conn.read_timeout = self._read_timeout
         conn.response_class = self._response_class
-        conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
     def release(self, key: _PoolKey, conn: http.client.HTTPConnection, reusable: bool) -> None:
@@ -2779,6 +2854,10 @@ def _send_once(
     failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
     connection closed or refused. A local read error of the body is raised as itself
     (an OSError: not retried as a network one)."""
+    import http.client
+    import socket
+    import ssl
+
     conn, absolute = pool.acquire(*key)
     target = url
     if absolute:
@@ -2849,6 +2928,9 @@ def _read_response(
     streamed 2xx reply (it gives the connection back to the pool once read or closed);
     otherwise the whole body, bounded, and checked against its Content-Length. The
     connection is reused only after a complete reply."""
+    import http.client
+    import socket
+
     resp_headers = _response_headers(raw)
     status = raw.status
     if method == "HEAD" or status in (204, 304):
@@ -2893,6 +2975,13 @@ def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
     exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
     return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
+
+
+def _random() -> float:
+    """random.random(), imported at the first retry: the jitter of _retry_delay."""
+    import random
+
+    return random.random()
 
 
 ###############################################################################
@@ -3360,12 +3449,16 @@ def _all_uploads(storage: _Storage, bucket: str, prefix: str = "") -> list[dict[
     costing storage."""
 
     def fetch(token: str | None) -> dict[str, Any]:
+        import json
+
         key_marker, upload_id_marker = json.loads(token) if token else ("", "")
         return storage.list_multipart_uploads(
             bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
         )
 
     def next_token(page: dict[str, Any]) -> str | None:
+        import json
+
         markers = [page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or ""]
         return json.dumps(markers) if any(markers) else None
 
@@ -3435,6 +3528,9 @@ def _parse_error(
     HEAD errors have no body: the code is the status as a string and the message the
     reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
     a readable message instead of a parser traceback."""
+    import http.client
+    import xml.etree.ElementTree as ET
+
     error: dict[str, Any] = {
         "Code": str(status),
         "Message": reason or http.client.responses.get(status, ""),
@@ -3474,6 +3570,8 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
     """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
 
     def dec(value: str | None) -> str | None:
+        import urllib.parse
+
         if value is None or not encoded:
             return value
         return urllib.parse.unquote_plus(value)
@@ -3584,8 +3682,10 @@ class _S3Storage:
         payload_signing: bool = True,
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
-        rand: Callable[[], float] = random.random,
+        rand: Callable[[], float] = _random,
     ) -> None:
+        import urllib.parse
+
         self.region = region
         self._credentials = credentials
         self._max_attempts = max(1, int(max_attempts))
@@ -3671,6 +3771,8 @@ class _S3Storage:
         return _SigV4(creds.access_key, creds.secret_key, creds.token, region)
 
     def _payload_hash(self, body: Any, given: str | None) -> str:
+        import hashlib
+
         if given:
             return given
         if body is None or body == b"":
@@ -3793,6 +3895,8 @@ class _S3Storage:
         return region if region and region != self.region else None
 
     def _xml(self, resp: _Response) -> ET.Element:
+        import xml.etree.ElementTree as ET
+
         try:
             return _xml_parse(resp.body)
         except (ET.ParseError, ValueError) as e:
@@ -4006,6 +4110,8 @@ class _S3Storage:
         """DeleteObjects for up to 1000 keys (S3's limit per request; ``check_limit=False``
         sends more and lets the server answer, as boto3 does). ``conditions`` maps a key to
         its ``ETag``/``LastModifiedTime``/``Size`` conditions, sent for the server to decide."""
+        import hashlib
+
         if check_limit and len(keys) > _DELETE_BATCH:
             raise ParamValidationError(report="DeleteObjects takes at most 1000 keys")
         conditions = conditions or {}
@@ -4152,6 +4258,8 @@ class _S3Storage:
     def put_object_tagging(
         self, bucket: str, key: str, tags: list[dict[str, str]]
     ) -> dict[str, Any]:
+        import hashlib
+
         body = (
             '<Tagging xmlns="%s"><TagSet>%s</TagSet></Tagging>'
             % (
@@ -4393,6 +4501,8 @@ class _S3Storage:
     def supports_conditional_writes(self, bucket: str) -> bool:
         """Whether the server honours ``If-None-Match: *`` on PUT: write a probe object
         twice; a server that ignores the header lets the second PUT through."""
+        import uuid
+
         if self._conditional_writes is None:
             probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
             self.put_object(bucket, probe, b"1", if_none_match=True)
@@ -4413,6 +4523,8 @@ class _S3Storage:
     def supports_conditional_multipart(self, bucket: str) -> bool:
         """Whether ``If-None-Match: *`` on CompleteMultipartUpload is honoured too (AWS,
         Swift and SeaweedFS do): complete an upload over an existing probe object."""
+        import uuid
+
         if self._conditional_multipart is None:
             self._conditional_multipart = False
             if self.supports_conditional_writes(bucket):
@@ -4451,6 +4563,8 @@ def _local_root_from_url(url: str) -> str:
 
     Relative forms are refused: in ``file://store/x`` the ``store`` is a host name (RFC 8089),
     and silently reading it as a folder would put artifacts somewhere unexpected."""
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     hint = "use file:///absolute/path (percent-encode '?', '#' and '%' in it)"
     if parts.scheme.lower() != "file":
@@ -4592,6 +4706,8 @@ class _LocalFiles:
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
         # from it (a store that ignores If-None-Match, as tests make this one pretend).
+        import uuid
+
         sent = {"date": _http_date(self._now())}
         sent.update(headers or {})
         return {
@@ -4607,6 +4723,8 @@ class _LocalFiles:
     ) -> ClientError:
         """The ClientError :class:`_S3Storage` raises after parsing S3's reply. A HEAD reply
         (and a 304) has no body: botocore then uses the status and reason phrase."""
+        import http.client
+
         if head or status == 304:
             reason = _LOCAL_REASONS.get(status) or http.client.responses.get(status, "")
             error = {"Code": str(status), "Message": reason}
@@ -4687,6 +4805,8 @@ class _LocalFiles:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
     def _write_json(self, operation: str, bucket: str, bdir: str, path: str, obj: Any) -> None:
+        import json
+
         fd, tmp = self._mkstemp(operation, bucket, bdir, "j-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -4700,6 +4820,8 @@ class _LocalFiles:
 
     @staticmethod
     def _read_json(path: str) -> Any:
+        import json
+
         try:
             with open(path, "rb") as f:
                 return json.load(f)
@@ -4711,6 +4833,8 @@ class _LocalFiles:
     ) -> tuple[str, int, str, str]:
         """Stream a body into a fsynced temp file: (path, size, MD5 hex, SHA-256 hex or '').
         Whatever the body raises propagates, and the temp file is removed."""
+        import hashlib
+
         fd, tmp = self._mkstemp(operation, bucket, bdir, "d-")
         md5 = hashlib.md5()
         sha = hashlib.sha256() if sha256 else None
@@ -4750,6 +4874,8 @@ class _LocalFiles:
     @staticmethod
     def _shard(bdir: str, key: str) -> tuple[str, str]:
         """(shard folder, key hash): keys never become paths."""
+        import hashlib
+
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return os.path.join(bdir, ".dg-objects", digest[:2]), digest
 
@@ -4785,6 +4911,8 @@ class _LocalFiles:
         """Under the bucket lock: check the preconditions, move ``tmp`` in as the data of
         ``record`` (None: delete the key) and replace the shard index. The replaced data
         file is removed last; an index always names files that exist."""
+        import uuid
+
         shard, digest = self._shard(bdir, key)
         with self._locked(operation, bucket, bdir):
             objects = self._index(shard)
@@ -4834,6 +4962,8 @@ class _LocalFiles:
     def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
         """A temp copy of a data file: a hard link (data files are never modified), else a
         streamed copy. None if the source vanished (overwritten meanwhile)."""
+        import uuid
+
         tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
         try:
             os.link(source, tmp)
@@ -4872,6 +5002,8 @@ class _LocalFiles:
 
     def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
         """Move an upload folder out of sight (call under the lock); returns where it went."""
+        import uuid
+
         trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
         try:
             os.rename(udir, trash)
@@ -4953,6 +5085,8 @@ class _LocalStorage(_LocalFiles):
         self, operation: str, headers: Mapping[str, str] | None, metadata: Mapping[str, str] | None
     ) -> dict[str, str]:
         """The request headers stored with an object, lower-cased and validated."""
+        import urllib.parse
+
         kept: dict[str, str] = {}
         for name, value in (headers or {}).items():
             lname = name.lower()
@@ -4980,6 +5114,8 @@ class _LocalStorage(_LocalFiles):
 
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
+        import urllib.parse
+
         out = {
             "accept-ranges": "bytes",
             "last-modified": _http_date(_parse_timestamp(record["modified"])),
@@ -5066,6 +5202,10 @@ class _LocalStorage(_LocalFiles):
     def create_bucket(
         self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
+        import json
+        import shutil
+        import tempfile
+
         _validate_bucket_name(bucket)
         if not self._NEW_BUCKET_RE.match(bucket) or self._NEW_BUCKET_BAD.search(bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
@@ -5105,6 +5245,9 @@ class _LocalStorage(_LocalFiles):
         return {"Location": "/" + bucket, "ResponseMetadata": self._meta(200)}
 
     def delete_bucket(self, bucket: str) -> dict[str, Any]:
+        import shutil
+        import uuid
+
         bdir = self._bucket("DeleteBucket", bucket)
         trash = os.path.join(self.root, ".dg-trash-" + uuid.uuid4().hex)
         with self._locked("DeleteBucket", bucket, bdir):
@@ -5544,6 +5687,8 @@ class _LocalStorage(_LocalFiles):
         if not decode:
 
             def enc(value: str) -> str:
+                import urllib.parse
+
                 return urllib.parse.quote_plus(value, safe="/")
 
             for item in out.get("Contents", []):
@@ -5672,6 +5817,8 @@ class _LocalStorage(_LocalFiles):
         metadata: Mapping[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> str:
+        import uuid
+
         op = "CreateMultipartUpload"
         _validate_key(key)
         kept = self._kept_headers(op, headers, metadata)
@@ -5697,6 +5844,8 @@ class _LocalStorage(_LocalFiles):
         *,
         content_sha256: str | None = None,
     ) -> str:
+        import uuid
+
         op = "UploadPart"
         bdir, udir, _ = self._upload(op, bucket, key, upload_id)
         if not 1 <= part_number <= _MAX_PARTS:
@@ -5739,6 +5888,9 @@ class _LocalStorage(_LocalFiles):
         """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
         MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
         (412 otherwise, and the upload stays, as on S3)."""
+        import hashlib
+        import shutil
+
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
         chosen = self._chosen_parts(op, udir, upload_id, parts)
@@ -5815,6 +5967,8 @@ class _LocalStorage(_LocalFiles):
         )
 
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        import shutil
+
         op = "AbortMultipartUpload"
         bdir, udir, _ = self._upload(op, bucket, key, upload_id)
         with self._locked(op, bucket, bdir):
@@ -5895,6 +6049,8 @@ def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
 def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
     """Run ``tasks`` on up to ``workers`` threads; their results in order. The first
     failure cancels what has not started and is raised once the others have finished."""
+    import concurrent.futures
+
     if workers <= 1 or len(tasks) <= 1:
         return [task() for task in tasks]
     with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
@@ -5924,6 +6080,8 @@ def _get_into(
     most ``workers`` parts held ahead of the writer (``hold`` reserves that memory:
     about 150 MB at 8 x 8 MiB).
     Returns the bytes written; the caller checks their SHA-256."""
+    import concurrent.futures
+
     try:
         first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
     except ClientError as e:
@@ -6012,6 +6170,8 @@ def _put_path(
 
     Every metadata value is sent percent-encoded where it is not ASCII (FORMAT.md): a
     file name, a folder in dg-ref-key, a caller's value."""
+    import hashlib
+
     if metadata:
         metadata = {name: _meta_encode(str(value)) for name, value in metadata.items()}
     size = os.path.getsize(path)
@@ -6056,6 +6216,8 @@ def _part_hashes(path: str, size: int, part: int, sha256: str) -> dict[int, str]
     """Each part's SHA-256 by part number, taken in one pass over the file that must give
     ``sha256``, the caller's (the parts go up at once, so what is sent cannot be hashed in
     file order). IntegrityError if the file no longer hashes to it."""
+    import hashlib
+
     expected: dict[int, str] = {}
     whole = hashlib.sha256()
     with open(path, "rb") as f:
@@ -6103,6 +6265,8 @@ def _put_multipart(
 
         def send(number: int, offset: int) -> str:
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            import hashlib
+
             want = expected.get(number)
             with open(path, "rb") as f:
                 length = min(part_size, size - offset)
@@ -6311,6 +6475,8 @@ class _Progress:
 
 def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
     """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+    import concurrent.futures
+
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             task()
@@ -6420,6 +6586,8 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    import urllib.parse
+
     if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
         return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -6429,6 +6597,8 @@ def _meta_decode(value: str) -> str:
     """The inverse of _meta_encode: a value is decoded only when it decodes to something
     _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
     value anyone wrote (``100%41``) stays as it is."""
+    import urllib.parse
+
     if "%" not in value:
         return value
     try:
@@ -8172,6 +8342,8 @@ class _ZipRebuild:
 
     def emit(self, keep: int) -> None:
         """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        import concurrent.futures
+
         while self.queued and self.held > keep:
             weight, item = self.queued.popleft()
             self.held -= weight
@@ -8270,6 +8442,8 @@ def _zip_rebuild(
     whose content has the CRC-32 and size of one there is copied from it, not deflated:
     an unchanged member is the same bytes in both builds. If that assumption fails, the
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
+    import concurrent.futures
+
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
     magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
@@ -8527,6 +8701,8 @@ class _XDelta3:
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def path(self) -> str:
+        import shutil
+
         if self._path is None:
             found = shutil.which(self._name, path=self._environ.get("PATH"))
             if found is None:
@@ -8566,6 +8742,10 @@ class _XDelta3:
         window as soon as it is encoded, so the check runs on the second core while the
         encoder works, instead of after it. Returns the SHA-256 and size of the decoded
         bytes, for the caller to compare with the input."""
+        import hashlib
+        import subprocess
+        import tempfile
+
         size = os.path.getsize(source)
         checker = _decoder_memory(size)
         plan = _encode_plan(size, self.memory.total - checker)
@@ -8653,6 +8833,10 @@ class _XDelta3:
         files were encoded without -D). ``limit``: the size recorded for the result; a
         delta that decodes to more is stopped there (IntegrityError), having written at
         most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
+        import hashlib
+        import subprocess
+        import tempfile
+
         if self._python_decodes():
             return self._decode_in_python(source, delta, out, external, limit)
         try:
@@ -9036,6 +9220,8 @@ class _ReferenceCache:
             return existing
 
         def write(f: IO[bytes]) -> None:
+            import shutil
+
             with open(source, "rb") as src:
                 shutil.copyfileobj(src, f, _IO_CHUNK)
 
@@ -9149,6 +9335,8 @@ class _ReferenceCache:
                 )
 
     def clear(self) -> None:
+        import shutil
+
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
         with self._lock:
             self._verified.clear()
@@ -9162,6 +9350,8 @@ class _HashingWriter:
     """A write-through file wrapper that hashes (SHA-256) and counts what passes."""
 
     def __init__(self, f: Any) -> None:  # a file, or anything with write()
+        import hashlib
+
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -9691,6 +9881,8 @@ class _References:
         """Delete those of ``refs`` that no delta names; returns them. As for a folder's
         reference: copied aside first, and put back if a delta names it after all (a
         writer that stored one meanwhile; writers also check their reference after)."""
+        import uuid
+
         used = self._shared_ref_users(bucket, parent, refs, limit)
         if used is None:
             return []
@@ -9730,6 +9922,8 @@ class _References:
 
         A writer may store a delta between our listing and the delete; so the reference
         is first copied aside (server side), and put back if a delta shows up after."""
+        import uuid
+
         ref_key = _reference_key(space)
         if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
             return self.drop(bucket, ref_key)
@@ -11009,6 +11203,8 @@ _GET_OVERRIDE_PARAMS: tuple[tuple[str, str, str], ...] = (
 def _header_params(params: Mapping[str, Any], table: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Request headers for the parameters given, encoded as botocore encodes them: dates
     as HTTP dates; an SSE-C key base64-encoded with its MD5 added, when given raw."""
+    import hashlib
+
     out: dict[str, str] = {}
     for name, header in table:
         value = params.get(name)
@@ -11064,6 +11260,8 @@ def _precondition_failure(
 def _precondition_error(status: int, condition: str, operation: str) -> ClientError:
     """The error botocore raises for a failed condition: a HEAD (and any 304) has no
     body, so only the status and its reason; a GET's 412 carries S3's XML error."""
+    import http.client
+
     if status == 304 or operation == "HeadObject":
         error = {"Code": str(status), "Message": http.client.responses.get(status, "")}
     else:
@@ -11187,12 +11385,16 @@ class _Paginator:
         method = getattr(self._client, self._operation)
 
         def fetch(token: str | None) -> dict[str, Any]:
+            import json
+
             if token is not None:
                 kwargs.update(zip(markers, json.loads(token)))
             page: dict[str, Any] = method(**kwargs)
             return page
 
         def next_token(page: dict[str, Any]) -> str | None:
+            import json
+
             values = [page.get(name) for name in next_markers]
             if self._operation == "list_objects" and not values[0]:  # no NextMarker: last key
                 values = [(page.get("Contents") or [{}])[-1].get("Key")]
@@ -11267,6 +11469,8 @@ class _VerifyingBody(StreamingBody):
     """A direct object's body that checks its SHA-256 when read to the end."""
 
     def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        import hashlib
+
         super().__init__(inner, None)
         self._inner = inner
         self._expected = sha256
@@ -11613,6 +11817,8 @@ def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> 
 
 def _copy_source(src: Any) -> tuple[str, str]:
     """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    import urllib.parse
+
     if isinstance(src, str):
         text = urllib.parse.unquote(src.lstrip("/"))
         src_bucket, _, src_key = text.partition("/")
@@ -11734,6 +11940,8 @@ def _fetch_details(
 ) -> None:
     """FetchMetadata: each listed delta's logical size and ETag, and every entry's
     compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    import concurrent.futures
 
     def one(item: dict[str, Any]) -> None:
         stored = item.pop("_stored")
@@ -12071,6 +12279,8 @@ class DeltaGliderClient:
     def _url_encoded(self, kwargs: Mapping[str, Any], value: str) -> str:
         """A key or prefix as S3 returns it when the caller asked EncodingType='url'
         itself (botocore then hands it over encoded; it decodes only what it asked for)."""
+        import urllib.parse
+
         if kwargs.get("EncodingType") == "url":
             return urllib.parse.quote_plus(value, safe="/")  # S3 writes a space as "+"
         return value
@@ -12339,6 +12549,8 @@ class DeltaGliderClient:
     def put_object_acl(self, **kwargs: Any) -> dict[str, Any]:
         """PutObjectAcl on the stored form of a logical object (its reference, shared with
         other objects, keeps its own ACL)."""
+        import hashlib
+
         allowed = {"Bucket", "Key", "AccessControlPolicy", "ExpectedBucketOwner", "RequestPayer"}
         allowed |= {n for n, _ in _CANNED_ACL_PARAMS}
         _params("PutObjectAcl", kwargs, allowed, "Bucket", "Key")
@@ -12415,6 +12627,8 @@ class DeltaGliderClient:
         return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
+        import hashlib
+
         allowed = {
             "Bucket",
             "ACL",
@@ -12478,6 +12692,8 @@ class DeltaGliderClient:
         """Upload a file to ``s3://bucket/key`` (a trailing ``/`` means "into this folder",
         as aws s3 cp); returns what was stored and what it saved. ``tags`` become the
         object's tags; ``max_ratio`` overrides the client's for this file."""
+        import urllib.parse
+
         path = os.fspath(file_path)
         bucket, key = _parse_s3_url(s3_url)
         if not key or key.endswith("/"):
@@ -12578,6 +12794,8 @@ class DeltaGliderClient:
     ) -> list[pathlib.Path]:
         """Download objects into ``output_dir`` (created if missing) under their file
         names; returns the paths written."""
+        import pathlib
+
         out_dir = pathlib.Path(output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = []
@@ -12985,6 +13203,8 @@ class _MultipartUploads:
         return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
 
     def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        import uuid
+
         allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
             _PUT_PARAMS - {"ContentMD5", "ContentLength"}
         )
@@ -13026,6 +13246,8 @@ class _MultipartUploads:
     def upload_part_copy(
         self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
     ) -> dict[str, Any]:
+        import urllib.parse
+
         allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
         allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
         _params(
@@ -13218,6 +13440,8 @@ def _cached_bucket_stats(
     storage: _Storage, bucket: str, mode: str, validation: Mapping[str, Any]
 ) -> BucketStats | None:
     """The cached result of ``mode``, when it was computed from what the bucket holds now."""
+    import json
+
     cache_key = _stats_cache_key(mode)
     try:
         with storage.get_object(bucket, cache_key)["Body"] as stream:
@@ -13244,6 +13468,8 @@ def _cache_bucket_stats(
     now: datetime.datetime,
 ) -> None:
     """Store a result for the next call; read-only credentials only cost the cache."""
+    import json
+
     doc = {
         "version": "1.0",
         "mode": mode,
@@ -13268,6 +13494,8 @@ def _read_original_sizes(
     """The original sizes of deltas, from their metadata (HEADs in parallel): every delta
     (``detailed``) or one per deltaspace, given to its siblings (``sampled``). Returns
     {delta key: size} and {reference key: the sizes of the deltas read that need it}."""
+    import concurrent.futures
+
     if mode == "sampled":
         sample: dict[str, dict[str, Any]] = {}
         for o in deltas:
@@ -13510,6 +13738,8 @@ def _rehydrated_copy(
     type, named after them: a later URL reuses it, and a copy that would expire
     before the new URL is given the later expiry by a server-side copy onto itself
     (re-sent only where the server refuses that)."""
+    import hashlib
+
     name = lg.key.rsplit("/", 1)[-1]
     ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
     tmp_key = "%s%s_%s" % (
@@ -14157,13 +14387,20 @@ class _Crc32:
         return self._crc.to_bytes(4, "big")
 
 
+def _new_hash(name: str) -> Any:
+    """``hashlib.new(name)``, for _CHECKSUMS (a table built at import, hashlib at first use)."""
+    import hashlib
+
+    return hashlib.new(name)
+
+
 #: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
 _CHECKSUMS: dict[str, Callable[[], Any]] = {
     "crc32": _Crc32,
     "crc32c": lambda: _Crc(0x82F63B78, 32),
     "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
-    "sha1": hashlib.sha1,
-    "sha256": hashlib.sha256,
+    "sha1": functools.partial(_new_hash, "sha1"),
+    "sha256": functools.partial(_new_hash, "sha256"),
 }
 
 
@@ -14173,6 +14410,8 @@ _CHECKSUMS: dict[str, Callable[[], Any]] = {
 def _raw_query(query: str) -> list[tuple[str, str]]:
     """Query pairs, percent-decoded but with ``+`` kept: SigV4 clients encode a space as
     %20, so a literal ``+`` is a plus (``parse_qsl`` would turn it into a space)."""
+    import urllib.parse
+
     pairs = []
     for part in query.split("&"):
         if not part:
@@ -14257,6 +14496,8 @@ def _policy_check(
     returns the names the conditions cover and the file sizes they allow, checked once the
     file is read (AWS "Creating a POST policy": exact matches, ``eq``, ``starts-with``,
     ``content-length-range``)."""
+    import json
+
     covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
     low, high = 0, sys.maxsize
     for cond in conditions:
@@ -14340,6 +14581,8 @@ class _GatewayAuth:
     def _canonical_uri_candidates(raw_path: str) -> list[str]:
         """The path as sent; then as botocore would have quoted it, for a client that sent
         a different but equivalent encoding than the one it signed (``~``, ``!``...)."""
+        import urllib.parse
+
         requoted = _quote_key(urllib.parse.unquote(raw_path))
         return [raw_path] if requoted == raw_path else [raw_path, requoted]
 
@@ -14462,6 +14705,9 @@ class _GatewayAuth:
         """The request as SigV4 signs it (canonical request, string to sign), for the path
         as sent and as botocore would quote it: the _Signed request if one matches the
         ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        import hashlib
+        import hmac
+
         access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
@@ -14510,6 +14756,9 @@ class _GatewayAuth:
     def _policy_signer(self, lower: Mapping[str, str]) -> str:
         """The access key whose signature of the form's policy checks out: SigV2 (boto3's
         default for generate_presigned_post) or SigV4 fields."""
+        import hashlib
+        import hmac
+
         policy_b64 = lower["policy"].encode("ascii", "replace")
         if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
             access_key = lower["awsaccesskeyid"]
@@ -14535,6 +14784,8 @@ class _GatewayAuth:
 
     def _policy_conditions(self, policy_b64: str) -> list[Any]:
         """The conditions of a policy document that has not expired."""
+        import json
+
         try:
             policy = json.loads(base64.b64decode(policy_b64))
             expiration = _parse_timestamp(str(policy["expiration"]))
@@ -14558,6 +14809,9 @@ class _GatewayAuth:
     ) -> _Signed:
         """A SigV2 query-string URL: what boto3's generate_presigned_url makes unless the
         client is configured for s3v4 (botocore auth.py HmacV1QueryAuth)."""
+        import hashlib
+        import hmac
+
         q = dict(reversed(query))
         secret = self._secret(q["AWSAccessKeyId"])
         try:
@@ -14683,6 +14937,8 @@ class _BodyReader:
             raise _S3Reply("RequestTimeout")
 
     def _raw(self, n: int) -> bytes:
+        import socket
+
         self._clock()
         try:
             # read1: what one receive brings, so the deadline is checked however the
@@ -14770,6 +15026,9 @@ class _AwsChunked:
         return "\n".join((kind, self._signed.timestamp, self._signed.scope, self._prev, last))
 
     def _check(self, sts: str, given: str) -> None:
+        import hashlib
+        import hmac
+
         expected = hmac.new(self._signed.signing_key, sts.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", "The chunk signature does not match.")
@@ -14777,6 +15036,8 @@ class _AwsChunked:
 
     def _header(self) -> bool:
         """Read a chunk's header line; False at the final (empty) chunk."""
+        import hashlib
+
         line = self._raw.readline().strip()
         size_text, _, ext = line.partition(b";")
         try:
@@ -14806,6 +15067,8 @@ class _AwsChunked:
             self._check(sts, self._chunk_sig)
 
     def _read_trailers(self) -> None:
+        import hashlib
+
         lines: list[str] = []
         while True:
             line = self._raw.readline()
@@ -15102,6 +15365,9 @@ class _Uploads:
         return os.path.join(self.folder, upload_id)
 
     def create(self, record: dict[str, Any]) -> str:
+        import json
+        import uuid
+
         upload_id = uuid.uuid4().hex
         tmp = os.path.join(self.folder, ".new-" + upload_id)
         _private_mkdir(tmp)
@@ -15111,6 +15377,8 @@ class _Uploads:
         return upload_id
 
     def record(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        import json
+
         try:
             with open(os.path.join(self._dir(upload_id), "upload.json"), encoding="utf-8") as f:
                 rec: dict[str, Any] = json.load(f)
@@ -15124,6 +15392,8 @@ class _Uploads:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
         completion assembling it meanwhile sees the old part or the new one, whole)."""
+        import json
+
         folder = self._dir(upload_id)
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
@@ -15138,6 +15408,8 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
+        import json
+
         folder = self._dir(upload_id)
         out = {}
         try:
@@ -15192,6 +15464,8 @@ class _Uploads:
         self, upload_id: str, bucket: str, key: str, parts: list[tuple[int, str]], etag: str
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
+        import json
+
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
         fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -15210,6 +15484,8 @@ class _Uploads:
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
     ) -> str | None:
         """The ETag of an upload completed with these very parts, if it was."""
+        import json
+
         if not self._ID_RE.match(upload_id):
             return None
         try:
@@ -15225,6 +15501,8 @@ class _Uploads:
         return None
 
     def remove(self, upload_id: str) -> None:
+        import shutil
+
         folder = self._dir(upload_id)
         gone = os.path.join(self.folder, ".gone-" + upload_id)
         try:
@@ -15234,6 +15512,8 @@ class _Uploads:
         shutil.rmtree(gone, ignore_errors=True)
 
     def listing(self, bucket: str) -> list[dict[str, Any]]:
+        import json
+
         out = []
         for name in sorted(os.listdir(self.folder)):
             if not self._ID_RE.match(name):
@@ -15759,6 +16039,8 @@ class _Gateway:
 
     def route(self, host: str, raw_path: str) -> tuple[str | None, str | None]:
         """(bucket, key) from a virtual-hosted Host under ``domain``, else from the path."""
+        import urllib.parse
+
         path = urllib.parse.unquote(raw_path)
         if self.domain and self.virtual_host(host):
             hostname = host.rsplit(":", 1)[0].lower()
@@ -15771,8 +16053,19 @@ class _Gateway:
         return bucket, key or None
 
 
-class _GatewayHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 keep-alive, one S3 request at a time."""
+if TYPE_CHECKING:
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+
+    class _ServerBase(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        pass
+
+else:  # the real bases join when `serve` runs: see _gateway_server_class
+    _HandlerBase = _ServerBase = object
+
+
+class _GatewayHandler(_HandlerBase):
+    """One connection: HTTP/1.1 keep-alive, one S3 request at a time. On
+    http.server.BaseHTTPRequestHandler once _gateway_server_class has built the server."""
 
     protocol_version = "HTTP/1.1"
     server_version = "deltaglider/" + __version__
@@ -15798,6 +16091,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     # -- plumbing -----------------------------------------------------------------
 
     def setup(self) -> None:
+        import socket
+
         super().setup()
         self.connection.settimeout(self.server.idle_timeout)  # each read, each write
         with contextlib.suppress(OSError):
@@ -15815,6 +16110,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """Wait for a request holding no worker slot: --idle-timeout for its first byte
         (a TLS handshake included), then the header deadline for the request line and
         headers in all; the server closes the connection at either (service_actions)."""
+        import socket
+        import ssl
+
         server = self.server
         try:
             if server.stopping:
@@ -15889,6 +16187,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             self.server.done(self)
 
     def _handle_request(self) -> None:
+        import socket
+        import ssl
+        import uuid
+
         gw = self.server.gateway
         start = time.monotonic()
         self._request_id = uuid.uuid4().hex[:16].upper()
@@ -16207,6 +16509,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             os.unlink(spooled.path)
 
     def _xml_body(self, signed: _Signed) -> ET.Element:
+        import xml.etree.ElementTree as ET
+
         data = self._small_body(signed)
         try:
             return _xml_parse(data)
@@ -16225,6 +16529,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, _xml_doc("LocationConstraint", _xml_escape(location)))
 
     def _create_bucket(self, bucket: str, signed: _Signed) -> None:
+        import xml.etree.ElementTree as ET
+
         self._operation = "CreateBucket"
         gw = self.server.gateway
         data = self._small_body(signed)
@@ -16245,6 +16551,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
 
     def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
         """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+        import xml.etree.ElementTree as ET
+
         client = self.server.gateway.client
         if self.command == "GET":
             self._operation = "GetBucketAcl"
@@ -16413,6 +16721,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, headers={"ETag": result["ETag"]})
 
     def _copy_source(self) -> tuple[str, str]:
+        import urllib.parse
+
         text = urllib.parse.unquote(self._headers["x-amz-copy-source"])
         if "?versionId=" in text:
             raise _S3Reply("NotImplemented", "Copying a version is not supported by the gateway")
@@ -16658,7 +16968,7 @@ class _Share:
             self.in_use -= 1
 
 
-class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class _GatewayServer(_ServerBase):
     """The listening socket. A connection holds one of the ``workers`` slots only while a
     request it has sent in full (request line and headers) is served: one that is silent,
     or still sending its headers, holds none, so idle or slow clients (slowloris) cannot
@@ -16670,6 +16980,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    handler_class: type[_GatewayHandler]
 
     def __init__(
         self,
@@ -16683,6 +16994,8 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         tls: ssl.SSLContext | None = None,
         metrics_only: bool = False,
     ) -> None:
+        import socket
+
         self.gateway = gateway
         self.metrics_only = metrics_only
         self.idle_timeout = idle_timeout
@@ -16702,10 +17015,12 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._conns_lock = threading.Condition()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
-        super().__init__(address, _GatewayHandler)
+        super().__init__(address, self.handler_class)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which can wait on DNS.
+        import socketserver
+
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
@@ -16759,6 +17074,8 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def _hang_up(handler: _GatewayHandler) -> None:
         """Wake the handler's blocked read with end-of-file (the plain socket's shutdown:
         a TLS socket's own would pull its state from under the reading thread)."""
+        import socket
+
         with contextlib.suppress(OSError):
             socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
 
@@ -16839,8 +17156,22 @@ def _listen_address(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+@functools.lru_cache(maxsize=None)
+def _gateway_server_class() -> type[_GatewayServer]:
+    """_GatewayServer, and its _GatewayHandler, on http.server's classes: built the first
+    time `serve` runs, so that no other command loads http.server and socketserver."""
+    import http.server
+    import socketserver
+
+    handler = type("_GatewayHandler", (_GatewayHandler, http.server.BaseHTTPRequestHandler), {})
+    bases = (_GatewayServer, socketserver.ThreadingMixIn, http.server.HTTPServer)
+    return cast("type[_GatewayServer]", type("_GatewayServer", bases, {"handler_class": handler}))
+
+
 def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    import ssl
+
     if bool(cert) != bool(key):
         raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
     if not cert:
@@ -16853,6 +17184,8 @@ def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def _is_loopback(host: str) -> bool:
     """Whether a listening host is only reachable from this machine."""
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -16874,14 +17207,15 @@ def _gateway_servers(
         request_timeout=args.request_timeout,
         log=None if args.quiet else cli.err,
     )
+    server_class = _gateway_server_class()
     servers = [
-        _GatewayServer(
+        server_class(
             address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
     if args.metrics_listen:
         servers.append(
-            _GatewayServer(
+            server_class(
                 _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
@@ -17312,6 +17646,8 @@ def _recorded_mtimes(
 ) -> dict[str, float]:
     """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
     LastModified where none was recorded. HEADs run on the pool."""
+    import concurrent.futures
+
     out: dict[str, float] = {}
     lock = threading.Lock()
 
@@ -18100,6 +18436,8 @@ class _Cli:
         return self.exit_code()
 
     def cmd_verify(self) -> int:
+        import json
+
         result = self.client.verify(self.args.path)
         # dict(): json skips a dict that is false, and a VerifyResult is false when it failed.
         self.out.write(json.dumps(dict(result), indent=2) + "\n")
@@ -18114,6 +18452,8 @@ class _Cli:
         return EXIT_OK
 
     def cmd_purge(self) -> int:
+        import json
+
         bucket, _ = _parse_s3_url(
             self.args.path if self.args.path.startswith("s3://") else "s3://" + self.args.path
         )
@@ -18142,6 +18482,8 @@ class _Cli:
         return self.exit_code()
 
     def cmd_stats(self) -> int:
+        import json
+
         name = self.args.bucket
         bucket = _parse_s3_url(name).bucket if name.startswith("s3://") else name.strip("/")
         mode = "detailed" if self.args.detailed else "sampled" if self.args.sampled else "quick"
@@ -18275,6 +18617,8 @@ class _Cli:
         self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
+        import json
+
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         resp = self.client.get_bucket_acl(Bucket=bucket)
         resp.pop("ResponseMetadata", None)
@@ -18282,6 +18626,8 @@ class _Cli:
         return EXIT_OK
 
     def cmd_put_bucket_acl(self) -> int:
+        import json
+
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         params: dict[str, Any] = {"Bucket": bucket}
         for option, name in _ACL_OPTIONS:
@@ -18391,6 +18737,8 @@ def _logical_mtime(lg: _Logical) -> float | None:
 
 def _metadata_arg(text: str) -> dict[str, str]:
     """``--metadata k=v,k2=v2`` or a JSON object, as aws s3 takes it."""
+    import json
+
     text = text.strip()
     if text.startswith("{"):
         value = json.loads(text)

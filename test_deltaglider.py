@@ -674,7 +674,7 @@ def _run_gateway(
     gateway = dg._Gateway(
         client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
     )
-    server = dg._GatewayServer(("127.0.0.1", 0), gateway, tls=tls, **serving)
+    server = dg._gateway_server_class()(("127.0.0.1", 0), gateway, tls=tls, **serving)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
