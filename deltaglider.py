@@ -18759,6 +18759,19 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     #: Where --help and --version go: the stream main() was given (it sets every parser's).
     dg_out: IO[str] | None = None
+    #: Adds a command's arguments when it is first parsed: argparse takes longer to build
+    #: every command's options than Python takes to start, and a run parses one command.
+    dg_fill: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def filled(self) -> _ArgumentParser:
+        fill, self.dg_fill = self.dg_fill, None
+        if fill is not None:
+            fill(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.filled()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
@@ -18882,17 +18895,26 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 
 
 def _command_parser(
-    sub: argparse._SubParsersAction[_ArgumentParser], name: str, help_text: str
+    sub: argparse._SubParsersAction[_ArgumentParser],
+    name: str,
+    help_text: str,
+    arguments: Callable[[argparse.ArgumentParser], None],
 ) -> argparse.ArgumentParser:
     """A command's parser, with the global options too (after the command, as aws takes
-    them)."""
+    them), and the command's own (``arguments``): added when the command is parsed, not
+    here (see _ArgumentParser.filled)."""
+
+    def fill(p: argparse.ArgumentParser) -> None:
+        if name == "ls":
+            p.add_argument("--help", action="help", help="show this help message and exit")
+        _add_global_options(p, suppress=True)
+        arguments(p)
+
     # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-    p: argparse.ArgumentParser = sub.add_parser(
+    p: _ArgumentParser = sub.add_parser(
         name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    if name == "ls":
-        p.add_argument("--help", action="help", help="show this help message and exit")
-    _add_global_options(p, suppress=True)
+    p.dg_fill = fill
     return p
 
 
@@ -19245,7 +19267,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     for name, command in _COMMANDS.items():
-        command.arguments(_command_parser(sub, name, command.help))
+        _command_parser(sub, name, command.help, command.arguments)
     return parser
 
 
