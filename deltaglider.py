@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import signal
 import stat
 import struct
@@ -191,6 +192,11 @@ _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+#: Names S3 refuses to create a bucket by, however well formed (bucket naming rules).
+_NEW_BUCKET_BAD = re.compile(
+    r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+    r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+)
 
 #: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
 #: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
@@ -793,7 +799,21 @@ def _xml_escape(text: str) -> str:
     )
 
 
+def _tag_count(tagging: str) -> int:
+    """How many tags an ``x-amz-tagging`` header (``k1=v1&k2=v2``, URL-encoded) sets."""
+    import urllib.parse
+
+    return len(urllib.parse.parse_qsl(tagging))
+
+
 # -- files: hashing, spooling, temp files, slices of a file --
+
+
+def _random_hex() -> str:
+    """32 random hex digits (``uuid4().hex``): temp and part names, upload and request ids."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 class _Writer(Protocol):
@@ -4501,10 +4521,8 @@ class _S3Storage:
     def supports_conditional_writes(self, bucket: str) -> bool:
         """Whether the server honours ``If-None-Match: *`` on PUT: write a probe object
         twice; a server that ignores the header lets the second PUT through."""
-        import uuid
-
         if self._conditional_writes is None:
-            probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+            probe = ".deltaglider/tmp/conditional-probe-%s" % _random_hex()
             self.put_object(bucket, probe, b"1", if_none_match=True)
             try:
                 self.put_object(bucket, probe, b"2", if_none_match=True)
@@ -4523,12 +4541,10 @@ class _S3Storage:
     def supports_conditional_multipart(self, bucket: str) -> bool:
         """Whether ``If-None-Match: *`` on CompleteMultipartUpload is honoured too (AWS,
         Swift and SeaweedFS do): complete an upload over an existing probe object."""
-        import uuid
-
         if self._conditional_multipart is None:
             self._conditional_multipart = False
             if self.supports_conditional_writes(bucket):
-                probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+                probe = ".deltaglider/tmp/conditional-probe-%s" % _random_hex()
                 self.put_object(bucket, probe, b"1")
                 upload_id = self.create_multipart_upload(bucket, probe)
                 try:
@@ -4706,12 +4722,10 @@ class _LocalFiles:
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
         # from it (a store that ignores If-None-Match, as tests make this one pretend).
-        import uuid
-
         sent = {"date": _http_date(self._now())}
         sent.update(headers or {})
         return {
-            "RequestId": uuid.uuid4().hex[:16].upper(),
+            "RequestId": _random_hex()[:16].upper(),
             "HostId": "",
             "HTTPStatusCode": status,
             "HTTPHeaders": sent,
@@ -4911,8 +4925,6 @@ class _LocalFiles:
         """Under the bucket lock: check the preconditions, move ``tmp`` in as the data of
         ``record`` (None: delete the key) and replace the shard index. The replaced data
         file is removed last; an index always names files that exist."""
-        import uuid
-
         shard, digest = self._shard(bdir, key)
         with self._locked(operation, bucket, bdir):
             objects = self._index(shard)
@@ -4929,7 +4941,7 @@ class _LocalFiles:
                     os.mkdir(shard, 0o700)
                 except FileExistsError:
                     pass
-                record["data"] = f"{digest}-{uuid.uuid4().hex}"
+                record["data"] = f"{digest}-{_random_hex()}"
                 if tmp is not None:
                     self._replace(tmp, os.path.join(shard, record["data"]))
                 objects[key] = record
@@ -4962,9 +4974,7 @@ class _LocalFiles:
     def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
         """A temp copy of a data file: a hard link (data files are never modified), else a
         streamed copy. None if the source vanished (overwritten meanwhile)."""
-        import uuid
-
-        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + _random_hex())
         try:
             os.link(source, tmp)
             return tmp
@@ -5002,9 +5012,7 @@ class _LocalFiles:
 
     def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
         """Move an upload folder out of sight (call under the lock); returns where it went."""
-        import uuid
-
-        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + _random_hex())
         try:
             os.rename(udir, trash)
         except FileNotFoundError:
@@ -5018,11 +5026,6 @@ class _LocalStorage(_LocalFiles):
     tests use. How it keeps them on disk: :class:`_LocalFiles`."""
 
     is_local = True
-
-    _NEW_BUCKET_BAD = re.compile(
-        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
-        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
-    )
 
     def __init__(
         self,
@@ -5085,7 +5088,6 @@ class _LocalStorage(_LocalFiles):
         self, operation: str, headers: Mapping[str, str] | None, metadata: Mapping[str, str] | None
     ) -> dict[str, str]:
         """The request headers stored with an object, lower-cased and validated."""
-        import urllib.parse
 
         kept: dict[str, str] = {}
         for name, value in (headers or {}).items():
@@ -5106,7 +5108,7 @@ class _LocalStorage(_LocalFiles):
             raise self._error(
                 operation, 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
             )
-        if len(urllib.parse.parse_qsl(kept.get("x-amz-tagging", ""))) > 10:
+        if _tag_count(kept.get("x-amz-tagging", "")) > 10:
             raise self._error(
                 operation, 400, "BadRequest", Message="Object tags cannot be greater than 10"
             )
@@ -5114,7 +5116,6 @@ class _LocalStorage(_LocalFiles):
 
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
-        import urllib.parse
 
         out = {
             "accept-ranges": "bytes",
@@ -5125,9 +5126,9 @@ class _LocalStorage(_LocalFiles):
         for name, value in record["headers"].items():
             if name not in _LOCAL_HIDDEN_HEADERS:
                 out[name] = value
-        tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
+        tags = _tag_count(record["headers"].get("x-amz-tagging", ""))
         if tags:
-            out["x-amz-tagging-count"] = str(len(tags))
+            out["x-amz-tagging-count"] = str(tags)
         return out
 
     def _read(
@@ -5203,11 +5204,10 @@ class _LocalStorage(_LocalFiles):
         self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         import json
-        import shutil
         import tempfile
 
         _validate_bucket_name(bucket)
-        if not self._NEW_BUCKET_RE.match(bucket) or self._NEW_BUCKET_BAD.search(bucket):
+        if not self._NEW_BUCKET_RE.match(bucket) or _NEW_BUCKET_BAD.search(bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
         acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
         if acl not in _LOCAL_CANNED_ACLS:
@@ -5245,11 +5245,8 @@ class _LocalStorage(_LocalFiles):
         return {"Location": "/" + bucket, "ResponseMetadata": self._meta(200)}
 
     def delete_bucket(self, bucket: str) -> dict[str, Any]:
-        import shutil
-        import uuid
-
         bdir = self._bucket("DeleteBucket", bucket)
-        trash = os.path.join(self.root, ".dg-trash-" + uuid.uuid4().hex)
+        trash = os.path.join(self.root, ".dg-trash-" + _random_hex())
         with self._locked("DeleteBucket", bucket, bdir):
             objects = os.path.join(bdir, ".dg-objects")
             for shard in os.listdir(objects):
@@ -5817,14 +5814,12 @@ class _LocalStorage(_LocalFiles):
         metadata: Mapping[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> str:
-        import uuid
-
         op = "CreateMultipartUpload"
         _validate_key(key)
         kept = self._kept_headers(op, headers, metadata)
         kept.setdefault("content-type", "binary/octet-stream")
         bdir = self._bucket(op, bucket)
-        upload_id = uuid.uuid4().hex
+        upload_id = _random_hex()
         udir = os.path.join(bdir, ".dg-uploads", upload_id)
         try:
             os.mkdir(udir, 0o700)
@@ -5844,8 +5839,6 @@ class _LocalStorage(_LocalFiles):
         *,
         content_sha256: str | None = None,
     ) -> str:
-        import uuid
-
         op = "UploadPart"
         bdir, udir, _ = self._upload(op, bucket, key, upload_id)
         if not 1 <= part_number <= _MAX_PARTS:
@@ -5861,7 +5854,7 @@ class _LocalStorage(_LocalFiles):
         tmp, size, md5_hex, sha_hex = self._spool(op, bucket, bdir, body, want_sha)
         try:
             self._check_body(op, size, md5_hex, sha_hex, None, content_sha256)
-            part: dict[str, Any] = {"data": f"{part_number}-{uuid.uuid4().hex}.part"}
+            part: dict[str, Any] = {"data": f"{part_number}-{_random_hex()}.part"}
             part["size"] = size
             part["etag"] = f'"{md5_hex}"'
             with self._locked(op, bucket, bdir):
@@ -5889,7 +5882,6 @@ class _LocalStorage(_LocalFiles):
         MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
         (412 otherwise, and the upload stays, as on S3)."""
         import hashlib
-        import shutil
 
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
@@ -5967,8 +5959,6 @@ class _LocalStorage(_LocalFiles):
         )
 
     def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
-        import shutil
-
         op = "AbortMultipartUpload"
         bdir, udir, _ = self._upload(op, bucket, key, upload_id)
         with self._locked(op, bucket, bdir):
@@ -8701,8 +8691,6 @@ class _XDelta3:
         self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def path(self) -> str:
-        import shutil
-
         if self._path is None:
             found = shutil.which(self._name, path=self._environ.get("PATH"))
             if found is None:
@@ -9220,8 +9208,6 @@ class _ReferenceCache:
             return existing
 
         def write(f: IO[bytes]) -> None:
-            import shutil
-
             with open(source, "rb") as src:
                 shutil.copyfileobj(src, f, _IO_CHUNK)
 
@@ -9335,8 +9321,6 @@ class _ReferenceCache:
                 )
 
     def clear(self) -> None:
-        import shutil
-
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
         with self._lock:
             self._verified.clear()
@@ -9881,8 +9865,6 @@ class _References:
         """Delete those of ``refs`` that no delta names; returns them. As for a folder's
         reference: copied aside first, and put back if a delta names it after all (a
         writer that stored one meanwhile; writers also check their reference after)."""
-        import uuid
-
         used = self._shared_ref_users(bucket, parent, refs, limit)
         if used is None:
             return []
@@ -9891,7 +9873,7 @@ class _References:
             if dry_run:
                 dropped.append(ref_key)
                 continue
-            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+            aside = "%s%s.bin" % (_ASIDE_PREFIX, _random_hex())
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
@@ -9922,14 +9904,12 @@ class _References:
 
         A writer may store a delta between our listing and the delete; so the reference
         is first copied aside (server side), and put back if a delta shows up after."""
-        import uuid
-
         ref_key = _reference_key(space)
         if _is_shared_ref(ref_key):  # needed by deltas elsewhere: proved another way
             return self.drop(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
-        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+        aside = "%s%s.bin" % (_ASIDE_PREFIX, _random_hex())
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
@@ -13203,8 +13183,6 @@ class _MultipartUploads:
         return kwargs["Bucket"], _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"], server_id
 
     def create(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        import uuid
-
         allowed = {"Bucket", "Key", "ChecksumAlgorithm"} | (
             _PUT_PARAMS - {"ContentMD5", "ContentLength"}
         )
@@ -13214,7 +13192,7 @@ class _MultipartUploads:
             raise ParamValidationError(
                 report="SSE-C multipart uploads are not supported: use put_object or upload_file"
             )
-        nonce = uuid.uuid4().hex
+        nonce = _random_hex()
         staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
         server_id = self.engine.storage.create_multipart_upload(
@@ -15366,9 +15344,8 @@ class _Uploads:
 
     def create(self, record: dict[str, Any]) -> str:
         import json
-        import uuid
 
-        upload_id = uuid.uuid4().hex
+        upload_id = _random_hex()
         tmp = os.path.join(self.folder, ".new-" + upload_id)
         _private_mkdir(tmp)
         with open(os.path.join(tmp, "upload.json"), "w", encoding="utf-8") as f:
@@ -15501,8 +15478,6 @@ class _Uploads:
         return None
 
     def remove(self, upload_id: str) -> None:
-        import shutil
-
         folder = self._dir(upload_id)
         gone = os.path.join(self.folder, ".gone-" + upload_id)
         try:
@@ -16189,11 +16164,10 @@ class _GatewayHandler(_HandlerBase):
     def _handle_request(self) -> None:
         import socket
         import ssl
-        import uuid
 
         gw = self.server.gateway
         start = time.monotonic()
-        self._request_id = uuid.uuid4().hex[:16].upper()
+        self._request_id = _random_hex()[:16].upper()
         self._status = 0
         self._sent = False
         self._error_code = None
