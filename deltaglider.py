@@ -756,8 +756,10 @@ def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _xml_parse(data: bytes) -> ET.Element:
-    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs)."""
+def _xml_parse(data: bytes, strip: bool = True) -> ET.Element:
+    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs).
+    Tags lose their namespace unless ``strip`` is false (a reader that takes each tag's
+    :func:`_local_name` itself, as a listing page's 6,000 elements are read)."""
     # S3 XML is UTF-8; a UTF-16/32 document would hide a DTD from the byte check below.
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
         raise ValueError("XML that is not UTF-8 is refused")
@@ -765,10 +767,17 @@ def _xml_parse(data: bytes) -> ET.Element:
     if b"<!doctype" in lowered or b"<!entity" in lowered:
         raise ValueError("XML with a DTD or entity declarations is refused")
     root = ET.fromstring(data)
+    if not strip:
+        return root
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.startswith("{"):
             el.tag = el.tag.split("}", 1)[1]
     return root
+
+
+def _local_name(tag: Any) -> str:
+    """An element's tag without its ``{namespace}``; "" for comments and the like."""
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
 def _xml_text(el: ET.Element | None, name: str, default: str | None = None) -> str | None:
@@ -3471,48 +3480,74 @@ def _parse_error(
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
-    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
+    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url.
+    One pass over the elements, tags with or without their namespace (the first of a
+    name counts, as ``find`` takes it); a page's repeated LastModified is parsed once."""
 
     def dec(value: str | None) -> str | None:
         if value is None or not encoded:
             return value
         return urllib.parse.unquote_plus(value)
 
+    dates: dict[str, datetime.datetime] = {}
     contents = []
-    for c in root.findall("Contents"):
-        item: dict[str, Any] = {
-            "Key": dec(_xml_text(c, "Key", "")),
-            "LastModified": _date_or_absent(_xml_text(c, "LastModified"), "LastModified") or _EPOCH,
-            "ETag": _xml_text(c, "ETag", ""),
-            "Size": int(_xml_text(c, "Size", "0") or 0),
-            "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
-        }
-        owner = c.find("Owner")
-        if owner is not None:
-            item["Owner"] = {
-                "DisplayName": _xml_text(owner, "DisplayName", ""),
-                "ID": _xml_text(owner, "ID", ""),
+    prefixes = []
+    top: dict[str, str] = {}
+    for el in root:
+        tag = _local_name(el.tag)
+        if tag == "Contents":
+            fields: dict[str, ET.Element] = {}
+            for child in el:
+                fields.setdefault(_local_name(child.tag), child)
+            stamp = _child_text(fields, "LastModified", "")
+            when = dates.get(stamp)
+            if when is None:
+                when = dates[stamp] = _date_or_absent(stamp, "LastModified") or _EPOCH
+            item: dict[str, Any] = {
+                "Key": dec(_child_text(fields, "Key", "")),
+                "LastModified": when,
+                "ETag": _child_text(fields, "ETag", ""),
+                "Size": int(_child_text(fields, "Size", "0") or 0),
+                "StorageClass": _child_text(fields, "StorageClass", "STANDARD"),
             }
-        contents.append(item)
+            owner = fields.get("Owner")
+            if owner is not None:
+                names: dict[str, str] = {}
+                for child in owner:
+                    names.setdefault(_local_name(child.tag), child.text or "")
+                item["Owner"] = {
+                    "DisplayName": names.get("DisplayName", ""),
+                    "ID": names.get("ID", ""),
+                }
+            contents.append(item)
+        elif tag == "CommonPrefixes":
+            first = next((c for c in el if _local_name(c.tag) == "Prefix"), None)
+            prefixes.append({"Prefix": dec("" if first is None else first.text or "")})
+        elif tag not in top:
+            top[tag] = el.text or ""
     out: dict[str, Any] = {
-        "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
-        "Name": _xml_text(root, "Name", ""),
-        "Prefix": dec(_xml_text(root, "Prefix", "")),
-        "MaxKeys": int(_xml_text(root, "MaxKeys", "1000") or 1000),
-        "KeyCount": int(_xml_text(root, "KeyCount", str(len(contents))) or 0),
+        "IsTruncated": top.get("IsTruncated", "false").lower() == "true",
+        "Name": top.get("Name", ""),
+        "Prefix": dec(top.get("Prefix", "")),
+        "MaxKeys": int(top.get("MaxKeys", "1000") or 1000),
+        "KeyCount": int(top.get("KeyCount", str(len(contents))) or 0),
     }
     if contents:
         out["Contents"] = contents
-    prefixes = [{"Prefix": dec(_xml_text(p, "Prefix", ""))} for p in root.findall("CommonPrefixes")]
     if prefixes:
         out["CommonPrefixes"] = prefixes
     for tag in ("Delimiter", "StartAfter", "ContinuationToken", "NextContinuationToken"):
-        value = _xml_text(root, tag)
+        value = top.get(tag)
         if value is not None:
             out[tag] = dec(value) if tag in ("Delimiter", "StartAfter") else value
     if encoded:
         out["EncodingType"] = "url"
     return out
+
+
+def _child_text(fields: Mapping[str, ET.Element], name: str, default: str) -> str:
+    child = fields.get(name)
+    return default if child is None else child.text or ""
 
 
 def _delete_request_xml(
@@ -3792,9 +3827,9 @@ class _S3Storage:
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
 
-    def _xml(self, resp: _Response) -> ET.Element:
+    def _xml(self, resp: _Response, strip: bool = True) -> ET.Element:
         try:
-            return _xml_parse(resp.body)
+            return _xml_parse(resp.body, strip)
         except (ET.ParseError, ValueError) as e:
             raise ResponseParserError(
                 endpoint_url=self.endpoint_url, status=resp.status, reason=str(e)
@@ -4128,8 +4163,9 @@ class _S3Storage:
         if fetch_owner:
             query.append(("fetch-owner", "true"))
         resp = self.request("ListObjectsV2", "GET", bucket, query=query)
-        root = self._xml(resp)
-        encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
+        root = self._xml(resp, strip=False)  # _list_v2_response reads the tags as they are
+        kind = next((el.text or "" for el in root if _local_name(el.tag) == "EncodingType"), "")
+        encoded = kind.lower() == "url"
         out = _list_v2_response(root, encoded and decode)
         out["ResponseMetadata"] = _response_metadata(resp)
         return out
@@ -5905,6 +5941,26 @@ def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
             for f in futures:
                 f.cancel()
             raise
+
+
+def _read_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """``items`` in order, each next one made on a thread while the caller handles the one
+    before: a listing fetches page N+1 while page N is printed. One item is made ahead at
+    most, so memory stays that of two items; an error is raised where its item would
+    come. A caller that stops early leaves the item in progress to finish on its own."""
+    end = object()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dg-read-ahead")
+    pending = pool.submit(next, items, end)
+    try:
+        while True:
+            item = pending.result()
+            if item is end:
+                return
+            pending = pool.submit(next, items, end)
+            yield cast(_T, item)
+    finally:
+        pending.cancel()
+        pool.shutdown(wait=False)
 
 
 def _get_into(
@@ -11691,6 +11747,24 @@ def _copy_logical_object(
 # -- Logical listing: references and bookkeeping hidden, logical names -------------
 
 
+class _PageSpan(NamedTuple):
+    """What a listing remembers of the stored page before the current one: its first and
+    last stored keys and the plain ones among them (to place a plain ``x`` that sorts
+    before its ``x.delta`` without a HEAD)."""
+
+    first: str
+    last: str
+    plain: frozenset[str]
+
+
+def _page_span(page: Mapping[str, Any]) -> _PageSpan | None:
+    keys = [o["Key"] for o in page.get("Contents", [])]
+    if not keys:
+        return None
+    plain = frozenset(k for k in keys if not k.endswith(_DELTA_SUFFIX))
+    return _PageSpan(keys[0], keys[-1], plain)
+
+
 def _logical_page(
     engine: _DeltaEngine,
     bucket: str,
@@ -11699,15 +11773,28 @@ def _logical_page(
     fetch: bool,
     continued: bool,
     max_workers: int,
+    previous: _PageSpan | None = None,
 ) -> list[dict[str, Any]]:
     """Hide references, show logical names (_logical_key), each once: where another
     tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
     serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    ``x.delta``, so it may have been on one): the page just before (``previous``) tells
+    without a request; a HEAD asks only when ``x`` would sort before it. With ``fetch``
+    add the logical size and the compression details (HEADs run in parallel,
+    ``max_workers`` at once)."""
     objects = page.get("Contents", [])
     plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
     first = objects[0]["Key"] if objects else ""
+
+    def listed_before(logical: str) -> bool:
+        if not continued or logical >= first:
+            return False
+        if previous is not None and logical >= previous.first:
+            return logical in previous.plain
+        if previous is not None and logical > previous.last:
+            return False  # between the two pages: nothing is stored there
+        return engine.exists(bucket, logical)
+
     contents = []
     for obj in objects:
         stored = obj["Key"]
@@ -11715,10 +11802,8 @@ def _logical_page(
         if logical is None or (after is not None and logical <= after):
             continue
         if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-            if logical in plain:
+            if logical in plain or listed_before(logical):
                 continue
-            if continued and logical < first and engine.exists(bucket, logical):
-                continue  # listed on an earlier page
         item = dict(obj)
         item["Key"] = logical
         if fetch:
@@ -11727,6 +11812,27 @@ def _logical_page(
     if fetch and contents:
         _fetch_details(engine.storage, bucket, contents, max_workers)
     return contents
+
+
+def _logical_pages(
+    engine: _DeltaEngine,
+    bucket: str,
+    prefix: str,
+    delimiter: str,
+    fetch: bool,
+    max_workers: int,
+) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A whole logical listing as it streams: (objects, common prefixes) for each stored
+    page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
+    references; no request tops it up). The next stored page is fetched while the caller
+    handles this one (and while this one's HEADs run, with ``fetch``): two pages in
+    memory at most, whatever the listing's length."""
+    pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
+    previous: _PageSpan | None = None
+    for n, page in enumerate(pages):
+        objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
+        yield objects, _visible_prefixes(page)
+        previous = _page_span(page) or previous
 
 
 def _fetch_details(
@@ -12045,11 +12151,13 @@ class DeltaGliderClient:
 
         # _pages stops a server that repeats a token or truncates without one
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
+        previous: _PageSpan | None = None
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
             contents += _logical_page(
-                self.engine, bucket, page, after, fetch, continued, self._max_workers
+                self.engine, bucket, page, after, fetch, continued, self._max_workers, previous
             )
+            previous = _page_span(page) or previous
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -17790,28 +17898,36 @@ class _Cli:
                 self.out.write("%s %s\n" % (stamp, b["Name"]))
             return EXIT_OK
         bucket, key = _parse_s3_url(path)
-        count = total = 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "FetchMetadata": True}
-        if not self.args.recursive:
-            kwargs["Delimiter"] = "/"
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
-        folders = 0
-        for page in paginator.paginate(**kwargs):
-            for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
-                folders += 1
-            for obj in page.get("Contents", []):
-                if _is_internal(obj["Key"]):
-                    continue
+        count = total = folders = 0
+        stamps: dict[datetime.datetime, str] = {}  # a page's objects share few dates
+        pages = _logical_pages(
+            self.client.engine,
+            bucket,
+            key,
+            "" if self.args.recursive else "/",
+            self.args.original_sizes,
+            self.workers,
+        )
+        for objects, prefixes in pages:  # each page printed as it comes, in one write
+            lines = []
+            for p in prefixes:
+                lines.append("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
+            folders += len(prefixes)
+            for obj in objects:
                 count += 1
                 total += obj["Size"]
-                stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                when = obj["LastModified"]
+                stamp = stamps.get(when)
+                if stamp is None:
+                    stamp = stamps[when] = when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                size = fmt_size(obj["Size"]).rjust(10)
-                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
-            if not page.get("Contents") and not page.get("CommonPrefixes") and key:
-                pass
+                lines.append(
+                    "%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), _printable(name))
+                )
+            if len(stamps) > 10_000:
+                stamps.clear()
+            self.out.write("".join(lines))
         if self.args.summarize:
             self.out.write(
                 "\n%s%d\n%s%s\n"
@@ -18646,6 +18762,12 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
+    p.add_argument(
+        "--original-sizes",
+        action="store_true",
+        help="show delta-stored files at their original size (one HEAD per delta, in "
+        "parallel), not the bytes stored",
+    )
 
 
 def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
