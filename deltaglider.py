@@ -863,6 +863,71 @@ def _hash_file(source: str | IO[bytes], md5: bool = False) -> _FileInfo:
     return info
 
 
+# x-amz-checksum-* of uploads (AWS "Checking object integrity"): the gateway checks them
+# as bodies arrive, the client checks them; both store them (dg-checksum-<algo>).
+
+
+@functools.lru_cache(maxsize=None)
+def _crc_table(poly: int, bits: int) -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
+        table.append(crc & ((1 << bits) - 1))
+    return table
+
+
+class _Crc:
+    """A reflected table-driven CRC (CRC32C, CRC64NVME): pure Python, so slow (a few MB/s);
+    S3 SDKs default to CRC32, which zlib computes at memory speed."""
+
+    def __init__(self, poly: int, bits: int) -> None:
+        self._table = _crc_table(poly, bits)
+        self._bits = bits
+        self._mask = (1 << bits) - 1
+        self._crc = self._mask
+
+    def update(self, data: bytes) -> None:
+        crc, table = self._crc, self._table
+        for b in data:
+            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        self._crc = crc
+
+    def digest(self) -> bytes:
+        return (self._crc ^ self._mask).to_bytes(self._bits // 8, "big")
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: bytes) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def digest(self) -> bytes:
+        return self._crc.to_bytes(4, "big")
+
+
+#: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
+_CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "crc32": _Crc32,
+    "crc32c": lambda: _Crc(0x82F63B78, 32),
+    "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
+    "sha1": hashlib.sha1,
+    "sha256": hashlib.sha256,
+}
+
+
+def _file_checksum(path: str, algo: str) -> str:
+    """The base64 x-amz-checksum-<algo> of a file (the value S3 stores and returns)."""
+    hasher = _CHECKSUMS[algo]()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
+            hasher.update(chunk)
+    return base64.b64encode(hasher.digest()).decode("ascii")
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -6634,6 +6699,55 @@ def _stored_objects(storage: _Storage, bucket: str, prefix: str = "") -> Iterato
         yield from page.get("Contents", [])
 
 
+#: ``dg-checksum-<algorithm>``: the x-amz-checksum-* its uploader sent (or asked for), of
+#: the logical bytes; a multipart upload's composite value ends in ``-<parts>`` as on S3.
+_CHECKSUM_META = "dg-checksum-"
+
+
+def _checksum_param(algo: str) -> str:
+    """boto3's name of an x-amz-checksum-<algo> value: ChecksumSHA256, ChecksumCRC64NVME..."""
+    return "Checksum" + algo.upper()
+
+
+def _stored_checksum(metadata: Mapping[str, str]) -> dict[str, str]:
+    """HeadObject/GetObject's Checksum<ALGO> and ChecksumType (asked for with ChecksumMode
+    ENABLED) from a stored object's metadata; empty when its uploader sent none."""
+    for algo in _CHECKSUMS:
+        value = metadata.get(_CHECKSUM_META + algo)
+        if value:
+            kind = "COMPOSITE" if re.search(r"-\d+$", value) else "FULL_OBJECT"
+            return {_checksum_param(algo): value, "ChecksumType": kind}
+    return {}
+
+
+#: ``dg-parts``: the part sizes of an object uploaded in parts, run-length encoded
+#: (``5242880*5,1048576*1``), for GetObjectAttributes' ObjectParts; left out when long.
+_PARTS_META = "dg-parts"
+_PARTS_META_MAX = 200
+
+
+def _parts_meta(sizes: Sequence[int]) -> str | None:
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    text = ",".join("%d*%d" % (size, count) for size, count in runs)
+    return text if len(text) <= _PARTS_META_MAX else None
+
+
+def _part_sizes(metadata: Mapping[str, str]) -> list[int]:
+    """The sizes ``dg-parts`` records (empty for an object not uploaded in parts)."""
+    sizes: list[int] = []
+    for run in (metadata.get(_PARTS_META) or "").split(","):
+        size, _, count = run.partition("*")
+        if not (size.isdigit() and count.isdigit()) or len(sizes) + int(count) > _MAX_PARTS:
+            return []
+        sizes += [int(size)] * int(count)
+    return sizes
+
+
 def _user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """What the caller gave as Metadata: ``user-<name>`` entries without the prefix, plus
     any non-deltaglider key written by another tool."""
@@ -9863,6 +9977,8 @@ class _Upload(NamedTuple):
     hashing: _Background | None  # the file's _FileInfo, being computed beside the work
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
+    checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
+    parts: Sequence[int] = ()  # the sizes of the parts it was uploaded in: dg-parts
 
     def info(self) -> _FileInfo:
         """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
@@ -10238,6 +10354,11 @@ class _DeltaEngine:
             meta[_CONTENT_TYPE_META] = _meta_encode(up.content_type)
         if up.mtime is not None:
             meta["dg-mtime"] = "%.6f" % up.mtime  # the source's mtime, for sync (as rclone)
+        if up.checksum is not None:
+            meta[_CHECKSUM_META + up.checksum[0]] = up.checksum[1]
+        parts = _parts_meta(up.parts) if up.parts else None
+        if parts:
+            meta[_PARTS_META] = parts
         return meta
 
     @_reports_as("PutObject")
@@ -10256,9 +10377,15 @@ class _DeltaEngine:
         mtime: float | None = None,
         existing: Container[str] | None = None,
         if_none_match: bool = False,
+        checksum: tuple[str, str] | None = None,
+        parts: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
+
+        ``checksum``: the caller's (algorithm, base64 value) of the file, already checked,
+        kept as ``dg-checksum-<algorithm>`` (returned by HeadObject/GetObject on request);
+        ``parts``: the sizes of the parts it was uploaded in, kept as ``dg-parts``.
 
         ``existing``: the stored keys a listing just showed, when the caller has one.
         ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
@@ -10288,6 +10415,8 @@ class _DeltaEngine:
             hashing=hashing,
             given=info,
             create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
+            checksum=checksum,
+            parts=parts,
         )
         if up.required:
             self._refuse_shadowed(bucket, key)
@@ -10927,6 +11056,7 @@ _DICT_PARAMS = frozenset(
 #: Parameters whose type depends on the operation: Tagging is a query string on PutObject.
 _STRING_TAGGING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
 _ANY_PARAMS = frozenset({"Body", "CopySource"})
+_LIST_PARAMS = frozenset({"ObjectAttributes"})
 
 
 def _type_report(name: str, value: Any, valid: str) -> str:
@@ -10951,6 +11081,9 @@ def _param_type_errors(operation: str, given: Mapping[str, Any]) -> list[str]:
         elif name in _BOOL_PARAMS:
             if not isinstance(value, bool):
                 errors.append(_type_report(name, value, "<class 'bool'>"))
+        elif name in _LIST_PARAMS:
+            if not isinstance(value, (list, tuple)):
+                errors.append(_type_report(name, value, "<class 'list'>, <class 'tuple'>"))
         elif name in _TIME_PARAMS:
             if not isinstance(value, datetime.datetime) and _timestamp_param(value) is None:
                 errors.append(
@@ -11278,27 +11411,130 @@ def _visible_prefixes(page: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 class _TempBody(StreamingBody):
-    """A StreamingBody over a rebuilt temp file, removed when closed."""
+    """A StreamingBody over part of a rebuilt file (an open handle on it: _Rebuilds keeps
+    the file while it is read); ``release`` is called once, when the body is closed."""
 
-    def __init__(self, path: str, start: int, length: int) -> None:
-        f = open(path, "rb")
-        try:
-            os.unlink(path)  # POSIX: the open handle keeps the bytes until closed
-            self._path: str | None = None
-        except OSError:  # pragma: no cover - Windows: remove on close instead
-            self._path = path
+    def __init__(self, f: IO[bytes], start: int, length: int, release: Callable[[], None]) -> None:
         f.seek(start)
         super().__init__(_LimitedReader(f, length), length)
         self._file = f
+        self._done: Callable[[], None] | None = release
 
     def close(self) -> None:
         super().close()
         self._file.close()
-        if self._path:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _Rebuilt:
+    """One rebuilt, verified file that GETs share (see _Rebuilds)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.path: str | None = None  # None until built; stays None when the build failed
+        self.readers = 0
+        self.idle_since = 0.0
+
+
+class _Rebuilds:
+    """Rebuilt delta-stored objects shared by the GETs that want the same one at once.
+    aws-cli, s3transfer and rclone read a big object as ranges (8 MiB, several at a
+    time): each ranged GET of a delta would otherwise rebuild the whole object again.
+    The first GET rebuilds (engine.rebuild checks the SHA-256), the others wait for it
+    and read their ranges from the same file. Entries are keyed by that checked SHA-256
+    and the size: a file is served only for an object whose metadata, read by this very
+    GET, names those bytes, so an object overwritten meanwhile has another key and is
+    rebuilt. A file no GET reads is kept LINGER seconds (the next range of the same
+    download is usually a moment away), at most KEEP of them, then removed."""
+
+    LINGER = 5.0
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], _Rebuilt] = {}
+        self._timer = False  # a timer is due to call expire()
+
+    def open(self, engine: _DeltaEngine, lg: _Logical) -> tuple[IO[bytes], Callable[[], None]]:
+        """An open handle on ``lg`` rebuilt and verified, and the function to call when
+        done reading it."""
+        key = (str(lg.sha256), lg.size)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                build = entry is None
+                if entry is None:
+                    entry = self._entries[key] = _Rebuilt()
+                entry.readers += 1
+            if build:
+                self._build(engine, lg, key, entry)
+            else:
+                entry.ready.wait()
+            if entry.path is not None:
+                try:
+                    return open(entry.path, "rb"), functools.partial(self._release, key, entry)
+                except BaseException:
+                    self._release(key, entry)
+                    raise
+            self._release(key, entry)  # its build failed (and raised there): build again
+
+    def _build(
+        self, engine: _DeltaEngine, lg: _Logical, key: tuple[str, int], entry: _Rebuilt
+    ) -> None:
+        try:
+            fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
+            os.close(fd)
             try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+                engine.rebuild(lg, tmp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            entry.path = tmp
+        except BaseException:
+            with self._lock:
+                self._entries.pop(key, None)
+                entry.readers -= 1
+            raise
+        finally:
+            entry.ready.set()
+
+    def _release(self, key: tuple[str, int], entry: _Rebuilt) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.readers == 0:
+                entry.idle_since = time.monotonic()
+        self.expire()
+
+    def expire(self) -> None:
+        """Remove the files no GET reads that have been idle LINGER seconds, or are beyond
+        the KEEP most recently read; while idle files remain, one timer comes back."""
+        now = time.monotonic()
+        with self._lock:
+            idle = sorted(
+                (e.idle_since, k) for k, e in self._entries.items() if e.readers == 0 and e.path
+            )
+            doomed = [
+                k
+                for i, (since, k) in enumerate(idle)
+                if now - since >= self.LINGER or i < len(idle) - self.KEEP
+            ]
+            paths = [self._entries.pop(k).path for k in doomed]
+            again = len(idle) > len(doomed) and not self._timer
+            self._timer = self._timer or again
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+        if again:
+            timer = threading.Timer(self.LINGER, self._timer_expire)
+            timer.daemon = True
+            timer.start()
+
+    def _timer_expire(self) -> None:
+        with self._lock:
+            self._timer = False
+        self.expire()
 
 
 class _LimitedReader:
@@ -11384,18 +11620,59 @@ def _spool_request_body(engine: _DeltaEngine, body: Any) -> tuple[str, _FileInfo
     return path, hashes.info()
 
 
+#: PutObject's checksum parameters (AWS "Checking object integrity").
+_CHECKSUM_PARAMS = frozenset({"ChecksumAlgorithm"} | {_checksum_param(a) for a in _CHECKSUMS})
+
+
+def _bad_digest(message: str, operation: str) -> ClientError:
+    return _client_error(
+        {
+            "Error": {"Code": "BadDigest", "Message": message},
+            "ResponseMetadata": _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 400}}),
+        },
+        operation,
+    )
+
+
+def _upload_checksum(params: Mapping[str, Any], path: str) -> tuple[str, str] | None:
+    """The (algorithm, base64 value) checksum an upload keeps: the Checksum<ALGO> given,
+    checked against the file (BadDigest when it differs, as S3 answers), or the one
+    ``ChecksumAlgorithm`` names, computed (as boto3 computes it); None without either."""
+    given = [a for a in _CHECKSUMS if params.get(_checksum_param(a)) is not None]
+    algo = given[0] if given else str(params.get("ChecksumAlgorithm") or "").lower()
+    if not algo:
+        return None
+    if algo not in _CHECKSUMS:
+        raise ParamValidationError(
+            report="Unsupported checksum algorithm: %s (one of %s)"
+            % (params.get("ChecksumAlgorithm"), ", ".join(a.upper() for a in _CHECKSUMS))
+        )
+    value = _file_checksum(path, algo)
+    if given and str(params[_checksum_param(algo)]) != value:
+        raise _bad_digest(
+            "The %s you specified did not match the calculated checksum." % algo.upper(),
+            "PutObject",
+        )
+    return algo, value
+
+
 def _put_object_from_file(
     engine: _DeltaEngine,
     path: str,
     params: Mapping[str, Any],
     info: _FileInfo | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    checksum: tuple[str, str] | None = None,
+    parts: Sequence[int] = (),
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
-    ``info`` holds the digests of the caller's bytes when they were spooled. With
-    ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
+    ``info`` holds the digests of the caller's bytes when they were spooled, ``checksum``
+    an x-amz-checksum the caller already checked (else params' own is: _upload_checksum),
+    ``parts`` the sizes of the parts it came in (multipart uploads).
+    With ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
     stored when the condition fails (_check_write_conditions)."""
+    checksum = checksum or _upload_checksum(params, path)
 
     def store(if_none_match: bool = False) -> dict[str, Any]:
         # SSE-C: only the customer's key may read it, so no shared reference.
@@ -11410,6 +11687,8 @@ def _put_object_from_file(
             info=info,
             on_bytes=on_bytes,
             if_none_match=if_none_match,
+            checksum=checksum,
+            parts=parts,
         )
 
     if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
@@ -11424,6 +11703,8 @@ def _put_object_from_file(
     for name in ("ServerSideEncryption", "VersionId"):
         if name in resp:
             out[name] = resp[name]
+    if checksum is not None:
+        out.update(_stored_checksum({_CHECKSUM_META + checksum[0]: checksum[1]}))
     out["ResponseMetadata"] = _local_metadata(resp)
     if summary["Operation"]:  # every upload says how it was stored, as 6.x
         out["DeltaGliderInfo"] = {
@@ -11578,12 +11859,46 @@ def _logical_response(lg: _Logical) -> dict[str, Any]:
     return out
 
 
+def _object_attributes(lg: _Logical, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """GetObjectAttributes of a logical object: the ``ObjectAttributes`` asked for, of the
+    original bytes (a delta's too); ObjectParts for an object uploaded in parts, paged by
+    ``MaxParts`` / ``PartNumberMarker`` as S3 pages it."""
+    wanted = set(kwargs["ObjectAttributes"])
+    out: dict[str, Any] = {"LastModified": lg.head.get("LastModified")}
+    if "ETag" in wanted:
+        out["ETag"] = lg.etag.strip('"')
+    if "Checksum" in wanted and _stored_checksum(lg.metadata):
+        out["Checksum"] = _stored_checksum(lg.metadata)
+    sizes = _part_sizes(lg.metadata)
+    if "ObjectParts" in wanted and sizes:
+        marker, most = int(kwargs.get("PartNumberMarker") or 0), int(kwargs.get("MaxParts", 1000))
+        shown = list(enumerate(sizes, 1))[marker : marker + most]
+        out["ObjectParts"] = {
+            "TotalPartsCount": len(sizes),
+            "PartNumberMarker": marker,
+            "NextPartNumberMarker": shown[-1][0] if shown else marker,
+            "MaxParts": most,
+            "IsTruncated": marker + most < len(sizes),
+            "Parts": [{"PartNumber": n, "Size": size} for n, size in shown],
+        }
+    if "StorageClass" in wanted:
+        out["StorageClass"] = lg.head.get("StorageClass") or "STANDARD"
+    if "ObjectSize" in wanted:
+        out["ObjectSize"] = lg.size
+    out["ResponseMetadata"] = _local_metadata(lg.head)
+    return out
+
+
 def _get_rebuilt(
-    engine: _DeltaEngine, lg: _Logical, kwargs: Mapping[str, Any], out: dict[str, Any]
+    engine: _DeltaEngine,
+    rebuilds: _Rebuilds,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    out: dict[str, Any],
 ) -> tuple[dict[str, Any], int]:
     """GetObject of a delta-stored key into ``out``: conditions and ``Range`` decided here
-    on the logical object; the body is the rebuilt, verified file. Returns the
-    response metadata and the status."""
+    on the logical object; the body is the rebuilt, verified file (shared by the GETs of
+    the same object at once: _Rebuilds). Returns the response metadata and the status."""
     size = lg.size
     status = 200
     failed = _precondition_failure(kwargs, lg.etag, lg.head.get("LastModified"))
@@ -11593,13 +11908,7 @@ def _get_rebuilt(
         span = _byte_range(kwargs.get("Range"), size)
     except _RangeNotSatisfiable as e:
         raise e.client_error("GetObject") from None
-    fd, tmp = _private_tempfile(engine.tmp_dir(), ".get")
-    os.close(fd)
-    try:
-        engine.rebuild(lg, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    f, release = rebuilds.open(engine, lg)
     start, end = 0, size - 1
     meta = _local_metadata(lg.head)
     headers = dict(meta.get("HTTPHeaders") or {})
@@ -11608,7 +11917,7 @@ def _get_rebuilt(
         out["ContentRange"] = "bytes %d-%d/%d" % (start, end, size)
         headers["content-range"] = out["ContentRange"]
         status = 206
-    out["Body"] = _TempBody(tmp, start, end - start + 1)
+    out["Body"] = _TempBody(f, start, end - start + 1, release)
     out["ContentLength"] = end - start + 1
     headers["content-length"] = str(end - start + 1)
     headers["etag"] = lg.etag
@@ -11947,6 +12256,7 @@ class DeltaGliderClient:
         self._max_workers = max_workers
         self.exceptions = _ClientExceptions()
         self._multipart = _MultipartUploads(lambda: self.engine, now)
+        self._rebuilds = _Rebuilds()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -11997,24 +12307,15 @@ class DeltaGliderClient:
     def put_object(self, **kwargs: Any) -> dict[str, Any]:
         """PutObject. ``Body`` may be bytes, str or a file object of any size."""
         allowed = {"Bucket", "Key", "Body", "IfNoneMatch", "IfMatch"} | _PUT_PARAMS
-        _params("PutObject", kwargs, allowed, "Bucket", "Key")
+        _params("PutObject", kwargs, allowed | _CHECKSUM_PARAMS, "Bucket", "Key")
         body = kwargs.get("Body", b"")
         path, info = _spool_request_body(self.engine, body if body is not None else b"")
         try:
             if kwargs.get("ContentMD5"):
                 given = base64.b64decode(kwargs["ContentMD5"]).hex()
                 if given != info.md5:
-                    raise _client_error(
-                        {
-                            "Error": {
-                                "Code": "BadDigest",
-                                "Message": "The Content-MD5 you specified did not match "
-                                "what we received.",
-                            },
-                            "ResponseMetadata": _local_metadata(
-                                {"ResponseMetadata": {"HTTPStatusCode": 400}}
-                            ),
-                        },
+                    raise _bad_digest(
+                        "The Content-MD5 you specified did not match what we received.",
                         "PutObject",
                     )
             return _put_object_from_file(self.engine, path, kwargs, info)
@@ -12041,6 +12342,8 @@ class DeltaGliderClient:
             if failed:
                 raise _precondition_error(failed[0], failed[1], "HeadObject")
         out = _logical_response(lg)
+        if kwargs.get("ChecksumMode") == "ENABLED":
+            out.update(_stored_checksum(lg.metadata))
         out["ResponseMetadata"] = _local_metadata(head)
         return out
 
@@ -12057,13 +12360,23 @@ class DeltaGliderClient:
         lg = engine.head(bucket, key, "GetObject", headers=extra)
         out = _logical_response(lg)
         if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, lg, kwargs, out)
+            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
         else:
             meta, status = _get_stored(engine, lg, kwargs, extra, out)
+        if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
+            out.update(_stored_checksum(lg.metadata))
         _echo_response_overrides(kwargs, out)
         meta["HTTPStatusCode"] = status
         out["ResponseMetadata"] = meta
         return out
+
+    def get_object_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        """GetObjectAttributes of a logical key (_object_attributes)."""
+        allowed = {"Bucket", "Key", "ObjectAttributes", "MaxParts", "PartNumberMarker"}
+        allowed |= {n for n, _ in _COMMON_HEADER_PARAMS + _SSEC_HEADER_PARAMS}
+        _params("GetObjectAttributes", kwargs, allowed, "Bucket", "Key", "ObjectAttributes")
+        lg = self.engine.head(kwargs["Bucket"], kwargs["Key"], "GetObjectAttributes")
+        return _object_attributes(lg, kwargs)
 
     def delete_object(self, **kwargs: Any) -> dict[str, Any]:
         _params("DeleteObject", kwargs, {"Bucket", "Key"}, "Bucket", "Key")
@@ -12304,7 +12617,8 @@ class DeltaGliderClient:
         info: _FileInfo,
     ) -> None:
         extra = dict(ExtraArgs or {})
-        _check_params("upload_file ExtraArgs", extra, _PUT_PARAMS - {"ContentMD5", "ContentLength"})
+        allowed = (_PUT_PARAMS - {"ContentMD5", "ContentLength"}) | {"ChecksumAlgorithm"}
+        _check_params("upload_file ExtraArgs", extra, allowed)
         params = dict(extra, Bucket=Bucket, Key=Key)
         sent = [0]
 
@@ -14016,7 +14330,6 @@ _GATEWAY_UNSUPPORTED = frozenset(
         "accelerate",
         "acl",  # object ACLs; bucket ACLs are served
         "analytics",
-        "attributes",
         "cors",
         "encryption",
         "intelligent-tiering",
@@ -14134,6 +14447,7 @@ _GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
         "order by part number.",
     ),
     "InvalidPolicyDocument": (400, "The content of the form does not meet the conditions."),
+    "InvalidRange": (416, "The requested range is not satisfiable"),
     "InvalidRequest": (400, "Invalid Request"),
     "MalformedXML": (
         400,
@@ -14220,61 +14534,6 @@ def _s3_reply_from(e: BaseException) -> _S3Reply:
     return _S3Reply("InternalError")
 
 
-# -- checksums of uploads -----------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _crc_table(poly: int, bits: int) -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-        table.append(crc & ((1 << bits) - 1))
-    return table
-
-
-class _Crc:
-    """A reflected table-driven CRC (CRC32C, CRC64NVME): pure Python, so slow (a few MB/s);
-    S3 SDKs default to CRC32, which zlib computes at memory speed."""
-
-    def __init__(self, poly: int, bits: int) -> None:
-        self._table = _crc_table(poly, bits)
-        self._bits = bits
-        self._mask = (1 << bits) - 1
-        self._crc = self._mask
-
-    def update(self, data: bytes) -> None:
-        crc, table = self._crc, self._table
-        for b in data:
-            crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-        self._crc = crc
-
-    def digest(self) -> bytes:
-        return (self._crc ^ self._mask).to_bytes(self._bits // 8, "big")
-
-
-class _Crc32:
-    def __init__(self) -> None:
-        self._crc = 0
-
-    def update(self, data: bytes) -> None:
-        self._crc = zlib.crc32(data, self._crc)
-
-    def digest(self) -> bytes:
-        return self._crc.to_bytes(4, "big")
-
-
-#: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
-_CHECKSUMS: dict[str, Callable[[], Any]] = {
-    "crc32": _Crc32,
-    "crc32c": lambda: _Crc(0x82F63B78, 32),
-    "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
-    "sha1": hashlib.sha1,
-    "sha256": hashlib.sha256,
-}
-
-
 # -- authentication: users, SigV4 and SigV2, presigned URLs, POST policies ------------
 
 
@@ -14358,6 +14617,11 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
         return None
 
 
+#: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
+#: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
+_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+
+
 def _policy_check(
     conditions: list[Any], values: Mapping[str, str]
 ) -> tuple[set[str], tuple[int, int]]:
@@ -14369,6 +14633,12 @@ def _policy_check(
     low, high = 0, sys.maxsize
     for cond in conditions:
         if isinstance(cond, dict):
+            if len(cond) != 1:  # {"name": "value"}: an empty one allows nothing known
+                raise _S3Reply(
+                    "InvalidPolicyDocument",
+                    "Invalid Policy: Invalid Simple-Condition: Simple-Conditions must have "
+                    "exactly one property specified.",
+                )
             for name, want in cond.items():
                 name = name.lower()
                 covered.add(name)
@@ -14645,7 +14915,10 @@ class _GatewayAuth:
         """The conditions of a policy document that has not expired."""
         try:
             policy = json.loads(base64.b64decode(policy_b64))
-            expiration = _parse_timestamp(str(policy["expiration"]))
+            text = str(policy["expiration"])
+            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+                raise ValueError(text)
+            expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
         except (ValueError, KeyError, TypeError):
             raise _S3Reply(
@@ -14985,6 +15258,8 @@ class _BodyDigests:
             ).strip().lower() == ("x-amz-checksum-" + name):
                 self._algo = name
         self._checksum = _CHECKSUMS[self._algo]() if self._algo else None
+        #: (algorithm, base64 value) of the x-amz-checksum-* the body came with, once checked
+        self.checksum: tuple[str, str] | None = None
 
     @property
     def size(self) -> int:
@@ -15022,17 +15297,21 @@ class _BodyDigests:
             algo = self._algo
             name = "x-amz-checksum-" + algo
             given_text = h.get(name) or trailers.get(name) or ""
-            if base64.b64encode(self._checksum.digest()).decode() != given_text.strip():
+            value = base64.b64encode(self._checksum.digest()).decode()
+            if value != given_text.strip():
                 raise _S3Reply(
                     "BadDigest",
                     "The %s you specified did not match the calculated checksum." % algo.upper(),
                 )
+            self.checksum = (algo, value)
         return info
 
 
 class _Spooled(NamedTuple):
     path: str
     info: _FileInfo
+    checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
+    parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
 
 class _FormReader:
@@ -15265,10 +15544,19 @@ class _Uploads:
             out[int(m.group(1))] = meta
         return out
 
-    def assemble(self, upload_id: str, wanted: list[tuple[int, str]], folder: str) -> _Spooled:
+    def assemble(
+        self,
+        upload_id: str,
+        wanted: list[tuple[int, str]],
+        folder: str,
+        checksum: tuple[str, str] | None = None,
+    ) -> _Spooled:
         """The parts ``wanted`` ((number, ETag) in order) joined into one private temp
         file in ``folder``, once each is checked: uploaded with that ETag, and all but the
-        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall)."""
+        last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
+        the (algorithm, type) the upload was created with: the joined file's checksum is
+        taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
+        digest of the parts' digests, ``-<parts>`` after it)."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -15283,27 +15571,54 @@ class _Uploads:
                 )
         fd, path = _private_tempfile(folder, ".mpu")
         hashes = _Hashes(md5=True)
+        algo, kind = checksum or ("", "")
+        whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
+        digests = []
         try:
             with os.fdopen(fd, "wb") as out:
                 for number, _ in wanted:
+                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
+
+                    def each(chunk: bytes, hasher: Any = hasher) -> None:
+                        out.write(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+
                     with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=out.write)
+                        hashes.read(f, each=each)
+                    if hasher is not None and whole is None:
+                        digests.append(hasher.digest())
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, hashes.info())
+        value = None
+        if whole is not None:
+            value = base64.b64encode(whole.digest()).decode()
+        elif algo:
+            joined = _CHECKSUMS[algo]()
+            joined.update(b"".join(digests))
+            value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
+        sizes = [int(have[number]["Size"]) for number, _ in wanted]
+        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
 
     #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
     _DONE_KEEP = 24 * 3600
 
     def finish(
-        self, upload_id: str, bucket: str, key: str, parts: list[tuple[int, str]], etag: str
+        self,
+        upload_id: str,
+        bucket: str,
+        key: str,
+        parts: list[tuple[int, str]],
+        etag: str,
+        checksum: tuple[str, str] | None = None,
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
         fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}, f)
+            done = {"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}
+            json.dump(dict(done, Checksum=checksum), f)
         os.replace(tmp, note)
         self.remove(upload_id)
         now = time.time()
@@ -15316,8 +15631,8 @@ class _Uploads:
 
     def completed(
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
-    ) -> str | None:
-        """The ETag of an upload completed with these very parts, if it was."""
+    ) -> tuple[str, tuple[str, str] | None] | None:
+        """The ETag and checksum of an upload completed with these very parts, if it was."""
         if not self._ID_RE.match(upload_id):
             return None
         try:
@@ -15329,7 +15644,8 @@ class _Uploads:
             return None
         same = [list(p) for p in parts] == note.get("Parts")
         if note.get("Bucket") == bucket and note.get("Key") == key and same:
-            return str(note["ETag"])
+            checksum = note.get("Checksum")
+            return str(note["ETag"]), (str(checksum[0]), str(checksum[1])) if checksum else None
         return None
 
     def remove(self, upload_id: str) -> None:
@@ -15628,6 +15944,28 @@ def _xml_delete_result(resp: Mapping[str, Any], versioned: list[str]) -> bytes:
     return _xml_doc("DeleteResult", "".join(parts))
 
 
+def _xml_attributes(resp: Mapping[str, Any]) -> bytes:
+    """GetObjectAttributesOutput from the client's GetObjectAttributes answer."""
+    body = _el("ETag", resp["ETag"]) if "ETag" in resp else ""
+    if resp.get("Checksum"):
+        body += "<Checksum>%s</Checksum>" % "".join(_el(k, v) for k, v in resp["Checksum"].items())
+    parts = resp.get("ObjectParts")
+    if parts:
+        items = "".join(
+            "<Part>%s%s</Part>" % (_el("PartNumber", p["PartNumber"]), _el("Size", p["Size"]))
+            for p in parts["Parts"]
+        )
+        body += "<ObjectParts>%s%s</ObjectParts>" % (
+            # boto3's TotalPartsCount is PartsCount on the wire
+            "".join(_el(k.replace("TotalParts", "Parts"), parts[k]) for k in parts if k != "Parts"),
+            items,
+        )
+    for name in ("StorageClass", "ObjectSize"):
+        if name in resp:
+            body += _el(name, resp[name])
+    return _xml_doc("GetObjectAttributesResponse", body)
+
+
 def _xml_parts(
     bucket: str,
     key: str,
@@ -15744,6 +16082,8 @@ _GATEWAY_OBJECT_HEADERS = (
     ("x-amz-server-side-encryption", "ServerSideEncryption"),
     ("x-amz-storage-class", "StorageClass"),
     ("x-amz-version-id", "VersionId"),
+    ("x-amz-checksum-type", "ChecksumType"),
+    *(("x-amz-checksum-" + a, _checksum_param(a)) for a in _CHECKSUMS),
 )
 #: GetObject query parameters that override response headers (presigned downloads).
 _RESPONSE_OVERRIDES = (
@@ -15783,6 +16123,16 @@ def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, 
     return out
 
 
+def _checksum_headers(
+    checksum: tuple[str, str] | None, headers: dict[str, str] | None = None
+) -> dict[str, str]:
+    """``headers`` and the x-amz-checksum-<algorithm> of an upload's answer, if it had one."""
+    out = dict(headers or {})
+    if checksum is not None:
+        out["x-amz-checksum-" + checksum[0]] = checksum[1]
+    return out
+
+
 def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     """boto3 PutObject parameters from the request headers ``h`` (lower-cased)."""
     params: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -15805,6 +16155,44 @@ def _put_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
     if meta:
         params["Metadata"] = meta
     return params
+
+
+def _upload_checksum_kind(h: Mapping[str, str]) -> tuple[str, str] | None:
+    """CreateMultipartUpload's x-amz-checksum-algorithm and -type: (algorithm, FULL_OBJECT
+    or COMPOSITE) as S3 takes them (CRC64NVME is whole-object only, SHA1/SHA256 composite
+    only, CRC32/CRC32C composite unless asked); None without an algorithm."""
+    algo = h.get("x-amz-checksum-algorithm", "").strip().lower()
+    if not algo:
+        return None
+    kind = h.get("x-amz-checksum-type", "").strip().upper()
+    default = "FULL_OBJECT" if algo == "crc64nvme" else "COMPOSITE"
+    allowed = {"crc32": ("COMPOSITE", "FULL_OBJECT"), "crc32c": ("COMPOSITE", "FULL_OBJECT")}
+    if algo not in _CHECKSUMS or (kind and kind not in allowed.get(algo, (default,))):
+        raise _S3Reply(
+            "InvalidRequest", "Checksum algorithm %s with type %s is not supported" % (algo, kind)
+        )
+    return algo, kind or default
+
+
+def _checksum_mode(h: Mapping[str, str]) -> bool:
+    """Whether a GET/HEAD asks for the object's stored checksum (x-amz-checksum-mode)."""
+    return h.get("x-amz-checksum-mode", "").strip().upper() == "ENABLED"
+
+
+def _copy_source_range(text: str, size: int) -> tuple[int, int]:
+    """UploadPartCopy's x-amz-copy-source-range: ``bytes=first-last``, both given, within
+    the source (S3: InvalidArgument for any other form, InvalidRange past its end)."""
+    m = re.match(r"^bytes=(\d+)-(\d+)$", text.strip())
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise _S3Reply(
+            "InvalidArgument",
+            "The x-amz-copy-source-range value must be of the form bytes=first-last where "
+            "first and last are the zero-based offsets of the first and last bytes to copy",
+        )
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise _S3Reply("InvalidRange", ActualObjectSize=str(size), RangeRequested=text)
+    return first, last
 
 
 def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
@@ -16207,6 +16595,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._refuse_unsupported("Object")
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
+        if method == "GET" and "attributes" in q:
+            return self._object_attributes(bucket, key)
         if method in ("GET", "HEAD"):
             return self._get_object(bucket, key, head=method == "HEAD")
         if method == "PUT" and "uploadId" in q:
@@ -16283,11 +16673,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             return _AwsChunked(raw, signed), raw
         return raw, raw
 
-    def _spool(self, signed: _Signed, limit: int) -> _Spooled:
+    def _spool(
+        self, signed: _Signed, limit: int, headers: Mapping[str, str] | None = None
+    ) -> _Spooled:
         """The request body in a private temp file, every digest it carries checked:
-        x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-*."""
+        x-amz-content-sha256, chunk signatures, Content-MD5, x-amz-checksum-* (of
+        ``headers``, the request's unless given)."""
         reader, _ = self._body(signed, limit)
-        digests = _BodyDigests(self._headers, signed.payload)
+        digests = _BodyDigests(self._headers if headers is None else headers, signed.payload)
         fd, path = _private_tempfile(self.server.gateway.spool_dir, ".put")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -16304,18 +16697,18 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             os.unlink(path)
             raise
-        return _Spooled(path, info)
+        return _Spooled(path, info, digests.checksum)
 
-    def _small_body(self, signed: _Signed) -> bytes:
-        spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX)
+    def _small_body(self, signed: _Signed, headers: Mapping[str, str] | None = None) -> bytes:
+        spooled = self._spool(signed, _GATEWAY_XML_BODY_MAX, headers)
         try:
             with open(spooled.path, "rb") as f:
                 return f.read()
         finally:
             os.unlink(spooled.path)
 
-    def _xml_body(self, signed: _Signed) -> ET.Element:
-        data = self._small_body(signed)
+    def _xml_body(self, signed: _Signed, headers: Mapping[str, str] | None = None) -> ET.Element:
+        data = self._small_body(signed, headers)
         try:
             return _xml_parse(data)
         except (ValueError, ET.ParseError):
@@ -16422,8 +16815,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             n in h
             for n in ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
         )
+        mode = {"ChecksumMode": "ENABLED"} if _checksum_mode(h) else {}
         if head or conditional:
-            info = client.head_object(Bucket=bucket, Key=key) if head else None
+            info = client.head_object(Bucket=bucket, Key=key, **mode) if head else None
             if info is None:
                 try:
                     info = client.head_object(Bucket=bucket, Key=key)
@@ -16456,7 +16850,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     return self._send(206, headers=headers, content_type=None)
                 headers["Content-Length"] = str(size)
                 return self._send(200, headers=headers, content_type=None)
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, **mode}
         if h.get("range"):
             params["Range"] = h["range"]
         resp = client.get_object(**params)
@@ -16481,6 +16875,28 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             body.close()
 
+    def _object_attributes(self, bucket: str, key: str) -> None:
+        self._operation = "GetObjectAttributes"
+        h = self._headers
+        wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
+        if not wanted:
+            raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
+        for name, header in (
+            ("MaxParts", "x-amz-max-parts"),
+            ("PartNumberMarker", "x-amz-part-number-marker"),
+        ):
+            text = h.get(header, "").strip()
+            if text:
+                if not (text.isascii() and text.isdigit()):
+                    raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
+                params[name] = min(int(text), 1000)
+        resp = self.server.gateway.client.get_object_attributes(**params)
+        headers = {}
+        if isinstance(resp.get("LastModified"), datetime.datetime):
+            headers["Last-Modified"] = _http_date(resp["LastModified"])
+        self._send(200, _xml_attributes(resp), headers=headers)
+
     def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
         """Hand a verified file to the client layer (which picks delta or direct)."""
         client = self.server.gateway.client
@@ -16500,7 +16916,14 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
                     if_match=params.get("IfMatch"),
                 )
             return {"ETag": '"%s"' % spooled.info.md5}
-        result = _put_object_from_file(client.engine, spooled.path, params, spooled.info)
+        result = _put_object_from_file(
+            client.engine,
+            spooled.path,
+            params,
+            spooled.info,
+            checksum=spooled.checksum,
+            parts=spooled.parts,
+        )
         info = result.get("DeltaGliderInfo") or {}
         if info:
             mib = 1024 * 1024
@@ -16518,7 +16941,7 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             result = self._store(spooled, params)
         finally:
             os.unlink(spooled.path)
-        self._send(200, headers={"ETag": result["ETag"]})
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": result["ETag"]}))
 
     def _copy_source(self) -> tuple[str, str]:
         text = urllib.parse.unquote(self._headers["x-amz-copy-source"])
@@ -16635,16 +17058,22 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         gw.client.head_bucket(Bucket=bucket)
         _validate_key(key)
         params = _put_params(self._headers, bucket, key)
+        checksum = _upload_checksum_kind(self._headers)
         record = {
             "Bucket": bucket,
             "Key": key,
             "Params": {k: v for k, v in params.items() if k not in ("Bucket", "Key")},
             "Initiated": _iso_utc(gw.now()),
             "Initiator": self._access_key,
+            "Checksum": checksum,
         }
         upload_id = gw.uploads.create(record)
         body = _el("Bucket", bucket) + _el("Key", key) + _el("UploadId", upload_id)
-        self._send(200, _xml_doc("InitiateMultipartUploadResult", body))
+        headers = {}
+        if checksum is not None:
+            headers = {"x-amz-checksum-algorithm": checksum[0].upper()}
+            headers["x-amz-checksum-type"] = checksum[1]
+        self._send(200, _xml_doc("InitiateMultipartUploadResult", body), headers=headers)
 
     def _part_number(self) -> int:
         try:
@@ -16662,19 +17091,57 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _upload_part(self, bucket: str, key: str, signed: _Signed) -> None:
         self._operation = "UploadPart"
         gw = self.server.gateway
-        if "x-amz-copy-source" in self._headers:
-            self._operation = "UploadPartCopy"
-            raise _S3Reply("NotImplemented", "UploadPartCopy is not supported by the gateway")
         upload_id = self._q["uploadId"]
         number = self._part_number()
         gw.uploads.record(bucket, key, upload_id)
+        if "x-amz-copy-source" in self._headers:
+            return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
             gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        self._send(200, headers={"ETag": '"%s"' % spooled.info.md5})
+        etag = {"ETag": '"%s"' % spooled.info.md5}
+        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+
+    def _upload_part_copy(self, upload_id: str, number: int) -> None:
+        """UploadPartCopy: the part is (a range of) another logical object, read through
+        the client (rebuilt and verified when it is a delta) and kept as an uploaded part."""
+        self._operation = "UploadPartCopy"
+        gw = self.server.gateway
+        src_bucket, src_key = self._copy_source()
+        h = self._headers
+        src = gw.client.head_object(Bucket=src_bucket, Key=src_key)
+        if _preconditions(h, src["ETag"], src.get("LastModified"), "x-amz-copy-source-"):
+            raise _S3Reply("PreconditionFailed")
+        params: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
+        size = int(src.get("ContentLength", 0))
+        text = h.get("x-amz-copy-source-range")
+        if text is not None:
+            first, last = _copy_source_range(text, size)
+            size = last - first + 1
+            params["Range"] = "bytes=%d-%d" % (first, last)
+        if size > gw.max_object_size:
+            raise _S3Reply("EntityTooLarge", ProposedSize=str(size))
+        fd, path = _private_tempfile(gw.spool_dir, ".copy")
+        try:
+            body = gw.client.get_object(**params)["Body"]
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    info = _Hashes(md5=True).read(body, each=out.write).info()
+            finally:
+                body.close()
+            if info.size != size:  # the source changed meanwhile
+                raise _S3Reply("InternalError")
+            now = gw.now()
+            gw.uploads.add_part(upload_id, number, _Spooled(path, info), _iso_utc(now))
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        etag = '"%s"' % info.md5
+        result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
+        self._send(200, _xml_doc("CopyPartResult", result))
 
     def _list_parts(self, bucket: str, key: str) -> None:
         self._operation = "ListParts"
@@ -16717,23 +17184,36 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._operation = "CompleteMultipartUpload"
         gw = self.server.gateway
         upload_id = self._q["uploadId"]
-        wanted = _completed_parts(self._xml_body(signed))
+        # Its x-amz-checksum-* is the whole object's (checked below), not its XML body's.
+        plain = {k: v for k, v in self._headers.items() if not k.startswith("x-amz-checksum-")}
+        wanted = _completed_parts(self._xml_body(signed, plain))
         with gw.uploads.lock(upload_id):
             done = gw.uploads.completed(bucket, key, upload_id, wanted)
             if done is not None:  # a retry of a completion whose answer was lost
-                return self._complete_answer(bucket, key, done)
+                return self._complete_answer(bucket, key, done[0], done[1])
             rec = gw.uploads.record(bucket, key, upload_id)
-            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir)
+            kind = rec.get("Checksum")
+            spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir, kind and tuple(kind))
             try:
+                if spooled.checksum is not None:
+                    given = self._headers.get("x-amz-checksum-" + spooled.checksum[0])
+                    if given is not None and given.strip() != spooled.checksum[1]:
+                        raise _S3Reply(
+                            "BadDigest",
+                            "The %s you specified did not match the calculated checksum."
+                            % spooled.checksum[0].upper(),
+                        )
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
                 params.update(_write_conditions(self._headers))
                 result = self._store(spooled, params)
             finally:
                 os.unlink(spooled.path)
-            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"])
-        self._complete_answer(bucket, key, result["ETag"])
+            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"], spooled.checksum)
+        self._complete_answer(bucket, key, result["ETag"], spooled.checksum)
 
-    def _complete_answer(self, bucket: str, key: str, etag: str) -> None:
+    def _complete_answer(
+        self, bucket: str, key: str, etag: str, checksum: tuple[str, str] | None
+    ) -> None:
         host = self._headers.get("host", "")
         body = (
             _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
@@ -16741,6 +17221,10 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             + _el("Key", key)
             + _el("ETag", etag)
         )
+        for name, value in _stored_checksum(
+            {_CHECKSUM_META + checksum[0]: checksum[1]} if checksum else {}
+        ).items():
+            body += _el(name, value)
         self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
 
 
@@ -17481,7 +17965,12 @@ class _Cli:
         self.errors_only = getattr(args, "only_show_errors", False)
         show_progress = not (quiet or self.errors_only or getattr(args, "no_progress", False))
         self.progress_enabled = show_progress and hasattr(err, "isatty") and err.isatty()
-        self.workers = getattr(args, "max_concurrency", None) or 10
+        # Transfers run --max-concurrency at once; the gateway serves --workers requests at
+        # once, each with its back-end connection: the client's pool keeps that many
+        # alive, where a smaller one would close and reopen them under load.
+        self.workers: int = (
+            getattr(args, "max_concurrency", None) or getattr(args, "workers", None) or 10
+        )
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 

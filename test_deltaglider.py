@@ -25,6 +25,7 @@ import datetime
 import gzip
 import gzip as _gzip_mod
 import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -7750,6 +7751,57 @@ def test_range_reads_the_same_on_every_kind_of_object(
 
 
 @needs_xdelta3
+def test_ranged_gets_of_one_delta_share_one_rebuild(
+    client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """aws-cli, s3transfer and rclone read a big object as ranges, several at once: the
+    GETs of one delta-stored object read one rebuilt, verified file, not one rebuild each.
+    A new version is other bytes (another SHA-256): it is rebuilt, never served stale. The
+    file goes once no GET reads it (LINGER 0 here)."""
+    monkeypatch.setattr(dg._Rebuilds, "LINGER", 0.0)
+    make_zip(tmp_path / "a.zip", 0)
+    data = make_zip(tmp_path / "b.zip", 1)
+    newer = make_zip(tmp_path / "c.zip", 2)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+    client.storage.head_object(dgbucket, "k/b.zip.delta")  # stored as a delta
+    engine = client.engine
+    rebuilds: list[str] = []
+    original = engine.rebuild
+
+    def counting(lg: Any, out: str) -> None:
+        rebuilds.append(lg.key)
+        original(lg, out)
+
+    monkeypatch.setattr(engine, "rebuild", counting)
+    quarter = len(data) // 4 + 1
+    spans = [(at, min(at + quarter, len(data)) - 1) for at in range(0, len(data), quarter)]
+
+    def ranged(start: int, end: int) -> Any:
+        got = client.get_object(Bucket=dgbucket, Key="k/b.zip", Range="bytes=%d-%d" % (start, end))
+        return got["Body"]
+
+    bodies: list[Any] = [None] * len(spans)
+
+    def read_range(i: int) -> None:
+        bodies[i] = ranged(*spans[i])
+
+    threads = [threading.Thread(target=read_range, args=(i,)) for i in range(len(spans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert b"".join(body.read() for body in bodies) == data
+    assert rebuilds == ["k/b.zip"]
+    for body in bodies:
+        body.close()
+    assert not [n for n in os.listdir(engine.tmp_dir()) if n.endswith(".get.tmp")]
+    client.upload_file(str(tmp_path / "c.zip"), dgbucket, "k/b.zip")
+    assert client.get_object(Bucket=dgbucket, Key="k/b.zip")["Body"].read() == newer
+    assert rebuilds == ["k/b.zip", "k/b.zip"]
+
+
+@needs_xdelta3
 def test_reference_fetched_at_most_once_for_ten_versions(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
@@ -9130,6 +9182,34 @@ def test_log_level_shows_the_log_on_stderr(tmp_path: Any) -> None:
     )
     assert configured.returncode == 0 and configured.stderr == "", configured.stderr
     assert "DEBUG:deltaglider:" in configured.stdout  # through the application's handler
+
+
+def test_put_object_keeps_its_checksum_and_returns_it_when_asked(
+    client: dg.DeltaGliderClient, dgbucket: str
+) -> None:
+    """put_object's Checksum<ALGO> is checked against the body (BadDigest, nothing stored),
+    or computed from ChecksumAlgorithm, as boto3 does; it is kept with the logical object
+    and HeadObject/GetObject return it with ChecksumMode ENABLED only (as S3 does)."""
+    body = b"A" * 1024
+    sha = "arcu6553sHVAiX4MjW0j7I7vD4w6R+Gz9Ok0Q9lTa+0="  # ceph s3-tests' value of body
+    with pytest.raises(dg.ClientError) as e:
+        client.put_object(Bucket=dgbucket, Key="k.bin", Body=body, ChecksumSHA256="bad")
+    assert e.value.response["Error"]["Code"] == "BadDigest"
+    assert stored_keys(client, dgbucket) == []
+    put = client.put_object(Bucket=dgbucket, Key="k.bin", Body=body, ChecksumSHA256=sha)
+    assert (put["ChecksumSHA256"], put["ChecksumType"]) == (sha, "FULL_OBJECT")
+    assert "ChecksumSHA256" not in client.head_object(Bucket=dgbucket, Key="k.bin")
+    head = client.head_object(Bucket=dgbucket, Key="k.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == sha and head["Metadata"] == {}
+    put = client.put_object(Bucket=dgbucket, Key="c.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    assert put["ChecksumCRC64NVME"] == "Qeh8oXvGiSo="  # s3-tests' value
+    got = client.get_object(Bucket=dgbucket, Key="c.bin", ChecksumMode="ENABLED")
+    assert got["Body"].read() == body and got["ChecksumCRC64NVME"] == "Qeh8oXvGiSo="
+    part = client.get_object(
+        Bucket=dgbucket, Key="c.bin", ChecksumMode="ENABLED", Range="bytes=0-9"
+    )
+    assert "ChecksumCRC64NVME" not in part  # not the checksum of a range
+    part["Body"].read()
 
 
 @needs_xdelta3
@@ -11510,6 +11590,75 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         _gw_cleanup(gateway, bucket)
 
 
+@needs_xdelta3
+def test_gateway_upload_part_copy_takes_ranges_of_logical_objects(
+    gateway: Gateway, tmp_path: Any
+) -> None:
+    """UploadPartCopy through the gateway (ceph s3-tests' multipart_copy_*): each part is a
+    range of another logical object (a delta rebuilt and verified first), the completed
+    copy is those bytes, stored through the engine; S3's InvalidArgument for a malformed
+    range, InvalidRange past the source's end, PreconditionFailed for a failed
+    x-amz-copy-source-if-match, NoSuchKey for a missing source."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    try:
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        src = make_zip(tmp_path / "v2.zip", 2) + os.urandom(5 * 1024 * 1024)
+        s3.put_object(Bucket=bucket, Key="rel/a b-1.zip", Body=v1)
+        s3.put_object(Bucket=bucket, Key="rel/a b-2.zip", Body=src)
+        assert "rel/a b-2.zip.delta" in stored_keys(gateway.client, bucket)
+        up = s3.create_multipart_upload(Bucket=bucket, Key="copy/c.zip")["UploadId"]
+        copy = {"Bucket": bucket, "Key": "rel/a b-2.zip"}
+        call = {"Bucket": bucket, "Key": "copy/c.zip", "UploadId": up, "CopySource": copy}
+        split = 5 * 1024 * 1024
+        parts = []
+        for n, span in enumerate([(0, split - 1), (split, len(src) - 1)], 1):
+            r = s3.upload_part_copy(PartNumber=n, CopySourceRange="bytes=%d-%d" % span, **call)
+            etag = r["CopyPartResult"]["ETag"]
+            assert etag == '"%s"' % hashlib.md5(src[span[0] : span[1] + 1]).hexdigest()
+            parts.append({"PartNumber": n, "ETag": etag})
+        for bad, code in (
+            ("bytes=0-%d" % len(src), ("InvalidRange", 416)),
+            ("bytes=0-", ("InvalidArgument", 400)),
+            ("0-2", ("InvalidArgument", 400)),
+        ):
+            with pytest.raises(s3.exceptions.ClientError) as e:
+                s3.upload_part_copy(PartNumber=3, CopySourceRange=bad, **call)
+            assert _gw_error(e.value) == code, bad
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.upload_part_copy(PartNumber=3, CopySourceIfMatch='"%s"' % ("0" * 32), **call)
+        assert _gw_error(e.value) == ("PreconditionFailed", 412)
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.upload_part_copy(
+                Bucket=bucket,
+                Key="copy/c.zip",
+                UploadId=up,
+                PartNumber=3,
+                CopySource={"Bucket": bucket, "Key": "missing"},
+            )
+        assert _gw_error(e.value)[1] == 404
+        listed = s3.list_parts(Bucket=bucket, Key="copy/c.zip", UploadId=up)["Parts"]
+        assert [p["ETag"] for p in listed] == [p["ETag"] for p in parts]
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key="copy/c.zip", UploadId=up, MultipartUpload={"Parts": parts}
+        )
+        assert s3.get_object(Bucket=bucket, Key="copy/c.zip")["Body"].read() == src
+        # without a range: the whole object is the part
+        up = s3.create_multipart_upload(Bucket=bucket, Key="copy/whole.zip")["UploadId"]
+        r = s3.upload_part_copy(
+            Bucket=bucket, Key="copy/whole.zip", UploadId=up, PartNumber=1, CopySource=copy
+        )
+        done = {"Parts": [{"PartNumber": 1, "ETag": r["CopyPartResult"]["ETag"]}]}
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key="copy/whole.zip", UploadId=up, MultipartUpload=done
+        )
+        assert gateway.client.get_object(Bucket=bucket, Key="copy/whole.zip")["Body"].read() == src
+        assert os.listdir(gateway.server.gateway.spool_dir) == []
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
 def test_gateway_part_sent_twice_the_send_that_finishes_last_wins(local_gateway: Gateway) -> None:
     """A part re-sent while its first send still runs (ceph s3-tests'
     test_multipart_resend_first_finishes_last): the send that finishes last is the part,
@@ -11754,6 +11903,159 @@ def test_gateway_checks_every_payload_digest(local_gateway: Gateway) -> None:
     assert gw.client.get_object(Bucket="gwbucket", Key="trailer.bin")["Body"].read() == b"hello"
 
 
+@needs_xdelta3
+def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_path: Any) -> None:
+    """An upload's x-amz-checksum-* (header or aws-chunked trailer, as boto3 sends them) is
+    checked, kept with the object whether it is stored whole or as a delta, and returned
+    by HEAD and GET with ChecksumMode ENABLED only (ceph s3-tests object_checksum_sha256,
+    _crc64nvme); a multipart upload created with a ChecksumAlgorithm gets S3's composite
+    checksum (``-<parts>``) or, for CRC64NVME, the whole object's."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    try:
+        body = b"A" * 1024
+        sha = "arcu6553sHVAiX4MjW0j7I7vD4w6R+Gz9Ok0Q9lTa+0="  # s3-tests' value of body
+        put = s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumSHA256=sha)
+        assert put["ChecksumSHA256"] == sha
+        assert "ChecksumSHA256" not in s3.head_object(Bucket=bucket, Key="k")
+        head = s3.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+        assert (head["ChecksumSHA256"], head["ChecksumType"]) == (sha, "FULL_OBJECT")
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumSHA256="bad")
+        assert _gw_error(e.value) == ("BadDigest", 400)
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        v2 = make_zip(tmp_path / "v2.zip", 2)
+        s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
+        assert dg._file_checksum(_write(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
+        crc = dg._file_checksum(str(tmp_path / "v2.zip"), "crc64nvme")  # botocore needs CRT
+        s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumCRC64NVME=crc)
+        crc32 = s3.put_object(  # a trailer, as boto3 sends it over aws-chunked
+            Bucket=bucket, Key="rel/a-3.zip", Body=v2, ChecksumAlgorithm="CRC32"
+        )["ChecksumCRC32"]
+        assert {"rel/a-2.zip.delta", "rel/a-3.zip.delta"} <= set(
+            stored_keys(gateway.client, bucket)
+        )
+        got = s3.get_object(Bucket=bucket, Key="rel/a-2.zip", ChecksumMode="ENABLED")
+        assert got["Body"].read() == v2 and got["ChecksumCRC64NVME"] == crc
+        got = s3.head_object(Bucket=bucket, Key="rel/a-3.zip", ChecksumMode="ENABLED")
+        assert got["ChecksumCRC32"] == crc32 == dg._file_checksum(str(tmp_path / "v2.zip"), "crc32")
+        # our own client reads the same stored checksum
+        mine = gateway.client.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+        assert mine["ChecksumSHA256"] == sha
+        parts = [b"P" * (5 * 1024 * 1024), b"Q" * 1000]
+        digests = [hashlib.sha256(p).digest() for p in parts]
+        for algo, want in (
+            ("SHA256", base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()),
+            ("CRC32", None),  # asked for whole-object
+        ):
+            key = "mp-" + algo
+            kind = {"ChecksumType": "FULL_OBJECT"} if want is None else {}
+            up = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm=algo, **kind)
+            assert up["ChecksumAlgorithm"] == algo
+            done = []
+            for n, data in enumerate(parts, 1):
+                r = s3.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=up["UploadId"],
+                    PartNumber=n,
+                    Body=data,
+                    ChecksumAlgorithm=algo,
+                )
+                done.append({"ETag": r["ETag"], "PartNumber": n})
+                done[-1]["Checksum" + algo] = r["Checksum" + algo]
+            expect = want + "-2" if want else dg._file_checksum(_write(tmp_path, parts), "crc32")
+            name = "Checksum" + algo
+            with pytest.raises(s3.exceptions.ClientError) as e:
+                s3.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=up["UploadId"],
+                    MultipartUpload={"Parts": done},
+                    **{name: "bad"},
+                )
+            assert _gw_error(e.value) == ("BadDigest", 400)
+            fin = s3.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done}
+            )
+            assert fin[name] == expect
+            head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            assert head[name] == expect
+            assert head["ChecksumType"] == ("COMPOSITE" if want else "FULL_OBJECT")
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+@needs_xdelta3
+def test_gateway_get_object_attributes_of_logical_objects(gateway: Gateway, tmp_path: Any) -> None:
+    """GetObjectAttributes (ceph s3-tests' get_*object_attributes): the original's ETag,
+    size, storage class and stored checksum, whether stored whole or as a delta; for an
+    object uploaded in parts its parts' sizes, paged by MaxParts / PartNumberMarker."""
+    s3 = _boto3(gateway)
+    bucket = _gw_bucket(gateway)
+    s3.create_bucket(Bucket=bucket)
+    every = ["ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"]
+    try:
+        put = s3.put_object(Bucket=bucket, Key="obj", Body=b"foo")
+        got = s3.get_object_attributes(Bucket=bucket, Key="obj", ObjectAttributes=every)
+        assert (got["ETag"], got["ObjectSize"], got["StorageClass"]) == (
+            put["ETag"].strip('"'),
+            3,
+            "STANDARD",
+        )
+        assert "ObjectParts" not in got
+        crc = base64.b64encode(zlib.crc32(b"foo").to_bytes(4, "big")).decode()
+        assert got["Checksum"].get("ChecksumCRC32", crc) == crc  # boto3 sends one by default
+        v1 = make_zip(tmp_path / "v1.zip", 1)
+        v2 = make_zip(tmp_path / "v2.zip", 2)
+        s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
+        sha = base64.b64encode(hashlib.sha256(v2).digest()).decode()
+        s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumSHA256=sha)
+        assert "rel/a-2.zip.delta" in stored_keys(gateway.client, bucket)
+        got = s3.get_object_attributes(
+            Bucket=bucket, Key="rel/a-2.zip", ObjectAttributes=["ObjectSize", "Checksum"]
+        )
+        assert got["ObjectSize"] == len(v2) and "ETag" not in got
+        assert got["Checksum"] == {"ChecksumSHA256": sha, "ChecksumType": "FULL_OBJECT"}
+        sizes = [5 * 1024 * 1024] * 3 + [1000]
+        up = s3.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+        parts = []
+        for n, size in enumerate(sizes, 1):
+            r = s3.upload_part(
+                Bucket=bucket, Key="mp", UploadId=up, PartNumber=n, Body=bytes([n]) * size
+            )
+            parts.append({"PartNumber": n, "ETag": r["ETag"]})
+        fin = s3.complete_multipart_upload(
+            Bucket=bucket, Key="mp", UploadId=up, MultipartUpload={"Parts": parts}
+        )
+        got = s3.get_object_attributes(Bucket=bucket, Key="mp", ObjectAttributes=every)
+        assert got["ETag"] == fin["ETag"].strip('"') and got["ObjectSize"] == sum(sizes)
+        listed = got["ObjectParts"]
+        assert (listed["TotalPartsCount"], listed["IsTruncated"]) == (4, False)
+        assert [(p["PartNumber"], p["Size"]) for p in listed["Parts"]] == list(enumerate(sizes, 1))
+        page = s3.get_object_attributes(
+            Bucket=bucket,
+            Key="mp",
+            ObjectAttributes=["ObjectParts"],
+            MaxParts=2,
+            PartNumberMarker=1,
+        )["ObjectParts"]
+        assert [p["PartNumber"] for p in page["Parts"]] == [2, 3]
+        assert (page["IsTruncated"], page["NextPartNumberMarker"]) == (True, 3)
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.get_object_attributes(Bucket=bucket, Key="missing", ObjectAttributes=every)
+        assert _gw_error(e.value) == ("NoSuchKey", 404)
+    finally:
+        _gw_cleanup(gateway, bucket)
+
+
+def _write(tmp_path: Any, chunks: list[bytes]) -> str:
+    path = tmp_path / ("joined-" + uuid.uuid4().hex[:6])
+    path.write_bytes(b"".join(chunks))
+    return str(path)
+
+
 def test_gateway_verifies_aws_chunked_signatures_aws_example(tmp_path: Any) -> None:
     """The example of AWS "Transferring payload in multiple chunks": its seed and chunk
     signatures verify; one changed byte in a chunk is SignatureDoesNotMatch, nothing stored."""
@@ -11895,6 +12197,36 @@ def _post_through(local_gateway: Gateway, s3: Any) -> None:
     unsigned = {k: v for k, v in post["fields"].items() if "signature" not in k.lower()}
     status, body = _form_post(post["url"], unsigned, b"x")
     assert (status, _error_code(body)) == (400, "InvalidArgument")
+
+
+def test_gateway_refuses_malformed_post_policies_as_s3_does(local_gateway: Gateway) -> None:
+    """A policy whose expiration is not ISO 8601 UTC (Python's ``str()`` of a datetime), or
+    with an empty condition ``{}``, is an InvalidPolicyDocument (400), as on S3 and in ceph
+    s3-tests' post_object_invalid_date_format / _empty_conditions; well-formed, it works."""
+    url = local_gateway.url + "/gwbucket"
+    later = dg._utcnow() + datetime.timedelta(minutes=10)
+
+    def post(expiration: str, conditions: list[Any]) -> tuple[int, bytes]:
+        policy = base64.b64encode(
+            json.dumps({"expiration": expiration, "conditions": conditions}).encode()
+        )
+        signature = hmac.new(GW_SECRET.encode(), policy, hashlib.sha1).digest()
+        fields = {
+            "key": "up/p.txt",
+            "AWSAccessKeyId": GW_KEY,
+            "signature": base64.b64encode(signature).decode(),
+            "policy": policy.decode(),
+        }
+        return _form_post(url, fields, b"bar")
+
+    good = [{"bucket": "gwbucket"}, ["starts-with", "$key", "up/"]]
+    status, body = post(str(later), good)
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    status, body = post(later.strftime("%Y-%m-%dT%H:%M:%SZ"), [{}])
+    assert (status, _error_code(body)) == (400, "InvalidPolicyDocument")
+    assert stored_keys(local_gateway.client, "gwbucket") == []
+    assert post(later.strftime("%Y-%m-%dT%H:%M:%S.000Z"), good)[0] == 204
+    assert stored_keys(local_gateway.client, "gwbucket") == ["up/p.txt"]
 
 
 def test_gateway_checks_a_browser_posts_policy_before_reading_its_file(tmp_path: Any) -> None:
@@ -12523,6 +12855,46 @@ def test_gateway_serves_rclone_unchanged(gateway: Gateway, tmp_path: Any) -> Non
         _run_tool(env, rclone, "check", "--download", str(tmp_path / "dist"), "gw:%s/rel" % bucket)
     finally:
         _gw_cleanup(gateway, bucket)
+
+
+def test_serve_keeps_a_back_end_connection_per_worker(
+    fake_s3: Callable[..., _FakeHTTPServer], tmp_path: Any
+) -> None:
+    """``serve --workers N`` serves N requests at once, each on its own back-end
+    connection: the client's pool keeps N alive between rounds (it kept 10, so under load
+    the others were closed and opened again for every request)."""
+    srv = fake_s3(_hello_script)
+    args = dg._build_parser().parse_args(["--endpoint-url", srv.url, "serve", "--workers", "16"])
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "DG_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    cli = dg._Cli(args, io.StringIO(), io.StringIO(), env)
+    storage = cli.client.storage
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            body = storage.get_object("bucket", "k")["Body"]
+            barrier.wait(30)  # all 16 connections are in use at once
+            assert body.read().startswith(b"hello ")
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    cli.close()
+    assert errors == []
+    assert srv.connections == 16
 
 
 def test_serve_quiet_still_says_where_it_listens(tmp_path: Any) -> None:
