@@ -13088,13 +13088,20 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
+    deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
+    assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
+        deltas["dir/a.zip.delta"],
+        deltas["dir/new.zip.delta"],
+    ]
     code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/new.zip" % bucket, "got.zip"])
     assert (code, out) == (0, "download: s3://%s/dir/new.zip to ./got.zip\n" % bucket), err
     assert (tmp_path / "got.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
