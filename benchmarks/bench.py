@@ -310,9 +310,14 @@ def _synthetic_big(folder, size, rnd_seed=7):
     return [v1, v2]
 
 
+def _noise(seed, n):
+    """n deterministic pseudo-random bytes (the same on every machine and Python)."""
+    return hashlib.shake_256(b"deltaglider-bench %s" % str(seed).encode()).digest(n)
+
+
 def _synthetic_image(folder, size, rnd_seed=5):
-    """#17's pair: a disk-image-like v1 (random, zero and text stretches) and v2 with five
-    64 KiB regions overwritten in place."""
+    """#17's pair, generated deterministically: a disk-image-like v1 (random, zero and
+    text stretches) and v2 with five 64 KiB regions overwritten in place."""
     os.makedirs(folder, exist_ok=True)
     tag = "%dM" % (size // MiB)
     v1 = os.path.join(folder, "image-%s-v1.img" % tag)
@@ -323,16 +328,17 @@ def _synthetic_image(folder, size, rnd_seed=5):
     with open(v1 + ".part", "wb") as f:
         left, i = size, 0
         while left:
-            block = os.urandom(2 * MiB) + bytes(MiB) + ((b"line of text %d\n" % i) * (MiB // 10))[:MiB]
+            text = ((b"line of text %d\n" % i) * (MiB // 10))[:MiB]
+            block = _noise((rnd_seed, i), 2 * MiB) + bytes(MiB) + text
             f.write(block[:left])
             left -= min(left, len(block))
             i += 1
     os.replace(v1 + ".part", v1)
     shutil.copyfile(v1, v2 + ".part")
     with open(v2 + ".part", "r+b") as f:
-        for off in sorted(rng.randrange(0, size - 65536) for _ in range(5)):
+        for n, off in enumerate(sorted(rng.randrange(0, size - 65536) for _ in range(5))):
             f.seek(off)
-            f.write(os.urandom(65536))
+            f.write(_noise((rnd_seed, "edit", n), 65536))
     os.replace(v2 + ".part", v2)
     return [v1, v2]
 
@@ -1123,7 +1129,7 @@ def parse_args(argv=None):
                     help="py4j versions whose jar makes the jar series")
     ap.add_argument("--big-mib", type=int, default=None, help="synthetic big file size (default 2048; --small: 64)")
     ap.add_argument("--image-mib", type=int, default=None,
-                    help="#17's image pair, five 64 KiB regions changed (default 300; --small: 16)")
+                    help="#17's image pair, five 64 KiB regions changed (default 300; --small: 32)")
     ap.add_argument("--small-files", type=int, default=None, help="default 1000 (--small: 20)")
     ap.add_argument("--list-objects", type=int, default=None,
                     help="keys of the ls -r bucket, and a tenth of it (default 100000; --small: 2000)")
@@ -1168,7 +1174,7 @@ def main():
     if args.big_mib is None:
         args.big_mib = 64 if args.small else 2048
     if args.image_mib is None:
-        args.image_mib = 16 if args.small else 300
+        args.image_mib = 32 if args.small else 300
     if args.small_files is None:
         args.small_files = 20 if args.small else 1000
     if args.list_objects is None:
