@@ -186,6 +186,13 @@ _T = TypeVar("_T")
 #: Ranged GETs of big downloads (aws s3: 8 MiB parts, 10 requests at once).
 _GET_PART_SIZE = 8 * 1024 * 1024
 _TRANSFER_WORKERS = 8
+#: Recursive cp/mv/sync: files up to _QUICK_FILE bytes that are stored whole (one PUT,
+#: no xdelta3) go _QUICK_WORKERS at once beside the --max-concurrency pool, unless that
+#: option is given. A small PUT is mostly waiting for the server (measured on Swift here:
+#: 2 PUTs/s one at a time, 9/s at aws's 10, 28/s at 64); each costs a thread, a socket
+#: and an open file, so the bound keeps a run within any 1,024-descriptor limit.
+_QUICK_FILE = 1024 * 1024
+_QUICK_WORKERS = 64
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -763,8 +770,10 @@ def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _xml_parse(data: bytes) -> ET.Element:
-    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs)."""
+def _xml_parse(data: bytes, strip: bool = True) -> ET.Element:
+    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs).
+    Tags lose their namespace unless ``strip`` is false (a reader that takes each tag's
+    :func:`_local_name` itself, as a listing page's 6,000 elements are read)."""
     # S3 XML is UTF-8; a UTF-16/32 document would hide a DTD from the byte check below.
     import xml.etree.ElementTree as ET
 
@@ -774,10 +783,17 @@ def _xml_parse(data: bytes) -> ET.Element:
     if b"<!doctype" in lowered or b"<!entity" in lowered:
         raise ValueError("XML with a DTD or entity declarations is refused")
     root = ET.fromstring(data)
+    if not strip:
+        return root
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.startswith("{"):
             el.tag = el.tag.split("}", 1)[1]
     return root
+
+
+def _local_name(tag: Any) -> str:
+    """An element's tag without its ``{namespace}``; "" for comments and the like."""
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
 def _xml_text(el: ET.Element | None, name: str, default: str | None = None) -> str | None:
@@ -3659,7 +3675,9 @@ def _parse_error(
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
-    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
+    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url.
+    One pass over the elements, tags with or without their namespace (the first of a
+    name counts, as ``find`` takes it); a page's repeated LastModified is parsed once."""
 
     def dec(value: str | None) -> str | None:
         import urllib.parse
@@ -3668,41 +3686,65 @@ def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
             return value
         return urllib.parse.unquote_plus(value)
 
+    dates: dict[str, datetime.datetime] = {}
     contents = []
-    for c in root.findall("Contents"):
-        item: dict[str, Any] = {
-            "Key": dec(_xml_text(c, "Key", "")),
-            "LastModified": _date_or_absent(_xml_text(c, "LastModified"), "LastModified") or _EPOCH,
-            "ETag": _xml_text(c, "ETag", ""),
-            "Size": int(_xml_text(c, "Size", "0") or 0),
-            "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
-        }
-        owner = c.find("Owner")
-        if owner is not None:
-            item["Owner"] = {
-                "DisplayName": _xml_text(owner, "DisplayName", ""),
-                "ID": _xml_text(owner, "ID", ""),
+    prefixes = []
+    top: dict[str, str] = {}
+    for el in root:
+        tag = _local_name(el.tag)
+        if tag == "Contents":
+            fields: dict[str, ET.Element] = {}
+            for child in el:
+                fields.setdefault(_local_name(child.tag), child)
+            stamp = _child_text(fields, "LastModified", "")
+            when = dates.get(stamp)
+            if when is None:
+                when = dates[stamp] = _date_or_absent(stamp, "LastModified") or _EPOCH
+            item: dict[str, Any] = {
+                "Key": dec(_child_text(fields, "Key", "")),
+                "LastModified": when,
+                "ETag": _child_text(fields, "ETag", ""),
+                "Size": int(_child_text(fields, "Size", "0") or 0),
+                "StorageClass": _child_text(fields, "StorageClass", "STANDARD"),
             }
-        contents.append(item)
+            owner = fields.get("Owner")
+            if owner is not None:
+                names: dict[str, str] = {}
+                for child in owner:
+                    names.setdefault(_local_name(child.tag), child.text or "")
+                item["Owner"] = {
+                    "DisplayName": names.get("DisplayName", ""),
+                    "ID": names.get("ID", ""),
+                }
+            contents.append(item)
+        elif tag == "CommonPrefixes":
+            first = next((c for c in el if _local_name(c.tag) == "Prefix"), None)
+            prefixes.append({"Prefix": dec("" if first is None else first.text or "")})
+        elif tag not in top:
+            top[tag] = el.text or ""
     out: dict[str, Any] = {
-        "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
-        "Name": _xml_text(root, "Name", ""),
-        "Prefix": dec(_xml_text(root, "Prefix", "")),
-        "MaxKeys": int(_xml_text(root, "MaxKeys", "1000") or 1000),
-        "KeyCount": int(_xml_text(root, "KeyCount", str(len(contents))) or 0),
+        "IsTruncated": top.get("IsTruncated", "false").lower() == "true",
+        "Name": top.get("Name", ""),
+        "Prefix": dec(top.get("Prefix", "")),
+        "MaxKeys": int(top.get("MaxKeys", "1000") or 1000),
+        "KeyCount": int(top.get("KeyCount", str(len(contents))) or 0),
     }
     if contents:
         out["Contents"] = contents
-    prefixes = [{"Prefix": dec(_xml_text(p, "Prefix", ""))} for p in root.findall("CommonPrefixes")]
     if prefixes:
         out["CommonPrefixes"] = prefixes
     for tag in ("Delimiter", "StartAfter", "ContinuationToken", "NextContinuationToken"):
-        value = _xml_text(root, tag)
+        value = top.get(tag)
         if value is not None:
             out[tag] = dec(value) if tag in ("Delimiter", "StartAfter") else value
     if encoded:
         out["EncodingType"] = "url"
     return out
+
+
+def _child_text(fields: Mapping[str, ET.Element], name: str, default: str) -> str:
+    child = fields.get(name)
+    return default if child is None else child.text or ""
 
 
 def _delete_request_xml(
@@ -3986,11 +4028,11 @@ class _S3Storage:
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
 
-    def _xml(self, resp: _Response) -> ET.Element:
+    def _xml(self, resp: _Response, strip: bool = True) -> ET.Element:
         import xml.etree.ElementTree as ET
 
         try:
-            return _xml_parse(resp.body)
+            return _xml_parse(resp.body, strip)
         except (ET.ParseError, ValueError) as e:
             raise ResponseParserError(
                 endpoint_url=self.endpoint_url, status=resp.status, reason=str(e)
@@ -4326,8 +4368,9 @@ class _S3Storage:
         if fetch_owner:
             query.append(("fetch-owner", "true"))
         resp = self.request("ListObjectsV2", "GET", bucket, query=query)
-        root = self._xml(resp)
-        encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
+        root = self._xml(resp, strip=False)  # _list_v2_response reads the tags as they are
+        kind = next((el.text or "" for el in root if _local_name(el.tag) == "EncodingType"), "")
+        encoded = kind.lower() == "url"
         out = _list_v2_response(root, encoded and decode)
         out["ResponseMetadata"] = _response_metadata(resp)
         return out
@@ -6125,6 +6168,28 @@ def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
             raise
 
 
+def _read_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """``items`` in order, each next one made on a thread while the caller handles the one
+    before: a listing fetches page N+1 while page N is printed. One item is made ahead at
+    most, so memory stays that of two items; an error is raised where its item would
+    come. A caller that stops early leaves the item in progress to finish on its own."""
+    import concurrent.futures
+
+    end = object()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dg-read-ahead")
+    pending = pool.submit(next, items, end)
+    try:
+        while True:
+            item = pending.result()
+            if item is end:
+                return
+            pending = pool.submit(next, items, end)
+            yield cast(_T, item)
+    finally:
+        pending.cancel()
+        pool.shutdown(wait=False)
+
+
 def _get_into(
     storage: _Storage,
     bucket: str,
@@ -6535,16 +6600,31 @@ class _Progress:
             self._stream.flush()
 
 
-def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Progress) -> None:
-    """Run tasks on a bounded pool; on Ctrl-C tell them to stop, wait briefly, re-raise."""
+def _run_parallel(
+    tasks: list[Callable[[], None]],
+    workers: int,
+    progress: _Progress,
+    quick: Sequence[Callable[[], None]] = (),
+    quick_workers: int = 0,
+) -> None:
+    """Run tasks on a bounded pool, and ``quick`` ones (small, one request each) on a
+    second pool of ``quick_workers`` beside it, so neither waits for the other; on Ctrl-C
+    tell them to stop, wait briefly, re-raise."""
     import concurrent.futures
 
-    if workers <= 1 or len(tasks) <= 1:
+    if quick and quick_workers <= 0:
+        tasks, quick = list(tasks) + list(quick), ()
+    if not quick and (workers <= 1 or len(tasks) <= 1):
         for task in tasks:
             task()
         return
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(task) for task in tasks]
+    pools = []
+    futures = []
+    for work, size in ((tasks, workers), (quick, quick_workers)):
+        if work:
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(size, len(work)))
+            pools.append(pool)
+            futures += [pool.submit(task) for task in work]
     try:
         for f in futures:
             while True:
@@ -6558,9 +6638,11 @@ def _run_parallel(tasks: list[Callable[[], None]], workers: int, progress: _Prog
         for f in futures:
             f.cancel()
         concurrent.futures.wait(futures, timeout=1.0)
-        pool.shutdown(wait=False)
+        for pool in pools:
+            pool.shutdown(wait=False)
         raise
-    pool.shutdown(wait=True)
+    for pool in pools:
+        pool.shutdown(wait=True)
 
 
 ###############################################################################
@@ -8657,10 +8739,19 @@ _MIN_SOURCE_WINDOW = 1024 * 1024
 _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: Peak RSS of xdelta3 3.0.11 encoding, measured (README, "xdelta3 settings"): about
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
-#: per byte of the window rounded up to a power of two. Levels above -1 are kept to
-#: windows up to SIZE: their time grows with the window far faster than the delta shrinks.
+#: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
+#: windows up to SIZE, the first that fits wins: time grows with the window far faster
+#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
+#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
+#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
+#: they find 15-20% more in tars, and -9 is worth its time again.
 _XD3_BASE = 48 * 1000**2
-_XD3_LEVELS = ((9, 2.0, 128 * 1024**2), (6, 1.0, 256 * 1024**2), (3, 0.5, 512 * 1024**2))
+_XD3_LEVELS = (
+    (6, 1.0, 16 * 1024**2),
+    (9, 2.0, 128 * 1024**2),
+    (6, 1.0, 256 * 1024**2),
+    (3, 0.5, 512 * 1024**2),
+)
 _XD3_FASTEST = (1, 0.125)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
@@ -8738,9 +8829,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    highest level that affords one wins; levels above -1 only up to their window size
-    (time). When even -1 cannot hold the whole reference, the largest window that fits:
-    changes that stay near their place (the usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
+    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
+    reference, the largest window that fits: changes that stay near their place (the
+    usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -8845,13 +8937,17 @@ class _XDelta3:
             out,
         ]
 
-    def encode_verified(self, source: str, target: str, out: str) -> tuple[str, int]:
+    def encode_verified(
+        self, source: str, target: str, out: str, hashes: _Hashes | None = None
+    ) -> int | None:
         """Encode ``target`` against ``source`` into ``out`` and decode the delta as it is
-        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c | sha256``. xdelta3 writes each
-        window as soon as it is encoded, so the check runs on the second core while the
-        encoder works, instead of after it. Returns the SHA-256 and size of the decoded
-        bytes, for the caller to compare with the input."""
-        import hashlib
+        made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
+        for byte with ``target``, read once beside it. xdelta3 writes each window as soon
+        as it is encoded, so the check runs on the second core while the encoder works,
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
+        compared (the upload's one pass over its file: its digests are then those of the
+        very bytes the delta decodes to). Returns None when the delta decodes to exactly
+        those bytes, else the offset of the first byte that differs."""
         import subprocess
         import tempfile
 
@@ -8861,12 +8957,12 @@ class _XDelta3:
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
         dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
-        h = hashlib.sha256()
-        total = 0
+        differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
+            original = stack.enter_context(open(target, "rb"))
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             procs: list[subprocess.Popen[bytes]] = []
@@ -8907,13 +9003,7 @@ class _XDelta3:
 
             feeder = _Background(tee)
             try:
-                with dec_out:
-                    while True:
-                        chunk = dec_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        total += len(chunk)
+                differs = _compare_stream(dec_out, original, hashes)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -8925,7 +9015,7 @@ class _XDelta3:
                 if code != 0:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
-        return h.hexdigest(), total
+        return differs
 
     def decode_sha256(
         self,
@@ -9556,6 +9646,31 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
+def _compare_stream(
+    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
+) -> int | None:
+    """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
+    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
+    same bytes, else the offset of the first difference (``decoded`` is still read to
+    its end, so its writer finishes and its exit code tells whether it failed)."""
+    pos = 0
+    while True:
+        chunk = decoded.read(_IO_CHUNK)
+        if not chunk:
+            break
+        piece = original.read(len(chunk))
+        if piece != chunk:
+            same = min(len(piece), len(chunk))
+            same = next((i for i in range(same) if piece[i] != chunk[i]), same)
+            for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                pass
+            return pos + same
+        if hashes is not None:
+            hashes.update(piece)
+        pos += len(chunk)
+    return pos if original.read(1) else None
+
+
 class _Logical(NamedTuple):
     """A logical object as a reader sees it, and how it is stored."""
 
@@ -9626,11 +9741,20 @@ class _References:
 
     # -- choosing and making references -------------------------------------------
 
-    def local_copy(self, bucket: str, ref_key: str, ref_sha256: str) -> str:
-        """A verified local copy of a reference: from the cache, or fetched once."""
+    def local_copy(
+        self,
+        bucket: str,
+        ref_key: str,
+        ref_sha256: str,
+        on_fetch: Callable[[], None] | None = None,
+    ) -> str:
+        """A verified local copy of a reference: from the cache, or fetched once (after
+        calling ``on_fetch``: work that can use the wait)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
+        if on_fetch is not None:
+            on_fetch()
 
         def write(f: IO[bytes]) -> None:
             _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
@@ -9817,12 +9941,14 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        try:
-            head = self.storage.head_object(bucket, own_key)
-        except ClientError as e:
-            if not _is_not_found(e):
-                raise
-        else:
+        # The two looks are independent reads: the HEAD runs while the listing is read.
+        own = _Background(self._head_or_none, bucket, own_key)
+        prefix = _refs_prefix(_parent_space(space))
+        pages = list(
+            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
+        )
+        head = own.result()
+        if head is not None:
             meta = head.get("Metadata", {})
             consider(
                 own_key,
@@ -9833,9 +9959,7 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        prefix = _refs_prefix(_parent_space(space))
-        pages = _list_pages(self.storage, bucket, prefix=prefix)
-        for page in itertools.islice(pages, _REF_LIST_PAGES):
+        for page in pages:
             for obj in page.get("Contents", []):
                 parts = obj["Key"][len(prefix) :].rsplit("/", 2)
                 if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
@@ -9851,6 +9975,14 @@ class _References:
                         rel,
                     )
         return None if best is None else best[1:]
+
+    def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.storage.head_object(bucket, key)
+        except ClientError as e:
+            if _is_not_found(e):
+                return None
+            raise
 
     def new_shared(
         self,
@@ -10099,7 +10231,7 @@ class _Upload(NamedTuple):
     max_ratio: float  # a larger delta (against the file's size) is stored whole instead
     required: bool  # a delta whatever its size (a key ending in .delta: _delta_only)
     on_bytes: Callable[[int], None] | None  # progress
-    hashing: _Background | None  # the file's _FileInfo, being computed beside the work
+    hashing: _FileHashing | None  # the file's _FileInfo, taken by one pass
     given: _FileInfo | None  # or the caller's
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
     checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
@@ -10110,8 +10242,71 @@ class _Upload(NamedTuple):
         if self.hashing is None:
             assert self.given is not None
             return self.given
-        info: _FileInfo = self.hashing.result()
+        return self.hashing.result()
+
+
+class _FileHashing:
+    """The SHA-256, MD5 and size of an upload's file, from one pass over it: the delta
+    check's, which reads the file anyway to compare it with the decoded delta (``take``),
+    or else a pass of its own, begun by the first step that needs the digests
+    (``result``) or that leaves a core idle meanwhile (``start``: a reference fetched)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._job: _Background | None = None
+        self._value: _FileInfo | None = None
+        self._taken = False
+
+    def start(self, force: bool = False) -> None:
+        with self._lock:
+            if self._job is None and self._value is None and (force or not self._taken):
+                self._job = _Background(_hash_file, self._path, True)
+
+    def take(self) -> _Hashes | None:
+        """Digests for the caller's pass over the file (then ``give``), or None when a
+        pass has begun already."""
+        with self._lock:
+            if self._job is not None or self._value is not None or self._taken:
+                return None
+            self._taken = True
+            return _Hashes(md5=True)
+
+    def give(self, hashes: _Hashes | None) -> None:
+        """The taken pass read the whole file into ``hashes``, or stopped short (None:
+        a pass of its own is made when the digests are needed)."""
+        with self._lock:
+            self._taken = False
+            if hashes is not None:
+                self._value = hashes.info()
+
+    def result(self) -> _FileInfo:
+        self.start(force=True)  # (a taken pass gives before its taker asks)
+        if self._value is not None:
+            return self._value
+        assert self._job is not None
+        info: _FileInfo = self._job.result()
         return info
+
+
+def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) -> tuple[str, int]:
+    """xdelta3's delta of the file, checked as it is made: decoded and compared byte for
+    byte with the file. That comparison is also the upload's one pass over the file
+    for its digests, unless one began already (then the bytes compared are hashed too,
+    and held to those digests). Returns the (SHA-256, size) the delta decodes to."""
+    taken = up.hashing.take() if up.hashing is not None else None
+    hashes = taken or _Hashes()
+    whole = False
+    try:
+        differs = xdelta.encode_verified(ref_path, up.path, delta_tmp, hashes)
+        whole = differs is None
+    finally:
+        if up.hashing is not None and taken is not None:
+            up.hashing.give(taken if whole else None)
+    if differs is not None:
+        return "other bytes (from byte %d on)" % differs, -1
+    decoded = hashes.info()
+    return decoded.sha256, decoded.size
 
 
 @dataclasses.dataclass
@@ -10518,8 +10713,8 @@ class _DeltaEngine:
         the logical key first, under key_lock: see _put_object_from_file)."""
         _validate_key(key)
         name = _object_name(key)
-        # The file is hashed while the reference is looked up and xdelta3 encodes.
-        hashing = _Background(_hash_file, path, True) if info is None else None
+        # The file is hashed once: as its delta is checked, or when a step needs it.
+        hashing = _FileHashing(path) if info is None else None
         headers = dict(headers or {})
         content_type = headers.pop("Content-Type", None)
         size = info.size if info is not None else os.path.getsize(path)
@@ -10560,11 +10755,16 @@ class _DeltaEngine:
         if summary is None:
             assert not up.required
             return None
+        # Both looks below come after the store, never before: two writers of one name
+        # each look for the other's form once their own is stored, so the later store
+        # always sees the earlier. Between themselves they are independent: made at once.
+        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
         self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if up.required:
+        if shadowed is None:
             self._unshadow(up.bucket, up.key)
             return summary
-        if not self.exists(up.bucket, up.key + _DELTA_SUFFIX + _DELTA_SUFFIX):
+        if not shadowed.result():
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10800,8 +11000,11 @@ class _DeltaEngine:
                 )
                 return True
         ref.key, ref.sha256, ref.series = pick
+        hashing = up.hashing
         try:
-            ref.path = self.refs.local_copy(up.bucket, ref.key, ref.sha256)
+            ref.path = self.refs.local_copy(
+                up.bucket, ref.key, ref.sha256, hashing.start if hashing else None
+            )
         except IntegrityError:
             if self.refs.current(up.bucket, ref.key) != ref.sha256:
                 return False
@@ -10840,7 +11043,7 @@ class _DeltaEngine:
             )
             plain = None
             if extra is None:
-                plain = self.xdelta.encode_verified(ref.path, up.path, delta_tmp)
+                plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
         except (XDelta3Error, OSError):
             if ref_check is not None and not ref_check.result():
                 return None
@@ -10970,8 +11173,11 @@ class _DeltaEngine:
                 if not _zip_expand(path, writer):
                     return None
             rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            decoded = self.xdelta.encode_verified(xref[0], expanded, delta_tmp)
-            if decoded != (writer.sha256.hexdigest(), writer.size):
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
                 raise IntegrityError(
                     "%s: the delta xdelta3 made does not decode to the expanded input; "
                     "nothing was stored" % path
@@ -12193,6 +12399,24 @@ def _copy_logical_object(
 # -- Logical listing: references and bookkeeping hidden, logical names -------------
 
 
+class _PageSpan(NamedTuple):
+    """What a listing remembers of the stored page before the current one: its first and
+    last stored keys and the plain ones among them (to place a plain ``x`` that sorts
+    before its ``x.delta`` without a HEAD)."""
+
+    first: str
+    last: str
+    plain: frozenset[str]
+
+
+def _page_span(page: Mapping[str, Any]) -> _PageSpan | None:
+    keys = [o["Key"] for o in page.get("Contents", [])]
+    if not keys:
+        return None
+    plain = frozenset(k for k in keys if not k.endswith(_DELTA_SUFFIX))
+    return _PageSpan(keys[0], keys[-1], plain)
+
+
 def _logical_page(
     engine: _DeltaEngine,
     bucket: str,
@@ -12201,15 +12425,28 @@ def _logical_page(
     fetch: bool,
     continued: bool,
     max_workers: int,
+    previous: _PageSpan | None = None,
 ) -> list[dict[str, Any]]:
     """Hide references, show logical names (_logical_key), each once: where another
     tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
     serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    ``x.delta``, so it may have been on one): the page just before (``previous``) tells
+    without a request; a HEAD asks only when ``x`` would sort before it. With ``fetch``
+    add the logical size and the compression details (HEADs run in parallel,
+    ``max_workers`` at once)."""
     objects = page.get("Contents", [])
     plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
     first = objects[0]["Key"] if objects else ""
+
+    def listed_before(logical: str) -> bool:
+        if not continued or logical >= first:
+            return False
+        if previous is not None and logical >= previous.first:
+            return logical in previous.plain
+        if previous is not None and logical > previous.last:
+            return False  # between the two pages: nothing is stored there
+        return engine.exists(bucket, logical)
+
     contents = []
     for obj in objects:
         stored = obj["Key"]
@@ -12217,10 +12454,8 @@ def _logical_page(
         if logical is None or (after is not None and logical <= after):
             continue
         if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-            if logical in plain:
+            if logical in plain or listed_before(logical):
                 continue
-            if continued and logical < first and engine.exists(bucket, logical):
-                continue  # listed on an earlier page
         item = dict(obj)
         item["Key"] = logical
         if fetch:
@@ -12229,6 +12464,27 @@ def _logical_page(
     if fetch and contents:
         _fetch_details(engine.storage, bucket, contents, max_workers)
     return contents
+
+
+def _logical_pages(
+    engine: _DeltaEngine,
+    bucket: str,
+    prefix: str,
+    delimiter: str,
+    fetch: bool,
+    max_workers: int,
+) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A whole logical listing as it streams: (objects, common prefixes) for each stored
+    page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
+    references; no request tops it up). The next stored page is fetched while the caller
+    handles this one (and while this one's HEADs run, with ``fetch``): two pages in
+    memory at most, whatever the listing's length."""
+    pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
+    previous: _PageSpan | None = None
+    for n, page in enumerate(pages):
+        objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
+        yield objects, _visible_prefixes(page)
+        previous = _page_span(page) or previous
 
 
 def _fetch_details(
@@ -12553,11 +12809,13 @@ class DeltaGliderClient:
 
         # _pages stops a server that repeats a token or truncates without one
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
+        previous: _PageSpan | None = None
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
             contents += _logical_page(
-                self.engine, bucket, page, after, fetch, continued, self._max_workers
+                self.engine, bucket, page, after, fetch, continued, self._max_workers, previous
             )
+            previous = _page_span(page) or previous
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -12692,9 +12950,7 @@ class DeltaGliderClient:
         Config: Any = None,
     ) -> None:
         """upload_file as boto3's (returns None); ``Callback`` gets byte counts."""
-        self._upload_file(
-            Filename, Bucket, Key, ExtraArgs, Callback, _hash_file(Filename, md5=True)
-        )
+        self._upload_file(Filename, Bucket, Key, ExtraArgs, Callback, None)
 
     def _upload_file(
         self,
@@ -12703,8 +12959,9 @@ class DeltaGliderClient:
         Key: str,
         ExtraArgs: dict[str, Any] | None,
         Callback: Callable[[int], None] | None,
-        info: _FileInfo,
+        info: _FileInfo | None,
     ) -> None:
+        """``info``: the digests of a spooled body; a file is hashed as the engine reads it."""
         extra = dict(ExtraArgs or {})
         allowed = (_PUT_PARAMS - {"ContentMD5", "ContentLength"}) | {"ChecksumAlgorithm"}
         _check_params("upload_file ExtraArgs", extra, allowed)
@@ -12716,9 +12973,10 @@ class DeltaGliderClient:
             if Callback:
                 Callback(n)
 
+        size = info.size if info is not None else os.path.getsize(Filename)
         _put_object_from_file(self.engine, Filename, params, info, on_bytes=on_bytes)
-        if Callback and sent[0] < info.size:
-            Callback(info.size - sent[0])  # a delta sends less than the file; report it whole
+        if Callback and sent[0] < size:
+            Callback(size - sent[0])  # a delta sends less than the file; report it whole
 
     def download_file(
         self,
@@ -14435,7 +14693,6 @@ _STREAMING_PAYLOADS = frozenset(
 _GATEWAY_UNSUPPORTED = frozenset(
     {
         "accelerate",
-        "acl",  # object ACLs; bucket ACLs are served
         "analytics",
         "cors",
         "encryption",
@@ -14463,6 +14720,12 @@ _GATEWAY_UNSUPPORTED = frozenset(
         "versions",
         "website",
     }
+)
+#: Request headers asking for object lock, which needs versioning: NotImplemented.
+_GATEWAY_LOCK_HEADERS = (
+    "x-amz-object-lock-mode",
+    "x-amz-object-lock-retain-until-date",
+    "x-amz-object-lock-legal-hold",
 )
 #: Query parameters a SigV2 signature covers (botocore auth.py HmacV1Auth.QSAOfInterest).
 _SIGV2_SUBRESOURCES = frozenset(
@@ -15599,6 +15862,27 @@ def _completed_parts(root: ET.Element) -> list[tuple[int, str]]:
     return list(dict(wanted).items())
 
 
+def _spool_copy_source(
+    client: DeltaGliderClient, params: Mapping[str, Any], size: int, folder: str
+) -> _Spooled:
+    """UploadPartCopy's source bytes (GetObject ``params``, a delta rebuilt and verified by
+    the client) in a private temp file in ``folder``; they must be ``size`` bytes."""
+    fd, path = _private_tempfile(folder, ".copy")
+    try:
+        body = client.get_object(**params)["Body"]
+        try:
+            with os.fdopen(fd, "wb") as out:
+                info = _Hashes(md5=True).read(body, each=out.write).info()
+        finally:
+            body.close()
+        if info.size != size:  # the source changed meanwhile
+            raise _S3Reply("InternalError")
+    except BaseException:
+        os.unlink(path)
+        raise
+    return _Spooled(path, info)
+
+
 class _Uploads:
     """Multipart uploads held by the gateway until they complete: each part on local disk
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
@@ -16270,6 +16554,25 @@ def _object_headers(resp: Mapping[str, Any], q: Mapping[str, str]) -> dict[str, 
     return out
 
 
+def _attributes_params(h: Mapping[str, str], bucket: str, key: str) -> dict[str, Any]:
+    """GetObjectAttributes parameters from its request headers (x-amz-object-attributes,
+    x-amz-max-parts, x-amz-part-number-marker)."""
+    wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
+    if not wanted:
+        raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
+    for name, header in (
+        ("MaxParts", "x-amz-max-parts"),
+        ("PartNumberMarker", "x-amz-part-number-marker"),
+    ):
+        text = h.get(header, "").strip()
+        if text:
+            if not (text.isascii() and text.isdigit()):
+                raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
+            params[name] = min(int(text), 1000)
+    return params
+
+
 def _checksum_headers(
     checksum: tuple[str, str] | None, headers: dict[str, str] | None = None
 ) -> dict[str, str]:
@@ -16340,6 +16643,44 @@ def _copy_source_range(text: str, size: int) -> tuple[int, int]:
     if last >= size:
         raise _S3Reply("InvalidRange", ActualObjectSize=str(size), RangeRequested=text)
     return first, last
+
+
+#: The query parameters of a listing an anonymous client may send (ListObjects v1/v2).
+_ANONYMOUS_LISTING = frozenset(
+    {
+        "prefix",
+        "delimiter",
+        "marker",
+        "max-keys",
+        "list-type",
+        "continuation-token",
+        "start-after",
+        "encoding-type",
+        "fetch-owner",
+    }
+)
+_ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+
+
+def _public_read(client: DeltaGliderClient, bucket: str, key: str | None) -> bool:
+    """Whether everyone may read: the object's ACL (on its stored form) grants the AllUsers
+    group READ, or for a listing (``key`` None) the bucket's does. Of an object that is
+    not there the bucket's ACL decides, so only who may list learns it is missing
+    (NoSuchKey), as on S3; a bucket that is not there is NoSuchBucket."""
+    if key is not None:
+        try:
+            acl = client.get_object_acl(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("NoSuchKey", "404", "NotFound"):
+                raise
+            acl = client.get_bucket_acl(Bucket=bucket)
+    else:
+        acl = client.get_bucket_acl(Bucket=bucket)
+    return any(
+        (g.get("Grantee") or {}).get("URI") == _ALL_USERS
+        and g.get("Permission") in ("READ", "FULL_CONTROL")
+        for g in acl.get("Grants") or []
+    )
 
 
 def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
@@ -16674,6 +17015,11 @@ class _GatewayHandler(_HandlerBase):
             and "authorization" not in self._headers
         ):
             return self._serve_browser_post(bucket)
+        unsigned = "authorization" not in self._headers and not (
+            {k for k, _ in self._query} & _PRESIGN_PARAMS
+        )
+        if unsigned and method in ("GET", "HEAD") and bucket is not None:
+            return self._serve_anonymous(gw, bucket, key)
         signed = self._authenticate(gw)
         # What routes the request: not its signature (a presigned URL's parameters), nor the
         # Go SDK's (rclone's) ``x-id``, which names the operation and selects nothing.
@@ -16691,6 +17037,22 @@ class _GatewayHandler(_HandlerBase):
         if key is None:
             return self._serve_bucket(gw, bucket, signed)
         return self._serve_object(gw, bucket, key, signed)
+
+    def _serve_anonymous(self, gw: _Gateway, bucket: str, key: str | None) -> None:
+        """An unsigned GET or HEAD of an object, or listing of a bucket: served only where
+        the ACL stored on the back end grants everyone READ (_public_read), never by
+        default; anything else (a subresource, an override) is AccessDenied, as on S3."""
+        q = {k for k in self._q if k != "x-id"}
+        if (key is None and q - _ANONYMOUS_LISTING) or (key is not None and q):
+            raise _S3Reply("AccessDenied", "Anonymous access is not allowed by this gateway.")
+        if not _public_read(gw.client, bucket, key):
+            raise _S3Reply("AccessDenied")
+        if key is None:
+            if self.command == "HEAD":
+                self._operation = "HeadBucket"
+                return self._send(200)
+            return self._list_objects(bucket)
+        return self._get_object(bucket, key, head=self.command == "HEAD")
 
     def _serve_metrics(self, gw: _Gateway) -> None:
         """``GET /metrics``: signed like any request, unless on the --metrics-port."""
@@ -16720,12 +17082,20 @@ class _GatewayHandler(_HandlerBase):
         if unsupported:
             self._operation = kind + ":" + unsupported[0]
             raise _S3Reply("NotImplemented", "?%s is not supported by the gateway" % unsupported[0])
+        # Object lock (a bucket created with it, an object's retention or legal hold) needs
+        # versioning: never silently dropped.
+        locking = sorted(n for n in _GATEWAY_LOCK_HEADERS if n in self._headers)
+        if self._headers.get("x-amz-bucket-object-lock-enabled", "").lower() == "true":
+            locking.append("x-amz-bucket-object-lock-enabled")
+        if locking:
+            self._operation = kind + ":object-lock"
+            raise _S3Reply("NotImplemented", "%s is not supported by the gateway" % locking[0])
 
     def _serve_bucket(self, gw: _Gateway, bucket: str, signed: _Signed) -> None:
         """A request on a bucket (no key): listings, location, ACL, create, delete..."""
         method, q = self.command, self._q
         if "acl" in q and method in ("GET", "PUT"):
-            return self._bucket_acl(bucket, signed)
+            return self._acl(bucket, None, signed)
         if method == "GET" and "versioning" in q:
             self._operation = "GetBucketVersioning"
             gw.client.head_bucket(Bucket=bucket)  # never enabled: an empty configuration
@@ -16761,6 +17131,8 @@ class _GatewayHandler(_HandlerBase):
         """A request on an object: get, put, copy, delete, and the multipart operations."""
         method, q = self.command, self._q
         self._refuse_unsupported("Object")
+        if "acl" in q and method in ("GET", "PUT"):
+            return self._acl(bucket, key, signed)
         if method in ("GET", "HEAD") and "uploadId" in q:
             return self._list_parts(bucket, key)
         if method == "GET" and "attributes" in q:
@@ -16916,18 +17288,22 @@ class _GatewayHandler(_HandlerBase):
         gw.client.create_bucket(**params)
         self._send(200, headers={"Location": "/" + bucket})
 
-    def _bucket_acl(self, bucket: str, signed: _Signed) -> None:
-        """GetBucketAcl / PutBucketAcl, passed to the back end through the client."""
+    def _acl(self, bucket: str, key: str | None, signed: _Signed) -> None:
+        """Get/PutBucketAcl, Get/PutObjectAcl (of the logical object's stored form), passed
+        to the back end through the client."""
         import xml.etree.ElementTree as ET
 
         client = self.server.gateway.client
+        of = {"Bucket": bucket} if key is None else {"Bucket": bucket, "Key": key}
+        kind = "Bucket" if key is None else "Object"
         if self.command == "GET":
-            self._operation = "GetBucketAcl"
-            resp = client.get_bucket_acl(Bucket=bucket)
+            self._operation = "Get%sAcl" % kind
+            get = client.get_bucket_acl if key is None else client.get_object_acl
+            resp = get(**of)
             self._send(200, _acl_xml({"Owner": resp.get("Owner"), "Grants": resp.get("Grants")}))
             return
-        self._operation = "PutBucketAcl"
-        params: dict[str, Any] = {"Bucket": bucket}
+        self._operation = "Put%sAcl" % kind
+        params: dict[str, Any] = dict(of)
         for name, header in _CANNED_ACL_PARAMS:
             if self._headers.get(header):
                 params[name] = self._headers[header]
@@ -16938,7 +17314,7 @@ class _GatewayHandler(_HandlerBase):
             except (ValueError, ET.ParseError):
                 raise _S3Reply("MalformedXML") from None
             params["AccessControlPolicy"] = _acl_policy(root)
-        client.put_bucket_acl(**params)
+        (client.put_bucket_acl if key is None else client.put_object_acl)(**params)
         self._send(200)
 
     # -- listings -----------------------------------------------------------------
@@ -17051,20 +17427,7 @@ class _GatewayHandler(_HandlerBase):
 
     def _object_attributes(self, bucket: str, key: str) -> None:
         self._operation = "GetObjectAttributes"
-        h = self._headers
-        wanted = [a.strip() for a in h.get("x-amz-object-attributes", "").split(",") if a.strip()]
-        if not wanted:
-            raise _S3Reply("InvalidArgument", "x-amz-object-attributes header is required")
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ObjectAttributes": wanted}
-        for name, header in (
-            ("MaxParts", "x-amz-max-parts"),
-            ("PartNumberMarker", "x-amz-part-number-marker"),
-        ):
-            text = h.get(header, "").strip()
-            if text:
-                if not (text.isascii() and text.isdigit()):
-                    raise _S3Reply("InvalidArgument", "%s must be a whole number" % header)
-                params[name] = min(int(text), 1000)
+        params = _attributes_params(self._headers, bucket, key)
         resp = self.server.gateway.client.get_object_attributes(**params)
         headers = {}
         if isinstance(resp.get("LastModified"), datetime.datetime):
@@ -17300,22 +17663,14 @@ class _GatewayHandler(_HandlerBase):
             params["Range"] = "bytes=%d-%d" % (first, last)
         if size > gw.max_object_size:
             raise _S3Reply("EntityTooLarge", ProposedSize=str(size))
-        fd, path = _private_tempfile(gw.spool_dir, ".copy")
+        spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
-            body = gw.client.get_object(**params)["Body"]
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    info = _Hashes(md5=True).read(body, each=out.write).info()
-            finally:
-                body.close()
-            if info.size != size:  # the source changed meanwhile
-                raise _S3Reply("InternalError")
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, _Spooled(path, info), _iso_utc(now))
+            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        etag = '"%s"' % info.md5
+            if os.path.exists(spooled.path):
+                os.unlink(spooled.path)
+        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 
@@ -17753,7 +18108,8 @@ def _cmd_serve(cli: _Cli) -> int:
 #   output              _printable (control characters escaped), _display_path
 #   shared by commands  _Filters (--exclude/--include), _cli_client, _put_args,
 #                       _saved_note (the delta note of a line), _print_stats,
-#                       _should_transfer and _recorded_mtimes (what sync transfers)
+#                       _should_transfer, _recorded_mtimes and _unchanged (what sync
+#                       transfers), _quick_upload (small files on a pool of their own)
 #   one run             _Cli: output and tallies; transfer_one, the per-file driver of
 #                       cp, mv, sync and migrate; cmd_<command>, one method per command
 #   refusals            _UsageError, _FatalError, _refuse_onto_itself, _one_line
@@ -18148,6 +18504,38 @@ def _should_transfer(
     return int(src_mtime) > int(dst_mtime)
 
 
+def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
+    """Whether a small local file holds the bytes of a listed object of its size: its
+    MD5 is the listing's ETag (a single PUT's; FetchMetadata gives a delta's recorded
+    one). sync then leaves it alone with no HEAD for the recorded mtime; a multipart
+    or encrypted ETag never matches, and then the times decide, as in aws s3 sync.
+    (An identical file that is only newer is not sent again, as rclone does.)"""
+    import hashlib
+
+    etag = str(obj.get("ETag", "")).strip('"').lower()
+    if size > _QUICK_FILE or not re.fullmatch("[0-9a-f]{32}", etag):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return hashlib.md5(f.read(_QUICK_FILE + 1)).hexdigest() == etag
+    except OSError:
+        return False  # its transfer reports the error
+
+
+def _quick_upload(
+    engine: _DeltaEngine, args: argparse.Namespace, path: str, key: str, size: int
+) -> bool:
+    """Whether a file of a recursive upload is small and stored whole (one PUT, no
+    xdelta3, no reference): such files run on the quick pool (_Cli.run_tasks)."""
+    if size > _QUICK_FILE or _delta_only(key):
+        return False
+    delta = False if getattr(args, "no_delta", False) else None
+    try:
+        return not engine.eligible(key, path, delta)
+    except OSError:
+        return False  # its upload reports the error
+
+
 class _Cli:
     """One CLI run: parsed arguments, the client, the output streams and the tallies."""
 
@@ -18173,13 +18561,16 @@ class _Cli:
         self.workers: int = (
             getattr(args, "max_concurrency", None) or getattr(args, "workers", None) or 10
         )
+        # Small files stored whole get a pool of their own unless an option bounds all.
+        bounded = getattr(args, "max_concurrency", None) or getattr(args, "workers", None)
+        self.quick_workers = 0 if bounded else _QUICK_WORKERS
         self._single = False  # this run_tasks has one task, run in the main thread
         self._settled = False  # ... and it is stored: Ctrl-C no longer changes the outcome
 
     @property
     def client(self) -> DeltaGliderClient:
         if self._client is None:
-            self._client = _cli_client(self.args, self.environ, self.workers)
+            self._client = _cli_client(self.args, self.environ, self.workers + self.quick_workers)
         return self._client
 
     def close(self) -> None:
@@ -18257,12 +18648,19 @@ class _Cli:
         if not self._settled:
             raise KeyboardInterrupt
 
-    def run_tasks(self, tasks: list[Callable[[], None]], total_bytes: int) -> None:
-        self._single, self._settled = len(tasks) == 1, False
-        progress = _Progress(self.err, self.progress_enabled, len(tasks), total_bytes)
+    def run_tasks(
+        self,
+        tasks: list[Callable[[], None]],
+        total_bytes: int,
+        quick: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        """Run the transfers: ``quick`` ones (see _quick_upload) on their own pool."""
+        count = len(tasks) + len(quick)
+        self._single, self._settled = count == 1, False
+        progress = _Progress(self.err, self.progress_enabled, count, total_bytes)
         self._progress = progress
         try:
-            _run_parallel(tasks, self.workers, progress)
+            _run_parallel(tasks, self.workers, progress, quick, self.quick_workers)
         finally:
             progress.clear()
 
@@ -18309,8 +18707,10 @@ class _Cli:
         key: str,
         verb: str = "upload",
         existing: Container[str] | None = None,
+        quick: bool = False,
     ) -> None:
-        """Store a local file at s3://bucket/key; mv then removes the file."""
+        """Store a local file at s3://bucket/key; mv then removes the file. ``quick``: it
+        was found to be one to store whole (_quick_upload): hashed here, not sniffed again."""
 
         def work() -> dict[str, Any]:
             extra = _put_args(self.args)
@@ -18319,7 +18719,7 @@ class _Cli:
             metadata = dict(params.get("Metadata") or {})
             params["Metadata"] = metadata
             engine = self.client.engine
-            delta = False if getattr(self.args, "no_delta", False) else None
+            delta = False if quick or getattr(self.args, "no_delta", False) else None
             summary = engine.put_file(
                 path,
                 bucket,
@@ -18327,6 +18727,9 @@ class _Cli:
                 metadata=metadata,
                 headers=_put_headers(params),
                 delta=delta,
+                # A small file is hashed faster than a thread to hash it starts; what is
+                # sent is held to this hash all the same (_put_path).
+                info=_hash_file(path, True) if quick else None,
                 on_bytes=self.on_bytes,
                 mtime=mtime,
                 existing=existing,
@@ -18481,17 +18884,20 @@ class _Cli:
             prefix = key if not key or key.endswith("/") else key + "/"
             filters = self.filters()
             tasks: list[Callable[[], None]] = []
+            quick: list[Callable[[], None]] = []
             total = 0
             existing = self.stored_keys(bucket, prefix)
             for path, rel in self.local_files(src):
                 if filters.included(rel):
-                    total += os.path.getsize(path)
-                    tasks.append(
+                    size = os.path.getsize(path)
+                    total += size
+                    fast = _quick_upload(self.client.engine, self.args, path, prefix + rel, size)
+                    (quick if fast else tasks).append(
                         functools.partial(
-                            self.upload_one, path, bucket, prefix + rel, verb, existing
+                            self.upload_one, path, bucket, prefix + rel, verb, existing, fast
                         )
                     )
-            self.run_tasks(tasks, total)
+            self.run_tasks(tasks, total, quick)
             return
         if not os.path.exists(src):
             raise _FatalError("The user-provided path %s does not exist." % src)
@@ -18589,28 +18995,36 @@ class _Cli:
                 self.out.write("%s %s\n" % (stamp, b["Name"]))
             return EXIT_OK
         bucket, key = _parse_s3_url(path)
-        count = total = 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "FetchMetadata": True}
-        if not self.args.recursive:
-            kwargs["Delimiter"] = "/"
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
-        folders = 0
-        for page in paginator.paginate(**kwargs):
-            for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
-                folders += 1
-            for obj in page.get("Contents", []):
-                if _is_internal(obj["Key"]):
-                    continue
+        count = total = folders = 0
+        stamps: dict[datetime.datetime, str] = {}  # a page's objects share few dates
+        pages = _logical_pages(
+            self.client.engine,
+            bucket,
+            key,
+            "" if self.args.recursive else "/",
+            self.args.original_sizes,
+            self.workers,
+        )
+        for objects, prefixes in pages:  # each page printed as it comes, in one write
+            lines = []
+            for p in prefixes:
+                lines.append("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
+            folders += len(prefixes)
+            for obj in objects:
                 count += 1
                 total += obj["Size"]
-                stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                when = obj["LastModified"]
+                stamp = stamps.get(when)
+                if stamp is None:
+                    stamp = stamps[when] = when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                size = fmt_size(obj["Size"]).rjust(10)
-                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
-            if not page.get("Contents") and not page.get("CommonPrefixes") and key:
-                pass
+                lines.append(
+                    "%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), _printable(name))
+                )
+            if len(stamps) > 10_000:
+                stamps.clear()
+            self.out.write("".join(lines))
         if self.args.summarize:
             self.out.write(
                 "\n%s%d\n%s%s\n"
@@ -18779,10 +19193,8 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
-        stored = self.stored_keys(bucket, prefix)
-        tasks: list[Callable[[], None]] = []
-        total = 0
+        wanted: list[tuple[str, str, os.stat_result]] = []
+        undecided: dict[str, dict[str, Any]] = {}  # same size, other or unknown bytes
         seen = set()
         unread: list[str] = []
         for path, rel in self.local_files(src, unread=unread):
@@ -18791,15 +19203,33 @@ class _Cli:
             seen.add(rel)
             st = os.stat(path)
             obj = remote.get(rel)
+            if obj is not None and obj["Size"] == st.st_size:
+                if getattr(self.args, "size_only", False) or _unchanged(path, st.st_size, obj):
+                    continue
+                undecided[rel] = obj
+            wanted.append((path, rel, st))
+        storage = self.client.engine.storage
+        mtimes = _recorded_mtimes(
+            storage, bucket, prefix, undecided, self.workers + self.quick_workers
+        )
+        stored = self.stored_keys(bucket, prefix) if wanted else set()
+        tasks: list[Callable[[], None]] = []
+        quick: list[Callable[[], None]] = []
+        total = 0
+        for path, rel, st in wanted:
+            obj = remote.get(rel)
             if obj is not None and not _should_transfer(
-                self.args, st.st_size, st.st_mtime, obj["Size"], mtimes[rel], upload=True
+                self.args, st.st_size, st.st_mtime, obj["Size"], mtimes.get(rel, 0.0), upload=True
             ):
                 continue
             total += st.st_size
-            tasks.append(
-                functools.partial(self.upload_one, path, bucket, prefix + rel, "upload", stored)
+            fast = _quick_upload(self.client.engine, self.args, path, prefix + rel, st.st_size)
+            (quick if fast else tasks).append(
+                functools.partial(
+                    self.upload_one, path, bucket, prefix + rel, "upload", stored, fast
+                )
             )
-        self.run_tasks(tasks, total)
+        self.run_tasks(tasks, total, quick)
         if self.args.delete:
             gone = [
                 prefix + rel
@@ -18816,9 +19246,9 @@ class _Cli:
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
         remote = self.remote_index(bucket, prefix)
-        mtimes = _recorded_mtimes(self.client.engine.storage, bucket, prefix, remote, self.workers)
-        tasks: list[Callable[[], None]] = []
         wanted = set()
+        fetch: list[tuple[str, str, os.stat_result | None]] = []
+        undecided: dict[str, dict[str, Any]] = {}  # same size, other or unknown bytes
         for rel in sorted(remote):
             if not filters.included(rel):
                 continue
@@ -18832,18 +19262,32 @@ class _Cli:
             path = os.path.join(dst, safe)
             wanted.add(os.path.normpath(path))
             try:
-                st = os.stat(path)
-                if not _should_transfer(
-                    self.args,
-                    remote[rel]["Size"],
-                    mtimes[rel],
-                    st.st_size,
-                    st.st_mtime,
-                    upload=False,
-                ):
-                    continue
+                st: os.stat_result | None = os.stat(path)
             except OSError:
-                pass
+                st = None
+            if st is not None and st.st_size == remote[rel]["Size"]:
+                if getattr(self.args, "size_only", False):
+                    continue
+                exact = getattr(self.args, "exact_timestamps", False)
+                if not exact and _unchanged(path, st.st_size, remote[rel]):
+                    continue
+                undecided[rel] = remote[rel]
+            fetch.append((rel, path, st))
+        storage = self.client.engine.storage
+        mtimes = _recorded_mtimes(
+            storage, bucket, prefix, undecided, self.workers + self.quick_workers
+        )
+        tasks: list[Callable[[], None]] = []
+        for rel, path, st in fetch:
+            if st is not None and not _should_transfer(
+                self.args,
+                remote[rel]["Size"],
+                mtimes.get(rel, 0.0),
+                st.st_size,
+                st.st_mtime,
+                upload=False,
+            ):
+                continue
             tasks.append(functools.partial(self.download_one, bucket, prefix + rel, path, root=dst))
         self.run_tasks(tasks, sum(remote[r]["Size"] for r in remote if r in remote))
         if self.args.delete and os.path.isdir(dst):
@@ -18899,11 +19343,9 @@ class _Cli:
         return self.exit_code()
 
     def cmd_verify(self) -> int:
-        import json
-
         result = self.client.verify(self.args.path)
         # dict(): json skips a dict that is false, and a VerifyResult is false when it failed.
-        self.out.write(json.dumps(dict(result), indent=2) + "\n")
+        self.out.write(_json_text(dict(result)))
         return EXIT_OK if result["valid"] else EXIT_FAILED
 
     def cmd_presign(self) -> int:
@@ -18915,13 +19357,11 @@ class _Cli:
         return EXIT_OK
 
     def cmd_purge(self) -> int:
-        import json
-
         bucket, _ = _parse_s3_url(
             self.args.path if self.args.path.startswith("s3://") else "s3://" + self.args.path
         )
         result = self.client.purge_temp_files(bucket)
-        self.out.write(json.dumps(result, indent=2) + "\n")
+        self.out.write(_json_text(result))
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
 
     def cmd_gc(self) -> int:
@@ -18945,8 +19385,6 @@ class _Cli:
         return self.exit_code()
 
     def cmd_stats(self) -> int:
-        import json
-
         name = self.args.bucket
         bucket = _parse_s3_url(name).bucket if name.startswith("s3://") else name.strip("/")
         mode = "detailed" if self.args.detailed else "sampled" if self.args.sampled else "quick"
@@ -18954,7 +19392,7 @@ class _Cli:
             bucket, mode, use_cache=not self.args.no_cache, refresh_cache=self.args.refresh
         )
         if self.args.json:
-            self.out.write(json.dumps(stats, indent=2) + "\n")
+            self.out.write(_json_text(stats))
             return EXIT_OK
         _print_stats(self.out, bucket, mode, stats)
         return EXIT_OK
@@ -19080,17 +19518,13 @@ class _Cli:
         self.transfer_one("migrate", "s3://%s/%s" % (sb, s_key), "s3://%s/%s" % (db, d_key), work)
 
     def cmd_get_bucket_acl(self) -> int:
-        import json
-
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         resp = self.client.get_bucket_acl(Bucket=bucket)
         resp.pop("ResponseMetadata", None)
-        self.out.write(json.dumps(resp, indent=2) + "\n")
+        self.out.write(_json_text(resp))
         return EXIT_OK
 
     def cmd_put_bucket_acl(self) -> int:
-        import json
-
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         params: dict[str, Any] = {"Bucket": bucket}
         for option, name in _ACL_OPTIONS:
@@ -19098,7 +19532,7 @@ class _Cli:
             if value:
                 params[name] = value
         if self.args.access_control_policy:
-            params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
+            params["AccessControlPolicy"] = _json_value(self.args.access_control_policy)
         self.client.put_bucket_acl(**params)
         self.line("ACL updated for bucket: %s" % bucket)
         return EXIT_OK
@@ -19196,6 +19630,20 @@ def _logical_mtime(lg: _Logical) -> float | None:
         return recorded
     modified = lg.head.get("LastModified")
     return modified.timestamp() if isinstance(modified, datetime.datetime) else None
+
+
+def _json_text(obj: Any) -> str:
+    """``obj`` as the CLI prints JSON (verify, purge, stats, get-bucket-acl): indented."""
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _json_value(text: str) -> Any:
+    """A JSON command-line value (--access-control-policy)."""
+    import json
+
+    return json.loads(text)
 
 
 def _metadata_arg(text: str) -> dict[str, str]:
@@ -19308,7 +19756,7 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         "--max-concurrency",
         type=_option(_parse_int, "--max-concurrency", minimum=1),
         default=d,
-        help="parallel transfers (default 10)",
+        help="parallel transfers (default 10, and 64 more for files up to 1 MiB stored whole)",
     )
     g.add_argument(
         "--max-attempts",
@@ -19479,6 +19927,12 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
+    p.add_argument(
+        "--original-sizes",
+        action="store_true",
+        help="show delta-stored files at their original size (one HEAD per delta, in "
+        "parallel), not the bytes stored",
+    )
 
 
 def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
