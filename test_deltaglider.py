@@ -675,7 +675,7 @@ def _run_gateway(
     gateway = dg._Gateway(
         client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
     )
-    server = dg._GatewayServer(("127.0.0.1", 0), gateway, tls=tls, **serving)
+    server = dg._gateway_server_class()(("127.0.0.1", 0), gateway, tls=tls, **serving)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -1511,6 +1511,50 @@ def test_import_does_nothing(tmp_path: Any) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+#: Modules a command may not need: deltaglider imports each inside the functions that use
+#: it, so that importing the module or running `--version` loads none (issue 17: start-up
+#: in a quarter of the original's). botocore: only an application's own import loads it.
+_LAZY_MODULES = (
+    "botocore",
+    "concurrent.futures",
+    "configparser",
+    "email.utils",
+    "hashlib",
+    "hmac",
+    "http.client",
+    "http.server",
+    "ipaddress",
+    "json",
+    "pathlib",
+    "random",
+    "shlex",
+    "socket",
+    "socketserver",
+    "ssl",
+    "subprocess",
+    "tempfile",
+    "urllib.parse",
+    "uuid",
+    "xml.etree.ElementTree",
+)
+
+
+def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
+    code = (
+        "import sys; sys.path.insert(0, %r); lazy = %r; before = set(sys.modules)\n"
+        "def loaded(): return ' '.join(m for m in lazy if m in sys.modules and m not in before)\n"
+        "import deltaglider; print('import:', loaded())\n"
+        "code = deltaglider.main(['--version']); print('--version:', loaded(), code)\n"
+    ) % (HERE, _LAZY_MODULES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "import: ",
+        "deltaglider %s" % dg.__version__,
+        "--version:  0",
+    ]
 
 
 # Issue 14's targets for the module's shape: at most 4 functions over 80 lines, no class over
@@ -13282,13 +13326,20 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
+    deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
+    assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
+        deltas["dir/a.zip.delta"],
+        deltas["dir/new.zip.delta"],
+    ]
     code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/new.zip" % bucket, "got.zip"])
     assert (code, out) == (0, "download: s3://%s/dir/new.zip to ./got.zip\n" % bucket), err
     assert (tmp_path / "got.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
@@ -13370,6 +13421,48 @@ def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any
     assert " 2.0 KiB p/t.txt\n" in out
     code, out, _ = run_cli(backend, tmp_path, ["ls", "s3://" + bucket])
     assert out == "%s p/\n" % "PRE".rjust(30)
+
+
+@needs_xdelta3
+def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """ls is one listing request per page: sizes as stored (a delta's few bytes, as 6.2.0
+    and aws s3 ls show them), no HEAD; --original-sizes reads each delta's recorded size
+    (one HEAD per delta, in parallel) and prints the size a download gives."""
+    backend, bucket = cli_env
+    files = {"p/a.zip": make_zip(tmp_path / "a.zip", 0), "p/b.zip": make_zip(tmp_path / "b.zip", 1)}
+    (tmp_path / "n.txt").write_bytes(b"n" * 300)
+    files["p/n.txt"] = b"n" * 300
+    for key in files:
+        src = tmp_path / key.split("/")[1]
+        assert run_cli(backend, tmp_path, ["cp", str(src), "s3://%s/%s" % (bucket, key)])[0] == 0
+    client = make_client(backend, tmp_path)
+    stored = {o["Key"]: o["Size"] for o in client.storage.list_objects_v2(bucket)["Contents"]}
+    assert {"p/a.zip.delta", "p/b.zip.delta", "p/n.txt"} <= set(stored)
+    heads: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.head_object
+
+        def counted(self: Any, b: str, k: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            heads.append(k)
+            return _real(self, b, k, *a, **kw)
+
+        monkeypatch.setattr(cls, "head_object", counted)
+
+    def sizes(*flags: str) -> dict[str, int]:
+        code, out, err = run_cli(backend, tmp_path, ["ls", "-r", *flags, "s3://%s/p/" % bucket])
+        assert code == 0, err
+        return {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
+
+    assert sizes() == {
+        "p/a.zip": stored["p/a.zip.delta"],
+        "p/b.zip": stored["p/b.zip.delta"],
+        "p/n.txt": 300,
+    }
+    assert heads == []
+    assert sizes("--original-sizes") == {k: len(v) for k, v in files.items()}
+    assert sorted(heads) == ["p/a.zip.delta", "p/b.zip.delta"]
 
 
 @needs_xdelta3
@@ -13830,7 +13923,7 @@ def test_cli_every_option_has_help_text() -> None:
     parser = dg._build_parser()
     missing = [
         "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if not isinstance(action, argparse._SubParsersAction)
         and (not action.help or action.help == argparse.SUPPRESS)
@@ -13839,7 +13932,7 @@ def test_cli_every_option_has_help_text() -> None:
     # and every numeric option goes through the settings parsers (named, bounded errors)
     raw = [
         "%s %s" % (sub.prog, "/".join(action.option_strings))
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if action.type in (int, float)
     ]
@@ -14158,6 +14251,54 @@ def test_ls_pages_past_1000_keys(tmp_path: Any) -> None:
     lines = [line for line in out.splitlines() if line.strip() and "Total" not in line]
     assert len(lines) == 1203
     assert "Total Objects: 1203" in out
+
+
+def test_ls_streams_stored_pages_without_topping_them_up(tmp_path: Any, monkeypatch: Any) -> None:
+    """ls -r prints each stored page as it arrives (the first lines are out before the
+    last page is asked for), asks for each stored page once (a page that hid references
+    is not topped up with another request), and places a plain x at the end of one page
+    beside its x.delta at the start of the next without a HEAD: each key once."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path)
+    c.create_bucket(Bucket="bkt")
+    keys = ["d%02d/k%04d.txt" % (i // 100, i) for i in range(999)] + ["x"]
+    keys += ["x.delta", "y.zip.delta", "y/reference.bin"]
+    keys += ["z%02d/reference.bin" % i for i in range(10)]
+    keys += ["z%02d/f%04d.zip.delta" % (i // 100, i) for i in range(1100)]
+    for key in keys:
+        c.storage.put_object("bkt", key, b"x")
+    assert len(keys) == 2113  # three stored pages
+    listed: list[str] = []
+    real_list = dg._LocalStorage.list_objects_v2
+
+    def counted_list(self: Any, bucket: str, **kw: Any) -> Any:
+        listed.append(kw.get("continuation_token") or "")
+        return real_list(self, bucket, **kw)
+
+    def no_head(self: Any, *a: Any, **kw: Any) -> Any:
+        raise AssertionError("ls made a HEAD request")
+
+    monkeypatch.setattr(dg._LocalStorage, "list_objects_v2", counted_list)
+    monkeypatch.setattr(dg._LocalStorage, "head_object", no_head)
+
+    class Out(io.StringIO):
+        pages_at_first_write: int | None = None
+
+        def write(self, text: str) -> int:
+            if text and self.pages_at_first_write is None:
+                self.pages_at_first_write = len(listed)
+            return super().write(text)
+
+    out, err = Out(), io.StringIO()
+    env = {"DG_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    argv = ["--endpoint-url", backend.endpoint, "ls", "-r", "s3://bkt/"]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0, err.getvalue()
+    names = [line.split()[3] for line in out.getvalue().splitlines()]
+    want = sorted({dg._logical_key(k) for k in keys} - {None})
+    assert names == want and names.count("x") == 1
+    assert len(listed) == 3
+    assert out.pages_at_first_write is not None and out.pages_at_first_write < 3
 
 
 @needs_xdelta3
