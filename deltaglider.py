@@ -15860,7 +15860,10 @@ def _xml_listing(
     def text(value: str) -> str:
         return _quote(value, safe="/") if encode else value
 
-    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    # ListObjects v1 sends its Prefix as it came whatever the encoding-type (AWS does, and
+    # botocore decodes only Delimiter and the markers of a v1 answer).
+    prefix = q.get("prefix", "")
+    parts = [_el("Name", bucket), _el("Prefix", prefix if kind == "v1" else text(prefix))]
     if kind == "versions":
         parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
         parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
