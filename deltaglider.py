@@ -11869,31 +11869,69 @@ def _get_rebuilt(
     return meta, status
 
 
-def _get_stored(
-    engine: _DeltaEngine,
-    lg: _Logical,
-    kwargs: Mapping[str, Any],
-    extra: Mapping[str, str],
-    out: dict[str, Any],
-) -> tuple[dict[str, Any], int]:
-    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
-    overrides are the server's; a whole body is checked against its recorded SHA-256
-    as it is read. Returns the response metadata and the status."""
+def _get_plain_first(
+    engine: _DeltaEngine, kwargs: Mapping[str, Any], extra: Mapping[str, str]
+) -> tuple[_Logical, dict[str, Any]] | None:
+    """GetObject in one round trip for an object stored as it is (most small files): a
+    whole, unconditional GET of the plain name, whose headers say what it is as a HEAD's
+    would. The logical object and that response; None (the response closed) when there
+    is no plain object, or it is a delta or a reference: engine.head resolves the name
+    then, as every GET did before. A Range or a condition is decided on the logical
+    object, so those GETs resolve it first."""
     bucket, key = kwargs["Bucket"], kwargs["Key"]
+    conditional = any(kwargs.get(name) is not None for name, _ in _CONDITION_PARAMS)
+    if kwargs.get("Range") or conditional or _stored_forms(key)[0] != key:
+        return None
+    _validate_key(key)
+    try:
+        resp = engine.storage.get_object(
+            bucket, key, headers=dict(extra), query=_override_query(kwargs)
+        )
+    except ClientError as e:
+        if _is_not_found(e):
+            return None
+        raise
+    metadata = resp.get("Metadata", {})
+    kind = _classify(key, metadata)
+    if kind not in (_Kind.DIRECT, _Kind.FOREIGN):
+        resp["Body"].close()
+        return None
+    return _Logical(bucket, key, key, kind, resp, metadata), resp
+
+
+def _override_query(kwargs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``response-*`` query of GetObject's ``Response*`` overrides."""
     query = []
     for name, field, _ in _GET_OVERRIDE_PARAMS:
         value = kwargs.get(name)
         if value is not None:
             when = _timestamp_param(value) if name == "ResponseExpires" else None
             query.append((field, _http_date(when) if when else str(value)))
+    return query
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+    resp: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. ``resp``: the server's answer, when _get_plain_first has it. Returns
+    the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
     sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-    resp = engine.storage.get_object(
-        bucket,
-        lg.stored_key,
-        range=sent_range,
-        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-        query=query,
-    )
+    if resp is None:
+        resp = engine.storage.get_object(
+            bucket,
+            lg.stored_key,
+            range=sent_range,
+            headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+            query=_override_query(kwargs),
+        )
     status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
     for name in ("ContentLength", "ContentRange", "LastModified"):
         if name in resp:
@@ -12251,12 +12289,18 @@ class DeltaGliderClient:
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = _logical_response(lg)
-        if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+        plain = _get_plain_first(engine, kwargs, extra)
+        if plain is not None:
+            lg, resp = plain
+            out = _logical_response(lg)
+            meta, status = _get_stored(engine, lg, kwargs, extra, out, resp)
         else:
-            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+            lg = engine.head(bucket, key, "GetObject", headers=extra)
+            out = _logical_response(lg)
+            if lg.kind == _Kind.DELTA:
+                meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+            else:
+                meta, status = _get_stored(engine, lg, kwargs, extra, out)
         if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
             out.update(_stored_checksum(lg.metadata))
         _echo_response_overrides(kwargs, out)

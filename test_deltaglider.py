@@ -7750,6 +7750,35 @@ def test_range_reads_the_same_on_every_kind_of_object(
     assert answer("plain/empty", "bytes=-3") == unsatisfiable
 
 
+def test_get_of_an_object_stored_as_it_is_takes_one_request(
+    client: Any, dgbucket: str, monkeypatch: Any
+) -> None:
+    """A whole GET of an object stored as it is (most small files) is one GET on the
+    back end, no HEAD before it: its headers say what it is. A missing key and one whose
+    plain name is a reference still answer as before."""
+    client.put_object(Bucket=dgbucket, Key="notes/a.txt", Body=b"hello", Metadata={"m": "1"})
+    st = client.storage
+    calls: list[str] = []
+    for name in ("head_object", "get_object"):
+        original = getattr(st, name)
+
+        def counting(*args: Any, _original: Any = original, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(st, name, counting)
+    got = client.get_object(Bucket=dgbucket, Key="notes/a.txt")
+    assert (got["Body"].read(), got["Metadata"], got["ContentLength"]) == (b"hello", {"m": "1"}, 5)
+    assert got["ETag"] == '"%s"' % hashlib.md5(b"hello").hexdigest()
+    assert calls == ["get_object"]
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/missing.txt")
+    monkeypatch.undo()
+    st.put_object(dgbucket, "notes/x/reference.bin", b"not a user's object")
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/x/reference.bin")
+
+
 @needs_xdelta3
 def test_ranged_gets_of_one_delta_share_one_rebuild(
     client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
