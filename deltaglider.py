@@ -16796,14 +16796,25 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
+            # A body checked as it is read (an object stored as it is: _VerifyingBody)
+            # checks its SHA-256 at its final, empty read. So each chunk goes out only once
+            # the next read has come back, the last one only once that final read has:
+            # on a mismatch the response stays short of its Content-Length and the
+            # connection is dropped, and no client takes it for a whole body. (A rebuilt
+            # delta was checked before the headers went out.)
             left = int(resp["ContentLength"])
-            while left > 0:
-                chunk = body.read(min(_IO_CHUNK, left))
-                if not chunk:
-                    self.close_connection = True  # the client sees a short body, not a lie
+            held = b""
+            while True:
+                chunk = body.read(min(_IO_CHUNK, left) if left > 0 else _IO_CHUNK)
+                if held:
+                    self.wfile.write(held)
+                    self._bytes_out += len(held)
+                    held = b""
+                if not chunk or left <= 0:
+                    if chunk or left > 0:
+                        self.close_connection = True  # the client sees a short body, not a lie
                     break
-                self.wfile.write(chunk)
-                self._bytes_out += len(chunk)
+                held = chunk
                 left -= len(chunk)
         except IntegrityError:
             self.close_connection = True  # bytes that fail verification end the stream

@@ -12507,6 +12507,38 @@ def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway
             assert got["Body"].read() == b"data", (header, value)
 
 
+def test_gateway_never_ends_a_body_that_fails_its_check_cleanly(local_gateway: Gateway) -> None:
+    """An object stored as it is is checked against its recorded SHA-256 as it streams
+    out: on a mismatch the gateway hangs up before the body's last bytes, so the client
+    sees a short body, never a whole one (it used to send it all and end cleanly: the
+    check came at a read the gateway never made)."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "damaged.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(b"other").hexdigest(), "dg-compression": "none"},
+    )
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "sound.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(data).hexdigest(), "dg-compression": "none"},
+    )
+    s3 = _boto3(local_gateway)
+    assert s3.get_object(Bucket="gwbucket", Key="sound.txt")["Body"].read() == data
+    body = s3.get_object(Bucket="gwbucket", Key="damaged.txt")["Body"]
+    got = b""
+    with pytest.raises(Exception) as info:
+        while True:
+            chunk = body.read(64 * 1024)
+            if not chunk:
+                break
+            got += chunk
+    assert type(info.value).__name__ in ("IncompleteReadError", "ResponseStreamingError"), info
+    assert len(got) < len(data)
+
+
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
     gw = local_gateway
     creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
