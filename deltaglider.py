@@ -16741,6 +16741,27 @@ def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
 # -- the gateway: its state, one connection's handler, the server ---------------------
 
 
+def _send_body(body: Any, length: int, write: Callable[[bytes], Any]) -> bool:
+    """A GET's ``length`` bytes of ``body`` to ``write``; False when the body had fewer or
+    more (the caller hangs up). A body checked as it is read (an object stored as it is:
+    _VerifyingBody) checks its SHA-256 at its final, empty read, so each chunk goes out
+    only once the next read has come back, the last only once that final read has: on a
+    mismatch (IntegrityError) the response stays short of its Content-Length, the caller
+    drops the connection, and no client takes it for a whole body. (A rebuilt delta was
+    checked before the headers went out.)"""
+    left = length
+    held = b""
+    while True:
+        chunk = body.read(min(_IO_CHUNK, left) if left > 0 else _IO_CHUNK)
+        if held:
+            write(held)
+            held = b""
+        if not chunk or left <= 0:
+            return not chunk and left <= 0
+        held = chunk
+        left -= len(chunk)
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -17454,26 +17475,13 @@ class _GatewayHandler(_HandlerBase):
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
-            # A body checked as it is read (an object stored as it is: _VerifyingBody)
-            # checks its SHA-256 at its final, empty read. So each chunk goes out only once
-            # the next read has come back, the last one only once that final read has:
-            # on a mismatch the response stays short of its Content-Length and the
-            # connection is dropped, and no client takes it for a whole body. (A rebuilt
-            # delta was checked before the headers went out.)
-            left = int(resp["ContentLength"])
-            held = b""
-            while True:
-                chunk = body.read(min(_IO_CHUNK, left) if left > 0 else _IO_CHUNK)
-                if held:
-                    self.wfile.write(held)
-                    self._bytes_out += len(held)
-                    held = b""
-                if not chunk or left <= 0:
-                    if chunk or left > 0:
-                        self.close_connection = True  # the client sees a short body, not a lie
-                    break
-                held = chunk
-                left -= len(chunk)
+
+            def write(data: bytes) -> None:
+                self.wfile.write(data)
+                self._bytes_out += len(data)
+
+            if not _send_body(body, int(resp["ContentLength"]), write):
+                self.close_connection = True  # the client sees a short body, not a lie
         except IntegrityError:
             self.close_connection = True  # bytes that fail verification end the stream
             raise
