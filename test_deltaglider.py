@@ -675,7 +675,7 @@ def _run_gateway(
     gateway = dg._Gateway(
         client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
     )
-    server = dg._GatewayServer(("127.0.0.1", 0), gateway, tls=tls, **serving)
+    server = dg._gateway_server_class()(("127.0.0.1", 0), gateway, tls=tls, **serving)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -1511,6 +1511,50 @@ def test_import_does_nothing(tmp_path: Any) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+#: Modules a command may not need: deltaglider imports each inside the functions that use
+#: it, so that importing the module or running `--version` loads none (issue 17: start-up
+#: in a quarter of the original's). botocore: only an application's own import loads it.
+_LAZY_MODULES = (
+    "botocore",
+    "concurrent.futures",
+    "configparser",
+    "email.utils",
+    "hashlib",
+    "hmac",
+    "http.client",
+    "http.server",
+    "ipaddress",
+    "json",
+    "pathlib",
+    "random",
+    "shlex",
+    "socket",
+    "socketserver",
+    "ssl",
+    "subprocess",
+    "tempfile",
+    "urllib.parse",
+    "uuid",
+    "xml.etree.ElementTree",
+)
+
+
+def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
+    code = (
+        "import sys; sys.path.insert(0, %r); lazy = %r; before = set(sys.modules)\n"
+        "def loaded(): return ' '.join(m for m in lazy if m in sys.modules and m not in before)\n"
+        "import deltaglider; print('import:', loaded())\n"
+        "code = deltaglider.main(['--version']); print('--version:', loaded(), code)\n"
+    ) % (HERE, _LAZY_MODULES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "import: ",
+        "deltaglider %s" % dg.__version__,
+        "--version:  0",
+    ]
 
 
 # Issue 14's targets for the module's shape: at most 4 functions over 80 lines, no class over
@@ -7809,6 +7853,35 @@ def test_range_reads_the_same_on_every_kind_of_object(
     assert answer("plain/empty", "bytes=-3") == unsatisfiable
 
 
+def test_get_of_an_object_stored_as_it_is_takes_one_request(
+    client: Any, dgbucket: str, monkeypatch: Any
+) -> None:
+    """A whole GET of an object stored as it is (most small files) is one GET on the
+    back end, no HEAD before it: its headers say what it is. A missing key and one whose
+    plain name is a reference still answer as before."""
+    client.put_object(Bucket=dgbucket, Key="notes/a.txt", Body=b"hello", Metadata={"m": "1"})
+    st = client.storage
+    calls: list[str] = []
+    for name in ("head_object", "get_object"):
+        original = getattr(st, name)
+
+        def counting(*args: Any, _original: Any = original, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(st, name, counting)
+    got = client.get_object(Bucket=dgbucket, Key="notes/a.txt")
+    assert (got["Body"].read(), got["Metadata"], got["ContentLength"]) == (b"hello", {"m": "1"}, 5)
+    assert got["ETag"] == '"%s"' % hashlib.md5(b"hello").hexdigest()
+    assert calls == ["get_object"]
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/missing.txt")
+    monkeypatch.undo()
+    st.put_object(dgbucket, "notes/x/reference.bin", b"not a user's object")
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/x/reference.bin")
+
+
 @needs_xdelta3
 def test_ranged_gets_of_one_delta_share_one_rebuild(
     client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
@@ -12670,6 +12743,38 @@ def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway
             assert got["Body"].read() == b"data", (header, value)
 
 
+def test_gateway_never_ends_a_body_that_fails_its_check_cleanly(local_gateway: Gateway) -> None:
+    """An object stored as it is is checked against its recorded SHA-256 as it streams
+    out: on a mismatch the gateway hangs up before the body's last bytes, so the client
+    sees a short body, never a whole one (it used to send it all and end cleanly: the
+    check came at a read the gateway never made)."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "damaged.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(b"other").hexdigest(), "dg-compression": "none"},
+    )
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "sound.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(data).hexdigest(), "dg-compression": "none"},
+    )
+    s3 = _boto3(local_gateway)
+    assert s3.get_object(Bucket="gwbucket", Key="sound.txt")["Body"].read() == data
+    body = s3.get_object(Bucket="gwbucket", Key="damaged.txt")["Body"]
+    got = b""
+    with pytest.raises(Exception) as info:
+        while True:
+            chunk = body.read(64 * 1024)
+            if not chunk:
+                break
+            got += chunk
+    assert type(info.value).__name__ in ("IncompleteReadError", "ResponseStreamingError"), info
+    assert len(got) < len(data)
+
+
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
     gw = local_gateway
     creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
@@ -13280,13 +13385,20 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
+    deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
+    assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
+        deltas["dir/a.zip.delta"],
+        deltas["dir/new.zip.delta"],
+    ]
     code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/new.zip" % bucket, "got.zip"])
     assert (code, out) == (0, "download: s3://%s/dir/new.zip to ./got.zip\n" % bucket), err
     assert (tmp_path / "got.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
@@ -13371,6 +13483,48 @@ def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any
 
 
 @needs_xdelta3
+def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """ls is one listing request per page: sizes as stored (a delta's few bytes, as 6.2.0
+    and aws s3 ls show them), no HEAD; --original-sizes reads each delta's recorded size
+    (one HEAD per delta, in parallel) and prints the size a download gives."""
+    backend, bucket = cli_env
+    files = {"p/a.zip": make_zip(tmp_path / "a.zip", 0), "p/b.zip": make_zip(tmp_path / "b.zip", 1)}
+    (tmp_path / "n.txt").write_bytes(b"n" * 300)
+    files["p/n.txt"] = b"n" * 300
+    for key in files:
+        src = tmp_path / key.split("/")[1]
+        assert run_cli(backend, tmp_path, ["cp", str(src), "s3://%s/%s" % (bucket, key)])[0] == 0
+    client = make_client(backend, tmp_path)
+    stored = {o["Key"]: o["Size"] for o in client.storage.list_objects_v2(bucket)["Contents"]}
+    assert {"p/a.zip.delta", "p/b.zip.delta", "p/n.txt"} <= set(stored)
+    heads: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.head_object
+
+        def counted(self: Any, b: str, k: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            heads.append(k)
+            return _real(self, b, k, *a, **kw)
+
+        monkeypatch.setattr(cls, "head_object", counted)
+
+    def sizes(*flags: str) -> dict[str, int]:
+        code, out, err = run_cli(backend, tmp_path, ["ls", "-r", *flags, "s3://%s/p/" % bucket])
+        assert code == 0, err
+        return {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
+
+    assert sizes() == {
+        "p/a.zip": stored["p/a.zip.delta"],
+        "p/b.zip": stored["p/b.zip.delta"],
+        "p/n.txt": 300,
+    }
+    assert heads == []
+    assert sizes("--original-sizes") == {k: len(v) for k, v in files.items()}
+    assert sorted(heads) == ["p/a.zip.delta", "p/b.zip.delta"]
+
+
+@needs_xdelta3
 def test_cli_recursive_upload_odd_names_and_download(cli_env: Any, tmp_path: Any) -> None:
     backend, bucket = cli_env
     src = tmp_path / "src"
@@ -13414,6 +13568,114 @@ def test_cli_sync_twice_transfers_nothing_and_delete(cli_env: Any, tmp_path: Any
     assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
     assert run_cli(backend, tmp_path, ["sync", url, str(down)])[1] == ""
     assert (down / "d" / "f1.txt").read_text() == "changed, and longer"
+
+
+def _count_heads(monkeypatch: Any) -> list[str]:
+    """The stored keys HEADed from now on, on either storage (the real one still answers)."""
+    heads: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.head_object
+
+        def head(self: Any, bucket: str, key: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            heads.append(key)
+            return _real(self, bucket, key, *a, **kw)
+
+        monkeypatch.setattr(cls, "head_object", head)
+    return heads
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("option", [[], ["--max-concurrency", "3"]])
+def test_cli_small_files_go_up_beside_the_transfer_pool(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any, option: list[str]
+) -> None:
+    """cp -r: small files stored whole (one PUT each, no xdelta3) run on a pool of their
+    own, more than aws's 10 at once: such a PUT is mostly waiting for the server. It used
+    to be 10 at once, whatever the size. --max-concurrency given bounds every transfer."""
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    src.mkdir()
+    for i in range(24):
+        (src / ("f%02d.txt" % i)).write_text("small file %d" % i)
+    make_zip(src / "app.zip", 1)
+    lock = threading.Lock()
+    crowd = threading.Event()
+    if option:
+        crowd.set()  # nothing waits: only the most at once is recorded
+    inside, most = [0], [0]
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.put_object
+
+        def put(self: Any, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                if inside[0] >= 12:
+                    crowd.set()
+            try:
+                crowd.wait(10)  # a hang guard: ten workers never hold twelve PUTs
+                return _real(self, *a, **kw)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        monkeypatch.setattr(cls, "put_object", put)
+    url = "s3://%s/small/" % bucket
+    code, out, err = run_cli(backend, tmp_path, [*option, "cp", "-r", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 25, err
+    assert "(reference)" in next(line for line in out.splitlines() if "app.zip" in line)
+    if option:
+        assert most[0] <= 3
+    else:
+        assert most[0] >= 12
+    monkeypatch.undo()
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["cp", "-r", url, str(down)])[0] == 0
+    assert (down / "f07.txt").read_text() == "small file 7"
+    assert (down / "app.zip").read_bytes() == (src / "app.zip").read_bytes()
+
+
+@needs_xdelta3
+def test_cli_sync_of_an_unchanged_tree_heads_only_its_deltas(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A second sync (either way) decides from one listing: a small file whose MD5 is the
+    listed ETag is unchanged, so no HEAD is sent for its recorded mtime (the deltas'
+    HEADs give their logical size and MD5). It used to HEAD every object, twice for a
+    delta. A file only touched is not sent again (as rclone); one whose bytes changed at
+    the same size still goes when newer, and stays when older, as aws s3 sync decides."""
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    (src / "d").mkdir(parents=True)
+    for i in range(12):
+        (src / "d" / ("f%02d.txt" % i)).write_text("version one of %02d" % i)
+    make_zip(src / "app-1.zip", 1)
+    make_zip(src / "app-2.zip", 2)
+    url = "s3://%s/t/" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 14, err
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    heads = _count_heads(monkeypatch)
+    assert run_cli(backend, tmp_path, ["sync", str(src), url]) == (0, "", "")
+    assert sorted(heads) == ["t/app-1.zip.delta", "t/app-2.zip.delta"]
+    del heads[:]
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)]) == (0, "", "")
+    assert sorted(heads) == ["t/app-1.zip.delta", "t/app-2.zip.delta"]
+    touched = src / "d" / "f00.txt"
+    os.utime(touched, (time.time() + 60, time.time() + 60))
+    assert run_cli(backend, tmp_path, ["sync", str(src), url]) == (0, "", "")
+    newer, older = src / "d" / "f01.txt", src / "d" / "f02.txt"
+    newer.write_text("version TWO of 01")
+    os.utime(newer, (time.time() + 60, time.time() + 60))
+    older.write_text("version TWO of 02")
+    os.utime(older, (1e9, 1e9))
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert (code, out.split(" to ")[0]) == (0, "upload: " + dg._display_path(str(newer))), err
+    assert len(out.splitlines()) == 1
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    assert (down / "d" / "f01.txt").read_text() == "version TWO of 01"
+    assert (down / "d" / "f02.txt").read_text() == "version one of 02"
 
 
 @needs_xdelta3
@@ -13720,7 +13982,7 @@ def test_cli_every_option_has_help_text() -> None:
     parser = dg._build_parser()
     missing = [
         "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if not isinstance(action, argparse._SubParsersAction)
         and (not action.help or action.help == argparse.SUPPRESS)
@@ -13729,7 +13991,7 @@ def test_cli_every_option_has_help_text() -> None:
     # and every numeric option goes through the settings parsers (named, bounded errors)
     raw = [
         "%s %s" % (sub.prog, "/".join(action.option_strings))
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if action.type in (int, float)
     ]
@@ -14048,6 +14310,54 @@ def test_ls_pages_past_1000_keys(tmp_path: Any) -> None:
     lines = [line for line in out.splitlines() if line.strip() and "Total" not in line]
     assert len(lines) == 1203
     assert "Total Objects: 1203" in out
+
+
+def test_ls_streams_stored_pages_without_topping_them_up(tmp_path: Any, monkeypatch: Any) -> None:
+    """ls -r prints each stored page as it arrives (the first lines are out before the
+    last page is asked for), asks for each stored page once (a page that hid references
+    is not topped up with another request), and places a plain x at the end of one page
+    beside its x.delta at the start of the next without a HEAD: each key once."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path)
+    c.create_bucket(Bucket="bkt")
+    keys = ["d%02d/k%04d.txt" % (i // 100, i) for i in range(999)] + ["x"]
+    keys += ["x.delta", "y.zip.delta", "y/reference.bin"]
+    keys += ["z%02d/reference.bin" % i for i in range(10)]
+    keys += ["z%02d/f%04d.zip.delta" % (i // 100, i) for i in range(1100)]
+    for key in keys:
+        c.storage.put_object("bkt", key, b"x")
+    assert len(keys) == 2113  # three stored pages
+    listed: list[str] = []
+    real_list = dg._LocalStorage.list_objects_v2
+
+    def counted_list(self: Any, bucket: str, **kw: Any) -> Any:
+        listed.append(kw.get("continuation_token") or "")
+        return real_list(self, bucket, **kw)
+
+    def no_head(self: Any, *a: Any, **kw: Any) -> Any:
+        raise AssertionError("ls made a HEAD request")
+
+    monkeypatch.setattr(dg._LocalStorage, "list_objects_v2", counted_list)
+    monkeypatch.setattr(dg._LocalStorage, "head_object", no_head)
+
+    class Out(io.StringIO):
+        pages_at_first_write: int | None = None
+
+        def write(self, text: str) -> int:
+            if text and self.pages_at_first_write is None:
+                self.pages_at_first_write = len(listed)
+            return super().write(text)
+
+    out, err = Out(), io.StringIO()
+    env = {"DG_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    argv = ["--endpoint-url", backend.endpoint, "ls", "-r", "s3://bkt/"]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0, err.getvalue()
+    names = [line.split()[3] for line in out.getvalue().splitlines()]
+    want = sorted({dg._logical_key(k) for k in keys} - {None})
+    assert names == want and names.count("x") == 1
+    assert len(listed) == 3
+    assert out.pages_at_first_write is not None and out.pages_at_first_write < 3
 
 
 @needs_xdelta3
