@@ -12259,31 +12259,69 @@ def _get_rebuilt(
     return meta, status
 
 
-def _get_stored(
-    engine: _DeltaEngine,
-    lg: _Logical,
-    kwargs: Mapping[str, Any],
-    extra: Mapping[str, str],
-    out: dict[str, Any],
-) -> tuple[dict[str, Any], int]:
-    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
-    overrides are the server's; a whole body is checked against its recorded SHA-256
-    as it is read. Returns the response metadata and the status."""
+def _get_plain_first(
+    engine: _DeltaEngine, kwargs: Mapping[str, Any], extra: Mapping[str, str]
+) -> tuple[_Logical, dict[str, Any]] | None:
+    """GetObject in one round trip for an object stored as it is (most small files): a
+    whole, unconditional GET of the plain name, whose headers say what it is as a HEAD's
+    would. The logical object and that response; None (the response closed) when there
+    is no plain object, or it is a delta or a reference: engine.head resolves the name
+    then, as every GET did before. A Range or a condition is decided on the logical
+    object, so those GETs resolve it first."""
     bucket, key = kwargs["Bucket"], kwargs["Key"]
+    conditional = any(kwargs.get(name) is not None for name, _ in _CONDITION_PARAMS)
+    if kwargs.get("Range") or conditional or _stored_forms(key)[0] != key:
+        return None
+    _validate_key(key)
+    try:
+        resp = engine.storage.get_object(
+            bucket, key, headers=dict(extra), query=_override_query(kwargs)
+        )
+    except ClientError as e:
+        if _is_not_found(e):
+            return None
+        raise
+    metadata = resp.get("Metadata", {})
+    kind = _classify(key, metadata)
+    if kind not in (_Kind.DIRECT, _Kind.FOREIGN):
+        resp["Body"].close()
+        return None
+    return _Logical(bucket, key, key, kind, resp, metadata), resp
+
+
+def _override_query(kwargs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``response-*`` query of GetObject's ``Response*`` overrides."""
     query = []
     for name, field, _ in _GET_OVERRIDE_PARAMS:
         value = kwargs.get(name)
         if value is not None:
             when = _timestamp_param(value) if name == "ResponseExpires" else None
             query.append((field, _http_date(when) if when else str(value)))
+    return query
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+    resp: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. ``resp``: the server's answer, when _get_plain_first has it. Returns
+    the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
     sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-    resp = engine.storage.get_object(
-        bucket,
-        lg.stored_key,
-        range=sent_range,
-        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-        query=query,
-    )
+    if resp is None:
+        resp = engine.storage.get_object(
+            bucket,
+            lg.stored_key,
+            range=sent_range,
+            headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+            query=_override_query(kwargs),
+        )
     status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
     for name in ("ContentLength", "ContentRange", "LastModified"):
         if name in resp:
@@ -12695,12 +12733,18 @@ class DeltaGliderClient:
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = _logical_response(lg)
-        if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+        plain = _get_plain_first(engine, kwargs, extra)
+        if plain is not None:
+            lg, resp = plain
+            out = _logical_response(lg)
+            meta, status = _get_stored(engine, lg, kwargs, extra, out, resp)
         else:
-            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+            lg = engine.head(bucket, key, "GetObject", headers=extra)
+            out = _logical_response(lg)
+            if lg.kind == _Kind.DELTA:
+                meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+            else:
+                meta, status = _get_stored(engine, lg, kwargs, extra, out)
         if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
             out.update(_stored_checksum(lg.metadata))
         _echo_response_overrides(kwargs, out)
@@ -16237,7 +16281,10 @@ def _xml_listing(
     def text(value: str) -> str:
         return _quote(value, safe="/") if encode else value
 
-    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    # ListObjects v1 sends its Prefix as it came whatever the encoding-type (AWS does, and
+    # botocore decodes only Delimiter and the markers of a v1 answer).
+    prefix = q.get("prefix", "")
+    parts = [_el("Name", bucket), _el("Prefix", prefix if kind == "v1" else text(prefix))]
     if kind == "versions":
         parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
         parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
@@ -16684,6 +16731,27 @@ def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
 
 
 # -- the gateway: its state, one connection's handler, the server ---------------------
+
+
+def _send_body(body: Any, length: int, write: Callable[[bytes], Any]) -> bool:
+    """A GET's ``length`` bytes of ``body`` to ``write``; False when the body had fewer or
+    more (the caller hangs up). A body checked as it is read (an object stored as it is:
+    _VerifyingBody) checks its SHA-256 at its final, empty read, so each chunk goes out
+    only once the next read has come back, the last only once that final read has: on a
+    mismatch (IntegrityError) the response stays short of its Content-Length, the caller
+    drops the connection, and no client takes it for a whole body. (A rebuilt delta was
+    checked before the headers went out.)"""
+    left = length
+    held = b""
+    while True:
+        chunk = body.read(min(_IO_CHUNK, left) if left > 0 else _IO_CHUNK)
+        if held:
+            write(held)
+            held = b""
+        if not chunk or left <= 0:
+            return not chunk and left <= 0
+        held = chunk
+        left -= len(chunk)
 
 
 class _Gateway:
@@ -17399,15 +17467,13 @@ class _GatewayHandler(_HandlerBase):
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
-            left = int(resp["ContentLength"])
-            while left > 0:
-                chunk = body.read(min(_IO_CHUNK, left))
-                if not chunk:
-                    self.close_connection = True  # the client sees a short body, not a lie
-                    break
-                self.wfile.write(chunk)
-                self._bytes_out += len(chunk)
-                left -= len(chunk)
+
+            def write(data: bytes) -> None:
+                self.wfile.write(data)
+                self._bytes_out += len(data)
+
+            if not _send_body(body, int(resp["ContentLength"]), write):
+                self.close_connection = True  # the client sees a short body, not a lie
         except IntegrityError:
             self.close_connection = True  # bytes that fail verification end the stream
             raise

@@ -7853,6 +7853,35 @@ def test_range_reads_the_same_on_every_kind_of_object(
     assert answer("plain/empty", "bytes=-3") == unsatisfiable
 
 
+def test_get_of_an_object_stored_as_it_is_takes_one_request(
+    client: Any, dgbucket: str, monkeypatch: Any
+) -> None:
+    """A whole GET of an object stored as it is (most small files) is one GET on the
+    back end, no HEAD before it: its headers say what it is. A missing key and one whose
+    plain name is a reference still answer as before."""
+    client.put_object(Bucket=dgbucket, Key="notes/a.txt", Body=b"hello", Metadata={"m": "1"})
+    st = client.storage
+    calls: list[str] = []
+    for name in ("head_object", "get_object"):
+        original = getattr(st, name)
+
+        def counting(*args: Any, _original: Any = original, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(st, name, counting)
+    got = client.get_object(Bucket=dgbucket, Key="notes/a.txt")
+    assert (got["Body"].read(), got["Metadata"], got["ContentLength"]) == (b"hello", {"m": "1"}, 5)
+    assert got["ETag"] == '"%s"' % hashlib.md5(b"hello").hexdigest()
+    assert calls == ["get_object"]
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/missing.txt")
+    monkeypatch.undo()
+    st.put_object(dgbucket, "notes/x/reference.bin", b"not a user's object")
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/x/reference.bin")
+
+
 @needs_xdelta3
 def test_ranged_gets_of_one_delta_share_one_rebuild(
     client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
@@ -12518,6 +12547,20 @@ def test_gateway_serves_presigned_puts_and_bucket_operations(
     assert bucket not in [b["Name"] for b in plain.list_buckets()["Buckets"]]
 
 
+def test_gateway_listings_echo_prefixes_as_botocore_decodes_them(local_gateway: Gateway) -> None:
+    """boto3 lists with encoding-type=url and decodes what S3 encodes: a v1 answer's Prefix
+    is sent as it came, v2's encoded (ceph s3-tests' bucket_list_prefix_unreadable: a
+    prefix "\\n" came back "%0A")."""
+    s3 = _boto3(local_gateway)
+    s3.put_object(Bucket="gwbucket", Key="a b%/\n.txt", Body=b"x")
+    for prefix in ("\n", "a b%/"):
+        v1 = s3.list_objects(Bucket="gwbucket", Prefix=prefix)
+        v2 = s3.list_objects_v2(Bucket="gwbucket", Prefix=prefix)
+        assert v1["Prefix"] == v2["Prefix"] == prefix
+    listed = s3.list_objects(Bucket="gwbucket", Prefix="a b%/")["Contents"]
+    assert [o["Key"] for o in listed] == ["a b%/\n.txt"]
+
+
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
     """``dir/`` objects (S3 consoles, rclone directory markers) are no files to delta: they
     are stored as sent, listed, read and deleted like any object."""
@@ -12714,6 +12757,38 @@ def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway
             finally:
                 s3.meta.events.unregister("before-sign.s3.GetObject", add)
             assert got["Body"].read() == b"data", (header, value)
+
+
+def test_gateway_never_ends_a_body_that_fails_its_check_cleanly(local_gateway: Gateway) -> None:
+    """An object stored as it is is checked against its recorded SHA-256 as it streams
+    out: on a mismatch the gateway hangs up before the body's last bytes, so the client
+    sees a short body, never a whole one (it used to send it all and end cleanly: the
+    check came at a read the gateway never made)."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "damaged.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(b"other").hexdigest(), "dg-compression": "none"},
+    )
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "sound.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(data).hexdigest(), "dg-compression": "none"},
+    )
+    s3 = _boto3(local_gateway)
+    assert s3.get_object(Bucket="gwbucket", Key="sound.txt")["Body"].read() == data
+    body = s3.get_object(Bucket="gwbucket", Key="damaged.txt")["Body"]
+    got = b""
+    with pytest.raises(Exception) as info:
+        while True:
+            chunk = body.read(64 * 1024)
+            if not chunk:
+                break
+            got += chunk
+    assert type(info.value).__name__ in ("IncompleteReadError", "ResponseStreamingError"), info
+    assert len(got) < len(data)
 
 
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
