@@ -19,45 +19,25 @@ import argparse
 import array
 import base64
 import collections
-import concurrent.futures
-import configparser
 import contextlib
 import dataclasses
 import datetime
-import email.utils
 import fnmatch
 import functools
-import hashlib
-import hmac
-import http.client
-import http.server
 import io
-import ipaddress
 import itertools
-import json
 import logging
 import math
 import mmap
 import os
-import pathlib
-import random
 import re
-import shlex
 import shutil
 import signal
-import socket
-import socketserver
-import ssl
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
-import uuid
-import xml.etree.ElementTree as ET
 import zlib
 
 try:  # POSIX only; on Windows the local store's bucket lock is a threading lock alone
@@ -66,6 +46,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 from typing import (
     IO,
+    TYPE_CHECKING,
     Any,
     Callable,
     Container,
@@ -82,6 +63,19 @@ from typing import (
     Union,
     cast,
 )
+
+# Imported inside the functions that use them, not here: a command loads only what it
+# needs (start-up time, issue 17). Imported here for the type checker alone.
+if TYPE_CHECKING:
+    import concurrent.futures
+    import http.client
+    import http.server
+    import pathlib
+    import socket
+    import socketserver
+    import ssl
+    import subprocess
+    import xml.etree.ElementTree as ET
 
 # 7.x: the successor of the original deltaglider 6.x (same bucket layout, its SDK surface),
 # numbered above it so that `pip install -U deltaglider` never takes 6.2.0 for an upgrade.
@@ -205,6 +199,11 @@ _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
 _STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+#: Names S3 refuses to create a bucket by, however well formed (bucket naming rules).
+_NEW_BUCKET_BAD = re.compile(
+    r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
+    r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
+)
 
 #: Environment variables read by deltaglider itself, each parsed as _DG_SETTINGS (Helpers)
 #: says; AWS_* ones are read as botocore reads them (Configuration and credentials).
@@ -613,6 +612,8 @@ def _iso_utc(dt: datetime.datetime) -> str:
 def _parse_timestamp(value: str) -> datetime.datetime:
     """Parse ISO-8601 (with or without ``Z``/fraction, as older writers left them) or an
     RFC 1123 HTTP date into an aware UTC datetime."""
+    import email.utils
+
     text = value.strip()
     if not text:
         raise ValueError("empty timestamp")
@@ -723,11 +724,15 @@ def _delete_conditions_hold(head: Mapping[str, Any], cond: Mapping[str, Any]) ->
 
 
 def _http_date(dt: datetime.datetime) -> str:
+    import email.utils
+
     return email.utils.format_datetime(dt.astimezone(datetime.timezone.utc), usegmt=True)
 
 
 def _quote(text: str, safe: str = "-_.~") -> str:
     """Percent-encode as SigV4 wants: everything but unreserved characters (RFC 3986)."""
+    import urllib.parse
+
     return urllib.parse.quote(text, safe=safe)
 
 
@@ -736,6 +741,8 @@ def _quote_key(key: str) -> str:
 
     S3 paths are encoded once and not normalised (AWS SigV4 docs, "Do not normalize URI
     paths for requests to Amazon S3"; botocore quotes keys with ``safe='/~'``)."""
+    import urllib.parse
+
     return urllib.parse.quote(key, safe="/~")
 
 
@@ -763,19 +770,30 @@ def _local_metadata(resp: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _xml_parse(data: bytes) -> ET.Element:
-    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs)."""
+def _xml_parse(data: bytes, strip: bool = True) -> ET.Element:
+    """Parse an S3 XML document; refuse DTDs so no entity is ever expanded (XML bombs).
+    Tags lose their namespace unless ``strip`` is false (a reader that takes each tag's
+    :func:`_local_name` itself, as a listing page's 6,000 elements are read)."""
     # S3 XML is UTF-8; a UTF-16/32 document would hide a DTD from the byte check below.
+    import xml.etree.ElementTree as ET
+
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
         raise ValueError("XML that is not UTF-8 is refused")
     lowered = data.lower()
     if b"<!doctype" in lowered or b"<!entity" in lowered:
         raise ValueError("XML with a DTD or entity declarations is refused")
     root = ET.fromstring(data)
+    if not strip:
+        return root
     for el in root.iter():
         if isinstance(el.tag, str) and el.tag.startswith("{"):
             el.tag = el.tag.split("}", 1)[1]
     return root
+
+
+def _local_name(tag: Any) -> str:
+    """An element's tag without its ``{namespace}``; "" for comments and the like."""
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
 def _xml_text(el: ET.Element | None, name: str, default: str | None = None) -> str | None:
@@ -797,7 +815,21 @@ def _xml_escape(text: str) -> str:
     )
 
 
+def _tag_count(tagging: str) -> int:
+    """How many tags an ``x-amz-tagging`` header (``k1=v1&k2=v2``, URL-encoded) sets."""
+    import urllib.parse
+
+    return len(urllib.parse.parse_qsl(tagging))
+
+
 # -- files: hashing, spooling, temp files, slices of a file --
+
+
+def _random_hex() -> str:
+    """32 random hex digits (``uuid4().hex``): temp and part names, upload and request ids."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 class _Writer(Protocol):
@@ -822,6 +854,8 @@ class _Hashes:
     they are written elsewhere."""
 
     def __init__(self, md5: bool = False) -> None:
+        import hashlib
+
         self._sha256 = hashlib.sha256()
         self._md5 = hashlib.md5() if md5 else None
         self.size = 0
@@ -907,13 +941,20 @@ class _Crc32:
         return self._crc.to_bytes(4, "big")
 
 
+def _new_hash(name: str) -> Any:
+    """``hashlib.new(name)``, for _CHECKSUMS (a table built at import, hashlib at first use)."""
+    import hashlib
+
+    return hashlib.new(name)
+
+
 #: x-amz-checksum-<name> → a hasher factory (AWS "Checking object integrity").
 _CHECKSUMS: dict[str, Callable[[], Any]] = {
     "crc32": _Crc32,
     "crc32c": lambda: _Crc(0x82F63B78, 32),
     "crc64nvme": lambda: _Crc(0x9A6C9329AC4BC9B5, 64),
-    "sha1": hashlib.sha1,
-    "sha256": hashlib.sha256,
+    "sha1": functools.partial(_new_hash, "sha1"),
+    "sha256": functools.partial(_new_hash, "sha256"),
 }
 
 
@@ -929,6 +970,8 @@ def _file_checksum(path: str, algo: str) -> str:
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
+    import tempfile
+
     spooled: IO[bytes] = tempfile.TemporaryFile()
     while True:
         chunk = body.read(_IO_CHUNK)
@@ -946,6 +989,8 @@ def _private_tempfile(folder: str, suffix: str = "", prefix: str = ".dg-") -> tu
     the final os.replace is atomic, and named ``<prefix>XXXXXXXX<suffix>.tmp``, so that a
     sweep can tell a leftover by its name. Files that need no name (a body spooled for
     retries, xdelta3's stderr) are tempfile.TemporaryFile: private, and gone at close."""
+    import tempfile
+
     return tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=folder)
 
 
@@ -1298,9 +1343,17 @@ _UNSUPPORTED_PROFILE_KEYS = (  # credential sources botocore has and deltaglider
 )
 
 _Profile = Dict[str, Union[str, Dict[str, str]]]
-# http_request(method, url, headers, timeout) -> (status, body); raises OSError or HTTPException.
+# http_request(method, url, headers, timeout) -> (status, body); raises OSError,
+# HTTPException, or _ReplyTooLarge.
 _HttpRequest = Callable[[str, str, Mapping[str, str], float], Tuple[int, bytes]]
 _Run = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def _run_process(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run, imported when a process first starts: most commands start none."""
+    import subprocess
+
+    return subprocess.run(*args, **kwargs)
 
 
 def _is_true(value: str | None) -> bool:
@@ -1329,6 +1382,8 @@ def _check_region(region: str) -> str:
 
 
 def _check_endpoint(url: str) -> str:
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfigError(
@@ -1487,6 +1542,8 @@ def _parse_nested(value: str, where: str) -> dict[str, str]:
 
 def _read_ini(path: str) -> dict[str, _Profile]:
     # RawConfigParser: no %-interpolation, so secrets containing '%' survive (as in botocore).
+    import configparser
+
     parser = configparser.RawConfigParser()
     try:
         with open(path, encoding="utf-8") as f:
@@ -1667,6 +1724,8 @@ def _env_proxy_var(environ: Mapping[str, str], name: str) -> str | None:
 
 
 def _no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    import ipaddress
+
     for entry in re.split(r"[,\s]+", no_proxy.strip().lower()):
         if not entry:
             continue
@@ -1704,6 +1763,8 @@ def _proxy_for(
     otherwise <scheme>_proxy, then all_proxy, unless no_proxy matches (domains with or without a
     leading dot, `*`, host:port, IP addresses and CIDR blocks).
     """
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -1850,6 +1911,8 @@ def _parse_expiry(value: object, provider: str) -> datetime.datetime | None:
 def _credentials_from_json(body: bytes, provider: str, token_key: str) -> _Credentials:
     """Parse the JSON of credential_process (token_key 'SessionToken') or of the container and
     IMDS endpoints ('Token'). Error messages name fields, never values."""
+    import json
+
     try:
         data = json.loads(body)
     except ValueError:
@@ -1888,6 +1951,9 @@ def _http_request(
 ) -> tuple[int, bytes]:
     """One request over http.client (no proxy, no redirects): the credential endpoints are
     link-local or loopback, and must not be reached through a proxy."""
+    import http.client
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     # An explicit port, or http.client would read "[fd00:ec2::254]"'s last group as one.
@@ -1913,6 +1979,9 @@ def _fetch_process(command: str, profile_name: str, run: _Run) -> _Credentials:
     stderr is not captured, so helpers can prompt (e.g. for MFA) and show their own errors;
     stdout is never echoed because it holds the secret on success and may on failure.
     """
+    import shlex
+    import subprocess
+
     where = f"credential_process of profile {profile_name!r}"
     try:
         argv = shlex.split(command)
@@ -1934,6 +2003,9 @@ def _fetch_process(command: str, profile_name: str, run: _Run) -> _Credentials:
 
 
 def _container_url(environ: Mapping[str, str]) -> str | None:
+    import ipaddress
+    import urllib.parse
+
     relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
     if relative:
         return _CONTAINER_ENDPOINT + relative
@@ -1962,6 +2034,9 @@ def _fetch_container(
     http_request: _HttpRequest,
     sleep: Callable[[float], None],
 ) -> _Credentials:
+    import http.client
+    import urllib.parse
+
     headers: dict[str, str] = {"Accept": "application/json"}
     token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
     token = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
@@ -1988,7 +2063,7 @@ def _fetch_container(
             sleep(_CONTAINER_RETRY_SLEEP)
         try:
             status, body = http_request("GET", url, headers, _CONTAINER_TIMEOUT)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, _ReplyTooLarge) as exc:
             problem = f"{type(exc).__name__}: {exc}"
             continue
         if status == 200:
@@ -2003,6 +2078,8 @@ def _fetch_container(
 def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Credentials | None:
     """EC2 instance role credentials via IMDSv2, falling back to v1 like botocore (utils.py
     IMDSFetcher L395+). None when there is no metadata service or no role."""
+    import urllib.parse
+
     if _is_true(environ.get("AWS_EC2_METADATA_DISABLED")):
         return None
     mode = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE") or "ipv4").lower()
@@ -2017,10 +2094,12 @@ def _fetch_imds(environ: Mapping[str, str], http_request: _HttpRequest) -> _Cred
     v1_disabled = _is_true(environ.get("AWS_EC2_METADATA_V1_DISABLED"))
 
     def call(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
+        import http.client
+
         for _ in range(attempts):
             try:
                 return http_request(method, base + path, headers, timeout)
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, _ReplyTooLarge) as exc:
                 logger.debug("IMDS %s %s failed: %s: %s", method, path, type(exc).__name__, exc)
         return None
 
@@ -2128,7 +2207,7 @@ def _resolve_credentials(
     profile: _Profile | None = None,
     environ: Mapping[str, str] = os.environ,
     now: Callable[[], datetime.datetime] = _utcnow,
-    run: _Run = subprocess.run,
+    run: _Run = _run_process,
     http_request: _HttpRequest = _http_request,
     sleep: Callable[[float], None] = time.sleep,
     anonymous: bool = False,
@@ -2200,6 +2279,9 @@ class _SigningKeyCache:
         self._keys: dict[tuple[str, str, str, str], bytes] = {}
 
     def get(self, secret: str, date: str, region: str, service: str) -> bytes:
+        import hashlib
+        import hmac
+
         ident = (hashlib.sha256(secret.encode()).hexdigest(), date, region, service)
         with self._lock:
             key = self._keys.get(ident)
@@ -2239,6 +2321,8 @@ def _canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
 
 def _host_header(scheme: str, netloc: str) -> str:
     """The Host value as signed: lower case, default port dropped (botocore _host_from_url)."""
+    import urllib.parse
+
     parts = urllib.parse.urlsplit("%s://%s" % (scheme, netloc))
     host = (parts.hostname or "").lower()
     if ":" in host:
@@ -2274,10 +2358,15 @@ class _SigV4:
         return "%s/%s/%s/aws4_request" % (date, self.region, self.service)
 
     def _signature(self, string_to_sign: str, date: str) -> str:
+        import hashlib
+        import hmac
+
         key = _SIGNING_KEYS.get(self._secret_key, date, self.region, self.service)
         return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def _string_to_sign(self, canonical_request: str, timestamp: str) -> str:
+        import hashlib
+
         return "\n".join(
             (
                 _SIGV4_ALGORITHM,
@@ -2335,12 +2424,9 @@ class _SigV4:
     ) -> str:
         """The query string of a presigned URL (botocore SigV4QueryAuth order). ``headers``
         are signed as botocore signs an operation's header parameters (``x-amz-acl``,
-        ``Content-Type``, ``Range``...): whoever uses the URL must send them."""
-        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, expires)
-            )
+        ``Content-Type``, ``Range``...): whoever uses the URL must send them. Any expiry
+        is signed as given: as botocore does, the server refuses one outside 1 s to 7 days
+        (an expired or malformed URL is the server's answer, not a client-side error)."""
         timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
         block, signed = _canonical_headers(dict(headers or {}, host=host))
         auth: list[tuple[str, str]] = [
@@ -2367,12 +2453,10 @@ class _SigV4:
         expires: int,
         now: datetime.datetime,
     ) -> dict[str, str]:
-        """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth)."""
-        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, expires)
-            )
+        """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth).
+        Any expiry is signed as given, as ``presign_query`` signs it."""
+        import json
+
         now = now.astimezone(datetime.timezone.utc)
         timestamp = now.strftime(_SIGV4_TIMESTAMP)
         expiration = (now + datetime.timedelta(seconds=int(expires))).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -2427,6 +2511,9 @@ class StreamingBody(io.IOBase):
         return self._amount_read
 
     def read(self, amt: int | None = None) -> bytes:
+        import http.client
+        import socket
+
         if self._eof:
             return b""
         try:
@@ -2537,6 +2624,8 @@ class _DeadlineReader:
         self._since = 0  # bytes received since the deadline was last set
 
     def _arm(self) -> None:
+        import socket
+
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("no reply within the request timeout")
@@ -2611,32 +2700,27 @@ class _DeadlineReader:
         return getattr(self._fp, name)
 
 
-class _DeadlineResponse(http.client.HTTPResponse):
-    """An HTTPResponse whose socket reads keep to a deadline (see _DeadlineReader)."""
-
-    read_timeout: float | None = None
-    request_timeout: float = _DEFAULT_REQUEST_TIMEOUT
-
-    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        reader = _DeadlineReader(self.fp, sock, self.read_timeout, self.request_timeout)
-        self.fp = cast(Any, reader)
-
-
 @functools.lru_cache(maxsize=None)
 def _deadline_response_class(
     read_timeout: float | None, request_timeout: float
-) -> type[_DeadlineResponse]:
+) -> type[http.client.HTTPResponse]:
     """The response class for connections with these timeouts (http.client makes the
-    response itself, from ``conn.response_class``)."""
-    return type(
-        "_DeadlineResponse",
-        (_DeadlineResponse,),
-        {"read_timeout": read_timeout, "request_timeout": request_timeout},
-    )
+    response itself, from ``conn.response_class``): an HTTPResponse whose socket reads keep
+    to a deadline (see _DeadlineReader)."""
+    import http.client
+
+    class _DeadlineResponse(http.client.HTTPResponse):
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(sock, *args, **kwargs)
+            reader = _DeadlineReader(self.fp, sock, read_timeout, request_timeout)
+            self.fp = cast(Any, reader)
+
+    return _DeadlineResponse
 
 
-class _ReplyTooLarge(http.client.HTTPException):
+class _ReplyTooLarge(Exception):
+    """A reply past _MAX_REPLY_BYTES (callers name it beside http.client's errors)."""
+
     def __init__(self, what: str, length: int | None) -> None:
         super().__init__(
             "the reply from %s is larger than %d MiB%s, the most deltaglider reads into memory "
@@ -2663,26 +2747,38 @@ def _read_reply(raw: http.client.HTTPResponse, what: str) -> bytes:
         chunks.append(chunk)
 
 
-class _HTTPConnection(http.client.HTTPConnection):
-    """Separate connect and read timeouts: connect with one, then switch the socket."""
-
-    read_timeout: float | None = None
-    dg_proxy_headers: dict[str, str] | None = None
-
-    def connect(self) -> None:
-        super().connect()
-        if self.sock is not None:
-            self.sock.settimeout(self.read_timeout)
+#: A connection class of _connection_classes: (host, port, proxy_headers=, **http.client's).
+_NewConnection = Callable[..., "http.client.HTTPConnection"]
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    read_timeout: float | None = None
-    dg_proxy_headers: dict[str, str] | None = None
+@functools.lru_cache(maxsize=None)
+def _connection_classes(read_timeout: float | None) -> tuple[_NewConnection, _NewConnection]:
+    """http.client's HTTP and HTTPS connections with separate connect and read timeouts:
+    connect with one, then switch the socket to ``read_timeout``. ``proxy_headers`` go
+    with each request (plain http through a proxy; see _write_request)."""
+    import http.client
 
-    def connect(self) -> None:
-        super().connect()
-        if self.sock is not None:
-            self.sock.settimeout(self.read_timeout)
+    class _HTTPConnection(http.client.HTTPConnection):
+        def __init__(self, *args: Any, proxy_headers: dict[str, str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dg_proxy_headers = proxy_headers
+
+        def connect(self) -> None:
+            super().connect()
+            if self.sock is not None:
+                self.sock.settimeout(read_timeout)
+
+    class _HTTPSConnection(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, proxy_headers: dict[str, str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.dg_proxy_headers = proxy_headers
+
+        def connect(self) -> None:
+            super().connect()
+            if self.sock is not None:
+                self.sock.settimeout(read_timeout)
+
+    return _HTTPConnection, _HTTPSConnection
 
 
 _PoolKey = Tuple[str, str, int]
@@ -2715,6 +2811,8 @@ class _ConnectionPool:
         self._ssl_context: ssl.SSLContext | None = None
 
     def _context(self) -> ssl.SSLContext:
+        import ssl
+
         if self._ssl_context is None:
             if self._verify is False:
                 ctx = ssl.create_default_context()
@@ -2742,7 +2840,10 @@ class _ConnectionPool:
     def _new(
         self, scheme: str, host: str, port: int, proxy: str | None
     ) -> http.client.HTTPConnection:
-        conn: _HTTPConnection | _HTTPSConnection
+        import urllib.parse
+
+        new_http, new_https = _connection_classes(self._read_timeout)
+        conn: http.client.HTTPConnection
         tunnel_headers: dict[str, str] = {}
         target_host, target_port = host, port
         if proxy:
@@ -2760,9 +2861,10 @@ class _ConnectionPool:
                 p.port or (443 if p.scheme == "https" else 80),
             )
         if scheme == "https":
-            conn = _HTTPSConnection(
+            conn = new_https(
                 target_host,
                 target_port,
+                proxy_headers={},
                 timeout=self._connect_timeout,
                 context=self._context(),
                 blocksize=_IO_CHUNK,
@@ -2770,12 +2872,14 @@ class _ConnectionPool:
             if proxy:
                 conn.set_tunnel(host, port, headers=tunnel_headers)
         else:
-            conn = _HTTPConnection(
-                target_host, target_port, timeout=self._connect_timeout, blocksize=_IO_CHUNK
+            conn = new_http(
+                target_host,
+                target_port,
+                proxy_headers=tunnel_headers if proxy else {},
+                timeout=self._connect_timeout,
+                blocksize=_IO_CHUNK,
             )
-        conn.read_timeout = self._read_timeout
         conn.response_class = self._response_class
-        conn.dg_proxy_headers = tunnel_headers if proxy and scheme == "http" else {}
         return conn
 
     def release(self, key: _PoolKey, conn: http.client.HTTPConnection, reusable: bool) -> None:
@@ -2851,6 +2955,10 @@ def _send_once(
     failures mapped to botocore's errors: connect and read timeouts, TLS failures, a
     connection closed or refused. A local read error of the body is raised as itself
     (an OSError: not retried as a network one)."""
+    import http.client
+    import socket
+    import ssl
+
     conn, absolute = pool.acquire(*key)
     target = url
     if absolute:
@@ -2921,6 +3029,9 @@ def _read_response(
     streamed 2xx reply (it gives the connection back to the pool once read or closed);
     otherwise the whole body, bounded, and checked against its Content-Length. The
     connection is reused only after a complete reply."""
+    import http.client
+    import socket
+
     resp_headers = _response_headers(raw)
     status = raw.status
     if method == "HEAD" or status in (204, 304):
@@ -2965,6 +3076,13 @@ def _retry_delay(attempt: int, rand: Callable[[], float]) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): full-jitter
     exponential backoff, ``rand()`` (0 to 1) times 2**(attempt-1) s, at most 20 s."""
     return rand() * min(2.0 ** (attempt - 1), _MAX_BACKOFF)
+
+
+def _random() -> float:
+    """random.random(), imported at the first retry: the jitter of _retry_delay."""
+    import random
+
+    return random.random()
 
 
 ###############################################################################
@@ -3432,12 +3550,16 @@ def _all_uploads(storage: _Storage, bucket: str, prefix: str = "") -> list[dict[
     costing storage."""
 
     def fetch(token: str | None) -> dict[str, Any]:
+        import json
+
         key_marker, upload_id_marker = json.loads(token) if token else ("", "")
         return storage.list_multipart_uploads(
             bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
         )
 
     def next_token(page: dict[str, Any]) -> str | None:
+        import json
+
         markers = [page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or ""]
         return json.dumps(markers) if any(markers) else None
 
@@ -3507,6 +3629,9 @@ def _parse_error(
     HEAD errors have no body: the code is the status as a string and the message the
     reason phrase, as botocore does. A body that is not S3 XML (a proxy's HTML page) gives
     a readable message instead of a parser traceback."""
+    import http.client
+    import xml.etree.ElementTree as ET
+
     error: dict[str, Any] = {
         "Code": str(status),
         "Message": reason or http.client.responses.get(status, ""),
@@ -3543,48 +3668,76 @@ def _parse_error(
 
 
 def _list_v2_response(root: ET.Element, encoded: bool) -> dict[str, Any]:
-    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url."""
+    """boto3's ListObjectsV2 shape from the XML, keys url-decoded when encoding-type=url.
+    One pass over the elements, tags with or without their namespace (the first of a
+    name counts, as ``find`` takes it); a page's repeated LastModified is parsed once."""
 
     def dec(value: str | None) -> str | None:
+        import urllib.parse
+
         if value is None or not encoded:
             return value
         return urllib.parse.unquote_plus(value)
 
+    dates: dict[str, datetime.datetime] = {}
     contents = []
-    for c in root.findall("Contents"):
-        item: dict[str, Any] = {
-            "Key": dec(_xml_text(c, "Key", "")),
-            "LastModified": _date_or_absent(_xml_text(c, "LastModified"), "LastModified") or _EPOCH,
-            "ETag": _xml_text(c, "ETag", ""),
-            "Size": int(_xml_text(c, "Size", "0") or 0),
-            "StorageClass": _xml_text(c, "StorageClass", "STANDARD"),
-        }
-        owner = c.find("Owner")
-        if owner is not None:
-            item["Owner"] = {
-                "DisplayName": _xml_text(owner, "DisplayName", ""),
-                "ID": _xml_text(owner, "ID", ""),
+    prefixes = []
+    top: dict[str, str] = {}
+    for el in root:
+        tag = _local_name(el.tag)
+        if tag == "Contents":
+            fields: dict[str, ET.Element] = {}
+            for child in el:
+                fields.setdefault(_local_name(child.tag), child)
+            stamp = _child_text(fields, "LastModified", "")
+            when = dates.get(stamp)
+            if when is None:
+                when = dates[stamp] = _date_or_absent(stamp, "LastModified") or _EPOCH
+            item: dict[str, Any] = {
+                "Key": dec(_child_text(fields, "Key", "")),
+                "LastModified": when,
+                "ETag": _child_text(fields, "ETag", ""),
+                "Size": int(_child_text(fields, "Size", "0") or 0),
+                "StorageClass": _child_text(fields, "StorageClass", "STANDARD"),
             }
-        contents.append(item)
+            owner = fields.get("Owner")
+            if owner is not None:
+                names: dict[str, str] = {}
+                for child in owner:
+                    names.setdefault(_local_name(child.tag), child.text or "")
+                item["Owner"] = {
+                    "DisplayName": names.get("DisplayName", ""),
+                    "ID": names.get("ID", ""),
+                }
+            contents.append(item)
+        elif tag == "CommonPrefixes":
+            first = next((c for c in el if _local_name(c.tag) == "Prefix"), None)
+            prefixes.append({"Prefix": dec("" if first is None else first.text or "")})
+        elif tag not in top:
+            top[tag] = el.text or ""
     out: dict[str, Any] = {
-        "IsTruncated": (_xml_text(root, "IsTruncated", "false") or "").lower() == "true",
-        "Name": _xml_text(root, "Name", ""),
-        "Prefix": dec(_xml_text(root, "Prefix", "")),
-        "MaxKeys": int(_xml_text(root, "MaxKeys", "1000") or 1000),
-        "KeyCount": int(_xml_text(root, "KeyCount", str(len(contents))) or 0),
+        "IsTruncated": top.get("IsTruncated", "false").lower() == "true",
+        "Name": top.get("Name", ""),
+        "Prefix": dec(top.get("Prefix", "")),
+        "MaxKeys": int(top.get("MaxKeys", "1000") or 1000),
+        "KeyCount": int(top.get("KeyCount", str(len(contents))) or 0),
     }
     if contents:
         out["Contents"] = contents
-    prefixes = [{"Prefix": dec(_xml_text(p, "Prefix", ""))} for p in root.findall("CommonPrefixes")]
     if prefixes:
         out["CommonPrefixes"] = prefixes
     for tag in ("Delimiter", "StartAfter", "ContinuationToken", "NextContinuationToken"):
-        value = _xml_text(root, tag)
+        value = top.get(tag)
         if value is not None:
             out[tag] = dec(value) if tag in ("Delimiter", "StartAfter") else value
     if encoded:
         out["EncodingType"] = "url"
     return out
+
+
+def _child_text(fields: Mapping[str, ET.Element], name: str, default: str) -> str:
+    child = fields.get(name)
+    return default if child is None else child.text or ""
 
 
 def _delete_request_xml(
@@ -3656,8 +3809,10 @@ class _S3Storage:
         payload_signing: bool = True,
         now: Callable[[], datetime.datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
-        rand: Callable[[], float] = random.random,
+        rand: Callable[[], float] = _random,
     ) -> None:
+        import urllib.parse
+
         self.region = region
         self._credentials = credentials
         self._max_attempts = max(1, int(max_attempts))
@@ -3743,6 +3898,8 @@ class _S3Storage:
         return _SigV4(creds.access_key, creds.secret_key, creds.token, region)
 
     def _payload_hash(self, body: Any, given: str | None) -> str:
+        import hashlib
+
         if given:
             return given
         if body is None or body == b"":
@@ -3864,9 +4021,11 @@ class _S3Storage:
         region = resp.headers.get("x-amz-bucket-region") or err["Error"].get("Region")
         return region if region and region != self.region else None
 
-    def _xml(self, resp: _Response) -> ET.Element:
+    def _xml(self, resp: _Response, strip: bool = True) -> ET.Element:
+        import xml.etree.ElementTree as ET
+
         try:
-            return _xml_parse(resp.body)
+            return _xml_parse(resp.body, strip)
         except (ET.ParseError, ValueError) as e:
             raise ResponseParserError(
                 endpoint_url=self.endpoint_url, status=resp.status, reason=str(e)
@@ -4078,6 +4237,8 @@ class _S3Storage:
         """DeleteObjects for up to 1000 keys (S3's limit per request; ``check_limit=False``
         sends more and lets the server answer, as boto3 does). ``conditions`` maps a key to
         its ``ETag``/``LastModifiedTime``/``Size`` conditions, sent for the server to decide."""
+        import hashlib
+
         if check_limit and len(keys) > _DELETE_BATCH:
             raise ParamValidationError(report="DeleteObjects takes at most 1000 keys")
         conditions = conditions or {}
@@ -4200,8 +4361,9 @@ class _S3Storage:
         if fetch_owner:
             query.append(("fetch-owner", "true"))
         resp = self.request("ListObjectsV2", "GET", bucket, query=query)
-        root = self._xml(resp)
-        encoded = (_xml_text(root, "EncodingType", "") or "").lower() == "url"
+        root = self._xml(resp, strip=False)  # _list_v2_response reads the tags as they are
+        kind = next((el.text or "" for el in root if _local_name(el.tag) == "EncodingType"), "")
+        encoded = kind.lower() == "url"
         out = _list_v2_response(root, encoded and decode)
         out["ResponseMetadata"] = _response_metadata(resp)
         return out
@@ -4224,6 +4386,8 @@ class _S3Storage:
     def put_object_tagging(
         self, bucket: str, key: str, tags: list[dict[str, str]]
     ) -> dict[str, Any]:
+        import hashlib
+
         body = (
             '<Tagging xmlns="%s"><TagSet>%s</TagSet></Tagging>'
             % (
@@ -4466,7 +4630,7 @@ class _S3Storage:
         """Whether the server honours ``If-None-Match: *`` on PUT: write a probe object
         twice; a server that ignores the header lets the second PUT through."""
         if self._conditional_writes is None:
-            probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+            probe = ".deltaglider/tmp/conditional-probe-%s" % _random_hex()
             self.put_object(bucket, probe, b"1", if_none_match=True)
             try:
                 self.put_object(bucket, probe, b"2", if_none_match=True)
@@ -4488,7 +4652,7 @@ class _S3Storage:
         if self._conditional_multipart is None:
             self._conditional_multipart = False
             if self.supports_conditional_writes(bucket):
-                probe = ".deltaglider/tmp/conditional-probe-%s" % uuid.uuid4().hex
+                probe = ".deltaglider/tmp/conditional-probe-%s" % _random_hex()
                 self.put_object(bucket, probe, b"1")
                 upload_id = self.create_multipart_upload(bucket, probe)
                 try:
@@ -4523,6 +4687,8 @@ def _local_root_from_url(url: str) -> str:
 
     Relative forms are refused: in ``file://store/x`` the ``store`` is a host name (RFC 8089),
     and silently reading it as a folder would put artifacts somewhere unexpected."""
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     hint = "use file:///absolute/path (percent-encode '?', '#' and '%' in it)"
     if parts.scheme.lower() != "file":
@@ -4667,7 +4833,7 @@ class _LocalFiles:
         sent = {"date": _http_date(self._now())}
         sent.update(headers or {})
         return {
-            "RequestId": uuid.uuid4().hex[:16].upper(),
+            "RequestId": _random_hex()[:16].upper(),
             "HostId": "",
             "HTTPStatusCode": status,
             "HTTPHeaders": sent,
@@ -4679,6 +4845,8 @@ class _LocalFiles:
     ) -> ClientError:
         """The ClientError :class:`_S3Storage` raises after parsing S3's reply. A HEAD reply
         (and a 304) has no body: botocore then uses the status and reason phrase."""
+        import http.client
+
         if head or status == 304:
             reason = _LOCAL_REASONS.get(status) or http.client.responses.get(status, "")
             error = {"Code": str(status), "Message": reason}
@@ -4759,6 +4927,8 @@ class _LocalFiles:
             raise self._error(operation, 404, "NoSuchBucket", BucketName=bucket) from None
 
     def _write_json(self, operation: str, bucket: str, bdir: str, path: str, obj: Any) -> None:
+        import json
+
         fd, tmp = self._mkstemp(operation, bucket, bdir, "j-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -4772,6 +4942,8 @@ class _LocalFiles:
 
     @staticmethod
     def _read_json(path: str) -> Any:
+        import json
+
         try:
             with open(path, "rb") as f:
                 return json.load(f)
@@ -4783,6 +4955,8 @@ class _LocalFiles:
     ) -> tuple[str, int, str, str]:
         """Stream a body into a fsynced temp file: (path, size, MD5 hex, SHA-256 hex or '').
         Whatever the body raises propagates, and the temp file is removed."""
+        import hashlib
+
         fd, tmp = self._mkstemp(operation, bucket, bdir, "d-")
         md5 = hashlib.md5()
         sha = hashlib.sha256() if sha256 else None
@@ -4822,6 +4996,8 @@ class _LocalFiles:
     @staticmethod
     def _shard(bdir: str, key: str) -> tuple[str, str]:
         """(shard folder, key hash): keys never become paths."""
+        import hashlib
+
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return os.path.join(bdir, ".dg-objects", digest[:2]), digest
 
@@ -4873,7 +5049,7 @@ class _LocalFiles:
                     os.mkdir(shard, 0o700)
                 except FileExistsError:
                     pass
-                record["data"] = f"{digest}-{uuid.uuid4().hex}"
+                record["data"] = f"{digest}-{_random_hex()}"
                 if tmp is not None:
                     self._replace(tmp, os.path.join(shard, record["data"]))
                 objects[key] = record
@@ -4906,7 +5082,7 @@ class _LocalFiles:
     def _clone(self, operation: str, bucket: str, bdir: str, source: str) -> str | None:
         """A temp copy of a data file: a hard link (data files are never modified), else a
         streamed copy. None if the source vanished (overwritten meanwhile)."""
-        tmp = os.path.join(bdir, ".dg-tmp", "c-" + uuid.uuid4().hex)
+        tmp = os.path.join(bdir, ".dg-tmp", "c-" + _random_hex())
         try:
             os.link(source, tmp)
             return tmp
@@ -4944,7 +5120,7 @@ class _LocalFiles:
 
     def _discard(self, operation: str, bucket: str, bdir: str, udir: str, upload_id: str) -> str:
         """Move an upload folder out of sight (call under the lock); returns where it went."""
-        trash = os.path.join(bdir, ".dg-tmp", "gone-" + uuid.uuid4().hex)
+        trash = os.path.join(bdir, ".dg-tmp", "gone-" + _random_hex())
         try:
             os.rename(udir, trash)
         except FileNotFoundError:
@@ -4958,11 +5134,6 @@ class _LocalStorage(_LocalFiles):
     tests use. How it keeps them on disk: :class:`_LocalFiles`."""
 
     is_local = True
-
-    _NEW_BUCKET_BAD = re.compile(
-        r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
-        r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
-    )
 
     def __init__(
         self,
@@ -5025,6 +5196,7 @@ class _LocalStorage(_LocalFiles):
         self, operation: str, headers: Mapping[str, str] | None, metadata: Mapping[str, str] | None
     ) -> dict[str, str]:
         """The request headers stored with an object, lower-cased and validated."""
+
         kept: dict[str, str] = {}
         for name, value in (headers or {}).items():
             lname = name.lower()
@@ -5044,7 +5216,7 @@ class _LocalStorage(_LocalFiles):
             raise self._error(
                 operation, 400, "InvalidArgument", Message="", ArgumentName="x-amz-acl"
             )
-        if len(urllib.parse.parse_qsl(kept.get("x-amz-tagging", ""))) > 10:
+        if _tag_count(kept.get("x-amz-tagging", "")) > 10:
             raise self._error(
                 operation, 400, "BadRequest", Message="Object tags cannot be greater than 10"
             )
@@ -5052,6 +5224,7 @@ class _LocalStorage(_LocalFiles):
 
     def _response_headers(self, record: dict[str, Any]) -> dict[str, str]:
         """The lower-case headers S3 would answer GET/HEAD with, for :func:`_object_response`."""
+
         out = {
             "accept-ranges": "bytes",
             "last-modified": _http_date(_parse_timestamp(record["modified"])),
@@ -5061,9 +5234,9 @@ class _LocalStorage(_LocalFiles):
         for name, value in record["headers"].items():
             if name not in _LOCAL_HIDDEN_HEADERS:
                 out[name] = value
-        tags = urllib.parse.parse_qsl(record["headers"].get("x-amz-tagging", ""))
+        tags = _tag_count(record["headers"].get("x-amz-tagging", ""))
         if tags:
-            out["x-amz-tagging-count"] = str(len(tags))
+            out["x-amz-tagging-count"] = str(tags)
         return out
 
     def _read(
@@ -5138,8 +5311,11 @@ class _LocalStorage(_LocalFiles):
     def create_bucket(
         self, bucket: str, *, location: str | None = None, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
+        import json
+        import tempfile
+
         _validate_bucket_name(bucket)
-        if not self._NEW_BUCKET_RE.match(bucket) or self._NEW_BUCKET_BAD.search(bucket):
+        if not self._NEW_BUCKET_RE.match(bucket) or _NEW_BUCKET_BAD.search(bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
         acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
         if acl not in _LOCAL_CANNED_ACLS:
@@ -5178,7 +5354,7 @@ class _LocalStorage(_LocalFiles):
 
     def delete_bucket(self, bucket: str) -> dict[str, Any]:
         bdir = self._bucket("DeleteBucket", bucket)
-        trash = os.path.join(self.root, ".dg-trash-" + uuid.uuid4().hex)
+        trash = os.path.join(self.root, ".dg-trash-" + _random_hex())
         with self._locked("DeleteBucket", bucket, bdir):
             objects = os.path.join(bdir, ".dg-objects")
             for shard in os.listdir(objects):
@@ -5616,6 +5792,8 @@ class _LocalStorage(_LocalFiles):
         if not decode:
 
             def enc(value: str) -> str:
+                import urllib.parse
+
                 return urllib.parse.quote_plus(value, safe="/")
 
             for item in out.get("Contents", []):
@@ -5749,7 +5927,7 @@ class _LocalStorage(_LocalFiles):
         kept = self._kept_headers(op, headers, metadata)
         kept.setdefault("content-type", "binary/octet-stream")
         bdir = self._bucket(op, bucket)
-        upload_id = uuid.uuid4().hex
+        upload_id = _random_hex()
         udir = os.path.join(bdir, ".dg-uploads", upload_id)
         try:
             os.mkdir(udir, 0o700)
@@ -5784,7 +5962,7 @@ class _LocalStorage(_LocalFiles):
         tmp, size, md5_hex, sha_hex = self._spool(op, bucket, bdir, body, want_sha)
         try:
             self._check_body(op, size, md5_hex, sha_hex, None, content_sha256)
-            part: dict[str, Any] = {"data": f"{part_number}-{uuid.uuid4().hex}.part"}
+            part: dict[str, Any] = {"data": f"{part_number}-{_random_hex()}.part"}
             part["size"] = size
             part["etag"] = f'"{md5_hex}"'
             with self._locked(op, bucket, bdir):
@@ -5811,6 +5989,8 @@ class _LocalStorage(_LocalFiles):
         """Concatenate the parts (streamed) into the object; ETag is the MD5 of the parts'
         MD5s and ``-N``, as S3 computes it. ``if_none_match``: only if the key is absent
         (412 otherwise, and the upload stays, as on S3)."""
+        import hashlib
+
         op = "CompleteMultipartUpload"
         bdir, udir, info = self._upload(op, bucket, key, upload_id)
         chosen = self._chosen_parts(op, udir, upload_id, parts)
@@ -5967,6 +6147,8 @@ def _part_size(size: int, minimum: int = _DEFAULT_PART_SIZE) -> int:
 def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
     """Run ``tasks`` on up to ``workers`` threads; their results in order. The first
     failure cancels what has not started and is raised once the others have finished."""
+    import concurrent.futures
+
     if workers <= 1 or len(tasks) <= 1:
         return [task() for task in tasks]
     with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
@@ -5977,6 +6159,28 @@ def _in_parallel(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
             for f in futures:
                 f.cancel()
             raise
+
+
+def _read_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """``items`` in order, each next one made on a thread while the caller handles the one
+    before: a listing fetches page N+1 while page N is printed. One item is made ahead at
+    most, so memory stays that of two items; an error is raised where its item would
+    come. A caller that stops early leaves the item in progress to finish on its own."""
+    import concurrent.futures
+
+    end = object()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dg-read-ahead")
+    pending = pool.submit(next, items, end)
+    try:
+        while True:
+            item = pending.result()
+            if item is end:
+                return
+            pending = pool.submit(next, items, end)
+            yield cast(_T, item)
+    finally:
+        pending.cancel()
+        pool.shutdown(wait=False)
 
 
 def _get_into(
@@ -5996,6 +6200,8 @@ def _get_into(
     most ``workers`` parts held ahead of the writer (``hold`` reserves that memory:
     about 150 MB at 8 x 8 MiB).
     Returns the bytes written; the caller checks their SHA-256."""
+    import concurrent.futures
+
     try:
         first = storage.get_object(bucket, key, range="bytes=0-%d" % (part_size - 1))
     except ClientError as e:
@@ -6084,6 +6290,8 @@ def _put_path(
 
     Every metadata value is sent percent-encoded where it is not ASCII (FORMAT.md): a
     file name, a folder in dg-ref-key, a caller's value."""
+    import hashlib
+
     if metadata:
         metadata = {name: _meta_encode(str(value)) for name, value in metadata.items()}
     size = os.path.getsize(path)
@@ -6128,6 +6336,8 @@ def _part_hashes(path: str, size: int, part: int, sha256: str) -> dict[int, str]
     """Each part's SHA-256 by part number, taken in one pass over the file that must give
     ``sha256``, the caller's (the parts go up at once, so what is sent cannot be hashed in
     file order). IntegrityError if the file no longer hashes to it."""
+    import hashlib
+
     expected: dict[int, str] = {}
     whole = hashlib.sha256()
     with open(path, "rb") as f:
@@ -6175,6 +6385,8 @@ def _put_multipart(
 
         def send(number: int, offset: int) -> str:
             # Each part reads its own handle: parts go up at once, as aws s3 sends them.
+            import hashlib
+
             want = expected.get(number)
             with open(path, "rb") as f:
                 length = min(part_size, size - offset)
@@ -6391,6 +6603,8 @@ def _run_parallel(
     """Run tasks on a bounded pool, and ``quick`` ones (small, one request each) on a
     second pool of ``quick_workers`` beside it, so neither waits for the other; on Ctrl-C
     tell them to stop, wait briefly, re-raise."""
+    import concurrent.futures
+
     if quick and quick_workers <= 0:
         tasks, quick = list(tasks) + list(quick), ()
     if not quick and (workers <= 1 or len(tasks) <= 1):
@@ -6509,6 +6723,8 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    import urllib.parse
+
     if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
         return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -6518,6 +6734,8 @@ def _meta_decode(value: str) -> str:
     """The inverse of _meta_encode: a value is decoded only when it decodes to something
     _meta_encode would have encoded (non-ASCII text, a control character), so an ASCII
     value anyone wrote (``100%41``) stays as it is."""
+    import urllib.parse
+
     if "%" not in value:
         return value
     try:
@@ -8310,6 +8528,8 @@ class _ZipRebuild:
 
     def emit(self, keep: int) -> None:
         """Write waiting records, oldest first, until at most ``keep`` bytes wait (-1: all)."""
+        import concurrent.futures
+
         while self.queued and self.held > keep:
             weight, item = self.queued.popleft()
             self.held -= weight
@@ -8408,6 +8628,8 @@ def _zip_rebuild(
     whose content has the CRC-32 and size of one there is copied from it, not deflated:
     an unchanged member is the same bytes in both builds. If that assumption fails, the
     CRC-32 of the whole file says so (_ZipCodecError); callers then rebuild without it."""
+    import concurrent.futures
+
     reuse = _zip_reuse_index(reference) if reference else {}
     head = expanded.read(len(_ZIPX_MAGIC) + 1)
     magic, version = head[: len(_ZIPX_MAGIC)], head[len(_ZIPX_MAGIC) :]
@@ -8719,6 +8941,9 @@ class _XDelta3:
         compared (the upload's one pass over its file: its digests are then those of the
         very bytes the delta decodes to). Returns None when the delta decodes to exactly
         those bytes, else the offset of the first byte that differs."""
+        import subprocess
+        import tempfile
+
         size = os.path.getsize(source)
         checker = _decoder_memory(size)
         plan = _encode_plan(size, self.memory.total - checker)
@@ -8800,6 +9025,10 @@ class _XDelta3:
         files were encoded without -D). ``limit``: the size recorded for the result; a
         delta that decodes to more is stopped there (IntegrityError), having written at
         most ``limit`` bytes: a 1 KB delta can claim a gigabyte."""
+        import hashlib
+        import subprocess
+        import tempfile
+
         if self._python_decodes():
             return self._decode_in_python(source, delta, out, external, limit)
         try:
@@ -9309,6 +9538,8 @@ class _HashingWriter:
     """A write-through file wrapper that hashes (SHA-256) and counts what passes."""
 
     def __init__(self, f: Any) -> None:  # a file, or anything with write()
+        import hashlib
+
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -9888,7 +10119,7 @@ class _References:
             if dry_run:
                 dropped.append(ref_key)
                 continue
-            aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+            aside = "%s%s.bin" % (_ASIDE_PREFIX, _random_hex())
             try:
                 self.storage.copy_object(bucket, aside, bucket, ref_key)
             except ClientError as e:
@@ -9924,7 +10155,7 @@ class _References:
             return self.drop(bucket, ref_key)
         if self._space_has_deltas(bucket, space):
             return False
-        aside = "%s%s.bin" % (_ASIDE_PREFIX, uuid.uuid4().hex)
+        aside = "%s%s.bin" % (_ASIDE_PREFIX, _random_hex())
         try:
             self.storage.copy_object(bucket, aside, bucket, ref_key)
         except ClientError as e:
@@ -11291,6 +11522,8 @@ _GET_OVERRIDE_PARAMS: tuple[tuple[str, str, str], ...] = (
 def _header_params(params: Mapping[str, Any], table: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Request headers for the parameters given, encoded as botocore encodes them: dates
     as HTTP dates; an SSE-C key base64-encoded with its MD5 added, when given raw."""
+    import hashlib
+
     out: dict[str, str] = {}
     for name, header in table:
         value = params.get(name)
@@ -11346,6 +11579,8 @@ def _precondition_failure(
 def _precondition_error(status: int, condition: str, operation: str) -> ClientError:
     """The error botocore raises for a failed condition: a HEAD (and any 304) has no
     body, so only the status and its reason; a GET's 412 carries S3's XML error."""
+    import http.client
+
     if status == 304 or operation == "HeadObject":
         error = {"Code": str(status), "Message": http.client.responses.get(status, "")}
     else:
@@ -11469,12 +11704,16 @@ class _Paginator:
         method = getattr(self._client, self._operation)
 
         def fetch(token: str | None) -> dict[str, Any]:
+            import json
+
             if token is not None:
                 kwargs.update(zip(markers, json.loads(token)))
             page: dict[str, Any] = method(**kwargs)
             return page
 
         def next_token(page: dict[str, Any]) -> str | None:
+            import json
+
             values = [page.get(name) for name in next_markers]
             if self._operation == "list_objects" and not values[0]:  # no NextMarker: last key
                 values = [(page.get("Contents") or [{}])[-1].get("Key")]
@@ -11652,6 +11891,8 @@ class _VerifyingBody(StreamingBody):
     """A direct object's body that checks its SHA-256 when read to the end."""
 
     def __init__(self, inner: StreamingBody, sha256: str, label: str) -> None:
+        import hashlib
+
         super().__init__(inner, None)
         self._inner = inner
         self._expected = sha256
@@ -12018,31 +12259,69 @@ def _get_rebuilt(
     return meta, status
 
 
-def _get_stored(
-    engine: _DeltaEngine,
-    lg: _Logical,
-    kwargs: Mapping[str, Any],
-    extra: Mapping[str, str],
-    out: dict[str, Any],
-) -> tuple[dict[str, Any], int]:
-    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
-    overrides are the server's; a whole body is checked against its recorded SHA-256
-    as it is read. Returns the response metadata and the status."""
+def _get_plain_first(
+    engine: _DeltaEngine, kwargs: Mapping[str, Any], extra: Mapping[str, str]
+) -> tuple[_Logical, dict[str, Any]] | None:
+    """GetObject in one round trip for an object stored as it is (most small files): a
+    whole, unconditional GET of the plain name, whose headers say what it is as a HEAD's
+    would. The logical object and that response; None (the response closed) when there
+    is no plain object, or it is a delta or a reference: engine.head resolves the name
+    then, as every GET did before. A Range or a condition is decided on the logical
+    object, so those GETs resolve it first."""
     bucket, key = kwargs["Bucket"], kwargs["Key"]
+    conditional = any(kwargs.get(name) is not None for name, _ in _CONDITION_PARAMS)
+    if kwargs.get("Range") or conditional or _stored_forms(key)[0] != key:
+        return None
+    _validate_key(key)
+    try:
+        resp = engine.storage.get_object(
+            bucket, key, headers=dict(extra), query=_override_query(kwargs)
+        )
+    except ClientError as e:
+        if _is_not_found(e):
+            return None
+        raise
+    metadata = resp.get("Metadata", {})
+    kind = _classify(key, metadata)
+    if kind not in (_Kind.DIRECT, _Kind.FOREIGN):
+        resp["Body"].close()
+        return None
+    return _Logical(bucket, key, key, kind, resp, metadata), resp
+
+
+def _override_query(kwargs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``response-*`` query of GetObject's ``Response*`` overrides."""
     query = []
     for name, field, _ in _GET_OVERRIDE_PARAMS:
         value = kwargs.get(name)
         if value is not None:
             when = _timestamp_param(value) if name == "ResponseExpires" else None
             query.append((field, _http_date(when) if when else str(value)))
+    return query
+
+
+def _get_stored(
+    engine: _DeltaEngine,
+    lg: _Logical,
+    kwargs: Mapping[str, Any],
+    extra: Mapping[str, str],
+    out: dict[str, Any],
+    resp: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """GetObject of an object stored as it is into ``out``: conditions, ``Range`` and
+    overrides are the server's; a whole body is checked against its recorded SHA-256
+    as it is read. ``resp``: the server's answer, when _get_plain_first has it. Returns
+    the response metadata and the status."""
+    bucket, key = kwargs["Bucket"], kwargs["Key"]
     sent_range = _range_to_send(kwargs.get("Range"), int(lg.head.get("ContentLength", 0)))
-    resp = engine.storage.get_object(
-        bucket,
-        lg.stored_key,
-        range=sent_range,
-        headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
-        query=query,
-    )
+    if resp is None:
+        resp = engine.storage.get_object(
+            bucket,
+            lg.stored_key,
+            range=sent_range,
+            headers=dict(extra, **_header_params(kwargs, _CONDITION_PARAMS)),
+            query=_override_query(kwargs),
+        )
     status = resp["ResponseMetadata"].get("HTTPStatusCode", 200)
     for name in ("ContentLength", "ContentRange", "LastModified"):
         if name in resp:
@@ -12071,6 +12350,8 @@ def _echo_response_overrides(kwargs: Mapping[str, Any], out: dict[str, Any]) -> 
 
 def _copy_source(src: Any) -> tuple[str, str]:
     """CopyObject's ``CopySource`` (``bucket/key``, URL-quoted, or a dict) as (bucket, key)."""
+    import urllib.parse
+
     if isinstance(src, str):
         text = urllib.parse.unquote(src.lstrip("/"))
         src_bucket, _, src_key = text.partition("/")
@@ -12149,6 +12430,24 @@ def _copy_logical_object(
 # -- Logical listing: references and bookkeeping hidden, logical names -------------
 
 
+class _PageSpan(NamedTuple):
+    """What a listing remembers of the stored page before the current one: its first and
+    last stored keys and the plain ones among them (to place a plain ``x`` that sorts
+    before its ``x.delta`` without a HEAD)."""
+
+    first: str
+    last: str
+    plain: frozenset[str]
+
+
+def _page_span(page: Mapping[str, Any]) -> _PageSpan | None:
+    keys = [o["Key"] for o in page.get("Contents", [])]
+    if not keys:
+        return None
+    plain = frozenset(k for k in keys if not k.endswith(_DELTA_SUFFIX))
+    return _PageSpan(keys[0], keys[-1], plain)
+
+
 def _logical_page(
     engine: _DeltaEngine,
     bucket: str,
@@ -12157,15 +12456,28 @@ def _logical_page(
     fetch: bool,
     continued: bool,
     max_workers: int,
+    previous: _PageSpan | None = None,
 ) -> list[dict[str, Any]]:
     """Hide references, show logical names (_logical_key), each once: where another
     tool put a plain ``x`` beside our ``x.delta``, the plain one is listed, as GET
     serves it. ``continued``: earlier pages exist (a plain ``x`` sorts before
-    ``x.delta``, so it may have been on one). With ``fetch`` add the logical size and
-    the compression details (HEADs run in parallel, ``max_workers`` at once)."""
+    ``x.delta``, so it may have been on one): the page just before (``previous``) tells
+    without a request; a HEAD asks only when ``x`` would sort before it. With ``fetch``
+    add the logical size and the compression details (HEADs run in parallel,
+    ``max_workers`` at once)."""
     objects = page.get("Contents", [])
     plain = {o["Key"] for o in objects if not o["Key"].endswith(_DELTA_SUFFIX)}
     first = objects[0]["Key"] if objects else ""
+
+    def listed_before(logical: str) -> bool:
+        if not continued or logical >= first:
+            return False
+        if previous is not None and logical >= previous.first:
+            return logical in previous.plain
+        if previous is not None and logical > previous.last:
+            return False  # between the two pages: nothing is stored there
+        return engine.exists(bucket, logical)
+
     contents = []
     for obj in objects:
         stored = obj["Key"]
@@ -12173,10 +12485,8 @@ def _logical_page(
         if logical is None or (after is not None and logical <= after):
             continue
         if _stored_forms(logical)[0] != stored:  # a delta whose plain form wins
-            if logical in plain:
+            if logical in plain or listed_before(logical):
                 continue
-            if continued and logical < first and engine.exists(bucket, logical):
-                continue  # listed on an earlier page
         item = dict(obj)
         item["Key"] = logical
         if fetch:
@@ -12187,11 +12497,34 @@ def _logical_page(
     return contents
 
 
+def _logical_pages(
+    engine: _DeltaEngine,
+    bucket: str,
+    prefix: str,
+    delimiter: str,
+    fetch: bool,
+    max_workers: int,
+) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A whole logical listing as it streams: (objects, common prefixes) for each stored
+    page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
+    references; no request tops it up). The next stored page is fetched while the caller
+    handles this one (and while this one's HEADs run, with ``fetch``): two pages in
+    memory at most, whatever the listing's length."""
+    pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
+    previous: _PageSpan | None = None
+    for n, page in enumerate(pages):
+        objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
+        yield objects, _visible_prefixes(page)
+        previous = _page_span(page) or previous
+
+
 def _fetch_details(
     storage: _Storage, bucket: str, contents: list[dict[str, Any]], max_workers: int
 ) -> None:
     """FetchMetadata: each listed delta's logical size and ETag, and every entry's
     compression details (``deltaglider-*``), from the deltas' metadata."""
+
+    import concurrent.futures
 
     def one(item: dict[str, Any]) -> None:
         stored = item.pop("_stored")
@@ -12400,12 +12733,18 @@ class DeltaGliderClient:
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         engine = self.engine
         extra = _header_params(kwargs, _READ_HEADER_PARAMS)
-        lg = engine.head(bucket, key, "GetObject", headers=extra)
-        out = _logical_response(lg)
-        if lg.kind == _Kind.DELTA:
-            meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+        plain = _get_plain_first(engine, kwargs, extra)
+        if plain is not None:
+            lg, resp = plain
+            out = _logical_response(lg)
+            meta, status = _get_stored(engine, lg, kwargs, extra, out, resp)
         else:
-            meta, status = _get_stored(engine, lg, kwargs, extra, out)
+            lg = engine.head(bucket, key, "GetObject", headers=extra)
+            out = _logical_response(lg)
+            if lg.kind == _Kind.DELTA:
+                meta, status = _get_rebuilt(engine, self._rebuilds, lg, kwargs, out)
+            else:
+                meta, status = _get_stored(engine, lg, kwargs, extra, out)
         if kwargs.get("ChecksumMode") == "ENABLED" and status == 200:  # of the whole object
             out.update(_stored_checksum(lg.metadata))
         _echo_response_overrides(kwargs, out)
@@ -12507,11 +12846,13 @@ class DeltaGliderClient:
 
         # _pages stops a server that repeats a token or truncates without one
         pages = _pages(fetch_page, lambda p: p.get("NextContinuationToken"), "ListObjectsV2", token)
+        previous: _PageSpan | None = None
         for n, page in enumerate(pages):
             continued = n > 0 or token is not None
             contents += _logical_page(
-                self.engine, bucket, page, after, fetch, continued, self._max_workers
+                self.engine, bucket, page, after, fetch, continued, self._max_workers, previous
             )
+            previous = _page_span(page) or previous
             prefixes += _visible_prefixes(page)
             stored = [c["Key"] for c in page.get("Contents", [])]
             stored += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
@@ -12533,6 +12874,8 @@ class DeltaGliderClient:
     def _url_encoded(self, kwargs: Mapping[str, Any], value: str) -> str:
         """A key or prefix as S3 returns it when the caller asked EncodingType='url'
         itself (botocore then hands it over encoded; it decodes only what it asked for)."""
+        import urllib.parse
+
         if kwargs.get("EncodingType") == "url":
             return urllib.parse.quote_plus(value, safe="/")  # S3 writes a space as "+"
         return value
@@ -12802,6 +13145,8 @@ class DeltaGliderClient:
     def put_object_acl(self, **kwargs: Any) -> dict[str, Any]:
         """PutObjectAcl on the stored form of a logical object (its reference, shared with
         other objects, keeps its own ACL)."""
+        import hashlib
+
         allowed = {"Bucket", "Key", "AccessControlPolicy", "ExpectedBucketOwner", "RequestPayer"}
         allowed |= {n for n, _ in _CANNED_ACL_PARAMS}
         _params("PutObjectAcl", kwargs, allowed, "Bucket", "Key")
@@ -12878,6 +13223,8 @@ class DeltaGliderClient:
         return self.engine.storage.get_bucket_acl(kwargs["Bucket"])
 
     def put_bucket_acl(self, **kwargs: Any) -> dict[str, Any]:
+        import hashlib
+
         allowed = {
             "Bucket",
             "ACL",
@@ -12941,6 +13288,8 @@ class DeltaGliderClient:
         """Upload a file to ``s3://bucket/key`` (a trailing ``/`` means "into this folder",
         as aws s3 cp); returns what was stored and what it saved. ``tags`` become the
         object's tags; ``max_ratio`` overrides the client's for this file."""
+        import urllib.parse
+
         path = os.fspath(file_path)
         bucket, key = _parse_s3_url(s3_url)
         if not key or key.endswith("/"):
@@ -13041,6 +13390,8 @@ class DeltaGliderClient:
     ) -> list[pathlib.Path]:
         """Download objects into ``output_dir`` (created if missing) under their file
         names; returns the paths written."""
+        import pathlib
+
         out_dir = pathlib.Path(output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = []
@@ -13457,7 +13808,7 @@ class _MultipartUploads:
             raise ParamValidationError(
                 report="SSE-C multipart uploads are not supported: use put_object or upload_file"
             )
-        nonce = uuid.uuid4().hex
+        nonce = _random_hex()
         staging = _MULTIPART_PREFIX + nonce + "/" + kwargs["Key"]
         headers = _put_headers(kwargs)
         server_id = self.engine.storage.create_multipart_upload(
@@ -13489,6 +13840,8 @@ class _MultipartUploads:
     def upload_part_copy(
         self, kwargs: Mapping[str, Any], get_object: Callable[..., dict[str, Any]]
     ) -> dict[str, Any]:
+        import urllib.parse
+
         allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
         allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
         _params(
@@ -13681,6 +14034,8 @@ def _cached_bucket_stats(
     storage: _Storage, bucket: str, mode: str, validation: Mapping[str, Any]
 ) -> BucketStats | None:
     """The cached result of ``mode``, when it was computed from what the bucket holds now."""
+    import json
+
     cache_key = _stats_cache_key(mode)
     try:
         with storage.get_object(bucket, cache_key)["Body"] as stream:
@@ -13707,6 +14062,8 @@ def _cache_bucket_stats(
     now: datetime.datetime,
 ) -> None:
     """Store a result for the next call; read-only credentials only cost the cache."""
+    import json
+
     doc = {
         "version": "1.0",
         "mode": mode,
@@ -13731,6 +14088,8 @@ def _read_original_sizes(
     """The original sizes of deltas, from their metadata (HEADs in parallel): every delta
     (``detailed``) or one per deltaspace, given to its siblings (``sampled``). Returns
     {delta key: size} and {reference key: the sizes of the deltas read that need it}."""
+    import concurrent.futures
+
     if mode == "sampled":
         sample: dict[str, dict[str, Any]] = {}
         for o in deltas:
@@ -13887,7 +14246,7 @@ _PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
 
 
 def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
-    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    """The HTTP method of a presignable call, once its parameters are valid."""
     if client_method not in _PRESIGN_METHODS:
         raise ParamValidationError(
             report="deltaglider presigns %s; not %r"
@@ -13896,11 +14255,7 @@ def _presign_method(client_method: str, params: Mapping[str, Any], expires: int)
     method, allowed = _PRESIGN_METHODS[client_method]
     _check_params(client_method, params, allowed)
     _require(client_method, params, "Bucket")
-    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-        raise ParamValidationError(
-            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-            % (_PRESIGN_MAX_EXPIRES, expires)
-        )
+    int(expires)  # a number, as botocore needs; its range is the server's to judge
     return method
 
 
@@ -13973,6 +14328,8 @@ def _rehydrated_copy(
     type, named after them: a later URL reuses it, and a copy that would expire
     before the new URL is given the later expiry by a server-side copy onto itself
     (re-sent only where the server refuses that)."""
+    import hashlib
+
     name = lg.key.rsplit("/", 1)[-1]
     ident = "\0".join((lg.key, lg.sha256 or lg.etag, lg.content_type))
     tmp_key = "%s%s_%s" % (
@@ -14586,6 +14943,8 @@ def _s3_reply_from(e: BaseException) -> _S3Reply:
 def _raw_query(query: str) -> list[tuple[str, str]]:
     """Query pairs, percent-decoded but with ``+`` kept: SigV4 clients encode a space as
     %20, so a literal ``+`` is a plus (``parse_qsl`` would turn it into a space)."""
+    import urllib.parse
+
     pairs = []
     for part in query.split("&"):
         if not part:
@@ -14675,6 +15034,8 @@ def _policy_check(
     returns the names the conditions cover and the file sizes they allow, checked once the
     file is read (AWS "Creating a POST policy": exact matches, ``eq``, ``starts-with``,
     ``content-length-range``)."""
+    import json
+
     covered = {"policy", "x-amz-signature", "file", "awsaccesskeyid", "signature"}
     low, high = 0, sys.maxsize
     for cond in conditions:
@@ -14764,6 +15125,8 @@ class _GatewayAuth:
     def _canonical_uri_candidates(raw_path: str) -> list[str]:
         """The path as sent; then as botocore would have quoted it, for a client that sent
         a different but equivalent encoding than the one it signed (``~``, ``!``...)."""
+        import urllib.parse
+
         requoted = _quote_key(urllib.parse.unquote(raw_path))
         return [raw_path] if requoted == raw_path else [raw_path, requoted]
 
@@ -14886,6 +15249,9 @@ class _GatewayAuth:
         """The request as SigV4 signs it (canonical request, string to sign), for the path
         as sent and as botocore would quote it: the _Signed request if one matches the
         ``signature`` given, else SignatureDoesNotMatch (with what S3 shows of it)."""
+        import hashlib
+        import hmac
+
         access_key, date, region, service = credential
         block = "".join("%s:%s\n" % (h, " ".join(headers.get(h, "").split())) for h in signed)
         scope = "%s/%s/%s/aws4_request" % (date, region, service)
@@ -14934,6 +15300,9 @@ class _GatewayAuth:
     def _policy_signer(self, lower: Mapping[str, str]) -> str:
         """The access key whose signature of the form's policy checks out: SigV2 (boto3's
         default for generate_presigned_post) or SigV4 fields."""
+        import hashlib
+        import hmac
+
         policy_b64 = lower["policy"].encode("ascii", "replace")
         if "awsaccesskeyid" in lower:  # SigV2 form: boto3's default for generate_presigned_post
             access_key = lower["awsaccesskeyid"]
@@ -14959,6 +15328,8 @@ class _GatewayAuth:
 
     def _policy_conditions(self, policy_b64: str) -> list[Any]:
         """The conditions of a policy document that has not expired."""
+        import json
+
         try:
             policy = json.loads(base64.b64decode(policy_b64))
             text = str(policy["expiration"])
@@ -14985,6 +15356,9 @@ class _GatewayAuth:
     ) -> _Signed:
         """A SigV2 query-string URL: what boto3's generate_presigned_url makes unless the
         client is configured for s3v4 (botocore auth.py HmacV1QueryAuth)."""
+        import hashlib
+        import hmac
+
         q = dict(reversed(query))
         secret = self._secret(q["AWSAccessKeyId"])
         try:
@@ -15060,7 +15434,7 @@ class _GatewayAuth:
         now = self._now()
         if (when - now).total_seconds() > _GATEWAY_MAX_SKEW:
             raise _S3Reply("AccessDenied", "Request is not valid yet")
-        if (now - when).total_seconds() > expires:
+        if (now - when).total_seconds() >= expires:  # a URL of 0 s is expired on arrival (S3)
             raise _S3Reply(
                 "AccessDenied",
                 "Request has expired",
@@ -15110,6 +15484,8 @@ class _BodyReader:
             raise _S3Reply("RequestTimeout")
 
     def _raw(self, n: int) -> bytes:
+        import socket
+
         self._clock()
         try:
             # read1: what one receive brings, so the deadline is checked however the
@@ -15197,6 +15573,9 @@ class _AwsChunked:
         return "\n".join((kind, self._signed.timestamp, self._signed.scope, self._prev, last))
 
     def _check(self, sts: str, given: str) -> None:
+        import hashlib
+        import hmac
+
         expected = hmac.new(self._signed.signing_key, sts.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, given):
             raise _S3Reply("SignatureDoesNotMatch", "The chunk signature does not match.")
@@ -15204,6 +15583,8 @@ class _AwsChunked:
 
     def _header(self) -> bool:
         """Read a chunk's header line; False at the final (empty) chunk."""
+        import hashlib
+
         line = self._raw.readline().strip()
         size_text, _, ext = line.partition(b";")
         try:
@@ -15233,6 +15614,8 @@ class _AwsChunked:
             self._check(sts, self._chunk_sig)
 
     def _read_trailers(self) -> None:
+        import hashlib
+
         lines: list[str] = []
         while True:
             line = self._raw.readline()
@@ -15556,7 +15939,9 @@ class _Uploads:
         return os.path.join(self.folder, upload_id)
 
     def create(self, record: dict[str, Any]) -> str:
-        upload_id = uuid.uuid4().hex
+        import json
+
+        upload_id = _random_hex()
         tmp = os.path.join(self.folder, ".new-" + upload_id)
         _private_mkdir(tmp)
         with open(os.path.join(tmp, "upload.json"), "w", encoding="utf-8") as f:
@@ -15565,6 +15950,8 @@ class _Uploads:
         return upload_id
 
     def record(self, bucket: str, key: str, upload_id: str) -> dict[str, Any]:
+        import json
+
         try:
             with open(os.path.join(self._dir(upload_id), "upload.json"), encoding="utf-8") as f:
                 rec: dict[str, Any] = json.load(f)
@@ -15578,6 +15965,8 @@ class _Uploads:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
         completion assembling it meanwhile sees the old part or the new one, whole)."""
+        import json
+
         folder = self._dir(upload_id)
         meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
         base = os.path.join(folder, "part-%05d" % number)
@@ -15592,6 +15981,8 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
+        import json
+
         folder = self._dir(upload_id)
         out = {}
         try:
@@ -15681,6 +16072,8 @@ class _Uploads:
         checksum: tuple[str, str] | None = None,
     ) -> None:
         """Remove a completed upload, keeping a note of it for a client's retry."""
+        import json
+
         note = os.path.join(self.folder, ".done-%s.json" % upload_id)
         fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -15700,6 +16093,8 @@ class _Uploads:
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
     ) -> tuple[str, tuple[str, str] | None] | None:
         """The ETag and checksum of an upload completed with these very parts, if it was."""
+        import json
+
         if not self._ID_RE.match(upload_id):
             return None
         try:
@@ -15725,6 +16120,8 @@ class _Uploads:
         shutil.rmtree(gone, ignore_errors=True)
 
     def listing(self, bucket: str) -> list[dict[str, Any]]:
+        import json
+
         out = []
         for name in sorted(os.listdir(self.folder)):
             if not self._ID_RE.match(name):
@@ -15884,7 +16281,10 @@ def _xml_listing(
     def text(value: str) -> str:
         return _quote(value, safe="/") if encode else value
 
-    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    # ListObjects v1 sends its Prefix as it came whatever the encoding-type (AWS does, and
+    # botocore decodes only Delimiter and the markers of a v1 answer).
+    prefix = q.get("prefix", "")
+    parts = [_el("Name", bucket), _el("Prefix", prefix if kind == "v1" else text(prefix))]
     if kind == "versions":
         parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
         parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
@@ -16333,6 +16733,27 @@ def _write_conditions(h: Mapping[str, str]) -> dict[str, str]:
 # -- the gateway: its state, one connection's handler, the server ---------------------
 
 
+def _send_body(body: Any, length: int, write: Callable[[bytes], Any]) -> bool:
+    """A GET's ``length`` bytes of ``body`` to ``write``; False when the body had fewer or
+    more (the caller hangs up). A body checked as it is read (an object stored as it is:
+    _VerifyingBody) checks its SHA-256 at its final, empty read, so each chunk goes out
+    only once the next read has come back, the last only once that final read has: on a
+    mismatch (IntegrityError) the response stays short of its Content-Length, the caller
+    drops the connection, and no client takes it for a whole body. (A rebuilt delta was
+    checked before the headers went out.)"""
+    left = length
+    held = b""
+    while True:
+        chunk = body.read(min(_IO_CHUNK, left) if left > 0 else _IO_CHUNK)
+        if held:
+            write(held)
+            held = b""
+        if not chunk or left <= 0:
+            return not chunk and left <= 0
+        held = chunk
+        left -= len(chunk)
+
+
 class _Gateway:
     """What the gateway does, independent of sockets: S3 requests in, client calls out."""
 
@@ -16379,6 +16800,8 @@ class _Gateway:
 
     def route(self, host: str, raw_path: str) -> tuple[str | None, str | None]:
         """(bucket, key) from a virtual-hosted Host under ``domain``, else from the path."""
+        import urllib.parse
+
         path = urllib.parse.unquote(raw_path)
         if self.domain and self.virtual_host(host):
             hostname = host.rsplit(":", 1)[0].lower()
@@ -16391,8 +16814,19 @@ class _Gateway:
         return bucket, key or None
 
 
-class _GatewayHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 keep-alive, one S3 request at a time."""
+if TYPE_CHECKING:
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+
+    class _ServerBase(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        pass
+
+else:  # the real bases join when `serve` runs: see _gateway_server_class
+    _HandlerBase = _ServerBase = object
+
+
+class _GatewayHandler(_HandlerBase):
+    """One connection: HTTP/1.1 keep-alive, one S3 request at a time. On
+    http.server.BaseHTTPRequestHandler once _gateway_server_class has built the server."""
 
     protocol_version = "HTTP/1.1"
     server_version = "deltaglider/" + __version__
@@ -16418,6 +16852,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     # -- plumbing -----------------------------------------------------------------
 
     def setup(self) -> None:
+        import socket
+
         super().setup()
         self.connection.settimeout(self.server.idle_timeout)  # each read, each write
         with contextlib.suppress(OSError):
@@ -16435,6 +16871,9 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         """Wait for a request holding no worker slot: --idle-timeout for its first byte
         (a TLS handshake included), then the header deadline for the request line and
         headers in all; the server closes the connection at either (service_actions)."""
+        import socket
+        import ssl
+
         server = self.server
         try:
             if server.stopping:
@@ -16509,9 +16948,12 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             self.server.done(self)
 
     def _handle_request(self) -> None:
+        import socket
+        import ssl
+
         gw = self.server.gateway
         start = time.monotonic()
-        self._request_id = uuid.uuid4().hex[:16].upper()
+        self._request_id = _random_hex()[:16].upper()
         self._status = 0
         self._sent = False
         self._error_code = None
@@ -16863,6 +17305,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             os.unlink(spooled.path)
 
     def _xml_body(self, signed: _Signed, headers: Mapping[str, str] | None = None) -> ET.Element:
+        import xml.etree.ElementTree as ET
+
         data = self._small_body(signed, headers)
         try:
             return _xml_parse(data)
@@ -16881,6 +17325,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, _xml_doc("LocationConstraint", _xml_escape(location)))
 
     def _create_bucket(self, bucket: str, signed: _Signed) -> None:
+        import xml.etree.ElementTree as ET
+
         self._operation = "CreateBucket"
         gw = self.server.gateway
         data = self._small_body(signed)
@@ -16902,6 +17348,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _acl(self, bucket: str, key: str | None, signed: _Signed) -> None:
         """Get/PutBucketAcl, Get/PutObjectAcl (of the logical object's stored form), passed
         to the back end through the client."""
+        import xml.etree.ElementTree as ET
+
         client = self.server.gateway.client
         of = {"Bucket": bucket} if key is None else {"Bucket": bucket, "Key": key}
         kind = "Bucket" if key is None else "Object"
@@ -17019,15 +17467,13 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
             headers["Content-Length"] = str(resp["ContentLength"])
             status = 206 if resp.get("ContentRange") else 200
             self._send(status, headers=headers, content_type=None)
-            left = int(resp["ContentLength"])
-            while left > 0:
-                chunk = body.read(min(_IO_CHUNK, left))
-                if not chunk:
-                    self.close_connection = True  # the client sees a short body, not a lie
-                    break
-                self.wfile.write(chunk)
-                self._bytes_out += len(chunk)
-                left -= len(chunk)
+
+            def write(data: bytes) -> None:
+                self.wfile.write(data)
+                self._bytes_out += len(data)
+
+            if not _send_body(body, int(resp["ContentLength"]), write):
+                self.close_connection = True  # the client sees a short body, not a lie
         except IntegrityError:
             self.close_connection = True  # bytes that fail verification end the stream
             raise
@@ -17090,6 +17536,8 @@ class _GatewayHandler(http.server.BaseHTTPRequestHandler):
         self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": result["ETag"]}))
 
     def _copy_source(self) -> tuple[str, str]:
+        import urllib.parse
+
         text = urllib.parse.unquote(self._headers["x-amz-copy-source"])
         if "?versionId=" in text:
             raise _S3Reply("NotImplemented", "Copying a version is not supported by the gateway")
@@ -17388,7 +17836,7 @@ class _Share:
             self.in_use -= 1
 
 
-class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class _GatewayServer(_ServerBase):
     """The listening socket. A connection holds one of the ``workers`` slots only while a
     request it has sent in full (request line and headers) is served: one that is silent,
     or still sending its headers, holds none, so idle or slow clients (slowloris) cannot
@@ -17400,6 +17848,7 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    handler_class: type[_GatewayHandler]
 
     def __init__(
         self,
@@ -17413,6 +17862,8 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         tls: ssl.SSLContext | None = None,
         metrics_only: bool = False,
     ) -> None:
+        import socket
+
         self.gateway = gateway
         self.metrics_only = metrics_only
         self.idle_timeout = idle_timeout
@@ -17432,10 +17883,12 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._conns_lock = threading.Condition()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
-        super().__init__(address, _GatewayHandler)
+        super().__init__(address, self.handler_class)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which can wait on DNS.
+        import socketserver
+
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
@@ -17489,6 +17942,8 @@ class _GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def _hang_up(handler: _GatewayHandler) -> None:
         """Wake the handler's blocked read with end-of-file (the plain socket's shutdown:
         a TLS socket's own would pull its state from under the reading thread)."""
+        import socket
+
         with contextlib.suppress(OSError):
             socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
 
@@ -17569,8 +18024,22 @@ def _listen_address(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+@functools.lru_cache(maxsize=None)
+def _gateway_server_class() -> type[_GatewayServer]:
+    """_GatewayServer, and its _GatewayHandler, on http.server's classes: built the first
+    time `serve` runs, so that no other command loads http.server and socketserver."""
+    import http.server
+    import socketserver
+
+    handler = type("_GatewayHandler", (_GatewayHandler, http.server.BaseHTTPRequestHandler), {})
+    bases = (_GatewayServer, socketserver.ThreadingMixIn, http.server.HTTPServer)
+    return cast("type[_GatewayServer]", type("_GatewayServer", bases, {"handler_class": handler}))
+
+
 def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """The HTTPS context of --tls-cert and --tls-key (TLS 1.2 or later); None: plain HTTP."""
+    import ssl
+
     if bool(cert) != bool(key):
         raise InvalidConfigError(error_msg="serve: --tls-cert and --tls-key go together")
     if not cert:
@@ -17583,6 +18052,8 @@ def _serve_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def _is_loopback(host: str) -> bool:
     """Whether a listening host is only reachable from this machine."""
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -17604,14 +18075,15 @@ def _gateway_servers(
         request_timeout=args.request_timeout,
         log=None if args.quiet else cli.err,
     )
+    server_class = _gateway_server_class()
     servers = [
-        _GatewayServer(
+        server_class(
             address, gateway, workers=args.workers, idle_timeout=args.idle_timeout, tls=tls
         )
     ]
     if args.metrics_listen:
         servers.append(
-            _GatewayServer(
+            server_class(
                 _listen_address(args.metrics_listen, "--metrics-listen"),
                 gateway,
                 workers=4,
@@ -18043,6 +18515,8 @@ def _recorded_mtimes(
 ) -> dict[str, float]:
     """Source mtimes recorded at upload (dg-mtime, as rclone keeps X-Amz-Meta-Mtime);
     LastModified where none was recorded. HEADs run on the pool."""
+    import concurrent.futures
+
     out: dict[str, float] = {}
     lock = threading.Lock()
 
@@ -18091,6 +18565,8 @@ def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
     one). sync then leaves it alone with no HEAD for the recorded mtime; a multipart
     or encrypted ETag never matches, and then the times decide, as in aws s3 sync.
     (An identical file that is only newer is not sent again, as rclone does.)"""
+    import hashlib
+
     etag = str(obj.get("ETag", "")).strip('"').lower()
     if size > _QUICK_FILE or not re.fullmatch("[0-9a-f]{32}", etag):
         return False
@@ -18574,28 +19050,36 @@ class _Cli:
                 self.out.write("%s %s\n" % (stamp, b["Name"]))
             return EXIT_OK
         bucket, key = _parse_s3_url(path)
-        count = total = 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "FetchMetadata": True}
-        if not self.args.recursive:
-            kwargs["Delimiter"] = "/"
         base = key.rpartition("/")[0] + "/" if "/" in key else ""
-        folders = 0
-        for page in paginator.paginate(**kwargs):
-            for p in page.get("CommonPrefixes", []):
-                self.out.write("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
-                folders += 1
-            for obj in page.get("Contents", []):
-                if _is_internal(obj["Key"]):
-                    continue
+        count = total = folders = 0
+        stamps: dict[datetime.datetime, str] = {}  # a page's objects share few dates
+        pages = _logical_pages(
+            self.client.engine,
+            bucket,
+            key,
+            "" if self.args.recursive else "/",
+            self.args.original_sizes,
+            self.workers,
+        )
+        for objects, prefixes in pages:  # each page printed as it comes, in one write
+            lines = []
+            for p in prefixes:
+                lines.append("%s %s\n" % ("PRE".rjust(30), _printable(p["Prefix"][len(base) :])))
+            folders += len(prefixes)
+            for obj in objects:
                 count += 1
                 total += obj["Size"]
-                stamp = obj["LastModified"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                when = obj["LastModified"]
+                stamp = stamps.get(when)
+                if stamp is None:
+                    stamp = stamps[when] = when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 name = obj["Key"] if self.args.recursive else obj["Key"][len(base) :]
-                size = fmt_size(obj["Size"]).rjust(10)
-                self.out.write("%s %s %s\n" % (stamp, size, _printable(name)))
-            if not page.get("Contents") and not page.get("CommonPrefixes") and key:
-                pass
+                lines.append(
+                    "%s %s %s\n" % (stamp, fmt_size(obj["Size"]).rjust(10), _printable(name))
+                )
+            if len(stamps) > 10_000:
+                stamps.clear()
+            self.out.write("".join(lines))
         if self.args.summarize:
             self.out.write(
                 "\n%s%d\n%s%s\n"
@@ -18916,7 +19400,7 @@ class _Cli:
     def cmd_verify(self) -> int:
         result = self.client.verify(self.args.path)
         # dict(): json skips a dict that is false, and a VerifyResult is false when it failed.
-        self.out.write(json.dumps(dict(result), indent=2) + "\n")
+        self.out.write(_json_text(dict(result)))
         return EXIT_OK if result["valid"] else EXIT_FAILED
 
     def cmd_presign(self) -> int:
@@ -18932,7 +19416,7 @@ class _Cli:
             self.args.path if self.args.path.startswith("s3://") else "s3://" + self.args.path
         )
         result = self.client.purge_temp_files(bucket)
-        self.out.write(json.dumps(result, indent=2) + "\n")
+        self.out.write(_json_text(result))
         return EXIT_OK if not result["error_count"] else EXIT_FAILED
 
     def cmd_gc(self) -> int:
@@ -18963,7 +19447,7 @@ class _Cli:
             bucket, mode, use_cache=not self.args.no_cache, refresh_cache=self.args.refresh
         )
         if self.args.json:
-            self.out.write(json.dumps(stats, indent=2) + "\n")
+            self.out.write(_json_text(stats))
             return EXIT_OK
         _print_stats(self.out, bucket, mode, stats)
         return EXIT_OK
@@ -19092,7 +19576,7 @@ class _Cli:
         bucket = self.args.bucket.replace("s3://", "").strip("/")
         resp = self.client.get_bucket_acl(Bucket=bucket)
         resp.pop("ResponseMetadata", None)
-        self.out.write(json.dumps(resp, indent=2) + "\n")
+        self.out.write(_json_text(resp))
         return EXIT_OK
 
     def cmd_put_bucket_acl(self) -> int:
@@ -19103,7 +19587,7 @@ class _Cli:
             if value:
                 params[name] = value
         if self.args.access_control_policy:
-            params["AccessControlPolicy"] = json.loads(self.args.access_control_policy)
+            params["AccessControlPolicy"] = _json_value(self.args.access_control_policy)
         self.client.put_bucket_acl(**params)
         self.line("ACL updated for bucket: %s" % bucket)
         return EXIT_OK
@@ -19203,8 +19687,24 @@ def _logical_mtime(lg: _Logical) -> float | None:
     return modified.timestamp() if isinstance(modified, datetime.datetime) else None
 
 
+def _json_text(obj: Any) -> str:
+    """``obj`` as the CLI prints JSON (verify, purge, stats, get-bucket-acl): indented."""
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _json_value(text: str) -> Any:
+    """A JSON command-line value (--access-control-policy)."""
+    import json
+
+    return json.loads(text)
+
+
 def _metadata_arg(text: str) -> dict[str, str]:
     """``--metadata k=v,k2=v2`` or a JSON object, as aws s3 takes it."""
+    import json
+
     text = text.strip()
     if text.startswith("{"):
         value = json.loads(text)
@@ -19225,6 +19725,19 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     #: Where --help and --version go: the stream main() was given (it sets every parser's).
     dg_out: IO[str] | None = None
+    #: Adds a command's arguments when it is first parsed: argparse takes longer to build
+    #: every command's options than Python takes to start, and a run parses one command.
+    dg_fill: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def filled(self) -> _ArgumentParser:
+        fill, self.dg_fill = self.dg_fill, None
+        if fill is not None:
+            fill(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.filled()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
@@ -19348,17 +19861,26 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 
 
 def _command_parser(
-    sub: argparse._SubParsersAction[_ArgumentParser], name: str, help_text: str
+    sub: argparse._SubParsersAction[_ArgumentParser],
+    name: str,
+    help_text: str,
+    arguments: Callable[[argparse.ArgumentParser], None],
 ) -> argparse.ArgumentParser:
     """A command's parser, with the global options too (after the command, as aws takes
-    them)."""
+    them), and the command's own (``arguments``): added when the command is parsed, not
+    here (see _ArgumentParser.filled)."""
+
+    def fill(p: argparse.ArgumentParser) -> None:
+        if name == "ls":
+            p.add_argument("--help", action="help", help="show this help message and exit")
+        _add_global_options(p, suppress=True)
+        arguments(p)
+
     # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-    p: argparse.ArgumentParser = sub.add_parser(
+    p: _ArgumentParser = sub.add_parser(
         name, help=help_text, description=help_text, add_help=name != "ls"
     )
-    if name == "ls":
-        p.add_argument("--help", action="help", help="show this help message and exit")
-    _add_global_options(p, suppress=True)
+    p.dg_fill = fill
     return p
 
 
@@ -19460,6 +19982,12 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
         "-h", "--human-readable", action="store_true", help="sizes in KiB, MiB, GiB, ..."
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
+    p.add_argument(
+        "--original-sizes",
+        action="store_true",
+        help="show delta-stored files at their original size (one HEAD per delta, in "
+        "parallel), not the bytes stored",
+    )
 
 
 def _add_rm_arguments(p: argparse.ArgumentParser) -> None:
@@ -19711,7 +20239,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     for name, command in _COMMANDS.items():
-        command.arguments(_command_parser(sub, name, command.help))
+        _command_parser(sub, name, command.help, command.arguments)
     return parser
 
 

@@ -675,7 +675,7 @@ def _run_gateway(
     gateway = dg._Gateway(
         client, dg._GatewayAuth(users, now=now), state_dir=state, log=log, now=now, **kwargs
     )
-    server = dg._GatewayServer(("127.0.0.1", 0), gateway, tls=tls, **serving)
+    server = dg._gateway_server_class()(("127.0.0.1", 0), gateway, tls=tls, **serving)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -1511,6 +1511,50 @@ def test_import_does_nothing(tmp_path: Any) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+#: Modules a command may not need: deltaglider imports each inside the functions that use
+#: it, so that importing the module or running `--version` loads none (issue 17: start-up
+#: in a quarter of the original's). botocore: only an application's own import loads it.
+_LAZY_MODULES = (
+    "botocore",
+    "concurrent.futures",
+    "configparser",
+    "email.utils",
+    "hashlib",
+    "hmac",
+    "http.client",
+    "http.server",
+    "ipaddress",
+    "json",
+    "pathlib",
+    "random",
+    "shlex",
+    "socket",
+    "socketserver",
+    "ssl",
+    "subprocess",
+    "tempfile",
+    "urllib.parse",
+    "uuid",
+    "xml.etree.ElementTree",
+)
+
+
+def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
+    code = (
+        "import sys; sys.path.insert(0, %r); lazy = %r; before = set(sys.modules)\n"
+        "def loaded(): return ' '.join(m for m in lazy if m in sys.modules and m not in before)\n"
+        "import deltaglider; print('import:', loaded())\n"
+        "code = deltaglider.main(['--version']); print('--version:', loaded(), code)\n"
+    ) % (HERE, _LAZY_MODULES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "import: ",
+        "deltaglider %s" % dg.__version__,
+        "--version:  0",
+    ]
 
 
 # Issue 14's targets for the module's shape: at most 4 functions over 80 lines, no class over
@@ -3144,19 +3188,19 @@ def test_sign_headers_replaces_old_auth_headers() -> None:
     assert "x-amz-security-token" in headers["Authorization"]
 
 
-@pytest.mark.parametrize("expires, ok", [(0, False), (1, True), (604800, True), (604801, False)])
-def test_presign_expiry_bounds(expires: int, ok: bool) -> None:
+@pytest.mark.parametrize("expires", [0, -5, 1, 604800, 604801, 10**9])
+def test_presign_signs_any_expiry_as_botocore_does(expires: int) -> None:
+    """botocore signs whatever ExpiresIn it is given and leaves the range (1 s to 7 days)
+    to the server, which refuses the URL when it is used (s3-tests
+    test_object_raw_get_x_amz_expires_out_range_zero): so do we."""
     signer = dg._SigV4("AK", "SK", None, "us-east-1")
-    calls = [
-        lambda: signer.presign_query("GET", "h", "/b/k", [], expires, _AWS_DOC_NOW),
-        lambda: signer.presign_post({"key": "k"}, [], expires, _AWS_DOC_NOW),
-    ]
-    for call in calls:
-        if ok:
-            call()
-        else:
-            with pytest.raises(dg.ParamValidationError):
-                call()
+    query = signer.presign_query("GET", "h", "/b/k", [], expires, _AWS_DOC_NOW)
+    assert ("X-Amz-Expires", str(expires)) in urllib.parse.parse_qsl(query)
+    policy = signer.presign_post({"key": "k"}, [], expires, _AWS_DOC_NOW)["policy"]
+    expiration = json.loads(base64.b64decode(policy))["expiration"]
+    assert expiration == (_AWS_DOC_NOW + datetime.timedelta(seconds=expires)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
 # -- property tests against botocore ----------------------------------------
@@ -3312,7 +3356,7 @@ def _botocore_presign(
     ),
     creds=_sigv4_creds,
     region=_sigv4_regions,
-    expires=st.integers(1, 604800),
+    expires=st.one_of(st.integers(1, 604800), st.integers(-60, 0), st.integers(604801, 10**9)),
     when=_sigv4_times,
 )
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -3413,7 +3457,7 @@ _post_conditions = st.lists(
     conditions=_post_conditions,
     creds=_sigv4_creds,
     region=_sigv4_regions,
-    expires=st.integers(1, 604800),
+    expires=st.one_of(st.integers(1, 604800), st.integers(-60, 0), st.integers(604801, 10**9)),
     when=_sigv4_times,
 )
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -7809,6 +7853,35 @@ def test_range_reads_the_same_on_every_kind_of_object(
     assert answer("plain/empty", "bytes=-3") == unsatisfiable
 
 
+def test_get_of_an_object_stored_as_it_is_takes_one_request(
+    client: Any, dgbucket: str, monkeypatch: Any
+) -> None:
+    """A whole GET of an object stored as it is (most small files) is one GET on the
+    back end, no HEAD before it: its headers say what it is. A missing key and one whose
+    plain name is a reference still answer as before."""
+    client.put_object(Bucket=dgbucket, Key="notes/a.txt", Body=b"hello", Metadata={"m": "1"})
+    st = client.storage
+    calls: list[str] = []
+    for name in ("head_object", "get_object"):
+        original = getattr(st, name)
+
+        def counting(*args: Any, _original: Any = original, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(st, name, counting)
+    got = client.get_object(Bucket=dgbucket, Key="notes/a.txt")
+    assert (got["Body"].read(), got["Metadata"], got["ContentLength"]) == (b"hello", {"m": "1"}, 5)
+    assert got["ETag"] == '"%s"' % hashlib.md5(b"hello").hexdigest()
+    assert calls == ["get_object"]
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/missing.txt")
+    monkeypatch.undo()
+    st.put_object(dgbucket, "notes/x/reference.bin", b"not a user's object")
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=dgbucket, Key="notes/x/reference.bin")
+
+
 @needs_xdelta3
 def test_ranged_gets_of_one_delta_share_one_rebuild(
     client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
@@ -10105,6 +10178,16 @@ def test_parity_presign_direct(parity_env: ParityEnv) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(url, timeout=30)
         assert info.value.code == 404
+    # An expiry outside 1 s to 7 days is signed as given and refused by the server when used.
+    for expires in (0, 604801):
+        for c, b in ((env.boto, b_boto), (env.dg, b_dg)):
+            url = c.generate_presigned_url(
+                "get_object", Params={"Bucket": b, "Key": "p/a.txt"}, ExpiresIn=expires
+            )
+            assert "X-Amz-Expires=%d" % expires in url
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url, timeout=30)
+            assert info.value.code in (400, 403), (expires, info.value.code)
     theirs_post = env.boto.generate_presigned_post(b_boto, "p/up.txt", ExpiresIn=300)
     ours_post = env.dg.generate_presigned_post(b_dg, "p/up.txt", ExpiresIn=300)
     assert_same_shape(theirs_post, ours_post, "generate_presigned_post")
@@ -11912,6 +11995,12 @@ def test_gateway_refuses_anonymous_skewed_and_expired_requests(tmp_path: Any) ->
             text = err.value.read()
             assert _error_code(text) == "AccessDenied" and b"Request has expired" in text
         offset[0] = datetime.timedelta(0)
+        zero = v4.generate_presigned_url(  # S3 refuses a URL that lives 0 s (s3-tests)
+            "get_object", Params={"Bucket": "gwbucket", "Key": "a.txt"}, ExpiresIn=0
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(zero)
+        assert (err.value.code, _error_code(err.value.read())) == (403, "AccessDenied")
         tampered = urls[0].replace("a.txt", "b.txt")
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(tampered)
@@ -12458,6 +12547,20 @@ def test_gateway_serves_presigned_puts_and_bucket_operations(
     assert bucket not in [b["Name"] for b in plain.list_buckets()["Buckets"]]
 
 
+def test_gateway_listings_echo_prefixes_as_botocore_decodes_them(local_gateway: Gateway) -> None:
+    """boto3 lists with encoding-type=url and decodes what S3 encodes: a v1 answer's Prefix
+    is sent as it came, v2's encoded (ceph s3-tests' bucket_list_prefix_unreadable: a
+    prefix "\\n" came back "%0A")."""
+    s3 = _boto3(local_gateway)
+    s3.put_object(Bucket="gwbucket", Key="a b%/\n.txt", Body=b"x")
+    for prefix in ("\n", "a b%/"):
+        v1 = s3.list_objects(Bucket="gwbucket", Prefix=prefix)
+        v2 = s3.list_objects_v2(Bucket="gwbucket", Prefix=prefix)
+        assert v1["Prefix"] == v2["Prefix"] == prefix
+    listed = s3.list_objects(Bucket="gwbucket", Prefix="a b%/")["Contents"]
+    assert [o["Key"] for o in listed] == ["a b%/\n.txt"]
+
+
 def test_gateway_keeps_folder_markers_as_they_came(local_gateway: Gateway) -> None:
     """``dir/`` objects (S3 consoles, rclone directory markers) are no files to delta: they
     are stored as sent, listed, read and deleted like any object."""
@@ -12654,6 +12757,38 @@ def test_gateway_ignores_conditional_dates_it_cannot_read(local_gateway: Gateway
             finally:
                 s3.meta.events.unregister("before-sign.s3.GetObject", add)
             assert got["Body"].read() == b"data", (header, value)
+
+
+def test_gateway_never_ends_a_body_that_fails_its_check_cleanly(local_gateway: Gateway) -> None:
+    """An object stored as it is is checked against its recorded SHA-256 as it streams
+    out: on a mismatch the gateway hangs up before the body's last bytes, so the client
+    sees a short body, never a whole one (it used to send it all and end cleanly: the
+    check came at a read the gateway never made)."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "damaged.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(b"other").hexdigest(), "dg-compression": "none"},
+    )
+    local_gateway.client.storage.put_object(
+        "gwbucket",
+        "sound.txt",
+        data,
+        metadata={"dg-file-sha256": hashlib.sha256(data).hexdigest(), "dg-compression": "none"},
+    )
+    s3 = _boto3(local_gateway)
+    assert s3.get_object(Bucket="gwbucket", Key="sound.txt")["Body"].read() == data
+    body = s3.get_object(Bucket="gwbucket", Key="damaged.txt")["Body"]
+    got = b""
+    with pytest.raises(Exception) as info:
+        while True:
+            chunk = body.read(64 * 1024)
+            if not chunk:
+                break
+            got += chunk
+    assert type(info.value).__name__ in ("IncompleteReadError", "ResponseStreamingError"), info
+    assert len(got) < len(data)
 
 
 def test_gateway_client_that_disconnects_mid_upload_leaves_nothing(local_gateway: Gateway) -> None:
@@ -13266,13 +13401,20 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
+    deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
+    assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
+        deltas["dir/a.zip.delta"],
+        deltas["dir/new.zip.delta"],
+    ]
     code, out, err = run_cli(backend, tmp_path, ["cp", "s3://%s/dir/new.zip" % bucket, "got.zip"])
     assert (code, out) == (0, "download: s3://%s/dir/new.zip to ./got.zip\n" % bucket), err
     assert (tmp_path / "got.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
@@ -13354,6 +13496,48 @@ def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any
     assert " 2.0 KiB p/t.txt\n" in out
     code, out, _ = run_cli(backend, tmp_path, ["ls", "s3://" + bucket])
     assert out == "%s p/\n" % "PRE".rjust(30)
+
+
+@needs_xdelta3
+def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """ls is one listing request per page: sizes as stored (a delta's few bytes, as 6.2.0
+    and aws s3 ls show them), no HEAD; --original-sizes reads each delta's recorded size
+    (one HEAD per delta, in parallel) and prints the size a download gives."""
+    backend, bucket = cli_env
+    files = {"p/a.zip": make_zip(tmp_path / "a.zip", 0), "p/b.zip": make_zip(tmp_path / "b.zip", 1)}
+    (tmp_path / "n.txt").write_bytes(b"n" * 300)
+    files["p/n.txt"] = b"n" * 300
+    for key in files:
+        src = tmp_path / key.split("/")[1]
+        assert run_cli(backend, tmp_path, ["cp", str(src), "s3://%s/%s" % (bucket, key)])[0] == 0
+    client = make_client(backend, tmp_path)
+    stored = {o["Key"]: o["Size"] for o in client.storage.list_objects_v2(bucket)["Contents"]}
+    assert {"p/a.zip.delta", "p/b.zip.delta", "p/n.txt"} <= set(stored)
+    heads: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.head_object
+
+        def counted(self: Any, b: str, k: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            heads.append(k)
+            return _real(self, b, k, *a, **kw)
+
+        monkeypatch.setattr(cls, "head_object", counted)
+
+    def sizes(*flags: str) -> dict[str, int]:
+        code, out, err = run_cli(backend, tmp_path, ["ls", "-r", *flags, "s3://%s/p/" % bucket])
+        assert code == 0, err
+        return {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
+
+    assert sizes() == {
+        "p/a.zip": stored["p/a.zip.delta"],
+        "p/b.zip": stored["p/b.zip.delta"],
+        "p/n.txt": 300,
+    }
+    assert heads == []
+    assert sizes("--original-sizes") == {k: len(v) for k, v in files.items()}
+    assert sorted(heads) == ["p/a.zip.delta", "p/b.zip.delta"]
 
 
 @needs_xdelta3
@@ -13814,7 +13998,7 @@ def test_cli_every_option_has_help_text() -> None:
     parser = dg._build_parser()
     missing = [
         "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if not isinstance(action, argparse._SubParsersAction)
         and (not action.help or action.help == argparse.SUPPRESS)
@@ -13823,7 +14007,7 @@ def test_cli_every_option_has_help_text() -> None:
     # and every numeric option goes through the settings parsers (named, bounded errors)
     raw = [
         "%s %s" % (sub.prog, "/".join(action.option_strings))
-        for sub in [parser, *dg._subparsers(parser)]
+        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
         for action in sub._actions
         if action.type in (int, float)
     ]
@@ -14142,6 +14326,54 @@ def test_ls_pages_past_1000_keys(tmp_path: Any) -> None:
     lines = [line for line in out.splitlines() if line.strip() and "Total" not in line]
     assert len(lines) == 1203
     assert "Total Objects: 1203" in out
+
+
+def test_ls_streams_stored_pages_without_topping_them_up(tmp_path: Any, monkeypatch: Any) -> None:
+    """ls -r prints each stored page as it arrives (the first lines are out before the
+    last page is asked for), asks for each stored page once (a page that hid references
+    is not topped up with another request), and places a plain x at the end of one page
+    beside its x.delta at the start of the next without a HEAD: each key once."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path)
+    c.create_bucket(Bucket="bkt")
+    keys = ["d%02d/k%04d.txt" % (i // 100, i) for i in range(999)] + ["x"]
+    keys += ["x.delta", "y.zip.delta", "y/reference.bin"]
+    keys += ["z%02d/reference.bin" % i for i in range(10)]
+    keys += ["z%02d/f%04d.zip.delta" % (i // 100, i) for i in range(1100)]
+    for key in keys:
+        c.storage.put_object("bkt", key, b"x")
+    assert len(keys) == 2113  # three stored pages
+    listed: list[str] = []
+    real_list = dg._LocalStorage.list_objects_v2
+
+    def counted_list(self: Any, bucket: str, **kw: Any) -> Any:
+        listed.append(kw.get("continuation_token") or "")
+        return real_list(self, bucket, **kw)
+
+    def no_head(self: Any, *a: Any, **kw: Any) -> Any:
+        raise AssertionError("ls made a HEAD request")
+
+    monkeypatch.setattr(dg._LocalStorage, "list_objects_v2", counted_list)
+    monkeypatch.setattr(dg._LocalStorage, "head_object", no_head)
+
+    class Out(io.StringIO):
+        pages_at_first_write: int | None = None
+
+        def write(self, text: str) -> int:
+            if text and self.pages_at_first_write is None:
+                self.pages_at_first_write = len(listed)
+            return super().write(text)
+
+    out, err = Out(), io.StringIO()
+    env = {"DG_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    argv = ["--endpoint-url", backend.endpoint, "ls", "-r", "s3://bkt/"]
+    code = dg.main(argv, stdout=out, stderr=err, environ=env)
+    assert code == 0, err.getvalue()
+    names = [line.split()[3] for line in out.getvalue().splitlines()]
+    want = sorted({dg._logical_key(k) for k in keys} - {None})
+    assert names == want and names.count("x") == 1
+    assert len(listed) == 3
+    assert out.pages_at_first_write is not None and out.pages_at_first_write < 3
 
 
 @needs_xdelta3

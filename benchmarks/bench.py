@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import platform
@@ -50,15 +51,20 @@ class RawS3:
     """Just enough S3 to create buckets, list raw keys with sizes, and delete; independent
     of every tool under test."""
 
-    def __init__(self, endpoint):
+    def __init__(self, endpoint, ak=AK, sk=SK):
         u = urllib.parse.urlsplit(endpoint)
         self.host, self.port = u.hostname, u.port or 80
         self.netloc = u.netloc
+        self.ak, self.sk = ak, sk
+        self._local = threading.local()
 
-    def request(self, method, path, query=(), body=b""):
+    def request(self, method, path, query=(), body=b"", headers=None, keep=False):
+        """One signed request; ``headers`` are sent and signed; ``keep``: reuse this
+        thread's connection (many small requests)."""
         t = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         payload = hashlib.sha256(body).hexdigest()
         h = {"host": self.netloc, "x-amz-content-sha256": payload, "x-amz-date": t}
+        h.update({k.lower(): v for k, v in (headers or {}).items()})
         q = "&".join(
             "%s=%s" % (urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~"))
             for k, v in sorted(query)
@@ -69,20 +75,27 @@ class RawS3:
                           ";".join(names), payload])
         scope = "%s/%s/s3/aws4_request" % (t[:8], REGION)
         sts = "\n".join(["AWS4-HMAC-SHA256", t, scope, hashlib.sha256(creq.encode()).hexdigest()])
-        k = ("AWS4" + SK).encode()
+        k = ("AWS4" + self.sk).encode()
         for part in (t[:8], REGION, "s3", "aws4_request"):
             k = hmac.new(k, part.encode(), hashlib.sha256).digest()
         sig = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
         h["authorization"] = "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
-            AK, scope, ";".join(names), sig)
-        c = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            self.ak, scope, ";".join(names), sig)
+        c = getattr(self._local, "conn", None) if keep else None
+        if c is None:
+            c = http.client.HTTPConnection(self.host, self.port, timeout=120)
         try:
             c.request(method, cpath + ("?" + q if q else ""), body=body, headers=h)
             r = c.getresponse()
             data = r.read()
+            if keep and not r.will_close:
+                self._local.conn, c = c, None
             return r.status, data
         finally:
-            c.close()
+            if c is not None:
+                c.close()
+                if keep:
+                    self._local.conn = None
 
     def make_bucket(self, bucket):
         st, data = self.request("PUT", "/" + bucket)
@@ -347,6 +360,51 @@ def _small_files(folder, count):
     return folder
 
 
+def _site_tree(folder, count):
+    """#17's many-files tree: a web-site build of ``count`` files, .js/.css/.json/.txt/.html/.map
+    of 1-50 KB (most near 6 KB) in 13 folders, plus count/100 (at least 3) small
+    .zip/.jar/.whl releases of one package (delta-eligible: each changes one module)."""
+    stamp = folder.rstrip("/") + ".complete"  # beside the tree, not in it
+    if os.path.exists(stamp):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(17)
+    words = ["function", "return", "const", "var", "let", "class", "export", "import", "div", "span",
+             "color", "margin", "padding", "true", "false", "null", "value", "items", "data", "name"]
+    words += ["w%d" % i for i in range(300)]
+
+    def text(size):
+        out, n = [], 0
+        while n < size:
+            w = rng.choice(words)
+            out.append(w + ("\n" if rng.random() < 0.08 else ""))
+            n += len(w) + 1
+        return " ".join(out)[:size].encode()
+
+    dirs = ["", "assets/js/", "assets/css/", "assets/img/", "docs/", "docs/api/", "docs/guide/",
+            "static/", "static/vendor/", "data/", "i18n/", "blog/2024/", "blog/2025/"]
+    exts = [".js", ".css", ".json", ".txt", ".html", ".html", ".js", ".map"]
+    n_arch = max(3, count // 100)
+    for i in range(count - n_arch):
+        d = os.path.join(folder, rng.choice(dirs))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%04d%s" % (i, rng.choice(exts))), "wb") as f:
+            f.write(text(int(rng.triangular(1024, 50 * 1024, 6 * 1024))))
+    d = os.path.join(folder, "downloads")
+    os.makedirs(d, exist_ok=True)
+    members = [text(rng.randint(2000, 30000)) for _ in range(8)]
+    for j in range(n_arch):
+        members[j % 8] = text(rng.randint(2000, 30000))  # each release changes one module
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for m, data in enumerate(members):
+                z.writestr(zipfile.ZipInfo("pkg/mod%d.py" % m, date_time=(2026, 1, 1, 0, 0, 0)), data)
+        with open(os.path.join(d, "pkg-1.%d%s" % (j, [".zip", ".jar", ".whl"][j % 3])), "wb") as f:
+            f.write(buf.getvalue())
+    open(stamp, "w").close()
+    return folder
+
+
 def _synthetic_zips(folder, n, size, deflated=False, ext=".zip"):
     """n consecutive 'releases': zips of the same text/binary members with small changes
     (stored, or deflated as jars and wheels are)."""
@@ -426,8 +484,8 @@ def build_corpus(args):
     series["img"] = _synthetic_image(os.path.join(base, "img"), args.image_mib * MiB)
     series["big"] = _synthetic_big(os.path.join(base, "big"), args.big_mib * MiB)
     small = _small_files(os.path.join(base, "small"), args.small_files)
-    many = _small_files(os.path.join(base, "many"), args.list_objects)
-    return series, small, many
+    args.tree_dir = _site_tree(os.path.join(base, "tree%d" % args.tree_files), args.tree_files)
+    return series, small
 
 
 # --------------------------------------------------------------------------- tools
@@ -447,6 +505,9 @@ class Tool:
 
     def ls_r(self, bucket, prefix):
         return self.argv + ["ls", "--recursive", "s3://%s/%s" % (bucket, prefix)]
+
+    def sync_up(self, folder, bucket, prefix):
+        return self.argv + ["sync", folder, "s3://%s/%s" % (bucket, prefix)]
 
     def version(self):
         return self.argv + ["--version"]
@@ -490,15 +551,22 @@ def make_tools(args, endpoint, tmp):
                                                            "s3://%s/%s" % (b, p)]
             tools[-1].ls_r = lambda b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "ls",
                                                    "--recursive", "s3://%s/%s" % (b, p)]
+            tools[-1].sync_up = lambda folder, b, p, exe=exe: [exe, "s3", "--endpoint-url", endpoint, "sync",
+                                                              "--only-show-errors", folder,
+                                                              "s3://%s/%s" % (b, p)]
     for t in tools:
         if t.name.startswith("ours"):
             t.up_r = (lambda folder, b, p, t=t: t.argv + ["cp", "-r", "--only-show-errors", folder,
                                                         "s3://%s/%s" % (b, p)])
             t.ls_r = lambda b, p, t=t: t.argv + ["ls", "-r", "s3://%s/%s" % (b, p)]
+            t.sync_up = (lambda folder, b, p, t=t: t.argv + ["sync", "--only-show-errors", folder,
+                                                           "s3://%s/%s" % (b, p)])
             t.version = lambda t=t: [t.argv[0], OURS, "--version"]
         if t.name == "original":
             t.up_r = lambda folder, b, p, t=t: t.argv + ["cp", "-r", "-q", folder.rstrip("/") + "/",
                                                         "s3://%s/%s" % (b, p)]
+            t.sync_up = lambda folder, b, p, t=t: t.argv + ["sync", "-q", folder.rstrip("/") + "/",
+                                                           "s3://%s/%s" % (b, p)]
     return tools, notes
 
 
@@ -529,6 +597,91 @@ def _install_venv(venv, spec, exe_name, notes):
     return exe if os.path.exists(exe) else None
 
 
+# --------------------------------------------------------------------------- the listing bucket
+#: Stored keys per folder of the listing bucket; folders cycle through LISTING_KINDS.
+LISTING_FOLDER = 100
+#: plain: 100 direct objects; delta: reference.bin + 99 deltas; mixed: 50 plain, a reference, 49 deltas.
+LISTING_KINDS = ("plain", "delta", "plain", "mixed")
+
+
+def listing_layout(n, kinds=LISTING_KINDS):
+    """The stored keys of the n-key listing bucket, in folders of LISTING_FOLDER, each
+    (key, metadata or None): plain objects, and the delta layout of FORMAT.md (each
+    folder's ``reference.bin`` and ``<name>.zip.delta`` files whose metadata records the
+    logical size), so a listing maps stored keys to logical ones and hides references.
+    The bodies are a few bytes: the listing never reads them (they are not real deltas,
+    so the bucket is for listing only)."""
+    out = []
+    for f in range((n + LISTING_FOLDER - 1) // LISTING_FOLDER):
+        folder = "f%05d/" % f
+        kind = kinds[f % len(kinds)]
+        count = min(LISTING_FOLDER, n - f * LISTING_FOLDER)
+        plain = count if kind == "plain" else (0 if kind == "delta" else count // 2)
+        for j in range(plain):
+            out.append((folder + "file-%03d.txt" % j, None))
+        if plain < count:
+            ref = folder + "reference.bin"
+            out.append((ref, {"dg-tool": "deltaglider/bench", "dg-note": "reference",
+                              "dg-source-name": "app-000.zip", "dg-file-size": "1048576"}))
+            for j in range(count - plain - 1):
+                name = "app-%03d.zip" % j
+                size = 1048576 + 4096 * j
+                out.append((folder + name + ".delta", {
+                    "dg-tool": "deltaglider/bench", "dg-original-name": name,
+                    "dg-file-sha256": hashlib.sha256(name.encode()).hexdigest(),
+                    "dg-file-size": str(size), "dg-md5": hashlib.md5(name.encode()).hexdigest(),
+                    "dg-created-at": "2026-01-01T00:00:00.000000Z", "dg-ref-key": ref,
+                    "dg-ref-path": "reference.bin", "dg-ref-sha256": "0" * 64, "dg-delta-size": "16",
+                    "dg-note": "delta"}))
+    return out
+
+
+def listing_logical(layout):
+    """How many logical objects a listing of the layout shows (references hidden)."""
+    return sum(1 for k, _ in layout if not k.endswith("/reference.bin"))
+
+
+def populate_listing(s3, bucket, n, kinds=LISTING_KINDS, workers=16):
+    """Make ``bucket`` hold exactly listing_layout(n), once: keys already there are kept,
+    missing ones are PUT in parallel (keep-alive connections), extra ones deleted. Returns
+    the layout."""
+    import concurrent.futures
+    layout = listing_layout(n, kinds)
+    s3.make_bucket(bucket)
+    have = {k for k, _ in s3.list(bucket)}
+    want = {k for k, _ in layout}
+    todo = [(k, m) for k, m in layout if k not in have]
+    extra = sorted(have - want)
+    if not todo and not extra:
+        return layout
+    log("listing bucket %s: %d keys to PUT, %d to delete (of %d)" % (bucket, len(todo), len(extra), n))
+
+    def put(item):
+        key, meta = item
+        headers = {"x-amz-meta-" + k: v for k, v in (meta or {}).items()}
+        body = b"d" * 16 if meta else key.encode()
+        for attempt in range(5):
+            try:
+                st, data = s3.request("PUT", "/%s/%s" % (bucket, key), body=body, headers=headers, keep=True)
+                if st == 200:
+                    return
+                err = "%s %s" % (st, data[:200])
+            except (OSError, http.client.HTTPException) as e:
+                err = str(e)
+            time.sleep(0.2 * (attempt + 1))
+        raise RuntimeError("PUT %s/%s failed: %s" % (bucket, key, err))
+
+    def delete(key):
+        s3.request("DELETE", "/%s/%s" % (bucket, key), keep=True)
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(put, todo, chunksize=64))
+        list(pool.map(delete, extra, chunksize=64))
+    log("listing bucket %s ready in %.0fs" % (bucket, time.time() - t0))
+    return layout
+
+
 # --------------------------------------------------------------------------- workloads
 class Bench:
     def __init__(self, args, endpoint):
@@ -536,7 +689,9 @@ class Bench:
         self.s3 = RawS3(endpoint)
         self.errors = []        # problems with OUR tool -> non-zero exit
         self.notes = []         # problems with the others
-        self.data = {"series": {}, "version": {}, "ls": {}, "small": {}, "floor": {}, "baseline_rss": 0}
+        self.data = {"series": {}, "version": {}, "ls": {}, "ls_tenth": {}, "small": {}, "tree": {},
+                     "floor": {},
+                     "baseline_rss": 0}
 
     def fail(self, tool, msg):
         (self.errors if tool.name.startswith("ours") else self.notes).append("%s: %s" % (tool.name, msg))
@@ -681,32 +836,35 @@ class Bench:
             self.data["version"][name] = times[name]
             log("%-8s --version median %.3fs" % (name, statistics.median(times[name])))
 
-    def ls(self, tools, many, reps):
-        bucket, prefix = "bench-list", "many/"
-        n = sum(len(f) for _, _, f in os.walk(many))
-        if len(self.s3.list(bucket, prefix) if self._bucket_exists(bucket) else []) != n:
-            self.s3.make_bucket(bucket)
-            ours = tools[0]
-            log("populating %d objects for ls with ours cp -r" % n)
-            r = run(ours.up_r(many, bucket, prefix), ours.env)
-            if r.rc != 0:
-                self.fail(ours, "cp -r of %d files failed: %s" % (n, r.err[-300:]))
-        got = {t.name: {"times": [], "lines": 0, "objects": n, "rss": 0} for t in tools}
-        for _ in range(reps):  # interleaved
+    def ls(self, tools, reps):
+        """#17 item 5: `ls -r` of the listing bucket (listing_layout: plain objects beside
+        the delta layout, references hidden, `.delta` names mapped), interleaved, at a
+        tenth of the keys and at all of them: the peak RSS of the two shows whether a
+        tool's memory grows with the object count. The buckets are made once (raw
+        parallel PUTs) and reused by later runs."""
+        n = self.args.list_objects
+        for where, count in (("ls_tenth", max(1, n // 10)), ("ls", n)):
+            bucket = "bench-list%d" % count
+            layout = populate_listing(self.s3, bucket, count, workers=32)
+            logical = listing_logical(layout)
+            got = {t.name: {"times": [], "lines": 0, "objects": count, "logical": logical, "rss": 0}
+                   for t in tools}
+            for _ in range(reps):  # interleaved
+                for tool in tools:
+                    r = run(tool.ls_r(bucket, ""), tool.env)
+                    if r.rc != 0:
+                        self.fail(tool, "ls -r rc=%d %s" % (r.rc, r.err[-200:]))
+                    got[tool.name]["times"].append(r.secs)
+                    got[tool.name]["rss"] = max(got[tool.name]["rss"], r.tree_rss)
+                    got[tool.name]["lines"] = len([ln for ln in r.out.splitlines() if ln.strip()])
             for tool in tools:
-                r = run(tool.ls_r(bucket, prefix), tool.env)
-                if r.rc != 0:
-                    self.fail(tool, "ls -r rc=%d %s" % (r.rc, r.err[-200:]))
-                got[tool.name]["times"].append(r.secs)
-                got[tool.name]["rss"] = max(got[tool.name]["rss"], r.tree_rss)
-                got[tool.name]["lines"] = len([ln for ln in r.out.splitlines() if ln.strip()])
-        for tool in tools:
-            times, lines = got[tool.name]["times"], got[tool.name]["lines"]
-            self.data["ls"][tool.name] = got[tool.name]
-            if lines < n:
-                (self.errors if tool.name.startswith("ours") else self.notes).append(
-                    "%s: ls -r listed %d of %d objects" % (tool.name, lines, n))
-            log("%-8s ls -r median %.3fs (%d lines)" % (tool.name, statistics.median(times), lines))
+                g = got[tool.name]
+                self.data[where][tool.name] = g
+                want = count if tool.name == "awscli" else logical  # aws shows references too
+                if g["lines"] != want:
+                    self.fail(tool, "ls -r of %d keys printed %d lines, not %d" % (count, g["lines"], want))
+                log("%-8s ls -r %d keys median %.3fs (%d lines, tree RSS %s)" % (
+                    tool.name, count, statistics.median(g["times"]), g["lines"], fmt_b(g["rss"])))
 
     def _bucket_exists(self, bucket):
         st, _ = self.s3.request("HEAD", "/" + bucket)
@@ -729,6 +887,42 @@ class Bench:
         for tool in tools:
             self.data["small"][tool.name] = times[tool.name]
             log("%-8s cp -r %d small files median %.2fs" % (tool.name, n, statistics.median(times[tool.name])))
+
+
+    def tree(self, tools, folder, reps):
+        """#17's many-files workload, interleaved per repetition: `cp -r` of the site tree to
+        an empty prefix, `sync` of it to another, then the same `sync` again with nothing
+        changed (which must send nothing). Each run's stored objects are counted raw."""
+        n = sum(len(f) for _, _, f in os.walk(folder))
+        times = {t.name: {"cp": [], "sync": [], "sync2": []} for t in tools}
+        for rep in range(reps):
+            for tool in tools:
+                bucket = "bench-" + tool.name
+                self.s3.make_bucket(bucket)
+                for step, prefix, argv in (
+                    ("cp", "tree-cp/r%d/" % rep, tool.up_r),
+                    ("sync", "tree-sync/r%d/" % rep, tool.sync_up),
+                    ("sync2", "tree-sync/r%d/" % rep, tool.sync_up),
+                ):
+                    if step != "sync2":
+                        self.s3.delete_prefix(bucket, prefix)
+                    r = run(argv(folder, bucket, prefix), tool.env)
+                    keys = [k for k, _ in self.s3.list(bucket, prefix)]
+                    logical = {k[: -len(".delta")] if k.endswith(".delta") else k for k in keys
+                               if not k.endswith("/reference.bin")}
+                    if r.rc != 0 or len(logical) < n:
+                        self.fail(tool, "%s of the %d-file tree: rc=%d, %d objects %s"
+                                  % (step, n, r.rc, len(logical), r.err[-300:]))
+                    if step == "sync2" and r.out.strip():
+                        self.fail(tool, "second sync sent %d lines: %s" % (len(r.out.splitlines()),
+                                                                           r.out[:200]))
+                    times[tool.name][step].append(r.secs)
+                for prefix in ("tree-cp/r%d/" % rep, "tree-sync/r%d/" % rep):
+                    self.s3.delete_prefix(bucket, prefix)
+        for tool in tools:
+            self.data["tree"][tool.name] = dict(times[tool.name], files=n)
+            log("%-8s %d-file tree: cp -r %.2fs, sync %.2fs, sync again %.2fs (medians)"
+                % (tool.name, n, *(statistics.median(times[tool.name][k]) for k in ("cp", "sync", "sync2"))))
 
 
 # --------------------------------------------------------------------------- report
@@ -881,16 +1075,30 @@ def targets(data, summ, args):
             for phase, key in (("upload", "up_tree_rss"), ("download", "down_tree_rss")):
                 add("(#17) %s %s, whole process tree ≤ 600 MB" % (name, phase), fmt_b(o[key]),
                     o[key] <= 600e6, "RSS summed over Python and xdelta3, polled")
-    if "ours" in sm and "awscli" in sm:
-        r = ratio(med(sm["ours"]), med(sm["awscli"]))
-        add("(#17) cp -r of %d small files ≤ 0.5× `aws s3 cp --recursive`" % args.small_files, "%.2f×" % r,
-            r <= 0.5, "%ss vs %ss" % (fmt_s(med(sm["ours"])), fmt_s(med(sm["awscli"]))))
+    tr = data.get("tree", {})
+    if "ours" in tr and "awscli" in tr:
+        o, a, g = tr["ours"], tr["awscli"], tr.get("original", {})
+        for step, what, goal in (("cp", "`cp -r`", 0.5), ("sync", "`sync` (first)", 0.5),
+                                 ("sync2", "`sync` again, nothing changed,", 1.0)):
+            r = ratio(med(o[step]), med(a[step]))
+            if r is None:
+                continue
+            add("(#17) %s of the %d-file tree ≤ %s× aws's" % (what, o["files"], goal), "%.2f×" % r, r <= goal,
+                "%ss vs %ss (original 6.2.0: %ss)" % (fmt_s(med(o[step])), fmt_s(med(a[step])),
+                                                     fmt_s(med(g.get(step, [])))))
     if "ours" in ls and "awscli" in ls:
         r = ratio(med(ls["ours"]["times"]), med(ls["awscli"]["times"]))
         add("(#17) `ls -r` over %d objects ≤ 0.5× `aws s3 ls --recursive`" % ls["ours"]["objects"],
             "%.2f×" % r, r <= 0.5, "%ss vs %ss; tree RSS %s vs %s" % (
                 fmt_s(med(ls["ours"]["times"])), fmt_s(med(ls["awscli"]["times"])),
                 fmt_b(ls["ours"].get("rss", 0)), fmt_b(ls["awscli"].get("rss", 0))))
+    tenth = data.get("ls_tenth", {})
+    if "ours" in ls and "ours" in tenth:
+        a, b = tenth["ours"]["rss"], ls["ours"]["rss"]
+        add("(#17) `ls -r` memory does not grow with the object count (peak ≤ +10 MB from %d to %d keys)"
+            % (tenth["ours"]["objects"], ls["ours"]["objects"]), "%+.1f MB" % ((b - a) / 1e6),
+            b - a <= 10e6, "tree RSS %s at %d keys, %s at %d" % (fmt_b(a), tenth["ours"]["objects"], fmt_b(b),
+                                                                 ls["ours"]["objects"]))
     if "ours -m" in v and "original" in v:
         r = ratio(med(v["ours -m"]), med(v["original"]))
         add("(#17) `python -m deltaglider --version` ≤ 0.25× original's", "%.3f" % r, r <= 0.25,
@@ -976,15 +1184,31 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
     L.append("| `--version` (median s) | %s |" % " | ".join(fmt_s(med(data["version"].get(t.name, []))) for t in tools))
     L.append("| `--version` as `python -m deltaglider` (bytecode cached) | %s |" % " | ".join(
         fmt_s(med(data["version"].get("ours -m", []))) if t.name == "ours" else "" for t in tools))
-    ls = data["ls"]
-    L.append("| `ls -r` over %s objects (median s) | %s |" % (
-        next(iter(ls.values()))["objects"] if ls else "?",
-        " | ".join("%s (%d lines)" % (fmt_s(med(ls[t.name]["times"])), ls[t.name]["lines"]) if t.name in ls
-                   else "—" for t in tools)))
+    for where in ("ls_tenth", "ls"):
+        ls = data.get(where, {})
+        if not ls:
+            continue
+        L.append("| `ls -r` over %s keys (median s, lines, peak tree RSS) | %s |" % (
+            next(iter(ls.values()))["objects"],
+            " | ".join("%s (%d lines, %s)" % (fmt_s(med(ls[t.name]["times"])), ls[t.name]["lines"],
+                                              fmt_b(ls[t.name]["rss"])) if t.name in ls
+                       else "—" for t in tools)))
     L.append("| `cp -r` of %d small files (median s) | %s |" % (
         args.small_files, " | ".join(fmt_s(med(data["small"].get(t.name, []))) for t in tools)))
+    tr = data.get("tree", {})
+    for step, what in (("cp", "`cp -r`"), ("sync", "`sync` to an empty prefix"),
+                       ("sync2", "the same `sync` again (nothing changed)")):
+        L.append("| %s of the %s-file site tree (median s) | %s |" % (
+            what, next(iter(tr.values()))["files"] if tr else "?",
+            " | ".join(fmt_s(med(tr[t.name][step])) if t.name in tr else "—" for t in tools)))
     L.append("| interpreter baseline RSS (`python3 -c pass`) | %s |" % fmt_b(data["baseline_rss"]))
     L.append("")
+    if data.get("ls"):
+        L.append("The `ls -r` buckets (made once by raw parallel PUTs, reused): folders of %d keys, in turn "
+                 "plain objects, the delta layout (`reference.bin` and `.delta` files whose metadata records the "
+                 "original size), plain again, and half of each; deltaglider lists the logical names (references "
+                 "hidden), aws s3 every stored key. deltaglider 6.2.0 lists one request's 1,000 keys.\n"
+                 % LISTING_FOLDER)
     if notes or errors:
         L.append("## Notes\n")
         for prefix, group in (("**ours**: ", errors), ("", notes)):
@@ -1014,8 +1238,10 @@ def parse_args(argv=None):
     ap.add_argument("--image-mib", type=int, default=None,
                     help="#17's image pair, five 64 KiB regions changed (default 300; --small: 32)")
     ap.add_argument("--small-files", type=int, default=None, help="default 1000 (--small: 20)")
+    ap.add_argument("--tree-files", type=int, default=None,
+                    help="files in #17's site tree for cp -r and sync (default 1000; --small: 50)")
     ap.add_argument("--list-objects", type=int, default=None,
-                    help="objects for ls -r (default 100000; --small: 200)")
+                    help="keys of the ls -r bucket, and a tenth of it (default 100000; --small: 2000)")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "deltaglider-bench"))
     ap.add_argument("--seed-corpus", action="append", help="folder searched for already-downloaded files")
     ap.add_argument("--endpoint", help="use this S3 endpoint (keys test:tester/testing) instead of starting one")
@@ -1023,7 +1249,7 @@ def parse_args(argv=None):
     ap.add_argument("--original-venv", help="venv holding deltaglider==6.2.0 (default: CACHE/venv-dg620)")
     ap.add_argument("--awscli-venv", help="venv holding awscli (default: CACHE/venv-awscli)")
     ap.add_argument("--skip", action="append", default=[], choices=["original", "awscli"])
-    ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small)")
+    ap.add_argument("--only", action="append", default=[], help="run only these workloads (series names, version, ls, small, tree)")
     ap.add_argument("--big-tools", default="ours,original,awscli", help="tools run on the big file")
     ap.add_argument("--keep-objects", action="store_true")
     ap.add_argument("--out", help="where RESULTS.md and results.json go (default: benchmarks/; "
@@ -1060,13 +1286,15 @@ def main():
         args.image_mib = 32 if args.small else 300
     if args.small_files is None:
         args.small_files = 20 if args.small else 1000
+    if args.tree_files is None:
+        args.tree_files = 50 if args.small else 1000
     if args.list_objects is None:
-        args.list_objects = 200 if args.small else 100000
+        args.list_objects = 2000 if args.small else 100000
     os.makedirs(args.cache, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.time()
 
-    series, small, many = build_corpus(args)
+    series, small = build_corpus(args)
     log("corpus ready: %s" % ", ".join("%s=%d files" % (k, len(v)) for k, v in series.items()))
 
     server_started = False
@@ -1093,9 +1321,11 @@ def main():
         if want("version"):
             b.version(plain_tools, 10 if not args.small else 3)
         if want("ls"):
-            b.ls(plain_tools, many, max(3, args.repeat) if not args.small else 1)
+            b.ls(plain_tools, max(3, args.repeat) if not args.small else 1)
         if want("small"):
             b.small(plain_tools, small, args.repeat)
+        if want("tree"):
+            b.tree(plain_tools, args.tree_dir, args.repeat)
         for name, files in series.items():
             if not want(name):
                 continue
