@@ -6923,6 +6923,21 @@ def _parts_meta(sizes: Sequence[int]) -> str | None:
     return text if len(text) <= _PARTS_META_MAX else None
 
 
+#: ``dg-upload``: which multipart upload completed into this object (_upload_note), so a
+#: repeated CompleteMultipartUpload of it is answered as the first was, by any process.
+_UPLOAD_META = "dg-upload"
+
+
+def _upload_note(upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    """``dg-upload``'s value: a digest of the upload id and the (number, ETag) parts it
+    was completed with (bounded, whatever their count; Swift caps a value at 256 bytes)."""
+    import hashlib
+    import json
+
+    text = json.dumps([upload_id, [[int(n), str(e).strip('"')] for n, e in parts]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _part_sizes(metadata: Mapping[str, str]) -> list[int]:
     """The sizes ``dg-parts`` records (empty for an object not uploaded in parts)."""
     sizes: list[int] = []
@@ -10229,6 +10244,7 @@ class _Upload(NamedTuple):
     create_only: bool  # the stored form goes up with If-None-Match: * (put_file)
     checksum: tuple[str, str] | None = None  # (algo, base64) the caller's x-amz-checksum
     parts: Sequence[int] = ()  # the sizes of the parts it was uploaded in: dg-parts
+    upload: str | None = None  # the multipart upload it completes: dg-upload
 
     def info(self) -> _FileInfo:
         """The file's size, SHA-256 and MD5 (waiting for the hashing if it still runs)."""
@@ -10672,6 +10688,8 @@ class _DeltaEngine:
         parts = _parts_meta(up.parts) if up.parts else None
         if parts:
             meta[_PARTS_META] = parts
+        if up.upload:
+            meta[_UPLOAD_META] = up.upload
         return meta
 
     @_reports_as("PutObject")
@@ -10692,13 +10710,15 @@ class _DeltaEngine:
         if_none_match: bool = False,
         checksum: tuple[str, str] | None = None,
         parts: Sequence[int] = (),
+        upload: str | None = None,
     ) -> dict[str, Any]:
         """Store a local file under a logical key, as a delta when it is eligible and the
         delta is small enough, else directly. Returns a summary (DeltaGliderInfo).
 
         ``checksum``: the caller's (algorithm, base64 value) of the file, already checked,
         kept as ``dg-checksum-<algorithm>`` (returned by HeadObject/GetObject on request);
-        ``parts``: the sizes of the parts it was uploaded in, kept as ``dg-parts``.
+        ``parts``: the sizes of the parts it was uploaded in, kept as ``dg-parts``;
+        ``upload``: the _upload_note of the multipart upload it completes (``dg-upload``).
 
         ``existing``: the stored keys a listing just showed, when the caller has one.
         ``if_none_match``: the stored form is created with ``If-None-Match: *`` where the
@@ -10730,6 +10750,7 @@ class _DeltaEngine:
             create_only=if_none_match and self.storage.supports_conditional_writes(bucket),
             checksum=checksum,
             parts=parts,
+            upload=upload,
         )
         if up.required:
             self._refuse_shadowed(bucket, key)
@@ -11998,12 +12019,14 @@ def _put_object_from_file(
     on_bytes: Callable[[int], None] | None = None,
     checksum: tuple[str, str] | None = None,
     parts: Sequence[int] = (),
+    upload: str | None = None,
 ) -> dict[str, Any]:
     """PutObject of a file's bytes (``params`` as put_object's): stored as the engine
     stores a file (a delta where that pays), answered as PutObject, with DeltaGliderInfo.
     ``info`` holds the digests of the caller's bytes when they were spooled, ``checksum``
     an x-amz-checksum the caller already checked (else params' own is: _upload_checksum),
-    ``parts`` the sizes of the parts it came in (multipart uploads).
+    ``parts`` the sizes of the parts it came in and ``upload`` the _upload_note of the
+    multipart upload it completes.
     With ``IfNoneMatch``/``IfMatch``, the logical object is checked first and nothing is
     stored when the condition fails (_check_write_conditions)."""
     checksum = checksum or _upload_checksum(params, path)
@@ -12023,6 +12046,7 @@ def _put_object_from_file(
             if_none_match=if_none_match,
             checksum=checksum,
             parts=parts,
+            upload=upload,
         )
 
     if params.get("IfNoneMatch") is None and params.get("IfMatch") is None:
@@ -13901,9 +13925,17 @@ class _MultipartUploads:
                 )
             )
         storage = self.engine.storage
-        storage.complete_multipart_upload(
-            bucket, staging, server_id, [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
-        )
+        wanted = [(int(p["PartNumber"]), str(p["ETag"])) for p in parts]
+        note = _upload_note(kwargs["UploadId"], wanted)
+        try:
+            storage.complete_multipart_upload(bucket, staging, server_id, wanted)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            done = self._completed(bucket, kwargs["Key"], note)
+            if done is None:
+                raise
+            return done  # a retry of a completion whose answer was lost, as S3 answers it
         engine = self.engine
         fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
         os.close(fd)
@@ -13927,7 +13959,7 @@ class _MultipartUploads:
             ):
                 if got.get(name) is not None:
                     params[name] = got[name]
-            result = _put_object_from_file(self.engine, tmp, params)
+            result = _put_object_from_file(self.engine, tmp, params, upload=note)
         finally:
             os.unlink(tmp)
         with contextlib.suppress(ClientError):  # left for a purge, never a data loss
@@ -13942,6 +13974,25 @@ class _MultipartUploads:
             out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
         out["ResponseMetadata"] = result["ResponseMetadata"]
         return out
+
+    def _completed(self, bucket: str, key: str, note: str) -> dict[str, Any] | None:
+        """CompleteMultipartUpload's answer for an upload that already completed into
+        ``key`` with these very parts (its ``dg-upload`` is ``note``), else None."""
+        try:
+            lg = self.engine.head(bucket, key)
+        except ClientError as e:
+            if _is_not_found(e):
+                return None
+            raise
+        if lg.metadata.get(_UPLOAD_META) != note:
+            return None
+        return {
+            "Location": self.engine.storage.object_url(bucket, key),
+            "Bucket": bucket,
+            "Key": key,
+            "ETag": lg.etag,
+            "ResponseMetadata": _local_metadata({}),
+        }
 
     def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}

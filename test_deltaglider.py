@@ -9417,6 +9417,59 @@ def test_multipart_api_stores_the_object_as_a_delta(
     assert info.value.response["Error"]["Code"] == "NoSuchUpload"
 
 
+def test_multipart_complete_repeated_answers_as_the_first(
+    backend: Backend, client: dg.DeltaGliderClient, dgbucket: str, tmp_path: Any
+) -> None:
+    """A repeated CompleteMultipartUpload (a retry whose first answer was lost; s3-tests'
+    test_multipart_upload does it) gets the first one's answer, even from another client,
+    as on S3; only for the upload that completed into that key with those parts: any
+    other id, key or part list is NoSuchUpload, and an overwritten key forgets it."""
+    body = b"repeat me" * 1000
+
+    def upload(key: str) -> tuple[str, list[dict[str, Any]]]:
+        up = client.create_multipart_upload(Bucket=dgbucket, Key=key)
+        part = client.upload_part(
+            Bucket=dgbucket, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=body
+        )
+        return up["UploadId"], [{"PartNumber": 1, "ETag": part["ETag"]}]
+
+    def complete(c: Any, key: str, upload_id: str, parts: Any) -> dict[str, Any]:
+        return dict(
+            c.complete_multipart_upload(
+                Bucket=dgbucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        )
+
+    def refused(c: Any, key: str, upload_id: str, parts: Any) -> None:
+        with pytest.raises(dg.ClientError) as info:
+            complete(c, key, upload_id, parts)
+        assert info.value.response["Error"]["Code"] == "NoSuchUpload"
+
+    upload_id, parts = upload("a.bin")
+    first = complete(client, "a.bin", upload_id, parts)
+    again = complete(client, "a.bin", upload_id, parts)
+    other = make_client(backend, tmp_path)  # another process: nothing shared but the bucket
+    try:
+        third = complete(other, "a.bin", upload_id, parts)
+    finally:
+        other.close()
+    for answer in (again, third):
+        assert {k: answer[k] for k in ("Location", "Bucket", "Key", "ETag")} == {
+            k: first[k] for k in ("Location", "Bucket", "Key", "ETag")
+        }
+    assert first["ETag"] == '"%s"' % hashlib.md5(body).hexdigest()
+    assert "multipart" not in repr(client.head_object(Bucket=dgbucket, Key="a.bin")["Metadata"])
+    refused(client, "a.bin", upload_id, parts + [{"PartNumber": 2, "ETag": parts[0]["ETag"]}])
+    refused(client, "a.bin", upload_id[:-1] + ("1" if upload_id.endswith("0") else "0"), parts)
+    client.copy_object(
+        Bucket=dgbucket, Key="b.bin", CopySource={"Bucket": dgbucket, "Key": "a.bin"}
+    )
+    refused(client, "b.bin", upload_id, parts)  # another key with the same bytes
+    client.put_object(Bucket=dgbucket, Key="a.bin", Body=body)
+    refused(client, "a.bin", upload_id, parts)  # overwritten since
+    assert client.get_object(Bucket=dgbucket, Key="a.bin")["Body"].read() == body
+
+
 def test_unsupported_boto3_methods_say_so(tmp_path: Any) -> None:
     c = dg.create_client("file://" + str(tmp_path / "s"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(AttributeError) as info:
