@@ -3390,6 +3390,28 @@ def _byte_range(spec: str | None, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
+def _copy_source_range(text: str, size: int | None = None) -> tuple[int, int]:
+    """(first, last byte) of UploadPartCopy's CopySourceRange (x-amz-copy-source-range):
+    ``bytes=first-last``, both given, ``first <= last``, else S3's 400 InvalidArgument;
+    with the source's ``size``, a range past its end is its 416 InvalidRange. The one
+    parser of it: the client's upload_part_copy and the gateway's use it."""
+    m = re.match(r"^bytes=(\d+)-(\d+)$", text.strip())
+    if not m or int(m.group(1)) > int(m.group(2)):
+        error = {
+            "Code": "InvalidArgument",
+            "Message": "The x-amz-copy-source-range value must be of the form bytes=first-last "
+            "where first and last are the zero-based offsets of the first and last bytes to copy",
+            "ArgumentName": "x-amz-copy-source-range",
+            "ArgumentValue": text,
+        }
+        meta = _local_metadata({"ResponseMetadata": {"HTTPStatusCode": 400}})
+        raise _client_error({"Error": error, "ResponseMetadata": meta}, "UploadPartCopy")
+    first, last = int(m.group(1)), int(m.group(2))
+    if size is not None and last >= size:
+        raise _RangeNotSatisfiable(text, size).client_error("UploadPartCopy")
+    return first, last
+
+
 def _range_to_send(spec: str | None, size: int) -> str | None:
     """The Range header that makes any server answer ``spec`` on a stored object of
     ``size`` bytes as :func:`_byte_range` reads it (SeaweedFS refuses ``bytes=5-2``, Swift
@@ -13889,8 +13911,15 @@ class _MultipartUploads:
                 report=_type_report("CopySource", src, "<class 'str'>, <class 'dict'>")
             )
         get: dict[str, Any] = {"Bucket": src_bucket, "Key": src_key}
-        if kwargs.get("CopySourceRange"):
-            get["Range"] = kwargs["CopySourceRange"]
+        text = kwargs.get("CopySourceRange")
+        span = None
+        if text is not None:
+            if not isinstance(text, str):
+                raise ParamValidationError(
+                    report=_type_report("CopySourceRange", text, "<class 'str'>")
+                )
+            span = _copy_source_range(text)
+            get["Range"] = "bytes=%d-%d" % span
         for name, _ in _COPY_CONDITION_PARAMS:
             if kwargs.get(name) is not None:
                 get[name[len("CopySource") :]] = kwargs[name]
@@ -13898,6 +13927,11 @@ class _MultipartUploads:
             resp = get_object(**get)
         except ClientError as e:
             raise _client_error(e.response, "UploadPartCopy") from None
+        if span is not None:  # a range the source ends within: the source's size known now
+            size = str(resp.get("ContentRange", "")).rpartition("/")[2]
+            if size.isdigit() and span[1] >= int(size):
+                resp["Body"].close()
+                _copy_source_range(str(text), int(size))
         with resp["Body"] as part:
             path, info = _spool_request_body(self.engine, part)
         try:
@@ -14977,7 +15011,8 @@ def _s3_reply_from(e: BaseException) -> _S3Reply:
             message = None
         else:
             message = str(err.get("Message") or "") or None
-        fields = {k: str(v) for k, v in err.items() if k in ("BucketName", "Key", "Condition")}
+        named = ("BucketName", "Key", "Condition", "ActualObjectSize", "RangeRequested")
+        fields = {k: str(v) for k, v in err.items() if k in named}
         return _S3Reply(code, message, status=str(status), **fields)
     if isinstance(e, ParamValidationError):
         return _S3Reply("InvalidArgument", str(e).replace("\n", " "))
@@ -16714,22 +16749,6 @@ def _upload_checksum_kind(h: Mapping[str, str]) -> tuple[str, str] | None:
 def _checksum_mode(h: Mapping[str, str]) -> bool:
     """Whether a GET/HEAD asks for the object's stored checksum (x-amz-checksum-mode)."""
     return h.get("x-amz-checksum-mode", "").strip().upper() == "ENABLED"
-
-
-def _copy_source_range(text: str, size: int) -> tuple[int, int]:
-    """UploadPartCopy's x-amz-copy-source-range: ``bytes=first-last``, both given, within
-    the source (S3: InvalidArgument for any other form, InvalidRange past its end)."""
-    m = re.match(r"^bytes=(\d+)-(\d+)$", text.strip())
-    if not m or int(m.group(1)) > int(m.group(2)):
-        raise _S3Reply(
-            "InvalidArgument",
-            "The x-amz-copy-source-range value must be of the form bytes=first-last where "
-            "first and last are the zero-based offsets of the first and last bytes to copy",
-        )
-    first, last = int(m.group(1)), int(m.group(2))
-    if last >= size:
-        raise _S3Reply("InvalidRange", ActualObjectSize=str(size), RangeRequested=text)
-    return first, last
 
 
 #: The query parameters of a listing an anonymous client may send (ListObjects v1/v2).

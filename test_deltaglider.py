@@ -9417,6 +9417,54 @@ def test_multipart_api_stores_the_object_as_a_delta(
     assert info.value.response["Error"]["Code"] == "NoSuchUpload"
 
 
+def test_upload_part_copy_ranges_are_checked_as_s3s(
+    client: dg.DeltaGliderClient, dgbucket: str
+) -> None:
+    """CopySourceRange (s3-tests' test_multipart_copy_improper_range): S3's 400
+    InvalidArgument for anything but ``bytes=first-last``, its 416 InvalidRange for a
+    range past the source's end, and the bytes asked for otherwise (the last one too)."""
+    client.put_object(Bucket=dgbucket, Key="src", Body=b"01234")
+    up = client.create_multipart_upload(Bucket=dgbucket, Key="dest")["UploadId"]
+
+    def copy(text: str) -> dict[str, Any]:
+        return dict(
+            client.upload_part_copy(
+                Bucket=dgbucket,
+                Key="dest",
+                UploadId=up,
+                PartNumber=1,
+                CopySource={"Bucket": dgbucket, "Key": "src"},
+                CopySourceRange=text,
+            )
+        )
+
+    try:
+        malformed = ["0-2", "bytes=0", "bytes=hello-world", "bytes=0-bar", "bytes=hello-"]
+        for text in malformed + ["bytes=0-2,3-5", "bytes=3-1", "bytes=-2", "bytes=1-"]:
+            with pytest.raises(dg.ClientError) as info:
+                copy(text)
+            assert info.value.response["Error"]["Code"] == "InvalidArgument", text
+            assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        for text in ("bytes=0-5", "bytes=3-9", "bytes=5-5"):
+            with pytest.raises(dg.ClientError) as info:
+                copy(text)
+            assert info.value.response["Error"]["Code"] == "InvalidRange", text
+            assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
+        part = copy("bytes=2-4")["CopyPartResult"]
+        assert part["ETag"] == '"%s"' % hashlib.md5(b"234").hexdigest()
+        done = client.complete_multipart_upload(
+            Bucket=dgbucket,
+            Key="dest",
+            UploadId=up,
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+        )
+        assert done["Key"] == "dest"
+        assert client.get_object(Bucket=dgbucket, Key="dest")["Body"].read() == b"234"
+    finally:
+        with contextlib.suppress(dg.ClientError):
+            client.abort_multipart_upload(Bucket=dgbucket, Key="dest", UploadId=up)
+
+
 def test_multipart_complete_repeated_answers_as_the_first(
     backend: Backend, client: dg.DeltaGliderClient, dgbucket: str, tmp_path: Any
 ) -> None:
