@@ -2424,12 +2424,9 @@ class _SigV4:
     ) -> str:
         """The query string of a presigned URL (botocore SigV4QueryAuth order). ``headers``
         are signed as botocore signs an operation's header parameters (``x-amz-acl``,
-        ``Content-Type``, ``Range``...): whoever uses the URL must send them."""
-        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, expires)
-            )
+        ``Content-Type``, ``Range``...): whoever uses the URL must send them. Any expiry
+        is signed as given: as botocore does, the server refuses one outside 1 s to 7 days
+        (an expired or malformed URL is the server's answer, not a client-side error)."""
         timestamp = now.astimezone(datetime.timezone.utc).strftime(_SIGV4_TIMESTAMP)
         block, signed = _canonical_headers(dict(headers or {}, host=host))
         auth: list[tuple[str, str]] = [
@@ -2456,14 +2453,10 @@ class _SigV4:
         expires: int,
         now: datetime.datetime,
     ) -> dict[str, str]:
-        """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth)."""
+        """Fields of a browser POST upload with a signed policy (botocore S3SigV4PostAuth).
+        Any expiry is signed as given, as ``presign_query`` signs it."""
         import json
 
-        if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-            raise ParamValidationError(
-                report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-                % (_PRESIGN_MAX_EXPIRES, expires)
-            )
         now = now.astimezone(datetime.timezone.utc)
         timestamp = now.strftime(_SIGV4_TIMESTAMP)
         expiration = (now + datetime.timedelta(seconds=int(expires))).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -14253,7 +14246,7 @@ _PRESIGN_METHODS: dict[str, tuple[str, frozenset[str]]] = {
 
 
 def _presign_method(client_method: str, params: Mapping[str, Any], expires: int) -> str:
-    """The HTTP method of a presignable call, once its parameters and expiry are valid."""
+    """The HTTP method of a presignable call, once its parameters are valid."""
     if client_method not in _PRESIGN_METHODS:
         raise ParamValidationError(
             report="deltaglider presigns %s; not %r"
@@ -14262,11 +14255,7 @@ def _presign_method(client_method: str, params: Mapping[str, Any], expires: int)
     method, allowed = _PRESIGN_METHODS[client_method]
     _check_params(client_method, params, allowed)
     _require(client_method, params, "Bucket")
-    if not 1 <= int(expires) <= _PRESIGN_MAX_EXPIRES:
-        raise ParamValidationError(
-            report="ExpiresIn must be between 1 and %d seconds (7 days), got %r"
-            % (_PRESIGN_MAX_EXPIRES, expires)
-        )
+    int(expires)  # a number, as botocore needs; its range is the server's to judge
     return method
 
 
@@ -15445,7 +15434,7 @@ class _GatewayAuth:
         now = self._now()
         if (when - now).total_seconds() > _GATEWAY_MAX_SKEW:
             raise _S3Reply("AccessDenied", "Request is not valid yet")
-        if (now - when).total_seconds() > expires:
+        if (now - when).total_seconds() >= expires:  # a URL of 0 s is expired on arrival (S3)
             raise _S3Reply(
                 "AccessDenied",
                 "Request has expired",
@@ -16292,7 +16281,10 @@ def _xml_listing(
     def text(value: str) -> str:
         return _quote(value, safe="/") if encode else value
 
-    parts = [_el("Name", bucket), _el("Prefix", text(q.get("prefix", "")))]
+    # ListObjects v1 sends its Prefix as it came whatever the encoding-type (AWS does, and
+    # botocore decodes only Delimiter and the markers of a v1 answer).
+    prefix = q.get("prefix", "")
+    parts = [_el("Name", bucket), _el("Prefix", prefix if kind == "v1" else text(prefix))]
     if kind == "versions":
         parts.append(_el("KeyMarker", text(q.get("key-marker", ""))))
         parts.append(_el("VersionIdMarker", q.get("version-id-marker", "")))
