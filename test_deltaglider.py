@@ -12079,7 +12079,7 @@ def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_pat
         v1 = make_zip(tmp_path / "v1.zip", 1)
         v2 = make_zip(tmp_path / "v2.zip", 2)
         s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
-        assert dg._file_checksum(_write(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
+        assert dg._file_checksum(_joined_file(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
         crc = dg._file_checksum(str(tmp_path / "v2.zip"), "crc64nvme")  # botocore needs CRT
         s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumCRC64NVME=crc)
         crc32 = s3.put_object(  # a trailer, as boto3 sends it over aws-chunked
@@ -12117,7 +12117,9 @@ def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_pat
                 )
                 done.append({"ETag": r["ETag"], "PartNumber": n})
                 done[-1]["Checksum" + algo] = r["Checksum" + algo]
-            expect = want + "-2" if want else dg._file_checksum(_write(tmp_path, parts), "crc32")
+            expect = (
+                want + "-2" if want else dg._file_checksum(_joined_file(tmp_path, parts), "crc32")
+            )
             name = "Checksum" + algo
             with pytest.raises(s3.exceptions.ClientError) as e:
                 s3.complete_multipart_upload(
@@ -12285,7 +12287,7 @@ def test_gateway_serves_anonymous_reads_only_where_the_acl_grants_them(gateway: 
         _gw_cleanup(gateway, bucket)
 
 
-def _write(tmp_path: Any, chunks: list[bytes]) -> str:
+def _joined_file(tmp_path: Any, chunks: list[bytes]) -> str:
     path = tmp_path / ("joined-" + uuid.uuid4().hex[:6])
     path.write_bytes(b"".join(chunks))
     return str(path)
