@@ -19128,7 +19128,7 @@ class _Cli:
             bucket,
             key,
             "" if self.args.recursive else "/",
-            self.args.original_sizes,
+            not self.args.stored_sizes,
             self.workers,
         )
         for objects, prefixes in pages:  # each page printed as it comes, in one write
@@ -20053,10 +20053,10 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
     p.add_argument(
-        "--original-sizes",
+        "--stored-sizes",
         action="store_true",
-        help="show delta-stored files at their original size (one HEAD per delta, in "
-        "parallel), not the bytes stored",
+        help="show delta-stored files at the bytes they take in the bucket (as deltaglider "
+        "6.2.0 does), not the size a download gives: no HEAD per delta, for big listings",
     )
 
 

@@ -12180,7 +12180,7 @@ def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_pat
         v1 = make_zip(tmp_path / "v1.zip", 1)
         v2 = make_zip(tmp_path / "v2.zip", 2)
         s3.put_object(Bucket=bucket, Key="rel/a-1.zip", Body=v1)
-        assert dg._file_checksum(_write(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
+        assert dg._file_checksum(_joined_file(tmp_path, [body]), "crc64nvme") == "Qeh8oXvGiSo="
         crc = dg._file_checksum(str(tmp_path / "v2.zip"), "crc64nvme")  # botocore needs CRT
         s3.put_object(Bucket=bucket, Key="rel/a-2.zip", Body=v2, ChecksumCRC64NVME=crc)
         crc32 = s3.put_object(  # a trailer, as boto3 sends it over aws-chunked
@@ -12218,7 +12218,9 @@ def test_gateway_keeps_the_checksums_uploads_came_with(gateway: Gateway, tmp_pat
                 )
                 done.append({"ETag": r["ETag"], "PartNumber": n})
                 done[-1]["Checksum" + algo] = r["Checksum" + algo]
-            expect = want + "-2" if want else dg._file_checksum(_write(tmp_path, parts), "crc32")
+            expect = (
+                want + "-2" if want else dg._file_checksum(_joined_file(tmp_path, parts), "crc32")
+            )
             name = "Checksum" + algo
             with pytest.raises(s3.exceptions.ClientError) as e:
                 s3.complete_multipart_upload(
@@ -12386,7 +12388,7 @@ def test_gateway_serves_anonymous_reads_only_where_the_acl_grants_them(gateway: 
         _gw_cleanup(gateway, bucket)
 
 
-def _write(tmp_path: Any, chunks: list[bytes]) -> str:
+def _joined_file(tmp_path: Any, chunks: list[bytes]) -> str:
     path = tmp_path / ("joined-" + uuid.uuid4().hex[:6])
     path.write_bytes(b"".join(chunks))
     return str(path)
@@ -13502,14 +13504,14 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--stored-sizes", "s3://%s/dir/" % bucket])
     stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
     deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
     assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
@@ -13600,12 +13602,12 @@ def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any
 
 
 @needs_xdelta3
-def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
+def test_cli_ls_shows_original_sizes_and_stored_sizes_without_heads(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
-    """ls is one listing request per page: sizes as stored (a delta's few bytes, as 6.2.0
-    and aws s3 ls show them), no HEAD; --original-sizes reads each delta's recorded size
-    (one HEAD per delta, in parallel) and prints the size a download gives."""
+    """ls shows the size a download gives (each delta's recorded size: one HEAD per delta,
+    in parallel, none for a file stored whole); --stored-sizes is one listing request per
+    page and no HEAD, with sizes as stored (a delta's few bytes, as 6.2.0 shows them)."""
     backend, bucket = cli_env
     files = {"p/a.zip": make_zip(tmp_path / "a.zip", 0), "p/b.zip": make_zip(tmp_path / "b.zip", 1)}
     (tmp_path / "n.txt").write_bytes(b"n" * 300)
@@ -13631,13 +13633,13 @@ def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
         assert code == 0, err
         return {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
 
-    assert sizes() == {
+    assert sizes("--stored-sizes") == {
         "p/a.zip": stored["p/a.zip.delta"],
         "p/b.zip": stored["p/b.zip.delta"],
         "p/n.txt": 300,
     }
     assert heads == []
-    assert sizes("--original-sizes") == {k: len(v) for k, v in files.items()}
+    assert sizes() == {k: len(v) for k, v in files.items()}
     assert sorted(heads) == ["p/a.zip.delta", "p/b.zip.delta"]
 
 
