@@ -13801,6 +13801,19 @@ def _acl_xml(policy: Mapping[str, Any]) -> bytes:
 _MPU_NONCE = 32
 
 
+def _completed_upload(engine: _DeltaEngine, bucket: str, key: str, note: str) -> _Logical | None:
+    """The logical object that the multipart upload ``note`` (_upload_note: its id and
+    parts) completed into at ``key``, if that is what ``key`` holds now: how the client
+    and the gateway recognise a repeated CompleteMultipartUpload, from any process."""
+    try:
+        lg = engine.head(bucket, key)
+    except ClientError as e:
+        if _is_not_found(e):
+            return None
+        raise
+    return lg if lg.metadata.get(_UPLOAD_META) == note else None
+
+
 class _MultipartUploads:
     """The client's multipart-upload operations, over the engine's storage.
 
@@ -13966,10 +13979,16 @@ class _MultipartUploads:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
                 raise
-            done = self._completed(bucket, kwargs["Key"], note)
+            done = _completed_upload(self.engine, bucket, kwargs["Key"], note)
             if done is None:
                 raise
-            return done  # a retry of a completion whose answer was lost, as S3 answers it
+            return {  # a retry of a completion whose answer was lost, as S3 answers it
+                "Location": storage.object_url(bucket, kwargs["Key"]),
+                "Bucket": bucket,
+                "Key": kwargs["Key"],
+                "ETag": done.etag,
+                "ResponseMetadata": _local_metadata({}),
+            }
         engine = self.engine
         fd, tmp = _private_tempfile(engine.tmp_dir(), ".mpu")
         os.close(fd)
@@ -14008,25 +14027,6 @@ class _MultipartUploads:
             out["DeltaGliderInfo"] = result["DeltaGliderInfo"]
         out["ResponseMetadata"] = result["ResponseMetadata"]
         return out
-
-    def _completed(self, bucket: str, key: str, note: str) -> dict[str, Any] | None:
-        """CompleteMultipartUpload's answer for an upload that already completed into
-        ``key`` with these very parts (its ``dg-upload`` is ``note``), else None."""
-        try:
-            lg = self.engine.head(bucket, key)
-        except ClientError as e:
-            if _is_not_found(e):
-                return None
-            raise
-        if lg.metadata.get(_UPLOAD_META) != note:
-            return None
-        return {
-            "Location": self.engine.storage.object_url(bucket, key),
-            "Bucket": bucket,
-            "Key": key,
-            "ETag": lg.etag,
-            "ResponseMetadata": _local_metadata({}),
-        }
 
     def abort(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         allowed = {"Bucket", "Key", "UploadId", "ExpectedBucketOwner", "RequestPayer"}
@@ -16145,57 +16145,6 @@ class _Uploads:
         sizes = [int(have[number]["Size"]) for number, _ in wanted]
         return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
 
-    #: How long a completed upload answers a repeated CompleteMultipartUpload (S3 does too).
-    _DONE_KEEP = 24 * 3600
-
-    def finish(
-        self,
-        upload_id: str,
-        bucket: str,
-        key: str,
-        parts: list[tuple[int, str]],
-        etag: str,
-        checksum: tuple[str, str] | None = None,
-    ) -> None:
-        """Remove a completed upload, keeping a note of it for a client's retry."""
-        import json
-
-        note = os.path.join(self.folder, ".done-%s.json" % upload_id)
-        fd, tmp = _private_tempfile(self.folder, ".json", prefix=".done-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            done = {"Bucket": bucket, "Key": key, "Parts": parts, "ETag": etag}
-            json.dump(dict(done, Checksum=checksum), f)
-        os.replace(tmp, note)
-        self.remove(upload_id)
-        now = time.time()
-        for name in os.listdir(self.folder):
-            if name.startswith(".done-"):
-                path = os.path.join(self.folder, name)
-                with contextlib.suppress(OSError):
-                    if now - os.path.getmtime(path) > self._DONE_KEEP:
-                        os.unlink(path)
-
-    def completed(
-        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
-    ) -> tuple[str, tuple[str, str] | None] | None:
-        """The ETag and checksum of an upload completed with these very parts, if it was."""
-        import json
-
-        if not self._ID_RE.match(upload_id):
-            return None
-        try:
-            with open(
-                os.path.join(self.folder, ".done-%s.json" % upload_id), encoding="utf-8"
-            ) as f:
-                note = json.load(f)
-        except (OSError, ValueError):
-            return None
-        same = [list(p) for p in parts] == note.get("Parts")
-        if note.get("Bucket") == bucket and note.get("Key") == key and same:
-            checksum = note.get("Checksum")
-            return str(note["ETag"]), (str(checksum[0]), str(checksum[1])) if checksum else None
-        return None
-
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
         gone = os.path.join(self.folder, ".gone-" + upload_id)
@@ -16558,6 +16507,31 @@ def _xml_parts(
         + items
     )
     return _xml_doc("ListPartsResult", body)
+
+
+def _xml_completed(
+    host: str, bucket: str, key: str, etag: str, checksum: tuple[str, str] | None
+) -> bytes:
+    """CompleteMultipartUploadResult of an object whose x-amz-checksum is ``checksum``
+    ((algorithm, value): COMPOSITE when the value ends in ``-<parts>``)."""
+    body = (
+        _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
+        + _el("Bucket", bucket)
+        + _el("Key", key)
+        + _el("ETag", etag)
+    )
+    meta = {_CHECKSUM_META + checksum[0]: checksum[1]} if checksum else {}
+    for name, value in _stored_checksum(meta).items():
+        body += _el(name, value)
+    return _xml_doc("CompleteMultipartUploadResult", body)
+
+
+def _meta_checksum(metadata: Mapping[str, str]) -> tuple[str, str] | None:
+    """The (algorithm, value) of the x-amz-checksum a stored object keeps (dg-checksum-*)."""
+    for algo in _CHECKSUMS:
+        if metadata.get(_CHECKSUM_META + algo):
+            return algo, metadata[_CHECKSUM_META + algo]
+    return None
 
 
 def _xml_uploads(page: Mapping[str, Any]) -> bytes:
@@ -17559,8 +17533,11 @@ class _GatewayHandler(_HandlerBase):
             headers["Last-Modified"] = _http_date(resp["LastModified"])
         self._send(200, _xml_attributes(resp), headers=headers)
 
-    def _store(self, spooled: _Spooled, params: dict[str, Any]) -> dict[str, Any]:
-        """Hand a verified file to the client layer (which picks delta or direct)."""
+    def _store(
+        self, spooled: _Spooled, params: dict[str, Any], upload: str | None = None
+    ) -> dict[str, Any]:
+        """Hand a verified file to the client layer (which picks delta or direct);
+        ``upload``: the _upload_note of the multipart upload it completes."""
         client = self.server.gateway.client
         if params["Key"].endswith("/"):
             # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
@@ -17585,6 +17562,7 @@ class _GatewayHandler(_HandlerBase):
             spooled.info,
             checksum=spooled.checksum,
             parts=spooled.parts,
+            upload=upload,
         )
         info = result.get("DeltaGliderInfo") or {}
         if info:
@@ -17843,11 +17821,18 @@ class _GatewayHandler(_HandlerBase):
         # Its x-amz-checksum-* is the whole object's (checked below), not its XML body's.
         plain = {k: v for k, v in self._headers.items() if not k.startswith("x-amz-checksum-")}
         wanted = _completed_parts(self._xml_body(signed, plain))
+        note, host = _upload_note(upload_id, wanted), self._headers.get("host", "")
         with gw.uploads.lock(upload_id):
-            done = gw.uploads.completed(bucket, key, upload_id, wanted)
-            if done is not None:  # a retry of a completion whose answer was lost
-                return self._complete_answer(bucket, key, done[0], done[1])
-            rec = gw.uploads.record(bucket, key, upload_id)
+            try:
+                rec = gw.uploads.record(bucket, key, upload_id)
+            except _S3Reply:
+                done = _completed_upload(gw.client.engine, bucket, key, note)
+                if done is None:
+                    raise
+                # a retry of a completion whose answer was lost, answered as the first
+                checksum = _meta_checksum(done.metadata)
+                body = _xml_completed(host, bucket, key, done.etag, checksum)
+                return self._send(200, body)
             kind = rec.get("Checksum")
             spooled = gw.uploads.assemble(upload_id, wanted, gw.spool_dir, kind and tuple(kind))
             try:
@@ -17861,27 +17846,11 @@ class _GatewayHandler(_HandlerBase):
                         )
                 params = dict(rec.get("Params", {}), Bucket=bucket, Key=key)
                 params.update(_write_conditions(self._headers))
-                result = self._store(spooled, params)
+                result = self._store(spooled, params, upload=note)
             finally:
                 os.unlink(spooled.path)
-            gw.uploads.finish(upload_id, bucket, key, wanted, result["ETag"], spooled.checksum)
-        self._complete_answer(bucket, key, result["ETag"], spooled.checksum)
-
-    def _complete_answer(
-        self, bucket: str, key: str, etag: str, checksum: tuple[str, str] | None
-    ) -> None:
-        host = self._headers.get("host", "")
-        body = (
-            _el("Location", "http://%s/%s/%s" % (host, bucket, _quote_key(key)))
-            + _el("Bucket", bucket)
-            + _el("Key", key)
-            + _el("ETag", etag)
-        )
-        for name, value in _stored_checksum(
-            {_CHECKSUM_META + checksum[0]: checksum[1]} if checksum else {}
-        ).items():
-            body += _el(name, value)
-        self._send(200, _xml_doc("CompleteMultipartUploadResult", body))
+            gw.uploads.remove(upload_id)
+        self._send(200, _xml_completed(host, bucket, key, result["ETag"], spooled.checksum))
 
 
 class _Share:

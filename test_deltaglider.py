@@ -11837,6 +11837,59 @@ def test_gateway_multipart_upload_is_assembled_then_stored_as_a_delta(
         _gw_cleanup(gateway, bucket)
 
 
+def test_gateway_repeated_completion_is_known_by_the_stored_object(
+    backend: Backend, tmp_path: Any
+) -> None:
+    """A repeated CompleteMultipartUpload is recognised as the client recognises it (the
+    stored object records the upload that completed into it), so another gateway over the
+    same back end answers it too, with the upload's checksum, and a key overwritten since
+    answers NoSuchUpload."""
+    with _run_gateway(backend, tmp_path) as gw:
+        s3 = _boto3(gw)
+        bucket = _gw_bucket(gw)
+        s3.create_bucket(Bucket=bucket)
+        try:
+            up = s3.create_multipart_upload(Bucket=bucket, Key="e.txt", ChecksumAlgorithm="SHA256")[
+                "UploadId"
+            ]
+            part = s3.upload_part(
+                Bucket=bucket,
+                Key="e.txt",
+                UploadId=up,
+                PartNumber=1,
+                Body=b"z",
+                ChecksumAlgorithm="SHA256",
+            )
+            done = {
+                "Parts": [
+                    {
+                        "PartNumber": 1,
+                        "ETag": part["ETag"],
+                        "ChecksumSHA256": part["ChecksumSHA256"],
+                    }
+                ]
+            }
+
+            def complete(c: Any) -> dict[str, Any]:
+                return dict(
+                    c.complete_multipart_upload(
+                        Bucket=bucket, Key="e.txt", UploadId=up, MultipartUpload=done
+                    )
+                )
+
+            first = complete(s3)
+            with _run_gateway(backend, tmp_path) as other:  # its own state folder
+                again = complete(_boto3(other))
+            fields = ("Bucket", "Key", "ETag", "ChecksumSHA256")
+            assert {k: again[k] for k in fields} == {k: first[k] for k in fields}
+            assert first["ETag"] == '"%s"' % hashlib.md5(b"z").hexdigest()
+            s3.put_object(Bucket=bucket, Key="e.txt", Body=b"z")
+            with pytest.raises(s3.exceptions.NoSuchUpload):
+                complete(s3)
+        finally:
+            _gw_cleanup(gw, bucket)
+
+
 @needs_xdelta3
 def test_gateway_upload_part_copy_takes_ranges_of_logical_objects(
     gateway: Gateway, tmp_path: Any
