@@ -13902,7 +13902,10 @@ class _MultipartUploads:
         import urllib.parse
 
         allowed = {"Bucket", "Key", "UploadId", "PartNumber", "CopySource", "CopySourceRange"}
-        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS}
+        # The source's SSE-C key, to read it with (SSECustomer* on its GetObject).
+        source_sse_c = {"CopySource" + n for n in ("SSECustomerAlgorithm", "SSECustomerKey")}
+        source_sse_c.add("CopySourceSSECustomerKeyMD5")
+        allowed |= {n for n, _ in _COPY_CONDITION_PARAMS} | source_sse_c
         _params(
             "UploadPartCopy",
             kwargs,
@@ -13933,7 +13936,7 @@ class _MultipartUploads:
                 )
             span = _copy_source_range(text)
             get["Range"] = "bytes=%d-%d" % span
-        for name, _ in _COPY_CONDITION_PARAMS:
+        for name in [n for n, _ in _COPY_CONDITION_PARAMS] + sorted(source_sse_c):
             if kwargs.get(name) is not None:
                 get[name[len("CopySource") :]] = kwargs[name]
         try:

@@ -9465,6 +9465,31 @@ def test_upload_part_copy_ranges_are_checked_as_s3s(
             client.abort_multipart_upload(Bucket=dgbucket, Key="dest", UploadId=up)
 
 
+def test_upload_part_copy_reads_an_sse_c_source_with_its_key(
+    client: dg.DeltaGliderClient, dgbucket: str
+) -> None:
+    """UploadPartCopy from an SSE-C object (s3-tests' test_copy_part_enc[sse-c-unencrypted]):
+    CopySourceSSECustomer* is the key its source is read with."""
+    key = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": "0123456789abcdef" * 2}
+    client.put_object(Bucket=dgbucket, Key="src", Body=b"secret bytes", **key)
+    up = client.create_multipart_upload(Bucket=dgbucket, Key="dest")["UploadId"]
+    part = client.upload_part_copy(
+        Bucket=dgbucket,
+        Key="dest",
+        UploadId=up,
+        PartNumber=1,
+        CopySource={"Bucket": dgbucket, "Key": "src"},
+        **{"CopySource" + k: v for k, v in key.items()},
+    )["CopyPartResult"]
+    client.complete_multipart_upload(
+        Bucket=dgbucket,
+        Key="dest",
+        UploadId=up,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )
+    assert client.get_object(Bucket=dgbucket, Key="dest")["Body"].read() == b"secret bytes"
+
+
 def test_multipart_complete_repeated_answers_as_the_first(
     backend: Backend, client: dg.DeltaGliderClient, dgbucket: str, tmp_path: Any
 ) -> None:
