@@ -9,6 +9,7 @@ Exit status: non-zero only if OUR tool crashed or returned wrong bytes (or the h
 could not run). Slow figures and missed targets are reported, never fatal.
 """
 import argparse
+import copy
 import datetime
 import gzip
 import hashlib
