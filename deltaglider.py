@@ -19100,7 +19100,7 @@ class _Cli:
             bucket,
             key,
             "" if self.args.recursive else "/",
-            not self.args.stored_sizes,
+            self.args.original_sizes,
             self.workers,
         )
         for objects, prefixes in pages:  # each page printed as it comes, in one write
@@ -20025,10 +20025,10 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--summarize", action="store_true", help="end with the object count and size")
     p.add_argument(
-        "--stored-sizes",
+        "--original-sizes",
         action="store_true",
-        help="show delta-stored files at the bytes they take in the bucket (as deltaglider "
-        "6.2.0 does), not the size a download gives: no HEAD per delta, for big listings",
+        help="show delta-stored files at their original size (one HEAD per delta, in "
+        "parallel), not the bytes stored",
     )
 
 

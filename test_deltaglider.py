@@ -13582,14 +13582,14 @@ def test_cli_cp_destinations_and_output_lines(
     assert re.match(
         r"^upload: \./b\.zip to s3://%s/dir/new\.zip \(delta, 9\d\.\d%% saved\)\n$" % bucket, out
     )
-    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "--original-sizes", "s3://%s/dir/" % bucket])
     sizes = [int(line.split()[2]) for line in out.splitlines()]
     assert code == 0 and sizes == [
         (tmp_path / "a.zip").stat().st_size,
         (tmp_path / "b.zip").stat().st_size,
     ]
     assert [line.split()[3] for line in out.splitlines()] == ["a.zip", "new.zip"]
-    code, out, err = run_cli(backend, tmp_path, ["ls", "--stored-sizes", "s3://%s/dir/" % bucket])
+    code, out, err = run_cli(backend, tmp_path, ["ls", "s3://%s/dir/" % bucket])
     stored = make_client(backend, tmp_path).storage.list_objects_v2(bucket, prefix="dir/")
     deltas = {o["Key"]: o["Size"] for o in stored["Contents"]}
     assert code == 0 and [int(line.split()[2]) for line in out.splitlines()] == [
@@ -13680,12 +13680,12 @@ def test_cli_ls_missing_prefix_exits_1_and_summarize(cli_env: Any, tmp_path: Any
 
 
 @needs_xdelta3
-def test_cli_ls_shows_original_sizes_and_stored_sizes_without_heads(
+def test_cli_ls_lists_without_heads_and_original_sizes_on_request(
     cli_env: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
-    """ls shows the size a download gives (each delta's recorded size: one HEAD per delta,
-    in parallel, none for a file stored whole); --stored-sizes is one listing request per
-    page and no HEAD, with sizes as stored (a delta's few bytes, as 6.2.0 shows them)."""
+    """ls is one listing request per page: sizes as stored (a delta's few bytes, as 6.2.0
+    and aws s3 ls show them), no HEAD; --original-sizes reads each delta's recorded size
+    (one HEAD per delta, in parallel) and prints the size a download gives."""
     backend, bucket = cli_env
     files = {"p/a.zip": make_zip(tmp_path / "a.zip", 0), "p/b.zip": make_zip(tmp_path / "b.zip", 1)}
     (tmp_path / "n.txt").write_bytes(b"n" * 300)
@@ -13711,13 +13711,13 @@ def test_cli_ls_shows_original_sizes_and_stored_sizes_without_heads(
         assert code == 0, err
         return {line.split()[3]: int(line.split()[2]) for line in out.splitlines()}
 
-    assert sizes("--stored-sizes") == {
+    assert sizes() == {
         "p/a.zip": stored["p/a.zip.delta"],
         "p/b.zip": stored["p/b.zip.delta"],
         "p/n.txt": 300,
     }
     assert heads == []
-    assert sizes() == {k: len(v) for k, v in files.items()}
+    assert sizes("--original-sizes") == {k: len(v) for k, v in files.items()}
     assert sorted(heads) == ["p/a.zip.delta", "p/b.zip.delta"]
 
 
