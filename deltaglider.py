@@ -2768,15 +2768,8 @@ def _connection_classes(read_timeout: float | None) -> tuple[_NewConnection, _Ne
             if self.sock is not None:
                 self.sock.settimeout(read_timeout)
 
-    class _HTTPSConnection(http.client.HTTPSConnection):
-        def __init__(self, *args: Any, proxy_headers: dict[str, str], **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.dg_proxy_headers = proxy_headers
-
-        def connect(self) -> None:
-            super().connect()
-            if self.sock is not None:
-                self.sock.settimeout(read_timeout)
+    class _HTTPSConnection(_HTTPConnection, http.client.HTTPSConnection):
+        """The same two steps, around HTTPSConnection's (TLS is set up by its connect)."""
 
     return _HTTPConnection, _HTTPSConnection
 
