@@ -967,6 +967,27 @@ def _file_checksum(path: str, algo: str) -> str:
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
+def _copy_to(src: int, out: int, each: Callable[[bytes], Any] | None = None) -> None:
+    """Append what is left of file ``src`` to file ``out`` (descriptors, unbuffered). With
+    ``each`` (a hash's ``update``), through 1 MiB reads handed to it; without, by the
+    kernel where it can (copy_file_range: the bytes never pass through this process, and
+    share extents on reflink file systems), else by reads from where that stopped."""
+    if each is None and hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # not on these file systems: read below
+            while os.copy_file_range(src, out, 1 << 30):
+                pass
+            return
+    while True:
+        chunk = os.read(src, _IO_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        if each is not None:
+            each(chunk)
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -15820,7 +15841,9 @@ class _BodyDigests:
 
 class _Spooled(NamedTuple):
     path: str
-    info: _FileInfo
+    #: its digests, taken as it arrived; None for a joined multipart upload, which the
+    #: engine hashes in the pass its delta check makes over the file anyway
+    info: _FileInfo | None
     checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
     parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
@@ -16043,14 +16066,22 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id)
         return rec
 
-    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> str:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
-        completion assembling it meanwhile sees the old part or the new one, whole)."""
+        completion assembling it meanwhile sees the old part or the new one, whole).
+        Returns its ETag."""
         import json
 
         folder = self._dir(upload_id)
-        meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
+        assert spooled.info is not None
+        meta: dict[str, Any] = {
+            "ETag": '"%s"' % spooled.info.md5,
+            "Size": spooled.info.size,
+            "LastModified": now,
+        }
+        if spooled.checksum is not None:  # checked as it arrived: a composite's part digest
+            meta["Checksum"] = list(spooled.checksum)
         base = os.path.join(folder, "part-%05d" % number)
         try:
             fd, tmp = _private_tempfile(folder, ".json")
@@ -16061,6 +16092,7 @@ class _Uploads:
                 os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        return str(meta["ETag"])
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
         import json
@@ -16096,7 +16128,12 @@ class _Uploads:
         last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
         the (algorithm, type) the upload was created with: the joined file's checksum is
         taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
-        digest of the parts' digests, ``-<parts>`` after it)."""
+        digest of the parts' digests, ``-<parts>`` after it; a part's own, checked as it
+        arrived, where it came with one).
+
+        The joined file's SHA-256 and MD5 are not taken here: the engine takes them in
+        the pass over the file that checks its delta decodes back to it (or in one of its
+        own, for a file stored whole), so the parts are copied by the kernel, unread."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -16110,27 +16147,30 @@ class _Uploads:
                     PartNumber=str(number),
                 )
         fd, path = _private_tempfile(folder, ".mpu")
-        hashes = _Hashes(md5=True)
         algo, kind = checksum or ("", "")
         whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
         digests = []
         try:
-            with os.fdopen(fd, "wb") as out:
-                for number, _ in wanted:
-                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
-
-                    def each(chunk: bytes, hasher: Any = hasher) -> None:
-                        out.write(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-
-                    with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=each)
-                    if hasher is not None and whole is None:
-                        digests.append(hasher.digest())
+            for number, _ in wanted:
+                part = have[number]
+                known = part.get("Checksum") or ("", "")
+                hasher = whole
+                if algo and whole is None and known[0] != algo:
+                    hasher = _CHECKSUMS[algo]()  # the part came without one
+                src = os.open(part["path"], os.O_RDONLY)
+                try:
+                    _copy_to(src, fd, hasher.update if hasher is not None else None)
+                finally:
+                    os.close(src)
+                if algo and whole is None:
+                    digests.append(
+                        hasher.digest() if hasher is not None else base64.b64decode(known[1])
+                    )
         except BaseException:
+            os.close(fd)
             os.unlink(path)
             raise
+        os.close(fd)
         value = None
         if whole is not None:
             value = base64.b64encode(whole.digest()).decode()
@@ -16139,7 +16179,7 @@ class _Uploads:
             joined.update(b"".join(digests))
             value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
         sizes = [int(have[number]["Size"]) for number, _ in wanted]
-        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
+        return _Spooled(path, None, (algo, value) if value else None, sizes)
 
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
@@ -17539,6 +17579,7 @@ class _GatewayHandler(_HandlerBase):
             # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
             # delta, and the engine takes only file names; it is stored as it came.
             _validate_key(params["Key"])
+            digests = spooled.info or _hash_file(spooled.path, md5=True)
             with open(spooled.path, "rb") as f:
                 client.storage.put_object(
                     params["Bucket"],
@@ -17546,11 +17587,11 @@ class _GatewayHandler(_HandlerBase):
                     f,
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
-                    content_sha256=spooled.info.sha256,
+                    content_sha256=digests.sha256,
                     if_none_match=params.get("IfNoneMatch", "").strip() == "*",
                     if_match=params.get("IfMatch"),
                 )
-            return {"ETag": '"%s"' % spooled.info.md5}
+            return {"ETag": '"%s"' % digests.md5}
         result = _put_object_from_file(
             client.engine,
             spooled.path,
@@ -17736,12 +17777,11 @@ class _GatewayHandler(_HandlerBase):
             return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = {"ETag": '"%s"' % spooled.info.md5}
-        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": etag}))
 
     def _upload_part_copy(self, upload_id: str, number: int) -> None:
         """UploadPartCopy: the part is (a range of) another logical object, read through
@@ -17765,11 +17805,10 @@ class _GatewayHandler(_HandlerBase):
         spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 
