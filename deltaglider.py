@@ -2643,6 +2643,9 @@ class _DeadlineReader:
         self._request_timeout = request_timeout
         self._deadline = time.monotonic() + request_timeout
         self._since = 0  # bytes received since the deadline was last set
+        #: bytes known to be in ``fp``'s buffer (never more than are): a read from them
+        #: makes no recv, so it needs no deadline armed (a header line each, mostly)
+        self._buffered = 0
 
     def _arm(self) -> None:
         import socket
@@ -2662,6 +2665,7 @@ class _DeadlineReader:
         if n == 0:
             return b""
         self._arm()
+        self._buffered = 0
         data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
         self._got(len(data))
         return data
@@ -2670,6 +2674,7 @@ class _DeadlineReader:
         if not len(b):
             return 0
         self._arm()
+        self._buffered = 0
         n: int = self._fp.readinto1(b)
         self._got(n)
         return n
@@ -2697,8 +2702,10 @@ class _DeadlineReader:
         return b"".join(chunks)
 
     def peek(self, n: int = 0) -> bytes:
-        self._arm()
-        data: bytes = self._fp.peek(n)
+        if not self._buffered:
+            self._arm()
+        data: bytes = self._fp.peek(n)  # all that is buffered; a recv only when none is
+        self._buffered = len(data)
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -2712,12 +2719,14 @@ class _DeadlineReader:
             end = buffered.find(b"\n")
             take = len(buffered) if end < 0 else end + 1
             line += self._fp.read(take)  # already buffered: no recv
+            self._buffered -= take
             self._got(take)
             if end >= 0:
                 break
         return bytes(line)
 
     def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        self._buffered = 0  # whatever it does to the buffer, the next read arms again
         return getattr(self._fp, name)
 
 
