@@ -8747,6 +8747,11 @@ _HEAL_RATIO = 0.23
 _SIMILAR_SIZE = 2.0
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
+#: Seconds a process reuses a folder's reference lookup (its reference.bin HEAD, its
+#: parent's shared-reference listing) for the next files of that folder, adding the
+#: references it makes itself. Staleness costs only savings (another process's new
+#: reference unseen): a delta is kept only if its reference is still stored after it.
+_REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
@@ -9761,6 +9766,8 @@ class _References:
         self._tool = "deltaglider/" + __version__
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # (bucket, reference.bin key or shared-references prefix) → (when, what was found)
+        self._looked: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- choosing and making references -------------------------------------------
 
@@ -9964,13 +9971,8 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        # The two looks are independent reads: the HEAD runs while the listing is read.
-        own = _Background(self._head_or_none, bucket, own_key)
         prefix = _refs_prefix(_parent_space(space))
-        pages = list(
-            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
-        )
-        head = own.result()
+        head, listed = self._look(bucket, own_key, prefix)
         if head is not None:
             meta = head.get("Metadata", {})
             consider(
@@ -9982,22 +9984,49 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
+        for key, csize, modified in listed:
+            parts = key[len(prefix) :].rsplit("/", 2)
+            if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                consider(key, parts[1], source, csize, modified, False, _meta_decode(parts[0]))
         return None if best is None else best[1:]
+
+    def _look(
+        self, bucket: str, own_key: str, prefix: str
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, int, Any]]]:
+        """pick's two reads: the folder's reference.bin (HEAD, None when there is none) and
+        (key, size, Last-Modified) of the parent's shared references, each as this process
+        read it less than _REF_LOOKUP_TTL ago, else read now (the two at once)."""
+        began = time.monotonic()
+        with self._locks_lock:
+            own, listed = (self._looked.get((bucket, k)) for k in (own_key, prefix))
+        own = own if own is not None and began - own[0] < _REF_LOOKUP_TTL else None
+        listed = listed if listed is not None and began - listed[0] < _REF_LOOKUP_TTL else None
+        if own is None:
+            head = _Background(self._head_or_none, bucket, own_key)  # while the listing runs
+        if listed is None:
+            pages = _list_pages(self.storage, bucket, prefix=prefix)
+            found = [
+                (o["Key"], o["Size"], o.get("LastModified"))
+                for page in itertools.islice(pages, _REF_LIST_PAGES)
+                for o in page.get("Contents", [])
+            ]
+            listed = (began, found)
+            with self._locks_lock:
+                self._looked[(bucket, prefix)] = listed
+        if own is None:
+            own = (began, head.result())
+            with self._locks_lock:
+                self._looked[(bucket, own_key)] = own
+        with self._locks_lock:  # new_shared adds to it
+            return own[1], list(listed[1])
+
+    def forget(self, bucket: str) -> None:
+        """Look at the bucket's references afresh at the next picks (one went, or was not
+        what a lookup said)."""
+        with self._locks_lock:
+            for k in [k for k in self._looked if k[0] == bucket]:
+                del self._looked[k]
 
     def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
         try:
@@ -10017,8 +10046,9 @@ class _References:
         on_bytes: Callable[[int], None] | None = None,
     ) -> str:
         """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
+        SHA-256, so racing writers of the same file write the same bytes. The next picks
+        of this process see it without listing again (_look)."""
+        resp = _put_path(
             self.storage,
             bucket,
             ref_key,
@@ -10027,6 +10057,14 @@ class _References:
             sha256=info.sha256,
             on_bytes=on_bytes,
         )
+        try:  # stored now, by the server's clock (as its listing would say)
+            stored = _parse_timestamp(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            stored = _utcnow()
+        with self._locks_lock:
+            looked = self._looked.get((bucket, _refs_prefix(_shared_ref_parent(ref_key))))
+            if looked is not None:
+                looked[1].append((ref_key, info.size, stored))
         return self.cache.add_file(info.sha256, path)
 
     # -- removing references that nothing needs -----------------------------------
@@ -10157,6 +10195,7 @@ class _References:
                     raise
                 continue  # gone already
             try:
+                self.forget(bucket)
                 self.storage.delete_object(bucket, ref_key)
                 if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
                     if self.current(bucket, ref_key) is None:
@@ -10193,6 +10232,7 @@ class _References:
                 raise
             return False  # no reference (any more)
         try:
+            self.forget(bucket)
             self.storage.delete_object(bucket, ref_key)
             if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
                 self.storage.copy_object(bucket, ref_key, bucket, aside)
@@ -10949,7 +10989,9 @@ class _DeltaEngine:
         size = os.path.getsize(up.path)
         create_only = up.create_only
         ref = _RefChoice(_reference_key(space))
-        for _ in range(5):
+        for attempt in range(5):
+            if attempt:  # whatever made this one fail, the next looks at references afresh
+                self.refs.forget(up.bucket)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             ref = _RefChoice(_reference_key(space))
