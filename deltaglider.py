@@ -866,6 +866,17 @@ class _Hashes:
             self._md5.update(data)
         self.size += len(data)
 
+    def updates(self) -> list[Callable[[bytes], Any]]:
+        """``update`` split by digest, each to be given all the bytes in order, so that
+        threads of their own can take a digest each (hashlib releases the GIL)."""
+        sha256 = self._sha256
+
+        def first(data: bytes) -> None:
+            sha256.update(data)
+            self.size += len(data)
+
+        return [first] if self._md5 is None else [first, self._md5.update]
+
     def read(
         self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
     ) -> _Hashes:
@@ -1017,6 +1028,75 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _ReadAhead:
+    """A file read to its end by a thread of its own, at most ``ahead`` chunks before its
+    reader, each chunk handed to ``each`` (a hash's update) in that thread before the
+    reader gets it: a comparison reading the file and the hashing of those very bytes
+    then run on two cores, over one read. ``read(n)`` gives n bytes but at the end, as a
+    file does; ``close`` stops the thread and waits for it, so what ``each`` was given is
+    complete once a reader that saw the end closes it."""
+
+    def __init__(
+        self, f: IO[bytes] | _ReadAhead, each: Callable[[bytes], Any], ahead: int = 8
+    ) -> None:
+        self._f = f
+        self._each = each
+        self._ahead = ahead
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._ended = False  # the thread is done: at the end of the file, failed or closed
+        self._closed = False
+        self._error: BaseException | None = None
+        self._rest = b""  # of a chunk read in part
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in iter(lambda: self._f.read(_IO_CHUNK), b""):
+                self._each(chunk)
+                with self._cond:
+                    while len(self._chunks) >= self._ahead and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._chunks.append(chunk)
+                    self._cond.notify_all()
+        except BaseException as e:  # the reader raises it
+            self._error = e
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _next(self) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._ended:
+                self._cond.wait()
+            if self._chunks:
+                self._cond.notify_all()
+                return self._chunks.popleft()
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    def read(self, n: int) -> bytes:
+        data = self._rest or self._next()
+        while 0 < len(data) < n:
+            more = self._next()
+            if not more:
+                break
+            data += more
+        self._rest = data[n:]
+        return data if len(data) <= n else data[:n]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 class _FileSlice(io.RawIOBase):
@@ -8779,6 +8859,8 @@ _XD3_FASTEST = (1, 0.125)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
+#: xdelta3's smallest -W (XD3_ALLOCSIZE): the input block a streaming decoder waits for.
+_XD3_MIN_INPUT = 16 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
@@ -8967,10 +9049,11 @@ class _XDelta3:
         made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
         for byte with ``target``, read once beside it. xdelta3 writes each window as soon
         as it is encoded, so the check runs on the second core while the encoder works,
-        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
-        compared (the upload's one pass over its file: its digests are then those of the
-        very bytes the delta decodes to). Returns None when the delta decodes to exactly
-        those bytes, else the offset of the first byte that differs."""
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read for
+        the comparison, in a thread of its own (_ReadAhead: the upload's one pass over
+        its file, hashed on one core while compared on the other; its digests are then
+        those of the very bytes the delta decodes to). Returns None when the delta
+        decodes to exactly those bytes, else the offset of the first byte that differs."""
         import subprocess
         import tempfile
 
@@ -8979,54 +9062,32 @@ class _XDelta3:
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
+        # -W: the decoder reads its input in blocks of this size, each to the full
+        # (xdelta3 -d waits for 8 MiB by default, which a small delta reaches only at its
+        # end): 16 KiB, the least it takes, lets it decode windows as the encoder makes them.
+        dec_cmd = [
+            self.path(),
+            *("-d", "-D", "-c", "-W", str(_XD3_MIN_INPUT), "-B", str(_DECODE_WINDOW)),
+            *("-s", source),
+        ]
         differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
-            original = stack.enter_context(open(target, "rb"))
+            original: IO[bytes] | _ReadAhead = stack.enter_context(open(target, "rb"))
+            for update in hashes.updates() if hashes is not None else []:
+                original = _ReadAhead(original, update)  # a thread per digest
+                stack.callback(original.close)
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
-            procs: list[subprocess.Popen[bytes]] = []
-            try:
-                for cmd, stdin, err in (
-                    (enc_cmd, subprocess.DEVNULL, enc_err),
-                    (dec_cmd, subprocess.PIPE, dec_err),
-                ):
-                    procs.append(
-                        subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err)
-                    )
-            except OSError as e:
-                for proc in procs:
-                    proc.kill()
-                    proc.wait()
-                raise XDelta3Error(enc_cmd, -1, str(e)) from e
-            enc, dec = procs
+            enc, dec = procs = self._start(
+                [(enc_cmd, subprocess.DEVNULL, enc_err), (dec_cmd, subprocess.PIPE, dec_err)]
+            )
             assert enc.stdout is not None and dec.stdin is not None and dec.stdout is not None
-            enc_out, dec_in, dec_out = enc.stdout, dec.stdin, dec.stdout
-
-            def tee() -> None:
-                feeding = True
-                with enc_out:
-                    while True:
-                        chunk = enc_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        sink.write(chunk)
-                        if feeding:
-                            try:
-                                dec_in.write(chunk)
-                            except (BrokenPipeError, ValueError):
-                                feeding = False  # the decoder failed: its exit code says why
-                try:
-                    dec_in.close()
-                except BrokenPipeError:
-                    pass
-
-            feeder = _Background(tee)
+            feeder = _Background(_tee_delta, enc.stdout, sink, dec.stdin)
             try:
-                differs = _compare_stream(dec_out, original, hashes)
+                differs = _compare_stream(dec.stdout, original)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -9039,6 +9100,23 @@ class _XDelta3:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
         return differs
+
+    @staticmethod
+    def _start(runs: list[tuple[list[str], int, IO[bytes]]]) -> list[subprocess.Popen[bytes]]:
+        """Start each (command, stdin, stderr file) with its stdout a pipe: all or none
+        (those started are killed if one cannot be)."""
+        import subprocess
+
+        procs: list[subprocess.Popen[bytes]] = []
+        for cmd, stdin, err in runs:
+            try:
+                procs.append(subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err))
+            except OSError as e:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                raise XDelta3Error(cmd, -1, str(e)) from e
+        return procs
 
     def decode_sha256(
         self,
@@ -9669,13 +9747,32 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
-def _compare_stream(
-    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
-) -> int | None:
+def _tee_delta(delta: IO[bytes], sink: IO[bytes], decoder: IO[bytes]) -> None:
+    """Copy an encoder's output into ``sink`` and into the checking decoder as it comes:
+    os.read gives what the encoder wrote so far, where a buffered read would wait for a
+    full 1 MiB (a whole delta often is less), so the decoder gets each window as it is
+    made. A decoder that failed is fed no more (its exit code says why)."""
+    feeding = True
+    with delta:
+        for chunk in iter(lambda: os.read(delta.fileno(), _IO_CHUNK), b""):
+            sink.write(chunk)
+            if feeding:
+                try:
+                    decoder.write(chunk)
+                    decoder.flush()
+                except (BrokenPipeError, ValueError):
+                    feeding = False
+    try:
+        decoder.close()
+    except BrokenPipeError:
+        pass
+
+
+def _compare_stream(decoded: IO[bytes], original: IO[bytes] | _ReadAhead) -> int | None:
     """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
-    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
-    same bytes, else the offset of the first difference (``decoded`` is still read to
-    its end, so its writer finishes and its exit code tells whether it failed)."""
+    in step, once). None when they are the same bytes, else the offset of the first
+    difference (``decoded`` is still read to its end, so its writer finishes and its
+    exit code tells whether it failed)."""
     pos = 0
     while True:
         chunk = decoded.read(_IO_CHUNK)
@@ -9688,8 +9785,6 @@ def _compare_stream(
             for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
                 pass
             return pos + same
-        if hashes is not None:
-            hashes.update(piece)
         pos += len(chunk)
     return pos if original.read(1) else None
 

@@ -1915,6 +1915,52 @@ def test_bad_dg_mtime_is_absent(value: str) -> None:
     assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_read_ahead_hashes_on_threads_of_its_own_what_its_reader_gets(
+    tmp_path: Any, ahead: int
+) -> None:
+    """_ReadAhead chains (a thread per digest) give the file in order, in reads of any
+    size, and the digests are those of the bytes given; closing one its reader left
+    short stops its thread; a read error reaches the reader."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    hashes = dg._Hashes(md5=True)
+    got = []
+    with open(path, "rb") as f:
+        readers = [f]
+        for update in hashes.updates():
+            readers.append(dg._ReadAhead(readers[-1], update, ahead=ahead))
+        sizes = [1 << 20, 1000, (1 << 20) + 5, 7, 1 << 22]
+        for i in range(100):
+            size = sizes[i % len(sizes)]
+            chunk = readers[-1].read(size)
+            assert len(chunk) == size or len(chunk) == len(data) - sum(map(len, got))
+            if not chunk:
+                break
+            got.append(chunk)
+        for r in reversed(readers[1:]):
+            r.close()
+    assert b"".join(got) == data
+    assert hashes.info() == dg._hash_file(str(path), md5=True)
+    with open(path, "rb") as f:
+        short = dg._ReadAhead(f, len, ahead=1)
+        assert short.read(10) == data[:10]
+        short.close()  # its thread waited for room: stopped, not left behind
+
+    class Failing(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            if self.tell():
+                raise OSError("the disk went away")
+            return super().read(n)
+
+    failing = dg._ReadAhead(Failing(data), len)
+    assert failing.read(1 << 20) == data[: 1 << 20]
+    with pytest.raises(OSError, match="the disk went away"):
+        failing.read(1)
+    failing.close()
+
+
 #: (variable, value, parsed value or the text the error must hold). One parser per kind of
 #: setting: sizes with units, choices with aliases, booleans, bounded numbers.
 DG_SETTING_VALUES = [
@@ -7684,6 +7730,62 @@ def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
     finally:
         if not c.storage.is_local:
             _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+def test_the_upload_check_decodes_the_delta_while_it_is_being_made(tmp_path: Any) -> None:
+    """The check's decoder gets each window of the delta as the encoder writes it, not
+    at the encoder's end (which would leave one core idle while the other encodes, then
+    the other idle while it checks). Here the encoder writes half of its delta and waits
+    for the decoder to give bytes back before writing the rest; were the check to wait
+    for the whole delta, the encoder would give up and nothing would be stored."""
+    real = shutil.which("xdelta3")
+    mark = tmp_path / "decoded"
+    helper = tmp_path / "xd.py"
+    helper.write_text(
+        textwrap.dedent(
+            """\
+            import os, subprocess, sys, time
+            real, mark, args = %r, %r, sys.argv[1:]
+            out = sys.stdout.buffer
+            if args[0] == "-e":  # 1 MiB target windows: a delta of several windows
+                delta = subprocess.run([real, "-W", "1048576", *args], stdout=subprocess.PIPE,
+                                       check=True).stdout
+                out.write(delta[: len(delta) // 2])
+                out.flush()
+                deadline = time.monotonic() + 60
+                while not os.path.exists(mark):
+                    if time.monotonic() > deadline:
+                        sys.exit("the check gave nothing back while the delta was made")
+                    time.sleep(0.01)
+                out.write(delta[len(delta) // 2 :])
+            elif args[0] == "-d":
+                p = subprocess.Popen([real, *args], stdout=subprocess.PIPE)
+                for chunk in iter(lambda: p.stdout.read1(65536), b""):
+                    open(mark, "a").close()
+                    out.write(chunk)
+                    out.flush()
+                sys.exit(p.wait())
+            else:
+                os.execv(real, [real, *args])
+            """
+            % (real, str(mark))
+        )
+    )
+    path = fake_xdelta3(tmp_path / "bin", 'exec %s %s "$@"\n' % (sys.executable, helper))
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path, environ={"PATH": path})
+    c.create_bucket(Bucket="bkt")
+    a = bytearray(os.urandom(4 * 1024 * 1024))
+    (tmp_path / "a.img").write_bytes(a)
+    for off in range(0, len(a), 128 * 1024):  # 4 KiB changed in every 128 KiB
+        a[off : off + 4096] = os.urandom(4096)
+    (tmp_path / "b.img").write_bytes(a)
+    c.upload_file(str(tmp_path / "a.img"), "bkt", "r/a.img")  # the reference: no xdelta3
+    c.upload_file(str(tmp_path / "b.img"), "bkt", "r/b.img")
+    assert mark.exists()
+    assert split_refs(stored_keys(c, "bkt"))[0] == ["r/a.img.delta", "r/b.img.delta"]
+    assert c.get_object(Bucket="bkt", Key="r/b.img")["Body"].read() == a
 
 
 @needs_xdelta3
