@@ -8764,13 +8764,15 @@ _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
 #: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
 #: windows up to SIZE, the first that fits wins: time grows with the window far faster
-#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
-#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
-#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
-#: they find 15-20% more in tars, and -9 is worth its time again.
+#: than the delta shrinks. Up to 8 MiB, -6: there -9's longer match chains find little
+#: more (README: at most 8% on 1 MB zips, under 1% on 4.6 MB wheels) for twice the encode
+#: time, and -3 loses up to 8% on those wheels. At 16 MiB, -3: -6 finds 1-3% more on
+#: the 12 MB wheels for half again the encode time, which is most of a later upload's.
+#: From 32 MiB -9 finds 15-20% more in tars, and is worth its time again.
 _XD3_BASE = 48 * 1000**2
 _XD3_LEVELS = (
-    (6, 1.0, 16 * 1024**2),
+    (6, 1.0, 8 * 1024**2),
+    (3, 0.5, 16 * 1024**2),
     (9, 2.0, 128 * 1024**2),
     (6, 1.0, 256 * 1024**2),
     (3, 0.5, 512 * 1024**2),
@@ -8852,10 +8854,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
-    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
-    reference, the largest window that fits: changes that stay near their place (the
-    usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 8 MiB,
+    -3 at 16 MiB, then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold
+    the whole reference, the largest window that fits: changes that stay near their
+    place (the usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:

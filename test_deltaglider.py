@@ -8798,10 +8798,12 @@ def test_encode_plan_fits_the_memory_limit_at_every_size(limit: int) -> None:
         assert plan.level in (1, 3, 6, 9) and 1 << 20 <= plan.window <= 2 << 30
         if plan.window < min(size, 2 << 30):
             assert plan.level == 1  # a window short of the reference only at -1
-    # A 12 MB wheel gets -6 (-9 buys 0.6% for a third more time, README); the benchmark's
-    # tars (110 MB) keep -9 over the whole file at the default (-6 would be 12% bigger).
+    # A 4.6 MB wheel gets -6 (-3 would lose up to 8%), a 12 MB one -3 (-6 buys 1-3% for
+    # half again the time, README); the benchmark's tars (110 MB) keep -9 over the whole
+    # file at the default (-6 would be 12% bigger).
     default = dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2
-    assert dg._encode_plan(12 * 1000**2, default)[:2] == (6, 16 << 20)
+    assert dg._encode_plan(4667100, default)[:2] == (6, 8 << 20)
+    assert dg._encode_plan(12 * 1000**2, default)[:2] == (3, 16 << 20)
     assert dg._encode_plan(20 * 1000**2, default)[:2] == (9, 32 << 20)
     tar = 115 * 1000**2
     plan = dg._encode_plan(tar, dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2)
