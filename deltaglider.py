@@ -10335,6 +10335,22 @@ def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) 
     return decoded.sha256, decoded.size
 
 
+class _Looks:
+    """Whether stored keys exist: HEADs made at once, each on a thread of its own, from
+    ``start`` on; a key not started is looked up when asked for."""
+
+    def __init__(self, exists: Callable[[str], bool]) -> None:
+        self._exists = exists
+        self._jobs: dict[str, _Background] = {}
+
+    def start(self, keys: Sequence[str]) -> None:
+        self._jobs = {key: _Background(self._exists, key) for key in keys}
+
+    def __call__(self, key: str) -> bool:
+        job = self._jobs.get(key)
+        return bool(job.result()) if job is not None else self._exists(key)
+
+
 @dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
@@ -10781,21 +10797,23 @@ class _DeltaEngine:
         """put_file's delta attempt, and what follows a stored delta: the key's other
         stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
         None when the file is to be stored whole after all."""
+        # The looks come after the store, never before: two writers of one name each look
+        # for the other's form once their own is stored, so the later store always sees
+        # the earlier. Independent reads: made at once, beside the reference's check after
+        # each store (_put_delta), and acted on once that check passed.
+        shadow = up.key if up.required else up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        plain = [] if up.required or (existing is not None and up.key not in existing) else [up.key]
+        looks = _Looks(functools.partial(self.exists, up.bucket))
         with self.cache.hold():  # the reference (and its expanded form) stay while used
-            summary = self._put_delta(up)
+            summary = self._put_delta(up, functools.partial(looks.start, [shadow, *plain]))
         if summary is None:
             assert not up.required
             return None
-        # Both looks below come after the store, never before: two writers of one name
-        # each look for the other's form once their own is stored, so the later store
-        # always sees the earlier. Between themselves they are independent: made at once.
-        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
-        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
-        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if shadowed is None:
-            self._unshadow(up.bucket, up.key)
+        self._remove_other(up.bucket, up.key, up.key + _DELTA_SUFFIX, existing, looks)
+        if up.required:
+            self._unshadow(up.bucket, up.key, looks)
             return summary
-        if not shadowed.result():
+        if not looks(shadow):
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10847,13 +10865,13 @@ class _DeltaEngine:
                 "original layout would return one for the other; choose another name" % (key, base)
             )
 
-    def _unshadow(self, bucket: str, key: str) -> None:
+    def _unshadow(self, bucket: str, key: str, exists: Callable[[str], bool]) -> None:
         """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
         ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self.exists(bucket, key):
+        if not exists(key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -10934,9 +10952,10 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+    def _put_delta(self, up: _Upload, stored: Callable[[], None]) -> dict[str, Any] | None:
         """Store ``up`` as a delta; None when it is better stored whole (a delta above
         ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
+        ``stored`` is called after each store, to start the reads that must follow it.
 
         Each attempt chooses a reference, encodes against it (the delta checked to decode
         back to the file), may make the file a new reference instead (drift: _heal),
@@ -11001,6 +11020,7 @@ class _DeltaEngine:
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
+            stored()
             if self.refs.current(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
@@ -11238,21 +11258,22 @@ class _DeltaEngine:
         return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
 
     def _remove_other(
-        self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        keep: str,
+        existing: Container[str] | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         """After storing ``keep``, remove the other stored form of the same logical name
         (a direct object replaced by a delta or the reverse; never another key's: see
         _stored_forms). ``existing``: the stored keys a listing just showed, when the
-        caller has one (saves a HEAD each)."""
+        caller has one (saves a HEAD each); ``exists``: the looks made after the store."""
         for other in _stored_forms(key):
             if other == keep or (existing is not None and other not in existing):
                 continue
-            try:
-                self.storage.head_object(bucket, other)
-            except ClientError as e:
-                if _is_not_found(e):
-                    continue
-                raise
+            if not (exists or functools.partial(self.exists, bucket))(other):
+                continue
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
                 self.refs.drop_unused_near(bucket, [_deltaspace(key)])

@@ -7687,6 +7687,51 @@ def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
 
 
 @needs_xdelta3
+def test_a_later_upload_makes_the_reads_after_its_store_at_once(
+    backend: Backend, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """#17: the reads that must follow a delta's store (its reference is still the one it
+    was encoded against; the key's plain form, a user's key.delta) are independent: they
+    go at once, one round of requests after the PUT instead of two."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    st = c.storage
+    stored = threading.Event()
+    barrier = threading.Barrier(3, timeout=10)
+    met: list[str] = []
+    real_put, real_head = st.put_object, st.head_object
+
+    def put_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(b, key, *a, **kw)
+        if key == "r/b.zip.delta":
+            stored.set()
+        return resp
+
+    def head_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        if stored.is_set():
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+                met.append(key)
+        return real_head(b, key, *a, **kw)
+
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b = make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "r/a.zip")
+        monkeypatch.setattr(st, "put_object", put_object)
+        monkeypatch.setattr(st, "head_object", head_object)
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "r/b.zip")
+        monkeypatch.undo()
+        assert sorted(met)[1:] == ["r/b.zip", "r/b.zip.delta.delta"], met
+        assert sorted(met)[0].endswith("/reference.bin"), met
+        assert c.get_object(Bucket=bucket, Key="r/b.zip")["Body"].read() == b
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
 def test_presigned_urls_of_one_delta_share_one_rebuilt_copy(
     s3server: S3TestServer, tmp_path: Any
 ) -> None:
