@@ -7654,6 +7654,67 @@ def test_a_delta_whose_check_decodes_other_bytes_is_never_stored(tmp_path: Any, 
     assert split_refs(stored_keys(c, "bkt")) == (["r/a.zip.delta"], ["r"])
 
 
+_STREAM_PROBE = """
+import os, subprocess, sys, time
+real, marker, verdict = sys.argv[1:4]
+args = sys.argv[4:]
+p = subprocess.Popen([real] + args, stdout=subprocess.PIPE)
+out = sys.stdout.buffer
+if args[0] == "-e":  # all of the delta at once, then its end held until the decoder spoke
+    data = p.stdout.read()
+    code = p.wait()
+    out.write(data)
+    out.flush()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(verdict, "w") as f:
+        f.write("before the end" if os.path.exists(marker) else "only at the end")
+    sys.exit(code)
+while True:
+    chunk = p.stdout.read1(65536)
+    if not chunk:
+        break
+    open(marker, "a").close()
+    out.write(chunk)
+    out.flush()
+sys.exit(p.wait())
+"""
+
+
+@needs_xdelta3
+def test_the_check_decodes_a_small_delta_while_it_is_made(tmp_path: Any) -> None:
+    """#17: the check decodes the delta window by window as the encoder writes it, not
+    after: also a delta far smaller than the pipes' buffers (a 12 MB zip's is 290 KB)
+    reaches the checking decoder before the encoder ends. The fake encoder gives all of
+    its delta at once and holds its end until the fake decoder has given out bytes."""
+    rnd = random.Random(17)
+    old = rnd.randbytes(3 << 20) if hasattr(rnd, "randbytes") else os.urandom(3 << 20)
+    new = bytearray(old)
+    for at in range(0, len(new), 1 << 20):  # a 48 KiB change in each MiB
+        new[at + 4096 : at + 4096 + (48 << 10)] = os.urandom(48 << 10)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(bytes(new))
+    probe = tmp_path / "probe.py"
+    probe.write_text(_STREAM_PROBE)
+    marker, verdict = tmp_path / "decoded", tmp_path / "verdict"
+    fake = tmp_path / "xdelta3"
+    fake.write_text(
+        '#!/bin/sh\nexec %s %s %s %s %s "$@"\n'
+        % (sys.executable, probe, shutil.which("xdelta3"), marker, verdict)
+    )
+    fake.chmod(0o755)
+    hashes = dg._Hashes()
+    delta = tmp_path / "delta"
+    x = dg._XDelta3(str(fake))
+    assert (
+        x.encode_verified(str(tmp_path / "old"), str(tmp_path / "new"), str(delta), hashes) is None
+    )
+    assert hashes.info().sha256 == hashlib.sha256(new).hexdigest()
+    assert 0 < delta.stat().st_size < 1 << 20  # smaller than a pipe reader's 1 MiB read
+    assert verdict.read_text() == "before the end"
+
+
 @needs_xdelta3
 def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
     backend: Backend, tmp_path: Any, monkeypatch: Any
