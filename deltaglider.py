@@ -8844,24 +8844,34 @@ _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
 #: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
 #: windows up to SIZE, the first that fits wins: time grows with the window far faster
-#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
-#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
-#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
-#: they find 15-20% more in tars, and -9 is worth its time again.
+#: than the delta shrinks. Up to 8 MiB, -6: there -9's longer match chains find little
+#: more (README: at most 8% on 1 MB zips, under 1% on 4.6 MB wheels) for twice the encode
+#: time, and -3 loses up to 8% on those wheels. At 16 MiB, -3: -6 finds 1-3% more on
+#: the 12 MB wheels for half again the encode time, which is most of a later upload's.
+#: From 32 MiB -9 finds 15-20% more in tars, and is worth its time again.
 _XD3_BASE = 48 * 1000**2
 _XD3_LEVELS = (
-    (6, 1.0, 16 * 1024**2),
+    (6, 1.0, 8 * 1024**2),
+    (3, 0.5, 16 * 1024**2),
     (9, 2.0, 128 * 1024**2),
     (6, 1.0, 256 * 1024**2),
     (3, 0.5, 512 * 1024**2),
 )
 _XD3_FASTEST = (1, 0.125)
+#: xdelta3's input window (-W): the file is encoded, and written out, in pieces of this
+#: size, and the check decodes each piece while the next is encoded. At xdelta3's 8 MiB a
+#: 12 MB file came out in two pieces, the last at the encoder's very end: about 1/16 of the
+#: source window instead, within 1-8 MiB (a file of 128 MiB or more keeps xdelta3's 8 MiB).
+#: Measured: within 0.6% of the 8 MiB deltas on the corpus (the 4.6 MB wheels 1-2% smaller).
+_XD3_INPUT_WINDOW = (1024 * 1024, 8 * 1024 * 1024)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
-#: xdelta3's smallest -W (XD3_ALLOCSIZE): the input block a streaming decoder waits for.
-_XD3_MIN_INPUT = 16 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
+#: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
+#: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
+#: delta would be decoded only once the encoder ended, instead of beside it).
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -8934,10 +8944,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
-    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
-    reference, the largest window that fits: changes that stay near their place (the
-    usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 8 MiB,
+    -3 at 16 MiB, then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold
+    the whole reference, the largest window that fits: changes that stay near their
+    place (the usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -9036,6 +9046,8 @@ class _XDelta3:
             "djw",
             "-B",
             str(plan.window),
+            "-W",
+            str(min(_XD3_INPUT_WINDOW[1], max(_XD3_INPUT_WINDOW[0], plan.window // 16))),
             "-s",
             source,
             target,
@@ -9062,14 +9074,7 @@ class _XDelta3:
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        # -W: the decoder reads its input in blocks of this size, each to the full
-        # (xdelta3 -d waits for 8 MiB by default, which a small delta reaches only at its
-        # end): 16 KiB, the least it takes, lets it decode windows as the encoder makes them.
-        dec_cmd = [
-            self.path(),
-            *("-d", "-D", "-c", "-W", str(_XD3_MIN_INPUT), "-B", str(_DECODE_WINDOW)),
-            *("-s", source),
-        ]
+        dec_cmd = [self.path(), *_CHECK_FLAGS, "-s", source]
         differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
@@ -10428,6 +10433,22 @@ def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) 
     return decoded.sha256, decoded.size
 
 
+class _Looks:
+    """Whether stored keys exist: HEADs made at once, each on a thread of its own, from
+    ``start`` on; a key not started is looked up when asked for."""
+
+    def __init__(self, exists: Callable[[str], bool]) -> None:
+        self._exists = exists
+        self._jobs: dict[str, _Background] = {}
+
+    def start(self, keys: Sequence[str]) -> None:
+        self._jobs = {key: _Background(self._exists, key) for key in keys}
+
+    def __call__(self, key: str) -> bool:
+        job = self._jobs.get(key)
+        return bool(job.result()) if job is not None else self._exists(key)
+
+
 @dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
@@ -10874,21 +10895,23 @@ class _DeltaEngine:
         """put_file's delta attempt, and what follows a stored delta: the key's other
         stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
         None when the file is to be stored whole after all."""
+        # The looks come after the store, never before: two writers of one name each look
+        # for the other's form once their own is stored, so the later store always sees
+        # the earlier. Independent reads: made at once, beside the reference's check after
+        # each store (_put_delta), and acted on once that check passed.
+        shadow = up.key if up.required else up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        plain = [] if up.required or (existing is not None and up.key not in existing) else [up.key]
+        looks = _Looks(functools.partial(self.exists, up.bucket))
         with self.cache.hold():  # the reference (and its expanded form) stay while used
-            summary = self._put_delta(up)
+            summary = self._put_delta(up, functools.partial(looks.start, [shadow, *plain]))
         if summary is None:
             assert not up.required
             return None
-        # Both looks below come after the store, never before: two writers of one name
-        # each look for the other's form once their own is stored, so the later store
-        # always sees the earlier. Between themselves they are independent: made at once.
-        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
-        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
-        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if shadowed is None:
-            self._unshadow(up.bucket, up.key)
+        self._remove_other(up.bucket, up.key, up.key + _DELTA_SUFFIX, existing, looks)
+        if up.required:
+            self._unshadow(up.bucket, up.key, looks)
             return summary
-        if not shadowed.result():
+        if not looks(shadow):
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10940,13 +10963,13 @@ class _DeltaEngine:
                 "original layout would return one for the other; choose another name" % (key, base)
             )
 
-    def _unshadow(self, bucket: str, key: str) -> None:
+    def _unshadow(self, bucket: str, key: str, exists: Callable[[str], bool]) -> None:
         """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
         ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self.exists(bucket, key):
+        if not exists(key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -11027,9 +11050,10 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+    def _put_delta(self, up: _Upload, stored: Callable[[], None]) -> dict[str, Any] | None:
         """Store ``up`` as a delta; None when it is better stored whole (a delta above
         ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
+        ``stored`` is called after each store, to start the reads that must follow it.
 
         Each attempt chooses a reference, encodes against it (the delta checked to decode
         back to the file), may make the file a new reference instead (drift: _heal),
@@ -11094,6 +11118,7 @@ class _DeltaEngine:
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
+            stored()
             if self.refs.current(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
@@ -11331,21 +11356,22 @@ class _DeltaEngine:
         return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
 
     def _remove_other(
-        self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        keep: str,
+        existing: Container[str] | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         """After storing ``keep``, remove the other stored form of the same logical name
         (a direct object replaced by a delta or the reverse; never another key's: see
         _stored_forms). ``existing``: the stored keys a listing just showed, when the
-        caller has one (saves a HEAD each)."""
+        caller has one (saves a HEAD each); ``exists``: the looks made after the store."""
         for other in _stored_forms(key):
             if other == keep or (existing is not None and other not in existing):
                 continue
-            try:
-                self.storage.head_object(bucket, other)
-            except ClientError as e:
-                if _is_not_found(e):
-                    continue
-                raise
+            if not (exists or functools.partial(self.exists, bucket))(other):
+                continue
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
                 self.refs.drop_unused_near(bucket, [_deltaspace(key)])

@@ -7700,6 +7700,67 @@ def test_a_delta_whose_check_decodes_other_bytes_is_never_stored(tmp_path: Any, 
     assert split_refs(stored_keys(c, "bkt")) == (["r/a.zip.delta"], ["r"])
 
 
+_STREAM_PROBE = """
+import os, subprocess, sys, time
+real, marker, verdict = sys.argv[1:4]
+args = sys.argv[4:]
+p = subprocess.Popen([real] + args, stdout=subprocess.PIPE)
+out = sys.stdout.buffer
+if args[0] == "-e":  # all of the delta at once, then its end held until the decoder spoke
+    data = p.stdout.read()
+    code = p.wait()
+    out.write(data)
+    out.flush()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(verdict, "w") as f:
+        f.write("before the end" if os.path.exists(marker) else "only at the end")
+    sys.exit(code)
+while True:
+    chunk = p.stdout.read1(65536)
+    if not chunk:
+        break
+    open(marker, "a").close()
+    out.write(chunk)
+    out.flush()
+sys.exit(p.wait())
+"""
+
+
+@needs_xdelta3
+def test_the_check_decodes_a_small_delta_while_it_is_made(tmp_path: Any) -> None:
+    """#17: the check decodes the delta window by window as the encoder writes it, not
+    after: also a delta far smaller than the pipes' buffers (a 12 MB zip's is 290 KB)
+    reaches the checking decoder before the encoder ends. The fake encoder gives all of
+    its delta at once and holds its end until the fake decoder has given out bytes."""
+    rnd = random.Random(17)
+    old = rnd.randbytes(3 << 20) if hasattr(rnd, "randbytes") else os.urandom(3 << 20)
+    new = bytearray(old)
+    for at in range(0, len(new), 1 << 20):  # a 48 KiB change in each MiB
+        new[at + 4096 : at + 4096 + (48 << 10)] = os.urandom(48 << 10)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(bytes(new))
+    probe = tmp_path / "probe.py"
+    probe.write_text(_STREAM_PROBE)
+    marker, verdict = tmp_path / "decoded", tmp_path / "verdict"
+    fake = tmp_path / "xdelta3"
+    fake.write_text(
+        '#!/bin/sh\nexec %s %s %s %s %s "$@"\n'
+        % (sys.executable, probe, shutil.which("xdelta3"), marker, verdict)
+    )
+    fake.chmod(0o755)
+    hashes = dg._Hashes()
+    delta = tmp_path / "delta"
+    x = dg._XDelta3(str(fake))
+    assert (
+        x.encode_verified(str(tmp_path / "old"), str(tmp_path / "new"), str(delta), hashes) is None
+    )
+    assert hashes.info().sha256 == hashlib.sha256(new).hexdigest()
+    assert 0 < delta.stat().st_size < 1 << 20  # smaller than a pipe reader's 1 MiB read
+    assert verdict.read_text() == "before the end"
+
+
 @needs_xdelta3
 def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
     backend: Backend, tmp_path: Any, monkeypatch: Any
@@ -7733,59 +7794,48 @@ def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
 
 
 @needs_xdelta3
-def test_the_upload_check_decodes_the_delta_while_it_is_being_made(tmp_path: Any) -> None:
-    """The check's decoder gets each window of the delta as the encoder writes it, not
-    at the encoder's end (which would leave one core idle while the other encodes, then
-    the other idle while it checks). Here the encoder writes half of its delta and waits
-    for the decoder to give bytes back before writing the rest; were the check to wait
-    for the whole delta, the encoder would give up and nothing would be stored."""
-    real = shutil.which("xdelta3")
-    mark = tmp_path / "decoded"
-    helper = tmp_path / "xd.py"
-    helper.write_text(
-        textwrap.dedent(
-            """\
-            import os, subprocess, sys, time
-            real, mark, args = %r, %r, sys.argv[1:]
-            out = sys.stdout.buffer
-            if args[0] == "-e":  # 1 MiB target windows: a delta of several windows
-                delta = subprocess.run([real, "-W", "1048576", *args], stdout=subprocess.PIPE,
-                                       check=True).stdout
-                out.write(delta[: len(delta) // 2])
-                out.flush()
-                deadline = time.monotonic() + 60
-                while not os.path.exists(mark):
-                    if time.monotonic() > deadline:
-                        sys.exit("the check gave nothing back while the delta was made")
-                    time.sleep(0.01)
-                out.write(delta[len(delta) // 2 :])
-            elif args[0] == "-d":
-                p = subprocess.Popen([real, *args], stdout=subprocess.PIPE)
-                for chunk in iter(lambda: p.stdout.read1(65536), b""):
-                    open(mark, "a").close()
-                    out.write(chunk)
-                    out.flush()
-                sys.exit(p.wait())
-            else:
-                os.execv(real, [real, *args])
-            """
-            % (real, str(mark))
-        )
-    )
-    path = fake_xdelta3(tmp_path / "bin", 'exec %s %s "$@"\n' % (sys.executable, helper))
-    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
-    c = make_client(backend, tmp_path, environ={"PATH": path})
-    c.create_bucket(Bucket="bkt")
-    a = bytearray(os.urandom(4 * 1024 * 1024))
-    (tmp_path / "a.img").write_bytes(a)
-    for off in range(0, len(a), 128 * 1024):  # 4 KiB changed in every 128 KiB
-        a[off : off + 4096] = os.urandom(4096)
-    (tmp_path / "b.img").write_bytes(a)
-    c.upload_file(str(tmp_path / "a.img"), "bkt", "r/a.img")  # the reference: no xdelta3
-    c.upload_file(str(tmp_path / "b.img"), "bkt", "r/b.img")
-    assert mark.exists()
-    assert split_refs(stored_keys(c, "bkt"))[0] == ["r/a.img.delta", "r/b.img.delta"]
-    assert c.get_object(Bucket="bkt", Key="r/b.img")["Body"].read() == a
+def test_a_later_upload_makes_the_reads_after_its_store_at_once(
+    backend: Backend, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """#17: the reads that must follow a delta's store (its reference is still the one it
+    was encoded against; the key's plain form, a user's key.delta) are independent: they
+    go at once, one round of requests after the PUT instead of two."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    st = c.storage
+    stored = threading.Event()
+    barrier = threading.Barrier(3, timeout=10)
+    met: list[str] = []
+    real_put, real_head = st.put_object, st.head_object
+
+    def put_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(b, key, *a, **kw)
+        if key == "r/b.zip.delta":
+            stored.set()
+        return resp
+
+    def head_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        if stored.is_set():
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+                met.append(key)
+        return real_head(b, key, *a, **kw)
+
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b = make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "r/a.zip")
+        monkeypatch.setattr(st, "put_object", put_object)
+        monkeypatch.setattr(st, "head_object", head_object)
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "r/b.zip")
+        monkeypatch.undo()
+        assert sorted(met)[1:] == ["r/b.zip", "r/b.zip.delta.delta"], met
+        assert sorted(met)[0].endswith("/reference.bin"), met
+        assert c.get_object(Bucket=bucket, Key="r/b.zip")["Body"].read() == b
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
 
 
 @needs_xdelta3
@@ -8900,10 +8950,12 @@ def test_encode_plan_fits_the_memory_limit_at_every_size(limit: int) -> None:
         assert plan.level in (1, 3, 6, 9) and 1 << 20 <= plan.window <= 2 << 30
         if plan.window < min(size, 2 << 30):
             assert plan.level == 1  # a window short of the reference only at -1
-    # A 12 MB wheel gets -6 (-9 buys 0.6% for a third more time, README); the benchmark's
-    # tars (110 MB) keep -9 over the whole file at the default (-6 would be 12% bigger).
+    # A 4.6 MB wheel gets -6 (-3 would lose up to 8%), a 12 MB one -3 (-6 buys 1-3% for
+    # half again the time, README); the benchmark's tars (110 MB) keep -9 over the whole
+    # file at the default (-6 would be 12% bigger).
     default = dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2
-    assert dg._encode_plan(12 * 1000**2, default)[:2] == (6, 16 << 20)
+    assert dg._encode_plan(4667100, default)[:2] == (6, 8 << 20)
+    assert dg._encode_plan(12 * 1000**2, default)[:2] == (3, 16 << 20)
     assert dg._encode_plan(20 * 1000**2, default)[:2] == (9, 32 << 20)
     tar = 115 * 1000**2
     plan = dg._encode_plan(tar, dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2)
