@@ -866,6 +866,17 @@ class _Hashes:
             self._md5.update(data)
         self.size += len(data)
 
+    def updates(self) -> list[Callable[[bytes], Any]]:
+        """``update`` split by digest, each to be given all the bytes in order, so that
+        threads of their own can take a digest each (hashlib releases the GIL)."""
+        sha256 = self._sha256
+
+        def first(data: bytes) -> None:
+            sha256.update(data)
+            self.size += len(data)
+
+        return [first] if self._md5 is None else [first, self._md5.update]
+
     def read(
         self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
     ) -> _Hashes:
@@ -1038,6 +1049,75 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _ReadAhead:
+    """A file read to its end by a thread of its own, at most ``ahead`` chunks before its
+    reader, each chunk handed to ``each`` (a hash's update) in that thread before the
+    reader gets it: a comparison reading the file and the hashing of those very bytes
+    then run on two cores, over one read. ``read(n)`` gives n bytes but at the end, as a
+    file does; ``close`` stops the thread and waits for it, so what ``each`` was given is
+    complete once a reader that saw the end closes it."""
+
+    def __init__(
+        self, f: IO[bytes] | _ReadAhead, each: Callable[[bytes], Any], ahead: int = 8
+    ) -> None:
+        self._f = f
+        self._each = each
+        self._ahead = ahead
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._ended = False  # the thread is done: at the end of the file, failed or closed
+        self._closed = False
+        self._error: BaseException | None = None
+        self._rest = b""  # of a chunk read in part
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in iter(lambda: self._f.read(_IO_CHUNK), b""):
+                self._each(chunk)
+                with self._cond:
+                    while len(self._chunks) >= self._ahead and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._chunks.append(chunk)
+                    self._cond.notify_all()
+        except BaseException as e:  # the reader raises it
+            self._error = e
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _next(self) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._ended:
+                self._cond.wait()
+            if self._chunks:
+                self._cond.notify_all()
+                return self._chunks.popleft()
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    def read(self, n: int) -> bytes:
+        data = self._rest or self._next()
+        while 0 < len(data) < n:
+            more = self._next()
+            if not more:
+                break
+            data += more
+        self._rest = data[n:]
+        return data if len(data) <= n else data[:n]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 class _FileSlice(io.RawIOBase):
@@ -8777,6 +8857,11 @@ _HEAL_RATIO = 0.23
 _SIMILAR_SIZE = 2.0
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
+#: Seconds a process reuses a folder's reference lookup (its reference.bin HEAD, its
+#: parent's shared-reference listing) for the next files of that folder, adding the
+#: references it makes itself. Staleness costs only savings (another process's new
+#: reference unseen): a delta is kept only if its reference is still stored after it.
+_REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
@@ -8794,22 +8879,34 @@ _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
 #: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
 #: windows up to SIZE, the first that fits wins: time grows with the window far faster
-#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
-#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
-#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
-#: they find 15-20% more in tars, and -9 is worth its time again.
+#: than the delta shrinks. Up to 8 MiB, -6: there -9's longer match chains find little
+#: more (README: at most 8% on 1 MB zips, under 1% on 4.6 MB wheels) for twice the encode
+#: time, and -3 loses up to 8% on those wheels. At 16 MiB, -3: -6 finds 1-3% more on
+#: the 12 MB wheels for half again the encode time, which is most of a later upload's.
+#: From 32 MiB -9 finds 15-20% more in tars, and is worth its time again.
 _XD3_BASE = 48 * 1000**2
 _XD3_LEVELS = (
-    (6, 1.0, 16 * 1024**2),
+    (6, 1.0, 8 * 1024**2),
+    (3, 0.5, 16 * 1024**2),
     (9, 2.0, 128 * 1024**2),
     (6, 1.0, 256 * 1024**2),
     (3, 0.5, 512 * 1024**2),
 )
 _XD3_FASTEST = (1, 0.125)
+#: xdelta3's input window (-W): the file is encoded, and written out, in pieces of this
+#: size, and the check decodes each piece while the next is encoded. At xdelta3's 8 MiB a
+#: 12 MB file came out in two pieces, the last at the encoder's very end: about 1/16 of the
+#: source window instead, within 1-8 MiB (a file of 128 MiB or more keeps xdelta3's 8 MiB).
+#: Measured: within 0.6% of the 8 MiB deltas on the corpus (the 4.6 MB wheels 1-2% smaller).
+_XD3_INPUT_WINDOW = (1024 * 1024, 8 * 1024 * 1024)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
+#: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
+#: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
+#: delta would be decoded only once the encoder ended, instead of beside it).
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -8882,10 +8979,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
-    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
-    reference, the largest window that fits: changes that stay near their place (the
-    usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 8 MiB,
+    -3 at 16 MiB, then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold
+    the whole reference, the largest window that fits: changes that stay near their
+    place (the usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -8984,6 +9081,8 @@ class _XDelta3:
             "djw",
             "-B",
             str(plan.window),
+            "-W",
+            str(min(_XD3_INPUT_WINDOW[1], max(_XD3_INPUT_WINDOW[0], plan.window // 16))),
             "-s",
             source,
             target,
@@ -8997,10 +9096,11 @@ class _XDelta3:
         made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
         for byte with ``target``, read once beside it. xdelta3 writes each window as soon
         as it is encoded, so the check runs on the second core while the encoder works,
-        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
-        compared (the upload's one pass over its file: its digests are then those of the
-        very bytes the delta decodes to). Returns None when the delta decodes to exactly
-        those bytes, else the offset of the first byte that differs."""
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read for
+        the comparison, in a thread of its own (_ReadAhead: the upload's one pass over
+        its file, hashed on one core while compared on the other; its digests are then
+        those of the very bytes the delta decodes to). Returns None when the delta
+        decodes to exactly those bytes, else the offset of the first byte that differs."""
         import subprocess
         import tempfile
 
@@ -9009,54 +9109,25 @@ class _XDelta3:
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
+        dec_cmd = [self.path(), *_CHECK_FLAGS, "-s", source]
         differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
-            original = stack.enter_context(open(target, "rb"))
+            original: IO[bytes] | _ReadAhead = stack.enter_context(open(target, "rb"))
+            for update in hashes.updates() if hashes is not None else []:
+                original = _ReadAhead(original, update)  # a thread per digest
+                stack.callback(original.close)
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
-            procs: list[subprocess.Popen[bytes]] = []
-            try:
-                for cmd, stdin, err in (
-                    (enc_cmd, subprocess.DEVNULL, enc_err),
-                    (dec_cmd, subprocess.PIPE, dec_err),
-                ):
-                    procs.append(
-                        subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err)
-                    )
-            except OSError as e:
-                for proc in procs:
-                    proc.kill()
-                    proc.wait()
-                raise XDelta3Error(enc_cmd, -1, str(e)) from e
-            enc, dec = procs
+            enc, dec = procs = self._start(
+                [(enc_cmd, subprocess.DEVNULL, enc_err), (dec_cmd, subprocess.PIPE, dec_err)]
+            )
             assert enc.stdout is not None and dec.stdin is not None and dec.stdout is not None
-            enc_out, dec_in, dec_out = enc.stdout, dec.stdin, dec.stdout
-
-            def tee() -> None:
-                feeding = True
-                with enc_out:
-                    while True:
-                        chunk = enc_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        sink.write(chunk)
-                        if feeding:
-                            try:
-                                dec_in.write(chunk)
-                            except (BrokenPipeError, ValueError):
-                                feeding = False  # the decoder failed: its exit code says why
-                try:
-                    dec_in.close()
-                except BrokenPipeError:
-                    pass
-
-            feeder = _Background(tee)
+            feeder = _Background(_tee_delta, enc.stdout, sink, dec.stdin)
             try:
-                differs = _compare_stream(dec_out, original, hashes)
+                differs = _compare_stream(dec.stdout, original)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -9069,6 +9140,23 @@ class _XDelta3:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
         return differs
+
+    @staticmethod
+    def _start(runs: list[tuple[list[str], int, IO[bytes]]]) -> list[subprocess.Popen[bytes]]:
+        """Start each (command, stdin, stderr file) with its stdout a pipe: all or none
+        (those started are killed if one cannot be)."""
+        import subprocess
+
+        procs: list[subprocess.Popen[bytes]] = []
+        for cmd, stdin, err in runs:
+            try:
+                procs.append(subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err))
+            except OSError as e:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                raise XDelta3Error(cmd, -1, str(e)) from e
+        return procs
 
     def decode_sha256(
         self,
@@ -9699,13 +9787,32 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
-def _compare_stream(
-    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
-) -> int | None:
+def _tee_delta(delta: IO[bytes], sink: IO[bytes], decoder: IO[bytes]) -> None:
+    """Copy an encoder's output into ``sink`` and into the checking decoder as it comes:
+    os.read gives what the encoder wrote so far, where a buffered read would wait for a
+    full 1 MiB (a whole delta often is less), so the decoder gets each window as it is
+    made. A decoder that failed is fed no more (its exit code says why)."""
+    feeding = True
+    with delta:
+        for chunk in iter(lambda: os.read(delta.fileno(), _IO_CHUNK), b""):
+            sink.write(chunk)
+            if feeding:
+                try:
+                    decoder.write(chunk)
+                    decoder.flush()
+                except (BrokenPipeError, ValueError):
+                    feeding = False
+    try:
+        decoder.close()
+    except BrokenPipeError:
+        pass
+
+
+def _compare_stream(decoded: IO[bytes], original: IO[bytes] | _ReadAhead) -> int | None:
     """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
-    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
-    same bytes, else the offset of the first difference (``decoded`` is still read to
-    its end, so its writer finishes and its exit code tells whether it failed)."""
+    in step, once). None when they are the same bytes, else the offset of the first
+    difference (``decoded`` is still read to its end, so its writer finishes and its
+    exit code tells whether it failed)."""
     pos = 0
     while True:
         chunk = decoded.read(_IO_CHUNK)
@@ -9718,8 +9825,6 @@ def _compare_stream(
             for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
                 pass
             return pos + same
-        if hashes is not None:
-            hashes.update(piece)
         pos += len(chunk)
     return pos if original.read(1) else None
 
@@ -9791,6 +9896,8 @@ class _References:
         self._tool = "deltaglider/" + __version__
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # (bucket, reference.bin key or shared-references prefix) → (when, what was found)
+        self._looked: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- choosing and making references -------------------------------------------
 
@@ -9994,13 +10101,8 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        # The two looks are independent reads: the HEAD runs while the listing is read.
-        own = _Background(self._head_or_none, bucket, own_key)
         prefix = _refs_prefix(_parent_space(space))
-        pages = list(
-            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
-        )
-        head = own.result()
+        head, listed = self._look(bucket, own_key, prefix)
         if head is not None:
             meta = head.get("Metadata", {})
             consider(
@@ -10012,22 +10114,49 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
+        for key, csize, modified in listed:
+            parts = key[len(prefix) :].rsplit("/", 2)
+            if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                consider(key, parts[1], source, csize, modified, False, _meta_decode(parts[0]))
         return None if best is None else best[1:]
+
+    def _look(
+        self, bucket: str, own_key: str, prefix: str
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, int, Any]]]:
+        """pick's two reads: the folder's reference.bin (HEAD, None when there is none) and
+        (key, size, Last-Modified) of the parent's shared references, each as this process
+        read it less than _REF_LOOKUP_TTL ago, else read now (the two at once)."""
+        began = time.monotonic()
+        with self._locks_lock:
+            own, listed = (self._looked.get((bucket, k)) for k in (own_key, prefix))
+        own = own if own is not None and began - own[0] < _REF_LOOKUP_TTL else None
+        listed = listed if listed is not None and began - listed[0] < _REF_LOOKUP_TTL else None
+        if own is None:
+            head = _Background(self._head_or_none, bucket, own_key)  # while the listing runs
+        if listed is None:
+            pages = _list_pages(self.storage, bucket, prefix=prefix)
+            found = [
+                (o["Key"], o["Size"], o.get("LastModified"))
+                for page in itertools.islice(pages, _REF_LIST_PAGES)
+                for o in page.get("Contents", [])
+            ]
+            listed = (began, found)
+            with self._locks_lock:
+                self._looked[(bucket, prefix)] = listed
+        if own is None:
+            own = (began, head.result())
+            with self._locks_lock:
+                self._looked[(bucket, own_key)] = own
+        with self._locks_lock:  # new_shared adds to it
+            return own[1], list(listed[1])
+
+    def forget(self, bucket: str) -> None:
+        """Look at the bucket's references afresh at the next picks (one went, or was not
+        what a lookup said)."""
+        with self._locks_lock:
+            for k in [k for k in self._looked if k[0] == bucket]:
+                del self._looked[k]
 
     def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
         try:
@@ -10047,8 +10176,9 @@ class _References:
         on_bytes: Callable[[int], None] | None = None,
     ) -> str:
         """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
+        SHA-256, so racing writers of the same file write the same bytes. The next picks
+        of this process see it without listing again (_look)."""
+        resp = _put_path(
             self.storage,
             bucket,
             ref_key,
@@ -10057,6 +10187,14 @@ class _References:
             sha256=info.sha256,
             on_bytes=on_bytes,
         )
+        try:  # stored now, by the server's clock (as its listing would say)
+            stored = _parse_timestamp(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            stored = _utcnow()
+        with self._locks_lock:
+            looked = self._looked.get((bucket, _refs_prefix(_shared_ref_parent(ref_key))))
+            if looked is not None:
+                looked[1].append((ref_key, info.size, stored))
         return self.cache.add_file(info.sha256, path)
 
     # -- removing references that nothing needs -----------------------------------
@@ -10187,6 +10325,7 @@ class _References:
                     raise
                 continue  # gone already
             try:
+                self.forget(bucket)
                 self.storage.delete_object(bucket, ref_key)
                 if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
                     if self.current(bucket, ref_key) is None:
@@ -10223,6 +10362,7 @@ class _References:
                 raise
             return False  # no reference (any more)
         try:
+            self.forget(bucket)
             self.storage.delete_object(bucket, ref_key)
             if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
                 self.storage.copy_object(bucket, ref_key, bucket, aside)
@@ -10361,6 +10501,22 @@ def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) 
         return "other bytes (from byte %d on)" % differs, -1
     decoded = hashes.info()
     return decoded.sha256, decoded.size
+
+
+class _Looks:
+    """Whether stored keys exist: HEADs made at once, each on a thread of its own, from
+    ``start`` on; a key not started is looked up when asked for."""
+
+    def __init__(self, exists: Callable[[str], bool]) -> None:
+        self._exists = exists
+        self._jobs: dict[str, _Background] = {}
+
+    def start(self, keys: Sequence[str]) -> None:
+        self._jobs = {key: _Background(self._exists, key) for key in keys}
+
+    def __call__(self, key: str) -> bool:
+        job = self._jobs.get(key)
+        return bool(job.result()) if job is not None else self._exists(key)
 
 
 @dataclasses.dataclass
@@ -10809,21 +10965,23 @@ class _DeltaEngine:
         """put_file's delta attempt, and what follows a stored delta: the key's other
         stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
         None when the file is to be stored whole after all."""
+        # The looks come after the store, never before: two writers of one name each look
+        # for the other's form once their own is stored, so the later store always sees
+        # the earlier. Independent reads: made at once, beside the reference's check after
+        # each store (_put_delta), and acted on once that check passed.
+        shadow = up.key if up.required else up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        plain = [] if up.required or (existing is not None and up.key not in existing) else [up.key]
+        looks = _Looks(functools.partial(self.exists, up.bucket))
         with self.cache.hold():  # the reference (and its expanded form) stay while used
-            summary = self._put_delta(up)
+            summary = self._put_delta(up, functools.partial(looks.start, [shadow, *plain]))
         if summary is None:
             assert not up.required
             return None
-        # Both looks below come after the store, never before: two writers of one name
-        # each look for the other's form once their own is stored, so the later store
-        # always sees the earlier. Between themselves they are independent: made at once.
-        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
-        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
-        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if shadowed is None:
-            self._unshadow(up.bucket, up.key)
+        self._remove_other(up.bucket, up.key, up.key + _DELTA_SUFFIX, existing, looks)
+        if up.required:
+            self._unshadow(up.bucket, up.key, looks)
             return summary
-        if not shadowed.result():
+        if not looks(shadow):
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10875,13 +11033,13 @@ class _DeltaEngine:
                 "original layout would return one for the other; choose another name" % (key, base)
             )
 
-    def _unshadow(self, bucket: str, key: str) -> None:
+    def _unshadow(self, bucket: str, key: str, exists: Callable[[str], bool]) -> None:
         """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
         ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self.exists(bucket, key):
+        if not exists(key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -10962,9 +11120,10 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+    def _put_delta(self, up: _Upload, stored: Callable[[], None]) -> dict[str, Any] | None:
         """Store ``up`` as a delta; None when it is better stored whole (a delta above
         ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
+        ``stored`` is called after each store, to start the reads that must follow it.
 
         Each attempt chooses a reference, encodes against it (the delta checked to decode
         back to the file), may make the file a new reference instead (drift: _heal),
@@ -10979,7 +11138,9 @@ class _DeltaEngine:
         size = os.path.getsize(up.path)
         create_only = up.create_only
         ref = _RefChoice(_reference_key(space))
-        for _ in range(5):
+        for attempt in range(5):
+            if attempt:  # whatever made this one fail, the next looks at references afresh
+                self.refs.forget(up.bucket)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             ref = _RefChoice(_reference_key(space))
@@ -11029,6 +11190,7 @@ class _DeltaEngine:
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
+            stored()
             if self.refs.current(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
@@ -11266,21 +11428,22 @@ class _DeltaEngine:
         return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
 
     def _remove_other(
-        self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        keep: str,
+        existing: Container[str] | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         """After storing ``keep``, remove the other stored form of the same logical name
         (a direct object replaced by a delta or the reverse; never another key's: see
         _stored_forms). ``existing``: the stored keys a listing just showed, when the
-        caller has one (saves a HEAD each)."""
+        caller has one (saves a HEAD each); ``exists``: the looks made after the store."""
         for other in _stored_forms(key):
             if other == keep or (existing is not None and other not in existing):
                 continue
-            try:
-                self.storage.head_object(bucket, other)
-            except ClientError as e:
-                if _is_not_found(e):
-                    continue
-                raise
+            if not (exists or functools.partial(self.exists, bucket))(other):
+                continue
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
                 self.refs.drop_unused_near(bucket, [_deltaspace(key)])
