@@ -2909,6 +2909,8 @@ class _ConnectionPool:
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
+        #: the proxy of each (scheme, host, port), looked up once, as botocore does per client
+        self._proxies: dict[_PoolKey, str | None] = {}
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
@@ -2935,7 +2937,9 @@ class _ConnectionPool:
         with self._lock:
             idle = self._idle.get(key)
             conn = idle.pop() if idle else None
-        proxy = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        if key not in self._proxies:
+            self._proxies[key] = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        proxy = self._proxies[key]
         if conn is None:
             conn = self._new(scheme, host, port, proxy)
         return conn, bool(proxy) and scheme == "http"
