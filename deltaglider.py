@@ -15293,11 +15293,19 @@ class _Signed(NamedTuple):
 
 
 def _parse_amz_date(value: str) -> datetime.datetime | None:
+    """An X-Amz-Date (``YYYYMMDDTHHMMSSZ``, _SIGV4_TIMESTAMP exactly), else None; read
+    by slicing, on every request: strptime takes five times as long."""
+    digits = value[:8] + value[9:15]
+    if len(value) != 16 or value[8] != "T" or value[15] != "Z":
+        return None
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    spans = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
+    year, month, day, hour, minute, second = (int(digits[a:b]) for a, b in spans)
     try:
-        return datetime.datetime.strptime(value, _SIGV4_TIMESTAMP).replace(
-            tzinfo=datetime.timezone.utc
-        )
-    except ValueError:
+        utc = datetime.timezone.utc
+        return datetime.datetime(year, month, day, hour, minute, second, tzinfo=utc)
+    except ValueError:  # a month 13, a second 61, ...
         return None
 
 
