@@ -18362,7 +18362,8 @@ def _cmd_serve(cli: _Cli) -> int:
 #   shared by commands  _Filters (--exclude/--include), _cli_client, _put_args,
 #                       _saved_note (the delta note of a line), _print_stats,
 #                       _should_transfer, _recorded_mtimes and _unchanged (what sync
-#                       transfers), _quick_upload (small files on a pool of their own)
+#                       transfers), _quick_upload (small files on a pool of their own),
+#                       _migrate_source and _migrate_plan (what migrate reads)
 #   one run             _Cli: output and tallies; transfer_one, the per-file driver of
 #                       cp, mv, sync and migrate; cmd_<command>, one method per command
 #   refusals            _UsageError, _FatalError, _refuse_onto_itself, _one_line
@@ -18787,6 +18788,39 @@ def _quick_upload(
         return not engine.eligible(key, path, delta)
     except OSError:
         return False  # its upload reports the error
+
+
+def _migrate_source(
+    args: argparse.Namespace, environ: Mapping[str, str], client: DeltaGliderClient
+) -> DeltaGliderClient:
+    """The client migrate reads from: this run's, or another store's with
+    --source-endpoint-url / --source-profile."""
+    if args.source_endpoint_url or args.source_profile:
+        return create_client(
+            endpoint_url=args.source_endpoint_url or args.endpoint_url,
+            profile_name=args.source_profile or args.profile,
+            region_name=args.region,
+            environ=environ,
+        )
+    return client
+
+
+def _migrate_plan(
+    source: DeltaGliderClient, filters: _Filters, sb: str, sprefix: str, dprefix: str
+) -> list[tuple[str, str, int]]:
+    """(source key, destination key, size) of every object migrate copies: the source's
+    logical objects under the prefix, --exclude/--include applied, our own bookkeeping
+    left out."""
+    todo = []
+    for obj in source.get_paginator("list_objects_v2").paginate(
+        Bucket=sb, Prefix=sprefix, FetchMetadata=True
+    ):
+        for item in obj.get("Contents", []):
+            rel = item["Key"][len(sprefix) :]
+            if _is_internal(item["Key"]) or not filters.included(rel):
+                continue
+            todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+    return todo
 
 
 class _Cli:
@@ -19662,8 +19696,8 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.migrate_source()
-        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        source = _migrate_source(self.args, self.environ, self.client)
+        todo = _migrate_plan(source, self.filters(), sb, sprefix, dprefix)
         if _store_identity(source) == _store_identity(self.client):
             pairs = [(t[0], t[1]) for t in todo]
             _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
@@ -19693,36 +19727,6 @@ class _Cli:
             )
         )
         return self.exit_code()
-
-    def migrate_source(self) -> DeltaGliderClient:
-        """The client migrate reads from: this run's, or another store's with
-        --source-endpoint-url / --source-profile."""
-        if self.args.source_endpoint_url or self.args.source_profile:
-            return create_client(
-                endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
-                profile_name=self.args.source_profile or self.args.profile,
-                region_name=self.args.region,
-                environ=self.environ,
-            )
-        return self.client
-
-    def migrate_plan(
-        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
-    ) -> list[tuple[str, str, int]]:
-        """(source key, destination key, size) of every object to migrate: the source's
-        logical objects under the prefix, --exclude/--include applied, our own
-        bookkeeping left out."""
-        filters = self.filters()
-        todo = []
-        for obj in source.get_paginator("list_objects_v2").paginate(
-            Bucket=sb, Prefix=sprefix, FetchMetadata=True
-        ):
-            for item in obj.get("Contents", []):
-                rel = item["Key"][len(sprefix) :]
-                if _is_internal(item["Key"]) or not filters.included(rel):
-                    continue
-                todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        return todo
 
     def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
         """--dryrun: each file that would be copied, then how many, and how many of them
