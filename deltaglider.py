@@ -10460,6 +10460,140 @@ class _RefChoice:
     series: bool = False  # made from a file of the same series (so it may be healed)
 
 
+class _ArchiveDeltas:
+    """Archive-aware mode's two sides (README, "Archive-aware deltas"): on upload, the
+    delta between the expanded forms of two zips (_zip_expand), made and checked; on
+    download, that delta decoded and the zip's exact bytes rebuilt from it."""
+
+    def __init__(self, cache: _ReferenceCache, xdelta: _XDelta3) -> None:
+        self.cache = cache
+        self.xdelta = xdelta
+
+    def encode(
+        self,
+        ref_sha: str,
+        ref_path: str,
+        ref_check: _Background | None,
+        path: str,
+        delta_tmp: str,
+        tmp_dir: str,
+        file_info: Callable[[], _FileInfo],
+    ) -> dict[str, str] | None:
+        """The delta between the expanded forms of two zips, checked twice before it is stored: it
+        decodes to the expanded file, and that rebuilds the original bytes here. Returns
+        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
+        expanded form does not rebuild it)."""
+        if not (_is_zip(path) and _is_zip(ref_path)):
+            return None
+        if ref_check is not None and not ref_check.result():
+            return None  # the caller fetches the reference again
+        xref = self.cache.derived(
+            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
+        )
+        if xref is None:
+            return None
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                if not _zip_expand(path, writer):
+                    return None
+            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
+                raise IntegrityError(
+                    "%s: the delta xdelta3 made does not decode to the expanded input; "
+                    "nothing was stored" % path
+                )
+            info = file_info()
+            if rebuilt.result() != info.sha256:
+                logger.warning(
+                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
+                    path,
+                )
+                return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
+
+    def rebuild(
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
+        tmp_dir: str,
+    ) -> str:
+        """A delta between expanded zips (archive-aware mode): decode it against the
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if codec != _CODEC_ZIP:
+            raise IntegrityError(
+                "%s: made with codec %r, which this deltaglider (%s) does not know; "
+                "upgrade it" % (where, codec, __version__)
+            )
+        want = _meta_get(lg.metadata, "xref_sha256")
+        xref = None
+        if want:
+            # Most zips are deflated with zlib's defaults throughout: expanding on that
+            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
+            xref = self.cache.derived(
+                ref_sha,
+                _EXPANDED_SUFFIX,
+                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
+                strict=False,
+            )
+            if xref is not None and xref[1] != want:
+                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
+                xref = None
+        if xref is None:
+            xref = self.cache.derived(
+                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
+            )
+        if xref is None or (want and xref[1] != want):
+            raise IntegrityError(
+                "%s: its reference expands differently here than where the delta was made "
+                "(zlib %s); read it where it was written, or store it again without "
+                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
+            with open(out, "w+b") as dst:
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        if not actual:
+            raise IntegrityError(
+                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
+                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        return actual
+
+
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
     says, reads rebuild and verify, deletes keep references consistent.
@@ -10491,6 +10625,7 @@ class _DeltaEngine:
         self.xdelta = xdelta
         self.max_ratio = max_ratio
         self.archive_aware = archive_aware
+        self.archives = _ArchiveDeltas(cache, xdelta)
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
@@ -10685,7 +10820,9 @@ class _DeltaEngine:
         codec = _meta_get(lg.metadata, "codec")
         try:
             if codec:
-                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+                return self.archives.rebuild(
+                    lg, codec, ref_sha, ref_path, delta, out, limit, self.tmp_dir()
+                )
             actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
             if actual != lg.sha256 and _is_compressed_stream(ref_path):
                 # Written by the original without -D: let xdelta3 recompress as it did.
@@ -10698,74 +10835,6 @@ class _DeltaEngine:
             if where in str(e):
                 raise
             raise IntegrityError("%s: %s" % (where, e)) from None
-        return actual
-
-    def _rebuild_codec(
-        self,
-        lg: _Logical,
-        codec: str,
-        ref_sha: str,
-        ref_path: str,
-        delta: str,
-        out: str,
-        limit: int,
-    ) -> str:
-        """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
-        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
-        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
-        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
-        if codec != _CODEC_ZIP:
-            raise IntegrityError(
-                "%s: made with codec %r, which this deltaglider (%s) does not know; "
-                "upgrade it" % (where, codec, __version__)
-            )
-        want = _meta_get(lg.metadata, "xref_sha256")
-        xref = None
-        if want:
-            # Most zips are deflated with zlib's defaults throughout: expanding on that
-            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
-            xref = self.cache.derived(
-                ref_sha,
-                _EXPANDED_SUFFIX,
-                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
-                strict=False,
-            )
-            if xref is not None and xref[1] != want:
-                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
-                xref = None
-        if xref is None:
-            xref = self.cache.derived(
-                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
-            )
-        if xref is None or (want and xref[1] != want):
-            raise IntegrityError(
-                "%s: its reference expands differently here than where the delta was made "
-                "(zlib %s); read it where it was written, or store it again without "
-                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
-        xsize = _meta_get(lg.metadata, "expanded_size") or ""
-        if xsize.isdigit():
-            xlimit, what = int(xsize), "dg-expanded-size"
-        else:  # written before dg-expanded-size was recorded
-            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
-                except _OutputLimitError:
-                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
-            with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        if not actual:
-            raise IntegrityError(
-                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
-                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
         return actual
 
     def _download(self, bucket: str, key: str, path: str) -> None:
@@ -11187,9 +11256,11 @@ class _DeltaEngine:
                 f.write(_zero_diff_delta(info.size))
             return info, (info.sha256, info.size), None
         try:
-            extra = self._encode_archive(
-                ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
-            )
+            extra = None
+            if self.archive_aware:
+                extra = self.archives.encode(
+                    ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
+                )
             plain = None
             if extra is None:
                 plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
@@ -11290,62 +11361,6 @@ class _DeltaEngine:
         if _is_shared_ref(ref.key):
             summary["ReferenceSource"] = _shared_ref_source(ref.key)
         return summary
-
-    def _encode_archive(
-        self,
-        ref_sha: str,
-        ref_path: str,
-        ref_check: _Background | None,
-        path: str,
-        delta_tmp: str,
-        tmp_dir: str,
-        file_info: Callable[[], _FileInfo],
-    ) -> dict[str, str] | None:
-        """Archive-aware mode (README, "Archive-aware deltas"): the delta between the
-        expanded forms of two zips (_zip_expand), checked twice before it is stored: it
-        decodes to the expanded file, and that rebuilds the original bytes here. Returns
-        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
-        expanded form does not rebuild it)."""
-        if not (self.archive_aware and _is_zip(path) and _is_zip(ref_path)):
-            return None
-        if ref_check is not None and not ref_check.result():
-            return None  # the caller fetches the reference again
-        xref = self.cache.derived(
-            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
-        )
-        if xref is None:
-            return None
-        fd, expanded = _private_tempfile(tmp_dir, ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):
-                    return None
-            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            hashes = _Hashes()
-            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
-            decoded = hashes.info()
-            expected = (writer.sha256.hexdigest(), writer.size)
-            if differs is not None or (decoded.sha256, decoded.size) != expected:
-                raise IntegrityError(
-                    "%s: the delta xdelta3 made does not decode to the expanded input; "
-                    "nothing was stored" % path
-                )
-            info = file_info()
-            if rebuilt.result() != info.sha256:
-                logger.warning(
-                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
-                    path,
-                )
-                return None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        return {
-            "dg-codec": _CODEC_ZIP,
-            "dg-xref-sha256": xref[1],
-            "dg-expanded-size": str(writer.size),
-        }
 
     @staticmethod
     def _delta_cmd(name: str) -> str:
