@@ -978,6 +978,27 @@ def _file_checksum(path: str, algo: str) -> str:
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
+def _copy_to(src: int, out: int, each: Callable[[bytes], Any] | None = None) -> None:
+    """Append what is left of file ``src`` to file ``out`` (descriptors, unbuffered). With
+    ``each`` (a hash's ``update``), through 1 MiB reads handed to it; without, by the
+    kernel where it can (copy_file_range: the bytes never pass through this process, and
+    share extents on reflink file systems), else by reads from where that stopped."""
+    if each is None and hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # not on these file systems: read below
+            while os.copy_file_range(src, out, 1 << 30):
+                pass
+            return
+    while True:
+        chunk = os.read(src, _IO_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        if each is not None:
+            each(chunk)
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -2702,6 +2723,9 @@ class _DeadlineReader:
         self._request_timeout = request_timeout
         self._deadline = time.monotonic() + request_timeout
         self._since = 0  # bytes received since the deadline was last set
+        #: bytes known to be in ``fp``'s buffer (never more than are): a read from them
+        #: makes no recv, so it needs no deadline armed (a header line each, mostly)
+        self._buffered = 0
 
     def _arm(self) -> None:
         import socket
@@ -2721,6 +2745,7 @@ class _DeadlineReader:
         if n == 0:
             return b""
         self._arm()
+        self._buffered = 0
         data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
         self._got(len(data))
         return data
@@ -2729,6 +2754,7 @@ class _DeadlineReader:
         if not len(b):
             return 0
         self._arm()
+        self._buffered = 0
         n: int = self._fp.readinto1(b)
         self._got(n)
         return n
@@ -2756,8 +2782,10 @@ class _DeadlineReader:
         return b"".join(chunks)
 
     def peek(self, n: int = 0) -> bytes:
-        self._arm()
-        data: bytes = self._fp.peek(n)
+        if not self._buffered:
+            self._arm()
+        data: bytes = self._fp.peek(n)  # all that is buffered; a recv only when none is
+        self._buffered = len(data)
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -2771,12 +2799,14 @@ class _DeadlineReader:
             end = buffered.find(b"\n")
             take = len(buffered) if end < 0 else end + 1
             line += self._fp.read(take)  # already buffered: no recv
+            self._buffered -= take
             self._got(take)
             if end >= 0:
                 break
         return bytes(line)
 
     def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        self._buffered = 0  # whatever it does to the buffer, the next read arms again
         return getattr(self._fp, name)
 
 
@@ -8827,6 +8857,11 @@ _HEAL_RATIO = 0.23
 _SIMILAR_SIZE = 2.0
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
+#: Seconds a process reuses a folder's reference lookup (its reference.bin HEAD, its
+#: parent's shared-reference listing) for the next files of that folder, adding the
+#: references it makes itself. Staleness costs only savings (another process's new
+#: reference unseen): a delta is kept only if its reference is still stored after it.
+_REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
@@ -9861,6 +9896,8 @@ class _References:
         self._tool = "deltaglider/" + __version__
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # (bucket, reference.bin key or shared-references prefix) → (when, what was found)
+        self._looked: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- choosing and making references -------------------------------------------
 
@@ -10064,13 +10101,8 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        # The two looks are independent reads: the HEAD runs while the listing is read.
-        own = _Background(self._head_or_none, bucket, own_key)
         prefix = _refs_prefix(_parent_space(space))
-        pages = list(
-            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
-        )
-        head = own.result()
+        head, listed = self._look(bucket, own_key, prefix)
         if head is not None:
             meta = head.get("Metadata", {})
             consider(
@@ -10082,22 +10114,49 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
+        for key, csize, modified in listed:
+            parts = key[len(prefix) :].rsplit("/", 2)
+            if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                consider(key, parts[1], source, csize, modified, False, _meta_decode(parts[0]))
         return None if best is None else best[1:]
+
+    def _look(
+        self, bucket: str, own_key: str, prefix: str
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, int, Any]]]:
+        """pick's two reads: the folder's reference.bin (HEAD, None when there is none) and
+        (key, size, Last-Modified) of the parent's shared references, each as this process
+        read it less than _REF_LOOKUP_TTL ago, else read now (the two at once)."""
+        began = time.monotonic()
+        with self._locks_lock:
+            own, listed = (self._looked.get((bucket, k)) for k in (own_key, prefix))
+        own = own if own is not None and began - own[0] < _REF_LOOKUP_TTL else None
+        listed = listed if listed is not None and began - listed[0] < _REF_LOOKUP_TTL else None
+        if own is None:
+            head = _Background(self._head_or_none, bucket, own_key)  # while the listing runs
+        if listed is None:
+            pages = _list_pages(self.storage, bucket, prefix=prefix)
+            found = [
+                (o["Key"], o["Size"], o.get("LastModified"))
+                for page in itertools.islice(pages, _REF_LIST_PAGES)
+                for o in page.get("Contents", [])
+            ]
+            listed = (began, found)
+            with self._locks_lock:
+                self._looked[(bucket, prefix)] = listed
+        if own is None:
+            own = (began, head.result())
+            with self._locks_lock:
+                self._looked[(bucket, own_key)] = own
+        with self._locks_lock:  # new_shared adds to it
+            return own[1], list(listed[1])
+
+    def forget(self, bucket: str) -> None:
+        """Look at the bucket's references afresh at the next picks (one went, or was not
+        what a lookup said)."""
+        with self._locks_lock:
+            for k in [k for k in self._looked if k[0] == bucket]:
+                del self._looked[k]
 
     def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
         try:
@@ -10117,8 +10176,9 @@ class _References:
         on_bytes: Callable[[int], None] | None = None,
     ) -> str:
         """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
+        SHA-256, so racing writers of the same file write the same bytes. The next picks
+        of this process see it without listing again (_look)."""
+        resp = _put_path(
             self.storage,
             bucket,
             ref_key,
@@ -10127,6 +10187,14 @@ class _References:
             sha256=info.sha256,
             on_bytes=on_bytes,
         )
+        try:  # stored now, by the server's clock (as its listing would say)
+            stored = _parse_timestamp(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            stored = _utcnow()
+        with self._locks_lock:
+            looked = self._looked.get((bucket, _refs_prefix(_shared_ref_parent(ref_key))))
+            if looked is not None:
+                looked[1].append((ref_key, info.size, stored))
         return self.cache.add_file(info.sha256, path)
 
     # -- removing references that nothing needs -----------------------------------
@@ -10257,6 +10325,7 @@ class _References:
                     raise
                 continue  # gone already
             try:
+                self.forget(bucket)
                 self.storage.delete_object(bucket, ref_key)
                 if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
                     if self.current(bucket, ref_key) is None:
@@ -10293,6 +10362,7 @@ class _References:
                 raise
             return False  # no reference (any more)
         try:
+            self.forget(bucket)
             self.storage.delete_object(bucket, ref_key)
             if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
                 self.storage.copy_object(bucket, ref_key, bucket, aside)
@@ -11137,7 +11207,9 @@ class _DeltaEngine:
         size = os.path.getsize(up.path)
         create_only = up.create_only
         ref = _RefChoice(_reference_key(space))
-        for _ in range(5):
+        for attempt in range(5):
+            if attempt:  # whatever made this one fail, the next looks at references afresh
+                self.refs.forget(up.bucket)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             ref = _RefChoice(_reference_key(space))
@@ -15956,7 +16028,9 @@ class _BodyDigests:
 
 class _Spooled(NamedTuple):
     path: str
-    info: _FileInfo
+    #: its digests, taken as it arrived; None for a joined multipart upload, which the
+    #: engine hashes in the pass its delta check makes over the file anyway
+    info: _FileInfo | None
     checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
     parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
@@ -16179,14 +16253,22 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id)
         return rec
 
-    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> str:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
-        completion assembling it meanwhile sees the old part or the new one, whole)."""
+        completion assembling it meanwhile sees the old part or the new one, whole).
+        Returns its ETag."""
         import json
 
         folder = self._dir(upload_id)
-        meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
+        assert spooled.info is not None
+        meta: dict[str, Any] = {
+            "ETag": '"%s"' % spooled.info.md5,
+            "Size": spooled.info.size,
+            "LastModified": now,
+        }
+        if spooled.checksum is not None:  # checked as it arrived: a composite's part digest
+            meta["Checksum"] = list(spooled.checksum)
         base = os.path.join(folder, "part-%05d" % number)
         try:
             fd, tmp = _private_tempfile(folder, ".json")
@@ -16197,6 +16279,7 @@ class _Uploads:
                 os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        return str(meta["ETag"])
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
         import json
@@ -16232,7 +16315,12 @@ class _Uploads:
         last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
         the (algorithm, type) the upload was created with: the joined file's checksum is
         taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
-        digest of the parts' digests, ``-<parts>`` after it)."""
+        digest of the parts' digests, ``-<parts>`` after it; a part's own, checked as it
+        arrived, where it came with one).
+
+        The joined file's SHA-256 and MD5 are not taken here: the engine takes them in
+        the pass over the file that checks its delta decodes back to it (or in one of its
+        own, for a file stored whole), so the parts are copied by the kernel, unread."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -16246,27 +16334,30 @@ class _Uploads:
                     PartNumber=str(number),
                 )
         fd, path = _private_tempfile(folder, ".mpu")
-        hashes = _Hashes(md5=True)
         algo, kind = checksum or ("", "")
         whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
         digests = []
         try:
-            with os.fdopen(fd, "wb") as out:
-                for number, _ in wanted:
-                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
-
-                    def each(chunk: bytes, hasher: Any = hasher) -> None:
-                        out.write(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-
-                    with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=each)
-                    if hasher is not None and whole is None:
-                        digests.append(hasher.digest())
+            for number, _ in wanted:
+                part = have[number]
+                known = part.get("Checksum") or ("", "")
+                hasher = whole
+                if algo and whole is None and known[0] != algo:
+                    hasher = _CHECKSUMS[algo]()  # the part came without one
+                src = os.open(part["path"], os.O_RDONLY)
+                try:
+                    _copy_to(src, fd, hasher.update if hasher is not None else None)
+                finally:
+                    os.close(src)
+                if algo and whole is None:
+                    digests.append(
+                        hasher.digest() if hasher is not None else base64.b64decode(known[1])
+                    )
         except BaseException:
+            os.close(fd)
             os.unlink(path)
             raise
+        os.close(fd)
         value = None
         if whole is not None:
             value = base64.b64encode(whole.digest()).decode()
@@ -16275,7 +16366,7 @@ class _Uploads:
             joined.update(b"".join(digests))
             value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
         sizes = [int(have[number]["Size"]) for number, _ in wanted]
-        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
+        return _Spooled(path, None, (algo, value) if value else None, sizes)
 
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
@@ -17675,6 +17766,7 @@ class _GatewayHandler(_HandlerBase):
             # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
             # delta, and the engine takes only file names; it is stored as it came.
             _validate_key(params["Key"])
+            digests = spooled.info or _hash_file(spooled.path, md5=True)
             with open(spooled.path, "rb") as f:
                 client.storage.put_object(
                     params["Bucket"],
@@ -17682,11 +17774,11 @@ class _GatewayHandler(_HandlerBase):
                     f,
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
-                    content_sha256=spooled.info.sha256,
+                    content_sha256=digests.sha256,
                     if_none_match=params.get("IfNoneMatch", "").strip() == "*",
                     if_match=params.get("IfMatch"),
                 )
-            return {"ETag": '"%s"' % spooled.info.md5}
+            return {"ETag": '"%s"' % digests.md5}
         result = _put_object_from_file(
             client.engine,
             spooled.path,
@@ -17872,12 +17964,11 @@ class _GatewayHandler(_HandlerBase):
             return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = {"ETag": '"%s"' % spooled.info.md5}
-        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": etag}))
 
     def _upload_part_copy(self, upload_id: str, number: int) -> None:
         """UploadPartCopy: the part is (a range of) another logical object, read through
@@ -17901,11 +17992,10 @@ class _GatewayHandler(_HandlerBase):
         spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 

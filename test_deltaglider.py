@@ -7508,6 +7508,46 @@ def test_drift_and_a_bad_first_file_make_new_references(
 
 
 @needs_xdelta3
+def test_versions_into_one_folder_look_up_its_references_once(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Versions uploaded into one folder one after another (a recursive cp of a release
+    folder) list the folder's references once, not once each: the next ones reuse what
+    this process found and made (#17.4). A reference another process removed meanwhile
+    is never left under a delta: the one made against it fails the check after its
+    store, and the file is stored again against what is there."""
+    st = client.storage
+    looks: list[str] = []
+    original = st.list_objects_v2
+
+    def counting(bucket: str, *a: Any, **kw: Any) -> Any:
+        if dg._REFS_DIR in kw.get("prefix", ""):
+            looks.append(kw["prefix"])
+        return original(bucket, *a, **kw)
+
+    monkeypatch.setattr(st, "list_objects_v2", counting)
+    datas = [make_zip(tmp_path / "v.zip", v) for v in range(7)]
+    infos = [
+        client.put_object(Bucket=dgbucket, Key="rel/app-1.%d.zip" % v, Body=d)["DeltaGliderInfo"]
+        for v, d in enumerate(datas[:6])
+    ]
+    assert [i["Operation"] for i in infos] == ["create_reference"] + ["create_delta"] * 5
+    assert len({i["ReferenceKey"] for i in infos}) == 1
+    assert looks == [dg._REFS_DIR]
+    other = make_client(backend, tmp_path)  # another process takes every version
+    for v in range(6):
+        other.delete_object(Bucket=dgbucket, Key="rel/app-1.%d.zip" % v)
+    assert stored_keys(client, dgbucket) == []
+    info = client.put_object(Bucket=dgbucket, Key="rel/app-1.6.zip", Body=datas[6])
+    assert info["DeltaGliderInfo"]["Operation"] == "create_reference"
+    assert looks == [dg._REFS_DIR] * 2
+    meta = client.storage.head_object(dgbucket, "rel/app-1.6.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] in stored_keys(client, dgbucket)
+    cold = make_client(backend, tmp_path)
+    assert cold.get_object(Bucket=dgbucket, Key="rel/app-1.6.zip")["Body"].read() == datas[6]
+
+
+@needs_xdelta3
 @pytest.mark.parametrize(
     "name,content,expect_delta",
     [
