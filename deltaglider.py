@@ -978,6 +978,27 @@ def _file_checksum(path: str, algo: str) -> str:
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
+def _copy_to(src: int, out: int, each: Callable[[bytes], Any] | None = None) -> None:
+    """Append what is left of file ``src`` to file ``out`` (descriptors, unbuffered). With
+    ``each`` (a hash's ``update``), through 1 MiB reads handed to it; without, by the
+    kernel where it can (copy_file_range: the bytes never pass through this process, and
+    share extents on reflink file systems), else by reads from where that stopped."""
+    if each is None and hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # not on these file systems: read below
+            while os.copy_file_range(src, out, 1 << 30):
+                pass
+            return
+    while True:
+        chunk = os.read(src, _IO_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        if each is not None:
+            each(chunk)
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -2702,6 +2723,9 @@ class _DeadlineReader:
         self._request_timeout = request_timeout
         self._deadline = time.monotonic() + request_timeout
         self._since = 0  # bytes received since the deadline was last set
+        #: bytes known to be in ``fp``'s buffer (never more than are): a read from them
+        #: makes no recv, so it needs no deadline armed (a header line each, mostly)
+        self._buffered = 0
 
     def _arm(self) -> None:
         import socket
@@ -2721,6 +2745,7 @@ class _DeadlineReader:
         if n == 0:
             return b""
         self._arm()
+        self._buffered = 0
         data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
         self._got(len(data))
         return data
@@ -2729,6 +2754,7 @@ class _DeadlineReader:
         if not len(b):
             return 0
         self._arm()
+        self._buffered = 0
         n: int = self._fp.readinto1(b)
         self._got(n)
         return n
@@ -2756,8 +2782,10 @@ class _DeadlineReader:
         return b"".join(chunks)
 
     def peek(self, n: int = 0) -> bytes:
-        self._arm()
-        data: bytes = self._fp.peek(n)
+        if not self._buffered:
+            self._arm()
+        data: bytes = self._fp.peek(n)  # all that is buffered; a recv only when none is
+        self._buffered = len(data)
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -2771,12 +2799,14 @@ class _DeadlineReader:
             end = buffered.find(b"\n")
             take = len(buffered) if end < 0 else end + 1
             line += self._fp.read(take)  # already buffered: no recv
+            self._buffered -= take
             self._got(take)
             if end >= 0:
                 break
         return bytes(line)
 
     def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        self._buffered = 0  # whatever it does to the buffer, the next read arms again
         return getattr(self._fp, name)
 
 
@@ -10500,6 +10530,140 @@ class _RefChoice:
     series: bool = False  # made from a file of the same series (so it may be healed)
 
 
+class _ArchiveDeltas:
+    """Archive-aware mode's two sides (README, "Archive-aware deltas"): on upload, the
+    delta between the expanded forms of two zips (_zip_expand), made and checked; on
+    download, that delta decoded and the zip's exact bytes rebuilt from it."""
+
+    def __init__(self, cache: _ReferenceCache, xdelta: _XDelta3) -> None:
+        self.cache = cache
+        self.xdelta = xdelta
+
+    def encode(
+        self,
+        ref_sha: str,
+        ref_path: str,
+        ref_check: _Background | None,
+        path: str,
+        delta_tmp: str,
+        tmp_dir: str,
+        file_info: Callable[[], _FileInfo],
+    ) -> dict[str, str] | None:
+        """The delta between the expanded forms of two zips, checked twice before it is stored: it
+        decodes to the expanded file, and that rebuilds the original bytes here. Returns
+        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
+        expanded form does not rebuild it)."""
+        if not (_is_zip(path) and _is_zip(ref_path)):
+            return None
+        if ref_check is not None and not ref_check.result():
+            return None  # the caller fetches the reference again
+        xref = self.cache.derived(
+            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
+        )
+        if xref is None:
+            return None
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                if not _zip_expand(path, writer):
+                    return None
+            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
+                raise IntegrityError(
+                    "%s: the delta xdelta3 made does not decode to the expanded input; "
+                    "nothing was stored" % path
+                )
+            info = file_info()
+            if rebuilt.result() != info.sha256:
+                logger.warning(
+                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
+                    path,
+                )
+                return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
+
+    def rebuild(
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
+        tmp_dir: str,
+    ) -> str:
+        """A delta between expanded zips (archive-aware mode): decode it against the
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if codec != _CODEC_ZIP:
+            raise IntegrityError(
+                "%s: made with codec %r, which this deltaglider (%s) does not know; "
+                "upgrade it" % (where, codec, __version__)
+            )
+        want = _meta_get(lg.metadata, "xref_sha256")
+        xref = None
+        if want:
+            # Most zips are deflated with zlib's defaults throughout: expanding on that
+            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
+            xref = self.cache.derived(
+                ref_sha,
+                _EXPANDED_SUFFIX,
+                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
+                strict=False,
+            )
+            if xref is not None and xref[1] != want:
+                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
+                xref = None
+        if xref is None:
+            xref = self.cache.derived(
+                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
+            )
+        if xref is None or (want and xref[1] != want):
+            raise IntegrityError(
+                "%s: its reference expands differently here than where the delta was made "
+                "(zlib %s); read it where it was written, or store it again without "
+                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
+            with open(out, "w+b") as dst:
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        if not actual:
+            raise IntegrityError(
+                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
+                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        return actual
+
+
 class _DeltaEngine:
     """Logical objects on top of a storage: writes choose delta or direct as FORMAT.md
     says, reads rebuild and verify, deletes keep references consistent.
@@ -10531,6 +10695,7 @@ class _DeltaEngine:
         self.xdelta = xdelta
         self.max_ratio = max_ratio
         self.archive_aware = archive_aware
+        self.archives = _ArchiveDeltas(cache, xdelta)
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
@@ -10725,7 +10890,9 @@ class _DeltaEngine:
         codec = _meta_get(lg.metadata, "codec")
         try:
             if codec:
-                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+                return self.archives.rebuild(
+                    lg, codec, ref_sha, ref_path, delta, out, limit, self.tmp_dir()
+                )
             actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
             if actual != lg.sha256 and _is_compressed_stream(ref_path):
                 # Written by the original without -D: let xdelta3 recompress as it did.
@@ -10738,74 +10905,6 @@ class _DeltaEngine:
             if where in str(e):
                 raise
             raise IntegrityError("%s: %s" % (where, e)) from None
-        return actual
-
-    def _rebuild_codec(
-        self,
-        lg: _Logical,
-        codec: str,
-        ref_sha: str,
-        ref_path: str,
-        delta: str,
-        out: str,
-        limit: int,
-    ) -> str:
-        """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
-        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
-        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
-        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
-        if codec != _CODEC_ZIP:
-            raise IntegrityError(
-                "%s: made with codec %r, which this deltaglider (%s) does not know; "
-                "upgrade it" % (where, codec, __version__)
-            )
-        want = _meta_get(lg.metadata, "xref_sha256")
-        xref = None
-        if want:
-            # Most zips are deflated with zlib's defaults throughout: expanding on that
-            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
-            xref = self.cache.derived(
-                ref_sha,
-                _EXPANDED_SUFFIX,
-                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
-                strict=False,
-            )
-            if xref is not None and xref[1] != want:
-                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
-                xref = None
-        if xref is None:
-            xref = self.cache.derived(
-                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
-            )
-        if xref is None or (want and xref[1] != want):
-            raise IntegrityError(
-                "%s: its reference expands differently here than where the delta was made "
-                "(zlib %s); read it where it was written, or store it again without "
-                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
-        xsize = _meta_get(lg.metadata, "expanded_size") or ""
-        if xsize.isdigit():
-            xlimit, what = int(xsize), "dg-expanded-size"
-        else:  # written before dg-expanded-size was recorded
-            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
-                except _OutputLimitError:
-                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
-            with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        if not actual:
-            raise IntegrityError(
-                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
-                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
         return actual
 
     def _download(self, bucket: str, key: str, path: str) -> None:
@@ -11229,9 +11328,11 @@ class _DeltaEngine:
                 f.write(_zero_diff_delta(info.size))
             return info, (info.sha256, info.size), None
         try:
-            extra = self._encode_archive(
-                ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
-            )
+            extra = None
+            if self.archive_aware:
+                extra = self.archives.encode(
+                    ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
+                )
             plain = None
             if extra is None:
                 plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
@@ -11332,62 +11433,6 @@ class _DeltaEngine:
         if _is_shared_ref(ref.key):
             summary["ReferenceSource"] = _shared_ref_source(ref.key)
         return summary
-
-    def _encode_archive(
-        self,
-        ref_sha: str,
-        ref_path: str,
-        ref_check: _Background | None,
-        path: str,
-        delta_tmp: str,
-        tmp_dir: str,
-        file_info: Callable[[], _FileInfo],
-    ) -> dict[str, str] | None:
-        """Archive-aware mode (README, "Archive-aware deltas"): the delta between the
-        expanded forms of two zips (_zip_expand), checked twice before it is stored: it
-        decodes to the expanded file, and that rebuilds the original bytes here. Returns
-        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
-        expanded form does not rebuild it)."""
-        if not (self.archive_aware and _is_zip(path) and _is_zip(ref_path)):
-            return None
-        if ref_check is not None and not ref_check.result():
-            return None  # the caller fetches the reference again
-        xref = self.cache.derived(
-            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
-        )
-        if xref is None:
-            return None
-        fd, expanded = _private_tempfile(tmp_dir, ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):
-                    return None
-            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            hashes = _Hashes()
-            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
-            decoded = hashes.info()
-            expected = (writer.sha256.hexdigest(), writer.size)
-            if differs is not None or (decoded.sha256, decoded.size) != expected:
-                raise IntegrityError(
-                    "%s: the delta xdelta3 made does not decode to the expanded input; "
-                    "nothing was stored" % path
-                )
-            info = file_info()
-            if rebuilt.result() != info.sha256:
-                logger.warning(
-                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
-                    path,
-                )
-                return None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        return {
-            "dg-codec": _CODEC_ZIP,
-            "dg-xref-sha256": xref[1],
-            "dg-expanded-size": str(writer.size),
-        }
 
     @staticmethod
     def _delta_cmd(name: str) -> str:
@@ -15983,7 +16028,9 @@ class _BodyDigests:
 
 class _Spooled(NamedTuple):
     path: str
-    info: _FileInfo
+    #: its digests, taken as it arrived; None for a joined multipart upload, which the
+    #: engine hashes in the pass its delta check makes over the file anyway
+    info: _FileInfo | None
     checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
     parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
@@ -16206,14 +16253,22 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id)
         return rec
 
-    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> str:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
-        completion assembling it meanwhile sees the old part or the new one, whole)."""
+        completion assembling it meanwhile sees the old part or the new one, whole).
+        Returns its ETag."""
         import json
 
         folder = self._dir(upload_id)
-        meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
+        assert spooled.info is not None
+        meta: dict[str, Any] = {
+            "ETag": '"%s"' % spooled.info.md5,
+            "Size": spooled.info.size,
+            "LastModified": now,
+        }
+        if spooled.checksum is not None:  # checked as it arrived: a composite's part digest
+            meta["Checksum"] = list(spooled.checksum)
         base = os.path.join(folder, "part-%05d" % number)
         try:
             fd, tmp = _private_tempfile(folder, ".json")
@@ -16224,6 +16279,7 @@ class _Uploads:
                 os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        return str(meta["ETag"])
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
         import json
@@ -16259,7 +16315,12 @@ class _Uploads:
         last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
         the (algorithm, type) the upload was created with: the joined file's checksum is
         taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
-        digest of the parts' digests, ``-<parts>`` after it)."""
+        digest of the parts' digests, ``-<parts>`` after it; a part's own, checked as it
+        arrived, where it came with one).
+
+        The joined file's SHA-256 and MD5 are not taken here: the engine takes them in
+        the pass over the file that checks its delta decodes back to it (or in one of its
+        own, for a file stored whole), so the parts are copied by the kernel, unread."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -16273,27 +16334,30 @@ class _Uploads:
                     PartNumber=str(number),
                 )
         fd, path = _private_tempfile(folder, ".mpu")
-        hashes = _Hashes(md5=True)
         algo, kind = checksum or ("", "")
         whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
         digests = []
         try:
-            with os.fdopen(fd, "wb") as out:
-                for number, _ in wanted:
-                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
-
-                    def each(chunk: bytes, hasher: Any = hasher) -> None:
-                        out.write(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-
-                    with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=each)
-                    if hasher is not None and whole is None:
-                        digests.append(hasher.digest())
+            for number, _ in wanted:
+                part = have[number]
+                known = part.get("Checksum") or ("", "")
+                hasher = whole
+                if algo and whole is None and known[0] != algo:
+                    hasher = _CHECKSUMS[algo]()  # the part came without one
+                src = os.open(part["path"], os.O_RDONLY)
+                try:
+                    _copy_to(src, fd, hasher.update if hasher is not None else None)
+                finally:
+                    os.close(src)
+                if algo and whole is None:
+                    digests.append(
+                        hasher.digest() if hasher is not None else base64.b64decode(known[1])
+                    )
         except BaseException:
+            os.close(fd)
             os.unlink(path)
             raise
+        os.close(fd)
         value = None
         if whole is not None:
             value = base64.b64encode(whole.digest()).decode()
@@ -16302,7 +16366,7 @@ class _Uploads:
             joined.update(b"".join(digests))
             value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
         sizes = [int(have[number]["Size"]) for number, _ in wanted]
-        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
+        return _Spooled(path, None, (algo, value) if value else None, sizes)
 
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
@@ -17702,6 +17766,7 @@ class _GatewayHandler(_HandlerBase):
             # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
             # delta, and the engine takes only file names; it is stored as it came.
             _validate_key(params["Key"])
+            digests = spooled.info or _hash_file(spooled.path, md5=True)
             with open(spooled.path, "rb") as f:
                 client.storage.put_object(
                     params["Bucket"],
@@ -17709,11 +17774,11 @@ class _GatewayHandler(_HandlerBase):
                     f,
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
-                    content_sha256=spooled.info.sha256,
+                    content_sha256=digests.sha256,
                     if_none_match=params.get("IfNoneMatch", "").strip() == "*",
                     if_match=params.get("IfMatch"),
                 )
-            return {"ETag": '"%s"' % spooled.info.md5}
+            return {"ETag": '"%s"' % digests.md5}
         result = _put_object_from_file(
             client.engine,
             spooled.path,
@@ -17899,12 +17964,11 @@ class _GatewayHandler(_HandlerBase):
             return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = {"ETag": '"%s"' % spooled.info.md5}
-        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": etag}))
 
     def _upload_part_copy(self, upload_id: str, number: int) -> None:
         """UploadPartCopy: the part is (a range of) another logical object, read through
@@ -17928,11 +17992,10 @@ class _GatewayHandler(_HandlerBase):
         spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 
