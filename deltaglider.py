@@ -193,6 +193,9 @@ _TRANSFER_WORKERS = 8
 #: and an open file, so the bound keeps a run within any 1,024-descriptor limit.
 _QUICK_FILE = 1024 * 1024
 _QUICK_WORKERS = 64
+#: sync: local files hashed at once to compare with the listing (2 cores: 2 threads hash
+#: while 2 wait for reads).
+_HASH_WORKERS = 4
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -12751,15 +12754,18 @@ def _logical_pages(
     delimiter: str,
     fetch: bool,
     max_workers: int,
+    stored: set[str] | None = None,
 ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """A whole logical listing as it streams: (objects, common prefixes) for each stored
     page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
     references; no request tops it up). The next stored page is fetched while the caller
     handles this one (and while this one's HEADs run, with ``fetch``): two pages in
-    memory at most, whatever the listing's length."""
+    memory at most, whatever the listing's length. ``stored`` gets every stored key."""
     pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
     previous: _PageSpan | None = None
     for n, page in enumerate(pages):
+        if stored is not None:
+            stored.update(o["Key"] for o in page.get("Contents", []))
         objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
         yield objects, _visible_prefixes(page)
         previous = _page_span(page) or previous
@@ -18839,6 +18845,20 @@ def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
         return False  # its transfer reports the error
 
 
+def _unchanged_files(
+    files: Sequence[tuple[str, str, int]], remote: Mapping[str, Mapping[str, Any]]
+) -> set[str]:
+    """Which of (path, rel, size) hold the bytes of ``remote[rel]`` (_unchanged), a few
+    files hashed at once: reading and hashing release the GIL."""
+    import concurrent.futures
+
+    def same(f: tuple[str, str, int]) -> bool:
+        return _unchanged(f[0], f[2], remote[f[1]])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_HASH_WORKERS) as pool:
+        return {f[1] for f, ok in zip(files, pool.map(same, files)) if ok}
+
+
 def _quick_upload(
     engine: _DeltaEngine, args: argparse.Namespace, path: str, key: str, size: int
 ) -> bool:
@@ -18976,15 +18996,14 @@ class _Cli:
         return keys
 
     def list_logical(
-        self, bucket: str, prefix: str, fetch: bool = False
+        self, bucket: str, prefix: str, fetch: bool = False, stored: set[str] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Every logical object under a prefix (paging past 1000 keys)."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        if fetch:
-            kwargs["FetchMetadata"] = True
-        for page in paginator.paginate(**kwargs):
-            yield from page.get("Contents", [])
+        """Every logical object under a prefix, one stored page of 1,000 at a time, the next
+        read while this one is handled (_logical_pages); ``stored`` gets every stored key."""
+        workers = self.workers + self.quick_workers  # a FetchMetadata HEAD is one request
+        pages = _logical_pages(self.client.engine, bucket, prefix, "", fetch, workers, stored)
+        for objects, _ in pages:
+            yield from objects
 
     def settled(self) -> None:
         """Called once a transfer is stored, before its line is printed. When it is the
@@ -19528,10 +19547,13 @@ class _Cli:
             self.delete_keys(db, gone)
         return self.exit_code()
 
-    def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
+    def remote_index(
+        self, bucket: str, prefix: str, stored: set[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)};
+        ``stored`` gets every stored key of the listing."""
         index: dict[str, dict[str, Any]] = {}
-        for obj in self.list_logical(bucket, prefix, fetch=True):
+        for obj in self.list_logical(bucket, prefix, fetch=True, stored=stored):
             rel = obj["Key"][len(prefix) :]
             index[rel] = obj
         return index
@@ -19542,27 +19564,29 @@ class _Cli:
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        remote = self.remote_index(bucket, prefix)
-        wanted: list[tuple[str, str, os.stat_result]] = []
-        undecided: dict[str, dict[str, Any]] = {}  # same size, other or unknown bytes
-        seen = set()
         unread: list[str] = []
-        for path, rel in self.local_files(src, unread=unread):
-            if not filters.included(rel):
-                continue
-            seen.add(rel)
-            st = os.stat(path)
-            obj = remote.get(rel)
-            if obj is not None and obj["Size"] == st.st_size:
-                if getattr(self.args, "size_only", False) or _unchanged(path, st.st_size, obj):
-                    continue
-                undecided[rel] = obj
-            wanted.append((path, rel, st))
+
+        def walk() -> list[tuple[str, str, os.stat_result]]:
+            files = self.local_files(src, unread=unread)
+            return [(path, rel, os.stat(path)) for path, rel in files if filters.included(rel)]
+
+        local = _Background(walk)  # while the listing is read, which gives the stored keys too
+        stored: set[str] = set()
+        remote = self.remote_index(bucket, prefix, stored)
+        files = local.result()
+        seen = {rel for _, rel, _ in files}
+        same = [(p, r, st.st_size) for p, r, st in files if r in remote]
+        same = [f for f in same if remote[f[1]]["Size"] == f[2]]
+        if getattr(self.args, "size_only", False):
+            kept = {rel for _, rel, _ in same}
+        else:
+            kept = _unchanged_files(same, remote)
+        wanted = [(path, rel, st) for path, rel, st in files if rel not in kept]
+        undecided = {rel: remote[rel] for _, rel, _ in same if rel not in kept}
         storage = self.client.engine.storage
         mtimes = _recorded_mtimes(
             storage, bucket, prefix, undecided, self.workers + self.quick_workers
         )
-        stored = self.stored_keys(bucket, prefix) if wanted else set()
         tasks: list[Callable[[], None]] = []
         quick: list[Callable[[], None]] = []
         total = 0

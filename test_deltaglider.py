@@ -14087,6 +14087,50 @@ def test_cli_sync_of_an_unchanged_tree_heads_only_its_deltas(
 
 
 @needs_xdelta3
+def test_cli_sync_reads_its_destination_in_one_listing(
+    cli_env: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """sync up lists the destination once: that listing gives both the logical objects
+    to compare and the stored keys the uploads use (to skip a HEAD each for the other
+    form of their name). It listed twice."""
+    backend, bucket = cli_env
+    src = tmp_path / "s"
+    (src / "d").mkdir(parents=True)
+    (src / "rel").mkdir()
+    for i in range(5):
+        (src / "d" / ("f%d.txt" % i)).write_text("text %d" % i)
+    make_zip(src / "rel" / "app-1.zip", 1)
+    make_zip(src / "rel" / "app-2.zip", 2)
+    lists: list[str] = []
+    for cls in (dg._S3Storage, dg._LocalStorage):
+        real = cls.list_objects_v2
+
+        def listing(self: Any, b: str, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            if dg._REFS_DIR not in kw.get("prefix", ""):  # not an upload choosing a reference
+                lists.append(kw.get("prefix", ""))
+            return _real(self, b, *a, **kw)
+
+        monkeypatch.setattr(cls, "list_objects_v2", listing)
+    url = "s3://%s/t/" % bucket
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and len(out.splitlines()) == 7, err
+    assert lists == ["t/"]
+    (src / "d" / "f9.txt").write_text("new")
+    (src / "d" / "f0.txt").write_text("TEXT 0")
+    os.utime(src / "d" / "f0.txt", (time.time() + 60, time.time() + 60))
+    code, out, err = run_cli(backend, tmp_path, ["sync", str(src), url])
+    assert code == 0 and sorted(out.split(" to ")[0] for out in out.splitlines()) == [
+        "upload: " + dg._display_path(str(src / "d" / n)) for n in ("f0.txt", "f9.txt")
+    ], (out, err)
+    assert lists == ["t/"] * 2
+    down = tmp_path / "down"
+    assert run_cli(backend, tmp_path, ["sync", url, str(down)])[0] == 0
+    for path in src.rglob("*"):
+        if path.is_file():
+            assert (down / path.relative_to(src)).read_bytes() == path.read_bytes(), path
+
+
+@needs_xdelta3
 def test_cli_sync_between_two_prefixes(cli_env: Any, tmp_path: Any) -> None:
     """sync s3:// s3:// (as aws s3 sync): copies what is missing or changed, a second run
     copies nothing, --delete removes extra keys; onto itself or into itself is refused."""
