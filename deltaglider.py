@@ -20,7 +20,6 @@ import array
 import base64
 import collections
 import contextlib
-import dataclasses
 import datetime
 import fnmatch
 import functools
@@ -10333,15 +10332,17 @@ def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) 
     return decoded.sha256, decoded.size
 
 
-@dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
 
-    key: str
-    sha256: str = ""
-    path: str = ""  # its local copy (in the cache)
-    created: bool = False  # stored by this upload: removed again if the upload fails
-    series: bool = False  # made from a file of the same series (so it may be healed)
+    __slots__ = ("created", "key", "path", "series", "sha256")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.sha256 = ""
+        self.path = ""  # its local copy (in the cache)
+        self.created = False  # stored by this upload: removed again if the upload fails
+        self.series = False  # made from a file of the same series (so it may be healed)
 
 
 class _DeltaEngine:
@@ -13344,7 +13345,7 @@ class DeltaGliderClient:
             on_bytes=on_bytes,
         )
         is_delta = summary["Operation"] == "create_delta"
-        return UploadSummary(
+        return _dataclass(_UploadSummary)(
             operation=summary["Operation"],
             bucket=bucket,
             key=key,
@@ -13488,16 +13489,17 @@ class DeltaGliderClient:
         path = os.fspath(file_path)
         size = os.path.getsize(path)
         name = os.path.basename(path)
+        estimate = _dataclass(_CompressionEstimate)
         if os.path.splitext(name)[1].lower() in _INCOMPRESSIBLE_EXTENSIONS:
-            return CompressionEstimate(size, size, 0.0, 0.95, None, False)
+            return estimate(size, size, 0.0, 0.95, None, False)
         if not _eligible_by_name(name, self._environ):
-            return CompressionEstimate(size, size, 0.0, 0.5, None, False)
+            return estimate(size, size, 0.0, 0.5, None, False)
         folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         similar = self.find_similar_files(bucket, folder, name)
         if similar:
-            return CompressionEstimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
+            return estimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
         # The first file of a folder becomes its reference: stored whole.
-        return CompressionEstimate(size, size, 0.0, 0.7, None, True)
+        return estimate(size, size, 0.0, 0.7, None, True)
 
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
@@ -13507,7 +13509,7 @@ class DeltaGliderClient:
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-        return ObjectInfo(
+        return _dataclass(_ObjectInfo)(
             key=key,
             size=stored,
             last_modified=_iso_utc(modified) if isinstance(modified, datetime.datetime) else "",
@@ -13639,10 +13641,23 @@ _SUPPORTED_METHODS = tuple(
 
 
 # -- Result types of deltaglider's extensions --------------------------------------
+# 6.x's result types are dataclasses, and so are UploadSummary, ObjectInfo and
+# CompressionEstimate (isinstance, dataclasses.fields and asdict, repr and == as there), but
+# made so on first use: importing dataclasses (it imports inspect) is a sixth of the
+# start-up of every command, and only three client methods return one. Their bodies are
+# kept under private names; naming one (`deltaglider.ObjectInfo`, `from deltaglider import`:
+# the module's __getattr__, PEP 562) or a method returning one (_dataclass) makes it.
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _first_use_dataclass
+else:
+
+    def _first_use_dataclass(body: type[_T]) -> type[_T]:
+        return body
 
 
-@dataclasses.dataclass
-class UploadSummary:
+@_first_use_dataclass
+class _UploadSummary:
     """What :meth:`DeltaGliderClient.upload` stored (deltaglider 6.x's fields first).
 
     ``is_delta`` is true only when a delta was stored (not for the folder's first file,
@@ -13711,8 +13726,8 @@ class BucketStats(_AttrDict):
     ``reference_objects``, ``estimated``, ``cached``."""
 
 
-@dataclasses.dataclass
-class ObjectInfo:
+@_first_use_dataclass
+class _ObjectInfo:
     """:meth:`DeltaGliderClient.get_object_info`: how one logical object is stored.
     ``size``/``compressed_size`` are the stored bytes, ``original_size`` the object's."""
 
@@ -13731,8 +13746,8 @@ class ObjectInfo:
     kind: str = ""
 
 
-@dataclasses.dataclass
-class CompressionEstimate:
+@_first_use_dataclass
+class _CompressionEstimate:
     """:meth:`DeltaGliderClient.estimate_compression`: ``estimated_ratio`` is the
     fraction of the file expected to be saved."""
 
@@ -13742,6 +13757,50 @@ class CompressionEstimate:
     confidence: float
     recommended_reference: str | None = None
     should_use_delta: bool = True
+
+
+if TYPE_CHECKING:
+    UploadSummary = _UploadSummary
+    ObjectInfo = _ObjectInfo
+    CompressionEstimate = _CompressionEstimate
+
+_RESULT_TYPES = {
+    "UploadSummary": _UploadSummary,
+    "ObjectInfo": _ObjectInfo,
+    "CompressionEstimate": _CompressionEstimate,
+}
+_RESULT_TYPES_MADE: set[type] = set()
+_RESULT_TYPES_LOCK = threading.Lock()
+
+
+def _dataclass(body: type[_T]) -> type[_T]:
+    """A result type's body made the dataclass it is declared as (once, in place, under
+    its public name) and that name bound in the module."""
+    if body not in _RESULT_TYPES_MADE:
+        import dataclasses
+
+        with _RESULT_TYPES_LOCK:
+            if body not in _RESULT_TYPES_MADE:
+                name = body.__name__[1:]
+                body.__name__ = body.__qualname__ = name
+                globals()[name] = dataclasses.dataclass(body)
+                _RESULT_TYPES_MADE.add(body)
+    return body
+
+
+def _module_attribute(name: str) -> Any:
+    """The module's __getattr__ (PEP 562): a result type, made when first named."""
+    if name not in _RESULT_TYPES:
+        raise AttributeError("module %r has no attribute %r" % (__name__, name))
+    return _dataclass(_RESULT_TYPES[name])
+
+
+def _module_names() -> list[str]:
+    return sorted({*globals(), *_RESULT_TYPES})
+
+
+if not TYPE_CHECKING:  # hidden from the type checker, which sees the names above
+    __getattr__, __dir__ = _module_attribute, _module_names
 
 
 # -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
