@@ -64,7 +64,9 @@ from typing import (
 )
 
 # Imported inside the functions that use them, not here: a command loads only what it
-# needs (start-up time, issue 17). Imported here for the type checker alone.
+# needs (start-up time, issue 17). Imported here for the type checker alone. For the same
+# reason regular expressions are kept as strings, `re.match(_PATTERN, text)`: re compiles
+# one when it is first used and caches it.
 if TYPE_CHECKING:
     import concurrent.futures
     import http.client
@@ -195,11 +197,11 @@ _QUICK_WORKERS = 64
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
-_STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+_XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]"
+_BUCKET_NAME_RE = r"^[a-zA-Z0-9.\-_]{1,255}$"  # botocore's check
+_STRICT_BUCKET_RE = r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$"
 #: Names S3 refuses to create a bucket by, however well formed (bucket naming rules).
-_NEW_BUCKET_BAD = re.compile(
+_NEW_BUCKET_BAD = (
     r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
     r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
 )
@@ -1108,7 +1110,7 @@ def _parse_s3_url(url: str) -> _S3Url:
 
 
 def _validate_bucket_name(bucket: str) -> None:
-    if not _BUCKET_NAME_RE.match(bucket) or ".." in bucket:
+    if not re.match(_BUCKET_NAME_RE, bucket) or ".." in bucket:
         raise ParamValidationError(
             report='Invalid bucket name "%s": Bucket name must match the regex '
             '"^[a-zA-Z0-9.\\-_]{1,255}$"' % bucket
@@ -1137,7 +1139,7 @@ def _validate_key(key: str) -> None:
 
 #: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_SIZE_RE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$"
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -1202,7 +1204,7 @@ def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
     accepted += " or " + examples[-1] if len(examples) > 1 else examples[-1]
     if minimum:
         accepted += " (at least %d)" % minimum
-    match = _SIZE_RE.match(text)
+    match = re.match(_SIZE_RE, text)
     if match is None:
         raise _bad_setting(name, accepted, text)
     value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -1316,7 +1318,7 @@ def _check_settings(environ: Mapping[str, str]) -> None:
 _DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 _SIGNATURE_VERSIONS = ("s3v4", "unsigned")
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_REGION_RE = r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"  # botocore's check
 _PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
 _SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
 # botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
@@ -1371,7 +1373,7 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
 
 def _is_region(value: object) -> bool:
     # The region becomes part of the host name and the SigV4 scope.
-    return isinstance(value, str) and bool(_REGION_RE.match(value))
+    return isinstance(value, str) and bool(re.match(_REGION_RE, value))
 
 
 def _check_region(region: str) -> str:
@@ -1797,7 +1799,7 @@ class _Credentials(NamedTuple):
 
 #: C0 controls, DEL and C1 controls: refused in credentials, percent-encoded in metadata,
 #: escaped when printed (one pattern; a second definition later used to rebind this one).
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARS = "[\x00-\x1f\x7f-\x9f]"
 
 
 def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
@@ -1808,7 +1810,7 @@ def _credential_value(value: str, name: str, provider: str, header: bool = True)
     text = value.strip()
     if text != value:
         logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
-    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+    if re.search(_CONTROL_CHARS, text) or (header and not all(ord(c) < 128 for c in text)):
         raise CredentialRetrievalError(
             provider=provider,
             error_msg="%s contains a line break, control or non-ASCII character (the value is "
@@ -3871,7 +3873,7 @@ class _S3Storage:
     def _virtual(self, bucket: str) -> bool:
         if not bucket or self._addressing == "path":
             return False
-        dns_ok = bool(_STRICT_BUCKET_RE.match(bucket)) and "." not in bucket
+        dns_ok = bool(re.match(_STRICT_BUCKET_RE, bucket)) and "." not in bucket
         if self._addressing == "virtual":
             return True
         # botocore: path style whenever an endpoint is given, virtual on AWS when it can.
@@ -4258,9 +4260,9 @@ class _S3Storage:
         conditions = conditions or {}
         # XML 1.0 cannot carry most control characters, even escaped: such keys would make
         # the whole batch MalformedXML, so they are deleted one by one.
-        odd = [k for k in keys if _XML_INVALID.search(k)]
+        odd = [k for k in keys if re.search(_XML_INVALID, k)]
         if odd:
-            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            rest = [k for k in keys if not re.search(_XML_INVALID, k)]
             return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
         body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
@@ -4838,8 +4840,8 @@ class _LocalFiles:
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
-    _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _NEW_BUCKET_RE = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"
+    _UPLOAD_ID_RE = r"^[0-9a-f]{32}$"
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4875,7 +4877,7 @@ class _LocalFiles:
         path = os.path.join(self.root, bucket)
         # Only names CreateBucket accepts exist here, which also keeps "Foo" from finding
         # "foo" on a case-insensitive file system.
-        if not self._NEW_BUCKET_RE.match(bucket) or not os.path.isfile(
+        if not re.match(self._NEW_BUCKET_RE, bucket) or not os.path.isfile(
             os.path.join(path, self._BUCKET_FILE)
         ):
             raise self._error(operation, 404, "NoSuchBucket", head=head, BucketName=bucket)
@@ -5126,7 +5128,7 @@ class _LocalFiles:
         bdir = self._bucket(operation, bucket)
         udir = os.path.join(bdir, ".dg-uploads", upload_id)
         info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+        if re.match(self._UPLOAD_ID_RE, upload_id):  # never a path from the caller
             info = self._read_json(os.path.join(udir, "upload.json"))
         if info is None or info["key"] != key:
             raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
@@ -5314,7 +5316,7 @@ class _LocalStorage(_LocalFiles):
             names = []
         for name in names:
             info = self._read_json(os.path.join(self.root, name, self._BUCKET_FILE))
-            if info and self._NEW_BUCKET_RE.match(name):
+            if info and re.match(self._NEW_BUCKET_RE, name):
                 buckets.append({"Name": name, "CreationDate": _parse_timestamp(info["created"])})
         return {
             "Buckets": buckets,
@@ -5329,7 +5331,7 @@ class _LocalStorage(_LocalFiles):
         import tempfile
 
         _validate_bucket_name(bucket)
-        if not self._NEW_BUCKET_RE.match(bucket) or _NEW_BUCKET_BAD.search(bucket):
+        if not re.match(self._NEW_BUCKET_RE, bucket) or re.search(_NEW_BUCKET_BAD, bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
         acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
         if acl not in _LOCAL_CANNED_ACLS:
@@ -6739,7 +6741,7 @@ def _meta_encode(value: str) -> str:
     checking the signature (Swift: SignatureDoesNotMatch)."""
     import urllib.parse
 
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
+    if all(ord(c) < 128 for c in value) and not re.search(_CONTROL_CHARS, value):
         return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
@@ -6756,7 +6758,7 @@ def _meta_decode(value: str) -> str:
         decoded = urllib.parse.unquote(value, errors="strict")
     except UnicodeDecodeError:
         return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    encoded = not all(ord(c) < 128 for c in decoded) or re.search(_CONTROL_CHARS, decoded)
     return decoded if encoded else value
 
 
@@ -8748,8 +8750,8 @@ _SIMILAR_SIZE = 2.0
 _REF_LIST_PAGES = 2
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
-_VERSION_RE = re.compile(r"\d+")
-_SPLIT_RE = re.compile(r"(\d+)")
+_VERSION_RE = r"\d+"
+_SPLIT_RE = r"(\d+)"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -8791,7 +8793,7 @@ def _name_class(name: str, other: str) -> int:
     (a series); 1 the same extension; 0 unrelated."""
     if name == other:
         return 3
-    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+    if re.sub(_VERSION_RE, "#", name) == re.sub(_VERSION_RE, "#", other):
         return 2
     ext = name.rpartition(".")[2].lower() if "." in name else None
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
@@ -9957,7 +9959,9 @@ class _References:
                 return
             when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
             # Within a second (Last-Modified's resolution), the highest version by name.
-            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            natural = [
+                (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(_SPLIT_RE, rel)
+            ]
             rank = (cls, when, natural, -abs(math.log(ratio)))
             if best is None or rank > best[0]:
                 best = (rank, key, sha, cls >= 2)
@@ -15165,7 +15169,7 @@ def _parse_amz_date(value: str) -> datetime.datetime | None:
 
 #: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
 #: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
-_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+_POLICY_EXPIRATION_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 
 
 def _policy_check(
@@ -15474,7 +15478,7 @@ class _GatewayAuth:
         try:
             policy = json.loads(base64.b64decode(policy_b64))
             text = str(policy["expiration"])
-            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+            if not re.match(_POLICY_EXPIRATION_RE, text):  # ISO 8601 in UTC, as S3 requires
                 raise ValueError(text)
             expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
@@ -16062,7 +16066,7 @@ class _Uploads:
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
     that the engine stores as a delta, so nothing of an upload is visible before."""
 
-    _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _ID_RE = r"^[0-9a-f]{32}$"
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -16075,7 +16079,7 @@ class _Uploads:
             return self._locks.setdefault(upload_id, threading.Lock())
 
     def _dir(self, upload_id: str) -> str:
-        if not self._ID_RE.match(upload_id):
+        if not re.match(self._ID_RE, upload_id):
             raise _S3Reply("NoSuchUpload")
         return os.path.join(self.folder, upload_id)
 
@@ -16214,7 +16218,7 @@ class _Uploads:
 
         out = []
         for name in sorted(os.listdir(self.folder)):
-            if not self._ID_RE.match(name):
+            if not re.match(self._ID_RE, name):
                 continue
             try:
                 with open(os.path.join(self.folder, name, "upload.json"), encoding="utf-8") as f:
@@ -18267,13 +18271,13 @@ def _cmd_serve(cli: _Cli) -> int:
 #   main()              parses, checks the DG_* settings, runs the command, returns the code
 # ``deltaglider serve`` is _cmd_serve, at the end of the gateway's section.
 
-_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNSAFE_KEY_CHARS = r"[\x00-\x1f\x7f\\]"
 
 
 def _safe_relative(rel: str) -> str | None:
     """A key's path below a download folder, or None when it could escape it (``..``,
     absolute paths, backslashes, NUL and control characters, empty segments)."""
-    if not rel or _UNSAFE_KEY_CHARS.search(rel) or rel.startswith("/"):
+    if not rel or re.search(_UNSAFE_KEY_CHARS, rel) or rel.startswith("/"):
         return None
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in ("", ".", ".."):
@@ -18406,8 +18410,10 @@ def _printable(text: str) -> str:
     """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
     shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
     the terminal."""
-    return _CONTROL_CHARS.sub(
-        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    return re.sub(
+        _CONTROL_CHARS,
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())),
+        text,
     )
 
 
@@ -20349,10 +20355,10 @@ class _RedactingFilter(logging.Filter):
     """--debug logs requests; signatures, tokens and secrets never reach the log."""
 
     _PATTERNS = (
-        (re.compile(r"(Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(x-amz-security-token[:=]\s*)\S+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Security-Token=)[^&\s]+", re.I), r"\1<redacted>"),
+        (r"(?i)(Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(x-amz-security-token[:=]\s*)\S+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Security-Token=)[^&\s]+", r"\1<redacted>"),
     )
 
     def __init__(self, secrets: list[str]) -> None:
@@ -20361,7 +20367,7 @@ class _RedactingFilter(logging.Filter):
 
     def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
-            text = pattern.sub(repl, text)
+            text = re.sub(pattern, repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
         return text
