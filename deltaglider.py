@@ -31,7 +31,6 @@ import mmap
 import os
 import re
 import shutil
-import signal
 import stat
 import struct
 import sys
@@ -18198,6 +18197,8 @@ def _serve_until_stopped(
     one line: where it listens is the one thing a caller of port 0 cannot know otherwise);
     then stop taking connections, give requests in flight ``grace`` seconds, and say how
     many were cut off."""
+    import signal
+
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -20429,6 +20430,8 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
+    import signal
+
     handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None

@@ -1532,6 +1532,7 @@ _LAZY_MODULES = (
     "pathlib",
     "random",
     "shlex",
+    "signal",
     "socket",
     "socketserver",
     "ssl",
