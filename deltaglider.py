@@ -19824,21 +19824,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
-    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    #: Where --help and --version go: the stream main() was given (the command's parser
+    #: gets the main parser's).
     dg_out: IO[str] | None = None
-    #: Adds a command's arguments when it is first parsed: argparse takes longer to build
-    #: every command's options than Python takes to start, and a run parses one command.
-    dg_fill: Callable[[argparse.ArgumentParser], None] | None = None
-
-    def filled(self) -> _ArgumentParser:
-        fill, self.dg_fill = self.dg_fill, None
-        if fill is not None:
-            fill(self)
-        return self
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        self.filled()
-        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
@@ -19961,28 +19949,57 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _command_parser(
-    sub: argparse._SubParsersAction[_ArgumentParser],
-    name: str,
-    help_text: str,
-    arguments: Callable[[argparse.ArgumentParser], None],
-) -> argparse.ArgumentParser:
-    """A command's parser, with the global options too (after the command, as aws takes
-    them), and the command's own (``arguments``): added when the command is parsed, not
-    here (see _ArgumentParser.filled)."""
+if TYPE_CHECKING:
+    _SubParsersAction = argparse._SubParsersAction[_ArgumentParser]
+else:
+    _SubParsersAction = argparse._SubParsersAction
 
-    def fill(p: argparse.ArgumentParser) -> None:
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        arguments(p)
 
-    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-    p: _ArgumentParser = sub.add_parser(
-        name, help=help_text, description=help_text, add_help=name != "ls"
-    )
-    p.dg_fill = fill
-    return p
+class _CommandParsers(_SubParsersAction):
+    """COMMAND: --help lists the commands from their help lines, and a command's parser is
+    made when that command is parsed (argparse takes longer to build 16 parsers with their
+    options than Python takes to start, and a run parses one command)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dg_commands: dict[str, _Command] = {}
+        # What argparse checks a command name against (its parsers, here their commands).
+        self.choices = cast("dict[str, Any]", self.dg_commands)
+
+    def add_command(self, name: str, command: _Command) -> None:
+        # The line add_parser(name, help=...) would add to --help, without the parser.
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), command.help))
+        self.dg_commands[name] = command
+
+    def command_parser(self, name: str) -> _ArgumentParser:
+        """``name``'s parser (made once): the command's options, and the global options
+        again (after the command, as aws takes them)."""
+        made = self._name_parser_map.get(name)
+        if made is None:
+            command = self.dg_commands[name]
+            # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+            made = _ArgumentParser(
+                prog="%s %s" % (self._prog_prefix, name),
+                description=command.help,
+                add_help=name != "ls",
+            )
+            if name == "ls":
+                made.add_argument("--help", action="help", help="show this help message and exit")
+            _add_global_options(made, suppress=True)
+            command.arguments(made)
+            self._name_parser_map[name] = made
+        return made
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values and values[0] in self.dg_commands:
+            self.command_parser(values[0]).dg_out = getattr(parser, "dg_out", None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
@@ -20331,24 +20348,25 @@ _COMMANDS: dict[str, _Command] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _ArgumentParser:
     parser = _ArgumentParser(
         prog="deltaglider",
         description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
     )
     parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
     _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_CommandParsers)
     for name, command in _COMMANDS.items():
-        _command_parser(sub, name, command.help, command.arguments)
+        cast(_CommandParsers, sub).add_command(name, command)
     return parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser, made."""
     found: list[argparse.ArgumentParser] = []
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.extend(action.choices.values())
+        if isinstance(action, _CommandParsers):
+            found.extend(action.command_parser(name) for name in action.dg_commands)
     return found
 
 
@@ -20410,9 +20428,7 @@ def main(
     err = stderr or sys.stderr
     env = os.environ if environ is None else environ
     parser = _build_parser()
-    for p in [parser, *_subparsers(parser)]:
-        if isinstance(p, _ArgumentParser):
-            p.dg_out = out
+    parser.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:

@@ -14228,7 +14228,7 @@ def test_cli_every_option_has_help_text() -> None:
     parser = dg._build_parser()
     missing = [
         "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
-        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
+        for sub in [parser, *dg._subparsers(parser)]
         for action in sub._actions
         if not isinstance(action, argparse._SubParsersAction)
         and (not action.help or action.help == argparse.SUPPRESS)
@@ -14237,7 +14237,7 @@ def test_cli_every_option_has_help_text() -> None:
     # and every numeric option goes through the settings parsers (named, bounded errors)
     raw = [
         "%s %s" % (sub.prog, "/".join(action.option_strings))
-        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
+        for sub in [parser, *dg._subparsers(parser)]
         for action in sub._actions
         if action.type in (int, float)
     ]
