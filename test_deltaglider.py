@@ -1520,16 +1520,19 @@ _LAZY_MODULES = (
     "botocore",
     "concurrent.futures",
     "configparser",
+    "dataclasses",
     "email.utils",
     "hashlib",
     "hmac",
     "http.client",
     "http.server",
+    "inspect",
     "ipaddress",
     "json",
     "pathlib",
     "random",
     "shlex",
+    "signal",
     "socket",
     "socketserver",
     "ssl",
@@ -1554,6 +1557,35 @@ def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
         "import: ",
         "deltaglider %s" % dg.__version__,
         "--version:  0",
+    ]
+
+
+def test_result_types_are_the_dataclasses_6x_returns_when_first_named() -> None:
+    """UploadSummary, ObjectInfo and CompressionEstimate are made dataclasses on first use
+    (start-up): in a fresh interpreter, naming one, importing one or getting one from a
+    client method gives the same dataclass, with 6.x's fields, repr, == and asdict."""
+    code = (
+        "import sys, dataclasses, pickle; sys.path.insert(0, %r)\n"
+        "import deltaglider as dg\n"
+        "c = dg.create_client(endpoint_url='file:///nonexistent')\n"
+        "e = c.estimate_compression(%r, 'b')\n"
+        "assert type(e) is dg.CompressionEstimate and dataclasses.is_dataclass(e), e\n"
+        "from deltaglider import ObjectInfo, UploadSummary\n"
+        "u = UploadSummary('create_delta', 'b', 'k', 10, 2, True, 0.2)\n"
+        "print(u, u == pickle.loads(pickle.dumps(u)), u.savings_percent)\n"
+        "print([f.name for f in dataclasses.fields(ObjectInfo)][:4], 'UploadSummary' in dir(dg))\n"
+        "print(dataclasses.asdict(e))\n"
+    ) % (HERE, SOURCE)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    size = os.path.getsize(SOURCE)
+    assert out.stdout.splitlines() == [
+        "UploadSummary(operation='create_delta', bucket='b', key='k', original_size=10,"
+        " stored_size=2, is_delta=True, delta_ratio=0.2, stored_key='') True 80.0",
+        "['key', 'size', 'last_modified', 'etag'] True",
+        "{'original_size': %d, 'estimated_compressed_size': %d, 'estimated_ratio': 0.0,"
+        " 'confidence': 0.5, 'recommended_reference': None, 'should_use_delta': False}"
+        % (size, size),
     ]
 
 
@@ -14434,7 +14466,7 @@ def test_cli_every_option_has_help_text() -> None:
     parser = dg._build_parser()
     missing = [
         "%s %s" % (sub.prog, "/".join(action.option_strings) or action.dest)
-        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
+        for sub in [parser, *dg._subparsers(parser)]
         for action in sub._actions
         if not isinstance(action, argparse._SubParsersAction)
         and (not action.help or action.help == argparse.SUPPRESS)
@@ -14443,7 +14475,7 @@ def test_cli_every_option_has_help_text() -> None:
     # and every numeric option goes through the settings parsers (named, bounded errors)
     raw = [
         "%s %s" % (sub.prog, "/".join(action.option_strings))
-        for sub in [parser, *(p.filled() for p in dg._subparsers(parser))]
+        for sub in [parser, *dg._subparsers(parser)]
         for action in sub._actions
         if action.type in (int, float)
     ]
