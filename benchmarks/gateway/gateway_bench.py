@@ -64,7 +64,9 @@ def make_versions(folder: str, mib: int) -> tuple[str, str]:
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
     t0 = time.monotonic()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    done = subprocess.run(cmd, env=env, capture_output=True)
+    if done.returncode:
+        raise SystemExit("%s failed (%d): %s" % (cmd[1:], done.returncode, done.stderr.decode()))
     return time.monotonic() - t0
 
 
@@ -183,13 +185,14 @@ def main() -> int:
     programs = {"gateway": DELTAGLIDER}
     for other in args.against:
         programs[os.path.splitext(os.path.basename(other))[0]] = other
-    for name, program in programs.items():
-        proc, gw = start_gateway(program, backend, tmp, name)
-        procs.append(proc)
-        targets[name] = (gw, "bench", "bench-secret")
     loads = [os.getloadavg()[0]]
-    results: dict[str, dict[str, list[float]]] = {n: {} for n in targets}
+    results: dict[str, dict[str, list[float]]] = {}
     try:
+        for name, program in programs.items():
+            proc, gw = start_gateway(program, backend, tmp, name)
+            procs.append(proc)
+            targets[name] = (gw, "bench", "bench-secret")
+        results = {n: {} for n in targets}
         for rep in range(args.reps):
             order = list(targets) if rep % 2 == 0 else list(reversed(targets))
             for name in order:
