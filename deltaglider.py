@@ -6851,10 +6851,10 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    if value.isascii() and value.isprintable():  # no control character (_CONTROL_CHARS)
+        return value
     import urllib.parse
 
-    if all(ord(c) < 128 for c in value) and not re.search(_CONTROL_CHARS, value):
-        return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
