@@ -2912,6 +2912,8 @@ class _ConnectionPool:
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
+        #: the proxy of each (scheme, host, port), looked up once, as botocore does per client
+        self._proxies: dict[_PoolKey, str | None] = {}
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
@@ -2938,7 +2940,9 @@ class _ConnectionPool:
         with self._lock:
             idle = self._idle.get(key)
             conn = idle.pop() if idle else None
-        proxy = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        if key not in self._proxies:
+            self._proxies[key] = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        proxy = self._proxies[key]
         if conn is None:
             conn = self._new(scheme, host, port, proxy)
         return conn, bool(proxy) and scheme == "http"
@@ -15372,11 +15376,19 @@ class _Signed(NamedTuple):
 
 
 def _parse_amz_date(value: str) -> datetime.datetime | None:
+    """An X-Amz-Date (``YYYYMMDDTHHMMSSZ``, _SIGV4_TIMESTAMP exactly), else None; read
+    by slicing, on every request: strptime takes five times as long."""
+    digits = value[:8] + value[9:15]
+    if len(value) != 16 or value[8] != "T" or value[15] != "Z":
+        return None
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    spans = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
+    year, month, day, hour, minute, second = (int(digits[a:b]) for a, b in spans)
     try:
-        return datetime.datetime.strptime(value, _SIGV4_TIMESTAMP).replace(
-            tzinfo=datetime.timezone.utc
-        )
-    except ValueError:
+        utc = datetime.timezone.utc
+        return datetime.datetime(year, month, day, hour, minute, second, tzinfo=utc)
+    except ValueError:  # a month 13, a second 61, ...
         return None
 
 
