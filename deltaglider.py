@@ -20,7 +20,6 @@ import array
 import base64
 import collections
 import contextlib
-import dataclasses
 import datetime
 import fnmatch
 import functools
@@ -32,7 +31,6 @@ import mmap
 import os
 import re
 import shutil
-import signal
 import stat
 import struct
 import sys
@@ -65,7 +63,9 @@ from typing import (
 )
 
 # Imported inside the functions that use them, not here: a command loads only what it
-# needs (start-up time, issue 17). Imported here for the type checker alone.
+# needs (start-up time, issue 17). Imported here for the type checker alone. For the same
+# reason regular expressions are kept as strings, `re.match(_PATTERN, text)`: re compiles
+# one when it is first used and caches it.
 if TYPE_CHECKING:
     import concurrent.futures
     import http.client
@@ -193,14 +193,17 @@ _TRANSFER_WORKERS = 8
 #: and an open file, so the bound keeps a run within any 1,024-descriptor limit.
 _QUICK_FILE = 1024 * 1024
 _QUICK_WORKERS = 64
+#: sync: local files hashed at once to compare with the listing (2 cores: 2 threads hash
+#: while 2 wait for reads).
+_HASH_WORKERS = 4
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
-_STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+_XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]"
+_BUCKET_NAME_RE = r"^[a-zA-Z0-9.\-_]{1,255}$"  # botocore's check
+_STRICT_BUCKET_RE = r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$"
 #: Names S3 refuses to create a bucket by, however well formed (bucket naming rules).
-_NEW_BUCKET_BAD = re.compile(
+_NEW_BUCKET_BAD = (
     r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
     r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
 )
@@ -1210,7 +1213,7 @@ def _parse_s3_url(url: str) -> _S3Url:
 
 
 def _validate_bucket_name(bucket: str) -> None:
-    if not _BUCKET_NAME_RE.match(bucket) or ".." in bucket:
+    if not re.match(_BUCKET_NAME_RE, bucket) or ".." in bucket:
         raise ParamValidationError(
             report='Invalid bucket name "%s": Bucket name must match the regex '
             '"^[a-zA-Z0-9.\\-_]{1,255}$"' % bucket
@@ -1239,7 +1242,7 @@ def _validate_key(key: str) -> None:
 
 #: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_SIZE_RE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$"
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -1304,7 +1307,7 @@ def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
     accepted += " or " + examples[-1] if len(examples) > 1 else examples[-1]
     if minimum:
         accepted += " (at least %d)" % minimum
-    match = _SIZE_RE.match(text)
+    match = re.match(_SIZE_RE, text)
     if match is None:
         raise _bad_setting(name, accepted, text)
     value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -1418,7 +1421,7 @@ def _check_settings(environ: Mapping[str, str]) -> None:
 _DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 _SIGNATURE_VERSIONS = ("s3v4", "unsigned")
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_REGION_RE = r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"  # botocore's check
 _PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
 _SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
 # botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
@@ -1473,7 +1476,7 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
 
 def _is_region(value: object) -> bool:
     # The region becomes part of the host name and the SigV4 scope.
-    return isinstance(value, str) and bool(_REGION_RE.match(value))
+    return isinstance(value, str) and bool(re.match(_REGION_RE, value))
 
 
 def _check_region(region: str) -> str:
@@ -1899,7 +1902,7 @@ class _Credentials(NamedTuple):
 
 #: C0 controls, DEL and C1 controls: refused in credentials, percent-encoded in metadata,
 #: escaped when printed (one pattern; a second definition later used to rebind this one).
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARS = "[\x00-\x1f\x7f-\x9f]"
 
 
 def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
@@ -1910,7 +1913,7 @@ def _credential_value(value: str, name: str, provider: str, header: bool = True)
     text = value.strip()
     if text != value:
         logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
-    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+    if re.search(_CONTROL_CHARS, text) or (header and not all(ord(c) < 128 for c in text)):
         raise CredentialRetrievalError(
             provider=provider,
             error_msg="%s contains a line break, control or non-ASCII character (the value is "
@@ -2909,6 +2912,8 @@ class _ConnectionPool:
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
+        #: the proxy of each (scheme, host, port), looked up once, as botocore does per client
+        self._proxies: dict[_PoolKey, str | None] = {}
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
@@ -2935,7 +2940,9 @@ class _ConnectionPool:
         with self._lock:
             idle = self._idle.get(key)
             conn = idle.pop() if idle else None
-        proxy = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        if key not in self._proxies:
+            self._proxies[key] = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        proxy = self._proxies[key]
         if conn is None:
             conn = self._new(scheme, host, port, proxy)
         return conn, bool(proxy) and scheme == "http"
@@ -3982,7 +3989,7 @@ class _S3Storage:
     def _virtual(self, bucket: str) -> bool:
         if not bucket or self._addressing == "path":
             return False
-        dns_ok = bool(_STRICT_BUCKET_RE.match(bucket)) and "." not in bucket
+        dns_ok = bool(re.match(_STRICT_BUCKET_RE, bucket)) and "." not in bucket
         if self._addressing == "virtual":
             return True
         # botocore: path style whenever an endpoint is given, virtual on AWS when it can.
@@ -4369,9 +4376,9 @@ class _S3Storage:
         conditions = conditions or {}
         # XML 1.0 cannot carry most control characters, even escaped: such keys would make
         # the whole batch MalformedXML, so they are deleted one by one.
-        odd = [k for k in keys if _XML_INVALID.search(k)]
+        odd = [k for k in keys if re.search(_XML_INVALID, k)]
         if odd:
-            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            rest = [k for k in keys if not re.search(_XML_INVALID, k)]
             return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
         body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
@@ -4949,8 +4956,8 @@ class _LocalFiles:
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
-    _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _NEW_BUCKET_RE = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"
+    _UPLOAD_ID_RE = r"^[0-9a-f]{32}$"
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4986,7 +4993,7 @@ class _LocalFiles:
         path = os.path.join(self.root, bucket)
         # Only names CreateBucket accepts exist here, which also keeps "Foo" from finding
         # "foo" on a case-insensitive file system.
-        if not self._NEW_BUCKET_RE.match(bucket) or not os.path.isfile(
+        if not re.match(self._NEW_BUCKET_RE, bucket) or not os.path.isfile(
             os.path.join(path, self._BUCKET_FILE)
         ):
             raise self._error(operation, 404, "NoSuchBucket", head=head, BucketName=bucket)
@@ -5237,7 +5244,7 @@ class _LocalFiles:
         bdir = self._bucket(operation, bucket)
         udir = os.path.join(bdir, ".dg-uploads", upload_id)
         info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+        if re.match(self._UPLOAD_ID_RE, upload_id):  # never a path from the caller
             info = self._read_json(os.path.join(udir, "upload.json"))
         if info is None or info["key"] != key:
             raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
@@ -5425,7 +5432,7 @@ class _LocalStorage(_LocalFiles):
             names = []
         for name in names:
             info = self._read_json(os.path.join(self.root, name, self._BUCKET_FILE))
-            if info and self._NEW_BUCKET_RE.match(name):
+            if info and re.match(self._NEW_BUCKET_RE, name):
                 buckets.append({"Name": name, "CreationDate": _parse_timestamp(info["created"])})
         return {
             "Buckets": buckets,
@@ -5440,7 +5447,7 @@ class _LocalStorage(_LocalFiles):
         import tempfile
 
         _validate_bucket_name(bucket)
-        if not self._NEW_BUCKET_RE.match(bucket) or _NEW_BUCKET_BAD.search(bucket):
+        if not re.match(self._NEW_BUCKET_RE, bucket) or re.search(_NEW_BUCKET_BAD, bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
         acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
         if acl not in _LOCAL_CANNED_ACLS:
@@ -6848,10 +6855,10 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    if value.isascii() and value.isprintable():  # no control character (_CONTROL_CHARS)
+        return value
     import urllib.parse
 
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
@@ -6867,7 +6874,7 @@ def _meta_decode(value: str) -> str:
         decoded = urllib.parse.unquote(value, errors="strict")
     except UnicodeDecodeError:
         return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    encoded = not all(ord(c) < 128 for c in decoded) or re.search(_CONTROL_CHARS, decoded)
     return decoded if encoded else value
 
 
@@ -8864,8 +8871,8 @@ _REF_LIST_PAGES = 2
 _REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
-_VERSION_RE = re.compile(r"\d+")
-_SPLIT_RE = re.compile(r"(\d+)")
+_VERSION_RE = r"\d+"
+_SPLIT_RE = r"(\d+)"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -8925,7 +8932,7 @@ def _name_class(name: str, other: str) -> int:
     (a series); 1 the same extension; 0 unrelated."""
     if name == other:
         return 3
-    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+    if re.sub(_VERSION_RE, "#", name) == re.sub(_VERSION_RE, "#", other):
         return 2
     ext = name.rpartition(".")[2].lower() if "." in name else None
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
@@ -10253,7 +10260,9 @@ class _References:
                 return
             when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
             # Within a second (Last-Modified's resolution), the highest version by name.
-            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            natural = [
+                (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(_SPLIT_RE, rel)
+            ]
             rank = (cls, when, natural, -abs(math.log(ratio)))
             if best is None or rank > best[0]:
                 best = (rank, key, sha, cls >= 2)
@@ -10677,15 +10686,17 @@ class _Looks:
         return bool(job.result()) if job is not None else self._exists(key)
 
 
-@dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
 
-    key: str
-    sha256: str = ""
-    path: str = ""  # its local copy (in the cache)
-    created: bool = False  # stored by this upload: removed again if the upload fails
-    series: bool = False  # made from a file of the same series (so it may be healed)
+    __slots__ = ("created", "key", "path", "series", "sha256")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.sha256 = ""
+        self.path = ""  # its local copy (in the cache)
+        self.created = False  # stored by this upload: removed again if the upload fails
+        self.series = False  # made from a file of the same series (so it may be healed)
 
 
 class _ArchiveDeltas:
@@ -12928,15 +12939,18 @@ def _logical_pages(
     delimiter: str,
     fetch: bool,
     max_workers: int,
+    stored: set[str] | None = None,
 ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """A whole logical listing as it streams: (objects, common prefixes) for each stored
     page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
     references; no request tops it up). The next stored page is fetched while the caller
     handles this one (and while this one's HEADs run, with ``fetch``): two pages in
-    memory at most, whatever the listing's length."""
+    memory at most, whatever the listing's length. ``stored`` gets every stored key."""
     pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
     previous: _PageSpan | None = None
     for n, page in enumerate(pages):
+        if stored is not None:
+            stored.update(o["Key"] for o in page.get("Contents", []))
         objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
         yield objects, _visible_prefixes(page)
         previous = _page_span(page) or previous
@@ -13729,7 +13743,7 @@ class DeltaGliderClient:
             on_bytes=on_bytes,
         )
         is_delta = summary["Operation"] == "create_delta"
-        return UploadSummary(
+        return _dataclass(_UploadSummary)(
             operation=summary["Operation"],
             bucket=bucket,
             key=key,
@@ -13873,16 +13887,17 @@ class DeltaGliderClient:
         path = os.fspath(file_path)
         size = os.path.getsize(path)
         name = os.path.basename(path)
+        estimate = _dataclass(_CompressionEstimate)
         if os.path.splitext(name)[1].lower() in _INCOMPRESSIBLE_EXTENSIONS:
-            return CompressionEstimate(size, size, 0.0, 0.95, None, False)
+            return estimate(size, size, 0.0, 0.95, None, False)
         if not _eligible_by_name(name, self._environ):
-            return CompressionEstimate(size, size, 0.0, 0.5, None, False)
+            return estimate(size, size, 0.0, 0.5, None, False)
         folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         similar = self.find_similar_files(bucket, folder, name)
         if similar:
-            return CompressionEstimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
+            return estimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
         # The first file of a folder becomes its reference: stored whole.
-        return CompressionEstimate(size, size, 0.0, 0.7, None, True)
+        return estimate(size, size, 0.0, 0.7, None, True)
 
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
@@ -13892,7 +13907,7 @@ class DeltaGliderClient:
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-        return ObjectInfo(
+        return _dataclass(_ObjectInfo)(
             key=key,
             size=stored,
             last_modified=_iso_utc(modified) if isinstance(modified, datetime.datetime) else "",
@@ -14024,10 +14039,23 @@ _SUPPORTED_METHODS = tuple(
 
 
 # -- Result types of deltaglider's extensions --------------------------------------
+# 6.x's result types are dataclasses, and so are UploadSummary, ObjectInfo and
+# CompressionEstimate (isinstance, dataclasses.fields and asdict, repr and == as there), but
+# made so on first use: importing dataclasses (it imports inspect) is a sixth of the
+# start-up of every command, and only three client methods return one. Their bodies are
+# kept under private names; naming one (`deltaglider.ObjectInfo`, `from deltaglider import`:
+# the module's __getattr__, PEP 562) or a method returning one (_dataclass) makes it.
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _first_use_dataclass
+else:
+
+    def _first_use_dataclass(body: type[_T]) -> type[_T]:
+        return body
 
 
-@dataclasses.dataclass
-class UploadSummary:
+@_first_use_dataclass
+class _UploadSummary:
     """What :meth:`DeltaGliderClient.upload` stored (deltaglider 6.x's fields first).
 
     ``is_delta`` is true only when a delta was stored (not for the folder's first file,
@@ -14096,8 +14124,8 @@ class BucketStats(_AttrDict):
     ``reference_objects``, ``estimated``, ``cached``."""
 
 
-@dataclasses.dataclass
-class ObjectInfo:
+@_first_use_dataclass
+class _ObjectInfo:
     """:meth:`DeltaGliderClient.get_object_info`: how one logical object is stored.
     ``size``/``compressed_size`` are the stored bytes, ``original_size`` the object's."""
 
@@ -14116,8 +14144,8 @@ class ObjectInfo:
     kind: str = ""
 
 
-@dataclasses.dataclass
-class CompressionEstimate:
+@_first_use_dataclass
+class _CompressionEstimate:
     """:meth:`DeltaGliderClient.estimate_compression`: ``estimated_ratio`` is the
     fraction of the file expected to be saved."""
 
@@ -14127,6 +14155,50 @@ class CompressionEstimate:
     confidence: float
     recommended_reference: str | None = None
     should_use_delta: bool = True
+
+
+if TYPE_CHECKING:
+    UploadSummary = _UploadSummary
+    ObjectInfo = _ObjectInfo
+    CompressionEstimate = _CompressionEstimate
+
+_RESULT_TYPES = {
+    "UploadSummary": _UploadSummary,
+    "ObjectInfo": _ObjectInfo,
+    "CompressionEstimate": _CompressionEstimate,
+}
+_RESULT_TYPES_MADE: set[type] = set()
+_RESULT_TYPES_LOCK = threading.Lock()
+
+
+def _dataclass(body: type[_T]) -> type[_T]:
+    """A result type's body made the dataclass it is declared as (once, in place, under
+    its public name) and that name bound in the module."""
+    if body not in _RESULT_TYPES_MADE:
+        import dataclasses
+
+        with _RESULT_TYPES_LOCK:
+            if body not in _RESULT_TYPES_MADE:
+                name = body.__name__[1:]
+                body.__name__ = body.__qualname__ = name
+                globals()[name] = dataclasses.dataclass(body)
+                _RESULT_TYPES_MADE.add(body)
+    return body
+
+
+def _module_attribute(name: str) -> Any:
+    """The module's __getattr__ (PEP 562): a result type, made when first named."""
+    if name not in _RESULT_TYPES:
+        raise AttributeError("module %r has no attribute %r" % (__name__, name))
+    return _dataclass(_RESULT_TYPES[name])
+
+
+def _module_names() -> list[str]:
+    return sorted({*globals(), *_RESULT_TYPES})
+
+
+if not TYPE_CHECKING:  # hidden from the type checker, which sees the names above
+    __getattr__, __dir__ = _module_attribute, _module_names
 
 
 # -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
@@ -15481,17 +15553,25 @@ class _Signed(NamedTuple):
 
 
 def _parse_amz_date(value: str) -> datetime.datetime | None:
+    """An X-Amz-Date (``YYYYMMDDTHHMMSSZ``, _SIGV4_TIMESTAMP exactly), else None; read
+    by slicing, on every request: strptime takes five times as long."""
+    digits = value[:8] + value[9:15]
+    if len(value) != 16 or value[8] != "T" or value[15] != "Z":
+        return None
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    spans = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
+    year, month, day, hour, minute, second = (int(digits[a:b]) for a, b in spans)
     try:
-        return datetime.datetime.strptime(value, _SIGV4_TIMESTAMP).replace(
-            tzinfo=datetime.timezone.utc
-        )
-    except ValueError:
+        utc = datetime.timezone.utc
+        return datetime.datetime(year, month, day, hour, minute, second, tzinfo=utc)
+    except ValueError:  # a month 13, a second 61, ...
         return None
 
 
 #: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
 #: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
-_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+_POLICY_EXPIRATION_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 
 
 def _policy_check(
@@ -15800,7 +15880,7 @@ class _GatewayAuth:
         try:
             policy = json.loads(base64.b64decode(policy_b64))
             text = str(policy["expiration"])
-            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+            if not re.match(_POLICY_EXPIRATION_RE, text):  # ISO 8601 in UTC, as S3 requires
                 raise ValueError(text)
             expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
@@ -16390,7 +16470,7 @@ class _Uploads:
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
     that the engine stores as a delta, so nothing of an upload is visible before."""
 
-    _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _ID_RE = r"^[0-9a-f]{32}$"
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -16403,7 +16483,7 @@ class _Uploads:
             return self._locks.setdefault(upload_id, threading.Lock())
 
     def _dir(self, upload_id: str) -> str:
-        if not self._ID_RE.match(upload_id):
+        if not re.match(self._ID_RE, upload_id):
             raise _S3Reply("NoSuchUpload")
         return os.path.join(self.folder, upload_id)
 
@@ -16559,7 +16639,7 @@ class _Uploads:
 
         out = []
         for name in sorted(os.listdir(self.folder)):
-            if not self._ID_RE.match(name):
+            if not re.match(self._ID_RE, name):
                 continue
             try:
                 with open(os.path.join(self.folder, name, "upload.json"), encoding="utf-8") as f:
@@ -18538,6 +18618,8 @@ def _serve_until_stopped(
     one line: where it listens is the one thing a caller of port 0 cannot know otherwise);
     then stop taking connections, give requests in flight ``grace`` seconds, and say how
     many were cut off."""
+    import signal
+
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -18602,7 +18684,8 @@ def _cmd_serve(cli: _Cli) -> int:
 #   shared by commands  _Filters (--exclude/--include), _cli_client, _put_args,
 #                       _saved_note (the delta note of a line), _print_stats,
 #                       _should_transfer, _recorded_mtimes and _unchanged (what sync
-#                       transfers), _quick_upload (small files on a pool of their own)
+#                       transfers), _quick_upload (small files on a pool of their own),
+#                       _migrate_source and _migrate_plan (what migrate reads)
 #   one run             _Cli: output and tallies; transfer_one, the per-file driver of
 #                       cp, mv, sync and migrate; cmd_<command>, one method per command
 #   refusals            _UsageError, _FatalError, _refuse_onto_itself, _one_line
@@ -18611,13 +18694,13 @@ def _cmd_serve(cli: _Cli) -> int:
 #   main()              parses, checks the DG_* settings, runs the command, returns the code
 # ``deltaglider serve`` is _cmd_serve, at the end of the gateway's section.
 
-_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNSAFE_KEY_CHARS = r"[\x00-\x1f\x7f\\]"
 
 
 def _safe_relative(rel: str) -> str | None:
     """A key's path below a download folder, or None when it could escape it (``..``,
     absolute paths, backslashes, NUL and control characters, empty segments)."""
-    if not rel or _UNSAFE_KEY_CHARS.search(rel) or rel.startswith("/"):
+    if not rel or re.search(_UNSAFE_KEY_CHARS, rel) or rel.startswith("/"):
         return None
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in ("", ".", ".."):
@@ -18750,8 +18833,10 @@ def _printable(text: str) -> str:
     """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
     shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
     the terminal."""
-    return _CONTROL_CHARS.sub(
-        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    return re.sub(
+        _CONTROL_CHARS,
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())),
+        text,
     )
 
 
@@ -19015,6 +19100,20 @@ def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
         return False  # its transfer reports the error
 
 
+def _unchanged_files(
+    files: Sequence[tuple[str, str, int]], remote: Mapping[str, Mapping[str, Any]]
+) -> set[str]:
+    """Which of (path, rel, size) hold the bytes of ``remote[rel]`` (_unchanged), a few
+    files hashed at once: reading and hashing release the GIL."""
+    import concurrent.futures
+
+    def same(f: tuple[str, str, int]) -> bool:
+        return _unchanged(f[0], f[2], remote[f[1]])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_HASH_WORKERS) as pool:
+        return {f[1] for f, ok in zip(files, pool.map(same, files)) if ok}
+
+
 def _quick_upload(
     engine: _DeltaEngine, args: argparse.Namespace, path: str, key: str, size: int
 ) -> bool:
@@ -19027,6 +19126,39 @@ def _quick_upload(
         return not engine.eligible(key, path, delta)
     except OSError:
         return False  # its upload reports the error
+
+
+def _migrate_source(
+    args: argparse.Namespace, environ: Mapping[str, str], client: DeltaGliderClient
+) -> DeltaGliderClient:
+    """The client migrate reads from: this run's, or another store's with
+    --source-endpoint-url / --source-profile."""
+    if args.source_endpoint_url or args.source_profile:
+        return create_client(
+            endpoint_url=args.source_endpoint_url or args.endpoint_url,
+            profile_name=args.source_profile or args.profile,
+            region_name=args.region,
+            environ=environ,
+        )
+    return client
+
+
+def _migrate_plan(
+    source: DeltaGliderClient, filters: _Filters, sb: str, sprefix: str, dprefix: str
+) -> list[tuple[str, str, int]]:
+    """(source key, destination key, size) of every object migrate copies: the source's
+    logical objects under the prefix, --exclude/--include applied, our own bookkeeping
+    left out."""
+    todo = []
+    for obj in source.get_paginator("list_objects_v2").paginate(
+        Bucket=sb, Prefix=sprefix, FetchMetadata=True
+    ):
+        for item in obj.get("Contents", []):
+            rel = item["Key"][len(sprefix) :]
+            if _is_internal(item["Key"]) or not filters.included(rel):
+                continue
+            todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+    return todo
 
 
 class _Cli:
@@ -19119,15 +19251,14 @@ class _Cli:
         return keys
 
     def list_logical(
-        self, bucket: str, prefix: str, fetch: bool = False
+        self, bucket: str, prefix: str, fetch: bool = False, stored: set[str] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Every logical object under a prefix (paging past 1000 keys)."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        if fetch:
-            kwargs["FetchMetadata"] = True
-        for page in paginator.paginate(**kwargs):
-            yield from page.get("Contents", [])
+        """Every logical object under a prefix, one stored page of 1,000 at a time, the next
+        read while this one is handled (_logical_pages); ``stored`` gets every stored key."""
+        workers = self.workers + self.quick_workers  # a FetchMetadata HEAD is one request
+        pages = _logical_pages(self.client.engine, bucket, prefix, "", fetch, workers, stored)
+        for objects, _ in pages:
+            yield from objects
 
     def settled(self) -> None:
         """Called once a transfer is stored, before its line is printed. When it is the
@@ -19671,10 +19802,13 @@ class _Cli:
             self.delete_keys(db, gone)
         return self.exit_code()
 
-    def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
+    def remote_index(
+        self, bucket: str, prefix: str, stored: set[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)};
+        ``stored`` gets every stored key of the listing."""
         index: dict[str, dict[str, Any]] = {}
-        for obj in self.list_logical(bucket, prefix, fetch=True):
+        for obj in self.list_logical(bucket, prefix, fetch=True, stored=stored):
             rel = obj["Key"][len(prefix) :]
             index[rel] = obj
         return index
@@ -19685,27 +19819,29 @@ class _Cli:
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        remote = self.remote_index(bucket, prefix)
-        wanted: list[tuple[str, str, os.stat_result]] = []
-        undecided: dict[str, dict[str, Any]] = {}  # same size, other or unknown bytes
-        seen = set()
         unread: list[str] = []
-        for path, rel in self.local_files(src, unread=unread):
-            if not filters.included(rel):
-                continue
-            seen.add(rel)
-            st = os.stat(path)
-            obj = remote.get(rel)
-            if obj is not None and obj["Size"] == st.st_size:
-                if getattr(self.args, "size_only", False) or _unchanged(path, st.st_size, obj):
-                    continue
-                undecided[rel] = obj
-            wanted.append((path, rel, st))
+
+        def walk() -> list[tuple[str, str, os.stat_result]]:
+            files = self.local_files(src, unread=unread)
+            return [(path, rel, os.stat(path)) for path, rel in files if filters.included(rel)]
+
+        local = _Background(walk)  # while the listing is read, which gives the stored keys too
+        stored: set[str] = set()
+        remote = self.remote_index(bucket, prefix, stored)
+        files = local.result()
+        seen = {rel for _, rel, _ in files}
+        same = [(p, r, st.st_size) for p, r, st in files if r in remote]
+        same = [f for f in same if remote[f[1]]["Size"] == f[2]]
+        if getattr(self.args, "size_only", False):
+            kept = {rel for _, rel, _ in same}
+        else:
+            kept = _unchanged_files(same, remote)
+        wanted = [(path, rel, st) for path, rel, st in files if rel not in kept]
+        undecided = {rel: remote[rel] for _, rel, _ in same if rel not in kept}
         storage = self.client.engine.storage
         mtimes = _recorded_mtimes(
             storage, bucket, prefix, undecided, self.workers + self.quick_workers
         )
-        stored = self.stored_keys(bucket, prefix) if wanted else set()
         tasks: list[Callable[[], None]] = []
         quick: list[Callable[[], None]] = []
         total = 0
@@ -19902,8 +20038,8 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.migrate_source()
-        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        source = _migrate_source(self.args, self.environ, self.client)
+        todo = _migrate_plan(source, self.filters(), sb, sprefix, dprefix)
         if _store_identity(source) == _store_identity(self.client):
             pairs = [(t[0], t[1]) for t in todo]
             _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
@@ -19933,36 +20069,6 @@ class _Cli:
             )
         )
         return self.exit_code()
-
-    def migrate_source(self) -> DeltaGliderClient:
-        """The client migrate reads from: this run's, or another store's with
-        --source-endpoint-url / --source-profile."""
-        if self.args.source_endpoint_url or self.args.source_profile:
-            return create_client(
-                endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
-                profile_name=self.args.source_profile or self.args.profile,
-                region_name=self.args.region,
-                environ=self.environ,
-            )
-        return self.client
-
-    def migrate_plan(
-        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
-    ) -> list[tuple[str, str, int]]:
-        """(source key, destination key, size) of every object to migrate: the source's
-        logical objects under the prefix, --exclude/--include applied, our own
-        bookkeeping left out."""
-        filters = self.filters()
-        todo = []
-        for obj in source.get_paginator("list_objects_v2").paginate(
-            Bucket=sb, Prefix=sprefix, FetchMetadata=True
-        ):
-            for item in obj.get("Contents", []):
-                rel = item["Key"][len(sprefix) :]
-                if _is_internal(item["Key"]) or not filters.included(rel):
-                    continue
-                todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        return todo
 
     def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
         """--dryrun: each file that would be copied, then how many, and how many of them
@@ -20161,21 +20267,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
-    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    #: Where --help and --version go: the stream main() was given (the command's parser
+    #: gets the main parser's).
     dg_out: IO[str] | None = None
-    #: Adds a command's arguments when it is first parsed: argparse takes longer to build
-    #: every command's options than Python takes to start, and a run parses one command.
-    dg_fill: Callable[[argparse.ArgumentParser], None] | None = None
-
-    def filled(self) -> _ArgumentParser:
-        fill, self.dg_fill = self.dg_fill, None
-        if fill is not None:
-            fill(self)
-        return self
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        self.filled()
-        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
@@ -20298,28 +20392,57 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _command_parser(
-    sub: argparse._SubParsersAction[_ArgumentParser],
-    name: str,
-    help_text: str,
-    arguments: Callable[[argparse.ArgumentParser], None],
-) -> argparse.ArgumentParser:
-    """A command's parser, with the global options too (after the command, as aws takes
-    them), and the command's own (``arguments``): added when the command is parsed, not
-    here (see _ArgumentParser.filled)."""
+if TYPE_CHECKING:
+    _SubParsersAction = argparse._SubParsersAction[_ArgumentParser]
+else:
+    _SubParsersAction = argparse._SubParsersAction
 
-    def fill(p: argparse.ArgumentParser) -> None:
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        arguments(p)
 
-    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-    p: _ArgumentParser = sub.add_parser(
-        name, help=help_text, description=help_text, add_help=name != "ls"
-    )
-    p.dg_fill = fill
-    return p
+class _CommandParsers(_SubParsersAction):
+    """COMMAND: --help lists the commands from their help lines, and a command's parser is
+    made when that command is parsed (argparse takes longer to build 16 parsers with their
+    options than Python takes to start, and a run parses one command)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dg_commands: dict[str, _Command] = {}
+        # What argparse checks a command name against (its parsers, here their commands).
+        self.choices = cast("dict[str, Any]", self.dg_commands)
+
+    def add_command(self, name: str, command: _Command) -> None:
+        # The line add_parser(name, help=...) would add to --help, without the parser.
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), command.help))
+        self.dg_commands[name] = command
+
+    def command_parser(self, name: str) -> _ArgumentParser:
+        """``name``'s parser (made once): the command's options, and the global options
+        again (after the command, as aws takes them)."""
+        made = self._name_parser_map.get(name)
+        if made is None:
+            command = self.dg_commands[name]
+            # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+            made = _ArgumentParser(
+                prog="%s %s" % (self._prog_prefix, name),
+                description=command.help,
+                add_help=name != "ls",
+            )
+            if name == "ls":
+                made.add_argument("--help", action="help", help="show this help message and exit")
+            _add_global_options(made, suppress=True)
+            command.arguments(made)
+            self._name_parser_map[name] = made
+        return made
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values and values[0] in self.dg_commands:
+            self.command_parser(values[0]).dg_out = getattr(parser, "dg_out", None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
@@ -20668,24 +20791,25 @@ _COMMANDS: dict[str, _Command] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _ArgumentParser:
     parser = _ArgumentParser(
         prog="deltaglider",
         description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
     )
     parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
     _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_CommandParsers)
     for name, command in _COMMANDS.items():
-        _command_parser(sub, name, command.help, command.arguments)
+        cast(_CommandParsers, sub).add_command(name, command)
     return parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser, made."""
     found: list[argparse.ArgumentParser] = []
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.extend(action.choices.values())
+        if isinstance(action, _CommandParsers):
+            found.extend(action.command_parser(name) for name in action.dg_commands)
     return found
 
 
@@ -20693,10 +20817,10 @@ class _RedactingFilter(logging.Filter):
     """--debug logs requests; signatures, tokens and secrets never reach the log."""
 
     _PATTERNS = (
-        (re.compile(r"(Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(x-amz-security-token[:=]\s*)\S+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Security-Token=)[^&\s]+", re.I), r"\1<redacted>"),
+        (r"(?i)(Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(x-amz-security-token[:=]\s*)\S+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Security-Token=)[^&\s]+", r"\1<redacted>"),
     )
 
     def __init__(self, secrets: list[str]) -> None:
@@ -20705,7 +20829,7 @@ class _RedactingFilter(logging.Filter):
 
     def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
-            text = pattern.sub(repl, text)
+            text = re.sub(pattern, repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
         return text
@@ -20747,9 +20871,7 @@ def main(
     err = stderr or sys.stderr
     env = os.environ if environ is None else environ
     parser = _build_parser()
-    for p in [parser, *_subparsers(parser)]:
-        if isinstance(p, _ArgumentParser):
-            p.dg_out = out
+    parser.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -20767,6 +20889,8 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
+    import signal
+
     handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None
