@@ -8918,8 +8918,11 @@ _XD3_DECODE_BASE = 16 * 1000**2
 _STREAM_WINDOW = 16 * 1024 * 1024
 #: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
 #: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
-#: delta would be decoded only once the encoder ended, instead of beside it).
-_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
+#: delta would be decoded only once the encoder ended, instead of beside it). -B: it runs
+#: beside the encoder, at the tree's peak, so with 16 MiB, not 64 (a smaller window only
+#: re-reads the reference, from the page cache): 48 MiB less there, measured (the 300 MiB
+#: image's tree peaked at 572 MiB with 64). Its plan still holds _decoder_memory for it.
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(16 * 1024 * 1024))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
