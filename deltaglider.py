@@ -193,9 +193,6 @@ _TRANSFER_WORKERS = 8
 #: and an open file, so the bound keeps a run within any 1,024-descriptor limit.
 _QUICK_FILE = 1024 * 1024
 _QUICK_WORKERS = 64
-#: sync: local files hashed at once to compare with the listing (2 cores: 2 threads hash
-#: while 2 wait for reads).
-_HASH_WORKERS = 4
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -6855,10 +6852,10 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    if value.isascii() and value.isprintable():  # no control character (_CONTROL_CHARS)
+        return value
     import urllib.parse
 
-    if all(ord(c) < 128 for c in value) and not re.search(_CONTROL_CHARS, value):
-        return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
@@ -8910,10 +8907,19 @@ _XD3_INPUT_WINDOW = (1024 * 1024, 8 * 1024 * 1024)
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
+#: -B of a decode reading its reference from a pipe as it downloads (_DecodeBeside):
+#: xdelta3 then fills that much of it before it writes anything (the decode lags the
+#: download by it), and cannot copy from further back (that decode is then made again
+#: from the downloaded file). Changes that stay near their place (disk images) need no
+#: more than a window.
+_STREAM_WINDOW = 16 * 1024 * 1024
 #: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
 #: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
-#: delta would be decoded only once the encoder ended, instead of beside it).
-_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
+#: delta would be decoded only once the encoder ended, instead of beside it). -B: it runs
+#: beside the encoder, at the tree's peak, so with 16 MiB, not 64 (a smaller window only
+#: re-reads the reference, from the page cache): 48 MiB less there, measured (the 300 MiB
+#: image's tree peaked at 572 MiB with 64). Its plan still holds _decoder_memory for it.
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(16 * 1024 * 1024))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -9019,16 +9025,27 @@ class _MemoryBudget:
     @contextlib.contextmanager
     def hold(self, amount: int) -> Iterator[None]:
         amount = min(amount, self.total)
-        with self._cond:
-            while self._free < amount:
-                self._cond.wait()
-            self._free -= amount
+        self.take(amount)
         try:
             yield
         finally:
-            with self._cond:
-                self._free += amount
-                self._cond.notify_all()
+            self.give(amount)
+
+    def take(self, amount: int, wait: bool = True) -> bool:
+        """Hold ``amount`` (at most the total) until ``give``; without ``wait``, only if
+        it is free now (False: nothing held)."""
+        with self._cond:
+            while self._free < amount:
+                if not wait:
+                    return False
+                self._cond.wait()
+            self._free -= amount
+        return True
+
+    def give(self, amount: int) -> None:
+        with self._cond:
+            self._free += amount
+            self._cond.notify_all()
 
 
 class _XDelta3:
@@ -9058,7 +9075,7 @@ class _XDelta3:
         else:
             self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
-        self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self.slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def path(self) -> str:
         if self._path is None:
@@ -9126,7 +9143,7 @@ class _XDelta3:
             for update in hashes.updates() if hashes is not None else []:
                 original = _ReadAhead(original, update)  # a thread per digest
                 stack.callback(original.close)
-            stack.enter_context(self._slots)
+            stack.enter_context(self.slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             enc, dec = procs = self._start(
                 [(enc_cmd, subprocess.DEVNULL, enc_err), (dec_cmd, subprocess.PIPE, dec_err)]
@@ -9197,7 +9214,7 @@ class _XDelta3:
         h = hashlib.sha256()
         total = 0
         memory = self.memory.hold(_decoder_memory(os.path.getsize(source)))
-        with tempfile.TemporaryFile() as errors, self._slots, memory:
+        with tempfile.TemporaryFile() as errors, self.slots, memory:
             try:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
@@ -9226,6 +9243,10 @@ class _XDelta3:
                 errors.seek(0)
                 raise XDelta3Error(cmd, code, errors.read().decode("utf-8", "replace"))
         return h.hexdigest(), total
+
+    def streams(self) -> bool:
+        """Whether xdelta3 decodes here and can read a pipe as its source (/dev/fd)."""
+        return not self._python_decodes() and os.path.isdir("/dev/fd")
 
     def _python_decodes(self) -> bool:
         if self.decoder == "auto":
@@ -9270,6 +9291,136 @@ class _XDelta3:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
             return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
+
+
+class _DecodeBeside:
+    """A cold read's decode made while its reference downloads: ``feed`` takes the
+    reference's bytes in order as they come (the download's writer) and hands them to
+    ``xdelta3 -d`` through a pipe as its source, so decoding runs beside the download
+    instead of after it; a zero-diff delta's file is the reference itself, written as it
+    comes. ``finish`` gives the SHA-256 written to ``out``, or None when this decode was
+    not made: no core or memory free for it now, no delta, a source xdelta3 cannot read
+    as a stream (a copy from further back than its window), more than ``limit`` bytes,
+    or any failure. The caller checks the SHA-256 as for any decode, and decodes from
+    the verified cache file when it is not the one recorded."""
+
+    def __init__(
+        self, xdelta: _XDelta3, delta: Callable[[], str] | None, out: str, limit: int
+    ) -> None:
+        self._xdelta = xdelta
+        self._delta = delta  # waits for the delta's download; None: a zero-diff delta
+        self._out_path = out
+        self._limit = limit
+        self._started = False
+        self._held = 0
+        self._out: IO[bytes] | None = None
+        self._hashes = _Hashes()
+        self._proc: Any = None  # subprocess.Popen[bytes], started on the first feed
+        self._pipe = -1
+        self._reader: _Background | None = None
+        self._failed = False
+        self._fed = False  # the decoder closed its source: read all it needs, or failed
+
+    def _start(self) -> bool:
+        """Set up on the first bytes; False when the decode cannot be made now."""
+        import subprocess
+
+        self._started = True
+        if self._delta is None:
+            self._out = open(self._out_path, "wb")
+            return True
+        if not self._xdelta.streams() or not self._xdelta.slots.acquire(blocking=False):
+            return False
+        amount = _XD3_DECODE_BASE + _STREAM_WINDOW
+        if not self._xdelta.memory.take(amount, wait=False):
+            self._xdelta.slots.release()
+            return False
+        self._held = amount
+        delta = self._delta()  # (its download failing fails the read: the caller says so)
+        read, self._pipe = os.pipe()
+        cmd = [self._xdelta.path(), "-d", "-f", "-D", "-c", "-B", str(_STREAM_WINDOW)]
+        try:
+            self._proc = subprocess.Popen(
+                [*cmd, "-s", "/dev/fd/%d" % read, delta],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # a failure here is the fallback's to report
+                pass_fds=(read,),
+            )
+        finally:
+            os.close(read)
+        self._out = open(self._out_path, "wb")
+        self._reader = _Background(self._drain, self._proc)
+        return True
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        """The decoder's output into ``out``, hashed (its own thread)."""
+        assert self._out is not None and proc.stdout is not None
+        try:
+            with proc.stdout as decoded:
+                for chunk in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                    if self._hashes.size + len(chunk) > self._limit:
+                        raise _OutputLimitError(self._limit)
+                    self._hashes.update(chunk)
+                    self._out.write(chunk)
+        except BaseException:
+            proc.kill()  # nobody reads it any more
+            raise
+
+    def feed(self, data: bytes) -> None:
+        if self._failed or self._fed:
+            return
+        if not self._started:
+            try:
+                ok = self._start()
+            except Exception as e:  # (OSError, XDelta3NotFoundError...)
+                logger.debug("no decode beside the download: %s", e)
+                ok = False
+            if not ok:
+                self._failed = True
+                return
+        if self._delta is None:  # zero-diff: the reference is the file
+            assert self._out is not None
+            if self._hashes.size + len(data) > self._limit:
+                self._failed = True
+                return
+            self._hashes.update(data)
+            self._out.write(data)
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._pipe, view) :]
+        except OSError:  # the decoder needs no more (its exit code says if it failed)
+            self._fed = True
+
+    def finish(self) -> str | None:
+        """Wait for the decode (its source ends here: also when the download failed);
+        again, nothing. Never raises but to interrupt: a failed decode is None."""
+        proc, self._proc = self._proc, None
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        try:
+            if proc is not None:
+                try:
+                    assert self._reader is not None
+                    self._reader.result()
+                except Exception as e:
+                    logger.debug("decode beside the download failed: %s", e)
+                    self._failed = True
+                self._failed = proc.wait() != 0 or self._failed
+        finally:
+            if self._out is not None:
+                self._out.close()
+                self._out = None
+            if self._held:
+                self._xdelta.memory.give(self._held)
+                self._xdelta.slots.release()
+                self._held = 0
+        if not self._started or self._failed:
+            return None
+        return self._hashes.info().sha256
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -9914,9 +10065,11 @@ class _References:
         ref_key: str,
         ref_sha256: str,
         on_fetch: Callable[[], None] | None = None,
+        tee: Callable[[bytes], Any] | None = None,
     ) -> str:
         """A verified local copy of a reference: from the cache, or fetched once (after
-        calling ``on_fetch``: work that can use the wait)."""
+        calling ``on_fetch``: work that can use the wait), its bytes given to ``tee`` too
+        as they come (unverified until this returns)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
@@ -9924,7 +10077,12 @@ class _References:
             on_fetch()
 
         def write(f: IO[bytes]) -> None:
-            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
+            def both(data: bytes) -> None:
+                f.write(data)
+                if tee is not None:
+                    tee(data)
+
+            _get_into(self.storage, bucket, ref_key, both, hold=self.xdelta.memory.hold)
 
         try:
             return self.cache.fill(ref_sha256, write)
@@ -10839,12 +10997,17 @@ class _DeltaEngine:
         try:
             with self.cache.hold():
                 for attempt in range(2):
+                    beside = None if attempt else self._beside(lg, fetch, delta_tmp, out, limit)
                     try:
-                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha)
+                        tee = beside.feed if beside is not None else None
+                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha, tee=tee)
                     finally:
+                        made = beside.finish() if beside is not None else None
                         if fetch is not None:
                             done, fetch = fetch, None
                             done.result()
+                    if made == expected:
+                        return  # decoded beside the reference's download, and it checks
                     try:
                         actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
                         if actual == expected:
@@ -10858,21 +11021,8 @@ class _DeltaEngine:
                     except FileNotFoundError as e:  # the cache entry went away under us
                         failure = IntegrityError("%s: %s" % (where, e))
                     if self.cache.recheck(ref_sha):
-                        if isinstance(failure, XDelta3Error):
-                            if failure.returncode <= 0:
-                                raise failure  # not started, or killed: not the delta's fault
-                            failure = IntegrityError(
-                                "%s: xdelta3 cannot decode it: %s"
-                                % (
-                                    where,
-                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
-                                )
-                            )
-                        raise IntegrityError(
-                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
-                            "stored delta (or its metadata) is damaged"
-                            % (str(failure).rstrip("."), lg.bucket, ref_key)
-                        ) from None
+                        ref_url = "s3://%s/%s" % (lg.bucket, ref_key)
+                        raise self._delta_damaged(failure, where, ref_url) from None
                     if attempt:
                         raise IntegrityError(
                             "%s: the cached copy of its reference was damaged again after "
@@ -10888,6 +11038,33 @@ class _DeltaEngine:
                 with contextlib.suppress(Exception):
                     fetch.result()
             os.unlink(delta_tmp)
+
+    @staticmethod
+    def _delta_damaged(failure: DeltaGliderError, where: str, ref_url: str) -> DeltaGliderError:
+        """What a read that failed with a sound reference raises: the stored delta is
+        damaged (unless xdelta3 was not started, or was killed: then its own error)."""
+        if isinstance(failure, XDelta3Error):
+            if failure.returncode <= 0:
+                return failure
+            failure = IntegrityError(
+                "%s: xdelta3 cannot decode it: %s"
+                % (where, failure.stderr.strip()[:300] or "exit %d" % failure.returncode)
+            )
+        return IntegrityError(
+            "%s; its reference %s matches dg-ref-sha256, so the stored delta (or its "
+            "metadata) is damaged" % (str(failure).rstrip("."), ref_url)
+        )
+
+    def _beside(
+        self, lg: _Logical, fetch: _Background | None, delta: str, out: str, limit: int
+    ) -> _DecodeBeside | None:
+        """A decode made while the reference downloads, if it does (_DecodeBeside; a
+        zero-diff delta has no delta ``fetch``): not for a delta between expanded zips,
+        which decodes against another file."""
+        if _meta_get(lg.metadata, "codec"):
+            return None
+        ready = None if fetch is None else (lambda: (fetch.result(), delta)[1])
+        return _DecodeBeside(self.xdelta, ready, out, limit)
 
     def _decode_into(
         self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
@@ -18923,20 +19100,6 @@ def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
         return False  # its transfer reports the error
 
 
-def _unchanged_files(
-    files: Sequence[tuple[str, str, int]], remote: Mapping[str, Mapping[str, Any]]
-) -> set[str]:
-    """Which of (path, rel, size) hold the bytes of ``remote[rel]`` (_unchanged), a few
-    files hashed at once: reading and hashing release the GIL."""
-    import concurrent.futures
-
-    def same(f: tuple[str, str, int]) -> bool:
-        return _unchanged(f[0], f[2], remote[f[1]])
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=_HASH_WORKERS) as pool:
-        return {f[1] for f, ok in zip(files, pool.map(same, files)) if ok}
-
-
 def _quick_upload(
     engine: _DeltaEngine, args: argparse.Namespace, path: str, key: str, size: int
 ) -> bool:
@@ -19658,7 +19821,7 @@ class _Cli:
         if getattr(self.args, "size_only", False):
             kept = {rel for _, rel, _ in same}
         else:
-            kept = _unchanged_files(same, remote)
+            kept = {rel for path, rel, size in same if _unchanged(path, size, remote[rel])}
         wanted = [(path, rel, st) for path, rel, st in files if rel not in kept]
         undecided = {rel: remote[rel] for _, rel, _ in same if rel not in kept}
         storage = self.client.engine.storage

@@ -8028,6 +8028,66 @@ def test_corruption_gives_integrity_error_and_no_output_file(
 
 
 @needs_xdelta3
+def test_a_cold_read_decodes_while_its_reference_downloads(tmp_path: Any, monkeypatch: Any) -> None:
+    """#17: with the reference not cached, the delta is decoded as the reference comes
+    (xdelta3 -d reading it from a pipe the download feeds), not after its download: here
+    the reference's last part is held back until the decoder has given out bytes. A first
+    version (a zero-diff delta) is written as its reference comes, not copied after. A
+    delta that copies from further back than a streamed source keeps (content moved) is
+    decoded again from the downloaded reference, and reads back all the same."""
+    real = shutil.which("xdelta3")
+    mark = tmp_path / "decoded"
+    helper = tmp_path / "xd.py"
+    helper.write_text(
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen([%r] + sys.argv[1:], stdout=subprocess.PIPE, close_fds=False)\n"
+        "for chunk in iter(lambda: p.stdout.read1(65536), b''):\n"
+        "    if sys.argv[1] == '-d':\n"
+        "        open(%r, 'a').close()\n"
+        "    sys.stdout.buffer.write(chunk)\n"
+        "    sys.stdout.buffer.flush()\n"
+        "sys.exit(p.wait())\n" % (real, str(mark))
+    )
+    path = fake_xdelta3(tmp_path / "bin", 'exec %s %s "$@"\n' % (sys.executable, helper))
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    c = make_client(backend, tmp_path, environ={"PATH": path})
+    c.create_bucket(Bucket="bkt")
+    mib = 1 << 20
+    v1 = os.urandom(32 * mib)  # more than a streamed source's window (16 MiB) and a part
+    in_place = v1[: 20 * mib] + os.urandom(4096) + v1[20 * mib + 4096 :]
+    moved = v1[8 * mib :] + v1[: 8 * mib]  # its end copies from 24 MiB further back
+    for name, data in (("v1", v1), ("v2", in_place), ("v3", moved)):
+        (tmp_path / name).write_bytes(data)
+        c.upload_file(str(tmp_path / name), "bkt", "r/%s.img" % name)
+    held: list[bool] = []
+    real_get = c.storage.get_object
+
+    def get_object(bucket: str, key: str, *a: Any, **kw: Any) -> Any:
+        rng = kw.get("range") or ""
+        last = rng.endswith("-%d" % (len(v1) - 1))
+        if key.endswith("/reference.bin") and last and not held:
+            for _ in range(6000):  # the last part waits for the decoder (60 s at most)
+                if mark.exists():
+                    break
+                time.sleep(0.01)
+            held.append(mark.exists())
+        return real_get(bucket, key, *a, **kw)
+
+    monkeypatch.setattr(c.storage, "get_object", get_object)
+    copies: list[str] = []
+    real_copy = dg._copy_hashing
+    monkeypatch.setattr(dg, "_copy_hashing", lambda a, b: copies.append(a) or real_copy(a, b))
+    for name, data in (("v2", in_place), ("v1", v1), ("v3", moved)):
+        c.engine.cache.clear()  # a reader with a cold cache
+        mark.unlink(missing_ok=True)
+        c.download_file("bkt", "r/%s.img" % name, str(tmp_path / "out"))
+        assert (tmp_path / "out").read_bytes() == data, name
+        if name == "v2":
+            assert held == [True]  # the decoder spoke before the reference's end
+    assert copies == []  # v1 was written as its reference came
+
+
+@needs_xdelta3
 def test_range_reads_the_same_on_every_kind_of_object(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
