@@ -144,7 +144,14 @@ def one_round(
         AWS_SHARED_CREDENTIALS_FILE=os.devnull,
     )
     cli = [aws, "--endpoint-url", url, "s3"]
-    timed([*cli, "mb", "s3://" + bucket], env)
+    for attempt in range(3):  # a loaded back end may refuse one (its stderr says why)
+        try:
+            timed([*cli, "mb", "s3://" + bucket], env)
+            break
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            if attempt == 2:
+                raise
     r = {}
     r["first upload"] = timed([*cli, "cp", v1, "s3://%s/rel/app-1.tar" % bucket], env)
     r["later upload"] = timed([*cli, "cp", v2, "s3://%s/rel/app-2.tar" % bucket], env)
