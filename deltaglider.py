@@ -866,6 +866,17 @@ class _Hashes:
             self._md5.update(data)
         self.size += len(data)
 
+    def updates(self) -> list[Callable[[bytes], Any]]:
+        """``update`` split by digest, each to be given all the bytes in order, so that
+        threads of their own can take a digest each (hashlib releases the GIL)."""
+        sha256 = self._sha256
+
+        def first(data: bytes) -> None:
+            sha256.update(data)
+            self.size += len(data)
+
+        return [first] if self._md5 is None else [first, self._md5.update]
+
     def read(
         self, f: IO[bytes] | io.RawIOBase, each: Callable[[bytes], Any] | None = None
     ) -> _Hashes:
@@ -967,6 +978,27 @@ def _file_checksum(path: str, algo: str) -> str:
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
+def _copy_to(src: int, out: int, each: Callable[[bytes], Any] | None = None) -> None:
+    """Append what is left of file ``src`` to file ``out`` (descriptors, unbuffered). With
+    ``each`` (a hash's ``update``), through 1 MiB reads handed to it; without, by the
+    kernel where it can (copy_file_range: the bytes never pass through this process, and
+    share extents on reflink file systems), else by reads from where that stopped."""
+    if each is None and hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # not on these file systems: read below
+            while os.copy_file_range(src, out, 1 << 30):
+                pass
+            return
+    while True:
+        chunk = os.read(src, _IO_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        if each is not None:
+            each(chunk)
+
+
 def _spool(body: Any) -> IO[bytes]:
     """Copy a non-seekable stream into an anonymous temporary file (private, removed on
     close; not SpooledTemporaryFile, which has no seekable() before Python 3.11)."""
@@ -1017,6 +1049,75 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _ReadAhead:
+    """A file read to its end by a thread of its own, at most ``ahead`` chunks before its
+    reader, each chunk handed to ``each`` (a hash's update) in that thread before the
+    reader gets it: a comparison reading the file and the hashing of those very bytes
+    then run on two cores, over one read. ``read(n)`` gives n bytes but at the end, as a
+    file does; ``close`` stops the thread and waits for it, so what ``each`` was given is
+    complete once a reader that saw the end closes it."""
+
+    def __init__(
+        self, f: IO[bytes] | _ReadAhead, each: Callable[[bytes], Any], ahead: int = 8
+    ) -> None:
+        self._f = f
+        self._each = each
+        self._ahead = ahead
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._ended = False  # the thread is done: at the end of the file, failed or closed
+        self._closed = False
+        self._error: BaseException | None = None
+        self._rest = b""  # of a chunk read in part
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in iter(lambda: self._f.read(_IO_CHUNK), b""):
+                self._each(chunk)
+                with self._cond:
+                    while len(self._chunks) >= self._ahead and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._chunks.append(chunk)
+                    self._cond.notify_all()
+        except BaseException as e:  # the reader raises it
+            self._error = e
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _next(self) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._ended:
+                self._cond.wait()
+            if self._chunks:
+                self._cond.notify_all()
+                return self._chunks.popleft()
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    def read(self, n: int) -> bytes:
+        data = self._rest or self._next()
+        while 0 < len(data) < n:
+            more = self._next()
+            if not more:
+                break
+            data += more
+        self._rest = data[n:]
+        return data if len(data) <= n else data[:n]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 class _FileSlice(io.RawIOBase):
@@ -2622,6 +2723,9 @@ class _DeadlineReader:
         self._request_timeout = request_timeout
         self._deadline = time.monotonic() + request_timeout
         self._since = 0  # bytes received since the deadline was last set
+        #: bytes known to be in ``fp``'s buffer (never more than are): a read from them
+        #: makes no recv, so it needs no deadline armed (a header line each, mostly)
+        self._buffered = 0
 
     def _arm(self) -> None:
         import socket
@@ -2641,6 +2745,7 @@ class _DeadlineReader:
         if n == 0:
             return b""
         self._arm()
+        self._buffered = 0
         data: bytes = self._fp.read1(n if n > 0 else _IO_CHUNK)
         self._got(len(data))
         return data
@@ -2649,6 +2754,7 @@ class _DeadlineReader:
         if not len(b):
             return 0
         self._arm()
+        self._buffered = 0
         n: int = self._fp.readinto1(b)
         self._got(n)
         return n
@@ -2676,8 +2782,10 @@ class _DeadlineReader:
         return b"".join(chunks)
 
     def peek(self, n: int = 0) -> bytes:
-        self._arm()
-        data: bytes = self._fp.peek(n)
+        if not self._buffered:
+            self._arm()
+        data: bytes = self._fp.peek(n)  # all that is buffered; a recv only when none is
+        self._buffered = len(data)
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -2691,12 +2799,14 @@ class _DeadlineReader:
             end = buffered.find(b"\n")
             take = len(buffered) if end < 0 else end + 1
             line += self._fp.read(take)  # already buffered: no recv
+            self._buffered -= take
             self._got(take)
             if end >= 0:
                 break
         return bytes(line)
 
     def __getattr__(self, name: str) -> Any:  # close, closed, fileno, flush, ...
+        self._buffered = 0  # whatever it does to the buffer, the next read arms again
         return getattr(self._fp, name)
 
 
@@ -8747,6 +8857,11 @@ _HEAL_RATIO = 0.23
 _SIMILAR_SIZE = 2.0
 #: Pages of a parent's shared references an upload reads (1000 each).
 _REF_LIST_PAGES = 2
+#: Seconds a process reuses a folder's reference lookup (its reference.bin HEAD, its
+#: parent's shared-reference listing) for the next files of that folder, adding the
+#: references it makes itself. Staleness costs only savings (another process's new
+#: reference unseen): a delta is kept only if its reference is still stored after it.
+_REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
 _VERSION_RE = re.compile(r"\d+")
@@ -8764,22 +8879,34 @@ _MAX_SOURCE_WINDOW = 2 * 1024**3
 #: 48 MB, plus the part of the reference in the window, plus hash tables of FACTOR bytes
 #: per byte of the window rounded up to a power of two. Each (LEVEL, FACTOR, SIZE) is for
 #: windows up to SIZE, the first that fits wins: time grows with the window far faster
-#: than the delta shrinks. Up to 16 MiB, -6: there -9's longer match chains find little
-#: more (README: +0.6% on the 12 MB wheels, at most +8% on 1 MB zips, the same on tars and
-#: images) for a third more encode time, which is most of a small upload's; from 32 MiB
-#: they find 15-20% more in tars, and -9 is worth its time again.
+#: than the delta shrinks. Up to 8 MiB, -6: there -9's longer match chains find little
+#: more (README: at most 8% on 1 MB zips, under 1% on 4.6 MB wheels) for twice the encode
+#: time, and -3 loses up to 8% on those wheels. At 16 MiB, -3: -6 finds 1-3% more on
+#: the 12 MB wheels for half again the encode time, which is most of a later upload's.
+#: From 32 MiB -9 finds 15-20% more in tars, and is worth its time again.
 _XD3_BASE = 48 * 1000**2
 _XD3_LEVELS = (
-    (6, 1.0, 16 * 1024**2),
+    (6, 1.0, 8 * 1024**2),
+    (3, 0.5, 16 * 1024**2),
     (9, 2.0, 128 * 1024**2),
     (6, 1.0, 256 * 1024**2),
     (3, 0.5, 512 * 1024**2),
 )
 _XD3_FASTEST = (1, 0.125)
+#: xdelta3's input window (-W): the file is encoded, and written out, in pieces of this
+#: size, and the check decodes each piece while the next is encoded. At xdelta3's 8 MiB a
+#: 12 MB file came out in two pieces, the last at the encoder's very end: about 1/16 of the
+#: source window instead, within 1-8 MiB (a file of 128 MiB or more keeps xdelta3's 8 MiB).
+#: Measured: within 0.6% of the 8 MiB deltas on the corpus (the 4.6 MB wheels 1-2% smaller).
+_XD3_INPUT_WINDOW = (1024 * 1024, 8 * 1024 * 1024)
 #: Decoding reads a file reference through an LRU cache of -B bytes (xdelta3 allocates
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
+#: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
+#: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
+#: delta would be decoded only once the encoder ended, instead of beside it).
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -8852,10 +8979,10 @@ def _encode_plan(source_size: int, budget: int) -> _EncodePlan:
     """The one place xdelta3's level and source window (-B) are chosen, from the
     reference's size and the memory the encoder may use. A window covering the whole
     reference matters most (data moved further than the window is stored again), so the
-    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 16 MiB,
-    then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold the whole
-    reference, the largest window that fits: changes that stay near their place (the
-    usual case) still give the same delta."""
+    first level of _XD3_LEVELS made for that window and affording it wins (-6 up to 8 MiB,
+    -3 at 16 MiB, then -9, -6, -3, -1 as windows grow: time). When even -1 cannot hold
+    the whole reference, the largest window that fits: changes that stay near their
+    place (the usual case) still give the same delta."""
     full = _XDelta3.window(source_size)
     for level, factor, max_window in _XD3_LEVELS:
         if full <= max_window:
@@ -8954,6 +9081,8 @@ class _XDelta3:
             "djw",
             "-B",
             str(plan.window),
+            "-W",
+            str(min(_XD3_INPUT_WINDOW[1], max(_XD3_INPUT_WINDOW[0], plan.window // 16))),
             "-s",
             source,
             target,
@@ -8967,10 +9096,11 @@ class _XDelta3:
         made: ``xdelta3 -e -c | tee out | xdelta3 -d -c``, whose output is compared byte
         for byte with ``target``, read once beside it. xdelta3 writes each window as soon
         as it is encoded, so the check runs on the second core while the encoder works,
-        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read and
-        compared (the upload's one pass over its file: its digests are then those of the
-        very bytes the delta decodes to). Returns None when the delta decodes to exactly
-        those bytes, else the offset of the first byte that differs."""
+        instead of after it. ``hashes`` takes the bytes of ``target`` as they are read for
+        the comparison, in a thread of its own (_ReadAhead: the upload's one pass over
+        its file, hashed on one core while compared on the other; its digests are then
+        those of the very bytes the delta decodes to). Returns None when the delta
+        decodes to exactly those bytes, else the offset of the first byte that differs."""
         import subprocess
         import tempfile
 
@@ -8979,54 +9109,25 @@ class _XDelta3:
         plan = _encode_plan(size, self.memory.total - checker)
         args = self.encode_args(plan, source, target, out)
         enc_cmd = [self.path(), *args[:-2], "-c", target]
-        dec_cmd = [self.path(), *("-d", "-D", "-c", "-B", str(_DECODE_WINDOW)), *("-s", source)]
+        dec_cmd = [self.path(), *_CHECK_FLAGS, "-s", source]
         differs: int | None = None
         with contextlib.ExitStack() as stack:
             enc_err = stack.enter_context(tempfile.TemporaryFile())
             dec_err = stack.enter_context(tempfile.TemporaryFile())
             sink = stack.enter_context(open(out, "wb"))
-            original = stack.enter_context(open(target, "rb"))
+            original: IO[bytes] | _ReadAhead = stack.enter_context(open(target, "rb"))
+            for update in hashes.updates() if hashes is not None else []:
+                original = _ReadAhead(original, update)  # a thread per digest
+                stack.callback(original.close)
             stack.enter_context(self._slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
-            procs: list[subprocess.Popen[bytes]] = []
-            try:
-                for cmd, stdin, err in (
-                    (enc_cmd, subprocess.DEVNULL, enc_err),
-                    (dec_cmd, subprocess.PIPE, dec_err),
-                ):
-                    procs.append(
-                        subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err)
-                    )
-            except OSError as e:
-                for proc in procs:
-                    proc.kill()
-                    proc.wait()
-                raise XDelta3Error(enc_cmd, -1, str(e)) from e
-            enc, dec = procs
+            enc, dec = procs = self._start(
+                [(enc_cmd, subprocess.DEVNULL, enc_err), (dec_cmd, subprocess.PIPE, dec_err)]
+            )
             assert enc.stdout is not None and dec.stdin is not None and dec.stdout is not None
-            enc_out, dec_in, dec_out = enc.stdout, dec.stdin, dec.stdout
-
-            def tee() -> None:
-                feeding = True
-                with enc_out:
-                    while True:
-                        chunk = enc_out.read(_IO_CHUNK)
-                        if not chunk:
-                            break
-                        sink.write(chunk)
-                        if feeding:
-                            try:
-                                dec_in.write(chunk)
-                            except (BrokenPipeError, ValueError):
-                                feeding = False  # the decoder failed: its exit code says why
-                try:
-                    dec_in.close()
-                except BrokenPipeError:
-                    pass
-
-            feeder = _Background(tee)
+            feeder = _Background(_tee_delta, enc.stdout, sink, dec.stdin)
             try:
-                differs = _compare_stream(dec_out, original, hashes)
+                differs = _compare_stream(dec.stdout, original)
                 feeder.result()
             except BaseException:
                 for proc in procs:
@@ -9039,6 +9140,23 @@ class _XDelta3:
                     err.seek(0)
                     raise XDelta3Error(cmd, code, err.read().decode("utf-8", "replace"))
         return differs
+
+    @staticmethod
+    def _start(runs: list[tuple[list[str], int, IO[bytes]]]) -> list[subprocess.Popen[bytes]]:
+        """Start each (command, stdin, stderr file) with its stdout a pipe: all or none
+        (those started are killed if one cannot be)."""
+        import subprocess
+
+        procs: list[subprocess.Popen[bytes]] = []
+        for cmd, stdin, err in runs:
+            try:
+                procs.append(subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err))
+            except OSError as e:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                raise XDelta3Error(cmd, -1, str(e)) from e
+        return procs
 
     def decode_sha256(
         self,
@@ -9669,13 +9787,32 @@ def _copy_hashing(source: str, dest: str) -> str:
         return _Hashes().read(src, each=f.write).info().sha256
 
 
-def _compare_stream(
-    decoded: IO[bytes], original: IO[bytes], hashes: _Hashes | None = None
-) -> int | None:
+def _tee_delta(delta: IO[bytes], sink: IO[bytes], decoder: IO[bytes]) -> None:
+    """Copy an encoder's output into ``sink`` and into the checking decoder as it comes:
+    os.read gives what the encoder wrote so far, where a buffered read would wait for a
+    full 1 MiB (a whole delta often is less), so the decoder gets each window as it is
+    made. A decoder that failed is fed no more (its exit code says why)."""
+    feeding = True
+    with delta:
+        for chunk in iter(lambda: os.read(delta.fileno(), _IO_CHUNK), b""):
+            sink.write(chunk)
+            if feeding:
+                try:
+                    decoder.write(chunk)
+                    decoder.flush()
+                except (BrokenPipeError, ValueError):
+                    feeding = False
+    try:
+        decoder.close()
+    except BrokenPipeError:
+        pass
+
+
+def _compare_stream(decoded: IO[bytes], original: IO[bytes] | _ReadAhead) -> int | None:
     """Read ``decoded`` to its end, comparing it byte for byte with ``original`` (read
-    in step, once) and feeding ``hashes`` what ``original`` gave. None when they are the
-    same bytes, else the offset of the first difference (``decoded`` is still read to
-    its end, so its writer finishes and its exit code tells whether it failed)."""
+    in step, once). None when they are the same bytes, else the offset of the first
+    difference (``decoded`` is still read to its end, so its writer finishes and its
+    exit code tells whether it failed)."""
     pos = 0
     while True:
         chunk = decoded.read(_IO_CHUNK)
@@ -9688,8 +9825,6 @@ def _compare_stream(
             for _ in iter(lambda: decoded.read(_IO_CHUNK), b""):
                 pass
             return pos + same
-        if hashes is not None:
-            hashes.update(piece)
         pos += len(chunk)
     return pos if original.read(1) else None
 
@@ -9761,6 +9896,8 @@ class _References:
         self._tool = "deltaglider/" + __version__
         self._space_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # (bucket, reference.bin key or shared-references prefix) → (when, what was found)
+        self._looked: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- choosing and making references -------------------------------------------
 
@@ -9964,13 +10101,8 @@ class _References:
                 best = (rank, key, sha, cls >= 2)
 
         own_key = _reference_key(space)
-        # The two looks are independent reads: the HEAD runs while the listing is read.
-        own = _Background(self._head_or_none, bucket, own_key)
         prefix = _refs_prefix(_parent_space(space))
-        pages = list(
-            itertools.islice(_list_pages(self.storage, bucket, prefix=prefix), _REF_LIST_PAGES)
-        )
-        head = own.result()
+        head, listed = self._look(bucket, own_key, prefix)
         if head is not None:
             meta = head.get("Metadata", {})
             consider(
@@ -9982,22 +10114,49 @@ class _References:
                 True,
                 _meta_decode(_meta_get(meta, "original_name") or ""),
             )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].rsplit("/", 2)
-                if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
-                    source = _meta_decode(parts[0].rsplit("/", 1)[-1])
-                    rel = _meta_decode(parts[0])
-                    consider(
-                        obj["Key"],
-                        parts[1],
-                        source,
-                        obj["Size"],
-                        obj.get("LastModified"),
-                        False,
-                        rel,
-                    )
+        for key, csize, modified in listed:
+            parts = key[len(prefix) :].rsplit("/", 2)
+            if len(parts) == 3 and parts[2] == _REFERENCE_NAME and len(parts[1]) == 64:
+                source = _meta_decode(parts[0].rsplit("/", 1)[-1])
+                consider(key, parts[1], source, csize, modified, False, _meta_decode(parts[0]))
         return None if best is None else best[1:]
+
+    def _look(
+        self, bucket: str, own_key: str, prefix: str
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, int, Any]]]:
+        """pick's two reads: the folder's reference.bin (HEAD, None when there is none) and
+        (key, size, Last-Modified) of the parent's shared references, each as this process
+        read it less than _REF_LOOKUP_TTL ago, else read now (the two at once)."""
+        began = time.monotonic()
+        with self._locks_lock:
+            own, listed = (self._looked.get((bucket, k)) for k in (own_key, prefix))
+        own = own if own is not None and began - own[0] < _REF_LOOKUP_TTL else None
+        listed = listed if listed is not None and began - listed[0] < _REF_LOOKUP_TTL else None
+        if own is None:
+            head = _Background(self._head_or_none, bucket, own_key)  # while the listing runs
+        if listed is None:
+            pages = _list_pages(self.storage, bucket, prefix=prefix)
+            found = [
+                (o["Key"], o["Size"], o.get("LastModified"))
+                for page in itertools.islice(pages, _REF_LIST_PAGES)
+                for o in page.get("Contents", [])
+            ]
+            listed = (began, found)
+            with self._locks_lock:
+                self._looked[(bucket, prefix)] = listed
+        if own is None:
+            own = (began, head.result())
+            with self._locks_lock:
+                self._looked[(bucket, own_key)] = own
+        with self._locks_lock:  # new_shared adds to it
+            return own[1], list(listed[1])
+
+    def forget(self, bucket: str) -> None:
+        """Look at the bucket's references afresh at the next picks (one went, or was not
+        what a lookup said)."""
+        with self._locks_lock:
+            for k in [k for k in self._looked if k[0] == bucket]:
+                del self._looked[k]
 
     def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
         try:
@@ -10017,8 +10176,9 @@ class _References:
         on_bytes: Callable[[int], None] | None = None,
     ) -> str:
         """Store a file as a shared reference; returns its cached copy. The key holds the
-        SHA-256, so racing writers of the same file write the same bytes."""
-        _put_path(
+        SHA-256, so racing writers of the same file write the same bytes. The next picks
+        of this process see it without listing again (_look)."""
+        resp = _put_path(
             self.storage,
             bucket,
             ref_key,
@@ -10027,6 +10187,14 @@ class _References:
             sha256=info.sha256,
             on_bytes=on_bytes,
         )
+        try:  # stored now, by the server's clock (as its listing would say)
+            stored = _parse_timestamp(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            stored = _utcnow()
+        with self._locks_lock:
+            looked = self._looked.get((bucket, _refs_prefix(_shared_ref_parent(ref_key))))
+            if looked is not None:
+                looked[1].append((ref_key, info.size, stored))
         return self.cache.add_file(info.sha256, path)
 
     # -- removing references that nothing needs -----------------------------------
@@ -10157,6 +10325,7 @@ class _References:
                     raise
                 continue  # gone already
             try:
+                self.forget(bucket)
                 self.storage.delete_object(bucket, ref_key)
                 if self._shared_ref_users(bucket, parent, {ref_key}, limit) != set():
                     if self.current(bucket, ref_key) is None:
@@ -10193,6 +10362,7 @@ class _References:
                 raise
             return False  # no reference (any more)
         try:
+            self.forget(bucket)
             self.storage.delete_object(bucket, ref_key)
             if self._space_has_deltas(bucket, space) and self.current(bucket, ref_key) is None:
                 self.storage.copy_object(bucket, ref_key, bucket, aside)
@@ -10333,6 +10503,22 @@ def _encode_plain(xdelta: _XDelta3, up: _Upload, ref_path: str, delta_tmp: str) 
     return decoded.sha256, decoded.size
 
 
+class _Looks:
+    """Whether stored keys exist: HEADs made at once, each on a thread of its own, from
+    ``start`` on; a key not started is looked up when asked for."""
+
+    def __init__(self, exists: Callable[[str], bool]) -> None:
+        self._exists = exists
+        self._jobs: dict[str, _Background] = {}
+
+    def start(self, keys: Sequence[str]) -> None:
+        self._jobs = {key: _Background(self._exists, key) for key in keys}
+
+    def __call__(self, key: str) -> bool:
+        job = self._jobs.get(key)
+        return bool(job.result()) if job is not None else self._exists(key)
+
+
 @dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
@@ -10342,6 +10528,140 @@ class _RefChoice:
     path: str = ""  # its local copy (in the cache)
     created: bool = False  # stored by this upload: removed again if the upload fails
     series: bool = False  # made from a file of the same series (so it may be healed)
+
+
+class _ArchiveDeltas:
+    """Archive-aware mode's two sides (README, "Archive-aware deltas"): on upload, the
+    delta between the expanded forms of two zips (_zip_expand), made and checked; on
+    download, that delta decoded and the zip's exact bytes rebuilt from it."""
+
+    def __init__(self, cache: _ReferenceCache, xdelta: _XDelta3) -> None:
+        self.cache = cache
+        self.xdelta = xdelta
+
+    def encode(
+        self,
+        ref_sha: str,
+        ref_path: str,
+        ref_check: _Background | None,
+        path: str,
+        delta_tmp: str,
+        tmp_dir: str,
+        file_info: Callable[[], _FileInfo],
+    ) -> dict[str, str] | None:
+        """The delta between the expanded forms of two zips, checked twice before it is stored: it
+        decodes to the expanded file, and that rebuilds the original bytes here. Returns
+        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
+        expanded form does not rebuild it)."""
+        if not (_is_zip(path) and _is_zip(ref_path)):
+            return None
+        if ref_check is not None and not ref_check.result():
+            return None  # the caller fetches the reference again
+        xref = self.cache.derived(
+            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
+        )
+        if xref is None:
+            return None
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                if not _zip_expand(path, writer):
+                    return None
+            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
+            hashes = _Hashes()
+            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
+            decoded = hashes.info()
+            expected = (writer.sha256.hexdigest(), writer.size)
+            if differs is not None or (decoded.sha256, decoded.size) != expected:
+                raise IntegrityError(
+                    "%s: the delta xdelta3 made does not decode to the expanded input; "
+                    "nothing was stored" % path
+                )
+            info = file_info()
+            if rebuilt.result() != info.sha256:
+                logger.warning(
+                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
+                    path,
+                )
+                return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        return {
+            "dg-codec": _CODEC_ZIP,
+            "dg-xref-sha256": xref[1],
+            "dg-expanded-size": str(writer.size),
+        }
+
+    def rebuild(
+        self,
+        lg: _Logical,
+        codec: str,
+        ref_sha: str,
+        ref_path: str,
+        delta: str,
+        out: str,
+        limit: int,
+        tmp_dir: str,
+    ) -> str:
+        """A delta between expanded zips (archive-aware mode): decode it against the
+        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
+        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
+        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
+        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
+        if codec != _CODEC_ZIP:
+            raise IntegrityError(
+                "%s: made with codec %r, which this deltaglider (%s) does not know; "
+                "upgrade it" % (where, codec, __version__)
+            )
+        want = _meta_get(lg.metadata, "xref_sha256")
+        xref = None
+        if want:
+            # Most zips are deflated with zlib's defaults throughout: expanding on that
+            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
+            xref = self.cache.derived(
+                ref_sha,
+                _EXPANDED_SUFFIX,
+                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
+                strict=False,
+            )
+            if xref is not None and xref[1] != want:
+                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
+                xref = None
+        if xref is None:
+            xref = self.cache.derived(
+                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
+            )
+        if xref is None or (want and xref[1] != want):
+            raise IntegrityError(
+                "%s: its reference expands differently here than where the delta was made "
+                "(zlib %s); read it where it was written, or store it again without "
+                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        xsize = _meta_get(lg.metadata, "expanded_size") or ""
+        if xsize.isdigit():
+            xlimit, what = int(xsize), "dg-expanded-size"
+        else:  # written before dg-expanded-size was recorded
+            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
+        fd, expanded = _private_tempfile(tmp_dir, ".zx")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
+                except _OutputLimitError:
+                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
+            with open(out, "w+b") as dst:
+                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(expanded)
+        if not actual:
+            raise IntegrityError(
+                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
+                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
+            )
+        return actual
 
 
 class _DeltaEngine:
@@ -10375,6 +10695,7 @@ class _DeltaEngine:
         self.xdelta = xdelta
         self.max_ratio = max_ratio
         self.archive_aware = archive_aware
+        self.archives = _ArchiveDeltas(cache, xdelta)
         self._environ = environ
         self._now = now
         self._tool = "deltaglider/" + __version__
@@ -10569,7 +10890,9 @@ class _DeltaEngine:
         codec = _meta_get(lg.metadata, "codec")
         try:
             if codec:
-                return self._rebuild_codec(lg, codec, ref_sha, ref_path, delta, out, limit)
+                return self.archives.rebuild(
+                    lg, codec, ref_sha, ref_path, delta, out, limit, self.tmp_dir()
+                )
             actual = self.xdelta.decode(ref_path, delta, out, limit=limit)
             if actual != lg.sha256 and _is_compressed_stream(ref_path):
                 # Written by the original without -D: let xdelta3 recompress as it did.
@@ -10582,74 +10905,6 @@ class _DeltaEngine:
             if where in str(e):
                 raise
             raise IntegrityError("%s: %s" % (where, e)) from None
-        return actual
-
-    def _rebuild_codec(
-        self,
-        lg: _Logical,
-        codec: str,
-        ref_sha: str,
-        ref_path: str,
-        delta: str,
-        out: str,
-        limit: int,
-    ) -> str:
-        """A delta between expanded zips (archive-aware mode): decode it against the
-        expanded reference, then rebuild the zip's exact bytes. Returns their SHA-256.
-        The expanded form is bounded by the size the writer recorded (dg-expanded-size),
-        or else by the most a zip of ``limit`` bytes can expand to; the zip by ``limit``."""
-        where = "s3://%s/%s" % (lg.bucket, lg.stored_key)
-        if codec != _CODEC_ZIP:
-            raise IntegrityError(
-                "%s: made with codec %r, which this deltaglider (%s) does not know; "
-                "upgrade it" % (where, codec, __version__)
-            )
-        want = _meta_get(lg.metadata, "xref_sha256")
-        xref = None
-        if want:
-            # Most zips are deflated with zlib's defaults throughout: expanding on that
-            # assumption skips the re-deflating, and the writer's SHA-256 says if it held.
-            xref = self.cache.derived(
-                ref_sha,
-                _EXPANDED_SUFFIX,
-                lambda f: _zip_expand(ref_path, f, assume=_ZIPX_CANDIDATES[0]),
-                strict=False,
-            )
-            if xref is not None and xref[1] != want:
-                self.cache.drop_derived(ref_sha, _EXPANDED_SUFFIX)
-                xref = None
-        if xref is None:
-            xref = self.cache.derived(
-                ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=False
-            )
-        if xref is None or (want and xref[1] != want):
-            raise IntegrityError(
-                "%s: its reference expands differently here than where the delta was made "
-                "(zlib %s); read it where it was written, or store it again without "
-                "--archive-aware" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
-        xsize = _meta_get(lg.metadata, "expanded_size") or ""
-        if xsize.isdigit():
-            xlimit, what = int(xsize), "dg-expanded-size"
-        else:  # written before dg-expanded-size was recorded
-            xlimit, what = _ZIPX_EXPANSION * limit + 64, "what dg-file-size can expand to"
-        fd, expanded = _private_tempfile(self.tmp_dir(), ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    self.xdelta.decode_sha256(xref[0], delta, f, limit=xlimit)
-                except _OutputLimitError:
-                    raise _OutputLimitError(xlimit, "%s of %s" % (what, where)) from None
-            with open(out, "w+b") as dst:
-                actual = _rebuild_zip(expanded, dst, ref_path, lg.sha256 or "", limit)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        if not actual:
-            raise IntegrityError(
-                "%s: the zip does not rebuild here (zlib %s deflates differently from the "
-                "writer's?)" % (where, zlib.ZLIB_RUNTIME_VERSION)
-            )
         return actual
 
     def _download(self, bucket: str, key: str, path: str) -> None:
@@ -10779,21 +11034,23 @@ class _DeltaEngine:
         """put_file's delta attempt, and what follows a stored delta: the key's other
         stored form is removed, and a user's ``x.delta`` keeps ``x`` plain (_unshadow).
         None when the file is to be stored whole after all."""
+        # The looks come after the store, never before: two writers of one name each look
+        # for the other's form once their own is stored, so the later store always sees
+        # the earlier. Independent reads: made at once, beside the reference's check after
+        # each store (_put_delta), and acted on once that check passed.
+        shadow = up.key if up.required else up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
+        plain = [] if up.required or (existing is not None and up.key not in existing) else [up.key]
+        looks = _Looks(functools.partial(self.exists, up.bucket))
         with self.cache.hold():  # the reference (and its expanded form) stay while used
-            summary = self._put_delta(up)
+            summary = self._put_delta(up, functools.partial(looks.start, [shadow, *plain]))
         if summary is None:
             assert not up.required
             return None
-        # Both looks below come after the store, never before: two writers of one name
-        # each look for the other's form once their own is stored, so the later store
-        # always sees the earlier. Between themselves they are independent: made at once.
-        shadow = up.key + _DELTA_SUFFIX + _DELTA_SUFFIX
-        shadowed = None if up.required else _Background(self.exists, up.bucket, shadow)
-        self._remove_other(up.bucket, up.key, keep=up.key + _DELTA_SUFFIX, existing=existing)
-        if shadowed is None:
-            self._unshadow(up.bucket, up.key)
+        self._remove_other(up.bucket, up.key, up.key + _DELTA_SUFFIX, existing, looks)
+        if up.required:
+            self._unshadow(up.bucket, up.key, looks)
             return summary
-        if not shadowed.result():
+        if not looks(shadow):
             return summary
         return None  # the user's key.delta exists: this key is kept plain (see _unshadow)
 
@@ -10845,13 +11102,13 @@ class _DeltaEngine:
                 "original layout would return one for the other; choose another name" % (key, base)
             )
 
-    def _unshadow(self, bucket: str, key: str) -> None:
+    def _unshadow(self, bucket: str, key: str, exists: Callable[[str], bool]) -> None:
         """After storing a user's ``x.delta`` (as ``x.delta.delta``), make sure no stored
         ``x.delta`` (the delta of ``x``) is left: the original tool, asked for the name
         ``x.delta``, reads that object first and would return ``x``'s bytes, its SHA-256
         check passing. So ``x`` is then kept plain: rebuilt, stored whole, its delta
         removed (uploads of ``x`` check the same, from their side, after storing)."""
-        if not self.exists(bucket, key):
+        if not exists(key):
             return
         base = key[: -len(_DELTA_SUFFIX)]
         if _delta_only(base):  # stored at once by a racing writer (see _refuse_shadowed)
@@ -10932,9 +11189,10 @@ class _DeltaEngine:
             "Response": resp,
         }
 
-    def _put_delta(self, up: _Upload) -> dict[str, Any] | None:
+    def _put_delta(self, up: _Upload, stored: Callable[[], None]) -> dict[str, Any] | None:
         """Store ``up`` as a delta; None when it is better stored whole (a delta above
         ``max_ratio``, a compressed reference), unless ``up.required`` (_delta_only).
+        ``stored`` is called after each store, to start the reads that must follow it.
 
         Each attempt chooses a reference, encodes against it (the delta checked to decode
         back to the file), may make the file a new reference instead (drift: _heal),
@@ -10949,7 +11207,9 @@ class _DeltaEngine:
         size = os.path.getsize(up.path)
         create_only = up.create_only
         ref = _RefChoice(_reference_key(space))
-        for _ in range(5):
+        for attempt in range(5):
+            if attempt:  # whatever made this one fail, the next looks at references afresh
+                self.refs.forget(up.bucket)
             fd, delta_tmp = _private_tempfile(tmp_dir, ".delta")
             os.close(fd)
             ref = _RefChoice(_reference_key(space))
@@ -10999,6 +11259,7 @@ class _DeltaEngine:
             # The reference may have been replaced or deleted while we encoded (a racing
             # writer on a server without conditional writes, or the last delta deleted):
             # then the delta we stored is encoded against the wrong bytes. Redo it.
+            stored()
             if self.refs.current(up.bucket, ref.key) == ref.sha256:
                 return self._delta_summary(up.key, info, ref, delta_size, resp)
             logger.warning("reference of %s changed while storing a delta; retrying", up.key)
@@ -11067,9 +11328,11 @@ class _DeltaEngine:
                 f.write(_zero_diff_delta(info.size))
             return info, (info.sha256, info.size), None
         try:
-            extra = self._encode_archive(
-                ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
-            )
+            extra = None
+            if self.archive_aware:
+                extra = self.archives.encode(
+                    ref.sha256, ref.path, ref_check, up.path, delta_tmp, tmp_dir, up.info
+                )
             plain = None
             if extra is None:
                 plain = _encode_plain(self.xdelta, up, ref.path, delta_tmp)
@@ -11171,62 +11434,6 @@ class _DeltaEngine:
             summary["ReferenceSource"] = _shared_ref_source(ref.key)
         return summary
 
-    def _encode_archive(
-        self,
-        ref_sha: str,
-        ref_path: str,
-        ref_check: _Background | None,
-        path: str,
-        delta_tmp: str,
-        tmp_dir: str,
-        file_info: Callable[[], _FileInfo],
-    ) -> dict[str, str] | None:
-        """Archive-aware mode (README, "Archive-aware deltas"): the delta between the
-        expanded forms of two zips (_zip_expand), checked twice before it is stored: it
-        decodes to the expanded file, and that rebuilds the original bytes here. Returns
-        the metadata that marks it, or None for a plain delta (not zips, or a zip whose
-        expanded form does not rebuild it)."""
-        if not (self.archive_aware and _is_zip(path) and _is_zip(ref_path)):
-            return None
-        if ref_check is not None and not ref_check.result():
-            return None  # the caller fetches the reference again
-        xref = self.cache.derived(
-            ref_sha, _EXPANDED_SUFFIX, lambda f: _zip_expand(ref_path, f), strict=True
-        )
-        if xref is None:
-            return None
-        fd, expanded = _private_tempfile(tmp_dir, ".zx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f)
-                if not _zip_expand(path, writer):
-                    return None
-            rebuilt = _Background(_rebuilt_sha256, expanded, ref_path, file_info().sha256)
-            hashes = _Hashes()
-            differs = self.xdelta.encode_verified(xref[0], expanded, delta_tmp, hashes)
-            decoded = hashes.info()
-            expected = (writer.sha256.hexdigest(), writer.size)
-            if differs is not None or (decoded.sha256, decoded.size) != expected:
-                raise IntegrityError(
-                    "%s: the delta xdelta3 made does not decode to the expanded input; "
-                    "nothing was stored" % path
-                )
-            info = file_info()
-            if rebuilt.result() != info.sha256:
-                logger.warning(
-                    "%s: its expanded form does not rebuild it exactly here; storing a plain delta",
-                    path,
-                )
-                return None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(expanded)
-        return {
-            "dg-codec": _CODEC_ZIP,
-            "dg-xref-sha256": xref[1],
-            "dg-expanded-size": str(writer.size),
-        }
-
     @staticmethod
     def _delta_cmd(name: str) -> str:
         """Informational (FORMAT.md); shortened so it never hits a metadata value limit."""
@@ -11236,21 +11443,22 @@ class _DeltaEngine:
         return "xdelta3 -e -9 -s reference.bin %s %s.delta" % (safe, safe)
 
     def _remove_other(
-        self, bucket: str, key: str, keep: str, existing: Container[str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        keep: str,
+        existing: Container[str] | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         """After storing ``keep``, remove the other stored form of the same logical name
         (a direct object replaced by a delta or the reverse; never another key's: see
         _stored_forms). ``existing``: the stored keys a listing just showed, when the
-        caller has one (saves a HEAD each)."""
+        caller has one (saves a HEAD each); ``exists``: the looks made after the store."""
         for other in _stored_forms(key):
             if other == keep or (existing is not None and other not in existing):
                 continue
-            try:
-                self.storage.head_object(bucket, other)
-            except ClientError as e:
-                if _is_not_found(e):
-                    continue
-                raise
+            if not (exists or functools.partial(self.exists, bucket))(other):
+                continue
             self.storage.delete_object(bucket, other)
             if other.endswith(_DELTA_SUFFIX):
                 self.refs.drop_unused_near(bucket, [_deltaspace(key)])
@@ -15820,7 +16028,9 @@ class _BodyDigests:
 
 class _Spooled(NamedTuple):
     path: str
-    info: _FileInfo
+    #: its digests, taken as it arrived; None for a joined multipart upload, which the
+    #: engine hashes in the pass its delta check makes over the file anyway
+    info: _FileInfo | None
     checksum: tuple[str, str] | None = None  # (algorithm, base64): the x-amz-checksum sent
     parts: Sequence[int] = ()  # the sizes of the parts it was assembled from
 
@@ -16043,14 +16253,22 @@ class _Uploads:
             raise _S3Reply("NoSuchUpload", UploadId=upload_id)
         return rec
 
-    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> None:
+    def add_part(self, upload_id: str, number: int, spooled: _Spooled, now: str) -> str:
         """Keep a part, replacing one of the same number: the send that finishes last wins,
         as on S3. Its bytes and its ETag change together, under the upload's lock (a
-        completion assembling it meanwhile sees the old part or the new one, whole)."""
+        completion assembling it meanwhile sees the old part or the new one, whole).
+        Returns its ETag."""
         import json
 
         folder = self._dir(upload_id)
-        meta = {"ETag": '"%s"' % spooled.info.md5, "Size": spooled.info.size, "LastModified": now}
+        assert spooled.info is not None
+        meta: dict[str, Any] = {
+            "ETag": '"%s"' % spooled.info.md5,
+            "Size": spooled.info.size,
+            "LastModified": now,
+        }
+        if spooled.checksum is not None:  # checked as it arrived: a composite's part digest
+            meta["Checksum"] = list(spooled.checksum)
         base = os.path.join(folder, "part-%05d" % number)
         try:
             fd, tmp = _private_tempfile(folder, ".json")
@@ -16061,6 +16279,7 @@ class _Uploads:
                 os.replace(tmp, base + ".json")
         except FileNotFoundError:  # aborted or completed meanwhile
             raise _S3Reply("NoSuchUpload", UploadId=upload_id) from None
+        return str(meta["ETag"])
 
     def parts(self, upload_id: str) -> dict[int, dict[str, Any]]:
         import json
@@ -16096,7 +16315,12 @@ class _Uploads:
         last at least _MIN_PART_SIZE (S3's InvalidPart and EntityTooSmall). ``checksum``:
         the (algorithm, type) the upload was created with: the joined file's checksum is
         taken as the parts are copied, FULL_OBJECT over the whole, or COMPOSITE (S3's: the
-        digest of the parts' digests, ``-<parts>`` after it)."""
+        digest of the parts' digests, ``-<parts>`` after it; a part's own, checked as it
+        arrived, where it came with one).
+
+        The joined file's SHA-256 and MD5 are not taken here: the engine takes them in
+        the pass over the file that checks its delta decodes back to it (or in one of its
+        own, for a file stored whole), so the parts are copied by the kernel, unread."""
         have = self.parts(upload_id)
         for i, (number, etag) in enumerate(wanted):
             got = have.get(number)
@@ -16110,27 +16334,30 @@ class _Uploads:
                     PartNumber=str(number),
                 )
         fd, path = _private_tempfile(folder, ".mpu")
-        hashes = _Hashes(md5=True)
         algo, kind = checksum or ("", "")
         whole = _CHECKSUMS[algo]() if algo and kind == "FULL_OBJECT" else None
         digests = []
         try:
-            with os.fdopen(fd, "wb") as out:
-                for number, _ in wanted:
-                    hasher = whole or (_CHECKSUMS[algo]() if algo else None)
-
-                    def each(chunk: bytes, hasher: Any = hasher) -> None:
-                        out.write(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-
-                    with open(have[number]["path"], "rb") as f:
-                        hashes.read(f, each=each)
-                    if hasher is not None and whole is None:
-                        digests.append(hasher.digest())
+            for number, _ in wanted:
+                part = have[number]
+                known = part.get("Checksum") or ("", "")
+                hasher = whole
+                if algo and whole is None and known[0] != algo:
+                    hasher = _CHECKSUMS[algo]()  # the part came without one
+                src = os.open(part["path"], os.O_RDONLY)
+                try:
+                    _copy_to(src, fd, hasher.update if hasher is not None else None)
+                finally:
+                    os.close(src)
+                if algo and whole is None:
+                    digests.append(
+                        hasher.digest() if hasher is not None else base64.b64decode(known[1])
+                    )
         except BaseException:
+            os.close(fd)
             os.unlink(path)
             raise
+        os.close(fd)
         value = None
         if whole is not None:
             value = base64.b64encode(whole.digest()).decode()
@@ -16139,7 +16366,7 @@ class _Uploads:
             joined.update(b"".join(digests))
             value = "%s-%d" % (base64.b64encode(joined.digest()).decode(), len(digests))
         sizes = [int(have[number]["Size"]) for number, _ in wanted]
-        return _Spooled(path, hashes.info(), (algo, value) if value else None, sizes)
+        return _Spooled(path, None, (algo, value) if value else None, sizes)
 
     def remove(self, upload_id: str) -> None:
         folder = self._dir(upload_id)
@@ -17539,6 +17766,7 @@ class _GatewayHandler(_HandlerBase):
             # A "folder" marker (S3 consoles, rclone's directory markers): never a file to
             # delta, and the engine takes only file names; it is stored as it came.
             _validate_key(params["Key"])
+            digests = spooled.info or _hash_file(spooled.path, md5=True)
             with open(spooled.path, "rb") as f:
                 client.storage.put_object(
                     params["Bucket"],
@@ -17546,11 +17774,11 @@ class _GatewayHandler(_HandlerBase):
                     f,
                     metadata=params.get("Metadata"),
                     headers=_put_headers(params),
-                    content_sha256=spooled.info.sha256,
+                    content_sha256=digests.sha256,
                     if_none_match=params.get("IfNoneMatch", "").strip() == "*",
                     if_match=params.get("IfMatch"),
                 )
-            return {"ETag": '"%s"' % spooled.info.md5}
+            return {"ETag": '"%s"' % digests.md5}
         result = _put_object_from_file(
             client.engine,
             spooled.path,
@@ -17736,12 +17964,11 @@ class _GatewayHandler(_HandlerBase):
             return self._upload_part_copy(upload_id, number)
         spooled = self._spool(signed, gw.max_object_size)
         try:
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(gw.now()))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = {"ETag": '"%s"' % spooled.info.md5}
-        self._send(200, headers=_checksum_headers(spooled.checksum, etag))
+        self._send(200, headers=_checksum_headers(spooled.checksum, {"ETag": etag}))
 
     def _upload_part_copy(self, upload_id: str, number: int) -> None:
         """UploadPartCopy: the part is (a range of) another logical object, read through
@@ -17765,11 +17992,10 @@ class _GatewayHandler(_HandlerBase):
         spooled = _spool_copy_source(gw.client, params, size, gw.spool_dir)
         try:
             now = gw.now()
-            gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
+            etag = gw.uploads.add_part(upload_id, number, spooled, _iso_utc(now))
         finally:
             if os.path.exists(spooled.path):
                 os.unlink(spooled.path)
-        etag = '"%s"' % spooled.info.md5
         result = _el("LastModified", _iso_ms(now)) + _el("ETag", etag)
         self._send(200, _xml_doc("CopyPartResult", result))
 
@@ -18199,7 +18425,8 @@ def _cmd_serve(cli: _Cli) -> int:
 #   shared by commands  _Filters (--exclude/--include), _cli_client, _put_args,
 #                       _saved_note (the delta note of a line), _print_stats,
 #                       _should_transfer, _recorded_mtimes and _unchanged (what sync
-#                       transfers), _quick_upload (small files on a pool of their own)
+#                       transfers), _quick_upload (small files on a pool of their own),
+#                       _migrate_source and _migrate_plan (what migrate reads)
 #   one run             _Cli: output and tallies; transfer_one, the per-file driver of
 #                       cp, mv, sync and migrate; cmd_<command>, one method per command
 #   refusals            _UsageError, _FatalError, _refuse_onto_itself, _one_line
@@ -18624,6 +18851,39 @@ def _quick_upload(
         return not engine.eligible(key, path, delta)
     except OSError:
         return False  # its upload reports the error
+
+
+def _migrate_source(
+    args: argparse.Namespace, environ: Mapping[str, str], client: DeltaGliderClient
+) -> DeltaGliderClient:
+    """The client migrate reads from: this run's, or another store's with
+    --source-endpoint-url / --source-profile."""
+    if args.source_endpoint_url or args.source_profile:
+        return create_client(
+            endpoint_url=args.source_endpoint_url or args.endpoint_url,
+            profile_name=args.source_profile or args.profile,
+            region_name=args.region,
+            environ=environ,
+        )
+    return client
+
+
+def _migrate_plan(
+    source: DeltaGliderClient, filters: _Filters, sb: str, sprefix: str, dprefix: str
+) -> list[tuple[str, str, int]]:
+    """(source key, destination key, size) of every object migrate copies: the source's
+    logical objects under the prefix, --exclude/--include applied, our own bookkeeping
+    left out."""
+    todo = []
+    for obj in source.get_paginator("list_objects_v2").paginate(
+        Bucket=sb, Prefix=sprefix, FetchMetadata=True
+    ):
+        for item in obj.get("Contents", []):
+            rel = item["Key"][len(sprefix) :]
+            if _is_internal(item["Key"]) or not filters.included(rel):
+                continue
+            todo.append((item["Key"], dprefix + rel, int(item["Size"])))
+    return todo
 
 
 class _Cli:
@@ -19499,8 +19759,8 @@ class _Cli:
         db, dk = _parse_s3_url(dst)
         sprefix = sk if not sk or sk.endswith("/") else sk + "/"
         dprefix = dk if not dk or dk.endswith("/") else dk + "/"
-        source = self.migrate_source()
-        todo = self.migrate_plan(source, sb, sprefix, dprefix)
+        source = _migrate_source(self.args, self.environ, self.client)
+        todo = _migrate_plan(source, self.filters(), sb, sprefix, dprefix)
         if _store_identity(source) == _store_identity(self.client):
             pairs = [(t[0], t[1]) for t in todo]
             _refuse_onto_itself("migrate", sb, db, pairs, (sprefix, dprefix))
@@ -19530,36 +19790,6 @@ class _Cli:
             )
         )
         return self.exit_code()
-
-    def migrate_source(self) -> DeltaGliderClient:
-        """The client migrate reads from: this run's, or another store's with
-        --source-endpoint-url / --source-profile."""
-        if self.args.source_endpoint_url or self.args.source_profile:
-            return create_client(
-                endpoint_url=self.args.source_endpoint_url or self.args.endpoint_url,
-                profile_name=self.args.source_profile or self.args.profile,
-                region_name=self.args.region,
-                environ=self.environ,
-            )
-        return self.client
-
-    def migrate_plan(
-        self, source: DeltaGliderClient, sb: str, sprefix: str, dprefix: str
-    ) -> list[tuple[str, str, int]]:
-        """(source key, destination key, size) of every object to migrate: the source's
-        logical objects under the prefix, --exclude/--include applied, our own
-        bookkeeping left out."""
-        filters = self.filters()
-        todo = []
-        for obj in source.get_paginator("list_objects_v2").paginate(
-            Bucket=sb, Prefix=sprefix, FetchMetadata=True
-        ):
-            for item in obj.get("Contents", []):
-                rel = item["Key"][len(sprefix) :]
-                if _is_internal(item["Key"]) or not filters.included(rel):
-                    continue
-                todo.append((item["Key"], dprefix + rel, int(item["Size"])))
-        return todo
 
     def migrate_dry_run(self, sb: str, db: str, todo: list[tuple[str, str, int]]) -> None:
         """--dryrun: each file that would be copied, then how many, and how many of them

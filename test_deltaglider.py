@@ -1915,6 +1915,52 @@ def test_bad_dg_mtime_is_absent(value: str) -> None:
     assert dg._mtime_or_absent("1700000000.5") == 1700000000.5
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_read_ahead_hashes_on_threads_of_its_own_what_its_reader_gets(
+    tmp_path: Any, ahead: int
+) -> None:
+    """_ReadAhead chains (a thread per digest) give the file in order, in reads of any
+    size, and the digests are those of the bytes given; closing one its reader left
+    short stops its thread; a read error reaches the reader."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    hashes = dg._Hashes(md5=True)
+    got = []
+    with open(path, "rb") as f:
+        readers = [f]
+        for update in hashes.updates():
+            readers.append(dg._ReadAhead(readers[-1], update, ahead=ahead))
+        sizes = [1 << 20, 1000, (1 << 20) + 5, 7, 1 << 22]
+        for i in range(100):
+            size = sizes[i % len(sizes)]
+            chunk = readers[-1].read(size)
+            assert len(chunk) == size or len(chunk) == len(data) - sum(map(len, got))
+            if not chunk:
+                break
+            got.append(chunk)
+        for r in reversed(readers[1:]):
+            r.close()
+    assert b"".join(got) == data
+    assert hashes.info() == dg._hash_file(str(path), md5=True)
+    with open(path, "rb") as f:
+        short = dg._ReadAhead(f, len, ahead=1)
+        assert short.read(10) == data[:10]
+        short.close()  # its thread waited for room: stopped, not left behind
+
+    class Failing(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            if self.tell():
+                raise OSError("the disk went away")
+            return super().read(n)
+
+    failing = dg._ReadAhead(Failing(data), len)
+    assert failing.read(1 << 20) == data[: 1 << 20]
+    with pytest.raises(OSError, match="the disk went away"):
+        failing.read(1)
+    failing.close()
+
+
 #: (variable, value, parsed value or the text the error must hold). One parser per kind of
 #: setting: sizes with units, choices with aliases, booleans, bounded numbers.
 DG_SETTING_VALUES = [
@@ -7462,6 +7508,46 @@ def test_drift_and_a_bad_first_file_make_new_references(
 
 
 @needs_xdelta3
+def test_versions_into_one_folder_look_up_its_references_once(
+    backend: Backend, client: Any, dgbucket: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Versions uploaded into one folder one after another (a recursive cp of a release
+    folder) list the folder's references once, not once each: the next ones reuse what
+    this process found and made (#17.4). A reference another process removed meanwhile
+    is never left under a delta: the one made against it fails the check after its
+    store, and the file is stored again against what is there."""
+    st = client.storage
+    looks: list[str] = []
+    original = st.list_objects_v2
+
+    def counting(bucket: str, *a: Any, **kw: Any) -> Any:
+        if dg._REFS_DIR in kw.get("prefix", ""):
+            looks.append(kw["prefix"])
+        return original(bucket, *a, **kw)
+
+    monkeypatch.setattr(st, "list_objects_v2", counting)
+    datas = [make_zip(tmp_path / "v.zip", v) for v in range(7)]
+    infos = [
+        client.put_object(Bucket=dgbucket, Key="rel/app-1.%d.zip" % v, Body=d)["DeltaGliderInfo"]
+        for v, d in enumerate(datas[:6])
+    ]
+    assert [i["Operation"] for i in infos] == ["create_reference"] + ["create_delta"] * 5
+    assert len({i["ReferenceKey"] for i in infos}) == 1
+    assert looks == [dg._REFS_DIR]
+    other = make_client(backend, tmp_path)  # another process takes every version
+    for v in range(6):
+        other.delete_object(Bucket=dgbucket, Key="rel/app-1.%d.zip" % v)
+    assert stored_keys(client, dgbucket) == []
+    info = client.put_object(Bucket=dgbucket, Key="rel/app-1.6.zip", Body=datas[6])
+    assert info["DeltaGliderInfo"]["Operation"] == "create_reference"
+    assert looks == [dg._REFS_DIR] * 2
+    meta = client.storage.head_object(dgbucket, "rel/app-1.6.zip.delta")["Metadata"]
+    assert meta["dg-ref-key"] in stored_keys(client, dgbucket)
+    cold = make_client(backend, tmp_path)
+    assert cold.get_object(Bucket=dgbucket, Key="rel/app-1.6.zip")["Body"].read() == datas[6]
+
+
+@needs_xdelta3
 @pytest.mark.parametrize(
     "name,content,expect_delta",
     [
@@ -7654,6 +7740,67 @@ def test_a_delta_whose_check_decodes_other_bytes_is_never_stored(tmp_path: Any, 
     assert split_refs(stored_keys(c, "bkt")) == (["r/a.zip.delta"], ["r"])
 
 
+_STREAM_PROBE = """
+import os, subprocess, sys, time
+real, marker, verdict = sys.argv[1:4]
+args = sys.argv[4:]
+p = subprocess.Popen([real] + args, stdout=subprocess.PIPE)
+out = sys.stdout.buffer
+if args[0] == "-e":  # all of the delta at once, then its end held until the decoder spoke
+    data = p.stdout.read()
+    code = p.wait()
+    out.write(data)
+    out.flush()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(verdict, "w") as f:
+        f.write("before the end" if os.path.exists(marker) else "only at the end")
+    sys.exit(code)
+while True:
+    chunk = p.stdout.read1(65536)
+    if not chunk:
+        break
+    open(marker, "a").close()
+    out.write(chunk)
+    out.flush()
+sys.exit(p.wait())
+"""
+
+
+@needs_xdelta3
+def test_the_check_decodes_a_small_delta_while_it_is_made(tmp_path: Any) -> None:
+    """#17: the check decodes the delta window by window as the encoder writes it, not
+    after: also a delta far smaller than the pipes' buffers (a 12 MB zip's is 290 KB)
+    reaches the checking decoder before the encoder ends. The fake encoder gives all of
+    its delta at once and holds its end until the fake decoder has given out bytes."""
+    rnd = random.Random(17)
+    old = rnd.randbytes(3 << 20) if hasattr(rnd, "randbytes") else os.urandom(3 << 20)
+    new = bytearray(old)
+    for at in range(0, len(new), 1 << 20):  # a 48 KiB change in each MiB
+        new[at + 4096 : at + 4096 + (48 << 10)] = os.urandom(48 << 10)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(bytes(new))
+    probe = tmp_path / "probe.py"
+    probe.write_text(_STREAM_PROBE)
+    marker, verdict = tmp_path / "decoded", tmp_path / "verdict"
+    fake = tmp_path / "xdelta3"
+    fake.write_text(
+        '#!/bin/sh\nexec %s %s %s %s %s "$@"\n'
+        % (sys.executable, probe, shutil.which("xdelta3"), marker, verdict)
+    )
+    fake.chmod(0o755)
+    hashes = dg._Hashes()
+    delta = tmp_path / "delta"
+    x = dg._XDelta3(str(fake))
+    assert (
+        x.encode_verified(str(tmp_path / "old"), str(tmp_path / "new"), str(delta), hashes) is None
+    )
+    assert hashes.info().sha256 == hashlib.sha256(new).hexdigest()
+    assert 0 < delta.stat().st_size < 1 << 20  # smaller than a pipe reader's 1 MiB read
+    assert verdict.read_text() == "before the end"
+
+
 @needs_xdelta3
 def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
     backend: Backend, tmp_path: Any, monkeypatch: Any
@@ -7680,6 +7827,51 @@ def test_a_later_upload_reads_its_file_once_for_the_check_and_its_digests(
         assert head["ETag"] == '"%s"' % hashlib.md5(b).hexdigest()
         meta = c.storage.head_object(bucket, "r/b.zip.delta")["Metadata"]
         assert meta["dg-file-sha256"] == hashlib.sha256(b).hexdigest()
+        assert c.get_object(Bucket=bucket, Key="r/b.zip")["Body"].read() == b
+    finally:
+        if not c.storage.is_local:
+            _s3_empty_and_delete(c.storage, bucket)
+
+
+@needs_xdelta3
+def test_a_later_upload_makes_the_reads_after_its_store_at_once(
+    backend: Backend, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """#17: the reads that must follow a delta's store (its reference is still the one it
+    was encoded against; the key's plain form, a user's key.delta) are independent: they
+    go at once, one round of requests after the PUT instead of two."""
+    c = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    c.create_bucket(Bucket=bucket)
+    st = c.storage
+    stored = threading.Event()
+    barrier = threading.Barrier(3, timeout=10)
+    met: list[str] = []
+    real_put, real_head = st.put_object, st.head_object
+
+    def put_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        resp = real_put(b, key, *a, **kw)
+        if key == "r/b.zip.delta":
+            stored.set()
+        return resp
+
+    def head_object(b: str, key: str, *a: Any, **kw: Any) -> Any:
+        if stored.is_set():
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+                met.append(key)
+        return real_head(b, key, *a, **kw)
+
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b = make_zip(tmp_path / "b.zip", 1)
+        c.upload_file(str(tmp_path / "a.zip"), bucket, "r/a.zip")
+        monkeypatch.setattr(st, "put_object", put_object)
+        monkeypatch.setattr(st, "head_object", head_object)
+        c.upload_file(str(tmp_path / "b.zip"), bucket, "r/b.zip")
+        monkeypatch.undo()
+        assert sorted(met)[1:] == ["r/b.zip", "r/b.zip.delta.delta"], met
+        assert sorted(met)[0].endswith("/reference.bin"), met
         assert c.get_object(Bucket=bucket, Key="r/b.zip")["Body"].read() == b
     finally:
         if not c.storage.is_local:
@@ -8798,10 +8990,12 @@ def test_encode_plan_fits_the_memory_limit_at_every_size(limit: int) -> None:
         assert plan.level in (1, 3, 6, 9) and 1 << 20 <= plan.window <= 2 << 30
         if plan.window < min(size, 2 << 30):
             assert plan.level == 1  # a window short of the reference only at -1
-    # A 12 MB wheel gets -6 (-9 buys 0.6% for a third more time, README); the benchmark's
-    # tars (110 MB) keep -9 over the whole file at the default (-6 would be 12% bigger).
+    # A 4.6 MB wheel gets -6 (-3 would lose up to 8%), a 12 MB one -3 (-6 buys 1-3% for
+    # half again the time, README); the benchmark's tars (110 MB) keep -9 over the whole
+    # file at the default (-6 would be 12% bigger).
     default = dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2
-    assert dg._encode_plan(12 * 1000**2, default)[:2] == (6, 16 << 20)
+    assert dg._encode_plan(4667100, default)[:2] == (6, 8 << 20)
+    assert dg._encode_plan(12 * 1000**2, default)[:2] == (3, 16 << 20)
     assert dg._encode_plan(20 * 1000**2, default)[:2] == (9, 32 << 20)
     tar = 115 * 1000**2
     plan = dg._encode_plan(tar, dg._DEFAULT_MEMORY_LIMIT - dg._PYTHON_RESERVE - 80 * 1000**2)
