@@ -102,6 +102,7 @@ CONF
 
 run_suite() {  # name config
   echo "== s3-tests against $1" >&2
+  rm -f "$OUT/$1.xml"  # a run that dies leaves no earlier run's results to be taken for its own
   (cd "$S3TESTS_DIR" && S3TEST_CONF=$2 timeout 3600 "$VENV/bin/pytest" -q -p no:cacheprovider \
      --junitxml="$OUT/$1.xml" "${SELECT[@]}" s3tests/functional/test_s3.py "${EXTRA[@]}" \
      > "$OUT/$1.log" 2>&1) || true
