@@ -20,7 +20,6 @@ import array
 import base64
 import collections
 import contextlib
-import dataclasses
 import datetime
 import fnmatch
 import functools
@@ -32,7 +31,6 @@ import mmap
 import os
 import re
 import shutil
-import signal
 import stat
 import struct
 import sys
@@ -65,7 +63,9 @@ from typing import (
 )
 
 # Imported inside the functions that use them, not here: a command loads only what it
-# needs (start-up time, issue 17). Imported here for the type checker alone.
+# needs (start-up time, issue 17). Imported here for the type checker alone. For the same
+# reason regular expressions are kept as strings, `re.match(_PATTERN, text)`: re compiles
+# one when it is first used and caches it.
 if TYPE_CHECKING:
     import concurrent.futures
     import http.client
@@ -196,11 +196,11 @@ _QUICK_WORKERS = 64
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_BUCKET_NAME_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")  # botocore's check
-_STRICT_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$")
+_XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]"
+_BUCKET_NAME_RE = r"^[a-zA-Z0-9.\-_]{1,255}$"  # botocore's check
+_STRICT_BUCKET_RE = r"^[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]$"
 #: Names S3 refuses to create a bucket by, however well formed (bucket naming rules).
-_NEW_BUCKET_BAD = re.compile(
+_NEW_BUCKET_BAD = (
     r"\.\.|^\d+\.\d+\.\d+\.\d+$|^(xn--|sthree-|amzn-s3-demo-)"
     r"|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$"
 )
@@ -1210,7 +1210,7 @@ def _parse_s3_url(url: str) -> _S3Url:
 
 
 def _validate_bucket_name(bucket: str) -> None:
-    if not _BUCKET_NAME_RE.match(bucket) or ".." in bucket:
+    if not re.match(_BUCKET_NAME_RE, bucket) or ".." in bucket:
         raise ParamValidationError(
             report='Invalid bucket name "%s": Bucket name must match the regex '
             '"^[a-zA-Z0-9.\\-_]{1,255}$"' % bucket
@@ -1239,7 +1239,7 @@ def _validate_key(key: str) -> None:
 
 #: Size suffixes, powers of 1024 as aws s3's multipart_chunksize takes them ("4G", "512MiB").
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_SIZE_RE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$"
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -1304,7 +1304,7 @@ def _parse_size(text: str, name: str, *, minimum: int = 0) -> int:
     accepted += " or " + examples[-1] if len(examples) > 1 else examples[-1]
     if minimum:
         accepted += " (at least %d)" % minimum
-    match = _SIZE_RE.match(text)
+    match = re.match(_SIZE_RE, text)
     if match is None:
         raise _bad_setting(name, accepted, text)
     value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -1418,7 +1418,7 @@ def _check_settings(environ: Mapping[str, str]) -> None:
 _DEFAULT_REGION = "us-east-1"  # what botocore gives an S3 client with no region configured
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 _SIGNATURE_VERSIONS = ("s3v4", "unsigned")
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # botocore's check
+_REGION_RE = r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"  # botocore's check
 _PROFILE_ENV_VARS = ("AWS_DEFAULT_PROFILE", "AWS_PROFILE")  # first one set wins
 _SERVICES_S3 = "services.s3"  # profile key holding the `[services NAME]` section's `s3` block
 # botocore refresh windows (credentials.py L80-81): try to refresh at 15 min left, must at 10.
@@ -1473,7 +1473,7 @@ def _setting(environ: Mapping[str, str], var: str, profile: _Profile, key: str) 
 
 def _is_region(value: object) -> bool:
     # The region becomes part of the host name and the SigV4 scope.
-    return isinstance(value, str) and bool(_REGION_RE.match(value))
+    return isinstance(value, str) and bool(re.match(_REGION_RE, value))
 
 
 def _check_region(region: str) -> str:
@@ -1899,7 +1899,7 @@ class _Credentials(NamedTuple):
 
 #: C0 controls, DEL and C1 controls: refused in credentials, percent-encoded in metadata,
 #: escaped when printed (one pattern; a second definition later used to rebind this one).
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARS = "[\x00-\x1f\x7f-\x9f]"
 
 
 def _credential_value(value: str, name: str, provider: str, header: bool = True) -> str:
@@ -1910,7 +1910,7 @@ def _credential_value(value: str, name: str, provider: str, header: bool = True)
     text = value.strip()
     if text != value:
         logger.warning("%s has leading or trailing whitespace (a stray line break?): ignored", name)
-    if _CONTROL_CHARS.search(text) or (header and not all(ord(c) < 128 for c in text)):
+    if re.search(_CONTROL_CHARS, text) or (header and not all(ord(c) < 128 for c in text)):
         raise CredentialRetrievalError(
             provider=provider,
             error_msg="%s contains a line break, control or non-ASCII character (the value is "
@@ -2909,6 +2909,8 @@ class _ConnectionPool:
         self._verify = verify
         self._max_idle = max(1, max_idle)
         self._proxy_for = proxy_for
+        #: the proxy of each (scheme, host, port), looked up once, as botocore does per client
+        self._proxies: dict[_PoolKey, str | None] = {}
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
@@ -2935,7 +2937,9 @@ class _ConnectionPool:
         with self._lock:
             idle = self._idle.get(key)
             conn = idle.pop() if idle else None
-        proxy = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        if key not in self._proxies:
+            self._proxies[key] = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
+        proxy = self._proxies[key]
         if conn is None:
             conn = self._new(scheme, host, port, proxy)
         return conn, bool(proxy) and scheme == "http"
@@ -3982,7 +3986,7 @@ class _S3Storage:
     def _virtual(self, bucket: str) -> bool:
         if not bucket or self._addressing == "path":
             return False
-        dns_ok = bool(_STRICT_BUCKET_RE.match(bucket)) and "." not in bucket
+        dns_ok = bool(re.match(_STRICT_BUCKET_RE, bucket)) and "." not in bucket
         if self._addressing == "virtual":
             return True
         # botocore: path style whenever an endpoint is given, virtual on AWS when it can.
@@ -4369,9 +4373,9 @@ class _S3Storage:
         conditions = conditions or {}
         # XML 1.0 cannot carry most control characters, even escaped: such keys would make
         # the whole batch MalformedXML, so they are deleted one by one.
-        odd = [k for k in keys if _XML_INVALID.search(k)]
+        odd = [k for k in keys if re.search(_XML_INVALID, k)]
         if odd:
-            rest = [k for k in keys if not _XML_INVALID.search(k)]
+            rest = [k for k in keys if not re.search(_XML_INVALID, k)]
             return self._delete_one_by_one(bucket, odd, rest, quiet, conditions)
         body = _delete_request_xml(keys, quiet, conditions)
         # S3 requires Content-MD5 (or a checksum) on DeleteObjects.
@@ -4949,8 +4953,8 @@ class _LocalFiles:
 
     _BUCKET_FILE = ".dg-bucket.json"
     #: Bucket naming rules for CreateBucket (AWS "General purpose bucket naming rules").
-    _NEW_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-    _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _NEW_BUCKET_RE = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"
+    _UPLOAD_ID_RE = r"^[0-9a-f]{32}$"
 
     def _meta(self, status: int, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Every S3 reply has a Date; the engine's settle check reads the server's clock
@@ -4986,7 +4990,7 @@ class _LocalFiles:
         path = os.path.join(self.root, bucket)
         # Only names CreateBucket accepts exist here, which also keeps "Foo" from finding
         # "foo" on a case-insensitive file system.
-        if not self._NEW_BUCKET_RE.match(bucket) or not os.path.isfile(
+        if not re.match(self._NEW_BUCKET_RE, bucket) or not os.path.isfile(
             os.path.join(path, self._BUCKET_FILE)
         ):
             raise self._error(operation, 404, "NoSuchBucket", head=head, BucketName=bucket)
@@ -5237,7 +5241,7 @@ class _LocalFiles:
         bdir = self._bucket(operation, bucket)
         udir = os.path.join(bdir, ".dg-uploads", upload_id)
         info = None
-        if self._UPLOAD_ID_RE.match(upload_id):  # never a path from the caller
+        if re.match(self._UPLOAD_ID_RE, upload_id):  # never a path from the caller
             info = self._read_json(os.path.join(udir, "upload.json"))
         if info is None or info["key"] != key:
             raise self._error(operation, 404, "NoSuchUpload", UploadId=upload_id)
@@ -5425,7 +5429,7 @@ class _LocalStorage(_LocalFiles):
             names = []
         for name in names:
             info = self._read_json(os.path.join(self.root, name, self._BUCKET_FILE))
-            if info and self._NEW_BUCKET_RE.match(name):
+            if info and re.match(self._NEW_BUCKET_RE, name):
                 buckets.append({"Name": name, "CreationDate": _parse_timestamp(info["created"])})
         return {
             "Buckets": buckets,
@@ -5440,7 +5444,7 @@ class _LocalStorage(_LocalFiles):
         import tempfile
 
         _validate_bucket_name(bucket)
-        if not self._NEW_BUCKET_RE.match(bucket) or _NEW_BUCKET_BAD.search(bucket):
+        if not re.match(self._NEW_BUCKET_RE, bucket) or re.search(_NEW_BUCKET_BAD, bucket):
             raise self._error("CreateBucket", 400, "InvalidBucketName", BucketName=bucket)
         acl = {k.lower(): v for k, v in (headers or {}).items()}.get("x-amz-acl", "private")
         if acl not in _LOCAL_CANNED_ACLS:
@@ -6848,10 +6852,10 @@ def _meta_encode(value: str) -> str:
     (FORMAT.md), and so is a value holding a control character (a file named
     ``\x01a.zip``): servers refuse those in a header (SeaweedFS: 400) or trim them before
     checking the signature (Swift: SignatureDoesNotMatch)."""
+    if value.isascii() and value.isprintable():  # no control character (_CONTROL_CHARS)
+        return value
     import urllib.parse
 
-    if all(ord(c) < 128 for c in value) and not _CONTROL_CHARS.search(value):
-        return value
     return urllib.parse.quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
@@ -6867,7 +6871,7 @@ def _meta_decode(value: str) -> str:
         decoded = urllib.parse.unquote(value, errors="strict")
     except UnicodeDecodeError:
         return value
-    encoded = not all(ord(c) < 128 for c in decoded) or _CONTROL_CHARS.search(decoded)
+    encoded = not all(ord(c) < 128 for c in decoded) or re.search(_CONTROL_CHARS, decoded)
     return decoded if encoded else value
 
 
@@ -8864,8 +8868,8 @@ _REF_LIST_PAGES = 2
 _REF_LOOKUP_TTL = 10.0
 #: Requests a delete may spend proving a shared reference unused (``gc`` has no limit).
 _REF_SCAN_LIMIT = 200
-_VERSION_RE = re.compile(r"\d+")
-_SPLIT_RE = re.compile(r"(\d+)")
+_VERSION_RE = r"\d+"
+_SPLIT_RE = r"(\d+)"
 #: dg-codec of a delta made between expanded zips (see _zip_expand); readers that do not
 #: know it decode against the plain reference and their SHA-256 check refuses the bytes.
 _CODEC_ZIP = "zip-expand-1"
@@ -8903,10 +8907,19 @@ _XD3_INPUT_WINDOW = (1024 * 1024, 8 * 1024 * 1024)
 #: min(-B, reference)): any window decodes any delta, a bigger one saves only re-reads.
 _DECODE_WINDOW = 64 * 1024 * 1024
 _XD3_DECODE_BASE = 16 * 1000**2
+#: -B of a decode reading its reference from a pipe as it downloads (_DecodeBeside):
+#: xdelta3 then fills that much of it before it writes anything (the decode lags the
+#: download by it), and cannot copy from further back (that decode is then made again
+#: from the downloaded file). Changes that stay near their place (disk images) need no
+#: more than a window.
+_STREAM_WINDOW = 16 * 1024 * 1024
 #: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
 #: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
-#: delta would be decoded only once the encoder ended, instead of beside it).
-_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
+#: delta would be decoded only once the encoder ended, instead of beside it). -B: it runs
+#: beside the encoder, at the tree's peak, so with 16 MiB, not 64 (a smaller window only
+#: re-reads the reference, from the page cache): 48 MiB less there, measured (the 300 MiB
+#: image's tree peaked at 572 MiB with 64). Its plan still holds _decoder_memory for it.
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(16 * 1024 * 1024))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -8919,7 +8932,7 @@ def _name_class(name: str, other: str) -> int:
     (a series); 1 the same extension; 0 unrelated."""
     if name == other:
         return 3
-    if _VERSION_RE.sub("#", name) == _VERSION_RE.sub("#", other):
+    if re.sub(_VERSION_RE, "#", name) == re.sub(_VERSION_RE, "#", other):
         return 2
     ext = name.rpartition(".")[2].lower() if "." in name else None
     return 1 if ext is not None and "." in other and other.rpartition(".")[2].lower() == ext else 0
@@ -9012,16 +9025,27 @@ class _MemoryBudget:
     @contextlib.contextmanager
     def hold(self, amount: int) -> Iterator[None]:
         amount = min(amount, self.total)
-        with self._cond:
-            while self._free < amount:
-                self._cond.wait()
-            self._free -= amount
+        self.take(amount)
         try:
             yield
         finally:
-            with self._cond:
-                self._free += amount
-                self._cond.notify_all()
+            self.give(amount)
+
+    def take(self, amount: int, wait: bool = True) -> bool:
+        """Hold ``amount`` (at most the total) until ``give``; without ``wait``, only if
+        it is free now (False: nothing held)."""
+        with self._cond:
+            while self._free < amount:
+                if not wait:
+                    return False
+                self._cond.wait()
+            self._free -= amount
+        return True
+
+    def give(self, amount: int) -> None:
+        with self._cond:
+            self._free += amount
+            self._cond.notify_all()
 
 
 class _XDelta3:
@@ -9051,7 +9075,7 @@ class _XDelta3:
         else:
             self.decoder = _parse_choice(decoder, "decoder", choices=_DECODERS)
         # xdelta3 is CPU-bound: more processes than cores only add memory and swapping.
-        self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self.slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def path(self) -> str:
         if self._path is None:
@@ -9119,7 +9143,7 @@ class _XDelta3:
             for update in hashes.updates() if hashes is not None else []:
                 original = _ReadAhead(original, update)  # a thread per digest
                 stack.callback(original.close)
-            stack.enter_context(self._slots)
+            stack.enter_context(self.slots)
             stack.enter_context(self.memory.hold(plan.memory + checker))
             enc, dec = procs = self._start(
                 [(enc_cmd, subprocess.DEVNULL, enc_err), (dec_cmd, subprocess.PIPE, dec_err)]
@@ -9190,7 +9214,7 @@ class _XDelta3:
         h = hashlib.sha256()
         total = 0
         memory = self.memory.hold(_decoder_memory(os.path.getsize(source)))
-        with tempfile.TemporaryFile() as errors, self._slots, memory:
+        with tempfile.TemporaryFile() as errors, self.slots, memory:
             try:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors
@@ -9219,6 +9243,10 @@ class _XDelta3:
                 errors.seek(0)
                 raise XDelta3Error(cmd, code, errors.read().decode("utf-8", "replace"))
         return h.hexdigest(), total
+
+    def streams(self) -> bool:
+        """Whether xdelta3 decodes here and can read a pipe as its source (/dev/fd)."""
+        return not self._python_decodes() and os.path.isdir("/dev/fd")
 
     def _python_decodes(self) -> bool:
         if self.decoder == "auto":
@@ -9263,6 +9291,136 @@ class _XDelta3:
         """Decode into the file ``out``; returns the SHA-256 of what was written."""
         with open(out, "wb") as f:
             return self.decode_sha256(source, delta, f, external=external, limit=limit)[0]
+
+
+class _DecodeBeside:
+    """A cold read's decode made while its reference downloads: ``feed`` takes the
+    reference's bytes in order as they come (the download's writer) and hands them to
+    ``xdelta3 -d`` through a pipe as its source, so decoding runs beside the download
+    instead of after it; a zero-diff delta's file is the reference itself, written as it
+    comes. ``finish`` gives the SHA-256 written to ``out``, or None when this decode was
+    not made: no core or memory free for it now, no delta, a source xdelta3 cannot read
+    as a stream (a copy from further back than its window), more than ``limit`` bytes,
+    or any failure. The caller checks the SHA-256 as for any decode, and decodes from
+    the verified cache file when it is not the one recorded."""
+
+    def __init__(
+        self, xdelta: _XDelta3, delta: Callable[[], str] | None, out: str, limit: int
+    ) -> None:
+        self._xdelta = xdelta
+        self._delta = delta  # waits for the delta's download; None: a zero-diff delta
+        self._out_path = out
+        self._limit = limit
+        self._started = False
+        self._held = 0
+        self._out: IO[bytes] | None = None
+        self._hashes = _Hashes()
+        self._proc: Any = None  # subprocess.Popen[bytes], started on the first feed
+        self._pipe = -1
+        self._reader: _Background | None = None
+        self._failed = False
+        self._fed = False  # the decoder closed its source: read all it needs, or failed
+
+    def _start(self) -> bool:
+        """Set up on the first bytes; False when the decode cannot be made now."""
+        import subprocess
+
+        self._started = True
+        if self._delta is None:
+            self._out = open(self._out_path, "wb")
+            return True
+        if not self._xdelta.streams() or not self._xdelta.slots.acquire(blocking=False):
+            return False
+        amount = _XD3_DECODE_BASE + _STREAM_WINDOW
+        if not self._xdelta.memory.take(amount, wait=False):
+            self._xdelta.slots.release()
+            return False
+        self._held = amount
+        delta = self._delta()  # (its download failing fails the read: the caller says so)
+        read, self._pipe = os.pipe()
+        cmd = [self._xdelta.path(), "-d", "-f", "-D", "-c", "-B", str(_STREAM_WINDOW)]
+        try:
+            self._proc = subprocess.Popen(
+                [*cmd, "-s", "/dev/fd/%d" % read, delta],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # a failure here is the fallback's to report
+                pass_fds=(read,),
+            )
+        finally:
+            os.close(read)
+        self._out = open(self._out_path, "wb")
+        self._reader = _Background(self._drain, self._proc)
+        return True
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        """The decoder's output into ``out``, hashed (its own thread)."""
+        assert self._out is not None and proc.stdout is not None
+        try:
+            with proc.stdout as decoded:
+                for chunk in iter(lambda: decoded.read(_IO_CHUNK), b""):
+                    if self._hashes.size + len(chunk) > self._limit:
+                        raise _OutputLimitError(self._limit)
+                    self._hashes.update(chunk)
+                    self._out.write(chunk)
+        except BaseException:
+            proc.kill()  # nobody reads it any more
+            raise
+
+    def feed(self, data: bytes) -> None:
+        if self._failed or self._fed:
+            return
+        if not self._started:
+            try:
+                ok = self._start()
+            except Exception as e:  # (OSError, XDelta3NotFoundError...)
+                logger.debug("no decode beside the download: %s", e)
+                ok = False
+            if not ok:
+                self._failed = True
+                return
+        if self._delta is None:  # zero-diff: the reference is the file
+            assert self._out is not None
+            if self._hashes.size + len(data) > self._limit:
+                self._failed = True
+                return
+            self._hashes.update(data)
+            self._out.write(data)
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._pipe, view) :]
+        except OSError:  # the decoder needs no more (its exit code says if it failed)
+            self._fed = True
+
+    def finish(self) -> str | None:
+        """Wait for the decode (its source ends here: also when the download failed);
+        again, nothing. Never raises but to interrupt: a failed decode is None."""
+        proc, self._proc = self._proc, None
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        try:
+            if proc is not None:
+                try:
+                    assert self._reader is not None
+                    self._reader.result()
+                except Exception as e:
+                    logger.debug("decode beside the download failed: %s", e)
+                    self._failed = True
+                self._failed = proc.wait() != 0 or self._failed
+        finally:
+            if self._out is not None:
+                self._out.close()
+                self._out = None
+            if self._held:
+                self._xdelta.memory.give(self._held)
+                self._xdelta.slots.release()
+                self._held = 0
+        if not self._started or self._failed:
+            return None
+        return self._hashes.info().sha256
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -9907,9 +10065,11 @@ class _References:
         ref_key: str,
         ref_sha256: str,
         on_fetch: Callable[[], None] | None = None,
+        tee: Callable[[bytes], Any] | None = None,
     ) -> str:
         """A verified local copy of a reference: from the cache, or fetched once (after
-        calling ``on_fetch``: work that can use the wait)."""
+        calling ``on_fetch``: work that can use the wait), its bytes given to ``tee`` too
+        as they come (unverified until this returns)."""
         path = self.cache.lookup(ref_sha256)
         if path:
             return path
@@ -9917,7 +10077,12 @@ class _References:
             on_fetch()
 
         def write(f: IO[bytes]) -> None:
-            _get_into(self.storage, bucket, ref_key, f.write, hold=self.xdelta.memory.hold)
+            def both(data: bytes) -> None:
+                f.write(data)
+                if tee is not None:
+                    tee(data)
+
+            _get_into(self.storage, bucket, ref_key, both, hold=self.xdelta.memory.hold)
 
         try:
             return self.cache.fill(ref_sha256, write)
@@ -10095,7 +10260,9 @@ class _References:
                 return
             when = modified.timestamp() if isinstance(modified, datetime.datetime) else 0.0
             # Within a second (Last-Modified's resolution), the highest version by name.
-            natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in _SPLIT_RE.split(rel)]
+            natural = [
+                (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(_SPLIT_RE, rel)
+            ]
             rank = (cls, when, natural, -abs(math.log(ratio)))
             if best is None or rank > best[0]:
                 best = (rank, key, sha, cls >= 2)
@@ -10519,15 +10686,17 @@ class _Looks:
         return bool(job.result()) if job is not None else self._exists(key)
 
 
-@dataclasses.dataclass
 class _RefChoice:
     """The reference one attempt of a delta upload encodes against."""
 
-    key: str
-    sha256: str = ""
-    path: str = ""  # its local copy (in the cache)
-    created: bool = False  # stored by this upload: removed again if the upload fails
-    series: bool = False  # made from a file of the same series (so it may be healed)
+    __slots__ = ("created", "key", "path", "series", "sha256")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.sha256 = ""
+        self.path = ""  # its local copy (in the cache)
+        self.created = False  # stored by this upload: removed again if the upload fails
+        self.series = False  # made from a file of the same series (so it may be healed)
 
 
 class _ArchiveDeltas:
@@ -10828,12 +10997,17 @@ class _DeltaEngine:
         try:
             with self.cache.hold():
                 for attempt in range(2):
+                    beside = None if attempt else self._beside(lg, fetch, delta_tmp, out, limit)
                     try:
-                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha)
+                        tee = beside.feed if beside is not None else None
+                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha, tee=tee)
                     finally:
+                        made = beside.finish() if beside is not None else None
                         if fetch is not None:
                             done, fetch = fetch, None
                             done.result()
+                    if made == expected:
+                        return  # decoded beside the reference's download, and it checks
                     try:
                         actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
                         if actual == expected:
@@ -10847,21 +11021,8 @@ class _DeltaEngine:
                     except FileNotFoundError as e:  # the cache entry went away under us
                         failure = IntegrityError("%s: %s" % (where, e))
                     if self.cache.recheck(ref_sha):
-                        if isinstance(failure, XDelta3Error):
-                            if failure.returncode <= 0:
-                                raise failure  # not started, or killed: not the delta's fault
-                            failure = IntegrityError(
-                                "%s: xdelta3 cannot decode it: %s"
-                                % (
-                                    where,
-                                    failure.stderr.strip()[:300] or "exit %d" % failure.returncode,
-                                )
-                            )
-                        raise IntegrityError(
-                            "%s; its reference s3://%s/%s matches dg-ref-sha256, so the "
-                            "stored delta (or its metadata) is damaged"
-                            % (str(failure).rstrip("."), lg.bucket, ref_key)
-                        ) from None
+                        ref_url = "s3://%s/%s" % (lg.bucket, ref_key)
+                        raise self._delta_damaged(failure, where, ref_url) from None
                     if attempt:
                         raise IntegrityError(
                             "%s: the cached copy of its reference was damaged again after "
@@ -10877,6 +11038,33 @@ class _DeltaEngine:
                 with contextlib.suppress(Exception):
                     fetch.result()
             os.unlink(delta_tmp)
+
+    @staticmethod
+    def _delta_damaged(failure: DeltaGliderError, where: str, ref_url: str) -> DeltaGliderError:
+        """What a read that failed with a sound reference raises: the stored delta is
+        damaged (unless xdelta3 was not started, or was killed: then its own error)."""
+        if isinstance(failure, XDelta3Error):
+            if failure.returncode <= 0:
+                return failure
+            failure = IntegrityError(
+                "%s: xdelta3 cannot decode it: %s"
+                % (where, failure.stderr.strip()[:300] or "exit %d" % failure.returncode)
+            )
+        return IntegrityError(
+            "%s; its reference %s matches dg-ref-sha256, so the stored delta (or its "
+            "metadata) is damaged" % (str(failure).rstrip("."), ref_url)
+        )
+
+    def _beside(
+        self, lg: _Logical, fetch: _Background | None, delta: str, out: str, limit: int
+    ) -> _DecodeBeside | None:
+        """A decode made while the reference downloads, if it does (_DecodeBeside; a
+        zero-diff delta has no delta ``fetch``): not for a delta between expanded zips,
+        which decodes against another file."""
+        if _meta_get(lg.metadata, "codec"):
+            return None
+        ready = None if fetch is None else (lambda: (fetch.result(), delta)[1])
+        return _DecodeBeside(self.xdelta, ready, out, limit)
 
     def _decode_into(
         self, lg: _Logical, ref_sha: str, ref_path: str, delta: str, out: str, limit: int
@@ -12751,15 +12939,18 @@ def _logical_pages(
     delimiter: str,
     fetch: bool,
     max_workers: int,
+    stored: set[str] | None = None,
 ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """A whole logical listing as it streams: (objects, common prefixes) for each stored
     page, as :func:`_logical_page` shows it (a page holds fewer than 1,000 where it hides
     references; no request tops it up). The next stored page is fetched while the caller
     handles this one (and while this one's HEADs run, with ``fetch``): two pages in
-    memory at most, whatever the listing's length."""
+    memory at most, whatever the listing's length. ``stored`` gets every stored key."""
     pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
     previous: _PageSpan | None = None
     for n, page in enumerate(pages):
+        if stored is not None:
+            stored.update(o["Key"] for o in page.get("Contents", []))
         objects = _logical_page(engine, bucket, page, None, fetch, n > 0, max_workers, previous)
         yield objects, _visible_prefixes(page)
         previous = _page_span(page) or previous
@@ -13552,7 +13743,7 @@ class DeltaGliderClient:
             on_bytes=on_bytes,
         )
         is_delta = summary["Operation"] == "create_delta"
-        return UploadSummary(
+        return _dataclass(_UploadSummary)(
             operation=summary["Operation"],
             bucket=bucket,
             key=key,
@@ -13696,16 +13887,17 @@ class DeltaGliderClient:
         path = os.fspath(file_path)
         size = os.path.getsize(path)
         name = os.path.basename(path)
+        estimate = _dataclass(_CompressionEstimate)
         if os.path.splitext(name)[1].lower() in _INCOMPRESSIBLE_EXTENSIONS:
-            return CompressionEstimate(size, size, 0.0, 0.95, None, False)
+            return estimate(size, size, 0.0, 0.95, None, False)
         if not _eligible_by_name(name, self._environ):
-            return CompressionEstimate(size, size, 0.0, 0.5, None, False)
+            return estimate(size, size, 0.0, 0.5, None, False)
         folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         similar = self.find_similar_files(bucket, folder, name)
         if similar:
-            return CompressionEstimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
+            return estimate(size, int(size * 0.01), 0.99, 0.9, similar[0]["Key"], True)
         # The first file of a folder becomes its reference: stored whole.
-        return CompressionEstimate(size, size, 0.0, 0.7, None, True)
+        return estimate(size, size, 0.0, 0.7, None, True)
 
     def get_object_info(self, s3_url: str) -> ObjectInfo:
         """How one logical object is stored: sizes, ratio, reference (a HEAD or two)."""
@@ -13715,7 +13907,7 @@ class DeltaGliderClient:
         modified = lg.head.get("LastModified")
         is_delta = lg.kind == _Kind.DELTA
         ref = _meta_get(lg.metadata, "ref") or _REFERENCE_NAME
-        return ObjectInfo(
+        return _dataclass(_ObjectInfo)(
             key=key,
             size=stored,
             last_modified=_iso_utc(modified) if isinstance(modified, datetime.datetime) else "",
@@ -13847,10 +14039,23 @@ _SUPPORTED_METHODS = tuple(
 
 
 # -- Result types of deltaglider's extensions --------------------------------------
+# 6.x's result types are dataclasses, and so are UploadSummary, ObjectInfo and
+# CompressionEstimate (isinstance, dataclasses.fields and asdict, repr and == as there), but
+# made so on first use: importing dataclasses (it imports inspect) is a sixth of the
+# start-up of every command, and only three client methods return one. Their bodies are
+# kept under private names; naming one (`deltaglider.ObjectInfo`, `from deltaglider import`:
+# the module's __getattr__, PEP 562) or a method returning one (_dataclass) makes it.
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _first_use_dataclass
+else:
+
+    def _first_use_dataclass(body: type[_T]) -> type[_T]:
+        return body
 
 
-@dataclasses.dataclass
-class UploadSummary:
+@_first_use_dataclass
+class _UploadSummary:
     """What :meth:`DeltaGliderClient.upload` stored (deltaglider 6.x's fields first).
 
     ``is_delta`` is true only when a delta was stored (not for the folder's first file,
@@ -13919,8 +14124,8 @@ class BucketStats(_AttrDict):
     ``reference_objects``, ``estimated``, ``cached``."""
 
 
-@dataclasses.dataclass
-class ObjectInfo:
+@_first_use_dataclass
+class _ObjectInfo:
     """:meth:`DeltaGliderClient.get_object_info`: how one logical object is stored.
     ``size``/``compressed_size`` are the stored bytes, ``original_size`` the object's."""
 
@@ -13939,8 +14144,8 @@ class ObjectInfo:
     kind: str = ""
 
 
-@dataclasses.dataclass
-class CompressionEstimate:
+@_first_use_dataclass
+class _CompressionEstimate:
     """:meth:`DeltaGliderClient.estimate_compression`: ``estimated_ratio`` is the
     fraction of the file expected to be saved."""
 
@@ -13950,6 +14155,50 @@ class CompressionEstimate:
     confidence: float
     recommended_reference: str | None = None
     should_use_delta: bool = True
+
+
+if TYPE_CHECKING:
+    UploadSummary = _UploadSummary
+    ObjectInfo = _ObjectInfo
+    CompressionEstimate = _CompressionEstimate
+
+_RESULT_TYPES = {
+    "UploadSummary": _UploadSummary,
+    "ObjectInfo": _ObjectInfo,
+    "CompressionEstimate": _CompressionEstimate,
+}
+_RESULT_TYPES_MADE: set[type] = set()
+_RESULT_TYPES_LOCK = threading.Lock()
+
+
+def _dataclass(body: type[_T]) -> type[_T]:
+    """A result type's body made the dataclass it is declared as (once, in place, under
+    its public name) and that name bound in the module."""
+    if body not in _RESULT_TYPES_MADE:
+        import dataclasses
+
+        with _RESULT_TYPES_LOCK:
+            if body not in _RESULT_TYPES_MADE:
+                name = body.__name__[1:]
+                body.__name__ = body.__qualname__ = name
+                globals()[name] = dataclasses.dataclass(body)
+                _RESULT_TYPES_MADE.add(body)
+    return body
+
+
+def _module_attribute(name: str) -> Any:
+    """The module's __getattr__ (PEP 562): a result type, made when first named."""
+    if name not in _RESULT_TYPES:
+        raise AttributeError("module %r has no attribute %r" % (__name__, name))
+    return _dataclass(_RESULT_TYPES[name])
+
+
+def _module_names() -> list[str]:
+    return sorted({*globals(), *_RESULT_TYPES})
+
+
+if not TYPE_CHECKING:  # hidden from the type checker, which sees the names above
+    __getattr__, __dir__ = _module_attribute, _module_names
 
 
 # -- ACLs: canned-ACL headers and the AccessControlPolicy XML ----------------------
@@ -15304,17 +15553,25 @@ class _Signed(NamedTuple):
 
 
 def _parse_amz_date(value: str) -> datetime.datetime | None:
+    """An X-Amz-Date (``YYYYMMDDTHHMMSSZ``, _SIGV4_TIMESTAMP exactly), else None; read
+    by slicing, on every request: strptime takes five times as long."""
+    digits = value[:8] + value[9:15]
+    if len(value) != 16 or value[8] != "T" or value[15] != "Z":
+        return None
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    spans = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
+    year, month, day, hour, minute, second = (int(digits[a:b]) for a, b in spans)
     try:
-        return datetime.datetime.strptime(value, _SIGV4_TIMESTAMP).replace(
-            tzinfo=datetime.timezone.utc
-        )
-    except ValueError:
+        utc = datetime.timezone.utc
+        return datetime.datetime(year, month, day, hour, minute, second, tzinfo=utc)
+    except ValueError:  # a month 13, a second 61, ...
         return None
 
 
 #: A POST policy's expiration: ISO 8601 in UTC ("2030-01-01T12:00:00.000Z"), nothing looser
 #: (S3 refuses "2030-01-01 12:00:00+00:00", Python's str() of a datetime).
-_POLICY_EXPIRATION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+_POLICY_EXPIRATION_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 
 
 def _policy_check(
@@ -15623,7 +15880,7 @@ class _GatewayAuth:
         try:
             policy = json.loads(base64.b64decode(policy_b64))
             text = str(policy["expiration"])
-            if not _POLICY_EXPIRATION_RE.match(text):  # ISO 8601 in UTC, as S3 requires
+            if not re.match(_POLICY_EXPIRATION_RE, text):  # ISO 8601 in UTC, as S3 requires
                 raise ValueError(text)
             expiration = _parse_timestamp(text)
             conditions = policy["conditions"]
@@ -16213,7 +16470,7 @@ class _Uploads:
     under ``<state>/uploads/<id>/``; CompleteMultipartUpload assembles them into one file
     that the engine stores as a delta, so nothing of an upload is visible before."""
 
-    _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+    _ID_RE = r"^[0-9a-f]{32}$"
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -16226,7 +16483,7 @@ class _Uploads:
             return self._locks.setdefault(upload_id, threading.Lock())
 
     def _dir(self, upload_id: str) -> str:
-        if not self._ID_RE.match(upload_id):
+        if not re.match(self._ID_RE, upload_id):
             raise _S3Reply("NoSuchUpload")
         return os.path.join(self.folder, upload_id)
 
@@ -16382,7 +16639,7 @@ class _Uploads:
 
         out = []
         for name in sorted(os.listdir(self.folder)):
-            if not self._ID_RE.match(name):
+            if not re.match(self._ID_RE, name):
                 continue
             try:
                 with open(os.path.join(self.folder, name, "upload.json"), encoding="utf-8") as f:
@@ -18361,6 +18618,8 @@ def _serve_until_stopped(
     one line: where it listens is the one thing a caller of port 0 cannot know otherwise);
     then stop taking connections, give requests in flight ``grace`` seconds, and say how
     many were cut off."""
+    import signal
+
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -18435,13 +18694,13 @@ def _cmd_serve(cli: _Cli) -> int:
 #   main()              parses, checks the DG_* settings, runs the command, returns the code
 # ``deltaglider serve`` is _cmd_serve, at the end of the gateway's section.
 
-_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNSAFE_KEY_CHARS = r"[\x00-\x1f\x7f\\]"
 
 
 def _safe_relative(rel: str) -> str | None:
     """A key's path below a download folder, or None when it could escape it (``..``,
     absolute paths, backslashes, NUL and control characters, empty segments)."""
-    if not rel or _UNSAFE_KEY_CHARS.search(rel) or rel.startswith("/"):
+    if not rel or re.search(_UNSAFE_KEY_CHARS, rel) or rel.startswith("/"):
         return None
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in ("", ".", ".."):
@@ -18574,8 +18833,10 @@ def _printable(text: str) -> str:
     """A line as the CLI prints it: control characters (C0, DEL, C1) in key and file names
     shown as ``\\t``, ``\\n``, ``\\x1b``..., so a name cannot forge output lines or drive
     the terminal."""
-    return _CONTROL_CHARS.sub(
-        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())), text
+    return re.sub(
+        _CONTROL_CHARS,
+        lambda m: _CONTROL_ESCAPES.get(m.group(), "\\x%02x" % ord(m.group())),
+        text,
     )
 
 
@@ -18976,15 +19237,14 @@ class _Cli:
         return keys
 
     def list_logical(
-        self, bucket: str, prefix: str, fetch: bool = False
+        self, bucket: str, prefix: str, fetch: bool = False, stored: set[str] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Every logical object under a prefix (paging past 1000 keys)."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        if fetch:
-            kwargs["FetchMetadata"] = True
-        for page in paginator.paginate(**kwargs):
-            yield from page.get("Contents", [])
+        """Every logical object under a prefix, one stored page of 1,000 at a time, the next
+        read while this one is handled (_logical_pages); ``stored`` gets every stored key."""
+        workers = self.workers + self.quick_workers  # a FetchMetadata HEAD is one request
+        pages = _logical_pages(self.client.engine, bucket, prefix, "", fetch, workers, stored)
+        for objects, _ in pages:
+            yield from objects
 
     def settled(self) -> None:
         """Called once a transfer is stored, before its line is printed. When it is the
@@ -19528,10 +19788,13 @@ class _Cli:
             self.delete_keys(db, gone)
         return self.exit_code()
 
-    def remote_index(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)}."""
+    def remote_index(
+        self, bucket: str, prefix: str, stored: set[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """rel → {Size (logical), mtime (source mtime if recorded, else LastModified)};
+        ``stored`` gets every stored key of the listing."""
         index: dict[str, dict[str, Any]] = {}
-        for obj in self.list_logical(bucket, prefix, fetch=True):
+        for obj in self.list_logical(bucket, prefix, fetch=True, stored=stored):
             rel = obj["Key"][len(prefix) :]
             index[rel] = obj
         return index
@@ -19542,27 +19805,29 @@ class _Cli:
         bucket, key = _parse_s3_url(dst)
         prefix = key if not key or key.endswith("/") else key + "/"
         filters = self.filters()
-        remote = self.remote_index(bucket, prefix)
-        wanted: list[tuple[str, str, os.stat_result]] = []
-        undecided: dict[str, dict[str, Any]] = {}  # same size, other or unknown bytes
-        seen = set()
         unread: list[str] = []
-        for path, rel in self.local_files(src, unread=unread):
-            if not filters.included(rel):
-                continue
-            seen.add(rel)
-            st = os.stat(path)
-            obj = remote.get(rel)
-            if obj is not None and obj["Size"] == st.st_size:
-                if getattr(self.args, "size_only", False) or _unchanged(path, st.st_size, obj):
-                    continue
-                undecided[rel] = obj
-            wanted.append((path, rel, st))
+
+        def walk() -> list[tuple[str, str, os.stat_result]]:
+            files = self.local_files(src, unread=unread)
+            return [(path, rel, os.stat(path)) for path, rel in files if filters.included(rel)]
+
+        local = _Background(walk)  # while the listing is read, which gives the stored keys too
+        stored: set[str] = set()
+        remote = self.remote_index(bucket, prefix, stored)
+        files = local.result()
+        seen = {rel for _, rel, _ in files}
+        same = [(p, r, st.st_size) for p, r, st in files if r in remote]
+        same = [f for f in same if remote[f[1]]["Size"] == f[2]]
+        if getattr(self.args, "size_only", False):
+            kept = {rel for _, rel, _ in same}
+        else:
+            kept = {rel for path, rel, size in same if _unchanged(path, size, remote[rel])}
+        wanted = [(path, rel, st) for path, rel, st in files if rel not in kept]
+        undecided = {rel: remote[rel] for _, rel, _ in same if rel not in kept}
         storage = self.client.engine.storage
         mtimes = _recorded_mtimes(
             storage, bucket, prefix, undecided, self.workers + self.quick_workers
         )
-        stored = self.stored_keys(bucket, prefix) if wanted else set()
         tasks: list[Callable[[], None]] = []
         quick: list[Callable[[], None]] = []
         total = 0
@@ -19988,21 +20253,9 @@ def _metadata_arg(text: str) -> dict[str, str]:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() returns the exit code."""
 
-    #: Where --help and --version go: the stream main() was given (it sets every parser's).
+    #: Where --help and --version go: the stream main() was given (the command's parser
+    #: gets the main parser's).
     dg_out: IO[str] | None = None
-    #: Adds a command's arguments when it is first parsed: argparse takes longer to build
-    #: every command's options than Python takes to start, and a run parses one command.
-    dg_fill: Callable[[argparse.ArgumentParser], None] | None = None
-
-    def filled(self) -> _ArgumentParser:
-        fill, self.dg_fill = self.dg_fill, None
-        if fill is not None:
-            fill(self)
-        return self
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        self.filled()
-        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> Any:
         raise _UsageError("%s: error: %s" % (self.prog, message))
@@ -20125,28 +20378,57 @@ Prometheus text format. One access line per request goes to stderr (--quiet: non
 """
 
 
-def _command_parser(
-    sub: argparse._SubParsersAction[_ArgumentParser],
-    name: str,
-    help_text: str,
-    arguments: Callable[[argparse.ArgumentParser], None],
-) -> argparse.ArgumentParser:
-    """A command's parser, with the global options too (after the command, as aws takes
-    them), and the command's own (``arguments``): added when the command is parsed, not
-    here (see _ArgumentParser.filled)."""
+if TYPE_CHECKING:
+    _SubParsersAction = argparse._SubParsersAction[_ArgumentParser]
+else:
+    _SubParsersAction = argparse._SubParsersAction
 
-    def fill(p: argparse.ArgumentParser) -> None:
-        if name == "ls":
-            p.add_argument("--help", action="help", help="show this help message and exit")
-        _add_global_options(p, suppress=True)
-        arguments(p)
 
-    # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
-    p: _ArgumentParser = sub.add_parser(
-        name, help=help_text, description=help_text, add_help=name != "ls"
-    )
-    p.dg_fill = fill
-    return p
+class _CommandParsers(_SubParsersAction):
+    """COMMAND: --help lists the commands from their help lines, and a command's parser is
+    made when that command is parsed (argparse takes longer to build 16 parsers with their
+    options than Python takes to start, and a run parses one command)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dg_commands: dict[str, _Command] = {}
+        # What argparse checks a command name against (its parsers, here their commands).
+        self.choices = cast("dict[str, Any]", self.dg_commands)
+
+    def add_command(self, name: str, command: _Command) -> None:
+        # The line add_parser(name, help=...) would add to --help, without the parser.
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), command.help))
+        self.dg_commands[name] = command
+
+    def command_parser(self, name: str) -> _ArgumentParser:
+        """``name``'s parser (made once): the command's options, and the global options
+        again (after the command, as aws takes them)."""
+        made = self._name_parser_map.get(name)
+        if made is None:
+            command = self.dg_commands[name]
+            # ls takes -h for --human-readable, as aws s3 ls does; --help still works.
+            made = _ArgumentParser(
+                prog="%s %s" % (self._prog_prefix, name),
+                description=command.help,
+                add_help=name != "ls",
+            )
+            if name == "ls":
+                made.add_argument("--help", action="help", help="show this help message and exit")
+            _add_global_options(made, suppress=True)
+            command.arguments(made)
+            self._name_parser_map[name] = made
+        return made
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values and values[0] in self.dg_commands:
+            self.command_parser(values[0]).dg_out = getattr(parser, "dg_out", None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _add_transfer_options(p: argparse.ArgumentParser, recursive: bool = True) -> None:
@@ -20495,24 +20777,25 @@ _COMMANDS: dict[str, _Command] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _ArgumentParser:
     parser = _ArgumentParser(
         prog="deltaglider",
         description="Store versioned artifacts in S3 as xdelta3 deltas; aws s3 style commands.",
     )
     parser.add_argument("--version", action="version", version="deltaglider %s" % __version__)
     _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_CommandParsers)
     for name, command in _COMMANDS.items():
-        _command_parser(sub, name, command.help, command.arguments)
+        cast(_CommandParsers, sub).add_command(name, command)
     return parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser, made."""
     found: list[argparse.ArgumentParser] = []
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.extend(action.choices.values())
+        if isinstance(action, _CommandParsers):
+            found.extend(action.command_parser(name) for name in action.dg_commands)
     return found
 
 
@@ -20520,10 +20803,10 @@ class _RedactingFilter(logging.Filter):
     """--debug logs requests; signatures, tokens and secrets never reach the log."""
 
     _PATTERNS = (
-        (re.compile(r"(Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
-        (re.compile(r"(x-amz-security-token[:=]\s*)\S+", re.I), r"\1<redacted>"),
-        (re.compile(r"(X-Amz-Security-Token=)[^&\s]+", re.I), r"\1<redacted>"),
+        (r"(?i)(Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Signature=)[0-9a-f]+", r"\1<redacted>"),
+        (r"(?i)(x-amz-security-token[:=]\s*)\S+", r"\1<redacted>"),
+        (r"(?i)(X-Amz-Security-Token=)[^&\s]+", r"\1<redacted>"),
     )
 
     def __init__(self, secrets: list[str]) -> None:
@@ -20532,7 +20815,7 @@ class _RedactingFilter(logging.Filter):
 
     def _redact(self, text: str) -> str:
         for pattern, repl in self._PATTERNS:
-            text = pattern.sub(repl, text)
+            text = re.sub(pattern, repl, text)
         for secret in self._secrets:
             text = text.replace(secret, "<redacted>")
         return text
@@ -20574,9 +20857,7 @@ def main(
     err = stderr or sys.stderr
     env = os.environ if environ is None else environ
     parser = _build_parser()
-    for p in [parser, *_subparsers(parser)]:
-        if isinstance(p, _ArgumentParser):
-            p.dg_out = out
+    parser.dg_out = out
     try:
         args = parser.parse_args(argv)
     except _ExitNow as e:
@@ -20594,6 +20875,8 @@ def main(
     except InvalidConfigError as e:
         err.write("deltaglider: error: %s\n" % e)
         return EXIT_USAGE
+    import signal
+
     handler = _debug_log(err, env) if args.debug else None
     cli = _Cli(args, out, err, env)
     previous: Any = None

@@ -3,12 +3,12 @@
 
     python benchmarks/gateway/gateway_bench.py [--aws PATH] [--mib 32] [--reps 3]
         [--backend seaweedfs|swift] [--endpoint-url URL --access-key K --secret-key S]
-        [--against OTHER/deltaglider.py]
+        [--against OTHER/deltaglider.py ...]
 
 The gateway runs as users run it, in its own process:
 ``python deltaglider.py --endpoint-url <backend> serve --listen 127.0.0.1:PORT``.
 Each repetition measures, direct to the back end and through the gateway (and through a
-second gateway from ``--against``, for an A/B of two versions), interleaved so the machine's
+gateway of each ``--against``, for an A/B of versions), interleaved so the machine's
 load falls on all of them alike:
   - `aws s3 cp` upload of a first version, a later version (a delta through the gateway),
     and the download of the later version (wall time of the aws process, MiB/s);
@@ -165,7 +165,13 @@ def main() -> int:
     ap.add_argument("--endpoint-url")
     ap.add_argument("--access-key")
     ap.add_argument("--secret-key")
-    ap.add_argument("--against", help="another deltaglider.py to serve a second gateway (A/B)")
+    ap.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        help="another deltaglider.py to serve a gateway of its own beside (A/B); repeatable, "
+        "each named by its file name",
+    )
     ap.add_argument("--no-direct", action="store_true", help="gateways only (an A/B)")
     args = ap.parse_args()
     url, key, secret = BACKENDS[args.backend]
@@ -175,8 +181,8 @@ def main() -> int:
     targets: dict[str, tuple[str, str, str]] = {} if args.no_direct else {"direct": backend}
     procs = []
     programs = {"gateway": DELTAGLIDER}
-    if args.against:
-        programs["against"] = args.against
+    for other in args.against:
+        programs[os.path.splitext(os.path.basename(other))[0]] = other
     for name, program in programs.items():
         proc, gw = start_gateway(program, backend, tmp, name)
         procs.append(proc)
@@ -198,7 +204,7 @@ def main() -> int:
     med: dict[str, dict[str, Any]] = {
         n: {op: statistics.median(v) for op, v in r.items()} for n, r in results.items()
     }
-    base = "direct" if "direct" in med else "against"
+    base = "direct" if "direct" in med else list(med)[-1]
     others = [n for n in med if n != base]
     print(
         "%s back end, %d MiB file, medians of %d, load average %.1f-%.1f"
