@@ -193,9 +193,6 @@ _TRANSFER_WORKERS = 8
 #: and an open file, so the bound keeps a run within any 1,024-descriptor limit.
 _QUICK_FILE = 1024 * 1024
 _QUICK_WORKERS = 64
-#: sync: local files hashed at once to compare with the listing (2 cores: 2 threads hash
-#: while 2 wait for reads).
-_HASH_WORKERS = 4
 _DELETE_BATCH = 1000
 
 _S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -8946,8 +8943,11 @@ _XD3_DECODE_BASE = 16 * 1000**2
 _STREAM_WINDOW = 16 * 1024 * 1024
 #: The upload check's decoder (xdelta3 -d reading the delta as it is made). -W: it reads
 #: its input in blocks of this size, waiting for a whole one (8 MiB by default: a small
-#: delta would be decoded only once the encoder ended, instead of beside it).
-_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(_DECODE_WINDOW))
+#: delta would be decoded only once the encoder ended, instead of beside it). -B: it runs
+#: beside the encoder, at the tree's peak, so with 16 MiB, not 64 (a smaller window only
+#: re-reads the reference, from the page cache): 48 MiB less there, measured (the 300 MiB
+#: image's tree peaked at 572 MiB with 64). Its plan still holds _decoder_memory for it.
+_CHECK_FLAGS = ("-d", "-D", "-c", "-W", "16384", "-B", str(16 * 1024 * 1024))
 #: Our own Python process's share of the limit (about 50 MB measured on 2 GiB transfers).
 _PYTHON_RESERVE = 80 * 1000**2
 #: Seconds a new reference must have existed before it is used, on servers that ignore
@@ -19128,20 +19128,6 @@ def _unchanged(path: str, size: int, obj: Mapping[str, Any]) -> bool:
         return False  # its transfer reports the error
 
 
-def _unchanged_files(
-    files: Sequence[tuple[str, str, int]], remote: Mapping[str, Mapping[str, Any]]
-) -> set[str]:
-    """Which of (path, rel, size) hold the bytes of ``remote[rel]`` (_unchanged), a few
-    files hashed at once: reading and hashing release the GIL."""
-    import concurrent.futures
-
-    def same(f: tuple[str, str, int]) -> bool:
-        return _unchanged(f[0], f[2], remote[f[1]])
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=_HASH_WORKERS) as pool:
-        return {f[1] for f, ok in zip(files, pool.map(same, files)) if ok}
-
-
 def _quick_upload(
     engine: _DeltaEngine, args: argparse.Namespace, path: str, key: str, size: int
 ) -> bool:
@@ -19863,7 +19849,7 @@ class _Cli:
         if getattr(self.args, "size_only", False):
             kept = {rel for _, rel, _ in same}
         else:
-            kept = _unchanged_files(same, remote)
+            kept = {rel for path, rel, size in same if _unchanged(path, size, remote[rel])}
         wanted = [(path, rel, st) for path, rel, st in files if rel not in kept]
         undecided = {rel: remote[rel] for _, rel, _ in same if rel not in kept}
         storage = self.client.engine.storage
