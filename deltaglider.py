@@ -2934,9 +2934,16 @@ class _ConnectionPool:
         """A connection to (scheme, host, port), and whether it talks through an HTTP proxy
         that wants absolute URLs (plain http through a proxy)."""
         key = (scheme, host, port)
-        with self._lock:
-            idle = self._idle.get(key)
-            conn = idle.pop() if idle else None
+        conn = None
+        while conn is None:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    break
+                conn = idle.pop()
+            if _closed_by_server(conn):
+                conn.close()
+                conn = None
         if key not in self._proxies:
             self._proxies[key] = self._proxy_for("%s://%s:%d/" % (scheme, host, port))
         proxy = self._proxies[key]
@@ -3004,6 +3011,27 @@ class _ConnectionPool:
             self._idle.clear()
         for c in conns:
             c.close()
+
+
+def _closed_by_server(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle keep-alive connection was closed by the server meanwhile (Swift
+    closes one idle for 60 s; SeaweedFS under load): its socket is readable (the EOF, or
+    bytes nobody asked for). Sent on, a request would fail as ConnectionClosedError, one
+    retry attempt per dead connection: with the pool's many idle ones, the first request
+    after a pause failed outright. urllib3 checks the same before reusing one."""
+    import select
+
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _header_value_error(name: str) -> ParamValidationError:

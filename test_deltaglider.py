@@ -4090,6 +4090,31 @@ def test_half_read_body_is_never_reused(fake_s3: Callable[..., _FakeHTTPServer])
     assert srv.connections == 2  # the half-read one was dropped, the next one reused
 
 
+def test_an_idle_connection_the_server_closed_is_never_reused(
+    fake_s3: Callable[..., _FakeHTTPServer],
+) -> None:
+    """A server closes keep-alive connections that sat idle (Swift after 60 s): reusing one
+    failed as ConnectionClosedError, one retry attempt per dead pooled connection, so the
+    gateway's first back-end request after a pause answered SlowDown (s3-tests on Swift).
+    A pooled connection the server closed meanwhile is dropped, not sent on."""
+    closed = threading.Semaphore(0)
+
+    def script(h: _FakeHandler, n: int) -> None:
+        h.take()
+        h.reply(200, _EMPTY_LISTING, _XML)  # no Connection: close, as an idle timeout is
+        h.connection.shutdown(socket.SHUT_WR)  # the server's idle timeout, now
+        h.close_connection = True
+        closed.release()
+
+    srv = fake_s3(script)
+    st_ = _fake_storage(srv.url, max_attempts=1)  # a dead connection reused = an error
+    for _ in range(3):
+        assert st_.list_objects_v2("bucket")["KeyCount"] == 0
+        assert closed.acquire(timeout=10)
+    assert srv.connections == 3
+    st_.close()
+
+
 def test_pool_from_eight_threads(fake_s3: Callable[..., _FakeHTTPServer]) -> None:
     srv = fake_s3(_hello_script)
     st_ = _fake_storage(srv.url, max_pool_connections=8)
