@@ -754,23 +754,18 @@ def _release_folder(folder: Any) -> dict[str, bytes]:
 
 
 def _installed_script(tmp_path: Any) -> tuple[str, dict[str, str]]:
+    # pip builds in the project's folder (build/, *.egg-info): from a copy of its own, so
+    # the suites .ci/run runs at once on several Pythons never build in the same place.
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "deltaglider.py", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(HERE, name), str(project / name))
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            HERE,
-        ],
-        check=True,
-        capture_output=True,
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        pip + ["--target", str(target), str(project)], capture_output=True, text=True
     )
+    assert done.returncode == 0, done.stderr
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(target),
