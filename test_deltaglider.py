@@ -1539,6 +1539,13 @@ _LAZY_MODULES = (
 )
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); it must succeed."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
     code = (
         "import sys; sys.path.insert(0, %r); lazy = %r; before = set(sys.modules)\n"
@@ -1546,8 +1553,7 @@ def test_import_and_version_load_no_module_a_command_may_not_need() -> None:
         "import deltaglider; print('import:', loaded())\n"
         "code = deltaglider.main(['--version']); print('--version:', loaded(), code)\n"
     ) % (HERE, _LAZY_MODULES)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     assert out.stdout.splitlines() == [
         "import: ",
         "deltaglider %s" % dg.__version__,
@@ -1571,8 +1577,7 @@ def test_result_types_are_the_dataclasses_6x_returns_when_first_named() -> None:
         "print([f.name for f in dataclasses.fields(ObjectInfo)][:4], 'UploadSummary' in dir(dg))\n"
         "print(dataclasses.asdict(e))\n"
     ) % (HERE, SOURCE)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     size = os.path.getsize(SOURCE)
     assert out.stdout.splitlines() == [
         "UploadSummary(operation='create_delta', bucket='b', key='k', original_size=10,"
