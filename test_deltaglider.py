@@ -15641,9 +15641,16 @@ def test_concurrent_two_syncs_of_one_tree(fault_swift: Any, tmp_path: Any) -> No
     for t in threads:
         t.join(120)
     assert [r[0] for r in results] == [0, 0], results
-    assert fault_invariants(direct.storage, bucket) == []
+    # Racing, each sync may make its own reference for r/ and the other's deltas may win every
+    # key: the loser's reference is then unused. Deleting it mid-race could take one a delta
+    # still needs, so it is left (as a writer racing a delete leaves it) for gc to remove.
+    assert fault_invariants(direct.storage, bucket, orphans_ok=True) == []
     fault_check_reads(fault_client(tmp_path), bucket, {"y/" + k: {v} for k, v in files.items()})
     assert logical_keys(direct, bucket, "y/") == sorted("y/" + k for k in files)
+    code, out, err = run_cli(SWIFT.endpoint, tmp_path / "h0", ["gc", "s3://%s/y/" % bucket])
+    assert code == 0, (out, err)
+    assert fault_invariants(direct.storage, bucket) == []
+    fault_check_reads(fault_client(tmp_path), bucket, {"y/" + k: {v} for k, v in files.items()})
 
 
 def _fault_corrupt_setup(direct: Any, bucket: str, tmp_path: Any) -> None:
