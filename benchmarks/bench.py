@@ -1227,7 +1227,8 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
                  "%s / %.1f" % (data.get("load", "?"), os.getloadavg()[0])))
     L.append("Times are wall seconds of one CLI invocation per file (median over repetitions, then over "
              "files); *first* = the first version of a series (stored whole by the delta tools), *later* = "
-             "every other version. Downloads start with an empty local cache (img and big: every download, so a later version fetches its reference too) and are checked by SHA-256. "
+             "every other version. Downloads start with an empty local cache (img and big: every "
+             "download, so a later version fetches its reference too) and are checked by SHA-256. "
              "*Stored* = raw bytes under the prefix after uploading the series (listed directly from S3). "
              "*Peak RSS* = the CLI's Python process alone (VmHWM); *tree* = RSS summed over the whole process tree, xdelta3 included. "
              "*floor* = `xdelta3` (our flags, encode v_i against v_1 / decode) + `sha256sum`, no S3.\n")
