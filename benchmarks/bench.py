@@ -729,9 +729,13 @@ class Bench:
                 "up_tree_rss": 0, "down_tree_rss": 0, "stored": None, "ok": True})
         for rep in range(reps):
             prefix = "%s/r%d/" % (name, rep)
+            # Where ours keeps the folder's shared reference (FORMAT.md: the parent folder's
+            # .deltaglider/refs/<folder>/): outside the prefix, but part of what it stores.
+            refs = "%s/.deltaglider/refs/r%d/" % (name, rep)
             for tool in tools:
                 self.s3.make_bucket("bench-" + tool.name)
                 self.s3.delete_prefix("bench-" + tool.name, prefix)
+                self.s3.delete_prefix("bench-" + tool.name, refs)
                 if tool.name.startswith("ours"):
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
             for i, f in enumerate(files):
@@ -747,7 +751,8 @@ class Bench:
                     log("%-8s %-4s up   %-40s %7.2fs rss %4dM tree %4dM" % (
                         tool.name, name, os.path.basename(f), r.secs, r.py_rss // MiB, r.tree_rss // MiB))
             for tool in tools:
-                trs[tool.name]["stored"] = sum(s for _, s in self.s3.list("bench-" + tool.name, prefix))
+                trs[tool.name]["stored"] = sum(s for where in (prefix, refs)
+                                               for _, s in self.s3.list("bench-" + tool.name, where))
                 if tool.name.startswith("ours"):  # downloads start from an empty reference cache
                     shutil.rmtree(tool.env["DG_CACHE_DIR"], ignore_errors=True)
             outdir = tempfile.mkdtemp(dir=tmp, prefix="dl-")
@@ -1231,7 +1236,7 @@ def write_report(args, data, tools, notes, errors, started, path_md, path_json):
              "files); *first* = the first version of a series (stored whole by the delta tools), *later* = "
              "every other version. Downloads start with an empty local cache (img and big: every "
              "download, so a later version fetches its reference too) and are checked by SHA-256. "
-             "*Stored* = raw bytes under the prefix after uploading the series (listed directly from S3). "
+             "*Stored* = raw bytes under the prefix after uploading the series, with the shared reference ours keeps beside it (listed directly from S3). "
              "*Peak RSS* = the CLI's Python process alone (VmHWM); *tree* = RSS summed over the whole process tree, xdelta3 included. "
              "*floor* = `xdelta3` (our flags, encode v_i against v_1 / decode) + `sha256sum`, no S3.\n")
     L.append("## Targets\n")
