@@ -9525,6 +9525,9 @@ class _ReferenceCache:
     """Reference files on disk, content-addressed by SHA-256, shared between runs and
     processes: ``<dir>/refs/ab/<sha256>``. Entries are written to a temp file, checked
     and renamed into place, so two processes filling the same entry at once is safe.
+    A download's fetch is not hashed (its output is checked): it is kept apart, as
+    ``<sha256>.u``, which reads use as it is and nothing else does, so an entry's name
+    only ever holds bytes hashed by whoever put them there (``fill``, ``promote``).
     Each entry is re-hashed on its first use in a process and then trusted while its
     size and mtime are unchanged. Least recently used entries go beyond ``max_size``,
     except those an operation of this process holds (``hold``): an entry larger than the
@@ -9705,9 +9708,11 @@ class _ReferenceCache:
             except OSError:
                 pass
 
-    def fill(self, sha256: str, write: Callable[[IO[bytes]], None]) -> str:
+    def fill(self, sha256: str, write: Callable[[IO[bytes]], None], verify: bool = True) -> str:
         """Create the entry by calling ``write(file)``; raise IntegrityError if the bytes
-        written do not hash to ``sha256`` (nothing is kept then)."""
+        written do not hash to ``sha256`` (nothing is kept then). ``verify=False`` (a
+        download, whose output is checked) does not hash them: they become the unhashed
+        copy (``unhashed``), unless another is there already (that one is returned)."""
         path = self._path(sha256)
         self._use(sha256)
         folder = os.path.dirname(path)
@@ -9715,6 +9720,21 @@ class _ReferenceCache:
         _private_mkdir(os.path.join(self.folder, "refs"))
         _private_mkdir(folder)
         fd, tmp = _private_tempfile(folder)
+        if not verify:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                try:
+                    os.link(tmp, path + _UNHASHED)  # never over another copy in use
+                except FileExistsError:
+                    pass
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            with self._lock:
+                self.fetches += 1
+            self._evict(keep=path + _UNHASHED)
+            return path + _UNHASHED
         try:
             with os.fdopen(fd, "wb") as f:
                 hashing = _HashingWriter(f)
@@ -9738,6 +9758,56 @@ class _ReferenceCache:
             self.fetches += 1
         self._evict(keep=path)
         return path
+
+    def unhashed(self, sha256: str) -> str | None:
+        """The unhashed copy a download fetched (``fill(verify=False)``), or None: for
+        reads only, which check what they make from it."""
+        path = self._path(sha256) + _UNHASHED
+        self._use(sha256)
+        try:
+            os.utime(path, None)  # recency for eviction
+        except OSError:
+            return None
+        return path
+
+    def promote(self, sha256: str) -> str | None:
+        """Make the unhashed copy the entry, if it hashes to ``sha256``: no download for
+        an upload after a download. It is hashed through a link of this process's own, so
+        the bytes hashed are the bytes put in place. None when there is no such copy (or
+        it does not match: it is removed)."""
+        path = self._path(sha256)
+        copy = path + _UNHASHED
+        self._use(sha256)
+        own = os.path.join(os.path.dirname(path), ".dg-%s.tmp" % os.urandom(8).hex())
+        try:
+            os.link(copy, own)
+        except OSError:  # none (or no hard links here: it is fetched again, hashed)
+            return None
+        try:
+            if _hash_file(own).sha256 != sha256:
+                logger.warning("cache entry %s is corrupt; removing it", copy)
+                self.drop_unhashed(sha256, os.stat(own))
+                return None
+            os.replace(own, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(own)
+        st = os.stat(path)
+        self._write_stamp(path, st)
+        with self._lock:
+            self._verified[sha256] = (st.st_size, st.st_mtime_ns)
+        with contextlib.suppress(OSError):
+            os.unlink(copy)  # (a newer one of another download, if so: fetched again)
+        return path
+
+    def drop_unhashed(self, sha256: str, used: os.stat_result) -> None:
+        """Remove the unhashed copy ``used`` describes (a read failed with it), unless
+        another download has put a newer one in its place. The caller holds it open, so
+        its inode number is not reused meanwhile."""
+        path = self._path(sha256) + _UNHASHED
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == used.st_ino:
+                os.unlink(path)
 
     def add_file(self, sha256: str, source: str) -> str:
         """Copy a local file (already hashed by the caller) into the cache."""
@@ -9862,6 +9932,10 @@ class _ReferenceCache:
         shutil.rmtree(os.path.join(self.folder, "refs"), ignore_errors=True)
         with self._lock:
             self._verified.clear()
+
+
+#: A download's unhashed copy of a reference, beside its entry (``_ReferenceCache``).
+_UNHASHED = ".u"
 
 
 def _stamp_of(st: os.stat_result) -> str:
@@ -10094,11 +10168,16 @@ class _References:
         ref_sha256: str,
         on_fetch: Callable[[], None] | None = None,
         tee: Callable[[bytes], Any] | None = None,
+        verify: bool = True,
     ) -> str:
         """A verified local copy of a reference: from the cache, or fetched once (after
         calling ``on_fetch``: work that can use the wait), its bytes given to ``tee`` too
-        as they come (unverified until this returns)."""
+        as they come (unverified until this returns). ``verify=False`` (a download: it
+        checks what it makes) may give, or fetch, the cache's unhashed copy instead."""
         path = self.cache.lookup(ref_sha256)
+        if path:
+            return path
+        path = self.cache.unhashed(ref_sha256) if not verify else self.cache.promote(ref_sha256)
         if path:
             return path
         if on_fetch is not None:
@@ -10113,7 +10192,7 @@ class _References:
             _get_into(self.storage, bucket, ref_key, both, hold=self.xdelta.memory.hold)
 
         try:
-            return self.cache.fill(ref_sha256, write)
+            return self.cache.fill(ref_sha256, write, verify)
         except IntegrityError as e:
             raise IntegrityError(
                 "reference s3://%s/%s does not match the SHA-256 its deltas were made "
@@ -11022,13 +11101,23 @@ class _DeltaEngine:
         fetch = None
         if ref_sha != expected:  # the delta downloads while the reference does
             fetch = _Background(self._download, lg.bucket, lg.stored_key, delta_tmp)
+        # A first try may read the reference unhashed (the output is checked): one pass
+        # less over the largest bytes of a cold read. Not for a delta between expanded
+        # zips: the expanded form made from the reference is kept, trusted by its own hash.
+        hash_ref = bool(_meta_get(lg.metadata, "codec"))
         try:
-            with self.cache.hold():
+            with self.cache.hold(), contextlib.ExitStack() as stack:
                 for attempt in range(2):
                     beside = None if attempt else self._beside(lg, fetch, delta_tmp, out, limit)
                     try:
                         tee = beside.feed if beside is not None else None
-                        ref_path = self.refs.local_copy(lg.bucket, ref_key, ref_sha, tee=tee)
+                        ref_path = self.refs.local_copy(
+                            lg.bucket, ref_key, ref_sha, tee=tee, verify=hash_ref or bool(attempt)
+                        )
+                        used = None
+                        if ref_path.endswith(_UNHASHED):  # held open: its inode stays its own
+                            held = stack.enter_context(open(ref_path, "rb"))
+                            used = os.fstat(held.fileno())
                     finally:
                         made = beside.finish() if beside is not None else None
                         if fetch is not None:
@@ -11048,6 +11137,12 @@ class _DeltaEngine:
                         failure = e
                     except FileNotFoundError as e:  # the cache entry went away under us
                         failure = IntegrityError("%s: %s" % (where, e))
+                    if used is not None:  # the reference or the delta: the hashed try tells
+                        self.cache.drop_unhashed(ref_sha, used)
+                        logger.info(
+                            "%s: %s; trying again with its reference hashed", where, failure
+                        )
+                        continue
                     if self.cache.recheck(ref_sha):
                         ref_url = "s3://%s/%s" % (lg.bucket, ref_key)
                         raise self._delta_damaged(failure, where, ref_url) from None

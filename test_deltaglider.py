@@ -8431,6 +8431,149 @@ def test_read_failure_names_the_real_culprit(
     assert client.verify("s3://%s/k/b.zip" % dgbucket)["valid"] is False
 
 
+def _unhashed_copies(cache: str) -> list[str]:
+    """The unhashed copies downloads keep in a cache dir (``<sha256>.u``)."""
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(cache)
+        for f in files
+        if re.match(r"^[0-9a-f]{64}\.u$", f)
+    ]
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("copy", ["sound", "damaged"])
+def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
+    backend: Backend, tmp_path: Any, copy: str
+) -> None:
+    """#17.2: a download that fetches a reference does not hash it (the file it rebuilds
+    is checked): the copy is kept apart from the hashed entries, and another process's
+    download uses it as it is. An upload hashes it into an entry first (no download), or,
+    damaged, fetches the reference again; either way its delta decodes."""
+    cache = str(tmp_path / "shared-cache")
+    writer = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    writer.create_bucket(Bucket=bucket)
+    try:
+        make_zip(tmp_path / "a.zip", 0)
+        b_bytes = make_zip(tmp_path / "b.zip", 1)
+        c_bytes = make_zip(tmp_path / "c.zip", 2)
+        writer.upload_file(str(tmp_path / "a.zip"), bucket, "k/a.zip")
+        writer.upload_file(str(tmp_path / "b.zip"), bucket, "k/b.zip")
+        c = make_client(backend, tmp_path, cache_dir=cache)
+        c.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))  # cold
+        assert (tmp_path / "out.zip").read_bytes() == b_bytes
+        assert c.engine.cache.fetches == 1 and _cache_entries(cache) == []
+        (unhashed,) = _unhashed_copies(cache)
+        other = make_client(backend, tmp_path, cache_dir=cache)
+        assert other.get_object(Bucket=bucket, Key="k/b.zip")["Body"].read() == b_bytes
+        assert other.engine.cache.fetches == 0
+        if copy == "damaged":
+            _corrupt_in_place(unhashed)
+        c.upload_file(str(tmp_path / "c.zip"), bucket, "k/c.zip")
+        assert c.engine.cache.fetches == (1 if copy == "sound" else 2)
+        (entry,) = _cache_entries(cache)
+        assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
+        fresh = make_client(backend, tmp_path)
+        assert fresh.get_object(Bucket=bucket, Key="k/c.zip")["Body"].read() == c_bytes
+    finally:
+        if not writer.storage.is_local:
+            _s3_empty_and_delete(writer.storage, bucket)
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("kind", ["delta", "zero-diff"])
+def test_cold_read_of_a_replaced_reference_fails_and_names_it(
+    client: Any, dgbucket: str, tmp_path: Any, kind: str
+) -> None:
+    """#17.2: the reference's bytes in the store no longer match dg-ref-sha256 and the
+    cache is empty. The unhashed first fetch gives a file that does not check; the read
+    drops that copy, fetches the reference again (hashed) and fails naming the reference.
+    The destination is not written and nothing stays in the cache."""
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+    st = client.storage
+    ref = st.head_object(dgbucket, "k/b.zip.delta")["Metadata"]["dg-ref-key"]
+    head = st.head_object(dgbucket, ref)
+    data = bytearray(st.get_object(dgbucket, ref)["Body"].read())
+    data[len(data) // 3] ^= 0x01
+    st.put_object(dgbucket, ref, bytes(data), metadata=head["Metadata"])
+    client.clear_cache()
+    before = client.engine.cache.fetches
+    dest = tmp_path / "dest.zip"
+    with pytest.raises(dg.IntegrityError) as raised:
+        client.download_file(dgbucket, "k/%s.zip" % ("b" if kind == "delta" else "a"), str(dest))
+    assert "reference s3://%s/%s does not match" % (dgbucket, ref) in str(raised.value)
+    assert client.engine.cache.fetches == before + 1  # the unhashed one; the hashed is refused
+    folder = client.engine.cache.folder
+    assert not dest.exists() and _cache_entries(folder) == [] == _unhashed_copies(folder)
+
+
+@needs_xdelta3
+def test_unhashed_fetch_never_takes_an_entrys_place(tmp_path: Any, monkeypatch: Any) -> None:
+    """#17.2, found in review: an upload and a cold read (two processes, one cache dir)
+    fetch the same reference at once; the read's copy, damaged on the way, lands right
+    after the upload's hashed one. The entry stays the upload's bytes, and the delta it
+    stores decodes (a race no real server makes: the rename is where it is injected)."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
+    rng = _random_mod.Random(1)
+    a = bytes(rng.getrandbits(8) for _ in range(200_000))
+    bad = a[:100_000] + b"\0" * 64 + a[100_064:]
+    b = bad[:5000] + bytes([bad[5000] ^ 1]) + bad[5001:]  # has the zeros too
+    (tmp_path / "a.bin").write_bytes(a)
+    (tmp_path / "b.bin").write_bytes(b)
+    writer = make_client(backend, tmp_path, environ=env)
+    writer.create_bucket(Bucket="bkt")
+    writer.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
+    cache = str(tmp_path / "shared")
+    up = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    entry = up.engine.cache._path(sha(a))
+    real = os.replace
+    fired: list[str] = []
+
+    def replace(src: str, dst: str) -> None:
+        real(src, dst)
+        if dst == entry and not fired:
+            fired.append(dst)  # the read's fill ends now
+            read.engine.cache.fill(sha(a), lambda f: f.write(bad), verify=False)
+
+    monkeypatch.setattr(dg.os, "replace", replace)
+    up.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    monkeypatch.undo()
+    assert fired and open(entry, "rb").read() == a
+    fresh = make_client(backend, tmp_path, environ=env)
+    assert fresh.get_object(Bucket="bkt", Key="k/b.bin")["Body"].read() == b
+
+
+@needs_xdelta3
+def test_archive_aware_cold_read_hashes_its_reference(tmp_path: Any) -> None:
+    """#17.2, found in review: the expanded zip form made from a reference is kept and
+    trusted by its own SHA-256, so a download of an archive-aware delta hashes the
+    reference it fetches (no unhashed copy), and an upload after it decodes."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    make_zip(tmp_path / "a.zip", 0)
+    b_bytes = make_zip(tmp_path / "b.zip", 1)
+    c_bytes = make_zip(tmp_path / "c.zip", 2)
+    writer = make_client(backend, tmp_path, archive_aware=True)
+    writer.create_bucket(Bucket="bkt")
+    writer.upload_file(str(tmp_path / "a.zip"), "bkt", "k/a.zip")
+    writer.upload_file(str(tmp_path / "b.zip"), "bkt", "k/b.zip")
+    assert writer.storage.head_object("bkt", "k/b.zip.delta")["Metadata"]["dg-codec"]
+    cache = str(tmp_path / "shared")
+    c = make_client(backend, tmp_path, cache_dir=cache, archive_aware=True)
+    c.download_file("bkt", "k/b.zip", str(tmp_path / "out.zip"))
+    assert (tmp_path / "out.zip").read_bytes() == b_bytes
+    (entry,) = _cache_entries(cache)
+    assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
+    c.upload_file(str(tmp_path / "c.zip"), "bkt", "k/c.zip")
+    fresh = make_client(backend, tmp_path)
+    assert fresh.get_object(Bucket="bkt", Key="k/c.zip")["Body"].read() == c_bytes
+
+
 @needs_xdelta3
 @pytest.mark.parametrize("factor", [0.01, 1.2])
 def test_archive_aware_cache_limit_never_evicts_an_entry_in_use(
