@@ -9720,29 +9720,29 @@ class _ReferenceCache:
         _private_mkdir(os.path.join(self.folder, "refs"))
         _private_mkdir(folder)
         fd, tmp = _private_tempfile(folder)
-        if not verify:
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                try:
-                    os.link(tmp, path + _UNHASHED)  # never over another copy in use
-                except FileExistsError:
-                    pass
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            with self._lock:
-                self.fetches += 1
-            self._evict(keep=path + _UNHASHED)
-            return path + _UNHASHED
         try:
             with os.fdopen(fd, "wb") as f:
-                hashing = _HashingWriter(f)
-                write(hashing)  # type: ignore[arg-type]
-            if hashing.sha256.hexdigest() != sha256:
+                hashing = None if not verify else _HashingWriter(f)
+                write(hashing or f)  # type: ignore[arg-type]
+            if hashing is None:
+                try:
+                    os.link(tmp, path + _UNHASHED)  # never over another copy in use
+                    kept = True
+                except FileExistsError:  # another download's copy: that one is used
+                    kept = True
+                except OSError:  # no hard links on this file system: hash it after all
+                    kept = False
+                if kept:
+                    os.unlink(tmp)
+                    with self._lock:
+                        self.fetches += 1
+                    self._evict(keep=path + _UNHASHED)
+                    return path + _UNHASHED
+            got = hashing.sha256.hexdigest() if hashing is not None else _hash_file(tmp).sha256
+            if got != sha256:
                 raise IntegrityError(
                     "reference bytes do not match dg-ref-sha256: expected %s, got %s"
-                    % (sha256, hashing.sha256.hexdigest())
+                    % (sha256, got)
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -9784,11 +9784,14 @@ class _ReferenceCache:
         except OSError:  # none (or no hard links here: it is fetched again, hashed)
             return None
         try:
+            os.utime(own, None)  # (not a stale temp file to another process's _evict)
             if _hash_file(own).sha256 != sha256:
                 logger.warning("cache entry %s is corrupt; removing it", copy)
                 self.drop_unhashed(sha256, os.stat(own))
                 return None
             os.replace(own, path)
+        except OSError:  # gone under us (another process's eviction): fetch it, hashed
+            return None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(own)
@@ -11114,10 +11117,6 @@ class _DeltaEngine:
                         ref_path = self.refs.local_copy(
                             lg.bucket, ref_key, ref_sha, tee=tee, verify=hash_ref or bool(attempt)
                         )
-                        used = None
-                        if ref_path.endswith(_UNHASHED):  # held open: its inode stays its own
-                            held = stack.enter_context(open(ref_path, "rb"))
-                            used = os.fstat(held.fileno())
                     finally:
                         made = beside.finish() if beside is not None else None
                         if fetch is not None:
@@ -11125,6 +11124,12 @@ class _DeltaEngine:
                             done.result()
                     if made == expected:
                         return  # decoded beside the reference's download, and it checks
+                    used = None
+                    if ref_path.endswith(_UNHASHED):  # held open: its inode stays its own
+                        try:
+                            used = os.fstat(stack.enter_context(open(ref_path, "rb")).fileno())
+                        except OSError:  # gone (another process): fetched again, hashed
+                            continue
                     try:
                         actual = self._decode_into(lg, ref_sha, ref_path, delta_tmp, out, limit)
                         if actual == expected:

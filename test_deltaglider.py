@@ -8549,6 +8549,89 @@ def test_unhashed_fetch_never_takes_an_entrys_place(tmp_path: Any, monkeypatch: 
     assert fresh.get_object(Bucket="bkt", Key="k/b.bin")["Body"].read() == b
 
 
+def _two_versions(tmp_path: Any) -> tuple[Backend, dict[str, str], bytes, bytes]:
+    """A local store holding a 200 KB reference (a.bin) and a delta (b.bin); c.bin is a
+    third version on disk."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
+    rng = _random_mod.Random(1)
+    a = bytes(rng.getrandbits(8) for _ in range(200_000))
+    b = a[:5000] + bytes([a[5000] ^ 1]) + a[5001:]
+    c = a[:9000] + bytes([a[9000] ^ 1]) + a[9001:]
+    for name, data in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / (name + ".bin")).write_bytes(data)
+    w = make_client(backend, tmp_path, environ=env)
+    w.create_bucket(Bucket="bkt")
+    w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
+    w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    return backend, env, a, b
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("race", ["promoted-under-the-read", "no-hard-links"])
+def test_cold_read_survives_its_unhashed_copy_going(
+    tmp_path: Any, monkeypatch: Any, race: str
+) -> None:
+    """#17.2, found in review: another process's upload hashes the read's unhashed copy
+    into an entry (removing the copy) right after the read fetched it; or the file system
+    has no hard links to keep the copy apart with. The read succeeds either way."""
+    backend, env, a, b = _two_versions(tmp_path)
+    cache = str(tmp_path / "shared")
+    read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    if race == "no-hard-links":
+
+        def link(*_: Any, **__: Any) -> None:
+            raise PermissionError(1, "Operation not permitted")  # EPERM, as on vfat
+
+        monkeypatch.setattr(dg.os, "link", link)
+    else:
+        other = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+        real = read.engine.cache.fill
+
+        def fill(h: str, write: Callable[[Any], None], verify: bool = True) -> str:
+            path = real(h, write, verify)
+            if not verify:
+                assert other.engine.cache.promote(h)
+            return path
+
+        monkeypatch.setattr(read.engine.cache, "fill", fill)
+    read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes() == b
+
+
+@needs_xdelta3
+def test_upload_promotes_an_old_unhashed_copy_despite_eviction(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """#17.2, found in review: the link an upload hashes the unhashed copy through has the
+    copy's age; copied two hours ago, another process's eviction must not take it for a
+    dead process's temp file halfway through the hash."""
+    backend, env, a, _ = _two_versions(tmp_path)
+    cache = str(tmp_path / "shared")
+    read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
+    (copy,) = _unhashed_copies(cache)
+    old = time.time() - 7200
+    os.utime(copy, (old, old))
+    up = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    small = make_client(
+        backend, tmp_path, cache_dir=cache, environ=dict(env, DG_CACHE_MAX_SIZE="1000")
+    )
+    real = dg._hash_file
+
+    def hash_file(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and os.path.basename(path).startswith(".dg-"):
+            small.engine.cache._evict(keep="")  # another process fills something now
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dg, "_hash_file", hash_file)
+    up.upload_file(str(tmp_path / "c.bin"), "bkt", "k/c.bin")
+    monkeypatch.undo()
+    fresh = make_client(backend, tmp_path, environ=env)
+    got = fresh.get_object(Bucket="bkt", Key="k/c.bin")["Body"].read()
+    assert got == (tmp_path / "c.bin").read_bytes()
+
+
 @needs_xdelta3
 def test_archive_aware_cold_read_hashes_its_reference(tmp_path: Any) -> None:
     """#17.2, found in review: the expanded zip form made from a reference is kept and
