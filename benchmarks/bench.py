@@ -734,7 +734,9 @@ class Bench:
             prefix = "%s/r%d/" % (name, rep)
             # Where ours keeps the folder's shared reference (FORMAT.md: the parent folder's
             # .deltaglider/refs/<folder>/): outside the prefix, but part of what it stores.
-            refs = "%s/.deltaglider/refs/r%d/" % (name, rep)
+            # All of the series' references go: an earlier repetition's would be shared by
+            # this one (its r0/ reference is the best match for r1/), and not counted.
+            refs = "%s/.deltaglider/refs/" % name
             for tool in tools:
                 self.s3.make_bucket("bench-" + tool.name)
                 self.s3.delete_prefix("bench-" + tool.name, prefix)
