@@ -9724,21 +9724,20 @@ class _ReferenceCache:
             with os.fdopen(fd, "wb") as f:
                 hashing = None if not verify else _HashingWriter(f)
                 write(hashing or f)  # type: ignore[arg-type]
-            if hashing is None:
+            got = hashing.sha256.hexdigest() if hashing is not None else None
+            if got is None:
                 try:
                     os.link(tmp, path + _UNHASHED)  # never over another copy in use
-                    kept = True
                 except FileExistsError:  # another download's copy: that one is used
-                    kept = True
+                    pass
                 except OSError:  # no hard links on this file system: hash it after all
-                    kept = False
-                if kept:
-                    os.unlink(tmp)
-                    with self._lock:
-                        self.fetches += 1
-                    self._evict(keep=path + _UNHASHED)
-                    return path + _UNHASHED
-            got = hashing.sha256.hexdigest() if hashing is not None else _hash_file(tmp).sha256
+                    got = _hash_file(tmp).sha256
+            if got is None:
+                os.unlink(tmp)
+                with self._lock:
+                    self.fetches += 1
+                self._evict(keep=path + _UNHASHED)
+                return path + _UNHASHED
             if got != sha256:
                 raise IntegrityError(
                     "reference bytes do not match dg-ref-sha256: expected %s, got %s"
@@ -9751,13 +9750,19 @@ class _ReferenceCache:
             except OSError:
                 pass
             raise
+        self._trust(sha256, path)
+        with self._lock:
+            self.fetches += 1
+        self._evict(keep=path)
+        return path
+
+    def _trust(self, sha256: str, path: str) -> None:
+        """The entry at ``path`` was just hashed by this process as it was put in place:
+        trusted here, and stamped for other processes."""
         st = os.stat(path)
         self._write_stamp(path, st)
         with self._lock:
             self._verified[sha256] = (st.st_size, st.st_mtime_ns)
-            self.fetches += 1
-        self._evict(keep=path)
-        return path
 
     def unhashed(self, sha256: str) -> str | None:
         """The unhashed copy a download fetched (``fill(verify=False)``), or None: for
@@ -9795,10 +9800,7 @@ class _ReferenceCache:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(own)
-        st = os.stat(path)
-        self._write_stamp(path, st)
-        with self._lock:
-            self._verified[sha256] = (st.st_size, st.st_mtime_ns)
+        self._trust(sha256, path)
         with contextlib.suppress(OSError):
             os.unlink(copy)  # (a newer one of another download, if so: fetched again)
         return path

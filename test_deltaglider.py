@@ -8353,6 +8353,15 @@ def _cache_entries(cache: str) -> list[str]:
     ]
 
 
+def _flip_stored_byte(storage: Any, bucket: str, key: str, at: int) -> None:
+    """Damage a stored object in the store: one bit flipped at 1/``at`` of its length,
+    its metadata kept (as bit rot or a bad copy would leave it)."""
+    head = storage.head_object(bucket, key)
+    data = bytearray(storage.get_object(bucket, key)["Body"].read())
+    data[len(data) // at] ^= 0x01
+    storage.put_object(bucket, key, bytes(data), metadata=head["Metadata"])
+
+
 def _corrupt_in_place(path: str) -> None:
     """Bit rot that no stamp sees: same size, same inode, same mtime."""
     st = os.stat(path)
@@ -8410,11 +8419,7 @@ def test_read_failure_names_the_real_culprit(
     client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
     st = client.storage
     ref = st.head_object(dgbucket, "k/b.zip.delta")["Metadata"]["dg-ref-key"]
-    stored = "k/b.zip.delta" if damaged == "delta" else ref
-    head = st.head_object(dgbucket, stored)
-    data = bytearray(st.get_object(dgbucket, stored)["Body"].read())
-    data[len(data) // 2] ^= 0x01
-    st.put_object(dgbucket, stored, bytes(data), metadata=head["Metadata"])
+    _flip_stored_byte(st, dgbucket, "k/b.zip.delta" if damaged == "delta" else ref, 2)
     if damaged == "reference":  # and the cached copy too: only the store can be asked
         (entry,) = _cache_entries(client.engine.cache.folder)
         _corrupt_in_place(entry)
@@ -8496,10 +8501,7 @@ def test_cold_read_of_a_replaced_reference_fails_and_names_it(
     client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
     st = client.storage
     ref = st.head_object(dgbucket, "k/b.zip.delta")["Metadata"]["dg-ref-key"]
-    head = st.head_object(dgbucket, ref)
-    data = bytearray(st.get_object(dgbucket, ref)["Body"].read())
-    data[len(data) // 3] ^= 0x01
-    st.put_object(dgbucket, ref, bytes(data), metadata=head["Metadata"])
+    _flip_stored_byte(st, dgbucket, ref, 3)
     client.clear_cache()
     before = client.engine.cache.fetches
     dest = tmp_path / "dest.zip"
