@@ -9357,13 +9357,8 @@ class _DecodeBeside:
         if self._delta is None:
             self._out = open(self._out_path, "wb")
             return True
-        if not self._xdelta.streams() or not self._xdelta.slots.acquire(blocking=False):
+        if not self._held and not self._reserve():
             return False
-        amount = _XD3_DECODE_BASE + _STREAM_WINDOW
-        if not self._xdelta.memory.take(amount, wait=False):
-            self._xdelta.slots.release()
-            return False
-        self._held = amount
         delta = self._delta()  # (its download failing fails the read: the caller says so)
         read, self._pipe = os.pipe()
         cmd = [self._xdelta.path(), "-d", "-f", "-D", "-c", "-B", str(_STREAM_WINDOW)]
@@ -9394,6 +9389,29 @@ class _DecodeBeside:
         except BaseException:
             proc.kill()  # nobody reads it any more
             raise
+
+    def _reserve(self) -> bool:
+        """A decoder slot and its memory, if free now."""
+        if not self._xdelta.streams() or not self._xdelta.slots.acquire(blocking=False):
+            return False
+        amount = _XD3_DECODE_BASE + _STREAM_WINDOW
+        if not self._xdelta.memory.take(amount, wait=False):
+            self._xdelta.slots.release()
+            return False
+        self._held = amount
+        return True
+
+    def begin(self) -> bool:
+        """Reserve what the decode needs before its first bytes come: False when it
+        cannot be made now (``feed`` then ignores what it is given)."""
+        if self._started or self._failed or self._delta is None or self._held:
+            return not self._failed
+        try:
+            self._failed = not self._reserve()
+        except Exception as e:  # (XDelta3NotFoundError...)
+            logger.debug("no decode beside the download: %s", e)
+            self._failed = True
+        return not self._failed
 
     def feed(self, data: bytes) -> None:
         if self._failed or self._fed:
@@ -9543,6 +9561,7 @@ class _ReferenceCache:
         self._local = threading.local()  # .shas: the entries the current hold uses
         self._over = False  # an eviction left held entries beyond max_size
         self._warned_small = False
+        self._wanted: set[str] = set()  # references a read of this process wanted
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -9734,8 +9753,7 @@ class _ReferenceCache:
                     got = _hash_file(tmp).sha256
             if got is None:
                 os.unlink(tmp)
-                with self._lock:
-                    self.fetches += 1
+                self.count_fetch()
                 self._evict(keep=path + _UNHASHED)
                 return path + _UNHASHED
             if got != sha256:
@@ -9751,10 +9769,13 @@ class _ReferenceCache:
                 pass
             raise
         self._trust(sha256, path)
-        with self._lock:
-            self.fetches += 1
+        self.count_fetch()
         self._evict(keep=path)
         return path
+
+    def count_fetch(self) -> None:
+        with self._lock:
+            self.fetches += 1
 
     def _trust(self, sha256: str, path: str) -> None:
         """The entry at ``path`` was just hashed by this process as it was put in place:
@@ -9813,6 +9834,33 @@ class _ReferenceCache:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == used.st_ino:
                 os.unlink(path)
+
+    def want(self, sha256: str) -> bool:
+        """A read is about to fetch this reference, which is not here: True when a read
+        wanted it before (in this process, or another by the mark ``<sha256>.w``), and
+        so it is kept now; False the first time, which is marked. A reference is kept
+        from its second read on: a single download writes its file and nothing else
+        (the cache would otherwise hold a second copy of the largest bytes it moves)."""
+        with self._lock:
+            if sha256 in self._wanted:
+                return True
+            self._wanted.add(sha256)
+        mark = self._path(sha256) + _WANTED
+        try:
+            os.utime(mark, None)
+            return True
+        except OSError:
+            pass
+        try:
+            _private_mkdir(self.folder)
+            _private_mkdir(os.path.join(self.folder, "refs"))
+            _private_mkdir(os.path.dirname(mark))
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another process's read marked it just now
+            return True
+        except OSError as e:  # (a cache that cannot be written fails the read elsewhere)
+            logger.debug("could not mark %s: %s", mark, e)
+        return False
 
     def add_file(self, sha256: str, source: str) -> str:
         """Copy a local file (already hashed by the caller) into the cache."""
@@ -9903,6 +9951,11 @@ class _ReferenceCache:
                     continue  # stamps and hashes go with their entry
                 if name.startswith(".dg-") and time.time() - st.st_mtime > 3600:
                     entries.append((0.0, st.st_size, p))  # stale temp file of a dead process
+                elif name.endswith(_WANTED):
+                    if time.time() - st.st_mtime > _WANTED_FOR:
+                        with contextlib.suppress(OSError):
+                            os.unlink(p)
+                    continue
                 elif not name.startswith(".dg-"):
                     entries.append((st.st_mtime, st.st_size, p))
                 total += st.st_size
@@ -9941,6 +9994,10 @@ class _ReferenceCache:
 
 #: A download's unhashed copy of a reference, beside its entry (``_ReferenceCache``).
 _UNHASHED = ".u"
+#: The empty file saying a read wanted a reference that was not kept (``_ReferenceCache``).
+_WANTED = ".w"
+#: A mark older than this is forgotten (``_ReferenceCache._evict``).
+_WANTED_FOR = 30 * 86400
 
 
 def _stamp_of(st: os.stat_result) -> str:
@@ -10203,6 +10260,20 @@ class _References:
                 "reference s3://%s/%s does not match the SHA-256 its deltas were made "
                 "against (%s)" % (bucket, ref_key, e)
             ) from None
+
+    def read_copy(
+        self, bucket: str, ref_key: str, ref_sha256: str, tee: Callable[[bytes], Any]
+    ) -> str | None:
+        """For a read that checks what it makes: the cached copy of a reference, or, when
+        none is here, the reference fetched with its bytes given to ``tee``, kept (as
+        ``local_copy(verify=False)``) only if a read wanted it before
+        (``_ReferenceCache.want``); None when it was not kept."""
+        path = self.cache.lookup(ref_sha256) or self.cache.unhashed(ref_sha256)
+        if path or self.cache.want(ref_sha256):
+            return path or self.local_copy(bucket, ref_key, ref_sha256, tee=tee, verify=False)
+        _get_into(self.storage, bucket, ref_key, tee, hold=self.xdelta.memory.hold)
+        self.cache.count_fetch()
+        return None
 
     def space_lock(self, bucket: str, space: str) -> threading.Lock:
         """One reference decision at a time per deltaspace within this process; across
@@ -11115,10 +11186,12 @@ class _DeltaEngine:
                 for attempt in range(2):
                     beside = None if attempt else self._beside(lg, fetch, delta_tmp, out, limit)
                     try:
-                        tee = beside.feed if beside is not None else None
-                        ref_path = self.refs.local_copy(
-                            lg.bucket, ref_key, ref_sha, tee=tee, verify=hash_ref or bool(attempt)
-                        )
+                        if beside is not None and beside.begin():
+                            ref_path = self.refs.read_copy(lg.bucket, ref_key, ref_sha, beside.feed)
+                        else:
+                            ref_path = self.refs.local_copy(
+                                lg.bucket, ref_key, ref_sha, verify=hash_ref or bool(attempt)
+                            )
                     finally:
                         made = beside.finish() if beside is not None else None
                         if fetch is not None:
@@ -11126,6 +11199,9 @@ class _DeltaEngine:
                             done.result()
                     if made == expected:
                         return  # decoded beside the reference's download, and it checks
+                    if ref_path is None:  # not kept, and the decode beside it failed
+                        logger.info("%s: fetching its reference again, to keep", where)
+                        continue
                     used = None
                     if ref_path.endswith(_UNHASHED):  # held open: its inode stays its own
                         try:

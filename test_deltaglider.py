@@ -8243,9 +8243,12 @@ def test_ranged_gets_of_one_delta_share_one_rebuild(
 
 
 @needs_xdelta3
-def test_reference_fetched_at_most_once_for_ten_versions(
+def test_reference_fetched_at_most_twice_for_ten_versions(
     client: Any, dgbucket: str, tmp_path: Any
 ) -> None:
+    """Ten versions read with an empty cache: the first read streams the reference into
+    its decoder and keeps nothing (a single download writes only its file); the second
+    keeps it, and the other eight fetch only their deltas."""
     st = client.storage
     gets: list[str] = []
     original = st.get_object
@@ -8265,7 +8268,7 @@ def test_reference_fetched_at_most_once_for_ten_versions(
             tmp_path / ("v%d.zip" % v)
         ).read_bytes()
     ref = st.head_object(dgbucket, "ten/v9.zip.delta")["Metadata"]["dg-ref-key"]
-    assert gets.count(ref) == 1 and len([k for k in gets if k.endswith("reference.bin")]) == 1
+    assert gets.count(ref) == 2 and len([k for k in gets if k.endswith("reference.bin")]) == 2
 
 
 @needs_xdelta3
@@ -8452,9 +8455,10 @@ def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
     backend: Backend, tmp_path: Any, copy: str
 ) -> None:
     """#17.2: a download that fetches a reference does not hash it (the file it rebuilds
-    is checked): the copy is kept apart from the hashed entries, and another process's
-    download uses it as it is. An upload hashes it into an entry first (no download), or,
-    damaged, fetches the reference again; either way its delta decodes."""
+    is checked): the copy (kept from the reference's second read on) is kept apart from
+    the hashed entries, and another process's download uses it as it is. An upload hashes
+    it into an entry first (no download), or, damaged, fetches the reference again; either
+    way its delta decodes."""
     cache = str(tmp_path / "shared-cache")
     writer = make_client(backend, tmp_path)
     bucket = "dg-test-" + uuid.uuid4().hex[:12]
@@ -8465,8 +8469,10 @@ def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
         c_bytes = make_zip(tmp_path / "c.zip", 2)
         writer.upload_file(str(tmp_path / "a.zip"), bucket, "k/a.zip")
         writer.upload_file(str(tmp_path / "b.zip"), bucket, "k/b.zip")
+        first = make_client(backend, tmp_path, cache_dir=cache)
+        first.download_file(bucket, "k/b.zip", str(tmp_path / "first.zip"))  # keeps nothing
         c = make_client(backend, tmp_path, cache_dir=cache)
-        c.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))  # cold
+        c.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))  # cold, keeps a copy
         assert (tmp_path / "out.zip").read_bytes() == b_bytes
         assert c.engine.cache.fetches == 1 and _cache_entries(cache) == []
         (unhashed,) = _unhashed_copies(cache)
@@ -8579,7 +8585,10 @@ def test_cold_read_survives_its_unhashed_copy_going(
     has no hard links to keep the copy apart with. The read succeeds either way."""
     backend, env, a, b = _two_versions(tmp_path)
     cache = str(tmp_path / "shared")
+    first = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    first.download_file("bkt", "k/b.bin", str(tmp_path / "first.bin"))  # keeps no copy
     read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    filled: list[str] = []
     if race == "no-hard-links":
 
         def link(*_: Any, **__: Any) -> None:
@@ -8594,11 +8603,16 @@ def test_cold_read_survives_its_unhashed_copy_going(
             path = real(h, write, verify)
             if not verify:
                 assert other.engine.cache.promote(h)
+                filled.append(path)
             return path
 
         monkeypatch.setattr(read.engine.cache, "fill", fill)
     read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
     assert (tmp_path / "out.bin").read_bytes() == b
+    if race == "no-hard-links":  # the copy could not be kept apart: it was hashed
+        assert len(_cache_entries(cache)) == 1 and _unhashed_copies(cache) == []
+    else:
+        assert filled
 
 
 @needs_xdelta3
@@ -8611,7 +8625,8 @@ def test_upload_promotes_an_old_unhashed_copy_despite_eviction(
     backend, env, a, _ = _two_versions(tmp_path)
     cache = str(tmp_path / "shared")
     read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
-    read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
+    for _ in range(2):  # the second read keeps the copy
+        read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
     (copy,) = _unhashed_copies(cache)
     old = time.time() - 7200
     os.utime(copy, (old, old))
@@ -8632,6 +8647,100 @@ def test_upload_promotes_an_old_unhashed_copy_despite_eviction(
     fresh = make_client(backend, tmp_path, environ=env)
     got = fresh.get_object(Bucket="bkt", Key="k/c.bin")["Body"].read()
     assert got == (tmp_path / "c.bin").read_bytes()
+
+
+def _wanted_marks(cache: str) -> list[str]:
+    """The marks of references a read wanted and did not keep (``<sha256>.w``)."""
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(cache)
+        for f in files
+        if re.match(r"^[0-9a-f]{64}\.w$", f)
+    ]
+
+
+@needs_xdelta3
+@pytest.mark.parametrize("kind", ["delta", "zero-diff"])
+def test_first_cold_read_writes_only_its_file(backend: Backend, tmp_path: Any, kind: str) -> None:
+    """#17.2: the first read that needs a reference streams it into the decoder and keeps
+    no copy: a single download writes its own file and nothing else (the cold read of a
+    2 GiB file needs 2 GiB of disk, not 4). The next read of it, in another process,
+    keeps the copy; the one after fetches nothing. Every read gives the right bytes."""
+    cache = str(tmp_path / "shared-cache")
+    writer = make_client(backend, tmp_path)
+    bucket = "dg-test-" + uuid.uuid4().hex[:12]
+    writer.create_bucket(Bucket=bucket)
+    try:
+        a_bytes = make_zip(tmp_path / "a.zip", 0)
+        b_bytes = make_zip(tmp_path / "b.zip", 1)
+        writer.upload_file(str(tmp_path / "a.zip"), bucket, "k/a.zip")
+        writer.upload_file(str(tmp_path / "b.zip"), bucket, "k/b.zip")
+        key, want = ("k/b.zip", b_bytes) if kind == "delta" else ("k/a.zip", a_bytes)
+        fetched = []
+        for n in range(3):
+            c = make_client(backend, tmp_path, cache_dir=cache)
+            out = tmp_path / ("out%d.zip" % n)
+            c.download_file(bucket, key, str(out))
+            assert out.read_bytes() == want
+            fetched.append(c.engine.cache.fetches)
+            kept = _unhashed_copies(cache)
+            if n == 0:
+                assert kept == [] and _cache_entries(cache) == []
+                assert len(_wanted_marks(cache)) == 1
+                leftovers = [f for _, _, files in os.walk(cache) for f in files]
+                assert [f for f in leftovers if not f.endswith(".w")] == []
+            else:
+                assert len(kept) == 1
+        assert fetched == [1, 1, 0]
+    finally:
+        if not writer.storage.is_local:
+            _s3_empty_and_delete(writer.storage, bucket)
+
+
+def test_wanted_marks_are_forgotten_after_thirty_days(tmp_path: Any) -> None:
+    """A read's mark (``<sha256>.w``: the next read keeps the reference) is an empty
+    file; eviction forgets one older than 30 days and keeps a younger one."""
+    cache = dg._ReferenceCache(str(tmp_path / "c"))
+    old, young = "a" * 64, "b" * 64
+    assert not cache.want(old) and not cache.want(young)
+    assert cache.want(old)  # (this process remembers too)
+    (mark_old,) = [m for m in _wanted_marks(cache.folder) if old in m]
+    stale = time.time() - 31 * 86400
+    os.utime(mark_old, (stale, stale))
+    cache._evict(keep="")
+    assert [os.path.basename(m) for m in _wanted_marks(cache.folder)] == [young + ".w"]
+    assert dg._ReferenceCache(cache.folder).want(young)  # another process sees the mark
+    assert not dg._ReferenceCache(cache.folder).want(old)
+
+
+@needs_xdelta3
+def test_first_cold_read_decoder_cannot_stream_fetches_again_to_keep(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """#17.2: a delta that copies from further back than the streaming decoder holds (the
+    second half of the file moved to the front) cannot be decoded beside its reference's
+    download; the first read then fetches the reference again, hashed and kept, and
+    decodes from that. xdelta3 fails for real here: its window is made small instead
+    of the file large."""
+    monkeypatch.setattr(dg, "_STREAM_WINDOW", 512 * 1024)  # xdelta3's smallest -B
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
+    a = _randbytes(_random_mod.Random(2), 3 << 20)
+    b = a[3 << 19 :] + a[: 3 << 19]
+    (tmp_path / "a.bin").write_bytes(a)
+    (tmp_path / "b.bin").write_bytes(b)
+    w = make_client(backend, tmp_path, environ=env)
+    w.create_bucket(Bucket="bkt")
+    w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
+    w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    assert w.storage.head_object("bkt", "k/b.bin.delta")["ContentLength"] < 1000
+    cache = str(tmp_path / "cold")
+    c = make_client(backend, tmp_path, cache_dir=cache, environ=env)
+    c.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes() == b
+    assert c.engine.cache.fetches == 2
+    (entry,) = _cache_entries(cache)
+    assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
 
 
 @needs_xdelta3
