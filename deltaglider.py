@@ -186,6 +186,15 @@ _T = TypeVar("_T")
 #: Ranged GETs of big downloads (aws s3: 8 MiB parts, 10 requests at once).
 _GET_PART_SIZE = 8 * 1024 * 1024
 _TRANSFER_WORKERS = 8
+
+
+def _get_hold(workers: int, part_size: int) -> int:
+    """The memory a parallel ranged download holds: measured, about twice the parts in
+    flight (a part's bytes and its read buffer)."""
+    return 2 * (workers + 1) * part_size
+
+
+_GET_HOLD = _get_hold(_TRANSFER_WORKERS, _GET_PART_SIZE)
 #: Recursive cp/mv/sync: files up to _QUICK_FILE bytes that are stored whole (one PUT,
 #: no xdelta3) go _QUICK_WORKERS at once beside the --max-concurrency pool, unless that
 #: option is given. A small PUT is mostly waiting for the server (measured on Swift here:
@@ -6396,8 +6405,7 @@ def _get_into(
         workers = 1
     with contextlib.ExitStack() as stack:
         if hold is not None and workers > 1:
-            # Measured: about twice the parts in flight (a part's bytes and its read buffer).
-            stack.enter_context(hold(2 * (workers + 1) * part_size))
+            stack.enter_context(hold(_get_hold(workers, part_size)))
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max(1, workers)))
         pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
         try:
@@ -9059,11 +9067,13 @@ class _MemoryBudget:
         finally:
             self.give(amount)
 
-    def take(self, amount: int, wait: bool = True) -> bool:
+    def take(self, amount: int, wait: bool = True, leave: int = 0) -> bool:
         """Hold ``amount`` (at most the total) until ``give``; without ``wait``, only if
-        it is free now (False: nothing held)."""
+        it is free now, and ``leave`` bytes (at most the total) stay free beside it
+        (False: nothing held)."""
+        leave = min(leave, self.total)
         with self._cond:
-            while self._free < amount:
+            while self._free < amount + (0 if wait else leave):
                 if not wait:
                     return False
                 self._cond.wait()
@@ -9395,7 +9405,9 @@ class _DecodeBeside:
         if not self._xdelta.streams() or not self._xdelta.slots.acquire(blocking=False):
             return False
         amount = _XD3_DECODE_BASE + _STREAM_WINDOW
-        if not self._xdelta.memory.take(amount, wait=False):
+        # The reference's download holds its parts' memory after this, waiting for it:
+        # what this takes must leave that free, or the read would wait on itself.
+        if not self._xdelta.memory.take(amount, wait=False, leave=_GET_HOLD):
             self._xdelta.slots.release()
             return False
         self._held = amount
@@ -9457,13 +9469,18 @@ class _DecodeBeside:
                     self._failed = True
                 self._failed = proc.wait() != 0 or self._failed
         finally:
-            if self._out is not None:
-                self._out.close()
-                self._out = None
-            if self._held:
-                self._xdelta.memory.give(self._held)
-                self._xdelta.slots.release()
-                self._held = 0
+            try:
+                out, self._out = self._out, None
+                if out is not None:
+                    out.close()
+            except OSError as e:  # its last bytes not written (a full disk): no decode
+                logger.debug("decode beside the download failed: %s", e)
+                self._failed = True
+            finally:
+                if self._held:
+                    self._xdelta.memory.give(self._held)
+                    self._xdelta.slots.release()
+                    self._held = 0
         if not self._started or self._failed:
             return None
         return self._hashes.info().sha256
@@ -9561,7 +9578,7 @@ class _ReferenceCache:
         self._local = threading.local()  # .shas: the entries the current hold uses
         self._over = False  # an eviction left held entries beyond max_size
         self._warned_small = False
-        self._wanted: set[str] = set()  # references a read of this process wanted
+        self._wanted: set[str] = set()  # wanted by a read here, where no mark could be made
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -9837,20 +9854,19 @@ class _ReferenceCache:
 
     def want(self, sha256: str) -> bool:
         """A read is about to fetch this reference, which is not here: True when a read
-        wanted it before (in this process, or another by the mark ``<sha256>.w``), and
-        so it is kept now; False the first time, which is marked. A reference is kept
+        wanted it before (the mark ``<sha256>.w``; where none can be made, a read of this
+        process), and so it is kept now; False the first time, which is marked. A reference is kept
         from its second read on: a single download writes its file and nothing else
         (the cache would otherwise hold a second copy of the largest bytes it moves)."""
-        with self._lock:
-            if sha256 in self._wanted:
-                return True
-            self._wanted.add(sha256)
         mark = self._path(sha256) + _WANTED
         try:
             os.utime(mark, None)
             return True
         except OSError:
             pass
+        with self._lock:
+            if sha256 in self._wanted:
+                return True
         try:
             _private_mkdir(self.folder)
             _private_mkdir(os.path.join(self.folder, "refs"))
@@ -9858,8 +9874,12 @@ class _ReferenceCache:
             os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:  # another process's read marked it just now
             return True
-        except OSError as e:  # (a cache that cannot be written fails the read elsewhere)
+        except OSError as e:  # remembered here instead (a bounded few)
             logger.debug("could not mark %s: %s", mark, e)
+            with self._lock:
+                if len(self._wanted) >= 1000:
+                    self._wanted.clear()
+                self._wanted.add(sha256)
         return False
 
     def add_file(self, sha256: str, source: str) -> str:

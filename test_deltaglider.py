@@ -22,6 +22,7 @@ import bz2 as _bz2_mod
 import contextlib
 import copy
 import datetime
+import errno
 import gzip
 import gzip as _gzip_mod
 import hashlib
@@ -8695,6 +8696,102 @@ def test_first_cold_read_writes_only_its_file(backend: Backend, tmp_path: Any, k
     finally:
         if not writer.storage.is_local:
             _s3_empty_and_delete(writer.storage, bucket)
+
+
+@needs_xdelta3
+def test_cold_read_at_the_smallest_memory_limit_does_not_wait_on_itself(
+    tmp_path: Any,
+) -> None:
+    """#17.2, found in review: at DG_MEMORY_LIMIT's minimum, the decoder beside the
+    reference's download took its memory first, and the download's parallel parts then
+    waited forever for memory that read held. The decoder now takes memory only where
+    the download's parts still fit beside it (else the read keeps a copy and decodes
+    after); the read finishes."""
+    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
+    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
+    a = _randbytes(_random_mod.Random(3), 80 << 20)  # over the parallel-download threshold
+    b = a[:1000] + b"X" + a[1001:]
+    (tmp_path / "a.bin").write_bytes(a)
+    (tmp_path / "b.bin").write_bytes(b)
+    w = make_client(backend, tmp_path, environ=env)
+    w.create_bucket(Bucket="bkt")
+    w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
+    w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    env = dict(env, DG_MEMORY_LIMIT=str(dg._MIN_MEMORY_LIMIT))
+    c = make_client(backend, tmp_path, environ=env)
+    done: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            c.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
+            done.append(None)
+        except BaseException as e:  # reported below
+            done.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(120)
+    assert done == [None], "the read %s" % ("failed: %r" % done if done else "hangs")
+    assert (tmp_path / "out.bin").read_bytes() == b
+    x = c.engine.xdelta
+    assert x.memory._free == x.memory.total
+
+
+@needs_xdelta3
+def test_decode_beside_a_full_disk_gives_back_its_decoder(tmp_path: Any) -> None:
+    """#17.2, found in review: the output's last bytes failing to reach a full disk (here
+    a real EFBIG: the file size limit) as the decode beside the download closed it kept
+    its xdelta3 slot and memory for good; two such reads and the process never decoded
+    beside a download again. Each failed read now gives both back and writes no file."""
+    script = tmp_path / "full.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, random, resource, signal, sys
+            sys.path.insert(0, sys.argv[1])
+            import deltaglider as dg
+            tmp = sys.argv[2]
+            env = {"PATH": os.environ["PATH"], "DG_DELTA_MODE": "always"}
+            def client(cache):
+                return dg.create_client(endpoint_url="file://" + tmp + "/store",
+                                        region_name="us-east-1", cache_dir=cache,
+                                        environ=env)
+            rnd = random.Random(2)
+            a = rnd.getrandbits(8 * (3 << 20)).to_bytes(3 << 20, "little")
+            b = a[:1000] + b"X" + a[1001:]
+            open(tmp + "/a.bin", "wb").write(a)
+            open(tmp + "/b.bin", "wb").write(b)
+            w = client(tmp + "/wc")
+            w.create_bucket(Bucket="bkt")
+            w.upload_file(tmp + "/a.bin", "bkt", "k/a.bin")
+            w.upload_file(tmp + "/b.bin", "bkt", "k/b.bin")
+            c = client(tmp + "/cold")
+            x = c.engine.xdelta
+            before = (x.slots._value, x.memory._free)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            limit = (3 << 20) - 400  # the output's last bytes do not fit
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            for _ in range(3):
+                try:
+                    c.download_file("bkt", "k/b.bin", tmp + "/out.bin")
+                    print("written")
+                except OSError as e:
+                    print("failed", e.errno)
+            print("restored", (x.slots._value, x.memory._free) == before)
+            print("file", os.path.exists(tmp + "/out.bin"))
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), os.path.dirname(os.path.abspath(dg.__file__)), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stdout.split("\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert lines[:3] == ["failed %d" % errno.EFBIG] * 3, proc.stdout + proc.stderr[-2000:]
+    assert lines[3:5] == ["restored True", "file False"], proc.stdout
 
 
 def test_wanted_marks_are_forgotten_after_thirty_days(tmp_path: Any) -> None:
