@@ -8347,14 +8347,21 @@ def test_upload_rehashes_a_cache_entry_another_process_stamped(tmp_path: Any) ->
     assert fresh.get_object(Bucket="bkt", Key="s/b.zip")["Body"].read() == b_bytes
 
 
-def _cache_entries(cache: str) -> list[str]:
-    """The reference entries of a cache dir (content-addressed names)."""
+def _cache_files(cache: str, suffix: str = "") -> list[str]:
+    """A cache dir's files named after a reference's SHA-256 and ``suffix``: its entries
+    (no suffix), the unhashed copies downloads keep (``.u``), the marks of references a
+    read wanted and did not keep (``.w``)."""
     return [
         os.path.join(d, f)
         for d, _, files in os.walk(cache)
         for f in files
-        if re.match(r"^[0-9a-f]{64}$", f)
+        if re.match(r"^[0-9a-f]{64}%s$" % re.escape(suffix), f)
     ]
+
+
+def _cache_entries(cache: str) -> list[str]:
+    """The reference entries of a cache dir (content-addressed names)."""
+    return _cache_files(cache)
 
 
 def _flip_stored_byte(storage: Any, bucket: str, key: str, at: int) -> None:
@@ -8440,16 +8447,6 @@ def test_read_failure_names_the_real_culprit(
     assert client.verify("s3://%s/k/b.zip" % dgbucket)["valid"] is False
 
 
-def _unhashed_copies(cache: str) -> list[str]:
-    """The unhashed copies downloads keep in a cache dir (``<sha256>.u``)."""
-    return [
-        os.path.join(d, f)
-        for d, _, files in os.walk(cache)
-        for f in files
-        if re.match(r"^[0-9a-f]{64}\.u$", f)
-    ]
-
-
 @needs_xdelta3
 @pytest.mark.parametrize("copy", ["sound", "damaged"])
 def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
@@ -8476,7 +8473,7 @@ def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
         c.download_file(bucket, "k/b.zip", str(tmp_path / "out.zip"))  # cold, keeps a copy
         assert (tmp_path / "out.zip").read_bytes() == b_bytes
         assert c.engine.cache.fetches == 1 and _cache_entries(cache) == []
-        (unhashed,) = _unhashed_copies(cache)
+        (unhashed,) = _cache_files(cache, ".u")
         other = make_client(backend, tmp_path, cache_dir=cache)
         assert other.get_object(Bucket=bucket, Key="k/b.zip")["Body"].read() == b_bytes
         assert other.engine.cache.fetches == 0
@@ -8485,7 +8482,7 @@ def test_cold_read_keeps_its_reference_unhashed_for_reads_only(
         c.upload_file(str(tmp_path / "c.zip"), bucket, "k/c.zip")
         assert c.engine.cache.fetches == (1 if copy == "sound" else 2)
         (entry,) = _cache_entries(cache)
-        assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
+        assert os.path.exists(entry + ".ok") and _cache_files(cache, ".u") == []
         fresh = make_client(backend, tmp_path)
         assert fresh.get_object(Bucket=bucket, Key="k/c.zip")["Body"].read() == c_bytes
     finally:
@@ -8517,7 +8514,7 @@ def test_cold_read_of_a_replaced_reference_fails_and_names_it(
     assert "reference s3://%s/%s does not match" % (dgbucket, ref) in str(raised.value)
     assert client.engine.cache.fetches == before + 1  # the unhashed one; the hashed is refused
     folder = client.engine.cache.folder
-    assert not dest.exists() and _cache_entries(folder) == [] == _unhashed_copies(folder)
+    assert not dest.exists() and _cache_entries(folder) == [] == _cache_files(folder, ".u")
 
 
 @needs_xdelta3
@@ -8611,7 +8608,7 @@ def test_cold_read_survives_its_unhashed_copy_going(
     read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
     assert (tmp_path / "out.bin").read_bytes() == b
     if race == "no-hard-links":  # the copy could not be kept apart: it was hashed
-        assert len(_cache_entries(cache)) == 1 and _unhashed_copies(cache) == []
+        assert len(_cache_entries(cache)) == 1 and _cache_files(cache, ".u") == []
     else:
         assert filled
 
@@ -8628,7 +8625,7 @@ def test_upload_promotes_an_old_unhashed_copy_despite_eviction(
     read = make_client(backend, tmp_path, cache_dir=cache, environ=env)
     for _ in range(2):  # the second read keeps the copy
         read.download_file("bkt", "k/b.bin", str(tmp_path / "out.bin"))
-    (copy,) = _unhashed_copies(cache)
+    (copy,) = _cache_files(cache, ".u")
     old = time.time() - 7200
     os.utime(copy, (old, old))
     up = make_client(backend, tmp_path, cache_dir=cache, environ=env)
@@ -8648,16 +8645,6 @@ def test_upload_promotes_an_old_unhashed_copy_despite_eviction(
     fresh = make_client(backend, tmp_path, environ=env)
     got = fresh.get_object(Bucket="bkt", Key="k/c.bin")["Body"].read()
     assert got == (tmp_path / "c.bin").read_bytes()
-
-
-def _wanted_marks(cache: str) -> list[str]:
-    """The marks of references a read wanted and did not keep (``<sha256>.w``)."""
-    return [
-        os.path.join(d, f)
-        for d, _, files in os.walk(cache)
-        for f in files
-        if re.match(r"^[0-9a-f]{64}\.w$", f)
-    ]
 
 
 @needs_xdelta3
@@ -8684,10 +8671,10 @@ def test_first_cold_read_writes_only_its_file(backend: Backend, tmp_path: Any, k
             c.download_file(bucket, key, str(out))
             assert out.read_bytes() == want
             fetched.append(c.engine.cache.fetches)
-            kept = _unhashed_copies(cache)
+            kept = _cache_files(cache, ".u")
             if n == 0:
                 assert kept == [] and _cache_entries(cache) == []
-                assert len(_wanted_marks(cache)) == 1
+                assert len(_cache_files(cache, ".w")) == 1
                 leftovers = [f for _, _, files in os.walk(cache) for f in files]
                 assert [f for f in leftovers if not f.endswith(".w")] == []
             else:
@@ -8801,11 +8788,11 @@ def test_wanted_marks_are_forgotten_after_thirty_days(tmp_path: Any) -> None:
     old, young = "a" * 64, "b" * 64
     assert not cache.want(old) and not cache.want(young)
     assert cache.want(old)  # (this process remembers too)
-    (mark_old,) = [m for m in _wanted_marks(cache.folder) if old in m]
+    (mark_old,) = [m for m in _cache_files(cache.folder, ".w") if old in m]
     stale = time.time() - 31 * 86400
     os.utime(mark_old, (stale, stale))
     cache._evict(keep="")
-    assert [os.path.basename(m) for m in _wanted_marks(cache.folder)] == [young + ".w"]
+    assert [os.path.basename(m) for m in _cache_files(cache.folder, ".w")] == [young + ".w"]
     assert dg._ReferenceCache(cache.folder).want(young)  # another process sees the mark
     assert not dg._ReferenceCache(cache.folder).want(old)
 
@@ -8837,7 +8824,7 @@ def test_first_cold_read_decoder_cannot_stream_fetches_again_to_keep(
     assert (tmp_path / "out.bin").read_bytes() == b
     assert c.engine.cache.fetches == 2
     (entry,) = _cache_entries(cache)
-    assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
+    assert os.path.exists(entry + ".ok") and _cache_files(cache, ".u") == []
 
 
 @needs_xdelta3
@@ -8859,7 +8846,7 @@ def test_archive_aware_cold_read_hashes_its_reference(tmp_path: Any) -> None:
     c.download_file("bkt", "k/b.zip", str(tmp_path / "out.zip"))
     assert (tmp_path / "out.zip").read_bytes() == b_bytes
     (entry,) = _cache_entries(cache)
-    assert os.path.exists(entry + ".ok") and _unhashed_copies(cache) == []
+    assert os.path.exists(entry + ".ok") and _cache_files(cache, ".u") == []
     c.upload_file(str(tmp_path / "c.zip"), "bkt", "k/c.zip")
     fresh = make_client(backend, tmp_path)
     assert fresh.get_object(Bucket="bkt", Key="k/c.zip")["Body"].read() == c_bytes
