@@ -8555,21 +8555,31 @@ def test_unhashed_fetch_never_takes_an_entrys_place(tmp_path: Any, monkeypatch: 
     assert fresh.get_object(Bucket="bkt", Key="k/b.bin")["Body"].read() == b
 
 
-def _two_versions(tmp_path: Any) -> tuple[Backend, dict[str, str], bytes, bytes]:
-    """A local store holding a 200 KB reference (a.bin) and a delta (b.bin); c.bin is a
-    third version on disk."""
+def _stored_pair(
+    tmp_path: Any, a: bytes, b: bytes
+) -> tuple[Backend, dict[str, str], dg.DeltaGliderClient]:
+    """A local store (bucket bkt) holding a.bin as the reference and b.bin as a delta
+    against it, both also on disk; the environment (deltas always) and the writer."""
     backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
     env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
-    rng = _random_mod.Random(1)
-    a = bytes(rng.getrandbits(8) for _ in range(200_000))
-    b = a[:5000] + bytes([a[5000] ^ 1]) + a[5001:]
-    c = a[:9000] + bytes([a[9000] ^ 1]) + a[9001:]
-    for name, data in (("a", a), ("b", b), ("c", c)):
-        (tmp_path / (name + ".bin")).write_bytes(data)
+    (tmp_path / "a.bin").write_bytes(a)
+    (tmp_path / "b.bin").write_bytes(b)
     w = make_client(backend, tmp_path, environ=env)
     w.create_bucket(Bucket="bkt")
     w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
     w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    return backend, env, w
+
+
+def _two_versions(tmp_path: Any) -> tuple[Backend, dict[str, str], bytes, bytes]:
+    """A local store holding a 200 KB reference (a.bin) and a delta (b.bin); c.bin is a
+    third version on disk."""
+    rng = _random_mod.Random(1)
+    a = bytes(rng.getrandbits(8) for _ in range(200_000))
+    b = a[:5000] + bytes([a[5000] ^ 1]) + a[5001:]
+    c = a[:9000] + bytes([a[9000] ^ 1]) + a[9001:]
+    (tmp_path / "c.bin").write_bytes(c)
+    backend, env, _ = _stored_pair(tmp_path, a, b)
     return backend, env, a, b
 
 
@@ -8694,16 +8704,9 @@ def test_cold_read_at_the_smallest_memory_limit_does_not_wait_on_itself(
     waited forever for memory that read held. The decoder now takes memory only where
     the download's parts still fit beside it (else the read keeps a copy and decodes
     after); the read finishes."""
-    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
-    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
     a = _randbytes(_random_mod.Random(3), 80 << 20)  # over the parallel-download threshold
     b = a[:1000] + b"X" + a[1001:]
-    (tmp_path / "a.bin").write_bytes(a)
-    (tmp_path / "b.bin").write_bytes(b)
-    w = make_client(backend, tmp_path, environ=env)
-    w.create_bucket(Bucket="bkt")
-    w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
-    w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    backend, env, _ = _stored_pair(tmp_path, a, b)
     env = dict(env, DG_MEMORY_LIMIT=str(dg._MIN_MEMORY_LIMIT))
     c = make_client(backend, tmp_path, environ=env)
     done: list[BaseException | None] = []
@@ -8807,16 +8810,9 @@ def test_first_cold_read_decoder_cannot_stream_fetches_again_to_keep(
     decodes from that. xdelta3 fails for real here: its window is made small instead
     of the file large."""
     monkeypatch.setattr(dg, "_STREAM_WINDOW", 512 * 1024)  # xdelta3's smallest -B
-    backend = Backend("local", "file://" + str(tmp_path / "store"), None, None)
-    env = {"PATH": os.environ.get("PATH", ""), "DG_DELTA_MODE": "always"}
     a = _randbytes(_random_mod.Random(2), 3 << 20)
     b = a[3 << 19 :] + a[: 3 << 19]
-    (tmp_path / "a.bin").write_bytes(a)
-    (tmp_path / "b.bin").write_bytes(b)
-    w = make_client(backend, tmp_path, environ=env)
-    w.create_bucket(Bucket="bkt")
-    w.upload_file(str(tmp_path / "a.bin"), "bkt", "k/a.bin")
-    w.upload_file(str(tmp_path / "b.bin"), "bkt", "k/b.bin")
+    backend, env, w = _stored_pair(tmp_path, a, b)
     assert w.storage.head_object("bkt", "k/b.bin.delta")["ContentLength"] < 1000
     cache = str(tmp_path / "cold")
     c = make_client(backend, tmp_path, cache_dir=cache, environ=env)
