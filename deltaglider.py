@@ -15470,6 +15470,9 @@ def create_client(
 _GATEWAY_MAX_SKEW = 15 * 60
 _GATEWAY_XML_BODY_MAX = 4 * 1024 * 1024  # CompleteMultipartUpload of 10,000 parts fits
 _GATEWAY_CHUNK_LINE_MAX = 4096
+#: What is left of a body the gateway did not read (a refused request's) is read and
+#: dropped, up to this much, to keep the connection; past it the connection closes.
+_GATEWAY_DRAIN_MAX = 64 * 1024
 #: A browser POST form's bytes before its file (the fields, the policy among them): all
 #: of it is read, and the policy checked, before a byte of the file is.
 _GATEWAY_FORM_FIELDS_MAX = 256 * 1024
@@ -16313,17 +16316,24 @@ class _BodyReader:
             self._f.readline(_GATEWAY_CHUNK_LINE_MAX)
         return data
 
+    def left(self) -> int | None:
+        """Bytes of the body still to come; None while a chunked body's end is unknown."""
+        if self._done:
+            return 0
+        return None if self._chunked else self._left
+
     def drain(self, limit: int) -> bool:
-        """Read and drop what is left (up to ``limit`` bytes); True when it all came."""
+        """Read and drop what is left, up to ``limit`` bytes; True when it all came."""
         try:
-            while limit > 0:
-                data = self.read(min(_IO_CHUNK, limit))
+            while True:
+                data = self.read(min(_IO_CHUNK, limit + 1))
                 if not data:
                     return True
                 limit -= len(data)
+                if limit < 0:
+                    return False
         except _S3Reply:
             return False
-        return False
 
 
 class _AwsChunked:
@@ -17661,6 +17671,8 @@ class _GatewayHandler(_HandlerBase):
             self.send_header("Content-Type", content_type)
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
+        if not self._body_can_settle():
+            self.close_connection = True
         if self.close_connection or self.server.stopping:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -17770,31 +17782,45 @@ class _GatewayHandler(_HandlerBase):
                 )
             )
 
+    def _body_left(self) -> int | None:
+        """Bytes of this request's body not read yet; None where they cannot be read here:
+        a chunked body's end, a client waiting for a 100 that never went out (it may send
+        its body or not), one that never authenticated (a worker is not held for it)."""
+        h = self._headers
+        if self._reader is not None:
+            left = self._reader.left()
+        elif "chunked" in h.get("transfer-encoding", "").lower():
+            left = None
+        else:
+            length = h.get("content-length", "0")
+            left = int(length) if length.isdigit() else None
+        if left and (self._access_key == "-" or (self._reader is None and self._expect_100)):
+            return None
+        return left
+
+    def _body_can_settle(self) -> bool:
+        """Whether the connection can take another request after this one: decided before
+        the reply goes out, so that its ``Connection: close`` tells the client. A client
+        not told reuses the connection until the hang-up reaches it, and botocore then
+        answers its next 100-continue request with this reply's status and no body."""
+        left = self._body_left()
+        return left is not None and left <= _GATEWAY_DRAIN_MAX
+
     def _settle_body(self) -> None:
         """Whatever part of a body was not read would be taken for the next request: read
-        a little of it, else hang up. A client still waiting for its 100 sent none."""
-        h = self._headers
-        has_body = "chunked" in h.get("transfer-encoding", "").lower() or h.get(
-            "content-length", "0"
-        ) not in ("", "0")
-        if self.close_connection or not has_body:
+        and drop it where _body_can_settle says it can be, else hang up."""
+        left = self._body_left()
+        if self.close_connection or left == 0:
             pass
-        elif (self._reader is None and self._expect_100) or self._access_key == "-":
-            # An unauthenticated client's body is never waited for: it would hold a worker.
+        elif left is None or not self._body_can_settle():
             self.close_connection = True
         else:
             if self._reader is None:
-                try:
-                    length = int(h.get("content-length", "0"))
-                except ValueError:
-                    self.close_connection = True
-                    return
-                chunked = "chunked" in h.get("transfer-encoding", "").lower()
                 self._reader = _BodyReader(
-                    self.rfile, length, chunked, time.monotonic() + self.server.idle_timeout
+                    self.rfile, left, False, time.monotonic() + self.server.idle_timeout
                 )
             try:
-                if not self._reader.drain(64 * 1024):
+                if not self._reader.drain(_GATEWAY_DRAIN_MAX):
                     self.close_connection = True
             except (OSError, ValueError):
                 self.close_connection = True

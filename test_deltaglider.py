@@ -13764,6 +13764,64 @@ def _closed_by_server(sock: socket.socket, wait: float) -> bool:
         return True
 
 
+def _gw_signed_head(gw: Gateway, method: str, path: str, headers: dict[str, str]) -> bytes:
+    """A request line and headers signed by botocore's SigV4 (UNSIGNED-PAYLOAD), to send
+    on a raw socket with whatever body the test chooses."""
+    creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
+    headers = {"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD", **headers}
+    req = botocore_awsrequest.AWSRequest(method=method, url=gw.url + path, headers=headers)
+    botocore_auth.S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+    head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, urllib.parse.urlsplit(gw.url).netloc)
+    head += "".join("%s: %s\r\n" % kv for kv in req.headers.items())
+    return head.encode() + b"\r\n"
+
+
+def _gw_reply(sock: socket.socket) -> tuple[int, str | None, bytes]:
+    """One reply read off ``sock``: status, its Connection header, body."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, resp.getheader("Connection"), resp.read()
+
+
+def test_gateway_says_when_it_closes_over_a_body_it_did_not_read(
+    local_gateway: Gateway,
+) -> None:
+    """A request refused before its body was read leaves that body to be taken for the next
+    request. A small one the client sent anyway is read and dropped, and the connection
+    serves on; a larger one, or one whose client waits for a 100 that never comes (it may
+    send its body or not), closes the connection, and the reply says so, before the client
+    can reuse it. A reply that did not say so let botocore reuse the connection before
+    the hang-up reached it (seen under load in CI): it then answered its next 100-continue
+    PutObject with the previous reply's status 501, no headers and no body."""
+    gw = local_gateway
+    lock = {"x-amz-object-lock-legal-hold": "ON"}
+    versioning = b"<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>"
+    with _gw_socket(gw) as sock:  # a small body, sent: read and dropped, connection kept
+        for _ in range(3):
+            length = {"Content-Length": str(len(versioning))}
+            sock.sendall(_gw_signed_head(gw, "PUT", "/gwbucket?versioning", length) + versioning)
+            status, connection, body = _gw_reply(sock)
+            assert (status, connection, _error_code(body)) == (501, None, "NotImplemented")
+        sock.sendall(_gw_signed_head(gw, "GET", "/gwbucket/k", {}))
+        assert _gw_reply(sock)[0] == 404  # the same connection, its next request whole
+    for headers, body in (
+        ({"Content-Length": "1", "Expect": "100-continue", **lock}, b""),  # botocore's PutObject
+        ({"Content-Length": str(dg._GATEWAY_DRAIN_MAX + 1), **lock}, b"x" * 4096),
+    ):
+        with _gw_socket(gw) as sock:
+            sock.sendall(_gw_signed_head(gw, "PUT", "/gwbucket/k2", headers) + body)
+            status, connection, body = _gw_reply(sock)
+            assert (status, connection, _error_code(body)) == (501, "close", "NotImplemented")
+            assert _closed_by_server(sock, 10)
+    s3 = _boto3(gw)
+    for _ in range(3):  # boto3's own 100-continue PutObject, refused on each connection
+        with pytest.raises(s3.exceptions.ClientError) as e:
+            s3.put_object(Bucket="gwbucket", Key="k2", Body=b"v", ObjectLockLegalHoldStatus="ON")
+        assert _gw_error(e.value) == ("NotImplemented", 501)
+    s3.put_object(Bucket="gwbucket", Key="k2", Body=b"v")
+    assert stored_keys(gw.client, "gwbucket") == ["k2"]
+
+
 def test_gateway_slow_and_silent_connections_hold_no_worker(tmp_path: Any) -> None:
     """Slowloris: with 2 workers, connections that send a request line and a header now and
     then, and connections that send nothing, do not keep a signed request waiting."""
