@@ -6220,9 +6220,17 @@ def test_big_downloads_use_parallel_ranged_gets(
 
     st.get_object, seen = _concurrency_probe(get_object, skip=1 if size else 9)
     out = io.BytesIO()
+    given: list[Any] = []  # what write was handed: its buffers, kept alive to count them
+
+    def write(view: memoryview) -> None:
+        given.append(view.obj)
+        out.write(view)
+
     mib = 1024 * 1024
-    got = dg._get_into(st, dgbucket, "k", out.write, threshold=mib, part_size=mib // 2, workers=4)
+    got = dg._get_into(st, dgbucket, "k", write, threshold=mib, part_size=mib // 2, workers=4)
     assert out.getvalue() == data and got == size
+    # parts are read into 4 buffers, used again and again: not new memory for each part
+    assert len({id(b) for b in given}) <= 4
     if size < mib:
         assert len(calls) in (1, 2)  # 2: an empty object refuses the range (416)
         return
