@@ -2646,7 +2646,13 @@ class StreamingBody(io.IOBase):
         return data
 
     def readinto(self, b: Any) -> int:
-        """Into ``b`` straight from the connection: no bytes object made on the way."""
+        """Into ``b`` straight from the connection: no bytes object made on the way. A
+        body whose ``read`` does more (checks a SHA-256) or a raw reader with no
+        ``readinto`` goes through ``read``."""
+        if type(self).read is not StreamingBody.read or not hasattr(self._raw, "readinto"):
+            data = self.read(len(b))
+            memoryview(b).cast("B")[: len(data)] = data
+            return len(data)
         if self._eof or not len(b):
             return 0
         with self._reading():
@@ -6411,8 +6417,14 @@ def _get_into(
     match = re.match(r"^bytes \d+-\d+/(\d+)$", str(first.get("ContentRange", "")))
     if match:
         total = int(match.group(1))
-    buffers = collections.deque([bytearray(part_size)])
-    view = memoryview(buffers[0])
+    # the first reply's own length (a small object's), at least 1: the loop below ends
+    # on a short fill; a buffer of part_size is kept for the parts
+    length = first.get("ContentLength")
+    first_buffer = bytearray(
+        max(1, min(part_size, length if isinstance(length, int) else part_size))
+    )
+    buffers = collections.deque([first_buffer] if len(first_buffer) == part_size else [])
+    view = memoryview(first_buffer)
     written = 0
     with first["Body"] as body:
         while True:  # all of the reply: the whole object where the server ignored Range
@@ -16297,6 +16309,7 @@ class _BodyReader:
         self._chunked = chunked
         self._chunk_left = 0
         self._done = False
+        self._failed = False
         self._deadline = deadline
         self.received = 0
 
@@ -16329,10 +16342,18 @@ class _BodyReader:
                 break
             out += c
             if len(out) > _GATEWAY_CHUNK_LINE_MAX:
+                self._failed = True
                 raise _S3Reply("InvalidRequest", "aws-chunked line too long")
         return out
 
     def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except _S3Reply:
+            self._failed = True
+            raise
+
+    def _read(self, n: int) -> bytes:
         if self._done or n <= 0:
             return b""
         if not self._chunked:
@@ -16362,10 +16383,13 @@ class _BodyReader:
         return data
 
     def left(self) -> int | None:
-        """Bytes of the body still to come; None while a chunked body's end is unknown."""
+        """Bytes of the body still to come; None while a chunked body's end is unknown,
+        and once a read failed or its time ran out: what is left cannot be read."""
         if self._done:
             return 0
-        return None if self._chunked else self._left
+        if self._chunked or self._failed or time.monotonic() > self._deadline:
+            return None
+        return self._left
 
     def drain(self, limit: int) -> bool:
         """Read and drop what is left, up to ``limit`` bytes; True when it all came."""
@@ -17838,7 +17862,7 @@ class _GatewayHandler(_HandlerBase):
             left = None
         else:
             length = h.get("content-length", "0")
-            left = int(length) if length.isdigit() else None
+            left = int(length) if length.isascii() and length.isdigit() else None
         if left and (self._access_key == "-" or (self._reader is None and self._expect_100)):
             return None
         return left

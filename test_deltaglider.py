@@ -8062,6 +8062,34 @@ def test_corruption_gives_integrity_error_and_no_output_file(
 
 
 @needs_xdelta3
+def test_a_body_read_with_readinto_is_checked_as_read_checks_it(
+    client: Any, dgbucket: str, tmp_path: Any
+) -> None:
+    """get_object's Body filled with readinto (as io and s3transfer may): a directly
+    stored object is still held to its SHA-256, and a delta-stored one reads back whole."""
+    make_zip(tmp_path / "a.zip", 0)
+    make_zip(tmp_path / "b.zip", 1)
+    client.upload_file(str(tmp_path / "a.zip"), dgbucket, "k/a.zip")
+    client.upload_file(str(tmp_path / "b.zip"), dgbucket, "k/b.zip")
+
+    def read_with_readinto(body: Any) -> bytes:
+        out, buf = b"", bytearray(1000)
+        while True:
+            n = body.readinto(buf)
+            if not n:
+                return out
+            out += bytes(buf[:n])
+
+    body = client.get_object(Bucket=dgbucket, Key="k/b.zip")["Body"]
+    assert read_with_readinto(body) == (tmp_path / "b.zip").read_bytes()
+    client.put_object(Bucket=dgbucket, Key="k/n.txt", Body=b"some direct text")
+    head = client.storage.head_object(dgbucket, "k/n.txt")
+    client.storage.put_object(dgbucket, "k/n.txt", b"somd direct text", metadata=head["Metadata"])
+    with pytest.raises(dg.IntegrityError):
+        read_with_readinto(client.get_object(Bucket=dgbucket, Key="k/n.txt")["Body"])
+
+
+@needs_xdelta3
 def test_a_cold_read_decodes_while_its_reference_downloads(tmp_path: Any, monkeypatch: Any) -> None:
     """#17: with the reference not cached, the delta is decoded as the reference comes
     (xdelta3 -d reading it from a pipe the download feeds), not after its download: here
@@ -13828,6 +13856,28 @@ def test_gateway_says_when_it_closes_over_a_body_it_did_not_read(
         assert _gw_error(e.value) == ("NotImplemented", 501)
     s3.put_object(Bucket="gwbucket", Key="k2", Body=b"v")
     assert stored_keys(gw.client, "gwbucket") == ["k2"]
+
+
+def test_gateway_closes_and_says_so_after_a_body_that_stopped_or_made_no_sense(
+    tmp_path: Any,
+) -> None:
+    """A Content-Length of non-ASCII digits is answered, not a crash; a body that stops
+    coming is RequestTimeout, and what is left of it cannot be read: the reply says the
+    connection closes."""
+    with _run_gateway(_local_backend(tmp_path), tmp_path, idle_timeout=1) as gw:
+        gw.client.create_bucket(Bucket="gwbucket")
+        with _gw_socket(gw) as sock:
+            sock.sendall(b"PUT /gwbucket/k HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab")
+            status, connection, _ = _gw_reply(sock)
+            assert status in (400, 403) and connection == "close"
+            assert _closed_by_server(sock, 10)
+        with _gw_socket(gw) as sock:
+            sock.sendall(_gw_signed_head(gw, "PUT", "/gwbucket/slow", {"Content-Length": "100"}))
+            sock.sendall(b"x")  # then nothing: the body's time runs out
+            status, connection, body = _gw_reply(sock)
+            assert (status, connection, _error_code(body)) == (400, "close", "RequestTimeout")
+            assert _closed_by_server(sock, 10)
+        assert stored_keys(gw.client, "gwbucket") == []
 
 
 def test_gateway_slow_and_silent_connections_hold_no_worker(tmp_path: Any) -> None:
