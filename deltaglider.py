@@ -16385,8 +16385,8 @@ class _BodyReader:
     def left(self) -> int | None:
         """Bytes of the body still to come; None while a chunked body's end is unknown,
         and once a read failed or its time ran out: what is left cannot be read."""
-        if self._done:
-            return 0
+        if self._done or (not self._chunked and self._left == 0):
+            return 0  # all read, however long the request took after
         if self._chunked or self._failed or time.monotonic() > self._deadline:
             return None
         return self._left

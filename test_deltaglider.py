@@ -13858,6 +13858,18 @@ def test_gateway_says_when_it_closes_over_a_body_it_did_not_read(
     assert stored_keys(gw.client, "gwbucket") == ["k2"]
 
 
+def test_gateway_body_read_to_its_end_keeps_the_connection_past_its_deadline() -> None:
+    """What decides keep-alive (_BodyReader.left): a body read whole has nothing left,
+    however long the request then took (a big upload's encode outlasts the body's time);
+    one read in part has what is left while time remains, and nothing readable after."""
+    whole = dg._BodyReader(io.BufferedReader(io.BytesIO(b"abc")), 3, False, time.monotonic() + 60)
+    part = dg._BodyReader(io.BufferedReader(io.BytesIO(b"abc")), 3, False, time.monotonic() + 60)
+    assert whole.read(3) == b"abc" and part.read(1) == b"a"
+    assert (whole.left(), part.left()) == (0, 2)
+    whole._deadline = part._deadline = time.monotonic() - 1  # their time ran out
+    assert (whole.left(), part.left()) == (0, None)
+
+
 def test_gateway_closes_and_says_so_after_a_body_that_stopped_or_made_no_sense(
     tmp_path: Any,
 ) -> None:
