@@ -16297,12 +16297,60 @@ class _GatewayAuth:
 # -- request bodies: length or chunked, aws-chunked, digests, POST forms --------------
 
 
+def _framing(headers: Mapping[str, str]) -> tuple[bool, int | None]:
+    """How a request's body is framed (RFC 9112 6.3): (chunked, Content-Length or None when
+    there is none). Anything else is refused, not guessed: a proxy in front that reads the
+    framing another way would see a different body end, and take our body's rest for its
+    next request. A transfer coding but chunked (``gzip, chunked`` would be stored still
+    compressed), both headers at once, a length but plain ASCII digits (``+5``, ``5,5``,
+    non-ASCII digits, all of which int() takes)."""
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        if coding.strip().lower() != "chunked":
+            raise _S3Reply("NotImplemented", "Transfer-Encoding %r is not supported" % coding[:40])
+        if "content-length" in headers:
+            raise _S3Reply("InvalidRequest", "Transfer-Encoding and Content-Length together")
+        return True, None
+    length = headers.get("content-length")
+    if length is None:
+        return False, None
+    if not (length.isascii() and length.isdigit() and len(length) <= 19):
+        raise _S3Reply("InvalidArgument", "Content-Length is not a number")
+    return False, int(length)
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """The size on a chunk's header line, HTTP or aws-chunked (RFC 9112 7.1: hex digits,
+    then any extensions after ``;``, the line ending in LF), or None where the line is not
+    one: int(x, 16) alone takes ``-1``, ``0x10``, ``1_0`` and spaces."""
+    if not line.endswith(b"\n"):
+        return None
+    size = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")
+    if not 0 < len(size) <= 16 or size.strip(b"0123456789abcdefABCDEF"):
+        return None
+    return int(size, 16)
+
+
+def _blank_line_ended(readline: Callable[[], bytes], what: str) -> list[bytes]:
+    """The lines up to a blank one (HTTP's trailer section, aws-chunked's trailers): at
+    most 20, each as ``readline`` bounds it; the end of the body ends them too."""
+    lines: list[bytes] = []
+    while True:
+        line = readline()
+        if not line.strip():
+            return lines
+        lines.append(line)
+        if len(lines) > 20:
+            raise _S3Reply("InvalidRequest", "too many %s" % what)
+
+
 class _BodyReader:
     """The bytes of a request body as sent: Content-Length or HTTP chunked, under the
-    request deadline; counts what arrived. A short body is IncompleteBody."""
+    request deadline; counts what arrived. A short body is IncompleteBody, a chunked
+    framing that is not RFC 9112's (a size line, the chunk, its CRLF) InvalidRequest."""
 
     def __init__(
-        self, rfile: io.BufferedIOBase, length: int | None, chunked: bool, deadline: float
+        self, rfile: io.BufferedReader, length: int | None, chunked: bool, deadline: float
     ) -> None:
         self._f = rfile
         self._left = length
@@ -16318,20 +16366,40 @@ class _BodyReader:
             raise _S3Reply("RequestTimeout")
 
     def _raw(self, n: int) -> bytes:
+        """At most ``n`` bytes, what one receive brings (read1), so the deadline is checked
+        however the bytes trickle in (read(n) would wait for all n, each byte resetting
+        the socket's timeout)."""
+        return self._take(lambda: self._f.read1(n))
+
+    def _take(self, read: Callable[[], bytes]) -> bytes:
         import socket
 
         self._clock()
         try:
-            # read1: what one receive brings, so the deadline is checked however the
-            # bytes trickle in (read(n) would wait for all n, each byte resetting the
-            # socket's timeout)
-            data: bytes = self._f.read1(n)
+            data = read()
         except (socket.timeout, TimeoutError):
             raise _S3Reply("RequestTimeout") from None
         if not data:
             raise _S3Reply("IncompleteBody")
         self.received += len(data)
         return data
+
+    def _framing_line(self) -> bytes:
+        """One line of the chunked framing, up to its LF, at most _GATEWAY_CHUNK_LINE_MAX
+        bytes, read as it arrives (peek, then what of it is the line) under the deadline."""
+        out = b""
+        while not out.endswith(b"\n"):
+            room = _GATEWAY_CHUNK_LINE_MAX - len(out)
+            if room <= 0:
+                raise _S3Reply("InvalidRequest", "chunked encoding: a line is too long")
+
+            def part(room: int = room) -> bytes:
+                ahead = self._f.peek(1)[:room]
+                end = ahead.find(b"\n")
+                return self._f.read(len(ahead) if end < 0 else end + 1) if ahead else b""
+
+            out += self._take(part)
+        return out
 
     def readline(self) -> bytes:
         """One line of an aws-chunked body (bounded)."""
@@ -16365,21 +16433,18 @@ class _BodyReader:
             self._left -= len(data)
             return data
         if self._chunk_left == 0:
-            line = self._f.readline(_GATEWAY_CHUNK_LINE_MAX)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise _S3Reply("IncompleteBody") from None
+            size = _chunk_size(self._framing_line())
+            if size is None:
+                raise _S3Reply("InvalidRequest", "chunked encoding: not a chunk size line")
             if size == 0:
-                while self._f.readline(_GATEWAY_CHUNK_LINE_MAX).strip():
-                    pass  # HTTP trailers: none are used
+                _blank_line_ended(self._framing_line, "HTTP trailers")  # none are used
                 self._done = True
                 return b""
             self._chunk_left = size
         data = self._raw(min(n, self._chunk_left))
         self._chunk_left -= len(data)
-        if self._chunk_left == 0:
-            self._f.readline(_GATEWAY_CHUNK_LINE_MAX)
+        if self._chunk_left == 0 and self._framing_line() not in (b"\r\n", b"\n"):
+            raise _S3Reply("InvalidRequest", "chunked encoding: a chunk is longer than its size")
         return data
 
     def left(self) -> int | None:
@@ -16437,14 +16502,13 @@ class _AwsChunked:
         """Read a chunk's header line; False at the final (empty) chunk."""
         import hashlib
 
-        line = self._raw.readline().strip()
-        size_text, _, ext = line.partition(b";")
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _S3Reply("IncompleteBody", "Malformed aws-chunked encoding") from None
+        line = self._raw.readline()
+        size = _chunk_size(line)
+        if size is None:
+            raise _S3Reply("IncompleteBody", "Malformed aws-chunked encoding")
         self._chunk_sig = ""
         if self._with_sig:
+            ext = line.rstrip(b"\r\n").partition(b";")[2]
             name, _, value = ext.decode("ascii", "replace").partition("=")
             if name.strip() != "chunk-signature" or not value:
                 raise _S3Reply("SignatureDoesNotMatch", "A chunk has no chunk-signature.")
@@ -16468,20 +16532,10 @@ class _AwsChunked:
     def _read_trailers(self) -> None:
         import hashlib
 
-        lines: list[str] = []
-        while True:
-            line = self._raw.readline()
-            if not line:
-                break
-            text = line.decode("ascii", "replace").strip()
-            if not text:
-                break
-            lines.append(text)
-            if len(lines) > 20:
-                raise _S3Reply("InvalidRequest", "too many trailers")
         signature = None
         canonical = ""
-        for text in lines:
+        for line in _blank_line_ended(self._raw.readline, "trailers"):
+            text = line.decode("ascii", "replace").strip()
             name, _, value = text.partition(":")
             name = name.strip().lower()
             if name == "x-amz-trailer-signature":
@@ -17855,14 +17909,14 @@ class _GatewayHandler(_HandlerBase):
         """Bytes of this request's body not read yet; None where they cannot be read here:
         a chunked body's end, a client waiting for a 100 that never went out (it may send
         its body or not), one that never authenticated (a worker is not held for it)."""
-        h = self._headers
         if self._reader is not None:
             left = self._reader.left()
-        elif "chunked" in h.get("transfer-encoding", "").lower():
-            left = None
         else:
-            length = h.get("content-length", "0")
-            left = int(length) if length.isascii() and length.isdigit() else None
+            try:
+                chunked, length = _framing(self._headers)
+            except _S3Reply:
+                return None
+            left = None if chunked else length or 0
         if left and (self._access_key == "-" or (self._reader is None and self._expect_100)):
             return None
         return left
@@ -17886,7 +17940,10 @@ class _GatewayHandler(_HandlerBase):
         else:
             if self._reader is None:
                 self._reader = _BodyReader(
-                    self.rfile, left, False, time.monotonic() + self.server.idle_timeout
+                    cast(io.BufferedReader, self.rfile),
+                    left,
+                    False,
+                    time.monotonic() + self.server.idle_timeout,
                 )
             try:
                 if not self._reader.drain(_GATEWAY_DRAIN_MAX):
@@ -18077,17 +18134,9 @@ class _GatewayHandler(_HandlerBase):
     def _body(self, signed: _Signed, limit: int) -> tuple[_BodyReader | _AwsChunked, _BodyReader]:
         """The payload reader (aws-chunked decoded) and the raw reader, after the 100."""
         h = self._headers
-        chunked = "chunked" in h.get("transfer-encoding", "").lower()
-        length: int | None = None
-        if not chunked:
-            if "content-length" not in h:
-                raise _S3Reply("MissingContentLength")
-            try:
-                length = int(h["content-length"])
-            except ValueError:
-                raise _S3Reply("InvalidArgument", "Content-Length is not a number") from None
-            if length < 0:
-                raise _S3Reply("InvalidArgument", "Content-Length is negative")
+        chunked, length = _framing(h)
+        if not chunked and length is None:
+            raise _S3Reply("MissingContentLength")
         declared = length
         if signed.payload in _STREAMING_PAYLOADS:
             try:
@@ -18109,7 +18158,8 @@ class _GatewayHandler(_HandlerBase):
         allowed = self.server.gateway.request_timeout
         if declared is not None:
             allowed = min(allowed, self.server.idle_timeout + declared / _GATEWAY_MIN_BODY_RATE)
-        raw = _BodyReader(self.rfile, length, chunked, time.monotonic() + allowed)
+        rfile = cast(io.BufferedReader, self.rfile)
+        raw = _BodyReader(rfile, length, chunked, time.monotonic() + allowed)
         self._reader = raw
         if signed.payload in _STREAMING_PAYLOADS:
             return _AwsChunked(raw, signed), raw

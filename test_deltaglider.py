@@ -13800,12 +13800,15 @@ def _closed_by_server(sock: socket.socket, wait: float) -> bool:
         return True
 
 
-def _gw_signed_head(gw: Gateway, method: str, path: str, headers: dict[str, str]) -> bytes:
-    """A request line and headers signed by botocore's SigV4 (UNSIGNED-PAYLOAD), to send
-    on a raw socket with whatever body the test chooses."""
+def _gw_signed_head(
+    gw: Gateway, method: str, path: str, headers: dict[str, str], payload: bytes = b""
+) -> bytes:
+    """A request line and headers signed by botocore's SigV4 (over http, with the SHA-256
+    of ``payload``), to send on a raw socket with whatever body the test chooses."""
     creds = botocore_credentials.Credentials(GW_KEY, GW_SECRET)
-    headers = {"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD", **headers}
-    req = botocore_awsrequest.AWSRequest(method=method, url=gw.url + path, headers=headers)
+    req = botocore_awsrequest.AWSRequest(
+        method=method, url=gw.url + path, headers=headers, data=payload
+    )
     botocore_auth.S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
     head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, urllib.parse.urlsplit(gw.url).netloc)
     head += "".join("%s: %s\r\n" % kv for kv in req.headers.items())
@@ -13890,6 +13893,43 @@ def test_gateway_closes_and_says_so_after_a_body_that_stopped_or_made_no_sense(
             assert (status, connection, _error_code(body)) == (400, "close", "RequestTimeout")
             assert _closed_by_server(sock, 10)
         assert stored_keys(gw.client, "gwbucket") == []
+
+
+def test_gateway_reads_http_chunked_bodies_and_refuses_framing_it_cannot_be_sure_of(
+    local_gateway: Gateway,
+) -> None:
+    """An HTTP chunked upload (chunk extensions, trailers) is stored as sent and the
+    connection serves on. Framing read any other way by a proxy in front would move the
+    body's end, and the rest would be taken for a request: a size int() takes but RFC 9112
+    does not (``-5``, ``0x5``, ``+5``), a chunk longer than its size, a transfer coding
+    but chunked, both framings at once, a Content-Length not plain digits. Each is refused
+    before anything is stored, and the reply says the connection closes."""
+    gw = local_gateway
+    te = {"Transfer-Encoding": "chunked"}
+    with _gw_socket(gw) as sock:
+        for key in ("a", "b"):
+            body = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            head = _gw_signed_head(gw, "PUT", "/gwbucket/" + key, te, b"hello world")
+            sock.sendall(head + body)
+            assert _gw_reply(sock)[:2] == (200, None)
+        sock.sendall(_gw_signed_head(gw, "GET", "/gwbucket/b", {}))
+        assert _gw_reply(sock) == (200, None, b"hello world")
+    refused = [
+        (te, b"-5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        (te, b"0x5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        (te, b"+5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        (te, b"5\r\nhello, world\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        ({"Transfer-Encoding": "gzip, chunked"}, b"5\r\nhello\r\n0\r\n\r\n", 501, "NotImplemented"),
+        ({**te, "Content-Length": "5"}, b"5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        ({"Content-Length": "+5"}, b"hello", 400, "InvalidArgument"),
+    ]
+    for headers, body, status, code in refused:
+        with _gw_socket(gw) as sock:
+            sock.sendall(_gw_signed_head(gw, "PUT", "/gwbucket/bad", headers) + body)
+            got_status, connection, got = _gw_reply(sock)
+            assert (got_status, connection, _error_code(got)) == (status, "close", code), body
+            assert _closed_by_server(sock, 10)
+    assert stored_keys(gw.client, "gwbucket") == ["a", "b"]
 
 
 def test_gateway_slow_and_silent_connections_hold_no_worker(tmp_path: Any) -> None:
