@@ -16314,33 +16314,50 @@ def _framing(headers: Mapping[str, str]) -> tuple[bool, int | None]:
     length = headers.get("content-length")
     if length is None:
         return False, None
+    length = length.strip(" \t")  # RFC 9110 5.5: not part of the value
     if not (length.isascii() and length.isdigit() and len(length) <= 19):
         raise _S3Reply("InvalidArgument", "Content-Length is not a number")
     return False, int(length)
 
 
+def _framing_text(line: bytes) -> bytes | None:
+    """A line of chunked framing (HTTP or aws-chunked) without its CRLF, or None where it
+    does not end in CRLF or holds another CR or LF: every client sends CRLF, and a bare LF
+    read as an end of line by one side and not by the other moves the body's end."""
+    text = line[:-2]
+    if not line.endswith(b"\r\n") or b"\r" in text or b"\n" in text:
+        return None
+    return text
+
+
 def _chunk_size(line: bytes) -> int | None:
     """The size on a chunk's header line, HTTP or aws-chunked (RFC 9112 7.1: hex digits,
-    then any extensions after ``;``, the line ending in LF), or None where the line is not
-    one: int(x, 16) alone takes ``-1``, ``0x10``, ``1_0`` and spaces."""
-    if not line.endswith(b"\n"):
+    then any extensions after ``;``), or None where the line is not one: int(x, 16) alone
+    takes ``-1``, ``0x10``, ``1_0`` and spaces."""
+    text = _framing_text(line)
+    if text is None:
         return None
-    size = line.split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t")
+    size = text.split(b";", 1)[0].rstrip(b" \t")
     if not 0 < len(size) <= 16 or size.strip(b"0123456789abcdefABCDEF"):
         return None
     return int(size, 16)
 
 
-def _blank_line_ended(readline: Callable[[], bytes], what: str) -> list[bytes]:
-    """The lines up to a blank one (HTTP's trailer section, aws-chunked's trailers): at
-    most 20, each as ``readline`` bounds it; the end of the body ends them too."""
-    lines: list[bytes] = []
+def _trailer_fields(readline: Callable[[], bytes], what: str) -> list[bytes]:
+    """The field lines after a last chunk, up to the empty line (HTTP's trailer section,
+    aws-chunked's trailers; the end of an aws-chunked body ends them too), without CRLF:
+    at most 20, each ``name:value``. A line of spaces is not the end: a proxy that reads
+    it as a folded field line would read on, and take what follows as this body."""
+    fields: list[bytes] = []
     while True:
         line = readline()
-        if not line.strip():
-            return lines
-        lines.append(line)
-        if len(lines) > 20:
+        if line in (b"", b"\r\n"):
+            return fields
+        text = _framing_text(line)
+        if text is None or b":" not in text or text[:1] in (b" ", b"\t"):
+            raise _S3Reply("InvalidRequest", "%s: not a field line" % what)
+        fields.append(text)
+        if len(fields) > 20:
             raise _S3Reply("InvalidRequest", "too many %s" % what)
 
 
@@ -16437,13 +16454,13 @@ class _BodyReader:
             if size is None:
                 raise _S3Reply("InvalidRequest", "chunked encoding: not a chunk size line")
             if size == 0:
-                _blank_line_ended(self._framing_line, "HTTP trailers")  # none are used
+                _trailer_fields(self._framing_line, "HTTP trailers")  # none are used
                 self._done = True
                 return b""
             self._chunk_left = size
         data = self._raw(min(n, self._chunk_left))
         self._chunk_left -= len(data)
-        if self._chunk_left == 0 and self._framing_line() not in (b"\r\n", b"\n"):
+        if self._chunk_left == 0 and self._framing_line() != b"\r\n":
             raise _S3Reply("InvalidRequest", "chunked encoding: a chunk is longer than its size")
         return data
 
@@ -16508,7 +16525,7 @@ class _AwsChunked:
             raise _S3Reply("IncompleteBody", "Malformed aws-chunked encoding")
         self._chunk_sig = ""
         if self._with_sig:
-            ext = line.rstrip(b"\r\n").partition(b";")[2]
+            ext = line[:-2].partition(b";")[2]  # the CRLF checked by _chunk_size
             name, _, value = ext.decode("ascii", "replace").partition("=")
             if name.strip() != "chunk-signature" or not value:
                 raise _S3Reply("SignatureDoesNotMatch", "A chunk has no chunk-signature.")
@@ -16519,6 +16536,8 @@ class _AwsChunked:
             self._finish_chunk()
             self._read_trailers()
             self._done = True
+            if self._raw.read(1):  # read to its end: a chunked request's framing too
+                raise _S3Reply("InvalidRequest", "bytes after the aws-chunked body")
             return False
         return True
 
@@ -16534,7 +16553,7 @@ class _AwsChunked:
 
         signature = None
         canonical = ""
-        for line in _blank_line_ended(self._raw.readline, "trailers"):
+        for line in _trailer_fields(self._raw.readline, "trailers"):
             text = line.decode("ascii", "replace").strip()
             name, _, value = text.partition(":")
             name = name.strip().lower()

@@ -13307,10 +13307,21 @@ def test_gateway_verifies_aws_chunked_signatures_aws_example(tmp_path: Any) -> N
 
 
 def test_gateway_over_tls_takes_boto3s_aws_chunked_uploads(
-    tmp_path: Any, tls_context: ssl.SSLContext, tls_cert: tuple[str, str]
+    tmp_path: Any, tls_context: ssl.SSLContext, tls_cert: tuple[str, str], monkeypatch: Any
 ) -> None:
-    """Over HTTPS botocore streams uploads aws-chunked with a CRC32 trailer."""
+    """Over HTTPS botocore streams uploads aws-chunked with a CRC32 trailer, inside HTTP
+    chunked: both are read to their end, so one connection serves them all (the HTTP
+    chunked end left unread closed the connection after every upload, a TLS handshake
+    each)."""
     seen: list[str] = []
+    connections: list[int] = []
+    setup = dg._GatewayHandler.setup
+
+    def counted(self: Any) -> None:
+        connections.append(1)
+        setup(self)
+
+    monkeypatch.setattr(dg._GatewayHandler, "setup", counted)
 
     class Recording(dg._GatewayAuth):
         def verify(self, *args: Any, **kwargs: Any) -> Any:
@@ -13325,8 +13336,11 @@ def test_gateway_over_tls_takes_boto3s_aws_chunked_uploads(
         s3.create_bucket(Bucket="tlsbucket")
         data = os.urandom(200_000)
         s3.upload_fileobj(io.BytesIO(data), "tlsbucket", "blob.bin")
+        for n in range(3):
+            s3.put_object(Bucket="tlsbucket", Key="small-%d" % n, Body=b"v%d" % n)
         assert s3.get_object(Bucket="tlsbucket", Key="blob.bin")["Body"].read() == data
         assert "STREAMING-UNSIGNED-PAYLOAD-TRAILER" in seen
+        assert len(connections) == 1
 
 
 def _form_post(url: str, fields: dict[str, str], data: bytes) -> tuple[int, bytes]:
@@ -13914,6 +13928,9 @@ def test_gateway_reads_http_chunked_bodies_and_refuses_framing_it_cannot_be_sure
             assert _gw_reply(sock)[:2] == (200, None)
         sock.sendall(_gw_signed_head(gw, "GET", "/gwbucket/b", {}))
         assert _gw_reply(sock) == (200, None, b"hello world")
+        length = {"Content-Length": "5 "}  # the space is no part of it (RFC 9110 5.5)
+        sock.sendall(_gw_signed_head(gw, "PUT", "/gwbucket/b", length, b"hello") + b"hello")
+        assert _gw_reply(sock)[:2] == (200, None)
     refused = [
         (te, b"-5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
         (te, b"0x5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
@@ -13922,6 +13939,16 @@ def test_gateway_reads_http_chunked_bodies_and_refuses_framing_it_cannot_be_sure
         ({"Transfer-Encoding": "gzip, chunked"}, b"5\r\nhello\r\n0\r\n\r\n", 501, "NotImplemented"),
         ({**te, "Content-Length": "5"}, b"5\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
         ({"Content-Length": "+5"}, b"hello", 400, "InvalidArgument"),
+        (te, b"5\nhello\n0\n\n", 400, "InvalidRequest"),  # bare LF: every client sends CRLF
+        (te, b"5;a\rb\r\nhello\r\n0\r\n\r\n", 400, "InvalidRequest"),
+        (te, b"5\r\nhello\n0\r\n\r\n", 400, "InvalidRequest"),
+        # a line of spaces is no end of the trailers: a proxy may read on, past a request
+        (
+            te,
+            b"5\r\nhello\r\n0\r\n \r\nGET /gwbucket/a HTTP/1.1\r\n\r\n\r\n",
+            400,
+            "InvalidRequest",
+        ),
     ]
     for headers, body, status, code in refused:
         with _gw_socket(gw) as sock:
