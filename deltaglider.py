@@ -3672,6 +3672,188 @@ def _list_pages(storage: _Storage, bucket: str, **kwargs: Any) -> Iterator[dict[
     return _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
 
 
+#: Pages one task of a parallel listing reads of its range before it hands them back: what
+#: the listing holds is (workers + 1) tasks' pages at most, whatever its length.
+_LIST_TASK_PAGES = 2
+#: Requests a parallel listing makes at once (the server answers each in turn otherwise).
+_LIST_WORKERS = 4
+#: Keys a parallel listing asks for in one request (S3 gives at most 1,000).
+_LIST_PAGE_KEYS = 1000
+#: A parallel listing looks through this many levels of lone folders for folders to split.
+_LIST_DESCEND_MAX = 16
+
+
+class _KeyRange:
+    """The keys of a stretch of a listing, as one plain listing: those under ``prefix``
+    after ``after`` (S3's StartAfter), from ``first`` on (those before it are dropped) and
+    up to the end of the folder ``last`` (a run of folders side by side in a delimiter
+    listing: keys sort in UTF-8 byte order, as code points do, so a folder's keys are
+    contiguous); with no ``last``, to the end. Read a few pages at a time (take), each time
+    on whichever thread is free."""
+
+    def __init__(
+        self,
+        storage: _Storage,
+        bucket: str,
+        prefix: str,
+        after: str | None,
+        first: str = "",
+        last: str | None = None,
+        folders: int = 0,
+    ) -> None:
+        self.first, self.last, self.folders = first, last, folders
+        self.keys = 0
+
+        def fetch(token: str | None) -> dict[str, Any]:
+            return storage.list_objects_v2(
+                bucket,
+                prefix=prefix,
+                max_keys=_LIST_PAGE_KEYS,
+                continuation_token=token,
+                start_after=None if token else after,
+            )
+
+        self._pages = _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+
+    def take(self) -> tuple[list[dict[str, Any]], bool]:
+        """The next pages of the range (at most _LIST_TASK_PAGES), and whether more follow."""
+        out: list[dict[str, Any]] = []
+        last = self.last
+        for page in self._pages:
+            objects = [o for o in page.get("Contents", []) if o["Key"] >= self.first]
+            past = [
+                last is not None and o["Key"] > last and not o["Key"].startswith(last)
+                for o in objects
+            ]
+            done = any(past) or not page.get("IsTruncated")
+            if any(past):
+                objects = objects[: past.index(True)]
+            self.keys += len(objects)
+            out.append({"Contents": objects})
+            if done:
+                return out, False
+            if len(out) >= _LIST_TASK_PAGES:
+                return out, True
+        return out, False
+
+
+def _name_after(unit: str) -> str:
+    """A StartAfter past a delimiter listing's entry and nothing else: a key itself, a
+    folder ``a/`` as ``a0`` ("0" follows "/"), past every key under it."""
+    return unit[:-1] + "0" if unit.endswith("/") else unit
+
+
+def _ordered_pages(
+    storage: _Storage, bucket: str, prefix: str, workers: int
+) -> Iterator[dict[str, Any]]:
+    """Every stored key under ``prefix`` as pages of a plain listing give them, in order,
+    read ``workers`` requests at once where the keys are in folders. A plain listing is a
+    chain of requests, each naming the next, so alone it waits on the server page after
+    page. A delimiter listing ("/", looking into a lone folder) names the folders; runs of
+    them are listed each on its own (_KeyRange), up to ``workers`` at once, the keys
+    beside them coming from the delimiter listing itself. A run takes as many folders as
+    make about _LIST_TASK_PAGES pages by the keys per folder seen so far (one folder, until
+    a run is done). In memory: two delimiter pages and (workers + 1) tasks' pages.
+
+    Where one name in a delimiter listing begins another (``v1.0`` and ``v1.0.1``) the
+    rest is one plain listing after the last key given: SeaweedFS sorts such names as a
+    file system does (``v1.0/a`` before ``v1.0.1/a``, where S3 sorts ``v1.0.1/a`` first),
+    and its StartAfter skips a folder of that name, so a split there could lose keys."""
+    import concurrent.futures
+
+    top = prefix
+    for _ in range(_LIST_DESCEND_MAX):
+        first = storage.list_objects_v2(bucket, prefix=top, delimiter="/", max_keys=_LIST_PAGE_KEYS)
+        lone = first.get("CommonPrefixes", [])
+        if first.get("IsTruncated") or first.get("Contents") or len(lone) != 1:
+            break
+        top = lone[0]["Prefix"]
+    held = [first]
+
+    def fetch(token: str | None) -> dict[str, Any]:
+        if token is None and held:
+            return held.pop()
+        return storage.list_objects_v2(
+            bucket, prefix=top, delimiter="/", max_keys=_LIST_PAGE_KEYS, continuation_token=token
+        )
+
+    seen = [0, 0]  # keys, folders of the runs done
+    rest = object()  # the rest of the listing, plain: where names begin one another
+
+    def run_size() -> int:  # a tenth short of the pages: the next page would be mostly past
+        keys, folders = seen
+        if not keys:
+            return 1
+        return max(1, min(1000, _LIST_TASK_PAGES * _LIST_PAGE_KEYS * 9 * folders // (10 * keys)))
+
+    def work() -> Iterator[Any]:
+        levels = _read_ahead(
+            _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+        )
+        before: str | None = None  # the entry before, on this page or the one before
+        for page in levels:
+            units: list[tuple[str, dict[str, Any] | None]] = [
+                (o["Key"], o) for o in page.get("Contents", [])
+            ]
+            units += [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])]
+            units.sort(key=lambda unit: unit[0])
+            names = sorted(n.rstrip("/") for n in [before or "", *(u for u, _ in units)] if n)
+            if any(b.startswith(a) for a, b in zip(names, names[1:])):
+                yield rest
+                return
+            for is_folder, group in itertools.groupby(units, key=lambda unit: unit[1] is None):
+                entries = list(group)
+                if not is_folder:
+                    yield {"Contents": [o for _, o in entries]}
+                while is_folder and entries:
+                    run = [name for name, _ in entries[: run_size()]]
+                    common = os.path.commonprefix(run)  # noqa: RUF071 (characters)
+                    after = None if before is None else _name_after(before)
+                    yield _KeyRange(storage, bucket, common, after, run[0], run[-1], len(run))
+                    entries = entries[len(run) :]
+                    before = run[-1]
+                if not is_folder:
+                    before = entries[-1][0]
+
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dg-list")
+    window: collections.deque[tuple[Any, Any]] = collections.deque()
+    items = work()
+    last_key: str | None = None
+    try:
+        while True:
+            while len(window) <= workers:
+                item = next(items, None)
+                if item is None:
+                    break
+                task = pool.submit(item.take) if isinstance(item, _KeyRange) else None
+                window.append((task, item))
+            if not window:
+                return
+            task, item = window.popleft()
+            if item is rest:  # all before it given: the rest after the last key
+                plain = _KeyRange(storage, bucket, top, last_key)
+                window.appendleft((pool.submit(plain.take), plain))
+                continue
+            if task is None:
+                pages = [item]
+            else:
+                pages, more = task.result()
+                if more:
+                    window.appendleft((pool.submit(item.take), item))
+                elif item.folders:
+                    seen[0] += item.keys
+                    seen[1] += item.folders
+            for page in pages:
+                if page["Contents"]:
+                    last_key = page["Contents"][-1]["Key"]
+                yield page
+    finally:
+        for task, _ in window:
+            if task is not None:
+                task.cancel()
+        pool.shutdown(wait=False)
+
+
 def _uploads_page(
     bucket: str,
     uploads: list[dict[str, Any]],
@@ -13229,7 +13411,11 @@ def _logical_pages(
     references; no request tops it up). The next stored page is fetched while the caller
     handles this one (and while this one's HEADs run, with ``fetch``): two pages in
     memory at most, whatever the listing's length. ``stored`` gets every stored key."""
-    pages = _read_ahead(_list_pages(engine.storage, bucket, prefix=prefix, delimiter=delimiter))
+    storage = engine.storage
+    if delimiter or not isinstance(storage, _S3Storage):  # a local store lists fast alone
+        pages = _read_ahead(_list_pages(storage, bucket, prefix=prefix, delimiter=delimiter))
+    else:
+        pages = _ordered_pages(storage, bucket, prefix, min(max_workers, _LIST_WORKERS))
     previous: _PageSpan | None = None
     for n, page in enumerate(pages):
         if stored is not None:

@@ -10019,8 +10019,52 @@ def _put_params(env: ParityEnv) -> dict[str, Any]:
     return params
 
 
-@needs_xdelta3
-@pytest.mark.parametrize("method", ["list_objects", "list_objects_v2"])
+def test_a_parallel_listing_gives_every_key_once_in_order(
+    s3server: S3TestServer, storage: dg._S3Storage, bucket: str, monkeypatch: Any
+) -> None:
+    """_ordered_pages (ls -r, cp -r, sync on S3) lists runs of folders side by side: at
+    three keys a request, its pages hold the keys the server's plain listing gives, in its
+    order, each once: in folders of one key to many, in folders within lone folders,
+    non-ASCII names, a prefix without its "/", none at all. Where names begin one another
+    ("a", "a.txt", "a-1/" and "a0" around "a/"; "1.0/" and "1.0.1/" after folders split
+    already) it lists the rest plainly: SeaweedFS sorts those as a file system does, and
+    its StartAfter skips a folder of that name."""
+    monkeypatch.setattr(dg, "_LIST_PAGE_KEYS", 3)
+    runs: list[tuple[str, str | None]] = []
+
+    class Spied(dg._KeyRange):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            runs.append((self.first, self.last))
+
+    monkeypatch.setattr(dg, "_KeyRange", Spied)
+    keys = ["a.txt", "a-1/x", "a/b", "a/c/d", "a0", "e/1", "\u00e9/1", "\u00e9/\u20ac", "z"]
+    if s3server.name == "swift":  # SeaweedFS keeps no key "a" beside "a/b" (a file system)
+        keys += ["a", "a/"]
+    keys += ["f/%02d/%d" % (n, k) for n in range(14) for k in range(n % 4 + 1)]
+    keys += ["deep/er/est/%d" % n for n in range(7)]
+    keys += ["v/0.%d/a" % n for n in range(1, 5)] + ["v/1.0/a", "v/1.0/b", "v/1.0.1/a", "v/2/a"]
+    for key in keys:
+        storage.put_object(bucket, key, b"")
+    for prefix in ("", "a", "f/", "f/1", "deep/", "deep/er/est/", "v/", "nothing/"):
+        plain = [
+            o["Key"]
+            for p in dg._list_pages(storage, bucket, prefix=prefix)
+            for o in p.get("Contents", [])
+        ]
+        want = [k for k in keys if k.startswith(prefix)]
+        assert sorted(plain) == sorted(want) and len(set(plain)) == len(plain), prefix
+        for workers in (1, 4):
+            del runs[:]
+            pages = list(dg._ordered_pages(storage, bucket, prefix, workers))
+            assert all(len(p["Contents"]) <= 3 for p in pages)
+            assert [o["Key"] for p in pages for o in p["Contents"]] == plain, (prefix, workers)
+            if prefix == "f/":  # split into runs, some of several folders
+                assert any(last and first != last for first, last in runs), runs
+            if prefix == "v/":  # and the rest plainly, after the last key given
+                assert runs[-1] == ("", None) and runs[-2][1] == "v/0.3/", runs
+
+
 def test_list_pages_hold_max_keys_logical_keys(
     client: dg.DeltaGliderClient, dgbucket: str, method: str
 ) -> None:
