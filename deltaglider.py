@@ -3689,7 +3689,7 @@ class _KeyRange:
     up to the end of the folder ``last`` (a run of folders side by side in a delimiter
     listing: keys sort in UTF-8 byte order, as code points do, so a folder's keys are
     contiguous); with no ``last``, to the end. Read a few pages at a time (take), each time
-    on whichever thread is free."""
+    on whichever thread is free. ``token``: go on from a page of that plain listing."""
 
     def __init__(
         self,
@@ -3700,6 +3700,7 @@ class _KeyRange:
         first: str = "",
         last: str | None = None,
         folders: int = 0,
+        token: str | None = None,
     ) -> None:
         self.first, self.last, self.folders = first, last, folders
         self.keys = 0
@@ -3713,7 +3714,9 @@ class _KeyRange:
                 start_after=None if token else after,
             )
 
-        self._pages = _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
+        self._pages = _pages(
+            fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2", token
+        )
 
     def take(self) -> tuple[list[dict[str, Any]], bool]:
         """The next pages of the range (at most _LIST_TASK_PAGES), and whether more follow."""
@@ -3749,25 +3752,49 @@ def _ordered_pages(
     """Every stored key under ``prefix`` as pages of a plain listing give them, in order,
     read ``workers`` requests at once where the keys are in folders. A plain listing is a
     chain of requests, each naming the next, so alone it waits on the server page after
-    page. A delimiter listing ("/", looking into a lone folder) names the folders; runs of
-    them are listed each on its own (_KeyRange), up to ``workers`` at once, the keys
-    beside them coming from the delimiter listing itself. A run takes as many folders as
-    make about _LIST_TASK_PAGES pages by the keys per folder seen so far (one folder, until
-    a run is done). In memory: two delimiter pages and (workers + 1) tasks' pages.
+    page. Past its first page (all there is, mostly: one request, as before), a delimiter
+    listing ("/", looking into a lone folder) names the folders; runs of them are listed
+    each on its own (_KeyRange), up to ``workers`` at once, the keys beside them coming
+    from the delimiter listing itself. A run takes as many folders as make about
+    _LIST_TASK_PAGES pages by the keys per folder seen so far (one folder, until a run is
+    done). In memory: three delimiter pages and (workers + 1) tasks' pages.
 
-    Where one name in a delimiter listing begins another (``v1.0`` and ``v1.0.1``) the
-    rest is one plain listing after the last key given: SeaweedFS sorts such names as a
-    file system does (``v1.0/a`` before ``v1.0.1/a``, where S3 sorts ``v1.0.1/a`` first),
-    and its StartAfter skips a folder of that name, so a split there could lose keys."""
+    Where one name in a delimiter listing begins another (``v1.0`` and ``v1.0.1``; a file
+    ``b`` and a folder ``b/``) the rest is one plain listing: the first page's own, or past
+    the last entry given. SeaweedFS sorts such names as a file system does (``v1.0/a``
+    before ``v1.0.1/a``, where S3 sorts ``v1.0.1/a`` first), and its StartAfter skips a
+    folder of that name and keys that sort before it as S3 sorts, so a split there could
+    lose keys; past an entry no name begins, S3's order and its agree. Only entries whole
+    are started after: the first page's last folder is finished by that page's listing."""
     import concurrent.futures
 
+    opening = storage.list_objects_v2(bucket, prefix=prefix, max_keys=_LIST_PAGE_KEYS)
+    given = opening.get("Contents", [])
+    yield {"Contents": given}
+    if not opening.get("IsTruncated") or not given:
+        if opening.get("IsTruncated"):  # a page of nothing that goes on: plainly, then
+            yield from _read_ahead(_list_pages(storage, bucket, prefix=prefix))
+        return
+    token = opening.get("NextContinuationToken")
+    name, slash, _ = given[-1]["Key"][len(prefix) :].partition("/")
+    entry = prefix + name + slash  # the entry the first page ended in
+    # a folder: the rest of it from the first page's own listing, on to its end
+    tail = _KeyRange(storage, bucket, prefix, None, last=entry, token=token) if slash else None
+    start = _name_after(entry)  # the StartAfter of the runs that follow
+    before: str | None = entry
+    # the folder's name, not past it: a name it begins ("b0" after "b/") is seen and checked
+    look = entry[:-1] if slash else entry
     top = prefix
     for _ in range(_LIST_DESCEND_MAX):
-        first = storage.list_objects_v2(bucket, prefix=top, delimiter="/", max_keys=_LIST_PAGE_KEYS)
+        first = storage.list_objects_v2(
+            bucket, prefix=top, delimiter="/", max_keys=_LIST_PAGE_KEYS, start_after=look
+        )
         lone = first.get("CommonPrefixes", [])
         if first.get("IsTruncated") or first.get("Contents") or len(lone) != 1:
             break
-        top = lone[0]["Prefix"]
+        if lone[0]["Prefix"] == before:  # the rest is the tail's
+            break
+        top, before = lone[0]["Prefix"], None
     held = [first]
 
     def fetch(token: str | None) -> dict[str, Any]:
@@ -3778,7 +3805,6 @@ def _ordered_pages(
         )
 
     seen = [0, 0]  # keys, folders of the runs done
-    rest = object()  # the rest of the listing, plain: where names begin one another
 
     def run_size() -> int:  # a tenth short of the pages: the next page would be mostly past
         keys, folders = seen
@@ -3786,39 +3812,57 @@ def _ordered_pages(
             return 1
         return max(1, min(1000, _LIST_TASK_PAGES * _LIST_PAGE_KEYS * 9 * folders // (10 * keys)))
 
-    def work() -> Iterator[Any]:
+    def units_of(page: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+        units: list[tuple[str, dict[str, Any] | None]] = [
+            (o["Key"], o) for o in page.get("Contents", [])
+        ]
+        units += [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])]
+        return sorted(units, key=lambda unit: unit[0])
+
+    def work(start: str | None, before: str | None) -> Iterator[Any]:
         levels = _read_ahead(
             _pages(fetch, lambda page: page.get("NextContinuationToken"), "ListObjectsV2")
         )
-        before: str | None = None  # the entry before, on this page or the one before
-        for page in levels:
-            units: list[tuple[str, dict[str, Any] | None]] = [
-                (o["Key"], o) for o in page.get("Contents", [])
-            ]
-            units += [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])]
-            units.sort(key=lambda unit: unit[0])
-            names = sorted(n.rstrip("/") for n in [before or "", *(u for u, _ in units)] if n)
+        units: list[tuple[str, dict[str, Any] | None]] | None = [
+            unit
+            for unit in units_of(next(levels))
+            if unit[0] != before  # the tail's
+        ]
+        opened = False
+        while units is not None:
+            following = next(levels, None)
+            after_page = units_of(following) if following is not None else None
+            # with the next page's first entry: a file "b" ending a page given, its folder
+            # "b/" beginning the next, the rest would start after "b", which SeaweedFS's
+            # StartAfter takes as the folder too
+            near = {before, *(u for u, _ in units), *(u for u, _ in (after_page or [])[:1])}
+            names = sorted(n.rstrip("/") for n in near if n)
             if any(b.startswith(a) for a, b in zip(names, names[1:])):
-                yield rest
+                if opened:  # past the last entry given, which no name here begins
+                    yield _KeyRange(storage, bucket, top, start)
+                else:  # nothing given past the first page: its own listing goes on
+                    yield _KeyRange(storage, bucket, prefix, None, token=token)
                 return
+            if not opened and tail is not None:
+                yield tail
+            opened = True
             for is_folder, group in itertools.groupby(units, key=lambda unit: unit[1] is None):
                 entries = list(group)
                 if not is_folder:
                     yield {"Contents": [o for _, o in entries]}
+                    start = before = entries[-1][0]
                 while is_folder and entries:
                     run = [name for name, _ in entries[: run_size()]]
                     common = os.path.commonprefix(run)  # noqa: RUF071 (characters)
-                    after = None if before is None else _name_after(before)
-                    yield _KeyRange(storage, bucket, common, after, run[0], run[-1], len(run))
+                    yield _KeyRange(storage, bucket, common, start, run[0], run[-1], len(run))
                     entries = entries[len(run) :]
                     before = run[-1]
-                if not is_folder:
-                    before = entries[-1][0]
+                    start = _name_after(before)
+            units = after_page
 
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dg-list")
     window: collections.deque[tuple[Any, Any]] = collections.deque()
-    items = work()
-    last_key: str | None = None
+    items = work(start, before)
     try:
         while True:
             while len(window) <= workers:
@@ -3830,10 +3874,6 @@ def _ordered_pages(
             if not window:
                 return
             task, item = window.popleft()
-            if item is rest:  # all before it given: the rest after the last key
-                plain = _KeyRange(storage, bucket, top, last_key)
-                window.appendleft((pool.submit(plain.take), plain))
-                continue
             if task is None:
                 pages = [item]
             else:
@@ -3843,10 +3883,7 @@ def _ordered_pages(
                 elif item.folders:
                     seen[0] += item.keys
                     seen[1] += item.folders
-            for page in pages:
-                if page["Contents"]:
-                    last_key = page["Contents"][-1]["Key"]
-                yield page
+            yield from pages
     finally:
         for task, _ in window:
             if task is not None:
