@@ -3740,6 +3740,15 @@ class _KeyRange:
         return out, False
 
 
+def _names_begin(entries: Iterable[str]) -> bool:
+    """Whether the name of one of these delimiter-listing entries (a folder's without its
+    "/") begins another's, or is the same (``v1.0`` and ``v1.0.1``, a file ``b`` and a
+    folder ``b/``): names that SeaweedFS orders otherwise than S3 does. Sorted, such a pair
+    lies side by side, or the name between begins the other too."""
+    names = sorted(entry.rstrip("/") for entry in entries)
+    return any(b.startswith(a) for a, b in zip(names, names[1:]))
+
+
 def _name_after(unit: str) -> str:
     """A StartAfter past a delimiter listing's entry and nothing else: a key itself, a
     folder ``a/`` as ``a0`` ("0" follows "/"), past every key under it."""
@@ -3792,8 +3801,8 @@ def _ordered_pages(
         lone = first.get("CommonPrefixes", [])
         if first.get("IsTruncated") or first.get("Contents") or len(lone) != 1:
             break
-        if lone[0]["Prefix"] == before:  # the rest is the tail's
-            break
+        if before is not None and _names_begin([before, lone[0]["Prefix"]]):
+            break  # the tail's folder, or one SeaweedFS lists within the tail: work() sees
         top, before = lone[0]["Prefix"], None
     held = [first]
 
@@ -3836,8 +3845,7 @@ def _ordered_pages(
             # "b/" beginning the next, the rest would start after "b", which SeaweedFS's
             # StartAfter takes as the folder too
             near = {before, *(u for u, _ in units), *(u for u, _ in (after_page or [])[:1])}
-            names = sorted(n.rstrip("/") for n in near if n)
-            if any(b.startswith(a) for a, b in zip(names, names[1:])):
+            if _names_begin([n for n in near if n]):
                 if opened:  # past the last entry given, which no name here begins
                     yield _KeyRange(storage, bucket, top, start)
                 else:  # nothing given past the first page: its own listing goes on
@@ -3863,10 +3871,15 @@ def _ordered_pages(
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dg-list")
     window: collections.deque[tuple[Any, Any]] = collections.deque()
     items = work(start, before)
+    failed: list[Exception] = []
     try:
         while True:
-            while len(window) <= workers:
-                item = next(items, None)
+            while len(window) <= workers and not failed:
+                try:
+                    item = next(items, None)
+                except Exception as e:  # raised in its place: after the pages before it
+                    failed.append(e)
+                    item = e
                 if item is None:
                     break
                 task = pool.submit(item.take) if isinstance(item, _KeyRange) else None
@@ -3874,6 +3887,8 @@ def _ordered_pages(
             if not window:
                 return
             task, item = window.popleft()
+            if isinstance(item, Exception):
+                raise item
             if task is None:
                 pages = [item]
             else:

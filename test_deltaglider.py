@@ -10046,9 +10046,10 @@ def test_a_parallel_listing_gives_every_key_once_in_order(
     keys += ["deep/er/est/%d" % n for n in range(7)]
     keys += ["v/0.%d/a" % n for n in range(1, 10)] + ["v/1.0/a", "v/1.0/b", "v/1.0.1/a", "v/2/a"]
     keys += ["h", "h/1", "h/2"]  # a file and a folder of one name
+    keys += ["w/1.0/c%d" % n for n in range(3)] + ["w/1.0.1/c/a"]  # SeaweedFS: 1.0.1/ is last
     for key in keys:
         storage.put_object(bucket, key, b"")
-    for prefix in ("", "a", "f/", "f/1", "deep/", "deep/er/est/", "v/", "nothing/"):
+    for prefix in ("", "a", "f/", "f/1", "deep/", "deep/er/est/", "v/", "w/1.", "nothing/"):
         plain = [
             o["Key"]
             for p in dg._list_pages(storage, bucket, prefix=prefix)
